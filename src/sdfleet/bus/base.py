@@ -1,0 +1,104 @@
+"""The bus: topics with SNS-style filtered subscriptions fanning out to leased queues.
+
+Semantics every backend keeps (checked by ``tests/contract/test_bus.py``):
+
+- at-least-once: a delivery not acked within its lease comes back;
+- ``receive_count`` counts deliveries; a message delivered ``max_receives`` times and not acked
+  moves to the queue's dead-letter queue (``<queue>-dlq``) instead of being delivered again;
+- a subscription's ``filter_policy`` is an SNS filter policy (``policy.py``), applied to the
+  message attributes or, with ``scope="MessageBody"``, to the JSON body;
+- delivery is raw: the body and the attributes arrive as published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+DLQ_SUFFIX = "-dlq"
+
+
+def dlq_name(queue: str) -> str:
+    return f"{queue}{DLQ_SUFFIX}"
+
+
+class QueueSpec(BaseModel):
+    name: str
+    lease_s: float = Field(60.0, gt=0)
+    """Default visibility timeout of a receive, in seconds."""
+    max_receives: int = Field(3, ge=1)
+    """Deliveries before the message moves to the dead-letter queue."""
+
+
+class Subscription(BaseModel):
+    topic: str
+    queue: str
+    filter_policy: dict[str, Any] | None = None
+    scope: Literal["MessageAttributes", "MessageBody"] = "MessageAttributes"
+
+
+class Topology(BaseModel):
+    topics: list[str] = Field(default_factory=list)
+    queues: list[QueueSpec] = Field(default_factory=list)
+    subscriptions: list[Subscription] = Field(default_factory=list)
+
+    def queue(self, name: str) -> QueueSpec | None:
+        return next((q for q in self.queues if q.name == name), None)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received message. ``receipt`` is the backend's handle for ack/extend/release."""
+
+    queue: str
+    message_id: str
+    body: bytes
+    attributes: Mapping[str, str]
+    receive_count: int
+    receipt: str
+    sent_at: float
+    """Epoch seconds when the message entered the queue."""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue: str
+    visible: int
+    in_flight: int
+    delayed: int = 0
+    oldest_age_s: float | None = None
+    dead_letters: int = 0
+
+
+class Bus(Protocol):
+    async def ensure(self, topology: Topology) -> None:
+        """Create topics, queues, DLQs and subscriptions; idempotent, updates filter policies."""
+
+    async def publish(self, topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
+        """Publish to a topic; returns the message id. Raises ``NotFound`` for an unknown topic."""
+
+    async def receive(
+        self, queue: str, *, max_messages: int = 1, wait_s: float = 0.0, lease_s: float | None = None
+    ) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting up to ``wait_s`` seconds for the first one.
+
+        Each is invisible to other receivers for ``lease_s`` seconds (the queue's default if None).
+        """
+
+    async def ack(self, d: Delivery) -> None:
+        """Done with the message: delete it. Acking a delivery whose lease expired is harmless."""
+
+    async def extend(self, d: Delivery, lease_s: float) -> None:
+        """Heartbeat: the delivery stays invisible for ``lease_s`` more seconds from now."""
+
+    async def release(self, d: Delivery, delay_s: float = 0.0) -> None:
+        """Give the message back, visible again after ``delay_s`` seconds."""
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Depth of a queue: visible, in flight (leased), delayed, age of the oldest, DLQ depth."""
+
+    async def aclose(self) -> None: ...

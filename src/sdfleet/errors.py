@@ -1,0 +1,147 @@
+"""The one exception tree of sdfleet.
+
+Callers never catch a dependency's exception types: each backend translates them at its boundary
+(``map_errors()`` context managers) and raises one of these, ``from`` the original.
+
+    SdfleetError
+    ├── ConfigError                  bad settings or fleet config; missing optional extra
+    ├── ValidationFailed             a request the client can fix (HTTP 400/413/422)
+    │   └── PayloadTooLarge
+    ├── NotFound                     unknown task, file, model or queue (HTTP 404)
+    ├── Conflict                     idempotency-key clash, illegal transition (HTTP 409)
+    │   └── TransitionConflict
+    ├── Unauthorized                 missing or unknown API key (HTTP 401)
+    ├── BusError
+    │   ├── BusUnavailable           engine unreachable (HTTP 503)
+    │   └── MessageDecodeError       a message no agent can understand (goes to the DLQ)
+    ├── StoreError
+    │   └── StoreUnavailable
+    ├── StorageError
+    │   └── StorageUnavailable
+    ├── InputFetchError              an input URL refused or unreadable (task fails, no retry)
+    │   └── UrlRefused               the SSRF guard said no
+    ├── RuntimeFailure               the runtime could not produce images (task retries)
+    │   ├── ModelLoadError
+    │   ├── GenerationTimeout
+    │   └── Interrupted              cancelled or shut down mid-run
+    └── NotifyError
+
+Control flow (not errors): ``Retry(delay_s)`` asks the agent to release a delivery for later;
+``Reject(reason)`` fails a task at once without retrying.
+"""
+
+from __future__ import annotations
+
+
+class SdfleetError(Exception):
+    """Root of every error sdfleet raises on purpose."""
+
+    code = "internal"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(SdfleetError):
+    code = "config_error"
+
+
+class ValidationFailed(SdfleetError):
+    code = "invalid_request"
+
+
+class PayloadTooLarge(ValidationFailed):
+    code = "payload_too_large"
+
+
+class NotFound(SdfleetError):
+    code = "not_found"
+
+
+class Conflict(SdfleetError):
+    code = "conflict"
+
+
+class TransitionConflict(Conflict):
+    code = "transition_conflict"
+
+
+class Unauthorized(SdfleetError):
+    code = "unauthorized"
+
+
+class BusError(SdfleetError):
+    code = "bus_error"
+
+
+class BusUnavailable(BusError):
+    code = "bus_unavailable"
+
+
+class MessageDecodeError(BusError):
+    code = "message_decode_error"
+
+
+class StoreError(SdfleetError):
+    code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    code = "store_unavailable"
+
+
+class StorageError(SdfleetError):
+    code = "storage_error"
+
+
+class StorageUnavailable(StorageError):
+    code = "storage_unavailable"
+
+
+class InputFetchError(SdfleetError):
+    code = "input_fetch_failed"
+
+
+class UrlRefused(InputFetchError):
+    code = "url_refused"
+
+
+class RuntimeFailure(SdfleetError):
+    code = "runtime_failure"
+
+
+class ModelLoadError(RuntimeFailure):
+    code = "model_load_error"
+
+
+class GenerationTimeout(RuntimeFailure):
+    code = "timeout"
+
+
+class Interrupted(RuntimeFailure):
+    code = "interrupted"
+
+
+class NotifyError(SdfleetError):
+    code = "notify_error"
+
+
+class Retry(Exception):  # noqa: N818 - control flow, named for what it asks
+    """Release the delivery and try again after ``delay_s`` seconds."""
+
+    def __init__(self, reason: str, delay_s: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_s = delay_s
+
+
+class Reject(Exception):  # noqa: N818
+    """Fail the task now; retrying cannot help."""
+
+    def __init__(self, reason: str, code: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code

@@ -1,0 +1,15 @@
+"""Notifiers tell the outside world a task finished: a results topic on the bus, webhooks."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sdfleet.tasks import TaskEvent, TaskRecord
+
+
+class Notifier(Protocol):
+    async def notify(self, record: TaskRecord, event: TaskEvent) -> None:
+        """Deliver ``event`` for ``record``. Raises ``NotifyError`` only for terminal events that
+        could not be delivered after the notifier's own retries."""
+
+    async def aclose(self) -> None: ...

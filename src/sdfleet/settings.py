@@ -1,0 +1,202 @@
+"""Settings: ``SDFLEET_*`` environment variables (nested with ``__``) plus one fleet YAML file.
+
+Precedence: init arguments > environment > ``sdfleet.yaml`` (``fleet:`` is the file itself) > defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sdfleet.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "sdfleet.yaml"
+
+
+class ScalingConfig(BaseModel):
+    min: int = Field(0, ge=0)
+    max: int = Field(10, ge=1)
+    target_backlog: int = Field(10, ge=1)
+    """Visible messages per replica that KEDA aims for (the seed's queueLength)."""
+
+
+class QueueConfig(BaseModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    filter: dict[str, Any] | None = None
+    """SNS filter policy; None = every task."""
+    filter_scope: Literal["MessageAttributes", "MessageBody"] = "MessageAttributes"
+    runtime: str = "diffusers"
+    model: str | None = None
+    """Model to load at start (dedicated queues keep one model loaded)."""
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_policy(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from sdfleet.policy import PolicyError, validate
+
+            try:
+                validate(v)
+            except PolicyError as e:
+                raise ValueError(f"invalid filter policy: {e}") from e
+        return v
+
+
+class ModelsConfig(BaseModel):
+    dir: Path = Path("models")
+    s3: str | None = None
+    default: str | None = None
+    """Model used when a task names none."""
+    cache_size: int = Field(2, ge=1)
+    """Loaded pipelines kept in memory per agent (LRU)."""
+
+
+class RetryConfig(BaseModel):
+    max_receives: int = Field(3, ge=1)
+    lease_s: float = Field(60.0, gt=0)
+
+
+class TenantConfig(BaseModel):
+    name: str
+    tier: str = "standard"
+    rate_limit: float | None = None
+    max_in_flight: int | None = None
+
+
+class FleetConfig(BaseModel):
+    """The fleet file: drives bus topology, agents and deployment alike."""
+
+    tasks_topic: str = "tasks"
+    results_topic: str = "results"
+    results_queue: str | None = "results"
+    """Queue subscribed to the results topic (None: no queue, e.g. webhooks only)."""
+    queues: list[QueueConfig] = Field(default_factory=lambda: [QueueConfig(name="default")])
+    runtimes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    """API key SHA-256 hex digest → tenant. Empty: no auth, every request is tenant ``default``."""
+
+    @model_validator(mode="after")
+    def _unique_queues(self) -> FleetConfig:
+        names = [q.name for q in self.queues]
+        if len(set(names)) != len(names):
+            raise ValueError(f"queue names must be unique: {names}")
+        if not names:
+            raise ValueError("at least one queue is needed")
+        return self
+
+    def queue(self, name: str) -> QueueConfig | None:
+        return next((q for q in self.queues if q.name == name), None)
+
+    def tenant_for_key(self, api_key: str) -> TenantConfig | None:
+        return self.tenants.get(hashlib.sha256(api_key.encode()).hexdigest())
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    """Base URL clients reach the API at (for file links); default http://host:port."""
+    max_width: int = Field(2048, ge=8)
+    max_height: int = Field(2048, ge=8)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    signing_key: str = "change-me"
+    """HMAC key of the signed file links served by ``GET /v1/files/{key}``."""
+    link_ttl_s: int = Field(3600, ge=1)
+
+
+class AgentSettings(BaseModel):
+    queue: str | None = None
+    concurrency: int = Field(1, ge=1)
+    prefetch: int = Field(1, ge=0)
+    wait_s: float = Field(5.0, ge=0)
+    """Long-poll wait of one receive, seconds."""
+    heartbeat_s: float | None = None
+    """Lease extension period; default a third of the lease."""
+    drain_s: float = Field(30.0, ge=0)
+    """On SIGTERM, how long the running task may take to finish before it is released."""
+    input_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    input_timeout_s: float = Field(20.0, gt=0)
+    allow_private_inputs: bool = False
+    """Allow input URLs on loopback/private networks (tests, demo); never in production."""
+    retry_delay_s: float = Field(0.0, ge=0)
+    """Delay before a failed attempt is visible again."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDFLEET_", env_nested_delimiter="__", extra="ignore")
+
+    config_file: Path | None = None
+    data_dir: Path = Path("sdfleet-data")
+    bus_url: str | None = None
+    """Default ``sqlite:///<data_dir>/sdfleet.db``."""
+    store_url: str | None = None
+    """Default: the bus URL (same SQLite file; DynamoDB with aws://; Redis with redis://)."""
+    storage_url: str | None = None
+    """Default ``file://<data_dir>/files``."""
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    log_json: bool = True
+    log_level: str = "INFO"
+    otlp_endpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if self.bus_url is None:
+            self.bus_url = f"sqlite:///{self.data_dir.resolve()}/sdfleet.db"
+        if self.store_url is None:
+            self.store_url = self.bus_url
+        if self.storage_url is None:
+            self.storage_url = f"file://{self.data_dir.resolve()}/files"
+        return self
+
+    @property
+    def bus(self) -> str:
+        assert self.bus_url is not None
+        return self.bus_url
+
+    @property
+    def store(self) -> str:
+        assert self.store_url is not None
+        return self.store_url
+
+    @property
+    def storage(self) -> str:
+        assert self.storage_url is not None
+        return self.storage_url
+
+
+def load_fleet(path: Path) -> FleetConfig:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read fleet config {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    try:
+        return FleetConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, with the fleet from ``config_file`` (or ``sdfleet.yaml`` if present)."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        raise ConfigError(str(e)) from e
+    path = config_file or settings.config_file
+    if path is None and Path(DEFAULT_CONFIG_FILE).exists():
+        path = Path(DEFAULT_CONFIG_FILE)
+    if path is not None and "fleet" not in overrides:
+        settings.fleet = load_fleet(Path(path))
+        settings.config_file = Path(path)
+    return settings

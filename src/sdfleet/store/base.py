@@ -1,0 +1,80 @@
+"""The task store: one record per task, changed only by compare-and-set on ``version``.
+
+Backends implement four primitives; the state machine lives once, here, in ``transition()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from sdfleet.errors import NotFound, TransitionConflict
+from sdfleet.tasks import TaskRecord, TaskState
+
+# Allowed moves of the state machine (DESIGN.md): running → queued is a retry.
+ALLOWED: dict[TaskState, set[TaskState]] = {
+    TaskState.QUEUED: {TaskState.RUNNING, TaskState.FAILED, TaskState.CANCELLED},
+    TaskState.RUNNING: {
+        TaskState.RUNNING,  # a redelivered task taken over from a dead worker (attempt + 1)
+        TaskState.QUEUED,
+        TaskState.SUCCEEDED,
+        TaskState.FAILED,
+        TaskState.CANCELLED,
+    },
+    TaskState.SUCCEEDED: set(),
+    TaskState.FAILED: set(),
+    TaskState.CANCELLED: set(),
+}
+
+
+class TaskStore(Protocol):
+    async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Insert ``record`` unless its id exists; returns (stored record, created?)."""
+
+    async def get(self, task_id: str) -> TaskRecord | None: ...
+
+    async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
+        """Replace the record iff the stored one still has ``expected_version``.
+
+        ``record.version`` must already be ``expected_version + 1``.
+        """
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        state: TaskState | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[TaskRecord], str | None]:
+        """A tenant's tasks, newest first; returns (page, cursor of the next page or None)."""
+
+    async def aclose(self) -> None: ...
+
+
+Mutation = Callable[[TaskRecord], TaskRecord | None]
+
+
+async def transition(store: TaskStore, task_id: str, mutate: Mutation, *, tries: int = 20) -> TaskRecord:
+    """Apply ``mutate`` to the current record with compare-and-set, retrying on a lost race.
+
+    ``mutate`` gets a copy and returns the new record, or None to leave it as is (then the
+    current record is returned). It may raise ``TransitionConflict`` to refuse the move.
+    """
+    for _ in range(tries):
+        current = await store.get(task_id)
+        if current is None:
+            raise NotFound(f"task {task_id!r} not found")
+        new = mutate(current.model_copy(deep=True))
+        if new is None:
+            return current
+        if new.state not in ALLOWED[current.state] and new.state != current.state:
+            raise TransitionConflict(f"task {task_id}: {current.state} → {new.state} is not allowed")
+        if current.state.terminal:
+            raise TransitionConflict(f"task {task_id} is already {current.state}")
+        new.version = current.version + 1
+        new.updated_at = time.time()
+        if await store.compare_and_set(new, current.version):
+            return new
+    raise TransitionConflict(f"task {task_id}: too many concurrent writers")

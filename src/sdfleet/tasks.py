@@ -1,0 +1,183 @@
+"""Canonical task models: the wire schema between API, bus, agent and store (``schema: 1``).
+
+A ``Task`` is what a client asked for and travels as the message body. A ``TaskRecord`` is the
+task plus everything learned while running it; it lives in the task store and changes only by
+compare-and-set on ``version`` (see ``store.base.transition``).
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ulid import ULID
+
+SCHEMA_VERSION = 1
+
+
+def new_task_id() -> str:
+    return str(ULID()).lower()
+
+
+class TaskType(StrEnum):
+    TEXT_TO_IMAGE = "text-to-image"
+    IMAGE_TO_IMAGE = "image-to-image"
+    EXTRA_SINGLE_IMAGE = "extra-single-image"
+    EXTRA_BATCH_IMAGES = "extra-batch-images"
+    PIPELINE = "pipeline"
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+class Origin(StrEnum):
+    """Which wire format a task came in through: decides the shape of its result notification."""
+
+    V1 = "v1"
+    V1ALPHA1 = "v1alpha1"
+    V1ALPHA2 = "v1alpha2"
+
+
+class TaskParams(BaseModel):
+    """Generation parameters. Unknown keys are kept in ``extra`` and passed to runtimes that know them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1, le=150)
+    width: int = Field(512, ge=8)
+    height: int = Field(512, ge=8)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    sampler: str | None = None
+    seed: int = Field(-1, ge=-1, lt=2**32)
+    batch_size: int = Field(1, ge=1, le=16)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    clip_skip: int = Field(1, ge=1, le=12)
+    init_images: list[str] = Field(default_factory=list)
+    """Input images as http(s) URLs, ``data:`` URLs or bare base64."""
+    upscaler: str | None = None
+    upscaling_resize: float = Field(2.0, gt=0, le=8)
+    workflow: dict[str, Any] | None = None
+    """A ComfyUI workflow for ``pipeline`` tasks."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class Webhook(BaseModel):
+    url: str
+    events: list[Literal["started", "progress", "succeeded", "failed", "cancelled"]] = Field(
+        default_factory=lambda: ["succeeded", "failed", "cancelled"]
+    )
+
+
+class Task(BaseModel):
+    """One generation request, as it travels on the bus."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: int = Field(SCHEMA_VERSION, alias="schema")
+    id: str = Field(default_factory=new_task_id, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    tenant: str = "default"
+    type: TaskType = TaskType.TEXT_TO_IMAGE
+    runtime: str | None = None
+    model: str | None = None
+    params: TaskParams = Field(default_factory=TaskParams)
+    priority: int = 0
+    queue: str | None = None
+    webhook: Webhook | None = None
+    context: Any = None
+    created_at: float = Field(default_factory=time.time)
+    timeout_s: float | None = Field(None, gt=0)
+    origin: Origin = Origin.V1
+    output_prefix: str | None = None
+    """Storage prefix for results; defaults to ``<tenant>/<id>``. The seed formats set their own."""
+
+    def storage_prefix(self) -> str:
+        return self.output_prefix if self.output_prefix is not None else f"{self.tenant}/{self.id}"
+
+    def to_message(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class TaskError(BaseModel):
+    code: str
+    message: str
+
+
+class TaskResult(BaseModel):
+    images: list[str] = Field(default_factory=list)
+    """Storage keys of the images, in order."""
+    output: str | None = None
+    """Storage key of the ``.out`` JSON (the runtime's info)."""
+    seed: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds per stage: queue_wait, inputs_fetch, model_switch, runtime_run, storage_put."""
+
+
+class TaskRecord(BaseModel):
+    task: Task
+    state: TaskState = TaskState.QUEUED
+    version: int = 0
+    """Bumped by every write; writes are compare-and-set on it."""
+    attempts: int = 0
+    progress: float = 0.0
+    error: TaskError | None = None
+    result: TaskResult | None = None
+    worker: str | None = None
+    runtime: str | None = None
+    updated_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+    @property
+    def tenant(self) -> str:
+        return self.task.tenant
+
+
+class EventType(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TaskEvent(BaseModel):
+    """What the results topic and webhooks carry for a v1 task."""
+
+    schema_: int = Field(SCHEMA_VERSION, alias="schema")
+    type: EventType
+    task_id: str
+    tenant: str
+    state: TaskState
+    progress: float = 0.0
+    result: TaskResult | None = None
+    image_urls: list[str] = Field(default_factory=list)
+    error: TaskError | None = None
+    context: Any = None
+    at: float = Field(default_factory=time.time)
+
+    model_config = ConfigDict(populate_by_name=True)
