@@ -1,0 +1,232 @@
+"""The embedded task store: one table in the SQLite file the bus also uses (WAL, several processes).
+
+Each record is stored as its JSON next to the columns that queries need (tenant, state, created_at,
+version). Compare-and-set is a single ``UPDATE … WHERE id = ? AND version = ?``, which SQLite makes
+atomic across processes. All SQLite calls run on one worker thread per store, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from sdfleet.errors import ConfigError, StoreUnavailable, ValidationFailed
+from sdfleet.tasks import TaskRecord, TaskState
+
+T = TypeVar("T")
+
+MAX_PAGE = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS task_records (
+    id         TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    version    INTEGER NOT NULL,
+    body       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_records_by_tenant
+    ON task_records (tenant, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS task_records_by_tenant_state
+    ON task_records (tenant, state, created_at DESC, id DESC);
+"""
+
+
+@contextmanager
+def map_errors() -> Iterator[None]:
+    """Translate sqlite3 errors into ``StoreUnavailable``."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreUnavailable(f"sqlite task store: {e}") from e
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
+        raise ConfigError(f"not a sqlite URL: {url!r}; use sqlite:////abs/path.db")
+    path = unquote(parts.path[1:])
+    if not path:
+        raise ConfigError(f"sqlite URL without a file: {url!r}")
+    return path
+
+
+def encode_cursor(created_at: float, task_id: str) -> str:
+    raw = json.dumps([created_at, task_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = json.loads(raw)
+        if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+            raise TypeError("created_at")
+        if not isinstance(task_id, str):
+            raise TypeError("id")
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ValidationFailed(f"bad cursor {cursor!r}") from e
+    return float(created_at), task_id
+
+
+class SqliteTaskStore:
+    """``TaskStore`` on a SQLite file; safe to share between processes."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-store")
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteTaskStore:
+        return cls(sqlite_path(url))
+
+    async def __aenter__(self) -> SqliteTaskStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("sqlite task store is closed")
+
+        def call() -> T:
+            if self._closed:  # queued before aclose() but run after it: don't reopen
+                raise StoreUnavailable("sqlite task store is closed")
+            with map_errors():
+                return fn(self._connect())
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    # -- TaskStore --------------------------------------------------------------------------------
+
+    async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Insert ``record`` unless its id exists; returns (stored record, created?)."""
+        row = (
+            record.id,
+            record.tenant,
+            record.state.value,
+            record.task.created_at,
+            record.version,
+            record.model_dump_json(),
+        )
+
+        def insert(conn: sqlite3.Connection) -> str | None:
+            cur = conn.execute(
+                "INSERT INTO task_records (id, tenant, state, created_at, version, body)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                row,
+            )
+            if cur.rowcount == 1:
+                return None
+            found = conn.execute("SELECT body FROM task_records WHERE id = ?", (record.id,)).fetchone()
+            return str(found[0])
+
+        existing = await self._run(insert)
+        if existing is None:
+            return record.model_copy(deep=True), True
+        return TaskRecord.model_validate_json(existing), False
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record of ``task_id``, or None."""
+
+        def select(conn: sqlite3.Connection) -> Any:
+            return conn.execute("SELECT body FROM task_records WHERE id = ?", (task_id,)).fetchone()
+
+        found = await self._run(select)
+        return None if found is None else TaskRecord.model_validate_json(found[0])
+
+    async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
+        """Replace the record iff the stored one still has ``expected_version``."""
+        if record.version != expected_version + 1:
+            raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
+        params = (record.state.value, record.version, record.model_dump_json(), record.id, expected_version)
+
+        def update(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE task_records SET state = ?, version = ?, body = ? WHERE id = ? AND version = ?",
+                params,
+            )
+            return cur.rowcount == 1
+
+        return await self._run(update)
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        state: TaskState | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[TaskRecord], str | None]:
+        """A tenant's tasks, newest first; returns (page, cursor of the next page or None)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValidationFailed(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        sql = "SELECT body, created_at, id FROM task_records WHERE tenant = ?"
+        args: list[Any] = [tenant]
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state.value)
+        if cursor is not None:
+            after_ts, after_id = decode_cursor(cursor)
+            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            args += [after_ts, after_ts, after_id]
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit + 1)
+
+        def select(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql, args).fetchall()
+
+        rows = await self._run(select)
+        page = rows[:limit]
+        records = [TaskRecord.model_validate_json(r[0]) for r in page]
+        next_cursor = encode_cursor(page[-1][1], page[-1][2]) if len(rows) > limit else None
+        return records, next_cursor
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the worker thread; idempotent."""
+        if self._closed:
+            return
+
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        self._closed = True
+        try:
+            with map_errors():
+                await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        finally:
+            self._executor.shutdown(wait=False)

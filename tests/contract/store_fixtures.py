@@ -1,0 +1,56 @@
+"""Backend fixtures for the task-store and blob-storage contract suites.
+
+Adding a backend = one factory below + its name in the registry dict. A factory gets the pytest
+request (for service fixtures: ``request.getfixturevalue("redis_server")`` / ``("moto_url")``) and a
+private tmp dir, and returns an opened backend; the fixture closes it. Backends on a shared service
+must namespace per call (unique key prefix, table or bucket) so tests never see each other's data.
+
+    async def _redis_store(request, tmp_path):
+        server = request.getfixturevalue("redis_server")
+        return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}")
+
+    STORE_FACTORIES["redis"] = _redis_store
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from sdfleet.storage.backends.local import LocalBlobStore
+from sdfleet.storage.base import BlobStore
+from sdfleet.store.backends.sqlite import SqliteTaskStore
+from sdfleet.store.base import TaskStore
+
+StoreFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[TaskStore]]
+BlobFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[BlobStore]]
+
+
+async def _sqlite_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskStore:
+    return SqliteTaskStore.from_url(f"sqlite:///{tmp_path / 'sdfleet.db'}")
+
+
+async def _local_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    return LocalBlobStore.from_url(f"file://{tmp_path / 'files'}")
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {"sqlite": _sqlite_store}
+BLOB_FACTORIES: dict[str, BlobFactory] = {"local": _local_blobs}
+
+
+@pytest.fixture(params=list(STORE_FACTORIES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
+    """A fresh, empty task store of each backend."""
+    backend = await STORE_FACTORIES[request.param](request, tmp_path)
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture(params=list(BLOB_FACTORIES))
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    """A fresh, empty blob store of each backend."""
+    backend = await BLOB_FACTORIES[request.param](request, tmp_path)
+    yield backend
+    await backend.aclose()

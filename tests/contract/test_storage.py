@@ -1,0 +1,77 @@
+"""BlobStore contract: every backend in ``store_fixtures.BLOB_FACTORIES`` passes these unchanged."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import store_fixtures
+
+from sdfleet.errors import NotFound, ValidationFailed
+from sdfleet.storage.base import BlobStore
+
+blobs = store_fixtures.blobs  # the fixture, parametrised over every backend
+
+BAD_KEYS = ["../x", "/abs", "a//b", "a/../../b", "", "a/./b", "a/", "a\\b", ".."]
+
+
+async def test_put_get_round_trip(blobs: BlobStore) -> None:
+    key = "tenant-a/01hx/01hx-0.png"
+    location = await blobs.put(key, b"\x89PNG fake", "image/png")
+    assert location == blobs.location(key)
+    assert location.endswith(key)
+    assert await blobs.get(key) == b"\x89PNG fake"
+    assert await blobs.exists(key)
+
+
+async def test_location_is_stable_before_put(blobs: BlobStore) -> None:
+    key = "p/q/r.out"
+    before = blobs.location(key)
+    assert before.startswith(("file:///", "s3://"))
+    assert await blobs.put(key, b"{}", "application/json") == before
+
+
+async def test_missing_key(blobs: BlobStore) -> None:
+    assert not await blobs.exists("nope/missing.png")
+    with pytest.raises(NotFound):
+        await blobs.get("nope/missing.png")
+
+
+async def test_prefix_is_not_a_key(blobs: BlobStore) -> None:
+    await blobs.put("dir/file.png", b"x", "image/png")
+    assert not await blobs.exists("dir")
+    with pytest.raises(NotFound):
+        await blobs.get("dir")
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_bad_keys_refused(blobs: BlobStore, key: str) -> None:
+    with pytest.raises(ValidationFailed):
+        await blobs.put(key, b"x", "text/plain")
+    with pytest.raises(ValidationFailed):
+        await blobs.get(key)
+    with pytest.raises(ValidationFailed):
+        await blobs.exists(key)
+    with pytest.raises(ValidationFailed):
+        blobs.location(key)
+
+
+async def test_binary_data_intact(blobs: BlobStore) -> None:
+    data = bytes(range(256)) * 64 + os.urandom(100_000)
+    await blobs.put("bin/blob.bin", data, "application/octet-stream")
+    assert await blobs.get("bin/blob.bin") == data
+    await blobs.put("bin/empty.bin", b"", "application/octet-stream")
+    assert await blobs.get("bin/empty.bin") == b""
+    assert await blobs.exists("bin/empty.bin")
+
+
+async def test_overwrite(blobs: BlobStore) -> None:
+    await blobs.put("o/x.json", b'{"v": 1, "long": "' + b"a" * 1000 + b'"}', "application/json")
+    await blobs.put("o/x.json", b'{"v": 2}', "application/json")
+    assert await blobs.get("o/x.json") == b'{"v": 2}'
+
+
+async def test_presign_is_a_url_or_none(blobs: BlobStore) -> None:
+    await blobs.put("s/img.png", b"x", "image/png")
+    url = await blobs.presign("s/img.png", 60)
+    assert url is None or url.startswith(("http://", "https://"))

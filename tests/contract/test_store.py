@@ -1,0 +1,206 @@
+"""TaskStore contract: every backend in ``store_fixtures.STORE_FACTORIES`` passes these unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import pytest
+import store_fixtures
+
+from sdfleet.errors import NotFound, TransitionConflict
+from sdfleet.store.base import TaskStore, transition
+from sdfleet.tasks import Task, TaskRecord, TaskResult, TaskState, new_task_id
+
+store = store_fixtures.store  # the fixture, parametrised over every backend
+
+
+def tenant_name() -> str:
+    # Unique per test, so backends on a shared service never mix tests' data.
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def make_record(tenant: str = "default", created_at: float | None = None) -> TaskRecord:
+    task = Task(tenant=tenant)
+    if created_at is not None:
+        task.created_at = created_at
+    return TaskRecord(task=task)
+
+
+def set_state(state: TaskState, **changes: object) -> Callable[[TaskRecord], TaskRecord]:
+    def mutate(rec: TaskRecord) -> TaskRecord:
+        rec.state = state
+        for name, value in changes.items():
+            setattr(rec, name, value)
+        return rec
+
+    return mutate
+
+
+async def test_create_and_get(store: TaskStore) -> None:
+    rec = make_record(tenant_name())
+    rec.task.params.prompt = "a lighthouse at dusk"
+    stored, created = await store.create(rec)
+    assert created
+    assert stored == rec
+    got = await store.get(rec.id)
+    assert got == rec
+    assert got is not None and got.task.params.prompt == "a lighthouse at dusk"
+    assert await store.get(new_task_id()) is None
+
+
+async def test_create_existing_id_returns_existing(store: TaskStore) -> None:
+    first = make_record(tenant_name())
+    await store.create(first)
+    again = first.model_copy(deep=True)
+    again.task.params.prompt = "something else"
+    stored, created = await store.create(again)
+    assert not created
+    assert stored == first
+    assert (await store.get(first.id)) == first
+
+
+async def test_lifecycle_bumps_version(store: TaskStore) -> None:
+    rec = make_record(tenant_name())
+    await store.create(rec)
+    running = await transition(store, rec.id, set_state(TaskState.RUNNING, worker="w1", attempts=1))
+    assert (running.state, running.version, running.worker) == (TaskState.RUNNING, 1, "w1")
+    result = TaskResult(images=["a/b-0.png"], seed=42)
+    done = await transition(store, rec.id, set_state(TaskState.SUCCEEDED, result=result, progress=1.0))
+    assert (done.state, done.version) == (TaskState.SUCCEEDED, 2)
+    got = await store.get(rec.id)
+    assert got == done
+    assert got is not None and got.result == result and got.attempts == 1
+
+
+async def test_retry_moves_running_back_to_queued(store: TaskStore) -> None:
+    rec = make_record(tenant_name())
+    await store.create(rec)
+    await transition(store, rec.id, set_state(TaskState.RUNNING, attempts=1))
+    back = await transition(store, rec.id, set_state(TaskState.QUEUED))
+    assert (back.state, back.version, back.attempts) == (TaskState.QUEUED, 2, 1)
+
+
+@pytest.mark.parametrize("terminal", [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
+async def test_terminal_record_refuses_transitions(store: TaskStore, terminal: TaskState) -> None:
+    rec = make_record(tenant_name())
+    await store.create(rec)
+    await transition(store, rec.id, set_state(TaskState.RUNNING))
+    final = await transition(store, rec.id, set_state(terminal))
+    for target in (TaskState.RUNNING, TaskState.QUEUED, terminal):
+        with pytest.raises(TransitionConflict):
+            await transition(store, rec.id, set_state(target))
+    assert (await store.get(rec.id)) == final
+
+
+async def test_illegal_move_refused(store: TaskStore) -> None:
+    rec = make_record(tenant_name())
+    await store.create(rec)
+    with pytest.raises(TransitionConflict):
+        await transition(store, rec.id, set_state(TaskState.SUCCEEDED))
+    assert (await store.get(rec.id)) == rec
+
+
+async def test_transition_of_unknown_task(store: TaskStore) -> None:
+    with pytest.raises(NotFound):
+        await transition(store, new_task_id(), set_state(TaskState.RUNNING))
+
+
+async def test_concurrent_transitions_apply_once_each(store: TaskStore) -> None:
+    rec = make_record(tenant_name())
+    await store.create(rec)
+    await transition(store, rec.id, set_state(TaskState.RUNNING))
+
+    def bump(r: TaskRecord) -> TaskRecord:
+        r.attempts += 1
+        return r
+
+    results = await asyncio.gather(*(transition(store, rec.id, bump) for _ in range(10)))
+    assert sorted(r.version for r in results) == list(range(2, 12))
+    final = await store.get(rec.id)
+    assert final is not None
+    assert (final.attempts, final.version) == (10, 11)
+
+
+async def test_compare_and_set_stale_version(store: TaskStore) -> None:
+    rec = make_record(tenant_name())
+    await store.create(rec)
+    first = rec.model_copy(update={"state": TaskState.RUNNING, "version": 1, "worker": "a"})
+    assert await store.compare_and_set(first, 0)
+    stale = rec.model_copy(update={"state": TaskState.CANCELLED, "version": 1, "worker": "b"})
+    assert not await store.compare_and_set(stale, 0)
+    got = await store.get(rec.id)
+    assert got is not None and (got.state, got.version, got.worker) == (TaskState.RUNNING, 1, "a")
+    missing = make_record(rec.tenant).model_copy(update={"version": 1})
+    assert not await store.compare_and_set(missing, 0)
+    assert await store.get(missing.id) is None
+
+
+async def _seed(store: TaskStore, tenant: str, n: int) -> list[TaskRecord]:
+    """``n`` records, some sharing a created_at so the id must break ties; newest first."""
+    records = [make_record(tenant, created_at=1_700_000_000.0 + i // 3) for i in range(n)]
+    for r in records:
+        await store.create(r)
+    return sorted(records, key=lambda r: (r.task.created_at, r.id), reverse=True)
+
+
+async def _all_pages(
+    store: TaskStore,
+    tenant: str,
+    state: TaskState | None = None,
+    limit: int = 3,
+) -> list[list[TaskRecord]]:
+    pages: list[list[TaskRecord]] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.list(tenant, state=state, cursor=cursor, limit=limit)
+        pages.append(page)
+        if cursor is None:
+            return pages
+        assert len(pages) < 50, "cursor never ends"
+
+
+async def test_list_newest_first(store: TaskStore) -> None:
+    tenant = tenant_name()
+    expected = await _seed(store, tenant, 7)
+    page, cursor = await store.list(tenant)
+    assert [r.id for r in page] == [r.id for r in expected]
+    assert cursor is None
+    assert await store.list(tenant_name()) == ([], None)
+
+
+async def test_list_pagination_covers_all_once(store: TaskStore) -> None:
+    tenant = tenant_name()
+    expected = await _seed(store, tenant, 10)
+    pages = await _all_pages(store, tenant, limit=3)
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+    assert [r.id for p in pages for r in p] == [r.id for r in expected]
+    exact = await _all_pages(store, tenant, limit=5)
+    assert [r.id for p in exact for r in p] == [r.id for r in expected]
+    assert all(len(p) == 5 for p in exact[:2])
+
+
+async def test_list_tenant_isolation(store: TaskStore) -> None:
+    a, b = tenant_name(), tenant_name()
+    mine = await _seed(store, a, 4)
+    theirs = await _seed(store, b, 3)
+    page_a, _ = await store.list(a)
+    page_b, _ = await store.list(b)
+    assert [r.id for r in page_a] == [r.id for r in mine]
+    assert [r.id for r in page_b] == [r.id for r in theirs]
+
+
+async def test_list_state_filter(store: TaskStore) -> None:
+    tenant = tenant_name()
+    expected = await _seed(store, tenant, 9)
+    running = expected[::2]
+    for r in running:
+        await transition(store, r.id, set_state(TaskState.RUNNING))
+    pages = await _all_pages(store, tenant, state=TaskState.RUNNING, limit=2)
+    got = [r for p in pages for r in p]
+    assert [r.id for r in got] == [r.id for r in running]
+    assert all(r.state is TaskState.RUNNING for r in got)
+    queued, _ = await store.list(tenant, state=TaskState.QUEUED)
+    assert [r.id for r in queued] == [r.id for r in expected[1::2]]
+    assert await store.list(tenant, state=TaskState.FAILED) == ([], None)
