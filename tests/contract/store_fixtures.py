@@ -14,6 +14,7 @@ must namespace per call (unique key prefix, table or bucket) so tests never see 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 
 from sdfleet.storage.backends.local import LocalBlobStore
 from sdfleet.storage.base import BlobStore
+from sdfleet.store.backends.redis import RedisTaskStore
 from sdfleet.store.backends.sqlite import SqliteTaskStore
 from sdfleet.store.base import TaskStore
 
@@ -36,7 +38,12 @@ async def _local_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobSt
     return LocalBlobStore.from_url(f"file://{tmp_path / 'files'}")
 
 
-STORE_FACTORIES: dict[str, StoreFactory] = {"sqlite": _sqlite_store}
+async def _redis_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskStore:
+    server = request.getfixturevalue("redis_server")
+    return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}")
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {"sqlite": _sqlite_store, "redis": _redis_store}
 BLOB_FACTORIES: dict[str, BlobFactory] = {"local": _local_blobs}
 
 

@@ -1,0 +1,95 @@
+"""Plumbing shared by the Redis backends (Streams bus, task store).
+
+URL form, for both: ``redis://[[user]:password@]host[:port][/db][?prefix=sdfleet&...]`` or
+``rediss://`` for TLS (``ssl_cert_reqs``, ``ssl_ca_certs``... as redis-py reads them). ``prefix``
+(default ``sdfleet``) namespaces every key; all other query options go to redis-py unchanged
+(``socket_timeout``, ``socket_connect_timeout``, ``max_connections``, ``health_check_interval``...).
+
+One connection pool per backend object. A server that goes away turns each call into the backend's
+``*Unavailable`` error (fast: a short connect timeout and two quick retries); the pool drops dead
+connections and reconnects on the next call, so a restarted server needs no process restart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ReadOnlyError,
+    RedisError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+
+from sdfleet.errors import ConfigError, SdfleetError
+
+DEFAULT_PREFIX = "sdfleet"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+# A dead server should surface as an error within about a second, not after redis-py's default
+# backoff (seconds): callers such as the agent loop have their own retry schedule.
+_CONNECT_TIMEOUT_S = 2.0
+_SOCKET_TIMEOUT_S = 10.0
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``redis://h:p/0?prefix=x&socket_timeout=3`` → (``redis://h:p/0?socket_timeout=3``, ``x``)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"not a redis URL (want redis://host:port/db or rediss://...): {url!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    rest: list[tuple[str, str]] = []
+    for key, value in query:
+        if key == "prefix":
+            prefix = value
+        else:
+            rest.append((key, value))
+    if not _PREFIX_RE.match(prefix):
+        raise ConfigError(f"bad redis key prefix {prefix!r}: letters, digits and . _ : - only")
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+def connect(url: str) -> tuple[aioredis.Redis, str]:
+    """A client on its own connection pool for ``url``, and the key prefix the URL names."""
+    clean, prefix = split_url(url)
+    try:
+        pool = aioredis.ConnectionPool.from_url(
+            clean,
+            socket_connect_timeout=_CONNECT_TIMEOUT_S,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
+        )
+    except ValueError as e:
+        raise ConfigError(f"bad redis URL {url!r}: {e}") from e
+    return aioredis.Redis(connection_pool=pool), prefix
+
+
+def describe(client: aioredis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    return f"redis at {kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+
+@contextmanager
+def map_errors(where: str, unavailable: type[SdfleetError], other: type[SdfleetError]) -> Iterator[None]:
+    """Translate redis-py errors: unreachable, loading, read-only → ``unavailable``; rest → ``other``."""
+    try:
+        yield
+    except AuthenticationError as e:
+        raise ConfigError(f"{where}: authentication failed: {e}") from e
+    except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError) as e:
+        raise unavailable(f"{where} is unavailable ({type(e).__name__}: {e}); retry later") from e
+    except RedisError as e:
+        raise other(f"{where}: {type(e).__name__}: {e}") from e

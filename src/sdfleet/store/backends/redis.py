@@ -1,0 +1,186 @@
+"""The Redis task store: one hash per task, compare-and-set by a Lua script on its version.
+
+URL: ``redis://[:password@]host:port/db?prefix=sdfleet`` (``rediss://`` for TLS; see ``sdfleet._redis``).
+Keys, with ``p`` the prefix:
+
+    p:task:<id>                   hash  v (version), state, created (epoch s), data (the record's JSON)
+    p:tenant:<t>:tasks            zset  task id, score created_at: the tenant's list, newest first
+    p:tenant:<t>:state:<state>    zset  the same, per state: ``list(state=...)`` without scanning
+
+Ties in ``created_at`` are broken by id (descending), the order a sorted set keeps for equal scores.
+Create, compare-and-set and the index updates are each one script, so the indexes never disagree
+with the records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from sdfleet._redis import connect, describe, map_errors
+from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
+from sdfleet.store.backends.sqlite import MAX_PAGE, decode_cursor, encode_cursor
+from sdfleet.tasks import TaskRecord, TaskState
+
+STATES = list(TaskState)
+Rows = list[tuple[str, float]]
+"""(task id, created_at) pairs of an index, newest first."""
+
+# KEYS: task, tenant index, state index. ARGV: data, version, state, created_at, id.
+# Returns nil when created, else the stored record's JSON.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], 'data') end
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'v', ARGV[2], 'state', ARGV[3], 'created', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+return false
+"""
+
+# KEYS: task, then one state index per state (ARGV[5..] names them, same order).
+# ARGV: expected version, data, new version, new state, state names... Returns 1 if replaced.
+_CAS = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if (not v) or v ~= ARGV[1] then return 0 end
+local old = redis.call('HGET', KEYS[1], 'state')
+local created = redis.call('HGET', KEYS[1], 'created')
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'v', ARGV[3], 'state', ARGV[4])
+if old ~= ARGV[4] then
+  local id = string.match(KEYS[1], ':task:(.*)$')
+  for i = 5, #ARGV do
+    if ARGV[i] == old then redis.call('ZREM', KEYS[i - 3], id) end
+    if ARGV[i] == ARGV[4] then redis.call('ZADD', KEYS[i - 3], created, id) end
+  end
+end
+return 1
+"""
+
+
+class RedisTaskStore:
+    """``TaskStore`` on Redis hashes and sorted sets; any number of processes may share it."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "sdfleet") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._where = f"redis task store ({describe(client)})"
+        self._create = client.register_script(_CREATE)
+        self._cas = client.register_script(_CAS)
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisTaskStore:
+        client, prefix = connect(url)
+        return cls(client, prefix)
+
+    async def __aenter__(self) -> RedisTaskStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _errors(self) -> Any:
+        if self._closed:
+            raise StoreUnavailable(f"{self._where} is closed")
+        return map_errors(self._where, StoreUnavailable, StoreError)
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def _index(self, tenant: str, state: TaskState | None = None) -> str:
+        base = f"{self.prefix}:tenant:{tenant}"
+        return f"{base}:tasks" if state is None else f"{base}:state:{state.value}"
+
+    async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Insert ``record`` unless its id exists; returns (stored record, created?)."""
+        keys = [
+            self._task_key(record.id),
+            self._index(record.tenant),
+            self._index(record.tenant, record.state),
+        ]
+        args: list[str | int] = [
+            record.model_dump_json(by_alias=True),
+            record.version,
+            record.state.value,
+            repr(record.task.created_at),
+            record.id,
+        ]
+        with self._errors():
+            existing = await self._create(keys=keys, args=args)
+        if existing is None:
+            return record.model_copy(deep=True), True
+        return TaskRecord.model_validate_json(existing), False
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record of ``task_id``, or None."""
+        with self._errors():
+            data = await self.client.hget(self._task_key(task_id), "data")
+        return None if data is None else TaskRecord.model_validate_json(data)
+
+    async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
+        """Replace the record iff the stored one still has ``expected_version``."""
+        if record.version != expected_version + 1:
+            raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
+        keys = [self._task_key(record.id), *(self._index(record.tenant, s) for s in STATES)]
+        args: list[str | int] = [
+            expected_version,
+            record.model_dump_json(by_alias=True),
+            record.version,
+            record.state.value,
+            *(s.value for s in STATES),
+        ]
+        with self._errors():
+            return bool(await self._cas(keys=keys, args=args))
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        state: TaskState | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[TaskRecord], str | None]:
+        """A tenant's tasks, newest first; returns (page, cursor of the next page or None)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValidationFailed(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        index = self._index(tenant, state)
+        with self._errors():
+            rows = await self._page(index, cursor, limit + 1)
+            page = rows[:limit]
+            pipe = self.client.pipeline(transaction=False)
+            for task_id, _ in page:
+                pipe.hget(self._task_key(task_id), "data")
+            found = await pipe.execute() if page else []
+        records = [TaskRecord.model_validate_json(d) for d in found if d is not None]
+        next_cursor = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None
+        return records, next_cursor
+
+    async def _page(self, index: str, cursor: str | None, count: int) -> Rows:
+        """Up to ``count`` (id, created_at) of ``index`` after ``cursor``, newest first."""
+        if cursor is None:
+            rows: list[Any] = await self.client.zrange(
+                index, "+inf", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
+            )
+            return [(_text(m), float(s)) for m, s in rows]
+        after_ts, after_id = decode_cursor(cursor)
+        pipe = self.client.pipeline(transaction=False)
+        # Entries sharing the cursor's created_at: few, so read them all and filter by id.
+        pipe.zrange(index, after_ts, after_ts, byscore=True)
+        pipe.zrange(
+            index, f"({after_ts!r}", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
+        )
+        ties, older = await pipe.execute()
+        same = sorted((i for i in map(_text, ties) if i < after_id), reverse=True)
+        merged = [(i, after_ts) for i in same] + [(_text(m), float(s)) for m, s in older]
+        return merged[:count]
+
+    async def aclose(self) -> None:
+        """Close the connection pool; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
