@@ -1,0 +1,114 @@
+"""SNS envelopes, and the messages the seed's input Lambdas publish.
+
+An SQS queue subscribed to a topic without RawMessageDelivery (the seed's CDK leaves it off)
+receives each message wrapped in a JSON envelope:
+
+```json
+{"Type": "Notification", "MessageId": "…", "TopicArn": "arn:aws:sns:…", "Message": "<the body>",
+ "Timestamp": "…", "SignatureVersion": "1", "Signature": "…", "SigningCertURL": "…",
+ "UnsubscribeURL": "…", "MessageAttributes": {"runtime": {"Type": "String", "Value": "sdruntime"}}}
+```
+
+The seed's Lambdas publish:
+
+- v1alpha1 (1.0 and later): ``{"metadata": {"id": id_task, "runtime": "legacy", "tasktype": task,
+  "prefix": save_dir, "context": {}}, "content": <the request, plus "s3_output_path">}`` with the
+  attribute ``sd_model_checkpoint``;
+- v1alpha1 (before 1.0): the request itself plus ``s3_output_path``, same attribute;
+- v1alpha2: the request's ``task`` member, ``{"metadata": …, "content": …}``, with the attribute
+  ``runtime``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from sdfleet.compat import v1alpha1, v1alpha2
+from sdfleet.errors import ValidationFailed
+from sdfleet.tasks import Task
+
+
+def _envelope(body: bytes) -> dict[str, Any] | None:
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if (
+        isinstance(data, dict)
+        and data.get("Type") == "Notification"
+        and isinstance(data.get("Message"), str)
+        and isinstance(data.get("TopicArn"), str)
+    ):
+        return data
+    return None
+
+
+def unwrap(body: bytes, attributes: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+    """The inner message and its attributes if ``body`` is an SNS notification envelope; else
+    ``body`` and ``attributes`` unchanged. Attributes from the envelope win over the outer ones."""
+    env = _envelope(body)
+    if env is None:
+        return body, dict(attributes)
+    attrs = dict(attributes)
+    raw = env.get("MessageAttributes")
+    if isinstance(raw, dict):
+        for name, attr in raw.items():
+            if isinstance(attr, dict) and isinstance(attr.get("Value"), str):
+                attrs[name] = attr["Value"]
+    return str(env["Message"]).encode(), attrs
+
+
+def seed_message_to_task(
+    body: bytes,
+    attributes: Mapping[str, str],
+    *,
+    tenant: str = "default",
+    default_bucket_prefix: str | None = None,
+) -> Task:
+    """A message exactly as the seed's v1alpha1/v1alpha2 Lambda publishes it (raw or in an SNS
+    envelope) → ``Task``, so an sdfleet agent can drain a seed deployment's queue.
+
+    Raises ``ValidationFailed`` when the message is none of the seed's forms or its content is
+    invalid.
+    """
+    inner, attrs = unwrap(body, attributes)
+    try:
+        data = json.loads(inner)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValidationFailed(f"message is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValidationFailed("message is not a JSON object")
+    opts: dict[str, Any] = {"tenant": tenant, "default_bucket_prefix": default_bucket_prefix}
+    if isinstance(data.get("metadata"), dict) and "content" in data:
+        meta, content = data["metadata"], data["content"]
+        if meta.get("runtime") == v1alpha1.LEGACY_RUNTIME and isinstance(content, dict):
+            if "alwayson_scripts" in content:
+                return _wrapped_v1alpha1(meta, content, attrs, opts)
+        return v1alpha2.task_from_inner(data, **opts)
+    if isinstance(data.get("alwayson_scripts"), dict):
+        return _checkpoint_from_attribute(v1alpha1.to_task(data, **opts), attrs)
+    raise ValidationFailed("not a seed message: expected {metadata, content} or an A1111 payload")
+
+
+def _wrapped_v1alpha1(
+    meta: dict[str, Any], content: dict[str, Any], attrs: Mapping[str, str], opts: dict[str, Any]
+) -> Task:
+    prefix = meta.get("prefix")
+    task = v1alpha1.to_task(
+        content,
+        prefix=prefix if isinstance(prefix, str) else None,
+        context=meta.get("context", {}),
+        **opts,
+    )
+    return _checkpoint_from_attribute(task, attrs)
+
+
+def _checkpoint_from_attribute(task: Task, attrs: Mapping[str, str]) -> Task:
+    # The routing attribute is what put the message on this queue; the body may omit the model.
+    if task.model is None and attrs.get("sd_model_checkpoint"):
+        return task.model_copy(update={"model": attrs["sd_model_checkpoint"]})
+    return task
