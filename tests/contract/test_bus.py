@@ -1,0 +1,279 @@
+"""The bus contract: every backend (``conftest.BUS_BACKENDS``) passes this suite unchanged.
+
+Leases are whole seconds (SQS visibility timeouts are integers); sleeps stay just past them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sdfleet.bus import Bus, Delivery, QueueSpec, Subscription, Topology, dlq_name
+from sdfleet.errors import NotFound
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+
+
+def topology(ns: str, subs: dict[str, dict[str, Any] | None], **queue_kw: Any) -> Topology:
+    """Topic ``<ns>-tasks`` with one queue ``<ns>-<name>`` per entry, subscribed with that filter."""
+    topic = f"{ns}-tasks"
+    return Topology(
+        topics=[topic],
+        queues=[QueueSpec(name=f"{ns}-{name}", **queue_kw) for name in subs],
+        subscriptions=[
+            Subscription(topic=topic, queue=f"{ns}-{name}", filter_policy=p) for name, p in subs.items()
+        ],
+    )
+
+
+async def drain(bus: Bus, queue: str, *, lease_s: float = 30) -> list[Delivery]:
+    """Everything visible in ``queue`` now (leased, not acked)."""
+    out: list[Delivery] = []
+    while got := await bus.receive(queue, max_messages=10, lease_s=lease_s):
+        out.extend(got)
+    return out
+
+
+async def bodies(bus: Bus, queue: str) -> list[bytes]:
+    return sorted(d.body for d in await drain(bus, queue))
+
+
+async def test_ensure_is_idempotent(bus: Bus, ns: str) -> None:
+    topo = topology(ns, {"a": None})
+    await bus.ensure(topo)
+    await bus.ensure(topo)
+    await bus.publish(f"{ns}-tasks", b"once", {})
+    assert await bodies(bus, f"{ns}-a") == [b"once"]
+
+
+async def test_ensure_updates_filter_policy(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": {"color": ["red"]}}))
+    await bus.publish(f"{ns}-tasks", b"red-1", {"color": "red"})
+    await bus.ensure(topology(ns, {"a": {"color": ["blue"]}}))
+    await bus.publish(f"{ns}-tasks", b"red-2", {"color": "red"})
+    await bus.publish(f"{ns}-tasks", b"blue-2", {"color": "blue"})
+    assert await bodies(bus, f"{ns}-a") == [b"blue-2", b"red-1"]
+
+
+async def test_publish_receive_round_trip(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    body = json.dumps({"prompt": "a cat, été ✓", "steps": 2}).encode()
+    attrs = {"sd_model_checkpoint": SD15, "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "n": "42"}
+    before = time.time()
+    message_id = await bus.publish(f"{ns}-tasks", body, attrs)
+    (d,) = await bus.receive(f"{ns}-a", max_messages=10, lease_s=30)
+    assert message_id
+    assert d.queue == f"{ns}-a"
+    assert d.body == body
+    assert dict(d.attributes) == attrs
+    assert d.receive_count == 1
+    assert d.message_id and d.receipt
+    assert before - 2 <= d.sent_at <= time.time() + 2
+
+
+async def test_routing_by_attribute_policy(bus: Bus, ns: str) -> None:
+    dedicated = {"sd_model_checkpoint": [SD15]}
+    dynamic = {"sd_model_checkpoint": [{"anything-but": [SD15]}]}
+    await bus.ensure(topology(ns, {"sd15": dedicated, "dynamic": dynamic}))
+    await bus.publish(f"{ns}-tasks", b"to-sd15", {"sd_model_checkpoint": SD15})
+    await bus.publish(f"{ns}-tasks", b"to-dynamic", {"sd_model_checkpoint": "sdxl.safetensors"})
+    assert await bodies(bus, f"{ns}-sd15") == [b"to-sd15"]
+    assert await bodies(bus, f"{ns}-dynamic") == [b"to-dynamic"]
+
+
+async def test_routing_by_message_body_policy(bus: Bus, ns: str) -> None:
+    topic = f"{ns}-tasks"
+    await bus.ensure(
+        Topology(
+            topics=[topic],
+            queues=[QueueSpec(name=f"{ns}-comfy"), QueueSpec(name=f"{ns}-rest")],
+            subscriptions=[
+                Subscription(
+                    topic=topic,
+                    queue=f"{ns}-comfy",
+                    filter_policy={"task": {"runtime": ["comfyui"]}},
+                    scope="MessageBody",
+                ),
+                Subscription(
+                    topic=topic,
+                    queue=f"{ns}-rest",
+                    filter_policy={"task": {"runtime": [{"anything-but": ["comfyui"]}]}},
+                    scope="MessageBody",
+                ),
+            ],
+        )
+    )
+    comfy = json.dumps({"task": {"runtime": "comfyui", "id": "1"}}).encode()
+    a1111 = json.dumps({"task": {"runtime": "sdwebui", "id": "2"}}).encode()
+    await bus.publish(topic, comfy, {})
+    await bus.publish(topic, a1111, {})
+    assert await bodies(bus, f"{ns}-comfy") == [comfy]
+    assert await bodies(bus, f"{ns}-rest") == [a1111]
+
+
+async def test_fan_out_to_two_queues(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None, "b": {"tier": ["paid", "free"]}}))
+    await bus.publish(f"{ns}-tasks", b"both", {"tier": "paid"})
+    assert await bodies(bus, f"{ns}-a") == [b"both"]
+    assert await bodies(bus, f"{ns}-b") == [b"both"]
+
+
+async def test_no_matching_subscription_delivers_nothing(bus: Bus, ns: str) -> None:
+    dynamic = {"sd_model_checkpoint": [{"anything-but": [SD15]}]}
+    await bus.ensure(topology(ns, {"sd15": {"sd_model_checkpoint": [SD15]}, "dynamic": dynamic}))
+    await bus.publish(f"{ns}-tasks", b"no-attribute", {"other": "x"})
+    for q in ("sd15", "dynamic"):
+        assert await bus.receive(f"{ns}-{q}", max_messages=10) == []
+        stats = await bus.stats(f"{ns}-{q}")
+        assert (stats.visible, stats.in_flight) == (0, 0)
+
+
+async def test_unknown_topic_raises_not_found(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    with pytest.raises(NotFound):
+        await bus.publish(f"{ns}-missing", b"x", {})
+
+
+async def test_lease_expiry_redelivers(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    await bus.publish(f"{ns}-tasks", b"m", {})
+    (first,) = await bus.receive(f"{ns}-a", lease_s=1)
+    assert await bus.receive(f"{ns}-a") == []
+    await asyncio.sleep(1.3)
+    (again,) = await bus.receive(f"{ns}-a", lease_s=30)
+    assert again.body == b"m"
+    assert (first.receive_count, again.receive_count) == (1, 2)
+
+
+async def test_extend_keeps_message_hidden_past_lease(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    await bus.publish(f"{ns}-tasks", b"m", {})
+    (d,) = await bus.receive(f"{ns}-a", lease_s=1)
+    await asyncio.sleep(0.5)
+    await bus.extend(d, 3)
+    await asyncio.sleep(1.0)
+    assert await bus.receive(f"{ns}-a") == []
+    await bus.ack(d)
+    assert (await bus.stats(f"{ns}-a")).in_flight == 0
+
+
+async def test_release_with_delay(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    await bus.publish(f"{ns}-tasks", b"m", {})
+    (d,) = await bus.receive(f"{ns}-a", lease_s=30)
+    await bus.release(d, delay_s=1)
+    assert await bus.receive(f"{ns}-a") == []
+    stats = await bus.stats(f"{ns}-a")
+    assert (stats.visible, stats.in_flight + stats.delayed) == (0, 1)
+    await asyncio.sleep(1.3)
+    (again,) = await bus.receive(f"{ns}-a", lease_s=30)
+    assert (again.body, again.receive_count) == (b"m", 2)
+
+
+async def test_release_zero_is_visible_at_once(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    await bus.publish(f"{ns}-tasks", b"m", {})
+    (d,) = await bus.receive(f"{ns}-a", lease_s=30)
+    await bus.release(d)
+    (again,) = await bus.receive(f"{ns}-a", lease_s=30)
+    assert (again.body, again.receive_count) == (b"m", 2)
+
+
+async def test_ack_removes(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    await bus.publish(f"{ns}-tasks", b"m", {})
+    (d,) = await bus.receive(f"{ns}-a", lease_s=1)
+    await bus.ack(d)
+    await asyncio.sleep(1.2)
+    assert await bus.receive(f"{ns}-a") == []
+    stats = await bus.stats(f"{ns}-a")
+    assert (stats.visible, stats.in_flight, stats.delayed) == (0, 0, 0)
+
+
+async def test_stale_receipt_cannot_ack_re_leased_message(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    await bus.publish(f"{ns}-tasks", b"m", {})
+    (stale,) = await bus.receive(f"{ns}-a", lease_s=1)
+    await asyncio.sleep(1.3)
+    (current,) = await bus.receive(f"{ns}-a", lease_s=30)
+    await bus.ack(stale)
+    await bus.extend(stale, 1)
+    assert (await bus.stats(f"{ns}-a")).in_flight == 1
+    await bus.ack(current)
+    stats = await bus.stats(f"{ns}-a")
+    assert (stats.visible, stats.in_flight) == (0, 0)
+
+
+async def test_max_receives_moves_to_dlq(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}, max_receives=2))
+    await bus.publish(f"{ns}-tasks", b"poison", {"k": "v"})
+    for n in (1, 2):
+        (d,) = await bus.receive(f"{ns}-a", lease_s=30)
+        assert d.receive_count == n
+        await bus.release(d)
+    assert await bus.receive(f"{ns}-a", max_messages=10) == []
+    assert (await bus.stats(f"{ns}-a")).dead_letters == 1
+    (dead,) = await bus.receive(dlq_name(f"{ns}-a"), lease_s=30)
+    assert (dead.body, dict(dead.attributes)) == (b"poison", {"k": "v"})
+    assert dead.queue == dlq_name(f"{ns}-a")
+    await bus.ack(dead)
+    assert (await bus.stats(f"{ns}-a")).dead_letters == 0
+
+
+async def test_stats(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    empty = await bus.stats(f"{ns}-a")
+    assert (empty.queue, empty.visible, empty.in_flight, empty.dead_letters) == (f"{ns}-a", 0, 0, 0)
+    assert empty.oldest_age_s in (None, 0)
+    for i in range(3):
+        await bus.publish(f"{ns}-tasks", f"m{i}".encode(), {})
+    await bus.receive(f"{ns}-a", lease_s=30)
+    stats = await bus.stats(f"{ns}-a")
+    assert (stats.visible, stats.in_flight, stats.delayed, stats.dead_letters) == (2, 1, 0, 0)
+    # Backends that cannot know the age (SQS has it only in CloudWatch) report None.
+    assert stats.oldest_age_s is None or 0 <= stats.oldest_age_s < 60
+
+
+async def test_long_poll_returns_early_on_publish(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+
+    async def publish_soon() -> None:
+        await asyncio.sleep(0.3)
+        await bus.publish(f"{ns}-tasks", b"late", {})
+
+    start = time.monotonic()
+    got, _ = await asyncio.gather(bus.receive(f"{ns}-a", wait_s=5, lease_s=30), publish_soon())
+    assert [d.body for d in got] == [b"late"]
+    assert 0.25 <= time.monotonic() - start < 3
+
+
+async def test_concurrent_receivers_never_share(bus_factory: Callable[[], Bus], bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    for i in range(20):
+        await bus.publish(f"{ns}-tasks", f"m{i:02}".encode(), {})
+    seen: list[bytes] = []
+
+    async def worker(client: Bus) -> None:
+        deadline = time.monotonic() + 10
+        while len(seen) < 20 and time.monotonic() < deadline:
+            for d in await client.receive(f"{ns}-a", max_messages=3, wait_s=0.2, lease_s=30):
+                seen.append(d.body)
+                await client.ack(d)
+
+    await asyncio.gather(worker(bus), worker(bus_factory()))
+    assert sorted(seen) == [f"m{i:02}".encode() for i in range(20)]
+
+
+async def test_max_messages_respected(bus: Bus, ns: str) -> None:
+    await bus.ensure(topology(ns, {"a": None}))
+    for i in range(5):
+        await bus.publish(f"{ns}-tasks", f"m{i}".encode(), {})
+    first = await bus.receive(f"{ns}-a", max_messages=3, wait_s=1, lease_s=30)
+    assert 1 <= len(first) <= 3
+    rest = await drain(bus, f"{ns}-a")
+    assert sorted(d.body for d in first + rest) == [f"m{i}".encode() for i in range(5)]
