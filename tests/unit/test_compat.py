@@ -266,3 +266,24 @@ def test_seed_message_before_1_0() -> None:
 def test_seed_message_invalid(body: bytes, reason: str) -> None:
     with pytest.raises(ValidationFailed, match=reason):
         sns.seed_message_to_task(body, {})
+
+
+async def test_seed_notification_uses_storage_locations(tmp_path: Any) -> None:
+    from sdfleet.compat.notify import seed_notification
+    from sdfleet.storage import open_storage
+    from sdfleet.tasks import EventType, TaskEvent
+
+    storage = open_storage(f"file://{tmp_path}")
+    task = v1alpha2.to_task(copy_of(V1ALPHA2_T2I), tenant="t")
+    keys = ["output/test-t2i/test-t2i-1.png"]
+    record = TaskRecord(
+        task=task,
+        state=TaskState.SUCCEEDED,
+        result=TaskResult(images=keys, output="output/test-t2i/test-t2i.out"),
+    )
+    event = TaskEvent(type=EventType.SUCCEEDED, task_id=task.id, tenant="t", state=TaskState.SUCCEEDED)
+    note = seed_notification(storage)(record, event)
+    assert note["image_url"] == [storage.location(keys[0])]
+    assert note["output_url"] == storage.location("output/test-t2i/test-t2i.out")
+    assert (note["runtime"], note["status"], note["result"]) == ("sdruntime", "completed", True)
+    await storage.aclose()
