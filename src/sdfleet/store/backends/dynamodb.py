@@ -1,0 +1,266 @@
+"""The task store on DynamoDB (the ``aws://`` store URL).
+
+URL: ``aws://[?table=sdfleet-tasks][&prefix=sdfleet-][&region=us-east-1][&create=true][&retries=3]``
+
+- ``table``: the table name; default ``<prefix>tasks``, so one ``aws://?prefix=sdfleet-`` URL can
+  serve as bus and store URL alike (default prefix ``sdfleet-``);
+- ``create`` (default true): create the table (on-demand billing) on first use if it is missing;
+  set false where the table comes from CDK and the role may not ``dynamodb:CreateTable``;
+- ``retries``: attempts per call (botocore "standard" mode), default 3;
+- endpoint, credentials and region otherwise come from the standard AWS chain.
+
+Table: partition key ``id``; attributes ``tenant``, ``sk`` (``<created_at, zero-padded>#<id>``,
+so newest-first is a descending string order with the id breaking ties), ``state``, ``version``
+and ``doc`` (the record's JSON); GSI ``by-tenant`` (``tenant``, ``sk``), all attributes projected.
+Reads of one record are strongly consistent; ``list`` reads the GSI (eventually consistent on AWS).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import threading
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from sdfleet._aws import AwsContext, error_code, flag, int_param, map_errors, parse_aws_url
+from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
+from sdfleet.tasks import TaskRecord, TaskState
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+GSI = "by-tenant"
+MAX_PAGE = 1000
+
+
+def sort_key(record: TaskRecord) -> str:
+    return f"{record.task.created_at:020.6f}#{record.id}"
+
+
+def encode_cursor(sk: str) -> str:
+    return base64.urlsafe_b64encode(sk.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """Cursor → (sort key, task id)."""
+    try:
+        sk = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as e:
+        raise ValidationFailed(f"bad cursor {cursor!r}") from e
+    _, sep, task_id = sk.partition("#")
+    if not sep or not task_id:
+        raise ValidationFailed(f"bad cursor {cursor!r}")
+    return sk, task_id
+
+
+def _item(record: TaskRecord) -> dict[str, Any]:
+    return {
+        "id": {"S": record.id},
+        "tenant": {"S": record.tenant},
+        "sk": {"S": sort_key(record)},
+        "state": {"S": record.state.value},
+        "version": {"N": str(record.version)},
+        "doc": {"S": record.model_dump_json()},
+    }
+
+
+def _record(item: dict[str, Any]) -> TaskRecord:
+    return TaskRecord.model_validate_json(item["doc"]["S"])
+
+
+def _table_spec(table: str) -> dict[str, Any]:
+    return {
+        "TableName": table,
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [
+            {"AttributeName": "id", "AttributeType": "S"},
+            {"AttributeName": "tenant", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        "KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}],
+        "GlobalSecondaryIndexes": [
+            {
+                "IndexName": GSI,
+                "KeySchema": [
+                    {"AttributeName": "tenant", "KeyType": "HASH"},
+                    {"AttributeName": "sk", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            }
+        ],
+    }
+
+
+class DynamoTaskStore:
+    """``TaskStore`` on one DynamoDB table. Build with ``DynamoTaskStore.from_url("aws://?table=…")``."""
+
+    def __init__(
+        self,
+        table: str = "sdfleet-tasks",
+        *,
+        region: str | None = None,
+        create: bool = True,
+        max_attempts: int = 3,
+    ) -> None:
+        self.table = table
+        self.create_table = create
+        self._aws = AwsContext(region, max_attempts=max_attempts)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> DynamoTaskStore:
+        _, _, q = parse_aws_url(url, "aws")
+        table = q.get("table") or f"{q.get('prefix', 'sdfleet-')}tasks"
+        return cls(
+            table,
+            region=q.get("region"),
+            create=flag(q, "create", True),
+            max_attempts=int_param(q, "retries", 3),
+        )
+
+    @property
+    def _db(self) -> DynamoDBClient:
+        client: DynamoDBClient = self._aws.client("dynamodb")
+        return client
+
+    def _ensure_table(self) -> None:
+        with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                self._db.describe_table(TableName=self.table)
+            except ClientError as e:
+                if error_code(e) != "ResourceNotFoundException" or not self.create_table:
+                    raise
+                try:
+                    self._db.create_table(**_table_spec(self.table))
+                except ClientError as e2:  # another process won the race
+                    if error_code(e2) != "ResourceInUseException":
+                        raise
+                waiter = self._db.get_waiter("table_exists")
+                waiter.wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+            self._ready = True
+
+    async def _run(self, fn: Any) -> Any:
+        def call() -> Any:
+            self._ensure_table()
+            return fn()
+
+        with map_errors(StoreUnavailable, StoreError):
+            return await self._aws.run(call)
+
+    async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Conditional ``PutItem`` (``attribute_not_exists(id)``); returns the existing record if any."""
+        item = _item(record)
+
+        def put() -> dict[str, Any] | None:
+            try:
+                self._db.put_item(
+                    TableName=self.table,
+                    Item=item,
+                    ConditionExpression="attribute_not_exists(id)",
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+            except ClientError as e:
+                if error_code(e) != "ConditionalCheckFailedException":
+                    raise
+                old: dict[str, Any] | None = e.response.get("Item")  # type: ignore[assignment]
+                if old is None:
+                    old = self._db.get_item(
+                        TableName=self.table, Key={"id": item["id"]}, ConsistentRead=True
+                    )["Item"]
+                return old
+            return None
+
+        existing = await self._run(put)
+        if existing is None:
+            return record.model_copy(deep=True), True
+        return _record(existing), False
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """Strongly consistent ``GetItem``."""
+
+        def get() -> dict[str, Any] | None:
+            found = self._db.get_item(TableName=self.table, Key={"id": {"S": task_id}}, ConsistentRead=True)
+            return found.get("Item")
+
+        item = await self._run(get)
+        return None if item is None else _record(item)
+
+    async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
+        """``PutItem`` with ``ConditionExpression`` ``version = :expected``."""
+        if record.version != expected_version + 1:
+            raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
+        item = _item(record)
+
+        def put() -> bool:
+            try:
+                self._db.put_item(
+                    TableName=self.table,
+                    Item=item,
+                    ConditionExpression="version = :expected",
+                    ExpressionAttributeValues={":expected": {"N": str(expected_version)}},
+                )
+            except ClientError as e:
+                if error_code(e) == "ConditionalCheckFailedException":
+                    return False
+                raise
+            return True
+
+        ok: bool = await self._run(put)
+        return ok
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        state: TaskState | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[builtins.list[TaskRecord], str | None]:
+        """``Query`` on the ``by-tenant`` GSI, newest first; ``state`` is a filter expression, so
+        pages are filled by as many queries as it takes."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValidationFailed(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        query: dict[str, Any] = {
+            "TableName": self.table,
+            "IndexName": GSI,
+            "KeyConditionExpression": "tenant = :t",
+            "ExpressionAttributeValues": {":t": {"S": tenant}},
+            "ScanIndexForward": False,
+        }
+        if state is not None:
+            query["FilterExpression"] = "#s = :s"
+            query["ExpressionAttributeNames"] = {"#s": "state"}
+            query["ExpressionAttributeValues"][":s"] = {"S": state.value}
+        if cursor is not None:
+            sk, task_id = decode_cursor(cursor)
+            query["ExclusiveStartKey"] = {"id": {"S": task_id}, "tenant": {"S": tenant}, "sk": {"S": sk}}
+        items: list[dict[str, Any]] = await self._run(lambda: self._query(query, limit + 1))
+        page = items[:limit]
+        next_cursor = encode_cursor(page[-1]["sk"]["S"]) if len(items) > limit else None
+        return [_record(i) for i in page], next_cursor
+
+    def _query(self, query: dict[str, Any], want: int) -> builtins.list[dict[str, Any]]:
+        items: builtins.list[dict[str, Any]] = []
+        while len(items) < want:
+            resp = self._db.query(**query, Limit=want - len(items))
+            items.extend(resp.get("Items", []))
+            last = resp.get("LastEvaluatedKey")
+            if not last:
+                break
+            query["ExclusiveStartKey"] = last
+        return items[:want]
+
+    async def aclose(self) -> None:
+        self._aws.close()
+
+    async def __aenter__(self) -> DynamoTaskStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
