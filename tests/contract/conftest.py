@@ -20,8 +20,20 @@ def _sqlite_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'bus.db'}"
 
 
+def _aws_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    request.getfixturevalue("moto_url")  # moto_server on 127.0.0.1; sets AWS_ENDPOINT_URL
+    return f"aws://?prefix=t{uuid.uuid4().hex[:8]}-&region=us-east-1"
+
+
+def _redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    server = request.getfixturevalue("redis_server")  # redis-server on 127.0.0.1 (appendonly)
+    return f"{server.url}?prefix=c{uuid.uuid4().hex[:12]}"
+
+
 BUS_BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
     "sqlite": _sqlite_url,
+    "redis": _redis_url,
+    "aws": _aws_url,
 }
 
 
@@ -60,3 +72,22 @@ def bus(bus_factory: BusFactory) -> Bus:
 def ns() -> str:
     """A unique prefix for topic and queue names, so backends sharing a server never collide."""
     return f"c{uuid.uuid4().hex[:12]}"
+
+
+# Tests where moto departs from documented AWS behaviour. They still run against moto and must
+# still fail there (strict xfail): once moto is fixed the entry has to go. Nothing is skipped.
+AWS_MOTO_DEVIATIONS = {
+    "test_stale_receipt_cannot_ack_re_leased_message": (
+        "SQS DeleteMessage docs: with a receipt handle from an earlier receive 'the request succeeds,"
+        " but the message will not be deleted'; moto 5 deletes (and re-times) the message with any"
+        " receipt handle it ever issued for it"
+    ),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        reason = AWS_MOTO_DEVIATIONS.get(getattr(item, "originalname", ""))
+        if params.get("bus_factory") == "aws" and reason:
+            item.add_marker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))

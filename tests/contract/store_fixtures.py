@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from sdfleet.storage.backends.local import LocalBlobStore
+from sdfleet.storage.backends.s3 import S3BlobStore
 from sdfleet.storage.base import BlobStore
+from sdfleet.store.backends.dynamodb import DynamoTaskStore
 from sdfleet.store.backends.redis import RedisTaskStore
 from sdfleet.store.backends.sqlite import SqliteTaskStore
 from sdfleet.store.base import TaskStore
@@ -43,8 +45,22 @@ async def _redis_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskSt
     return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}")
 
 
-STORE_FACTORIES: dict[str, StoreFactory] = {"sqlite": _sqlite_store, "redis": _redis_store}
-BLOB_FACTORIES: dict[str, BlobFactory] = {"local": _local_blobs}
+async def _dynamodb_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskStore:
+    request.getfixturevalue("moto_url")  # moto_server on 127.0.0.1; sets AWS_ENDPOINT_URL
+    return DynamoTaskStore.from_url(f"aws://?table=t-{uuid.uuid4().hex[:12]}&region=us-east-1")
+
+
+async def _s3_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    request.getfixturevalue("moto_url")
+    return S3BlobStore.from_url(f"s3://b-{uuid.uuid4().hex[:12]}/results?create=true&region=us-east-1")
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {
+    "sqlite": _sqlite_store,
+    "redis": _redis_store,
+    "dynamodb": _dynamodb_store,
+}
+BLOB_FACTORIES: dict[str, BlobFactory] = {"local": _local_blobs, "s3": _s3_blobs}
 
 
 @pytest.fixture(params=list(STORE_FACTORIES))
