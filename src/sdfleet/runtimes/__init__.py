@@ -1,0 +1,49 @@
+"""Runtimes by name, imported lazily so torch is loaded only by the process that runs diffusers."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from sdfleet.errors import ConfigError
+from sdfleet.models.catalog import ModelCatalog
+from sdfleet.runtimes.base import Job, ProgressFn, Runtime, RuntimeResult
+
+# name → (module, class, extra that provides its third-party imports). Each class has a
+# ``from_options(*, catalog, options, default_model, cache_size)`` classmethod.
+RUNTIMES: dict[str, tuple[str, str, str | None]] = {
+    "diffusers": ("sdfleet.runtimes.diffusers", "DiffusersRuntime", "diffusers"),
+    "synthetic": ("sdfleet.runtimes.synthetic", "SyntheticRuntime", None),
+}
+
+
+def build_runtime(
+    name: str,
+    *,
+    catalog: ModelCatalog,
+    options: Mapping[str, Any],
+    default_model: str | None = None,
+    cache_size: int = 2,
+) -> Runtime:
+    """Construct runtime ``name`` from its config ``options``; raises ``ConfigError``."""
+    if name not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {name!r}; use one of {', '.join(sorted(RUNTIMES))}")
+    module_name, cls_name, extra = RUNTIMES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if extra is None or (e.name or "").startswith("sdfleet"):
+            raise
+        raise ConfigError(f"the {name} runtime needs {e.name}: pip install 'sdfleet[{extra}]'") from e
+    factory = getattr(module, cls_name).from_options
+    try:
+        runtime: Runtime = factory(
+            catalog=catalog, options=options, default_model=default_model, cache_size=cache_size
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad options for the {name} runtime: {e}") from e
+    return runtime
+
+
+__all__ = ["RUNTIMES", "Job", "ProgressFn", "Runtime", "RuntimeResult", "build_runtime"]

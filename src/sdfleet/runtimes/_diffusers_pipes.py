@@ -1,0 +1,214 @@
+"""Helpers of the diffusers runtime: samplers, devices, pipeline loading, images. Imports torch."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Any
+
+import diffusers as _diffusers_module
+import torch
+from PIL import Image, PngImagePlugin
+
+from sdfleet.errors import ModelLoadError, Reject
+from sdfleet.models.catalog import ModelInfo
+from sdfleet.tasks import TaskParams
+
+log = logging.getLogger(__name__)
+# Typed as Any: many diffusers entry points are untyped, which mypy --strict refuses to call.
+diffusers: Any = _diffusers_module
+
+# A1111 sampler name → diffusers scheduler class and the config it needs.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+}
+_BY_LOWER = {name.lower(): name for name in SAMPLERS}
+
+
+def sampler_key(sampler: str | None, scheduler: str | None = None) -> str | None:
+    """The canonical A1111 sampler name; ``scheduler="Karras"`` (newer A1111 API) adds Karras sigmas."""
+    if sampler is None:
+        return None
+    name = _BY_LOWER.get(sampler.strip().lower())
+    if name is None:
+        raise Reject(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}", code="unknown_sampler")
+    if scheduler and scheduler.lower() == "karras" and f"{name} Karras" in SAMPLERS:
+        name = f"{name} Karras"
+    return name
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """A fresh scheduler for sampler ``name`` built from the model's own scheduler config."""
+    cls_name, overrides = SAMPLERS[name]
+    cls = getattr(diffusers, cls_name)
+    config = dict(base_config)
+    config.pop("use_karras_sigmas", None)
+    config.pop("algorithm_type", None)
+    if cls_name == "DDIMScheduler" and not config.get("steps_offset"):
+        config["steps_offset"] = 1
+    return cls.from_config(config, **overrides)
+
+
+def pick_device(device: str) -> tuple[str, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    return device, dtype
+
+
+def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
+    """Load a txt2img pipeline from a diffusers folder or a single-file checkpoint, local files only."""
+    try:
+        if info.kind == "diffusers":
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+                str(info.path), dtype=dtype, local_files_only=True, safety_checker=None
+            )
+        else:
+            pipe = _load_single_file(info, dtype)
+        pipe = pipe.to(device)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {info.name!r} from {info.path}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_single_file(info: ModelInfo, dtype: torch.dtype) -> Any:
+    cls: Any = diffusers.StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if info.config is not None:
+        kwargs["config"] = str(info.config)
+        index = cls.load_config(str(info.config))
+        cls = getattr(diffusers, str(index.get("_class_name", "StableDiffusionPipeline")))
+    else:
+        log.warning(
+            "no %s%s folder next to %s: the config must already be in the Hugging Face cache",
+            info.stem,
+            ".config",
+            info.path,
+        )
+    return cls.from_single_file(str(info.path), **kwargs)
+
+
+def img2img_from(pipe: Any) -> Any:
+    """An image-to-image pipeline sharing ``pipe``'s components (no reload, no extra memory)."""
+    img = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+    img.set_progress_bar_config(disable=True)
+    return img
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Enough steps that ``int(steps * strength)`` denoising steps is at least one."""
+    if strength <= 0:
+        raise Reject("denoising_strength must be above 0 for image-to-image", code="invalid_params")
+    return max(steps, math.ceil(1 / strength))
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:
+        raise Reject(f"init image is not a readable image: {e}", code="invalid_image") from e
+    image = image.convert("RGB")
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def upscale(data: bytes, factor: float, upscaler: str | None) -> bytes:
+    methods = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+    method = methods.get((upscaler or "Lanczos").strip().lower())
+    if method is None:
+        raise Reject(
+            f"upscaler {upscaler!r} is not available in the diffusers runtime (it has Lanczos and Nearest; "
+            "model upscalers such as ESRGAN need the a1111 runtime)",
+            code="unknown_upscaler",
+        )
+    image = decode_image(data)
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    return to_png(image.resize(size, method))
+
+
+def to_png(image: Image.Image, parameters: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    pnginfo = None
+    if parameters is not None:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text("parameters", parameters)
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    return buf.getvalue()
+
+
+def infotext(params: TaskParams, seed: int, sampler: str, model: str) -> str:
+    """The A1111 ``parameters`` text for one image."""
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
+    lines.append(
+        f"Steps: {params.steps}, Sampler: {sampler}, CFG scale: {params.cfg_scale}, Seed: {seed}, "
+        f"Size: {params.width}x{params.height}, Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def build_info(
+    params: TaskParams, seeds: list[int], sampler: str, model: ModelInfo, steps: int
+) -> dict[str, Any]:
+    """An A1111-like ``info`` dict for a txt2img/img2img result."""
+    texts = [infotext(params, s, sampler, model.stem) for s in seeds]
+    info: dict[str, Any] = {
+        "prompt": params.prompt,
+        "all_prompts": [params.prompt] * len(seeds),
+        "negative_prompt": params.negative_prompt,
+        "all_negative_prompts": [params.negative_prompt] * len(seeds),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "steps": steps,
+        "sampler_name": sampler,
+        "cfg_scale": params.cfg_scale,
+        "width": params.width,
+        "height": params.height,
+        "batch_size": len(seeds),
+        "denoising_strength": params.denoising_strength,
+        "clip_skip": params.clip_skip,
+        "sd_model_checkpoint": model.name,
+        "sd_model_name": model.stem,
+        "infotexts": texts,
+        "runtime": "diffusers",
+    }
+    note = model.tiny_note()
+    if note is not None:
+        info["note"] = note
+    return info
+
+
+def sampler_name_of(scheduler: Any) -> str:
+    """Best A1111 name for a scheduler instance (for info when the job named no sampler)."""
+    cls_name = type(scheduler).__name__
+    karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
+    for name, (cls, overrides) in SAMPLERS.items():
+        if cls == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
+            return name
+    return cls_name

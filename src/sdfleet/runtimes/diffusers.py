@@ -1,0 +1,292 @@
+"""In-process diffusers runtime: SD/SDXL txt2img and img2img, Lanczos/Nearest extras, an LRU of models.
+
+Inference runs in a worker thread; progress goes back to the event loop once per denoising step and
+``interrupt()`` stops the pipeline between steps. Importing this module imports torch and diffusers,
+so ``sdfleet.runtimes.build_runtime`` imports it only when the diffusers runtime is asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, SdfleetError
+from sdfleet.models.catalog import ModelCatalog, ModelInfo
+from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
+from sdfleet.tasks import TaskType
+
+log = logging.getLogger(__name__)
+
+_EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
+_GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
+
+
+class _Stopped(Exception):
+    """Raised inside the step callback to leave the pipeline after ``interrupt()``."""
+
+
+@dataclass
+class _Loaded:
+    info: ModelInfo
+    pipe: Any
+    base_scheduler: Any
+    load_s: float
+    _img2img: Any = field(default=None, repr=False)
+
+    def img2img(self) -> Any:
+        if self._img2img is None:
+            self._img2img = P.img2img_from(self.pipe)
+        return self._img2img
+
+
+class _ProgressPump:
+    """Carries progress from the worker thread to ``progress`` on the loop, in order, coalescing."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self._progress = progress
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[float | None] = asyncio.Queue()
+        self._last = 0.0
+        self._task = asyncio.create_task(self._drain())
+
+    def report(self, value: float) -> None:
+        """Thread-safe."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, value)
+
+    async def _drain(self) -> None:
+        while True:
+            value = await self._queue.get()
+            while not self._queue.empty() and value is not None:
+                value = self._queue.get_nowait()
+            if value is None:
+                return
+            if value > self._last:
+                self._last = value
+                try:
+                    await self._progress(value)
+                except Exception:
+                    log.warning("progress callback failed", exc_info=True)
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        await self._task
+
+
+class DiffusersRuntime:
+    """Runs jobs with diffusers pipelines loaded from a ``ModelCatalog``."""
+
+    name = "diffusers"
+
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        *,
+        default_model: str | None = None,
+        device: str = "auto",
+        cache_size: int = 2,
+    ) -> None:
+        self.catalog = catalog
+        self.default_model = default_model
+        self.device, self.dtype = P.pick_device(device)
+        self.cache_size = max(1, cache_size)
+        self._cache: OrderedDict[str, _Loaded] = OrderedDict()
+        self._current: str | None = None
+        self._stop = threading.Event()
+        self._infer_lock = threading.Lock()
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        catalog: ModelCatalog,
+        options: Mapping[str, Any],
+        default_model: str | None = None,
+        cache_size: int = 2,
+    ) -> DiffusersRuntime:
+        return cls(
+            catalog, default_model=default_model, cache_size=cache_size, device=options.get("device", "auto")
+        )
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self._current
+
+    @property
+    def cached_models(self) -> list[str]:
+        """Loaded pipelines, least recently used first."""
+        return list(self._cache)
+
+    async def start(self) -> None:
+        """Load the default model, if one is configured. Raises ``ModelLoadError``."""
+        if self.default_model is not None:
+            async with self._lock:
+                await self._switch(self.default_model)
+
+    async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
+        """Run one job; see ``Runtime.run``."""
+        self._stop.clear()
+        if job.type in _EXTRAS:
+            return await self._in_thread(progress, lambda report: self._extras(job, report))
+        if job.type not in _GENERATE:
+            raise Reject(
+                f"the diffusers runtime cannot run {job.type.value!r} tasks", code="unsupported_task"
+            )
+        sampler = P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
+        if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
+            raise Reject("image-to-image needs an init image", code="invalid_params")
+        async with self._lock:
+            loaded = await self._switch(job.model)
+            return await self._in_thread(
+                progress, lambda report: self._generate(loaded, job, sampler, report)
+            )
+
+    async def interrupt(self) -> None:
+        """Stop the job in progress between two steps; its ``run`` raises ``Interrupted``."""
+        self._stop.set()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        async with self._lock:
+            self._cache.clear()
+            self._current = None
+            self._free_memory()
+
+    async def _in_thread(
+        self, progress: ProgressFn, work: Callable[[Callable[[float], None]], RuntimeResult]
+    ) -> RuntimeResult:
+        pump = _ProgressPump(progress)
+        try:
+            result = await asyncio.to_thread(work, pump.report)
+        except asyncio.CancelledError:
+            self._stop.set()  # the thread cannot be cancelled: make it stop at the next step
+            raise
+        finally:
+            await pump.close()
+        await _call_progress(progress, 1.0)
+        return result
+
+    async def _switch(self, model: str | None) -> _Loaded:
+        name = model or self._current or self.default_model
+        if name is None:
+            raise Reject("the job names no model and none is loaded", code="no_model")
+        try:
+            info = self.catalog.resolve(name)
+        except NotFound as e:
+            raise Reject(e.message, code="unknown_model") from e
+        loaded = self._cache.get(info.name)
+        if loaded is None:
+            loaded = await asyncio.to_thread(self._load, info)
+            self._cache[info.name] = loaded
+            while len(self._cache) > self.cache_size:
+                evicted, _ = self._cache.popitem(last=False)
+                log.info("evicted model %s from the pipeline cache", evicted)
+                self._free_memory()
+        self._cache.move_to_end(info.name)
+        self._current = info.name
+        return loaded
+
+    def _load(self, info: ModelInfo) -> _Loaded:
+        started = time.perf_counter()
+        pipe = P.load_pipeline(info, self.device, self.dtype)
+        took = time.perf_counter() - started
+        log.info("loaded model %s (%s) on %s in %.2fs", info.name, info.kind, self.device, took)
+        return _Loaded(info, pipe, pipe.scheduler, took)
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _generate(
+        self, loaded: _Loaded, job: Job, sampler: str | None, report: Callable[[float], None]
+    ) -> RuntimeResult:
+        with self._infer_lock:
+            if self._stop.is_set():
+                raise Interrupted(f"task {job.task_id} interrupted before it started")
+            try:
+                return self._generate_locked(loaded, job, sampler, report)
+            except _Stopped as e:
+                raise Interrupted(f"task {job.task_id} interrupted") from e
+            except (SdfleetError, Reject):
+                raise
+            except Exception as e:
+                raise RuntimeFailure(f"diffusers failed on task {job.task_id}: {e}") from e
+
+    def _generate_locked(
+        self, loaded: _Loaded, job: Job, sampler: str | None, report: Callable[[float], None]
+    ) -> RuntimeResult:
+        p = job.params
+        base = loaded.base_scheduler
+        img2img = job.type is TaskType.IMAGE_TO_IMAGE
+        pipe = loaded.img2img() if img2img else loaded.pipe
+        pipe.scheduler = (
+            P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
+        )
+        seed = p.seed if p.seed >= 0 else random.randrange(2**32)
+        seeds = [(seed + i) % 2**32 for i in range(p.batch_size)]
+        steps = p.steps
+        kwargs: dict[str, Any] = {
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt or None,
+            "guidance_scale": p.cfg_scale,
+            "num_images_per_prompt": p.batch_size,
+            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+            "callback_on_step_end": self._step_callback(report),
+            "output_type": "pil",
+        }
+        if p.clip_skip > 1:
+            kwargs["clip_skip"] = p.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
+        if img2img:
+            steps = P.img2img_steps(p.steps, p.denoising_strength)
+            kwargs["image"] = P.decode_image(job.init_images[0], (p.width, p.height))
+            kwargs["strength"] = p.denoising_strength
+        else:
+            kwargs.update(width=p.width, height=p.height)
+        with torch.inference_mode():
+            images = pipe(num_inference_steps=steps, **kwargs).images
+        sampler_name = sampler or P.sampler_name_of(pipe.scheduler)
+        info = P.build_info(p, seeds, sampler_name, loaded.info, steps)
+        pngs = [P.to_png(img, text) for img, text in zip(images, info["infotexts"], strict=True)]
+        return RuntimeResult(images=pngs, info=info, seed=seed, model=loaded.info.name)
+
+    def _step_callback(self, report: Callable[[float], None]) -> Callable[..., dict[str, Any]]:
+        def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if self._stop.is_set():
+                raise _Stopped
+            total = max(1, int(getattr(pipe, "num_timesteps", 0) or 1))
+            report(min(0.99, (i + 1) / total))
+            return {}
+
+        return on_step_end
+
+    def _extras(self, job: Job, report: Callable[[float], None]) -> RuntimeResult:
+        inputs = job.init_images if job.type is TaskType.EXTRA_BATCH_IMAGES else job.init_images[:1]
+        if not inputs:
+            raise Reject(f"{job.type.value} needs at least one input image", code="invalid_params")
+        out: list[bytes] = []
+        for n, data in enumerate(inputs):
+            if self._stop.is_set():
+                raise Interrupted(f"task {job.task_id} interrupted")
+            out.append(P.upscale(data, job.params.upscaling_resize, job.params.upscaler))
+            report(min(0.99, (n + 1) / len(inputs)))
+        info = {"upscaler": job.params.upscaler or "Lanczos", "upscaling_resize": job.params.upscaling_resize}
+        return RuntimeResult(images=out, info=info, model=self._current)
+
+
+async def _call_progress(progress: ProgressFn, value: float) -> None:
+    try:
+        await progress(value)
+    except Exception:
+        log.warning("progress callback failed", exc_info=True)

@@ -1,0 +1,242 @@
+"""The in-process diffusers runtime against tiny random-weight models (CPU, 64x64, 2-4 steps)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from sdfleet.errors import ConfigError, Interrupted, ModelLoadError, Reject
+from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtimes import RUNTIMES, build_runtime
+from sdfleet.runtimes._diffusers_pipes import SAMPLERS, make_scheduler, sampler_key
+from sdfleet.runtimes.base import Job
+from sdfleet.runtimes.diffusers import DiffusersRuntime
+from sdfleet.tasks import TaskParams, TaskType
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> ModelCatalog:
+    root = tmp_path_factory.mktemp("models")
+    make_tiny(root, "tiny-a", seed=0)
+    make_tiny(root, "tiny-b", seed=1)
+    make_tiny(root, "tiny-a-sf", seed=0, single_file=True)
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return ModelCatalog(root)
+
+
+@pytest.fixture(scope="module")
+def runtime(catalog: ModelCatalog) -> DiffusersRuntime:
+    return DiffusersRuntime(catalog, default_model="tiny-a", device="cpu")
+
+
+def job(kind: TaskType = TaskType.TEXT_TO_IMAGE, model: str | None = None, **params: object) -> Job:
+    base: dict[str, object] = {"prompt": "a red cat", "steps": 2, "width": 64, "height": 64, "seed": 1}
+    base.update(params)
+    init = base.pop("init_images", [])
+    assert isinstance(init, list)
+    return Job("t-1", kind, model, TaskParams.model_validate(base), init_images=init)
+
+
+async def no_progress(value: float) -> None:
+    return None
+
+
+def size(png: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(png)).size
+
+
+async def test_txt2img_size_batch_and_info(runtime: DiffusersRuntime) -> None:
+    result = await runtime.run(job(width=64, height=48, batch_size=2, seed=5, steps=3), no_progress)
+    assert [size(png) for png in result.images] == [(64, 48), (64, 48)]
+    assert all(png.startswith(b"\x89PNG") for png in result.images)
+    assert result.seed == 5 and result.model == "tiny-a" and runtime.loaded_model == "tiny-a"
+    info = result.info
+    assert (info["seed"], info["all_seeds"], info["steps"], info["width"], info["height"]) == (
+        5,
+        [5, 6],
+        3,
+        64,
+        48,
+    )
+    assert info["sd_model_checkpoint"] == "tiny-a" and info["prompt"] == "a red cat"
+    assert info["note"] == "random weights: output is noise from a tiny test model"
+    assert info["sampler_name"] == "DDIM"  # the model's own scheduler when the job names none
+
+
+async def test_same_seed_same_bytes_other_seed_differs(runtime: DiffusersRuntime) -> None:
+    first = await runtime.run(job(seed=123, sampler="Euler a"), no_progress)
+    again = await runtime.run(job(seed=123, sampler="Euler a"), no_progress)
+    other = await runtime.run(job(seed=124, sampler="Euler a"), no_progress)
+    assert first.images == again.images
+    assert first.images != other.images
+
+
+async def test_random_seed_is_reported(runtime: DiffusersRuntime) -> None:
+    result = await runtime.run(job(seed=-1), no_progress)
+    assert result.seed is not None and 0 <= result.seed < 2**32
+    assert result.info["seed"] == result.seed
+
+
+async def test_img2img_resizes_init_image(runtime: DiffusersRuntime) -> None:
+    init = Image.new("RGB", (100, 30), (200, 10, 10))
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    result = await runtime.run(
+        job(
+            TaskType.IMAGE_TO_IMAGE,
+            width=64,
+            height=32,
+            steps=4,
+            denoising_strength=0.5,
+            init_images=[buf.getvalue()],
+        ),
+        no_progress,
+    )
+    assert [size(png) for png in result.images] == [(64, 32)]
+    assert result.info["denoising_strength"] == 0.5
+
+
+async def test_img2img_without_image_is_rejected(runtime: DiffusersRuntime) -> None:
+    with pytest.raises(Reject):
+        await runtime.run(job(TaskType.IMAGE_TO_IMAGE), no_progress)
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "kind", "count"),
+    [(None, TaskType.EXTRA_SINGLE_IMAGE, 1), ("Nearest", TaskType.EXTRA_BATCH_IMAGES, 2)],
+)
+async def test_extras_upscale(
+    runtime: DiffusersRuntime, upscaler: str | None, kind: TaskType, count: int
+) -> None:
+    src = (await runtime.run(job(width=64, height=48), no_progress)).images[0]
+    result = await runtime.run(
+        job(kind, upscaler=upscaler, upscaling_resize=2.5, init_images=[src, src]), no_progress
+    )
+    assert [size(png) for png in result.images] == [(160, 120)] * count
+
+
+async def test_extras_unknown_upscaler_is_rejected(runtime: DiffusersRuntime) -> None:
+    src = (await runtime.run(job(), no_progress)).images[0]
+    with pytest.raises(Reject, match="R-ESRGAN 4x\\+"):
+        await runtime.run(
+            job(TaskType.EXTRA_SINGLE_IMAGE, upscaler="R-ESRGAN 4x+", init_images=[src]), no_progress
+        )
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_maps_to_its_scheduler(runtime: DiffusersRuntime, name: str) -> None:
+    cls_name, overrides = SAMPLERS[name]
+    base = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+    }
+    scheduler = make_scheduler(sampler_key(name.upper()) or "", base)
+    assert type(scheduler).__name__ == cls_name
+    for key, value in overrides.items():
+        assert scheduler.config[key] == value
+    assert bool(scheduler.config.get("use_karras_sigmas", False)) == ("Karras" in name)
+
+
+def test_karras_scheduler_option_and_unknown_sampler() -> None:
+    assert sampler_key("DPM++ 2M", "Karras") == "DPM++ 2M Karras"
+    assert sampler_key(None) is None
+    with pytest.raises(Reject, match="Euler a"):
+        sampler_key("Warp Drive")
+
+
+@pytest.mark.parametrize(
+    "sampler", ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "LMS", "Heun", "PNDM"]
+)
+async def test_sampler_smoke(runtime: DiffusersRuntime, sampler: str) -> None:
+    result = await runtime.run(job(sampler=sampler), no_progress)
+    assert len(result.images) == 1 and result.info["sampler_name"] == sampler
+
+
+async def test_progress_increases_to_one(runtime: DiffusersRuntime) -> None:
+    seen: list[float] = []
+
+    async def progress(value: float) -> None:
+        seen.append(value)
+
+    await runtime.run(job(steps=4), progress)
+    assert len(seen) >= 4
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert seen[-1] == 1.0 and 0 < seen[0] < 1
+
+
+async def test_interrupt_mid_run_then_runtime_still_works(runtime: DiffusersRuntime) -> None:
+    seen: list[float] = []
+
+    async def progress(value: float) -> None:
+        seen.append(value)
+        if value >= 0.05:
+            await runtime.interrupt()
+
+    with pytest.raises(Interrupted):
+        await runtime.run(job(steps=150), progress)
+    assert seen and max(seen) < 0.5
+    result = await runtime.run(job(), no_progress)
+    assert len(result.images) == 1
+
+
+async def test_unknown_model_is_rejected_with_names(runtime: DiffusersRuntime) -> None:
+    with pytest.raises(Reject) as e:
+        await runtime.run(job(model="sdxl-base.safetensors"), no_progress)
+    assert e.value.code == "unknown_model" and "tiny-b" in e.value.reason
+
+
+async def test_broken_model_is_a_load_error(runtime: DiffusersRuntime) -> None:
+    with pytest.raises(ModelLoadError):
+        await runtime.run(job(model="broken"), no_progress)
+
+
+async def test_no_model_at_all_is_rejected(catalog: ModelCatalog) -> None:
+    with pytest.raises(Reject, match="no model"):
+        await DiffusersRuntime(catalog, device="cpu").run(job(), no_progress)
+
+
+async def test_model_switch_through_bounded_lru(catalog: ModelCatalog) -> None:
+    rt = DiffusersRuntime(catalog, default_model="tiny-a", device="cpu", cache_size=2)
+    await rt.start()
+    assert rt.loaded_model == "tiny-a"
+    a = await rt.run(job(), no_progress)
+    b = await rt.run(job(model="tiny-b.safetensors"), no_progress)  # stem match finds folder tiny-b
+    assert rt.loaded_model == "tiny-b" and b.model == "tiny-b" and a.images != b.images
+    assert rt.cached_models == ["tiny-a", "tiny-b"]
+    await rt.run(job(model="tiny-a"), no_progress)
+    assert rt.cached_models == ["tiny-b", "tiny-a"]
+    await rt.run(job(model="tiny-a-sf"), no_progress)
+    assert rt.cached_models == ["tiny-a", "tiny-a-sf.safetensors"]
+    assert rt.loaded_model == "tiny-a-sf.safetensors"
+    await rt.aclose()
+    assert rt.loaded_model is None and rt.cached_models == []
+
+
+async def test_single_file_gives_same_images_as_folder(runtime: DiffusersRuntime) -> None:
+    folder = await runtime.run(job(model="tiny-a", seed=9), no_progress)
+    single = await runtime.run(job(model="tiny-a-sf.safetensors", seed=9), no_progress)
+    assert single.model == "tiny-a-sf.safetensors"
+    assert single.info["note"] == folder.info["note"]
+    assert (
+        Image.open(io.BytesIO(single.images[0])).tobytes()
+        == Image.open(io.BytesIO(folder.images[0])).tobytes()
+    )
+
+
+def test_build_runtime(catalog: ModelCatalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = build_runtime(
+        "diffusers", catalog=catalog, options={"device": "cpu"}, default_model="tiny-b", cache_size=3
+    )
+    assert isinstance(rt, DiffusersRuntime)
+    assert (rt.name, rt.default_model, rt.cache_size, rt.device) == ("diffusers", "tiny-b", 3, "cpu")
+    with pytest.raises(ConfigError, match="diffusers, synthetic"):
+        build_runtime("nope", catalog=catalog, options={})
+    monkeypatch.setitem(RUNTIMES, "needs-extra", ("torchvision", "Missing", "diffusers"))
+    with pytest.raises(ConfigError, match=r"pip install 'sdfleet\[diffusers\]'"):
+        build_runtime("needs-extra", catalog=catalog, options={})
