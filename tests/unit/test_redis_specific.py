@@ -76,6 +76,26 @@ async def test_keda_view_of_a_queue(redis_server: RedisServer, raw: aioredis.Red
         assert (stats.visible, stats.in_flight) == (3, 1)
 
 
+async def test_due_delayed_message_reaches_the_stream_without_a_receiver(
+    redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    """A release with delay leaves the stream; ``stats`` (polled by API/metrics) puts it back for KEDA."""
+    prefix = f"k{uuid.uuid4().hex[:8]}"
+    async with RedisBus.from_url(f"{redis_server.url}?prefix={prefix}") as bus:
+        await bus.ensure(topology("q"))
+        await bus.publish("tasks", b"m", {})
+        (d,) = await bus.receive("q", lease_s=30)
+        await bus.release(d, delay_s=0.3)
+        stream, _ = stream_names(prefix, "q")
+        assert (await bus.stats("q")).delayed == 1
+        assert await raw.xlen(stream) == 0
+        await asyncio.sleep(0.4)
+        stats = await bus.stats("q")
+        assert (stats.visible, stats.delayed) == (1, 0)
+        (info,) = await raw.xinfo_groups(stream)
+        assert (info["pending"], info["lag"]) == (0, 1)
+
+
 def test_url_prefix_password_and_tls() -> None:
     assert split_url("redis://127.0.0.1:6379/2?prefix=fleet-a&socket_timeout=3") == (
         "redis://127.0.0.1:6379/2?socket_timeout=3",

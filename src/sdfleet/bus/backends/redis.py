@@ -26,7 +26,10 @@ How the ``Bus`` semantics map onto Streams (all state changes are Lua scripts, s
 - stale receipts (lease expired, message received again by someone else) make ack, extend and
   release silent no-ops, as on the SQLite bus;
 - a long poll waits with XREAD BLOCK on the stream (≤ 1 s at a time, shorter when a lease or a
-  delayed message falls due first), so it wakes at once on a publish from any process.
+  delayed message falls due first), so it wakes at once on a publish from any process;
+- a delayed message sits outside the stream, invisible to KEDA, until a ``receive`` or ``stats``
+  moves it back: with scale-to-zero keep release delays below KEDA's ``cooldownPeriod`` (the
+  releasing agent is still polling then) or let something poll ``stats`` (API, metrics).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
@@ -104,7 +108,7 @@ class RedisBus:
     ) -> None:
         await self.aclose()
 
-    def _errors(self) -> Any:
+    def _errors(self) -> AbstractContextManager[None]:
         if self._closed:
             raise BusUnavailable(f"{self._where} is closed")
         return map_errors(self._where, BusUnavailable, BusError)
@@ -237,11 +241,9 @@ class RedisBus:
 
     async def stats(self, queue: str) -> QueueStats:
         """Depth of a queue: visible, in flight (leased), delayed, age of the oldest, DLQ depth."""
-        stream, leases, delayed, _, dlq_stream = queue_keys(self.prefix, queue)
+        keys = [*queue_keys(self.prefix, queue), self._key("queues")]
         with self._errors():
-            res = await self._stats(
-                keys=[stream, leases, delayed, dlq_stream, self._key("queues")], args=[queue]
-            )
+            res = await self._stats(keys=keys, args=[queue])
         if res[0] == -1:
             raise NotFound(f"queue {queue!r} does not exist")
         length, in_flight, n_delayed, oldest, dead, now_ms = res

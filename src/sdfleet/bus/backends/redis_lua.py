@@ -30,7 +30,16 @@ local function put(f, k, v)
   for i = 1, #f, 2 do if f[i] == k then f[i + 1] = v; return end end
   f[#f + 1] = k; f[#f + 1] = v
 end
--- The delivery count of entry ARGV id if receipt count matches, else nil.
+-- Due delayed messages go back to the end of the stream, where KEDA's lag sees them again.
+local function promote(stream, delayed, delayed_msgs, now)
+  for _, mid in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)) do
+    local blob = redis.call('HGET', delayed_msgs, mid)
+    if blob then redis.call('XADD', stream, '*', unpack(cmsgpack.unpack(blob))) end
+    redis.call('HDEL', delayed_msgs, mid)
+    redis.call('ZREM', delayed, mid)
+  end
+end
+-- The delivery count of entry id if the receipt's count matches, else nil.
 local function current(stream, group, id, pel)
   local p = redis.call('XPENDING', stream, group, id, id, 1)
   if p[1] == nil or tostring(p[1][4]) ~= pel then return nil end
@@ -52,13 +61,7 @@ local group, consumer, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local lease = tonumber(ARGV[5])
 if lease < 0 then lease = spec.lease_ms end
 local now = now_ms()
-
-for _, mid in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)) do
-  local blob = redis.call('HGET', delayed_msgs, mid)
-  if blob then redis.call('XADD', stream, '*', unpack(cmsgpack.unpack(blob))) end
-  redis.call('HDEL', delayed_msgs, mid)
-  redis.call('ZREM', delayed, mid)
-end
+promote(stream, delayed, delayed_msgs, now)
 
 local out = {}
 local function deliver(id, f, pel)
@@ -158,19 +161,21 @@ return 1
 """
 )
 
-# KEYS: stream, leases, delayed, dlq stream, queues. ARGV: queue.
+# KEYS: the queue's six. ARGV: queue. Promotes due delayed messages too, so a stats poller (the
+# API, the metrics exporter) makes them visible to KEDA while no agent runs.
 # Returns {-1} for an unknown queue, else {length, in_flight, delayed, oldest sent_at or false,
 # dead letters, now_ms}.
 STATS = (
     _COMMON
     + """
-if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 0 then return {-1} end
+if redis.call('HEXISTS', KEYS[6], ARGV[1]) == 0 then return {-1} end
 local now = now_ms()
+promote(KEYS[1], KEYS[3], KEYS[4], now)
 local length = redis.call('XLEN', KEYS[1])
 local in_flight = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local oldest = false
 if first[1] then oldest = get(first[1][2], 'sent_at') end
-return {length, in_flight, redis.call('ZCARD', KEYS[3]), oldest, redis.call('XLEN', KEYS[4]), now}
+return {length, in_flight, redis.call('ZCARD', KEYS[3]), oldest, redis.call('XLEN', KEYS[5]), now}
 """
 )

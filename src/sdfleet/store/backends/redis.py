@@ -14,6 +14,7 @@ with the records.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -78,7 +79,7 @@ class RedisTaskStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _errors(self) -> Any:
+    def _errors(self) -> AbstractContextManager[None]:
         if self._closed:
             raise StoreUnavailable(f"{self._where} is closed")
         return map_errors(self._where, StoreUnavailable, StoreError)
