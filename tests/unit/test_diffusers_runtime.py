@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -183,6 +185,22 @@ async def test_interrupt_mid_run_then_runtime_still_works(runtime: DiffusersRunt
     assert seen and max(seen) < 0.5
     result = await runtime.run(job(), no_progress)
     assert len(result.images) == 1
+
+
+async def test_cancelled_run_stops_its_thread(runtime: DiffusersRuntime) -> None:
+    started = asyncio.Event()
+
+    async def progress(value: float) -> None:
+        started.set()
+
+    task = asyncio.create_task(runtime.run(job(steps=150), progress))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    began = time.monotonic()
+    assert len((await runtime.run(job(), no_progress)).images) == 1
+    assert time.monotonic() - began < 5  # did not wait for the 150 cancelled steps
 
 
 async def test_unknown_model_is_rejected_with_names(runtime: DiffusersRuntime) -> None:

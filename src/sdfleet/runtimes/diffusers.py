@@ -50,10 +50,11 @@ class _Loaded:
         return self._img2img
 
 
-class _ProgressPump:
-    """Carries progress from the worker thread to ``progress`` on the loop, in order, coalescing."""
+class _RunControl:
+    """One run's link with its worker thread: progress to the loop (in order, coalesced), stop back."""
 
     def __init__(self, progress: ProgressFn) -> None:
+        self.stop = threading.Event()
         self._progress = progress
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[float | None] = asyncio.Queue()
@@ -79,8 +80,19 @@ class _ProgressPump:
                     log.warning("progress callback failed", exc_info=True)
 
     async def close(self) -> None:
-        self._queue.put_nowait(None)
-        await self._task
+        """Deliver what is queued, then stop the pump (idempotent)."""
+        if not self._task.done():
+            self._queue.put_nowait(None)
+            await self._task
+
+    async def final(self) -> None:
+        """Report completion (1.0) once the pump is closed."""
+        if self._last < 1.0:
+            self._last = 1.0
+            try:
+                await self._progress(1.0)
+            except Exception:
+                log.warning("progress callback failed", exc_info=True)
 
 
 class DiffusersRuntime:
@@ -102,7 +114,7 @@ class DiffusersRuntime:
         self.cache_size = max(1, cache_size)
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         self._current: str | None = None
-        self._stop = threading.Event()
+        self._active: set[_RunControl] = set()
         self._infer_lock = threading.Lock()
         self._lock = asyncio.Lock()
 
@@ -136,9 +148,17 @@ class DiffusersRuntime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
-        self._stop.clear()
+        ctl = _RunControl(progress)
+        self._active.add(ctl)
+        try:
+            return await self._run(job, ctl)
+        finally:
+            self._active.discard(ctl)
+            await ctl.close()
+
+    async def _run(self, job: Job, ctl: _RunControl) -> RuntimeResult:
         if job.type in _EXTRAS:
-            return await self._in_thread(progress, lambda report: self._extras(job, report))
+            return await self._in_thread(ctl, lambda: self._extras(job, ctl))
         if job.type not in _GENERATE:
             raise Reject(
                 f"the diffusers runtime cannot run {job.type.value!r} tasks", code="unsupported_task"
@@ -148,33 +168,28 @@ class DiffusersRuntime:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         async with self._lock:
             loaded = await self._switch(job.model)
-            return await self._in_thread(
-                progress, lambda report: self._generate(loaded, job, sampler, report)
-            )
+            return await self._in_thread(ctl, lambda: self._generate(loaded, job, sampler, ctl))
 
     async def interrupt(self) -> None:
         """Stop the job in progress between two steps; its ``run`` raises ``Interrupted``."""
-        self._stop.set()
+        for ctl in list(self._active):
+            ctl.stop.set()
 
     async def aclose(self) -> None:
-        self._stop.set()
+        await self.interrupt()
         async with self._lock:
             self._cache.clear()
             self._current = None
             self._free_memory()
 
-    async def _in_thread(
-        self, progress: ProgressFn, work: Callable[[Callable[[float], None]], RuntimeResult]
-    ) -> RuntimeResult:
-        pump = _ProgressPump(progress)
+    async def _in_thread(self, ctl: _RunControl, work: Callable[[], RuntimeResult]) -> RuntimeResult:
         try:
-            result = await asyncio.to_thread(work, pump.report)
+            result = await asyncio.to_thread(work)
         except asyncio.CancelledError:
-            self._stop.set()  # the thread cannot be cancelled: make it stop at the next step
+            ctl.stop.set()  # the thread cannot be cancelled: make it stop at the next step
             raise
-        finally:
-            await pump.close()
-        await _call_progress(progress, 1.0)
+        await ctl.close()
+        await ctl.final()
         return result
 
     async def _switch(self, model: str | None) -> _Loaded:
@@ -209,14 +224,12 @@ class DiffusersRuntime:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _generate(
-        self, loaded: _Loaded, job: Job, sampler: str | None, report: Callable[[float], None]
-    ) -> RuntimeResult:
+    def _generate(self, loaded: _Loaded, job: Job, sampler: str | None, ctl: _RunControl) -> RuntimeResult:
         with self._infer_lock:
-            if self._stop.is_set():
+            if ctl.stop.is_set():
                 raise Interrupted(f"task {job.task_id} interrupted before it started")
             try:
-                return self._generate_locked(loaded, job, sampler, report)
+                return self._generate_locked(loaded, job, sampler, ctl)
             except _Stopped as e:
                 raise Interrupted(f"task {job.task_id} interrupted") from e
             except (SdfleetError, Reject):
@@ -225,7 +238,7 @@ class DiffusersRuntime:
                 raise RuntimeFailure(f"diffusers failed on task {job.task_id}: {e}") from e
 
     def _generate_locked(
-        self, loaded: _Loaded, job: Job, sampler: str | None, report: Callable[[float], None]
+        self, loaded: _Loaded, job: Job, sampler: str | None, ctl: _RunControl
     ) -> RuntimeResult:
         p = job.params
         base = loaded.base_scheduler
@@ -243,7 +256,7 @@ class DiffusersRuntime:
             "guidance_scale": p.cfg_scale,
             "num_images_per_prompt": p.batch_size,
             "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
-            "callback_on_step_end": self._step_callback(report),
+            "callback_on_step_end": _step_callback(ctl),
             "output_type": "pil",
         }
         if p.clip_skip > 1:
@@ -261,32 +274,26 @@ class DiffusersRuntime:
         pngs = [P.to_png(img, text) for img, text in zip(images, info["infotexts"], strict=True)]
         return RuntimeResult(images=pngs, info=info, seed=seed, model=loaded.info.name)
 
-    def _step_callback(self, report: Callable[[float], None]) -> Callable[..., dict[str, Any]]:
-        def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            if self._stop.is_set():
-                raise _Stopped
-            total = max(1, int(getattr(pipe, "num_timesteps", 0) or 1))
-            report(min(0.99, (i + 1) / total))
-            return {}
-
-        return on_step_end
-
-    def _extras(self, job: Job, report: Callable[[float], None]) -> RuntimeResult:
+    def _extras(self, job: Job, ctl: _RunControl) -> RuntimeResult:
         inputs = job.init_images if job.type is TaskType.EXTRA_BATCH_IMAGES else job.init_images[:1]
         if not inputs:
             raise Reject(f"{job.type.value} needs at least one input image", code="invalid_params")
         out: list[bytes] = []
         for n, data in enumerate(inputs):
-            if self._stop.is_set():
+            if ctl.stop.is_set():
                 raise Interrupted(f"task {job.task_id} interrupted")
             out.append(P.upscale(data, job.params.upscaling_resize, job.params.upscaler))
-            report(min(0.99, (n + 1) / len(inputs)))
+            ctl.report(min(0.99, (n + 1) / len(inputs)))
         info = {"upscaler": job.params.upscaler or "Lanczos", "upscaling_resize": job.params.upscaling_resize}
         return RuntimeResult(images=out, info=info, model=self._current)
 
 
-async def _call_progress(progress: ProgressFn, value: float) -> None:
-    try:
-        await progress(value)
-    except Exception:
-        log.warning("progress callback failed", exc_info=True)
+def _step_callback(ctl: _RunControl) -> Callable[..., dict[str, Any]]:
+    def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if ctl.stop.is_set():
+            raise _Stopped
+        total = max(1, int(getattr(pipe, "num_timesteps", 0) or 1))
+        ctl.report(min(0.99, (i + 1) / total))
+        return {}
+
+    return on_step_end
