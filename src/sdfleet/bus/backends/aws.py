@@ -2,7 +2,6 @@
 
 URL: ``aws://[?prefix=sdfleet-][&region=us-east-1][&account=123456789012][&retries=3]``
 
-
 - ``prefix`` is prepended to every topic and queue name (``queue_name()``), so several fleets
   share one account; default ``sdfleet-``.
 - ``region`` overrides the AWS chain's region (``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / config).
@@ -17,10 +16,8 @@ policy lets the subscribed topics send; subscriptions use ``RawMessageDelivery``
 filter policy and its scope to SNS as written. Subscriptions no longer in the topology are left
 alone (removing them is a deploy decision).
 
-AWS limits that show through: bodies must be non-empty UTF-8 (256 KiB), attribute values
-non-empty, at most 10 attributes (SQS drops raw deliveries with more), leases and delays are whole
-seconds (rounded up), ``receive`` waits in whole seconds up to 20 per call (sub-second remainders
-are covered by short polls).
+AWS limits that show through (non-empty UTF-8 bodies, at most 10 non-empty attributes, whole
+seconds for leases and waits): docs/aws.md.
 """
 
 from __future__ import annotations
@@ -50,6 +47,11 @@ log = logging.getLogger(__name__)
 MAX_ATTRIBUTES = 10
 MAX_WAIT_S = 20
 _SHORT_POLL_S = 0.1
+_DEPTH: Any = [
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+]
 _STALE_RECEIPT = frozenset({"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"})
 
 
@@ -260,22 +262,17 @@ class AwsBus:
     async def stats(self, queue: str) -> QueueStats:
         """``GetQueueAttributes`` of the queue and its DLQ. ``oldest_age_s`` is None: SQS only
         reports it through CloudWatch (``ApproximateAgeOfOldestMessage``)."""
-        names: Any = [
-            "ApproximateNumberOfMessages",
-            "ApproximateNumberOfMessagesNotVisible",
-            "ApproximateNumberOfMessagesDelayed",
-        ]
 
         def call() -> QueueStats:
-            a = self._sqs.get_queue_attributes(QueueUrl=self._queue_url(queue), AttributeNames=names)
+            a = self._sqs.get_queue_attributes(QueueUrl=self._queue_url(queue), AttributeNames=_DEPTH)
             attrs = a.get("Attributes", {})
             try:
                 dlq = self._sqs.get_queue_attributes(
-                    QueueUrl=self._queue_url(dlq_name(queue)), AttributeNames=names
+                    QueueUrl=self._queue_url(dlq_name(queue)), AttributeNames=_DEPTH
                 )
                 dead = int(dlq.get("Attributes", {}).get("ApproximateNumberOfMessages", "0"))
             except ClientError as e:
-                if "NonExistentQueue" not in error_code(e) and error_code(e) != "QueueDoesNotExist":
+                if error_code(e) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
                     raise
                 dead = 0
             return QueueStats(
