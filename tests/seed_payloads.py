@@ -24,45 +24,14 @@ import copy
 import json
 from typing import Any
 
-IMAGE_LINK_PLACEHOLDER = "https://www.segmind.com/sd-img2img-input.jpeg"
+from sdfleet.compat.examples import IMAGE_LINK_PLACEHOLDER as IMAGE_LINK_PLACEHOLDER
+from sdfleet.compat.examples import V1ALPHA1_I2I as V1ALPHA1_I2I
+from sdfleet.compat.examples import V1ALPHA1_T2I as V1ALPHA1_T2I
+
 CAT_WIZARD = "cat wizard, gandalf, lord of the rings, detailed, fantasy, cute, adorable, Pixar, Disney, 8k"
 SEED_IMAGE_LINK = (
     "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png"
 )
-
-V1ALPHA1_T2I: dict[str, Any] = {
-    "alwayson_scripts": {
-        "task": "text-to-image",
-        "sd_model_checkpoint": "v1-5-pruned-emaonly.safetensors",
-        "id_task": "test-t2i",
-        "save_dir": "outputs",
-    },
-    "prompt": "A dog",
-    "steps": 16,
-    "width": 512,
-    "height": 512,
-}
-
-V1ALPHA1_I2I: dict[str, Any] = {
-    "alwayson_scripts": {
-        "task": "image-to-image",
-        "image_link": IMAGE_LINK_PLACEHOLDER,
-        "sd_model_checkpoint": "v1-5-pruned-emaonly.safetensors",
-        "id_task": "17836",
-        "sd_vae": "v1-5-pruned-emaonly.safetensors",
-        "uid": "456",
-        "save_dir": "outputs",
-    },
-    "prompt": "A fantasy landscape, trending on artstation, mystical sky",
-    "seed": -1,
-    "steps": 16,
-    "sampler_index": "Euler",
-    "denoising_strength": 0.75,
-    "cfg_scale": 7,
-    "width": 512,
-    "height": 512,
-    "negative_prompt": "nude, disfigured, blurry",
-}
 
 V1ALPHA1_I2I_DOCS: dict[str, Any] = {
     "alwayson_scripts": {

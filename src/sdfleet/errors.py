@@ -129,7 +129,7 @@ class NotifyError(SdfleetError):
     code = "notify_error"
 
 
-class Retry(Exception):  # noqa: N818 - control flow, named for what it asks
+class Retry(Exception):
     """Release the delivery and try again after ``delay_s`` seconds."""
 
     def __init__(self, reason: str, delay_s: float = 0.0) -> None:
@@ -138,7 +138,7 @@ class Retry(Exception):  # noqa: N818 - control flow, named for what it asks
         self.delay_s = delay_s
 
 
-class Reject(Exception):  # noqa: N818
+class Reject(Exception):
     """Fail the task now; retrying cannot help."""
 
     def __init__(self, reason: str, code: str = "rejected") -> None:

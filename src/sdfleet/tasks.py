@@ -81,11 +81,16 @@ class TaskParams(BaseModel):
         return v
 
 
+WebhookEventName = Literal["started", "progress", "succeeded", "failed", "cancelled"]
+
+
+def _terminal_events() -> list[WebhookEventName]:
+    return ["succeeded", "failed", "cancelled"]
+
+
 class Webhook(BaseModel):
     url: str
-    events: list[Literal["started", "progress", "succeeded", "failed", "cancelled"]] = Field(
-        default_factory=lambda: ["succeeded", "failed", "cancelled"]
-    )
+    events: list[WebhookEventName] = Field(default_factory=_terminal_events)
 
 
 class Task(BaseModel):

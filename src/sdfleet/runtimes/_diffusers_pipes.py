@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
 from typing import Any
 
 import diffusers as _diffusers_module
@@ -18,6 +19,26 @@ from sdfleet.tasks import TaskParams
 log = logging.getLogger(__name__)
 # Typed as Any: many diffusers entry points are untyped, which mypy --strict refuses to call.
 diffusers: Any = _diffusers_module
+
+# diffusers/accelerate loading is not thread-safe (concurrent loads in one process fail with
+# "Cannot copy out of meta tensor"); `sdfleet up` runs one runtime per queue in one process.
+_LOAD_LOCK = threading.Lock()
+_quiet = False
+
+
+def quiet_libraries() -> None:
+    """No progress bars or advisory warnings from diffusers/transformers in an agent's logs."""
+    global _quiet
+    if _quiet:
+        return
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    _quiet = True
+
 
 # A1111 sampler name → diffusers scheduler class and the config it needs.
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -79,18 +100,24 @@ def pick_device(device: str) -> tuple[str, torch.dtype]:
 
 def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
     """Load a txt2img pipeline from a diffusers folder or a single-file checkpoint, local files only."""
+    quiet_libraries()
     try:
-        if info.kind == "diffusers":
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-                str(info.path), dtype=dtype, local_files_only=True, safety_checker=None
-            )
-        else:
-            pipe = _load_single_file(info, dtype)
-        pipe = pipe.to(device)
+        with _LOAD_LOCK:
+            pipe = _load(info, device, dtype)
     except Exception as e:
         raise ModelLoadError(f"cannot load model {info.name!r} from {info.path}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
+    if info.kind == "diffusers":
+        pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+            str(info.path), dtype=dtype, local_files_only=True, safety_checker=None
+        )
+    else:
+        pipe = _load_single_file(info, dtype)
+    return pipe.to(device)
 
 
 def _load_single_file(info: ModelInfo, dtype: torch.dtype) -> Any:

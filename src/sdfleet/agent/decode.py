@@ -1,0 +1,31 @@
+"""Message body → Task, for every form an agent may find on its queue."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from pydantic import ValidationError
+
+from sdfleet.compat import sns
+from sdfleet.errors import MessageDecodeError, ValidationFailed
+from sdfleet.tasks import Task
+
+
+def decode_task(body: bytes, attributes: Mapping[str, str]) -> Task:
+    """Our own ``Task`` JSON, or — so an sdfleet agent can drain a seed deployment's queue — the
+    seed's messages, raw or inside an SNS envelope (RawMessageDelivery off)."""
+    inner, attrs = sns.unwrap(body, attributes)
+    try:
+        data = json.loads(inner)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MessageDecodeError(f"body is not JSON: {e}") from e
+    if isinstance(data, dict) and data.get("schema") == 1 and "params" in data:
+        try:
+            return Task.model_validate(data)
+        except ValidationError as e:
+            raise MessageDecodeError(f"not a valid task: {e}") from e
+    try:
+        return sns.seed_message_to_task(inner, attrs)
+    except ValidationFailed as e:
+        raise MessageDecodeError(f"neither an sdfleet task nor a seed message: {e}") from e

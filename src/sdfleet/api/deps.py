@@ -1,0 +1,31 @@
+"""What the API's routes work with, built once by ``create_app`` and reached through ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from sdfleet.bus.base import Bus
+from sdfleet.models.catalog import ModelCatalog
+from sdfleet.settings import ApiSettings, FleetConfig
+from sdfleet.storage.base import BlobStore
+from sdfleet.store.base import TaskStore
+from sdfleet.telemetry import Metrics
+
+
+@dataclass
+class ApiContext:
+    bus: Bus
+    store: TaskStore
+    storage: BlobStore
+    fleet: FleetConfig
+    settings: ApiSettings
+    catalog: ModelCatalog | None
+    metrics: Metrics
+    ready: bool = False
+
+
+def get_ctx(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx

@@ -1,0 +1,48 @@
+"""The seed's endpoints, unchanged: ``POST /v1alpha1/`` and ``POST /v1alpha2/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from sdfleet.api.auth import Caller, caller
+from sdfleet.api.body import read_json
+from sdfleet.api.deps import ApiContext, get_ctx
+from sdfleet.api.submit import submit
+from sdfleet.compat import v1alpha1, v1alpha2
+from sdfleet.errors import ValidationFailed
+
+router = APIRouter(tags=["seed compatibility"])
+
+
+async def _body(request: Request, ctx: ApiContext) -> dict[str, Any]:
+    data = await read_json(request, ctx.settings.max_body_bytes)
+    if not isinstance(data, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    return data
+
+
+@router.post("/v1alpha1/", include_in_schema=True)
+@router.post("/v1alpha1", include_in_schema=False)
+async def submit_v1alpha1(
+    request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+) -> JSONResponse:
+    """The A1111 payload with ``alwayson_scripts: {task, sd_model_checkpoint, id_task, save_dir}``."""
+    task = v1alpha1.to_task(await _body(request, ctx), tenant=who.tenant)
+    record, _ = await submit(ctx, who, task)
+    location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
+    return JSONResponse(v1alpha1.answer(record.task, location), status_code=200)
+
+
+@router.post("/v1alpha2/", include_in_schema=True)
+@router.post("/v1alpha2", include_in_schema=False)
+async def submit_v1alpha2(
+    request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+) -> JSONResponse:
+    """``{"task": {"metadata": {id, runtime, tasktype, prefix, context}, "content": {...}}}``."""
+    task = v1alpha2.to_task(await _body(request, ctx), tenant=who.tenant)
+    record, _ = await submit(ctx, who, task)
+    location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
+    return JSONResponse(v1alpha2.answer(record.task, location), status_code=200)

@@ -1,0 +1,74 @@
+"""Accepting a task: validate against the fleet, record it, publish it. Shared by every wire format."""
+
+from __future__ import annotations
+
+import logging
+
+from sdfleet.api.auth import Caller
+from sdfleet.api.deps import ApiContext
+from sdfleet.errors import Conflict, NotFound, SdfleetError, ValidationFailed
+from sdfleet.routing import resolve_queues, stamp, task_attributes
+from sdfleet.store.base import transition
+from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState, TaskType
+
+log = logging.getLogger(__name__)
+
+NEEDS_PROMPT = (TaskType.TEXT_TO_IMAGE,)
+NEEDS_IMAGE = (TaskType.IMAGE_TO_IMAGE, TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
+
+
+def check_task(ctx: ApiContext, task: Task) -> None:
+    """What the fleet allows, beyond what the models themselves check."""
+    p, s = task.params, ctx.settings
+    if p.width > s.max_width or p.height > s.max_height:
+        raise ValidationFailed(
+            f"size {p.width}x{p.height} is over the maximum {s.max_width}x{s.max_height}", code="too_large"
+        )
+    if task.type in NEEDS_PROMPT and not p.prompt.strip():
+        raise ValidationFailed(f"a {task.type.value} task needs a prompt", code="missing_prompt")
+    if task.type in NEEDS_IMAGE and not p.init_images:
+        raise ValidationFailed(f"a {task.type.value} task needs an input image", code="missing_image")
+    if task.type is TaskType.PIPELINE and not p.workflow:
+        raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
+    model = task.model or ctx.fleet.models.default
+    if model and ctx.catalog is not None and ctx.catalog.list():
+        try:
+            ctx.catalog.resolve(model)
+        except NotFound as e:
+            raise ValidationFailed(str(e), code="unknown_model") from e
+
+
+async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
+    """Returns (record, created). A repeated client id of the same tenant returns the first record."""
+    task = task.model_copy(update={"tenant": caller.tenant})
+    if task.model is None and ctx.fleet.models.default:
+        task.model = ctx.fleet.models.default
+    check_task(ctx, task)
+    attributes = task_attributes(task, tier=caller.tier)
+    queues = resolve_queues(ctx.fleet, task, attributes)
+    task.queue = task.queue or queues[0]
+    record, created = await ctx.store.create(TaskRecord(task=task))
+    if not created:
+        if record.tenant != caller.tenant:
+            raise Conflict(f"task id {task.id!r} is taken; choose another id")
+        return record, False
+    try:
+        await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), stamp(attributes))
+    except SdfleetError as e:
+        # Nothing will ever run it: say so in the record rather than leave it queued forever.
+        await _mark_unpublished(ctx, task.id, str(e))
+        raise
+    ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
+    return record, True
+
+
+async def _mark_unpublished(ctx: ApiContext, task_id: str, reason: str) -> None:
+    def mutate(r: TaskRecord) -> TaskRecord:
+        r.state = TaskState.FAILED
+        r.error = TaskError(code="not_published", message=reason)
+        return r
+
+    try:
+        await transition(ctx.store, task_id, mutate)
+    except SdfleetError as e:
+        log.error("task %s was not published and could not be marked failed: %s", task_id, e)

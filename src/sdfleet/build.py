@@ -1,0 +1,104 @@
+"""Wiring: settings → the parts of an API process or an agent. The only place backends are chosen."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import AsyncExitStack
+
+from sdfleet.agent.execute import Parts
+from sdfleet.agent.inputs import InputFetcher
+from sdfleet.api.deps import ApiContext
+from sdfleet.bus import Bus, open_bus
+from sdfleet.compat.notify import seed_notification
+from sdfleet.errors import ConfigError
+from sdfleet.models.catalog import ModelCatalog
+from sdfleet.notify.topic import TopicNotifier
+from sdfleet.routing import fleet_topology
+from sdfleet.runtimes import build_runtime
+from sdfleet.runtimes.base import Runtime
+from sdfleet.settings import Settings
+from sdfleet.storage import BlobStore, open_storage
+from sdfleet.store import TaskStore, open_store
+from sdfleet.telemetry import Metrics
+
+
+class Engines:
+    """Bus, store and storage opened from the settings' URLs, closed together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus: Bus = open_bus(settings.bus)
+        self.store: TaskStore = open_store(settings.store)
+        self.storage: BlobStore = open_storage(settings.storage)
+
+    async def ensure(self) -> None:
+        await self.bus.ensure(fleet_topology(self.settings.fleet))
+
+    async def aclose(self) -> None:
+        await self.bus.aclose()
+        await self.store.aclose()
+        await self.storage.aclose()
+
+
+async def open_engines(settings: Settings, stack: AsyncExitStack) -> Engines:
+    engines = Engines(settings)
+    stack.push_async_callback(engines.aclose)
+    await engines.ensure()
+    return engines
+
+
+def catalog(settings: Settings) -> ModelCatalog:
+    return ModelCatalog(settings.fleet.models.dir)
+
+
+def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = None) -> ApiContext:
+    return ApiContext(
+        bus=engines.bus,
+        store=engines.store,
+        storage=engines.storage,
+        fleet=settings.fleet,
+        settings=settings.api,
+        catalog=catalog(settings),
+        metrics=metrics or Metrics(),
+    )
+
+
+def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> Runtime:
+    q = settings.fleet.queue(queue)
+    if q is None:
+        raise ConfigError(f"unknown queue {queue!r}; the fleet has {[q.name for q in settings.fleet.queues]}")
+    name = runtime or q.runtime
+    return build_runtime(
+        name,
+        catalog=catalog(settings),
+        options=settings.fleet.runtimes.get(name, {}),
+        default_model=q.model or settings.fleet.models.default,
+        cache_size=settings.fleet.models.cache_size,
+    )
+
+
+def agent_parts(
+    settings: Settings, engines: Engines, queue: str, runtime: Runtime, metrics: Metrics | None = None
+) -> Parts:
+    q = settings.fleet.queue(queue)
+    if q is None:
+        raise ConfigError(f"unknown queue {queue!r}")
+    a = settings.agent
+    fetcher = InputFetcher(
+        max_bytes=a.input_max_bytes, timeout_s=a.input_timeout_s, allow_private=a.allow_private_inputs
+    )
+    notifier = TopicNotifier(engines.bus, settings.fleet.results_topic, seed_notification(engines.storage))
+    return Parts(
+        bus=engines.bus,
+        store=engines.store,
+        storage=engines.storage,
+        runtime=runtime,
+        notifiers=[notifier],
+        fetcher=fetcher,
+        queue=q,
+        fleet=settings.fleet,
+        settings=a,
+        worker_id=f"{socket.gethostname()}-{os.getpid()}-{queue}",
+        metrics=metrics or Metrics(),
+    )

@@ -1,0 +1,95 @@
+"""Python SDK over the HTTP API (async; ``asyncio.run`` it from sync code)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sdfleet.errors import Conflict, NotFound, SdfleetError, Unauthorized, ValidationFailed
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+_PATHS = {"v1": "/v1/tasks", "v1alpha1": "/v1alpha1/", "v1alpha2": "/v1alpha2/"}
+
+
+class AsyncClient:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise SdfleetError(f"cannot reach the API at {self._http.base_url}: {e}") from e
+        data: Any = response.json() if response.content else {}
+        if response.status_code >= 400:
+            raise _error(response.status_code, data)
+        if not isinstance(data, dict):
+            raise SdfleetError(f"unexpected answer from {path}: {data!r}")
+        return data
+
+    async def submit(self, **task: Any) -> dict[str, Any]:
+        """``POST /v1/tasks`` with the fields of a task request; returns the task view."""
+        return await self._call("POST", "/v1/tasks", json=task)
+
+    async def submit_raw(self, body: dict[str, Any], *, fmt: str = "v1") -> str:
+        """Send a body in one of the wire formats; returns the task id."""
+        if fmt not in _PATHS:
+            raise ValidationFailed(f"unknown format {fmt!r}; use one of {', '.join(_PATHS)}")
+        data = await self._call("POST", _PATHS[fmt], json=body)
+        return str(data.get("id") or data.get("id_task"))
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/v1/tasks/{task_id}")
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/tasks/{task_id}/cancel")
+
+    async def wait(self, task_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.25) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = await self.get(task_id)
+            if view["state"] in TERMINAL:
+                return view
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_id} still {view['state']} after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+
+
+def _error(status: int, data: Any) -> SdfleetError:
+    err = data.get("error", {}) if isinstance(data, dict) else {}
+    message = f"HTTP {status}: {err.get('message', data)}"
+    code = err.get("code")
+    cls = {404: NotFound, 409: Conflict, 401: Unauthorized}.get(status)
+    if cls is None:
+        cls = ValidationFailed if 400 <= status < 500 else SdfleetError
+    return cls(message, code=code)
+
+
+async def wait_with_progress(client: AsyncClient, task_id: str, console: Console) -> dict[str, Any]:
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
+        handle = bar.add_task(f"{task_id} queued", total=1.0)
+        while True:
+            view = await client.get(task_id)
+            bar.update(handle, completed=view["progress"], description=f"{task_id} {view['state']}")
+            if view["state"] in TERMINAL:
+                return view
+            await asyncio.sleep(0.25)
