@@ -26,17 +26,30 @@ def build_runtime(
     default_model: str | None = None,
     cache_size: int = 2,
 ) -> Runtime:
-    """Construct runtime ``name`` from its config ``options``; raises ``ConfigError``."""
-    if name not in RUNTIMES:
-        raise ConfigError(f"unknown runtime {name!r}; use one of {', '.join(sorted(RUNTIMES))}")
-    module_name, cls_name, extra = RUNTIMES[name]
+    """Construct runtime ``name`` from its config ``options``; raises ``ConfigError``.
+
+    ``name`` is a built-in runtime or ``package.module:Class`` for one of your own (a class with the
+    same ``from_options`` classmethod).
+    """
+    if name in RUNTIMES:
+        module_name, cls_name, extra = RUNTIMES[name]
+    elif ":" in name:
+        module_name, cls_name = name.split(":", 1)
+        extra = None
+    else:
+        raise ConfigError(
+            f"unknown runtime {name!r}; use one of {', '.join(sorted(RUNTIMES))} or 'package.module:Class'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if extra is None or (e.name or "").startswith("sdfleet"):
             raise
         raise ConfigError(f"the {name} runtime needs {e.name}: pip install 'sdfleet[{extra}]'") from e
-    factory = getattr(module, cls_name).from_options
+    cls = getattr(module, cls_name, None)
+    if cls is None or not hasattr(cls, "from_options"):
+        raise ConfigError(f"{module_name} has no runtime class {cls_name!r} with a from_options() method")
+    factory = cls.from_options
     try:
         runtime: Runtime = factory(
             catalog=catalog, options=options, default_model=default_model, cache_size=cache_size

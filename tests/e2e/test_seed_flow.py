@@ -1,0 +1,115 @@
+"""The seed's v1alpha1 and v1alpha2 example payloads, unchanged, over real HTTP → images, records,
+and result notifications in the seed's shape — on every engine."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from conftest import SD15, Engine, StartFleet
+from sdfleet.bus import open_bus
+from sdfleet.storage import open_storage
+from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
+
+pytestmark = pytest.mark.timeout(240)
+
+
+async def _notifications(engine: Engine, count: int) -> list[dict[str, Any]]:
+    bus = open_bus(engine.bus_url)
+    out: list[dict[str, Any]] = []
+    try:
+        for _ in range(30):
+            for d in await bus.receive("results", max_messages=10, wait_s=1):
+                out.append(json.loads(d.body))
+                await bus.ack(d)
+            if len(out) >= count:
+                break
+    finally:
+        await bus.aclose()
+    return out
+
+
+async def _png_size(engine: Engine, key: str) -> tuple[int, int]:
+    storage = open_storage(engine.storage_url)
+    try:
+        data = await storage.get(key)
+    finally:
+        await storage.aclose()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_url: str) -> None:
+    fleet = await start_fleet()
+    payloads = [V1ALPHA1_T2I, with_image_link(V1ALPHA1_I2I, image_url)]
+    answers = []
+    for body in payloads:
+        r = await fleet.http.post("/v1alpha1/", json=body)
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    for body, answer in zip(payloads, answers, strict=True):
+        scripts = body["alwayson_scripts"]
+        assert set(answer) == {"id_task", "sd_model_checkpoint", "output_location"}
+        assert answer["id_task"] == scripts["id_task"]
+        assert answer["sd_model_checkpoint"] == SD15
+        assert answer["output_location"].endswith(f"{scripts['save_dir']}/{scripts['id_task']}")
+        view = await fleet.wait(answer["id_task"])
+        assert view["state"] == "succeeded", view
+        assert view["queue"] == "sd15"
+        assert len(view["images"]) == 1
+        assert view["images"][0]["key"] == f"outputs/{answer['id_task']}/{answer['id_task']}-1.png"
+        assert await _png_size(engine, view["images"][0]["key"]) == (body["width"], body["height"])
+    notes = {n["id"]: n for n in await _notifications(engine, 2)}
+    for answer in answers:
+        note = notes[answer["id_task"]]
+        assert note["result"] is True and note["status"] == "completed"
+        assert len(note["image_url"]) == 1 and note["image_url"][0].endswith("-1.png")
+        assert note["output_url"].endswith(f"{answer['id_task']}.out")
+        assert note["context"] == {}
+
+
+async def test_v1alpha2_examples(start_fleet: StartFleet, engine: Engine, image_url: str) -> None:
+    fleet = await start_fleet()
+    payloads = [V1ALPHA2_T2I, with_image_link(V1ALPHA2_I2I, image_url)]
+    for body in payloads:
+        r = await fleet.http.post("/v1alpha2/", json=body)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        meta = body["task"]["metadata"]
+        assert answer["id"] == meta["id"] and answer["runtime"] == meta["runtime"]
+        assert answer["output_location"].endswith(f"{meta['prefix']}/{meta['id']}")
+        view = await fleet.wait(meta["id"])
+        assert view["state"] == "succeeded", view
+        content = body["task"]["content"]
+        assert await _png_size(engine, view["images"][0]["key"]) == (content["width"], content["height"])
+    notes = {n["id"]: n for n in await _notifications(engine, 2)}
+    for body in payloads:
+        meta = body["task"]["metadata"]
+        note = notes[meta["id"]]
+        assert note["runtime"] == meta["runtime"]
+        assert note["result"] is True and note["status"] == "completed"
+        assert note["context"] == meta["context"]
+
+
+async def test_v1_task_and_signed_file_link(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    body = {
+        "model": SD15,
+        "params": {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 7},
+    }
+    r = await fleet.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/v1/tasks/{r.json()['id']}"
+    view = await fleet.wait(r.json()["id"])
+    assert view["state"] == "succeeded" and view["seed"] == 7
+    assert {"queue_wait", "inputs_fetch", "runtime_run", "storage_put"} <= set(view["timings"])
+    url = view["images"][0]["url"]
+    got = await fleet.http.get(url)
+    assert got.status_code == 200
+    with Image.open(io.BytesIO(got.content)) as im:
+        assert im.size == (64, 64)
