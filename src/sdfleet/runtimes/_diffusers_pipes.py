@@ -31,8 +31,9 @@ def quiet_libraries() -> None:
     global _quiet
     if _quiet:
         return
-    import transformers
+    import transformers as _transformers
 
+    transformers: Any = _transformers
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
