@@ -44,7 +44,8 @@ class Engines:
 async def open_engines(settings: Settings, stack: AsyncExitStack) -> Engines:
     engines = Engines(settings)
     stack.push_async_callback(engines.aclose)
-    await engines.ensure()
+    if settings.ensure_topology:
+        await engines.ensure()
     return engines
 
 

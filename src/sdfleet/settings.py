@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
@@ -35,17 +35,16 @@ class QueueConfig(BaseModel):
     """Model to load at start (dedicated queues keep one model loaded)."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
-    @field_validator("filter")
-    @classmethod
-    def _valid_policy(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
+    @model_validator(mode="after")
+    def _valid_policy(self) -> QueueConfig:
+        if self.filter is not None:
             from sdfleet.policy import PolicyError, validate
 
             try:
-                validate(v)
+                validate(self.filter, scope=self.filter_scope)
             except PolicyError as e:
-                raise ValueError(f"invalid filter policy: {e}") from e
-        return v
+                raise ValueError(f"queue {self.name}: invalid filter policy: {e}") from e
+        return self
 
 
 class ModelsConfig(BaseModel):
@@ -144,6 +143,9 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    ensure_topology: bool = True
+    """Create/update topics, queues and subscriptions at start. Turn off where the CDK app (or an
+    operator) owns them, so API and agent roles need no create permissions."""
     log_json: bool = True
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
