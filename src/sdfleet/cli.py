@@ -15,7 +15,7 @@ from rich.table import Table
 
 from sdfleet.errors import SdfleetError
 from sdfleet.settings import Settings, load_settings
-from sdfleet.telemetry import setup_logging
+from sdfleet.telemetry import setup_logging, setup_tracing
 
 app = typer.Typer(help="sdfleet: asynchronous Stable Diffusion generation at scale.", no_args_is_help=True)
 models_app = typer.Typer(help="Models in the models directory.", no_args_is_help=True)
@@ -30,9 +30,11 @@ KeyOpt = typer.Option(
 )
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings:
+def _settings(config: Path | None, *, service: str | None = None, **overrides: Any) -> Settings:
     settings = load_settings(config, **overrides)
     setup_logging(settings.log_level, settings.log_json)
+    if service is not None:
+        setup_tracing(service, settings.otlp_endpoint)
     return settings
 
 
@@ -63,7 +65,7 @@ def up(
     port: int | None = typer.Option(None, help="API port (SDFLEET_API__PORT)."),
 ) -> None:
     """API plus one agent per configured queue, in one process."""
-    settings = _settings(config)
+    settings = _settings(config, service="sdfleet")
     _apply_listen(settings, host, port)
     _run_fleet(settings, [q.name for q in settings.fleet.queues], with_api=True)
 
@@ -75,7 +77,7 @@ def api(
     port: int | None = typer.Option(None, help="API port (SDFLEET_API__PORT)."),
 ) -> None:
     """The HTTP API alone (agents run elsewhere)."""
-    settings = _settings(config)
+    settings = _settings(config, service="sdfleet-api")
     _apply_listen(settings, host, port)
     _run_fleet(settings, [], with_api=True)
 
@@ -88,7 +90,7 @@ def agent(
     ready_dir: Path | None = typer.Option(None, help="Write <queue>.ready here once the model is loaded."),
 ) -> None:
     """A queue agent: receive tasks one by one and run them."""
-    settings = _settings(config)
+    settings = _settings(config, service="sdfleet-agent")
     _run_fleet(settings, [queue], with_api=False, burst=burst, ready_dir=ready_dir)
 
 

@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     log_json: bool = True
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint (e.g. an ADOT collector's ``http://localhost:4318/v1/traces``)."""
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -1,4 +1,5 @@
-"""Prometheus metrics (one registry per process, passed around, never global) and JSON logs."""
+"""Prometheus metrics (one registry per process, passed around, never global), JSON logs, and
+OpenTelemetry traces that cross the queue in message attributes (``traceparent``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import logging
 import sys
 from collections.abc import Mapping
 
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGES = ("queue_wait", "inputs_fetch", "model_switch", "runtime_run", "storage_put")
@@ -68,8 +72,60 @@ def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(TraceIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "botocore", "urllib3", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+# --- tracing -------------------------------------------------------------------------------------
+# OpenTelemetry's tracer provider is process-global by design; ``setup_tracing`` is called once by
+# the CLI. Without it spans are no-ops and nothing is exported.
+
+TRACER_NAME = "sdfleet"
+
+
+def setup_tracing(
+    service: str, otlp_endpoint: str | None = None, exporter: SpanExporter | None = None
+) -> None:
+    """Record spans; export them over OTLP/HTTP when ``otlp_endpoint`` is set (ADOT/X-Ray collector)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def inject(attributes: dict[str, str]) -> dict[str, str]:
+    """Add ``traceparent`` (and ``tracestate``) of the current span to message attributes."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {**attributes, **{k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}}
+
+
+def extract(attributes: Mapping[str, str]) -> Context:
+    """The trace context a message carried across the queue."""
+    return propagate.extract(dict(attributes))
+
+
+class TraceIdFilter(logging.Filter):
+    """Puts the current trace id on every log record, so JSON logs join up with traces."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            record.trace_id = format(ctx.trace_id, "032x")
+        return True

@@ -10,6 +10,7 @@ from sdfleet.errors import Conflict, NotFound, SdfleetError, ValidationFailed
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.store.base import transition
 from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState, TaskType
+from sdfleet.telemetry import inject, tracer
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,15 @@ def check_task(ctx: ApiContext, task: Task) -> None:
 
 async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
     """Returns (record, created). A repeated client id of the same tenant returns the first record."""
+    with tracer().start_as_current_span("api.submit") as span:
+        span.set_attribute("sdfleet.task_id", task.id)
+        span.set_attribute("sdfleet.tenant", caller.tenant)
+        record, created = await _submit(ctx, caller, task)
+        span.set_attribute("sdfleet.queue", record.task.queue or "")
+        return record, created
+
+
+async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
     task = task.model_copy(update={"tenant": caller.tenant})
     if task.model is None and ctx.fleet.models.default:
         task.model = ctx.fleet.models.default
@@ -53,7 +63,7 @@ async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecor
             raise Conflict(f"task id {task.id!r} is taken; choose another id")
         return record, False
     try:
-        await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), stamp(attributes))
+        await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), inject(stamp(attributes)))
     except SdfleetError as e:
         # Nothing will ever run it: say so in the record rather than leave it queued forever.
         await _mark_unpublished(ctx, task.id, str(e))
