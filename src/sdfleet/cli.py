@@ -20,6 +20,8 @@ from sdfleet.telemetry import setup_logging, setup_tracing
 app = typer.Typer(help="sdfleet: asynchronous Stable Diffusion generation at scale.", no_args_is_help=True)
 models_app = typer.Typer(help="Models in the models directory.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+deploy_app = typer.Typer(help="Kubernetes deployment (deploy/helm/sdfleet).", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
 console = Console()
 err = Console(stderr=True)
 
@@ -239,6 +241,42 @@ def models_list(config: Path | None = ConfigOpt) -> None:
     for m in ModelCatalog(settings.fleet.models.dir).list():
         table.add_row(m.name, m.kind, "yes" if m.tiny else "", str(m.path))
     console.print(table)
+
+
+@deploy_app.command("values")
+def deploy_values(
+    config: Path | None = ConfigOpt,
+    engine: str = typer.Option("aws", help="Bus engine of the cluster: aws or redis."),
+    prefix: str | None = typer.Option(None, help="Queue name / key prefix (default: the engine's)."),
+    region: str | None = typer.Option(None, envvar="AWS_REGION", help="AWS region (aws)."),
+    account: str | None = typer.Option(None, help="AWS account id of the queues (aws)."),
+    redis_address: str | None = typer.Option(None, help="host:port of Redis for KEDA (redis)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Helm values for deploy/helm/sdfleet from the fleet file: per queue a worker and its KEDA trigger."""
+    import yaml
+
+    from sdfleet.deploy import chart_values
+
+    try:
+        settings = load_settings(config)
+        values = chart_values(
+            settings.fleet,
+            engine=engine,  # type: ignore[arg-type]  # checked by chart_values
+            prefix=prefix,
+            region=region,
+            account=account,
+            redis_address=redis_address,
+            drain_s=settings.agent.drain_s,
+        )
+    except SdfleetError as e:
+        _fail(e)
+        return
+    text = yaml.safe_dump(values, sort_keys=False)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
 
 
 def main() -> None:

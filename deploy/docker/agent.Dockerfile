@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1.7
+# sdfleet agent: the queue agent without torch, the side-car of an SD WebUI (a1111) or ComfyUI
+# container in the same pod (it talks to the runtime on 127.0.0.1).
+#   docker build -f deploy/docker/agent.Dockerfile -t sdfleet-agent .
+# The pip step is CI's (Makefile `install`) without torch and without the diffusers and dev extras;
+# tests/deploy checks they agree.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+FROM base AS build
+WORKDIR /src
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN python -m pip install --no-cache-dir --upgrade pip
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN python -m pip install --no-cache-dir '.[aws,redis]'
+
+FROM base
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/sdfleet sdfleet \
+    && mkdir -p /run/sdfleet && chown 10001:10001 /run/sdfleet
+ENV PATH=/opt/venv/bin:$PATH
+USER 10001:10001
+WORKDIR /home/sdfleet
+ENTRYPOINT ["sdfleet"]
+CMD ["agent", "--help"]

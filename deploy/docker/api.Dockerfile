@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1.7
+# sdfleet API: HTTP API only, no torch.
+#   docker build -f deploy/docker/api.Dockerfile -t sdfleet-api .
+# The pip step is CI's (Makefile `install`) without torch and without the diffusers and dev extras;
+# tests/deploy checks they agree.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+FROM base AS build
+WORKDIR /src
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN python -m pip install --no-cache-dir --upgrade pip
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN python -m pip install --no-cache-dir '.[aws,redis]'
+
+FROM base
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/sdfleet sdfleet
+ENV PATH=/opt/venv/bin:$PATH
+USER 10001:10001
+WORKDIR /home/sdfleet
+EXPOSE 8080
+ENTRYPOINT ["sdfleet"]
+CMD ["api", "--host", "0.0.0.0", "--port", "8080"]

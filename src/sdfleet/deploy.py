@@ -1,0 +1,116 @@
+"""Chart values from the fleet file: what ``sdfleet deploy values`` prints for ``deploy/helm/sdfleet``.
+
+The queue URLs (aws) and stream/consumer-group names (redis) the KEDA triggers watch come from the
+same functions the bus engines use (``queue_name``, ``stream_names``), so scalers cannot drift from
+the queues the agents read.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from sdfleet.bus.backends.aws_topology import queue_name
+from sdfleet.errors import ConfigError
+from sdfleet.settings import FleetConfig, QueueConfig
+
+Engine = Literal["aws", "redis"]
+
+DEFAULT_PREFIX: dict[str, str] = {"aws": "sdfleet-", "redis": "sdfleet"}
+"""The engines' own default prefixes (``aws://`` and ``redis://`` URLs without ``prefix``)."""
+
+SIDECAR_PORTS: dict[str, int] = {"a1111": 7860, "comfyui": 8188}
+"""Runtimes that run as a side-car container, and the port the chart gives them (``runtimes.<name>.port``)."""
+
+MODELS_MOUNT = "/models"
+
+_REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$")
+_ACCOUNT = re.compile(r"^[0-9]{12}$")
+
+
+def sqs_queue_url(region: str, account: str, name: str) -> str:
+    """The URL of SQS queue ``name`` (as ``GetQueueUrl`` answers it for a standard AWS partition)."""
+    if not _REGION.match(region):
+        raise ConfigError(f"{region!r} is not an AWS region")
+    if not _ACCOUNT.match(account):
+        raise ConfigError(f"{account!r} is not a 12-digit AWS account id")
+    return f"https://sqs.{region}.amazonaws.com/{account}/{name}"
+
+
+def _trigger(
+    engine: Engine, prefix: str, queue: str, region: str | None, account: str | None
+) -> dict[str, str]:
+    if engine == "aws":
+        if not region or not account:
+            raise ConfigError("the aws engine needs --region and --account for the SQS queue URLs")
+        return {"queueURL": sqs_queue_url(region, account, queue_name(prefix, queue))}
+    # Imported here: the Redis bus module needs the redis extra, the aws path must not.
+    from sdfleet.bus.backends.redis import stream_names
+
+    stream, group = stream_names(prefix, queue)
+    return {"stream": stream, "consumerGroup": group}
+
+
+def _queue_values(q: QueueConfig, trigger: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": q.name,
+        "runtime": q.runtime,
+        "scaling": {
+            "minReplicaCount": q.scaling.min,
+            "maxReplicaCount": q.scaling.max,
+            "targetBacklog": q.scaling.target_backlog,
+        },
+        "trigger": trigger,
+    }
+
+
+def _fleet_for_pods(fleet: FleetConfig) -> dict[str, Any]:
+    """The fleet file as the pods read it: models on the models volume, side-car runtimes on localhost."""
+    data = fleet.model_dump(mode="json")
+    data["models"]["dir"] = MODELS_MOUNT
+    runtimes: dict[str, dict[str, Any]] = data["runtimes"]
+    for q in fleet.queues:
+        port = SIDECAR_PORTS.get(q.runtime)
+        if port is not None:
+            runtimes.setdefault(q.runtime, {}).setdefault("url", f"http://127.0.0.1:{port}")
+    return data
+
+
+def _bus_url(engine: Engine, prefix: str, region: str | None, account: str | None, redis: str | None) -> str:
+    if engine == "aws":
+        return f"aws://?prefix={prefix}&region={region}&account={account}"
+    # A Redis URL with a password belongs in the chart's existingSecret, not here.
+    return f"redis://{redis}/0?prefix={prefix}" if redis else ""
+
+
+def chart_values(
+    fleet: FleetConfig,
+    *,
+    engine: Engine,
+    prefix: str | None = None,
+    region: str | None = None,
+    account: str | None = None,
+    redis_address: str | None = None,
+    drain_s: float = 30.0,
+) -> dict[str, Any]:
+    """Values for ``deploy/helm/sdfleet``: engine, bus URL, the fleet file and one entry per queue.
+
+    ``prefix`` defaults to the engine's own default. Raises ``ConfigError`` on a missing region or
+    account (aws) or a queue name the engine refuses.
+    """
+    if engine not in DEFAULT_PREFIX:
+        raise ConfigError(f"unknown engine {engine!r}: aws or redis")
+    prefix = DEFAULT_PREFIX[engine] if prefix is None else prefix
+    queues = [_queue_values(q, _trigger(engine, prefix, q.name, region, account)) for q in fleet.queues]
+    values: dict[str, Any] = {
+        "engine": engine,
+        "urls": {"bus": _bus_url(engine, prefix, region, account, redis_address)},
+        "agent": {"drainSeconds": drain_s},
+        "fleet": _fleet_for_pods(fleet),
+        "queues": queues,
+    }
+    if engine == "aws":
+        values["aws"] = {"region": region}
+    elif redis_address:
+        values["redis"] = {"address": redis_address}
+    return values
