@@ -32,8 +32,16 @@ def validation_message(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
+        got = "" if err["type"] == "value_error" else _got(err.get("input"))  # our own messages say it
+        parts.append(f"{where}: {err['msg']}{got}")
     return "; ".join(parts)
+
+
+def _got(value: Any) -> str:
+    """The offending value, when it is short enough to quote (the client sees what it sent)."""
+    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 64):
+        return f" (got {value!r})"
+    return ""
 
 
 def parse(model: type[M], data: Any) -> M:

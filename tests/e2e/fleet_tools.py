@@ -1,0 +1,80 @@
+"""Helpers the e2e tests share: reading storage and the bus, fleet files, ``sdfleet agent`` subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conftest import Engine, subprocess_env
+from sdfleet.bus import open_bus
+from sdfleet.storage import open_storage
+
+
+async def read_json(engine: Engine, key: str) -> dict[str, Any]:
+    storage = open_storage(engine.storage_url)
+    try:
+        data: dict[str, Any] = json.loads(await storage.get(key))
+    finally:
+        await storage.aclose()
+    return data
+
+
+async def exists(engine: Engine, key: str) -> bool:
+    storage = open_storage(engine.storage_url)
+    try:
+        return await storage.exists(key)
+    finally:
+        await storage.aclose()
+
+
+async def drain(
+    engine: Engine, queue: str, *, quiet_s: float = 2.0, max_s: float = 20.0
+) -> list[dict[str, Any]]:
+    """Every message on ``queue`` (acked), until it stays empty for ``quiet_s``."""
+    bus = open_bus(engine.bus_url)
+    out: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline, quiet_until = loop.time() + max_s, loop.time() + quiet_s
+    try:
+        while loop.time() < min(deadline, quiet_until):
+            for d in await bus.receive(queue, max_messages=10, wait_s=0.5, lease_s=30):
+                out.append(json.loads(d.body))
+                await bus.ack(d)
+                quiet_until = loop.time() + quiet_s
+    finally:
+        await bus.aclose()
+    return out
+
+
+def write_fleet_file(path: Path, fleet: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(fleet))
+    return path
+
+
+@contextmanager
+def agent_process(engine: Engine, config: Path, queue: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``sdfleet agent --queue <queue>`` in its own process; killed at exit if still running."""
+    full_env = {**subprocess_env(engine, config), "SDFLEET_LOG_JSON": "false", **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from sdfleet.cli import main; main()", "agent", "--queue", queue],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
