@@ -108,7 +108,19 @@ def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
     except Exception as e:
         raise ModelLoadError(f"cannot load model {info.name!r} from {info.path}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
+    _clip_skip_compat(pipe)
     return pipe
+
+
+def _clip_skip_compat(pipe: Any) -> None:
+    """diffusers' clip_skip path reads ``text_encoder.text_model.final_layer_norm``; transformers 5
+    flattened ``CLIPTextModel`` (no ``text_model``). An unregistered alias keeps clip skip working
+    without adding a submodule (which would duplicate the weights in state dicts)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        flat = encoder is not None and not hasattr(encoder, "text_model")
+        if flat and hasattr(encoder, "final_layer_norm"):
+            object.__setattr__(encoder, "text_model", encoder)
 
 
 def _load(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
