@@ -20,6 +20,8 @@ from sdfleet.telemetry import setup_logging, setup_tracing
 app = typer.Typer(help="sdfleet: asynchronous Stable Diffusion generation at scale.", no_args_is_help=True)
 models_app = typer.Typer(help="Models in the models directory.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+runtime_app = typer.Typer(help="Runtimes on their own.", no_args_is_help=True)
+app.add_typer(runtime_app, name="runtime")
 deploy_app = typer.Typer(help="Kubernetes deployment (deploy/helm/sdfleet).", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
 console = Console()
@@ -90,10 +92,36 @@ def agent(
     burst: bool = typer.Option(False, help="Drain the queue, then exit."),
     config: Path | None = ConfigOpt,
     ready_dir: Path | None = typer.Option(None, help="Write <queue>.ready here once the model is loaded."),
+    runtime: str | None = typer.Option(
+        None, help="Runtime for this queue (diffusers, a1111, comfyui, synthetic, or module:Class)."
+    ),
+    runtime_url: str | None = typer.Option(
+        None, help="URL of the runtime's server (a1111, comfyui), e.g. http://127.0.0.1:7860."
+    ),
 ) -> None:
-    """A queue agent: receive tasks one by one and run them."""
+    """A queue agent: receive tasks one by one and run them.
+
+    Side-car mode next to an SD WebUI container: ``--runtime a1111 --runtime-url http://127.0.0.1:7860``.
+    """
     settings = _settings(config, service="sdfleet-agent")
+    try:
+        _apply_runtime(settings, queue, runtime, runtime_url)
+    except SdfleetError as e:
+        _fail(e)
     _run_fleet(settings, [queue], with_api=False, burst=burst, ready_dir=ready_dir)
+
+
+def _apply_runtime(settings: Settings, queue: str, runtime: str | None, url: str | None) -> None:
+    """``--runtime``/``--runtime-url`` override the fleet file for this agent's queue."""
+    from sdfleet.errors import ConfigError
+
+    q = settings.fleet.queue(queue)
+    if q is None:
+        raise ConfigError(f"unknown queue {queue!r}; the fleet has {[q.name for q in settings.fleet.queues]}")
+    if runtime:
+        q.runtime = runtime
+    if url:
+        settings.fleet.runtimes[q.runtime] = {**settings.fleet.runtimes.get(q.runtime, {}), "url": url}
 
 
 def _apply_listen(settings: Settings, host: str | None, port: int | None) -> None:
@@ -277,6 +305,39 @@ def deploy_values(
         sys.stdout.write(text)
     else:
         output.write_text(text)
+
+
+@runtime_app.command("serve")
+def runtime_serve(
+    host: str = typer.Option("127.0.0.1", help="Listen address."),
+    port: int = typer.Option(7860, help="Listen port (SD WebUI's default)."),
+    models_dir: Path | None = typer.Option(None, help="Models directory (default from settings)."),
+    model: str | None = typer.Option(None, help="Checkpoint to load at start."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """The diffusers runtime behind an AUTOMATIC1111-compatible API (/sdapi/v1/...)."""
+    import uvicorn
+
+    from sdfleet.models.catalog import ModelCatalog
+    from sdfleet.runtime_server import create_app
+    from sdfleet.runtimes import build_runtime
+
+    settings = _settings(config)
+    catalog = ModelCatalog(models_dir or settings.fleet.models.dir)
+    options = {**settings.fleet.runtimes.get("diffusers", {}), "device": device}
+    try:
+        runtime = build_runtime(
+            "diffusers",
+            catalog=catalog,
+            options=options,
+            default_model=model or settings.fleet.models.default,
+            cache_size=settings.fleet.models.cache_size,
+        )
+    except SdfleetError as e:
+        _fail(e)
+        return
+    uvicorn.run(create_app(runtime, catalog), host=host, port=port, log_config=None)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from sdfleet.runtimes.base import Job, ProgressFn, Runtime, RuntimeResult
 RUNTIMES: dict[str, tuple[str, str, str | None]] = {
     "diffusers": ("sdfleet.runtimes.diffusers", "DiffusersRuntime", "diffusers"),
     "synthetic": ("sdfleet.runtimes.synthetic", "SyntheticRuntime", None),
+    "a1111": ("sdfleet.runtimes.a1111", "A1111Runtime", None),
+    "comfyui": ("sdfleet.runtimes.comfyui", "ComfyUIRuntime", None),
 }
 
 

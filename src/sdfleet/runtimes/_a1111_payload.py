@@ -1,0 +1,96 @@
+"""Request bodies the a1111 runtime sends to SD WebUI, built from a ``Job``."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sdfleet.compat._common import ROUTING_KEYS
+from sdfleet.runtimes.base import Job
+from sdfleet.tasks import TaskType
+
+ENDPOINTS = {
+    TaskType.TEXT_TO_IMAGE: "txt2img",
+    TaskType.IMAGE_TO_IMAGE: "img2img",
+    TaskType.EXTRA_SINGLE_IMAGE: "extra-single-image",
+    TaskType.EXTRA_BATCH_IMAGES: "extra-batch-images",
+}
+_EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
+# Keys a job may carry in ``extra`` that SD WebUI must not see.
+_NEVER_SENT = frozenset({"scheduler_hint", "s3_output_path"})
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _generation_body(job: Job) -> dict[str, Any]:
+    p = job.params
+    body: dict[str, Any] = {
+        "prompt": p.prompt,
+        "negative_prompt": p.negative_prompt,
+        "steps": p.steps,
+        "width": p.width,
+        "height": p.height,
+        "cfg_scale": p.cfg_scale,
+        "seed": p.seed,
+        "batch_size": p.batch_size,
+    }
+    if p.sampler:
+        body["sampler_name"] = p.sampler
+    overrides = dict(p.extra.get("override_settings") or {})
+    if p.clip_skip > 1:
+        overrides["CLIP_stop_at_last_layers"] = p.clip_skip
+    if overrides:
+        body["override_settings"] = overrides
+    scripts = p.extra.get("alwayson_scripts") or {}
+    body["alwayson_scripts"] = {k: v for k, v in scripts.items() if k not in ROUTING_KEYS}
+    if job.type is TaskType.IMAGE_TO_IMAGE:
+        body["init_images"] = [b64(i) for i in job.init_images]
+        body["denoising_strength"] = p.denoising_strength
+    return body
+
+
+def _extras_body(job: Job) -> dict[str, Any]:
+    p = job.params
+    body: dict[str, Any] = {"upscaling_resize": p.upscaling_resize, "upscaler_1": p.upscaler or "Lanczos"}
+    if job.type is TaskType.EXTRA_SINGLE_IMAGE:
+        body["image"] = b64(job.init_images[0]) if job.init_images else ""
+    else:
+        body["imageList"] = [
+            {"data": b64(data), "name": f"image{n:05}"} for n, data in enumerate(job.init_images, 1)
+        ]
+    return body
+
+
+def build_body(job: Job) -> dict[str, Any]:
+    """The A1111 body for ``job``: known params, then the job's own A1111 keys from ``extra``.
+
+    The seed's routing-only ``alwayson_scripts`` keys are stripped; ``extra`` never overrides a
+    field built from the job (its images, prompt, seed …).
+    """
+    built = _extras_body(job) if job.type in _EXTRAS else _generation_body(job)
+    passthrough = {
+        k: v
+        for k, v in job.params.extra.items()
+        if k not in built and k not in _NEVER_SENT and k not in ("alwayson_scripts", "override_settings")
+    }
+    return {**passthrough, **built}
+
+
+def _is_url(value: str) -> bool:
+    return value[:8].lower().startswith(("http://", "https://"))
+
+
+async def inline_urls(value: Any, fetch: Fetch) -> Any:
+    """``value`` with every http(s) URL string, at any depth, replaced by the base64 of its image."""
+    if isinstance(value, str):
+        return b64(await fetch(value)) if _is_url(value) else value
+    if isinstance(value, list):
+        return [await inline_urls(v, fetch) for v in value]
+    if isinstance(value, dict):
+        return {k: await inline_urls(v, fetch) for k, v in value.items()}
+    return value
