@@ -250,12 +250,13 @@ def make_tiny_cmd(
     models_dir: Path | None = typer.Option(None, "--dir", help="Models directory (default from settings)."),
     single_file: bool = typer.Option(False, help="Also write a single-file .safetensors checkpoint."),
     seed: int = typer.Option(0),
+    sdxl: bool = typer.Option(False, "--sdxl", help="An SDXL pipeline (diffusers folder only)."),
 ) -> None:
     """Write a tiny random-weight SD pipeline (no download). Its images are noise from a tiny test model."""
     from sdfleet.models.tiny import make_tiny
 
     target = models_dir or _settings(None).fleet.models.dir
-    path = make_tiny(target, name, seed=seed, single_file=single_file)
+    path = make_tiny(target, name, seed=seed, single_file=single_file, sdxl=sdxl)
     console.print(f"wrote tiny test model {path} (random weights: its images are noise)")
 
 

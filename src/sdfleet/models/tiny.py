@@ -1,10 +1,11 @@
 """A tiny random-weight Stable Diffusion pipeline for demos and tests, written offline.
 
 ``make_tiny(dir, "tiny-sd")`` writes a diffusers folder ``dir/tiny-sd/`` (about 7 MB) that loads like
-any SD 1.x model. ``single_file=True`` writes instead ``dir/tiny-sd.safetensors`` in the original
-(LDM) key layout, plus the diffusers config folder ``dir/tiny-sd.config/`` (configs, tokenizer and
-scheduler, no weights) that ``from_single_file(..., config=..., local_files_only=True)`` needs to
-load it without the hub. Imports torch/diffusers/transformers when called.
+any SD 1.x model; ``sdxl=True`` writes a tiny StableDiffusionXLPipeline folder instead (two text
+encoders, a ``text_time`` UNet). ``single_file=True`` writes instead ``dir/tiny-sd.safetensors`` in
+the original (LDM) key layout, plus the diffusers config folder ``dir/tiny-sd.config/`` (configs,
+tokenizer and scheduler, no weights) that ``from_single_file(..., config=..., local_files_only=True)``
+needs to load it without the hub. Imports torch/diffusers/transformers when called.
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ _TEXT = {
     "num_hidden_layers": 5,
     "max_position_embeddings": 77,
 }
+_TEXT_2 = {**_TEXT, "projection_dim": 32}
+# SDXL: the UNet attends to both encoders' hidden states side by side, and its added time embedding
+# takes the pooled projection of encoder 2 plus six time ids (original size, crop, target size).
+_SDXL_TIME_DIM = 8
+_SDXL_UNET = {
+    **_UNET,
+    "cross_attention_dim": _TEXT["hidden_size"] + _TEXT_2["hidden_size"],
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _SDXL_TIME_DIM,
+    "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_DIM + _TEXT_2["projection_dim"],
+}
 _SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -84,6 +98,46 @@ _SCHEDULER = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+
+
+def _tokenizer_and_config(tmp: Path, text: dict[str, Any]) -> tuple[Any, Any]:
+    import transformers
+
+    t: Any = transformers  # untyped constructors, which mypy --strict refuses to call
+    vocab_file, merges_file = write_clip_vocab(tmp)
+    tokenizer = t.CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+    config = t.CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        **text,
+    )
+    return tokenizer, config
+
+
+def _build_sdxl(seed: int, tmp: Path) -> Any:
+    import diffusers
+    import torch
+    import transformers
+
+    d: Any = diffusers
+    t: Any = transformers
+    tokenizer, text_config = _tokenizer_and_config(tmp, _TEXT)
+    tokenizer_2, text_config_2 = _tokenizer_and_config(tmp, _TEXT_2)
+    torch.manual_seed(seed)
+    return d.StableDiffusionXLPipeline(
+        unet=d.UNet2DConditionModel(**_SDXL_UNET),
+        vae=d.AutoencoderKL(**_VAE),
+        text_encoder=t.CLIPTextModel(text_config).eval(),
+        text_encoder_2=t.CLIPTextModelWithProjection(text_config_2).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=d.EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+        add_watermarker=False,
+    )
 
 
 def _build(seed: int, tmp: Path) -> Any:
@@ -95,15 +149,7 @@ def _build(seed: int, tmp: Path) -> Any:
     d: Any = diffusers
     t: Any = transformers
 
-    vocab_file, merges_file = write_clip_vocab(tmp)
-    tokenizer = t.CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
-    text_config = t.CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
-        **_TEXT,
-    )
+    tokenizer, text_config = _tokenizer_and_config(tmp, _TEXT)
     torch.manual_seed(seed)
     return d.StableDiffusionPipeline(
         unet=d.UNet2DConditionModel(**_UNET),
@@ -138,15 +184,22 @@ def to_ldm_state_dict(pipe: Any) -> dict[str, Any]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def make_tiny(dest_dir: Path, name: str, *, seed: int = 0, single_file: bool = False) -> Path:
-    """Write a tiny random-weight SD pipeline; returns the folder, or the ``.safetensors`` file."""
+def make_tiny(
+    dest_dir: Path, name: str, *, seed: int = 0, single_file: bool = False, sdxl: bool = False
+) -> Path:
+    """Write a tiny random-weight SD (or SDXL) pipeline; returns the folder, or the ``.safetensors``.
+
+    Raises ``ValueError`` for ``sdxl`` with ``single_file`` (no SDXL LDM key layout writer).
+    """
     from safetensors.torch import save_file
 
+    if sdxl and single_file:
+        raise ValueError("a tiny SDXL model is written as a diffusers folder only (no single file)")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     scratch = dest_dir / f".{name}.tokenizer-src"
     try:
-        pipe = _build(seed, scratch)
+        pipe = (_build_sdxl if sdxl else _build)(seed, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     marker = json.dumps(MARKER_CONTENT)
