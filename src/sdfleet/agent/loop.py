@@ -186,6 +186,9 @@ class Agent:
         finished, _ = await asyncio.wait({self._current}, timeout=drain)
         if not finished:
             log.warning("task still running after %.0f s drain: interrupting", drain)
+            # A receive still in flight would take the released task back and spend one of its
+            # max_receives on an agent that is going away: let it end first.
+            await self._receiver_done.wait()
             await self.parts.runtime.interrupt()
             await self._current
 

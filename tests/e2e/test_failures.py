@@ -1,0 +1,161 @@
+"""Failures the fleet must survive: an agent killed mid-task, a runtime that always fails, a drain on
+SIGTERM. Each task still ends exactly once, with one notification, on every engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet_tools import agent_process, drain, exists, write_fleet_file
+
+from conftest import Engine, StartFleet, fleet_settings
+from sdfleet.bus import open_bus
+from sdfleet.settings import QueueConfig, Settings
+from sdfleet.store import TaskStore, open_store
+from sdfleet.tasks import TaskRecord, TaskState
+
+pytestmark = pytest.mark.timeout(120)
+
+QUEUE = [QueueConfig(name="q", runtime="synthetic")]
+TASK = {"params": {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}}
+
+
+@pytest.fixture
+async def store(engine: Engine) -> AsyncIterator[TaskStore]:
+    s = open_store(engine.store_url)
+    yield s
+    await s.aclose()
+
+
+def _settings(engine: Engine, models_dir: Path, latency_s: float, **kwargs: Any) -> Settings:
+    runtimes = {"synthetic": {"latency_s": latency_s, "progress_steps": 4}}
+    return fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=2, max_receives=3, **kwargs)
+
+
+def _fleet_file(tmp_path: Path, settings: Settings) -> Path:
+    return write_fleet_file(tmp_path / "sdfleet.yaml", settings.fleet.model_dump(mode="json"))
+
+
+async def _until(
+    store: TaskStore,
+    task_id: str,
+    ok: Callable[[TaskRecord], bool],
+    proc: subprocess.Popen[bytes] | None = None,
+) -> TaskRecord:
+    for _ in range(300):
+        record = await store.get(task_id)
+        if record is not None and ok(record):
+            return record
+        if proc is not None and proc.poll() is not None:
+            stderr = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"agent exited with {proc.returncode}: {stderr[-2000:]}")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} never got there: {record}")
+
+
+def _running_on(proc: subprocess.Popen[bytes]) -> Callable[[TaskRecord], bool]:
+    return lambda r: r.state is TaskState.RUNNING and f"-{proc.pid}-" in (r.worker or "")
+
+
+async def _notes_for(engine: Engine, task_id: str) -> list[dict[str, Any]]:
+    return [n for n in await drain(engine, "results") if n.get("task_id") == task_id]
+
+
+async def _succeeded_once(engine: Engine, view: dict[str, Any], attempts: int) -> None:
+    assert view["state"] == "succeeded" and view["attempts"] == attempts, view
+    assert [i["key"].rsplit("/", 1)[1] for i in view["images"]] == [f"{view['id']}-1.png"]
+    assert await exists(engine, view["images"][0]["key"])
+    notes = await _notes_for(engine, view["id"])
+    assert [n["type"] for n in notes] == ["succeeded"], notes
+
+
+async def test_sigkill_mid_task_is_redelivered_and_runs_once(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path, store: TaskStore
+) -> None:
+    settings = _settings(engine, models_dir, latency_s=4)
+    api = await start_fleet(settings=settings, agents=[])
+    with agent_process(engine, _fleet_file(tmp_path, settings), "q") as proc:
+        r = await api.http.post("/v1/tasks", json=TASK)
+        assert r.status_code == 202, r.text
+        task_id = r.json()["id"]
+        await _until(store, task_id, _running_on(proc), proc)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    # The second agent is quick: the task comes back once the dead agent's 2 s lease runs out.
+    await start_fleet(settings=_settings(engine, models_dir, latency_s=0.2), agents=["q"], with_api=False)
+    view = await api.wait(task_id, timeout_s=30)
+    await _succeeded_once(engine, view, attempts=2)
+
+
+async def test_runtime_that_always_fails_is_dead_lettered(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    queue = [QueueConfig(name="q", runtime="fakes.runtimes:AlwaysFails")]
+    fleet = await start_fleet(queue, lease_s=2, max_receives=3)
+    r = await fleet.http.post("/v1/tasks", json=TASK)
+    assert r.status_code == 202, r.text
+    task_id = r.json()["id"]
+    view = await fleet.wait(task_id, timeout_s=30)
+    assert view["state"] == "failed" and view["attempts"] == 3, view
+    assert view["error"]["code"] == "runtime_failure"
+    assert "the GPU caught fire" in view["error"]["message"] and "3 attempts" in view["error"]["message"]
+    runtime = fleet.fleet.agents[0].parts.runtime
+    assert getattr(runtime, "runs", None) == 3
+    bus = open_bus(engine.bus_url)
+    try:
+        dead = []
+        for _ in range(20):  # moved on the agent's next receive after its last try
+            dead = await bus.receive("q-dlq", max_messages=10, wait_s=0.5, lease_s=30)
+            if dead:
+                break
+        assert [json.loads(d.body)["id"] for d in dead] == [task_id]
+        assert (await bus.stats("q")).visible == 0
+    finally:
+        await bus.aclose()
+    notes = await _notes_for(engine, task_id)
+    assert [n["type"] for n in notes] == ["failed"], notes
+    assert "the GPU caught fire" in notes[0]["error"]["message"]
+
+
+@pytest.mark.parametrize("drain_s", [10.0, 0.5], ids=["finishes", "released"])
+async def test_sigterm_drains_and_exits_zero(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    tmp_path: Path,
+    store: TaskStore,
+    drain_s: float,
+) -> None:
+    settings = _settings(engine, models_dir, latency_s=3)
+    api = await start_fleet(settings=settings, agents=[])
+    env = {"SDFLEET_AGENT__DRAIN_S": str(drain_s)}
+    with agent_process(engine, _fleet_file(tmp_path, settings), "q", **env) as proc:
+        r = await api.http.post("/v1/tasks", json=TASK)
+        assert r.status_code == 202, r.text
+        task_id = r.json()["id"]
+        await _until(store, task_id, _running_on(proc), proc)
+        t0 = asyncio.get_running_loop().time()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, drain_s + 5)
+        took = asyncio.get_running_loop().time() - t0
+        assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+        assert took < drain_s + 5
+    if drain_s > 3:  # the draining agent finished its task before it exited
+        record = await store.get(task_id)
+        assert (
+            record is not None
+            and record.state is TaskState.SUCCEEDED
+            and str(proc.pid) in (record.worker or "")
+        )
+        await _succeeded_once(engine, await api.wait(task_id), attempts=1)
+        return
+    record = await _until(store, task_id, lambda r: r.state is TaskState.QUEUED)
+    assert record.error is not None and record.error.code == "interrupted"
+    await start_fleet(settings=_settings(engine, models_dir, latency_s=0.2), agents=["q"], with_api=False)
+    await _succeeded_once(engine, await api.wait(task_id, timeout_s=30), attempts=2)
