@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,14 @@ async def test_each_bad_input_gets_its_4xx(start_fleet: StartFleet) -> None:
             if not ok:
                 wrong.append(label)
     assert not wrong, "\n".join(wrong)
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
+        yield b'{"params": {"prompt": "'
+        for _ in range(20):
+            yield b"x" * 65536
+
+    r = await fleet.http.post("/v1/tasks", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
     # Nothing refused was recorded or queued.
     for task_id in ("bad-1", "bad-2"):
         assert (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 404
