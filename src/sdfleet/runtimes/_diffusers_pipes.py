@@ -92,13 +92,6 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     return cls.from_config(config, **overrides)
 
 
-def pick_device(device: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return device, dtype
-
-
 def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
     """Load a txt2img pipeline from a diffusers folder or a single-file checkpoint, local files only."""
     quiet_libraries()

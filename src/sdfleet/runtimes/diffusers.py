@@ -8,7 +8,7 @@ so ``sdfleet.runtimes.build_runtime`` imports it only when the diffusers runtime
 from __future__ import annotations
 
 import asyncio
-import gc
+import dataclasses
 import logging
 import random
 import threading
@@ -22,7 +22,9 @@ import torch
 
 from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
+from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
 
@@ -30,10 +32,6 @@ log = logging.getLogger(__name__)
 
 _EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
 _GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
-
-
-class _Stopped(Exception):
-    """Raised inside the step callback to leave the pipeline after ``interrupt()``."""
 
 
 @dataclass
@@ -50,51 +48,6 @@ class _Loaded:
         return self._img2img
 
 
-class _RunControl:
-    """One run's link with its worker thread: progress to the loop (in order, coalesced), stop back."""
-
-    def __init__(self, progress: ProgressFn) -> None:
-        self.stop = threading.Event()
-        self._progress = progress
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[float | None] = asyncio.Queue()
-        self._last = 0.0
-        self._task = asyncio.create_task(self._drain())
-
-    def report(self, value: float) -> None:
-        """Thread-safe."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, value)
-
-    async def _drain(self) -> None:
-        while True:
-            value = await self._queue.get()
-            while not self._queue.empty() and value is not None:
-                value = self._queue.get_nowait()
-            if value is None:
-                return
-            if value > self._last:
-                self._last = value
-                try:
-                    await self._progress(value)
-                except Exception:
-                    log.warning("progress callback failed", exc_info=True)
-
-    async def close(self) -> None:
-        """Deliver what is queued, then stop the pump (idempotent)."""
-        if not self._task.done():
-            self._queue.put_nowait(None)
-            await self._task
-
-    async def final(self) -> None:
-        """Report completion (1.0) once the pump is closed."""
-        if self._last < 1.0:
-            self._last = 1.0
-            try:
-                await self._progress(1.0)
-            except Exception:
-                log.warning("progress callback failed", exc_info=True)
-
-
 class DiffusersRuntime:
     """Runs jobs with diffusers pipelines loaded from a ``ModelCatalog``."""
 
@@ -105,16 +58,20 @@ class DiffusersRuntime:
         catalog: ModelCatalog,
         *,
         default_model: str | None = None,
-        device: str = "auto",
+        device: str | None = None,
         cache_size: int = 2,
+        options: O.DiffusersOptions | None = None,
     ) -> None:
+        """``device``, when given, overrides ``options.device``."""
+        opts = options or O.DiffusersOptions()
+        self.options = opts if device is None else dataclasses.replace(opts, device=device)
         self.catalog = catalog
         self.default_model = default_model
-        self.device, self.dtype = P.pick_device(device)
+        self.device, self.dtype = self.options.resolve_device()
         self.cache_size = max(1, cache_size)
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         self._current: str | None = None
-        self._active: set[_RunControl] = set()
+        self._active: set[RunControl] = set()
         self._infer_lock = threading.Lock()
         self._lock = asyncio.Lock()
 
@@ -127,9 +84,9 @@ class DiffusersRuntime:
         default_model: str | None = None,
         cache_size: int = 2,
     ) -> DiffusersRuntime:
-        return cls(
-            catalog, default_model=default_model, cache_size=cache_size, device=options.get("device", "auto")
-        )
+        """Raises ``ValueError`` for an unknown option or value (``build_runtime``: ``ConfigError``)."""
+        opts = O.DiffusersOptions.parse(options)
+        return cls(catalog, default_model=default_model, cache_size=cache_size, options=opts)
 
     @property
     def loaded_model(self) -> str | None:
@@ -148,7 +105,7 @@ class DiffusersRuntime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
-        ctl = _RunControl(progress)
+        ctl = RunControl(progress)
         self._active.add(ctl)
         try:
             return await self._run(job, ctl)
@@ -156,7 +113,7 @@ class DiffusersRuntime:
             self._active.discard(ctl)
             await ctl.close()
 
-    async def _run(self, job: Job, ctl: _RunControl) -> RuntimeResult:
+    async def _run(self, job: Job, ctl: RunControl) -> RuntimeResult:
         if job.type in _EXTRAS:
             return await self._in_thread(ctl, lambda: self._extras(job, ctl))
         if job.type not in _GENERATE:
@@ -168,7 +125,13 @@ class DiffusersRuntime:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         async with self._lock:
             loaded = await self._switch(job.model)
-            return await self._in_thread(ctl, lambda: self._generate(loaded, job, sampler, ctl))
+            try:
+                return await self._in_thread(ctl, lambda: self._generate(loaded, job, sampler, ctl))
+            except Reject as e:
+                if e.code != "out_of_memory" or not self._evict_all_but(loaded.info.name):
+                    raise
+                # Other cached pipelines held memory and are gone now: a retry may fit.
+                raise RuntimeFailure(f"{e.reason}; unloaded other cached models", code=e.code) from e
 
     async def interrupt(self) -> None:
         """Stop the job in progress between two steps; its ``run`` raises ``Interrupted``."""
@@ -182,7 +145,7 @@ class DiffusersRuntime:
             self._current = None
             self._free_memory()
 
-    async def _in_thread(self, ctl: _RunControl, work: Callable[[], RuntimeResult]) -> RuntimeResult:
+    async def _in_thread(self, ctl: RunControl, work: Callable[[], RuntimeResult]) -> RuntimeResult:
         try:
             result = await asyncio.to_thread(work)
         except asyncio.CancelledError:
@@ -215,30 +178,43 @@ class DiffusersRuntime:
     def _load(self, info: ModelInfo) -> _Loaded:
         started = time.perf_counter()
         pipe = P.load_pipeline(info, self.device, self.dtype)
+        O.apply_options(pipe, self.options, self.device)
         took = time.perf_counter() - started
         log.info("loaded model %s (%s) on %s in %.2fs", info.name, info.kind, self.device, took)
         return _Loaded(info, pipe, pipe.scheduler, took)
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        O.release_memory(self.device)
 
-    def _generate(self, loaded: _Loaded, job: Job, sampler: str | None, ctl: _RunControl) -> RuntimeResult:
+    def _evict_all_but(self, keep: str) -> bool:
+        others = [name for name in self._cache if name != keep]
+        for name in others:
+            del self._cache[name]
+            log.info("evicted model %s from the pipeline cache after running out of memory", name)
+        self._free_memory()
+        return bool(others)
+
+    def _generate(self, loaded: _Loaded, job: Job, sampler: str | None, ctl: RunControl) -> RuntimeResult:
         with self._infer_lock:
             if ctl.stop.is_set():
                 raise Interrupted(f"task {job.task_id} interrupted before it started")
             try:
                 return self._generate_locked(loaded, job, sampler, ctl)
-            except _Stopped as e:
+            except Stopped as e:
                 raise Interrupted(f"task {job.task_id} interrupted") from e
             except (SdfleetError, Reject):
                 raise
             except Exception as e:
-                raise RuntimeFailure(f"diffusers failed on task {job.task_id}: {e}") from e
+                if not O.is_out_of_memory(e):
+                    raise RuntimeFailure(f"diffusers failed on task {job.task_id}: {e}") from e
+                oom = e
+            # Outside the except block, so that the failed run's frames can be let go of.
+            log.warning("task %s ran out of memory on %s: %s", job.task_id, self.device, oom)
+            O.release_memory(self.device, oom)
+            raise O.out_of_memory(job.params, self.device, job.type is TaskType.IMAGE_TO_IMAGE) from oom
 
     def _generate_locked(
-        self, loaded: _Loaded, job: Job, sampler: str | None, ctl: _RunControl
+        self, loaded: _Loaded, job: Job, sampler: str | None, ctl: RunControl
     ) -> RuntimeResult:
         p = job.params
         base = loaded.base_scheduler
@@ -256,7 +232,7 @@ class DiffusersRuntime:
             "guidance_scale": p.cfg_scale,
             "num_images_per_prompt": p.batch_size,
             "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
-            "callback_on_step_end": _step_callback(ctl),
+            "callback_on_step_end": step_callback(ctl),
             "output_type": "pil",
         }
         if p.clip_skip > 1:
@@ -274,7 +250,7 @@ class DiffusersRuntime:
         pngs = [P.to_png(img, text) for img, text in zip(images, info["infotexts"], strict=True)]
         return RuntimeResult(images=pngs, info=info, seed=seed, model=loaded.info.name)
 
-    def _extras(self, job: Job, ctl: _RunControl) -> RuntimeResult:
+    def _extras(self, job: Job, ctl: RunControl) -> RuntimeResult:
         inputs = job.init_images if job.type is TaskType.EXTRA_BATCH_IMAGES else job.init_images[:1]
         if not inputs:
             raise Reject(f"{job.type.value} needs at least one input image", code="invalid_params")
@@ -286,14 +262,3 @@ class DiffusersRuntime:
             ctl.report(min(0.99, (n + 1) / len(inputs)))
         info = {"upscaler": job.params.upscaler or "Lanczos", "upscaling_resize": job.params.upscaling_resize}
         return RuntimeResult(images=out, info=info, model=self._current)
-
-
-def _step_callback(ctl: _RunControl) -> Callable[..., dict[str, Any]]:
-    def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if ctl.stop.is_set():
-            raise _Stopped
-        total = max(1, int(getattr(pipe, "num_timesteps", 0) or 1))
-        ctl.report(min(0.99, (i + 1) / total))
-        return {}
-
-    return on_step_end

@@ -1,0 +1,117 @@
+"""Options of the diffusers runtime (device, dtype, attention, channels-last, compile, VAE tiling)
+and its out-of-memory handling. Imports torch."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from sdfleet.errors import Reject
+from sdfleet.tasks import TaskParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ATTENTION = ("sdpa", "classic")
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+@dataclass(frozen=True)
+class DiffusersOptions:
+    """``runtimes.diffusers`` in the fleet file."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str | None = None
+    """``fp16``, ``bf16`` or ``fp32``; default fp16 on CUDA, fp32 on CPU."""
+    attention: str = "sdpa"
+    """``sdpa`` (torch scaled-dot-product attention, ``AttnProcessor2_0``) or ``classic``."""
+    channels_last: bool | None = None
+    """UNet weights in channels-last memory format; default on for CUDA, off for CPU."""
+    compile: bool = False
+    """``torch.compile(unet, mode="reduce-overhead")`` on CUDA (skipped, with a log line, on CPU)."""
+    vae_tiling: bool = False
+    """Decode latents tile by tile: large images in less memory, a little slower."""
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any]) -> DiffusersOptions:
+        """Options from a mapping; raises ``ValueError`` for an unknown key or value."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusers option(s) {unknown}; known: {sorted(known)}")
+        opts = cls(**{k: v for k, v in options.items() if k in known})
+        if opts.dtype is not None and opts.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {opts.dtype!r}")
+        if opts.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {list(ATTENTION)}, not {opts.attention!r}")
+        for flag in ("channels_last", "compile", "vae_tiling"):
+            value = getattr(opts, flag)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, not {value!r}")
+        return opts
+
+    def resolve_device(self) -> tuple[str, torch.dtype]:
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        cuda = device.startswith("cuda")
+        dtype = DTYPES[self.dtype] if self.dtype else (torch.float16 if cuda else torch.float32)
+        return device, dtype
+
+
+def apply_options(pipe: Any, opts: DiffusersOptions, device: str) -> None:
+    """Set attention, memory format, compilation and VAE tiling on a loaded pipeline."""
+    from diffusers.models import attention_processor
+
+    procs: Any = attention_processor  # untyped constructors, which mypy --strict refuses to call
+    cuda = device.startswith("cuda")
+    processor = procs.AttnProcessor2_0() if opts.attention == "sdpa" else procs.AttnProcessor()
+    pipe.unet.set_attn_processor(processor)
+    channels_last = cuda if opts.channels_last is None else opts.channels_last
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if opts.vae_tiling:
+        pipe.vae.enable_tiling()
+    if opts.compile and not cuda:
+        log.info("compile option skipped: torch.compile with reduce-overhead needs CUDA (device %s)", device)
+    elif opts.compile:
+        # The first run at each size compiles (minutes on SD 1.5); later runs at that size are fast.
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
+
+
+def release_memory(device: str, error: BaseException | None = None) -> None:
+    """Drop what a failed run still holds (its frames' tensors), collect, and empty the CUDA cache."""
+    if error is not None:
+        traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def out_of_memory(params: TaskParams, device: str, img2img: bool) -> Reject:
+    """The task error for a run that did not fit.
+
+    A ``Reject``, not a retry: the same size and batch on the same device needs the same memory
+    again, and a fleet's queue is served by one kind of GPU, so a retry would only spend attempts.
+    (The runtime turns it into a retry when it could unload other cached models first.)
+    """
+    what = "image-to-image" if img2img else "text-to-image"
+    return Reject(
+        f"out of memory on {device}: {what} of {params.batch_size} image(s) at "
+        f"{params.width}x{params.height}; use a smaller width/height or batch_size "
+        "(or turn on the runtime's vae_tiling option)",
+        code="out_of_memory",
+    )
