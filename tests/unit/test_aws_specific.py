@@ -67,6 +67,9 @@ def test_bus_url_forms() -> None:
     assert isinstance(open_bus("aws://?prefix=x-"), AwsBus)
     with pytest.raises(ConfigError):
         AwsBus.from_url("aws://?retries=many")
+    seed_url = "https://sqs.us-east-1.amazonaws.com/123456789012/sdoneks-InputQueuesdruntimeA1B2-Xy9Z"
+    attached = AwsBus.from_url(f"aws://?prefix=x-&queue.sdruntime={seed_url}&queue.b=SeedQueue&queue.c=")
+    assert attached.attached == {"sdruntime": seed_url, "b": "SeedQueue"}
 
 
 def test_store_and_storage_url_forms() -> None:
@@ -169,6 +172,40 @@ async def test_raw_delivery_off_delivers_the_sns_envelope(bus: AwsBus) -> None:
     await bus.publish("tasks", b"raw again", {"runtime": "sdwebui"})
     (d,) = await bus.receive("q", wait_s=1)
     assert (d.body, dict(d.attributes)) == (b"raw again", {"runtime": "sdwebui"})
+
+
+async def test_existing_topic_by_arn_and_attached_queue_are_used_as_they_are(moto_url: str) -> None:
+    sns, sqs = boto3.client("sns"), boto3.client("sqs")
+    other = f"u{uuid.uuid4().hex[:8]}"
+    topic_arn = sns.create_topic(Name=f"{other}-SeedOutput")["TopicArn"]
+    seed_url = sqs.create_queue(QueueName=f"{other}-InputQueue")["QueueUrl"]
+    topology = Topology(
+        topics=[topic_arn],
+        queues=[QueueSpec(name="results"), QueueSpec(name="seed", lease_s=7)],
+        subscriptions=[
+            Subscription(topic=topic_arn, queue="results"),
+            Subscription(topic="in", queue="seed"),
+        ],
+    )
+    async with AwsBus(_prefix(), attach={"seed": f"{other}-InputQueue"}) as bus:
+        await bus.ensure(topology)
+        assert sns.list_topics()["Topics"].count({"TopicArn": topic_arn}) == 1
+        (sub,) = sns.list_subscriptions_by_topic(TopicArn=topic_arn)["Subscriptions"]
+        assert sub["Endpoint"].endswith(f":{bus.prefix}results")
+        attrs = sqs.get_queue_attributes(QueueUrl=seed_url, AttributeNames=["All"])["Attributes"]
+        assert "RedrivePolicy" not in attrs and "Policy" not in attrs
+        assert attrs["VisibilityTimeout"] == "30"
+        in_arn = sns.create_topic(Name=f"{bus.prefix}in")["TopicArn"]
+        assert sns.list_subscriptions_by_topic(TopicArn=in_arn)["Subscriptions"] == []
+        await bus.publish(topic_arn, b"note", {})
+        (d,) = await bus.receive("results", wait_s=1)
+        assert d.body == b"note"
+        sqs.send_message(QueueUrl=seed_url, MessageBody="seed task")
+        (d,) = await bus.receive("seed", wait_s=1)
+        assert d.body == b"seed task"
+        stats = await bus.stats("seed")
+        assert (stats.visible, stats.in_flight, stats.dead_letters) == (0, 1, 0)
+        await bus.ack(d)
 
 
 async def test_publish_without_ensure_resolves_the_topic(bus: AwsBus) -> None:

@@ -1,12 +1,16 @@
 """The bus on AWS: SNS topics fanning out to SQS queues, filtered by SNS itself.
 
 URL: ``aws://[?prefix=sdfleet-][&region=us-east-1][&account=123456789012][&retries=3]``
+``[&queue.<name>=<existing SQS queue URL or name>]``
 
 - ``prefix`` is prepended to every topic and queue name (``queue_name()``), so several fleets
   share one account; default ``sdfleet-``.
 - ``region`` overrides the AWS chain's region (``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / config).
 - ``account`` skips the one ``sts:GetCallerIdentity`` call that builds topic ARNs for ``publish``;
 - ``retries``: attempts per call (botocore "standard" mode, backs off on throttling), default 3.
+- ``queue.<name>`` attaches the fleet's queue ``<name>`` to an existing SQS queue, e.g. a seed
+  deployment's input queue, so an agent drains it in place: ``ensure()`` neither creates,
+  changes nor subscribes it; only receive/ack/extend/release/stats use it.
 - endpoint and credentials come from the standard chain (``AWS_ENDPOINT_URL`` for moto or
   LocalStack, IRSA on EKS, instance roles, ``AWS_PROFILE``).
 
@@ -14,7 +18,7 @@ Topology: topic ``<prefix><topic>``; queue ``<prefix><queue>`` with ``Visibility
 ``lease_s`` and a ``RedrivePolicy`` to ``<prefix><queue>-dlq`` after ``max_receives``; an SQS queue
 policy lets the subscribed topics send; subscriptions use ``RawMessageDelivery`` and pass the
 filter policy and its scope to SNS as written. Subscriptions no longer in the topology are left
-alone (removing them is a deploy decision).
+alone (removing them is a deploy decision). A topic given as an ARN is an existing topic, used as is.
 
 AWS limits that show through (non-empty UTF-8 bodies, at most 10 non-empty attributes, whole
 seconds for leases and waits): docs/aws.md.
@@ -33,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from sdfleet._aws import AwsContext, error_code, int_param, map_errors, parse_aws_url
-from sdfleet.bus.backends.aws_topology import ensure_topology, queue_name
-from sdfleet.bus.base import Delivery, QueueStats, Topology, dlq_name
+from sdfleet.bus.backends.aws_topology import ensure_topology, existing_queue_url, queue_name, queue_stats
+from sdfleet.bus.base import Delivery, QueueStats, Topology
 from sdfleet.errors import BusError, BusUnavailable, ValidationFailed
 
 if TYPE_CHECKING:
@@ -47,11 +51,6 @@ log = logging.getLogger(__name__)
 MAX_ATTRIBUTES = 10
 MAX_WAIT_S = 20
 _SHORT_POLL_S = 0.1
-_DEPTH: Any = [
-    "ApproximateNumberOfMessages",
-    "ApproximateNumberOfMessagesNotVisible",
-    "ApproximateNumberOfMessagesDelayed",
-]
 _STALE_RECEIPT = frozenset({"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"})
 
 
@@ -78,8 +77,11 @@ class AwsBus:
         region: str | None = None,
         account: str | None = None,
         max_attempts: int = 3,
+        attach: Mapping[str, str] | None = None,
     ) -> None:
         self.prefix = prefix
+        self.attached = dict(attach or {})
+        """Fleet queue name → existing SQS queue (URL or name) that sdfleet leaves alone."""
         self._aws = AwsContext(region, max_attempts=max_attempts)
         self._account = account
         self._topic_arns: dict[str, str] = {}
@@ -95,6 +97,7 @@ class AwsBus:
             region=q.get("region"),
             account=q.get("account"),
             max_attempts=attempts,
+            attach={k[6:]: v for k, v in q.items() if k.startswith("queue.") and v},
         )
 
     @property
@@ -109,10 +112,17 @@ class AwsBus:
 
     async def ensure(self, topology: Topology) -> None:
         """Create or update topics, queues, DLQs, queue policies and subscriptions."""
+        own = topology.model_copy(
+            update={
+                "queues": [q for q in topology.queues if q.name not in self.attached],
+                "subscriptions": [s for s in topology.subscriptions if s.queue not in self.attached],
+            }
+        )
         with map_errors(BusUnavailable, BusError):
             topics, queues = await self._aws.run(
-                lambda: ensure_topology(self._sns, self._sqs, self.prefix, topology)
+                lambda: ensure_topology(self._sns, self._sqs, self.prefix, own)
             )
+            await self._aws.run(lambda: [self._queue_url(q) for q in self.attached])
         self._topic_arns.update(topics)
         self._queue_urls.update(queues)
         self._lease.update({q.name: q.lease_s for q in topology.queues})
@@ -132,8 +142,8 @@ class AwsBus:
 
     def _queue_url(self, queue: str) -> str:
         if queue not in self._queue_urls:
-            name = queue_name(self.prefix, queue)
-            self._queue_urls[queue] = self._sqs.get_queue_url(QueueName=name)["QueueUrl"]
+            ref = self.attached.get(queue) or queue_name(self.prefix, queue)
+            self._queue_urls[queue] = existing_queue_url(self._sqs, ref)
         return self._queue_urls[queue]
 
     async def publish(self, topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
@@ -163,7 +173,7 @@ class AwsBus:
             url = await self._aws.run(lambda: self._queue_url(queue))
             while True:
                 remaining = deadline - time.monotonic()
-                poll = max(0, min(MAX_WAIT_S, int(remaining)))
+                poll = max(0, min(MAX_WAIT_S, int(remaining + 0.5)))  # SQS waits whole seconds
                 messages = await self._receive_once(url, max_messages, poll, lease)
                 if messages:
                     return [self._delivery(queue, m) for m in messages]
@@ -260,32 +270,11 @@ class AwsBus:
             await self._aws.run(call)
 
     async def stats(self, queue: str) -> QueueStats:
-        """``GetQueueAttributes`` of the queue and its DLQ. ``oldest_age_s`` is None: SQS only
-        reports it through CloudWatch (``ApproximateAgeOfOldestMessage``)."""
-
-        def call() -> QueueStats:
-            a = self._sqs.get_queue_attributes(QueueUrl=self._queue_url(queue), AttributeNames=_DEPTH)
-            attrs = a.get("Attributes", {})
-            try:
-                dlq = self._sqs.get_queue_attributes(
-                    QueueUrl=self._queue_url(dlq_name(queue)), AttributeNames=_DEPTH
-                )
-                dead = int(dlq.get("Attributes", {}).get("ApproximateNumberOfMessages", "0"))
-            except ClientError as e:
-                if error_code(e) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-                    raise
-                dead = 0
-            return QueueStats(
-                queue=queue,
-                visible=int(attrs.get("ApproximateNumberOfMessages", "0")),
-                in_flight=int(attrs.get("ApproximateNumberOfMessagesNotVisible", "0")),
-                delayed=int(attrs.get("ApproximateNumberOfMessagesDelayed", "0")),
-                oldest_age_s=None,
-                dead_letters=dead,
-            )
-
+        """``GetQueueAttributes`` of the queue and of the DLQ its ``RedrivePolicy`` names.
+        ``oldest_age_s`` is None: SQS only reports it through CloudWatch
+        (``ApproximateAgeOfOldestMessage``)."""
         with map_errors(BusUnavailable, BusError):
-            return await self._aws.run(call)
+            return await self._aws.run(lambda: queue_stats(self._sqs, queue, self._queue_url(queue)))
 
     async def aclose(self) -> None:
         self._aws.close()

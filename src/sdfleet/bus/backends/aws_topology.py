@@ -1,4 +1,5 @@
-"""Names and ``ensure()`` of the AWS bus: SNS topics, SQS queues, DLQs, queue policies, subscriptions.
+"""Names, ``ensure()`` and depth of the AWS bus: SNS topics, SQS queues, DLQs, queue policies,
+subscriptions.
 
 Blocking boto3 code, called from ``AwsBus.ensure`` in a worker thread. Importing this module does
 not import boto3, so deploy tooling can reuse ``queue_name``/``topic_name`` without the AWS extra.
@@ -11,7 +12,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from sdfleet.bus.base import QueueSpec, Subscription, Topology, dlq_name
+from sdfleet.bus.base import QueueSpec, QueueStats, Subscription, Topology, dlq_name
 from sdfleet.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -19,6 +20,12 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+_DEPTH: Any = [
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+    "RedrivePolicy",
+]
 
 
 def queue_name(prefix: str, queue: str) -> str:
@@ -36,6 +43,43 @@ def queue_name(prefix: str, queue: str) -> str:
 def topic_name(prefix: str, topic: str) -> str:
     """The SNS topic name of ``topic`` (same rule as queues)."""
     return queue_name(prefix, topic)
+
+
+def existing_queue_url(sqs: SQSClient, ref: str) -> str:
+    """The URL of an existing queue given by URL or by name (``NotFound`` via ``map_errors``)."""
+    if ref.startswith(("https://", "http://")):
+        return ref
+    return sqs.get_queue_url(QueueName=ref)["QueueUrl"]
+
+
+def dead_letter_url(sqs: SQSClient, redrive_policy: str | None) -> str | None:
+    """The URL of the dead-letter queue a ``RedrivePolicy`` names; None without one (the seed's
+    queues have none) or when it is gone."""
+    if not redrive_policy:
+        return None
+    arn = str(json.loads(redrive_policy).get("deadLetterTargetArn", ""))
+    try:
+        return sqs.get_queue_url(QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
+    except sqs.exceptions.QueueDoesNotExist:
+        return None
+
+
+def queue_stats(sqs: SQSClient, queue: str, url: str) -> QueueStats:
+    """Depth of the queue at ``url`` and of the DLQ its ``RedrivePolicy`` names (none: 0)."""
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=_DEPTH).get("Attributes", {})
+    dead = 0
+    dlq_url = dead_letter_url(sqs, attrs.get("RedrivePolicy"))
+    if dlq_url is not None:
+        dlq = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=_DEPTH[:1])
+        dead = int(dlq.get("Attributes", {}).get("ApproximateNumberOfMessages", "0"))
+    return QueueStats(
+        queue=queue,
+        visible=int(attrs.get("ApproximateNumberOfMessages", "0")),
+        in_flight=int(attrs.get("ApproximateNumberOfMessagesNotVisible", "0")),
+        delayed=int(attrs.get("ApproximateNumberOfMessagesDelayed", "0")),
+        oldest_age_s=None,
+        dead_letters=dead,
+    )
 
 
 def queue_policy(queue_arn: str, topic_arns: list[str]) -> str:
@@ -133,7 +177,9 @@ def ensure_topology(
     """Create or update everything in ``topology``; returns (topic → ARN, queue → URL)."""
     topics: dict[str, str] = {}
     for t in [*topology.topics, *(s.topic for s in topology.subscriptions)]:
-        if t not in topics:
+        if t.startswith("arn:"):  # an existing topic (e.g. a seed deployment's), used as is
+            topics[t] = t
+        elif t not in topics:
             topics[t] = sns.create_topic(Name=topic_name(prefix, t))["TopicArn"]
     urls: dict[str, str] = {}
     arns: dict[str, str] = {}
