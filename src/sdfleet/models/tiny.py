@@ -100,7 +100,8 @@ _SCHEDULER = {
 }
 
 
-def _tokenizer_and_config(tmp: Path, text: dict[str, Any]) -> tuple[Any, Any]:
+def tokenizer_and_text_config(tmp: Path, text: dict[str, Any]) -> tuple[Any, Any]:
+    """A CLIP tokenizer on the locally written byte vocabulary, and a text config sized to it."""
     import transformers
 
     t: Any = transformers  # untyped constructors, which mypy --strict refuses to call
@@ -123,8 +124,8 @@ def _build_sdxl(seed: int, tmp: Path) -> Any:
 
     d: Any = diffusers
     t: Any = transformers
-    tokenizer, text_config = _tokenizer_and_config(tmp, _TEXT)
-    tokenizer_2, text_config_2 = _tokenizer_and_config(tmp, _TEXT_2)
+    tokenizer, text_config = tokenizer_and_text_config(tmp, _TEXT)
+    tokenizer_2, text_config_2 = tokenizer_and_text_config(tmp, _TEXT_2)
     torch.manual_seed(seed)
     return d.StableDiffusionXLPipeline(
         unet=d.UNet2DConditionModel(**_SDXL_UNET),
@@ -149,7 +150,7 @@ def _build(seed: int, tmp: Path) -> Any:
     d: Any = diffusers
     t: Any = transformers
 
-    tokenizer, text_config = _tokenizer_and_config(tmp, _TEXT)
+    tokenizer, text_config = tokenizer_and_text_config(tmp, _TEXT)
     torch.manual_seed(seed)
     return d.StableDiffusionPipeline(
         unet=d.UNet2DConditionModel(**_UNET),
