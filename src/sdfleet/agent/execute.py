@@ -12,9 +12,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from sdfleet.agent.decode import decode_task
 from sdfleet.agent.inputs import InputFetcher
+from sdfleet.agent.outage import ride_out
 from sdfleet.bus.base import Bus, Delivery
 from sdfleet.errors import (
     GenerationTimeout,
@@ -118,7 +120,8 @@ async def execute(parts: Parts, p: Prepared) -> None:
     """Run a prepared task and settle its delivery."""
     d, task = p.delivery, p.task
     try:
-        record = await transition(parts.store, task.id, lambda r: _start(r, parts, d))
+        start = partial(transition, parts.store, task.id, lambda r: _start(r, parts, d))
+        record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not started: %s", task.id, e)
         await parts.bus.ack(d)
@@ -207,13 +210,18 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     p.timings["storage_put"] = time.perf_counter() - t0
     res = TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
 
-    def mutate(r: TaskRecord) -> TaskRecord:
+    def mutate(r: TaskRecord) -> TaskRecord | None:
+        if r.state is TaskState.SUCCEEDED and r.result == res:
+            return None  # our own write, applied by a server that went away before it replied
         r.state, r.result, r.progress, r.error = TaskState.SUCCEEDED, res, 1.0, None
         r.finished_at = time.time()
         return r
 
+    lease_s = parts.fleet.retry.lease_s
     try:
-        record = await transition(parts.store, task.id, mutate)
+        record = await ride_out(
+            partial(transition, parts.store, task.id, mutate), f"recording {task.id}", lease_s
+        )
     except (
         TransitionConflict
     ) as e:  # cancelled (or finished elsewhere) meanwhile: the result is not written twice
@@ -222,7 +230,7 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
         return
     parts.metrics.tasks.labels(queue=parts.queue.name, state="succeeded").inc()
     await _notify(parts, record, EventType.SUCCEEDED)
-    await parts.bus.ack(p.delivery)
+    await ride_out(partial(parts.bus.ack, p.delivery), f"acking {task.id}", lease_s)
 
 
 async def _interrupted(parts: Parts, p: Prepared, e: Interrupted) -> None:
@@ -290,6 +298,8 @@ async def _notify(parts: Parts, record: TaskRecord, kind: EventType) -> None:
     )
     for notifier in parts.notifiers:
         try:
-            await notifier.notify(record, event)
+            await ride_out(
+                partial(notifier.notify, record, event), f"notifying {record.id}", parts.fleet.retry.lease_s
+            )
         except SdfleetError as e:  # a lost notification must not undo a finished task
             log.error("notification of %s via %s failed: %s", record.id, type(notifier).__name__, e)

@@ -170,6 +170,8 @@ class Agent:
         self.parts.metrics.busy.labels(queue=self.parts.queue.name).set(1)
         try:
             await execute(self.parts, prepared)
+        except SdfleetError as e:  # an engine outage outlasted the retries: the lease brings it back
+            log.warning("task %s left unsettled: %s", prepared.task.id, e)
         finally:
             self.parts.metrics.busy.labels(queue=self.parts.queue.name).set(0)
             await lease.stop()
