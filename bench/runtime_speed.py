@@ -10,7 +10,7 @@ for one model at several sizes, for one or more option sets, prints a table and 
     # SD 1.5 architecture, random weights, on a GPU: without and with the CUDA options
     python bench/runtime_speed.py --make-random-sd15 /tmp/models --sizes 512 --steps 20 \\
         --variant plain:dtype=fp32,attention=classic,channels_last=false \\
-        --variant fp16:dtype=fp16 \\
+        --variant fp16:dtype=fp16,channels_last=false \\
         --variant cuda-opts:dtype=fp16,channels_last=true,compile=true
 
     # an existing model folder or single file

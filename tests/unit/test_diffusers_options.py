@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,23 @@ async def test_oom_with_other_models_cached_unloads_them_and_retries(
     assert e.value.code == "out_of_memory" and "unloaded other cached models" in e.value.message
     assert rt.cached_models == ["tiny-b"]
     assert len((await rt.run(job(model="tiny-b"), no_progress)).images) == 1
+
+
+async def test_generations_run_on_one_thread(oom_runtime: DiffusersRuntime) -> None:
+    rt = oom_runtime
+    await rt.start()
+    unet = rt._cache["tiny-a"].pipe.unet
+    seen: set[str] = set()
+    original = unet.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        seen.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(unet, "forward", forward)
+        for _ in range(3):
+            await rt.run(job(), no_progress)
+    assert len(seen) == 1 and seen.pop().startswith("sdfleet-diffusers")
+    await rt.aclose()
+    assert len((await rt.run(job(), no_progress)).images) == 1  # usable again after aclose

@@ -15,7 +15,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -73,6 +75,7 @@ class DiffusersRuntime:
         self._current: str | None = None
         self._active: set[RunControl] = set()
         self._infer_lock = threading.Lock()
+        self._infer_thread: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -115,7 +118,7 @@ class DiffusersRuntime:
 
     async def _run(self, job: Job, ctl: RunControl) -> RuntimeResult:
         if job.type in _EXTRAS:
-            return await self._in_thread(ctl, lambda: self._extras(job, ctl))
+            return await self._in_thread(ctl, lambda: self._extras(job, ctl), None)
         if job.type not in _GENERATE:
             raise Reject(
                 f"the diffusers runtime cannot run {job.type.value!r} tasks", code="unsupported_task"
@@ -126,7 +129,8 @@ class DiffusersRuntime:
         async with self._lock:
             loaded = await self._switch(job.model)
             try:
-                return await self._in_thread(ctl, lambda: self._generate(loaded, job, sampler, ctl))
+                work = partial(self._generate, loaded, job, sampler, ctl)
+                return await self._in_thread(ctl, work, self._inference_thread())
             except Reject as e:
                 if e.code != "out_of_memory" or not self._evict_all_but(loaded.info.name):
                     raise
@@ -144,10 +148,22 @@ class DiffusersRuntime:
             self._cache.clear()
             self._current = None
             self._free_memory()
+            if self._infer_thread is not None:
+                self._infer_thread.shutdown(wait=False)
+                self._infer_thread = None
 
-    async def _in_thread(self, ctl: RunControl, work: Callable[[], RuntimeResult]) -> RuntimeResult:
+    def _inference_thread(self) -> ThreadPoolExecutor:
+        # Every generation runs on this one thread: torch.compile's CUDA graphs (reduce-overhead)
+        # are recorded per thread, and a pool's changing threads would re-record them.
+        if self._infer_thread is None:
+            self._infer_thread = ThreadPoolExecutor(1, thread_name_prefix="sdfleet-diffusers")
+        return self._infer_thread
+
+    async def _in_thread(
+        self, ctl: RunControl, work: Callable[[], RuntimeResult], executor: ThreadPoolExecutor | None
+    ) -> RuntimeResult:
         try:
-            result = await asyncio.to_thread(work)
+            result = await asyncio.get_running_loop().run_in_executor(executor, work)
         except asyncio.CancelledError:
             ctl.stop.set()  # the thread cannot be cancelled: make it stop at the next step
             raise
