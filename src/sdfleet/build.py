@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from contextlib import AsyncExitStack
 
-from sdfleet.agent.execute import Parts
 from sdfleet.agent.inputs import InputFetcher
+from sdfleet.agent.parts import Parts
 from sdfleet.api.deps import ApiContext
 from sdfleet.bus import Bus, open_bus
 from sdfleet.compat.notify import seed_notification
@@ -100,6 +101,6 @@ def agent_parts(
         queue=q,
         fleet=settings.fleet,
         settings=a,
-        worker_id=f"{socket.gethostname()}-{os.getpid()}-{queue}",
+        worker_id=f"{socket.gethostname()}-{os.getpid()}-{queue}-{uuid.uuid4().hex[:6]}",
         metrics=metrics or Metrics(),
     )

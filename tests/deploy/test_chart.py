@@ -208,14 +208,16 @@ def test_grace_period_covers_the_agents_drain(case: Any) -> None:
             assert sidecar["restartPolicy"] == "Always", "the runtime must outlive the agent's drain"
 
 
-def test_probes_read_the_agents_ready_file(case: Any) -> None:
+def test_probes_read_the_agents_ready_and_heartbeat_files(case: Any) -> None:
     _, objs = case
     for w in workers(objs):
         agent = _agent(pod_spec(w))
         args = agent["args"]
-        ready = f"{args[args.index('--ready-dir') + 1]}/{args[args.index('--queue') + 1]}.ready"
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert agent[probe]["exec"]["command"] == ["test", "-f", ready]
+        base = f"{args[args.index('--ready-dir') + 1]}/{args[args.index('--queue') + 1]}"
+        for probe in ("startupProbe", "readinessProbe"):
+            assert agent[probe]["exec"]["command"] == ["test", "-f", f"{base}.ready"]
+        live = agent["livenessProbe"]["exec"]["command"]
+        assert live[:2] == ["python", "-c"] and f"getmtime('{base}.alive')" in live[2]
         mounts = {m["mountPath"] for m in agent["volumeMounts"]}
         assert args[args.index("--ready-dir") + 1] in mounts
 

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from conftest import SD15, Engine, RunningFleet, StartFleet
-from sdfleet.agent.execute import image_keys
 from sdfleet.agent.loop import Agent
+from sdfleet.agent.parts import image_keys
 from sdfleet.bus import open_bus
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.settings import QueueConfig

@@ -12,9 +12,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 
-from sdfleet.agent.execute import Parts, Prepared, execute, prepare
+from sdfleet.agent.execute import execute
+from sdfleet.agent.handle import DeliveryHandle
+from sdfleet.agent.parts import Parts, Prepared
+from sdfleet.agent.prepare import prepare
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, SdfleetError
 from sdfleet.tasks import TaskState
@@ -25,19 +29,19 @@ log = logging.getLogger(__name__)
 class Lease:
     """Extends a delivery's lease every ``period`` seconds, and watches its task for a cancel."""
 
-    def __init__(self, parts: Parts, d: Delivery, lease_s: float, period: float) -> None:
-        self.parts, self.d, self.lease_s, self.period = parts, d, lease_s, period
+    def __init__(self, parts: Parts, handle: DeliveryHandle, lease_s: float, period: float) -> None:
+        self.parts, self.handle, self.lease_s, self.period = parts, handle, lease_s, period
         self.prepared: Prepared | None = None
-        self._task = asyncio.create_task(self._beat(), name=f"lease-{d.message_id}")
+        self._task = asyncio.create_task(self._beat(), name=f"lease-{handle.delivery.message_id}")
 
     async def _beat(self) -> None:
-        while True:
+        while not self.handle.settled:
             await asyncio.sleep(self.period)
             try:
-                await self.parts.bus.extend(self.d, self.lease_s)
+                await self.handle.extend(self.lease_s)
                 await self._check_cancel()
             except SdfleetError as e:
-                log.warning("lease heartbeat for %s failed: %s", self.d.message_id, e)
+                log.warning("lease heartbeat for %s failed: %s", self.handle.delivery.message_id, e)
 
     async def _check_cancel(self) -> None:
         if self.prepared is None or self.prepared.cancelled:
@@ -58,6 +62,9 @@ class Agent:
         self.parts = parts
         self.burst = burst
         self.ready_file = ready_file
+        # Liveness = heartbeat age: the receive loop touches this file while the event loop is healthy.
+        self.alive_file = ready_file.with_suffix(".alive") if ready_file is not None else None
+        self._touched = 0.0
         self.lease_s = parts.fleet.retry.lease_s
         self.period = parts.settings.heartbeat_s or max(1.0, self.lease_s / 3)
         self.processed = 0
@@ -90,15 +97,24 @@ class Agent:
             self._stopping.set()
             await receiver
             await self._release_prefetched()
-            if self.ready_file is not None:
-                self.ready_file.unlink(missing_ok=True)
+            for f in (self.ready_file, self.alive_file):
+                if f is not None:
+                    f.unlink(missing_ok=True)
         return self.processed
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if self.alive_file is None or now - self._touched < 1.0:
+            return
+        self._touched = now
+        self.alive_file.touch()
 
     async def _receive_loop(self) -> None:
         q = self.parts.queue.name
         wait_s = min(self.parts.settings.wait_s, 1.0) if self.burst else self.parts.settings.wait_s
         try:
             while not self._stopping.is_set():
+                self._heartbeat()
                 if not self._has_room():
                     await self._sleep(0.05)
                     continue
@@ -129,13 +145,14 @@ class Agent:
         return stats.visible == 0 and stats.delayed == 0 and self._ready.empty() and self._current is None
 
     async def _admit(self, d: Delivery) -> None:
-        lease = Lease(self.parts, d, self.lease_s, self.period)
+        handle = DeliveryHandle(self.parts.bus, d)
+        lease = Lease(self.parts, handle, self.lease_s, self.period)
         try:
-            prepared = await prepare(self.parts, d)
+            prepared = await prepare(self.parts, handle)
         except SdfleetError as e:
             log.warning("could not prepare %s, releasing: %s", d.message_id, e)
             await lease.stop()
-            await self._settle_release(d)
+            await self._settle_release(handle)
             return
         if prepared is None:
             await lease.stop()
@@ -198,13 +215,14 @@ class Agent:
         while not self._ready.empty():
             prepared, lease = self._ready.get_nowait()
             await lease.stop()
-            await self._settle_release(prepared.delivery)
+            prepared.span.end()
+            await self._settle_release(prepared.handle)
 
-    async def _settle_release(self, d: Delivery) -> None:
+    async def _settle_release(self, handle: DeliveryHandle) -> None:
         try:
-            await self.parts.bus.release(d)
+            await handle.release()
         except SdfleetError as e:  # the lease will expire and the message come back anyway
-            log.warning("release of %s failed: %s", d.message_id, e)
+            log.warning("release of %s failed: %s", handle.delivery.message_id, e)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

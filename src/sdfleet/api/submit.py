@@ -39,17 +39,20 @@ def check_task(ctx: ApiContext, task: Task) -> None:
             raise ValidationFailed(str(e), code="unknown_model") from e
 
 
-async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
-    """Returns (record, created). A repeated client id of the same tenant returns the first record."""
+async def submit(
+    ctx: ApiContext, caller: Caller, task: Task, *, client_id: bool = True
+) -> tuple[TaskRecord, bool]:
+    """Returns (record, created). A repeated client id of the same tenant returns the first record
+    (and publishes it again while it is still queued). ``client_id``: the client chose the id."""
     with tracer().start_as_current_span("api.submit") as span:
         span.set_attribute("sdfleet.task_id", task.id)
         span.set_attribute("sdfleet.tenant", caller.tenant)
-        record, created = await _submit(ctx, caller, task)
+        record, created = await _submit(ctx, caller, task, client_id)
         span.set_attribute("sdfleet.queue", record.task.queue or "")
         return record, created
 
 
-async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
+async def _submit(ctx: ApiContext, caller: Caller, task: Task, client_id: bool) -> tuple[TaskRecord, bool]:
     task = task.model_copy(update={"tenant": caller.tenant})
     if task.model is None and ctx.fleet.models.default:
         task.model = ctx.fleet.models.default
@@ -61,12 +64,18 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
     if not created:
         if record.tenant != caller.tenant:
             raise Conflict(f"task id {task.id!r} is taken; choose another id")
+        if record.state is TaskState.QUEUED:
+            # The client is retrying, maybe because our publish failed or its answer was lost:
+            # publish again. A second copy is harmless (agents drop copies of running or finished tasks).
+            attrs = task_attributes(record.task, tier=caller.tier)
+            await ctx.bus.publish(ctx.fleet.tasks_topic, record.task.to_message(), inject(stamp(attrs)))
         return record, False
     try:
         await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), inject(stamp(attributes)))
     except SdfleetError as e:
-        # Nothing will ever run it: say so in the record rather than leave it queued forever.
-        await _mark_unpublished(ctx, task.id, str(e))
+        if not client_id:
+            # Nobody can retry a server-chosen id: say in the record that it never left.
+            await _mark_unpublished(ctx, task.id, str(e))
         raise
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
     return record, True

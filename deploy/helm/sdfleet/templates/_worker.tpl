@@ -12,8 +12,9 @@
 {{- end }}
 {{- end -}}
 
-{{/* Readiness, startup and liveness all read the ready file: it appears once the runtime has
-     started and the model is loaded, and goes when the agent stops serving. */}}
+{{/* Startup and readiness read the ready file: it appears once the runtime has started and the
+     model is loaded, and goes when the agent stops serving. Liveness is the heartbeat's age: the
+     agent's receive loop touches <queue>.alive about once a second while its event loop is healthy. */}}
 {{- define "sdfleet.agentProbes" -}}
 {{- $a := .root.Values.agent -}}
 {{- $cmd := printf "[\"test\", \"-f\", \"%s/%s.ready\"]" $a.readyDir .q.name -}}
@@ -25,8 +26,10 @@ readinessProbe:
   exec: {command: {{ $cmd }}}
   periodSeconds: {{ $a.readinessProbe.periodSeconds }}
   failureThreshold: {{ $a.readinessProbe.failureThreshold }}
+{{- $alive := printf "%s/%s.alive" $a.readyDir .q.name }}
 livenessProbe:
-  exec: {command: {{ $cmd }}}
+  exec:
+    command: ["python", "-c", "import os, sys, time; sys.exit(time.time() - os.path.getmtime('{{ $alive }}') > {{ $a.livenessProbe.maxAgeSeconds }})"]
   periodSeconds: {{ $a.livenessProbe.periodSeconds }}
   failureThreshold: {{ $a.livenessProbe.failureThreshold }}
 {{- end -}}

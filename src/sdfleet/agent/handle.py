@@ -1,0 +1,37 @@
+"""One delivery's settlement: ack, release and lease extension under one lock, at most once.
+
+The lease heartbeat and the code that finishes a task run concurrently; without the lock an
+extension in flight could land after a release and hide a retried message for another lease (SQS
+keeps a receipt handle valid until the message is received again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sdfleet.bus.base import Bus, Delivery
+
+
+class DeliveryHandle:
+    def __init__(self, bus: Bus, delivery: Delivery) -> None:
+        self.bus = bus
+        self.delivery = delivery
+        self.settled = False
+        self._lock = asyncio.Lock()
+
+    async def ack(self) -> None:
+        async with self._lock:
+            if not self.settled:
+                await self.bus.ack(self.delivery)
+                self.settled = True
+
+    async def release(self, delay_s: float = 0.0) -> None:
+        async with self._lock:
+            if not self.settled:
+                await self.bus.release(self.delivery, delay_s)
+                self.settled = True
+
+    async def extend(self, lease_s: float) -> None:
+        async with self._lock:
+            if not self.settled:
+                await self.bus.extend(self.delivery, lease_s)

@@ -1,0 +1,66 @@
+"""What an agent works with (``Parts``) and a task on its way through it (``Prepared``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from sdfleet.agent.handle import DeliveryHandle
+from sdfleet.agent.inputs import InputFetcher
+from sdfleet.bus.base import Bus, Delivery
+from sdfleet.notify.base import Notifier
+from sdfleet.runtimes.base import Runtime
+from sdfleet.settings import AgentSettings, FleetConfig, QueueConfig
+from sdfleet.storage.base import BlobStore
+from sdfleet.store.base import TaskStore
+from sdfleet.tasks import Task
+from sdfleet.telemetry import Metrics, tracer
+
+
+@dataclass
+class Parts:
+    """Everything an agent works with, built by the CLI from settings."""
+
+    bus: Bus
+    store: TaskStore
+    storage: BlobStore
+    runtime: Runtime
+    notifiers: Sequence[Notifier]
+    fetcher: InputFetcher
+    queue: QueueConfig
+    fleet: FleetConfig
+    settings: AgentSettings
+    worker_id: str
+    metrics: Metrics
+
+
+@dataclass
+class Prepared:
+    """A received task whose inputs are already fetched, waiting for the runtime."""
+
+    handle: DeliveryHandle
+    task: Task
+    inputs: list[bytes]
+    span: trace.Span
+    """``agent.task``: opened when the task is received, ended when its delivery is settled."""
+    timings: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False
+
+    @property
+    def delivery(self) -> Delivery:
+        return self.handle.delivery
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[trace.Span]:
+        """A child span of ``agent.task`` (``inputs.fetch``, ``runtime.run``, ``storage.put``…)."""
+        with tracer().start_as_current_span(name, context=trace.set_span_in_context(self.span)) as span:
+            yield span
+
+
+def image_keys(task: Task, count: int) -> tuple[list[str], str]:
+    """The seed's layout: ``<prefix>/<id>/<id>-<n>.png`` and ``<prefix>/<id>/<id>.out``."""
+    base = f"{task.storage_prefix()}/{task.id}"
+    return [f"{base}/{task.id}-{n}.png" for n in range(1, count + 1)], f"{base}/{task.id}.out"

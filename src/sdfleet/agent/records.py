@@ -1,0 +1,69 @@
+"""Record writes and notifications shared by the agent's stages: fail, requeue, notify."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+from sdfleet.agent.outage import ride_out
+from sdfleet.agent.parts import Parts
+from sdfleet.errors import NotFound, SdfleetError, TransitionConflict
+from sdfleet.store.base import transition
+from sdfleet.tasks import EventType, TaskError, TaskEvent, TaskRecord, TaskState
+
+log = logging.getLogger(__name__)
+
+
+async def fail(parts: Parts, task_id: str, code: str, message: str) -> None:
+    """Mark a task failed with a reason and notify; a task already terminal stays as it is."""
+
+    def mutate(r: TaskRecord) -> TaskRecord:
+        r.state, r.error = TaskState.FAILED, TaskError(code=code, message=message)
+        r.finished_at = time.time()
+        return r
+
+    try:
+        record = await transition(parts.store, task_id, mutate)
+    except (TransitionConflict, NotFound) as e:
+        log.info("task %s not failed: %s", task_id, e)
+        return
+    parts.metrics.tasks.labels(queue=parts.queue.name, state="failed").inc()
+    await notify(parts, record, EventType.FAILED)
+
+
+async def requeue(parts: Parts, task_id: str, code: str, message: str) -> None:
+    """Back to ``queued`` with the reason of the failed attempt (the delivery is released)."""
+
+    def mutate(r: TaskRecord) -> TaskRecord | None:
+        if r.state is not TaskState.RUNNING:
+            return None
+        r.state, r.error, r.worker = TaskState.QUEUED, TaskError(code=code, message=message), None
+        return r
+
+    try:
+        await transition(parts.store, task_id, mutate)
+    except (TransitionConflict, NotFound) as e:
+        log.info("task %s not requeued: %s", task_id, e)
+
+
+async def notify(parts: Parts, record: TaskRecord, kind: EventType) -> None:
+    urls = [parts.storage.location(k) for k in (record.result.images if record.result else [])]
+    event = TaskEvent(
+        type=kind,
+        task_id=record.id,
+        tenant=record.tenant,
+        state=record.state,
+        progress=record.progress,
+        result=record.result,
+        image_urls=urls,
+        error=record.error,
+        context=record.task.context,
+    )
+    for notifier in parts.notifiers:
+        try:
+            await ride_out(
+                partial(notifier.notify, record, event), f"notifying {record.id}", parts.fleet.retry.lease_s
+            )
+        except SdfleetError as e:  # a lost notification must not undo a finished task
+            log.error("notification of %s via %s failed: %s", record.id, type(notifier).__name__, e)

@@ -1,0 +1,79 @@
+"""Traces cross the queue (api.submit → traceparent attribute → agent.task and its stages), metrics
+count what happened, JSON logs carry the trace id."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from conftest import SD15, StartFleet
+from sdfleet.telemetry import JsonFormatter, TraceIdFilter, setup_tracing
+
+BODY = {"model": SD15, "params": {"prompt": "a red door", "steps": 2, "width": 64, "height": 64}}
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        setup_tracing("sdfleet-test", exporter=exporter)
+    else:  # the process already has a provider: add our exporter to it
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider = trace.get_tracer_provider()
+        assert isinstance(provider, TracerProvider)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+
+
+async def test_trace_crosses_the_queue(start_fleet: StartFleet, spans: InMemorySpanExporter) -> None:
+    fleet = await start_fleet()
+    r = await fleet.http.post("/v1/tasks", json=BODY)
+    assert r.status_code == 202, r.text
+    task_id = r.json()["id"]
+    assert (await fleet.wait(task_id))["state"] == "succeeded"
+    await fleet.stop()  # ends every span
+    done = [
+        s
+        for s in spans.get_finished_spans()
+        if s.attributes and s.attributes.get("sdfleet.task_id") == task_id
+    ]
+    by_name = {s.name: s for s in done}
+    assert {"api.submit", "agent.task"} <= set(by_name), [s.name for s in done]
+    submit, agent = by_name["api.submit"], by_name["agent.task"]
+    assert submit.context is not None and agent.context is not None
+    assert agent.context.trace_id == submit.context.trace_id
+    assert agent.parent is not None and agent.parent.span_id == submit.context.span_id
+    children = {
+        s.name
+        for s in spans.get_finished_spans()
+        if s.parent is not None and s.parent.span_id == agent.context.span_id
+    }
+    assert {"queue.wait", "inputs.fetch", "runtime.run", "storage.put", "notify"} <= children
+
+
+async def test_metrics_count_tasks_and_stages(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    r = await fleet.http.post("/v1/tasks", json=BODY)
+    assert (await fleet.wait(r.json()["id"]))["state"] == "succeeded"
+    await fleet.http.get("/v1/queues")
+    text = (await fleet.http.get("/metrics")).text
+    assert 'sdfleet_submitted_total{origin="v1",queue="sd15"} 1.0' in text
+    assert 'sdfleet_tasks_total{queue="sd15",state="succeeded"} 1.0' in text
+    assert 'sdfleet_stage_seconds_count{queue="sd15",stage="runtime_run"} 1.0' in text
+    assert 'sdfleet_queue_visible{queue="sd15"} 0.0' in text
+
+
+def test_json_logs_carry_trace_id(spans: InMemorySpanExporter) -> None:
+    record = logging.makeLogRecord({"name": "sdfleet.agent", "msg": "task %s done", "args": ("t1",)})
+    with trace.get_tracer("test").start_as_current_span("work") as span:
+        assert TraceIdFilter().filter(record)
+        line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "task t1 done"
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
