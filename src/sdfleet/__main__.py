@@ -1,0 +1,5 @@
+"""``python -m sdfleet``: the same as the ``sdfleet`` command."""
+
+from sdfleet.cli import main
+
+main()
