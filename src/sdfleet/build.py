@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -14,7 +15,9 @@ from sdfleet.bus import Bus, open_bus
 from sdfleet.compat.notify import seed_notification
 from sdfleet.errors import ConfigError
 from sdfleet.models.catalog import ModelCatalog
+from sdfleet.notify.base import Notifier
 from sdfleet.notify.topic import TopicNotifier
+from sdfleet.notify.webhook import WebhookNotifier
 from sdfleet.routing import fleet_topology
 from sdfleet.runtimes import build_runtime
 from sdfleet.runtimes.base import Runtime
@@ -22,6 +25,8 @@ from sdfleet.settings import Settings
 from sdfleet.storage import BlobStore, open_storage
 from sdfleet.store import TaskStore, open_store
 from sdfleet.telemetry import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class Engines:
@@ -63,6 +68,7 @@ def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = 
         settings=settings.api,
         catalog=catalog(settings),
         metrics=metrics or Metrics(),
+        webhook=settings.webhook,
     )
 
 
@@ -90,17 +96,39 @@ def agent_parts(
     fetcher = InputFetcher(
         max_bytes=a.input_max_bytes, timeout_s=a.input_timeout_s, allow_private=a.allow_private_inputs
     )
-    notifier = TopicNotifier(engines.bus, settings.fleet.results_topic, seed_notification(engines.storage))
+    notifiers: list[Notifier] = [
+        TopicNotifier(engines.bus, settings.fleet.results_topic, seed_notification(engines.storage)),
+        webhook_notifier(settings),
+    ]
     return Parts(
         bus=engines.bus,
         store=engines.store,
         storage=engines.storage,
         runtime=runtime,
-        notifiers=[notifier],
+        notifiers=notifiers,
         fetcher=fetcher,
         queue=q,
         fleet=settings.fleet,
         settings=a,
         worker_id=f"{socket.gethostname()}-{os.getpid()}-{queue}-{uuid.uuid4().hex[:6]}",
         metrics=metrics or Metrics(),
+    )
+
+
+def webhook_notifier(settings: Settings) -> WebhookNotifier:
+    """The agent's webhook sender; closing it drains deliveries in flight (``webhook.drain_s``)."""
+    w = settings.webhook
+    if w.secret is None:
+        log.warning(
+            "SDFLEET_WEBHOOK__SECRET is not set: task webhooks are sent unsigned and receivers "
+            "cannot verify them; set a secret in production"
+        )
+    return WebhookNotifier(
+        secret=w.secret.get_secret_value() if w.secret else "",
+        allow_private=w.allow_private,
+        timeout_s=w.timeout_s,
+        max_retry_s=w.max_retry_s,
+        backoff_s=w.retry_backoff_s,
+        throttle_s=w.throttle_s,
+        drain_s=w.drain_s,
     )

@@ -29,6 +29,8 @@ err = Console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Fleet file (default ./sdfleet.yaml if present).")
 ApiOpt = typer.Option("http://127.0.0.1:8080", "--api", envvar="SDFLEET_API_URL", help="Base URL of the API.")
+HostOpt = typer.Option(None, help="API host (SDFLEET_API__HOST).")
+PortOpt = typer.Option(None, help="API port (SDFLEET_API__PORT).")
 KeyOpt = typer.Option(
     None, "--api-key", envvar="SDFLEET_API_KEY", help="API key (when tenants are configured)."
 )
@@ -65,8 +67,8 @@ def demo(
 @app.command()
 def up(
     config: Path | None = ConfigOpt,
-    host: str | None = typer.Option(None, help="API host (SDFLEET_API__HOST)."),
-    port: int | None = typer.Option(None, help="API port (SDFLEET_API__PORT)."),
+    host: str | None = HostOpt,
+    port: int | None = PortOpt,
 ) -> None:
     """API plus one agent per configured queue, in one process."""
     settings = _settings(config, service="sdfleet")
@@ -77,8 +79,8 @@ def up(
 @app.command()
 def api(
     config: Path | None = ConfigOpt,
-    host: str | None = typer.Option(None, help="API host (SDFLEET_API__HOST)."),
-    port: int | None = typer.Option(None, help="API port (SDFLEET_API__PORT)."),
+    host: str | None = HostOpt,
+    port: int | None = PortOpt,
 ) -> None:
     """The HTTP API alone (agents run elsewhere)."""
     settings = _settings(config, service="sdfleet-api")

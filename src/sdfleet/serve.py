@@ -53,6 +53,8 @@ class Fleet:
                 stack.push_async_callback(runtime.aclose)
                 parts = agent_parts(self.settings, engines, q, runtime, metrics)
                 stack.push_async_callback(parts.fetcher.aclose)
+                for notifier in parts.notifiers:
+                    stack.push_async_callback(notifier.aclose)
                 ready = self.ready_dir / f"{q}.ready" if self.ready_dir else None
                 agent = Agent(parts, burst=self.burst, ready_file=ready)
                 self.agents.append(agent)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
@@ -129,6 +129,26 @@ class AgentSettings(BaseModel):
     """Delay before a failed attempt is visible again."""
 
 
+class WebhookSettings(BaseModel):
+    """Task webhooks (``Task.webhook``), delivered by the agents and checked by the API at submit."""
+
+    secret: SecretStr | None = None
+    """HMAC-SHA256 key of ``X-Sdfleet-Signature``. Unset: webhooks go out unsigned (a warning at
+    start); always set it in production."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Timeout of one delivery attempt, seconds."""
+    max_retry_s: float = Field(300.0, ge=0)
+    """How long a terminal event is retried (connection errors, 429, 5xx), seconds."""
+    retry_backoff_s: float = Field(1.0, gt=0)
+    """First delay between two tries of a terminal event, doubled after each try (at most 60 s)."""
+    throttle_s: float = Field(0.5, ge=0)
+    """Least time between two non-terminal events (started, progress) of one task, seconds."""
+    drain_s: float = Field(10.0, ge=0)
+    """On shutdown, how long deliveries still in flight may take before they are given up, seconds."""
+    allow_private: bool = False
+    """Allow webhook URLs on loopback/private networks (tests, demo); never in production."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDFLEET_", env_nested_delimiter="__", extra="ignore")
 
@@ -142,6 +162,7 @@ class Settings(BaseSettings):
     """Default ``file://<data_dir>/files``."""
     api: ApiSettings = Field(default_factory=ApiSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     ensure_topology: bool = True
     """Create/update topics, queues and subscriptions at start. Turn off where the CDK app (or an

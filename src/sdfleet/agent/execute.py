@@ -128,9 +128,12 @@ async def _progress(parts: Parts, task_id: str, fraction: float) -> None:
         return r
 
     try:
-        await transition(parts.store, task_id, mutate)
+        record = await transition(parts.store, task_id, mutate)
     except SdfleetError as e:  # progress is best effort
         log.debug("progress of %s not saved: %s", task_id, e)
+        return
+    if record.state is TaskState.RUNNING:
+        await notify(parts, record, EventType.PROGRESS)
 
 
 async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> TaskResult:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from sdfleet.bus.base import Bus
 from sdfleet.models.catalog import ModelCatalog
-from sdfleet.settings import ApiSettings, FleetConfig
+from sdfleet.settings import ApiSettings, FleetConfig, WebhookSettings
 from sdfleet.storage.base import BlobStore
 from sdfleet.store.base import TaskStore
 from sdfleet.telemetry import Metrics
@@ -24,6 +24,7 @@ class ApiContext:
     catalog: ModelCatalog | None
     metrics: Metrics
     ready: bool = False
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
 
 
 def get_ctx(request: Request) -> ApiContext:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from sdfleet.agent.inputs import check_url
 from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import Conflict, NotFound, SdfleetError, ValidationFailed
+from sdfleet.errors import Conflict, InputFetchError, NotFound, SdfleetError, ValidationFailed
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.store.base import transition
 from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState, TaskType
@@ -39,6 +41,17 @@ def check_task(ctx: ApiContext, task: Task) -> None:
             raise ValidationFailed(str(e), code="unknown_model") from e
 
 
+async def check_webhook(ctx: ApiContext, task: Task) -> None:
+    """The SSRF guard agents apply before each delivery, applied once more here so a client
+    learns at once that its webhook URL will never be called."""
+    if task.webhook is None:
+        return
+    try:
+        await asyncio.to_thread(check_url, task.webhook.url, allow_private=ctx.webhook.allow_private)
+    except InputFetchError as e:
+        raise ValidationFailed(f"webhook URL refused: {e.message or e}", code="bad_webhook") from e
+
+
 async def submit(
     ctx: ApiContext, caller: Caller, task: Task, *, client_id: bool = True
 ) -> tuple[TaskRecord, bool]:
@@ -57,6 +70,7 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task, client_id: bool) 
     if task.model is None and ctx.fleet.models.default:
         task.model = ctx.fleet.models.default
     check_task(ctx, task)
+    await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)
     queues = resolve_queues(ctx.fleet, task, attributes)
     task.queue = task.queue or queues[0]

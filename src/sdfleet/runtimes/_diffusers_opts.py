@@ -38,6 +38,9 @@ class DiffusersOptions:
     """``torch.compile(unet, mode="reduce-overhead")`` on CUDA (skipped, with a log line, on CPU)."""
     vae_tiling: bool = False
     """Decode latents tile by tile: large images in less memory, a little slower."""
+    memory_budget_mb: float | None = None
+    """MiB the cached pipelines' weights may take; default: on CUDA 85 % of the GPU's total memory
+    minus max(2 GiB, 10 %) for activations, on CPU half the available RAM (``_pipeline_cache``)."""
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> DiffusersOptions:
@@ -55,6 +58,7 @@ class DiffusersOptions:
             value = getattr(opts, flag)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{flag} must be true or false, not {value!r}")
+        _check_budget(opts.memory_budget_mb)
         return opts
 
     def resolve_device(self) -> tuple[str, torch.dtype]:
@@ -64,6 +68,13 @@ class DiffusersOptions:
         cuda = device.startswith("cuda")
         dtype = DTYPES[self.dtype] if self.dtype else (torch.float16 if cuda else torch.float32)
         return device, dtype
+
+
+def _check_budget(value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"memory_budget_mb must be a number of MiB above 0, not {value!r}")
 
 
 def apply_options(pipe: Any, opts: DiffusersOptions, device: str) -> None:

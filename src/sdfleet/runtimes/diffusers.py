@@ -1,4 +1,5 @@
-"""In-process diffusers runtime: SD/SDXL txt2img and img2img, Lanczos/Nearest extras, an LRU of models.
+"""In-process diffusers runtime: SD/SDXL txt2img and img2img, Lanczos/Nearest extras, an LRU of
+models bounded by a memory budget.
 
 Inference runs in a worker thread; progress goes back to the event loop once per denoising step and
 ``interrupt()`` stops the pipeline between steps. Importing this module imports torch and diffusers,
@@ -13,7 +14,6 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, Sdflee
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
@@ -42,6 +43,7 @@ class _Loaded:
     pipe: Any
     base_scheduler: Any
     load_s: float
+    footprint: int
     _img2img: Any = field(default=None, repr=False)
 
     def img2img(self) -> Any:
@@ -71,7 +73,10 @@ class DiffusersRuntime:
         self.default_model = default_model
         self.device, self.dtype = self.options.resolve_device()
         self.cache_size = max(1, cache_size)
-        self._cache: OrderedDict[str, _Loaded] = OrderedDict()
+        budget = C.budget_bytes(self.options.memory_budget_mb, self.device)
+        self._cache: C.PipelineCache[_Loaded] = C.PipelineCache(
+            budget=budget, max_count=self.cache_size, release=self._free_memory
+        )
         self._current: str | None = None
         self._active: set[RunControl] = set()
         self._infer_lock = threading.Lock()
@@ -99,6 +104,16 @@ class DiffusersRuntime:
     def cached_models(self) -> list[str]:
         """Loaded pipelines, least recently used first."""
         return list(self._cache)
+
+    @property
+    def cached_footprints(self) -> dict[str, int]:
+        """Loaded pipelines → bytes of their weights, least recently used first."""
+        return self._cache.footprints()
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes the cached pipelines' weights may take (``memory_budget_mb`` or its default)."""
+        return self._cache.budget
 
     async def start(self) -> None:
         """Load the default model, if one is configured. Raises ``ModelLoadError``."""
@@ -145,9 +160,8 @@ class DiffusersRuntime:
     async def aclose(self) -> None:
         await self.interrupt()
         async with self._lock:
-            self._cache.clear()
             self._current = None
-            self._free_memory()
+            self._cache.clear()  # and frees the memory
             if self._infer_thread is not None:
                 self._infer_thread.shutdown(wait=False)
                 self._infer_thread = None
@@ -181,13 +195,12 @@ class DiffusersRuntime:
             raise Reject(e.message, code="unknown_model") from e
         loaded = self._cache.get(info.name)
         if loaded is None:
+            estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
+            self._cache.make_room(info.name, estimate)
+            if self._current not in self._cache:
+                self._current = None  # evicted: if the load fails, nothing is loaded
             loaded = await asyncio.to_thread(self._load, info)
-            self._cache[info.name] = loaded
-            while len(self._cache) > self.cache_size:
-                evicted, _ = self._cache.popitem(last=False)
-                log.info("evicted model %s from the pipeline cache", evicted)
-                self._free_memory()
-        self._cache.move_to_end(info.name)
+            self._cache.put(info.name, loaded, loaded.footprint)
         self._current = info.name
         return loaded
 
@@ -196,19 +209,16 @@ class DiffusersRuntime:
         pipe = P.load_pipeline(info, self.device, self.dtype)
         O.apply_options(pipe, self.options, self.device)
         took = time.perf_counter() - started
-        log.info("loaded model %s (%s) on %s in %.2fs", info.name, info.kind, self.device, took)
-        return _Loaded(info, pipe, pipe.scheduler, took)
+        footprint = C.measure_footprint(pipe)
+        what = f"{info.kind}, {C.mib(footprint)}"
+        log.info("loaded model %s (%s) on %s in %.2fs", info.name, what, self.device, took)
+        return _Loaded(info, pipe, pipe.scheduler, took, footprint)
 
     def _free_memory(self) -> None:
         O.release_memory(self.device)
 
     def _evict_all_but(self, keep: str) -> bool:
-        others = [name for name in self._cache if name != keep]
-        for name in others:
-            del self._cache[name]
-            log.info("evicted model %s from the pipeline cache after running out of memory", name)
-        self._free_memory()
-        return bool(others)
+        return self._cache.evict_all_but(keep, f"{keep} ran out of memory")
 
     def _generate(self, loaded: _Loaded, job: Job, sampler: str | None, ctl: RunControl) -> RuntimeResult:
         with self._infer_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -24,16 +25,21 @@ async def _body(request: Request, ctx: ApiContext) -> dict[str, Any]:
     return data
 
 
+async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: ModuleType) -> JSONResponse:
+    """Both seed formats: parse, submit like any task, answer in the seed's own shape (HTTP 200)."""
+    task = fmt.to_task(await _body(request, ctx), tenant=who.tenant)
+    record, _ = await submit(ctx, who, task)
+    location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
+    return JSONResponse(fmt.answer(record.task, location), status_code=200)
+
+
 @router.post("/v1alpha1/", include_in_schema=True)
 @router.post("/v1alpha1", include_in_schema=False)
 async def submit_v1alpha1(
     request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
 ) -> JSONResponse:
     """The A1111 payload with ``alwayson_scripts: {task, sd_model_checkpoint, id_task, save_dir}``."""
-    task = v1alpha1.to_task(await _body(request, ctx), tenant=who.tenant)
-    record, _ = await submit(ctx, who, task)
-    location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
-    return JSONResponse(v1alpha1.answer(record.task, location), status_code=200)
+    return await _submit_seed(request, ctx, who, v1alpha1)
 
 
 @router.post("/v1alpha2/", include_in_schema=True)
@@ -42,7 +48,4 @@ async def submit_v1alpha2(
     request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
 ) -> JSONResponse:
     """``{"task": {"metadata": {id, runtime, tasktype, prefix, context}, "content": {...}}}``."""
-    task = v1alpha2.to_task(await _body(request, ctx), tenant=who.tenant)
-    record, _ = await submit(ctx, who, task)
-    location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
-    return JSONResponse(v1alpha2.answer(record.task, location), status_code=200)
+    return await _submit_seed(request, ctx, who, v1alpha2)
