@@ -24,6 +24,8 @@ runtime_app = typer.Typer(help="Runtimes on their own.", no_args_is_help=True)
 app.add_typer(runtime_app, name="runtime")
 deploy_app = typer.Typer(help="Kubernetes deployment (deploy/helm/sdfleet).", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
+bench_app = typer.Typer(help="Benchmark scenarios of a checkout's bench/ folder.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
@@ -341,6 +343,38 @@ def runtime_serve(
         _fail(e)
         return
     uvicorn.run(create_app(runtime, catalog), host=host, port=port, log_config=None)
+
+
+BenchDirOpt = typer.Option(None, "--bench-dir", help="Scenario folder (default: bench/ here or above).")
+
+
+@bench_app.command("list")
+def bench_list(bench_dir: Path | None = BenchDirOpt) -> None:
+    """The scenarios in bench/ (run one with `sdfleet bench run NAME -- ARGS`)."""
+    from sdfleet.bench import find_bench_dir, list_scenarios
+
+    try:
+        folder = find_bench_dir(bench_dir)
+    except SdfleetError as e:
+        _fail(e)
+        return
+    table = Table("scenario", "what it measures", title=str(folder))
+    for s in list_scenarios(folder):
+        table.add_row(s.name, s.summary)
+    console.print(table)
+
+
+@bench_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_run(ctx: typer.Context, name: str, bench_dir: Path | None = BenchDirOpt) -> None:
+    """Run scenario NAME; arguments after `--` go to it (`sdfleet bench run NAME -- --help`)."""
+    from sdfleet.bench import find_bench_dir, run_scenario
+
+    try:
+        code = run_scenario(find_bench_dir(bench_dir), name, list(ctx.args))
+    except SdfleetError as e:
+        _fail(e)
+        return
+    raise typer.Exit(code)
 
 
 def main() -> None:

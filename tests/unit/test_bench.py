@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmark scenarios and ``sdfleet bench``: tiny runs, JSON written and sane."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sdfleet.bench import find_bench_dir, list_scenarios, load_scenario
+from sdfleet.cli import app
+from sdfleet.errors import ConfigError
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def ordered(p: dict[str, float]) -> bool:
+    return 0 <= p["p50"] <= p["p95"] <= p["p99"] <= p["max"]
+
+
+def test_fleet_throughput_on_sqlite_writes_sane_json(tmp_path: Path) -> None:
+    bench = load_scenario(BENCH, "fleet_throughput")
+    argv = ["--tasks", "20", "--agents", "2", "--latency-s", "0.02", "--poll-sample", "5", "--no-progress"]
+    assert bench.main([*argv, "--results", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("fleet_throughput-sqlite-*.json")
+    report: dict[str, Any] = json.loads(written.read_text())
+    assert report["tasks"] == {
+        "submitted": 20,
+        "accepted": 20,
+        "submit_errors": 0,
+        "succeeded": 20,
+        "failed": 0,
+        "incomplete": 0,
+    }
+    lat = report["latency_s"]
+    for name in ("submit", "e2e_record", "queue_wait", "start_wait", "runtime_run", "overhead_after_start"):
+        assert lat[name]["n"] == 20 and ordered(lat[name]), (name, lat[name])
+    assert lat["e2e_poll"]["n"] == 5 and ordered(lat["e2e_poll"])
+    assert lat["runtime_run"]["p50"] >= 0.02  # the synthetic runtime really waited
+    assert lat["e2e_record"]["p50"] >= lat["queue_wait"]["p50"] + 0.02
+    tp = report["throughput"]
+    assert tp["tasks_per_s"] > 0 and tp["ideal_tasks_per_s"] == pytest.approx(100.0)
+    assert report["settings"]["agents"] == 2 and report["engine"] == "sqlite"
+
+
+def test_bench_run_passes_arguments_to_runtime_speed(tmp_path: Path) -> None:
+    argv = ["bench", "run", "runtime_speed", "--bench-dir", str(BENCH), "--"]
+    argv += ["--make-tiny", str(tmp_path / "models"), "--sizes", "64", "--steps", "1"]
+    argv += ["--warmup", "0", "--repeat", "1", "--results", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    (written,) = (tmp_path / "out").glob("runtime_speed-tiny-bench-*.json")
+    data = json.loads(written.read_text())
+    (row,) = data["rows"]
+    assert (row["size"], data["steps"], data["repeat"]) == (64, 1, 1)
+    assert row["s_per_image_mean"] > 0
+
+
+def test_scenarios_are_found_and_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [s.name for s in list_scenarios(BENCH)]
+    assert {"fleet_throughput", "runtime_speed"} <= set(names)
+    assert not any(n.startswith("_") for n in names)  # helpers are not scenarios
+    assert find_bench_dir(start=BENCH / "results") == BENCH
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="sdfleet checkout"):
+        find_bench_dir()
+    result = CliRunner().invoke(app, ["bench", "run", "nope", "--bench-dir", str(BENCH)])
+    assert result.exit_code == 2 and "no scenario 'nope'" in result.output
+    result = CliRunner().invoke(app, ["bench", "list", "--bench-dir", str(BENCH)])
+    assert result.exit_code == 0 and "fleet_throughput" in result.output
