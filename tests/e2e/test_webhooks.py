@@ -1,0 +1,223 @@
+"""Task webhooks, end to end: a real receiver (uvicorn on 127.0.0.1) gets signed, filtered events;
+terminal ones are retried through 5xx answers; refused URLs are a 422 at submit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from conftest import Engine, StartFleet, fleet_settings, free_port
+from sdfleet.notify.webhook import WebhookNotifier, verify
+from sdfleet.settings import QueueConfig, Settings, WebhookSettings
+from sdfleet.tasks import EventType, Task, TaskEvent, TaskRecord, TaskState, Webhook
+
+pytestmark = pytest.mark.timeout(90)
+
+SECRET = "test-webhook-secret"
+QUEUE = [QueueConfig(name="q", runtime="synthetic")]
+RUNTIMES = {"synthetic": {"latency_s": 0.3, "progress_steps": 3}}
+PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
+
+
+@dataclass
+class Hit:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+    @property
+    def event(self) -> str:
+        return self.headers.get("x-sdfleet-event", "")
+
+
+@dataclass
+class Receiver:
+    """Records every request; answers ``answers[(path, event)]`` in turn, then 200."""
+
+    url: str = ""
+    hits: list[Hit] = field(default_factory=list)
+    answers: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        key = (scope["path"], headers.get("x-sdfleet-event", ""))
+        queued = self.answers.get(key)
+        status = queued.pop(0) if queued else 200
+        self.hits.append(Hit(scope["path"], headers, body, status))
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def on(self, path: str) -> list[Hit]:
+        return [h for h in self.hits if h.path == path]
+
+    async def until(self, ok: Callable[[], bool], timeout_s: float = 15) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ok():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"receiver never got there: {self.hits}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(rec, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    job = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not job.done(), job
+        await asyncio.sleep(0.02)
+    rec.url = f"http://127.0.0.1:{port}"
+    yield rec
+    server.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(job, timeout=10)
+
+
+def _settings(engine: Engine, models_dir: Path, *, allow_private: bool) -> Settings:
+    settings = fleet_settings(engine, models_dir, QUEUE, runtimes=RUNTIMES)
+    settings.webhook = WebhookSettings.model_validate(
+        {"secret": SECRET, "allow_private": allow_private, "retry_backoff_s": 0.05, "max_retry_s": 10}
+    )
+    return settings
+
+
+def _signed(hit: Hit) -> bool:
+    ts, body = hit.headers["x-sdfleet-timestamp"], hit.body
+    expected = hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hit.headers["x-sdfleet-signature"] == f"sha256={expected}" and verify(
+        SECRET, ts, body, hit.headers["x-sdfleet-signature"]
+    )
+
+
+async def test_subscribed_events_are_signed_and_terminal_ones_retried(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, receiver: Receiver
+) -> None:
+    rf = await start_fleet(QUEUE, settings=_settings(engine, models_dir, allow_private=True))
+    receiver.answers[("/hook/ok", "succeeded")] = [500, 503]
+    ok = {"params": PARAMS, "webhook": {"url": f"{receiver.url}/hook/ok", "events": ["started", "succeeded"]}}
+    bad = {
+        "type": "pipeline",
+        "params": {**PARAMS, "workflow": {"1": {"class_type": "KSampler"}}},
+        "webhook": {"url": f"{receiver.url}/hook/bad", "events": ["failed"]},
+        "context": {"order": 7},
+    }
+    ids = []
+    for body in (ok, bad):
+        r = await rf.http.post("/v1/tasks", json=body)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    assert (await rf.wait(ids[0]))["state"] == "succeeded"
+    assert (await rf.wait(ids[1]))["state"] == "failed"
+    await receiver.until(
+        lambda: any(h.status == 200 and h.event == "succeeded" for h in receiver.on("/hook/ok"))
+    )
+    await receiver.until(lambda: bool(receiver.on("/hook/bad")))
+
+    hits = receiver.on("/hook/ok")
+    assert [(h.event, h.status) for h in hits] == [
+        ("started", 200),
+        ("succeeded", 500),
+        ("succeeded", 503),
+        ("succeeded", 200),
+    ]
+    assert all(_signed(h) for h in hits)
+    assert len({h.headers["x-sdfleet-delivery"] for h in hits[1:]}) == 1, "a retry keeps its delivery id"
+    assert hits[0].headers["x-sdfleet-delivery"] != hits[1].headers["x-sdfleet-delivery"]
+    done = json.loads(hits[-1].body)
+    assert done["type"] == "succeeded" and done["task_id"] == ids[0] and done["schema"] == 1
+    assert done["state"] == "succeeded" and len(done["image_urls"]) == 1
+    assert json.loads(hits[0].body)["state"] == "running"
+
+    [failed] = receiver.on("/hook/bad")  # not subscribed to started: only the failure comes
+    assert failed.event == "failed" and failed.status == 200 and _signed(failed)
+    note = json.loads(failed.body)
+    assert note["error"]["code"] == "unsupported_task" and note["context"] == {"order": 7}
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_refused_webhook_url_is_422_at_submit(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, receiver: Receiver
+) -> None:
+    rf = await start_fleet(QUEUE, agents=[], settings=_settings(engine, models_dir, allow_private=False))
+    for url, why in [
+        ("http://169.254.169.254/latest/meta-data/", "cloud instance metadata"),
+        (f"{receiver.url}/hook", "loopback"),
+        ("ftp://example.com/hook", "scheme"),
+    ]:
+        r = await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": {"url": url}})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "bad_webhook" and why in err["message"], err
+    assert (await rf.http.get("/v1/tasks")).json()["tasks"] == []
+    assert receiver.hits == []
+
+
+def _record(url: str, events: list[str]) -> TaskRecord:
+    task = Task(params=PARAMS, webhook=Webhook.model_validate({"url": url, "events": events}))
+    return TaskRecord(task=task, state=TaskState.SUCCEEDED)
+
+
+def _event(record: TaskRecord, kind: EventType) -> TaskEvent:
+    return TaskEvent(type=kind, task_id=record.id, tenant=record.tenant, state=record.state)
+
+
+async def test_notify_never_waits_and_shutdown_drain_is_bounded(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.answers[("/down", "succeeded")] = [500] * 10_000
+    notifier = WebhookNotifier(secret="", allow_private=True, backoff_s=0.05, max_retry_s=60, drain_s=0.5)
+    down = _record(f"{receiver.url}/down", ["succeeded"])
+    t0 = time.monotonic()
+    await notifier.notify(down, _event(down, EventType.SUCCEEDED))
+    assert time.monotonic() - t0 < 0.1, "delivery runs in the background"
+    await receiver.until(lambda: len(receiver.on("/down")) >= 3)
+    assert "x-sdfleet-signature" not in receiver.on("/down")[0].headers, "no secret: unsigned"
+    with caplog.at_level(logging.WARNING, logger="sdfleet.notify.webhook"):
+        t0 = time.monotonic()
+        await notifier.aclose()
+    assert time.monotonic() - t0 < 2
+    assert any("shutting down" in r.getMessage() and down.id in r.getMessage() for r in caplog.records)
+    await notifier.notify(down, _event(down, EventType.SUCCEEDED))  # closed: dropped, logged
+    count = len(receiver.on("/down"))
+    await asyncio.sleep(0.2)
+    assert len(receiver.on("/down")) == count
+
+
+async def test_client_errors_are_not_retried_and_intermediate_events_throttled(receiver: Receiver) -> None:
+    notifier = WebhookNotifier(secret=SECRET, allow_private=True, backoff_s=0.01, throttle_s=0.5)
+    receiver.answers[("/gone", "failed")] = [404, 500]
+    gone = _record(f"{receiver.url}/gone", ["failed"])
+    await notifier.notify(gone, _event(gone, EventType.FAILED))
+    rec = _record(f"{receiver.url}/p", ["progress"])
+    running = rec.model_copy(update={"state": TaskState.RUNNING})
+    for _ in range(5):
+        await notifier.notify(running, _event(running, EventType.PROGRESS))
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    await notifier.notify(running, _event(running, EventType.PROGRESS))
+    await receiver.until(lambda: len(receiver.on("/p")) >= 2)
+    await notifier.aclose()
+    assert len(receiver.on("/p")) == 2, "five progress events within 0.5 s: one sent"
+    assert [h.status for h in receiver.on("/gone")] == [404], "a 4xx other than 429 is final"
