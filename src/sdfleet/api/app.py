@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sdfleet import errors
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
-from sdfleet.api.routes import compat, files, health, models, queues, tasks
+from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.PayloadTooLarge, 413),
@@ -53,7 +53,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
-    for module in (tasks, compat, queues, files, models, health):
+    for module in (tasks, events, compat, queues, files, models, health):
         app.include_router(module.router)
     return app
 

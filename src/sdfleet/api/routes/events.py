@@ -1,0 +1,127 @@
+"""``GET /v1/tasks/{id}/events``: a task's life as Server-Sent Events.
+
+The stream polls the task store (no extra infrastructure) and sends one event per observed change:
+``queued``, ``started``, ``progress``, then ``succeeded``/``failed``/``cancelled``, after which it
+ends. Each event's ``id:`` is the record's version, so a client that reconnects with
+``Last-Event-ID`` gets only what changed since. Changes closer together than the poll interval
+come as one event (the latest state). ``data:`` is the ``TaskEvent`` JSON, with signed file links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from sdfleet.api.auth import Caller, caller
+from sdfleet.api.deps import ApiContext, get_ctx
+from sdfleet.api.links import file_url
+from sdfleet.api.routes.tasks import owned
+from sdfleet.errors import SdfleetError, ValidationFailed
+from sdfleet.tasks import EventType, TaskEvent, TaskRecord, TaskState
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+POLL_S = 0.25
+KEEPALIVE_S = 15.0
+
+
+def event_type(prev: TaskRecord | None, cur: TaskRecord) -> EventType | None:
+    """The event a change from ``prev`` (None: nothing seen on this connection) to ``cur`` stands for."""
+    if cur.state is not TaskState.RUNNING:
+        return EventType(cur.state.value)
+    if prev is None:
+        # A resumed stream cannot tell whether the client saw the start: progress implies it.
+        return EventType.PROGRESS if cur.progress > 0 else EventType.STARTED
+    if prev.state is not TaskState.RUNNING or prev.attempts != cur.attempts:
+        return EventType.STARTED
+    if cur.progress != prev.progress:
+        return EventType.PROGRESS
+    return None
+
+
+async def _frame(ctx: ApiContext, request: Request, r: TaskRecord, kind: EventType) -> str:
+    keys = r.result.images if r.result else []
+    event = TaskEvent(
+        type=kind,
+        task_id=r.id,
+        tenant=r.tenant,
+        state=r.state,
+        progress=r.progress,
+        result=r.result,
+        image_urls=[await file_url(ctx, request, k) for k in keys],
+        error=r.error,
+        context=r.task.context,
+        at=r.updated_at,
+    )
+    return f"id: {r.version}\nevent: {kind.value}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
+
+
+async def stream(
+    ctx: ApiContext,
+    request: Request,
+    record: TaskRecord,
+    last_id: int | None,
+    *,
+    poll_s: float = POLL_S,
+    keepalive_s: float = KEEPALIVE_S,
+) -> AsyncGenerator[str, None]:
+    """The SSE text of ``record``'s changes after version ``last_id``, until it is terminal."""
+    yield "retry: 1000\n\n"
+    seen = -1 if last_id is None else last_id
+    prev: TaskRecord | None = None
+    quiet_since = time.monotonic()
+    current: TaskRecord | None = record
+    while current is not None:
+        if current.version > seen:
+            seen = current.version
+            kind = event_type(prev, current)
+            if kind is not None:
+                yield await _frame(ctx, request, current, kind)
+                quiet_since = time.monotonic()
+        prev = current
+        if current.state.terminal:
+            return
+        if time.monotonic() - quiet_since >= keepalive_s:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        await asyncio.sleep(poll_s)
+        try:
+            current = await ctx.store.get(record.id)
+        except SdfleetError as e:  # the client reconnects with Last-Event-ID and resumes
+            log.warning("event stream of %s ended: %s", record.id, e)
+            return
+
+
+def _last_event_id(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValidationFailed(f"Last-Event-ID must be an event id of this stream, got {raw!r}") from e
+
+
+@router.get(
+    "/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+async def task_events(
+    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+) -> StreamingResponse:
+    """Follow a task: ``queued``, ``started``, ``progress``, then a terminal event that ends the stream."""
+    last_id = _last_event_id(request)
+    record = await owned(ctx, who, task_id)
+    return StreamingResponse(
+        stream(ctx, request, record, last_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
