@@ -113,7 +113,9 @@ def open_engine(kind: str, workdir: Path, urls: dict[str, str | None]) -> Engine
             engine.bus_url = engine.store_url = f"{url}?prefix={ns}"
     elif kind == "aws":
         aws = f"aws://?prefix={ns}-&region=us-east-1"
-        engine = Engine(kind, aws, aws, f"s3://{ns}-out/results?create=true&region=us-east-1")
+        # On a given (maybe real) AWS bus, images stay local unless --storage-url says otherwise.
+        s3 = f"s3://{ns}-out/results?create=true&region=us-east-1"
+        engine = Engine(kind, aws, aws, files if urls["bus"] else s3)
         if urls["bus"] is None:
             endpoint, proc = _start_moto()
             engine.procs.append(proc)

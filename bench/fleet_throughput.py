@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,10 +48,12 @@ class Run:
     args: argparse.Namespace
     http: httpx.AsyncClient
     bar: Progress
+    submitted_bar: TaskID
     sent: dict[str, float] = field(default_factory=dict)
     submit_s: list[float] = field(default_factory=list)
     submit_errors: list[str] = field(default_factory=list)
-    poll_e2e_s: list[float] = field(default_factory=list)
+    polled: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """task id → (sent, seen terminal) of the tasks polled like a client."""
     pollers: list[asyncio.Task[None]] = field(default_factory=list)
     views: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -92,6 +94,7 @@ async def _submitter(run: Run, queue: asyncio.Queue[int], t0: float) -> None:
         if run.args.rate > 0:
             await asyncio.sleep(max(0.0, t0 + i / run.args.rate - time.monotonic()))
         await _submit_one(run, i)
+        run.bar.advance(run.submitted_bar)
 
 
 async def _poll(run: Run, task_id: str, sent: float) -> None:
@@ -100,7 +103,7 @@ async def _poll(run: Run, task_id: str, sent: float) -> None:
     while time.monotonic() < deadline:
         r = await run.http.get(f"/v1/tasks/{task_id}")
         if r.status_code == 200 and r.json()["state"] in TERMINAL:
-            run.poll_e2e_s.append(time.time() - sent)
+            run.polled[task_id] = (sent, time.time())
             return
         await asyncio.sleep(run.args.poll_s)
 
@@ -131,7 +134,7 @@ async def _collect(run: Run) -> None:
     await asyncio.gather(*(one(t) for t in run.sent if t not in run.views))
 
 
-async def wait_done(run: Run, done_bar: Any) -> None:
+async def wait_done(run: Run, done_bar: TaskID) -> None:
     """Until every accepted task is terminal: queue depth for the bar, then the records themselves."""
     deadline = time.monotonic() + run.args.timeout_s
     while time.monotonic() < deadline:
@@ -150,33 +153,39 @@ async def drive(url: str, args: argparse.Namespace, console: Console) -> Run:
     limits = httpx.Limits(max_connections=args.concurrency + args.poll_sample + 2)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         with Progress(console=console, disable=args.no_progress) as bar:
-            run = Run(args, http, bar)
-            sub = bar.add_task("submitted", total=args.tasks)
+            run = Run(args, http, bar, submitted_bar=bar.add_task("submitted", total=args.tasks))
             done = bar.add_task("finished", total=args.tasks)
-            counter = asyncio.create_task(_count_submits(run, sub))
             await submit_all(run)
-            counter.cancel()
-            bar.update(sub, completed=len(run.sent) + len(run.submit_errors))
             bar.update(done, total=len(run.sent))
             await wait_done(run, done)
-            for poller in run.pollers:
-                with contextlib.suppress(asyncio.CancelledError):
+            for poller in run.pollers:  # done within a poll period, unless the run timed out
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await asyncio.wait_for(poller, timeout=max(1.0, 3 * args.poll_s))
         return run
 
 
-async def _count_submits(run: Run, bar_task: Any) -> None:
-    while True:
-        run.bar.update(bar_task, completed=len(run.sent) + len(run.submit_errors))
-        await asyncio.sleep(0.1)
+def latencies(run: Run, ok: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Seconds, as percentiles: from the clients' clocks and from the task records (same machine)."""
+    lat = run.args.latency_s
+    e2e = [v["finished_at"] - v["created_at"] for v in ok]
+    qwait = [v["timings"].get("queue_wait", 0.0) for v in ok]
+    polled = [(t, sent, seen) for t, (sent, seen) in run.polled.items() if t in run.views]
+    return {
+        "submit": pct(run.submit_s),
+        "e2e_record": pct(e2e),
+        "e2e_poll": pct([seen - sent for _, sent, seen in polled]),
+        "poll_lag": pct([seen - run.views[t]["finished_at"] for t, _, seen in polled]),
+        "queue_wait": pct(qwait),
+        "start_wait": pct([v["started_at"] - v["created_at"] for v in ok]),
+        "runtime_run": pct([v["timings"].get("runtime_run", 0.0) for v in ok]),
+        "overhead": pct([e - lat - q for e, q in zip(e2e, qwait, strict=True)]),
+        "overhead_after_start": pct([v["finished_at"] - v["started_at"] - lat for v in ok]),
+    }
 
 
 def summarize(run: Run, engine: str, wall_s: float) -> dict[str, Any]:
     a = run.args
     ok = [v for v in run.views.values() if v["state"] == "succeeded"]
-    e2e = [v["finished_at"] - v["created_at"] for v in ok]
-    qwait = [v["timings"].get("queue_wait", 0.0) for v in ok]
-    start = [v["started_at"] - v["created_at"] for v in ok]
     span = max(v["finished_at"] for v in ok) - min(v["created_at"] for v in ok) if ok else 0.0
     ideal = a.agents / a.latency_s
     tps = len(ok) / span if span > 0 else 0.0
@@ -196,16 +205,7 @@ def summarize(run: Run, engine: str, wall_s: float) -> dict[str, Any]:
             "incomplete": len(run.sent) - len(run.views),
         },
         "throughput": {"tasks_per_s": tps, "ideal_tasks_per_s": ideal, "efficiency": tps / ideal},
-        "latency_s": {
-            "submit": pct(run.submit_s),
-            "e2e_record": pct(e2e),
-            "e2e_poll": pct(run.poll_e2e_s),
-            "queue_wait": pct(qwait),
-            "start_wait": pct(start),
-            "runtime_run": pct([v["timings"].get("runtime_run", 0.0) for v in ok]),
-            "overhead": pct([e - a.latency_s - q for e, q in zip(e2e, qwait, strict=True)]),
-            "overhead_after_start": pct([v["finished_at"] - v["started_at"] - a.latency_s for v in ok]),
-        },
+        "latency_s": latencies(run, ok),
         "submit_error_samples": run.submit_errors[:5],
     }
 

@@ -37,7 +37,7 @@ def test_fleet_throughput_on_sqlite_writes_sane_json(tmp_path: Path) -> None:
     lat = report["latency_s"]
     for name in ("submit", "e2e_record", "queue_wait", "start_wait", "runtime_run", "overhead_after_start"):
         assert lat[name]["n"] == 20 and ordered(lat[name]), (name, lat[name])
-    assert lat["e2e_poll"]["n"] == 5 and ordered(lat["e2e_poll"])
+    assert lat["e2e_poll"]["n"] == 5 and ordered(lat["e2e_poll"]) and ordered(lat["poll_lag"])
     assert lat["runtime_run"]["p50"] >= 0.02  # the synthetic runtime really waited
     assert lat["e2e_record"]["p50"] >= lat["queue_wait"]["p50"] + 0.02
     tp = report["throughput"]
