@@ -221,3 +221,24 @@ async def test_client_errors_are_not_retried_and_intermediate_events_throttled(r
     await notifier.aclose()
     assert len(receiver.on("/p")) == 2, "five progress events within 0.5 s: one sent"
     assert [h.status for h in receiver.on("/gone")] == [404], "a 4xx other than 429 is final"
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_cancels_are_delivered(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, receiver: Receiver
+) -> None:
+    settings = _settings(engine, models_dir, allow_private=True)
+    settings.fleet.runtimes = {"synthetic": {"latency_s": 20, "progress_steps": 40}}
+    settings.agent.heartbeat_s = 0.2  # the lease heartbeat is where a running agent sees the cancel
+    rf = await start_fleet(QUEUE, settings=settings)
+    hook = {"url": f"{receiver.url}/hook/cancel", "events": ["cancelled"]}
+    running = (await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]
+    await rf.wait(running, states=("running",))
+    queued = (await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]
+    for task_id in (queued, running):
+        r = await rf.http.post(f"/v1/tasks/{task_id}/cancel")
+        assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    await receiver.until(lambda: len(receiver.on("/hook/cancel")) >= 2, timeout_s=30)
+    got = {json.loads(h.body)["task_id"]: h for h in receiver.on("/hook/cancel")}
+    assert set(got) == {running, queued}
+    assert all(h.event == "cancelled" and _signed(h) for h in got.values())

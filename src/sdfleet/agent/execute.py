@@ -16,7 +16,7 @@ from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, image_keys
-from sdfleet.agent.records import fail, notify, requeue
+from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun, requeue
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import (
     GenerationTimeout,
@@ -49,6 +49,7 @@ async def _execute(parts: Parts, p: Prepared) -> None:
         record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not started: %s", task.id, e)
+        await notify_if_cancelled_unrun(parts, await parts.store.get(task.id))
         await p.handle.ack()
         return
     await notify(parts, record, EventType.STARTED)
@@ -176,8 +177,11 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
 
 
 async def _interrupted(parts: Parts, p: Prepared) -> None:
-    if p.cancelled:
-        await p.handle.ack()  # the cancel already wrote the terminal state
+    if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
+        record = await parts.store.get(p.task.id)
+        if record is not None:
+            await notify(parts, record, EventType.CANCELLED)
+        await p.handle.ack()
         return
     await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
     await p.handle.release()

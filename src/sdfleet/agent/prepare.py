@@ -13,7 +13,7 @@ from opentelemetry import trace
 from sdfleet.agent.decode import decode_task
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.records import fail
+from sdfleet.agent.records import fail, notify_if_cancelled_unrun
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, MessageDecodeError
 from sdfleet.routing import ATTR_ENQUEUED_AT
@@ -58,6 +58,7 @@ async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span
     reason = _skip_reason(record, d)
     if reason is not None:
         log.info("task %s: %s: dropping this delivery", task.id, reason)
+        await notify_if_cancelled_unrun(parts, record)
         await h.ack()
         return None
     p = Prepared(handle=h, task=record.task, inputs=[], span=span)

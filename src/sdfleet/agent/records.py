@@ -47,6 +47,13 @@ async def requeue(parts: Parts, task_id: str, code: str, message: str) -> None:
         log.info("task %s not requeued: %s", task_id, e)
 
 
+async def notify_if_cancelled_unrun(parts: Parts, record: TaskRecord | None) -> None:
+    """A task cancelled while queued never reaches a runtime: the agent that drops it tells the
+    subscribers (at least once: each dropped copy may)."""
+    if record is not None and record.state is TaskState.CANCELLED and record.attempts == 0:
+        await notify(parts, record, EventType.CANCELLED)
+
+
 async def notify(parts: Parts, record: TaskRecord, kind: EventType) -> None:
     urls = [parts.storage.location(k) for k in (record.result.images if record.result else [])]
     event = TaskEvent(
