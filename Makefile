@@ -27,8 +27,8 @@ system-deps:
 	@command -v redis-server >/dev/null && (systemctl disable --now redis-server >/dev/null 2>&1 || true)
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 test: install system-deps lint
