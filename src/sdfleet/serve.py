@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
+from prometheus_client import make_asgi_app
 
 from sdfleet.agent.loop import Agent
 from sdfleet.api.app import create_app
-from sdfleet.build import agent_parts, api_context, make_runtime, open_engines
+from sdfleet.build import Engines, agent_parts, api_context, make_runtime, open_engines
 from sdfleet.settings import Settings
 from sdfleet.telemetry import Metrics
 
@@ -30,6 +32,20 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _server(
+    app: Callable[..., Any], host: str, port: int, lifespan: Literal["on", "off"] = "off"
+) -> uvicorn.Server:
+    return _Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan=lifespan))
+
+
+async def _serve(server: uvicorn.Server, name: str) -> asyncio.Task[object]:
+    """Start ``server`` and return once it listens (or has failed to start)."""
+    task: asyncio.Task[object] = asyncio.create_task(server.serve(), name=name)
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    return task
+
+
 @dataclass
 class Fleet:
     """An API server and agents sharing one event loop and one set of engines."""
@@ -41,51 +57,56 @@ class Fleet:
     ready_dir: Path | None = None
     agents: list[Agent] = field(default_factory=list)
     server: uvicorn.Server | None = None
+    metrics_server: uvicorn.Server | None = None
+    """The agents' ``/metrics`` listener (``agent.metrics_port``)."""
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
             engines = await open_engines(self.settings, stack)
             metrics = Metrics()
-            jobs: list[asyncio.Task[object]] = []
-            for q in self.queues:
-                runtime = make_runtime(self.settings, q)
-                stack.push_async_callback(runtime.aclose)
-                parts = agent_parts(self.settings, engines, q, runtime, metrics)
-                stack.push_async_callback(parts.fetcher.aclose)
-                for notifier in parts.notifiers:
-                    stack.push_async_callback(notifier.aclose)
-                ready = self.ready_dir / f"{q}.ready" if self.ready_dir else None
-                agent = Agent(parts, burst=self.burst, ready_file=ready)
-                self.agents.append(agent)
-                jobs.append(asyncio.create_task(agent.run(), name=f"agent-{q}"))
+            jobs = [self._start_agent(stack, engines, q, metrics) for q in self.queues]
             if self.with_api:
                 app = create_app(api_context(self.settings, engines, metrics))
-                config = uvicorn.Config(
-                    app,
-                    host=self.settings.api.host,
-                    port=self.settings.api.port,
-                    log_config=None,
-                    lifespan="off",
-                )
-                self.server = _Server(config)
-                jobs.append(asyncio.create_task(self.server.serve(), name="api"))
-                while not self.server.started and not jobs[-1].done():
-                    await asyncio.sleep(0.02)
+                # lifespan on: the app's lifespan refreshes the queue gauges in the background
+                self.server = _server(app, self.settings.api.host, self.settings.api.port, lifespan="on")
+                jobs.append(await _serve(self.server, "api"))
+            # Not in ``jobs``: a burst agent ends the fleet, and this listener with it.
+            extra: list[asyncio.Task[object]] = []
+            port = self.settings.agent.metrics_port
+            if self.queues and port:
+                registry_app = make_asgi_app(registry=metrics.registry)
+                self.metrics_server = _server(registry_app, self.settings.agent.metrics_host, port)
+                extra.append(await _serve(self.metrics_server, "agent-metrics"))
             self.started.set()
             try:
                 await asyncio.gather(*jobs)
             finally:
                 self.stop()
-                for job in jobs:
+                for job in (*jobs, *extra):
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await job
+
+    def _start_agent(
+        self, stack: AsyncExitStack, engines: Engines, q: str, metrics: Metrics
+    ) -> asyncio.Task[object]:
+        runtime = make_runtime(self.settings, q)
+        stack.push_async_callback(runtime.aclose)
+        parts = agent_parts(self.settings, engines, q, runtime, metrics)
+        stack.push_async_callback(parts.fetcher.aclose)
+        for notifier in parts.notifiers:
+            stack.push_async_callback(notifier.aclose)
+        ready = self.ready_dir / f"{q}.ready" if self.ready_dir else None
+        agent = Agent(parts, burst=self.burst, ready_file=ready)
+        self.agents.append(agent)
+        return asyncio.create_task(agent.run(), name=f"agent-{q}")
 
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop()
-        if self.server is not None:
-            self.server.should_exit = True
+        for server in (self.server, self.metrics_server):
+            if server is not None:
+                server.should_exit = True
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -109,6 +109,9 @@ class ApiSettings(BaseModel):
     signing_key: str = "change-me"
     """HMAC key of the signed file links served by ``GET /v1/files/{key}``."""
     link_ttl_s: int = Field(3600, ge=1)
+    queue_stats_s: float = Field(15.0, ge=0)
+    """Period of the background refresh of the queue-depth gauges on ``/metrics``, seconds; 0: off
+    (then only ``GET /v1/queues`` refreshes them)."""
 
 
 class AgentSettings(BaseModel):
@@ -127,6 +130,11 @@ class AgentSettings(BaseModel):
     """Allow input URLs on loopback/private networks (tests, demo); never in production."""
     retry_delay_s: float = Field(0.0, ge=0)
     """Delay before a failed attempt is visible again."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Serve Prometheus ``/metrics`` of agents run without the API (``sdfleet agent``) on this
+    port; unset: no listener."""
+    metrics_host: str = "127.0.0.1"
+    """Listen address of the agent's metrics port (``0.0.0.0`` to be scraped from other hosts)."""
 
 
 class WebhookSettings(BaseModel):

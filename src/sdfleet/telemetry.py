@@ -43,6 +43,11 @@ class Metrics:
         )
         self.busy = Gauge("sdfleet_runtime_busy", "1 while the runtime is generating", ["queue"], registry=r)
 
+    def set_queue(self, queue: str, visible: int, in_flight: int, oldest_age_s: float | None) -> None:
+        self.queue_visible.labels(queue=queue).set(visible)
+        self.queue_in_flight.labels(queue=queue).set(in_flight)
+        self.queue_oldest_age.labels(queue=queue).set(oldest_age_s or 0.0)
+
     def observe_stages(self, queue: str, timings: Mapping[str, float]) -> None:
         for stage, seconds in timings.items():
             self.stage_seconds.labels(queue=queue, stage=stage).observe(seconds)
@@ -122,10 +127,15 @@ def extract(attributes: Mapping[str, str]) -> Context:
 
 
 class TraceIdFilter(logging.Filter):
-    """Puts the current trace id on every log record, so JSON logs join up with traces."""
+    """Puts the current trace id (and the task id of a task's span) on every log record, so JSON
+    logs join up with traces."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ctx = trace.get_current_span().get_span_context()
+        span = trace.get_current_span()
+        ctx = span.get_span_context()
         if ctx.is_valid:
             record.trace_id = format(ctx.trace_id, "032x")
+            task_id = (getattr(span, "attributes", None) or {}).get("sdfleet.task_id")
+            if task_id and not hasattr(record, "task_id"):
+                record.task_id = task_id
         return True

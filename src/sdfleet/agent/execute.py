@@ -12,6 +12,7 @@ import logging
 import time
 from functools import partial
 
+from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.outage import ride_out
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 async def execute(parts: Parts, p: Prepared) -> None:
     """Run a prepared task and settle its delivery; ends the task's ``agent.task`` span."""
     try:
-        await _execute(parts, p)
+        # current span while it runs, so log lines carry its trace id and task id
+        with trace.use_span(p.span, end_on_exit=False):
+            await _execute(parts, p)
     finally:
         p.span.end()
 
@@ -147,6 +150,7 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
         info = {**result.info, "images": [parts.storage.location(k) for k in keys], "task_id": task.id}
         await parts.storage.put(out_key, json.dumps(info, indent=2).encode(), "application/json")
     p.timings["storage_put"] = time.perf_counter() - t0
+    parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})
     return TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
 
 

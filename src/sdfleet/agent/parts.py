@@ -56,7 +56,9 @@ class Prepared:
     @contextmanager
     def stage(self, name: str) -> Iterator[trace.Span]:
         """A child span of ``agent.task`` (``inputs.fetch``, ``runtime.run``, ``storage.put``…)."""
-        with tracer().start_as_current_span(name, context=trace.set_span_in_context(self.span)) as span:
+        ctx = trace.set_span_in_context(self.span)
+        attributes = {"sdfleet.task_id": self.task.id}
+        with tracer().start_as_current_span(name, context=ctx, attributes=attributes) as span:
             yield span
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -9,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sdfleet import errors
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
+from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
@@ -44,11 +48,20 @@ async def _request_validation(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ctx: ApiContext = app.state.ctx
+    async with queue_stats_refresher(ctx.bus, ctx.fleet, ctx.metrics, ctx.settings.queue_stats_s):
+        yield
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
+    """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges."""
     app = FastAPI(
         title="sdfleet",
         version="0.1.0",
         description="Asynchronous Stable Diffusion generation: submit, get a task id at once, fetch results.",
+        lifespan=_lifespan,
     )
     app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)

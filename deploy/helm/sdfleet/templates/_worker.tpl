@@ -60,6 +60,14 @@ livenessProbe:
     {{- include "sdfleet.env" $root | nindent 4 }}
     - name: SDFLEET_AGENT__DRAIN_S
       value: {{ $root.Values.agent.drainSeconds | quote }}
+    {{- if gt (int $root.Values.agent.metricsPort) 0 }}
+    - name: SDFLEET_AGENT__METRICS_PORT
+      value: {{ $root.Values.agent.metricsPort | quote }}
+    - name: SDFLEET_AGENT__METRICS_HOST
+      value: "0.0.0.0"
+  ports:
+    - {name: metrics, containerPort: {{ $root.Values.agent.metricsPort }}, protocol: TCP}
+    {{- end }}
   {{- include "sdfleet.envFrom" $root | nindent 2 }}
   {{- include "sdfleet.agentProbes" . | nindent 2 }}
   resources:

@@ -29,9 +29,7 @@ async def list_queues(ctx: ApiContext = Depends(get_ctx)) -> list[QueueView]:
     out = []
     for q in ctx.fleet.queues:
         s = await ctx.bus.stats(q.name)
-        ctx.metrics.queue_visible.labels(queue=q.name).set(s.visible)
-        ctx.metrics.queue_in_flight.labels(queue=q.name).set(s.in_flight)
-        ctx.metrics.queue_oldest_age.labels(queue=q.name).set(s.oldest_age_s or 0.0)
+        ctx.metrics.set_queue(q.name, s.visible, s.in_flight, s.oldest_age_s)
         out.append(
             QueueView(
                 name=q.name,
