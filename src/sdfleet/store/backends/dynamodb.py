@@ -71,7 +71,9 @@ def _record(item: dict[str, Any]) -> TaskRecord:
     return TaskRecord.model_validate_json(item["doc"]["S"])
 
 
-def _table_spec(table: str) -> dict[str, Any]:
+def table_spec(table: str) -> dict[str, Any]:
+    """``CreateTable`` arguments of the task table (boto3 names): what ``create=true`` makes, and
+    what the CDK app (deploy/cdk) declares, so the two cannot drift."""
     return {
         "TableName": table,
         "BillingMode": "PAY_PER_REQUEST",
@@ -137,7 +139,7 @@ class DynamoTaskStore:
                 if error_code(e) != "ResourceNotFoundException" or not self.create_table:
                     raise
                 try:
-                    self._db.create_table(**_table_spec(self.table))
+                    self._db.create_table(**table_spec(self.table))
                 except ClientError as e2:  # another process won the race
                     if error_code(e2) != "ResourceInUseException":
                         raise

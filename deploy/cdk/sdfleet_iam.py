@@ -1,0 +1,167 @@
+"""IAM of an sdfleet fleet: the statements of docs/aws.md ("IAM") and who may assume the roles.
+
+Roles are trusted by the EKS OIDC provider for the chart's service accounts (IRSA) when its ARN is
+given, else by EKS Pod Identity (``pods.eks.amazonaws.com``), with a pod identity association per
+role when the cluster name is known.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aws_cdk as cdk
+from aws_cdk import aws_eks as eks
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from sdfleet.errors import ConfigError
+from sdfleet.settings import FleetConfig
+
+Storage = tuple[str, str, str]
+"""(bucket ARN, ARN of the objects under the key prefix, key prefix)."""
+
+_OIDC_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:oidc-provider/(?P<issuer>[^\s]+)$")
+_S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
+_CHART = "sdfleet"
+SERVICE_ACCOUNT_ROLE = {"api": "api", "agent": "worker"}
+"""sdfleet role → the chart's ``serviceAccounts`` entry."""
+KEDA_SERVICE_ACCOUNT = ("keda", "keda-operator")
+"""Namespace and service account of the KEDA operator as its own chart installs it."""
+
+
+def chart_fullname(release: str) -> str:
+    """``sdfleet.fullname`` of the chart (no overrides): the release name if it contains the chart's."""
+    name = release if _CHART in release else f"{release}-{_CHART}"
+    return name[:63].rstrip("-")
+
+
+def _list_bucket(bucket_arn: str, prefix: str) -> iam.PolicyStatement:
+    """``ListBucket`` under the key prefix only, so a missing key reads as 404, not 403."""
+    conditions = {"StringLike": {"s3:prefix": [f"{prefix}/*"]}} if prefix else None
+    return iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket_arn], conditions=conditions)
+
+
+def _queue_reads(queues: Sequence[sqs.IQueue], dlqs: Sequence[sqs.IQueue]) -> iam.PolicyStatement:
+    arns = [q.queue_arn for q in [*queues, *dlqs]]
+    return iam.PolicyStatement(actions=["sqs:GetQueueUrl", "sqs:GetQueueAttributes"], resources=arns)
+
+
+def api_statements(
+    tasks_topic: sns.ITopic,
+    queues: Sequence[sqs.IQueue],
+    dlqs: Sequence[sqs.IQueue],
+    table: tuple[str, str],
+    storage: Storage,
+) -> list[iam.PolicyStatement]:
+    """The API: publish tasks, read queue depth, read and write task records, read results."""
+    table_arn, index_arn = table
+    bucket_arn, objects_arn, prefix = storage
+    return [
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[tasks_topic.topic_arn]),
+        _queue_reads(queues, dlqs),
+        iam.PolicyStatement(
+            actions=["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"], resources=[table_arn]
+        ),
+        iam.PolicyStatement(actions=["dynamodb:Query"], resources=[table_arn, index_arn]),
+        iam.PolicyStatement(actions=["s3:GetObject"], resources=[objects_arn]),
+        _list_bucket(bucket_arn, prefix),
+    ]
+
+
+def _models_statements(fleet: FleetConfig) -> list[iam.PolicyStatement]:
+    if not fleet.models.s3:
+        return []
+    m = _S3_URL.match(fleet.models.s3)
+    if m is None:
+        raise ConfigError(f"models.s3 {fleet.models.s3!r} is not an s3://bucket[/prefix] URL")
+    prefix = (m["prefix"] or "").strip("/")
+    bucket_arn = f"arn:{cdk.Aws.PARTITION}:s3:::{m['bucket']}"
+    objects = f"{bucket_arn}/{prefix}/*" if prefix else f"{bucket_arn}/*"
+    return [
+        iam.PolicyStatement(actions=["s3:GetObject"], resources=[objects]),
+        _list_bucket(bucket_arn, prefix),
+    ]
+
+
+def agent_statements(
+    results_topic: sns.ITopic,
+    queues: Sequence[sqs.IQueue],
+    dlqs: Sequence[sqs.IQueue],
+    table_arn: str,
+    storage: Storage,
+    fleet: FleetConfig,
+) -> list[iam.PolicyStatement]:
+    """Agents: consume the fleet's queues, publish results, transition records, write results."""
+    bucket_arn, objects_arn, prefix = storage
+    consume = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"]
+    return [
+        _queue_reads(queues, dlqs),
+        iam.PolicyStatement(actions=consume, resources=[q.queue_arn for q in queues]),
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[results_topic.topic_arn]),
+        iam.PolicyStatement(
+            actions=["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"], resources=[table_arn]
+        ),
+        iam.PolicyStatement(actions=["s3:PutObject", "s3:GetObject"], resources=[objects_arn]),
+        _list_bucket(bucket_arn, prefix),
+        *_models_statements(fleet),
+    ]
+
+
+def keda_statements(queues: Sequence[sqs.IQueue]) -> list[iam.PolicyStatement]:
+    """KEDA's ``aws-sqs-queue`` scaler reads queue depth."""
+    return [iam.PolicyStatement(actions=["sqs:GetQueueAttributes"], resources=[q.queue_arn for q in queues])]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who may assume the roles: IRSA on ``oidc_provider_arn``, else EKS Pod Identity."""
+
+    oidc_provider_arn: str | None
+    namespace: str
+    release: str
+    cluster_name: str | None = None
+
+    def service_account(self, role: str) -> tuple[str, str]:
+        """(namespace, name) of the service account that ``role`` (api, agent, keda) runs as."""
+        if role == "keda":
+            return KEDA_SERVICE_ACCOUNT
+        return self.namespace, f"{chart_fullname(self.release)}-{SERVICE_ACCOUNT_ROLE[role]}"
+
+    def principal(self, namespace: str, service_account: str) -> iam.IPrincipal:
+        if self.oidc_provider_arn is None:
+            return iam.SessionTagsPrincipal(iam.ServicePrincipal("pods.eks.amazonaws.com"))
+        m = _OIDC_ARN.match(self.oidc_provider_arn)
+        if m is None:
+            raise ConfigError(f"{self.oidc_provider_arn!r} is not an IAM OIDC provider ARN")
+        issuer = m["issuer"]
+        conditions = {
+            "StringEquals": {
+                f"{issuer}:sub": f"system:serviceaccount:{namespace}:{service_account}",
+                f"{issuer}:aud": "sts.amazonaws.com",
+            }
+        }
+        return iam.FederatedPrincipal(self.oidc_provider_arn, conditions, "sts:AssumeRoleWithWebIdentity")
+
+    def role(self, scope: Construct, role: str, statements: list[iam.PolicyStatement]) -> iam.Role:
+        namespace, account = self.service_account(role)
+        r = iam.Role(
+            scope,
+            f"{role}-role",
+            assumed_by=self.principal(namespace, account),
+            description=f"sdfleet {role} ({namespace}/{account})",
+            inline_policies={"sdfleet": iam.PolicyDocument(statements=statements)},
+        )
+        if self.oidc_provider_arn is None and self.cluster_name:
+            eks.CfnPodIdentityAssociation(
+                scope,
+                f"{role}-pod-identity",
+                cluster_name=self.cluster_name,
+                namespace=namespace,
+                service_account=account,
+                role_arn=r.role_arn,
+            )
+        return r

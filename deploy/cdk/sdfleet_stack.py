@@ -1,0 +1,254 @@
+"""The AWS resources of one sdfleet fleet, declared from its ``sdfleet.yaml``.
+
+Topics, queues, DLQs and subscriptions come from ``sdfleet.routing.fleet_topology`` and are named
+by ``queue_name``/``topic_name``, the functions the ``aws://`` bus itself uses; the task table is
+``DynamoTaskStore``'s own ``table_spec``. Nothing here re-states a name or a key the engine picks.
+IAM follows docs/aws.md (roles ``api``, ``agent``, optionally the KEDA operator).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+from sdfleet_iam import Identity, agent_statements, api_statements, keda_statements
+
+from sdfleet.bus.backends.aws_topology import queue_name, topic_name
+from sdfleet.bus.base import QueueSpec, Subscription, dlq_name
+from sdfleet.routing import fleet_topology
+from sdfleet.settings import FleetConfig
+from sdfleet.store.backends.dynamodb import GSI, table_spec
+
+QUEUE_RETENTION = cdk.Duration.days(4)
+DLQ_RETENTION = cdk.Duration.days(14)  # what ``ensure()`` gives a DLQ
+MAX_VISIBILITY_S = 43200
+
+
+def visibility_timeout_s(lease_s: float) -> int:
+    """SQS ``VisibilityTimeout`` of a queue with this lease: whole seconds, rounded up (as ``ensure``)."""
+    return max(0, min(MAX_VISIBILITY_S, math.ceil(lease_s)))
+
+
+def _logical(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.replace("_", "-").split("-"))
+
+
+class SdfleetStack(cdk.Stack):
+    """SNS topics, SQS queues + DLQs, subscriptions, the task table, the results bucket and the
+    IAM roles of one fleet. ``prefix`` is the ``aws://?prefix=`` of the bus URL the pods use."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        fleet: FleetConfig,
+        prefix: str = "sdfleet-",
+        bucket_name: str | None = None,
+        eks_oidc_provider_arn: str | None = None,
+        namespace: str = "sdfleet",
+        release: str = "sdfleet",
+        storage_prefix: str = "results",
+        table_name: str | None = None,
+        keda_operator: bool = False,
+        cluster_name: str | None = None,
+        retain_data: bool = True,
+        results_expire_days: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.fleet = fleet
+        self.prefix = prefix
+        self.storage_prefix = storage_prefix.strip("/")
+        self._removal = cdk.RemovalPolicy.RETAIN if retain_data else cdk.RemovalPolicy.DESTROY
+        topology = fleet_topology(fleet)
+        self.topics = {t: self._topic(t) for t in topology.topics}
+        self.queues: dict[str, sqs.Queue] = {}
+        self.dead_letter_queues: dict[str, sqs.Queue] = {}
+        for spec in topology.queues:
+            self._queue(spec)
+        self._allow_delivery(topology.subscriptions)
+        self.subscriptions = [self._subscribe(s) for s in topology.subscriptions]
+        self.table = self._table(table_name or f"{prefix}tasks")
+        self.bucket = self._bucket(bucket_name, results_expire_days)
+        self.identity = Identity(eks_oidc_provider_arn, namespace, release, cluster_name)
+        self.roles = self._roles(keda_operator)
+        self._outputs()
+
+    # -- bus -----------------------------------------------------------------------------------
+
+    def _topic(self, topic: str) -> sns.ITopic:
+        if topic.startswith("arn:"):  # an existing topic (a seed deployment's), used as is
+            return sns.Topic.from_topic_arn(self, f"{topic.rsplit(':', 1)[-1]}-topic", topic)
+        return sns.Topic(self, f"{topic}-topic", topic_name=topic_name(self.prefix, topic))
+
+    def _queue(self, spec: QueueSpec) -> None:
+        dlq = sqs.Queue(
+            self,
+            f"{spec.name}-dlq",
+            queue_name=queue_name(self.prefix, dlq_name(spec.name)),
+            retention_period=DLQ_RETENTION,
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+        )
+        self.dead_letter_queues[spec.name] = dlq
+        self.queues[spec.name] = sqs.Queue(
+            self,
+            f"{spec.name}-queue",
+            queue_name=queue_name(self.prefix, spec.name),
+            visibility_timeout=cdk.Duration.seconds(visibility_timeout_s(spec.lease_s)),
+            retention_period=QUEUE_RETENTION,
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            dead_letter_queue=sqs.DeadLetterQueue(queue=dlq, max_receive_count=spec.max_receives),
+        )
+
+    def _allow_delivery(self, subscriptions: list[Subscription]) -> None:
+        """Queue policies that let exactly the subscribed topics send (as ``ensure``'s ``queue_policy``)."""
+        for name, queue in self.queues.items():
+            arns = sorted({s.topic for s in subscriptions if s.queue == name})
+            if not arns:
+                continue
+            queue.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid="sdfleet-sns-delivery",
+                    principals=[iam.ServicePrincipal("sns.amazonaws.com")],
+                    actions=["sqs:SendMessage"],
+                    resources=[queue.queue_arn],
+                    conditions={"ArnEquals": {"aws:SourceArn": [self.topics[t].topic_arn for t in arns]}},
+                )
+            )
+
+    def _subscribe(self, sub: Subscription) -> sns.CfnSubscription:
+        # L1 on purpose: the filter policy goes to SNS exactly as written in sdfleet.yaml (any
+        # operator, $or, nested body keys), with its scope; the L2 filter builders cannot express all.
+        extra: dict[str, Any] = {}
+        if sub.filter_policy is not None:
+            extra = {"filter_policy": sub.filter_policy, "filter_policy_scope": sub.scope}
+        return sns.CfnSubscription(
+            self,
+            f"{sub.queue}-subscription",
+            protocol="sqs",
+            topic_arn=self.topics[sub.topic].topic_arn,
+            endpoint=self.queues[sub.queue].queue_arn,
+            raw_message_delivery=True,
+            **extra,
+        )
+
+    # -- store and storage ---------------------------------------------------------------------
+
+    def _table(self, name: str) -> dynamodb.CfnTable:
+        spec = table_spec(name)
+        table = dynamodb.CfnTable(
+            self,
+            "tasks-table",
+            table_name=spec["TableName"],
+            billing_mode=spec["BillingMode"],
+            attribute_definitions=[
+                dynamodb.CfnTable.AttributeDefinitionProperty(
+                    attribute_name=a["AttributeName"], attribute_type=a["AttributeType"]
+                )
+                for a in spec["AttributeDefinitions"]
+            ],
+            key_schema=_keys(spec["KeySchema"]),
+            global_secondary_indexes=[
+                dynamodb.CfnTable.GlobalSecondaryIndexProperty(
+                    index_name=g["IndexName"],
+                    key_schema=_keys(g["KeySchema"]),
+                    projection=dynamodb.CfnTable.ProjectionProperty(
+                        projection_type=g["Projection"]["ProjectionType"]
+                    ),
+                )
+                for g in spec.get("GlobalSecondaryIndexes", [])
+            ],
+            point_in_time_recovery_specification=dynamodb.CfnTable.PointInTimeRecoverySpecificationProperty(
+                point_in_time_recovery_enabled=True
+            ),
+        )
+        table.apply_removal_policy(self._removal)
+        return table
+
+    def _bucket(self, name: str | None, expire_days: int | None) -> s3.Bucket:
+        rules = [
+            s3.LifecycleRule(id="abort-uploads", abort_incomplete_multipart_upload_after=cdk.Duration.days(7))
+        ]
+        if expire_days:
+            rules.append(
+                s3.LifecycleRule(
+                    id="expire-results",
+                    prefix=f"{self.storage_prefix}/" if self.storage_prefix else None,
+                    expiration=cdk.Duration.days(expire_days),
+                )
+            )
+        return s3.Bucket(
+            self,
+            "results-bucket",
+            bucket_name=name,
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            enforce_ssl=True,
+            lifecycle_rules=rules,
+            removal_policy=self._removal,
+        )
+
+    # -- IAM -----------------------------------------------------------------------------------
+
+    def _roles(self, keda_operator: bool) -> dict[str, iam.Role]:
+        task_queues = [self.queues[q.name] for q in self.fleet.queues]
+        dlqs = [self.dead_letter_queues[q.name] for q in self.fleet.queues]
+        objects = self.bucket.arn_for_objects(f"{self.storage_prefix}/*" if self.storage_prefix else "*")
+        storage = (self.bucket.bucket_arn, objects, self.storage_prefix)
+        table = (self.table.attr_arn, f"{self.table.attr_arn}/index/{GSI}")
+        statements = {
+            "api": api_statements(self.topics[self.fleet.tasks_topic], task_queues, dlqs, table, storage),
+            "agent": agent_statements(
+                self.topics[self.fleet.results_topic], task_queues, dlqs, table[0], storage, self.fleet
+            ),
+        }
+        if keda_operator:
+            statements["keda"] = keda_statements(task_queues)
+        return {role: self.identity.role(self, role, policy) for role, policy in statements.items()}
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _outputs(self) -> None:
+        out = self._output
+        out(
+            "TasksTopicArn", self.topics[self.fleet.tasks_topic].topic_arn, "SNS topic tasks are published to"
+        )
+        out("ResultsTopicArn", self.topics[self.fleet.results_topic].topic_arn, "SNS topic of task events")
+        for name, queue in self.queues.items():
+            out(f"QueueUrl{_logical(name)}", queue.queue_url, f"SQS queue of fleet queue {name}")
+            out(
+                f"DeadLetterQueueUrl{_logical(name)}",
+                self.dead_letter_queues[name].queue_url,
+                f"DLQ of {name}",
+            )
+        out("TableName", self.table.ref, "DynamoDB task table")
+        out("BucketName", self.bucket.bucket_name, "S3 bucket of images and .out JSON")
+        for role, r in self.roles.items():
+            out(f"{_logical(role)}RoleArn", r.role_arn, f"IAM role of the {role} service account")
+        region, account = cdk.Aws.REGION, cdk.Aws.ACCOUNT_ID
+        storage = f"s3://{self.bucket.bucket_name}" + (
+            f"/{self.storage_prefix}" if self.storage_prefix else ""
+        )
+        out("BusUrl", f"aws://?prefix={self.prefix}&region={region}&account={account}", "SDFLEET_BUS_URL")
+        out("StoreUrl", f"aws://?table={self.table.ref}&region={region}&create=false", "SDFLEET_STORE_URL")
+        out("StorageUrl", storage, "SDFLEET_STORAGE_URL")
+
+    def _output(self, output_id: str, value: str, description: str) -> None:
+        cdk.CfnOutput(self, output_id, value=value, description=description)
+
+
+def _keys(schema: list[dict[str, str]]) -> list[dynamodb.CfnTable.KeySchemaProperty]:
+    return [
+        dynamodb.CfnTable.KeySchemaProperty(attribute_name=k["AttributeName"], key_type=k["KeyType"])
+        for k in schema
+    ]
