@@ -48,6 +48,8 @@ async def test_dedicated_and_dynamic_queues(
         assert view["queue"] == queue
         info = await read_json(engine, view["output"]["key"])
         assert info["sd_model_checkpoint"] == Path(model).stem, (model, info)
+        if queue == "dynamic":  # each of these is a switch (cache of one): timed as its own stage
+            assert view["timings"]["model_switch"] > 0, view["timings"]
     dynamic = next(a for a in fleet.fleet.agents if a.parts.queue.name == "dynamic")
     assert dynamic.parts.runtime.loaded_model == THIRD
 

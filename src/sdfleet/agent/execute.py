@@ -109,7 +109,7 @@ async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
             last = now
             await _progress(parts, task.id, fraction)
 
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time_ns()
     with p.stage("runtime.run") as span:
         span.set_attribute("sdfleet.model", job.model or "")
         try:
@@ -117,7 +117,11 @@ async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
         except TimeoutError as e:
             await parts.runtime.interrupt()
             raise GenerationTimeout(f"generation took longer than {task.timeout_s} s") from e
-    p.timings["runtime_run"] = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if result.switch_s > 0:  # the switch happens first, inside the runtime's run
+        p.timings["model_switch"] = result.switch_s
+        p.past_stage("model.switch", wall0, wall0 + int(result.switch_s * 1e9))
+    p.timings["runtime_run"] = max(0.0, elapsed - result.switch_s)
     if parts.runtime.loaded_model != before:
         parts.metrics.model_switches.labels(queue=parts.queue.name).inc()
     parts.metrics.observe_stages(parts.queue.name, p.timings)

@@ -61,6 +61,13 @@ class Prepared:
         with tracer().start_as_current_span(name, context=ctx, attributes=attributes) as span:
             yield span
 
+    def past_stage(self, name: str, start_ns: int, end_ns: int) -> None:
+        """A child span for a stage measured inside another component (the runtime's model switch)."""
+        ctx = trace.set_span_in_context(self.span)
+        span = tracer().start_span(name, context=ctx, start_time=start_ns)
+        span.set_attribute("sdfleet.task_id", self.task.id)
+        span.end(end_time=end_ns)
+
 
 def image_keys(task: Task, count: int) -> tuple[list[str], str]:
     """The seed's layout: ``<prefix>/<id>/<id>-<n>.png`` and ``<prefix>/<id>/<id>.out``."""

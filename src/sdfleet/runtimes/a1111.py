@@ -133,12 +133,15 @@ class A1111Runtime:
         body = await self._body(job)
         async with self._lock:
             self._interrupted = False
+            t0 = time.perf_counter()
             if job.model is not None:
                 await self._switch(job.model)
+            switch_s = time.perf_counter() - t0
             data = await self._call_with_progress(f"/sdapi/v1/{endpoint}", body, progress)
         if self._interrupted:
             raise Interrupted(f"task {job.task_id} interrupted")
         result = self._result(job, data)
+        result.switch_s = switch_s
         await progress(1.0)
         return result
 

@@ -31,6 +31,8 @@ class RuntimeResult:
     info: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     model: str | None = None
+    switch_s: float = 0.0
+    """Seconds of this run spent switching model (loading or activating a checkpoint)."""
 
 
 class Runtime(Protocol):

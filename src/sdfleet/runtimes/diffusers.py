@@ -142,10 +142,14 @@ class DiffusersRuntime:
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         async with self._lock:
+            t0 = time.perf_counter()
             loaded = await self._switch(job.model)
+            switch_s = time.perf_counter() - t0
             try:
                 work = partial(self._generate, loaded, job, sampler, ctl)
-                return await self._in_thread(ctl, work, self._inference_thread())
+                result = await self._in_thread(ctl, work, self._inference_thread())
+                result.switch_s = switch_s
+                return result
             except Reject as e:
                 if e.code != "out_of_memory" or not self._evict_all_but(loaded.info.name):
                     raise

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,13 +106,17 @@ class SyntheticRuntime:
         self._stop.clear()
         if job.type is TaskType.PIPELINE:
             raise Reject("the synthetic runtime cannot run 'pipeline' tasks", code="unsupported_task")
+        t0 = time.perf_counter()
         if job.model is not None:
             await self._switch(job.model)
+        switch_s = time.perf_counter() - t0
         step = self.latency_s / self.progress_steps
         for n in range(self.progress_steps):
             await self._sleep(step, job.task_id)
             await progress((n + 1) / self.progress_steps)
-        return self._result(job)
+        result = self._result(job)
+        result.switch_s = switch_s
+        return result
 
     async def interrupt(self) -> None:
         """Make the running job raise ``Interrupted`` at once."""
