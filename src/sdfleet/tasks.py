@@ -186,3 +186,18 @@ class TaskEvent(BaseModel):
     at: float = Field(default_factory=time.time)
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @classmethod
+    def of_record(cls, record: TaskRecord, kind: EventType, image_urls: list[str]) -> TaskEvent:
+        """The event ``kind`` of a task as its record stands now."""
+        return cls(
+            type=kind,
+            task_id=record.id,
+            tenant=record.tenant,
+            state=record.state,
+            progress=record.progress,
+            result=record.result,
+            image_urls=image_urls,
+            error=record.error,
+            context=record.task.context,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from conftest import Engine, subprocess_env
 from sdfleet.bus import open_bus
@@ -78,3 +80,31 @@ def agent_process(engine: Engine, config: Path, queue: str, **env: str) -> Itera
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+async def receive_json(engine: Engine, queue: str, count: int, *, rounds: int = 30) -> list[dict[str, Any]]:
+    """Up to ``count`` JSON messages from ``queue`` (acked), waiting up to about ``rounds`` seconds."""
+    bus = open_bus(engine.bus_url)
+    out: list[dict[str, Any]] = []
+    try:
+        for _ in range(rounds):
+            for d in await bus.receive(queue, max_messages=10, wait_s=1):
+                out.append(json.loads(d.body))
+                await bus.ack(d)
+            if len(out) >= count:
+                break
+    finally:
+        await bus.aclose()
+    return out
+
+
+async def png_size(engine: Engine, key: str) -> tuple[int, int]:
+    """Width and height of the PNG stored at ``key``."""
+    storage = open_storage(engine.storage_url)
+    try:
+        data = await storage.get(key)
+    finally:
+        await storage.aclose()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return im.size

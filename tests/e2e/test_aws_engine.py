@@ -12,7 +12,6 @@ against moto, the seed's Lambda messages are published to the input topic, and t
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import boto3
 import pytest
 import yaml
-from PIL import Image
+from fleet_tools import png_size, receive_json
 
 from conftest import (
     SD15,
@@ -118,32 +117,6 @@ def engine(seed: SeedDeployment) -> Engine:
     return Engine("aws", bus, bus, f"s3://{seed.bucket}?region=us-east-1")
 
 
-async def _receive_results(engine: Engine, queue: str, count: int) -> list[dict[str, Any]]:
-    bus = open_bus(engine.bus_url)
-    out: list[dict[str, Any]] = []
-    try:
-        for _ in range(20):
-            for d in await bus.receive(queue, max_messages=10, wait_s=1):
-                out.append(json.loads(d.body))
-                await bus.ack(d)
-            if len(out) >= count:
-                break
-    finally:
-        await bus.aclose()
-    return out
-
-
-async def _png_size(engine: Engine, key: str) -> tuple[int, int]:
-    storage = open_storage(engine.storage_url)
-    try:
-        data = await storage.get(key)
-    finally:
-        await storage.aclose()
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "PNG"
-        return im.size
-
-
 def _seed_messages(version: str, image_url: str, bucket: str) -> list[tuple[str, dict[str, str]]]:
     payloads = (
         [V1ALPHA1_T2I, with_image_link(V1ALPHA1_I2I, image_url)]
@@ -184,7 +157,7 @@ async def _assert_outputs(engine: Engine, meta: dict[str, Any], view: dict[str, 
     assert view["queue"] == SEED_RUNTIME
     key = f"{meta['prefix']}/{meta['id']}/{meta['id']}-1.png"
     assert [i["key"] for i in view["images"]] == [key]
-    assert await _png_size(engine, key) == (512, 512)
+    assert await png_size(engine, key) == (512, 512)
     storage = open_storage(engine.storage_url)
     try:
         out = json.loads(await storage.get(f"{meta['prefix']}/{meta['id']}/{meta['id']}.out"))
@@ -255,7 +228,7 @@ async def test_agent_drains_seed_queue_in_place(
     if results_topic == "seed-output":
         notes = _backend_notifications(seed)
     else:
-        notes = {n["id"]: n for n in await _receive_results(engine, "results", len(messages))}
+        notes = {n["id"]: n for n in await receive_json(engine, "results", len(messages), rounds=20)}
     assert set(notes) == {m["id"] for m in metas}
     for meta in metas:
         _assert_notification(seed, meta, notes[meta["id"]])

@@ -4,44 +4,15 @@ and result notifications in the seed's shape — on every engine."""
 from __future__ import annotations
 
 import io
-import json
-from typing import Any
 
 import pytest
+from fleet_tools import png_size, receive_json
 from PIL import Image
 
 from conftest import SD15, Engine, StartFleet
-from sdfleet.bus import open_bus
-from sdfleet.storage import open_storage
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
 pytestmark = pytest.mark.timeout(240)
-
-
-async def _notifications(engine: Engine, count: int) -> list[dict[str, Any]]:
-    bus = open_bus(engine.bus_url)
-    out: list[dict[str, Any]] = []
-    try:
-        for _ in range(30):
-            for d in await bus.receive("results", max_messages=10, wait_s=1):
-                out.append(json.loads(d.body))
-                await bus.ack(d)
-            if len(out) >= count:
-                break
-    finally:
-        await bus.aclose()
-    return out
-
-
-async def _png_size(engine: Engine, key: str) -> tuple[int, int]:
-    storage = open_storage(engine.storage_url)
-    try:
-        data = await storage.get(key)
-    finally:
-        await storage.aclose()
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "PNG"
-        return im.size
 
 
 async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_url: str) -> None:
@@ -63,8 +34,8 @@ async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_
         assert view["queue"] == "sd15"
         assert len(view["images"]) == 1
         assert view["images"][0]["key"] == f"outputs/{answer['id_task']}/{answer['id_task']}-1.png"
-        assert await _png_size(engine, view["images"][0]["key"]) == (body["width"], body["height"])
-    notes = {n["id"]: n for n in await _notifications(engine, 2)}
+        assert await png_size(engine, view["images"][0]["key"]) == (body["width"], body["height"])
+    notes = {n["id"]: n for n in await receive_json(engine, "results", 2)}
     for answer in answers:
         note = notes[answer["id_task"]]
         assert note["result"] is True and note["status"] == "completed"
@@ -86,8 +57,8 @@ async def test_v1alpha2_examples(start_fleet: StartFleet, engine: Engine, image_
         view = await fleet.wait(meta["id"])
         assert view["state"] == "succeeded", view
         content = body["task"]["content"]
-        assert await _png_size(engine, view["images"][0]["key"]) == (content["width"], content["height"])
-    notes = {n["id"]: n for n in await _notifications(engine, 2)}
+        assert await png_size(engine, view["images"][0]["key"]) == (content["width"], content["height"])
+    notes = {n["id"]: n for n in await receive_json(engine, "results", 2)}
     for body in payloads:
         meta = body["task"]["metadata"]
         note = notes[meta["id"]]

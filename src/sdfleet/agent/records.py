@@ -56,17 +56,7 @@ async def notify_if_cancelled_unrun(parts: Parts, record: TaskRecord | None) -> 
 
 async def notify(parts: Parts, record: TaskRecord, kind: EventType) -> None:
     urls = [parts.storage.location(k) for k in (record.result.images if record.result else [])]
-    event = TaskEvent(
-        type=kind,
-        task_id=record.id,
-        tenant=record.tenant,
-        state=record.state,
-        progress=record.progress,
-        result=record.result,
-        image_urls=urls,
-        error=record.error,
-        context=record.task.context,
-    )
+    event = TaskEvent.of_record(record, kind, urls)
     for notifier in parts.notifiers:
         try:
             await ride_out(

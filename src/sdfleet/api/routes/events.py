@@ -48,18 +48,8 @@ def event_type(prev: TaskRecord | None, cur: TaskRecord) -> EventType | None:
 
 async def _frame(ctx: ApiContext, request: Request, r: TaskRecord, kind: EventType) -> str:
     keys = r.result.images if r.result else []
-    event = TaskEvent(
-        type=kind,
-        task_id=r.id,
-        tenant=r.tenant,
-        state=r.state,
-        progress=r.progress,
-        result=r.result,
-        image_urls=[await file_url(ctx, request, k) for k in keys],
-        error=r.error,
-        context=r.task.context,
-        at=r.updated_at,
-    )
+    urls = [await file_url(ctx, request, k) for k in keys]
+    event = TaskEvent.of_record(r, kind, urls).model_copy(update={"at": r.updated_at})
     return f"id: {r.version}\nevent: {kind.value}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
 
 
