@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import uuid
 from contextlib import AsyncExitStack
@@ -60,12 +61,18 @@ def catalog(settings: Settings) -> ModelCatalog:
 
 
 def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = None) -> ApiContext:
+    api = settings.api
+    if api.signing_key is None:
+        # Never a well-known default: anyone could sign links to any stored file.
+        if api.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("SDFLEET_API__SIGNING_KEY is unset: file links work only on this API replica")
+        api = api.model_copy(update={"signing_key": secrets.token_hex(32)})
     return ApiContext(
         bus=engines.bus,
         store=engines.store,
         storage=engines.storage,
         fleet=settings.fleet,
-        settings=settings.api,
+        settings=api,
         catalog=catalog(settings),
         metrics=metrics or Metrics(),
         webhook=settings.webhook,

@@ -106,8 +106,9 @@ class ApiSettings(BaseModel):
     max_width: int = Field(2048, ge=8)
     max_height: int = Field(2048, ge=8)
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    signing_key: str = "change-me"
-    """HMAC key of the signed file links served by ``GET /v1/files/{key}``."""
+    signing_key: str | None = None
+    """HMAC key of the signed file links served by ``GET /v1/files/{key}``. Unset: a random key per
+    process (links then work only on the replica that made them; set it when running several)."""
     link_ttl_s: int = Field(3600, ge=1)
     queue_stats_s: float = Field(15.0, ge=0)
     """Period of the background refresh of the queue-depth gauges on ``/metrics``, seconds; 0: off

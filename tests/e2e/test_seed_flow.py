@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import pytest
 from fleet_tools import png_size, receive_json
 from PIL import Image
 
-from conftest import SD15, Engine, StartFleet
+from conftest import SD15, Engine, RunningFleet, StartFleet
+from sdfleet.api.links import signature
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
 pytestmark = pytest.mark.timeout(240)
@@ -84,3 +86,32 @@ async def test_v1_task_and_signed_file_link(start_fleet: StartFleet) -> None:
     assert got.status_code == 200
     with Image.open(io.BytesIO(got.content)) as im:
         assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_file_links_are_signed_and_expire(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    body = {"model": SD15, "params": {"prompt": "a gate", "steps": 2, "width": 64, "height": 64}}
+    view = await fleet.wait((await fleet.http.post("/v1/tasks", json=body)).json()["id"])
+    url = httpx.URL(view["images"][0]["url"])
+    assert (await fleet.http.get(url)).status_code == 200
+    key, expires, sig = url.path.removeprefix("/v1/files/"), url.params["expires"], url.params["sig"]
+    forged = [
+        {"expires": expires, "sig": "0" * 64},  # wrong signature
+        {"expires": str(int(expires) + 60), "sig": sig},  # a longer life than was signed
+        {"expires": "1", "sig": signature(_app_key(fleet), key, 1)},  # rightly signed, but expired
+    ]
+    for params in forged:
+        r = await fleet.http.get(f"/v1/files/{key}", params=params)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", params
+    other = key.replace("-1.png", ".out")  # a valid signature is for one key only
+    assert (
+        await fleet.http.get(f"/v1/files/{other}", params={"expires": expires, "sig": sig})
+    ).status_code == 404
+
+
+def _app_key(fleet: RunningFleet) -> str:
+    """The API's own link key (a random one: the settings leave it unset)."""
+    assert fleet.fleet.server is not None
+    key: str = fleet.fleet.server.config.app.state.ctx.signing_key
+    return key

@@ -26,6 +26,13 @@ class ApiContext:
     ready: bool = False
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
 
+    @property
+    def signing_key(self) -> str:
+        """The file-link key (``api_context`` fills in a random one when none is configured)."""
+        if self.settings.signing_key is None:
+            raise RuntimeError("ApiContext built without a signing key")
+        return self.settings.signing_key
+
 
 def get_ctx(request: Request) -> ApiContext:
     ctx: ApiContext = request.app.state.ctx

@@ -29,5 +29,5 @@ async def file_url(ctx: ApiContext, request: Request, key: str) -> str:
     if presigned is not None:
         return presigned
     expires = int(time.time()) + ctx.settings.link_ttl_s
-    sig = signature(ctx.settings.signing_key, key, expires)
+    sig = signature(ctx.signing_key, key, expires)
     return f"{base_url(ctx, request)}/v1/files/{quote(key)}?expires={expires}&sig={sig}"

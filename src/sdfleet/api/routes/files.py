@@ -19,7 +19,7 @@ async def get_file(
     key: str, expires: int = Query(...), sig: str = Query(...), ctx: ApiContext = Depends(get_ctx)
 ) -> Response:
     # A bad or expired signature looks like a missing file: links must not reveal what exists.
-    if not verify(ctx.settings.signing_key, key, expires, sig):
+    if not verify(ctx.signing_key, key, expires, sig):
         raise NotFound("file not found or link expired")
     data = await ctx.storage.get(check_key(key))
     media = mimetypes.guess_type(key)[0] or (
