@@ -87,7 +87,9 @@ def _start_redis(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
 
 
 def _start_moto() -> tuple[str, subprocess.Popen[bytes]]:
-    exe = shutil.which("moto_server")
+    exe = shutil.which(
+        "moto_server", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if exe is None:
         raise RuntimeError("moto_server is not installed (pip install 'moto[server]'), or give --bus-url")
     port = free_port()

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +89,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
     """``moto_server`` in server mode: SNS, SQS, S3, DynamoDB over real HTTP on 127.0.0.1."""
-    exe = shutil.which("moto_server")
+    exe = shutil.which(
+        "moto_server", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if exe is None:
         raise RuntimeError("moto_server is not installed: pip install 'moto[server]'")
     port = free_port()
