@@ -53,8 +53,11 @@ def _queue_wait_span(parent: trace.Span, d: Delivery) -> None:
 async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span) -> Prepared | None:
     d = h.delivery
     record = await parts.store.get(task.id)
-    if record is None:  # published by the seed's Lambda or another producer: adopt it
-        record, _ = await parts.store.create(TaskRecord(task=task.model_copy(update={"queue": d.queue})))
+    if record is None:
+        # Published by the seed's Lambda or another producer, or by an API that has not written
+        # (or never will write) the record yet: adopt it, keeping the queue the API routed it to.
+        adopted = task if task.queue else task.model_copy(update={"queue": d.queue})
+        record, _ = await parts.store.create(TaskRecord(task=adopted))
     reason = _skip_reason(record, d)
     if reason is not None:
         log.info("task %s: %s: dropping this delivery", task.id, reason)

@@ -8,10 +8,9 @@ import logging
 from sdfleet.agent.inputs import check_url
 from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import Conflict, InputFetchError, NotFound, SdfleetError, ValidationFailed
+from sdfleet.errors import Conflict, InputFetchError, NotFound, ValidationFailed
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.store.base import transition
-from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState, TaskType
+from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import inject, tracer
 
 log = logging.getLogger(__name__)
@@ -52,20 +51,18 @@ async def check_webhook(ctx: ApiContext, task: Task) -> None:
         raise ValidationFailed(f"webhook URL refused: {e.message or e}", code="bad_webhook") from e
 
 
-async def submit(
-    ctx: ApiContext, caller: Caller, task: Task, *, client_id: bool = True
-) -> tuple[TaskRecord, bool]:
-    """Returns (record, created). A repeated client id of the same tenant returns the first record
-    (and publishes it again while it is still queued). ``client_id``: the client chose the id."""
+async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
+    """Returns (record, accepted now). A repeated client id of the same tenant returns the first
+    record (and publishes it again while it is still queued)."""
     with tracer().start_as_current_span("api.submit") as span:
         span.set_attribute("sdfleet.task_id", task.id)
         span.set_attribute("sdfleet.tenant", caller.tenant)
-        record, created = await _submit(ctx, caller, task, client_id)
+        record, created = await _submit(ctx, caller, task)
         span.set_attribute("sdfleet.queue", record.task.queue or "")
         return record, created
 
 
-async def _submit(ctx: ApiContext, caller: Caller, task: Task, client_id: bool) -> tuple[TaskRecord, bool]:
+async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
     task = task.model_copy(update={"tenant": caller.tenant})
     if task.model is None and ctx.fleet.models.default:
         task.model = ctx.fleet.models.default
@@ -74,34 +71,27 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task, client_id: bool) 
     attributes = task_attributes(task, tier=caller.tier)
     queues = resolve_queues(ctx.fleet, task, attributes)
     task.queue = task.queue or queues[0]
+    existing = await ctx.store.get(task.id)
+    if existing is not None:
+        return await _repeated(ctx, caller, existing), False
+    # Publish first, record second: if the API dies in between, the agent that receives the task
+    # creates its record (as for tasks the seed's Lambda publishes), so a 202 is never an orphan.
+    # A failed publish leaves nothing behind and the client gets a 503 to retry.
+    await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), inject(stamp(attributes)))
     record, created = await ctx.store.create(TaskRecord(task=task))
-    if not created:
-        if record.tenant != caller.tenant:
-            raise Conflict(f"task id {task.id!r} is taken; choose another id")
-        if record.state is TaskState.QUEUED:
-            # The client is retrying, maybe because our publish failed or its answer was lost:
-            # publish again. A second copy is harmless (agents drop copies of running or finished tasks).
-            attrs = task_attributes(record.task, tier=caller.tier)
-            await ctx.bus.publish(ctx.fleet.tasks_topic, record.task.to_message(), inject(stamp(attrs)))
-        return record, False
-    try:
-        await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), inject(stamp(attributes)))
-    except SdfleetError as e:
-        if not client_id:
-            # Nobody can retry a server-chosen id: say in the record that it never left.
-            await _mark_unpublished(ctx, task.id, str(e))
-        raise
+    if not created and record.tenant != caller.tenant:  # another tenant took the id meanwhile
+        raise Conflict(f"task id {task.id!r} is taken; choose another id")
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
     return record, True
 
 
-async def _mark_unpublished(ctx: ApiContext, task_id: str, reason: str) -> None:
-    def mutate(r: TaskRecord) -> TaskRecord:
-        r.state = TaskState.FAILED
-        r.error = TaskError(code="not_published", message=reason)
-        return r
-
-    try:
-        await transition(ctx.store, task_id, mutate)
-    except SdfleetError as e:
-        log.error("task %s was not published and could not be marked failed: %s", task_id, e)
+async def _repeated(ctx: ApiContext, caller: Caller, record: TaskRecord) -> TaskRecord:
+    """A client id seen before: the same tenant gets the first record (idempotency key)."""
+    if record.tenant != caller.tenant:
+        raise Conflict(f"task id {record.id!r} is taken; choose another id")
+    if record.state is TaskState.QUEUED:
+        # The client is retrying, maybe because its answer was lost: publish again. A second copy
+        # is harmless (agents drop copies of running or finished tasks).
+        attrs = task_attributes(record.task, tier=caller.tier)
+        await ctx.bus.publish(ctx.fleet.tasks_topic, record.task.to_message(), inject(stamp(attrs)))
+    return record
