@@ -18,7 +18,7 @@ import ipaddress
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -195,6 +195,24 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
+def guarded_client(timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client for URLs clients give us: no redirects followed for us (each hop is checked by
+    the guard), no proxy settings from the environment."""
+    return httpx.AsyncClient(
+        timeout=timeout_s, follow_redirects=False, trust_env=False, headers={"User-Agent": "sdfleet"}
+    )
+
+
+def fetcher_from_options(options: Mapping[str, Any]) -> InputFetcher:
+    """The fetcher of a server-backed runtime (a1111, comfyui) from its options:
+    ``input_max_bytes``, ``input_timeout_s``, ``allow_private_inputs``."""
+    return InputFetcher(
+        max_bytes=int(options.get("input_max_bytes", 20 * 2**20)),
+        timeout_s=float(options.get("input_timeout_s", 30)),
+        allow_private=bool(options.get("allow_private_inputs", False)),
+    )
+
+
 class InputFetcher:
     """Fetches input images for tasks; one per agent (it owns an ``httpx.AsyncClient`` unless given one)."""
 
@@ -211,9 +229,7 @@ class InputFetcher:
         self.allow_private = allow_private
         self._resolve = resolve
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=timeout_s, follow_redirects=False, trust_env=False, headers={"User-Agent": "sdfleet"}
-        )
+        self._client = client or guarded_client(timeout_s)
 
     async def fetch(self, url: str) -> bytes:
         """The image bytes ``url`` stands for. Raises ``UrlRefused`` or ``InputFetchError``."""

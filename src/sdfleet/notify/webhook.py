@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from sdfleet.agent.inputs import Resolve, guarded_addresses, resolve_host
+from sdfleet.agent.inputs import Resolve, guarded_addresses, guarded_client, resolve_host
 from sdfleet.errors import InputFetchError, UrlRefused
 from sdfleet.tasks import EventType, TaskEvent, TaskRecord, new_task_id
 
@@ -99,9 +99,7 @@ class WebhookNotifier:
         self.drain_s = drain_s
         self._resolve = resolve
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=timeout_s, follow_redirects=False, trust_env=False, headers={"User-Agent": "sdfleet"}
-        )
+        self._client = client or guarded_client(timeout_s)
         self._jobs: dict[asyncio.Task[None], _Delivery] = {}
         self._tails: dict[str, asyncio.Task[None]] = {}
         self._last_sent: OrderedDict[str, float] = OrderedDict()

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from sdfleet.agent.inputs import InputFetcher
+from sdfleet.agent.inputs import InputFetcher, fetcher_from_options
 from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._a1111_payload import ENDPOINTS, build_body, inline_urls
@@ -89,11 +89,7 @@ class A1111Runtime:
         ``allow_private_inputs``."""
         url = str(options.get("url", "http://127.0.0.1:7860")).rstrip("/")
         timeout = httpx.Timeout(float(options.get("timeout_s", 600)), connect=10.0)
-        fetcher = InputFetcher(
-            max_bytes=int(options.get("input_max_bytes", 20 * 2**20)),
-            timeout_s=float(options.get("input_timeout_s", 30)),
-            allow_private=bool(options.get("allow_private_inputs", False)),
-        )
+        fetcher = fetcher_from_options(options)
         return cls(
             httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False),
             fetcher=fetcher,

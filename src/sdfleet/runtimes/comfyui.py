@@ -22,7 +22,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from sdfleet.agent.inputs import InputFetcher
+from sdfleet.agent.inputs import InputFetcher, fetcher_from_options
 from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
@@ -67,11 +67,7 @@ class ComfyUIRuntime:
         """Options: ``url`` (default http://127.0.0.1:8188), ``timeout_s``, ``ready_timeout_s`` and the
         guarded fetcher's ``input_max_bytes``, ``input_timeout_s``, ``allow_private_inputs``."""
         url = str(options.get("url", "http://127.0.0.1:8188")).rstrip("/")
-        fetcher = InputFetcher(
-            max_bytes=int(options.get("input_max_bytes", 20 * 2**20)),
-            timeout_s=float(options.get("input_timeout_s", 30)),
-            allow_private=bool(options.get("allow_private_inputs", False)),
-        )
+        fetcher = fetcher_from_options(options)
         timeout = httpx.Timeout(float(options.get("timeout_s", 60)), connect=10.0)
         client = httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False)
         return cls(client, fetcher=fetcher, ready_timeout_s=float(options.get("ready_timeout_s", 300)))
