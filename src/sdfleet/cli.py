@@ -10,45 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from sdfleet.cli_common import ApiOpt, ConfigOpt, HostOpt, KeyOpt, PortOpt, _fail, _settings, console
+from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
 from sdfleet.errors import SdfleetError
-from sdfleet.settings import Settings, load_settings
-from sdfleet.telemetry import setup_logging, setup_tracing
+from sdfleet.settings import Settings
 
 app = typer.Typer(help="sdfleet: asynchronous Stable Diffusion generation at scale.", no_args_is_help=True)
-models_app = typer.Typer(help="Models in the models directory.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-runtime_app = typer.Typer(help="Runtimes on their own.", no_args_is_help=True)
 app.add_typer(runtime_app, name="runtime")
-deploy_app = typer.Typer(help="Kubernetes deployment (deploy/helm/sdfleet).", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
-bench_app = typer.Typer(help="Benchmark scenarios of a checkout's bench/ folder.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
-err = Console(stderr=True)
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="Fleet file (default ./sdfleet.yaml if present).")
-ApiOpt = typer.Option("http://127.0.0.1:8080", "--api", envvar="SDFLEET_API_URL", help="Base URL of the API.")
-HostOpt = typer.Option(None, help="API host (SDFLEET_API__HOST).")
-PortOpt = typer.Option(None, help="API port (SDFLEET_API__PORT).")
-KeyOpt = typer.Option(
-    None, "--api-key", envvar="SDFLEET_API_KEY", help="API key (when tenants are configured)."
-)
-
-
-def _settings(config: Path | None, *, service: str | None = None, **overrides: Any) -> Settings:
-    settings = load_settings(config, **overrides)
-    setup_logging(settings.log_level, settings.log_json)
-    if service is not None:
-        setup_tracing(service, settings.otlp_endpoint)
-    return settings
-
-
-def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -246,135 +219,6 @@ def queues(config: Path | None = ConfigOpt) -> None:
         console.print(asyncio.run(main()))
     except SdfleetError as e:
         _fail(e)
-
-
-@models_app.command("make-tiny")
-def make_tiny_cmd(
-    name: str,
-    models_dir: Path | None = typer.Option(None, "--dir", help="Models directory (default from settings)."),
-    single_file: bool = typer.Option(False, help="Also write a single-file .safetensors checkpoint."),
-    seed: int = typer.Option(0),
-    sdxl: bool = typer.Option(False, "--sdxl", help="An SDXL pipeline (diffusers folder only)."),
-) -> None:
-    """Write a tiny random-weight SD pipeline (no download). Its images are noise from a tiny test model."""
-    from sdfleet.models.tiny import make_tiny
-
-    target = models_dir or _settings(None).fleet.models.dir
-    path = make_tiny(target, name, seed=seed, single_file=single_file, sdxl=sdxl)
-    console.print(f"wrote tiny test model {path} (random weights: its images are noise)")
-
-
-@models_app.command("list")
-def models_list(config: Path | None = ConfigOpt) -> None:
-    """Models found in the models directory."""
-    from sdfleet.models.catalog import ModelCatalog
-
-    settings = _settings(config)
-    table = Table("name", "kind", "tiny test model", "path")
-    for m in ModelCatalog(settings.fleet.models.dir).list():
-        table.add_row(m.name, m.kind, "yes" if m.tiny else "", str(m.path))
-    console.print(table)
-
-
-@deploy_app.command("values")
-def deploy_values(
-    config: Path | None = ConfigOpt,
-    engine: str = typer.Option("aws", help="Bus engine of the cluster: aws or redis."),
-    prefix: str | None = typer.Option(None, help="Queue name / key prefix (default: the engine's)."),
-    region: str | None = typer.Option(None, envvar="AWS_REGION", help="AWS region (aws)."),
-    account: str | None = typer.Option(None, help="AWS account id of the queues (aws)."),
-    redis_address: str | None = typer.Option(None, help="host:port of Redis for KEDA (redis)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
-) -> None:
-    """Helm values for deploy/helm/sdfleet from the fleet file: per queue a worker and its KEDA trigger."""
-    import yaml
-
-    from sdfleet.deploy import chart_values
-
-    try:
-        settings = load_settings(config)
-        values = chart_values(
-            settings.fleet,
-            engine=engine,  # type: ignore[arg-type]  # checked by chart_values
-            prefix=prefix,
-            region=region,
-            account=account,
-            redis_address=redis_address,
-            drain_s=settings.agent.drain_s,
-        )
-    except SdfleetError as e:
-        _fail(e)
-        return
-    text = yaml.safe_dump(values, sort_keys=False)
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        output.write_text(text)
-
-
-@runtime_app.command("serve")
-def runtime_serve(
-    host: str = typer.Option("127.0.0.1", help="Listen address."),
-    port: int = typer.Option(7860, help="Listen port (SD WebUI's default)."),
-    models_dir: Path | None = typer.Option(None, help="Models directory (default from settings)."),
-    model: str | None = typer.Option(None, help="Checkpoint to load at start."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    config: Path | None = ConfigOpt,
-) -> None:
-    """The diffusers runtime behind an AUTOMATIC1111-compatible API (/sdapi/v1/...)."""
-    import uvicorn
-
-    from sdfleet.models.catalog import ModelCatalog
-    from sdfleet.runtime_server import create_app
-    from sdfleet.runtimes import build_runtime
-
-    settings = _settings(config)
-    catalog = ModelCatalog(models_dir or settings.fleet.models.dir)
-    options = {**settings.fleet.runtimes.get("diffusers", {}), "device": device}
-    try:
-        runtime = build_runtime(
-            "diffusers",
-            catalog=catalog,
-            options=options,
-            default_model=model or settings.fleet.models.default,
-            cache_size=settings.fleet.models.cache_size,
-        )
-    except SdfleetError as e:
-        _fail(e)
-        return
-    uvicorn.run(create_app(runtime, catalog), host=host, port=port, log_config=None)
-
-
-BenchDirOpt = typer.Option(None, "--bench-dir", help="Scenario folder (default: bench/ here or above).")
-
-
-@bench_app.command("list")
-def bench_list(bench_dir: Path | None = BenchDirOpt) -> None:
-    """The scenarios in bench/ (run one with `sdfleet bench run NAME -- ARGS`)."""
-    from sdfleet.bench import find_bench_dir, list_scenarios
-
-    try:
-        folder = find_bench_dir(bench_dir)
-    except SdfleetError as e:
-        _fail(e)
-        return
-    table = Table("scenario", "what it measures", title=str(folder))
-    for s in list_scenarios(folder):
-        table.add_row(s.name, s.summary)
-    console.print(table)
-
-
-@bench_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_run(ctx: typer.Context, name: str, bench_dir: Path | None = BenchDirOpt) -> None:
-    """Run scenario NAME; arguments after `--` go to it (`sdfleet bench run NAME -- --help`)."""
-    from sdfleet.bench import find_bench_dir, run_scenario
-
-    try:
-        code = run_scenario(find_bench_dir(bench_dir), name, list(ctx.args))
-    except SdfleetError as e:
-        _fail(e)
-        return
-    raise typer.Exit(code)
 
 
 def main() -> None:
