@@ -195,6 +195,21 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
+async def pinned_target(
+    url: str, *, allow_private: bool, resolve: Resolve
+) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """The request to send for ``url`` (URL, extra headers, httpx extensions), pinned to the address
+    the guard approved, so a second DNS answer cannot point it elsewhere. Raises ``UrlRefused``."""
+    approved = await asyncio.to_thread(guarded_addresses, url, allow_private=allow_private, resolve=resolve)
+    parsed = httpx.URL(url)
+    host = parsed.raw_host.decode("ascii")
+    if not approved or approved[0] == host:
+        return parsed, {}, {}
+    headers = {"Host": parsed.netloc.decode("ascii")}
+    extensions: dict[str, Any] = {"sni_hostname": host} if parsed.scheme == "https" else {}
+    return parsed.copy_with(host=approved[0]), headers, extensions
+
+
 def guarded_client(timeout_s: float) -> httpx.AsyncClient:
     """An HTTP client for URLs clients give us: no redirects followed for us (each hop is checked by
     the guard), no proxy settings from the environment."""
@@ -254,7 +269,9 @@ class InputFetcher:
     async def _follow(self, url: str) -> bytes:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
-            target, headers, extensions = await self._target(current)
+            target, headers, extensions = await pinned_target(
+                current, allow_private=self.allow_private, resolve=self._resolve
+            )
             async with self._client.stream(
                 "GET", target, headers=headers, extensions=extensions, follow_redirects=False
             ) as resp:
@@ -268,19 +285,6 @@ class InputFetcher:
                     raise InputFetchError(f"fetching {current} failed: HTTP {resp.status_code}")
                 return await self._read(resp, current)
         raise InputFetchError(f"{url} redirects more than {MAX_REDIRECTS} times")
-
-    async def _target(self, url: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-        """The request to send: pinned to the address the guard approved, so DNS cannot rebind."""
-        approved = await asyncio.to_thread(
-            guarded_addresses, url, allow_private=self.allow_private, resolve=self._resolve
-        )
-        parsed = httpx.URL(url)
-        host = parsed.raw_host.decode("ascii")
-        if not approved or approved[0] == host:
-            return parsed, {}, {}
-        headers = {"Host": parsed.netloc.decode("ascii")}
-        extensions: dict[str, Any] = {"sni_hostname": host} if parsed.scheme == "https" else {}
-        return parsed.copy_with(host=approved[0]), headers, extensions
 
     async def _read(self, resp: httpx.Response, url: str) -> bytes:
         declared = resp.headers.get("content-length")

@@ -26,11 +26,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import httpx
 
-from sdfleet.agent.inputs import Resolve, guarded_addresses, guarded_client, resolve_host
+from sdfleet.agent.inputs import Resolve, guarded_client, pinned_target, resolve_host
 from sdfleet.errors import InputFetchError, UrlRefused
 from sdfleet.tasks import EventType, TaskEvent, TaskRecord, new_task_id
 
@@ -176,7 +175,9 @@ class WebhookNotifier:
 
     async def _attempt(self, d: _Delivery) -> tuple[_Outcome, str]:
         try:
-            target, headers, extensions = await self._target(d.url)
+            target, headers, extensions = await pinned_target(
+                d.url, allow_private=self.allow_private, resolve=self._resolve
+            )
         except UrlRefused as e:
             return _Outcome.GIVE_UP, f"URL refused: {e}"
         except InputFetchError as e:  # a name that does not resolve now may resolve later
@@ -204,18 +205,6 @@ class WebhookNotifier:
         if self.secret:
             headers["X-Sdfleet-Signature"] = sign(self.secret, timestamp, d.body)
         return headers
-
-    async def _target(self, url: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-        """The request to send: pinned to the address the guard approved, so DNS cannot rebind."""
-        approved = await asyncio.to_thread(
-            guarded_addresses, url, allow_private=self.allow_private, resolve=self._resolve
-        )
-        parsed = httpx.URL(url)
-        host = parsed.raw_host.decode("ascii")
-        if not approved or approved[0] == host:
-            return parsed, {}, {}
-        extensions: dict[str, Any] = {"sni_hostname": host} if parsed.scheme == "https" else {}
-        return parsed.copy_with(host=approved[0]), {"Host": parsed.netloc.decode("ascii")}, extensions
 
     async def aclose(self) -> None:
         """Wait up to ``drain_s`` for deliveries in flight, cancel the rest (logged), close the client."""
