@@ -4,9 +4,9 @@ prefixes and the result notification."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sdfleet.errors import ValidationFailed
 from sdfleet.tasks import TaskParams, TaskRecord, TaskState, TaskType
@@ -193,3 +193,24 @@ def notification(
 def running_notification(record: TaskRecord, runtime: str) -> dict[str, Any]:
     """What the seed's agent sends when a task starts (only with ``EXP_CALLBACK_WHEN_RUNNING``)."""
     return {"runtime": runtime, "id": record.id, "status": "running", "context": record.task.context}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_seed(
+    model: type[M], data: dict[str, Any], section: object, section_name: str, keys: tuple[str, ...]
+) -> M:
+    """Validate a seed body the way the seed's Lambda words its refusals: the routing keys it
+    needs first (``Incorrect payload structure, X is missing``), then the model's own checks."""
+    if not isinstance(section, dict):
+        raise ValidationFailed(f"Incorrect payload structure, {section_name} is missing")
+    for key in keys:
+        if key not in section:
+            raise ValidationFailed(f"Incorrect payload structure, {key} is missing")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValidationFailed(f"Incorrect payload structure, {where}: {first['msg']}") from e

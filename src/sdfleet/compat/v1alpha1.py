@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from sdfleet.compat import _common
-from sdfleet.errors import ValidationFailed
 from sdfleet.tasks import Origin, Task, TaskRecord, TaskType
 
 ACCEPTED_TYPES = frozenset(
@@ -61,18 +60,8 @@ class Request(BaseModel):
 
 
 def _parse(body: dict[str, Any]) -> Request:
-    scripts = body.get("alwayson_scripts")
-    if not isinstance(scripts, dict):
-        raise ValidationFailed("Incorrect payload structure, alwayson_scripts is missing")
-    for key in ("task", "sd_model_checkpoint", "id_task"):
-        if key not in scripts:
-            raise ValidationFailed(f"Incorrect payload structure, {key} is missing")
-    try:
-        return Request.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValidationFailed(f"Incorrect payload structure, {where}: {first['msg']}") from e
+    keys = ("task", "sd_model_checkpoint", "id_task")
+    return _common.validate_seed(Request, body, body.get("alwayson_scripts"), "alwayson_scripts", keys)
 
 
 def to_task(

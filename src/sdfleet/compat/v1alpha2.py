@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from sdfleet.compat import _common
 from sdfleet.errors import ValidationFailed
@@ -49,20 +49,11 @@ class Request(BaseModel):
 
 
 def _parse(task: dict[str, Any]) -> TaskBody:
-    metadata = task.get("metadata")
-    if not isinstance(metadata, dict):
-        raise ValidationFailed("Incorrect payload structure, metadata is missing")
-    for key in ("id", "runtime", "tasktype"):
-        if key not in metadata:
-            raise ValidationFailed(f"Incorrect payload structure, {key} is missing")
-    if "content" not in task:
-        raise ValidationFailed("Incorrect payload structure, content is missing")
-    try:
-        return TaskBody.model_validate(task)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValidationFailed(f"Incorrect payload structure, {where}: {first['msg']}") from e
+    keys = ("id", "runtime", "tasktype")
+    if isinstance(task.get("metadata"), dict) and all(k in task["metadata"] for k in keys):
+        if "content" not in task:
+            raise ValidationFailed("Incorrect payload structure, content is missing")
+    return _common.validate_seed(TaskBody, task, task.get("metadata"), "metadata", keys)
 
 
 def _model(content: dict[str, Any]) -> str | None:
