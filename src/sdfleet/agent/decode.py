@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
+from sdfleet import jsonsafe
 from sdfleet.compat import sns
 from sdfleet.errors import MessageDecodeError, ValidationFailed
 from sdfleet.tasks import Task
@@ -17,9 +18,11 @@ def decode_task(body: bytes, attributes: Mapping[str, str]) -> Task:
     seed's messages, raw or inside an SNS envelope (RawMessageDelivery off)."""
     inner, attrs = sns.unwrap(body, attributes)
     try:
-        data = json.loads(inner)
+        data = jsonsafe.loads(inner)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MessageDecodeError(f"body is not JSON: {e}") from e
+    except jsonsafe.JsonTooDeep as e:
+        raise MessageDecodeError(e.message) from e
     if isinstance(data, dict) and data.get("schema") == 1 and "params" in data:
         try:
             return Task.model_validate(data)

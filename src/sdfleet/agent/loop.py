@@ -154,6 +154,13 @@ class Agent:
             await lease.stop()
             await self._settle_release(handle)
             return
+        except Exception:
+            # One poison message or record must not take the agent down: released, it comes back
+            # until max_receives moves it to the dead-letter queue, and the agent serves on.
+            log.exception("unexpected error preparing %s, releasing it", d.message_id)
+            await lease.stop()
+            await self._settle_release(handle)
+            return
         if prepared is None:
             await lease.stop()
             self.processed += 1
@@ -189,6 +196,8 @@ class Agent:
             await execute(self.parts, prepared)
         except SdfleetError as e:  # an engine outage outlasted the retries: the lease brings it back
             log.warning("task %s left unsettled: %s", prepared.task.id, e)
+        except Exception:  # a bug settling one task must not stop the agent; its lease brings it back
+            log.exception("task %s: unexpected error, left to its lease", prepared.task.id)
         finally:
             self.parts.metrics.busy.labels(queue=self.parts.queue.name).set(0)
             await lease.stop()

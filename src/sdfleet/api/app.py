@@ -42,6 +42,12 @@ async def _sdfleet_error(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(error_body(e.code, e.message or str(e)), status_code=status_for(e))
 
 
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    # A bug or an unreadable record fails this one request with the usual error shape; the
+    # process serves on (Starlette re-raises it after answering, so uvicorn logs the traceback).
+    return JSONResponse(error_body("internal", f"internal error ({type(e).__name__})"), status_code=500)
+
+
 async def _request_validation(_: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, RequestValidationError)
     parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5]]
@@ -66,6 +72,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(Exception, _unexpected)
     for module in (tasks, events, compat, queues, files, models, health):
         app.include_router(module.router)
     return app

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from sdfleet import jsonsafe
 from sdfleet.errors import PayloadTooLarge, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
@@ -23,7 +24,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"payload is over the limit of {max_bytes} bytes")
     try:
-        return json.loads(body)
+        return jsonsafe.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValidationFailed(f"malformed JSON: {e}", code="malformed_json") from e
 

@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from sdfleet import jsonsafe
 from sdfleet.compat import v1alpha1, v1alpha2
 from sdfleet.errors import ValidationFailed
 from sdfleet.tasks import Task
@@ -34,8 +35,8 @@ def _envelope(body: bytes) -> dict[str, Any] | None:
     if not body.lstrip().startswith(b"{"):
         return None
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = jsonsafe.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, jsonsafe.JsonTooDeep):
         return None
     if (
         isinstance(data, dict)
@@ -77,7 +78,7 @@ def seed_message_to_task(
     """
     inner, attrs = unwrap(body, attributes)
     try:
-        data = json.loads(inner)
+        data = jsonsafe.loads(inner)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValidationFailed(f"message is not JSON: {e}") from e
     if not isinstance(data, dict):

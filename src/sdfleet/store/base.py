@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from sdfleet.errors import NotFound, TransitionConflict
+from pydantic import ValidationError
+
+from sdfleet.errors import NotFound, StoreError, TransitionConflict
 from sdfleet.tasks import TaskRecord, TaskState
 
 # Allowed moves of the state machine (DESIGN.md): running → queued is a retry.
@@ -51,6 +53,16 @@ class TaskStore(Protocol):
         """A tenant's tasks, newest first; returns (page, cursor of the next page or None)."""
 
     async def aclose(self) -> None: ...
+
+
+def read_record(raw: str | bytes) -> TaskRecord:
+    """A stored record's JSON → ``TaskRecord``; ``StoreError`` (not a crash) for one that cannot be
+    read back, so a single bad record fails its own request or delivery and nothing else."""
+    try:
+        return TaskRecord.model_validate_json(raw)
+    except ValidationError as e:
+        reason = e.errors()[0]["msg"]
+        raise StoreError(f"stored task record is unreadable: {reason}", code="bad_record") from e
 
 
 Mutation = Callable[[TaskRecord], TaskRecord | None]

@@ -13,7 +13,7 @@ from sdfleet.api.body import parse, read_json
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import file_url
 from sdfleet.api.submit import submit
-from sdfleet.errors import NotFound, TransitionConflict, ValidationFailed
+from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import transition
 from sdfleet.tasks import Task, TaskError, TaskParams, TaskRecord, TaskState, TaskType, Webhook
 
@@ -135,10 +135,8 @@ async def list_tasks(
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
 ) -> TaskPage:
-    try:
-        records, next_cursor = await ctx.store.list(who.tenant, state=state, cursor=cursor, limit=limit)
-    except ValueError as e:
-        raise ValidationFailed(f"bad cursor: {e}") from e
+    # A bad cursor is the stores' ValidationFailed (422); anything else is not the client's fault.
+    records, next_cursor = await ctx.store.list(who.tenant, state=state, cursor=cursor, limit=limit)
     return TaskPage(tasks=[await task_view(ctx, request, r) for r in records], cursor=next_cursor)
 
 

@@ -27,6 +27,7 @@ from botocore.exceptions import ClientError
 
 from sdfleet._aws import AwsContext, error_code, flag, int_param, map_errors, parse_aws_url
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
+from sdfleet.store.base import read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _item(record: TaskRecord) -> dict[str, Any]:
 
 
 def _record(item: dict[str, Any]) -> TaskRecord:
-    return TaskRecord.model_validate_json(item["doc"]["S"])
+    return read_record(item["doc"]["S"])
 
 
 def table_spec(table: str) -> dict[str, Any]:

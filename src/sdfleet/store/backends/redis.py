@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from sdfleet._redis import connect, describe, map_errors
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
 from sdfleet.store.backends.sqlite import MAX_PAGE, decode_cursor, encode_cursor
+from sdfleet.store.base import read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
 STATES = list(TaskState)
@@ -109,13 +110,13 @@ class RedisTaskStore:
             existing = await self._create(keys=keys, args=args)
         if existing is None:
             return record.model_copy(deep=True), True
-        return TaskRecord.model_validate_json(existing), False
+        return read_record(existing), False
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record of ``task_id``, or None."""
         with self._errors():
             data = await self.client.hget(self._task_key(task_id), "data")
-        return None if data is None else TaskRecord.model_validate_json(data)
+        return None if data is None else read_record(data)
 
     async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
         """Replace the record iff the stored one still has ``expected_version``."""
@@ -151,7 +152,7 @@ class RedisTaskStore:
             for task_id, _ in page:
                 pipe.hget(self._task_key(task_id), "data")
             found = await pipe.execute() if page else []
-        records = [TaskRecord.model_validate_json(d) for d in found if d is not None]
+        records = [read_record(d) for d in found if d is not None]
         next_cursor = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None
         return records, next_cursor
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from sdfleet import jsonsafe
 from sdfleet.errors import ConfigError, StoreUnavailable, ValidationFailed
+from sdfleet.store.base import read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
 T = TypeVar("T")
@@ -70,14 +72,14 @@ def encode_cursor(created_at: float, task_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, task_id = json.loads(raw)
+        created_at, task_id = jsonsafe.loads(raw, max_depth=1)
         if isinstance(created_at, bool) or not isinstance(created_at, int | float):
             raise TypeError("created_at")
         if not isinstance(task_id, str):
             raise TypeError("id")
-    except (binascii.Error, ValueError, TypeError) as e:
+        return float(created_at), task_id
+    except (binascii.Error, ValueError, TypeError, OverflowError, ValidationFailed) as e:
         raise ValidationFailed(f"bad cursor {cursor!r}") from e
-    return float(created_at), task_id
 
 
 class SqliteTaskStore:
@@ -156,7 +158,7 @@ class SqliteTaskStore:
         existing = await self._run(insert)
         if existing is None:
             return record.model_copy(deep=True), True
-        return TaskRecord.model_validate_json(existing), False
+        return read_record(existing), False
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record of ``task_id``, or None."""
@@ -165,7 +167,7 @@ class SqliteTaskStore:
             return conn.execute("SELECT body FROM task_records WHERE id = ?", (task_id,)).fetchone()
 
         found = await self._run(select)
-        return None if found is None else TaskRecord.model_validate_json(found[0])
+        return None if found is None else read_record(found[0])
 
     async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
         """Replace the record iff the stored one still has ``expected_version``."""
@@ -210,7 +212,7 @@ class SqliteTaskStore:
 
         rows = await self._run(select)
         page = rows[:limit]
-        records = [TaskRecord.model_validate_json(r[0]) for r in page]
+        records = [read_record(r[0]) for r in page]
         next_cursor = encode_cursor(page[-1][1], page[-1][2]) if len(rows) > limit else None
         return records, next_cursor
 
