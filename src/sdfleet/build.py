@@ -9,12 +9,12 @@ import socket
 import uuid
 from contextlib import AsyncExitStack
 
-from sdfleet.agent.inputs import InputFetcher
 from sdfleet.agent.parts import Parts
 from sdfleet.api.deps import ApiContext
 from sdfleet.bus import Bus, open_bus
 from sdfleet.compat.notify import seed_notification
 from sdfleet.errors import ConfigError
+from sdfleet.guarded_http import InputFetcher
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.notify.base import Notifier
 from sdfleet.notify.topic import TopicNotifier

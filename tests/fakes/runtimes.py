@@ -14,6 +14,7 @@ class AlwaysFails:
     """Every run fails like a crashed WebUI would: the agent must retry, then dead-letter."""
 
     name = "always-fails"
+    max_in_flight = 1
 
     def __init__(self, message: str = "the GPU caught fire") -> None:
         self.message = message
@@ -33,7 +34,7 @@ class AlwaysFails:
         await progress(0.5)
         raise RuntimeFailure(self.message)
 
-    async def interrupt(self) -> None:
+    async def interrupt(self, task_id: str | None = None) -> None:
         return None
 
     @property

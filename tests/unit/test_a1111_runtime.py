@@ -23,8 +23,8 @@ from starlette.routing import Route
 
 from fakes.a1111_models import REQUEST_MODELS
 from fakes.servers import ServerThread, a1111_server, free_port
-from sdfleet.agent.inputs import InputFetcher
 from sdfleet.errors import Interrupted, ModelLoadError, Reject, RuntimeFailure
+from sdfleet.guarded_http import InputFetcher
 from sdfleet.models import ModelCatalog
 from sdfleet.runtimes import build_runtime
 from sdfleet.runtimes.a1111 import A1111Runtime

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from sdfleet.agent.inputs import InputFetcher, check_url
 from sdfleet.errors import InputFetchError, UrlRefused
+from sdfleet.guarded_http import InputFetcher, check_url
 
 PUBLIC = "93.184.216.34"
 NAMES = {

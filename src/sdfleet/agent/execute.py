@@ -115,7 +115,7 @@ async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
         try:
             result = await asyncio.wait_for(parts.runtime.run(job, progress), timeout=task.timeout_s)
         except TimeoutError as e:
-            await parts.runtime.interrupt()
+            await parts.runtime.interrupt(task.id)
             raise GenerationTimeout(f"generation took longer than {task.timeout_s} s") from e
     elapsed = time.perf_counter() - t0
     if result.switch_s > 0:  # the switch happens first, inside the runtime's run

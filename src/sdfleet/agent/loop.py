@@ -49,7 +49,7 @@ class Lease:
         record = await self.parts.store.get(self.prepared.task.id)
         if record is not None and record.state is TaskState.CANCELLED:
             self.prepared.cancelled = True
-            await self.parts.runtime.interrupt()
+            await self.parts.runtime.interrupt(self.prepared.task.id)
 
     async def stop(self) -> None:
         self._task.cancel()

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from sdfleet.agent.handle import DeliveryHandle
-from sdfleet.agent.inputs import InputFetcher
 from sdfleet.bus.base import Bus, Delivery
+from sdfleet.guarded_http import InputFetcher
 from sdfleet.notify.base import Notifier
 from sdfleet.runtimes.base import Runtime
 from sdfleet.settings import AgentSettings, FleetConfig, QueueConfig

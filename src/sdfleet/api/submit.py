@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sdfleet.agent.inputs import check_url
 from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
 from sdfleet.errors import Conflict, InputFetchError, NotFound, ValidationFailed
+from sdfleet.guarded_http import check_url
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import inject, tracer

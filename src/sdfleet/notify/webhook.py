@@ -29,8 +29,8 @@ from enum import Enum
 
 import httpx
 
-from sdfleet.agent.inputs import Resolve, guarded_client, pinned_target, resolve_host
 from sdfleet.errors import InputFetchError, UrlRefused
+from sdfleet.guarded_http import Resolve, guarded_client, pinned_target, resolve_host
 from sdfleet.tasks import EventType, TaskEvent, TaskRecord, new_task_id
 
 log = logging.getLogger(__name__)

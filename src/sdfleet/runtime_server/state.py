@@ -126,7 +126,7 @@ class ServerState:
     async def interrupt(self) -> None:
         if self.job:
             self.interrupted = True
-            await self.runtime.interrupt()
+            await self.runtime.interrupt(f"sdapi-{self.job_no}")
 
     async def _progress(self, fraction: float) -> None:
         self.fraction = fraction

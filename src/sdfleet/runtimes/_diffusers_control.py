@@ -20,7 +20,8 @@ class Stopped(Exception):
 class RunControl:
     """One run's link with its worker thread: progress to the loop (in order, coalesced), stop back."""
 
-    def __init__(self, progress: ProgressFn) -> None:
+    def __init__(self, progress: ProgressFn, task_id: str = "") -> None:
+        self.task_id = task_id
         self.stop = threading.Event()
         self._progress = progress
         self._loop = asyncio.get_running_loop()

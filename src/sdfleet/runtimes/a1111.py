@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from sdfleet.agent.inputs import InputFetcher, fetcher_from_options
 from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
+from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._a1111_payload import ENDPOINTS, build_body, inline_urls
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
@@ -54,6 +54,7 @@ class A1111Runtime:
     """Runs jobs on an SD WebUI reached through ``client`` (its ``base_url`` is the WebUI's root)."""
 
     name = "a1111"
+    max_in_flight = 1
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class A1111Runtime:
         self._models: list[dict[str, Any]] = []
         self._lock = asyncio.Lock()
         self._interrupted = False
+        self._running: str | None = None
 
     @classmethod
     def from_options(
@@ -129,11 +131,15 @@ class A1111Runtime:
         body = await self._body(job)
         async with self._lock:
             self._interrupted = False
-            t0 = time.perf_counter()
-            if job.model is not None:
-                await self._switch(job.model)
-            switch_s = time.perf_counter() - t0
-            data = await self._call_with_progress(f"/sdapi/v1/{endpoint}", body, progress)
+            self._running = job.task_id
+            try:
+                t0 = time.perf_counter()
+                if job.model is not None:
+                    await self._switch(job.model)
+                switch_s = time.perf_counter() - t0
+                data = await self._call_with_progress(f"/sdapi/v1/{endpoint}", body, progress)
+            finally:
+                self._running = None
         if self._interrupted:
             raise Interrupted(f"task {job.task_id} interrupted")
         result = self._result(job, data)
@@ -141,8 +147,11 @@ class A1111Runtime:
         await progress(1.0)
         return result
 
-    async def interrupt(self) -> None:
-        """Ask the WebUI to stop the job in progress; its ``run`` raises ``Interrupted``."""
+    async def interrupt(self, task_id: str | None = None) -> None:
+        """Ask the WebUI to stop the job of ``task_id`` (None: ours, whichever it is); its ``run``
+        raises ``Interrupted``. Nothing is sent unless one of our jobs is running."""
+        if self._running is None or task_id not in (None, self._running):
+            return
         self._interrupted = True
         with contextlib.suppress(RuntimeFailure, Reject):
             await self._call("POST", "/sdapi/v1/interrupt")

@@ -37,6 +37,10 @@ class RuntimeResult:
 
 class Runtime(Protocol):
     name: str
+    max_in_flight: int
+    """How many ``run`` calls the agent may have outstanding at once: 1 for a runtime that owns the
+    device in-process; 2 for a server with a queue of its own (SD WebUI, ComfyUI), so that the next
+    job already waits there when one ends and the GPU does not idle between requests."""
 
     async def start(self) -> None:
         """Ready to serve: server reachable, default model loaded. Raises ``ModelLoadError``."""
@@ -48,8 +52,10 @@ class Runtime(Protocol):
         ``sdfleet.errors.Reject`` for a job that can never succeed (unknown model, bad input).
         """
 
-    async def interrupt(self) -> None:
-        """Stop the job in progress as soon as possible (between steps)."""
+    async def interrupt(self, task_id: str | None = None) -> None:
+        """Stop the job of ``task_id``, queued or running, as soon as possible (between steps); its
+        ``run`` raises ``Interrupted``. None: every job this runtime started. Never stops work that
+        this runtime did not start (another client's job on a shared server)."""
 
     @property
     def loaded_model(self) -> str | None: ...

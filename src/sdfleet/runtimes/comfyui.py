@@ -22,8 +22,8 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from sdfleet.agent.inputs import InputFetcher, fetcher_from_options
 from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
+from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
@@ -40,6 +40,7 @@ class ComfyUIRuntime:
     """Runs workflow jobs on the ComfyUI at ``client.base_url``."""
 
     name = "comfyui"
+    max_in_flight = 1
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class ComfyUIRuntime:
         self.fetcher = fetcher
         self.ready_timeout_s = ready_timeout_s
         self._prompt_id: str | None = None
+        self._task_id: str | None = None
         self._interrupted = False
         self._lock = asyncio.Lock()
 
@@ -101,22 +103,25 @@ class ComfyUIRuntime:
             try:
                 async with connect(_ws_url(self.client.base_url, client_id), max_size=None) as ws:
                     prompt_id = await self._queue(workflow, client_id)
-                    self._prompt_id = prompt_id
+                    self._prompt_id, self._task_id = prompt_id, job.task_id
                     await self._follow(ws, prompt_id, progress)
             except (OSError, WebSocketException) as e:
                 raise RuntimeFailure(f"ComfyUI websocket failed: {e!r}") from e
             finally:
-                self._prompt_id = None
+                self._prompt_id = self._task_id = None
             images = await self._outputs(prompt_id)
         await progress(1.0)
         return RuntimeResult(images=images, info={"runtime": self.name, "prompt_id": prompt_id})
 
-    async def interrupt(self) -> None:
-        """Ask ComfyUI to stop the running prompt; ``run`` raises ``Interrupted``."""
+    async def interrupt(self, task_id: str | None = None) -> None:
+        """Ask ComfyUI to stop the prompt of ``task_id`` (None: ours, whichever it is); ``run`` raises
+        ``Interrupted``. Never an empty ``/interrupt``: ComfyUI reads it as "stop whatever runs",
+        another client's prompt included."""
+        if self._prompt_id is None or task_id not in (None, self._task_id):
+            return
         self._interrupted = True
-        body = {"prompt_id": self._prompt_id} if self._prompt_id else {}
         with contextlib.suppress(RuntimeFailure, Reject):
-            await self._call("POST", "/interrupt", json=body)
+            await self._call("POST", "/interrupt", json={"prompt_id": self._prompt_id})
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -56,6 +56,7 @@ class DiffusersRuntime:
     """Runs jobs with diffusers pipelines loaded from a ``ModelCatalog``."""
 
     name = "diffusers"
+    max_in_flight = 1
 
     def __init__(
         self,
@@ -123,7 +124,7 @@ class DiffusersRuntime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
-        ctl = RunControl(progress)
+        ctl = RunControl(progress, job.task_id)
         self._active.add(ctl)
         try:
             return await self._run(job, ctl)
@@ -156,10 +157,12 @@ class DiffusersRuntime:
                 # Other cached pipelines held memory and are gone now: a retry may fit.
                 raise RuntimeFailure(f"{e.reason}; unloaded other cached models", code=e.code) from e
 
-    async def interrupt(self) -> None:
-        """Stop the job in progress between two steps; its ``run`` raises ``Interrupted``."""
+    async def interrupt(self, task_id: str | None = None) -> None:
+        """Stop the job of ``task_id`` (None: every job) between two steps; its ``run`` raises
+        ``Interrupted``."""
         for ctl in list(self._active):
-            ctl.stop.set()
+            if task_id is None or ctl.task_id == task_id:
+                ctl.stop.set()
 
     async def aclose(self) -> None:
         await self.interrupt()

@@ -55,6 +55,7 @@ class SyntheticRuntime:
     """Sleeps ``latency_s`` per job (in ``progress_steps`` slices), then returns synthetic images."""
 
     name = "synthetic"
+    max_in_flight = 1
 
     def __init__(
         self,
@@ -73,7 +74,9 @@ class SyntheticRuntime:
         """When given, job models are resolved against it (unknown → ``Reject``); else any name goes."""
         self.switches = 0
         self._current: str | None = None
-        self._stop = asyncio.Event()
+        self._stops: dict[str, asyncio.Event] = {}
+        self._gpu = asyncio.Lock()
+        """One job at a time, like the one GPU it stands for."""
 
     @classmethod
     def from_options(
@@ -103,33 +106,39 @@ class SyntheticRuntime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Wait the configured latency (interruptible), then return the images."""
-        self._stop.clear()
         if job.type is TaskType.PIPELINE:
             raise Reject("the synthetic runtime cannot run 'pipeline' tasks", code="unsupported_task")
-        t0 = time.perf_counter()
-        if job.model is not None:
-            await self._switch(job.model)
-        switch_s = time.perf_counter() - t0
-        step = self.latency_s / self.progress_steps
-        for n in range(self.progress_steps):
-            await self._sleep(step, job.task_id)
-            await progress((n + 1) / self.progress_steps)
+        stop = self._stops.setdefault(job.task_id, asyncio.Event())
+        try:
+            async with self._gpu:
+                t0 = time.perf_counter()
+                if job.model is not None:
+                    await self._switch(job.model)
+                switch_s = time.perf_counter() - t0
+                step = self.latency_s / self.progress_steps
+                for n in range(self.progress_steps):
+                    await self._sleep(step, job.task_id, stop)
+                    await progress((n + 1) / self.progress_steps)
+        finally:
+            self._stops.pop(job.task_id, None)
         result = self._result(job)
         result.switch_s = switch_s
         return result
 
-    async def interrupt(self) -> None:
-        """Make the running job raise ``Interrupted`` at once."""
-        self._stop.set()
+    async def interrupt(self, task_id: str | None = None) -> None:
+        """Make the job of ``task_id`` (every job: None) raise ``Interrupted`` at once."""
+        for tid, stop in list(self._stops.items()):
+            if task_id is None or tid == task_id:
+                stop.set()
 
     async def aclose(self) -> None:
-        self._stop.set()
+        await self.interrupt()
 
-    async def _sleep(self, seconds: float, task_id: str) -> None:
-        if self._stop.is_set():
+    async def _sleep(self, seconds: float, task_id: str, stop: asyncio.Event) -> None:
+        if stop.is_set():
             raise Interrupted(f"task {task_id} interrupted")
         try:
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
         except TimeoutError:
             return
         raise Interrupted(f"task {task_id} interrupted")
