@@ -117,8 +117,20 @@ class ApiSettings(BaseModel):
 
 class AgentSettings(BaseModel):
     queue: str | None = None
-    concurrency: int = Field(1, ge=1)
-    prefetch: int = Field(1, ge=0)
+    prefetch: int | None = Field(None, ge=1)
+    """Tasks received and prepared (inputs fetched) ahead of the runtime, waiting in the agent's
+    ready pool; default twice what the runtime takes at once (``max_in_flight`` × batch size),
+    at least 2. More gives the model-aware order more to choose from, but hides those tasks from
+    other agents for their lease."""
+    finishers: int = Field(4, ge=1)
+    """Tasks finishing at once (upload, record, notify, ack) while the runtime goes on; when all
+    are busy the runtime waits, which bounds memory."""
+    cancel_check_s: float = Field(1.0, gt=0)
+    """How often the records of tasks running for at least this long are read for a cancel: a
+    cancelled task is interrupted within about twice this, whatever the lease."""
+    affinity_max_wait_s: float = Field(30.0, ge=0)
+    """Model-aware order: the longest a received task may be passed over for tasks of a model the
+    runtime has loaded; 0 is plain arrival order."""
     wait_s: float = Field(5.0, ge=0)
     """Long-poll wait of one receive, seconds."""
     heartbeat_s: float | None = None

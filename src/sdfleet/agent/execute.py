@@ -1,97 +1,60 @@
-"""One prepared task end to end: runtime → storage → record → notify → ack.
+"""The run stage: one runtime call for a task, or for a batch of compatible tasks.
 
-Every exit path settles the delivery exactly once (ack, or release for a retry) and leaves the
-record in a state that tells the client what happened.
+This is the only stage that holds the GPU. It returns an outcome per task (a result or the error
+that ended it) and leaves recording, storing, notifying and acking to the finish stage, which runs
+concurrently with the next call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
-from functools import partial
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 from opentelemetry import trace
-from opentelemetry.trace import StatusCode
 
-from sdfleet.agent.outage import ride_out
-from sdfleet.agent.parts import Parts, Prepared, image_keys
-from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun, requeue
-from sdfleet.bus.base import Delivery
-from sdfleet.errors import (
-    GenerationTimeout,
-    Interrupted,
-    NotFound,
-    Reject,
-    RuntimeFailure,
-    SdfleetError,
-    TransitionConflict,
-)
-from sdfleet.runtimes.base import Job, RuntimeResult
+from sdfleet.agent.parts import Parts, Prepared
+from sdfleet.agent.records import notify
+from sdfleet.errors import GenerationTimeout, SdfleetError
+from sdfleet.runtimes.base import Job, ProgressFn, Runtime, RuntimeResult
 from sdfleet.store.base import transition
-from sdfleet.tasks import EventType, TaskRecord, TaskResult, TaskState
+from sdfleet.tasks import EventType, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
-
-async def execute(parts: Parts, p: Prepared) -> None:
-    """Run a prepared task and settle its delivery; ends the task's ``agent.task`` span."""
-    try:
-        # current span while it runs, so log lines carry its trace id and task id
-        with trace.use_span(p.span, end_on_exit=False):
-            await _execute(parts, p)
-    finally:
-        p.span.end()
+Outcome = RuntimeResult | BaseException
+PROGRESS_EVERY_S = 1.0
+"""Least time between two progress writes of one task; a task shorter than this writes none."""
 
 
-async def _execute(parts: Parts, p: Prepared) -> None:
-    d, task = p.delivery, p.task
-    try:
-        start = partial(transition, parts.store, task.id, lambda r: _start(r, parts, d))
-        record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
-    except (TransitionConflict, NotFound) as e:
-        log.info("task %s not started: %s", task.id, e)
-        await notify_if_cancelled_unrun(parts, await parts.store.get(task.id))
-        await p.handle.ack()
-        return
-    await notify(parts, record, EventType.STARTED)
-    try:
-        result = await _run(parts, p)
-        await _succeed(parts, p, result)
-    except Reject as e:
-        p.span.set_status(StatusCode.ERROR, e.reason)
-        await fail(parts, task.id, e.code, e.reason)
-        await p.handle.ack()
-    except Interrupted:
-        await _interrupted(parts, p)
-    except (RuntimeFailure, SdfleetError) as e:
-        await _retry_or_fail(parts, p, e.code, e.message or str(e))
-    except Exception as e:  # a runtime bug must not kill the agent; it counts as a failed attempt
-        log.exception("task %s: unexpected error", task.id)
-        await _retry_or_fail(parts, p, "runtime_failure", f"{type(e).__name__}: {e}")
+@runtime_checkable
+class BatchRuntime(Protocol):
+    """A runtime that can run compatible jobs as one call (dynamic batching)."""
+
+    max_batch: int
+    """Most images one call may make; 1: no batching."""
+    batch_wait_s: float
+    """Longest a task waits for batch-mates once the runtime could take it."""
+
+    def batch_key(self, job: Job) -> object | None:
+        """Jobs with equal, non-None keys may run in one call."""
+
+    async def run_batch(self, jobs: Sequence[Job], progress: Sequence[ProgressFn]) -> list[Outcome]:
+        """One outcome per job, in order: its result, or the error that failed it alone."""
 
 
-def _start(r: TaskRecord, parts: Parts, d: Delivery) -> TaskRecord | None:
-    if r.state is TaskState.RUNNING:
-        if r.worker == parts.worker_id:
-            return None  # our own start, applied by a server that went away before it replied
-        if d.receive_count <= 1:
-            # Another agent holds a copy of this task (a re-published submit); only a redelivery,
-            # whose receive count is 2 or more, takes over from an agent that died.
-            raise TransitionConflict(f"already running on {r.worker}")
-    r.state = TaskState.RUNNING
-    r.attempts = max(r.attempts + 1, d.receive_count)
-    r.worker = parts.worker_id
-    r.runtime = parts.runtime.name
-    r.started_at = time.time()
-    r.progress = 0.0
-    return r
+def batching(runtime: Runtime) -> BatchRuntime | None:
+    if isinstance(runtime, BatchRuntime) and runtime.max_batch > 1:
+        return runtime
+    return None
 
 
-async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
+def job_of(parts: Parts, p: Prepared) -> Job:
     task = p.task
-    job = Job(
+    return Job(
         task_id=task.id,
         type=task.type,
         model=task.model or parts.queue.model or parts.fleet.models.default,
@@ -99,110 +62,100 @@ async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
         init_images=p.inputs,
         timeout_s=task.timeout_s,
     )
-    before = parts.runtime.loaded_model
-    last = 0.0
 
-    async def progress(fraction: float) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= 1.0 or fraction >= 1.0:  # throttle store writes
-            last = now
-            await _progress(parts, task.id, fraction)
 
+async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
+    """Run ``batch`` (one task, or batch-mates) in one runtime call; never raises."""
+    jobs = [job_of(parts, p) for p in batch]
+    reporters = [_Progress(parts, p) for p in batch]
+    timeouts = [j.timeout_s for j in jobs if j.timeout_s is not None]
+    runtime = parts.runtime
+    before = runtime.loaded_model
     t0, wall0 = time.perf_counter(), time.time_ns()
-    with p.stage("runtime.run") as span:
-        span.set_attribute("sdfleet.model", job.model or "")
-        try:
-            result = await asyncio.wait_for(parts.runtime.run(job, progress), timeout=task.timeout_s)
-        except TimeoutError as e:
-            await parts.runtime.interrupt(task.id)
-            raise GenerationTimeout(f"generation took longer than {task.timeout_s} s") from e
+    for p in batch:
+        p.run_started = time.monotonic()
+    with _stage_spans(batch, jobs[0].model) as spans:
+        outcomes = await _call(runtime, jobs, reporters, min(timeouts) if timeouts else None)
+        for span, outcome in zip(spans, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                span.record_exception(outcome)
     elapsed = time.perf_counter() - t0
-    if result.switch_s > 0:  # the switch happens first, inside the runtime's run
-        p.timings["model_switch"] = result.switch_s
-        p.past_stage("model.switch", wall0, wall0 + int(result.switch_s * 1e9))
-    p.timings["runtime_run"] = max(0.0, elapsed - result.switch_s)
-    if parts.runtime.loaded_model != before:
+    switched = runtime.loaded_model != before
+    if switched:
         parts.metrics.model_switches.labels(queue=parts.queue.name).inc()
-    parts.metrics.observe_stages(parts.queue.name, p.timings)
-    return result
+    for p, outcome in zip(batch, outcomes, strict=True):
+        switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) and switched else 0.0
+        if switch_s > 0:
+            p.timings["model_switch"] = switch_s
+            p.past_stage("model.switch", wall0, wall0 + int(switch_s * 1e9))
+        p.timings["runtime_run"] = max(0.0, elapsed - switch_s)
+        if isinstance(outcome, RuntimeResult):
+            outcome.info["batch_size"] = len(batch)  # tasks that shared the runtime call
+        parts.metrics.observe_stages(parts.queue.name, p.timings)
+    return outcomes
 
 
-async def _progress(parts: Parts, task_id: str, fraction: float) -> None:
+async def _call(
+    runtime: Runtime, jobs: Sequence[Job], reporters: Sequence[_Progress], timeout_s: float | None
+) -> list[Outcome]:
+    many = batching(runtime) if len(jobs) > 1 else None
+    try:
+        async with asyncio.timeout(timeout_s):
+            if many is not None:
+                return await many.run_batch(jobs, [r.report for r in reporters])
+            return [await runtime.run(jobs[0], reporters[0].report)]
+    except TimeoutError:
+        for job in jobs:
+            await runtime.interrupt(job.task_id)
+        error = GenerationTimeout(f"generation took longer than {timeout_s:g} s")
+        return [error for _ in jobs]
+    except Exception as e:  # the finish stage tells a runtime bug from a failure or a Reject
+        return [e for _ in jobs]
+
+
+@contextlib.contextmanager
+def _stage_spans(batch: Sequence[Prepared], model: str | None) -> Iterator[list[trace.Span]]:
+    with contextlib.ExitStack() as stack:
+        spans = []
+        for p in batch:
+            span = stack.enter_context(p.stage("runtime.run"))
+            span.set_attribute("sdfleet.model", model or "")
+            span.set_attribute("sdfleet.batch_size", len(batch))
+            spans.append(span)
+        yield spans
+
+
+class _Progress:
+    """A task's progress, written to its record at most every ``PROGRESS_EVERY_S`` (never the
+    final 1.0: the success write says that)."""
+
+    def __init__(self, parts: Parts, p: Prepared) -> None:
+        self.parts, self.p = parts, p
+        self.last = time.monotonic()
+
+    async def report(self, fraction: float) -> None:
+        now = time.monotonic()
+        if fraction >= 1.0 or now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        record = await _write_progress(self.parts, self.p, fraction)
+        if record is not None and record.state is TaskState.RUNNING:
+            await notify(self.parts, record, EventType.PROGRESS)
+
+
+async def _write_progress(parts: Parts, p: Prepared, fraction: float) -> TaskRecord | None:
     def mutate(r: TaskRecord) -> TaskRecord | None:
-        if r.state is not TaskState.RUNNING:
+        if r.state is not TaskState.RUNNING or r.worker != parts.worker_id:
             return None
         r.progress = round(min(1.0, fraction), 4)
         return r
 
+    if p.record is None or p.record.state is not TaskState.RUNNING:
+        return None  # not started yet (its start write is still in flight)
     try:
-        record = await transition(parts.store, task_id, mutate)
+        record = await transition(parts.store, p.task.id, mutate, current=p.record)
     except SdfleetError as e:  # progress is best effort
-        log.debug("progress of %s not saved: %s", task_id, e)
-        return
-    if record.state is TaskState.RUNNING:
-        await notify(parts, record, EventType.PROGRESS)
-
-
-async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> TaskResult:
-    task = p.task
-    keys, out_key = image_keys(task, len(result.images))
-    t0 = time.perf_counter()
-    with p.stage("storage.put"):
-        puts = (parts.storage.put(k, img, "image/png") for k, img in zip(keys, result.images, strict=True))
-        await asyncio.gather(*puts)
-        info = {**result.info, "images": [parts.storage.location(k) for k in keys], "task_id": task.id}
-        await parts.storage.put(out_key, json.dumps(info, indent=2).encode(), "application/json")
-    p.timings["storage_put"] = time.perf_counter() - t0
-    parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})
-    return TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
-
-
-async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
-    task = p.task
-    res = await _store_outputs(parts, p, result)
-
-    def mutate(r: TaskRecord) -> TaskRecord | None:
-        if r.state is TaskState.SUCCEEDED and r.result == res:
-            return None  # our own write, applied by a server that went away before it replied
-        r.state, r.result, r.progress, r.error = TaskState.SUCCEEDED, res, 1.0, None
-        r.finished_at = time.time()
-        return r
-
-    lease_s = parts.fleet.retry.lease_s
-    try:
-        record = await ride_out(
-            partial(transition, parts.store, task.id, mutate), f"recording {task.id}", lease_s
-        )
-    except TransitionConflict as e:  # cancelled (or finished elsewhere) meanwhile: no second result
-        log.info("task %s finished but not recorded: %s", task.id, e)
-        await p.handle.ack()
-        return
-    parts.metrics.tasks.labels(queue=parts.queue.name, state="succeeded").inc()
-    with p.stage("notify"):
-        await notify(parts, record, EventType.SUCCEEDED)
-    await ride_out(p.handle.ack, f"acking {task.id}", lease_s)
-
-
-async def _interrupted(parts: Parts, p: Prepared) -> None:
-    if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
-        record = await parts.store.get(p.task.id)
-        if record is not None:
-            await notify(parts, record, EventType.CANCELLED)
-        await p.handle.ack()
-        return
-    await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
-    await p.handle.release()
-
-
-async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> None:
-    d = p.delivery
-    p.span.set_status(StatusCode.ERROR, message)
-    log.warning("task %s attempt %d failed: %s", p.task.id, d.receive_count, message)
-    if d.receive_count >= parts.fleet.retry.max_receives:
-        await fail(parts, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
-        # Not acked: the bus moves a message that used up its receives to the dead-letter queue.
-        await p.handle.release()
-    else:
-        await requeue(parts, p.task.id, code, message)
-        await p.handle.release(parts.settings.retry_delay_s)
+        log.debug("progress of %s not saved: %s", p.task.id, e)
+        return None
+    p.record = record
+    return record

@@ -1,60 +1,42 @@
-"""The agent's loop: receive, keep leases alive, pipeline prefetch → run → finish, shut down cleanly.
+"""The agent's loop: stages that keep the GPU busy, and a clean shutdown.
 
-While the runtime works on task N, the receiver already holds task N+1 with its inputs fetched
-(``prefetch``), so the GPU never waits on the network. SIGTERM (scale-in, spot interruption): stop
-receiving, release what was prefetched, let the running task finish within ``drain_s`` or interrupt
-and release it, exit 0. ``burst`` drains the queue and returns.
+receive → prepare → (ready pool) → run → finish. The receiver keeps up to ``prefetch`` tasks
+received and prepared (inputs fetched) ahead of the runtime. The run stage holds the GPU: it keeps
+``runtime.max_in_flight`` calls outstanding (1 in-process; 2 for a server with its own queue, so
+the next job already waits there), picks the next task in model-aware order and, for a runtime that
+batches, takes compatible tasks along. Its start write runs beside the call, and finishing a task
+(upload, record, notify, ack) runs concurrently with the next calls, at most ``finishers`` at once,
+so the GPU never waits on the network.
+
+SIGTERM (scale-in, spot interruption): stop receiving, release what was prefetched, let running
+tasks finish within ``drain_s`` or interrupt and release them, finish what finished, exit 0.
+``burst`` drains the queue and returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Hashable, Sequence
 from pathlib import Path
 
-from sdfleet.agent.execute import execute
+from sdfleet.agent.begin import begin
+from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
+from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
+from sdfleet.agent.pool import ReadyPool
 from sdfleet.agent.prepare import prepare
+from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, SdfleetError
-from sdfleet.tasks import TaskState
 
 log = logging.getLogger(__name__)
 
-
-class Lease:
-    """Extends a delivery's lease every ``period`` seconds, and watches its task for a cancel."""
-
-    def __init__(self, parts: Parts, handle: DeliveryHandle, lease_s: float, period: float) -> None:
-        self.parts, self.handle, self.lease_s, self.period = parts, handle, lease_s, period
-        self.prepared: Prepared | None = None
-        self._task = asyncio.create_task(self._beat(), name=f"lease-{handle.delivery.message_id}")
-
-    async def _beat(self) -> None:
-        while not self.handle.settled:
-            await asyncio.sleep(self.period)
-            try:
-                await self.handle.extend(self.lease_s)
-                await self._check_cancel()
-            except SdfleetError as e:
-                log.warning("lease heartbeat for %s failed: %s", self.handle.delivery.message_id, e)
-
-    async def _check_cancel(self) -> None:
-        if self.prepared is None or self.prepared.cancelled:
-            return
-        record = await self.parts.store.get(self.prepared.task.id)
-        if record is not None and record.state is TaskState.CANCELLED:
-            self.prepared.cancelled = True
-            await self.parts.runtime.interrupt(self.prepared.task.id)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+MAX_RECEIVE = 10
+"""Most deliveries one receive asks for (SQS's own limit)."""
 
 
 class Agent:
@@ -65,15 +47,25 @@ class Agent:
         # Liveness = heartbeat age: the receive loop touches this file while the event loop is healthy.
         self.alive_file = ready_file.with_suffix(".alive") if ready_file is not None else None
         self._touched = 0.0
+        s = parts.settings
         self.lease_s = parts.fleet.retry.lease_s
-        self.period = parts.settings.heartbeat_s or max(1.0, self.lease_s / 3)
+        self.period = s.heartbeat_s or max(1.0, self.lease_s / 3)
+        self.depth = max(1, parts.runtime.max_in_flight)
+        self.batcher = batching(parts.runtime)
+        self.max_batch = self.batcher.max_batch if self.batcher else 1
+        self.prefetch = s.prefetch if s.prefetch is not None else max(2, 2 * self.depth * self.max_batch)
         self.processed = 0
+        self.pool = ReadyPool(max_pass_over_s=s.affinity_max_wait_s)
+        self._preparing = 0
+        self._running: set[Prepared] = set()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._leases: dict[Prepared, Lease] = {}
+        self._gpu = asyncio.Semaphore(self.depth)
+        self._room = asyncio.Semaphore(self.depth + s.finishers)
+        self._aliases: dict[str, str] = {}
         self._stopping = asyncio.Event()
-        self._ready: asyncio.Queue[tuple[Prepared, Lease]] = asyncio.Queue(
-            maxsize=max(1, parts.settings.prefetch)
-        )
         self._receiver_done = asyncio.Event()
-        self._current: asyncio.Task[None] | None = None
+        self._taken = asyncio.Event()
 
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -91,16 +83,24 @@ class Agent:
             self.ready_file.parent.mkdir(parents=True, exist_ok=True)
             self.ready_file.write_text("ready\n")
         receiver = asyncio.create_task(self._receive_loop(), name="receiver")
+        done = asyncio.Event()
+        check_s = self.parts.settings.cancel_check_s
+        watcher = asyncio.create_task(watch_cancels(self.parts, lambda: self._running, check_s, done))
         try:
-            await self._run_loop()
+            await self._run_stage()
         finally:
             self._stopping.set()
             await receiver
-            await self._release_prefetched()
+            await self._release(self.pool.drain())
+            await self._drain()
+            done.set()
+            await watcher
             for f in (self.ready_file, self.alive_file):
                 if f is not None:
                     f.unlink(missing_ok=True)
         return self.processed
+
+    # --- receive and prepare ---------------------------------------------------------------
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -115,124 +115,222 @@ class Agent:
         try:
             while not self._stopping.is_set():
                 self._heartbeat()
-                if not self._has_room():
-                    await self._sleep(0.05)
+                room = self.prefetch - len(self.pool) - self._preparing
+                if room <= 0:
+                    self._taken.clear()
+                    await self._until(self._taken.wait(), 1.0)
                     continue
                 try:
                     deliveries = await self.parts.bus.receive(
-                        q, max_messages=1, wait_s=wait_s, lease_s=self.lease_s
+                        q, max_messages=min(room, MAX_RECEIVE), wait_s=wait_s, lease_s=self.lease_s
                     )
                 except BusError as e:
                     log.warning("receive from %s failed, retrying: %s", q, e)
-                    await self._sleep(1.0)
+                    await self._until(self._stopping.wait(), 1.0)
                     continue
-                if not deliveries:
-                    if self.burst and await self._drained():
-                        return
-                    continue
+                if not deliveries and self.burst and await self._drained():
+                    return
                 for d in deliveries:
-                    await self._admit(d)
+                    self._preparing += 1
+                    self._spawn(self._admit(d))
         finally:
             self._receiver_done.set()
 
-    def _has_room(self) -> bool:
-        if self.parts.settings.prefetch == 0:
-            return self._ready.empty() and self._current is None
-        return self._ready.qsize() < self.parts.settings.prefetch
-
     async def _drained(self) -> bool:
         stats = await self.parts.bus.stats(self.parts.queue.name)
-        return stats.visible == 0 and stats.delayed == 0 and self._ready.empty() and self._current is None
+        return stats.visible == 0 and stats.delayed == 0 and self._idle()
+
+    def _idle(self) -> bool:
+        return not self.pool and not self._preparing and not self._jobs
 
     async def _admit(self, d: Delivery) -> None:
         handle = DeliveryHandle(self.parts.bus, d)
-        lease = Lease(self.parts, handle, self.lease_s, self.period)
+        lease = Lease(handle, self.lease_s, self.period)
         try:
             prepared = await prepare(self.parts, handle)
-        except SdfleetError as e:
-            log.warning("could not prepare %s, releasing: %s", d.message_id, e)
-            await lease.stop()
-            await self._settle_release(handle)
-            return
-        except Exception:
+        except Exception as e:
             # One poison message or record must not take the agent down: released, it comes back
             # until max_receives moves it to the dead-letter queue, and the agent serves on.
-            log.exception("unexpected error preparing %s, releasing it", d.message_id)
+            unexpected = not isinstance(e, SdfleetError)
+            log.warning("could not prepare %s, releasing: %s", d.message_id, e, exc_info=unexpected)
             await lease.stop()
-            await self._settle_release(handle)
-            return
-        if prepared is None:
-            await lease.stop()
-            self.processed += 1
-            return
-        lease.prepared = prepared
-        self._ready.put_nowait((prepared, lease))  # room was checked before receiving
-
-    async def _run_loop(self) -> None:
-        while True:
-            item = await self._next_ready()
-            if item is None:
-                return
-            prepared, lease = item
-            self._current = asyncio.create_task(self._execute(prepared, lease))
-            await self._wait_current()
-            self._current = None
-            self.processed += 1
-
-    async def _next_ready(self) -> tuple[Prepared, Lease] | None:
-        while True:
-            if self._stopping.is_set():
-                return None
-            if self._receiver_done.is_set() and self._ready.empty():
-                return None
-            try:
-                return await asyncio.wait_for(self._ready.get(), timeout=0.2)
-            except TimeoutError:
-                continue
-
-    async def _execute(self, prepared: Prepared, lease: Lease) -> None:
-        self.parts.metrics.busy.labels(queue=self.parts.queue.name).set(1)
-        try:
-            await execute(self.parts, prepared)
-        except SdfleetError as e:  # an engine outage outlasted the retries: the lease brings it back
-            log.warning("task %s left unsettled: %s", prepared.task.id, e)
-        except Exception:  # a bug settling one task must not stop the agent; its lease brings it back
-            log.exception("task %s: unexpected error, left to its lease", prepared.task.id)
+            await _settle(handle.release())
+            prepared = None
+        else:
+            if prepared is None:
+                await lease.stop()
         finally:
-            self.parts.metrics.busy.labels(queue=self.parts.queue.name).set(0)
-            await lease.stop()
-
-    async def _wait_current(self) -> None:
-        assert self._current is not None
-        stop_wait = asyncio.create_task(self._stopping.wait())
-        done, _ = await asyncio.wait({self._current, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        if self._current in done:
+            self._preparing -= 1
+        if prepared is None:
+            self.processed += 1
             return
-        # Shutting down: give the running task the grace period, then interrupt it (it is released).
-        drain = self.parts.settings.drain_s
-        finished, _ = await asyncio.wait({self._current}, timeout=drain)
-        if not finished:
-            log.warning("task still running after %.0f s drain: interrupting", drain)
+        self._leases[prepared] = lease
+        self.pool.put(prepared)
+
+    # --- run and finish --------------------------------------------------------------------
+
+    async def _run_stage(self) -> None:
+        while True:
+            if not await self._acquire(self._gpu):
+                return
+            if not await self._acquire(self._room):
+                self._gpu.release()
+                return
+            batch = await self._next_batch()
+            if batch is None:
+                self._gpu.release()
+                self._room.release()
+                return
+            self._taken.set()
+            self._spawn(self._process(batch))
+
+    async def _next_batch(self) -> list[Prepared] | None:
+        while not self._stopping.is_set():
+            if self.pool:
+                batch = self.pool.take(
+                    self._loaded(), max_batch=self.max_batch, key=self._key, model_of=self._model_of
+                )
+                if self.batcher is not None and len(batch) < self.max_batch:
+                    batch += await self._company(batch)
+                return batch
+            if self._receiver_done.is_set() and not self._preparing:
+                return None
+            await self.pool.wait(0.2)
+        return None
+
+    async def _company(self, batch: list[Prepared]) -> list[Prepared]:
+        """Batch-mates that arrive within the runtime's ``batch_wait_s`` of the first task."""
+        assert self.batcher is not None
+        deadline = batch[0].ready_at + self.batcher.batch_wait_s
+        mates: list[Prepared] = []
+        while True:
+            mates += self.pool.company(batch, self._key, self.max_batch - len(batch) - len(mates))
+            remaining = deadline - time.monotonic()
+            if len(batch) + len(mates) >= self.max_batch or remaining <= 0 or self._stopping.is_set():
+                return mates
+            await self.pool.wait(remaining)
+
+    def _key(self, p: Prepared) -> Hashable | None:
+        if self.batcher is None:
+            return None
+        key = self.batcher.batch_key(job_of(self.parts, p))
+        return key if isinstance(key, Hashable) else None
+
+    def _loaded(self) -> list[str]:
+        runtime = self.parts.runtime
+        loaded = [m for m in (runtime.loaded_model, *getattr(runtime, "cached_models", ())) if m]
+        return list(dict.fromkeys(loaded))
+
+    def _model_of(self, p: Prepared) -> str | None:
+        model = job_of(self.parts, p).model
+        return self._aliases.get(model, model) if model else None
+
+    async def _process(self, batch: Sequence[Prepared]) -> None:
+        try:
+            starts = [asyncio.create_task(self._begin(p)) for p in batch]
+            outcomes = await self._run(batch)
+            started = await asyncio.gather(*starts)
+            settle = zip(batch, started, outcomes, strict=True)
+            await asyncio.gather(*(self._finish(p, ok, outcome) for p, ok, outcome in settle))
+        finally:
+            self._room.release()
+            self.processed += len(batch)
+
+    async def _begin(self, p: Prepared) -> bool | None:
+        """The start write, beside the runtime call: a task that must not run is interrupted."""
+        try:
+            ok: bool | None = await begin(self.parts, p)
+        except Exception as e:  # an outage past the retries: the lease brings the task back
+            log.warning("task %s: start not recorded, left to its lease: %s", p.task.id, e)
+            ok = None
+        if not ok:
+            await self.parts.runtime.interrupt(p.task.id)
+        return ok
+
+    async def _run(self, batch: Sequence[Prepared]) -> list[Outcome]:
+        busy = self.parts.metrics.busy.labels(queue=self.parts.queue.name)
+        self._running.update(batch)
+        busy.set(1)
+        try:
+            outcomes = await run_tasks(self.parts, batch)
+        finally:
+            self._running.difference_update(batch)
+            busy.set(1 if self._running else 0)
+            self._gpu.release()
+        model = job_of(self.parts, batch[0]).model
+        if model and self.parts.runtime.loaded_model:
+            self._aliases[model] = self.parts.runtime.loaded_model
+        return outcomes
+
+    async def _finish(self, p: Prepared, started: bool | None, outcome: Outcome) -> None:
+        try:
+            if started:
+                await finish(self.parts, p, outcome)
+            else:  # dropped at start (settled there) or left to its lease
+                p.span.end()
+        except Exception:  # a bug settling one task must not stop the agent; its lease brings it back
+            log.exception("task %s: unexpected error while finishing, left to its lease", p.task.id)
+        finally:
+            lease = self._leases.pop(p, None)
+            if lease is not None:
+                await lease.stop()
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    async def _release(self, items: Sequence[Prepared]) -> None:
+        for p in items:
+            lease = self._leases.pop(p, None)
+            if lease is not None:
+                await lease.stop()
+            p.span.end()
+            await _settle(p.handle.release())
+
+    async def _drain(self) -> None:
+        """Running tasks get ``drain_s``, then are interrupted (and released); finishing ones end."""
+        if not self._jobs:
+            return
+        _, pending = await asyncio.wait(set(self._jobs), timeout=self.parts.settings.drain_s)
+        if pending and self._running:
+            log.warning("tasks still running after %.0f s drain: interrupting", self.parts.settings.drain_s)
             # A receive still in flight would take the released task back and spend one of its
             # max_receives on an agent that is going away: let it end first.
             await self._receiver_done.wait()
             await self.parts.runtime.interrupt()
-            await self._current
+        if pending:
+            await asyncio.wait(pending)
 
-    async def _release_prefetched(self) -> None:
-        while not self._ready.empty():
-            prepared, lease = self._ready.get_nowait()
-            await lease.stop()
-            prepared.span.end()
-            await self._settle_release(prepared.handle)
+    # --- plumbing --------------------------------------------------------------------------
 
-    async def _settle_release(self, handle: DeliveryHandle) -> None:
-        try:
-            await handle.release()
-        except SdfleetError as e:  # the lease will expire and the message come back anyway
-            log.warning("release of %s failed: %s", handle.delivery.message_id, e)
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+    async def _acquire(self, sem: asyncio.Semaphore) -> bool:
+        """``sem`` acquired (True), or shutdown began first (False)."""
+        if self._stopping.is_set():
+            return False
+        acquire = asyncio.ensure_future(sem.acquire())
+        await self._until(acquire, None)
+        if not acquire.done() or acquire.cancelled():
+            return False
+        if self._stopping.is_set():
+            sem.release()
+            return False
+        return True
+
+    async def _until(self, aw: Awaitable[object], timeout_s: float | None) -> None:
+        """Wait for ``aw``, for shutdown, or ``timeout_s``, whichever comes first (``aw`` is
+        cancelled if it has not finished)."""
+        fut = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({fut, stop}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for f in (fut, stop):
+            f.cancel()
+
+
+async def _settle(op: Awaitable[None]) -> None:
+    try:
+        await op
+    except SdfleetError as e:  # the lease will expire and the message come back anyway
+        log.warning("settling a delivery failed: %s", e)

@@ -16,7 +16,7 @@ from sdfleet.runtimes.base import Runtime
 from sdfleet.settings import AgentSettings, FleetConfig, QueueConfig
 from sdfleet.storage.base import BlobStore
 from sdfleet.store.base import TaskStore
-from sdfleet.tasks import Task
+from sdfleet.tasks import Task, TaskRecord
 from sdfleet.telemetry import Metrics, tracer
 
 
@@ -37,17 +37,26 @@ class Parts:
     metrics: Metrics
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a task in the agent's sets and maps
 class Prepared:
-    """A received task whose inputs are already fetched, waiting for the runtime."""
+    """A received task whose inputs are already fetched, on its way through the agent's stages."""
 
     handle: DeliveryHandle
     task: Task
     inputs: list[bytes]
     span: trace.Span
     """``agent.task``: opened when the task is received, ended when its delivery is settled."""
+    record: TaskRecord | None = None
+    """The record as this agent last read or wrote it (saves a read before the next write);
+    None for a task another producer published, whose record the agent creates as it starts."""
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
+    ready_at: float = 0.0
+    """Monotonic time it entered the ready pool (for the model-aware order's pass-over bound)."""
+    run_started: float | None = None
+    """Monotonic time its runtime call began (the cancel watch checks tasks running for a while)."""
+    cancel_checked: float | None = None
+    """Monotonic time the cancel watch last read its record."""
 
     @property
     def delivery(self) -> Delivery:

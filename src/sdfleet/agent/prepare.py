@@ -13,11 +13,11 @@ from opentelemetry import trace
 from sdfleet.agent.decode import decode_task
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.records import fail, notify_if_cancelled_unrun
+from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, MessageDecodeError
 from sdfleet.routing import ATTR_ENQUEUED_AT
-from sdfleet.tasks import Task, TaskRecord, TaskState
+from sdfleet.tasks import EventType, Task, TaskRecord, TaskState
 from sdfleet.telemetry import extract, tracer
 
 log = logging.getLogger(__name__)
@@ -52,30 +52,38 @@ def _queue_wait_span(parent: trace.Span, d: Delivery) -> None:
 
 async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span) -> Prepared | None:
     d = h.delivery
+    # None: published by the seed's Lambda or another producer, or by an API that has not written
+    # the record yet; the agent creates it as the task starts (``begin``).
     record = await parts.store.get(task.id)
-    if record is None:
-        # Published by the seed's Lambda or another producer, or by an API that has not written
-        # (or never will write) the record yet: adopt it, keeping the queue the API routed it to.
-        adopted = task if task.queue else task.model_copy(update={"queue": d.queue})
-        record, _ = await parts.store.create(TaskRecord(task=adopted))
-    reason = _skip_reason(record, d)
-    if reason is not None:
+    reason = None if record is None else _skip_reason(record, d)
+    if record is not None and reason is not None:
         log.info("task %s: %s: dropping this delivery", task.id, reason)
-        await notify_if_cancelled_unrun(parts, record)
+        await _redelivered_result(parts, record, d)
         await h.ack()
         return None
-    p = Prepared(handle=h, task=record.task, inputs=[], span=span)
+    p = Prepared(handle=h, task=task if record is None else record.task, inputs=[], span=span, record=record)
     p.timings["queue_wait"] = max(0.0, time.time() - _enqueued_at(d))
     t0 = time.perf_counter()
     try:
         with p.stage("inputs.fetch"):
             p.inputs = [await parts.fetcher.fetch(url) for url in task.params.init_images]
     except InputFetchError as e:
-        await fail(parts, task.id, e.code, e.message or str(e))
+        queued = task if task.queue else task.model_copy(update={"queue": d.queue})
+        await fail(parts, task.id, e.code, e.message or str(e), task=queued)
         await h.ack()
         return None
     p.timings["inputs_fetch"] = time.perf_counter() - t0
     return p
+
+
+async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> None:
+    """Subscribers hear of every terminal state at least once: a task cancelled while queued is
+    told by the agent that drops it, and a finished task whose delivery comes back (its agent died
+    after the record, maybe before the notification) is told again."""
+    if record.state is TaskState.CANCELLED and record.attempts == 0:
+        await notify_if_cancelled_unrun(parts, record)
+    elif record.state.terminal and d.receive_count > 1 and record.attempts > 0:
+        await notify(parts, record, EventType(record.state.value))
 
 
 def _skip_reason(record: TaskRecord, d: Delivery) -> str | None:

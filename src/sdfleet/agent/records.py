@@ -10,13 +10,14 @@ from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts
 from sdfleet.errors import NotFound, SdfleetError, TransitionConflict
 from sdfleet.store.base import transition
-from sdfleet.tasks import EventType, TaskError, TaskEvent, TaskRecord, TaskState
+from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
 
-async def fail(parts: Parts, task_id: str, code: str, message: str) -> None:
-    """Mark a task failed with a reason and notify; a task already terminal stays as it is."""
+async def fail(parts: Parts, task_id: str, code: str, message: str, *, task: Task | None = None) -> None:
+    """Mark a task failed with a reason and notify; a task already terminal stays as it is.
+    ``task``: create its record, failed, if it has none (a task another producer published)."""
 
     def mutate(r: TaskRecord) -> TaskRecord:
         r.state, r.error = TaskState.FAILED, TaskError(code=code, message=message)
@@ -24,7 +25,14 @@ async def fail(parts: Parts, task_id: str, code: str, message: str) -> None:
         return r
 
     try:
-        record = await transition(parts.store, task_id, mutate)
+        try:
+            record = await transition(parts.store, task_id, mutate)
+        except NotFound:
+            if task is None:
+                raise
+            record, created = await parts.store.create(mutate(TaskRecord(task=task)))
+            if not created:
+                record = await transition(parts.store, task_id, mutate)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not failed: %s", task_id, e)
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from sdfleet.runtimes.base import ProgressFn
@@ -20,14 +20,22 @@ class Stopped(Exception):
 class RunControl:
     """One run's link with its worker thread: progress to the loop (in order, coalesced), stop back."""
 
-    def __init__(self, progress: ProgressFn, task_id: str = "") -> None:
-        self.task_id = task_id
+    def __init__(self, progress: ProgressFn, task_ids: Collection[str] = ()) -> None:
+        self.task_ids = frozenset(task_ids)
+        self.stopped: set[str] = set()
+        """Jobs of this run that were interrupted; the run stops once all of them are."""
         self.stop = threading.Event()
         self._progress = progress
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[float | None] = asyncio.Queue()
         self._last = 0.0
         self._task = asyncio.create_task(self._drain())
+
+    def interrupt(self, task_id: str | None) -> None:
+        """Stop the run for ``task_id`` (None: for all); a batch goes on while a job of it is wanted."""
+        self.stopped |= self.task_ids if task_id is None else {task_id} & self.task_ids
+        if self.stopped >= self.task_ids:
+            self.stop.set()
 
     def report(self, value: float) -> None:
         """Thread-safe."""

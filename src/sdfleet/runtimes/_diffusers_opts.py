@@ -38,6 +38,11 @@ class DiffusersOptions:
     """``torch.compile(unet, mode="reduce-overhead")`` on CUDA (skipped, with a log line, on CPU)."""
     vae_tiling: bool = False
     """Decode latents tile by tile: large images in less memory, a little slower."""
+    max_batch: int = 1
+    """Dynamic batching: most images one pipeline call makes for compatible tasks (same model,
+    type, size, steps, sampler, CFG scale, strength, clip skip); 1: every task alone."""
+    max_batch_wait_ms: float = 50.0
+    """Longest a task waits for batch-mates once the GPU could take it, milliseconds."""
     memory_budget_mb: float | None = None
     """MiB the cached pipelines' weights may take; default: on CUDA 85 % of the GPU's total memory
     minus max(2 GiB, 10 %) for activations, on CPU half the available RAM (``_pipeline_cache``)."""
@@ -59,6 +64,11 @@ class DiffusersOptions:
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{flag} must be true or false, not {value!r}")
         _check_budget(opts.memory_budget_mb)
+        if isinstance(opts.max_batch, bool) or not isinstance(opts.max_batch, int) or opts.max_batch < 1:
+            raise ValueError(f"max_batch must be an integer of at least 1, not {opts.max_batch!r}")
+        wait = opts.max_batch_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+            raise ValueError(f"max_batch_wait_ms must be a number of at least 0, not {wait!r}")
         return opts
 
     def resolve_device(self) -> tuple[str, torch.dtype]:

@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
-
-import torch
+from typing import Any, TypeVar
 
 from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
+from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _pipeline_cache as C
@@ -33,6 +31,7 @@ from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
 _GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 
@@ -73,6 +72,8 @@ class DiffusersRuntime:
         self.catalog = catalog
         self.default_model = default_model
         self.device, self.dtype = self.options.resolve_device()
+        self.max_batch = self.options.max_batch
+        self.batch_wait_s = self.options.max_batch_wait_ms / 1000
         self.cache_size = max(1, cache_size)
         budget = C.budget_bytes(self.options.memory_budget_mb, self.device)
         self._cache: C.PipelineCache[_Loaded] = C.PipelineCache(
@@ -122,47 +123,114 @@ class DiffusersRuntime:
             async with self._lock:
                 await self._switch(self.default_model)
 
+    def batch_key(self, job: Job) -> object | None:
+        """Jobs with equal keys may share one pipeline call (``run_batch``)."""
+        try:
+            sampler = P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
+        except Reject:
+            return None  # it fails alone, with its own reason
+        return G.batch_key(job, sampler)
+
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
-        ctl = RunControl(progress, job.task_id)
-        self._active.add(ctl)
-        try:
-            return await self._run(job, ctl)
-        finally:
-            self._active.discard(ctl)
-            await ctl.close()
-
-    async def _run(self, job: Job, ctl: RunControl) -> RuntimeResult:
         if job.type in _EXTRAS:
-            return await self._in_thread(ctl, lambda: self._extras(job, ctl), None)
+            ctl = RunControl(progress, [job.task_id])
+            self._active.add(ctl)
+            try:
+                return await self._in_thread(ctl, lambda: self._extras(job, ctl), None)
+            finally:
+                self._active.discard(ctl)
+                await ctl.close()
+        sampler = self._check(job)
+        (outcome,) = await self._generate_jobs([job], [progress], sampler)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def run_batch(
+        self, jobs: Sequence[Job], progress: Sequence[ProgressFn]
+    ) -> list[RuntimeResult | BaseException]:
+        """Compatible jobs (equal ``batch_key``) in one pipeline call; one outcome per job. A job that
+        is invalid or interrupted fails alone; when the call itself fails, each job runs alone."""
+        outcomes: list[RuntimeResult | BaseException] = []
+        valid: list[int] = []
+        sampler: str | None = None
+        for i, job in enumerate(jobs):
+            try:
+                sampler = self._check(job)
+            except Reject as e:
+                outcomes.append(e)
+            else:
+                outcomes.append(Interrupted(f"task {job.task_id} interrupted"))
+                valid.append(i)
+        if not valid:
+            return outcomes
+        try:
+            results = await self._generate_jobs(
+                [jobs[i] for i in valid], [progress[i] for i in valid], sampler
+            )
+        except (RuntimeFailure, Reject) as e:
+            if len(valid) == 1 or isinstance(e, Interrupted):  # every job of it was interrupted
+                for i in valid:
+                    outcomes[i] = e
+                return outcomes
+            log.warning("a batch of %d failed (%s): running its tasks alone", len(valid), e)
+            results = [await _outcome(self.run(jobs[i], progress[i])) for i in valid]
+        for i, result in zip(valid, results, strict=True):
+            outcomes[i] = result
+        return outcomes
+
+    def _check(self, job: Job) -> str | None:
+        """The job's sampler; ``Reject`` for what this runtime can never run."""
         if job.type not in _GENERATE:
             raise Reject(
                 f"the diffusers runtime cannot run {job.type.value!r} tasks", code="unsupported_task"
             )
-        sampler = P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
-        async with self._lock:
-            t0 = time.perf_counter()
-            loaded = await self._switch(job.model)
-            switch_s = time.perf_counter() - t0
-            try:
-                work = partial(self._generate, loaded, job, sampler, ctl)
-                result = await self._in_thread(ctl, work, self._inference_thread())
-                result.switch_s = switch_s
-                return result
-            except Reject as e:
-                if e.code != "out_of_memory" or not self._evict_all_but(loaded.info.name):
-                    raise
-                # Other cached pipelines held memory and are gone now: a retry may fit.
-                raise RuntimeFailure(f"{e.reason}; unloaded other cached models", code=e.code) from e
+        return P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
+
+    async def _generate_jobs(
+        self, jobs: Sequence[Job], progress: Sequence[ProgressFn], sampler: str | None
+    ) -> list[RuntimeResult | BaseException]:
+        async def fan_out(value: float) -> None:
+            for report in progress:
+                await report(value)
+
+        ctl = RunControl(fan_out, [job.task_id for job in jobs])
+        self._active.add(ctl)
+        name = ""
+        try:
+            async with self._lock:
+                t0 = time.perf_counter()
+                loaded, switched = await self._switch(jobs[0].model)
+                switch_s = time.perf_counter() - t0 if switched else 0.0
+                name = loaded.info.name
+                work = partial(self._generate, loaded, jobs, sampler, ctl)
+                results = await self._in_thread(ctl, work, self._inference_thread())
+        except Reject as e:
+            if e.code != "out_of_memory" or not self._evict_all_but(name):
+                raise
+            # Other cached pipelines held memory and are gone now: a retry may fit.
+            raise RuntimeFailure(f"{e.reason}; unloaded other cached models", code=e.code) from e
+        finally:
+            self._active.discard(ctl)
+            await ctl.close()
+        outcomes: list[RuntimeResult | BaseException] = []
+        for job, result in zip(jobs, results, strict=True):
+            if job.task_id in ctl.stopped:
+                outcomes.append(Interrupted(f"task {job.task_id} interrupted"))
+                continue
+            result.switch_s = switch_s
+            outcomes.append(result)
+        return outcomes
 
     async def interrupt(self, task_id: str | None = None) -> None:
         """Stop the job of ``task_id`` (None: every job) between two steps; its ``run`` raises
-        ``Interrupted``."""
+        ``Interrupted``. A batch stops once every job of it is interrupted; until then the others'
+        images are made and the interrupted job's are dropped."""
         for ctl in list(self._active):
-            if task_id is None or ctl.task_id == task_id:
-                ctl.stop.set()
+            ctl.interrupt(task_id)
 
     async def aclose(self) -> None:
         await self.interrupt()
@@ -181,8 +249,8 @@ class DiffusersRuntime:
         return self._infer_thread
 
     async def _in_thread(
-        self, ctl: RunControl, work: Callable[[], RuntimeResult], executor: ThreadPoolExecutor | None
-    ) -> RuntimeResult:
+        self, ctl: RunControl, work: Callable[[], T], executor: ThreadPoolExecutor | None
+    ) -> T:
         try:
             result = await asyncio.get_running_loop().run_in_executor(executor, work)
         except asyncio.CancelledError:
@@ -192,7 +260,8 @@ class DiffusersRuntime:
         await ctl.final()
         return result
 
-    async def _switch(self, model: str | None) -> _Loaded:
+    async def _switch(self, model: str | None) -> tuple[_Loaded, bool]:
+        """The model's pipeline, loaded or activated; and whether that changed the active model."""
         name = model or self._current or self.default_model
         if name is None:
             raise Reject("the job names no model and none is loaded", code="no_model")
@@ -208,8 +277,9 @@ class DiffusersRuntime:
                 self._current = None  # evicted: if the load fails, nothing is loaded
             loaded = await asyncio.to_thread(self._load, info)
             self._cache.put(info.name, loaded, loaded.footprint)
+        switched = self._current != info.name
         self._current = info.name
-        return loaded
+        return loaded, switched
 
     def _load(self, info: ModelInfo) -> _Loaded:
         started = time.perf_counter()
@@ -227,61 +297,35 @@ class DiffusersRuntime:
     def _evict_all_but(self, keep: str) -> bool:
         return self._cache.evict_all_but(keep, f"{keep} ran out of memory")
 
-    def _generate(self, loaded: _Loaded, job: Job, sampler: str | None, ctl: RunControl) -> RuntimeResult:
+    def _generate(
+        self, loaded: _Loaded, jobs: Sequence[Job], sampler: str | None, ctl: RunControl
+    ) -> list[RuntimeResult]:
+        names = ", ".join(job.task_id for job in jobs)
         with self._infer_lock:
             if ctl.stop.is_set():
-                raise Interrupted(f"task {job.task_id} interrupted before it started")
+                raise Interrupted(f"task {names} interrupted before it started")
             try:
-                return self._generate_locked(loaded, job, sampler, ctl)
+                img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
+                pipe = loaded.img2img() if img2img else loaded.pipe
+                base = loaded.base_scheduler
+                pipe.scheduler = (
+                    P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
+                )
+                return G.generate(pipe, jobs, sampler, loaded.info, step_callback(ctl))
             except Stopped as e:
-                raise Interrupted(f"task {job.task_id} interrupted") from e
+                raise Interrupted(f"task {names} interrupted") from e
             except (SdfleetError, Reject):
                 raise
             except Exception as e:
                 if not O.is_out_of_memory(e):
-                    raise RuntimeFailure(f"diffusers failed on task {job.task_id}: {e}") from e
+                    raise RuntimeFailure(f"diffusers failed on task {names}: {e}") from e
                 oom = e
             # Outside the except block, so that the failed run's frames can be let go of.
-            log.warning("task %s ran out of memory on %s: %s", job.task_id, self.device, oom)
+            log.warning("task %s ran out of memory on %s: %s", names, self.device, oom)
             O.release_memory(self.device, oom)
-            raise O.out_of_memory(job.params, self.device, job.type is TaskType.IMAGE_TO_IMAGE) from oom
-
-    def _generate_locked(
-        self, loaded: _Loaded, job: Job, sampler: str | None, ctl: RunControl
-    ) -> RuntimeResult:
-        p = job.params
-        base = loaded.base_scheduler
-        img2img = job.type is TaskType.IMAGE_TO_IMAGE
-        pipe = loaded.img2img() if img2img else loaded.pipe
-        pipe.scheduler = (
-            P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
-        )
-        seed = p.seed if p.seed >= 0 else random.randrange(2**32)
-        seeds = [(seed + i) % 2**32 for i in range(p.batch_size)]
-        steps = p.steps
-        kwargs: dict[str, Any] = {
-            "prompt": p.prompt,
-            "negative_prompt": p.negative_prompt or None,
-            "guidance_scale": p.cfg_scale,
-            "num_images_per_prompt": p.batch_size,
-            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
-            "callback_on_step_end": step_callback(ctl),
-            "output_type": "pil",
-        }
-        if p.clip_skip > 1:
-            kwargs["clip_skip"] = p.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
-        if img2img:
-            steps = P.img2img_steps(p.steps, p.denoising_strength)
-            kwargs["image"] = P.decode_image(job.init_images[0], (p.width, p.height))
-            kwargs["strength"] = p.denoising_strength
-        else:
-            kwargs.update(width=p.width, height=p.height)
-        with torch.inference_mode():
-            images = pipe(num_inference_steps=steps, **kwargs).images
-        sampler_name = sampler or P.sampler_name_of(pipe.scheduler)
-        info = P.build_info(p, seeds, sampler_name, loaded.info, steps)
-        pngs = [P.to_png(img, text) for img, text in zip(images, info["infotexts"], strict=True)]
-        return RuntimeResult(images=pngs, info=info, seed=seed, model=loaded.info.name)
+            images = sum(job.params.batch_size for job in jobs)
+            params = jobs[0].params.model_copy(update={"batch_size": images})
+            raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
 
     def _extras(self, job: Job, ctl: RunControl) -> RuntimeResult:
         inputs = job.init_images if job.type is TaskType.EXTRA_BATCH_IMAGES else job.init_images[:1]
@@ -295,3 +339,10 @@ class DiffusersRuntime:
             ctl.report(min(0.99, (n + 1) / len(inputs)))
         info = {"upscaler": job.params.upscaler or "Lanczos", "upscaling_resize": job.params.upscaling_resize}
         return RuntimeResult(images=out, info=info, model=self._current)
+
+
+async def _outcome(run: Awaitable[RuntimeResult]) -> RuntimeResult | BaseException:
+    try:
+        return await run
+    except Exception as e:
+        return e

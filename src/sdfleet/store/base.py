@@ -68,14 +68,24 @@ def read_record(raw: str | bytes) -> TaskRecord:
 Mutation = Callable[[TaskRecord], TaskRecord | None]
 
 
-async def transition(store: TaskStore, task_id: str, mutate: Mutation, *, tries: int = 20) -> TaskRecord:
+async def transition(
+    store: TaskStore,
+    task_id: str,
+    mutate: Mutation,
+    *,
+    tries: int = 20,
+    current: TaskRecord | None = None,
+) -> TaskRecord:
     """Apply ``mutate`` to the current record with compare-and-set, retrying on a lost race.
 
     ``mutate`` gets a copy and returns the new record, or None to leave it as is (then the
     current record is returned). It may raise ``TransitionConflict`` to refuse the move.
+    ``current``: the record as last written or read by the caller; the first try uses it instead
+    of reading the store (one call saved when nobody else wrote meanwhile; a lost race reads).
     """
     for _ in range(tries):
-        current = await store.get(task_id)
+        if current is None:
+            current = await store.get(task_id)
         if current is None:
             raise NotFound(f"task {task_id!r} not found")
         new = mutate(current.model_copy(deep=True))
@@ -89,4 +99,5 @@ async def transition(store: TaskStore, task_id: str, mutate: Mutation, *, tries:
         new.updated_at = time.time()
         if await store.compare_and_set(new, current.version):
             return new
+        current = None
     raise TransitionConflict(f"task {task_id}: too many concurrent writers")

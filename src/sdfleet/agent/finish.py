@@ -1,0 +1,119 @@
+"""The finish stage: one task's outcome → stored images, its record, notifications, and the ack.
+
+Runs concurrently with the next runtime call. Every path settles the delivery exactly once (ack,
+or release for a retry) and leaves the record in a state that tells the client what happened; the
+ack always follows the stored images and record, so a crash anywhere means a redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from functools import partial
+
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
+from sdfleet.agent.execute import Outcome
+from sdfleet.agent.outage import ride_out
+from sdfleet.agent.parts import Parts, Prepared, image_keys
+from sdfleet.agent.records import fail, notify, requeue
+from sdfleet.errors import Interrupted, Reject, SdfleetError, TransitionConflict
+from sdfleet.runtimes.base import RuntimeResult
+from sdfleet.store.base import transition
+from sdfleet.tasks import EventType, TaskRecord, TaskResult, TaskState
+
+log = logging.getLogger(__name__)
+
+
+async def finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
+    """Settle a task that ran; ends its ``agent.task`` span."""
+    try:
+        # current span while it finishes, so log lines carry its trace id and task id
+        with trace.use_span(p.span, end_on_exit=False):
+            await _finish(parts, p, outcome)
+    finally:
+        p.span.end()
+
+
+async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
+    task = p.task
+    if isinstance(outcome, RuntimeResult) and not p.cancelled:
+        await _succeed(parts, p, outcome)
+    elif isinstance(outcome, Interrupted | RuntimeResult):  # a cancelled task may still complete
+        await _interrupted(parts, p)
+    elif isinstance(outcome, Reject):
+        p.span.set_status(StatusCode.ERROR, outcome.reason)
+        await fail(parts, task.id, outcome.code, outcome.reason)
+        await p.handle.ack()
+    elif isinstance(outcome, SdfleetError):
+        await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome))
+    else:  # a runtime bug must not kill the agent; it counts as a failed attempt
+        log.error("task %s: unexpected error", task.id, exc_info=outcome)
+        await _retry_or_fail(parts, p, "runtime_failure", f"{type(outcome).__name__}: {outcome}")
+
+
+async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> TaskResult:
+    task = p.task
+    keys, out_key = image_keys(task, len(result.images))
+    t0 = time.perf_counter()
+    with p.stage("storage.put"):
+        info = {**result.info, "images": [parts.storage.location(k) for k in keys], "task_id": task.id}
+        out = json.dumps(info, indent=2).encode()
+        puts = [parts.storage.put(k, img, "image/png") for k, img in zip(keys, result.images, strict=True)]
+        await asyncio.gather(*puts, parts.storage.put(out_key, out, "application/json"))
+    p.timings["storage_put"] = time.perf_counter() - t0
+    parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})
+    return TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
+
+
+async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
+    task = p.task
+    res = await _store_outputs(parts, p, result)
+
+    def mutate(r: TaskRecord) -> TaskRecord | None:
+        if r.state is TaskState.SUCCEEDED and r.result == res:
+            return None  # our own write, applied by a server that went away before it replied
+        r.state, r.result, r.progress, r.error = TaskState.SUCCEEDED, res, 1.0, None
+        r.finished_at = time.time()
+        return r
+
+    lease_s = parts.fleet.retry.lease_s
+    record_it = partial(transition, parts.store, task.id, mutate, current=p.record)
+    try:
+        record = await ride_out(record_it, f"recording {task.id}", lease_s)
+    except TransitionConflict as e:  # cancelled (or finished elsewhere) meanwhile: no second result
+        log.info("task %s finished but not recorded: %s", task.id, e)
+        await p.handle.ack()
+        return
+    p.record = record
+    parts.metrics.tasks.labels(queue=parts.queue.name, state="succeeded").inc()
+    with p.stage("notify"):
+        await notify(parts, record, EventType.SUCCEEDED)
+    await ride_out(p.handle.ack, f"acking {task.id}", lease_s)
+
+
+async def _interrupted(parts: Parts, p: Prepared) -> None:
+    if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
+        record = await parts.store.get(p.task.id)
+        if record is not None:
+            await notify(parts, record, EventType.CANCELLED)
+        await p.handle.ack()
+        return
+    await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
+    await p.handle.release()
+
+
+async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> None:
+    d = p.delivery
+    p.span.set_status(StatusCode.ERROR, message)
+    log.warning("task %s attempt %d failed: %s", p.task.id, d.receive_count, message)
+    if d.receive_count >= parts.fleet.retry.max_receives:
+        await fail(parts, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
+        # Not acked: the bus moves a message that used up its receives to the dead-letter queue.
+        await p.handle.release()
+    else:
+        await requeue(parts, p.task.id, code, message)
+        await p.handle.release(parts.settings.retry_delay_s)

@@ -1,0 +1,95 @@
+"""Tasks received and prepared, waiting for the runtime: which run next, and which run together.
+
+Model-aware order: on a queue that mixes models (the seed's dynamic queue) a switch costs seconds
+of GPU, so among the tasks already here the next one is the oldest for the loaded model, else the
+oldest for a cached one, else the oldest of all; no task is passed over for longer than
+``max_pass_over_s`` (then it goes first, whatever its model). Batching: the chosen task takes
+along up to ``max_batch - 1`` others with the same batch key, oldest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable, Sequence
+
+from sdfleet.agent.parts import Prepared
+
+BatchKey = Callable[[Prepared], Hashable | None]
+"""Tasks with equal, non-None keys may share one runtime call."""
+
+
+class ReadyPool:
+    def __init__(self, *, max_pass_over_s: float = 30.0) -> None:
+        self.max_pass_over_s = max_pass_over_s
+        self._items: list[Prepared] = []  # in arrival order
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, p: Prepared) -> None:
+        p.ready_at = time.monotonic()
+        self._items.append(p)
+        self._changed.set()
+
+    def drain(self) -> list[Prepared]:
+        """Everything still waiting (shutdown: these are released)."""
+        items, self._items = self._items, []
+        return items
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until something is put (or ``timeout_s`` passes)."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
+        except TimeoutError:
+            pass
+
+    def take(
+        self,
+        loaded: Sequence[str],
+        *,
+        max_batch: int = 1,
+        key: BatchKey | None = None,
+        model_of: Callable[[Prepared], str | None] = lambda p: p.task.model,
+    ) -> list[Prepared]:
+        """The next task and its batch-mates, removed from the pool; [] when empty.
+
+        ``loaded``: models in the runtime's memory, the active one first.
+        """
+        if not self._items:
+            return []
+        first = self._choose(loaded, model_of)
+        batch = [first]
+        k = key(first) if key is not None and max_batch > 1 else None
+        if k is not None:
+            assert key is not None
+            for p in self._items:
+                if len(batch) >= max_batch:
+                    break
+                if p is not first and key(p) == k:
+                    batch.append(p)
+        for p in batch:
+            self._items.remove(p)
+        return batch
+
+    def company(self, batch: Sequence[Prepared], key: BatchKey, room: int) -> list[Prepared]:
+        """Up to ``room`` waiting tasks that may join ``batch`` (same key), removed from the pool."""
+        k = key(batch[0])
+        if k is None or room <= 0:
+            return []
+        mates = [p for p in self._items if key(p) == k][:room]
+        for p in mates:
+            self._items.remove(p)
+        return mates
+
+    def _choose(self, loaded: Sequence[str], model_of: Callable[[Prepared], str | None]) -> Prepared:
+        oldest = self._items[0]
+        if time.monotonic() - oldest.ready_at >= self.max_pass_over_s:
+            return oldest
+        for model in loaded:
+            for p in self._items:
+                if model_of(p) in (model, None):
+                    return p
+        return oldest

@@ -1,0 +1,114 @@
+"""One pipeline call for one job or for a batch of compatible jobs (dynamic batching). Imports torch.
+
+Each job keeps its own prompt, negative prompt and seeds (one ``torch.Generator`` per image, the
+same as when it runs alone), and gets back its own images and info. Jobs may share a call when
+their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG scale, strength and
+clip skip — what one pipeline call takes once for all images.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes.base import Job, RuntimeResult
+from sdfleet.tasks import TaskParams, TaskType
+
+
+def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
+    """Jobs with equal keys may run in one pipeline call; None: this job runs alone."""
+    if job.type not in (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE):
+        return None
+    p = job.params
+    img2img = job.type is TaskType.IMAGE_TO_IMAGE
+    return (
+        job.model,
+        job.type,
+        p.width,
+        p.height,
+        p.steps,
+        sampler,
+        p.cfg_scale,
+        p.denoising_strength if img2img else None,
+        p.clip_skip,
+        # an empty negative prompt is None to the pipeline (SDXL then uses zero embeddings, not
+        # the empty string's): the call passes None only when every job of it has none
+        bool(p.negative_prompt),
+    )
+
+
+@dataclass
+class _Part:
+    """One job's share of a call: its images are ``[start, start + len(seeds))``."""
+
+    job: Job
+    seed: int
+    seeds: list[int]
+    start: int
+
+
+def _parts(jobs: Sequence[Job]) -> list[_Part]:
+    parts, start = [], 0
+    for job in jobs:
+        p = job.params
+        seed = p.seed if p.seed >= 0 else random.randrange(2**32)
+        seeds = [(seed + i) % 2**32 for i in range(p.batch_size)]
+        parts.append(_Part(job, seed, seeds, start))
+        start += len(seeds)
+    return parts
+
+
+def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], list[_Part], int]:
+    """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps."""
+    parts = _parts(jobs)
+    first = jobs[0].params
+    img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
+    kwargs: dict[str, Any] = {
+        "prompt": [part.job.params.prompt for part in parts for _ in part.seeds],
+        "negative_prompt": [part.job.params.negative_prompt for part in parts for _ in part.seeds]
+        if first.negative_prompt
+        else None,
+        "guidance_scale": first.cfg_scale,
+        "num_images_per_prompt": 1,
+        "generator": [torch.Generator("cpu").manual_seed(s) for part in parts for s in part.seeds],
+        "callback_on_step_end": callback,
+        "output_type": "pil",
+    }
+    if first.clip_skip > 1:
+        kwargs["clip_skip"] = first.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
+    steps = first.steps
+    if img2img:
+        steps = P.img2img_steps(first.steps, first.denoising_strength)
+        size = (first.width, first.height)
+        kwargs["image"] = [
+            P.decode_image(part.job.init_images[0], size) for part in parts for _ in part.seeds
+        ]
+        kwargs["strength"] = first.denoising_strength
+    else:
+        kwargs.update(width=first.width, height=first.height)
+    return kwargs, parts, steps
+
+
+def generate(
+    pipe: Any, jobs: Sequence[Job], sampler: str | None, info: ModelInfo, callback: Any
+) -> list[RuntimeResult]:
+    """Run ``jobs`` in one call of ``pipe`` (its scheduler already set); one result per job."""
+    kwargs, parts, steps = call_kwargs(jobs, callback)
+    with torch.inference_mode():
+        images = pipe(num_inference_steps=steps, **kwargs).images
+    name = sampler or P.sampler_name_of(pipe.scheduler)
+    return [_result(part, images, name, info, steps) for part in parts]
+
+
+def _result(part: _Part, images: list[Any], sampler: str, model: ModelInfo, steps: int) -> RuntimeResult:
+    p: TaskParams = part.job.params
+    info = P.build_info(p, part.seeds, sampler, model, steps)
+    mine = images[part.start : part.start + len(part.seeds)]
+    pngs = [P.to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
+    return RuntimeResult(images=pngs, info=info, seed=part.seed, model=model.name)
