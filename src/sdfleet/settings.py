@@ -120,8 +120,8 @@ class AgentSettings(BaseModel):
     prefetch: int | None = Field(None, ge=1)
     """Tasks received and prepared (inputs fetched) ahead of the runtime, waiting in the agent's
     ready pool; default twice what the runtime takes at once (``max_in_flight`` × batch size),
-    at least 2. More gives the model-aware order more to choose from, but hides those tasks from
-    other agents for their lease."""
+    at least 4 (receives then take several messages a call). More gives the model-aware order
+    more to choose from, but hides those tasks from other agents for their lease."""
     finishers: int = Field(4, ge=1)
     """Tasks finishing at once (upload, record, notify, ack) while the runtime goes on; when all
     are busy the runtime waits, which bounds memory."""

@@ -70,7 +70,6 @@ async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
     reporters = [_Progress(parts, p) for p in batch]
     timeouts = [j.timeout_s for j in jobs if j.timeout_s is not None]
     runtime = parts.runtime
-    before = runtime.loaded_model
     t0, wall0 = time.perf_counter(), time.time_ns()
     for p in batch:
         p.run_started = time.monotonic()
@@ -80,15 +79,18 @@ async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
             if isinstance(outcome, BaseException):
                 span.record_exception(outcome)
     elapsed = time.perf_counter() - t0
-    switched = runtime.loaded_model != before
+    switched = any(isinstance(o, RuntimeResult) and o.switch_s > 0 for o in outcomes)
     if switched:
         parts.metrics.model_switches.labels(queue=parts.queue.name).inc()
     for p, outcome in zip(batch, outcomes, strict=True):
-        switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) and switched else 0.0
+        switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) else 0.0
         if switch_s > 0:
             p.timings["model_switch"] = switch_s
             p.past_stage("model.switch", wall0, wall0 + int(switch_s * 1e9))
-        p.timings["runtime_run"] = max(0.0, elapsed - switch_s)
+        run_s = outcome.run_s if isinstance(outcome, RuntimeResult) else None
+        p.timings["runtime_run"] = max(0.0, elapsed - switch_s) if run_s is None else run_s
+        if run_s is not None and elapsed - switch_s - run_s > 0.001:
+            p.timings["runtime_wait"] = elapsed - switch_s - run_s
         if isinstance(outcome, RuntimeResult):
             outcome.info["batch_size"] = len(batch)  # tasks that shared the runtime call
         parts.metrics.observe_stages(parts.queue.name, p.timings)

@@ -19,7 +19,7 @@ from opentelemetry.trace import StatusCode
 from sdfleet.agent.execute import Outcome
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, image_keys
-from sdfleet.agent.records import fail, notify, requeue
+from sdfleet.agent.records import acknowledge, fail, notify, requeue
 from sdfleet.errors import Interrupted, Reject, SdfleetError, TransitionConflict
 from sdfleet.runtimes.base import RuntimeResult
 from sdfleet.store.base import transition
@@ -47,7 +47,7 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
     elif isinstance(outcome, Reject):
         p.span.set_status(StatusCode.ERROR, outcome.reason)
         await fail(parts, task.id, outcome.code, outcome.reason)
-        await p.handle.ack()
+        await acknowledge(parts, p)
     elif isinstance(outcome, SdfleetError):
         await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome))
     else:  # a runtime bug must not kill the agent; it counts as a failed attempt
@@ -92,7 +92,7 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     parts.metrics.tasks.labels(queue=parts.queue.name, state="succeeded").inc()
     with p.stage("notify"):
         await notify(parts, record, EventType.SUCCEEDED)
-    await ride_out(p.handle.ack, f"acking {task.id}", lease_s)
+    await acknowledge(parts, p)
 
 
 async def _interrupted(parts: Parts, p: Prepared) -> None:
@@ -100,7 +100,7 @@ async def _interrupted(parts: Parts, p: Prepared) -> None:
         record = await parts.store.get(p.task.id)
         if record is not None:
             await notify(parts, record, EventType.CANCELLED)
-        await p.handle.ack()
+        await acknowledge(parts, p)
         return
     await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
     await p.handle.release()

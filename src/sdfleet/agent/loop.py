@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import Awaitable, Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sdfleet.agent.begin import begin
 from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
@@ -53,12 +54,14 @@ class Agent:
         self.depth = max(1, parts.runtime.max_in_flight)
         self.batcher = batching(parts.runtime)
         self.max_batch = self.batcher.max_batch if self.batcher else 1
-        self.prefetch = s.prefetch if s.prefetch is not None else max(2, 2 * self.depth * self.max_batch)
+        self.prefetch = s.prefetch if s.prefetch is not None else max(4, 2 * self.depth * self.max_batch)
+        self.refill = max(1, self.prefetch // 2)
         self.processed = 0
         self.pool = ReadyPool(max_pass_over_s=s.affinity_max_wait_s)
         self._preparing = 0
         self._running: set[Prepared] = set()
         self._jobs: set[asyncio.Task[None]] = set()
+        self._batches: dict[asyncio.Task[None], Sequence[Prepared]] = {}
         self._leases: dict[Prepared, Lease] = {}
         self._gpu = asyncio.Semaphore(self.depth)
         self._room = asyncio.Semaphore(self.depth + s.finishers)
@@ -116,7 +119,8 @@ class Agent:
             while not self._stopping.is_set():
                 self._heartbeat()
                 room = self.prefetch - len(self.pool) - self._preparing
-                if room <= 0:
+                # Refill by halves (several messages a call), or at once when the pool ran dry.
+                if room <= 0 or (room < self.refill and (self.pool or self._preparing)):
                     self._taken.clear()
                     await self._until(self._taken.wait(), 1.0)
                     continue
@@ -182,7 +186,9 @@ class Agent:
                 self._room.release()
                 return
             self._taken.set()
-            self._spawn(self._process(batch))
+            job = self._spawn(self._process(batch))
+            self._batches[job] = batch
+            job.add_done_callback(lambda j: self._batches.pop(j, None))
 
     async def _next_batch(self) -> list[Prepared] | None:
         while not self._stopping.is_set():
@@ -226,14 +232,25 @@ class Agent:
         return self._aliases.get(model, model) if model else None
 
     async def _process(self, batch: Sequence[Prepared]) -> None:
+        finishing: asyncio.Future[Any] | None = None
         try:
             starts = [asyncio.create_task(self._begin(p)) for p in batch]
             outcomes = await self._run(batch)
             started = await asyncio.gather(*starts)
             settle = zip(batch, started, outcomes, strict=True)
-            await asyncio.gather(*(self._finish(p, ok, outcome) for p, ok, outcome in settle))
+            finishing = asyncio.gather(*(self._finish(p, ok, outcome) for p, ok, outcome in settle))
+            # The slot is free once only notifications and acks are left (a slow webhook receiver
+            # then holds a lease, not the GPU).
+            light: asyncio.Future[Any] = asyncio.gather(*(p.light.wait() for p in batch))
+            await asyncio.wait({finishing, light}, return_when=asyncio.FIRST_COMPLETED)
+            light.cancel()
         finally:
             self._room.release()
+            if finishing is None:
+                self.processed += len(batch)
+        try:
+            await finishing
+        finally:
             self.processed += len(batch)
 
     async def _begin(self, p: Prepared) -> bool | None:
@@ -271,6 +288,7 @@ class Agent:
         except Exception:  # a bug settling one task must not stop the agent; its lease brings it back
             log.exception("task %s: unexpected error while finishing, left to its lease", p.task.id)
         finally:
+            p.light.set()
             lease = self._leases.pop(p, None)
             if lease is not None:
                 await lease.stop()
@@ -296,15 +314,22 @@ class Agent:
             # max_receives on an agent that is going away: let it end first.
             await self._receiver_done.wait()
             await self.parts.runtime.interrupt()
+        for job in pending:
+            batch = self._batches.get(job, ())
+            if batch and all(p.light.is_set() for p in batch):
+                # Recorded, only waiting for a notification to go out: not acked, so the next agent
+                # that receives it tells the subscribers again.
+                job.cancel()
         if pending:
             await asyncio.wait(pending)
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
+        return task
 
     async def _acquire(self, sem: asyncio.Semaphore) -> bool:
         """``sem`` acquired (True), or shutdown began first (False)."""

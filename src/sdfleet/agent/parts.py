@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class Prepared:
     """Monotonic time its runtime call began (the cancel watch checks tasks running for a while)."""
     cancel_checked: float | None = None
     """Monotonic time the cancel watch last read its record."""
+    light: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when what is left of finishing is waiting for notifications to go out, then the ack."""
 
     @property
     def delivery(self) -> Delivery:

@@ -7,7 +7,7 @@ import time
 from functools import partial
 
 from sdfleet.agent.outage import ride_out
-from sdfleet.agent.parts import Parts
+from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.errors import NotFound, SdfleetError, TransitionConflict
 from sdfleet.store.base import transition
 from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, TaskState
@@ -60,6 +60,16 @@ async def notify_if_cancelled_unrun(parts: Parts, record: TaskRecord | None) -> 
     subscribers (at least once: each dropped copy may)."""
     if record is not None and record.state is TaskState.CANCELLED and record.attempts == 0:
         await notify(parts, record, EventType.CANCELLED)
+
+
+async def acknowledge(parts: Parts, p: Prepared) -> None:
+    """Ack a task's delivery once its notifications are out: a crash before that redelivers it,
+    and the agent that gets it tells the subscribers again (at least once). Sets ``p.light`` first:
+    from here on the task holds no finishing slot, only a lease."""
+    p.light.set()
+    for notifier in parts.notifiers:
+        await notifier.delivered(p.task.id)
+    await ride_out(p.handle.ack, f"acking {p.task.id}", parts.fleet.retry.lease_s)
 
 
 async def notify(parts: Parts, record: TaskRecord, kind: EventType) -> None:

@@ -12,4 +12,9 @@ class Notifier(Protocol):
         """Deliver ``event`` for ``record``. Raises ``NotifyError`` only for terminal events that
         could not be delivered after the notifier's own retries."""
 
+    async def delivered(self, task_id: str) -> None:
+        """Returns once the events of ``task_id`` sent so far are delivered or given up (at once for
+        a notifier that delivers inside ``notify``). The agent acks a task's delivery only then, so
+        a crash before that redelivers the task and its terminal event is sent again."""
+
     async def aclose(self) -> None: ...

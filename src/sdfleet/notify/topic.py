@@ -36,5 +36,8 @@ class TopicNotifier:
         }
         await self.bus.publish(self.topic, body, attrs)
 
+    async def delivered(self, task_id: str) -> None:
+        return None  # published inside notify
+
     async def aclose(self) -> None:
         return None

@@ -125,6 +125,13 @@ class WebhookNotifier:
         self._tails[record.id] = job
         job.add_done_callback(self._forget)
 
+    async def delivered(self, task_id: str) -> None:
+        """Until the task's deliveries so far are done (delivered, refused, or given up after
+        ``max_retry_s``)."""
+        tail = self._tails.get(task_id)
+        if tail is not None:
+            await asyncio.wait({tail})
+
     def _throttled(self, task_id: str) -> bool:
         now = time.monotonic()
         last = self._last_sent.get(task_id)

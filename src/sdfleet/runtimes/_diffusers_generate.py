@@ -95,20 +95,35 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
     return kwargs, parts, steps
 
 
+@dataclass
+class Generated:
+    """A call's images, before PNG encoding (which needs no GPU: done outside the device's lock)."""
+
+    images: list[Any]
+    parts: list[_Part]
+    sampler: str
+    model: ModelInfo
+    steps: int
+
+
 def generate(
     pipe: Any, jobs: Sequence[Job], sampler: str | None, info: ModelInfo, callback: Any
-) -> list[RuntimeResult]:
-    """Run ``jobs`` in one call of ``pipe`` (its scheduler already set); one result per job."""
+) -> Generated:
+    """Run ``jobs`` in one call of ``pipe`` (its scheduler already set)."""
     kwargs, parts, steps = call_kwargs(jobs, callback)
     with torch.inference_mode():
         images = pipe(num_inference_steps=steps, **kwargs).images
-    name = sampler or P.sampler_name_of(pipe.scheduler)
-    return [_result(part, images, name, info, steps) for part in parts]
+    return Generated(images, parts, sampler or P.sampler_name_of(pipe.scheduler), info, steps)
 
 
-def _result(part: _Part, images: list[Any], sampler: str, model: ModelInfo, steps: int) -> RuntimeResult:
+def encode(g: Generated) -> list[RuntimeResult]:
+    """One result per job, its images as PNGs carrying A1111's ``parameters`` text."""
+    return [_result(part, g) for part in g.parts]
+
+
+def _result(part: _Part, g: Generated) -> RuntimeResult:
     p: TaskParams = part.job.params
-    info = P.build_info(p, part.seeds, sampler, model, steps)
-    mine = images[part.start : part.start + len(part.seeds)]
+    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps)
+    mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [P.to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
-    return RuntimeResult(images=pngs, info=info, seed=part.seed, model=model.name)
+    return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

@@ -32,7 +32,11 @@ class RuntimeResult:
     seed: int | None = None
     model: str | None = None
     switch_s: float = 0.0
-    """Seconds of this run spent switching model (loading or activating a checkpoint)."""
+    """Seconds of this run spent switching model (loading or activating a checkpoint); 0 when the
+    job ran on the model that was already active."""
+    run_s: float | None = None
+    """Seconds the job held the device, when the runtime knows (in-process runtimes); the agent
+    counts the rest of the call, beyond the switch, as waiting for the device (``runtime_wait``)."""
 
 
 class Runtime(Protocol):

@@ -55,7 +55,8 @@ class SyntheticRuntime:
     """Sleeps ``latency_s`` per job (in ``progress_steps`` slices), then returns synthetic images."""
 
     name = "synthetic"
-    max_in_flight = 1
+    max_in_flight = 2
+    """Like a real device: one job at a time under ``_gpu``, the next one waiting for it."""
 
     def __init__(
         self,
@@ -112,17 +113,18 @@ class SyntheticRuntime:
         try:
             async with self._gpu:
                 t0 = time.perf_counter()
-                if job.model is not None:
-                    await self._switch(job.model)
-                switch_s = time.perf_counter() - t0
+                switched = job.model is not None and await self._switch(job.model)
+                switch_s = time.perf_counter() - t0 if switched else 0.0
                 step = self.latency_s / self.progress_steps
+                t1 = time.perf_counter()
                 for n in range(self.progress_steps):
                     await self._sleep(step, job.task_id, stop)
                     await progress((n + 1) / self.progress_steps)
+                run_s = time.perf_counter() - t1
         finally:
             self._stops.pop(job.task_id, None)
         result = self._result(job)
-        result.switch_s = switch_s
+        result.switch_s, result.run_s = switch_s, run_s
         return result
 
     async def interrupt(self, task_id: str | None = None) -> None:
@@ -143,18 +145,20 @@ class SyntheticRuntime:
             return
         raise Interrupted(f"task {task_id} interrupted")
 
-    async def _switch(self, model: str) -> None:
+    async def _switch(self, model: str) -> bool:
         name = model
         if self.catalog is not None:
             try:
                 name = self.catalog.resolve(model).name
             except Exception as e:
                 raise Reject(str(e), code="unknown_model") from e
-        if name != self._current:
-            if self.switch_latency_s > 0:
-                await asyncio.sleep(self.switch_latency_s)
-            self._current = name
-            self.switches += 1
+        if name == self._current:
+            return False
+        if self.switch_latency_s > 0:
+            await asyncio.sleep(self.switch_latency_s)
+        self._current = name
+        self.switches += 1
+        return True
 
     def _result(self, job: Job) -> RuntimeResult:
         p = job.params

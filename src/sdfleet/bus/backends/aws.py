@@ -30,7 +30,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -39,18 +39,22 @@ from botocore.exceptions import ClientError
 from sdfleet._aws import AwsContext, error_code, int_param, map_errors, parse_aws_url
 from sdfleet.bus.backends.aws_topology import ensure_topology, existing_queue_url, queue_name, queue_stats
 from sdfleet.bus.base import Delivery, QueueStats, Topology
+from sdfleet.bus.batcher import Batcher
 from sdfleet.errors import BusError, BusUnavailable, ValidationFailed
 
 if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
-    from mypy_boto3_sqs.type_defs import MessageTypeDef
+    from mypy_boto3_sqs.type_defs import DeleteMessageBatchRequestEntryTypeDef, MessageTypeDef
 
 log = logging.getLogger(__name__)
 
 MAX_ATTRIBUTES = 10
 MAX_WAIT_S = 20
 _SHORT_POLL_S = 0.1
+ACK_LINGER_S = 0.02
+"""How long an ack waits for others to share its DeleteMessageBatch call (not on the GPU's path:
+the finish stage acks after recording and notifying)."""
 _STALE_RECEIPT = frozenset({"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"})
 
 
@@ -87,6 +91,7 @@ class AwsBus:
         self._topic_arns: dict[str, str] = {}
         self._queue_urls: dict[str, str] = {}
         self._lease: dict[str, float] = {}
+        self._acks = Batcher(self._delete_batch, size=10, linger_s=ACK_LINGER_S)
 
     @classmethod
     def from_url(cls, url: str) -> AwsBus:
@@ -237,8 +242,9 @@ class AwsBus:
         )
 
     async def ack(self, d: Delivery) -> None:
-        """``DeleteMessage``; a stale receipt handle (lease expired, already deleted) is ignored."""
-        await self._change(d, None)
+        """``DeleteMessageBatch`` of the acks made within ``ACK_LINGER_S`` of each other on one queue
+        (at most 10 a call); a stale receipt handle (lease expired, already deleted) is ignored."""
+        await self._acks.add(d)
 
     async def extend(self, d: Delivery, lease_s: float) -> None:
         """``ChangeMessageVisibility`` to ``lease_s`` (rounded up to whole seconds) from now.
@@ -269,6 +275,27 @@ class AwsBus:
         with map_errors(BusUnavailable, BusError):
             await self._aws.run(call)
 
+    async def _delete_batch(self, batch: Sequence[Delivery]) -> list[BaseException | None]:
+        """One ``DeleteMessageBatch`` for deliveries of one queue; an error per failed entry."""
+
+        def call() -> list[BaseException | None]:
+            url = self._queue_url(batch[0].queue)
+            entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
+                {"Id": str(i), "ReceiptHandle": d.receipt} for i, d in enumerate(batch)
+            ]
+            failed = self._sqs.delete_message_batch(QueueUrl=url, Entries=entries).get("Failed", [])
+            errors: list[BaseException | None] = [None] * len(batch)
+            for f in failed:
+                d = batch[int(f["Id"])]
+                if f.get("Code") in _STALE_RECEIPT:
+                    log.debug("stale receipt for %s on %s: %s", d.message_id, d.queue, f.get("Code"))
+                    continue
+                errors[int(f["Id"])] = BusError(f"cannot delete {d.message_id}: {f.get('Message', f)}")
+            return errors
+
+        with map_errors(BusUnavailable, BusError):
+            return await self._aws.run(call)
+
     async def stats(self, queue: str) -> QueueStats:
         """``GetQueueAttributes`` of the queue and of the DLQ its ``RedrivePolicy`` names.
         ``oldest_age_s`` is None: SQS only reports it through CloudWatch
@@ -277,6 +304,7 @@ class AwsBus:
             return await self._aws.run(lambda: queue_stats(self._sqs, queue, self._queue_url(queue)))
 
     async def aclose(self) -> None:
+        await self._acks.aclose()
         self._aws.close()
 
     async def __aenter__(self) -> AwsBus:

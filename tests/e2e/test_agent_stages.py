@@ -1,0 +1,183 @@
+"""The staged agent's guarantees on every engine: a crash in any stage still means one result and at
+least one notification; SIGTERM with tasks in every stage loses nothing; a cancel reaches a running
+task within seconds whatever the lease; batch-mates fail and cancel alone through the whole agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fleet_tools import agent_process, drain, exists, write_fleet_file
+
+from conftest import Engine, StartFleet, fleet_settings, free_port
+from sdfleet.settings import QueueConfig, Settings, WebhookSettings
+from sdfleet.store import TaskStore, open_store
+from sdfleet.tasks import TaskRecord, TaskState
+
+pytestmark = pytest.mark.timeout(150)
+
+QUEUE = [QueueConfig(name="q", runtime="synthetic")]
+PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
+
+
+class StallingHook:
+    """A webhook receiver that holds the first ``succeeded`` delivery of each task forever."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.events: list[tuple[str, str]] = []  # (task id, event), in arrival order
+        self.held = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        event, task_id = headers.get("x-sdfleet-event", ""), scope["path"].rsplit("/", 1)[-1]
+        first = (task_id, event) not in self.events
+        self.events.append((task_id, event))
+        if event == "succeeded" and first:
+            self.held.set()
+            await asyncio.Event().wait()  # never answers: the agent is killed meanwhile
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[StallingHook]:
+    rec = StallingHook()
+    port = free_port()
+    config = uvicorn.Config(rec, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    job = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not job.done(), job
+        await asyncio.sleep(0.02)
+    rec.url = f"http://127.0.0.1:{port}"
+    yield rec
+    server.should_exit = True
+    server.force_exit = True
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(job, timeout=5)
+
+
+@pytest.fixture
+async def store(engine: Engine) -> AsyncIterator[TaskStore]:
+    s = open_store(engine.store_url)
+    yield s
+    await s.aclose()
+
+
+def settings(engine: Engine, models_dir: Path, latency_s: float, **agent: Any) -> Settings:
+    runtimes = {"synthetic": {"latency_s": latency_s, "progress_steps": 4}}
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=2, max_receives=3, **agent)
+    s.webhook = WebhookSettings(allow_private=True, retry_backoff_s=0.05, max_retry_s=5, drain_s=0.5)
+    return s
+
+
+def fleet_file(tmp_path: Path, s: Settings) -> Path:
+    return write_fleet_file(tmp_path / "sdfleet.yaml", s.fleet.model_dump(mode="json"))
+
+
+async def until(store: TaskStore, task_id: str, ok: Any, timeout_s: float = 60) -> TaskRecord:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = await store.get(task_id)
+        if record is not None and ok(record):
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} never got there: {await store.get(task_id)}")
+
+
+async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    tmp_path: Path,
+    store: TaskStore,
+    hook: StallingHook,
+) -> None:
+    s = settings(engine, models_dir, latency_s=0.2)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    body = {"params": PARAMS, "webhook": {"url": f"{hook.url}/hook/t1", "events": ["succeeded"]}, "id": "t1"}
+    with agent_process(engine, fleet_file(tmp_path, s), "q", SDFLEET_WEBHOOK__ALLOW_PRIVATE="true") as proc:
+        r = await api.http.post("/v1/tasks", json=body)
+        assert r.status_code == 202, r.text
+        await asyncio.wait_for(hook.held.wait(), 60)  # recorded, notifying: not acked yet
+        first = await store.get("t1")
+        assert first is not None and first.state is TaskState.SUCCEEDED
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
+    deadline = time.monotonic() + 30
+    while hook.events.count(("t1", "succeeded")) < 2:
+        assert time.monotonic() < deadline, hook.events
+        await asyncio.sleep(0.1)
+    record = await store.get("t1")
+    assert record is not None and record.result == first.result and record.version == first.version
+    assert await exists(engine, first.result.images[0])  # type: ignore[union-attr]
+    notes = [n for n in await drain(engine, "results") if n.get("task_id") == "t1"]
+    assert [n["type"] for n in notes] in (["succeeded"], ["succeeded", "succeeded"]), notes
+
+
+async def test_sigterm_with_tasks_in_every_stage_loses_nothing(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path, store: TaskStore
+) -> None:
+    s = settings(engine, models_dir, latency_s=1.5)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    ids = []
+    for i in range(6):
+        r = await api.http.post("/v1/tasks", json={"params": {**PARAMS, "seed": i}})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    env = {"SDFLEET_AGENT__DRAIN_S": "0.5", "SDFLEET_AGENT__PREFETCH": "4"}
+    with agent_process(engine, fleet_file(tmp_path, s), "q", **env) as proc:
+        # one finished, one running, the others received and waiting in the agent's pool
+        await until(store, ids[0], lambda r: r.state is TaskState.SUCCEEDED)
+        await until(store, ids[1], lambda r: r.state is TaskState.RUNNING)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    for task_id in ids[1:]:
+        record = await store.get(task_id)
+        assert record is not None and record.state in (TaskState.QUEUED, TaskState.SUCCEEDED), record
+    quick = settings(engine, models_dir, latency_s=0.05)
+    await start_fleet(QUEUE, settings=quick, agents=["q"], with_api=False)
+    views = [await api.wait(task_id, timeout_s=60) for task_id in ids]
+    assert [v["state"] for v in views] == ["succeeded"] * 6
+    assert all(v["attempts"] <= 2 for v in views), [v["attempts"] for v in views]
+    notes = [n for n in await drain(engine, "results") if n.get("task_id") in ids]
+    assert sorted(n["task_id"] for n in notes) == sorted(ids), notes
+
+
+async def test_cancel_reaches_a_running_task_within_seconds_whatever_the_lease(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    runtimes = {"synthetic": {"latency_s": 60, "progress_steps": 60}}
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=120)
+    fleet = await start_fleet(QUEUE, settings=s)
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    task_id = r.json()["id"]
+    await fleet.wait(task_id, states=("running",))
+    await asyncio.sleep(1.0)
+    cancelled = time.monotonic()
+    assert (await fleet.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    runtime = fleet.fleet.agents[0].parts.runtime
+    while fleet.fleet.agents[0]._running:
+        assert time.monotonic() - cancelled < 10, "the running task was not interrupted"
+        await asyncio.sleep(0.05)
+    # a heartbeat would have come only after lease_s / 3 = 40 s; the runtime stopped long before
+    assert time.monotonic() - cancelled < 10
+    assert getattr(runtime, "switches", 0) <= 1
+    view = await fleet.wait(task_id)
+    assert view["state"] == "cancelled"
+    notes = [n for n in await drain(engine, "results") if n.get("task_id") == task_id]
+    assert [n["type"] for n in notes] == ["cancelled"], notes

@@ -1,0 +1,91 @@
+"""The ready pool's order: loaded model first, then cached ones, never past the pass-over bound; and
+batch-mates by key."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from sdfleet.agent.handle import DeliveryHandle
+from sdfleet.agent.parts import Prepared
+from sdfleet.agent.pool import ReadyPool
+from sdfleet.bus.base import Delivery
+from sdfleet.tasks import Task, TaskParams
+from sdfleet.telemetry import tracer
+
+
+def prepared(name: str, model: str | None, **params: Any) -> Prepared:
+    d = Delivery(
+        queue="q", message_id=name, body=b"", attributes={}, receive_count=1, receipt=name, sent_at=0
+    )
+    task = Task(id=name, model=model, params=TaskParams(**params))
+    return Prepared(handle=DeliveryHandle(None, d), task=task, inputs=[], span=tracer().start_span(name))  # type: ignore[arg-type]
+
+
+def names(items: list[Prepared]) -> list[str]:
+    return [p.task.id for p in items]
+
+
+def test_loaded_then_cached_then_oldest() -> None:
+    pool = ReadyPool(max_pass_over_s=60)
+    for name, model in [("a", "m1"), ("b", "m2"), ("c", "m3"), ("d", "m2")]:
+        pool.put(prepared(name, model))
+    assert names(pool.take(["m2", "m3"])) == ["b"]
+    assert names(pool.take(["m3", "m2"])) == ["c"]
+    assert names(pool.take(["m9"])) == ["a"]  # nothing loaded: arrival order
+    assert names(pool.take(["m2"])) == ["d"]
+    assert pool.take(["m2"]) == [] and len(pool) == 0
+
+
+def test_task_naming_no_model_runs_on_the_loaded_one() -> None:
+    pool = ReadyPool()
+    pool.put(prepared("other", "m2"))
+    pool.put(prepared("any", None))
+    assert names(pool.take(["m1"])) == ["any"]
+
+
+def test_no_task_is_passed_over_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = ReadyPool(max_pass_over_s=5)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    pool.put(prepared("old", "m2"))
+    for i in range(3):
+        pool.put(prepared(f"new{i}", "m1"))
+    assert names(pool.take(["m1"])) == ["new0"]
+    now[0] += 5.0  # "old" has waited as long as the bound allows: it goes first, switch or not
+    assert names(pool.take(["m1"])) == ["old"]
+    assert names(pool.take(["m1"])) == ["new1"]
+
+
+def test_zero_bound_is_arrival_order() -> None:
+    pool = ReadyPool(max_pass_over_s=0)
+    pool.put(prepared("a", "m2"))
+    pool.put(prepared("b", "m1"))
+    assert names(pool.take(["m1"])) == ["a"]
+
+
+def test_batch_mates_share_the_key_up_to_max_batch() -> None:
+    pool = ReadyPool()
+    for i, steps in enumerate([20, 30, 20, 20, 20]):
+        pool.put(prepared(f"t{i}", "m1", steps=steps))
+
+    def key(p: Prepared) -> object:
+        return p.task.params.steps
+
+    assert names(pool.take(["m1"], max_batch=3, key=key)) == ["t0", "t2", "t3"]
+    assert names(pool.take(["m1"], max_batch=3, key=key)) == ["t1"]
+    first = pool.take(["m1"], max_batch=1, key=key)
+    assert names(first) == ["t4"]
+    pool.put(prepared("late", "m1", steps=20))
+    pool.put(prepared("other", "m1", steps=5))
+    assert names(pool.company(first, key, room=2)) == ["late"]
+    assert names(pool.drain()) == ["other"]
+
+
+def test_key_none_runs_alone() -> None:
+    pool = ReadyPool()
+    pool.put(prepared("a", "m1"))
+    pool.put(prepared("b", "m1"))
+    assert names(pool.take(["m1"], max_batch=4, key=lambda p: None)) == ["a"]
