@@ -91,8 +91,6 @@ async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
         p.timings["runtime_run"] = max(0.0, elapsed - switch_s) if run_s is None else run_s
         if run_s is not None and elapsed - switch_s - run_s > 0.001:
             p.timings["runtime_wait"] = elapsed - switch_s - run_s
-        if isinstance(outcome, RuntimeResult):
-            outcome.info["batch_size"] = len(batch)  # tasks that shared the runtime call
         parts.metrics.observe_stages(parts.queue.name, p.timings)
     return outcomes
 

@@ -28,7 +28,7 @@ from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
 from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.pool import ReadyPool
+from sdfleet.agent.pool import ReadyPool, images
 from sdfleet.agent.prepare import prepare
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
@@ -66,6 +66,7 @@ class Agent:
         self._gpu = asyncio.Semaphore(self.depth)
         self._room = asyncio.Semaphore(self.depth + s.finishers)
         self._aliases: dict[str, str] = {}
+        self._dispatched: str | None = None
         self._stopping = asyncio.Event()
         self._receiver_done = asyncio.Event()
         self._taken = asyncio.Event()
@@ -185,6 +186,7 @@ class Agent:
                 self._gpu.release()
                 self._room.release()
                 return
+            self._dispatched = self._model_of(batch[0]) or self._dispatched
             self._taken.set()
             job = self._spawn(self._process(batch))
             self._batches[job] = batch
@@ -196,7 +198,7 @@ class Agent:
                 batch = self.pool.take(
                     self._loaded(), max_batch=self.max_batch, key=self._key, model_of=self._model_of
                 )
-                if self.batcher is not None and len(batch) < self.max_batch:
+                if self.batcher is not None and images_of(*batch) < self.max_batch:
                     batch += await self._company(batch)
                 return batch
             if self._receiver_done.is_set() and not self._preparing:
@@ -210,9 +212,10 @@ class Agent:
         deadline = batch[0].ready_at + self.batcher.batch_wait_s
         mates: list[Prepared] = []
         while True:
-            mates += self.pool.company(batch, self._key, self.max_batch - len(batch) - len(mates))
+            mates += self.pool.company(batch, self._key, self.max_batch - images_of(*batch, *mates))
             remaining = deadline - time.monotonic()
-            if len(batch) + len(mates) >= self.max_batch or remaining <= 0 or self._stopping.is_set():
+            full = images_of(*batch, *mates) >= self.max_batch
+            if full or remaining <= 0 or self._stopping.is_set():
                 return mates
             await self.pool.wait(remaining)
 
@@ -223,8 +226,11 @@ class Agent:
         return key if isinstance(key, Hashable) else None
 
     def _loaded(self) -> list[str]:
+        """Models the next job would find ready, best first: the last one handed to the runtime
+        (the runtime runs jobs in order, so it is active by then), the active one, cached ones."""
         runtime = self.parts.runtime
-        loaded = [m for m in (runtime.loaded_model, *getattr(runtime, "cached_models", ())) if m]
+        cached = getattr(runtime, "cached_models", ())
+        loaded = [m for m in (self._dispatched, runtime.loaded_model, *reversed(cached)) if m]
         return list(dict.fromkeys(loaded))
 
     def _model_of(self, p: Prepared) -> str | None:
@@ -352,6 +358,10 @@ class Agent:
         await asyncio.wait({fut, stop}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         for f in (fut, stop):
             f.cancel()
+
+
+def images_of(*batch: Prepared) -> int:
+    return sum(images(p) for p in batch)
 
 
 async def _settle(op: Awaitable[None]) -> None:

@@ -4,7 +4,7 @@ Model-aware order: on a queue that mixes models (the seed's dynamic queue) a swi
 of GPU, so among the tasks already here the next one is the oldest for the loaded model, else the
 oldest for a cached one, else the oldest of all; no task is passed over for longer than
 ``max_pass_over_s`` (then it goes first, whatever its model). Batching: the chosen task takes
-along up to ``max_batch - 1`` others with the same batch key, oldest first.
+along others with the same batch key, oldest first, while their images fit in ``max_batch``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from sdfleet.agent.parts import Prepared
 
 BatchKey = Callable[[Prepared], Hashable | None]
 """Tasks with equal, non-None keys may share one runtime call."""
+
+
+def images(p: Prepared) -> int:
+    return p.task.params.batch_size
 
 
 class ReadyPool:
@@ -61,25 +65,22 @@ class ReadyPool:
         if not self._items:
             return []
         first = self._choose(loaded, model_of)
-        batch = [first]
-        k = key(first) if key is not None and max_batch > 1 else None
-        if k is not None:
-            assert key is not None
-            for p in self._items:
-                if len(batch) >= max_batch:
-                    break
-                if p is not first and key(p) == k:
-                    batch.append(p)
-        for p in batch:
-            self._items.remove(p)
-        return batch
+        self._items.remove(first)
+        if key is None or max_batch <= 1:
+            return [first]
+        return [first, *self.company([first], key, max_batch - images(first))]
 
     def company(self, batch: Sequence[Prepared], key: BatchKey, room: int) -> list[Prepared]:
-        """Up to ``room`` waiting tasks that may join ``batch`` (same key), removed from the pool."""
+        """Waiting tasks that may join ``batch`` (same key) with at most ``room`` images in all,
+        oldest first, removed from the pool."""
         k = key(batch[0])
-        if k is None or room <= 0:
+        if k is None:
             return []
-        mates = [p for p in self._items if key(p) == k][:room]
+        mates = []
+        for p in self._items:
+            if images(p) <= room and key(p) == k:
+                mates.append(p)
+                room -= images(p)
         for p in mates:
             self._items.remove(p)
         return mates

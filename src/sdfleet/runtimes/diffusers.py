@@ -227,6 +227,7 @@ class DiffusersRuntime:
                 outcomes.append(Interrupted(f"task {job.task_id} interrupted"))
                 continue
             result.switch_s, result.run_s = switch_s, run_s
+            result.info["batch_tasks"] = len(jobs)  # tasks that shared this pipeline call
             outcomes.append(result)
         return outcomes
 

@@ -1,0 +1,107 @@
+"""Dynamic batching through the whole agent (queue → diffusers on the tiny model → stored PNG), on
+every engine: compatible tasks share a pipeline call and each gets its own images; a batch-mate
+that fails or is cancelled does so alone."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet_tools import read_json
+from PIL import Image
+
+from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
+from sdfleet.settings import QueueConfig
+
+pytestmark = pytest.mark.timeout(240)
+
+QUEUE = [QueueConfig(name="q", runtime="diffusers", model=SD15)]
+
+
+def png_url(color: tuple[int, int, int], *, corrupt: bool = False) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buf, format="PNG")
+    data = buf.getvalue()
+    if corrupt:
+        data = _garbled_pixels(data)
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _garbled_pixels(png: bytes) -> bytes:
+    """A PNG whose chunks and CRCs are sound (``verify()`` passes) but whose pixels do not inflate."""
+    out, pos = bytearray(png[:8]), 8
+    while pos < len(png):
+        length = struct.unpack(">I", png[pos : pos + 4])[0]
+        kind, body = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            body = b"\x78\x9c" + bytes(len(body) - 2)  # a zlib header, then nothing inflatable
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+        pos += 12 + length
+    return bytes(out)
+
+
+async def start(start_fleet: StartFleet, engine: Engine, models_dir: Path, wait_ms: int) -> RunningFleet:
+    runtimes = {"diffusers": {"device": "cpu", "max_batch": 4, "max_batch_wait_ms": wait_ms}}
+    settings = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=60)
+    return await start_fleet(QUEUE, settings=settings)
+
+
+async def submit_all(fleet: RunningFleet, bodies: list[dict[str, Any]]) -> list[str]:
+    answers = await asyncio.gather(*(fleet.http.post("/v1/tasks", json=b) for b in bodies))
+    assert all(r.status_code == 202 for r in answers), [r.text for r in answers]
+    return [r.json()["id"] for r in answers]
+
+
+def img2img(url: str, seed: int, steps: int = 3) -> dict[str, Any]:
+    params = {"prompt": f"a picture {seed}", "steps": steps, "width": 64, "height": 64, "seed": seed}
+    return {"type": "image-to-image", "params": {**params, "init_images": [url], "denoising_strength": 0.5}}
+
+
+async def test_compatible_tasks_share_a_call_and_keep_their_own_results(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir, wait_ms=2000)
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    ids = await submit_all(fleet, [img2img(png_url(c), seed=i) for i, c in enumerate(colors)])
+    views = [await fleet.wait(task_id, timeout_s=180) for task_id in ids]
+    assert [v["state"] for v in views] == ["succeeded"] * 4, views
+    outs = [await read_json(engine, v["output"]["key"]) for v in views]
+    assert [o["batch_tasks"] for o in outs] == [4, 4, 4, 4]
+    assert [o["seed"] for o in outs] == [0, 1, 2, 3]
+    assert len({v["images"][0]["key"] for v in views}) == 4
+
+
+async def test_a_failing_batch_mate_fails_alone(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir, wait_ms=2000)
+    bodies = [img2img(png_url((200, 10, 10)), 1), img2img(png_url((1, 2, 3), corrupt=True), 2)]
+    bodies.append(img2img(png_url((10, 200, 10)), 3))
+    ids = await submit_all(fleet, bodies)
+    views = [await fleet.wait(task_id, timeout_s=180) for task_id in ids]
+    assert [v["state"] for v in views] == ["succeeded", "failed", "succeeded"], views
+    assert views[1]["error"]["code"] == "invalid_image", views[1]["error"]
+    assert views[1]["attempts"] == 1  # refused at once, not retried
+
+
+async def test_a_cancelled_batch_mate_ends_alone(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir, wait_ms=2000)
+    bodies = [img2img(png_url((i * 60, 0, 0)), seed=i, steps=60) for i in range(3)]
+    ids = await submit_all(fleet, bodies)
+    for task_id in ids:
+        await fleet.wait(task_id, timeout_s=120, states=("running",))
+    assert (await fleet.http.post(f"/v1/tasks/{ids[1]}/cancel")).status_code == 200
+    views = [await fleet.wait(task_id, timeout_s=180) for task_id in ids]
+    assert [v["state"] for v in views] == ["succeeded", "cancelled", "succeeded"], views
+    outs = [await read_json(engine, views[i]["output"]["key"]) for i in (0, 2)]
+    assert [o["batch_tasks"] for o in outs] == [3, 3]
