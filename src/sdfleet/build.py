@@ -101,10 +101,20 @@ def agent_parts(
         raise ConfigError(f"unknown queue {queue!r}")
     a = settings.agent
     fetcher = InputFetcher(
-        max_bytes=a.input_max_bytes, timeout_s=a.input_timeout_s, allow_private=a.allow_private_inputs
+        max_bytes=a.input_max_bytes,
+        timeout_s=a.input_timeout_s,
+        allow_private=a.allow_private_inputs,
+        s3_buckets=a.input_s3_buckets,
     )
     notifiers: list[Notifier] = [
-        TopicNotifier(engines.bus, settings.fleet.results_topic, seed_notification(engines.storage)),
+        TopicNotifier(
+            engines.bus,
+            settings.fleet.results_topic,
+            seed_notification(engines.storage),
+            locate=engines.storage.location,
+            queue_format=q.notify_format,
+            running=a.notify_running,
+        ),
         webhook_notifier(settings),
     ]
     return Parts(

@@ -18,13 +18,14 @@ import ipaddress
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
 from PIL import Image
 
 from sdfleet.errors import InputFetchError, UrlRefused
+from sdfleet.s3_inputs import S3Inputs
 
 MAX_REDIRECTS = 3
 _SCHEMES = ("http", "https")
@@ -220,11 +221,12 @@ def guarded_client(timeout_s: float) -> httpx.AsyncClient:
 
 def fetcher_from_options(options: Mapping[str, Any]) -> InputFetcher:
     """The fetcher of a server-backed runtime (a1111, comfyui) from its options:
-    ``input_max_bytes``, ``input_timeout_s``, ``allow_private_inputs``."""
+    ``input_max_bytes``, ``input_timeout_s``, ``allow_private_inputs``, ``input_s3_buckets``."""
     return InputFetcher(
         max_bytes=int(options.get("input_max_bytes", 20 * 2**20)),
         timeout_s=float(options.get("input_timeout_s", 30)),
         allow_private=bool(options.get("allow_private_inputs", False)),
+        s3_buckets=list(options.get("input_s3_buckets", ())),
     )
 
 
@@ -238,8 +240,11 @@ class InputFetcher:
         allow_private: bool,
         client: httpx.AsyncClient | None = None,
         resolve: Resolve = resolve_host,
+        s3_buckets: Sequence[str] = (),
     ) -> None:
         self.max_bytes = max_bytes
+        self.s3 = S3Inputs(s3_buckets) if s3_buckets else None
+        """``s3://`` inputs from these buckets (``bucket`` or ``bucket/prefix``); none: refused."""
         self.timeout_s = timeout_s
         self.allow_private = allow_private
         self._resolve = resolve
@@ -251,6 +256,10 @@ class InputFetcher:
         text = url.strip()
         if text[:5].lower() == "data:":
             data = _decode_data_url(text, self.max_bytes)
+        elif text[:5].lower() == "s3://":
+            if self.s3 is None:
+                raise UrlRefused(f"s3:// inputs are off: allow buckets in agent.input_s3_buckets ({text})")
+            data = await self.s3.fetch(text, self.max_bytes)
         elif "://" in text[:16]:
             data = await self._fetch_http(text)
         else:
@@ -302,6 +311,8 @@ class InputFetcher:
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+        if self.s3 is not None:
+            self.s3.close()
 
     async def __aenter__(self) -> InputFetcher:
         return self

@@ -34,6 +34,10 @@ class QueueConfig(BaseModel):
     model: str | None = None
     """Model to load at start (dedicated queues keep one model loaded)."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = None
+    """Shape of the results-topic notifications of this queue's tasks (a task may choose its own):
+    ``sdfleet`` (TaskEvent), ``seed`` (the seed's agent's), ``sagemaker`` (SageMaker async
+    inference's); default by the API a task came in through."""
 
     @model_validator(mode="after")
     def _valid_policy(self) -> QueueConfig:
@@ -139,6 +143,9 @@ class AgentSettings(BaseModel):
     """On SIGTERM, how long the running task may take to finish before it is released."""
     input_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     input_timeout_s: float = Field(20.0, gt=0)
+    input_s3_buckets: list[str] = Field(default_factory=list)
+    """Buckets (``name`` or ``name/prefix``) that ``s3://`` input URLs may name, read with the
+    agent's AWS credentials, as the seed's agent does; empty: ``s3://`` inputs are refused."""
     allow_private_inputs: bool = False
     """Allow input URLs on loopback/private networks (tests, demo); never in production."""
     retry_delay_s: float = Field(0.0, ge=0)
@@ -146,6 +153,9 @@ class AgentSettings(BaseModel):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Serve Prometheus ``/metrics`` of agents run without the API (``sdfleet agent``) on this
     port; unset: no listener."""
+    notify_running: bool = False
+    """Also publish a notification when a task starts (the seed's ``EXP_CALLBACK_WHEN_RUNNING``:
+    ``{"runtime", "id", "status": "running", "context"}`` for the seed's formats)."""
     metrics_host: str = "127.0.0.1"
     """Listen address of the agent's metrics port (``0.0.0.0`` to be scraped from other hosts)."""
 

@@ -112,11 +112,15 @@ class Task(BaseModel):
     created_at: float = Field(default_factory=time.time)
     timeout_s: float | None = Field(None, gt=0)
     origin: Origin = Origin.V1
+    notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = None
+    """Shape of this task's results-topic notifications (``notify.formats``); default: the
+    queue's, else by the API it came in through."""
     output_prefix: str | None = None
-    """Storage prefix for results; defaults to ``<tenant>/<id>``. The seed formats set their own."""
+    """Storage prefix for results (they go under ``<prefix>/<id>/``); default the tenant's name.
+    The seed formats set their own (``save_dir``, ``metadata.prefix``)."""
 
     def storage_prefix(self) -> str:
-        return self.output_prefix if self.output_prefix is not None else f"{self.tenant}/{self.id}"
+        return self.output_prefix if self.output_prefix is not None else self.tenant
 
     def to_message(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()

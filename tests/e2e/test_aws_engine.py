@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -155,12 +156,12 @@ def _publish_and_peek(seed: SeedDeployment, messages: list[tuple[str, dict[str, 
 async def _assert_outputs(engine: Engine, meta: dict[str, Any], view: dict[str, Any]) -> None:
     assert view["state"] == "succeeded", view
     assert view["queue"] == SEED_RUNTIME
-    key = f"{meta['prefix']}/{meta['id']}/{meta['id']}-1.png"
-    assert [i["key"] for i in view["images"]] == [key]
+    (key,) = [i["key"] for i in view["images"]]
+    assert re.fullmatch(rf"{meta['prefix']}/{meta['id']}/{meta['id']}-[0-9a-f]{{4}}-1\.png", key), key
     assert await png_size(engine, key) == (512, 512)
     storage = open_storage(engine.storage_url)
     try:
-        out = json.loads(await storage.get(f"{meta['prefix']}/{meta['id']}/{meta['id']}.out"))
+        out = json.loads(await storage.get(key.replace("-1.png", ".out")))
     finally:
         await storage.aclose()
     assert out["task_id"] == meta["id"]
@@ -168,9 +169,10 @@ async def _assert_outputs(engine: Engine, meta: dict[str, Any], view: dict[str, 
 
 def _assert_notification(seed: SeedDeployment, meta: dict[str, Any], note: dict[str, Any]) -> None:
     assert note["result"] is True and note["status"] == "completed"
-    base = f"s3://{seed.bucket}/{meta['prefix']}/{meta['id']}/{meta['id']}"
-    assert note["image_url"] == [f"{base}-1.png"]
-    assert note["output_url"] == f"{base}.out"
+    base = f"s3://{seed.bucket}/{meta['prefix']}/{meta['id']}/{meta['id']}-"
+    (url,) = note["image_url"]
+    assert re.fullmatch(rf"{re.escape(base)}[0-9a-f]{{4}}-1\.png", url), url
+    assert note["output_url"] == url.replace("-1.png", ".out")
     assert note["runtime"] == SEED_RUNTIME
 
 

@@ -83,7 +83,8 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         task_id = re.search(r"submitted (\S+)", submitted.stdout)
         assert task_id is not None, submitted.stdout
-        assert "succeeded" in submitted.stdout and f"{task_id.group(1)}-1.png" in submitted.stdout
+        assert "succeeded" in submitted.stdout
+        assert re.search(rf"{task_id.group(1)}-[0-9a-f]{{4}}-1\.png", submitted.stdout), submitted.stdout
         status = _run(["status", task_id.group(1), "--api", api], cli_env)
         assert status.returncode == 0, status.stderr
         view = json.loads(status.stdout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -69,7 +70,8 @@ async def _notes_for(engine: Engine, task_id: str) -> list[dict[str, Any]]:
 
 async def _succeeded_once(engine: Engine, view: dict[str, Any], attempts: int) -> None:
     assert view["state"] == "succeeded" and view["attempts"] == attempts, view
-    assert [i["key"].rsplit("/", 1)[1] for i in view["images"]] == [f"{view['id']}-1.png"]
+    (name,) = [i["key"].rsplit("/", 1)[1] for i in view["images"]]
+    assert re.fullmatch(rf"{view['id']}-[0-9a-f]{{4}}-1\.png", name), name
     assert await exists(engine, view["images"][0]["key"])
     notes = await _notes_for(engine, view["id"])
     assert [n["type"] for n in notes] == ["succeeded"], notes

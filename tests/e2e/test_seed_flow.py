@@ -4,6 +4,7 @@ and result notifications in the seed's shape — on every engine."""
 from __future__ import annotations
 
 import io
+import re
 
 import httpx
 import pytest
@@ -35,14 +36,15 @@ async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_
         assert view["state"] == "succeeded", view
         assert view["queue"] == "sd15"
         assert len(view["images"]) == 1
-        assert view["images"][0]["key"] == f"outputs/{answer['id_task']}/{answer['id_task']}-1.png"
+        key = view["images"][0]["key"]
+        assert re.fullmatch(rf"outputs/{answer['id_task']}/{answer['id_task']}-[0-9a-f]{{4}}-1\.png", key)
         assert await png_size(engine, view["images"][0]["key"]) == (body["width"], body["height"])
     notes = {n["id"]: n for n in await receive_json(engine, "results", 2)}
     for answer in answers:
         note = notes[answer["id_task"]]
         assert note["result"] is True and note["status"] == "completed"
-        assert len(note["image_url"]) == 1 and note["image_url"][0].endswith("-1.png")
-        assert note["output_url"].endswith(f"{answer['id_task']}.out")
+        assert len(note["image_url"]) == 1 and note["image_url"][0].endswith(key.rsplit("/", 1)[1])
+        assert note["output_url"].endswith(key.rsplit("/", 1)[1].replace("-1.png", ".out"))
         assert note["context"] == {}
 
 

@@ -43,3 +43,47 @@ class AlwaysFails:
 
     async def aclose(self) -> None:
         return None
+
+
+class MixedMedia:
+    """Returns what ComfyUI's animation and video nodes make: a PNG, a GIF, a WebP and an MP4."""
+
+    name = "mixed-media"
+    max_in_flight = 1
+
+    @classmethod
+    def from_options(
+        cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
+    ) -> MixedMedia:
+        return cls()
+
+    async def start(self) -> None:
+        return None
+
+    async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
+        return RuntimeResult(images=media_samples(), info={"runtime": self.name})
+
+    async def interrupt(self, task_id: str | None = None) -> None:
+        return None
+
+    @property
+    def loaded_model(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def media_samples() -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    out = []
+    for fmt in ("PNG", "GIF", "WEBP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    # the first box of an MP4 file: size, "ftyp", major brand "isom"
+    out.append(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64))
+    return out

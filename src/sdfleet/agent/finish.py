@@ -18,9 +18,10 @@ from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.execute import Outcome
 from sdfleet.agent.outage import ride_out
-from sdfleet.agent.parts import Parts, Prepared, image_keys
+from sdfleet.agent.parts import Parts, Prepared, output_keys
 from sdfleet.agent.records import acknowledge, fail, notify, requeue
 from sdfleet.errors import Interrupted, Reject, SdfleetError, TransitionConflict
+from sdfleet.media import sniff
 from sdfleet.runtimes.base import RuntimeResult
 from sdfleet.store.base import transition
 from sdfleet.tasks import EventType, TaskRecord, TaskResult, TaskState
@@ -57,12 +58,13 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
 
 async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> TaskResult:
     task = p.task
-    keys, out_key = image_keys(task, len(result.images))
+    keys, out_key = output_keys(task, result.images)
     t0 = time.perf_counter()
     with p.stage("storage.put"):
         info = {**result.info, "images": [parts.storage.location(k) for k in keys], "task_id": task.id}
         out = json.dumps(info, indent=2).encode()
-        puts = [parts.storage.put(k, img, "image/png") for k, img in zip(keys, result.images, strict=True)]
+        outputs = zip(keys, result.images, strict=True)
+        puts = [parts.storage.put(k, data, sniff(data).mime) for k, data in outputs]
         await asyncio.gather(*puts, parts.storage.put(out_key, out, "application/json"))
     p.timings["storage_put"] = time.perf_counter() - t0
     parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})

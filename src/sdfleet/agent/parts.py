@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from opentelemetry import trace
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.bus.base import Bus, Delivery
 from sdfleet.guarded_http import InputFetcher
+from sdfleet.media import sniff
 from sdfleet.notify.base import Notifier
 from sdfleet.runtimes.base import Runtime
 from sdfleet.settings import AgentSettings, FleetConfig, QueueConfig
@@ -81,7 +83,10 @@ class Prepared:
         span.end(end_time=end_ns)
 
 
-def image_keys(task: Task, count: int) -> tuple[list[str], str]:
-    """The seed's layout: ``<prefix>/<id>/<id>-<n>.png`` and ``<prefix>/<id>/<id>.out``."""
-    base = f"{task.storage_prefix()}/{task.id}"
-    return [f"{base}/{task.id}-{n}.png" for n in range(1, count + 1)], f"{base}/{task.id}.out"
+def output_keys(task: Task, outputs: Sequence[bytes], tag: str | None = None) -> tuple[list[str], str]:
+    """The seed's layout: ``<prefix>/<id>/<id>-<tag>-<n>.<ext>`` per output, its extension told by
+    its bytes (PNG, GIF, WebP, MP4…), and ``<prefix>/<id>/<id>-<tag>.out``. ``tag`` (4 random hex
+    digits by default) keeps a re-used id from overwriting earlier results."""
+    tag = tag or secrets.token_hex(2)
+    base = f"{task.storage_prefix()}/{task.id}/{task.id}-{tag}"
+    return [f"{base}-{n}.{sniff(data).ext}" for n, data in enumerate(outputs, 1)], f"{base}.out"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +35,9 @@ class TaskRequest(BaseModel):
     webhook: Webhook | None = None
     context: Any = None
     timeout_s: float | None = Field(None, gt=0, le=3600)
+    notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = Field(
+        None, description="Shape of the results-topic notification; default the queue's (sdfleet)"
+    )
 
     def to_task(self) -> Task:
         data = self.model_dump(exclude_none=True)
