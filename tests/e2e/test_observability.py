@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import SD15, StartFleet
+from conftest import OTHER, SD15, StartFleet
 from sdfleet.telemetry import JsonFormatter, TraceIdFilter, setup_tracing
 
 BODY = {"model": SD15, "params": {"prompt": "a red door", "steps": 2, "width": 64, "height": 64}}
@@ -56,6 +57,57 @@ async def test_trace_crosses_the_queue(start_fleet: StartFleet, spans: InMemoryS
         if s.parent is not None and s.parent.span_id == agent.context.span_id
     }
     assert {"queue.wait", "inputs.fetch", "runtime.run", "storage.put", "notify"} <= children
+
+
+def _task_spans(spans: InMemorySpanExporter, task_id: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for s in spans.get_finished_spans():
+        if s.attributes and s.attributes.get("sdfleet.task_id") == task_id:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def _seconds(span: Any) -> float:
+    return (span.end_time - span.start_time) / 1e9
+
+
+async def test_stage_spans_say_what_the_records_say(
+    start_fleet: StartFleet, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    fleet = await start_fleet()
+    ids = []
+    for model in (OTHER, OTHER):  # the dynamic queue starts on SD15: the first task switches, not the second
+        r = await fleet.http.post("/v1/tasks", json={**BODY, "model": model})
+        ids.append(r.json()["id"])
+        assert (await fleet.wait(ids[-1]))["state"] == "succeeded"
+    refused = await fleet.http.post(
+        "/v1/tasks",
+        json={
+            **BODY,
+            "type": "image-to-image",
+            "params": {**BODY["params"], "init_images": ["s3://b/k.png"]},
+        },
+    )
+    ids.append(refused.json()["id"])
+    assert (await fleet.wait(ids[-1]))["state"] == "failed"
+    await fleet.stop()
+    first, second, bad = (_task_spans(spans, i) for i in ids)
+    (switch,) = first["model.switch"]
+    (run,) = first["runtime.run"]
+    assert switch.end_time <= run.start_time, "the run starts after the switch"
+    assert "model.switch" not in second
+    for found in (first, second):
+        (wait,) = found["queue.wait"]
+        assert wait.attributes["sdfleet.queue"] == "dynamic"
+        assert {"pool.wait", "inputs.fetch", "runtime.run", "storage.put", "notify"} <= set(found)
+    (agent,) = bad["agent.task"]
+    assert agent.status.status_code.name == "ERROR", agent.status
+    assert "queue.wait" in bad
+    events = [(r.task_id, r.event) for r in caplog.records if getattr(r, "task_id", None) in ids]
+    assert [e for t, e in events if t == ids[0]] == ["received", "started", "succeeded"], events
+    assert [e for t, e in events if t == ids[2]] == ["failed"], events
+    assert all(getattr(r, "trace_id", "") for r in caplog.records if getattr(r, "task_id", None) in ids)
 
 
 async def test_metrics_count_tasks_and_stages(start_fleet: StartFleet) -> None:

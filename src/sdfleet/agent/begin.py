@@ -14,6 +14,7 @@ from functools import partial
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import notify, notify_if_cancelled_unrun
+from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import transition
@@ -29,11 +30,12 @@ async def begin(parts: Parts, p: Prepared) -> bool:
     try:
         record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
     except (TransitionConflict, NotFound) as e:
-        log.info("task %s not started: %s", task.id, e)
+        task_event(task.id, p.delivery.queue, p.span, "dropped", reason=str(e))
         await notify_if_cancelled_unrun(parts, await parts.store.get(task.id))
         await p.handle.ack()
         return False
     p.record = record
+    task_event(task.id, p.delivery.queue, p.span, "started", attempt=record.attempts, worker=record.worker)
     await notify(parts, record, EventType.STARTED)
     return True
 

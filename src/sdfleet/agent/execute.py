@@ -8,10 +8,9 @@ concurrently with the next call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from opentelemetry import trace
@@ -65,34 +64,58 @@ def job_of(parts: Parts, p: Prepared) -> Job:
 
 
 async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
-    """Run ``batch`` (one task, or batch-mates) in one runtime call; never raises."""
+    """Run ``batch`` (one task, or batch-mates) in one runtime call; never raises.
+
+    Stages, the same in records (``timings``), metrics (``sdfleet_stage_seconds``) and spans:
+    ``pool_wait`` / ``pool.wait`` from prepared to the call; ``runtime_wait`` / ``runtime.wait`` the
+    part of the call not on the device (queued behind another job, encoding images);
+    ``model_switch`` / ``model.switch`` only for a real switch; ``runtime_run`` / ``runtime.run``
+    the job's time on the device (the whole call, less the switch, for a runtime that cannot say).
+    """
     jobs = [job_of(parts, p) for p in batch]
     reporters = [_Progress(parts, p) for p in batch]
     timeouts = [j.timeout_s for j in jobs if j.timeout_s is not None]
-    runtime = parts.runtime
-    t0, wall0 = time.perf_counter(), time.time_ns()
+    t0, wall0, mono0 = time.perf_counter(), time.time_ns(), time.monotonic()
     for p in batch:
-        p.run_started = time.monotonic()
-    with _stage_spans(batch, jobs[0].model) as spans:
-        outcomes = await _call(runtime, jobs, reporters, min(timeouts) if timeouts else None)
-        for span, outcome in zip(spans, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                span.record_exception(outcome)
+        p.run_started = mono0
+        pool_wait = max(0.0, mono0 - p.ready_at) if p.ready_at else 0.0
+        p.timings["pool_wait"] = pool_wait
+        p.past_stage("pool.wait", wall0 - int(pool_wait * 1e9), wall0)
+    outcomes = await _call(parts.runtime, jobs, reporters, min(timeouts) if timeouts else None)
     elapsed = time.perf_counter() - t0
-    switched = any(isinstance(o, RuntimeResult) and o.switch_s > 0 for o in outcomes)
-    if switched:
+    if any(isinstance(o, RuntimeResult) and o.switch_s > 0 for o in outcomes):
         parts.metrics.model_switches.labels(queue=parts.queue.name).inc()
-    for p, outcome in zip(batch, outcomes, strict=True):
-        switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) else 0.0
-        if switch_s > 0:
-            p.timings["model_switch"] = switch_s
-            p.past_stage("model.switch", wall0, wall0 + int(switch_s * 1e9))
-        run_s = outcome.run_s if isinstance(outcome, RuntimeResult) else None
-        p.timings["runtime_run"] = max(0.0, elapsed - switch_s) if run_s is None else run_s
-        if run_s is not None and elapsed - switch_s - run_s > 0.001:
-            p.timings["runtime_wait"] = elapsed - switch_s - run_s
+    for p, job, outcome in zip(batch, jobs, outcomes, strict=True):
+        _record_stages(
+            p, outcome, elapsed, wall0, {"sdfleet.model": job.model or "", "sdfleet.batch_size": len(batch)}
+        )
         parts.metrics.observe_stages(parts.queue.name, p.timings)
     return outcomes
+
+
+def _record_stages(
+    p: Prepared, outcome: Outcome, elapsed: float, wall0: int, attrs: dict[str, object]
+) -> None:
+    """Timings and past spans of one task's runtime call (see ``run_tasks``)."""
+    ok = isinstance(outcome, RuntimeResult)
+    switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) else 0.0
+    run_s = outcome.run_s if isinstance(outcome, RuntimeResult) else None
+    run = max(0.0, elapsed - switch_s) if run_s is None else min(run_s, elapsed)
+    wait = max(0.0, elapsed - switch_s - run)
+    end = wall0 + int(elapsed * 1e9)
+    run_from = end - int(run * 1e9)
+    switch_from = run_from - int(switch_s * 1e9)
+    if wait > 0.001:
+        p.timings["runtime_wait"] = wait
+        p.past_stage("runtime.wait", wall0, switch_from)
+    if switch_s > 0:
+        p.timings["model_switch"] = switch_s
+        p.past_stage("model.switch", switch_from, run_from)
+    p.timings["runtime_run"] = run
+    span = p.past_stage("runtime.run", run_from, end, attrs)
+    if not ok and isinstance(outcome, BaseException):
+        span.record_exception(outcome)
+        span.set_status(trace.StatusCode.ERROR, str(outcome))
 
 
 async def _call(
@@ -111,18 +134,6 @@ async def _call(
         return [error for _ in jobs]
     except Exception as e:  # the finish stage tells a runtime bug from a failure or a Reject
         return [e for _ in jobs]
-
-
-@contextlib.contextmanager
-def _stage_spans(batch: Sequence[Prepared], model: str | None) -> Iterator[list[trace.Span]]:
-    with contextlib.ExitStack() as stack:
-        spans = []
-        for p in batch:
-            span = stack.enter_context(p.stage("runtime.run"))
-            span.set_attribute("sdfleet.model", model or "")
-            span.set_attribute("sdfleet.batch_size", len(batch))
-            spans.append(span)
-        yield spans
 
 
 class _Progress:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from functools import partial
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
@@ -20,6 +21,7 @@ from sdfleet.agent.execute import Outcome
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
 from sdfleet.agent.records import acknowledge, fail, notify, requeue
+from sdfleet.agent.tasklog import task_event
 from sdfleet.errors import Interrupted, Reject, SdfleetError, TransitionConflict
 from sdfleet.media import sniff
 from sdfleet.runtimes.base import RuntimeResult
@@ -47,6 +49,7 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
         await _interrupted(parts, p)
     elif isinstance(outcome, Reject):
         p.span.set_status(StatusCode.ERROR, outcome.reason)
+        _event(p, "failed", code=outcome.code, reason=outcome.reason, retry=False)
         await fail(parts, task.id, outcome.code, outcome.reason)
         await acknowledge(parts, p)
     elif isinstance(outcome, SdfleetError):
@@ -54,6 +57,10 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
     else:  # a runtime bug must not kill the agent; it counts as a failed attempt
         log.error("task %s: unexpected error", task.id, exc_info=outcome)
         await _retry_or_fail(parts, p, "runtime_failure", f"{type(outcome).__name__}: {outcome}")
+
+
+def _event(p: Prepared, event: str, **fields: Any) -> None:
+    task_event(p.task.id, p.delivery.queue, p.span, event, **fields)
 
 
 async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> TaskResult:
@@ -91,6 +98,7 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
         await p.handle.ack()
         return
     p.record = record
+    _event(p, "succeeded", images=len(res.images), timings=res.timings)
     parts.metrics.tasks.labels(queue=parts.queue.name, state="succeeded").inc()
     with p.stage("notify"):
         await notify(parts, record, EventType.SUCCEEDED)
@@ -99,11 +107,13 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
 
 async def _interrupted(parts: Parts, p: Prepared) -> None:
     if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
+        _event(p, "cancelled")
         record = await parts.store.get(p.task.id)
         if record is not None:
             await notify(parts, record, EventType.CANCELLED)
         await acknowledge(parts, p)
         return
+    _event(p, "requeued", code="interrupted", reason="agent shut down before the task finished")
     await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
     await p.handle.release()
 
@@ -111,8 +121,12 @@ async def _interrupted(parts: Parts, p: Prepared) -> None:
 async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> None:
     d = p.delivery
     p.span.set_status(StatusCode.ERROR, message)
-    log.warning("task %s attempt %d failed: %s", p.task.id, d.receive_count, message)
-    if d.receive_count >= parts.fleet.retry.max_receives:
+    last = d.receive_count >= parts.fleet.retry.max_receives
+    level = logging.WARNING
+    _event(
+        p, "failed" if last else "requeued", level=level, code=code, reason=message, attempt=d.receive_count
+    )
+    if last:
         await fail(parts, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
         # Not acked: the bus moves a message that used up its receives to the dead-letter queue.
         await p.handle.release()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 
@@ -75,12 +76,15 @@ class Prepared:
         with tracer().start_as_current_span(name, context=ctx, attributes=attributes) as span:
             yield span
 
-    def past_stage(self, name: str, start_ns: int, end_ns: int) -> None:
-        """A child span for a stage measured inside another component (the runtime's model switch)."""
+    def past_stage(
+        self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, Any] | None = None
+    ) -> trace.Span:
+        """A child span for a stage measured after the fact (inside the runtime, in the pool)."""
         ctx = trace.set_span_in_context(self.span)
         span = tracer().start_span(name, context=ctx, start_time=start_ns)
-        span.set_attribute("sdfleet.task_id", self.task.id)
-        span.end(end_time=end_ns)
+        span.set_attributes({"sdfleet.task_id": self.task.id, **(attributes or {})})
+        span.end(end_time=max(start_ns, end_ns))
+        return span
 
 
 def output_keys(task: Task, outputs: Sequence[bytes], tag: str | None = None) -> tuple[list[str], str]:

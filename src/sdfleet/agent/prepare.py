@@ -9,11 +9,13 @@ import logging
 import time
 
 from opentelemetry import trace
+from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.decode import decode_task
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
+from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, MessageDecodeError
 from sdfleet.routing import ATTR_ENQUEUED_AT
@@ -37,17 +39,19 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     span.set_attributes(
         {"sdfleet.task_id": task.id, "sdfleet.queue": d.queue, "sdfleet.receive": d.receive_count}
     )
-    _queue_wait_span(span, d)
+    _queue_wait_span(span, d, task.id)
     prepared = await _checked(parts, h, task, span)
     if prepared is None:
         span.end()
     return prepared
 
 
-def _queue_wait_span(parent: trace.Span, d: Delivery) -> None:
+def _queue_wait_span(parent: trace.Span, d: Delivery, task_id: str) -> None:
     enqueued = _enqueued_at(d)
     ctx = trace.set_span_in_context(parent)
-    tracer().start_span("queue.wait", context=ctx, start_time=int(enqueued * 1e9)).end()
+    span = tracer().start_span("queue.wait", context=ctx, start_time=int(enqueued * 1e9))
+    span.set_attributes({"sdfleet.task_id": task_id, "sdfleet.queue": d.queue})
+    span.end()
 
 
 async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span) -> Prepared | None:
@@ -57,7 +61,7 @@ async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span
     record = await parts.store.get(task.id)
     reason = None if record is None else _skip_reason(record, d)
     if record is not None and reason is not None:
-        log.info("task %s: %s: dropping this delivery", task.id, reason)
+        task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
         await _redelivered_result(parts, record, d)
         await h.ack()
         return None
@@ -69,10 +73,15 @@ async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span
             p.inputs = [await parts.fetcher.fetch(url) for url in task.params.init_images]
     except InputFetchError as e:
         queued = task if task.queue else task.model_copy(update={"queue": d.queue})
+        span.set_status(StatusCode.ERROR, e.message or str(e))
+        task_event(task.id, d.queue, span, "failed", code=e.code, reason=e.message or str(e), retry=False)
         await fail(parts, task.id, e.code, e.message or str(e), task=queued)
         await h.ack()
         return None
     p.timings["inputs_fetch"] = time.perf_counter() - t0
+    task_event(
+        task.id, d.queue, span, "received", receive=d.receive_count, queue_wait=p.timings["queue_wait"]
+    )
     return p
 
 
