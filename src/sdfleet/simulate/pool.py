@@ -1,0 +1,194 @@
+"""Aggregate mode: all ready replicas of a queue served as one fluid, one step per arrival bin.
+
+Every ``dt`` the pool has ``replicas × dt`` seconds of GPU to give. It serves the queue oldest
+first; a request costs ``cycle / batch`` of it, where the batch is what the backlog allows
+(``ceil(visible of its class / replicas)``, at most ``max_batch``) and the cycle is the runtime
+call plus finishing (serial, or ``concurrency`` at a time beside the next call). A request served
+after ``used`` seconds of the step starts ``used / replicas`` into it; its queue wait runs from
+the end of its arrival bin (so waits are at most ``dt`` short under backlog, exact when idle), its
+end-to-end adds the call and the finishing. Model switches on a queue that mixes models are
+estimated from the mix served (FIFO: ``calls × (1 − Σ share²)``; model-aware: at most one per
+replica and model per ``pass_over_s``) and their time taken from the next step, as is the
+loading of the models a new replica serves (beyond the one its pod loaded). A replica
+killed with its node loses its share of the requests in service and ``prefetch`` more, which
+come back after their lease.
+
+Exact mode (``agent.Replica``) models each replica's stages; ``tests/unit/test_simulate_engine.py``
+compares the two on one trace.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Generator
+from typing import Any
+
+import simpy
+
+from sdfleet.simulate.params import AgentParams
+from sdfleet.simulate.queue import Cohort, SimQueue
+from sdfleet.simulate.stats import Counters
+from sdfleet.simulate.trace import TaskClass
+
+Proc = Generator[simpy.Event, Any, None]
+
+
+class Member:
+    """One ready replica in the pool: what a pod starts, drains and kills."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.done = pool.env.event()
+
+    def start(self) -> None:
+        self.pool.join(self)
+
+    def drain(self) -> None:
+        if self in self.pool.members:
+            self.pool.members.remove(self)
+            self.pool.env.process(self._exit(self.pool.last_call_s))
+
+    def kill(self) -> None:
+        if self.done.triggered:
+            return
+        if self in self.pool.members:
+            self.pool.lose_share()
+            self.pool.members.remove(self)
+        self.done.succeed()
+
+    def _exit(self, after: float) -> Proc:
+        yield self.pool.env.timeout(after)
+        if not self.done.triggered:
+            self.done.succeed()
+
+
+class Pool:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        queue: SimQueue,
+        p: AgentParams,
+        classes: list[TaskClass],
+        run_seconds: Callable[[int, int], float],
+        record: Callable[[int, float, float, float, float], None],
+        counters: Counters,
+        dt: float,
+        cache_size: int,
+        models: int,
+        preloaded: int,
+    ) -> None:
+        self.env, self.q, self.p, self.classes = env, queue, p, classes
+        self.run_seconds, self.record, self.counters = run_seconds, record, counters
+        self.dt, self.cache_size, self.models, self.preloaded = dt, cache_size, models, preloaded
+        """``models``: distinct models routed to this queue; ``preloaded``: 1 when pods load one."""
+        self.members: list[Member] = []
+        self.in_service: list[tuple[float, int, Cohort]] = []
+        self._seq = itertools.count()
+        self.debt = 0.0
+        self.last_call_s = 1.0
+        self.mix: dict[str | None, float] = {}
+        """Recent share of each model among the requests served (a moving average over about a
+        minute): consecutive requests on one replica differ with probability 1 − Σ share²."""
+        queue.held_ahead = lambda: len(self.members) * p.prefetch
+        env.process(self._tick())
+
+    def join(self, member: Member) -> None:
+        """A new replica loads the models it will serve (the pod loaded its first already)."""
+        self.members.append(member)
+        self.debt += self.p.model_load_s * max(0, min(self.cache_size, self.models) - self.preloaded)
+
+    def _tick(self) -> Proc:
+        while True:
+            yield self.env.timeout(self.dt)
+            self._ack()
+            if self.members and self.q.visible:
+                self._serve(len(self.members))
+            elif not self.members:
+                self.debt = 0.0
+
+    def _ack(self) -> None:
+        while self.in_service and self.in_service[0][0] <= self.env.now:
+            _, _, c = heapq.heappop(self.in_service)
+            self.q.ack(c.n)
+            self.counters.add(self.q.name, "completed", c.n)
+
+    def _call(self, cls: int, replicas: int) -> tuple[int, float, float]:
+        """(batch, runtime call seconds, cycle seconds) for a class at this backlog."""
+        batch = max(1, min(self.p.max_batch, math.ceil(self.q.visible_by_class[cls] / replicas)))
+        run = self.run_seconds(cls, batch) + self.p.run_overhead_s
+        if self.p.finish_concurrency == 0:
+            return batch, run, run + batch * self.p.finish_s
+        return batch, run, max(run, batch * self.p.finish_s / self.p.finish_concurrency)
+
+    def _finish(self, batch: int) -> float:
+        if self.p.finish_concurrency == 0:
+            return (batch + 1) / 2 * self.p.finish_s
+        return self.p.finish_s
+
+    def _serve(self, replicas: int) -> None:
+        now, budget = self.env.now, replicas * self.dt - self.debt
+        used, calls = 0.0, 0.0
+        models: Counter[str | None] = Counter()
+        calls_cache: dict[int, tuple[int, float, float]] = {}
+        while used < budget and self.q.visible:
+            head = self.q.oldest()
+            assert head is not None
+            if head.cls not in calls_cache:
+                calls_cache[head.cls] = self._call(head.cls, replicas)
+            batch, run, cycle = calls_cache[head.cls]
+            per = cycle / batch
+            k = min(head.n, max(1, int((budget - used) / per)))
+            for g in self.q.take(k):
+                start = now + (used + g.n * per / 2) / replicas
+                wait = max(self.p.receive_s, start - (g.t + self.dt / 2))
+                e2e = wait + run + self._finish(batch)
+                self.record(g.cls, wait, e2e, g.n, start + run + self._finish(batch))
+                heapq.heappush(self.in_service, (start + run + self._finish(batch), next(self._seq), g))
+                used += g.n * per
+                calls += g.n / batch
+                models[self.classes[g.cls].model] += g.n
+            self.last_call_s = cycle
+        self.counters.add(self.q.name, "gpu_busy_s", used)
+        self.debt = max(0.0, used - budget) + self._switch_time(models, calls, replicas)
+
+    def _switch_time(self, models: Counter[str | None], calls: float, replicas: int) -> float:
+        total = sum(models.values())
+        if not total:
+            return 0.0
+        keep = math.exp(-self.dt / 60.0)
+        for m in set(self.mix) | set(models):
+            self.mix[m] = self.mix.get(m, 0.0) * keep + (1 - keep) * models.get(m, 0) / total
+        norm = sum(self.mix.values())
+        live = [v / norm for v in self.mix.values() if v / norm > 1e-3]
+        if len(live) < 2:
+            return 0.0
+        switches = calls * (1 - sum(v * v for v in live))
+        if self.p.model_aware:
+            bound = replicas * (len(live) - 1) * self.dt / max(self.p.pass_over_s, self.dt)
+            switches = min(switches, bound)
+        self.counters.add(self.q.name, "switches", switches)
+        cost = self.p.switch_cached_s if len(live) <= self.cache_size else self.p.model_load_s
+        return switches * cost
+
+    def lose_share(self) -> None:
+        """A replica's node is gone: its share of the requests in service, and what it had
+        received ahead, come back after their lease."""
+        share = 1 / max(1, len(self.members))
+        lost: list[Cohort] = []
+        keep: list[tuple[float, int, Cohort]] = []
+        for end, seq, c in self.in_service:
+            k = round(c.n * share)
+            if k >= c.n:
+                lost.append(c)
+                continue
+            if k > 0:
+                lost.append(c.split(k))
+            keep.append((end, seq, c))
+        heapq.heapify(keep)
+        self.in_service = keep
+        lost += self.q.take(self.p.prefetch)
+        self.counters.add(self.q.name, "lost", sum(c.n for c in lost))
+        self.q.lose(lost)
