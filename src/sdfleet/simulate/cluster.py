@@ -57,6 +57,10 @@ class Cluster:
         self.env, self.p, self.price, self.counters = env, p, price, counters
         self.rng = random.Random(seed)
         self.nodes: list[Node] = []
+        """Every node launched (removed ones too, with ``gone_at``)."""
+        self._up: dict[int, Node] = {}
+        self._open: dict[int, Node] = {}
+        """Up, not cordoned, with a free GPU."""
         self.pending: list[tuple[PodLike, simpy.Event]] = []
         self._kick = env.event()
         self._last_pending = 0.0
@@ -64,19 +68,29 @@ class Cluster:
             env.process(self._provision())
 
     def live(self, capacity: str | None = None) -> list[Node]:
-        return [n for n in self.nodes if n.gone_at is None and (capacity is None or n.capacity == capacity)]
+        return [n for n in self._up.values() if capacity is None or n.capacity == capacity]
+
+    def _refresh(self, node: Node) -> None:
+        if node.gone_at is None and not node.cordoned and node.free > 0:
+            self._open[node.id] = node
+        else:
+            self._open.pop(node.id, None)
+
+    def _bind(self, node: Node, pod: PodLike) -> None:
+        node.pods.append(pod)
+        node.empty_since = None
+        self._refresh(node)
 
     def place(self, pod: PodLike) -> simpy.Event:
         """An event whose value is the node ``pod`` is bound to (it may still be launching)."""
         ev = self.env.event()
         if not self.p.enabled:
             instant = self._launch("on-demand", instant=True)
-            instant.pods.append(pod)
+            self._bind(instant, pod)
             return ev.succeed(instant)
-        node = next((n for n in self.live() if n.free > 0 and not n.cordoned), None)
+        node = next(iter(self._open.values()), None)
         if node is not None:
-            node.pods.append(pod)
-            node.empty_since = None
+            self._bind(node, pod)
             return ev.succeed(node)
         self.pending.append((pod, ev))
         self._last_pending = self.env.now
@@ -87,10 +101,11 @@ class Cluster:
     def unplace(self, pod: PodLike, node: Node | None) -> None:
         self.pending = [(p, e) for p, e in self.pending if p is not pod]
         if node is None:  # bound while its pod was being stopped
-            node = next((n for n in self.nodes if pod in n.pods), None)
+            node = next((n for n in self._up.values() if pod in n.pods), None)
         if node is None or pod not in node.pods:
             return
         node.pods.remove(pod)
+        self._refresh(node)
         if not node.pods and node.gone_at is None:
             if not self.p.enabled:
                 self._remove(node)
@@ -127,8 +142,7 @@ class Cluster:
             node = self._launch(capacity)
             while self.pending and node.free > 0:
                 pod, ev = self.pending.pop(0)
-                node.pods.append(pod)
-                node.empty_since = None
+                self._bind(node, pod)
                 ev.succeed(node)
 
     def _capacity(self) -> str | None:
@@ -147,6 +161,8 @@ class Cluster:
         gpus = 1 if instant else self.p.gpus_per_node
         node = Node(len(self.nodes), capacity, gpus, self.env.now, self.env.event(), image=instant)
         self.nodes.append(node)
+        self._up[node.id] = node
+        self._refresh(node)
         self.counters.add("_cluster", f"launched_{capacity}")
         if instant:
             node.ready.succeed()
@@ -173,6 +189,7 @@ class Cluster:
             return
         self.counters.add("_cluster", "interruptions")
         node.cordoned = True
+        self._refresh(node)
         for pod in list(node.pods):
             pod.evict()
         yield self.env.timeout(self.p.notice_s)
@@ -194,6 +211,8 @@ class Cluster:
     def _remove(self, node: Node) -> None:
         node.gone_at = self.env.now
         node.pods.clear()
+        self._up.pop(node.id, None)
+        self._open.pop(node.id, None)
         self._bill(node, self.env.now)
 
     def _bill(self, node: Node, until: float) -> None:

@@ -124,7 +124,8 @@ class _Sim:
         make_agent: Callable[[], Agent]
         if self.dt > 0:
             preloaded = 1 if initial is not None else 0
-            routed = {classes[i].model for i, qs in enumerate(self.routes.queues) if q.name in qs}
+            routed = {classes[i].model for i, qs in enumerate(self.routes.queues) if q.name in qs} - {None}
+
             pool = Pool(
                 self.env,
                 sq,
@@ -188,11 +189,12 @@ class _Sim:
         a = self.arrivals
         t, cls, n = a.t.tolist(), a.cls.tolist(), a.n.tolist()
         routes = self.routes.queues
+        early = self.dt / 2  # aggregate mode: a bin's cohort (at its middle) is put at its start
         i = 0
         while i < len(t):
-            if t[i] > self.env.now:
-                yield self.env.timeout(t[i] - self.env.now)
-            while i < len(t) and t[i] <= self.env.now:
+            if t[i] - early > self.env.now:
+                yield self.env.timeout(t[i] - early - self.env.now)
+            while i < len(t) and t[i] - early <= self.env.now:
                 targets = routes[cls[i]]
                 for name in targets:
                     self.queues[name].queue.put(Cohort(t[i], n[i], cls[i]))
@@ -205,7 +207,9 @@ class _Sim:
         while True:
             row = self.cluster.sample()
             for name, run in self.queues.items():
+                run.queue.settle()
                 row[f"{name}.visible"] = float(run.queue.visible)
+
                 row[f"{name}.in_flight"] = float(run.queue.in_flight)
                 row[f"{name}.desired"] = float(run.scaler.replicas)
                 row[f"{name}.ready"] = float(run.deployment.ready())
@@ -215,6 +219,7 @@ class _Sim:
     def _settled(self) -> bool:
         """Nothing left to do: queues empty, every queue at its minimum, no node waiting to go."""
         for run in self.queues.values():
+            run.queue.settle()
             if run.queue.visible or run.queue.in_flight or run.scaler.replicas != run.scaler.min:
                 return False
             if any(p.state != "ready" for p in run.deployment.pods):

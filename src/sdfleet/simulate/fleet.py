@@ -51,7 +51,8 @@ class Pod:
             yield self.node.ready
             pull = 0.0 if self.node.image else p.image_pull_s
             self.node.image = True
-            yield self.env.timeout(pull + p.pod_start_s + self.dep.first_load_s)
+            yield self.env.timeout(pull + self.dep.start_s() + self.dep.first_load_s)
+
             self.replica = self.dep.make_agent()
             self.replica.start()
             self.state, self.ready_at = "ready", self.env.now
@@ -107,8 +108,16 @@ class Deployment:
         self.peak = 0
         self.cold_start = Hist()
         self._ready_s = 0.0
+        self._starts = 0
+
+    def start_s(self) -> float:
+        """The next pod's container start (a measured sample while there are any)."""
+        self._starts += 1
+        samples = self.nodes.pod_start_samples
+        return samples[self._starts - 1] if self._starts <= len(samples) else self.nodes.pod_start_s
 
     def live(self) -> list[Pod]:
+
         return [p for p in self.pods if p.state in _RANK]
 
     def ready(self) -> int:

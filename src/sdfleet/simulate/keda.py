@@ -82,6 +82,11 @@ class Autoscaler:
             self._up.append((now, final - self.replicas))
         elif final < self.replicas:
             self._down.append((now, self.replicas - final))
+        horizon = max(
+            (p.period_s for p in (*self.p.scale_up.policies, *self.p.scale_down.policies)), default=15
+        )
+        self._up = [e for e in self._up if e[0] > now - max(horizon, 15)]
+        self._down = [e for e in self._down if e[0] > now - max(horizon, 15)]
         self.replicas = final
         return final
 

@@ -128,6 +128,10 @@ class NodeParams(_Strict):
     """Worker image on a fresh node (0 with a pre-pulled data-volume snapshot)."""
     pod_start_s: float = Field(5.0, ge=0)
     """Container start to agent ready, model load excluded."""
+    pod_start_samples: list[float] = Field(default_factory=list)
+    """Measured start times, given to a queue's pods in the order they are created (then
+    ``pod_start_s``): how the calibration replays the starts it saw."""
+
     consolidate_after_s: float = Field(60.0, ge=0)
     spot: bool = True
     on_demand_fallback: bool = True

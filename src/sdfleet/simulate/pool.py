@@ -42,20 +42,25 @@ class Member:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.done = pool.env.event()
+        self.serving_from = 0.0
+        """When it has loaded the models it serves."""
+        self.member = False
 
     def start(self) -> None:
         self.pool.join(self)
 
     def drain(self) -> None:
-        if self in self.pool.members:
+        if self.member:
+            self.member = False
             self.pool.members.remove(self)
             self.pool.env.process(self._exit(self.pool.last_call_s))
 
     def kill(self) -> None:
         if self.done.triggered:
             return
-        if self in self.pool.members:
+        if self.member:
             self.pool.lose_share()
+            self.member = False
             self.pool.members.remove(self)
         self.done.succeed()
 
@@ -85,29 +90,64 @@ class Pool:
         self.dt, self.cache_size, self.models, self.preloaded = dt, cache_size, models, preloaded
         """``models``: distinct models routed to this queue; ``preloaded``: 1 when pods load one."""
         self.members: list[Member] = []
+        self._loading: list[Member] = []
+        """Members still loading their models (not serving for the whole step)."""
         self.in_service: list[tuple[float, int, Cohort]] = []
         self._seq = itertools.count()
         self.debt = 0.0
         self.last_call_s = 1.0
+        self.busy = 0.0
+        """Share of the last step's GPU time used."""
+
         self.mix: dict[str | None, float] = {}
         """Recent share of each model among the requests served (a moving average over about a
         minute): consecutive requests on one replica differ with probability 1 − Σ share²."""
-        queue.held_ahead = lambda: len(self.members) * p.prefetch
+        self._served_ahead = (0.0, 0)
+        """(middle, requests) of the current arrival bin served already."""
+        queue.adjust = self._adjust
         env.process(self._tick())
+
+    def _adjust(self, with_in_flight: bool) -> int:
+        self._ack()
+        now = self.env.now
+        # the current bin's cohorts (put at its start, placed at its middle) are partly still to come
+        mid, n = self._served_ahead if self._served_ahead[0] > now else (0.0, 0)
+        for d in self.q.by_class:
+            if d and d[-1].t > now:
+                mid, n = d[-1].t, n + d[-1].n
+        unarrived = round(n * min(1.0, max(0.0, (mid + self.dt / 2 - now) / self.dt))) if n else 0
+        ahead = 0 if with_in_flight else len(self.members) * self.p.prefetch
+        return unarrived + ahead
 
     def join(self, member: Member) -> None:
         """A new replica loads the models it will serve (the pod loaded its first already)."""
         self.members.append(member)
-        self.debt += self.p.model_load_s * max(0, min(self.cache_size, self.models) - self.preloaded)
+        member.member = True
+        loads = max(0, min(self.cache_size, self.models) - self.preloaded)
+        member.serving_from = self.env.now + self.p.model_load_s * loads
+        if loads and self.p.model_load_s > 0:
+            self._loading.append(member)
+
+    def _capacity(self) -> tuple[float, int]:
+        """GPU-seconds the members can give in this step, and how many serve from its start."""
+        now, end = self.env.now, self.env.now + self.dt
+        self._loading = [m for m in self._loading if m.serving_from > now and m.member]
+        serving = len(self.members) - len(self._loading)
+        seconds = serving * self.dt + sum(max(0.0, end - m.serving_from) for m in self._loading)
+        return seconds, serving
 
     def _tick(self) -> Proc:
+        # Just after the bin's arrivals are put (at the start of each bin), serve them.
+        yield self.env.timeout(self.dt * 1e-6)
         while True:
-            yield self.env.timeout(self.dt)
             self._ack()
+            self._served_ahead = (0.0, 0)
             if self.members and self.q.visible:
-                self._serve(len(self.members))
+                self._serve(*self._capacity())
+
             elif not self.members:
                 self.debt = 0.0
+            yield self.env.timeout(self.dt)
 
     def _ack(self) -> None:
         while self.in_service and self.in_service[0][0] <= self.env.now:
@@ -128,8 +168,10 @@ class Pool:
             return (batch + 1) / 2 * self.p.finish_s
         return self.p.finish_s
 
-    def _serve(self, replicas: int) -> None:
-        now, budget = self.env.now, replicas * self.dt - self.debt
+    def _serve(self, seconds: float, serving: int) -> None:
+        replicas = max(1, serving)
+        now, budget = self.env.now, seconds - self.debt
+
         used, calls = 0.0, 0.0
         models: Counter[str | None] = Counter()
         calls_cache: dict[int, tuple[int, float, float]] = {}
@@ -142,16 +184,28 @@ class Pool:
             per = cycle / batch
             k = min(head.n, max(1, int((budget - used) / per)))
             for g in self.q.take(k):
-                start = now + (used + g.n * per / 2) / replicas
-                wait = max(self.p.receive_s, start - (g.t + self.dt / 2))
+                # the bin's requests arrive over it: served on arrival while there is room
+                start = max(now + (used + g.n * per / 2) / replicas, g.t)
+                wait = max(self.p.receive_s, start - g.t)
                 e2e = wait + run + self._finish(batch)
-                self.record(g.cls, wait, e2e, g.n, start + run + self._finish(batch))
+                self.record(g.cls, wait, -1.0, g.n, start)
+                # with prefetch, a busy replica's receiver takes its share of the requests, which
+                # then wait for the call it is running (half of one, on average)
+                ahead = self.busy if self.p.prefetch else 0.0
+                self.record(g.cls, -1.0, e2e, g.n * (1 - ahead), start + run)
+                if ahead:
+                    self.record(g.cls, -1.0, e2e + cycle / 2, g.n * ahead, start + run + cycle / 2)
+
                 heapq.heappush(self.in_service, (start + run + self._finish(batch), next(self._seq), g))
+                if g.t > now:
+                    self._served_ahead = (g.t, self._served_ahead[1] + g.n)
                 used += g.n * per
                 calls += g.n / batch
                 models[self.classes[g.cls].model] += g.n
             self.last_call_s = cycle
         self.counters.add(self.q.name, "gpu_busy_s", used)
+        self.busy = min(1.0, used / seconds) if seconds > 0 else 0.0
+
         self.debt = max(0.0, used - budget) + self._switch_time(models, calls, replicas)
 
     def _switch_time(self, models: Counter[str | None], calls: float, replicas: int) -> float:

@@ -50,18 +50,23 @@ class SimQueue:
         self.redelivered = 0
         """Requests received a second time or more (released or lost before being acked)."""
         self._waiters: list[simpy.Event] = []
-        self.held_ahead: Callable[[], int] | None = None
-        """Aggregate mode: requests the real agents would have received ahead of their GPU, which
-        this queue still counts as visible."""
+        self.adjust: Callable[[bool], int] | None = None
+        """Aggregate mode: settles the pool's acks due by now and returns what the counts hold that
+        a real queue would not (requests of the current bin yet to arrive; with ``False``, also
+        those the agents would have received ahead of their GPU)."""
 
     def metric(self, with_in_flight: bool) -> int:
         """What KEDA's queue scaler reads (aws-sqs-queue: visible, + not-visible with scaleOnInFlight)."""
-        if with_in_flight:
-            return self.visible + self.in_flight
-        ahead = self.held_ahead() if self.held_ahead is not None else 0
-        return max(0, self.visible - ahead)
+        correction = self.adjust(with_in_flight) if self.adjust is not None else 0
+        return max(0, self.visible + (self.in_flight if with_in_flight else 0) - correction)
+
+    def settle(self) -> None:
+        """Bring the counts up to now (aggregate mode acks lazily)."""
+        if self.adjust is not None:
+            self.adjust(True)
 
     def put(self, c: Cohort) -> None:
+
         self.by_class[c.cls].append(c)
         self.visible += c.n
         self.visible_by_class[c.cls] += c.n

@@ -12,13 +12,15 @@ from sdfleet.simulate.stats import Hist
 
 
 def _rules(r: Rules) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "stabilizationWindowSeconds": round(r.stabilization_s),
         "policies": [
             {"type": p.type, "value": p.value, "periodSeconds": round(p.period_s)} for p in r.policies
         ],
-        "selectPolicy": r.select,
     }
+    if r.select != "Max":  # Kubernetes' default
+        out["selectPolicy"] = r.select
+    return out
 
 
 def chart_scaling(k: KedaParams, *, minimum: int, maximum: int, target: float) -> dict[str, Any]:
@@ -68,6 +70,7 @@ def _queue(result: Result, run: QueueRun) -> dict[str, Any]:
     return {
         "arrived": c.get(run.name, "arrived"),
         "completed": c.get(run.name, "completed"),
+        "last_finished_s": run.windows.last_at,
         "left": q.visible + q.in_flight,
         "dead_lettered": q.dead,
         **_lat(Hist.merged(list(run.wait.values())), Hist.merged(list(run.e2e.values()))),

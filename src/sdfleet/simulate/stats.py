@@ -100,8 +100,11 @@ class Windows:
         self.step_s = step_s
         self.counts = np.zeros((int(horizon_s // step_s) + 2, len(COARSE) + 1))
         self._rows: list[tuple[float, float, float]] = []
+        self.last_at = 0.0
+        """When the last request finished."""
 
     def add(self, at: float, value: float, weight: float) -> None:
+        self.last_at = max(self.last_at, at)
         self._rows.append((at, value, weight))
         if len(self._rows) >= 65536:
             self._flush()
