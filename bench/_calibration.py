@@ -98,6 +98,8 @@ class Real:
     events: list[tuple[float, str, int]] = field(default_factory=list)
     t0: float = 0.0
     """When the trace started, on the records' clock (time.time())."""
+    accepted: dict[str, float] = field(default_factory=dict)
+    """Task id → its ``202 Accepted`` (seconds from the trace's start): published by then."""
 
 
 class Agents:
@@ -170,12 +172,15 @@ def _env(engine: Engine, workdir: Path, fleet_file: Path, api_port: int) -> dict
     }
 
 
-async def _post_all(http: httpx.AsyncClient, arrivals: Arrivals, t0: float, ids: list[str]) -> None:
+async def _post_all(
+    http: httpx.AsyncClient, arrivals: Arrivals, t0: float, ids: list[str], accepted: dict[str, float]
+) -> None:
     async def post(i: int) -> None:
         params = {"prompt": f"calibration {i}", "steps": 1, "width": 64, "height": 64, "seed": i}
         r = await http.post("/v1/tasks", json={"params": params})
         r.raise_for_status()
         ids.append(r.json()["id"])
+        accepted[ids[-1]] = time.monotonic() - t0
 
     posts = []
     for i, t in enumerate(arrivals.t.tolist()):
@@ -234,6 +239,7 @@ async def run_real(scn: Scenario, workdir: Path) -> Real:
         wait_port(port, timeout_s=60)
         arrivals = scn.arrivals()
         ids: list[str] = []
+        accepted: dict[str, float] = {}
         log: list[tuple[float, int]] = []
 
         began = time.monotonic()
@@ -242,12 +248,14 @@ async def run_real(scn: Scenario, workdir: Path) -> Real:
         done = asyncio.Event()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             scaler = asyncio.create_task(_scale(scn, agents, bus, t0, done, log))
-            await _post_all(http, arrivals, t0, ids)
+            await _post_all(http, arrivals, t0, ids, accepted)
             records = await _wait_done(store, ids, arrivals.total, time.monotonic() + scn.timeout_s)
             done.set()
             await scaler
         t0_wall = time.time() - (time.monotonic() - t0)
-        return Real(records, len(ids), agents.start_s, log, time.monotonic() - began, agents.events, t0_wall)
+        real = Real(records, len(ids), agents.start_s, log, time.monotonic() - began, agents.events, t0_wall)
+        real.accepted = accepted
+        return real
 
     finally:
         if agents is not None:
@@ -300,10 +308,10 @@ def fit(real: Real, scn: Scenario) -> dict[str, Any]:
 
 
 def published(real: Real) -> Arrivals:
-    """The trace as the queue received it: each task's record creation (the API's publish), from
-    the trace's start. On a loaded machine the API may lag the script, so this, not the script,
-    is what the simulation replays."""
-    t = np.sort(np.asarray([r.task.created_at - real.t0 for r in real.records]))
+    """The trace as the queue received it: each task at its ``202 Accepted`` (the API answers
+    after publishing), from the trace's start. On a loaded machine the API lags the script, and
+    this, not the script, is what the simulation must replay."""
+    t = np.sort(np.asarray([real.accepted.get(r.id, r.task.created_at - real.t0) for r in real.records]))
     cls = TaskClass(None, 64, 64, 1, "default", "standard")
     return Arrivals([cls], t, np.zeros(len(t), np.int32), np.ones(len(t), np.int64))
 
@@ -321,6 +329,12 @@ def run_sim(scn: Scenario, fitted: dict[str, Any], arrivals: Arrivals) -> dict[s
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[max(0, -(-int(q * len(s) * 1000) // 1000) - 1)] if s else 0.0
+
+
+def api_lag(real: Real) -> dict[str, float]:
+    """``202 Accepted`` minus the trace's time: how far the API fell behind the script."""
+    lag = [real.accepted[r.id] - (r.task.created_at - real.t0) for r in real.records if r.id in real.accepted]
+    return {"p50": _pct(lag, 0.5), "p95": _pct(lag, 0.95)} if lag else {}
 
 
 def measured(real: Real) -> dict[str, float]:
@@ -363,6 +377,7 @@ def dump(real: Real, path: Path) -> None:
         "wall_s": real.wall_s,
         "events": real.events,
         "t0": real.t0,
+        "accepted": real.accepted,
     }
 
     path.write_text(json.dumps(data))
@@ -379,6 +394,7 @@ def load(path: Path) -> Real:
         data["wall_s"],
         [(t, k, n) for t, k, n in data["events"]],
         data["t0"],
+        data.get("accepted", {}),
     )
 
 
@@ -400,6 +416,7 @@ def calibrate(scn: Scenario, workdir: Path | None = None, keep: Path | None = No
         "real": m,
         "sim": p,
         "errors": errors,
+        "api_lag_s": api_lag(real),
         "fitted": fitted,
         "tasks": len(real.records),
         "agents_started": len(real.start_s),

@@ -12,7 +12,7 @@ import yaml
 from rich.table import Table
 
 from sdfleet.cli_common import ConfigOpt, _fail, console
-from sdfleet.errors import SdfleetError
+from sdfleet.errors import ConfigError, SdfleetError
 
 
 @dataclass
@@ -113,6 +113,11 @@ def _simulate(o: Options) -> None:
     for f in o.perf:
         points += load_points(f, gpu=o.perf_gpu, family=o.perf_family)
     perf = PerfTable(points)
+    if params.nodes.gpu not in perf.gpus and any(q.runtime != "synthetic" for q in fleet.queues):
+        raise ConfigError(
+            f"no performance figures for GPU {params.nodes.gpu!r}; known: {', '.join(perf.gpus)}"
+        )
+
     price = price_for(load_prices(o.prices), params.nodes.gpu)
     tiers = {t.name: t.tier for t in fleet.tenants.values()}
     arrivals, dt = load_arrivals(o.trace, tiers, params.resolution_s)
