@@ -145,7 +145,6 @@ def apply_simulated(values: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: queue {name!r} is not in the fleet ({', '.join(by_name)})")
         unknown = set(scaling) - SIMULATED_SCALING if isinstance(scaling, dict) else {"(not a mapping)"}
         if unknown:
-
             raise ConfigError(f"{path}: queue {name!r}: unknown scaling keys {sorted(unknown)}")
         by_name[name]["scaling"] = {**by_name[name]["scaling"], **scaling}
     classes = ((chosen.get("karpenter") or {}).get("gpuClasses")) or {}

@@ -50,6 +50,18 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
 
 
+def common(files: dict[str, Path]) -> list[str]:
+    return [
+        "simulate",
+        "-c",
+        str(files["fleet"]),
+        "--trace",
+        str(files["trace"]),
+        "--params",
+        str(files["params"]),
+    ]
+
+
 def said(r: Any) -> str:
     """The output with rich's line wrapping undone."""
     return " ".join(r.output.split())
@@ -57,8 +69,7 @@ def said(r: Any) -> str:
 
 def test_simulate_writes_summary_settings_and_plots(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    r = invoke("simulate", "-c", str(files["fleet"]), "--trace", str(files["trace"]), "--params", str(files["params"]),
-               "--gpu", "a10g", "--out", str(out))  # fmt: skip
+    r = invoke(*common(files), "--gpu", "a10g", "--out", str(out))
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     assert set(s["queues"]) == {"sd15", "dynamic"} and s["nodes"]["gpu"] == "a10g"
@@ -112,8 +123,7 @@ def test_sweep_picks_the_cheapest_setting_meeting_the_objective(
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"keda.min_replicas": [0, 2], "keda.target_backlog": [2, 50]}))
     out = tmp_path / "sweep"
-    args = ["simulate", "-c", str(files["fleet"]), "--trace", str(files["trace"]), "--params", str(files["params"]),
-            "--sweep", "--grid", str(grid), "--objective", "e2e_p95<=120", "--out", str(out)]  # fmt: skip
+    args = [*common(files), "--sweep", "--grid", str(grid), "--objective", "e2e_p95<=120", "--out", str(out)]
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "sweep.json").read_text())["rows"]
