@@ -67,7 +67,9 @@ def simulate(
     sweep: bool = typer.Option(
         False, "--sweep", help="Simulate a grid of KEDA/Karpenter settings; pick the cheapest."
     ),
-    grid: Path | None = typer.Option(None, "--grid", help="Sweep grid (YAML: section.field → [values])."),
+    grid: Path | None = typer.Option(
+        None, "--grid", help="Sweep grid (YAML: section.field → a list of values)."
+    ),
     objective: str = typer.Option("e2e_p95<=60", help="Sweep objective over every queue, e.g. e2e_p95<=60."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Sweep runs in parallel."),
 ) -> None:
@@ -198,4 +200,6 @@ def _sweep(o: Options, fleet: Any, arrivals: Any, params: Any, perf: Any, price:
         )
         what = f"cheapest of the sweep meeting {objective}: ${best.cost:.2f}"
         (out / "chosen.yaml").write_text(_settings_yaml(best.summary["settings"], what))
-        console.print(f"wrote {out / 'sweep.json'} and {out / 'chosen.yaml'}")
+        params = yaml.safe_dump(best.params.model_dump(mode="json"), sort_keys=False)
+        (out / "chosen-params.yaml").write_text(f"# sdfleet simulate --params: {what}\n{params}")
+        console.print(f"wrote {out / 'sweep.json'}, {out / 'chosen.yaml'} and {out / 'chosen-params.yaml'}")

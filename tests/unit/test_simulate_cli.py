@@ -135,6 +135,11 @@ def test_sweep_picks_the_cheapest_setting_meeting_the_objective(
     chosen = yaml.safe_load((out / "chosen.yaml").read_text())
     assert chosen["queues"]["sd15"]["minReplicaCount"] == best["point"]["keda.min_replicas"]
     assert chosen["queues"]["sd15"]["targetBacklog"] == best["point"]["keda.target_backlog"]
+    again = invoke(
+        *common(files)[:-2], "--params", str(out / "chosen-params.yaml"), "--out", str(tmp_path / "re")
+    )
+    assert again.exit_code == 0, again.output  # the chosen parameters simulate again as they are
+    assert yaml.safe_load((tmp_path / "re" / "settings.yaml").read_text()) == chosen
     r = invoke(*args[:-4], "--objective", "e2e_p50<=0.01", "--grid", str(grid))
     assert r.exit_code == 1 and "no setting in the grid meets the objective" in said(r)
     r = invoke(*args[:-4], "--objective", "fast please")

@@ -172,3 +172,18 @@ def test_params_merge_per_queue_and_refuse_unknown_fields(tmp_path: Path) -> Non
     f.write_text("keda: {cooldown: 120}\n")
     with pytest.raises(ConfigError, match="cooldown"):
         load_params(f)
+
+
+def test_sweep_points_for_every_queue_or_one() -> None:
+    from sdfleet.simulate.params import SimParams
+    from sdfleet.simulate.sweep import Objective, points, with_point
+
+    grid = {"keda.cooldown_s": [60, 300], "queues.sd15.keda.max_replicas": [4, 8], "nodes.gpu": ["a10g"]}
+    assert len(points(grid)) == 4
+    p = with_point(SimParams(), {"keda.cooldown_s": 300, "queues.sd15.keda.max_replicas": 8})
+    assert p.keda_for("sd15").max_replicas == 8 and p.keda_for("other").max_replicas is None
+    assert p.keda_for("other").cooldown_s == 300
+    for bad in ("cooldown_s", "queues.sd15.max_replicas", "keda.nope"):
+        with pytest.raises(ConfigError):
+            with_point(SimParams(), {bad: 1})
+    assert str(Objective.parse(" wait_p99 <= 30s")) == "wait p99 <= 30 s"

@@ -7,8 +7,9 @@ A grid maps ``section.field`` of the parameters to the values to try (every queu
     keda.cooldown_s: [60, 300]
     nodes.consolidate_after_s: [30, 300]
 
-An objective is ``<latency>_<percentile> <= seconds`` over every queue, e.g. ``e2e_p95<=60`` or
-``wait_p99<=30``; a run also fails it when requests are left unfinished or dead-lettered.
+or for one queue, ``queues.sd15.keda.max_replicas: [10, 20]``. An objective is
+``<latency>_<percentile> <= seconds`` over every queue, e.g. ``e2e_p95<=60`` or ``wait_p99<=30``;
+a run also fails it when requests are left unfinished or dead-lettered.
 """
 
 from __future__ import annotations
@@ -83,12 +84,19 @@ def points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def with_point(base: SimParams, point: dict[str, Any]) -> SimParams:
+    """``base`` with a grid point's values: ``section.field`` for every queue, or
+    ``queues.<queue>.<keda|agent>.field`` for one."""
     raw = base.model_dump()
     for key, value in point.items():
-        section, _, name = key.partition(".")
-        if not name or not isinstance(raw.get(section), dict):
-            raise ConfigError(f"sweep key {key!r}: use section.field (keda, agent or nodes)")
-        raw[section][name] = value
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "queues" and parts[2] in ("keda", "agent"):
+            raw["queues"].setdefault(parts[1], {}).setdefault(parts[2], {})[parts[3]] = value
+        elif len(parts) == 2 and isinstance(raw.get(parts[0]), dict) and parts[0] != "queues":
+            raw[parts[0]][parts[1]] = value
+        else:
+            raise ConfigError(
+                f"sweep key {key!r}: use section.field (keda, agent, nodes) or queues.NAME.keda.field"
+            )
     try:
         return SimParams.model_validate(raw)
     except ValueError as e:
@@ -112,6 +120,7 @@ def _run(job: Job) -> dict[str, Any]:
 @dataclass
 class Row:
     point: dict[str, Any]
+    params: SimParams
     summary: dict[str, Any]
     met: bool
     worst_s: float
@@ -138,14 +147,14 @@ def sweep(
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             results = pool.map(_run, [j for _, j in todo])
-            for n, ((point, _), s) in enumerate(zip(todo, results, strict=True), 1):
-                rows.append(Row(point, s, objective.met(s), objective.worst(s)))
+            for n, ((point, j), s) in enumerate(zip(todo, results, strict=True), 1):
+                rows.append(Row(point, j.params, s, objective.met(s), objective.worst(s)))
                 if progress:
                     progress(n, len(todo))
     else:
         for n, (point, j) in enumerate(todo, 1):
             s = _run(j)
-            rows.append(Row(point, s, objective.met(s), objective.worst(s)))
+            rows.append(Row(point, j.params, s, objective.met(s), objective.worst(s)))
             if progress:
                 progress(n, len(todo))
     return sorted(rows, key=lambda r: (not r.met, r.cost))
