@@ -177,7 +177,7 @@ def _sweep(o: Options, fleet: Any, arrivals: Any, params: Any, perf: Any, price:
     for r in rows:
         hours = r.summary["nodes"]["gpu_hours"]["total"]
         t.add_row(
-            *(str(v) for v in r.point.values()),
+            *(_cell(v) for v in r.point.values()),
             f"{r.worst_s:.1f}s",
             f"{r.cost:.2f}",
             f"{hours:.1f}",
@@ -203,3 +203,11 @@ def _sweep(o: Options, fleet: Any, arrivals: Any, params: Any, perf: Any, price:
         params = yaml.safe_dump(best.params.model_dump(mode="json"), sort_keys=False)
         (out / "chosen-params.yaml").write_text(f"# sdfleet simulate --params: {what}\n{params}")
         console.print(f"wrote {out / 'sweep.json'}, {out / 'chosen.yaml'} and {out / 'chosen-params.yaml'}")
+
+
+def _cell(value: Any) -> str:
+    """A grid value in a table cell: HPA rules as ``window, Pods 1/60s``."""
+    if isinstance(value, dict) and "policies" in value:
+        rules = [f"{p['type']} {p['value']}/{p['period_s']:g}s" for p in value["policies"]]
+        return ", ".join([f"{value.get('stabilization_s', 0):g}s window", *rules])
+    return str(value)

@@ -46,6 +46,11 @@ class TaskClass:
     tier: str
     images: int = 1
 
+    def __str__(self) -> str:
+        images = f", {self.images} images" if self.images > 1 else ""
+        what = f"{self.model or '(default model)'} {self.width}x{self.height} {self.steps} steps{images}"
+        return f"{what}, tenant {self.tenant} ({self.tier})"
+
     @property
     def batch_key(self) -> tuple[str | None, int, int, int, int]:
         """Requests with the same key can share one batched runtime call."""
