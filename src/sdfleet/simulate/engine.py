@@ -118,7 +118,8 @@ class _Sim:
         initial = q.model or self.fleet.models.default
         wait: dict[str, Hist] = {}
         e2e: dict[str, Hist] = {}
-        windows = Windows(self.series.step_s, self.horizon)
+        # latency percentiles per interval: coarser than the samples, so each holds enough requests
+        windows = Windows(max(1.0, self.horizon / 120), self.horizon)
         record = self._recorder(wait, e2e, windows)
         cache = ap.cache_size or self.fleet.models.cache_size
         make_agent: Callable[[], Agent]

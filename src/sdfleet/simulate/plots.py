@@ -46,46 +46,59 @@ def _axes(plt: Any, title: str, ylabel: str, result: Result) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _backlog(plt: Any, result: Result, out: Path) -> Path:
-    s = result.series
-    fig, ax = _axes(plt, "Queue backlog", "requests", result)
-    x = _x(result, s.t)
-    for name in result.queues:
-        ax.plot(x, s.values[f"{name}.visible"], label=f"{name} visible")
-        ax.plot(x, s.values[f"{name}.in_flight"], linestyle=":", label=f"{name} in flight")
+def _save(fig: Any, ax: Any, path: Path) -> Path:
     ax.legend(loc="upper right", fontsize=8)
-    path = out / "backlog.png"
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def _colour(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def _backlog(plt: Any, result: Result, out: Path) -> Path:
+    s = result.series
+    fig, ax = _axes(plt, "Queue backlog (solid: visible, dotted: in flight)", "requests", result)
+    x = _x(result, s.t)
+    for i, name in enumerate(result.queues):
+        ax.plot(x, s.values[f"{name}.visible"], color=_colour(i), label=name)
+        ax.plot(x, s.values[f"{name}.in_flight"], color=_colour(i), linestyle=":")
+    return _save(fig, ax, out / "backlog.png")
 
 
 def _replicas(plt: Any, result: Result, out: Path) -> Path:
     s = result.series
-    fig, ax = _axes(plt, "Replicas and GPU nodes", "count", result)
+    fig, ax = _axes(plt, "Replicas (solid: ready, dashed: KEDA/HPA desired) and GPUs", "count", result)
     x = _x(result, s.t)
-    for name in result.queues:
-        ax.step(x, s.values[f"{name}.desired"], where="post", label=f"{name} desired (KEDA/HPA)")
-        ax.step(x, s.values[f"{name}.ready"], where="post", label=f"{name} ready")
+    for i, name in enumerate(result.queues):
+        ax.step(x, s.values[f"{name}.ready"], where="post", color=_colour(i), label=name)
+        ax.step(x, s.values[f"{name}.desired"], where="post", color=_colour(i), linestyle="--", alpha=0.7)
     if result.params.nodes.enabled:
-        ax.step(x, s.values["gpus_spot"], where="post", linestyle="--", label="GPUs spot")
-        ax.step(x, s.values["gpus_on_demand"], where="post", linestyle="--", label="GPUs on-demand")
-    ax.legend(loc="upper right", fontsize=8)
-    path = out / "replicas.png"
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+        n = len(result.queues)
+        ax.step(
+            x,
+            s.values["gpus_spot"],
+            where="post",
+            color=_colour(n),
+            linewidth=2.5,
+            alpha=0.5,
+            label="GPUs spot",
+        )
+        gpus_od = s.values["gpus_on_demand"]
+        ax.step(
+            x, gpus_od, where="post", color=_colour(n + 1), linewidth=2.5, alpha=0.5, label="GPUs on-demand"
+        )
+    return _save(fig, ax, out / "replicas.png")
 
 
 def _latency(plt: Any, result: Result, out: Path) -> Path:
-    fig, ax = _axes(plt, "End-to-end latency of the requests finished in each interval", "seconds", result)
-    for name, run in result.queues.items():
+    title = "End to end, requests finished per interval (solid: p50, dashed: p95)"
+    fig, ax = _axes(plt, title, "seconds", result)
+    for i, (name, run) in enumerate(result.queues.items()):
         for q, style in ((0.5, "-"), (0.95, "--")):
             t, v = run.windows.quantiles(q)
-            ax.plot(_x(result, list(t)), v, linestyle=style, label=f"{name} p{round(q * 100)}")
+            label = name if q == 0.5 else None
+            ax.plot(_x(result, list(t)), v, color=_colour(i), linestyle=style, label=label)
     ax.set_yscale("log")
-    ax.legend(loc="upper right", fontsize=8)
-    path = out / "latency.png"
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _save(fig, ax, out / "latency.png")
