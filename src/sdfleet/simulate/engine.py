@@ -124,9 +124,7 @@ class _Sim:
         cache = ap.cache_size or self.fleet.models.cache_size
         make_agent: Callable[[], Agent]
         if self.dt > 0:
-            preloaded = 1 if initial is not None else 0
             routed = {classes[i].model for i, qs in enumerate(self.routes.queues) if q.name in qs} - {None}
-
             pool = Pool(
                 self.env,
                 sq,
@@ -137,8 +135,8 @@ class _Sim:
                 self.counters,
                 self.dt,
                 cache,
-                len(routed),
-                preloaded,
+                routed,
+                initial,
             )
             make_agent = partial(Member, pool)
         else:

@@ -53,6 +53,8 @@ class Member:
         if self.member:
             self.member = False
             self.pool.members.remove(self)
+            # what it had received ahead of its GPU is released, to be received again
+            self.pool.q.redelivered += min(self.pool.p.prefetch, self.pool.q.visible)
             self.pool.env.process(self._exit(self.pool.last_call_s))
 
     def kill(self) -> None:
@@ -82,13 +84,18 @@ class Pool:
         counters: Counters,
         dt: float,
         cache_size: int,
-        models: int,
-        preloaded: int,
+        models: set[str | None],
+        initial: str | None,
     ) -> None:
         self.env, self.q, self.p, self.classes = env, queue, p, classes
         self.run_seconds, self.record, self.counters = run_seconds, record, counters
-        self.dt, self.cache_size, self.models, self.preloaded = dt, cache_size, models, preloaded
-        """``models``: distinct models routed to this queue; ``preloaded``: 1 when pods load one."""
+        self.dt, self.cache_size = dt, cache_size
+        self.models = len(models)
+        """Distinct models routed to this queue."""
+        self.preloaded = 1 if initial in models else 0
+        """The pods load the queue's first model (``model`` or the fleet's default) at start."""
+        self.first_switch = initial is not None and initial not in models
+        """... which is not one this queue serves: each replica switches away from it once."""
         self.members: list[Member] = []
         self._loading: list[Member] = []
         """Members still loading their models (not serving for the whole step)."""
@@ -124,6 +131,8 @@ class Pool:
         self.members.append(member)
         member.member = True
         loads = max(0, min(self.cache_size, self.models) - self.preloaded)
+        if self.first_switch and self.models:
+            self.counters.add(self.q.name, "switches")
         member.serving_from = self.env.now + self.p.model_load_s * loads
         if loads and self.p.model_load_s > 0:
             self._loading.append(member)
