@@ -34,6 +34,8 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from _fleet import Engine, free_port, open_engine, stop_process, wait_port
 from sdfleet.bus import open_bus
 from sdfleet.settings import FleetConfig, QueueConfig, ScalingConfig
@@ -272,33 +274,49 @@ def _wait(r: TaskRecord) -> float:
     return r.result.timings.get("queue_wait", 0.0) if r.result is not None else 0.0
 
 
-def fit(real: Real, scn: Scenario) -> dict[str, Any]:
-    """Simulation parameters measured on the run: per-task agent time and agent start time."""
+def _cycles(real: Real, latency_s: float) -> tuple[float, list[float | None]]:
+    """The agents' mean time from one task's start to the next when back to back (within 3 × the
+    median gap; longer ones are an agent waiting for work): over all agents, and per agent in the
+    order they started work (the order the simulation starts them; None: too few tasks)."""
     by_worker: dict[str, list[float]] = {}
     for r in real.records:
         if r.started_at is not None and r.worker:
             by_worker.setdefault(r.worker, []).append(r.started_at)
-    gaps = [
-        b - a
-        for starts in by_worker.values()
-        for a, b in zip(sorted(starts), sorted(starts)[1:], strict=False)
-    ]
-    # back to back: within 3 × the median gap (longer ones are an agent waiting for work)
-    busy = [g for g in gaps if gaps and g <= 3 * statistics.median(gaps)]
-    cycle = statistics.mean(busy) if busy else scn.latency_s
 
+    def back_to_back(gaps: list[float]) -> list[float]:
+        return [g for g in gaps if g <= 3 * statistics.median(gaps)] if gaps else []
+
+    per_agent: list[float | None] = []
+    every: list[float] = []
+    for starts in sorted(by_worker.values(), key=min):
+        gaps = [b - a for a, b in itertools.pairwise(sorted(starts))]
+        every += gaps
+        own = back_to_back(gaps)
+        per_agent.append(statistics.mean(own) if len(own) >= 3 else None)
+    busy = back_to_back(every)
+    return (statistics.mean(busy) if busy else latency_s), per_agent
+
+
+def _starts(real: Real) -> tuple[float, list[float]]:
+    """Each agent's spawn → ready, in spawn order (one stopped before it was ready: the mean)."""
+    spawned = {n: t for t, kind, n in real.events if kind == "spawn"}
+    ready = {n: t for t, kind, n in real.events if kind == "ready"}
+    mean = statistics.mean(real.start_s) if real.start_s else 2.0
+    return mean, [ready[n] - spawned[n] if n in ready else mean for n in sorted(spawned)]
+
+
+def fit(real: Real, scn: Scenario) -> dict[str, Any]:
+    """Simulation parameters measured on the run: the agents' time per task beyond the runtime's
+    latency (serial finishing, as today's agent) and their start times."""
+    cycle, per_agent = _cycles(real, scn.latency_s)
     idle = [r for r in real.records if r.result is not None and _wait(r) < scn.latency_s / 2]
     receive = statistics.median(_wait(r) for r in idle) if idle else 0.002
     prepare = [r.started_at - r.task.created_at - _wait(r) for r in idle if r.started_at is not None]
-    # each agent's spawn → ready, in spawn order (an agent stopped before it was ready: the mean)
-    spawned = {n: t for t, kind, n in real.events if kind == "spawn"}
-    ready = {n: t for t, kind, n in real.events if kind == "ready"}
-    mean_start = statistics.mean(real.start_s) if real.start_s else 2.0
-    starts = [ready[n] - spawned[n] if n in ready else mean_start for n in sorted(spawned)]
-
+    mean_start, starts = _starts(real)
     return {
         "agent": {
             "finish_s": max(0.0, cycle - scn.latency_s),
+            "finish_s_samples": [max(0.0, (c or cycle) - scn.latency_s) for c in per_agent],
             "receive_s": receive,
             "prepare_s": max(0.0, statistics.median(prepare)) if prepare else 0.003,
             "model_load_s": 0.0,

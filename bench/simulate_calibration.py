@@ -48,13 +48,22 @@ def large_scenario(args: argparse.Namespace) -> Scenario:
     workload = Generator.model_validate(
         {"duration_s": d, "rate": args.rate, "diurnal": diurnal, "bursts": bursts, "seed": args.seed}
     )
-    return Scenario(
+    scn = Scenario(
         workload=workload,
         latency_s=args.latency_s,
         max_replicas=args.max_replicas,
         target_backlog=args.target_backlog,
         timeout_s=d + 120,
     )
+    # Hold replicas through short lulls: on a busy machine an agent takes 5-25 s to start, and
+    # scaling in and out every few seconds makes the run hinge on exactly when each start lands.
+    scn.keda = scn.keda.model_copy(
+        update={
+            "cooldown_s": 30.0,
+            "scale_down": scn.keda.scale_down.model_copy(update={"stabilization_s": 30.0}),
+        }
+    )
+    return scn
 
 
 def table(report: dict[str, Any]) -> Table:

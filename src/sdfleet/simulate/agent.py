@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import simpy
@@ -44,6 +44,8 @@ class AgentContext:
     counters: Counters
     initial_model: str | None
     cache_size: int
+    started: list[int] = field(default_factory=lambda: [0])
+    """Replicas started so far (which of ``finish_s_samples`` is next)."""
 
 
 class Replica:
@@ -55,6 +57,10 @@ class Replica:
         self.model: str | None = None
         if ctx.initial_model is not None:
             self._load(ctx.initial_model)
+        n = ctx.started[0]
+        ctx.started[0] += 1
+        samples = self.p.finish_s_samples
+        self.finish_s = samples[n] if n < len(samples) else self.p.finish_s
         self.draining = False
         self.done = self.env.event()
         self._wake = self.env.event()
@@ -227,7 +233,7 @@ class Replica:
             batch=b,
             run_full=self.ctx.run_seconds(chunk[0].cls, b) + overhead,
             run_last=self.ctx.run_seconds(chunk[0].cls, last) + overhead,
-            finish_s=self.p.finish_s,
+            finish_s=self.finish_s,
             concurrency=self.p.finish_concurrency,
         )
         self._chunk, self._picked = (sched, chunk), []

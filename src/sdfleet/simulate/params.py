@@ -88,6 +88,9 @@ class AgentParams(_Strict):
     """Per runtime call on top of GPU time (HTTP and JSON for the server runtimes)."""
     finish_s: float = Field(0.01, ge=0)
     """Per task after its run: encode, upload, record, notify, ack."""
+    finish_s_samples: list[float] = Field(default_factory=list)
+    """Measured ``finish_s`` per replica, given to a queue's replicas in the order they start (then
+    ``finish_s``): how the calibration replays agents that ran at different speeds (exact mode)."""
     finish_concurrency: int = Field(0, ge=0)
     """0: finishing is serial with running (today's agent); K: at most K tasks finishing at once
     while the GPU runs the next (the staged agent)."""
