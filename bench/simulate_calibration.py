@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -86,12 +87,28 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the real agents, e.g. SDFLEET_AGENT__PREFETCH=4 (repeatable)",
+    )
+    ap.add_argument(
+        "--sim-agent",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the simulated agent's shape to match, e.g. prefetch=4, finish_concurrency=4 (repeatable)",
+    )
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     scn = small_scenario(args.seed) if args.small else large_scenario(args)
+    scn.agent_env = dict(item.split("=", 1) for item in args.agent_env)
+    scn.agent = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.sim_agent)}
     began = time.perf_counter()
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

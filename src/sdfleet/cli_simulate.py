@@ -33,45 +33,44 @@ class Options:
     jobs: int
 
 
+_TRACE_HELP = (
+    "Trace (CSV or JSON lines: time, model, width, height, steps, tenant[, tier, count]) "
+    "or a generator spec (.yaml: rate, diurnal, bursts, mix)."
+)
+TraceOpt = typer.Option(..., "--trace", "-t", help=_TRACE_HELP)
+GpuOpt = typer.Option(None, "--gpu", help="GPU of the nodes: h200, h100, a100, a10g, l4, t4, v100.")
+ParamsOpt = typer.Option(None, "--params", help="Simulation parameters (YAML): keda, agent, nodes.")
+PricesOpt = typer.Option(None, "--prices", help="Price file: GPU → {on_demand, spot} $/GPU-hour.")
+PerfOpt = typer.Option(
+    [], "--perf", help="Performance figures: `sdfleet bench run runtime_speed` JSON or {points: [...]}."
+)
+PerfGpuOpt = typer.Option(None, "--perf-gpu", help="GPU the --perf bench results ran on.")
+PerfFamilyOpt = typer.Option("sd15", "--perf-family", help="Model family of the --perf bench results.")
+ResolutionOpt = typer.Option(None, help="auto, exact, or a bin width in seconds (aggregate mode).")
+OutOpt = typer.Option(None, "--out", "-o", help="Write summary.json, settings.yaml and PNG plots here.")
+SweepOpt = typer.Option(
+    False, "--sweep", help="Simulate a grid of KEDA/Karpenter settings; pick the cheapest."
+)
+GridOpt = typer.Option(None, "--grid", help="Sweep grid (YAML: section.field → a list of values).")
+ObjectiveOpt = typer.Option("e2e_p95<=60", help="Sweep objective over every queue, e.g. e2e_p95<=60.")
+JobsOpt = typer.Option(1, "--jobs", "-j", min=1, help="Sweep runs in parallel.")
+
+
 def simulate(
-    trace: Path = typer.Option(
-        ...,
-        "--trace",
-        "-t",
-        help="Trace (CSV or JSON lines: time, model, width, height, steps, tenant[, tier, "
-        "count]) or a generator spec (.yaml: rate, diurnal, bursts, mix).",
-    ),
+    trace: Path = TraceOpt,
     config: Path | None = ConfigOpt,
-    gpu: str | None = typer.Option(
-        None, "--gpu", help="GPU of the nodes: h200, h100, a100, a10g, l4, t4, v100."
-    ),
-    params: Path | None = typer.Option(
-        None, "--params", help="Simulation parameters (YAML): keda, agent, nodes."
-    ),
-    prices: Path | None = typer.Option(
-        None, "--prices", help="Price file: GPU → {on_demand, spot} $/GPU-hour."
-    ),
-    perf: list[Path] = typer.Option(
-        [], "--perf", help="Performance figures: `sdfleet bench run runtime_speed` JSON or {points: [...]}."
-    ),
-    perf_gpu: str | None = typer.Option(None, "--perf-gpu", help="GPU the --perf bench results ran on."),
-    perf_family: str = typer.Option(
-        "sd15", "--perf-family", help="Model family of the --perf bench results."
-    ),
-    resolution: str | None = typer.Option(
-        None, help="auto, exact, or a bin width in seconds (aggregate mode)."
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Write summary.json, settings.yaml and PNG plots here."
-    ),
-    sweep: bool = typer.Option(
-        False, "--sweep", help="Simulate a grid of KEDA/Karpenter settings; pick the cheapest."
-    ),
-    grid: Path | None = typer.Option(
-        None, "--grid", help="Sweep grid (YAML: section.field → a list of values)."
-    ),
-    objective: str = typer.Option("e2e_p95<=60", help="Sweep objective over every queue, e.g. e2e_p95<=60."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Sweep runs in parallel."),
+    gpu: str | None = GpuOpt,
+    params: Path | None = ParamsOpt,
+    prices: Path | None = PricesOpt,
+    perf: list[Path] = PerfOpt,
+    perf_gpu: str | None = PerfGpuOpt,
+    perf_family: str = PerfFamilyOpt,
+    resolution: str | None = ResolutionOpt,
+    out: Path | None = OutOpt,
+    sweep: bool = SweepOpt,
+    grid: Path | None = GridOpt,
+    objective: str = ObjectiveOpt,
+    jobs: int = JobsOpt,
 ) -> None:
     """Discrete-event simulation of the fleet the file describes, on a trace: latency, replicas, cost."""
     opts = Options(

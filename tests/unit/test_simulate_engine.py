@@ -56,6 +56,11 @@ def test_one_replica_by_hand() -> None:
     rep = q["replicas"]
     assert (rep["peak"], rep["cold_starts"], rep["cold_start_s"]["max"]) == (1, 1, 0.0)
     assert rep["mean"] == pytest.approx(1.0)
+    # a measured per-replica finishing time replaces finish_s for that replica (calibration)
+    _, s = run(
+        fleet(1.0, min=1, max=1), at([0, 0, 0]), agent={**agent, "finish_s_samples": [0.5]}, nodes=NO_NODES
+    )
+    assert s["queues"]["q"]["e2e_s"]["max"] == pytest.approx(0.03 + 3 * 1.5)
 
 
 def test_scales_from_zero_to_its_maximum_and_back_to_zero() -> None:
