@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU wheel first, pinned: a bare `torch` requirement would pull a CUDA build of several GB.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[diffusers,aws,redis,dev]'
+	$(BIN)/python -m pip install -q -e '.[diffusers,aws,redis,simulate,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -56,11 +56,14 @@ def deploy_values(
     account: str | None = typer.Option(None, help="AWS account id of the queues (aws)."),
     redis_address: str | None = typer.Option(None, help="host:port of Redis for KEDA (redis)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    simulated: Path | None = typer.Option(
+        None, "--simulated", help="Scaling settings from `sdfleet simulate` (settings.yaml or chosen.yaml)."
+    ),
 ) -> None:
     """Helm values for deploy/helm/sdfleet from the fleet file: per queue a worker and its KEDA trigger."""
     import yaml
 
-    from sdfleet.deploy import chart_values
+    from sdfleet.deploy import apply_simulated, chart_values
 
     try:
         settings = load_settings(config)
@@ -73,6 +76,8 @@ def deploy_values(
             redis_address=redis_address,
             drain_s=settings.agent.drain_s,
         )
+        if simulated is not None:
+            values = apply_simulated(values, simulated)
     except SdfleetError as e:
         _fail(e)
         return

@@ -8,7 +8,10 @@ the queues the agents read.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from sdfleet.bus.backends.aws_topology import queue_name
 from sdfleet.errors import ConfigError
@@ -113,4 +116,42 @@ def chart_values(
         values["aws"] = {"region": region}
     elif redis_address:
         values["redis"] = {"address": redis_address}
+    return values
+
+
+# -- settings chosen by `sdfleet simulate` -------------------------------------------------------
+
+SIMULATED_SCALING = {
+    "minReplicaCount", "maxReplicaCount", "targetBacklog", "activationBacklog", "scaleOnInFlight",
+    "pollingInterval", "cooldownPeriod", "behavior",
+}  # fmt: skip
+SIMULATED_GPU_CLASS = {"consolidateAfter", "onDemandFallback"}
+
+
+def apply_simulated(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``values`` with the settings ``sdfleet simulate`` wrote (``settings.yaml``, or the sweep's
+    ``chosen.yaml``: ``{queues: {name: scaling}, karpenter: {gpuClasses: {class: ...}}}``) merged
+    in: each queue's ``scaling`` and each GPU class's consolidation and on-demand fallback.
+    Raises ``ConfigError`` on an unreadable file, a queue the fleet lacks or an unknown key."""
+    try:
+        chosen = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read simulated settings {path}: {e}") from e
+    if not isinstance(chosen, dict) or not set(chosen) <= {"queues", "karpenter"}:
+        raise ConfigError(f"{path}: expected {{queues: ..., karpenter: ...}} as `sdfleet simulate` writes")
+    by_name = {q["name"]: q for q in values["queues"]}
+    for name, scaling in (chosen.get("queues") or {}).items():
+        if name not in by_name:
+            raise ConfigError(f"{path}: queue {name!r} is not in the fleet ({', '.join(by_name)})")
+        unknown = set(scaling) - SIMULATED_SCALING if isinstance(scaling, dict) else {"(not a mapping)"}
+        if unknown:
+            raise ConfigError(f"{path}: queue {name!r}: unknown scaling keys {sorted(unknown)}")
+        by_name[name]["scaling"] = {**by_name[name]["scaling"], **scaling}
+    classes = ((chosen.get("karpenter") or {}).get("gpuClasses")) or {}
+    for gpu_class, settings in classes.items():
+        unknown = set(settings) - SIMULATED_GPU_CLASS
+        if unknown:
+            raise ConfigError(f"{path}: GPU class {gpu_class!r}: unknown keys {sorted(unknown)}")
+        target = values.setdefault("karpenter", {}).setdefault("gpuClasses", {}).setdefault(gpu_class, {})
+        target.update(settings)
     return values

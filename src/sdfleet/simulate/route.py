@@ -1,0 +1,47 @@
+"""Which queues a class of requests lands in: the API's own attributes and the real filter engine.
+
+Each class is routed once, as ``POST /v1/tasks`` would route it (``routing.task_attributes`` →
+``policy.matching_queues`` over the fleet's subscriptions). SNS delivers a copy to *every* queue
+whose filter matches; so does the simulation, and it reports such classes, since each copy wakes
+a GPU of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from sdfleet.errors import ConfigError, ValidationFailed
+from sdfleet.routing import resolve_queues, task_attributes
+from sdfleet.settings import FleetConfig
+from sdfleet.simulate.trace import TaskClass
+from sdfleet.tasks import Task, TaskParams
+
+
+@dataclass
+class Routes:
+    """Per class index: the queues it reaches (empty: refused at submit, ``no_route``)."""
+
+    queues: list[list[str]]
+    unrouted: list[TaskClass] = field(default_factory=list)
+    fanned_out: list[tuple[TaskClass, list[str]]] = field(default_factory=list)
+
+
+def route_classes(fleet: FleetConfig, classes: list[TaskClass]) -> Routes:
+    routes = Routes([])
+    for c in classes:
+        try:
+            params = TaskParams(prompt="simulated", width=c.width, height=c.height, steps=c.steps)
+        except ValidationError as e:
+            raise ConfigError(f"the API would refuse {c}: {e}") from e
+        task = Task(tenant=c.tenant, model=c.model or fleet.models.default, params=params)
+        try:
+            queues = resolve_queues(fleet, task, task_attributes(task, tier=c.tier))
+        except ValidationFailed:
+            queues = []
+            routes.unrouted.append(c)
+        if len(queues) > 1:
+            routes.fanned_out.append((c, queues))
+        routes.queues.append(queues)
+    return routes
