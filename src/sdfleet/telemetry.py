@@ -13,7 +13,15 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STAGES = ("queue_wait", "inputs_fetch", "pool_wait", "runtime_wait", "model_switch", "runtime_run", "storage_put")
+STAGES = (
+    "queue_wait",
+    "inputs_fetch",
+    "pool_wait",
+    "runtime_wait",
+    "model_switch",
+    "runtime_run",
+    "storage_put",
+)
 
 
 class Metrics:
