@@ -70,3 +70,40 @@ def test_scenarios_are_found_and_listed(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 2 and "no scenario 'nope'" in result.output
     result = CliRunner().invoke(app, ["bench", "list", "--bench-dir", str(BENCH)])
     assert result.exit_code == 0 and "fleet_throughput" in result.output
+
+
+def test_agent_busy_counts_engine_calls(tmp_path: Path) -> None:
+    bench = load_scenario(BENCH, "agent_busy")
+    argv = ["--engines", "sqlite", "--latencies-ms", "20", "--tasks", "12", "--repeat", "1"]
+    assert bench.main([*argv, "--results", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("agent_busy-*.json")
+    (row,) = json.loads(written.read_text())["rows"]
+    assert (row["engine"], row["tasks"], row["succeeded"]) == ("sqlite", 12, 12)
+    assert 0 < row["busy"] <= 1.05  # tasks × latency / wall: at most the ideal, allowing clock grain
+    calls = row["calls_per_task"]
+    # per task: one record read, a start and a success write, the image and its .out, a result
+    # notification, an ack; receives fetch several messages at a time
+    assert calls["store.get"] == 1 and calls["store.compare_and_set"] == 2 and calls["storage.put"] == 2
+    assert calls["bus.publish"] == 1 and calls["bus.ack"] == 1 and calls["bus.receive"] < 1
+
+
+def test_model_order_cuts_switches(tmp_path: Path) -> None:
+    bench = load_scenario(BENCH, "model_order")
+    argv = ["--tasks", "80", "--models", "4", "--latency-ms", "2", "--switch-ms", "5", "--bound-s", "5"]
+    assert bench.main([*argv, "--results", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("model_order-*.json")
+    fifo, aware = json.loads(written.read_text())["rows"]
+    assert (fifo["order"], aware["order"]) == ("fifo", "model-aware")
+    assert fifo["succeeded"] == aware["succeeded"] == 80
+    assert aware["switches"] < fifo["switches"]
+
+
+@pytest.mark.timeout(300)  # builds a model and loads torch twice
+def test_agent_batching_through_the_agent(tmp_path: Path) -> None:
+    bench = load_scenario(BENCH, "agent_batching")
+    argv = ["--batches", "1", "2", "--tasks", "4", "--steps", "1", "--repeat", "1"]
+    assert bench.main([*argv, "--results", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("agent_batching-*.json")
+    rows = json.loads(written.read_text())["rows"]
+    assert [r["max_batch"] for r in rows] == [1, 2]
+    assert all(r["agent_ips"] > 0 and r["pipeline_ips"] > 0 for r in rows)
