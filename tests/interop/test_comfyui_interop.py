@@ -19,6 +19,7 @@ import os
 import random
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -266,11 +267,12 @@ async def test_inputs_are_uploaded_once_by_content(runtime: ComfyUIRuntime, ckpt
         flow_ = img2img(url, steps=2, size=64, seed=random.randrange(2**48), ckpt=ckpt)
         result = await asyncio.wait_for(runtime.run(job(flow_), Started()), RUN_S)
         assert len(result.images) == 1
+    folder = f"sdfleet/{datetime.now(UTC).date().isoformat()}"
     async with httpx.AsyncClient(base_url=URL) as client:
         history = (await client.get(f"/history/{result.info['prompt_id']}")).json()
-        stored = await client.get("/view", params={"filename": name, "subfolder": "sdfleet", "type": "input"})
+        stored = await client.get("/view", params={"filename": name, "subfolder": folder, "type": "input"})
         again = await client.get(
-            "/view", params={"filename": f"{name[:-4]} (1).png", "subfolder": "sdfleet", "type": "input"}
+            "/view", params={"filename": f"{name[:-4]} (1).png", "subfolder": folder, "type": "input"}
         )
-    assert history[result.info["prompt_id"]]["prompt"][2]["10"]["inputs"]["image"] == f"sdfleet/{name}"
+    assert history[result.info["prompt_id"]]["prompt"][2]["10"]["inputs"]["image"] == f"{folder}/{name}"
     assert stored.content == data and again.status_code == 404

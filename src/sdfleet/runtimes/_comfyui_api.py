@@ -12,15 +12,18 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from sdfleet.errors import Reject, RuntimeFailure
 
-UPLOAD_SUBFOLDER = "sdfleet"
-"""Inputs are uploaded to ``input/sdfleet/<sha256>.<ext>``: the same bytes always get the same name,
-which ComfyUI recognises (same name, same hash) and does not write again."""
+UPLOAD_FOLDER = "sdfleet"
+"""Inputs are uploaded to ``input/sdfleet/<UTC date>/<sha256>.<ext>``: the same bytes get the same
+name all day, which ComfyUI recognises (same name, same hash) and does not write again; a folder
+per day lets an operator delete past days' folders without pulling a file from under a queued
+prompt (a reused file keeps its first upload's time, so pruning single files by age would)."""
 MAX_REPORTED_ERRORS = 20
 
 
@@ -149,9 +152,10 @@ class ComfyAPI:
         return entry
 
     async def upload(self, data: bytes) -> str:
-        """Upload an input image; returns the name a ``LoadImage`` node takes (``sdfleet/<sha>.png``)."""
+        """Upload an input image; returns the name a ``LoadImage`` node takes
+        (``sdfleet/2026-12-01/<sha256>.png``)."""
         files = {"image": (input_name(data), data, "application/octet-stream")}
-        form = {"type": "input", "subfolder": UPLOAD_SUBFOLDER}
+        form = {"type": "input", "subfolder": f"{UPLOAD_FOLDER}/{datetime.now(UTC).date().isoformat()}"}
         saved = await self.call("POST", "/upload/image", files=files, data=form)
         name, sub = str(saved["name"]), str(saved.get("subfolder") or "")
         return f"{sub}/{name}" if sub else name

@@ -1,7 +1,7 @@
 """The ``comfyui`` runtime: ``pipeline`` tasks (a ComfyUI workflow in API format) on a ComfyUI server.
 
 Input images named by URL in ``LoadImage`` nodes are fetched through the agent's guarded fetcher and
-uploaded with ``POST /upload/image`` under content-addressed names (``input/sdfleet/<sha256>.png``);
+uploaded with ``POST /upload/image`` under content-addressed names (``input/sdfleet/<day>/<sha256>.png``);
 the workflow is queued with ``POST /prompt`` under a prompt id chosen here and the runtime's
 ``client_id``; progress and the end of the run come over the runtime's one ``/ws`` socket
 (``_comfyui_events``); results are read from ``/history/{prompt_id}`` and ``/view``.
