@@ -285,6 +285,25 @@ async def test_websocket_drop_mid_run(runtime: ComfyUIRuntime, comfy: Comfy) -> 
     assert result.images == saved(comfy, result.info["prompt_id"])
 
 
+async def test_server_gone_mid_run_fails_it_for_a_retry(comfy: Comfy, tmp_path: Path) -> None:
+    options = {"url": comfy[1].url, "reconnect_s": 0.5}
+    rt = build_runtime("comfyui", catalog=ModelCatalog(tmp_path), options=options)
+    comfy[0].paused = True
+    started = asyncio.Event()
+
+    async def on_progress(_: float) -> None:
+        started.set()
+
+    try:
+        run = asyncio.create_task(rt.run(job(txt2img(steps=3)), on_progress))
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.get_running_loop().run_in_executor(None, comfy[1].stop)
+        with pytest.raises(RuntimeFailure, match="lost ComfyUI's websocket"):
+            await asyncio.wait_for(run, 10)
+    finally:
+        await rt.aclose()
+
+
 async def test_interrupt_running_prompt(runtime: ComfyUIRuntime, comfy: Comfy) -> None:
     started = asyncio.Event()
 

@@ -118,6 +118,9 @@ class EventStream:
                     self._broadcast(LOST, {"error": str(e)})
                     return
                 self._broadcast(RECONCILE, {})
+        except Exception as e:  # a bug here must not leave runs waiting for messages forever
+            log.exception("ComfyUI websocket reader failed")
+            self._broadcast(LOST, {"error": repr(e)})
         finally:
             await ws.close()
 

@@ -176,6 +176,8 @@ class ComfyUIRuntime:
     async def _queue(self, w: PromptWatch, workflow: dict[str, Any]) -> None:
         if w.interrupted:
             raise Interrupted(f"task {w.task_id} interrupted before its prompt was queued")
+        while not w.events.empty():  # a socket loss before the prompt existed concerns it not
+            w.events.get_nowait()
         w.sent = True
         prompt_id, left_out = await self.api.queue(workflow, w.prompt_id, self.events.client_id)
         w.queued = True
