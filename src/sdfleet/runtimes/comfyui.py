@@ -117,7 +117,7 @@ class ComfyUIRuntime:
             # The caller gave up (its timeout, shutdown): nobody wants this prompt any more.
             if w.sent:
                 cancel = asyncio.shield(self.api.cancel_quietly(w.prompt_id))
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(cancel, CANCEL_WAIT_S)
             raise
         finally:
