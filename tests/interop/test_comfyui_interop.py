@@ -19,7 +19,6 @@ import os
 import random
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,11 +262,12 @@ async def test_inputs_are_uploaded_once_by_content(runtime: ComfyUIRuntime, ckpt
     data = buf.getvalue()
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     name = f"{hashlib.sha256(data).hexdigest()}.png"
+    folder = f"sdfleet/{runtime.api.today()}"
+    runtime.api.today = lambda: folder[8:]  # the same day throughout, even across midnight
     for _ in range(2):
         flow_ = img2img(url, steps=2, size=64, seed=random.randrange(2**48), ckpt=ckpt)
         result = await asyncio.wait_for(runtime.run(job(flow_), Started()), RUN_S)
         assert len(result.images) == 1
-    folder = f"sdfleet/{datetime.now(UTC).date().isoformat()}"
     async with httpx.AsyncClient(base_url=URL) as client:
         history = (await client.get(f"/history/{result.info['prompt_id']}")).json()
         stored = await client.get("/view", params={"filename": name, "subfolder": folder, "type": "input"})

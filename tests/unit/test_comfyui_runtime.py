@@ -13,7 +13,6 @@ import io
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -245,11 +244,11 @@ async def test_uploads_are_content_addressed(
 ) -> None:
     """Repeated inputs reuse one file in ``input/sdfleet/`` instead of piling up."""
     _, url = inputs
+    runtime.api.today = lambda: "2026-12-01"  # a folder per UTC day, which an operator may prune
     for image in ("a.png", "a.png", "b.png", "a.png"):
         await runtime.run(job(img2img(f"{url}/{image}", steps=2)), nothing)
     names = [p["prompt"]["10"]["inputs"]["image"] for p in comfy[0].prompts]
-    day = datetime.now(UTC).date().isoformat()  # a folder per day, which an operator may prune
-    a, b = (f"sdfleet/{day}/{hashlib.sha256(png(c)).hexdigest()}.png" for c in ((5, 6, 7), (8, 9, 10)))
+    a, b = (f"sdfleet/2026-12-01/{hashlib.sha256(png(c)).hexdigest()}.png" for c in ((5, 6, 7), (8, 9, 10)))
     assert names == [a, a, b, a] and sorted(comfy[0].files["input"]) == sorted([a, b])
     assert comfy[0].files["input"][a] == png((5, 6, 7))
     assert runtime.fetcher is not None

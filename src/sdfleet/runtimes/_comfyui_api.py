@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,6 +80,8 @@ class ComfyAPI:
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
+        self.today: Callable[[], str] = lambda: datetime.now(UTC).date().isoformat()
+        """The upload folder's day (tests pin it)."""
 
     async def call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         resp = await self._request(method, path, **kwargs)
@@ -155,7 +157,7 @@ class ComfyAPI:
         """Upload an input image; returns the name a ``LoadImage`` node takes
         (``sdfleet/2026-12-01/<sha256>.png``)."""
         files = {"image": (input_name(data), data, "application/octet-stream")}
-        form = {"type": "input", "subfolder": f"{UPLOAD_FOLDER}/{datetime.now(UTC).date().isoformat()}"}
+        form = {"type": "input", "subfolder": f"{UPLOAD_FOLDER}/{self.today()}"}
         saved = await self.call("POST", "/upload/image", files=files, data=form)
         name, sub = str(saved["name"]), str(saved.get("subfolder") or "")
         return f"{sub}/{name}" if sub else name
