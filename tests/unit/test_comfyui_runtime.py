@@ -136,7 +136,7 @@ async def test_seed_pipeline_workflow_with_progress(runtime: ComfyUIRuntime, com
     sent = comfy[0].prompts[-1]
     assert sent["prompt"] == txt2img(steps=4, size=48) and sent["client_id"] == runtime.events.client_id
     assert result.images == saved(comfy, result.info["prompt_id"]) and runtime.loaded_model is None
-    assert runtime.max_in_flight == 2
+    assert runtime.max_in_flight == 2 and result.info["run_s"] >= 4 * comfy[0].step_s
 
 
 async def test_history_is_read_only_once_written(runtime: ComfyUIRuntime, comfy: Comfy) -> None:

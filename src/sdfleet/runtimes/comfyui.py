@@ -123,7 +123,8 @@ class ComfyUIRuntime:
         finally:
             self.events.unwatch(w)
         await progress(1.0)
-        return RuntimeResult(images=images, info={"runtime": self.name, "prompt_id": w.prompt_id})
+        info = {"runtime": self.name, "prompt_id": w.prompt_id, "run_s": _run_s(entry)}
+        return RuntimeResult(images=images, info=info)
 
     async def interrupt(self, task_id: str | None = None) -> None:
         """Stop the prompts of ``task_id`` (None: every prompt of this runtime): queued ones are
@@ -159,7 +160,9 @@ class ComfyUIRuntime:
                 continue
             inputs = node.get("inputs") or {}
             image = inputs.get("image")
-            if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://", "data:")):
+            if isinstance(image, str) and image[:8].lower().startswith(
+                ("http://", "https://", "data:", "s3://")
+            ):
                 if image not in names:
                     names[image] = await self.api.upload(await self._fetch(image))
                 inputs["image"] = names[image]
@@ -262,6 +265,20 @@ class ComfyUIRuntime:
                 code="no_saved_outputs",
             )
         return [await self.api.view(ref) for ref in saved]
+
+
+def _run_s(entry: Mapping[str, Any]) -> float | None:
+    """Seconds ComfyUI spent on the prompt (``execution_start`` to its end, from the timestamps its
+    history keeps), without the time it waited in the queue; None if unknown."""
+    stamps = {
+        kind: data.get("timestamp")
+        for kind, data in (entry.get("status") or {}).get("messages") or []
+        if isinstance(data, Mapping)
+    }
+    start, end = stamps.get("execution_start"), stamps.get("execution_success")
+    if isinstance(start, int | float) and isinstance(end, int | float):
+        return max(0.0, (end - start) / 1000)
+    return None
 
 
 def _execution_error(data: Mapping[str, Any]) -> Exception:
