@@ -1,205 +1,220 @@
-"""A protocol-faithful ComfyUI test server: its HTTP API and websocket, with a fake executor.
+"""A ComfyUI test server: its HTTP API, websocket, prompt queue and message order, with a fake executor.
 
-Follows ComfyUI's ``server.py`` (PromptServer routes) and the messages its executor sends:
-``POST /prompt`` → ``{"prompt_id", "number", "node_errors"}`` (400 with ``error``/``node_errors`` when
-invalid); ``POST /upload/image`` (multipart ``image``) → ``{"name", "subfolder", "type"}``;
-``GET /history/{prompt_id}``; ``GET /view?filename=&subfolder=&type=``; ``POST /interrupt``;
-``GET /system_stats``; websocket ``/ws?clientId=`` sending ``status`` on connect, then per prompt
-``execution_start``, ``executing`` {node}, ``progress`` {value, max}, ``executed``,
-``execution_success``, ``executing`` {node: null}, or ``execution_error`` / ``execution_interrupted``.
+Follows ComfyUI 0.3.64 (``server.py``, ``execution.py``, ``main.py``) where sdfleet depends on it:
 
-"Executing" a workflow: each KSampler steps through ``inputs.steps`` (``step_s`` apart); each
-SaveImage writes a PNG of the EmptyLatentImage size; a node of class ``RaiseError`` fails.
+- ``POST /prompt`` validates like ComfyUI (``comfyui_graph``): 400 ``{"error", "node_errors"}`` when no
+  output node is valid, else 200 ``{"prompt_id", "number", "node_errors"}`` with the invalid outputs
+  left out of the run. A ``prompt_id`` in the body is used as the id.
+- One worker runs the queue in ``number`` order (FIFO), one prompt at a time; ``GET /queue`` lists
+  ``queue_running`` / ``queue_pending``; ``POST /queue {"delete": [...], "clear"}`` drops queued ones.
+- ``POST /interrupt``: with ``prompt_id``, only when that prompt runs; without (or an unreadable
+  body), whatever runs. Like ComfyUI's global flag, it is cleared when the next prompt starts.
+- Messages of a run go to the prompt's ``client_id`` socket (to every socket when it has none):
+  ``execution_start``, ``execution_cached``, ``executing`` {node}, ``progress``, ``executed``, then
+  ``execution_success`` / ``execution_error`` / ``execution_interrupted`` (the last one to every
+  socket when the prompt has no client). The ``/history`` entry is written ``history_delay_s``
+  after that (ComfyUI's ``task_done`` runs after the executor returns), then ``executing
+  {node: null}``.
+- ``POST /upload/image`` as ComfyUI: ``subfolder``, ``type``, ``overwrite``; a same-named file with
+  the same bytes is reused, different bytes get ``name (1).ext``; paths outside the folder → 400.
+- ``SaveImage`` writes ``type: output`` images, ``PreviewImage`` ``type: temp`` ones.
+
+"Executing": each KSampler steps through ``inputs.steps`` (``step_s`` apart, waiting while
+``paused``); images take the size of the nearest EmptyLatentImage (batch_size too) and a colour
+drawn from the KSampler seed; a ``RaiseError`` node fails with its ``message`` and ``type``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import time
+import contextlib
+import hashlib
+import heapq
+import posixpath
 import uuid
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from PIL import Image
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from fakes.comfyui_executor import FakeExecutor, Item
+from fakes.comfyui_graph import validate_prompt
 
-class FakeComfyUI:
-    def __init__(self, step_s: float = 0.005) -> None:
+
+class FakeComfyUI(FakeExecutor):
+    def __init__(
+        self, step_s: float = 0.005, history_delay_s: float = 0.05, checkpoints: set[str] | None = None
+    ) -> None:
         self.step_s = step_s
-        self.inputs: dict[str, bytes] = {}
-        self.outputs: dict[str, bytes] = {}
+        self.history_delay_s = history_delay_s
+        self.checkpoints = checkpoints
+        self.files: dict[str, dict[str, bytes]] = {"input": {}, "output": {}, "temp": {}}
         self.history: dict[str, Any] = {}
         self.prompts: list[dict[str, Any]] = []
+        self.accepted: list[str] = []
+        self.pending: list[Item] = []
+        self.running: Item | None = None
         self.sockets: dict[str, WebSocket] = {}
-        self.interrupted = asyncio.Event()
-        self.interrupts = 0
+        self.client_id: str | None = None
+        self.interrupt_flag = False
+        self.interrupt_calls: list[str | None] = []
+        self.deleted: list[str] = []
+        self.paused = False
         self.number = 0
-        self.app = Starlette(
-            routes=[
-                Route("/prompt", self.post_prompt, methods=["POST"]),
-                Route("/upload/image", self.upload_image, methods=["POST"]),
-                Route("/history/{prompt_id}", self.get_history),
-                Route("/view", self.view),
-                Route("/interrupt", self.interrupt, methods=["POST"]),
-                Route("/system_stats", self.system_stats),
-                WebSocketRoute("/ws", self.ws),
-            ]
-        )
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        routes = [
+            Route("/prompt", self.post_prompt, methods=["POST"]),
+            Route("/queue", self.get_queue, methods=["GET"]),
+            Route("/queue", self.post_queue, methods=["POST"]),
+            Route("/interrupt", self.post_interrupt, methods=["POST"]),
+            Route("/upload/image", self.upload_image, methods=["POST"]),
+            Route("/history/{prompt_id}", self.get_history),
+            Route("/view", self.view),
+            Route("/system_stats", self.system_stats),
+            WebSocketRoute("/ws", self.ws),
+        ]
+        self.app = Starlette(routes=routes, lifespan=self._lifespan)
 
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        worker = asyncio.create_task(self._worker())
+        yield
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 10) -> Any:
+        """Run ``coro`` on the server's event loop (from a test's thread) and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def drop_sockets(self) -> None:
+        """Close every websocket, as a restarting proxy or a network blip would."""
+        for sid, socket in list(self.sockets.items()):
+            self.sockets.pop(sid, None)
+            with contextlib.suppress(Exception):
+                await socket.close(code=1011)
+
+    # websocket -------------------------------------------------------------------------------
     async def ws(self, websocket: WebSocket) -> None:
         sid = websocket.query_params.get("clientId") or uuid.uuid4().hex
         await websocket.accept()
-        self.sockets[sid] = websocket
-        await websocket.send_json(
-            {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": sid}}
-        )
+        self.sockets[sid] = websocket  # a reused clientId replaces the old socket, as in ComfyUI
+        remaining = len(self.pending) + (self.running is not None)
+        status = {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": sid}
+        await websocket.send_json({"type": "status", "data": status})
         try:
             while True:
                 await websocket.receive_text()
         except WebSocketDisconnect:
-            self.sockets.pop(sid, None)
+            if self.sockets.get(sid) is websocket:
+                self.sockets.pop(sid, None)
 
     async def send(self, sid: str | None, kind: str, data: dict[str, Any]) -> None:
-        if sid in self.sockets:
-            await self.sockets[sid].send_json({"type": kind, "data": data})
+        """To ``sid``'s socket; to every socket when ``sid`` is None (ComfyUI's ``send_sync``)."""
+        targets = list(self.sockets.items()) if sid is None else [(sid, self.sockets.get(sid))]
+        for name, socket in targets:
+            if socket is None:
+                continue
+            try:
+                await socket.send_json({"type": kind, "data": data})
+            except Exception:
+                self.sockets.pop(name, None)
 
-    async def upload_image(self, request: Request) -> JSONResponse:
-        form = await request.form()
-        upload = form["image"]
-        assert not isinstance(upload, str)
-        subfolder = str(form.get("subfolder") or "")
-        name = upload.filename or "image.png"
-        self.inputs[f"{subfolder}/{name}" if subfolder else name] = await upload.read()
-        return JSONResponse({"name": name, "subfolder": subfolder, "type": str(form.get("type") or "input")})
-
-    def _validate(self, prompt: dict[str, Any]) -> dict[str, Any]:
-        errors: dict[str, Any] = {}
-        for node_id, node in prompt.items():
-            if node.get("class_type") == "LoadImage" and node["inputs"].get("image") not in self.inputs:
-                errors[node_id] = {
-                    "errors": [
-                        {
-                            "type": "custom_validation_failed",
-                            "message": "Invalid image file",
-                            "details": f"image - Invalid image file: {node['inputs'].get('image')}",
-                        }
-                    ],
-                    "class_type": "LoadImage",
-                }
-        return errors
-
+    # queue -----------------------------------------------------------------------------------
     async def post_prompt(self, request: Request) -> JSONResponse:
         body = await request.json()
+        if "number" in body:
+            number = float(body["number"])
+        else:
+            number = float(-self.number if body.get("front") else self.number)
+            self.number += 1
         prompt = body.get("prompt")
         if not isinstance(prompt, dict):
-            error = {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}
-            return JSONResponse({"error": error, "node_errors": {}}, status_code=400)
-        node_errors = self._validate(prompt)
-        if node_errors:
-            error = {
-                "type": "prompt_outputs_failed_validation",
-                "message": "Prompt outputs failed validation",
-                "details": "",
-                "extra_info": {},
-            }
+            error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided"}
+            return JSONResponse({"error": {**error, "extra_info": {}}, "node_errors": {}}, status_code=400)
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        ok, error, outputs, node_errors = validate_prompt(prompt, self._has_input, self.checkpoints)
+        if not ok:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
-        prompt_id = str(uuid.uuid4())
-        self.number += 1
+        extra = dict(body.get("extra_data") or {})
+        if "client_id" in body:
+            extra["client_id"] = body["client_id"]
         self.prompts.append(body)
-        self.interrupted.clear()
-        asyncio.get_running_loop().create_task(self.execute(prompt_id, prompt, body.get("client_id")))
-        return JSONResponse({"prompt_id": prompt_id, "number": self.number, "node_errors": {}})
+        self.accepted.append(prompt_id)
+        heapq.heappush(self.pending, (number, prompt_id, prompt, extra, outputs))
+        assert self._wake is not None
+        self._wake.set()
+        return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
-    async def execute(self, prompt_id: str, prompt: dict[str, Any], sid: str | None) -> None:
-        await self.send(
-            sid, "execution_start", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)}
-        )
-        outputs: dict[str, Any] = {}
-        for node_id, node in prompt.items():
-            await self.send(
-                sid, "executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}
-            )
-            failure = await self._run_node(prompt_id, node_id, node, prompt, outputs, sid)
-            if failure is not None:
-                kind, data = failure
-                await self.send(sid, kind, data)
-                self.history[prompt_id] = {
-                    "prompt": [self.number, prompt_id, prompt, {}, []],
-                    "outputs": outputs,
-                    "status": {"status_str": "error", "completed": False, "messages": []},
-                }
-                return
-        self.history[prompt_id] = {
-            "prompt": [self.number, prompt_id, prompt, {}, []],
-            "outputs": outputs,
-            "status": {"status_str": "success", "completed": True, "messages": []},
-        }
-        await self.send(
-            sid, "execution_success", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)}
-        )
-        await self.send(sid, "executing", {"node": None, "prompt_id": prompt_id})
+    async def get_queue(self, request: Request) -> JSONResponse:
+        running = [list(self.running)] if self.running else []
+        return JSONResponse({"queue_running": running, "queue_pending": [list(i) for i in self.pending]})
 
-    async def _run_node(
-        self,
-        prompt_id: str,
-        node_id: str,
-        node: dict[str, Any],
-        prompt: dict[str, Any],
-        outputs: dict[str, Any],
-        sid: str | None,
-    ) -> tuple[str, dict[str, Any]] | None:
-        kind, inputs = node.get("class_type"), node.get("inputs", {})
-        base = {"prompt_id": prompt_id, "node_id": node_id, "node_type": kind, "executed": list(outputs)}
-        if kind == "RaiseError":
-            return "execution_error", {
-                **base,
-                "exception_message": str(inputs.get("message", "boom")),
-                "exception_type": str(inputs.get("type", "ValueError")),
-                "traceback": [],
-                "current_inputs": {},
-                "current_outputs": {},
-            }
-        if kind == "KSampler":
-            steps = int(inputs.get("steps", 20))
-            for step in range(1, steps + 1):
-                if self.interrupted.is_set():
-                    return "execution_interrupted", base
-                await asyncio.sleep(self.step_s)
-                await self.send(
-                    sid, "progress", {"value": step, "max": steps, "prompt_id": prompt_id, "node": node_id}
-                )
-        if kind == "SaveImage":
-            images = self._save(prompt, inputs)
-            outputs[node_id] = {"images": images}
-            await self.send(
-                sid,
-                "executed",
-                {
-                    "node": node_id,
-                    "display_node": node_id,
-                    "output": {"images": images},
-                    "prompt_id": prompt_id,
-                },
-            )
-        return None
+    async def post_queue(self, request: Request) -> Response:
+        body = await request.json()
+        if body.get("clear"):
+            self.pending = []
+        for prompt_id in body.get("delete") or []:
+            kept = [item for item in self.pending if item[1] != prompt_id]
+            if len(kept) < len(self.pending):
+                self.deleted.append(prompt_id)
+            self.pending = kept
+            heapq.heapify(self.pending)
+        return Response(status_code=200)
 
-    def _save(self, prompt: dict[str, Any], inputs: dict[str, Any]) -> list[dict[str, str]]:
-        latent = next((n["inputs"] for n in prompt.values() if n.get("class_type") == "EmptyLatentImage"), {})
-        size = (int(latent.get("width", 64)), int(latent.get("height", 64)))
-        colour = (len(self.inputs) * 40 % 256, 90, 160)
-        images = []
-        for n in range(int(latent.get("batch_size", 1))):
-            name = f"{inputs.get('filename_prefix', 'ComfyUI')}_{len(self.outputs) + 1:05}_.png"
-            buf = io.BytesIO()
-            Image.new("RGB", size, (colour[0], colour[1], (colour[2] + n) % 256)).save(buf, format="PNG")
-            self.outputs[name] = buf.getvalue()
-            images.append({"filename": name, "subfolder": "", "type": "output"})
-        return images
+    async def post_interrupt(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+        self.interrupt_calls.append(prompt_id)
+        if not prompt_id or (self.running is not None and self.running[1] == prompt_id):
+            self.interrupt_flag = True
+        return Response(status_code=200)
+
+    async def _worker(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self.running = heapq.heappop(self.pending)
+            await self._execute(self.running)
+
+    # files -------------------------------------------------------------------------------------
+    def _has_input(self, name: str) -> bool:
+        return posixpath.normpath(name) in self.files["input"]
+
+    async def upload_image(self, request: Request) -> Response:
+        form = await request.form()
+        upload = form.get("image")
+        kind = str(form.get("type") or "input")
+        if not isinstance(upload, UploadFile) or not upload.filename or kind not in self.files:
+            return Response(status_code=400)
+        subfolder = str(form.get("subfolder") or "")
+        folder = posixpath.normpath(subfolder) if subfolder else ""
+        if folder.startswith(("/", "..")) or "/" in upload.filename:
+            return Response(status_code=400)
+        data = await upload.read()
+        name, store = upload.filename, self.files[kind]
+        stem, ext = posixpath.splitext(name)
+        n = 1
+        while str(form.get("overwrite")) not in ("true", "1") and posixpath.join(folder, name) in store:
+            if hashlib.sha256(store[posixpath.join(folder, name)]).digest() == hashlib.sha256(data).digest():
+                return JSONResponse({"name": name, "subfolder": subfolder, "type": kind})
+            name, n = f"{stem} ({n}){ext}", n + 1
+        store[posixpath.join(folder, name)] = data
+        return JSONResponse({"name": name, "subfolder": subfolder, "type": kind})
 
     async def get_history(self, request: Request) -> JSONResponse:
         prompt_id = request.path_params["prompt_id"]
@@ -207,18 +222,12 @@ class FakeComfyUI:
 
     async def view(self, request: Request) -> Response:
         q = request.query_params
-        store = self.outputs if q.get("type", "output") == "output" else self.inputs
-        name = f"{q['subfolder']}/{q['filename']}" if q.get("subfolder") else q.get("filename", "")
+        store = self.files.get(q.get("type") or "output", {})
+        name = posixpath.join(q.get("subfolder", ""), q.get("filename", ""))
         if name not in store:
             return Response(status_code=404)
         return Response(store[name], media_type="image/png")
 
-    async def interrupt(self, request: Request) -> Response:
-        self.interrupts += 1
-        self.interrupted.set()
-        return Response(status_code=200)
-
     async def system_stats(self, request: Request) -> JSONResponse:
-        return JSONResponse(
-            {"system": {"os": "posix", "comfyui_version": "fake", "python_version": "3"}, "devices": []}
-        )
+        system = {"os": "posix", "comfyui_version": "fake", "python_version": "3"}
+        return JSONResponse({"system": system, "devices": []})
