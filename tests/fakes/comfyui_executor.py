@@ -21,6 +21,8 @@ from PIL import Image
 
 from fakes.comfyui_graph import execution_order, upstream_of
 
+ANIMATED = {"SaveAnimatedWEBP": ("images", "WEBP"), "VHS_VideoCombine": ("gifs", "GIF")}
+
 Item = tuple[float, str, dict[str, Any], dict[str, Any], list[str]]
 """A queue entry as ComfyUI keeps it: (number, prompt_id, prompt, extra_data, outputs_to_execute)."""
 Failure = tuple[str, dict[str, Any]]
@@ -102,8 +104,12 @@ class FakeExecutor:
             return "execution_error", {**base, **error}
         if kind == "KSampler" and not await self._sample(prompt_id, node_id, int(inputs.get("steps", 20))):
             return "execution_interrupted", base
+        if kind in ANIMATED:  # core's animated WebP under "images"; VideoHelperSuite's under "gifs"
+            key, fmt = ANIMATED[kind]
+            ui[node_id] = {key: self._save(prompt, node_id, kind, fmt)}
         if kind in ("SaveImage", "PreviewImage"):
             ui[node_id] = {"images": self._save(prompt, node_id, kind)}
+        if node_id in ui:
             output = {"node": node_id, "display_node": node_id, "output": ui[node_id], "prompt_id": prompt_id}
             await self.send(self.client_id, "executed", output)
         return None
@@ -120,22 +126,28 @@ class FakeExecutor:
                 await asyncio.sleep(self.step_s)
         return True
 
-    def _save(self, prompt: dict[str, Any], node_id: str, kind: str) -> list[dict[str, str]]:
+    def _save(
+        self, prompt: dict[str, Any], node_id: str, kind: str, fmt: str = "PNG"
+    ) -> list[dict[str, str]]:
         latent = upstream_of(prompt, node_id, "EmptyLatentImage") or {}
         sampler = upstream_of(prompt, node_id, "KSampler") or {}
         size = (int(latent.get("width", 64)), int(latent.get("height", 64)))
         rng = random.Random(int(sampler.get("seed", 0)))
-        folder = "output" if kind == "SaveImage" else "temp"
+        folder = "temp" if kind == "PreviewImage" else "output"
         prefix = str(prompt[node_id]["inputs"].get("filename_prefix", "ComfyUI"))
         if kind == "PreviewImage":
             prefix = "ComfyUI_temp_" + "".join(rng.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
         subfolder, name = posixpath.split(posixpath.normpath(prefix))
         images = []
-        for _ in range(int(latent.get("batch_size", 1))):
+        frames = 1 if fmt == "PNG" else int(latent.get("batch_size", 1))
+        for _ in range(int(latent.get("batch_size", 1)) if fmt == "PNG" else 1):
             buf = io.BytesIO()
-            Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3))).save(buf, format="PNG")
+            pictures = [
+                Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3))) for _ in range(frames)
+            ]
+            pictures[0].save(buf, format=fmt, save_all=fmt != "PNG", append_images=pictures[1:])
             counter = 1 + sum(1 for key in self.files[folder] if posixpath.basename(key).startswith(name))
-            filename = f"{name}_{counter:05}_.png"
+            filename = f"{name}_{counter:05}_.{fmt.lower()}"
             self.files[folder][posixpath.join(subfolder, filename)] = buf.getvalue()
             images.append({"filename": filename, "subfolder": subfolder, "type": folder})
         return images

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-OUTPUT_NODES = {"SaveImage", "PreviewImage"}
+OUTPUT_NODES = {"SaveImage", "PreviewImage", "SaveAnimatedWEBP", "VHS_VideoCombine"}
 KNOWN_NODES = OUTPUT_NODES | {
     "CheckpointLoaderSimple",
     "CLIPTextEncode",
@@ -25,7 +25,13 @@ KNOWN_NODES = OUTPUT_NODES | {
     "LoadImage",
     "RaiseError",  # this server's own: fails when it executes (exception_message, exception_type)
 }
-REQUIRED = {"SaveImage": ["images"], "PreviewImage": ["images"], "LoadImage": ["image"]}
+REQUIRED = {
+    "SaveImage": ["images"],
+    "PreviewImage": ["images"],
+    "SaveAnimatedWEBP": ["images"],
+    "VHS_VideoCombine": ["images"],
+    "LoadImage": ["image"],
+}
 
 Reason = dict[str, Any]
 

@@ -196,7 +196,10 @@ class FakeComfyUI(FakeExecutor):
         return posixpath.normpath(name) in self.files["input"]
 
     async def upload_image(self, request: Request) -> Response:
-        form = await request.form()
+        async with request.form() as form:  # closes the uploaded file's spool
+            return self._upload(form)
+
+    def _upload(self, form: Any) -> Response:
         upload = form.get("image")
         kind = str(form.get("type") or "input")
         if not isinstance(upload, UploadFile) or not upload.filename or kind not in self.files:
@@ -205,7 +208,8 @@ class FakeComfyUI(FakeExecutor):
         folder = posixpath.normpath(subfolder) if subfolder else ""
         if folder.startswith(("/", "..")) or "/" in upload.filename:
             return Response(status_code=400)
-        data = await upload.read()
+        upload.file.seek(0)
+        data = upload.file.read()
         name, store = upload.filename, self.files[kind]
         stem, ext = posixpath.splitext(name)
         n = 1

@@ -49,3 +49,19 @@ def img2img(image: str, **kwargs: Any) -> dict[str, Any]:
     flow["3"]["inputs"].update(latent_image=["12", 0], denoise=0.6)
     del flow["5"]
     return flow
+
+
+def animated(**kwargs: Any) -> dict[str, Any]:
+    """``txt2img`` of 3 frames saved as an animated WebP (core's SaveAnimatedWEBP, under "images")
+    and as a GIF by VideoHelperSuite's VHS_VideoCombine (under "gifs")."""
+    flow = txt2img(**kwargs)
+    flow["5"]["inputs"]["batch_size"] = 3
+    flow["9"] = {
+        "inputs": {"images": ["8", 0], "filename_prefix": "anim", "fps": 6},
+        "class_type": "SaveAnimatedWEBP",
+    }
+    flow["10"] = {
+        "inputs": {"images": ["8", 0], "frame_rate": 8, "format": "image/gif", "filename_prefix": "clip"},
+        "class_type": "VHS_VideoCombine",
+    }
+    return flow

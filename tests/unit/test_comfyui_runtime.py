@@ -429,3 +429,16 @@ async def test_interrupt_all_stops_every_run_of_ours_only(runtime: ComfyUIRuntim
     comfy[0].paused = False
     await until(lambda: other in comfy[0].history, "the other client's prompt runs")
     assert comfy[0].history[other]["status"]["status_str"] == "success"
+
+
+async def test_animations_and_videos_are_outputs_too(runtime: ComfyUIRuntime) -> None:
+    from fakes.comfyui_workflows import animated
+    from sdfleet.media import sniff
+
+    async def no_progress(value: float) -> None:
+        return None
+
+    result = await runtime.run(job(animated(steps=2)), no_progress)
+    assert sorted(sniff(i).ext for i in result.images) == ["gif", "webp"]
+    frames = [getattr(Image.open(io.BytesIO(i)), "n_frames", 1) for i in result.images]
+    assert frames == [3, 3]

@@ -123,8 +123,9 @@ class ComfyUIRuntime:
         finally:
             self.events.unwatch(w)
         await progress(1.0)
-        info = {"runtime": self.name, "prompt_id": w.prompt_id, "run_s": _run_s(entry)}
-        return RuntimeResult(images=images, info=info)
+        run_s = _run_s(entry)
+        info = {"runtime": self.name, "prompt_id": w.prompt_id, "run_s": run_s}
+        return RuntimeResult(images=images, info=info, run_s=run_s)
 
     async def interrupt(self, task_id: str | None = None) -> None:
         """Stop the prompts of ``task_id`` (None: every prompt of this runtime): queued ones are
@@ -249,7 +250,16 @@ class ComfyUIRuntime:
 
     async def _images(self, prompt_id: str, entry: dict[str, Any]) -> list[bytes]:
         outputs = entry.get("outputs") or {}
-        refs = [i for out in outputs.values() if isinstance(out, dict) for i in out.get("images") or []]
+        # "images" (SaveImage, core's animated WebP/video savers), "gifs" and "videos" (VideoHelperSuite
+        # and others): the agent stores each file under its real type.
+        refs = [
+            i
+            for out in outputs.values()
+            if isinstance(out, dict)
+            for key in OUTPUT_KEYS
+            for i in out.get(key) or []
+            if isinstance(i, dict)
+        ]
         saved = [ref for ref in refs if ref.get("type") == "output"]
         if not saved and refs:
             raise Reject(
@@ -265,6 +275,9 @@ class ComfyUIRuntime:
                 code="no_saved_outputs",
             )
         return [await self.api.view(ref) for ref in saved]
+
+
+OUTPUT_KEYS = ("images", "gifs", "videos")
 
 
 def _run_s(entry: Mapping[str, Any]) -> float | None:
