@@ -89,6 +89,9 @@ class FleetConfig(BaseModel):
             raise ValueError(f"queue names must be unique: {names}")
         if not names:
             raise ValueError("at least one queue is needed")
+        from sdfleet.disjoint import effective_filters
+
+        effective_filters(self.queues)  # refuses overlaps SNS cannot route first-match
         return self
 
     def queue(self, name: str) -> QueueConfig | None:
