@@ -59,7 +59,7 @@ livenessProbe:
   env:
     {{- include "sdfleet.env" $root | nindent 4 }}
     - name: SDFLEET_AGENT__DRAIN_S
-      value: {{ $root.Values.agent.drainSeconds | quote }}
+      value: {{ include "sdfleet.drainSeconds" . | quote }}
     {{- if gt (int $root.Values.agent.metricsPort) 0 }}
     - name: SDFLEET_AGENT__METRICS_PORT
       value: {{ $root.Values.agent.metricsPort | quote }}
@@ -129,7 +129,7 @@ livenessProbe:
 {{- $root := .root -}}
 {{- $k := $root.Values.karpenter -}}
 serviceAccountName: {{ include "sdfleet.saName" (dict "root" $root "role" "worker") }}
-terminationGracePeriodSeconds: {{ include "sdfleet.gracePeriod" $root }}
+terminationGracePeriodSeconds: {{ include "sdfleet.gracePeriod" . }}
 {{- if .burst }}
 restartPolicy: Never
 {{- end }}
