@@ -34,7 +34,9 @@ def resolve_env(container: dict[str, Any], data: dict[str, dict[str, str]]) -> d
             env[entry["name"]] = data[ref["name"]][ref["key"]]
             continue
 
-        def expand(m: re.Match[str], known: dict[str, str] = dict(env)) -> str:
+        def expand(m: re.Match[str], known: dict[str, str] | None = None) -> str:
+            if known is None:
+                known = dict(env)
             if m.group(0) == "$$":
                 return "$"
             return known.get(m.group(1), m.group(0))
@@ -114,9 +116,9 @@ def test_the_resolver_sees_what_the_old_chart_lost() -> None:
 
 
 def test_chart_values_from_the_cli_carry_the_password_secret(tmp_path: Path) -> None:
+    import yaml
     from k8s_checks import CLUSTER, merge
     from typer.testing import CliRunner
-    import yaml
 
     from sdfleet.cli import app
 

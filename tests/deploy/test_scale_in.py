@@ -150,7 +150,7 @@ async def test_a_drain_shorter_than_the_task_costs_it(
 ) -> None:
     """Control (the old chart: one fixed drain and grace, whatever the tasks take): the agent
     interrupts the task at the end of its drain (or the kubelet kills it); it starts over elsewhere."""
-    kubelet, code, took, record, stats = await _scale_in_mid_task(redis_server, tmp_path, True)
+    kubelet, code, _took, record, stats = await _scale_in_mid_task(redis_server, tmp_path, True)
     assert kubelet.grace == 6 and code in (0, -signal.SIGKILL)
     assert record.state is not TaskState.SUCCEEDED and record.finished_at is None, record
     assert stats.in_flight + stats.visible + stats.delayed == 1, "the GPU time spent on it is lost"
