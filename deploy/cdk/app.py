@@ -12,7 +12,7 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
 - ``cluster_name``: with Pod Identity, also create the pod identity associations;
 - ``namespace`` (default ``sdfleet``) and ``release`` (default ``sdfleet``): where the chart runs,
   which names its service accounts ``<fullname>-api`` and ``<fullname>-worker``;
-- ``keda_operator``: ``true`` adds a role for the KEDA operator (``keda/keda-operator``);
+- ``keda_operator``: ``false`` leaves out the KEDA operator's role (``keda/keda-operator``; default on: the chart's KEDA reads queue depth with it);
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
 - ``results_expire_days``: expire results after this many days (default: never).
 """
@@ -69,7 +69,7 @@ def build(app: cdk.App) -> SdfleetStack:
         cluster_name=_text(app, "cluster_name"),
         namespace=_text(app, "namespace", "sdfleet") or "sdfleet",
         release=_text(app, "release", "sdfleet") or "sdfleet",
-        keda_operator=_flag(_ctx(app, "keda_operator", False)),
+        keda_operator=_flag(_ctx(app, "keda_operator", True)),
         retain_data=_flag(_ctx(app, "retain_data", True)),
         results_expire_days=int(expire) if expire else None,
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",

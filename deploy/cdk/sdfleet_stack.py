@@ -17,6 +17,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
+from cdk_nag import NagSuppressions
 from constructs import Construct
 from sdfleet_iam import Identity, agent_statements, api_statements, keda_statements
 
@@ -57,7 +58,7 @@ class SdfleetStack(cdk.Stack):
         release: str = "sdfleet",
         storage_prefix: str = "results",
         table_name: str | None = None,
-        keda_operator: bool = False,
+        keda_operator: bool = True,
         cluster_name: str | None = None,
         retain_data: bool = True,
         results_expire_days: int | None = None,
@@ -87,7 +88,7 @@ class SdfleetStack(cdk.Stack):
     def _topic(self, topic: str) -> sns.ITopic:
         if topic.startswith("arn:"):  # an existing topic (a seed deployment's), used as is
             return sns.Topic.from_topic_arn(self, f"{topic.rsplit(':', 1)[-1]}-topic", topic)
-        return sns.Topic(self, f"{topic}-topic", topic_name=topic_name(self.prefix, topic))
+        return sns.Topic(self, f"{topic}-topic", topic_name=topic_name(self.prefix, topic), enforce_ssl=True)
 
     def _queue(self, spec: QueueSpec) -> None:
         dlq = sqs.Queue(
@@ -187,6 +188,18 @@ class SdfleetStack(cdk.Stack):
                     expiration=cdk.Duration.days(expire_days),
                 )
             )
+        logs = s3.Bucket(
+            self,
+            "access-logs-bucket",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            enforce_ssl=True,
+            lifecycle_rules=[s3.LifecycleRule(id="expire-logs", expiration=cdk.Duration.days(90))],
+            removal_policy=self._removal,
+        )
+        NagSuppressions.add_resource_suppressions(
+            logs, [{"id": "AwsSolutions-S1", "reason": "the access-log bucket itself: logging it would loop"}]
+        )
         return s3.Bucket(
             self,
             "results-bucket",
@@ -196,6 +209,8 @@ class SdfleetStack(cdk.Stack):
             enforce_ssl=True,
             lifecycle_rules=rules,
             removal_policy=self._removal,
+            server_access_logs_bucket=logs,
+            server_access_logs_prefix="results/",
         )
 
     # -- IAM -----------------------------------------------------------------------------------
@@ -214,7 +229,20 @@ class SdfleetStack(cdk.Stack):
         }
         if keda_operator:
             statements["keda"] = keda_statements(task_queues)
-        return {role: self.identity.role(self, role, policy) for role, policy in statements.items()}
+        roles = {role: self.identity.role(self, role, policy) for role, policy in statements.items()}
+        for role in ("api", "agent"):
+            NagSuppressions.add_resource_suppressions(
+                roles[role],
+                [
+                    {
+                        "id": "AwsSolutions-IAM5",
+                        "reason": "object actions on the keys under the results prefix (and models prefix): "
+                        "S3 names objects only by key pattern; the bucket and prefix are fixed",
+                        "appliesTo": [{"regex": "/^Resource::.*/(.*/)?\\*$/"}],
+                    }
+                ],
+            )
+        return roles
 
     # -- outputs -------------------------------------------------------------------------------
 
