@@ -188,3 +188,17 @@ def test_release_values_render_and_validate(stacks: dict[str, Any], mode: str) -
         "annotations", {}
     )
     assert annotated == (mode == "irsa"), "Pod Identity maps the service account by association"
+
+
+def test_app_context_refuses_an_unknown_identity_mode(tmp_path: Any) -> None:
+    from sdfleet.errors import ConfigError
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
+        mp.setenv("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+        app_module = _load_cdk()
+        import aws_cdk as cdk
+
+        context = {"config": str(EXAMPLE), "cluster": "true", "identity": "kiam"}
+        with pytest.raises(ConfigError, match="pod-identity or irsa"):
+            app_module.build(cdk.App(context=context))
