@@ -34,7 +34,7 @@ class QueueConfig(BaseModel):
     model: str | None = None
     """Model to load at start (dedicated queues keep one model loaded)."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    task_timeout_s: float = Field(600.0, gt=0)
+    task_timeout_s: float = Field(600.0, gt=0, le=3600)
     """Longest a task of this queue may run, seconds: the API caps each task's ``timeout_s`` to it,
     and the chart gives the queue's workers this much drain on scale-in, so none is cut short."""
 
