@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import redis
+from local_services import LocalRedis
 
-from conftest import RedisServer
 from sdfleet.api.app import create_app
 from sdfleet.build import Engines, api_context
 from sdfleet.settings import ApiSettings, Settings
@@ -25,7 +25,7 @@ def _commands(client: redis.Redis) -> int:
 
 async def test_readiness_survives_a_blip_but_not_an_outage(tmp_path: Path) -> None:
     (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")  # its own (this test stops it), data kept across
+    server = LocalRedis(tmp_path / "redis")  # its own: this test stops it (data kept across)
     probe = redis.Redis(port=server.port)
     url = f"{server.url}?prefix=ready{uuid.uuid4().hex[:6]}"
     settings = Settings(bus_url=url, store_url=url, data_dir=tmp_path, api=ApiSettings(ready_check_s=PERIOD))

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import re
 import secrets
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from k8s_checks import of_kind, pod_spec, render, value_sets
+from local_services import LocalRedis
 
-from conftest import free_port, wait_port
 from sdfleet._redis import connect
 from sdfleet.settings import Settings
 
@@ -47,16 +45,9 @@ def resolve_env(container: dict[str, Any], data: dict[str, dict[str, str]]) -> d
 
 @pytest.fixture(scope="module")
 def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    exe = shutil.which("redis-server")
-    assert exe, "apt-get install redis-server"
-    port = free_port()
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD, "--save", ""]
-    args += ["--dir", str(tmp_path_factory.mktemp("locked-redis"))]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = LocalRedis(tmp_path_factory.mktemp("locked-redis"), "--requirepass", PASSWORD)
+    yield server.port
+    server.stop()
 
 
 def _containers(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:

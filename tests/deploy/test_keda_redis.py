@@ -17,9 +17,9 @@ import redis
 import uvicorn
 from k8s_checks import CLUSTER, merge, of_kind, render
 from keda_eval import Reading, desired, evaluate
+from local_services import free_port
 from typer.testing import CliRunner
 
-from conftest import RedisServer, free_port
 from sdfleet.api.ops import create_ops_app
 from sdfleet.build import Engines, api_context
 from sdfleet.bus.backends.redis import RedisBus, stream_names
@@ -39,7 +39,7 @@ def _fleet() -> FleetConfig:
     )
 
 
-def _settings(server: RedisServer, prefix: str, tmp_path: Path, ops_port: int) -> Settings:
+def _settings(server: Any, prefix: str, tmp_path: Path, ops_port: int) -> Settings:
     url = f"{server.url}?prefix={prefix}"
     return Settings(
         bus_url=url,
@@ -74,13 +74,13 @@ async def _ops_listener(settings: Settings) -> AsyncIterator[None]:
         await engines.aclose()
 
 
-def _triggers(server: RedisServer, prefix: str) -> list[dict[str, Any]]:
+def _triggers(server: Any, prefix: str) -> list[dict[str, Any]]:
     values = chart_values(_fleet(), engine="redis", prefix=prefix, redis_address=f"127.0.0.1:{server.port}")
     (so,) = of_kind(render(merge(values, CLUSTER)), "ScaledObject")
     return so["spec"]["triggers"]  # type: ignore[no-any-return]
 
 
-async def test_scalers_count_every_task_the_queue_owes(redis_server: RedisServer, tmp_path: Path) -> None:
+async def test_scalers_count_every_task_the_queue_owes(redis_server: Any, tmp_path: Path) -> None:
     prefix = f"keda{uuid.uuid4().hex[:6]}"
     port = free_port()
     settings = _settings(redis_server, prefix, tmp_path, port)
@@ -142,7 +142,7 @@ async def _take_delayed(bus: RedisBus, client: redis.Redis, stream: str) -> Any:
     return got
 
 
-async def test_ensure_makes_the_topology_agents_need(redis_server: RedisServer, tmp_path: Path) -> None:
+async def test_ensure_makes_the_topology_agents_need(redis_server: Any, tmp_path: Path) -> None:
     prefix = f"ens{uuid.uuid4().hex[:6]}"
     settings = _settings(redis_server, prefix, tmp_path, free_port())
     async with RedisBus.from_url(settings.bus) as bus:

@@ -21,7 +21,6 @@ import pytest
 from k8s_checks import CLUSTER, by_name, merge, pod_spec, render
 from test_env_composition import resolve_env
 
-from conftest import RedisServer
 from sdfleet.bus.backends.redis import RedisBus
 from sdfleet.cli_ensure import ensure_topology
 from sdfleet.deploy import chart_values
@@ -45,7 +44,7 @@ def _fleet(task_s: float = TASK_S) -> FleetConfig:
     )
 
 
-def _pod(server: RedisServer, prefix: str, old: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _pod(server: Any, prefix: str, old: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     fleet = _fleet(TIMEOUT_S + 4 if old else TASK_S)
     values = chart_values(fleet, engine="redis", prefix=prefix, redis_address=f"127.0.0.1:{server.port}")
     values["urls"]["bus"] = f"{server.url}?prefix={prefix}"
@@ -106,7 +105,7 @@ class Kubelet:
         return self.proc.wait(), time.monotonic() - began
 
 
-async def _scale_in_mid_task(server: RedisServer, tmp: Path, old: bool) -> tuple[Any, ...]:
+async def _scale_in_mid_task(server: Any, tmp: Path, old: bool) -> tuple[Any, ...]:
     prefix = f"scale{uuid.uuid4().hex[:6]}"
     spec, config_map = _pod(server, prefix, old)
     kubelet = Kubelet(spec, config_map, tmp)
@@ -134,9 +133,7 @@ async def _scale_in_mid_task(server: RedisServer, tmp: Path, old: bool) -> tuple
     return kubelet, code, took, record, stats
 
 
-async def test_scale_in_waits_for_the_running_task(
-    redis_server: RedisServer, moto_url: str, tmp_path: Path
-) -> None:
+async def test_scale_in_waits_for_the_running_task(redis_server: Any, moto_url: str, tmp_path: Path) -> None:
     kubelet, code, took, record, stats = await _scale_in_mid_task(redis_server, tmp_path, False)
     drain = float(resolve_env(kubelet.container, {"sdfleet-env": {}})["SDFLEET_AGENT__DRAIN_S"])
     assert drain == TIMEOUT_S and kubelet.grace >= TIMEOUT_S + 5  # from the queue's task timeout
@@ -146,7 +143,7 @@ async def test_scale_in_waits_for_the_running_task(
 
 
 async def test_a_drain_shorter_than_the_task_costs_it(
-    redis_server: RedisServer, moto_url: str, tmp_path: Path
+    redis_server: Any, moto_url: str, tmp_path: Path
 ) -> None:
     """Control (the old chart: one fixed drain and grace, whatever the tasks take): the agent
     interrupts the task at the end of its drain (or the kubelet kills it); it starts over elsewhere."""
