@@ -12,9 +12,19 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
 - ``cluster_name``: with Pod Identity, also create the pod identity associations;
 - ``namespace`` (default ``sdfleet``) and ``release`` (default ``sdfleet``): where the chart runs,
   which names its service accounts ``<fullname>-api`` and ``<fullname>-worker``;
-- ``keda_operator``: ``true`` adds a role for the KEDA operator (``keda/keda-operator``);
+- ``keda_operator``: ``false`` leaves out the KEDA operator's role (``keda/keda-operator``), with
+  which the chart's KEDA reads queue depth (default ``true``);
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
 - ``results_expire_days``: expire results after this many days (default: never).
+
+The cluster (docs/deploy-aws.md), all optional:
+
+- ``cluster``: ``true`` adds VPC, EKS, add-ons, Karpenter, KEDA, ECR and the sdfleet release;
+- ``identity``: ``pod-identity`` (default) or ``irsa``, how the pods' roles are assumed;
+- ``admin_role_arn``: an IAM role given cluster-admin (e.g. the role you deploy with);
+- ``public_access_cidr``: also open the Kubernetes API endpoint to this CIDR (default: private);
+- ``domain`` and ``certificate_arn``: the API behind an internet-facing ALB with HTTPS;
+- ``image_tag``: tag of the images pushed to the stack's ECR repositories (default ``0.1.0``).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aws_cdk as cdk
+from sdfleet_cluster import ClusterOptions
 from sdfleet_stack import SdfleetStack
 
 from sdfleet.errors import ConfigError
@@ -56,6 +67,18 @@ def build(app: cdk.App) -> SdfleetStack:
     env = cdk.Environment(
         account=os.environ.get("CDK_DEFAULT_ACCOUNT"), region=os.environ.get("CDK_DEFAULT_REGION")
     )
+    cluster = None
+    if _flag(_ctx(app, "cluster", False)):
+        cluster = ClusterOptions(
+            identity=_text(app, "identity", "pod-identity"),  # type: ignore[arg-type]
+            admin_role_arn=_text(app, "admin_role_arn"),
+            public_access_cidr=_text(app, "public_access_cidr"),
+            domain=_text(app, "domain"),
+            certificate_arn=_text(app, "certificate_arn"),
+            image_tag=_text(app, "image_tag", "0.1.0") or "0.1.0",
+        )
+        if cluster.identity not in ("pod-identity", "irsa"):
+            raise ConfigError(f"identity {cluster.identity!r}: pod-identity or irsa")
     return SdfleetStack(
         app,
         _text(app, "stack_name", default_name) or default_name,
@@ -69,9 +92,10 @@ def build(app: cdk.App) -> SdfleetStack:
         cluster_name=_text(app, "cluster_name"),
         namespace=_text(app, "namespace", "sdfleet") or "sdfleet",
         release=_text(app, "release", "sdfleet") or "sdfleet",
-        keda_operator=_flag(_ctx(app, "keda_operator", False)),
+        keda_operator=_flag(_ctx(app, "keda_operator", True)),
         retain_data=_flag(_ctx(app, "retain_data", True)),
         results_expire_days=int(expire) if expire else None,
+        cluster=cluster,
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 

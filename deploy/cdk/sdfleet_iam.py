@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aws_cdk as cdk
 from aws_cdk import aws_eks as eks
@@ -31,6 +32,8 @@ SERVICE_ACCOUNT_ROLE = {"api": "api", "agent": "worker"}
 """sdfleet role → the chart's ``serviceAccounts`` entry."""
 KEDA_SERVICE_ACCOUNT = ("keda", "keda-operator")
 """Namespace and service account of the KEDA operator as its own chart installs it."""
+KARPENTER_SERVICE_ACCOUNT = ("kube-system", "karpenter")
+"""Karpenter's controller, as the cluster stack installs its chart."""
 
 
 def chart_fullname(release: str) -> str:
@@ -124,26 +127,37 @@ class Identity:
     namespace: str
     release: str
     cluster_name: str | None = None
+    oidc_issuer: str | None = None
+    """The issuer (``oidc.eks.<region>.amazonaws.com/id/<id>``) when the ARN is a token (a cluster
+    made in the same stack); otherwise read from the ARN."""
 
     def service_account(self, role: str) -> tuple[str, str]:
-        """(namespace, name) of the service account that ``role`` (api, agent, keda) runs as."""
+        """(namespace, name) of the service account that ``role`` (api, agent, keda, karpenter) runs as."""
         if role == "keda":
             return KEDA_SERVICE_ACCOUNT
+        if role == "karpenter":
+            return KARPENTER_SERVICE_ACCOUNT
         return self.namespace, f"{chart_fullname(self.release)}-{SERVICE_ACCOUNT_ROLE[role]}"
 
-    def principal(self, namespace: str, service_account: str) -> iam.IPrincipal:
+    def principal(self, scope: Construct, namespace: str, service_account: str) -> iam.IPrincipal:
         if self.oidc_provider_arn is None:
             return iam.SessionTagsPrincipal(iam.ServicePrincipal("pods.eks.amazonaws.com"))
-        m = _OIDC_ARN.match(self.oidc_provider_arn)
-        if m is None:
-            raise ConfigError(f"{self.oidc_provider_arn!r} is not an IAM OIDC provider ARN")
-        issuer = m["issuer"]
-        conditions = {
-            "StringEquals": {
-                f"{issuer}:sub": f"system:serviceaccount:{namespace}:{service_account}",
-                f"{issuer}:aud": "sts.amazonaws.com",
-            }
+        if cdk.Token.is_unresolved(self.oidc_provider_arn):
+            if self.oidc_issuer is None:
+                raise ConfigError("an OIDC provider made in this stack needs its issuer too")
+            issuer: str = self.oidc_issuer
+        else:
+            m = _OIDC_ARN.match(self.oidc_provider_arn)
+            if m is None:
+                raise ConfigError(f"{self.oidc_provider_arn!r} is not an IAM OIDC provider ARN")
+            issuer = m["issuer"]
+        claims: Any = {
+            f"{issuer}:sub": f"system:serviceaccount:{namespace}:{service_account}",
+            f"{issuer}:aud": "sts.amazonaws.com",
         }
+        if cdk.Token.is_unresolved(issuer):  # condition keys must be plain strings in CloudFormation
+            claims = cdk.CfnJson(scope, f"{service_account}-irsa-claims", value=claims)
+        conditions = {"StringEquals": claims}
         return iam.FederatedPrincipal(self.oidc_provider_arn, conditions, "sts:AssumeRoleWithWebIdentity")
 
     def role(self, scope: Construct, role: str, statements: list[iam.PolicyStatement]) -> iam.Role:
@@ -151,7 +165,7 @@ class Identity:
         r = iam.Role(
             scope,
             f"{role}-role",
-            assumed_by=self.principal(namespace, account),
+            assumed_by=self.principal(scope, namespace, account),
             description=f"sdfleet {role} ({namespace}/{account})",
             inline_policies={"sdfleet": iam.PolicyDocument(statements=statements)},
         )

@@ -17,7 +17,9 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
+from cdk_nag import NagSuppressions
 from constructs import Construct
+from sdfleet_cluster import ClusterOptions, SdfleetCluster
 from sdfleet_iam import Identity, agent_statements, api_statements, keda_statements
 
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
@@ -57,10 +59,11 @@ class SdfleetStack(cdk.Stack):
         release: str = "sdfleet",
         storage_prefix: str = "results",
         table_name: str | None = None,
-        keda_operator: bool = False,
+        keda_operator: bool = True,
         cluster_name: str | None = None,
         retain_data: bool = True,
         results_expire_days: int | None = None,
+        cluster: ClusterOptions | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -78,16 +81,31 @@ class SdfleetStack(cdk.Stack):
         self.subscriptions = [self._subscribe(s) for s in topology.subscriptions]
         self.table = self._table(table_name or f"{prefix}tasks")
         self.bucket = self._bucket(bucket_name, results_expire_days)
-        self.identity = Identity(eks_oidc_provider_arn, namespace, release, cluster_name)
-        self.roles = self._roles(keda_operator)
+        self.cluster = (
+            None if cluster is None else SdfleetCluster(self, "cluster", name=construct_id, options=cluster)
+        )
+        self.identity = self._identity(eks_oidc_provider_arn, namespace, release, cluster_name)
+        self.roles = self._roles(keda_operator or self.cluster is not None)
         self._outputs()
+        if self.cluster is not None:
+            self.cluster.install(self)
+
+    def _identity(self, oidc: str | None, namespace: str, release: str, cluster_name: str | None) -> Identity:
+        if self.cluster is None:
+            return Identity(oidc, namespace, release, cluster_name)
+        name = self.cluster.cluster.cluster_name
+        if self.cluster.options.identity == "irsa":
+            return Identity(
+                self.cluster.oidc_provider_arn, namespace, release, name, self.cluster.oidc_issuer
+            )
+        return Identity(None, namespace, release, name)
 
     # -- bus -----------------------------------------------------------------------------------
 
     def _topic(self, topic: str) -> sns.ITopic:
         if topic.startswith("arn:"):  # an existing topic (a seed deployment's), used as is
             return sns.Topic.from_topic_arn(self, f"{topic.rsplit(':', 1)[-1]}-topic", topic)
-        return sns.Topic(self, f"{topic}-topic", topic_name=topic_name(self.prefix, topic))
+        return sns.Topic(self, f"{topic}-topic", topic_name=topic_name(self.prefix, topic), enforce_ssl=True)
 
     def _queue(self, spec: QueueSpec) -> None:
         dlq = sqs.Queue(
@@ -187,6 +205,18 @@ class SdfleetStack(cdk.Stack):
                     expiration=cdk.Duration.days(expire_days),
                 )
             )
+        logs = s3.Bucket(
+            self,
+            "access-logs-bucket",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            enforce_ssl=True,
+            lifecycle_rules=[s3.LifecycleRule(id="expire-logs", expiration=cdk.Duration.days(90))],
+            removal_policy=self._removal,
+        )
+        NagSuppressions.add_resource_suppressions(
+            logs, [{"id": "AwsSolutions-S1", "reason": "the access-log bucket itself: logging it would loop"}]
+        )
         return s3.Bucket(
             self,
             "results-bucket",
@@ -196,6 +226,8 @@ class SdfleetStack(cdk.Stack):
             enforce_ssl=True,
             lifecycle_rules=rules,
             removal_policy=self._removal,
+            server_access_logs_bucket=logs,
+            server_access_logs_prefix="results/",
         )
 
     # -- IAM -----------------------------------------------------------------------------------
@@ -214,7 +246,30 @@ class SdfleetStack(cdk.Stack):
         }
         if keda_operator:
             statements["keda"] = keda_statements(task_queues)
-        return {role: self.identity.role(self, role, policy) for role, policy in statements.items()}
+        if self.cluster is not None:
+            statements["karpenter"] = self.cluster.karpenter.statements
+        roles = {role: self.identity.role(self, role, policy) for role, policy in statements.items()}
+        for role in ("api", "agent"):
+            NagSuppressions.add_resource_suppressions(
+                roles[role],
+                [
+                    {
+                        "id": "AwsSolutions-IAM5",
+                        "reason": "object actions on the keys under the results prefix (and models prefix): "
+                        "S3 names objects only by key pattern; the bucket and prefix are fixed",
+                        "appliesTo": [{"regex": "/^Resource::.*/(.*/)?\\*$/"}],
+                    }
+                ],
+            )
+        if "karpenter" in roles:
+            reason = (
+                "Karpenter launches, tags and terminates instances and launch templates it names at run "
+                "time; the actions are scoped to this region (aws:RequestedRegion)"
+            )
+            NagSuppressions.add_resource_suppressions(
+                roles["karpenter"], [{"id": "AwsSolutions-IAM5", "reason": reason}]
+            )
+        return roles
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -235,13 +290,36 @@ class SdfleetStack(cdk.Stack):
         out("BucketName", self.bucket.bucket_name, "S3 bucket of images and .out JSON")
         for role, r in self.roles.items():
             out(f"{_logical(role)}RoleArn", r.role_arn, f"IAM role of the {role} service account")
-        region, account = cdk.Aws.REGION, cdk.Aws.ACCOUNT_ID
-        storage = f"s3://{self.bucket.bucket_name}" + (
-            f"/{self.storage_prefix}" if self.storage_prefix else ""
-        )
-        out("BusUrl", f"aws://?prefix={self.prefix}&region={region}&account={account}", "SDFLEET_BUS_URL")
-        out("StoreUrl", f"aws://?table={self.table.ref}&region={region}&create=false", "SDFLEET_STORE_URL")
-        out("StorageUrl", storage, "SDFLEET_STORAGE_URL")
+        out("BusUrl", self.bus_url, "SDFLEET_BUS_URL")
+        out("StoreUrl", self.store_url, "SDFLEET_STORE_URL")
+        out("StorageUrl", self.storage_url, "SDFLEET_STORAGE_URL")
+        if self.cluster is not None:
+            name = self.cluster.cluster.cluster_name
+            out("ClusterName", name, "EKS cluster")
+            out(
+                "KubeconfigCommand",
+                f"aws eks update-kubeconfig --name {name} --region {cdk.Aws.REGION}",
+                "kubectl",
+            )
+            for image, repo in self.cluster.repositories.items():
+                out(
+                    f"{_logical(image)}Repository",
+                    repo.repository_uri,
+                    f"ECR repository of the {image} image",
+                )
+
+    @property
+    def bus_url(self) -> str:
+        return f"aws://?prefix={self.prefix}&region={cdk.Aws.REGION}&account={cdk.Aws.ACCOUNT_ID}"
+
+    @property
+    def store_url(self) -> str:
+        return f"aws://?table={self.table.ref}&region={cdk.Aws.REGION}&create=false"
+
+    @property
+    def storage_url(self) -> str:
+        suffix = f"/{self.storage_prefix}" if self.storage_prefix else ""
+        return f"s3://{self.bucket.bucket_name}{suffix}"
 
     def _output(self, output_id: str, value: str, description: str) -> None:
         cdk.CfnOutput(self, output_id, value=value, description=description)

@@ -3,7 +3,7 @@
 # container in the same pod (it talks to the runtime on 127.0.0.1).
 #   docker build -f deploy/docker/agent.Dockerfile -t sdfleet-agent .
 # The pip step is CI's (Makefile `install`) without torch and without the diffusers and dev extras;
-# tests/deploy checks they agree.
+# tests/deploy checks they agree. Dependencies install before src is copied (see api.Dockerfile).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 FROM ${BASE_IMAGE} AS base
@@ -17,8 +17,10 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN python -m pip install --no-cache-dir --upgrade pip
 COPY pyproject.toml README.md ./
+RUN mkdir -p src/sdfleet && touch src/sdfleet/__init__.py \
+    && python -m pip install --no-cache-dir '.[aws,redis]'
 COPY src ./src
-RUN python -m pip install --no-cache-dir '.[aws,redis]'
+RUN python -m pip install --no-cache-dir --no-deps --force-reinstall .
 
 FROM base
 COPY --from=build /opt/venv /opt/venv

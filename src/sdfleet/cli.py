@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from sdfleet.cli_common import ApiOpt, ConfigOpt, HostOpt, KeyOpt, PortOpt, _fail, _settings, console
+from sdfleet.cli_ensure import ensure
 from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
 from sdfleet.errors import SdfleetError
@@ -24,6 +25,7 @@ app.add_typer(runtime_app, name="runtime")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate)
+app.command()(ensure)
 
 
 @app.command()

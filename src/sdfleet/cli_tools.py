@@ -55,6 +55,10 @@ def deploy_values(
     region: str | None = typer.Option(None, envvar="AWS_REGION", help="AWS region (aws)."),
     account: str | None = typer.Option(None, help="AWS account id of the queues (aws)."),
     redis_address: str | None = typer.Option(None, help="host:port of Redis for KEDA (redis)."),
+    redis_password_secret: str | None = typer.Option(
+        None, help="Secret NAME[:KEY] of the Redis password, for KEDA and the pods (redis)."
+    ),
+    storage: str | None = typer.Option(None, help="Results storage every pod shares: s3://bucket/prefix."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
     simulated: Path | None = typer.Option(
         None, "--simulated", help="Scaling settings from `sdfleet simulate` (settings.yaml or chosen.yaml)."
@@ -74,6 +78,8 @@ def deploy_values(
             region=region,
             account=account,
             redis_address=redis_address,
+            redis_password_secret=redis_password_secret,
+            storage_url=storage,
             drain_s=settings.agent.drain_s,
         )
         if simulated is not None:

@@ -58,6 +58,9 @@ def _queue_values(q: QueueConfig, trigger: dict[str, str]) -> dict[str, Any]:
     return {
         "name": q.name,
         "runtime": q.runtime,
+        # The whole task on scale-in: SIGTERM lets the running task finish (the API caps tasks
+        # at task_timeout_s), and the pod's grace period is this plus the chart's margin.
+        "drainSeconds": q.task_timeout_s,
         "scaling": {
             "minReplicaCount": q.scaling.min,
             "maxReplicaCount": q.scaling.max,
@@ -94,28 +97,41 @@ def chart_values(
     region: str | None = None,
     account: str | None = None,
     redis_address: str | None = None,
+    redis_password_secret: str | None = None,
+    storage_url: str | None = None,
     drain_s: float = 30.0,
 ) -> dict[str, Any]:
     """Values for ``deploy/helm/sdfleet``: engine, bus URL, the fleet file and one entry per queue.
 
-    ``prefix`` defaults to the engine's own default. Raises ``ConfigError`` on a missing region or
-    account (aws) or a queue name the engine refuses.
+    ``prefix`` defaults to the engine's own default. ``redis_password_secret`` (``name`` or
+    ``name:key``) is the Secret of the Redis password: KEDA and the pods both read it, the chart
+    writes it into the Redis URLs. With the redis engine the chart's ``ensureJob`` creates the
+    topology before agents start. Raises ``ConfigError`` on a missing region or account (aws), a
+    queue name the engine refuses, or a storage URL the pods cannot share.
     """
     if engine not in DEFAULT_PREFIX:
         raise ConfigError(f"unknown engine {engine!r}: aws or redis")
     prefix = DEFAULT_PREFIX[engine] if prefix is None else prefix
     queues = [_queue_values(q, _trigger(engine, prefix, q.name, region, account)) for q in fleet.queues]
+    urls = {"bus": _bus_url(engine, prefix, region, account, redis_address)}
+    if storage_url is not None:
+        if not storage_url.startswith("s3://"):
+            raise ConfigError(
+                f"storage {storage_url!r}: pods and the API share results on s3://bucket/prefix"
+            )
+        urls["storage"] = storage_url
     values: dict[str, Any] = {
         "engine": engine,
-        "urls": {"bus": _bus_url(engine, prefix, region, account, redis_address)},
+        "urls": urls,
         "agent": {"drainSeconds": drain_s},
         "fleet": _fleet_for_pods(fleet),
         "queues": queues,
     }
     if engine == "aws":
         values["aws"] = {"region": region}
-    elif redis_address:
-        values["redis"] = {"address": redis_address}
+    else:
+        values["ensureJob"] = {"enabled": True}
+        values["redis"] = _redis_values(redis_address, redis_password_secret)
     return values
 
 
@@ -155,3 +171,11 @@ def apply_simulated(values: dict[str, Any], path: Path) -> dict[str, Any]:
         target = values.setdefault("karpenter", {}).setdefault("gpuClasses", {}).setdefault(gpu_class, {})
         target.update(settings)
     return values
+
+
+def _redis_values(address: str | None, password_secret: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": address} if address else {}
+    if password_secret:
+        name, _, key = password_secret.partition(":")
+        out["passwordSecret"] = {"name": name, "key": key or "password"}
+    return out

@@ -41,14 +41,18 @@ def stamp(attributes: dict[str, str]) -> dict[str, str]:
 
 
 def fleet_topology(fleet: FleetConfig) -> Topology:
-    """The topics, queues and subscriptions a fleet file describes."""
+    """The topics, queues and subscriptions a fleet file describes. Each subscription holds the
+    queue's effective policy (``disjoint.effective_filters``): its filter minus what the queues
+    before it take, so a task reaches exactly one queue, the first whose filter accepts it."""
+    from sdfleet.disjoint import effective_filters
+
     queues = [
         QueueSpec(name=q.name, lease_s=fleet.retry.lease_s, max_receives=fleet.retry.max_receives)
         for q in fleet.queues
     ]
     subs = [
-        Subscription(topic=fleet.tasks_topic, queue=q.name, filter_policy=q.filter, scope=q.filter_scope)
-        for q in fleet.queues
+        Subscription(topic=fleet.tasks_topic, queue=q.name, filter_policy=e.policy, scope=e.scope)
+        for q, e in zip(fleet.queues, effective_filters(fleet.queues), strict=True)
     ]
     if fleet.results_queue:
         queues.append(QueueSpec(name=fleet.results_queue, lease_s=30, max_receives=100))

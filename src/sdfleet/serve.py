@@ -17,6 +17,7 @@ from prometheus_client import make_asgi_app
 
 from sdfleet.agent.loop import Agent
 from sdfleet.api.app import create_app
+from sdfleet.api.ops import create_ops_app
 from sdfleet.build import Engines, agent_parts, api_context, make_runtime, open_engines
 from sdfleet.settings import Settings
 from sdfleet.telemetry import Metrics
@@ -59,6 +60,8 @@ class Fleet:
     server: uvicorn.Server | None = None
     metrics_server: uvicorn.Server | None = None
     """The agents' ``/metrics`` listener (``agent.metrics_port``)."""
+    ops_server: uvicorn.Server | None = None
+    """The API's ops listener (``api.ops_port``): ``/metrics`` and queue depth for KEDA."""
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -71,6 +74,10 @@ class Fleet:
                 # lifespan on: the app's lifespan refreshes the queue gauges in the background
                 self.server = _server(app, self.settings.api.host, self.settings.api.port, lifespan="on")
                 jobs.append(await _serve(self.server, "api"))
+                if self.settings.api.ops_port:
+                    ops = create_ops_app(app.state.ctx)
+                    self.ops_server = _server(ops, self.settings.api.host, self.settings.api.ops_port)
+                    jobs.append(await _serve(self.ops_server, "api-ops"))
             # Not in ``jobs``: a burst agent ends the fleet, and this listener with it.
             extra: list[asyncio.Task[object]] = []
             port = self.settings.agent.metrics_port
@@ -104,7 +111,7 @@ class Fleet:
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop()
-        for server in (self.server, self.metrics_server):
+        for server in (self.server, self.metrics_server, self.ops_server):
             if server is not None:
                 server.should_exit = True
 

@@ -38,6 +38,9 @@ class QueueConfig(BaseModel):
     """Shape of the results-topic notifications of this queue's tasks (a task may choose its own):
     ``sdfleet`` (TaskEvent), ``seed`` (the seed's agent's), ``sagemaker`` (SageMaker async
     inference's); default by the API a task came in through."""
+    task_timeout_s: float = Field(600.0, gt=0, le=3600)
+    """Longest a task of this queue may run, seconds: the API caps each task's ``timeout_s`` to it,
+    and the chart gives the queue's workers this much drain on scale-in, so none is cut short."""
 
     @model_validator(mode="after")
     def _valid_policy(self) -> QueueConfig:
@@ -93,6 +96,9 @@ class FleetConfig(BaseModel):
             raise ValueError(f"queue names must be unique: {names}")
         if not names:
             raise ValueError("at least one queue is needed")
+        from sdfleet.disjoint import effective_filters
+
+        effective_filters(self.queues)  # refuses overlaps SNS cannot route first-match
         return self
 
     def queue(self, name: str) -> QueueConfig | None:
@@ -117,6 +123,12 @@ class ApiSettings(BaseModel):
     queue_stats_s: float = Field(15.0, ge=0)
     """Period of the background refresh of the queue-depth gauges on ``/metrics``, seconds; 0: off
     (then only ``GET /v1/queues`` refreshes them)."""
+    ops_port: int | None = Field(None, ge=1, le=65535)
+    """Serve ``/metrics`` and ``/queues/<name>/depth`` (KEDA's metrics-api scaler) on this port of
+    ``host`` instead of the public one; unset: ``/metrics`` on the public port, no depth route."""
+    ready_check_s: float = Field(30.0, ge=0)
+    """``/readyz`` checks the bus and the store at most once per this many seconds, and a failed
+    check unreadies the replica only after none has passed for three periods (0: every probe)."""
 
 
 class AgentSettings(BaseModel):

@@ -36,6 +36,7 @@ CLUSTER = {
         "worker": {"roleArn": f"arn:aws:iam::{ACCOUNT}:role/sdfleet-worker"},
     },
     "secrets": {"existingSecret": "sdfleet-env"},
+    "urls": {"storage": "s3://acme-results/out"},
 }
 
 
@@ -63,7 +64,7 @@ def value_sets() -> dict[str, dict[str, Any]]:
         account=ACCOUNT,
     )
     redis = chart_values(
-        fleet({"name": "sd15"}, {"name": "burst"}),
+        fleet({"name": "sd15", "filter": {"sd_model_checkpoint": ["v1-5.safetensors"]}}, {"name": "burst"}),
         engine="redis",
         prefix="fleet1",
         redis_address="redis.sd.svc:6379",

@@ -20,6 +20,7 @@ import pytest
 from sdfleet.bus.backends.aws import AwsBus
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
 from sdfleet.bus.base import dlq_name
+from sdfleet.disjoint import effective_filters
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.settings import FleetConfig, load_fleet
 from sdfleet.storage.backends.s3 import S3BlobStore
@@ -69,6 +70,15 @@ class Synth:
 
     def of_type(self, kind: str) -> Resources:
         return {k: r for k, r in self.resources.items() if r["Type"] == kind}
+
+    def results_bucket(self) -> tuple[str, dict[str, Any]]:
+        """(logical id, resource) of the results bucket (the one that logs to the other)."""
+        ((lid, bucket),) = [
+            (k, r)
+            for k, r in self.of_type("AWS::S3::Bucket").items()
+            if "LoggingConfiguration" in r["Properties"]
+        ]
+        return lid, bucket
 
     def queue(self, name: str) -> tuple[str, dict[str, Any]]:
         """(logical id, properties) of the SQS queue the engine calls ``queue_name(prefix, name)``."""
@@ -192,8 +202,9 @@ def test_resource_counts_and_names_come_from_the_engine(variant: str, request: p
         topic_name(s.prefix, "tasks"),
         topic_name(s.prefix, "results"),
     }
-    assert len(s.of_type("AWS::DynamoDB::Table")) == len(s.of_type("AWS::S3::Bucket")) == 1
-    assert len(s.of_type("AWS::IAM::Role")) == (2 if variant == "example" else 3)
+    assert len(s.of_type("AWS::DynamoDB::Table")) == 1
+    assert len(s.of_type("AWS::S3::Bucket")) == 2  # results and their access logs
+    assert len(s.of_type("AWS::IAM::Role")) == 3  # api, agent, KEDA operator
 
 
 @pytest.mark.parametrize("variant", ["example", "body"])
@@ -205,12 +216,12 @@ def test_subscriptions_carry_each_filter_policy_as_written(
         r["Properties"]["Endpoint"]["Fn::GetAtt"][0]: r["Properties"]
         for r in s.of_type("AWS::SNS::Subscription").values()
     }
-    for q in s.fleet.queues:
+    for q, e in zip(s.fleet.queues, effective_filters(s.fleet.queues), strict=True):
         sub = subs[s.queue(q.name)[0]]
         assert sub["Protocol"] == "sqs" and sub["RawMessageDelivery"] is True
         assert sub["TopicArn"] == s.topic_ref(s.fleet.tasks_topic)
-        assert sub.get("FilterPolicy") == q.filter
-        assert sub.get("FilterPolicyScope") == (q.filter_scope if q.filter is not None else None)
+        assert sub.get("FilterPolicy") == e.policy, "first-match: earlier queues excluded"
+        assert sub.get("FilterPolicyScope") == (e.scope if e.policy is not None else None)
     if s.fleet.results_queue:
         sub = subs[s.queue(s.fleet.results_queue)[0]]
         assert sub["TopicArn"] == s.topic_ref(s.fleet.results_topic) and "FilterPolicy" not in sub
@@ -253,13 +264,13 @@ def test_table_is_what_the_dynamo_task_store_creates(example: Synth) -> None:
 
 
 def test_bucket_is_private_and_encrypted(example: Synth, body: Synth) -> None:
-    (bucket,) = example.of_type("AWS::S3::Bucket").values()
+    _, bucket = example.results_bucket()
     props = bucket["Properties"]
     assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0][
         "ServerSideEncryptionByDefault"
     ] == {"SSEAlgorithm": "AES256"}
     assert all(props["PublicAccessBlockConfiguration"].values())
-    (other,) = body.of_type("AWS::S3::Bucket").values()
+    _, other = body.results_bucket()
     assert other["Properties"]["BucketName"] == "acme-out" and other["DeletionPolicy"] == "Delete"
     rules = {r["Id"]: r for r in other["Properties"]["LifecycleConfiguration"]["Rules"]}
     assert rules["expire-results"]["ExpirationInDays"] == 30
@@ -272,7 +283,7 @@ def test_agent_role_is_least_privilege(example: Synth) -> None:
     for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"):
         assert grants[action] == fleet_queues, action
     assert grants["sns:Publish"] == [s.topic_ref(s.fleet.results_topic)]
-    (bucket,) = s.of_type("AWS::S3::Bucket")
+    bucket, _ = s.results_bucket()
     objects = {"Fn::Join": ["", [{"Fn::GetAtt": [bucket, "Arn"]}, "/results/*"]]}
     assert grants["s3:PutObject"] == [objects]
     ((table, _),) = s.of_type("AWS::DynamoDB::Table").items()
@@ -303,11 +314,15 @@ def test_api_role_publishes_tasks_and_never_consumes(example: Synth) -> None:
     assert sorted(associations, key=lambda a: a["ServiceAccount"]) == [
         {
             "ClusterName": "gpu",
-            "Namespace": "gen",
-            "ServiceAccount": f"sdfleet-{sa}",
+            "Namespace": namespace,
+            "ServiceAccount": sa,
             "RoleArn": {"Fn::GetAtt": [roles[role], "Arn"]},
         }
-        for role, sa in (("api", "api"), ("agent", "worker"))
+        for role, namespace, sa in (
+            ("keda", "keda", "keda-operator"),
+            ("api", "gen", "sdfleet-api"),
+            ("agent", "gen", "sdfleet-worker"),
+        )
     ]
 
 
@@ -384,7 +399,8 @@ async def test_engines_run_on_the_deployed_stack_without_ensure(example: Synth, 
     tasks = [
         (Task(model=sd15), "standard"),
         (Task(model="sdxl.safetensors"), "standard"),
-        (Task(model=sd15), "paid"),
+        (Task(model=sd15), "paid"),  # sd15 and paid both accept it: SNS delivers it to paid only
+        (Task(), "paid"),
     ]
     async with AwsBus.from_url(out["BusUrl"]) as bus:
         expected: dict[str, set[str]] = {q.name: set() for q in fleet.queues}
@@ -393,6 +409,7 @@ async def test_engines_run_on_the_deployed_stack_without_ensure(example: Synth, 
             for q in resolve_queues(fleet, task, attrs):
                 expected[q].add(task.id)
             await bus.publish(fleet.tasks_topic, task.to_message(), stamp(attrs))
+        assert all(len(resolve_queues(fleet, t, task_attributes(t, tier=tier))) == 1 for t, tier in tasks)
         for q in fleet.queues:
             got = await bus.receive(q.name, max_messages=10, wait_s=1, lease_s=5)
             assert {d.attributes["task_id"] for d in got} == expected[q.name], q.name
@@ -406,3 +423,46 @@ async def test_engines_run_on_the_deployed_stack_without_ensure(example: Synth, 
     async with S3BlobStore.from_url(out["StorageUrl"]) as storage:
         await storage.put("t/1.png", b"png", "image/png")
         assert await storage.get("t/1.png") == b"png"
+
+
+def _keda_role(s: Synth) -> tuple[str, dict[str, Any]]:
+    ((lid, role),) = [
+        (k, r)
+        for k, r in s.of_type("AWS::IAM::Role").items()
+        if r["Properties"]["Description"].startswith("sdfleet keda ")
+    ]
+    return lid, role["Properties"]
+
+
+@pytest.mark.parametrize("variant", ["example", "body"])
+def test_keda_can_read_every_queue_the_chart_scales_on(variant: str, request: pytest.FixtureRequest) -> None:
+    """The default path end to end: the chart's TriggerAuthentication makes KEDA use its own
+    identity (keda/keda-operator), the stack maps that service account to a role (Pod Identity
+    association, or IRSA trust), and the role may read the attributes of each trigger's queue."""
+    from k8s_checks import CLUSTER, merge, of_kind, render
+
+    from sdfleet.deploy import chart_values
+
+    s: Synth = request.getfixturevalue(variant)
+    values = chart_values(s.fleet, engine="aws", prefix=s.prefix, region="eu-west-1", account="123456789012")
+    objs = render(merge(values, {k: v for k, v in CLUSTER.items() if k != "serviceAccounts"}))
+    (auth,) = of_kind(objs, "TriggerAuthentication")
+    assert auth["spec"]["podIdentity"] == {"provider": "aws", "identityOwner": "keda"}
+    lid, role = _keda_role(s)
+    (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+    if variant == "example":  # Pod Identity: an association of KEDA's service account with the role
+        assert trust["Principal"] == {"Service": "pods.eks.amazonaws.com"}
+        (assoc,) = [
+            r["Properties"]
+            for r in s.of_type("AWS::EKS::PodIdentityAssociation").values()
+            if r["Properties"]["RoleArn"] == {"Fn::GetAtt": [lid, "Arn"]}
+        ]
+        assert (assoc["Namespace"], assoc["ServiceAccount"]) == ("keda", "keda-operator")
+    else:  # IRSA: the web identity of KEDA's service account may assume it
+        assert (
+            trust["Condition"]["StringEquals"][f"{ISSUER}:sub"] == "system:serviceaccount:keda:keda-operator"
+        )
+    readable = s.grants("keda")["sqs:GetQueueAttributes"]
+    for so in of_kind(objs, "ScaledObject"):
+        url = so["spec"]["triggers"][0]["metadata"]["queueURL"]
+        assert s.queue_arn(url.rsplit("/", 1)[1][len(s.prefix) :]) in readable, url

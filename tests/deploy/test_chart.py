@@ -89,8 +89,8 @@ def _expected_trigger(values: dict[str, Any], queue: str) -> dict[str, str]:
     prefix = re.search(r"prefix=([^&]+)", values["urls"]["bus"]).group(1)  # type: ignore[union-attr]
     if engine == "aws":
         return {"queueURL": sqs_queue_url(REGION, ACCOUNT, queue_name(prefix, queue))}
-    stream, group = stream_names(prefix, queue)
-    return {"stream": stream, "consumerGroup": group}
+    stream, _ = stream_names(prefix, queue)
+    return {"stream": stream}
 
 
 def test_one_scaler_per_queue_targets_its_worker_and_its_queue(case: Any) -> None:
@@ -109,7 +109,7 @@ def test_one_scaler_per_queue_targets_its_worker_and_its_queue(case: Any) -> Non
             agent = _agent(s["spec"]["jobTargetRef"]["template"]["spec"])
             assert "--burst" in agent["args"]
         assert agent["args"][agent["args"].index("--queue") + 1] == queue
-        (trigger,) = s["spec"]["triggers"]
+        trigger = s["spec"]["triggers"][-1]
         expected = _expected_trigger(values, queue)
         assert {k: trigger["metadata"][k] for k in expected} == expected
         assert trigger["type"] == ("aws-sqs-queue" if values["engine"] == "aws" else "redis-streams")
@@ -126,7 +126,7 @@ def test_scaling_numbers_come_from_the_fleet_file() -> None:
     behavior = so["sd15"]["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 120
     (auth,) = of_kind(objs, "TriggerAuthentication")
-    assert auth["spec"]["podIdentity"] == {"provider": "aws", "identityOwner": "workload"}
+    assert auth["spec"]["podIdentity"] == {"provider": "aws", "identityOwner": "keda"}
     assert so["sd15"]["spec"]["triggers"][0]["authenticationRef"]["name"] == auth["metadata"]["name"]
 
 
@@ -196,8 +196,9 @@ def test_gpu_requested_by_the_container_that_runs_the_model(case: Any) -> None:
 
 def test_grace_period_covers_the_agents_drain(case: Any) -> None:
     values, objs = case
-    drain = values["agent"]["drainSeconds"]
+    timeouts = {q["name"]: q["task_timeout_s"] for q in values["fleet"]["queues"]}
     for w in workers(objs):
+        drain = timeouts[w["metadata"]["labels"]["sdfleet.io/queue"]]  # the queue's longest task
         spec = pod_spec(w)
         agent = _agent(spec)
         assert float(_env(agent)["SDFLEET_AGENT__DRAIN_S"]["value"]) == drain
@@ -235,7 +236,8 @@ def test_no_secret_in_plain_values(case: Any) -> None:
             for e in c.get("env", []):
                 if SECRETISH.search(e["name"]):
                     assert "valueFrom" in e, e
-                assert not re.search(r"://[^/?#]*@", str(e.get("value", ""))), e
+                value = str(e.get("value", "")).replace(":$(SDFLEET_REDIS_PASSWORD)@", "")
+                assert not re.search(r"://[^/?#]*@", value), e
             assert c.get("envFrom", [{"secretRef": {"name": "sdfleet-env"}}]) == [
                 {"secretRef": {"name": "sdfleet-env"}}
             ]
@@ -255,16 +257,21 @@ def test_schema_refuses_secrets_in_values(bad: dict[str, Any]) -> None:
         render({**SETS["redis"], **bad})
 
 
-def test_redis_uses_the_password_secret_and_the_lag_count() -> None:
+def test_redis_uses_the_password_secret_and_the_queue_depth() -> None:
     objs = render(SETS["redis"])
     (auth,) = of_kind(objs, "TriggerAuthentication")
     assert auth["spec"]["secretTargetRef"] == [
         {"parameter": "password", "name": "redis-auth", "key": "password"}
     ]
     so = of_kind(objs, "ScaledObject")[0]
-    meta = so["spec"]["triggers"][0]["metadata"]
-    assert meta["lagCount"] == "10" and meta["address"] == "redis.sd.svc:6379"
-    assert so["spec"]["triggers"][0]["authenticationRef"]["name"] == auth["metadata"]["name"]
+    depth, xlen = so["spec"]["triggers"]
+    assert depth["type"] == "metrics-api" and depth["metadata"]["valueLocation"] == "depth"
+    assert (
+        depth["metadata"]["url"] == "http://fleet-sdfleet-api-ops.sd.svc.cluster.local:9090/queues/sd15/depth"
+    )
+    assert xlen["metadata"]["streamLength"] == "10" and xlen["metadata"]["address"] == "redis.sd.svc:6379"
+    assert "consumerGroup" not in xlen["metadata"], "with a group KEDA would count XPENDING instead"
+    assert xlen["authenticationRef"]["name"] == auth["metadata"]["name"]
     pv = of_kind(objs, "PersistentVolume")[0]
     assert pv["spec"]["csi"]["driver"] == "s3.csi.aws.com"
     assert pv["spec"]["csi"]["volumeAttributes"]["bucketName"] == "models-bucket"
@@ -273,7 +280,7 @@ def test_redis_uses_the_password_secret_and_the_lag_count() -> None:
 @pytest.mark.parametrize("set_name,runtime", [("a1111-sidecar", "a1111"), ("comfyui-sidecar", "comfyui")])
 def test_sidecar_runtime_is_where_the_fleet_file_says(set_name: str, runtime: str) -> None:
     objs = render(SETS[set_name])
-    (cm,) = of_kind(objs, "ConfigMap")
+    cm = by_name(objs, "ConfigMap")["fleet-sdfleet-fleet"]
     fleet_file = yaml.safe_load(cm["data"]["sdfleet.yaml"])
     port = SIDECAR_PORTS[runtime]
     assert fleet_file["runtimes"][runtime]["url"] == f"http://127.0.0.1:{port}"

@@ -50,10 +50,12 @@ def test_monitors_validate_and_select_the_api_and_the_agents(name: str) -> None:
         assert not errors, (mon["kind"], errors)
         assert mon["metadata"]["labels"]["release"] == "kube-prometheus"
         assert mon["spec"]["namespaceSelector"] == {"matchNames": ["sd"]}
-    (api_svc,) = [
-        s for s in of_kind(objs, "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "api"
+    (api_svc,) = [  # only the ops Service: /metrics is not on the public port (nor the Ingress)
+        s
+        for s in of_kind(objs, "Service")
+        if _matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
     ]
-    assert _matches(sm["spec"]["selector"]["matchLabels"], api_svc["metadata"]["labels"])
+    assert api_svc["metadata"]["name"] == "fleet-sdfleet-api-ops"
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in api_svc["spec"]["ports"]}

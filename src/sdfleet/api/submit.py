@@ -71,6 +71,7 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
     attributes = task_attributes(task, tier=caller.tier)
     queues = resolve_queues(ctx.fleet, task, attributes)
     task.queue = task.queue or queues[0]
+    _cap_timeout(ctx, task)
     existing = await ctx.store.get(task.id)
     if existing is not None:
         return await _repeated(ctx, caller, existing), False
@@ -83,6 +84,13 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
         raise Conflict(f"task id {task.id!r} is taken; choose another id")
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
     return record, True
+
+
+def _cap_timeout(ctx: ApiContext, task: Task) -> None:
+    """At most the queue's ``task_timeout_s``: what its workers' drain on scale-in is sized for."""
+    q = ctx.fleet.queue(task.queue or "")
+    if q is not None and (task.timeout_s is None or task.timeout_s > q.task_timeout_s):
+        task.timeout_s = q.task_timeout_s
 
 
 async def _repeated(ctx: ApiContext, caller: Caller, record: TaskRecord) -> TaskRecord:

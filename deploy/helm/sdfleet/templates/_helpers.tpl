@@ -52,8 +52,29 @@ sdfleet.io/queue: {{ .queue }}
 {{- printf "%s-%s" (include "sdfleet.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The agent's drain for queue .q: its own drainSeconds (its task timeout), else agent.drainSeconds. */}}
+{{- define "sdfleet.drainSeconds" -}}
+{{- if hasKey .q "drainSeconds" -}}{{ .q.drainSeconds }}{{- else -}}{{ .root.Values.agent.drainSeconds }}{{- end -}}
+{{- end -}}
+
+{{/* Grace of queue .q's pods: the whole drain (a running task finishes) plus the margin. */}}
 {{- define "sdfleet.gracePeriod" -}}
-{{- add (int .Values.agent.drainSeconds) (int .Values.agent.terminationMarginSeconds) -}}
+{{- add (include "sdfleet.drainSeconds" . | float64 | ceil | int) (int .root.Values.agent.terminationMarginSeconds) -}}
+{{- end -}}
+
+{{- define "sdfleet.redisAuth" -}}
+{{- if and (eq .Values.engine "redis") .Values.redis.passwordSecret.name -}}true{{- end -}}
+{{- end -}}
+
+{{/* A Redis URL with the password from redis.passwordSecret, as a $(SDFLEET_REDIS_PASSWORD)
+     reference Kubernetes expands in the container; other URLs (and URLs that carry their own
+     credentials) as they are. Call with (dict "root" $ "url" URL). */}}
+{{- define "sdfleet.authUrl" -}}
+{{- if and (include "sdfleet.redisAuth" .root) (regexMatch "^rediss?://[^@/?#]*([/?#].*)?$" .url) -}}
+{{- regexReplaceAll "^(rediss?://)" .url "${1}:$$(SDFLEET_REDIS_PASSWORD)@" -}}
+{{- else -}}
+{{- .url -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Environment shared by the API and the agents. */}}
@@ -64,13 +85,21 @@ sdfleet.io/queue: {{ .queue }}
   value: {{ .Values.ensureTopology | quote }}
 - name: SDFLEET_LOG_JSON
   value: "true"
+{{- if include "sdfleet.redisAuth" . }}
+{{- /* First: Kubernetes expands $(VAR) only from entries above the one that uses it. */}}
+- name: SDFLEET_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.passwordSecret.name }}
+      key: {{ .Values.redis.passwordSecret.key }}
+{{- end }}
 {{- with .Values.urls.bus }}
 - name: SDFLEET_BUS_URL
-  value: {{ . | quote }}
+  value: {{ include "sdfleet.authUrl" (dict "root" $ "url" .) | quote }}
 {{- end }}
 {{- with .Values.urls.store }}
 - name: SDFLEET_STORE_URL
-  value: {{ . | quote }}
+  value: {{ include "sdfleet.authUrl" (dict "root" $ "url" .) | quote }}
 {{- end }}
 {{- with .Values.urls.storage }}
 - name: SDFLEET_STORAGE_URL

@@ -49,7 +49,9 @@ livenessProbe:
 
 {{- define "sdfleet.agentContainer" -}}
 {{- $root := .root -}}
-{{- $sidecar := ne .q.runtime "diffusers" -}}
+{{- /* A runtime of `runtimes` (SD WebUI, ComfyUI) runs beside the agent; others (diffusers,
+     synthetic) in the agent's own process, from the worker image. */}}
+{{- $sidecar := hasKey $root.Values.runtimes .q.runtime -}}
 {{- $img := ternary $root.Values.images.agent $root.Values.images.worker $sidecar -}}
 - name: agent
   image: {{ include "sdfleet.image" $img }}
@@ -59,7 +61,7 @@ livenessProbe:
   env:
     {{- include "sdfleet.env" $root | nindent 4 }}
     - name: SDFLEET_AGENT__DRAIN_S
-      value: {{ $root.Values.agent.drainSeconds | quote }}
+      value: {{ include "sdfleet.drainSeconds" . | quote }}
     {{- if gt (int $root.Values.agent.metricsPort) 0 }}
     - name: SDFLEET_AGENT__METRICS_PORT
       value: {{ $root.Values.agent.metricsPort | quote }}
@@ -129,7 +131,7 @@ livenessProbe:
 {{- $root := .root -}}
 {{- $k := $root.Values.karpenter -}}
 serviceAccountName: {{ include "sdfleet.saName" (dict "root" $root "role" "worker") }}
-terminationGracePeriodSeconds: {{ include "sdfleet.gracePeriod" $root }}
+terminationGracePeriodSeconds: {{ include "sdfleet.gracePeriod" . }}
 {{- if .burst }}
 restartPolicy: Never
 {{- end }}
@@ -161,7 +163,7 @@ tolerations:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
-{{- if ne .q.runtime "diffusers" }}
+{{- if hasKey $root.Values.runtimes .q.runtime }}
 initContainers:
   {{- include "sdfleet.runtimeContainer" . | nindent 2 }}
 {{- end }}
@@ -175,7 +177,7 @@ volumes:
     emptyDir: {}
   - name: tmp
     emptyDir: {}
-  {{- if ne .q.runtime "diffusers" }}
+  {{- if hasKey $root.Values.runtimes .q.runtime }}
   - name: dshm
     emptyDir: {medium: Memory, sizeLimit: 2Gi}
   {{- end }}
