@@ -27,9 +27,10 @@ How the ``Bus`` semantics map onto Streams (all state changes are Lua scripts, s
   release silent no-ops, as on the SQLite bus;
 - a long poll waits with XREAD BLOCK on the stream (≤ 1 s at a time, shorter when a lease or a
   delayed message falls due first), so it wakes at once on a publish from any process;
-- a delayed message sits outside the stream, invisible to KEDA, until a ``receive`` or ``stats``
-  moves it back: with scale-to-zero keep release delays below KEDA's ``cooldownPeriod`` (the
-  releasing agent is still polling then) or let something poll ``stats`` (API, metrics).
+- a delayed message sits outside the stream (not in XLEN) until a ``receive`` or ``stats`` moves it
+  back; ``stats`` counts it, and the chart's ``metrics-api`` trigger reads ``stats`` through the
+  API's ops port, so KEDA sees it. Without that trigger keep release delays below KEDA's
+  ``cooldownPeriod`` (the releasing agent is still polling then).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ MAX_BLOCK_S = 1.0
 
 
 def stream_names(prefix: str, queue: str) -> tuple[str, str]:
-    """The (stream key, consumer group) of ``queue``: the ``stream`` and ``consumerGroup`` of a KEDA
-    ``redis-streams`` trigger. Its ``pendingEntriesCount`` counts leased messages, ``lagCount``
-    (Redis ≥ 7) messages not yet delivered, ``streamLength`` both."""
+    """The (stream key, consumer group) of ``queue``. For KEDA's ``redis-streams`` trigger:
+    ``pendingEntriesCount`` counts only leased messages and ``lagCount`` only never-delivered ones
+    (a redelivery whose lease expired is in neither); ``streamLength`` (XLEN, set without a
+    ``consumerGroup``) counts both, as acks delete entries. The chart pairs it with a
+    ``metrics-api`` trigger on ``stats()``, which adds the delayed retries (docs/redis.md)."""
     return f"{prefix}:queue:{queue}", GROUP
 
 
