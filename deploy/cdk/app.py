@@ -14,7 +14,8 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
   which names its service accounts ``<fullname>-api`` and ``<fullname>-worker``;
 - ``keda_operator``: ``true`` adds a role for the KEDA operator (``keda/keda-operator``);
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
-- ``results_expire_days``: expire results after this many days (default: never).
+- ``results_expire_days``: expire results after this many days (default: never);
+- ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def build(app: cdk.App) -> SdfleetStack:
         keda_operator=_flag(_ctx(app, "keda_operator", False)),
         retain_data=_flag(_ctx(app, "retain_data", True)),
         results_expire_days=int(expire) if expire else None,
+        adot_collector=_flag(_ctx(app, "adot_collector", False)),
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 

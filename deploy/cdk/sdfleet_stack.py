@@ -18,6 +18,7 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
+from sdfleet_adot import adot_collector_role
 from sdfleet_iam import Identity, agent_statements, api_statements, keda_statements
 
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
@@ -61,6 +62,7 @@ class SdfleetStack(cdk.Stack):
         cluster_name: str | None = None,
         retain_data: bool = True,
         results_expire_days: int | None = None,
+        adot_collector: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -80,6 +82,8 @@ class SdfleetStack(cdk.Stack):
         self.bucket = self._bucket(bucket_name, results_expire_days)
         self.identity = Identity(eks_oidc_provider_arn, namespace, release, cluster_name)
         self.roles = self._roles(keda_operator)
+        if adot_collector:  # the chart's adot.enabled (sdfleet_adot.py)
+            self.roles["adot"] = adot_collector_role(self, self.identity)
         self._outputs()
 
     # -- bus -----------------------------------------------------------------------------------
