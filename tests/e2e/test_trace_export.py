@@ -5,7 +5,9 @@
   client sent trace context (``X-Amzn-Trace-Id`` as API Gateway sends it, or ``traceparent``);
 - the agent continues an SQS ``AWSTraceHeader`` (the seed's API Gateway → Lambda → SNS → SQS path);
 - scrapes, probes and polls make no spans, and FastAPI's own telemetry adds no exporter even when
-  the environment asks it to.
+  the environment asks it to;
+- each stage span lasts what the record's timings say; ``model.switch`` only on a real switch; a
+  refused input leaves ``agent.task`` in ERROR.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ def fleet(moto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
     config.write_text(
         yaml.safe_dump(
             {
-                "queues": [{"name": QUEUE, "runtime": "synthetic"}],
-                "runtimes": {"synthetic": {"latency_s": 0.05}},
+                "queues": [{"name": QUEUE, "runtime": "synthetic", "model": "m-a"}],
+                "runtimes": {"synthetic": {"latency_s": 0.05, "switch_latency_s": 0.05}},
                 "models": {"dir": str(tmp / "models")},
             }
         )
@@ -236,3 +238,33 @@ def test_agent_continues_the_seed_lambda_path_trace(fleet: TracedFleet) -> None:
     assert [x["event"] for x in story] == ["received", "started", "succeeded"], story
     assert {x["trace_id"] for x in story} == {root}
     assert {x["xray_trace_id"] for x in story} == {f"1-{root[:8]}-{root[8:]}"}
+
+
+def _seconds(span: Span) -> float:
+    return (span.end_ns - span.start_ns) / 1e9
+
+
+def test_stage_spans_last_what_the_records_say(fleet: TracedFleet) -> None:
+    with httpx.Client(base_url=fleet.api, timeout=10) as http:
+        views = []
+        for model in ("m-b", "m-b"):  # the agent has m-a loaded: the first switches, not the second
+            task_id = http.post("/v1/tasks", json={**BODY, "model": model}).json()["id"]
+            views.append(_finished(http, task_id))
+        params = {**BODY["params"], "init_images": ["s3://b/k.png"]}  # no input bucket allowed
+        refused = http.post("/v1/tasks", json={"type": "image-to-image", "params": params}).json()["id"]
+        assert _finished(http, refused)["state"] == "failed"
+    first, second = (fleet.spans_of(v["id"], {"agent.task", *STAGES}) for v in views)
+    switch, run = first["model.switch"], first["runtime.run"]
+    assert switch.parent_id == first["agent.task"].span_id and switch.end_ns <= run.start_ns
+    assert "model.switch" not in second and "model_switch" not in views[1]["timings"]
+    for view, spans in zip(views, (first, second), strict=True):
+        timings = view["timings"]
+        for stage in ("pool_wait", "model_switch", "runtime_run", "storage_put", "inputs_fetch"):
+            if stage in timings:
+                assert abs(_seconds(spans[stage.replace("_", ".")]) - timings[stage]) < 0.003, stage
+        assert timings["gpu_seconds"] == pytest.approx(
+            timings.get("model_switch", 0) + timings["runtime_run"]
+        )
+    bad = fleet.spans_of(refused, {"agent.task", "queue.wait", "inputs.fetch"})
+    assert bad["agent.task"].status == 2, "a refused input fails the task: agent.task is ERROR"
+    assert "runtime.run" not in bad
