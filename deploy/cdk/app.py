@@ -15,7 +15,8 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
 - ``keda_operator``: ``false`` leaves out the KEDA operator's role (``keda/keda-operator``), with
   which the chart's KEDA reads queue depth (default ``true``);
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
-- ``results_expire_days``: expire results after this many days (default: never).
+- ``results_expire_days``: expire results after this many days (default: never);
+- ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``).
 
 The cluster (docs/deploy-aws.md), all optional:
 
@@ -96,6 +97,7 @@ def build(app: cdk.App) -> SdfleetStack:
         retain_data=_flag(_ctx(app, "retain_data", True)),
         results_expire_days=int(expire) if expire else None,
         cluster=cluster,
+        adot_collector=_flag(_ctx(app, "adot_collector", False)),
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 

@@ -19,6 +19,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from cdk_nag import NagSuppressions
 from constructs import Construct
+from sdfleet_adot import adot_collector_role
 from sdfleet_cluster import ClusterOptions, SdfleetCluster
 from sdfleet_iam import Identity, agent_statements, api_statements, keda_statements
 
@@ -64,6 +65,7 @@ class SdfleetStack(cdk.Stack):
         retain_data: bool = True,
         results_expire_days: int | None = None,
         cluster: ClusterOptions | None = None,
+        adot_collector: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -86,6 +88,8 @@ class SdfleetStack(cdk.Stack):
         )
         self.identity = self._identity(eks_oidc_provider_arn, namespace, release, cluster_name)
         self.roles = self._roles(keda_operator or self.cluster is not None)
+        if adot_collector:  # the chart's adot.enabled (sdfleet_adot.py)
+            self.roles["adot"] = adot_collector_role(self, self.identity)
         self._outputs()
         if self.cluster is not None:
             self.cluster.install(self)

@@ -67,6 +67,8 @@ def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = 
         if api.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("SDFLEET_API__SIGNING_KEY is unset: file links work only on this API replica")
         api = api.model_copy(update={"signing_key": secrets.token_hex(32)})
+    metrics = metrics or Metrics()
+    metrics.start_api(q.name for q in settings.fleet.queues)
     return ApiContext(
         bus=engines.bus,
         store=engines.store,
@@ -74,7 +76,7 @@ def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = 
         fleet=settings.fleet,
         settings=api,
         catalog=catalog(settings),
-        metrics=metrics or Metrics(),
+        metrics=metrics,
         webhook=settings.webhook,
     )
 
@@ -117,6 +119,8 @@ def agent_parts(
         ),
         webhook_notifier(settings),
     ]
+    metrics = metrics or Metrics()
+    metrics.start_agent(q.name, runtime.name)
     return Parts(
         bus=engines.bus,
         store=engines.store,
@@ -128,7 +132,7 @@ def agent_parts(
         fleet=settings.fleet,
         settings=a,
         worker_id=f"{socket.gethostname()}-{os.getpid()}-{queue}-{uuid.uuid4().hex[:6]}",
-        metrics=metrics or Metrics(),
+        metrics=metrics,
     )
 
 

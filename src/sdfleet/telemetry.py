@@ -1,17 +1,23 @@
 """Prometheus metrics (one registry per process, passed around, never global), JSON logs, and
-OpenTelemetry traces that cross the queue in message attributes (``traceparent``)."""
+OpenTelemetry traces that cross the queue in message attributes (``traceparent``) and continue
+AWS X-Ray traces (``X-Amzn-Trace-Id`` headers, SQS ``AWSTraceHeader``) with X-Ray-compatible ids."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.aws import AwsXRayPropagator
 from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sdfleet.tasks import Origin
 
 STAGES = (
     "queue_wait",
@@ -22,6 +28,9 @@ STAGES = (
     "runtime_run",
     "storage_put",
 )
+"""Stages of ``sdfleet_stage_seconds`` (and of a record's ``timings``); see docs/observability.md."""
+FINAL_STATES = ("succeeded", "failed")
+"""States ``sdfleet_tasks_total`` counts."""
 
 
 class Metrics:
@@ -50,6 +59,36 @@ class Metrics:
             "sdfleet_queue_oldest_age_seconds", "Age of the oldest", ["queue"], registry=r
         )
         self.busy = Gauge("sdfleet_runtime_busy", "1 while the runtime is generating", ["queue"], registry=r)
+        self.gpu_seconds = Counter(
+            "sdfleet_gpu_seconds",
+            "Device seconds of the agent's runtime calls (model switches and runs), by queue",
+            ["queue"],
+            registry=r,
+        )
+        self.agent = Gauge(
+            "sdfleet_agent_info",
+            "1 per running agent, by queue and runtime",
+            ["queue", "runtime"],
+            registry=r,
+        )
+
+    def start_api(self, queues: Iterable[str]) -> None:
+        """The API's series at 0 from the start: a queue nobody submitted to yet graphs as 0, not
+        "No data", and ``increase()`` counts the first submit (it needs a sample before it)."""
+        for queue in queues:
+            for origin in Origin:
+                self.submitted.labels(queue=queue, origin=origin.value)
+
+    def start_agent(self, queue: str, runtime: str) -> None:
+        """An agent's series at 0 from the start (see ``start_api``); an idle agent reports."""
+        for state in FINAL_STATES:
+            self.tasks.labels(queue=queue, state=state)
+        for stage in STAGES:
+            self.stage_seconds.labels(queue=queue, stage=stage)
+        self.model_switches.labels(queue=queue)
+        self.gpu_seconds.labels(queue=queue)
+        self.busy.labels(queue=queue).set(0)
+        self.agent.labels(queue=queue, runtime=runtime).set(1)
 
     def set_queue(self, queue: str, visible: int, in_flight: int, oldest_age_s: float | None) -> None:
         self.queue_visible.labels(queue=queue).set(visible)
@@ -57,8 +96,10 @@ class Metrics:
         self.queue_oldest_age.labels(queue=queue).set(oldest_age_s or 0.0)
 
     def observe_stages(self, queue: str, timings: Mapping[str, float]) -> None:
+        """Observe the ``STAGES`` among ``timings`` (a record's timings also say ``gpu_seconds``)."""
         for stage, seconds in timings.items():
-            self.stage_seconds.labels(queue=queue, stage=stage).observe(seconds)
+            if stage in STAGES:
+                self.stage_seconds.labels(queue=queue, stage=stage).observe(seconds)
 
 
 class JsonFormatter(logging.Formatter):
@@ -98,17 +139,27 @@ def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
 # the CLI. Without it spans are no-ops and nothing is exported.
 
 TRACER_NAME = "sdfleet"
+XRAY_HEADER = "X-Amzn-Trace-Id"
+"""The X-Ray trace header of HTTP requests (API Gateway, ALB, X-Ray SDKs)."""
+SQS_TRACE_ATTRIBUTE = "AWSTraceHeader"
+"""The SQS system attribute that carries an X-Ray trace header (SNS or Lambda put it there)."""
+_W3C = TraceContextTextMapPropagator()
+_XRAY = AwsXRayPropagator()
 
 
 def setup_tracing(
     service: str, otlp_endpoint: str | None = None, exporter: SpanExporter | None = None
 ) -> None:
-    """Record spans; export them over OTLP/HTTP when ``otlp_endpoint`` is set (ADOT/X-Ray collector)."""
+    """Record spans with X-Ray-compatible ids (the first 32 bits of a trace id are its start time,
+    as X-Ray requires); export them over OTLP/HTTP when ``otlp_endpoint`` is set (ADOT collector)."""
+    from opentelemetry.sdk.extension.aws.trace import AwsXRayIdGenerator
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service}), id_generator=AwsXRayIdGenerator()
+    )
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -125,13 +176,43 @@ def tracer() -> trace.Tracer:
 def inject(attributes: dict[str, str]) -> dict[str, str]:
     """Add ``traceparent`` (and ``tracestate``) of the current span to message attributes."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return {**attributes, **{k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}}
+    _W3C.inject(carrier)
+    return {**attributes, **carrier}
 
 
-def extract(attributes: Mapping[str, str]) -> Context:
-    """The trace context a message carried across the queue."""
-    return propagate.extract(dict(attributes))
+def extract(carrier: Mapping[str, str]) -> Context:
+    """The trace a request or message continues: its W3C ``traceparent`` (and ``tracestate``) when
+    valid, else its X-Ray trace header (``X-Amzn-Trace-Id``, or an SQS ``AWSTraceHeader``) when it
+    names a parent; an empty context (a new trace) otherwise. Keys are matched case-insensitively."""
+    lowered = {k.lower(): v for k, v in carrier.items()}
+    ctx = _W3C.extract(lowered)
+    if trace.get_current_span(ctx).get_span_context().is_valid:
+        return ctx
+    header = lowered.get(XRAY_HEADER.lower()) or lowered.get(SQS_TRACE_ATTRIBUTE.lower())
+    if header:
+        return _XRAY.extract({XRAY_HEADER: header})
+    return Context()
+
+
+def xray_trace_id(trace_id: int) -> str:
+    """``trace_id`` as X-Ray writes it (``1-<8 hex: start time>-<24 hex>``), to search in X-Ray."""
+    hex32 = format(trace_id, "032x")
+    return f"1-{hex32[:8]}-{hex32[8:]}"
+
+
+def fastapi_options() -> dict[str, Any]:
+    """``FastAPI(**fastapi_options())``: FastAPI's own OpenTelemetry (0.142 and later) off. It would
+    wrap ``api.submit`` in an HTTP span, trace every ``/metrics`` scrape, probe and poll, and add
+    exporters from ``OTEL_*`` variables (by default in 0.142); sdfleet traces what a task does (see
+    docs/observability.md), the same on every FastAPI version it allows."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    off = ("tracing", "metrics", "logs", "operation_spans", "auto_configure")
+    return {"telemetry": dict.fromkeys(off, False)}
 
 
 class TraceIdFilter(logging.Filter):
@@ -143,6 +224,7 @@ class TraceIdFilter(logging.Filter):
         ctx = span.get_span_context()
         if ctx.is_valid:
             record.trace_id = format(ctx.trace_id, "032x")
+            record.xray_trace_id = xray_trace_id(ctx.trace_id)
             task_id = (getattr(span, "attributes", None) or {}).get("sdfleet.task_id")
             if task_id and not hasattr(record, "task_id"):
                 record.task_id = task_id

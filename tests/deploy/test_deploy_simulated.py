@@ -25,7 +25,10 @@ def test_the_chart_renders_the_simulated_scaling(tmp_path: Path) -> None:
     karpenter = {"gpuClasses": {"gpu": {"consolidateAfter": "45s", "onDemandFallback": False}}}
     chosen.write_text(yaml.safe_dump({"queues": {"sd15": scaling}, "karpenter": karpenter}))
     values = chart_values(
-        fleet({"name": "sd15", "scaling": {"max": 8}}, {"name": "dynamic"}),
+        fleet(
+            {"name": "sd15", "filter": {"sd_model_checkpoint": ["sd15.safetensors"]}, "scaling": {"max": 8}},
+            {"name": "dynamic"},
+        ),
         engine="aws",
         region=REGION,
         account=ACCOUNT,

@@ -11,6 +11,7 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import yaml
 from k8s_checks import CHART, ROOT, crd_validators, merge, of_kind, pod_spec, render, value_sets, workers
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -123,6 +124,23 @@ def registered() -> dict[str, tuple[str, set[str]]]:
     return out
 
 
+TARGET_LABELS = {"namespace", "pod"}
+"""Labels Prometheus puts on every scraped series of a pod (PodMonitor, ServiceMonitor)."""
+DCGM_LABELS = {"gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"}
+DCGM_LABELS |= {"namespace", "pod", "container"}  # the pod a GPU is allocated to (its pod mapping)
+
+
+def dcgm_fields() -> dict[str, tuple[str, set[str]]]:
+    """The DCGM exporter's series the chart's DaemonSet collects (``dcgmExporter.counters``)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    out = {}
+    for line in values["dcgmExporter"]["counters"]:
+        field, kind, _ = (x.strip() for x in line.split(",", 2))
+        if kind != "label":
+            out[field] = (field, DCGM_LABELS)
+    return out
+
+
 def _dashboard() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(DASHBOARD.read_text())
     return data
@@ -153,25 +171,43 @@ def _check_expr(expr: str, known: dict[str, tuple[str, set[str]]]) -> set[str]:
     """The metric families ``expr`` reads; fails on unknown metrics or labels, or unbalanced brackets."""
     for open_, close in ("()", "{}", "[]"):
         assert expr.count(open_) == expr.count(close), expr
-    names = set(re.findall(r"\bsdfleet_[a-z0-9_]+\b", expr))
+    names = set(re.findall(r"\b(?:sdfleet|DCGM_FI)_[A-Za-z0-9_]+\b", expr))
     assert names, expr
     assert names <= set(known), (expr, names - set(known))
     labels = set().union(*(known[n][1] for n in names))
-    for name, matchers in re.findall(r"\b(sdfleet_[a-z0-9_]+)\{([^}]*)\}", expr):
+    for name, matchers in re.findall(r"\b((?:sdfleet|DCGM_FI)_[A-Za-z0-9_]+)\{([^}]*)\}", expr):
         used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
         assert used <= known[name][1], (expr, name, used - known[name][1])
     for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
         used = {g.strip() for g in grouping.split(",") if g.strip()}
         assert used <= labels, (expr, used - labels)
+    for matching in re.findall(r"\b(?:on|ignoring)\s*\(([^)]*)\)", expr):
+        used = {g.strip() for g in matching.split(",") if g.strip()}
+        assert used <= labels | TARGET_LABELS, (expr, used - labels - TARGET_LABELS)
     assert 'queue=~"$queue"' in expr, f"panel ignores the queue variable: {expr}"
     return {known[n][0] for n in names}
 
 
 def test_dashboard_queries_use_only_registered_metrics_and_labels() -> None:
-    known = registered()
+    ours = registered()
+    known = {**ours, **dcgm_fields()}
     assert {"sdfleet_tasks_total", "sdfleet_stage_seconds_bucket", "sdfleet_queue_visible"} <= set(known)
     families = set().union(*(_check_expr(e, known) for e in _exprs(_dashboard())))
-    assert families == {family for family, _ in known.values()}, "every metric has a panel"
+    assert {f for f in families if f.startswith("sdfleet_")} == {f for f, _ in ours.values()}, (
+        "every metric has a panel"
+    )
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= families, "GPU panels"
+
+
+def test_in_range_stats_are_instant_increases() -> None:
+    # one value over the whole range; the series start at 0 (Metrics.start_api/start_agent), so
+    # increase() has a sample before the first task and counts it
+    stats = [p for p in _dashboard()["panels"] if p["title"].endswith("in range")]
+    assert len(stats) >= 3
+    for p in stats:
+        (t,) = p["targets"]
+        assert t["instant"] is True and t["range"] is False, p["title"]
+        assert "increase(" in t["expr"] and "[$__range]" in t["expr"], p["title"]
 
 
 def test_dashboard_check_refuses_unknown_metrics_and_labels() -> None:
@@ -182,9 +218,11 @@ def test_dashboard_check_refuses_unknown_metrics_and_labels() -> None:
         'sdfleet_queue_visible{queue=~"$queue",state="x"}',
         'histogram_quantile(0.5, sum by (le) (rate(sdfleet_stage_seconds{queue=~"$queue"}[5m]))',
         "sdfleet_queue_visible",
+        'sdfleet_agent_info{queue=~"$queue"} * on (node) group_left () DCGM_FI_DEV_GPU_UTIL',
+        'avg by (queue) (DCGM_FI_DEV_GPU_UTILIZATION) + sdfleet_runtime_busy{queue=~"$queue"}',
     ):
         with pytest.raises(AssertionError):
-            _check_expr(bad, known)
+            _check_expr(bad, {**known, **dcgm_fields()})
 
 
 def test_stage_quantiles_cover_p50_and_p95_per_stage() -> None:

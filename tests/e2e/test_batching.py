@@ -77,6 +77,13 @@ async def test_compatible_tasks_share_a_call_and_keep_their_own_results(
     assert [o["batch_tasks"] for o in outs] == [4, 4, 4, 4]
     assert [o["seed"] for o in outs] == [0, 1, 2, 3]
     assert len({v["images"][0]["key"] for v in views}) == 4
+    # batch-mates share the call's device time: each is charged a quarter, the counter the call once
+    t = views[0]["timings"]
+    share = (t.get("model_switch", 0.0) + t["runtime_run"]) / 4
+    assert all(abs(v["timings"]["gpu_seconds"] - share) < 1e-6 for v in views), [v["timings"] for v in views]
+    metrics = (await fleet.http.get("/metrics")).text
+    line = next(x for x in metrics.splitlines() if x.startswith('sdfleet_gpu_seconds_total{queue="q"}'))
+    assert abs(float(line.split()[-1]) - 4 * share) < 1e-6
 
 
 async def test_a_failing_batch_mate_fails_alone(

@@ -145,16 +145,18 @@ async def test_every_task_type(runtime: A1111Runtime) -> None:
 async def test_model_switch_only_when_needed(runtime: A1111Runtime) -> None:
     rec: Recorder = runtime.recorder  # type: ignore[attr-defined]
     assert rec.count("POST", "/sdapi/v1/options") == 0  # the WebUI had tiny-a already
-    await runtime.run(job(model="tiny-a"), no_progress)
+    same = await runtime.run(job(model="tiny-a"), no_progress)
     assert rec.count("POST", "/sdapi/v1/options") == 0
+    assert same.switch_s == 0.0, "a lookup is no switch: no model.switch span, no switch counted"
     b = await runtime.run(job(model="tiny-b"), no_progress)
+    assert b.switch_s > 0.0
     assert (
         rec.count("POST", "/sdapi/v1/options") == 1 and b.info["sd_model_checkpoint"] == "tiny-b.safetensors"
     )
     title = runtime.loaded_model
     assert title is not None and title.startswith("tiny-b.safetensors [")
     for name in ("tiny-b.safetensors", title, "tiny-b"):
-        await runtime.run(job(model=name), no_progress)
+        assert (await runtime.run(job(model=name), no_progress)).switch_s == 0.0
     assert rec.count("POST", "/sdapi/v1/options") == 1
     assert rec.last("/sdapi/v1/options") == {"sd_model_checkpoint": title}
     await runtime.run(job(model="tiny-a"), no_progress)

@@ -70,7 +70,9 @@ async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
     ``pool_wait`` / ``pool.wait`` from prepared to the call; ``runtime_wait`` / ``runtime.wait`` the
     part of the call not on the device (queued behind another job, encoding images);
     ``model_switch`` / ``model.switch`` only for a real switch; ``runtime_run`` / ``runtime.run``
-    the job's time on the device (the whole call, less the switch, for a runtime that cannot say).
+    the job's time on the device (the whole call, less the switch, for a runtime that cannot say);
+    ``gpu_seconds`` (records only) the task's share of switch + run, ``sdfleet_gpu_seconds_total``
+    their sum.
     """
     jobs = [job_of(parts, p) for p in batch]
     reporters = [_Progress(parts, p) for p in batch]
@@ -85,12 +87,24 @@ async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
     elapsed = time.perf_counter() - t0
     if any(isinstance(o, RuntimeResult) and o.switch_s > 0 for o in outcomes):
         parts.metrics.model_switches.labels(queue=parts.queue.name).inc()
+    gpu_s = 0.0
     for p, job, outcome in zip(batch, jobs, outcomes, strict=True):
         _record_stages(
             p, outcome, elapsed, wall0, {"sdfleet.model": job.model or "", "sdfleet.batch_size": len(batch)}
         )
+        p.timings["gpu_seconds"] = _gpu_share(p, outcome, len(batch))
+        gpu_s += p.timings["gpu_seconds"]
         parts.metrics.observe_stages(parts.queue.name, p.timings)
+    parts.metrics.gpu_seconds.labels(queue=parts.queue.name).inc(gpu_s)
     return outcomes
+
+
+def _gpu_share(p: Prepared, outcome: Outcome, batch_size: int) -> float:
+    """The task's part of the device time (switch + run) of the call it shared with batch-mates:
+    summed over tasks it is ``sdfleet_gpu_seconds_total``; failed runs held the device too."""
+    sharers = outcome.info.get("batch_tasks", 1) if isinstance(outcome, RuntimeResult) else batch_size
+    held = p.timings.get("model_switch", 0.0) + p.timings["runtime_run"]
+    return held / max(1, int(sharers))
 
 
 def _record_stages(

@@ -9,6 +9,7 @@ import logging
 import time
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.decode import decode_task
@@ -17,10 +18,11 @@ from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
+from sdfleet.compat import sns
 from sdfleet.errors import InputFetchError, MessageDecodeError
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.tasks import EventType, Task, TaskRecord, TaskState
-from sdfleet.telemetry import extract, tracer
+from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
         log.error("undecodable message %s on %s: %s", d.message_id, d.queue, e)
         await h.release()
         return None
-    span = tracer().start_span("agent.task", context=extract(d.attributes))
+    span = tracer().start_span("agent.task", context=trace_context(d))
     span.set_attributes(
         {"sdfleet.task_id": task.id, "sdfleet.queue": d.queue, "sdfleet.receive": d.receive_count}
     )
@@ -44,6 +46,19 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     if prepared is None:
         span.end()
     return prepared
+
+
+def trace_context(d: Delivery) -> Context:
+    """The trace a delivery continues: the ``traceparent`` the API put in its attributes (inside
+    the SNS envelope too, for a queue subscribed without raw delivery), else the X-Ray header SQS
+    keeps as the ``AWSTraceHeader`` system attribute (API Gateway → Lambda → SNS → SQS, the
+    seed's path, with active tracing on), else none: a new trace."""
+    _, attributes = sns.unwrap(d.body, d.attributes)
+    attributes.pop(SQS_TRACE_ATTRIBUTE, None)  # only SQS itself may say it
+    header = (d.raw.get("Attributes") or {}).get(SQS_TRACE_ATTRIBUTE)
+    if isinstance(header, str):
+        attributes[SQS_TRACE_ATTRIBUTE] = header
+    return extract(attributes)
 
 
 def _queue_wait_span(parent: trace.Span, d: Delivery, task_id: str) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from opentelemetry import trace
 
+from sdfleet.telemetry import xray_trace_id
+
 log = logging.getLogger("sdfleet.agent.task")
 
 
@@ -26,6 +28,7 @@ def task_event(
     ctx = span.get_span_context() if span is not None else None
     if ctx is not None and ctx.is_valid:
         extra["trace_id"] = format(ctx.trace_id, "032x")
+        extra["xray_trace_id"] = xray_trace_id(ctx.trace_id)
     brief = ", ".join(f"{k}={_short(v)}" for k, v in fields.items())
     log.log(level, "task %s %s%s", task_id, event, f" ({brief})" if brief else "", extra=extra)
 

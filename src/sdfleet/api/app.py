@@ -14,6 +14,7 @@ from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
+from sdfleet.telemetry import fastapi_options
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.PayloadTooLarge, 413),
@@ -62,8 +63,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges."""
+    """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges. Traced: only
+    ``api.submit`` (FastAPI's own request spans are off, see ``fastapi_options``)."""
     app = FastAPI(
+        **fastapi_options(),
         title="sdfleet",
         version="0.1.0",
         description="Asynchronous Stable Diffusion generation: submit, get a task id at once, fetch results.",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+
+from opentelemetry import trace
 
 from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
@@ -11,7 +14,7 @@ from sdfleet.errors import Conflict, InputFetchError, NotFound, ValidationFailed
 from sdfleet.guarded_http import check_url
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
-from sdfleet.telemetry import inject, tracer
+from sdfleet.telemetry import extract, inject, tracer, xray_trace_id
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +54,35 @@ async def check_webhook(ctx: ApiContext, task: Task) -> None:
         raise ValidationFailed(f"webhook URL refused: {e.message or e}", code="bad_webhook") from e
 
 
-async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
+async def submit(
+    ctx: ApiContext, caller: Caller, task: Task, headers: Mapping[str, str] | None = None
+) -> tuple[TaskRecord, bool]:
     """Returns (record, accepted now). A repeated client id of the same tenant returns the first
-    record (and publishes it again while it is still queued)."""
-    with tracer().start_as_current_span("api.submit") as span:
+    record (and publishes it again while it is still queued).
+
+    ``api.submit`` is the root of the task's trace, or continues the trace the request's
+    ``headers`` carry (``traceparent``, else ``X-Amzn-Trace-Id`` from API Gateway or an X-Ray SDK).
+    """
+    context = extract(headers or {})
+    with tracer().start_as_current_span("api.submit", context=context) as span:
         span.set_attribute("sdfleet.task_id", task.id)
         span.set_attribute("sdfleet.tenant", caller.tenant)
         record, created = await _submit(ctx, caller, task)
         span.set_attribute("sdfleet.queue", record.task.queue or "")
+        if created:
+            _log_queued(record, span)
         return record, created
+
+
+def _log_queued(record: TaskRecord, span: trace.Span) -> None:
+    """The first line of a task's story (the agent logs the rest, see ``agent.tasklog``)."""
+    extra = {"task_id": record.id, "queue": record.task.queue, "event": "queued"}
+    ids = span.get_span_context()
+    if ids.is_valid:
+        extra.update(trace_id=format(ids.trace_id, "032x"), xray_trace_id=xray_trace_id(ids.trace_id))
+    log.info(
+        "task %s queued (queue=%s, origin=%s)", record.id, record.task.queue, record.task.origin, extra=extra
+    )
 
 
 async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:

@@ -22,6 +22,7 @@ from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtime_server.routes import router
 from sdfleet.runtime_server.state import Checkpoints, ServerState
 from sdfleet.runtimes.base import Runtime
+from sdfleet.telemetry import fastapi_options
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def create_app(runtime: Runtime, catalog: ModelCatalog, *, start: bool = True) -
         finally:
             await runtime.aclose()
 
-    app = FastAPI(title="sdfleet (AUTOMATIC1111-compatible API)", lifespan=lifespan)
+    app = FastAPI(title="sdfleet (AUTOMATIC1111-compatible API)", lifespan=lifespan, **fastapi_options())
     app.state.sd = state
     _install_errors(app)
     app.include_router(router)

@@ -134,9 +134,8 @@ class A1111Runtime:
             self._running = job.task_id
             try:
                 t0 = time.perf_counter()
-                if job.model is not None:
-                    await self._switch(job.model)
-                switch_s = time.perf_counter() - t0
+                switched = job.model is not None and await self._switch(job.model)
+                switch_s = time.perf_counter() - t0 if switched else 0.0
                 data = await self._call_with_progress(f"/sdapi/v1/{endpoint}", body, progress)
             finally:
                 self._running = None
@@ -173,14 +172,16 @@ class A1111Runtime:
             raise InputFetchError(f"no input fetcher: cannot fetch {url}", code="url_refused")
         return await self.fetcher.fetch(url)
 
-    async def _switch(self, model: str) -> None:
+    async def _switch(self, model: str) -> bool:
+        """True when SD WebUI loaded another checkpoint (the lookup alone is no switch)."""
         title = await self._title(model)
         if title == self._current:
-            return
+            return False
         log.info("switching SD WebUI checkpoint %s -> %s", self._current, title)
         await self._call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": title})
         self._current = title
         self.switches += 1
+        return True
 
     async def _title(self, model: str) -> str:
         for refresh in (False, True):

@@ -28,7 +28,7 @@ async def _body(request: Request, ctx: ApiContext) -> dict[str, Any]:
 async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: ModuleType) -> JSONResponse:
     """Both seed formats: parse, submit like any task, answer in the seed's own shape (HTTP 200)."""
     task = fmt.to_task(await _body(request, ctx), tenant=who.tenant)
-    record, _ = await submit(ctx, who, task)
+    record, _ = await submit(ctx, who, task, request.headers)
     location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
     return JSONResponse(fmt.answer(record.task, location), status_code=200)
 

@@ -111,7 +111,7 @@ async def create_task(
     request: Request, response: Response, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
 ) -> TaskView:
     req = parse(TaskRequest, await read_json(request, ctx.settings.max_body_bytes))
-    record, created = await submit(ctx, who, req.to_task())
+    record, created = await submit(ctx, who, req.to_task(), request.headers)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/tasks/{record.id}"
     return await task_view(ctx, request, record)
