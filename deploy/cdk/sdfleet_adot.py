@@ -8,7 +8,6 @@ group ``/aws/sdfleet/<chart fullname>/metrics``, the chart's default ``adot.metr
 from __future__ import annotations
 
 import aws_cdk as cdk
-from aws_cdk import aws_eks as eks
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 from sdfleet_iam import Identity, chart_fullname
@@ -31,9 +30,7 @@ def metrics_log_group(release: str) -> str:
 def adot_collector_role(scope: Construct, identity: Identity) -> iam.Role:
     """The role of the collector's service account ``<fullname>-adot``: X-Ray writes and sampling
     (X-Ray has no resource-level permissions), EMF writes to the metrics log group only."""
-    namespace, account = identity.namespace, f"{chart_fullname(identity.release)}-adot"
-    stack = cdk.Stack.of(scope)
-    group = stack.format_arn(
+    group = cdk.Stack.of(scope).format_arn(
         service="logs",
         resource="log-group",
         resource_name=metrics_log_group(identity.release),
@@ -43,20 +40,4 @@ def adot_collector_role(scope: Construct, identity: Identity) -> iam.Role:
         iam.PolicyStatement(actions=XRAY_ACTIONS, resources=["*"]),
         iam.PolicyStatement(actions=EMF_ACTIONS, resources=[group, f"{group}:log-stream:*"]),
     ]
-    role = iam.Role(
-        scope,
-        "adot-role",
-        assumed_by=identity.principal(namespace, account),
-        description=f"sdfleet ADOT collector ({namespace}/{account})",
-        inline_policies={"sdfleet-adot": iam.PolicyDocument(statements=statements)},
-    )
-    if identity.oidc_provider_arn is None and identity.cluster_name:
-        eks.CfnPodIdentityAssociation(
-            scope,
-            "adot-pod-identity",
-            cluster_name=identity.cluster_name,
-            namespace=namespace,
-            service_account=account,
-            role_arn=role.role_arn,
-        )
-    return role
+    return identity.role(scope, "adot", statements)

@@ -28,7 +28,7 @@ Storage = tuple[str, str, str]
 _OIDC_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:oidc-provider/(?P<issuer>[^\s]+)$")
 _S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 _CHART = "sdfleet"
-SERVICE_ACCOUNT_ROLE = {"api": "api", "agent": "worker"}
+SERVICE_ACCOUNT_ROLE = {"api": "api", "agent": "worker", "adot": "adot"}
 """sdfleet role → the chart's ``serviceAccounts`` entry."""
 KEDA_SERVICE_ACCOUNT = ("keda", "keda-operator")
 """Namespace and service account of the KEDA operator as its own chart installs it."""

@@ -110,6 +110,16 @@ def test_collector_routes_spans_to_xray_and_scrapes_this_release(name: str) -> N
     (http,) = [p for p in service["spec"]["ports"] if p["port"] == 4318]
     endpoint = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
     assert ports[http["targetPort"]] == int(endpoint.rsplit(":", 1)[1]) == 4318
+    # the API and the agents send their spans to that Service's OTLP/HTTP port
+    sent = {
+        env["value"]
+        for obj in objs
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] != deployment["metadata"]["name"]
+        for c in obj["spec"]["template"]["spec"]["containers"]
+        for env in c.get("env", [])
+        if env["name"] == "SDFLEET_OTLP_ENDPOINT"
+    }
+    assert sent == {f"http://{service['metadata']['name']}:{http['port']}/v1/traces"}
     (mount,) = container["volumeMounts"]
     assert container["args"] == [f"--config={mount['mountPath']}/collector.yaml"]
     (volume,) = pod["spec"]["volumes"]
@@ -282,7 +292,7 @@ def test_cdk_role_trusts_the_collector_and_grants_what_its_exporters_call(tmp_pa
     (role,) = [
         r["Properties"]
         for r in template["Resources"].values()
-        if r["Type"] == "AWS::IAM::Role" and r["Properties"]["Description"].startswith("sdfleet ADOT")
+        if r["Type"] == "AWS::IAM::Role" and r["Properties"]["Description"].startswith("sdfleet adot ")
     ]
     (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
     sub = trust["Condition"]["StringEquals"]["oidc.eks.eu-west-1.amazonaws.com/id/ABC:sub"]

@@ -109,6 +109,10 @@ sdfleet.io/queue: {{ .queue }}
 - name: AWS_REGION
   value: {{ .Values.aws.region | quote }}
 {{- end }}
+{{- if and .Values.adot.enabled (not (hasKey .Values.env "SDFLEET_OTLP_ENDPOINT")) }}
+- name: SDFLEET_OTLP_ENDPOINT
+  value: {{ printf "http://%s-adot:4318/v1/traces" (include "sdfleet.fullname" .) | quote }}
+{{- end }}
 {{- range $k, $v := .Values.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
