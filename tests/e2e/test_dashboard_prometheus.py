@@ -235,8 +235,12 @@ def test_every_panel_query_on_a_real_prometheus(stack: tuple[str, str]) -> None:
     for title, exprs in panels.items():
         for expr in exprs:
             results[(title, expr)] = _query(prom, _as_grafana(expr, range_))  # evaluates, no error
-    assert round(_by_queue(results[("Succeeded in range", panels["Succeeded in range"][0])])[""]) == TASKS
-    assert round(_by_queue(results[("Submitted in range", panels["Submitted in range"][0])])[""]) == TASKS
+    # increase() no longer undercounts (the series start at 0 before the first task); it may still
+    # overshoot a little: Prometheus extrapolates the slope to the end of the range (never below 0
+    # at its start), as its documentation says.
+    for title in ("Succeeded in range", "Submitted in range"):
+        value = _by_queue(results[(title, panels[title][0])])[""]
+        assert TASKS <= round(value) <= TASKS * 1.5, (title, value)
     assert _by_queue(results[("Failed in range", panels["Failed in range"][0])]) == {"": 0.0}
     gpu_busy = panels["GPU busy vs agent busy"]
     dcgm = _by_queue(results[("GPU busy vs agent busy", next(e for e in gpu_busy if "DCGM" in e))])
