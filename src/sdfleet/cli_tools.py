@@ -92,6 +92,9 @@ def runtime_serve(
         None, help="Checkpoint to load at start (default: the configured one, else the first in the folder)."
     ),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    sdwebui_status: bool = typer.Option(
+        False, help="Answer client mistakes with SD WebUI's own status codes (often 500) instead of 4xx."
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """The diffusers runtime behind an AUTOMATIC1111-compatible API (/sdapi/v1/...)."""
@@ -116,7 +119,13 @@ def runtime_serve(
         _fail(e)
         return
     flags = {"port": str(port), "server_name": host, "listen": host not in ("127.0.0.1", "localhost")}
-    app = create_app(runtime, catalog, model=model or settings.fleet.models.default, cmd_flags=flags)
+    app = create_app(
+        runtime,
+        catalog,
+        model=model or settings.fleet.models.default,
+        cmd_flags=flags,
+        sdwebui_status=sdwebui_status,
+    )
     uvicorn.run(app, host=host, port=port, log_config=None)
 
 

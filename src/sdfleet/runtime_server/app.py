@@ -31,10 +31,13 @@ def create_app(
     model: str | None = None,
     start: bool = True,
     cmd_flags: dict[str, Any] | None = None,
+    sdwebui_status: bool = False,
 ) -> FastAPI:
     """The app. With ``start`` its lifespan loads ``model``, else the first model of the folder (as
     SD WebUI starts with a checkpoint loaded), and closes the runtime at the end. ``cmd_flags``:
-    values ``/cmd-flags`` reports over SD WebUI's defaults (port, listen address, models folder)."""
+    values ``/cmd-flags`` reports over SD WebUI's defaults (port, listen address, models folder).
+    ``sdwebui_status``: answer client mistakes with SD WebUI's own status codes (often 500) instead
+    of 4xx, for clients that match on them; the bodies are the same either way."""
     state = ServerState(runtime, Checkpoints(catalog))
 
     @asynccontextmanager
@@ -50,7 +53,7 @@ def create_app(
     app.state.sd = state
     app.state.cmd_flags = {"api": True, "nowebui": True, "ckpt_dir": str(catalog.models_dir.absolute())}
     app.state.cmd_flags.update(cmd_flags or {})
-    errors.install(app)
+    errors.install(app, sdwebui_status=sdwebui_status)
     app.include_router(routes.router)
     app.include_router(routes_info.router)
     return app

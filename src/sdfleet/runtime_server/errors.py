@@ -24,31 +24,40 @@ class SdApiError(Exception):
     """One answer in SD WebUI's error body."""
 
     def __init__(
-        self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = ""
+        self,
+        status: int,
+        detail: str = "",
+        *,
+        error: str = "HTTPException",
+        errors: str = "",
+        sdwebui: int | None = None,
     ) -> None:
         super().__init__(detail or errors)
         self.status = status
+        self.sdwebui = sdwebui
+        """SD WebUI's own status for this case, where it differs (500 for many client mistakes)."""
         self.detail = detail
         self.error = error
         self.errors = errors
 
-    def response(self) -> JSONResponse:
+    def response(self, sdwebui_status: bool = False) -> JSONResponse:
         body = {"error": self.error, "detail": self.detail, "body": "", "errors": self.errors}
-        return JSONResponse(status_code=self.status, content=body)
+        status = self.sdwebui if sdwebui_status and self.sdwebui is not None else self.status
+        return JSONResponse(status_code=status, content=body)
 
 
-def refused(status: int, detail: str) -> SdApiError:
+def refused(status: int, detail: str, *, sdwebui: int | None = None) -> SdApiError:
     """A refusal SD WebUI words as ``HTTPException(detail=...)``."""
-    return SdApiError(status, detail)
+    return SdApiError(status, detail, sdwebui=sdwebui)
 
 
-def failed(status: int, name: str, message: str) -> SdApiError:
+def failed(status: int, name: str, message: str, *, sdwebui: int | None = None) -> SdApiError:
     """An error SD WebUI reports as an exception ``name`` with ``errors`` = its message."""
-    return SdApiError(status, error=name, errors=message)
+    return SdApiError(status, error=name, errors=message, sdwebui=sdwebui)
 
 
 def invalid_image() -> SdApiError:
-    return refused(400, "Invalid encoded image")
+    return refused(400, "Invalid encoded image", sdwebui=500)
 
 
 # pydantic v2 error types → pydantic v1's (SD WebUI 1.10 runs pydantic 1): what clients parse.
@@ -74,18 +83,19 @@ def _v1_error(error: Any) -> dict[str, Any]:
 
 def _reject_error(e: Reject) -> SdApiError:
     if e.code == "unknown_model":
-        return failed(404, "RuntimeError", e.reason)
+        return failed(404, "RuntimeError", e.reason, sdwebui=500)
     if e.code == "invalid_image":
         return invalid_image()
     return refused(422, e.reason)
 
 
-def install(app: FastAPI) -> None:
-    """SD WebUI's error bodies for every error this server answers."""
+def install(app: FastAPI, *, sdwebui_status: bool = False) -> None:
+    """SD WebUI's error bodies for every error this server answers; with ``sdwebui_status``, its
+    status codes too (500 for the client mistakes SD WebUI answers with 500)."""
 
     @app.exception_handler(SdApiError)
     async def sd_api(_: Request, e: SdApiError) -> JSONResponse:
-        return e.response()
+        return e.response(sdwebui_status)
 
     @app.exception_handler(RequestValidationError)
     async def unprocessable(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -93,7 +103,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Reject)
     async def reject(_: Request, e: Reject) -> JSONResponse:
-        return _reject_error(e).response()
+        return _reject_error(e).response(sdwebui_status)
 
     @app.exception_handler(ValidationFailed)
     async def invalid(_: Request, e: ValidationFailed) -> JSONResponse:

@@ -47,7 +47,7 @@ def _upscaler(name: str) -> str | None:
     if name == "None":
         return None
     if name not in _RESAMPLE:
-        raise failed(422, "AssertionError", f"could not find upscaler named {name}")
+        raise failed(422, "AssertionError", f"could not find upscaler named {name}", sdwebui=500)
     return name
 
 

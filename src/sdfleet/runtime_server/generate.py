@@ -31,7 +31,7 @@ def decode_image_field(text: str) -> bytes:
     """An image field as SD WebUI reads it: base64 or a ``data:image/...;base64,`` URL. This server
     does not fetch URLs (SD WebUI's ``api_enable_requests`` off), and says so in SD WebUI's words."""
     if text.startswith(("http://", "https://")):
-        raise refused(400, "Requests not allowed")
+        raise refused(400, "Requests not allowed", sdwebui=500)
     if text.startswith("data:image/"):
         text = text.split(";", 1)[-1].split(",", 1)[-1]
     try:
@@ -61,9 +61,9 @@ def _check(req: GenerationBody) -> None:
     for name in req.alwayson_scripts:  # SD WebUI's words for a script it does not have
         raise refused(422, f"always on script {name} not found")
     if (req.width or 0) < 8 or (req.height or 0) < 8:
-        raise refused(422, f"width and height must be at least 8, not {req.width}x{req.height}")
+        raise refused(422, f"width and height must be at least 8, not {req.width}x{req.height}", sdwebui=500)
     if (req.steps or 0) < 1:
-        raise refused(422, f"steps must be at least 1, not {req.steps}")
+        raise refused(422, f"steps must be at least 1, not {req.steps}", sdwebui=500)
     if (req.batch_size or 0) < 1 or (req.n_iter or 0) < 1:
         raise refused(422, "batch_size and n_iter must be at least 1")
     if (req.batch_size or 1) * (req.n_iter or 1) > _MAX_IMAGES:

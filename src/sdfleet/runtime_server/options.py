@@ -47,7 +47,7 @@ class Options:
         """Refuse a key SD WebUI does not have, before anything is changed."""
         for key in body:
             if key not in self.defaults:
-                raise failed(422, "KeyError", repr(key))
+                raise failed(422, "KeyError", repr(key), sdwebui=500)
 
     def update(self, body: dict[str, Any]) -> None:
         self.check(body)
