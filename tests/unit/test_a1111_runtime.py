@@ -139,7 +139,12 @@ async def test_every_task_type(runtime: A1111Runtime) -> None:
     assert [size(i) for i in single.images] == [(128, 128)]
     assert single.info["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"
     batch = await runtime.run(
-        job(TaskType.EXTRA_BATCH_IMAGES, init=[png(), png((1, 1, 1))], upscaler="Nearest", upscaling_resize=0.5),
+        job(
+            TaskType.EXTRA_BATCH_IMAGES,
+            init=[png(), png((1, 1, 1))],
+            upscaler="Nearest",
+            upscaling_resize=0.5,
+        ),
         no_progress,
     )
     assert [size(i) for i in batch.images] == [(32, 32), (32, 32)]
@@ -156,7 +161,8 @@ async def test_defect_1_clip_skip_sent_every_time_and_never_left_behind(
     # Another client (or an earlier job on SD WebUI, see the module docstring of _a1111_payload)
     # left clip skip 2 in the server's settings: a clip-skip-1 job must still run with 1.
     async with httpx.AsyncClient(base_url=server.url) as other:
-        assert (await other.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})).status_code == 200
+        leave = await other.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+        assert leave.status_code == 200
         try:
             one = await runtime.run(job(clip_skip=1), no_progress)
             two = await runtime.run(job(clip_skip=2), no_progress)

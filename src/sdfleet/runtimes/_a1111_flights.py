@@ -73,6 +73,10 @@ class Flight:
     seen: set[str] = field(default_factory=set)
     """Job timestamps attributed to this request."""
     reported: float = 0.0
+    hit: bool = False
+    """SD WebUI's interrupt flag was up while it ran this job, which nobody here asked for (another
+    client's interrupt, or ours for the job before that landed after it ended): its images are
+    half-made."""
     answer: asyncio.Task[Any] | None = None
     """The request, once sent."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -94,7 +98,6 @@ class Flights:
         self.waiting: list[Flight] = []
         self.sent: list[Flight] = []
         self._own: collections.deque[str] = collections.deque(maxlen=64)
-        self._stopped: collections.deque[str] = collections.deque(maxlen=64)
         self._drained = asyncio.Event()
         self._drained.set()
 
@@ -133,12 +136,3 @@ class Flights:
             return None
         head.seen.add(snap.timestamp)
         return head
-
-    def saw_interrupted(self, snap: Snapshot) -> None:
-        """SD WebUI's interrupt flag was up for this job (set by /interrupt, cleared when a job begins)."""
-        if snap.interrupted:
-            self._stopped.append(snap.timestamp)
-
-    def was_stopped(self, timestamp: str | None) -> bool:
-        """Whether the job that answered with ``timestamp`` was seen interrupted."""
-        return bool(timestamp) and timestamp in self._stopped

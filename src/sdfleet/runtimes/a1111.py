@@ -139,7 +139,7 @@ class A1111Runtime:
         timestamp = self._timestamp(data)
         self._flights.finish(flight, timestamp)
         self._wake.set()  # the next request is the oldest now: check it at once
-        self._check(job, flight, data, timestamp)
+        self._check(job, flight)
         result = self._result(job, data)
         result.switch_s = switch_s
         await progress(1.0)
@@ -274,18 +274,20 @@ class A1111Runtime:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
     async def _on_snapshot(self, snap: Snapshot) -> None:
-        self._flights.saw_interrupted(snap)
         flight = self._flights.running(snap)
         if flight is None:
+            return
+        if snap.interrupted and not flight.cancelled:
+            flight.hit = True  # SD WebUI clears the flag when a job begins: this job was stopped
             return
         if flight.cancelled:
             if flight.interruptible and not flight.interrupt_sent:
                 flight.interrupt_sent = True
                 with contextlib.suppress(RuntimeFailure, Reject):
                     await self._call("POST", "/sdapi/v1/interrupt")
-                after = await self._snapshot()  # did it land on this job, or on the next one?
+                after = await self._snapshot()  # if the job ended meanwhile, it hit the next one
                 if after is not None:
-                    self._flights.saw_interrupted(after)
+                    await self._on_snapshot(after)
             return
         value = min(snap.progress, 0.99)
         if value > flight.reported:
@@ -354,10 +356,10 @@ class A1111Runtime:
         stamp = self._info(data).get("job_timestamp")
         return str(stamp) if stamp else None
 
-    def _check(self, job: Job, flight: Flight, data: Any, timestamp: str | None) -> None:
+    def _check(self, job: Job, flight: Flight) -> None:
         if flight.cancelled:
             raise Interrupted(f"task {job.task_id} interrupted")
-        if job.type in _GENERATE and self._flights.was_stopped(timestamp):
+        if flight.hit:
             # An interrupt (another client's, or ours meant for the job before) reached this job:
             # its images are half-made. Run it again.
             raise RuntimeFailure(f"SD WebUI interrupted task {job.task_id} (not asked by it); retry")
