@@ -59,7 +59,8 @@ class JobState:
         self.sampling_step = min(self.sampling_steps, round((done - self.job_no) * self.sampling_steps))
 
     def end(self, iterations: int) -> None:
-        self.job, self.job_count, self.job_no = "", 0, iterations
+        # SD WebUI moves to the next iteration (step 0) after each one; the step count stays.
+        self.job, self.job_count, self.job_no, self.sampling_step = "", 0, iterations, 0
 
     def snapshot(self) -> dict[str, Any]:
         keys = ("skipped", "interrupted", "stopping_generation", "job", "job_count", "job_timestamp")
