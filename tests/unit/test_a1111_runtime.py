@@ -295,3 +295,36 @@ async def test_urls_inlined_routing_keys_stripped_refused_url_fails(
     # A new override key is pinned once, with no job of ours at the server, before it is first sent.
     pins = [b for b in rec(runtime).bodies("POST", "/sdapi/v1/options") if "eta_noise_seed_delta" in b]
     assert pins == [{"eta_noise_seed_delta": 0}]
+
+
+async def test_a_minimal_a1111_server_without_lists_or_progress() -> None:
+    """Like the benchmark's fake SD WebUI (shared/bench/seed-agent): options, sd-models, txt2img only.
+    Names go as given, progress polls are answered 404 and ignored, the job still runs."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    async def options(_: Request) -> JSONResponse:
+        return JSONResponse({"sd_model_checkpoint": "fake.safetensors [deadbeef]"})
+
+    async def txt2img(request: Request) -> JSONResponse:
+        body = await request.json()
+        info = {"seed": body["seed"], "job_timestamp": "20260101000000"}
+        return JSONResponse(
+            {"images": [base64.b64encode(png()).decode()], "parameters": body, "info": json.dumps(info)}
+        )
+
+    app = Starlette(
+        routes=[Route("/sdapi/v1/options", options), Route("/sdapi/v1/txt2img", txt2img, methods=["POST"])]
+    )
+    srv = ServerThread(app, free_port()).start()
+    recorder = Recorder()
+    rt = make_runtime(srv.url, recorder)
+    try:
+        await rt.start()
+        result = await rt.run(job(sampler="DPM++ 2M Karras"), no_progress)
+        assert result.seed == 9 and size(result.images[0]) == (64, 64)
+        assert recorder.last("/sdapi/v1/txt2img")["sampler_name"] == "DPM++ 2M Karras"
+        assert recorder.count("GET", "/sdapi/v1/samplers") == 1
+    finally:
+        await rt.aclose()
+        srv.stop()

@@ -4,7 +4,8 @@ SD WebUI answers an unknown sampler or scheduler with 200 and an image made with
 (DPM++ 2M, Automatic), so names are checked here first. SD WebUI 1.10 takes a sampler by its exact
 name, optionally followed by a schedule label ("DPM++ 2M Karras"); an alias or a name in other
 case is sent as SD WebUI's own name. Lists are fetched again once before a name is refused, in
-case SD WebUI gained it since (an extension, a new checkpoint).
+case SD WebUI gained it since (an extension, a new checkpoint). A server that lists no samplers
+(``/samplers`` answers 404: not SD WebUI itself) gets names as the task gives them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Lists:
         """Lower-case name or alias → SD WebUI's name."""
         self._schedules: dict[str, str] | None = None
         """Lower-case name, label or alias → label (empty when SD WebUI predates /schedulers)."""
+        self._unlisted = False
+        """The server lists no samplers: names cannot be checked."""
 
     async def title(self, model: str) -> str:
         """The checkpoint title SD WebUI knows ``model`` by (file name, stem or title)."""
@@ -57,7 +60,11 @@ class Lists:
 
     async def _load_samplers(self) -> None:
         samplers: dict[str, str] = {}
-        for item in await self._get("/sdapi/v1/samplers"):
+        try:
+            listed = await self._get("/sdapi/v1/samplers")
+        except Reject:
+            listed, self._unlisted = [], True
+        for item in listed:
             for name in (item["name"], *(item.get("aliases") or [])):
                 samplers[str(name).lower()] = str(item["name"])
         schedules: dict[str, str] = {}
@@ -86,6 +93,8 @@ class Lists:
         for refresh in (False, True):
             if refresh or self._samplers is None:
                 await self._load_samplers()
+            if self._unlisted:
+                return name
             try:
                 base, schedule = self._split(name)
             except KeyError:
@@ -100,6 +109,8 @@ class Lists:
             if refresh or self._schedules is None:
                 await self._load_samplers()
             assert self._schedules is not None
+            if self._unlisted:
+                return name
             label = self._schedules.get(name.strip().lower())
             if label is not None:
                 return label
