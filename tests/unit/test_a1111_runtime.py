@@ -33,6 +33,9 @@ from sdfleet.runtimes.a1111 import A1111Runtime
 from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams, TaskType
 
+# Real servers with diffusers models: minutes on a busy 2-core machine.
+pytestmark = pytest.mark.timeout(600)
+
 
 def png(colour: tuple[int, int, int] = (10, 200, 30), size: tuple[int, int] = (64, 64)) -> bytes:
     buf = io.BytesIO()

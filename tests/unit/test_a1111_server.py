@@ -23,6 +23,9 @@ REAL: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parent.parent / "data" / "webuiapi-0.9.17-sdwebui-1.10.1.json").read_text()
 )
 
+# Real servers with diffusers models: minutes on a busy 2-core machine.
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:

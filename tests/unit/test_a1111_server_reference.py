@@ -56,6 +56,9 @@ TXT2IMG = [
 ]
 IMG2IMG = ["img2img", "img2img data-url", "img2img include_init"]
 
+# Real servers with diffusers models: minutes on a busy 2-core machine.
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:

@@ -17,9 +17,7 @@ base64, so SD WebUI itself never fetches a client's URL.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +28,7 @@ import httpx
 from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
+from sdfleet.runtimes._a1111_answer import result_of, timestamp_of
 from sdfleet.runtimes._a1111_errors import classify
 from sdfleet.runtimes._a1111_flights import Flight, Flights, Snapshot
 from sdfleet.runtimes._a1111_lists import Lists, same_checkpoint
@@ -70,6 +69,7 @@ class A1111Runtime:
         self._pinned: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing = False
 
     @classmethod
     def from_options(
@@ -136,11 +136,11 @@ class A1111Runtime:
         except BaseException:
             self._flights.finish(flight, None)
             raise
-        timestamp = self._timestamp(data)
+        timestamp = timestamp_of(data)
         self._flights.finish(flight, timestamp)
         self._wake.set()  # the next request is the oldest now: check it at once
         self._check(job, flight)
-        result = self._result(job, data)
+        result = result_of(job, data, self._current)
         result.switch_s = switch_s
         await progress(1.0)
         return result
@@ -157,8 +157,9 @@ class A1111Runtime:
                 await self._on_snapshot(snap)
 
     async def aclose(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        self._closing = True
+        self._wake.set()
+        if self._watcher is not None:  # let it end its poll: a request cancelled mid-connect leaks
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self.client.aclose()
@@ -253,7 +254,7 @@ class A1111Runtime:
 
         def done(task: asyncio.Task[Any]) -> None:
             data = None if task.cancelled() or task.exception() is not None else task.result()
-            self._flights.finish(flight, self._timestamp(data))
+            self._flights.finish(flight, timestamp_of(data))
 
         flight.answer.add_done_callback(done)
 
@@ -265,7 +266,7 @@ class A1111Runtime:
 
     async def _watch(self) -> None:
         """While SD WebUI has our jobs: progress to the running one, interrupts where asked."""
-        while self._flights.sent:
+        while self._flights.sent and not self._closing:
             snap = await self._snapshot()
             if snap is not None:
                 await self._on_snapshot(snap)
@@ -343,19 +344,6 @@ class A1111Runtime:
         except ValueError as e:
             raise RuntimeFailure(f"SD WebUI {path} answered non-JSON: {resp.text[:200]}") from e
 
-    @staticmethod
-    def _info(data: Any) -> dict[str, Any]:
-        if isinstance(data, dict) and isinstance(data.get("info"), str):
-            with contextlib.suppress(ValueError):
-                info = json.loads(data["info"])
-                if isinstance(info, dict):
-                    return info
-        return {}
-
-    def _timestamp(self, data: Any) -> str | None:
-        stamp = self._info(data).get("job_timestamp")
-        return str(stamp) if stamp else None
-
     def _check(self, job: Job, flight: Flight) -> None:
         if flight.cancelled:
             raise Interrupted(f"task {job.task_id} interrupted")
@@ -363,18 +351,3 @@ class A1111Runtime:
             # An interrupt (another client's, or ours meant for the job before) reached this job:
             # its images are half-made. Run it again.
             raise RuntimeFailure(f"SD WebUI interrupted task {job.task_id} (not asked by it); retry")
-
-    def _result(self, job: Job, data: Any) -> RuntimeResult:
-        if not isinstance(data, dict):
-            raise RuntimeFailure(f"unexpected SD WebUI answer: {str(data)[:200]}")
-        encoded = data.get("images") or ([data["image"]] if data.get("image") else [])
-        expected = len(job.init_images) if job.type is TaskType.EXTRA_BATCH_IMAGES else 1
-        if len(encoded) < expected:
-            raise RuntimeFailure(
-                f"SD WebUI returned {len(encoded)} image(s), expected {expected} (interrupted?)"
-            )
-        images = [base64.b64decode(i.split(",", 1)[-1]) for i in encoded]
-        info = self._info(data) or ({"html_info": data["html_info"]} if "html_info" in data else {})
-        info["runtime"] = self.name
-        seed = info.get("seed") if job.type in _GENERATE else None
-        return RuntimeResult(images=images, info=info, seed=seed, model=self._current)
