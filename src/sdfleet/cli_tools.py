@@ -99,8 +99,13 @@ def runtime_serve(
     host: str = typer.Option("127.0.0.1", help="Listen address."),
     port: int = typer.Option(7860, help="Listen port (SD WebUI's default)."),
     models_dir: Path | None = typer.Option(None, help="Models directory (default from settings)."),
-    model: str | None = typer.Option(None, help="Checkpoint to load at start."),
+    model: str | None = typer.Option(
+        None, help="Checkpoint to load at start (default: the configured one, else the first in the folder)."
+    ),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    sdwebui_status: bool = typer.Option(
+        False, help="Answer client mistakes with SD WebUI's own status codes (often 500) instead of 4xx."
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """The diffusers runtime behind an AUTOMATIC1111-compatible API (/sdapi/v1/...)."""
@@ -124,7 +129,15 @@ def runtime_serve(
     except SdfleetError as e:
         _fail(e)
         return
-    uvicorn.run(create_app(runtime, catalog), host=host, port=port, log_config=None)
+    flags = {"port": str(port), "server_name": host, "listen": host not in ("127.0.0.1", "localhost")}
+    app = create_app(
+        runtime,
+        catalog,
+        model=model or settings.fleet.models.default,
+        cmd_flags=flags,
+        sdwebui_status=sdwebui_status,
+    )
+    uvicorn.run(app, host=host, port=port, log_config=None)
 
 
 @bench_app.command("list")

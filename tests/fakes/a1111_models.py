@@ -7,8 +7,10 @@ Sources (AUTOMATIC1111/stable-diffusion-webui, read with the search tool):
 - ``modules/processing.py`` @ 0027ce1f6e58c5f4279173e468a60aef420babfe: the ``__init__`` fields of
   ``StableDiffusionProcessing``, ``StableDiffusionProcessingTxt2Img`` and ``...Img2Img`` that the API
   models are generated from (every generated field is ``Optional``; ``Image`` becomes ``str``).
-Newer WebUI versions add fields (``scheduler``, ``hr_scheduler``, ``hr_cfg`` …); a body that passes
-here is accepted by those too. ``extra="forbid"`` and ``strict=True`` make a wrong name or type fail.
+Brought up to SD WebUI 1.10.1 (82a973c0, read from its source): ``scheduler``, ``firstpass_image``,
+``hr_scheduler``, ``mask_round``; the field sets equal the ``parameters`` 1.10.1 echoes
+(tests/data/sdwebui-1.10.1.json, checked in test_a1111_server.py). ``extra="forbid"`` and
+``strict=True`` make a wrong name or type fail.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class _Processing(BaseModel):
     seed_resize_from_h: int | None = -1
     seed_resize_from_w: int | None = -1
     sampler_name: str | None = None
+    scheduler: str | None = None
     batch_size: int | None = 1
     n_iter: int | None = 1
     steps: int | None = 50
@@ -56,6 +59,7 @@ class _Processing(BaseModel):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
     disable_extra_networks: bool | None = False
+    firstpass_image: str | None = None
     comments: dict[str, Any] | None = None
     # additional_fields of both API models
     sampler_index: str = "Euler"
@@ -79,6 +83,7 @@ class StableDiffusionTxt2ImgProcessingAPI(_Processing):
     hr_resize_y: int | None = 0
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
     hr_prompt: str | None = ""
     hr_negative_prompt: str | None = ""
 
@@ -91,6 +96,7 @@ class StableDiffusionImg2ImgProcessingAPI(_Processing):
     mask_blur_x: int | None = 4
     mask_blur_y: int | None = 4
     mask_blur: int | None = None
+    mask_round: bool | None = True
     inpainting_fill: int | None = 0
     inpaint_full_res: bool | None = True
     inpaint_full_res_padding: int | None = 0

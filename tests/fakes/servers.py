@@ -51,11 +51,14 @@ def tiny_catalog(root: Path) -> ModelCatalog:
     return ModelCatalog(root)
 
 
-def a1111_server(root: Path, port: int, default_model: str | None = "tiny-a") -> ServerThread:
-    """``sdfleet runtime serve``'s app on the diffusers runtime (CPU) and two tiny models."""
+def a1111_server(
+    root: Path, port: int, default_model: str | None = "tiny-a", *, sdwebui_status: bool = False
+) -> ServerThread:
+    """``sdfleet runtime serve``'s app on the diffusers runtime (CPU) and two tiny models; with
+    ``sdwebui_status`` it answers client mistakes with SD WebUI's own status codes (500s)."""
     from sdfleet.runtime_server import create_app
     from sdfleet.runtimes.diffusers import DiffusersRuntime
 
     catalog = tiny_catalog(root)
     runtime = DiffusersRuntime(catalog, default_model=default_model, device="cpu")
-    return ServerThread(create_app(runtime, catalog), port).start()
+    return ServerThread(create_app(runtime, catalog, sdwebui_status=sdwebui_status), port).start()

@@ -1,8 +1,8 @@
-"""Request and response bodies of the AUTOMATIC1111-compatible API, with SD WebUI's field names.
+"""Request and response bodies of the AUTOMATIC1111-compatible API, as SD WebUI 1.10.1 declares them.
 
-Written from SD WebUI's ``modules/api/models.py`` and the processing classes its request models are
-generated from (``modules/processing.py``). Unknown fields are kept (``extra="allow"``) and passed to
-the runtime in ``TaskParams.extra``, as SD WebUI ignores what it does not know.
+The generation requests carry every field SD WebUI's ``StableDiffusionProcessing*API`` models have,
+in their order and with their defaults, because the ``parameters`` of an answer echo the request
+exactly as SD WebUI parsed it. Fields SD WebUI does not know are dropped (it ignores them too).
 """
 
 from __future__ import annotations
@@ -12,47 +12,102 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
-class GenerationRequest(_Lenient):
+class GenerationRequest(_Request):
     """What txt2img and img2img share (``StableDiffusionProcessing``)."""
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
     styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0
+    seed: int | None = -1
+    subseed: int | None = -1
+    subseed_strength: float | None = 0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
     sampler_name: str | None = None
-    sampler_index: str = "Euler"
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    batch_size: int | None = 1
+    n_iter: int | None = 1
+    steps: int | None = 50
+    cfg_scale: float | None = 7.0
+    width: int | None = 512
+    height: int | None = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool | None = False
+    do_not_save_grid: bool | None = False
+    eta: float | None = None
     denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
     override_settings: dict[str, Any] | None = None
-    override_settings_restore_afterwards: bool = True
+    override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+
+
+class Txt2ImgRequest(GenerationRequest):
+    enable_hr: bool | None = False
+    firstphase_width: int | None = 0
+    firstphase_height: int | None = 0
+    hr_scale: float | None = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = 0
+    hr_resize_x: int | None = 0
+    hr_resize_y: int | None = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+    force_task_id: str | None = None
+    sampler_index: str = "Euler"
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-
-
-class Txt2ImgRequest(GenerationRequest):
-    enable_hr: bool = False
+    infotext: str | None = None
 
 
 class Img2ImgRequest(GenerationRequest):
+    denoising_strength: float | None = 0.75  # SD WebUI's img2img model declares its own default
     init_images: list[str] | None = None
-    resize_mode: int = 0
+    resize_mode: int | None = 0
+    image_cfg_scale: float | None = None
     mask: str | None = None
+    mask_blur_x: int | None = 4
+    mask_blur_y: int | None = 4
+    mask_blur: int | None = None
+    mask_round: bool | None = True
+    inpainting_fill: int | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    force_task_id: str | None = None
+    sampler_index: str = "Euler"
     include_init_images: bool = False
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+
+
+GenerationBody = Txt2ImgRequest | Img2ImgRequest
+"""A txt2img or img2img request."""
 
 
 class GenerationResponse(BaseModel):
@@ -61,7 +116,7 @@ class GenerationResponse(BaseModel):
     info: str
 
 
-class ExtrasRequest(_Lenient):
+class ExtrasRequest(_Request):
     resize_mode: Literal[0, 1] = 0
     show_extras_results: bool = True
     gfpgan_visibility: float = Field(0, ge=0, le=1)
@@ -100,6 +155,16 @@ class ExtrasBatchImagesResponse(BaseModel):
     images: list[str]
 
 
+class PNGInfoRequest(BaseModel):
+    image: str
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class ProgressResponse(BaseModel):
     progress: float
     eta_relative: float
@@ -122,7 +187,15 @@ class SDModelItem(BaseModel):
 class SamplerItem(BaseModel):
     name: str
     aliases: list[str]
-    options: dict[str, Any]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float
+    need_inner_model: bool
 
 
 class UpscalerItem(BaseModel):
@@ -133,6 +206,18 @@ class UpscalerItem(BaseModel):
     model_path: str | None = None
     model_url: str | None = None
     scale: float | None = None
+
+
+class SDVaeItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    filename: str
+
+
+class MemoryResponse(BaseModel):
+    ram: dict[str, Any]
+    cuda: dict[str, Any]
 
 
 class ScriptsList(BaseModel):

@@ -1,169 +1,183 @@
-"""What the A1111-compatible server keeps between requests: runtime, options, checkpoints, progress."""
+"""What the A1111-compatible server keeps between requests: the runtime, its queue, the loaded
+checkpoint, the settings, and SD WebUI's job state that ``/sdapi/v1/progress`` reports.
+
+One job runs at a time, in arrival order, as behind SD WebUI's ``queue_lock``. ``/interrupt``
+stops the job running at that moment; a job that starts afterwards is not affected (SD WebUI
+clears its interrupt flag when a job begins).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
+import datetime
+import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from sdfleet.errors import NotFound, Reject
-from sdfleet.models.catalog import ModelCatalog, ModelInfo
+from sdfleet.runtime_server.checkpoints import Checkpoints
+from sdfleet.runtime_server.errors import refused
+from sdfleet.runtime_server.options import Options
 from sdfleet.runtimes.base import Job, Runtime, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
-_CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _folder_sha256(path: Path) -> str:
-    """A diffusers folder has no single file to hash: hash its index and the listing of its files."""
-    digest = hashlib.sha256((path / "model_index.json").read_bytes())
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{f.relative_to(path)}\0{f.stat().st_size}\n".encode())
-    return digest.hexdigest()
+class _Loads(Protocol):
+    default_model: str | None
 
 
 @dataclass
-class Checkpoints:
-    """SD WebUI's view of the models: titles ``"<name> [<short hash>]"``, hashes cached per file state."""
+class JobState:
+    """SD WebUI's ``shared.state``, as ``/progress`` reports it."""
 
-    catalog: ModelCatalog
-    _hashes: dict[tuple[str, int, float], str] = field(default_factory=dict)
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    time_start: float = 0.0
 
-    def sha256(self, info: ModelInfo) -> str:
-        stat = info.path.stat()
-        key = (str(info.path), stat.st_size, stat.st_mtime)
-        if key not in self._hashes:
-            hasher = _folder_sha256 if info.kind == "diffusers" else _file_sha256
-            self._hashes[key] = hasher(info.path)
-        return self._hashes[key]
+    def begin(self, job: str, job_count: int, sampling_steps: int) -> None:
+        self.skipped = self.interrupted = self.stopping_generation = False
+        self.job, self.job_count, self.job_no = job, job_count, 0
+        self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        self.sampling_step, self.sampling_steps = 0, sampling_steps
+        self.time_start = time.time()
 
-    def title(self, info: ModelInfo) -> str:
-        return f"{info.name} [{self.sha256(info)[:10]}]"
+    def advance(self, fraction: float) -> None:
+        """A runtime fraction over the whole job → SD WebUI's iteration and step counters."""
+        done = min(max(fraction, 0.0), 1.0) * self.job_count
+        self.job_no = min(self.job_count - 1, int(done))
+        self.sampling_step = min(self.sampling_steps, round((done - self.job_no) * self.sampling_steps))
 
-    def items(self) -> list[dict[str, Any]]:
-        """Blocking (hashes files the first time): call in a thread."""
-        out = []
-        for info in self.catalog.list():
-            sha = self.sha256(info)
-            out.append(
-                {
-                    "title": f"{info.name} [{sha[:10]}]",
-                    "model_name": info.stem,
-                    "hash": sha[:10],
-                    "sha256": sha,
-                    "filename": str(info.path.resolve()),
-                    "config": str(info.config) if info.config else None,
-                }
-            )
+    def end(self, iterations: int) -> None:
+        # SD WebUI moves to the next iteration (step 0) after each one; the step count stays.
+        self.job, self.job_count, self.job_no, self.sampling_step = "", 0, iterations, 0
+
+    def snapshot(self) -> dict[str, Any]:
+        keys = ("skipped", "interrupted", "stopping_generation", "job", "job_count", "job_timestamp")
+        out = {k: getattr(self, k) for k in keys}
+        out.update(job_no=self.job_no, sampling_step=self.sampling_step, sampling_steps=self.sampling_steps)
         return out
 
-    def resolve(self, name: str) -> ModelInfo:
-        """A checkpoint by title, file name or stem; ``Reject`` when there is none."""
-        try:
-            return self.catalog.resolve(name)
-        except NotFound as e:
-            raise Reject(f"model {name!r} not found", code="unknown_model") from e
+    def progress(self) -> dict[str, Any]:
+        """``/progress``'s numbers, by SD WebUI's formula (0.01 as soon as a job runs)."""
+        if self.job_count == 0:
+            return {"progress": 0.0, "eta_relative": 0.0}
+        value = 0.01 + self.job_no / self.job_count
+        if self.sampling_steps > 0:
+            value += self.sampling_step / self.sampling_steps / self.job_count
+        elapsed = time.time() - self.time_start
+        return {"progress": min(value, 1.0), "eta_relative": elapsed / value - elapsed}
 
 
-@dataclass
 class ServerState:
-    runtime: Runtime
-    checkpoints: Checkpoints
-    options: dict[str, Any] = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1})
-    selected: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    job: str = ""
-    job_no: int = 0
-    job_timestamp: str = "0"
-    fraction: float = 0.0
-    sampling_steps: int = 0
-    started_at: float | None = None
-    interrupted: bool = False
+    """The runtime behind the API and everything requests share."""
+
+    def __init__(self, runtime: Runtime, checkpoints: Checkpoints) -> None:
+        self.runtime = runtime
+        self.checkpoints = checkpoints
+        self.options = Options()
+        self.selected: str | None = None
+        """Catalog name of the loaded checkpoint (``sd_model_checkpoint``)."""
+        self.queue = asyncio.Lock()
+        self.state = JobState()
+        self._running: str | None = None
+        self._jobs = 0
 
     async def load(self, name: str) -> str:
-        """Make ``name`` the loaded checkpoint (the runtime loads it now); its catalog name."""
+        """Make ``name`` the loaded checkpoint, after the queued jobs; its catalog name."""
         info = self.checkpoints.resolve(name)
-        async with self.lock:
-            # A runtime loads its default model in start(): the only switch the protocol offers.
-            self.runtime.default_model = info.name  # type: ignore[attr-defined]
-            await self.runtime.start()
-            self.selected = info.name
+        async with self.queue:
+            await self._load_now(info.name)
         return info.name
 
-    def current_title(self) -> str | None:
-        name = self.runtime.loaded_model or self.selected
-        if name is None:
-            return None
-        try:
-            return self.checkpoints.title(self.checkpoints.resolve(name))
-        except (Reject, OSError):
-            return name
+    async def _load_now(self, name: str) -> None:
+        # start() loads the runtime's default model: the only switch the Runtime protocol offers.
+        loads: _Loads = self.runtime  # type: ignore[assignment]
+        loads.default_model = name
+        await self.runtime.start()
+        self.selected = name
+        await asyncio.to_thread(self.checkpoints.hash, self.checkpoints.resolve(name))
 
-    async def run(self, kind: TaskType, params: TaskParams, images: list[bytes]) -> RuntimeResult:
-        """One generation at a time, as SD WebUI's queue lock does; progress is recorded for /progress."""
-        clip = self.options.get("CLIP_stop_at_last_layers")
-        if params.clip_skip == 1 and isinstance(clip, int) and 1 < clip <= 12:
-            params = params.model_copy(update={"clip_skip": clip})
-        async with self.lock:
-            self._begin(kind, params.steps)
+    async def start(self, configured: str | None) -> None:
+        """Load the configured checkpoint, else the first of the folder (as SD WebUI starts)."""
+        loads: _Loads = self.runtime  # type: ignore[assignment]
+        name = configured or getattr(loads, "default_model", None)
+        if name is None:
+            first = self.checkpoints.first()
+            name = first.name if first is not None else None
+        if name is None:
+            log.warning(
+                "no model in %s: the server starts with no checkpoint", self.checkpoints.catalog.models_dir
+            )
+            return
+        await self._load_now(self.checkpoints.resolve(name).name)
+
+    def loaded(self) -> tuple[str | None, str | None]:
+        """(title, full sha256) of the loaded checkpoint, or (None, None)."""
+        if self.selected is None:
+            return None, None
+        try:
+            info = self.checkpoints.resolve(self.selected)
+        except Exception:
+            return self.selected, None
+        return self.checkpoints.title(info), self.checkpoints.known_hash(info)
+
+    async def run(
+        self,
+        kind: TaskType,
+        params: TaskParams,
+        images: list[bytes],
+        *,
+        model: str | None,
+        job: str,
+        iterations: int,
+    ) -> RuntimeResult:
+        """One generation behind the queue; progress is recorded for ``/progress``."""
+        if model is None and self.selected is None:
+            raise refused(422, "no checkpoint is loaded: put a model in the models folder, or POST /options")
+        async with self.queue:
+            self._jobs += 1
+            task_id = f"sdapi-{self._jobs}"
+            self.state.begin(job, iterations, self.sampling_steps(kind, params))
+            self._running = task_id
             try:
-                job = Job(f"sdapi-{self.job_no}", kind, self.selected, params, init_images=images)
-                return await self.runtime.run(job, self._progress)
+                work = Job(task_id, kind, model or self.selected, params, init_images=images)
+                return await self.runtime.run(work, self._progress)
             finally:
-                self._end()
+                self._running = None
+                self.state.end(self.state.job_no + 1)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, job: str, count: int) -> AsyncIterator[JobState]:
+        """The queue, for work this server does itself (extras), with SD WebUI's job state."""
+        async with self.queue:
+            self.state.begin(job, count, 0)
+            try:
+                yield self.state
+            finally:
+                self.state.end(self.state.job_no)
+
+    @staticmethod
+    def sampling_steps(kind: TaskType, params: TaskParams) -> int:
+        if kind is TaskType.IMAGE_TO_IMAGE:  # SD WebUI denoises int(strength × steps) + 1 steps
+            return int(min(params.denoising_strength, 0.999) * params.steps) + 1
+        return params.steps
 
     async def interrupt(self) -> None:
-        if self.job:
-            self.interrupted = True
-            await self.runtime.interrupt(f"sdapi-{self.job_no}")
+        """Stop what runs now, as SD WebUI's ``/interrupt`` does."""
+        self.state.interrupted = True
+        if self._running is not None:
+            await self.runtime.interrupt(self._running)
 
     async def _progress(self, fraction: float) -> None:
-        self.fraction = fraction
-
-    def _begin(self, kind: TaskType, steps: int) -> None:
-        self.job_no += 1
-        self.job = f"{kind.value} {self.job_no}"
-        self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
-        self.fraction = 0.0
-        self.sampling_steps = steps
-        self.started_at = time.monotonic()
-        self.interrupted = False
-
-    def _end(self) -> None:
-        self.job = ""
-        self.started_at = None
-        self.fraction = 0.0
-
-    def progress(self) -> dict[str, Any]:
-        eta = 0.0
-        if self.started_at is not None and self.fraction > 0:
-            elapsed = time.monotonic() - self.started_at
-            eta = elapsed / self.fraction - elapsed
-        return {
-            "progress": self.fraction,
-            "eta_relative": eta,
-            "state": {
-                "skipped": False,
-                "interrupted": self.interrupted,
-                "stopping_generation": False,
-                "job": self.job,
-                "job_count": 1 if self.job else 0,
-                "job_timestamp": self.job_timestamp,
-                "job_no": self.job_no if self.job else 0,
-                "sampling_step": round(self.fraction * self.sampling_steps),
-                "sampling_steps": self.sampling_steps,
-            },
-            "current_image": None,
-            "textinfo": None,
-        }
+        self.state.advance(fraction)

@@ -19,6 +19,11 @@ ENDPOINTS = {
 _EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
 # Keys a job may carry in ``extra`` that SD WebUI must not see.
 _NEVER_SENT = frozenset({"scheduler_hint", "s3_output_path"})
+# Keys of ``extra`` that the built body already carries, merged.
+_BUILT_FROM_EXTRA = frozenset(
+    {"alwayson_scripts", "override_settings", "override_settings_restore_afterwards"}
+)
+CLIP_SKIP = "CLIP_stop_at_last_layers"
 
 Fetch = Callable[[str], Awaitable[bytes]]
 
@@ -41,11 +46,12 @@ def _generation_body(job: Job) -> dict[str, Any]:
     }
     if p.sampler:
         body["sampler_name"] = p.sampler
+    # Every setting the job depends on goes with it, every time, and SD WebUI puts it back after
+    # the job: a setting left behind by one job must not change the next (clip skip 1 included).
     overrides = dict(p.extra.get("override_settings") or {})
-    if p.clip_skip > 1:
-        overrides["CLIP_stop_at_last_layers"] = p.clip_skip
-    if overrides:
-        body["override_settings"] = overrides
+    overrides[CLIP_SKIP] = p.clip_skip
+    body["override_settings"] = overrides
+    body["override_settings_restore_afterwards"] = True
     scripts = p.extra.get("alwayson_scripts") or {}
     body["alwayson_scripts"] = {k: v for k, v in scripts.items() if k not in ROUTING_KEYS}
     if job.type is TaskType.IMAGE_TO_IMAGE:
@@ -55,8 +61,11 @@ def _generation_body(job: Job) -> dict[str, Any]:
 
 
 def _extras_body(job: Job) -> dict[str, Any]:
+    """What the task says, no more: SD WebUI's defaults (upscaler "None") leave the image as it is."""
     p = job.params
-    body: dict[str, Any] = {"upscaling_resize": p.upscaling_resize, "upscaler_1": p.upscaler or "Lanczos"}
+    body: dict[str, Any] = {"upscaling_resize": p.upscaling_resize}
+    if p.upscaler:
+        body["upscaler_1"] = p.upscaler
     if job.type is TaskType.EXTRA_SINGLE_IMAGE:
         body["image"] = b64(job.init_images[0]) if job.init_images else ""
     else:
@@ -76,7 +85,7 @@ def build_body(job: Job) -> dict[str, Any]:
     passthrough = {
         k: v
         for k, v in job.params.extra.items()
-        if k not in built and k not in _NEVER_SENT and k not in ("alwayson_scripts", "override_settings")
+        if k not in built and k not in _NEVER_SENT and k not in _BUILT_FROM_EXTRA
     }
     return {**passthrough, **built}
 

@@ -1,21 +1,26 @@
 """The ``a1111`` runtime: the seed's path, a running SD WebUI (AUTOMATIC1111) over its HTTP API.
 
-Checkpoints switch through ``POST /sdapi/v1/options`` only when the job's differs from the loaded one;
-progress is polled from ``/sdapi/v1/progress`` while a call runs; ``interrupt()`` posts
-``/sdapi/v1/interrupt``. Input image URLs anywhere in the body go through the agent's guarded
-fetcher and are sent inline as base64, so SD WebUI itself never fetches a client's URL.
+Two jobs may be in flight (``max_in_flight = 2``): while SD WebUI runs one, the next already waits
+in its queue, so the GPU does not idle between requests. Requests leave in ``run()`` order, each
+only once the previous one's body is sent, so SD WebUI queues them in that order. A job for another
+checkpoint waits until SD WebUI has none of our jobs, then switches (``POST /options``).
+
+Progress is polled from ``/sdapi/v1/progress`` and goes to the job SD WebUI is running, and
+``interrupt()`` stops the right one: ``/sdapi/v1/interrupt`` when it runs; a job still queued at SD
+WebUI is interrupted the moment it starts (SD WebUI cannot drop a queued request); one not yet sent
+is never sent. It never interrupts a job it did not start (see ``_a1111_flights``).
+
+Input image URLs anywhere in the body go through the agent's guarded fetcher and are sent inline as
+base64, so SD WebUI itself never fetches a client's URL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -23,38 +28,24 @@ import httpx
 from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
-from sdfleet.runtimes._a1111_payload import ENDPOINTS, build_body, inline_urls
+from sdfleet.runtimes._a1111_answer import result_of, timestamp_of
+from sdfleet.runtimes._a1111_errors import classify
+from sdfleet.runtimes._a1111_flights import Flight, Flights, Snapshot
+from sdfleet.runtimes._a1111_lists import Lists, same_checkpoint
+from sdfleet.runtimes._a1111_payload import CLIP_SKIP, ENDPOINTS, build_body, inline_urls
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
 _TEXT_KEYS = ("prompt", "negative_prompt")
-
-
-def _message(resp: httpx.Response) -> str:
-    """SD WebUI's own words: ``detail`` / ``errors`` of its error body, else the text."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return resp.text[:500]
-    if isinstance(body, dict):
-        detail = body.get("detail") or body.get("errors") or body.get("error")
-        return detail if isinstance(detail, str) else json.dumps(detail)[:500]
-    return str(body)[:500]
-
-
-def _matches(name: str, item: Mapping[str, Any]) -> bool:
-    bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name
-    filename = Path(str(item.get("filename", ""))).name
-    candidates = {str(item.get("title", "")), str(item.get("model_name", "")), filename, Path(filename).stem}
-    return name in candidates or bare in candidates or Path(bare).stem in candidates
+_GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 
 
 class A1111Runtime:
     """Runs jobs on an SD WebUI reached through ``client`` (its ``base_url`` is the WebUI's root)."""
 
     name = "a1111"
-    max_in_flight = 1
+    max_in_flight = 2
 
     def __init__(
         self,
@@ -72,10 +63,13 @@ class A1111Runtime:
         self.poll_s = poll_s
         self.switches = 0
         self._current: str | None = None
-        self._models: list[dict[str, Any]] = []
-        self._lock = asyncio.Lock()
-        self._interrupted = False
-        self._running: str | None = None
+        self._lists = Lists(lambda path: self._call("GET", path))
+        self._flights = Flights()
+        self._order = asyncio.Lock()
+        self._pinned: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
 
     @classmethod
     def from_options(
@@ -91,10 +85,9 @@ class A1111Runtime:
         ``allow_private_inputs``."""
         url = str(options.get("url", "http://127.0.0.1:7860")).rstrip("/")
         timeout = httpx.Timeout(float(options.get("timeout_s", 600)), connect=10.0)
-        fetcher = fetcher_from_options(options)
         return cls(
             httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False),
-            fetcher=fetcher,
+            fetcher=fetcher_from_options(options),
             default_model=default_model,
             ready_timeout_s=float(options.get("ready_timeout_s", 300)),
             poll_s=float(options.get("poll_s", 0.5)),
@@ -106,7 +99,8 @@ class A1111Runtime:
         return self._current
 
     async def start(self) -> None:
-        """Wait until the WebUI answers (backoff up to ``ready_timeout_s``), then load the default model."""
+        """Wait until the WebUI answers (backoff up to ``ready_timeout_s``), pin the settings jobs
+        override (so that SD WebUI restores them), then load the default model."""
         deadline = time.monotonic() + self.ready_timeout_s
         delay = 0.1
         while True:
@@ -119,9 +113,10 @@ class A1111Runtime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._current = options.get("sd_model_checkpoint")
-        if self.default_model is not None:
-            async with self._lock:
-                await self._switch(self.default_model)
+        async with self._order:
+            await self._pin({CLIP_SKIP}, options)
+            if self.default_model is not None:
+                await self._switch(await self._lists.title(self.default_model))
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
@@ -129,39 +124,198 @@ class A1111Runtime:
         if endpoint is None:
             raise Reject(f"the a1111 runtime cannot run {job.type.value!r} tasks", code="unsupported_task")
         body = await self._body(job)
-        async with self._lock:
-            self._interrupted = False
-            self._running = job.task_id
-            try:
-                t0 = time.perf_counter()
-                switched = job.model is not None and await self._switch(job.model)
-                switch_s = time.perf_counter() - t0 if switched else 0.0
-                data = await self._call_with_progress(f"/sdapi/v1/{endpoint}", body, progress)
-            finally:
-                self._running = None
-        if self._interrupted:
-            raise Interrupted(f"task {job.task_id} interrupted")
-        result = self._result(job, data)
+        flight = Flight(job.task_id, job.type, progress)
+        self._flights.waiting.append(flight)
+        try:
+            switch_s = await self._send(job, f"/sdapi/v1/{endpoint}", body, flight)
+            assert flight.answer is not None
+            data = await asyncio.shield(flight.answer)
+        except asyncio.CancelledError:
+            self._abandon(flight)
+            raise
+        except BaseException:
+            self._flights.finish(flight, None)
+            raise
+        timestamp = timestamp_of(data)
+        self._flights.finish(flight, timestamp)
+        self._wake.set()  # the next request is the oldest now: check it at once
+        self._check(job, flight)
+        result = result_of(job, data, self._current)
         result.switch_s = switch_s
         await progress(1.0)
         return result
 
     async def interrupt(self, task_id: str | None = None) -> None:
-        """Ask the WebUI to stop the job of ``task_id`` (None: ours, whichever it is); its ``run``
-        raises ``Interrupted``. Nothing is sent unless one of our jobs is running."""
-        if self._running is None or task_id not in (None, self._running):
-            return
-        self._interrupted = True
-        with contextlib.suppress(RuntimeFailure, Reject):
-            await self._call("POST", "/sdapi/v1/interrupt")
+        """Stop the job of ``task_id`` (None: all of ours); its ``run`` raises ``Interrupted``.
+        Nothing is sent to SD WebUI unless one of our jobs is the one it is running."""
+        targets = [f for f in self._flights.all() if task_id is None or f.task_id == task_id]
+        for flight in targets:
+            flight.cancel()
+        if any(f.sent for f in targets):
+            snap = await self._snapshot()
+            if snap is not None:
+                await self._on_snapshot(snap)
 
     async def aclose(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._watcher is not None:  # let it end its poll: a request cancelled mid-connect leaks
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.client.aclose()
         if self.fetcher is not None:
             await self.fetcher.aclose()
 
+    # --- sending ---------------------------------------------------------------------------------
+
+    async def _send(self, job: Job, path: str, body: dict[str, Any], flight: Flight) -> float:
+        """Send in ``run()`` order, after a switch if the job needs one; seconds spent switching.
+        The request's task is ``flight.answer``."""
+        await self._until(flight, self._order.acquire(), undo=self._order.release)
+        try:
+            switch_s = await self._prepare(job, body, flight)
+            before = await self._snapshot()
+            self._flights.mark_sent(flight, before)
+            self._ensure_watcher()
+            sent = asyncio.Event()
+
+            async def trace(name: str, _: Any) -> None:
+                if name == "http11.send_request_body.complete":
+                    sent.set()
+
+            flight.answer = asyncio.create_task(self._call("POST", path, body, trace=trace))
+            flight.answer.add_done_callback(lambda _: sent.set())
+            await sent.wait()  # SD WebUI has the whole request before the next one leaves
+        finally:
+            self._order.release()
+        return switch_s
+
+    async def _until(
+        self, flight: Flight, step: Awaitable[Any], undo: Callable[[], Any] | None = None
+    ) -> None:
+        """Wait for ``step`` unless ``flight`` is cancelled first (then ``Interrupted``; ``undo``
+        reverts a step that completed anyway)."""
+        work = asyncio.ensure_future(step)
+        stop = asyncio.ensure_future(flight.stopped.wait())
+        try:
+            done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work in done:
+            work.result()
+            return
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        if undo is not None and not work.cancelled() and work.exception() is None:
+            undo()
+        raise Interrupted(f"task {flight.task_id} interrupted before it was sent")
+
+    async def _prepare(self, job: Job, body: dict[str, Any], flight: Flight) -> float:
+        """Switch checkpoint and pin new override keys, with none of our jobs at SD WebUI; seconds
+        spent switching (0 when the checkpoint stays: only a real switch counts as one)."""
+        title = await self._lists.title(job.model) if job.model is not None else None
+        keys = set(body.get("override_settings") or {}) - self._pinned - {"sd_model_checkpoint"}
+        if flight.cancelled:
+            raise Interrupted(f"task {flight.task_id} interrupted before it was sent")
+        if (title is None or same_checkpoint(title, self._current)) and not keys:
+            return 0.0
+        await self._until(flight, self._flights.drained())
+        if keys:
+            await self._pin(keys, await self._call("GET", "/sdapi/v1/options"))
+        if title is None or same_checkpoint(title, self._current):
+            return 0.0  # pinning settings is no model switch
+        t0 = time.perf_counter()
+        await self._switch(title)
+        return time.perf_counter() - t0
+
+    async def _switch(self, title: str) -> None:
+        if same_checkpoint(title, self._current):
+            return
+        log.info("switching SD WebUI checkpoint %s -> %s", self._current, title)
+        await self._call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": title})
+        self._current = title
+        self.switches += 1
+
+    async def _pin(self, keys: set[str], options: Mapping[str, Any]) -> None:
+        """Write the current value of settings that jobs override. SD WebUI restores an overridden
+        setting after a job only if it is in its saved settings; on a fresh install it is not, and
+        one job's override would stay for every later job (and other clients')."""
+        known = {k: options[k] for k in keys if k in options}
+        if known:
+            await self._call("POST", "/sdapi/v1/options", known)
+        self._pinned |= keys
+
+    def _abandon(self, flight: Flight) -> None:
+        """``run()`` was cancelled: SD WebUI may still have the request; stop it, forget it when it ends."""
+        flight.cancel()
+        self._wake.set()
+        if flight.answer is None:
+            self._flights.finish(flight, None)
+            return
+
+        def done(task: asyncio.Task[Any]) -> None:
+            data = None if task.cancelled() or task.exception() is not None else task.result()
+            self._flights.finish(flight, timestamp_of(data))
+
+        flight.answer.add_done_callback(done)
+
+    # --- watching --------------------------------------------------------------------------------
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """While SD WebUI has our jobs: progress to the running one, interrupts where asked."""
+        while self._flights.sent and not self._closing:
+            snap = await self._snapshot()
+            if snap is not None:
+                await self._on_snapshot(snap)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+
+    async def _on_snapshot(self, snap: Snapshot) -> None:
+        flight = self._flights.running(snap)
+        if flight is None:
+            return
+        if snap.interrupted and not flight.cancelled:
+            flight.hit = True  # SD WebUI clears the flag when a job begins: this job was stopped
+            return
+        if flight.cancelled:
+            if flight.interruptible and not flight.interrupt_sent:
+                flight.interrupt_sent = True
+                with contextlib.suppress(RuntimeFailure, Reject):
+                    await self._call("POST", "/sdapi/v1/interrupt")
+                after = await self._snapshot()  # if the job ended meanwhile, it hit the next one
+                if after is not None:
+                    await self._on_snapshot(after)
+            return
+        value = min(snap.progress, 0.99)
+        if value > flight.reported:
+            flight.reported = value
+            try:
+                await flight.progress(value)
+            except Exception:
+                log.warning("progress callback failed", exc_info=True)
+
+    async def _snapshot(self) -> Snapshot | None:
+        try:
+            data = await self._call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"})
+        except (RuntimeFailure, Reject) as e:
+            log.debug("progress poll failed: %s", e)
+            return None
+        return Snapshot.parse(data)
+
+    # --- bodies and answers ----------------------------------------------------------------------
+
     async def _body(self, job: Job) -> dict[str, Any]:
         body = build_body(job)
+        if job.type in _GENERATE and body.get("sampler_name"):
+            body["sampler_name"] = await self._lists.sampler(str(body["sampler_name"]))
+        if job.type in _GENERATE and body.get("scheduler"):
+            body["scheduler"] = await self._lists.scheduler(str(body["scheduler"]))
         try:
             return {k: v if k in _TEXT_KEYS else await inline_urls(v, self._fetch) for k, v in body.items()}
         except InputFetchError as e:
@@ -172,76 +326,30 @@ class A1111Runtime:
             raise InputFetchError(f"no input fetcher: cannot fetch {url}", code="url_refused")
         return await self.fetcher.fetch(url)
 
-    async def _switch(self, model: str) -> bool:
-        """True when SD WebUI loaded another checkpoint (the lookup alone is no switch)."""
-        title = await self._title(model)
-        if title == self._current:
-            return False
-        log.info("switching SD WebUI checkpoint %s -> %s", self._current, title)
-        await self._call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": title})
-        self._current = title
-        self.switches += 1
-        return True
-
-    async def _title(self, model: str) -> str:
-        for refresh in (False, True):
-            if refresh or not self._models:
-                self._models = await self._call("GET", "/sdapi/v1/sd-models")
-            found = next((m for m in self._models if _matches(model, m)), None)
-            if found is not None:
-                return str(found["title"])
-        raise Reject(f"SD WebUI has no checkpoint {model!r}", code="unknown_model")
-
-    async def _call_with_progress(self, path: str, body: dict[str, Any], progress: ProgressFn) -> Any:
-        poller = asyncio.create_task(self._poll(progress))
-        try:
-            return await self._call("POST", path, body)
-        finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-
-    async def _poll(self, progress: ProgressFn) -> None:
-        last = 0.0
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                state = await self._call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"})
-                value = float(state.get("progress") or 0.0)
-            except (RuntimeFailure, Reject, ValueError, AttributeError) as e:
-                log.debug("progress poll failed: %s", e)
-                continue
-            if value > last:
-                last = value
-                await progress(min(value, 0.99))
-
     async def _call(
-        self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        trace: Any = None,
     ) -> Any:
+        extensions = {"trace": trace} if trace is not None else None
         try:
-            resp = await self.client.request(method, path, json=body, params=params)
+            resp = await self.client.request(method, path, json=body, params=params, extensions=extensions)
         except httpx.TransportError as e:
             raise RuntimeFailure(f"SD WebUI unreachable at {self.client.base_url}: {e!r}") from e
-        if resp.status_code >= 500:
-            raise RuntimeFailure(f"SD WebUI {path} failed ({resp.status_code}): {_message(resp)}")
         if resp.status_code >= 400:
-            raise Reject(f"SD WebUI refused {path} ({resp.status_code}): {_message(resp)}", code="rejected")
+            raise classify(path, resp)
         try:
             return resp.json()
         except ValueError as e:
             raise RuntimeFailure(f"SD WebUI {path} answered non-JSON: {resp.text[:200]}") from e
 
-    def _result(self, job: Job, data: Any) -> RuntimeResult:
-        if not isinstance(data, dict):
-            raise RuntimeFailure(f"unexpected SD WebUI answer: {str(data)[:200]}")
-        encoded = data.get("images") or ([data["image"]] if data.get("image") else [])
-        if not encoded:
-            raise RuntimeFailure("SD WebUI returned no images (interrupted from elsewhere?)")
-        images = [base64.b64decode(i.split(",", 1)[-1]) for i in encoded]
-        info: dict[str, Any] = {"html_info": data["html_info"]} if "html_info" in data else {}
-        if isinstance(data.get("info"), str):
-            with contextlib.suppress(ValueError):
-                info = json.loads(data["info"])
-        info["runtime"] = self.name
-        seed = info.get("seed") if job.type in (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE) else None
-        return RuntimeResult(images=images, info=info, seed=seed, model=self._current)
+    def _check(self, job: Job, flight: Flight) -> None:
+        if flight.cancelled:
+            raise Interrupted(f"task {job.task_id} interrupted")
+        if flight.hit:
+            # An interrupt (another client's, or ours meant for the job before) reached this job:
+            # its images are half-made. Run it again.
+            raise RuntimeFailure(f"SD WebUI interrupted task {job.task_id} (not asked by it); retry")

@@ -1,0 +1,159 @@
+"""txt2img and img2img: an SD WebUI request → a runtime job → SD WebUI's answer.
+
+The server settles what SD WebUI settles before sampling (sampler and schedule, seeds and subseeds,
+the model, clip skip) so that ``info`` is complete even when a job is interrupted. Sizes that are
+not a multiple of 8 run at the size rounded down, and are reported as asked, as in SD WebUI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import random
+from typing import Any
+
+from sdfleet.errors import Interrupted
+from sdfleet.runtime_server import infotext, pnginfo
+from sdfleet.runtime_server.errors import invalid_image, refused
+from sdfleet.runtime_server.infotext import Generation
+from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
+from sdfleet.runtime_server.samplers import resolve
+from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
+from sdfleet.runtime_server.state import ServerState
+from sdfleet.tasks import TaskParams, TaskType
+
+_MAX_IMAGES = 16
+
+
+def decode_image_field(text: str) -> bytes:
+    """An image field as SD WebUI reads it: base64 or a ``data:image/...;base64,`` URL. This server
+    does not fetch URLs (SD WebUI's ``api_enable_requests`` off), and says so in SD WebUI's words."""
+    if text.startswith(("http://", "https://")):
+        raise refused(400, "Requests not allowed", sdwebui=500)
+    if text.startswith("data:image/"):
+        text = text.split(";", 1)[-1].split(",", 1)[-1]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise invalid_image() from e
+
+
+def _unsupported(req: GenerationBody) -> str | None:
+    """What this server cannot do that the request turns on, if anything."""
+    checks: list[tuple[bool, str]] = [
+        (bool(req.restore_faces), "restore_faces (face restoration)"),
+        (bool(req.tiling), "tiling"),
+        ((req.subseed_strength or 0) > 0, "subseed_strength (variation seeds)"),
+        (bool(req.refiner_checkpoint), "refiner_checkpoint"),
+        (bool(req.script_name), f"script {req.script_name!r}"),
+        (isinstance(req, Txt2ImgRequest) and bool(req.enable_hr), "enable_hr (hires fix)"),
+        (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
+    ]
+    return next((what for on, what in checks if on), None)
+
+
+def _check(req: GenerationBody) -> None:
+    what = _unsupported(req)
+    if what is not None:
+        raise refused(422, f"{what} is not available on this server")
+    for name in req.alwayson_scripts:  # SD WebUI's words for a script it does not have
+        raise refused(422, f"always on script {name} not found")
+    if (req.width or 0) < 8 or (req.height or 0) < 8:
+        raise refused(422, f"width and height must be at least 8, not {req.width}x{req.height}", sdwebui=500)
+    if (req.steps or 0) < 1:
+        raise refused(422, f"steps must be at least 1, not {req.steps}", sdwebui=500)
+    if (req.batch_size or 0) < 1 or (req.n_iter or 0) < 1:
+        raise refused(422, "batch_size and n_iter must be at least 1")
+    if (req.batch_size or 1) * (req.n_iter or 1) > _MAX_IMAGES:
+        raise refused(422, f"batch_size × n_iter is at most {_MAX_IMAGES} images on this server")
+
+
+def _random_seed(value: int | None) -> int:
+    # SD WebUI draws from randrange(4294967294) for -1 (and for None).
+    return random.randrange(4294967294) if value is None or value == -1 else int(value)
+
+
+def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None, int]:
+    overrides = req.override_settings or {}
+    model = state.selected
+    wanted = overrides.get("sd_model_checkpoint")
+    if isinstance(wanted, str) and wanted:
+        model = state.checkpoints.resolve(wanted).name
+    clip = overrides.get(CLIP_SKIP)
+    return model, clip_skip_value(clip) if clip is not None else state.options.clip_skip()
+
+
+def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, images: int) -> TaskParams:
+    fields: dict[str, Any] = {
+        "prompt": req.prompt or "",
+        "negative_prompt": req.negative_prompt or "",
+        "steps": req.steps,
+        "width": (req.width or 0) // 8 * 8,
+        "height": (req.height or 0) // 8 * 8,
+        "cfg_scale": req.cfg_scale,
+        "sampler": runtime_sampler,
+        "seed": seed,
+        "batch_size": images,
+        "clip_skip": clip,
+    }
+    if isinstance(req, Img2ImgRequest):
+        fields["denoising_strength"] = req.denoising_strength
+    try:
+        return TaskParams.model_validate(fields)
+    except ValueError as e:
+        raise refused(422, str(e).replace("\n", " ")) from e
+
+
+async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, TaskParams, str | None]:
+    """The run's generation record, the runtime's parameters and the model; refuses first."""
+    _check(req)
+    sampler = resolve(req.sampler_name or req.sampler_index, req.scheduler)
+    model, clip = _model_and_clip(state, req)
+    images = (req.batch_size or 1) * (req.n_iter or 1)
+    seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
+    params = _params(req, sampler.runtime_key, seed, clip, images)
+    info = state.checkpoints.resolve(model) if model else None
+    sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
+    gen = Generation(
+        request=req,
+        sampler=sampler,
+        seeds=[seed + i for i in range(images)],
+        subseeds=[subseed + i for i in range(images)],
+        model_name=info.stem if info else None,
+        model_hash=sha[:10] if sha else None,
+        clip_skip=clip,
+        job_timestamp="0",
+        options=state.options,
+    )
+    return gen, params, model
+
+
+async def generate(state: ServerState, req: GenerationBody, init_images: list[bytes]) -> dict[str, Any]:
+    """Run a txt2img/img2img request; SD WebUI's answer (200 with what was made, also when interrupted)."""
+    gen, params, model = await prepare(state, req)
+    kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+    job = "scripts_img2img" if kind is TaskType.IMAGE_TO_IMAGE else "scripts_txt2img"
+    pngs: list[bytes] = []
+    try:
+        result = await state.run(kind, params, init_images, model=model, job=job, iterations=req.n_iter or 1)
+        pngs = result.images
+    except Interrupted:
+        pass  # SD WebUI answers 200 with what it has; the runtime hands back no partial images
+    finally:
+        gen.job_timestamp = state.state.job_timestamp
+    texts = [infotext.infotext(gen, i) for i in range(len(gen.seeds))]
+    keep_text = bool(state.options["enable_pnginfo"])
+    images = [
+        base64.b64encode(pnginfo.with_text(png, {"parameters": t} if keep_text else {})).decode("ascii")
+        for png, t in zip(pngs, texts, strict=False)
+    ]
+    parameters = req.model_dump()
+    if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+        parameters["init_images"] = parameters["mask"] = None
+    return {
+        "images": images if req.send_images else [],
+        "parameters": parameters,
+        "info": json.dumps(infotext.info(gen, texts)),
+    }

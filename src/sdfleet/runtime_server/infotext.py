@@ -1,0 +1,126 @@
+"""What SD WebUI says about a generation: the ``info`` JSON of an answer and each image's infotext.
+
+Field for field as SD WebUI 1.10's ``Processed.js()`` and ``create_infotext`` write them, for the
+features this server has (no hires fix, face restoration, variation seeds or VAE choice, which
+requests cannot turn on here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdfleet import __version__
+from sdfleet.runtime_server.options import Options
+from sdfleet.runtime_server.samplers import Resolved
+from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest
+
+VERSION = f"sdfleet-{__version__}"
+"""What ``info.version`` and the infotexts' ``Version`` say: this server, not an SD WebUI release."""
+
+
+@dataclass
+class Generation:
+    """One txt2img/img2img request as run: what its info and infotexts are made of."""
+
+    request: GenerationBody
+    sampler: Resolved
+    seeds: list[int]
+    subseeds: list[int]
+    model_name: str | None
+    model_hash: str | None
+    clip_skip: int
+    job_timestamp: str
+    options: Options
+    extra: dict[str, Any] = field(default_factory=dict)
+    """``extra_generation_params``: the schedule used, img2img's denoising strength."""
+
+    def __post_init__(self) -> None:
+        if self.sampler.schedule_param is not None:
+            self.extra["Schedule type"] = self.sampler.schedule_param
+        if isinstance(self.request, Img2ImgRequest):
+            self.extra["Denoising strength"] = self.request.denoising_strength
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt or ""
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.request.negative_prompt or ""
+
+
+def quote(value: Any) -> Any:
+    """An infotext value, JSON-quoted when it holds a comma, colon or newline (as SD WebUI does)."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return value
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _parameters(gen: Generation, index: int) -> dict[str, Any]:
+    r, opts = gen.request, gen.options
+    params: dict[str, Any] = {
+        "Steps": r.steps,
+        "Sampler": gen.sampler.sampler,
+        "Schedule type": gen.sampler.schedule_label,
+        "CFG scale": r.cfg_scale,
+        "Image CFG scale": getattr(r, "image_cfg_scale", None),
+        "Seed": gen.seeds[index],
+        "Size": f"{r.width}x{r.height}",
+        "Model hash": gen.model_hash if opts["add_model_hash_to_info"] else None,
+        "Model": gen.model_name if opts["add_model_name_to_info"] else None,
+        "Denoising strength": gen.extra.get("Denoising strength"),
+        "Clip skip": gen.clip_skip if gen.clip_skip > 1 else None,
+        **gen.extra,
+        "Version": VERSION if opts["add_version_to_infotext"] else None,
+    }
+    return params
+
+
+def infotext(gen: Generation, index: int) -> str:
+    """The ``parameters`` text of image ``index``."""
+    params = _parameters(gen, index)
+    text = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {gen.negative_prompt}" if gen.negative_prompt else ""
+    return f"{gen.prompt}{negative}\n{text}".strip()
+
+
+def info(gen: Generation, infotexts: list[str]) -> dict[str, Any]:
+    """``Processed.js()``: the ``info`` of a txt2img/img2img answer, before JSON encoding."""
+    r, n = gen.request, len(gen.seeds)
+    return {
+        "prompt": gen.prompt,
+        "all_prompts": [gen.prompt] * n,
+        "negative_prompt": gen.negative_prompt,
+        "all_negative_prompts": [gen.negative_prompt] * n,
+        "seed": gen.seeds[0],
+        "all_seeds": gen.seeds,
+        "subseed": gen.subseeds[0],
+        "all_subseeds": gen.subseeds,
+        "subseed_strength": r.subseed_strength,
+        "width": r.width,
+        "height": r.height,
+        "sampler_name": gen.sampler.sampler,
+        "cfg_scale": r.cfg_scale,
+        "steps": r.steps,
+        "batch_size": r.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": gen.model_name,
+        "sd_model_hash": gen.model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": r.seed_resize_from_w,
+        "seed_resize_from_h": r.seed_resize_from_h,
+        "denoising_strength": r.denoising_strength,
+        "extra_generation_params": gen.extra,
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": list(r.styles or []),
+        "job_timestamp": gen.job_timestamp,
+        "clip_skip": gen.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": VERSION,
+    }

@@ -1,0 +1,134 @@
+"""The ``/sdapi/v1`` endpoints that list, configure and watch: options, models, samplers,
+schedulers, upscalers, flags, memory, progress, interrupt."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+
+from sdfleet.runtime_server import extras, samplers
+from sdfleet.runtime_server import schemas as S
+from sdfleet.runtime_server.options import cmd_flags_template
+from sdfleet.runtime_server.routes import server
+
+router = APIRouter(prefix="/sdapi/v1")
+
+
+@router.get("/progress", response_model=S.ProgressResponse)
+async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    job = server(request).state
+    # No live preview: the runtime reports a fraction, not the latents SD WebUI decodes one from.
+    return {**job.progress(), "state": job.snapshot(), "current_image": None, "textinfo": None}
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request) -> dict[str, Any]:
+    await server(request).interrupt()
+    return {}
+
+
+@router.post("/skip")
+async def skip(request: Request) -> None:
+    server(request).state.skipped = True
+
+
+@router.get("/options")
+async def get_options(request: Request) -> dict[str, Any]:
+    state = server(request)
+    title, sha = state.loaded()
+    return state.options.listing(title, sha)
+
+
+@router.post("/options")
+async def set_options(request: Request, body: Annotated[dict[str, Any], Body()]) -> None:
+    state = server(request)
+    state.options.check(body)
+    checkpoint = body.pop("sd_model_checkpoint", None)
+    if isinstance(checkpoint, str) and checkpoint:
+        await state.load(checkpoint)
+    state.options.update(body)
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(request: Request) -> dict[str, Any]:
+    flags = cmd_flags_template()
+    flags.update(request.app.state.cmd_flags)
+    return flags
+
+
+@router.get("/sd-models", response_model=list[S.SDModelItem])
+async def sd_models(request: Request) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(server(request).checkpoints.items)
+
+
+@router.post("/refresh-checkpoints")
+async def refresh_checkpoints() -> None:
+    return None  # the catalog reads the models folder on every call
+
+
+@router.get("/sd-vae", response_model=list[S.SDVaeItem])
+async def sd_vae() -> list[dict[str, Any]]:
+    return []  # no separate VAE files: each model uses its own
+
+
+@router.get("/samplers", response_model=list[S.SamplerItem])
+async def sampler_list() -> list[dict[str, Any]]:
+    return samplers.sampler_items()
+
+
+@router.get("/schedulers", response_model=list[S.SchedulerItem])
+async def scheduler_list() -> list[dict[str, Any]]:
+    return samplers.schedule_items()
+
+
+@router.get("/upscalers", response_model=list[S.UpscalerItem])
+async def upscalers() -> list[dict[str, Any]]:
+    # SD WebUI reports its built-in upscalers with scale 4.0.
+    return [{"name": name, "scale": 4.0} for name in extras.UPSCALERS]
+
+
+@router.get("/scripts", response_model=S.ScriptsList)
+async def scripts() -> dict[str, Any]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/memory", response_model=S.MemoryResponse)
+async def memory() -> dict[str, Any]:
+    return {"ram": _ram(), "cuda": _cuda()}
+
+
+def _ram() -> dict[str, Any]:
+    """As SD WebUI reports it: this process's resident memory and the machine's total."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = float(page * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[1]) * page
+    except OSError:
+        used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"free": total - used, "used": used, "total": total}
+
+
+def _cuda() -> dict[str, Any]:
+    torch: Any = sys.modules.get("torch")  # imported by the diffusers runtime, not by this module
+    if torch is None or not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info()
+    s = torch.cuda.memory_stats()
+
+    def pair(name: str) -> dict[str, int]:
+        return {"current": s.get(f"{name}.all.current", 0), "peak": s.get(f"{name}.all.peak", 0)}
+
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": pair("active_bytes"),
+        "allocated": pair("allocated_bytes"),
+        "reserved": pair("reserved_bytes"),
+        "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)},
+    }

@@ -1,0 +1,63 @@
+"""``sdfleet runtime serve`` as a person starts it: a subprocess, no model named, a client's first
+txt2img answered with an image (SD WebUI starts with a checkpoint loaded), stopped by PID."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import free_port
+from sdfleet.models.tiny import make_tiny
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_runtime_serve_starts_with_the_first_model_loaded(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    make_tiny(models, "b-second", seed=1)
+    make_tiny(models, "a-first", seed=0)
+    config = tmp_path / "sdfleet.yaml"
+    config.write_text(yaml.safe_dump({"models": {"dir": str(models)}}))  # no models.default
+    port = free_port()
+    env = {**os.environ, "SDFLEET_DATA_DIR": str(tmp_path / "data")}
+    args = ["runtime", "serve", "-c", str(config), "--port", str(port), "--device", "cpu", "--sdwebui-status"]
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet", *args], env=env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/sdapi/v1"
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # the server answers once its lifespan has loaded a checkpoint
+            try:
+                options = httpx.get(f"{url}/options", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    proc.stderr.read() if proc.stderr else ""
+                )
+                time.sleep(0.2)
+        assert options["sd_model_checkpoint"].startswith("a-first [")
+        answer = httpx.post(
+            f"{url}/txt2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64}, timeout=120
+        )
+        assert answer.status_code == 200
+        assert Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).size == (64, 64)
+        flags = httpx.get(f"{url}/cmd-flags").json()
+        assert (flags["port"], flags["ckpt_dir"]) == (str(port), str(models))
+        bad = httpx.post(f"{url}/extra-single-image", json={"image": "", "upscaler_1": "Lanczos"})
+        assert bad.status_code == 500 and bad.json()["detail"] == "Invalid encoded image"  # SD WebUI's status
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,191 @@
+"""The ``a1111`` runtime against a real SD WebUI (AUTOMATIC1111), when ``SDFLEET_A1111_URL`` is set.
+
+Run: ``SDFLEET_A1111_URL=http://127.0.0.1:7860 pytest tests/interop/test_a1111_interop.py``, with SD
+WebUI started with ``--api`` (docs/runtimes.md says how to run v1.10.1 here, offline, on CPU).
+Written for a small checkpoint at 64x64 and 2 steps: on CPU each image still takes seconds. The
+server's settings are left as they were found (the runtime only pins the value it shows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from sdfleet.errors import Interrupted, Reject
+from sdfleet.runtimes.a1111 import A1111Runtime
+from sdfleet.runtimes.base import Job
+from sdfleet.tasks import TaskParams, TaskType
+
+URL = os.environ.get("SDFLEET_A1111_URL", "")
+pytestmark = [
+    pytest.mark.skipif(
+        not URL,
+        reason="no real SD WebUI: set SDFLEET_A1111_URL=http://HOST:PORT of one started with --api "
+        "(docs/runtimes.md: 'SD WebUI v1.10.1 on CPU, offline')",
+    ),
+    pytest.mark.timeout(900),
+]
+CLIP = "CLIP_stop_at_last_layers"
+
+
+class Sent:
+    """Requests the runtime sends, in order, and the answers to generation calls."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+
+    async def request(self, request: httpx.Request) -> None:
+        self.log.append((request.method, request.url.path))
+
+    async def response(self, response: httpx.Response) -> None:
+        if response.request.method == "POST" and response.request.url.path.endswith(("txt2img", "img2img")):
+            self.log.append(("answered", response.request.url.path))
+
+    def count(self, method: str, path: str) -> int:
+        return self.log.count((method, path))
+
+
+@pytest.fixture
+async def sent() -> Sent:
+    return Sent()
+
+
+@pytest.fixture
+async def runtime(sent: Sent) -> AsyncIterator[A1111Runtime]:
+    hooks = {"request": [sent.request], "response": [sent.response]}
+    client = httpx.AsyncClient(base_url=URL, timeout=600, event_hooks=hooks)
+    rt = A1111Runtime(client, poll_s=0.2, ready_timeout_s=60)
+    await rt.start()
+    yield rt
+    await rt.aclose()
+
+
+def png(size: tuple[int, int] = (64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (40, 160, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def job(kind: TaskType = TaskType.TEXT_TO_IMAGE, name: str = "t", **params: Any) -> Job:
+    init = params.pop("init", [])
+    model = params.pop("model", None)
+    base: dict[str, Any] = {
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 1234,
+        "sampler": "Euler",
+    }
+    if kind not in (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE):
+        base.pop("sampler")
+    base.update(params)
+    return Job(name, kind, model, TaskParams.model_validate(base), init_images=init)
+
+
+async def none(_: float) -> None:
+    return None
+
+
+def size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+async def options() -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=URL, timeout=60) as client:
+        data: dict[str, Any] = (await client.get("/sdapi/v1/options")).json()
+        return data
+
+
+async def test_txt2img_img2img_and_seeds(runtime: A1111Runtime) -> None:
+    t2i = await runtime.run(job(batch_size=2), none)
+    assert [size(i) for i in t2i.images] == [(64, 64), (64, 64)]
+    assert t2i.seed == 1234 and t2i.info["all_seeds"] == [1234, 1235] and t2i.info["sampler_name"] == "Euler"
+    i2i = await runtime.run(job(TaskType.IMAGE_TO_IMAGE, init=[png()], denoising_strength=0.5), none)
+    assert [size(i) for i in i2i.images] == [(64, 64)] and i2i.info["denoising_strength"] == 0.5
+
+
+async def test_defect_1_clip_skip_sent_every_time_nothing_left_behind(runtime: A1111Runtime) -> None:
+    before = (await options())[CLIP]
+    two = await runtime.run(job(clip_skip=2), none)
+    one = await runtime.run(job(clip_skip=1), none)
+    assert (two.info["clip_skip"], one.info["clip_skip"]) == (2, 1)
+    assert "Clip skip: 2" in two.info["infotexts"][0] and "Clip skip" not in one.info["infotexts"][0]
+    assert (await options())[CLIP] == before
+
+
+async def test_defect_2_unknown_sampler_refused(runtime: A1111Runtime, sent: Sent) -> None:
+    with pytest.raises(Reject) as bad:
+        await runtime.run(job(sampler="NoSuchSampler"), none)
+    assert bad.value.code == "unknown_sampler" and "DPM++ 2M" in bad.value.reason
+    with pytest.raises(Reject) as schedule:
+        await runtime.run(job(extra={"scheduler": "NoSuchScheduler"}), none)
+    assert schedule.value.code == "unknown_scheduler"
+    assert sent.count("POST", "/sdapi/v1/txt2img") == 0
+    karras = await runtime.run(job(sampler="DPM++ 2M Karras"), none)
+    assert karras.info["sampler_name"] == "DPM++ 2M"
+    assert karras.info["extra_generation_params"] == {"Schedule type": "Karras"}
+
+
+async def test_defect_3_extras_send_what_the_task_says(runtime: A1111Runtime) -> None:
+    plain = await runtime.run(job(TaskType.EXTRA_SINGLE_IMAGE, init=[png()]), none)
+    assert size(plain.images[0]) == (64, 64) and plain.info["html_info"] == "<p></p>"
+    double = await runtime.run(
+        job(TaskType.EXTRA_BATCH_IMAGES, init=[png(), png()], upscaler="Lanczos", upscaling_resize=2), none
+    )
+    assert [size(i) for i in double.images] == [(128, 128), (128, 128)]
+
+
+async def test_defect_4_deterministic_500s_fail_once(runtime: A1111Runtime, sent: Sent) -> None:
+    with pytest.raises(Reject) as upscaler:
+        await runtime.run(job(TaskType.EXTRA_SINGLE_IMAGE, init=[png()], upscaler="NoSuch"), none)
+    assert upscaler.value.code == "unknown_upscaler" and "500 AssertionError" in upscaler.value.reason
+    assert "could not find upscaler named NoSuch" in upscaler.value.reason
+    with pytest.raises(Reject) as image:
+        await runtime.run(job(TaskType.IMAGE_TO_IMAGE, init=[b"not an image"]), none)
+    assert image.value.code == "invalid_image" and "Invalid encoded image" in image.value.reason
+    assert sent.count("POST", "/sdapi/v1/extra-single-image") == sent.count("POST", "/sdapi/v1/img2img") == 1
+
+
+async def test_model_switch_by_file_name_and_stem(runtime: A1111Runtime) -> None:
+    async with httpx.AsyncClient(base_url=URL, timeout=60) as client:
+        models = (await client.get("/sdapi/v1/sd-models")).json()
+    if len(models) < 2:
+        pytest.skip("the SD WebUI has one checkpoint: switching needs two")
+    first, second = models[0], models[1]
+    start = runtime.switches
+    a = await runtime.run(job(model=first["filename"].rsplit("/", 1)[-1]), none)
+    b = await runtime.run(job(model=second["model_name"]), none)
+    assert (a.info["sd_model_name"], b.info["sd_model_name"]) == (first["model_name"], second["model_name"])
+    assert runtime.switches - start in (1, 2)
+
+
+async def test_two_in_flight_and_interrupts(runtime: A1111Runtime, sent: Sent) -> None:
+    reported: list[float] = []
+
+    async def first_progress(value: float) -> None:
+        reported.append(value)
+
+    first = asyncio.create_task(runtime.run(job(name="first", steps=4), first_progress))
+    second = asyncio.create_task(runtime.run(job(name="second"), none))
+    third = asyncio.create_task(runtime.run(job(name="third", steps=4), none))
+    for _ in range(6000):
+        if sent.count("POST", "/sdapi/v1/txt2img") == 3:
+            break
+        await asyncio.sleep(0.05)
+    await runtime.interrupt("third")  # queued at SD WebUI: stopped when it starts
+    one, two = await first, await second
+    assert len(one.images) == len(two.images) == 1 and any(0 < v < 1 for v in reported)
+    with pytest.raises(Interrupted):
+        await third
+    posts = [i for i, e in enumerate(sent.log) if e == ("POST", "/sdapi/v1/txt2img")]
+    answers = [i for i, e in enumerate(sent.log) if e == ("answered", "/sdapi/v1/txt2img")]
+    assert posts[1] < answers[0]  # the next job waited at SD WebUI while the first ran
+    assert sent.count("POST", "/sdapi/v1/interrupt") <= 1
