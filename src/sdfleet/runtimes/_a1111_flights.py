@@ -7,14 +7,15 @@ state (its kind, ``job_timestamp`` to the second, steps) and drops the task id t
 runtime keeps its requests in the order it sent them and takes the oldest to be the one running,
 with two checks against another client's job: the running job must be of the oldest request's
 kind, and must not be a job SD WebUI was already running (or had queued ahead) when that request
-was sent. A job is recognised by its ``job_timestamp``; the timestamps of our own finished jobs,
-which SD WebUI reports in their ``info``, are not held against the next request.
+was sent. A job is recognised by its ``job_timestamp`` (to the second); the timestamps of our own
+requests that were in flight ahead of it, which SD WebUI reports in their ``info``, are not held
+against it. Those of our jobs that had ended before it was sent are: another client's job may
+have begun within the same second, and must never be taken for ours.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,11 @@ class Flight:
     not_mine: set[str] = field(default_factory=set)
     """Job timestamps SD WebUI was running when this request was sent: not this request's job."""
     seen: set[str] = field(default_factory=set)
-    """Job timestamps attributed to this request."""
+    """Job timestamps attributed to this request (and its answer's)."""
+    ahead: list[Flight] = field(default_factory=list)
+    """Our requests SD WebUI had when this one was sent: they run before it."""
+    excused: set[str] = field(default_factory=set)
+    """Job timestamps of those requests, once answered: ours, not another client's."""
     reported: float = 0.0
     hit: bool = False
     """SD WebUI's interrupt flag was up while it ran this job, which nobody here asked for (another
@@ -97,7 +102,6 @@ class Flights:
     def __init__(self) -> None:
         self.waiting: list[Flight] = []
         self.sent: list[Flight] = []
-        self._own: collections.deque[str] = collections.deque(maxlen=64)
         self._drained = asyncio.Event()
         self._drained.set()
 
@@ -107,6 +111,7 @@ class Flights:
     def mark_sent(self, flight: Flight, snapshot: Snapshot | None) -> None:
         if snapshot is not None and snapshot.active:
             flight.not_mine.add(snapshot.timestamp)
+        flight.ahead = list(self.sent)
         flight.sent = True
         self.waiting.remove(flight)
         self.sent.append(flight)
@@ -117,9 +122,12 @@ class Flights:
         for collection in (self.waiting, self.sent):
             if flight in collection:
                 collection.remove(flight)
-        self._own.extend(flight.seen)
         if timestamp:
-            self._own.append(timestamp)
+            flight.seen.add(timestamp)
+        for later in self.sent:  # done with: keep what the next ones may excuse, not the flight
+            if flight in later.ahead:
+                later.ahead.remove(flight)
+                later.excused |= flight.seen
         if not self.sent:
             self._drained.set()
 
@@ -132,7 +140,7 @@ class Flights:
         head = self.sent[0] if self.sent else None
         if head is None or not snap.active or snap.job != JOB_NAMES.get(head.kind):
             return None
-        if snap.timestamp in head.not_mine - set(self._own):
+        if snap.timestamp in head.not_mine - head.excused - {t for f in head.ahead for t in f.seen}:
             return None
         head.seen.add(snap.timestamp)
         return head
