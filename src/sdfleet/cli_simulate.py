@@ -130,8 +130,6 @@ def _simulate(o: Options) -> None:
     result = run(fleet, arrivals, params, perf=perf, price=price, dt=dt)
     s = summary(result)
     console.print(table(s))
-    for c, queues in result.routes.fanned_out:
-        console.print(f"[yellow]note:[/yellow] {c} reaches {', '.join(queues)}: SNS delivers a copy to each")
     if o.out is not None:
         _write(o.out, s, result)
 

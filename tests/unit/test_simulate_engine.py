@@ -200,7 +200,8 @@ def test_aggregate_mode_agrees_with_exact_mode() -> None:
     assert a["gpu_busy_s"] == pytest.approx(e["gpu_busy_s"], rel=0.05)
 
 
-def test_fan_out_and_unrouted_requests_are_reported() -> None:
+def test_overlapping_filters_route_to_the_first_queue_and_unrouted_requests_are_reported() -> None:
+    # As the API's subscriptions do (effective policies): a request reaches one queue, never a copy each.
     f = FleetConfig.model_validate(
         {
             "queues": [
@@ -217,7 +218,6 @@ def test_fan_out_and_unrouted_requests_are_reported() -> None:
     arrivals = Arrivals(
         classes, np.array([0.0, 1.0, 2.0]), np.array([0, 1, 2], np.int32), np.ones(3, np.int64)
     )
-    _, s = run(f, arrivals, nodes=NO_NODES)
-    assert s["refused_no_route"] == 1
-    assert [r["queues"] for r in s["fanned_out"]] == [["sd15", "paid"]]
-    assert s["queues"]["sd15"]["arrived"] == 2 and s["queues"]["paid"]["arrived"] == 1
+    r, s = run(f, arrivals, nodes=NO_NODES)
+    assert s["refused_no_route"] == 1 and r.routes.queues == [["sd15"], ["sd15"], []]
+    assert s["queues"]["sd15"]["arrived"] == 2 and s["queues"]["paid"]["arrived"] == 0

@@ -103,7 +103,6 @@ def summary(result: Result) -> dict[str, Any]:
         "wall_s": result.wall_s,
         "arrived": result.arrived,
         "refused_no_route": c.get("_refused", "no_route"),
-        "fanned_out": [{"class": str(k), "queues": qs} for k, qs in result.routes.fanned_out],
         "queues": {name: _queue(result, run) for name, run in result.queues.items()},
         "tiers": {
             t: _lat(

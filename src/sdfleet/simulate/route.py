@@ -1,9 +1,9 @@
 """Which queues a class of requests lands in: the API's own attributes and the real filter engine.
 
 Each class is routed once, as ``POST /v1/tasks`` would route it (``routing.task_attributes`` →
-``policy.matching_queues`` over the fleet's subscriptions). SNS delivers a copy to *every* queue
-whose filter matches; so does the simulation, and it reports such classes, since each copy wakes
-a GPU of its own.
+``policy.matching_queues`` over the fleet's subscriptions). The subscriptions hold each queue's
+effective policy (its filter minus what the queues before it take), so a class reaches exactly one
+queue, the first whose filter accepts it, or none.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class Routes:
 
     queues: list[list[str]]
     unrouted: list[TaskClass] = field(default_factory=list)
-    fanned_out: list[tuple[TaskClass, list[str]]] = field(default_factory=list)
 
 
 def route_classes(fleet: FleetConfig, classes: list[TaskClass]) -> Routes:
@@ -41,7 +40,5 @@ def route_classes(fleet: FleetConfig, classes: list[TaskClass]) -> Routes:
         except ValidationFailed:
             queues = []
             routes.unrouted.append(c)
-        if len(queues) > 1:
-            routes.fanned_out.append((c, queues))
         routes.queues.append(queues)
     return routes
