@@ -26,6 +26,7 @@ async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_
         r = await fleet.http.post("/v1alpha1/", json=body)
         assert r.status_code == 200, r.text
         answers.append(r.json())
+    keys = {}
     for body, answer in zip(payloads, answers, strict=True):
         scripts = body["alwayson_scripts"]
         assert set(answer) == {"id_task", "sd_model_checkpoint", "output_location"}
@@ -39,9 +40,10 @@ async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_
         key = view["images"][0]["key"]
         assert re.fullmatch(rf"outputs/{answer['id_task']}/{answer['id_task']}-[0-9a-f]{{4}}-1\.png", key)
         assert await png_size(engine, view["images"][0]["key"]) == (body["width"], body["height"])
+        keys[answer["id_task"]] = key
     notes = {n["id"]: n for n in await receive_json(engine, "results", 2)}
     for answer in answers:
-        note = notes[answer["id_task"]]
+        note, key = notes[answer["id_task"]], keys[answer["id_task"]]
         assert note["result"] is True and note["status"] == "completed"
         assert len(note["image_url"]) == 1 and note["image_url"][0].endswith(key.rsplit("/", 1)[1])
         assert note["output_url"].endswith(key.rsplit("/", 1)[1].replace("-1.png", ".out"))
