@@ -9,6 +9,7 @@ from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
 from sdfleet.errors import Conflict, InputFetchError, NotFound, ValidationFailed
 from sdfleet.guarded_http import check_url
+from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import inject, tracer
@@ -32,7 +33,7 @@ def check_task(ctx: ApiContext, task: Task) -> None:
         raise ValidationFailed(f"a {task.type.value} task needs an input image", code="missing_image")
     if task.type is TaskType.PIPELINE and not p.workflow:
         raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
-    model = task.model or ctx.fleet.models.default
+    model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
     if model and ctx.catalog is not None and ctx.catalog.list():
         try:
             ctx.catalog.resolve(model)
@@ -64,8 +65,8 @@ async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecor
 
 async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
     task = task.model_copy(update={"tenant": caller.tenant})
-    if task.model is None and ctx.fleet.models.default:
-        task.model = ctx.fleet.models.default
+    if task.model is None:  # stamped, so routing on sd_model_checkpoint and the record see it
+        task.model = default_model(ctx.fleet.models.default, ctx.catalog)
     check_task(ctx, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)
