@@ -44,15 +44,13 @@ def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> Non
     catalog = ModelCatalog(settings.fleet.models.dir)
     models, default = catalog.list(), default_model(settings.fleet.models.default, catalog)
     if as_json:
-        rows = [
-            {"name": m.name, "kind": m.kind, "tiny": m.tiny, "path": str(m.path.resolve())} for m in models
-        ]
-        print_json({"dir": str(catalog.models_dir.resolve()), "default": default, "models": rows})
+        rows = [{"name": m.name, "kind": m.kind, "tiny": m.tiny, "path": str(m.path)} for m in models]
+        print_json({"dir": str(catalog.models_dir), "default": default, "models": rows})
         return
     table = Table("name", "kind", "tiny test model", "default", "path")
     for m in models:
         marks = ("yes" if m.tiny else "", "yes" if m.name == default else "")
-        table.add_row(m.name, m.kind, *marks, str(m.path.resolve()))
+        table.add_row(m.name, m.kind, *marks, str(m.path))
     print_table(table)
 
 
