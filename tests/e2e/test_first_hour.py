@@ -11,11 +11,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
-from test_cli import _wait_ready
 
 from conftest import free_port
 
@@ -57,9 +57,26 @@ def test_the_issue_run_succeeds_without_model_and_prints_whole_links(tmp_path: P
         _check_json_forms(tmp_path, env)
     finally:
         up.send_signal(signal.SIGTERM)
-        _out, err = up.communicate(timeout=60)
+        try:
+            _out, err = up.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise
     assert up.returncode == 0, err[-2000:]
     assert "WEBHOOK__SECRET" not in err, "no task asked for a webhook: no warning about its secret"
+
+
+def _wait_ready(api: str, proc: subprocess.Popen[str], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            if httpx.get(f"{api}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"sdfleet up was not ready within {timeout_s} s")
 
 
 def _check_submit_output(out: str, cwd: Path, port: int) -> None:

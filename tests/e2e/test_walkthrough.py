@@ -1,7 +1,8 @@
 """The README's "After the demo" walkthrough, run as a person runs it: every command of its console
 blocks in a shell, in order, in an empty folder, against real `sdfleet up` processes (on free ports
-instead of 8080 and 8081, a test redis-server instead of one on 6379), each output held to the one
-the README shows. `SDFLEET_WALKTHROUGH_RECORD=FILE` writes what each command printed, to refresh it."""
+instead of 8080, the default, and 8081; a test redis-server instead of one on 6379), each output
+held to the one the README shows. `SDFLEET_WALKTHROUGH_RECORD=FILE` writes what each command
+printed, to refresh the README."""
 
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def test_after_the_demo_walkthrough(tmp_path: Path, redis_server: Any) -> None:
     assert len(walk) >= 10, "the walkthrough has its steps"
     ports = Ports({8080: free_port(), 8081: free_port(), 6379: redis_server.port})
     env, values, background = _env(tmp_path), Values(), []
+    # The README's fleet listens on the default port: move the default, for `up` and for the CLI.
+    env["SDFLEET_API__PORT"] = str(ports.mapping[8080])
+    env["SDFLEET_API_URL"] = f"http://127.0.0.1:{ports.mapping[8080]}"
     record = os.environ.get("SDFLEET_WALKTHROUGH_RECORD")
     transcript: list[str] = []
     try:
