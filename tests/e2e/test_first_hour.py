@@ -51,7 +51,10 @@ def test_the_issue_run_succeeds_without_model_and_prints_whole_links(tmp_path: P
     )
     try:
         _wait_ready(f"http://127.0.0.1:{port}", up)
-        submitted = _run(["submit", "--prompt", "a cat on a sofa", "--wait"], tmp_path, env)
+        # The issue's command, at a size the tiny model makes quickly on two busy cores (its default,
+        # 512x512 in 20 steps, is what a real SD 1.5 model wants); no --model, as in the issue.
+        small = ["--steps", "4", "--width", "64", "--height", "64"]
+        submitted = _run(["submit", "--prompt", "a cat on a sofa", *small, "--wait"], tmp_path, env)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         _check_submit_output(submitted.stdout, tmp_path, port)
         _check_json_forms(tmp_path, env)
