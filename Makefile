@@ -5,14 +5,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdfleet-installed
 
-.PHONY: demo test lint install system-deps clean
+.PHONY: demo test lint install lock lock-check system-deps clean
 
-$(STAMP): pyproject.toml
+# requirements/lock.txt pins every package CI tested, pip and setuptools included; torch stays out of it
+# (requirements/torch.txt: pip takes the CPU build from the machine's local wheel, never a CUDA one).
+LOCK := requirements/lock.txt
+TORCH := requirements/torch.txt
+COMPILE = $(BIN)/pip-compile --quiet --extra diffusers,aws,redis,simulate,dev --strip-extras --annotation-style line \
+	--unsafe-package torch --no-emit-index-url --no-emit-find-links -c $(TORCH)
+
+$(STAMP): pyproject.toml $(LOCK) $(TORCH)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU wheel first, pinned: a bare `torch` requirement would pull a CUDA build of several GB.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[diffusers,aws,redis,simulate,dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) pip
+	$(BIN)/python -m pip install -q -r $(TORCH) -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +42,16 @@ lint: install
 
 test: install system-deps lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+# After a change to pyproject.toml's dependencies: re-resolve, keeping every pin that still fits
+# (`make lock UPGRADE=1` moves everything to the newest releases). Commit the result.
+lock: install
+	$(COMPILE) $(if $(UPGRADE),--upgrade) -o $(LOCK) pyproject.toml
+
+# pip-compile itself confirms the lock: resolving again from pyproject.toml changes nothing.
+lock-check: install
+	@tmp=$$(mktemp -d) && cp $(LOCK) $$tmp/lock.txt && $(COMPILE) -o $$tmp/lock.txt pyproject.toml \
+	  && diff <(grep -v '^#' $(LOCK)) <(grep -v '^#' $$tmp/lock.txt) && rm -r $$tmp && echo "$(LOCK) matches pyproject.toml"
 
 clean:
 	rm -rf $(VENV) sdfleet-demo

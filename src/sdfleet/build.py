@@ -139,11 +139,6 @@ def agent_parts(
 def webhook_notifier(settings: Settings) -> WebhookNotifier:
     """The agent's webhook sender; closing it drains deliveries in flight (``webhook.drain_s``)."""
     w = settings.webhook
-    if w.secret is None:
-        log.warning(
-            "SDFLEET_WEBHOOK__SECRET is not set: task webhooks are sent unsigned and receivers "
-            "cannot verify them; set a secret in production"
-        )
     return WebhookNotifier(
         secret=w.secret.get_secret_value() if w.secret else "",
         allow_private=w.allow_private,

@@ -10,9 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from sdfleet.cli_common import ApiOpt, ConfigOpt, HostOpt, KeyOpt, PortOpt, _fail, _settings, console
+from sdfleet.cli_common import (
+    ApiOpt,
+    ConfigOpt,
+    HostOpt,
+    JsonOpt,
+    KeyOpt,
+    PortOpt,
+    _fail,
+    _settings,
+    console,
+    print_json,
+    print_table,
+)
 from sdfleet.cli_ensure import ensure
 from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
@@ -136,11 +149,12 @@ def submit(
     width: int = typer.Option(512),
     height: int = typer.Option(512),
     seed: int = typer.Option(-1),
-    wait: bool = typer.Option(False, help="Wait for the task to finish, with a progress bar."),
+    wait: bool = typer.Option(False, help="Wait for the task to finish (a progress bar on a terminal)."),
+    as_json: bool = JsonOpt,
     api_url: str = ApiOpt,
     api_key: str | None = KeyOpt,
 ) -> None:
-    """Submit a task; prints its id (and, with --wait, where its images are)."""
+    """Submit a task; prints its id (and, with --wait, where its images are). --json: the task view."""
     from sdfleet.client import AsyncClient, wait_with_progress
 
     if file is not None:
@@ -153,33 +167,47 @@ def submit(
         _fail(ValueError("give --prompt or --file"))
         return
 
-    async def main() -> None:
+    async def main() -> dict[str, Any]:
         async with AsyncClient(api_url, api_key=api_key) as client:
             task_id = await client.submit_raw(body, fmt=fmt)
+            if as_json:
+                return await (client.wait(task_id) if wait else client.get(task_id))
             console.print(f"submitted [bold]{task_id}[/bold]")
-            if wait:
-                view = await wait_with_progress(client, task_id, console)
-                _print_result(view)
-                if view["state"] != "succeeded":
-                    raise typer.Exit(1)
+            if not wait:
+                return {}
+            view = await wait_with_progress(client, task_id, console)
+            _print_view(view)
+            return view
 
     try:
-        asyncio.run(main())
+        view = asyncio.run(main())
     except SdfleetError as e:
         _fail(e)
+        return
+    if as_json:
+        print_json(view)
+    if wait and view["state"] != "succeeded":
+        raise typer.Exit(1)
 
 
-def _print_result(view: dict[str, Any]) -> None:
-    console.print(f"{view['id']}: [bold]{view['state']}[/bold]")
+def _print_view(view: dict[str, Any]) -> None:
+    """A task for a person: its state (with progress while it runs), error, then one line per image
+    with its key and link, never folded."""
+    state = view["state"]
+    running = f" {view['progress']:.0%}" if state == "running" else ""
+    model = f" · model {view['model']}" if view.get("model") else ""
+    console.print(f"{view['id']}: [bold]{state}[/bold]{running} · queue {view.get('queue')}{model}")
     if view.get("error"):
-        console.print(f"  error: {view['error']['code']}: {view['error']['message']}")
+        console.print(f"  error: {view['error']['code']}: {escape(view['error']['message'])}")
     for image in view.get("images", []):
-        console.print(f"  {image['key']}  {image['url']}")
+        console.print(f"  {image['key']}  {image['url']}", highlight=False)
 
 
 @app.command()
-def status(task_id: str, api_url: str = ApiOpt, api_key: str | None = KeyOpt) -> None:
-    """Show a task's state, progress and results."""
+def status(
+    task_id: str, as_json: bool = JsonOpt, api_url: str = ApiOpt, api_key: str | None = KeyOpt
+) -> None:
+    """Show a task's state, progress, error and result links (--json: the whole task view)."""
     from sdfleet.client import AsyncClient
 
     async def main() -> dict[str, Any]:
@@ -191,38 +219,46 @@ def status(task_id: str, api_url: str = ApiOpt, api_key: str | None = KeyOpt) ->
     except SdfleetError as e:
         _fail(e)
         return
-    console.print_json(json.dumps(view))
+    if as_json:
+        print_json(view)
+    else:
+        _print_view(view)
 
 
 @app.command()
-def queues(config: Path | None = ConfigOpt) -> None:
+def queues(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Depth of every configured queue, read from the bus itself (SQLite, SQS or Redis)."""
     from sdfleet.bus import open_bus
 
     settings = _settings(config)
 
-    async def main() -> Table:
+    async def main() -> list[dict[str, Any]]:
         bus = open_bus(settings.bus)
-        table = Table("queue", "runtime", "visible", "in flight", "delayed", "oldest age (s)", "dead letters")
+        rows = []
         try:
             for q in settings.fleet.queues:
                 s = await bus.stats(q.name)
-                age = f"{s.oldest_age_s:.1f}" if s.oldest_age_s is not None else "-"
-                table.add_row(
-                    q.name,
-                    q.runtime,
-                    *map(str, (s.visible, s.in_flight, s.delayed)),
-                    age,
-                    str(s.dead_letters),
-                )
+                depth = {"visible": s.visible, "in_flight": s.in_flight, "delayed": s.delayed}
+                age = {"oldest_age_s": s.oldest_age_s, "dead_letters": s.dead_letters}
+                rows.append({"queue": q.name, "runtime": q.runtime, **depth, **age})
         finally:
             await bus.aclose()
-        return table
+        return rows
 
     try:
-        console.print(asyncio.run(main()))
+        rows = asyncio.run(main())
     except SdfleetError as e:
         _fail(e)
+        return
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("queue", "runtime", "visible", "in flight", "delayed", "oldest age (s)", "dead letters")
+    for r in rows:
+        age = f"{r['oldest_age_s']:.1f}" if r["oldest_age_s"] is not None else "-"
+        counts = (r["visible"], r["in_flight"], r["delayed"], age, r["dead_letters"])
+        table.add_row(r["queue"], r["runtime"], *map(str, counts))
+    print_table(table)
 
 
 def main() -> None:

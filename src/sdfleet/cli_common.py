@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from sdfleet.settings import Settings, load_settings
 from sdfleet.telemetry import setup_logging, setup_tracing
 
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: a line is never folded at the terminal's width, so a printed path or URL can be copied
+# whole (the terminal wraps it on screen only) and reads back unbroken when piped.
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Fleet file (default ./sdfleet.yaml if present).")
 ApiOpt = typer.Option("http://127.0.0.1:8080", "--api", envvar="SDFLEET_API_URL", help="Base URL of the API.")
 HostOpt = typer.Option(None, help="API host (SDFLEET_API__HOST).")
 PortOpt = typer.Option(None, help="API port (SDFLEET_API__PORT).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON (for scripts) instead of text.")
 KeyOpt = typer.Option(
     None, "--api-key", envvar="SDFLEET_API_KEY", help="API key (when tenants are configured)."
 )
@@ -32,5 +40,22 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}")
+    err.print(f"[red]error:[/red] {escape(str(e))}")
     raise typer.Exit(2)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout, plain (no colours, no folding), for scripts and ``jq``."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(table: Table) -> None:
+    """A table at its natural width, wider than the terminal if need be, so no cell is folded."""
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    width = console.width
+    console.width = max(width, natural)  # print(width=) cannot go past the console's own width
+    try:
+        console.print(table)
+    finally:
+        console.width = width

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, _settings, console
+from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, print_json, print_table
 from sdfleet.errors import SdfleetError
 from sdfleet.settings import load_settings
 
@@ -36,15 +36,22 @@ def make_tiny_cmd(
 
 
 @models_app.command("list")
-def models_list(config: Path | None = ConfigOpt) -> None:
-    """Models found in the models directory."""
-    from sdfleet.models.catalog import ModelCatalog
+def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Models found in the models directory; the default one (``models.default``, else the first)."""
+    from sdfleet.models.catalog import ModelCatalog, default_model
 
     settings = _settings(config)
-    table = Table("name", "kind", "tiny test model", "path")
-    for m in ModelCatalog(settings.fleet.models.dir).list():
-        table.add_row(m.name, m.kind, "yes" if m.tiny else "", str(m.path))
-    console.print(table)
+    catalog = ModelCatalog(settings.fleet.models.dir)
+    models, default = catalog.list(), default_model(settings.fleet.models.default, catalog)
+    if as_json:
+        rows = [{"name": m.name, "kind": m.kind, "tiny": m.tiny, "path": str(m.path)} for m in models]
+        print_json({"dir": str(catalog.models_dir), "default": default, "models": rows})
+        return
+    table = Table("name", "kind", "tiny test model", "default", "path")
+    for m in models:
+        marks = ("yes" if m.tiny else "", "yes" if m.name == default else "")
+        table.add_row(m.name, m.kind, *marks, str(m.path))
+    print_table(table)
 
 
 @deploy_app.command("values")
@@ -153,7 +160,7 @@ def bench_list(bench_dir: Path | None = BenchDirOpt) -> None:
     table = Table("scenario", "what it measures", title=str(folder))
     for s in list_scenarios(folder):
         table.add_row(s.name, s.summary)
-    console.print(table)
+    print_table(table)
 
 
 @bench_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

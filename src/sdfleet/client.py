@@ -14,6 +14,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sdfleet.errors import Conflict, NotFound, SdfleetError, Unauthorized, ValidationFailed
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+UNREACHABLE = "api_unreachable"
+POLL_TRIES = 10
+"""Polls in a row that may fail to reach the API (a busy or restarting API) before a wait gives up."""
 _PATHS = {"v1": "/v1/tasks", "v1alpha1": "/v1alpha1/", "v1alpha2": "/v1alpha2/"}
 
 
@@ -37,7 +40,9 @@ class AsyncClient:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise SdfleetError(f"cannot reach the API at {self._http.base_url}: {e}") from e
+            reason = str(e) or type(e).__name__  # a read timeout says nothing by itself
+            message = f"cannot reach the API at {self._http.base_url}: {reason}"
+            raise SdfleetError(message, code=UNREACHABLE) from e
         data: Any = response.json() if response.content else {}
         if response.status_code >= 400:
             raise _error(response.status_code, data)
@@ -59,13 +64,25 @@ class AsyncClient:
     async def get(self, task_id: str) -> dict[str, Any]:
         return await self._call("GET", f"/v1/tasks/{task_id}")
 
+    async def poll(self, task_id: str) -> dict[str, Any]:
+        """``get``, tried again (a second apart, ``POLL_TRIES`` in all) while the API cannot be reached."""
+        failed = 0
+        while True:
+            try:
+                return await self.get(task_id)
+            except SdfleetError as e:
+                failed += 1
+                if e.code != UNREACHABLE or failed >= POLL_TRIES:
+                    raise
+            await asyncio.sleep(1.0)
+
     async def cancel(self, task_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/v1/tasks/{task_id}/cancel")
 
     async def wait(self, task_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.25) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:
-            view = await self.get(task_id)
+            view = await self.poll(task_id)
             if view["state"] in TERMINAL:
                 return view
             if time.monotonic() > deadline:
@@ -84,12 +101,27 @@ def _error(status: int, data: Any) -> SdfleetError:
 
 
 async def wait_with_progress(client: AsyncClient, task_id: str, console: Console) -> dict[str, Any]:
+    """Poll until the task ends: a progress bar on a terminal; piped, one plain line per new state."""
+    if not console.is_terminal:
+        return await _wait_plain(client, task_id, console)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"))
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
         handle = bar.add_task(f"{task_id} queued", total=1.0)
         while True:
-            view = await client.get(task_id)
+            view = await client.poll(task_id)
             bar.update(handle, completed=view["progress"], description=f"{task_id} {view['state']}")
             if view["state"] in TERMINAL:
                 return view
             await asyncio.sleep(0.25)
+
+
+async def _wait_plain(client: AsyncClient, task_id: str, console: Console) -> dict[str, Any]:
+    state = None
+    while True:
+        view = await client.poll(task_id)
+        if view["state"] in TERMINAL:
+            return view  # the caller prints the outcome
+        if view["state"] != state:
+            state = view["state"]
+            console.print(f"{task_id} {state}", highlight=False)
+        await asyncio.sleep(0.25)

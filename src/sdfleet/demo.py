@@ -136,7 +136,8 @@ async def run_demo(data_dir: Path, console: Console) -> list[Path]:
     try:
         await _until_started(fleet, running)
         api_url = f"http://127.0.0.1:{settings.api.port}"
-        console.print(f"API on {api_url} · queues sd15 (dedicated), dynamic · data in {data_dir}")
+        where = f"API on {api_url} · queues sd15 (dedicated), dynamic · data in {data_dir}"
+        console.print(where, soft_wrap=True)
         async with AsyncClient(api_url) as client:
             ids = [await client.submit_raw(p, fmt="v1alpha1") for p in _payloads(images.url)]
             views = await _watch(client, ids, console)
@@ -156,6 +157,8 @@ async def _until_started(fleet: Any, running: asyncio.Task[None]) -> None:
 
 
 async def _watch(client: AsyncClient, ids: list[str], console: Console) -> list[dict[str, Any]]:
+    if not console.is_terminal:  # piped: no bars, just the outcome
+        return [await client.wait(i, poll_s=0.2) for i in ids]
     columns = (TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"))
     views: dict[str, dict[str, Any]] = {}
     with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
@@ -164,7 +167,7 @@ async def _watch(client: AsyncClient, ids: list[str], console: Console) -> list[
             for i in ids:
                 if i in views:
                     continue
-                view = await client.get(i)
+                view = await client.poll(i)
                 bar.update(handles[i], completed=view["progress"], description=f"{i} {view['state']}")
                 if view["state"] in TERMINAL:
                     views[i] = view
@@ -178,13 +181,14 @@ def _report(views: list[dict[str, Any]], data_dir: Path, console: Console) -> li
     paths: list[Path] = []
     for view in views:
         if view["state"] != "succeeded":
-            console.print(f"[red]{view['id']} {view['state']}[/red]: {view.get('error')}")
+            console.print(f"[red]{view['id']} {view['state']}[/red]: {view.get('error')}", soft_wrap=True)
             continue
         for image in view["images"]:
             path = data_dir / "files" / image["key"]
             with Image.open(path) as im:
                 size = f"{im.width}x{im.height}"
-            console.print(f"{view['id']}: [bold]{path}[/bold] ({size} PNG, queue {view['queue']})")
+            line = f"{view['id']}: [bold]{path}[/bold] ({size} PNG, queue {view['queue']})"
+            console.print(line, soft_wrap=True)  # a path is copied whole: never folded
             paths.append(path)
     console.print(f"[dim]{TINY_NOTE}[/dim]")
     return paths

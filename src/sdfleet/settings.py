@@ -176,8 +176,8 @@ class WebhookSettings(BaseModel):
     """Task webhooks (``Task.webhook``), delivered by the agents and checked by the API at submit."""
 
     secret: SecretStr | None = None
-    """HMAC-SHA256 key of ``X-Sdfleet-Signature``. Unset: webhooks go out unsigned (a warning at
-    start); always set it in production."""
+    """HMAC-SHA256 key of ``X-Sdfleet-Signature``. Unset: webhooks go out unsigned (warned once, when
+    a task first asks for one); always set it in production."""
     timeout_s: float = Field(10.0, gt=0)
     """Timeout of one delivery attempt, seconds."""
     max_retry_s: float = Field(300.0, ge=0)

@@ -28,7 +28,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
 
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "SDFLEET_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+    env = {**os.environ, "SDFLEET_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "80"}
     env["SDFLEET_LOG_JSON"] = "true"
     return env
 
@@ -85,7 +85,7 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         assert task_id is not None, submitted.stdout
         assert "succeeded" in submitted.stdout
         assert re.search(rf"{task_id.group(1)}-[0-9a-f]{{4}}-1\.png", submitted.stdout), submitted.stdout
-        status = _run(["status", task_id.group(1), "--api", api], cli_env)
+        status = _run(["status", task_id.group(1), "--api", api, "--json"], cli_env)
         assert status.returncode == 0, status.stderr
         view = json.loads(status.stdout)
         assert view["state"] == "succeeded" and view["queue"] == "sd15"
@@ -118,8 +118,10 @@ def _wait_ready(api: str, proc: subprocess.Popen[str]) -> None:
 def test_demo_prints_two_pngs_of_the_asked_sizes(tmp_path: Path, cli_env: dict[str, str]) -> None:
     demo = _run(["demo", "--data-dir", str(tmp_path / "demo")], cli_env, timeout=280)
     assert demo.returncode == 0, demo.stdout + demo.stderr
-    found = re.findall(r"(\S+\.png)\s+\((\d+)x(\d+) PNG", demo.stdout.replace("\n", " "))
+    # One line per image, its path whole at 80 columns; piped, no progress bars and no warnings
+    found = re.findall(r"^\S+: (\S+\.png) \((\d+)x(\d+) PNG, queue \w+\)$", demo.stdout, flags=re.M)
     assert [(int(w), int(h)) for _, w, h in found] == [(768, 768), (512, 512)], demo.stdout
     for path, _, _ in found:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "noise from a tiny test model" in demo.stdout
+    assert "━" not in demo.stdout and "warning" not in demo.stderr.lower(), demo.stderr

@@ -242,3 +242,29 @@ async def test_cancels_are_delivered(
     got = {json.loads(h.body)["task_id"]: h for h in receiver.on("/hook/cancel")}
     assert set(got) == {running, queued}
     assert all(h.event == "cancelled" and _signed(h) for h in got.values())
+
+
+async def test_unsigned_warning_once_and_only_when_a_task_asks(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No secret: the warning waits for a task that asks for a webhook, then comes once per process
+    however many agents (notifiers) it runs; building the agents' notifiers says nothing."""
+    from sdfleet.build import webhook_notifier
+    from sdfleet.notify import webhook
+
+    webhook._warn_unsigned.cache_clear()
+    unsigned = Settings(webhook=WebhookSettings(allow_private=True))
+    with caplog.at_level(logging.WARNING):
+        notifiers = [webhook_notifier(unsigned), webhook_notifier(unsigned)]
+        plain = TaskRecord(task=Task(params=PARAMS), state=TaskState.SUCCEEDED)
+        for n in notifiers:
+            await n.notify(plain, _event(plain, EventType.SUCCEEDED))
+        assert not [r for r in caplog.records if "WEBHOOK__SECRET" in r.getMessage()]
+        for i, n in enumerate(notifiers * 2):
+            hooked = _record(f"{receiver.url}/h{i}", ["succeeded"])
+            await n.notify(hooked, _event(hooked, EventType.SUCCEEDED))
+        await receiver.until(lambda: len(receiver.hits) == 4)
+        for n in notifiers:
+            await n.aclose()
+    warned = [r for r in caplog.records if "WEBHOOK__SECRET" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING

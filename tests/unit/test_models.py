@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from sdfleet.errors import NotFound
 from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.models.catalog import default_model
 from sdfleet.models.tiny import MARKER
 
 
@@ -73,6 +74,17 @@ def test_resolve_unknown_lists_available(models_dir: Path) -> None:
         ModelCatalog(models_dir).resolve("sdxl-base")
     assert "sdxl-base" in e.value.message
     assert "v1-5-pruned-emaonly" in e.value.message and "tiny-sf.safetensors" in e.value.message
+
+
+def test_default_model_is_the_configured_one_else_the_first_by_name(models_dir: Path, tmp_path: Path) -> None:
+    catalog = ModelCatalog(models_dir)
+    assert default_model("anything-v3.safetensors", catalog) == "anything-v3.safetensors"
+    # As SD WebUI loads its first checkpoint: bare.ckpt < tiny-sf.safetensors < v1-5-pruned-emaonly
+    assert default_model(None, catalog) == "bare.ckpt"
+    make_tiny(tmp_path / "one", "only-one")
+    assert default_model(None, ModelCatalog(tmp_path / "one")) == "only-one"
+    assert default_model(None, ModelCatalog(tmp_path / "missing")) is None
+    assert default_model("", None) is None
 
 
 def test_single_file_uses_original_ldm_layout(models_dir: Path) -> None:

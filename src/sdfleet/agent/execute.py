@@ -18,6 +18,7 @@ from opentelemetry import trace
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import notify
 from sdfleet.errors import GenerationTimeout, SdfleetError
+from sdfleet.models.catalog import ModelCatalog, default_model
 from sdfleet.runtimes.base import Job, ProgressFn, Runtime, RuntimeResult
 from sdfleet.store.base import transition
 from sdfleet.tasks import EventType, TaskRecord, TaskState
@@ -52,11 +53,11 @@ def batching(runtime: Runtime) -> BatchRuntime | None:
 
 
 def job_of(parts: Parts, p: Prepared) -> Job:
-    task = p.task
+    task, models = p.task, parts.fleet.models
     return Job(
         task_id=task.id,
         type=task.type,
-        model=task.model or parts.queue.model or parts.fleet.models.default,
+        model=task.model or parts.queue.model or default_model(models.default, ModelCatalog(models.dir)),
         params=task.params,
         init_images=p.inputs,
         timeout_s=task.timeout_s,

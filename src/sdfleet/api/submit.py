@@ -12,6 +12,7 @@ from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
 from sdfleet.errors import Conflict, InputFetchError, NotFound, ValidationFailed
 from sdfleet.guarded_http import check_url
+from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import extract, inject, tracer, xray_trace_id
@@ -35,7 +36,7 @@ def check_task(ctx: ApiContext, task: Task) -> None:
         raise ValidationFailed(f"a {task.type.value} task needs an input image", code="missing_image")
     if task.type is TaskType.PIPELINE and not p.workflow:
         raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
-    model = task.model or ctx.fleet.models.default
+    model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
     if model and ctx.catalog is not None and ctx.catalog.list():
         try:
             ctx.catalog.resolve(model)
@@ -87,8 +88,8 @@ def _log_queued(record: TaskRecord, span: trace.Span) -> None:
 
 async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
     task = task.model_copy(update={"tenant": caller.tenant})
-    if task.model is None and ctx.fleet.models.default:
-        task.model = ctx.fleet.models.default
+    if task.model is None:  # stamped, so routing on sd_model_checkpoint and the record see it
+        task.model = default_model(ctx.fleet.models.default, ctx.catalog)
     check_task(ctx, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)

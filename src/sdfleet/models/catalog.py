@@ -89,3 +89,16 @@ class ModelCatalog:
                 return info
         available = ", ".join(m.name for m in models) or "none"
         raise NotFound(f"model {name!r} not found in {self.models_dir} (available: {available})")
+
+
+def default_model(configured: str | None, catalog: ModelCatalog | None) -> str | None:
+    """The model a task that names none runs on: ``models.default`` when set, else the first model of
+    the models folder by name (SD WebUI likewise loads its first checkpoint); None when the folder
+    holds none or is not visible here (an API without the models volume leaves the choice to agents).
+
+    The one rule for the API's check at submit and the agent's job building.
+    """
+    if configured:
+        return configured
+    models = catalog.list() if catalog is not None else []
+    return models[0].name if models else None

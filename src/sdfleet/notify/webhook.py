@@ -18,6 +18,7 @@ HMAC-SHA256 of ``"<X-Sdfleet-Timestamp>.<body>"`` under the fleet's secret (see 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -53,6 +54,15 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, *, toleranc
     except ValueError:
         return False
     return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+@functools.cache
+def _warn_unsigned() -> None:
+    """Once per process, however many agents it runs, and only once a task asks for a webhook."""
+    log.warning(
+        "SDFLEET_WEBHOOK__SECRET is not set: task webhooks are sent unsigned and receivers "
+        "cannot verify them; set a secret in production"
+    )
 
 
 class _Outcome(Enum):
@@ -109,6 +119,8 @@ class WebhookNotifier:
         hook = record.task.webhook
         if hook is None or event.type.value not in hook.events:
             return
+        if not self.secret:
+            _warn_unsigned()
         terminal = event.type in TERMINAL
         if self._closed:
             log.warning("webhook %s of task %s dropped: notifier closed", event.type.value, record.id)
