@@ -107,7 +107,8 @@ async def test_stage_spans_say_what_the_records_say(
     assert "queue.wait" in bad
     events = [(r.task_id, r.event) for r in caplog.records if getattr(r, "task_id", None) in ids]
     # The API logs "queued" once the message is out, so the agent's "received" may come first.
-    assert sorted(e for t, e in events if t == ids[0]) == ["queued", "received", "started", "succeeded"], events
+    story = sorted(e for t, e in events if t == ids[0])
+    assert story == ["queued", "received", "started", "succeeded"], events
     assert [e for t, e in events if t == ids[0] and e != "queued"] == ["received", "started", "succeeded"]
     assert sorted(e for t, e in events if t == ids[2]) == ["failed", "queued"], events
     assert all(getattr(r, "trace_id", "") for r in caplog.records if getattr(r, "task_id", None) in ids)
