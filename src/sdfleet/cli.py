@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from sdfleet.cli_common import ApiOpt, ConfigOpt, HostOpt, KeyOpt, PortOpt, _fail, _settings, console
+from sdfleet.cli_keys import keys_app
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
 from sdfleet.errors import SdfleetError
 from sdfleet.settings import Settings
@@ -22,6 +23,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(runtime_app, name="runtime")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
+from sdfleet.tasks import TENANT_PATTERN
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
@@ -62,10 +63,15 @@ class RetryConfig(BaseModel):
 
 
 class TenantConfig(BaseModel):
-    name: str
+    name: str = Field(pattern=TENANT_PATTERN)
+    """Letters, digits, ``.``, ``_``, ``-`` (it is the first segment of the tenant's storage keys)."""
     tier: str = "standard"
-    rate_limit: float | None = None
-    max_in_flight: int | None = None
+    rate_limit: float | None = Field(None, gt=0)
+    """Accepted submissions per second, shared by every API replica; None: unlimited."""
+    burst: int | None = Field(None, ge=1)
+    """Submissions accepted at once before ``rate_limit`` applies; default one second's worth."""
+    max_in_flight: int | None = Field(None, ge=1)
+    """Most queued plus running tasks at a time; None: unlimited."""
 
 
 class FleetConfig(BaseModel):
@@ -113,6 +119,21 @@ class ApiSettings(BaseModel):
     queue_stats_s: float = Field(15.0, ge=0)
     """Period of the background refresh of the queue-depth gauges on ``/metrics``, seconds; 0: off
     (then only ``GET /v1/queues`` refreshes them)."""
+    workers: int = Field(1, ge=1, le=64)
+    """Processes of ``sdfleet api`` serving one port (uvicorn workers); ``sdfleet up`` runs one."""
+    require_key: bool = False
+    """Refuse requests without a valid API key even when no tenant or stored key exists yet.
+    Otherwise keys are required as soon as ``fleet.tenants`` or the store holds one."""
+    key_cache_s: float = Field(2.0, ge=0, le=60)
+    """How long a replica trusts what it read about a key: a revoked key stops working on every
+    replica within this many seconds."""
+    metrics_key: SecretStr | None = None
+    """Bearer token of ``GET /metrics`` while API keys are required (tenants' keys do not open it);
+    unset: ``/metrics`` answers 401 then, so scrape ``metrics_port`` instead."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Also serve ``/metrics`` alone, without a key, on this port (keep it off the public network)."""
+    max_input_pixels: int = Field(4096 * 4096, ge=64)
+    """Largest input image (width × height) accepted in a body (``data:`` or base64 inputs)."""
 
 
 class AgentSettings(BaseModel):
@@ -127,6 +148,8 @@ class AgentSettings(BaseModel):
     """On SIGTERM, how long the running task may take to finish before it is released."""
     input_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     input_timeout_s: float = Field(20.0, gt=0)
+    input_max_pixels: int = Field(4096 * 4096, ge=64)
+    """Largest decoded input image (width × height); a bigger one fails its task."""
     allow_private_inputs: bool = False
     """Allow input URLs on loopback/private networks (tests, demo); never in production."""
     retry_delay_s: float = Field(0.0, ge=0)

@@ -16,6 +16,12 @@ from ulid import ULID
 
 SCHEMA_VERSION = 1
 
+TASK_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
+"""A task id: 1-128 letters, digits, ``.``, ``_``, ``:`` or ``-``, not starting with ``.``, ``:`` or
+``-`` (so never ``.`` or ``..``): it is a segment of storage keys and record keys."""
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A tenant name: the first segment of its storage keys and of its record keys, so no ``/``."""
+
 
 def new_task_id() -> str:
     return str(ULID()).lower()
@@ -99,8 +105,8 @@ class Task(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     schema_: int = Field(SCHEMA_VERSION, alias="schema")
-    id: str = Field(default_factory=new_task_id, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    tenant: str = "default"
+    id: str = Field(default_factory=new_task_id, pattern=TASK_ID_PATTERN)
+    tenant: str = Field("default", pattern=TENANT_PATTERN)
     type: TaskType = TaskType.TEXT_TO_IMAGE
     runtime: str | None = None
     model: str | None = None
@@ -151,6 +157,8 @@ class TaskRecord(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    published_at: float | None = None
+    """When the API last published the task (a repeated submit re-publishes at most once per lease)."""
 
     @property
     def id(self) -> str:

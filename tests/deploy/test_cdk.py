@@ -402,7 +402,7 @@ async def test_engines_run_on_the_deployed_stack_without_ensure(example: Synth, 
         assert result.body == b'{"event": "succeeded"}'
     async with DynamoTaskStore.from_url(out["StoreUrl"]) as store:
         record, created = await store.create(TaskRecord(task=Task(tenant="acme")))
-        assert created and (await store.get(record.id)) == record
+        assert created and (await store.get(record.tenant, record.id)) == record
     async with S3BlobStore.from_url(out["StorageUrl"]) as storage:
         await storage.put("t/1.png", b"png", "image/png")
         assert await storage.get("t/1.png") == b"png"

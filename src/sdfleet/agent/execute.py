@@ -48,11 +48,11 @@ async def execute(parts: Parts, p: Prepared) -> None:
 async def _execute(parts: Parts, p: Prepared) -> None:
     d, task = p.delivery, p.task
     try:
-        start = partial(transition, parts.store, task.id, lambda r: _start(r, parts, d))
+        start = partial(transition, parts.store, task.tenant, task.id, lambda r: _start(r, parts, d))
         record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not started: %s", task.id, e)
-        await notify_if_cancelled_unrun(parts, await parts.store.get(task.id))
+        await notify_if_cancelled_unrun(parts, await parts.store.get(task.tenant, task.id))
         await p.handle.ack()
         return
     await notify(parts, record, EventType.STARTED)
@@ -61,7 +61,7 @@ async def _execute(parts: Parts, p: Prepared) -> None:
         await _succeed(parts, p, result)
     except Reject as e:
         p.span.set_status(StatusCode.ERROR, e.reason)
-        await fail(parts, task.id, e.code, e.reason)
+        await fail(parts, task.tenant, task.id, e.code, e.reason)
         await p.handle.ack()
     except Interrupted:
         await _interrupted(parts, p)
@@ -107,7 +107,7 @@ async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
         now = time.monotonic()
         if now - last >= 1.0 or fraction >= 1.0:  # throttle store writes
             last = now
-            await _progress(parts, task.id, fraction)
+            await _progress(parts, task.tenant, task.id, fraction)
 
     t0, wall0 = time.perf_counter(), time.time_ns()
     with p.stage("runtime.run") as span:
@@ -128,7 +128,7 @@ async def _run(parts: Parts, p: Prepared) -> RuntimeResult:
     return result
 
 
-async def _progress(parts: Parts, task_id: str, fraction: float) -> None:
+async def _progress(parts: Parts, tenant: str, task_id: str, fraction: float) -> None:
     def mutate(r: TaskRecord) -> TaskRecord | None:
         if r.state is not TaskState.RUNNING:
             return None
@@ -136,7 +136,7 @@ async def _progress(parts: Parts, task_id: str, fraction: float) -> None:
         return r
 
     try:
-        record = await transition(parts.store, task_id, mutate)
+        record = await transition(parts.store, tenant, task_id, mutate)
     except SdfleetError as e:  # progress is best effort
         log.debug("progress of %s not saved: %s", task_id, e)
         return
@@ -172,7 +172,7 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     lease_s = parts.fleet.retry.lease_s
     try:
         record = await ride_out(
-            partial(transition, parts.store, task.id, mutate), f"recording {task.id}", lease_s
+            partial(transition, parts.store, task.tenant, task.id, mutate), f"recording {task.id}", lease_s
         )
     except TransitionConflict as e:  # cancelled (or finished elsewhere) meanwhile: no second result
         log.info("task %s finished but not recorded: %s", task.id, e)
@@ -186,12 +186,12 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
 
 async def _interrupted(parts: Parts, p: Prepared) -> None:
     if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
-        record = await parts.store.get(p.task.id)
+        record = await parts.store.get(p.task.tenant, p.task.id)
         if record is not None:
             await notify(parts, record, EventType.CANCELLED)
         await p.handle.ack()
         return
-    await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
+    await requeue(parts, p.task.tenant, p.task.id, "interrupted", "agent shut down before the task finished")
     await p.handle.release()
 
 
@@ -200,9 +200,9 @@ async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> 
     p.span.set_status(StatusCode.ERROR, message)
     log.warning("task %s attempt %d failed: %s", p.task.id, d.receive_count, message)
     if d.receive_count >= parts.fleet.retry.max_receives:
-        await fail(parts, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
+        await fail(parts, p.task.tenant, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
         # Not acked: the bus moves a message that used up its receives to the dead-letter queue.
         await p.handle.release()
     else:
-        await requeue(parts, p.task.id, code, message)
+        await requeue(parts, p.task.tenant, p.task.id, code, message)
         await p.handle.release(parts.settings.retry_delay_s)

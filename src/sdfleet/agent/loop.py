@@ -46,7 +46,7 @@ class Lease:
     async def _check_cancel(self) -> None:
         if self.prepared is None or self.prepared.cancelled:
             return
-        record = await self.parts.store.get(self.prepared.task.id)
+        record = await self.parts.store.get(self.prepared.task.tenant, self.prepared.task.id)
         if record is not None and record.state is TaskState.CANCELLED:
             self.prepared.cancelled = True
             await self.parts.runtime.interrupt(self.prepared.task.id)

@@ -52,7 +52,7 @@ def _queue_wait_span(parent: trace.Span, d: Delivery) -> None:
 
 async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span) -> Prepared | None:
     d = h.delivery
-    record = await parts.store.get(task.id)
+    record = await parts.store.get(task.tenant, task.id)
     if record is None:
         # Published by the seed's Lambda or another producer, or by an API that has not written
         # (or never will write) the record yet: adopt it, keeping the queue the API routed it to.
@@ -71,7 +71,7 @@ async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span
         with p.stage("inputs.fetch"):
             p.inputs = [await parts.fetcher.fetch(url) for url in task.params.init_images]
     except InputFetchError as e:
-        await fail(parts, task.id, e.code, e.message or str(e))
+        await fail(parts, task.tenant, task.id, e.code, e.message or str(e))
         await h.ack()
         return None
     p.timings["inputs_fetch"] = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from sdfleet.tasks import EventType, TaskError, TaskEvent, TaskRecord, TaskState
 log = logging.getLogger(__name__)
 
 
-async def fail(parts: Parts, task_id: str, code: str, message: str) -> None:
+async def fail(parts: Parts, tenant: str, task_id: str, code: str, message: str) -> None:
     """Mark a task failed with a reason and notify; a task already terminal stays as it is."""
 
     def mutate(r: TaskRecord) -> TaskRecord:
@@ -24,7 +24,7 @@ async def fail(parts: Parts, task_id: str, code: str, message: str) -> None:
         return r
 
     try:
-        record = await transition(parts.store, task_id, mutate)
+        record = await transition(parts.store, tenant, task_id, mutate)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not failed: %s", task_id, e)
         return
@@ -32,7 +32,7 @@ async def fail(parts: Parts, task_id: str, code: str, message: str) -> None:
     await notify(parts, record, EventType.FAILED)
 
 
-async def requeue(parts: Parts, task_id: str, code: str, message: str) -> None:
+async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: str) -> None:
     """Back to ``queued`` with the reason of the failed attempt (the delivery is released)."""
 
     def mutate(r: TaskRecord) -> TaskRecord | None:
@@ -42,7 +42,7 @@ async def requeue(parts: Parts, task_id: str, code: str, message: str) -> None:
         return r
 
     try:
-        await transition(parts.store, task_id, mutate)
+        await transition(parts.store, tenant, task_id, mutate)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not requeued: %s", task_id, e)
 

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from sdfleet import errors
+from sdfleet.api import openapi, openapi_rules
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
+from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
+
+log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.PayloadTooLarge, 413),
@@ -21,10 +28,17 @@ STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.Unauthorized, 401),
+    (errors.RateLimited, 429),
     (errors.BusUnavailable, 503),
     (errors.StoreUnavailable, 503),
     (errors.StorageUnavailable, 503),
 ]
+# What a client is told when we fail: the details (engine addresses, file paths) go to the log.
+_SERVER_SIDE = {
+    errors.BusUnavailable: "the task bus is unavailable; retry later",
+    errors.StoreUnavailable: "the task store is unavailable; retry later",
+    errors.StorageUnavailable: "the storage is unavailable; retry later",
+}
 
 
 def status_for(e: errors.SdfleetError) -> int:
@@ -37,9 +51,17 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-async def _sdfleet_error(_: Request, e: Exception) -> JSONResponse:
+async def _sdfleet_error(request: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, errors.SdfleetError)
-    return JSONResponse(error_body(e.code, e.message or str(e)), status_code=status_for(e))
+    status = status_for(e)
+    message = e.message or str(e)
+    if status >= 500:
+        log.warning("%s %s: %s: %s", request.method, request.url.path, e.code, message)
+        message = next((m for cls, m in _SERVER_SIDE.items() if isinstance(e, cls)), "internal error")
+    headers = {}
+    if isinstance(e, errors.RateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+    return JSONResponse(error_body(e.code, message), status_code=status, headers=headers)
 
 
 async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -61,6 +83,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("/v1/tasks", "post"): tasks.TaskRequest,
+    ("/v1alpha1/", "post"): V1alpha1Body,
+    ("/v1alpha2/", "post"): V1alpha2Body,
+}
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges."""
     app = FastAPI(
@@ -75,6 +104,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected)
     for module in (tasks, events, compat, queues, files, models, health):
         app.include_router(module.router)
+    openapi.install(app, ctx.settings, ctx.fleet, BODIES, openapi_rules.tighten)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -10,8 +11,12 @@ from sdfleet.bus.base import Bus
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.settings import ApiSettings, FleetConfig, WebhookSettings
 from sdfleet.storage.base import BlobStore
+from sdfleet.store.access import AccessStore
 from sdfleet.store.base import TaskStore
 from sdfleet.telemetry import Metrics
+
+if TYPE_CHECKING:
+    from sdfleet.api.auth import KeyRing
 
 
 @dataclass
@@ -23,8 +28,20 @@ class ApiContext:
     settings: ApiSettings
     catalog: ModelCatalog | None
     metrics: Metrics
+    access: AccessStore
     ready: bool = False
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    keys: KeyRing = field(init=False)
+
+    def __post_init__(self) -> None:
+        from sdfleet.api.auth import KeyRing
+
+        self.keys = KeyRing(
+            self.fleet,
+            self.access,
+            cache_s=self.settings.key_cache_s,
+            require_key=self.settings.require_key,
+        )
 
     @property
     def signing_key(self) -> str:

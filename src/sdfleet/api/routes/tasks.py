@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdfleet.api.auth import Caller, caller
-from sdfleet.api.body import parse, read_json
+from sdfleet.api.body import parse_strict, read_object
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import file_url
+from sdfleet.api.openapi import SUBMIT_ERRORS, errors
 from sdfleet.api.submit import submit
+from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import transition
-from sdfleet.tasks import Task, TaskError, TaskParams, TaskRecord, TaskState, TaskType, Webhook
+from sdfleet.tasks import (
+    TASK_ID_PATTERN,
+    Task,
+    TaskError,
+    TaskParams,
+    TaskRecord,
+    TaskState,
+    TaskType,
+    Webhook,
+)
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="Task id (ids are per tenant)")]
 
 
 class TaskRequest(BaseModel):
@@ -25,20 +37,21 @@ class TaskRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, description="Client id: an idempotency key per tenant")
+    id: str | None = Field(
+        None, pattern=TASK_ID_PATTERN, description="Client id: an idempotency key of the tenant"
+    )
     type: TaskType = TaskType.TEXT_TO_IMAGE
-    model: str | None = None
-    runtime: str | None = None
+    model: str | None = Field(None, max_length=256)
+    runtime: str | None = Field(None, max_length=256)
     params: TaskParams = Field(default_factory=TaskParams)
     priority: int = 0
     queue: str | None = None
     webhook: Webhook | None = None
-    context: Any = None
+    context: Any = Field(None, description="Anything; echoed back (JSON nested at most 64 levels)")
     timeout_s: float | None = Field(None, gt=0, le=3600)
 
     def to_task(self) -> Task:
-        data = self.model_dump(exclude_none=True)
-        return Task.model_validate(data)
+        return Task.model_validate(self.model_dump(exclude_none=True))
 
 
 class ImageView(BaseModel):
@@ -69,10 +82,11 @@ class TaskView(BaseModel):
 
 async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskView:
     res = r.result
-    images = [ImageView(key=k, url=await file_url(ctx, request, k)) for k in (res.images if res else [])]
-    output = None
-    if res is not None and res.output:
-        output = ImageView(key=res.output, url=await file_url(ctx, request, res.output))
+
+    async def link(key: str) -> ImageView:
+        return ImageView(key=key, url=await file_url(ctx, request, r.tenant, key))
+
+    images = [await link(k) for k in (res.images if res else [])]
     return TaskView(
         id=r.id,
         tenant=r.tenant,
@@ -84,7 +98,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         progress=r.progress,
         error=r.error,
         images=images,
-        output=output,
+        output=await link(res.output) if res is not None and res.output else None,
         seed=res.seed if res else None,
         timings=res.timings if res else {},
         context=r.task.context,
@@ -96,28 +110,59 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
 
 
 async def owned(ctx: ApiContext, who: Caller, task_id: str) -> TaskRecord:
-    """The caller's record, or 404 — another tenant's task is indistinguishable from a missing one."""
-    record = await ctx.store.get(task_id)
-    if record is None or record.tenant != who.tenant:
+    """The caller's record, or 404: ids are per tenant, so another tenant's task is not even
+    looked at."""
+    record = await ctx.store.get(who.tenant, task_id)
+    if record is None:
         raise NotFound(f"task {task_id!r} not found")
     return record
 
 
-@router.post("", status_code=202, response_model=TaskView)
+@router.post(
+    "",
+    status_code=202,
+    response_model=TaskView,
+    responses={
+        200: {
+            "model": TaskView,
+            "description": "The task of a repeated client id, or finished within `Prefer: wait`",
+        },
+        **errors(*SUBMIT_ERRORS),
+    },
+)
 async def create_task(
-    request: Request, response: Response, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+    request: Request,
+    response: Response,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
+    prefer: str | None = Header(
+        None,
+        description="`wait=N` (N ≤ 60): answer with the finished task if it ends within N seconds",
+    ),
 ) -> TaskView:
-    req = parse(TaskRequest, await read_json(request, ctx.settings.max_body_bytes))
+    """Submit a task: `202` and `Location` at once; `200` with the first task for a repeated client
+    `id`; with `Prefer: wait=N`, `200` and the finished task if it ends within N seconds."""
+    body, _ = await read_object(request, ctx.settings.max_body_bytes)
+    req = parse_strict(TaskRequest, body)
     record, created = await submit(ctx, who, req.to_task())
-    response.status_code = 202 if created else 200
+    status = 202 if created else 200
+    wait = preferred_wait(request)
+    if wait is not None and not record.state.terminal:
+        record = await until_finished(ctx, record, wait)
+        response.headers["Preference-Applied"] = f"wait={wait}"
+    response.status_code = 200 if record.state.terminal else status
     response.headers["Location"] = f"/v1/tasks/{record.id}"
     return await task_view(ctx, request, record)
 
 
-@router.get("/{task_id}", response_model=TaskView)
+@router.get("/{task_id}", response_model=TaskView, responses=errors(401, 404, 422, 503))
 async def get_task(
-    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+    request: Request,
+    task_id: TaskId,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
 ) -> TaskView:
+    """A task's state, progress, error and result links."""
     return await task_view(ctx, request, await owned(ctx, who, task_id))
 
 
@@ -126,24 +171,29 @@ class TaskPage(BaseModel):
     cursor: str | None
 
 
-@router.get("", response_model=TaskPage)
+@router.get("", response_model=TaskPage, responses=errors(401, 422, 503))
 async def list_tasks(
     request: Request,
     state: TaskState | None = None,
-    cursor: str | None = None,
+    cursor: str | None = Query(None, max_length=1024),
     limit: int = Query(50, ge=1, le=500),
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
 ) -> TaskPage:
+    """The caller's tasks, newest first; `cursor` from the previous page gets the next one."""
     # A bad cursor is the stores' ValidationFailed (422); anything else is not the client's fault.
     records, next_cursor = await ctx.store.list(who.tenant, state=state, cursor=cursor, limit=limit)
     return TaskPage(tasks=[await task_view(ctx, request, r) for r in records], cursor=next_cursor)
 
 
-@router.post("/{task_id}/cancel", response_model=TaskView)
+@router.post("/{task_id}/cancel", response_model=TaskView, responses=errors(401, 404, 409, 422, 503))
 async def cancel_task(
-    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+    request: Request,
+    task_id: TaskId,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
 ) -> TaskView:
+    """Cancel a queued or running task (a running one is interrupted); `409` once it has ended."""
     await owned(ctx, who, task_id)
 
     def mutate(r: TaskRecord) -> TaskRecord:
@@ -152,7 +202,7 @@ async def cancel_task(
         return r
 
     try:
-        record = await transition(ctx.store, task_id, mutate)
+        record = await transition(ctx.store, who.tenant, task_id, mutate)
     except TransitionConflict as e:
         raise TransitionConflict(f"task {task_id} cannot be cancelled: {e}") from e
     return await task_view(ctx, request, record)
