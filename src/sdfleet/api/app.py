@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from sdfleet import errors
 from sdfleet.api import openapi, openapi_rules
@@ -19,6 +22,7 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
 from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
+from sdfleet.tasks import TaskEvent
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,25 @@ async def _request_validation(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
 
 
+_ROUTING = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, e: Exception) -> JSONResponse:
+    """Starlette's own answers (no route, wrong method) in our error shape; a 405 lists every
+    method of the path, not only those of the first route that matched it."""
+    assert isinstance(e, HTTPException)
+    headers = dict(e.headers or {})
+    if e.status_code == 405:
+        methods: set[str] = set()
+        for route in request.app.state.api_routes:
+            match, _ = route.matches(request.scope)  # PARTIAL: the path is the route's, not the method
+            if match is not Match.NONE:
+                methods |= set(route.methods or ())
+        headers["Allow"] = ", ".join(sorted(methods))
+    code = _ROUTING.get(e.status_code, "http_error")
+    return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code, headers=headers)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: ApiContext = app.state.ctx
@@ -101,10 +124,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    for module in (tasks, events, compat, queues, files, models, health):
+    routers = (tasks, events, compat, queues, files, models, health)
+    for module in routers:
         app.include_router(module.router)
-    openapi.install(app, ctx.settings, ctx.fleet, BODIES, openapi_rules.tighten)
+    app.state.api_routes = [r for m in routers for r in m.router.routes if isinstance(r, APIRoute)]
+    openapi.install(app, ctx.settings, ctx.fleet, BODIES, openapi_rules.tighten, also=(TaskEvent,))
     return app
 
 

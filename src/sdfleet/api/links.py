@@ -24,7 +24,9 @@ def signature(secret: str, tenant: str, key: str, expires: int) -> str:
 
 
 def verify(secret: str, tenant: str, key: str, expires: int, sig: str) -> bool:
-    return expires >= time.time() and hmac.compare_digest(signature(secret, tenant, key, expires), sig)
+    return expires >= time.time() and hmac.compare_digest(
+        signature(secret, tenant, key, expires).encode(), sig.encode()
+    )
 
 
 def base_url(ctx: ApiContext, request: Request) -> str:

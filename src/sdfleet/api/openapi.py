@@ -94,10 +94,12 @@ def install(
     fleet: FleetConfig,
     bodies: dict[tuple[str, str], type[BaseModel]],
     tighten: Callable[[dict[str, Any], ApiSettings, FleetConfig], None],
+    also: tuple[type[BaseModel], ...] = (),
 ) -> None:
     """Make ``app.openapi()`` return the full document: ``bodies`` maps (path, method) to the model
-    of the JSON body that route reads itself; ``tighten`` adds the constraints the server checks
-    beyond the models (given the components, settings and fleet)."""
+    of the JSON body that route reads itself, ``also`` are schemas those refer to by hand;
+    ``tighten`` adds the constraints the server checks beyond the models (given the components,
+    settings and fleet)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -106,7 +108,7 @@ def install(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         components = doc.setdefault("components", {}).setdefault("schemas", {})
-        components.update(_components(list(bodies.values())))
+        components.update(_components([*bodies.values(), *also]))
         for (path, method), model in bodies.items():
             content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
             doc["paths"][path][method]["requestBody"] = {"required": True, "content": content}

@@ -1,10 +1,12 @@
 """The constraints the server checks beyond its pydantic models, written into the OpenAPI schemas:
 the largest size, input image fields, webhook URLs, the fleet's queue names, and what each task
-type cannot run without (``if``/``then`` on the type). ``tighten`` edits the components in place.
+type cannot run without (an ``anyOf`` of the cases that run, which fuzzers generate from better
+than from ``if``/``then``). ``tighten`` edits the components in place.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -39,61 +41,67 @@ def _set(props: Schema, name: str, **constraints: Any) -> None:
         prop.update(constraints)
 
 
-def _when(cond: Schema, then: Schema) -> Schema:
-    return {"if": cond, "then": then}
-
-
 def _is(value: Any) -> Schema:
     return {"const": value} if isinstance(value, str) else {"enum": list(value)}
 
 
-def _needs(*alternatives: Schema) -> Schema:
-    return alternatives[0] if len(alternatives) == 1 else {"anyOf": list(alternatives)}
-
-
 def _has(name: str, schema: Schema) -> Schema:
-    return {"required": [name], "properties": {name: schema}}
+    """An object with ``name``, which is ``schema`` (``required`` alone holds for a null)."""
+    return {"type": "object", "required": [name], "properties": {name: schema}}
 
 
 IMAGES = {"type": "array", "minItems": 1}
 
 
-def a1111_rules(type_of: Callable[[Schema], Schema]) -> list[Schema]:
-    """What an A1111 body needs per task type; ``type_of(cond)`` places the type condition."""
-    scripts_link = _has("alwayson_scripts", _has("image_link", {"type": "string"}))
-    no_list = {"not": _has("imageList", {"type": "array"})}
+def a1111_variants(type_of: Callable[[Schema], Schema]) -> list[Schema]:
+    """The A1111 bodies that run, one schema per case (``anyOf`` them): what each task type
+    cannot run without. ``type_of(cond)`` places the condition on the task type."""
+
+    def case(kind: Any, *needs: Schema) -> Schema:
+        return {"allOf": [type_of(_is(kind)), *needs]}
+
+    batch = ["extra-batch-images", "extra-batch-image"]
     return [
-        _when(type_of(_is("text-to-image")), _has("prompt", NON_BLANK)),
-        _when(type_of(_is("image-to-image")), _needs(scripts_link, _has("init_images", IMAGES))),
-        _when(
-            type_of(_is("extra-single-image")),
-            _needs(_has("image", {"type": "string"}), _has("init_images", IMAGES)),
-        ),
-        _when(
-            type_of(_is(["extra-batch-images", "extra-batch-image"])),
-            _needs(_has("imageList", IMAGES), {"allOf": [no_list, _has("init_images", IMAGES)]}),
-        ),
+        case("text-to-image", _has("prompt", NON_BLANK)),
+        case("image-to-image", _has("alwayson_scripts", _has("image_link", {"type": "string"}))),
+        case("image-to-image", _has("init_images", IMAGES)),
+        case("extra-single-image", _has("image", {"type": "string"})),
+        case("extra-single-image", _has("init_images", IMAGES)),
+        case(batch, _has("imageList", IMAGES)),
+        # without a list in imageList, the seed takes init_images
+        case(batch, {"properties": {"imageList": {"type": "null"}}}, _has("init_images", IMAGES)),
     ]
 
 
-def _v1_rules() -> list[Schema]:
-    def typed(cond: Schema) -> Schema:
-        return {"required": ["type"], "properties": {"type": cond}}
+def _v1_variants() -> list[Schema]:
+    def typed(kind: Any) -> Schema:
+        return {"required": ["type"], "properties": {"type": _is(kind)}}
 
-    params = "params"
     return [
-        # no ``type`` means text-to-image: the condition holds when it is absent too
-        _when({"properties": {"type": _is("text-to-image")}}, _has(params, _has("prompt", NON_BLANK))),
-        _when(
-            typed(_is(["image-to-image", "extra-single-image", "extra-batch-images"])),
-            _has(params, _has("init_images", IMAGES)),
-        ),
-        _when(typed(_is("pipeline")), _has(params, _has("workflow", {"type": "object", "minProperties": 1}))),
+        # no ``type`` is text-to-image: this case does not require it
+        {
+            "allOf": [
+                {"properties": {"type": _is("text-to-image")}},
+                _has("params", _has("prompt", NON_BLANK)),
+            ]
+        },
+        {
+            "allOf": [
+                typed(["image-to-image", "extra-single-image", "extra-batch-images"]),
+                _has("params", _has("init_images", IMAGES)),
+            ]
+        },
+        {
+            "allOf": [
+                typed("pipeline"),
+                _has("params", _has("workflow", {"type": "object", "minProperties": 1})),
+            ]
+        },
     ]
 
 
 def _tighten_a1111(c: Schema, settings: ApiSettings) -> None:
-    for name in ("V1alpha1Body", "A1111Content"):
+    for name in ("V1alpha1Body", "A1111Content"):  # A1111Content: v1alpha2's content
         props = c[name]["properties"]
         _set(props, "width", maximum=settings.max_width)
         _set(props, "height", maximum=settings.max_height)
@@ -107,7 +115,7 @@ def _tighten_a1111(c: Schema, settings: ApiSettings) -> None:
     def in_scripts(cond: Schema) -> Schema:
         return _has("alwayson_scripts", {"required": ["task"], "properties": {"task": cond}})
 
-    c["V1alpha1Body"]["allOf"] = a1111_rules(in_scripts)
+    c["V1alpha1Body"]["anyOf"] = a1111_variants(in_scripts)
     meta = c["Metadata"]["properties"]
     meta["id"] = id_schema()
     meta["tasktype"]["enum"] = v1alpha2_types()
@@ -115,15 +123,25 @@ def _tighten_a1111(c: Schema, settings: ApiSettings) -> None:
     def in_meta(cond: Schema) -> Schema:
         return _has("metadata", {"required": ["tasktype"], "properties": {"tasktype": cond}})
 
-    pipeline = in_meta(_is("pipeline"))
-    c["TaskBody"]["allOf"] = [
-        {
-            "if": pipeline,
-            "then": _has("content", {"type": "object", "minProperties": 1}),
-            "else": _has("content", {"$ref": "#/components/schemas/A1111Content"}),
-        },
-        *({"if": rule["if"], "then": _has("content", rule["then"])} for rule in a1111_rules(in_meta)),
-    ]
+    def content(case: Schema) -> Schema:
+        condition, *needs = case["allOf"]
+        return {"allOf": [condition, *(_has("content", n) for n in needs)]}
+
+    pipeline = {"allOf": [in_meta(_is("pipeline")), _has("content", {"type": "object", "minProperties": 1})]}
+    c["TaskBody"]["anyOf"] = [*(content(case) for case in a1111_variants(in_meta)), pipeline]
+
+
+def _inline(c: Schema, owner: str, *path: str) -> None:
+    """Replace the ``$ref`` at ``owner.properties.<path...>`` by a copy of what it points to: the
+    cases constrain fields inside it, and generators merge ``anyOf`` cases with inline schemas
+    better than with references."""
+    holder = c[owner]
+    for name in path[:-1]:
+        holder = holder["properties"][name]
+    props = holder["properties"]
+    ref = props[path[-1]].get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        props[path[-1]] = copy.deepcopy(c[ref.rsplit("/", 1)[-1]])
 
 
 def tighten(c: Schema, settings: ApiSettings, fleet: FleetConfig) -> None:
@@ -138,5 +156,14 @@ def tighten(c: Schema, settings: ApiSettings, fleet: FleetConfig) -> None:
         "anyOf": [{"type": "string", "enum": [q.name for q in fleet.queues]}, {"type": "null"}],
         "description": "A queue of the fleet whose filter accepts the task; default the first that does",
     }
-    request["allOf"] = _v1_rules()
+    request["anyOf"] = _v1_variants()
     _tighten_a1111(c, settings)
+    for owner, *path in (
+        ("TaskRequest", "type"),
+        ("TaskRequest", "params"),
+        ("V1alpha1Body", "alwayson_scripts"),
+        ("TaskBody", "metadata"),
+        ("TaskBody", "content"),
+        ("V1alpha2Body", "task"),
+    ):
+        _inline(c, owner, *path)

@@ -7,13 +7,13 @@ document says is what the server accepts. Undeclared fields pass through to the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sdfleet.compat._common import MAX_INT_ID, PREFIX_PATTERN, TASK_TYPES
 from sdfleet.compat.v1alpha1 import ACCEPTED_TYPES
-from sdfleet.tasks import TASK_ID_PATTERN
+from sdfleet.tasks import TASK_ID_PATTERN, Integer, integral
 
 URL_HOST = r"[A-Za-z0-9]([A-Za-z0-9-]{0,48}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,48}[A-Za-z0-9])?){0,3}"
 URL_PORT = r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
@@ -26,7 +26,7 @@ optional port, then path and query in URL-safe characters). Images may also come
 TEXT_MAX = 100_000
 """Longest prompt or negative prompt."""
 
-IdTask = str | int
+IdTask = str | Integer
 
 
 class Extras(BaseModel):
@@ -37,7 +37,7 @@ class OverrideSettings(Extras):
     """A1111 options for this request; ``sd_model_checkpoint`` names the model (v1alpha2)."""
 
     sd_model_checkpoint: str | None = Field(None, max_length=256)
-    CLIP_stop_at_last_layers: int | None = Field(None, ge=1, le=12)
+    CLIP_stop_at_last_layers: Annotated[int, Field(ge=1, le=12), BeforeValidator(integral)] | None = None
 
 
 class ImageItem(Extras):
@@ -49,20 +49,20 @@ class A1111Body(Extras):
 
     prompt: str | None = Field(None, max_length=TEXT_MAX)
     negative_prompt: str | None = Field(None, max_length=TEXT_MAX)
-    steps: int | None = Field(None, ge=1, le=150)
-    width: int | None = Field(None, ge=8, multiple_of=8)
-    height: int | None = Field(None, ge=8, multiple_of=8)
-    cfg_scale: float | None = Field(None, ge=0, le=30)
-    seed: int | None = Field(None, ge=-1, lt=2**32)
-    batch_size: int | None = Field(None, ge=1, le=16)
-    denoising_strength: float | None = Field(None, ge=0, le=1)
+    steps: Annotated[int, Field(ge=1, le=150), BeforeValidator(integral)] | None = None
+    width: Annotated[int, Field(ge=8, multiple_of=8), BeforeValidator(integral)] | None = None
+    height: Annotated[int, Field(ge=8, multiple_of=8), BeforeValidator(integral)] | None = None
+    cfg_scale: Annotated[float, Field(ge=0, le=30)] | None = None
+    seed: Annotated[int, Field(ge=-1, lt=2**32), BeforeValidator(integral)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=16), BeforeValidator(integral)] | None = None
+    denoising_strength: Annotated[float, Field(ge=0, le=1)] | None = None
     sampler_name: str | None = Field(None, max_length=256)
     sampler_index: str | None = Field(None, max_length=256)
     init_images: list[str] | None = Field(None, max_length=16)
     image: str | None = None
     imageList: list[ImageItem] | None = Field(None, max_length=16)
     upscaler_1: str | None = Field(None, max_length=256)
-    upscaling_resize: float | None = Field(None, gt=0, le=8)
+    upscaling_resize: Annotated[float, Field(gt=0, le=8)] | None = None
     override_settings: OverrideSettings | None = None
 
 
@@ -101,14 +101,16 @@ class ContentScripts(Extras):
 
 
 class A1111Content(A1111Body):
-    """``content`` of a v1alpha2 task other than ``pipeline`` (whose content is a workflow)."""
+    """``content`` of a v1alpha2 task: the A1111 body, or for ``pipeline`` a ComfyUI workflow (whose
+    node ids never clash with the A1111 fields)."""
 
     alwayson_scripts: ContentScripts | None = None
 
 
 class TaskBody(Extras):
     metadata: Metadata
-    content: dict[str, Any]
+    content: A1111Content
+    """The A1111 body; for ``pipeline`` a ComfyUI workflow (node ids as keys)."""
 
 
 class V1alpha2Body(Extras):
@@ -135,9 +137,7 @@ def check_types(body: dict[str, Any], fmt: str) -> None:
     if fmt == "v1alpha1":
         V1alpha1Body.model_validate(body, strict=True)
         return
-    parsed = V1alpha2Body.model_validate(body, strict=True)
-    if parsed.task.metadata.tasktype != "pipeline":
-        A1111Content.model_validate(parsed.task.content, strict=True)
+    V1alpha2Body.model_validate(body, strict=True)
 
 
 def id_schema() -> dict[str, Any]:

@@ -29,6 +29,20 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
+SSE_EVENT = {
+    "type": "object",
+    "description": "One event of the stream",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": [e.value for e in EventType]},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The record's version"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/TaskEvent"},
+        },
+    },
+}
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
@@ -104,10 +118,7 @@ def _last_event_id(raw: str | None) -> int | None:
     "/{task_id}/events",
     response_class=StreamingResponse,
     responses={
-        200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            "description": "Server-Sent Events",
-        },
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "Server-Sent Events"},
         **errors(401, 404, 422, 503),
     },
 )
@@ -116,8 +127,8 @@ async def task_events(
     request: Request,
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
-    last_event_id: str | None = Header(
-        None, pattern=r"^\s*([0-9]{1,18})?\s*$", description="Resume after this event id"
+    last_event_id: str = Header(
+        "", pattern=r"^\s*([0-9]{1,18})?\s*$", description="Resume after this event id"
     ),
 ) -> StreamingResponse:
     """Follow a task: ``queued``, ``started``, ``progress``, then a terminal event that ends the stream."""

@@ -49,7 +49,11 @@ async def check_metrics_key(ctx: ApiContext, request: Request) -> None:
         return
     wanted = ctx.settings.metrics_key
     given = request_key(request)
-    if wanted is None or given is None or not hmac.compare_digest(given, wanted.get_secret_value()):
+    if (
+        wanted is None
+        or given is None
+        or not hmac.compare_digest(given.encode(), wanted.get_secret_value().encode())
+    ):
         raise Unauthorized("/metrics needs the metrics key (api.metrics_key) while API keys are in use")
 
 

@@ -19,6 +19,7 @@ from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import transition
 from sdfleet.tasks import (
     TASK_ID_PATTERN,
+    Integer,
     Task,
     TaskError,
     TaskParams,
@@ -29,6 +30,8 @@ from sdfleet.tasks import (
 )
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+PAGE_CURSOR = "page-cursor"
+"""``format`` of list cursors: opaque tokens of the task store."""
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="Task id (ids are per tenant)")]
 
 
@@ -44,7 +47,7 @@ class TaskRequest(BaseModel):
     model: str | None = Field(None, max_length=256)
     runtime: str | None = Field(None, max_length=256)
     params: TaskParams = Field(default_factory=TaskParams)
-    priority: int = 0
+    priority: Integer = 0
     queue: str | None = None
     webhook: Webhook | None = None
     context: Any = Field(None, description="Anything; echoed back (JSON nested at most 64 levels)")
@@ -135,9 +138,8 @@ async def create_task(
     response: Response,
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
-    prefer: str | None = Header(
-        None,
-        description="`wait=N` (N ≤ 60): answer with the finished task if it ends within N seconds",
+    prefer: str = Header(
+        "", description="`wait=N` (N ≤ 60): answer with the finished task if it ends within N seconds"
     ),
 ) -> TaskView:
     """Submit a task: `202` and `Location` at once; `200` with the first task for a repeated client
@@ -175,7 +177,12 @@ class TaskPage(BaseModel):
 async def list_tasks(
     request: Request,
     state: TaskState | None = None,
-    cursor: str | None = Query(None, max_length=1024),
+    cursor: str | None = Query(
+        None,
+        max_length=1024,
+        description="The `cursor` of the previous page (opaque; a made-up one is a 422)",
+        json_schema_extra={"format": PAGE_CURSOR},
+    ),
     limit: int = Query(50, ge=1, le=500),
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
