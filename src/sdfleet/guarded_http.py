@@ -184,8 +184,10 @@ def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
                 img.verify()
     except InputFetchError:
         raise
-    except Image.DecompressionBombWarning as e:
-        raise InputFetchError(f"input image is too large: {e}", code="input_too_large") from e
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputFetchError(
+            f"input image is more than the {max_pixels} pixels allowed ({e})", code="input_too_large"
+        ) from e
     except Exception as e:  # PIL raises many types (SyntaxError, OSError, DecompressionBombError…)
         raise InputFetchError(f"input is not a readable image: {e}") from e
     return width, height
