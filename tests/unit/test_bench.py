@@ -70,3 +70,17 @@ def test_scenarios_are_found_and_listed(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 2 and "no scenario 'nope'" in result.output
     result = CliRunner().invoke(app, ["bench", "list", "--bench-dir", str(BENCH)])
     assert result.exit_code == 0 and "fleet_throughput" in result.output
+
+
+def test_submit_throughput_runs_both_servers_and_writes_json(tmp_path: Path) -> None:
+    bench = load_scenario(BENCH, "submit_throughput")
+    src = Path(__file__).resolve().parents[2] / "src"
+    argv = ["--tasks", "40", "--warmup", "5", "--clients", "4", "--workers", "1", "--rounds", "1"]
+    assert bench.main([*argv, "--src", str(src), "--results", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("submit_throughput-api-*.json")
+    report: dict[str, Any] = json.loads(written.read_text())
+    rounds = report["rounds"]
+    assert [r["label"] for r in rounds] == ["this checkout", f"--src {src}"]
+    for r in rounds:
+        assert r["accepted"] == 40 and r["status"] == {"202": 40} and r["accepted_per_s"] > 0
+        assert r["latency_ms"]["n"] == 40 and ordered(r["latency_ms"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,7 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
 from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
+from sdfleet.settings import ApiSettings, FleetConfig
 from sdfleet.tasks import TaskEvent
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ async def _http_error(request: Request, e: Exception) -> JSONResponse:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refresh the queue gauges in the background while serving."""
     ctx: ApiContext = app.state.ctx
     async with queue_stats_refresher(ctx.bus, ctx.fleet, ctx.metrics, ctx.settings.queue_stats_s):
         yield
@@ -113,15 +116,30 @@ BODIES: dict[tuple[str, str], type[BaseModel]] = {
 }
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
+def create_app(ctx: ApiContext, *, http_spans: bool = False) -> FastAPI:
     """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges."""
+    app = build_app(ctx.settings, ctx.fleet, _lifespan, http_spans=http_spans)
+    app.state.ctx = ctx
+    return app
+
+
+def build_app(
+    settings: ApiSettings,
+    fleet: FleetConfig,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    *,
+    http_spans: bool = False,
+) -> FastAPI:
+    """The app without its ``ApiContext``: ``lifespan`` must put one in ``app.state.ctx``.
+    ``http_spans``: FastAPI's own span per request (worth its cost only when traces are exported;
+    ``api.submit`` spans are made either way)."""
     app = FastAPI(
         title="sdfleet",
         version="0.1.0",
         description="Asynchronous Stable Diffusion generation: submit, get a task id at once, fetch results.",
-        lifespan=_lifespan,
+        lifespan=lifespan,
+        telemetry={"tracing": http_spans, "metrics": False, "logs": False},
     )
-    app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)
@@ -130,8 +148,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     for module in routers:
         app.include_router(module.router)
     app.state.api_routes = [r for m in routers for r in m.router.routes if isinstance(r, APIRoute)]
-    openapi.install(app, ctx.settings, ctx.fleet, BODIES, openapi_rules.tighten, also=(TaskEvent,))
+    openapi.install(app, settings, fleet, BODIES, openapi_rules.tighten, also=(TaskEvent,))
     return app
 
 
-__all__ = ["create_app", "status_for", "validation_message"]
+serve_ctx = _lifespan
+"""The part of the lifespan that needs ``app.state.ctx`` (for apps made with ``build_app``)."""
+
+__all__ = ["build_app", "create_app", "serve_ctx", "status_for", "validation_message"]

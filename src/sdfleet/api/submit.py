@@ -23,7 +23,7 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.errors import Conflict, SdfleetError
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.tasks import Task, TaskRecord, TaskState
-from sdfleet.telemetry import inject, tracer
+from sdfleet.telemetry import inject
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ WINNER_WAIT_S = 2.0
 async def submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
     """Returns (record, accepted now). A client id (``id`` set on ``task``) the tenant used before
     returns the first record, accepted earlier."""
-    with tracer().start_as_current_span("api.submit") as span:
+    with ctx.tracer.start_as_current_span("api.submit") as span:
         span.set_attribute("sdfleet.task_id", task.id)
         span.set_attribute("sdfleet.tenant", caller.tenant)
         record, created = await _submit(ctx, caller, task)
@@ -52,7 +52,7 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
     check_task(ctx, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)
-    queues = resolve_queues(ctx.fleet, task, attributes)
+    queues = resolve_queues(ctx.fleet, task, attributes, ctx.topology)
     task.queue = task.queue or queues[0]
     if not client_id:
         await admit(ctx, caller)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Depends, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel
 
 from sdfleet.api.auth import request_key
@@ -71,4 +72,8 @@ async def check_metrics_key(ctx: ApiContext, request: Request) -> None:
 async def metrics(request: Request, ctx: ApiContext = Depends(get_ctx)) -> Response:
     """Prometheus metrics of this API process (with API keys in use: `Bearer <api.metrics_key>`)."""
     await check_metrics_key(ctx, request)
-    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    registry = ctx.metrics.registry
+    if ctx.settings.workers > 1:  # every worker's values, from the multiprocess folder
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -54,7 +54,10 @@ class TaskRequest(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=3600)
 
     def to_task(self) -> Task:
-        return Task.model_validate(self.model_dump(exclude_none=True))
+        """The ``Task`` (its own defaults for what the request left out). Everything here was
+        validated already, so it is not validated again; ``id`` counts as given only if it was."""
+        given = {name: value for name, value in self if value is not None}
+        return Task.model_construct(_fields_set=set(given), **given)
 
 
 class ImageView(BaseModel):

@@ -243,7 +243,7 @@ class DynamoTaskStore:
 
         existing = await self._run(put)
         if existing is None:
-            return record.model_copy(deep=True), True
+            return record, True  # what is stored is its JSON: the caller's object is theirs
         return _record(existing), False
 
     async def get(self, tenant: str, task_id: str) -> TaskRecord | None:

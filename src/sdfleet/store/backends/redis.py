@@ -110,7 +110,7 @@ class RedisTaskStore:
         with self._errors():
             existing = await self._create(keys=keys, args=args)
         if existing is None:
-            return record.model_copy(deep=True), True
+            return record, True  # what is stored is its JSON: the caller's object is theirs
         return read_record(existing), False
 
     async def get(self, tenant: str, task_id: str) -> TaskRecord | None:
