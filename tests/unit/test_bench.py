@@ -83,4 +83,4 @@ def test_submit_throughput_runs_both_servers_and_writes_json(tmp_path: Path) -> 
     assert [r["label"] for r in rounds] == ["this checkout", f"--src {src}"]
     for r in rounds:
         assert r["accepted"] == 40 and r["status"] == {"202": 40} and r["accepted_per_s"] > 0
-        assert r["latency_ms"]["n"] == 40 and ordered(r["latency_ms"])
+        assert r["latency_ms"]["n"] == 40 and ordered(r["latency_ms"]) and r["cpu_ms_per_request"] > 0
