@@ -162,7 +162,7 @@ async def backlog_run(settings: Settings, engine: Engine, tasks: list[Task]) -> 
                 await parts.fetcher.aclose()
                 for notifier in parts.notifiers:
                     await notifier.aclose()
-            records = [r for r in [await engines.store.get(t.id) for t in tasks] if r is not None]
+            records = [r for r in [await engines.store.get(t.tenant, t.id) for t in tasks] if r is not None]
         finally:
             await engines.aclose()
     started = [r.started_at for r in records if r.started_at]

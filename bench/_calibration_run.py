@@ -209,7 +209,7 @@ async def _scale(
 async def _wait_done(store: Any, ids: list[str], total: int, deadline: float) -> list[TaskRecord]:
     while time.monotonic() < deadline:
         if len(ids) == total:
-            records = [await store.get(i) for i in ids]
+            records = [await store.get("default", i) for i in ids]  # posted without a key
             if all(r is not None and r.state.terminal for r in records):
                 return [r for r in records if r is not None]
         await asyncio.sleep(0.5)

@@ -57,11 +57,11 @@ def api_statements(
     tasks_topic: sns.ITopic,
     queues: Sequence[sqs.IQueue],
     dlqs: Sequence[sqs.IQueue],
-    table: tuple[str, str],
+    table: tuple[str, ...],
     storage: Storage,
 ) -> list[iam.PolicyStatement]:
     """The API: publish tasks, read queue depth, read and write task records, read results."""
-    table_arn, index_arn = table
+    table_arn, *index_arns = table
     bucket_arn, objects_arn, prefix = storage
     return [
         iam.PolicyStatement(actions=["sns:Publish"], resources=[tasks_topic.topic_arn]),
@@ -69,7 +69,7 @@ def api_statements(
         iam.PolicyStatement(
             actions=["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"], resources=[table_arn]
         ),
-        iam.PolicyStatement(actions=["dynamodb:Query"], resources=[table_arn, index_arn]),
+        iam.PolicyStatement(actions=["dynamodb:Query"], resources=[table_arn, *index_arns]),
         iam.PolicyStatement(actions=["s3:GetObject"], resources=[objects_arn]),
         _list_bucket(bucket_arn, prefix),
     ]

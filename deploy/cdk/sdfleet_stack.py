@@ -27,7 +27,7 @@ from sdfleet.bus.backends.aws_topology import queue_name, topic_name
 from sdfleet.bus.base import QueueSpec, Subscription, dlq_name
 from sdfleet.routing import fleet_topology
 from sdfleet.settings import FleetConfig
-from sdfleet.store.backends.dynamodb import GSI, table_spec
+from sdfleet.store.backends.dynamodb import INDEXES, table_spec
 
 QUEUE_RETENTION = cdk.Duration.days(4)
 DLQ_RETENTION = cdk.Duration.days(14)  # what ``ensure()`` gives a DLQ
@@ -241,7 +241,7 @@ class SdfleetStack(cdk.Stack):
         dlqs = [self.dead_letter_queues[q.name] for q in self.fleet.queues]
         objects = self.bucket.arn_for_objects(f"{self.storage_prefix}/*" if self.storage_prefix else "*")
         storage = (self.bucket.bucket_arn, objects, self.storage_prefix)
-        table = (self.table.attr_arn, f"{self.table.attr_arn}/index/{GSI}")
+        table = (self.table.attr_arn, *(f"{self.table.attr_arn}/index/{i}" for i in INDEXES))
         statements = {
             "api": api_statements(self.topics[self.fleet.tasks_topic], task_queues, dlqs, table, storage),
             "agent": agent_statements(

@@ -25,18 +25,21 @@ from sdfleet.runtimes.base import Runtime
 from sdfleet.settings import Settings
 from sdfleet.storage import BlobStore, open_storage
 from sdfleet.store import TaskStore, open_store
+from sdfleet.store.access import AccessStore, open_access
 from sdfleet.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class Engines:
-    """Bus, store and storage opened from the settings' URLs, closed together."""
+    """Bus, store (with the API's access state beside it) and storage opened from the settings'
+    URLs, closed together. Nothing connects before its first use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.bus: Bus = open_bus(settings.bus)
         self.store: TaskStore = open_store(settings.store)
+        self.access: AccessStore = open_access(settings.store)
         self.storage: BlobStore = open_storage(settings.storage)
 
     async def ensure(self) -> None:
@@ -45,6 +48,7 @@ class Engines:
     async def aclose(self) -> None:
         await self.bus.aclose()
         await self.store.aclose()
+        await self.access.aclose()
         await self.storage.aclose()
 
 
@@ -76,7 +80,8 @@ def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = 
         fleet=settings.fleet,
         settings=api,
         catalog=catalog(settings),
-        metrics=metrics,
+        metrics=metrics or Metrics(),
+        access=engines.access,
         webhook=settings.webhook,
     )
 
@@ -107,6 +112,7 @@ def agent_parts(
         timeout_s=a.input_timeout_s,
         allow_private=a.allow_private_inputs,
         s3_buckets=a.input_s3_buckets,
+        max_pixels=a.input_max_pixels,
     )
     notifiers: list[Notifier] = [
         TopicNotifier(

@@ -27,6 +27,7 @@ from sdfleet.cli_common import (
     print_table,
 )
 from sdfleet.cli_ensure import ensure
+from sdfleet.cli_keys import keys_app
 from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
 from sdfleet.errors import SdfleetError
@@ -39,6 +40,7 @@ app.add_typer(deploy_app, name="deploy")
 app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate)
 app.command()(ensure)
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -74,9 +76,17 @@ def api(
     host: str | None = HostOpt,
     port: int | None = PortOpt,
 ) -> None:
-    """The HTTP API alone (agents run elsewhere)."""
+    """The HTTP API alone (agents run elsewhere); SDFLEET_API__WORKERS processes on one port."""
     settings = _settings(config, service="sdfleet-api")
     _apply_listen(settings, host, port)
+    if settings.api.workers > 1:
+        from sdfleet.api.workers import serve
+
+        try:
+            serve(settings)
+        except SdfleetError as e:
+            _fail(e)
+        return
     _run_fleet(settings, [], with_api=True)
 
 
@@ -134,9 +144,20 @@ def _run_fleet(settings: Settings, queues: list[str], **kwargs: Any) -> None:
         await fleet.run()
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
     except SdfleetError as e:
         _fail(e)
+
+
+def _loop_factory() -> Any:
+    """uvloop when installed (uvicorn[standard] brings it): the API's per-request overhead is
+    mostly the event loop's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 @app.command()

@@ -11,6 +11,7 @@ Callers never catch a dependency's exception types: each backend translates them
     ├── Conflict                     idempotency-key clash, illegal transition (HTTP 409)
     │   └── TransitionConflict
     ├── Unauthorized                 missing or unknown API key (HTTP 401)
+    ├── RateLimited                  a tenant's rate or in-flight limit (HTTP 429 + Retry-After)
     ├── BusError
     │   ├── BusUnavailable           engine unreachable (HTTP 503)
     │   └── MessageDecodeError       a message no agent can understand (goes to the DLQ)
@@ -71,6 +72,16 @@ class TransitionConflict(Conflict):
 
 class Unauthorized(SdfleetError):
     code = "unauthorized"
+
+
+class RateLimited(SdfleetError):
+    """Over a tenant's ``rate_limit`` or ``max_in_flight``; ``retry_after_s`` is when to retry."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class BusError(SdfleetError):

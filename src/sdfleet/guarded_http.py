@@ -18,6 +18,7 @@ import ipaddress
 import re
 import socket
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -162,13 +163,45 @@ def check_url(url: str, *, allow_private: bool, resolve: Resolve = resolve_host)
     guarded_addresses(url, allow_private=allow_private, resolve=resolve)
 
 
-def _verify_image(data: bytes) -> bytes:
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an encoded image, read from its header (nothing decoded yet) and
+    verified. Raises ``InputFetchError`` when it is not an image or has more than ``max_pixels``:
+    a PNG of a few KB can stand for billions of pixels, which decoding would have to allocate."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
+        with warnings.catch_warnings():
+            # PIL only warns between 89 and 179 Mpx: what is above our limit must not decode at all
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise InputFetchError(
+                        f"input image is {width}x{height} ({width * height} pixels), more than the "
+                        f"{max_pixels} allowed",
+                        code="input_too_large",
+                    )
+                img.verify()
+    except InputFetchError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputFetchError(
+            f"input image is more than the {max_pixels} pixels allowed ({e})", code="input_too_large"
+        ) from e
     except Exception as e:  # PIL raises many types (SyntaxError, OSError, DecompressionBombError…)
         raise InputFetchError(f"input is not a readable image: {e}") from e
-    return data
+    return width, height
+
+
+def decode_inline(url: str, max_bytes: int) -> bytes | None:
+    """The bytes of a ``data:`` URL or bare base64 input; None for an http(s) URL."""
+    text = url.strip()
+    if text[:5].lower() == "data:":
+        return _decode_data_url(text, max_bytes)
+    if "://" in text[:16]:
+        return None
+    return _b64decode(text, max_bytes)
 
 
 def _b64decode(text: str, max_bytes: int) -> bytes:
@@ -221,12 +254,14 @@ def guarded_client(timeout_s: float) -> httpx.AsyncClient:
 
 def fetcher_from_options(options: Mapping[str, Any]) -> InputFetcher:
     """The fetcher of a server-backed runtime (a1111, comfyui) from its options:
-    ``input_max_bytes``, ``input_timeout_s``, ``allow_private_inputs``, ``input_s3_buckets``."""
+    ``input_max_bytes``, ``input_timeout_s``, ``allow_private_inputs``, ``input_s3_buckets``,
+    ``input_max_pixels``."""
     return InputFetcher(
         max_bytes=int(options.get("input_max_bytes", 20 * 2**20)),
         timeout_s=float(options.get("input_timeout_s", 30)),
         allow_private=bool(options.get("allow_private_inputs", False)),
         s3_buckets=list(options.get("input_s3_buckets", ())),
+        max_pixels=int(options.get("input_max_pixels", DEFAULT_MAX_PIXELS)),
     )
 
 
@@ -241,8 +276,10 @@ class InputFetcher:
         client: httpx.AsyncClient | None = None,
         resolve: Resolve = resolve_host,
         s3_buckets: Sequence[str] = (),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self.s3 = S3Inputs(s3_buckets) if s3_buckets else None
         """``s3://`` inputs from these buckets (``bucket`` or ``bucket/prefix``); none: refused."""
         self.timeout_s = timeout_s
@@ -252,19 +289,18 @@ class InputFetcher:
         self._client = client or guarded_client(timeout_s)
 
     async def fetch(self, url: str) -> bytes:
-        """The image bytes ``url`` stands for. Raises ``UrlRefused`` or ``InputFetchError``."""
+        """The image bytes ``url`` stands for, an image of at most ``max_pixels``. Raises
+        ``UrlRefused`` or ``InputFetchError``."""
         text = url.strip()
-        if text[:5].lower() == "data:":
-            data = _decode_data_url(text, self.max_bytes)
-        elif text[:5].lower() == "s3://":
+        data = decode_inline(text, self.max_bytes)
+        if data is None and text[:5].lower() == "s3://":
             if self.s3 is None:
                 raise UrlRefused(f"s3:// inputs are off: allow buckets in agent.input_s3_buckets ({text})")
             data = await self.s3.fetch(text, self.max_bytes)
-        elif "://" in text[:16]:
+        elif data is None:
             data = await self._fetch_http(text)
-        else:
-            data = _b64decode(text, self.max_bytes)
-        return _verify_image(data)
+        image_size(data, self.max_pixels)
+        return data
 
     async def _fetch_http(self, url: str) -> bytes:
         try:

@@ -25,13 +25,18 @@ def loads(data: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
     """``json.loads`` that raises ``JsonTooDeep`` past ``max_depth`` levels (``ValueError`` as
     ``json.loads`` does for malformed JSON)."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_not_json)
     except RecursionError as e:
         raise JsonTooDeep(f"JSON nested too deeply; at most {max_depth} levels") from e
     depth = nesting(value)
     if depth > max_depth:
         raise JsonTooDeep(f"JSON nested {depth} levels deep; at most {max_depth}")
     return value
+
+
+def _not_json(name: str) -> Any:
+    # json.loads takes NaN and Infinity, which JSON has not: a record holding one reads back changed
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def nesting(value: Any) -> int:

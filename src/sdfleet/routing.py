@@ -60,12 +60,15 @@ def fleet_topology(fleet: FleetConfig) -> Topology:
     return Topology(topics=[fleet.tasks_topic, fleet.results_topic], queues=queues, subscriptions=subs)
 
 
-def resolve_queues(fleet: FleetConfig, task: Task, attributes: dict[str, str]) -> list[str]:
+def resolve_queues(
+    fleet: FleetConfig, task: Task, attributes: dict[str, str], topology: Topology | None = None
+) -> list[str]:
     """The task queues a task would reach, as the bus will route it. Raises ``ValidationFailed`` when
-    none would take it (a silent drop otherwise) or when the client named a queue it cannot reach."""
+    none would take it (a silent drop otherwise) or when the client named a queue it cannot reach.
+    ``topology``: ``fleet_topology(fleet)``, when the caller keeps it (the API: once per process)."""
     from sdfleet.policy import matching_queues
 
-    topology = fleet_topology(fleet)
+    topology = topology or fleet_topology(fleet)
     queues = matching_queues(topology.subscriptions, fleet.tasks_topic, attributes, task.to_message())
     if not queues:
         raise ValidationFailed(

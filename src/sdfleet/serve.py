@@ -70,7 +70,8 @@ class Fleet:
             metrics = Metrics()
             jobs = [self._start_agent(stack, engines, q, metrics) for q in self.queues]
             if self.with_api:
-                app = create_app(api_context(self.settings, engines, metrics))
+                ctx = api_context(self.settings, engines, metrics)
+                app = create_app(ctx)
                 # lifespan on: the app's lifespan refreshes the queue gauges in the background
                 self.server = _server(app, self.settings.api.host, self.settings.api.port, lifespan="on")
                 jobs.append(await _serve(self.server, "api"))
@@ -80,11 +81,11 @@ class Fleet:
                     jobs.append(await _serve(self.ops_server, "api-ops"))
             # Not in ``jobs``: a burst agent ends the fleet, and this listener with it.
             extra: list[asyncio.Task[object]] = []
-            port = self.settings.agent.metrics_port
-            if self.queues and port:
+            port, host = self._metrics_listen()
+            if port:
                 registry_app = make_asgi_app(registry=metrics.registry)
-                self.metrics_server = _server(registry_app, self.settings.agent.metrics_host, port)
-                extra.append(await _serve(self.metrics_server, "agent-metrics"))
+                self.metrics_server = _server(registry_app, host, port)
+                extra.append(await _serve(self.metrics_server, "metrics"))
             self.started.set()
             try:
                 await asyncio.gather(*jobs)
@@ -93,6 +94,12 @@ class Fleet:
                 for job in (*jobs, *extra):
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await job
+
+    def _metrics_listen(self) -> tuple[int | None, str]:
+        agent = self.settings.agent
+        if self.queues and agent.metrics_port:
+            return agent.metrics_port, agent.metrics_host
+        return None, ""
 
     def _start_agent(
         self, stack: AsyncExitStack, engines: Engines, q: str, metrics: Metrics

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
+from sdfleet.tasks import TENANT_PATTERN
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
@@ -69,10 +70,15 @@ class RetryConfig(BaseModel):
 
 
 class TenantConfig(BaseModel):
-    name: str
+    name: str = Field(pattern=TENANT_PATTERN)
+    """Letters, digits, ``.``, ``_``, ``-`` (it is the first segment of the tenant's storage keys)."""
     tier: str = "standard"
-    rate_limit: float | None = None
-    max_in_flight: int | None = None
+    rate_limit: float | None = Field(None, gt=0)
+    """Accepted submissions per second, shared by every API replica; None: unlimited."""
+    burst: int | None = Field(None, ge=1)
+    """Submissions accepted at once before ``rate_limit`` applies; default one second's worth."""
+    max_in_flight: int | None = Field(None, ge=1)
+    """Most queued plus running tasks at a time; None: unlimited."""
 
 
 class FleetConfig(BaseModel):
@@ -124,11 +130,25 @@ class ApiSettings(BaseModel):
     """Period of the background refresh of the queue-depth gauges on ``/metrics``, seconds; 0: off
     (then only ``GET /v1/queues`` refreshes them)."""
     ops_port: int | None = Field(None, ge=1, le=65535)
-    """Serve ``/metrics`` and ``/queues/<name>/depth`` (KEDA's metrics-api scaler) on this port of
-    ``host`` instead of the public one; unset: ``/metrics`` on the public port, no depth route."""
+    """Serve ``/metrics`` (no key) and ``/queues/<name>/depth`` (KEDA's metrics-api scaler) on this
+    port of ``host`` instead of the public one; unset: ``/metrics`` on the public port, no depth
+    route. With ``workers`` > 1 the supervisor serves ``/metrics`` alone here (all workers')."""
     ready_check_s: float = Field(30.0, ge=0)
     """``/readyz`` checks the bus and the store at most once per this many seconds, and a failed
     check unreadies the replica only after none has passed for three periods (0: every probe)."""
+    workers: int = Field(1, ge=1, le=64)
+    """Processes of ``sdfleet api`` serving one port (uvicorn workers); ``sdfleet up`` runs one."""
+    require_key: bool = False
+    """Refuse requests without a valid API key even when no tenant or stored key exists yet.
+    Otherwise keys are required as soon as ``fleet.tenants`` or the store holds one."""
+    key_cache_s: float = Field(2.0, ge=0, le=60)
+    """How long a replica trusts what it read about a key: a revoked key stops working on every
+    replica within this many seconds."""
+    metrics_key: SecretStr | None = None
+    """Bearer token of ``GET /metrics`` while API keys are required (tenants' keys do not open it);
+    unset: ``/metrics`` answers 401 then, so scrape the ops port (``ops_port``) instead."""
+    max_input_pixels: int = Field(4096 * 4096, ge=64)
+    """Largest input image (width × height) accepted in a body (``data:`` or base64 inputs)."""
 
 
 class AgentSettings(BaseModel):
@@ -158,6 +178,8 @@ class AgentSettings(BaseModel):
     input_s3_buckets: list[str] = Field(default_factory=list)
     """Buckets (``name`` or ``name/prefix``) that ``s3://`` input URLs may name, read with the
     agent's AWS credentials, as the seed's agent does; empty: ``s3://`` inputs are refused."""
+    input_max_pixels: int = Field(4096 * 4096, ge=64)
+    """Largest decoded input image (width × height); a bigger one fails its task."""
     allow_private_inputs: bool = False
     """Allow input URLs on loopback/private networks (tests, demo); never in production."""
     retry_delay_s: float = Field(0.0, ge=0)

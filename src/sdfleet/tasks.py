@@ -9,12 +9,29 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from ulid import ULID
 
 SCHEMA_VERSION = 1
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
+"""A task id: 1-128 letters, digits, ``.``, ``_``, ``:`` or ``-``, not starting with ``.``, ``:`` or
+``-`` (so never ``.`` or ``..``): it is a segment of storage keys and record keys."""
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A tenant name: the first segment of its storage keys and of its record keys, so no ``/``."""
+
+
+def integral(value: Any) -> Any:
+    # JSON has one number type: 3.0 is the integer 3 (as JSON Schema says), also in strict mode.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(integral)]
+"""An int that a JSON number with no fraction (``3.0``) also is; never a string or a bool."""
 
 
 def new_task_id() -> str:
@@ -56,15 +73,15 @@ class TaskParams(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1, le=150)
-    width: int = Field(512, ge=8)
-    height: int = Field(512, ge=8)
+    steps: Integer = Field(20, ge=1, le=150)
+    width: Integer = Field(512, ge=8)
+    height: Integer = Field(512, ge=8)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
     sampler: str | None = None
-    seed: int = Field(-1, ge=-1, lt=2**32)
-    batch_size: int = Field(1, ge=1, le=16)
+    seed: Integer = Field(-1, ge=-1, lt=2**32)
+    batch_size: Integer = Field(1, ge=1, le=16)
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
-    clip_skip: int = Field(1, ge=1, le=12)
+    clip_skip: Integer = Field(1, ge=1, le=12)
     init_images: list[str] = Field(default_factory=list)
     """Input images as http(s) URLs, ``data:`` URLs or bare base64."""
     upscaler: str | None = None
@@ -99,8 +116,8 @@ class Task(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     schema_: int = Field(SCHEMA_VERSION, alias="schema")
-    id: str = Field(default_factory=new_task_id, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    tenant: str = "default"
+    id: str = Field(default_factory=new_task_id, pattern=TASK_ID_PATTERN)
+    tenant: str = Field("default", pattern=TENANT_PATTERN)
     type: TaskType = TaskType.TEXT_TO_IMAGE
     runtime: str | None = None
     model: str | None = None
@@ -155,6 +172,8 @@ class TaskRecord(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    published_at: float | None = None
+    """When the API last published the task (a repeated submit re-publishes at most once per lease)."""
 
     @property
     def id(self) -> str:

@@ -44,10 +44,10 @@ async def test_create_and_get(store: TaskStore) -> None:
     stored, created = await store.create(rec)
     assert created
     assert stored == rec
-    got = await store.get(rec.id)
+    got = await store.get(rec.tenant, rec.id)
     assert got == rec
     assert got is not None and got.task.params.prompt == "a lighthouse at dusk"
-    assert await store.get(new_task_id()) is None
+    assert await store.get(rec.tenant, new_task_id()) is None
 
 
 async def test_create_existing_id_returns_existing(store: TaskStore) -> None:
@@ -58,18 +58,22 @@ async def test_create_existing_id_returns_existing(store: TaskStore) -> None:
     stored, created = await store.create(again)
     assert not created
     assert stored == first
-    assert (await store.get(first.id)) == first
+    assert (await store.get(first.tenant, first.id)) == first
 
 
 async def test_lifecycle_bumps_version(store: TaskStore) -> None:
     rec = make_record(tenant_name())
     await store.create(rec)
-    running = await transition(store, rec.id, set_state(TaskState.RUNNING, worker="w1", attempts=1))
+    running = await transition(
+        store, rec.tenant, rec.id, set_state(TaskState.RUNNING, worker="w1", attempts=1)
+    )
     assert (running.state, running.version, running.worker) == (TaskState.RUNNING, 1, "w1")
     result = TaskResult(images=["a/b-0.png"], seed=42)
-    done = await transition(store, rec.id, set_state(TaskState.SUCCEEDED, result=result, progress=1.0))
+    done = await transition(
+        store, rec.tenant, rec.id, set_state(TaskState.SUCCEEDED, result=result, progress=1.0)
+    )
     assert (done.state, done.version) == (TaskState.SUCCEEDED, 2)
-    got = await store.get(rec.id)
+    got = await store.get(rec.tenant, rec.id)
     assert got == done
     assert got is not None and got.result == result and got.attempts == 1
 
@@ -77,8 +81,8 @@ async def test_lifecycle_bumps_version(store: TaskStore) -> None:
 async def test_retry_moves_running_back_to_queued(store: TaskStore) -> None:
     rec = make_record(tenant_name())
     await store.create(rec)
-    await transition(store, rec.id, set_state(TaskState.RUNNING, attempts=1))
-    back = await transition(store, rec.id, set_state(TaskState.QUEUED))
+    await transition(store, rec.tenant, rec.id, set_state(TaskState.RUNNING, attempts=1))
+    back = await transition(store, rec.tenant, rec.id, set_state(TaskState.QUEUED))
     assert (back.state, back.version, back.attempts) == (TaskState.QUEUED, 2, 1)
 
 
@@ -86,39 +90,39 @@ async def test_retry_moves_running_back_to_queued(store: TaskStore) -> None:
 async def test_terminal_record_refuses_transitions(store: TaskStore, terminal: TaskState) -> None:
     rec = make_record(tenant_name())
     await store.create(rec)
-    await transition(store, rec.id, set_state(TaskState.RUNNING))
-    final = await transition(store, rec.id, set_state(terminal))
+    await transition(store, rec.tenant, rec.id, set_state(TaskState.RUNNING))
+    final = await transition(store, rec.tenant, rec.id, set_state(terminal))
     for target in (TaskState.RUNNING, TaskState.QUEUED, terminal):
         with pytest.raises(TransitionConflict):
-            await transition(store, rec.id, set_state(target))
-    assert (await store.get(rec.id)) == final
+            await transition(store, rec.tenant, rec.id, set_state(target))
+    assert (await store.get(rec.tenant, rec.id)) == final
 
 
 async def test_illegal_move_refused(store: TaskStore) -> None:
     rec = make_record(tenant_name())
     await store.create(rec)
     with pytest.raises(TransitionConflict):
-        await transition(store, rec.id, set_state(TaskState.SUCCEEDED))
-    assert (await store.get(rec.id)) == rec
+        await transition(store, rec.tenant, rec.id, set_state(TaskState.SUCCEEDED))
+    assert (await store.get(rec.tenant, rec.id)) == rec
 
 
 async def test_transition_of_unknown_task(store: TaskStore) -> None:
     with pytest.raises(NotFound):
-        await transition(store, new_task_id(), set_state(TaskState.RUNNING))
+        await transition(store, tenant_name(), new_task_id(), set_state(TaskState.RUNNING))
 
 
 async def test_concurrent_transitions_apply_once_each(store: TaskStore) -> None:
     rec = make_record(tenant_name())
     await store.create(rec)
-    await transition(store, rec.id, set_state(TaskState.RUNNING))
+    await transition(store, rec.tenant, rec.id, set_state(TaskState.RUNNING))
 
     def bump(r: TaskRecord) -> TaskRecord:
         r.attempts += 1
         return r
 
-    results = await asyncio.gather(*(transition(store, rec.id, bump) for _ in range(10)))
+    results = await asyncio.gather(*(transition(store, rec.tenant, rec.id, bump) for _ in range(10)))
     assert sorted(r.version for r in results) == list(range(2, 12))
-    final = await store.get(rec.id)
+    final = await store.get(rec.tenant, rec.id)
     assert final is not None
     assert (final.attempts, final.version) == (10, 11)
 
@@ -130,11 +134,11 @@ async def test_compare_and_set_stale_version(store: TaskStore) -> None:
     assert await store.compare_and_set(first, 0)
     stale = rec.model_copy(update={"state": TaskState.CANCELLED, "version": 1, "worker": "b"})
     assert not await store.compare_and_set(stale, 0)
-    got = await store.get(rec.id)
+    got = await store.get(rec.tenant, rec.id)
     assert got is not None and (got.state, got.version, got.worker) == (TaskState.RUNNING, 1, "a")
     missing = make_record(rec.tenant).model_copy(update={"version": 1})
     assert not await store.compare_and_set(missing, 0)
-    assert await store.get(missing.id) is None
+    assert await store.get(missing.tenant, missing.id) is None
 
 
 async def _seed(store: TaskStore, tenant: str, n: int) -> list[TaskRecord]:
@@ -196,7 +200,7 @@ async def test_list_state_filter(store: TaskStore) -> None:
     expected = await _seed(store, tenant, 9)
     running = expected[::2]
     for r in running:
-        await transition(store, r.id, set_state(TaskState.RUNNING))
+        await transition(store, r.tenant, r.id, set_state(TaskState.RUNNING))
     pages = await _all_pages(store, tenant, state=TaskState.RUNNING, limit=2)
     got = [r for p in pages for r in p]
     assert [r.id for r in got] == [r.id for r in running]
@@ -204,3 +208,27 @@ async def test_list_state_filter(store: TaskStore) -> None:
     queued, _ = await store.list(tenant, state=TaskState.QUEUED)
     assert [r.id for r in queued] == [r.id for r in expected[1::2]]
     assert await store.list(tenant, state=TaskState.FAILED) == ([], None)
+
+
+async def test_ids_are_per_tenant(store: TaskStore) -> None:
+    """Another tenant's id is simply another task: created, read and changed on its own."""
+    a, b = tenant_name(), tenant_name()
+    mine = TaskRecord(task=Task(tenant=a, id="shared-id"))
+    theirs = TaskRecord(task=Task(tenant=b, id="shared-id"))
+    theirs.task.params.prompt = "b's own"
+    assert (await store.create(mine))[1]
+    stored, created = await store.create(theirs)
+    assert created and stored == theirs
+    assert await store.get(a, "shared-id") == mine
+    assert await store.get(b, "shared-id") == theirs
+    assert await store.get(tenant_name(), "shared-id") is None
+    running = await transition(store, b, "shared-id", set_state(TaskState.RUNNING))
+    assert running.tenant == b and running.version == 1
+    assert await store.get(a, "shared-id") == mine, "a's record is untouched"
+    # compare-and-set addresses (tenant, id): a's version 0 is not b's
+    stale = mine.model_copy(update={"state": TaskState.CANCELLED, "version": 1})
+    assert await store.compare_and_set(stale, 0)
+    got_b = await store.get(b, "shared-id")
+    assert got_b is not None and got_b.state is TaskState.RUNNING
+    assert [r.id for r in (await store.list(a))[0]] == ["shared-id"]
+    assert [r.tenant for r in (await store.list(b))[0]] == [b]

@@ -24,7 +24,7 @@ from sdfleet.disjoint import effective_filters
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.settings import FleetConfig, load_fleet
 from sdfleet.storage.backends.s3 import S3BlobStore
-from sdfleet.store.backends.dynamodb import DynamoTaskStore, table_spec
+from sdfleet.store.backends.dynamodb import INDEXES, DynamoTaskStore, table_spec
 from sdfleet.tasks import Task, TaskRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,8 +298,8 @@ def test_api_role_publishes_tasks_and_never_consumes(example: Synth) -> None:
     assert grants["sns:Publish"] == [s.topic_ref(s.fleet.tasks_topic)]
     assert set(grants) == API_ACTIONS
     ((table, _),) = s.of_type("AWS::DynamoDB::Table").items()
-    index = {"Fn::Join": ["", [{"Fn::GetAtt": [table, "Arn"]}, "/index/by-tenant"]]}
-    assert grants["dynamodb:Query"] == [{"Fn::GetAtt": [table, "Arn"]}, index]
+    indexes = [{"Fn::Join": ["", [{"Fn::GetAtt": [table, "Arn"]}, f"/index/{i}"]]} for i in INDEXES]
+    assert grants["dynamodb:Query"] == [{"Fn::GetAtt": [table, "Arn"]}, *indexes]
     trust = s.role("sdfleet api ")["AssumeRolePolicyDocument"]["Statement"]
     assert trust == [
         {
@@ -419,7 +419,7 @@ async def test_engines_run_on_the_deployed_stack_without_ensure(example: Synth, 
         assert result.body == b'{"event": "succeeded"}'
     async with DynamoTaskStore.from_url(out["StoreUrl"]) as store:
         record, created = await store.create(TaskRecord(task=Task(tenant="acme")))
-        assert created and (await store.get(record.id)) == record
+        assert created and (await store.get(record.tenant, record.id)) == record
     async with S3BlobStore.from_url(out["StorageUrl"]) as storage:
         await storage.put("t/1.png", b"png", "image/png")
         assert await storage.get("t/1.png") == b"png"

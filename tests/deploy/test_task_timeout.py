@@ -25,7 +25,7 @@ async def test_task_timeouts_are_capped_at_the_queues(tmp_path: Path) -> None:
                 body = {"params": {"prompt": "p"}, **({"timeout_s": asked} if asked else {})}
                 r = await api.post("/v1/tasks", json=body)
                 assert r.status_code == 202, r.text
-                record = await engines.store.get(r.json()["id"])
+                record = await engines.store.get("default", r.json()["id"])
                 assert record is not None and record.task.timeout_s == kept, (asked, record.task.timeout_s)
     finally:
         await engines.aclose()

@@ -91,11 +91,11 @@ def fleet_file(tmp_path: Path, s: Settings) -> Path:
 async def until(store: TaskStore, task_id: str, ok: Any, timeout_s: float = 60) -> TaskRecord:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        record = await store.get(task_id)
+        record = await store.get("default", task_id)
         if record is not None and ok(record):
             return record
         await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} never got there: {await store.get(task_id)}")
+    raise AssertionError(f"task {task_id} never got there: {await store.get("default", task_id)}")
 
 
 async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
@@ -113,7 +113,7 @@ async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
         r = await api.http.post("/v1/tasks", json=body)
         assert r.status_code == 202, r.text
         await asyncio.wait_for(hook.held.wait(), 60)  # recorded, notifying: not acked yet
-        first = await store.get("t1")
+        first = await store.get("default", "t1")
         assert first is not None and first.state is TaskState.SUCCEEDED
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -122,7 +122,7 @@ async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
     while hook.events.count(("t1", "succeeded")) < 2:
         assert time.monotonic() < deadline, hook.events
         await asyncio.sleep(0.1)
-    record = await store.get("t1")
+    record = await store.get("default", "t1")
     assert record is not None and record.result == first.result and record.version == first.version
     assert await exists(engine, first.result.images[0])  # type: ignore[union-attr]
     notes = [n for n in await drain(engine, "results") if n.get("task_id") == "t1"]
@@ -147,7 +147,7 @@ async def test_sigterm_with_tasks_in_every_stage_loses_nothing(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     for task_id in ids[1:]:
-        record = await store.get(task_id)
+        record = await store.get("default", task_id)
         assert record is not None and record.state in (TaskState.QUEUED, TaskState.SUCCEEDED), record
     quick = settings(engine, models_dir, latency_s=0.05)
     await start_fleet(QUEUE, settings=quick, agents=["q"], with_api=False)

@@ -195,28 +195,33 @@ async def test_tenants_ids_and_cancel(start_fleet: StartFleet, engine: Engine, m
     again = await http.post("/v1/tasks", json=body, headers=ALICE)
     assert again.status_code == 200 and again.json()["id"] == "client-7"
     assert again.json()["created_at"] == first.json()["created_at"]
-    clash = await http.post("/v1/tasks", json=body, headers=BOB)
-    assert clash.status_code == 409 and "client-7" in clash.json()["error"]["message"]
-    other = await http.get("/v1/tasks/client-7", headers=BOB)
-    assert other.status_code == 404, other.text
-    assert (await http.post("/v1/tasks/client-7/cancel", headers=BOB)).status_code == 404
+    # Ids are per tenant: Bob's "client-7" is Bob's own task, and learns nothing of Alice's.
+    bobs = await http.post("/v1/tasks", json=body, headers=BOB)
+    assert bobs.status_code == 202 and bobs.json()["tenant"] == "bob", bobs.text
+    assert bobs.json()["created_at"] != first.json()["created_at"]
+    mine = await http.get("/v1/tasks/client-7", headers=ALICE)
+    assert mine.json()["tenant"] == "alice" and mine.json()["created_at"] == first.json()["created_at"]
 
     cancelled = await http.post("/v1/tasks/client-7/cancel", headers=ALICE)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     again = await http.post("/v1/tasks/client-7/cancel", headers=ALICE)
     assert again.status_code == 409 and "cannot be cancelled" in again.json()["error"]["message"]
+    assert (await http.get("/v1/tasks/client-7", headers=BOB)).json()["state"] == "queued"
+    assert (await http.post("/v1/tasks/client-7/cancel", headers=BOB)).json()["state"] == "cancelled"
 
-    # An agent that receives the cancelled task acks and drops it without running it: both copies
-    # (the repeated submit of a still-queued task published it again).
+    # An agent that receives a cancelled task acks and drops it without running it. The repeated
+    # submit within the lease period was not published again: one message per tenant's task.
     agents = await start_fleet(agents=["sd15"], with_api=False, settings=fleet.settings)
     agent = agents.fleet.agents[0]
     for _ in range(100):
         if agent.processed >= 2:
             break
         await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
     assert agent.processed == 2
-    record = await agent.parts.store.get("client-7")
-    assert record is not None and record.state is TaskState.CANCELLED
-    assert record.attempts == 0 and record.result is None
+    for tenant in ("alice", "bob"):
+        record = await agent.parts.store.get(tenant, "client-7")
+        assert record is not None and record.state is TaskState.CANCELLED
+        assert record.attempts == 0 and record.result is None
     stats = await agent.parts.bus.stats("sd15")
     assert stats.visible == 0 and stats.in_flight == 0

@@ -50,7 +50,7 @@ async def _until(
     proc: subprocess.Popen[bytes] | None = None,
 ) -> TaskRecord:
     for _ in range(300):
-        record = await store.get(task_id)
+        record = await store.get("default", task_id)
         if record is not None and ok(record):
             return record
         if proc is not None and proc.poll() is not None:
@@ -149,7 +149,7 @@ async def test_sigterm_drains_and_exits_zero(
         assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
         assert took < drain_s + 5
     if drain_s > 3:  # the draining agent finished its task before it exited
-        record = await store.get(task_id)
+        record = await store.get("default", task_id)
         assert (
             record is not None
             and record.state is TaskState.SUCCEEDED

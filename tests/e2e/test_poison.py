@@ -152,10 +152,10 @@ class Exploding:
     def __init__(self, inner: TaskStore, task_id: str) -> None:
         self.inner, self.task_id = inner, task_id
 
-    async def get(self, task_id: str) -> TaskRecord | None:
+    async def get(self, tenant: str, task_id: str) -> TaskRecord | None:
         if task_id == self.task_id:
             raise RuntimeError("an unforeseen bug")
-        return await self.inner.get(task_id)
+        return await self.inner.get(tenant, task_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

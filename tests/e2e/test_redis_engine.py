@@ -118,7 +118,7 @@ async def _wait_succeeded(engine: Engine, ids: list[str], timeout_s: float) -> d
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            records = {i: await store.get(i) for i in ids}
+            records = {i: await store.get("default", i) for i in ids}
             pending = {i: r.state.value if r else None for i, r in records.items()}
             pending = {i: s for i, s in pending.items() if s != TaskState.SUCCEEDED.value}
             if not pending:

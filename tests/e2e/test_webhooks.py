@@ -4,6 +4,7 @@ terminal ones are retried through 5xx answers; refused URLs are a 422 at submit.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 import uvicorn
+from standardwebhooks import Webhook as StandardWebhook
+from standardwebhooks import WebhookVerificationError
 
 from conftest import Engine, StartFleet, fleet_settings, free_port
 from sdfleet.notify.webhook import WebhookNotifier, verify
@@ -103,11 +106,15 @@ def _settings(engine: Engine, models_dir: Path, *, allow_private: bool) -> Setti
     return settings
 
 
-def _signed(hit: Hit) -> bool:
+def _signed(hit: Hit, secret: str = SECRET) -> bool:
+    """Both signatures hold: Standard Webhooks (checked by the ``standardwebhooks`` library's own
+    verifier) and the earlier ``X-Sdfleet-Signature``."""
+    StandardWebhook(secret.encode()).verify(hit.body, hit.headers)  # raises when it does not hold
+    assert hit.headers["webhook-id"] == hit.headers["x-sdfleet-delivery"]
     ts, body = hit.headers["x-sdfleet-timestamp"], hit.body
-    expected = hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    expected = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
     return hit.headers["x-sdfleet-signature"] == f"sha256={expected}" and verify(
-        SECRET, ts, body, hit.headers["x-sdfleet-signature"]
+        secret, ts, body, hit.headers["x-sdfleet-signature"]
     )
 
 
@@ -193,7 +200,10 @@ async def test_notify_never_waits_and_shutdown_drain_is_bounded(
     await notifier.notify(down, _event(down, EventType.SUCCEEDED))
     assert time.monotonic() - t0 < 0.1, "delivery runs in the background"
     await receiver.until(lambda: len(receiver.on("/down")) >= 3)
-    assert "x-sdfleet-signature" not in receiver.on("/down")[0].headers, "no secret: unsigned"
+    unsigned = receiver.on("/down")[0].headers
+    assert "x-sdfleet-signature" not in unsigned and "webhook-signature" not in unsigned, (
+        "no secret: unsigned"
+    )
     with caplog.at_level(logging.WARNING, logger="sdfleet.notify.webhook"):
         t0 = time.monotonic()
         await notifier.aclose()
@@ -268,3 +278,28 @@ async def test_unsigned_warning_once_and_only_when_a_task_asks(
             await n.aclose()
     warned = [r for r in caplog.records if "WEBHOOK__SECRET" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+
+
+async def test_standard_webhooks_secret_verifies_with_the_library(receiver: Receiver) -> None:
+    """A ``whsec_`` secret (the Standard Webhooks form) signs with its decoded bytes: a receiver
+    hands the very same string to ``standardwebhooks.Webhook``; a changed body or id fails."""
+    secret = "whsec_" + base64.b64encode(b"thirty-two bytes of shared secret").decode()
+    notifier = WebhookNotifier(secret=secret, allow_private=True, backoff_s=0.01)
+    rec = _record(f"{receiver.url}/std", ["succeeded"])
+    await notifier.notify(rec, _event(rec, EventType.SUCCEEDED))
+    await receiver.until(lambda: bool(receiver.on("/std")))
+    await notifier.aclose()
+    [hit] = receiver.on("/std")
+    payload = StandardWebhook(secret).verify(hit.body, hit.headers)
+    assert payload["task_id"] == rec.id and payload["type"] == "succeeded"
+    assert hit.headers["webhook-signature"].startswith("v1,")
+    for tampered_body, headers in (
+        (hit.body.replace(b"succeeded", b"failed"), hit.headers),
+        (hit.body, {**hit.headers, "webhook-id": "another-delivery"}),
+    ):
+        with pytest.raises(WebhookVerificationError):
+            StandardWebhook(secret).verify(tampered_body, headers)
+    with pytest.raises(WebhookVerificationError):
+        StandardWebhook("whsec_" + base64.b64encode(b"some other secret").decode()).verify(
+            hit.body, hit.headers
+        )

@@ -252,7 +252,7 @@ async def test_endpoint_down_maps_to_unavailable(monkeypatch: pytest.MonkeyPatch
             await bus.receive("q")
     async with DynamoTaskStore.from_url("aws://?table=down&retries=1") as store:
         with pytest.raises(StoreUnavailable):
-            await store.get("x")
+            await store.get("t", "x")
     async with S3BlobStore.from_url("s3://down/p?retries=1") as blobs:
         with pytest.raises(StorageUnavailable):
             await blobs.get("x.png")
@@ -268,11 +268,13 @@ async def test_store_creates_its_table_with_the_tenant_index(moto_url: str) -> N
         assert (await store.create(rec))[1]
     desc = boto3.client("dynamodb").describe_table(TableName=table)["Table"]
     assert desc["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
-    (gsi,) = desc["GlobalSecondaryIndexes"]
-    assert [k["AttributeName"] for k in gsi["KeySchema"]] == ["tenant", "sk"]
+    indexes = {
+        g["IndexName"]: [k["AttributeName"] for k in g["KeySchema"]] for g in desc["GlobalSecondaryIndexes"]
+    }
+    assert indexes == {"by-tenant": ["tenant", "sk"], "by-tenant-active": ["active", "sk"]}
     async with DynamoTaskStore.from_url(f"aws://?table=missing-{table}&create=false") as store:
         with pytest.raises(NotFound):
-            await store.get("x")
+            await store.get("t", "x")
 
 
 async def test_s3_presigned_url_downloads_and_bucket_is_not_created_by_default(moto_url: str) -> None:

@@ -107,3 +107,17 @@ def test_agent_batching_through_the_agent(tmp_path: Path) -> None:
     rows = json.loads(written.read_text())["rows"]
     assert [r["max_batch"] for r in rows] == [1, 2]
     assert all(r["agent_ips"] > 0 and r["pipeline_ips"] > 0 for r in rows)
+
+
+def test_submit_throughput_runs_both_servers_and_writes_json(tmp_path: Path) -> None:
+    bench = load_scenario(BENCH, "submit_throughput")
+    src = Path(__file__).resolve().parents[2] / "src"
+    argv = ["--tasks", "40", "--warmup", "5", "--clients", "4", "--workers", "1", "--rounds", "1"]
+    assert bench.main([*argv, "--src", str(src), "--results", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("submit_throughput-api-*.json")
+    report: dict[str, Any] = json.loads(written.read_text())
+    rounds = report["rounds"]
+    assert [r["label"] for r in rounds] == ["this checkout", f"--src {src}"]
+    for r in rounds:
+        assert r["accepted"] == 40 and r["status"] == {"202": 40} and r["accepted_per_s"] > 0
+        assert r["latency_ms"]["n"] == 40 and ordered(r["latency_ms"]) and r["cpu_ms_per_request"] > 0

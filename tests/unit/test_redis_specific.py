@@ -129,12 +129,12 @@ async def test_bus_and_store_survive_a_restart_without_new_objects(private_redis
         with pytest.raises(BusUnavailable):
             await bus.publish("tasks", b"lost", {})
         with pytest.raises(StoreUnavailable, match=r"redis task store .* is unavailable"):
-            await store.get(record.id)
+            await store.get(record.tenant, record.id)
         private_redis.start()  # same port, same data dir: the append-only file brings the data back
         (d,) = await bus.receive("q", lease_s=30)
         assert d.body == b"before"
         await bus.ack(d)
-        assert await store.get(record.id) == record
+        assert await store.get(record.tenant, record.id) == record
     finally:
         await bus.aclose()
         await store.aclose()

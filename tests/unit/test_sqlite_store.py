@@ -25,7 +25,7 @@ def _race_cas(url: str, task_id: str, worker: str, barrier: Barrier) -> None:
 
     async def main() -> bool:
         async with SqliteTaskStore.from_url(url) as store:
-            current = await store.get(task_id)
+            current = await store.get("mp", task_id)
             assert current is not None
             new = current.model_copy(update={"state": TaskState.RUNNING, "version": 1, "worker": worker})
             barrier.wait(timeout=30)
@@ -45,7 +45,7 @@ def _bump_many(url: str, task_id: str, n: int, barrier: Barrier) -> None:
         async with SqliteTaskStore.from_url(url) as store:
             barrier.wait(timeout=30)
             for _ in range(n):
-                await transition(store, task_id, bump, tries=1000)
+                await transition(store, "mp", task_id, bump, tries=1000)
 
     asyncio.run(main())
 
@@ -76,7 +76,7 @@ async def test_two_processes_race_compare_and_set(tmp_path: Path) -> None:
         assert sorted(c for c in codes if c is not None) == [0, 3], codes
         winner = "ab"[codes.index(0)]
         async with SqliteTaskStore.from_url(url) as store:
-            final = await store.get(rec.id)
+            final = await store.get(rec.tenant, rec.id)
         assert final is not None
         assert (final.version, final.state, final.worker) == (1, TaskState.RUNNING, winner)
 
@@ -88,7 +88,7 @@ async def test_processes_share_transitions(tmp_path: Path) -> None:
     codes = await asyncio.to_thread(_run_children, _bump_many, [(url, rec.id, 15, barrier)] * 3)
     assert codes == [0, 0, 0]
     async with SqliteTaskStore.from_url(url) as store:
-        final = await store.get(rec.id)
+        final = await store.get(rec.tenant, rec.id)
     assert final is not None and (final.attempts, final.version) == (45, 45)
 
 
@@ -101,7 +101,7 @@ async def test_shares_a_file_with_other_tables(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{db}")
     assert isinstance(store, SqliteTaskStore)
     rec, created = await store.create(TaskRecord(task=Task()))
-    assert created and await store.get(rec.id) == rec
+    assert created and await store.get(rec.tenant, rec.id) == rec
     await store.aclose()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
@@ -140,17 +140,46 @@ async def test_unusable_file_is_store_unavailable(tmp_path: Path) -> None:
     (tmp_path / "adir.db").mkdir()
     store = SqliteTaskStore(tmp_path / "adir.db")
     with pytest.raises(StoreUnavailable) as info:
-        await store.get("x")
+        await store.get("t", "x")
     assert isinstance(info.value.__cause__, sqlite3.Error)
     await store.aclose()
 
 
 async def test_closed_store_refuses_calls(tmp_path: Path) -> None:
     store = SqliteTaskStore(tmp_path / "x.db")
-    pending = asyncio.gather(*(store.get(f"id{i}") for i in range(5)), return_exceptions=True)
+    pending = asyncio.gather(*(store.get("t", f"id{i}") for i in range(5)), return_exceptions=True)
     await asyncio.sleep(0)
     await store.aclose()
     await store.aclose()
     assert all(r is None or isinstance(r, StoreUnavailable) for r in await pending)
     with pytest.raises(StoreUnavailable):
         await store.create(TaskRecord(task=Task()))
+
+
+async def test_a_file_of_global_ids_is_migrated_to_ids_per_tenant(tmp_path: Path) -> None:
+    """A database written when ids were global (key ``id``) keeps its records and takes ids per tenant."""
+    db = tmp_path / "old.db"
+    old = TaskRecord(task=Task(tenant="alice", id="shared"))
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            "CREATE TABLE task_records (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,"
+            " created_at REAL NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL);"
+            "CREATE INDEX task_records_by_tenant ON task_records (tenant, created_at DESC, id DESC);"
+        )
+        conn.execute(
+            "INSERT INTO task_records VALUES (?, ?, ?, ?, ?, ?)",
+            (old.id, old.tenant, old.state.value, old.task.created_at, old.version, old.model_dump_json()),
+        )
+    conn.close()
+    async with SqliteTaskStore(db) as store:
+        assert await store.get("alice", "shared") == old
+        bobs = TaskRecord(task=Task(tenant="bob", id="shared"))
+        assert (await store.create(bobs))[1]
+        assert [r.id for r in (await store.list("alice"))[0]] == ["shared"]
+    async with SqliteTaskStore(db) as again:  # a second open finds the new key and changes nothing
+        assert await again.get("bob", "shared") == bobs
+    with sqlite3.connect(db) as conn:
+        key = [r[1] for r in conn.execute("PRAGMA table_info(task_records)") if r[5]]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    conn.close()
+    assert key == ["tenant", "id"] and "task_records_v0" not in tables

@@ -31,7 +31,7 @@ async def begin(parts: Parts, p: Prepared) -> bool:
         record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
     except (TransitionConflict, NotFound) as e:
         task_event(task.id, p.delivery.queue, p.span, "dropped", reason=str(e))
-        await notify_if_cancelled_unrun(parts, await parts.store.get(task.id))
+        await notify_if_cancelled_unrun(parts, await parts.store.get(task.tenant, task.id))
         await p.handle.ack()
         return False
     p.record = record
@@ -54,7 +54,7 @@ async def _start_record(parts: Parts, p: Prepared) -> TaskRecord:
             return record
         p.record = record
     mutate = partial(_start, parts=parts, d=d)
-    return await transition(parts.store, p.task.id, mutate, current=p.record)
+    return await transition(parts.store, p.task.tenant, p.task.id, mutate, current=p.record)
 
 
 def _start(r: TaskRecord, parts: Parts, d: Delivery) -> TaskRecord | None:

@@ -179,7 +179,7 @@ async def _write_progress(parts: Parts, p: Prepared, fraction: float) -> TaskRec
     if p.record is None or p.record.state is not TaskState.RUNNING:
         return None  # not started yet (its start write is still in flight)
     try:
-        record = await transition(parts.store, p.task.id, mutate, current=p.record)
+        record = await transition(parts.store, p.task.tenant, p.task.id, mutate, current=p.record)
     except SdfleetError as e:  # progress is best effort
         log.debug("progress of %s not saved: %s", p.task.id, e)
         return None

@@ -50,7 +50,7 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
     elif isinstance(outcome, Reject):
         p.span.set_status(StatusCode.ERROR, outcome.reason)
         _event(p, "failed", code=outcome.code, reason=outcome.reason, retry=False)
-        await fail(parts, task.id, outcome.code, outcome.reason)
+        await fail(parts, task.tenant, task.id, outcome.code, outcome.reason)
         await acknowledge(parts, p)
     elif isinstance(outcome, SdfleetError):
         await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome))
@@ -90,7 +90,7 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
         return r
 
     lease_s = parts.fleet.retry.lease_s
-    record_it = partial(transition, parts.store, task.id, mutate, current=p.record)
+    record_it = partial(transition, parts.store, task.tenant, task.id, mutate, current=p.record)
     try:
         record = await ride_out(record_it, f"recording {task.id}", lease_s)
     except TransitionConflict as e:  # cancelled (or finished elsewhere) meanwhile: no second result
@@ -108,13 +108,13 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
 async def _interrupted(parts: Parts, p: Prepared) -> None:
     if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
         _event(p, "cancelled")
-        record = await parts.store.get(p.task.id)
+        record = await parts.store.get(p.task.tenant, p.task.id)
         if record is not None:
             await notify(parts, record, EventType.CANCELLED)
         await acknowledge(parts, p)
         return
     _event(p, "requeued", code="interrupted", reason="agent shut down before the task finished")
-    await requeue(parts, p.task.id, "interrupted", "agent shut down before the task finished")
+    await requeue(parts, p.task.tenant, p.task.id, "interrupted", "agent shut down before the task finished")
     await p.handle.release()
 
 
@@ -127,9 +127,9 @@ async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> 
         p, "failed" if last else "requeued", level=level, code=code, reason=message, attempt=d.receive_count
     )
     if last:
-        await fail(parts, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
+        await fail(parts, p.task.tenant, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
         # Not acked: the bus moves a message that used up its receives to the dead-letter queue.
         await p.handle.release()
     else:
-        await requeue(parts, p.task.id, code, message)
+        await requeue(parts, p.task.tenant, p.task.id, code, message)
         await p.handle.release(parts.settings.retry_delay_s)

@@ -73,7 +73,7 @@ async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span
     d = h.delivery
     # None: published by the seed's Lambda or another producer, or by an API that has not written
     # the record yet; the agent creates it as the task starts (``begin``).
-    record = await parts.store.get(task.id)
+    record = await parts.store.get(task.tenant, task.id)
     reason = None if record is None else _skip_reason(record, d)
     if record is not None and reason is not None:
         task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
@@ -90,7 +90,7 @@ async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span
         queued = task if task.queue else task.model_copy(update={"queue": d.queue})
         span.set_status(StatusCode.ERROR, e.message or str(e))
         task_event(task.id, d.queue, span, "failed", code=e.code, reason=e.message or str(e), retry=False)
-        await fail(parts, task.id, e.code, e.message or str(e), task=queued)
+        await fail(parts, task.tenant, task.id, e.code, e.message or str(e), task=queued)
         await h.ack()
         return None
     p.timings["inputs_fetch"] = time.perf_counter() - t0

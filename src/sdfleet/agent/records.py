@@ -15,7 +15,9 @@ from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, Tas
 log = logging.getLogger(__name__)
 
 
-async def fail(parts: Parts, task_id: str, code: str, message: str, *, task: Task | None = None) -> None:
+async def fail(
+    parts: Parts, tenant: str, task_id: str, code: str, message: str, *, task: Task | None = None
+) -> None:
     """Mark a task failed with a reason and notify; a task already terminal stays as it is.
     ``task``: create its record, failed, if it has none (a task another producer published)."""
 
@@ -26,13 +28,13 @@ async def fail(parts: Parts, task_id: str, code: str, message: str, *, task: Tas
 
     try:
         try:
-            record = await transition(parts.store, task_id, mutate)
+            record = await transition(parts.store, tenant, task_id, mutate)
         except NotFound:
             if task is None:
                 raise
             record, created = await parts.store.create(mutate(TaskRecord(task=task)))
             if not created:
-                record = await transition(parts.store, task_id, mutate)
+                record = await transition(parts.store, tenant, task_id, mutate)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not failed: %s", task_id, e)
         return
@@ -40,7 +42,7 @@ async def fail(parts: Parts, task_id: str, code: str, message: str, *, task: Tas
     await notify(parts, record, EventType.FAILED)
 
 
-async def requeue(parts: Parts, task_id: str, code: str, message: str) -> None:
+async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: str) -> None:
     """Back to ``queued`` with the reason of the failed attempt (the delivery is released)."""
 
     def mutate(r: TaskRecord) -> TaskRecord | None:
@@ -50,7 +52,7 @@ async def requeue(parts: Parts, task_id: str, code: str, message: str) -> None:
         return r
 
     try:
-        await transition(parts.store, task_id, mutate)
+        await transition(parts.store, tenant, task_id, mutate)
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not requeued: %s", task_id, e)
 

@@ -55,7 +55,7 @@ async def watch_cancels(
         for p in due:
             p.cancel_checked = now
             try:
-                record = await parts.store.get(p.task.id)
+                record = await parts.store.get(p.task.tenant, p.task.id)
             except SdfleetError as e:
                 log.debug("cancel check of %s failed: %s", p.task.id, e)
                 continue

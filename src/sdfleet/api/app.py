@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from sdfleet import errors
+from sdfleet.api import openapi, openapi_rules
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
+from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
+from sdfleet.settings import ApiSettings, FleetConfig
+from sdfleet.tasks import TaskEvent
 from sdfleet.telemetry import fastapi_options
+
+log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.PayloadTooLarge, 413),
@@ -22,10 +35,17 @@ STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.Unauthorized, 401),
+    (errors.RateLimited, 429),
     (errors.BusUnavailable, 503),
     (errors.StoreUnavailable, 503),
     (errors.StorageUnavailable, 503),
 ]
+# What a client is told when we fail: the details (engine addresses, file paths) go to the log.
+_SERVER_SIDE = {
+    errors.BusUnavailable: "the task bus is unavailable; retry later",
+    errors.StoreUnavailable: "the task store is unavailable; retry later",
+    errors.StorageUnavailable: "the storage is unavailable; retry later",
+}
 
 
 def status_for(e: errors.SdfleetError) -> int:
@@ -38,9 +58,17 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-async def _sdfleet_error(_: Request, e: Exception) -> JSONResponse:
+async def _sdfleet_error(request: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, errors.SdfleetError)
-    return JSONResponse(error_body(e.code, e.message or str(e)), status_code=status_for(e))
+    status = status_for(e)
+    message = e.message or str(e)
+    if status >= 500:
+        log.warning("%s %s: %s: %s", request.method, request.url.path, e.code, message)
+        message = next((m for cls, m in _SERVER_SIDE.items() if isinstance(e, cls)), "internal error")
+    headers = {}
+    if isinstance(e, errors.RateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+    return JSONResponse(error_body(e.code, message), status_code=status, headers=headers)
 
 
 async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -55,30 +83,74 @@ async def _request_validation(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
 
 
+_ROUTING = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, e: Exception) -> JSONResponse:
+    """Starlette's own answers (no route, wrong method) in our error shape; a 405 lists every
+    method of the path, not only those of the first route that matched it."""
+    assert isinstance(e, HTTPException)
+    headers = dict(e.headers or {})
+    if e.status_code == 405:
+        methods: set[str] = set()
+        for route in request.app.state.api_routes:
+            match, _ = route.matches(request.scope)  # PARTIAL: the path is the route's, not the method
+            if match is not Match.NONE:
+                methods |= set(route.methods or ())
+        headers["Allow"] = ", ".join(sorted(methods))
+    code = _ROUTING.get(e.status_code, "http_error")
+    return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code, headers=headers)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refresh the queue gauges in the background while serving."""
     ctx: ApiContext = app.state.ctx
     async with queue_stats_refresher(ctx.bus, ctx.fleet, ctx.metrics, ctx.settings.queue_stats_s):
         yield
 
 
+BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("/v1/tasks", "post"): tasks.TaskRequest,
+    ("/v1alpha1/", "post"): V1alpha1Body,
+    ("/v1alpha2/", "post"): V1alpha2Body,
+}
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
-    """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges. Traced: only
-    ``api.submit`` (FastAPI's own request spans are off, see ``fastapi_options``)."""
+    """The API over ``ctx``; its lifespan (run by uvicorn) refreshes the queue gauges."""
+    app = build_app(ctx.settings, ctx.fleet, _lifespan)
+    app.state.ctx = ctx
+    return app
+
+
+def build_app(
+    settings: ApiSettings,
+    fleet: FleetConfig,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+) -> FastAPI:
+    """The app without its ``ApiContext``: ``lifespan`` must put one in ``app.state.ctx``. Traced:
+    only ``api.submit`` (FastAPI's own request spans are off, see ``fastapi_options``)."""
     app = FastAPI(
         **fastapi_options(),
         title="sdfleet",
         version="0.1.0",
         description="Asynchronous Stable Diffusion generation: submit, get a task id at once, fetch results.",
-        lifespan=_lifespan,
+        lifespan=lifespan,
     )
-    app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    for module in (tasks, events, compat, queues, files, models, health):
+    routers = (tasks, events, compat, queues, files, models, health)
+    for module in routers:
         app.include_router(module.router)
+    app.state.api_routes = [r for m in routers for r in m.router.routes if isinstance(r, APIRoute)]
+    openapi.install(app, settings, fleet, BODIES, openapi_rules.tighten, also=(TaskEvent,))
     return app
 
 
-__all__ = ["create_app", "status_for", "validation_message"]
+serve_ctx = _lifespan
+"""The part of the lifespan that needs ``app.state.ctx`` (for apps made with ``build_app``)."""
+
+__all__ = ["build_app", "create_app", "serve_ctx", "status_for", "validation_message"]

@@ -14,7 +14,8 @@ from sdfleet.errors import PayloadTooLarge, ValidationFailed
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused (413) past ``max_bytes`` whether or not a length was declared."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"payload is {declared} bytes; the limit is {max_bytes}")
@@ -23,10 +24,28 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"payload is over the limit of {max_bytes} bytes")
+    return bytes(body)
+
+
+def loads(body: bytes) -> Any:
+    """JSON within the one nesting limit (``jsonsafe``); 400 ``malformed_json`` otherwise."""
     try:
         return jsonsafe.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValidationFailed(f"malformed JSON: {e}", code="malformed_json") from e
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    return loads(await read_body(request, max_bytes))
+
+
+async def read_object(request: Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON, which must be an object."""
+    body = await read_body(request, max_bytes)
+    data = loads(body)
+    if not isinstance(data, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    return body, data
 
 
 def validation_message(e: ValidationError) -> str:
@@ -50,5 +69,14 @@ def parse(model: type[M], data: Any) -> M:
         raise ValidationFailed("the body must be a JSON object")
     try:
         return model.model_validate(data)
+    except ValidationError as e:
+        raise ValidationFailed(validation_message(e)) from e
+
+
+def parse_strict(model: type[M], body: bytes) -> M:
+    """``body`` (already checked by ``loads``) as ``model``, types as declared: ``"20"`` is not
+    an integer, as the OpenAPI document says."""
+    try:
+        return model.model_validate_json(body, strict=True)
     except ValidationError as e:
         raise ValidationFailed(validation_message(e)) from e

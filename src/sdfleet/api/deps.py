@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
+from opentelemetry.trace import Tracer
 
-from sdfleet.bus.base import Bus
+from sdfleet.bus.base import Bus, Topology
 from sdfleet.models.catalog import ModelCatalog
+from sdfleet.routing import fleet_topology
 from sdfleet.settings import ApiSettings, FleetConfig, WebhookSettings
 from sdfleet.storage.base import BlobStore
+from sdfleet.store.access import AccessStore
 from sdfleet.store.base import TaskStore
-from sdfleet.telemetry import Metrics
+from sdfleet.telemetry import Metrics, tracer
+
+if TYPE_CHECKING:
+    from sdfleet.api.auth import KeyRing
 
 
 @dataclass
@@ -23,8 +30,25 @@ class ApiContext:
     settings: ApiSettings
     catalog: ModelCatalog | None
     metrics: Metrics
+    access: AccessStore
     ready: bool = False
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    keys: KeyRing = field(init=False)
+    topology: Topology = field(init=False)
+    """``fleet_topology(fleet)``, computed once: submits route against it."""
+    tracer: Tracer = field(init=False)
+
+    def __post_init__(self) -> None:
+        from sdfleet.api.auth import KeyRing
+
+        self.topology = fleet_topology(self.fleet)
+        self.tracer = tracer()  # a proxy until tracing is set up: it follows the global provider
+        self.keys = KeyRing(
+            self.fleet,
+            self.access,
+            cache_s=self.settings.key_cache_s,
+            require_key=self.settings.require_key,
+        )
 
     @property
     def signing_key(self) -> str:
@@ -34,6 +58,7 @@ class ApiContext:
         return self.settings.signing_key
 
 
-def get_ctx(request: Request) -> ApiContext:
+async def get_ctx(request: Request) -> ApiContext:
+    # async: FastAPI runs a plain-def dependency in a thread pool, one thread hop per request
     ctx: ApiContext = request.app.state.ctx
     return ctx

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from sdfleet import errors
 from sdfleet.api.deps import ApiContext, get_ctx
+from sdfleet.api.routes.health import registry_of
 
 router = APIRouter(tags=["operations"])
 
@@ -43,7 +44,7 @@ async def queue_depth(name: str, ctx: ApiContext = Depends(get_ctx)) -> QueueDep
 
 @router.get("/metrics")
 async def metrics(ctx: ApiContext = Depends(get_ctx)) -> Response:
-    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry_of(ctx)), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_ops_app(ctx: ApiContext) -> FastAPI:

@@ -1,71 +1,53 @@
-"""Accepting a task: validate against the fleet, record it, publish it. Shared by every wire format."""
+"""Accepting a task: validate against the fleet, admit it, publish it, record it. Shared by every
+wire format.
+
+Ids are per tenant. A task with a server id is published first and recorded second: if the API
+dies in between, the agent that receives it creates its record, so a 202 is never an orphan, and
+a failed publish leaves nothing behind. A client id is an idempotency key, so two submits of one
+id must not both publish: the first takes a short claim on ``<tenant>/<id>`` in the access store,
+looks once more for a record, and only then publishes; the other waits for the winner's record
+and answers with it. A repeated submit of a still-queued task publishes it again at most once per
+lease period (``retry.lease_s``), decided by compare-and-set on the record's ``published_at``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from opentelemetry import trace
 
+from sdfleet.api.admission import admit
 from sdfleet.api.auth import Caller
+from sdfleet.api.checks import check_task, check_webhook
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import Conflict, InputFetchError, NotFound, ValidationFailed
-from sdfleet.guarded_http import check_url
+from sdfleet.errors import Conflict, SdfleetError
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
-from sdfleet.telemetry import extract, inject, tracer, xray_trace_id
+from sdfleet.tasks import Task, TaskRecord, TaskState
+from sdfleet.telemetry import extract, inject, xray_trace_id
 
 log = logging.getLogger(__name__)
 
-NEEDS_PROMPT = (TaskType.TEXT_TO_IMAGE,)
-NEEDS_IMAGE = (TaskType.IMAGE_TO_IMAGE, TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
-
-
-def check_task(ctx: ApiContext, task: Task) -> None:
-    """What the fleet allows, beyond what the models themselves check."""
-    p, s = task.params, ctx.settings
-    if p.width > s.max_width or p.height > s.max_height:
-        raise ValidationFailed(
-            f"size {p.width}x{p.height} is over the maximum {s.max_width}x{s.max_height}", code="too_large"
-        )
-    if task.type in NEEDS_PROMPT and not p.prompt.strip():
-        raise ValidationFailed(f"a {task.type.value} task needs a prompt", code="missing_prompt")
-    if task.type in NEEDS_IMAGE and not p.init_images:
-        raise ValidationFailed(f"a {task.type.value} task needs an input image", code="missing_image")
-    if task.type is TaskType.PIPELINE and not p.workflow:
-        raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
-    model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
-    if model and ctx.catalog is not None and ctx.catalog.list():
-        try:
-            ctx.catalog.resolve(model)
-        except NotFound as e:
-            raise ValidationFailed(str(e), code="unknown_model") from e
-
-
-async def check_webhook(ctx: ApiContext, task: Task) -> None:
-    """The SSRF guard agents apply before each delivery, applied once more here so a client
-    learns at once that its webhook URL will never be called."""
-    if task.webhook is None:
-        return
-    try:
-        await asyncio.to_thread(check_url, task.webhook.url, allow_private=ctx.webhook.allow_private)
-    except InputFetchError as e:
-        raise ValidationFailed(f"webhook URL refused: {e.message or e}", code="bad_webhook") from e
+CLAIM_TTL_S = 30.0
+"""How long a claim on a client id holds if its submit never ends (the API died)."""
+WINNER_WAIT_S = 2.0
+"""How long the loser of a race on a client id waits for the winner's record."""
 
 
 async def submit(
     ctx: ApiContext, caller: Caller, task: Task, headers: Mapping[str, str] | None = None
 ) -> tuple[TaskRecord, bool]:
-    """Returns (record, accepted now). A repeated client id of the same tenant returns the first
-    record (and publishes it again while it is still queued).
+    """Returns (record, accepted now). A client id (``id`` set on ``task``) the tenant used before
+    returns the first record, accepted earlier.
 
     ``api.submit`` is the root of the task's trace, or continues the trace the request's
     ``headers`` carry (``traceparent``, else ``X-Amzn-Trace-Id`` from API Gateway or an X-Ray SDK).
     """
     context = extract(headers or {})
-    with tracer().start_as_current_span("api.submit", context=context) as span:
+    with ctx.tracer.start_as_current_span("api.submit", context=context) as span:
         span.set_attribute("sdfleet.task_id", task.id)
         span.set_attribute("sdfleet.tenant", caller.tenant)
         record, created = await _submit(ctx, caller, task)
@@ -87,27 +69,70 @@ def _log_queued(record: TaskRecord, span: trace.Span) -> None:
 
 
 async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
+    client_id = "id" in task.model_fields_set
     task = task.model_copy(update={"tenant": caller.tenant})
     if task.model is None:  # stamped, so routing on sd_model_checkpoint and the record see it
         task.model = default_model(ctx.fleet.models.default, ctx.catalog)
     check_task(ctx, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)
-    queues = resolve_queues(ctx.fleet, task, attributes)
+    queues = resolve_queues(ctx.fleet, task, attributes, ctx.topology)
     task.queue = task.queue or queues[0]
     _cap_timeout(ctx, task)
-    existing = await ctx.store.get(task.id)
+    if not client_id:
+        await admit(ctx, caller)
+        return await _publish_and_record(ctx, task, attributes), True
+    existing = await ctx.store.get(task.tenant, task.id)
     if existing is not None:
         return await _repeated(ctx, caller, existing), False
-    # Publish first, record second: if the API dies in between, the agent that receives the task
-    # creates its record (as for tasks the seed's Lambda publishes), so a 202 is never an orphan.
-    # A failed publish leaves nothing behind and the client gets a 503 to retry.
+    await admit(ctx, caller)
+    return await _claimed(ctx, caller, task, attributes)
+
+
+async def _claimed(
+    ctx: ApiContext, caller: Caller, task: Task, attributes: dict[str, str]
+) -> tuple[TaskRecord, bool]:
+    name = f"{task.tenant}/{task.id}"
+    if not await ctx.access.claim(name, CLAIM_TTL_S):
+        return await _winners_record(ctx, task), False
+    try:
+        # The previous holder may have recorded the task and released its claim just before.
+        existing = await ctx.store.get(task.tenant, task.id)
+        if existing is not None:
+            return await _repeated(ctx, caller, existing), False
+        return await _publish_and_record(ctx, task, attributes), True
+    finally:
+        try:
+            await ctx.access.release(name)
+        except SdfleetError as e:  # it expires by itself
+            log.warning("claim %s not released: %s", name, e)
+
+
+async def _publish_and_record(ctx: ApiContext, task: Task, attributes: dict[str, str]) -> TaskRecord:
+    now = time.time()
     await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), inject(stamp(attributes)))
-    record, created = await ctx.store.create(TaskRecord(task=task))
-    if not created and record.tenant != caller.tenant:  # another tenant took the id meanwhile
-        raise Conflict(f"task id {task.id!r} is taken; choose another id")
+    # Not created: an agent received the message first and adopted the task; it is this one.
+    record, _ = await ctx.store.create(TaskRecord(task=task, published_at=now))
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
-    return record, True
+    return record
+
+
+async def _winners_record(ctx: ApiContext, task: Task) -> TaskRecord:
+    """The record of the concurrent submit that holds the claim on ``task``'s id."""
+    deadline = time.monotonic() + WINNER_WAIT_S
+    delay = 0.01
+    while time.monotonic() < deadline:
+        await asyncio.sleep(delay)
+        record = await ctx.store.get(task.tenant, task.id)
+        if record is not None:
+            return record
+        delay = min(delay * 2, 0.2)
+    raise Conflict(f"task id {task.id!r} is being submitted by another request; retry", code="id_busy")
+
+
+def _due(ctx: ApiContext, record: TaskRecord, now: float) -> bool:
+    last = record.published_at if record.published_at is not None else record.task.created_at
+    return now - last >= ctx.fleet.retry.lease_s
 
 
 def _cap_timeout(ctx: ApiContext, task: Task) -> None:
@@ -118,12 +143,26 @@ def _cap_timeout(ctx: ApiContext, task: Task) -> None:
 
 
 async def _repeated(ctx: ApiContext, caller: Caller, record: TaskRecord) -> TaskRecord:
-    """A client id seen before: the same tenant gets the first record (idempotency key)."""
-    if record.tenant != caller.tenant:
-        raise Conflict(f"task id {record.id!r} is taken; choose another id")
-    if record.state is TaskState.QUEUED:
-        # The client is retrying, maybe because its answer was lost: publish again. A second copy
-        # is harmless (agents drop copies of running or finished tasks).
-        attrs = task_attributes(record.task, tier=caller.tier)
+    """A client id seen before: the first record. While it is still queued the client may be
+    retrying because the task was lost on the way (its publish or its message): publish again,
+    at most once per lease period across every replica."""
+    now = time.time()
+    if record.state is not TaskState.QUEUED or not _due(ctx, record, now):
+        return record
+    marked = record.model_copy(update={"published_at": now, "version": record.version + 1, "updated_at": now})
+    if not await ctx.store.compare_and_set(marked, record.version):
+        return await ctx.store.get(record.tenant, record.id) or record  # another replica did it
+    attrs = task_attributes(record.task, tier=caller.tier)
+    try:
         await ctx.bus.publish(ctx.fleet.tasks_topic, record.task.to_message(), inject(stamp(attrs)))
-    return record
+    except SdfleetError:
+        # Not published after all: let the client's next retry publish, not one a lease later.
+        undone = marked.model_copy(
+            update={"published_at": record.published_at, "version": marked.version + 1}
+        )
+        try:
+            await ctx.store.compare_and_set(undone, marked.version)
+        except SdfleetError as e:
+            log.warning("task %s: publish time not reset: %s", record.id, e)
+        raise
+    return marked

@@ -3,13 +3,23 @@ prefixes and the result notification."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from sdfleet.errors import ValidationFailed
-from sdfleet.tasks import TaskParams, TaskRecord, TaskState, TaskType
+from sdfleet.tasks import TASK_ID_PATTERN, TaskParams, TaskRecord, TaskState, TaskType
+
+SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
+PREFIX_PATTERN = rf"^(/?({SEGMENT}/)*{SEGMENT}/?)?$"
+"""A ``save_dir`` or ``prefix``: folders of letters, digits, ``.``, ``_``, ``-`` (never ``.`` or
+``..``), one leading and one trailing ``/`` allowed, as the seed's clients write them."""
+MAX_INT_ID = 2**63 - 1
+"""Largest integer accepted as a task id (``id_task``, ``metadata.id``)."""
+_PREFIX = re.compile(PREFIX_PATTERN)
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 # The seed's queue agent dispatches on these names; "extra-batch-image" is the spelling its
 # sdwebui handler matches, "extra-batch-images" the A1111 endpoint's.
@@ -54,26 +64,33 @@ def task_type(name: object, allowed: frozenset[TaskType] | None = None) -> TaskT
 def task_id(value: object, field: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValidationFailed(f"{field} must be a string")
+    if isinstance(value, int) and not 0 <= value <= MAX_INT_ID:
+        raise ValidationFailed(f"invalid {field} {value}: a number id must be between 0 and {MAX_INT_ID}")
     text = str(value)
-    if not text or len(text) > 128 or not all(c.isascii() and (c.isalnum() or c in "._:-") for c in text):
-        raise ValidationFailed(f"invalid {field} {text!r}: use 1-128 letters, digits, '.', '_', ':' or '-'")
+    if not _TASK_ID.fullmatch(text):
+        raise ValidationFailed(
+            f"invalid {field} {text[:140]!r}: use 1-128 letters, digits, '.', '_', ':' or '-',"
+            " starting with a letter, a digit or '_'"
+        )
     return text
 
 
 def output_prefix(prefix: object, default: str | None, tenant: str) -> str:
     """The folder the seed writes a task's results under, less the ``/<id>`` the agent appends.
 
-    The seed's agent strips one trailing ``/``; leading slashes and empty parts would make keys
-    that escape or collide, so they are dropped too.
+    The seed's agent strips one trailing ``/`` (a leading one is dropped too); anything that could
+    make keys escape or collide (``..``, empty folders, backslashes) is refused (``PREFIX_PATTERN``).
     """
     if prefix is None or prefix == "":
         return default.strip("/") if default and default.strip("/") else tenant
     if not isinstance(prefix, str):
         raise ValidationFailed("prefix must be a string")
-    parts = [p for p in prefix.split("/") if p]
-    if any(p in (".", "..") for p in parts) or "\\" in prefix:
-        raise ValidationFailed(f"invalid prefix {prefix!r}")
-    return "/".join(parts) if parts else (default or tenant)
+    if not _PREFIX.fullmatch(prefix):
+        raise ValidationFailed(
+            f"invalid prefix {prefix[:140]!r}: folders of letters, digits, '.', '_' and '-' separated"
+            " by '/' (not '.' or '..')"
+        )
+    return prefix.strip("/")
 
 
 def _images_of(kind: TaskType, content: Mapping[str, Any]) -> tuple[list[str], set[str]]:

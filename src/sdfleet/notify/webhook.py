@@ -1,8 +1,14 @@
 """Signed task webhooks, with cog's delivery policy.
 
 A task that carries ``webhook: {url, events}`` gets a POST of its ``TaskEvent`` JSON (schema 1) for
-each subscribed event. Every request is signed: ``X-Sdfleet-Signature: sha256=<hex>`` is the
-HMAC-SHA256 of ``"<X-Sdfleet-Timestamp>.<body>"`` under the fleet's secret (see ``verify``).
+each subscribed event. Every request is signed twice under the fleet's secret:
+
+- `Standard Webhooks <https://www.standardwebhooks.com>`_: ``webhook-id`` (the delivery id, the
+  same on every retry), ``webhook-timestamp`` and ``webhook-signature`` (``v1,<base64>``), made by
+  the ``standardwebhooks`` library, so any of its verifiers checks them (``standard_key`` says
+  which key bytes a ``whsec_`` secret and any other secret stand for);
+- the earlier ``X-Sdfleet-Signature: sha256=<hex>``, the HMAC-SHA256 of
+  ``"<X-Sdfleet-Timestamp>.<body>"`` (see ``verify``), kept for one release.
 
 - Terminal events (succeeded, failed, cancelled) are retried with exponential backoff on connection
   errors, 429 and 5xx for up to ``max_retry_s``; any other 4xx or a redirect ends it (logged).
@@ -18,6 +24,9 @@ HMAC-SHA256 of ``"<X-Sdfleet-Timestamp>.<body>"`` under the fleet's secret (see 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import datetime
 import functools
 import hashlib
 import hmac
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import httpx
+from standardwebhooks import Webhook
 
 from sdfleet.errors import InputFetchError, UrlRefused
 from sdfleet.guarded_http import Resolve, guarded_client, pinned_target, resolve_host
@@ -63,6 +73,18 @@ def _warn_unsigned() -> None:
         "SDFLEET_WEBHOOK__SECRET is not set: task webhooks are sent unsigned and receivers "
         "cannot verify them; set a secret in production"
     )
+
+
+def standard_key(secret: str) -> bytes:
+    """The HMAC key of the Standard Webhooks signature: a ``whsec_<base64>`` secret (the spec's
+    form) is its decoded bytes, any other secret its UTF-8 bytes. A receiver verifies with
+    ``standardwebhooks.Webhook(secret)`` for the former, ``Webhook(secret.encode())`` for the latter."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_") + "==", validate=False)
+        except (binascii.Error, ValueError):
+            pass  # not base64 after all: the text is the key
+    return secret.encode()
 
 
 class _Outcome(Enum):
@@ -100,7 +122,8 @@ class WebhookNotifier:
         resolve: Resolve = resolve_host,
     ) -> None:
         self.secret = secret
-        """Empty: requests go out unsigned (no ``X-Sdfleet-Signature``)."""
+        """Empty: requests go out unsigned (no signature headers)."""
+        self._standard = Webhook(standard_key(secret)) if secret else None
         self.allow_private = allow_private
         self.max_retry_s = max_retry_s
         self.backoff_s = backoff_s
@@ -214,14 +237,19 @@ class WebhookNotifier:
         return _Outcome.GIVE_UP, f"HTTP {code}"
 
     def _headers(self, d: _Delivery) -> dict[str, str]:
-        timestamp = str(int(time.time()))
+        now = int(time.time())
+        timestamp = str(now)
         headers = {
             "Content-Type": "application/json",
             "X-Sdfleet-Event": d.event.value,
             "X-Sdfleet-Delivery": d.id,
             "X-Sdfleet-Timestamp": timestamp,
+            "webhook-id": d.id,
+            "webhook-timestamp": timestamp,
         }
-        if self.secret:
+        if self._standard is not None:
+            at = datetime.datetime.fromtimestamp(now, datetime.UTC)
+            headers["webhook-signature"] = self._standard.sign(d.id, at, d.body.decode())
             headers["X-Sdfleet-Signature"] = sign(self.secret, timestamp, d.body)
         return headers
 

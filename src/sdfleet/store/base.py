@@ -31,13 +31,18 @@ ALLOWED: dict[TaskState, set[TaskState]] = {
 
 
 class TaskStore(Protocol):
-    async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
-        """Insert ``record`` unless its id exists; returns (stored record, created?)."""
+    """Records are keyed by (tenant, task id): ids are per tenant, so another tenant's id is
+    simply another task."""
 
-    async def get(self, task_id: str) -> TaskRecord | None: ...
+    async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Insert ``record`` unless its tenant already has its id; returns (stored record, created?)."""
+
+    async def get(self, tenant: str, task_id: str) -> TaskRecord | None:
+        """The record of ``tenant``'s task ``task_id``, or None."""
 
     async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
-        """Replace the record iff the stored one still has ``expected_version``.
+        """Replace the record of (``record.tenant``, ``record.id``) iff the stored one still has
+        ``expected_version``.
 
         ``record.version`` must already be ``expected_version + 1``.
         """
@@ -70,6 +75,7 @@ Mutation = Callable[[TaskRecord], TaskRecord | None]
 
 async def transition(
     store: TaskStore,
+    tenant: str,
     task_id: str,
     mutate: Mutation,
     *,
@@ -85,7 +91,7 @@ async def transition(
     """
     for _ in range(tries):
         if current is None:
-            current = await store.get(task_id)
+            current = await store.get(tenant, task_id)
         if current is None:
             raise NotFound(f"task {task_id!r} not found")
         new = mutate(current.model_copy(deep=True))

@@ -1,39 +1,61 @@
-"""The seed's endpoints, unchanged: ``POST /v1alpha1/`` and ``POST /v1alpha2/``."""
+"""The seed's endpoints, unchanged on the wire: ``POST /v1alpha1/`` and ``POST /v1alpha2/``.
+
+With API keys in use, a tenant's results are stored under its own name whatever ``save_dir`` or
+``prefix`` it sends (``<tenant>/<save_dir>/<id>/``), so no tenant can write into another's
+prefix; without keys (one tenant) the seed's layout is kept as it is. ``output_location`` is the
+seed's ``s3://bucket/key`` on S3 and the API's own files URL on local storage, never a path on the
+server.
+"""
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from sdfleet.api.auth import Caller, caller
-from sdfleet.api.body import read_json
+from sdfleet.api.body import read_object, validation_message
 from sdfleet.api.deps import ApiContext, get_ctx
+from sdfleet.api.links import public_location
+from sdfleet.api.openapi import SUBMIT_ERRORS, errors
+from sdfleet.api.seed_schemas import V1alpha1Answer, V1alpha2Answer, check_types
 from sdfleet.api.submit import submit
 from sdfleet.compat import v1alpha1, v1alpha2
 from sdfleet.errors import ValidationFailed
+from sdfleet.tasks import Task
 
 router = APIRouter(tags=["seed compatibility"])
 
 
-async def _body(request: Request, ctx: ApiContext) -> dict[str, Any]:
-    data = await read_json(request, ctx.settings.max_body_bytes)
-    if not isinstance(data, dict):
-        raise ValidationFailed("the body must be a JSON object")
-    return data
+def tenant_prefix(who: Caller, prefix: str) -> str:
+    """``prefix`` inside the caller's own namespace when tenants are told apart by keys."""
+    if not who.authenticated or prefix == who.tenant or prefix.startswith(f"{who.tenant}/"):
+        return prefix
+    return f"{who.tenant}/{prefix}"
 
 
 async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: ModuleType) -> JSONResponse:
     """Both seed formats: parse, submit like any task, answer in the seed's own shape (HTTP 200)."""
-    task = fmt.to_task(await _body(request, ctx), tenant=who.tenant)
+    _, data = await read_object(request, ctx.settings.max_body_bytes)
+    task: Task = fmt.to_task(data, tenant=who.tenant)  # the seed's checks, in its own words, first
+    try:
+        check_types(data, fmt.__name__.rsplit(".", 1)[-1])
+    except ValidationError as e:
+        raise ValidationFailed(validation_message(e)) from e
+    task.output_prefix = tenant_prefix(who, task.storage_prefix())
     record, _ = await submit(ctx, who, task, request.headers)
-    location = ctx.storage.location(f"{record.task.storage_prefix()}/{record.id}")
+    location = public_location(ctx, request, f"{record.task.storage_prefix()}/{record.id}")
     return JSONResponse(fmt.answer(record.task, location), status_code=200)
 
 
-@router.post("/v1alpha1/", include_in_schema=True)
+@router.post(
+    "/v1alpha1/",
+    include_in_schema=True,
+    response_model=V1alpha1Answer,
+    responses=errors(*SUBMIT_ERRORS),
+)
 @router.post("/v1alpha1", include_in_schema=False)
 async def submit_v1alpha1(
     request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
@@ -42,7 +64,12 @@ async def submit_v1alpha1(
     return await _submit_seed(request, ctx, who, v1alpha1)
 
 
-@router.post("/v1alpha2/", include_in_schema=True)
+@router.post(
+    "/v1alpha2/",
+    include_in_schema=True,
+    response_model=V1alpha2Answer,
+    responses=errors(*SUBMIT_ERRORS),
+)
 @router.post("/v1alpha2", include_in_schema=False)
 async def submit_v1alpha2(
     request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)

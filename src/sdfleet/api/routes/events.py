@@ -14,13 +14,14 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import StreamingResponse
 
 from sdfleet.api.auth import Caller, caller
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import file_url
-from sdfleet.api.routes.tasks import owned
+from sdfleet.api.openapi import errors
+from sdfleet.api.routes.tasks import TaskId, owned
 from sdfleet.errors import SdfleetError, ValidationFailed
 from sdfleet.tasks import EventType, TaskEvent, TaskRecord, TaskState
 
@@ -28,6 +29,20 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
+SSE_EVENT = {
+    "type": "object",
+    "description": "One event of the stream",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": [e.value for e in EventType]},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The record's version"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/TaskEvent"},
+        },
+    },
+}
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
@@ -35,6 +50,8 @@ KEEPALIVE_S = 15.0
 def event_type(prev: TaskRecord | None, cur: TaskRecord) -> EventType | None:
     """The event a change from ``prev`` (None: nothing seen on this connection) to ``cur`` stands for."""
     if cur.state is not TaskState.RUNNING:
+        if prev is not None and prev.state is cur.state:
+            return None  # a write that changed no state (a re-publish of a queued task)
         return EventType(cur.state.value)
     if prev is None:
         # A resumed stream cannot tell whether the client saw the start: progress implies it.
@@ -48,7 +65,7 @@ def event_type(prev: TaskRecord | None, cur: TaskRecord) -> EventType | None:
 
 async def _frame(ctx: ApiContext, request: Request, r: TaskRecord, kind: EventType) -> str:
     keys = r.result.images if r.result else []
-    urls = [await file_url(ctx, request, k) for k in keys]
+    urls = [await file_url(ctx, request, r.tenant, k) for k in keys]
     event = TaskEvent.of_record(r, kind, urls).model_copy(update={"at": r.updated_at})
     return f"id: {r.version}\nevent: {kind.value}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
 
@@ -83,32 +100,39 @@ async def stream(
             quiet_since = time.monotonic()
         await asyncio.sleep(poll_s)
         try:
-            current = await ctx.store.get(record.id)
+            current = await ctx.store.get(record.tenant, record.id)
         except SdfleetError as e:  # the client reconnects with Last-Event-ID and resumes
             log.warning("event stream of %s ended: %s", record.id, e)
             return
 
 
-def _last_event_id(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id")
+def _last_event_id(raw: str | None) -> int | None:
     if raw is None or not raw.strip():
         return None
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise ValidationFailed(f"Last-Event-ID must be an event id of this stream, got {raw!r}") from e
+    if not raw.strip().isdigit() or not raw.strip().isascii() or len(raw.strip()) > 18:
+        raise ValidationFailed(f"Last-Event-ID must be an event id of this stream, got {raw!r}")
+    return int(raw)
 
 
 @router.get(
     "/{task_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "Server-Sent Events"},
+        **errors(401, 404, 422, 503),
+    },
 )
 async def task_events(
-    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+    task_id: TaskId,
+    request: Request,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
+    last_event_id: str = Header(
+        "", pattern=r"^\s*([0-9]{1,18})?\s*$", description="Resume after this event id"
+    ),
 ) -> StreamingResponse:
     """Follow a task: ``queued``, ``started``, ``progress``, then a terminal event that ends the stream."""
-    last_id = _last_event_id(request)
+    last_id = _last_event_id(last_event_id)
     record = await owned(ctx, who, task_id)
     return StreamingResponse(
         stream(ctx, request, record, last_id),

@@ -7,7 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
+from sdfleet.api.auth import Caller, caller
 from sdfleet.api.deps import ApiContext, get_ctx
+from sdfleet.api.openapi import errors
 
 router = APIRouter(prefix="/v1/queues", tags=["queues"])
 
@@ -24,8 +26,9 @@ class QueueView(BaseModel):
     dead_letters: int
 
 
-@router.get("", response_model=list[QueueView])
-async def list_queues(ctx: ApiContext = Depends(get_ctx)) -> list[QueueView]:
+@router.get("", response_model=list[QueueView], responses=errors(401, 503))
+async def list_queues(ctx: ApiContext = Depends(get_ctx), _: Caller = Depends(caller)) -> list[QueueView]:
+    """The fleet's queues and their depth, read from the bus (any API key of the fleet)."""
     out = []
     for q in ctx.fleet.queues:
         s = await ctx.bus.stats(q.name)

@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdfleet.api.auth import Caller, caller
-from sdfleet.api.body import parse, read_json
+from sdfleet.api.body import parse_strict, read_object
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import file_url
+from sdfleet.api.openapi import SUBMIT_ERRORS, errors
 from sdfleet.api.submit import submit
+from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import transition
-from sdfleet.tasks import Task, TaskError, TaskParams, TaskRecord, TaskState, TaskType, Webhook
+from sdfleet.tasks import (
+    TASK_ID_PATTERN,
+    Integer,
+    Task,
+    TaskError,
+    TaskParams,
+    TaskRecord,
+    TaskState,
+    TaskType,
+    Webhook,
+)
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "`wait=N` (N ≤ 60): answer with the finished task if it ends within N seconds",
+    "schema": {"type": "string"},
+}
+PAGE_CURSOR = "page-cursor"
+"""``format`` of list cursors: opaque tokens of the task store."""
+TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="Task id (ids are per tenant)")]
 
 
 class TaskRequest(BaseModel):
@@ -25,23 +47,27 @@ class TaskRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, description="Client id: an idempotency key per tenant")
+    id: str | None = Field(
+        None, pattern=TASK_ID_PATTERN, description="Client id: an idempotency key of the tenant"
+    )
     type: TaskType = TaskType.TEXT_TO_IMAGE
-    model: str | None = None
-    runtime: str | None = None
+    model: str | None = Field(None, max_length=256)
+    runtime: str | None = Field(None, max_length=256)
     params: TaskParams = Field(default_factory=TaskParams)
-    priority: int = 0
+    priority: Integer = 0
     queue: str | None = None
     webhook: Webhook | None = None
-    context: Any = None
+    context: Any = Field(None, description="Anything; echoed back (JSON nested at most 64 levels)")
     timeout_s: float | None = Field(None, gt=0, le=3600)
     notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = Field(
         None, description="Shape of the results-topic notification; default the queue's (sdfleet)"
     )
 
     def to_task(self) -> Task:
-        data = self.model_dump(exclude_none=True)
-        return Task.model_validate(data)
+        """The ``Task`` (its own defaults for what the request left out). Everything here was
+        validated already, so it is not validated again; ``id`` counts as given only if it was."""
+        given = {name: value for name, value in self if value is not None}
+        return Task.model_construct(_fields_set=set(given), **given)
 
 
 class ImageView(BaseModel):
@@ -72,10 +98,11 @@ class TaskView(BaseModel):
 
 async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskView:
     res = r.result
-    images = [ImageView(key=k, url=await file_url(ctx, request, k)) for k in (res.images if res else [])]
-    output = None
-    if res is not None and res.output:
-        output = ImageView(key=res.output, url=await file_url(ctx, request, res.output))
+
+    async def link(key: str) -> ImageView:
+        return ImageView(key=key, url=await file_url(ctx, request, r.tenant, key))
+
+    images = [await link(k) for k in (res.images if res else [])]
     return TaskView(
         id=r.id,
         tenant=r.tenant,
@@ -87,7 +114,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         progress=r.progress,
         error=r.error,
         images=images,
-        output=output,
+        output=await link(res.output) if res is not None and res.output else None,
         seed=res.seed if res else None,
         timings=res.timings if res else {},
         context=r.task.context,
@@ -99,28 +126,60 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
 
 
 async def owned(ctx: ApiContext, who: Caller, task_id: str) -> TaskRecord:
-    """The caller's record, or 404 — another tenant's task is indistinguishable from a missing one."""
-    record = await ctx.store.get(task_id)
-    if record is None or record.tenant != who.tenant:
+    """The caller's record, or 404: ids are per tenant, so another tenant's task is not even
+    looked at."""
+    record = await ctx.store.get(who.tenant, task_id)
+    if record is None:
         raise NotFound(f"task {task_id!r} not found")
     return record
 
 
-@router.post("", status_code=202, response_model=TaskView)
-async def create_task(
-    request: Request, response: Response, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
-) -> TaskView:
-    req = parse(TaskRequest, await read_json(request, ctx.settings.max_body_bytes))
+@router.post(
+    "",
+    status_code=202,
+    response_model=TaskView,
+    responses={
+        200: {
+            "model": TaskView,
+            "description": "The task of a repeated client id, or finished within `Prefer: wait`",
+        },
+        **errors(*SUBMIT_ERRORS),
+    },
+    openapi_extra={"parameters": [PREFER]},
+)
+async def create_task(request: Request) -> Response:
+    """Submit a task: `202` and `Location` at once; `200` with the first task for a repeated client
+    `id`; with `Prefer: wait=N`, `200` and the finished task if it ends within N seconds."""
+    # The busiest route: its context and caller are looked up here rather than through FastAPI's
+    # dependency solving, and its view is serialised once (the OpenAPI document says the same).
+    ctx = await get_ctx(request)
+    who = await caller(request, ctx)
+    body, _ = await read_object(request, ctx.settings.max_body_bytes)
+    req = parse_strict(TaskRequest, body)
     record, created = await submit(ctx, who, req.to_task(), request.headers)
-    response.status_code = 202 if created else 200
-    response.headers["Location"] = f"/v1/tasks/{record.id}"
-    return await task_view(ctx, request, record)
+    status = 202 if created else 200
+    headers = {"Location": f"/v1/tasks/{record.id}"}
+    wait = preferred_wait(request)
+    if wait is not None and not record.state.terminal:
+        record = await until_finished(ctx, record, wait)
+        headers["Preference-Applied"] = f"wait={wait}"
+    view = await task_view(ctx, request, record)
+    return Response(
+        view.model_dump_json(),
+        status_code=200 if record.state.terminal else status,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
-@router.get("/{task_id}", response_model=TaskView)
+@router.get("/{task_id}", response_model=TaskView, responses=errors(401, 404, 422, 503))
 async def get_task(
-    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+    request: Request,
+    task_id: TaskId,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
 ) -> TaskView:
+    """A task's state, progress, error and result links."""
     return await task_view(ctx, request, await owned(ctx, who, task_id))
 
 
@@ -129,24 +188,34 @@ class TaskPage(BaseModel):
     cursor: str | None
 
 
-@router.get("", response_model=TaskPage)
+@router.get("", response_model=TaskPage, responses=errors(401, 422, 503))
 async def list_tasks(
     request: Request,
     state: TaskState | None = None,
-    cursor: str | None = None,
+    cursor: str | None = Query(
+        None,
+        max_length=1024,
+        description="The `cursor` of the previous page (opaque; a made-up one is a 422)",
+        json_schema_extra={"format": PAGE_CURSOR},
+    ),
     limit: int = Query(50, ge=1, le=500),
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
 ) -> TaskPage:
+    """The caller's tasks, newest first; `cursor` from the previous page gets the next one."""
     # A bad cursor is the stores' ValidationFailed (422); anything else is not the client's fault.
     records, next_cursor = await ctx.store.list(who.tenant, state=state, cursor=cursor, limit=limit)
     return TaskPage(tasks=[await task_view(ctx, request, r) for r in records], cursor=next_cursor)
 
 
-@router.post("/{task_id}/cancel", response_model=TaskView)
+@router.post("/{task_id}/cancel", response_model=TaskView, responses=errors(401, 404, 409, 422, 503))
 async def cancel_task(
-    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+    request: Request,
+    task_id: TaskId,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
 ) -> TaskView:
+    """Cancel a queued or running task (a running one is interrupted); `409` once it has ended."""
     await owned(ctx, who, task_id)
 
     def mutate(r: TaskRecord) -> TaskRecord:
@@ -155,7 +224,7 @@ async def cancel_task(
         return r
 
     try:
-        record = await transition(ctx.store, task_id, mutate)
+        record = await transition(ctx.store, who.tenant, task_id, mutate)
     except TransitionConflict as e:
         raise TransitionConflict(f"task {task_id} cannot be cancelled: {e}") from e
     return await task_view(ctx, request, record)

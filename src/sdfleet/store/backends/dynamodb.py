@@ -9,10 +9,18 @@ URL: ``aws://[?table=sdfleet-tasks][&prefix=sdfleet-][&region=us-east-1][&create
 - ``retries``: attempts per call (botocore "standard" mode), default 3;
 - endpoint, credentials and region otherwise come from the standard AWS chain.
 
-Table: partition key ``id``; attributes ``tenant``, ``sk`` (``<created_at, zero-padded>#<id>``,
+Table: partition key ``id``, whose value is ``<tenant>/<task id>`` (ids are per tenant; neither a
+tenant name nor a task id holds a ``/``; records of earlier versions, keyed by the bare task id,
+are not read); attributes ``tenant``, ``sk`` (``<created_at, zero-padded>#<id>``,
 so newest-first is a descending string order with the id breaking ties), ``state``, ``version``
 and ``doc`` (the record's JSON); GSI ``by-tenant`` (``tenant``, ``sk``), all attributes projected.
+Records of queued and running tasks also carry ``active`` (= the tenant): the sparse GSI
+``by-tenant-active`` (``active``, ``sk``, keys only) holds just those, so a tenant's tasks in flight
+are counted without reading its history. A table created before that index existed gets it added
+on first use (``create=true``).
 Reads of one record are strongly consistent; ``list`` reads the GSI (eventually consistent on AWS).
+The access store (``access_dynamodb``) keeps its few items in the same table, under ids that start
+with ``!`` (never a tenant's).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +42,13 @@ from sdfleet.tasks import TaskRecord, TaskState
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
+log = logging.getLogger(__name__)
+
 GSI = "by-tenant"
+ACTIVE_GSI = "by-tenant-active"
+INDEXES = (GSI, ACTIVE_GSI)
 MAX_PAGE = 1000
+_ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
 
 
 def sort_key(record: TaskRecord) -> str:
@@ -57,15 +71,23 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return sk, task_id
 
 
+def record_key(tenant: str, task_id: str) -> str:
+    """The partition key value of a tenant's task."""
+    return f"{tenant}/{task_id}"
+
+
 def _item(record: TaskRecord) -> dict[str, Any]:
-    return {
-        "id": {"S": record.id},
+    item = {
+        "id": {"S": record_key(record.tenant, record.id)},
         "tenant": {"S": record.tenant},
         "sk": {"S": sort_key(record)},
         "state": {"S": record.state.value},
         "version": {"N": str(record.version)},
         "doc": {"S": record.model_dump_json()},
     }
+    if record.state in _ACTIVE_STATES:
+        item["active"] = {"S": record.tenant}
+    return item
 
 
 def _record(item: dict[str, Any]) -> TaskRecord:
@@ -82,6 +104,7 @@ def table_spec(table: str) -> dict[str, Any]:
             {"AttributeName": "id", "AttributeType": "S"},
             {"AttributeName": "tenant", "AttributeType": "S"},
             {"AttributeName": "sk", "AttributeType": "S"},
+            {"AttributeName": "active", "AttributeType": "S"},
         ],
         "KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}],
         "GlobalSecondaryIndexes": [
@@ -92,8 +115,20 @@ def table_spec(table: str) -> dict[str, Any]:
                     {"AttributeName": "sk", "KeyType": "RANGE"},
                 ],
                 "Projection": {"ProjectionType": "ALL"},
-            }
+            },
+            _active_index(),
         ],
+    }
+
+
+def _active_index() -> dict[str, Any]:
+    return {
+        "IndexName": ACTIVE_GSI,
+        "KeySchema": [
+            {"AttributeName": "active", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        "Projection": {"ProjectionType": "KEYS_ONLY"},
     }
 
 
@@ -135,7 +170,8 @@ class DynamoTaskStore:
             if self._ready:
                 return
             try:
-                self._db.describe_table(TableName=self.table)
+                described = self._db.describe_table(TableName=self.table)["Table"]
+                self._add_active_index(described)
             except ClientError as e:
                 if error_code(e) != "ResourceNotFoundException" or not self.create_table:
                     raise
@@ -148,6 +184,31 @@ class DynamoTaskStore:
                 waiter.wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
             self._ready = True
 
+    def _add_active_index(self, described: Any) -> None:
+        """Tables of earlier versions lack ``by-tenant-active``: add it (it fills in the background)."""
+        names = {g["IndexName"] for g in described.get("GlobalSecondaryIndexes", [])}
+        if ACTIVE_GSI in names or not self.create_table:
+            return
+        try:
+            self._db.update_table(
+                TableName=self.table,
+                AttributeDefinitions=[
+                    {"AttributeName": "active", "AttributeType": "S"},
+                    {"AttributeName": "sk", "AttributeType": "S"},
+                ],
+                GlobalSecondaryIndexUpdates=[{"Create": _active_index()}],  # type: ignore[typeddict-item]
+            )
+        except ClientError as e:  # no UpdateTable right: only max_in_flight needs the index
+            log.warning("could not add index %s to table %s: %s", ACTIVE_GSI, self.table, e)
+
+    async def run(self, fn: Any) -> Any:
+        """``fn()`` on the AWS thread once the table exists, its errors mapped to the store's."""
+        return await self._run(fn)
+
+    @property
+    def db(self) -> DynamoDBClient:
+        return self._db
+
     async def _run(self, fn: Any) -> Any:
         def call() -> Any:
             self._ensure_table()
@@ -157,7 +218,8 @@ class DynamoTaskStore:
             return await self._aws.run(call)
 
     async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
-        """Conditional ``PutItem`` (``attribute_not_exists(id)``); returns the existing record if any."""
+        """Conditional ``PutItem`` (``attribute_not_exists(id)``); returns the existing record of the
+        tenant's id if any."""
         item = _item(record)
 
         def put() -> dict[str, Any] | None:
@@ -181,14 +243,15 @@ class DynamoTaskStore:
 
         existing = await self._run(put)
         if existing is None:
-            return record.model_copy(deep=True), True
+            return record, True  # what is stored is its JSON: the caller's object is theirs
         return _record(existing), False
 
-    async def get(self, task_id: str) -> TaskRecord | None:
+    async def get(self, tenant: str, task_id: str) -> TaskRecord | None:
         """Strongly consistent ``GetItem``."""
+        key = {"id": {"S": record_key(tenant, task_id)}}
 
         def get() -> dict[str, Any] | None:
-            found = self._db.get_item(TableName=self.table, Key={"id": {"S": task_id}}, ConsistentRead=True)
+            found = self._db.get_item(TableName=self.table, Key=key, ConsistentRead=True)
             return found.get("Item")
 
         item = await self._run(get)
@@ -242,7 +305,8 @@ class DynamoTaskStore:
             query["ExpressionAttributeValues"][":s"] = {"S": state.value}
         if cursor is not None:
             sk, task_id = decode_cursor(cursor)
-            query["ExclusiveStartKey"] = {"id": {"S": task_id}, "tenant": {"S": tenant}, "sk": {"S": sk}}
+            start = {"id": {"S": record_key(tenant, task_id)}, "tenant": {"S": tenant}, "sk": {"S": sk}}
+            query["ExclusiveStartKey"] = start
         items: list[dict[str, Any]] = await self._run(lambda: self._query(query, limit + 1))
         page = items[:limit]
         next_cursor = encode_cursor(page[-1]["sk"]["S"]) if len(items) > limit else None

@@ -3,13 +3,15 @@
 URL: ``redis://[:password@]host:port/db?prefix=sdfleet`` (``rediss://`` for TLS; see ``sdfleet._redis``).
 Keys, with ``p`` the prefix:
 
-    p:task:<id>                   hash  v (version), state, created (epoch s), data (the record's JSON)
+    p:task:<tenant>/<id>          hash  v (version), state, created (epoch s), data (the record's JSON)
     p:tenant:<t>:tasks            zset  task id, score created_at: the tenant's list, newest first
     p:tenant:<t>:state:<state>    zset  the same, per state: ``list(state=...)`` without scanning
 
 Ties in ``created_at`` are broken by id (descending), the order a sorted set keeps for equal scores.
 Create, compare-and-set and the index updates are each one script, so the indexes never disagree
-with the records.
+with the records. Ids are per tenant: a tenant name has no ``/`` and an id none either, so
+``<tenant>/<id>`` names one record. (Records written before ids were per tenant, under
+``p:task:<id>``, are not read.)
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 return false
 """
 
-# KEYS: task, then one state index per state (ARGV[5..] names them, same order).
-# ARGV: expected version, data, new version, new state, state names... Returns 1 if replaced.
+# KEYS: task, then one state index per state (ARGV[6..] names them, same order).
+# ARGV: expected version, data, new version, new state, id, state names... Returns 1 if replaced.
 _CAS = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if (not v) or v ~= ARGV[1] then return 0 end
@@ -48,10 +50,9 @@ local old = redis.call('HGET', KEYS[1], 'state')
 local created = redis.call('HGET', KEYS[1], 'created')
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'v', ARGV[3], 'state', ARGV[4])
 if old ~= ARGV[4] then
-  local id = string.match(KEYS[1], ':task:(.*)$')
-  for i = 5, #ARGV do
-    if ARGV[i] == old then redis.call('ZREM', KEYS[i - 3], id) end
-    if ARGV[i] == ARGV[4] then redis.call('ZADD', KEYS[i - 3], created, id) end
+  for i = 6, #ARGV do
+    if ARGV[i] == old then redis.call('ZREM', KEYS[i - 4], ARGV[5]) end
+    if ARGV[i] == ARGV[4] then redis.call('ZADD', KEYS[i - 4], created, ARGV[5]) end
   end
 end
 return 1
@@ -85,17 +86,17 @@ class RedisTaskStore:
             raise StoreUnavailable(f"{self._where} is closed")
         return map_errors(self._where, StoreUnavailable, StoreError)
 
-    def _task_key(self, task_id: str) -> str:
-        return f"{self.prefix}:task:{task_id}"
+    def _task_key(self, tenant: str, task_id: str) -> str:
+        return f"{self.prefix}:task:{tenant}/{task_id}"
 
     def _index(self, tenant: str, state: TaskState | None = None) -> str:
         base = f"{self.prefix}:tenant:{tenant}"
         return f"{base}:tasks" if state is None else f"{base}:state:{state.value}"
 
     async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
-        """Insert ``record`` unless its id exists; returns (stored record, created?)."""
+        """Insert ``record`` unless its tenant already has its id; returns (stored record, created?)."""
         keys = [
-            self._task_key(record.id),
+            self._task_key(record.tenant, record.id),
             self._index(record.tenant),
             self._index(record.tenant, record.state),
         ]
@@ -109,25 +110,26 @@ class RedisTaskStore:
         with self._errors():
             existing = await self._create(keys=keys, args=args)
         if existing is None:
-            return record.model_copy(deep=True), True
+            return record, True  # what is stored is its JSON: the caller's object is theirs
         return read_record(existing), False
 
-    async def get(self, task_id: str) -> TaskRecord | None:
-        """The record of ``task_id``, or None."""
+    async def get(self, tenant: str, task_id: str) -> TaskRecord | None:
+        """The record of ``tenant``'s task ``task_id``, or None."""
         with self._errors():
-            data = await self.client.hget(self._task_key(task_id), "data")
+            data = await self.client.hget(self._task_key(tenant, task_id), "data")
         return None if data is None else read_record(data)
 
     async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
         """Replace the record iff the stored one still has ``expected_version``."""
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
-        keys = [self._task_key(record.id), *(self._index(record.tenant, s) for s in STATES)]
+        keys = [self._task_key(record.tenant, record.id), *(self._index(record.tenant, s) for s in STATES)]
         args: list[str | int] = [
             expected_version,
             record.model_dump_json(by_alias=True),
             record.version,
             record.state.value,
+            record.id,
             *(s.value for s in STATES),
         ]
         with self._errors():
@@ -150,7 +152,7 @@ class RedisTaskStore:
             page = rows[:limit]
             pipe = self.client.pipeline(transaction=False)
             for task_id, _ in page:
-                pipe.hget(self._task_key(task_id), "data")
+                pipe.hget(self._task_key(tenant, task_id), "data")
             found = await pipe.execute() if page else []
         records = [read_record(d) for d in found if d is not None]
         next_cursor = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None

@@ -1,8 +1,12 @@
 """The embedded task store: one table in the SQLite file the bus also uses (WAL, several processes).
 
 Each record is stored as its JSON next to the columns that queries need (tenant, state, created_at,
-version). Compare-and-set is a single ``UPDATE … WHERE id = ? AND version = ?``, which SQLite makes
-atomic across processes. All SQLite calls run on one worker thread per store, off the event loop.
+version); the key is (tenant, id), ids being per tenant. Compare-and-set is a single
+``UPDATE … WHERE tenant = ? AND id = ? AND version = ?``, which SQLite makes atomic across
+processes. All SQLite calls run on one worker thread per store, off the event loop.
+
+A file written before ids were per tenant (key ``id`` alone) is migrated in place when a store
+first connects to it.
 """
 
 from __future__ import annotations
@@ -26,22 +30,51 @@ from sdfleet.tasks import TaskRecord, TaskState
 
 T = TypeVar("T")
 
+_SELECT_ONE = "SELECT body FROM task_records WHERE tenant = ? AND id = ?"
+
 MAX_PAGE = 1000
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS task_records (
-    id         TEXT PRIMARY KEY,
     tenant     TEXT NOT NULL,
+    id         TEXT NOT NULL,
     state      TEXT NOT NULL,
     created_at REAL NOT NULL,
     version    INTEGER NOT NULL,
-    body       TEXT NOT NULL
+    body       TEXT NOT NULL,
+    PRIMARY KEY (tenant, id)
 );
+"""
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS task_records_by_tenant
     ON task_records (tenant, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS task_records_by_tenant_state
     ON task_records (tenant, state, created_at DESC, id DESC);
 """
+_COLUMNS = "tenant, id, state, created_at, version, body"
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the table, or migrate one keyed by ``id`` alone to the (tenant, id) key, atomically:
+    several processes may open the file at once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        key = [row[1] for row in conn.execute("PRAGMA table_info(task_records)") if row[5]]
+        if key == ["id"]:  # the file of an earlier version: ids were global
+            conn.execute("DROP INDEX IF EXISTS task_records_by_tenant")
+            conn.execute("DROP INDEX IF EXISTS task_records_by_tenant_state")
+            conn.execute("ALTER TABLE task_records RENAME TO task_records_v0")
+            conn.execute(_TABLE)
+            conn.execute(f"INSERT INTO task_records ({_COLUMNS}) SELECT {_COLUMNS} FROM task_records_v0")
+            conn.execute("DROP TABLE task_records_v0")
+        else:
+            conn.execute(_TABLE)
+        for statement in filter(str.strip, _INDEXES.split(";")):
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @contextmanager
@@ -112,7 +145,7 @@ class SqliteTaskStore:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
-                conn.executescript(_SCHEMA)
+                ensure_schema(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -134,10 +167,10 @@ class SqliteTaskStore:
     # -- TaskStore --------------------------------------------------------------------------------
 
     async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
-        """Insert ``record`` unless its id exists; returns (stored record, created?)."""
+        """Insert ``record`` unless its tenant already has its id; returns (stored record, created?)."""
         row = (
-            record.id,
             record.tenant,
+            record.id,
             record.state.value,
             record.task.created_at,
             record.version,
@@ -146,25 +179,25 @@ class SqliteTaskStore:
 
         def insert(conn: sqlite3.Connection) -> str | None:
             cur = conn.execute(
-                "INSERT INTO task_records (id, tenant, state, created_at, version, body)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                f"INSERT INTO task_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, id) DO NOTHING",
                 row,
             )
             if cur.rowcount == 1:
                 return None
-            found = conn.execute("SELECT body FROM task_records WHERE id = ?", (record.id,)).fetchone()
+            found = conn.execute(_SELECT_ONE, row[:2]).fetchone()
             return str(found[0])
 
         existing = await self._run(insert)
         if existing is None:
-            return record.model_copy(deep=True), True
+            return record, True  # what is stored is its JSON: the caller's object is theirs
         return read_record(existing), False
 
-    async def get(self, task_id: str) -> TaskRecord | None:
-        """The record of ``task_id``, or None."""
+    async def get(self, tenant: str, task_id: str) -> TaskRecord | None:
+        """The record of ``tenant``'s task ``task_id``, or None."""
 
         def select(conn: sqlite3.Connection) -> Any:
-            return conn.execute("SELECT body FROM task_records WHERE id = ?", (task_id,)).fetchone()
+            return conn.execute(_SELECT_ONE, (tenant, task_id)).fetchone()
 
         found = await self._run(select)
         return None if found is None else read_record(found[0])
@@ -173,11 +206,19 @@ class SqliteTaskStore:
         """Replace the record iff the stored one still has ``expected_version``."""
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
-        params = (record.state.value, record.version, record.model_dump_json(), record.id, expected_version)
+        params = (
+            record.state.value,
+            record.version,
+            record.model_dump_json(),
+            record.tenant,
+            record.id,
+            expected_version,
+        )
 
         def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
-                "UPDATE task_records SET state = ?, version = ?, body = ? WHERE id = ? AND version = ?",
+                "UPDATE task_records SET state = ?, version = ?, body = ?"
+                " WHERE tenant = ? AND id = ? AND version = ?",
                 params,
             )
             return cur.rowcount == 1

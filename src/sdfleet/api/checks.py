@@ -1,0 +1,80 @@
+"""What the fleet allows of a task, beyond what the models themselves check; applied at submit."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from sdfleet.api.deps import ApiContext
+from sdfleet.api.seed_schemas import URL_PATTERN
+from sdfleet.errors import InputFetchError, NotFound, ValidationFailed
+from sdfleet.guarded_http import check_url, decode_inline, image_size
+from sdfleet.limits import check_output_size
+from sdfleet.models.catalog import default_model
+from sdfleet.tasks import Task, TaskType
+
+_URL = re.compile(URL_PATTERN)
+URL_FORM = "an http(s) URL with a host name or IPv4 address, an optional port, and URL-safe path and query"
+
+NEEDS_PROMPT = (TaskType.TEXT_TO_IMAGE,)
+NEEDS_IMAGE = (TaskType.IMAGE_TO_IMAGE, TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
+
+
+def check_task(ctx: ApiContext, task: Task) -> None:
+    """Size, required inputs, the model, and every input image carried in the body."""
+    p, s = task.params, ctx.settings
+    if p.width > s.max_width or p.height > s.max_height:
+        raise ValidationFailed(
+            f"size {p.width}x{p.height} is over the maximum {s.max_width}x{s.max_height}", code="too_large"
+        )
+    if task.type in NEEDS_PROMPT and not p.prompt.strip():
+        raise ValidationFailed(f"a {task.type.value} task needs a prompt", code="missing_prompt")
+    if task.type in NEEDS_IMAGE and not p.init_images:
+        raise ValidationFailed(f"a {task.type.value} task needs an input image", code="missing_image")
+    if task.type is TaskType.PIPELINE and not p.workflow:
+        raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
+    model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
+    if model and ctx.catalog is not None:
+        models = ctx.catalog.list()
+        try:
+            if models:
+                ctx.catalog.resolve(model)
+        except NotFound as e:  # its own message names the models folder: not for clients
+            names = ", ".join(m.name for m in models)
+            raise ValidationFailed(
+                f"model {model!r} not found (available: {names})", code="unknown_model"
+            ) from e
+    check_inline_inputs(ctx, task)
+
+
+def check_inline_inputs(ctx: ApiContext, task: Task) -> None:
+    """Inputs in the body (``data:`` URLs, base64) must be images of at most
+    ``api.max_input_pixels``, and what an upscale makes of them at most the maximum size. Inputs
+    behind http(s) URLs are checked by the agent that fetches them."""
+    sizes = []
+    for n, url in enumerate(task.params.init_images, start=1):
+        try:
+            data = decode_inline(url, ctx.settings.max_body_bytes)
+            if data is not None:
+                sizes.append(image_size(data, ctx.settings.max_input_pixels))
+            elif not _URL.fullmatch(url.strip()):
+                raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}, a data: URL or base64")
+        except InputFetchError as e:
+            code = "too_large" if e.code == "input_too_large" else "bad_image"
+            raise ValidationFailed(f"input image {n}: {e.message or e}", code=code) from e
+    check_output_size(task.type, task.params, sizes, ctx.settings.max_width, ctx.settings.max_height)
+
+
+async def check_webhook(ctx: ApiContext, task: Task) -> None:
+    """The SSRF guard agents apply before each delivery, applied once more here so a client
+    learns at once that its webhook URL will never be called."""
+    if task.webhook is None:
+        return
+    url = task.webhook.url
+    try:
+        check_url(url, allow_private=True)  # the form alone first: no lookup for a wrong scheme
+        if not _URL.fullmatch(url):
+            raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}")
+        await asyncio.to_thread(check_url, url, allow_private=ctx.webhook.allow_private)
+    except InputFetchError as e:
+        raise ValidationFailed(f"webhook URL refused: {e.message or e}", code="bad_webhook") from e

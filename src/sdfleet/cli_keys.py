@@ -1,0 +1,111 @@
+"""``sdfleet keys create|list|revoke``: API keys kept as data in the task store's engine.
+
+A key is shown once, when it is created; the store keeps its SHA-256 and what it grants (tenant,
+tier, limits). Every API replica sees a new or revoked key within ``api.key_cache_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from sdfleet.cli_common import ConfigOpt, _fail, _settings, console
+from sdfleet.errors import SdfleetError
+from sdfleet.store.access import AccessStore, ApiKey, digest, new_key, open_access
+
+keys_app = typer.Typer(help="API keys stored (hashed) in the task store's engine.", no_args_is_help=True)
+T = TypeVar("T")
+
+
+def _with_access(config: Path | None, job: Callable[[AccessStore], Awaitable[T]]) -> T:
+    settings = _settings(config)
+
+    async def main() -> T:
+        access = open_access(settings.store)
+        try:
+            return await job(access)
+        finally:
+            await access.aclose()
+
+    try:
+        return asyncio.run(main())
+    except SdfleetError as e:
+        _fail(e)
+        raise  # not reached: _fail exits
+
+
+@keys_app.command("create")
+def create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant the key acts for."),
+    tier: str = typer.Option("standard", help="The tenant_tier routing attribute of its tasks."),
+    rate: float | None = typer.Option(None, "--rate", help="Accepted submissions per second (all replicas)."),
+    burst: int | None = typer.Option(
+        None, help="Submissions accepted at once (default: one second's worth)."
+    ),
+    max_in_flight: int | None = typer.Option(None, "--max-in-flight", help="Most queued plus running tasks."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Create a key; it is printed once (only its hash is stored)."""
+    secret, key_id = new_key()
+    try:
+        key = ApiKey(
+            id=key_id,
+            digest=digest(secret),
+            tenant=tenant,
+            tier=tier,
+            rate_limit=rate,
+            burst=burst,
+            max_in_flight=max_in_flight,
+        )
+    except ValidationError as e:
+        _fail(ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
+        return
+    _with_access(config, lambda access: access.add_key(key))
+    console.print(f"key [bold]{key.id}[/bold] for tenant [bold]{tenant}[/bold] (shown once, keep it):")
+    print(secret)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@keys_app.command("list")
+def list_keys(
+    config: Path | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per key (no hashes)."),
+) -> None:
+    """Stored keys, revoked ones included (keys in sdfleet.yaml are not listed)."""
+    keys = _with_access(config, lambda access: access.keys())
+    if as_json:
+        for k in keys:
+            print(json.dumps(k.model_dump(exclude={"digest"})))
+        return
+    table = Table("id", "tenant", "tier", "rate/s", "burst", "max in flight", "created", "revoked")
+    for k in keys:
+        limits = (k.rate_limit, k.burst, k.max_in_flight)
+        cells = ["-" if v is None else f"{v:g}" for v in limits]
+        table.add_row(k.id, k.tenant, k.tier, *cells, _when(k.created_at), _when(k.revoked_at))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def revoke(
+    key_id: str = typer.Argument(..., help="The key's id (from create or list)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Revoke a key: every API replica refuses it within api.key_cache_s seconds."""
+    key = _with_access(config, lambda access: access.revoke(key_id))
+    if key is None:
+        _fail(ValueError(f"no key with id {key_id!r}"))
+        return
+    console.print(f"key {key.id} of tenant {key.tenant} revoked at {_when(key.revoked_at)}")

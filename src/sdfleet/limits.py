@@ -1,0 +1,44 @@
+"""The size limits of outputs, in one place for the API (at submit) and the agent (after fetching).
+
+An upscale (``extra-single-image``, ``extra-batch-images``) makes an image ``upscaling_resize``
+times its input, so its output size is only known once the input's is: a 4000² input at ×8 is a
+32000² output. The API checks it at submit for inputs in the body (``data:`` URLs, base64); inputs
+behind http(s) URLs are known after the agent fetched them, so the agent checks them with the same
+function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sdfleet.errors import ValidationFailed
+from sdfleet.tasks import TaskParams, TaskType
+
+UPSCALES = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
+
+
+def output_sizes(
+    kind: TaskType, params: TaskParams, input_sizes: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """The (width, height) of each image a task makes, given its inputs' sizes."""
+    if kind in UPSCALES:
+        k = params.upscaling_resize
+        return [(round(w * k), round(h * k)) for w, h in input_sizes]
+    return [(params.width, params.height)]
+
+
+def check_output_size(
+    kind: TaskType,
+    params: TaskParams,
+    input_sizes: Sequence[tuple[int, int]],
+    max_width: int,
+    max_height: int,
+) -> None:
+    """Raise ``ValidationFailed`` (code ``too_large``) when an output would exceed the maximum."""
+    for width, height in output_sizes(kind, params, input_sizes):
+        if width > max_width or height > max_height:
+            made = f" ({params.upscaling_resize:g} × the input)" if kind in UPSCALES else ""
+            raise ValidationFailed(
+                f"output size {width}x{height}{made} is over the maximum {max_width}x{max_height}",
+                code="too_large",
+            )

@@ -1,0 +1,170 @@
+"""What a hostile client sends gets a 4xx with the error shape, never a 500, a crash or unbounded
+memory (issue 12, defects 2 and 3), and ``Prefer: wait=N`` answers with the finished task."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
+from sdfleet.demo import ImageServer
+from sdfleet.settings import QueueConfig
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.parametrize("engine", ["sqlite"], indirect=True)]
+
+QUEUE = [QueueConfig(name="q", runtime="synthetic")]
+PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64}
+
+
+def png(side: int) -> bytes:
+    """A black square PNG: a few KB whatever its size, as a decompression bomb is."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    return {"4000": png(4000), "13000": png(13000), "64": png(64)}
+
+
+@pytest.fixture
+def bomb_server(bombs: dict[str, bytes]) -> Iterator[str]:
+    server = ImageServer(bombs["13000"])
+    yield server.url
+    server.close()
+
+
+async def start(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, latency_s: float = 0.05
+) -> RunningFleet:
+    runtimes = {"synthetic": {"latency_s": latency_s}}
+    settings = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes)
+    return await start_fleet(QUEUE, settings=settings)
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def upscale_v1(image: bytes, factor: float) -> dict[str, Any]:
+    params = {**PARAMS, "init_images": [data_url(image)], "upscaling_resize": factor}
+    return {"type": "extra-single-image", "params": params}
+
+
+def upscale_v1alpha1(image: bytes, factor: float) -> dict[str, Any]:
+    scripts = {"task": "extra-single-image", "sd_model_checkpoint": SD15, "id_task": f"up-{factor:g}"}
+    return {
+        "alwayson_scripts": scripts,
+        "image": base64.b64encode(image).decode(),
+        "upscaling_resize": factor,
+    }
+
+
+async def test_upscales_and_inputs_are_bounded_at_the_door(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, bombs: dict[str, bytes]
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir)
+    assert len(bombs["4000"]) < 10_000 and len(bombs["13000"]) < 100_000
+    for path, body in (("/v1/tasks", upscale_v1), ("/v1alpha1/", upscale_v1alpha1)):
+        for factor in (8, 2):  # 32000² (MemoryError once) and 8000² (past the 2048 maximum)
+            r = await fleet.http.post(path, json=body(bombs["4000"], factor))
+            assert r.status_code == 422, (path, factor, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "too_large" and f"{4000 * factor}x{4000 * factor}" in error["message"]
+        r = await fleet.http.post(path, json=body(bombs["13000"], 1))  # 169 Mpx in a few KB
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
+        assert "169000000 pixels" in r.json()["error"]["message"]
+        r = await fleet.http.post(path, json=body(b"\x89PNG\r\n\x1a\n not really", 2))
+        assert r.status_code == 422 and r.json()["error"]["code"] == "bad_image", r.text
+    r = await fleet.http.post("/v1/tasks", json=upscale_v1(bombs["64"], 2))
+    assert r.status_code == 202, r.text
+    assert (await fleet.wait(r.json()["id"]))["state"] == "succeeded"
+
+
+async def test_a_bomb_behind_a_url_fails_its_task_in_the_agent(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, bomb_server: str
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir)
+    body = {"type": "image-to-image", "params": {**PARAMS, "init_images": [bomb_server]}}
+    r = await fleet.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    view = await fleet.wait(r.json()["id"])
+    assert view["state"] == "failed" and view["error"]["code"] == "input_too_large", view
+    assert "169000000 pixels" in view["error"]["message"]
+
+
+IDS = ["a/b", "", "x" * 129, ".", "..", ".hidden", "-x", "a b", "é"]
+
+
+async def test_hostile_ids_are_422s_on_every_route(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir)
+    for bad in IDS:
+        bodies = {
+            "/v1/tasks": {"id": bad, "params": PARAMS},
+            "/v1alpha1/": {
+                "alwayson_scripts": {"task": "text-to-image", "sd_model_checkpoint": SD15, "id_task": bad},
+                **PARAMS,
+            },
+            "/v1alpha2/": {
+                "task": {
+                    "metadata": {"id": bad, "runtime": "r", "tasktype": "text-to-image"},
+                    "content": PARAMS,
+                }
+            },
+        }
+        for path, body in bodies.items():
+            r = await fleet.http.post(path, json=body)
+            assert r.status_code == 422, (path, bad, r.text)
+            assert set(r.json()["error"]) == {"code", "message"}
+    deep = '{"params": {"prompt": "x"}, "context": ' + "[" * 1000 + "]" * 1000 + "}"
+    r = await fleet.http.post("/v1/tasks", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "json_too_deep", r.text
+    for raw in (
+        '{"params": {"prompt": "x", "cfg_scale": NaN}}',
+        '{"params": {"prompt": "x"}, "context": Infinity}',
+    ):
+        r = await fleet.http.post("/v1/tasks", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", r.text
+    assert (await fleet.http.get("/v1/tasks")).json()["tasks"] == [], "nothing refused was recorded"
+
+
+async def test_prefer_wait_answers_with_the_finished_task(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir, latency_s=0.2)
+    t0 = time.monotonic()
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers={"prefer": "wait=20"})
+    assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+    assert r.headers["preference-applied"] == "wait=20" and time.monotonic() - t0 < 20
+    assert len(r.json()["images"]) == 1
+    # The same id again, finished: its result at once
+    body = {"id": "waited", "params": PARAMS}
+    first = await fleet.http.post("/v1/tasks", json=body, headers={"prefer": "respond-async, wait=100"})
+    assert first.status_code == 200 and first.headers["preference-applied"] == "wait=60", first.text
+    again = await fleet.http.post("/v1/tasks", json=body, headers={"prefer": "wait=5"})
+    assert again.status_code == 200 and again.json()["state"] == "succeeded"
+    # No preference, or one we do not read: the usual 202.
+    for prefer in ({}, {"prefer": "handling=strict"}):
+        r = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers=prefer)
+        assert r.status_code == 202 and "preference-applied" not in r.headers, r.text
+
+
+async def test_prefer_wait_gives_up_with_a_202(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir, latency_s=5)
+    t0 = time.monotonic()
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers={"prefer": "wait=1"})
+    took = time.monotonic() - t0
+    assert r.status_code == 202 and r.json()["state"] in ("queued", "running"), r.text
+    assert 1 <= took < 5, took
