@@ -6,7 +6,7 @@ import asyncio
 import re
 
 from sdfleet.api.deps import ApiContext
-from sdfleet.api.seed_schemas import URL_PATTERN
+from sdfleet.api.seed_schemas import INPUT_URL_PATTERN, URL_PATTERN
 from sdfleet.errors import InputFetchError, NotFound, ValidationFailed
 from sdfleet.guarded_http import check_url, decode_inline, image_size
 from sdfleet.limits import check_output_size
@@ -14,6 +14,7 @@ from sdfleet.models.catalog import default_model
 from sdfleet.tasks import Task, TaskType
 
 _URL = re.compile(URL_PATTERN)
+_INPUT_URL = re.compile(INPUT_URL_PATTERN)
 URL_FORM = "an http(s) URL with a host name or IPv4 address, an optional port, and URL-safe path and query"
 
 NEEDS_PROMPT = (TaskType.TEXT_TO_IMAGE,)
@@ -57,8 +58,8 @@ def check_inline_inputs(ctx: ApiContext, task: Task) -> None:
             data = decode_inline(url, ctx.settings.max_body_bytes)
             if data is not None:
                 sizes.append(image_size(data, ctx.settings.max_input_pixels))
-            elif not _URL.fullmatch(url.strip()):
-                raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}, a data: URL or base64")
+            elif not _INPUT_URL.fullmatch(url.strip()):
+                raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}, an s3:// URL, a data: URL or base64")
         except InputFetchError as e:
             code = "too_large" if e.code == "input_too_large" else "bad_image"
             raise ValidationFailed(f"input image {n}: {e.message or e}", code=code) from e

@@ -18,7 +18,7 @@ Schema = dict[str, Any]
 IMAGE: Schema = {
     "type": "string",
     "format": IMAGE_FORMAT,
-    "description": "An http(s) URL, a data: URL or base64 of an image",
+    "description": "An http(s) or s3:// URL, a data: URL or base64 of an image",
 }
 UPSCALES = ["extra-single-image", "extra-batch-images", "extra-batch-image"]
 NON_BLANK: Schema = {"type": "string", "pattern": r"\S"}

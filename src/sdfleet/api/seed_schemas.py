@@ -23,6 +23,11 @@ URL_PATTERN = (
 """The http(s) URLs the API takes for input images and webhooks (a plain host name or IPv4, an
 optional port, then path and query in URL-safe characters). Images may also come inline as a
 ``data:`` URL or base64 (checked by decoding them, not by a pattern)."""
+S3_URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[A-Za-z0-9._~!$&'()*+,;=:@/-]+$"
+"""``s3://bucket/key`` inputs, as the seed's agent reads them; agents fetch them only from the
+buckets ``agent.input_s3_buckets`` allows (the API cannot know those, so it checks the form)."""
+INPUT_URL_PATTERN = f"({URL_PATTERN})|({S3_URL_PATTERN})"
+"""What an input image URL may be: http(s) as ``URL_PATTERN``, or ``s3://``."""
 TEXT_MAX = 100_000
 """Longest prompt or negative prompt."""
 
@@ -73,7 +78,7 @@ class AlwaysOnScripts(Extras):
     sd_model_checkpoint: str = Field(max_length=256)
     id_task: IdTask
     save_dir: str | None = Field(None, pattern=PREFIX_PATTERN, max_length=1024)
-    image_link: str | None = Field(None, pattern=URL_PATTERN, max_length=2048)
+    image_link: str | None = Field(None, pattern=INPUT_URL_PATTERN, max_length=2048)
     uid: str | int | None = None
     sd_vae: str | None = None
     override_settings: OverrideSettings | None = None
@@ -97,7 +102,7 @@ class ContentScripts(Extras):
     """``content.alwayson_scripts`` of v1alpha2: the model, the img2img link, A1111 scripts."""
 
     sd_model_checkpoint: str | None = Field(None, max_length=256)
-    image_link: str | None = Field(None, pattern=URL_PATTERN, max_length=2048)
+    image_link: str | None = Field(None, pattern=INPUT_URL_PATTERN, max_length=2048)
 
 
 class A1111Content(A1111Body):
