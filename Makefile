@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first, pinned: a bare `torch` requirement would pull a CUDA build of several GB.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[diffusers,aws,redis,dev]'
+	# spandrel (model upscalers) without its torchvision: PyPI has only CUDA torchvision builds, which
+	# would replace the CPU torch; sdfleet imports spandrel without torchvision (pyproject: upscalers).
+	$(BIN)/python -m pip install -q --no-deps 'spandrel>=0.4.2' 'einops>=0.7'
 	touch $(STAMP)
 
 install: $(STAMP)

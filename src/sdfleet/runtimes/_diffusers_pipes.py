@@ -169,20 +169,6 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Imag
     return image
 
 
-def upscale(data: bytes, factor: float, upscaler: str | None) -> bytes:
-    methods = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
-    method = methods.get((upscaler or "Lanczos").strip().lower())
-    if method is None:
-        raise Reject(
-            f"upscaler {upscaler!r} is not available in the diffusers runtime (it has Lanczos and Nearest; "
-            "model upscalers such as ESRGAN need the a1111 runtime)",
-            code="unknown_upscaler",
-        )
-    image = decode_image(data)
-    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-    return to_png(image.resize(size, method))
-
-
 def to_png(image: Image.Image, parameters: str | None = None) -> bytes:
     buf = io.BytesIO()
     pnginfo = None
