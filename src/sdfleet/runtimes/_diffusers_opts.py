@@ -46,6 +46,9 @@ class DiffusersOptions:
     memory_budget_mb: float | None = None
     """MiB the cached pipelines' weights may take; default: on CUDA 85 % of the GPU's total memory
     minus max(2 GiB, 10 %) for activations, on CPU half the available RAM (``_pipeline_cache``)."""
+    lora_max_loaded: int = 4
+    """LoRA adapters kept loaded per model (least recently used unloaded first); a task without
+    LoRA runs with all of them disabled."""
     upscale_tile: int = 192
     """Model upscalers run on tiles of this many pixels square (SD WebUI's ``ESRGAN_tile``); 0: the
     whole image at once (fastest, most memory)."""
@@ -72,6 +75,7 @@ class DiffusersOptions:
         _check_budget(opts.memory_budget_mb)
         if isinstance(opts.max_batch, bool) or not isinstance(opts.max_batch, int) or opts.max_batch < 1:
             raise ValueError(f"max_batch must be an integer of at least 1, not {opts.max_batch!r}")
+        _check_int("lora_max_loaded", opts.lora_max_loaded, 1)
         _check_int("upscale_tile", opts.upscale_tile, 0)
         _check_int("upscale_max_pixels", opts.upscale_max_pixels, 1)
         wait = opts.max_batch_wait_ms

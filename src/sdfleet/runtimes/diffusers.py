@@ -22,11 +22,13 @@ from typing import Any, TypeVar
 from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
+from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_upscale as U
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
+from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
 
@@ -94,6 +96,7 @@ class DiffusersRuntime:
             tile=self.options.upscale_tile,
             max_pixels=self.options.upscale_max_pixels,
         )
+        self._loras = LoraLoader(self.options.lora_max_loaded)
 
     @classmethod
     def from_options(
@@ -131,6 +134,11 @@ class DiffusersRuntime:
     def upscalers(self) -> list[str]:
         """Names extras tasks may ask for: None, Lanczos, Nearest and the model upscalers found."""
         return U.upscaler_names(self.catalog.models_dir)
+
+    @property
+    def loras(self) -> list[str]:
+        """LoRA names prompts may use (``<lora:name:weight>``)."""
+        return L.names(self.catalog.models_dir)
 
     async def start(self) -> None:
         """Load the default model, if one is configured. Raises ``ModelLoadError``."""
@@ -197,6 +205,7 @@ class DiffusersRuntime:
             )
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
+        L.resolve(job, self.catalog.models_dir)
         return P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 
     async def _generate_jobs(
@@ -325,6 +334,7 @@ class DiffusersRuntime:
                 pipe.scheduler = (
                     P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
                 )
+                self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir))
                 return G.generate(pipe, jobs, sampler, loaded.info, step_callback(ctl))
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
