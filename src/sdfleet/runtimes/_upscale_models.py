@@ -46,6 +46,8 @@ def import_spandrel() -> Any:
             raise ModelLoadError(
                 f"model upscalers need spandrel ({e}): pip install 'sdfleet[upscalers]'"
             ) from e
+        except Exception as e:  # e.g. a torchvision built for another torch
+            raise ModelLoadError(f"spandrel cannot be imported: {e}") from e
 
 
 def _import_without_torchvision() -> Any:
@@ -109,10 +111,8 @@ class ModelCache:
             raise Reject(f"{path.name} is no model architecture spandrel knows", code="bad_upscaler") from e
         except Exception as e:
             raise ModelLoadError(f"cannot load upscaler {path.name}: {e}") from e
-        if not isinstance(model, spandrel.ImageModelDescriptor) or (
-            model.input_channels,
-            model.output_channels,
-        ) != (3, 3):
+        rgb = (model.input_channels, model.output_channels) == (3, 3)
+        if not isinstance(model, spandrel.ImageModelDescriptor) or not rgb:
             raise Reject(
                 f"{path.name} is a {model.architecture.name} model, not an RGB image upscaler",
                 code="bad_upscaler",
