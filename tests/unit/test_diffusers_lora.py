@@ -224,3 +224,29 @@ async def test_least_recently_used_adapters_are_unloaded(models_dir: Path) -> No
 def test_lora_option_is_checked() -> None:
     with pytest.raises(ValueError, match="lora_max_loaded"):
         DiffusersOptions.parse({"lora_max_loaded": 0})
+
+
+async def test_sdxl_lora_reaches_both_text_encoders(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tiny = make_tiny(tmp_path, "tiny-xl", sdxl=True)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "Lora",
+        unet_lora_layers=lora_weights(UNet2DConditionModel.from_pretrained(tiny / "unet"), UNET_TARGETS, 1),
+        text_encoder_lora_layers=lora_weights(
+            CLIPTextModel.from_pretrained(tiny / "text_encoder"), TEXT_TARGETS, 2
+        ),
+        text_encoder_2_lora_layers=lora_weights(
+            CLIPTextModelWithProjection.from_pretrained(tiny / "text_encoder_2"), TEXT_TARGETS, 3
+        ),
+        weight_name="xl-style.safetensors",
+    )
+    rt = DiffusersRuntime(ModelCatalog(tmp_path), default_model="tiny-xl", device="cpu")
+    plain = await images(rt, "a red cat")
+    full = await images(rt, "a red cat <lora:xl-style:1>")
+    te_only = await images(rt, "a red cat <lora:xl-style:1:0>")
+    assert len({*plain, *full, *te_only}) == 3
+    assert await images(rt, "a red cat") == plain
+    adapters = rt._cache["tiny-xl"].pipe.get_list_adapters()
+    assert set(adapters) == {"unet", "text_encoder", "text_encoder_2"}
