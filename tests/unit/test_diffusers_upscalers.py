@@ -8,6 +8,7 @@ import asyncio
 import copy
 import importlib.util
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def extra(upscaler: str | None, factor: float, *images: bytes, task_id: str = "t-1") -> Job:
+def extra(upscaler: str | None, factor: float, *images: bytes, task_id: str = "t-1", **more: object) -> Job:
+    """An extras job; ``more`` are SD WebUI's other extras fields (``TaskParams.extra``)."""
     kind = TaskType.EXTRA_BATCH_IMAGES if len(images) > 1 else TaskType.EXTRA_SINGLE_IMAGE
-    params = TaskParams(upscaler=upscaler, upscaling_resize=factor)
+    params = TaskParams(upscaler=upscaler, upscaling_resize=factor, extra=more)
     return Job(task_id, kind, None, params, init_images=list(images))
 
 
@@ -194,6 +196,50 @@ async def test_outputs_over_the_pixel_limit_are_refused_before_running(
         await small.run(extra(name, factor, png(*size)), no_progress)
     assert caught.value.code == "too_large" and what in caught.value.reason
     assert "upscale_max_pixels" in caught.value.reason
+
+
+async def test_resize_to_a_size_crops_from_the_centre(runtime: DiffusersRuntime) -> None:
+    source = png(16, 12)
+    to = {"resize_mode": 1, "upscaling_resize_w": 40, "upscaling_resize_h": 40}
+    cropped = await runtime.run(extra("4x-Tiny", 2, source, **to), no_progress)
+    whole = await runtime.run(extra("4x-Tiny", 2, source, **to, upscaling_crop=False), no_progress)
+    # scaled by max(40/16, 40/12) to 53x40 so that it covers 40x40, then cut from the middle
+    assert pixels(whole.images[0]).shape == (40, 53, 3)
+    assert np.array_equal(pixels(cropped.images[0]), pixels(whole.images[0])[:, 6:46])
+    assert cropped.info["upscaling_resize_w"] == 40 and cropped.info["upscaling_crop"] is True
+
+
+async def test_second_upscaler_is_blended_in(runtime: DiffusersRuntime) -> None:
+    source = png(16, 12)
+    lanczos = await runtime.run(extra("Lanczos", 2, source), no_progress)
+    model = await runtime.run(extra("4x-Tiny", 2, source), no_progress)
+    both = await runtime.run(
+        extra("Lanczos", 2, source, upscaler_2="4x-tiny", extras_upscaler_2_visibility=0.25), no_progress
+    )
+    a, b = (Image.open(io.BytesIO(r.images[0])) for r in (lanczos, model))
+    assert np.array_equal(pixels(both.images[0]), np.asarray(Image.blend(a, b, 0.25)).astype(int))
+    assert both.info["upscaler_2"] == "4x-Tiny"
+    for off in ({"upscaler_2": "4x-Tiny"}, {"upscaler_2": "None", "extras_upscaler_2_visibility": 0.5}):
+        alone = await runtime.run(extra("Lanczos", 2, source, **off), no_progress)
+        assert alone.images == lanczos.images
+
+
+@pytest.mark.parametrize(
+    ("more", "reason"),
+    [
+        ({"gfpgan_visibility": 0.5}, "face restoration (GFPGAN, CodeFormer) is not available"),
+        ({"codeformer_visibility": 1}, "face restoration (GFPGAN, CodeFormer) is not available"),
+        ({"resize_mode": 2}, "resize_mode must be 0"),
+        ({"resize_mode": 1, "upscaling_resize_w": 0}, "upscaling_resize_w must be a whole number"),
+        ({"extras_upscaler_2_visibility": 2}, "between 0 and 1"),
+        ({"upscaler_2": "SwinIR", "extras_upscaler_2_visibility": 0.5}, "upscaler 'SwinIR' is not available"),
+    ],
+)
+async def test_extras_it_cannot_do_are_refused(
+    runtime: DiffusersRuntime, more: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(Reject, match=re.escape(reason)):
+        await runtime.run(extra("Lanczos", 2, png(8, 8), **more), no_progress)
 
 
 async def _behind_a_generation(rt: DiffusersRuntime, events: list[str]) -> tuple[asyncio.Task, asyncio.Task]:

@@ -15,7 +15,7 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -24,6 +24,9 @@ from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes._upscale_models import ModelCache, run_tiled
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskType
+
+if TYPE_CHECKING:
+    from sdfleet.runtimes._extras_plan import Plan
 
 UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN")
 SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -116,7 +119,8 @@ def open_image(data: bytes, limit: int) -> Image.Image:
 
 
 class Extras:
-    """Runs extras jobs; model upscalers run on the runtime's device (the caller holds its lock)."""
+    """Runs extras jobs by their ``_extras_plan.Plan``; model upscalers run on the runtime's device
+    (the caller holds its lock)."""
 
     def __init__(self, models_dir: Path, device: str, dtype: Any, *, tile: int, max_pixels: int) -> None:
         self.models_dir = models_dir
@@ -124,42 +128,49 @@ class Extras:
         self.max_pixels = max_pixels
         self.models = ModelCache(device, dtype)
 
-    def upscaler(self, job: Job) -> Image.Resampling | ModelUpscaler:
-        """The job's upscaler, checked before the job waits for the device. Raises ``Reject``."""
-        return resolve(job.params.upscaler, self.models_dir)
-
     def run(
-        self,
-        job: Job,
-        upscaler: Image.Resampling | ModelUpscaler,
-        stop: Callable[[], bool],
-        report: Callable[[float], None],
+        self, job: Job, plan: Plan, stop: Callable[[], bool], report: Callable[[float], None]
     ) -> RuntimeResult:
         """Upscale the job's input(s); raises ``Interrupted`` once ``stop()`` is true."""
         inputs = job.init_images if job.type is TaskType.EXTRA_BATCH_IMAGES else job.init_images[:1]
         if not inputs:
             raise Reject(f"{job.type.value} needs at least one input image", code="invalid_params")
-        factor = job.params.upscaling_resize
         out: list[bytes] = []
         for n, data in enumerate(inputs):
-            image = open_image(data, self.max_pixels)
-            size = target_size(image.size, factor)
-            check_pixels(size, self.max_pixels, "the upscaled image")
 
             def on_tile(done: int, total: int, n: int = n) -> None:
                 if stop():
                     raise Interrupted(f"task {job.task_id} interrupted")
                 report(min(0.99, (n + done / total) / len(inputs)))
 
-            if isinstance(upscaler, ModelUpscaler):
-                image = self._with_model(upscaler, image, size, on_tile)
-            if stop():
-                raise Interrupted(f"task {job.task_id} interrupted")
-            resized = image if image.size == size else image.resize(size, self._method(upscaler))
-            out.append(P.to_png(resized))
-            report(min(0.99, (n + 1) / len(inputs)))
-        name = upscaler.name if isinstance(upscaler, ModelUpscaler) else (job.params.upscaler or "Lanczos")
-        return RuntimeResult(images=out, info={"upscaler": name, "upscaling_resize": factor})
+            out.append(P.to_png(self._one(open_image(data, self.max_pixels), plan, on_tile)))
+            on_tile(1, 1)
+        return RuntimeResult(images=out, info=plan.info())
+
+    def _one(self, image: Image.Image, plan: Plan, on_tile: Callable[[int, int], None]) -> Image.Image:
+        size = plan.target(image.size)
+        check_pixels(size, self.max_pixels, "the upscaled image")
+        result = self._upscale(image, plan.first, size, on_tile)
+        if plan.second is not None:  # SD WebUI's second upscaler, blended in
+            other = self._upscale(image, plan.second, size, on_tile)
+            result = Image.blend(result, other, plan.visibility)
+        if plan.to is not None and plan.crop and result.size != plan.to:
+            cropped = Image.new("RGB", plan.to)  # centred, as SD WebUI crops
+            cropped.paste(result, (plan.to[0] // 2 - result.width // 2, plan.to[1] // 2 - result.height // 2))
+            result = cropped
+        return result
+
+    def _upscale(
+        self,
+        image: Image.Image,
+        upscaler: Image.Resampling | ModelUpscaler,
+        size: tuple[int, int],
+        on_tile: Callable[[int, int], None],
+    ) -> Image.Image:
+        if isinstance(upscaler, ModelUpscaler):
+            image = self._with_model(upscaler, image, size, on_tile)
+            upscaler = Image.Resampling.LANCZOS  # to the exact size, as SD WebUI does
+        return image if image.size == size else image.resize(size, upscaler)
 
     def _with_model(
         self,
@@ -180,7 +191,3 @@ class Extras:
             if image.size == before:  # a 1x model: more passes change nothing
                 break
         return image
-
-    @staticmethod
-    def _method(upscaler: Image.Resampling | ModelUpscaler) -> Image.Resampling:
-        return Image.Resampling.LANCZOS if isinstance(upscaler, ModelUpscaler) else upscaler

@@ -26,6 +26,7 @@ from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_upscale as U
+from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._lora_loader import LoraLoader
@@ -352,12 +353,12 @@ class DiffusersRuntime:
             raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
-        upscaler = self._extras.upscaler(job)  # an unknown name fails before waiting for the device
+        plan = X.plan(job, self.catalog.models_dir)  # bad names fail before waiting for the device
         ctl = RunControl(progress, [job.task_id])
         self._active.add(ctl)
-        work = partial(self._extras.run, job, upscaler, ctl.stop.is_set, ctl.report)
+        work = partial(self._extras.run, job, plan, ctl.stop.is_set, ctl.report)
         try:
-            if not isinstance(upscaler, U.ModelUpscaler):  # a resize: no device needed
+            if not plan.on_device:  # resizes only: no device needed
                 result = await self._in_thread(ctl, work, None)
             else:
                 async with self._lock:
