@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml $(LOCK) $(TORCH)
 	$(BIN)/python -m pip install -q -c $(LOCK) pip
 	$(BIN)/python -m pip install -q -r $(TORCH) -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# spandrel (model upscalers) without its torchvision: PyPI has only CUDA torchvision builds, which
+	# would replace the CPU torch; sdfleet imports spandrel without torchvision (pyproject: upscalers).
+	$(BIN)/python -m pip install -q --no-deps 'spandrel==0.4.2' 'einops==0.8.2'
 	touch $(STAMP)
 
 install: $(STAMP)

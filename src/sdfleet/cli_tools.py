@@ -23,15 +23,25 @@ BenchDirOpt = typer.Option(None, "--bench-dir", help="Scenario folder (default: 
 def make_tiny_cmd(
     name: str,
     models_dir: Path | None = typer.Option(None, "--dir", help="Models directory (default from settings)."),
-    single_file: bool = typer.Option(False, help="Also write a single-file .safetensors checkpoint."),
+    single_file: bool = typer.Option(
+        False, help="A single-file .safetensors checkpoint instead of a folder."
+    ),
     seed: int = typer.Option(0),
-    sdxl: bool = typer.Option(False, "--sdxl", help="An SDXL pipeline (diffusers folder only)."),
+    sdxl: bool = typer.Option(False, "--sdxl", help="An SDXL pipeline."),
+    sd2: bool = typer.Option(False, "--sd2", help="An SD 2.x pipeline (OpenCLIP text encoder)."),
+    sidecar: bool = typer.Option(
+        True, help="With --single-file, also write NAME.config/ (without it the family is detected)."
+    ),
 ) -> None:
     """Write a tiny random-weight SD pipeline (no download). Its images are noise from a tiny test model."""
     from sdfleet.models.tiny import make_tiny
 
     target = models_dir or _settings(None).fleet.models.dir
-    path = make_tiny(target, name, seed=seed, single_file=single_file, sdxl=sdxl)
+    kinds = {"sdxl": sdxl, "sd2": sd2, "single_file": single_file, "sidecar": sidecar}
+    try:
+        path = make_tiny(target, name, seed=seed, **kinds)
+    except ValueError as e:
+        _fail(e)
     console.print(f"wrote tiny test model {path} (random weights: its images are noise)")
 
 

@@ -58,8 +58,6 @@ def test_make_tiny_sdxl_writes_an_sdxl_pipeline(models_dir: Path) -> None:
     assert unet["cross_attention_dim"] == text_1["hidden_size"] + text_2["hidden_size"]
     time_ids = 6 * unet["addition_time_embed_dim"]
     assert unet["projection_class_embeddings_input_dim"] == time_ids + text_2["projection_dim"]
-    with pytest.raises(ValueError, match="single file"):
-        make_tiny(models_dir, "nope", sdxl=True, single_file=True)
 
 
 async def test_sdxl_txt2img_same_seed_same_bytes(runtime: DiffusersRuntime) -> None:

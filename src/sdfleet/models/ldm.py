@@ -1,9 +1,10 @@
-"""Diffusers → original (LDM/CompVis) state-dict key layout for Stable Diffusion 1.x checkpoints.
+"""Diffusers → original (LDM/CompVis, SGM) state-dict key layout for Stable Diffusion checkpoints.
 
 The inverse of what ``diffusers.loaders.single_file_utils`` does when it reads a single-file
 checkpoint, derived from the UNet/VAE configs so it works for any block count (the tiny test
 models included), not only the 4-block SD 1.5 layout. Values are passed through untouched except
-the VAE mid-block attention projections, which LDM stores as 1×1 convolutions.
+the VAE mid-block attention projections, which LDM stores as 1×1 convolutions, and OpenCLIP's
+fused attention projections (SD 2.x's text encoder, SDXL's second).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -21,6 +25,8 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's size and crop conditioning
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = [
     ("norm1.", "in_layers.0."),
@@ -136,6 +142,70 @@ def vae_to_ldm(state: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def clip_to_ldm(state: Mapping[str, Any]) -> dict[str, Any]:
+def clip_to_ldm(state: Mapping[str, Any], prefix: str = CLIP_PREFIX) -> dict[str, Any]:
     # transformers ≥ 5.6 flattened CLIPTextModel (no ``text_model.`` level); LDM files always have it.
-    return {CLIP_PREFIX + key.removeprefix("text_model."): value for key, value in state.items()}
+    return {prefix + key.removeprefix("text_model."): value for key, value in state.items()}
+
+
+_OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPENCLIP_LAYER = [
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+]
+
+
+def openclip_to_ldm(state: Mapping[str, Any], prefix: str, *, extra_layer: bool = False) -> dict[str, Any]:
+    """A transformers CLIP text encoder in OpenCLIP's layout (``transformer.resblocks.N.attn.in_proj``).
+
+    ``text_projection`` is stored transposed, as OpenCLIP does; a model without one (SD 2.x's) gets
+    an identity, as its files carry one that nothing reads. ``extra_layer`` repeats the last layer
+    as one more: SD 2.x files hold all 24 layers of OpenCLIP ViT-H, of which the model uses 23.
+    """
+    flat = {key.removeprefix("text_model."): value for key, value in state.items()}
+    out: dict[str, Any] = {}
+    layers: dict[int, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key in _OPENCLIP_TOP:
+            out[prefix + _OPENCLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key.startswith("encoder.layers."):
+            number, rest = key.removeprefix("encoder.layers.").split(".", 1)
+            layers.setdefault(int(number), {})[rest] = value
+        else:
+            raise ValueError(f"no OpenCLIP name for text encoder key {key!r}")
+    if prefix + "text_projection" not in out:
+        width = flat["final_layer_norm.weight"].shape[0]
+        out[prefix + "text_projection"] = _eye_like(flat["final_layer_norm.weight"], width)
+    if extra_layer:
+        layers[len(layers)] = {k: v.clone() for k, v in layers[len(layers) - 1].items()}
+    for n, layer in layers.items():
+        out.update(_openclip_layer(layer, f"{prefix}transformer.resblocks.{n}."))
+    return out
+
+
+def _openclip_layer(layer: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for kind in ("weight", "bias"):
+        parts = [layer[f"self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
+        out[f"{prefix}attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+    for rest, value in layer.items():
+        if not rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+            out[prefix + _rename(rest, _OPENCLIP_LAYER)] = value
+    return out
+
+
+def _eye_like(like: Any, width: int) -> Any:
+    import torch
+
+    return torch.eye(width, dtype=like.dtype)

@@ -1,11 +1,17 @@
 """A tiny random-weight Stable Diffusion pipeline for demos and tests, written offline.
 
 ``make_tiny(dir, "tiny-sd")`` writes a diffusers folder ``dir/tiny-sd/`` (about 7 MB) that loads like
-any SD 1.x model; ``sdxl=True`` writes a tiny StableDiffusionXLPipeline folder instead (two text
-encoders, a ``text_time`` UNet). ``single_file=True`` writes instead ``dir/tiny-sd.safetensors`` in
-the original (LDM) key layout, plus the diffusers config folder ``dir/tiny-sd.config/`` (configs,
-tokenizer and scheduler, no weights) that ``from_single_file(..., config=..., local_files_only=True)``
-needs to load it without the hub. Imports torch/diffusers/transformers when called.
+any SD 1.x model; ``sd2=True`` writes a tiny SD 2.x one (OpenCLIP-style text encoder, linear
+attention projections), ``sdxl=True`` a tiny StableDiffusionXLPipeline (two text encoders, a
+``text_time`` UNet). ``single_file=True`` writes instead ``dir/tiny-sd.safetensors`` in the original
+key layout of its family (LDM, or SGM for SDXL), plus unless ``sidecar=False`` the diffusers config
+folder ``dir/tiny-sd.config/`` (configs, tokenizers and scheduler, no weights) that
+``from_single_file(..., config=..., local_files_only=True)`` reads to load it without the hub.
+
+The tiny models follow the conventions of the real families where weights cannot tell (activation,
+padding token, VAE scale, scheduler spacing), and for attention heads the rule
+``sdfleet.models.family`` applies to models this small, so that a single file loads without its
+config folder as the same model. Imports torch/diffusers/transformers when called.
 """
 
 from __future__ import annotations
@@ -15,37 +21,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sdfleet.models.clip_vocab import TINY_MERGES, write_vocab
+
 MARKER = "sdfleet-tiny.json"
 MARKER_CONTENT = {"tiny": True, "note": "random weights: output is noise from a tiny test model"}
 CONFIG_SUFFIX = ".config"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte → printable character table (every byte gets a one-character token)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    keep += list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, (chr(c) for c in chars), strict=True))
-
-
 def write_clip_vocab(dest: Path) -> tuple[Path, Path]:
     """A byte-level CLIP BPE vocabulary: every byte, every byte as a word end, a few merges."""
-    dest.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols]
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>"), ("e", "r</w>")]
-    tokens += [a + b for a, b in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab_file, merges_file = dest / "vocab.json", dest / "merges.txt"
-    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return vocab_file, merges_file
+    return write_vocab(dest, TINY_MERGES)
 
 
 _UNET = {
@@ -77,7 +62,17 @@ _TEXT = {
     "num_hidden_layers": 5,
     "max_position_embeddings": 77,
 }
-_TEXT_2 = {**_TEXT, "projection_dim": 32}
+# SD 2.x's and SDXL's second encoder are OpenCLIP models: GELU, "!" as padding token.
+_OPENCLIP_TEXT: dict[str, Any] = {**_TEXT, "hidden_act": "gelu"}
+# Wider than encoder 1, as in SDXL (1280 vs 768): diffusers tells the two apart in a single file
+# by width. Heads: 8 wide, as the tiny rule of sdfleet.models.family has it.
+_TEXT_2: dict[str, Any] = {
+    **_OPENCLIP_TEXT,
+    "hidden_size": 64,
+    "num_attention_heads": 8,
+    "projection_dim": 32,
+}
+_OPENCLIP_PAD = "!"
 # SDXL: the UNet attends to both encoders' hidden states side by side, and its added time embedding
 # takes the pooled projection of encoder 2 plus six time ids (original size, crop, target size).
 _SDXL_TIME_DIM = 8
@@ -90,6 +85,8 @@ _SDXL_UNET = {
     "addition_time_embed_dim": _SDXL_TIME_DIM,
     "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_DIM + _TEXT_2["projection_dim"],
 }
+_SD2_UNET = {**_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
+SDXL_VAE_SCALE = 0.13025
 _SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -100,13 +97,17 @@ _SCHEDULER = {
 }
 
 
-def tokenizer_and_text_config(tmp: Path, text: dict[str, Any]) -> tuple[Any, Any]:
+def tokenizer_and_text_config(
+    tmp: Path, text: dict[str, Any], pad_token: str = "<|endoftext|>"
+) -> tuple[Any, Any]:
     """A CLIP tokenizer on the locally written byte vocabulary, and a text config sized to it."""
     import transformers
 
     t: Any = transformers  # untyped constructors, which mypy --strict refuses to call
     vocab_file, merges_file = write_clip_vocab(tmp)
-    tokenizer = t.CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+    tokenizer = t.CLIPTokenizer(
+        vocab=str(vocab_file), merges=str(merges_file), model_max_length=77, pad_token=pad_token
+    )
     config = t.CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -125,23 +126,31 @@ def _build_sdxl(seed: int, tmp: Path) -> Any:
     d: Any = diffusers
     t: Any = transformers
     tokenizer, text_config = tokenizer_and_text_config(tmp, _TEXT)
-    tokenizer_2, text_config_2 = tokenizer_and_text_config(tmp, _TEXT_2)
+    tokenizer_2, text_config_2 = tokenizer_and_text_config(tmp, _TEXT_2, _OPENCLIP_PAD)
     torch.manual_seed(seed)
     return d.StableDiffusionXLPipeline(
         unet=d.UNet2DConditionModel(**_SDXL_UNET),
-        vae=d.AutoencoderKL(**_VAE),
+        vae=d.AutoencoderKL(**_VAE, scaling_factor=SDXL_VAE_SCALE),
         text_encoder=t.CLIPTextModel(text_config).eval(),
         text_encoder_2=t.CLIPTextModelWithProjection(text_config_2).eval(),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=d.EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
         ),
         add_watermarker=False,
     )
 
 
-def _build(seed: int, tmp: Path) -> Any:
+def _build_sd2(seed: int, tmp: Path) -> Any:
+    return _build(seed, tmp, sd2=True)
+
+
+def _build(seed: int, tmp: Path, sd2: bool = False) -> Any:
     import diffusers
     import torch
     import transformers
@@ -150,10 +159,13 @@ def _build(seed: int, tmp: Path) -> Any:
     d: Any = diffusers
     t: Any = transformers
 
-    tokenizer, text_config = tokenizer_and_text_config(tmp, _TEXT)
+    if sd2:
+        tokenizer, text_config = tokenizer_and_text_config(tmp, _OPENCLIP_TEXT, _OPENCLIP_PAD)
+    else:
+        tokenizer, text_config = tokenizer_and_text_config(tmp, _TEXT)
     torch.manual_seed(seed)
     return d.StableDiffusionPipeline(
-        unet=d.UNet2DConditionModel(**_UNET),
+        unet=d.UNet2DConditionModel(**(_SD2_UNET if sd2 else _UNET)),
         vae=d.AutoencoderKL(**_VAE),
         text_encoder=t.CLIPTextModel(text_config).eval(),
         tokenizer=tokenizer,
@@ -165,42 +177,58 @@ def _build(seed: int, tmp: Path) -> Any:
 
 
 def _write_config_folder(pipe: Any, dest: Path) -> None:
-    """Everything ``from_single_file(config=dest)`` reads: model_index, component configs, tokenizer."""
+    """Everything ``from_single_file(config=dest)`` reads: model_index, component configs, tokenizers."""
     pipe.save_config(dest)
-    pipe.unet.save_config(dest / "unet")
-    pipe.vae.save_config(dest / "vae")
-    pipe.text_encoder.config.save_pretrained(dest / "text_encoder")
-    pipe.tokenizer.save_pretrained(dest / "tokenizer")
-    pipe.scheduler.save_pretrained(dest / "scheduler")
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if hasattr(component, "save_pretrained") and not hasattr(component, "state_dict"):
+            component.save_pretrained(dest / name)  # tokenizers, schedulers
+        elif hasattr(component, "save_config"):
+            component.save_config(dest / name)  # diffusers models
+        else:
+            component.config.save_pretrained(dest / name)  # transformers models
 
 
 def to_ldm_state_dict(pipe: Any) -> dict[str, Any]:
-    """The pipeline's UNet, VAE and text encoder weights in the original single-file key layout."""
-    from sdfleet.models.ldm import clip_to_ldm, unet_to_ldm, vae_to_ldm
+    """The pipeline's UNet, VAE and text encoder weights in its family's single-file key layout."""
+    from sdfleet.models import ldm
 
     state: dict[str, Any] = {}
-    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
-    state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    state.update(clip_to_ldm(pipe.text_encoder.state_dict()))
+    state.update(ldm.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
+    state.update(ldm.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    text = pipe.text_encoder.state_dict()
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        state.update(ldm.clip_to_ldm(text, ldm.SDXL_CLIP_PREFIX))
+        state.update(ldm.openclip_to_ldm(pipe.text_encoder_2.state_dict(), ldm.SDXL_OPENCLIP_PREFIX))
+    elif pipe.text_encoder.config.hidden_act == "gelu":  # SD 2.x: OpenCLIP
+        state.update(ldm.openclip_to_ldm(text, ldm.OPENCLIP_PREFIX, extra_layer=True))
+    else:
+        state.update(ldm.clip_to_ldm(text))
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def make_tiny(
-    dest_dir: Path, name: str, *, seed: int = 0, single_file: bool = False, sdxl: bool = False
+    dest_dir: Path,
+    name: str,
+    *,
+    seed: int = 0,
+    single_file: bool = False,
+    sdxl: bool = False,
+    sd2: bool = False,
+    sidecar: bool = True,
 ) -> Path:
-    """Write a tiny random-weight SD (or SDXL) pipeline; returns the folder, or the ``.safetensors``.
-
-    Raises ``ValueError`` for ``sdxl`` with ``single_file`` (no SDXL LDM key layout writer).
-    """
+    """Write a tiny random-weight SD 1.x, 2.x or SDXL pipeline; returns the folder, or the
+    ``.safetensors`` (with its ``.config/`` folder unless ``sidecar`` is false)."""
     from safetensors.torch import save_file
 
-    if sdxl and single_file:
-        raise ValueError("a tiny SDXL model is written as a diffusers folder only (no single file)")
+    if sdxl and sd2:
+        raise ValueError("a tiny model is SD 2.x or SDXL, not both")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     scratch = dest_dir / f".{name}.tokenizer-src"
     try:
-        pipe = (_build_sdxl if sdxl else _build)(seed, scratch)
+        pipe = (_build_sdxl if sdxl else _build_sd2 if sd2 else _build)(seed, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     marker = json.dumps(MARKER_CONTENT)
@@ -209,9 +237,10 @@ def make_tiny(
         pipe.save_pretrained(folder, safe_serialization=True)
         (folder / MARKER).write_text(marker)
         return folder
-    config_dir = dest_dir / f"{name}{CONFIG_SUFFIX}"
-    _write_config_folder(pipe, config_dir)
-    (config_dir / MARKER).write_text(marker)
+    if sidecar:
+        config_dir = dest_dir / f"{name}{CONFIG_SUFFIX}"
+        _write_config_folder(pipe, config_dir)
+        (config_dir / MARKER).write_text(marker)
     path = dest_dir / f"{name}.safetensors"
     save_file(to_ldm_state_dict(pipe), str(path), metadata={"format": "pt", "sdfleet": marker})
     return path

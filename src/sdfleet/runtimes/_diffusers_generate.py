@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
@@ -27,6 +28,9 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         return None
     p = job.params
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
+    loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
+    if loras is None:
+        return None
     return (
         job.model,
         job.type,
@@ -39,7 +43,8 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         p.clip_skip,
         # an empty negative prompt is None to the pipeline (SDXL then uses zero embeddings, not
         # the empty string's): the call passes None only when every job of it has none
-        bool(p.negative_prompt),
+        bool(L.text(p.negative_prompt)),
+        loras,
     )
 
 
@@ -69,10 +74,11 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
     parts = _parts(jobs)
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
+    # what the text encoder sees: the prompts without their <lora:...> tags
     kwargs: dict[str, Any] = {
-        "prompt": [part.job.params.prompt for part in parts for _ in part.seeds],
-        "negative_prompt": [part.job.params.negative_prompt for part in parts for _ in part.seeds]
-        if first.negative_prompt
+        "prompt": [L.text(part.job.params.prompt) for part in parts for _ in part.seeds],
+        "negative_prompt": [L.text(part.job.params.negative_prompt) for part in parts for _ in part.seeds]
+        if L.text(first.negative_prompt)
         else None,
         "guidance_scale": first.cfg_scale,
         "num_images_per_prompt": 1,

@@ -46,6 +46,15 @@ class DiffusersOptions:
     memory_budget_mb: float | None = None
     """MiB the cached pipelines' weights may take; default: on CUDA 85 % of the GPU's total memory
     minus max(2 GiB, 10 %) for activations, on CPU half the available RAM (``_pipeline_cache``)."""
+    lora_max_loaded: int = 4
+    """LoRA adapters kept loaded per model (least recently used unloaded first); a task without
+    LoRA runs with all of them disabled."""
+    upscale_tile: int = 192
+    """Model upscalers run on tiles of this many pixels square (SD WebUI's ``ESRGAN_tile``); 0: the
+    whole image at once (fastest, most memory)."""
+    upscale_max_pixels: int = 4096 * 4096
+    """Largest image (width × height) an extras task may read or make, intermediate model passes
+    included; a larger one fails the task (``too_large``) before any memory is spent on it."""
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> DiffusersOptions:
@@ -66,6 +75,9 @@ class DiffusersOptions:
         _check_budget(opts.memory_budget_mb)
         if isinstance(opts.max_batch, bool) or not isinstance(opts.max_batch, int) or opts.max_batch < 1:
             raise ValueError(f"max_batch must be an integer of at least 1, not {opts.max_batch!r}")
+        _check_int("lora_max_loaded", opts.lora_max_loaded, 1)
+        _check_int("upscale_tile", opts.upscale_tile, 0)
+        _check_int("upscale_max_pixels", opts.upscale_max_pixels, 1)
         wait = opts.max_batch_wait_ms
         if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
             raise ValueError(f"max_batch_wait_ms must be a number of at least 0, not {wait!r}")
@@ -85,6 +97,11 @@ def _check_budget(value: object) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"memory_budget_mb must be a number of MiB above 0, not {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, not {value!r}")
 
 
 def apply_options(pipe: Any, opts: DiffusersOptions, device: str) -> None:

@@ -127,19 +127,14 @@ def _load(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
 
 
 def _load_single_file(info: ModelInfo, dtype: torch.dtype) -> Any:
+    if info.config is None:  # the family and its config from the weights (_diffusers_detect)
+        from sdfleet.runtimes._diffusers_detect import load_detected
+
+        return load_detected(info, dtype)
     cls: Any = diffusers.StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-    if info.config is not None:
-        kwargs["config"] = str(info.config)
-        index = cls.load_config(str(info.config))
-        cls = getattr(diffusers, str(index.get("_class_name", "StableDiffusionPipeline")))
-    else:
-        log.warning(
-            "no %s%s folder next to %s: the config must already be in the Hugging Face cache",
-            info.stem,
-            ".config",
-            info.path,
-        )
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "config": str(info.config)}
+    index = cls.load_config(str(info.config))
+    cls = getattr(diffusers, str(index.get("_class_name", "StableDiffusionPipeline")))
     return cls.from_single_file(str(info.path), **kwargs)
 
 
@@ -167,20 +162,6 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Imag
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     return image
-
-
-def upscale(data: bytes, factor: float, upscaler: str | None) -> bytes:
-    methods = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
-    method = methods.get((upscaler or "Lanczos").strip().lower())
-    if method is None:
-        raise Reject(
-            f"upscaler {upscaler!r} is not available in the diffusers runtime (it has Lanczos and Nearest; "
-            "model upscalers such as ESRGAN need the a1111 runtime)",
-            code="unknown_upscaler",
-        )
-    image = decode_image(data)
-    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-    return to_png(image.resize(size, method))
 
 
 def to_png(image: Image.Image, parameters: str | None = None) -> bytes:

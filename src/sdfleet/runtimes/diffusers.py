@@ -1,5 +1,5 @@
-"""In-process diffusers runtime: SD/SDXL txt2img and img2img, Lanczos/Nearest extras, an LRU of
-models bounded by a memory budget.
+"""In-process diffusers runtime: SD/SDXL txt2img and img2img, extras upscaling (resizers and
+ESRGAN-family models, ``_diffusers_upscale``), an LRU of models bounded by a memory budget.
 
 Inference runs in a worker thread; progress goes back to the event loop once per denoising step and
 ``interrupt()`` stops the pipeline between steps. Importing this module imports torch and diffusers,
@@ -22,10 +22,14 @@ from typing import Any, TypeVar
 from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
+from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes import _diffusers_upscale as U
+from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
+from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
 
@@ -86,6 +90,14 @@ class DiffusersRuntime:
         self._infer_lock = threading.Lock()
         self._infer_thread: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        self._extras = U.Extras(
+            catalog.models_dir,
+            self.device,
+            self.dtype,
+            tile=self.options.upscale_tile,
+            max_pixels=self.options.upscale_max_pixels,
+        )
+        self._loras = LoraLoader(self.options.lora_max_loaded)
 
     @classmethod
     def from_options(
@@ -119,6 +131,16 @@ class DiffusersRuntime:
         """Bytes the cached pipelines' weights may take (``memory_budget_mb`` or its default)."""
         return self._cache.budget
 
+    @property
+    def upscalers(self) -> list[str]:
+        """Names extras tasks may ask for: None, Lanczos, Nearest and the model upscalers found."""
+        return U.upscaler_names(self.catalog.models_dir)
+
+    @property
+    def loras(self) -> list[str]:
+        """LoRA names prompts may use (``<lora:name:weight>``)."""
+        return L.names(self.catalog.models_dir)
+
     async def start(self) -> None:
         """Load the default model, if one is configured. Raises ``ModelLoadError``."""
         if self.default_model is not None:
@@ -136,13 +158,7 @@ class DiffusersRuntime:
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
         if job.type in _EXTRAS:
-            ctl = RunControl(progress, [job.task_id])
-            self._active.add(ctl)
-            try:
-                return await self._in_thread(ctl, lambda: self._extras(job, ctl), None)
-            finally:
-                self._active.discard(ctl)
-                await ctl.close()
+            return await self._run_extras(job, progress)
         sampler = self._check(job)
         (outcome,) = await self._generate_jobs([job], [progress], sampler)
         if isinstance(outcome, BaseException):
@@ -190,6 +206,7 @@ class DiffusersRuntime:
             )
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
+        L.resolve(job, self.catalog.models_dir)
         return P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 
     async def _generate_jobs(
@@ -243,6 +260,7 @@ class DiffusersRuntime:
         async with self._lock:
             self._current = None
             self._cache.clear()  # and frees the memory
+            self._extras.models.clear()
             if self._infer_thread is not None:
                 self._infer_thread.shutdown(wait=False)
                 self._infer_thread = None
@@ -317,6 +335,7 @@ class DiffusersRuntime:
                 pipe.scheduler = (
                     P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
                 )
+                self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir))
                 return G.generate(pipe, jobs, sampler, loaded.info, step_callback(ctl))
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
@@ -333,18 +352,39 @@ class DiffusersRuntime:
             params = jobs[0].params.model_copy(update={"batch_size": images})
             raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
 
-    def _extras(self, job: Job, ctl: RunControl) -> RuntimeResult:
-        inputs = job.init_images if job.type is TaskType.EXTRA_BATCH_IMAGES else job.init_images[:1]
-        if not inputs:
-            raise Reject(f"{job.type.value} needs at least one input image", code="invalid_params")
-        out: list[bytes] = []
-        for n, data in enumerate(inputs):
-            if ctl.stop.is_set():
-                raise Interrupted(f"task {job.task_id} interrupted")
-            out.append(P.upscale(data, job.params.upscaling_resize, job.params.upscaler))
-            ctl.report(min(0.99, (n + 1) / len(inputs)))
-        info = {"upscaler": job.params.upscaler or "Lanczos", "upscaling_resize": job.params.upscaling_resize}
-        return RuntimeResult(images=out, info=info, model=self._current)
+    async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
+        plan = X.plan(job, self.catalog.models_dir)  # bad names fail before waiting for the device
+        ctl = RunControl(progress, [job.task_id])
+        self._active.add(ctl)
+        work = partial(self._extras.run, job, plan, ctl.stop.is_set, ctl.report)
+        try:
+            if not plan.on_device:  # resizes only: no device needed
+                result = await self._in_thread(ctl, work, None)
+            else:
+                async with self._lock:
+                    result = await self._in_thread(
+                        ctl, partial(self._on_device, work), self._inference_thread()
+                    )
+        finally:
+            self._active.discard(ctl)
+            await ctl.close()
+        result.model = self._current
+        return result
+
+    def _on_device(self, work: Callable[[], T]) -> T:
+        with self._infer_lock:
+            try:
+                return work()
+            except (SdfleetError, Reject):
+                raise
+            except Exception as e:
+                if O.is_out_of_memory(e):
+                    O.release_memory(self.device, e)
+                    raise Reject(
+                        f"out of memory on {self.device} while upscaling; lower upscale_tile",
+                        code="out_of_memory",
+                    ) from None
+                raise RuntimeFailure(f"upscaler failed: {e}") from e
 
 
 async def _outcome(run: Awaitable[RuntimeResult]) -> RuntimeResult | BaseException:

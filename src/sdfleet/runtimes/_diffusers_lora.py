@@ -1,0 +1,128 @@
+"""LoRA in SD WebUI's prompt syntax for the diffusers runtime.
+
+``<lora:name>``, ``<lora:name:weight>``, ``<lora:name:te_weight:unet_weight>`` or named
+``<lora:name:te=0.5:unet=0.8>`` (``lyco`` is taken for ``lora``), as SD WebUI reads them. Every
+``<type:...>`` tag is removed from the text the text encoder sees; the prompt in the result's info
+keeps them, as SD WebUI's does. Unlike SD WebUI 1.10 (which reads tags from the prompt only and
+leaves them as text in the negative prompt), tags in the negative prompt are applied too: a LoRA
+changes the model, for both sides. The same LoRA twice adds its weights.
+
+Files: ``<models>/Lora/`` and ``<models>/LyCORIS/`` (sub-folders included), ``.safetensors``,
+``.pt`` or ``.ckpt``, in the kohya/SD WebUI format or diffusers' own; named by file stem,
+case-insensitive. Parsing here imports nothing heavy; ``_lora_loader`` loads them into pipelines.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdfleet.errors import Reject
+from sdfleet.runtimes.base import Job
+
+TAG = re.compile(r"<(\w+):([^>]+)>")
+"""SD WebUI's extra-network tag (``modules/extra_networks.py``)."""
+NETWORKS = frozenset({"lora", "lyco"})
+LORA_FOLDERS = ("Lora", "LyCORIS")
+SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    name: str
+    te: float = 1.0
+    """Text encoder weight."""
+    unet: float = 1.0
+    """UNet weight."""
+
+
+def text(prompt: str) -> str:
+    """The prompt as the text encoder sees it: every extra-network tag removed."""
+    return TAG.sub("", prompt)
+
+
+def parse(prompt: str) -> list[LoraUse]:
+    """The LoRA tags of a prompt. Raises ``Reject`` for another network type or a bad weight."""
+    return [_use(kind, args) for kind, args in TAG.findall(prompt)]
+
+
+def _use(kind: str, args: str) -> LoraUse:
+    if kind.lower() not in NETWORKS:
+        raise Reject(
+            f"<{kind}:...> is not supported by the diffusers runtime (it reads <lora:name:weight>)",
+            code="invalid_params",
+        )
+    items = args.split(":")
+    positional = [i for i in items if "=" not in i]
+    named = dict(i.split("=", 1) for i in items if "=" in i)
+    if not positional or not positional[0].strip():
+        raise Reject(f"<{kind}:{args}> names no LoRA", code="invalid_params")
+    te = _weight(named.get("te", positional[1] if len(positional) > 1 else "1"), args)
+    unet = _weight(named.get("unet", positional[2] if len(positional) > 2 else str(te)), args)
+    return LoraUse(positional[0].strip(), te, unet)
+
+
+def _weight(value: str, args: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise Reject(f"<lora:{args}>: {value!r} is not a weight", code="invalid_params")
+    return weight
+
+
+def uses(job: Job) -> list[LoraUse]:
+    """The LoRAs of a job (prompt and negative prompt), one per name, in order of first use."""
+    merged: dict[str, LoraUse] = {}
+    for use in parse(job.params.prompt) + parse(job.params.negative_prompt):
+        seen = merged.get(use.name.lower())
+        if seen is not None:
+            use = LoraUse(seen.name, seen.te + use.te, seen.unet + use.unet)
+        merged[use.name.lower()] = use
+    return list(merged.values())
+
+
+def key(job: Job) -> tuple[tuple[str, float, float], ...] | None:
+    """The job's LoRA set for ``batch_key`` (empty: none); None when its tags are invalid."""
+    try:
+        return tuple(sorted((u.name.lower(), u.te, u.unet) for u in uses(job)))
+    except Reject:
+        return None
+
+
+def find(models_dir: Path) -> dict[str, Path]:
+    """LoRA files under ``models_dir`` by lower-case stem (read from disk on every call)."""
+    found: dict[str, Path] = {}
+    for folder in LORA_FOLDERS:
+        where = models_dir / folder
+        if not where.is_dir():
+            continue
+        for path in sorted(where.rglob("*")):
+            if path.suffix.lower() in SUFFIXES and path.is_file() and not path.name.startswith("."):
+                found.setdefault(path.stem.lower(), path)
+    return found
+
+
+def names(models_dir: Path) -> list[str]:
+    """The LoRA names a prompt may use, sorted."""
+    return sorted((p.stem for p in find(models_dir).values()), key=str.lower)
+
+
+def resolve(job: Job, models_dir: Path) -> list[tuple[LoraUse, Path]]:
+    """The job's LoRAs and their files. Raises ``Reject`` for a bad tag or an unknown name."""
+    wanted = uses(job)
+    if not wanted:
+        return []
+    files = find(models_dir)
+    missing = [u.name for u in wanted if u.name.lower() not in files]
+    if missing:
+        where = ", ".join(str(models_dir / f) for f in LORA_FOLDERS)
+        raise Reject(
+            f"LoRA {', '.join(missing)} not found; available: {', '.join(names(models_dir)) or 'none'} "
+            f"(.safetensors/.pt/.ckpt files in {where})",
+            code="unknown_lora",
+        )
+    return [(u, files[u.name.lower()]) for u in wanted]
