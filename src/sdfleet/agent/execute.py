@@ -83,14 +83,20 @@ async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:
     if switched:
         parts.metrics.model_switches.labels(queue=parts.queue.name).inc()
     for p, outcome in zip(batch, outcomes, strict=True):
+        download_s = outcome.download_s if isinstance(outcome, RuntimeResult) else 0.0
+        if download_s > 0:
+            p.timings["model_download"] = download_s
+            p.past_stage("model.download", wall0, wall0 + int(download_s * 1e9))
         switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) else 0.0
         if switch_s > 0:
             p.timings["model_switch"] = switch_s
-            p.past_stage("model.switch", wall0, wall0 + int(switch_s * 1e9))
+            start = wall0 + int(download_s * 1e9)  # the switch follows the download
+            p.past_stage("model.switch", start, start + int(switch_s * 1e9))
         run_s = outcome.run_s if isinstance(outcome, RuntimeResult) else None
-        p.timings["runtime_run"] = max(0.0, elapsed - switch_s) if run_s is None else run_s
-        if run_s is not None and elapsed - switch_s - run_s > 0.001:
-            p.timings["runtime_wait"] = elapsed - switch_s - run_s
+        before = download_s + switch_s
+        p.timings["runtime_run"] = max(0.0, elapsed - before) if run_s is None else run_s
+        if run_s is not None and elapsed - before - run_s > 0.001:
+            p.timings["runtime_wait"] = elapsed - before - run_s
         parts.metrics.observe_stages(parts.queue.name, p.timings)
     return outcomes
 
