@@ -24,7 +24,7 @@ from sdfleet.models.layout import STATE_DIR, ChecksumCache, ModelFiles, local_mo
 from sdfleet.models.locks import exclusive, lock_path
 from sdfleet.models.progress import Progress
 from sdfleet.models.remote import Checksum, ModelBucket, RemoteFile
-from sdfleet.models.transfer import MIB, Transfers
+from sdfleet.models.transfer import MIB, Transfers, all_or_first_error
 
 Direction = Literal["both", "up", "down"]
 RemoteModels = dict[str, tuple[ModelFiles, dict[str, RemoteFile]]]
@@ -114,9 +114,7 @@ class ModelSync:
             got = await self.transfers.download(files[path], staging / path, checksum)
             fetched += got
 
-        async with asyncio.TaskGroup() as group:
-            for path, checksum in zip(files, checksums, strict=True):
-                group.create_task(one(path, checksum))
+        await all_or_first_error(one(p, c) for p, c in zip(files, checksums, strict=True))
         verified = {p: c.sha256 for p, c in zip(files, checksums, strict=True) if c.sha256}
         for path in visible_last(name, files):
             final = self.root / path
@@ -183,9 +181,7 @@ class ModelSync:
             done = await self.transfers.upload(base / rel, rel, sha[rel], state_dir)
             sent += done
 
-        async with asyncio.TaskGroup() as group:
-            for rel in order[:-1]:
-                group.create_task(one(rel))
+        await all_or_first_error(one(rel) for rel in order[:-1])
         if order:
             await one(order[-1])
         self._remote = None

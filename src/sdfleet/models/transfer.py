@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,9 @@ class Transfers:
         self.progress.start(remote.path, remote.size, resumed)
         await asyncio.to_thread(_reserve, part, remote.size)
         stop = threading.Event()
+        todo = sorted(set(range(count)) - set(state.done))
         try:
-            async with asyncio.TaskGroup() as group:
-                for i in sorted(set(range(count)) - set(state.done)):
-                    group.create_task(self._get_part(remote, part, i, state, state_path, stop))
+            await all_or_first_error(self._get_part(remote, part, i, state, state_path, stop) for i in todo)
         except BaseException:
             stop.set()
             raise
@@ -189,11 +189,11 @@ class _Multipart:
         self.t.progress.start(label, size, resumed)
         parts = dict(have)
         stop = threading.Event()
+        todo = [n for n in range(1, math.ceil(size / part_size) + 1) if n not in have]
         try:
-            async with asyncio.TaskGroup() as group:
-                for n in range(1, math.ceil(size / part_size) + 1):
-                    if n not in have:
-                        group.create_task(self._put_part(label, upload_id, n, part_size, size, parts, stop))
+            await all_or_first_error(
+                self._put_part(label, upload_id, n, part_size, size, parts, stop) for n in todo
+            )
         except BaseException:
             stop.set()
             raise
@@ -276,6 +276,26 @@ class _Multipart:
             except BaseException:
                 stop.set()
                 raise
+
+
+async def all_or_first_error(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
+    """Run ``coros`` together; when one fails the others are cancelled and its error is raised as
+    itself (not an ``ExceptionGroup``: callers and the CLI deal in sdfleet errors)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coro in coros:
+                group.create_task(coro)
+    except BaseExceptionGroup as eg:
+        first = next(iter(_leaves(eg)))
+        raise first from None
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
 
 
 def _span(i: int, part_size: int, size: int) -> tuple[int, int]:
