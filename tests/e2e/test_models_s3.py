@@ -128,7 +128,12 @@ async def test_push_then_pull_a_folder_and_a_multipart_file(tmp_path: Path, buck
     async with sync_tool(dst, bucket_url) as tool:
         folder = await tool.pull("tiny-a.safetensors")  # found by stem, as the catalog does
         single = await tool.pull("big")
-    assert (folder.name, folder.files, single.name, single.fetched) == ("tiny-a", len(files), big.name, 13 * MIB)
+    assert (folder.name, folder.files, single.name, single.fetched) == (
+        "tiny-a",
+        len(files),
+        big.name,
+        13 * MIB,
+    )
     assert sha256(dst / "big.safetensors") == sha256(big)
     for f in files:
         assert (dst / f.relative_to(src)).read_bytes() == f.read_bytes()
@@ -137,7 +142,12 @@ async def test_push_then_pull_a_folder_and_a_multipart_file(tmp_path: Path, buck
     listed = cli("models", "ls", "--remote", "--s3", bucket_url, "--json")
     assert listed.returncode == 0, listed.stderr
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
-    assert rows["big.safetensors"] == {"name": "big.safetensors", "kind": "single-file", "files": 1, "bytes": 13 * MIB}
+    assert rows["big.safetensors"] == {
+        "name": "big.safetensors",
+        "kind": "single-file",
+        "files": 1,
+        "bytes": 13 * MIB,
+    }
     assert rows["tiny-a"]["kind"] == "diffusers" and rows["tiny-a"]["files"] == len(files)
 
     again = cli("models", "pull", "big", "tiny-a", "--from", bucket_url, "--dir", str(dst), "--json")
@@ -207,7 +217,9 @@ def test_concurrent_pull_processes_download_once(tmp_path: Path, bucket_url: str
     dst = tmp_path / "dst"
     command = [sys.executable, "-c", "from sdfleet.cli import main; main()", "models", "pull", "big"]
     command += ["--from", bucket_url, "--dir", str(dst), "--json"]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     results = [json.loads(out)[0] for out, _ in outputs]
@@ -222,7 +234,10 @@ async def test_a_corrupted_download_is_detected_and_not_kept(tmp_path: Path, buc
     # The object's bytes change on S3 but its recorded checksum does not (bit rot, a bad copy).
     bucket, prefix = bucket_url[len("s3://") :].split("/", 1)
     boto3.client("s3").put_object(
-        Bucket=bucket, Key=f"{prefix}/big.safetensors", Body=os.urandom(11 * MIB), Metadata={"sha256": sha256(big)}
+        Bucket=bucket,
+        Key=f"{prefix}/big.safetensors",
+        Body=os.urandom(11 * MIB),
+        Metadata={"sha256": sha256(big)},
     )
     dst = tmp_path / "dst"
     async with sync_tool(dst, bucket_url) as tool:
@@ -235,7 +250,9 @@ async def test_a_corrupted_download_is_detected_and_not_kept(tmp_path: Path, buc
     assert run.returncode == 2 and "sha256" in run.stderr and not (dst / "big.safetensors").exists()
 
 
-async def test_a_partial_file_damaged_between_runs_is_caught_on_resume(tmp_path: Path, bucket_url: str) -> None:
+async def test_a_partial_file_damaged_between_runs_is_caught_on_resume(
+    tmp_path: Path, bucket_url: str
+) -> None:
     big = random_model(tmp_path / "src", "big.safetensors", 13 * MIB)
     async with sync_tool(big.parent, bucket_url) as tool:
         await tool.push(big)
