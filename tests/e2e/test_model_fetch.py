@@ -89,7 +89,9 @@ async def test_disk_budget_evicts_the_least_recently_used_unused_model(
         await catalog.fetch("c")  # a is the least recently used model nobody holds
         assert on_disk() == ["b.safetensors", "c.safetensors", "mine.safetensors"]
         other_agent.use("b.safetensors")
-        with pytest.raises(DiskFull, match="d.safetensors .* does not fit models.disk_budget_gb=0.00341797"):
+        with pytest.raises(
+            DiskFull, match=r"d\.safetensors .* does not fit models\.disk_budget_gb=0\.00341797"
+        ):
             await catalog.fetch("d")  # b is in use there, c here, mine is only here
         assert on_disk() == ["b.safetensors", "c.safetensors", "mine.safetensors"]
         other_agent.release_all()

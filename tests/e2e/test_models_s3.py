@@ -23,7 +23,7 @@ from typing import Any
 import boto3
 import pytest
 
-from sdfleet.errors import ChecksumMismatch, ConfigError, NotFound
+from sdfleet.errors import ChecksumMismatch, NotFound
 from sdfleet.models.layout import STATE_DIR
 from sdfleet.models.progress import Silent
 from sdfleet.models.remote import ModelBucket
@@ -241,7 +241,7 @@ async def test_a_corrupted_download_is_detected_and_not_kept(tmp_path: Path, buc
     )
     dst = tmp_path / "dst"
     async with sync_tool(dst, bucket_url) as tool:
-        with pytest.raises(ChecksumMismatch, match="big.safetensors"):
+        with pytest.raises(ChecksumMismatch, match=r"big\.safetensors"):
             await tool.pull("big")
     assert not (dst / "big.safetensors").exists()
     assert not list((dst / STATE_DIR / "partial").rglob("*.part"))
@@ -342,7 +342,8 @@ def test_a_full_disk_fails_before_writing_and_leaves_no_model(tmp_path: Path, bu
     small = tmp_path / "small-disk"
     small.mkdir()
     # A 4 MiB tmpfs in a private mount namespace (no root needed where user namespaces are allowed).
-    pull = f"{sys.executable} -c 'from sdfleet.cli import main; main()' models pull big --from {bucket_url} --dir {small}"
+    sdfleet = f"{sys.executable} -c 'from sdfleet.cli import main; main()'"
+    pull = f"{sdfleet} models pull big --from {bucket_url} --dir {small}"
     script = f"mount -t tmpfs -o size=4m tmpfs {small} && {pull}; rc=$?; find {small} -type f; exit $rc"
     run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "200"})  # fmt: skip
