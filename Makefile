@@ -21,9 +21,11 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/sdfleet demo
 
 # redis-server comes from Debian; moto_server from the dev extra. The tests start both themselves
-# on 127.0.0.1 with free ports and stop them by PID.
+# on 127.0.0.1 with free ports and stop them by PID. The gallery tests drive Debian's chromium
+# through Playwright (Playwright's own browser download is not used).
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 	@command -v redis-server >/dev/null && (systemctl disable --now redis-server >/dev/null 2>&1 || true)
 
 lint: install

@@ -13,7 +13,7 @@ from sdfleet import errors
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
-from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
+from sdfleet.api.routes import compat, events, files, health, models, queues, tasks, ui
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.PayloadTooLarge, 413),
@@ -73,7 +73,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(Exception, _unexpected)
-    for module in (tasks, events, compat, queues, files, models, health):
+    for module in (tasks, events, compat, queues, files, models, health, ui):
         app.include_router(module.router)
     return app
 
