@@ -210,11 +210,13 @@ def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
     use_key(page, BOB)
     expect(page.locator("#empty")).to_be_visible()
     expect(page.locator(".card")).to_have_count(0)
+    expect(page.locator("#more")).to_be_hidden()
     expect(page.locator("#grid")).not_to_contain_text("secret garden")
     page.screenshot(path=shots / "bob-gallery.png", full_page=True)
     page.goto(f"{fleet.url}/ui/tasks/{alice_task}")
     expect(page.locator("#state")).to_have_text("not found")
     expect(page.locator("#params")).to_be_empty()
+    expect(page.locator("#cancel")).to_be_hidden()
     page.screenshot(path=shots / "bob-task.png", full_page=True)
     with fleet.client(BOB) as http:  # the page's own routes hold the line too
         assert http.get(f"/ui/api/cards?ids={alice_task}").json() == {"cards": {}}

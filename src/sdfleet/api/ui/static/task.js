@@ -61,7 +61,11 @@
       el("output").textContent = detail.output ? JSON.stringify(detail.output, null, 2) : "none yet";
       if (!sdfleet.TERMINAL.has(view.state)) live();
     } catch (e) {
-      if (e.status === 404) showState("not found", 0, { code: "not_found", message: e.message });
+      if (e.status === 404) {
+        showState("not found", 0, { code: "not_found", message: e.message });
+        el("cancel").disabled = true;
+        root.classList.add("missing");
+      }
       else if (e.status !== 401) sdfleet.say(`Could not load the task: ${e.message}`, "error");
     }
   }

@@ -86,7 +86,7 @@ const sdfleet = (() => {
 
   function fmtSeconds(timings) {
     const total = Object.values(timings || {}).reduce((a, b) => a + b, 0);
-    return total ? `${total.toFixed(1)} s` : "–";
+    return total ? `${total.toFixed(1)} s in all` : "–";
   }
 
   function age(createdAt) {
