@@ -111,12 +111,17 @@ def _pull_s3(
             console.print(f"{r.name} is up to date in {root}", soft_wrap=True)
         else:
             rate = r.fetched / r.seconds / 2**20 if r.seconds > 0 else 0.0
-            line = (
-                f"pulled {r.name}: {r.files} files, {mib(r.fetched)} in {r.seconds:.1f} s ({rate:.1f} MiB/s)"
-            )
+            files = f"{r.files} file{'s' if r.files != 1 else ''}"
+            line = f"pulled {r.name}: {files}, {mib(r.fetched)} in {r.seconds:.1f} s ({rate:.1f} MiB/s)"
             console.print(line + (f", waited {r.waited_s:.1f} s for another pull" if r.waited_s > 1 else ""))
-    return {"name": r.name, "source": "s3", "files": r.files, "fetched_bytes": r.fetched,
-            "waited_s": round(r.waited_s, 3), "seconds": round(r.seconds, 3)}  # fmt: skip
+    return {
+        "name": r.name,
+        "source": "s3",
+        "files": r.files,
+        "fetched_bytes": r.fetched,
+        "waited_s": round(r.waited_s, 3),
+        "seconds": round(r.seconds, 3),
+    }
 
 
 def _pull_hub(root: Path, spec: str, name: str | None, variant: str | None, as_json: bool) -> dict[str, Any]:
@@ -136,8 +141,16 @@ def _pull_hub(root: Path, spec: str, name: str | None, variant: str | None, as_j
         )
         console.print(f"{r.name} ({r.repo}@{r.commit[:12]}) {what}", soft_wrap=True)
         console.print(f"  {r.path}", soft_wrap=True, highlight=False)
-    return {"name": r.name, "source": "hf", "repo": r.repo, "commit": r.commit, "files": r.files,
-            "bytes": r.size, "path": str(r.path), "up_to_date": r.up_to_date}  # fmt: skip
+    return {
+        "name": r.name,
+        "source": "hf",
+        "repo": r.repo,
+        "commit": r.commit,
+        "files": r.files,
+        "bytes": r.size,
+        "path": str(r.path),
+        "up_to_date": r.up_to_date,
+    }
 
 
 def push(
@@ -204,14 +217,19 @@ def sync(
 
 
 def _print_plan(actions: list[Any]) -> None:
+    """One row per model and way: how many files, how many bytes, and why."""
     from sdfleet.models.sync import mib
 
     if not actions:
         console.print("in sync: nothing to move")
         return
-    table = Table("op", "model", "file", "size", "why")
+    rows: dict[tuple[str, str], list[Any]] = {}
     for a in actions:
-        table.add_row(a.op, a.model, a.path, mib(a.size), a.reason)
+        rows.setdefault((a.model, a.op), []).append(a)
+    table = Table("op", "model", "files", "size", "why")
+    for (model, op), group in rows.items():
+        reasons = ", ".join(sorted({a.reason for a in group}))
+        table.add_row(op, model, str(len(group)), mib(sum(a.size for a in group)), reasons)
     console.print(table)
 
 

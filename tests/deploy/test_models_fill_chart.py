@@ -42,8 +42,17 @@ def test_the_job_syncs_every_model_down_into_the_volume() -> None:
     spec = job["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["args"] == [
-        "models", "sync", "--direction", "down", "--remote", BUCKET_URL, "--dir", "/models", "--jobs", "8",
-    ]  # fmt: skip
+        "models",
+        "sync",
+        "--direction",
+        "down",
+        "--remote",
+        BUCKET_URL,
+        "--dir",
+        "/models",
+        "--jobs",
+        "8",
+    ]
     assert container["image"].startswith("ghcr.io/example/sdfleet-agent:")  # no torch needed
     models = next(v for v in spec["volumes"] if v["name"] == "models")
     assert models["persistentVolumeClaim"] == {"claimName": "fleet-sdfleet-models"}  # writable
@@ -57,13 +66,22 @@ def test_the_job_syncs_every_model_down_into_the_volume() -> None:
 
 
 def test_listed_models_are_pulled_by_name_with_the_worker_image() -> None:
-    values = with_fill(models=["v1-5-pruned-emaonly.safetensors", "hf:stabilityai/sd-turbo"], image="worker",
-                       hook=False, s3="s3://other/models")  # fmt: skip
+    values = with_fill(
+        models=["v1-5-pruned-emaonly.safetensors", "hf:stabilityai/sd-turbo"],
+        image="worker",
+        hook=False,
+        s3="s3://other/models",
+    )
     (job,) = jobs(render(values))
     assert "annotations" not in job["metadata"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["args"][:5] == ["models", "pull", "v1-5-pruned-emaonly.safetensors", "hf:stabilityai/sd-turbo",
-                                     "--from"]  # fmt: skip
+    assert container["args"][:5] == [
+        "models",
+        "pull",
+        "v1-5-pruned-emaonly.safetensors",
+        "hf:stabilityai/sd-turbo",
+        "--from",
+    ]
     assert container["args"][5] == "s3://other/models"
     assert container["image"].startswith("ghcr.io/example/sdfleet-worker:")
 
@@ -95,8 +113,13 @@ def test_the_rendered_command_fills_a_folder(tmp_path: Path, moto_url: str) -> N
     (tmp_path / "sdfleet.yaml").write_text(fleet_map["data"]["sdfleet.yaml"])
     args = [str(tmp_path / "models") if a == "/models" else a for a in container["args"]]
     env = {**os.environ, "SDFLEET_CONFIG_FILE": str(tmp_path / "sdfleet.yaml"), "COLUMNS": "200"}
-    run = subprocess.run([sys.executable, "-c", "from sdfleet.cli import main; main()", *args], env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", "from sdfleet.cli import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "models" / "a.safetensors").read_bytes() == b"weights" * 1000
     assert "synced: 1 file(s)" in run.stdout

@@ -74,13 +74,32 @@ def test_default_mix_open_loop(up: UpProcess, tmp_path: Path) -> None:
 
 def test_mix_file_closed_loop_counts_errors_by_code(up: UpProcess, tmp_path: Path) -> None:
     mix = [
-        {"name": "good", "weight": 1, "format": "v1", "body": {"model": "$MODEL", "params": {"prompt": "ok", "steps": 2}}},
+        {
+            "name": "good",
+            "weight": 1,
+            "format": "v1",
+            "body": {"model": "$MODEL", "params": {"prompt": "ok", "steps": 2}},
+        },
         {"name": "bad", "weight": 1, "format": "v1", "body": {"params": {"prompt": "x", "steps": 0}}},
     ]
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
     out = tmp_path / "load.json"
-    run = load("--api-url", up.url, "--api-key", KEY, "--users", "2", "--duration", "2", "--follow", "poll",
-               "--mix", str(tmp_path / "mix.yaml"), "--output", str(out))  # fmt: skip
+    run = load(
+        "--api-url",
+        up.url,
+        "--api-key",
+        KEY,
+        "--users",
+        "2",
+        "--duration",
+        "2",
+        "--follow",
+        "poll",
+        "--mix",
+        str(tmp_path / "mix.yaml"),
+        "--output",
+        str(out),
+    )
     assert run.returncode == 1, run.stdout + run.stderr  # errors happened
     result = json.loads(out.read_text())
     good, bad = result["by_entry"]["good"], result["by_entry"]["bad"]
@@ -91,8 +110,20 @@ def test_mix_file_closed_loop_counts_errors_by_code(up: UpProcess, tmp_path: Pat
 
 def test_a_wrong_key_is_an_error_per_task(up: UpProcess, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    run = load("--api-url", up.url, "--api-key", "wrong", "--model", "tiny-load", "--users", "1",
-               "--duration", "0.5", "--output", str(out))  # fmt: skip
+    run = load(
+        "--api-url",
+        up.url,
+        "--api-key",
+        "wrong",
+        "--model",
+        "tiny-load",
+        "--users",
+        "1",
+        "--duration",
+        "0.5",
+        "--output",
+        str(out),
+    )
     assert run.returncode == 1
     errors = json.loads(out.read_text())["all"]["errors"]
     assert list(errors) == ["http_401:unauthorized"]

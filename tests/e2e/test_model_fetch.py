@@ -149,9 +149,12 @@ async def test_first_task_of_a_model_waits_for_its_download(
     assert "model_download" not in second["timings"], second["timings"]
     assert (tmp_path / "models" / "tiny-remote" / "model_index.json").is_file()
     downloads = [
-        s for s in spans.get_finished_spans() if s.name == "model.download" and s.attributes
+        s
+        for s in spans.get_finished_spans()
+        if s.name == "model.download"
+        and s.attributes
         and s.attributes.get("sdfleet.task_id") in (first["id"], second["id"])
-    ]  # fmt: skip
+    ]
     assert [s.attributes["sdfleet.task_id"] for s in downloads if s.attributes] == [first["id"]]
 
 

@@ -91,8 +91,18 @@ def test_pull_fetches_one_variant_of_each_component_it_loads(tmp_path: Path, hub
     again = cli("models", "pull", f"hf:{REPO}", "--dir", str(tmp_path), cache=hub_cache)
     assert again.returncode == 0 and "is up to date" in again.stdout
 
-    pinned = cli("models", "pull", f"hf:{REPO}@{COMMIT}", "--name", "tiny-fp32", "--variant", "none",
-                 "--dir", str(tmp_path), cache=hub_cache)  # fmt: skip
+    pinned = cli(
+        "models",
+        "pull",
+        f"hf:{REPO}@{COMMIT}",
+        "--name",
+        "tiny-fp32",
+        "--variant",
+        "none",
+        "--dir",
+        str(tmp_path),
+        cache=hub_cache,
+    )
     assert pinned.returncode == 0, pinned.stderr
     plain = tmp_path / "tiny-fp32" / "unet" / "diffusion_pytorch_model.safetensors"
     assert plain.read_bytes() == (snapshot / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -147,9 +157,14 @@ def test_choose_prefers_the_variant_and_skips_the_safety_checker() -> None:
         "safety_checker/model.safetensors",
         "sd_turbo.safetensors",
     ]
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "safety_checker": ["stable_diffusion", "X"], "feature_extractor": [None, None]}  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": ["stable_diffusion", "X"],
+        "feature_extractor": [None, None],
+    }
     assert choose(files, index, "fp16") == {
         "model_index.json": "model_index.json",
         "unet/config.json": "unet/config.json",

@@ -345,8 +345,13 @@ def test_a_full_disk_fails_before_writing_and_leaves_no_model(tmp_path: Path, bu
     sdfleet = f"{sys.executable} -c 'from sdfleet.cli import main; main()'"
     pull = f"{sdfleet} models pull big --from {bucket_url} --dir {small}"
     script = f"mount -t tmpfs -o size=4m tmpfs {small} && {pull}; rc=$?; find {small} -type f; exit $rc"
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert run.returncode == 2, run.stderr
     assert "needs 12.0 MiB more on disk" in run.stderr and "nothing was written under its name" in run.stderr
     assert f"{small}/big.safetensors" not in run.stdout

@@ -20,7 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from sdfleet.models.transfer import MIB
+from sdfleet.models.sync import mib
 
 
 class ConsoleBars:
@@ -60,9 +60,7 @@ class ConsoleBars:
             self._files[label] = self._bars.add_task(f"  {label}", total=total, completed=done)
         self._bars.advance(self._all, done)
         if done and not self.live:
-            self.console.print(
-                f"resuming {label} at {done / MIB:,.1f} of {total / MIB:,.1f} MiB", soft_wrap=True
-            )
+            self.console.print(f"resuming {label} at {mib(done)} of {mib(total)}", soft_wrap=True)
 
     def advance(self, label: str, n: int) -> None:
         with self._lock:
@@ -78,4 +76,4 @@ class ConsoleBars:
             size = self._sizes.pop(label, 0)
         if task is not None:
             self._bars.remove_task(task)
-        self._bars.console.print(f"  ✓ {label} ({size / MIB:,.1f} MiB)", soft_wrap=True, highlight=False)
+        self._bars.console.print(f"  ✓ {label} ({mib(size)})", soft_wrap=True, highlight=False)

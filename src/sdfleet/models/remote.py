@@ -84,7 +84,7 @@ class ModelBucket:
     def _explain(self, e: ClientError, what: str) -> Exception | None:
         code = error_code(e)
         if code == "NoSuchBucket":
-            return NotFound(f"bucket {self.bucket!r} does not exist (models at {self.url})")
+            return NotFound(f"bucket {self.bucket!r} does not exist")
         if code in _DENIED:
             return ConfigError(
                 f"{what}: access to {self.url} denied ({code}); the credentials need s3:ListBucket, "

@@ -55,7 +55,11 @@ class PullResult:
 
 
 def mib(n: int) -> str:
-    return f"{n / MIB:,.1f} MiB"
+    """A size for people: ``512 B``, ``3.4 KiB``, ``38.1 MiB``, ``2.4 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
 
 
 class ModelSync:

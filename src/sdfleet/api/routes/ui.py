@@ -106,9 +106,13 @@ async def cards(
         p = record.task.params
         thumbs = await _thumbs(ctx, request, record)
         out[task_id] = Card(
-            prompt=p.prompt, negative_prompt=p.negative_prompt, width=p.width, height=p.height, steps=p.steps,
+            prompt=p.prompt,
+            negative_prompt=p.negative_prompt,
+            width=p.width,
+            height=p.height,
+            steps=p.steps,
             thumbs=thumbs,
-        )  # fmt: skip
+        )
     return Cards(cards=out)
 
 
