@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sdfleet.settings import Settings, load_settings
 from sdfleet.telemetry import setup_logging, setup_tracing
@@ -32,5 +33,5 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}")
+    err.print(f"[red]error:[/red] {escape(str(e))}")  # messages may hold [brackets]: not markup
     raise typer.Exit(2)

@@ -33,6 +33,7 @@ def build_hub_cache(cache: Path, model: Path) -> None:
     a safety checker is listed (the runtime loads without one, so a pull must skip it)."""
     repo_dir = cache / f"models--{REPO.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / COMMIT
+    cache.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
     for path in model.rglob("*"):
         if path.is_file():

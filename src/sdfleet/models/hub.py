@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sdfleet.errors import ConfigError, NotFound, ValidationFailed
+from sdfleet.models.catalog import TINY_MARKER
 from sdfleet.models.layout import INDEX, STATE_DIR
 
 PREFIX = "hf:"
@@ -80,6 +81,8 @@ def _is_variant(path: str) -> bool:
 def choose(files: list[str], index: dict[str, Any], variant: str | None) -> dict[str, str]:
     """Repository paths to fetch → the path each gets in the model folder."""
     chosen = {INDEX: INDEX}
+    if TINY_MARKER in files:  # sdfleet's own tiny test models say so
+        chosen[TINY_MARKER] = TINY_MARKER
     for component, spec in index.items():
         if component.startswith("_") or component in _SKIPPED or not isinstance(spec, list):
             continue
@@ -152,13 +155,13 @@ class HubPull:
         errors = self.hub.errors
         try:
             return fn(*args, **kwargs)
-        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError) as e:
-            raise NotFound(f"hf:{self.repo}@{self.revision}: {type(e).__name__}: {e}") from e
-        except errors.LocalEntryNotFoundError as e:
+        except errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is one
             raise NotFound(
                 f"hf:{self.repo}@{self.revision} is not in the local Hugging Face cache and the hub cannot "
-                f"be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
+                f"be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})"
             ) from e
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError) as e:
+            raise NotFound(f"hf:{self.repo}@{self.revision}: {type(e).__name__}: {e}") from e
         except errors.HfHubHTTPError as e:
             raise ConfigError(f"hf:{self.repo}: the hub refused ({e}); gated models need HF_TOKEN") from e
 
