@@ -11,44 +11,34 @@ whose id is kept in a state file, so a rerun lists the parts S3 already has and 
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import threading
-from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from sdfleet._aws import error_code
-from sdfleet.errors import ChecksumMismatch, DiskFull, StorageError
+from sdfleet.errors import ChecksumMismatch, StorageError
+from sdfleet.models.multipart import Multipart
+from sdfleet.models.parts import (
+    CHUNK,
+    MIB,
+    NO_SPACE,
+    Stopped,
+    all_or_first_error,
+    disk_full,
+    part_size_for,
+    span,
+)
 from sdfleet.models.progress import Progress
 from sdfleet.models.remote import SHA256_META, Checksum, ModelBucket, RemoteFile
 
 log = logging.getLogger(__name__)
 
-MIB = 2**20
-CHUNK = MIB
-MAX_PARTS = 10_000
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class Stopped(Exception):
-    """A sibling part failed or the transfer was cancelled: stop between chunks."""
-
-
-def part_size_for(size: int, wanted: int) -> int:
-    """``wanted``, raised to whole MiB when ``size`` would need more than S3's 10,000 parts."""
-    return max(wanted, math.ceil(size / MAX_PARTS / MIB) * MIB)
-
-
-def disk_full(path: Path, e: OSError) -> DiskFull:
-    return DiskFull(f"no room for {path.name} in {path.parent}: {os.strerror(e.errno or errno.ENOSPC)}")
+__all__ = ["MIB", "Transfers", "all_or_first_error", "part_size_for"]
 
 
 @dataclass
@@ -83,7 +73,8 @@ class Transfers:
         self.bucket = bucket
         self.progress = progress
         self.part_size = part_size
-        self._slots = asyncio.Semaphore(jobs)
+        self.slots = asyncio.Semaphore(jobs)
+        """At most ``jobs`` parts in flight, downloads and uploads together."""
         self._state_lock = threading.Lock()
 
     async def download(self, remote: RemoteFile, dest: Path, checksum: Checksum) -> int:
@@ -97,7 +88,7 @@ class Transfers:
         dest.parent.mkdir(parents=True, exist_ok=True)
         state.save(state_path)
         count = math.ceil(remote.size / part_size)
-        resumed = sum(_span(i, part_size, remote.size)[1] for i in set(state.done))
+        resumed = sum(span(i, part_size, remote.size)[1] for i in set(state.done))
         self.progress.start(remote.path, remote.size, resumed)
         await asyncio.to_thread(_reserve, part, remote.size)
         stop = threading.Event()
@@ -116,10 +107,10 @@ class Transfers:
     async def _get_part(
         self, remote: RemoteFile, part: Path, i: int, state: _State, state_path: Path, stop: threading.Event
     ) -> None:
-        async with self._slots:
+        async with self.slots:
             if stop.is_set():
                 return
-            start, length = _span(i, state.part_size, remote.size)
+            start, length = span(i, state.part_size, remote.size)
             key = self.bucket.key(remote.path)
 
             def fetch() -> None:
@@ -166,142 +157,9 @@ class Transfers:
             await self.bucket.run(f"uploading {src} to s3://{self.bucket.bucket}/{key}", put)
             self.progress.finish(path)
             return size
-        sent = await _Multipart(self, src, key, sha256, state_dir).run(path, size)
+        sent = await Multipart(self, src, key, sha256, state_dir).run(path, size)
         self.progress.finish(path)
         return sent
-
-
-class _Multipart:
-    """One resumable multipart upload."""
-
-    def __init__(self, t: Transfers, src: Path, key: str, sha256: str, state_dir: Path) -> None:
-        self.t, self.src, self.key, self.sha256 = t, src, key, sha256
-        ident = hashlib.sha1(f"{t.bucket.bucket}/{key}".encode()).hexdigest()
-        self.state_path = state_dir / f"{ident}.json"
-        self.what = f"uploading {src} to s3://{t.bucket.bucket}/{key}"
-
-    async def run(self, label: str, size: int) -> int:
-        part_size = part_size_for(size, self.t.part_size)
-        upload_id, have = await self._resume(size, part_size)
-        if upload_id is None:
-            upload_id = await self._create(size, part_size)
-        resumed = sum(_span(n - 1, part_size, size)[1] for n in have)
-        self.t.progress.start(label, size, resumed)
-        parts = dict(have)
-        stop = threading.Event()
-        todo = [n for n in range(1, math.ceil(size / part_size) + 1) if n not in have]
-        try:
-            await all_or_first_error(
-                self._put_part(label, upload_id, n, part_size, size, parts, stop) for n in todo
-            )
-        except BaseException:
-            stop.set()
-            raise
-        listing: Any = [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
-        await self.t.bucket.run(
-            self.what,
-            lambda: self.t.bucket.s3.complete_multipart_upload(
-                Bucket=self.t.bucket.bucket,
-                Key=self.key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": listing},
-            ),
-        )
-        self.state_path.unlink(missing_ok=True)
-        return size - resumed
-
-    async def _resume(self, size: int, part_size: int) -> tuple[str | None, dict[int, str]]:
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None, {}
-        if [state.get("sha256"), state.get("size"), state.get("part_size")] != [self.sha256, size, part_size]:
-            return None, {}
-        upload_id = str(state["upload_id"])
-        try:
-            have = await self.t.bucket.aws.run(lambda: self._list_parts(upload_id, part_size, size))
-        except ClientError as e:
-            if error_code(e) in ("NoSuchUpload", "404"):
-                return None, {}
-            raise
-        log.info("resuming upload of %s: %d parts already on S3", self.src, len(have))
-        return upload_id, have
-
-    def _list_parts(self, upload_id: str, part_size: int, size: int) -> dict[int, str]:
-        s3, have, marker = self.t.bucket.s3, {}, 0
-        while True:
-            page = s3.list_parts(
-                Bucket=self.t.bucket.bucket, Key=self.key, UploadId=upload_id, PartNumberMarker=marker
-            )
-            for p in page.get("Parts", []):
-                n = p["PartNumber"]
-                if p["Size"] == _span(n - 1, part_size, size)[1]:
-                    have[n] = p["ETag"]
-            if not page.get("IsTruncated"):
-                return have
-            marker = page["NextPartNumberMarker"]
-
-    async def _create(self, size: int, part_size: int) -> str:
-        created = await self.t.bucket.run(
-            self.what,
-            lambda: self.t.bucket.s3.create_multipart_upload(
-                Bucket=self.t.bucket.bucket, Key=self.key, Metadata={SHA256_META: self.sha256}
-            ),
-        )
-        upload_id = str(created["UploadId"])
-        state = {"upload_id": upload_id, "sha256": self.sha256, "size": size, "part_size": part_size}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        self.state_path.write_text(json.dumps(state))
-        return upload_id
-
-    async def _put_part(
-        self, label: str, upload_id: str, n: int, part_size: int, size: int, parts: dict[int, str], stop: Any
-    ) -> None:
-        async with self.t._slots:
-            if stop.is_set():
-                return
-            start, length = _span(n - 1, part_size, size)
-
-            def put() -> None:
-                with self.src.open("rb") as f:
-                    body = os.pread(f.fileno(), length, start)
-                got = self.t.bucket.s3.upload_part(
-                    Bucket=self.t.bucket.bucket, Key=self.key, UploadId=upload_id, PartNumber=n, Body=body
-                )
-                parts[n] = got["ETag"]
-                self.t.progress.advance(label, length)
-
-            try:
-                await self.t.bucket.run(self.what, put)
-            except BaseException:
-                stop.set()
-                raise
-
-
-async def all_or_first_error(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
-    """Run ``coros`` together; when one fails the others are cancelled and its error is raised as
-    itself (not an ``ExceptionGroup``: callers and the CLI deal in sdfleet errors)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            for coro in coros:
-                group.create_task(coro)
-    except BaseExceptionGroup as eg:
-        first = next(iter(_leaves(eg)))
-        raise first from None
-
-
-def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for e in eg.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            yield from _leaves(e)
-        else:
-            yield e
-
-
-def _span(i: int, part_size: int, size: int) -> tuple[int, int]:
-    """Offset and length of part ``i`` (0-based)."""
-    start = i * part_size
-    return start, max(0, min(part_size, size - start))
 
 
 def _reserve(part: Path, size: int) -> None:
@@ -310,7 +168,7 @@ def _reserve(part: Path, size: int) -> None:
         if size:
             os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        if e.errno in _NO_SPACE:
+        if e.errno in NO_SPACE:
             raise disk_full(part, e) from e
         raise
     finally:
@@ -333,7 +191,7 @@ def _write_stream(
             offset += len(chunk)
             advance(len(chunk))
     except OSError as e:
-        if e.errno in _NO_SPACE:
+        if e.errno in NO_SPACE:
             raise disk_full(part, e) from e
         raise
     finally:
