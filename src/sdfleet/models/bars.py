@@ -35,12 +35,13 @@ class ConsoleBars:
         self._bars = Progress(
             TextColumn("{task.description}", markup=False),
             BarColumn(),
-            DownloadColumn(),
+            DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=console,
             disable=not self.live,
         )
+        self._total = total
         self._all = self._bars.add_task(title, total=total)
         self._files: dict[str, TaskID] = {}
         self._sizes: dict[str, int] = {}
@@ -58,7 +59,8 @@ class ConsoleBars:
         with self._lock:
             self._sizes[label] = total
             self._files[label] = self._bars.add_task(f"  {label}", total=total, completed=done)
-        self._bars.advance(self._all, done)
+            self._total += total  # the overall bar grows as files are found to move
+            self._bars.update(self._all, total=self._total, advance=done)
         if done and not self.live:
             self.console.print(f"resuming {label} at {mib(done)} of {mib(total)}", soft_wrap=True)
 
