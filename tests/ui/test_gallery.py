@@ -169,6 +169,16 @@ def test_submit_watch_progress_and_see_the_image(page: Page, fleet: FleetProcess
     expect(card.locator(".size")).to_have_text("64×64, 30 steps")
     page.screenshot(path=shots / "gallery.png", full_page=True)
 
+    filters = page.locator("#filters")
+    filters.locator("select[name=state]").select_option("failed")
+    expect(page.locator(".card")).to_have_count(0)
+    filters.locator("select[name=state]").select_option("succeeded")
+    filters.locator("select[name=model]").select_option(MODEL)
+    filters.locator("select[name=since]").select_option("3600")
+    expect(page.locator(".card")).to_have_count(1)
+    filters.locator("select[name=queue]").select_option("default")
+    expect(page.locator(".card")).to_have_count(1)
+
     card.click()
     expect(page.locator("#state")).to_have_text("succeeded")
     full = page.locator("#images img.full")
