@@ -30,9 +30,12 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/sdfleet demo
 
 # redis-server and prometheus come from Debian; moto_server from the dev extra. The tests start
-# them themselves on 127.0.0.1 with free ports and stop them by PID: no system service runs.
+# them themselves on 127.0.0.1 with free ports and stop them by PID: no system service runs. The
+# gallery tests drive Debian's chromium through Playwright (Playwright's own browser download is
+# not used).
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 	@command -v redis-server >/dev/null && (systemctl disable --now redis-server >/dev/null 2>&1 || true)
 	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }

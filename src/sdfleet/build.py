@@ -60,8 +60,27 @@ async def open_engines(settings: Settings, stack: AsyncExitStack) -> Engines:
     return engines
 
 
-def catalog(settings: Settings) -> ModelCatalog:
-    return ModelCatalog(settings.fleet.models.dir)
+def catalog(settings: Settings, *, fetch: bool = False) -> ModelCatalog:
+    """The models folder; with ``fetch`` (an agent's runtime) and ``models.s3`` set, models that
+    are not on disk are fetched from S3 on demand."""
+    m = settings.fleet.models
+    if not fetch or m.s3 is None:
+        return ModelCatalog(m.dir)
+    try:
+        from sdfleet.models.fetcher import ModelFetcher
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"models.s3 needs {e.name}: pip install 'sdfleet[aws]'") from e
+
+    budget = int(m.disk_budget_gb * 2**30) if m.disk_budget_gb is not None else None
+    fetcher = ModelFetcher(
+        m.dir,
+        m.s3,
+        disk_budget=budget,
+        part_size=m.part_size_mb * 2**20,
+        jobs=m.transfer_jobs,
+        keep=m.cache_size,
+    )
+    return ModelCatalog(m.dir, fetcher)
 
 
 def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = None) -> ApiContext:
@@ -93,7 +112,7 @@ def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> 
     name = runtime or q.runtime
     return build_runtime(
         name,
-        catalog=catalog(settings),
+        catalog=catalog(settings, fetch=True),
         options=settings.fleet.runtimes.get(name, {}),
         default_model=q.model or settings.fleet.models.default,
         cache_size=settings.fleet.models.cache_size,

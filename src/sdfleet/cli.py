@@ -48,12 +48,22 @@ def demo(
     data_dir: Path = typer.Option(
         Path("sdfleet-demo"), help="Where the demo keeps its database, models, images."
     ),
+    model: str | None = typer.Option(
+        None, help="Run it on this model of the models folder (e.g. one `sdfleet models pull` fetched)."
+    ),
+    steps: int | None = typer.Option(None, help="With --model: steps (default: 2 for turbo, else 25)."),
+    cfg: float | None = typer.Option(None, help="With --model: CFG scale (default 0 for turbo, else 7)."),
+    size: int = typer.Option(512, help="With --model: width and height."),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """The whole flow on this machine: API, topic, queues, agents, a tiny model, the seed's two requests."""
-    from sdfleet.demo import run_demo
+    from sdfleet.demo import OwnModel, run_demo
 
+    own = None
+    if model is not None:
+        own = OwnModel(model, _settings(config).fleet.models.dir, steps=steps, size=size, cfg_scale=cfg)
     try:
-        asyncio.run(run_demo(data_dir, console))
+        asyncio.run(run_demo(data_dir, console, own))
     except SdfleetError as e:
         _fail(e)
 

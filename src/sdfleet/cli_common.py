@@ -40,7 +40,7 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {escape(str(e))}")
+    err.print(f"[red]error:[/red] {escape(str(e))}")  # messages may hold [brackets]: not markup
     raise typer.Exit(2)
 
 

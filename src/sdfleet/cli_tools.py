@@ -9,10 +9,12 @@ import typer
 from rich.table import Table
 
 from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, print_json, print_table
+from sdfleet.cli_models import add_transfer_commands
 from sdfleet.errors import SdfleetError
 from sdfleet.settings import load_settings
 
-models_app = typer.Typer(help="Models in the models directory.", no_args_is_help=True)
+models_app = typer.Typer(help="Models: the models folder, S3, the Hugging Face Hub.", no_args_is_help=True)
+add_transfer_commands(models_app)
 runtime_app = typer.Typer(help="Runtimes on their own.", no_args_is_help=True)
 deploy_app = typer.Typer(help="Kubernetes deployment (deploy/helm/sdfleet).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmark scenarios of a checkout's bench/ folder.", no_args_is_help=True)

@@ -12,6 +12,7 @@ import io
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -122,26 +123,74 @@ def _payloads(image_url: str) -> list[dict[str, Any]]:
     return out
 
 
-async def run_demo(data_dir: Path, console: Console) -> list[Path]:
+@dataclass(frozen=True)
+class OwnModel:
+    """``sdfleet demo --model NAME``: a model of the models folder instead of the tiny one."""
+
+    name: str
+    models_dir: Path
+    steps: int | None = None
+    size: int = 512
+    cfg_scale: float | None = None
+
+    def recipe(self) -> tuple[int, float]:
+        """Steps and CFG scale: as given, else the SD/SDXL-Turbo recipe for a ``turbo`` model
+        (2 steps, no guidance), else a usual SD one (25 steps, 7)."""
+        turbo = "turbo" in self.name.lower()
+        steps = self.steps or (2 if turbo else 25)
+        cfg = self.cfg_scale if self.cfg_scale is not None else (0.0 if turbo else 7.0)
+        return steps, cfg
+
+
+def own_model_settings(data_dir: Path, own: OwnModel) -> Settings:
+    """One queue that keeps ``own`` loaded; the seed's requests are sent for it."""
+    from sdfleet.models.catalog import ModelCatalog
+
+    info = ModelCatalog(own.models_dir.resolve()).resolve(own.name)  # NotFound lists what there is
+    settings = demo_settings(data_dir)
+    settings.fleet = FleetConfig(
+        queues=[QueueConfig(name="default", model=info.name)],
+        models=ModelsConfig(dir=own.models_dir.resolve(), default=info.name),
+    )
+    return settings
+
+
+def own_payloads(own: OwnModel, image_url: str) -> list[dict[str, Any]]:
+    name = own.name
+    steps, cfg = own.recipe()
+    out = []
+    for body in _payloads(image_url):
+        body["alwayson_scripts"]["sd_model_checkpoint"] = name
+        body["alwayson_scripts"].pop("sd_vae", None)
+        body.update(steps=steps, cfg_scale=cfg, width=own.size, height=own.size)
+        if body["alwayson_scripts"]["task"] == "image-to-image":
+            body["steps"] = max(steps, 2)  # turbo img2img: steps × strength must reach one step
+        out.append(body)
+    return out
+
+
+async def run_demo(data_dir: Path, console: Console, own: OwnModel | None = None) -> list[Path]:
     from sdfleet.serve import Fleet
     from sdfleet.telemetry import setup_logging
 
     data_dir = data_dir.resolve()
-    settings = demo_settings(data_dir)
+    settings = demo_settings(data_dir) if own is None else own_model_settings(data_dir, own)
     setup_logging(settings.log_level, json_logs=False)
-    await asyncio.to_thread(_ensure_model, settings.fleet.models.dir, console)
+    if own is None:
+        await asyncio.to_thread(_ensure_model, settings.fleet.models.dir, console)
     images = ImageServer(_input_image())
     fleet = Fleet(settings, [q.name for q in settings.fleet.queues])
     running = asyncio.create_task(fleet.run())
     try:
         await _until_started(fleet, running)
         api_url = f"http://127.0.0.1:{settings.api.port}"
-        where = f"API on {api_url} · queues sd15 (dedicated), dynamic · data in {data_dir}"
-        console.print(where, soft_wrap=True)
+        queues = "sd15 (dedicated), dynamic" if own is None else f"default (model {own.name})"
+        console.print(f"API on {api_url} · queues {queues} · data in {data_dir}", soft_wrap=True)
+        payloads = _payloads(images.url) if own is None else own_payloads(own, images.url)
         async with AsyncClient(api_url) as client:
-            ids = [await client.submit_raw(p, fmt="v1alpha1") for p in _payloads(images.url)]
+            ids = [await client.submit_raw(p, fmt="v1alpha1") for p in payloads]
             views = await _watch(client, ids, console)
-        return _report(views, data_dir, console)
+        return _report(views, data_dir, console, tiny=own is None or _is_tiny(settings, own))
     finally:
         fleet.stop()
         await running
@@ -175,7 +224,13 @@ async def _watch(client: AsyncClient, ids: list[str], console: Console) -> list[
     return [views[i] for i in ids]
 
 
-def _report(views: list[dict[str, Any]], data_dir: Path, console: Console) -> list[Path]:
+def _is_tiny(settings: Settings, own: OwnModel) -> bool:
+    from sdfleet.models.catalog import ModelCatalog
+
+    return ModelCatalog(settings.fleet.models.dir).resolve(own.name).tiny
+
+
+def _report(views: list[dict[str, Any]], data_dir: Path, console: Console, tiny: bool = True) -> list[Path]:
     from PIL import Image
 
     paths: list[Path] = []
@@ -190,5 +245,6 @@ def _report(views: list[dict[str, Any]], data_dir: Path, console: Console) -> li
             line = f"{view['id']}: [bold]{path}[/bold] ({size} PNG, queue {view['queue']})"
             console.print(line, soft_wrap=True)  # a path is copied whole: never folded
             paths.append(path)
-    console.print(f"[dim]{TINY_NOTE}[/dim]")
+    if tiny:
+        console.print(f"[dim]{TINY_NOTE}[/dim]")
     return paths

@@ -18,7 +18,9 @@ Callers never catch a dependency's exception types: each backend translates them
     ├── StoreError
     │   └── StoreUnavailable
     ├── StorageError
-    │   └── StorageUnavailable
+    │   ├── StorageUnavailable
+    │   ├── ChecksumMismatch         a transferred file differs from its checksum (never kept)
+    │   └── DiskFull                 no room for a model (the disk, or models.disk_budget_gb)
     ├── InputFetchError              an input URL refused or unreadable (task fails, no retry)
     │   └── UrlRefused               the SSRF guard said no
     ├── RuntimeFailure               the runtime could not produce images (task retries)
@@ -110,6 +112,14 @@ class StorageError(SdfleetError):
 
 class StorageUnavailable(StorageError):
     code = "storage_unavailable"
+
+
+class ChecksumMismatch(StorageError):
+    code = "checksum_mismatch"
+
+
+class DiskFull(StorageError):
+    code = "disk_full"
 
 
 class InputFetchError(SdfleetError):

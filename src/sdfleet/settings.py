@@ -57,11 +57,20 @@ class QueueConfig(BaseModel):
 
 class ModelsConfig(BaseModel):
     dir: Path = Path("models")
-    s3: str | None = None
+    s3: str | None = Field(None, pattern=r"^s3://[^/?#]+(/[^?#]*)?(\?.*)?$")
+    """``s3://bucket/prefix`` holding models: the default of ``sdfleet models push/pull/sync/ls
+    --remote``, and where agents fetch a model a task names that is not on disk yet."""
     default: str | None = None
     """Model used when a task names none."""
     cache_size: int = Field(2, ge=1)
     """Loaded pipelines kept in memory per agent (LRU)."""
+    disk_budget_gb: float | None = Field(None, gt=0)
+    """Most disk the models folder may take. When a fetch would pass it, models that ``s3`` also
+    holds and no process is using are deleted, least recently used first. None: no budget."""
+    transfer_jobs: int = Field(8, ge=1, le=64)
+    """Parts moved at once by ``sdfleet models push/pull/sync`` and the agents' fetcher."""
+    part_size_mb: int = Field(16, ge=5, le=5120)
+    """Multipart part size in MiB (S3's least is 5); files up to it move in one request."""
 
 
 class RetryConfig(BaseModel):

@@ -119,7 +119,7 @@ async def _scale_in_mid_task(server: Any, tmp: Path, old: bool) -> tuple[Any, ..
             task = Task(runtime="synthetic", params=TaskParams(prompt="a lighthouse", width=64, height=64))
             await bus.publish("tasks", task.to_message(), stamp(task_attributes(task)))
             deadline = time.monotonic() + 20
-            while (record := await store.get(task.tenant, task.id)) is None or record.state is not TaskState.RUNNING:
+            while (r := await store.get(task.tenant, task.id)) is None or r.state is not TaskState.RUNNING:
                 assert time.monotonic() < deadline, "the task never started"
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)  # mid-generation: the HPA picks this pod for scale-in

@@ -95,7 +95,7 @@ async def until(store: TaskStore, task_id: str, ok: Any, timeout_s: float = 60) 
         if record is not None and ok(record):
             return record
         await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} never got there: {await store.get("default", task_id)}")
+    raise AssertionError(f"task {task_id} never got there: {await store.get('default', task_id)}")
 
 
 async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(

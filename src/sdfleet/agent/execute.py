@@ -111,18 +111,25 @@ def _gpu_share(p: Prepared, outcome: Outcome, batch_size: int) -> float:
 def _record_stages(
     p: Prepared, outcome: Outcome, elapsed: float, wall0: int, attrs: dict[str, object]
 ) -> None:
-    """Timings and past spans of one task's runtime call (see ``run_tasks``)."""
+    """Timings and past spans of one task's runtime call (see ``run_tasks``), laid out in the
+    order they happen: waiting, the model's download, the switch, the run."""
     ok = isinstance(outcome, RuntimeResult)
+    download_s = outcome.download_s if isinstance(outcome, RuntimeResult) else 0.0
     switch_s = outcome.switch_s if isinstance(outcome, RuntimeResult) else 0.0
     run_s = outcome.run_s if isinstance(outcome, RuntimeResult) else None
-    run = max(0.0, elapsed - switch_s) if run_s is None else min(run_s, elapsed)
-    wait = max(0.0, elapsed - switch_s - run)
+    before = download_s + switch_s
+    run = max(0.0, elapsed - before) if run_s is None else min(run_s, elapsed)
+    wait = max(0.0, elapsed - before - run)
     end = wall0 + int(elapsed * 1e9)
     run_from = end - int(run * 1e9)
     switch_from = run_from - int(switch_s * 1e9)
+    download_from = switch_from - int(download_s * 1e9)
     if wait > 0.001:
         p.timings["runtime_wait"] = wait
-        p.past_stage("runtime.wait", wall0, switch_from)
+        p.past_stage("runtime.wait", wall0, download_from)
+    if download_s > 0:
+        p.timings["model_download"] = download_s
+        p.past_stage("model.download", download_from, switch_from)
     if switch_s > 0:
         p.timings["model_switch"] = switch_s
         p.past_stage("model.switch", switch_from, run_from)

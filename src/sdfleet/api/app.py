@@ -21,7 +21,7 @@ from sdfleet.api import openapi, openapi_rules
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.queue_stats import queue_stats_refresher
-from sdfleet.api.routes import compat, events, files, health, models, queues, tasks
+from sdfleet.api.routes import compat, events, files, health, models, queues, tasks, ui
 from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
 from sdfleet.settings import ApiSettings, FleetConfig
 from sdfleet.tasks import TaskEvent
@@ -142,7 +142,7 @@ def build_app(
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    routers = (tasks, events, compat, queues, files, models, health)
+    routers = (tasks, events, compat, queues, files, models, health, ui)
     for module in routers:
         app.include_router(module.router)
     app.state.api_routes = [r for m in routers for r in m.router.routes if isinstance(r, APIRoute)]

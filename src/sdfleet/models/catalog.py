@@ -3,17 +3,23 @@
 A single-file checkpoint ``X.safetensors`` may come with a sidecar ``X.config/`` folder (a diffusers
 folder without weights: ``model_index.json``, component configs, tokenizer, scheduler); with it the
 checkpoint loads offline. ``sdfleet-tiny.json`` in a model folder or sidecar marks a tiny test model.
+
+With a ``ModelFetcher`` (``models.s3`` set), ``fetch`` brings a model that is not on disk from S3.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sdfleet.errors import NotFound
+
+if TYPE_CHECKING:
+    from sdfleet.models.fetcher import ModelFetcher
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_SUFFIX = ".config"
@@ -52,8 +58,37 @@ class ModelInfo:
 class ModelCatalog:
     """Lists and resolves the models under ``models_dir`` (read from disk on every call)."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, fetcher: ModelFetcher | None = None) -> None:
         self.models_dir = Path(models_dir)
+        self.fetcher = fetcher
+
+    async def fetch(self, name: str) -> tuple[ModelInfo, float]:
+        """``resolve(name)``, first downloading the model from S3 when it is not on disk and a
+        fetcher is set; and the seconds that took (0.0 when it was there). Raises ``NotFound``
+        when neither has it, or the fetcher's errors (``StorageError``, ``DiskFull``, ...)."""
+        if self.fetcher is None:
+            return self.resolve(name), 0.0
+        started = time.monotonic()
+        try:
+            info = self.resolve(name)
+        except NotFound as e:
+            info = await self._pull(name, e)
+            return info, time.monotonic() - started
+        self.fetcher.use(info.name)
+        if not info.path.exists():  # evicted by another process before this one held it
+            info = await self._pull(name, NotFound(f"model {name!r} was evicted"))
+            return info, time.monotonic() - started
+        return info, 0.0
+
+    async def _pull(self, name: str, missing: NotFound) -> ModelInfo:
+        assert self.fetcher is not None
+        try:
+            await self.fetcher.pull(name)
+        except NotFound as e:
+            raise NotFound(f"{missing.message}; {e.message}") from e
+        info = self.resolve(name)
+        self.fetcher.use(info.name)
+        return info
 
     def list(self) -> list[ModelInfo]:
         if not self.models_dir.is_dir():
@@ -79,14 +114,9 @@ class ModelCatalog:
         An A1111 title's hash suffix (``"x.safetensors [6ce0161689]"``) is ignored. Raises ``NotFound``.
         """
         models = self.list()
-        wanted = _A1111_HASH.sub("", name).strip()
-        for info in models:
-            if info.name == wanted:
-                return info
-        wanted_stem = Path(wanted).stem if Path(wanted).suffix in SINGLE_FILE_SUFFIXES else wanted
-        for info in models:
-            if info.stem == wanted_stem:
-                return info
+        found = match_name(name, [m.name for m in models])
+        if found is not None:
+            return next(m for m in models if m.name == found)
         available = ", ".join(m.name for m in models) or "none"
         raise NotFound(f"model {name!r} not found in {self.models_dir} (available: {available})")
 
@@ -102,3 +132,16 @@ def default_model(configured: str | None, catalog: ModelCatalog | None) -> str |
         return configured
     models = catalog.list() if catalog is not None else []
     return models[0].name if models else None
+
+
+def _stem(name: str) -> str:
+    return Path(name).stem if Path(name).suffix in SINGLE_FILE_SUFFIXES else name
+
+
+def match_name(name: str, names: list[str]) -> str | None:
+    """The entry of ``names`` that ``name`` asks for: exact, else by stem (``x.safetensors`` finds
+    ``x`` and back); an A1111 title's hash suffix is ignored. None when there is none."""
+    wanted = _A1111_HASH.sub("", name).strip()
+    if wanted in names:
+        return wanted
+    return next((n for n in names if _stem(n) == _stem(wanted)), None)

@@ -34,6 +34,9 @@ class RuntimeResult:
     switch_s: float = 0.0
     """Seconds of this run spent switching model (loading or activating a checkpoint); 0 when the
     job ran on the model that was already active."""
+    download_s: float = 0.0
+    """Seconds of this run spent bringing the model onto local disk (``models.s3`` on-demand fetch,
+    or waiting for another agent's download of it); part of ``switch_s``' call, not counted in it."""
     run_s: float | None = None
     """Seconds the job held the device, when the runtime knows (in-process runtimes); the agent
     counts the rest of the call, beyond the switch, as waiting for the device (``runtime_wait``)."""

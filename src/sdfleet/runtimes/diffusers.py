@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from sdfleet.errors import Interrupted, NotFound, Reject, RuntimeFailure, SdfleetError
+from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_lora as L
@@ -222,8 +222,8 @@ class DiffusersRuntime:
         try:
             async with self._lock:
                 t0 = time.perf_counter()
-                loaded, switched = await self._switch(jobs[0].model)
-                switch_s = time.perf_counter() - t0 if switched else 0.0
+                loaded, switched, download_s = await self._switch(jobs[0].model)
+                switch_s = time.perf_counter() - t0 - download_s if switched else 0.0
                 name = loaded.info.name
                 work = partial(self._generate, loaded, jobs, sampler, ctl)
                 t1 = time.perf_counter()
@@ -243,7 +243,7 @@ class DiffusersRuntime:
             if job.task_id in ctl.stopped:
                 outcomes.append(Interrupted(f"task {job.task_id} interrupted"))
                 continue
-            result.switch_s, result.run_s = switch_s, run_s
+            result.switch_s, result.run_s, result.download_s = switch_s, run_s, download_s
             result.info["batch_tasks"] = len(jobs)  # tasks that shared this pipeline call
             outcomes.append(result)
         return outcomes
@@ -284,15 +284,18 @@ class DiffusersRuntime:
         await ctl.final()
         return result
 
-    async def _switch(self, model: str | None) -> tuple[_Loaded, bool]:
-        """The model's pipeline, loaded or activated; and whether that changed the active model."""
+    async def _switch(self, model: str | None) -> tuple[_Loaded, bool, float]:
+        """The model's pipeline, loaded or activated; whether that changed the active model; and the
+        seconds spent fetching it onto disk first (``models.s3``)."""
         name = model or self._current or self.default_model
         if name is None:
             raise Reject("the job names no model and none is loaded", code="no_model")
         try:
-            info = self.catalog.resolve(name)
+            info, download_s = await self.catalog.fetch(name)
         except NotFound as e:
             raise Reject(e.message, code="unknown_model") from e
+        except SdfleetError as e:  # S3 unreachable, denied, disk full: another attempt may work
+            raise ModelLoadError(f"cannot fetch model {name!r}: {e.message}", code=e.code) from e
         loaded = self._cache.get(info.name)
         if loaded is None:
             estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
@@ -303,7 +306,7 @@ class DiffusersRuntime:
             self._cache.put(info.name, loaded, loaded.footprint)
         switched = self._current != info.name
         self._current = info.name
-        return loaded, switched
+        return loaded, switched, download_s
 
     def _load(self, info: ModelInfo) -> _Loaded:
         started = time.perf_counter()

@@ -1,0 +1,156 @@
+"""``/ui``: a gallery of the caller's tasks, a task page and a submit form.
+
+Server-rendered Jinja2 pages with a little JavaScript (``api/ui/static``). The pages hold no data:
+the script asks the API for it with the key the person entered (kept in the browser's session
+storage, sent as ``X-API-Key``), through ``GET /v1/tasks``, ``GET /v1/tasks/{id}``, the SSE stream
+and ``POST /v1/tasks[/{id}/cancel]``. Two JSON routes add what those lack for a page: a task's
+parameters and ``.out`` JSON, and thumbnails (made once, stored next to the images).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+
+from sdfleet.api.auth import Caller, caller
+from sdfleet.api.deps import ApiContext, get_ctx
+from sdfleet.api.links import file_url
+from sdfleet.api.routes.tasks import owned
+from sdfleet.api.thumbs import ensure_thumbnail
+from sdfleet.errors import NotFound, SdfleetError, ValidationFailed
+from sdfleet.tasks import TaskRecord, TaskState
+
+router = APIRouter(prefix="/ui", tags=["gallery"], include_in_schema=False)
+
+HERE = Path(__file__).resolve().parent.parent / "ui"
+STATIC = HERE / "static"
+templates = Jinja2Templates(directory=HERE / "templates")
+_STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*\.(js|css|svg)$")
+MAX_IDS = 100
+# The page talks only to this origin; images may come from presigned S3 URLs.
+CSP = (
+    "default-src 'self'; img-src 'self' data: https: http:; connect-src 'self'; "
+    "script-src 'self'; style-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+_HIDDEN_PARAMS = ("init_images", "workflow")
+
+
+def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
+    base = str(request.scope.get("root_path", "")).rstrip("/")  # links stay relative to this host
+    response = templates.TemplateResponse(request, template, {"base": base, **context})
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@router.get("", response_class=HTMLResponse)
+async def gallery(request: Request) -> HTMLResponse:
+    """The grid of the caller's tasks, newest first, with filters and a submit form."""
+    return _page(request, "gallery.html", title="Gallery")
+
+
+@router.get("/tasks/{task_id}", response_class=HTMLResponse)
+async def task_page(request: Request, task_id: str) -> HTMLResponse:
+    """One task: parameters, every image full size, the ``.out`` JSON, live progress, cancel."""
+    return _page(request, "task.html", title=f"Task {task_id}", task_id=task_id)
+
+
+@router.get("/static/{name}")
+async def static(name: str) -> FileResponse:
+    path = STATIC / name
+    if not _STATIC_NAME.match(name) or not path.is_file():
+        raise NotFound(f"no static file {name!r}")
+    return FileResponse(path, headers={"Cache-Control": "public, max-age=300"})
+
+
+class Card(BaseModel):
+    """What a gallery card shows beyond ``GET /v1/tasks``: the prompt, the size, the thumbnails."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    thumbs: list[str]
+
+
+class Cards(BaseModel):
+    cards: dict[str, Card]
+    """By task id; ids that are not the caller's (or do not exist) are left out."""
+
+
+@router.get("/api/cards", response_model=Cards)
+async def cards(
+    request: Request,
+    ids: str = Query(..., description="Comma-separated task ids"),
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
+) -> Cards:
+    wanted = [i for i in dict.fromkeys(ids.split(",")) if i]
+    if len(wanted) > MAX_IDS:
+        raise ValidationFailed(f"at most {MAX_IDS} ids at once, got {len(wanted)}")
+    out: dict[str, Card] = {}
+    for task_id in wanted:
+        try:
+            record = await owned(ctx, who, task_id)
+        except (NotFound, ValidationFailed):
+            continue
+        p = record.task.params
+        thumbs = await _thumbs(ctx, request, record)
+        out[task_id] = Card(
+            prompt=p.prompt,
+            negative_prompt=p.negative_prompt,
+            width=p.width,
+            height=p.height,
+            steps=p.steps,
+            thumbs=thumbs,
+        )
+    return Cards(cards=out)
+
+
+async def _thumbs(ctx: ApiContext, request: Request, record: TaskRecord) -> list[str]:
+    if record.state is not TaskState.SUCCEEDED or record.result is None:
+        return []
+    urls = []
+    for key in record.result.images:
+        thumb = await ensure_thumbnail(ctx.storage, key)
+        urls.append(await _link(ctx, request, record, thumb or key))
+    return urls
+
+
+async def _link(ctx: ApiContext, request: Request, record: TaskRecord, key: str) -> str:
+    """A link to a file of ``record``'s (the one place the gallery makes links)."""
+    return await file_url(ctx, request, record.tenant, key)
+
+
+class Detail(BaseModel):
+    """What the task page shows beyond ``GET /v1/tasks/{id}``."""
+
+    params: dict[str, Any]
+    """The task's parameters, inputs left out (they can be large)."""
+    runtime: str | None
+    worker: str | None
+    output: Any
+    """The ``.out`` JSON, once the task has one."""
+
+
+@router.get("/api/tasks/{task_id}", response_model=Detail)
+async def detail(task_id: str, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)) -> Detail:
+    record = await owned(ctx, who, task_id)
+    params = record.task.params.model_dump(exclude=set(_HIDDEN_PARAMS))
+    params["inputs"] = len(record.task.params.init_images)
+    output = None
+    if record.result is not None and record.result.output:
+        try:
+            output = json.loads(await ctx.storage.get(record.result.output))
+        except (SdfleetError, ValueError):
+            output = None
+    return Detail(params=params, runtime=record.runtime, worker=record.worker, output=output)

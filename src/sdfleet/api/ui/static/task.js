@@ -1,0 +1,99 @@
+// One task: GET /v1/tasks/{id} for its state, images and timings, /ui/api/tasks/{id} for its
+// parameters and .out JSON, its event stream for live progress, POST .../cancel to stop it.
+"use strict";
+
+(() => {
+  const root = document.getElementById("task");
+  const id = root.dataset.taskId;
+  const el = (name) => document.getElementById(name);
+  let stream = null;
+
+  function rows(table, entries) {
+    table.replaceChildren();
+    for (const [k, v] of entries) {
+      const tr = table.insertRow();
+      tr.insertCell().textContent = k;
+      tr.insertCell().textContent = typeof v === "object" && v !== null ? JSON.stringify(v) : String(v);
+    }
+  }
+
+  function showState(state, progress, error) {
+    el("state").textContent = state;
+    el("state").className = `state ${state}`;
+    el("progress").value = state === "succeeded" ? 1 : progress || 0;
+    el("percent").textContent = `${Math.round((state === "succeeded" ? 1 : progress || 0) * 100)}%`;
+    el("cancel").disabled = sdfleet.TERMINAL.has(state);
+    el("error").hidden = !error;
+    el("error").textContent = error ? `${error.code}: ${error.message}` : "";
+  }
+
+  function showImages(view) {
+    const box = el("images");
+    box.replaceChildren();
+    for (const image of view.images) {
+      const link = document.createElement("a");
+      link.href = image.url;
+      const img = document.createElement("img");
+      img.src = image.url;
+      img.alt = image.key;
+      img.className = "full";
+      link.append(img);
+      const caption = document.createElement("p");
+      caption.className = "caption";
+      caption.textContent = image.key;
+      box.append(link, caption);
+    }
+    if (!view.images.length) box.textContent = sdfleet.TERMINAL.has(view.state) ? "none" : "not yet";
+  }
+
+  async function refresh() {
+    try {
+      const [view, detail] = await Promise.all([
+        sdfleet.api(`/v1/tasks/${encodeURIComponent(id)}`),
+        sdfleet.api(`/ui/api/tasks/${encodeURIComponent(id)}`),
+      ]);
+      showState(view.state, view.progress, view.error);
+      rows(el("params"), [["model", view.model || "fleet default"], ["queue", view.queue || "–"],
+        ["type", view.type], ...Object.entries(detail.params), ["runtime", detail.runtime || "–"],
+        ["attempts", view.attempts], ["created", new Date(view.created_at * 1000).toLocaleString()]]);
+      rows(el("timings"), Object.entries(view.timings).map(([k, v]) => [k, v.toFixed(3)]));
+      showImages(view);
+      el("output").textContent = detail.output ? JSON.stringify(detail.output, null, 2) : "none yet";
+      if (!sdfleet.TERMINAL.has(view.state)) live();
+    } catch (e) {
+      if (e.status === 404) {
+        showState("not found", 0, { code: "not_found", message: e.message });
+        el("cancel").disabled = true;
+        root.classList.add("missing");
+      }
+      else if (e.status !== 401) sdfleet.say(`Could not load the task: ${e.message}`, "error");
+    }
+  }
+
+  function live() {
+    if (stream) return;
+    stream = new AbortController();
+    sdfleet.follow(id, (type, event) => {
+      showState(event.state, event.progress, event.error);
+      if (sdfleet.TERMINAL.has(event.state)) {
+        stream = null;
+        refresh();
+      }
+    }, stream.signal).catch(() => {}).finally(() => { stream = null; });
+  }
+
+  el("cancel").addEventListener("click", async () => {
+    el("cancel").disabled = true;
+    try {
+      const view = await sdfleet.api(`/v1/tasks/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+      showState(view.state, view.progress, view.error);
+      sdfleet.say("Cancelled.", "info");
+    } catch (e) {
+      sdfleet.say(`Not cancelled: ${e.message}`, "error");
+      el("cancel").disabled = false;
+    }
+  });
+
+  sdfleet.onKeyChange(refresh);
+  refresh();
+})();

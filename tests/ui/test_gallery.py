@@ -1,0 +1,242 @@
+"""The gallery (``/ui``) in a real Chromium, through Playwright, against ``sdfleet up``.
+
+``fleet`` runs ``sdfleet up`` in its own process with two tenants (alice, bob), the diffusers
+runtime and a tiny model; the browser is Debian's ``/usr/bin/chromium`` (``make system-deps``),
+because Playwright's own browser download is not available here. Each test saves screenshots in
+its output folder (``test-results/<test>/``) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.timeout(600)  # a browser, a fleet process and a model on a shared CPU
+expect.set_options(timeout=60_000)
+ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789"
+MODEL = "tiny-gallery"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    return {**browser_type_launch_args, "executable_path": chromium, "args": CHROMIUM_FLAGS}
+
+
+@dataclass
+class FleetProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-API-Key": key}, timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
+    from sdfleet.models.tiny import make_tiny
+
+    work = tmp_path_factory.mktemp("gallery")
+    make_tiny(work / "models", MODEL)
+    tenants = {
+        hashlib.sha256(k.encode()).hexdigest(): {"name": n} for k, n in ((ALICE, "alice"), (BOB, "bob"))
+    }
+    fleet_file = work / "sdfleet.yaml"
+    fleet = {"queues": [{"name": "default"}], "models": {"dir": str(work / "models"), "default": MODEL}}
+    fleet_file.write_text(yaml.safe_dump({**fleet, "tenants": tenants}))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SDFLEET_CONFIG_FILE": str(fleet_file),
+        "SDFLEET_DATA_DIR": str(work / "data"),
+        "SDFLEET_AGENT__CANCEL_CHECK_S": "0.5",
+        "SDFLEET_AGENT__WAIT_S": "0.5",
+        "SDFLEET_LOG_JSON": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = work / "fleet.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from sdfleet.cli import main; main()", "up", "--port", str(port)],
+            env=env,
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    running = FleetProcess(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield running
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def shots(output_path: str) -> Path:
+    """The test's output folder (pytest-playwright's ``--output``, default ``test-results/``)."""
+    folder = Path(output_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def use_key(page: Page, key: str) -> None:
+    page.fill("#api-key", key)
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#key-state")).to_have_text("key set")
+
+
+def submit_from_form(page: Page, prompt: str, size: int, steps: int) -> None:
+    page.fill("textarea[name=prompt]", prompt)
+    page.fill("input[name=width]", str(size))
+    page.fill("input[name=height]", str(size))
+    page.fill("input[name=steps]", str(steps))
+    page.click("#submit-button")
+    expect(page.locator("#notice")).to_contain_text("Submitted")
+
+
+def progress_seen(page: Page, selector: str, state_selector: str, timeout_s: float = 300) -> list[float]:
+    """Values of a progress bar read while its task shows ``running``, until it is not running."""
+    seen: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = page.locator(state_selector).text_content()
+        if state == "running":
+            seen.append(float(page.locator(selector).evaluate("bar => bar.value")))
+        elif state in ("succeeded", "failed", "cancelled"):
+            return seen
+        page.wait_for_timeout(100)
+    raise AssertionError(f"still not finished after {timeout_s} s; progress seen: {seen}")
+
+
+def test_submit_watch_progress_and_see_the_image(page: Page, fleet: FleetProcess, shots: Path) -> None:
+    page.goto(f"{fleet.url}/ui")
+    expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
+    use_key(page, ALICE)
+    expect(page.locator("#model-choice option", has_text=MODEL)).to_have_count(1)
+    submit_from_form(page, "a red boat on a calm sea", size=64, steps=30)
+    card = page.locator(".card").first
+    seen = progress_seen(page, ".card >> nth=0 >> progress", ".card >> nth=0 >> .state")
+    assert any(0 < v < 1 for v in seen), seen  # the bar moved while it ran, live over SSE
+    expect(card.locator(".state")).to_have_text("succeeded")
+    thumb = card.locator(".thumb img")
+    expect(thumb).to_be_visible(timeout=30_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+    assert "thumb.jpg" in (thumb.get_attribute("src") or "")
+    expect(card.locator(".prompt")).to_have_text("a red boat on a calm sea")
+    expect(card.locator(".size")).to_have_text("64×64, 30 steps")
+    page.screenshot(path=shots / "gallery.png", full_page=True)
+
+    filters = page.locator("#filters")
+    filters.locator("select[name=state]").select_option("failed")
+    expect(page.locator(".card")).to_have_count(0)
+    filters.locator("select[name=state]").select_option("succeeded")
+    filters.locator("select[name=model]").select_option(MODEL)
+    filters.locator("select[name=since]").select_option("3600")
+    expect(page.locator(".card")).to_have_count(1)
+    filters.locator("select[name=queue]").select_option("default")
+    expect(page.locator(".card")).to_have_count(1)
+
+    card.click()
+    expect(page.locator("#state")).to_have_text("succeeded")
+    full = page.locator("#images img.full")
+    expect(full).to_have_count(1)
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=full.element_handle())
+    expect(page.locator("#params")).to_contain_text("a red boat on a calm sea")
+    expect(page.locator("#output")).to_contain_text('"seed"')
+    expect(page.locator("#timings")).to_contain_text("runtime_run")
+    expect(page.locator("#cancel")).to_be_disabled()
+    page.screenshot(path=shots / "task.png", full_page=True)
+
+
+def test_cancel_a_running_task(page: Page, fleet: FleetProcess, shots: Path) -> None:
+    page.goto(f"{fleet.url}/ui")
+    use_key(page, ALICE)
+    submit_from_form(page, "a very long walk", size=64, steps=150)
+    page.locator(".card").first.click()
+    expect(page.locator("#state")).to_have_text("running", timeout=300_000)
+    page.wait_for_function("() => document.getElementById('progress').value > 0", timeout=300_000)
+    page.screenshot(path=shots / "running.png", full_page=True)
+    page.click("#cancel")
+    expect(page.locator("#state")).to_have_text("cancelled")
+    task_id = page.locator("#task").get_attribute("data-task-id")
+    with fleet.client(ALICE) as http:
+        assert http.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled"
+    page.reload()
+    expect(page.locator("#state")).to_have_text("cancelled")
+    expect(page.locator("#cancel")).to_be_disabled()
+    page.screenshot(path=shots / "cancelled.png", full_page=True)
+
+
+def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
+    page: Page, fleet: FleetProcess, shots: Path
+) -> None:
+    with fleet.client(ALICE) as http:
+        body = {"params": {"prompt": "alice's secret garden", "width": 64, "height": 64, "steps": 2}}
+        alice_task = http.post("/v1/tasks", json=body).json()["id"]
+    page.goto(f"{fleet.url}/ui")
+    use_key(page, BOB)
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator(".card")).to_have_count(0)
+    expect(page.locator("#more")).to_be_hidden()
+    expect(page.locator("#grid")).not_to_contain_text("secret garden")
+    page.screenshot(path=shots / "bob-gallery.png", full_page=True)
+    page.goto(f"{fleet.url}/ui/tasks/{alice_task}")
+    expect(page.locator("#state")).to_have_text("not found")
+    expect(page.locator("#params")).to_be_empty()
+    expect(page.locator("#cancel")).to_be_hidden()
+    page.screenshot(path=shots / "bob-task.png", full_page=True)
+    with fleet.client(BOB) as http:  # the page's own routes hold the line too
+        assert http.get(f"/ui/api/cards?ids={alice_task}").json() == {"cards": {}}
+        assert http.get(f"/ui/api/tasks/{alice_task}").status_code == 404
+    # In alice's session storage only: a new tab (context) starts without a key.
+    other = page.context.browser.new_context()  # type: ignore[union-attr]
+    try:
+        fresh = other.new_page()
+        fresh.goto(f"{fleet.url}/ui")
+        expect(fresh.locator("#key-state")).to_have_text("no key")
+        expect(fresh.locator("#notice")).to_contain_text("API key")
+    finally:
+        other.close()
