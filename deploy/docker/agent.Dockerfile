@@ -15,10 +15,11 @@ FROM base AS build
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN python -m pip install --no-cache-dir --upgrade pip
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+RUN python -m pip install --no-cache-dir -c requirements/lock.txt pip
 RUN mkdir -p src/sdfleet && touch src/sdfleet/__init__.py \
-    && python -m pip install --no-cache-dir '.[aws,redis]'
+    && python -m pip install --no-cache-dir -c requirements/lock.txt '.[aws,redis]'
 COPY src ./src
 RUN python -m pip install --no-cache-dir --no-deps --force-reinstall .
 

@@ -3,7 +3,8 @@
 #   docker build -f deploy/docker/api.Dockerfile -t sdfleet-api .
 # The pip step is CI's (Makefile `install`) without torch and without the diffusers and dev extras;
 # tests/deploy checks they agree. Dependencies install before src is copied, so a code change
-# rebuilds one small layer; .dockerignore keeps the context to pyproject.toml, README.md, src/.
+# rebuilds one small layer; .dockerignore keeps the context to pyproject.toml, README.md,
+# requirements/ (the lock: CI's versions) and src/.
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 FROM ${BASE_IMAGE} AS base
@@ -15,11 +16,12 @@ FROM base AS build
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN python -m pip install --no-cache-dir --upgrade pip
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+RUN python -m pip install --no-cache-dir -c requirements/lock.txt pip
 # Dependencies only (an empty package stands in for src): cached until pyproject.toml changes.
 RUN mkdir -p src/sdfleet && touch src/sdfleet/__init__.py \
-    && python -m pip install --no-cache-dir '.[aws,redis]'
+    && python -m pip install --no-cache-dir -c requirements/lock.txt '.[aws,redis]'
 COPY src ./src
 RUN python -m pip install --no-cache-dir --no-deps --force-reinstall .
 

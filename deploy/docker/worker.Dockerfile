@@ -10,7 +10,8 @@
 # CPU variant: the CPU wheel index.
 #   docker build -f deploy/docker/worker.Dockerfile -t sdfleet-worker:cpu \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
-# The pip steps are CI's (Makefile `install`), minus the dev extra; tests/deploy checks they agree.
+# The pip steps are CI's (Makefile `install`: the versions of requirements/lock.txt, torch from
+# requirements/torch.txt), minus the dev extra; tests/deploy checks they agree.
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 FROM ${BASE_IMAGE} AS base
@@ -23,13 +24,15 @@ ARG TORCH_INDEX_URL=""
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN python -m pip install --no-cache-dir --upgrade pip
-# torch first and pinned, as in CI, so the extra below never resolves another build.
-RUN python -m pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+RUN python -m pip install --no-cache-dir -c requirements/lock.txt pip
+# torch first and pinned (requirements/torch.txt, as in CI), so the extra below never resolves
+# another build.
+RUN python -m pip install --no-cache-dir -r requirements/torch.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # Dependencies only (an empty package stands in for src): cached until pyproject.toml changes.
 RUN mkdir -p src/sdfleet && touch src/sdfleet/__init__.py \
-    && python -m pip install --no-cache-dir '.[diffusers,aws,redis]'
+    && python -m pip install --no-cache-dir -c requirements/lock.txt '.[diffusers,aws,redis]'
 COPY src ./src
 RUN python -m pip install --no-cache-dir --no-deps --force-reinstall .
 

@@ -1,5 +1,6 @@
 """The Dockerfiles, read as text (no Docker here): their pip steps are CI's (the Makefile's install
-recipe), so a dependency set CI does not test cannot reach an image; multi-stage, non-root, pinned."""
+recipe: the lock's versions, torch from requirements/torch.txt), so a dependency set CI does not
+test cannot reach an image; multi-stage, non-root, pinned."""
 
 from __future__ import annotations
 
@@ -50,13 +51,21 @@ def _dockerfile(name: str) -> str:
 
 
 def _ci_installs() -> tuple[str, set[str]]:
-    """(torch pin, extras) of the Makefile's install recipe, which CI runs (`.ci/run` → make test)."""
-    installs = _pip_installs((ROOT / "Makefile").read_text())
-    torch = next(r for reqs in installs for r in reqs if r.startswith("torch=="))
-    package = next(r for reqs in installs for r in reqs if r.startswith(".["))
-    order = [r for reqs in installs for r in reqs]
-    assert order.index(torch) < order.index(package)
-    return torch, _extras(package)
+    """(torch pin, extras) of what CI installs (`.ci/run` → make test → the Makefile's install
+    recipe): the lock, compiled from pyproject.toml with the Makefile's extras, and torch.txt."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("$(STAMP):") :].split("\ntouch", 1)[0]
+    assert "-r $(TORCH) -r $(LOCK)" in recipe, "CI installs torch.txt and the lock"
+    torch = next(
+        line.strip()
+        for line in (ROOT / "requirements" / "torch.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    )
+    extras = re.search(r"--extra ([a-z,]+)", makefile)
+    assert extras, "the lock is compiled with the package's extras"
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    assert f"--extra={extras.group(1)}" in lock, "the lock was compiled with the Makefile's extras"
+    return torch, set(extras.group(1).split(","))
 
 
 def test_ci_recipe_is_parsed() -> None:
@@ -67,19 +76,25 @@ def test_ci_recipe_is_parsed() -> None:
 
 @pytest.mark.parametrize("image", IMAGES)
 def test_image_installs_only_what_ci_installs(image: str) -> None:
-    ci_torch, ci_extras = _ci_installs()
-    reqs = [r for install in _pip_installs(_dockerfile(image)) for r in install]
+    _, ci_extras = _ci_installs()
+    text = _dockerfile(image)
+    reqs = [r for install in _pip_installs(text) for r in install]
     packages = [r for r in reqs if r.startswith(".[")]
     assert len(packages) == 1, reqs
     extras = _extras(packages[0])
     assert extras <= ci_extras - {"dev"}
+    # the versions CI tested: every install but torch's under the lock
+    for m in re.finditer(r"pip install ([^\n&;]*)", text.replace("\\\n", " ")):
+        if "--no-deps" not in m.group(1) and "requirements/torch.txt" not in m.group(1):
+            assert "-c requirements/lock.txt" in m.group(1), m.group(0)
     others = [r for r in reqs if not r.startswith(".[")]
     if image == "worker":
         assert "diffusers" in extras
-        assert others == [ci_torch], "torch pinned as in CI, before the package"
-        assert reqs.index(ci_torch) < reqs.index(packages[0])
+        assert "-r requirements/torch.txt" in text, "torch pinned as in CI, before the package"
+        assert text.index("requirements/torch.txt ") < text.index(packages[0])
+        assert others == ["requirements/torch.txt"], others
     else:
-        assert "diffusers" not in extras and not others, f"no torch in the {image} image"
+        assert "diffusers" not in extras and not others and "torch" not in text.split("FROM base\n")[-1]
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -130,7 +145,7 @@ def test_dependencies_are_a_layer_below_the_source(image: str) -> None:
     copy_src = next(i for i, line in enumerate(lines) if line.startswith("COPY src"))
     reinstall = next(i for i, line in enumerate(lines) if "--no-deps" in line)
     copies_before = [line for line in lines[:deps] if line.startswith("COPY ")]
-    assert copies_before == ["COPY pyproject.toml README.md ./"]
+    assert copies_before == ["COPY pyproject.toml README.md ./", "COPY requirements ./requirements"]
     assert deps < copy_src < reinstall
 
 
@@ -148,4 +163,4 @@ def test_build_context_is_only_what_the_images_copy() -> None:
         for m in re.finditer(r"^COPY (?!--from)(.+) \S+$", _dockerfile(image), re.M)
         for path in m.group(1).split()
     }
-    assert allowed == copied == {"pyproject.toml", "README.md", "src"}
+    assert allowed == copied == {"pyproject.toml", "README.md", "requirements", "src"}
