@@ -3,27 +3,29 @@
 ``fleet`` runs ``sdfleet up`` in its own process with two tenants (alice, bob), the diffusers
 runtime and a tiny model; the browser is Debian's ``/usr/bin/chromium`` (``make system-deps``),
 because Playwright's own browser download is not available here. Each test saves screenshots in
-its output folder (``test-results/<test>/``) for a person to look at.
+``test-results/<test>/`` for a person to look at. Playwright's async API, in the tests' own event
+loop: its sync API keeps a loop running in the main thread for the whole session, which breaks
+every asyncio test that runs after it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import yaml
-from playwright.sync_api import Page, expect
+from playwright.async_api import Page, async_playwright, expect
 
 pytestmark = pytest.mark.timeout(600)  # a browser, a fleet process and a model on a shared CPU
 expect.set_options(timeout=60_000)
@@ -39,10 +41,15 @@ CHROMIUM_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    return {**browser_type_launch_args, "executable_path": chromium, "args": CHROMIUM_FLAGS}
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            yield await browser.new_page()
+        finally:
+            await browser.close()
 
 
 @dataclass
@@ -115,128 +122,135 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
 
 
 @pytest.fixture
-def shots(output_path: str) -> Path:
-    """The test's output folder (pytest-playwright's ``--output``, default ``test-results/``)."""
-    folder = Path(output_path)
+def shots(request: pytest.FixtureRequest) -> Path:
+    """The test's output folder, ``test-results/<test>/``."""
+    folder = Path("test-results") / re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def use_key(page: Page, key: str) -> None:
-    page.fill("#api-key", key)
-    page.click("#key-form button[type=submit]")
-    expect(page.locator("#key-state")).to_have_text("key set")
+async def use_key(page: Page, key: str) -> None:
+    await page.fill("#api-key", key)
+    await page.click("#key-form button[type=submit]")
+    await expect(page.locator("#key-state")).to_have_text("key set")
 
 
-def submit_from_form(page: Page, prompt: str, size: int, steps: int) -> None:
-    page.fill("textarea[name=prompt]", prompt)
-    page.fill("input[name=width]", str(size))
-    page.fill("input[name=height]", str(size))
-    page.fill("input[name=steps]", str(steps))
-    page.click("#submit-button")
-    expect(page.locator("#notice")).to_contain_text("Submitted")
+async def submit_from_form(page: Page, prompt: str, size: int, steps: int) -> None:
+    await page.fill("textarea[name=prompt]", prompt)
+    await page.fill("input[name=width]", str(size))
+    await page.fill("input[name=height]", str(size))
+    await page.fill("input[name=steps]", str(steps))
+    await page.click("#submit-button")
+    await expect(page.locator("#notice")).to_contain_text("Submitted")
 
 
-def progress_seen(page: Page, selector: str, state_selector: str, timeout_s: float = 300) -> list[float]:
+async def progress_seen(
+    page: Page, selector: str, state_selector: str, timeout_s: float = 300
+) -> list[float]:
     """Values of a progress bar read while its task shows ``running``, until it is not running."""
     seen: list[float] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        state = page.locator(state_selector).text_content()
+        state = await page.locator(state_selector).text_content()
         if state == "running":
-            seen.append(float(page.locator(selector).evaluate("bar => bar.value")))
+            seen.append(float(await page.locator(selector).evaluate("bar => bar.value")))
         elif state in ("succeeded", "failed", "cancelled"):
             return seen
-        page.wait_for_timeout(100)
+        await page.wait_for_timeout(100)
     raise AssertionError(f"still not finished after {timeout_s} s; progress seen: {seen}")
 
 
-def test_submit_watch_progress_and_see_the_image(page: Page, fleet: FleetProcess, shots: Path) -> None:
-    page.goto(f"{fleet.url}/ui")
-    expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
-    use_key(page, ALICE)
-    expect(page.locator("#model-choice option", has_text=MODEL)).to_have_count(1)
-    submit_from_form(page, "a red boat on a calm sea", size=64, steps=30)
+async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: FleetProcess, shots: Path) -> None:
+    await page.goto(f"{fleet.url}/ui")
+    await expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
+    await use_key(page, ALICE)
+    await expect(page.locator("#model-choice option", has_text=MODEL)).to_have_count(1)
+    # long enough for progress writes (at most one a second, none for a task under a second)
+    await submit_from_form(page, "a red boat on a calm sea", size=64, steps=150)
     card = page.locator(".card").first
-    seen = progress_seen(page, ".card >> nth=0 >> progress", ".card >> nth=0 >> .state")
+    seen = await progress_seen(page, ".card >> nth=0 >> progress", ".card >> nth=0 >> .state")
     assert any(0 < v < 1 for v in seen), seen  # the bar moved while it ran, live over SSE
-    expect(card.locator(".state")).to_have_text("succeeded")
+    await expect(card.locator(".state")).to_have_text("succeeded")
     thumb = card.locator(".thumb img")
-    expect(thumb).to_be_visible(timeout=30_000)
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
-    assert "thumb.jpg" in (thumb.get_attribute("src") or "")
-    expect(card.locator(".prompt")).to_have_text("a red boat on a calm sea")
-    expect(card.locator(".size")).to_have_text("64×64, 30 steps")
-    page.screenshot(path=shots / "gallery.png", full_page=True)
+    await expect(thumb).to_be_visible(timeout=30_000)
+    await page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=await thumb.element_handle()
+    )
+    assert "thumb.jpg" in (await thumb.get_attribute("src") or "")
+    await expect(card.locator(".prompt")).to_have_text("a red boat on a calm sea")
+    await expect(card.locator(".size")).to_have_text("64×64, 150 steps")
+    await page.screenshot(path=shots / "gallery.png", full_page=True)
 
     filters = page.locator("#filters")
-    filters.locator("select[name=state]").select_option("failed")
-    expect(page.locator(".card")).to_have_count(0)
-    filters.locator("select[name=state]").select_option("succeeded")
-    filters.locator("select[name=model]").select_option(MODEL)
-    filters.locator("select[name=since]").select_option("3600")
-    expect(page.locator(".card")).to_have_count(1)
-    filters.locator("select[name=queue]").select_option("default")
-    expect(page.locator(".card")).to_have_count(1)
+    await filters.locator("select[name=state]").select_option("failed")
+    await expect(page.locator(".card")).to_have_count(0)
+    await filters.locator("select[name=state]").select_option("succeeded")
+    await filters.locator("select[name=model]").select_option(MODEL)
+    await filters.locator("select[name=since]").select_option("3600")
+    await expect(page.locator(".card")).to_have_count(1)
+    await filters.locator("select[name=queue]").select_option("default")
+    await expect(page.locator(".card")).to_have_count(1)
 
-    card.click()
-    expect(page.locator("#state")).to_have_text("succeeded")
+    await card.click()
+    await expect(page.locator("#state")).to_have_text("succeeded")
     full = page.locator("#images img.full")
-    expect(full).to_have_count(1)
-    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=full.element_handle())
-    expect(page.locator("#params")).to_contain_text("a red boat on a calm sea")
-    expect(page.locator("#output")).to_contain_text('"seed"')
-    expect(page.locator("#timings")).to_contain_text("runtime_run")
-    expect(page.locator("#cancel")).to_be_disabled()
-    page.screenshot(path=shots / "task.png", full_page=True)
+    await expect(full).to_have_count(1)
+    await page.wait_for_function(
+        "img => img.complete && img.naturalWidth === 64", arg=await full.element_handle()
+    )
+    await expect(page.locator("#params")).to_contain_text("a red boat on a calm sea")
+    await expect(page.locator("#output")).to_contain_text('"seed"')
+    await expect(page.locator("#timings")).to_contain_text("runtime_run")
+    await expect(page.locator("#cancel")).to_be_disabled()
+    await page.screenshot(path=shots / "task.png", full_page=True)
 
 
-def test_cancel_a_running_task(page: Page, fleet: FleetProcess, shots: Path) -> None:
-    page.goto(f"{fleet.url}/ui")
-    use_key(page, ALICE)
-    submit_from_form(page, "a very long walk", size=64, steps=150)
-    page.locator(".card").first.click()
-    expect(page.locator("#state")).to_have_text("running", timeout=300_000)
-    page.wait_for_function("() => document.getElementById('progress').value > 0", timeout=300_000)
-    page.screenshot(path=shots / "running.png", full_page=True)
-    page.click("#cancel")
-    expect(page.locator("#state")).to_have_text("cancelled")
-    task_id = page.locator("#task").get_attribute("data-task-id")
+async def test_cancel_a_running_task(page: Page, fleet: FleetProcess, shots: Path) -> None:
+    await page.goto(f"{fleet.url}/ui")
+    await use_key(page, ALICE)
+    await submit_from_form(page, "a very long walk", size=64, steps=150)
+    await page.locator(".card").first.click()
+    await expect(page.locator("#state")).to_have_text("running", timeout=300_000)
+    await page.wait_for_function("() => document.getElementById('progress').value > 0", timeout=300_000)
+    await page.screenshot(path=shots / "running.png", full_page=True)
+    await page.click("#cancel")
+    await expect(page.locator("#state")).to_have_text("cancelled")
+    task_id = await page.locator("#task").get_attribute("data-task-id")
     with fleet.client(ALICE) as http:
         assert http.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled"
-    page.reload()
-    expect(page.locator("#state")).to_have_text("cancelled")
-    expect(page.locator("#cancel")).to_be_disabled()
-    page.screenshot(path=shots / "cancelled.png", full_page=True)
+    await page.reload()
+    await expect(page.locator("#state")).to_have_text("cancelled")
+    await expect(page.locator("#cancel")).to_be_disabled()
+    await page.screenshot(path=shots / "cancelled.png", full_page=True)
 
 
-def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
+async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
     page: Page, fleet: FleetProcess, shots: Path
 ) -> None:
     with fleet.client(ALICE) as http:
         body = {"params": {"prompt": "alice's secret garden", "width": 64, "height": 64, "steps": 2}}
         alice_task = http.post("/v1/tasks", json=body).json()["id"]
-    page.goto(f"{fleet.url}/ui")
-    use_key(page, BOB)
-    expect(page.locator("#empty")).to_be_visible()
-    expect(page.locator(".card")).to_have_count(0)
-    expect(page.locator("#more")).to_be_hidden()
-    expect(page.locator("#grid")).not_to_contain_text("secret garden")
-    page.screenshot(path=shots / "bob-gallery.png", full_page=True)
-    page.goto(f"{fleet.url}/ui/tasks/{alice_task}")
-    expect(page.locator("#state")).to_have_text("not found")
-    expect(page.locator("#params")).to_be_empty()
-    expect(page.locator("#cancel")).to_be_hidden()
-    page.screenshot(path=shots / "bob-task.png", full_page=True)
+    await page.goto(f"{fleet.url}/ui")
+    await use_key(page, BOB)
+    await expect(page.locator("#empty")).to_be_visible()
+    await expect(page.locator(".card")).to_have_count(0)
+    await expect(page.locator("#more")).to_be_hidden()
+    await expect(page.locator("#grid")).not_to_contain_text("secret garden")
+    await page.screenshot(path=shots / "bob-gallery.png", full_page=True)
+    await page.goto(f"{fleet.url}/ui/tasks/{alice_task}")
+    await expect(page.locator("#state")).to_have_text("not found")
+    await expect(page.locator("#params")).to_be_empty()
+    await expect(page.locator("#cancel")).to_be_hidden()
+    await page.screenshot(path=shots / "bob-task.png", full_page=True)
     with fleet.client(BOB) as http:  # the page's own routes hold the line too
         assert http.get(f"/ui/api/cards?ids={alice_task}").json() == {"cards": {}}
         assert http.get(f"/ui/api/tasks/{alice_task}").status_code == 404
     # In alice's session storage only: a new tab (context) starts without a key.
-    other = page.context.browser.new_context()  # type: ignore[union-attr]
+    other = await page.context.browser.new_context()  # type: ignore[union-attr]
     try:
-        fresh = other.new_page()
-        fresh.goto(f"{fleet.url}/ui")
-        expect(fresh.locator("#key-state")).to_have_text("no key")
-        expect(fresh.locator("#notice")).to_contain_text("API key")
+        fresh = await other.new_page()
+        await fresh.goto(f"{fleet.url}/ui")
+        await expect(fresh.locator("#key-state")).to_have_text("no key")
+        await expect(fresh.locator("#notice")).to_contain_text("API key")
     finally:
-        other.close()
+        await other.close()
