@@ -87,7 +87,7 @@ async def test_stage_spans_say_what_the_records_say(
         json={
             **BODY,
             "type": "image-to-image",
-            "params": {**BODY["params"], "init_images": ["s3://b/k.png"]},
+            "params": {**BODY["params"], "init_images": ["s3://no-such-bucket/k.png"]},
         },
     )
     ids.append(refused.json()["id"])

@@ -100,17 +100,20 @@ async def test_file_links_are_signed_and_expire(start_fleet: StartFleet) -> None
     url = httpx.URL(view["images"][0]["url"])
     assert (await fleet.http.get(url)).status_code == 200
     key, expires, sig = url.path.removeprefix("/v1/files/"), url.params["expires"], url.params["sig"]
+    tenant = url.params["tenant"]
     forged = [
-        {"expires": expires, "sig": "0" * 64},  # wrong signature
-        {"expires": str(int(expires) + 60), "sig": sig},  # a longer life than was signed
-        {"expires": "1", "sig": signature(_app_key(fleet), key, 1)},  # rightly signed, but expired
+        {"tenant": tenant, "expires": expires, "sig": "0" * 64},  # wrong signature
+        {"tenant": tenant, "expires": str(int(expires) + 60), "sig": sig},  # a longer life than signed
+        {"tenant": "other", "expires": expires, "sig": sig},  # another tenant's
+        # rightly signed, but expired
+        {"tenant": tenant, "expires": "1", "sig": signature(_app_key(fleet), tenant, key, 1)},
     ]
     for params in forged:
         r = await fleet.http.get(f"/v1/files/{key}", params=params)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", params
     other = key.replace("-1.png", ".out")  # a valid signature is for one key only
     assert (
-        await fleet.http.get(f"/v1/files/{other}", params={"expires": expires, "sig": sig})
+        await fleet.http.get(f"/v1/files/{other}", params={"tenant": tenant, "expires": expires, "sig": sig})
     ).status_code == 404
 
 

@@ -250,7 +250,7 @@ def test_stage_spans_last_what_the_records_say(fleet: TracedFleet) -> None:
         for model in ("m-b", "m-b"):  # the agent has m-a loaded: the first switches, not the second
             task_id = http.post("/v1/tasks", json={**BODY, "model": model}).json()["id"]
             views.append(_finished(http, task_id))
-        params = {**BODY["params"], "init_images": ["s3://b/k.png"]}  # no input bucket allowed
+        params = {**BODY["params"], "init_images": ["s3://no-such-bucket/k.png"]}  # no input bucket allowed
         refused = http.post("/v1/tasks", json={"type": "image-to-image", "params": params}).json()["id"]
         assert _finished(http, refused)["state"] == "failed"
     first, second = (fleet.spans_of(v["id"], {"agent.task", *STAGES}) for v in views)
