@@ -6,7 +6,8 @@ as a terminal shows them). A command goes on over lines that end in ``\\`` and o
 
 - ``…`` on a line of its own stands for any number of lines (state lines that depend on timing);
   inside a line it stands for any text on that line;
-- task ids (ULIDs) and signed file links are the values of the run that was recorded; the checking
+- task ids (ULIDs), the 4-hex tags of output file names (``<id>-<tag>-1.png``, random per run)
+  and signed file links are the values of the run that was recorded; the checking
   run captures its own values at the same places and puts them into the later commands that use
   the recorded ones, as a person copies an id or a link from one command into the next.
 """
@@ -19,7 +20,11 @@ from dataclasses import dataclass, field
 ELLIPSIS = "…"
 ULID = r"[0-9a-hjkmnp-tv-z]{26}"
 SIGNED_LINK = r"https?://\S+?[?&]sig=[0-9a-f]+"
-_VARIABLE = re.compile(rf"(?P<link>{SIGNED_LINK})|(?P<id>\b{ULID}\b)|(?P<any>{ELLIPSIS})")
+TAG = r"[0-9a-f]{4}"
+_VARIABLE = re.compile(
+    rf"(?P<link>{SIGNED_LINK})|(?P<tag>(?<={ULID}-){TAG}(?=-\d+\.\w+|\.out))|(?P<id>\b{ULID}\b)|(?P<any>{ELLIPSIS})"
+)
+_KINDS = {"link": SIGNED_LINK, "tag": TAG, "id": ULID}
 
 
 @dataclass
@@ -126,7 +131,8 @@ def _pattern(line: str) -> tuple[str, dict[str, str]]:
             out.append(".*")
         else:
             name = f"v{n}"
-            out.append(f"(?P<{name}>{SIGNED_LINK if m.group('link') else ULID})")
+            kind = next(k for k in _KINDS if m.group(k))
+            out.append(f"(?P<{name}>{_KINDS[kind]})")
             names[name] = m.group(0)
         pos = m.end()
     out.append(re.escape(line.rstrip()[pos:]))

@@ -7,6 +7,7 @@ printed, to refresh the README."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -83,8 +84,9 @@ def test_after_the_demo_walkthrough(tmp_path: Path, redis_server: Any) -> None:
     finally:
         for proc in background:
             _stop(proc)
-        if record:
+        if record:  # what ran, and which value of this run stands where the README shows one
             Path(record).write_text("\n".join(transcript) + "\n")
+            Path(f"{record}.values.json").write_text(json.dumps(values.seen, indent=1))
 
 
 def _start(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
