@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdfleet-installed
 
-.PHONY: demo test lint install lock lock-check system-deps clean
+.PHONY: demo test test-slow lint install lock lock-check system-deps clean
 
 # requirements/lock.txt pins every package CI tested, pip and setuptools included; torch stays out of it
 # (requirements/torch.txt: pip takes the CPU build from the machine's local wheel, never a CUDA one).
@@ -46,8 +46,13 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
+# Three workers on two cores: most tests wait on subprocesses and sockets, not the CPU.
 test: install system-deps lint
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n 3
+
+# The long interop, fuzzing and bench runs the default suite leaves out (tests/conftest.py SLOW).
+test-slow: install system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m slow
 
 # After a change to pyproject.toml's dependencies: re-resolve, keeping every pin that still fits
 # (`make lock UPGRADE=1` moves everything to the newest releases). Commit the result.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+# Long interop, fuzzing and bench runs: `make test-slow` runs them, `make test` (CI) leaves them out so
+# the default suite stays within its time on two cores. Each has a faster sibling in the default suite
+# (the sqlite variant of an engine-parametrised flow, the CLI and walkthrough tests for the demo).
+SLOW = (
+    "tests/e2e/test_cli.py::test_demo_prints_two_pngs_of_the_asked_sizes",  # `make demo` runs it too
+    "tests/e2e/test_openapi_fuzz.py::*",  # schemathesis: minutes of generated requests
+    "tests/e2e/test_aws_engine.py::test_agent_drains_seed_queue_in_place*",
+    "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]redis[]]",
+    "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]aws[]]",
+    "tests/e2e/test_models_hub.py::test_the_demo_runs_on_a_pulled_model",
+    "tests/unit/test_simulate_calibration.py::*",  # real agents against the simulator, timing-bound
+    "tests/unit/test_bench.py::test_agent_batching_through_the_agent",
+    "tests/ui/*",  # Chromium and a fleet process
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(fnmatch(item.nodeid, pattern) for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:

@@ -84,6 +84,9 @@ def settings(engine: Engine, models_dir: Path, latency_s: float, **agent: Any) -
     return s
 
 
+RUNNING = TaskState.RUNNING
+
+
 def fleet_file(tmp_path: Path, s: Settings) -> Path:
     return write_fleet_file(tmp_path / "sdfleet.yaml", s.fleet.model_dump(mode="json"))
 
@@ -144,9 +147,7 @@ async def test_sigterm_with_tasks_in_every_stage_loses_nothing(
         # one finished, one running, the others received and waiting in the agent's pool
         await until(store, ids[0], lambda r: r.state is TaskState.SUCCEEDED)
         deadline = time.monotonic() + 30
-        while not any(
-            (r := await store.get("default", i)) is not None and r.state is TaskState.RUNNING for i in ids[1:]
-        ):
+        while not [r for r in [await store.get("default", i) for i in ids[1:]] if r and r.state is RUNNING]:
             assert time.monotonic() < deadline, "no task running after the first"
             await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
