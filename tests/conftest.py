@@ -26,7 +26,6 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # (the sqlite variant of an engine-parametrised flow, the CLI and walkthrough tests for the demo).
 SLOW = (
     "tests/e2e/test_cli.py::test_demo_prints_two_pngs_of_the_asked_sizes",  # `make demo` runs it too
-    "tests/e2e/test_openapi_fuzz.py::*",  # schemathesis: minutes of generated requests
     "tests/e2e/test_aws_engine.py::test_agent_drains_seed_queue_in_place*",
     "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]redis[]]",
     "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]aws[]]",
