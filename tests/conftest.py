@@ -32,7 +32,6 @@ SLOW = (
     "tests/e2e/test_models_hub.py::test_the_demo_runs_on_a_pulled_model",
     "tests/unit/test_simulate_calibration.py::*",  # real agents against the simulator, timing-bound
     "tests/unit/test_bench.py::test_agent_batching_through_the_agent",
-    "tests/ui/*",  # Chromium and a fleet process
 )
 
 
