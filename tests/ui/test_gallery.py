@@ -11,21 +11,16 @@ every asyncio test that runs after it.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-import yaml
 from playwright.async_api import Page, async_playwright, expect
+
+from up_process import UpProcess, sdfleet_up
 
 pytestmark = pytest.mark.timeout(600)  # a browser, a fleet process and a model on a shared CPU
 expect.set_options(timeout=60_000)
@@ -52,24 +47,8 @@ async def page() -> AsyncIterator[Page]:
             await browser.close()
 
 
-@dataclass
-class FleetProcess:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def client(self, key: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"X-API-Key": key}, timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     from sdfleet.models.tiny import make_tiny
 
     work = tmp_path_factory.mktemp("gallery")
@@ -77,48 +56,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
     tenants = {
         hashlib.sha256(k.encode()).hexdigest(): {"name": n} for k, n in ((ALICE, "alice"), (BOB, "bob"))
     }
-    fleet_file = work / "sdfleet.yaml"
     fleet = {"queues": [{"name": "default"}], "models": {"dir": str(work / "models"), "default": MODEL}}
-    fleet_file.write_text(yaml.safe_dump({**fleet, "tenants": tenants}))
-    port = _free_port()
-    env = {
-        **os.environ,
-        "SDFLEET_CONFIG_FILE": str(fleet_file),
-        "SDFLEET_DATA_DIR": str(work / "data"),
-        "SDFLEET_AGENT__CANCEL_CHECK_S": "0.5",
-        "SDFLEET_AGENT__WAIT_S": "0.5",
-        "SDFLEET_LOG_JSON": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
-    log = work / "fleet.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from sdfleet.cli import main; main()", "up", "--port", str(port)],
-            env=env,
-            cwd=work,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    running = FleetProcess(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield running
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with sdfleet_up(work, {**fleet, "tenants": tenants}, {"SDFLEET_AGENT__CANCEL_CHECK_S": "0.5"}) as up:
+        yield up
 
 
 @pytest.fixture
@@ -160,7 +100,7 @@ async def progress_seen(
     raise AssertionError(f"still not finished after {timeout_s} s; progress seen: {seen}")
 
 
-async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: FleetProcess, shots: Path) -> None:
+async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProcess, shots: Path) -> None:
     await page.goto(f"{fleet.url}/ui")
     await expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
     await use_key(page, ALICE)
@@ -205,7 +145,7 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: FleetP
     await page.screenshot(path=shots / "task.png", full_page=True)
 
 
-async def test_cancel_a_running_task(page: Page, fleet: FleetProcess, shots: Path) -> None:
+async def test_cancel_a_running_task(page: Page, fleet: UpProcess, shots: Path) -> None:
     await page.goto(f"{fleet.url}/ui")
     await use_key(page, ALICE)
     await submit_from_form(page, "a very long walk", size=64, steps=150)
@@ -225,7 +165,7 @@ async def test_cancel_a_running_task(page: Page, fleet: FleetProcess, shots: Pat
 
 
 async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
-    page: Page, fleet: FleetProcess, shots: Path
+    page: Page, fleet: UpProcess, shots: Path
 ) -> None:
     with fleet.client(ALICE) as http:
         body = {"params": {"prompt": "alice's secret garden", "width": 64, "height": 64, "steps": 2}}
