@@ -296,3 +296,40 @@ def test_upscale_options_are_checked() -> None:
         DiffusersOptions.parse({"upscale_tile": -1})
     with pytest.raises(ValueError, match="upscale_max_pixels"):
         DiffusersOptions.parse({"upscale_max_pixels": 0})
+
+
+def test_runtime_serve_lists_and_runs_the_model_upscalers(models_dir: Path) -> None:
+    """`sdfleet runtime serve` hands an extras request naming a model upscaler to the runtime: the
+    same pixels as the runtime's own extras job, SD WebUI's infotext, SD WebUI's error body."""
+    import base64
+
+    import httpx
+
+    from fakes.servers import ServerThread, free_port
+    from sdfleet.runtime_server import create_app
+
+    source = png(24, 16, seed=5)
+    expected = asyncio.run(make_runtime(models_dir).run(extra("R-ESRGAN 4x+", 2, source), no_progress))
+    srv = ServerThread(create_app(make_runtime(models_dir), ModelCatalog(models_dir)), free_port()).start()
+    try:
+        api = f"{srv.url}/sdapi/v1"
+        listed = httpx.get(f"{api}/upscalers", timeout=30).json()
+        names = [u["name"] for u in listed]
+        assert names[:3] == ["None", "Lanczos", "Nearest"] and "R-ESRGAN 4x+" in names and "4x-Tiny" in names
+        body = {
+            "image": base64.b64encode(source).decode(),
+            "upscaler_1": "R-ESRGAN 4x+",
+            "upscaling_resize": 2,
+        }
+        r = httpx.post(f"{api}/extra-single-image", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        made = base64.b64decode(r.json()["image"])
+        assert Image.open(io.BytesIO(made)).size == (48, 32)
+        assert (pixels(made) == pixels(expected.images[0])).all()
+        assert "Postprocess upscale by: 2.0, Postprocess upscaler: R-ESRGAN 4x+" in r.json()["html_info"]
+        assert "Postprocess upscaler: R-ESRGAN 4x+" in Image.open(io.BytesIO(made)).info["postprocessing"]
+        unknown = httpx.post(f"{api}/extra-single-image", json={**body, "upscaler_1": "NoSuch"}, timeout=30)
+        assert unknown.status_code == 422 and unknown.json()["error"] == "AssertionError", unknown.text
+        assert "NoSuch" in unknown.json()["errors"]
+    finally:
+        srv.stop()

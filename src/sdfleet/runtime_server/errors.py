@@ -86,6 +86,8 @@ def _reject_error(e: Reject) -> SdApiError:
         return failed(404, "RuntimeError", e.reason, sdwebui=500)
     if e.code == "invalid_image":
         return invalid_image()
+    if e.code in ("unknown_upscaler", "bad_upscaler"):  # SD WebUI: 500 AssertionError
+        return failed(422, "AssertionError", e.reason, sdwebui=500)
     return refused(422, e.reason)
 
 

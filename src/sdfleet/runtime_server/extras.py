@@ -3,7 +3,8 @@ upscalers (None, Lanczos, Nearest), with its rules: the target is the scaled siz
 a multiple of 8; "None" (the default) leaves the image as it is; the image keeps its PNG text and
 gains a ``postprocessing`` entry; ``html_info`` is that entry as HTML.
 
-Model upscalers (ESRGAN …) and face restoration are not available here and are refused.
+Model upscalers (ESRGAN …) are run by the diffusers runtime itself (``wants_model``: the route
+hands the request over as an extras job); face restoration is not available and is refused.
 """
 
 from __future__ import annotations
@@ -83,13 +84,46 @@ def _one(image: Image.Image, upscaler: str, req: ExtrasRequest, info: dict[str, 
     return out
 
 
-def check(req: ExtrasRequest) -> None:
-    """Refuse, before any work, what this server cannot do."""
+def wants_model(req: ExtrasRequest) -> bool:
+    """Whether the request names an upscaler other than the built-in ones (a model, or unknown)
+    that it would use: with ``upscaler_1`` "None" SD WebUI leaves the image as it is."""
+    if req.upscaler_1 == "None":
+        return False
+    second = req.upscaler_2 not in UPSCALERS and req.extras_upscaler_2_visibility > 0
+    return req.upscaler_1 not in UPSCALERS or second
+
+
+def check(req: ExtrasRequest, *, models: bool = False) -> None:
+    """Refuse, before any work, what this server cannot do. ``models``: the runtime has model
+    upscalers, and checks the names that are not built in itself."""
     if req.gfpgan_visibility > 0 or req.codeformer_visibility > 0:
         raise refused(422, "face restoration (GFPGAN, CodeFormer) is not available on this server")
+    if models:
+        return
     _upscaler(req.upscaler_1)
     if req.upscaler_2 != "None":
         _upscaler(req.upscaler_2)
+
+
+def describe(req: ExtrasRequest, first: str, second: str | None) -> str:
+    """The ``postprocessing`` infotext of an upscale by ``first`` (and ``second``), as ``process``
+    writes it, for an upscale the runtime made."""
+    info: dict[str, Any] = {}
+    w, h = req.upscaling_resize_w, req.upscaling_resize_h
+    if req.resize_mode == 1:
+        info["Postprocess upscale to"] = f"{w}x{h}"
+    else:
+        info["Postprocess upscale by"] = req.upscaling_resize
+    if req.resize_mode == 1 and req.upscaling_crop:
+        info["Postprocess crop to"] = f"{w}x{h}"
+    info["Postprocess upscaler"] = first
+    if second is not None:
+        info["Postprocess upscaler 2"] = second
+    return _text(info)
+
+
+def _text(info: dict[str, Any]) -> str:
+    return ", ".join(k if k == v else f"{k}: {v}" for k, v in info.items() if v is not None)
 
 
 def process(extra: Extra, req: ExtrasRequest) -> tuple[Image.Image, str]:
@@ -105,8 +139,7 @@ def process(extra: Extra, req: ExtrasRequest) -> tuple[Image.Image, str]:
             other = _one(extra.image, second, req, info)
             image = Image.blend(image, other.convert(image.mode), req.extras_upscaler_2_visibility)
             info["Postprocess upscaler 2"] = second
-    text = ", ".join(k if k == v else f"{k}: {v}" for k, v in info.items() if v is not None)
-    return image, text
+    return image, _text(info)
 
 
 def encode(image: Image.Image, text: dict[str, str]) -> bytes:

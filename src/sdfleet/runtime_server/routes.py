@@ -14,6 +14,7 @@ from sdfleet.runtime_server import schemas as S
 from sdfleet.runtime_server.errors import invalid_image, refused
 from sdfleet.runtime_server.generate import decode_image_field, generate
 from sdfleet.runtime_server.state import ServerState
+from sdfleet.tasks import TaskParams, TaskType
 
 router = APIRouter(prefix="/sdapi/v1")
 
@@ -52,8 +53,11 @@ async def img2img(request: Request, body: S.Img2ImgRequest) -> dict[str, Any]:
 
 
 async def _extras(state: ServerState, body: S.ExtrasRequest, inputs: list[str]) -> tuple[list[bytes], str]:
-    extras.check(body)
+    models = isinstance(getattr(state.runtime, "upscalers", None), list)
+    extras.check(body, models=models)
     decoded = [extras.decode(decode_image_field(i)) for i in inputs]
+    if models and extras.wants_model(body):
+        return await _model_extras(state, body, decoded)
     outputs: list[bytes] = []
     text = ""
     async with state.exclusive("extras", len(decoded)) as job:
@@ -64,6 +68,36 @@ async def _extras(state: ServerState, body: S.ExtrasRequest, inputs: list[str]) 
             image, text = extras.process(item, body)
             keep = {**item.text, "postprocessing": text} if state.options["enable_pnginfo"] else {}
             outputs.append(extras.encode(image, keep))
+    return outputs, extras.html_info(text)
+
+
+async def _model_extras(
+    state: ServerState, body: S.ExtrasRequest, decoded: list[extras.Extra]
+) -> tuple[list[bytes], str]:
+    """An upscale by a model upscaler: the runtime's own extras job, on its device and under its lock
+    (it resolves the names as SD WebUI does and refuses unknown ones with the list)."""
+    second = body.upscaler_2 if body.extras_upscaler_2_visibility > 0 and body.upscaler_2 != "None" else None
+    params = TaskParams(
+        upscaler=body.upscaler_1,
+        upscaling_resize=body.upscaling_resize,
+        extra={
+            "upscaler_2": second,
+            "extras_upscaler_2_visibility": body.extras_upscaler_2_visibility,
+            "resize_mode": body.resize_mode,
+            "upscaling_resize_w": body.upscaling_resize_w,
+            "upscaling_resize_h": body.upscaling_resize_h,
+            "upscaling_crop": body.upscaling_crop,
+        },
+    )
+    images = [extras.encode(item.image, {}) for item in decoded]
+    result = await state.run(
+        TaskType.EXTRA_BATCH_IMAGES, params, images, model=state.selected or "", job="extras", iterations=1
+    )
+    text = extras.describe(body, body.upscaler_1, second)
+    outputs = []
+    for item, png in zip(decoded, result.images, strict=True):
+        keep = {**item.text, "postprocessing": text} if state.options["enable_pnginfo"] else {}
+        outputs.append(extras.encode(extras.decode(png).image, keep))
     return outputs, extras.html_info(text)
 
 
