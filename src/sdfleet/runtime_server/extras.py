@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,16 +94,14 @@ def wants_model(req: ExtrasRequest) -> bool:
     return req.upscaler_1 not in UPSCALERS or second
 
 
-def check(req: ExtrasRequest, *, models: bool = False) -> None:
-    """Refuse, before any work, what this server cannot do. ``models``: the runtime has model
-    upscalers, and checks the names that are not built in itself."""
+def check(req: ExtrasRequest, models: Sequence[str] = ()) -> None:
+    """Refuse, before any work, what this server cannot do. ``models``: the model upscalers the
+    runtime has, named exactly as listed (SD WebUI matches names exactly too)."""
     if req.gfpgan_visibility > 0 or req.codeformer_visibility > 0:
         raise refused(422, "face restoration (GFPGAN, CodeFormer) is not available on this server")
-    if models:
-        return
-    _upscaler(req.upscaler_1)
-    if req.upscaler_2 != "None":
-        _upscaler(req.upscaler_2)
+    for name in (req.upscaler_1, req.upscaler_2):
+        if name not in models:
+            _upscaler(name)
 
 
 def describe(req: ExtrasRequest, first: str, second: str | None) -> str:
