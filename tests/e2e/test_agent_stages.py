@@ -187,3 +187,53 @@ async def test_cancel_reaches_a_running_task_within_seconds_whatever_the_lease(
     assert view["state"] == "cancelled"
     notes = [n for n in await drain(engine, "results") if n.get("task_id") == task_id]
     assert [n["type"] for n in notes] == ["cancelled"], notes
+
+
+class SlowImage:
+    """An input image that takes two seconds to arrive: a task's prepare stage, caught in the act."""
+
+    def __init__(self) -> None:
+        from sdfleet.demo import _input_image
+
+        self.png = _input_image()
+        self.asked = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.asked.set()
+        await asyncio.sleep(2.0)
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"image/png")]}
+        )
+        await send({"type": "http.response.body", "body": self.png})
+
+
+async def test_a_task_still_being_prepared_at_sigterm_is_released_not_left_to_its_lease(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path
+) -> None:
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes={"synthetic": {"latency_s": 0.05}}, lease_s=60)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    slow, port = SlowImage(), free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(slow, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        body = {
+            "type": "image-to-image",
+            "params": {**PARAMS, "init_images": [f"http://127.0.0.1:{port}/in.png"]},
+        }
+        env = {"SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true"}
+        with agent_process(engine, fleet_file(tmp_path, s), "q", **env) as proc:
+            r = await api.http.post("/v1/tasks", json=body)
+            assert r.status_code == 202, r.text
+            await asyncio.wait_for(slow.asked.wait(), 60)  # received, its input on the way
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+        # handed back as the agent stopped: visible now, not when its 60 s lease runs out
+        (q,) = [v for v in (await api.http.get("/v1/queues")).json() if v["name"] == "q"]
+        assert (q["visible"], q["in_flight"]) == (1, 0), q
+    finally:
+        server.should_exit = True
+        await serving

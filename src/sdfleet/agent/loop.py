@@ -170,6 +170,11 @@ class Agent:
             self.processed += 1
             return
         self._leases[prepared] = lease
+        if self._stopping.is_set():
+            # Received or prepared while the agent was stopping: the pool was (or is being) handed
+            # back and no run stage will take it, so it goes back now, not one lease later.
+            await self._release([prepared])
+            return
         self.pool.put(prepared)
 
     # --- run and finish --------------------------------------------------------------------
