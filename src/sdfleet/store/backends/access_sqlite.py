@@ -7,17 +7,13 @@ theoretical arrival time) and ``claims`` (name, expiry). Each operation is one s
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
-from sdfleet.errors import StoreUnavailable
 from sdfleet.store.access import ApiKey
-from sdfleet.store.backends.sqlite import ensure_schema, map_errors, sqlite_path
+from sdfleet.store.backends._sqlite_file import SqliteFile, sqlite_path
+from sdfleet.store.backends.sqlite import ensure_schema
 
 T = TypeVar("T")
 
@@ -46,47 +42,18 @@ SELECT count(*) FROM (
 """
 
 
-class SqliteAccessStore:
+class SqliteAccessStore(SqliteFile):
     """``AccessStore`` on a SQLite file; safe to share between processes."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-access")
+    what = "sqlite access store"
 
     @classmethod
     def from_url(cls, url: str) -> SqliteAccessStore:
         return cls(sqlite_path(url))
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.executescript(_SCHEMA)
-                ensure_schema(conn)  # count_active reads the task records
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreUnavailable("sqlite access store is closed")
-
-        def call() -> T:
-            if self._closed:
-                raise StoreUnavailable("sqlite access store is closed")
-            with map_errors():
-                return fn(self._connect())
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+    def prepare(self, conn: sqlite3.Connection) -> None:
+        conn.executescript(_SCHEMA)
+        ensure_schema(conn)  # count_active reads the task records
 
     async def add_key(self, key: ApiKey) -> None:
         row = (key.digest, key.id, key.model_dump_json())
@@ -148,19 +115,3 @@ class SqliteAccessStore:
 
     async def release(self, name: str) -> None:
         await self._run(lambda c: c.execute("DELETE FROM claims WHERE name = ?", (name,)))
-
-    async def aclose(self) -> None:
-        """Close the connection and stop the worker thread; idempotent."""
-        if self._closed:
-            return
-
-        def close() -> None:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-        self._closed = True
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        finally:
-            self._executor.shutdown(wait=False)

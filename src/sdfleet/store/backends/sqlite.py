@@ -11,20 +11,15 @@ first connects to it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 from sdfleet import jsonsafe
-from sdfleet.errors import ConfigError, StoreUnavailable, ValidationFailed
+from sdfleet.errors import ValidationFailed
+from sdfleet.store.backends._sqlite_file import SqliteFile, sqlite_path
 from sdfleet.store.base import read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
@@ -77,26 +72,6 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
-@contextmanager
-def map_errors() -> Iterator[None]:
-    """Translate sqlite3 errors into ``StoreUnavailable``."""
-    try:
-        yield
-    except sqlite3.Error as e:
-        raise StoreUnavailable(f"sqlite task store: {e}") from e
-
-
-def sqlite_path(url: str) -> str:
-    """The file of a ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` URL."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
-        raise ConfigError(f"not a sqlite URL: {url!r}; use sqlite:////abs/path.db")
-    path = unquote(parts.path[1:])
-    if not path:
-        raise ConfigError(f"sqlite URL without a file: {url!r}")
-    return path
-
-
 def encode_cursor(created_at: float, task_id: str) -> str:
     raw = json.dumps([created_at, task_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -115,15 +90,10 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValidationFailed(f"bad cursor {cursor!r}") from e
 
 
-class SqliteTaskStore:
+class SqliteTaskStore(SqliteFile):
     """``TaskStore`` on a SQLite file; safe to share between processes."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-store")
+    what = "sqlite task store"
 
     @classmethod
     def from_url(cls, url: str) -> SqliteTaskStore:
@@ -135,34 +105,8 @@ class SqliteTaskStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- plumbing -------------------------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                ensure_schema(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreUnavailable("sqlite task store is closed")
-
-        def call() -> T:
-            if self._closed:  # queued before aclose() but run after it: don't reopen
-                raise StoreUnavailable("sqlite task store is closed")
-            with map_errors():
-                return fn(self._connect())
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+    def prepare(self, conn: sqlite3.Connection) -> None:
+        ensure_schema(conn)
 
     # -- TaskStore --------------------------------------------------------------------------------
 
@@ -256,20 +200,3 @@ class SqliteTaskStore:
         records = [read_record(r[0]) for r in page]
         next_cursor = encode_cursor(page[-1][1], page[-1][2]) if len(rows) > limit else None
         return records, next_cursor
-
-    async def aclose(self) -> None:
-        """Close the connection and stop the worker thread; idempotent."""
-        if self._closed:
-            return
-
-        def close() -> None:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-        self._closed = True
-        try:
-            with map_errors():
-                await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        finally:
-            self._executor.shutdown(wait=False)
