@@ -74,7 +74,9 @@ def connect(url: str) -> tuple[aioredis.Redis, str]:
         )
     except ValueError as e:
         raise ConfigError(f"bad redis URL {url!r}: {e}") from e
-    return aioredis.Redis(connection_pool=pool), prefix
+    # from_pool: the client owns the pool, so aclose() closes its connections too (a client made
+    # with connection_pool= leaves them open).
+    return aioredis.Redis.from_pool(pool), prefix
 
 
 def describe(client: aioredis.Redis) -> str:

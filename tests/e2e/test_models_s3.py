@@ -301,7 +301,10 @@ def moto_with_iam() -> Iterator[str]:
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
             assert time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"

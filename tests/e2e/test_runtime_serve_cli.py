@@ -31,7 +31,9 @@ def test_runtime_serve_starts_with_the_first_model_loaded(tmp_path: Path) -> Non
     port = free_port()
     env = {**os.environ, "SDFLEET_DATA_DIR": str(tmp_path / "data")}
     args = ["runtime", "serve", "-c", str(config), "--port", str(port), "--device", "cpu", "--sdwebui-status"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdfleet", *args], env=env, stderr=subprocess.PIPE)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen([sys.executable, "-m", "sdfleet", *args], env=env, stderr=out)
     url = f"http://127.0.0.1:{port}/sdapi/v1"
     try:
         deadline = time.monotonic() + 240
@@ -40,9 +42,7 @@ def test_runtime_serve_starts_with_the_first_model_loaded(tmp_path: Path) -> Non
                 options = httpx.get(f"{url}/options", timeout=5).json()
                 break
             except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, (
-                    proc.stderr.read() if proc.stderr else ""
-                )
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
         assert options["sd_model_checkpoint"].startswith("a-first [")
         answer = httpx.post(
