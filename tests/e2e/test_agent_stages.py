@@ -52,22 +52,30 @@ class StallingHook:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.fixture
-async def hook() -> AsyncIterator[StallingHook]:
-    rec = StallingHook()
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """``app`` on a free port of 127.0.0.1 until the block ends; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(rec, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
     server = uvicorn.Server(config)
     job = asyncio.create_task(server.serve())
     while not server.started:
         assert not job.done(), job
         await asyncio.sleep(0.02)
-    rec.url = f"http://127.0.0.1:{port}"
-    yield rec
-    server.should_exit = True
-    server.force_exit = True
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(job, timeout=5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(job, timeout=5)
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[StallingHook]:
+    rec = StallingHook()
+    async with serving(rec) as rec.url:
+        yield rec
 
 
 @pytest.fixture
@@ -214,16 +222,9 @@ async def test_a_task_still_being_prepared_at_sigterm_is_released_not_left_to_it
 ) -> None:
     s = fleet_settings(engine, models_dir, QUEUE, runtimes={"synthetic": {"latency_s": 0.05}}, lease_s=60)
     api = await start_fleet(QUEUE, settings=s, agents=[])
-    slow, port = SlowImage(), free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(slow, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        body = {
-            "type": "image-to-image",
-            "params": {**PARAMS, "init_images": [f"http://127.0.0.1:{port}/in.png"]},
-        }
+    slow = SlowImage()
+    async with serving(slow) as url:
+        body = {"type": "image-to-image", "params": {**PARAMS, "init_images": [f"{url}/in.png"]}}
         env = {"SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true"}
         with agent_process(engine, fleet_file(tmp_path, s), "q", **env) as proc:
             r = await api.http.post("/v1/tasks", json=body)
@@ -234,6 +235,3 @@ async def test_a_task_still_being_prepared_at_sigterm_is_released_not_left_to_it
         # handed back as the agent stopped: visible now, not when its 60 s lease runs out
         (q,) = [v for v in (await api.http.get("/v1/queues")).json() if v["name"] == "q"]
         assert (q["visible"], q["in_flight"]) == (1, 0), q
-    finally:
-        server.should_exit = True
-        await serving

@@ -68,21 +68,36 @@ def _scale(image: Image.Image, upscaler: str, by: float) -> Image.Image:
     return image
 
 
+def _resize_info(req: ExtrasRequest, info: dict[str, Any]) -> None:
+    """The infotext entries of the resize ``req`` asks for (by a factor, or to a size and cropped)."""
+    w, h = req.upscaling_resize_w, req.upscaling_resize_h
+    if req.resize_mode == 1:
+        info["Postprocess upscale to"] = f"{w}x{h}"
+    else:
+        info["Postprocess upscale by"] = req.upscaling_resize
+    if req.resize_mode == 1 and req.upscaling_crop:
+        info["Postprocess crop to"] = f"{w}x{h}"
+
+
 def _one(image: Image.Image, upscaler: str, req: ExtrasRequest, info: dict[str, Any]) -> Image.Image:
     by = req.upscaling_resize
     if req.resize_mode == 1:
         by = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-        info["Postprocess upscale to"] = f"{req.upscaling_resize_w}x{req.upscaling_resize_h}"
-    else:
-        info["Postprocess upscale by"] = by
+    _resize_info(req, info)
     out = _scale(image, upscaler, by)
     if req.resize_mode == 1 and req.upscaling_crop:
         w, h = req.upscaling_resize_w, req.upscaling_resize_h
         cropped = Image.new("RGB", (w, h))
         cropped.paste(out, box=(w // 2 - out.width // 2, h // 2 - out.height // 2))
         out = cropped
-        info["Postprocess crop to"] = f"{out.width}x{out.height}"
     return out
+
+
+def model_upscalers(runtime: object) -> list[str]:
+    """The model upscalers ``runtime`` can run (the diffusers runtime lists them in ``upscalers``,
+    after the built-in resizers); none for a runtime without them."""
+    found = getattr(runtime, "upscalers", None)
+    return [n for n in found if n not in UPSCALERS] if isinstance(found, list) else []
 
 
 def wants_model(req: ExtrasRequest) -> bool:
@@ -108,13 +123,7 @@ def describe(req: ExtrasRequest, first: str, second: str | None) -> str:
     """The ``postprocessing`` infotext of an upscale by ``first`` (and ``second``), as ``process``
     writes it, for an upscale the runtime made."""
     info: dict[str, Any] = {}
-    w, h = req.upscaling_resize_w, req.upscaling_resize_h
-    if req.resize_mode == 1:
-        info["Postprocess upscale to"] = f"{w}x{h}"
-    else:
-        info["Postprocess upscale by"] = req.upscaling_resize
-    if req.resize_mode == 1 and req.upscaling_crop:
-        info["Postprocess crop to"] = f"{w}x{h}"
+    _resize_info(req, info)
     info["Postprocess upscaler"] = first
     if second is not None:
         info["Postprocess upscaler 2"] = second

@@ -53,9 +53,7 @@ async def img2img(request: Request, body: S.Img2ImgRequest) -> dict[str, Any]:
 
 
 async def _extras(state: ServerState, body: S.ExtrasRequest, inputs: list[str]) -> tuple[list[bytes], str]:
-    found = getattr(state.runtime, "upscalers", None)
-    models = [n for n in found if n not in extras.UPSCALERS] if isinstance(found, list) else []
-    extras.check(body, models)
+    extras.check(body, extras.model_upscalers(state.runtime))
     decoded = [extras.decode(decode_image_field(i)) for i in inputs]
     if extras.wants_model(body):
         return await _model_extras(state, body, decoded)

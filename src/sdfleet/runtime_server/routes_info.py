@@ -91,8 +91,7 @@ async def upscalers(request: Request) -> list[dict[str, Any]]:
     # SD WebUI reports its built-in upscalers with scale 4.0; then the model upscalers the runtime
     # found (models/ESRGAN, models/RealESRGAN), by the names extras requests may use.
     built_in = [{"name": name, "scale": 4.0} for name in extras.UPSCALERS]
-    found = getattr(server(request).runtime, "upscalers", None)
-    models = [n for n in found if n not in extras.UPSCALERS] if isinstance(found, list) else []
+    models = extras.model_upscalers(server(request).runtime)
     return built_in + [{"name": name, "model_name": name} for name in models]
 
 
