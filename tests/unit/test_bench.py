@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from fakes.servers import a1111_server, free_port
 from sdfleet.bench import find_bench_dir, list_scenarios, load_scenario
 from sdfleet.cli import app
 from sdfleet.errors import ConfigError
@@ -121,3 +122,20 @@ def test_submit_throughput_runs_both_servers_and_writes_json(tmp_path: Path) -> 
     for r in rounds:
         assert r["accepted"] == 40 and r["status"] == {"202": 40} and r["accepted_per_s"] > 0
         assert r["latency_ms"]["n"] == 40 and ordered(r["latency_ms"]) and r["cpu_ms_per_request"] > 0
+
+
+@pytest.mark.timeout(300)  # builds two tiny models
+def test_harness_ceiling_drives_an_sd_webui_api(tmp_path: Path) -> None:
+    server = a1111_server(tmp_path / "models", free_port())
+    try:
+        bench = load_scenario(BENCH, "harness_ceiling")
+        out = tmp_path / "ceiling.json"
+        argv = ["--url", server.url, "--latencies-ms", "0", "--tasks", "3", "--size", "64", "--repeat", "1"]
+        assert bench.main([*argv, "--out", str(out)]) == 0
+    finally:
+        server.stop()
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]["0.0"]
+    assert run["tasks"] == 3 and run["tasks_per_s"] > 0
+    # no nominal latency, no busy; a real server has no /_bench/stats, so no server-side count
+    assert "busy" not in run and "server_busy" not in run
