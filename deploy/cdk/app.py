@@ -25,7 +25,14 @@ The cluster (docs/deploy-aws.md), all optional:
 - ``admin_role_arn``: an IAM role given cluster-admin (e.g. the role you deploy with);
 - ``public_access_cidr``: also open the Kubernetes API endpoint to this CIDR (default: private);
 - ``domain`` and ``certificate_arn``: the API behind an internet-facing ALB with HTTPS;
-- ``image_tag``: tag of the images pushed to the stack's ECR repositories (default ``0.1.0``).
+- ``image_tag``: tag of the images pushed to the stack's ECR repositories (default ``0.1.0``);
+- ``engine``: ``aws`` (default: SNS/SQS bus, DynamoDB store) or ``redis`` (ElastiCache for Valkey,
+  Multi-AZ, TLS, AUTH token in Secrets Manager, for the bus and store; ``redis_node_type``, default
+  ``cache.t4g.medium``);
+- ``api_gateway``: ``true`` puts API Gateway in front of the API (API keys in a usage plan, WAF),
+  reaching it through a VPC link and an internal NLB; ``api_rate_limit`` (requests/s per key,
+  default 100), ``api_burst_limit`` (200), ``api_quota_per_day`` (default: none) and ``api_keys``
+  (comma-separated key names, default ``default``) shape the usage plan.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import aws_cdk as cdk
+from sdfleet_apigw import ApiGatewayOptions
 from sdfleet_cluster import ClusterOptions
 from sdfleet_stack import SdfleetStack
 
@@ -77,9 +85,16 @@ def build(app: cdk.App) -> SdfleetStack:
             domain=_text(app, "domain"),
             certificate_arn=_text(app, "certificate_arn"),
             image_tag=_text(app, "image_tag", "0.1.0") or "0.1.0",
+            api_gateway=_api_gateway(app),
+            engine=_text(app, "engine", "aws"),  # type: ignore[arg-type]
+            redis_node_type=_text(app, "redis_node_type", "cache.t4g.medium") or "cache.t4g.medium",
         )
         if cluster.identity not in ("pod-identity", "irsa"):
             raise ConfigError(f"identity {cluster.identity!r}: pod-identity or irsa")
+        if cluster.engine not in ("aws", "redis"):
+            raise ConfigError(f"engine {cluster.engine!r}: aws or redis")
+    if cluster is None and _flag(_ctx(app, "api_gateway", False)):
+        raise ConfigError("api_gateway needs the cluster (-c cluster=true): it fronts the API pods")
     return SdfleetStack(
         app,
         _text(app, "stack_name", default_name) or default_name,
@@ -100,6 +115,22 @@ def build(app: cdk.App) -> SdfleetStack:
         adot_collector=_flag(_ctx(app, "adot_collector", False)),
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
+
+
+def _api_gateway(app: cdk.App) -> ApiGatewayOptions | None:
+    if not _flag(_ctx(app, "api_gateway", False)):
+        return None
+    quota = _text(app, "api_quota_per_day")
+    keys = tuple(k.strip() for k in str(_ctx(app, "api_keys", "default")).split(",") if k.strip())
+    try:
+        return ApiGatewayOptions(
+            rate_limit=float(_ctx(app, "api_rate_limit", 100)),
+            burst_limit=int(_ctx(app, "api_burst_limit", 200)),
+            quota_per_day=int(quota) if quota else None,
+            keys=keys or ("default",),
+        )
+    except ValueError as e:
+        raise ConfigError(f"api_rate_limit, api_burst_limit, api_quota_per_day: numbers ({e})") from e
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import aws_cdk as cdk
+import yaml
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_eks_v2 as eks
@@ -22,7 +23,9 @@ from aws_cdk import aws_s3_assets as assets
 from aws_cdk.lambda_layer_kubectl_v33 import KubectlV33Layer
 from cdk_nag import NagSuppressions
 from constructs import Construct
+from sdfleet_apigw import ApiGatewayOptions, SdfleetApiGateway
 from sdfleet_karpenter import KarpenterAws
+from sdfleet_redis import SdfleetRedis
 
 from sdfleet.deploy import chart_values
 
@@ -33,6 +36,10 @@ CHART = Path(__file__).resolve().parents[1] / "helm" / "sdfleet"
 KARPENTER_VERSION = "1.14.1"  # the CRDs tests/deploy validates against
 KEDA_VERSION = "2.20.2"
 IMAGES = ("api", "worker", "agent")
+VPC_CIDR = "10.0.0.0/16"
+REDIS_PREFIX = "sdfleet"  # the redis engine's default key prefix
+API_PORT = int(yaml.safe_load((CHART / "values.yaml").read_text())["api"]["port"])
+"""The API container's port, which the API Gateway's NLB targets."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,12 @@ class ClusterOptions:
     certificate_arn: str | None = None
     """With ``domain``: the API behind an internet-facing ALB, HTTPS with this ACM certificate."""
     image_tag: str = "0.1.0"
+    api_gateway: ApiGatewayOptions | None = None
+    """API Gateway (API keys, usage plan, WAF) in front of the API, through a VPC link and an NLB."""
+    engine: Literal["aws", "redis"] = "aws"
+    """``redis``: the bus and task store on ElastiCache for Valkey (``sdfleet_redis.py``)."""
+    redis_node_type: str = "cache.t4g.medium"
+    """API Gateway (API keys, usage plan, WAF) in front of the API, through a VPC link and an NLB."""
 
 
 class SdfleetCluster(Construct):
@@ -94,11 +107,24 @@ class SdfleetCluster(Construct):
             self.cluster.grant_access("admin", options.admin_role_arn, [policy])
         self.karpenter = KarpenterAws(self, "karpenter", cluster=self.cluster)
         self.repositories = {image: self._repository(name, image) for image in IMAGES}
+        self.name = name
+        self.api_gateway: SdfleetApiGateway | None = None
+        self.redis: SdfleetRedis | None = None
+        if options.engine == "redis":
+            self.redis = SdfleetRedis(
+                self,
+                "redis",
+                name=name,
+                vpc=self.vpc,
+                clients=self.cluster.cluster_security_group,
+                node_type=options.redis_node_type,
+            )
 
     def _vpc(self, name: str) -> ec2.Vpc:
         vpc = ec2.Vpc(
             self,
             "vpc",
+            ip_addresses=ec2.IpAddresses.cidr(VPC_CIDR),
             max_azs=2,
             nat_gateways=1,
             subnet_configuration=[
@@ -143,6 +169,21 @@ class SdfleetCluster(Construct):
         """Karpenter, KEDA and the sdfleet chart, in that order (sdfleet's objects need their CRDs)."""
         irsa = self.options.identity == "irsa"
         roles = stack.roles
+        if self.redis is not None:
+            for role in ("api", "agent", "keda"):
+                self.redis.grant(roles[role])
+        if self.options.api_gateway is not None:
+            self.api_gateway = SdfleetApiGateway(
+                self,
+                "api-gateway",
+                name=self.name,
+                vpc=self.vpc,
+                vpc_cidr=VPC_CIDR,
+                pods=self.cluster.cluster_security_group,
+                api_port=API_PORT,
+                access_logs=stack.access_logs,
+                options=self.options.api_gateway,
+            )
         karpenter_values: dict[str, Any] = {
             "settings": {
                 "clusterName": self.cluster.cluster_name,
@@ -189,13 +230,23 @@ class SdfleetCluster(Construct):
     def values(self, stack: SdfleetStack) -> dict[str, Any]:
         """The sdfleet chart's values: ``sdfleet deploy values`` for the fleet, with the stack's
         own queue URLs, URLs, roles, repositories and node role in place of what it would ask for."""
-        values = chart_values(
-            stack.fleet, engine="aws", prefix=stack.prefix, region="us-east-1", account="000000000000"
-        )
-        for q in values["queues"]:
-            q["trigger"] = {"queueURL": stack.queues[q["name"]].queue_url}
+        if self.redis is not None:
+            values = chart_values(stack.fleet, engine="redis", redis_address=self.redis.address)
+            url = self.redis.url(REDIS_PREFIX)
+            values["urls"] = {"bus": url, "store": url, "storage": stack.storage_url}
+            values["redis"] = {
+                "address": self.redis.address,
+                "enableTLS": True,
+                "awsSecret": {"arn": self.redis.secret.secret_arn, "region": cdk.Aws.REGION},
+            }
+        else:
+            values = chart_values(
+                stack.fleet, engine="aws", prefix=stack.prefix, region="us-east-1", account="000000000000"
+            )
+            for q in values["queues"]:
+                q["trigger"] = {"queueURL": stack.queues[q["name"]].queue_url}
+            values["urls"] = {"bus": stack.bus_url, "store": stack.store_url, "storage": stack.storage_url}
         values["aws"] = {"region": cdk.Aws.REGION}
-        values["urls"] = {"bus": stack.bus_url, "store": stack.store_url, "storage": stack.storage_url}
         tag = self.options.image_tag
         values["images"] = {
             "api": {"repository": self.repositories["api"].repository_uri, "tag": tag},
@@ -212,15 +263,18 @@ class SdfleetCluster(Construct):
                 "worker": {"roleArn": stack.roles["agent"].role_arn},
             }
         values["models"] = {"volume": _models_volume(stack)}
+        api: dict[str, Any] = {}
         if self.options.domain:
-            values["api"] = {
-                "ingress": {
-                    "enabled": True,
-                    "className": "alb",
-                    "host": self.options.domain,
-                    "certificateArn": self.options.certificate_arn or "",
-                }
+            api["ingress"] = {
+                "enabled": True,
+                "className": "alb",
+                "host": self.options.domain,
+                "certificateArn": self.options.certificate_arn or "",
             }
+        if self.api_gateway is not None:
+            api["targetGroupBinding"] = {"targetGroupARN": self.api_gateway.target_group.target_group_arn}
+        if api:
+            values["api"] = api
         return values
 
 

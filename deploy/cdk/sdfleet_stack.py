@@ -93,6 +93,7 @@ class SdfleetStack(cdk.Stack):
         self._outputs()
         if self.cluster is not None:
             self.cluster.install(self)
+            self._gateway_outputs()
 
     def _identity(self, oidc: str | None, namespace: str, release: str, cluster_name: str | None) -> Identity:
         if self.cluster is None:
@@ -221,6 +222,7 @@ class SdfleetStack(cdk.Stack):
         NagSuppressions.add_resource_suppressions(
             logs, [{"id": "AwsSolutions-S1", "reason": "the access-log bucket itself: logging it would loop"}]
         )
+        self.access_logs = logs
         return s3.Bucket(
             self,
             "results-bucket",
@@ -311,6 +313,18 @@ class SdfleetStack(cdk.Stack):
                     repo.repository_uri,
                     f"ECR repository of the {image} image",
                 )
+
+    def _gateway_outputs(self) -> None:
+        gateway = self.cluster.api_gateway if self.cluster is not None else None
+        if gateway is None:
+            return
+        self._output("ApiGatewayUrl", gateway.url, "API Gateway URL of the API (send x-api-key)")
+        for key_name, key in gateway.keys.items():
+            self._output(
+                f"ApiKeyId{_logical(key_name)}",
+                key.key_id,
+                f"API key {key_name}: aws apigateway get-api-key --include-value --api-key <id>",
+            )
 
     @property
     def bus_url(self) -> str:

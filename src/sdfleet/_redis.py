@@ -3,7 +3,9 @@
 URL form, for both: ``redis://[[user]:password@]host[:port][/db][?prefix=sdfleet&...]`` or
 ``rediss://`` for TLS (``ssl_cert_reqs``, ``ssl_ca_certs``... as redis-py reads them). ``prefix``
 (default ``sdfleet``) namespaces every key; all other query options go to redis-py unchanged
-(``socket_timeout``, ``socket_connect_timeout``, ``max_connections``, ``health_check_interval``...).
+(``socket_timeout``, ``socket_connect_timeout``, ``max_connections``, ``health_check_interval``...),
+except ``password_secret=<ARN or name>``: the password is read from AWS Secrets Manager with the
+process's AWS credentials (``_redis_secret``), for ElastiCache's AUTH token.
 
 One connection pool per backend object. A server that goes away turns each call into the backend's
 ``*Unavailable`` error (fast: a short connect timeout and two quick retries); the pool drops dead
@@ -15,7 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -65,18 +68,38 @@ def split_url(url: str) -> tuple[str, str]:
 def connect(url: str) -> tuple[aioredis.Redis, str]:
     """A client on its own connection pool for ``url``, and the key prefix the URL names."""
     clean, prefix = split_url(url)
+    clean, extra = _password_secret(clean)
     try:
         pool = aioredis.ConnectionPool.from_url(
             clean,
             socket_connect_timeout=_CONNECT_TIMEOUT_S,
             socket_timeout=_SOCKET_TIMEOUT_S,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
+            **extra,
         )
     except ValueError as e:
         raise ConfigError(f"bad redis URL {url!r}: {e}") from e
     # from_pool: the client owns the pool, so aclose() closes its connections too (a client made
     # with connection_pool= leaves them open).
     return aioredis.Redis.from_pool(pool), prefix
+
+
+def _password_secret(url: str) -> tuple[str, dict[str, Any]]:
+    """``?password_secret=<ARN or name>``: the password comes from AWS Secrets Manager."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [v for k, v in query if k == "password_secret"]
+    if not secret:
+        return url, {}
+    if parts.password:
+        raise ConfigError("a redis URL has a password or a password_secret, not both")
+    from sdfleet._redis_secret import SecretsManagerPassword
+
+    rest = urlencode([(k, v) for k, v in query if k != "password_secret"])
+    username = unquote(parts.username) if parts.username else None
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    provider = SecretsManagerPassword(secret[-1], username=username)
+    return urlunsplit(parts._replace(netloc=netloc, query=rest)), {"credential_provider": provider}
 
 
 def describe(client: aioredis.Redis) -> str:

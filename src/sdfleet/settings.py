@@ -201,6 +201,10 @@ class AgentSettings(BaseModel):
     ``{"runtime", "id", "status": "running", "context"}`` for the seed's formats)."""
     metrics_host: str = "127.0.0.1"
     """Listen address of the agent's metrics port (``0.0.0.0`` to be scraped from other hosts)."""
+    pod_deletion_cost: bool = False
+    """On Kubernetes, keep the agent's own pod's ``controller.kubernetes.io/pod-deletion-cost`` at
+    1000 while it holds tasks and 0 when idle, so scale-in deletes idle workers first (needs
+    ``POD_NAME``/``POD_NAMESPACE`` and ``patch`` on pods: the chart's ``agent.podDeletionCost``)."""
 
 
 class WebhookSettings(BaseModel):

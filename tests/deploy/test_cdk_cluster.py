@@ -16,6 +16,8 @@ from test_cdk import EXAMPLE, _load_cdk
 from sdfleet.settings import load_fleet
 
 MODES = ("pod-identity", "irsa")
+KEYS = ("default", "paid")
+ALL = (*MODES, "redis")  # redis: the pod-identity cluster on ElastiCache, no API Gateway
 ACCOUNT, REGION = "123456789012", "eu-west-1"
 
 
@@ -29,6 +31,7 @@ def stacks() -> Iterator[dict[str, Any]]:
         import aws_cdk as cdk
         from aws_cdk.assertions import Annotations, Match, Template
         from cdk_nag import AwsSolutionsChecks
+        from sdfleet_apigw import ApiGatewayOptions
         from sdfleet_cluster import ClusterOptions
         from sdfleet_stack import SdfleetStack
 
@@ -40,11 +43,16 @@ def stacks() -> Iterator[dict[str, Any]]:
                 identity=mode,  # type: ignore[arg-type]
                 domain="sd.example.com",
                 certificate_arn=f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/abc",
+                api_gateway=ApiGatewayOptions(rate_limit=50, burst_limit=80, quota_per_day=10000, keys=KEYS),
             )
             stack = SdfleetStack(app, f"sd-{mode}", fleet=load_fleet(EXAMPLE), cluster=options, env=env)
             out[mode] = {"stack": stack}
+        options = ClusterOptions(engine="redis")
+        out["redis"] = {
+            "stack": SdfleetStack(app, "sd-redis", fleet=load_fleet(EXAMPLE), cluster=options, env=env)
+        }
         cdk.Aspects.of(app).add(AwsSolutionsChecks())
-        for mode in MODES:
+        for mode in ALL:
             stack = out[mode]["stack"]
             out[mode]["template"] = Template.from_stack(stack).to_json()
             nag = Annotations.from_stack(stack)
@@ -61,7 +69,7 @@ def _of_type(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     return {k: r for k, r in template["Resources"].items() if r["Type"] == kind}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL)
 def test_cdk_nag_aws_solutions_is_clean(stacks: dict[str, Any], mode: str) -> None:
     assert stacks[mode]["findings"] == []
 
@@ -135,6 +143,21 @@ def _concrete(value: Any, stack: Any, template: dict[str, Any]) -> Any:
     return value
 
 
+_PSEUDO = {
+    "AWS::Region": REGION,
+    "AWS::AccountId": ACCOUNT,
+    "AWS::Partition": "aws",
+    "AWS::URLSuffix": "amazonaws.com",
+}
+_REF_SHAPES = {  # what Ref gives for these resource types, by their logical id's lowercase name
+    "AWS::SQS::Queue": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{{name}}",
+    "AWS::SecretsManager::Secret": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{{name}}-AbCdEf",
+    "AWS::ElasticLoadBalancingV2::TargetGroup": (
+        f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/{{name}}/0123456789abcdef"
+    ),
+}
+
+
 def _cfn(node: Any, template: dict[str, Any]) -> str:
     if isinstance(node, str):
         return node
@@ -142,29 +165,30 @@ def _cfn(node: Any, template: dict[str, Any]) -> str:
     if fn == "Fn::Join":
         return str(arg[0]).join(_cfn(p, template) for p in arg[1])
     if fn == "Ref":
-        pseudo = {
-            "AWS::Region": REGION,
-            "AWS::AccountId": ACCOUNT,
-            "AWS::Partition": "aws",
-            "AWS::URLSuffix": "amazonaws.com",
-        }
-        if arg in pseudo:
-            return pseudo[arg]
-        kind = template["Resources"][arg]["Type"]
-        name = arg.lower()[:40]
-        return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{name}" if kind == "AWS::SQS::Queue" else name
+        if arg in _PSEUDO:
+            return _PSEUDO[arg]
+        shape = _REF_SHAPES.get(template["Resources"][arg]["Type"], "{name}")
+        return shape.format(name=arg.lower()[:32])
     if fn == "Fn::GetAtt":
-        name = arg[0].lower()[:40]
-        if arg[1] != "Arn":
-            return name
-        if template["Resources"][arg[0]]["Type"] == "AWS::IAM::Role":
-            return f"arn:aws:iam::{ACCOUNT}:role/{name}"
-        return f"arn:aws:svc:{REGION}:{ACCOUNT}:{name}"
+        return _attribute(arg[0], arg[1], template)
     if fn == "Fn::Select":
         index, (split, (sep, text)) = arg[0], next(iter(arg[1].items()))
         assert split == "Fn::Split"
         return _cfn(text, template).split(sep)[int(index)]
     raise AssertionError(f"no shape for {fn}")
+
+
+def _attribute(resource: str, attribute: str, template: dict[str, Any]) -> str:
+    name = resource.lower()[:40]
+    if attribute.endswith("EndPoint.Port"):
+        return "6380"
+    if attribute.endswith("EndPoint.Address"):
+        return f"master.{name[:20]}.abc123.euw1.cache.amazonaws.com"
+    if attribute != "Arn":
+        return name
+    if template["Resources"][resource]["Type"] == "AWS::IAM::Role":
+        return f"arn:aws:iam::{ACCOUNT}:role/{name}"
+    return f"arn:aws:svc:{REGION}:{ACCOUNT}:{name}"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -183,6 +207,14 @@ def test_release_values_render_and_validate(stacks: dict[str, Any], mode: str) -
     )
     api = by_name(objs, "Deployment")["fleet-sdfleet-api"]["spec"]["template"]["spec"]["containers"][0]
     assert api["image"].startswith(f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/")
+    (binding,) = of_kind(objs, "TargetGroupBinding")  # API Gateway → VPC link → NLB → these pods
+    service = by_name(objs, "Service")[binding["spec"]["serviceRef"]["name"]]
+    assert binding["spec"]["serviceRef"]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert binding["spec"]["targetType"] == "ip"
+    assert binding["spec"]["targetGroupARN"].startswith("arn:aws:elasticloadbalancing:")
+    port = {p["name"]: p["containerPort"] for p in api["ports"]}[service["spec"]["ports"][0]["targetPort"]]
+    (group,) = _of_type(template, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    assert group["Properties"]["Port"] == port, "the NLB targets the API container's port"
     accounts = by_name(objs, "ServiceAccount")
     annotated = "eks.amazonaws.com/role-arn" in accounts["fleet-sdfleet-worker"]["metadata"].get(
         "annotations", {}
@@ -202,3 +234,135 @@ def test_app_context_refuses_an_unknown_identity_mode(tmp_path: Any) -> None:
         context = {"config": str(EXAMPLE), "cluster": "true", "identity": "kiam"}
         with pytest.raises(ConfigError, match="pod-identity or irsa"):
             app_module.build(cdk.App(context=context))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_api_gateway_fronts_the_api_with_keys_a_usage_plan_and_waf(stacks: dict[str, Any], mode: str) -> None:
+    t = stacks[mode]["template"]
+    (api,) = _of_type(t, "AWS::ApiGateway::RestApi")
+    methods = [m["Properties"] for m in _of_type(t, "AWS::ApiGateway::Method").values()]
+    assert {m["HttpMethod"] for m in methods} == {"ANY"} and len(methods) == 2, "/ and /{proxy+}"
+    assert all(m["ApiKeyRequired"] is True for m in methods), "no method without an API key"
+    (nlb_id,) = _of_type(t, "AWS::ElasticLoadBalancingV2::LoadBalancer")
+    nlb = t["Resources"][nlb_id]["Properties"]
+    assert nlb["Type"] == "network" and nlb["Scheme"] == "internal"
+    attributes = {a["Key"]: a["Value"] for a in nlb["LoadBalancerAttributes"]}
+    assert attributes["access_logs.s3.enabled"] == "true"
+    (link,) = _of_type(t, "AWS::ApiGateway::VpcLink").values()
+    assert link["Properties"]["TargetArns"] == [{"Ref": nlb_id}]
+    for m in methods:
+        integration = m["Integration"]
+        assert (integration["Type"], integration["ConnectionType"]) == ("HTTP_PROXY", "VPC_LINK")
+        assert {"Fn::GetAtt": [nlb_id, "DNSName"]} in integration["Uri"]["Fn::Join"][1]
+    proxy = next(m for m in methods if m.get("RequestParameters"))
+    assert proxy["Integration"]["RequestParameters"] == {
+        "integration.request.path.proxy": "method.request.path.proxy"
+    }
+    (plan,) = _of_type(t, "AWS::ApiGateway::UsagePlan").values()
+    p = plan["Properties"]
+    assert p["Throttle"] == {"RateLimit": 50, "BurstLimit": 80} and p["Quota"] == {
+        "Limit": 10000,
+        "Period": "DAY",
+    }
+    assert p["ApiStages"][0]["ApiId"] == {"Ref": api} and p["ApiStages"][0]["Stage"] == {"Ref": _stage_of(t)}
+    assert (
+        len(_of_type(t, "AWS::ApiGateway::ApiKey"))
+        == len(KEYS)
+        == len(_of_type(t, "AWS::ApiGateway::UsagePlanKey"))
+    )
+    (acl_id,) = _of_type(t, "AWS::WAFv2::WebACL")
+    rules = {r["Name"]: r for r in t["Resources"][acl_id]["Properties"]["Rules"]}
+    assert set(rules) == {"AWSManagedRulesCommonRuleSet", "AWSManagedRulesKnownBadInputsRuleSet"}
+    overrides = rules["AWSManagedRulesCommonRuleSet"]["Statement"]["ManagedRuleGroupStatement"][
+        "RuleActionOverrides"
+    ]
+    assert [o["Name"] for o in overrides] == ["SizeRestrictions_BODY"], "img2img bodies exceed 8 KB"
+    (association,) = _of_type(t, "AWS::WAFv2::WebACLAssociation").values()
+    assert association["Properties"]["WebACLArn"] == {"Fn::GetAtt": [acl_id, "Arn"]}
+    (group,) = _of_type(t, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    g = group["Properties"]
+    assert (g["TargetType"], g["Protocol"], g["HealthCheckPath"]) == ("ip", "TCP", "/healthz")
+    ingress = [
+        r["Properties"]
+        for r in _of_type(t, "AWS::EC2::SecurityGroupIngress").values()
+        if r["Properties"].get("FromPort") == g["Port"] and "CidrIp" in r["Properties"]
+    ]
+    assert len(ingress) == 1, "the nodes admit the NLB's VPC addresses on the API port only"
+    assert "ApiGatewayUrl" in t["Outputs"] and {f"ApiKeyId{k.title()}" for k in KEYS} <= set(t["Outputs"])
+
+
+def _stage_of(template: dict[str, Any]) -> str:
+    (stage,) = _of_type(template, "AWS::ApiGateway::Stage")
+    return stage
+
+
+def test_api_gateway_needs_the_cluster() -> None:
+    from sdfleet.errors import ConfigError
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
+        mp.setenv("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+        app_module = _load_cdk()
+        import aws_cdk as cdk
+
+        with pytest.raises(ConfigError, match="needs the cluster"):
+            app_module.build(cdk.App(context={"config": str(EXAMPLE), "api_gateway": "true"}))
+        with pytest.raises(ConfigError, match="numbers"):
+            context = {
+                "config": str(EXAMPLE),
+                "cluster": "true",
+                "api_gateway": "true",
+                "api_rate_limit": "fast",
+            }
+            app_module.build(cdk.App(context=context))
+
+
+def test_redis_engine_runs_on_elasticache_with_the_token_in_secrets_manager(stacks: dict[str, Any]) -> None:
+    stack, t = stacks["redis"]["stack"], stacks["redis"]["template"]
+    (group,) = _of_type(t, "AWS::ElastiCache::ReplicationGroup").values()
+    g = group["Properties"]
+    assert (g["Engine"], g["Port"], g["NumCacheClusters"]) == ("valkey", 6380, 2)
+    assert g["TransitEncryptionEnabled"] and g["TransitEncryptionMode"] == "required"
+    assert g["AtRestEncryptionEnabled"] and g["MultiAZEnabled"] and g["AutomaticFailoverEnabled"]
+    (secret,) = _of_type(t, "AWS::SecretsManager::Secret")
+    token = json.dumps(g["AuthToken"])
+    assert "{{resolve:secretsmanager:" in token and secret in token, "a dynamic reference, not a value"
+    (parameters,) = _of_type(t, "AWS::ElastiCache::ParameterGroup").values()
+    assert parameters["Properties"]["Properties"] == {"maxmemory-policy": "noeviction"}
+    (sg,) = [k for k, r in _of_type(t, "AWS::EC2::SecurityGroup").items() if "Redis" in json.dumps(r)]
+    rules = [r["Properties"] for r in _of_type(t, "AWS::EC2::SecurityGroupIngress").values()
+             if r["Properties"]["GroupId"] == {"Fn::GetAtt": [sg, "GroupId"]}]  # fmt: skip
+    assert len(rules) == 1 and rules[0]["FromPort"] == 6380 and "SourceSecurityGroupId" in rules[0]
+    readers = set()
+    for policy in _of_type(t, "AWS::IAM::Policy").values():
+        for st in policy["Properties"]["PolicyDocument"]["Statement"]:
+            if "secretsmanager:GetSecretValue" in st["Action"] and st["Resource"] == {"Ref": secret}:
+                readers |= {r["Ref"] for r in policy["Properties"]["Roles"]}
+    assert readers == {_role_of(t, f"sdfleet {role} ") for role in ("api", "agent", "keda")}
+
+    values = _concrete(stack.cluster.values(stack), stack, t)
+    objs = render(values)
+    validators = crd_validators()
+    for obj in (o for o in objs if is_custom(o)):
+        assert not list(validators[(obj["apiVersion"], obj["kind"])].iter_errors(obj)), obj["kind"]
+    (auth,) = of_kind(objs, "TriggerAuthentication")
+    (ref,) = auth["spec"]["awsSecretManager"]["secrets"]
+    assert ref["parameter"] == "password" and ref["name"].startswith("arn:aws:secretsmanager:")
+    for so in of_kind(objs, "ScaledObject"):
+        streams = next(tr for tr in so["spec"]["triggers"] if tr["type"] == "redis-streams")
+        assert streams["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert streams["metadata"]["enableTLS"] == "true" and streams["metadata"]["address"].endswith(":6380")
+    assert of_kind(objs, "Job"), "the ensure hook creates the streams before agents start"
+    # What the pods get is a URL sdfleet's Redis client takes: TLS, the secret's ARN, no password.
+    from sdfleet._redis import connect
+    from sdfleet.settings import Settings
+
+    url = values["urls"]["bus"]
+    assert url.startswith("rediss://") and ":@" not in url and Settings(bus_url=url).bus_url == url
+    client, prefix = connect(url)
+    try:
+        provider = client.connection_pool.connection_kwargs["credential_provider"]
+        assert provider.secret_id == ref["name"] and prefix == "sdfleet"
+        assert client.connection_pool.connection_kwargs["port"] == 6380
+    finally:
+        client.connection_pool.reset()

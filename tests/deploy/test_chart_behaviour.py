@@ -120,3 +120,37 @@ def test_ensure_hook_runs_before_the_release_with_the_fleet_file() -> None:
         release_cm["data"]["sdfleet.yaml"]
     )
     assert not of_kind(render(SETS["aws-diffusers"]), "Job"), "aws: the CDK app owns the topology"
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_every_worker_may_patch_its_own_pod_for_deletion_cost(name: str) -> None:
+    """agent.podDeletionCost (default on): each worker's agent knows its pod (downward API) and its
+    service account is bound to a Role that may patch pods in the release's namespace."""
+    from k8s_checks import pod_spec
+
+    objs = render(SETS[name])
+    (role,) = [r for r in of_kind(objs, "Role") if r["metadata"]["name"].endswith("-worker-pods")]
+    assert {"patch"} <= set(role["rules"][0]["verbs"]) and role["rules"][0]["resources"] == ["pods"]
+    bound = {
+        s["name"]
+        for b in of_kind(objs, "RoleBinding")
+        if b["roleRef"]
+        == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+        for s in b["subjects"]
+        if s["kind"] == "ServiceAccount"
+    }
+    workers = [
+        o for o in objs if o["kind"] in ("Deployment", "ScaledJob") and "-api" not in o["metadata"]["name"]
+    ]
+    assert workers
+    for w in workers:
+        spec = pod_spec(w)
+        assert spec["serviceAccountName"] in bound, w["metadata"]["name"]
+        agent = next(c for c in spec["containers"] if c["name"] == "agent")
+        env = {e["name"]: e for e in agent["env"]}
+        assert env["SDFLEET_AGENT__POD_DELETION_COST"]["value"] == "true"
+        assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    off = render(merge(SETS[name], {"agent": {"podDeletionCost": False}}))
+    assert not [r for r in of_kind(off, "Role") if r["metadata"]["name"].endswith("-worker-pods")]
+    assert "POD_NAME" not in str([pod_spec(w) for w in off if w["kind"] == "Deployment"])

@@ -21,14 +21,22 @@ PASSWORD = secrets.token_hex(16)
 _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def resolve_env(container: dict[str, Any], data: dict[str, dict[str, str]]) -> dict[str, str]:
-    """The container's environment from Secrets ``data`` (name → key → value), as Kubernetes builds it."""
+def resolve_env(
+    container: dict[str, Any], data: dict[str, dict[str, str]], fields: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The container's environment from Secrets ``data`` (name → key → value) and the pod's
+    ``fields`` (downward API: ``metadata.name`` → value), as Kubernetes builds it."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         env.update(data[source["secretRef"]["name"]])
     for entry in container.get("env", []):
         if "valueFrom" in entry:
-            ref = entry["valueFrom"]["secretKeyRef"]
+            source = entry["valueFrom"]
+            if "fieldRef" in source:
+                path = source["fieldRef"]["fieldPath"]
+                env[entry["name"]] = (fields or {}).get(path, f"<{path} of the pod>")
+                continue
+            ref = source["secretKeyRef"]
             env[entry["name"]] = data[ref["name"]][ref["key"]]
             continue
 

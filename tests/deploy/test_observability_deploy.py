@@ -156,7 +156,8 @@ def test_collector_for_traces_only_and_off_by_default() -> None:
     config = _collector(objs)
     _check_complete(config)
     assert set(config["service"]["pipelines"]) == {"traces"}
-    assert not of_kind(objs, "Role") and "prometheus" not in config["receivers"]
+    adot_roles = [r for r in of_kind(objs, "Role") if "adot" in r["metadata"]["name"]]
+    assert not adot_roles and "prometheus" not in config["receivers"]
     off = _collector(render(merge(SETS["redis"], {"adot": {"enabled": True, "traces": {"xray": False}}})))
     _check_complete(off)
     assert off["service"]["pipelines"]["traces"]["exporters"] == ["debug"]

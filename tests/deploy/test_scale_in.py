@@ -61,9 +61,19 @@ def _pod(server: Any, prefix: str, old: bool) -> tuple[dict[str, Any], dict[str,
 class Kubelet:
     """Runs the agent container as the kubelet would, paths mapped into a temporary folder."""
 
-    def __init__(self, spec: dict[str, Any], config_map: dict[str, Any], tmp: Path) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        config_map: dict[str, Any],
+        tmp: Path,
+        pod: str = "fleet-sdfleet-q-5c7d9-x2x4z",
+        api: dict[str, str] | None = None,
+    ) -> None:
+        """``api``: the API server the kubelet tells the pod about (``KUBERNETES_SERVICE_HOST``,
+        ``_PORT``) and ``sa_dir``, where the service account volume is mounted for this process."""
         (self.container,) = spec["containers"]
         self.grace = spec["terminationGracePeriodSeconds"]
+        self.name = pod
         (tmp / "etc").mkdir()
         (tmp / "etc" / "sdfleet.yaml").write_text(config_map["data"]["sdfleet.yaml"])
         self.ready_dir = tmp / "run"
@@ -73,13 +83,24 @@ class Kubelet:
             "/run/sdfleet": str(self.ready_dir),
         }
         self.args = [paths.get(a, a) for a in self.container["args"]]
-        env = resolve_env(self.container, {"sdfleet-env": {}})
+        fields = {"metadata.name": pod, "metadata.namespace": "sdfleet"}
+        env = resolve_env(self.container, {"sdfleet-env": {}}, fields)
         env["SDFLEET_CONFIG_FILE"] = paths[env["SDFLEET_CONFIG_FILE"]]
-        self.env = {**os.environ, **env, "SDFLEET_LOG_JSON": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.sa_dir = (api or {}).get("sa_dir")
+        kube = {k: v for k, v in (api or {}).items() if k != "sa_dir"}
+        self.env = {
+            **os.environ,
+            **env,
+            **kube,
+            "SDFLEET_LOG_JSON": "false",
+            "PYTHONPATH": os.pathsep.join(sys.path),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         code = "from sdfleet.cli import main; main()"
+        if self.sa_dir:  # the service account volume, mounted at this process's path
+            code = f"import pathlib, sdfleet.pod_cost as c; c.SA_DIR = pathlib.Path({self.sa_dir!r}); {code}"
         self.proc = subprocess.Popen([sys.executable, "-c", code, *self.args], env=self.env)
 
     async def started(self) -> None:
@@ -151,3 +172,76 @@ async def test_a_drain_shorter_than_the_task_costs_it(
     assert kubelet.grace == 6 and code in (0, -signal.SIGKILL)
     assert record.state is not TaskState.SUCCEEDED and record.finished_at is None, record
     assert stats.in_flight + stats.visible + stats.delayed == 1, "the GPU time spent on it is lost"
+
+
+def _replicaset_victims(costs: dict[str, int], n: int) -> list[str]:
+    """The ``n`` pods a ReplicaSet deletes among running, ready pods on scale-in: lowest
+    ``controller.kubernetes.io/pod-deletion-cost`` first (unset counts as 0); ties by name here,
+    where Kubernetes goes on to readiness times and restarts."""
+    return sorted(costs, key=lambda pod: (costs[pod], pod))[:n]
+
+
+async def test_scale_in_deletes_the_idle_worker_not_the_busy_one(
+    redis_server: Any, moto_url: str, tmp_path: Path
+) -> None:
+    """Two workers of the rendered Deployment, one task: the busy agent marks its pod, the idle one
+    does not, and a scale-in from 2 to 1 takes the idle pod; the task finishes where it runs."""
+    from fakes.kube_api import KubeApi, self_signed
+    from fakes.servers import ServerThread, free_port
+
+    prefix = f"cost{uuid.uuid4().hex[:6]}"
+    spec, config_map = _pod(redis_server, prefix, False)
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    ca, cert, key = self_signed(tmp_path)
+    (sa / "ca.crt").write_bytes(ca.read_bytes())
+    (sa / "token").write_text("worker-token")
+    kube = KubeApi(token="worker-token")
+    port = free_port()
+    server = ServerThread(kube.app(), port, tls=(cert, key)).start()
+    api = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port), "sa_dir": str(sa)}
+    kubelets = []
+    for pod in ("fleet-sdfleet-q-5c7d9-aaaaa", "fleet-sdfleet-q-5c7d9-bbbbb"):
+        kube.add_pod("sdfleet", pod)
+        (tmp_path / pod).mkdir()
+        kubelets.append(Kubelet(spec, config_map, tmp_path / pod, pod=pod, api=api))
+    url = f"{redis_server.url}?prefix={prefix}"
+    await ensure_topology(Settings(bus_url=url, fleet=_fleet()))
+    boto3.client("s3").create_bucket(Bucket=f"{prefix}-results")
+    try:
+        async with RedisBus.from_url(url) as bus, RedisTaskStore.from_url(url) as store:
+            for k in kubelets:
+                k.start()
+            for k in kubelets:
+                await k.started()
+            task = Task(runtime="synthetic", params=TaskParams(prompt="a lighthouse", width=64, height=64))
+            await bus.publish("tasks", task.to_message(), stamp(task_attributes(task)))
+            deadline = time.monotonic() + 20
+            while (r := await store.get(task.tenant, task.id)) is None or r.state is not TaskState.RUNNING:
+                assert time.monotonic() < deadline, "the task never started"
+                await asyncio.sleep(0.05)
+            (busy,) = [k for k in kubelets if k.proc is not None and f"-{k.proc.pid}-" in (r.worker or "")]
+            costs: dict[str, int] = {}
+            while time.monotonic() < deadline:
+                costs = {k.name: int(kube.cost("sdfleet", k.name) or 0) for k in kubelets}
+                if costs[busy.name] == 1000:
+                    break
+                await asyncio.sleep(0.05)
+            assert costs[busy.name] == 1000 and sorted(costs.values()) == [0, 1000], costs
+            (victim,) = _replicaset_victims(costs, 1)  # the HPA: 2 → 1 replicas
+            assert victim != busy.name
+            (idle,) = [k for k in kubelets if k.name == victim]
+            code, took = await idle.delete_pod()
+            assert code == 0 and took < 5, "an idle agent exits at once"
+            while (r := await store.get(task.tenant, task.id)) is not None and r.state is TaskState.RUNNING:
+                assert time.monotonic() < deadline + 10
+                await asyncio.sleep(0.1)
+            assert r is not None and r.state is TaskState.SUCCEEDED and r.attempts == 1, r
+            stats = await bus.stats("q")
+            assert (stats.visible, stats.in_flight, stats.delayed) == (0, 0, 0)
+    finally:
+        for k in kubelets:
+            if k.proc is not None and k.proc.poll() is None:
+                k.proc.kill()
+                k.proc.wait()
+        server.stop()

@@ -22,12 +22,21 @@ def free_port() -> int:
 class ServerThread:
     """Serves ``app`` on a free port until ``stop()``; ``url`` is its base URL."""
 
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, app: Any, port: int, *, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: serve HTTPS with this (certificate, key) pair of PEM files."""
+        certfile, keyfile = (str(tls[0]), str(tls[1])) if tls else (None, None)
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio", lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            ws="websockets-sansio",
+            lifespan="on",
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
         )
         self.server = uvicorn.Server(config)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 60.0) -> ServerThread:

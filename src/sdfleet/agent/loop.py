@@ -33,6 +33,7 @@ from sdfleet.agent.prepare import prepare
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, SdfleetError
+from sdfleet.pod_cost import PodDeletionCost, PodRef, track
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Agent:
         done = asyncio.Event()
         check_s = self.parts.settings.cancel_check_s
         watcher = asyncio.create_task(watch_cancels(self.parts, lambda: self._running, check_s, done))
+        cost = self._deletion_cost()
+        costs = asyncio.create_task(track(cost, lambda: not self._idle(), done)) if cost else None
         try:
             await self._run_stage()
         finally:
@@ -99,10 +102,22 @@ class Agent:
             await self._drain()
             done.set()
             await watcher
+            if cost is not None and costs is not None:
+                await costs
+                await cost.aclose()
             for f in (self.ready_file, self.alive_file):
                 if f is not None:
                     f.unlink(missing_ok=True)
         return self.processed
+
+    def _deletion_cost(self) -> PodDeletionCost | None:
+        if not self.parts.settings.pod_deletion_cost:
+            return None
+        pod = PodRef.in_cluster()
+        if pod is None:
+            log.warning("agent.pod_deletion_cost: not in a pod (needs POD_NAME and a service account token)")
+            return None
+        return PodDeletionCost(pod)
 
     # --- receive and prepare ---------------------------------------------------------------
 

@@ -28,7 +28,7 @@
 {{- /* XLEN: visible + in flight (acks delete entries), read straight from Redis while the API is away.
        KEDA applies activationLagCount to every redis-streams mode. */}}
 - type: redis-streams
-  {{- if $root.Values.redis.passwordSecret.name }}
+  {{- if or $root.Values.redis.passwordSecret.name $root.Values.redis.awsSecret.arn }}
   authenticationRef:
     name: {{ include "sdfleet.fullname" $root }}-redis
   {{- end }}

@@ -62,6 +62,14 @@ livenessProbe:
     {{- include "sdfleet.env" $root | nindent 4 }}
     - name: SDFLEET_AGENT__DRAIN_S
       value: {{ include "sdfleet.drainSeconds" . | quote }}
+    {{- if $root.Values.agent.podDeletionCost }}
+    - name: SDFLEET_AGENT__POD_DELETION_COST
+      value: "true"
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: POD_NAMESPACE
+      valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+    {{- end }}
     {{- if gt (int $root.Values.agent.metricsPort) 0 }}
     - name: SDFLEET_AGENT__METRICS_PORT
       value: {{ $root.Values.agent.metricsPort | quote }}
