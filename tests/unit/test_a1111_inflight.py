@@ -214,3 +214,36 @@ async def test_a_job_stopped_by_someone_else_is_not_a_success(
     with pytest.raises(RuntimeFailure, match=r"interrupted"):
         await run
     assert events.where("interrupt") == []
+
+
+async def test_a_job_caught_beginning_is_not_taken_for_the_state_before_it() -> None:
+    """SD WebUI's ``State.begin`` sets the count, then the timestamp, then the job's name: a
+    ``/progress`` read in between shows an active job without a name and maybe the previous job's
+    timestamp. The snapshot a request is sent against waits that instant out, so another client's
+    job that was just beginning is recorded as not ours (and never interrupted for ours)."""
+    from fastapi import FastAPI
+
+    reads = {"n": 0}
+    app = FastAPI()
+
+    @app.get("/sdapi/v1/progress")
+    async def progress() -> dict[str, Any]:
+        reads["n"] += 1
+        beginning = reads["n"] <= 2
+        state = {
+            "job_count": -1 if beginning else 1,
+            "job_timestamp": "20261202000000" if beginning else "20261202000001",
+            "job": "" if beginning else "scripts_txt2img",
+            "interrupted": False,
+        }
+        return {"progress": 0.0, "state": state}
+
+    server = ServerThread(app, free_port()).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            runtime = A1111Runtime(client)
+            snap = await runtime._settled_snapshot()
+    finally:
+        server.stop()
+    assert snap is not None and snap.job == "scripts_txt2img" and snap.timestamp == "20261202000001"
+    assert reads["n"] == 3

@@ -46,11 +46,15 @@ class JobState:
     time_start: float = 0.0
 
     def begin(self, job: str, job_count: int, sampling_steps: int) -> None:
+        # In SD WebUI's order (shared_state.State.begin): the count first, the job's name last, so
+        # a /progress read in between sees a job starting (count set, no name) with the previous
+        # timestamp, never a named job with another job's timestamp.
         self.skipped = self.interrupted = self.stopping_generation = False
-        self.job, self.job_count, self.job_no = job, job_count, 0
-        self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         self.sampling_step, self.sampling_steps = 0, sampling_steps
         self.time_start = time.time()
+        self.job_count, self.job_no = job_count, 0
+        self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        self.job = job
 
     def advance(self, fraction: float) -> None:
         """A runtime fraction over the whole job → SD WebUI's iteration and step counters."""

@@ -174,7 +174,7 @@ class A1111Runtime:
         await self._until(flight, self._order.acquire(), undo=self._order.release)
         try:
             switch_s = await self._prepare(job, body, flight)
-            before = await self._snapshot()
+            before = await self._settled_snapshot()
             self._flights.mark_sent(flight, before)
             self._ensure_watcher()
             sent = asyncio.Event()
@@ -299,6 +299,18 @@ class A1111Runtime:
                 await flight.progress(value)
             except Exception:
                 log.warning("progress callback failed", exc_info=True)
+
+    async def _settled_snapshot(self, tries: int = 40) -> Snapshot | None:
+        """A snapshot outside the instant a job begins: SD WebUI sets the job count, then the
+        timestamp, then the job's name, so an active job without a name may still show the
+        previous job's timestamp, which must not be what a request sent now takes as not its own."""
+        snap = await self._snapshot()
+        for _ in range(tries):
+            if snap is None or not snap.active or snap.job:
+                break
+            await asyncio.sleep(0.025)
+            snap = await self._snapshot()
+        return snap
 
     async def _snapshot(self) -> Snapshot | None:
         try:
