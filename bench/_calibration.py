@@ -37,10 +37,11 @@ from sdfleet.tasks import TaskRecord
 __all__ = ["COMPARED", "QUEUE", "Real", "Scenario", "calibrate", "dump", "load", "run_real"]
 
 
-WAIT_STAGES = ("queue_wait", "inputs_fetch", "pool_wait")
+WAIT_STAGES = ("queue_wait", "inputs_fetch", "pool_wait", "runtime_wait")
 """The simulator's queue wait runs from arrival to the run's start. The staged agent receives ahead
-(prefetch), so in its records that is the queue wait (to the receive) plus preparing plus the wait
-in its ready pool."""
+(prefetch) and hands the runtime its next job while one runs (``max_in_flight``), so in its records
+that is the queue wait (to the receive), preparing, the wait in its ready pool and the wait at the
+runtime behind the job before."""
 
 
 def _wait(r: TaskRecord) -> float:
@@ -99,8 +100,12 @@ def fit(real: Real, scn: Scenario) -> dict[str, Any]:
         "model_load_s": 0.0,
     }
     if scn.agent.get("finish_concurrency", 0) > 0:
+        # after the runtime call (its wait behind the job before, switch and run) ends
+        call = ("runtime_wait", "model_download", "model_switch", "runtime_run")
         after = [
-            r.finished_at - r.started_at - latency for r in real.records if r.finished_at and r.started_at
+            r.finished_at - r.started_at - sum(r.result.timings.get(k, 0.0) for k in call)
+            for r in real.records
+            if r.finished_at and r.started_at and r.result is not None
         ]
         agent |= {"run_overhead_s": max(0.0, cycle - latency), "finish_s": max(0.0, statistics.median(after))}
     else:

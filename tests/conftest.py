@@ -30,7 +30,6 @@ SLOW = (
     "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]redis[]]",
     "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]aws[]]",
     "tests/e2e/test_models_hub.py::test_the_demo_runs_on_a_pulled_model",
-    "tests/unit/test_simulate_calibration.py::*",  # real agents against the simulator, timing-bound
     "tests/unit/test_bench.py::test_agent_batching_through_the_agent",
 )
 

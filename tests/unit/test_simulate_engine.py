@@ -43,13 +43,15 @@ NO_NODES = {"enabled": False, "pod_start_s": 0}
 
 def test_one_replica_by_hand() -> None:
     agent = {"receive_s": 0.01, "prepare_s": 0.02, "finish_s": 0.1, "prefetch": 1, "model_load_s": 0}
+    agent |= {"receive_max": 1, "finish_concurrency": 0}  # the serial agent, by hand
 
     _result, s = run(fleet(1.0, min=1, max=1), at([0, 0, 0]), agent=agent, nodes=NO_NODES)
     q = s["queues"]["q"]
     # 1: received 0.01, prepared 0.03, runs to 1.03, finished 1.13. 2: received when the runner
-    # took 1 (0.03 + 0.01), runs 1.13 → 2.13, finished 2.23. 3: received when it took 2 (1.14).
-    assert q["queue_wait_s"]["max"] == pytest.approx(1.14)
-    assert q["queue_wait_s"]["p50"] == pytest.approx(0.04, rel=0.012)
+    # took 1 (0.03 + 0.01), runs 1.13 → 2.13, finished 2.23. 3: received when it took 2 (1.14),
+    # runs 2.23 → 3.23. Queue wait ends when the run starts: 0.03, 1.13, 2.23.
+    assert q["queue_wait_s"]["max"] == pytest.approx(2.23)
+    assert q["queue_wait_s"]["p50"] == pytest.approx(1.13, rel=0.012)
     assert q["e2e_s"]["max"] == pytest.approx(3.33)
     assert q["e2e_s"]["mean"] == pytest.approx((1.13 + 2.23 + 3.33) / 3)
     assert q["completed"] == 3 and q["left"] == 0 and q["gpu_busy_s"] == pytest.approx(3.3)

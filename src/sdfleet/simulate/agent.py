@@ -136,7 +136,6 @@ class Replica:
         now = self.env.now
         for c in self.receiving:
             c.recv_t = now
-            self.ctx.record(c.cls, now - c.t, -1.0, c.n, now)
         yield self.env.timeout(self.p.prepare_s * n)
         got, self.receiving = self.receiving, []
         if self.draining:
@@ -221,6 +220,11 @@ class Replica:
         return cost
 
     def _execute(self, chunk: list[Cohort]) -> Proc:
+        # Queue wait ends when the run starts, not at the receive: a prefetched request still
+        # waits in the agent's pool (the real agent's queue_wait + pool_wait + runtime_wait).
+        now = self.env.now
+        for c in chunk:
+            self.ctx.record(c.cls, now - c.t, -1.0, c.n, now)
         first = self.ctx.classes[chunk[0].cls]
         size = sum(c.n for c in chunk)
         switch = self._load(first.model) if first.model is not None else 0.0

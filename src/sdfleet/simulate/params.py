@@ -75,11 +75,12 @@ class KedaParams(_Strict):
 
 
 class AgentParams(_Strict):
-    """The agent's stages. Defaults: today's serial agent, fitted on the redis engine."""
+    """The agent's stages. Defaults: the shipped agent's (``agent.prefetch`` 4 on a runtime that
+    takes one job at a time, receives of up to 10, ``agent.finishers`` 4), costs fitted on redis."""
 
-    prefetch: int = Field(1, ge=0)
+    prefetch: int = Field(4, ge=0)
     """Tasks received ahead of the GPU (the buffer the runner picks from)."""
-    receive_max: int = Field(1, ge=1)
+    receive_max: int = Field(10, ge=1)
     """Messages per receive call (SQS allows 10)."""
     receive_s: float = Field(0.002, ge=0)
     prepare_s: float = Field(0.003, ge=0)
@@ -91,9 +92,9 @@ class AgentParams(_Strict):
     finish_s_samples: list[float] = Field(default_factory=list)
     """Measured ``finish_s`` per replica, given to a queue's replicas in the order they start (then
     ``finish_s``): how the calibration replays agents that ran at different speeds (exact mode)."""
-    finish_concurrency: int = Field(0, ge=0)
-    """0: finishing is serial with running (today's agent); K: at most K tasks finishing at once
-    while the GPU runs the next (the staged agent)."""
+    finish_concurrency: int = Field(4, ge=0)
+    """K: at most K tasks finishing at once while the GPU runs the next (the staged agent);
+    0: finishing is serial with running (the agent before issue 10)."""
     max_batch: int = Field(1, ge=1)
     max_batch_wait_s: float = Field(0.0, ge=0)
     model_aware: bool = False

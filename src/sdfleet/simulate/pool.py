@@ -197,12 +197,13 @@ class Pool:
                 start = max(now + (used + g.n * per / 2) / replicas, g.t)
                 wait = max(self.p.receive_s, start - g.t)
                 e2e = wait + run + self._finish(batch)
-                self.record(g.cls, wait, -1.0, g.n, start)
                 # with prefetch, a busy replica's receiver takes its share of the requests, which
                 # then wait for the call it is running (half of one, on average)
                 ahead = self.busy if self.p.prefetch else 0.0
+                self.record(g.cls, wait, -1.0, g.n * (1 - ahead), start)
                 self.record(g.cls, -1.0, e2e, g.n * (1 - ahead), start + run)
                 if ahead:
+                    self.record(g.cls, wait + cycle / 2, -1.0, g.n * ahead, start + cycle / 2)
                     self.record(g.cls, -1.0, e2e + cycle / 2, g.n * ahead, start + run + cycle / 2)
 
                 heapq.heappush(self.in_service, (start + run + self._finish(batch), next(self._seq), g))
