@@ -108,7 +108,10 @@ LONG = {**SPOT, "interruptions_per_node_hour": 6}
 
 
 def test_long_tasks_are_released_after_the_drain_and_retried() -> None:
-    _, s = run(fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=LONG, agent={"drain_s": 30})
+    # prefetch 1: each drain also releases what an agent prefetched, and every receive counts
+    # toward max_receives (see the next test)
+    agent = {"drain_s": 30, "prefetch": 1}
+    _, s = run(fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=LONG, agent=agent)
 
     q = s["queues"]["q"]
     assert s["nodes"]["interruptions"] >= 1
@@ -116,10 +119,26 @@ def test_long_tasks_are_released_after_the_drain_and_retried() -> None:
     assert q["completed"] == q["arrived"] and q["dead_lettered"] == 0
 
 
+def test_prefetched_long_tasks_burn_receives_on_every_drain() -> None:
+    """A busy agent's receiver keeps its place in the queue's line (Redis and SQS answer the
+    longest-waiting poll first), so it prefetches while a 50 s task runs; each spot drain hands
+    those back with one more receive counted, and some reach max_receives: dead letters that
+    prefetch 1 does not make."""
+    runs = {
+        k: run(
+            fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=LONG, agent={"drain_s": 30, "prefetch": k}
+        )[1]
+        for k in (1, 4)
+    }
+    deep, shallow = runs[4]["queues"]["q"], runs[1]["queues"]["q"]
+    assert deep["dead_lettered"] >= 1 and shallow["dead_lettered"] == 0
+    assert deep["retried"] >= shallow["retried"]
+
+
 def test_a_node_gone_before_its_agent_drained_loses_its_tasks_for_a_lease() -> None:
     nodes = {**LONG, "notice_s": 5}  # the instance goes before the 30 s drain is over
 
-    result, s = run(fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=nodes)
+    result, s = run(fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=nodes, agent={"prefetch": 1})
     q = s["queues"]["q"]
     assert q["lost_with_node"] >= 1 and q["retried"] >= 1
     assert q["completed"] == q["arrived"]

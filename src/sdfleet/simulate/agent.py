@@ -117,13 +117,20 @@ class Replica:
     # -- receive and prepare -------------------------------------------------------------
 
     def _receive(self) -> Proc:
+        poll: simpy.Event | None = None
         try:
             while not self.draining:
                 room = self.cap - sum(c.n for c in self.buffer)
                 if room <= 0:
                     yield self._wake
                 elif not self.q.visible:
-                    yield self.q.wait() | self._wake
+                    # One long poll stays in line while the runner works: a busy agent with room
+                    # is as early in the queue's line of waiting receivers as when it started
+                    # waiting (Redis and SQS answer the longest-waiting poll first), not sent to
+                    # the back each time its runner takes a task.
+                    if poll is None or poll.triggered:
+                        poll = self.q.wait()
+                    yield poll | self._wake
                 else:
                     yield from self._receive_once(room)
         except simpy.Interrupt:

@@ -133,7 +133,11 @@ class SimQueue:
         n += 1 if n else 0
         while n > 0 and self._waiters:
             ev = self._waiters.pop(0)
-            # a receiver that stopped waiting (woken by something else) left its event behind
-            if ev.callbacks and not ev.triggered:
-                ev.succeed()
+            if ev.triggered:
+                continue
+            ev.succeed()
+            # A receiver woken by something else at this instant is not listening now; it finds
+            # its poll answered when it looks again. One that gave up waiting (drained, killed)
+            # leaves its event behind. Neither counts as one of the receivers woken.
+            if ev.callbacks:
                 n -= 1
