@@ -126,6 +126,17 @@ class Kubelet:
         return self.proc.wait(), time.monotonic() - began
 
 
+async def _running_task(bus: RedisBus, store: RedisTaskStore) -> tuple[Task, Any]:
+    """One task published as the API does, once an agent has started it: (task, its record)."""
+    task = Task(runtime="synthetic", params=TaskParams(prompt="a lighthouse", width=64, height=64))
+    await bus.publish("tasks", task.to_message(), stamp(task_attributes(task)))
+    deadline = time.monotonic() + 20
+    while (r := await store.get(task.tenant, task.id)) is None or r.state is not TaskState.RUNNING:
+        assert time.monotonic() < deadline, "the task never started"
+        await asyncio.sleep(0.05)
+    return task, r
+
+
 async def _scale_in_mid_task(server: Any, tmp: Path, old: bool) -> tuple[Any, ...]:
     prefix = f"scale{uuid.uuid4().hex[:6]}"
     spec, config_map = _pod(server, prefix, old)
@@ -137,12 +148,7 @@ async def _scale_in_mid_task(server: Any, tmp: Path, old: bool) -> tuple[Any, ..
         kubelet.start()
         try:
             await kubelet.started()
-            task = Task(runtime="synthetic", params=TaskParams(prompt="a lighthouse", width=64, height=64))
-            await bus.publish("tasks", task.to_message(), stamp(task_attributes(task)))
-            deadline = time.monotonic() + 20
-            while (r := await store.get(task.tenant, task.id)) is None or r.state is not TaskState.RUNNING:
-                assert time.monotonic() < deadline, "the task never started"
-                await asyncio.sleep(0.05)
+            task, _ = await _running_task(bus, store)
             await asyncio.sleep(0.5)  # mid-generation: the HPA picks this pod for scale-in
             code, took = await kubelet.delete_pod()
         finally:
@@ -214,12 +220,8 @@ async def test_scale_in_deletes_the_idle_worker_not_the_busy_one(
                 k.start()
             for k in kubelets:
                 await k.started()
-            task = Task(runtime="synthetic", params=TaskParams(prompt="a lighthouse", width=64, height=64))
-            await bus.publish("tasks", task.to_message(), stamp(task_attributes(task)))
+            task, r = await _running_task(bus, store)
             deadline = time.monotonic() + 20
-            while (r := await store.get(task.tenant, task.id)) is None or r.state is not TaskState.RUNNING:
-                assert time.monotonic() < deadline, "the task never started"
-                await asyncio.sleep(0.05)
             (busy,) = [k for k in kubelets if k.proc is not None and f"-{k.proc.pid}-" in (r.worker or "")]
             costs: dict[str, int] = {}
             while time.monotonic() < deadline:
