@@ -234,7 +234,8 @@ async def test_scale_in_deletes_the_idle_worker_not_the_busy_one(
             assert victim != busy.name
             (idle,) = [k for k in kubelets if k.name == victim]
             code, took = await idle.delete_pod()
-            assert code == 0 and took < 5, "an idle agent exits at once"
+            # an idle agent ends its long poll (agent.wait_s) and exits, well within its grace
+            assert code == 0 and took < idle.grace, "exited on its own, before SIGKILL"
             while (r := await store.get(task.tenant, task.id)) is not None and r.state is TaskState.RUNNING:
                 assert time.monotonic() < deadline + 10
                 await asyncio.sleep(0.1)
