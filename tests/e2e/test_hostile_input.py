@@ -3,6 +3,7 @@ memory (issue 12, defects 2 and 3), and ``Prefer: wait=N`` answers with the fini
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import time
@@ -168,3 +169,35 @@ async def test_prefer_wait_gives_up_with_a_202(
     took = time.monotonic() - t0
     assert r.status_code == 202 and r.json()["state"] in ("queued", "running"), r.text
     assert 1 <= took < 5, took
+
+
+class _LateRecords:
+    """The API's task store, writing new records ``delay_s`` late (a store that was away and came
+    back, as in a Redis restart): the agent adopts and finishes the task first."""
+
+    def __init__(self, store: Any, delay_s: float) -> None:
+        self._store, self._delay_s = store, delay_s
+
+    async def create(self, record: Any) -> Any:
+        await asyncio.sleep(self._delay_s)
+        return await self._store.create(record)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+async def test_a_new_task_finished_before_its_record_is_still_a_202(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Found in a Redis outage: the API published, its record write waited out the outage, and the
+    agent ran the task meanwhile; the API's create then returned the finished record and the API
+    answered 200, which the API promises only with ``Prefer: wait``."""
+    fleet = await start(start_fleet, engine, models_dir, latency_s=0.05)
+    assert fleet.fleet.server is not None
+    ctx = fleet.fleet.server.config.app.state.ctx
+    ctx.store = _LateRecords(ctx.store, delay_s=1.5)
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] == "succeeded", "the agent finished it before the API's record write"
+    waited = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers={"prefer": "wait=10"})
+    assert waited.status_code == 200 and waited.json()["state"] == "succeeded", waited.text

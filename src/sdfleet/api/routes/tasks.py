@@ -164,9 +164,12 @@ async def create_task(request: Request) -> Response:
         record = await until_finished(ctx, record, wait)
         headers["Preference-Applied"] = f"wait={wait}"
     view = await task_view(ctx, request, record)
+    # 200 for a finished task only when the client asked to wait for it: without ``Prefer: wait``
+    # a new task is 202 even if an agent adopted and finished it before its record was written.
+    finished = wait is not None and record.state.terminal
     return Response(
         view.model_dump_json(),
-        status_code=200 if record.state.terminal else status,
+        status_code=200 if finished else status,
         headers=headers,
         media_type="application/json",
     )
