@@ -293,7 +293,10 @@ class A1111Runtime:
                     await self._on_snapshot(after)
             return
         value = min(snap.progress, 0.99)
-        if value > flight.reported:
+        # A snapshot read while the job ran can arrive after its answer: a finished job reports
+        # no more progress (its 1.0 comes with the answer).
+        answered = flight.answer is not None and flight.answer.done()
+        if value > flight.reported and not answered:
             flight.reported = value
             try:
                 await flight.progress(value)
