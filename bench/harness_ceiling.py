@@ -22,8 +22,6 @@ import base64
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,46 +34,22 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fleet import free_port, stop_process, wait_port
+
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FAKE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed-agent" / "fake_sdwebui.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Fake:
     """The harness's fake SD WebUI in a child process, stopped by its PID."""
 
     def __init__(self, script: Path, latency_ms: float, python: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "LATENCY_MS": str(latency_ms)}
         cmd = [python, str(script), "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the fake exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the fake did not open port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
 
 
 async def _stats(client: httpx.AsyncClient, url: str, reset: bool = False) -> dict[str, Any] | None:
@@ -151,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                 fake = None if a.url else Fake(a.fake, lat, a.python)
                 try:
                     if fake:
-                        fake.wait()
+                        wait_port(fake.port, timeout_s=60)
                     url = a.url or (fake.url if fake else "")
                     runs[lat].append(asyncio.run(drive(url, a.tasks, a.queued, a.size, lat / 1000)))
                 finally:
                     if fake:
-                        fake.stop()
+                        stop_process(fake.proc, timeout_s=5)
                 bar.advance(job)
 
     def median(rows: list[dict[str, Any]], key: str) -> float | None:
