@@ -110,20 +110,24 @@ async def track(
     period_s: float = 0.5,
     idle_after_s: float = 2.0,
 ) -> None:
-    """Keep the pod's cost in step with ``busy()`` until ``done``: busy at once, idle once the agent
-    has held nothing for ``idle_after_s`` (a backlog's short gaps between tasks are not idleness)."""
+    """Keep the pod's cost in step with ``busy()`` until ``done``, then close ``cost``: busy at once,
+    idle once the agent has held nothing for ``idle_after_s`` (a backlog's short gaps between tasks
+    are not idleness)."""
     idle_since: float | None = None
-    await cost.set_busy(busy())
-    while not done.is_set():
-        try:
-            await asyncio.wait_for(done.wait(), period_s)
-        except TimeoutError:
-            pass
-        now = time.monotonic()
-        if busy():
-            idle_since = None
-            await cost.set_busy(True)
-        else:
-            idle_since = now if idle_since is None else idle_since
-            if now - idle_since >= idle_after_s:
-                await cost.set_busy(False)
+    try:
+        await cost.set_busy(busy())
+        while not done.is_set():
+            try:
+                await asyncio.wait_for(done.wait(), period_s)
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            if busy():
+                idle_since = None
+                await cost.set_busy(True)
+            else:
+                idle_since = now if idle_since is None else idle_since
+                if now - idle_since >= idle_after_s:
+                    await cost.set_busy(False)
+    finally:
+        await cost.aclose()

@@ -102,9 +102,8 @@ class Agent:
             await self._drain()
             done.set()
             await watcher
-            if cost is not None and costs is not None:
+            if costs is not None:
                 await costs
-                await cost.aclose()
             for f in (self.ready_file, self.alive_file):
                 if f is not None:
                     f.unlink(missing_ok=True)
