@@ -27,7 +27,7 @@ from sdfleet_apigw import ApiGatewayOptions, SdfleetApiGateway
 from sdfleet_karpenter import KarpenterAws
 from sdfleet_redis import SdfleetRedis
 
-from sdfleet.deploy import chart_values
+from sdfleet.deploy import DEFAULT_PREFIX, chart_values
 
 if TYPE_CHECKING:
     from sdfleet_stack import SdfleetStack
@@ -37,7 +37,6 @@ KARPENTER_VERSION = "1.14.1"  # the CRDs tests/deploy validates against
 KEDA_VERSION = "2.20.2"
 IMAGES = ("api", "worker", "agent")
 VPC_CIDR = "10.0.0.0/16"
-REDIS_PREFIX = "sdfleet"  # the redis engine's default key prefix
 API_PORT = int(yaml.safe_load((CHART / "values.yaml").read_text())["api"]["port"])
 """The API container's port, which the API Gateway's NLB targets."""
 
@@ -61,7 +60,7 @@ class ClusterOptions:
     engine: Literal["aws", "redis"] = "aws"
     """``redis``: the bus and task store on ElastiCache for Valkey (``sdfleet_redis.py``)."""
     redis_node_type: str = "cache.t4g.medium"
-    """API Gateway (API keys, usage plan, WAF) in front of the API, through a VPC link and an NLB."""
+    """ElastiCache node type of the ``redis`` engine's primary and replica."""
 
 
 class SdfleetCluster(Construct):
@@ -232,7 +231,7 @@ class SdfleetCluster(Construct):
         own queue URLs, URLs, roles, repositories and node role in place of what it would ask for."""
         if self.redis is not None:
             values = chart_values(stack.fleet, engine="redis", redis_address=self.redis.address)
-            url = self.redis.url(REDIS_PREFIX)
+            url = self.redis.url(DEFAULT_PREFIX["redis"])
             values["urls"] = {"bus": url, "store": url, "storage": stack.storage_url}
             values["redis"] = {
                 "address": self.redis.address,
