@@ -166,7 +166,13 @@ class AgentSettings(BaseModel):
     """Tasks received and prepared (inputs fetched) ahead of the runtime, waiting in the agent's
     ready pool; default twice what the runtime takes at once (``max_in_flight`` × batch size),
     at least 4 (receives then take several messages a call). More gives the model-aware order
-    more to choose from, but hides those tasks from other agents for their lease."""
+    more to choose from, but hides those tasks from other agents for their lease; with long
+    tasks ``prefetch_horizon_s`` holds it lower."""
+    prefetch_horizon_s: float = Field(30.0, ge=0)
+    """Hold no more tasks ahead than the runtime is expected to start within this many seconds
+    (measured seconds per task; one call's worth at least, and until the first call ends), so
+    long tasks are not hidden from other agents behind a busy one, nor handed back with one more
+    receive counted at every SIGTERM drain; 0: always ``prefetch``."""
     finishers: int = Field(4, ge=1)
     """Tasks finishing at once (upload, record, notify, ack) while the runtime goes on; when all
     are busy the runtime waits, which bounds memory."""

@@ -108,9 +108,9 @@ LONG = {**SPOT, "interruptions_per_node_hour": 6}
 
 
 def test_long_tasks_are_released_after_the_drain_and_retried() -> None:
-    # prefetch 1: each drain also releases what an agent prefetched, and every receive counts
-    # toward max_receives (see the next test)
-    agent = {"drain_s": 30, "prefetch": 1}
+    # each drain also releases what an agent held ahead, and every receive counts toward
+    # max_receives (see the next test)
+    agent = {"drain_s": 30}
     _, s = run(fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=LONG, agent=agent)
 
     q = s["queues"]["q"]
@@ -119,20 +119,25 @@ def test_long_tasks_are_released_after_the_drain_and_retried() -> None:
     assert q["completed"] == q["arrived"] and q["dead_lettered"] == 0
 
 
-def test_prefetched_long_tasks_burn_receives_on_every_drain() -> None:
+def test_prefetched_long_tasks_burn_receives_on_every_drain_without_the_horizon() -> None:
     """A busy agent's receiver keeps its place in the queue's line (Redis and SQS answer the
     longest-waiting poll first), so it prefetches while a 50 s task runs; each spot drain hands
-    those back with one more receive counted, and some reach max_receives: dead letters that
-    prefetch 1 does not make."""
+    those back with one more receive counted, and some reach max_receives: dead letters. The
+    shipped agent holds only what it starts within ``prefetch_horizon_s`` (30 s: one 50 s task),
+    and makes none."""
     runs = {
-        k: run(
-            fleet(50.0, min=2, max=2), steady(0.03, 1200), nodes=LONG, agent={"drain_s": 30, "prefetch": k}
-        )[1]
-        for k in (1, 4)
+        h: run(
+            fleet(50.0, min=2, max=2),
+            steady(0.03, 1200),
+            nodes=LONG,
+            agent={"drain_s": 30, "prefetch": 4, "prefetch_horizon_s": h},
+        )[1]["queues"]["q"]
+        for h in (0, 30)
     }
-    deep, shallow = runs[4]["queues"]["q"], runs[1]["queues"]["q"]
-    assert deep["dead_lettered"] >= 1 and shallow["dead_lettered"] == 0
-    assert deep["retried"] >= shallow["retried"]
+    deep, bounded = runs[0], runs[30]
+    assert deep["dead_lettered"] >= 1 and bounded["dead_lettered"] == 0
+    assert deep["retried"] > bounded["retried"]
+    assert bounded["completed"] == bounded["arrived"]
 
 
 def test_a_node_gone_before_its_agent_drained_loses_its_tasks_for_a_lease() -> None:

@@ -1,12 +1,14 @@
 """The agent's loop: stages that keep the GPU busy, and a clean shutdown.
 
 receive → prepare → (ready pool) → run → finish. The receiver keeps up to ``prefetch`` tasks
-received and prepared (inputs fetched) ahead of the runtime. The run stage holds the GPU: it keeps
-``runtime.max_in_flight`` calls outstanding (1 in-process; 2 for a server with its own queue, so
-the next job already waits there), picks the next task in model-aware order and, for a runtime that
-batches, takes compatible tasks along. Its start write runs beside the call, and finishing a task
-(upload, record, notify, ack) runs concurrently with the next calls, at most ``finishers`` at once,
-so the GPU never waits on the network.
+received and prepared (inputs fetched) ahead of the runtime, no more than it starts within
+``prefetch_horizon_s`` (``pace``: long tasks are not hidden from other agents). The run stage
+holds the GPU: it keeps ``runtime.max_in_flight`` calls outstanding (2 for every runtime shipped:
+the next job already waits at the device's lock or the server's queue when one ends), picks the
+next task in model-aware order and, for a runtime that batches, takes compatible tasks along. Its
+start write runs beside the call, and finishing a task (upload, record, notify, ack) runs
+concurrently with the next calls, at most ``finishers`` at once, so the GPU never waits on the
+network.
 
 SIGTERM (scale-in, spot interruption): stop receiving, release what was prefetched, let running
 tasks finish within ``drain_s`` or interrupt and release them, finish what finished, exit 0.
@@ -27,6 +29,7 @@ from sdfleet.agent.begin import begin
 from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
 from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
+from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
 from sdfleet.agent.prepare import prepare
@@ -56,7 +59,7 @@ class Agent:
         self.batcher = batching(parts.runtime)
         self.max_batch = self.batcher.max_batch if self.batcher else 1
         self.prefetch = s.prefetch if s.prefetch is not None else max(4, 2 * self.depth * self.max_batch)
-        self.refill = max(1, self.prefetch // 2)
+        self.pace = Pace()
         self.processed = 0
         self.pool = ReadyPool(max_pass_over_s=s.affinity_max_wait_s)
         self._preparing = 0
@@ -133,9 +136,10 @@ class Agent:
         try:
             while not self._stopping.is_set():
                 self._heartbeat()
-                room = self.prefetch - len(self.pool) - self._preparing
+                limit = self.ahead()
+                room = limit - len(self.pool) - self._preparing
                 # Refill by halves (several messages a call), or at once when the pool ran dry.
-                if room <= 0 or (room < self.refill and (self.pool or self._preparing)):
+                if room <= 0 or (room < max(1, limit // 2) and (self.pool or self._preparing)):
                     self._taken.clear()
                     await self._until(self._taken.wait(), 1.0)
                     continue
@@ -154,6 +158,12 @@ class Agent:
                     self._spawn(self._admit(d))
         finally:
             self._receiver_done.set()
+
+    def ahead(self) -> int:
+        """Tasks the ready pool may hold now (received, prepared, not yet running)."""
+        horizon_s = self.parts.settings.prefetch_horizon_s or None
+        per_task_s = self.pace.estimate()
+        return ahead_limit(self.prefetch, self.max_batch, horizon_s, per_task_s, queued=self.depth - 1)
 
     async def _drained(self) -> bool:
         stats = await self.parts.bus.stats(self.parts.queue.name)
@@ -293,9 +303,11 @@ class Agent:
         busy = self.parts.metrics.busy.labels(queue=self.parts.queue.name)
         self._running.update(batch)
         busy.set(1)
+        self.pace.started(len(batch))
         try:
             outcomes = await run_tasks(self.parts, batch)
         finally:
+            self.pace.ended()
             self._running.difference_update(batch)
             busy.set(1 if self._running else 0)
             self._gpu.release()

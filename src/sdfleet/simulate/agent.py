@@ -1,7 +1,8 @@
 """One replica of a queue's agent, as simulation processes: receive → prepare → run → finish.
 
 The *receiver* keeps up to ``prefetch`` (at least ``max_batch``) requests received ahead of the
-GPU, ``receive_max`` per call, each paying ``receive_s`` and ``prepare_s``. The *runner* picks from
+GPU, no more than it starts within ``prefetch_horizon_s`` (the agent's rule), ``receive_max`` per
+call, each paying ``receive_s`` and ``prepare_s``. The *runner* picks from
 them: the oldest request's batch key, or (model-aware) one of the loaded model's while the oldest
 has waited less than ``pass_over_s``; it takes up to ``max_batch`` compatible requests, waits at
 most ``max_batch_wait_s`` for more, switches model if needed (LRU cache of ``cache_size``), runs,
@@ -69,10 +70,12 @@ class Replica:
         self._chunk: tuple[Schedule, list[Cohort]] | None = None
         self._runner: simpy.Process | None = None
         self._receiver: simpy.Process | None = None
+        self.per_task_s: float | None = None
+        """GPU seconds per request seen so far (a moving average, as the agent's ``Pace``)."""
 
     @property
     def cap(self) -> int:
-        return max(self.p.prefetch, self.p.max_batch)
+        return self.p.ahead(self.per_task_s)
 
     def start(self) -> None:
         self._receiver = self.env.process(self._receive())
@@ -248,6 +251,8 @@ class Replica:
             concurrency=self.p.finish_concurrency,
         )
         self._chunk, self._picked = (sched, chunk), []
+        per = sched.run_full / b
+        self.per_task_s = per if self.per_task_s is None else self.per_task_s + 0.3 * (per - self.per_task_s)
         yield self.env.timeout(sched.end - self.env.now)
         self._chunk = None
         self._complete(sched, chunk, size, sched.end)

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sdfleet.agent.pace import ahead_limit
 from sdfleet.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -80,6 +81,9 @@ class AgentParams(_Strict):
 
     prefetch: int = Field(4, ge=0)
     """Tasks received ahead of the GPU (the buffer the runner picks from)."""
+    prefetch_horizon_s: float = Field(30.0, ge=0)
+    """... but no more than the GPU starts within this many seconds at the seconds per request
+    seen so far (one call's worth until then), as ``agent.prefetch_horizon_s``; 0: ``prefetch``."""
     receive_max: int = Field(10, ge=1)
     """Messages per receive call (SQS allows 10)."""
     receive_s: float = Field(0.002, ge=0)
@@ -107,6 +111,11 @@ class AgentParams(_Strict):
     """Load a model that is not in the cache (also the first model at start)."""
     drain_s: float = Field(30.0, ge=0)
     """On SIGTERM, how long the running batch may finish before it is released."""
+
+    def ahead(self, per_task_s: float | None) -> int:
+        """Requests a replica holds received ahead of its GPU (the agent's rule, ``agent.pace``)."""
+        cap = max(self.prefetch, self.max_batch)
+        return ahead_limit(cap, self.max_batch, self.prefetch_horizon_s or None, per_task_s)
 
 
 class Shortage(_Strict):

@@ -10,8 +10,8 @@ end-to-end adds the call and the finishing. Model switches on a queue that mixes
 estimated from the mix served (FIFO: ``calls × (1 − Σ share²)``; model-aware: at most one per
 replica and model per ``pass_over_s``) and their time taken from the next step, as is the
 loading of the models a new replica serves (beyond the one its pod loaded). A replica
-killed with its node loses its share of the requests in service and ``prefetch`` more, which
-come back after their lease.
+killed with its node loses its share of the requests in service and what it held ahead (``prefetch``,
+bounded by ``prefetch_horizon_s``), which come back after their lease.
 
 Exact mode (``agent.Replica``) models each replica's stages; ``tests/unit/test_simulate_engine.py``
 compares the two on one trace.
@@ -54,7 +54,7 @@ class Member:
             self.member = False
             self.pool.members.remove(self)
             # what it had received ahead of its GPU is released, to be received again
-            self.pool.q.redelivered += min(self.pool.p.prefetch, self.pool.q.visible)
+            self.pool.q.redelivered += min(self.pool.ahead(), self.pool.q.visible)
             self.pool.env.process(self._exit(self.pool.last_call_s))
 
     def kill(self) -> None:
@@ -103,6 +103,8 @@ class Pool:
         self._seq = itertools.count()
         self.debt = 0.0
         self.last_call_s = 1.0
+        self.per_task_s: float | None = None
+        """GPU seconds per request of the last call served (``ahead``)."""
         self.busy = 0.0
         """Share of the last step's GPU time used."""
 
@@ -123,8 +125,12 @@ class Pool:
             if d and d[-1].t > now:
                 mid, n = d[-1].t, n + d[-1].n
         unarrived = round(n * min(1.0, max(0.0, (mid + self.dt / 2 - now) / self.dt))) if n else 0
-        ahead = 0 if with_in_flight else len(self.members) * self.p.prefetch
+        ahead = 0 if with_in_flight else len(self.members) * self.ahead()
         return unarrived + ahead
+
+    def ahead(self) -> int:
+        """Requests each replica holds received ahead of its GPU."""
+        return self.p.ahead(self.per_task_s)
 
     def join(self, member: Member) -> None:
         """A new replica loads the models it will serve (the pod loaded its first already)."""
@@ -213,6 +219,7 @@ class Pool:
                 calls += g.n / batch
                 models[self.classes[g.cls].model] += g.n
             self.last_call_s = cycle
+            self.per_task_s = per
         self.counters.add(self.q.name, "gpu_busy_s", used)
         self.busy = min(1.0, used / seconds) if seconds > 0 else 0.0
 
@@ -253,6 +260,6 @@ class Pool:
             keep.append((end, seq, c))
         heapq.heapify(keep)
         self.in_service = keep
-        lost += self.q.take(self.p.prefetch)
+        lost += self.q.take(self.ahead())
         self.counters.add(self.q.name, "lost", sum(c.n for c in lost))
         self.q.lose(lost)
