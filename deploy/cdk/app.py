@@ -27,8 +27,8 @@ The cluster (docs/deploy-aws.md), all optional:
 - ``domain`` and ``certificate_arn``: the API behind an internet-facing ALB with HTTPS;
 - ``image_tag``: tag of the images pushed to the stack's ECR repositories (default ``0.1.0``);
 - ``engine``: ``aws`` (default: SNS/SQS bus, DynamoDB store) or ``redis`` (ElastiCache for Valkey,
-  Multi-AZ, TLS, AUTH token in Secrets Manager, for the bus and store; ``redis_node_type``, default
-  ``cache.t4g.medium``);
+  Multi-AZ, TLS, AUTH token in Secrets Manager, for the bus and store, and then no SNS, SQS or
+  DynamoDB resources for the fleet; ``redis_node_type``, default ``cache.t4g.medium``);
 - ``api_gateway``: ``true`` puts API Gateway in front of the API (API keys in a usage plan, WAF),
   reaching it through a VPC link and an internal NLB; ``api_rate_limit`` (requests/s per key,
   default 100), ``api_burst_limit`` (200), ``api_quota_per_day`` (default: none) and ``api_keys``

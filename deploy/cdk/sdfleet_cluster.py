@@ -27,7 +27,7 @@ from sdfleet_apigw import ApiGatewayOptions, SdfleetApiGateway
 from sdfleet_karpenter import KarpenterAws
 from sdfleet_redis import SdfleetRedis
 
-from sdfleet.deploy import DEFAULT_PREFIX, chart_values
+from sdfleet.deploy import chart_values
 
 if TYPE_CHECKING:
     from sdfleet_stack import SdfleetStack
@@ -231,8 +231,7 @@ class SdfleetCluster(Construct):
         own queue URLs, URLs, roles, repositories and node role in place of what it would ask for."""
         if self.redis is not None:
             values = chart_values(stack.fleet, engine="redis", redis_address=self.redis.address)
-            url = self.redis.url(DEFAULT_PREFIX["redis"])
-            values["urls"] = {"bus": url, "store": url, "storage": stack.storage_url}
+            values["urls"] = {"bus": stack.bus_url, "store": stack.store_url, "storage": stack.storage_url}
             values["redis"] = {
                 "address": self.redis.address,
                 "enableTLS": True,

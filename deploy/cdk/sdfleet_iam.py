@@ -53,25 +53,38 @@ def _queue_reads(queues: Sequence[sqs.IQueue], dlqs: Sequence[sqs.IQueue]) -> ia
     return iam.PolicyStatement(actions=["sqs:GetQueueUrl", "sqs:GetQueueAttributes"], resources=arns)
 
 
-def api_statements(
-    tasks_topic: sns.ITopic,
-    queues: Sequence[sqs.IQueue],
-    dlqs: Sequence[sqs.IQueue],
-    table: tuple[str, ...],
-    storage: Storage,
-) -> list[iam.PolicyStatement]:
+@dataclass(frozen=True)
+class AwsEngine:
+    """What the ``aws`` engine's roles act on: SNS topics, SQS queues and DLQs, the task table.
+    None on the ``redis`` engine (ElastiCache grants its own token's read, ``sdfleet_redis.py``)."""
+
+    tasks_topic: sns.ITopic
+    results_topic: sns.ITopic
+    queues: Sequence[sqs.IQueue]
+    dlqs: Sequence[sqs.IQueue]
+    table: tuple[str, ...]
+    """The task table's ARN, then its indexes'."""
+
+
+_RECORDS = ["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"]
+
+
+def api_statements(storage: Storage, engine: AwsEngine | None) -> list[iam.PolicyStatement]:
     """The API: publish tasks, read queue depth, read and write task records, read results."""
-    table_arn, *index_arns = table
     bucket_arn, objects_arn, prefix = storage
-    return [
-        iam.PolicyStatement(actions=["sns:Publish"], resources=[tasks_topic.topic_arn]),
-        _queue_reads(queues, dlqs),
-        iam.PolicyStatement(
-            actions=["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"], resources=[table_arn]
-        ),
-        iam.PolicyStatement(actions=["dynamodb:Query"], resources=[table_arn, *index_arns]),
+    reads = [
         iam.PolicyStatement(actions=["s3:GetObject"], resources=[objects_arn]),
         _list_bucket(bucket_arn, prefix),
+    ]
+    if engine is None:
+        return reads
+    table_arn, *index_arns = engine.table
+    return [
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[engine.tasks_topic.topic_arn]),
+        _queue_reads(engine.queues, engine.dlqs),
+        iam.PolicyStatement(actions=_RECORDS, resources=[table_arn]),
+        iam.PolicyStatement(actions=["dynamodb:Query"], resources=[table_arn, *index_arns]),
+        *reads,
     ]
 
 
@@ -91,32 +104,33 @@ def _models_statements(fleet: FleetConfig) -> list[iam.PolicyStatement]:
 
 
 def agent_statements(
-    results_topic: sns.ITopic,
-    queues: Sequence[sqs.IQueue],
-    dlqs: Sequence[sqs.IQueue],
-    table_arn: str,
-    storage: Storage,
-    fleet: FleetConfig,
+    storage: Storage, fleet: FleetConfig, engine: AwsEngine | None
 ) -> list[iam.PolicyStatement]:
     """Agents: consume the fleet's queues, publish results, transition records, write results."""
     bucket_arn, objects_arn, prefix = storage
-    consume = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"]
-    return [
-        _queue_reads(queues, dlqs),
-        iam.PolicyStatement(actions=consume, resources=[q.queue_arn for q in queues]),
-        iam.PolicyStatement(actions=["sns:Publish"], resources=[results_topic.topic_arn]),
-        iam.PolicyStatement(
-            actions=["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"], resources=[table_arn]
-        ),
+    results = [
         iam.PolicyStatement(actions=["s3:PutObject", "s3:GetObject"], resources=[objects_arn]),
         _list_bucket(bucket_arn, prefix),
         *_models_statements(fleet),
     ]
+    if engine is None:
+        return results
+    consume = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"]
+    return [
+        _queue_reads(engine.queues, engine.dlqs),
+        iam.PolicyStatement(actions=consume, resources=[q.queue_arn for q in engine.queues]),
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[engine.results_topic.topic_arn]),
+        iam.PolicyStatement(actions=_RECORDS, resources=[engine.table[0]]),
+        *results,
+    ]
 
 
-def keda_statements(queues: Sequence[sqs.IQueue]) -> list[iam.PolicyStatement]:
-    """KEDA's ``aws-sqs-queue`` scaler reads queue depth."""
-    return [iam.PolicyStatement(actions=["sqs:GetQueueAttributes"], resources=[q.queue_arn for q in queues])]
+def keda_statements(engine: AwsEngine | None) -> list[iam.PolicyStatement]:
+    """KEDA's ``aws-sqs-queue`` scaler reads queue depth (on ``redis`` it reads only the token)."""
+    if engine is None:
+        return []
+    arns = [q.queue_arn for q in engine.queues]
+    return [iam.PolicyStatement(actions=["sqs:GetQueueAttributes"], resources=arns)]
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,8 @@ class Identity:
             f"{role}-role",
             assumed_by=self.principal(scope, namespace, account),
             description=f"sdfleet {role} ({namespace}/{account})",
-            inline_policies={"sdfleet": iam.PolicyDocument(statements=statements)},
+            # IAM refuses an empty policy document (KEDA's role on the redis engine starts empty)
+            inline_policies={"sdfleet": iam.PolicyDocument(statements=statements)} if statements else None,
         )
         if self.oidc_provider_arn is None and self.cluster_name:
             eks.CfnPodIdentityAssociation(

@@ -21,10 +21,11 @@ from cdk_nag import NagSuppressions
 from constructs import Construct
 from sdfleet_adot import adot_collector_role
 from sdfleet_cluster import ClusterOptions, SdfleetCluster
-from sdfleet_iam import Identity, agent_statements, api_statements, keda_statements
+from sdfleet_iam import AwsEngine, Identity, agent_statements, api_statements, keda_statements
 
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
 from sdfleet.bus.base import QueueSpec, Subscription, dlq_name
+from sdfleet.deploy import DEFAULT_PREFIX
 from sdfleet.routing import fleet_topology
 from sdfleet.settings import FleetConfig
 from sdfleet.store.backends.dynamodb import INDEXES, table_spec
@@ -45,7 +46,9 @@ def _logical(name: str) -> str:
 
 class SdfleetStack(cdk.Stack):
     """SNS topics, SQS queues + DLQs, subscriptions, the task table, the results bucket and the
-    IAM roles of one fleet. ``prefix`` is the ``aws://?prefix=`` of the bus URL the pods use."""
+    IAM roles of one fleet. ``prefix`` is the ``aws://?prefix=`` of the bus URL the pods use.
+    With the cluster on the ``redis`` engine, ElastiCache carries the bus and the store: no topic,
+    queue or table is made, and the roles get no SNS, SQS or DynamoDB rights."""
 
     def __init__(
         self,
@@ -73,15 +76,20 @@ class SdfleetStack(cdk.Stack):
         self.prefix = prefix
         self.storage_prefix = storage_prefix.strip("/")
         self._removal = cdk.RemovalPolicy.RETAIN if retain_data else cdk.RemovalPolicy.DESTROY
-        topology = fleet_topology(fleet)
-        self.topics = {t: self._topic(t) for t in topology.topics}
+        self.engine = "aws" if cluster is None else cluster.engine
+        self.topics: dict[str, sns.ITopic] = {}
         self.queues: dict[str, sqs.Queue] = {}
         self.dead_letter_queues: dict[str, sqs.Queue] = {}
-        for spec in topology.queues:
-            self._queue(spec)
-        self._allow_delivery(topology.subscriptions)
-        self.subscriptions = [self._subscribe(s) for s in topology.subscriptions]
-        self.table = self._table(table_name or f"{prefix}tasks")
+        self.subscriptions: list[sns.CfnSubscription] = []
+        self.table: dynamodb.CfnTable | None = None
+        if self.engine == "aws":
+            topology = fleet_topology(fleet)
+            self.topics = {t: self._topic(t) for t in topology.topics}
+            for spec in topology.queues:
+                self._queue(spec)
+            self._allow_delivery(topology.subscriptions)
+            self.subscriptions = [self._subscribe(s) for s in topology.subscriptions]
+            self.table = self._table(table_name or f"{prefix}tasks")
         self.bucket = self._bucket(bucket_name, results_expire_days)
         self.cluster = (
             None if cluster is None else SdfleetCluster(self, "cluster", name=construct_id, options=cluster)
@@ -239,19 +247,15 @@ class SdfleetStack(cdk.Stack):
     # -- IAM -----------------------------------------------------------------------------------
 
     def _roles(self, keda_operator: bool) -> dict[str, iam.Role]:
-        task_queues = [self.queues[q.name] for q in self.fleet.queues]
-        dlqs = [self.dead_letter_queues[q.name] for q in self.fleet.queues]
         objects = self.bucket.arn_for_objects(f"{self.storage_prefix}/*" if self.storage_prefix else "*")
         storage = (self.bucket.bucket_arn, objects, self.storage_prefix)
-        table = (self.table.attr_arn, *(f"{self.table.attr_arn}/index/{i}" for i in INDEXES))
+        engine = self._aws_engine()
         statements = {
-            "api": api_statements(self.topics[self.fleet.tasks_topic], task_queues, dlqs, table, storage),
-            "agent": agent_statements(
-                self.topics[self.fleet.results_topic], task_queues, dlqs, table[0], storage, self.fleet
-            ),
+            "api": api_statements(storage, engine),
+            "agent": agent_statements(storage, self.fleet, engine),
         }
         if keda_operator:
-            statements["keda"] = keda_statements(task_queues)
+            statements["keda"] = keda_statements(engine)
         if self.cluster is not None:
             statements["karpenter"] = self.cluster.karpenter.statements
         roles = {role: self.identity.role(self, role, policy) for role, policy in statements.items()}
@@ -277,22 +281,34 @@ class SdfleetStack(cdk.Stack):
             )
         return roles
 
+    def _aws_engine(self) -> AwsEngine | None:
+        if self.table is None:
+            return None
+        table = (self.table.attr_arn, *(f"{self.table.attr_arn}/index/{i}" for i in INDEXES))
+        return AwsEngine(
+            tasks_topic=self.topics[self.fleet.tasks_topic],
+            results_topic=self.topics[self.fleet.results_topic],
+            queues=[self.queues[q.name] for q in self.fleet.queues],
+            dlqs=[self.dead_letter_queues[q.name] for q in self.fleet.queues],
+            table=table,
+        )
+
     # -- outputs -------------------------------------------------------------------------------
 
     def _outputs(self) -> None:
         out = self._output
-        out(
-            "TasksTopicArn", self.topics[self.fleet.tasks_topic].topic_arn, "SNS topic tasks are published to"
-        )
-        out("ResultsTopicArn", self.topics[self.fleet.results_topic].topic_arn, "SNS topic of task events")
-        for name, queue in self.queues.items():
-            out(f"QueueUrl{_logical(name)}", queue.queue_url, f"SQS queue of fleet queue {name}")
-            out(
-                f"DeadLetterQueueUrl{_logical(name)}",
-                self.dead_letter_queues[name].queue_url,
-                f"DLQ of {name}",
-            )
-        out("TableName", self.table.ref, "DynamoDB task table")
+        if self.table is not None:
+            tasks, results = self.topics[self.fleet.tasks_topic], self.topics[self.fleet.results_topic]
+            out("TasksTopicArn", tasks.topic_arn, "SNS topic tasks are published to")
+            out("ResultsTopicArn", results.topic_arn, "SNS topic of task events")
+            for name, queue in self.queues.items():
+                out(f"QueueUrl{_logical(name)}", queue.queue_url, f"SQS queue of fleet queue {name}")
+                out(
+                    f"DeadLetterQueueUrl{_logical(name)}",
+                    self.dead_letter_queues[name].queue_url,
+                    f"DLQ of {name}",
+                )
+            out("TableName", self.table.ref, "DynamoDB task table")
         out("BucketName", self.bucket.bucket_name, "S3 bucket of images and .out JSON")
         for role, r in self.roles.items():
             out(f"{_logical(role)}RoleArn", r.role_arn, f"IAM role of the {role} service account")
@@ -328,10 +344,15 @@ class SdfleetStack(cdk.Stack):
 
     @property
     def bus_url(self) -> str:
+        redis = self.cluster.redis if self.cluster is not None else None
+        if redis is not None:
+            return redis.url(DEFAULT_PREFIX["redis"])
         return f"aws://?prefix={self.prefix}&region={cdk.Aws.REGION}&account={cdk.Aws.ACCOUNT_ID}"
 
     @property
     def store_url(self) -> str:
+        if self.table is None:
+            return self.bus_url  # the redis engine: one Redis for bus and store
         return f"aws://?table={self.table.ref}&region={cdk.Aws.REGION}&create=false"
 
     @property

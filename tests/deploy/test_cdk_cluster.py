@@ -339,6 +339,23 @@ def test_redis_engine_runs_on_elasticache_with_the_token_in_secrets_manager(stac
             if "secretsmanager:GetSecretValue" in st["Action"] and st["Resource"] == {"Ref": secret}:
                 readers |= {r["Ref"] for r in policy["Properties"]["Roles"]}
     assert readers == {_role_of(t, f"sdfleet {role} ") for role in ("api", "agent", "keda")}
+    # ElastiCache carries the bus and the store: no topic, task queue or table, and no role may
+    # touch SNS, SQS (but Karpenter, on its interruption queue) or DynamoDB.
+    assert not _of_type(t, "AWS::SNS::Topic") and not _of_type(t, "AWS::SNS::Subscription")
+    assert not _of_type(t, "AWS::DynamoDB::Table")
+    assert [k for k in _of_type(t, "AWS::SQS::Queue")] == [
+        k for k in _of_type(t, "AWS::SQS::Queue") if "interruption" in k
+    ]
+    karpenter = _role_of(t, "sdfleet karpenter ")
+    for lid, role in _of_type(t, "AWS::IAM::Role").items():
+        if lid == karpenter:
+            continue
+        docs = [pol["PolicyDocument"] for pol in role["Properties"].get("Policies", [])]
+        actions = json.dumps([st["Action"] for d in docs for st in d["Statement"]])
+        assert not re.search(r'"(sns|sqs|dynamodb):', actions), (lid, actions)
+    outputs = {k: json.dumps(v["Value"]) for k, v in t["Outputs"].items()}
+    assert "TableName" not in outputs and not any(k.startswith("QueueUrl") for k in outputs)
+    assert "rediss://" in outputs["BusUrl"] and outputs["StoreUrl"] == outputs["BusUrl"]
 
     values = _concrete(stack.cluster.values(stack), stack, t)
     objs = render(values)
