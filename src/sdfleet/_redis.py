@@ -49,26 +49,22 @@ _SOCKET_TIMEOUT_S = 10.0
 
 def split_url(url: str) -> tuple[str, str]:
     """``redis://h:p/0?prefix=x&socket_timeout=3`` → (``redis://h:p/0?socket_timeout=3``, ``x``)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"not a redis URL (want redis://host:port/db or rediss://...): {url!r}")
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = DEFAULT_PREFIX
-    rest: list[tuple[str, str]] = []
-    for key, value in query:
-        if key == "prefix":
-            prefix = value
-        else:
-            rest.append((key, value))
-    if not _PREFIX_RE.match(prefix):
-        raise ConfigError(f"bad redis key prefix {prefix!r}: letters, digits and . _ : - only")
-    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+    clean, prefix, _ = _parse(url)
+    return clean, prefix
 
 
 def connect(url: str) -> tuple[aioredis.Redis, str]:
     """A client on its own connection pool for ``url``, and the key prefix the URL names."""
-    clean, prefix = split_url(url)
-    clean, extra = _password_secret(clean)
+    clean, prefix, secret = _parse(url)
+    extra: dict[str, Any] = {}
+    if secret is not None:
+        from sdfleet._redis_secret import SecretsManagerPassword
+
+        parts = urlsplit(clean)
+        username = unquote(parts.username) if parts.username else None
+        extra["credential_provider"] = SecretsManagerPassword(secret, username=username)
+        # the user name travels in the provider's answer (redis-py takes one or the other)
+        clean = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
     try:
         pool = aioredis.ConnectionPool.from_url(
             clean,
@@ -84,22 +80,25 @@ def connect(url: str) -> tuple[aioredis.Redis, str]:
     return aioredis.Redis.from_pool(pool), prefix
 
 
-def _password_secret(url: str) -> tuple[str, dict[str, Any]]:
-    """``?password_secret=<ARN or name>``: the password comes from AWS Secrets Manager."""
+def _parse(url: str) -> tuple[str, str, str | None]:
+    """(the URL redis-py gets, the key prefix, the ``password_secret`` if any), from one parse."""
     parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    secret = [v for k, v in query if k == "password_secret"]
-    if not secret:
-        return url, {}
-    if parts.password:
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"not a redis URL (want redis://host:port/db or rediss://...): {url!r}")
+    prefix, secret = DEFAULT_PREFIX, None
+    rest: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "prefix":
+            prefix = value
+        elif key == "password_secret":
+            secret = value
+        else:
+            rest.append((key, value))
+    if not _PREFIX_RE.match(prefix):
+        raise ConfigError(f"bad redis key prefix {prefix!r}: letters, digits and . _ : - only")
+    if secret is not None and parts.password:
         raise ConfigError("a redis URL has a password or a password_secret, not both")
-    from sdfleet._redis_secret import SecretsManagerPassword
-
-    rest = urlencode([(k, v) for k, v in query if k != "password_secret"])
-    username = unquote(parts.username) if parts.username else None
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    provider = SecretsManagerPassword(secret[-1], username=username)
-    return urlunsplit(parts._replace(netloc=netloc, query=rest)), {"credential_provider": provider}
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix, secret
 
 
 def describe(client: aioredis.Redis) -> str:
