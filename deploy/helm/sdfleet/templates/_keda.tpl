@@ -42,3 +42,14 @@
     enableTLS: {{ $root.Values.redis.enableTLS | quote }}
 {{- end }}
 {{- end -}}
+
+{{- /* KEDA's AWS identity: the role keda.aws.roleArn (assumed by the operator's identity), else the
+       identity of "owner" (keda: the operator's own; workload: the scaled worker's). */}}
+{{- define "sdfleet.kedaAwsIdentity" -}}
+provider: aws
+{{- if .root.Values.keda.aws.roleArn }}
+roleArn: {{ .root.Values.keda.aws.roleArn | quote }}
+{{- else }}
+identityOwner: {{ .owner }}
+{{- end }}
+{{- end }}
