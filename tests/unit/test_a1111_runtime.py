@@ -233,6 +233,25 @@ async def test_defect_4_deterministic_errors_fail_once_in_sd_webui_words(runtime
     assert "422" in script.value.reason and "always on script controlnet not found" in script.value.reason
 
 
+def test_nans_fail_once_in_sd_webui_words() -> None:
+    """What SD WebUI 1.10.1 answered (seen on the real server, random SD 1.5-shaped weights,
+    64x64, seed 2) to a request whose UNet overflowed: the same request overflows again, so three
+    tries would spend three runs on one failure."""
+    from sdfleet.runtimes._a1111_errors import classify
+
+    body = {
+        "error": "NansException",
+        "detail": "",
+        "body": "",
+        "errors": "A tensor with NaNs was produced in Unet. Use --disable-nan-check commandline argument "
+        "to disable this check.",
+    }
+    request = httpx.Request("POST", "http://sdwebui/sdapi/v1/txt2img")
+    error = classify("/sdapi/v1/txt2img", httpx.Response(500, json=body, request=request))
+    assert isinstance(error, Reject) and error.code == "nan_output"
+    assert "500 NansException" in error.reason and "--disable-nan-check" in error.reason
+
+
 async def test_transient_failures_stay_retryable(runtime: A1111Runtime, tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure) as broken:  # a model that fails to load: 500, retryable
         await runtime.run(job(model="broken"), no_progress)

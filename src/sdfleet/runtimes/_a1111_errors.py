@@ -3,10 +3,12 @@
 SD WebUI answers many client mistakes with 500: its own refusals are ``HTTPException`` ("Invalid
 encoded image", "Request to local resource not allowed"), input checks are ``AssertionError``
 ("could not find upscaler named X"), an unknown model on ``/options`` is ``RuntimeError("model 'x'
-not found")``. Its body names the exception (``{"error", "detail", "body", "errors"}``), so the
-error is classified by what it says: the same request would fail the same way again. What cannot be
-told apart from a passing fault (out of memory, a proxy's 502, a body that is not SD WebUI's) stays
-retryable.
+not found")``, a picture that overflowed its precision is ``NansException`` (the same request on
+the same server configuration overflows again: seed and prompt fix the computation; the words
+say which server option to change). Its body names the exception (``{"error", "detail", "body",
+"errors"}``), so the error is classified by what it says: the same request would fail the same way
+again. What cannot be told apart from a passing fault (out of memory, a proxy's 502, a body that
+is not SD WebUI's) stays retryable.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _DETERMINISTIC = frozenset(
         "KeyError",
         "IndexError",
         "ZeroDivisionError",
+        "NansException",
     }
 )
 # RuntimeErrors whose message says the request can never succeed.
@@ -42,6 +45,7 @@ _CODES = (
     ("local resource", "url_refused"),
     ("Requests not allowed", "url_refused"),
     ("could not find upscaler", "unknown_upscaler"),
+    ("tensor with NaNs", "nan_output"),
     ("not found", "not_found"),
 )
 _RETRY_4XX = frozenset({408, 425, 429})
