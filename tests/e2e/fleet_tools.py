@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from conftest import Engine, subprocess_env
+from conftest import Engine, RunningFleet, subprocess_env
 from sdfleet.bus import open_bus
 from sdfleet.storage import open_storage
 
@@ -108,3 +109,29 @@ async def png_size(engine: Engine, key: str) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as im:
         assert im.format == "PNG"
         return im.size
+
+
+async def submit_all(fleet: RunningFleet, bodies: list[dict[str, Any]]) -> list[str]:
+    """``POST /v1/tasks`` each body (each must be accepted); the task ids."""
+    ids = []
+    for body in bodies:
+        r = await fleet.http.post("/v1/tasks", json=body)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
+async def cancel_while_running(fleet: RunningFleet, task_id: str, settle_s: float, bound_s: float) -> float:
+    """Cancel ``task_id`` ``settle_s`` after it started running; seconds until the agent's runtime
+    call for it ended (the server stopped it), asserted within ``bound_s``."""
+    await fleet.wait(task_id, states=("running",), timeout_s=120)
+    await asyncio.sleep(settle_s)
+    asked = time.monotonic()
+    assert (await fleet.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    agent = fleet.fleet.agents[0]
+    while any(p.task.id == task_id for p in agent._running):
+        assert time.monotonic() - asked < bound_s, f"{task_id} still running {bound_s} s after its cancel"
+        await asyncio.sleep(0.05)
+    stopped_s = time.monotonic() - asked
+    assert (await fleet.wait(task_id, timeout_s=60))["state"] == "cancelled"
+    return stopped_s

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,20 +17,14 @@ import httpx
 import pytest
 from PIL import Image
 
+from real_servers import A1111_URL, needs_a1111
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtimes.a1111 import A1111Runtime
 from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams, TaskType
 
-URL = os.environ.get("SDFLEET_A1111_URL", "")
-pytestmark = [
-    pytest.mark.skipif(
-        not URL,
-        reason="no real SD WebUI: set SDFLEET_A1111_URL=http://HOST:PORT of one started with --api "
-        "(docs/runtimes.md: 'SD WebUI v1.10.1 on CPU, offline')",
-    ),
-    pytest.mark.timeout(900),
-]
+URL = A1111_URL
+pytestmark = [needs_a1111, pytest.mark.timeout(900)]
 CLIP = "CLIP_stop_at_last_layers"
 
 

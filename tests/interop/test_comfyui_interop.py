@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from PIL import Image
 from websockets.asyncio.client import ClientConnection, connect
 
 from fakes.comfyui_workflows import img2img, preview_only, txt2img, with_load_image
+from real_servers import COMFYUI_URL, comfyui_checkpoint, needs_comfyui
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.models import ModelCatalog
 from sdfleet.runtimes import build_runtime
@@ -35,26 +35,14 @@ from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.comfyui import ComfyUIRuntime
 from sdfleet.tasks import TaskParams, TaskType
 
-URL = os.environ.get("SDFLEET_COMFYUI_URL", "").rstrip("/")
+URL = COMFYUI_URL
 RUN_S = 900.0  # a bound against hangs on a busy CPU, not a timing assertion
-pytestmark = [
-    pytest.mark.skipif(
-        not URL,
-        reason="needs a real ComfyUI: set SDFLEET_COMFYUI_URL=http://127.0.0.1:8188 "
-        "(docs/runtimes.md, 'A real ComfyUI for the interop suite')",
-    ),
-    pytest.mark.timeout(1800),
-]
+pytestmark = [needs_comfyui, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
 def ckpt() -> str:
-    if os.environ.get("SDFLEET_COMFYUI_CKPT"):
-        return os.environ["SDFLEET_COMFYUI_CKPT"]
-    info = httpx.get(f"{URL}/object_info/CheckpointLoaderSimple", timeout=30).json()
-    names = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-    assert names, "ComfyUI offers no checkpoint: put one in its models/checkpoints"
-    return str(names[0])
+    return comfyui_checkpoint()
 
 
 @pytest.fixture
