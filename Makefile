@@ -42,8 +42,8 @@ system-deps:
 	@command -v prometheus >/dev/null && (systemctl disable --now prometheus >/dev/null 2>&1 || true)
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench deploy
+	$(BIN)/ruff format --check src tests bench deploy
 	$(BIN)/mypy
 
 # Three workers on two cores: most tests wait on subprocesses and sockets, not the CPU.
