@@ -59,6 +59,12 @@ class Metrics:
             "sdfleet_queue_oldest_age_seconds", "Age of the oldest", ["queue"], registry=r
         )
         self.busy = Gauge("sdfleet_runtime_busy", "1 while the runtime is generating", ["queue"], registry=r)
+        self.prefetch_limit = Gauge(
+            "sdfleet_agent_prefetch_limit",
+            "Tasks the agent may hold ahead of its runtime (prefetch, bounded by prefetch_horizon_s)",
+            ["queue"],
+            registry=r,
+        )
         self.gpu_seconds = Counter(
             "sdfleet_gpu_seconds",
             "Device seconds of the agent's runtime calls (model switches and runs), by queue",

@@ -263,6 +263,8 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         leased.append(q["in_flight"])
         await asyncio.sleep(0.03)
     assert max(held) == most_ahead, held
+    limit = agent.parts.metrics.registry.get_sample_value("sdfleet_agent_prefetch_limit", {"queue": "q"})
+    assert limit == most_ahead  # what operators see
     if horizon_s:
         assert held[: held.index(2)] and max(held[: held.index(2)]) == 1  # before the first call ended
         # at the runtime, held ahead, and at most one finishing: the rest is free for another agent

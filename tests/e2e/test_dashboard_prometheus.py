@@ -251,6 +251,8 @@ def test_every_panel_query_on_a_real_prometheus(stack: tuple[str, str]) -> None:
     assert _by_queue(results[("GPU memory used", memory[1])])[BUSY] == (FB_USED + FB_FREE) * 1048576
     gpu_s = _by_queue(results[("GPU-seconds in range", panels["GPU-seconds in range"][0])])
     assert gpu_s[BUSY] >= TASKS * 0.05 * 0.9 and gpu_s[IDLE] == 0.0
+    held = _by_queue(results[("Tasks held ahead (limit)", panels["Tasks held ahead (limit)"][0])])
+    assert set(held) == {BUSY, IDLE} and min(held.values()) >= 1, held
     p50 = panels["Stage duration p50"][0]
     stages = {r["metric"]["stage"] for r in _query(prom, _as_grafana(p50, range_).replace("10s", range_))}
     assert {"queue_wait", "runtime_run", "storage_put"} <= stages

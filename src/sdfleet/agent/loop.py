@@ -133,10 +133,12 @@ class Agent:
     async def _receive_loop(self) -> None:
         q = self.parts.queue.name
         wait_s = min(self.parts.settings.wait_s, 1.0) if self.burst else self.parts.settings.wait_s
+        held = self.parts.metrics.prefetch_limit.labels(queue=q)
         try:
             while not self._stopping.is_set():
                 self._heartbeat()
                 limit = self.ahead()
+                held.set(limit)
                 room = limit - len(self.pool) - self._preparing
                 # Refill by halves (several messages a call), or at once when the pool ran dry.
                 if room <= 0 or (room < max(1, limit // 2) and (self.pool or self._preparing)):
