@@ -9,6 +9,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,14 +238,15 @@ async def test_a_task_still_being_prepared_at_sigterm_is_released_not_left_to_it
         assert (q["visible"], q["in_flight"]) == (1, 0), q
 
 
-@pytest.mark.parametrize(("horizon_s", "most_ahead"), [(3.5, 2), (0, 4)])
+@pytest.mark.parametrize(("horizon_s", "most_ahead"), [(3.9, 2), (0, 4)])
 async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_horizon(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, horizon_s: float, most_ahead: int
 ) -> None:
     """1 s tasks, prefetch 4, a runtime that holds a second job queued while one runs: with a
-    3.5 s horizon the pool holds one task until the first call has ended, then two (three start
-    within 3.5 s at the measured 1 s each, one of them the job queued at the runtime), and the
-    rest stay on the queue for other agents; without a horizon (0) it holds four."""
+    3.9 s horizon the pool holds one task until the first call has ended, then two (three start
+    within 3.9 s at the measured 1 s each, up to 1.3 s on a loaded machine, one of them the job
+    queued at the runtime), and the rest stay on the queue for other agents; without a horizon (0)
+    it holds four."""
     runtimes = {"synthetic": {"latency_s": 1.0}}
     s = fleet_settings(
         engine, models_dir, QUEUE, runtimes=runtimes, lease_s=60, prefetch=4, prefetch_horizon_s=horizon_s
@@ -255,16 +257,19 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         assert r.status_code == 202, r.text
     worker = await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
     agent = worker.fleet.agents[0]
-    held, leased = [], []
+    held, leased, limits = [], [], []
+    gauge = partial(
+        agent.parts.metrics.registry.get_sample_value, "sdfleet_agent_prefetch_limit", {"queue": "q"}
+    )
     deadline = time.monotonic() + 3.6  # three calls end meanwhile
     while time.monotonic() < deadline:
         held.append(len(agent.pool) + agent._preparing)
         (q,) = [v for v in (await fleet.http.get("/v1/queues")).json() if v["name"] == "q"]
         leased.append(q["in_flight"])
+        limits.append(gauge())
         await asyncio.sleep(0.03)
     assert max(held) == most_ahead, held
-    limit = agent.parts.metrics.registry.get_sample_value("sdfleet_agent_prefetch_limit", {"queue": "q"})
-    assert limit == most_ahead  # what operators see
+    assert max(limits) == most_ahead, limits  # what operators see
     if horizon_s:
         assert held[: held.index(2)] and max(held[: held.index(2)]) == 1  # before the first call ended
         # at the runtime, held ahead, and at most one finishing: the rest is free for another agent
