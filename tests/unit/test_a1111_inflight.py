@@ -184,7 +184,10 @@ async def test_interrupt_all_and_the_job_not_yet_sent(runtime: A1111Runtime, eve
 async def test_another_clients_job_is_never_interrupted(
     runtime: A1111Runtime, events: Events, server: ServerThread
 ) -> None:
-    body = {"prompt": "theirs", "seed": 3, "width": 64, "height": 64, "steps": LONG}
+    # Five times as long as ours: on a loaded machine a 12-step job could end between being seen
+    # and ours being sent (pinning settings, the settled snapshot) plus the quiet period below,
+    # and then ours runs and is interrupted, rightly.
+    body = {"prompt": "theirs", "seed": 3, "width": 64, "height": 64, "steps": 5 * LONG}
     async with httpx.AsyncClient(base_url=server.url, timeout=600) as other:
         theirs = asyncio.create_task(other.post(_PATH, json=body))
         for _ in range(12000):  # until the server runs their job
