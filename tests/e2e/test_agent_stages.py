@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from fleet_tools import agent_process, drain, exists, write_fleet_file
+from fleet_tools import agent_process, drain, exists, submit_all, write_fleet_file
 
 from conftest import Engine, StartFleet, fleet_settings, free_port
 from sdfleet.settings import QueueConfig, Settings, WebhookSettings
@@ -252,9 +252,7 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         engine, models_dir, QUEUE, runtimes=runtimes, lease_s=60, prefetch=4, prefetch_horizon_s=horizon_s
     )
     fleet = await start_fleet(QUEUE, settings=s, agents=[])
-    for i in range(8):
-        r = await fleet.http.post("/v1/tasks", json={"params": {**PARAMS, "seed": i}})
-        assert r.status_code == 202, r.text
+    await submit_all(fleet, [{"params": {**PARAMS, "seed": i}} for i in range(8)])
     worker = await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
     agent = worker.fleet.agents[0]
     held, leased, limits = [], [], []

@@ -45,10 +45,14 @@ class Pace:
         if not self._calls or self._since is None:
             return
         now = self._now()
-        sample = (now - self._since) / self._calls.popleft()
-        avg = self.per_task_s
-        self.per_task_s = sample if avg is None else avg + self.alpha * (sample - avg)
+        self.observe((now - self._since) / self._calls.popleft())
         self._since = now if self._calls else None
+
+    def observe(self, per_task_s: float) -> None:
+        """One call's seconds per task, into the moving average (the simulator's replicas, which
+        know each call's length, feed it directly)."""
+        avg = self.per_task_s
+        self.per_task_s = per_task_s if avg is None else avg + self.alpha * (per_task_s - avg)
 
     def estimate(self) -> float | None:
         """Seconds per task, or None before any call has ended."""

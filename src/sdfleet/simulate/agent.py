@@ -23,6 +23,7 @@ from typing import Any
 
 import simpy
 
+from sdfleet.agent.pace import Pace
 from sdfleet.simulate.params import AgentParams
 from sdfleet.simulate.queue import Cohort, SimQueue
 from sdfleet.simulate.schedule import Schedule
@@ -70,12 +71,12 @@ class Replica:
         self._chunk: tuple[Schedule, list[Cohort]] | None = None
         self._runner: simpy.Process | None = None
         self._receiver: simpy.Process | None = None
-        self.per_task_s: float | None = None
-        """GPU seconds per request seen so far (a moving average, as the agent's ``Pace``)."""
+        self.pace = Pace()
+        """GPU seconds per request seen so far (the agent's own moving average)."""
 
     @property
     def cap(self) -> int:
-        return self.p.ahead(self.per_task_s)
+        return self.p.ahead(self.pace.estimate())
 
     def start(self) -> None:
         self._receiver = self.env.process(self._receive())
@@ -251,8 +252,7 @@ class Replica:
             concurrency=self.p.finish_concurrency,
         )
         self._chunk, self._picked = (sched, chunk), []
-        per = sched.run_full / b
-        self.per_task_s = per if self.per_task_s is None else self.per_task_s + 0.3 * (per - self.per_task_s)
+        self.pace.observe(sched.run_full / b)
         yield self.env.timeout(sched.end - self.env.now)
         self._chunk = None
         self._complete(sched, chunk, size, sched.end)
