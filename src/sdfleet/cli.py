@@ -113,7 +113,7 @@ def agent(
         None, help="URL of the runtime's server (a1111, comfyui), e.g. http://127.0.0.1:7860."
     ),
 ) -> None:
-    """A queue agent: receive tasks one by one and run them.
+    """A queue agent: receive tasks, run them on the runtime, store and publish their results.
 
     Side-car mode next to an SD WebUI container: ``--runtime a1111 --runtime-url http://127.0.0.1:7860``.
     """
