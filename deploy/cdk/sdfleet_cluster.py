@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aws_cdk as cdk
 import yaml
@@ -98,7 +98,8 @@ class SdfleetCluster(Construct):
             labels={"sdfleet.io/pool": "system"},
         )
         for addon in ("eks-pod-identity-agent", "aws-mountpoint-s3-csi-driver"):
-            eks.Addon(self, addon, cluster=self.cluster, addon_name=addon)
+            # The jsii stubs omit ICluster.kubectl_provider_options from Cluster; CDK accepts it.
+            eks.Addon(self, addon, cluster=cast(eks.ICluster, self.cluster), addon_name=addon)
         if options.admin_role_arn:
             policy = eks.AccessPolicy.from_access_policy_name(
                 "AmazonEKSClusterAdminPolicy", access_scope_type=eks.AccessScopeType.CLUSTER

@@ -5,6 +5,8 @@ as Karpenter's getting-started CloudFormation template creates them."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import aws_cdk as cdk
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_events as events
@@ -43,7 +45,8 @@ class KarpenterAws(Construct):
         eks.AccessEntry(
             self,
             "node-access",
-            cluster=cluster,
+            # The jsii stubs omit ICluster.kubectl_provider_options from Cluster; CDK accepts it.
+            cluster=cast(eks.ICluster, cluster),
             principal=self.node_role.role_arn,
             access_entry_type=eks.AccessEntryType.EC2_LINUX,
             access_policies=[],
