@@ -117,7 +117,12 @@ def _parse(url: str) -> httpx.URL:
         raise UrlRefused(f"scheme {parsed.scheme or '(none)'!r} is not allowed; use http or https")
     if parsed.userinfo or "@" in urllib.parse.unquote(parsed.netloc.decode("ascii", "replace")):
         raise UrlRefused("credentials (user@) in URLs are not allowed")
-    if not parsed.host:
+    try:
+        # httpx decodes an IDNA ("xn--") host on access and raises for an invalid one.
+        host = parsed.host
+    except ValueError as e:
+        raise UrlRefused(f"malformed host: {e}") from e
+    if not host:
         raise UrlRefused("URL has no host")
     return parsed
 

@@ -190,3 +190,38 @@ async def test_unreadable_record_fails_its_own_request_only(
     page = await fleet.http.get("/v1/tasks")
     assert page.status_code == 500 and page.json()["error"]["code"] == "bad_record", page.text
     await still_serving(fleet)
+
+
+class ExplodingFetcher:
+    """An input fetcher that fails on one URL with an error no fetcher is meant to raise."""
+
+    def __init__(self, inner: Any, url: str) -> None:
+        self.inner, self.url = inner, url
+
+    async def fetch(self, url: str) -> Any:
+        if url == self.url:
+            raise RuntimeError("an unforeseen bug")
+        return await self.inner.fetch(url)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_task_that_cannot_be_prepared_fails_on_its_last_receive(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Not a record left ``queued`` behind a dead letter: the task says why it will not run."""
+    fleet = await start(start_fleet, engine, models_dir, max_receives=2)
+    parts = fleet.fleet.agents[0].parts
+    url = "https://img.example/cursed.png"
+    parts.fetcher = ExplodingFetcher(parts.fetcher, url)  # type: ignore[assignment]
+    body = {"id": "cursed", "type": "image-to-image", "params": {**PARAMS, "init_images": [url]}}
+    r = await fleet.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    view = await fleet.wait("cursed", timeout_s=30)
+    assert view["state"] == "failed", view
+    assert view["error"]["code"] == "prepare_failed", view["error"]
+    assert "RuntimeError: an unforeseen bug" in view["error"]["message"], view["error"]
+    assert "after 2 attempts" in view["error"]["message"], view["error"]
+    assert [json.loads(b)["id"] for b in await dead_letters(engine)] == ["cursed"]
+    await still_serving(fleet)

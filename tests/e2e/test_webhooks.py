@@ -172,6 +172,7 @@ async def test_refused_webhook_url_is_422_at_submit(
         ("http://169.254.169.254/latest/meta-data/", "cloud instance metadata"),
         (f"{receiver.url}/hook", "loopback"),
         ("ftp://example.com/hook", "scheme"),
+        ("http://xn--zz.com/hook", "malformed host"),  # was a 500 (IDNAError)
     ]:
         r = await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": {"url": url}})
         assert r.status_code == 422, r.text

@@ -93,6 +93,8 @@ REFUSED = [
     ("gopher://public.test:70/_x", "scheme"),
     ("//public.test/a.png", "scheme"),
     ("http:///a.png", "no host"),
+    ("http://xn--zz.com/a.png", "malformed host"),  # an invalid IDNA label: httpx raises on .host
+    ("http://xn--/", "malformed host"),
 ]
 
 ALLOWED = [

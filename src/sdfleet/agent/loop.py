@@ -32,7 +32,7 @@ from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
-from sdfleet.agent.prepare import prepare
+from sdfleet.agent.prepare import fail_unprepared, prepare
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, SdfleetError
@@ -185,6 +185,7 @@ class Agent:
             unexpected = not isinstance(e, SdfleetError)
             log.warning("could not prepare %s, releasing: %s", d.message_id, e, exc_info=unexpected)
             await lease.stop()
+            await fail_unprepared(self.parts, d, e)
             await _settle(handle.release())
             prepared = None
         else:

@@ -48,6 +48,26 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     return prepared
 
 
+async def fail_unprepared(parts: Parts, d: Delivery, error: Exception) -> None:
+    """A delivery ``prepare`` raised on (a record the store would not give, a bug): on its last
+    receive the task is marked failed, so its record does not stay ``queued`` while the message
+    sits in the dead-letter queue; before that it is only retried. Errors here are logged: the
+    delivery is released either way."""
+    if d.receive_count < parts.fleet.retry.max_receives:
+        return
+    try:
+        task = decode_task(d.body, d.attributes)
+    except MessageDecodeError:
+        return
+    why = f"{type(error).__name__}: {error}"
+    message = f"could not prepare the task ({why}) (after {d.receive_count} attempts)"
+    queued = task if task.queue else task.model_copy(update={"queue": d.queue})
+    try:
+        await fail(parts, task.tenant, task.id, "prepare_failed", message, task=queued)
+    except Exception as e:  # the store itself may be what failed
+        log.warning("could not mark %s failed: %s", task.id, e)
+
+
 def trace_context(d: Delivery) -> Context:
     """The trace a delivery continues: the ``traceparent`` the API put in its attributes (inside
     the SNS envelope too, for a queue subscribed without raw delivery), else the X-Ray header SQS
