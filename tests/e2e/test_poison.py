@@ -88,9 +88,44 @@ async def test_deep_json_is_refused_at_the_door_on_every_route(
 
 
 @pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/tasks", v1), ("/v1alpha1/", v1alpha1), ("/v1alpha2/", v1alpha2)],
+    ids=["v1", "v1alpha1", "v1alpha2"],
+)
+async def test_values_a_record_cannot_hold_are_400_on_every_route(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, path: str, body: Any
+) -> None:
+    """Each was a 500 (a 4,301-digit integer, a lone surrogate in a field the seed's formats pass
+    through) or a record silently changed (1e400 stored as null)."""
+    fleet = await start(start_fleet, engine, models_dir)
+    for value, words in [
+        ("1e400", "out of range"),
+        ("7" * 5000, "integer out of range"),
+        ('"\\ud800"', "lone UTF-16 surrogate"),
+        ('{"\\udfff": 1}', "lone UTF-16 surrogate"),
+    ]:
+        r = await post(fleet, path, body(value))
+        assert r.status_code == 400, (value[:20], r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert error["code"] == "malformed_json" and words in error["message"], error
+    r = await fleet.http.post(path, content=v1(json.dumps("x")).encode("utf-16"))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", r.text[:300]
+    page = await fleet.http.get("/v1/tasks")
+    assert page.status_code == 200 and page.json()["tasks"] == [], page.text[:300]
+    await still_serving(fleet)
+
+
+@pytest.mark.parametrize(
     "raw",
-    ["[" * 5000 + "]" * 5000, "[" + "9" * 400 + ', "x"]', '[[[1]], "x"]'],
-    ids=["deep", "huge", "nested"],
+    [
+        "[" * 5000 + "]" * 5000,
+        "[" + "9" * 400 + ', "x"]',
+        '[[[1]], "x"]',
+        '[1, "\\ud800"]',
+        '[1e400, "x"]',
+        "[" + "9" * 5000 + ', "x"]',
+    ],
+    ids=["deep", "huge", "nested", "surrogate", "infinite", "over-int-limit"],
 )
 async def test_crafted_cursor_is_a_422(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, raw: str
