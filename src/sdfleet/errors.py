@@ -6,7 +6,9 @@ Callers never catch a dependency's exception types: each backend translates them
     SdfleetError
     ├── ConfigError                  bad settings or fleet config; missing optional extra
     ├── ValidationFailed             a request the client can fix (HTTP 400/413/422)
-    │   └── PayloadTooLarge
+    │   ├── PayloadTooLarge
+    │   ├── UnsupportedMediaType     a body we do not read (Content-Encoding) (HTTP 415)
+    │   └── RequestTimeout           a body not sent within api.body_timeout_s (HTTP 408)
     ├── NotFound                     unknown task, file, model or queue (HTTP 404)
     ├── Conflict                     idempotency-key clash, illegal transition (HTTP 409)
     │   └── TransitionConflict
@@ -58,6 +60,14 @@ class ValidationFailed(SdfleetError):
 
 class PayloadTooLarge(ValidationFailed):
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(ValidationFailed):
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(ValidationFailed):
+    code = "request_timeout"
 
 
 class NotFound(SdfleetError):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sdfleet.errors import InputFetchError, UrlRefused
 from sdfleet.s3_inputs import S3Inputs
@@ -194,6 +194,8 @@ def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
         raise InputFetchError(
             f"input image is more than the {max_pixels} pixels allowed ({e})", code="input_too_large"
         ) from e
+    except UnidentifiedImageError as e:  # its message names a BytesIO object, nothing of use
+        raise InputFetchError("input is not a readable image (no format PIL reads)") from e
     except Exception as e:  # PIL raises many types (SyntaxError, OSError, DecompressionBombError…)
         raise InputFetchError(f"input is not a readable image: {e}") from e
     return width, height

@@ -131,6 +131,9 @@ class ApiSettings(BaseModel):
     max_width: int = Field(2048, ge=8)
     max_height: int = Field(2048, ge=8)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body not received whole within this many seconds is a 408 (a client that sends
+    a byte a minute does not hold a connection and its buffer forever)."""
     signing_key: str | None = None
     """HMAC key of the signed file links served by ``GET /v1/files/{key}``. Unset: a random key per
     process (links then work only on the replica that made them; set it when running several)."""

@@ -179,11 +179,13 @@ async def test_tenants_ids_and_cancel(start_fleet: StartFleet, engine: Engine, m
     http = fleet.http
     r = await http.post("/v1/tasks", json=V1)
     assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    assert r.headers["www-authenticate"] == 'Bearer realm="sdfleet"', r.headers  # RFC 9110 §11.6.1
     r = await http.get("/v1/tasks/x", headers={"authorization": "Bearer guess"})
     assert r.status_code == 401 and r.json()["error"] == {
         "code": "unauthorized",
         "message": "unknown API key",
     }
+    assert r.headers["www-authenticate"].startswith("Bearer")
 
     r = await http.get("/v1/tasks/no-such-task", headers=ALICE)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

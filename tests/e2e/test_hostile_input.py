@@ -201,3 +201,106 @@ async def test_a_new_task_finished_before_its_record_is_still_a_202(
     assert r.json()["state"] == "succeeded", "the agent finished it before the API's record write"
     waited = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers={"prefer": "wait=10"})
     assert waited.status_code == 200 and waited.json()["state"] == "succeeded", waited.text
+
+
+async def test_bodies_headers_and_names_found_by_a_hostile_sweep_are_4xx(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Each of these was a 500, a silently accepted request, or a message with a Python repr."""
+    fleet = await start(start_fleet, engine, models_dir)
+    http = fleet.http
+    # Bodies are read as sent: an encoded one is refused, not misread as malformed or let through.
+    for encoding in ("gzip", "br", "deflate"):
+        r = await http.post("/v1/tasks", json={"params": PARAMS}, headers={"content-encoding": encoding})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    r = await http.post("/v1alpha1/", json={}, headers={"content-encoding": "gzip"})
+    assert r.status_code == 415, r.text
+    # v1 is bounded as the seed's formats are.
+    for params, words in [
+        ({"prompt": "x" * 100_001}, "params.prompt is over 100000"),
+        ({"prompt": "x", "negative_prompt": "y" * 100_001}, "negative_prompt is over"),
+        ({"prompt": "x", "sampler": "s" * 257}, "params.sampler must be 1 to 256"),
+        ({"prompt": "x", "upscaler": ""}, "params.upscaler must be 1 to 256"),
+        ({"prompt": "x", "init_images": [data_url(png(8))] * 17}, "at most 16"),
+    ]:
+        r = await http.post("/v1/tasks", json={"type": "image-to-image", "params": params})
+        assert r.status_code == 422 and words in r.json()["error"]["message"], r.text[:300]
+    for field in ("model", "runtime"):
+        r = await http.post("/v1/tasks", json={field: "", "params": PARAMS})
+        assert r.status_code == 422 and field in r.json()["error"]["message"], r.text
+    # Not an image: the reason, not PIL's repr of a BytesIO.
+    garbage = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
+    r = await http.post(
+        "/v1/tasks", json={"type": "image-to-image", "params": {**PARAMS, "init_images": [garbage]}}
+    )
+    assert r.status_code == 422 and "not a readable image" in r.json()["error"]["message"], r.text
+    assert "object at 0x" not in r.text
+    # Static files are looked up among those shipped: a name past NAME_MAX was an OSError (500).
+    assert (await http.get("/ui/static/ui.css")).status_code == 200
+    for name in ("a" * 1000 + ".js", "..%2Fapp.py", "missing.js"):
+        r = await http.get(f"/ui/static/{name}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (name[:20], r.text[:200])
+    assert (await http.get("/v1/tasks")).json()["tasks"] == [], "nothing refused was recorded"
+
+
+async def test_prefer_wait_reads_ascii_digits_and_cuts_any_larger_wait(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir)
+    for asked in ("9999999", "0000000000000000000000005", "1" + "0" * 40):
+        r = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers={"prefer": f"wait={asked}"})
+        applied = "wait=5" if asked.endswith("5") else "wait=60"
+        assert r.status_code == 200 and r.headers["preference-applied"] == applied, (asked[:12], r.text)
+    # "١" (ARABIC-INDIC DIGIT ONE) is a digit to \d and to int(), not to RFC 7240
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS}, headers={"prefer": "wait=١".encode()})
+    assert r.status_code == 202 and "preference-applied" not in r.headers, r.text
+
+
+async def test_a_body_sent_too_slowly_is_a_408_and_a_client_that_leaves_is_no_traceback(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtimes = {"synthetic": {"latency_s": 0.05}}
+    settings = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes)
+    settings.api.body_timeout_s = 1.0
+    fleet = await start_fleet(QUEUE, settings=settings)
+    port = settings.api.port
+    head = "POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((head + "Content-Length: 100\r\n\r\n{").encode())
+    await writer.drain()
+    t0 = time.monotonic()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    took = time.monotonic() - t0
+    answer = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert status.startswith(b"HTTP/1.1 408"), (status, answer)
+    assert b'"request_timeout"' in answer and 0.9 <= took < 5, (answer, took)
+
+    # A client that leaves mid-body: the API says nothing to nobody and serves on.
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((head + 'Content-Length: 100\r\n\r\n{"par').encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.3)
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    assert r.status_code == 202, r.text
+    assert not [rec for rec in caplog.records if "Exception in ASGI application" in rec.getMessage()]
+
+
+async def test_the_gallery_detail_shows_no_path_on_the_server(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """The ``.out`` JSON the agent stores lists storage locations: ``file://`` paths on local storage."""
+    fleet = await start(start_fleet, engine, models_dir)
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    view = await fleet.wait(r.json()["id"], timeout_s=30)
+    assert view["state"] == "succeeded", view
+    r = await fleet.http.get(f"/ui/api/tasks/{view['id']}")
+    assert r.status_code == 200, r.text
+    images = r.json()["output"]["images"]
+    assert len(images) == 1 and "/v1/files/" in images[0], images
+    assert "file:" not in r.text, r.text

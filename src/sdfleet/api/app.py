@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.PayloadTooLarge, 413),
+    (errors.UnsupportedMediaType, 415),
+    (errors.RequestTimeout, 408),
     (errors.ValidationFailed, 422),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
@@ -68,6 +70,8 @@ async def _sdfleet_error(request: Request, e: Exception) -> JSONResponse:
     headers = {}
     if isinstance(e, errors.RateLimited):
         headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+    elif isinstance(e, errors.Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="sdfleet"'  # RFC 9110 §11.6.1: a 401 names its scheme
     return JSONResponse(error_body(e.code, message), status_code=status, headers=headers)
 
 

@@ -1,29 +1,45 @@
-"""Reading request bodies with our limits and our error codes (400 malformed, 413 too large, 422 invalid)."""
+"""Reading request bodies with our limits and our error codes (400 malformed, 408 too slow, 413 too
+large, 415 encoded, 422 invalid)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from sdfleet import jsonsafe
-from sdfleet.errors import PayloadTooLarge, ValidationFailed
+from sdfleet.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body, refused (413) past ``max_bytes`` whether or not a length was declared."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The raw body, refused past ``max_bytes`` (413) whether or not a length was declared, when
+    it is not all there within ``timeout_s`` (408), or when it is encoded (415: bodies are read
+    as they come, never inflated)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:32]!r} is not accepted; send the JSON as it is"
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"payload is {declared} bytes; the limit is {max_bytes}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"payload is over the limit of {max_bytes} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise PayloadTooLarge(f"payload is over the limit of {max_bytes} bytes")
+    except TimeoutError as e:
+        raise RequestTimeout(f"the body was not received within {timeout_s:g} s") from e
+    except ClientDisconnect as e:  # nobody reads the answer; what matters is no traceback
+        raise ValidationFailed("the client left before sending the whole body", code="incomplete_body") from e
     return bytes(body)
 
 
@@ -35,13 +51,9 @@ def loads(body: bytes) -> Any:
         raise ValidationFailed(f"malformed JSON: {e}", code="malformed_json") from e
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    return loads(await read_body(request, max_bytes))
-
-
-async def read_object(request: Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+async def read_object(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
     """The raw body and its JSON, which must be an object."""
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     data = loads(body)
     if not isinstance(data, dict):
         raise ValidationFailed("the body must be a JSON object")

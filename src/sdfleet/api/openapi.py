@@ -34,16 +34,18 @@ class ErrorBody(BaseModel):
 
 
 _WHAT = {
-    400: "Malformed JSON",
+    400: "Malformed JSON, or a value a record cannot keep (`1e400`, a lone surrogate escape)",
     401: "Missing or unknown API key",
     404: "Not found (another tenant's task is not found either)",
+    408: "Body not received whole within `api.body_timeout_s`",
     409: "Conflict (the task has ended; the client id is being submitted by another request)",
     413: "Body over `api.max_body_bytes`",
+    415: "An encoded body (`Content-Encoding` other than `identity`)",
     422: "Invalid request: the message says what to fix",
     429: "Over the tenant's `rate_limit` or `max_in_flight`; retry after `Retry-After` seconds",
     503: "An engine (bus, store, storage) is unavailable; retry later",
 }
-SUBMIT_ERRORS = (400, 401, 409, 413, 422, 429, 503)
+SUBMIT_ERRORS = (400, 401, 408, 409, 413, 415, 422, 429, 503)
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

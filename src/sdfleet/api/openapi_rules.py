@@ -11,7 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from sdfleet.api.openapi import IMAGE_FORMAT
-from sdfleet.api.seed_schemas import URL_PATTERN, id_schema, v1alpha1_types, v1alpha2_types
+from sdfleet.api.seed_schemas import (
+    INPUTS_MAX,
+    NAME_MAX,
+    TEXT_MAX,
+    URL_PATTERN,
+    id_schema,
+    v1alpha1_types,
+    v1alpha2_types,
+)
 from sdfleet.settings import ApiSettings, FleetConfig
 
 Schema = dict[str, Any]
@@ -150,6 +158,11 @@ def tighten(c: Schema, settings: ApiSettings, fleet: FleetConfig) -> None:
     params["width"].update(multipleOf=8, maximum=settings.max_width)
     params["height"].update(multipleOf=8, maximum=settings.max_height)
     params["init_images"]["items"] = IMAGE
+    params["init_images"]["maxItems"] = INPUTS_MAX  # TaskRequest's own bounds (records are not held to them)
+    for name in ("prompt", "negative_prompt"):
+        params[name]["maxLength"] = TEXT_MAX
+    for name in ("sampler", "upscaler"):
+        params[name]["anyOf"][0].update(minLength=1, maxLength=NAME_MAX)
     c["Webhook"]["properties"]["url"].update(pattern=URL_PATTERN, maxLength=2048)
     request = c["TaskRequest"]
     request["properties"]["queue"] = {

@@ -30,6 +30,10 @@ INPUT_URL_PATTERN = f"({URL_PATTERN})|({S3_URL_PATTERN})"
 """What an input image URL may be: http(s) as ``URL_PATTERN``, or ``s3://``."""
 TEXT_MAX = 100_000
 """Longest prompt or negative prompt."""
+NAME_MAX = 256
+"""Longest sampler, upscaler, model or runtime name."""
+INPUTS_MAX = 16
+"""Most input images of one task."""
 
 IdTask = str | Integer
 
@@ -61,12 +65,12 @@ class A1111Body(Extras):
     seed: Annotated[int, Field(ge=-1, lt=2**32), BeforeValidator(integral)] | None = None
     batch_size: Annotated[int, Field(ge=1, le=16), BeforeValidator(integral)] | None = None
     denoising_strength: Annotated[float, Field(ge=0, le=1)] | None = None
-    sampler_name: str | None = Field(None, max_length=256)
-    sampler_index: str | None = Field(None, max_length=256)
-    init_images: list[str] | None = Field(None, max_length=16)
+    sampler_name: str | None = Field(None, max_length=NAME_MAX)
+    sampler_index: str | None = Field(None, max_length=NAME_MAX)
+    init_images: list[str] | None = Field(None, max_length=INPUTS_MAX)
     image: str | None = None
-    imageList: list[ImageItem] | None = Field(None, max_length=16)
-    upscaler_1: str | None = Field(None, max_length=256)
+    imageList: list[ImageItem] | None = Field(None, max_length=INPUTS_MAX)
+    upscaler_1: str | None = Field(None, max_length=NAME_MAX)
     upscaling_resize: Annotated[float, Field(gt=0, le=8)] | None = None
     override_settings: OverrideSettings | None = None
 

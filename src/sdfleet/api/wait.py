@@ -14,7 +14,8 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.tasks import TaskRecord
 
 MAX_WAIT_S = 60
-_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d{1,6})\"?\s*(?:[,;]|$)", re.IGNORECASE)
+# ASCII digits only (\d also takes other scripts' digits), any count: a larger wait is cut, not ignored.
+_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?([0-9]+)\"?\s*(?:[,;]|$)", re.IGNORECASE)
 _FIRST_POLL_S = 0.02
 _MAX_POLL_S = 0.5
 
@@ -24,7 +25,8 @@ def preferred_wait(request: Request) -> int | None:
     for header in request.headers.getlist("prefer"):
         found = _WAIT.search(header)
         if found:
-            return min(int(found.group(1)), MAX_WAIT_S)
+            digits = found.group(1).lstrip("0") or "0"
+            return MAX_WAIT_S if len(digits) > 6 else min(int(digits), MAX_WAIT_S)
     return None
 
 

@@ -38,7 +38,7 @@ def tenant_prefix(who: Caller, prefix: str) -> str:
 
 async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: ModuleType) -> JSONResponse:
     """Both seed formats: parse, submit like any task, answer in the seed's own shape (HTTP 200)."""
-    _, data = await read_object(request, ctx.settings.max_body_bytes)
+    _, data = await read_object(request, ctx.settings.max_body_bytes, ctx.settings.body_timeout_s)
     task: Task = fmt.to_task(data, tenant=who.tenant)  # the seed's checks, in its own words, first
     try:
         check_types(data, fmt.__name__.rsplit(".", 1)[-1])

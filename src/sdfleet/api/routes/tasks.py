@@ -6,13 +6,14 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdfleet.api.auth import Caller, caller
 from sdfleet.api.body import parse_strict, read_object
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import file_url
 from sdfleet.api.openapi import SUBMIT_ERRORS, errors
+from sdfleet.api.seed_schemas import INPUTS_MAX, NAME_MAX, TEXT_MAX
 from sdfleet.api.submit import submit
 from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
@@ -51,8 +52,8 @@ class TaskRequest(BaseModel):
         None, pattern=TASK_ID_PATTERN, description="Client id: an idempotency key of the tenant"
     )
     type: TaskType = TaskType.TEXT_TO_IMAGE
-    model: str | None = Field(None, max_length=256)
-    runtime: str | None = Field(None, max_length=256)
+    model: str | None = Field(None, min_length=1, max_length=NAME_MAX)
+    runtime: str | None = Field(None, min_length=1, max_length=NAME_MAX)
     params: TaskParams = Field(default_factory=TaskParams)
     priority: Integer = 0
     queue: str | None = None
@@ -62,6 +63,22 @@ class TaskRequest(BaseModel):
     notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = Field(
         None, description="Shape of the results-topic notification; default the queue's (sdfleet)"
     )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TaskRequest:
+        """The bounds the seed's formats have (``seed_schemas``), on fields ``TaskParams`` leaves
+        open because records and other producers' messages are read with it."""
+        p = self.params
+        for name, limit in (("prompt", TEXT_MAX), ("negative_prompt", TEXT_MAX)):
+            if len(getattr(p, name)) > limit:
+                raise ValueError(f"params.{name} is over {limit} characters")
+        for name in ("sampler", "upscaler"):
+            value = getattr(p, name)
+            if value is not None and not 1 <= len(value) <= NAME_MAX:
+                raise ValueError(f"params.{name} must be 1 to {NAME_MAX} characters")
+        if len(p.init_images) > INPUTS_MAX:
+            raise ValueError(f"params.init_images holds {len(p.init_images)} images; at most {INPUTS_MAX}")
+        return self
 
     def to_task(self) -> Task:
         """The ``Task`` (its own defaults for what the request left out). Everything here was
@@ -154,7 +171,7 @@ async def create_task(request: Request) -> Response:
     # dependency solving, and its view is serialised once (the OpenAPI document says the same).
     ctx = await get_ctx(request)
     who = await caller(request, ctx)
-    body, _ = await read_object(request, ctx.settings.max_body_bytes)
+    body, _ = await read_object(request, ctx.settings.max_body_bytes, ctx.settings.body_timeout_s)
     req = parse_strict(TaskRequest, body)
     record, created = await submit(ctx, who, req.to_task(), request.headers)
     status = 202 if created else 200

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from sdfleet.api.auth import Caller, caller
 from sdfleet.api.deps import ApiContext, get_ctx
-from sdfleet.api.links import file_url
+from sdfleet.api.links import file_url, public_location
 from sdfleet.api.routes.tasks import owned
 from sdfleet.api.thumbs import ensure_thumbnail
 from sdfleet.errors import NotFound, SdfleetError, ValidationFailed
@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent.parent / "ui"
 STATIC = HERE / "static"
 templates = Jinja2Templates(directory=HERE / "templates")
 _STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*\.(js|css|svg)$")
+_STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file() and _STATIC_NAME.match(p.name))
 MAX_IDS = 100
 # The page talks only to this origin; images may come from presigned S3 URLs.
 CSP = (
@@ -65,10 +66,10 @@ async def task_page(request: Request, task_id: str) -> HTMLResponse:
 
 @router.get("/static/{name}")
 async def static(name: str) -> FileResponse:
-    path = STATIC / name
-    if not _STATIC_NAME.match(name) or not path.is_file():
-        raise NotFound(f"no static file {name!r}")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=300"})
+    # Looked up among the files shipped, never on the disk: a name over NAME_MAX was an OSError (500).
+    if name not in _STATIC_FILES:
+        raise NotFound(f"no static file {name[:64]!r}")
+    return FileResponse(STATIC / name, headers={"Cache-Control": "public, max-age=300"})
 
 
 class Card(BaseModel):
@@ -143,7 +144,9 @@ class Detail(BaseModel):
 
 
 @router.get("/api/tasks/{task_id}", response_model=Detail)
-async def detail(task_id: str, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)) -> Detail:
+async def detail(
+    task_id: str, request: Request, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)
+) -> Detail:
     record = await owned(ctx, who, task_id)
     params = record.task.params.model_dump(exclude=set(_HIDDEN_PARAMS))
     params["inputs"] = len(record.task.params.init_images)
@@ -153,4 +156,7 @@ async def detail(task_id: str, ctx: ApiContext = Depends(get_ctx), who: Caller =
             output = json.loads(await ctx.storage.get(record.result.output))
         except (SdfleetError, ValueError):
             output = None
+        if isinstance(output, dict) and "images" in output:
+            # The agent wrote storage locations: file:// paths on the server for local storage.
+            output["images"] = [public_location(ctx, request, k) for k in record.result.images]
     return Detail(params=params, runtime=record.runtime, worker=record.worker, output=output)
