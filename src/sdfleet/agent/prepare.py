@@ -59,8 +59,9 @@ async def fail_unprepared(parts: Parts, d: Delivery, error: Exception) -> None:
         task = decode_task(d.body, d.attributes)
     except MessageDecodeError:
         return
-    why = f"{type(error).__name__}: {error}"
-    message = f"could not prepare the task ({why}) (after {d.receive_count} attempts)"
+    # The error's type only: its text may name engines and hosts, which clients are not told.
+    what = f"{type(error).__name__}; see its log"
+    message = f"the agent could not prepare the task ({what}) (after {d.receive_count} attempts)"
     queued = task if task.queue else task.model_copy(update={"queue": d.queue})
     try:
         await fail(parts, task.tenant, task.id, "prepare_failed", message, task=queued)
