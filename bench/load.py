@@ -38,6 +38,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 RESULTS = Path(__file__).parent / "results"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 SMALL = {"prompt": "a lighthouse at dusk", "steps": 2, "width": 64, "height": 64}
@@ -277,7 +279,7 @@ def report(result: dict[str, Any], console: Console) -> None:
         sub, e2e = s["submit_latency_s"], s["e2e_latency_s"]
         errors = ", ".join(f"{k} ×{v}" for k, v in s["errors"].items()) or "-"
         table.add_row(name, str(s["attempted"]), str(s["succeeded"]), _triple(sub), _triple(e2e), errors)
-    console.print(table)
+    print_table(table, console)
     a = result["all"]
     console.print(f"throughput {a['throughput_per_s']} tasks/s over {result['wall_s']} s", soft_wrap=True)
 

@@ -23,6 +23,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _agent import backlog_run, engine_for, now_tag, settings_for, text_tasks
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['wall_s']:.1f} s",
             f"{r['max_pool_wait_s']:.2f} s",
         )
-    console.print(t)
+    print_table(t, console)
     ratio = rows[1]["switches"] / max(1, rows[0]["switches"])
     console.print(f"model-aware / FIFO switches: {ratio:.3f} (bound {args.bound_s:g} s)")
     args.results.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import yaml
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,6 +24,7 @@ from sdfleet.cli_common import (
     _fail,
     _settings,
     console,
+    err,
     print_json,
     print_table,
 )
@@ -301,4 +303,20 @@ def main() -> None:
         ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
     ):
         os.environ.setdefault(var, value)
-    app()
+    try:
+        app()
+    except (SdfleetError, OSError, json.JSONDecodeError, yaml.YAMLError) as e:
+        # What a person can fix (a fleet file, a setting, a path, a busy port) is one line, not a
+        # traceback, from every command; a bug still shows its traceback.
+        err.print(f"[red]error:[/red] {escape(_one_line(e))}")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename is not None else e.strerror
+    if isinstance(e, json.JSONDecodeError):
+        return f"not JSON: {e}"
+    return str(e) or type(e).__name__

@@ -24,7 +24,7 @@ err = Console(stderr=True, soft_wrap=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="Fleet file (default ./sdfleet.yaml if present).")
 ApiOpt = typer.Option("http://127.0.0.1:8080", "--api", envvar="SDFLEET_API_URL", help="Base URL of the API.")
 HostOpt = typer.Option(None, help="API host (SDFLEET_API__HOST).")
-PortOpt = typer.Option(None, help="API port (SDFLEET_API__PORT).")
+PortOpt = typer.Option(None, min=0, max=65535, help="API port (SDFLEET_API__PORT).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON (for scripts) instead of text.")
 KeyOpt = typer.Option(
     None, "--api-key", envvar="SDFLEET_API_KEY", help="API key (when tenants are configured)."
@@ -50,12 +50,14 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def print_table(table: Table) -> None:
-    """A table at its natural width, wider than the terminal if need be, so no cell is folded."""
-    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
-    width = console.width
-    console.width = max(width, natural)  # print(width=) cannot go past the console's own width
+def print_table(table: Table, out: Console | None = None) -> None:
+    """A table at its natural width, wider than the terminal if need be, so no cell is folded
+    or cut ("…"): ids and figures in it can be copied whole."""
+    out = out or console
+    natural = Measurement.get(out, out.options.update_width(100_000), table).maximum
+    width = out.width
+    out.width = max(width, natural)  # print(width=) cannot go past the console's own width
     try:
-        console.print(table)
+        out.print(table)
     finally:
-        console.width = width
+        out.width = width

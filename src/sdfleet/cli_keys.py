@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +16,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, _settings, console
+from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_json, print_table
 from sdfleet.errors import SdfleetError
 from sdfleet.store.access import AccessStore, ApiKey, digest, new_key, open_access
 
@@ -82,20 +81,19 @@ def _when(ts: float | None) -> str:
 @keys_app.command("list")
 def list_keys(
     config: Path | None = ConfigOpt,
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per key (no hashes)."),
+    as_json: bool = typer.Option(False, "--json", help="The keys as one JSON array (no hashes)."),
 ) -> None:
     """Stored keys, revoked ones included (keys in sdfleet.yaml are not listed)."""
     keys = _with_access(config, lambda access: access.keys())
     if as_json:
-        for k in keys:
-            print(json.dumps(k.model_dump(exclude={"digest"})))
+        print_json([k.model_dump(mode="json", exclude={"digest"}) for k in keys])
         return
     table = Table("id", "tenant", "tier", "rate/s", "burst", "max in flight", "created", "revoked")
     for k in keys:
         limits = (k.rate_limit, k.burst, k.max_in_flight)
         cells = ["-" if v is None else f"{v:g}" for v in limits]
         table.add_row(k.id, k.tenant, k.tier, *cells, _when(k.created_at), _when(k.revoked_at))
-    console.print(table)
+    print_table(table)
 
 
 @keys_app.command("revoke")

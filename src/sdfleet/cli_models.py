@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import typer
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, _settings, console
+from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_table
 from sdfleet.errors import ConfigError, SdfleetError
 from sdfleet.settings import ModelsConfig
 
@@ -230,7 +230,7 @@ def _print_plan(actions: list[Any]) -> None:
     for (model, op), group in rows.items():
         reasons = ", ".join(sorted({a.reason for a in group}))
         table.add_row(op, model, str(len(group)), mib(sum(a.size for a in group)), reasons)
-    console.print(table)
+    print_table(table)
 
 
 def ls(
@@ -267,4 +267,4 @@ def ls(
     table = Table("name", "kind", "files", "size", title=where)
     for row in rows:
         table.add_row(row["name"], row["kind"], str(row["files"]), mib(row["bytes"]))
-    console.print(table)
+    print_table(table)

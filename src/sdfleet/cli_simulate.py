@@ -11,7 +11,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, console
+from sdfleet.cli_common import ConfigOpt, _fail, console, print_table
 from sdfleet.errors import ConfigError, SdfleetError
 
 
@@ -180,7 +180,7 @@ def _sweep(o: Options, fleet: Any, arrivals: Any, params: Any, perf: Any, price:
             f"{hours:.1f}",
             "yes" if r.met else "no",
         )
-    console.print(t)
+    print_table(t)
     best = next((r for r in rows if r.met), None)
     if best is None:
         console.print("[red]no setting in the grid meets the objective[/red]")

@@ -116,7 +116,7 @@ def deploy_values(
 @runtime_app.command("serve")
 def runtime_serve(
     host: str = typer.Option("127.0.0.1", help="Listen address."),
-    port: int = typer.Option(7860, help="Listen port (SD WebUI's default)."),
+    port: int = typer.Option(7860, min=0, max=65535, help="Listen port (SD WebUI's default)."),
     models_dir: Path | None = typer.Option(None, help="Models directory (default from settings)."),
     model: str | None = typer.Option(
         None, help="Checkpoint to load at start (default: the configured one, else the first in the folder)."
@@ -156,6 +156,9 @@ def runtime_serve(
         cmd_flags=flags,
         sdwebui_status=sdwebui_status,
     )
+    from sdfleet.serve import check_bindable
+
+    check_bindable(host, port, "runtime server")
     uvicorn.run(app, host=host, port=port, log_config=None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from types import TracebackType
 from typing import Any
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdfleet.errors import Conflict, NotFound, SdfleetError, Unauthorized, ValidationFailed
+from sdfleet.tasks import TASK_ID_PATTERN
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 UNREACHABLE = "api_unreachable"
@@ -62,7 +64,7 @@ class AsyncClient:
         return str(data.get("id") or data.get("id_task"))
 
     async def get(self, task_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/v1/tasks/{task_id}")
+        return await self._call("GET", f"/v1/tasks/{_task_path(task_id)}")
 
     async def poll(self, task_id: str) -> dict[str, Any]:
         """``get``, tried again (a second apart, ``POLL_TRIES`` in all) while the API cannot be reached."""
@@ -77,7 +79,7 @@ class AsyncClient:
             await asyncio.sleep(1.0)
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/v1/tasks/{task_id}/cancel")
+        return await self._call("POST", f"/v1/tasks/{_task_path(task_id)}/cancel")
 
     async def wait(self, task_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.25) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -88,6 +90,16 @@ class AsyncClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"task {task_id} still {view['state']} after {timeout_s} s")
             await asyncio.sleep(poll_s)
+
+
+def _task_path(task_id: str) -> str:
+    """A task id as one path segment: refused here unless it is one (``?``, ``/`` or an empty id
+    would name another resource), so the API's 422 for a bad id is ours to give, not a wrong 404."""
+    if not re.match(TASK_ID_PATTERN, task_id):
+        raise ValidationFailed(
+            f"{task_id!r} is not a task id (1-128 of A-Z a-z 0-9 . _ : -, not starting with . : or -)"
+        )
+    return task_id
 
 
 def _error(status: int, data: Any) -> SdfleetError:

@@ -106,11 +106,14 @@ def chart_values(
     ``prefix`` defaults to the engine's own default. ``redis_password_secret`` (``name`` or
     ``name:key``) is the Secret of the Redis password: KEDA and the pods both read it, the chart
     writes it into the Redis URLs. With the redis engine the chart's ``ensureJob`` creates the
-    topology before agents start. Raises ``ConfigError`` on a missing region or account (aws), a
-    queue name the engine refuses, or a storage URL the pods cannot share.
+    topology before agents start. Raises ``ConfigError`` on a missing region or account (aws) or
+    Redis address (redis), a queue name the engine refuses, or a storage URL the pods cannot share.
     """
     if engine not in DEFAULT_PREFIX:
         raise ConfigError(f"unknown engine {engine!r}: aws or redis")
+    if engine == "redis" and not redis_address:
+        # Without it the values render an empty bus URL and a KEDA trigger with no address.
+        raise ConfigError("the redis engine needs the Redis address (--redis-address host:port)")
     prefix = DEFAULT_PREFIX[engine] if prefix is None else prefix
     queues = [_queue_values(q, _trigger(engine, prefix, q.name, region, account)) for q in fleet.queues]
     urls = {"bus": _bus_url(engine, prefix, region, account, redis_address)}

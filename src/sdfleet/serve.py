@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable, Generator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -39,8 +41,21 @@ def _server(
     return _Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan=lifespan))
 
 
+def check_bindable(host: str, port: int, name: str) -> None:
+    """Raise ``OSError`` naming the listener when ``host:port`` cannot be bound: uvicorn itself
+    only logs it and calls ``sys.exit(3)`` from inside the event loop."""
+    if port == 0:
+        return
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(e.errno, f"the {name} cannot listen on {host}:{port}: {why}") from e
+
+
 async def _serve(server: uvicorn.Server, name: str) -> asyncio.Task[object]:
     """Start ``server`` and return once it listens (or has failed to start)."""
+    check_bindable(server.config.host, server.config.port, name)
     task: asyncio.Task[object] = asyncio.create_task(server.serve(), name=name)
     while not server.started and not task.done():
         await asyncio.sleep(0.02)

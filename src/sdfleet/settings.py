@@ -6,11 +6,12 @@ Precedence: init arguments > environment > ``sdfleet.yaml`` (``fleet:`` is the f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
@@ -125,7 +126,7 @@ class FleetConfig(BaseModel):
 
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = Field(8080, ge=0, le=65535)
     public_url: str | None = None
     """Base URL clients reach the API at (for file links); default http://host:port."""
     max_width: int = Field(2048, ge=8)
@@ -255,7 +256,9 @@ class Settings(BaseSettings):
     """Create/update topics, queues and subscriptions at start. Turn off where the CDK app (or an
     operator) owns them, so API and agent roles need no create permissions."""
     log_json: bool = True
-    log_level: str = "INFO"
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(lambda v: str(v).upper())
+    ] = "INFO"
     otlp_endpoint: str | None = None
     """OTLP/HTTP traces endpoint (e.g. an ADOT collector's ``http://localhost:4318/v1/traces``)."""
 
@@ -295,7 +298,22 @@ def load_fleet(path: Path) -> FleetConfig:
     try:
         return FleetConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: {_validation_errors(e, lambda loc: '.'.join(map(str, loc)))}") from e
+
+
+def _settings_errors(e: ValidationError) -> str:
+    """Each bad setting by its variable name."""
+    return _validation_errors(e, lambda loc: "SDFLEET_" + "__".join(map(str, loc)).upper())
+
+
+def _validation_errors(e: ValidationError, where: Callable[[tuple[int | str, ...]], str]) -> str:
+    """One line: where each error is, what is wrong, and what was given when it is short."""
+    parts = []
+    for err in e.errors()[:5]:
+        given = err.get("input")
+        shown = f" (got {given!r})" if isinstance(given, str | int | float) and len(repr(given)) <= 64 else ""
+        parts.append(f"{where(err['loc'])}: {err['msg']}{shown}")
+    return "; ".join(parts)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -303,7 +321,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(f"invalid settings: {_settings_errors(e)}") from e
     path = config_file or settings.config_file
     if path is None and Path(DEFAULT_CONFIG_FILE).exists():
         path = Path(DEFAULT_CONFIG_FILE)

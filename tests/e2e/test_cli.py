@@ -125,3 +125,105 @@ def test_demo_prints_two_pngs_of_the_asked_sizes(tmp_path: Path, cli_env: dict[s
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "noise from a tiny test model" in demo.stdout
     assert "━" not in demo.stdout and "warning" not in demo.stderr.lower(), demo.stderr
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str], words: str) -> None:
+    """A person's mistake: exit 2 and one ``error:`` line naming it, never a traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr and "╭─" not in proc.stderr, proc.stderr[-1500:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0], proc.stderr[-1500:]
+
+
+def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("queues: [\n  - name: x\n")
+    bad_name = tmp_path / "bad-name.yaml"
+    bad_name.write_text(yaml.safe_dump({"queues": [{"name": "Bad_Name"}]}))
+    not_json = tmp_path / "task.json"
+    not_json.write_text("{nope")
+    for args, words in [
+        (["queues", "-c", str(bad_yaml)], "not valid YAML"),
+        (["up", "-c", str(bad_yaml)], "not valid YAML"),
+        (["agent", "--queue", "x", "-c", str(bad_name)], "Bad_Name"),
+        (["ensure", "-c", str(tmp_path / "nope.yaml")], "nope.yaml"),
+        (["models", "list", "-c", str(bad_yaml)], "not valid YAML"),
+        (["keys", "list", "-c", str(bad_yaml)], "not valid YAML"),
+        (["submit", "--file", str(tmp_path / "missing.json")], "No such file or directory"),
+        (["submit", "--file", str(not_json)], "not JSON"),
+        (["submit", "--file", str(tmp_path)], "Is a directory"),
+        (["status", ""], "is not a task id"),
+        (["status", "a?b"], "is not a task id"),
+        (["deploy", "values", "--engine", "redis"], "--redis-address"),
+        (["models", "make-tiny", "../evil", "--dir", str(tmp_path / "models")], "is not a model name"),
+    ]:
+        _one_error_line(_run(args, cli_env), words)
+    for var, value, words in [
+        ("SDFLEET_LOG_LEVEL", "bogus", "SDFLEET_LOG_LEVEL"),
+        ("SDFLEET_API__PORT", "abc", "SDFLEET_API__PORT"),
+        ("SDFLEET_API__PORT", "83616", "less than or equal to 65535"),
+    ]:
+        _one_error_line(_run(["queues"], {**cli_env, var: value}), words)
+    assert not (tmp_path / "evil").exists()
+    wrapped = _run(["up", "--port", "83616"], cli_env)  # was 83616 % 65536: another port
+    assert wrapped.returncode == 2 and "65535" in wrapped.stderr, wrapped.stderr[-800:]
+
+
+def test_a_busy_port_is_named(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        for args in (["up", "--port", str(port)], ["api", "--port", str(port)]):
+            _one_error_line(_run(args, {**cli_env, "SDFLEET_LOG_JSON": "false"}), f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("runtime", ["a1111", "comfyui"])
+def test_sigterm_while_waiting_for_the_server_ends_the_agent(
+    tmp_path: Path, cli_env: dict[str, str], runtime: str
+) -> None:
+    """A side-car agent whose SD WebUI / ComfyUI is not up yet (minutes of ready_timeout_s)."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    agent = subprocess.Popen(
+        [*SDFLEET, "agent", "--queue", "default", "--runtime", runtime, "--runtime-url", url],
+        env=cli_env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(6)  # past start-up: polling the server
+    assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+    t0 = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    _out, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0 and time.monotonic() - t0 < 10, err[-1500:]
+    assert "stopped before the runtime was ready" in err, err[-1500:]
+
+
+def test_keys_list_json_is_one_document_and_its_table_keeps_ids_whole(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    env = {**cli_env, "COLUMNS": "60"}
+    made = [_run(["keys", "create", "--tenant", f"tenant-with-a-long-name-{i}"], env) for i in range(2)]
+    assert all(m.returncode == 0 for m in made), [m.stderr for m in made]
+    listed = _run(["keys", "list", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    keys = json.loads(listed.stdout)
+    assert [k["tenant"] for k in sorted(keys, key=lambda k: k["tenant"])] == [
+        "tenant-with-a-long-name-0",
+        "tenant-with-a-long-name-1",
+    ]
+    table = _run(["keys", "list"], env)
+    assert table.returncode == 0 and "…" not in table.stdout, table.stdout
+    for k in keys:
+        assert k["id"] in table.stdout and k["tenant"] in table.stdout, table.stdout
+
+
+def test_make_tiny_single_file_takes_the_name_with_or_without_its_extension(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    models = tmp_path / "models"
+    made = _run(["models", "make-tiny", "sf.safetensors", "--single-file", "--dir", str(models)], cli_env)
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in models.iterdir()) == ["sf.config", "sf.safetensors"]

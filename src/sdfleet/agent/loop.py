@@ -18,6 +18,7 @@ tasks finish within ``drain_s`` or interrupt and release them, finish what finis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -86,7 +87,8 @@ class Agent:
 
     async def run(self) -> int:
         """Serve the queue until stopped (or, in burst mode, until it is empty). Returns tasks handled."""
-        await self.parts.runtime.start()
+        if not await self._until_started():
+            return 0
         if self.ready_file is not None:
             self.ready_file.parent.mkdir(parents=True, exist_ok=True)
             self.ready_file.write_text("ready\n")
@@ -111,6 +113,26 @@ class Agent:
                 if f is not None:
                     f.unlink(missing_ok=True)
         return self.processed
+
+    async def _until_started(self) -> bool:
+        """Start the runtime; False when a stop came first. A server runtime waits for its server
+        (up to ``ready_timeout_s``, minutes): SIGTERM in that time ends the agent at once, with
+        nothing received and nothing to drain."""
+        start = asyncio.create_task(self.parts.runtime.start(), name="runtime-start")
+        stopped = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not start.done():
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start
+                log.info("stopped before the runtime was ready")
+        if start.cancelled():
+            return False
+        start.result()  # its error, if it failed
+        return True
 
     def _deletion_cost(self) -> PodDeletionCost | None:
         if not self.parts.settings.pod_deletion_cost:

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from sdfleet.serve import check_bindable
 from sdfleet.settings import Settings, load_settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -76,6 +77,7 @@ def serve(settings: Settings) -> None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
         start_http_server(settings.api.ops_port, addr=settings.api.host, registry=registry)
+    check_bindable(settings.api.host, settings.api.port, "api")
     try:
         uvicorn.run(
             "sdfleet.api.workers:app",

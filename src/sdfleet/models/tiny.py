@@ -224,6 +224,10 @@ def make_tiny(
 
     if sdxl and sd2:
         raise ValueError("a tiny model is SD 2.x or SDXL, not both")
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{name!r} is not a model name (one file or folder name, not starting with .)")
+    if single_file:  # a task may name the model with or without its extension: one is enough
+        name = name.removesuffix(".safetensors").removesuffix(".ckpt") or name
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     scratch = dest_dir / f".{name}.tokenizer-src"
