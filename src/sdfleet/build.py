@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from sdfleet.agent.parts import Parts
 from sdfleet.api.deps import ApiContext
 from sdfleet.bus import Bus, open_bus
+from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.compat.notify import seed_notification
 from sdfleet.errors import ConfigError
 from sdfleet.guarded_http import InputFetcher
@@ -41,9 +42,12 @@ class Engines:
         self.store: TaskStore = open_store(settings.store)
         self.access: AccessStore = open_access(settings.store)
         self.storage: BlobStore = open_storage(settings.storage)
+        self.keeper = TopologyKeeper(
+            self.bus, fleet_topology(settings.fleet), allowed=settings.ensure_topology
+        )
 
     async def ensure(self) -> None:
-        await self.bus.ensure(fleet_topology(self.settings.fleet))
+        await self.bus.ensure(self.keeper.topology)
 
     async def aclose(self) -> None:
         await self.bus.aclose()
@@ -102,6 +106,7 @@ def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = 
         metrics=metrics or Metrics(),
         access=engines.access,
         webhook=settings.webhook,
+        keeper=engines.keeper,
     )
 
 
@@ -158,6 +163,7 @@ def agent_parts(
         settings=a,
         worker_id=f"{socket.gethostname()}-{os.getpid()}-{queue}-{uuid.uuid4().hex[:6]}",
         metrics=metrics,
+        keeper=engines.keeper,
     )
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from conftest import SD15, Engine, RunningFleet, StartFleet
 from sdfleet.agent.loop import Agent
 from sdfleet.bus import open_bus
+from sdfleet.routing import fleet_topology
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.settings import QueueConfig
 from sdfleet.store import open_store
@@ -27,6 +29,7 @@ from sdfleet.tasks import TaskState
 pytestmark = pytest.mark.timeout(120)
 
 QUEUE = [QueueConfig(name="q", runtime="synthetic")]
+PARAMS = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
 
 
 @pytest.fixture
@@ -247,3 +250,46 @@ async def test_two_agents_never_run_one_task_at_once(start_fleet: StartFleet) ->
         assert runs, task_id
         for a, b in itertools.pairwise(runs):
             assert a.end <= b.start, f"task {task_id} ran twice at once: {runs}"
+
+
+@pytest.mark.parametrize("may_ensure", [True, False], ids=["ensure_topology", "owned_elsewhere"])
+async def test_a_redis_that_comes_back_empty_gets_its_topology_again(
+    start_fleet: StartFleet,
+    engine: Engine,
+    private_redis: Any,
+    caplog: pytest.LogCaptureFixture,
+    may_ensure: bool,
+) -> None:
+    """A Redis restarted without persistence (here: FLUSHDB) loses the topics and queues. The
+    agent used to exit (`queue 'q' does not exist`), taking `sdfleet up`'s API with it, and the
+    API answered submits 404. Now both put the topology back, or, where the topology is not theirs
+    to create, wait for `sdfleet ensure` like through an outage (503s meanwhile)."""
+    fleet = await start_fleet(QUEUE, runtimes={"synthetic": {"latency_s": 0.02}})
+    first = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    assert (await fleet.wait(first.json()["id"]))["state"] == "succeeded"
+    assert fleet.fleet.server is not None
+    keeper = fleet.fleet.server.config.app.state.ctx.keeper  # one per process: the API's and the agent's
+    assert keeper is not None and all(a.parts.keeper is keeper for a in fleet.fleet.agents)
+    keeper.allowed = may_ensure  # False: as `ensure_topology: false` builds it
+    client = aioredis.from_url(private_redis.url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    await asyncio.sleep(1.5)  # the agent's receive finds its queue gone
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    if not may_ensure:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "bus_unavailable", r.text
+        said = [rec.name for rec in caplog.records if "run `sdfleet ensure`" in rec.getMessage()]
+        assert {"sdfleet.agent.loop", "sdfleet.api.app"} <= set(said), said  # the operator is told
+        bus = open_bus(engine.bus_url)
+        try:
+            await bus.ensure(fleet_topology(fleet.settings.fleet))  # what `sdfleet ensure` does
+        finally:
+            await bus.aclose()
+        r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    assert r.status_code == 202, r.text
+    view = await fleet.wait(r.json()["id"], timeout_s=30)
+    assert view["state"] == "succeeded", view
+    assert not fleet.task.done(), "the fleet (API and agents) must still be running"
+    assert (keeper.restored >= 1) == may_ensure

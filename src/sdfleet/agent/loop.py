@@ -36,7 +36,7 @@ from sdfleet.agent.pool import ReadyPool, images
 from sdfleet.agent.prepare import fail_unprepared, prepare
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
-from sdfleet.errors import BusError, SdfleetError
+from sdfleet.errors import BusError, BusUnavailable, NotFound, SdfleetError
 from sdfleet.pod_cost import PodDeletionCost, PodRef, track
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,9 @@ class Agent:
                     deliveries = await self.parts.bus.receive(
                         q, max_messages=min(room, MAX_RECEIVE), wait_s=wait_s, lease_s=self.lease_s
                     )
+                except NotFound as e:  # the engine lost its data (a Redis restarted empty)
+                    await self._queue_missing(e)
+                    continue
                 except BusError as e:
                     log.warning("receive from %s failed, retrying: %s", q, e)
                     await self._until(self._stopping.wait(), 1.0)
@@ -182,6 +185,17 @@ class Agent:
                     self._spawn(self._admit(d))
         finally:
             self._receiver_done.set()
+
+    async def _queue_missing(self, missing: NotFound) -> None:
+        """Put the topology back where this agent may (else wait, as through an outage, for
+        `sdfleet ensure`); an agent never exits because its queue vanished."""
+        try:
+            if self.parts.keeper is None:
+                raise BusUnavailable(f"{missing.message}; run `sdfleet ensure`") from missing
+            await self.parts.keeper.restore(missing)
+        except BusUnavailable as e:
+            log.error("%s; retrying", e)
+            await self._until(self._stopping.wait(), 5.0)
 
     def ahead(self) -> int:
         """Tasks the ready pool may hold now (received, prepared, not yet running)."""

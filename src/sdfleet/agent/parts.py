@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.bus.base import Bus, Delivery
+from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.guarded_http import InputFetcher
 from sdfleet.media import sniff
 from sdfleet.notify.base import Notifier
@@ -39,6 +40,8 @@ class Parts:
     settings: AgentSettings
     worker_id: str
     metrics: Metrics
+    keeper: TopologyKeeper | None = None
+    """Puts the topology back when the engine lost it; None: never (``ensure_topology`` off)."""
 
 
 @dataclass(eq=False)  # identity: a task in the agent's sets and maps

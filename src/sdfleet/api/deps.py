@@ -9,6 +9,7 @@ from fastapi import Request
 from opentelemetry.trace import Tracer
 
 from sdfleet.bus.base import Bus, Topology
+from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.routing import fleet_topology
 from sdfleet.settings import ApiSettings, FleetConfig, WebhookSettings
@@ -33,6 +34,8 @@ class ApiContext:
     access: AccessStore
     ready: bool = False
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    keeper: TopologyKeeper | None = None
+    """Puts the topology back when the engine lost it; None: never (``ensure_topology`` off)."""
     keys: KeyRing = field(init=False)
     topology: Topology = field(init=False)
     """``fleet_topology(fleet)``, computed once: submits route against it."""

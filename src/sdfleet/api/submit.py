@@ -23,7 +23,7 @@ from sdfleet.api.admission import admit
 from sdfleet.api.auth import Caller
 from sdfleet.api.checks import check_task, check_webhook
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import Conflict, SdfleetError
+from sdfleet.errors import BusUnavailable, Conflict, NotFound, SdfleetError
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.tasks import Task, TaskRecord, TaskState
@@ -110,11 +110,25 @@ async def _claimed(
 
 async def _publish_and_record(ctx: ApiContext, task: Task, attributes: dict[str, str]) -> TaskRecord:
     now = time.time()
-    await ctx.bus.publish(ctx.fleet.tasks_topic, task.to_message(), inject(stamp(attributes)))
+    await _publish(ctx, task.to_message(), inject(stamp(attributes)))
     # Not created: an agent received the message first and adopted the task; it is this one.
     record, _ = await ctx.store.create(TaskRecord(task=task, published_at=now))
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
     return record
+
+
+async def _publish(ctx: ApiContext, message: bytes, attributes: dict[str, str]) -> None:
+    """Publish to the tasks topic. A topic the engine lost (a Redis restarted empty) is put back
+    and the publish tried once more; missing still, it is a 503 (an outage), never a 404."""
+    topic = ctx.fleet.tasks_topic
+    for attempt in (1, 2):
+        try:
+            await ctx.bus.publish(topic, message, attributes)
+            return
+        except NotFound as e:
+            if ctx.keeper is None or attempt == 2:
+                raise BusUnavailable(f"{e.message}; run `sdfleet ensure`") from e
+            await ctx.keeper.restore(e)
 
 
 async def _winners_record(ctx: ApiContext, task: Task) -> TaskRecord:
