@@ -3,6 +3,7 @@ count what happened, JSON logs carry the trace id."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import OTHER, SD15, StartFleet
+from sdfleet.settings import QueueConfig
 from sdfleet.telemetry import JsonFormatter, TraceIdFilter, setup_tracing
 
 BODY = {"model": SD15, "params": {"prompt": "a red door", "steps": 2, "width": 64, "height": 64}}
@@ -133,3 +135,28 @@ def test_json_logs_carry_trace_id(spans: InMemorySpanExporter) -> None:
         line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "task t1 done"
     assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+
+
+async def test_a_run_that_fails_has_an_error_span_and_no_ended_span_warnings(
+    start_fleet: StartFleet, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``runtime.run`` span is measured after the fact and ended at once: its error was set
+    after that and lost, with "Tried calling set_status on an ended span" on every failed run."""
+    caplog.set_level(logging.WARNING, logger="opentelemetry")
+    queues = [QueueConfig(name="q", runtime="synthetic")]
+    fleet = await start_fleet(queues, runtimes={"synthetic": {"latency_s": 20, "progress_steps": 40}})
+    r = await fleet.http.post("/v1/tasks", json=BODY)
+    task_id = r.json()["id"]
+    for _ in range(200):
+        if (await fleet.http.get(f"/v1/tasks/{task_id}")).json()["state"] == "running":
+            break
+        await asyncio.sleep(0.05)
+    assert (await fleet.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    assert (await fleet.wait(task_id, timeout_s=30))["state"] == "cancelled"
+    await fleet.stop()
+    (run,) = _task_spans(spans, task_id)["runtime.run"]
+    assert run.status.status_code.name == "ERROR" and run.events[0].name == "exception", (
+        run.status,
+        run.events,
+    )
+    assert not [m for m in (rec.getMessage() for rec in caplog.records) if "ended span" in m]

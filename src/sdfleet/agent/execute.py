@@ -13,8 +13,6 @@ import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from opentelemetry import trace
-
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import notify
 from sdfleet.errors import GenerationTimeout, SdfleetError
@@ -134,10 +132,8 @@ def _record_stages(
         p.timings["model_switch"] = switch_s
         p.past_stage("model.switch", switch_from, run_from)
     p.timings["runtime_run"] = run
-    span = p.past_stage("runtime.run", run_from, end, attrs)
-    if not ok and isinstance(outcome, BaseException):
-        span.record_exception(outcome)
-        span.set_status(trace.StatusCode.ERROR, str(outcome))
+    error = outcome if not ok and isinstance(outcome, BaseException) else None
+    p.past_stage("runtime.run", run_from, end, attrs, error=error)
 
 
 async def _call(

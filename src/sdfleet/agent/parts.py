@@ -80,14 +80,22 @@ class Prepared:
             yield span
 
     def past_stage(
-        self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, Any] | None = None
-    ) -> trace.Span:
-        """A child span for a stage measured after the fact (inside the runtime, in the pool)."""
+        self,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        attributes: Mapping[str, Any] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """A child span for a stage measured after the fact (inside the runtime, in the pool),
+        ended at once: its ``error`` is recorded before that (an ended span takes nothing more)."""
         ctx = trace.set_span_in_context(self.span)
         span = tracer().start_span(name, context=ctx, start_time=start_ns)
         span.set_attributes({"sdfleet.task_id": self.task.id, **(attributes or {})})
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR, str(error))
         span.end(end_time=max(start_ns, end_ns))
-        return span
 
 
 def output_keys(task: Task, outputs: Sequence[bytes], tag: str | None = None) -> tuple[list[str], str]:
