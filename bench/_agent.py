@@ -152,6 +152,7 @@ async def backlog_run(settings: Settings, engine: Engine, tasks: list[Task]) -> 
             counted.bus = Counting(engines.bus, "bus", counts)
             counted.store = Counting(engines.store, "store", counts)
             counted.storage = Counting(engines.storage, "storage", counts)
+            counted.keeper = engines.keeper
             runtime = make_runtime(settings, QUEUE)
             parts = agent_parts(settings, counted, QUEUE, runtime)
             try:

@@ -32,10 +32,33 @@ from sdfleet.cli_ensure import ensure
 from sdfleet.cli_keys import keys_app
 from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
-from sdfleet.errors import SdfleetError
+from sdfleet.errors import NotFound, SdfleetError
 from sdfleet.settings import Settings
 
-app = typer.Typer(help="sdfleet: asynchronous Stable Diffusion generation at scale.", no_args_is_help=True)
+app = typer.Typer(
+    help="sdfleet: asynchronous Stable Diffusion generation at scale.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"sdfleet {version('sdfleet')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
 app.add_typer(models_app, name="models")
 app.add_typer(runtime_app, name="runtime")
 app.add_typer(deploy_app, name="deploy")
@@ -190,6 +213,8 @@ def submit(
     """Submit a task; prints its id (and, with --wait, where its images are). --json: the task view."""
     from sdfleet.client import AsyncClient, wait_with_progress
 
+    if file is not None and prompt is not None:
+        _fail(ValueError("give --prompt or --file, not both (a --file body carries its own prompt)"))
     if file is not None:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()
         body = json.loads(text)
@@ -280,6 +305,9 @@ def queues(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
 
     try:
         rows = asyncio.run(main())
+    except NotFound as e:
+        _fail(NotFound(f"{e}: create the fleet's queues with `sdfleet ensure` (or start `sdfleet up`)"))
+        return
     except SdfleetError as e:
         _fail(e)
         return

@@ -38,6 +38,8 @@ def make_tiny_cmd(
     """Write a tiny random-weight SD pipeline (no download). Its images are noise from a tiny test model."""
     from sdfleet.models.tiny import make_tiny
 
+    if not sidecar and not single_file:
+        _fail(ValueError("--no-sidecar is for --single-file (a diffusers folder holds its own configs)"))
     target = models_dir or _settings(None).fleet.models.dir
     kinds = {"sdxl": sdxl, "sd2": sd2, "single_file": single_file, "sidecar": sidecar}
     try:
@@ -145,6 +147,10 @@ def runtime_serve(
             default_model=model or settings.fleet.models.default,
             cache_size=settings.fleet.models.cache_size,
         )
+        if model or settings.fleet.models.default:
+            catalog.resolve(
+                model or settings.fleet.models.default or ""
+            )  # NotFound now, not in uvicorn's start-up
     except SdfleetError as e:
         _fail(e)
         return

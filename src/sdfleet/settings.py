@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
@@ -21,6 +29,8 @@ DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
 
 class ScalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
     min: int = Field(0, ge=0)
     max: int = Field(10, ge=1)
     target_backlog: int = Field(10, ge=1)
@@ -28,6 +38,8 @@ class ScalingConfig(BaseModel):
 
 
 class QueueConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     filter: dict[str, Any] | None = None
     """SNS filter policy; None = every task."""
@@ -57,6 +69,8 @@ class QueueConfig(BaseModel):
 
 
 class ModelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
     dir: Path = Path("models")
     s3: str | None = Field(None, pattern=r"^s3://[^/?#]+(/[^?#]*)?(\?.*)?$")
     """``s3://bucket/prefix`` holding models: the default of ``sdfleet models push/pull/sync/ls
@@ -75,11 +89,15 @@ class ModelsConfig(BaseModel):
 
 
 class RetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
     max_receives: int = Field(3, ge=1)
     lease_s: float = Field(60.0, gt=0)
 
 
 class TenantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
     name: str = Field(pattern=TENANT_PATTERN)
     """Letters, digits, ``.``, ``_``, ``-`` (it is the first segment of the tenant's storage keys)."""
     tier: str = "standard"
@@ -93,6 +111,8 @@ class TenantConfig(BaseModel):
 
 class FleetConfig(BaseModel):
     """The fleet file: drives bus topology, agents and deployment alike."""
+
+    model_config = ConfigDict(extra="forbid")  # `quuues:` is an error, not a silent default fleet
 
     tasks_topic: str = "tasks"
     results_topic: str = "results"

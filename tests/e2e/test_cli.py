@@ -140,6 +140,8 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
     bad_yaml.write_text("queues: [\n  - name: x\n")
     bad_name = tmp_path / "bad-name.yaml"
     bad_name.write_text(yaml.safe_dump({"queues": [{"name": "Bad_Name"}]}))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("quuues: []\n")
     not_json = tmp_path / "task.json"
     not_json.write_text("{nope")
     for args, words in [
@@ -156,6 +158,11 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["status", "a?b"], "is not a task id"),
         (["deploy", "values", "--engine", "redis"], "--redis-address"),
         (["models", "make-tiny", "../evil", "--dir", str(tmp_path / "models")], "is not a model name"),
+        (["models", "make-tiny", "m", "--no-sidecar", "--dir", str(tmp_path / "models")], "--single-file"),
+        (["submit", "--prompt", "x", "--file", str(not_json)], "not both"),
+        (["queues", "-c", str(typo)], "quuues"),
+        (["agent", "--queue", "default", "--runtime", "nosuchmod:Cls"], "no module named 'nosuchmod'"),
+        (["runtime", "serve", "--device", "tpu", "--port", "0"], "use cpu, cuda, cuda:N or auto"),
     ]:
         _one_error_line(_run(args, cli_env), words)
     for var, value, words in [
@@ -164,6 +171,8 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         ("SDFLEET_API__PORT", "83616", "less than or equal to 65535"),
     ]:
         _one_error_line(_run(["queues"], {**cli_env, var: value}), words)
+    fresh = {**cli_env, "SDFLEET_DATA_DIR": str(tmp_path / "fresh")}  # no topology yet
+    _one_error_line(_run(["queues"], fresh), "sdfleet ensure")
     assert not (tmp_path / "evil").exists()
     wrapped = _run(["up", "--port", "83616"], cli_env)  # was 83616 % 65536: another port
     assert wrapped.returncode == 2 and "65535" in wrapped.stderr, wrapped.stderr[-800:]

@@ -301,6 +301,7 @@ async def test_the_gallery_detail_shows_no_path_on_the_server(
     assert view["state"] == "succeeded", view
     r = await fleet.http.get(f"/ui/api/tasks/{view['id']}")
     assert r.status_code == 200, r.text
+    assert r.json()["params"]["seed"] == view["seed"] != -1, "the seed used, not the -1 asked"
     images = r.json()["output"]["images"]
     assert len(images) == 1 and "/v1/files/" in images[0], images
     assert "file:" not in r.text, r.text

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from sdfleet.errors import ConfigError, Reject, RuntimeFailure
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import build_runtime
-from sdfleet.runtimes._diffusers_opts import DiffusersOptions, is_out_of_memory
+from sdfleet.runtimes._diffusers_opts import DiffusersOptions, check_present, is_out_of_memory
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -49,6 +49,17 @@ def test_defaults_and_device_resolution() -> None:
     assert DiffusersOptions(device="cpu", dtype="bf16").resolve_device() == ("cpu", torch.bfloat16)
     assert DiffusersOptions(device="cuda:1").resolve_device() == ("cuda:1", torch.float16)
     assert DiffusersOptions(device="cuda", dtype="fp32").resolve_device() == ("cuda", torch.float32)
+    for device in ("tpu", "cuda:x", "CPU", "cuda:"):
+        with pytest.raises(ValueError, match="use cpu, cuda, cuda:N or auto"):
+            DiffusersOptions(device=device).resolve_device()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_refused_at_start() -> None:
+    check_present("cpu")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="has no CUDA device"):
+            check_present(device)
 
 
 @pytest.mark.parametrize(

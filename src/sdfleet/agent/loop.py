@@ -36,7 +36,7 @@ from sdfleet.agent.pool import ReadyPool, images
 from sdfleet.agent.prepare import fail_unprepared, prepare
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
-from sdfleet.errors import BusError, BusUnavailable, NotFound, SdfleetError
+from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, Reject, SdfleetError
 from sdfleet.pod_cost import PodDeletionCost, PodRef, track
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,10 @@ class Agent:
                 log.info("stopped before the runtime was ready")
         if start.cancelled():
             return False
-        start.result()  # its error, if it failed
+        try:
+            start.result()  # its error, if it failed
+        except Reject as e:  # the queue's own model is not there: nothing this agent can serve
+            raise ConfigError(f"queue {self.parts.queue.name}: {e.reason}") from e
         return True
 
     def _deletion_cost(self) -> PodDeletionCost | None:

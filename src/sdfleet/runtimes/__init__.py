@@ -45,6 +45,9 @@ def build_runtime(
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
+        if extra is None and e.name is not None and module_name.startswith(e.name):
+            # 'package.module:Class' naming a module that is not there (not one it imports)
+            raise ConfigError(f"runtime {name!r}: no module named {e.name!r} on this Python's path") from e
         if extra is None or (e.name or "").startswith("sdfleet"):
             raise
         raise ConfigError(f"the {name} runtime needs {e.name}: pip install 'sdfleet[{extra}]'") from e

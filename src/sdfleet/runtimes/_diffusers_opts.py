@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -84,12 +85,27 @@ class DiffusersOptions:
         return opts
 
     def resolve_device(self) -> tuple[str, torch.dtype]:
+        """(device, dtype); ``ValueError`` for a device string that is not one."""
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+            raise ValueError(f"device {device!r}: use cpu, cuda, cuda:N or auto")
         cuda = device.startswith("cuda")
         dtype = DTYPES[self.dtype] if self.dtype else (torch.float16 if cuda else torch.float32)
         return device, dtype
+
+
+def check_present(device: str) -> None:
+    """``ValueError`` unless ``device`` (as ``resolve_device`` gives it) is on this machine: a worker
+    asked for CUDA on a CPU node (or a CPU build of torch) says so at start, not at its first task."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch has no CUDA device (a CPU build, or no GPU)")
+    count = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
 
 
 def _check_budget(value: object) -> None:

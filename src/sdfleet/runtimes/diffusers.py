@@ -78,6 +78,7 @@ class DiffusersRuntime:
         self.catalog = catalog
         self.default_model = default_model
         self.device, self.dtype = self.options.resolve_device()
+        O.check_present(self.device)
         self.max_batch = self.options.max_batch
         self.batch_wait_s = self.options.max_batch_wait_ms / 1000
         self.cache_size = max(1, cache_size)

@@ -150,6 +150,8 @@ async def detail(
     record = await owned(ctx, who, task_id)
     params = record.task.params.model_dump(exclude=set(_HIDDEN_PARAMS))
     params["inputs"] = len(record.task.params.init_images)
+    if record.result is not None and record.result.seed is not None:
+        params["seed"] = record.result.seed  # the one used (asked -1: random), to make it again
     output = None
     if record.result is not None and record.result.output:
         try:
