@@ -241,7 +241,11 @@ def load_mix(path: Path | None) -> list[dict[str, Any]]:
     if not isinstance(mix, list) or not mix:
         raise SystemExit(f"{path}: a mix is a non-empty list of {{name, weight, format, body}}")
     for entry in mix:
-        if entry.get("format") not in PATHS or not isinstance(entry.get("body"), dict):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("format") not in PATHS
+            or not isinstance(entry.get("body"), dict)
+        ):
             raise SystemExit(f"{path}: each entry needs format (one of {', '.join(PATHS)}) and a body object")
     return list(mix)
 
@@ -290,6 +294,7 @@ def _triple(p: dict[str, float | None]) -> str:
 
 async def run_load(args: argparse.Namespace) -> dict[str, Any]:
     random.seed(args.seed)
+    mix = load_mix(args.mix)  # a missing or bad file is said before any request
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     timeout = httpx.Timeout(60.0, read=None)  # event streams stay open as long as their tasks run
@@ -297,7 +302,7 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
         base_url=args.api_url, headers=headers, limits=limits, timeout=timeout
     ) as http:
         args.model = args.model or await resolve_model(http)
-        run = Run(args, http, load_mix(args.mix))
+        run = Run(args, http, mix)
         began = time.perf_counter()
         await (open_loop(run) if args.rate is not None else closed_loop(run))
         wall = time.perf_counter() - began
@@ -320,7 +325,11 @@ def main(argv: list[str]) -> int:
     console = Console()
     mode = f"{args.rate}/s open loop" if args.rate is not None else f"{args.users} users"
     console.print(f"load on {args.api_url}: {mode} for {args.duration:g} s", soft_wrap=True)
-    result = asyncio.run(run_load(args))
+    try:
+        result = asyncio.run(run_load(args))
+    except httpx.TransportError as e:  # nothing answers at --api-url: one line, not a traceback
+        Console(stderr=True).print(f"[red]error:[/red] cannot reach {args.api_url}: {e}", soft_wrap=True)
+        return 2
     report(result, console)
     out = args.output or RESULTS / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

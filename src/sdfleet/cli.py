@@ -78,15 +78,23 @@ def demo(
     ),
     steps: int | None = typer.Option(None, help="With --model: steps (default: 2 for turbo, else 25)."),
     cfg: float | None = typer.Option(None, help="With --model: CFG scale (default 0 for turbo, else 7)."),
-    size: int = typer.Option(512, help="With --model: width and height."),
-    config: Path | None = ConfigOpt,
+    size: int | None = typer.Option(None, help="With --model: width and height (default 512)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="With --model: the fleet file naming the models folder."
+    ),
 ) -> None:
     """The whole flow on this machine: API, topic, queues, agents, a tiny model, the seed's two requests."""
     from sdfleet.demo import OwnModel, run_demo
 
     own = None
-    if model is not None:
-        own = OwnModel(model, _settings(config).fleet.models.dir, steps=steps, size=size, cfg_scale=cfg)
+    if model is None:
+        flags = (("--steps", steps), ("--cfg", cfg), ("--size", size), ("-c", config))
+        given = [flag for flag, value in flags if value is not None]
+        if given:  # the demo's own fleet runs a tiny model: these would be ignored
+            _fail(ValueError(f"{', '.join(given)}: only with --model"))
+    else:
+        models_dir = _settings(config).fleet.models.dir
+        own = OwnModel(model, models_dir, steps=steps, size=size or 512, cfg_scale=cfg)
     try:
         asyncio.run(run_demo(data_dir, console, own))
     except SdfleetError as e:

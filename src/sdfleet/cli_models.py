@@ -89,7 +89,7 @@ def pull(
         else:
             results.append(_pull_s3(root, spec, source, models, jobs, as_json))
     if as_json:
-        sys.stdout.write(json.dumps(results, indent=1) + "\n")
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
 
 
 def _pull_s3(
@@ -262,7 +262,7 @@ def ls(
         found = local_models(models_dir or models.dir)
     rows = [{"name": m.name, "kind": m.kind, "files": len(m.files), "bytes": m.size} for m in found.values()]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     table = Table("name", "kind", "files", "size", title=where)
     for row in rows:

@@ -160,6 +160,7 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["models", "make-tiny", "../evil", "--dir", str(tmp_path / "models")], "is not a model name"),
         (["models", "make-tiny", "m", "--no-sidecar", "--dir", str(tmp_path / "models")], "--single-file"),
         (["submit", "--prompt", "x", "--file", str(not_json)], "not both"),
+        (["demo", "--steps", "3"], "only with --model"),
         (["queues", "-c", str(typo)], "quuues"),
         (["agent", "--queue", "default", "--runtime", "nosuchmod:Cls"], "no module named 'nosuchmod'"),
         (["runtime", "serve", "--device", "tpu", "--port", "0"], "use cpu, cuda, cuda:N or auto"),
