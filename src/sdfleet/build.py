@@ -115,9 +115,19 @@ def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> 
     if q is None:
         raise ConfigError(f"unknown queue {queue!r}; the fleet has {[q.name for q in settings.fleet.queues]}")
     name = runtime or q.runtime
+    models = catalog(settings, fetch=True)
+    if name == "diffusers" and settings.fleet.models.s3 is None and not models.list():
+        # Every task of this queue would fail `no_model`; the agent still starts (models may be
+        # copied in while it runs), but the operator hears of it now, not from the first failure.
+        log.warning(
+            "queue %s: the models folder %s holds no model; its tasks will fail until one is there "
+            "(`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3)",
+            q.name,
+            settings.fleet.models.dir,
+        )
     return build_runtime(
         name,
-        catalog=catalog(settings, fetch=True),
+        catalog=models,
         options=settings.fleet.runtimes.get(name, {}),
         default_model=q.model or settings.fleet.models.default,
         cache_size=settings.fleet.models.cache_size,
