@@ -24,9 +24,9 @@ from sdfleet.cli_common import (
     _fail,
     _settings,
     console,
-    err,
     print_json,
     print_table,
+    say_error,
 )
 from sdfleet.cli_ensure import ensure
 from sdfleet.cli_keys import keys_app
@@ -344,15 +344,7 @@ def main() -> None:
     except (SdfleetError, OSError, json.JSONDecodeError, yaml.YAMLError) as e:
         # What a person can fix (a fleet file, a setting, a path, a busy port) is one line, not a
         # traceback, from every command; a bug still shows its traceback.
-        err.print(f"[red]error:[/red] {escape(_one_line(e))}")
+        say_error(e)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename is not None else e.strerror
-    if isinstance(e, json.JSONDecodeError):
-        return f"not JSON: {e}"
-    return str(e) or type(e).__name__

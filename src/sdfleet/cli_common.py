@@ -40,8 +40,21 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {escape(str(e))}")  # messages may hold [brackets]: not markup
+    say_error(e)
     raise typer.Exit(2)
+
+
+def say_error(e: BaseException) -> None:
+    """``error: <what>`` on one line of stderr (a command's own failures, and ``cli.main``'s)."""
+    err.print(f"[red]error:[/red] {escape(_one_line(e))}")  # messages may hold [brackets]: not markup
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename is not None else e.strerror
+    if isinstance(e, json.JSONDecodeError):
+        return f"not JSON: {e}"
+    return str(e) or type(e).__name__
 
 
 def print_json(data: Any) -> None:

@@ -139,18 +139,17 @@ def runtime_serve(
     settings = _settings(config)
     catalog = ModelCatalog(models_dir or settings.fleet.models.dir)
     options = {**settings.fleet.runtimes.get("diffusers", {}), "device": device}
+    model = model or settings.fleet.models.default
     try:
         runtime = build_runtime(
             "diffusers",
             catalog=catalog,
             options=options,
-            default_model=model or settings.fleet.models.default,
+            default_model=model,
             cache_size=settings.fleet.models.cache_size,
         )
-        if model or settings.fleet.models.default:
-            catalog.resolve(
-                model or settings.fleet.models.default or ""
-            )  # NotFound now, not in uvicorn's start-up
+        if model:
+            catalog.resolve(model)  # NotFound now, not in uvicorn's start-up
     except SdfleetError as e:
         _fail(e)
         return
@@ -158,7 +157,7 @@ def runtime_serve(
     app = create_app(
         runtime,
         catalog,
-        model=model or settings.fleet.models.default,
+        model=model,
         cmd_flags=flags,
         sdwebui_status=sdwebui_status,
     )

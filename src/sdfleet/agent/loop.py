@@ -193,8 +193,6 @@ class Agent:
         """Put the topology back where this agent may (else wait, as through an outage, for
         `sdfleet ensure`); an agent never exits because its queue vanished."""
         try:
-            if self.parts.keeper is None:
-                raise BusUnavailable(f"{missing.message}; run `sdfleet ensure`") from missing
             await self.parts.keeper.restore(missing)
         except BusUnavailable as e:
             log.error("%s; retrying", e)

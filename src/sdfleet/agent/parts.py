@@ -40,8 +40,8 @@ class Parts:
     settings: AgentSettings
     worker_id: str
     metrics: Metrics
-    keeper: TopologyKeeper | None = None
-    """Puts the topology back when the engine lost it; None: never (``ensure_topology`` off)."""
+    keeper: TopologyKeeper
+    """Puts the topology back when the engine lost it (where ``ensure_topology`` allows)."""
 
 
 @dataclass(eq=False)  # identity: a task in the agent's sets and maps

@@ -32,10 +32,10 @@ class ApiContext:
     catalog: ModelCatalog | None
     metrics: Metrics
     access: AccessStore
+    keeper: TopologyKeeper
+    """Puts the topology back when the engine lost it (where ``ensure_topology`` allows)."""
     ready: bool = False
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
-    keeper: TopologyKeeper | None = None
-    """Puts the topology back when the engine lost it; None: never (``ensure_topology`` off)."""
     keys: KeyRing = field(init=False)
     topology: Topology = field(init=False)
     """``fleet_topology(fleet)``, computed once: submits route against it."""

@@ -126,7 +126,7 @@ async def _publish(ctx: ApiContext, message: bytes, attributes: dict[str, str]) 
             await ctx.bus.publish(topic, message, attributes)
             return
         except NotFound as e:
-            if ctx.keeper is None or attempt == 2:
+            if attempt == 2:
                 raise BusUnavailable(f"{e.message}; run `sdfleet ensure`") from e
             await ctx.keeper.restore(e)
 
