@@ -305,3 +305,52 @@ async def test_the_gallery_detail_shows_no_path_on_the_server(
     images = r.json()["output"]["images"]
     assert len(images) == 1 and "/v1/files/" in images[0], images
     assert "file:" not in r.text, r.text
+
+
+async def test_the_out_json_a_client_downloads_links_its_images_not_server_paths(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """The task view links the ``.out`` JSON; on local storage the agent wrote ``file://`` paths into it."""
+    fleet = await start(start_fleet, engine, models_dir)
+    r = await fleet.http.post("/v1/tasks", json={"params": {**PARAMS, "batch_size": 2}})
+    view = await fleet.wait(r.json()["id"], timeout_s=30)
+    assert view["state"] == "succeeded", view
+    r = await fleet.http.get(view["output"]["url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    assert "file:" not in r.text and str(fleet.settings.data_dir.resolve()) not in r.text, r.text
+    links = r.json()["images"]
+    assert len(links) == 2 and r.json()["task_id"] == view["id"], r.text
+    for link, image in zip(links, view["images"], strict=True):
+        got = await fleet.http.get(link)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png", (link, got.text[:200])
+        assert got.content == (await fleet.http.get(image["url"])).content
+
+
+async def test_every_get_route_answers_head_with_the_gets_headers_and_no_body(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """RFC 9110 §9.3.2: HEAD was a 405 on every route (``curl -I``, link checkers, load balancers)."""
+    fleet = await start(start_fleet, engine, models_dir, latency_s=2.0)
+    http = fleet.http
+    first = (await http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
+    # A streamed answer (the events of a task still queued or running) ends once its headers are out.
+    r = await http.head(f"/v1/tasks/{first}/events", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.headers
+    assert r.content == b""
+    view = await fleet.wait(first, timeout_s=30)
+    assert view["state"] == "succeeded", view
+    paths = ["/healthz", "/readyz", "/ui/static/ui.css", "/openapi.json", view["images"][0]["url"]]
+    for path in paths:
+        got, head = await http.get(path), await http.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code, head.text)
+        assert head.content == b"", path
+        for name in ("content-length", "content-type", "cache-control"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    r = await http.head(f"/v1/tasks/{first}")
+    assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 100
+    assert (await http.head("/v1/tasks/t-missing")).status_code == 404
+    # A path without GET has no HEAD either; a 405 lists HEAD beside every GET.
+    r = await http.head(f"/v1/tasks/{first}/cancel")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
+    r = await http.delete("/healthz")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.headers

@@ -20,6 +20,7 @@ from sdfleet import errors
 from sdfleet.api import openapi, openapi_rules
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
+from sdfleet.api.head import HeadAsGet
 from sdfleet.api.queue_stats import queue_stats_refresher
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks, ui
 from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
@@ -101,6 +102,8 @@ async def _http_error(request: Request, e: Exception) -> JSONResponse:
             match, _ = route.matches(request.scope)  # PARTIAL: the path is the route's, not the method
             if match is not Match.NONE:
                 methods |= set(route.methods or ())
+        if "GET" in methods:
+            methods.add("HEAD")  # answered by HeadAsGet
         headers["Allow"] = ", ".join(sorted(methods))
     code = _ROUTING.get(e.status_code, "http_error")
     return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code, headers=headers)
@@ -146,6 +149,7 @@ def build_app(
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(HeadAsGet)
     routers = (tasks, events, compat, queues, files, models, health, ui)
     for module in routers:
         app.include_router(module.router)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from fastapi import Request
 
@@ -52,3 +53,22 @@ def public_location(ctx: ApiContext, request: Request, key: str) -> str:
     if location.startswith("file:"):
         return f"{base_url(ctx, request)}/v1/files/{quote(key)}"
     return location
+
+
+async def linked_out(ctx: ApiContext, request: Request, tenant: str, key: str, data: bytes) -> bytes:
+    """The ``.out`` JSON ``key`` as a client downloads it. The agent lists the task's images by
+    storage location, the seed's way: on local storage that is a ``file://`` path on the server,
+    here replaced by a link to the image (a sibling of the ``.out``), as the task view gives."""
+    try:
+        out = json.loads(data)
+    except ValueError:
+        return data
+    images = out.get("images") if isinstance(out, dict) else None
+    if not isinstance(images, list):
+        return data
+    folder = key.rpartition("/")[0]
+    for n, location in enumerate(images):
+        if isinstance(location, str) and location.startswith("file:"):
+            name = unquote(urlsplit(location).path).rpartition("/")[2]
+            images[n] = await file_url(ctx, request, tenant, f"{folder}/{name}" if folder else name)
+    return json.dumps(out, indent=2).encode()

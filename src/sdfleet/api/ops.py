@@ -50,9 +50,11 @@ async def metrics(ctx: ApiContext = Depends(get_ctx)) -> Response:
 def create_ops_app(ctx: ApiContext) -> FastAPI:
     """The operations app over the same context (and engines) as the public one."""
     from sdfleet.api.app import _sdfleet_error
+    from sdfleet.api.head import HeadAsGet
 
     app = FastAPI(title="sdfleet operations", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
+    app.add_middleware(HeadAsGet)
     app.include_router(router)
     return app

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from sdfleet.api.auth import request_key
 from sdfleet.api.deps import ApiContext, get_ctx
-from sdfleet.api.links import verify
+from sdfleet.api.links import linked_out, verify
 from sdfleet.api.openapi import errors
 from sdfleet.errors import NotFound
 from sdfleet.storage.base import check_key
@@ -49,6 +49,8 @@ async def get_file(
     ):
         raise NotFound("file not found or link expired")
     data = await ctx.storage.get(check_key(key))
+    if key.endswith(".out"):
+        data = await linked_out(ctx, request, tenant, key, data)
     media = mimetypes.guess_type(key)[0] or (
         "application/json" if key.endswith(".out") else "application/octet-stream"
     )
