@@ -84,6 +84,7 @@ def _targets(objs: list[dict[str, Any]], release: str = RELEASE) -> list[dict[st
                 }
                 meta["__meta_kubernetes_pod_label_app_kubernetes_io_instance"] = release
                 meta["__meta_kubernetes_pod_container_port_name"] = port["name"]
+                meta["__meta_kubernetes_pod_container_port_number"] = str(port["containerPort"])
                 meta["__meta_kubernetes_pod_container_name"] = c["name"]
                 out.append(meta)
     return out
@@ -144,7 +145,18 @@ def test_collector_routes_spans_to_xray_and_scrapes_this_release(name: str) -> N
             t["__meta_kubernetes_pod_container_port_name"],
         )
         for t in kept
-    } == {("api", "http"), ("worker", "metrics")}
+    } == {("api", "ops"), ("worker", "metrics")}
+    # the API's kept port is the one that serves /metrics: with an ops port set, the public one
+    # answers 404 there (routes/health.py)
+    (api,) = [t for t in kept if t["__meta_kubernetes_pod_label_app_kubernetes_io_component"] == "api"]
+    api_env = {
+        e["name"]: e.get("value")
+        for o in of_kind(objs, "Deployment")
+        if o["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "api"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+    }
+    assert api["__meta_kubernetes_pod_container_port_number"] == api_env["SDFLEET_API__OPS_PORT"]
     assert not [t for t in _targets(objs, "other") if _relabel_keep(job["relabel_configs"], t)]
     for obj in (deployment, service, sa, role, binding, _named(objs, "ConfigMap", "-adot")):
         kubernetes_validate.validate(obj, "1.33.0", strict=True)

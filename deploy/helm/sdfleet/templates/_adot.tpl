@@ -30,10 +30,11 @@ receivers:
             - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_instance]
               regex: {{ .Release.Name | quote }}
               action: keep
-            # the API's port "http" and the agents' port "metrics" (agent.metricsPort)
+            # the API's port "ops" (api.opsPort: the public port answers /metrics with 404 once it
+            # is set, and the chart always sets it) and the agents' port "metrics" (agent.metricsPort)
             - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component, __meta_kubernetes_pod_container_port_name]
               separator: ";"
-              regex: "api;http|worker;metrics"
+              regex: "api;ops|worker;metrics"
               action: keep
             - source_labels: [__meta_kubernetes_namespace]
               target_label: namespace
