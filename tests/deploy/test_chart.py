@@ -3,7 +3,11 @@ queues, scalers, workers and GPU node pools."""
 
 from __future__ import annotations
 
+import http.server
 import re
+import subprocess
+import sys
+import threading
 from typing import Any
 
 import helm_python as helm
@@ -288,8 +292,58 @@ def test_sidecar_runtime_is_where_the_fleet_file_says(set_name: str, runtime: st
     spec = pod_spec(w)
     (sidecar,) = spec["initContainers"]
     assert sidecar["ports"][0]["containerPort"] == port
-    assert _agent(spec)["image"].startswith("ghcr.io/example/sdfleet-agent:")
+    agent = _agent(spec)
+    assert agent["image"].startswith("ghcr.io/example/sdfleet-agent:")
+    assert agent["args"][agent["args"].index("--runtime-url") + 1] == f"http://127.0.0.1:{port}"
     assert {"mountPath": "/models", "name": "models", "readOnly": True} in sidecar["volumeMounts"]
+    # The server listens on the pod's loopback only (neither has authentication), on the port above.
+    args = sidecar["args"]
+    assert args[args.index("--port") + 1] == str(port)
+    if runtime == "a1111":  # its --listen is a bare flag for 0.0.0.0
+        assert "--listen" not in args and args[args.index("--server-name") + 1] == "127.0.0.1"
+        # sdfleet's models folder is SD WebUI's models/ without the Stable-diffusion/ level
+        assert args[args.index("--ckpt-dir") + 1] == "/models"
+        assert args[args.index("--lora-dir") + 1] == "/models/Lora"
+    else:
+        assert args[args.index("--listen") + 1] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("set_name,runtime", [("a1111-sidecar", "a1111"), ("comfyui-sidecar", "comfyui")])
+def test_sidecar_probes_reach_a_server_on_the_pods_loopback(set_name: str, runtime: str) -> None:
+    """The kubelet's httpGet probes go to the pod's IP, where a server on 127.0.0.1 never answers:
+    the side-car's probes run a command in its container. Run here against a server on 127.0.0.1."""
+    objs = render(SETS[set_name])
+    (sidecar,) = pod_spec(workers(objs)[0])["initContainers"]
+    health = {"a1111": "/sdapi/v1/sd-models", "comfyui": "/system_stats"}[runtime]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == health else 404)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    for name in ("startupProbe", "livenessProbe"):
+        probe = sidecar[name]
+        assert "httpGet" not in probe and probe["timeoutSeconds"] >= 5, probe
+        command = probe["exec"]["command"]
+        assert command[0] == "python3" and command[-1] == f"http://127.0.0.1:{SIDECAR_PORTS[runtime]}{health}"
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = command[-1].replace(f":{SIDECAR_PORTS[runtime]}/", f":{server.server_address[1]}/")
+            run = [sys.executable, *command[1:-1]]
+            assert subprocess.run([*run, url], capture_output=True, timeout=30).returncode == 0
+            wrong = url.replace(health, "/missing")
+            assert subprocess.run([*run, wrong], capture_output=True, timeout=30).returncode != 0
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        closed = subprocess.run([*run, url], capture_output=True, timeout=30)
+        assert closed.returncode != 0, "a server that is down fails the probe"
 
 
 def test_service_accounts_carry_irsa_roles() -> None:

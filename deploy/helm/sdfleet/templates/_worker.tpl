@@ -7,6 +7,10 @@
 - /etc/sdfleet/sdfleet.yaml
 - --ready-dir
 - {{ .root.Values.agent.readyDir }}
+{{- with index .root.Values.runtimes .q.runtime }}
+- --runtime-url
+- http://127.0.0.1:{{ .port }}
+{{- end }}
 {{- if .burst }}
 - --burst
 {{- end }}
@@ -107,18 +111,20 @@ livenessProbe:
   image: {{ include "sdfleet.image" $rt.image }}
   imagePullPolicy: {{ $rt.image.pullPolicy }}
   restartPolicy: Always
-  {{- with $rt.args }}
   args:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- toYaml (concat (default (list) $rt.args) (list "--port" (toString $rt.port))) | nindent 4 }}
   ports:
     - {name: runtime, containerPort: {{ $rt.port }}, protocol: TCP}
+  {{- /* exec, not httpGet: the kubelet would probe the pod's IP, and the server is on 127.0.0.1 */}}
+  {{- $probe := concat $rt.probeCommand (list (printf "http://127.0.0.1:%v%s" $rt.port $rt.healthPath)) }}
   startupProbe:
-    httpGet: {path: {{ $rt.healthPath }}, port: runtime}
+    exec: {command: {{ toJson $probe }}}
+    timeoutSeconds: 10
     periodSeconds: {{ $root.Values.agent.startupProbe.periodSeconds }}
     failureThreshold: {{ $root.Values.agent.startupProbe.failureThreshold }}
   livenessProbe:
-    httpGet: {path: {{ $rt.healthPath }}, port: runtime}
+    exec: {command: {{ toJson $probe }}}
+    timeoutSeconds: 10
     periodSeconds: 15
     failureThreshold: 4
   resources:
