@@ -70,6 +70,15 @@ def catalog(settings: Settings, *, fetch: bool = False) -> ModelCatalog:
     m = settings.fleet.models
     if not fetch or m.s3 is None:
         return ModelCatalog(m.dir)
+    if m.dir.is_dir() and not os.access(m.dir, os.W_OK):
+        # A read-only models volume (the chart's default, an S3 Mountpoint): nothing can be
+        # downloaded into it, and the fetcher's per-model locks there would fail every lookup.
+        log.warning(
+            "models.s3 is set but %s is read-only: models are not fetched on demand, "
+            "so every model a task names must already be in the folder",
+            m.dir,
+        )
+        return ModelCatalog(m.dir)
     try:
         from sdfleet.models.fetcher import ModelFetcher
     except ModuleNotFoundError as e:

@@ -120,6 +120,8 @@ async def test_first_task_of_a_model_waits_for_its_download(
     from sdfleet.models.tiny import make_tiny
 
     await push(bucket_url, make_tiny(tmp_path / "src", "tiny-remote"))
+    # A folder with another model in it: the API (same folder) must not refuse one only S3 has.
+    make_tiny(tmp_path / "models", "tiny-local")
     with socket_port() as port:
         settings = Settings(
             data_dir=tmp_path / "data",
@@ -182,3 +184,67 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+@pytest.fixture
+def read_only_models(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(a writable folder, the same folder bind-mounted read-only), as the chart mounts models."""
+    import subprocess
+
+    src, mnt = tmp_path / "models-rw", tmp_path / "models-ro"
+    src.mkdir()
+    mnt.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True)
+    if bound.returncode != 0:
+        pytest.skip(f"bind-mounting a read-only folder needs root: {bound.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True, capture_output=True)
+        yield src, mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+async def test_a_read_only_models_folder_serves_its_models_with_models_s3_set(
+    read_only_models: tuple[Path, Path], tmp_path: Path, bucket_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chart mounts models read-only and the CDK app mounts the bucket read-only with
+    ``models.s3`` set: the fetcher's locks there made every task fail (EROFS, an OSError)."""
+    from sdfleet.models.tiny import make_tiny
+
+    src, models = read_only_models
+    make_tiny(src, "tiny-local")
+    await push(bucket_url, make_tiny(tmp_path / "src", "tiny-remote"))
+    with pytest.raises(OSError, match="Read-only"):
+        (models / ".sdfleet").mkdir()
+    with socket_port() as port:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            api=ApiSettings(port=port),
+            agent=AgentSettings(wait_s=0.5),
+            fleet=FleetConfig(
+                queues=[QueueConfig(name="default")], models=ModelsConfig(dir=models, s3=bucket_url)
+            ),
+            log_json=False,
+        )
+    fleet = Fleet(settings, ["default"])
+    running = asyncio.create_task(fleet.run())
+    try:
+        await asyncio.wait_for(fleet.started.wait(), 60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            params = {"prompt": "a boat", "steps": 2, "width": 64, "height": 64}
+            view = await run_task(http, {"model": "tiny-local", "params": params})
+            r = await http.post("/v1/tasks", json={"model": "tiny-remote", "params": params})
+            assert r.status_code == 202, r.text
+            for _ in range(300):
+                remote = (await http.get(f"/v1/tasks/{r.json()['id']}")).json()
+                if remote["state"] in ("succeeded", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        fleet.stop()
+        await running
+    assert view["images"], view
+    # Not on the read-only folder: a clear failure, not an OSError from a lock file.
+    assert remote["state"] == "failed" and remote["error"]["code"] == "unknown_model", remote
+    assert "read-only" in caplog.text and "not fetched on demand" in caplog.text
+    assert not (src / ".sdfleet").exists()

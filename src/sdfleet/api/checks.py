@@ -35,7 +35,9 @@ def check_task(ctx: ApiContext, task: Task) -> None:
     if task.type is TaskType.PIPELINE and not p.workflow:
         raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
     model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
-    if model and ctx.catalog is not None:
+    # With models.s3 the agents fetch what their folder lacks (and fail the task no_model when the
+    # bucket lacks it too): the API's own folder is not the list of models there are.
+    if model and ctx.catalog is not None and ctx.fleet.models.s3 is None:
         models = ctx.catalog.list()
         try:
             if models:
