@@ -99,6 +99,22 @@ class RedisServer:
         self.start()
 
 
+@pytest.fixture
+def read_only_models(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(a writable folder, the same folder bind-mounted read-only), as the chart mounts models."""
+    src, mnt = tmp_path / "models-rw", tmp_path / "models-ro"
+    src.mkdir()
+    mnt.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True)
+    if bound.returncode != 0:
+        pytest.skip(f"bind-mounting a read-only folder needs root: {bound.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True, capture_output=True)
+        yield src, mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

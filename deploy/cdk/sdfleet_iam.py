@@ -67,13 +67,18 @@ class AwsEngine:
 
 
 _RECORDS = ["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem"]
+THUMBNAIL_SUFFIX = ".thumb.jpg"
+"""``sdfleet.api.thumbs.SUFFIX``: the only objects the API writes."""
 
 
 def api_statements(storage: Storage, engine: AwsEngine | None) -> list[iam.PolicyStatement]:
-    """The API: publish tasks, read queue depth, read and write task records, read results."""
+    """The API: publish tasks, read queue depth, read and write task records, read results and
+    write the gallery's thumbnails next to them (``sdfleet.api.thumbs``: ``<image>.thumb.jpg``)."""
     bucket_arn, objects_arn, prefix = storage
+    thumbnails = objects_arn.removesuffix("*") + "*" + THUMBNAIL_SUFFIX
     reads = [
         iam.PolicyStatement(actions=["s3:GetObject"], resources=[objects_arn]),
+        iam.PolicyStatement(actions=["s3:PutObject"], resources=[thumbnails]),
         _list_bucket(bucket_arn, prefix),
     ]
     if engine is None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from sdfleet.api.thumbs import SUFFIX as thumbs_suffix
 from sdfleet.bus.backends.aws import AwsBus
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
 from sdfleet.bus.base import dlq_name
@@ -47,7 +48,7 @@ retry: {max_receives: 5, lease_s: 90.5}
 # docs/aws.md, "IAM": every action each role holds, and no other.
 API_ACTIONS = set(
     "sns:Publish sqs:GetQueueUrl sqs:GetQueueAttributes dynamodb:DescribeTable dynamodb:GetItem "
-    "dynamodb:PutItem dynamodb:Query s3:GetObject s3:ListBucket".split()
+    "dynamodb:PutItem dynamodb:Query s3:GetObject s3:PutObject s3:ListBucket".split()
 )
 AGENT_ACTIONS = set(
     "sqs:GetQueueUrl sqs:GetQueueAttributes sqs:ReceiveMessage sqs:DeleteMessage "
@@ -300,6 +301,10 @@ def test_api_role_publishes_tasks_and_never_consumes(example: Synth) -> None:
     ((table, _),) = s.of_type("AWS::DynamoDB::Table").items()
     indexes = [{"Fn::Join": ["", [{"Fn::GetAtt": [table, "Arn"]}, f"/index/{i}"]]} for i in INDEXES]
     assert grants["dynamodb:Query"] == [{"Fn::GetAtt": [table, "Arn"]}, *indexes]
+    # the gallery's thumbnails (made on first view, stored next to the images), and nothing else
+    bucket, _ = s.results_bucket()
+    thumbs = {"Fn::Join": ["", [{"Fn::GetAtt": [bucket, "Arn"]}, f"/results/*{thumbs_suffix}"]]}
+    assert grants["s3:PutObject"] == [thumbs]
     trust = s.role("sdfleet api ")["AssumeRolePolicyDocument"]["Statement"]
     assert trust == [
         {

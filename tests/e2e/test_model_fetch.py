@@ -186,24 +186,6 @@ class socket_port:
         return None
 
 
-@pytest.fixture
-def read_only_models(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(a writable folder, the same folder bind-mounted read-only), as the chart mounts models."""
-    import subprocess
-
-    src, mnt = tmp_path / "models-rw", tmp_path / "models-ro"
-    src.mkdir()
-    mnt.mkdir()
-    bound = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True)
-    if bound.returncode != 0:
-        pytest.skip(f"bind-mounting a read-only folder needs root: {bound.stderr.decode().strip()}")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True, capture_output=True)
-        yield src, mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 async def test_a_read_only_models_folder_serves_its_models_with_models_s3_set(
     read_only_models: tuple[Path, Path], tmp_path: Path, bucket_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

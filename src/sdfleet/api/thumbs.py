@@ -12,7 +12,7 @@ import logging
 
 from PIL import Image, UnidentifiedImageError
 
-from sdfleet.errors import NotFound
+from sdfleet.errors import NotFound, SdfleetError
 from sdfleet.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def make_thumbnail(data: bytes, size: int = SIZE) -> bytes:
 
 async def ensure_thumbnail(storage: BlobStore, image_key: str) -> str | None:
     """The thumbnail's key, made and stored on the first call; None when the image cannot be read
-    (gone, or not an image): the gallery then shows the full image or nothing."""
+    (gone, or not an image) or the thumbnail not stored: the gallery then shows the full image or
+    nothing."""
     key = thumb_key(image_key)
     if await storage.exists(key):
         return key
@@ -48,5 +49,9 @@ async def ensure_thumbnail(storage: BlobStore, image_key: str) -> str | None:
     except (NotFound, UnidentifiedImageError, OSError) as e:
         log.warning("no thumbnail for %s: %s", image_key, e)
         return None
-    await storage.put(key, thumb, "image/jpeg")
+    try:
+        await storage.put(key, thumb, "image/jpeg")
+    except SdfleetError as e:  # e.g. a role that may read results but not write next to them
+        log.warning("thumbnail of %s not stored, the gallery shows the image: %s", image_key, e)
+        return None
     return key
