@@ -261,6 +261,8 @@ class SdfleetCluster(Construct):
                 "api": {"roleArn": stack.roles["api"].role_arn},
                 "worker": {"roleArn": stack.roles["agent"].role_arn},
             }
+            if "ensureJob" in values:  # its hook account takes the API's role (sdfleet_iam.ALSO_RUN_AS)
+                values["ensureJob"]["serviceAccount"] = {"roleArn": stack.roles["api"].role_arn}
         values["models"] = {"volume": _models_volume(stack)}
         api: dict[str, Any] = {}
         if self.options.domain:

@@ -29,6 +29,9 @@ _OIDC_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:oidc-provider/(?P<issuer
 _S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 _CHART = "sdfleet"
 SERVICE_ACCOUNT_ROLE = {"api": "api", "agent": "worker", "adot": "adot"}
+ALSO_RUN_AS = {"api": ("ensure",)}
+"""Other service accounts of the chart that take a role: the ``ensure`` hook Job's (it exists before
+the release's own accounts) reads the Redis token as the API does."""
 """sdfleet role → the chart's ``serviceAccounts`` entry."""
 KEDA_SERVICE_ACCOUNT = ("keda", "keda-operator")
 """Namespace and service account of the KEDA operator as its own chart installs it."""
@@ -158,7 +161,13 @@ class Identity:
             return KARPENTER_SERVICE_ACCOUNT
         return self.namespace, f"{chart_fullname(self.release)}-{SERVICE_ACCOUNT_ROLE[role]}"
 
-    def principal(self, scope: Construct, namespace: str, service_account: str) -> iam.IPrincipal:
+    def also(self, role: str) -> list[str]:
+        """The chart's other service accounts (``ALSO_RUN_AS``) in ``role``'s namespace that take it."""
+        return [f"{chart_fullname(self.release)}-{name}" for name in ALSO_RUN_AS.get(role, ())]
+
+    def principal(
+        self, scope: Construct, namespace: str, service_account: str, also: Sequence[str] = ()
+    ) -> iam.IPrincipal:
         if self.oidc_provider_arn is None:
             return iam.SessionTagsPrincipal(iam.ServicePrincipal("pods.eks.amazonaws.com"))
         if cdk.Token.is_unresolved(self.oidc_provider_arn):
@@ -170,8 +179,9 @@ class Identity:
             if m is None:
                 raise ConfigError(f"{self.oidc_provider_arn!r} is not an IAM OIDC provider ARN")
             issuer = m["issuer"]
+        subjects = [f"system:serviceaccount:{namespace}:{name}" for name in (service_account, *also)]
         claims: Any = {
-            f"{issuer}:sub": f"system:serviceaccount:{namespace}:{service_account}",
+            f"{issuer}:sub": subjects[0] if len(subjects) == 1 else subjects,
             f"{issuer}:aud": "sts.amazonaws.com",
         }
         if cdk.Token.is_unresolved(issuer):  # condition keys must be plain strings in CloudFormation
@@ -181,21 +191,23 @@ class Identity:
 
     def role(self, scope: Construct, role: str, statements: list[iam.PolicyStatement]) -> iam.Role:
         namespace, account = self.service_account(role)
+        also = self.also(role)
         r = iam.Role(
             scope,
             f"{role}-role",
-            assumed_by=self.principal(scope, namespace, account),
+            assumed_by=self.principal(scope, namespace, account, also),
             description=f"sdfleet {role} ({namespace}/{account})",
             # IAM refuses an empty policy document (KEDA's role on the redis engine starts empty)
             inline_policies={"sdfleet": iam.PolicyDocument(statements=statements)} if statements else None,
         )
         if self.oidc_provider_arn is None and self.cluster_name:
-            eks.CfnPodIdentityAssociation(
-                scope,
-                f"{role}-pod-identity",
-                cluster_name=self.cluster_name,
-                namespace=namespace,
-                service_account=account,
-                role_arn=r.role_arn,
-            )
+            for n, name in enumerate([account, *also]):
+                eks.CfnPodIdentityAssociation(
+                    scope,
+                    f"{role}-pod-identity" if n == 0 else f"{role}-pod-identity-{name.rsplit('-', 1)[-1]}",
+                    cluster_name=self.cluster_name,
+                    namespace=namespace,
+                    service_account=name,
+                    role_arn=r.role_arn,
+                )
         return r

@@ -267,7 +267,7 @@ class SdfleetStack(cdk.Stack):
                         "id": "AwsSolutions-IAM5",
                         "reason": "object actions on the keys under the results prefix (and models prefix): "
                         "S3 names objects only by key pattern; the bucket and prefix are fixed",
-                        "appliesTo": [{"regex": "/^Resource::.*/(.*/)?\\*$/"}],
+                        "appliesTo": [{"regex": "/^Resource::.*/(.*/)?\\*(\\.thumb\\.jpg)?$/"}],
                     }
                 ],
             )

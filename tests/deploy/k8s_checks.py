@@ -91,10 +91,12 @@ def value_sets() -> dict[str, dict[str, Any]]:
     }
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any], release: str = RELEASE, namespace: str = NAMESPACE
+) -> list[dict[str, Any]]:
     """Every object the chart renders for ``values`` (Helm's own engine, no cluster)."""
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+        manifests = chart.render(values=values, name=release, namespace=namespace)
     return [
         obj
         for name, text in sorted(manifests.items())

@@ -326,6 +326,7 @@ def test_api_role_publishes_tasks_and_never_consumes(example: Synth) -> None:
         for role, namespace, sa in (
             ("keda", "keda", "keda-operator"),
             ("api", "gen", "sdfleet-api"),
+            ("api", "gen", "sdfleet-ensure"),  # the chart's ensure hook Job (redis engine)
             ("agent", "gen", "sdfleet-worker"),
         )
     ]

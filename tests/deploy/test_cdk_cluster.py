@@ -117,6 +117,16 @@ def test_cluster_pieces_are_wired(stacks: dict[str, Any], mode: str) -> None:
     keda_role = _role_of(t, "sdfleet keda ")
     if mode == "irsa":
         assert {"Fn::GetAtt": [keda_role, "Arn"]} in keda["Values"]["Fn::Join"][1]
+        # the API's role is also the ensure hook's (its own account, made before the release's)
+        identity = stacks[mode]["stack"].identity
+        trust = t["Resources"][_role_of(t, "sdfleet api ")]["Properties"]["AssumeRolePolicyDocument"]
+        (claims_id, _) = trust["Statement"][0]["Condition"]["StringEquals"]["Fn::GetAtt"]  # a CfnJson
+        claims = json.dumps(t["Resources"][claims_id]["Properties"]["Value"])
+        for account in ("sdfleet-api", "sdfleet-ensure"):  # the chart's fullname is the release's
+            assert (
+                identity.release == "sdfleet"
+                and f"system:serviceaccount:{identity.namespace}:{account}" in claims
+            )
     else:
         associations = [r["Properties"] for r in _of_type(t, "AWS::EKS::PodIdentityAssociation").values()]
         by_sa = {(a["Namespace"], a["ServiceAccount"]): a["RoleArn"] for a in associations}
@@ -369,7 +379,19 @@ def test_redis_engine_runs_on_elasticache_with_the_token_in_secrets_manager(stac
         streams = next(tr for tr in so["spec"]["triggers"] if tr["type"] == "redis-streams")
         assert streams["authenticationRef"]["name"] == auth["metadata"]["name"]
         assert streams["metadata"]["enableTLS"] == "true" and streams["metadata"]["address"].endswith(":6380")
-    assert of_kind(objs, "Job"), "the ensure hook creates the streams before agents start"
+    # The ensure hook runs before the release's own accounts exist, as its own hook account that
+    # holds the API's role, which may read the Redis token (readers above).
+    installed = render(values, release=stack.identity.release, namespace=stack.identity.namespace)
+    (job,) = of_kind(installed, "Job")
+    account = job["spec"]["template"]["spec"]["serviceAccountName"]
+    (sa,) = [o for o in of_kind(installed, "ServiceAccount") if o["metadata"]["name"] == account]
+    hooks = [o["metadata"]["annotations"] for o in (sa, job)]
+    assert all("pre-install" in a["helm.sh/hook"] for a in hooks)
+    assert int(hooks[0]["helm.sh/hook-weight"]) < int(hooks[1]["helm.sh/hook-weight"]), "the account first"
+    associations = [r["Properties"] for r in _of_type(t, "AWS::EKS::PodIdentityAssociation").values()]
+    (ensure,) = [a for a in associations if a["ServiceAccount"] == account]
+    assert ensure["RoleArn"] == {"Fn::GetAtt": [_role_of(t, "sdfleet api "), "Arn"]}
+    assert ensure["Namespace"] == stack.identity.namespace
     # What the pods get is a URL sdfleet's Redis client takes: TLS, the secret's ARN, no password.
     from sdfleet._redis import connect
     from sdfleet.settings import Settings
