@@ -354,3 +354,25 @@ async def test_every_get_route_answers_head_with_the_gets_headers_and_no_body(
     assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
     r = await http.delete("/healthz")
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.headers
+
+
+async def test_percent_encoded_input_urls_are_accepted_in_every_format(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Presigned S3 URLs and ``my%20cat.png`` were 422 ``is not an http(s) URL`` at the door."""
+    fleet = await start(start_fleet, engine, models_dir)
+    url = "http://127.0.0.1:9/in%20put.png?X-Amz-Credential=AKIA%2F20261202&X-Amz-Signature=ab"
+    v1 = {"type": "image-to-image", "params": {**PARAMS, "init_images": [url]}}
+    r = await fleet.http.post("/v1/tasks", json=v1)
+    assert r.status_code == 202, r.text
+    v1alpha2 = {
+        "task": {
+            "metadata": {"id": "presigned-1", "runtime": "sdruntime", "tasktype": "image-to-image"},
+            "content": {"prompt": "a cat", "steps": 2, "alwayson_scripts": {"image_link": url}},
+        }
+    }
+    r = await fleet.http.post("/v1alpha2/", json=v1alpha2)
+    assert r.status_code == 200, r.text
+    # A webhook URL of that form passes the form check; the URL guard then has its say.
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS, "webhook": {"url": url}})
+    assert r.status_code == 422 and "loopback" in r.json()["error"]["message"], r.text

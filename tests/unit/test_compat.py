@@ -287,3 +287,35 @@ async def test_seed_notification_uses_storage_locations(tmp_path: Any) -> None:
     assert note["output_url"] == storage.location("output/test-t2i/test-t2i.out")
     assert (note["runtime"], note["status"], note["result"]) == ("sdruntime", "completed", True)
     await storage.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://my-bucket.s3.us-west-2.amazonaws.com/in.png",  # virtual-hosted S3: five labels
+        "https://b.s3.amazonaws.com/in.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261202"
+        "%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Signature=ab12",  # a presigned URL
+        "https://cdn.example.com/cats/my%20cat.png",
+        "s3://my-bucket/cats/my%20cat.png",
+        "http://127.0.0.1:8080/a.png",
+    ],
+)
+def test_input_urls_users_send_pass_the_door(url: str) -> None:
+    """The seed fetches any http(s) or s3:// string; the form check must not refuse common ones
+    (it refused five-label hosts and every %-encoded path or query)."""
+    import re
+
+    from sdfleet.api.seed_schemas import INPUT_URL_PATTERN
+
+    assert re.fullmatch(INPUT_URL_PATTERN, url)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://x.example.com/a b.png", "https://x.example.com/%zz", "ftp://a/b", "https://a..b/x"]
+)
+def test_input_urls_that_are_not_urls_are_refused(url: str) -> None:
+    import re
+
+    from sdfleet.api.seed_schemas import INPUT_URL_PATTERN
+
+    assert not re.fullmatch(INPUT_URL_PATTERN, url)

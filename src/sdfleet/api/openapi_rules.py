@@ -29,7 +29,13 @@ IMAGE: Schema = {
     "description": "An http(s) or s3:// URL, a data: URL or base64 of an image",
 }
 UPSCALES = ["extra-single-image", "extra-batch-images", "extra-batch-image"]
-NON_BLANK: Schema = {"type": "string", "pattern": r"\S"}
+_SPACE = "".join(
+    f"\\u{c:04x}" for c in (*range(0x9, 0xE), *range(0x1C, 0x21), 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
+                           0x2028, 0x2029, 0x202F, 0x205F, 0x3000)
+)  # fmt: skip
+NON_BLANK: Schema = {"type": "string", "pattern": f"[^{_SPACE}]"}
+"""Something besides white space, as ``str.strip`` (the server's check) sees it: ECMA's ``\\S``
+takes U+001C..U+001F and U+0085 for text, so a prompt of those passed the schema and was refused."""
 
 
 def _value(prop: Schema) -> Schema:
