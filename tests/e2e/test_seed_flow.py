@@ -122,3 +122,30 @@ def _app_key(fleet: RunningFleet) -> str:
     assert fleet.fleet.server is not None
     key: str = fleet.fleet.server.config.app.state.ctx.signing_key
     return key
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(start_fleet: StartFleet) -> None:
+    """The seed's SD WebUI honours hires fix, ControlNet, batch count...; the diffusers runtime
+    ran without them and the task "succeeded"."""
+    from seed_payloads import copy_of
+
+    fleet = await start_fleet()
+    body = copy_of(V1ALPHA1_T2I)
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "hires-1", "controlnet": {"args": []}}
+    body.update(enable_hr=True, hr_scale=2)
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("hires-1")
+    assert view["state"] == "failed" and view["error"]["code"] == "unsupported_option", view
+    assert (
+        "enable_hr" in view["error"]["message"] and "alwayson_scripts.controlnet" in view["error"]["message"]
+    )
+    assert view["attempts"] == 1, "not retried: it can never run here"
+    # A batch count is bounded at the door, as batch_size is.
+    for n_iter in (100_000, 0, "2", 1.5):
+        body = copy_of(V1ALPHA1_T2I)
+        body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "many-1"}
+        body["n_iter"] = n_iter
+        r = await fleet.http.post("/v1alpha1/", json=body)
+        assert r.status_code == 422 and "n_iter" in r.json()["error"]["message"], (n_iter, r.text)

@@ -30,6 +30,7 @@ from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._lora_loader import LoraLoader
+from sdfleet.runtimes._unsupported import refuse_unsupported
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.tasks import TaskType
 
@@ -207,6 +208,7 @@ class DiffusersRuntime:
             )
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
+        refuse_unsupported(job.params, "diffusers")
         L.resolve(job, self.catalog.models_dir)
         return P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 

@@ -1,0 +1,54 @@
+"""SD WebUI request fields the diffusers runtime does not implement. The seed hands every field to
+SD WebUI, which honours them; a task asking for one of these fails with ``unsupported_option``
+naming them rather than running without it (an a1111 queue runs such tasks as SD WebUI does).
+Fields that do not change the images (``send_images``, ``save_images``...) are not listed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdfleet.errors import Reject
+from sdfleet.tasks import TaskParams
+
+_FLAGS = ("enable_hr", "restore_faces", "tiling")
+"""Booleans that change the images when true (hires fix, face restoration, tiling)."""
+_NON_EMPTY = ("mask", "script_name", "styles")
+"""Inpainting, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
+_OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+_NO_OP_VAE = ("", "Automatic", "None")
+"""``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
+
+
+def unsupported(params: TaskParams) -> list[str]:
+    """The fields of ``params.extra`` that would change a text- or image-to-image task's images and
+    that the diffusers runtime does not implement, as ``name`` or ``name=value``."""
+    extra: dict[str, Any] = params.extra
+    found = [k for k in _FLAGS if extra.get(k) is True]
+    found += [k for k in _NON_EMPTY if extra.get(k)]
+    n_iter = extra.get("n_iter", 1)
+    if n_iter not in (None, 1):
+        found.append(f"n_iter={n_iter}")
+    strength = extra.get("subseed_strength")
+    if isinstance(strength, int | float) and strength > 0:
+        found.append("subseed_strength")
+    scripts = extra.get("alwayson_scripts")
+    if isinstance(scripts, dict):
+        found += [f"alwayson_scripts.{name}" for name in scripts]
+    overrides = extra.get("override_settings")
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            if key in _OVERRIDES_READ or (key == "sd_vae" and value in _NO_OP_VAE):
+                continue
+            found.append(f"override_settings.{key}")
+    return found
+
+
+def refuse_unsupported(params: TaskParams, runtime: str) -> None:
+    """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out."""
+    found = unsupported(params)
+    if found:
+        raise Reject(
+            f"the {runtime} runtime does not implement {', '.join(found)}: leave them out, or send "
+            "the task to a queue with the a1111 runtime (SD WebUI implements them)",
+            code="unsupported_option",
+        )
