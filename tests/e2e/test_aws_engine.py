@@ -44,6 +44,7 @@ from seed_payloads import (
     V1ALPHA1_T2I,
     V1ALPHA2_I2I,
     V1ALPHA2_T2I,
+    copy_of,
     lambda_message,
     with_image_link,
 )
@@ -281,3 +282,37 @@ async def test_queues_command_shows_sqs_depth(seed: SeedDeployment, engine: Engi
         assert rows[SEED_RUNTIME][1:3] == ["0", "1"]
     finally:
         await bus.aclose()
+
+
+async def test_poison_on_the_seeds_queue_without_a_dlq_is_deleted_after_max_receives(
+    seed: SeedDeployment,
+    engine: Engine,
+    start_fleet: StartFleet,
+    models_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The seed's queue has no RedrivePolicy: released, an undecodable message came back about once a
+    second forever, and kept KEDA's queue length (and a GPU worker) up. The seed's agent deletes it."""
+    queues = [QueueConfig(name=SEED_RUNTIME, model=SD15)]
+    settings = fleet_settings(engine, models_dir, queues)
+    settings.fleet.retry.max_receives = 2
+    bad = copy_of(V1ALPHA2_T2I)
+    bad["task"]["metadata"].update(id="inpaint-1", tasktype="inpaint")
+    seed.publish("not json at all", {"runtime": SEED_RUNTIME})
+    seed.publish(json.dumps(bad["task"]), {"runtime": SEED_RUNTIME})
+    fleet = await start_fleet(queues, settings=settings)
+    sqs = boto3.client("sqs")
+    for _ in range(300):
+        attrs = sqs.get_queue_attributes(QueueUrl=seed.queue_url, AttributeNames=["All"])["Attributes"]
+        if attrs["ApproximateNumberOfMessages"] == attrs["ApproximateNumberOfMessagesNotVisible"] == "0":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"the poison is still on the seed's queue: {attrs}")
+    deleted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deleted message")]
+    assert len(deleted) == 2 and all("no dead-letter queue" in m for m in deleted), deleted
+    assert any("not json at all" in m for m in deleted), "the message is in the log for a human"
+    # and the agent serves on
+    message, attributes = lambda_message("v1alpha2", V1ALPHA2_T2I, bucket=seed.bucket)
+    seed.publish(message, attributes)
+    await _assert_outputs(engine, _meta(message), await _wait_adopted(fleet, _meta(message)["id"]))

@@ -33,7 +33,7 @@ from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
-from sdfleet.agent.prepare import fail_unprepared, prepare
+from sdfleet.agent.prepare import drop_if_no_dead_letter_queue, fail_unprepared, prepare
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, Reject, SdfleetError
@@ -223,7 +223,8 @@ class Agent:
             log.warning("could not prepare %s, releasing: %s", d.message_id, e, exc_info=unexpected)
             await lease.stop()
             await fail_unprepared(self.parts, d, e)
-            await _settle(handle.release())
+            if not await drop_if_no_dead_letter_queue(self.parts, handle, f"{type(e).__name__}: {e}"):
+                await _settle(handle.release())
             prepared = None
         else:
             if prepared is None:

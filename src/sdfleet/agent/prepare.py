@@ -19,7 +19,7 @@ from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.compat import sns
-from sdfleet.errors import InputFetchError, MessageDecodeError
+from sdfleet.errors import InputFetchError, MessageDecodeError, SdfleetError
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.tasks import EventType, Task, TaskRecord, TaskState
 from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
@@ -35,7 +35,8 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     except MessageDecodeError as e:
         # Released, not acked: after max_receives the bus moves it to the DLQ for a human to see.
         log.error("undecodable message %s on %s: %s", d.message_id, d.queue, e)
-        await h.release()
+        if not await drop_if_no_dead_letter_queue(parts, h, str(e)):
+            await h.release()
         return None
     span = tracer().start_span("agent.task", context=trace_context(d))
     span.set_attributes(
@@ -46,6 +47,37 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     if prepared is None:
         span.end()
     return prepared
+
+
+async def drop_if_no_dead_letter_queue(parts: Parts, h: DeliveryHandle, reason: str) -> bool:
+    """Delete a delivery that failed on its last receive (``retry.max_receives``) where the queue
+    has no dead-letter queue to move it to (an attached SQS queue such as the seed's): released,
+    it would come back forever and keep the queue's depth, and so a worker, up. The seed's own
+    agent deletes such messages too; this one logs the message first. True when deleted."""
+    d = h.delivery
+    if d.receive_count < parts.fleet.retry.max_receives:
+        return False
+    try:
+        if (await parts.bus.stats(d.queue)).dead_letter_queue:
+            return False
+    except SdfleetError as e:  # cannot tell: released, as anywhere else
+        log.warning("could not read %s's attributes: %s", d.queue, e)
+        return False
+    log.error(
+        "deleted message %s from %s after %d receives: %s; the queue has no dead-letter queue "
+        "(give it a RedrivePolicy to keep such messages); body: %r",
+        d.message_id,
+        d.queue,
+        d.receive_count,
+        reason,
+        d.body[:2000],
+    )
+    try:
+        await h.ack()
+    except SdfleetError as e:  # it comes back, and this is tried again
+        log.warning("could not delete %s: %s", d.message_id, e)
+        return False
+    return True
 
 
 async def fail_unprepared(parts: Parts, d: Delivery, error: Exception) -> None:

@@ -72,6 +72,9 @@ class QueueStats:
     delayed: int = 0
     oldest_age_s: float | None = None
     dead_letters: int = 0
+    dead_letter_queue: bool = True
+    """Whether the queue moves a message received ``max_receives`` times aside. Only a queue the
+    bus did not make can lack one (an SQS queue attached by URL, such as the seed's)."""
 
 
 class Bus(Protocol):

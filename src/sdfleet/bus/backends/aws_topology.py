@@ -79,6 +79,7 @@ def queue_stats(sqs: SQSClient, queue: str, url: str) -> QueueStats:
         delayed=int(attrs.get("ApproximateNumberOfMessagesDelayed", "0")),
         oldest_age_s=None,
         dead_letters=dead,
+        dead_letter_queue=dlq_url is not None,
     )
 
 
