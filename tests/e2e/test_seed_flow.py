@@ -149,3 +149,32 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(start_fle
         body["n_iter"] = n_iter
         r = await fleet.http.post("/v1alpha1/", json=body)
         assert r.status_code == 422 and "n_iter" in r.json()["error"]["message"], (n_iter, r.text)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_a_seed_id_that_already_ran_is_a_409_not_a_stale_200(start_fleet: StartFleet) -> None:
+    """The seed runs every POST anew and its run.sh reuses fixed ids; sdfleet keeps one task per id.
+    A repeat of a finished task answered 200 with the old task's answer and ran nothing."""
+    from seed_payloads import copy_of
+
+    fleet = await start_fleet()
+    first = copy_of(V1ALPHA2_T2I)
+    first["task"]["metadata"]["id"] = "rep-1"
+    r = await fleet.http.post("/v1alpha2/", json=first)
+    assert r.status_code == 200, r.text
+    # a retry while it is still queued or running is safe and answers as the first did
+    again = await fleet.http.post("/v1alpha2/", json=first)
+    view = await fleet.wait("rep-1")
+    assert view["state"] == "succeeded", view
+    assert again.status_code in (200, 409), again.text  # 409 if it finished in between
+    second = copy_of(first)
+    second["task"]["content"]["prompt"] = "something else entirely"
+    r = await fleet.http.post("/v1alpha2/", json=second)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "id_in_use", r.text
+    assert "already succeeded" in r.json()["error"]["message"]
+    # the same id in the other seed format is another task, not the first one's answer
+    other = copy_of(V1ALPHA1_T2I)
+    other["alwayson_scripts"] = {**other["alwayson_scripts"], "id_task": "rep-1"}
+    r = await fleet.http.post("/v1alpha1/", json=other)
+    assert r.status_code == 409 and "v1alpha2 task" in r.json()["error"]["message"], r.text
+    assert (await fleet.http.get("/v1/tasks/rep-1")).json()["attempts"] == 1, "ran once"

@@ -23,7 +23,7 @@ from sdfleet.api.openapi import SUBMIT_ERRORS, errors
 from sdfleet.api.seed_schemas import V1alpha1Answer, V1alpha2Answer, check_types
 from sdfleet.api.submit import submit
 from sdfleet.compat import v1alpha1, v1alpha2
-from sdfleet.errors import ValidationFailed
+from sdfleet.errors import Conflict, ValidationFailed
 from sdfleet.tasks import Task
 
 router = APIRouter(tags=["seed compatibility"])
@@ -45,7 +45,16 @@ async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: Modu
     except ValidationError as e:
         raise ValidationFailed(validation_message(e)) from e
     task.output_prefix = tenant_prefix(who, task.storage_prefix())
-    record, _ = await submit(ctx, who, task, request.headers)
+    record, created = await submit(ctx, who, task, request.headers)
+    if not created and (record.state.terminal or record.task.origin is not task.origin):
+        # The seed runs every POST anew; here an id is one task (a repeat of one still queued or
+        # running answers as it did, a safe retry). Answering 200 for a finished one ran nothing.
+        used = f"{record.task.origin.value} task" if record.task.origin is not task.origin else "task"
+        raise Conflict(
+            f"id {record.id!r} is a {used} that is already {record.state.value}: "
+            "each task needs its own id (the seed ran every POST anew; sdfleet keeps one task per id)",
+            code="id_in_use",
+        )
     location = public_location(ctx, request, f"{record.task.storage_prefix()}/{record.id}")
     return JSONResponse(fmt.answer(record.task, location), status_code=200)
 
