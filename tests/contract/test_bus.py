@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sdfleet.bus import Bus, Delivery, QueueSpec, Subscription, Topology, dlq_name
-from sdfleet.errors import NotFound
+from sdfleet.errors import NotFound, PayloadTooLarge
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 
@@ -277,3 +277,20 @@ async def test_max_messages_respected(bus: Bus, ns: str) -> None:
     assert 1 <= len(first) <= 3
     rest = await drain(bus, f"{ns}-a")
     assert sorted(d.body for d in first + rest) == [f"m{i}".encode() for i in range(5)]
+
+
+async def test_a_message_over_the_engines_limit_is_refused_naming_it(bus: Bus, ns: str) -> None:
+    """SNS takes 256 KiB with the attributes; its own refusal ("InvalidParameter ... Message too
+    long") names no limit and reached clients as engine text. Other engines carry the message."""
+    from sdfleet.bus.backends.aws import SNS_MAX_BYTES, AwsBus
+
+    await bus.ensure(topology(ns, {"a": None}))
+    body = b"x" * (SNS_MAX_BYTES - 40)
+    if isinstance(bus, AwsBus):
+        with pytest.raises(PayloadTooLarge, match="takes at most 256 KiB: send input images as"):
+            await bus.publish(f"{ns}-tasks", body, {"sd_model_checkpoint": SD15})
+        await bus.publish(f"{ns}-tasks", body[:-100], {"sd_model_checkpoint": SD15})  # just under
+        assert [len(b) for b in await bodies(bus, f"{ns}-a")] == [len(body) - 100]
+    else:
+        await bus.publish(f"{ns}-tasks", body, {"sd_model_checkpoint": SD15})
+        assert await bodies(bus, f"{ns}-a") == [body]

@@ -40,7 +40,7 @@ from sdfleet._aws import AwsContext, error_code, int_param, map_errors, parse_aw
 from sdfleet.bus.backends.aws_topology import ensure_topology, existing_queue_url, queue_name, queue_stats
 from sdfleet.bus.base import Delivery, QueueStats, Topology
 from sdfleet.bus.batcher import Batcher
-from sdfleet.errors import BusError, BusUnavailable, ValidationFailed
+from sdfleet.errors import BusError, BusUnavailable, PayloadTooLarge, ValidationFailed
 
 if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MAX_ATTRIBUTES = 10
 MAX_WAIT_S = 20
+SNS_MAX_BYTES = 256 * 1024
+"""SNS ``Publish``: message body and attributes (names, types, values) together."""
 _SHORT_POLL_S = 0.1
 ACK_LINGER_S = 0.02
 """How long an ack waits for others to share its DeleteMessageBatch call (not on the GPU's path:
@@ -160,6 +162,13 @@ class AwsBus:
         if not message:
             raise ValidationFailed("SNS refuses empty message bodies")
         attrs = _message_attributes(attributes)
+        size = len(body) + sum(len(f"{k}String{v}".encode()) for k, v in attributes.items())
+        if size > SNS_MAX_BYTES:
+            # SNS's own answer is "InvalidParameter: ... Message too long", naming no limit
+            raise PayloadTooLarge(
+                f"the task is {size / 1024:.0f} KiB as a message and the aws engine (SNS) takes at most "
+                f"{SNS_MAX_BYTES // 1024} KiB: send input images as http(s) or s3:// URLs, not inline"
+            )
 
         def call() -> str:
             arn = self._topic_arn(topic)
