@@ -376,3 +376,20 @@ async def test_percent_encoded_input_urls_are_accepted_in_every_format(
     # A webhook URL of that form passes the form check; the URL guard then has its say.
     r = await fleet.http.post("/v1/tasks", json={"params": PARAMS, "webhook": {"url": url}})
     assert r.status_code == 422 and "loopback" in r.json()["error"]["message"], r.text
+
+
+async def test_a_union_field_of_the_wrong_type_is_named_once_without_pydantic_internals(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    fleet = await start(start_fleet, engine, models_dir)
+    body = {
+        "task": {
+            "metadata": {"id": True, "runtime": "sdruntime", "tasktype": "text-to-image"},
+            "content": {"prompt": "a cat", "steps": 2},
+        }
+    }
+    r = await fleet.http.post("/v1alpha2/", json=body)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    expected = "task.metadata.id: Input should be a valid string or a valid integer (got True)"
+    assert message == expected, message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -60,12 +61,28 @@ async def read_object(request: Request, max_bytes: int, timeout_s: float) -> tup
     return body, data
 
 
+_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|[a-z-]+\[.*\])$")
+"""How pydantic names the member of a union in an error's location (``str``,
+``function-before[integral(), int]``): its internals, not a place in the body."""
+
+
 def validation_message(e: ValidationError) -> str:
+    """Each offending place once (a union's members' errors as one), with what was sent."""
+    places: dict[str, list[Any]] = {}
+    for err in e.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and _MEMBER.match(p))]
+        places.setdefault(".".join(str(p) for p in loc) or "body", []).append(err)
     parts = []
-    for err in e.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+    for where, errs in list(places.items())[:5]:
+        msgs = list(dict.fromkeys(err["msg"] for err in errs))
+        msg = (
+            msgs[0]
+            if len(msgs) == 1
+            else "Input should be " + " or ".join(m.removeprefix("Input should be ") for m in msgs)
+        )
+        err = errs[0]
         got = "" if err["type"] == "value_error" else _got(err.get("input"))  # our own messages say it
-        parts.append(f"{where}: {err['msg']}{got}")
+        parts.append(f"{where}: {msg}{got}")
     return "; ".join(parts)
 
 
