@@ -377,3 +377,27 @@ def test_default_prefixes_are_the_engines() -> None:
     aws_default = inspect.signature(AwsBus.__init__).parameters["prefix"].default
     assert DEFAULT_PREFIX == {"aws": aws_default, "redis": _redis.DEFAULT_PREFIX}
     assert "prefix=sdfleet-&" in SETS["aws-diffusers"]["urls"]["bus"]
+
+
+def test_the_on_demand_fallback_can_have_its_own_bound() -> None:
+    """Karpenter limits each NodePool on its own: with one `limits` the class could reach twice it."""
+    values = SETS["aws-diffusers"]
+    classes = values.get("karpenter", {}).get("gpuClasses") or {"gpu": {}}
+
+    def gpu_limits(objs: list[dict[str, Any]]) -> dict[str, str]:
+        return {
+            p["metadata"]["name"].rsplit("-", 1)[-1]: p["spec"]["limits"]["nvidia.com/gpu"]
+            for p in of_kind(objs, "NodePool")
+        }
+
+    assert set(gpu_limits(render(values)).values()) == {"16"}, "each pool has the class's limits"
+    floor = {"nvidia.com/gpu": "4", "cpu": "64", "memory": "256Gi"}
+    with_floor = {
+        **values,
+        "karpenter": {
+            **values.get("karpenter", {}),
+            "gpuClasses": {name: {**c, "onDemandLimits": floor} for name, c in classes.items()},
+        },
+    }
+    limits = gpu_limits(render(with_floor))
+    assert limits == {"spot": "16", "demand": "4"}, limits
