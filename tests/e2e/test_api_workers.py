@@ -1,5 +1,6 @@
 """``sdfleet api`` with several worker processes on one port (api.workers): every worker serves the
-links any worker made, ``/metrics`` adds all workers up, and SIGTERM stops them all."""
+links any worker made, the ops port adds all workers' ``/metrics`` up and serves the queue depths,
+and SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -68,8 +69,14 @@ def test_two_workers_share_links_metrics_and_stop(engine: Engine, tmp_path: Path
             httpx.post(f"{url}/v1/tasks", json={"params": PARAMS}, timeout=30).json()["id"]
             for _ in range(TASKS)
         ]
+        # KEDA's metrics-api trigger reads the depth on the ops port: it was Prometheus text there
+        ops = f"http://127.0.0.1:{metrics_port}"
+        depth = httpx.get(f"{ops}/queues/q/depth", timeout=10)
+        assert depth.status_code == 200 and depth.json()["depth"] == TASKS, depth.text
+        assert httpx.get(f"{ops}/queues/nope/depth", timeout=10).status_code == 404
         with agent_process(engine, config, "q"):
             views = _wait_all(url, ids)
+        assert httpx.get(f"{ops}/queues/q/depth", timeout=10).json()["depth"] == 0
         assert all(v["state"] == "succeeded" for v in views)
         # fresh connections land on either worker: every link works on every one of them
         links = [img["url"] for v in views for img in v["images"]]  # type: ignore[attr-defined]

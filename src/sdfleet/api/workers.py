@@ -16,13 +16,12 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from sdfleet.serve import check_bindable
 from sdfleet.settings import Settings, load_settings
@@ -73,11 +72,10 @@ def serve(settings: Settings) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="sdfleet-metrics-")
     shared[MULTIPROC_ENV] = metrics_dir
     os.environ.update(shared)  # the workers are spawned with this environment
-    if settings.api.ops_port:  # the keyless scrape port: every worker's metrics, from the supervisor
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-        start_http_server(settings.api.ops_port, addr=settings.api.host, registry=registry)
     check_bindable(settings.api.host, settings.api.port, "api")
+    ops = OpsListener(settings.model_copy(update={"ensure_topology": False}))
+    if settings.api.ops_port:  # every worker's metrics, and the queue depths KEDA reads
+        ops.start()
     try:
         uvicorn.run(
             "sdfleet.api.workers:app",
@@ -89,4 +87,66 @@ def serve(settings: Settings) -> None:
             log_config=None,
         )
     finally:
+        ops.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class OpsListener:
+    """The operations app (``api.ops``: ``/metrics``, ``/queues/<name>/depth``) in the supervisor,
+    on a thread with its own event loop and engines. The depth route is what the chart's KEDA
+    ``metrics-api`` trigger reads: with only a metrics server here it answered Prometheus text on
+    every path, which KEDA cannot read. ``/metrics`` adds every worker's counters up (the workers
+    write them to ``PROMETHEUS_MULTIPROC_DIR``)."""
+
+    def __init__(self, settings: Settings, start_timeout_s: float = 60.0) -> None:
+        self.settings = settings
+        self.port = settings.api.ops_port or 0
+        self.start_timeout_s = start_timeout_s
+        self._server: uvicorn.Server | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sdfleet-ops", daemon=True)
+
+    def start(self) -> None:
+        """Serve, or raise what kept it from serving (the port taken, an engine unreachable)."""
+        check_bindable(self.settings.api.host, self.port, "ops listener")
+        self._thread.start()
+        if not self._started.wait(self.start_timeout_s) or self._error is not None:
+            self.stop()
+            raise self._error or TimeoutError(f"the ops listener did not start in {self.start_timeout_s:g} s")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:  # told to start(); a failure after that ends only this listener
+            self._error = e
+        finally:
+            self._started.set()
+
+    async def _serve(self) -> None:
+        from sdfleet.api.ops import create_ops_app
+        from sdfleet.build import api_context, open_engines
+        from sdfleet.telemetry import Metrics
+
+        async with AsyncExitStack() as stack:
+            engines = await open_engines(self.settings, stack)
+            app = create_ops_app(api_context(self.settings, engines, Metrics()))
+            config = uvicorn.Config(
+                app,
+                host=self.settings.api.host,
+                port=self.port,
+                log_config=None,
+                lifespan="off",
+            )
+            self._server = uvicorn.Server(config)
+            serving = asyncio.create_task(self._server.serve())
+            while not self._server.started and not serving.done():
+                await asyncio.sleep(0.05)
+            self._started.set()
+            await serving
