@@ -4,7 +4,9 @@ and result notifications in the seed's shape — on every engine."""
 from __future__ import annotations
 
 import io
+import json
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 
 from conftest import SD15, Engine, RunningFleet, StartFleet
 from sdfleet.api.links import signature
+from sdfleet.storage import open_storage
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
 pytestmark = pytest.mark.timeout(240)
@@ -64,6 +67,11 @@ async def test_v1alpha2_examples(start_fleet: StartFleet, engine: Engine, image_
         assert view["state"] == "succeeded", view
         content = body["task"]["content"]
         assert await png_size(engine, view["images"][0]["key"]) == (content["width"], content["height"])
+        # the .out a backend built for the seed reads: parameters.id_task, image_seed, error_msg
+        out = await read_json(engine, view["output"]["key"])
+        parameters = out["parameters"]
+        assert (parameters["id_task"], parameters["error_msg"]) == (meta["id"], "")
+        assert parameters["image_seed"] == str(view["seed"]) and parameters["prompt"] == content["prompt"]
     notes = {n["id"]: n for n in await receive_json(engine, "results", 2)}
     for body in payloads:
         meta = body["task"]["metadata"]
@@ -125,7 +133,9 @@ def _app_key(fleet: RunningFleet) -> str:
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
-async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(start_fleet: StartFleet) -> None:
+async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
+    start_fleet: StartFleet, engine: Engine
+) -> None:
     """The seed's SD WebUI honours hires fix, ControlNet, batch count...; the diffusers runtime
     ran without them and the task "succeeded"."""
     from seed_payloads import copy_of
@@ -142,6 +152,13 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(start_fle
         "enable_hr" in view["error"]["message"] and "alwayson_scripts.controlnet" in view["error"]["message"]
     )
     assert view["attempts"] == 1, "not retried: it can never run here"
+    # as the seed's agent does, a failed task has a .out with the reason, linked by its notification
+    (note,) = await receive_json(engine, "results", 1)
+    assert note["id"] == "hires-1" and note["result"] is False and note["output_url"], note
+    out = await read_json(engine, view["output"]["key"])
+    assert note["output_url"].endswith(view["output"]["key"].rsplit("/", 1)[1])
+    assert out["parameters"]["id_task"] == "hires-1" and out["parameters"]["status"] == 0
+    assert out["parameters"]["error_msg"] == view["error"]["message"] and out["images"] == [""]
     # A batch count is bounded at the door, as batch_size is.
     for n_iter in (100_000, 0, "2", 1.5):
         body = copy_of(V1ALPHA1_T2I)
@@ -178,3 +195,12 @@ async def test_a_seed_id_that_already_ran_is_a_409_not_a_stale_200(start_fleet: 
     r = await fleet.http.post("/v1alpha1/", json=other)
     assert r.status_code == 409 and "v1alpha2 task" in r.json()["error"]["message"], r.text
     assert (await fleet.http.get("/v1/tasks/rep-1")).json()["attempts"] == 1, "ran once"
+
+
+async def read_json(engine: Engine, key: str) -> dict[str, Any]:
+    storage = open_storage(engine.storage_url)
+    try:
+        out: dict[str, Any] = json.loads(await storage.get(key))
+    finally:
+        await storage.aclose()
+    return out

@@ -22,6 +22,7 @@ from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
 from sdfleet.agent.records import acknowledge, fail, notify, requeue
 from sdfleet.agent.tasklog import task_event
+from sdfleet.compat.out import SEED_ORIGINS, succeeded_out
 from sdfleet.errors import Interrupted, Reject, SdfleetError, TransitionConflict
 from sdfleet.media import sniff
 from sdfleet.runtimes.base import RuntimeResult
@@ -69,6 +70,8 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
     t0 = time.perf_counter()
     with p.stage("storage.put"):
         info = {**result.info, "images": [parts.storage.location(k) for k in keys], "task_id": task.id}
+        if task.origin in SEED_ORIGINS:  # what a backend built for the seed reads
+            info["parameters"] = succeeded_out(task, result.info, result.seed, len(keys))
         out = json.dumps(info, indent=2).encode()
         outputs = zip(keys, result.images, strict=True)
         puts = [parts.storage.put(k, data, sniff(data).mime) for k, data in outputs]

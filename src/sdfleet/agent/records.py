@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import time
 from functools import partial
 
 from sdfleet.agent.outage import ride_out
-from sdfleet.agent.parts import Parts, Prepared
+from sdfleet.agent.parts import Parts, Prepared, output_keys
+from sdfleet.compat.out import SEED_ORIGINS, failed_out
 from sdfleet.errors import NotFound, SdfleetError, TransitionConflict
 from sdfleet.store.base import transition
-from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, TaskState
+from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, TaskResult, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,14 @@ async def fail(
     """Mark a task failed with a reason and notify; a task already terminal stays as it is.
     ``task``: create its record, failed, if it has none (a task another producer published)."""
 
+    tag = secrets.token_hex(2)
+
     def mutate(r: TaskRecord) -> TaskRecord:
         r.state, r.error = TaskState.FAILED, TaskError(code=code, message=message)
         r.finished_at = time.time()
+        if r.task.origin in SEED_ORIGINS and (r.result is None or r.result.output is None):
+            # The seed writes a .out for a failed task too, and its notification links it.
+            r.result = TaskResult(output=output_keys(r.task, [], tag)[1])
         return r
 
     try:
@@ -39,6 +47,12 @@ async def fail(
         log.info("task %s not failed: %s", task_id, e)
         return
     parts.metrics.tasks.labels(queue=parts.queue.name, state="failed").inc()
+    if record.task.origin in SEED_ORIGINS and record.result is not None and record.result.output:
+        out = json.dumps(failed_out(record.task, code, message), indent=2).encode()
+        try:
+            await parts.storage.put(record.result.output, out, "application/json")
+        except SdfleetError as e:  # the failure itself stands; only its .out is missing
+            log.warning("task %s: failure .out not stored: %s", task_id, e)
     await notify(parts, record, EventType.FAILED)
 
 
