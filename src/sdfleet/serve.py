@@ -35,10 +35,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+KEEP_ALIVE_S = 75
+"""How long an idle keep-alive connection stays open. uvicorn's default is 5 s; behind a load
+balancer that keeps connections longer (an ALB: 60 s) the balancer then sends requests on
+connections the server is closing (502s), and so may any client that pools connections."""
+
+
 def _server(
     app: Callable[..., Any], host: str, port: int, lifespan: Literal["on", "off"] = "off"
 ) -> uvicorn.Server:
-    return _Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan=lifespan))
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, lifespan=lifespan, timeout_keep_alive=KEEP_ALIVE_S
+    )
+    return _Server(config)
 
 
 def check_bindable(host: str, port: int, name: str) -> None:

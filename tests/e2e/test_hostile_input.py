@@ -393,3 +393,31 @@ async def test_a_union_field_of_the_wrong_type_is_named_once_without_pydantic_in
     message = r.json()["error"]["message"]
     expected = "task.metadata.id: Input should be a valid string or a valid integer (got True)"
     assert message == expected, message
+
+
+async def test_an_idle_keep_alive_connection_outlives_uvicorns_five_seconds(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Closed after 5 s idle (uvicorn's default), a pooled connection races the next request: a
+    load balancer with a longer idle timeout (an ALB: 60 s) answers that request with a 502."""
+    from sdfleet.serve import KEEP_ALIVE_S
+
+    assert KEEP_ALIVE_S > 60
+    fleet = await start(start_fleet, engine, models_dir)
+    host, port = fleet.api_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for n in range(2):
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(
+                next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+            )
+            await reader.readexactly(length)
+            if n == 0:
+                await asyncio.sleep(6.5)  # past uvicorn's default
+    finally:
+        writer.close()
+        await writer.wait_closed()

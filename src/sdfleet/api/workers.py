@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack
 import uvicorn
 from fastapi import FastAPI
 
-from sdfleet.serve import check_bindable
+from sdfleet.serve import KEEP_ALIVE_S, check_bindable
 from sdfleet.settings import Settings, load_settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -85,6 +85,7 @@ def serve(settings: Settings) -> None:
             workers=settings.api.workers,
             lifespan="on",
             log_config=None,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     finally:
         ops.stop()
@@ -143,6 +144,7 @@ class OpsListener:
                 port=self.port,
                 log_config=None,
                 lifespan="off",
+                timeout_keep_alive=KEEP_ALIVE_S,
             )
             self._server = uvicorn.Server(config)
             serving = asyncio.create_task(self._server.serve())
