@@ -122,18 +122,7 @@ async def test_first_task_of_a_model_waits_for_its_download(
     await push(bucket_url, make_tiny(tmp_path / "src", "tiny-remote"))
     # A folder with another model in it: the API (same folder) must not refuse one only S3 has.
     make_tiny(tmp_path / "models", "tiny-local")
-    with socket_port() as port:
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            api=ApiSettings(port=port),
-            agent=AgentSettings(wait_s=0.5),
-            fleet=FleetConfig(
-                queues=[QueueConfig(name="default")],
-                models=ModelsConfig(dir=tmp_path / "models", s3=bucket_url),
-            ),
-            log_json=False,
-        )
-    fleet = Fleet(settings, ["default"])
+    port, fleet = fetching_fleet(tmp_path, tmp_path / "models", bucket_url)
     running = asyncio.create_task(fleet.run())
     try:
         await asyncio.wait_for(fleet.started.wait(), 60)
@@ -158,6 +147,21 @@ async def test_first_task_of_a_model_waits_for_its_download(
         and s.attributes.get("sdfleet.task_id") in (first["id"], second["id"])
     ]
     assert [s.attributes["sdfleet.task_id"] for s in downloads if s.attributes] == [first["id"]]
+
+
+def fetching_fleet(tmp_path: Path, models: Path, bucket_url: str) -> tuple[int, Fleet]:
+    """API and agent of queue ``default`` on a free port, fetching models from ``bucket_url``."""
+    with socket_port() as port:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            api=ApiSettings(port=port),
+            agent=AgentSettings(wait_s=0.5),
+            fleet=FleetConfig(
+                queues=[QueueConfig(name="default")], models=ModelsConfig(dir=models, s3=bucket_url)
+            ),
+            log_json=False,
+        )
+    return port, Fleet(settings, ["default"])
 
 
 async def run_task(http: httpx.AsyncClient, body: dict[str, object]) -> dict[str, object]:
@@ -198,17 +202,7 @@ async def test_a_read_only_models_folder_serves_its_models_with_models_s3_set(
     await push(bucket_url, make_tiny(tmp_path / "src", "tiny-remote"))
     with pytest.raises(OSError, match="Read-only"):
         (models / ".sdfleet").mkdir()
-    with socket_port() as port:
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            api=ApiSettings(port=port),
-            agent=AgentSettings(wait_s=0.5),
-            fleet=FleetConfig(
-                queues=[QueueConfig(name="default")], models=ModelsConfig(dir=models, s3=bucket_url)
-            ),
-            log_json=False,
-        )
-    fleet = Fleet(settings, ["default"])
+    port, fleet = fetching_fleet(tmp_path, models, bucket_url)
     running = asyncio.create_task(fleet.run())
     try:
         await asyncio.wait_for(fleet.started.wait(), 60)

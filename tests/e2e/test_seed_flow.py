@@ -4,18 +4,15 @@ and result notifications in the seed's shape — on every engine."""
 from __future__ import annotations
 
 import io
-import json
 import re
-from typing import Any
 
 import httpx
 import pytest
-from fleet_tools import png_size, receive_json
+from fleet_tools import png_size, read_json, receive_json
 from PIL import Image
 
 from conftest import SD15, Engine, RunningFleet, StartFleet
 from sdfleet.api.links import signature
-from sdfleet.storage import open_storage
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
 pytestmark = pytest.mark.timeout(240)
@@ -195,12 +192,3 @@ async def test_a_seed_id_that_already_ran_is_a_409_not_a_stale_200(start_fleet: 
     r = await fleet.http.post("/v1alpha1/", json=other)
     assert r.status_code == 409 and "v1alpha2 task" in r.json()["error"]["message"], r.text
     assert (await fleet.http.get("/v1/tasks/rep-1")).json()["attempts"] == 1, "ran once"
-
-
-async def read_json(engine: Engine, key: str) -> dict[str, Any]:
-    storage = open_storage(engine.storage_url)
-    try:
-        out: dict[str, Any] = json.loads(await storage.get(key))
-    finally:
-        await storage.aclose()
-    return out

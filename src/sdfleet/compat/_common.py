@@ -51,6 +51,24 @@ _DIRECT = (
 )
 
 
+def a1111_fields(p: TaskParams) -> dict[str, Any]:
+    """The generation fields of an SD WebUI txt2img/img2img request, from ``p`` (the inverse of
+    ``_DIRECT``, without the img2img-only ``denoising_strength``)."""
+    body: dict[str, Any] = {
+        "prompt": p.prompt,
+        "negative_prompt": p.negative_prompt,
+        "steps": p.steps,
+        "width": p.width,
+        "height": p.height,
+        "cfg_scale": p.cfg_scale,
+        "seed": p.seed,
+        "batch_size": p.batch_size,
+    }
+    if p.sampler:
+        body["sampler_name"] = p.sampler
+    return body
+
+
 def task_type(name: object, allowed: frozenset[TaskType] | None = None) -> TaskType:
     if not isinstance(name, str) or name not in TASK_TYPES:
         known = ", ".join(sorted(TASK_TYPES))

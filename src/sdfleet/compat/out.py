@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sdfleet.compat._common import a1111_fields
 from sdfleet.tasks import Origin, Task, TaskType
 
 SEED_ORIGINS = (Origin.V1ALPHA1, Origin.V1ALPHA2)
@@ -17,17 +18,7 @@ SEED_ORIGINS = (Origin.V1ALPHA1, Origin.V1ALPHA2)
 def _request(task: Task) -> dict[str, Any]:
     """The request as SD WebUI's answer echoes it in ``parameters`` (its A1111 field names)."""
     p = task.params
-    fields: dict[str, Any] = {
-        "prompt": p.prompt,
-        "negative_prompt": p.negative_prompt,
-        "steps": p.steps,
-        "width": p.width,
-        "height": p.height,
-        "cfg_scale": p.cfg_scale,
-        "seed": p.seed,
-        "sampler_name": p.sampler,
-        "batch_size": p.batch_size,
-    }
+    fields = a1111_fields(p)
     if task.type is TaskType.IMAGE_TO_IMAGE:
         fields["denoising_strength"] = p.denoising_strength
     return {**fields, **p.extra}

@@ -6,7 +6,7 @@ import base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sdfleet.compat._common import ROUTING_KEYS
+from sdfleet.compat._common import ROUTING_KEYS, a1111_fields
 from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskType
 
@@ -34,18 +34,7 @@ def b64(data: bytes) -> str:
 
 def _generation_body(job: Job) -> dict[str, Any]:
     p = job.params
-    body: dict[str, Any] = {
-        "prompt": p.prompt,
-        "negative_prompt": p.negative_prompt,
-        "steps": p.steps,
-        "width": p.width,
-        "height": p.height,
-        "cfg_scale": p.cfg_scale,
-        "seed": p.seed,
-        "batch_size": p.batch_size,
-    }
-    if p.sampler:
-        body["sampler_name"] = p.sampler
+    body = a1111_fields(p)
     # Every setting the job depends on goes with it, every time, and SD WebUI puts it back after
     # the job: a setting left behind by one job must not change the next (clip skip 1 included).
     overrides = dict(p.extra.get("override_settings") or {})
