@@ -33,7 +33,8 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     try:
         task = decode_task(d.body, d.attributes)
     except MessageDecodeError as e:
-        # Released, not acked: after max_receives the bus moves it to the DLQ for a human to see.
+        # Released, not acked: after max_receives the bus moves it to the DLQ for a human to see
+        # (or, on a queue without one, it is deleted with its body in the log).
         log.error("undecodable message %s on %s: %s", d.message_id, d.queue, e)
         if not await drop_if_no_dead_letter_queue(parts, h, str(e)):
             await h.release()

@@ -22,7 +22,8 @@ async def fail(
     parts: Parts, tenant: str, task_id: str, code: str, message: str, *, task: Task | None = None
 ) -> None:
     """Mark a task failed with a reason and notify; a task already terminal stays as it is.
-    ``task``: create its record, failed, if it has none (a task another producer published)."""
+    ``task``: create its record, failed, if it has none (a task another producer published). A
+    task sent in a seed format also gets the seed's failure ``.out``, linked from its notification."""
 
     tag = secrets.token_hex(2)
 
