@@ -10,7 +10,7 @@ import pytest
 
 from sdfleet.compat import v1alpha1, v1alpha2
 from sdfleet.errors import Reject
-from sdfleet.runtimes._unsupported import refuse_unsupported, unsupported
+from sdfleet.runtimes.unsupported import refuse_unsupported, unsupported
 from sdfleet.tasks import Task
 from seed_payloads import (
     V1ALPHA1_I2I,

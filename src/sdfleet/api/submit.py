@@ -23,14 +23,16 @@ from sdfleet.api.admission import admit
 from sdfleet.api.auth import Caller
 from sdfleet.api.checks import check_task, check_webhook
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import BusUnavailable, Conflict, NotFound, SdfleetError
+from sdfleet.errors import BusUnavailable, Conflict, NotFound, SdfleetError, ValidationFailed
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.tasks import Task, TaskRecord, TaskState
+from sdfleet.runtimes.unsupported import unsupported, unsupported_message
+from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import extract, inject, xray_trace_id
 
 log = logging.getLogger(__name__)
 
+GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 CLAIM_TTL_S = 30.0
 """How long a claim on a client id holds if its submit never ends (the API died)."""
 WINNER_WAIT_S = 2.0
@@ -78,6 +80,7 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
     attributes = task_attributes(task, tier=caller.tier)
     queues = resolve_queues(ctx.fleet, task, attributes, ctx.topology)
     task.queue = task.queue or queues[0]
+    _refuse_unsupported(ctx, task)
     _cap_timeout(ctx, task)
     if not client_id:
         await admit(ctx, caller)
@@ -87,6 +90,17 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
         return await _repeated(ctx, caller, existing), False
     await admit(ctx, caller)
     return await _claimed(ctx, caller, task, attributes)
+
+
+def _refuse_unsupported(ctx: ApiContext, task: Task) -> None:
+    """SD WebUI fields the queue's runtime would fail the task on (diffusers: hires fix, scripts,
+    ``n_iter``...): a 422 now, not a failed task later."""
+    queue = ctx.fleet.queue(task.queue or "")
+    if queue is None or queue.runtime != "diffusers" or task.type not in GENERATE:
+        return
+    found = unsupported(task.params)
+    if found:
+        raise ValidationFailed(unsupported_message(found, queue.runtime), code="unsupported_option")
 
 
 async def _claimed(

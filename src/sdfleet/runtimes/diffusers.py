@@ -30,8 +30,8 @@ from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._lora_loader import LoraLoader
-from sdfleet.runtimes._unsupported import refuse_unsupported
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
+from sdfleet.runtimes.unsupported import refuse_unsupported
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)

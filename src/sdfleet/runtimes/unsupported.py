@@ -43,12 +43,17 @@ def unsupported(params: TaskParams) -> list[str]:
     return found
 
 
+def unsupported_message(found: list[str], runtime: str) -> str:
+    return (
+        f"the {runtime} runtime does not implement {', '.join(found)}: leave them out, or send "
+        "the task to a queue with the a1111 runtime (SD WebUI implements them)"
+    )
+
+
 def refuse_unsupported(params: TaskParams, runtime: str) -> None:
-    """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out."""
+    """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out. The
+    API asks the same at the door for tasks routed to a diffusers queue (a 422); the runtime asks
+    again for tasks no API saw (the seed's Lambda publishes to the bus itself)."""
     found = unsupported(params)
     if found:
-        raise Reject(
-            f"the {runtime} runtime does not implement {', '.join(found)}: leave them out, or send "
-            "the task to a queue with the a1111 runtime (SD WebUI implements them)",
-            code="unsupported_option",
-        )
+        raise Reject(unsupported_message(found, runtime), code="unsupported_option")
