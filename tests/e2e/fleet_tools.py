@@ -22,6 +22,16 @@ from sdfleet.bus import open_bus
 from sdfleet.storage import open_storage
 
 
+async def wait_adopted(fleet: RunningFleet, task_id: str) -> dict[str, Any]:
+    """The end of a task published straight to the bus (as the seed's Lambda does): the API knows
+    it once an agent has received it."""
+    for _ in range(300):
+        if (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 200:
+            return await fleet.wait(task_id)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no agent picked up {task_id}")
+
+
 async def read_json(engine: Engine, key: str) -> dict[str, Any]:
     storage = open_storage(engine.storage_url)
     try:

@@ -24,12 +24,11 @@ from typing import Any
 import boto3
 import pytest
 import yaml
-from fleet_tools import png_size, receive_json
+from fleet_tools import png_size, receive_json, wait_adopted
 
 from conftest import (
     SD15,
     Engine,
-    RunningFleet,
     StartFleet,
     dedicated_and_dynamic,
     fleet_settings,
@@ -128,15 +127,6 @@ def _seed_messages(version: str, image_url: str, bucket: str) -> list[tuple[str,
     return [lambda_message(version, p, bucket=bucket) for p in payloads]
 
 
-async def _wait_adopted(fleet: RunningFleet, task_id: str) -> dict[str, Any]:
-    """The API knows a task the seed's Lambda published once an agent has received it."""
-    for _ in range(300):
-        if (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 200:
-            return await fleet.wait(task_id)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no agent picked up {task_id}")
-
-
 def _meta(message: str) -> dict[str, Any]:
     meta: dict[str, Any] = json.loads(message)["metadata"]
     return meta
@@ -227,7 +217,7 @@ async def test_agent_drains_seed_queue_in_place(
     fleet = await start_fleet(queues, settings=settings)
     metas = [_meta(message) for message, _ in messages]
     for meta in metas:
-        await _assert_outputs(engine, meta, await _wait_adopted(fleet, meta["id"]))
+        await _assert_outputs(engine, meta, await wait_adopted(fleet, meta["id"]))
     if results_topic == "seed-output":
         notes = _backend_notifications(seed)
     else:
@@ -315,4 +305,4 @@ async def test_poison_on_the_seeds_queue_without_a_dlq_is_deleted_after_max_rece
     # and the agent serves on
     message, attributes = lambda_message("v1alpha2", V1ALPHA2_T2I, bucket=seed.bucket)
     seed.publish(message, attributes)
-    await _assert_outputs(engine, _meta(message), await _wait_adopted(fleet, _meta(message)["id"]))
+    await _assert_outputs(engine, _meta(message), await wait_adopted(fleet, _meta(message)["id"]))

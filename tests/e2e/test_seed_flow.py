@@ -3,14 +3,12 @@ and result notifications in the seed's shape — on every engine."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
-from typing import Any
 
 import httpx
 import pytest
-from fleet_tools import png_size, read_json, receive_json
+from fleet_tools import png_size, read_json, receive_json, wait_adopted
 from PIL import Image
 
 from conftest import SD15, Engine, RunningFleet, StartFleet
@@ -155,7 +153,7 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
         await bus.publish("tasks", message.encode(), attributes)
     finally:
         await bus.aclose()
-    view = await _adopted(fleet, "hires-1")
+    view = await wait_adopted(fleet, "hires-1")
     assert view["state"] == "failed" and view["error"]["code"] == "unsupported_option", view
     message = view["error"]["message"]
     assert "enable_hr" in message and "alwayson_scripts.controlnet" in message, message
@@ -203,12 +201,3 @@ async def test_a_seed_id_that_already_ran_is_a_409_not_a_stale_200(start_fleet: 
     r = await fleet.http.post("/v1alpha1/", json=other)
     assert r.status_code == 409 and "v1alpha2 task" in r.json()["error"]["message"], r.text
     assert (await fleet.http.get("/v1/tasks/rep-1")).json()["attempts"] == 1, "ran once"
-
-
-async def _adopted(fleet: RunningFleet, task_id: str) -> dict[str, Any]:
-    """A task published straight to the bus has a record once an agent received it."""
-    for _ in range(300):
-        if (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 200:
-            return await fleet.wait(task_id)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no agent picked up {task_id}")
