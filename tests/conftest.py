@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -99,20 +99,38 @@ class RedisServer:
         self.start()
 
 
+ReadOnly = Callable[[Path], Path]
+
+
 @pytest.fixture
-def read_only_models(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(a writable folder, the same folder bind-mounted read-only), as the chart mounts models."""
-    src, mnt = tmp_path / "models-rw", tmp_path / "models-ro"
-    src.mkdir()
-    mnt.mkdir()
-    bound = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True)
-    if bound.returncode != 0:
-        pytest.skip(f"bind-mounting a read-only folder needs root: {bound.stderr.decode().strip()}")
-    try:
+def read_only(tmp_path: Path) -> Iterator[ReadOnly]:
+    """Makes a folder the test filled read-only, as the chart mounts models; returns the path to
+    read it by. As root (CI), a read-only bind mount: the writes fail with EROFS as on the chart's
+    volume. Otherwise the folder's write permission is taken away (the writes fail with EACCES)."""
+    undo: list[list[str]] = []
+    chmodded: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            for path in [folder, *folder.rglob("*")]:
+                path.chmod(path.stat().st_mode & ~0o222)
+            chmodded.append(folder)
+            return folder
+        mnt = tmp_path / f"{folder.name}-ro"
+        mnt.mkdir()
+        subprocess.run(["mount", "--bind", str(folder), str(mnt)], check=True, capture_output=True)
+        undo.append(["umount", str(mnt)])
         subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True, capture_output=True)
-        yield src, mnt
+        return mnt
+
+    try:
+        yield make
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        for command in undo:
+            subprocess.run(command, check=True)
+        for folder in chmodded:
+            for path in [folder, *folder.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o200)
 
 
 @pytest.fixture(scope="session")

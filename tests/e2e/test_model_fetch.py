@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -191,16 +191,17 @@ class socket_port:
 
 
 async def test_a_read_only_models_folder_serves_its_models_with_models_s3_set(
-    read_only_models: tuple[Path, Path], tmp_path: Path, bucket_url: str, caplog: pytest.LogCaptureFixture
+    read_only: Callable[[Path], Path], tmp_path: Path, bucket_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The chart mounts models read-only and the CDK app mounts the bucket read-only with
     ``models.s3`` set: the fetcher's locks there made every task fail (EROFS, an OSError)."""
     from sdfleet.models.tiny import make_tiny
 
-    src, models = read_only_models
+    src = tmp_path / "models"
     make_tiny(src, "tiny-local")
+    models = read_only(src)
     await push(bucket_url, make_tiny(tmp_path / "src", "tiny-remote"))
-    with pytest.raises(OSError, match="Read-only"):
+    with pytest.raises(OSError, match=r"Read-only file system|Permission denied"):
         (models / ".sdfleet").mkdir()
     port, fleet = fetching_fleet(tmp_path, models, bucket_url)
     running = asyncio.create_task(fleet.run())

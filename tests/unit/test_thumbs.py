@@ -4,6 +4,7 @@ that may read results but not write beside them, a read-only folder) the gallery
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -32,10 +33,9 @@ async def test_made_once_and_stored_next_to_the_image(tmp_path: Path) -> None:
 
 
 async def test_a_thumbnail_that_cannot_be_stored_is_none_not_an_error(
-    read_only_models: tuple[Path, Path],
+    read_only: Callable[[Path], Path], tmp_path: Path
 ) -> None:
-    src, read_only = read_only_models
-    writable = open_storage(f"file://{src}")
-    await writable.put("t/a-1.png", png(600), "image/png")
-    assert await ensure_thumbnail(open_storage(f"file://{read_only}"), "t/a-1.png") is None
+    src = tmp_path / "results"
+    await open_storage(f"file://{src}").put("t/a-1.png", png(600), "image/png")
+    assert await ensure_thumbnail(open_storage(f"file://{read_only(src)}"), "t/a-1.png") is None
     assert not (src / "t" / "a-1.thumb.jpg").exists()
