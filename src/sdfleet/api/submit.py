@@ -26,13 +26,12 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.errors import BusUnavailable, Conflict, NotFound, SdfleetError, ValidationFailed
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.runtimes.unsupported import unsupported, unsupported_message
-from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
+from sdfleet.runtimes.unsupported import unsupported_for, unsupported_message
+from sdfleet.tasks import Task, TaskRecord, TaskState
 from sdfleet.telemetry import extract, inject, xray_trace_id
 
 log = logging.getLogger(__name__)
 
-GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 CLAIM_TTL_S = 30.0
 """How long a claim on a client id holds if its submit never ends (the API died)."""
 WINNER_WAIT_S = 2.0
@@ -96,9 +95,9 @@ def _refuse_unsupported(ctx: ApiContext, task: Task) -> None:
     """SD WebUI fields the queue's runtime would fail the task on (diffusers: hires fix, scripts,
     ``n_iter``...): a 422 now, not a failed task later."""
     queue = ctx.fleet.queue(task.queue or "")
-    if queue is None or queue.runtime != "diffusers" or task.type not in GENERATE:
+    if queue is None:
         return
-    found = unsupported(task.params)
+    found = unsupported_for(queue.runtime, task.type, task.params)
     if found:
         raise ValidationFailed(unsupported_message(found, queue.runtime), code="unsupported_option")
 

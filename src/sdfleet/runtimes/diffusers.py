@@ -31,14 +31,13 @@ from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import refuse_unsupported
+from sdfleet.runtimes.unsupported import GENERATE, refuse_unsupported
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
-_GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 
 
 @dataclass
@@ -202,7 +201,7 @@ class DiffusersRuntime:
 
     def _check(self, job: Job) -> str | None:
         """The job's sampler; ``Reject`` for what this runtime can never run."""
-        if job.type not in _GENERATE:
+        if job.type not in GENERATE:
             raise Reject(
                 f"the diffusers runtime cannot run {job.type.value!r} tasks", code="unsupported_task"
             )

@@ -8,7 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from sdfleet.errors import Reject
-from sdfleet.tasks import TaskParams
+from sdfleet.tasks import TaskParams, TaskType
+
+GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
+"""The task types these fields belong to (SD WebUI's txt2img and img2img)."""
+LACKING = frozenset({"diffusers"})
+"""Built-in runtimes that run txt2img/img2img themselves without these fields (a1111 hands every
+field to SD WebUI; comfyui runs workflows)."""
 
 _FLAGS = ("enable_hr", "restore_faces", "tiling")
 """Booleans that change the images when true (hires fix, face restoration, tiling)."""
@@ -41,6 +47,11 @@ def unsupported(params: TaskParams) -> list[str]:
                 continue
             found.append(f"override_settings.{key}")
     return found
+
+
+def unsupported_for(runtime: str, kind: TaskType, params: TaskParams) -> list[str]:
+    """``unsupported(params)`` where ``runtime`` runs ``kind`` without those fields, else nothing."""
+    return unsupported(params) if runtime in LACKING and kind in GENERATE else []
 
 
 def unsupported_message(found: list[str], runtime: str) -> str:
