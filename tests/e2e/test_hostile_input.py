@@ -294,17 +294,22 @@ async def test_a_body_sent_too_slowly_is_a_408_and_a_client_that_leaves_is_no_tr
 async def test_the_gallery_detail_shows_no_path_on_the_server(
     start_fleet: StartFleet, engine: Engine, models_dir: Path
 ) -> None:
-    """The ``.out`` JSON the agent stores lists storage locations: ``file://`` paths on local storage."""
+    """The ``.out`` JSON the agent stores lists storage locations: ``file://`` paths on local storage.
+    The detail shows them as the links ``/v1/files`` gives (signed: an unsigned one is refused)."""
     fleet = await start(start_fleet, engine, models_dir)
-    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    r = await fleet.http.post("/v1/tasks", json={"params": {**PARAMS, "batch_size": 2}})
     view = await fleet.wait(r.json()["id"], timeout_s=30)
     assert view["state"] == "succeeded", view
     r = await fleet.http.get(f"/ui/api/tasks/{view['id']}")
     assert r.status_code == 200, r.text
     assert r.json()["params"]["seed"] == view["seed"] != -1, "the seed used, not the -1 asked"
-    images = r.json()["output"]["images"]
-    assert len(images) == 1 and "/v1/files/" in images[0], images
-    assert "file:" not in r.text, r.text
+    assert "file:" not in r.text and str(fleet.settings.data_dir.resolve()) not in r.text, r.text
+    links = r.json()["output"]["images"]
+    assert len(links) == 2 and all("/v1/files/" in link for link in links), links
+    for link, image in zip(links, view["images"], strict=True):
+        got = await fleet.http.get(link)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png", (link, got.text[:200])
+        assert got.content == (await fleet.http.get(image["url"])).content
 
 
 async def test_the_out_json_a_client_downloads_links_its_images_not_server_paths(

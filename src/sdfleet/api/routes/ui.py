@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from sdfleet.api.auth import Caller, caller
 from sdfleet.api.deps import ApiContext, get_ctx
-from sdfleet.api.links import file_url, public_location
+from sdfleet.api.links import file_url, linked_out
 from sdfleet.api.routes.tasks import owned
 from sdfleet.api.thumbs import ensure_thumbnail
 from sdfleet.errors import NotFound, SdfleetError, ValidationFailed
@@ -154,11 +154,11 @@ async def detail(
         params["seed"] = record.result.seed  # the one used (asked -1: random), to make it again
     output = None
     if record.result is not None and record.result.output:
+        key = record.result.output
         try:
-            output = json.loads(await ctx.storage.get(record.result.output))
+            # As ``/v1/files`` serves it: the images as working links, not paths on the server.
+            data = await linked_out(ctx, request, record.tenant, key, await ctx.storage.get(key))
+            output = json.loads(data)
         except (SdfleetError, ValueError):
             output = None
-        if isinstance(output, dict) and "images" in output:
-            # The agent wrote storage locations: file:// paths on the server for local storage.
-            output["images"] = [public_location(ctx, request, k) for k in record.result.images]
     return Detail(params=params, runtime=record.runtime, worker=record.worker, output=output)
