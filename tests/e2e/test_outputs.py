@@ -20,6 +20,7 @@ from seed_payloads import V1ALPHA2_T2I, copy_of
 pytestmark = pytest.mark.timeout(120)
 
 PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
+NO_BUCKET = "s3://no-such-bucket/k.png"  # no input bucket is allowed: fails in the agent, not at the door
 SAGEMAKER_KEYS = {
     "awsRegion",
     "eventTime",
@@ -97,7 +98,7 @@ async def test_sagemaker_notifications_per_queue_and_per_task(
     fleet = await start_fleet(queues, settings=settings)
     bodies = [
         {"id": "sm-ok", "params": PARAMS},
-        {"id": "sm-bad", "type": "pipeline", "params": {**PARAMS, "workflow": {"1": {}}}},
+        {"id": "sm-bad", "type": "image-to-image", "params": {**PARAMS, "init_images": [NO_BUCKET]}},
         {"id": "chosen", "params": PARAMS, "notify_format": "sagemaker"},
         {"id": "default", "params": PARAMS},
     ]

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 from fleet_tools import png_size, read_json, receive_json, wait_adopted
 from PIL import Image
 
-from conftest import SD15, Engine, RunningFleet, StartFleet
+from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.api.links import signature
 from sdfleet.bus import open_bus
+from sdfleet.settings import QueueConfig
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
 pytestmark = pytest.mark.timeout(240)
@@ -172,6 +174,37 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
         body["n_iter"] = n_iter
         r = await fleet.http.post("/v1alpha1/", json=body)
         assert r.status_code == 422 and "n_iter" in r.json()["error"]["message"], (n_iter, r.text)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_what_the_routed_queues_runtime_cannot_run_is_refused_at_the_door(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """The seed's pipeline payload (a ComfyUI workflow) on a fleet without a comfyui queue, and a
+    sampler the diffusers runtime lacks, were accepted and then failed in the agent."""
+    from seed_payloads import V1ALPHA2_PIPELINE, copy_of
+
+    fleet = await start_fleet()  # diffusers queues only
+    r = await fleet.http.post("/v1alpha2/", json=copy_of(V1ALPHA2_PIPELINE))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_task", r.text
+    assert "comfyui runtime" in r.json()["error"]["message"], r.text
+    assert (await fleet.http.get("/v1/tasks/test-pipeline")).status_code == 404, "nothing queued"
+    body = {"params": {"prompt": "a cat", "sampler": "DPM++ SDE", "width": 64, "height": 64}}
+    r = await fleet.http.post("/v1/tasks", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_sampler", r.text
+    assert "DPM++ 2M Karras" in r.json()["error"]["message"], "it lists the samplers it has"
+    # the same pipeline on a fleet whose filter sends pipelines to a comfyui queue is taken
+    queues = [
+        # a fleet file that, by mistake, sends text-to-image there too
+        QueueConfig(name="flows", runtime="comfyui", filter={"task_type": ["pipeline", "text-to-image"]}),
+        QueueConfig(name="images"),
+    ]
+    other = await start_fleet(queues, agents=[], settings=fleet_settings(engine, models_dir, queues))
+    r = await other.http.post("/v1alpha2/", json=copy_of(V1ALPHA2_PIPELINE))
+    assert r.status_code == 200 and r.json()["id"] == "test-pipeline", r.text  # the seed's answer
+    assert (await other.http.get("/v1/tasks/test-pipeline")).json()["queue"] == "flows"
+    r = await other.http.post("/v1/tasks", json={"params": {"prompt": "a cat"}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_task", r.text
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

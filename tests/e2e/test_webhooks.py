@@ -124,9 +124,9 @@ async def test_subscribed_events_are_signed_and_terminal_ones_retried(
     rf = await start_fleet(QUEUE, settings=_settings(engine, models_dir, allow_private=True))
     receiver.answers[("/hook/ok", "succeeded")] = [500, 503]
     ok = {"params": PARAMS, "webhook": {"url": f"{receiver.url}/hook/ok", "events": ["started", "succeeded"]}}
-    bad = {
-        "type": "pipeline",
-        "params": {**PARAMS, "workflow": {"1": {"class_type": "KSampler"}}},
+    bad = {  # an input from a bucket the agent may not read: fails in the agent, not at the door
+        "type": "image-to-image",
+        "params": {**PARAMS, "init_images": ["s3://no-such-bucket/k.png"]},
         "webhook": {"url": f"{receiver.url}/hook/bad", "events": ["failed"]},
         "context": {"order": 7},
     }
@@ -160,7 +160,7 @@ async def test_subscribed_events_are_signed_and_terminal_ones_retried(
     [failed] = receiver.on("/hook/bad")  # not subscribed to started: only the failure comes
     assert failed.event == "failed" and failed.status == 200 and _signed(failed)
     note = json.loads(failed.body)
-    assert note["error"]["code"] == "unsupported_task" and note["context"] == {"order": 7}
+    assert note["error"]["code"] == "url_refused" and note["context"] == {"order": 7}
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

@@ -333,8 +333,9 @@ async def test_execution_errors_and_wrong_tasks(runtime: ComfyUIRuntime, tmp_pat
     flow["8"]["inputs"]["type"] = "torch.OutOfMemoryError"
     with pytest.raises(RuntimeFailure, match="out of memory"):  # retryable
         await runtime.run(job(flow), nothing)
-    with pytest.raises(Reject, match="pipeline"):
+    with pytest.raises(Reject, match="cannot run 'text-to-image' tasks") as wrong:
         await runtime.run(job(txt2img(), kind=TaskType.TEXT_TO_IMAGE), nothing)
+    assert wrong.value.code == "unsupported_task"
     down = build_runtime(
         "comfyui",
         catalog=ModelCatalog(tmp_path),

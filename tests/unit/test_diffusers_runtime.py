@@ -12,7 +12,8 @@ from PIL import Image
 from sdfleet.errors import ConfigError, Interrupted, ModelLoadError, Reject
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import RUNTIMES, build_runtime
-from sdfleet.runtimes._diffusers_pipes import SAMPLERS, make_scheduler, sampler_key
+from sdfleet.runtimes._diffusers_pipes import make_scheduler
+from sdfleet.runtimes._diffusers_samplers import SAMPLERS, sampler_key
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType

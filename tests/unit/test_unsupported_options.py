@@ -10,8 +10,8 @@ import pytest
 
 from sdfleet.compat import v1alpha1, v1alpha2
 from sdfleet.errors import Reject
-from sdfleet.runtimes.unsupported import refuse_unsupported, unsupported
-from sdfleet.tasks import Task
+from sdfleet.runtimes.unsupported import RUNS, refuse, refuse_kind, refuse_unsupported, unsupported
+from sdfleet.tasks import Task, TaskType
 from seed_payloads import (
     V1ALPHA1_I2I,
     V1ALPHA1_I2I_DOCS,
@@ -76,3 +76,41 @@ def test_what_asks_for_the_defaults_is_not_refused() -> None:
         send_images=True, save_images=False,
     )  # fmt: skip
     assert unsupported(task_of(body).params) == []
+
+
+def test_each_runtime_runs_the_task_types_it_says() -> None:
+    """``RUNS`` is what the API refuses at the door by; the runtimes check against the same table."""
+    from sdfleet.runtimes._a1111_payload import ENDPOINTS
+
+    assert set(ENDPOINTS) == RUNS["a1111"], "the a1111 runtime runs what it has an SD WebUI endpoint for"
+    with pytest.raises(Reject, match=r"diffusers runtime cannot run 'pipeline' tasks.*comfyui runtime") as e:
+        refuse_kind("diffusers", TaskType.PIPELINE)
+    assert e.value.code == "unsupported_task"
+    with pytest.raises(Reject, match=r"'text-to-image' tasks: .* diffusers or a1111 runtime"):
+        refuse_kind("comfyui", TaskType.TEXT_TO_IMAGE)
+    refuse_kind("my-plugin", TaskType.PIPELINE)  # a runtime not listed decides for itself
+
+
+def test_refuse_says_what_the_runtime_would_fail_the_task_with() -> None:
+    t2i = task_of(V1ALPHA1_T2I)
+    for runtime in ("diffusers", "a1111", "synthetic"):
+        refuse(runtime, t2i.type, t2i.params)  # the seed's own payload runs everywhere but comfyui
+    codes = {}
+    for name, kind, params in [
+        ("comfyui", t2i.type, t2i.params),
+        ("diffusers", t2i.type, t2i.params.model_copy(update={"extra": {"enable_hr": True}})),
+        ("diffusers", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ SDE"})),
+    ]:
+        with pytest.raises(Reject) as e:
+            refuse(name, kind, params)
+        codes[e.value.code] = e.value.reason
+    assert list(codes) == ["unsupported_task", "unsupported_option", "unknown_sampler"], codes
+    assert "DPM++ 2M Karras" in codes["unknown_sampler"], "the samplers it has are listed"
+    # SD WebUI's samplers depend on the server: the a1111 runtime asks it, not this table
+    refuse("a1111", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ SDE"}))
+    # a scheduler picks the Karras variant, as the runtime does
+    refuse(
+        "diffusers",
+        t2i.type,
+        t2i.params.model_copy(update={"sampler": "Euler", "extra": {"scheduler": "Karras"}}),
+    )

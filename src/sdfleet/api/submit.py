@@ -23,10 +23,10 @@ from sdfleet.api.admission import admit
 from sdfleet.api.auth import Caller
 from sdfleet.api.checks import check_task, check_webhook
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import BusUnavailable, Conflict, NotFound, SdfleetError, ValidationFailed
+from sdfleet.errors import BusUnavailable, Conflict, NotFound, Reject, SdfleetError, ValidationFailed
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.runtimes.unsupported import unsupported_for, unsupported_message
+from sdfleet.runtimes.unsupported import refuse
 from sdfleet.tasks import Task, TaskRecord, TaskState
 from sdfleet.telemetry import extract, inject, xray_trace_id
 
@@ -92,14 +92,15 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
 
 
 def _refuse_unsupported(ctx: ApiContext, task: Task) -> None:
-    """SD WebUI fields the queue's runtime would fail the task on (diffusers: hires fix, scripts,
-    ``n_iter``...): a 422 now, not a failed task later."""
+    """What the queue's runtime would fail the task on (a task type it does not run; diffusers:
+    hires fix, scripts, ``n_iter``, a sampler it lacks...): a 422 now, not a failed task later."""
     queue = ctx.fleet.queue(task.queue or "")
     if queue is None:
         return
-    found = unsupported_for(queue.runtime, task.type, task.params)
-    if found:
-        raise ValidationFailed(unsupported_message(found, queue.runtime), code="unsupported_option")
+    try:
+        refuse(queue.runtime, task.type, task.params)
+    except Reject as e:
+        raise ValidationFailed(f"queue {queue.name!r}: {e.reason}", code=e.code) from None
 
 
 async def _claimed(

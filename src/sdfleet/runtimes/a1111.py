@@ -34,6 +34,7 @@ from sdfleet.runtimes._a1111_flights import Flight, Flights, Snapshot
 from sdfleet.runtimes._a1111_lists import Lists, same_checkpoint
 from sdfleet.runtimes._a1111_payload import CLIP_SKIP, ENDPOINTS, build_body, inline_urls
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
+from sdfleet.runtimes.unsupported import refuse_kind
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,8 @@ class A1111Runtime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
-        endpoint = ENDPOINTS.get(job.type)
-        if endpoint is None:
-            raise Reject(f"the a1111 runtime cannot run {job.type.value!r} tasks", code="unsupported_task")
+        refuse_kind("a1111", job.type)
+        endpoint = ENDPOINTS[job.type]
         body = await self._body(job)
         flight = Flight(job.task_id, job.type, progress)
         self._flights.waiting.append(flight)

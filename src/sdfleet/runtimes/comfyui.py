@@ -30,7 +30,7 @@ from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._comfyui_api import ComfyAPI, join_lines
 from sdfleet.runtimes._comfyui_events import GONE, LOST, RECONCILE, EventStream, PromptWatch
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.tasks import TaskType
+from sdfleet.runtimes.unsupported import refuse_kind
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class ComfyUIRuntime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Queue the workflow, follow it over the websocket, return its saved images."""
-        if job.type is not TaskType.PIPELINE or not job.params.workflow:
+        refuse_kind("comfyui", job.type)
+        if not job.params.workflow:
             raise Reject("the comfyui runtime runs 'pipeline' tasks with a workflow", code="unsupported_task")
         w = self.events.watch(job.task_id)
         try:

@@ -29,9 +29,10 @@ from sdfleet.runtimes import _diffusers_upscale as U
 from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
+from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import GENERATE, refuse_unsupported
+from sdfleet.runtimes.unsupported import refuse_kind, refuse_unsupported
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class DiffusersRuntime:
     def batch_key(self, job: Job) -> object | None:
         """Jobs with equal keys may share one pipeline call (``run_batch``)."""
         try:
-            sampler = P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
+            sampler = sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
         except Reject:
             return None  # it fails alone, with its own reason
         return G.batch_key(job, sampler)
@@ -201,15 +202,12 @@ class DiffusersRuntime:
 
     def _check(self, job: Job) -> str | None:
         """The job's sampler; ``Reject`` for what this runtime can never run."""
-        if job.type not in GENERATE:
-            raise Reject(
-                f"the diffusers runtime cannot run {job.type.value!r} tasks", code="unsupported_task"
-            )
+        refuse_kind("diffusers", job.type)  # extras went to _run_extras: a pipeline task
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         refuse_unsupported(job.params, "diffusers")
         L.resolve(job, self.catalog.models_dir)
-        return P.sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
+        return sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 
     async def _generate_jobs(
         self, jobs: Sequence[Job], progress: Sequence[ProgressFn], sampler: str | None

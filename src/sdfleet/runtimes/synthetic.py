@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
+from sdfleet.runtimes.unsupported import refuse_kind
 from sdfleet.tasks import TaskParams, TaskType
 
 
@@ -107,8 +108,7 @@ class SyntheticRuntime:
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Wait the configured latency (interruptible), then return the images."""
-        if job.type is TaskType.PIPELINE:
-            raise Reject("the synthetic runtime cannot run 'pipeline' tasks", code="unsupported_task")
+        refuse_kind("synthetic", job.type)
         stop = self._stops.setdefault(job.task_id, asyncio.Event())
         try:
             async with self._gpu:

@@ -1,15 +1,30 @@
-"""SD WebUI request fields the diffusers runtime does not implement. The seed hands every field to
-SD WebUI, which honours them; a task asking for one of these fails with ``unsupported_option``
-naming them rather than running without it (an a1111 queue runs such tasks as SD WebUI does).
-Fields that do not change the images (``send_images``, ``save_images``...) are not listed."""
+"""What the built-in runtimes cannot run: task types (``RUNS``), SD WebUI request fields the
+diffusers runtime does not implement, and samplers it does not have. The API asks at the door for
+the queue a task is routed to (``refuse``: a 422, not a failed task later); each runtime asks again
+for tasks no API saw (the seed's Lambda publishes to the bus itself).
+
+The seed hands every field to SD WebUI, which honours them; a task asking for one the diffusers
+runtime lacks fails with ``unsupported_option`` naming them rather than running without it (an
+a1111 queue runs such tasks as SD WebUI does). Fields that do not change the images
+(``send_images``, ``save_images``...) are not listed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sdfleet.errors import Reject
+from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.tasks import TaskParams, TaskType
 
+_ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
+RUNS: dict[str, frozenset[TaskType]] = {
+    "diffusers": _ALL_BUT_PIPELINE,
+    "a1111": _ALL_BUT_PIPELINE,  # SD WebUI's txt2img, img2img, extra-single-image, extra-batch-images
+    "comfyui": frozenset({TaskType.PIPELINE}),  # a workflow; the others are SD WebUI's requests
+    "synthetic": _ALL_BUT_PIPELINE,
+}
+"""The task types each built-in runtime runs (a plugin runtime is not listed: it decides)."""
 GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 """The task types these fields belong to (SD WebUI's txt2img and img2img)."""
 LACKING = frozenset({"diffusers"})
@@ -23,6 +38,36 @@ _NON_EMPTY = ("mask", "script_name", "styles")
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
+
+
+_SAMPLERS: dict[str, Callable[[str | None, str | None], object]] = {"diffusers": sampler_key}
+"""Runtimes whose samplers are known without asking a server (SD WebUI's depend on its version)."""
+
+
+def refuse_kind(runtime: str, kind: TaskType) -> None:
+    """``Reject`` (``unsupported_task``) when ``runtime`` cannot run ``kind`` tasks, naming those
+    that can."""
+    if kind in RUNS.get(runtime, frozenset(TaskType)):
+        return
+    able = [name for name, kinds in RUNS.items() if kind in kinds and name != "synthetic"]
+    raise Reject(
+        f"the {runtime} runtime cannot run {kind.value!r} tasks: send them to a queue with the "
+        f"{' or '.join(able)} runtime",
+        code="unsupported_task",
+    )
+
+
+def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
+    """Every check above for a ``kind`` task with ``params`` on a queue of ``runtime``: ``Reject``
+    with the code the runtime would fail the task with (``unsupported_task``,
+    ``unsupported_option``, ``unknown_sampler``)."""
+    refuse_kind(runtime, kind)
+    found = unsupported_for(runtime, kind, params)
+    if found:
+        raise Reject(unsupported_message(found, runtime), code="unsupported_option")
+    samplers = _SAMPLERS.get(runtime)
+    if samplers is not None and kind in GENERATE:
+        samplers(params.sampler, params.extra.get("scheduler"))
 
 
 def unsupported(params: TaskParams) -> list[str]:
@@ -62,9 +107,7 @@ def unsupported_message(found: list[str], runtime: str) -> str:
 
 
 def refuse_unsupported(params: TaskParams, runtime: str) -> None:
-    """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out. The
-    API asks the same at the door for tasks routed to a diffusers queue (a 422); the runtime asks
-    again for tasks no API saw (the seed's Lambda publishes to the bus itself)."""
+    """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out."""
     found = unsupported(params)
     if found:
         raise Reject(unsupported_message(found, runtime), code="unsupported_option")

@@ -1,0 +1,47 @@
+"""The diffusers runtime's samplers by SD WebUI name: what ``make_scheduler`` builds, and what the
+API checks at the door for a task routed to a diffusers queue. No torch or diffusers here, so the
+API can ask without loading either."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdfleet.errors import Reject
+
+# A1111 sampler name → diffusers scheduler class and the config it needs.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+}
+_BY_LOWER = {name.lower(): name for name in SAMPLERS}
+
+
+def sampler_key(sampler: str | None, scheduler: str | None = None) -> str | None:
+    """The canonical A1111 sampler name; ``scheduler="Karras"`` (newer A1111 API) adds Karras sigmas."""
+    if sampler is None:
+        return None
+    name = _BY_LOWER.get(sampler.strip().lower())
+    if name is None:
+        raise Reject(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}", code="unknown_sampler")
+    if scheduler and scheduler.lower() == "karras" and f"{name} Karras" in SAMPLERS:
+        name = f"{name} Karras"
+    return name
