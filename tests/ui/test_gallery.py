@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, Route, async_playwright, expect
 
 from up_process import UpProcess, sdfleet_up
 
@@ -194,3 +194,40 @@ async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
         await expect(fresh.locator("#notice")).to_contain_text("API key")
     finally:
         await other.close()
+
+
+async def test_the_api_docs_render_from_the_api_alone(page: Page, fleet: UpProcess, shots: Path) -> None:
+    """``/docs`` and ``/redoc`` loaded Swagger UI and ReDoc from a CDN: a browser that reaches only
+    the API (an air-gapped cluster, a port-forward) saw blank pages. Every request elsewhere is
+    refused here, and recorded."""
+    elsewhere: list[str] = []
+
+    async def only_the_api(route: Route) -> None:
+        url = route.request.url
+        if url.startswith((f"{fleet.url}/", "data:", "blob:")):
+            await route.continue_()
+        else:
+            elsewhere.append(url)
+            await route.abort()
+
+    await page.route("**/*", only_the_api)
+    refused: list[str] = []  # what the pages' Content-Security-Policy kept the browser from doing
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    await page.goto(f"{fleet.url}/docs")
+    submit = page.locator(".opblock-post .opblock-summary-path[data-path='/v1/tasks']")
+    await expect(submit).to_be_visible()
+    await submit.click()  # the operation opens: its request body schema is rendered
+    await expect(page.locator(".opblock-post.is-open .opblock-section-request-body")).to_be_visible()
+    await page.screenshot(path=shots / "docs.png", full_page=False)
+    await page.goto(f"{fleet.url}/redoc")
+    await expect(page.locator("h1", has_text="sdfleet")).to_be_visible()
+    await expect(page.locator("h2", has_text="Create Task")).to_be_visible()  # an operation, rendered
+    await page.locator("input[placeholder^='Search']").fill("cancel")  # its search runs in a worker
+    await expect(page.locator("[data-role='search:results'] li").first).to_be_visible()
+    await page.screenshot(path=shots / "redoc.png", full_page=False)
+    assert elsewhere == [], elsewhere
+    # only ReDoc's hard-coded logo (https://cdn.redoc.ly/...), which the page hides when it fails
+    assert all("cdn.redoc.ly" in r for r in refused), refused
+    with fleet.client() as http:
+        for path in ("/docs", "/redoc"):
+            assert "cdn." not in http.get(path).text, path

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from sdfleet import errors
-from sdfleet.api import openapi, openapi_rules
+from sdfleet.api import docs, openapi, openapi_rules
 from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.head import HeadAsGet
@@ -144,7 +144,10 @@ def build_app(
         version="0.1.0",
         description="Asynchronous Stable Diffusion generation: submit, get a task id at once, fetch results.",
         lifespan=lifespan,
+        docs_url=None,  # docs.install: the same pages with their assets served here, not from a CDN
+        redoc_url=None,
     )
+    docs.install(app, app.title)
     app.add_exception_handler(errors.SdfleetError, _sdfleet_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)
