@@ -16,7 +16,12 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
   which the chart's KEDA reads queue depth (default ``true``);
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
 - ``results_expire_days``: expire results after this many days (default: never);
-- ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``).
+- ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``);
+- ``input_buckets``: comma-separated ``bucket`` or ``bucket/prefix`` the agents may read
+  ``s3://`` input images from (``agent.input_s3_buckets``): the agent role gets ``s3:GetObject``
+  on them, and with the cluster the release's agents get the setting (otherwise the
+  ``AgentInputBuckets`` output is its value). The runtimes' ``input_s3_buckets`` options in the
+  fleet file are granted too.
 
 The cluster (docs/deploy-aws.md), all optional:
 
@@ -113,6 +118,7 @@ def build(app: cdk.App) -> SdfleetStack:
         results_expire_days=int(expire) if expire else None,
         cluster=cluster,
         adot_collector=_flag(_ctx(app, "adot_collector", False)),
+        input_buckets=[b for b in str(_ctx(app, "input_buckets", "")).split(",") if b.strip()],
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 

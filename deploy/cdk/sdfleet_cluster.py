@@ -10,6 +10,7 @@ with values computed from the stack's resources. GPU nodes run Bottlerocket's NV
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -264,6 +265,8 @@ class SdfleetCluster(Construct):
             if "ensureJob" in values:  # its hook account takes the API's role (sdfleet_iam.ALSO_RUN_AS)
                 values["ensureJob"]["serviceAccount"] = {"roleArn": stack.roles["api"].role_arn}
         values["models"] = {"volume": _models_volume(stack)}
+        if stack.input_buckets:  # the buckets the agent role may read (sdfleet_iam.input_rules)
+            values["env"] = {"SDFLEET_AGENT__INPUT_S3_BUCKETS": json.dumps(stack.input_buckets)}
         api: dict[str, Any] = {}
         if self.options.domain:
             api["ingress"] = {

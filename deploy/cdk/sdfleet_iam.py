@@ -29,10 +29,10 @@ _OIDC_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:oidc-provider/(?P<issuer
 _S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 _CHART = "sdfleet"
 SERVICE_ACCOUNT_ROLE = {"api": "api", "agent": "worker", "adot": "adot"}
+"""sdfleet role → the chart's ``serviceAccounts`` entry."""
 ALSO_RUN_AS = {"api": ("ensure",)}
 """Other service accounts of the chart that take a role: the ``ensure`` hook Job's (it exists before
 the release's own accounts) reads the Redis token as the API does."""
-"""sdfleet role → the chart's ``serviceAccounts`` entry."""
 KEDA_SERVICE_ACCOUNT = ("keda", "keda-operator")
 """Namespace and service account of the KEDA operator as its own chart installs it."""
 KARPENTER_SERVICE_ACCOUNT = ("kube-system", "karpenter")
@@ -111,15 +111,49 @@ def _models_statements(fleet: FleetConfig) -> list[iam.PolicyStatement]:
     ]
 
 
+_INPUT_RULE = re.compile(r"^(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[^*?]*))?$")
+
+
+def input_rules(fleet: FleetConfig, agent: Sequence[str]) -> list[str]:
+    """Every ``s3://`` input rule the fleet's agents may read by (``bucket`` or ``bucket/prefix``):
+    ``agent`` (what the agents get as ``agent.input_s3_buckets``) and each runtime's
+    ``input_s3_buckets`` option in the fleet file. ``ConfigError`` for a rule that is no bucket name
+    or holds an IAM wildcard."""
+    rules = [str(r).strip() for r in agent]
+    for name, options in fleet.runtimes.items():
+        extra = options.get("input_s3_buckets", [])
+        if not isinstance(extra, list):
+            raise ConfigError(f"runtimes.{name}.input_s3_buckets: a list of bucket[/prefix]")
+        rules += [str(r).strip() for r in extra]
+    for rule in rules:
+        if not _INPUT_RULE.match(rule):
+            raise ConfigError(f"input bucket {rule!r}: a bucket name, or bucket/prefix without * or ?")
+    return sorted(set(filter(None, rules)))
+
+
+def _inputs_statements(rules: Sequence[str]) -> list[iam.PolicyStatement]:
+    """Reads of ``s3://`` inputs: the keys that start with the rule's prefix, as ``S3Inputs.check``
+    allows them (``bucket/in`` allows ``in/x.png`` and ``in-2/y.png``, as there)."""
+    if not rules:
+        return []
+    resources = []
+    for rule in rules:
+        bucket, _, prefix = rule.partition("/")
+        resources.append(f"arn:{cdk.Aws.PARTITION}:s3:::{bucket}/{prefix}*")
+    return [iam.PolicyStatement(actions=["s3:GetObject"], resources=resources)]
+
+
 def agent_statements(
-    storage: Storage, fleet: FleetConfig, engine: AwsEngine | None
+    storage: Storage, fleet: FleetConfig, engine: AwsEngine | None, inputs: Sequence[str] = ()
 ) -> list[iam.PolicyStatement]:
-    """Agents: consume the fleet's queues, publish results, transition records, write results."""
+    """Agents: consume the fleet's queues, publish results, transition records, write results,
+    read ``s3://`` inputs by the rules ``inputs`` (``input_rules``)."""
     bucket_arn, objects_arn, prefix = storage
     results = [
         iam.PolicyStatement(actions=["s3:PutObject", "s3:GetObject"], resources=[objects_arn]),
         _list_bucket(bucket_arn, prefix),
         *_models_statements(fleet),
+        *_inputs_statements(inputs),
     ]
     if engine is None:
         return results

@@ -8,7 +8,9 @@ IAM follows docs/aws.md (roles ``api``, ``agent``, optionally the KEDA operator)
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import aws_cdk as cdk
@@ -21,7 +23,7 @@ from cdk_nag import NagSuppressions
 from constructs import Construct
 from sdfleet_adot import adot_collector_role
 from sdfleet_cluster import ClusterOptions, SdfleetCluster
-from sdfleet_iam import AwsEngine, Identity, agent_statements, api_statements, keda_statements
+from sdfleet_iam import AwsEngine, Identity, agent_statements, api_statements, input_rules, keda_statements
 
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
 from sdfleet.bus.base import QueueSpec, Subscription, dlq_name
@@ -69,10 +71,14 @@ class SdfleetStack(cdk.Stack):
         results_expire_days: int | None = None,
         cluster: ClusterOptions | None = None,
         adot_collector: bool = False,
+        input_buckets: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         self.fleet = fleet
+        self.input_buckets = sorted({b.strip() for b in input_buckets if b.strip()})
+        """The agents' ``agent.input_s3_buckets`` (the release's env with the cluster)."""
+        self.input_rules = input_rules(fleet, self.input_buckets)
         self.prefix = prefix
         self.storage_prefix = storage_prefix.strip("/")
         self._removal = cdk.RemovalPolicy.RETAIN if retain_data else cdk.RemovalPolicy.DESTROY
@@ -252,7 +258,7 @@ class SdfleetStack(cdk.Stack):
         engine = self._aws_engine()
         statements = {
             "api": api_statements(storage, engine),
-            "agent": agent_statements(storage, self.fleet, engine),
+            "agent": agent_statements(storage, self.fleet, engine, self.input_rules),
         }
         if keda_operator:
             statements["keda"] = keda_statements(engine)
@@ -265,9 +271,10 @@ class SdfleetStack(cdk.Stack):
                 [
                     {
                         "id": "AwsSolutions-IAM5",
-                        "reason": "object actions on the keys under the results prefix (and models prefix): "
-                        "S3 names objects only by key pattern; the bucket and prefix are fixed",
-                        "appliesTo": [{"regex": "/^Resource::.*/(.*/)?\\*(\\.thumb\\.jpg)?$/"}],
+                        "reason": "object actions on the keys under the results prefix (and the models "
+                        "and input prefixes): S3 names objects only by key pattern; the bucket and "
+                        "prefix are fixed",
+                        "appliesTo": [{"regex": "/^Resource::.*/[^*]*\\*(\\.thumb\\.jpg)?$/"}],
                     }
                 ],
             )
@@ -315,6 +322,8 @@ class SdfleetStack(cdk.Stack):
         out("BusUrl", self.bus_url, "SDFLEET_BUS_URL")
         out("StoreUrl", self.store_url, "SDFLEET_STORE_URL")
         out("StorageUrl", self.storage_url, "SDFLEET_STORAGE_URL")
+        if self.input_buckets:
+            out("AgentInputBuckets", json.dumps(self.input_buckets), "SDFLEET_AGENT__INPUT_S3_BUCKETS")
         if self.cluster is not None:
             name = self.cluster.cluster.cluster_name
             out("ClusterName", name, "EKS cluster")

@@ -7,6 +7,7 @@ with CDK context, as ``cdk deploy -c ...`` runs it.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import math
@@ -22,6 +23,7 @@ from sdfleet.bus.backends.aws import AwsBus
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
 from sdfleet.bus.base import dlq_name
 from sdfleet.disjoint import effective_filters
+from sdfleet.errors import ConfigError, UrlRefused
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.settings import FleetConfig, load_fleet
 from sdfleet.storage.backends.s3 import S3BlobStore
@@ -43,6 +45,7 @@ queues:
 results_queue: null
 models: {s3: "s3://acme-models/checkpoints"}
 retry: {max_receives: 5, lease_s: 90.5}
+runtimes: {a1111: {input_s3_buckets: ["acme-controlnet/maps"]}}
 """
 
 # docs/aws.md, "IAM": every action each role holds, and no other.
@@ -179,6 +182,7 @@ def body(cdk_app: Any, tmp_path_factory: pytest.TempPathFactory) -> Synth:
         "bucket": "acme-out",
         "retain_data": "false",
         "results_expire_days": "30",
+        "input_buckets": "acme-in, acme-shared/uploads/",
     }
     stack = cdk_app.build(cdk.App(context=context))
     assert stack.stack_name == "t1"
@@ -353,6 +357,53 @@ def test_irsa_trust_keda_role_and_models_bucket(body: Synth) -> None:
         "Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":s3:::acme-models/checkpoints/*"]]
     } in grants["s3:GetObject"]
     assert "sns:Publish" in grants and not s.fleet.results_queue
+
+
+def _arn(value: Any) -> str | None:
+    """A resource of the template as a string in the ``aws`` partition; None when it names a resource
+    of the stack (``Fn::GetAtt``)."""
+    if isinstance(value, str):
+        return value
+    parts = value.get("Fn::Join", ["", []])[1]
+    if not parts or any(isinstance(p, dict) and "Fn::GetAtt" in p for p in parts):
+        return None
+    return "".join("aws" if p == {"Ref": "AWS::Partition"} else p for p in parts)
+
+
+def test_agents_may_read_exactly_the_input_keys_their_settings_allow(body: Synth) -> None:
+    """``s3://`` inputs are read with the agent's role: without a grant every allowed bucket was
+    AccessDenied on AWS. The grant is checked by what it allows (IAM's ``*`` over the key), against
+    what ``S3Inputs`` itself allows, key by key."""
+    from sdfleet.s3_inputs import S3Inputs
+
+    rules = ["acme-in", "acme-shared/uploads/", "acme-controlnet/maps"]  # context + the a1111 option
+    allowed = [a for a in map(_arn, body.grants("agent")["s3:GetObject"]) if a is not None]
+    inputs = S3Inputs(rules)
+    keys = [
+        ("acme-in", "a.png"), ("acme-in", "deep/er/a.png"), ("acme-inx", "a.png"),
+        ("acme-shared", "uploads/a.png"), ("acme-shared", "uploads-2/a.png"), ("acme-shared", "a.png"),
+        ("acme-controlnet", "maps/x.png"), ("acme-controlnet", "maps2/x.png"), ("acme-controlnet", "x.png"),
+        ("acme-out", "results/a.png"),
+    ]  # fmt: skip
+    for bucket, key in keys:
+        by_iam = any(fnmatch.fnmatchcase(f"arn:aws:s3:::{bucket}/{key}", a) for a in allowed)
+        try:
+            inputs.check(f"s3://{bucket}/{key}")
+            by_agent = True
+        except UrlRefused:
+            by_agent = False
+        assert by_iam == by_agent, (bucket, key, by_iam, by_agent, allowed)
+    assert json.loads(body.outputs["AgentInputBuckets"]["Value"]) == ["acme-in", "acme-shared/uploads/"]
+
+
+@pytest.mark.parametrize("rule", ["acme-in/*", "Acme_In", "acme-in/up?", "s3://acme-in"])
+def test_an_input_bucket_iam_cannot_say_is_refused(cdk_app: Any, tmp_path: Path, rule: str) -> None:
+    import aws_cdk as cdk
+
+    path = tmp_path / "fleet.yaml"
+    path.write_text(BODY_FLEET)
+    with pytest.raises(ConfigError, match="input bucket"):
+        cdk_app.build(cdk.App(context={"config": str(path), "input_buckets": rule}))
 
 
 def test_outputs_feed_the_pods_environment(example: Synth) -> None:

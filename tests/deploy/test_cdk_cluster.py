@@ -13,10 +13,11 @@ import pytest
 from k8s_checks import by_name, crd_validators, is_custom, of_kind, render
 from test_cdk import EXAMPLE, _load_cdk
 
-from sdfleet.settings import load_fleet
+from sdfleet.settings import Settings, load_fleet
 
 MODES = ("pod-identity", "irsa")
 KEYS = ("default", "paid")
+INPUTS = ("acme-in", "acme-shared/up")  # a prefix: keys that start with "up"
 ALL = (*MODES, "redis")  # redis: the pod-identity cluster on ElastiCache, no API Gateway
 ACCOUNT, REGION = "123456789012", "eu-west-1"
 
@@ -45,7 +46,9 @@ def stacks() -> Iterator[dict[str, Any]]:
                 certificate_arn=f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/abc",
                 api_gateway=ApiGatewayOptions(rate_limit=50, burst_limit=80, quota_per_day=10000, keys=KEYS),
             )
-            stack = SdfleetStack(app, f"sd-{mode}", fleet=load_fleet(EXAMPLE), cluster=options, env=env)
+            stack = SdfleetStack(
+                app, f"sd-{mode}", fleet=load_fleet(EXAMPLE), cluster=options, env=env, input_buckets=INPUTS
+            )
             out[mode] = {"stack": stack}
         options = ClusterOptions(engine="redis")
         out["redis"] = {
@@ -230,6 +233,15 @@ def test_release_values_render_and_validate(stacks: dict[str, Any], mode: str) -
         "annotations", {}
     )
     assert annotated == (mode == "irsa"), "Pod Identity maps the service account by association"
+    # the agents get the input buckets their role may read, in the form their settings parse
+    workers = [d for n, d in by_name(objs, "Deployment").items() if n != "fleet-sdfleet-api"]
+    assert workers
+    for worker in workers:
+        agent = next(c for c in worker["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+        env = {e["name"]: e.get("value") for e in agent["env"]}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SDFLEET_AGENT__INPUT_S3_BUCKETS", env["SDFLEET_AGENT__INPUT_S3_BUCKETS"])
+            assert Settings().agent.input_s3_buckets == sorted(INPUTS)
 
 
 def test_app_context_refuses_an_unknown_identity_mode(tmp_path: Any) -> None:
