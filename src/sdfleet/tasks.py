@@ -135,6 +135,10 @@ class Task(BaseModel):
     output_prefix: str | None = None
     """Storage prefix for results (they go under ``<prefix>/<id>/``); default the tenant's name.
     The seed formats set their own (``save_dir``, ``metadata.prefix``)."""
+    run: int = Field(1, ge=1)
+    """Which run of this id: the seed runs every POST (every publish) anew, so a seed-format id
+    sent again after its task finished runs again as run 2, 3... (``store.base.reopened``); a
+    message of an earlier run than its record's is stale."""
 
     def storage_prefix(self) -> str:
         return self.output_prefix if self.output_prefix is not None else self.tenant

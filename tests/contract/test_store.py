@@ -10,7 +10,7 @@ import pytest
 import store_fixtures
 
 from sdfleet.errors import NotFound, TransitionConflict
-from sdfleet.store.base import TaskStore, transition
+from sdfleet.store.base import TaskStore, reopened, transition
 from sdfleet.tasks import Task, TaskRecord, TaskResult, TaskState, new_task_id
 
 store = store_fixtures.store  # the fixture, parametrised over every backend
@@ -232,3 +232,32 @@ async def test_ids_are_per_tenant(store: TaskStore) -> None:
     assert got_b is not None and got_b.state is TaskState.RUNNING
     assert [r.id for r in (await store.list(a))[0]] == ["shared-id"]
     assert [r.tenant for r in (await store.list(b))[0]] == [b]
+
+
+async def test_a_finished_task_reopens_for_its_next_run_only(store: TaskStore) -> None:
+    """A seed id sent again runs again (``reopened``): the record is queued as run 2, found under
+    its new state and in its old place in the list, and only a later run reopens it."""
+    tenant = tenant_name()
+    records = await _seed(store, tenant, 3)
+    middle = records[1]
+    await transition(store, tenant, middle.id, set_state(TaskState.RUNNING))
+    done = await transition(
+        store, tenant, middle.id, set_state(TaskState.SUCCEEDED, result=TaskResult(images=["k.png"]))
+    )
+    with pytest.raises(TransitionConflict, match="not after run 1"):
+        reopened(done, done.task)
+    nxt = done.task.model_copy(update={"run": 2, "created_at": done.task.created_at + 99})
+    again = reopened(done, nxt)
+    assert await store.compare_and_set(again, done.version)
+    assert not await store.compare_and_set(reopened(done, nxt), done.version), "one reopen per version"
+    got = await store.get(tenant, middle.id)
+    assert got == again and got.state is TaskState.QUEUED and got.task.run == 2
+    assert got.result is None and got.attempts == 0 and got.task.created_at == done.task.created_at
+    page, _ = await store.list(tenant)
+    assert [r.id for r in page] == [r.id for r in records], "its place in the list is kept"
+    assert middle.id not in {r.id for r in (await store.list(tenant, state=TaskState.SUCCEEDED))[0]}
+    assert middle.id in {r.id for r in (await store.list(tenant, state=TaskState.QUEUED))[0]}
+    with pytest.raises(TransitionConflict, match="only a finished task"):
+        reopened(got, nxt.model_copy(update={"run": 3}))
+    running = await transition(store, tenant, middle.id, set_state(TaskState.RUNNING))
+    assert running.task.run == 2, "the run's own transitions follow as any task's"

@@ -3,18 +3,22 @@ and result notifications in the seed's shape — on every engine."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from fleet_tools import png_size, read_json, receive_json, wait_adopted
+from fleet_tools import drain, exists, png_size, read_json, receive_json, wait_adopted
 from PIL import Image
 
 from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.api.links import signature
 from sdfleet.bus import open_bus
+from sdfleet.compat import v1alpha2
 from sdfleet.settings import QueueConfig
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
@@ -207,10 +211,22 @@ async def test_what_the_routed_queues_runtime_cannot_run_is_refused_at_the_door(
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_task", r.text
 
 
-@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
-async def test_a_seed_id_that_already_ran_is_a_409_not_a_stale_200(start_fleet: StartFleet) -> None:
-    """The seed runs every POST anew and its run.sh reuses fixed ids; sdfleet keeps one task per id.
-    A repeat of a finished task answered 200 with the old task's answer and ran nothing."""
+async def _run_done(fleet: RunningFleet, task_id: str, run: int) -> dict[str, Any]:
+    """The view of ``task_id`` once its run ``run`` has ended."""
+    for _ in range(600):
+        r = await fleet.http.get(f"/v1/tasks/{task_id}")
+        if r.status_code == 200 and r.json()["run"] == run and r.json()["finished_at"] is not None:
+            return dict(r.json())
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"run {run} of {task_id} did not end: {r.text}")
+
+
+async def test_a_seed_id_sent_again_after_it_finished_runs_again(
+    start_fleet: StartFleet, engine: Engine
+) -> None:
+    """The seed runs every POST anew and its test/run.sh reuses fixed ids: a repeat of a finished
+    id answered 200 and ran nothing (later a 409). It runs again now, as the id's next run, with
+    new files beside the first run's; a repeat while it is queued or running is a safe retry."""
     from seed_payloads import copy_of
 
     fleet = await start_fleet()
@@ -218,19 +234,60 @@ async def test_a_seed_id_that_already_ran_is_a_409_not_a_stale_200(start_fleet: 
     first["task"]["metadata"]["id"] = "rep-1"
     r = await fleet.http.post("/v1alpha2/", json=first)
     assert r.status_code == 200, r.text
-    # a retry while it is still queued or running is safe and answers as the first did
-    again = await fleet.http.post("/v1alpha2/", json=first)
     view = await fleet.wait("rep-1")
-    assert view["state"] == "succeeded", view
-    assert again.status_code in (200, 409), again.text  # 409 if it finished in between
+    assert view["state"] == "succeeded" and view["run"] == 1, view
     second = copy_of(first)
     second["task"]["content"]["prompt"] = "something else entirely"
-    r = await fleet.http.post("/v1alpha2/", json=second)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "id_in_use", r.text
-    assert "already succeeded" in r.json()["error"]["message"]
-    # the same id in the other seed format is another task, not the first one's answer
+    again = await fleet.http.post("/v1alpha2/", json=second)
+    assert again.status_code == 200 and again.json() == r.json(), again.text  # the seed's answer
+    rerun = await _run_done(fleet, "rep-1", 2)
+    assert rerun["state"] == "succeeded" and rerun["attempts"] == 1, rerun
+    assert rerun["created_at"] == view["created_at"], "the id's first: listings keep their order"
+    old_keys = {i["key"] for i in view["images"]} | {view["output"]["key"]}
+    new_keys = {i["key"] for i in rerun["images"]} | {rerun["output"]["key"]}
+    assert not old_keys & new_keys, "the second run's files are new ones"
+    assert all([await exists(engine, k) for k in old_keys]), "the first run's are kept"
+    assert "something else entirely" in json.dumps(await read_json(engine, rerun["output"]["key"]))
+    notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == "rep-1"]
+    assert [n["result"] for n in notes] == [True, True], notes
+    assert len({n["output_url"] for n in notes}) == 2, notes
+    # The first run's message, published again (a late copy): stale, dropped, nothing notified.
+    stale = v1alpha2.to_task(copy_of(first), tenant="default").model_copy(update={"queue": rerun["queue"]})
+    bus = open_bus(engine.bus_url)
+    try:
+        await bus.publish("tasks", stale.to_message(), {"task_type": "text-to-image"})
+    finally:
+        await bus.aclose()
+    assert not [n for n in await drain(engine, "results", quiet_s=3) if n.get("id") == "rep-1"]
+    after = (await fleet.http.get("/v1/tasks/rep-1")).json()
+    assert after["run"] == 2 and after["updated_at"] == rerun["updated_at"], after
+    listed = (await fleet.http.get("/v1/tasks")).json()["tasks"]
+    assert [t["id"] for t in listed].count("rep-1") == 1, listed
+    # the same id in the other seed format is another task, not this one's next run
     other = copy_of(V1ALPHA1_T2I)
     other["alwayson_scripts"] = {**other["alwayson_scripts"], "id_task": "rep-1"}
     r = await fleet.http.post("/v1alpha1/", json=other)
     assert r.status_code == 409 and "v1alpha2 task" in r.json()["error"]["message"], r.text
-    assert (await fleet.http.get("/v1/tasks/rep-1")).json()["attempts"] == 1, "ran once"
+
+
+async def test_the_seeds_lambda_publishing_an_id_again_runs_it_again(
+    start_fleet: StartFleet, engine: Engine
+) -> None:
+    """Drop-in: the seed's Lambda publishes straight to the topic; a second publish of a finished
+    id was taken for a redelivery and dropped (nothing ran, nothing was notified)."""
+    from seed_payloads import copy_of, lambda_message
+
+    fleet = await start_fleet()
+    body = copy_of(V1ALPHA1_T2I)
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "lambda-1"}
+    bus = open_bus(engine.bus_url)
+    try:
+        for run in (1, 2):
+            message, attributes = lambda_message("v1alpha1", body)
+            await bus.publish("tasks", message.encode(), attributes)
+            view = await (wait_adopted(fleet, "lambda-1") if run == 1 else _run_done(fleet, "lambda-1", 2))
+            assert view["state"] == "succeeded" and view["run"] == run, view
+    finally:
+        await bus.aclose()
+    notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == "lambda-1"]
+    assert [n["result"] for n in notes] == [True, True] and len({n["output_url"] for n in notes}) == 2

@@ -16,6 +16,12 @@ from sdfleet.tasks import Task
 def decode_task(body: bytes, attributes: Mapping[str, str]) -> Task:
     """Our own ``Task`` JSON, or — so an sdfleet agent can drain a seed deployment's queue — the
     seed's messages, raw or inside an SNS envelope (RawMessageDelivery off)."""
+    return decode(body, attributes)[0]
+
+
+def decode(body: bytes, attributes: Mapping[str, str]) -> tuple[Task, bool]:
+    """``decode_task``, and whether the message is sdfleet's own ``Task`` JSON (False: a seed
+    message, whose runs the message does not number, see ``Task.run``)."""
     inner, attrs = sns.unwrap(body, attributes)
     try:
         data = jsonsafe.loads(inner)
@@ -25,10 +31,10 @@ def decode_task(body: bytes, attributes: Mapping[str, str]) -> Task:
         raise MessageDecodeError(e.message) from e
     if isinstance(data, dict) and data.get("schema") == 1 and "params" in data:
         try:
-            return Task.model_validate(data)
+            return Task.model_validate(data), True
         except ValidationError as e:
             raise MessageDecodeError(f"not a valid task: {e}") from e
     try:
-        return sns.seed_message_to_task(inner, attrs)
+        return sns.seed_message_to_task(inner, attrs), False
     except ValidationFailed as e:
         raise MessageDecodeError(f"neither an sdfleet task nor a seed message: {e}") from e

@@ -12,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
-from sdfleet.agent.decode import decode_task
+from sdfleet.agent.decode import decode, decode_task
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
@@ -21,6 +21,7 @@ from sdfleet.bus.base import Delivery
 from sdfleet.compat import sns
 from sdfleet.errors import InputFetchError, MessageDecodeError, SdfleetError
 from sdfleet.routing import ATTR_ENQUEUED_AT
+from sdfleet.store.base import reopened
 from sdfleet.tasks import EventType, Task, TaskRecord, TaskState
 from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 
@@ -31,7 +32,7 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
     """None when the delivery needed no run and is already settled."""
     d = h.delivery
     try:
-        task = decode_task(d.body, d.attributes)
+        task, ours = decode(d.body, d.attributes)
     except MessageDecodeError as e:
         # Released, not acked: after max_receives the bus moves it to the DLQ for a human to see
         # (or, on a queue without one, it is deleted with its body in the log).
@@ -44,7 +45,7 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
         {"sdfleet.task_id": task.id, "sdfleet.queue": d.queue, "sdfleet.receive": d.receive_count}
     )
     _queue_wait_span(span, d, task.id)
-    prepared = await _checked(parts, h, task, span)
+    prepared = await _checked(parts, h, task, ours, span)
     if prepared is None:
         span.end()
     return prepared
@@ -123,17 +124,25 @@ def _queue_wait_span(parent: trace.Span, d: Delivery, task_id: str) -> None:
     span.end()
 
 
-async def _checked(parts: Parts, h: DeliveryHandle, task: Task, span: trace.Span) -> Prepared | None:
+async def _checked(
+    parts: Parts, h: DeliveryHandle, task: Task, ours: bool, span: trace.Span
+) -> Prepared | None:
     d = h.delivery
     # None: published by the seed's Lambda or another producer, or by an API that has not written
     # the record yet; the agent creates it as the task starts (``begin``).
     record = await parts.store.get(task.tenant, task.id)
-    reason = None if record is None else _skip_reason(record, d)
-    if record is not None and reason is not None:
-        task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
-        await _redelivered_result(parts, record, d)
-        await h.ack()
-        return None
+    if record is not None:
+        task = task if ours else _numbered(task, record, d)
+        reason = _skip_reason(record, task, d)
+        if reason is None and task.run > record.task.run:
+            record = await _reopen(parts, record, task)
+            reason = None if record is not None else f"run {task.run} was started elsewhere"
+        if reason is not None:
+            task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
+            if record is not None and task.run == record.task.run:
+                await _redelivered_result(parts, record, d)
+            await h.ack()
+            return None
     p = Prepared(handle=h, task=task if record is None else record.task, inputs=[], span=span, record=record)
     p.timings["queue_wait"] = max(0.0, time.time() - _enqueued_at(d))
     t0 = time.perf_counter()
@@ -164,7 +173,34 @@ async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> 
         await notify(parts, record, EventType(record.state.value))
 
 
-def _skip_reason(record: TaskRecord, d: Delivery) -> str | None:
+def _numbered(task: Task, record: TaskRecord, d: Delivery) -> Task:
+    """A seed message, numbered: the seed's Lambda publishes every POST anew, so its first receive
+    for an id whose task finished is that id's next run; otherwise (a redelivery, a copy) it is
+    the record's own run."""
+    finished = record.state.terminal and d.receive_count <= 1
+    return task.model_copy(update={"run": record.task.run + 1 if finished else record.task.run})
+
+
+async def _reopen(parts: Parts, record: TaskRecord, task: Task) -> TaskRecord | None:
+    """``record`` queued again for ``task``, its id's next run; None when another writer made
+    the record something else meanwhile (this run is then theirs to start, or stale)."""
+    new = reopened(record, task)
+    if await parts.store.compare_and_set(new, record.version):
+        return new
+    current = await parts.store.get(task.tenant, task.id)  # the API reopened it first: its run
+    return current if current is not None and current.task.run == task.run else None
+
+
+def _skip_reason(record: TaskRecord, task: Task, d: Delivery) -> str | None:
+    if task.run < record.task.run:
+        return f"a message of run {task.run}; the task is on run {record.task.run}"
+    if task.run > record.task.run:
+        # The next run of a finished task is reopened; one of a task still going is not.
+        return (
+            None
+            if record.state.terminal
+            else f"run {task.run} of a task {record.state} on run {record.task.run}"
+        )
     if record.state.terminal:
         return f"already {record.state}"
     if record.task.queue not in (None, d.queue):

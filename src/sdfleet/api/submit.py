@@ -27,6 +27,7 @@ from sdfleet.errors import BusUnavailable, Conflict, NotFound, Reject, SdfleetEr
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.runtimes.unsupported import refuse
+from sdfleet.store.base import reopened
 from sdfleet.tasks import Task, TaskRecord, TaskState
 from sdfleet.telemetry import extract, inject, xray_trace_id
 
@@ -39,10 +40,16 @@ WINNER_WAIT_S = 2.0
 
 
 async def submit(
-    ctx: ApiContext, caller: Caller, task: Task, headers: Mapping[str, str] | None = None
+    ctx: ApiContext,
+    caller: Caller,
+    task: Task,
+    headers: Mapping[str, str] | None = None,
+    *,
+    rerun_finished: bool = False,
 ) -> tuple[TaskRecord, bool]:
     """Returns (record, accepted now). A client id (``id`` set on ``task``) the tenant used before
-    returns the first record, accepted earlier.
+    returns the first record, accepted earlier; with ``rerun_finished`` (the seed formats: the
+    seed runs every POST anew) one whose task finished runs again, as its next run (``Task.run``).
 
     ``api.submit`` is the root of the task's trace, or continues the trace the request's
     ``headers`` carry (``traceparent``, else ``X-Amzn-Trace-Id`` from API Gateway or an X-Ray SDK).
@@ -51,7 +58,7 @@ async def submit(
     with ctx.tracer.start_as_current_span("api.submit", context=context) as span:
         span.set_attribute("sdfleet.task_id", task.id)
         span.set_attribute("sdfleet.tenant", caller.tenant)
-        record, created = await _submit(ctx, caller, task)
+        record, created = await _submit(ctx, caller, task, rerun_finished)
         span.set_attribute("sdfleet.queue", record.task.queue or "")
         if created:
             _log_queued(record, span)
@@ -69,7 +76,7 @@ def _log_queued(record: TaskRecord, span: trace.Span) -> None:
     )
 
 
-async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskRecord, bool]:
+async def _submit(ctx: ApiContext, caller: Caller, task: Task, rerun: bool) -> tuple[TaskRecord, bool]:
     client_id = "id" in task.model_fields_set
     task = task.model_copy(update={"tenant": caller.tenant})
     if task.model is None:  # stamped, so routing on sd_model_checkpoint and the record see it
@@ -85,10 +92,15 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task) -> tuple[TaskReco
         await admit(ctx, caller)
         return await _publish_and_record(ctx, task, attributes), True
     existing = await ctx.store.get(task.tenant, task.id)
-    if existing is not None:
+    if existing is not None and not (rerun and _runs_again(existing, task)):
         return await _repeated(ctx, caller, existing), False
     await admit(ctx, caller)
-    return await _claimed(ctx, caller, task, attributes)
+    return await _claimed(ctx, caller, task, attributes, rerun)
+
+
+def _runs_again(existing: TaskRecord, task: Task) -> bool:
+    """A seed-format id whose task finished, sent again in the same format: its next run."""
+    return existing.state.terminal and existing.task.origin is task.origin
 
 
 def _refuse_unsupported(ctx: ApiContext, task: Task) -> None:
@@ -104,7 +116,7 @@ def _refuse_unsupported(ctx: ApiContext, task: Task) -> None:
 
 
 async def _claimed(
-    ctx: ApiContext, caller: Caller, task: Task, attributes: dict[str, str]
+    ctx: ApiContext, caller: Caller, task: Task, attributes: dict[str, str], rerun: bool
 ) -> tuple[TaskRecord, bool]:
     name = f"{task.tenant}/{task.id}"
     if not await ctx.access.claim(name, CLAIM_TTL_S):
@@ -112,6 +124,8 @@ async def _claimed(
     try:
         # The previous holder may have recorded the task and released its claim just before.
         existing = await ctx.store.get(task.tenant, task.id)
+        if existing is not None and rerun and _runs_again(existing, task):
+            return await _publish_and_reopen(ctx, existing, task, attributes), True
         if existing is not None:
             return await _repeated(ctx, caller, existing), False
         return await _publish_and_record(ctx, task, attributes), True
@@ -129,6 +143,22 @@ async def _publish_and_record(ctx: ApiContext, task: Task, attributes: dict[str,
     record, _ = await ctx.store.create(TaskRecord(task=task, published_at=now))
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
     return record
+
+
+async def _publish_and_reopen(
+    ctx: ApiContext, finished: TaskRecord, task: Task, attributes: dict[str, str]
+) -> TaskRecord:
+    """``task``, sent again with the id of ``finished``, published as that id's next run and its
+    record reopened for it. Published first, as a new task is: an agent that receives the message
+    before the record is reopened reopens it itself (``agent.begin``)."""
+    task = task.model_copy(update={"run": finished.task.run + 1})
+    now = time.time()
+    await _publish(ctx, task.to_message(), inject(stamp(attributes)))
+    record = reopened(finished, task, published_at=now)
+    ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
+    if await ctx.store.compare_and_set(record, finished.version):
+        return record
+    return await ctx.store.get(task.tenant, task.id) or record  # an agent started this run first
 
 
 async def _publish(ctx: ApiContext, message: bytes, attributes: dict[str, str]) -> None:

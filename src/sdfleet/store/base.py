@@ -1,6 +1,7 @@
 """The task store: one record per task, changed only by compare-and-set on ``version``.
 
-Backends implement four primitives; the state machine lives once, here, in ``transition()``.
+Backends implement four primitives; the state machine lives once, here, in ``transition()``
+(and ``reopened()``, a finished seed task's next run).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from sdfleet.errors import NotFound, StoreError, TransitionConflict
-from sdfleet.tasks import TaskRecord, TaskState
+from sdfleet.tasks import Task, TaskRecord, TaskState
 
 # Allowed moves of the state machine (DESIGN.md): running → queued is a retry.
 ALLOWED: dict[TaskState, set[TaskState]] = {
@@ -68,6 +69,19 @@ def read_record(raw: str | bytes) -> TaskRecord:
     except ValidationError as e:
         reason = e.errors()[0]["msg"]
         raise StoreError(f"stored task record is unreadable: {reason}", code="bad_record") from e
+
+
+def reopened(record: TaskRecord, task: Task, *, published_at: float | None = None) -> TaskRecord:
+    """The record of ``task``, the next run of finished ``record``'s id (``Task.run``): queued
+    again, its attempts, result and error cleared, for ``compare_and_set`` against ``record``'s
+    version. The one way out of a terminal state, and only into a new run: ``transition`` never
+    leaves one. ``created_at`` stays the id's first, so listings keep their order."""
+    if not record.state.terminal:
+        raise TransitionConflict(f"task {record.id} is {record.state}: only a finished task runs again")
+    if task.run <= record.task.run:
+        raise TransitionConflict(f"task {record.id}: run {task.run} is not after run {record.task.run}")
+    task = task.model_copy(update={"created_at": record.task.created_at})
+    return TaskRecord(task=task, version=record.version + 1, published_at=published_at)
 
 
 Mutation = Callable[[TaskRecord], TaskRecord | None]

@@ -45,14 +45,13 @@ async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: Modu
     except ValidationError as e:
         raise ValidationFailed(validation_message(e)) from e
     task.output_prefix = tenant_prefix(who, task.storage_prefix())
-    record, created = await submit(ctx, who, task, request.headers)
-    if not created and (record.state.terminal or record.task.origin is not task.origin):
-        # The seed runs every POST anew; here an id is one task (a repeat of one still queued or
-        # running answers as it did, a safe retry). Answering 200 for a finished one ran nothing.
-        used = f"{record.task.origin.value} task" if record.task.origin is not task.origin else "task"
+    # The seed runs every POST anew: an id whose task finished runs again (its next run); a repeat
+    # of one still queued or running answers as the first did (a safe retry, nothing run twice).
+    record, created = await submit(ctx, who, task, request.headers, rerun_finished=True)
+    if not created and record.task.origin is not task.origin:
         raise Conflict(
-            f"id {record.id!r} is a {used} that is already {record.state.value}: "
-            "each task needs its own id (the seed ran every POST anew; sdfleet keeps one task per id)",
+            f"id {record.id!r} is a {record.task.origin.value} task (now {record.state.value}): "
+            f"a {task.origin.value} task needs another id",
             code="id_in_use",
         )
     location = public_location(ctx, request, f"{record.task.storage_prefix()}/{record.id}")

@@ -99,6 +99,8 @@ class TaskView(BaseModel):
     type: TaskType
     model: str | None
     queue: str | None
+    run: int
+    """Which run of this id (a seed-format id sent again after it finished runs again)."""
     attempts: int
     progress: float
     error: TaskError | None
@@ -127,6 +129,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         type=r.task.type,
         model=r.task.model,
         queue=r.task.queue,
+        run=r.task.run,
         attempts=r.attempts,
         progress=r.progress,
         error=r.error,
