@@ -51,6 +51,22 @@ MODEL: dict[str, tuple[str, ...]] = {
     "/v1alpha2/": ("task", "content", "alwayson_scripts", "sd_model_checkpoint"),
 }
 BIG = "x" * (1024 * 1024 + 1)
+PNG = (  # 8x8
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGPk5ORkwAaYsIoOWgkAG+oAK1"
+    "vdaFEAAAAASUVORK5CYII="
+)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_img2img_inputs_set_the_batch_as_sd_webui_does(start_fleet: StartFleet) -> None:
+    """Two inputs and batch_size 4: SD WebUI makes 2 images, item i from input i; the record says
+    so (its batch_size is 2), and 2 images come back."""
+    fleet = await start_fleet()
+    body = {"type": "image-to-image", "params": {**V1["params"], "init_images": [PNG, PNG], "batch_size": 4}}
+    r = await fleet.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    view = await fleet.wait(r.json()["id"])
+    assert view["state"] == "succeeded" and len(view["images"]) == 2, view
 
 
 def _set(body: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
@@ -109,7 +125,18 @@ def _cases(endpoint: str) -> list[Case]:
         ),
     ]
     if endpoint == "/v1/tasks":
+        frames = {
+            "type": "image-to-image",
+            "params": {**V1["params"], "init_images": [PNG] * 3, "batch_size": 2},
+        }
         cases += [
+            Case(
+                "more inputs than the batch",
+                422,
+                "invalid_params",
+                ("bad number of images passed: 3",),
+                frames,
+            ),
             Case("unknown queue", 422, "bad_queue", ("'nope'", "unknown queue"), {**V1, "queue": "nope"}),
             Case("unknown top-level field", 422, "invalid_request", ("colour",), {**V1, "colour": "red"}),
             Case(

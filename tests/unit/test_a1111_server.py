@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import webuiapi
 from PIL import Image
@@ -137,3 +138,32 @@ def test_png_info(api: webuiapi.WebUIApi) -> None:
     }
     with pytest.raises(IndexError):
         _ = read.image
+
+
+def test_a_json_body_without_a_content_type_is_read_as_sd_webui_reads_it(server: ServerThread) -> None:
+    """``requests.post(url, data=json.dumps(body))`` sends no ``Content-Type``: SD WebUI 1.10
+    (FastAPI 0.94) reads the body as JSON; newer FastAPI answered every such POST 422."""
+    body = json.dumps({"prompt": "a red cat", "seed": 5, **SMALL}).encode()
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        r = http.post("/sdapi/v1/txt2img", content=body)  # httpx sets no Content-Type for bytes
+        assert "content-type" not in {k.lower() for k in r.request.headers}
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["seed"] == 5
+        bad = http.post("/sdapi/v1/txt2img", content=b"{not json")
+        assert bad.status_code == 422, bad.text  # still JSON, read as JSON: a clear refusal
+
+
+def test_img2img_with_several_inputs_makes_one_item_from_each(
+    api: webuiapi.WebUIApi, server: ServerThread
+) -> None:
+    """SD WebUI 1.10: with several init images batch item i starts from image i (the batch as
+    large as the images); more images than batch_size is its error. Every item came from the first."""
+    red, blue = Image.new("RGB", (64, 64), (220, 20, 20)), Image.new("RGB", (64, 64), (20, 20, 220))
+    out = api.img2img(images=[red, blue], prompt="x", seed=3, batch_size=4, denoising_strength=0.5, **SMALL)
+    assert len(out.images) == 2 and out.info["all_seeds"] == [3, 4]
+    reds = api.img2img(images=[red], prompt="x", seed=3, batch_size=2, denoising_strength=0.5, **SMALL)
+    assert pixels(out.images[1]) != pixels(reds.images[1]), "item 2 starts from the blue input"
+    body = {"init_images": [webuiapi.raw_b64_img(red)] * 2, "prompt": "x", "batch_size": 1, **SMALL}
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        r = http.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422 and "bad number of images passed: 2; expecting 1 or less" in r.text, r.text

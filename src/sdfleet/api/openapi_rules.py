@@ -1,13 +1,14 @@
 """The constraints the server checks beyond its pydantic models, written into the OpenAPI schemas:
-the largest size, input image fields, webhook URLs, the fleet's queue names, and what each task
-type cannot run without (an ``anyOf`` of the cases that run, which fuzzers generate from better
-than from ``if``/``then``). ``tighten`` edits the components in place.
+the largest size, input image fields, webhook URLs, the fleet's queue names, the task types its
+runtimes run, and what each task type cannot run without (an ``anyOf`` of the cases that run,
+which fuzzers generate from better than from ``if``/``then``). ``tighten`` edits the components
+in place.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from sdfleet.api.openapi import IMAGE_FORMAT
@@ -20,7 +21,10 @@ from sdfleet.api.seed_schemas import (
     v1alpha1_types,
     v1alpha2_types,
 )
+from sdfleet.compat._common import TASK_TYPES
+from sdfleet.runtimes.unsupported import runnable
 from sdfleet.settings import ApiSettings, FleetConfig
+from sdfleet.tasks import TaskType
 
 Schema = dict[str, Any]
 IMAGE: Schema = {
@@ -67,15 +71,21 @@ def _has(name: str, schema: Schema) -> Schema:
 IMAGES = {"type": "array", "minItems": 1}
 
 
-def a1111_variants(type_of: Callable[[Schema], Schema]) -> list[Schema]:
+def a1111_variants(
+    type_of: Callable[[Schema], Schema], runs: Collection[str] = tuple(TASK_TYPES)
+) -> list[Schema]:
     """The A1111 bodies that run, one schema per case (``anyOf`` them): what each task type
-    cannot run without. ``type_of(cond)`` places the condition on the task type."""
+    cannot run without. ``type_of(cond)`` places the condition on the task type; only the task
+    type names in ``runs`` (what the fleet's runtimes run) have cases."""
 
-    def case(kind: Any, *needs: Schema) -> Schema:
-        return {"allOf": [type_of(_is(kind)), *needs]}
+    def case(kind: Any, *needs: Schema) -> Schema | None:
+        names = [n for n in ([kind] if isinstance(kind, str) else kind) if n in runs]
+        if not names:
+            return None
+        return {"allOf": [type_of(_is(names[0] if isinstance(kind, str) else names)), *needs]}
 
     batch = ["extra-batch-images", "extra-batch-image"]
-    return [
+    cases = [
         case("text-to-image", _has("prompt", NON_BLANK)),
         case("image-to-image", _has("alwayson_scripts", _has("image_link", {"type": "string"}))),
         case("image-to-image", _has("init_images", IMAGES)),
@@ -85,36 +95,27 @@ def a1111_variants(type_of: Callable[[Schema], Schema]) -> list[Schema]:
         # without a list in imageList, the seed takes init_images
         case(batch, {"properties": {"imageList": {"type": "null"}}}, _has("init_images", IMAGES)),
     ]
+    return [c for c in cases if c is not None]
 
 
-def _v1_variants() -> list[Schema]:
+def _v1_variants(runs: Collection[str]) -> list[Schema]:
     def typed(kind: Any) -> Schema:
         return {"required": ["type"], "properties": {"type": _is(kind)}}
 
-    return [
-        # no ``type`` is text-to-image: this case does not require it
-        {
-            "allOf": [
-                {"properties": {"type": _is("text-to-image")}},
-                _has("params", _has("prompt", NON_BLANK)),
-            ]
-        },
-        {
-            "allOf": [
-                typed(["image-to-image", "extra-single-image", "extra-batch-images"]),
-                _has("params", _has("init_images", IMAGES)),
-            ]
-        },
-        {
-            "allOf": [
-                typed("pipeline"),
-                _has("params", _has("workflow", {"type": "object", "minProperties": 1})),
-            ]
-        },
-    ]
+    variants = []
+    if "text-to-image" in runs:  # no ``type`` is text-to-image: this case does not require it
+        text = {"properties": {"type": _is("text-to-image")}}
+        variants.append({"allOf": [text, _has("params", _has("prompt", NON_BLANK))]})
+    inputs = [k for k in ("image-to-image", "extra-single-image", "extra-batch-images") if k in runs]
+    if inputs:
+        variants.append({"allOf": [typed(inputs), _has("params", _has("init_images", IMAGES))]})
+    if "pipeline" in runs:
+        flow = _has("workflow", {"type": "object", "minProperties": 1})
+        variants.append({"allOf": [typed("pipeline"), _has("params", flow)]})
+    return variants
 
 
-def _tighten_a1111(c: Schema, settings: ApiSettings) -> None:
+def _tighten_a1111(c: Schema, settings: ApiSettings, runs: Collection[str]) -> None:
     for name in ("V1alpha1Body", "A1111Content"):  # A1111Content: v1alpha2's content
         props = c[name]["properties"]
         _set(props, "width", maximum=settings.max_width)
@@ -123,16 +124,16 @@ def _tighten_a1111(c: Schema, settings: ApiSettings) -> None:
         _set(props, "init_images", items=IMAGE)
     c["ImageItem"]["properties"]["data"] = IMAGE
     scripts = c["AlwaysOnScripts"]["properties"]
-    scripts["task"]["enum"] = v1alpha1_types()
+    scripts["task"]["enum"] = [n for n in v1alpha1_types() if n in runs] or v1alpha1_types()
     scripts["id_task"] = id_schema()
 
     def in_scripts(cond: Schema) -> Schema:
         return _has("alwayson_scripts", {"required": ["task"], "properties": {"task": cond}})
 
-    c["V1alpha1Body"]["anyOf"] = a1111_variants(in_scripts)
+    c["V1alpha1Body"]["anyOf"] = a1111_variants(in_scripts, runs) or a1111_variants(in_scripts)
     meta = c["Metadata"]["properties"]
     meta["id"] = id_schema()
-    meta["tasktype"]["enum"] = v1alpha2_types()
+    meta["tasktype"]["enum"] = [n for n in v1alpha2_types() if n in runs]
 
     def in_meta(cond: Schema) -> Schema:
         return _has("metadata", {"required": ["tasktype"], "properties": {"tasktype": cond}})
@@ -142,7 +143,8 @@ def _tighten_a1111(c: Schema, settings: ApiSettings) -> None:
         return {"allOf": [condition, *(_has("content", n) for n in needs)]}
 
     pipeline = {"allOf": [in_meta(_is("pipeline")), _has("content", {"type": "object", "minProperties": 1})]}
-    c["TaskBody"]["anyOf"] = [*(content(case) for case in a1111_variants(in_meta)), pipeline]
+    flows = [pipeline] if "pipeline" in runs else []
+    c["TaskBody"]["anyOf"] = [*(content(case) for case in a1111_variants(in_meta, runs)), *flows]
 
 
 def _inline(c: Schema, owner: str, *path: str) -> None:
@@ -175,8 +177,11 @@ def tighten(c: Schema, settings: ApiSettings, fleet: FleetConfig) -> None:
         "anyOf": [{"type": "string", "enum": [q.name for q in fleet.queues]}, {"type": "null"}],
         "description": "A queue of the fleet whose filter accepts the task; default the first that does",
     }
-    request["anyOf"] = _v1_variants()
-    _tighten_a1111(c, settings)
+    # Only the task types some queue's runtime runs: a schema-valid request is one the fleet runs.
+    kinds = runnable(q.runtime for q in fleet.queues)
+    runs = [name for name, kind in TASK_TYPES.items() if kind in kinds]
+    request["anyOf"] = _v1_variants(runs)
+    _tighten_a1111(c, settings, runs)
     for owner, *path in (
         ("TaskRequest", "type"),
         ("TaskRequest", "params"),
@@ -186,3 +191,5 @@ def tighten(c: Schema, settings: ApiSettings, fleet: FleetConfig) -> None:
         ("V1alpha2Body", "task"),
     ):
         _inline(c, owner, *path)
+    # inlined above (a copy): the TaskType component stays whole for the answers that use it
+    request["properties"]["type"]["enum"] = [k.value for k in TaskType if k in kinds]

@@ -26,9 +26,9 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.errors import BusUnavailable, Conflict, NotFound, Reject, SdfleetError, ValidationFailed
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.runtimes.unsupported import refuse
+from sdfleet.runtimes.unsupported import img2img_batch, refuse
 from sdfleet.store.base import reopened
-from sdfleet.tasks import Task, TaskRecord, TaskState
+from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import extract, inject, xray_trace_id
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task, rerun: bool) -> t
     task = task.model_copy(update={"tenant": caller.tenant})
     if task.model is None:  # stamped, so routing on sd_model_checkpoint and the record see it
         task.model = default_model(ctx.fleet.models.default, ctx.catalog)
+    if task.type is TaskType.IMAGE_TO_IMAGE and len(task.params.init_images) > 1:
+        try:  # SD WebUI's rule, so the record says how many images come: item i from input i
+            task.params.batch_size = img2img_batch(len(task.params.init_images), task.params.batch_size)
+        except Reject as e:
+            raise ValidationFailed(e.reason, code=e.code) from None
     check_task(ctx, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)

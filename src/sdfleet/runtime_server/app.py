@@ -8,6 +8,7 @@ on purpose is listed in docs/runtimes.md.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,7 +51,12 @@ def create_app(
         finally:
             await runtime.aclose()
 
-    app = FastAPI(title="sdfleet (AUTOMATIC1111-compatible API)", lifespan=lifespan, **fastapi_options())
+    app = FastAPI(
+        title="sdfleet (AUTOMATIC1111-compatible API)",
+        lifespan=lifespan,
+        **fastapi_options(),
+        **_any_content_type(),
+    )
     app.state.sd = state
     app.state.cmd_flags = {"api": True, "nowebui": True, "ckpt_dir": str(catalog.models_dir.absolute())}
     app.state.cmd_flags.update(cmd_flags or {})
@@ -58,3 +64,12 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(routes_info.router)
     return app
+
+
+def _any_content_type() -> dict[str, Any]:
+    """SD WebUI 1.10 (FastAPI 0.94) reads a JSON body sent without a ``Content-Type``, as
+    ``requests.post(url, data=json.dumps(body))`` sends it; newer FastAPI refuses such a body (422)
+    unless told not to (``strict_content_type``, where the installed FastAPI has it)."""
+    if "strict_content_type" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"strict_content_type": False}

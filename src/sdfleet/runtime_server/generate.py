@@ -14,14 +14,15 @@ import json
 import random
 from typing import Any
 
-from sdfleet.errors import Interrupted
+from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtime_server import infotext, pnginfo
-from sdfleet.runtime_server.errors import invalid_image, refused
+from sdfleet.runtime_server.errors import failed, invalid_image, refused
 from sdfleet.runtime_server.infotext import Generation
 from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
+from sdfleet.runtimes.unsupported import img2img_batch
 from sdfleet.tasks import TaskParams, TaskType
 
 _MAX_IMAGES = 16
@@ -111,7 +112,13 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     _check(req)
     sampler = resolve(req.sampler_name or req.sampler_index, req.scheduler)
     model, clip = _model_and_clip(state, req)
-    images = (req.batch_size or 1) * (req.n_iter or 1)
+    batch = req.batch_size or 1
+    if isinstance(req, Img2ImgRequest) and req.init_images and len(req.init_images) > 1:
+        try:  # SD WebUI's rule: item i of each batch starts from input i
+            batch = img2img_batch(len(req.init_images), batch)
+        except Reject as e:
+            raise failed(422, "Exception", e.reason, sdwebui=500) from None
+    images = batch * (req.n_iter or 1)
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     params = _params(req, sampler.runtime_key, seed, clip, images)
     info = state.checkpoints.resolve(model) if model else None

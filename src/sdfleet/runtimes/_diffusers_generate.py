@@ -92,8 +92,11 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
     if img2img:
         steps = P.img2img_steps(first.steps, first.denoising_strength)
         size = (first.width, first.height)
+        # SD WebUI's img2img: item i of a batch starts from input i (one input: every item)
         kwargs["image"] = [
-            P.decode_image(part.job.init_images[0], size) for part in parts for _ in part.seeds
+            P.decode_image(part.job.init_images[i % len(part.job.init_images)], size)
+            for part in parts
+            for i in range(len(part.seeds))
         ]
         kwargs["strength"] = first.denoising_strength
     else:

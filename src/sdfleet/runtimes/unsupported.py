@@ -10,7 +10,7 @@ a1111 queue runs such tasks as SD WebUI does). Fields that do not change the ima
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sdfleet.errors import Reject
@@ -38,6 +38,14 @@ _NON_EMPTY = ("mask", "script_name", "styles")
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
+
+
+def runnable(runtimes: Iterable[str]) -> frozenset[TaskType]:
+    """The task types some of ``runtimes`` runs (all, with a runtime not listed in ``RUNS``)."""
+    kinds: frozenset[TaskType] = frozenset()
+    for name in runtimes:
+        kinds |= RUNS.get(name, frozenset(TaskType))
+    return kinds
 
 
 _SAMPLERS: dict[str, Callable[[str | None, str | None], object]] = {"diffusers": sampler_key}
@@ -68,6 +76,22 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     samplers = _SAMPLERS.get(runtime)
     if samplers is not None and kind in GENERATE:
         samplers(params.sampler, params.extra.get("scheduler"))
+
+
+def img2img_batch(inputs: int, batch_size: int) -> int:
+    """SD WebUI's img2img batch for ``inputs`` input images: each item starts from its own input,
+    so a batch of more than one input is as large as the inputs (one input: ``batch_size`` items
+    from it). ``Reject`` for more inputs than ``batch_size`` (SD WebUI's own refusal)."""
+    if inputs > batch_size:
+        raise Reject(too_many_inputs(inputs, batch_size), code="invalid_params")
+    return inputs if inputs > 1 else batch_size
+
+
+def too_many_inputs(inputs: int, batch_size: int) -> str:
+    return (
+        f"bad number of images passed: {inputs}; expecting {batch_size} or less "
+        "(image-to-image starts batch item i from input image i: raise batch_size)"
+    )
 
 
 def unsupported(params: TaskParams) -> list[str]:
