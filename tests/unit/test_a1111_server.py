@@ -167,3 +167,23 @@ def test_img2img_with_several_inputs_makes_one_item_from_each(
     with httpx.Client(base_url=server.url, timeout=300) as http:
         r = http.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 422 and "bad number of images passed: 2; expecting 1 or less" in r.text, r.text
+
+
+def test_lists_of_what_this_server_lacks_are_empty_lists_not_404s(
+    api: webuiapi.WebUIApi, server: ServerThread
+) -> None:
+    """webuiapi's get_* helpers return the answer's JSON: a 404 gave them {"detail": "Not Found"},
+    and a client looping over the "list" failed. SD WebUI 1.10 serves each of these routes."""
+    for get in (
+        api.get_prompt_styles,
+        api.get_face_restorers,
+        api.get_realesrgan_models,
+        api.get_hypernetworks,
+        api.get_latent_upscale_modes,
+    ):
+        assert get() == [], get.__name__
+    with httpx.Client(base_url=f"{server.url}/sdapi/v1", timeout=60) as http:
+        assert http.get("/script-info").json() == []
+        for path in ("/refresh-vae", "/refresh-embeddings", "/refresh-checkpoints"):
+            r = http.post(path)
+            assert r.status_code == 200 and r.json() is None, (path, r.text)

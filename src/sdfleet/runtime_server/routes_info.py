@@ -95,6 +95,50 @@ async def upscalers(request: Request) -> list[dict[str, Any]]:
     return built_in + [{"name": name, "model_name": name} for name in models]
 
 
+# Lists of what SD WebUI has and this server does not (hires fix's latent modes, hypernetworks, face
+# restoration, saved prompt styles, selectable scripts): empty, with SD WebUI's item shapes, so a
+# client that reads them (webuiapi's get_* helpers) gets a list, not a 404. Model upscalers,
+# RealESRGAN's included, are in /upscalers by the names extras requests use.
+@router.get("/latent-upscale-modes", response_model=list[S.NamedItem])
+async def latent_upscale_modes() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/hypernetworks", response_model=list[S.HypernetworkItem])
+async def hypernetworks() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/face-restorers", response_model=list[S.FaceRestorerItem])
+async def face_restorers() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/realesrgan-models", response_model=list[S.RealesrganItem])
+async def realesrgan_models() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/prompt-styles", response_model=list[S.PromptStyleItem])
+async def prompt_styles() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/script-info", response_model=list[S.ScriptInfo])
+async def script_info() -> list[dict[str, Any]]:
+    return []
+
+
+@router.post("/refresh-vae")
+async def refresh_vae() -> None:
+    return None  # no separate VAE files (sd-vae is empty)
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings() -> None:
+    return None  # no textual-inversion embeddings are loaded
+
+
 @router.get("/scripts", response_model=S.ScriptsList)
 async def scripts() -> dict[str, Any]:
     return {"txt2img": [], "img2img": []}

@@ -208,6 +208,50 @@ class UpscalerItem(BaseModel):
     scale: float | None = None
 
 
+class NamedItem(BaseModel):
+    """``latent-upscale-modes`` items."""
+
+    name: str
+
+
+class HypernetworkItem(BaseModel):
+    name: str
+    path: str | None = None
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None = None
+
+
+class RealesrganItem(BaseModel):
+    name: str
+    path: str | None = None
+    scale: int | None = None
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
+class ScriptArg(BaseModel):
+    label: str | None = None
+    value: Any = None
+    minimum: Any = None
+    maximum: Any = None
+    step: Any = None
+    choices: list[str] | None = None
+
+
+class ScriptInfo(BaseModel):
+    name: str | None = None
+    is_alwayson: bool | None = None
+    is_img2img: bool | None = None
+    args: list[ScriptArg]
+
+
 class SDVaeItem(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
