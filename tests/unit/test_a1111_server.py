@@ -187,3 +187,15 @@ def test_lists_of_what_this_server_lacks_are_empty_lists_not_404s(
         for path in ("/refresh-vae", "/refresh-embeddings", "/refresh-checkpoints"):
             r = http.post(path)
             assert r.status_code == 200 and r.json() is None, (path, r.text)
+
+
+def test_values_beyond_the_runtimes_bounds_are_refused_by_field_name(server: ServerThread) -> None:
+    """SD WebUI takes any seed, steps or CFG scale; this server refuses what the diffusers runtime
+    does not run (documented), in the request's own words: the answer was pydantic's text about an
+    internal model, with a link to pydantic's site."""
+    with httpx.Client(base_url=f"{server.url}/sdapi/v1", timeout=60) as http:
+        for field, value in (("seed", 2**40), ("steps", 151), ("cfg_scale", 31)):
+            r = http.post("/txt2img", json={"prompt": "x", **SMALL, field: value})
+            detail = r.json()["detail"]
+            assert r.status_code == 422 and detail.startswith(f"{field}: "), r.text
+            assert str(value) in detail and "pydantic" not in detail and "TaskParams" not in detail

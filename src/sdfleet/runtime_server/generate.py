@@ -14,6 +14,8 @@ import json
 import random
 from typing import Any
 
+from pydantic import ValidationError
+
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtime_server import infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
@@ -103,8 +105,15 @@ def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, ima
         fields["denoising_strength"] = req.denoising_strength
     try:
         return TaskParams.model_validate(fields)
-    except ValueError as e:
-        raise refused(422, str(e).replace("\n", " ")) from e
+    except ValidationError as e:  # in the request's own field names, without pydantic's links
+        names = {"sampler": "sampler_name", "clip_skip": "CLIP_stop_at_last_layers"}
+        reasons = [
+            f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']} (got {err['input']!r})"
+            if err["loc"]
+            else str(err["msg"])
+            for err in e.errors()
+        ]
+        raise refused(422, "; ".join(reasons)) from None
 
 
 async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, TaskParams, str | None]:
