@@ -231,6 +231,33 @@ def test_samplers_listed_as_sd_webui_lists_them(api: httpx.Client) -> None:
         assert item == ref_schedulers[item["name"]]
 
 
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "used"),
+    [
+        ("Euler", "Karras", "Karras"),  # diffusers' Euler and Heun take Karras sigmas
+        ("Heun Karras", None, "Karras"),
+        ("DDIM", "Karras", None),  # not a k-diffusion sampler: SD WebUI takes the type, unused
+        ("UniPC", "Karras", None),
+    ],
+)
+def test_schedule_types_as_sd_webui_takes_them(
+    api: httpx.Client, sampler: str, scheduler: str | None, used: str | None
+) -> None:
+    """These were 400 'Schedule type 'Karras' is not available for sampler ...'; SD WebUI runs them."""
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": sampler}
+    r = api.post("/txt2img", json={**body, "scheduler": scheduler} if scheduler else body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["sampler_name"] == sampler.removesuffix(" Karras")
+    assert info["extra_generation_params"].get("Schedule type") == used, info["extra_generation_params"]
+
+
+def test_a_schedule_the_diffusers_sampler_lacks_is_refused(api: httpx.Client) -> None:
+    """Euler a with Karras sigmas: diffusers' ancestral Euler has none (a documented difference)."""
+    r = api.post("/txt2img", json={"prompt": "x", "sampler_name": "Euler a", "scheduler": "Karras"})
+    assert r.status_code == 400 and "not available for sampler 'Euler a'" in r.text, r.text
+
+
 ERRORS: list[tuple[str, str, dict[str, Any], int]] = [
     # case, path, request, this server's status (SD WebUI's is in the reference; with
     # --sdwebui-status this server answers that one: see test_sdwebui_status_mode)

@@ -46,9 +46,9 @@ SAMPLERS = (
         "DPM++ 2M SDE", ("k_dpmpp_2m_sde",), {"scheduler": "karras", "brownian_noise": "True"}, karras=True
     ),
     Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": "True"}),
-    Sampler("Euler", ("k_euler",)),
+    Sampler("Euler", ("k_euler",), karras=True),
     Sampler("LMS", ("k_lms",), karras=True),
-    Sampler("Heun", ("k_heun",), {"second_order": "True"}),
+    Sampler("Heun", ("k_heun",), {"second_order": "True"}, karras=True),
     Sampler(
         "DPM2",
         ("k_dpm_2",),
@@ -162,6 +162,8 @@ def resolve(sampler_name: str, scheduler: str | None) -> Resolved:
     named = suffix or (scheduler if scheduler and scheduler.strip() else None)
     schedule = _schedule(named) if named else "automatic"
     effective = sampler.default_schedule if schedule == "automatic" else schedule
+    if not sampler.sigmas:
+        effective = "automatic"  # DDIM, PLMS, UniPC: SD WebUI takes a schedule type and leaves it unused
     if effective == "karras" and not sampler.karras:
         raise refused(400, f"Schedule type 'Karras' is not available for sampler {sampler.name!r}")
     label = _BY_NAME[schedule].label if named else "Automatic"

@@ -11,8 +11,10 @@ from sdfleet.errors import Reject
 # A1111 sampler name → diffusers scheduler class and the config it needs.
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler Karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
+    "Heun Karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "LMS": ("LMSDiscreteScheduler", {}),
     "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "DPM2": ("KDPM2DiscreteScheduler", {}),
