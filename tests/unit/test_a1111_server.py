@@ -103,6 +103,15 @@ def test_models_options_and_switching(api: webuiapi.WebUIApi) -> None:
     assert clipped.info["clip_skip"] == 2 and api.get_options()["CLIP_stop_at_last_layers"] == 2.0
     api.set_options({"CLIP_stop_at_last_layers": 1})
     assert api.util_get_current_model() == by_name["tiny-a"]["title"]
+    # by the hashes SD WebUI has computed (sd-models' hash, a PNG's "Model hash"), as it takes them
+    sha = next(m["sha256"] for m in api.get_sd_models() if m["model_name"] == "tiny-b")
+    for alias in (sha, sha[:10]):
+        api.set_options({"sd_model_checkpoint": by_name["tiny-a"]["title"]})
+        api.set_options({"sd_model_checkpoint": alias})
+        assert api.util_get_current_model().startswith("tiny-b.safetensors ["), alias
+    by_hash = api.txt2img(prompt="x", seed=1, override_settings={"sd_model_checkpoint": sha[:10]}, **SMALL)
+    assert by_hash.info["sd_model_name"] == "tiny-b"
+    api.set_options({"sd_model_checkpoint": by_name["tiny-a"]["title"]})
     assert api.refresh_checkpoints() is None
     assert set(REAL["get_options keys"]["value"]) <= set(api.get_options())
 

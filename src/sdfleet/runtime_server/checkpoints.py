@@ -87,10 +87,17 @@ class Checkpoints:
         return out
 
     def resolve(self, name: str) -> ModelInfo:
-        """A checkpoint by title, file name or stem; ``Reject`` (unknown_model) in SD WebUI's words."""
+        """A checkpoint by title, file name or stem, or by its sha256 or short hash once known (SD
+        WebUI's ``checkpoint_aliases`` hold the hashes it has computed: the ``hash`` a client read
+        from ``sd-models`` or a PNG's "Model hash"); ``Reject`` (unknown_model) in SD WebUI's words."""
         try:
             return self.catalog.resolve(name)
         except NotFound as e:
+            wanted = name.strip().lower()
+            for info in self.catalog.list() if len(wanted) in (10, 64) else ():
+                sha = self.known_hash(info)
+                if sha is not None and wanted in (sha, sha[:10]):
+                    return info
             raise Reject(f"model {name!r} not found", code="unknown_model") from e
 
     def first(self) -> ModelInfo | None:
