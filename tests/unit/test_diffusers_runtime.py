@@ -179,9 +179,21 @@ def test_every_sampler_maps_to_its_scheduler(runtime: DiffusersRuntime, name: st
 
 def test_karras_scheduler_option_and_unknown_sampler() -> None:
     assert sampler_key("DPM++ 2M", "Karras") == "DPM++ 2M Karras"
+    assert sampler_key("euler", "karras") == "Euler Karras" and sampler_key("Heun", "Karras") == "Heun Karras"
+    assert sampler_key("DPM++ 2M Karras", "Karras") == "DPM++ 2M Karras"
+    assert sampler_key("DDIM", "Karras") == "DDIM"  # not k-diffusion: SD WebUI leaves the type unused
+    assert sampler_key("Euler", "Automatic") == sampler_key("Euler", "Uniform") == "Euler"
     assert sampler_key(None) is None
     with pytest.raises(Reject, match="Euler a"):
         sampler_key("Warp Drive")
+    # what would otherwise run with another schedule than asked, in silence
+    with pytest.raises(Reject, match="'Karras' is not available for sampler 'Euler a'") as e:
+        sampler_key("Euler a", "Karras")
+    assert e.value.code == "unknown_scheduler"
+    with pytest.raises(
+        Reject, match="unknown schedule type 'Exponential'; known: Automatic, Uniform, Karras"
+    ):
+        sampler_key("DPM++ 2M", "Exponential")
 
 
 @pytest.mark.parametrize(

@@ -35,15 +35,27 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DEIS": ("DEISMultistepScheduler", {}),
 }
 _BY_LOWER = {name.lower(): name for name in SAMPLERS}
+_NO_SIGMAS = frozenset({"DDIM", "PLMS", "PNDM", "UniPC", "DEIS"})
+"""Not k-diffusion samplers: SD WebUI takes a schedule type for them and leaves it unused."""
+SCHEDULES = ("Automatic", "Uniform", "Karras")
+"""SD WebUI's schedule types (``scheduler``) this runtime runs: its default spacing, or Karras sigmas."""
 
 
 def sampler_key(sampler: str | None, scheduler: str | None = None) -> str | None:
-    """The canonical A1111 sampler name; ``scheduler="Karras"`` (newer A1111 API) adds Karras sigmas."""
+    """The canonical A1111 sampler name; ``scheduler="Karras"`` (newer A1111 API) adds Karras sigmas.
+    ``Reject`` for a sampler or schedule type this runtime does not run, rather than running
+    another: ``unknown_sampler``, ``unknown_scheduler`` (also Karras for a sampler without it)."""
     if sampler is None:
         return None
     name = _BY_LOWER.get(sampler.strip().lower())
     if name is None:
         raise Reject(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}", code="unknown_sampler")
-    if scheduler and scheduler.lower() == "karras" and f"{name} Karras" in SAMPLERS:
-        name = f"{name} Karras"
-    return name
+    schedule = (scheduler or "").strip().lower()
+    if schedule not in ("", "automatic", "uniform", "karras"):
+        known = ", ".join(SCHEDULES)
+        raise Reject(f"unknown schedule type {scheduler!r}; known: {known}", code="unknown_scheduler")
+    if schedule != "karras" or name in _NO_SIGMAS or name.endswith(" Karras"):
+        return name
+    if f"{name} Karras" in SAMPLERS:
+        return f"{name} Karras"
+    raise Reject(f"schedule type 'Karras' is not available for sampler {name!r}", code="unknown_scheduler")
