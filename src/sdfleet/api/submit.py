@@ -26,7 +26,7 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.errors import BusUnavailable, Conflict, NotFound, Reject, SdfleetError, ValidationFailed
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
-from sdfleet.runtimes.unsupported import img2img_batch, refuse
+from sdfleet.runtimes.unsupported import refuse
 from sdfleet.store.base import reopened
 from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import extract, inject, xray_trace_id
@@ -82,10 +82,10 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task, rerun: bool) -> t
     if task.model is None:  # stamped, so routing on sd_model_checkpoint and the record see it
         task.model = default_model(ctx.fleet.models.default, ctx.catalog)
     if task.type is TaskType.IMAGE_TO_IMAGE and len(task.params.init_images) > 1:
-        try:  # SD WebUI's rule, so the record says how many images come: item i from input i
-            task.params.batch_size = img2img_batch(len(task.params.init_images), task.params.batch_size)
-        except Reject as e:
-            raise ValidationFailed(e.reason, code=e.code) from None
+        # One batch item per input, item i from input i, so the record says how many images come.
+        # SD WebUI makes its batch as large as the inputs too, but refuses more inputs than
+        # batch_size; here the batch grows to them (a rule no request schema can state).
+        task.params.batch_size = len(task.params.init_images)
     check_task(ctx, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)
