@@ -10,6 +10,7 @@ import sys
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
+from pydantic import BaseModel
 
 from sdfleet.runtime_server import extras, samplers
 from sdfleet.runtime_server import schemas as S
@@ -99,34 +100,22 @@ async def upscalers(request: Request) -> list[dict[str, Any]]:
 # restoration, saved prompt styles, selectable scripts): empty, with SD WebUI's item shapes, so a
 # client that reads them (webuiapi's get_* helpers) gets a list, not a 404. Model upscalers,
 # RealESRGAN's included, are in /upscalers by the names extras requests use.
-@router.get("/latent-upscale-modes", response_model=list[S.NamedItem])
-async def latent_upscale_modes() -> list[dict[str, Any]]:
+_NONE_HERE: dict[str, type[BaseModel]] = {
+    "/latent-upscale-modes": S.NamedItem,
+    "/hypernetworks": S.HypernetworkItem,
+    "/face-restorers": S.FaceRestorerItem,
+    "/realesrgan-models": S.RealesrganItem,
+    "/prompt-styles": S.PromptStyleItem,
+    "/script-info": S.ScriptInfo,
+}
+
+
+async def _none_here() -> list[dict[str, Any]]:
     return []
 
 
-@router.get("/hypernetworks", response_model=list[S.HypernetworkItem])
-async def hypernetworks() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/face-restorers", response_model=list[S.FaceRestorerItem])
-async def face_restorers() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/realesrgan-models", response_model=list[S.RealesrganItem])
-async def realesrgan_models() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/prompt-styles", response_model=list[S.PromptStyleItem])
-async def prompt_styles() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/script-info", response_model=list[S.ScriptInfo])
-async def script_info() -> list[dict[str, Any]]:
-    return []
+for _path, _item in _NONE_HERE.items():  # list[...] of a value: fine at run time, not a static type
+    router.add_api_route(_path, _none_here, methods=["GET"], response_model=list[_item])  # type: ignore[valid-type]
 
 
 @router.post("/refresh-vae")
