@@ -1,5 +1,6 @@
 """What the built-in runtimes cannot run: task types (``RUNS``), SD WebUI request fields the
-diffusers runtime does not implement, and samplers it does not have. The API asks at the door for
+diffusers runtime does not implement, samplers and schedule types it does not have, and more
+img2img inputs than the batch (``img2img_batch``, SD WebUI's rule). The API asks at the door for
 the queue a task is routed to (``refuse``: a 422, not a failed task later); each runtime asks again
 for tasks no API saw (the seed's Lambda publishes to the bus itself).
 
@@ -68,7 +69,7 @@ def refuse_kind(runtime: str, kind: TaskType) -> None:
 def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     """Every check above for a ``kind`` task with ``params`` on a queue of ``runtime``: ``Reject``
     with the code the runtime would fail the task with (``unsupported_task``,
-    ``unsupported_option``, ``unknown_sampler``)."""
+    ``unsupported_option``, ``unknown_sampler``, ``unknown_scheduler``)."""
     refuse_kind(runtime, kind)
     found = unsupported_for(runtime, kind, params)
     if found:
