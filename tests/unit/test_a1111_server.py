@@ -169,13 +169,14 @@ def test_img2img_with_several_inputs_makes_one_item_from_each(
     large as the images); more images than batch_size is its error. Every item came from the first."""
     red, blue = Image.new("RGB", (64, 64), (220, 20, 20)), Image.new("RGB", (64, 64), (20, 20, 220))
     out = api.img2img(images=[red, blue], prompt="x", seed=3, batch_size=4, denoising_strength=0.5, **SMALL)
-    assert len(out.images) == 2 and out.info["all_seeds"] == [3, 4]
+    assert len(out.images) == 2 and out.info["all_seeds"] == [3, 4] and out.info["batch_size"] == 2
     reds = api.img2img(images=[red], prompt="x", seed=3, batch_size=2, denoising_strength=0.5, **SMALL)
     assert pixels(out.images[1]) != pixels(reds.images[1]), "item 2 starts from the blue input"
     body = {"init_images": [webuiapi.raw_b64_img(red)] * 2, "prompt": "x", "batch_size": 1, **SMALL}
     with httpx.Client(base_url=server.url, timeout=300) as http:
         r = http.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 422 and "bad number of images passed: 2; expecting 1 or less" in r.text, r.text
+    assert r.json()["error"] == "RuntimeError"  # SD WebUI's words (its status: 500)
 
 
 def test_lists_of_what_this_server_lacks_are_empty_lists_not_404s(

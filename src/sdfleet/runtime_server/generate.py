@@ -126,7 +126,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         try:  # SD WebUI's rule: item i of each batch starts from input i
             batch = img2img_batch(len(req.init_images), batch)
         except Reject as e:
-            raise failed(422, "Exception", e.reason, sdwebui=500) from None
+            raise failed(422, "RuntimeError", e.reason, sdwebui=500) from None
     images = batch * (req.n_iter or 1)
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     params = _params(req, sampler.runtime_key, seed, clip, images)
@@ -142,6 +142,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         clip_skip=clip,
         job_timestamp="0",
         options=state.options,
+        batch_size=batch if batch != req.batch_size else None,
     )
     return gen, params, model
 

@@ -35,6 +35,8 @@ class Generation:
     options: Options
     extra: dict[str, Any] = field(default_factory=dict)
     """``extra_generation_params``: the schedule used, img2img's denoising strength."""
+    batch_size: int | None = None
+    """The batch as run, where it is not the request's (img2img: as many items as input images)."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:
@@ -105,7 +107,7 @@ def info(gen: Generation, infotexts: list[str]) -> dict[str, Any]:
         "sampler_name": gen.sampler.sampler,
         "cfg_scale": r.cfg_scale,
         "steps": r.steps,
-        "batch_size": r.batch_size,
+        "batch_size": gen.batch_size or r.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
         "sd_model_name": gen.model_name,
