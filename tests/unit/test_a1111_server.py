@@ -209,3 +209,19 @@ def test_values_beyond_the_runtimes_bounds_are_refused_by_field_name(server: Ser
             detail = r.json()["detail"]
             assert r.status_code == 422 and detail.startswith(f"{field}: "), r.text
             assert str(value) in detail and "pydantic" not in detail and "TaskParams" not in detail
+
+
+def test_sd_webuis_pydantic_1_coercions_are_kept(server: ServerThread) -> None:
+    """SD WebUI 1.10 parses requests with pydantic 1, which truncates a float for an integer,
+    takes a number for a string and an empty list for an object (PHP's json_encode writes [] for
+    an empty array); these were 422 here. What the server parsed shows in ``parameters``."""
+    body = {"prompt": 123, "seed": 7.9, "width": 64.5, "height": 64, "steps": 2, "override_settings": []}
+    with httpx.Client(base_url=f"{server.url}/sdapi/v1", timeout=300) as http:
+        r = http.post("/txt2img", json={**body, "alwayson_scripts": []})
+        assert r.status_code == 200, r.text
+        parameters, info = r.json()["parameters"], json.loads(r.json()["info"])
+        assert (parameters["prompt"], parameters["seed"], parameters["width"]) == ("123", 7, 64)
+        assert parameters["override_settings"] == {} and parameters["alwayson_scripts"] == {}
+        assert info["seed"] == 7 and info["prompt"] == "123"
+        bad = http.post("/txt2img", json={**body, "seed": "seven"})
+        assert bad.status_code == 422, bad.text  # what pydantic 1 refuses too

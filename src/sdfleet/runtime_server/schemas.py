@@ -7,13 +7,29 @@ exactly as SD WebUI parsed it. Fields SD WebUI does not know are dropped (it ign
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_pydantic_1(cls, value: Any, info: ValidationInfo) -> Any:
+        """The coercions of SD WebUI's pydantic 1 that pydantic 2 refuses: a float for an integer
+        field is truncated (``seed: 7.9`` → 7), a number for a string field becomes its text, and
+        an empty list for an object field is an empty object (PHP's ``json_encode`` writes ``[]``)."""
+        kinds = _kinds(cls.model_fields[info.field_name or ""].annotation)
+        if isinstance(value, float) and int in kinds and float not in kinds and value == value:
+            return int(value) if abs(value) != float("inf") else value
+        if isinstance(value, int | float) and not isinstance(value, bool) and kinds == {str}:
+            return str(value)
+        if value == [] and dict in kinds:
+            return {}
+        return value
 
 
 class GenerationRequest(_Request):
@@ -267,3 +283,10 @@ class MemoryResponse(BaseModel):
 class ScriptsList(BaseModel):
     txt2img: list[str] | None = None
     img2img: list[str] | None = None
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types a field's annotation allows besides None (``int | None`` → {int})."""
+    args = get_args(annotation)
+    members = args if args and get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return {get_origin(a) or a for a in members if a is not type(None)}
