@@ -21,7 +21,7 @@ from sdfleet.bus.base import Delivery
 from sdfleet.compat import sns
 from sdfleet.errors import InputFetchError, MessageDecodeError, SdfleetError
 from sdfleet.routing import ATTR_ENQUEUED_AT
-from sdfleet.store.base import reopened
+from sdfleet.store.base import reopen
 from sdfleet.tasks import EventType, Task, TaskRecord, TaskState
 from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 
@@ -182,12 +182,9 @@ def _numbered(task: Task, record: TaskRecord, d: Delivery) -> Task:
 
 
 async def _reopen(parts: Parts, record: TaskRecord, task: Task) -> TaskRecord | None:
-    """``record`` queued again for ``task``, its id's next run; None when another writer made
-    the record something else meanwhile (this run is then theirs to start, or stale)."""
-    new = reopened(record, task)
-    if await parts.store.compare_and_set(new, record.version):
-        return new
-    current = await parts.store.get(task.tenant, task.id)  # the API reopened it first: its run
+    """``record`` queued again for ``task``, its id's next run (or as the API reopened it first for
+    this run); None when another writer made the record something else (stale, or gone)."""
+    current = await reopen(parts.store, record, task)
     return current if current is not None and current.task.run == task.run else None
 
 

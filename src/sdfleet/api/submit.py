@@ -27,7 +27,7 @@ from sdfleet.errors import BusUnavailable, Conflict, NotFound, Reject, SdfleetEr
 from sdfleet.models.catalog import default_model
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.runtimes.unsupported import refuse
-from sdfleet.store.base import reopened
+from sdfleet.store.base import reopen, reopened
 from sdfleet.tasks import Task, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import extract, inject, xray_trace_id
 
@@ -155,15 +155,13 @@ async def _publish_and_reopen(
 ) -> TaskRecord:
     """``task``, sent again with the id of ``finished``, published as that id's next run and its
     record reopened for it. Published first, as a new task is: an agent that receives the message
-    before the record is reopened reopens it itself (``agent.begin``)."""
+    before the record is reopened reopens it itself (``agent.prepare``): its record is this run's."""
     task = task.model_copy(update={"run": finished.task.run + 1})
     now = time.time()
     await _publish(ctx, task.to_message(), inject(stamp(attributes)))
-    record = reopened(finished, task, published_at=now)
     ctx.metrics.submitted.labels(queue=task.queue, origin=task.origin.value).inc()
-    if await ctx.store.compare_and_set(record, finished.version):
-        return record
-    return await ctx.store.get(task.tenant, task.id) or record  # an agent started this run first
+    record = await reopen(ctx.store, finished, task, published_at=now)
+    return record or reopened(finished, task, published_at=now)  # gone meanwhile: as published
 
 
 async def _publish(ctx: ApiContext, message: bytes, attributes: dict[str, str]) -> None:

@@ -84,6 +84,18 @@ def reopened(record: TaskRecord, task: Task, *, published_at: float | None = Non
     return TaskRecord(task=task, version=record.version + 1, published_at=published_at)
 
 
+async def reopen(
+    store: TaskStore, finished: TaskRecord, task: Task, *, published_at: float | None = None
+) -> TaskRecord | None:
+    """Write ``reopened(finished, task)``; when another writer changed the record first (the API
+    and an agent both reopen a seed task's next run), the record as that writer left it, None if
+    it is gone. Callers tell from ``.task.run`` whose run it is."""
+    new = reopened(finished, task, published_at=published_at)
+    if await store.compare_and_set(new, finished.version):
+        return new
+    return await store.get(task.tenant, task.id)
+
+
 Mutation = Callable[[TaskRecord], TaskRecord | None]
 
 
