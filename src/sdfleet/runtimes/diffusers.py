@@ -32,7 +32,7 @@ from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callba
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import refuse_kind, refuse_unsupported, too_many_inputs
+from sdfleet.runtimes.unsupported import refuse_kind, refuse_too_many_inputs, refuse_unsupported
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,8 @@ class DiffusersRuntime:
         refuse_kind("diffusers", job.type)  # extras went to _run_extras: a pipeline task
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
-        if job.type is TaskType.IMAGE_TO_IMAGE and len(job.init_images) > job.params.batch_size:
-            raise Reject(too_many_inputs(len(job.init_images), job.params.batch_size), code="invalid_params")
+        if job.type is TaskType.IMAGE_TO_IMAGE:
+            refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
         refuse_unsupported(job.params, "diffusers")
         L.resolve(job, self.catalog.models_dir)
         return sampler_key(job.params.sampler, job.params.extra.get("scheduler"))

@@ -82,17 +82,19 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
 def img2img_batch(inputs: int, batch_size: int) -> int:
     """SD WebUI's img2img batch for ``inputs`` input images: each item starts from its own input,
     so a batch of more than one input is as large as the inputs (one input: ``batch_size`` items
-    from it). ``Reject`` for more inputs than ``batch_size`` (SD WebUI's own refusal)."""
-    if inputs > batch_size:
-        raise Reject(too_many_inputs(inputs, batch_size), code="invalid_params")
+    from it). ``Reject`` for more inputs than ``batch_size`` (``refuse_too_many_inputs``)."""
+    refuse_too_many_inputs(inputs, batch_size)
     return inputs if inputs > 1 else batch_size
 
 
-def too_many_inputs(inputs: int, batch_size: int) -> str:
-    return (
-        f"bad number of images passed: {inputs}; expecting {batch_size} or less "
-        "(image-to-image starts batch item i from input image i: raise batch_size)"
-    )
+def refuse_too_many_inputs(inputs: int, batch_size: int) -> None:
+    """``Reject`` (``invalid_params``) for more img2img inputs than batch items, in SD WebUI's words."""
+    if inputs > batch_size:
+        raise Reject(
+            f"bad number of images passed: {inputs}; expecting {batch_size} or less "
+            "(image-to-image starts batch item i from input image i: raise batch_size)",
+            code="invalid_params",
+        )
 
 
 def unsupported(params: TaskParams) -> list[str]:
