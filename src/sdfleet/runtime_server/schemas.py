@@ -7,6 +7,7 @@ exactly as SD WebUI parsed it. Fields SD WebUI does not know are dropped (it ign
 
 from __future__ import annotations
 
+import math
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -23,8 +24,8 @@ class _Request(BaseModel):
         field is truncated (``seed: 7.9`` → 7), a number for a string field becomes its text, and
         an empty list for an object field is an empty object (PHP's ``json_encode`` writes ``[]``)."""
         kinds = _kinds(cls.model_fields[info.field_name or ""].annotation)
-        if isinstance(value, float) and int in kinds and float not in kinds and value == value:
-            return int(value) if abs(value) != float("inf") else value
+        if isinstance(value, float) and math.isfinite(value) and int in kinds and float not in kinds:
+            return int(value)
         if isinstance(value, int | float) and not isinstance(value, bool) and kinds == {str}:
             return str(value)
         if value == [] and dict in kinds:
