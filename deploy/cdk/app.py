@@ -118,7 +118,7 @@ def build(app: cdk.App) -> SdfleetStack:
         results_expire_days=int(expire) if expire else None,
         cluster=cluster,
         adot_collector=_flag(_ctx(app, "adot_collector", False)),
-        input_buckets=[b for b in str(_ctx(app, "input_buckets", "")).split(",") if b.strip()],
+        input_buckets=str(_ctx(app, "input_buckets", "")).split(","),  # the stack drops blanks
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 
