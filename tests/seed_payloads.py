@@ -209,12 +209,17 @@ def lambda_message(
     return json.dumps(task), {"runtime": task["metadata"]["runtime"]}
 
 
-def sns_envelope(message: str, attributes: dict[str, str], topic: str = "sdoneks-input") -> bytes:
+def sns_envelope(
+    message: str,
+    attributes: dict[str, str],
+    topic: str = "sdoneks-input",
+    message_id: str = "6e3b8d2c-0f7a-4a39-9d0e-2f4c7f0b5a11",
+) -> bytes:
     """An SQS body as SNS delivers it to a queue subscribed without RawMessageDelivery."""
     return json.dumps(
         {
             "Type": "Notification",
-            "MessageId": "6e3b8d2c-0f7a-4a39-9d0e-2f4c7f0b5a11",
+            "MessageId": message_id,
             "TopicArn": f"arn:aws:sns:us-east-1:123456789012:{topic}",
             "Message": message,
             "Timestamp": "2024-03-18T12:00:00.000Z",

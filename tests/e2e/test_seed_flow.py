@@ -291,3 +291,46 @@ async def test_the_seeds_lambda_publishing_an_id_again_runs_it_again(
         await bus.aclose()
     notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == "lambda-1"]
     assert [n["result"] for n in notes] == [True, True] and len({n["output_url"] for n in notes}) == 2
+
+
+@pytest.mark.parametrize("enveloped", [False, True], ids=["raw", "sns-envelope"])
+async def test_a_new_publish_first_received_by_an_agent_that_died_is_still_the_next_run(
+    start_fleet: StartFleet, engine: Engine, enveloped: bool
+) -> None:
+    """The drop-in agent told the Lambda's next publish of a finished id from a redelivery of the
+    finished run by the receive count: a new publish whose first receive was by an agent that died
+    (its next receive counts 2) was taken for the finished run come back (notified again, nothing
+    ran). It goes by the publish now: SNS's MessageId inside an envelope, else the bus's id."""
+    from seed_payloads import copy_of, lambda_message, sns_envelope
+
+    body = copy_of(V1ALPHA1_T2I)
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "died-1"}
+
+    def publish(bus: Any, n: int) -> Any:
+        message, attributes = lambda_message("v1alpha1", body)
+        data = sns_envelope(message, attributes, message_id=f"sns-{n}") if enveloped else message.encode()
+        return bus.publish("tasks", data, attributes)
+
+    bus = open_bus(engine.bus_url)
+    try:
+        fleet = await start_fleet()
+        await publish(bus, 1)
+        first = await wait_adopted(fleet, "died-1")
+        assert first["state"] == "succeeded" and first["run"] == 1, first
+        await fleet.stop()
+        # The next publish, received by an agent that dies before it writes anything.
+        await publish(bus, 2)
+        got = []
+        for _ in range(50):
+            got = await bus.receive(first["queue"], wait_s=0.2, lease_s=1)
+            if got:
+                break
+        assert got and got[0].receive_count == 1, got
+        await asyncio.sleep(1.2)
+        fleet = await start_fleet()
+        second = await _run_done(fleet, "died-1", 2)
+    finally:
+        await bus.aclose()
+    assert second["state"] == "succeeded", second
+    notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == "died-1"]
+    assert [n["result"] for n in notes] == [True, True] and len({n["output_url"] for n in notes}) == 2, notes

@@ -11,6 +11,7 @@ import logging
 import time
 from functools import partial
 
+from sdfleet.agent.decode import publish_id
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import notify, notify_if_cancelled_unrun
@@ -68,6 +69,7 @@ def _start(r: TaskRecord, parts: Parts, d: Delivery) -> TaskRecord | None:
     r.state = TaskState.RUNNING
     r.attempts = max(r.attempts + 1, d.receive_count)
     r.worker = parts.worker_id
+    r.message_id = publish_id(d)
     r.runtime = parts.runtime.name
     r.started_at = time.time()
     r.progress = 0.0

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pydantic import ValidationError
 
 from sdfleet import jsonsafe
+from sdfleet.bus.base import Delivery
 from sdfleet.compat import sns
 from sdfleet.errors import MessageDecodeError, ValidationFailed
 from sdfleet.tasks import Task
@@ -38,3 +39,10 @@ def decode(body: bytes, attributes: Mapping[str, str]) -> tuple[Task, bool]:
         return sns.seed_message_to_task(inner, attrs), False
     except ValidationFailed as e:
         raise MessageDecodeError(f"neither an sdfleet task nor a seed message: {e}") from e
+
+
+def publish_id(d: Delivery) -> str:
+    """The publish a delivery comes from, the same on each redelivery: SNS's ``MessageId`` inside
+    an envelope (also the same on every queue the publish fanned out to), else the bus's message id
+    (sqlite and redis: the publish's; SQS with raw delivery: this queue's copy's)."""
+    return sns.publish_id(d.body) or d.message_id

@@ -12,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
-from sdfleet.agent.decode import decode, decode_task
+from sdfleet.agent.decode import decode, decode_task, publish_id
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
@@ -135,7 +135,7 @@ async def _checked(
         task = task if ours else _numbered(task, record, d)
         reason = _skip_reason(record, task, d)
         if reason is None and task.run > record.task.run:
-            record = await _reopen(parts, record, task)
+            record = await _reopen(parts, record, task, d)
             reason = None if record is not None else f"run {task.run} was started elsewhere"
         if reason is not None:
             task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
@@ -174,17 +174,23 @@ async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> 
 
 
 def _numbered(task: Task, record: TaskRecord, d: Delivery) -> Task:
-    """A seed message, numbered: the seed's Lambda publishes every POST anew, so its first receive
-    for an id whose task finished is that id's next run; otherwise (a redelivery, a copy) it is
-    the record's own run."""
-    finished = record.state.terminal and d.receive_count <= 1
-    return task.model_copy(update={"run": record.task.run + 1 if finished else record.task.run})
+    """A seed message, numbered: the seed's Lambda publishes every POST anew, so another publish
+    for an id whose task finished is that id's next run; the publish that started the finished run
+    (a redelivery, a copy) is that run. A record that does not name its publish (written before
+    agents kept ``message_id``) goes by the receive count: a first receive is a new publish."""
+    if not record.state.terminal:
+        return task.model_copy(update={"run": record.task.run})
+    if record.message_id is not None:
+        new = publish_id(d) != record.message_id
+    else:
+        new = d.receive_count <= 1
+    return task.model_copy(update={"run": record.task.run + 1 if new else record.task.run})
 
 
-async def _reopen(parts: Parts, record: TaskRecord, task: Task) -> TaskRecord | None:
+async def _reopen(parts: Parts, record: TaskRecord, task: Task, d: Delivery) -> TaskRecord | None:
     """``record`` queued again for ``task``, its id's next run (or as the API reopened it first for
     this run); None when another writer made the record something else (stale, or gone)."""
-    current = await reopen(parts.store, record, task)
+    current = await reopen(parts.store, record, task, message_id=publish_id(d))
     return current if current is not None and current.task.run == task.run else None
 
 

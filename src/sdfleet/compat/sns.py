@@ -48,6 +48,14 @@ def _envelope(body: bytes) -> dict[str, Any] | None:
     return None
 
 
+def publish_id(body: bytes) -> str | None:
+    """The SNS ``MessageId`` of an envelope: one per publish, the same on every queue the publish
+    fanned out to and on every redelivery; None for a body that is not an envelope."""
+    env = _envelope(body)
+    mid = None if env is None else env.get("MessageId")
+    return mid if isinstance(mid, str) and mid else None
+
+
 def unwrap(body: bytes, attributes: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
     """The inner message and its attributes if ``body`` is an SNS notification envelope; else
     ``body`` and ``attributes`` unchanged. Attributes from the envelope win over the outer ones."""

@@ -71,7 +71,13 @@ def read_record(raw: str | bytes) -> TaskRecord:
         raise StoreError(f"stored task record is unreadable: {reason}", code="bad_record") from e
 
 
-def reopened(record: TaskRecord, task: Task, *, published_at: float | None = None) -> TaskRecord:
+def reopened(
+    record: TaskRecord,
+    task: Task,
+    *,
+    published_at: float | None = None,
+    message_id: str | None = None,
+) -> TaskRecord:
     """The record of ``task``, the next run of finished ``record``'s id (``Task.run``): queued
     again, its attempts, result and error cleared, for ``compare_and_set`` against ``record``'s
     version. The one way out of a terminal state, and only into a new run: ``transition`` never
@@ -81,16 +87,21 @@ def reopened(record: TaskRecord, task: Task, *, published_at: float | None = Non
     if task.run <= record.task.run:
         raise TransitionConflict(f"task {record.id}: run {task.run} is not after run {record.task.run}")
     task = task.model_copy(update={"created_at": record.task.created_at})
-    return TaskRecord(task=task, version=record.version + 1, published_at=published_at)
+    return TaskRecord(task=task, version=record.version + 1, published_at=published_at, message_id=message_id)
 
 
 async def reopen(
-    store: TaskStore, finished: TaskRecord, task: Task, *, published_at: float | None = None
+    store: TaskStore,
+    finished: TaskRecord,
+    task: Task,
+    *,
+    published_at: float | None = None,
+    message_id: str | None = None,
 ) -> TaskRecord | None:
     """Write ``reopened(finished, task)``; when another writer changed the record first (the API
     and an agent both reopen a seed task's next run), the record as that writer left it, None if
     it is gone. Callers tell from ``.task.run`` whose run it is."""
-    new = reopened(finished, task, published_at=published_at)
+    new = reopened(finished, task, published_at=published_at, message_id=message_id)
     if await store.compare_and_set(new, finished.version):
         return new
     return await store.get(task.tenant, task.id)
