@@ -78,10 +78,21 @@ def test_family_is_read_from_the_weights(models_dir: Path, name: str) -> None:
 @pytest.mark.parametrize("name", FAMILIES)
 async def test_single_file_without_config_is_the_same_model(runtime: DiffusersRuntime, name: str) -> None:
     folder = await runtime.run(job(f"{name}-folder"), no_progress)
+    reference = runtime._cache[f"{name}-folder"].pipe
     single = await runtime.run(job(f"{name}-file.safetensors"), no_progress)
     expected = "StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline"
-    assert type(runtime._cache[f"{name}-file.safetensors"].pipe).__name__ == expected
-    assert pixels(single.images[0]) == pixels(folder.images[0])
+    pipe = runtime._cache[f"{name}-file.safetensors"].pipe
+    assert type(pipe).__name__ == expected
+    for part, model in reference.components.items():
+        if isinstance(model, torch.nn.Module):
+            weights, mine = model.state_dict(), getattr(pipe, part).state_dict()
+            assert weights.keys() == mine.keys(), part
+            assert all(torch.equal(weights[k], mine[k]) for k in weights), part
+    # The same weights, but not at the same addresses: the folder's are read in place from its
+    # safetensors files at the offsets the files give, and BLAS on some CPUs rounds differently on
+    # data so placed (an AMD EPYC put one pixel channel of the SDXL image one level off).
+    a, b = pixels(single.images[0]), pixels(folder.images[0])
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1
 
 
 async def test_seed_default_checkpoint_loads_offline(runtime: DiffusersRuntime) -> None:
