@@ -138,7 +138,8 @@ def runtime_serve(
 
     settings = _settings(config)
     catalog = ModelCatalog(models_dir or settings.fleet.models.dir)
-    options = {**settings.fleet.runtimes.get("diffusers", {}), "device": device}
+    # SD WebUI runs a prompt whose LoRA it lacks without it; the fleet's setting wins where set.
+    options = {"missing_lora": "skip", **settings.fleet.runtimes.get("diffusers", {}), "device": device}
     model = model or settings.fleet.models.default
     try:
         runtime = build_runtime(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,10 @@ from conftest import free_port
 from sdfleet.models.tiny import make_tiny
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def pixels(b64: str) -> bytes:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).tobytes()
 
 
 def test_runtime_serve_starts_with_the_first_model_loaded(tmp_path: Path) -> None:
@@ -50,6 +55,12 @@ def test_runtime_serve_starts_with_the_first_model_loaded(tmp_path: Path) -> Non
         )
         assert answer.status_code == 200
         assert Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).size == (64, 64)
+        # a LoRA the folder lacks: SD WebUI runs without it, and so does runtime serve by default
+        seed = json.loads(answer.json()["info"])["seed"]
+        body = {"prompt": "a cat <lora:not-here:0.7>", "steps": 2, "width": 64, "height": 64, "seed": seed}
+        tagged = httpx.post(f"{url}/txt2img", json=body, timeout=120)
+        assert tagged.status_code == 200, tagged.text
+        assert pixels(tagged.json()["images"][0]) == pixels(answer.json()["images"][0])
         flags = httpx.get(f"{url}/cmd-flags").json()
         assert (flags["port"], flags["ckpt_dir"]) == (str(port), str(models))
         bad = httpx.post(f"{url}/extra-single-image", json={"image": "", "upscaler_1": "Lanczos"})

@@ -184,6 +184,24 @@ async def test_unknown_lora_is_rejected_with_the_list(runtime: DiffusersRuntime)
     assert "LoRA nope not found; available: misfit, Tiny-Detail, tiny-style" in caught.value.reason
 
 
+async def test_with_missing_lora_skip_an_unknown_lora_is_left_out_as_sd_webui_does(
+    models_dir: Path, runtime: DiffusersRuntime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SD WebUI 1.10 runs a prompt whose LoRA it lacks without it (a "Lora not found" comment,
+    nothing in the API's answer); ``sdfleet runtime serve`` does the same by default."""
+    skipping = make_runtime(models_dir, missing_lora="skip")
+    try:
+        got = await images(skipping, "a red cat <lora:nope:1> <lora:tiny-style:1>", "<lora:gone>")
+    finally:
+        await skipping.aclose()
+    assert got == await images(runtime, "a red cat <lora:tiny-style:1>")
+    assert "Lora not found: nope, gone" in caplog.text
+    with pytest.raises(Reject, match="is not supported"):  # a bad tag is still refused
+        await skipping.run(job("a cat <hypernet:x:1>"), no_progress)
+    with pytest.raises(ValueError, match="missing_lora must be one of"):
+        make_runtime(models_dir, missing_lora="ignore")
+
+
 async def test_lora_made_for_another_model_is_rejected_and_leaves_the_model_plain(
     runtime: DiffusersRuntime,
 ) -> None:

@@ -14,6 +14,7 @@ case-insensitive. Parsing here imports nothing heavy; ``_lora_loader`` loads the
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from sdfleet.errors import Reject
 from sdfleet.runtimes.base import Job
+
+log = logging.getLogger(__name__)
 
 TAG = re.compile(r"<(\w+):([^>]+)>")
 """SD WebUI's extra-network tag (``modules/extra_networks.py``)."""
@@ -111,14 +114,18 @@ def names(models_dir: Path) -> list[str]:
     return sorted((p.stem for p in find(models_dir).values()), key=str.lower)
 
 
-def resolve(job: Job, models_dir: Path) -> list[tuple[LoraUse, Path]]:
-    """The job's LoRAs and their files. Raises ``Reject`` for a bad tag or an unknown name."""
+def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[tuple[LoraUse, Path]]:
+    """The job's LoRAs and their files. Raises ``Reject`` for a bad tag or an unknown name; with
+    ``skip_missing`` an unknown name is left out instead (logged), as SD WebUI 1.10 leaves it."""
     wanted = uses(job)
     if not wanted:
         return []
     files = find(models_dir)
     missing = [u.name for u in wanted if u.name.lower() not in files]
-    if missing:
+    if missing and skip_missing:
+        log.warning("task %s: Lora not found: %s; it runs without", job.task_id, ", ".join(missing))
+        wanted = [u for u in wanted if u.name.lower() in files]
+    elif missing:
         where = ", ".join(str(models_dir / f) for f in LORA_FOLDERS)
         raise Reject(
             f"LoRA {', '.join(missing)} not found; available: {', '.join(names(models_dir)) or 'none'} "

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "classic")
+MISSING_LORA = ("fail", "skip")
 _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
 
 
@@ -50,6 +51,10 @@ class DiffusersOptions:
     lora_max_loaded: int = 4
     """LoRA adapters kept loaded per model (least recently used unloaded first); a task without
     LoRA runs with all of them disabled."""
+    missing_lora: str = "fail"
+    """A prompt's LoRA that the models folder lacks: ``fail`` the task (``unknown_lora``, with
+    the list of available ones) or ``skip`` it and run without it, as SD WebUI 1.10 does
+    (logged; ``sdfleet runtime serve``'s default)."""
     upscale_tile: int = 192
     """Model upscalers run on tiles of this many pixels square (SD WebUI's ``ESRGAN_tile``); 0: the
     whole image at once (fastest, most memory)."""
@@ -69,6 +74,8 @@ class DiffusersOptions:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {opts.dtype!r}")
         if opts.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {list(ATTENTION)}, not {opts.attention!r}")
+        if opts.missing_lora not in MISSING_LORA:
+            raise ValueError(f"missing_lora must be one of {list(MISSING_LORA)}, not {opts.missing_lora!r}")
         for flag in ("channels_last", "compile", "vae_tiling"):
             value = getattr(opts, flag)
             if value is not None and not isinstance(value, bool):

@@ -208,7 +208,10 @@ class DiffusersRuntime:
         if job.type is TaskType.IMAGE_TO_IMAGE:
             refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
         refuse_unsupported(job.params, "diffusers")
-        L.resolve(job, self.catalog.models_dir)
+        if self.options.missing_lora == "fail":
+            L.resolve(job, self.catalog.models_dir)
+        else:
+            L.uses(job)  # bad tags are still refused; a missing LoRA is told when the task runs
         return sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 
     async def _generate_jobs(
@@ -340,7 +343,8 @@ class DiffusersRuntime:
                 pipe.scheduler = (
                     P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
                 )
-                self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir))
+                skip = self.options.missing_lora == "skip"
+                self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip))
                 return G.generate(pipe, jobs, sampler, loaded.info, step_callback(ctl))
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
