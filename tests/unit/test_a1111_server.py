@@ -225,3 +225,23 @@ def test_sd_webuis_pydantic_1_coercions_are_kept(server: ServerThread) -> None:
         assert info["seed"] == 7 and info["prompt"] == "123"
         bad = http.post("/txt2img", json={**body, "seed": "seven"})
         assert bad.status_code == 422, bad.text  # what pydantic 1 refuses too
+
+
+def test_save_images_puts_sd_webuis_grid_first(api: webuiapi.WebUIApi) -> None:
+    """SD WebUI makes a grid for a request that saves its images and returns it first (its
+    ``return_grid``, ``grid_only_if_multiple``, ``n_rows`` -1 defaults); runtime serve left it out."""
+    plain = api.txt2img(prompt="a red cat", seed=42, batch_size=3, **SMALL)
+    saved = api.txt2img(prompt="a red cat", seed=42, batch_size=3, save_images=True, **SMALL)
+    assert len(saved.images) == 4 and saved.info["index_of_first_image"] == 1
+    assert [pixels(i) for i in saved.images[1:]] == [pixels(i) for i in plain.images]
+    grid = saved.images[0].convert("RGB")
+    assert grid.size == (128, 128)  # 3 images: round(√3) = 2 rows of 2 cells of 64×64
+    for i, image in enumerate(plain.images):
+        cell = grid.crop((i % 2 * 64, i // 2 * 64, i % 2 * 64 + 64, i // 2 * 64 + 64))
+        assert pixels(cell) == pixels(image), i
+    assert grid.getpixel((100, 100)) == (255, 255, 255)  # the empty cell: grid_background_color
+    texts = saved.info["infotexts"]
+    assert len(texts) == 4 and texts[0] == texts[1] == plain.info["infotexts"][0]
+    assert saved.info["all_seeds"] == [42, 43, 44]
+    one = api.txt2img(prompt="a red cat", seed=42, save_images=True, **SMALL)
+    assert len(one.images) == 1 and one.info["index_of_first_image"] == 0  # grid_only_if_multiple

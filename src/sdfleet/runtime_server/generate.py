@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sdfleet.errors import Interrupted, Reject
-from sdfleet.runtime_server import infotext, pnginfo
+from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
 from sdfleet.runtime_server.infotext import Generation
 from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
@@ -161,6 +161,12 @@ async def generate(state: ServerState, req: GenerationBody, init_images: list[by
     finally:
         gen.job_timestamp = state.state.job_timestamp
     texts = [infotext.infotext(gen, i) for i in range(len(gen.seeds))]
+    first = 0
+    if grid.wanted(state.options, req.save_images, len(pngs)):
+        batch = gen.batch_size or req.batch_size or 1
+        pngs = [await asyncio.to_thread(grid.make, pngs, state.options, batch), *pngs]
+        texts.insert(0, texts[0])  # SD WebUI's grid text: the first image's, with the main prompt
+        first = 1
     keep_text = bool(state.options["enable_pnginfo"])
     images = [
         base64.b64encode(pnginfo.with_text(png, {"parameters": t} if keep_text else {})).decode("ascii")
@@ -172,5 +178,5 @@ async def generate(state: ServerState, req: GenerationBody, init_images: list[by
     return {
         "images": images if req.send_images else [],
         "parameters": parameters,
-        "info": json.dumps(infotext.info(gen, texts)),
+        "info": json.dumps(infotext.info(gen, texts, index_of_first_image=first)),
     }

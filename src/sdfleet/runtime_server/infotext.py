@@ -89,8 +89,9 @@ def infotext(gen: Generation, index: int) -> str:
     return f"{gen.prompt}{negative}\n{text}".strip()
 
 
-def info(gen: Generation, infotexts: list[str]) -> dict[str, Any]:
-    """``Processed.js()``: the ``info`` of a txt2img/img2img answer, before JSON encoding."""
+def info(gen: Generation, infotexts: list[str], *, index_of_first_image: int = 0) -> dict[str, Any]:
+    """``Processed.js()``: the ``info`` of a txt2img/img2img answer, before JSON encoding
+    (``index_of_first_image`` 1 where a grid comes first, its infotext first in ``infotexts``)."""
     r, n = gen.request, len(gen.seeds)
     return {
         "prompt": gen.prompt,
@@ -118,7 +119,7 @@ def info(gen: Generation, infotexts: list[str]) -> dict[str, Any]:
         "seed_resize_from_h": r.seed_resize_from_h,
         "denoising_strength": r.denoising_strength,
         "extra_generation_params": gen.extra,
-        "index_of_first_image": 0,
+        "index_of_first_image": index_of_first_image,
         "infotexts": infotexts,
         "styles": list(r.styles or []),
         "job_timestamp": gen.job_timestamp,
