@@ -184,20 +184,22 @@ async def test_unknown_lora_is_rejected_with_the_list(runtime: DiffusersRuntime)
     assert "LoRA nope not found; available: misfit, Tiny-Detail, tiny-style" in caught.value.reason
 
 
-async def test_with_missing_lora_skip_an_unknown_lora_is_left_out_as_sd_webui_does(
+async def test_with_missing_lora_skip_what_is_not_found_is_left_out_as_sd_webui_does(
     models_dir: Path, runtime: DiffusersRuntime, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SD WebUI 1.10 runs a prompt whose LoRA it lacks without it (a "Lora not found" comment,
-    nothing in the API's answer); ``sdfleet runtime serve`` does the same by default."""
+    nothing in the API's answer), and skips extra networks it cannot find (``<hypernet:...>``);
+    ``sdfleet runtime serve`` does the same by default (checked against SD WebUI 1.10.1)."""
     skipping = make_runtime(models_dir, missing_lora="skip")
     try:
-        got = await images(skipping, "a red cat <lora:nope:1> <lora:tiny-style:1>", "<lora:gone>")
+        tagged = "a red cat <lora:nope:1> <lora:tiny-style:1> <hypernet:h:1>"
+        got = await images(skipping, tagged, "<lora:gone>")
+        assert got == await images(runtime, "a red cat <lora:tiny-style:1>")
+        assert "not found, left out: nope, gone, <hypernet:h:1>" in caplog.text
+        with pytest.raises(Reject, match="is not a weight"):  # a bad weight is still refused
+            await skipping.run(job("a cat <lora:tiny-style:heavy>"), no_progress)
     finally:
         await skipping.aclose()
-    assert got == await images(runtime, "a red cat <lora:tiny-style:1>")
-    assert "Lora not found: nope, gone" in caplog.text
-    with pytest.raises(Reject, match="is not supported"):  # a bad tag is still refused
-        await skipping.run(job("a cat <hypernet:x:1>"), no_progress)
     with pytest.raises(ValueError, match="missing_lora must be one of"):
         make_runtime(models_dir, missing_lora="ignore")
 

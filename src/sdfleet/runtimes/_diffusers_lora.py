@@ -46,13 +46,18 @@ def text(prompt: str) -> str:
     return TAG.sub("", prompt)
 
 
-def parse(prompt: str) -> list[LoraUse]:
-    """The LoRA tags of a prompt. Raises ``Reject`` for another network type or a bad weight."""
-    return [_use(kind, args) for kind, args in TAG.findall(prompt)]
+def parse(prompt: str, *, lenient: bool = False) -> list[LoraUse]:
+    """The LoRA tags of a prompt. Raises ``Reject`` for a bad weight, and for another network type
+    unless ``lenient`` (then it is left out, as SD WebUI skips the networks it cannot find)."""
+    return [_use(kind, args) for kind, args in TAG.findall(prompt) if not lenient or _is_lora(kind)]
+
+
+def _is_lora(kind: str) -> bool:
+    return kind.lower() in NETWORKS
 
 
 def _use(kind: str, args: str) -> LoraUse:
-    if kind.lower() not in NETWORKS:
+    if not _is_lora(kind):
         raise Reject(
             f"<{kind}:...> is not supported by the diffusers runtime (it reads <lora:name:weight>)",
             code="invalid_params",
@@ -77,10 +82,10 @@ def _weight(value: str, args: str) -> float:
     return weight
 
 
-def uses(job: Job) -> list[LoraUse]:
+def uses(job: Job, *, lenient: bool = False) -> list[LoraUse]:
     """The LoRAs of a job (prompt and negative prompt), one per name, in order of first use."""
     merged: dict[str, LoraUse] = {}
-    for use in parse(job.params.prompt) + parse(job.params.negative_prompt):
+    for use in parse(job.params.prompt, lenient=lenient) + parse(job.params.negative_prompt, lenient=lenient):
         seen = merged.get(use.name.lower())
         if seen is not None:
             use = LoraUse(seen.name, seen.te + use.te, seen.unet + use.unet)
@@ -116,14 +121,20 @@ def names(models_dir: Path) -> list[str]:
 
 def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[tuple[LoraUse, Path]]:
     """The job's LoRAs and their files. Raises ``Reject`` for a bad tag or an unknown name; with
-    ``skip_missing`` an unknown name is left out instead (logged), as SD WebUI 1.10 leaves it."""
-    wanted = uses(job)
-    if not wanted:
-        return []
-    files = find(models_dir)
+    ``skip_missing`` an unknown name, and a tag of another network kind (``<hypernet:...>``), is
+    left out instead (logged), as SD WebUI 1.10 leaves what it cannot find."""
+    wanted = uses(job, lenient=skip_missing)
+    files = find(models_dir) if wanted else {}
     missing = [u.name for u in wanted if u.name.lower() not in files]
-    if missing and skip_missing:
-        log.warning("task %s: Lora not found: %s; it runs without", job.task_id, ", ".join(missing))
+    if skip_missing:
+        others = [
+            f"<{kind}:{args}>"
+            for text in (job.params.prompt, job.params.negative_prompt)
+            for kind, args in TAG.findall(text)
+            if not _is_lora(kind)
+        ]
+        if missing or others:
+            log.warning("task %s: not found, left out: %s", job.task_id, ", ".join(missing + others))
         wanted = [u for u in wanted if u.name.lower() in files]
     elif missing:
         where = ", ".join(str(models_dir / f) for f in LORA_FOLDERS)

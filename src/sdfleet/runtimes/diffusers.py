@@ -211,7 +211,7 @@ class DiffusersRuntime:
         if self.options.missing_lora == "fail":
             L.resolve(job, self.catalog.models_dir)
         else:
-            L.uses(job)  # bad tags are still refused; a missing LoRA is told when the task runs
+            L.uses(job, lenient=True)  # bad weights are still refused; what is missing is told at run time
         return sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 
     async def _generate_jobs(
