@@ -245,3 +245,20 @@ def test_save_images_puts_sd_webuis_grid_first(api: webuiapi.WebUIApi) -> None:
     assert saved.info["all_seeds"] == [42, 43, 44]
     one = api.txt2img(prompt="a red cat", seed=42, save_images=True, **SMALL)
     assert len(one.images) == 1 and one.info["index_of_first_image"] == 0  # grid_only_if_multiple
+
+
+def test_unload_and_reload_checkpoint_as_sd_webui_answers_them(server: ServerThread) -> None:
+    """SD WebUI 1.10.1 answers both with 200 ``{}`` and keeps serving (checked against it); here
+    unload frees the runtime's pipelines and the next job, or reload, loads the checkpoint again."""
+    runtime = server.server.config.app.state.sd.runtime
+    base = f"{server.url}/sdapi/v1"
+    chosen = httpx.get(f"{base}/options").json()["sd_model_checkpoint"]
+    assert runtime.cached_models
+    r = httpx.post(f"{base}/unload-checkpoint")
+    assert (r.status_code, r.json()) == (200, {}) and runtime.cached_models == []
+    assert httpx.get(f"{base}/options").json()["sd_model_checkpoint"] == chosen
+    made = httpx.post(f"{base}/txt2img", json={"prompt": "a cat", **SMALL}, timeout=120)
+    assert made.status_code == 200 and len(made.json()["images"]) == 1 and runtime.cached_models
+    httpx.post(f"{base}/unload-checkpoint")
+    r = httpx.post(f"{base}/reload-checkpoint", timeout=120)
+    assert (r.status_code, r.json()) == (200, {}) and runtime.cached_models

@@ -118,6 +118,18 @@ for _path, _item in _NONE_HERE.items():  # list[...] of a value: fine at run tim
     router.add_api_route(_path, _none_here, methods=["GET"], response_model=list[_item])  # type: ignore[valid-type]
 
 
+@router.post("/unload-checkpoint")
+async def unload_checkpoint(request: Request) -> dict[str, Any]:
+    await server(request).unload()
+    return {}
+
+
+@router.post("/reload-checkpoint")
+async def reload_checkpoint(request: Request) -> dict[str, Any]:
+    await server(request).reload()
+    return {}
+
+
 @router.post("/refresh-vae")
 async def refresh_vae() -> None:
     return None  # no separate VAE files (sd-vae is empty)

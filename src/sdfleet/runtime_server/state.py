@@ -30,6 +30,10 @@ class _Loads(Protocol):
     default_model: str | None
 
 
+class _Unloads(Protocol):
+    async def unload(self) -> None: ...
+
+
 @dataclass
 class JobState:
     """SD WebUI's ``shared.state``, as ``/progress`` reports it."""
@@ -111,6 +115,18 @@ class ServerState:
         await self.runtime.start()
         self.selected = name
         await asyncio.to_thread(self.checkpoints.hash, self.checkpoints.resolve(name))
+
+    async def unload(self) -> None:
+        """Free the loaded checkpoint's memory, after the queued jobs; ``selected`` stays, and the
+        next job (or ``reload``) loads it again."""
+        unloads: _Unloads = self.runtime  # type: ignore[assignment]
+        async with self.queue:
+            await unloads.unload()
+
+    async def reload(self) -> None:
+        """Load the selected checkpoint again (after ``unload``), after the queued jobs."""
+        if self.selected is not None:
+            await self.load(self.selected)
 
     async def start(self, configured: str | None) -> None:
         """Load the configured checkpoint, else the first of the folder (as SD WebUI starts)."""

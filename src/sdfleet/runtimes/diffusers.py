@@ -260,6 +260,13 @@ class DiffusersRuntime:
         for ctl in list(self._active):
             ctl.interrupt(task_id)
 
+    async def unload(self) -> None:
+        """Drop every loaded pipeline and free its memory (SD WebUI's ``unload-checkpoint``); the
+        next job loads its model again."""
+        async with self._lock:
+            self._current = None
+            self._cache.clear()
+
     async def aclose(self) -> None:
         await self.interrupt()
         async with self._lock:
