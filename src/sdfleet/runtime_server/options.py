@@ -60,8 +60,10 @@ class Options:
         out = {**copy.deepcopy(self.defaults), **copy.deepcopy(self.data)}
         out["sd_model_checkpoint"] = checkpoint
         out["sd_checkpoint_hash"] = sha256
-        # SD WebUI answers a slider's value as a float once it has been set.
-        out[CLIP_SKIP] = float(out[CLIP_SKIP])
+        # SD WebUI answers a slider's value as a float once it has been set (null as posted: a
+        # job then refuses it, see clip_skip_value).
+        if isinstance(out[CLIP_SKIP], int | float) and not isinstance(out[CLIP_SKIP], bool):
+            out[CLIP_SKIP] = float(out[CLIP_SKIP])
         return out
 
 

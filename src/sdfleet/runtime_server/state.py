@@ -34,6 +34,11 @@ class _Unloads(Protocol):
     async def unload(self) -> None: ...
 
 
+def _batch_label(job_no: int, job_count: int) -> str:
+    """``state.job`` while iteration ``job_no`` of an ``n_iter`` > 1 job runs, in SD WebUI's words."""
+    return f"Batch {job_no + 1} out of {job_count}"
+
+
 @dataclass
 class JobState:
     """SD WebUI's ``shared.state``, as ``/progress`` reports it."""
@@ -58,17 +63,21 @@ class JobState:
         self.time_start = time.time()
         self.job_count, self.job_no = job_count, 0
         self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-        self.job = job
+        self.job = job if job_count <= 1 else _batch_label(0, job_count)
 
     def advance(self, fraction: float) -> None:
         """A runtime fraction over the whole job → SD WebUI's iteration and step counters."""
         done = min(max(fraction, 0.0), 1.0) * self.job_count
-        self.job_no = min(self.job_count - 1, int(done))
+        job_no = min(self.job_count - 1, int(done))
+        if job_no != self.job_no:  # SD WebUI's next iteration: a skip was for the previous one
+            self.job, self.skipped = _batch_label(job_no, self.job_count), False
+        self.job_no = job_no
         self.sampling_step = min(self.sampling_steps, round((done - self.job_no) * self.sampling_steps))
 
     def end(self, iterations: int) -> None:
         # SD WebUI moves to the next iteration (step 0) after each one; the step count stays.
         self.job, self.job_count, self.job_no, self.sampling_step = "", 0, iterations, 0
+        self.skipped = False
 
     def snapshot(self) -> dict[str, Any]:
         keys = ("skipped", "interrupted", "stopping_generation", "job", "job_count", "job_timestamp")
