@@ -262,3 +262,65 @@ def test_unload_and_reload_checkpoint_as_sd_webui_answers_them(server: ServerThr
     httpx.post(f"{base}/unload-checkpoint")
     r = httpx.post(f"{base}/reload-checkpoint", timeout=120)
     assert (r.status_code, r.json()) == (200, {}) and runtime.cached_models
+
+
+# FastAPI's own 422s, as the real SD WebUI 1.10.1 answered these calls here (pydantic 1's words).
+_V1_ANSWERS = [
+    (
+        "/extra-single-image",
+        {"image": "", "upscaler_1": "Lanczos", "upscaling_resize": 0},
+        {
+            "loc": ["body", "upscaling_resize"],
+            "msg": "ensure this value is greater than 0",
+            "type": "value_error.number.not_gt",
+            "ctx": {"limit_value": 0},
+        },
+    ),
+    (
+        "/extra-single-image",
+        {"image": "", "upscaler_1": "Lanczos", "resize_mode": 5},
+        {
+            "loc": ["body", "resize_mode"],
+            "msg": "unexpected value; permitted: 0, 1",
+            "type": "value_error.const",
+            "ctx": {"given": 5, "permitted": [0, 1]},
+        },
+    ),
+    (
+        "/extra-single-image",
+        {"image": "", "upscaler_1": None},
+        {
+            "loc": ["body", "upscaler_1"],
+            "msg": "none is not an allowed value",
+            "type": "type_error.none.not_allowed",
+        },
+    ),
+    (
+        "/txt2img",
+        b"{bad json",
+        {
+            "loc": ["body", 1],
+            "msg": "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+            "type": "value_error.jsondecode",
+            "ctx": {
+                "msg": "Expecting property name enclosed in double quotes",
+                "doc": "{bad json",
+                "pos": 1,
+                "lineno": 1,
+                "colno": 2,
+            },
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "item"), _V1_ANSWERS)
+def test_fastapis_own_422s_in_pydantic_1s_words(
+    server: ServerThread, path: str, body: Any, item: dict[str, Any]
+) -> None:
+    url = f"{server.url}/sdapi/v1{path}"
+    if isinstance(body, bytes):
+        answer = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        answer = httpx.post(url, json=body)
+    assert (answer.status_code, answer.json()) == (422, {"detail": [item]})

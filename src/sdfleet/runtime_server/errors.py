@@ -8,6 +8,8 @@ client's mistake). This server keeps those names and words, and answers client m
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 from typing import Any
 
@@ -76,9 +78,60 @@ _V1_TYPES = {
 }
 
 
-def _v1_error(error: Any) -> dict[str, Any]:
-    msg, kind = _V1_TYPES.get(error.get("type", ""), (str(error.get("msg", "")), str(error.get("type", ""))))
-    return {"loc": list(error.get("loc", ())), "msg": msg, "type": kind}
+# pydantic v2 bound errors → v1's words: (v2's ctx key, the words, v1's type suffix).
+_V1_BOUNDS = {
+    "greater_than": ("gt", "greater than", "not_gt"),
+    "greater_than_equal": ("ge", "greater than or equal to", "not_ge"),
+    "less_than": ("lt", "less than", "not_lt"),
+    "less_than_equal": ("le", "less than or equal to", "not_le"),
+}
+
+
+def _v1_error(error: Any, body: Any = None) -> dict[str, Any]:
+    """One item of FastAPI's 422 list as pydantic 1 writes it (``body``: the request's text, for a
+    body that is not JSON: pydantic 1 says where it broke, in ``json``'s words)."""
+    loc, kind = list(error.get("loc", ())), str(error.get("type", ""))
+    ctx = error.get("ctx") or {}
+    if kind == "json_invalid" and isinstance(body, str) and loc and isinstance(loc[-1], int):
+        e = json.JSONDecodeError(str(ctx.get("error", "")), body, loc[-1])
+        where = {"msg": e.msg, "doc": e.doc, "pos": e.pos, "lineno": e.lineno, "colno": e.colno}
+        return {"loc": loc, "msg": str(e), "type": "value_error.jsondecode", "ctx": where}
+    if kind in _V1_BOUNDS:
+        key, words, suffix = _V1_BOUNDS[kind]
+        limit = _number(ctx.get(key))
+        return {
+            "loc": loc,
+            "msg": f"ensure this value is {words} {limit}",
+            "type": f"value_error.number.{suffix}",
+            "ctx": {"limit_value": limit},
+        }
+    if kind == "literal_error":
+        permitted = _literals(str(ctx.get("expected", "")))
+        return {
+            "loc": loc,
+            "msg": "unexpected value; permitted: " + ", ".join(repr(v) for v in permitted),
+            "type": "value_error.const",
+            "ctx": {"given": error.get("input"), "permitted": permitted},
+        }
+    if kind.endswith("_type") and "input" in error and error["input"] is None:
+        return {"loc": loc, "msg": "none is not an allowed value", "type": "type_error.none.not_allowed"}
+    msg, v1_kind = _V1_TYPES.get(kind, (str(error.get("msg", "")), kind))
+    return {"loc": loc, "msg": msg, "type": v1_kind}
+
+
+def _number(value: Any) -> Any:
+    """A bound as the model declares it: pydantic 2 hands a float field's ``gt=0`` back as 0.0."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _literals(expected: str) -> list[Any]:
+    """The permitted values of pydantic 2's ``expected`` text (``0 or 1``, ``'a', 'b' or 'c'``)."""
+    head, _, last = expected.rpartition(" or ")
+    items = [*head.split(", "), last] if head else [last]
+    try:
+        return [ast.literal_eval(item) for item in items]
+    except (ValueError, SyntaxError):
+        return items
 
 
 def _reject_error(e: Reject) -> SdApiError:
@@ -101,7 +154,7 @@ def install(app: FastAPI, *, sdwebui_status: bool = False) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def unprocessable(_: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": [_v1_error(x) for x in e.errors()]})
+        return JSONResponse(status_code=422, content={"detail": [_v1_error(x, e.body) for x in e.errors()]})
 
     @app.exception_handler(Reject)
     async def reject(_: Request, e: Reject) -> JSONResponse:
