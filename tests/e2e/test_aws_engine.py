@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -306,3 +307,65 @@ async def test_poison_on_the_seeds_queue_without_a_dlq_is_deleted_after_max_rece
     message, attributes = lambda_message("v1alpha2", V1ALPHA2_T2I, bucket=seed.bucket)
     seed.publish(message, attributes)
     await _assert_outputs(engine, _meta(message), await wait_adopted(fleet, _meta(message)["id"]))
+
+
+async def test_a_second_post_waits_on_the_seeds_queue_past_max_receives_for_the_first_run(
+    seed: SeedDeployment,
+    engine: Engine,
+    start_fleet: StartFleet,
+    models_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The seed's Lambda publishes a second POST of an id while its first run is still going on
+    another agent (a record running under another worker's name, for another SNS publish). On the
+    seed's queue, which has no dead-letter queue, the message waits as long as that run lasts, past
+    ``max_receives`` receives (neither deleted as poison nor failed), then runs as the next run."""
+    import time
+
+    from sdfleet.agent.decode import decode_task
+    from sdfleet.store import open_store
+    from sdfleet.store.base import transition
+    from sdfleet.tasks import TaskRecord, TaskState
+
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    queues = [QueueConfig(name=SEED_RUNTIME, model=SD15)]
+    settings = fleet_settings(engine, models_dir, queues, lease_s=2)
+    settings.fleet.retry.max_receives = 2
+    message, attributes = lambda_message("v1alpha2", V1ALPHA2_T2I, bucket=seed.bucket)
+    meta = _meta(message)
+    task = decode_task(message.encode(), attributes).model_copy(update={"queue": SEED_RUNTIME})
+    store = open_store(engine.store_url)
+    try:
+        running = TaskRecord(
+            task=task, state=TaskState.RUNNING, worker="ghost", attempts=1, message_id="sns-0"
+        )
+        assert (await store.create(running))[1]
+        fleet = await start_fleet(queues, settings=settings)
+        seed.publish(message, attributes)
+        deferred: list[str] = []
+        for _ in range(200):
+            deferred = [r.getMessage() for r in caplog.records if "deferred" in r.getMessage()]
+            if len(deferred) > settings.fleet.retry.max_receives:
+                break
+            await asyncio.sleep(0.1)
+        assert len(deferred) > settings.fleet.retry.max_receives, deferred
+        record = await store.get("default", meta["id"])
+        assert record is not None and record.worker == "ghost" and record.task.run == 1, record
+
+        def ended(r: TaskRecord) -> TaskRecord:
+            r.state, r.finished_at = TaskState.CANCELLED, time.time()
+            return r
+
+        await transition(store, "default", meta["id"], ended)
+        for _ in range(300):
+            view = (await fleet.http.get(f"/v1/tasks/{meta['id']}")).json()
+            if view["run"] == 2 and view["finished_at"] is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await store.aclose()
+    await _assert_outputs(engine, meta, view)
+    assert not [r for r in caplog.records if r.getMessage().startswith("deleted message")]
+    notes = [n for n in await receive_json(engine, "results", 1) if n["id"] == meta["id"]]
+    assert [n["result"] for n in notes] == [True], notes
+    _assert_seed_queue_untouched(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,114 @@ async def test_a_new_publish_first_received_by_an_agent_that_died_is_still_the_n
     assert second["state"] == "succeeded", second
     notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == "died-1"]
     assert [n["result"] for n in notes] == [True, True] and len({n["output_url"] for n in notes}) == 2, notes
+
+
+def _lambda_publish(prompt: str, sns_id: str | None) -> tuple[bytes, dict[str, str]]:
+    """What the seed's Lambda publishes for a v1alpha1 POST of id ``twice-1`` with ``prompt``,
+    raw or inside an SNS envelope whose MessageId is ``sns_id``."""
+    from seed_payloads import copy_of, lambda_message, sns_envelope
+
+    body = copy_of(V1ALPHA1_T2I)
+    body["prompt"] = prompt
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "twice-1"}
+    message, attributes = lambda_message("v1alpha1", body)
+    data = sns_envelope(message, attributes, message_id=sns_id) if sns_id else message.encode()
+    return data, attributes
+
+
+async def _prompts_of_runs(engine: Engine, fleet: RunningFleet, task_id: str) -> set[str]:
+    """The prompts the two notified runs of ``task_id`` ran with (read from each run's ``.out``)."""
+    notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == task_id]
+    assert [n["result"] for n in notes] == [True, True], notes
+    view = (await fleet.http.get(f"/v1/tasks/{task_id}")).json()
+    folder = view["output"]["key"].rsplit("/", 1)[0]  # both runs' files are in the id's folder
+    outs = [await read_json(engine, f"{folder}/{n['output_url'].rsplit('/', 1)[-1]}") for n in notes]
+    return {out["parameters"]["prompt"] for out in outs}
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["received-together", "second-while-running"])
+async def test_two_publishes_of_a_new_id_on_one_agent_run_one_after_the_other(
+    start_fleet: StartFleet, engine: Engine, together: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed runs every message: two POSTs of one id run twice. The drop-in agent that received
+    both in one go found no record for either and ran the second as the first's own start (one
+    result, the other POST lost); one that received the second while running the first dropped it
+    as a copy. The second now waits in hand (its lease kept, no receive spent) until the first run
+    has ended, then runs as the id's next run with its own prompt."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    fleet = await start_fleet(lease_s=3, prefetch=4, prefetch_horizon_s=0)
+    if together:  # both on the queue before the agent's first receive
+        await fleet.stop()
+    bus = open_bus(engine.bus_url)
+    try:
+        for prompt in ("a red fox", "a blue whale"):
+            await bus.publish("tasks", *_lambda_publish(prompt, None))
+            while not together and prompt == "a red fox":  # until the first run has started
+                r = await fleet.http.get("/v1/tasks/twice-1")
+                if r.status_code == 200 and r.json()["state"] == "running":
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await bus.aclose()
+    if together:
+        fleet = await start_fleet(lease_s=3, prefetch=4, prefetch_horizon_s=0)
+    second = await _run_done(fleet, "twice-1", 2)
+    assert second["state"] == "succeeded" and second["attempts"] == 1, second
+    assert await _prompts_of_runs(engine, fleet, "twice-1") == {"a red fox", "a blue whale"}
+    events = [getattr(r, "event", None) for r in caplog.records if getattr(r, "task_id", None) == "twice-1"]
+    assert events.count("waiting") == 1 and "deferred" not in events, events
+
+
+@pytest.mark.parametrize("enveloped", [False, True], ids=["raw", "sns-envelope"])
+async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_for_it(
+    start_fleet: StartFleet, engine: Engine, enveloped: bool
+) -> None:
+    """A second POST of an id whose first run is still going on another agent (here a record
+    running under another worker's name, for another publish) was dropped as a copy of that run:
+    the seed would have run it after. It waits now, untouched, and runs once that run has ended."""
+    import time
+
+    from sdfleet.agent.decode import decode_task
+    from sdfleet.routing import resolve_queues
+    from sdfleet.store import open_store
+    from sdfleet.store.base import transition
+    from sdfleet.tasks import TaskError, TaskRecord, TaskState
+
+    # On queues with a dead-letter queue each wait is a lease (agent/defer.py): 5 of them here.
+    fleet = await start_fleet(lease_s=3, max_receives=6)
+    data, attributes = _lambda_publish("a blue whale", "sns-2" if enveloped else None)
+    task = decode_task(data, attributes)
+    queue = resolve_queues(fleet.settings.fleet, task, attributes)[0]
+    params = task.params.model_copy(update={"prompt": "a red fox"})
+    first = task.model_copy(update={"queue": queue, "params": params})
+    running = TaskRecord(
+        task=first,
+        state=TaskState.RUNNING,
+        worker="ghost",
+        attempts=1,
+        message_id="sns-1",
+        started_at=time.time(),
+    )
+
+    def ended(r: TaskRecord) -> TaskRecord:
+        r.state, r.finished_at = TaskState.FAILED, time.time()
+        r.error = TaskError(code="runtime_error", message="the other agent's run failed")
+        return r
+
+    store = open_store(engine.store_url)
+    bus = open_bus(engine.bus_url)
+    try:
+        assert (await store.create(running))[1]
+        await bus.publish("tasks", data, attributes)
+        await asyncio.sleep(4)  # received, deferred (a lease: 3 s on these queues), received again
+        view = (await fleet.http.get("/v1/tasks/twice-1")).json()
+        assert view["state"] == "running" and view["run"] == 1 and view["attempts"] == 1, view
+        await transition(store, "default", "twice-1", ended)
+        second = await _run_done(fleet, "twice-1", 2)
+    finally:
+        await bus.aclose()
+        await store.aclose()
+    assert second["state"] == "succeeded" and second["queue"] == queue, second
+    assert (await read_json(engine, second["output"]["key"]))["parameters"]["prompt"] == "a blue whale"
+    notes = [n for n in await receive_json(engine, "results", 1) if n["id"] == "twice-1"]
+    assert [n["result"] for n in notes] == [True], notes

@@ -4,10 +4,16 @@ publish (``TaskRecord.message_id``), and only records that do not name one by th
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import cast
+
 import pytest
 
+from sdfleet.agent.defer import AnotherPublishRuns, other_publish
+from sdfleet.agent.parts import Parts
 from sdfleet.agent.prepare import _numbered
 from sdfleet.bus.base import Delivery
+from sdfleet.errors import TransitionConflict
 from sdfleet.tasks import Task, TaskRecord, TaskState
 from seed_payloads import sns_envelope
 
@@ -55,3 +61,43 @@ def test_a_record_that_names_no_publish_goes_by_the_receive_count(receive_count:
 def test_a_task_still_going_keeps_its_run(state: TaskState) -> None:
     record = _record(state, "sns-1")
     assert _numbered(record.task, record, _delivery(1, bus_id="b", sns_id="sns-9")).run == 3
+
+
+def _held_by(state: TaskState, message_id: str | None, queue: str | None = "dynamic") -> TaskRecord:
+    return TaskRecord(task=Task(id="seed-1", run=3, queue=queue), state=state, message_id=message_id)
+
+
+@pytest.mark.parametrize(
+    ("record", "sns_id", "waits"),
+    [
+        (_held_by(TaskState.RUNNING, "sns-1"), "sns-2", True),  # the Lambda's next POST: after this run
+        (_held_by(TaskState.QUEUED, "sns-1"), "sns-2", True),  # ... reopened for another publish
+        (_held_by(TaskState.SUCCEEDED, "sns-1"), "sns-2", True),  # ended since (begin's late read)
+        (_held_by(TaskState.RUNNING, "sns-1"), "sns-1", False),  # its own run: a copy, a redelivery
+        (_held_by(TaskState.RUNNING, None), "sns-2", False),  # a record that names no publish
+        (_held_by(TaskState.RUNNING, "sns-1", queue=None), "sns-2", True),
+        (_held_by(TaskState.RUNNING, "sns-1", queue="sd15"), "sns-2", False),  # a copy on another queue
+    ],
+)
+def test_a_seed_message_waits_only_for_another_publishes_run_on_its_queue(
+    record: TaskRecord, sns_id: str, waits: bool
+) -> None:
+    assert (other_publish(record, _delivery(1, bus_id="b", sns_id=sns_id)) is not None) is waits
+
+
+def test_a_seed_start_that_finds_another_publishes_run_waits_and_ours_do_not() -> None:
+    """Two agents both found no record for two publishes of a new id; the one whose create lost
+    finds the other's run at its start: it waits (``AnotherPublishRuns``), it does not take over,
+    even on a redelivery, and it is not told it is the same run."""
+    from sdfleet.agent.begin import _start
+
+    record = _held_by(TaskState.RUNNING, "sns-1")
+    for receive_count in (1, 3):
+        d = _delivery(receive_count, bus_id="b", sns_id="sns-2")
+        with pytest.raises(AnotherPublishRuns, match="another publish is running"):
+            _start(record.model_copy(deep=True), cast(Parts, None), d, numbered=False)
+    # sdfleet's own messages number their runs: the receive-count rule, as before
+    parts = cast(Parts, SimpleNamespace(worker_id="me"))
+    with pytest.raises(TransitionConflict, match="already running") as e:
+        _start(record.model_copy(deep=True), parts, _delivery(1, bus_id="b", sns_id="sns-2"), numbered=True)
+    assert not isinstance(e.value, AnotherPublishRuns)

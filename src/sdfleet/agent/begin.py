@@ -12,6 +12,7 @@ import time
 from functools import partial
 
 from sdfleet.agent.decode import publish_id
+from sdfleet.agent.defer import AnotherPublishRuns, defer, other_publish
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import notify, notify_if_cancelled_unrun
@@ -30,6 +31,9 @@ async def begin(parts: Parts, p: Prepared) -> bool:
     start = partial(_start_record, parts, p)
     try:
         record = await ride_out(start, f"starting {task.id}", parts.fleet.retry.lease_s)
+    except AnotherPublishRuns as e:  # it came in while that run started: it waits its turn
+        await defer(parts, p.handle, task.id, p.span, str(e))
+        return False
     except (TransitionConflict, NotFound) as e:
         task_event(task.id, p.delivery.queue, p.span, "dropped", reason=str(e))
         await notify_if_cancelled_unrun(parts, await parts.store.get(task.tenant, task.id))
@@ -48,17 +52,19 @@ async def _start_record(parts: Parts, p: Prepared) -> TaskRecord:
         # written the record yet: created here, straight in ``running``, keeping the queue the
         # API routed it to. Only a lost race with that API's write goes on to a transition.
         task = p.task if p.task.queue else p.task.model_copy(update={"queue": d.queue})
-        fresh = _start(TaskRecord(task=task), parts, d)
+        fresh = _start(TaskRecord(task=task), parts, d, p.numbered)
         assert fresh is not None
         record, created = await parts.store.create(fresh)
         if created:
             return record
         p.record = record
-    mutate = partial(_start, parts=parts, d=d)
+    mutate = partial(_start, parts=parts, d=d, numbered=p.numbered)
     return await transition(parts.store, p.task.tenant, p.task.id, mutate, current=p.record)
 
 
-def _start(r: TaskRecord, parts: Parts, d: Delivery) -> TaskRecord | None:
+def _start(r: TaskRecord, parts: Parts, d: Delivery, numbered: bool = True) -> TaskRecord | None:
+    if not numbered and (held := other_publish(r, d)) is not None:
+        raise AnotherPublishRuns(held)
     if r.state is TaskState.RUNNING:
         if r.worker == parts.worker_id:
             return None  # our own start, applied by a server that went away before it replied

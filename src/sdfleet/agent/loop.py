@@ -33,11 +33,13 @@ from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
-from sdfleet.agent.prepare import drop_if_no_dead_letter_queue, fail_unprepared, prepare
+from sdfleet.agent.prepare import check, decode_or_settle, drop_if_no_dead_letter_queue, fail_unprepared
+from sdfleet.agent.tasklog import task_event
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, Reject, SdfleetError
 from sdfleet.pod_cost import PodDeletionCost, PodRef, track
+from sdfleet.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ class Agent:
         self._jobs: set[asyncio.Task[None]] = set()
         self._batches: dict[asyncio.Task[None], Sequence[Prepared]] = {}
         self._leases: dict[Prepared, Lease] = {}
+        self._held: dict[tuple[str, str], DeliveryHandle] = {}
+        """The delivery that holds each (tenant, id) on this agent: the first in hand (being
+        prepared, pooled, running, finishing)."""
+        self._waiting: dict[tuple[str, str], list[tuple[DeliveryHandle, Lease]]] = {}
+        """Seed deliveries held back until the task of their id in ``_held`` is let go."""
         self._gpu = asyncio.Semaphore(self.depth)
         self._room = asyncio.Semaphore(self.depth + s.finishers)
         self._aliases: dict[str, str] = {}
@@ -103,6 +110,7 @@ class Agent:
         finally:
             self._stopping.set()
             await receiver
+            await _give_back(self._held_back())
             await self._release(self.pool.drain())
             await self._drain()
             done.set()
@@ -164,7 +172,7 @@ class Agent:
                 self._heartbeat()
                 limit = self.ahead()
                 held.set(limit)
-                room = limit - len(self.pool) - self._preparing
+                room = limit - len(self.pool) - self._preparing - sum(map(len, self._waiting.values()))
                 # Refill by halves (several messages a call), or at once when the pool ran dry.
                 if room <= 0 or (room < max(1, limit // 2) and (self.pool or self._preparing)):
                     self._taken.clear()
@@ -213,9 +221,24 @@ class Agent:
 
     async def _admit(self, d: Delivery) -> None:
         handle = DeliveryHandle(self.parts.bus, d)
-        lease = Lease(handle, self.lease_s, self.period)
+        await self._admit_held(handle, Lease(handle, self.lease_s, self.period))
+
+    async def _admit_held(self, handle: DeliveryHandle, lease: Lease) -> None:
+        """Prepare a delivery whose lease is kept and pool it, hold it back, or settle it."""
+        d = handle.delivery
+        prepared, key = None, None
         try:
-            prepared = await prepare(self.parts, handle)
+            decoded = await decode_or_settle(self.parts, handle)
+            if decoded is not None:
+                task, ours = decoded
+                if (task.tenant, task.id) in self._held:
+                    if not ours:
+                        self._wait_in_hand(task, handle, lease)
+                        return
+                else:  # this delivery holds its id here from now on
+                    key = (task.tenant, task.id)
+                    self._held[key] = handle
+                prepared = await check(self.parts, handle, task, ours)
         except Exception as e:
             # One poison message or record must not take the agent down: released, it comes back
             # until max_receives moves it to the dead-letter queue, and the agent serves on.
@@ -225,14 +248,13 @@ class Agent:
             await fail_unprepared(self.parts, d, e)
             if not await drop_if_no_dead_letter_queue(self.parts, handle, f"{type(e).__name__}: {e}"):
                 await _settle(handle.release())
-            prepared = None
-        else:
-            if prepared is None:
-                await lease.stop()
         finally:
             self._preparing -= 1
         if prepared is None:
+            await lease.stop()
             self.processed += 1
+            if key is not None:
+                await self._let_go(key, handle)
             return
         self._leases[prepared] = lease
         if self._stopping.is_set():
@@ -241,6 +263,45 @@ class Agent:
             await self._release([prepared])
             return
         self.pool.put(prepared)
+
+    def _wait_in_hand(self, task: Task, handle: DeliveryHandle, lease: Lease) -> None:
+        """A seed message whose id another delivery holds on this agent (the seed's Lambda
+        published two POSTs of one id) waits, its lease kept, until that delivery is let go, then
+        is prepared again as what it is then (the id's next run): no release, no receive spent."""
+        self._waiting.setdefault((task.tenant, task.id), []).append((handle, lease))
+        reason = "another delivery of its id is in hand here"
+        task_event(
+            task.id,
+            handle.delivery.queue,
+            None,
+            "waiting",
+            reason=reason,
+            receive=handle.delivery.receive_count,
+        )
+
+    async def _let_go(self, key: tuple[str, str], handle: DeliveryHandle) -> None:
+        """The delivery ``handle`` has left the agent (settled, or left to its lease): if it held
+        ``key``, the next delivery waiting for that id is prepared again, or, once the agent is
+        stopping, given back."""
+        if self._held.get(key) is not handle:
+            return
+        del self._held[key]
+        waiting = self._waiting.get(key)
+        if not waiting:
+            return
+        nxt, lease = waiting.pop(0)
+        if not waiting:
+            del self._waiting[key]
+        if self._stopping.is_set():
+            await _give_back([(nxt, lease)])
+            return
+        self._preparing += 1
+        self._spawn(self._admit_held(nxt, lease))
+
+    def _held_back(self) -> list[tuple[DeliveryHandle, Lease]]:
+        items = [item for waiting in self._waiting.values() for item in waiting]
+        self._waiting.clear()
+        return items
 
     # --- run and finish --------------------------------------------------------------------
 
@@ -366,6 +427,7 @@ class Agent:
         except Exception:  # a bug settling one task must not stop the agent; its lease brings it back
             log.exception("task %s: unexpected error while finishing, left to its lease", p.task.id)
         finally:
+            await self._let_go((p.task.tenant, p.task.id), p.handle)
             p.light.set()
             lease = self._leases.pop(p, None)
             if lease is not None:
@@ -375,6 +437,7 @@ class Agent:
 
     async def _release(self, items: Sequence[Prepared]) -> None:
         for p in items:
+            await self._let_go((p.task.tenant, p.task.id), p.handle)
             lease = self._leases.pop(p, None)
             if lease is not None:
                 await lease.stop()
@@ -434,6 +497,13 @@ class Agent:
 
 def images_of(*batch: Prepared) -> int:
     return sum(images(p) for p in batch)
+
+
+async def _give_back(items: Sequence[tuple[DeliveryHandle, Lease]]) -> None:
+    """Deliveries held back (``Agent._wait_in_hand``), released at shutdown."""
+    for handle, lease in items:
+        await lease.stop()
+        await _settle(handle.release())
 
 
 async def _settle(op: Awaitable[None]) -> None:

@@ -56,6 +56,9 @@ class Prepared:
     record: TaskRecord | None = None
     """The record as this agent last read or wrote it (saves a read before the next write);
     None for a task another producer published, whose record the agent creates as it starts."""
+    numbered: bool = True
+    """Whether its message numbers its run (sdfleet's own ``Task`` JSON); False for a seed
+    message, whose run the agent tells by its publish (``decode.publish_id``)."""
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
     ready_at: float = 0.0

@@ -13,6 +13,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.decode import decode, decode_task, publish_id
+from sdfleet.agent.defer import defer, other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
@@ -28,11 +29,12 @@ from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 log = logging.getLogger(__name__)
 
 
-async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
-    """None when the delivery needed no run and is already settled."""
+async def decode_or_settle(parts: Parts, h: DeliveryHandle) -> tuple[Task, bool] | None:
+    """The delivery's task and whether the message is sdfleet's own (``decode.decode``); None,
+    the delivery settled, when it is not one."""
     d = h.delivery
     try:
-        task, ours = decode(d.body, d.attributes)
+        return decode(d.body, d.attributes)
     except MessageDecodeError as e:
         # Released, not acked: after max_receives the bus moves it to the DLQ for a human to see
         # (or, on a queue without one, it is deleted with its body in the log).
@@ -40,6 +42,12 @@ async def prepare(parts: Parts, h: DeliveryHandle) -> Prepared | None:
         if not await drop_if_no_dead_letter_queue(parts, h, str(e)):
             await h.release()
         return None
+
+
+async def check(parts: Parts, h: DeliveryHandle, task: Task, ours: bool) -> Prepared | None:
+    """The decoded delivery checked against its record, its inputs fetched; None when it needed
+    no run and is already settled."""
+    d = h.delivery
     span = tracer().start_span("agent.task", context=trace_context(d))
     span.set_attributes(
         {"sdfleet.task_id": task.id, "sdfleet.queue": d.queue, "sdfleet.receive": d.receive_count}
@@ -133,17 +141,27 @@ async def _checked(
     record = await parts.store.get(task.tenant, task.id)
     if record is not None:
         task = task if ours else _numbered(task, record, d)
-        reason = _skip_reason(record, task, d)
-        if reason is None and task.run > record.task.run:
-            record = await _reopen(parts, record, task, d)
+        held = None if ours or record.state.terminal else other_publish(record, d)
+        reason = _skip_reason(record, task, d) if held is None else None
+        if reason is None and held is None and task.run > record.task.run:
+            if task.queue is None:  # a seed message's next run keeps the queue it came on, as its first
+                task = task.model_copy(update={"queue": d.queue})
+            current = await reopen(parts.store, record, task, message_id=publish_id(d))
+            # Another publish of the id may have reopened it first: its run, not this one.
+            held = None if ours or current is None else other_publish(current, d)
+            record = current if current is not None and current.task.run == task.run else None
             reason = None if record is not None else f"run {task.run} was started elsewhere"
+        if held is not None:
+            await defer(parts, h, task.id, span, held)
+            return None
         if reason is not None:
             task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
             if record is not None and task.run == record.task.run:
                 await _redelivered_result(parts, record, d)
             await h.ack()
             return None
-    p = Prepared(handle=h, task=task if record is None else record.task, inputs=[], span=span, record=record)
+    task = task if record is None else record.task
+    p = Prepared(handle=h, task=task, inputs=[], span=span, record=record, numbered=ours)
     p.timings["queue_wait"] = max(0.0, time.time() - _enqueued_at(d))
     t0 = time.perf_counter()
     try:
@@ -185,13 +203,6 @@ def _numbered(task: Task, record: TaskRecord, d: Delivery) -> Task:
     else:
         new = d.receive_count <= 1
     return task.model_copy(update={"run": record.task.run + 1 if new else record.task.run})
-
-
-async def _reopen(parts: Parts, record: TaskRecord, task: Task, d: Delivery) -> TaskRecord | None:
-    """``record`` queued again for ``task``, its id's next run (or as the API reopened it first for
-    this run); None when another writer made the record something else (stale, or gone)."""
-    current = await reopen(parts.store, record, task, message_id=publish_id(d))
-    return current if current is not None and current.task.run == task.run else None
 
 
 def _skip_reason(record: TaskRecord, task: Task, d: Delivery) -> str | None:

@@ -1,6 +1,7 @@
 """One log line per change in a task's life on an agent (received, started, succeeded, failed,
-requeued, cancelled, dropped), each with its task id, trace id, queue and what explains it: a
-successful task's story is readable at INFO without a trace backend."""
+requeued, cancelled, dropped, and for a seed publish waiting on another of its id: waiting,
+deferred), each with its task id, trace id, queue and what explains it: a successful task's story
+is readable at INFO without a trace backend."""
 
 from __future__ import annotations
 

@@ -1,0 +1,77 @@
+"""A seed publish that must wait for another publish's run of its id: given back, to come again.
+
+The seed's Lambda publishes every POST anew, and the seed's agent runs every message it receives,
+so two POSTs with one id run twice, one after the other. Their messages do not number their runs
+(``Task.run``); the drop-in agent tells them apart by their publish (``decode.publish_id``) and a
+task record holds one run at a time. So a publish that finds its id's record held by another
+publish's run still going (queued or running on another agent, or started by another agent while
+this one prepared it) is released to be received again later, when that run has ended and this one
+reopens the record as the id's next run. It is not acked: dropping it would lose the second POST.
+(Two publishes of one id that one agent holds together wait in hand instead: ``Agent._wait_in_hand``.)
+
+Each receive counts. On a queue without a dead-letter queue (the seed's own input queue, attached
+by URL) the wait grows 2, 4, 8 … seconds up to a lease and may repeat for as long as the other run
+lasts. On a queue with one, a release after ``max_receives`` receives moves the message aside, so
+each wait is a whole lease (the time a run is expected to end in) and the last one is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+
+from sdfleet.agent.decode import publish_id
+from sdfleet.agent.handle import DeliveryHandle
+from sdfleet.agent.parts import Parts
+from sdfleet.agent.tasklog import task_event
+from sdfleet.bus.base import Delivery
+from sdfleet.errors import SdfleetError, TransitionConflict
+from sdfleet.tasks import TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+class AnotherPublishRuns(TransitionConflict):
+    """The record holds another publish's run of this seed id, not yet ended: wait for it."""
+
+    code = "another_publish_runs"
+
+
+def other_publish(record: TaskRecord, d: Delivery) -> str | None:
+    """Why seed message ``d`` must wait: ``record`` holds another publish's run of its id (on
+    this queue; a copy on another queue is dropped as one); None when it does not."""
+    if record.message_id is None or record.message_id == publish_id(d):
+        return None
+    if record.task.queue not in (None, d.queue):
+        return None
+    return f"run {record.task.run} of another publish is {record.state}"
+
+
+async def defer(parts: Parts, h: DeliveryHandle, task_id: str, span: trace.Span, reason: str) -> None:
+    """Release ``h`` to come back once the run that holds its id has ended; never raises."""
+    d = h.delivery
+    lease_s = parts.fleet.retry.lease_s
+    delay_s = min(lease_s, 2.0 ** min(d.receive_count, 16))
+    try:
+        dead_letters = (await parts.bus.stats(d.queue)).dead_letter_queue
+    except SdfleetError as e:  # cannot tell: as if it had one (the longer wait)
+        log.warning("could not read %s's attributes: %s", d.queue, e)
+        dead_letters = True
+    if dead_letters:
+        delay_s = lease_s
+        if d.receive_count >= parts.fleet.retry.max_receives:
+            log.error(
+                "task %s: message %s waited %d receives for another run of its id to end; it goes to "
+                "%s's dead-letter queue (%s)",
+                task_id,
+                d.message_id,
+                d.receive_count,
+                d.queue,
+                reason,
+            )
+    task_event(task_id, d.queue, span, "deferred", reason=reason, receive=d.receive_count, delay_s=delay_s)
+    try:
+        await h.release(delay_s)
+    except SdfleetError as e:  # its lease ends and it comes back anyway
+        log.warning("could not release %s: %s", d.message_id, e)
