@@ -162,6 +162,10 @@ class TaskResult(BaseModel):
     """Seconds per stage: queue_wait, inputs_fetch, model_switch, runtime_run, storage_put."""
 
 
+EARLIER_PUBLISHES = 8
+"""Publishes of earlier runs a record keeps (``TaskRecord.earlier_publishes``)."""
+
+
 class TaskRecord(BaseModel):
     task: Task
     state: TaskState = TaskState.QUEUED
@@ -182,6 +186,10 @@ class TaskRecord(BaseModel):
     """The publish whose delivery started or reopened this run (``agent.decode.publish_id``). A
     seed message does not number its runs: one that comes again for a finished task is a
     redelivery of that run when it is this publish, else the id's next run."""
+    earlier_publishes: list[str] = Field(default_factory=list)
+    """The publishes of the id's earlier runs, oldest first, the last ``EARLIER_PUBLISHES``: a
+    seed message from one of them (SNS's duplicate, late) is a copy of a run that ended, not the
+    id's next run."""
 
     @property
     def id(self) -> str:

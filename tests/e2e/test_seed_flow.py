@@ -446,3 +446,26 @@ async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_f
     assert (await read_json(engine, second["output"]["key"]))["parameters"]["prompt"] == "a blue whale"
     notes = [n for n in await receive_json(engine, "results", 1) if n["id"] == "twice-1"]
     assert [n["result"] for n in notes] == [True], notes
+
+
+async def test_a_late_duplicate_of_an_earlier_runs_publish_is_not_another_run(
+    start_fleet: StartFleet, engine: Engine
+) -> None:
+    """SNS delivers at least once: a duplicate of the first POST's publish that arrives after the
+    second run finished was taken for the id's next run (the record knew only the latest run's
+    publish), so a third run nobody posted. The record keeps the publishes of earlier runs: it is
+    dropped as a copy, nothing runs and nothing is notified."""
+    fleet = await start_fleet()
+    bus = open_bus(engine.bus_url)
+    try:
+        for run, prompt in ((1, "a red fox"), (2, "a blue whale")):
+            await bus.publish("tasks", *_lambda_publish(prompt, f"sns-{run}"))
+            view = await (wait_adopted(fleet, "twice-1") if run == 1 else _run_done(fleet, "twice-1", 2))
+            assert view["state"] == "succeeded" and view["run"] == run, view
+        await bus.publish("tasks", *_lambda_publish("a red fox", "sns-1"))  # SNS's late duplicate
+    finally:
+        await bus.aclose()
+    notes = [n for n in await drain(engine, "results", quiet_s=3) if n.get("id") == "twice-1"]
+    assert [n["result"] for n in notes] == [True, True], notes  # runs 1 and 2, nothing more
+    after = (await fleet.http.get("/v1/tasks/twice-1")).json()
+    assert after["run"] == 2 and after["updated_at"] == view["updated_at"], after

@@ -101,3 +101,21 @@ def test_a_seed_start_that_finds_another_publishes_run_waits_and_ours_do_not() -
     with pytest.raises(TransitionConflict, match="already running") as e:
         _start(record.model_copy(deep=True), parts, _delivery(1, bus_id="b", sns_id="sns-2"), numbered=True)
     assert not isinstance(e.value, AnotherPublishRuns)
+
+
+def test_a_reopened_record_keeps_the_publishes_of_the_last_earlier_runs() -> None:
+    from sdfleet.store.base import reopened
+    from sdfleet.tasks import EARLIER_PUBLISHES
+
+    last = EARLIER_PUBLISHES + 3
+    record = TaskRecord(task=Task(id="seed-1", run=1), state=TaskState.SUCCEEDED, message_id="sns-1")
+    for run in range(2, last + 1):
+        record = reopened(record, Task(id="seed-1", run=run), message_id=f"sns-{run}")
+        assert record.message_id == f"sns-{run}"
+        record.state = TaskState.SUCCEEDED
+    assert record.earlier_publishes == [f"sns-{n}" for n in range(last - EARLIER_PUBLISHES, last)]
+    # the API reopens a run without naming its publish: nothing to keep for that run
+    api = reopened(record, Task(id="seed-1", run=last + 1))
+    api.state = TaskState.FAILED
+    after = reopened(api, Task(id="seed-1", run=last + 2), message_id="sns-x")
+    assert after.earlier_publishes == [*record.earlier_publishes[1:], f"sns-{last}"]

@@ -143,6 +143,8 @@ async def _checked(
         task = task if ours else _numbered(task, record, d)
         held = None if ours or record.state.terminal else other_publish(record, d)
         reason = _skip_reason(record, task, d) if held is None else None
+        if not ours and publish_id(d) in record.earlier_publishes:  # SNS's late duplicate
+            held, reason = None, "a copy of an earlier run's publish"
         if reason is None and held is None and task.run > record.task.run:
             if task.queue is None:  # a seed message's next run keeps the queue it came on, as its first
                 task = task.model_copy(update={"queue": d.queue})

@@ -264,14 +264,18 @@ class DiffusersRuntime:
         """Drop every loaded pipeline and free its memory (SD WebUI's ``unload-checkpoint``); the
         next job loads its model again."""
         async with self._lock:
-            self._current = None
-            self._cache.clear()
+            self._drop_pipelines()
+
+    def _drop_pipelines(self) -> None:
+        """Forget the current model and every cached pipeline (and so free their memory); the
+        caller holds ``_lock``."""
+        self._current = None
+        self._cache.clear()
 
     async def aclose(self) -> None:
         await self.interrupt()
         async with self._lock:
-            self._current = None
-            self._cache.clear()  # and frees the memory
+            self._drop_pipelines()
             self._extras.models.clear()
             if self._infer_thread is not None:
                 self._infer_thread.shutdown(wait=False)

@@ -13,7 +13,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from sdfleet.errors import NotFound, StoreError, TransitionConflict
-from sdfleet.tasks import Task, TaskRecord, TaskState
+from sdfleet.tasks import EARLIER_PUBLISHES, Task, TaskRecord, TaskState
 
 # Allowed moves of the state machine (DESIGN.md): running → queued is a retry.
 ALLOWED: dict[TaskState, set[TaskState]] = {
@@ -87,7 +87,14 @@ def reopened(
     if task.run <= record.task.run:
         raise TransitionConflict(f"task {record.id}: run {task.run} is not after run {record.task.run}")
     task = task.model_copy(update={"created_at": record.task.created_at})
-    return TaskRecord(task=task, version=record.version + 1, published_at=published_at, message_id=message_id)
+    earlier = [*record.earlier_publishes, *([record.message_id] if record.message_id else [])]
+    return TaskRecord(
+        task=task,
+        version=record.version + 1,
+        published_at=published_at,
+        message_id=message_id,
+        earlier_publishes=earlier[-EARLIER_PUBLISHES:],
+    )
 
 
 async def reopen(
