@@ -393,9 +393,8 @@ async def test_two_publishes_of_a_new_id_on_one_agent_run_one_after_the_other(
     assert events.count("waiting") == 1 and "deferred" not in events, events
 
 
-@pytest.mark.parametrize("enveloped", [False, True], ids=["raw", "sns-envelope"])
 async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_for_it(
-    start_fleet: StartFleet, engine: Engine, enveloped: bool
+    start_fleet: StartFleet, engine: Engine
 ) -> None:
     """A second POST of an id whose first run is still going on another agent (here a record
     running under another worker's name, for another publish) was dropped as a copy of that run:
@@ -410,7 +409,7 @@ async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_f
 
     # On queues with a dead-letter queue each wait is a lease (agent/defer.py): 5 of them here.
     fleet = await start_fleet(lease_s=3, max_receives=6)
-    data, attributes = _lambda_publish("a blue whale", "sns-2" if enveloped else None)
+    data, attributes = _lambda_publish("a blue whale", "sns-2")  # raw: tests/unit/test_seed_runs.py
     task = decode_task(data, attributes)
     queue = resolve_queues(fleet.settings.fleet, task, attributes)[0]
     params = task.params.model_copy(update={"prompt": "a red fox"})
@@ -448,6 +447,7 @@ async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_f
     assert [n["result"] for n in notes] == [True], notes
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "aws"], indirect=True)
 async def test_a_late_duplicate_of_an_earlier_runs_publish_is_not_another_run(
     start_fleet: StartFleet, engine: Engine
 ) -> None:
