@@ -107,3 +107,55 @@ async def test_tasks_of_two_checkpoints_in_turn_each_run_on_their_own(
         ran.append(((await read_json(engine, v["output"]["key"]))["sd_model_name"], model))
     assert len(ran) >= 3 and all(name == model for name, model in ran), ran
     assert fleet.fleet.agents[0].parts.runtime.switches >= 3
+
+
+async def test_two_seed_posts_of_one_id_run_one_after_the_other_on_a_real_sd_webui(
+    start_fleet: StartFleet, engine: Engine, tmp_path: Path
+) -> None:
+    """The drop-in agent keeps two jobs at SD WebUI: two publishes of one seed id taken in one
+    receive must not both be sent (the second's start would be refused and interrupt the job of
+    its id, the first's). The second waits in hand and runs after the first, as the id's next run,
+    each with its own prompt."""
+    import asyncio
+
+    from fleet_tools import receive_json
+
+    from sdfleet.bus import open_bus
+    from seed_payloads import V1ALPHA1_T2I, copy_of, lambda_message
+
+    ckpt = await a1111_checkpoint()
+    runtimes = {"a1111": {"url": A1111_URL, "poll_s": 0.2, "ready_timeout_s": 60}}
+    s = fleet_settings(
+        engine, stand_ins(tmp_path, ckpt), QUEUE, runtimes=runtimes, prefetch=4, prefetch_horizon_s=0
+    )
+    s.fleet.models.default = ckpt
+    await (await start_fleet(QUEUE, settings=s)).stop()  # the topology, no agent yet
+    bus = open_bus(engine.bus_url)
+    try:
+        for seed, prompt in ((1, "a red fox"), (3, "a blue whale")):
+            b = copy_of(V1ALPHA1_T2I)
+            b.update(prompt=prompt, steps=2, width=64, height=64, seed=seed, sampler_name="Euler")
+            b["alwayson_scripts"] = {
+                **b["alwayson_scripts"],
+                "id_task": "twice-1",
+                "sd_model_checkpoint": ckpt,
+            }
+            message, attributes = lambda_message("v1alpha1", b)
+            await bus.publish("tasks", message.encode(), attributes)
+    finally:
+        await bus.aclose()
+    fleet = await start_fleet(QUEUE, settings=s)
+    view: dict[str, Any] = {}
+    for _ in range(3000):
+        view = (await fleet.http.get("/v1/tasks/twice-1")).json()
+        if view.get("run") == 2 and view.get("finished_at") is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert view.get("run") == 2 and view["attempts"] == 1, view
+    notes = [n for n in await receive_json(engine, "results", 2) if n["id"] == "twice-1"]
+    assert len(notes) == 2 and len({n["output_url"] for n in notes}) == 2, notes
+    if view["state"] == "succeeded":  # a random checkpoint may overflow (see above)
+        prompt = (await read_json(engine, view["output"]["key"]))["parameters"]["prompt"]
+        assert prompt in {"a red fox", "a blue whale"}, prompt
+    else:
+        assert view["error"]["code"] == "nan_output", view
