@@ -7,7 +7,7 @@ task record holds one run at a time. So a publish that finds its id's record hel
 publish's run still going (queued or running on another agent, or started by another agent while
 this one prepared it) is released to be received again later, when that run has ended and this one
 reopens the record as the id's next run. It is not acked: dropping it would lose the second POST.
-(Two publishes of one id that one agent holds together wait in hand instead: ``Agent._wait_in_hand``.)
+(Two publishes of one id that one agent holds together wait in hand instead: ``holds``.)
 
 Each receive counts. On a queue without a dead-letter queue (the seed's own input queue, attached
 by URL) the wait grows 2, 4, 8 … seconds up to a lease and may repeat for as long as the other run

@@ -30,16 +30,15 @@ from sdfleet.agent.begin import begin
 from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
 from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
+from sdfleet.agent.holds import Holds
 from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
 from sdfleet.agent.prepare import check, decode_or_settle, drop_if_no_dead_letter_queue, fail_unprepared
-from sdfleet.agent.tasklog import task_event
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, Reject, SdfleetError
 from sdfleet.pod_cost import PodDeletionCost, PodRef, track
-from sdfleet.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,7 @@ class Agent:
         self._jobs: set[asyncio.Task[None]] = set()
         self._batches: dict[asyncio.Task[None], Sequence[Prepared]] = {}
         self._leases: dict[Prepared, Lease] = {}
-        self._held: dict[tuple[str, str], DeliveryHandle] = {}
-        """The delivery that holds each (tenant, id) on this agent: the first in hand (being
-        prepared, pooled, running, finishing)."""
-        self._waiting: dict[tuple[str, str], list[tuple[DeliveryHandle, Lease]]] = {}
-        """Seed deliveries held back until the task of their id in ``_held`` is let go."""
+        self._holds = Holds()
         self._gpu = asyncio.Semaphore(self.depth)
         self._room = asyncio.Semaphore(self.depth + s.finishers)
         self._aliases: dict[str, str] = {}
@@ -110,7 +105,7 @@ class Agent:
         finally:
             self._stopping.set()
             await receiver
-            await _give_back(self._held_back())
+            await _give_back(self._holds.drain())
             await self._release(self.pool.drain())
             await self._drain()
             done.set()
@@ -172,7 +167,7 @@ class Agent:
                 self._heartbeat()
                 limit = self.ahead()
                 held.set(limit)
-                room = limit - len(self.pool) - self._preparing - sum(map(len, self._waiting.values()))
+                room = limit - len(self.pool) - self._preparing - len(self._holds)
                 # Refill by halves (several messages a call), or at once when the pool ran dry.
                 if room <= 0 or (room < max(1, limit // 2) and (self.pool or self._preparing)):
                     self._taken.clear()
@@ -231,13 +226,11 @@ class Agent:
             decoded = await decode_or_settle(self.parts, handle)
             if decoded is not None:
                 task, ours = decoded
-                if (task.tenant, task.id) in self._held:
-                    if not ours:
-                        self._wait_in_hand(task, handle, lease)
-                        return
-                else:  # this delivery holds its id here from now on
+                if self._holds.take((task.tenant, task.id), handle):
                     key = (task.tenant, task.id)
-                    self._held[key] = handle
+                elif not ours:  # another publish of its id is in hand here: it waits its turn
+                    self._holds.wait((task.tenant, task.id), handle, lease)
+                    return
                 prepared = await check(self.parts, handle, task, ours)
         except Exception as e:
             # One poison message or record must not take the agent down: released, it comes back
@@ -264,44 +257,17 @@ class Agent:
             return
         self.pool.put(prepared)
 
-    def _wait_in_hand(self, task: Task, handle: DeliveryHandle, lease: Lease) -> None:
-        """A seed message whose id another delivery holds on this agent (the seed's Lambda
-        published two POSTs of one id) waits, its lease kept, until that delivery is let go, then
-        is prepared again as what it is then (the id's next run): no release, no receive spent."""
-        self._waiting.setdefault((task.tenant, task.id), []).append((handle, lease))
-        reason = "another delivery of its id is in hand here"
-        task_event(
-            task.id,
-            handle.delivery.queue,
-            None,
-            "waiting",
-            reason=reason,
-            receive=handle.delivery.receive_count,
-        )
-
     async def _let_go(self, key: tuple[str, str], handle: DeliveryHandle) -> None:
-        """The delivery ``handle`` has left the agent (settled, or left to its lease): if it held
-        ``key``, the next delivery waiting for that id is prepared again, or, once the agent is
-        stopping, given back."""
-        if self._held.get(key) is not handle:
+        """The delivery ``handle`` has left the agent: the next one waiting for its id is prepared
+        again, or, once the agent is stopping, given back."""
+        nxt = self._holds.let_go(key, handle)
+        if nxt is None:
             return
-        del self._held[key]
-        waiting = self._waiting.get(key)
-        if not waiting:
-            return
-        nxt, lease = waiting.pop(0)
-        if not waiting:
-            del self._waiting[key]
         if self._stopping.is_set():
-            await _give_back([(nxt, lease)])
+            await _give_back([nxt])
             return
         self._preparing += 1
-        self._spawn(self._admit_held(nxt, lease))
-
-    def _held_back(self) -> list[tuple[DeliveryHandle, Lease]]:
-        items = [item for waiting in self._waiting.values() for item in waiting]
-        self._waiting.clear()
-        return items
+        self._spawn(self._admit_held(*nxt))
 
     # --- run and finish --------------------------------------------------------------------
 
@@ -500,7 +466,7 @@ def images_of(*batch: Prepared) -> int:
 
 
 async def _give_back(items: Sequence[tuple[DeliveryHandle, Lease]]) -> None:
-    """Deliveries held back (``Agent._wait_in_hand``), released at shutdown."""
+    """Deliveries waiting in ``Holds``, released at shutdown."""
     for handle, lease in items:
         await lease.stop()
         await _settle(handle.release())
