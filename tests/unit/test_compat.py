@@ -231,6 +231,30 @@ def test_unwrap_envelope_and_passthrough() -> None:
 
 
 @pytest.mark.parametrize("enveloped", [True, False], ids=["envelope", "raw"])
+def test_a_delivery_is_read_once_with_its_publish(enveloped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent reads a delivery's message, its publish and its attributes in one go: the body
+    is parsed once, and an envelope's message once more (seed messages can carry inline images)."""
+    from sdfleet import jsonsafe
+    from sdfleet.agent.decode import decode_delivery
+    from sdfleet.bus.base import Delivery
+
+    parsed: list[int] = []
+    loads = jsonsafe.loads
+
+    def counting(data: bytes | str, *args: object, **kwargs: object) -> object:
+        parsed.append(len(data))
+        return loads(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jsonsafe, "loads", counting)
+    message, attrs = lambda_message("v1alpha2", V1ALPHA2_T2I)
+    body = sns_envelope(message, attrs, message_id="sns-1") if enveloped else message.encode()
+    m = decode_delivery(Delivery("q", "bus-1", body, {} if enveloped else attrs, 1, "r", 0.0))
+    assert (m.task.id, m.ours, m.attributes) == ("test-t2i", False, attrs)
+    assert m.publish == ("sns-1" if enveloped else "bus-1")
+    assert len(parsed) == (2 if enveloped else 1)
+
+
+@pytest.mark.parametrize("enveloped", [True, False], ids=["envelope", "raw"])
 def test_seed_messages_to_task(enveloped: bool) -> None:
     for version, payload in (
         ("v1alpha1", V1ALPHA1_T2I),

@@ -4,23 +4,31 @@ publish (``TaskRecord.message_id``), and only records that do not name one by th
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import cast
 
 import pytest
 
+from sdfleet.agent.decode import decode_delivery
 from sdfleet.agent.defer import AnotherPublishRuns, other_publish
 from sdfleet.agent.parts import Parts
 from sdfleet.agent.prepare import _numbered
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import TransitionConflict
 from sdfleet.tasks import Task, TaskRecord, TaskState
-from seed_payloads import sns_envelope
+from seed_payloads import V1ALPHA2_T2I, sns_envelope
+
+MESSAGE = json.dumps(V1ALPHA2_T2I["task"])
 
 
 def _delivery(receive_count: int, *, bus_id: str, sns_id: str | None) -> Delivery:
-    body = b"{}" if sns_id is None else sns_envelope("{}", {}, message_id=sns_id)
+    body = MESSAGE.encode() if sns_id is None else sns_envelope(MESSAGE, {}, message_id=sns_id)
     return Delivery("dynamic", bus_id, body, {}, receive_count, "r", 0.0)
+
+
+def _numbered_by_publish(record: TaskRecord, d: Delivery) -> int:
+    return _numbered(record.task, record, d, decode_delivery(d).publish).run
 
 
 def _record(state: TaskState, message_id: str | None) -> TaskRecord:
@@ -40,7 +48,7 @@ def test_an_enveloped_message_is_told_by_its_sns_message_id(
     receive_count: int, bus_id: str, sns_id: str, run: int
 ) -> None:
     record = _record(TaskState.SUCCEEDED, "sns-1")
-    assert _numbered(record.task, record, _delivery(receive_count, bus_id=bus_id, sns_id=sns_id)).run == run
+    assert _numbered_by_publish(record, _delivery(receive_count, bus_id=bus_id, sns_id=sns_id)) == run
 
 
 @pytest.mark.parametrize(
@@ -48,19 +56,19 @@ def test_an_enveloped_message_is_told_by_its_sns_message_id(
 )
 def test_a_raw_message_is_told_by_the_bus_message_id(receive_count: int, bus_id: str, run: int) -> None:
     record = _record(TaskState.FAILED, "bus-a")
-    assert _numbered(record.task, record, _delivery(receive_count, bus_id=bus_id, sns_id=None)).run == run
+    assert _numbered_by_publish(record, _delivery(receive_count, bus_id=bus_id, sns_id=None)) == run
 
 
 @pytest.mark.parametrize(("receive_count", "run"), [(1, 4), (2, 3)])
 def test_a_record_that_names_no_publish_goes_by_the_receive_count(receive_count: int, run: int) -> None:
     record = _record(TaskState.SUCCEEDED, None)
-    assert _numbered(record.task, record, _delivery(receive_count, bus_id="x", sns_id="y")).run == run
+    assert _numbered_by_publish(record, _delivery(receive_count, bus_id="x", sns_id="y")) == run
 
 
 @pytest.mark.parametrize("state", [TaskState.QUEUED, TaskState.RUNNING])
 def test_a_task_still_going_keeps_its_run(state: TaskState) -> None:
     record = _record(state, "sns-1")
-    assert _numbered(record.task, record, _delivery(1, bus_id="b", sns_id="sns-9")).run == 3
+    assert _numbered_by_publish(record, _delivery(1, bus_id="b", sns_id="sns-9")) == 3
 
 
 def _held_by(state: TaskState, message_id: str | None, queue: str | None = "dynamic") -> TaskRecord:
@@ -82,7 +90,8 @@ def _held_by(state: TaskState, message_id: str | None, queue: str | None = "dyna
 def test_a_seed_message_waits_only_for_another_publishes_run_on_its_queue(
     record: TaskRecord, sns_id: str, waits: bool
 ) -> None:
-    assert (other_publish(record, _delivery(1, bus_id="b", sns_id=sns_id)) is not None) is waits
+    d = _delivery(1, bus_id="b", sns_id=sns_id)
+    assert (other_publish(record, d, decode_delivery(d).publish) is not None) is waits
 
 
 def test_a_seed_start_that_finds_another_publishes_run_waits_and_ours_do_not() -> None:
@@ -95,11 +104,12 @@ def test_a_seed_start_that_finds_another_publishes_run_waits_and_ours_do_not() -
     for receive_count in (1, 3):
         d = _delivery(receive_count, bus_id="b", sns_id="sns-2")
         with pytest.raises(AnotherPublishRuns, match="another publish is running"):
-            _start(record.model_copy(deep=True), cast(Parts, None), d, numbered=False)
+            _start(record.model_copy(deep=True), cast(Parts, None), d, "sns-2", numbered=False)
     # sdfleet's own messages number their runs: the receive-count rule, as before
     parts = cast(Parts, SimpleNamespace(worker_id="me"))
     with pytest.raises(TransitionConflict, match="already running") as e:
-        _start(record.model_copy(deep=True), parts, _delivery(1, bus_id="b", sns_id="sns-2"), numbered=True)
+        d = _delivery(1, bus_id="b", sns_id="sns-2")
+        _start(record.model_copy(deep=True), parts, d, "sns-2", numbered=True)
     assert not isinstance(e.value, AnotherPublishRuns)
 
 

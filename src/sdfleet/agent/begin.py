@@ -11,7 +11,6 @@ import logging
 import time
 from functools import partial
 
-from sdfleet.agent.decode import publish_id
 from sdfleet.agent.defer import AnotherPublishRuns, defer, other_publish
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared
@@ -52,18 +51,20 @@ async def _start_record(parts: Parts, p: Prepared) -> TaskRecord:
         # written the record yet: created here, straight in ``running``, keeping the queue the
         # API routed it to. Only a lost race with that API's write goes on to a transition.
         task = p.task if p.task.queue else p.task.model_copy(update={"queue": d.queue})
-        fresh = _start(TaskRecord(task=task), parts, d, p.numbered)
+        fresh = _start(TaskRecord(task=task), parts, d, p.publish, p.numbered)
         assert fresh is not None
         record, created = await parts.store.create(fresh)
         if created:
             return record
         p.record = record
-    mutate = partial(_start, parts=parts, d=d, numbered=p.numbered)
+    mutate = partial(_start, parts=parts, d=d, publish=p.publish, numbered=p.numbered)
     return await transition(parts.store, p.task.tenant, p.task.id, mutate, current=p.record)
 
 
-def _start(r: TaskRecord, parts: Parts, d: Delivery, numbered: bool = True) -> TaskRecord | None:
-    if not numbered and (held := other_publish(r, d)) is not None:
+def _start(
+    r: TaskRecord, parts: Parts, d: Delivery, publish: str | None, numbered: bool
+) -> TaskRecord | None:
+    if not numbered and (held := other_publish(r, d, publish)) is not None:
         raise AnotherPublishRuns(held)
     if r.state is TaskState.RUNNING:
         if r.worker == parts.worker_id:
@@ -75,7 +76,7 @@ def _start(r: TaskRecord, parts: Parts, d: Delivery, numbered: bool = True) -> T
     r.state = TaskState.RUNNING
     r.attempts = max(r.attempts + 1, d.receive_count)
     r.worker = parts.worker_id
-    r.message_id = publish_id(d)
+    r.message_id = publish
     r.runtime = parts.runtime.name
     r.started_at = time.time()
     r.progress = 0.0

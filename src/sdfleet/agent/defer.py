@@ -2,7 +2,7 @@
 
 The seed's Lambda publishes every POST anew, and the seed's agent runs every message it receives,
 so two POSTs with one id run twice, one after the other. Their messages do not number their runs
-(``Task.run``); the drop-in agent tells them apart by their publish (``decode.publish_id``) and a
+(``Task.run``); the drop-in agent tells them apart by their publish (``Decoded.publish``) and a
 task record holds one run at a time. So a publish that finds its id's record held by another
 publish's run still going (queued or running on another agent, or started by another agent while
 this one prepared it) is released to be received again later, when that run has ended and this one
@@ -21,7 +21,6 @@ import logging
 
 from opentelemetry import trace
 
-from sdfleet.agent.decode import publish_id
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts
 from sdfleet.agent.tasklog import task_event
@@ -38,10 +37,10 @@ class AnotherPublishRuns(TransitionConflict):
     code = "another_publish_runs"
 
 
-def other_publish(record: TaskRecord, d: Delivery) -> str | None:
-    """Why seed message ``d`` must wait: ``record`` holds another publish's run of its id (on
-    this queue; a copy on another queue is dropped as one); None when it does not."""
-    if record.message_id is None or record.message_id == publish_id(d):
+def other_publish(record: TaskRecord, d: Delivery, publish: str | None) -> str | None:
+    """Why seed message ``d`` of ``publish`` must wait: ``record`` holds another publish's run of
+    its id (on this queue; a copy on another queue is dropped as one); None when it does not."""
+    if record.message_id is None or record.message_id == publish:
         return None
     if record.task.queue not in (None, d.queue):
         return None

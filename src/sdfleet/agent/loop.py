@@ -225,13 +225,13 @@ class Agent:
         try:
             decoded = await decode_or_settle(self.parts, handle)
             if decoded is not None:
-                task, ours = decoded
+                task = decoded.task
                 if self._holds.take((task.tenant, task.id), handle):
                     key = (task.tenant, task.id)
-                elif not ours:  # another publish of its id is in hand here: it waits its turn
+                elif not decoded.ours:  # another publish of its id is in hand here: it waits its turn
                     self._holds.wait((task.tenant, task.id), handle, lease)
                     return
-                prepared = await check(self.parts, handle, task, ours)
+                prepared = await check(self.parts, handle, decoded)
         except Exception as e:
             # One poison message or record must not take the agent down: released, it comes back
             # until max_receives moves it to the dead-letter queue, and the agent serves on.

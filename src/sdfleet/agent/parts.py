@@ -58,7 +58,9 @@ class Prepared:
     None for a task another producer published, whose record the agent creates as it starts."""
     numbered: bool = True
     """Whether its message numbers its run (sdfleet's own ``Task`` JSON); False for a seed
-    message, whose run the agent tells by its publish (``decode.publish_id``)."""
+    message, whose run the agent tells by its publish."""
+    publish: str | None = None
+    """The publish its delivery comes from (``Decoded.publish``), written to the record it starts."""
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
     ready_at: float = 0.0

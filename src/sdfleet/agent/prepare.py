@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
-from sdfleet.agent.decode import decode, decode_task, publish_id
+from sdfleet.agent.decode import Decoded, decode_delivery, decode_task
 from sdfleet.agent.defer import defer, other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
@@ -29,12 +30,11 @@ from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 log = logging.getLogger(__name__)
 
 
-async def decode_or_settle(parts: Parts, h: DeliveryHandle) -> tuple[Task, bool] | None:
-    """The delivery's task and whether the message is sdfleet's own (``decode.decode``); None,
-    the delivery settled, when it is not one."""
+async def decode_or_settle(parts: Parts, h: DeliveryHandle) -> Decoded | None:
+    """The delivery's message, decoded; None, the delivery settled, when it is not a task."""
     d = h.delivery
     try:
-        return decode(d.body, d.attributes)
+        return decode_delivery(d)
     except MessageDecodeError as e:
         # Released, not acked: after max_receives the bus moves it to the DLQ for a human to see
         # (or, on a queue without one, it is deleted with its body in the log).
@@ -44,16 +44,16 @@ async def decode_or_settle(parts: Parts, h: DeliveryHandle) -> tuple[Task, bool]
         return None
 
 
-async def check(parts: Parts, h: DeliveryHandle, task: Task, ours: bool) -> Prepared | None:
+async def check(parts: Parts, h: DeliveryHandle, m: Decoded) -> Prepared | None:
     """The decoded delivery checked against its record, its inputs fetched; None when it needed
     no run and is already settled."""
-    d = h.delivery
-    span = tracer().start_span("agent.task", context=trace_context(d))
+    d, task = h.delivery, m.task
+    span = tracer().start_span("agent.task", context=trace_context(d, m.attributes))
     span.set_attributes(
         {"sdfleet.task_id": task.id, "sdfleet.queue": d.queue, "sdfleet.receive": d.receive_count}
     )
     _queue_wait_span(span, d, task.id)
-    prepared = await _checked(parts, h, task, ours, span)
+    prepared = await _checked(parts, h, m, span)
     if prepared is None:
         span.end()
     return prepared
@@ -111,12 +111,13 @@ async def fail_unprepared(parts: Parts, d: Delivery, error: Exception) -> None:
         log.warning("could not mark %s failed: %s", task.id, e)
 
 
-def trace_context(d: Delivery) -> Context:
+def trace_context(d: Delivery, attributes: Mapping[str, str] | None = None) -> Context:
     """The trace a delivery continues: the ``traceparent`` the API put in its attributes (inside
     the SNS envelope too, for a queue subscribed without raw delivery), else the X-Ray header SQS
     keeps as the ``AWSTraceHeader`` system attribute (API Gateway → Lambda → SNS → SQS, the
-    seed's path, with active tracing on), else none: a new trace."""
-    _, attributes = sns.unwrap(d.body, d.attributes)
+    seed's path, with active tracing on), else none: a new trace. ``attributes``: the message's
+    own, already out of its envelope (``Decoded.attributes``)."""
+    attributes = dict(sns.unwrap(d.body, d.attributes)[1] if attributes is None else attributes)
     attributes.pop(SQS_TRACE_ATTRIBUTE, None)  # only SQS itself may say it
     header = (d.raw.get("Attributes") or {}).get(SQS_TRACE_ATTRIBUTE)
     if isinstance(header, str):
@@ -132,25 +133,23 @@ def _queue_wait_span(parent: trace.Span, d: Delivery, task_id: str) -> None:
     span.end()
 
 
-async def _checked(
-    parts: Parts, h: DeliveryHandle, task: Task, ours: bool, span: trace.Span
-) -> Prepared | None:
-    d = h.delivery
+async def _checked(parts: Parts, h: DeliveryHandle, m: Decoded, span: trace.Span) -> Prepared | None:
+    d, task, ours, publish = h.delivery, m.task, m.ours, m.publish
     # None: published by the seed's Lambda or another producer, or by an API that has not written
     # the record yet; the agent creates it as the task starts (``begin``).
     record = await parts.store.get(task.tenant, task.id)
     if record is not None:
-        task = task if ours else _numbered(task, record, d)
-        held = None if ours or record.state.terminal else other_publish(record, d)
+        task = task if ours else _numbered(task, record, d, publish)
+        held = None if ours or record.state.terminal else other_publish(record, d, publish)
         reason = _skip_reason(record, task, d) if held is None else None
-        if not ours and publish_id(d) in record.earlier_publishes:  # SNS's late duplicate
+        if not ours and publish in record.earlier_publishes:  # SNS's late duplicate
             held, reason = None, "a copy of an earlier run's publish"
         if reason is None and held is None and task.run > record.task.run:
             if task.queue is None:  # a seed message's next run keeps the queue it came on, as its first
                 task = task.model_copy(update={"queue": d.queue})
-            current = await reopen(parts.store, record, task, message_id=publish_id(d))
+            current = await reopen(parts.store, record, task, message_id=publish)
             # Another publish of the id may have reopened it first: its run, not this one.
-            held = None if ours or current is None else other_publish(current, d)
+            held = None if ours or current is None else other_publish(current, d, publish)
             record = current if current is not None and current.task.run == task.run else None
             reason = None if record is not None else f"run {task.run} was started elsewhere"
         if held is not None:
@@ -163,7 +162,7 @@ async def _checked(
             await h.ack()
             return None
     task = task if record is None else record.task
-    p = Prepared(handle=h, task=task, inputs=[], span=span, record=record, numbered=ours)
+    p = Prepared(handle=h, task=task, inputs=[], span=span, record=record, numbered=ours, publish=publish)
     p.timings["queue_wait"] = max(0.0, time.time() - _enqueued_at(d))
     t0 = time.perf_counter()
     try:
@@ -193,7 +192,7 @@ async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> 
         await notify(parts, record, EventType(record.state.value))
 
 
-def _numbered(task: Task, record: TaskRecord, d: Delivery) -> Task:
+def _numbered(task: Task, record: TaskRecord, d: Delivery, publish: str) -> Task:
     """A seed message, numbered: the seed's Lambda publishes every POST anew, so another publish
     for an id whose task finished is that id's next run; the publish that started the finished run
     (a redelivery, a copy) is that run. A record that does not name its publish (written before
@@ -201,7 +200,7 @@ def _numbered(task: Task, record: TaskRecord, d: Delivery) -> Task:
     if not record.state.terminal:
         return task.model_copy(update={"run": record.task.run})
     if record.message_id is not None:
-        new = publish_id(d) != record.message_id
+        new = publish != record.message_id
     else:
         new = d.receive_count <= 1
     return task.model_copy(update={"run": record.task.run + 1 if new else record.task.run})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sdfleet import jsonsafe
 from sdfleet.compat import v1alpha1, v1alpha2
@@ -32,7 +32,8 @@ from sdfleet.tasks import Task
 
 
 def _envelope(body: bytes) -> dict[str, Any] | None:
-    if not body.lstrip().startswith(b"{"):
+    # SNS writes its keys plainly: a body without one is not parsed here, only by its reader.
+    if not body.lstrip().startswith(b"{") or b'"TopicArn"' not in body:
         return None
     try:
         data = jsonsafe.loads(body)
@@ -48,27 +49,37 @@ def _envelope(body: bytes) -> dict[str, Any] | None:
     return None
 
 
-def publish_id(body: bytes) -> str | None:
-    """The SNS ``MessageId`` of an envelope: one per publish, the same on every queue the publish
-    fanned out to and on every redelivery; None for a body that is not an envelope."""
-    env = _envelope(body)
-    mid = None if env is None else env.get("MessageId")
-    return mid if isinstance(mid, str) and mid else None
+class Opened(NamedTuple):
+    """A message out of its envelope (``open_envelope``)."""
+
+    body: bytes
+    attributes: dict[str, str]
+    publish_id: str | None
+    """The SNS ``MessageId``: one per publish, the same on every queue the publish fanned out to
+    and on every redelivery; None for a body that is not an envelope."""
 
 
-def unwrap(body: bytes, attributes: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
-    """The inner message and its attributes if ``body`` is an SNS notification envelope; else
-    ``body`` and ``attributes`` unchanged. Attributes from the envelope win over the outer ones."""
+def open_envelope(body: bytes, attributes: Mapping[str, str]) -> Opened:
+    """The inner message, its attributes and its publish if ``body`` is an SNS notification
+    envelope (attributes from the envelope win over the outer ones); else ``body`` and
+    ``attributes`` unchanged. The envelope is parsed once."""
     env = _envelope(body)
     if env is None:
-        return body, dict(attributes)
+        return Opened(body, dict(attributes), None)
     attrs = dict(attributes)
     raw = env.get("MessageAttributes")
     if isinstance(raw, dict):
         for name, attr in raw.items():
             if isinstance(attr, dict) and isinstance(attr.get("Value"), str):
                 attrs[name] = attr["Value"]
-    return str(env["Message"]).encode(), attrs
+    mid = env.get("MessageId")
+    return Opened(str(env["Message"]).encode(), attrs, mid if isinstance(mid, str) and mid else None)
+
+
+def unwrap(body: bytes, attributes: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+    """``open_envelope`` without the publish: the inner message and its attributes."""
+    opened = open_envelope(body, attributes)
+    return opened.body, opened.attributes
 
 
 def seed_message_to_task(
@@ -89,6 +100,17 @@ def seed_message_to_task(
         data = jsonsafe.loads(inner)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValidationFailed(f"message is not JSON: {e}") from e
+    return seed_data_to_task(data, attrs, tenant=tenant, default_bucket_prefix=default_bucket_prefix)
+
+
+def seed_data_to_task(
+    data: object,
+    attrs: Mapping[str, str],
+    *,
+    tenant: str = "default",
+    default_bucket_prefix: str | None = None,
+) -> Task:
+    """``seed_message_to_task`` for a message already out of its envelope and parsed."""
     if not isinstance(data, dict):
         raise ValidationFailed("message is not a JSON object")
     opts: dict[str, Any] = {"tenant": tenant, "default_bucket_prefix": default_bucket_prefix}
