@@ -198,6 +198,25 @@ async def test_cancel_reaches_a_running_task_within_seconds_whatever_the_lease(
     assert [n["type"] for n in notes] == ["cancelled"], notes
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the receiver's rule, not the engine's
+async def test_deliveries_settled_without_a_run_free_their_room_at_once(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery that ends in prepare (an input that cannot be fetched, a drop) gave its pool room
+    back only when the receiver next looked, a second later: a backlog of such tasks settled one
+    per second (20 failed inputs took 19 s; the API's fuzzing run waited minutes on them). The
+    receiver is woken at once; here its fallback look is an hour away, so only that wake-up can
+    get the tasks through."""
+    monkeypatch.setattr("sdfleet.agent.loop.Agent.ROOM_POLL_S", 3600.0)
+    fleet = await start_fleet(QUEUE, runtimes={"synthetic": {"latency_s": 0}})
+    unreachable = f"http://127.0.0.1:{free_port()}/in.png"
+    bad = {"type": "image-to-image", "params": {**PARAMS, "init_images": [unreachable]}}
+    ids = await submit_all(fleet, [bad] * 6 + [{"params": PARAMS}])
+    views = [await fleet.wait(task_id, timeout_s=60) for task_id in ids]
+    assert [v["error"]["code"] for v in views[:-1]] == ["input_fetch_failed"] * 6, views
+    assert views[-1]["state"] == "succeeded", views[-1]
+
+
 class SlowImage:
     """An input image that takes two seconds to arrive: a task's prepare stage, caught in the act."""
 

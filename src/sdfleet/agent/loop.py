@@ -47,6 +47,9 @@ MAX_RECEIVE = 10
 
 
 class Agent:
+    ROOM_POLL_S = 1.0
+    """How long a receiver with a full pool sleeps before looking again if nothing wakes it."""
+
     def __init__(self, parts: Parts, *, burst: bool = False, ready_file: Path | None = None) -> None:
         self.parts = parts
         self.burst = burst
@@ -77,6 +80,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._receiver_done = asyncio.Event()
         self._taken = asyncio.Event()
+        """Set when the pool has room again: a task taken to run, or a delivery settled unpooled."""
 
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -171,7 +175,7 @@ class Agent:
                 # Refill by halves (several messages a call), or at once when the pool ran dry.
                 if room <= 0 or (room < max(1, limit // 2) and (self.pool or self._preparing)):
                     self._taken.clear()
-                    await self._until(self._taken.wait(), 1.0)
+                    await self._until(self._taken.wait(), self.ROOM_POLL_S)
                     continue
                 try:
                     deliveries = await self.parts.bus.receive(
@@ -243,6 +247,8 @@ class Agent:
                 await _settle(handle.release())
         finally:
             self._preparing -= 1
+            if prepared is None:  # its room is free at once (a drop, a failed input), not in 1 s
+                self._taken.set()
         if prepared is None:
             await lease.stop()
             self.processed += 1
