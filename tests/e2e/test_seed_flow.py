@@ -16,7 +16,7 @@ import pytest
 from fleet_tools import drain, exists, png_size, read_json, receive_json, wait_adopted
 from PIL import Image
 
-from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
+from conftest import SD15, Engine, RunningFleet, StartFleet, dedicated_and_dynamic, fleet_settings
 from sdfleet.api.links import signature
 from sdfleet.bus import open_bus
 from sdfleet.compat import v1alpha2
@@ -24,6 +24,10 @@ from sdfleet.settings import QueueConfig
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
 pytestmark = pytest.mark.timeout(240)
+
+# The run-numbering tests below are about ids and publishes, not images: the seed's 512² 16-step
+# payloads take seconds a run on the tiny model on CPU, these a tenth of a second.
+SMALL = {"width": 64, "height": 64, "steps": 2}
 
 
 async def test_v1alpha1_examples(start_fleet: StartFleet, engine: Engine, image_url: str) -> None:
@@ -233,6 +237,7 @@ async def test_a_seed_id_sent_again_after_it_finished_runs_again(
     fleet = await start_fleet()
     first = copy_of(V1ALPHA2_T2I)
     first["task"]["metadata"]["id"] = "rep-1"
+    first["task"]["content"].update(SMALL)
     r = await fleet.http.post("/v1alpha2/", json=first)
     assert r.status_code == 200, r.text
     view = await fleet.wait("rep-1")
@@ -281,6 +286,7 @@ async def test_the_seeds_lambda_publishing_an_id_again_runs_it_again(
     fleet = await start_fleet()
     body = copy_of(V1ALPHA1_T2I)
     body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "lambda-1"}
+    body.update(SMALL)
     bus = open_bus(engine.bus_url)
     try:
         for run in (1, 2):
@@ -306,6 +312,7 @@ async def test_a_new_publish_first_received_by_an_agent_that_died_is_still_the_n
 
     body = copy_of(V1ALPHA1_T2I)
     body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "died-1"}
+    body.update(SMALL)
 
     def publish(bus: Any, n: int) -> Any:
         message, attributes = lambda_message("v1alpha1", body)
@@ -338,12 +345,13 @@ async def test_a_new_publish_first_received_by_an_agent_that_died_is_still_the_n
 
 
 def _lambda_publish(prompt: str, sns_id: str | None) -> tuple[bytes, dict[str, str]]:
-    """What the seed's Lambda publishes for a v1alpha1 POST of id ``twice-1`` with ``prompt``,
-    raw or inside an SNS envelope whose MessageId is ``sns_id``."""
+    """What the seed's Lambda publishes for a v1alpha1 POST of id ``twice-1`` with ``prompt``
+    (at ``SMALL``'s size), raw or inside an SNS envelope whose MessageId is ``sns_id``."""
     from seed_payloads import copy_of, lambda_message, sns_envelope
 
     body = copy_of(V1ALPHA1_T2I)
     body["prompt"] = prompt
+    body.update(SMALL)
     body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "twice-1"}
     message, attributes = lambda_message("v1alpha1", body)
     data = sns_envelope(message, attributes, message_id=sns_id) if sns_id else message.encode()
@@ -370,7 +378,10 @@ async def test_two_publishes_of_a_new_id_on_one_agent_run_one_after_the_other(
     as a copy. The second now waits in hand (its lease kept, no receive spent) until the first run
     has ended, then runs as the id's next run with its own prompt."""
     caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
-    fleet = await start_fleet(lease_s=3, prefetch=4, prefetch_horizon_s=0)
+    # Runs of a known length, long enough for the second publish to come while the first is going.
+    queues, runtimes = dedicated_and_dynamic("synthetic"), {"synthetic": {"latency_s": 2.0}}
+    settings = {"lease_s": 3, "prefetch": 4, "prefetch_horizon_s": 0, "runtimes": runtimes}
+    fleet = await start_fleet(queues, **settings)
     if together:  # both on the queue before the agent's first receive
         await fleet.stop()
     bus = open_bus(engine.bus_url)
@@ -385,7 +396,7 @@ async def test_two_publishes_of_a_new_id_on_one_agent_run_one_after_the_other(
     finally:
         await bus.aclose()
     if together:
-        fleet = await start_fleet(lease_s=3, prefetch=4, prefetch_horizon_s=0)
+        fleet = await start_fleet(queues, **settings)
     second = await _run_done(fleet, "twice-1", 2)
     assert second["state"] == "succeeded" and second["attempts"] == 1, second
     assert await _prompts_of_runs(engine, fleet, "twice-1") == {"a red fox", "a blue whale"}
