@@ -11,6 +11,7 @@ from opentelemetry.context import Context
 
 from sdfleet.agent.prepare import trace_context
 from sdfleet.bus.base import Delivery
+from sdfleet.compat import sns
 from sdfleet.telemetry import extract, xray_trace_id
 
 ROOT = "5759e988bd862e3fe1be46a994272793"
@@ -49,6 +50,11 @@ def test_extract_prefers_w3c_then_xray(
     assert _parent(extract(carrier)) == expected
 
 
+def _context(d: Delivery) -> Context:
+    """The agent's: with the attributes its decode read (inside the envelope, if any)."""
+    return trace_context(d, sns.open_envelope(d.body, d.attributes).attributes)
+
+
 def _delivery(body: bytes, attributes: dict[str, str], system: dict[str, str]) -> Delivery:
     raw = {"Attributes": system, "Body": body.decode()}
     return Delivery("q", "m1", body, attributes, 1, "r1", 0.0, raw=raw)
@@ -56,7 +62,7 @@ def _delivery(body: bytes, attributes: dict[str, str], system: dict[str, str]) -
 
 def test_delivery_continues_its_sqs_trace_header() -> None:
     d = _delivery(b'{"schema": 1}', {}, {"AWSTraceHeader": XRAY, "ApproximateReceiveCount": "1"})
-    assert _parent(trace_context(d)) == (ROOT, "53995c3f42cd8ad8", True)
+    assert _parent(_context(d)) == (ROOT, "53995c3f42cd8ad8", True)
 
 
 def test_delivery_traceparent_inside_an_sns_envelope_wins() -> None:
@@ -68,13 +74,13 @@ def test_delivery_traceparent_inside_an_sns_envelope_wins() -> None:
         "MessageAttributes": {"traceparent": {"Type": "String", "Value": W3C}},
     }
     d = _delivery(json.dumps(envelope).encode(), {}, {"AWSTraceHeader": XRAY})
-    assert _parent(trace_context(d))[0] == "4bf92f3577b34da6a3ce929d0e0e4736"  # type: ignore[index]
+    assert _parent(_context(d))[0] == "4bf92f3577b34da6a3ce929d0e0e4736"  # type: ignore[index]
 
 
 def test_only_sqs_says_awstraceheader() -> None:
     # a message attribute of that name is a producer's, not the X-Ray header SQS keeps
     d = _delivery(b"{}", {"AWSTraceHeader": XRAY}, {})
-    assert _parent(trace_context(d)) is None
+    assert _parent(_context(d)) is None
 
 
 def test_xray_trace_id_format() -> None:

@@ -30,7 +30,7 @@ from sdfleet.agent.begin import begin
 from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
 from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
-from sdfleet.agent.holds import Holds
+from sdfleet.agent.holds import Holds, Waiting
 from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
@@ -471,7 +471,7 @@ def images_of(*batch: Prepared) -> int:
     return sum(images(p) for p in batch)
 
 
-async def _give_back(items: Sequence[tuple[DeliveryHandle, Lease]]) -> None:
+async def _give_back(items: Sequence[Waiting]) -> None:
     """Deliveries waiting in ``Holds``, released at shutdown."""
     for handle, lease in items:
         await lease.stop()

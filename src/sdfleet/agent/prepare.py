@@ -20,7 +20,6 @@ from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
-from sdfleet.compat import sns
 from sdfleet.errors import InputFetchError, MessageDecodeError, SdfleetError
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.store.base import reopen
@@ -111,13 +110,13 @@ async def fail_unprepared(parts: Parts, d: Delivery, error: Exception) -> None:
         log.warning("could not mark %s failed: %s", task.id, e)
 
 
-def trace_context(d: Delivery, attributes: Mapping[str, str] | None = None) -> Context:
+def trace_context(d: Delivery, attributes: Mapping[str, str]) -> Context:
     """The trace a delivery continues: the ``traceparent`` the API put in its attributes (inside
     the SNS envelope too, for a queue subscribed without raw delivery), else the X-Ray header SQS
     keeps as the ``AWSTraceHeader`` system attribute (API Gateway → Lambda → SNS → SQS, the
     seed's path, with active tracing on), else none: a new trace. ``attributes``: the message's
     own, already out of its envelope (``Decoded.attributes``)."""
-    attributes = dict(sns.unwrap(d.body, d.attributes)[1] if attributes is None else attributes)
+    attributes = dict(attributes)
     attributes.pop(SQS_TRACE_ATTRIBUTE, None)  # only SQS itself may say it
     header = (d.raw.get("Attributes") or {}).get(SQS_TRACE_ATTRIBUTE)
     if isinstance(header, str):
