@@ -3,7 +3,7 @@
 Every runtime call, progress poll, input fetch and webhook goes through httpx. httpcore asks for
 ``sniffio`` on every lock, event and cancellation shield of a request and falls back to asyncio
 when the import fails; a failed import is never cached, so without ``sniffio`` installed (anyio
-4.11+ no longer brings it) each request scanned ``sys.path`` four times, about a third of its CPU.
+4.11+ no longer brings it) each request scanned ``sys.path`` four times, close to 30 % of its CPU.
 ``sniffio`` is a dependency for that reason; this test keeps any such per-request import out.
 """
 

@@ -4,14 +4,19 @@ batch-mates by key."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from sdfleet.agent.execute import job_of
 from sdfleet.agent.handle import DeliveryHandle
-from sdfleet.agent.parts import Prepared
+from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool
 from sdfleet.bus.base import Delivery
+from sdfleet.models import ModelCatalog
+from sdfleet.settings import FleetConfig, ModelsConfig, QueueConfig
 from sdfleet.tasks import Task, TaskParams
 from sdfleet.telemetry import tracer
 
@@ -89,3 +94,37 @@ def test_key_none_runs_alone() -> None:
     pool.put(prepared("a", "m1"))
     pool.put(prepared("b", "m1"))
     assert names(pool.take(["m1"], max_batch=4, key=lambda p: None)) == ["a"]
+
+
+def test_a_tasks_job_is_built_once_however_often_the_pool_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order and the batching ask for a pooled task's model at every look; a task naming none
+    runs on the models folder's first model, and the folder (maybe a network volume) is listed
+    once for it, not once per look."""
+    for name in ("b-model", "a-model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    listings: list[Path] = []
+    listing = ModelCatalog.list
+
+    def counted(self: ModelCatalog) -> list[Any]:
+        listings.append(self.models_dir)
+        return listing(self)
+
+    monkeypatch.setattr(ModelCatalog, "list", counted)
+    fleet = FleetConfig(models=ModelsConfig(dir=tmp_path))
+    parts = cast(Parts, SimpleNamespace(fleet=fleet, queue=QueueConfig(name="q")))
+    pool = ReadyPool()
+    for name in ("t1", "t2", "t3"):
+        pool.put(prepared(name, None))
+
+    def model_of(p: Prepared) -> str | None:
+        return job_of(parts, p).model
+
+    taken = [p for _ in range(3) for p in pool.take(["a-model"], model_of=model_of)]
+    assert names(taken) == ["t1", "t2", "t3"]
+    assert [job_of(parts, p).model for p in taken] == ["a-model"] * 3
+    assert len(listings) == 3
+    named = prepared("t4", "c-model")
+    assert job_of(parts, named).model == "c-model" and len(listings) == 3

@@ -51,15 +51,18 @@ def batching(runtime: Runtime) -> BatchRuntime | None:
 
 
 def job_of(parts: Parts, p: Prepared) -> Job:
-    task, models = p.task, parts.fleet.models
-    return Job(
-        task_id=task.id,
-        type=task.type,
-        model=task.model or parts.queue.model or default_model(models.default, ModelCatalog(models.dir)),
-        params=task.params,
-        init_images=p.inputs,
-        timeout_s=task.timeout_s,
-    )
+    """``p``'s job, built on first use (after its inputs are fetched) and kept."""
+    if p.job is None:
+        task, models = p.task, parts.fleet.models
+        p.job = Job(
+            task_id=task.id,
+            type=task.type,
+            model=task.model or parts.queue.model or default_model(models.default, ModelCatalog(models.dir)),
+            params=task.params,
+            init_images=p.inputs,
+            timeout_s=task.timeout_s,
+        )
+    return p.job
 
 
 async def run_tasks(parts: Parts, batch: Sequence[Prepared]) -> list[Outcome]:

@@ -17,7 +17,7 @@ from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.guarded_http import InputFetcher
 from sdfleet.media import sniff
 from sdfleet.notify.base import Notifier
-from sdfleet.runtimes.base import Runtime
+from sdfleet.runtimes.base import Job, Runtime
 from sdfleet.settings import AgentSettings, FleetConfig, QueueConfig
 from sdfleet.storage.base import BlobStore
 from sdfleet.store.base import TaskStore
@@ -71,6 +71,9 @@ class Prepared:
     """Monotonic time the cancel watch last read its record."""
     light: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when what is left of finishing is waiting for notifications to go out, then the ack."""
+    job: Job | None = None
+    """What the runtime gets (``execute.job_of``), built once: the pool's order and batching read
+    its model each time they look, and a task that names none would list the models folder."""
 
     @property
     def delivery(self) -> Delivery:
