@@ -54,7 +54,8 @@ class QueueConfig(BaseModel):
     inference's); default by the API a task came in through."""
     task_timeout_s: float = Field(600.0, gt=0, le=3600)
     """Longest a task of this queue may run, seconds: the API caps each task's ``timeout_s`` to it,
-    and the chart gives the queue's workers this much drain on scale-in, so none is cut short."""
+    the agent caps the tasks other producers publish (``execute.job_of``), and the chart gives the
+    queue's workers this much drain on scale-in, so none is cut short."""
 
     @model_validator(mode="after")
     def _valid_policy(self) -> QueueConfig:

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_tools import agent_process, drain, exists, write_fleet_file
+from fleet_tools import agent_process, drain, exists, wait_adopted, write_fleet_file
 
 from conftest import Engine, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
 from sdfleet.settings import QueueConfig, Settings
 from sdfleet.store import TaskStore, open_store
-from sdfleet.tasks import TaskRecord, TaskState
+from sdfleet.tasks import Task, TaskParams, TaskRecord, TaskState
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,3 +161,35 @@ async def test_sigterm_drains_and_exits_zero(
     assert record.error is not None and record.error.code == "interrupted"
     await start_fleet(settings=_settings(engine, models_dir, latency_s=0.2), agents=["q"], with_api=False)
     await _succeeded_once(engine, await api.wait(task_id, timeout_s=30), attempts=2)
+
+
+@pytest.mark.parametrize("producer", ["seed-lambda", "script"])
+async def test_a_task_published_past_the_api_stops_at_its_queues_task_timeout(
+    start_fleet: StartFleet, engine: Engine, producer: str
+) -> None:
+    """The API caps each task's ``timeout_s`` at its queue's ``task_timeout_s``, the drain the
+    queue's workers get on scale-in; a task published straight to the topic (the seed's Lambda, or
+    a script with its own ``timeout_s``) ran without that limit, so past the drain. The agent
+    applies the queue's limit itself: the run is stopped and retried, then fails ``timeout``."""
+    from seed_payloads import V1ALPHA2_T2I, copy_of, lambda_message
+
+    queue = [QueueConfig(name="q", runtime="synthetic", task_timeout_s=1)]
+    fleet = await start_fleet(queue, runtimes={"synthetic": {"latency_s": 60}}, lease_s=2, max_receives=2)
+    if producer == "seed-lambda":
+        payload = copy_of(V1ALPHA2_T2I)
+        payload["task"]["metadata"]["id"] = task_id = "unlimited-1"
+        payload["task"]["content"].update(width=64, height=64, steps=2)
+        message, attributes = lambda_message("v1alpha2", payload)
+        data = message.encode()
+    else:
+        task = Task(id="unlimited-2", params=TaskParams(prompt="a lighthouse"), timeout_s=3000)
+        task_id, data, attributes = task.id, task.to_message(), {"task_type": "text-to-image"}
+    bus = open_bus(engine.bus_url)
+    try:
+        await bus.publish("tasks", data, attributes)
+    finally:
+        await bus.aclose()
+    view = await wait_adopted(fleet, task_id)
+    assert view["state"] == "failed" and view["attempts"] == 2, view
+    assert view["error"]["code"] == "timeout", view
+    assert view["error"]["message"].startswith("generation took longer than 1 s"), view

@@ -51,16 +51,20 @@ def batching(runtime: Runtime) -> BatchRuntime | None:
 
 
 def job_of(parts: Parts, p: Prepared) -> Job:
-    """``p``'s job, built on first use (after its inputs are fetched) and kept."""
+    """``p``'s job, built on first use (after its inputs are fetched) and kept.
+
+    Its time limit is the task's ``timeout_s``, at most the queue's ``task_timeout_s``: the API
+    caps the tasks it takes, but one another producer published (the seed's Lambda, a script) may
+    carry none, and no task may outlast the drain its worker is given on scale-in."""
     if p.job is None:
-        task, models = p.task, parts.fleet.models
+        task, models, limit = p.task, parts.fleet.models, parts.queue.task_timeout_s
         p.job = Job(
             task_id=task.id,
             type=task.type,
             model=task.model or parts.queue.model or default_model(models.default, ModelCatalog(models.dir)),
             params=task.params,
             init_images=p.inputs,
-            timeout_s=task.timeout_s,
+            timeout_s=limit if task.timeout_s is None else min(task.timeout_s, limit),
         )
     return p.job
 
