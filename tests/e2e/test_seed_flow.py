@@ -404,41 +404,47 @@ async def test_two_publishes_of_a_new_id_on_one_agent_run_one_after_the_other(
     assert events.count("waiting") == 1 and "deferred" not in events, events
 
 
+def _ghost_run(fleet: RunningFleet, data: bytes, attributes: dict[str, str]) -> tuple[str, Any]:
+    """The queue the seed message ``data`` goes to, and a record of its id running there under
+    another worker's name for another publish (``sns-1``, prompt "a red fox")."""
+    import time
+
+    from sdfleet.agent.decode import decode_task
+    from sdfleet.routing import resolve_queues
+    from sdfleet.tasks import TaskRecord, TaskState
+
+    task = decode_task(data, attributes)
+    queue = resolve_queues(fleet.settings.fleet, task, attributes)[0]
+    params = task.params.model_copy(update={"prompt": "a red fox"})
+    first = task.model_copy(update={"queue": queue, "params": params})
+    running = TaskRecord(task=first, state=TaskState.RUNNING, worker="ghost", attempts=1, message_id="sns-1")
+    running.started_at = time.time()
+    return queue, running
+
+
+def _ghost_ended(r: Any) -> Any:
+    import time
+
+    from sdfleet.tasks import TaskError, TaskState
+
+    r.state, r.finished_at = TaskState.FAILED, time.time()
+    r.error = TaskError(code="runtime_error", message="the other agent's run failed")
+    return r
+
+
 async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_for_it(
     start_fleet: StartFleet, engine: Engine
 ) -> None:
     """A second POST of an id whose first run is still going on another agent (here a record
     running under another worker's name, for another publish) was dropped as a copy of that run:
     the seed would have run it after. It waits now, untouched, and runs once that run has ended."""
-    import time
-
-    from sdfleet.agent.decode import decode_task
-    from sdfleet.routing import resolve_queues
     from sdfleet.store import open_store
     from sdfleet.store.base import transition
-    from sdfleet.tasks import TaskError, TaskRecord, TaskState
 
     # On queues with a dead-letter queue each wait is a lease (agent/defer.py): 5 of them here.
     fleet = await start_fleet(lease_s=3, max_receives=6)
     data, attributes = _lambda_publish("a blue whale", "sns-2")  # raw: tests/unit/test_seed_runs.py
-    task = decode_task(data, attributes)
-    queue = resolve_queues(fleet.settings.fleet, task, attributes)[0]
-    params = task.params.model_copy(update={"prompt": "a red fox"})
-    first = task.model_copy(update={"queue": queue, "params": params})
-    running = TaskRecord(
-        task=first,
-        state=TaskState.RUNNING,
-        worker="ghost",
-        attempts=1,
-        message_id="sns-1",
-        started_at=time.time(),
-    )
-
-    def ended(r: TaskRecord) -> TaskRecord:
-        r.state, r.finished_at = TaskState.FAILED, time.time()
-        r.error = TaskError(code="runtime_error", message="the other agent's run failed")
-        return r
-
+    queue, running = _ghost_run(fleet, data, attributes)
     store = open_store(engine.store_url)
     bus = open_bus(engine.bus_url)
     try:
@@ -447,7 +453,7 @@ async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_f
         await asyncio.sleep(4)  # received, deferred (a lease: 3 s on these queues), received again
         view = (await fleet.http.get("/v1/tasks/twice-1")).json()
         assert view["state"] == "running" and view["run"] == 1 and view["attempts"] == 1, view
-        await transition(store, "default", "twice-1", ended)
+        await transition(store, "default", "twice-1", _ghost_ended)
         second = await _run_done(fleet, "twice-1", 2)
     finally:
         await bus.aclose()
@@ -456,6 +462,40 @@ async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_f
     assert (await read_json(engine, second["output"]["key"]))["parameters"]["prompt"] == "a blue whale"
     notes = [n for n in await receive_json(engine, "results", 1) if n["id"] == "twice-1"]
     assert [n["result"] for n in notes] == [True], notes
+
+
+async def test_a_publish_waiting_past_max_receives_is_not_dead_lettered(
+    start_fleet: StartFleet, engine: Engine
+) -> None:
+    """On a queue with a dead-letter queue a publish waiting for another agent's run of its id spent a
+    receive per lease, and once that run outlasted ``max_receives - 1`` leases the next release
+    moved it to the dead-letter queue: the second POST never ran. On its last receive it now waits
+    in hand (its lease kept) until that run ends, then runs."""
+    from sdfleet.store import open_store
+    from sdfleet.store.base import transition
+
+    fleet = await start_fleet(lease_s=1, max_receives=2)
+    data, attributes = _lambda_publish("a blue whale", "sns-2")
+    queue, running = _ghost_run(fleet, data, attributes)
+    store = open_store(engine.store_url)
+    bus = open_bus(engine.bus_url)
+    try:
+        assert (await store.create(running))[1]
+        await bus.publish("tasks", data, attributes)
+        await asyncio.sleep(5)  # received, deferred a lease (1 s), received a last time: held since
+        view = (await fleet.http.get("/v1/tasks/twice-1")).json()
+        assert view["state"] == "running" and view["run"] == 1 and view["attempts"] == 1, view
+        stats = await bus.stats(queue)
+        assert (stats.visible, stats.in_flight, stats.dead_letters) == (0, 1, 0), stats
+        await transition(store, "default", "twice-1", _ghost_ended)
+        second = await _run_done(fleet, "twice-1", 2)
+        stats = await bus.stats(queue)
+    finally:
+        await bus.aclose()
+        await store.aclose()
+    assert second["state"] == "succeeded" and second["queue"] == queue, second
+    assert (await read_json(engine, second["output"]["key"]))["parameters"]["prompt"] == "a blue whale"
+    assert stats.dead_letters == 0, stats
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "aws"], indirect=True)
@@ -480,3 +520,36 @@ async def test_a_late_duplicate_of_an_earlier_runs_publish_is_not_another_run(
     assert [n["result"] for n in notes] == [True, True], notes  # runs 1 and 2, nothing more
     after = (await fleet.http.get("/v1/tasks/twice-1")).json()
     assert after["run"] == 2 and after["updated_at"] == view["updated_at"], after
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_a_publish_waiting_in_hand_does_not_hold_up_a_shutdown(
+    start_fleet: StartFleet, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wait in hand on a last receive ends with the agent's shutdown (not at the other run's
+    time limit, minutes away): the delivery is released to the dead-letter queue, said at ERROR."""
+    from sdfleet.store import open_store
+
+    caplog.set_level(logging.INFO)
+    fleet = await start_fleet(lease_s=1, max_receives=2)
+    data, attributes = _lambda_publish("a blue whale", "sns-2")
+    _, running = _ghost_run(fleet, data, attributes)
+    store = open_store(engine.store_url)
+    bus = open_bus(engine.bus_url)
+    try:
+        assert (await store.create(running))[1]
+        await bus.publish("tasks", data, attributes)
+        for _ in range(100):  # deferred a lease, then received a last time: it waits in hand
+            ours = [r for r in caplog.records if getattr(r, "task_id", None) == "twice-1"]
+            events = [getattr(r, "event", None) for r in ours]
+            if "waiting" in events:
+                break
+            await asyncio.sleep(0.1)
+        assert events == ["deferred", "waiting"], events
+        await fleet.stop()  # within its 60 s, though the other run may go on for 600 s
+    finally:
+        await bus.aclose()
+        await store.aclose()
+    assert fleet.task.done() and not fleet.task.cancelled()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("twice-1" in m and "dead-letter queue" in m for m in errors), errors

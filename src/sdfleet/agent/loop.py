@@ -235,7 +235,7 @@ class Agent:
                 elif not decoded.ours:  # another publish of its id is in hand here: it waits its turn
                     self._holds.wait((task.tenant, task.id), handle, lease)
                     return
-                prepared = await check(self.parts, handle, decoded)
+                prepared = await check(self.parts, handle, decoded, self._stopping)
         except Exception as e:
             # One poison message or record must not take the agent down: released, it comes back
             # until max_receives moves it to the dead-letter queue, and the agent serves on.

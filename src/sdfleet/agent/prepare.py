@@ -5,6 +5,7 @@ Runs while the runtime is still busy with the previous task, so the GPU never wa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.decode import Decoded, decode_delivery, decode_task
-from sdfleet.agent.defer import defer, other_publish
+from sdfleet.agent.defer import defer, held_by_another_run, other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
@@ -43,16 +44,19 @@ async def decode_or_settle(parts: Parts, h: DeliveryHandle) -> Decoded | None:
         return None
 
 
-async def check(parts: Parts, h: DeliveryHandle, m: Decoded) -> Prepared | None:
+async def check(
+    parts: Parts, h: DeliveryHandle, m: Decoded, stopping: asyncio.Event | None = None
+) -> Prepared | None:
     """The decoded delivery checked against its record, its inputs fetched; None when it needed
-    no run and is already settled."""
+    no run and is already settled. ``stopping``: the agent's shutdown, which ends a wait in hand
+    for another publish's run of its id (``defer.outwait``)."""
     d, task = h.delivery, m.task
     span = tracer().start_span("agent.task", context=trace_context(d, m.attributes))
     span.set_attributes(
         {"sdfleet.task_id": task.id, "sdfleet.queue": d.queue, "sdfleet.receive": d.receive_count}
     )
     _queue_wait_span(span, d, task.id)
-    prepared = await _checked(parts, h, m, span)
+    prepared = await _checked(parts, h, m, span, stopping)
     if prepared is None:
         span.end()
     return prepared
@@ -132,7 +136,9 @@ def _queue_wait_span(parent: trace.Span, d: Delivery, task_id: str) -> None:
     span.end()
 
 
-async def _checked(parts: Parts, h: DeliveryHandle, m: Decoded, span: trace.Span) -> Prepared | None:
+async def _checked(
+    parts: Parts, h: DeliveryHandle, m: Decoded, span: trace.Span, stopping: asyncio.Event | None
+) -> Prepared | None:
     d, task, ours, publish = h.delivery, m.task, m.ours, m.publish
     # None: published by the seed's Lambda or another producer, or by an API that has not written
     # the record yet; the agent creates it as the task starts (``begin``).
@@ -152,7 +158,9 @@ async def _checked(parts: Parts, h: DeliveryHandle, m: Decoded, span: trace.Span
             record = current if current is not None and current.task.run == task.run else None
             reason = None if record is not None else f"run {task.run} was started elsewhere"
         if held is not None:
-            await defer(parts, h, task.id, span, held)
+            still_held = held_by_another_run(parts, d, task.tenant, task.id, publish)
+            if await defer(parts, h, task.id, span, held, still_held, stopping):
+                return await _checked(parts, h, m, span, stopping)  # that run has ended: as it is now
             return None
         if reason is not None:
             task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
