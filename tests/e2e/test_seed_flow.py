@@ -4,10 +4,12 @@ and result notifications in the seed's shape — on every engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -404,22 +406,37 @@ async def test_two_publishes_of_a_new_id_on_one_agent_run_one_after_the_other(
     assert events.count("waiting") == 1 and "deferred" not in events, events
 
 
-def _ghost_run(fleet: RunningFleet, data: bytes, attributes: dict[str, str]) -> tuple[str, Any]:
-    """The queue the seed message ``data`` goes to, and a record of its id running there under
-    another worker's name for another publish (``sns-1``, prompt "a red fox")."""
+@contextlib.asynccontextmanager
+async def _second_publish_while_a_ghost_runs(
+    start_fleet: StartFleet, engine: Engine, **settings: Any
+) -> AsyncIterator[tuple[RunningFleet, Any, Any, str]]:
+    """A fleet; a record of ``twice-1`` running under another worker's name for another publish
+    (``sns-1``, "a red fox") on the queue its messages go to; and the Lambda's next publish of it
+    (``sns-2``, "a blue whale") sent. Yields the fleet, a store, a bus and that queue."""
     import time
 
     from sdfleet.agent.decode import decode_task
     from sdfleet.routing import resolve_queues
+    from sdfleet.store import open_store
     from sdfleet.tasks import TaskRecord, TaskState
 
+    fleet = await start_fleet(**settings)
+    data, attributes = _lambda_publish("a blue whale", "sns-2")  # raw: tests/unit/test_seed_runs.py
     task = decode_task(data, attributes)
     queue = resolve_queues(fleet.settings.fleet, task, attributes)[0]
     params = task.params.model_copy(update={"prompt": "a red fox"})
     first = task.model_copy(update={"queue": queue, "params": params})
     running = TaskRecord(task=first, state=TaskState.RUNNING, worker="ghost", attempts=1, message_id="sns-1")
     running.started_at = time.time()
-    return queue, running
+    store = open_store(engine.store_url)
+    bus = open_bus(engine.bus_url)
+    try:
+        assert (await store.create(running))[1]
+        await bus.publish("tasks", data, attributes)
+        yield fleet, store, bus, queue
+    finally:
+        await bus.aclose()
+        await store.aclose()
 
 
 def _ghost_ended(r: Any) -> Any:
@@ -438,26 +455,16 @@ async def test_a_publish_that_comes_while_another_publishes_run_is_going_waits_f
     """A second POST of an id whose first run is still going on another agent (here a record
     running under another worker's name, for another publish) was dropped as a copy of that run:
     the seed would have run it after. It waits now, untouched, and runs once that run has ended."""
-    from sdfleet.store import open_store
     from sdfleet.store.base import transition
 
     # On queues with a dead-letter queue each wait is a lease (agent/defer.py): 5 of them here.
-    fleet = await start_fleet(lease_s=3, max_receives=6)
-    data, attributes = _lambda_publish("a blue whale", "sns-2")  # raw: tests/unit/test_seed_runs.py
-    queue, running = _ghost_run(fleet, data, attributes)
-    store = open_store(engine.store_url)
-    bus = open_bus(engine.bus_url)
-    try:
-        assert (await store.create(running))[1]
-        await bus.publish("tasks", data, attributes)
+    ghost = _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=3, max_receives=6)
+    async with ghost as (fleet, store, _, queue):
         await asyncio.sleep(4)  # received, deferred (a lease: 3 s on these queues), received again
         view = (await fleet.http.get("/v1/tasks/twice-1")).json()
         assert view["state"] == "running" and view["run"] == 1 and view["attempts"] == 1, view
         await transition(store, "default", "twice-1", _ghost_ended)
         second = await _run_done(fleet, "twice-1", 2)
-    finally:
-        await bus.aclose()
-        await store.aclose()
     assert second["state"] == "succeeded" and second["queue"] == queue, second
     assert (await read_json(engine, second["output"]["key"]))["parameters"]["prompt"] == "a blue whale"
     notes = [n for n in await receive_json(engine, "results", 1) if n["id"] == "twice-1"]
@@ -471,17 +478,10 @@ async def test_a_publish_waiting_past_max_receives_is_not_dead_lettered(
     receive per lease, and once that run outlasted ``max_receives - 1`` leases the next release
     moved it to the dead-letter queue: the second POST never ran. On its last receive it now waits
     in hand (its lease kept) until that run ends, then runs."""
-    from sdfleet.store import open_store
     from sdfleet.store.base import transition
 
-    fleet = await start_fleet(lease_s=1, max_receives=2)
-    data, attributes = _lambda_publish("a blue whale", "sns-2")
-    queue, running = _ghost_run(fleet, data, attributes)
-    store = open_store(engine.store_url)
-    bus = open_bus(engine.bus_url)
-    try:
-        assert (await store.create(running))[1]
-        await bus.publish("tasks", data, attributes)
+    ghost = _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=1, max_receives=2)
+    async with ghost as (fleet, store, bus, queue):
         await asyncio.sleep(5)  # received, deferred a lease (1 s), received a last time: held since
         view = (await fleet.http.get("/v1/tasks/twice-1")).json()
         assert view["state"] == "running" and view["run"] == 1 and view["attempts"] == 1, view
@@ -490,9 +490,6 @@ async def test_a_publish_waiting_past_max_receives_is_not_dead_lettered(
         await transition(store, "default", "twice-1", _ghost_ended)
         second = await _run_done(fleet, "twice-1", 2)
         stats = await bus.stats(queue)
-    finally:
-        await bus.aclose()
-        await store.aclose()
     assert second["state"] == "succeeded" and second["queue"] == queue, second
     assert (await read_json(engine, second["output"]["key"]))["parameters"]["prompt"] == "a blue whale"
     assert stats.dead_letters == 0, stats
@@ -528,17 +525,9 @@ async def test_a_publish_waiting_in_hand_does_not_hold_up_a_shutdown(
 ) -> None:
     """The wait in hand on a last receive ends with the agent's shutdown (not at the other run's
     time limit, minutes away): the delivery is released to the dead-letter queue, said at ERROR."""
-    from sdfleet.store import open_store
-
     caplog.set_level(logging.INFO)
-    fleet = await start_fleet(lease_s=1, max_receives=2)
-    data, attributes = _lambda_publish("a blue whale", "sns-2")
-    _, running = _ghost_run(fleet, data, attributes)
-    store = open_store(engine.store_url)
-    bus = open_bus(engine.bus_url)
-    try:
-        assert (await store.create(running))[1]
-        await bus.publish("tasks", data, attributes)
+    async with _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=1, max_receives=2) as ghost:
+        fleet = ghost[0]
         for _ in range(100):  # deferred a lease, then received a last time: it waits in hand
             ours = [r for r in caplog.records if getattr(r, "task_id", None) == "twice-1"]
             events = [getattr(r, "event", None) for r in ours]
@@ -547,9 +536,6 @@ async def test_a_publish_waiting_in_hand_does_not_hold_up_a_shutdown(
             await asyncio.sleep(0.1)
         assert events == ["deferred", "waiting"], events
         await fleet.stop()  # within its 60 s, though the other run may go on for 600 s
-    finally:
-        await bus.aclose()
-        await store.aclose()
     assert fleet.task.done() and not fleet.task.cancelled()
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("twice-1" in m and "dead-letter queue" in m for m in errors), errors
