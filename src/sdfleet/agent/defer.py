@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 StillHeld = Callable[[], Awaitable[bool]]
 """Whether the id's record still holds another publish's run that has not ended (read anew)."""
+OUTWAIT_POLL_S = 1.0
+"""How often a delivery waiting in hand on its last receive reads its record."""
 
 
 class AnotherPublishRuns(TransitionConflict):
@@ -113,9 +115,6 @@ async def defer(
     except SdfleetError as e:  # its lease ends and it comes back anyway
         log.warning("could not release %s: %s", d.message_id, e)
     return False
-
-
-OUTWAIT_POLL_S = 1.0
 
 
 async def outwait(
