@@ -59,6 +59,11 @@ def other_publish(record: TaskRecord, d: Delivery, publish: str | None) -> str |
     return f"run {record.task.run} of another publish is {record.state}"
 
 
+def unended_other_publish(record: TaskRecord, d: Delivery, publish: str | None) -> str | None:
+    """``other_publish``, for a run that has not ended: why seed message ``d`` waits now."""
+    return None if record.state.terminal else other_publish(record, d, publish)
+
+
 def held_by_another_run(
     parts: Parts, d: Delivery, tenant: str, task_id: str, publish: str | None
 ) -> StillHeld:
@@ -66,7 +71,7 @@ def held_by_another_run(
 
     async def still_held() -> bool:
         r = await parts.store.get(tenant, task_id)
-        return r is not None and not r.state.terminal and other_publish(r, d, publish) is not None
+        return r is not None and unended_other_publish(r, d, publish) is not None
 
     return still_held
 

@@ -15,7 +15,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.decode import Decoded, decode_delivery, decode_task
-from sdfleet.agent.defer import defer, held_by_another_run, other_publish
+from sdfleet.agent.defer import defer, held_by_another_run, other_publish, unended_other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
@@ -145,7 +145,7 @@ async def _checked(
     record = await parts.store.get(task.tenant, task.id)
     if record is not None:
         task = task if ours else _numbered(task, record, d, publish)
-        held = None if ours or record.state.terminal else other_publish(record, d, publish)
+        held = None if ours else unended_other_publish(record, d, publish)
         reason = _skip_reason(record, task, d) if held is None else None
         if not ours and publish in record.earlier_publishes:  # SNS's late duplicate
             held, reason = None, "a copy of an earlier run's publish"
