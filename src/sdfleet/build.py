@@ -8,6 +8,7 @@ import secrets
 import socket
 import uuid
 from contextlib import AsyncExitStack
+from typing import Any
 
 from sdfleet.agent.parts import Parts
 from sdfleet.api.deps import ApiContext
@@ -119,6 +120,15 @@ def api_context(settings: Settings, engines: Engines, metrics: Metrics | None = 
     )
 
 
+def runtime_options(settings: Settings, name: str) -> dict[str, Any]:
+    """``runtimes.<name>`` of the fleet file; the diffusers runtime's generation bound defaults to
+    the API's (``api.max_width`` × ``api.max_height``): the one fleet file sets both."""
+    options = dict(settings.fleet.runtimes.get(name, {}))
+    if name == "diffusers":
+        options.setdefault("generate_max_pixels", settings.api.max_width * settings.api.max_height)
+    return options
+
+
 def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> Runtime:
     q = settings.fleet.queue(queue)
     if q is None:
@@ -137,7 +147,7 @@ def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> 
     return build_runtime(
         name,
         catalog=models,
-        options=settings.fleet.runtimes.get(name, {}),
+        options=runtime_options(settings, name),
         default_model=q.model or settings.fleet.models.default,
         cache_size=settings.fleet.models.cache_size,
     )

@@ -132,6 +132,7 @@ def runtime_serve(
     """The diffusers runtime behind an AUTOMATIC1111-compatible API (/sdapi/v1/...)."""
     import uvicorn
 
+    from sdfleet.build import runtime_options
     from sdfleet.models.catalog import ModelCatalog
     from sdfleet.runtime_server import create_app
     from sdfleet.runtimes import build_runtime
@@ -139,7 +140,7 @@ def runtime_serve(
     settings = _settings(config)
     catalog = ModelCatalog(models_dir or settings.fleet.models.dir)
     # SD WebUI runs a prompt whose LoRA it lacks without it; the fleet's setting wins where set.
-    options = {"missing_lora": "skip", **settings.fleet.runtimes.get("diffusers", {}), "device": device}
+    options = {"missing_lora": "skip", **runtime_options(settings, "diffusers"), "device": device}
     model = model or settings.fleet.models.default
     try:
         runtime = build_runtime(

@@ -1,10 +1,11 @@
-"""The size limits of outputs, in one place for the API (at submit) and the agent (after fetching).
+"""The size limits of outputs the API checks at submit (``api.max_width`` × ``api.max_height``).
 
 An upscale (``extra-single-image``, ``extra-batch-images``) makes an image ``upscaling_resize``
 times its input, so its output size is only known once the input's is: a 4000² input at ×8 is a
-32000² output. The API checks it at submit for inputs in the body (``data:`` URLs, base64); inputs
-behind http(s) URLs are known after the agent fetched them, so the agent checks them with the same
-function.
+32000² output. The API checks it at submit for inputs in the body (``data:`` URLs, base64); for
+inputs behind http(s) URLs the agent bounds the input (``agent.input_max_pixels``) and the diffusers
+runtime the output (``upscale_max_pixels``, ``_diffusers_upscale.check_pixels``), as it bounds a
+generation published past the API (``generate_max_pixels``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """What a hostile client sends gets a 4xx with the error shape, never a 500, a crash or unbounded
-memory (issue 12, defects 2 and 3), and ``Prefer: wait=N`` answers with the finished task."""
+memory (issue 12, defects 2 and 3), a size published past the API is held to the API's bound, and
+``Prefer: wait=N`` answers with the finished task."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_tools import wait_adopted
 from PIL import Image
 
 from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
+from sdfleet.bus import open_bus
 from sdfleet.demo import ImageServer
 from sdfleet.settings import QueueConfig
+from seed_payloads import V1ALPHA2_T2I, copy_of, lambda_message
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.parametrize("engine", ["sqlite"], indirect=True)]
 
@@ -100,6 +104,40 @@ async def test_a_bomb_behind_a_url_fails_its_task_in_the_agent(
     view = await fleet.wait(r.json()["id"])
     assert view["state"] == "failed" and view["error"]["code"] == "input_too_large", view
     assert "169000000 pixels" in view["error"]["message"]
+
+
+async def test_a_size_past_the_api_fails_once_on_a_diffusers_queue(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """The API refuses a size over ``api.max_width`` × ``max_height``; a message published straight
+    to the topic (the seed's Lambda) never met that check and would hold a GPU for as long as it
+    ran, again on every retry. The diffusers runtime holds it to the same bound, from the same
+    fleet file: one ``too_large`` failure, no retry; a size within it runs."""
+    queue = [QueueConfig(name="q", runtime="diffusers", model=SD15)]
+    settings = fleet_settings(engine, models_dir, queue, runtimes={"diffusers": {"device": "cpu"}})
+    settings.api.max_width = settings.api.max_height = 64
+    fleet = await start_fleet(queue, settings=settings)
+    r = await fleet.http.post("/v1/tasks", json={"params": {**PARAMS, "width": 72}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
+    bus = open_bus(engine.bus_url)
+    try:
+        for task_id, width in (("past-the-api-big", 72), ("past-the-api-ok", 64)):
+            payload = copy_of(V1ALPHA2_T2I)
+            payload["task"]["metadata"]["id"] = task_id
+            payload["task"]["content"].update(width=width, height=64, steps=2)
+            message, attributes = lambda_message("v1alpha2", payload)
+            await bus.publish("tasks", message.encode(), attributes)
+    finally:
+        await bus.aclose()
+    big = await wait_adopted(fleet, "past-the-api-big")
+    assert big["state"] == "failed" and big["attempts"] == 1, big
+    assert big["error"] == {
+        "code": "too_large",
+        "message": "text-to-image at 72x64 (4608 pixels) is more than the 4096 the runtime allows "
+        "(generate_max_pixels); use a smaller width/height",
+    }, big
+    ok = await wait_adopted(fleet, "past-the-api-ok")
+    assert ok["state"] == "succeeded" and ok["attempts"] == 1, ok
 
 
 IDS = ["a/b", "", "x" * 129, ".", "..", ".hidden", "-x", "a b", "é"]

@@ -27,3 +27,23 @@ def test_an_empty_models_folder_is_said_at_start(tmp_path: Path, caplog: pytest.
     make_runtime(_settings(tmp_path / "models"), "q")
     make_runtime(_settings(tmp_path / "empty"), "q", runtime="synthetic")  # needs no model files
     assert not [r for r in caplog.records if "holds no model" in r.getMessage()]
+
+
+def test_the_diffusers_generation_bound_follows_the_apis_unless_set(tmp_path: Path) -> None:
+    """What the API admits (``api.max_width`` × ``api.max_height``) must run on the diffusers
+    runtime, so its bound defaults to the API's from the one fleet file; a value set wins."""
+    from sdfleet.runtimes.diffusers import DiffusersRuntime
+
+    make_tiny(tmp_path / "models", "tiny")
+    settings = _settings(tmp_path / "models")
+    settings.fleet.runtimes["diffusers"] = {"device": "cpu"}
+    runtime = make_runtime(settings, "q")
+    assert isinstance(runtime, DiffusersRuntime)
+    assert runtime.options.generate_max_pixels == 2048 * 2048
+    settings.api.max_width, settings.api.max_height = 4096, 3072
+    runtime = make_runtime(settings, "q")
+    assert isinstance(runtime, DiffusersRuntime) and runtime.options.generate_max_pixels == 4096 * 3072
+    settings.fleet.runtimes["diffusers"]["generate_max_pixels"] = 512 * 512
+    runtime = make_runtime(settings, "q")
+    assert isinstance(runtime, DiffusersRuntime) and runtime.options.generate_max_pixels == 512 * 512
+    assert settings.fleet.runtimes["diffusers"] == {"device": "cpu", "generate_max_pixels": 512 * 512}

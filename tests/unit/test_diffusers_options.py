@@ -69,6 +69,8 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_at_start() -> None:
         ({"attention": "xformers"}, "attention must be one of"),
         ({"compile": "yes"}, "compile must be true or false"),
         ({"channel_last": True}, "unknown diffusers option"),
+        ({"generate_max_pixels": 63}, "generate_max_pixels must be an integer of at least 64"),
+        ({"generate_max_pixels": 1.5e6}, "generate_max_pixels must be an integer"),
     ],
 )
 def test_bad_options_are_config_errors(catalog: ModelCatalog, options: dict[str, Any], match: str) -> None:
@@ -114,6 +116,31 @@ async def test_sdpa_and_bf16_on_cpu(catalog: ModelCatalog) -> None:
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
     assert unet.conv_in.weight.is_contiguous()  # channels_last defaults to off on CPU
     await rt.aclose()
+
+
+async def test_a_generation_over_the_size_bound_fails_before_it_runs(catalog: ModelCatalog) -> None:
+    """A message published past the API is not held to ``api.max_width``/``max_height``; the runtime
+    refuses what is bigger than ``generate_max_pixels`` (``too_large``, a ``Reject``: not retried)
+    before it loads a model, and in a batch only that task fails."""
+    options = {"device": "cpu", "generate_max_pixels": 64 * 96}
+    runtime = build_runtime("diffusers", catalog=catalog, options=options)
+    assert isinstance(runtime, DiffusersRuntime)
+    try:
+        for kind in (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE):
+            with pytest.raises(Reject) as caught:
+                await runtime.run(job(kind, width=96, height=72, init_images=[b"not read"]), no_progress)
+            assert caught.value.code == "too_large", caught.value
+            assert caught.value.reason == (
+                f"{kind.value} at 96x72 (6912 pixels) is more than the 6144 the runtime allows "
+                "(generate_max_pixels); use a smaller width/height"
+            )
+        assert runtime.loaded_model is None  # refused before any model loaded
+        small, big = job(width=64, height=96), job(width=96, height=96)
+        outcomes = await runtime.run_batch([small, big], [no_progress, no_progress])
+        assert isinstance(outcomes[1], Reject) and outcomes[1].code == "too_large", outcomes
+        assert not isinstance(outcomes[0], BaseException) and len(outcomes[0].images) == 1, outcomes
+    finally:
+        await runtime.aclose()
 
 
 def test_out_of_memory_detection() -> None:

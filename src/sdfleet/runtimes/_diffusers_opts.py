@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sdfleet.errors import Reject
-from sdfleet.tasks import TaskParams
+from sdfleet.tasks import TaskParams, TaskType
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ class DiffusersOptions:
     upscale_tile: int = 192
     """Model upscalers run on tiles of this many pixels square (SD WebUI's ``ESRGAN_tile``); 0: the
     whole image at once (fastest, most memory)."""
+    generate_max_pixels: int = 2048 * 2048
+    """Largest image (width × height) a text-to-image or image-to-image task may make; a larger one
+    fails the task (``too_large``, not retried) before it runs. Agents built from a fleet file
+    default it to ``api.max_width`` × ``api.max_height`` (``build.runtime_options``), so what the
+    API admits always runs and a message published past the API is held to the same bound."""
     upscale_max_pixels: int = 4096 * 4096
     """Largest image (width × height) an extras task may read or make, intermediate model passes
     included; a larger one fails the task (``too_large``) before any memory is spent on it."""
@@ -85,6 +90,7 @@ class DiffusersOptions:
             raise ValueError(f"max_batch must be an integer of at least 1, not {opts.max_batch!r}")
         _check_int("lora_max_loaded", opts.lora_max_loaded, 1)
         _check_int("upscale_tile", opts.upscale_tile, 0)
+        _check_int("generate_max_pixels", opts.generate_max_pixels, 64)
         _check_int("upscale_max_pixels", opts.upscale_max_pixels, 1)
         wait = opts.max_batch_wait_ms
         if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
@@ -160,6 +166,21 @@ def release_memory(device: str, error: BaseException | None = None) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def check_size(params: TaskParams, kind: TaskType, limit: int) -> None:
+    """Refuse a generation of more than ``limit`` pixels an image before it runs (``Reject``
+    ``too_large``). The API bounds width and height at submit, but a message published straight to
+    the topic (the seed's Lambda, a script) is not checked there, and size, not memory, is what such
+    a task would spend: a 4096² text-to-image fits a large GPU and runs at least 16 times as long as
+    1024², and is retried after each timeout."""
+    pixels = params.width * params.height
+    if pixels > limit:
+        raise Reject(
+            f"{kind.value} at {params.width}x{params.height} ({pixels} pixels) is more than the "
+            f"{limit} the runtime allows (generate_max_pixels); use a smaller width/height",
+            code="too_large",
+        )
 
 
 def out_of_memory(params: TaskParams, device: str, img2img: bool) -> Reject:

@@ -203,6 +203,7 @@ class DiffusersRuntime:
     def _check(self, job: Job) -> str | None:
         """The job's sampler; ``Reject`` for what this runtime can never run."""
         refuse_kind("diffusers", job.type)  # extras went to _run_extras: a pipeline task
+        O.check_size(job.params, job.type, self.options.generate_max_pixels)
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         if job.type is TaskType.IMAGE_TO_IMAGE:
