@@ -200,7 +200,7 @@ def test_lists_of_what_this_server_lacks_are_empty_lists_not_404s(
 
 
 def test_values_beyond_the_runtimes_bounds_are_refused_by_field_name(server: ServerThread) -> None:
-    """SD WebUI takes any seed, steps or CFG scale; this server refuses what the diffusers runtime
+    """SD WebUI takes any seed, steps, CFG scale or size; this server refuses what the diffusers runtime
     does not run (documented), in the request's own words: the answer was pydantic's text about an
     internal model, with a link to pydantic's site."""
     with httpx.Client(base_url=f"{server.url}/sdapi/v1", timeout=60) as http:
@@ -209,6 +209,13 @@ def test_values_beyond_the_runtimes_bounds_are_refused_by_field_name(server: Ser
             detail = r.json()["detail"]
             assert r.status_code == 422 and detail.startswith(f"{field}: "), r.text
             assert str(value) in detail and "pydantic" not in detail and "TaskParams" not in detail
+        # A size the fleet's API would refuse (2048² by default) is refused before it runs.
+        r = http.post("/txt2img", json={"prompt": "x", **SMALL, "width": 4096, "height": 2048})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == (
+            "text-to-image at 4096x2048 (8388608 pixels) is more than the 4194304 the runtime allows "
+            "(generate_max_pixels); use a smaller width/height"
+        ), r.text
 
 
 def test_sd_webuis_pydantic_1_coercions_are_kept(server: ServerThread) -> None:
