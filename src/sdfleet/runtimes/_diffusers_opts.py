@@ -1,5 +1,5 @@
-"""Options of the diffusers runtime (device, dtype, attention, channels-last, compile, VAE tiling)
-and its out-of-memory handling. Imports torch."""
+"""Options of the diffusers runtime (device, dtype, attention, channels-last, compile, VAE tiling),
+its generation size bound and its out-of-memory handling. Imports torch."""
 
 from __future__ import annotations
 
