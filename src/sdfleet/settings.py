@@ -209,8 +209,9 @@ class AgentSettings(BaseModel):
     runtime has loaded; 0 is plain arrival order."""
     wait_s: float = Field(5.0, ge=0)
     """Long-poll wait of one receive, seconds."""
-    heartbeat_s: float | None = None
-    """Lease extension period; default a third of the lease."""
+    heartbeat_s: float | None = Field(None, gt=0)
+    """Lease extension period; default a third of the lease (``fleet.retry.lease_s``), which it
+    must be shorter than."""
     drain_s: float = Field(30.0, ge=0)
     """On SIGTERM, how long the running task may take to finish before it is released."""
     input_max_bytes: int = Field(20 * 1024 * 1024, ge=1)

@@ -198,6 +198,24 @@ async def test_cancel_reaches_a_running_task_within_seconds_whatever_the_lease(
     assert [n["type"] for n in notes] == ["cancelled"], notes
 
 
+async def test_a_lease_shorter_than_the_run_is_kept_by_the_default_heartbeat(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """The default heartbeat was a third of the lease but never under a second, so a lease of a
+    second or so was extended only as it ran out: the delivery came back while its task ran (to
+    the dead-letter queue once past ``max_receives``; CI caught it on redis). A third of the lease
+    now, whatever the lease."""
+    s = fleet_settings(
+        engine, models_dir, QUEUE, runtimes={"synthetic": {"latency_s": 4}}, lease_s=1, max_receives=2
+    )
+    fleet = await start_fleet(QUEUE, settings=s)
+    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
+    view = await fleet.wait(r.json()["id"])
+    assert view["state"] == "succeeded" and view["attempts"] == 1, view
+    (q,) = [v for v in (await fleet.http.get("/v1/queues")).json() if v["name"] == "q"]
+    assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
+
+
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the receiver's rule, not the engine's
 async def test_deliveries_settled_without_a_run_free_their_room_at_once(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, monkeypatch: pytest.MonkeyPatch

@@ -240,7 +240,6 @@ async def test_cancels_are_delivered(
 ) -> None:
     settings = _settings(engine, models_dir, allow_private=True)
     settings.fleet.runtimes = {"synthetic": {"latency_s": 20, "progress_steps": 40}}
-    settings.agent.heartbeat_s = 0.2  # the lease heartbeat is where a running agent sees the cancel
     rf = await start_fleet(QUEUE, settings=settings)
     hook = {"url": f"{receiver.url}/hook/cancel", "events": ["cancelled"]}
     running = (await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.loop import Agent
 from sdfleet.build import Engines, agent_parts, make_runtime
 from sdfleet.bus import QueueSpec, Subscription, Topology, open_bus
+from sdfleet.errors import ConfigError
 from sdfleet.settings import AgentSettings, FleetConfig, QueueConfig, Settings
 
 LIVENESS = "import os, sys, time; sys.exit(time.time() - os.path.getmtime({path!r}) > {age})"
@@ -53,6 +56,21 @@ async def test_agent_writes_ready_and_heartbeat_files(tmp_path: Path) -> None:
         await parts.fetcher.aclose()
         await engines.aclose()
     assert not ready.exists() and not (tmp_path / "run" / "q.alive").exists()
+
+
+async def test_a_heartbeat_no_shorter_than_the_lease_is_a_config_error(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    settings.agent.heartbeat_s = settings.fleet.retry.lease_s
+    engines = Engines(settings)
+    parts = agent_parts(settings, engines, "q", make_runtime(settings, "q"))
+    try:
+        with pytest.raises(ConfigError, match=r"agent.heartbeat_s \(60\) must be shorter than the lease"):
+            Agent(parts)
+        settings.agent.heartbeat_s = None
+        assert Agent(parts).period == settings.fleet.retry.lease_s / 3
+    finally:
+        await parts.fetcher.aclose()
+        await engines.aclose()
 
 
 async def test_handle_settles_once_and_extend_after_release_is_a_no_op(tmp_path: Path) -> None:

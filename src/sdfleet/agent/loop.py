@@ -59,7 +59,12 @@ class Agent:
         self._touched = 0.0
         s = parts.settings
         self.lease_s = parts.fleet.retry.lease_s
-        self.period = s.heartbeat_s or max(1.0, self.lease_s / 3)
+        if s.heartbeat_s is not None and s.heartbeat_s >= self.lease_s:
+            raise ConfigError(
+                f"agent.heartbeat_s ({s.heartbeat_s:g}) must be shorter than the lease "
+                f"(fleet.retry.lease_s, {self.lease_s:g}), or deliveries come back while they run"
+            )
+        self.period = s.heartbeat_s or self.lease_s / 3  # extended well before it runs out
         self.depth = max(1, parts.runtime.max_in_flight)
         self.batcher = batching(parts.runtime)
         self.max_batch = self.batcher.max_batch if self.batcher else 1
