@@ -92,8 +92,12 @@ class ModelsConfig(BaseModel):
 class RetryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
 
-    max_receives: int = Field(3, ge=1)
-    lease_s: float = Field(60.0, gt=0)
+    max_receives: int = Field(3, ge=1, le=1000)
+    """Deliveries of a message before it moves to its queue's dead-letter queue (SQS's
+    ``maxReceiveCount`` is at most 1000)."""
+    lease_s: float = Field(60.0, gt=0, le=43200)
+    """A delivery's lease (visibility timeout), seconds; at most SQS's 12 hours (43200), which the
+    aws engine would otherwise cut it to without a word."""
 
 
 class TenantConfig(BaseModel):

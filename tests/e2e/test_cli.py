@@ -142,6 +142,8 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
     bad_name.write_text(yaml.safe_dump({"queues": [{"name": "Bad_Name"}]}))
     typo = tmp_path / "typo.yaml"
     typo.write_text("quuues: []\n")
+    long_lease = tmp_path / "long-lease.yaml"
+    long_lease.write_text(yaml.safe_dump({"retry": {"lease_s": 50000}}))  # past SQS's 12 hours
     not_json = tmp_path / "task.json"
     not_json.write_text("{nope")
     for args, words in [
@@ -162,6 +164,7 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["submit", "--prompt", "x", "--file", str(not_json)], "not both"),
         (["demo", "--steps", "3"], "only with --model"),
         (["queues", "-c", str(typo)], "quuues"),
+        (["ensure", "-c", str(long_lease)], "retry.lease_s: Input should be less than or equal to 43200"),
         (["agent", "--queue", "default", "--runtime", "nosuchmod:Cls"], "no module named 'nosuchmod'"),
         (["runtime", "serve", "--device", "tpu", "--port", "0"], "use cpu, cuda, cuda:N or auto"),
     ]:
@@ -172,6 +175,8 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         ("SDFLEET_API__PORT", "83616", "less than or equal to 65535"),
     ]:
         _one_error_line(_run(["queues"], {**cli_env, var: value}), words)
+    beats_late = {**cli_env, "SDFLEET_AGENT__HEARTBEAT_S": "60"}  # the lease is 60 s
+    _one_error_line(_run(["agent", "--queue", "default"], beats_late), "must be shorter than the lease")
     fresh = {**cli_env, "SDFLEET_DATA_DIR": str(tmp_path / "fresh")}  # no topology yet
     _one_error_line(_run(["queues"], fresh), "sdfleet ensure")
     assert not (tmp_path / "evil").exists()
