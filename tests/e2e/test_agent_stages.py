@@ -212,8 +212,45 @@ async def test_a_lease_shorter_than_the_run_is_kept_by_the_default_heartbeat(
     r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
     view = await fleet.wait(r.json()["id"])
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
-    (q,) = [v for v in (await fleet.http.get("/v1/queues")).json() if v["name"] == "q"]
+    q = await _queue(fleet)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
+
+
+async def test_a_delivery_that_comes_back_to_the_agent_running_it_does_not_run_again(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """A delivery whose lease lapsed while its task ran (here its heartbeat is made to come after
+    the lease, as an event loop stalled past it would) came back to the same agent, whose record
+    start took its own ``running`` for its own and ran the task a second time beside the first. The
+    second delivery now waits in hand for the first and is dropped once the task has finished."""
+    runtimes = {"synthetic": {"latency_s": 3}}
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=1, max_receives=3)
+    fleet = await start_fleet(QUEUE, settings=s)
+    agent = fleet.fleet.agents[0]
+    runs: list[str] = []
+    inner = agent.parts.runtime.run
+
+    async def run(job: Any, progress: Any) -> Any:
+        runs.append(job.task_id)
+        return await inner(job, progress)
+
+    agent.parts.runtime.run = run  # type: ignore[method-assign]
+    agent.period = 5.0  # the first delivery's lease (1 s) lapses before its first extension
+    task_id = (await fleet.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
+    await fleet.wait(task_id, states=("running",))
+    agent.period = s.fleet.retry.lease_s / 3  # the delivery that comes back keeps its lease
+    view = await fleet.wait(task_id)
+    assert view["state"] == "succeeded" and view["attempts"] == 1, view
+    deadline = time.monotonic() + 10
+    while (q := await _queue(fleet))["in_flight"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
+    assert runs == [task_id], runs
+
+
+async def _queue(fleet: Any) -> dict[str, Any]:
+    (q,) = [v for v in (await fleet.http.get("/v1/queues")).json() if v["name"] == "q"]
+    return q  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the receiver's rule, not the engine's

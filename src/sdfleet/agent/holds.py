@@ -1,10 +1,14 @@
-"""Which delivery holds each task id on an agent, and the seed deliveries waiting for it.
+"""Which delivery holds each task id on an agent, and the deliveries of that id waiting for it.
 
-The seed's Lambda publishes every POST anew, so one agent may receive two publishes of one id; only
-one may be in hand (being prepared, pooled, running, finishing) at a time, or the second's start
-would be refused and interrupt the job of its id, the first's. A seed delivery of an id already
-held waits here, its lease kept by its heartbeat (no release, no receive spent), until the holder
-is let go; then the agent prepares it again as what it is then (the id's next run, ``defer``).
+One agent may receive a second delivery of an id it already has in hand (being prepared, pooled,
+running, finishing): the seed's Lambda publishes every POST anew, the API publishes a still-queued
+id again when it is submitted again, and a delivery whose lease lapsed (an event loop stalled past
+it, an engine away) comes back to the agent that is running it. Only one may be in hand at a
+time: two would run the task twice at once here (the record's start takes this agent's own
+``running`` as its own), or the second's start would be refused and interrupt the job of its id,
+the first's. A second delivery waits here, its lease kept by its heartbeat (no release, no receive
+spent), until the holder is let go; then the agent prepares it again as what it is then (finished:
+dropped; the id's next run: ``defer``; a retry of a run that failed).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class Holds:
         return True
 
     def wait(self, key: Key, handle: DeliveryHandle, lease: Lease) -> None:
-        """``handle``, a seed delivery of a held id, waits for the holder to be let go."""
+        """``handle``, a delivery of a held id, waits for the holder to be let go."""
         self._waiting.setdefault(key, []).append((handle, lease))
         d = handle.delivery
         reason = "another delivery of its id is in hand here"

@@ -237,7 +237,7 @@ class Agent:
                 task = decoded.task
                 if self._holds.take((task.tenant, task.id), handle):
                     key = (task.tenant, task.id)
-                elif not decoded.ours:  # another publish of its id is in hand here: it waits its turn
+                else:  # another delivery of its id is in hand here: it waits its turn, never runs beside it
                     self._holds.wait((task.tenant, task.id), handle, lease)
                     return
                 prepared = await check(self.parts, handle, decoded, self._stopping)
