@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -246,6 +247,38 @@ async def test_a_delivery_that_comes_back_to_the_agent_running_it_does_not_run_a
         await asyncio.sleep(0.1)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
     assert runs == [task_id], runs
+
+
+async def test_two_copies_of_a_queued_task_received_together_run_once(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that submits an id again after a lease has the API publish it again (the first
+    message may be lost); an agent that received both copies while its runtime was busy pooled
+    both, and the second's start took the first's ``running`` for its own: the task ran twice at
+    once. The second waits for the first now, and is dropped once the task has finished."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    runtimes = {"synthetic": {"latency_s": 0.5}}
+    s = fleet_settings(
+        engine, models_dir, QUEUE, runtimes=runtimes, lease_s=1, prefetch=8, prefetch_horizon_s=0
+    )
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    body = {"id": "twice", "params": PARAMS}
+    ahead = await submit_all(api, [{"params": PARAMS}] * 2)  # the runtime's two places, taken first
+    assert (await api.http.post("/v1/tasks", json=body)).status_code == 202
+    await asyncio.sleep(1.2)  # a lease later the same id is published again
+    assert (await api.http.post("/v1/tasks", json=body)).status_code == 200
+    assert (await _queue(api))["visible"] == 4
+    await start_fleet(QUEUE, settings=s, with_api=False)  # one receive takes all: both copies pooled
+    assert [(await api.wait(task_id))["state"] for task_id in ahead] == ["succeeded"] * 2
+    view = await api.wait("twice")
+    assert view["state"] == "succeeded" and view["attempts"] == 1, view
+    deadline = time.monotonic() + 10
+    while (q := await _queue(api))["in_flight"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
+    events = [getattr(r, "event", None) for r in caplog.records if getattr(r, "task_id", None) == "twice"]
+    assert events.count("started") == 1, events
+    assert events.count("dropped") == 1, events
 
 
 async def _queue(fleet: Any) -> dict[str, Any]:
