@@ -200,20 +200,22 @@ async def test_cancel_reaches_a_running_task_within_seconds_whatever_the_lease(
 
 
 async def test_a_lease_shorter_than_the_run_is_kept_by_the_default_heartbeat(
-    start_fleet: StartFleet, engine: Engine, models_dir: Path
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The default heartbeat was a third of the lease but never under a second, so a lease of a
-    second or so was extended only as it ran out: the delivery came back while its task ran (to
-    the dead-letter queue once past ``max_receives``; CI caught it on redis). A third of the lease
-    now, whatever the lease."""
-    s = fleet_settings(
-        engine, models_dir, QUEUE, runtimes={"synthetic": {"latency_s": 4}}, lease_s=1, max_receives=2
-    )
+    second or less was extended only as (or after) it ran out: the delivery came back while its
+    task ran (to the dead-letter queue once past ``max_receives``; CI caught it on redis). A third
+    of the lease now, whatever the lease: the delivery is received once."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    runtimes = {"synthetic": {"latency_s": 3}}
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=0.8, max_receives=2)
     fleet = await start_fleet(QUEUE, settings=s)
-    r = await fleet.http.post("/v1/tasks", json={"params": PARAMS})
-    view = await fleet.wait(r.json()["id"])
+    task_id = (await fleet.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
+    view = await fleet.wait(task_id)
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
-    q = await _queue(fleet)
+    events = [getattr(r, "event", None) for r in caplog.records if getattr(r, "task_id", None) == task_id]
+    assert events == ["received", "started", "succeeded"], events  # never back while it ran
+    q = await _settled(fleet)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
 
 
@@ -242,9 +244,7 @@ async def test_a_delivery_that_comes_back_to_the_agent_running_it_does_not_run_a
     agent.period = s.fleet.retry.lease_s / 3  # the delivery that comes back keeps its lease
     view = await fleet.wait(task_id)
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
-    deadline = time.monotonic() + 10
-    while (q := await _queue(fleet))["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    q = await _settled(fleet)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
     assert runs == [task_id], runs
 
@@ -272,9 +272,7 @@ async def test_two_copies_of_a_queued_task_received_together_run_once(
     assert [(await api.wait(task_id))["state"] for task_id in ahead] == ["succeeded"] * 2
     view = await api.wait("twice")
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
-    deadline = time.monotonic() + 10
-    while (q := await _queue(api))["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    q = await _settled(api)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
     events = [getattr(r, "event", None) for r in caplog.records if getattr(r, "task_id", None) == "twice"]
     assert events.count("started") == 1, events
@@ -284,6 +282,15 @@ async def test_two_copies_of_a_queued_task_received_together_run_once(
 async def _queue(fleet: Any) -> dict[str, Any]:
     (q,) = [v for v in (await fleet.http.get("/v1/queues")).json() if v["name"] == "q"]
     return q  # type: ignore[no-any-return]
+
+
+async def _settled(fleet: Any, timeout_s: float = 10) -> dict[str, Any]:
+    """Queue ``q``'s view once nothing is in flight (a delivery waiting in hand for a finished
+    task is dropped just after it), or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (q := await _queue(fleet))["in_flight"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return q
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the receiver's rule, not the engine's

@@ -231,12 +231,14 @@ async def test_two_agents_never_run_one_task_at_once(start_fleet: StartFleet) ->
     fleet = await start_fleet(
         QUEUE,
         agents=["q", "q"],
-        runtimes={"synthetic": {"latency_s": 1.0, "progress_steps": 4}},
-        lease_s=0.6,  # shorter than a run: only the heartbeat keeps the other agent off the task
-        heartbeat_s=0.15,
+        runtimes={"synthetic": {"latency_s": 2.0, "progress_steps": 4}},
+        # Shorter than a run: only the heartbeat keeps the other agent off the task. A stall of the
+        # test's one event loop (both agents and the API) past 0.9 s would let it take one over.
+        lease_s=1.2,
+        heartbeat_s=0.3,
     )
     # Different speeds, so one agent is free to receive while the other is mid-run.
-    fleet.fleet.agents[1].parts.runtime.latency_s = 0.7  # type: ignore[attr-defined]
+    fleet.fleet.agents[1].parts.runtime.latency_s = 1.4  # type: ignore[attr-defined]
     recorder = Recorder()
     recorder.attach(list(fleet.fleet.agents))
     ids = [await _submit(fleet.http, n, []) for n in range(10)]

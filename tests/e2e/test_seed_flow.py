@@ -480,9 +480,9 @@ async def test_a_publish_waiting_past_max_receives_is_not_dead_lettered(
     in hand (its lease kept) until that run ends, then runs."""
     from sdfleet.store.base import transition
 
-    ghost = _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=1, max_receives=2)
+    ghost = _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=2, max_receives=2)
     async with ghost as (fleet, store, bus, queue):
-        await asyncio.sleep(5)  # received, deferred a lease (1 s), received a last time: held since
+        await asyncio.sleep(5)  # received, deferred a lease (2 s), received a last time: held since
         view = (await fleet.http.get("/v1/tasks/twice-1")).json()
         assert view["state"] == "running" and view["run"] == 1 and view["attempts"] == 1, view
         stats = await bus.stats(queue)
@@ -526,7 +526,7 @@ async def test_a_publish_waiting_in_hand_does_not_hold_up_a_shutdown(
     """The wait in hand on a last receive ends with the agent's shutdown (not at the other run's
     time limit, minutes away): the delivery is released to the dead-letter queue, said at ERROR."""
     caplog.set_level(logging.INFO)
-    async with _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=1, max_receives=2) as ghost:
+    async with _second_publish_while_a_ghost_runs(start_fleet, engine, lease_s=2, max_receives=2) as ghost:
         fleet = ghost[0]
         for _ in range(100):  # deferred a lease, then received a last time: it waits in hand
             ours = [r for r in caplog.records if getattr(r, "task_id", None) == "twice-1"]
