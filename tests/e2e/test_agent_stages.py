@@ -213,7 +213,7 @@ async def test_a_lease_shorter_than_the_run_is_kept_by_the_default_heartbeat(
     task_id = (await fleet.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
     view = await fleet.wait(task_id)
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
-    events = [getattr(r, "event", None) for r in caplog.records if getattr(r, "task_id", None) == task_id]
+    events = _events(caplog, task_id)
     assert events == ["received", "started", "succeeded"], events  # never back while it ran
     q = await _settled(fleet)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
@@ -274,9 +274,14 @@ async def test_two_copies_of_a_queued_task_received_together_run_once(
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
     q = await _settled(api)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
-    events = [getattr(r, "event", None) for r in caplog.records if getattr(r, "task_id", None) == "twice"]
+    events = _events(caplog, "twice")
     assert events.count("started") == 1, events
     assert events.count("dropped") == 1, events
+
+
+def _events(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]:
+    """The agent's events of ``task_id`` (``agent/tasklog.py``), in order; not the API's."""
+    return [r.event for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
 
 
 async def _queue(fleet: Any) -> dict[str, Any]:
