@@ -227,7 +227,7 @@ async def test_a_delivery_that_comes_back_to_the_agent_running_it_does_not_run_a
     start took its own ``running`` for its own and ran the task a second time beside the first. The
     second delivery now waits in hand for the first and is dropped once the task has finished."""
     runtimes = {"synthetic": {"latency_s": 3}}
-    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=1, max_receives=3)
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=1, max_receives=5)
     fleet = await start_fleet(QUEUE, settings=s)
     agent = fleet.fleet.agents[0]
     runs: list[str] = []
