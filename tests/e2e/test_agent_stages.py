@@ -353,7 +353,7 @@ async def test_a_task_still_being_prepared_at_sigterm_is_released_not_left_to_it
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 30) == 0
         # handed back as the agent stopped: visible now, not when its 60 s lease runs out
-        (q,) = [v for v in (await api.http.get("/v1/queues")).json() if v["name"] == "q"]
+        q = await _queue(api)
         assert (q["visible"], q["in_flight"]) == (1, 0), q
 
 
@@ -386,8 +386,7 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         min(max(held), max(limits)) < most_ahead and elapsed < 12
     ):
         held.append(len(agent.pool) + agent._preparing)
-        (q,) = [v for v in (await fleet.http.get("/v1/queues")).json() if v["name"] == "q"]
-        leased.append(q["in_flight"])
+        leased.append((await _queue(fleet))["in_flight"])
         limits.append(gauge())
         await asyncio.sleep(0.03)
     assert max(held) == most_ahead, held
