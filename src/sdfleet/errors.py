@@ -12,6 +12,7 @@ Callers never catch a dependency's exception types: each backend translates them
     ├── NotFound                     unknown task, file, model or queue (HTTP 404)
     ├── Conflict                     idempotency-key clash, illegal transition (HTTP 409)
     │   └── TransitionConflict
+    │       └── TakenOver            another agent runs the task now (this agent's lease lapsed)
     ├── Unauthorized                 missing or unknown API key (HTTP 401)
     ├── RateLimited                  a tenant's rate or in-flight limit (HTTP 429 + Retry-After)
     ├── BusError
@@ -80,6 +81,15 @@ class Conflict(SdfleetError):
 
 class TransitionConflict(Conflict):
     code = "transition_conflict"
+
+
+class TakenOver(TransitionConflict):
+    """The record says another agent runs the task: this agent's delivery lease lapsed (its event
+    loop stalled past it, the engine was away) and the other received the message again. This
+    agent's outcome is not written and its stale delivery is left alone: the result and the
+    message are the other's."""
+
+    code = "taken_over"
 
 
 class Unauthorized(SdfleetError):

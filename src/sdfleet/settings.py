@@ -207,7 +207,8 @@ class AgentSettings(BaseModel):
     are busy the runtime waits, which bounds memory."""
     cancel_check_s: float = Field(1.0, gt=0)
     """How often the records of tasks running for at least this long are read for a cancel: a
-    cancelled task is interrupted within about twice this, whatever the lease."""
+    cancelled task is interrupted within about twice this, whatever the lease. The same read
+    interrupts a run another agent took over after this agent's lease on it lapsed."""
     affinity_max_wait_s: float = Field(30.0, ge=0)
     """Model-aware order: the longest a received task may be passed over for tasks of a model the
     runtime has loaded; 0 is plain arrival order."""

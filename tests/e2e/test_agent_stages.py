@@ -19,6 +19,7 @@ import uvicorn
 from fleet_tools import agent_process, drain, exists, submit_all, write_fleet_file
 
 from conftest import Engine, StartFleet, fleet_settings, free_port
+from sdfleet.errors import RuntimeFailure
 from sdfleet.settings import QueueConfig, Settings, WebhookSettings
 from sdfleet.store import TaskStore, open_store
 from sdfleet.tasks import TaskRecord, TaskState
@@ -280,6 +281,70 @@ async def test_two_copies_of_a_queued_task_received_together_run_once(
     events = _events(caplog, "twice")
     assert events.count("started") == 1, events
     assert events.count("dropped") == 1, events
+
+
+@pytest.mark.parametrize("how", ["runs on", "fails", "shuts down"])
+async def test_a_task_taken_over_after_a_lapsed_lease_has_one_result_from_the_agent_that_took_it(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    store: TaskStore,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """An agent whose lease on a running task lapsed (here its heartbeat comes after the lease, as
+    a stalled event loop's would) while a second agent received the message again and took the
+    task over went on as if the task were still its own: a failed run or a shutdown put the
+    second agent's ``running`` back to ``queued``, whose result was then refused and its message
+    acked (the task stayed queued for good); a run that went on ran to its end beside the other.
+    Now the first agent's cancel watch sees the other's start and interrupts its run, and what
+    ends it writes no record and leaves the delivery alone: one result, the second agent's."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    runtimes = {"synthetic": {"latency_s": 2}}
+    # The first agent's watch looks every second where it is the point, else after the failure.
+    check_s = 1.0 if how == "runs on" else 60.0
+    agent = {"cancel_check_s": check_s, "drain_s": 0.5}  # a shutdown interrupts at once
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=2, max_receives=5, **agent)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    first = await start_fleet(QUEUE, settings=s, with_api=False)
+    a = first.fleet.agents[0]
+    a.period = 30.0  # its delivery's lease (2 s) lapses while it runs
+    a.parts.runtime.latency_s = 30.0  # type: ignore[attr-defined]
+    inner = a.parts.runtime.run
+
+    async def run(job: Any, progress: Any) -> Any:
+        if how == "fails":
+            await asyncio.sleep(4)  # the second agent took the task over at about 2 s
+            raise RuntimeFailure("the GPU fell off the bus")
+        return await inner(job, progress)
+
+    a.parts.runtime.run = run  # type: ignore[method-assign]
+    task_id = (await api.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
+    await api.wait(task_id, states=("running",))
+    a.ahead = lambda: 0  # type: ignore[method-assign]  # it takes nothing more: the lapsed message goes to b
+    second = await start_fleet(QUEUE, settings=s, with_api=False)
+    b = second.fleet.agents[0]
+    if how == "shuts down":
+        await _until(lambda: _events(caplog, task_id).count("started") == 2)
+        await first.stop()  # its drain interrupts the run the second agent took over
+    view = await api.wait(task_id, timeout_s=30)
+    assert view["state"] == "succeeded" and view["attempts"] == 2, view
+    record = await store.get("default", task_id)
+    assert record is not None and record.worker == b.parts.worker_id, record
+    await _until(lambda: "dropped" in _events(caplog, task_id))  # the first agent let it go
+    events = _events(caplog, task_id)
+    assert sorted(events) == sorted(["received", "started"] * 2 + ["dropped", "succeeded"]), events
+    if how == "runs on":  # interrupted about a second after the other's start, not 30 s on
+        assert events.index("dropped") < events.index("succeeded"), events
+    q = await _settled(api)
+    assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
+
+
+async def _until(done: Any, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
 
 
 def _events(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]:

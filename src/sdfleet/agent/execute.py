@@ -193,5 +193,7 @@ async def _write_progress(parts: Parts, p: Prepared, fraction: float) -> TaskRec
     except SdfleetError as e:  # progress is best effort
         log.debug("progress of %s not saved: %s", p.task.id, e)
         return None
+    if record.worker != parts.worker_id:
+        return None  # taken over by another agent: ``p.record`` stays this agent's own
     p.record = record
     return record

@@ -2,7 +2,9 @@
 
 Runs concurrently with the next runtime call. Every path settles the delivery exactly once (ack,
 or release for a retry) and leaves the record in a state that tells the client what happened; the
-ack always follows the stored images and record, so a crash anywhere means a redelivery.
+ack always follows the stored images and record, so a crash anywhere means a redelivery. A task
+another agent took over (this one's lease lapsed) writes nothing and leaves its stale delivery to
+the bus: its result is the other agent's.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from opentelemetry.trace import StatusCode
 from sdfleet.agent.execute import Outcome
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
-from sdfleet.agent.records import acknowledge, fail, notify, requeue
+from sdfleet.agent.records import acknowledge, fail, notify, ours, requeue, taken_over
 from sdfleet.agent.tasklog import task_event
 from sdfleet.compat.out import SEED_ORIGINS, succeeded_out
-from sdfleet.errors import Interrupted, Reject, SdfleetError, TransitionConflict
+from sdfleet.errors import Interrupted, Reject, SdfleetError, TakenOver, TransitionConflict
 from sdfleet.media import sniff
 from sdfleet.runtimes.base import RuntimeResult
 from sdfleet.store.base import transition
@@ -43,6 +45,16 @@ async def finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
 
 
 async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
+    try:
+        if p.taken_over:  # seen by the cancel watch: not even its images are stored
+            raise taken_over(p.task.id, p.taken_over)
+        await _settle(parts, p, outcome)
+    except TakenOver as e:
+        _event(p, "dropped", reason=str(e))
+        await p.handle.abandon()
+
+
+async def _settle(parts: Parts, p: Prepared, outcome: Outcome) -> None:
     task = p.task
     if isinstance(outcome, RuntimeResult) and not p.cancelled:
         await _succeed(parts, p, outcome)
@@ -50,8 +62,8 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
         await _interrupted(parts, p)
     elif isinstance(outcome, Reject):
         p.span.set_status(StatusCode.ERROR, outcome.reason)
+        await fail(parts, task.tenant, task.id, outcome.code, outcome.reason, ran=True)
         _event(p, "failed", code=outcome.code, reason=outcome.reason, retry=False)
-        await fail(parts, task.tenant, task.id, outcome.code, outcome.reason)
         await acknowledge(parts, p)
     elif isinstance(outcome, SdfleetError):
         await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome))
@@ -88,6 +100,7 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     def mutate(r: TaskRecord) -> TaskRecord | None:
         if r.state is TaskState.SUCCEEDED and r.result == res:
             return None  # our own write, applied by a server that went away before it replied
+        ours(r, parts)
         r.state, r.result, r.progress, r.error = TaskState.SUCCEEDED, res, 1.0, None
         r.finished_at = time.time()
         return r
@@ -96,6 +109,8 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     record_it = partial(transition, parts.store, task.tenant, task.id, mutate, current=p.record)
     try:
         record = await ride_out(record_it, f"recording {task.id}", lease_s)
+    except TakenOver:
+        raise
     except TransitionConflict as e:  # cancelled (or finished elsewhere) meanwhile: no second result
         log.info("task %s finished but not recorded: %s", task.id, e)
         await p.handle.ack()
@@ -116,8 +131,9 @@ async def _interrupted(parts: Parts, p: Prepared) -> None:
             await notify(parts, record, EventType.CANCELLED)
         await acknowledge(parts, p)
         return
-    _event(p, "requeued", code="interrupted", reason="agent shut down before the task finished")
-    await requeue(parts, p.task.tenant, p.task.id, "interrupted", "agent shut down before the task finished")
+    reason = "agent shut down before the task finished"
+    await requeue(parts, p.task.tenant, p.task.id, "interrupted", reason)
+    _event(p, "requeued", code="interrupted", reason=reason)
     await p.handle.release()
 
 
@@ -125,14 +141,15 @@ async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> 
     d = p.delivery
     p.span.set_status(StatusCode.ERROR, message)
     last = d.receive_count >= parts.fleet.retry.max_receives
+    if last:
+        reason = f"{message} (after {d.receive_count} attempts)"
+        await fail(parts, p.task.tenant, p.task.id, code, reason, ran=True)
+    else:
+        await requeue(parts, p.task.tenant, p.task.id, code, message)
     level = logging.WARNING
     _event(
         p, "failed" if last else "requeued", level=level, code=code, reason=message, attempt=d.receive_count
     )
-    if last:
-        await fail(parts, p.task.tenant, p.task.id, code, f"{message} (after {d.receive_count} attempts)")
-        # Not acked: the bus moves a message that used up its receives to the dead-letter queue.
-        await p.handle.release()
-    else:
-        await requeue(parts, p.task.tenant, p.task.id, code, message)
-        await p.handle.release(parts.settings.retry_delay_s)
+    # A last attempt is not acked either: the bus moves a message that used up its receives to
+    # the dead-letter queue.
+    await p.handle.release(0.0 if last else parts.settings.retry_delay_s)

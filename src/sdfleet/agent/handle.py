@@ -31,6 +31,13 @@ class DeliveryHandle:
                 await self.bus.release(self.delivery, delay_s)
                 self.settled = True
 
+    async def abandon(self) -> None:
+        """Settled without a word to the bus: another agent received the message again after
+        this delivery's lease lapsed, and an ack or release with this stale receipt could end or
+        expose that agent's delivery (SQS may honour an older receipt handle)."""
+        async with self._lock:
+            self.settled = True
+
     async def extend(self, lease_s: float) -> None:
         async with self._lock:
             if not self.settled:

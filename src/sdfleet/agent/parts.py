@@ -69,6 +69,9 @@ class Prepared:
     """Monotonic time its runtime call began (the cancel watch checks tasks running for a while)."""
     cancel_checked: float | None = None
     """Monotonic time the cancel watch last read its record."""
+    taken_over: str | None = None
+    """The agent that took the task over, once the cancel watch read it in the record (this
+    agent's lease lapsed): its run is interrupted and its outcome not written."""
     light: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when what is left of finishing is waiting for notifications to go out, then the ack."""
     job: Job | None = None

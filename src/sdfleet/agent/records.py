@@ -11,23 +11,45 @@ from functools import partial
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
 from sdfleet.compat.out import SEED_ORIGINS, failed_out
-from sdfleet.errors import NotFound, SdfleetError, TransitionConflict
+from sdfleet.errors import NotFound, SdfleetError, TakenOver, TransitionConflict
 from sdfleet.store.base import transition
 from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, TaskResult, TaskState
 
 log = logging.getLogger(__name__)
 
 
+def ours(r: TaskRecord, parts: Parts) -> None:
+    """Raise ``TakenOver`` when the record says another agent runs the task: the outcome of this
+    agent's run is no longer its to write (the other's start came after this one's)."""
+    if r.state is TaskState.RUNNING and r.worker != parts.worker_id:
+        raise taken_over(r.id, r.worker)
+
+
+def taken_over(task_id: str, worker: str | None) -> TakenOver:
+    return TakenOver(f"task {task_id} taken over by {worker} after this agent's lease on it lapsed")
+
+
 async def fail(
-    parts: Parts, tenant: str, task_id: str, code: str, message: str, *, task: Task | None = None
+    parts: Parts,
+    tenant: str,
+    task_id: str,
+    code: str,
+    message: str,
+    *,
+    task: Task | None = None,
+    ran: bool = False,
 ) -> None:
     """Mark a task failed with a reason and notify; a task already terminal stays as it is.
     ``task``: create its record, failed, if it has none (a task another producer published). A
-    task sent in a seed format also gets the seed's failure ``.out``, linked from its notification."""
+    task sent in a seed format also gets the seed's failure ``.out``, linked from its notification.
+    ``ran``: the failure is of this agent's run, so ``TakenOver`` is raised rather than failing a
+    task another agent runs now."""
 
     tag = secrets.token_hex(2)
 
     def mutate(r: TaskRecord) -> TaskRecord:
+        if ran:
+            ours(r, parts)
         r.state, r.error = TaskState.FAILED, TaskError(code=code, message=message)
         r.finished_at = time.time()
         if r.task.origin in SEED_ORIGINS and (r.result is None or r.result.output is None):
@@ -44,30 +66,40 @@ async def fail(
             record, created = await parts.store.create(mutate(TaskRecord(task=task)))
             if not created:
                 record = await transition(parts.store, tenant, task_id, mutate)
+    except TakenOver:
+        raise
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not failed: %s", task_id, e)
         return
     parts.metrics.tasks.labels(queue=parts.queue.name, state="failed").inc()
     if record.task.origin in SEED_ORIGINS and record.result is not None and record.result.output:
-        out = json.dumps(failed_out(record.task, code, message), indent=2).encode()
-        try:
-            await parts.storage.put(record.result.output, out, "application/json")
-        except SdfleetError as e:  # the failure itself stands; only its .out is missing
-            log.warning("task %s: failure .out not stored: %s", task_id, e)
+        await _store_failed_out(parts, record, record.result.output, code, message)
     await notify(parts, record, EventType.FAILED)
 
 
+async def _store_failed_out(parts: Parts, record: TaskRecord, key: str, code: str, message: str) -> None:
+    out = json.dumps(failed_out(record.task, code, message), indent=2).encode()
+    try:
+        await parts.storage.put(key, out, "application/json")
+    except SdfleetError as e:  # the failure itself stands; only its .out is missing
+        log.warning("task %s: failure .out not stored: %s", record.id, e)
+
+
 async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: str) -> None:
-    """Back to ``queued`` with the reason of the failed attempt (the delivery is released)."""
+    """Back to ``queued`` with the reason of this agent's failed attempt (the delivery is
+    released); ``TakenOver`` when another agent runs the task now."""
 
     def mutate(r: TaskRecord) -> TaskRecord | None:
         if r.state is not TaskState.RUNNING:
             return None
+        ours(r, parts)
         r.state, r.error, r.worker = TaskState.QUEUED, TaskError(code=code, message=message), None
         return r
 
     try:
         await transition(parts.store, tenant, task_id, mutate)
+    except TakenOver:
+        raise
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not requeued: %s", task_id, e)
 

@@ -3,7 +3,9 @@
 A cancel is written by the API into the task's record; the agent reads the records of the tasks
 that have been running for ``check_s`` or more, every ``check_s``, so a cancelled task is
 interrupted within about two ``check_s`` whatever the lease is, and a task shorter than that costs
-no read at all.
+no read at all. The same read tells a task another agent took over (this agent's lease on it
+lapsed, say while its event loop stalled): that run is interrupted too, so two agents run one task
+at once for about ``check_s`` past the stall, not to the end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Collection
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.errors import SdfleetError
-from sdfleet.tasks import TaskState
+from sdfleet.tasks import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ async def watch_cancels(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=check_s / 2)
         now = time.monotonic()
-        due = [p for p in running() if not p.cancelled and _due(p, now, check_s)]
+        due = [p for p in running() if not (p.cancelled or p.taken_over) and _due(p, now, check_s)]
         for p in due:
             p.cancel_checked = now
             try:
@@ -63,9 +65,24 @@ async def watch_cancels(
                 log.info("task %s cancelled: interrupting it", p.task.id)
                 p.cancelled = True
                 await parts.runtime.interrupt(p.task.id)
+            elif record is not None and _taken_over(parts, p, record):
+                log.warning(
+                    "task %s taken over by %s after this agent's lease on it lapsed: interrupting it",
+                    p.task.id,
+                    record.worker,
+                )
+                p.taken_over = record.worker
+                await parts.runtime.interrupt(p.task.id)
 
 
 def _due(p: Prepared, now: float, check_s: float) -> bool:
     if p.run_started is None or now - p.run_started < check_s:
         return False
     return p.cancel_checked is None or now - p.cancel_checked >= check_s
+
+
+def _taken_over(parts: Parts, p: Prepared, record: TaskRecord) -> bool:
+    """The record says another agent runs the task, and this agent's own start was written
+    (before that, it may still show the agent this one takes over from)."""
+    mine = p.record is not None and p.record.state is TaskState.RUNNING and p.record.worker == parts.worker_id
+    return mine and record.state is TaskState.RUNNING and record.worker != parts.worker_id
