@@ -77,7 +77,7 @@ def ns() -> str:
 # Tests where moto departs from documented AWS behaviour. They still run against moto and must
 # still fail there (strict xfail): once moto is fixed the entry has to go. Nothing is skipped.
 AWS_MOTO_DEVIATIONS = {
-    "test_stale_receipt_cannot_ack_re_leased_message": (
+    "test_a_stale_receipt_cannot_ack_extend_or_release_a_re_leased_message": (
         "SQS DeleteMessage docs: with a receipt handle from an earlier receive 'the request succeeds,"
         " but the message will not be deleted'; moto 5 deletes (and re-times) the message with any"
         " receipt handle it ever issued for it"

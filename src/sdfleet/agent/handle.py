@@ -34,7 +34,8 @@ class DeliveryHandle:
     async def abandon(self) -> None:
         """Settled without a word to the bus: another agent received the message again after
         this delivery's lease lapsed, and an ack or release with this stale receipt could end or
-        expose that agent's delivery (SQS may honour an older receipt handle)."""
+        expose that agent's delivery (SQS's documentation: such a delete "might not" delete the
+        message; moto deletes it and re-times it with any receipt handle it issued)."""
         async with self._lock:
             self.settled = True
 
