@@ -22,6 +22,7 @@ from standardwebhooks import Webhook as StandardWebhook
 from standardwebhooks import WebhookVerificationError
 
 from conftest import Engine, StartFleet, fleet_settings, free_port
+from sdfleet.errors import RuntimeFailure
 from sdfleet.notify.webhook import WebhookNotifier, verify
 from sdfleet.settings import QueueConfig, Settings, WebhookSettings
 from sdfleet.tasks import EventType, Task, TaskEvent, TaskRecord, TaskState, Webhook
@@ -252,6 +253,54 @@ async def test_cancels_are_delivered(
     got = {json.loads(h.body)["task_id"]: h for h in receiver.on("/hook/cancel")}
     assert set(got) == {running, queued}
     assert all(h.event == "cancelled" and _signed(h) for h in got.values())
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the finish stage's rule, not the engine's
+@pytest.mark.parametrize("ends", ["with images", "in a failure", "at a shutdown"])
+async def test_a_cancel_the_watch_had_not_read_when_the_run_ended_is_delivered(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+    ends: str,
+) -> None:
+    """The agent that interrupts a cancelled task tells its subscribers. A run that ended first
+    (its images made, a failure, a SIGTERM drain) within ``agent.cancel_check_s`` of the cancel
+    had its result refused and its message acked, or was requeued and released, and no one ever
+    said ``cancelled``: the next agent that got the message dropped it as already started (after
+    a failure, that agent told the cancel, one lease or retry delay later)."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    settings = _settings(engine, models_dir, allow_private=True)
+    settings.fleet.runtimes = {"synthetic": {"latency_s": 30 if ends == "at a shutdown" else 1.5}}
+    settings.agent.cancel_check_s = 60  # the cancel watch never reads it: the run ends first
+    settings.agent.drain_s = 0.2
+    api = await start_fleet(QUEUE, settings=settings, agents=[])
+    agents = await start_fleet(QUEUE, settings=settings, with_api=False)
+    runtime = agents.fleet.agents[0].parts.runtime
+    run = runtime.run
+
+    async def run_or_fail(job: Any, progress: Any) -> Any:
+        if ends == "in a failure":
+            await asyncio.sleep(1.5)
+            raise RuntimeFailure("the GPU fell off the bus")
+        return await run(job, progress)
+
+    runtime.run = run_or_fail  # type: ignore[method-assign]
+    hook = {"url": f"{receiver.url}/hook/ends", "events": ["cancelled", "succeeded", "failed"]}
+    task_id = (await api.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]
+    await api.wait(task_id, states=("running",))
+    assert (await api.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    if ends == "at a shutdown":
+        await agents.stop()
+    await receiver.until(lambda: len(receiver.on("/hook/ends")) >= 1, timeout_s=15)
+    await asyncio.sleep(0.5)  # room for a second, wrong, notification
+    assert [h.event for h in receiver.on("/hook/ends")] == ["cancelled"]
+    assert (await api.wait(task_id))["state"] == "cancelled"
+    (q,) = [v for v in (await api.http.get("/v1/queues")).json() if v["name"] == "q"]
+    assert (q["visible"], q["in_flight"]) == (0, 0), q  # acked, not handed back
+    events = [r.event for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+    assert events == ["received", "started", "cancelled"], events
 
 
 async def test_unsigned_warning_once_and_only_when_a_task_asks(

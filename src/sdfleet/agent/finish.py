@@ -62,7 +62,9 @@ async def _settle(parts: Parts, p: Prepared, outcome: Outcome) -> None:
         await _interrupted(parts, p)
     elif isinstance(outcome, Reject):
         p.span.set_status(StatusCode.ERROR, outcome.reason)
-        await fail(parts, task.tenant, task.id, outcome.code, outcome.reason, ran=True)
+        failed = await fail(parts, task.tenant, task.id, outcome.code, outcome.reason, ran=True)
+        if not failed and await _cancelled_meanwhile(parts, p):
+            return
         _event(p, "failed", code=outcome.code, reason=outcome.reason, retry=False)
         await acknowledge(parts, p)
     elif isinstance(outcome, SdfleetError):
@@ -112,6 +114,8 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     except TakenOver:
         raise
     except TransitionConflict as e:  # cancelled (or finished elsewhere) meanwhile: no second result
+        if await _cancelled_meanwhile(parts, p):
+            return
         log.info("task %s finished but not recorded: %s", task.id, e)
         await p.handle.ack()
         return
@@ -123,18 +127,32 @@ async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     await acknowledge(parts, p)
 
 
-async def _interrupted(parts: Parts, p: Prepared) -> None:
+async def _interrupted(parts: Parts, p: Prepared, record: TaskRecord | None = None) -> None:
     if p.cancelled:  # the API already wrote the terminal state; tell the subscribers
         _event(p, "cancelled")
-        record = await parts.store.get(p.task.tenant, p.task.id)
+        record = record or await parts.store.get(p.task.tenant, p.task.id)
         if record is not None:
             await notify(parts, record, EventType.CANCELLED)
         await acknowledge(parts, p)
         return
     reason = "agent shut down before the task finished"
-    await requeue(parts, p.task.tenant, p.task.id, "interrupted", reason)
+    written = await requeue(parts, p.task.tenant, p.task.id, "interrupted", reason)
+    if not written and await _cancelled_meanwhile(parts, p):
+        return
     _event(p, "requeued", code="interrupted", reason=reason)
     await p.handle.release()
+
+
+async def _cancelled_meanwhile(parts: Parts, p: Prepared) -> bool:
+    """A run that ended (images, a failure, a shutdown) after the API wrote its cancel but before
+    the cancel watch read it (within ``agent.cancel_check_s``) is settled as cancelled: its
+    subscribers are told, and its message is acked, not handed back. False: not cancelled."""
+    record = await parts.store.get(p.task.tenant, p.task.id)
+    if record is None or record.state is not TaskState.CANCELLED:
+        return False
+    p.cancelled = True
+    await _interrupted(parts, p, record)
+    return True
 
 
 async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> None:
@@ -143,9 +161,11 @@ async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> 
     last = d.receive_count >= parts.fleet.retry.max_receives
     if last:
         reason = f"{message} (after {d.receive_count} attempts)"
-        await fail(parts, p.task.tenant, p.task.id, code, reason, ran=True)
+        written = await fail(parts, p.task.tenant, p.task.id, code, reason, ran=True)
     else:
-        await requeue(parts, p.task.tenant, p.task.id, code, message)
+        written = await requeue(parts, p.task.tenant, p.task.id, code, message)
+    if not written and await _cancelled_meanwhile(parts, p):
+        return
     level = logging.WARNING
     _event(
         p, "failed" if last else "requeued", level=level, code=code, reason=message, attempt=d.receive_count

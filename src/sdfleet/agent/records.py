@@ -38,8 +38,8 @@ async def fail(
     *,
     task: Task | None = None,
     ran: bool = False,
-) -> None:
-    """Mark a task failed with a reason and notify; a task already terminal stays as it is.
+) -> bool:
+    """Mark a task failed with a reason and notify (True); a task already terminal stays as it is.
     ``task``: create its record, failed, if it has none (a task another producer published). A
     task sent in a seed format also gets the seed's failure ``.out``, linked from its notification.
     ``ran``: the failure is of this agent's run, so ``TakenOver`` is raised rather than failing a
@@ -70,11 +70,12 @@ async def fail(
         raise
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not failed: %s", task_id, e)
-        return
+        return False
     parts.metrics.tasks.labels(queue=parts.queue.name, state="failed").inc()
     if record.task.origin in SEED_ORIGINS and record.result is not None and record.result.output:
         await _store_failed_out(parts, record, record.result.output, code, message)
     await notify(parts, record, EventType.FAILED)
+    return True
 
 
 async def _store_failed_out(parts: Parts, record: TaskRecord, key: str, code: str, message: str) -> None:
@@ -85,9 +86,10 @@ async def _store_failed_out(parts: Parts, record: TaskRecord, key: str, code: st
         log.warning("task %s: failure .out not stored: %s", record.id, e)
 
 
-async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: str) -> None:
+async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: str) -> bool:
     """Back to ``queued`` with the reason of this agent's failed attempt (the delivery is
-    released); ``TakenOver`` when another agent runs the task now."""
+    released); False when the record is not queued after all (cancelled meanwhile), and
+    ``TakenOver`` when another agent runs the task now."""
 
     def mutate(r: TaskRecord) -> TaskRecord | None:
         if r.state is not TaskState.RUNNING:
@@ -97,11 +99,13 @@ async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: s
         return r
 
     try:
-        await transition(parts.store, tenant, task_id, mutate)
+        record = await transition(parts.store, tenant, task_id, mutate)
     except TakenOver:
         raise
     except (TransitionConflict, NotFound) as e:
         log.info("task %s not requeued: %s", task_id, e)
+        return False
+    return record.state is TaskState.QUEUED
 
 
 async def notify_if_cancelled_unrun(parts: Parts, record: TaskRecord | None) -> None:
