@@ -147,7 +147,8 @@ async def _cancelled_meanwhile(parts: Parts, p: Prepared) -> bool:
     """A run that ended (images, a failure, a shutdown) after the API wrote its cancel but before
     the cancel watch read it (within ``agent.cancel_check_s``) is settled as cancelled: its
     subscribers are told, and its message is acked, not handed back. False: not cancelled."""
-    record = await parts.store.get(p.task.tenant, p.task.id)
+    read = partial(parts.store.get, p.task.tenant, p.task.id)
+    record = await ride_out(read, f"reading {p.task.id}", parts.fleet.retry.lease_s)
     if record is None or record.state is not TaskState.CANCELLED:
         return False
     p.cancelled = True
