@@ -272,17 +272,18 @@ async def test_a_cancel_the_watch_had_not_read_when_the_run_ended_is_delivered(
     a failure, that agent told the cancel, one lease or retry delay later)."""
     caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
     settings = _settings(engine, models_dir, allow_private=True)
-    settings.fleet.runtimes = {"synthetic": {"latency_s": 30 if ends == "at a shutdown" else 1.5}}
+    settings.fleet.runtimes = {"synthetic": {"latency_s": 30 if ends == "at a shutdown" else 0.2}}
     settings.agent.cancel_check_s = 60  # the cancel watch never reads it: the run ends first
     settings.agent.drain_s = 0.2
     api = await start_fleet(QUEUE, settings=settings, agents=[])
     agents = await start_fleet(QUEUE, settings=settings, with_api=False)
     runtime = agents.fleet.agents[0].parts.runtime
     run = runtime.run
+    cancelled = asyncio.Event()
 
     async def run_or_fail(job: Any, progress: Any) -> Any:
+        await asyncio.wait_for(cancelled.wait(), timeout=30)  # the run ends only after the cancel
         if ends == "in a failure":
-            await asyncio.sleep(1.5)
             raise RuntimeFailure("the GPU fell off the bus")
         return await run(job, progress)
 
@@ -291,6 +292,7 @@ async def test_a_cancel_the_watch_had_not_read_when_the_run_ended_is_delivered(
     task_id = (await api.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]
     await api.wait(task_id, states=("running",))
     assert (await api.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    cancelled.set()
     if ends == "at a shutdown":
         await agents.stop()
     await receiver.until(lambda: len(receiver.on("/hook/ends")) >= 1, timeout_s=15)
