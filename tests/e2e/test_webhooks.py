@@ -305,6 +305,59 @@ async def test_a_cancel_the_watch_had_not_read_when_the_run_ended_is_delivered(
     assert events == ["received", "started", "cancelled"], events
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the agent's rule, not the engine's
+async def test_a_retried_task_cancelled_while_waiting_in_the_agent_is_delivered(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task cancelled while queued is told by the agent that drops it, which went by "no attempt
+    yet". A task whose first attempt failed (back to ``queued``, one attempt) and that was cancelled
+    while it waited in an agent's ready pool behind busy runtime places was dropped at its start
+    with no notification, and its message acked: no one said ``cancelled``."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    settings = _settings(engine, models_dir, allow_private=True)
+    settings.agent.retry_delay_s = 1.0  # room to fill the runtime's two places first
+    rf = await start_fleet(QUEUE, settings=settings)
+    runtime = rf.fleet.agents[0].parts.runtime
+    run = runtime.run
+    free = asyncio.Event()
+    calls: list[str] = []
+
+    async def run_once_failing(job: Any, progress: Any) -> Any:
+        calls.append(job.task_id)
+        if calls.count(job.task_id) == 1 and job.task_id == task_id:
+            raise RuntimeFailure("the GPU fell off the bus")
+        await asyncio.wait_for(free.wait(), timeout=30)  # the blockers hold both places
+        return await run(job, progress)
+
+    runtime.run = run_once_failing  # type: ignore[method-assign]
+    task_id = ""
+    hook = {"url": f"{receiver.url}/hook/retried", "events": ["cancelled", "succeeded", "failed"]}
+    task_id = (await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]
+    await _until_event(caplog, task_id, "requeued")
+    blockers = [(await rf.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"] for _ in range(2)]
+    await _until_event(caplog, task_id, "received", count=2)  # its retry waits in the pool
+    assert (await rf.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    free.set()
+    await receiver.until(lambda: len(receiver.on("/hook/retried")) >= 1, timeout_s=15)
+    assert [h.event for h in receiver.on("/hook/retried")] == ["cancelled"]
+    assert [(await rf.wait(b))["state"] for b in blockers] == ["succeeded"] * 2
+    events = [r.event for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+    assert events == ["received", "started", "requeued", "received", "dropped"], events
+
+
+async def _until_event(caplog: pytest.LogCaptureFixture, task_id: str, event: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 15
+    while [getattr(r, "event", "") for r in caplog.records if getattr(r, "task_id", "") == task_id].count(
+        event
+    ) < count:
+        assert time.monotonic() < deadline, f"no {event} of {task_id}"
+        await asyncio.sleep(0.05)
+
+
 async def test_unsigned_warning_once_and_only_when_a_task_asks(
     receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:

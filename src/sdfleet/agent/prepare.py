@@ -193,7 +193,7 @@ async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> 
     """Subscribers hear of every terminal state at least once: a task cancelled while queued is
     told by the agent that drops it, and a finished task whose delivery comes back (its agent died
     after the record, maybe before the notification) is told again."""
-    if record.state is TaskState.CANCELLED and record.attempts == 0:
+    if record.state is TaskState.CANCELLED and record.worker is None:
         await notify_if_cancelled_unrun(parts, record)
     elif record.state.terminal and d.receive_count > 1 and record.attempts > 0:
         await notify(parts, record, EventType(record.state.value))

@@ -109,9 +109,10 @@ async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: s
 
 
 async def notify_if_cancelled_unrun(parts: Parts, record: TaskRecord | None) -> None:
-    """A task cancelled while queued never reaches a runtime: the agent that drops it tells the
-    subscribers (at least once: each dropped copy may)."""
-    if record is not None and record.state is TaskState.CANCELLED and record.attempts == 0:
+    """A task cancelled while queued (never started, or handed back by a failed attempt: no agent
+    has a run of it, ``worker`` is None) reaches no runtime that could tell the cancel: the agent
+    that drops it tells the subscribers (at least once: each dropped copy may)."""
+    if record is not None and record.state is TaskState.CANCELLED and record.worker is None:
         await notify(parts, record, EventType.CANCELLED)
 
 
