@@ -18,7 +18,7 @@ from sdfleet.agent.decode import Decoded, decode_delivery, decode_task
 from sdfleet.agent.defer import defer, held_by_another_run, other_publish, unended_other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.records import fail, notify, notify_if_cancelled_unrun
+from sdfleet.agent.records import cancelled_unrun, fail, notify
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, MessageDecodeError, SdfleetError
@@ -193,8 +193,8 @@ async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> 
     """Subscribers hear of every terminal state at least once: a task cancelled while queued is
     told by the agent that drops it, and a finished task whose delivery comes back (its agent died
     after the record, maybe before the notification) is told again."""
-    if record.state is TaskState.CANCELLED and record.worker is None:
-        await notify_if_cancelled_unrun(parts, record)
+    if cancelled_unrun(record):
+        await notify(parts, record, EventType.CANCELLED)
     elif record.state.terminal and d.receive_count > 1 and record.attempts > 0:
         await notify(parts, record, EventType(record.state.value))
 

@@ -18,10 +18,15 @@ from sdfleet.tasks import EventType, Task, TaskError, TaskEvent, TaskRecord, Tas
 log = logging.getLogger(__name__)
 
 
+def elsewhere(r: TaskRecord, parts: Parts) -> bool:
+    """The record says another agent runs the task."""
+    return r.state is TaskState.RUNNING and r.worker != parts.worker_id
+
+
 def ours(r: TaskRecord, parts: Parts) -> None:
     """Raise ``TakenOver`` when the record says another agent runs the task: the outcome of this
     agent's run is no longer its to write (the other's start came after this one's)."""
-    if r.state is TaskState.RUNNING and r.worker != parts.worker_id:
+    if elsewhere(r, parts):
         raise taken_over(r.id, r.worker)
 
 
@@ -108,11 +113,16 @@ async def requeue(parts: Parts, tenant: str, task_id: str, code: str, message: s
     return record.state is TaskState.QUEUED
 
 
+def cancelled_unrun(record: TaskRecord) -> bool:
+    """Cancelled while queued: never started, or handed back by a failed attempt (no agent has a
+    run of it, ``worker`` is None), so no runtime that could tell the cancel."""
+    return record.state is TaskState.CANCELLED and record.worker is None
+
+
 async def notify_if_cancelled_unrun(parts: Parts, record: TaskRecord | None) -> None:
-    """A task cancelled while queued (never started, or handed back by a failed attempt: no agent
-    has a run of it, ``worker`` is None) reaches no runtime that could tell the cancel: the agent
-    that drops it tells the subscribers (at least once: each dropped copy may)."""
-    if record is not None and record.state is TaskState.CANCELLED and record.worker is None:
+    """A task cancelled while queued is told by the agent that drops it (at least once: each
+    dropped copy may)."""
+    if record is not None and cancelled_unrun(record):
         await notify(parts, record, EventType.CANCELLED)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection
 
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
+from sdfleet.agent.records import elsewhere
 from sdfleet.errors import SdfleetError
 from sdfleet.tasks import TaskRecord, TaskState
 
@@ -85,4 +86,4 @@ def _taken_over(parts: Parts, p: Prepared, record: TaskRecord) -> bool:
     """The record says another agent runs the task, and this agent's own start was written
     (before that, it may still show the agent this one takes over from)."""
     mine = p.record is not None and p.record.state is TaskState.RUNNING and p.record.worker == parts.worker_id
-    return mine and record.state is TaskState.RUNNING and record.worker != parts.worker_id
+    return mine and elsewhere(record, parts)
