@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 import yaml
 from PIL import Image
 
-from conftest import Engine, RunningFleet, subprocess_env
+from conftest import Engine, RunningFleet, free_port, subprocess_env
 from sdfleet.bus import open_bus
 from sdfleet.storage import open_storage
 
@@ -145,3 +147,22 @@ async def cancel_while_running(fleet: RunningFleet, task_id: str, settle_s: floa
     stopped_s = time.monotonic() - asked
     assert (await fleet.wait(task_id, timeout_s=60))["state"] == "cancelled"
     return stopped_s
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """``app`` on a free port of 127.0.0.1 until the block ends; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    job = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not job.done(), job
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(job, timeout=5)

@@ -5,7 +5,6 @@ task within seconds whatever the lease; batch-mates fail and cancel alone throug
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -15,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fleet_tools import agent_process, drain, exists, submit_all, write_fleet_file
+from fleet_tools import agent_process, drain, exists, serving, submit_all, write_fleet_file
 
 from conftest import Engine, StartFleet, fleet_settings, free_port
 from sdfleet.errors import RuntimeFailure
@@ -53,25 +51,6 @@ class StallingHook:
             await asyncio.Event().wait()  # never answers: the agent is killed meanwhile
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """``app`` on a free port of 127.0.0.1 until the block ends; yields its base URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
-    job = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not job.done(), job
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        server.force_exit = True
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(job, timeout=5)
 
 
 @pytest.fixture
