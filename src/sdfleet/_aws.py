@@ -86,15 +86,22 @@ def error_code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
 
+def transient(e: Exception) -> bool:
+    """Throttling, a 5xx, an unreachable or garbled endpoint: worth another try later."""
+    if isinstance(e, ClientError):
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return error_code(e) in UNAVAILABLE_CODES or status >= 500
+    return isinstance(e, BotoConnectionError | HTTPClientError | ResponseParserError)
+
+
 def _from_client_error(
     e: ClientError, unavailable: type[SdfleetError], other: type[SdfleetError]
 ) -> Exception:
     code = error_code(e)
     message = f"{e.operation_name}: {code}: {e.response.get('Error', {}).get('Message', '')}"
-    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     if code in NOT_FOUND_CODES:
         return NotFound(message)
-    if code in UNAVAILABLE_CODES or status >= 500:
+    if transient(e):
         return unavailable(message)
     if code in INVALID_CODES:
         return ValidationFailed(message)

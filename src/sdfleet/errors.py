@@ -146,6 +146,11 @@ class InputFetchError(SdfleetError):
     code = "input_fetch_failed"
 
 
+class InputUnavailable(InputFetchError):
+    """The input could not be had just now (a timeout, a connection error, HTTP 408, 429 or 5xx,
+    S3 throttling): the agent retries the task, as a failed attempt, rather than failing it."""
+
+
 class UrlRefused(InputFetchError):
     code = "url_refused"
 

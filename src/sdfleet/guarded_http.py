@@ -25,10 +25,12 @@ from typing import Any
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from sdfleet.errors import InputFetchError, UrlRefused
+from sdfleet.errors import InputFetchError, InputUnavailable, UrlRefused
 from sdfleet.s3_inputs import S3Inputs
 
 MAX_REDIRECTS = 3
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""Answers that say "not now" rather than "no": the fetch is worth another try later."""
 _SCHEMES = ("http", "https")
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -44,7 +46,9 @@ def resolve_host(host: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
-        raise InputFetchError(f"cannot resolve {host!r}: {e}") from e
+        # EAI_AGAIN: the resolver could not answer now (an unknown name is EAI_NONAME)
+        kind = InputUnavailable if getattr(e, "errno", None) == socket.EAI_AGAIN else InputFetchError
+        raise kind(f"cannot resolve {host!r}: {e}") from e
     return sorted({str(info[4][0]) for info in infos})
 
 
@@ -297,7 +301,8 @@ class InputFetcher:
 
     async def fetch(self, url: str) -> bytes:
         """The image bytes ``url`` stands for, an image of at most ``max_pixels``. Raises
-        ``UrlRefused`` or ``InputFetchError``."""
+        ``UrlRefused``, ``InputUnavailable`` (a timeout, a connection error, HTTP 408, 429 or 5xx:
+        worth a retry) or ``InputFetchError``."""
         text = url.strip()
         data = decode_inline(text, self.max_bytes)
         if data is None and text[:5].lower() == "s3://":
@@ -314,7 +319,9 @@ class InputFetcher:
             async with asyncio.timeout(self.timeout_s):
                 return await self._follow(url)
         except TimeoutError as e:
-            raise InputFetchError(f"fetching {url} took longer than {self.timeout_s:g}s") from e
+            raise InputUnavailable(f"fetching {url} took longer than {self.timeout_s:g}s") from e
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
+            raise InputUnavailable(f"fetching {url} failed: {type(e).__name__}: {e}") from e
         except httpx.HTTPError as e:
             raise InputFetchError(f"fetching {url} failed: {type(e).__name__}: {e}") from e
 
@@ -334,7 +341,8 @@ class InputFetcher:
                     current = str(httpx.URL(current).join(location))
                     continue
                 if resp.status_code != 200:
-                    raise InputFetchError(f"fetching {current} failed: HTTP {resp.status_code}")
+                    kind = InputUnavailable if resp.status_code in RETRY_STATUSES else InputFetchError
+                    raise kind(f"fetching {current} failed: HTTP {resp.status_code}")
                 return await self._read(resp, current)
         raise InputFetchError(f"{url} redirects more than {MAX_REDIRECTS} times")
 

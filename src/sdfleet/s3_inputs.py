@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from sdfleet.errors import InputFetchError, UrlRefused
+from sdfleet.errors import InputFetchError, InputUnavailable, UrlRefused
 
 if TYPE_CHECKING:
     from sdfleet._aws import AwsContext
@@ -44,10 +44,13 @@ class S3Inputs:
         )
 
     async def fetch(self, url: str, max_bytes: int) -> bytes:
-        """The object's bytes, at most ``max_bytes``. Raises ``UrlRefused`` or ``InputFetchError``."""
+        """The object's bytes, at most ``max_bytes``. Raises ``UrlRefused``, ``InputUnavailable``
+        (throttled, a 5xx, S3 unreachable: worth a retry) or ``InputFetchError``."""
         bucket, key = self.check(url)
         aws = self._context()
         from botocore.exceptions import BotoCoreError, ClientError
+
+        from sdfleet._aws import transient
 
         def read() -> bytes:
             s3: Any = aws.client("s3")
@@ -62,9 +65,11 @@ class S3Inputs:
             return await aws.run(read)
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
-            raise InputFetchError(f"cannot read {url}: {code or e}") from e
+            kind = InputUnavailable if transient(e) else InputFetchError
+            raise kind(f"cannot read {url}: {code or e}") from e
         except BotoCoreError as e:
-            raise InputFetchError(f"cannot read {url}: {e}") from e
+            kind = InputUnavailable if transient(e) else InputFetchError
+            raise kind(f"cannot read {url}: {e}") from e
 
     def _context(self) -> AwsContext:
         if self._aws is None:

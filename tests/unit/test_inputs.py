@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,8 +16,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from sdfleet.errors import InputFetchError, UrlRefused
-from sdfleet.guarded_http import InputFetcher, check_url
+from fakes.servers import free_port
+from sdfleet.errors import InputFetchError, InputUnavailable, UrlRefused
+from sdfleet.guarded_http import InputFetcher, check_url, resolve_host
 
 PUBLIC = "93.184.216.34"
 NAMES = {
@@ -161,9 +163,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, self.image)
         elif path == "/text":
             self._send(200, b"hello, not an image", {"Content-Type": "text/plain"})
-        elif path.startswith("/hops/"):
-            n = int(path.rsplit("/", 1)[1])
-            self._send(302, headers={"Location": f"/hops/{n - 1}" if n > 1 else "/img.png"})
+        elif path.startswith(("/hops/", "/status/")):
+            self._numbered(path)
         elif path == "/to-metadata":
             self._send(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
         elif path == "/to-loopback":
@@ -172,6 +173,14 @@ class Handler(BaseHTTPRequestHandler):
             self._send(307, headers={"Location": f"http://cdn.test:{self.server.server_port}/img.png"})
         else:
             self._send(404, b"no")
+
+    def _numbered(self, path: str) -> None:
+        what, n = path.strip("/").split("/")
+        if what == "status":
+            self._send(int(n), b"not now")
+        else:
+            hops = int(n)
+            self._send(302, headers={"Location": f"/hops/{hops - 1}" if hops > 1 else "/img.png"})
 
 
 @pytest.fixture(scope="module")
@@ -212,14 +221,49 @@ async def test_fetch_follows_three_redirects_not_four(server: str, fetcher: Inpu
     ],
 )
 async def test_fetch_refuses(server: str, fetcher: InputFetcher, path: str, reason: str) -> None:
-    with pytest.raises(InputFetchError, match=reason):
+    """A lasting refusal: the agent fails the task at once, it does not retry it."""
+    with pytest.raises(InputFetchError, match=reason) as caught:
         await fetcher.fetch(server + path)
+    assert not isinstance(caught.value, InputUnavailable)
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+async def test_fetch_unavailable_for_now(server: str, fetcher: InputFetcher, status: int) -> None:
+    """Answers that say "not now": the agent retries the task (``InputUnavailable``)."""
+    with pytest.raises(InputUnavailable, match=f"HTTP {status}"):
+        await fetcher.fetch(f"{server}/status/{status}")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 410])
+async def test_fetch_refused_for_good(server: str, fetcher: InputFetcher, status: int) -> None:
+    with pytest.raises(InputFetchError, match=f"HTTP {status}") as caught:
+        await fetcher.fetch(f"{server}/status/{status}")
+    assert not isinstance(caught.value, InputUnavailable)
+
+
+async def test_fetch_from_a_server_that_is_down_is_unavailable(fetcher: InputFetcher) -> None:
+    with pytest.raises(InputUnavailable, match="ConnectError"):
+        await fetcher.fetch(f"http://127.0.0.1:{free_port()}/img.png")
+
+
+@pytest.mark.parametrize(("errno", "retried"), [(socket.EAI_NONAME, False), (socket.EAI_AGAIN, True)])
+def test_a_name_that_does_not_resolve(monkeypatch: pytest.MonkeyPatch, errno: int, retried: bool) -> None:
+    """An unknown name is refused for good; a resolver that cannot answer now ("try again") is
+    retried. The resolver is faked: no query leaves this machine."""
+
+    def getaddrinfo(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(errno, "fake resolver")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(InputFetchError, match="cannot resolve") as caught:
+        resolve_host("images.example")
+    assert isinstance(caught.value, InputUnavailable) is retried
 
 
 async def test_fetch_times_out(server: str) -> None:
     async with InputFetcher(max_bytes=4096, timeout_s=0.3, allow_private=True) as f:
         t0 = time.monotonic()
-        with pytest.raises(InputFetchError, match=r"longer than 0\.3s"):
+        with pytest.raises(InputUnavailable, match=r"longer than 0\.3s"):
             await f.fetch(f"{server}/slow")
         assert time.monotonic() - t0 < 2
 

@@ -12,7 +12,8 @@ import boto3
 import pytest
 from PIL import Image
 
-from sdfleet.errors import InputFetchError, UrlRefused
+from fakes.servers import free_port
+from sdfleet.errors import InputFetchError, InputUnavailable, UrlRefused
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 
 
@@ -47,8 +48,9 @@ async def test_allowed_bucket_and_prefix(bucket: str) -> None:
             await f.fetch("s3://someone-elses-bucket/inputs/cat.png")
         with pytest.raises(InputFetchError, match="more than the 10000 allowed"):
             await f.fetch(f"s3://{bucket}/inputs/big.png")
-        with pytest.raises(InputFetchError, match="NoSuchKey"):
+        with pytest.raises(InputFetchError, match="NoSuchKey") as caught:
             await f.fetch(f"s3://{bucket}/inputs/missing.png")
+        assert not isinstance(caught.value, InputUnavailable)  # failed at once, not retried
         with pytest.raises(UrlRefused, match="not an s3://bucket/key URL"):
             await f.fetch(f"s3://{bucket}")
 
@@ -62,3 +64,11 @@ async def test_off_unless_configured(bucket: str) -> None:
         assert await runtime_fetcher.fetch(f"s3://{bucket}/private/dog.png") == png()
     finally:
         await runtime_fetcher.aclose()
+
+
+async def test_s3_that_cannot_answer_now_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 down (nothing listens at its endpoint): the agent retries the task, not fails it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    async with InputFetcher(max_bytes=10_000, timeout_s=5, allow_private=False, s3_buckets=["in"]) as f:
+        with pytest.raises(InputUnavailable, match="Could not connect"):
+            await f.fetch("s3://in/cat.png")

@@ -18,13 +18,13 @@ from sdfleet.agent.decode import Decoded, decode_delivery, decode_task
 from sdfleet.agent.defer import defer, held_by_another_run, other_publish, unended_other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.records import cancelled_unrun, fail, notify
+from sdfleet.agent.records import cancelled_unrun, elsewhere, fail, notify
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
-from sdfleet.errors import InputFetchError, MessageDecodeError, SdfleetError
+from sdfleet.errors import InputFetchError, InputUnavailable, MessageDecodeError, SdfleetError
 from sdfleet.routing import ATTR_ENQUEUED_AT
-from sdfleet.store.base import reopen
-from sdfleet.tasks import EventType, Task, TaskRecord, TaskState
+from sdfleet.store.base import reopen, transition
+from sdfleet.tasks import EventType, Task, TaskError, TaskRecord, TaskState
 from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 
 log = logging.getLogger(__name__)
@@ -176,17 +176,67 @@ async def _checked(
         with p.stage("inputs.fetch"):
             p.inputs = [await parts.fetcher.fetch(url) for url in task.params.init_images]
     except InputFetchError as e:
-        queued = task if task.queue else task.model_copy(update={"queue": d.queue})
-        span.set_status(StatusCode.ERROR, e.message or str(e))
-        task_event(task.id, d.queue, span, "failed", code=e.code, reason=e.message or str(e), retry=False)
-        await fail(parts, task.tenant, task.id, e.code, e.message or str(e), task=queued)
-        await h.ack()
+        await _fetch_failed(parts, h, task, record, span, e)
         return None
     p.timings["inputs_fetch"] = time.perf_counter() - t0
     task_event(
         task.id, d.queue, span, "received", receive=d.receive_count, queue_wait=p.timings["queue_wait"]
     )
     return p
+
+
+async def _fetch_failed(
+    parts: Parts,
+    h: DeliveryHandle,
+    task: Task,
+    record: TaskRecord | None,
+    span: trace.Span,
+    e: InputFetchError,
+) -> None:
+    """An input that could not be fetched. A lasting refusal (HTTP 404, not an image, a refused
+    URL) fails the task at once. One that may pass (``InputUnavailable``: a timeout, HTTP 503,
+    throttling) is a failed attempt: the delivery is released for a retry, like a failed run's,
+    and the task fails on its last receive. So is any failure to fetch for a task another agent
+    runs (a takeover after its lease lapsed): that agent had the input and may still finish."""
+    d, reason = h.delivery, e.message or str(e)
+    span.set_status(StatusCode.ERROR, reason)
+    retried = isinstance(e, InputUnavailable) or (record is not None and elsewhere(record, parts))
+    if retried and d.receive_count < parts.fleet.retry.max_receives:
+        warn = logging.WARNING
+        task_event(
+            task.id,
+            d.queue,
+            span,
+            "requeued",
+            level=warn,
+            code=e.code,
+            reason=reason,
+            attempt=d.receive_count,
+        )
+        if record is not None and record.state is TaskState.QUEUED:  # the client sees why it waits
+            await _note_error(parts, record, TaskError(code=e.code, message=reason))
+        await h.release(parts.settings.retry_delay_s)
+        return
+    if retried:
+        reason = f"{reason} (after {d.receive_count} attempts)"
+    queued = task if task.queue else task.model_copy(update={"queue": d.queue})
+    task_event(task.id, d.queue, span, "failed", code=e.code, reason=reason, retry=False)
+    await fail(parts, task.tenant, task.id, e.code, reason, task=queued)
+    # A retried one is released, like a failed run's last attempt, for the dead-letter queue.
+    await (h.release(0.0) if retried else h.ack())
+
+
+async def _note_error(parts: Parts, record: TaskRecord, error: TaskError) -> None:
+    def mutate(r: TaskRecord) -> TaskRecord | None:
+        if r.state is not TaskState.QUEUED:
+            return None
+        r.error = error
+        return r
+
+    try:
+        await transition(parts.store, record.task.tenant, record.id, mutate, current=record)
+    except SdfleetError as e:  # only the reason shown while it waits is lost
+        log.info("task %s: error not noted: %s", record.id, e)
 
 
 async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> None:
