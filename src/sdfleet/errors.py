@@ -25,6 +25,7 @@ Callers never catch a dependency's exception types: each backend translates them
     │   ├── ChecksumMismatch         a transferred file differs from its checksum (never kept)
     │   └── DiskFull                 no room for a model (the disk, or models.disk_budget_gb)
     ├── InputFetchError              an input URL refused or unreadable (task fails, no retry)
+    │   ├── InputUnavailable         not now: a timeout, HTTP 503, throttling (task retries)
     │   └── UrlRefused               the SSRF guard said no
     ├── RuntimeFailure               the runtime could not produce images (task retries)
     │   ├── ModelLoadError
@@ -191,3 +192,12 @@ class Reject(Exception):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+def input_failure(e: InputFetchError) -> RuntimeFailure | Reject:
+    """What a runtime raises for an input it could not fetch (a URL inside a request or a
+    workflow): a failed attempt, retried, when the input may come back, else a ``Reject``."""
+    message = e.message or str(e)
+    if isinstance(e, InputUnavailable):
+        return RuntimeFailure(message, code=e.code)
+    return Reject(message, code=e.code)

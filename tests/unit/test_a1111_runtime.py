@@ -59,7 +59,11 @@ def images_server() -> Iterator[ServerThread]:
     async def image(_: Any) -> Response:
         return Response(png((1, 2, 3)), media_type="image/png")
 
-    srv = ServerThread(Starlette(routes=[Route("/cat.png", image)]), free_port()).start()
+    async def busy(_: Any) -> Response:
+        return Response(b"try again later", status_code=503)
+
+    routes = [Route("/cat.png", image), Route("/busy.png", busy)]
+    srv = ServerThread(Starlette(routes=routes), free_port()).start()
     yield srv
     srv.stop()
 
@@ -310,6 +314,11 @@ async def test_urls_inlined_routing_keys_stripped_refused_url_fails(
     assert refused.value.code == "url_refused" and rec(runtime).count("POST", "/sdapi/v1/txt2img") == 0
     assert runtime.fetcher is not None
     runtime.fetcher.allow_private = True
+    busy = {**extra, "firstpass_image": f"{images_server.url}/busy.png"}
+    with pytest.raises(RuntimeFailure, match="HTTP 503") as unavailable:  # may come back: retried
+        await runtime.run(job(extra=busy), no_progress)
+    assert unavailable.value.code == "input_fetch_failed"
+    assert rec(runtime).count("POST", "/sdapi/v1/txt2img") == 0
     await runtime.run(job(extra=extra, clip_skip=2), no_progress)
     body = rec(runtime).last("/sdapi/v1/txt2img")
     assert body["alwayson_scripts"] == {} and body["restore_faces"] is False

@@ -53,7 +53,8 @@ def comfy() -> Iterator[Comfy]:
 
 
 class Inputs:
-    """Serves ``/a.png`` and ``/b.png``; ``/held.png`` answers only once ``release`` is set."""
+    """Serves ``/a.png`` and ``/b.png``; ``/held.png`` answers only once ``release`` is set;
+    ``/busy.png`` is 503."""
 
     def __init__(self) -> None:
         self.asked, self.release = threading.Event(), threading.Event()
@@ -63,6 +64,8 @@ class Inputs:
         if name == "held.png":
             self.asked.set()
             await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 30)
+        if name == "busy.png":
+            return Response(b"try again later", status_code=503)
         return Response(png((5, 6, 7) if name != "b.png" else (8, 9, 10)), media_type="image/png")
 
 
@@ -256,6 +259,11 @@ async def test_uploads_are_content_addressed(
     with pytest.raises(Reject) as refused:
         await runtime.run(job(img2img(f"{url}/a.png")), nothing)
     assert refused.value.code == "url_refused"
+    runtime.fetcher.allow_private = True
+    with pytest.raises(RuntimeFailure, match="HTTP 503") as unavailable:  # may come back: retried
+        await runtime.run(job(img2img(f"{url}/busy.png")), nothing)
+    assert unavailable.value.code == "input_fetch_failed"
+    assert len(comfy[0].prompts) == 4  # the prompt was never queued
 
 
 async def test_cancelled_run_drops_its_prompt(runtime: ComfyUIRuntime, comfy: Comfy) -> None:

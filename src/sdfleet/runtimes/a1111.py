@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
+from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure, input_failure
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._a1111_answer import result_of, timestamp_of
@@ -334,7 +334,7 @@ class A1111Runtime:
         try:
             return {k: v if k in _TEXT_KEYS else await inline_urls(v, self._fetch) for k, v in body.items()}
         except InputFetchError as e:
-            raise Reject(e.message or str(e), code=e.code) from e
+            raise input_failure(e) from e
 
     async def _fetch(self, url: str) -> bytes:
         if self.fetcher is None:

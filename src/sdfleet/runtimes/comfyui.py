@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure
+from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure, input_failure
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._comfyui_api import ComfyAPI, join_lines
@@ -176,7 +176,7 @@ class ComfyUIRuntime:
         try:
             return await self.fetcher.fetch(url)
         except InputFetchError as e:
-            raise Reject(e.message or str(e), code=e.code) from e
+            raise input_failure(e) from e
 
     async def _queue(self, w: PromptWatch, workflow: dict[str, Any]) -> None:
         if w.interrupted:
