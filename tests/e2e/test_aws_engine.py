@@ -177,7 +177,9 @@ def _assert_seed_queue_untouched(seed: SeedDeployment) -> None:
     assert statement["Condition"]["ArnEquals"] == {"aws:SourceArn": seed.input_topic}
     assert "RedrivePolicy" not in left
     sns = boto3.client("sns")
-    mine = [x for x in sns.list_subscriptions()["Subscriptions"] if x["Endpoint"] == left["QueueArn"]]
+    # Every page: one moto serves the whole session, and a page holds 100 subscriptions.
+    pages = sns.get_paginator("list_subscriptions").paginate()
+    mine = [x for page in pages for x in page["Subscriptions"] if x["Endpoint"] == left["QueueArn"]]
     assert [x["TopicArn"] for x in mine] == [seed.input_topic]
     sub = sns.get_subscription_attributes(SubscriptionArn=mine[0]["SubscriptionArn"])["Attributes"]
     assert sub.get("RawMessageDelivery", "false") == "false"

@@ -261,12 +261,13 @@ def test_unload_and_reload_checkpoint_as_sd_webui_answers_them(server: ServerThr
     base = f"{server.url}/sdapi/v1"
     chosen = httpx.get(f"{base}/options").json()["sd_model_checkpoint"]
     assert runtime.cached_models
-    r = httpx.post(f"{base}/unload-checkpoint")
+    # Unloading frees pipelines (garbage collection): seconds on a loaded machine, not httpx's 5 s.
+    r = httpx.post(f"{base}/unload-checkpoint", timeout=60)
     assert (r.status_code, r.json()) == (200, {}) and runtime.cached_models == []
     assert httpx.get(f"{base}/options").json()["sd_model_checkpoint"] == chosen
     made = httpx.post(f"{base}/txt2img", json={"prompt": "a cat", **SMALL}, timeout=120)
     assert made.status_code == 200 and len(made.json()["images"]) == 1 and runtime.cached_models
-    httpx.post(f"{base}/unload-checkpoint")
+    httpx.post(f"{base}/unload-checkpoint", timeout=60)
     r = httpx.post(f"{base}/reload-checkpoint", timeout=120)
     assert (r.status_code, r.json()) == (200, {}) and runtime.cached_models
 
