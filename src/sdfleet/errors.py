@@ -148,8 +148,9 @@ class InputFetchError(SdfleetError):
 
 
 class InputUnavailable(InputFetchError):
-    """The input could not be had just now (a timeout, a connection error, HTTP 408, 429 or 5xx,
-    S3 throttling): the agent retries the task, as a failed attempt, rather than failing it."""
+    """The input could not be had just now (a timeout, a connection error, an HTTP status in
+    ``guarded_http.RETRY_STATUSES``, S3 throttling or a 5xx): the agent retries the task, as a
+    failed attempt, rather than failing it."""
 
 
 class UrlRefused(InputFetchError):

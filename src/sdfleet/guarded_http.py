@@ -301,8 +301,8 @@ class InputFetcher:
 
     async def fetch(self, url: str) -> bytes:
         """The image bytes ``url`` stands for, an image of at most ``max_pixels``. Raises
-        ``UrlRefused``, ``InputUnavailable`` (a timeout, a connection error, HTTP 408, 429 or 5xx:
-        worth a retry) or ``InputFetchError``."""
+        ``UrlRefused``, ``InputUnavailable`` (a timeout, a connection error, one of
+        ``RETRY_STATUSES``: worth a retry) or ``InputFetchError``."""
         text = url.strip()
         data = decode_inline(text, self.max_bytes)
         if data is None and text[:5].lower() == "s3://":

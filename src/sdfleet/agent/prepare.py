@@ -202,17 +202,8 @@ async def _fetch_failed(
     span.set_status(StatusCode.ERROR, reason)
     retried = isinstance(e, InputUnavailable) or (record is not None and elsewhere(record, parts))
     if retried and d.receive_count < parts.fleet.retry.max_receives:
-        warn = logging.WARNING
-        task_event(
-            task.id,
-            d.queue,
-            span,
-            "requeued",
-            level=warn,
-            code=e.code,
-            reason=reason,
-            attempt=d.receive_count,
-        )
+        event = {"code": e.code, "reason": reason, "attempt": d.receive_count}
+        task_event(task.id, d.queue, span, "requeued", level=logging.WARNING, **event)
         if record is not None and record.state is TaskState.QUEUED:  # the client sees why it waits
             await _note_error(parts, record, TaskError(code=e.code, message=reason))
         await h.release(parts.settings.retry_delay_s)
