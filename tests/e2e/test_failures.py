@@ -125,6 +125,34 @@ async def test_runtime_that_always_fails_is_dead_lettered(
     assert "the GPU caught fire" in notes[0]["error"]["message"]
 
 
+async def test_images_the_storage_refuses_fail_the_task_instead_of_stranding_it(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path
+) -> None:
+    """A storage that refuses the images (a bucket that does not exist; a file where the folder
+    should be) left the task ``running`` for good: the error escaped the finish stage ("unexpected
+    error while finishing, left to its lease"), each redelivery ran the generation again, and the
+    last went to the dead-letter queue with the record still ``running`` and nobody told. Now it is
+    a failed attempt: retried, then failed with the reason, notified once."""
+    if engine.name == "aws":
+        storage = engine.storage_url.replace("-out/", "-missing/").replace("create=true&", "")
+    else:
+        (tmp_path / "blocked").write_text("a file where the storage folder should be")
+        storage = f"file://{tmp_path}/blocked"
+    settings = _settings(engine, models_dir, latency_s=0).model_copy(update={"storage_url": storage})
+    fleet = await start_fleet(QUEUE, settings=settings)
+    r = await fleet.http.post("/v1/tasks", json=TASK)
+    assert r.status_code == 202, r.text
+    task_id = r.json()["id"]
+    view = await fleet.wait(task_id, timeout_s=60)
+    assert view["state"] == "failed" and view["attempts"] == 3, view
+    assert view["error"]["code"] == "storage_error", view
+    assert view["error"]["message"].startswith("the images could not be stored ("), view
+    assert "after 3 attempts" in view["error"]["message"], view
+    assert "missing" not in view["error"]["message"] and "blocked" not in view["error"]["message"]
+    notes = await _notes_for(engine, task_id)
+    assert [n["type"] for n in notes] == ["failed"], notes
+
+
 @pytest.mark.parametrize("drain_s", [10.0, 0.5], ids=["finishes", "released"])
 async def test_sigterm_drains_and_exits_zero(
     start_fleet: StartFleet,

@@ -79,6 +79,8 @@ def _event(p: Prepared, event: str, **fields: Any) -> None:
 
 
 async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> TaskResult:
+    """Upload the images and the ``.out``, riding out a storage outage for up to a lease (the
+    images are worth it: giving up runs the generation again)."""
     task = p.task
     keys, out_key = output_keys(task, result.images)
     t0 = time.perf_counter()
@@ -87,9 +89,13 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
         if task.origin in SEED_ORIGINS:  # what a backend built for the seed reads
             info["parameters"] = succeeded_out(task, result.info, result.seed, len(keys))
         out = json.dumps(info, indent=2).encode()
-        outputs = zip(keys, result.images, strict=True)
-        puts = [parts.storage.put(k, data, sniff(data).mime) for k, data in outputs]
-        await asyncio.gather(*puts, parts.storage.put(out_key, out, "application/json"))
+        blobs = [(k, data, sniff(data).mime) for k, data in zip(keys, result.images, strict=True)]
+        blobs.append((out_key, out, "application/json"))
+
+        async def put_all() -> None:  # the same keys on every try: a retry overwrites, not adds
+            await asyncio.gather(*(parts.storage.put(*blob) for blob in blobs))
+
+        await ride_out(put_all, f"storing {task.id}", parts.fleet.retry.lease_s)
     p.timings["storage_put"] = time.perf_counter() - t0
     parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})
     return TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
@@ -97,7 +103,16 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
 
 async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:
     task = p.task
-    res = await _store_outputs(parts, p, result)
+    try:
+        res = await _store_outputs(parts, p, result)
+    except SdfleetError as e:
+        # Refused (a missing bucket, no permission, a full disk) or down past a lease: a failed
+        # attempt, so the record does not stay ``running`` behind a message that ran out of tries.
+        # Clients get the error's type only: its text names buckets and hosts.
+        log.error("task %s: storing its images failed: %s", task.id, e)
+        message = f"the images could not be stored ({type(e).__name__}; see the agent's log)"
+        await _retry_or_fail(parts, p, "storage_error", message)
+        return
 
     def mutate(r: TaskRecord) -> TaskRecord | None:
         if r.state is TaskState.SUCCEEDED and r.result == res:
