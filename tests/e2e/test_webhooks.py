@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -181,6 +182,31 @@ async def test_refused_webhook_url_is_422_at_submit(
         assert err["code"] == "bad_webhook" and why in err["message"], err
     assert (await rf.http.get("/v1/tasks")).json()["tasks"] == []
     assert receiver.hits == []
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_a_webhook_host_the_resolver_cannot_look_up_now_is_503_at_submit(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Try again" from the resolver (EAI_AGAIN) is an outage, not a bad URL: the client is told
+    to retry (it was a 422, ``bad_webhook``, as if the URL were wrong). The resolver is faked for
+    one name: no query leaves this machine."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    rf = await start_fleet(QUEUE, agents=[], settings=_settings(engine, models_dir, allow_private=False))
+    r = await rf.http.post(
+        "/v1/tasks", json={"params": PARAMS, "webhook": {"url": "https://hooks.example/h"}}
+    )
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "dns_unavailable" and err["message"].endswith("retry later"), err
+    assert (await rf.http.get("/v1/tasks")).json()["tasks"] == []
 
 
 def _record(url: str, events: list[str]) -> TaskRecord:

@@ -42,12 +42,14 @@ STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.BusUnavailable, 503),
     (errors.StoreUnavailable, 503),
     (errors.StorageUnavailable, 503),
+    (errors.InputUnavailable, 503),  # a webhook host the resolver could not look up just now
 ]
 # What a client is told when we fail: the details (engine addresses, file paths) go to the log.
 _SERVER_SIDE = {
     errors.BusUnavailable: "the task bus is unavailable; retry later",
     errors.StoreUnavailable: "the task store is unavailable; retry later",
     errors.StorageUnavailable: "the storage is unavailable; retry later",
+    errors.InputUnavailable: "a host the request names could not be looked up just now; retry later",
 }
 
 

@@ -7,7 +7,7 @@ import re
 
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.seed_schemas import INPUT_URL_PATTERN, URL_PATTERN
-from sdfleet.errors import InputFetchError, NotFound, ValidationFailed
+from sdfleet.errors import InputFetchError, InputUnavailable, NotFound, ValidationFailed
 from sdfleet.guarded_http import check_url, decode_inline, image_size
 from sdfleet.limits import check_output_size
 from sdfleet.models.catalog import default_model
@@ -85,5 +85,7 @@ async def check_webhook(ctx: ApiContext, task: Task) -> None:
         if not _URL.fullmatch(url):
             raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}")
         await asyncio.to_thread(check_url, url, allow_private=ctx.webhook.allow_private)
+    except InputUnavailable as e:  # the resolver could not answer now: a 503, not a refused URL
+        raise InputUnavailable(e.message, code="dns_unavailable") from e
     except InputFetchError as e:
         raise ValidationFailed(f"webhook URL refused: {e.message or e}", code="bad_webhook") from e

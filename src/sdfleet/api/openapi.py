@@ -43,7 +43,10 @@ _WHAT = {
     415: "An encoded body (`Content-Encoding` other than `identity`)",
     422: "Invalid request: the message says what to fix",
     429: "Over the tenant's `rate_limit` or `max_in_flight`; retry after `Retry-After` seconds",
-    503: "An engine (bus, store, storage) is unavailable; retry later",
+    503: (
+        "An engine (bus, store, storage) is unavailable, or a webhook's host could not be looked up"
+        " just now; retry later"
+    ),
 }
 SUBMIT_ERRORS = (400, 401, 408, 409, 413, 415, 422, 429, 503)
 
