@@ -82,7 +82,7 @@ async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fail
     hiccup of the server holding the inputs (a CDN, S3 throttling) failed a burst of tasks."""
     caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
     runtimes = {"synthetic": {"latency_s": 0}}
-    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3, retry_delay_s=1.0)
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3)
     inputs = Inputs()
     async with serving(inputs) as url:
         fleet = await start_fleet(QUEUE, settings=s)
@@ -100,6 +100,10 @@ async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fail
     assert views[flaky]["state"] == "succeeded" and views[flaky]["error"] is None, views[flaky]
     assert inputs.asked["/flaky/2.png"] == 3
     assert _events(caplog, flaky) == ["requeued", "requeued", "received", "started", "succeeded"]
+    # Backing off, though agent.retry_delay_s is 0: the server is not asked again at once.
+    ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == flaky]
+    delays = [r.delay_s for r in ours if r.event == "requeued"]
+    assert delays == [1.0, 2.0], delays
 
     assert views[down]["state"] == "failed", views[down]
     assert views[down]["error"]["code"] == "input_fetch_failed"

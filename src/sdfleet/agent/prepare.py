@@ -185,6 +185,18 @@ async def _checked(
     return p
 
 
+INPUT_RETRY_FIRST_S = 1.0
+INPUT_RETRY_MAX_S = 30.0
+
+
+def input_retry_delay(receive_count: int, retry_delay_s: float) -> float:
+    """How long an input that may come back waits before its next try: 1, 2, 4 … s (at most 30),
+    or ``agent.retry_delay_s`` if that is longer. A server that said "not now" is not asked
+    again within milliseconds, by every agent at once."""
+    backoff = min(INPUT_RETRY_FIRST_S * 2.0 ** max(0, receive_count - 1), INPUT_RETRY_MAX_S)
+    return max(backoff, retry_delay_s)
+
+
 async def _fetch_failed(
     parts: Parts,
     h: DeliveryHandle,
@@ -202,11 +214,12 @@ async def _fetch_failed(
     span.set_status(StatusCode.ERROR, reason)
     retried = isinstance(e, InputUnavailable) or (record is not None and elsewhere(record, parts))
     if retried and d.receive_count < parts.fleet.retry.max_receives:
-        event = {"code": e.code, "reason": reason, "attempt": d.receive_count}
+        delay_s = input_retry_delay(d.receive_count, parts.settings.retry_delay_s)
+        event = {"code": e.code, "reason": reason, "attempt": d.receive_count, "delay_s": delay_s}
         task_event(task.id, d.queue, span, "requeued", level=logging.WARNING, **event)
         if record is not None and record.state is TaskState.QUEUED:  # the client sees why it waits
             await _note_error(parts, record, TaskError(code=e.code, message=reason))
-        await h.release(parts.settings.retry_delay_s)
+        await h.release(delay_s)
         return
     if retried:
         reason = f"{reason} (after {d.receive_count} attempts)"
