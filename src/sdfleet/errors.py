@@ -33,8 +33,8 @@ Callers never catch a dependency's exception types: each backend translates them
     │   └── Interrupted              cancelled or shut down mid-run
     └── NotifyError
 
-Control flow (not errors): ``Retry(delay_s)`` asks the agent to release a delivery for later;
-``Reject(reason)`` fails a task at once without retrying.
+Control flow (not errors): ``Reject(reason)`` fails a task at once without retrying; any
+``SdfleetError`` from a run is a failed attempt, retried up to ``retry.max_receives``.
 """
 
 from __future__ import annotations
@@ -175,15 +175,6 @@ class Interrupted(RuntimeFailure):
 
 class NotifyError(SdfleetError):
     code = "notify_error"
-
-
-class Retry(Exception):
-    """Release the delivery and try again after ``delay_s`` seconds."""
-
-    def __init__(self, reason: str, delay_s: float = 0.0) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.delay_s = delay_s
 
 
 class Reject(Exception):
