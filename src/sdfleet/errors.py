@@ -27,11 +27,10 @@ Callers never catch a dependency's exception types: each backend translates them
     ├── InputFetchError              an input URL refused or unreadable (task fails, no retry)
     │   ├── InputUnavailable         not now: a timeout, HTTP 503, throttling (task retries)
     │   └── UrlRefused               the SSRF guard said no
-    ├── RuntimeFailure               the runtime could not produce images (task retries)
-    │   ├── ModelLoadError
-    │   ├── GenerationTimeout
-    │   └── Interrupted              cancelled or shut down mid-run
-    └── NotifyError
+    └── RuntimeFailure               the runtime could not produce images (task retries)
+        ├── ModelLoadError
+        ├── GenerationTimeout
+        └── Interrupted              cancelled or shut down mid-run
 
 Control flow (not errors): ``Reject(reason)`` fails a task at once without retrying; any
 ``SdfleetError`` from a run is a failed attempt, retried up to ``retry.max_receives``.
@@ -171,10 +170,6 @@ class GenerationTimeout(RuntimeFailure):
 
 class Interrupted(RuntimeFailure):
     code = "interrupted"
-
-
-class NotifyError(SdfleetError):
-    code = "notify_error"
 
 
 class Reject(Exception):

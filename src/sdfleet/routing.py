@@ -17,7 +17,6 @@ ATTR_TIER = "tenant_tier"
 ATTR_TYPE = "task_type"
 ATTR_TASK_ID = "task_id"
 ATTR_ENQUEUED_AT = "enqueued_at"
-ATTR_TRACEPARENT = "traceparent"
 
 
 def task_attributes(task: Task, *, tier: str = "standard") -> dict[str, str]:

@@ -5,7 +5,6 @@ Precedence: init arguments > environment > ``sdfleet.yaml`` (``fleet:`` is the f
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -144,9 +143,6 @@ class FleetConfig(BaseModel):
 
     def queue(self, name: str) -> QueueConfig | None:
         return next((q for q in self.queues if q.name == name), None)
-
-    def tenant_for_key(self, api_key: str) -> TenantConfig | None:
-        return self.tenants.get(hashlib.sha256(api_key.encode()).hexdigest())
 
 
 class ApiSettings(BaseModel):

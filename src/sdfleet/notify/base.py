@@ -9,8 +9,9 @@ from sdfleet.tasks import TaskEvent, TaskRecord
 
 class Notifier(Protocol):
     async def notify(self, record: TaskRecord, event: TaskEvent) -> None:
-        """Deliver ``event`` for ``record``. Raises ``NotifyError`` only for terminal events that
-        could not be delivered after the notifier's own retries."""
+        """Deliver ``event`` for ``record``, or hand it to the notifier's own background retries.
+        Raises an ``SdfleetError`` (the bus's, for a results topic) when it could not be handed
+        on; the agent logs it and goes on: a lost notification does not undo a finished task."""
 
     async def delivered(self, task_id: str) -> None:
         """Returns once the events of ``task_id`` sent so far are delivered or given up (at once for

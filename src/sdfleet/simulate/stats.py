@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -144,6 +143,3 @@ class Counters:
 
     def total(self, name: str) -> float:
         return sum(c[name] for c in self.by_queue.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {q: dict(c) for q, c in self.by_queue.items()}
