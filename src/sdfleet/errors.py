@@ -181,10 +181,10 @@ class Reject(Exception):
         self.code = code
 
 
-def input_failure(e: InputFetchError) -> RuntimeFailure | Reject:
+def input_failure(e: InputFetchError) -> InputUnavailable | Reject:
     """What a runtime raises for an input it could not fetch (a URL inside a request or a
-    workflow): a failed attempt, retried, when the input may come back, else a ``Reject``."""
-    message = e.message or str(e)
+    workflow): ``InputUnavailable`` as it is when the input may come back (a failed attempt,
+    retried after a backoff like the agent's own input fetches), else a ``Reject``."""
     if isinstance(e, InputUnavailable):
-        return RuntimeFailure(message, code=e.code)
-    return Reject(message, code=e.code)
+        return e
+    return Reject(e.message or str(e), code=e.code)

@@ -179,3 +179,24 @@ async def test_a_takeover_that_cannot_fetch_the_input_leaves_the_running_task_to
     assert _events(caplog, task_id) == ["requeued", "dropped"]
     assert inputs.asked["/gone.png"] == 1
     assert (stats.visible, stats.in_flight, stats.dead_letters) == (0, 0, 0), stats
+
+
+async def test_an_input_the_runtime_could_not_fetch_now_is_retried_with_the_same_backoff(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL inside the job (a ControlNet input in an SD WebUI body, a ComfyUI ``LoadImage``) is
+    fetched by the runtime; "not now" there is a failed attempt too, released after 1 s, then 2 s,
+    though ``agent.retry_delay_s`` is 0 (it came straight back, and failed within milliseconds)."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    queue = [QueueConfig(name="q", runtime="fakes.runtimes:AlwaysFails")]
+    options = {"message": "fetching https://cdn.example/pose.png failed: HTTP 503", "input_unavailable": True}
+    runtimes = {"fakes.runtimes:AlwaysFails": options}
+    s = fleet_settings(engine, models_dir, queue, runtimes=runtimes, max_receives=3)
+    fleet = await start_fleet(queue, settings=s)
+    task_id = (await fleet.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
+    view = await fleet.wait(task_id, timeout_s=60)
+    assert view["state"] == "failed" and view["error"]["code"] == "input_fetch_failed", view
+    assert view["error"]["message"].endswith("HTTP 503 (after 3 attempts)"), view
+    ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+    assert [r.delay_s for r in ours if r.event == "requeued"] == [1.0, 2.0]
+    assert await _dead_letters(engine) == [task_id]

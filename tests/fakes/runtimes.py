@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sdfleet.errors import RuntimeFailure
+from sdfleet.errors import InputUnavailable, RuntimeFailure
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 
@@ -16,15 +16,18 @@ class AlwaysFails:
     name = "always-fails"
     max_in_flight = 1
 
-    def __init__(self, message: str = "the GPU caught fire") -> None:
+    def __init__(self, message: str = "the GPU caught fire", *, input_unavailable: bool = False) -> None:
         self.message = message
+        self.input_unavailable = input_unavailable
+        """Fail as a runtime does whose own input fetch (a URL inside the job) was told "not now"."""
         self.runs = 0
 
     @classmethod
     def from_options(
         cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
     ) -> AlwaysFails:
-        return cls(str(options.get("message", "the GPU caught fire")))
+        message = str(options.get("message", "the GPU caught fire"))
+        return cls(message, input_unavailable=bool(options.get("input_unavailable", False)))
 
     async def start(self) -> None:
         return None
@@ -32,6 +35,8 @@ class AlwaysFails:
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         self.runs += 1
         await progress(0.5)
+        if self.input_unavailable:
+            raise InputUnavailable(self.message)
         raise RuntimeFailure(self.message)
 
     async def interrupt(self, task_id: str | None = None) -> None:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from fakes.a1111_models import REQUEST_MODELS
 from fakes.servers import ServerThread, a1111_server, free_port
-from sdfleet.errors import ModelLoadError, Reject, RuntimeFailure
+from sdfleet.errors import InputUnavailable, ModelLoadError, Reject, RuntimeFailure
 from sdfleet.guarded_http import InputFetcher
 from sdfleet.models import ModelCatalog
 from sdfleet.runtimes import build_runtime
@@ -315,7 +315,7 @@ async def test_urls_inlined_routing_keys_stripped_refused_url_fails(
     assert runtime.fetcher is not None
     runtime.fetcher.allow_private = True
     busy = {**extra, "firstpass_image": f"{images_server.url}/busy.png"}
-    with pytest.raises(RuntimeFailure, match="HTTP 503") as unavailable:  # may come back: retried
+    with pytest.raises(InputUnavailable, match="HTTP 503") as unavailable:  # may come back: retried
         await runtime.run(job(extra=busy), no_progress)
     assert unavailable.value.code == "input_fetch_failed"
     assert rec(runtime).count("POST", "/sdapi/v1/txt2img") == 0

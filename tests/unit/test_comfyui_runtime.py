@@ -27,7 +27,7 @@ from starlette.routing import Route
 from fakes.comfyui_server import FakeComfyUI
 from fakes.comfyui_workflows import img2img, preview_only, txt2img, with_load_image
 from fakes.servers import ServerThread, free_port
-from sdfleet.errors import Interrupted, ModelLoadError, Reject, RuntimeFailure
+from sdfleet.errors import InputUnavailable, Interrupted, ModelLoadError, Reject, RuntimeFailure
 from sdfleet.models import ModelCatalog
 from sdfleet.runtimes import build_runtime
 from sdfleet.runtimes.base import Job
@@ -260,7 +260,7 @@ async def test_uploads_are_content_addressed(
         await runtime.run(job(img2img(f"{url}/a.png")), nothing)
     assert refused.value.code == "url_refused"
     runtime.fetcher.allow_private = True
-    with pytest.raises(RuntimeFailure, match="HTTP 503") as unavailable:  # may come back: retried
+    with pytest.raises(InputUnavailable, match="HTTP 503") as unavailable:  # may come back: retried
         await runtime.run(job(img2img(f"{url}/busy.png")), nothing)
     assert unavailable.value.code == "input_fetch_failed"
     assert len(comfy[0].prompts) == 4  # the prompt was never queued

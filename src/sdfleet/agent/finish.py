@@ -22,10 +22,11 @@ from opentelemetry.trace import StatusCode
 from sdfleet.agent.execute import Outcome
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
+from sdfleet.agent.prepare import input_retry_delay
 from sdfleet.agent.records import acknowledge, fail, notify, ours, requeue, taken_over
 from sdfleet.agent.tasklog import task_event
 from sdfleet.compat.out import SEED_ORIGINS, succeeded_out
-from sdfleet.errors import Interrupted, Reject, SdfleetError, TakenOver, TransitionConflict
+from sdfleet.errors import InputUnavailable, Interrupted, Reject, SdfleetError, TakenOver, TransitionConflict
 from sdfleet.media import sniff
 from sdfleet.runtimes.base import RuntimeResult
 from sdfleet.store.base import transition
@@ -67,8 +68,9 @@ async def _settle(parts: Parts, p: Prepared, outcome: Outcome) -> None:
             return
         _event(p, "failed", code=outcome.code, reason=outcome.reason, retry=False)
         await acknowledge(parts, p)
-    elif isinstance(outcome, SdfleetError):
-        await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome))
+    elif isinstance(outcome, SdfleetError):  # an input the runtime fetched may come back: back off
+        backoff = isinstance(outcome, InputUnavailable)
+        await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome), backoff=backoff)
     else:  # a runtime bug must not kill the agent; it counts as a failed attempt
         log.error("task %s: unexpected error", task.id, exc_info=outcome)
         await _retry_or_fail(parts, p, "runtime_failure", f"{type(outcome).__name__}: {outcome}")
@@ -171,7 +173,12 @@ async def _cancelled_meanwhile(parts: Parts, p: Prepared) -> bool:
     return True
 
 
-async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> None:
+async def _retry_or_fail(
+    parts: Parts, p: Prepared, code: str, message: str, *, backoff: bool = False
+) -> None:
+    """A failed attempt: requeued and released for another try after ``agent.retry_delay_s``
+    (``backoff``: 1, 2, 4 … s, as ``input_retry_delay``), or on the last receive failed and left
+    to the dead-letter queue."""
     d = p.delivery
     p.span.set_status(StatusCode.ERROR, message)
     last = d.receive_count >= parts.fleet.retry.max_receives
@@ -182,10 +189,14 @@ async def _retry_or_fail(parts: Parts, p: Prepared, code: str, message: str) -> 
         written = await requeue(parts, p.task.tenant, p.task.id, code, message)
     if not written and await _cancelled_meanwhile(parts, p):
         return
-    level = logging.WARNING
-    _event(
-        p, "failed" if last else "requeued", level=level, code=code, reason=message, attempt=d.receive_count
-    )
+    delay_s = parts.settings.retry_delay_s
+    if backoff:
+        delay_s = input_retry_delay(d.receive_count, delay_s)
+    fields = {"code": code, "reason": message, "attempt": d.receive_count}
+    if last:
+        _event(p, "failed", level=logging.WARNING, **fields)
+    else:
+        _event(p, "requeued", level=logging.WARNING, delay_s=delay_s, **fields)
     # A last attempt is not acked either: the bus moves a message that used up its receives to
     # the dead-letter queue.
-    await p.handle.release(0.0 if last else parts.settings.retry_delay_s)
+    await p.handle.release(0.0 if last else delay_s)
