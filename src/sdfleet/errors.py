@@ -149,7 +149,13 @@ class InputFetchError(SdfleetError):
 class InputUnavailable(InputFetchError):
     """The input could not be had just now (a timeout, a connection error, an HTTP status in
     ``guarded_http.RETRY_STATUSES``, S3 throttling or a 5xx): the agent retries the task, as a
-    failed attempt, rather than failing it."""
+    failed attempt, rather than failing it; ``retry_after_s``: the wait the server asked for."""
+
+    def __init__(
+        self, message: str = "", *, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class UrlRefused(InputFetchError):

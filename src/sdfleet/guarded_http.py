@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.utils
 import io
 import ipaddress
 import re
 import socket
+import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +40,25 @@ _METADATA = ipaddress.ip_address("169.254.169.254")
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP-date, RFC 9110
+    §10.2.3); None when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 Resolve = Callable[[str], list[str]]
 
 
@@ -340,9 +361,12 @@ class InputFetcher:
                         raise InputFetchError(f"{current} redirects without a Location")
                     current = str(httpx.URL(current).join(location))
                     continue
+                if resp.status_code in RETRY_STATUSES:
+                    after = retry_after_s(resp.headers.get("retry-after"))
+                    message = f"fetching {current} failed: HTTP {resp.status_code}"
+                    raise InputUnavailable(message, retry_after_s=after)
                 if resp.status_code != 200:
-                    kind = InputUnavailable if resp.status_code in RETRY_STATUSES else InputFetchError
-                    raise kind(f"fetching {current} failed: HTTP {resp.status_code}")
+                    raise InputFetchError(f"fetching {current} failed: HTTP {resp.status_code}")
                 return await self._read(resp, current)
         raise InputFetchError(f"{url} redirects more than {MAX_REDIRECTS} times")
 

@@ -32,7 +32,8 @@ PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed
 
 class Inputs:
     """Input images by path, each request counted: ``/flaky/<n>.png`` answers 503 to its first
-    ``n`` requests, then the image; ``/down.png`` always 503; anything else 404."""
+    ``n`` requests, then the image; ``/busy.png`` 429 with ``Retry-After: 3`` once, then the
+    image; ``/down.png`` always 503; anything else 404."""
 
     def __init__(self) -> None:
         from sdfleet.demo import _input_image
@@ -45,13 +46,17 @@ class Inputs:
             return
         path = scope["path"]
         self.asked[path] += 1
-        status, body = 404, b"no such image"
-        if path == "/down.png":
+        status, body, headers = 404, b"no such image", []
+        if path == "/busy.png" and self.asked[path] == 1:
+            status, body, headers = 429, b"slow down", [(b"retry-after", b"3")]
+        elif path == "/busy.png":
+            status, body = 200, self.png
+        elif path == "/down.png":
             status, body = 503, b"try again later"
         elif path.startswith("/flaky/"):
             fails = int(path.removeprefix("/flaky/").removesuffix(".png"))
             status, body = (503, b"try again later") if self.asked[path] <= fails else (200, self.png)
-        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -200,3 +205,21 @@ async def test_an_input_the_runtime_could_not_fetch_now_is_retried_with_the_same
     ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
     assert [r.delay_s for r in ours if r.event == "requeued"] == [1.0, 2.0]
     assert await _dead_letters(engine) == [task_id]
+
+
+async def test_an_input_server_that_asks_for_a_wait_gets_it(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """429 with ``Retry-After: 3``: the next try comes 3 s later, not after the first 1 s."""
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+    runtimes = {"synthetic": {"latency_s": 0}}
+    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3)
+    inputs = Inputs()
+    async with serving(inputs) as url:
+        fleet = await start_fleet(QUEUE, settings=s)
+        task_id = (await fleet.http.post("/v1/tasks", json=_img2img(f"{url}/busy.png"))).json()["id"]
+        view = await fleet.wait(task_id, timeout_s=60)
+    assert view["state"] == "succeeded", view
+    assert inputs.asked["/busy.png"] == 2
+    ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+    assert [(r.code, r.delay_s) for r in ours if r.event == "requeued"] == [("input_fetch_failed", 3.0)]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from fakes.servers import free_port
 from sdfleet.errors import InputFetchError, InputUnavailable, UrlRefused
-from sdfleet.guarded_http import InputFetcher, check_url, resolve_host
+from sdfleet.guarded_http import InputFetcher, check_url, resolve_host, retry_after_s
 
 PUBLIC = "93.184.216.34"
 NAMES = {
@@ -177,7 +177,7 @@ class Handler(BaseHTTPRequestHandler):
     def _numbered(self, path: str) -> None:
         what, n = path.strip("/").split("/")
         if what == "status":
-            self._send(int(n), b"not now")
+            self._send(int(n), b"not now", {"Retry-After": "7"} if n == "429" else None)
         else:
             hops = int(n)
             self._send(302, headers={"Location": f"/hops/{hops - 1}" if hops > 1 else "/img.png"})
@@ -230,8 +230,9 @@ async def test_fetch_refuses(server: str, fetcher: InputFetcher, path: str, reas
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 async def test_fetch_unavailable_for_now(server: str, fetcher: InputFetcher, status: int) -> None:
     """Answers that say "not now": the agent retries the task (``InputUnavailable``)."""
-    with pytest.raises(InputUnavailable, match=f"HTTP {status}"):
+    with pytest.raises(InputUnavailable, match=f"HTTP {status}") as caught:
         await fetcher.fetch(f"{server}/status/{status}")
+    assert caught.value.retry_after_s == (7.0 if status == 429 else None)  # its Retry-After
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 410])
@@ -333,3 +334,15 @@ def test_an_input_that_may_come_back_is_retried_with_a_backoff() -> None:
 
     assert [input_retry_delay(n, 0.0) for n in range(1, 8)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert input_retry_delay(1, 10.0) == 10.0  # agent.retry_delay_s, when it is longer
+    assert input_retry_delay(1, 0.0, 45.0) == 45.0  # the server's Retry-After, when it is longer
+    assert input_retry_delay(4, 0.0, 2.0) == 8.0
+    assert input_retry_delay(1, 0.0, 86400.0) == 600.0  # but a message is not hidden for a day
+
+
+def test_retry_after_in_seconds_or_as_an_http_date() -> None:
+    now = 1_800_000_000.0  # 2027-01-15 08:00:00 GMT
+    assert retry_after_s("120", now) == 120.0
+    assert retry_after_s("Fri, 15 Jan 2027 08:00:30 GMT", now) == 30.0
+    assert retry_after_s("Fri, 15 Jan 2027 07:59:00 GMT", now) == 0.0  # already past
+    for unreadable in (None, "", "soon", "-5", "1.5", "Fri, 15 Jan 2027 08:00:30"):
+        assert retry_after_s(unreadable, now) is None, unreadable

@@ -68,9 +68,11 @@ async def _settle(parts: Parts, p: Prepared, outcome: Outcome) -> None:
             return
         _event(p, "failed", code=outcome.code, reason=outcome.reason, retry=False)
         await acknowledge(parts, p)
-    elif isinstance(outcome, SdfleetError):  # an input the runtime fetched may come back: back off
-        backoff = isinstance(outcome, InputUnavailable)
-        await _retry_or_fail(parts, p, outcome.code, outcome.message or str(outcome), backoff=backoff)
+    elif isinstance(outcome, SdfleetError):
+        # an input the runtime fetched itself that may come back: backed off, as in prepare
+        unavailable = outcome if isinstance(outcome, InputUnavailable) else None
+        message = outcome.message or str(outcome)
+        await _retry_or_fail(parts, p, outcome.code, message, unavailable=unavailable)
     else:  # a runtime bug must not kill the agent; it counts as a failed attempt
         log.error("task %s: unexpected error", task.id, exc_info=outcome)
         await _retry_or_fail(parts, p, "runtime_failure", f"{type(outcome).__name__}: {outcome}")
@@ -174,11 +176,11 @@ async def _cancelled_meanwhile(parts: Parts, p: Prepared) -> bool:
 
 
 async def _retry_or_fail(
-    parts: Parts, p: Prepared, code: str, message: str, *, backoff: bool = False
+    parts: Parts, p: Prepared, code: str, message: str, *, unavailable: InputUnavailable | None = None
 ) -> None:
     """A failed attempt: requeued and released for another try after ``agent.retry_delay_s``
-    (``backoff``: 1, 2, 4 … s, as ``input_retry_delay``), or on the last receive failed and left
-    to the dead-letter queue."""
+    (``unavailable``: after ``input_retry_delay``, 1, 2, 4 … s or the server's ``Retry-After``),
+    or on the last receive failed and left to the dead-letter queue."""
     d = p.delivery
     p.span.set_status(StatusCode.ERROR, message)
     last = d.receive_count >= parts.fleet.retry.max_receives
@@ -190,8 +192,8 @@ async def _retry_or_fail(
     if not written and await _cancelled_meanwhile(parts, p):
         return
     delay_s = parts.settings.retry_delay_s
-    if backoff:
-        delay_s = input_retry_delay(d.receive_count, delay_s)
+    if unavailable is not None:
+        delay_s = input_retry_delay(d.receive_count, delay_s, unavailable.retry_after_s)
     fields = {"code": code, "reason": message, "attempt": d.receive_count}
     if last:
         _event(p, "failed", level=logging.WARNING, **fields)

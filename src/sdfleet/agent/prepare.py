@@ -187,14 +187,16 @@ async def _checked(
 
 INPUT_RETRY_FIRST_S = 1.0
 INPUT_RETRY_MAX_S = 30.0
+RETRY_AFTER_MAX_S = 600.0
+"""Most of a server's ``Retry-After`` the agent honours: a message is not hidden for hours."""
 
 
-def input_retry_delay(receive_count: int, retry_delay_s: float) -> float:
+def input_retry_delay(receive_count: int, retry_delay_s: float, retry_after_s: float | None = None) -> float:
     """How long an input that may come back waits before its next try: 1, 2, 4 … s (at most 30),
-    or ``agent.retry_delay_s`` if that is longer. A server that said "not now" is not asked
-    again within milliseconds, by every agent at once."""
+    or longer where ``agent.retry_delay_s`` or the server's ``Retry-After`` (at most 10 minutes)
+    says so. A server that said "not now" is not asked again within milliseconds."""
     backoff = min(INPUT_RETRY_FIRST_S * 2.0 ** max(0, receive_count - 1), INPUT_RETRY_MAX_S)
-    return max(backoff, retry_delay_s)
+    return max(backoff, retry_delay_s, min(retry_after_s or 0.0, RETRY_AFTER_MAX_S))
 
 
 async def _fetch_failed(
@@ -214,7 +216,8 @@ async def _fetch_failed(
     span.set_status(StatusCode.ERROR, reason)
     retried = isinstance(e, InputUnavailable) or (record is not None and elsewhere(record, parts))
     if retried and d.receive_count < parts.fleet.retry.max_receives:
-        delay_s = input_retry_delay(d.receive_count, parts.settings.retry_delay_s)
+        after = e.retry_after_s if isinstance(e, InputUnavailable) else None
+        delay_s = input_retry_delay(d.receive_count, parts.settings.retry_delay_s, after)
         event = {"code": e.code, "reason": reason, "attempt": d.receive_count, "delay_s": delay_s}
         task_event(task.id, d.queue, span, "requeued", level=logging.WARNING, **event)
         if record is not None and record.state is TaskState.QUEUED:  # the client sees why it waits
