@@ -50,11 +50,13 @@ class Hit:
 
 @dataclass
 class Receiver:
-    """Records every request; answers ``answers[(path, event)]`` in turn, then 200."""
+    """Records every request; answers ``answers[(path, event)]`` in turn, then 200; a 429 or 503
+    with ``Retry-After: <retry_after>`` where that is set."""
 
     url: str = ""
     hits: list[Hit] = field(default_factory=list)
     answers: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    retry_after: str | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
@@ -68,9 +70,10 @@ class Receiver:
         queued = self.answers.get(key)
         status = queued.pop(0) if queued else 200
         self.hits.append(Hit(scope["path"], headers, body, status))
-        await send(
-            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]}
-        )
+        answer = [(b"content-type", b"text/plain")]
+        if status in (429, 503) and self.retry_after is not None:
+            answer.append((b"retry-after", self.retry_after.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": answer})
         await send({"type": "http.response.body", "body": b"ok"})
 
     def on(self, path: str) -> list[Hit]:
@@ -241,6 +244,26 @@ async def test_notify_never_waits_and_shutdown_drain_is_bounded(
     count = len(receiver.on("/down"))
     await asyncio.sleep(0.2)
     assert len(receiver.on("/down")) == count
+
+
+async def test_a_receiver_that_asks_for_a_wait_gets_it(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 with ``Retry-After: 2``: the next try comes two seconds later, not after the 0.05 s
+    backoff (which asked a receiver shedding load again at once, several times)."""
+    receiver.answers[("/busy", "succeeded")] = [429]
+    receiver.retry_after = "2"
+    notifier = WebhookNotifier(secret="", allow_private=True, backoff_s=0.05, max_retry_s=60)
+    try:
+        busy = _record(f"{receiver.url}/busy", ["succeeded"])
+        with caplog.at_level(logging.INFO, logger="sdfleet.notify.webhook"):
+            await notifier.notify(busy, _event(busy, EventType.SUCCEEDED))
+            await notifier.delivered(busy.id)
+    finally:
+        await notifier.aclose()
+    assert [h.status for h in receiver.on("/busy")] == [429, 200]
+    (retry,) = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retry.args is not None and retry.args[-1] == 2.0, retry.getMessage()
 
 
 async def test_client_errors_are_not_retried_and_intermediate_events_throttled(receiver: Receiver) -> None:

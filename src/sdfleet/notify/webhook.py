@@ -11,7 +11,8 @@ each subscribed event. Every request is signed twice under the fleet's secret:
   ``"<X-Sdfleet-Timestamp>.<body>"`` (see ``verify``), kept for one release.
 
 - Terminal events (succeeded, failed, cancelled) are retried with exponential backoff on connection
-  errors, 429 and 5xx for up to ``max_retry_s``; any other 4xx or a redirect ends it (logged).
+  errors, 429 and 5xx for up to ``max_retry_s`` (a ``Retry-After`` longer than the backoff is
+  waited); any other 4xx or a redirect ends it (logged).
 - Non-terminal events (started, progress) are sent once, at most one per ``throttle_s`` per task;
   a failure is logged and forgotten.
 - Deliveries run in background tasks owned by the notifier, so a slow or dead receiver never holds
@@ -41,7 +42,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from sdfleet.errors import InputFetchError, UrlRefused
-from sdfleet.guarded_http import Resolve, guarded_client, pinned_target, resolve_host
+from sdfleet.guarded_http import Resolve, guarded_client, pinned_target, resolve_host, retry_after_s
 from sdfleet.tasks import EventType, TaskEvent, TaskRecord, new_task_id
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class WebhookNotifier:
             if terminal:
                 await self._with_retries(d)
             else:
-                outcome, why = await self._attempt(d)
+                outcome, why, _ = await self._attempt(d)
                 if outcome is not _Outcome.DELIVERED:
                     log.info("webhook %s not delivered (not retried): %s", d, why)
         except Exception:  # a background job must never die with an unretrieved exception
@@ -201,13 +202,14 @@ class WebhookNotifier:
         delay, tries = self.backoff_s, 0
         while True:
             tries += 1
-            outcome, why = await self._attempt(d)
+            outcome, why, after = await self._attempt(d)
             if outcome is _Outcome.DELIVERED:
                 return
             if outcome is _Outcome.GIVE_UP:
                 log.warning("webhook %s given up: %s", d, why)
                 return
-            wait = min(delay, MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
+            # the receiver's Retry-After when it asks for longer than the backoff
+            wait = max(min(delay, MAX_BACKOFF_S) * random.uniform(0.8, 1.2), after or 0.0)
             if time.monotonic() + wait > deadline:
                 log.error("webhook %s given up after %d tries in %.0f s: %s", d, tries, self.max_retry_s, why)
                 return
@@ -215,26 +217,27 @@ class WebhookNotifier:
             await asyncio.sleep(wait)
             delay *= 2
 
-    async def _attempt(self, d: _Delivery) -> tuple[_Outcome, str]:
+    async def _attempt(self, d: _Delivery) -> tuple[_Outcome, str, float | None]:
+        """One try: its outcome, why, and the wait a 429 or 5xx asked for (``Retry-After``)."""
         try:
             target, headers, extensions = await pinned_target(
                 d.url, allow_private=self.allow_private, resolve=self._resolve
             )
         except UrlRefused as e:
-            return _Outcome.GIVE_UP, f"URL refused: {e}"
+            return _Outcome.GIVE_UP, f"URL refused: {e}", None
         except InputFetchError as e:  # a name that does not resolve now may resolve later
-            return _Outcome.RETRY, str(e)
+            return _Outcome.RETRY, str(e), None
         headers.update(self._headers(d))
         try:
             resp = await self._client.post(target, content=d.body, headers=headers, extensions=extensions)
         except httpx.HTTPError as e:
-            return _Outcome.RETRY, f"{type(e).__name__}: {e}"
+            return _Outcome.RETRY, f"{type(e).__name__}: {e}", None
         code = resp.status_code
         if 200 <= code < 300:
-            return _Outcome.DELIVERED, str(code)
+            return _Outcome.DELIVERED, str(code), None
         if code == 429 or code >= 500:
-            return _Outcome.RETRY, f"HTTP {code}"
-        return _Outcome.GIVE_UP, f"HTTP {code}"
+            return _Outcome.RETRY, f"HTTP {code}", retry_after_s(resp.headers.get("retry-after"))
+        return _Outcome.GIVE_UP, f"HTTP {code}", None
 
     def _headers(self, d: _Delivery) -> dict[str, str]:
         now = int(time.time())
