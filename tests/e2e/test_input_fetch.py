@@ -19,7 +19,7 @@ from fleet_tools import serving
 
 from conftest import Engine, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
-from sdfleet.settings import QueueConfig
+from sdfleet.settings import QueueConfig, Settings
 from sdfleet.store import open_store
 from sdfleet.store.base import transition
 from sdfleet.tasks import TaskRecord, TaskResult, TaskState
@@ -60,8 +60,29 @@ class Inputs:
         await send({"type": "http.response.body", "body": body})
 
 
+@pytest.fixture(autouse=True)
+def _task_events(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
+
+
+def _records(caplog: pytest.LogCaptureFixture, task_id: str) -> list[logging.LogRecord]:
+    """The agent's event lines of ``task_id`` (``agent/tasklog.py``), in order."""
+    return [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+
+
 def _events(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]:
-    return [r.event for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+    return [r.event for r in _records(caplog, task_id)]
+
+
+def _delays(caplog: pytest.LogCaptureFixture, task_id: str) -> list[float]:
+    """The ``delay_s`` of each ``requeued`` of ``task_id``: when its next try was due."""
+    return [r.delay_s for r in _records(caplog, task_id) if r.event == "requeued"]
+
+
+def _settings(engine: Engine, models_dir: Path, **agent: Any) -> Settings:
+    """Queue ``q`` on an instant synthetic runtime, three receives per task."""
+    runtimes = {"synthetic": {"latency_s": 0}}
+    return fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3, **agent)
 
 
 def _img2img(url: str) -> dict[str, Any]:
@@ -85,9 +106,7 @@ async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fail
 ) -> None:
     """Every input fetch failure used to fail its task at once, a passing 503 or timeout too: one
     hiccup of the server holding the inputs (a CDN, S3 throttling) failed a burst of tasks."""
-    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
-    runtimes = {"synthetic": {"latency_s": 0}}
-    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3)
+    s = _settings(engine, models_dir)
     inputs = Inputs()
     async with serving(inputs) as url:
         fleet = await start_fleet(QUEUE, settings=s)
@@ -106,9 +125,7 @@ async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fail
     assert inputs.asked["/flaky/2.png"] == 3
     assert _events(caplog, flaky) == ["requeued", "requeued", "received", "started", "succeeded"]
     # Backing off, though agent.retry_delay_s is 0: the server is not asked again at once.
-    ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == flaky]
-    delays = [r.delay_s for r in ours if r.event == "requeued"]
-    assert delays == [1.0, 2.0], delays
+    assert _delays(caplog, flaky) == [1.0, 2.0]
 
     assert views[down]["state"] == "failed", views[down]
     assert views[down]["error"]["code"] == "input_fetch_failed"
@@ -132,9 +149,7 @@ async def test_a_takeover_that_cannot_fetch_the_input_leaves_the_running_task_to
     used to fail the task at once, and the other agent, alive after all, then had its images
     refused (``finished but not recorded``). Now the delivery is retried; the other agent's
     result stands, and the next receive drops the message."""
-    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
-    runtimes = {"synthetic": {"latency_s": 0}}
-    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3, retry_delay_s=2.0)
+    s = _settings(engine, models_dir, retry_delay_s=2.0)
     inputs = Inputs()
     store = open_store(engine.store_url)
     bus = open_bus(engine.bus_url)
@@ -192,7 +207,6 @@ async def test_an_input_the_runtime_could_not_fetch_now_is_retried_with_the_same
     """A URL inside the job (a ControlNet input in an SD WebUI body, a ComfyUI ``LoadImage``) is
     fetched by the runtime; "not now" there is a failed attempt too, released after 1 s, then 2 s,
     though ``agent.retry_delay_s`` is 0 (it came straight back, and failed within milliseconds)."""
-    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
     queue = [QueueConfig(name="q", runtime="fakes.runtimes:AlwaysFails")]
     options = {"message": "fetching https://cdn.example/pose.png failed: HTTP 503", "input_unavailable": True}
     runtimes = {"fakes.runtimes:AlwaysFails": options}
@@ -202,8 +216,7 @@ async def test_an_input_the_runtime_could_not_fetch_now_is_retried_with_the_same
     view = await fleet.wait(task_id, timeout_s=60)
     assert view["state"] == "failed" and view["error"]["code"] == "input_fetch_failed", view
     assert view["error"]["message"].endswith("HTTP 503 (after 3 attempts)"), view
-    ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
-    assert [r.delay_s for r in ours if r.event == "requeued"] == [1.0, 2.0]
+    assert _delays(caplog, task_id) == [1.0, 2.0]
     assert await _dead_letters(engine) == [task_id]
 
 
@@ -211,9 +224,7 @@ async def test_an_input_server_that_asks_for_a_wait_gets_it(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """429 with ``Retry-After: 3``: the next try comes 3 s later, not after the first 1 s."""
-    caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
-    runtimes = {"synthetic": {"latency_s": 0}}
-    s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, max_receives=3)
+    s = _settings(engine, models_dir)
     inputs = Inputs()
     async with serving(inputs) as url:
         fleet = await start_fleet(QUEUE, settings=s)
@@ -221,5 +232,5 @@ async def test_an_input_server_that_asks_for_a_wait_gets_it(
         view = await fleet.wait(task_id, timeout_s=60)
     assert view["state"] == "succeeded", view
     assert inputs.asked["/busy.png"] == 2
-    ours = [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
-    assert [(r.code, r.delay_s) for r in ours if r.event == "requeued"] == [("input_fetch_failed", 3.0)]
+    assert _delays(caplog, task_id) == [3.0]
+    assert [r.code for r in _records(caplog, task_id) if r.event == "requeued"] == ["input_fetch_failed"]
