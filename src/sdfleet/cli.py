@@ -264,7 +264,11 @@ def _print_view(view: dict[str, Any]) -> None:
     model = f" · model {view['model']}" if view.get("model") else ""
     console.print(f"{view['id']}: [bold]{state}[/bold]{running} · queue {view.get('queue')}{model}")
     if view.get("error"):
-        console.print(f"  error: {view['error']['code']}: {escape(view['error']['message'])}")
+        error = f"{view['error']['code']}: {escape(view['error']['message'])}"
+        if state in ("queued", "running"):  # a failed attempt's reason, not the task's end
+            console.print(f"  last try failed: {error} (it is tried again)")
+        else:
+            console.print(f"  error: {error}")
     for image in view.get("images", []):
         console.print(f"  {image['key']}  {image['url']}", highlight=False)
 

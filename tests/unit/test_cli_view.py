@@ -1,0 +1,32 @@
+"""``sdfleet status`` for a person: a queued task that waits for its retry says why, without
+reading as failed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdfleet.cli import _print_view
+from sdfleet.cli_common import console
+
+
+def _shown(view: dict[str, Any]) -> str:
+    with console.capture() as out:
+        _print_view(view)
+    return out.get()
+
+
+def _view(state: str, error: dict[str, str] | None) -> dict[str, Any]:
+    return {"id": "t-1", "state": state, "progress": 0.0, "queue": "q", "model": None, "error": error}
+
+
+def test_a_failed_attempt_is_not_shown_as_the_tasks_end() -> None:
+    error = {"code": "input_fetch_failed", "message": "fetching https://cdn.example/a.png failed: HTTP 503"}
+    waiting = _shown(_view("queued", error))
+    assert "t-1: queued · queue q" in waiting
+    assert (
+        "last try failed: input_fetch_failed: fetching https://cdn.example/a.png failed: HTTP 503" in waiting
+    )
+    assert "(it is tried again)" in waiting and "error:" not in waiting
+    failed = _shown(_view("failed", {**error, "message": error["message"] + " (after 3 attempts)"}))
+    assert "  error: input_fetch_failed: " in failed and "tried again" not in failed
+    assert "error" not in _shown(_view("succeeded", None))
