@@ -40,6 +40,7 @@ _METADATA = ipaddress.ip_address("169.254.169.254")
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolve = Callable[[str], list[str]]
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
@@ -57,9 +58,6 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     if when.tzinfo is None:  # an HTTP-date is GMT
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-Resolve = Callable[[str], list[str]]
 
 
 def resolve_host(host: str) -> list[str]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -166,3 +167,26 @@ async def serving(app: Any) -> AsyncIterator[str]:
         server.force_exit = True
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(job, timeout=5)
+
+
+def task_records(caplog: Any, task_id: str) -> list[logging.LogRecord]:
+    """The agent's event lines of ``task_id`` (``agent/tasklog.py``), in order; not the API's."""
+    return [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
+
+
+def task_events(caplog: Any, task_id: str) -> list[str]:
+    """The agent's events of ``task_id`` (received, started, succeeded …), in order."""
+    return [r.event for r in task_records(caplog, task_id)]
+
+
+async def dead_letters(engine: Engine) -> list[bytes]:
+    """What reached ``q-dlq`` (released on each receive, moved there after max_receives)."""
+    bus = open_bus(engine.bus_url)
+    try:
+        for _ in range(60):
+            dead = await bus.receive("q-dlq", max_messages=10, wait_s=0.5, lease_s=30)
+            if dead:
+                return [d.body for d in dead]
+        return []
+    finally:
+        await bus.aclose()

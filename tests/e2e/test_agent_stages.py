@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_tools import agent_process, drain, exists, serving, submit_all, write_fleet_file
+from fleet_tools import agent_process, drain, exists, serving, submit_all, task_events, write_fleet_file
 
 from conftest import Engine, StartFleet, fleet_settings, free_port
 from sdfleet.errors import RuntimeFailure
@@ -196,7 +196,7 @@ async def test_a_lease_shorter_than_the_run_is_kept_by_the_default_heartbeat(
     task_id = (await fleet.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
     view = await fleet.wait(task_id)
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
-    events = _events(caplog, task_id)
+    events = task_events(caplog, task_id)
     assert events == ["received", "started", "succeeded"], events  # never back while it ran
     q = await _settled(fleet)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
@@ -257,7 +257,7 @@ async def test_two_copies_of_a_queued_task_received_together_run_once(
     assert view["state"] == "succeeded" and view["attempts"] == 1, view
     q = await _settled(api)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
-    events = _events(caplog, "twice")
+    events = task_events(caplog, "twice")
     assert events.count("started") == 1, events
     assert events.count("dropped") == 1, events
 
@@ -294,7 +294,7 @@ async def test_a_task_taken_over_after_a_lapsed_lease_has_one_result_from_the_ag
     task_id = ""
 
     def taken_over() -> bool:
-        return _events(caplog, task_id).count("started") == 2
+        return task_events(caplog, task_id).count("started") == 2
 
     def let_go() -> bool:
         return any("taken over by" in getattr(r, "reason", "") for r in caplog.records)
@@ -336,7 +336,7 @@ async def test_a_task_taken_over_after_a_lapsed_lease_has_one_result_from_the_ag
     assert [r.reason for r in dropped] == [
         f"task {task_id} taken over by {b.parts.worker_id} after this agent's lease on it lapsed"
     ]
-    events = _events(caplog, task_id)
+    events = task_events(caplog, task_id)
     assert sorted(events) == sorted(["received", "started"] * 2 + ["dropped", "succeeded"]), events
     q = await _settled(api)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
@@ -347,11 +347,6 @@ async def _until(done: Any, timeout_s: float = 15) -> None:
     while not done():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.1)
-
-
-def _events(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]:
-    """The agent's events of ``task_id`` (``agent/tasklog.py``), in order; not the API's."""
-    return [r.event for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
 
 
 async def _queue(fleet: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_tools import serving
+from fleet_tools import dead_letters, serving, task_events, task_records
 
 from conftest import Engine, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
@@ -65,18 +65,9 @@ def _task_events(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="sdfleet.agent.task")
 
 
-def _records(caplog: pytest.LogCaptureFixture, task_id: str) -> list[logging.LogRecord]:
-    """The agent's event lines of ``task_id`` (``agent/tasklog.py``), in order."""
-    return [r for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
-
-
-def _events(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]:
-    return [r.event for r in _records(caplog, task_id)]
-
-
 def _delays(caplog: pytest.LogCaptureFixture, task_id: str) -> list[float]:
     """The ``delay_s`` of each ``requeued`` of ``task_id``: when its next try was due."""
-    return [r.delay_s for r in _records(caplog, task_id) if r.event == "requeued"]
+    return [r.delay_s for r in task_records(caplog, task_id) if r.event == "requeued"]
 
 
 def _settings(engine: Engine, models_dir: Path, **agent: Any) -> Settings:
@@ -89,16 +80,8 @@ def _img2img(url: str) -> dict[str, Any]:
     return {"type": "image-to-image", "params": {**PARAMS, "init_images": [url]}}
 
 
-async def _dead_letters(engine: Engine) -> list[str]:
-    """Ids in ``q``'s dead-letter queue (a message is moved there on the receive after its last)."""
-    bus = open_bus(engine.bus_url)
-    try:
-        for _ in range(20):
-            if dead := await bus.receive("q-dlq", max_messages=10, wait_s=0.5, lease_s=30):
-                return [json.loads(d.body)["id"] for d in dead]
-        return []
-    finally:
-        await bus.aclose()
+async def _dead_ids(engine: Engine) -> list[str]:
+    return [json.loads(body)["id"] for body in await dead_letters(engine)]
 
 
 async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fails_at_once(
@@ -123,7 +106,7 @@ async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fail
         views = {task_id: await fleet.wait(task_id, timeout_s=60) for task_id in (flaky, down, gone)}
     assert views[flaky]["state"] == "succeeded" and views[flaky]["error"] is None, views[flaky]
     assert inputs.asked["/flaky/2.png"] == 3
-    assert _events(caplog, flaky) == ["requeued", "requeued", "received", "started", "succeeded"]
+    assert task_events(caplog, flaky) == ["requeued", "requeued", "received", "started", "succeeded"]
     # Backing off, though agent.retry_delay_s is 0: the server is not asked again at once.
     assert _delays(caplog, flaky) == [1.0, 2.0]
 
@@ -131,14 +114,14 @@ async def test_an_input_that_may_come_back_is_retried_and_one_gone_for_good_fail
     assert views[down]["error"]["code"] == "input_fetch_failed"
     assert views[down]["error"]["message"].endswith("HTTP 503 (after 3 attempts)"), views[down]
     assert inputs.asked["/down.png"] == 3
-    assert _events(caplog, down) == ["requeued", "requeued", "failed"]
-    assert await _dead_letters(engine) == [down]  # like a run's last failed attempt
+    assert task_events(caplog, down) == ["requeued", "requeued", "failed"]
+    assert await _dead_ids(engine) == [down]  # like a run's last failed attempt
 
     assert views[gone]["state"] == "failed", views[gone]
     assert views[gone]["error"]["code"] == "input_fetch_failed"
     assert views[gone]["error"]["message"].endswith("HTTP 404"), views[gone]
     assert inputs.asked["/gone.png"] == 1
-    assert _events(caplog, gone) == ["failed"]
+    assert task_events(caplog, gone) == ["failed"]
 
 
 async def test_a_takeover_that_cannot_fetch_the_input_leaves_the_running_task_to_its_agent(
@@ -169,8 +152,8 @@ async def test_a_takeover_that_cannot_fetch_the_input_leaves_the_running_task_to
             await bus.release(d)
             await start_fleet(QUEUE, settings=s, with_api=False)
             deadline = time.monotonic() + 30
-            while "requeued" not in _events(caplog, task_id):
-                assert "failed" not in _events(caplog, task_id), _events(caplog, task_id)
+            while "requeued" not in task_events(caplog, task_id):
+                assert "failed" not in task_events(caplog, task_id), task_events(caplog, task_id)
                 assert time.monotonic() < deadline, "the agent never took the message"
                 await asyncio.sleep(0.05)
             record = await store.get("default", task_id)
@@ -188,15 +171,15 @@ async def test_a_takeover_that_cannot_fetch_the_input_leaves_the_running_task_to
             await transition(store, "default", task_id, succeed)
             view = await api.wait(task_id, timeout_s=30)
             deadline = time.monotonic() + 30
-            while "dropped" not in _events(caplog, task_id):  # its retry, 2 s on
-                assert time.monotonic() < deadline, _events(caplog, task_id)
+            while "dropped" not in task_events(caplog, task_id):  # its retry, 2 s on
+                assert time.monotonic() < deadline, task_events(caplog, task_id)
                 await asyncio.sleep(0.05)
             stats = await bus.stats("q")
     finally:
         await store.aclose()
         await bus.aclose()
     assert view["state"] == "succeeded", view
-    assert _events(caplog, task_id) == ["requeued", "dropped"]
+    assert task_events(caplog, task_id) == ["requeued", "dropped"]
     assert inputs.asked["/gone.png"] == 1
     assert (stats.visible, stats.in_flight, stats.dead_letters) == (0, 0, 0), stats
 
@@ -217,7 +200,7 @@ async def test_an_input_the_runtime_could_not_fetch_now_is_retried_with_the_same
     assert view["state"] == "failed" and view["error"]["code"] == "input_fetch_failed", view
     assert view["error"]["message"].endswith("HTTP 503 (after 3 attempts)"), view
     assert _delays(caplog, task_id) == [1.0, 2.0]
-    assert await _dead_letters(engine) == [task_id]
+    assert await _dead_ids(engine) == [task_id]
 
 
 async def test_an_input_server_that_asks_for_a_wait_gets_it(
@@ -233,4 +216,4 @@ async def test_an_input_server_that_asks_for_a_wait_gets_it(
     assert view["state"] == "succeeded", view
     assert inputs.asked["/busy.png"] == 2
     assert _delays(caplog, task_id) == [3.0]
-    assert [r.code for r in _records(caplog, task_id) if r.event == "requeued"] == ["input_fetch_failed"]
+    assert [r.code for r in task_records(caplog, task_id) if r.event == "requeued"] == ["input_fetch_failed"]

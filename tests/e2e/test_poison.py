@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_tools import dead_letters
 
 from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
@@ -166,19 +167,6 @@ async def test_poison_message_from_another_producer_is_dead_lettered(
     await still_serving(fleet)
     assert await dead_letters(engine) == [poison]
     await still_serving(fleet)
-
-
-async def dead_letters(engine: Engine) -> list[bytes]:
-    """What reached ``q-dlq`` (released on each receive, moved there after max_receives)."""
-    bus = open_bus(engine.bus_url)
-    try:
-        for _ in range(60):
-            dead = await bus.receive("q-dlq", max_messages=10, wait_s=0.5, lease_s=30)
-            if dead:
-                return [d.body for d in dead]
-        return []
-    finally:
-        await bus.aclose()
 
 
 class Exploding:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from fleet_tools import task_events
 from standardwebhooks import Webhook as StandardWebhook
 from standardwebhooks import WebhookVerificationError
 
@@ -350,7 +351,7 @@ async def test_a_cancel_the_watch_had_not_read_when_the_run_ended_is_delivered(
     assert (await api.wait(task_id))["state"] == "cancelled"
     (q,) = [v for v in (await api.http.get("/v1/queues")).json() if v["name"] == "q"]
     assert (q["visible"], q["in_flight"]) == (0, 0), q  # acked, not handed back
-    events = _events(caplog, task_id)
+    events = task_events(caplog, task_id)
     assert events == ["received", "started", "cancelled"], events
 
 
@@ -386,21 +387,17 @@ async def test_a_retried_task_cancelled_while_waiting_in_the_agent_is_delivered(
     task_id = ""
     hook = {"url": f"{receiver.url}/hook/retried", "events": ["cancelled", "succeeded", "failed"]}
     task_id = (await rf.http.post("/v1/tasks", json={"params": PARAMS, "webhook": hook})).json()["id"]
-    await receiver.until(lambda: "requeued" in _events(caplog, task_id))
+    await receiver.until(lambda: "requeued" in task_events(caplog, task_id))
     blockers = [(await rf.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"] for _ in range(2)]
-    await receiver.until(lambda: _events(caplog, task_id).count("received") == 2)  # the retry, in the pool
+    # the retry, in the pool
+    await receiver.until(lambda: task_events(caplog, task_id).count("received") == 2)
     assert (await rf.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
     free.set()
     await receiver.until(lambda: len(receiver.on("/hook/retried")) >= 1, timeout_s=15)
     assert [h.event for h in receiver.on("/hook/retried")] == ["cancelled"]
     assert [(await rf.wait(b))["state"] for b in blockers] == ["succeeded"] * 2
-    events = _events(caplog, task_id)
+    events = task_events(caplog, task_id)
     assert events == ["received", "started", "requeued", "received", "dropped"], events
-
-
-def _events(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]:
-    """The agent's events of ``task_id`` (``agent/tasklog.py``), in order."""
-    return [r.event for r in caplog.records if r.name == "sdfleet.agent.task" and r.task_id == task_id]
 
 
 async def test_unsigned_warning_once_and_only_when_a_task_asks(
