@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,35 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
         hashlib.sha256(k.encode()).hexdigest(): {"name": n} for k, n in ((ALICE, "alice"), (BOB, "bob"))
     }
     fleet = {"queues": [{"name": "default"}], "models": {"dir": str(work / "models"), "default": MODEL}}
-    with sdfleet_up(work, {**fleet, "tenants": tenants}, {"SDFLEET_AGENT__CANCEL_CHECK_S": "0.5"}) as up:
+    env = {"SDFLEET_AGENT__CANCEL_CHECK_S": "0.5", "SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true"}
+    with sdfleet_up(work, {**fleet, "tenants": tenants}, env) as up:
         yield up
+
+
+@pytest.fixture
+def unavailable_input() -> Iterator[str]:
+    """An input image URL on 127.0.0.1 that always answers 503 with ``Retry-After: 600``: a task
+    that needs it waits queued, its last try failed, for ten minutes."""
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Retry-After", "600")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/input.png"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture
@@ -162,6 +191,50 @@ async def test_cancel_a_running_task(page: Page, fleet: UpProcess, shots: Path) 
     await expect(page.locator("#state")).to_have_text("cancelled")
     await expect(page.locator("#cancel")).to_be_disabled()
     await page.screenshot(path=shots / "cancelled.png", full_page=True)
+
+
+async def test_a_queued_tasks_failed_try_reads_as_one(
+    page: Page, fleet: UpProcess, shots: Path, unavailable_input: str
+) -> None:
+    """A task waiting for its next try carries the last try's error; the pages used to show it as
+    the task's end (the task page in red under ``queued``, the card naming the error's code)."""
+    body = {
+        "type": "image-to-image",
+        "params": {
+            "prompt": "a harbour",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "init_images": [unavailable_input],
+        },
+    }
+    with fleet.client(ALICE) as http:
+        task_id = http.post("/v1/tasks", json=body).json()["id"]
+        deadline = time.monotonic() + 120
+        while (view := http.get(f"/v1/tasks/{task_id}").json())["error"] is None:
+            assert time.monotonic() < deadline, view
+            time.sleep(0.2)
+    assert view["state"] == "queued", view
+    await page.goto(f"{fleet.url}/ui/tasks/{task_id}")
+    await use_key(page, ALICE)
+    await expect(page.locator("#state")).to_have_text("queued")
+    error = page.locator("#error")
+    await expect(error).to_be_visible()
+    tried_again = re.compile(r"^last try failed: input_fetch_failed: .*HTTP 503 \(it is tried again\)$")
+    await expect(error).to_have_text(tried_again)
+    await expect(error).to_have_class("error retrying")
+    await page.screenshot(path=shots / "task-retrying.png", full_page=True)
+    await page.goto(f"{fleet.url}/ui")
+    card = page.locator(f".card[data-task-id='{task_id}']")
+    await expect(card.locator(".state")).to_have_text("queued")
+    await expect(card.locator(".placeholder")).to_have_text("queued")
+    await expect(card).to_have_attribute("title", re.compile(r"· last try failed: input_fetch_failed$"))
+    await page.screenshot(path=shots / "gallery-retrying.png", full_page=True)
+    await page.goto(f"{fleet.url}/ui/tasks/{task_id}")
+    await page.click("#cancel")  # an ended task's error reads as its end's: no longer "tried again"
+    await expect(page.locator("#state")).to_have_text("cancelled")
+    await expect(error).to_have_text(re.compile(r"^input_fetch_failed: .*503$"))
+    await expect(error).to_have_class("error")
 
 
 async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(

@@ -40,8 +40,10 @@
     bar.hidden = sdfleet.TERMINAL.has(view.state);
     node.querySelector(".model").textContent = view.model || "default model";
     node.querySelector(".timing").textContent = sdfleet.fmtSeconds(view.timings);
-    node.querySelector(".placeholder").textContent = view.error ? view.error.code : view.state;
-    node.title = `${view.id} · ${sdfleet.age(view.created_at)} · queue ${view.queue || "–"}`;
+    const retrying = Boolean(view.error) && sdfleet.RETRYING.has(view.state);
+    node.querySelector(".placeholder").textContent = view.error && !retrying ? view.error.code : view.state;
+    node.title = `${view.id} · ${sdfleet.age(view.created_at)} · queue ${view.queue || "–"}`
+      + (retrying ? ` · last try failed: ${view.error.code}` : "");
   }
 
   function fill(node, extra) {

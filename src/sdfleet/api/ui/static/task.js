@@ -23,8 +23,13 @@
     el("progress").value = state === "succeeded" ? 1 : progress || 0;
     el("percent").textContent = `${Math.round((state === "succeeded" ? 1 : progress || 0) * 100)}%`;
     el("cancel").disabled = sdfleet.TERMINAL.has(state);
+    // A queued or running task's error is its last failed try's: it is tried again.
+    const retrying = Boolean(error) && sdfleet.RETRYING.has(state);
     el("error").hidden = !error;
-    el("error").textContent = error ? `${error.code}: ${error.message}` : "";
+    el("error").className = retrying ? "error retrying" : "error";
+    el("error").textContent = !error ? ""
+      : retrying ? `last try failed: ${error.code}: ${error.message} (it is tried again)`
+      : `${error.code}: ${error.message}`;
   }
 
   function showImages(view) {

@@ -98,6 +98,8 @@ const sdfleet = (() => {
   }
 
   const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  // States whose error, if any, is a failed try's: the task is tried again.
+  const RETRYING = new Set(["queued", "running"]);
   const listeners = [];
 
   document.getElementById("key-form").addEventListener("submit", (ev) => {
@@ -117,7 +119,7 @@ const sdfleet = (() => {
   showKeyState();
 
   return {
-    api, follow, say, fmtSeconds, age, ApiError, TERMINAL, base,
+    api, follow, say, fmtSeconds, age, ApiError, TERMINAL, RETRYING, base,
     onKeyChange: (fn) => listeners.push(fn),
   };
 })();
