@@ -183,7 +183,7 @@ class TaskRecord(BaseModel):
     published_at: float | None = None
     """When the API last published the task (a repeated submit re-publishes at most once per lease)."""
     message_id: str | None = None
-    """The publish whose delivery started or reopened this run (``agent.decode.Decoded.publish``).
+    """The publish whose delivery started or reopened this run (``messages.Decoded.publish``).
     A seed message does not number its runs: one that comes again for a finished task is a
     redelivery of that run when it is this publish, else the id's next run."""
     earlier_publishes: list[str] = Field(default_factory=list)

@@ -324,7 +324,7 @@ async def test_a_second_post_waits_on_the_seeds_queue_past_max_receives_for_the_
     ``max_receives`` receives (neither deleted as poison nor failed), then runs as the next run."""
     import time
 
-    from sdfleet.agent.decode import decode_task
+    from sdfleet.messages import decode_task
     from sdfleet.store import open_store
     from sdfleet.store.base import transition
     from sdfleet.tasks import TaskRecord, TaskState

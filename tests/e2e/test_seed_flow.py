@@ -415,7 +415,7 @@ async def _second_publish_while_a_ghost_runs(
     (``sns-2``, "a blue whale") sent. Yields the fleet, a store, a bus and that queue."""
     import time
 
-    from sdfleet.agent.decode import decode_task
+    from sdfleet.messages import decode_task
     from sdfleet.routing import resolve_queues
     from sdfleet.store import open_store
     from sdfleet.tasks import TaskRecord, TaskState

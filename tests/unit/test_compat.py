@@ -235,8 +235,8 @@ def test_a_delivery_is_read_once_with_its_publish(enveloped: bool, monkeypatch: 
     """The agent reads a delivery's message, its publish and its attributes in one go: the body
     is parsed once, and an envelope's message once more (seed messages can carry inline images)."""
     from sdfleet import jsonsafe
-    from sdfleet.agent.decode import decode_delivery
     from sdfleet.bus.base import Delivery
+    from sdfleet.messages import decode_delivery
 
     parsed: list[int] = []
     loads = jsonsafe.loads

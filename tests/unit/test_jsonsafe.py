@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from sdfleet import jsonsafe
-from sdfleet.agent.decode import decode_task
 from sdfleet.errors import MessageDecodeError
+from sdfleet.messages import decode_task
 
 REFUSED = [
     (b'{"a":1e400}', json.JSONDecodeError, "1e400 is out of range"),

@@ -10,12 +10,12 @@ from typing import cast
 
 import pytest
 
-from sdfleet.agent.decode import decode_delivery
 from sdfleet.agent.defer import AnotherPublishRuns, other_publish
 from sdfleet.agent.parts import Parts
 from sdfleet.agent.prepare import _numbered
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import TransitionConflict
+from sdfleet.messages import decode_delivery
 from sdfleet.tasks import Task, TaskRecord, TaskState
 from seed_payloads import V1ALPHA2_T2I, sns_envelope
 

@@ -14,7 +14,6 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
-from sdfleet.agent.decode import Decoded, decode_delivery, decode_task
 from sdfleet.agent.defer import defer, held_by_another_run, other_publish, unended_other_publish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
@@ -22,6 +21,7 @@ from sdfleet.agent.records import cancelled_unrun, elsewhere, fail, notify
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, InputUnavailable, MessageDecodeError, SdfleetError
+from sdfleet.messages import Decoded, decode_delivery, decode_task
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.store.base import reopen, transition
 from sdfleet.tasks import EventType, Task, TaskError, TaskRecord, TaskState
