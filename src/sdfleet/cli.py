@@ -28,6 +28,7 @@ from sdfleet.cli_common import (
     print_table,
     say_error,
 )
+from sdfleet.cli_dlq import dlq_app
 from sdfleet.cli_ensure import ensure
 from sdfleet.cli_keys import keys_app
 from sdfleet.cli_simulate import simulate
@@ -66,6 +67,7 @@ app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate)
 app.command()(ensure)
 app.add_typer(keys_app, name="keys")
+app.add_typer(dlq_app, name="dlq")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Message body → Task, for every form an agent may find on its queue."""
+"""Message body → Task, for every form an agent may find on its queue (the agent reads each
+delivery with it; ``sdfleet dlq`` reads dead letters with it)."""
 
 from __future__ import annotations
 

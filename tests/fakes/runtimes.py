@@ -92,3 +92,40 @@ def media_samples() -> list[bytes]:
     # the first box of an MP4 file: size, "ftyp", major brand "isom"
     out.append(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64))
     return out
+
+
+class FailsUntilFixed:
+    """Fails every run like ``AlwaysFails`` while ``broken``; a test sets it to False (the fix
+    deployed) and from then on each run makes one PNG."""
+
+    name = "fails-until-fixed"
+    max_in_flight = 1
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.runs = 0
+
+    @classmethod
+    def from_options(
+        cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
+    ) -> FailsUntilFixed:
+        return cls()
+
+    async def start(self) -> None:
+        return None
+
+    async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
+        self.runs += 1
+        if self.broken:
+            raise RuntimeFailure("out of memory: the model does not fit")
+        return RuntimeResult(images=media_samples()[:1], info={"runtime": self.name})
+
+    async def interrupt(self, task_id: str | None = None) -> None:
+        return None
+
+    @property
+    def loaded_model(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None

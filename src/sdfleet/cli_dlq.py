@@ -1,0 +1,195 @@
+"""``sdfleet dlq list|redrive``: the dead-letter queues' messages, and running their tasks again
+(``sdfleet.dlq`` says what a redrive does with each)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from sdfleet.bus.base import Bus
+from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, err, print_json, print_table
+from sdfleet.dlq import DeadLetter, Letter, Outcome, Read, Redriven, held, redrive
+from sdfleet.errors import NotFound, SdfleetError
+from sdfleet.settings import Settings
+from sdfleet.store.base import TaskStore
+
+dlq_app = typer.Typer(help="Dead-letter queues: what they hold, and running it again.", no_args_is_help=True)
+T = TypeVar("T")
+
+QueuesArg = typer.Argument(None, help="Queues whose dead letters to read (default: every queue).")
+LimitOpt = typer.Option(100, "--limit", min=1, max=10_000, help="Most letters read in one go.")
+
+
+def _queues(settings: Settings, names: list[str] | None) -> list[str]:
+    known = [q.name for q in settings.fleet.queues]
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise NotFound(
+            f"no queue {', '.join(map(repr, unknown))} in the fleet (its queues: {', '.join(known)})"
+        )
+    return list(names) if names else known
+
+
+def _run(config: Path | None, job: Callable[[Settings, Bus, TaskStore], Awaitable[T]]) -> T:
+    """``job(settings, bus, store)`` on the fleet's engines; a bus or store error exits with its
+    one line (the letters not settled yet go back to their dead-letter queue)."""
+    from sdfleet.bus import open_bus
+    from sdfleet.store import open_store
+
+    settings = _settings(config)
+
+    async def main() -> T:
+        bus = open_bus(settings.bus)
+        store = open_store(settings.store)
+        try:
+            return await job(settings, bus, store)
+        finally:
+            await bus.aclose()
+            await store.aclose()
+
+    try:
+        return asyncio.run(main())
+    except SdfleetError as e:
+        _fail(e)
+        raise  # not reached: _fail exits
+
+
+def _error(letter: DeadLetter) -> str:
+    if letter.unreadable:
+        return letter.unreadable
+    if letter.error:
+        return f"{letter.error.code}: {letter.error.message}"
+    return "-"
+
+
+def _record(letter: DeadLetter) -> str:
+    if letter.state is None:
+        return "-" if letter.unreadable else "no record"
+    later = f" (run {letter.record_run})" if letter.record_run != letter.run else ""
+    return f"{letter.state}{later}"
+
+
+@dlq_app.command("list")
+def list_letters(
+    queues: list[str] | None = QueuesArg,
+    limit: int = LimitOpt,
+    as_json: bool = JsonOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """The dead letters of the fleet's queues, with what their tasks' records say now (read, then
+    given back: nothing is changed)."""
+
+    async def job(settings: Settings, bus: Bus, store: TaskStore) -> tuple[list[DeadLetter], dict[str, str]]:
+        async with held(bus, store, _queues(settings, queues), limit=limit) as read:
+            return [letter.view for letter in read.letters], read.skipped
+
+    letters, skipped = _run(config, job)
+    _say_skipped(skipped)
+    if as_json:
+        print_json([letter.model_dump(mode="json") for letter in letters])
+        return
+    if not letters:
+        console.print("no dead letters")
+        return
+    table = Table("queue", "task", "tenant", "type", "run", "record", "last error")
+    for d in letters:
+        run = "-" if d.run is None else str(d.run)
+        table.add_row(
+            d.queue,
+            d.task_id or d.message_id,
+            d.tenant or "-",
+            d.type or "-",
+            run,
+            _record(d),
+            escape(_error(d)),
+        )
+    print_table(table)
+    if len(letters) == limit:
+        console.print(f"(the first {limit}: --limit to read more)")
+
+
+@dlq_app.command("redrive")
+def redrive_letters(
+    queues: list[str] | None = QueuesArg,
+    tasks: list[str] | None = typer.Option(None, "--task", help="Only this task's letters (repeatable)."),
+    limit: int = LimitOpt,
+    as_json: bool = JsonOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Run the dead letters' tasks again: a failed task's next run is published and its record
+    reopened; a task still queued or running (or never recorded) is published as it was; a
+    finished one's letter is dropped; a seed message or an unreadable one is kept. Exits 1 when a
+    --task was not among the letters read or a letter was kept."""
+    wanted = set(tasks or [])
+
+    async def job(
+        settings: Settings, bus: Bus, store: TaskStore
+    ) -> tuple[list[Redriven], Read, dict[str, int]]:
+        names = _queues(settings, queues)
+        done: list[Redriven] = []
+        async with held(bus, store, names, limit=limit) as read:
+            chosen = [x for x in read.letters if not wanted or x.view.task_id in wanted]
+            await _each(chosen, lambda letter: _redrive(bus, store, settings, letter, done), quiet=as_json)
+        left = {name: (await bus.stats(name)).dead_letters for name in names if name not in read.skipped}
+        return done, read, left
+
+    done, read, left = _run(config, job)
+    missing = sorted(wanted - {r.letter.task_id for r in done})
+    if as_json:
+        redriven = [r.model_dump(mode="json") for r in done]
+        print_json({"redriven": redriven, "missing": missing, "left": left, "skipped": read.skipped})
+    else:
+        _say_skipped(read.skipped)
+        _print_redriven(done, missing, left)
+    if missing or any(r.outcome is Outcome.KEPT for r in done):
+        raise typer.Exit(1)
+
+
+async def _redrive(
+    bus: Bus, store: TaskStore, settings: Settings, letter: Letter, done: list[Redriven]
+) -> None:
+    done.append(await redrive(bus, store, settings.fleet.tasks_topic, letter))
+
+
+async def _each(letters: list[Letter], act: Callable[[Letter], Awaitable[None]], *, quiet: bool) -> None:
+    """``act`` on each letter in turn, with a progress bar on stderr unless ``quiet``."""
+    columns = (TextColumn("redriving"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err, transient=True, disable=quiet or len(letters) < 2) as bar:
+        step = bar.add_task("redrive", total=len(letters))
+        for letter in letters:
+            await act(letter)
+            bar.advance(step)
+
+
+def _say_skipped(skipped: dict[str, str]) -> None:
+    for queue, why in skipped.items():
+        err.print(f"queue {escape(queue)} not read: {escape(why)}")  # stdout stays the letters
+
+
+def _print_redriven(done: list[Redriven], missing: list[str], left: dict[str, int]) -> None:
+    if done:
+        table = Table("queue", "task", "outcome", "run", "why")
+        for r in done:
+            run = "-" if r.run is None else str(r.run)
+            table.add_row(
+                r.letter.queue,
+                r.letter.task_id or r.letter.message_id,
+                r.outcome.value,
+                run,
+                escape(r.reason),
+            )
+        print_table(table)
+    else:
+        console.print("no dead letters to redrive")
+    for task_id in missing:
+        console.print(f"task {escape(task_id)}: not among the dead letters read")
+    remaining = ", ".join(f"{q} {n}" for q, n in left.items() if n)
+    if remaining:
+        console.print(f"still in the dead-letter queues: {remaining}")

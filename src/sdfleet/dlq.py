@@ -1,0 +1,203 @@
+"""Dead letters: what a queue's dead-letter queue (``<queue>-dlq``) holds, and running it again.
+
+A message reaches the dead-letter queue after ``retry.max_receives`` deliveries without an ack
+(a task that failed on each try, an agent killed on each try). Its task's record is usually
+``failed`` by then, and an agent drops a delivery of a finished task: so sending the message back
+as it is would do nothing. A redrive runs the task's **next run** instead (``Task.run``), as a
+client's resubmit of a seed-format id does: published to the tasks topic again (its filter
+policies route it, with the attributes it was first published with), its record reopened
+(attempts, error and result cleared), then the letter deleted. Published first: a crash before
+the delete leaves the letter, and a second redrive publishes once more, which the agents take as
+the same run (at least once, one result).
+
+What each letter comes to (``Outcome``):
+
+- ``rerun``: the record is ``failed``: its next run is published and the record reopened;
+- ``sent``: the record is ``queued`` or ``running`` (its agents died on each try, or an agent has
+  not written it yet) or missing (it was never recorded): the message is published again as it is;
+- ``dropped``: the record ``succeeded`` or was ``cancelled``, or a later run exists: nothing to run,
+  the letter is deleted;
+- ``kept``: not sdfleet's own task JSON (a seed Lambda message in drop-in mode, whose run is its
+  SNS publish: resubmit it through the API; or a body no agent can read): left where it is.
+
+Reading a dead-letter queue holds each letter under a lease (``hold_s``) so a second read does not
+see it twice; ``list`` gives every letter back at once, and a reader that dies gives them back
+when the lease ends. Nothing here connects anywhere but the fleet's bus and store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+from sdfleet.bus.base import Bus, Delivery, dlq_name
+from sdfleet.errors import MessageDecodeError, NotFound, SdfleetError
+from sdfleet.messages import decode_delivery
+from sdfleet.routing import stamp
+from sdfleet.store.base import TaskStore, reopen
+from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState
+
+HOLD_S = 300.0
+"""How long a read holds the letters it has read (a reader that dies gives them back then)."""
+
+
+class Outcome(StrEnum):
+    RERUN = "rerun"
+    SENT = "sent"
+    DROPPED = "dropped"
+    KEPT = "kept"
+
+
+class DeadLetter(BaseModel):
+    """One message of a dead-letter queue, with what its task's record says now."""
+
+    queue: str
+    """The queue it died on (its dead-letter queue is ``<queue>-dlq``)."""
+    message_id: str
+    task_id: str | None = None
+    tenant: str | None = None
+    type: str | None = None
+    model: str | None = None
+    run: int | None = None
+    """The run the message is of (``Task.run``); None for a message that is not a task."""
+    state: TaskState | None = None
+    """The record's state now; None: no record (or not a task)."""
+    record_run: int | None = None
+    error: TaskError | None = None
+    """The record's error: why its last try failed."""
+    unreadable: str | None = None
+    """Why the message is not sdfleet's own task JSON (then nothing else is known)."""
+
+
+class Redriven(BaseModel):
+    """What a redrive did with one letter."""
+
+    letter: DeadLetter
+    outcome: Outcome
+    reason: str
+    run: int | None = None
+    """The run now queued (``rerun`` and ``sent``)."""
+
+
+@dataclass
+class Letter:
+    """A held delivery of a dead-letter queue: its task (None when it is not sdfleet's own) and
+    the attributes it was published with (inside its SNS envelope, if any)."""
+
+    delivery: Delivery
+    view: DeadLetter
+    task: Task | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+    """Deleted (redriven or dropped): not given back."""
+
+
+async def _read(store: TaskStore, queue: str, delivery: Delivery) -> Letter:
+    view = DeadLetter(queue=queue, message_id=delivery.message_id)
+    try:
+        decoded = decode_delivery(delivery)
+    except MessageDecodeError as e:
+        view.unreadable = e.message or str(e)
+        return Letter(delivery, view)
+    task = decoded.task
+    view = view.model_copy(
+        update={"task_id": task.id, "tenant": task.tenant, "type": task.type.value, "model": task.model}
+    )
+    if not decoded.ours:
+        view.unreadable = "a seed message (its run is its SNS publish): submit it again through the API"
+        return Letter(delivery, view)
+    view.run = task.run
+    record = await store.get(task.tenant, task.id)
+    if record is not None:
+        view.state, view.record_run, view.error = record.state, record.task.run, record.error
+    return Letter(delivery, view, task, decoded.attributes)
+
+
+@dataclass
+class Read:
+    """What ``held`` read: the letters, and the queues it could not read with the reason."""
+
+    letters: list[Letter]
+    skipped: dict[str, str]
+
+
+@asynccontextmanager
+async def held(
+    bus: Bus, store: TaskStore, queues: Iterable[str], *, limit: int, hold_s: float = HOLD_S
+) -> AsyncIterator[Read]:
+    """Up to ``limit`` letters of the dead-letter queues of ``queues``, held for ``hold_s``; those
+    still held on exit (not settled by ``redrive``) are given back at once. A queue the bus did
+    not make (an SQS queue attached by URL, such as the seed's) has no dead-letter queue of
+    sdfleet's: it is skipped, and said so."""
+    read = Read([], {})
+    try:
+        for queue in queues:
+            if not (await bus.stats(queue)).dead_letter_queue:
+                read.skipped[queue] = "it has no dead-letter queue"
+                continue
+            try:
+                await _read_queue(bus, store, queue, read.letters, limit, hold_s)
+            except NotFound as e:  # a dead-letter queue of its own, under another name
+                read.skipped[queue] = f"its dead-letter queue is not {dlq_name(queue)!r} ({e})"
+        yield read
+    finally:
+        for letter in read.letters:
+            if not letter.settled:
+                try:
+                    await bus.release(letter.delivery)
+                except SdfleetError:  # back when its hold ends
+                    pass
+
+
+async def _read_queue(
+    bus: Bus, store: TaskStore, queue: str, letters: list[Letter], limit: int, hold_s: float
+) -> None:
+    while len(letters) < limit:
+        want = min(10, limit - len(letters))
+        got = await bus.receive(dlq_name(queue), max_messages=want, wait_s=1.0, lease_s=hold_s)
+        if not got:
+            return
+        for d in got:
+            letters.append(await _read(store, queue, d))
+
+
+async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Redriven:
+    """Run ``letter``'s task again (the module docstring says how); the letter is deleted unless
+    the outcome is ``kept``. Raises the bus's and the store's errors (the letter is then kept)."""
+    view, task = letter.view, letter.task
+    if task is None:
+        return Redriven(letter=view, outcome=Outcome.KEPT, reason=view.unreadable or "not a task")
+    record = await store.get(task.tenant, task.id)
+    outcome, reason, run = _decide(task, record)
+    if outcome is Outcome.RERUN and record is not None:
+        task = task.model_copy(update={"run": record.task.run + 1})
+        await _publish(bus, topic, task, letter.attributes)
+        # Another writer first (an agent that received the new run already reopens it itself): theirs.
+        await reopen(store, record, task, published_at=time.time())
+    elif outcome is Outcome.SENT:
+        await _publish(bus, topic, task, letter.attributes)
+    await bus.ack(letter.delivery)
+    letter.settled = True
+    return Redriven(letter=view, outcome=outcome, reason=reason, run=run)
+
+
+def _decide(task: Task, record: TaskRecord | None) -> tuple[Outcome, str, int | None]:
+    if record is None:
+        return Outcome.SENT, "no record: published again as it is", task.run
+    if record.task.run > task.run:
+        return Outcome.DROPPED, f"run {record.task.run} came after it (now {record.state})", None
+    if record.state is TaskState.FAILED:
+        return Outcome.RERUN, f"failed: run {record.task.run + 1} published", record.task.run + 1
+    if record.state.terminal:
+        return Outcome.DROPPED, f"the task {record.state}: nothing to run", None
+    return Outcome.SENT, f"still {record.state} (its agents stopped): published again as it is", task.run
+
+
+async def _publish(bus: Bus, topic: str, task: Task, attributes: dict[str, str]) -> None:
+    # The attributes it was first published with (routing, tier, trace), a new enqueue time.
+    await bus.publish(topic, task.to_message(), stamp(attributes))

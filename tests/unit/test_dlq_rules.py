@@ -1,0 +1,165 @@
+"""What a redrive does with each kind of dead letter (``sdfleet.dlq``), on the SQLite bus and store:
+letters made as the engine makes them (received ``max_receives`` times, never acked), the record
+set to each state a letter's task can be in, and what reaches the queue again read back from it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sdfleet.bus import Bus, QueueSpec, Subscription, Topology, open_bus
+from sdfleet.dlq import Outcome, held, redrive
+from sdfleet.routing import ATTR_ENQUEUED_AT
+from sdfleet.store import TaskStore, open_store
+from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState
+from seed_payloads import V1ALPHA2_T2I
+
+ATTRS = {"sd_model_checkpoint": "sd15.safetensors", "tenant_tier": "gold", ATTR_ENQUEUED_AT: "1.0"}
+
+
+@pytest.fixture
+async def engines(tmp_path: Path) -> AsyncIterator[tuple[Bus, TaskStore]]:
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    bus, store = open_bus(url), open_store(url)
+    topology = Topology(
+        topics=["tasks"],
+        queues=[QueueSpec(name="q", max_receives=1)],
+        subscriptions=[Subscription(topic="tasks", queue="q")],
+    )
+    await bus.ensure(topology)
+    try:
+        yield bus, store
+    finally:
+        await bus.aclose()
+        await store.aclose()
+
+
+async def dead_letter(bus: Bus, body: bytes) -> None:
+    """Publish ``body`` and receive it past ``max_receives``: the engine moves it to ``q-dlq``."""
+    before = (await bus.stats("q")).dead_letters
+    await bus.publish("tasks", body, ATTRS)
+    (d,) = await bus.receive("q", lease_s=30)
+    await bus.release(d)
+    assert await bus.receive("q") == []
+    assert (await bus.stats("q")).dead_letters == before + 1
+
+
+async def record(store: TaskStore, task: Task, state: TaskState, run: int | None = None) -> None:
+    """``task``'s record in ``state`` (of run ``run``, default the task's own)."""
+    stored = task.model_copy(update={"run": run or task.run})
+    error = TaskError(code="runtime_failure", message="boom") if state is TaskState.FAILED else None
+    await store.create(TaskRecord(task=stored, state=state, attempts=3, error=error))
+
+
+async def redriven(bus: Bus, store: TaskStore) -> tuple[Outcome, str, int | None]:
+    async with held(bus, store, ["q"], limit=10) as read:
+        (letter,) = read.letters
+        done = await redrive(bus, store, "tasks", letter)
+    return done.outcome, done.reason, done.run
+
+
+async def requeued(bus: Bus) -> tuple[Task, dict[str, str]]:
+    (d,) = await bus.receive("q", lease_s=30)
+    return Task.model_validate_json(d.body), dict(d.attributes)
+
+
+TASK = Task.model_validate({"params": {"prompt": "a lighthouse"}, "model": "sd15.safetensors"})
+
+
+async def test_a_failed_task_runs_its_next_run_and_its_record_reopens(engines: tuple[Bus, TaskStore]) -> None:
+    bus, store = engines
+    await dead_letter(bus, TASK.to_message())
+    await record(store, TASK, TaskState.FAILED)
+    assert await redriven(bus, store) == (Outcome.RERUN, "failed: run 2 published", 2)
+    task, attrs = await requeued(bus)
+    assert task.id == TASK.id and task.run == 2 and task.params == TASK.params
+    assert {k: v for k, v in attrs.items() if k != ATTR_ENQUEUED_AT} == {
+        k: v for k, v in ATTRS.items() if k != ATTR_ENQUEUED_AT
+    }, "routed as it was first published"
+    assert float(attrs[ATTR_ENQUEUED_AT]) > 1.0, "a new enqueue time: the queue wait counts from now"
+    reopened = await store.get(TASK.tenant, TASK.id)
+    assert reopened is not None and reopened.state is TaskState.QUEUED and reopened.task.run == 2
+    assert reopened.attempts == 0 and reopened.error is None
+    assert (await bus.stats("q")).dead_letters == 0
+
+
+@pytest.mark.parametrize("state", [TaskState.QUEUED, TaskState.RUNNING])
+async def test_a_task_its_agents_never_finished_is_sent_as_it_was(
+    engines: tuple[Bus, TaskStore], state: TaskState
+) -> None:
+    bus, store = engines
+    await dead_letter(bus, TASK.to_message())
+    await record(store, TASK, state)
+    outcome, reason, run = await redriven(bus, store)
+    assert (outcome, run) == (Outcome.SENT, 1) and f"still {state}" in reason
+    task, _ = await requeued(bus)
+    assert task.run == 1
+    kept = await store.get(TASK.tenant, TASK.id)
+    assert kept is not None and kept.state is state, "the agent that receives it takes it over"
+
+
+async def test_a_task_never_recorded_is_sent_as_it_was(engines: tuple[Bus, TaskStore]) -> None:
+    bus, store = engines
+    await dead_letter(bus, TASK.to_message())
+    assert await redriven(bus, store) == (Outcome.SENT, "no record: published again as it is", 1)
+    assert (await requeued(bus))[0].id == TASK.id
+
+
+@pytest.mark.parametrize(
+    ("state", "run", "reason"),
+    [
+        (TaskState.SUCCEEDED, None, "the task succeeded: nothing to run"),
+        (TaskState.CANCELLED, None, "the task cancelled: nothing to run"),
+        (TaskState.QUEUED, 2, "run 2 came after it (now queued)"),
+        (TaskState.FAILED, 2, "run 2 came after it (now failed)"),
+    ],
+)
+async def test_a_finished_or_later_run_drops_the_letter(
+    engines: tuple[Bus, TaskStore], state: TaskState, run: int | None, reason: str
+) -> None:
+    bus, store = engines
+    await dead_letter(bus, TASK.to_message())
+    await record(store, TASK, state, run)
+    assert await redriven(bus, store) == (Outcome.DROPPED, reason, None)
+    assert await bus.receive("q") == [], "nothing published"
+    assert (await bus.stats("q")).dead_letters == 0, "the letter is deleted"
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (json.dumps(V1ALPHA2_T2I["task"]).encode(), "a seed message (its run is its SNS publish)"),
+        (b"\x00not json", "body is not JSON"),
+        (b'{"schema": 1, "params": {"steps": "many"}}', "not a valid task"),
+    ],
+    ids=["seed", "not-json", "invalid"],
+)
+async def test_a_letter_that_is_not_our_task_is_kept(
+    engines: tuple[Bus, TaskStore], body: bytes, why: str
+) -> None:
+    bus, store = engines
+    await dead_letter(bus, body)
+    async with held(bus, store, ["q"], limit=10) as read:
+        (letter,) = read.letters
+        assert letter.view.unreadable is not None and why in letter.view.unreadable
+        done = await redrive(bus, store, "tasks", letter)
+    assert done.outcome is Outcome.KEPT and why in done.reason
+    assert await bus.receive("q") == []
+    assert (await bus.stats("q")).dead_letters == 1, "given back"
+
+
+async def test_a_read_holds_each_letter_once_and_gives_them_back(engines: tuple[Bus, TaskStore]) -> None:
+    bus, store = engines
+    tasks = [Task.model_validate({"params": {"prompt": f"p{i}"}}) for i in range(12)]
+    for task in tasks:
+        await dead_letter(bus, task.to_message())
+    async with held(bus, store, ["q"], limit=11) as first:
+        assert len({x.view.task_id for x in first.letters}) == 11, "more than one receive's 10, none twice"
+        async with held(bus, store, ["q"], limit=50) as second:
+            (other,) = second.letters  # a second reader sees only what the first does not hold
+            assert other.view.task_id not in {x.view.task_id for x in first.letters}
+    async with held(bus, store, ["q"], limit=50) as again:
+        assert sorted(x.view.task_id or "" for x in again.letters) == sorted(t.id for t in tasks)
