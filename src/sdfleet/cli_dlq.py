@@ -15,7 +15,7 @@ from rich.table import Table
 
 from sdfleet.bus.base import Bus
 from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, err, print_json, print_table
-from sdfleet.dlq import DeadLetter, Letter, Outcome, Read, Redriven, held, redrive
+from sdfleet.dlq import DeadLetter, Letter, Outcome, Read, Settled, drop, held, redrive
 from sdfleet.errors import NotFound, SdfleetError
 from sdfleet.settings import Settings
 from sdfleet.store.base import TaskStore
@@ -115,10 +115,16 @@ def list_letters(
         console.print(f"(the first {limit}: --limit to read more)")
 
 
+IdsOpt = typer.Option(
+    None, "--task", "--id", help="Only the letters of this task id or message id (repeatable)."
+)
+Act = Callable[[Bus, TaskStore, Settings, Letter], Awaitable[Settled]]
+
+
 @dlq_app.command("redrive")
 def redrive_letters(
     queues: list[str] | None = QueuesArg,
-    tasks: list[str] | None = typer.Option(None, "--task", help="Only this task's letters (repeatable)."),
+    ids: list[str] | None = IdsOpt,
     limit: int = LimitOpt,
     as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
@@ -127,45 +133,76 @@ def redrive_letters(
     reopened; a task still queued or running (or never recorded) is published as it was; a
     finished one's letter is dropped; a seed message or an unreadable one is kept. Exits 1 when a
     --task was not among the letters read or a letter was kept."""
-    wanted = set(tasks or [])
+
+    async def act(bus: Bus, store: TaskStore, settings: Settings, letter: Letter) -> Settled:
+        return await redrive(bus, store, settings.fleet.tasks_topic, letter)
+
+    done = _settle(config, queues, ids, limit, as_json, act, "redriving")
+    if any(r.outcome is Outcome.KEPT for r in done):
+        raise typer.Exit(1)
+
+
+@dlq_app.command("drop")
+def drop_letters(
+    queues: list[str] | None = QueuesArg,
+    ids: list[str] | None = IdsOpt,
+    limit: int = LimitOpt,
+    as_json: bool = JsonOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Delete the letters named with --id (a task id, or the message id `list` shows for a body
+    that is not a task) without running them. Exits 1 when one was not among the letters read."""
+    if not ids:
+        _fail(
+            ValueError(
+                "name the letters to drop with --id (a task id or a message id, see `sdfleet dlq list`)"
+            )
+        )
+
+    async def act(bus: Bus, store: TaskStore, settings: Settings, letter: Letter) -> Settled:
+        return await drop(bus, letter)
+
+    _settle(config, queues, ids, limit, as_json, act, "dropping")
+
+
+def _settle(
+    config: Path | None,
+    queues: list[str] | None,
+    ids: list[str] | None,
+    limit: int,
+    as_json: bool,
+    act: Act,
+    verb: str,
+) -> list[Settled]:
+    """``act`` on the letters read (those ``ids`` name, if any), then the report; exits 1 when an
+    id was not among the letters read."""
+    wanted = set(ids or [])
 
     async def job(
         settings: Settings, bus: Bus, store: TaskStore
-    ) -> tuple[list[Redriven], Read, dict[str, int]]:
+    ) -> tuple[list[Settled], Read, dict[str, int]]:
         names = _queues(settings, queues)
-        done: list[Redriven] = []
+        done: list[Settled] = []
         async with held(bus, store, names, limit=limit) as read:
-            chosen = [x for x in read.letters if not wanted or x.view.task_id in wanted]
-            await _each(chosen, lambda letter: _redrive(bus, store, settings, letter, done), quiet=as_json)
+            chosen = [x for x in read.letters if not wanted or wanted & {x.view.task_id, x.view.message_id}]
+            columns = (TextColumn(verb), BarColumn(), MofNCompleteColumn())
+            with Progress(*columns, console=err, transient=True, disable=as_json or len(chosen) < 2) as bar:
+                for letter in bar.track(chosen):
+                    done.append(await act(bus, store, settings, letter))
         left = {name: (await bus.stats(name)).dead_letters for name in names if name not in read.skipped}
         return done, read, left
 
     done, read, left = _run(config, job)
-    missing = sorted(wanted - {r.letter.task_id for r in done})
+    missing = sorted(wanted - {r.letter.task_id for r in done} - {r.letter.message_id for r in done})
     if as_json:
-        redriven = [r.model_dump(mode="json") for r in done]
-        print_json({"redriven": redriven, "missing": missing, "left": left, "skipped": read.skipped})
+        settled = [r.model_dump(mode="json") for r in done]
+        print_json({"settled": settled, "missing": missing, "left": left, "skipped": read.skipped})
     else:
         _say_skipped(read.skipped)
-        _print_redriven(done, missing, left)
-    if missing or any(r.outcome is Outcome.KEPT for r in done):
+        _print_settled(done, missing, left)
+    if missing:
         raise typer.Exit(1)
-
-
-async def _redrive(
-    bus: Bus, store: TaskStore, settings: Settings, letter: Letter, done: list[Redriven]
-) -> None:
-    done.append(await redrive(bus, store, settings.fleet.tasks_topic, letter))
-
-
-async def _each(letters: list[Letter], act: Callable[[Letter], Awaitable[None]], *, quiet: bool) -> None:
-    """``act`` on each letter in turn, with a progress bar on stderr unless ``quiet``."""
-    columns = (TextColumn("redriving"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err, transient=True, disable=quiet or len(letters) < 2) as bar:
-        step = bar.add_task("redrive", total=len(letters))
-        for letter in letters:
-            await act(letter)
-            bar.advance(step)
+    return done
 
 
 def _say_skipped(skipped: dict[str, str]) -> None:
@@ -173,7 +210,7 @@ def _say_skipped(skipped: dict[str, str]) -> None:
         err.print(f"queue {escape(queue)} not read: {escape(why)}")  # stdout stays the letters
 
 
-def _print_redriven(done: list[Redriven], missing: list[str], left: dict[str, int]) -> None:
+def _print_settled(done: list[Settled], missing: list[str], left: dict[str, int]) -> None:
     if done:
         table = Table("queue", "task", "outcome", "run", "why")
         for r in done:
@@ -187,9 +224,9 @@ def _print_redriven(done: list[Redriven], missing: list[str], left: dict[str, in
             )
         print_table(table)
     else:
-        console.print("no dead letters to redrive")
-    for task_id in missing:
-        console.print(f"task {escape(task_id)}: not among the dead letters read")
+        console.print("no dead letters")
+    for name in missing:
+        console.print(f"{escape(name)}: not among the dead letters read")
     remaining = ", ".join(f"{q} {n}" for q, n in left.items() if n)
     if remaining:
         console.print(f"still in the dead-letter queues: {remaining}")

@@ -18,7 +18,8 @@ What each letter comes to (``Outcome``):
 - ``dropped``: the record ``succeeded`` or was ``cancelled``, or a later run exists: nothing to run,
   the letter is deleted;
 - ``kept``: not sdfleet's own task JSON (a seed Lambda message in drop-in mode, whose run is its
-  SNS publish: resubmit it through the API; or a body no agent can read): left where it is.
+  SNS publish: resubmit it through the API; or a body no agent can read): left where it is, for
+  ``drop`` to delete once someone has looked at it.
 
 Reading a dead-letter queue holds each letter under a lease (``hold_s``) so a second read does not
 see it twice; ``list`` gives every letter back at once, and a reader that dies gives them back
@@ -74,8 +75,8 @@ class DeadLetter(BaseModel):
     """Why the message is not sdfleet's own task JSON (then nothing else is known)."""
 
 
-class Redriven(BaseModel):
-    """What a redrive did with one letter."""
+class Settled(BaseModel):
+    """What a redrive or a drop did with one letter."""
 
     letter: DeadLetter
     outcome: Outcome
@@ -166,12 +167,12 @@ async def _read_queue(
             letters.append(await _read(store, queue, d))
 
 
-async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Redriven:
+async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Settled:
     """Run ``letter``'s task again (the module docstring says how); the letter is deleted unless
     the outcome is ``kept``. Raises the bus's and the store's errors (the letter is then kept)."""
     view, task = letter.view, letter.task
     if task is None:
-        return Redriven(letter=view, outcome=Outcome.KEPT, reason=view.unreadable or "not a task")
+        return Settled(letter=view, outcome=Outcome.KEPT, reason=view.unreadable or "not a task")
     record = await store.get(task.tenant, task.id)
     outcome, reason, run = _decide(task, record)
     if outcome is Outcome.RERUN and record is not None:
@@ -183,7 +184,15 @@ async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Red
         await _publish(bus, topic, task, letter.attributes)
     await bus.ack(letter.delivery)
     letter.settled = True
-    return Redriven(letter=view, outcome=outcome, reason=reason, run=run)
+    return Settled(letter=view, outcome=outcome, reason=reason, run=run)
+
+
+async def drop(bus: Bus, letter: Letter) -> Settled:
+    """Delete ``letter`` without running it: a letter a redrive keeps (a body no agent can read),
+    or a task nobody wants run any more."""
+    await bus.ack(letter.delivery)
+    letter.settled = True
+    return Settled(letter=letter.view, outcome=Outcome.DROPPED, reason="dropped on request")
 
 
 def _decide(task: Task, record: TaskRecord | None) -> tuple[Outcome, str, int | None]:

@@ -80,7 +80,7 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     result = await sdfleet(engine, config, "dlq", "redrive", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    (done,) = report["redriven"]
+    (done,) = report["settled"]
     assert done["outcome"] == "rerun" and done["run"] == 2 and done["letter"]["task_id"] == task_id, done
     assert report["missing"] == [] and report["left"] == {"q": 0}, report
 
@@ -97,7 +97,7 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     assert await listed(engine, config, want=0) == []
     again = await sdfleet(engine, config, "dlq", "redrive", "--task", task_id)
     assert again.exit_code == 1, again.output
-    assert f"task {task_id}: not among the dead letters read" in again.stdout, again.output
+    assert f"{task_id}: not among the dead letters read" in again.stdout, again.output
 
 
 async def test_redrive_of_chosen_tasks_leaves_the_others(
@@ -141,9 +141,17 @@ async def test_a_letter_that_is_not_a_task_is_kept(
     assert letter["task_id"] is None and "not JSON" in letter["unreadable"], letter
     result = await sdfleet(engine, config, "dlq", "redrive", "--json")
     assert result.exit_code == 1, result.output
-    (done,) = json.loads(result.stdout)["redriven"]
+    (done,) = json.loads(result.stdout)["settled"]
     assert done["outcome"] == "kept" and "not JSON" in done["reason"], done
-    assert len(await listed(engine, config, want=1)) == 1
+    assert await listed(engine, config, want=1) == [letter]
+
+    refused = await sdfleet(engine, config, "dlq", "drop")
+    assert refused.exit_code == 2 and "name the letters to drop with --id" in refused.output
+    dropped = await sdfleet(engine, config, "dlq", "drop", "--id", letter["message_id"], "--json")
+    assert dropped.exit_code == 0, dropped.output
+    (done,) = json.loads(dropped.stdout)["settled"]
+    assert done["outcome"] == "dropped" and done["letter"]["message_id"] == letter["message_id"], done
+    assert await listed(engine, config, want=0) == []
 
 
 async def test_a_queue_sdfleet_did_not_make_is_said_and_left(moto_url: str, tmp_path: Path) -> None:
