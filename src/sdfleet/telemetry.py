@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -18,6 +18,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sdfleet.tasks import Origin
+
+if TYPE_CHECKING:
+    from sdfleet.bus.base import QueueStats
 
 STAGES = (
     "queue_wait",
@@ -58,6 +61,9 @@ class Metrics:
         self.queue_oldest_age = Gauge(
             "sdfleet_queue_oldest_age_seconds", "Age of the oldest", ["queue"], registry=r
         )
+        self.queue_dead_letters = Gauge(
+            "sdfleet_queue_dead_letters", "Messages in the queue's dead-letter queue", ["queue"], registry=r
+        )
         self.busy = Gauge("sdfleet_runtime_busy", "1 while the runtime is generating", ["queue"], registry=r)
         self.prefetch_limit = Gauge(
             "sdfleet_agent_prefetch_limit",
@@ -96,10 +102,11 @@ class Metrics:
         self.busy.labels(queue=queue).set(0)
         self.agent.labels(queue=queue, runtime=runtime).set(1)
 
-    def set_queue(self, queue: str, visible: int, in_flight: int, oldest_age_s: float | None) -> None:
-        self.queue_visible.labels(queue=queue).set(visible)
-        self.queue_in_flight.labels(queue=queue).set(in_flight)
-        self.queue_oldest_age.labels(queue=queue).set(oldest_age_s or 0.0)
+    def set_queue(self, queue: str, stats: QueueStats) -> None:
+        self.queue_visible.labels(queue=queue).set(stats.visible)
+        self.queue_in_flight.labels(queue=queue).set(stats.in_flight)
+        self.queue_oldest_age.labels(queue=queue).set(stats.oldest_age_s or 0.0)
+        self.queue_dead_letters.labels(queue=queue).set(stats.dead_letters)
 
     def observe_stages(self, queue: str, timings: Mapping[str, float]) -> None:
         """Observe the ``STAGES`` among ``timings`` (a record's timings also say ``gpu_seconds``)."""

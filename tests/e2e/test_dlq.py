@@ -46,6 +46,14 @@ async def listed(engine: Engine, config: Path, want: int, timeout_s: float = 60)
         await asyncio.sleep(0.5)
 
 
+async def dead_letter_gauge(fleet: RunningFleet) -> float:
+    """``sdfleet_queue_dead_letters{queue="q"}`` as the API reports it after reading the queues."""
+    assert (await fleet.http.get("/v1/queues")).status_code == 200  # refreshes the queue gauges
+    text = (await fleet.http.get("/metrics")).text
+    (line,) = [x for x in text.splitlines() if x.startswith('sdfleet_queue_dead_letters{queue="q"}')]
+    return float(line.split()[-1])
+
+
 async def start(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path
 ) -> tuple[RunningFleet, Path]:
@@ -75,6 +83,7 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     text = await sdfleet(engine, config, "dlq", "list")  # the person's view: one row, the error
     assert text.exit_code == 0 and task_id in text.stdout and "out of memory" in text.stdout, text.output
     assert await listed(engine, config, want=1) == [letter], "a list changes nothing"
+    assert await dead_letter_gauge(fleet) == 1.0
 
     runtime.broken = False  # the fix is deployed
     result = await sdfleet(engine, config, "dlq", "redrive", "--json")
@@ -95,6 +104,7 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     finally:
         await store.aclose()
     assert await listed(engine, config, want=0) == []
+    assert await dead_letter_gauge(fleet) == 0.0
     again = await sdfleet(engine, config, "dlq", "redrive", "--task", task_id)
     assert again.exit_code == 1, again.output
     assert f"{task_id}: not among the dead letters read" in again.stdout, again.output

@@ -32,7 +32,7 @@ async def queue_depth(name: str, ctx: ApiContext = Depends(get_ctx)) -> QueueDep
     if ctx.fleet.queue(name) is None:
         raise errors.NotFound(f"queue {name!r} is not in the fleet")
     s = await ctx.bus.stats(name)
-    ctx.metrics.set_queue(name, s.visible, s.in_flight, s.oldest_age_s)
+    ctx.metrics.set_queue(name, s)
     return QueueDepth(
         queue=name,
         depth=s.visible + s.in_flight + s.delayed,

@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 async def refresh_queue_gauges(bus: Bus, fleet: FleetConfig, metrics: Metrics) -> None:
     """Read every queue's stats from the bus into the queue gauges (one pass)."""
     for q in fleet.queues:
-        s = await bus.stats(q.name)
-        metrics.set_queue(q.name, s.visible, s.in_flight, s.oldest_age_s)
+        metrics.set_queue(q.name, await bus.stats(q.name))
 
 
 async def _refresh_forever(bus: Bus, fleet: FleetConfig, metrics: Metrics, period_s: float) -> None:

@@ -32,7 +32,7 @@ async def list_queues(ctx: ApiContext = Depends(get_ctx), _: Caller = Depends(ca
     out = []
     for q in ctx.fleet.queues:
         s = await ctx.bus.stats(q.name)
-        ctx.metrics.set_queue(q.name, s.visible, s.in_flight, s.oldest_age_s)
+        ctx.metrics.set_queue(q.name, s)
         out.append(
             QueueView(
                 name=q.name,
