@@ -17,6 +17,9 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
 - ``results_expire_days``: expire results after this many days (default: never);
 - ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``);
+- ``alarm_topic_arn``: an existing SNS topic the dead-letter alarms notify (one CloudWatch alarm
+  per dead-letter queue, in alarm once it has held messages for 5 minutes; absent: the alarms
+  have no action);
 - ``input_buckets``: comma-separated ``bucket`` or ``bucket/prefix`` the agents may read
   ``s3://`` input images from (``agent.input_s3_buckets``): the agent role gets ``s3:GetObject``
   on them, and with the cluster the release's agents get the setting (otherwise the
@@ -119,6 +122,7 @@ def build(app: cdk.App) -> SdfleetStack:
         cluster=cluster,
         adot_collector=_flag(_ctx(app, "adot_collector", False)),
         input_buckets=str(_ctx(app, "input_buckets", "")).split(","),  # the stack drops blanks
+        alarm_topic_arn=_text(app, "alarm_topic_arn"),
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 

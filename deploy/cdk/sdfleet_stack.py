@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import aws_cdk as cdk
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
@@ -35,6 +37,8 @@ from sdfleet.store.backends.dynamodb import INDEXES, table_spec
 QUEUE_RETENTION = cdk.Duration.days(4)
 DLQ_RETENTION = cdk.Duration.days(14)  # what ``ensure()`` gives a DLQ
 MAX_VISIBILITY_S = 43200
+DEAD_LETTER_MINUTES = 5
+"""A dead-letter queue's alarm fires once it has held messages this many minutes in a row."""
 
 
 def visibility_timeout_s(lease_s: float) -> int:
@@ -72,6 +76,7 @@ class SdfleetStack(cdk.Stack):
         cluster: ClusterOptions | None = None,
         adot_collector: bool = False,
         input_buckets: Sequence[str] = (),
+        alarm_topic_arn: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -86,6 +91,10 @@ class SdfleetStack(cdk.Stack):
         self.topics: dict[str, sns.ITopic] = {}
         self.queues: dict[str, sqs.Queue] = {}
         self.dead_letter_queues: dict[str, sqs.Queue] = {}
+        self.alarm_topic = (
+            sns.Topic.from_topic_arn(self, "alarm-topic", alarm_topic_arn) if alarm_topic_arn else None
+        )
+        """Where the dead-letter alarms notify (an existing topic); None: alarms without action."""
         self.subscriptions: list[sns.CfnSubscription] = []
         self.table: dynamodb.CfnTable | None = None
         if self.engine == "aws":
@@ -136,6 +145,7 @@ class SdfleetStack(cdk.Stack):
             enforce_ssl=True,
         )
         self.dead_letter_queues[spec.name] = dlq
+        self._dead_letter_alarm(spec.name, dlq)
         self.queues[spec.name] = sqs.Queue(
             self,
             f"{spec.name}-queue",
@@ -146,6 +156,31 @@ class SdfleetStack(cdk.Stack):
             enforce_ssl=True,
             dead_letter_queue=sqs.DeadLetterQueue(queue=dlq, max_receive_count=spec.max_receives),
         )
+
+    def _dead_letter_alarm(self, queue: str, dlq: sqs.Queue) -> None:
+        """An alarm while ``queue``'s dead-letter queue holds messages: tasks that failed on every
+        try. A DLQ with messages stays active for CloudWatch, so an empty, idle one (no data
+        points) is OK, not missing."""
+        metric = dlq.metric_approximate_number_of_messages_visible(
+            period=cdk.Duration.minutes(1), statistic=cloudwatch.Stats.MAXIMUM
+        )
+        alarm = cloudwatch.Alarm(
+            self,
+            f"{queue}-dead-letters",
+            alarm_name=f"{queue_name(self.prefix, dlq_name(queue))}-not-empty",
+            alarm_description=(
+                f"Messages of queue {queue} failed on every try and wait in its dead-letter queue. "
+                f"See them with 'sdfleet dlq list {queue}', run them again with "
+                f"'sdfleet dlq redrive {queue}' once the cause is fixed."
+            ),
+            metric=metric,
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=DEAD_LETTER_MINUTES,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        if self.alarm_topic is not None:
+            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
 
     def _allow_delivery(self, subscriptions: list[Subscription]) -> None:
         """Queue policies that let exactly the subscribed topics send (as ``ensure``'s ``queue_policy``)."""

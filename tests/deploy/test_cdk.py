@@ -36,6 +36,7 @@ EXAMPLE = ROOT / "examples" / "sdfleet.yaml"
 OIDC = "arn:aws:iam::123456789012:oidc-provider/oidc.eks.eu-west-1.amazonaws.com/id/ABCDEF0123"
 PREFIX = "cdk1-"  # unlike any other test's, since moto_server is shared by the session
 ISSUER = "oidc.eks.eu-west-1.amazonaws.com/id/ABCDEF0123"
+PAGER = "arn:aws:sns:eu-west-1:123456789012:ops-pager"
 BODY_FLEET = """
 queues:
   - name: sdxl
@@ -183,6 +184,7 @@ def body(cdk_app: Any, tmp_path_factory: pytest.TempPathFactory) -> Synth:
         "retain_data": "false",
         "results_expire_days": "30",
         "input_buckets": "acme-in, acme-shared/uploads/",
+        "alarm_topic_arn": PAGER,
     }
     stack = cdk_app.build(cdk.App(context=context))
     assert stack.stack_name == "t1"
@@ -255,6 +257,31 @@ def test_queues_lease_redrive_encryption_and_delivery_policy(
         (send,) = [st for st in doc["Statement"] if st["Action"] == "sqs:SendMessage"]
         assert send["Principal"] == {"Service": "sns.amazonaws.com"}
         assert send["Condition"] == {"ArnEquals": {"aws:SourceArn": [s.topic_ref(s.fleet.tasks_topic)]}}
+
+
+@pytest.mark.parametrize("variant", ["example", "body"])
+def test_each_dead_letter_queue_alarms_while_it_holds_messages(
+    variant: str, request: pytest.FixtureRequest
+) -> None:
+    """One alarm per dead-letter queue, on that queue's own depth (the name the engine moves
+    messages to), in alarm after 5 minutes with messages, OK when empty and idle (no data); it
+    notifies the ``alarm_topic_arn`` topic when one is given (the ``body`` variant)."""
+    s: Synth = request.getfixturevalue(variant)
+    alarms = [r["Properties"] for r in s.of_type("AWS::CloudWatch::Alarm").values()]
+    watched = []
+    for name in _queue_names(s.fleet):
+        lid, _ = s.queue(dlq_name(name))
+        dimension = [{"Name": "QueueName", "Value": {"Fn::GetAtt": [lid, "QueueName"]}}]
+        (alarm,) = [a for a in alarms if a["Dimensions"] == dimension]
+        assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
+        assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Maximum", 60, 5)
+        assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
+        assert alarm["TreatMissingData"] == "notBreaching"
+        assert alarm["AlarmName"] == f"{queue_name(s.prefix, dlq_name(name))}-not-empty"
+        assert f"sdfleet dlq redrive {name}" in alarm["AlarmDescription"]
+        assert alarm.get("AlarmActions") == ([PAGER] if variant == "body" else None)
+        watched.append(lid)
+    assert len(alarms) == len(watched), "no alarm on anything else"
 
 
 def test_table_is_what_the_dynamo_task_store_creates(example: Synth) -> None:
