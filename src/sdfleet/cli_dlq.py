@@ -1,5 +1,5 @@
-"""``sdfleet dlq list|redrive``: the dead-letter queues' messages, and running their tasks again
-(``sdfleet.dlq`` says what a redrive does with each)."""
+"""``sdfleet dlq list|redrive|drop``: the dead-letter queues' messages, running their tasks again,
+deleting one nothing should run (``sdfleet.dlq`` says what a redrive does with each)."""
 
 from __future__ import annotations
 
