@@ -10,11 +10,38 @@ from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 
 
-class AlwaysFails:
+class _Fake:
+    """What every fake does the same way: one job at a time, nothing to start, stop or interrupt,
+    no model; built from the fleet file with no options (a fake that reads some overrides
+    ``from_options``)."""
+
+    name = "fake"
+    max_in_flight = 1
+
+    @classmethod
+    def from_options(
+        cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
+    ) -> Any:
+        return cls()
+
+    async def start(self) -> None:
+        return None
+
+    async def interrupt(self, task_id: str | None = None) -> None:
+        return None
+
+    @property
+    def loaded_model(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class AlwaysFails(_Fake):
     """Every run fails like a crashed WebUI would: the agent must retry, then dead-letter."""
 
     name = "always-fails"
-    max_in_flight = 1
 
     def __init__(self, message: str = "the GPU caught fire", *, input_unavailable: bool = False) -> None:
         self.message = message
@@ -29,9 +56,6 @@ class AlwaysFails:
         message = str(options.get("message", "the GPU caught fire"))
         return cls(message, input_unavailable=bool(options.get("input_unavailable", False)))
 
-    async def start(self) -> None:
-        return None
-
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         self.runs += 1
         await progress(0.5)
@@ -39,44 +63,14 @@ class AlwaysFails:
             raise InputUnavailable(self.message)
         raise RuntimeFailure(self.message)
 
-    async def interrupt(self, task_id: str | None = None) -> None:
-        return None
 
-    @property
-    def loaded_model(self) -> str | None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
-
-
-class MixedMedia:
+class MixedMedia(_Fake):
     """Returns what ComfyUI's animation and video nodes make: a PNG, a GIF, a WebP and an MP4."""
 
     name = "mixed-media"
-    max_in_flight = 1
-
-    @classmethod
-    def from_options(
-        cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
-    ) -> MixedMedia:
-        return cls()
-
-    async def start(self) -> None:
-        return None
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         return RuntimeResult(images=media_samples(), info={"runtime": self.name})
-
-    async def interrupt(self, task_id: str | None = None) -> None:
-        return None
-
-    @property
-    def loaded_model(self) -> str | None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 def media_samples() -> list[bytes]:
@@ -94,38 +88,18 @@ def media_samples() -> list[bytes]:
     return out
 
 
-class FailsUntilFixed:
+class FailsUntilFixed(_Fake):
     """Fails every run like ``AlwaysFails`` while ``broken``; a test sets it to False (the fix
     deployed) and from then on each run makes one PNG."""
 
     name = "fails-until-fixed"
-    max_in_flight = 1
 
     def __init__(self) -> None:
         self.broken = True
         self.runs = 0
-
-    @classmethod
-    def from_options(
-        cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
-    ) -> FailsUntilFixed:
-        return cls()
-
-    async def start(self) -> None:
-        return None
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         self.runs += 1
         if self.broken:
             raise RuntimeFailure("out of memory: the model does not fit")
         return RuntimeResult(images=media_samples()[:1], info={"runtime": self.name})
-
-    async def interrupt(self, task_id: str | None = None) -> None:
-        return None
-
-    @property
-    def loaded_model(self) -> str | None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
