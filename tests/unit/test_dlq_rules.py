@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sdfleet.bus import Bus, QueueSpec, Subscription, Topology, open_bus
 from sdfleet.dlq import Outcome, held, redrive
+from sdfleet.errors import StoreError
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.store import TaskStore, open_store
 from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState
@@ -163,3 +165,46 @@ async def test_a_read_holds_each_letter_once_and_gives_them_back(engines: tuple[
             assert other.view.task_id not in {x.view.task_id for x in first.letters}
     async with held(bus, store, ["q"], limit=50) as again:
         assert sorted(x.view.task_id or "" for x in again.letters) == sorted(t.id for t in tasks)
+
+
+class CrashAt:
+    """Wraps a bus or store; ``method`` raises once, as if the process died there."""
+
+    def __init__(self, inner: object, method: str) -> None:
+        self.inner, self.method, self.crashed = inner, method, False
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self.inner, name)
+        if name != self.method or self.crashed:
+            return attr
+
+        async def crash(*args: object, **kwargs: object) -> object:
+            self.crashed = True
+            raise StoreError("the process died here")
+
+        return crash
+
+
+@pytest.mark.parametrize("where", ["before the reopen", "before the delete"])
+async def test_a_redrive_that_dies_half_way_is_finished_by_the_next_as_the_same_run(
+    engines: tuple[Bus, TaskStore], where: str
+) -> None:
+    """Published first, deleted last: whatever a redrive did before it died, the next one leaves
+    one run 2 to run, and no run 3."""
+    bus, store = engines
+    await dead_letter(bus, TASK.to_message())
+    await record(store, TASK, TaskState.FAILED)
+    dying_bus: Any = CrashAt(bus, "ack") if where == "before the delete" else bus
+    dying_store: Any = CrashAt(store, "compare_and_set") if where == "before the reopen" else store
+    async with held(dying_bus, dying_store, ["q"], limit=10) as read:
+        (letter,) = read.letters
+        with pytest.raises(StoreError):
+            await redrive(dying_bus, dying_store, "tasks", letter)
+    assert (await bus.stats("q")).dead_letters == 1, "the letter is still there"
+    outcome, _, _ = await redriven(bus, store)
+    assert outcome is (Outcome.RERUN if where == "before the reopen" else Outcome.DROPPED)
+    published = [Task.model_validate_json(d.body).run for d in await bus.receive("q", max_messages=10)]
+    assert published == ([2, 2] if where == "before the reopen" else [2]), "the agents run run 2 once"
+    reopened = await store.get(TASK.tenant, TASK.id)
+    assert reopened is not None and reopened.task.run == 2 and reopened.state is TaskState.QUEUED
+    assert (await bus.stats("q")).dead_letters == 0
