@@ -7,8 +7,9 @@ as it is would do nothing. A redrive runs the task's **next run** instead (``Tas
 client's resubmit of a seed-format id does: published to the tasks topic again (its filter
 policies route it, with the attributes it was first published with), its record reopened
 (attempts, error and result cleared), then the letter deleted. Published first: a crash before
-the delete leaves the letter, and a second redrive publishes once more, which the agents take as
-the same run (at least once, one result).
+the delete leaves the letter, and the next redrive finishes as the same run: it publishes that
+run once more if the record was not reopened yet (the agents run it once), else drops the letter
+(at least once, one result, never a run more).
 
 What each letter comes to (``Outcome``):
 
