@@ -94,7 +94,8 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     assert report["missing"] == [] and report["left"] == {"q": 0}, report
 
     view = await fleet.wait(task_id, timeout_s=60)
-    assert view["state"] == "succeeded" and view["attempts"] == 1 and view["error"] is None, view
+    assert view["state"] == "succeeded" and view["run"] == 2 and view["attempts"] == 1, view
+    assert view["error"] is None, view
     assert len(view["images"]) == 1, view
     assert runtime.runs == 3, "two failed tries, then the redriven run"
     store = open_store(engine.store_url)

@@ -100,7 +100,8 @@ class TaskView(BaseModel):
     model: str | None
     queue: str | None
     run: int
-    """Which run of this id (a seed-format id sent again after it finished runs again)."""
+    """Which run of this id (a seed-format id sent again after it finished runs again, and
+    ``sdfleet dlq redrive`` runs a failed task's next run)."""
     attempts: int
     progress: float
     error: TaskError | None
