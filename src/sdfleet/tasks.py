@@ -217,6 +217,9 @@ class TaskEvent(BaseModel):
     task_id: str
     tenant: str
     state: TaskState
+    run: int = 1
+    """The run of ``task_id`` the event is of (``Task.run``): a redriven task's next run
+    (``sdfleet dlq redrive``) or a seed-format id sent again ends once more, with a later run."""
     progress: float = 0.0
     result: TaskResult | None = None
     image_urls: list[str] = Field(default_factory=list)
@@ -234,6 +237,7 @@ class TaskEvent(BaseModel):
             task_id=record.id,
             tenant=record.tenant,
             state=record.state,
+            run=record.task.run,
             progress=record.progress,
             result=record.result,
             image_urls=image_urls,

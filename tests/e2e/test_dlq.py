@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_tools import drain
 from typer.testing import CliRunner, Result
 
 from conftest import Engine, RunningFleet, StartFleet, fleet_settings
@@ -98,6 +99,8 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     assert view["error"] is None, view
     assert len(view["images"]) == 1, view
     assert runtime.runs == 3, "two failed tries, then the redriven run"
+    notes = [n for n in await drain(engine, "results") if n.get("task_id") == task_id]
+    assert [(n["type"], n["run"]) for n in notes] == [("failed", 1), ("succeeded", 2)], notes
     store = open_store(engine.store_url)
     try:
         record = await store.get("default", task_id)
