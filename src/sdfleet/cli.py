@@ -264,7 +264,8 @@ def _print_view(view: dict[str, Any]) -> None:
     state = view["state"]
     running = f" {view['progress']:.0%}" if state == "running" else ""
     model = f" · model {view['model']}" if view.get("model") else ""
-    console.print(f"{view['id']}: [bold]{state}[/bold]{running} · queue {view.get('queue')}{model}")
+    run = f" · run {view['run']}" if view.get("run", 1) > 1 else ""  # run again (redrive, seed resubmit)
+    console.print(f"{view['id']}: [bold]{state}[/bold]{running} · queue {view.get('queue')}{model}{run}")
     if view.get("error"):
         error = f"{view['error']['code']}: {escape(view['error']['message'])}"
         if state in ("queued", "running"):  # a failed attempt's reason, not the task's end

@@ -30,3 +30,8 @@ def test_a_failed_attempt_is_not_shown_as_the_tasks_end() -> None:
     failed = _shown(_view("failed", {**error, "message": error["message"] + " (after 3 attempts)"}))
     assert "  error: input_fetch_failed: " in failed and "tried again" not in failed
     assert "error" not in _shown(_view("succeeded", None))
+
+
+def test_a_task_run_again_says_which_run() -> None:
+    assert "t-1: queued · queue q · run 2" in _shown({**_view("queued", None), "run": 2})
+    assert "run" not in _shown({**_view("succeeded", None), "run": 1})
