@@ -17,9 +17,12 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
 - ``results_expire_days``: expire results after this many days (default: never);
 - ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``);
-- ``alarm_topic_arn``: an existing SNS topic the dead-letter alarms notify (one CloudWatch alarm
-  per dead-letter queue, in alarm once it has held messages for 5 minutes; absent: the alarms
+- ``alarm_topic_arn``: an existing SNS topic the alarms notify (one CloudWatch alarm per
+  dead-letter queue, in alarm once it has held messages for 5 minutes, and one per task queue
+  whose oldest message has waited over ``queue_wait_alarm_s`` for 5 minutes; absent: the alarms
   have no action);
+- ``queue_wait_alarm_s``: that bound in seconds (default 900, above a GPU node's cold start; 0: no
+  such alarms);
 - ``input_buckets``: comma-separated ``bucket`` or ``bucket/prefix`` the agents may read
   ``s3://`` input images from (``agent.input_s3_buckets``): the agent role gets ``s3:GetObject``
   on them, and with the cluster the release's agents get the setting (otherwise the
@@ -75,6 +78,20 @@ def _text(app: cdk.App, key: str, default: str | None = None) -> str | None:
     return default if value is None or value == "" else str(value)
 
 
+def _int(app: cdk.App, key: str, default: int) -> int:
+    """A whole number ≥ 0 from the context, refused in one line otherwise."""
+    value = _text(app, key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"{key} {value!r}: a whole number, 0 or more")
+    return number
+
+
 def build(app: cdk.App) -> SdfleetStack:
     """The fleet's stack from the app's context (see the module docstring)."""
     config = Path(_text(app, "config", "sdfleet.yaml") or "sdfleet.yaml")
@@ -123,6 +140,7 @@ def build(app: cdk.App) -> SdfleetStack:
         adot_collector=_flag(_ctx(app, "adot_collector", False)),
         input_buckets=str(_ctx(app, "input_buckets", "")).split(","),  # the stack drops blanks
         alarm_topic_arn=_text(app, "alarm_topic_arn"),
+        queue_wait_alarm_s=_int(app, "queue_wait_alarm_s", 900),
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
 

@@ -37,8 +37,8 @@ from sdfleet.store.backends.dynamodb import INDEXES, table_spec
 QUEUE_RETENTION = cdk.Duration.days(4)
 DLQ_RETENTION = cdk.Duration.days(14)  # what ``ensure()`` gives a DLQ
 MAX_VISIBILITY_S = 43200
-DEAD_LETTER_MINUTES = 5
-"""A dead-letter queue's alarm fires once it has held messages this many minutes in a row."""
+ALARM_MINUTES = 5
+"""An alarm fires once its condition has held this many minutes in a row."""
 
 
 def visibility_timeout_s(lease_s: float) -> int:
@@ -77,6 +77,7 @@ class SdfleetStack(cdk.Stack):
         adot_collector: bool = False,
         input_buckets: Sequence[str] = (),
         alarm_topic_arn: str | None = None,
+        queue_wait_alarm_s: int = 900,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -94,7 +95,7 @@ class SdfleetStack(cdk.Stack):
         self.alarm_topic = (
             sns.Topic.from_topic_arn(self, "alarm-topic", alarm_topic_arn) if alarm_topic_arn else None
         )
-        """Where the dead-letter alarms notify (an existing topic); None: alarms without action."""
+        """Where the alarms notify (an existing topic); None: alarms without action."""
         self.subscriptions: list[sns.CfnSubscription] = []
         self.table: dynamodb.CfnTable | None = None
         if self.engine == "aws":
@@ -102,6 +103,9 @@ class SdfleetStack(cdk.Stack):
             self.topics = {t: self._topic(t) for t in topology.topics}
             for spec in topology.queues:
                 self._queue(spec)
+            if queue_wait_alarm_s > 0:
+                for q in fleet.queues:  # the task queues: the results queue's reader is the client's
+                    self._waiting_alarm(q.name, queue_wait_alarm_s)
             self._allow_delivery(topology.subscriptions)
             self.subscriptions = [self._subscribe(s) for s in topology.subscriptions]
             self.table = self._table(table_name or f"{prefix}tasks")
@@ -157,6 +161,49 @@ class SdfleetStack(cdk.Stack):
             dead_letter_queue=sqs.DeadLetterQueue(queue=dlq, max_receive_count=spec.max_receives),
         )
 
+    def _waiting_alarm(self, queue: str, seconds: int) -> None:
+        """An alarm while ``queue``'s oldest task has waited more than ``seconds``: no worker takes
+        it (KEDA, pending pods, GPU capacity, image pulls). Keep ``seconds`` above a cold start."""
+        metric = self.queues[queue].metric_approximate_age_of_oldest_message(
+            period=cdk.Duration.minutes(1), statistic=cloudwatch.Stats.MAXIMUM
+        )
+        self._alarm(
+            f"{queue}-waiting",
+            f"{queue_name(self.prefix, queue)}-waiting",
+            f"The oldest task of queue {queue} has waited over {seconds} s: no worker takes it. Check "
+            "its workers (KEDA ScaledObject, pending pods, GPU capacity, image pulls) with "
+            "'sdfleet queues' and kubectl.",
+            metric,
+            threshold=seconds,
+            operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        )
+
+    def _alarm(
+        self,
+        construct_id: str,
+        name: str,
+        description: str,
+        metric: cloudwatch.Metric,
+        *,
+        threshold: float,
+        operator: cloudwatch.ComparisonOperator,
+    ) -> None:
+        """In alarm once ``metric`` passed ``threshold`` for ``ALARM_MINUTES`` minutes in a row; a
+        queue that sends no data points (empty and idle) is OK; notifies ``alarm_topic``."""
+        alarm = cloudwatch.Alarm(
+            self,
+            construct_id,
+            alarm_name=name,
+            alarm_description=description,
+            metric=metric,
+            threshold=threshold,
+            comparison_operator=operator,
+            evaluation_periods=ALARM_MINUTES,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        if self.alarm_topic is not None:
+            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+
     def _dead_letter_alarm(self, queue: str, dlq: sqs.Queue) -> None:
         """An alarm while ``queue``'s dead-letter queue holds messages: tasks that failed on every
         try. A DLQ with messages stays active for CloudWatch, so an empty, idle one (no data
@@ -164,23 +211,16 @@ class SdfleetStack(cdk.Stack):
         metric = dlq.metric_approximate_number_of_messages_visible(
             period=cdk.Duration.minutes(1), statistic=cloudwatch.Stats.MAXIMUM
         )
-        alarm = cloudwatch.Alarm(
-            self,
+        self._alarm(
             f"{queue}-dead-letters",
-            alarm_name=f"{queue_name(self.prefix, dlq_name(queue))}-not-empty",
-            alarm_description=(
-                f"Messages of queue {queue} failed on every try and wait in its dead-letter queue. "
-                f"See them with 'sdfleet dlq list {queue}', run them again with "
-                f"'sdfleet dlq redrive {queue}' once the cause is fixed."
-            ),
-            metric=metric,
+            f"{queue_name(self.prefix, dlq_name(queue))}-not-empty",
+            f"Messages of queue {queue} failed on every try and wait in its dead-letter queue. "
+            f"See them with 'sdfleet dlq list {queue}', run them again with "
+            f"'sdfleet dlq redrive {queue}' once the cause is fixed.",
+            metric,
             threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=DEAD_LETTER_MINUTES,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
         )
-        if self.alarm_topic is not None:
-            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
 
     def _allow_delivery(self, subscriptions: list[Subscription]) -> None:
         """Queue policies that let exactly the subscribed topics send (as ``ensure``'s ``queue_policy``)."""

@@ -185,6 +185,7 @@ def body(cdk_app: Any, tmp_path_factory: pytest.TempPathFactory) -> Synth:
         "results_expire_days": "30",
         "input_buckets": "acme-in, acme-shared/uploads/",
         "alarm_topic_arn": PAGER,
+        "queue_wait_alarm_s": "600",
     }
     stack = cdk_app.build(cdk.App(context=context))
     assert stack.stack_name == "t1"
@@ -259,29 +260,57 @@ def test_queues_lease_redrive_encryption_and_delivery_policy(
         assert send["Condition"] == {"ArnEquals": {"aws:SourceArn": [s.topic_ref(s.fleet.tasks_topic)]}}
 
 
+def _alarm_on(alarms: list[dict[str, Any]], metric: str, lid: str) -> dict[str, Any]:
+    """The one alarm on ``metric`` of the SQS queue with logical id ``lid``."""
+    dimension = [{"Name": "QueueName", "Value": {"Fn::GetAtt": [lid, "QueueName"]}}]
+    (alarm,) = [a for a in alarms if a["Dimensions"] == dimension and a["MetricName"] == metric]
+    assert alarm["Namespace"] == "AWS/SQS"
+    assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Maximum", 60, 5)
+    assert alarm["TreatMissingData"] == "notBreaching", "an empty, idle queue sends no data: OK"
+    return alarm
+
+
 @pytest.mark.parametrize("variant", ["example", "body"])
-def test_each_dead_letter_queue_alarms_while_it_holds_messages(
-    variant: str, request: pytest.FixtureRequest
-) -> None:
-    """One alarm per dead-letter queue, on that queue's own depth (the name the engine moves
-    messages to), in alarm after 5 minutes with messages, OK when empty and idle (no data); it
-    notifies the ``alarm_topic_arn`` topic when one is given (the ``body`` variant)."""
+def test_dead_letters_and_waiting_tasks_raise_alarms(variant: str, request: pytest.FixtureRequest) -> None:
+    """One alarm per dead-letter queue on its own depth (the name the engine moves messages to),
+    and one per task queue on the age of its oldest message (not the results queue: its reader
+    is the client's), each in alarm after 5 minutes; they notify the ``alarm_topic_arn`` topic
+    when one is given (the ``body`` variant, which also sets ``queue_wait_alarm_s``)."""
     s: Synth = request.getfixturevalue(variant)
     alarms = [r["Properties"] for r in s.of_type("AWS::CloudWatch::Alarm").values()]
-    watched = []
+    actions = [PAGER] if variant == "body" else None
     for name in _queue_names(s.fleet):
-        lid, _ = s.queue(dlq_name(name))
-        dimension = [{"Name": "QueueName", "Value": {"Fn::GetAtt": [lid, "QueueName"]}}]
-        (alarm,) = [a for a in alarms if a["Dimensions"] == dimension]
-        assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
-        assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Maximum", 60, 5)
-        assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
-        assert alarm["TreatMissingData"] == "notBreaching"
-        assert alarm["AlarmName"] == f"{queue_name(s.prefix, dlq_name(name))}-not-empty"
-        assert f"sdfleet dlq redrive {name}" in alarm["AlarmDescription"]
-        assert alarm.get("AlarmActions") == ([PAGER] if variant == "body" else None)
-        watched.append(lid)
-    assert len(alarms) == len(watched), "no alarm on anything else"
+        dead = _alarm_on(alarms, "ApproximateNumberOfMessagesVisible", s.queue(dlq_name(name))[0])
+        assert (dead["ComparisonOperator"], dead["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
+        assert dead["AlarmName"] == f"{queue_name(s.prefix, dlq_name(name))}-not-empty"
+        assert f"sdfleet dlq redrive {name}" in dead["AlarmDescription"]
+        assert dead.get("AlarmActions") == actions
+    for q in s.fleet.queues:
+        waiting = _alarm_on(alarms, "ApproximateAgeOfOldestMessage", s.queue(q.name)[0])
+        bound = 600 if variant == "body" else 900
+        assert (waiting["ComparisonOperator"], waiting["Threshold"]) == ("GreaterThanThreshold", bound)
+        assert waiting["AlarmName"] == f"{queue_name(s.prefix, q.name)}-waiting"
+        assert waiting.get("AlarmActions") == actions
+    assert len(alarms) == len(_queue_names(s.fleet)) + len(s.fleet.queues), "no alarm on anything else"
+
+
+@pytest.mark.parametrize(("value", "refused"), [("0", False), ("12x", True), ("-5", True)])
+def test_the_waiting_alarms_can_be_left_out_and_a_bad_bound_is_refused(
+    cdk_app: Any, tmp_path: Path, value: str, refused: bool
+) -> None:
+    import aws_cdk as cdk
+    from aws_cdk.assertions import Template
+
+    path = tmp_path / "fleet.yaml"
+    path.write_text(BODY_FLEET)
+    app = cdk.App(context={"config": str(path), "queue_wait_alarm_s": value})
+    if refused:
+        with pytest.raises(ConfigError, match=f"queue_wait_alarm_s '{value}': a whole number, 0 or more"):
+            cdk_app.build(app)
+        return
+    resources = Template.from_stack(cdk_app.build(app)).to_json()["Resources"].values()
+    metrics = [r["Properties"]["MetricName"] for r in resources if r["Type"] == "AWS::CloudWatch::Alarm"]
+    assert "ApproximateAgeOfOldestMessage" not in metrics and "ApproximateNumberOfMessagesVisible" in metrics
 
 
 def test_table_is_what_the_dynamo_task_store_creates(example: Synth) -> None:
