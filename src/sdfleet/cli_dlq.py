@@ -15,7 +15,7 @@ from rich.table import Table
 
 from sdfleet.bus.base import Bus
 from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, err, print_json, print_table
-from sdfleet.dlq import DeadLetter, Letter, Outcome, Read, Settled, drop, held, redrive
+from sdfleet.dlq import DeadLetter, Letter, Outcome, Read, Settled, drop, held, redrive, settle
 from sdfleet.errors import NotFound, SdfleetError
 from sdfleet.settings import Settings
 from sdfleet.store.base import TaskStore
@@ -137,9 +137,7 @@ def redrive_letters(
     async def act(bus: Bus, store: TaskStore, settings: Settings, letter: Letter) -> Settled:
         return await redrive(bus, store, settings.fleet.tasks_topic, letter)
 
-    done = _settle(config, queues, ids, limit, as_json, act, "redriving")
-    if any(r.outcome is Outcome.KEPT for r in done):
-        raise typer.Exit(1)
+    _settle(config, queues, ids, limit, as_json, act, "redriving")
 
 
 @dlq_app.command("drop")
@@ -151,7 +149,8 @@ def drop_letters(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Delete the letters named with --id (a task id, or the message id `list` shows for a body
-    that is not a task) without running them. Exits 1 when one was not among the letters read."""
+    that is not a task) without running them. Exits 1 when one was not among the letters read
+    or could not be deleted."""
     if not ids:
         _fail(
             ValueError(
@@ -173,9 +172,9 @@ def _settle(
     as_json: bool,
     act: Act,
     verb: str,
-) -> list[Settled]:
+) -> None:
     """``act`` on the letters read (those ``ids`` name, if any), then the report; exits 1 when an
-    id was not among the letters read."""
+    id was not among the letters read or a letter was kept (a redrive's rule, or an error)."""
     wanted = set(ids or [])
 
     async def job(
@@ -188,7 +187,7 @@ def _settle(
             columns = (TextColumn(verb), BarColumn(), MofNCompleteColumn())
             with Progress(*columns, console=err, transient=True, disable=as_json or len(chosen) < 2) as bar:
                 for letter in bar.track(chosen):
-                    done.append(await act(bus, store, settings, letter))
+                    done.append(await settle(letter, lambda x: act(bus, store, settings, x)))
         left = {name: (await bus.stats(name)).dead_letters for name in names if name not in read.skipped}
         return done, read, left
 
@@ -200,9 +199,8 @@ def _settle(
     else:
         _say_skipped(read.skipped)
         _print_settled(done, missing, left)
-    if missing:
+    if missing or any(r.outcome is Outcome.KEPT for r in done):
         raise typer.Exit(1)
-    return done
 
 
 def _say_skipped(skipped: dict[str, str]) -> None:

@@ -30,7 +30,7 @@ when the lease ends. Nothing here connects anywhere but the fleet's bus and stor
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -186,6 +186,16 @@ async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Set
     await bus.ack(letter.delivery)
     letter.settled = True
     return Settled(letter=view, outcome=outcome, reason=reason, run=run)
+
+
+async def settle(letter: Letter, act: Callable[[Letter], Awaitable[Settled]]) -> Settled:
+    """``act`` (a redrive, a drop) on ``letter``; a bus or store error keeps the letter (it goes
+    back to its dead-letter queue) with the error as the reason, so one letter's failure does not
+    stop the others'."""
+    try:
+        return await act(letter)
+    except SdfleetError as e:
+        return Settled(letter=letter.view, outcome=Outcome.KEPT, reason=f"not settled: {e}")
 
 
 async def drop(bus: Bus, letter: Letter) -> Settled:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from sdfleet.bus import Bus, QueueSpec, Subscription, Topology, open_bus
-from sdfleet.dlq import Outcome, held, redrive
+from sdfleet.dlq import Outcome, held, redrive, settle
 from sdfleet.errors import StoreError
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.store import TaskStore, open_store
@@ -208,3 +208,21 @@ async def test_a_redrive_that_dies_half_way_is_finished_by_the_next_as_the_same_
     reopened = await store.get(TASK.tenant, TASK.id)
     assert reopened is not None and reopened.task.run == 2 and reopened.state is TaskState.QUEUED
     assert (await bus.stats("q")).dead_letters == 0
+
+
+async def test_one_letter_that_cannot_be_settled_is_kept_and_the_others_go_on(
+    engines: tuple[Bus, TaskStore],
+) -> None:
+    """A store that refuses one write (an outage, a throttled table) keeps that letter, with the
+    error, and the redrive goes on with the next."""
+    bus, store = engines
+    first, second = (Task.model_validate({"params": {"prompt": p}}) for p in ("a", "b"))
+    for task in (first, second):
+        await dead_letter(bus, task.to_message())
+        await record(store, task, TaskState.FAILED)
+    dying: Any = CrashAt(store, "compare_and_set")  # the first reopen fails, the next ones pass
+    async with held(bus, dying, ["q"], limit=10) as read:
+        done = [await settle(x, lambda x: redrive(bus, dying, "tasks", x)) for x in read.letters]
+    assert [d.outcome for d in done] == [Outcome.KEPT, Outcome.RERUN]
+    assert done[0].reason == "not settled: the process died here"
+    assert (await bus.stats("q")).dead_letters == 1, "the kept letter is back"
