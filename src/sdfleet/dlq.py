@@ -46,6 +46,9 @@ from sdfleet.tasks import Task, TaskError, TaskRecord, TaskState
 
 HOLD_S = 300.0
 """How long a read holds the letters it has read (a reader that dies gives them back then)."""
+WAIT_S = 1.0
+"""How long a read waits for more letters before it takes a queue as read: a long poll, since a
+short SQS receive samples only some of its servers and can answer nothing while letters wait."""
 
 
 class Outcome(StrEnum):
@@ -130,7 +133,13 @@ class Read:
 
 @asynccontextmanager
 async def held(
-    bus: Bus, store: TaskStore, queues: Iterable[str], *, limit: int, hold_s: float = HOLD_S
+    bus: Bus,
+    store: TaskStore,
+    queues: Iterable[str],
+    *,
+    limit: int,
+    hold_s: float = HOLD_S,
+    wait_s: float = WAIT_S,
 ) -> AsyncIterator[Read]:
     """Up to ``limit`` letters of the dead-letter queues of ``queues``, held for ``hold_s``; those
     still held on exit (not settled by ``redrive``) are given back at once. A queue the bus did
@@ -143,7 +152,7 @@ async def held(
                 read.skipped[queue] = "it has no dead-letter queue"
                 continue
             try:
-                await _read_queue(bus, store, queue, read.letters, limit, hold_s)
+                await _read_queue(bus, store, queue, read.letters, limit, hold_s, wait_s)
             except NotFound as e:  # a dead-letter queue of its own, under another name
                 read.skipped[queue] = f"its dead-letter queue is not {dlq_name(queue)!r} ({e})"
         yield read
@@ -157,11 +166,11 @@ async def held(
 
 
 async def _read_queue(
-    bus: Bus, store: TaskStore, queue: str, letters: list[Letter], limit: int, hold_s: float
+    bus: Bus, store: TaskStore, queue: str, letters: list[Letter], limit: int, hold_s: float, wait_s: float
 ) -> None:
     while len(letters) < limit:
         want = min(10, limit - len(letters))
-        got = await bus.receive(dlq_name(queue), max_messages=want, wait_s=1.0, lease_s=hold_s)
+        got = await bus.receive(dlq_name(queue), max_messages=want, wait_s=wait_s, lease_s=hold_s)
         if not got:
             return
         for d in got:

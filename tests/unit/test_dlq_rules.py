@@ -1,6 +1,7 @@
 """What a redrive does with each kind of dead letter (``sdfleet.dlq``), on the SQLite bus and store:
 letters made as the engine makes them (received ``max_receives`` times, never acked), the record
-set to each state a letter's task can be in, and what reaches the queue again read back from it."""
+set to each state a letter's task can be in, and what reaches the queue again read back from it.
+The SQLite engine answers a receive exactly, so the reads here do not wait for more letters."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ async def record(store: TaskStore, task: Task, state: TaskState, run: int | None
 
 
 async def redriven(bus: Bus, store: TaskStore) -> tuple[Outcome, str, int | None]:
-    async with held(bus, store, ["q"], limit=10) as read:
+    async with held(bus, store, ["q"], limit=10, wait_s=0) as read:
         (letter,) = read.letters
         done = await redrive(bus, store, "tasks", letter)
     return done.outcome, done.reason, done.run
@@ -144,7 +145,7 @@ async def test_a_letter_that_is_not_our_task_is_kept(
 ) -> None:
     bus, store = engines
     await dead_letter(bus, body)
-    async with held(bus, store, ["q"], limit=10) as read:
+    async with held(bus, store, ["q"], limit=10, wait_s=0) as read:
         (letter,) = read.letters
         assert letter.view.unreadable is not None and why in letter.view.unreadable
         done = await redrive(bus, store, "tasks", letter)
@@ -158,12 +159,12 @@ async def test_a_read_holds_each_letter_once_and_gives_them_back(engines: tuple[
     tasks = [Task.model_validate({"params": {"prompt": f"p{i}"}}) for i in range(12)]
     for task in tasks:
         await dead_letter(bus, task.to_message())
-    async with held(bus, store, ["q"], limit=11) as first:
+    async with held(bus, store, ["q"], limit=11, wait_s=0) as first:
         assert len({x.view.task_id for x in first.letters}) == 11, "more than one receive's 10, none twice"
-        async with held(bus, store, ["q"], limit=50) as second:
+        async with held(bus, store, ["q"], limit=50, wait_s=0) as second:
             (other,) = second.letters  # a second reader sees only what the first does not hold
             assert other.view.task_id not in {x.view.task_id for x in first.letters}
-    async with held(bus, store, ["q"], limit=50) as again:
+    async with held(bus, store, ["q"], limit=50, wait_s=0) as again:
         assert sorted(x.view.task_id or "" for x in again.letters) == sorted(t.id for t in tasks)
 
 
@@ -196,7 +197,7 @@ async def test_a_redrive_that_dies_half_way_is_finished_by_the_next_as_the_same_
     await record(store, TASK, TaskState.FAILED)
     dying_bus: Any = CrashAt(bus, "ack") if where == "before the delete" else bus
     dying_store: Any = CrashAt(store, "compare_and_set") if where == "before the reopen" else store
-    async with held(dying_bus, dying_store, ["q"], limit=10) as read:
+    async with held(dying_bus, dying_store, ["q"], limit=10, wait_s=0) as read:
         (letter,) = read.letters
         with pytest.raises(StoreError):
             await redrive(dying_bus, dying_store, "tasks", letter)
@@ -221,7 +222,7 @@ async def test_one_letter_that_cannot_be_settled_is_kept_and_the_others_go_on(
         await dead_letter(bus, task.to_message())
         await record(store, task, TaskState.FAILED)
     dying: Any = CrashAt(store, "compare_and_set")  # the first reopen fails, the next ones pass
-    async with held(bus, dying, ["q"], limit=10) as read:
+    async with held(bus, dying, ["q"], limit=10, wait_s=0) as read:
         done = [await settle(x, lambda x: redrive(bus, dying, "tasks", x)) for x in read.letters]
     assert [d.outcome for d in done] == [Outcome.KEPT, Outcome.RERUN]
     assert done[0].reason == "not settled: the process died here"
