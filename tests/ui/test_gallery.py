@@ -237,6 +237,37 @@ async def test_a_queued_tasks_failed_try_reads_as_one(
     await expect(error).to_have_class("error")
 
 
+async def test_a_task_run_again_shows_its_run(page: Page, fleet: UpProcess, shots: Path) -> None:
+    """A seed-format id sent again after it finished runs again (as ``sdfleet dlq redrive`` runs a
+    failed task's next run): its page says which run it shows."""
+    body = {
+        "task": {
+            "metadata": {
+                "id": "ui-rerun",
+                "runtime": "sdruntime",
+                "tasktype": "text-to-image",
+                "prefix": "out",
+            },
+            "content": {"prompt": "a tide pool", "steps": 2, "width": 64, "height": 64},
+        }
+    }
+    with fleet.client(ALICE) as http:
+        for run in (1, 2):
+            assert http.post("/v1alpha2/", json=body).status_code == 200
+            deadline = time.monotonic() + 120
+            while (view := http.get("/v1/tasks/ui-rerun").json())["state"] != "succeeded" or view[
+                "run"
+            ] != run:
+                assert time.monotonic() < deadline, view
+                time.sleep(0.2)
+    await page.goto(f"{fleet.url}/ui/tasks/ui-rerun")
+    await use_key(page, ALICE)
+    await expect(page.locator("#state")).to_have_text("succeeded")
+    run_row = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^run$")))
+    await expect(run_row.locator("td").nth(1)).to_have_text("2")
+    await page.screenshot(path=shots / "task-run-2.png", full_page=True)
+
+
 async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(
     page: Page, fleet: UpProcess, shots: Path
 ) -> None:

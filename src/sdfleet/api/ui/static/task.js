@@ -60,7 +60,8 @@
       showState(view.state, view.progress, view.error);
       rows(el("params"), [["model", view.model || "fleet default"], ["queue", view.queue || "–"],
         ["type", view.type], ...Object.entries(detail.params), ["runtime", detail.runtime || "–"],
-        ["attempts", view.attempts], ["created", new Date(view.created_at * 1000).toLocaleString()]]);
+        ["run", view.run], ["attempts", view.attempts],
+        ["created", new Date(view.created_at * 1000).toLocaleString()]]);
       rows(el("timings"), Object.entries(view.timings).map(([k, v]) => [k, v.toFixed(3)]));
       showImages(view);
       el("output").textContent = detail.output ? JSON.stringify(detail.output, null, 2) : "none yet";
