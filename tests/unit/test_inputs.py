@@ -330,7 +330,7 @@ async def test_every_hop_is_resolved_and_pinned(server: str) -> None:
 
 
 def test_an_input_that_may_come_back_is_retried_with_a_backoff() -> None:
-    from sdfleet.agent.prepare import input_retry_delay
+    from sdfleet.agent.backoff import input_retry_delay
 
     assert [input_retry_delay(n, 0.0) for n in range(1, 8)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert input_retry_delay(1, 10.0) == 10.0  # agent.retry_delay_s, when it is longer

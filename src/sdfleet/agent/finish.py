@@ -19,10 +19,10 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
+from sdfleet.agent.backoff import input_retry_delay
 from sdfleet.agent.execute import Outcome
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
-from sdfleet.agent.prepare import input_retry_delay
 from sdfleet.agent.records import acknowledge, fail, notify, ours, requeue, taken_over
 from sdfleet.agent.tasklog import task_event
 from sdfleet.compat.out import SEED_ORIGINS, succeeded_out
