@@ -183,10 +183,11 @@ async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Set
     view, task = letter.view, letter.task
     if task is None:
         return Settled(letter=view, outcome=Outcome.KEPT, reason=view.unreadable or "not a task")
+    # Read again, not the record ``held`` saw: it may have moved on since (an agent, a resubmit).
     record = await store.get(task.tenant, task.id)
     outcome, reason, run = _decide(task, record)
     if outcome is Outcome.RERUN and record is not None:
-        task = task.model_copy(update={"run": record.task.run + 1})
+        task = task.model_copy(update={"run": run})
         await _publish(bus, topic, task, letter.attributes)
         # Another writer first (an agent that received the new run already reopens it itself): theirs.
         await reopen(store, record, task, published_at=time.time())
