@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from sdfleet.bus.base import Bus
 from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, err, print_json, print_table
-from sdfleet.dlq import DeadLetter, Letter, Outcome, Read, Settled, drop, held, redrive, settle
 from sdfleet.errors import NotFound, SdfleetError
 from sdfleet.settings import Settings
-from sdfleet.store.base import TaskStore
+
+if TYPE_CHECKING:  # the commands import what they run: every sdfleet command starts without it
+    from sdfleet.bus.base import Bus
+    from sdfleet.dlq import DeadLetter, Letter, Read, Settled
+    from sdfleet.store.base import TaskStore
+
+    Act = Callable[[Bus, TaskStore, Settings, Letter], Awaitable[Settled]]
 
 dlq_app = typer.Typer(help="Dead-letter queues: what they hold, and running it again.", no_args_is_help=True)
 T = TypeVar("T")
@@ -86,6 +89,8 @@ def list_letters(
     """The dead letters of the fleet's queues, with what their tasks' records say now (read, then
     given back: nothing is changed)."""
 
+    from sdfleet.dlq import held
+
     async def job(settings: Settings, bus: Bus, store: TaskStore) -> tuple[list[DeadLetter], dict[str, str]]:
         async with held(bus, store, _queues(settings, queues), limit=limit) as read:
             return [letter.view for letter in read.letters], read.skipped
@@ -118,7 +123,6 @@ def list_letters(
 IdsOpt = typer.Option(
     None, "--task", "--id", help="Only the letters of this task id or message id (repeatable)."
 )
-Act = Callable[[Bus, TaskStore, Settings, Letter], Awaitable[Settled]]
 
 
 @dlq_app.command("redrive")
@@ -133,6 +137,8 @@ def redrive_letters(
     reopened; a task still queued or running (or never recorded) is published as it was; a
     finished one's letter is dropped; a seed message or an unreadable one is kept. Exits 1 when a
     --task was not among the letters read or a letter was kept."""
+
+    from sdfleet.dlq import redrive
 
     async def act(bus: Bus, store: TaskStore, settings: Settings, letter: Letter) -> Settled:
         return await redrive(bus, store, settings.fleet.tasks_topic, letter)
@@ -158,6 +164,8 @@ def drop_letters(
             )
         )
 
+    from sdfleet.dlq import drop
+
     async def act(bus: Bus, store: TaskStore, settings: Settings, letter: Letter) -> Settled:
         return await drop(bus, letter)
 
@@ -175,6 +183,10 @@ def _settle(
 ) -> None:
     """``act`` on the letters read (those ``ids`` name, if any), then the report; exits 1 when an
     id was not among the letters read or a letter was kept (a redrive's rule, or an error)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from sdfleet.dlq import Outcome, held, settle
+
     wanted = set(ids or [])
 
     async def job(
