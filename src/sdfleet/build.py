@@ -40,7 +40,7 @@ class Engines:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.bus: Bus = open_bus(settings.bus)
-        self.store: TaskStore = open_store(settings.store)
+        self.store: TaskStore = open_store(settings.store, retain_s=settings.fleet.retain_s)
         self.access: AccessStore = open_access(settings.store)
         self.storage: BlobStore = open_storage(settings.storage)
         self.keeper = TopologyKeeper(

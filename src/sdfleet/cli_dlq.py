@@ -50,7 +50,7 @@ def _run(config: Path | None, job: Callable[[Settings, Bus, TaskStore], Awaitabl
 
     async def main() -> T:
         bus = open_bus(settings.bus)
-        store = open_store(settings.store)
+        store = open_store(settings.store, retain_s=settings.fleet.retain_s)
         try:
             return await job(settings, bus, store)
         finally:

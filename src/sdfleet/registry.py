@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 from sdfleet.errors import ConfigError
 
 
-def load_backend(kind: str, backends: dict[str, tuple[str, str, str | None]], url: str) -> Any:
-    """Import the backend class for ``url``'s scheme and call its ``from_url(url)``."""
+def load_backend(
+    kind: str, backends: dict[str, tuple[str, str, str | None]], url: str, **options: Any
+) -> Any:
+    """Import the backend class for ``url``'s scheme and call its ``from_url(url, **options)``."""
     scheme = urlsplit(url).scheme
     if scheme not in backends:
         known = ", ".join(f"{s}://" for s in sorted(backends))
@@ -24,4 +26,4 @@ def load_backend(kind: str, backends: dict[str, tuple[str, str, str | None]], ur
         raise ConfigError(
             f"the {scheme}:// {kind} needs the '{extra}' extra: pip install 'sdfleet[{extra}]'"
         ) from e
-    return getattr(module, cls_name).from_url(url)
+    return getattr(module, cls_name).from_url(url, **options)

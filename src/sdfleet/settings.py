@@ -128,6 +128,14 @@ class FleetConfig(BaseModel):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     """API key SHA-256 hex digest → tenant. Empty: no auth, every request is tenant ``default``."""
+    retain_days: float | None = Field(None, gt=0)
+    """How long a finished task is kept: its record (then ``GET /v1/tasks/{id}`` is 404 and the id
+    free again), and on ``file://`` storage its images. None: for ever. On S3 the bucket's
+    lifecycle rule expires images (the CDK app makes one from this)."""
+
+    @property
+    def retain_s(self) -> float | None:
+        return None if self.retain_days is None else self.retain_days * 86400
 
     @model_validator(mode="after")
     def _unique_queues(self) -> FleetConfig:

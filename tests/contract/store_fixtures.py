@@ -1,13 +1,14 @@
 """Backend fixtures for the task-store and blob-storage contract suites.
 
 Adding a backend = one factory below + its name in the registry dict. A factory gets the pytest
-request (for service fixtures: ``request.getfixturevalue("redis_server")`` / ``("moto_url")``) and a
-private tmp dir, and returns an opened backend; the fixture closes it. Backends on a shared service
-must namespace per call (unique key prefix, table or bucket) so tests never see each other's data.
+request (for service fixtures: ``request.getfixturevalue("redis_server")`` / ``("moto_url")``), a
+private tmp dir and, for a store, ``retain_s`` (how long finished records are kept), and returns
+an opened backend; the fixture closes it. Backends on a shared service must namespace per call
+(unique key prefix, table or bucket) so tests never see each other's data.
 
-    async def _redis_store(request, tmp_path):
+    async def _redis_store(request, tmp_path, retain_s):
         server = request.getfixturevalue("redis_server")
-        return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}")
+        return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}", retain_s=retain_s)
 
     STORE_FACTORIES["redis"] = _redis_store
 """
@@ -28,26 +29,30 @@ from sdfleet.store.backends.redis import RedisTaskStore
 from sdfleet.store.backends.sqlite import SqliteTaskStore
 from sdfleet.store.base import TaskStore
 
-StoreFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[TaskStore]]
+StoreFactory = Callable[[pytest.FixtureRequest, Path, float | None], Awaitable[TaskStore]]
+"""(request, private tmp dir, ``retain_s``) → an opened store."""
 BlobFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[BlobStore]]
 
 
-async def _sqlite_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskStore:
-    return SqliteTaskStore.from_url(f"sqlite:///{tmp_path / 'sdfleet.db'}")
+async def _sqlite_store(request: pytest.FixtureRequest, tmp_path: Path, retain_s: float | None) -> TaskStore:
+    return SqliteTaskStore.from_url(f"sqlite:///{tmp_path / 'sdfleet.db'}", retain_s=retain_s)
 
 
 async def _local_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     return LocalBlobStore.from_url(f"file://{tmp_path / 'files'}")
 
 
-async def _redis_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskStore:
+async def _redis_store(request: pytest.FixtureRequest, tmp_path: Path, retain_s: float | None) -> TaskStore:
     server = request.getfixturevalue("redis_server")
-    return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}")
+    return RedisTaskStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}", retain_s=retain_s)
 
 
-async def _dynamodb_store(request: pytest.FixtureRequest, tmp_path: Path) -> TaskStore:
+async def _dynamodb_store(
+    request: pytest.FixtureRequest, tmp_path: Path, retain_s: float | None
+) -> TaskStore:
     request.getfixturevalue("moto_url")  # moto_server on 127.0.0.1; sets AWS_ENDPOINT_URL
-    return DynamoTaskStore.from_url(f"aws://?table=t-{uuid.uuid4().hex[:12]}&region=us-east-1")
+    url = f"aws://?table=t-{uuid.uuid4().hex[:12]}&region=us-east-1"
+    return DynamoTaskStore.from_url(url, retain_s=retain_s)
 
 
 async def _s3_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
@@ -66,7 +71,19 @@ BLOB_FACTORIES: dict[str, BlobFactory] = {"local": _local_blobs, "s3": _s3_blobs
 @pytest.fixture(params=list(STORE_FACTORIES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
     """A fresh, empty task store of each backend."""
-    backend = await STORE_FACTORIES[request.param](request, tmp_path)
+    backend = await STORE_FACTORIES[request.param](request, tmp_path, None)
+    yield backend
+    await backend.aclose()
+
+
+RETAIN_S = 3600.0
+
+
+@pytest.fixture(params=list(STORE_FACTORIES))
+async def retaining_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
+    """A fresh store of each backend that keeps finished records ``RETAIN_S`` (tests make a record
+    expire by finishing it that long ago)."""
+    backend = await STORE_FACTORIES[request.param](request, tmp_path, RETAIN_S)
     yield backend
     await backend.aclose()
 

@@ -22,6 +22,7 @@ from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.head import HeadAsGet
 from sdfleet.api.queue_stats import queue_stats_refresher
+from sdfleet.api.retention import files_expiry
 from sdfleet.api.routes import compat, events, files, health, models, queues, tasks, ui
 from sdfleet.api.seed_schemas import V1alpha1Body, V1alpha2Body
 from sdfleet.settings import ApiSettings, FleetConfig
@@ -113,9 +114,13 @@ async def _http_error(request: Request, e: Exception) -> JSONResponse:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Refresh the queue gauges in the background while serving."""
+    """Refresh the queue gauges, and delete expired local result files, in the background while
+    serving."""
     ctx: ApiContext = app.state.ctx
-    async with queue_stats_refresher(ctx.bus, ctx.fleet, ctx.metrics, ctx.settings.queue_stats_s):
+    async with (
+        queue_stats_refresher(ctx.bus, ctx.fleet, ctx.metrics, ctx.settings.queue_stats_s),
+        files_expiry(ctx.storage, ctx.fleet.retain_s),
+    ):
         yield
 
 

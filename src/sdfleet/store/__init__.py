@@ -13,8 +13,10 @@ _BACKENDS = {
 }
 
 
-def open_store(url: str) -> TaskStore:
-    store: TaskStore = load_backend("task store", _BACKENDS, url)
+def open_store(url: str, *, retain_s: float | None = None) -> TaskStore:
+    """The task store at ``url``; ``retain_s``: how long a finished task's record is kept (None:
+    for ever)."""
+    store: TaskStore = load_backend("task store", _BACKENDS, url, retain_s=retain_s)
     return store
 
 

@@ -2,6 +2,12 @@
 
 Backends implement four primitives; the state machine lives once, here, in ``transition()``
 (and ``reopened()``, a finished seed task's next run).
+
+Retention (``fleet.retain_days``, a store's ``retain_s``): a finished task's record is kept
+``retain_s`` after it ended (``expires_at``), then it is gone: ``get`` and ``list`` stop showing it
+at once, its id can be used again, and the engine removes it (Redis expiry, DynamoDB TTL, a sweep
+of a few at each finish on SQLite and Redis's indexes). A record that can still change (queued,
+running) never expires; one run again (``reopened``) is kept again.
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ ALLOWED: dict[TaskState, set[TaskState]] = {
     TaskState.FAILED: set(),
     TaskState.CANCELLED: set(),
 }
+
+
+SWEEP = 16
+"""Expired records a finishing write removes with it (SQLite rows, Redis index entries): more than
+one, so a backlog of expired records shrinks while tasks finish."""
+
+
+def expires_at(record: TaskRecord, retain_s: float | None) -> float | None:
+    """When ``record`` may go (epoch s): ``retain_s`` after its task ended; None while it can still
+    change or when records are kept for ever."""
+    if retain_s is None or not record.state.terminal:
+        return None
+    return (record.finished_at or record.updated_at) + retain_s
 
 
 class TaskStore(Protocol):

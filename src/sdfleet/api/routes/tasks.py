@@ -17,7 +17,7 @@ from sdfleet.api.seed_schemas import INPUTS_MAX, NAME_MAX, TEXT_MAX
 from sdfleet.api.submit import submit
 from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
-from sdfleet.store.base import transition
+from sdfleet.store.base import expires_at, transition
 from sdfleet.tasks import (
     TASK_ID_PATTERN,
     Integer,
@@ -114,6 +114,10 @@ class TaskView(BaseModel):
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    expires_at: float | None = None
+    """When this finished task is no longer kept (``fleet.retain_days``): from then on this view
+    is 404 and the id free; on ``file://`` storage its files go too, up to an hour later. None
+    while it can still change, or where tasks are kept for ever."""
 
 
 async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskView:
@@ -143,6 +147,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         updated_at=r.updated_at,
         started_at=r.started_at,
         finished_at=r.finished_at,
+        expires_at=expires_at(r, ctx.fleet.retain_s),
     )
 
 

@@ -1,7 +1,9 @@
 """The embedded blob store: a directory on the local disk (``file:///abs/dir``).
 
 Writes go to a temporary file beside the target and are moved into place with ``os.replace``, so a
-reader sees the old bytes or the new ones, never half a file. Content types are not stored: the API
+reader sees the old bytes or the new ones, never half a file. ``expire`` deletes files stored
+before a cutoff (the API runs it where finished tasks are kept for ``fleet.retain_days``; S3 has
+its bucket's lifecycle rule instead). Content types are not stored: the API
 guesses them from the key's extension (``mimetypes``), as S3 would be told at upload.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +51,10 @@ def file_path(url: str) -> Path:
     return Path(unquote(raw))
 
 
+EMPTY_FOLDER_S = 60.0
+"""How long a folder stays empty before ``expire`` removes it."""
+
+
 class LocalBlobStore:
     """``BlobStore`` on a local directory; ``presign()`` is None (the API signs its own links)."""
 
@@ -72,7 +79,11 @@ class LocalBlobStore:
         target = self.path(key)
         with map_errors(key):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            try:
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            except FileNotFoundError:  # ``expire`` removed the empty folder just then: make it again
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -109,6 +120,32 @@ class LocalBlobStore:
         """Always None: local files are served by the API's signed ``/v1/files`` links."""
         check_key(key)
         return None
+
+    async def expire(self, older_than_s: float) -> int:
+        """Delete the files last written more than ``older_than_s`` ago, and folders left empty
+        for a minute; returns how many files went."""
+        return await asyncio.to_thread(self._expire, time.time() - older_than_s)
+
+    def _expire(self, cutoff: float) -> int:
+        removed = 0
+        for folder, _, names in os.walk(self.root, topdown=False):
+            for name in names:
+                path = Path(folder, name)
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:  # another API replica's sweep took it
+                    continue
+            here = Path(folder)
+            try:
+                # Emptied by an earlier pass and untouched since: a write into it would have
+                # changed its time (and ``_write`` makes it again if it races this).
+                if here != self.root and here.stat().st_mtime < time.time() - EMPTY_FOLDER_S:
+                    here.rmdir()
+            except OSError:  # not empty, or gone
+                continue
+        return removed
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -18,6 +18,9 @@ Records of queued and running tasks also carry ``active`` (= the tenant): the sp
 ``by-tenant-active`` (``active``, ``sk``, keys only) holds just those, so a tenant's tasks in flight
 are counted without reading its history. A table created before that index existed gets it added
 on first use (``create=true``).
+With ``retain_s`` a finished record's item carries ``expires_at`` (epoch s), the table's TTL
+attribute: DynamoDB deletes it some time after (within days); reads treat it as gone from that
+second, and its id as free. ``create=true`` turns TTL on for a table that has it off.
 Reads of one record are strongly consistent; ``list`` reads the GSI (eventually consistent on AWS).
 The access store (``access_dynamodb``) keeps its few items in the same table, under ids that start
 with ``!`` (never a tenant's).
@@ -29,14 +32,16 @@ import base64
 import binascii
 import builtins
 import logging
+import math
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from sdfleet._aws import AwsContext, error_code, flag, int_param, map_errors, parse_aws_url
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
-from sdfleet.store.base import read_record
+from sdfleet.store.base import expires_at, read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
 if TYPE_CHECKING:
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TTL_ATTRIBUTE = "expires_at"
 GSI = "by-tenant"
 ACTIVE_GSI = "by-tenant-active"
 INDEXES = (GSI, ACTIVE_GSI)
@@ -76,7 +82,7 @@ def record_key(tenant: str, task_id: str) -> str:
     return f"{tenant}/{task_id}"
 
 
-def _item(record: TaskRecord) -> dict[str, Any]:
+def _item(record: TaskRecord, retain_s: float | None) -> dict[str, Any]:
     item = {
         "id": {"S": record_key(record.tenant, record.id)},
         "tenant": {"S": record.tenant},
@@ -87,7 +93,20 @@ def _item(record: TaskRecord) -> dict[str, Any]:
     }
     if record.state in _ACTIVE_STATES:
         item["active"] = {"S": record.tenant}
+    expires = expires_at(record, retain_s)
+    if expires is not None:
+        item[TTL_ATTRIBUTE] = {"N": str(math.ceil(expires))}
     return item
+
+
+def _live(item: dict[str, Any], now: float) -> bool:
+    """Not expired: TTL deletes an item up to days after its ``expires_at``."""
+    expires = item.get(TTL_ATTRIBUTE)
+    return expires is None or float(expires["N"]) > now
+
+
+# A condition or filter that passes only items not expired at ``:now``.
+_LIVE = f"(attribute_not_exists({TTL_ATTRIBUTE}) OR {TTL_ATTRIBUTE} > :now)"
 
 
 def _record(item: dict[str, Any]) -> TaskRecord:
@@ -142,15 +161,17 @@ class DynamoTaskStore:
         region: str | None = None,
         create: bool = True,
         max_attempts: int = 3,
+        retain_s: float | None = None,
     ) -> None:
         self.table = table
         self.create_table = create
+        self.retain_s = retain_s
         self._aws = AwsContext(region, max_attempts=max_attempts)
         self._ready = False
         self._ready_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> DynamoTaskStore:
+    def from_url(cls, url: str, *, retain_s: float | None = None) -> DynamoTaskStore:
         _, _, q = parse_aws_url(url, "aws")
         table = q.get("table") or f"{q.get('prefix', 'sdfleet-')}tasks"
         return cls(
@@ -158,6 +179,7 @@ class DynamoTaskStore:
             region=q.get("region"),
             create=flag(q, "create", True),
             max_attempts=int_param(q, "retries", 3),
+            retain_s=retain_s,
         )
 
     @property
@@ -182,7 +204,30 @@ class DynamoTaskStore:
                         raise
                 waiter = self._db.get_waiter("table_exists")
                 waiter.wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+            self._enable_ttl()
             self._ready = True
+
+    def _enable_ttl(self) -> None:
+        """Turn the table's TTL on where records expire, so DynamoDB deletes them (the CDK app's
+        table has it on already; a role without ``UpdateTimeToLive`` leaves them, unread)."""
+        if self.retain_s is None or not self.create_table:
+            return
+        try:
+            ttl = self._db.describe_time_to_live(TableName=self.table)["TimeToLiveDescription"]
+            if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+                return
+            self._db.update_time_to_live(
+                TableName=self.table,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
+            )
+        except ClientError as e:
+            log.warning(
+                "could not turn on TTL (%s) of table %s: expired records are not read, but stay "
+                "in the table: %s",
+                TTL_ATTRIBUTE,
+                self.table,
+                e,
+            )
 
     def _add_active_index(self, described: Any) -> None:
         """Tables of earlier versions lack ``by-tenant-active``: add it (it fills in the background)."""
@@ -218,16 +263,17 @@ class DynamoTaskStore:
             return await self._aws.run(call)
 
     async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
-        """Conditional ``PutItem`` (``attribute_not_exists(id)``); returns the existing record of the
+        """Conditional ``PutItem`` (no item, or an expired one); returns the existing record of the
         tenant's id if any."""
-        item = _item(record)
+        item = _item(record, self.retain_s)
 
         def put() -> dict[str, Any] | None:
             try:
                 self._db.put_item(
                     TableName=self.table,
                     Item=item,
-                    ConditionExpression="attribute_not_exists(id)",
+                    ConditionExpression=f"attribute_not_exists(id) OR NOT {_LIVE}",
+                    ExpressionAttributeValues={":now": {"N": str(time.time())}},
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
             except ClientError as e:
@@ -255,21 +301,24 @@ class DynamoTaskStore:
             return found.get("Item")
 
         item = await self._run(get)
-        return None if item is None else _record(item)
+        return None if item is None or not _live(item, time.time()) else _record(item)
 
     async def compare_and_set(self, record: TaskRecord, expected_version: int) -> bool:
         """``PutItem`` with ``ConditionExpression`` ``version = :expected``."""
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
-        item = _item(record)
+        item = _item(record, self.retain_s)
 
         def put() -> bool:
             try:
                 self._db.put_item(
                     TableName=self.table,
                     Item=item,
-                    ConditionExpression="version = :expected",
-                    ExpressionAttributeValues={":expected": {"N": str(expected_version)}},
+                    ConditionExpression=f"version = :expected AND {_LIVE}",
+                    ExpressionAttributeValues={
+                        ":expected": {"N": str(expected_version)},
+                        ":now": {"N": str(time.time())},
+                    },
                 )
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
@@ -288,19 +337,20 @@ class DynamoTaskStore:
         cursor: str | None = None,
         limit: int = 50,
     ) -> tuple[builtins.list[TaskRecord], str | None]:
-        """``Query`` on the ``by-tenant`` GSI, newest first; ``state`` is a filter expression, so
-        pages are filled by as many queries as it takes."""
+        """``Query`` on the ``by-tenant`` GSI, newest first; ``state`` and expiry are a filter
+        expression, so pages are filled by as many queries as it takes."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValidationFailed(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         query: dict[str, Any] = {
             "TableName": self.table,
             "IndexName": GSI,
             "KeyConditionExpression": "tenant = :t",
-            "ExpressionAttributeValues": {":t": {"S": tenant}},
+            "FilterExpression": _LIVE,
+            "ExpressionAttributeValues": {":t": {"S": tenant}, ":now": {"N": str(time.time())}},
             "ScanIndexForward": False,
         }
         if state is not None:
-            query["FilterExpression"] = "#s = :s"
+            query["FilterExpression"] = f"#s = :s AND {_LIVE}"
             query["ExpressionAttributeNames"] = {"#s": "state"}
             query["ExpressionAttributeValues"][":s"] = {"S": state.value}
         if cursor is not None:

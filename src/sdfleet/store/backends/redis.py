@@ -6,6 +6,13 @@ Keys, with ``p`` the prefix:
     p:task:<tenant>/<id>          hash  v (version), state, created (epoch s), data (the record's JSON)
     p:tenant:<t>:tasks            zset  task id, score created_at: the tenant's list, newest first
     p:tenant:<t>:state:<state>    zset  the same, per state: ``list(state=...)`` without scanning
+    p:expiring                    zset  ``<tenant>/<id>``, score when it expires (epoch ms)
+
+With ``retain_s`` a finished record's hash gets an expiry (``PEXPIREAT``: Redis removes it on
+time) and an entry in ``p:expiring``; each compare-and-set that finishes a task also removes the
+index entries of up to ``SWEEP`` expired records, so the indexes shrink with the hashes. A record
+reopened for another run loses its expiry; one created under an expired id drops the old one's
+index entries first.
 
 Ties in ``created_at`` are broken by id (descending), the order a sorted set keeps for equal scores.
 Create, compare-and-set and the index updates are each one script, so the indexes never disagree
@@ -16,6 +23,7 @@ with the records. Ids are per tenant: a tenant name has no ``/`` and an id none 
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -24,36 +32,65 @@ import redis.asyncio as aioredis
 from sdfleet._redis import connect, describe, map_errors
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
 from sdfleet.store.backends.sqlite import MAX_PAGE, decode_cursor, encode_cursor
-from sdfleet.store.base import read_record
+from sdfleet.store.base import SWEEP, expires_at, read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
 STATES = list(TaskState)
 Rows = list[tuple[str, float]]
 """(task id, created_at) pairs of an index, newest first."""
 
-# KEYS: task, tenant index, state index. ARGV: data, version, state, created_at, id.
-# Returns nil when created, else the stored record's JSON.
+# KEYS: task, tenant index, expiring, then one state index per state (ARGV[8..] names them, same
+# order). ARGV: data, version, state, created_at, id, expires (epoch ms, '' = never), member
+# (tenant/id), state names... Returns nil when created, else the stored record's JSON.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], 'data') end
+redis.call('ZREM', KEYS[3], ARGV[7])
+for i = 8, #ARGV do redis.call('ZREM', KEYS[i - 4], ARGV[5]) end
 redis.call('HSET', KEYS[1], 'data', ARGV[1], 'v', ARGV[2], 'state', ARGV[3], 'created', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+for i = 8, #ARGV do
+  if ARGV[i] == ARGV[3] then redis.call('ZADD', KEYS[i - 4], ARGV[4], ARGV[5]) end
+end
+if ARGV[6] ~= '' then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+end
 return false
 """
 
-# KEYS: task, then one state index per state (ARGV[6..] names them, same order).
-# ARGV: expected version, data, new version, new state, id, state names... Returns 1 if replaced.
-_CAS = """
+# KEYS: task, expiring, then one state index per state (ARGV[9..] names them, same order).
+# ARGV: expected version, data, new version, new state, id, expires (epoch ms, '' = never),
+# member (tenant/id), key prefix, state names... Returns 1 if replaced.
+_CAS = f"""
 local v = redis.call('HGET', KEYS[1], 'v')
 if (not v) or v ~= ARGV[1] then return 0 end
 local old = redis.call('HGET', KEYS[1], 'state')
 local created = redis.call('HGET', KEYS[1], 'created')
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'v', ARGV[3], 'state', ARGV[4])
 if old ~= ARGV[4] then
-  for i = 6, #ARGV do
-    if ARGV[i] == old then redis.call('ZREM', KEYS[i - 4], ARGV[5]) end
-    if ARGV[i] == ARGV[4] then redis.call('ZADD', KEYS[i - 4], created, ARGV[5]) end
+  for i = 9, #ARGV do
+    if ARGV[i] == old then redis.call('ZREM', KEYS[i - 6], ARGV[5]) end
+    if ARGV[i] == ARGV[4] then redis.call('ZADD', KEYS[i - 6], created, ARGV[5]) end
   end
+end
+if ARGV[6] == '' then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[7])
+  return 1
+end
+redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+-- A task ended: drop the index entries of a few records that expired.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, {SWEEP})) do
+  local slash = string.find(m, '/', 1, true)
+  local base = ARGV[8] .. ':tenant:' .. string.sub(m, 1, slash - 1)
+  local id = string.sub(m, slash + 1)
+  redis.call('ZREM', base .. ':tasks', id)
+  for i = 9, #ARGV do redis.call('ZREM', base .. ':state:' .. ARGV[i], id) end
+  redis.call('DEL', ARGV[8] .. ':task:' .. m)
+  redis.call('ZREM', KEYS[2], m)
 end
 return 1
 """
@@ -62,18 +99,21 @@ return 1
 class RedisTaskStore:
     """``TaskStore`` on Redis hashes and sorted sets; any number of processes may share it."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "sdfleet") -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str = "sdfleet", *, retain_s: float | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.retain_s = retain_s
         self._where = f"redis task store ({describe(client)})"
         self._create = client.register_script(_CREATE)
         self._cas = client.register_script(_CAS)
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str) -> RedisTaskStore:
+    def from_url(cls, url: str, *, retain_s: float | None = None) -> RedisTaskStore:
         client, prefix = connect(url)
-        return cls(client, prefix)
+        return cls(client, prefix, retain_s=retain_s)
 
     async def __aenter__(self) -> RedisTaskStore:
         return self
@@ -89,6 +129,14 @@ class RedisTaskStore:
     def _task_key(self, tenant: str, task_id: str) -> str:
         return f"{self.prefix}:task:{tenant}/{task_id}"
 
+    @property
+    def _expiring(self) -> str:
+        return f"{self.prefix}:expiring"
+
+    def _expires_ms(self, record: TaskRecord) -> str:
+        at = expires_at(record, self.retain_s)
+        return "" if at is None else str(math.ceil(at * 1000))
+
     def _index(self, tenant: str, state: TaskState | None = None) -> str:
         base = f"{self.prefix}:tenant:{tenant}"
         return f"{base}:tasks" if state is None else f"{base}:state:{state.value}"
@@ -98,7 +146,8 @@ class RedisTaskStore:
         keys = [
             self._task_key(record.tenant, record.id),
             self._index(record.tenant),
-            self._index(record.tenant, record.state),
+            self._expiring,
+            *(self._index(record.tenant, s) for s in STATES),
         ]
         args: list[str | int] = [
             record.model_dump_json(by_alias=True),
@@ -106,6 +155,9 @@ class RedisTaskStore:
             record.state.value,
             repr(record.task.created_at),
             record.id,
+            self._expires_ms(record),
+            f"{record.tenant}/{record.id}",
+            *(s.value for s in STATES),
         ]
         with self._errors():
             existing = await self._create(keys=keys, args=args)
@@ -123,13 +175,20 @@ class RedisTaskStore:
         """Replace the record iff the stored one still has ``expected_version``."""
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
-        keys = [self._task_key(record.tenant, record.id), *(self._index(record.tenant, s) for s in STATES)]
+        keys = [
+            self._task_key(record.tenant, record.id),
+            self._expiring,
+            *(self._index(record.tenant, s) for s in STATES),
+        ]
         args: list[str | int] = [
             expected_version,
             record.model_dump_json(by_alias=True),
             record.version,
             record.state.value,
             record.id,
+            self._expires_ms(record),
+            f"{record.tenant}/{record.id}",
+            self.prefix,
             *(s.value for s in STATES),
         ]
         with self._errors():

@@ -1,12 +1,14 @@
 """The embedded task store: one table in the SQLite file the bus also uses (WAL, several processes).
 
 Each record is stored as its JSON next to the columns that queries need (tenant, state, created_at,
-version); the key is (tenant, id), ids being per tenant. Compare-and-set is a single
+version, expires_at); the key is (tenant, id), ids being per tenant. With ``retain_s`` a finished
+record gets ``expires_at``: reads skip it from then on, and each write that finishes a task deletes
+up to ``SWEEP`` expired rows in the same statement batch. Compare-and-set is a single
 ``UPDATE … WHERE tenant = ? AND id = ? AND version = ?``, which SQLite makes atomic across
 processes. All SQLite calls run on one worker thread per store, off the event loop.
 
-A file written before ids were per tenant (key ``id`` alone) is migrated in place when a store
-first connects to it.
+A file written before ids were per tenant (key ``id`` alone), or before records expired (no
+``expires_at``), is migrated in place when a store first connects to it.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ import base64
 import binascii
 import json
 import sqlite3
+import time
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sdfleet import jsonsafe
 from sdfleet.errors import ValidationFailed
 from sdfleet.store.backends._sqlite_file import SqliteFile, sqlite_path
-from sdfleet.store.base import read_record
+from sdfleet.store.base import SWEEP, expires_at, read_record
 from sdfleet.tasks import TaskRecord, TaskState
 
 T = TypeVar("T")
 
-_SELECT_ONE = "SELECT body FROM task_records WHERE tenant = ? AND id = ?"
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_SELECT_ONE = f"SELECT body FROM task_records WHERE tenant = ? AND id = ? AND {_LIVE}"
 
 MAX_PAGE = 1000
 
@@ -37,6 +42,7 @@ CREATE TABLE IF NOT EXISTS task_records (
     created_at REAL NOT NULL,
     version    INTEGER NOT NULL,
     body       TEXT NOT NULL,
+    expires_at REAL,
     PRIMARY KEY (tenant, id)
 );
 """
@@ -45,8 +51,14 @@ CREATE INDEX IF NOT EXISTS task_records_by_tenant
     ON task_records (tenant, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS task_records_by_tenant_state
     ON task_records (tenant, state, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS task_records_expiring
+    ON task_records (expires_at) WHERE expires_at IS NOT NULL;
 """
 _COLUMNS = "tenant, id, state, created_at, version, body"
+_SWEEP = (
+    "DELETE FROM task_records WHERE rowid IN (SELECT rowid FROM task_records"
+    f" WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT {SWEEP})"
+)
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -64,6 +76,9 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             conn.execute("DROP TABLE task_records_v0")
         else:
             conn.execute(_TABLE)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(task_records)")}
+        if "expires_at" not in columns:  # a file from before records expired
+            conn.execute("ALTER TABLE task_records ADD COLUMN expires_at REAL")
         for statement in filter(str.strip, _INDEXES.split(";")):
             conn.execute(statement)
         conn.execute("COMMIT")
@@ -95,9 +110,13 @@ class SqliteTaskStore(SqliteFile):
 
     what = "sqlite task store"
 
+    def __init__(self, path: str | Path, *, retain_s: float | None = None) -> None:
+        super().__init__(path)
+        self.retain_s = retain_s
+
     @classmethod
-    def from_url(cls, url: str) -> SqliteTaskStore:
-        return cls(sqlite_path(url))
+    def from_url(cls, url: str, *, retain_s: float | None = None) -> SqliteTaskStore:
+        return cls(sqlite_path(url), retain_s=retain_s)
 
     async def __aenter__(self) -> SqliteTaskStore:
         return self
@@ -119,17 +138,23 @@ class SqliteTaskStore(SqliteFile):
             record.task.created_at,
             record.version,
             record.model_dump_json(),
+            expires_at(record, self.retain_s),
         )
 
         def insert(conn: sqlite3.Connection) -> str | None:
+            now = time.time()
+            # An expired record's id is free again: the new record takes its row.
             cur = conn.execute(
-                f"INSERT INTO task_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant, id) DO NOTHING",
-                row,
+                f"INSERT INTO task_records ({_COLUMNS}, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, id) DO UPDATE SET state = excluded.state,"
+                " created_at = excluded.created_at, version = excluded.version,"
+                " body = excluded.body, expires_at = excluded.expires_at"
+                " WHERE task_records.expires_at IS NOT NULL AND task_records.expires_at <= ?",
+                (*row, now),
             )
             if cur.rowcount == 1:
                 return None
-            found = conn.execute(_SELECT_ONE, row[:2]).fetchone()
+            found = conn.execute(_SELECT_ONE, (*row[:2], now)).fetchone()
             return str(found[0])
 
         existing = await self._run(insert)
@@ -141,7 +166,7 @@ class SqliteTaskStore(SqliteFile):
         """The record of ``tenant``'s task ``task_id``, or None."""
 
         def select(conn: sqlite3.Connection) -> Any:
-            return conn.execute(_SELECT_ONE, (tenant, task_id)).fetchone()
+            return conn.execute(_SELECT_ONE, (tenant, task_id, time.time())).fetchone()
 
         found = await self._run(select)
         return None if found is None else read_record(found[0])
@@ -150,21 +175,26 @@ class SqliteTaskStore(SqliteFile):
         """Replace the record iff the stored one still has ``expected_version``."""
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
+        expires = expires_at(record, self.retain_s)
         params = (
             record.state.value,
             record.version,
             record.model_dump_json(),
+            expires,
             record.tenant,
             record.id,
             expected_version,
         )
 
         def update(conn: sqlite3.Connection) -> bool:
+            now = time.time()
             cur = conn.execute(
-                "UPDATE task_records SET state = ?, version = ?, body = ?"
-                " WHERE tenant = ? AND id = ? AND version = ?",
-                params,
+                "UPDATE task_records SET state = ?, version = ?, body = ?, expires_at = ?"
+                f" WHERE tenant = ? AND id = ? AND version = ? AND {_LIVE}",
+                (*params, now),
             )
+            if expires is not None:  # a task ended: take a few expired records with it
+                conn.execute(_SWEEP, (now,))
             return cur.rowcount == 1
 
         return await self._run(update)
@@ -180,8 +210,8 @@ class SqliteTaskStore(SqliteFile):
         """A tenant's tasks, newest first; returns (page, cursor of the next page or None)."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValidationFailed(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
-        sql = "SELECT body, created_at, id FROM task_records WHERE tenant = ?"
-        args: list[Any] = [tenant]
+        sql = f"SELECT body, created_at, id FROM task_records WHERE tenant = ? AND {_LIVE}"
+        args: list[Any] = [tenant, time.time()]
         if state is not None:
             sql += " AND state = ?"
             args.append(state.value)
