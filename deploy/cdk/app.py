@@ -15,7 +15,9 @@ Context values (``-c key=value`` or ``cdk.json``), all optional but ``config``:
 - ``keda_operator``: ``false`` leaves out the KEDA operator's role (``keda/keda-operator``), with
   which the chart's KEDA reads queue depth (default ``true``);
 - ``retain_data``: ``false`` deletes table and bucket with the stack (default ``true``: kept);
-- ``results_expire_days``: expire results after this many days (default: never);
+- ``results_expire_days``: expire results after this many days (default: the fleet's
+  ``retain_days`` rounded up, so images outlive their records; without it, never); fewer days than
+  ``retain_days`` is refused (records would link to deleted images);
 - ``adot_collector``: ``true`` adds a role for the chart's ADOT collector (``adot.enabled``);
 - ``alarm_topic_arn``: an existing SNS topic the alarms notify (one CloudWatch alarm per
   dead-letter queue, in alarm once it has held messages for 5 minutes, and one per task queue
@@ -48,6 +50,7 @@ The cluster (docs/deploy-aws.md), all optional:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -97,7 +100,6 @@ def build(app: cdk.App) -> SdfleetStack:
     config = Path(_text(app, "config", "sdfleet.yaml") or "sdfleet.yaml")
     prefix = str(_ctx(app, "prefix", "sdfleet-"))
     default_name = re.sub(r"[^A-Za-z0-9-]", "-", prefix).strip("-") or "sdfleet"
-    expire = _text(app, "results_expire_days")
     env = cdk.Environment(
         account=os.environ.get("CDK_DEFAULT_ACCOUNT"), region=os.environ.get("CDK_DEFAULT_REGION")
     )
@@ -120,11 +122,12 @@ def build(app: cdk.App) -> SdfleetStack:
             raise ConfigError(f"engine {cluster.engine!r}: aws or redis")
     if cluster is None and _flag(_ctx(app, "api_gateway", False)):
         raise ConfigError("api_gateway needs the cluster (-c cluster=true): it fronts the API pods")
+    fleet = load_fleet(config)
     return SdfleetStack(
         app,
         _text(app, "stack_name", default_name) or default_name,
         env=env,
-        fleet=load_fleet(config),
+        fleet=fleet,
         prefix=prefix,
         bucket_name=_text(app, "bucket"),
         storage_prefix=str(_ctx(app, "storage_prefix", "results")),
@@ -135,7 +138,7 @@ def build(app: cdk.App) -> SdfleetStack:
         release=_text(app, "release", "sdfleet") or "sdfleet",
         keda_operator=_flag(_ctx(app, "keda_operator", True)),
         retain_data=_flag(_ctx(app, "retain_data", True)),
-        results_expire_days=int(expire) if expire else None,
+        results_expire_days=_expire_days(app, fleet.retain_days),
         cluster=cluster,
         adot_collector=_flag(_ctx(app, "adot_collector", False)),
         input_buckets=str(_ctx(app, "input_buckets", "")).split(","),  # the stack drops blanks
@@ -143,6 +146,19 @@ def build(app: cdk.App) -> SdfleetStack:
         queue_wait_alarm_s=_int(app, "queue_wait_alarm_s", 900),
         description=f"sdfleet fleet from {config.name} (prefix {prefix!r})",
     )
+
+
+def _expire_days(app: cdk.App, retain_days: float | None) -> int | None:
+    """The results' lifecycle in whole days: the context's, else the fleet's ``retain_days``
+    rounded up (S3 expires objects in whole days, counted from their upload)."""
+    kept = None if retain_days is None else math.ceil(retain_days)
+    days = _int(app, "results_expire_days", 0) or kept
+    if days is not None and retain_days is not None and days < retain_days:
+        raise ConfigError(
+            f"results_expire_days {days} is shorter than the fleet's retain_days {retain_days:g}: "
+            "task records would link to deleted images"
+        )
+    return days
 
 
 def _api_gateway(app: cdk.App) -> ApiGatewayOptions | None:

@@ -32,7 +32,7 @@ from sdfleet.bus.base import QueueSpec, Subscription, dlq_name
 from sdfleet.deploy import DEFAULT_PREFIX
 from sdfleet.routing import fleet_topology
 from sdfleet.settings import FleetConfig
-from sdfleet.store.backends.dynamodb import INDEXES, table_spec
+from sdfleet.store.backends.dynamodb import INDEXES, TTL_ATTRIBUTE, table_spec
 
 QUEUE_RETENTION = cdk.Duration.days(4)
 DLQ_RETENTION = cdk.Duration.days(14)  # what ``ensure()`` gives a DLQ
@@ -282,6 +282,11 @@ class SdfleetStack(cdk.Stack):
             ],
             point_in_time_recovery_specification=dynamodb.CfnTable.PointInTimeRecoverySpecificationProperty(
                 point_in_time_recovery_enabled=True
+            ),
+            # On whether or not the fleet sets retain_days: only records that carry the attribute
+            # (finished ones, with retain_days) expire, and turning it on later needs no deploy.
+            time_to_live_specification=dynamodb.CfnTable.TimeToLiveSpecificationProperty(
+                enabled=True, attribute_name=TTL_ATTRIBUTE
             ),
         )
         table.apply_removal_policy(self._removal)

@@ -27,7 +27,7 @@ from sdfleet.errors import ConfigError, UrlRefused
 from sdfleet.routing import resolve_queues, stamp, task_attributes
 from sdfleet.settings import FleetConfig, load_fleet
 from sdfleet.storage.backends.s3 import S3BlobStore
-from sdfleet.store.backends.dynamodb import INDEXES, DynamoTaskStore, table_spec
+from sdfleet.store.backends.dynamodb import INDEXES, TTL_ATTRIBUTE, DynamoTaskStore, table_spec
 from sdfleet.tasks import Task, TaskRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -313,6 +313,42 @@ def test_the_waiting_alarms_can_be_left_out_and_a_bad_bound_is_refused(
     assert "ApproximateAgeOfOldestMessage" not in metrics and "ApproximateNumberOfMessagesVisible" in metrics
 
 
+@pytest.mark.parametrize(
+    ("retain", "context", "days"),
+    [
+        (None, None, None),
+        ("7.5", None, 8),
+        ("0.25", None, 1),
+        ("7.5", "10", 10),
+        (None, "3", 3),
+        ("7.5", "5", "refused"),
+    ],
+)
+def test_results_expire_with_the_fleets_retention(
+    cdk_app: Any, tmp_path: Path, retain: str | None, context: str | None, days: int | str | None
+) -> None:
+    """Images outlive their records: the lifecycle rule defaults to ``retain_days`` rounded up, and
+    a shorter one is refused."""
+    import aws_cdk as cdk
+    from aws_cdk.assertions import Template
+
+    path = tmp_path / "fleet.yaml"
+    path.write_text(BODY_FLEET + (f"retain_days: {retain}\n" if retain else ""))
+    app = cdk.App(context={"config": str(path), **({"results_expire_days": context} if context else {})})
+    if days == "refused":
+        with pytest.raises(
+            ConfigError, match=r"results_expire_days 5 is shorter than the fleet's retain_days 7\.5"
+        ):
+            cdk_app.build(app)
+        return
+    synth = Synth(Template.from_stack(cdk_app.build(app)).to_json(), load_fleet(path), "sdfleet-")
+    _, bucket = synth.results_bucket()
+    rules = {r["Id"]: r for r in bucket["Properties"]["LifecycleConfiguration"]["Rules"]}
+    assert rules.get("expire-results", {}).get("ExpirationInDays") == days
+    if days is not None:
+        assert rules["expire-results"]["Prefix"] == "results/", "only the results, under the storage prefix"
+
+
 def test_table_is_what_the_dynamo_task_store_creates(example: Synth) -> None:
     ((lid, table),) = example.of_type("AWS::DynamoDB::Table").items()
     props = table["Properties"]
@@ -320,6 +356,8 @@ def test_table_is_what_the_dynamo_task_store_creates(example: Synth) -> None:
     for key in ("TableName", "BillingMode", "AttributeDefinitions", "KeySchema", "GlobalSecondaryIndexes"):
         assert props[key] == spec[key], key
     assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    # The attribute the store writes on a finished record under retain_days: DynamoDB deletes it.
+    assert props["TimeToLiveSpecification"] == {"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
     assert table["DeletionPolicy"] == "Retain"
     assert example.outputs["StoreUrl"]["Value"]["Fn::Join"][1][:2] == ["aws://?table=", {"Ref": lid}]
 
