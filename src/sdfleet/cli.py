@@ -274,6 +274,11 @@ def _print_view(view: dict[str, Any]) -> None:
             console.print(f"  error: {error}")
     for image in view.get("images", []):
         console.print(f"  {image['key']}  {image['url']}", highlight=False)
+    if view.get("expires_at"):  # the fleet's retain_days: then the record (and local files) go
+        from datetime import UTC, datetime
+
+        kept = datetime.fromtimestamp(view["expires_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        console.print(f"  kept until {kept}")
 
 
 @app.command()

@@ -49,6 +49,9 @@ async def page() -> AsyncIterator[Page]:
             await browser.close()
 
 
+RETAIN_DAYS = 30
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     from sdfleet.models.tiny import make_tiny
@@ -58,7 +61,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     tenants = {
         hashlib.sha256(k.encode()).hexdigest(): {"name": n} for k, n in ((ALICE, "alice"), (BOB, "bob"))
     }
-    fleet = {"queues": [{"name": "default"}], "models": {"dir": str(work / "models"), "default": MODEL}}
+    fleet = {
+        "queues": [{"name": "default"}],
+        "models": {"dir": str(work / "models"), "default": MODEL},
+        "retain_days": RETAIN_DAYS,
+    }
     env = {"SDFLEET_AGENT__CANCEL_CHECK_S": "0.5", "SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true"}
     with sdfleet_up(work, {**fleet, "tenants": tenants}, env) as up:
         yield up
@@ -266,6 +273,26 @@ async def test_a_task_run_again_shows_its_run(page: Page, fleet: UpProcess, shot
     run_row = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^run$")))
     await expect(run_row.locator("td").nth(1)).to_have_text("2")
     await page.screenshot(path=shots / "task-run-2.png", full_page=True)
+
+
+async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpProcess) -> None:
+    """The fleet keeps finished tasks ``retain_days``: the task page says until when, in the
+    browser's own time; a task still queued or running says nothing of it."""
+    with fleet.client(ALICE) as http:
+        body = {"params": {"prompt": "a kept lighthouse", "width": 64, "height": 64, "steps": 2}}
+        task_id = http.post("/v1/tasks", json=body).json()["id"]
+        deadline = time.monotonic() + 120
+        while (view := http.get(f"/v1/tasks/{task_id}").json())["state"] != "succeeded":
+            assert view["expires_at"] is None, view
+            assert time.monotonic() < deadline, view
+            time.sleep(0.2)
+    assert view["expires_at"] == pytest.approx(view["finished_at"] + RETAIN_DAYS * 86400)
+    await page.goto(f"{fleet.url}/ui/tasks/{task_id}")
+    await use_key(page, ALICE)
+    await expect(page.locator("#state")).to_have_text("succeeded")
+    kept = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^kept until$")))
+    shown = await page.evaluate("t => new Date(t * 1000).toLocaleString()", view["expires_at"])
+    await expect(kept.locator("td").nth(1)).to_have_text(shown)
 
 
 async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(

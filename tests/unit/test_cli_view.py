@@ -35,3 +35,9 @@ def test_a_failed_attempt_is_not_shown_as_the_tasks_end() -> None:
 def test_a_task_run_again_says_which_run() -> None:
     assert "t-1: queued · queue q · run 2" in _shown({**_view("queued", None), "run": 2})
     assert "run" not in _shown({**_view("succeeded", None), "run": 1})
+
+
+def test_a_task_kept_for_a_while_says_until_when() -> None:
+    kept = {**_view("succeeded", None), "expires_at": 1796515200.0}
+    assert "  kept until 2026-12-06 00:00:00 UTC" in _shown(kept)
+    assert "kept until" not in _shown({**_view("succeeded", None), "expires_at": None})

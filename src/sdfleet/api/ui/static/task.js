@@ -61,7 +61,8 @@
       rows(el("params"), [["model", view.model || "fleet default"], ["queue", view.queue || "–"],
         ["type", view.type], ...Object.entries(detail.params), ["runtime", detail.runtime || "–"],
         ["run", view.run], ["attempts", view.attempts],
-        ["created", new Date(view.created_at * 1000).toLocaleString()]]);
+        ["created", new Date(view.created_at * 1000).toLocaleString()],
+        ...(view.expires_at ? [["kept until", new Date(view.expires_at * 1000).toLocaleString()]] : [])]);
       rows(el("timings"), Object.entries(view.timings).map(([k, v]) => [k, v.toFixed(3)]));
       showImages(view);
       el("output").textContent = detail.output ? JSON.stringify(detail.output, null, 2) : "none yet";
