@@ -75,12 +75,13 @@ THUMBNAIL_SUFFIX = ".thumb.jpg"
 
 
 def api_statements(storage: Storage, engine: AwsEngine | None) -> list[iam.PolicyStatement]:
-    """The API: publish tasks, read queue depth, read and write task records, read results and
-    write the gallery's thumbnails next to them (``sdfleet.api.thumbs``: ``<image>.thumb.jpg``)."""
+    """The API: publish tasks, read queue depth, read, write and delete task records, read and
+    delete results (``DELETE /v1/tasks/{id}``) and write the gallery's thumbnails next to them
+    (``sdfleet.api.thumbs``: ``<image>.thumb.jpg``)."""
     bucket_arn, objects_arn, prefix = storage
     thumbnails = objects_arn.removesuffix("*") + "*" + THUMBNAIL_SUFFIX
     reads = [
-        iam.PolicyStatement(actions=["s3:GetObject"], resources=[objects_arn]),
+        iam.PolicyStatement(actions=["s3:GetObject", "s3:DeleteObject"], resources=[objects_arn]),
         iam.PolicyStatement(actions=["s3:PutObject"], resources=[thumbnails]),
         _list_bucket(bucket_arn, prefix),
     ]
@@ -90,7 +91,7 @@ def api_statements(storage: Storage, engine: AwsEngine | None) -> list[iam.Polic
     return [
         iam.PolicyStatement(actions=["sns:Publish"], resources=[engine.tasks_topic.topic_arn]),
         _queue_reads(engine.queues, engine.dlqs),
-        iam.PolicyStatement(actions=_RECORDS, resources=[table_arn]),
+        iam.PolicyStatement(actions=[*_RECORDS, "dynamodb:DeleteItem"], resources=[table_arn]),
         iam.PolicyStatement(actions=["dynamodb:Query"], resources=[table_arn, *index_arns]),
         *reads,
     ]

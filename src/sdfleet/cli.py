@@ -304,6 +304,47 @@ def status(
 
 
 @app.command()
+def cancel(
+    task_id: str, as_json: bool = JsonOpt, api_url: str = ApiOpt, api_key: str | None = KeyOpt
+) -> None:
+    """Cancel a queued or running task (a running one is interrupted); once it has ended, exit 2
+    with the reason (HTTP 409)."""
+    from sdfleet.client import AsyncClient
+
+    async def main() -> dict[str, Any]:
+        async with AsyncClient(api_url, api_key=api_key) as client:
+            return await client.cancel(task_id)
+
+    try:
+        view = asyncio.run(main())
+    except SdfleetError as e:
+        _fail(e)
+        return
+    if as_json:
+        print_json(view)
+    else:
+        _print_view(view)
+
+
+@app.command()
+def delete(task_id: str, api_url: str = ApiOpt, api_key: str | None = KeyOpt) -> None:
+    """Delete a finished task now: its images, .out and thumbnails, then its record (while it is
+    queued or running, exit 2 with the reason: cancel it first)."""
+    from sdfleet.client import AsyncClient
+
+    async def main() -> None:
+        async with AsyncClient(api_url, api_key=api_key) as client:
+            await client.delete(task_id)
+
+    try:
+        asyncio.run(main())
+    except SdfleetError as e:
+        _fail(e)
+        return
+    console.print(f"deleted {task_id}")
+
+
+@app.command()
 def queues(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Depth of every configured queue, read from the bus itself (SQLite, SQS or Redis)."""
     from sdfleet.bus import open_bus

@@ -81,6 +81,10 @@ class AsyncClient:
     async def cancel(self, task_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/v1/tasks/{_task_path(task_id)}/cancel")
 
+    async def delete(self, task_id: str) -> None:
+        """``DELETE /v1/tasks/{id}``: a finished task's files and record, now."""
+        await self._call("DELETE", f"/v1/tasks/{_task_path(task_id)}")
+
     async def wait(self, task_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.25) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -75,3 +75,20 @@ async def test_presign_is_a_url_or_none(blobs: BlobStore) -> None:
     await blobs.put("s/img.png", b"x", "image/png")
     url = await blobs.presign("s/img.png", 60)
     assert url is None or url.startswith(("http://", "https://"))
+
+
+async def test_delete_removes_exactly_the_keys_given(blobs: BlobStore) -> None:
+    keys = [f"t/01del/01del-{i}.png" for i in range(3)]
+    for k in [*keys, "t/01keep/01keep-0.png"]:
+        await blobs.put(k, b"x", "image/png")
+    await blobs.delete([keys[0], keys[2], "t/01del/never-stored.png"])  # nothing there: no error
+    assert [await blobs.exists(k) for k in keys] == [False, True, False]
+    await blobs.delete(keys)  # again, and the rest
+    assert not any([await blobs.exists(k) for k in keys])
+    assert await blobs.get("t/01keep/01keep-0.png") == b"x", "another task's file stays"
+    await blobs.delete([])
+    with pytest.raises(ValidationFailed):
+        await blobs.delete(["t/01keep/01keep-0.png", "../escape"])
+    assert await blobs.exists("t/01keep/01keep-0.png"), "a bad key: nothing deleted"
+    await blobs.put(keys[0], b"again", "image/png")  # its folder may be gone: a put makes it again
+    assert await blobs.get(keys[0]) == b"again"

@@ -261,3 +261,27 @@ async def test_a_finished_task_reopens_for_its_next_run_only(store: TaskStore) -
         reopened(got, nxt.model_copy(update={"run": 3}))
     running = await transition(store, tenant, middle.id, set_state(TaskState.RUNNING))
     assert running.task.run == 2, "the run's own transitions follow as any task's"
+
+
+async def test_delete_removes_the_record_only_at_its_version(store: TaskStore) -> None:
+    """``DELETE /v1/tasks/{id}``: the record goes, from every listing, iff nobody wrote it
+    meanwhile (a seed id sent again reopens it: that run must not be deleted)."""
+    tenant = tenant_name()
+    keep, gone = await _seed(store, tenant, 2)
+    await transition(store, tenant, gone.id, set_state(TaskState.RUNNING))
+    done = await transition(store, tenant, gone.id, set_state(TaskState.SUCCEEDED))
+    assert not await store.delete(tenant, gone.id, done.version - 1), "an older version: kept"
+    assert not await store.delete(_other_tenant(tenant), gone.id, done.version), "ids are per tenant"
+    assert await store.get(tenant, gone.id) == done
+    assert await store.delete(tenant, gone.id, done.version)
+    assert not await store.delete(tenant, gone.id, done.version), "once"
+    assert await store.get(tenant, gone.id) is None
+    assert [r.id for r in (await store.list(tenant))[0]] == [keep.id]
+    assert (await store.list(tenant, state=TaskState.SUCCEEDED))[0] == []
+    again, created = await store.create(make_record(tenant).model_copy(update={"task": gone.task}))
+    assert created and again.state is TaskState.QUEUED, "the id is free again"
+    assert {r.id for r in (await store.list(tenant, state=TaskState.QUEUED))[0]} == {keep.id, gone.id}
+
+
+def _other_tenant(tenant: str) -> str:
+    return tenant + "-b"

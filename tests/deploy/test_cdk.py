@@ -52,7 +52,8 @@ runtimes: {a1111: {input_s3_buckets: ["acme-controlnet/maps"]}}
 # docs/aws.md, "IAM": every action each role holds, and no other.
 API_ACTIONS = set(
     "sns:Publish sqs:GetQueueUrl sqs:GetQueueAttributes dynamodb:DescribeTable dynamodb:GetItem "
-    "dynamodb:PutItem dynamodb:Query s3:GetObject s3:PutObject s3:ListBucket".split()
+    "dynamodb:PutItem dynamodb:DeleteItem dynamodb:Query s3:GetObject s3:DeleteObject s3:PutObject "
+    "s3:ListBucket".split()
 )
 AGENT_ACTIONS = set(
     "sqs:GetQueueUrl sqs:GetQueueAttributes sqs:ReceiveMessage sqs:DeleteMessage "
@@ -403,6 +404,10 @@ def test_api_role_publishes_tasks_and_never_consumes(example: Synth) -> None:
     bucket, _ = s.results_bucket()
     thumbs = {"Fn::Join": ["", [{"Fn::GetAtt": [bucket, "Arn"]}, f"/results/*{thumbs_suffix}"]]}
     assert grants["s3:PutObject"] == [thumbs]
+    # DELETE /v1/tasks/{id}: the results (never anything outside the storage prefix) and the record
+    results = {"Fn::Join": ["", [{"Fn::GetAtt": [bucket, "Arn"]}, "/results/*"]]}
+    assert grants["s3:DeleteObject"] == [results]
+    assert grants["dynamodb:DeleteItem"] == [{"Fn::GetAtt": [table, "Arn"]}]
     trust = s.role("sdfleet api ")["AssumeRolePolicyDocument"]["Statement"]
     assert trust == [
         {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -14,6 +15,9 @@ class BlobStore(Protocol):
         """The bytes at ``key``; raises ``NotFound``."""
 
     async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove whatever is stored under ``keys``; a key with nothing there is no error."""
 
     def location(self, key: str) -> str:
         """Where ``key`` lives, as the seed reports it (``s3://bucket/key`` or a ``file://`` URL)."""

@@ -67,6 +67,10 @@ class TaskStore(Protocol):
         ``record.version`` must already be ``expected_version + 1``.
         """
 
+    async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
+        """Remove the record of (``tenant``, ``task_id``) iff the stored one still has
+        ``expected_version``; False when it changed or is gone (``DELETE /v1/tasks/{id}``)."""
+
     async def list(
         self,
         tenant: str,

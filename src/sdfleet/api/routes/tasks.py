@@ -15,6 +15,7 @@ from sdfleet.api.links import file_url
 from sdfleet.api.openapi import SUBMIT_ERRORS, errors
 from sdfleet.api.seed_schemas import INPUTS_MAX, NAME_MAX, TEXT_MAX
 from sdfleet.api.submit import submit
+from sdfleet.api.thumbs import thumb_key
 from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import expires_at, transition
@@ -257,3 +258,25 @@ async def cancel_task(
     except TransitionConflict as e:
         raise TransitionConflict(f"task {task_id} cannot be cancelled: {e}") from e
     return await task_view(ctx, request, record)
+
+
+@router.delete("/{task_id}", status_code=204, responses=errors(401, 404, 409, 422, 503))
+async def delete_task(
+    task_id: TaskId,
+    ctx: ApiContext = Depends(get_ctx),
+    who: Caller = Depends(caller),
+) -> Response:
+    """Delete a finished task now: its images, its `.out` and their thumbnails, then its record
+    (`404` from then on, and the id free again). `409` while it is queued or running (cancel it
+    first). Files first: a delete cut short leaves the record, and deleting again finishes it."""
+    record = await owned(ctx, who, task_id)
+    if not record.state.terminal:
+        raise TransitionConflict(f"task {task_id} is {record.state}: cancel it first, then delete it")
+    res = record.result
+    images = res.images if res else []
+    keys = [*images, *(thumb_key(k) for k in images), *([res.output] if res and res.output else [])]
+    await ctx.storage.delete(keys)
+    if not await ctx.store.delete(who.tenant, task_id, record.version):
+        # A seed-format id sent again reopened it meanwhile: that run is not this delete's.
+        raise TransitionConflict(f"task {task_id} changed while being deleted (it runs again); not deleted")
+    return Response(status_code=204)

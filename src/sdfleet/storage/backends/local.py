@@ -13,7 +13,7 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -111,6 +111,24 @@ class LocalBlobStore:
         target = self.path(key)
         with map_errors(key, reading=True):
             return await asyncio.to_thread(target.is_file)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Unlink the files of ``keys`` (missing ones are fine), then their folders left empty."""
+        paths = [self.path(k) for k in keys]  # every key checked before anything goes
+
+        def unlink() -> None:
+            for path, key in zip(paths, keys, strict=True):
+                with map_errors(key):
+                    path.unlink(missing_ok=True)
+            for folder in sorted({p.parent for p in paths}, key=lambda f: len(f.parts), reverse=True):
+                while folder != self.root:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # not empty (another task's files), or gone
+                        break
+                    folder = folder.parent
+
+        await asyncio.to_thread(unlink)
 
     def location(self, key: str) -> str:
         """``file:///abs/path`` of ``key``."""

@@ -16,6 +16,7 @@ URL: ``s3://bucket[/prefix][?region=eu-west-1][&create=false][&retries=3]``
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -134,6 +135,25 @@ class S3BlobStore:
 
         found: bool = await self._run(head)
         return found
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """``DeleteObjects`` (1,000 keys a call); a key that holds nothing is no error (S3's own
+        rule), a key S3 refuses (``AccessDenied``…) is a ``StorageError``."""
+        objects = [{"Key": self.key(k)} for k in keys]
+
+        def delete() -> None:
+            for start in range(0, len(objects), 1000):
+                batch: Any = {"Objects": objects[start : start + 1000], "Quiet": True}
+                errors = self._s3.delete_objects(Bucket=self.bucket, Delete=batch).get("Errors", [])
+                if errors:
+                    first = errors[0]
+                    raise StorageError(
+                        f"s3://{self.bucket}/{first.get('Key')} not deleted: "
+                        f"{first.get('Code')}: {first.get('Message')} ({len(errors)} keys refused)"
+                    )
+
+        if objects:
+            await self._run(delete)
 
     def location(self, key: str) -> str:
         """``s3://bucket/prefix/key``."""

@@ -329,6 +329,30 @@ class DynamoTaskStore:
         ok: bool = await self._run(put)
         return ok
 
+    async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
+        """``DeleteItem`` with ``ConditionExpression`` ``version = :expected`` (and not expired)."""
+        key = {"id": {"S": record_key(tenant, task_id)}}
+
+        def delete() -> bool:
+            try:
+                self._db.delete_item(
+                    TableName=self.table,
+                    Key=key,
+                    ConditionExpression=f"version = :expected AND {_LIVE}",
+                    ExpressionAttributeValues={
+                        ":expected": {"N": str(expected_version)},
+                        ":now": {"N": str(time.time())},
+                    },
+                )
+            except ClientError as e:
+                if error_code(e) == "ConditionalCheckFailedException":
+                    return False
+                raise
+            return True
+
+        ok: bool = await self._run(delete)
+        return ok
+
     async def list(
         self,
         tenant: str,

@@ -96,6 +96,19 @@ return 1
 """
 
 
+# KEYS: task, tenant index, expiring, then one state index per state. ARGV: expected version, id,
+# member (tenant/id). Returns 1 if deleted.
+_DELETE = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if (not v) or v ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[2])
+for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
+return 1
+"""
+
+
 class RedisTaskStore:
     """``TaskStore`` on Redis hashes and sorted sets; any number of processes may share it."""
 
@@ -108,6 +121,7 @@ class RedisTaskStore:
         self._where = f"redis task store ({describe(client)})"
         self._create = client.register_script(_CREATE)
         self._cas = client.register_script(_CAS)
+        self._delete = client.register_script(_DELETE)
         self._closed = False
 
     @classmethod
@@ -193,6 +207,19 @@ class RedisTaskStore:
         ]
         with self._errors():
             return bool(await self._cas(keys=keys, args=args))
+
+    async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
+        """Remove the record and its index entries iff it still has ``expected_version``."""
+        keys = [
+            self._task_key(tenant, task_id),
+            self._index(tenant),
+            self._expiring,
+            *(self._index(tenant, s) for s in STATES),
+        ]
+        with self._errors():
+            return bool(
+                await self._delete(keys=keys, args=[expected_version, task_id, f"{tenant}/{task_id}"])
+            )
 
     async def list(
         self,

@@ -199,6 +199,18 @@ class SqliteTaskStore(SqliteFile):
 
         return await self._run(update)
 
+    async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
+        """Remove the record iff the stored one still has ``expected_version``."""
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                f"DELETE FROM task_records WHERE tenant = ? AND id = ? AND version = ? AND {_LIVE}",
+                (tenant, task_id, expected_version, time.time()),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(delete)
+
     async def list(
         self,
         tenant: str,
