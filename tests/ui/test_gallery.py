@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page, Route, async_playwright, expect
+from playwright.async_api import Dialog, Page, Route, async_playwright, expect
 
 from up_process import UpProcess, sdfleet_up
 
@@ -230,6 +230,7 @@ async def test_a_queued_tasks_failed_try_reads_as_one(
     tried_again = re.compile(r"^last try failed: input_fetch_failed: .*HTTP 503 \(it is tried again\)$")
     await expect(error).to_have_text(tried_again)
     await expect(error).to_have_class("error retrying")
+    await expect(page.locator("#delete")).to_be_disabled()  # a task in flight is cancelled first
     await page.screenshot(path=shots / "task-retrying.png", full_page=True)
     await page.goto(f"{fleet.url}/ui")
     card = page.locator(f".card[data-task-id='{task_id}']")
@@ -293,6 +294,43 @@ async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpPro
     kept = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^kept until$")))
     shown = await page.evaluate("t => new Date(t * 1000).toLocaleString()", view["expires_at"])
     await expect(kept.locator("td").nth(1)).to_have_text(shown)
+
+
+async def test_a_finished_task_is_deleted_from_its_page(page: Page, fleet: UpProcess, shots: Path) -> None:
+    """Delete asks first; once confirmed the task's images and record are gone (the API says 404,
+    its image link too); dismissing the question deletes nothing."""
+    with fleet.client(ALICE) as http:
+        body = {"params": {"prompt": "a deleted lighthouse", "width": 64, "height": 64, "steps": 2}}
+        task_id = http.post("/v1/tasks", json=body).json()["id"]
+        deadline = time.monotonic() + 120
+        while (view := http.get(f"/v1/tasks/{task_id}").json())["state"] != "succeeded":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.2)
+    await page.goto(f"{fleet.url}/ui/tasks/{task_id}")
+    await use_key(page, ALICE)
+    await expect(page.locator("#state")).to_have_text("succeeded")
+    await expect(page.locator("#images img")).to_have_count(1)
+    questions: list[str] = []
+
+    async def answer(dialog: Dialog) -> None:
+        questions.append(dialog.message)
+        await (dialog.accept() if len(questions) > 1 else dialog.dismiss())
+
+    page.on("dialog", answer)
+    await page.click("#delete")  # dismissed: nothing happens
+    await expect(page.locator("#delete")).to_be_enabled()
+    with fleet.client(ALICE) as http:
+        assert http.get(f"/v1/tasks/{task_id}").status_code == 200
+    await page.click("#delete")
+    await expect(page.locator("#state")).to_have_text("deleted")
+    await expect(page.locator("#notice")).to_have_text("Deleted: its images and record are gone.")
+    await expect(page.locator("#images img")).to_have_count(0)
+    await expect(page.locator("#delete")).to_be_disabled()
+    assert questions == ["Delete this task, its images and its record? This cannot be undone."] * 2
+    await page.screenshot(path=shots / "task-deleted.png", full_page=True)
+    with fleet.client(ALICE) as http:
+        assert http.get(f"/v1/tasks/{task_id}").status_code == 404
+        assert http.get(view["images"][0]["url"]).status_code == 404
 
 
 async def test_a_second_tenant_sees_none_of_the_first_ones_tasks(

@@ -1,5 +1,6 @@
 // One task: GET /v1/tasks/{id} for its state, images and timings, /ui/api/tasks/{id} for its
-// parameters and .out JSON, its event stream for live progress, POST .../cancel to stop it.
+// parameters and .out JSON, its event stream for live progress, POST .../cancel to stop it,
+// DELETE /v1/tasks/{id} to delete it once it has ended.
 "use strict";
 
 (() => {
@@ -23,6 +24,7 @@
     el("progress").value = state === "succeeded" ? 1 : progress || 0;
     el("percent").textContent = `${Math.round((state === "succeeded" ? 1 : progress || 0) * 100)}%`;
     el("cancel").disabled = sdfleet.TERMINAL.has(state);
+    el("delete").disabled = !sdfleet.TERMINAL.has(state);
     // A queued or running task's error is its last failed try's: it is tried again.
     const retrying = Boolean(error) && sdfleet.RETRYING.has(state);
     el("error").hidden = !error;
@@ -71,6 +73,7 @@
       if (e.status === 404) {
         showState("not found", 0, { code: "not_found", message: e.message });
         el("cancel").disabled = true;
+        el("delete").disabled = true;
         root.classList.add("missing");
       }
       else if (e.status !== 401) sdfleet.say(`Could not load the task: ${e.message}`, "error");
@@ -98,6 +101,25 @@
     } catch (e) {
       sdfleet.say(`Not cancelled: ${e.message}`, "error");
       el("cancel").disabled = false;
+    }
+  });
+
+  el("delete").addEventListener("click", async () => {
+    if (!window.confirm("Delete this task, its images and its record? This cannot be undone.")) return;
+    el("delete").disabled = true;
+    try {
+      await sdfleet.api(`/v1/tasks/${encodeURIComponent(id)}`, { method: "DELETE" });
+      if (stream) stream.abort();
+      showState("deleted", 0, null);
+      el("delete").disabled = true;
+      el("cancel").disabled = true;
+      el("images").textContent = "deleted";
+      el("output").textContent = "deleted";
+      root.classList.add("missing");
+      sdfleet.say("Deleted: its images and record are gone.", "info");
+    } catch (e) {
+      sdfleet.say(`Not deleted: ${e.message}`, "error");
+      el("delete").disabled = false;
     }
   });
 
