@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from sdfleet.api.background import beside
 from sdfleet.bus.base import Bus
 from sdfleet.errors import SdfleetError
 from sdfleet.settings import FleetConfig
@@ -39,10 +40,5 @@ async def queue_stats_refresher(
     if period_s <= 0:
         yield
         return
-    task = asyncio.create_task(_refresh_forever(bus, fleet, metrics, period_s), name="queue-stats")
-    try:
+    async with beside(_refresh_forever(bus, fleet, metrics, period_s), "queue-stats"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

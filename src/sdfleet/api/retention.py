@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from sdfleet.api.background import beside
 from sdfleet.storage.backends.local import LocalBlobStore
 from sdfleet.storage.base import BlobStore
 
@@ -45,10 +46,5 @@ async def files_expiry(storage: BlobStore, retain_s: float | None) -> AsyncItera
         return
     every_s = min(EVERY_S, max(1.0, retain_s / 4))
     sweeper = _expire_forever(storage, retain_s + min(MARGIN_S, retain_s), every_s)
-    task = asyncio.create_task(sweeper, name="files-expiry")
-    try:
+    async with beside(sweeper, "files-expiry"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
