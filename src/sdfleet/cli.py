@@ -6,8 +6,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 import yaml
@@ -35,6 +36,11 @@ from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
 from sdfleet.errors import NotFound, SdfleetError
 from sdfleet.settings import Settings
+
+if TYPE_CHECKING:
+    from sdfleet.client import AsyncClient
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="sdfleet: asynchronous Stable Diffusion generation at scale.",
@@ -286,21 +292,7 @@ def status(
     task_id: str, as_json: bool = JsonOpt, api_url: str = ApiOpt, api_key: str | None = KeyOpt
 ) -> None:
     """Show a task's state, progress, error and result links (--json: the whole task view)."""
-    from sdfleet.client import AsyncClient
-
-    async def main() -> dict[str, Any]:
-        async with AsyncClient(api_url, api_key=api_key) as client:
-            return await client.get(task_id)
-
-    try:
-        view = asyncio.run(main())
-    except SdfleetError as e:
-        _fail(e)
-        return
-    if as_json:
-        print_json(view)
-    else:
-        _print_view(view)
+    _show(_ask(api_url, api_key, lambda client: client.get(task_id)), as_json)
 
 
 @app.command()
@@ -309,39 +301,36 @@ def cancel(
 ) -> None:
     """Cancel a queued or running task (a running one is interrupted); once it has ended, exit 2
     with the reason (HTTP 409)."""
-    from sdfleet.client import AsyncClient
-
-    async def main() -> dict[str, Any]:
-        async with AsyncClient(api_url, api_key=api_key) as client:
-            return await client.cancel(task_id)
-
-    try:
-        view = asyncio.run(main())
-    except SdfleetError as e:
-        _fail(e)
-        return
-    if as_json:
-        print_json(view)
-    else:
-        _print_view(view)
+    _show(_ask(api_url, api_key, lambda client: client.cancel(task_id)), as_json)
 
 
 @app.command()
 def delete(task_id: str, api_url: str = ApiOpt, api_key: str | None = KeyOpt) -> None:
     """Delete a finished task now: its images, .out and thumbnails, then its record (while it is
     queued or running, exit 2 with the reason: cancel it first)."""
+    _ask(api_url, api_key, lambda client: client.delete(task_id))
+    console.print(f"deleted {task_id}")
+
+
+def _ask(api_url: str, api_key: str | None, call: Callable[[AsyncClient], Awaitable[T]]) -> T:
+    """``call`` on a client of the API; an error is one line and exit 2."""
     from sdfleet.client import AsyncClient
 
-    async def main() -> None:
+    async def main() -> T:
         async with AsyncClient(api_url, api_key=api_key) as client:
-            await client.delete(task_id)
+            return await call(client)
 
     try:
-        asyncio.run(main())
+        return asyncio.run(main())
     except SdfleetError as e:
         _fail(e)
-        return
-    console.print(f"deleted {task_id}")
+
+
+def _show(view: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(view)
+    else:
+        _print_view(view)
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -39,7 +39,7 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
     return settings
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception) -> NoReturn:
     say_error(e)
     raise typer.Exit(2)
 
