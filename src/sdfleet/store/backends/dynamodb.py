@@ -35,6 +35,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -97,6 +98,17 @@ def _item(record: TaskRecord, retain_s: float | None) -> dict[str, Any]:
     if expires is not None:
         item[TTL_ATTRIBUTE] = {"N": str(math.ceil(expires))}
     return item
+
+
+def _at_version(expected_version: int) -> dict[str, Any]:
+    """A write's condition: the item is at ``expected_version`` and not expired."""
+    return {
+        "ConditionExpression": f"version = :expected AND {_LIVE}",
+        "ExpressionAttributeValues": {
+            ":expected": {"N": str(expected_version)},
+            ":now": {"N": str(time.time())},
+        },
+    }
 
 
 def _live(item: dict[str, Any], now: float) -> bool:
@@ -307,50 +319,31 @@ class DynamoTaskStore:
         """``PutItem`` with ``ConditionExpression`` ``version = :expected``."""
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
-        item = _item(record, self.retain_s)
-
-        def put() -> bool:
-            try:
-                self._db.put_item(
-                    TableName=self.table,
-                    Item=item,
-                    ConditionExpression=f"version = :expected AND {_LIVE}",
-                    ExpressionAttributeValues={
-                        ":expected": {"N": str(expected_version)},
-                        ":now": {"N": str(time.time())},
-                    },
-                )
-            except ClientError as e:
-                if error_code(e) == "ConditionalCheckFailedException":
-                    return False
-                raise
-            return True
-
-        ok: bool = await self._run(put)
-        return ok
+        item, condition = _item(record, self.retain_s), _at_version(expected_version)
+        return await self._conditionally(
+            lambda: self._db.put_item(TableName=self.table, Item=item, **condition)
+        )
 
     async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
         """``DeleteItem`` with ``ConditionExpression`` ``version = :expected`` (and not expired)."""
-        key = {"id": {"S": record_key(tenant, task_id)}}
+        key, condition = {"id": {"S": record_key(tenant, task_id)}}, _at_version(expected_version)
+        return await self._conditionally(
+            lambda: self._db.delete_item(TableName=self.table, Key=key, **condition)
+        )
 
-        def delete() -> bool:
+    async def _conditionally(self, write: Callable[[], object]) -> bool:
+        """``write()`` (a conditional put or delete); False when its condition did not hold."""
+
+        def call() -> bool:
             try:
-                self._db.delete_item(
-                    TableName=self.table,
-                    Key=key,
-                    ConditionExpression=f"version = :expected AND {_LIVE}",
-                    ExpressionAttributeValues={
-                        ":expected": {"N": str(expected_version)},
-                        ":now": {"N": str(time.time())},
-                    },
-                )
+                write()
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
                     return False
                 raise
             return True
 
-        ok: bool = await self._run(delete)
+        ok: bool = await self._run(call)
         return ok
 
     async def list(

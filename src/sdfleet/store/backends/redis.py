@@ -15,9 +15,9 @@ reopened for another run loses its expiry; one created under an expired id drops
 index entries first.
 
 Ties in ``created_at`` are broken by id (descending), the order a sorted set keeps for equal scores.
-Create, compare-and-set and the index updates are each one script, so the indexes never disagree
-with the records. Ids are per tenant: a tenant name has no ``/`` and an id none either, so
-``<tenant>/<id>`` names one record. (Records written before ids were per tenant, under
+Create, compare-and-set and delete, each with its index updates, are one script apiece, so the
+indexes never disagree with the records. Ids are per tenant: a tenant name has no ``/`` and an id
+none either, so ``<tenant>/<id>`` names one record. (Records written before ids were per tenant, under
 ``p:task:<id>``, are not read.)
 """
 
