@@ -28,6 +28,25 @@ from sdfleet.store.backends.dynamodb import DynamoTaskStore
 from sdfleet.store.backends.redis import RedisTaskStore
 from sdfleet.store.backends.sqlite import SqliteTaskStore
 from sdfleet.store.base import TaskStore
+from sdfleet.tasks import TaskRecord, TaskState
+
+
+def tenant_name() -> str:
+    """Unique per test, so backends on a shared service never mix tests' data."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def set_state(state: TaskState, **changes: object) -> Callable[[TaskRecord], TaskRecord]:
+    """A ``transition`` mutation: ``state``, and the fields in ``changes``."""
+
+    def mutate(rec: TaskRecord) -> TaskRecord:
+        rec.state = state
+        for name, value in changes.items():
+            setattr(rec, name, value)
+        return rec
+
+    return mutate
+
 
 StoreFactory = Callable[[pytest.FixtureRequest, Path, float | None], Awaitable[TaskStore]]
 """(request, private tmp dir, ``retain_s``) → an opened store."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Callable
 
 import pytest
 import store_fixtures
@@ -14,11 +12,7 @@ from sdfleet.store.base import TaskStore, reopened, transition
 from sdfleet.tasks import Task, TaskRecord, TaskResult, TaskState, new_task_id
 
 store = store_fixtures.store  # the fixture, parametrised over every backend
-
-
-def tenant_name() -> str:
-    # Unique per test, so backends on a shared service never mix tests' data.
-    return f"t-{uuid.uuid4().hex[:10]}"
+set_state, tenant_name = store_fixtures.set_state, store_fixtures.tenant_name
 
 
 def make_record(tenant: str = "default", created_at: float | None = None) -> TaskRecord:
@@ -26,16 +20,6 @@ def make_record(tenant: str = "default", created_at: float | None = None) -> Tas
     if created_at is not None:
         task.created_at = created_at
     return TaskRecord(task=task)
-
-
-def set_state(state: TaskState, **changes: object) -> Callable[[TaskRecord], TaskRecord]:
-    def mutate(rec: TaskRecord) -> TaskRecord:
-        rec.state = state
-        for name, value in changes.items():
-            setattr(rec, name, value)
-        return rec
-
-    return mutate
 
 
 async def test_create_and_get(store: TaskStore) -> None:

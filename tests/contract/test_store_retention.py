@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
 
 import boto3
 import pytest
@@ -26,10 +25,7 @@ from sdfleet.store.base import SWEEP, TaskStore, reopen, transition
 from sdfleet.tasks import Task, TaskRecord, TaskState
 
 retaining_store = store_fixtures.retaining_store
-
-
-def tenant_name() -> str:
-    return f"t-{uuid.uuid4().hex[:10]}"
+set_state, tenant_name = store_fixtures.set_state, store_fixtures.tenant_name
 
 
 async def finished(
@@ -37,18 +33,8 @@ async def finished(
 ) -> TaskRecord:
     """A task of ``tenant`` run and ended ``ended_ago`` seconds ago."""
     record, _ = await store.create(TaskRecord(task=Task(tenant=tenant)))
-    await transition(store, tenant, record.id, _to(TaskState.RUNNING))
-    return await transition(store, tenant, record.id, _to(state, finished_at=time.time() - ended_ago))
-
-
-def _to(state: TaskState, **changes: object):  # type: ignore[no-untyped-def]
-    def mutate(rec: TaskRecord) -> TaskRecord:
-        rec.state = state
-        for name, value in changes.items():
-            setattr(rec, name, value)
-        return rec
-
-    return mutate
+    await transition(store, tenant, record.id, set_state(TaskState.RUNNING))
+    return await transition(store, tenant, record.id, set_state(state, finished_at=time.time() - ended_ago))
 
 
 async def ids(store: TaskStore, tenant: str, state: TaskState | None = None) -> set[str]:
@@ -100,7 +86,7 @@ async def test_a_record_that_expires_later_leaves_no_trace_under_its_id(retainin
     assert await ids(store, tenant, TaskState.CANCELLED) == set()
     assert await ids(store, tenant, TaskState.QUEUED) == {record.id}
     assert await ids(store, tenant) == {record.id}
-    running = await transition(store, tenant, record.id, _to(TaskState.RUNNING), current=fresh)
+    running = await transition(store, tenant, record.id, set_state(TaskState.RUNNING), current=fresh)
     assert running.state is TaskState.RUNNING
 
 
@@ -119,8 +105,8 @@ async def test_a_reopened_record_is_kept_again(retaining_store: TaskStore) -> No
 
 
 async def finished_again(store: TaskStore, record: TaskRecord) -> TaskRecord:
-    await transition(store, record.tenant, record.id, _to(TaskState.RUNNING))
-    ended = _to(TaskState.SUCCEEDED, finished_at=time.time())
+    await transition(store, record.tenant, record.id, set_state(TaskState.RUNNING))
+    ended = set_state(TaskState.SUCCEEDED, finished_at=time.time())
     return await transition(store, record.tenant, record.id, ended)
 
 
