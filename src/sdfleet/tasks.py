@@ -143,6 +143,11 @@ class Task(BaseModel):
     def storage_prefix(self) -> str:
         return self.output_prefix if self.output_prefix is not None else self.tenant
 
+    def results_folder(self) -> str:
+        """Where every run of this id stores its files, each named ``<id>-<tag>…`` (the seed's
+        layout: ``<prefix>/<id>/``)."""
+        return f"{self.storage_prefix()}/{self.id}"
+
     def to_message(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
 

@@ -92,3 +92,13 @@ async def test_delete_removes_exactly_the_keys_given(blobs: BlobStore) -> None:
     assert await blobs.exists("t/01keep/01keep-0.png"), "a bad key: nothing deleted"
     await blobs.put(keys[0], b"again", "image/png")  # its folder may be gone: a put makes it again
     assert await blobs.get(keys[0]) == b"again"
+
+
+async def test_files_lists_a_folders_own_files_only(blobs: BlobStore) -> None:
+    for k in ("t/01f/01f-a-1.png", "t/01f/01f-a.out", "t/01f/01g/01g-b-1.png", "t/01fx/01fx-c-1.png"):
+        await blobs.put(k, b"x", "image/png")
+    assert await blobs.files("t/01f") == ["t/01f/01f-a-1.png", "t/01f/01f-a.out"], "not a subfolder's"
+    assert await blobs.files("t/01f/01g") == ["t/01f/01g/01g-b-1.png"]
+    assert await blobs.files("t/none") == []
+    with pytest.raises(ValidationFailed):
+        await blobs.files("../t")

@@ -39,6 +39,15 @@ async def stored(engine: Engine, keys: list[str]) -> list[bool]:
         await storage.aclose()
 
 
+async def put(engine: Engine, *keys: str) -> None:
+    storage = open_storage(engine.storage_url)
+    try:
+        for key in keys:
+            await storage.put(key, b"\x89PNG", "image/png")
+    finally:
+        await storage.aclose()
+
+
 async def cli(fleet: RunningFleet, *args: str, key: str = ALICE) -> Any:
     argv = [*args, "--api", fleet.api_url, "--api-key", key]
     return await asyncio.to_thread(CliRunner().invoke, app, argv, env={"SDFLEET_LOG_JSON": "false"})
@@ -62,12 +71,18 @@ async def test_a_finished_task_is_deleted_with_its_files(
     files = [image, thumb_key(image), view["output"]["key"]]
     assert await stored(engine, files) == [True, True, True]
     other = [views[1]["images"][0]["key"], views[1]["output"]["key"]]
+    # A try that never finished left its image beside them; a task whose prefix ends in this id
+    # keeps its own folder inside: the first goes with the task, the second stays.
+    folder = image.rpartition("/")[0]
+    unfinished, inside = f"{folder}/{view['id']}-dead-1.png", f"{folder}/s9/s9-beef-1.png"
+    await put(engine, unfinished, inside)
 
     refused = await fleet.http.delete(f"/v1/tasks/{view['id']}", headers=bob)
     assert refused.status_code == 404, "another tenant's task is not even seen"
     r = await fleet.http.delete(f"/v1/tasks/{view['id']}", headers=alice)
     assert r.status_code == 204 and r.content == b"", r.text
     assert await stored(engine, files) == [False, False, False]
+    assert await stored(engine, [unfinished, inside]) == [False, True]
     assert await stored(engine, other) == [True, True], "the other task's files stay"
     gone = await fleet.http.get(f"/v1/tasks/{view['id']}", headers=alice)
     assert gone.status_code == 404, gone.text
@@ -83,7 +98,8 @@ async def test_a_finished_task_is_deleted_with_its_files(
     assert await stored(engine, other) == [False, False]
     if engine.storage_url.startswith("file://"):  # the task's folder went with its files
         root = Path(engine.storage_url.removeprefix("file://"))
-        assert not (root / "a" / view["id"]).exists() and not (root / "a" / views[1]["id"]).exists()
+        assert not (root / "a" / views[1]["id"]).exists()
+        assert [p.name for p in (root / "a" / view["id"]).iterdir()] == ["s9"], "only the inner folder"
 
 
 async def test_a_task_in_flight_is_refused_until_cancelled(

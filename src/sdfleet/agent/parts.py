@@ -114,5 +114,5 @@ def output_keys(task: Task, outputs: Sequence[bytes], tag: str | None = None) ->
     its bytes (PNG, GIF, WebP, MP4…), and ``<prefix>/<id>/<id>-<tag>.out``. ``tag`` (4 random hex
     digits by default) keeps a re-used id from overwriting earlier results."""
     tag = tag or secrets.token_hex(2)
-    base = f"{task.storage_prefix()}/{task.id}/{task.id}-{tag}"
+    base = f"{task.results_folder()}/{task.id}-{tag}"
     return [f"{base}-{n}.{sniff(data).ext}" for n, data in enumerate(outputs, 1)], f"{base}.out"

@@ -16,6 +16,10 @@ class BlobStore(Protocol):
 
     async def exists(self, key: str) -> bool: ...
 
+    async def files(self, folder: str) -> list[str]:
+        """The keys stored directly in ``folder`` (``a/b`` holds ``a/b/x.png``, not ``a/b/c/y.png``),
+        sorted; none for a folder that holds nothing."""
+
     async def delete(self, keys: Sequence[str]) -> None:
         """Remove whatever is stored under ``keys``; a key with nothing there is no error."""
 

@@ -266,16 +266,25 @@ async def delete_task(
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
 ) -> Response:
-    """Delete a finished task now: its images, its `.out` and their thumbnails, then its record
-    (`404` from then on, and the id free again). `409` while it is queued or running (cancel it
-    first). Files first: a delete cut short leaves the record, and deleting again finishes it."""
+    """Delete a finished task now: its images, its `.out` and their thumbnails (and the files of
+    its earlier runs and unfinished tries), then its record (`404` from then on, and the id free
+    again). `409` while it is queued or running (cancel it first). Files first: a delete cut
+    short leaves the record, and deleting again finishes it."""
     record = await owned(ctx, who, task_id)
     if not record.state.terminal:
         raise TransitionConflict(f"task {task_id} is {record.state}: cancel it first, then delete it")
     res = record.result
     images = res.images if res else []
-    keys = [*images, *(thumb_key(k) for k in images), *([res.output] if res and res.output else [])]
-    await ctx.storage.delete(keys)
+    keys = {*images, *(thumb_key(k) for k in images), *([res.output] if res and res.output else [])}
+    # Every run and try of this id names its files <id>-<tag>…, directly in its results folder;
+    # a subfolder there is another task's (one whose prefix ends in this id).
+    mine = f"{task_id}-"
+    keys |= {
+        k
+        for k in await ctx.storage.files(record.task.results_folder())
+        if k.rpartition("/")[2].startswith(mine)
+    }
+    await ctx.storage.delete(sorted(keys))
     if not await ctx.store.delete(who.tenant, task_id, record.version):
         # A seed-format id sent again reopened it meanwhile: that run is not this delete's.
         raise TransitionConflict(f"task {task_id} changed while being deleted (it runs again); not deleted")

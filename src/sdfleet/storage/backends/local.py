@@ -112,6 +112,20 @@ class LocalBlobStore:
         with map_errors(key, reading=True):
             return await asyncio.to_thread(target.is_file)
 
+    async def files(self, folder: str) -> list[str]:
+        """The files directly in ``folder`` (not the temporary ones of a write in progress)."""
+        where = self.path(folder)
+
+        def names() -> list[str]:
+            try:
+                found = [p.name for p in where.iterdir() if p.is_file() and not p.name.startswith(".")]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            return sorted(f"{folder}/{name}" for name in found)
+
+        with map_errors(folder):
+            return await asyncio.to_thread(names)
+
     async def delete(self, keys: Sequence[str]) -> None:
         """Unlink the files of ``keys`` (missing ones are fine), then their folders left empty."""
         paths = [self.path(k) for k in keys]  # every key checked before anything goes

@@ -136,6 +136,19 @@ class S3BlobStore:
         found: bool = await self._run(head)
         return found
 
+    async def files(self, folder: str) -> list[str]:
+        """``ListObjectsV2`` of ``folder/`` with delimiter ``/`` (its direct children), every page."""
+        start = self.key(folder) + "/"
+
+        def listed() -> list[str]:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=start, Delimiter="/"
+            )
+            return [f"{folder}/{o['Key'][len(start) :]}" for page in pages for o in page.get("Contents", [])]
+
+        keys: list[str] = await self._run(listed)
+        return sorted(keys)
+
     async def delete(self, keys: Sequence[str]) -> None:
         """``DeleteObjects`` (1,000 keys a call); a key that holds nothing is no error (S3's own
         rule), a key S3 refuses (``AccessDenied``…) is a ``StorageError``."""
