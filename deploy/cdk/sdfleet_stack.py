@@ -28,14 +28,14 @@ from sdfleet_cluster import ClusterOptions, SdfleetCluster
 from sdfleet_iam import AwsEngine, Identity, agent_statements, api_statements, input_rules, keda_statements
 
 from sdfleet.bus.backends.aws_topology import queue_name, topic_name
-from sdfleet.bus.base import QueueSpec, Subscription, dlq_name
+from sdfleet.bus.base import DLQ_RETENTION_S, QUEUE_RETENTION_S, QueueSpec, Subscription, dlq_name
 from sdfleet.deploy import DEFAULT_PREFIX
 from sdfleet.routing import fleet_topology
 from sdfleet.settings import FleetConfig
 from sdfleet.store.backends.dynamodb import INDEXES, TTL_ATTRIBUTE, table_spec
 
-QUEUE_RETENTION = cdk.Duration.days(4)
-DLQ_RETENTION = cdk.Duration.days(14)  # what ``ensure()`` gives a DLQ
+QUEUE_RETENTION = cdk.Duration.seconds(QUEUE_RETENTION_S)  # what ``ensure()`` and the other engines keep
+DLQ_RETENTION = cdk.Duration.seconds(DLQ_RETENTION_S)
 MAX_VISIBILITY_S = 43200
 ALARM_MINUTES = 5
 """An alarm fires once its condition has held this many minutes in a row."""

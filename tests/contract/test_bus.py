@@ -9,12 +9,18 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
+import boto3
 import pytest
 
 from sdfleet.bus import Bus, Delivery, QueueSpec, Subscription, Topology, dlq_name
+from sdfleet.bus.backends.aws_topology import queue_name
 from sdfleet.errors import NotFound, PayloadTooLarge
+
+if TYPE_CHECKING:  # another test folder's conftest may be the one imported under that name
+    from conftest import BusFactory
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 
@@ -296,3 +302,40 @@ async def test_a_message_over_the_engines_limit_is_refused_naming_it(bus: Bus, n
     else:
         await bus.publish(f"{ns}-tasks", body, {"sd_model_checkpoint": SD15})
         assert await bodies(bus, f"{ns}-a") == [body]
+
+
+async def test_a_message_is_kept_its_queues_retention_read_or_not(
+    bus: Bus, bus_factory: BusFactory, ns: str
+) -> None:
+    """SQS's ``MessageRetentionPeriod``: a message older than its queue's retention is gone, so a
+    queue nobody drains (a webhooks-only fleet's results queue) stops growing; a dead letter is
+    kept its dead-letter queue's 14 days. SQS takes 60 s at least and moto honours it on receive,
+    so on the aws engine the test reads the attributes ``ensure`` set instead of waiting."""
+    a, b = f"{ns}-a", f"{ns}-b"
+    await bus.ensure(topology(ns, {"a": None, "b": None}, retention_s=1.0, max_receives=1))
+    if bus_factory.backend == "aws":
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        try:
+            for queue, want in ((a, "60"), (dlq_name(a), str(14 * 86400))):
+                url = sqs.get_queue_url(QueueName=queue_name(ns_prefix(bus_factory.url), queue))["QueueUrl"]
+                got = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["MessageRetentionPeriod"])
+                assert got["Attributes"]["MessageRetentionPeriod"] == want, queue
+        finally:
+            sqs.close()
+        return
+    for body in (b"old-1", b"old-2"):
+        await bus.publish(f"{ns}-tasks", body, {})
+    assert len(await bus.receive(b, max_messages=10, lease_s=0.05)) == 2
+    await asyncio.sleep(0.1)
+    assert await bus.receive(b, max_messages=10) == [], "received once: both dead-lettered"
+    await asyncio.sleep(1.1)
+    await bus.publish(f"{ns}-tasks", b"new", {})
+    assert (await bus.stats(a)).visible == 1, "the publish dropped what 'a' kept too long, unread"
+    assert await bodies(bus, a) == [b"new"]
+    assert await bodies(bus, b) == [b"new"]
+    assert await bodies(bus, dlq_name(b)) == [b"old-1", b"old-2"], "a dead letter is kept 14 days"
+
+
+def ns_prefix(url: str) -> str:
+    """The ``prefix`` of an ``aws://?prefix=…`` URL."""
+    return dict(parse_qsl(urlsplit(url).query))["prefix"]

@@ -7,7 +7,11 @@ Semantics every backend keeps (checked by ``tests/contract/test_bus.py``):
   moves to the queue's dead-letter queue (``<queue>-dlq``) instead of being delivered again;
 - a subscription's ``filter_policy`` is an SNS filter policy (``policy.py``), applied to the
   message attributes or, with ``scope="MessageBody"``, to the JSON body;
-- delivery is raw: the body and the attributes arrive as published.
+- delivery is raw: the body and the attributes arrive as published;
+- a message is kept at most its queue's ``retention_s`` after it was sent (SQS's
+  ``MessageRetentionPeriod``: 4 days unless set), in a dead-letter queue ``DLQ_RETENTION_S``,
+  whether or not anyone reads it: a queue nobody drains (a results queue of a fleet that only
+  uses webhooks) does not grow for ever.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 DLQ_SUFFIX = "-dlq"
+QUEUE_RETENTION_S = 4 * 86400
+"""How long a queue keeps a message: SQS's default retention."""
+DLQ_RETENTION_S = 14 * 86400
+"""How long a dead-letter queue keeps one: SQS's longest, time to read and redrive it."""
 
 
 def dlq_name(queue: str) -> str:
@@ -27,6 +35,8 @@ def dlq_name(queue: str) -> str:
 
 class QueueSpec(BaseModel):
     name: str
+    retention_s: float = Field(QUEUE_RETENTION_S, gt=0, le=DLQ_RETENTION_S)
+    """How long a message is kept after it was sent, read or not (SQS takes 60 s or more)."""
     lease_s: float = Field(60.0, gt=0)
     """Default visibility timeout of a receive, in seconds."""
     max_receives: int = Field(3, ge=1)

@@ -12,7 +12,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from sdfleet.bus.base import QueueSpec, QueueStats, Subscription, Topology, dlq_name
+from sdfleet.bus.base import DLQ_RETENTION_S, QueueSpec, QueueStats, Subscription, Topology, dlq_name
 from sdfleet.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -117,11 +117,12 @@ def _ensure_queue(
 ) -> tuple[str, str, str]:
     """Returns (queue url, queue arn, dlq url)."""
     dlq_url = _upsert_queue(
-        sqs, queue_name(prefix, dlq_name(spec.name)), {"MessageRetentionPeriod": "1209600"}
+        sqs, queue_name(prefix, dlq_name(spec.name)), {"MessageRetentionPeriod": str(DLQ_RETENTION_S)}
     )
     redrive = {"deadLetterTargetArn": _queue_arn(sqs, dlq_url), "maxReceiveCount": spec.max_receives}
     attributes = {
         "VisibilityTimeout": str(max(0, min(43200, math.ceil(spec.lease_s)))),
+        "MessageRetentionPeriod": str(max(60, min(DLQ_RETENTION_S, math.ceil(spec.retention_s)))),
         "RedrivePolicy": json.dumps(redrive),
     }
     url = _upsert_queue(sqs, queue_name(prefix, spec.name), attributes)

@@ -5,7 +5,8 @@ Needs one Redis ≥ 7 primary (standalone or behind Sentinel; not Redis Cluster:
 several keys without a hash tag). Keys, with ``p`` the prefix:
 
     p:topics                  hash  topic → "{}"
-    p:queues                  hash  queue → {"lease_ms", "max_receives"}  (the DLQ is a queue, max 0)
+    p:queues                  hash  queue → {"lease_ms", "max_receives", "retention_ms"}  (the DLQ is
+                                    a queue: max 0, 14 days)
     p:subs:<topic>            hash  queue → Subscription JSON (filter policy, scope)
     p:queue:<q>               stream of the queue, consumer group "sdfleet"   ← what KEDA watches
     p:queue:<q>:leases        zset  entry id → lease deadline (ms)
@@ -27,6 +28,9 @@ How the ``Bus`` semantics map onto Streams (all state changes are Lua scripts, s
   release silent no-ops, as on the SQLite bus;
 - a long poll waits with XREAD BLOCK on the stream (≤ 1 s at a time, shorter when a lease or a
   delayed message falls due first), so it wakes at once on a publish from any process;
+- retention (``QueueSpec.retention_s``, SQS's ``MessageRetentionPeriod``): a publish trims each
+  stream it adds to, a receive its queue and the DLQ it moves to (XTRIM MINID: an entry's id is
+  the ms it was added, so a released or dead-lettered entry counts from its move);
 - a delayed message sits outside the stream (not in XLEN) until a ``receive`` or ``stats`` moves it
   back; ``stats`` counts it, and the chart's ``metrics-api`` trigger reads ``stats`` through the
   API's ops port, so KEDA sees it. Without that trigger keep release delays below KEDA's
@@ -48,7 +52,7 @@ import redis.asyncio as aioredis
 
 from sdfleet._redis import connect, describe, map_errors
 from sdfleet.bus.backends import redis_lua as lua
-from sdfleet.bus.base import Delivery, QueueStats, Subscription, Topology, dlq_name
+from sdfleet.bus.base import DLQ_RETENTION_S, Delivery, QueueStats, Subscription, Topology, dlq_name
 from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound
 from sdfleet.policy import matching_queues
 
@@ -92,6 +96,7 @@ class RedisBus:
         self.consumer = consumer
         self._where = f"redis bus ({describe(client)})"
         self._receive = client.register_script(lua.RECEIVE)
+        self._publish = client.register_script(lua.PUBLISH)
         self._ack = client.register_script(lua.ACK)
         self._extend = client.register_script(lua.EXTEND)
         self._release = client.register_script(lua.RELEASE)
@@ -130,9 +135,14 @@ class RedisBus:
             for topic in {*topology.topics, *(s.topic for s in topology.subscriptions)}:
                 pipe.hset(self._key("topics"), topic, "{}")
             for q in topology.queues:
-                spec = {"lease_ms": int(q.lease_s * 1000), "max_receives": q.max_receives}
+                spec = {
+                    "lease_ms": int(q.lease_s * 1000),
+                    "max_receives": q.max_receives,
+                    "retention_ms": int(q.retention_s * 1000),
+                }
+                dlq = {**spec, "max_receives": 0, "retention_ms": DLQ_RETENTION_S * 1000}
                 pipe.hset(self._key("queues"), q.name, json.dumps(spec))
-                pipe.hsetnx(self._key("queues"), dlq_name(q.name), json.dumps({**spec, "max_receives": 0}))
+                pipe.hsetnx(self._key("queues"), dlq_name(q.name), json.dumps(dlq))
             for s in topology.subscriptions:
                 pipe.hset(self._key("subs", s.topic), s.queue, s.model_dump_json())
             await pipe.execute()
@@ -151,7 +161,7 @@ class RedisBus:
     async def publish(self, topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
         """Publish to a topic; returns the message id. Raises ``NotFound`` for an unknown topic."""
         message_id = uuid.uuid4().hex
-        entry = {
+        entry: dict[str, str | bytes] = {
             "mid": message_id,
             "body": body,
             "attrs": json.dumps(dict(attributes), sort_keys=True),
@@ -168,10 +178,9 @@ class RedisBus:
             subscriptions = [Subscription.model_validate_json(v) for v in subs.values()]
             queues = matching_queues(subscriptions, topic, attributes, body)
             if queues:
-                pipe = self.client.pipeline(transaction=True)
-                for q in queues:
-                    pipe.xadd(stream_names(self.prefix, q)[0], entry)  # type: ignore[arg-type]
-                await pipe.execute()
+                streams = [stream_names(self.prefix, q)[0] for q in queues]
+                fields: list[str | bytes] = [x for pair in entry.items() for x in pair]
+                await self._publish(keys=[self._key("queues"), *streams], args=[*queues, *fields])
         return message_id
 
     async def receive(

@@ -17,7 +17,13 @@ do nothing for a stale one (the lease expired and the message went to someone el
 
 from __future__ import annotations
 
-_COMMON = """
+from sdfleet.bus.base import DLQ_RETENTION_S, QUEUE_RETENTION_S
+
+_COMMON = (
+    f"""
+local QUEUE_RETENTION_MS, DLQ_RETENTION_MS = {QUEUE_RETENTION_S * 1000}, {DLQ_RETENTION_S * 1000}
+"""
+    + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -39,6 +45,16 @@ local function promote(stream, delayed, delayed_msgs, now)
     redis.call('ZREM', delayed, mid)
   end
 end
+-- Entries added more than the queue's retention ago go, read or not (SQS's retention). Stream
+-- ids are their add time in ms; a spec of an earlier version has no retention_ms.
+local function expire(stream, spec_json, default_ms, now)
+  local keep = default_ms
+  if spec_json then
+    local spec = cjson.decode(spec_json)
+    if spec.retention_ms then keep = spec.retention_ms end
+  end
+  redis.call('XTRIM', stream, 'MINID', string.format('%d', now - keep))
+end
 -- The delivery count of entry id if the receipt's count matches, else nil.
 local function current(stream, group, id, pel)
   local p = redis.call('XPENDING', stream, group, id, id, 1)
@@ -46,6 +62,7 @@ local function current(stream, group, id, pel)
   return tonumber(p[1][4])
 end
 """
+)
 
 # ARGV: queue, group, consumer, count, lease_ms (-1: the queue's default).
 # Returns {-1} for an unknown queue, else {now_ms, next_wake_ms (-1: none), last entry id,
@@ -54,14 +71,15 @@ RECEIVE = (
     _COMMON
     + """
 local stream, leases, delayed, delayed_msgs, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local spec = redis.call('HGET', KEYS[6], ARGV[1])
-if not spec then return {-1} end
-spec = cjson.decode(spec)
+local spec_json = redis.call('HGET', KEYS[6], ARGV[1])
+if not spec_json then return {-1} end
+local spec = cjson.decode(spec_json)
 local group, consumer, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local lease = tonumber(ARGV[5])
 if lease < 0 then lease = spec.lease_ms end
 local now = now_ms()
 promote(stream, delayed, delayed_msgs, now)
+expire(stream, spec_json, QUEUE_RETENTION_MS, now)
 
 local out = {}
 local function deliver(id, f, pel)
@@ -70,6 +88,7 @@ local function deliver(id, f, pel)
     -- SQS redrive: the delivery that would exceed max_receives moves the message instead.
     put(f, 'rc', tostring(rc - 1))
     redis.call('XADD', dlq, '*', unpack(f))
+    expire(dlq, redis.call('HGET', KEYS[6], ARGV[1] .. '-dlq'), DLQ_RETENTION_MS, now)
     redis.call('XACK', stream, group, id)
     redis.call('XDEL', stream, id)
     redis.call('ZREM', leases, id)
@@ -108,6 +127,23 @@ local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local last_id = '0-0'
 if last[1] then last_id = last[1][1] end
 return {now, wake, last_id, out}
+"""
+)
+
+# KEYS: the topology hash, then one stream per queue. ARGV: the queues' names (as many as streams),
+# then the entry's fields. Adds the entry to every stream, each trimmed to its queue's retention.
+PUBLISH = (
+    _COMMON
+    + """
+local now = now_ms()
+local n = #KEYS - 1
+local fields = {}
+for i = n + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 1, n do
+  redis.call('XADD', KEYS[i + 1], '*', unpack(fields))
+  expire(KEYS[i + 1], redis.call('HGET', KEYS[1], ARGV[i]), QUEUE_RETENTION_MS, now)
+end
+return n
 """
 )
 

@@ -12,7 +12,10 @@ Semantics beyond ``bus.base``:
 - ``release()`` ends the lease: the message counts as ``delayed`` until it is visible again;
 - a receive cancelled while its query runs releases what it leased (receive_count stays counted);
 - a long poll wakes at once on a publish or release through the same ``SqliteBus`` object and polls
-  the file every ≤ 100 ms for everything else.
+  the file every ≤ 100 ms for everything else;
+- retention: a publish deletes the messages of the queues it adds to that are older than their
+  ``retention_s``, a receive those of its queue and of the DLQ it moves a message to (counted
+  from the first send, as on SQS).
 """
 
 from __future__ import annotations

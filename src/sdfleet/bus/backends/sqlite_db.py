@@ -15,7 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sdfleet.bus.base import Delivery, QueueStats, Subscription, Topology, dlq_name
+from sdfleet.bus.base import (
+    DLQ_RETENTION_S,
+    DLQ_SUFFIX,
+    QUEUE_RETENTION_S,
+    Delivery,
+    QueueStats,
+    Subscription,
+    Topology,
+    dlq_name,
+)
 from sdfleet.errors import BusUnavailable, ConfigError, NotFound
 from sdfleet.policy import matching_queues
 
@@ -27,7 +36,8 @@ CREATE TABLE IF NOT EXISTS bus_queues (
     name TEXT PRIMARY KEY,
     lease_s REAL NOT NULL,
     max_receives INTEGER NOT NULL,
-    dlq TEXT
+    dlq TEXT,
+    retention_s REAL
 );
 CREATE TABLE IF NOT EXISTS bus_subscriptions (
     topic TEXT NOT NULL,
@@ -48,6 +58,7 @@ CREATE TABLE IF NOT EXISTS bus_messages (
     receipt TEXT
 );
 CREATE INDEX IF NOT EXISTS bus_messages_ready ON bus_messages (queue, visible_at, id);
+CREATE INDEX IF NOT EXISTS bus_messages_age ON bus_messages (queue, sent_at);
 """
 
 
@@ -92,6 +103,9 @@ def create_schema(conn: sqlite3.Connection) -> None:
         for stmt in SCHEMA.split(";"):
             if stmt.strip():
                 conn.execute(stmt)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(bus_queues)")}
+        if "retention_s" not in columns:  # a file from before messages expired
+            conn.execute("ALTER TABLE bus_queues ADD COLUMN retention_s REAL")
 
 
 def ensure(conn: sqlite3.Connection, topology: Topology) -> None:
@@ -101,14 +115,16 @@ def ensure(conn: sqlite3.Connection, topology: Topology) -> None:
         for q in topology.queues:
             dlq = dlq_name(q.name)
             conn.execute(
-                "INSERT INTO bus_queues (name, lease_s, max_receives, dlq) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET lease_s = excluded.lease_s, "
-                "max_receives = excluded.max_receives, dlq = excluded.dlq",
-                (q.name, q.lease_s, q.max_receives, dlq),
+                "INSERT INTO bus_queues (name, lease_s, max_receives, dlq, retention_s)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET lease_s = excluded.lease_s,"
+                " max_receives = excluded.max_receives, dlq = excluded.dlq,"
+                " retention_s = excluded.retention_s",
+                (q.name, q.lease_s, q.max_receives, dlq, q.retention_s),
             )
             conn.execute(
-                "INSERT OR IGNORE INTO bus_queues (name, lease_s, max_receives, dlq) VALUES (?, ?, ?, NULL)",
-                (dlq, q.lease_s, q.max_receives),
+                "INSERT OR IGNORE INTO bus_queues (name, lease_s, max_receives, dlq, retention_s)"
+                " VALUES (?, ?, ?, NULL, ?)",
+                (dlq, q.lease_s, q.max_receives, DLQ_RETENTION_S),
             )
         for s in topology.subscriptions:
             if _queue_row(conn, s.queue) is None:
@@ -152,7 +168,19 @@ def publish(conn: sqlite3.Connection, topic: str, body: bytes, attributes: Mappi
             "VALUES (?, ?, ?, ?, ?, ?)",
             [(q, message_id, body, attrs, now, now) for q in queues],
         )
+        for q in queues:  # so a queue nobody reads keeps only its last retention_s of messages
+            _expire(conn, q, now)
     return message_id
+
+
+def _expire(conn: sqlite3.Connection, queue: str, now: float) -> None:
+    """Drop ``queue``'s messages sent more than its retention ago, leased or not (SQS's rule)."""
+    row = conn.execute("SELECT retention_s FROM bus_queues WHERE name = ?", (queue,)).fetchone()
+    if row is None:
+        return
+    default = DLQ_RETENTION_S if queue.endswith(DLQ_SUFFIX) else QUEUE_RETENTION_S
+    keep = default if row[0] is None else float(row[0])
+    conn.execute("DELETE FROM bus_messages WHERE queue = ? AND sent_at < ?", (queue, now - keep))
 
 
 def receive(conn: sqlite3.Connection, queue: str, max_messages: int, lease_s: float | None) -> list[Delivery]:
@@ -162,6 +190,7 @@ def receive(conn: sqlite3.Connection, queue: str, max_messages: int, lease_s: fl
             raise NotFound(f"queue {queue!r} does not exist")
         default_lease, max_receives, dlq = spec
         lease = default_lease if lease_s is None else lease_s
+        _expire(conn, queue, time.time())
         out: list[Delivery] = []
         while len(out) < max_messages:
             now = time.time()
@@ -179,6 +208,7 @@ def receive(conn: sqlite3.Connection, queue: str, max_messages: int, lease_s: fl
                         "UPDATE bus_messages SET queue = ?, visible_at = ?, receipt = NULL WHERE id = ?",
                         (dlq, now, row[0]),
                     )
+                    _expire(conn, dlq, now)  # its retention counts from its first send, as on SQS
                 else:
                     out.append(_lease(conn, queue, row, now + lease))
         return out
