@@ -4,14 +4,21 @@ the task store runs on (the same file, prefix or table as the task records)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import boto3
 import pytest
 
 from sdfleet.store import open_store
 from sdfleet.store.access import AccessStore, ApiKey, digest, new_key, open_access
+from sdfleet.store.backends.access_dynamodb import DynamoAccessStore
+from sdfleet.store.backends.access_redis import RedisAccessStore
+from sdfleet.store.backends.access_sqlite import SqliteAccessStore
+from sdfleet.store.backends.dynamodb import TTL_ATTRIBUTE
 from sdfleet.store.base import TaskStore, transition
 from sdfleet.tasks import Task, TaskRecord, TaskState
 
@@ -128,3 +135,29 @@ async def test_claims_are_exclusive_until_released_or_expired(engine: tuple[Acce
     assert not await access.claim(name, ttl_s=30)
     await asyncio.sleep(0.4)
     assert await access.claim(name, ttl_s=30), "an expired claim can be taken"
+
+
+async def test_a_spent_claim_does_not_stay_for_ever(engine: tuple[AccessStore, TaskStore]) -> None:
+    """A claim is taken per submitted task: released, it must not stay in the engine. SQLite and
+    Redis delete it; DynamoDB marks it with the table's one TTL attribute (the one task records
+    use), and the store turns the table's TTL on."""
+    access, _ = engine
+    name = f"{tenant_name()}/spent"
+    assert await access.claim(name, ttl_s=30)
+    await access.release(name)
+    if isinstance(access, SqliteAccessStore):
+        with sqlite3.connect(access.path) as conn:
+            assert conn.execute("SELECT count(*) FROM claims WHERE name = ?", (name,)).fetchone() == (0,)
+    elif isinstance(access, RedisAccessStore):
+        assert not await access.client.exists(f"{access.prefix}:claim:{name}")
+    else:
+        assert isinstance(access, DynamoAccessStore)
+        db = boto3.client("dynamodb", region_name="us-east-1")
+        try:
+            item = db.get_item(TableName=access.table, Key={"id": {"S": f"!claim/{name}"}})["Item"]
+            ttl = db.describe_time_to_live(TableName=access.table)["TimeToLiveDescription"]
+        finally:
+            db.close()
+        assert int(item[TTL_ATTRIBUTE]["N"]) <= time.time() + 1, "due for DynamoDB's TTL now"
+        assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", TTL_ATTRIBUTE)
+    assert await access.claim(name, ttl_s=30), "and it can be taken again"

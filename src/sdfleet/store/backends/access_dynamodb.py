@@ -6,8 +6,10 @@ digit):
   an ``sk`` so that the ``by-tenant`` index lists the keys;
 - ``!rate/<bucket>``: a GCRA bucket's theoretical arrival time ``tat``, written only if nobody
   changed it since it was read (conditional ``PutItem``), retried on a lost race;
-- ``!claim/<name>``: a lock with its expiry ``expires``; a released one is overwritten as expired
-  (the API role has no ``DeleteItem``), and ``ttl`` lets DynamoDB's TTL delete it if enabled.
+- ``!claim/<name>``: a lock with its expiry ``expires``; a released one is overwritten as expired,
+  and ``expires_at`` (the table's one TTL attribute, which task records use too) lets DynamoDB
+  delete it an hour after it expired: a claim is taken per submitted task, so without it the
+  table would keep one item per task for ever.
 
 Only ``GetItem``, ``PutItem`` and ``Query`` are used: what the CDK app grants the API role.
 """
@@ -22,7 +24,7 @@ from botocore.exceptions import ClientError
 from sdfleet._aws import error_code
 from sdfleet.errors import StoreError
 from sdfleet.store.access import ApiKey, gcra
-from sdfleet.store.backends.dynamodb import ACTIVE_GSI, GSI, DynamoTaskStore
+from sdfleet.store.backends.dynamodb import ACTIVE_GSI, GSI, TTL_ATTRIBUTE, DynamoTaskStore
 
 KEYS_TENANT = "!keys"
 _TAKE_TRIES = 20
@@ -120,7 +122,7 @@ class DynamoAccessStore:
 
     async def claim(self, name: str, ttl_s: float) -> bool:
         now = time.time()
-        values = {"expires": {"N": repr(now + ttl_s)}, "ttl": {"N": str(int(now + ttl_s) + 3600)}}
+        values = {"expires": {"N": repr(now + ttl_s)}, TTL_ATTRIBUTE: {"N": str(int(now + ttl_s) + 3600)}}
 
         def put() -> bool:
             try:
@@ -141,7 +143,11 @@ class DynamoAccessStore:
         return won
 
     async def release(self, name: str) -> None:
-        item = {"id": {"S": f"!claim/{name}"}, "expires": {"N": "0"}, "ttl": {"N": str(int(time.time()))}}
+        item = {
+            "id": {"S": f"!claim/{name}"},
+            "expires": {"N": "0"},
+            TTL_ATTRIBUTE: {"N": str(int(time.time()))},
+        }
         await self.tasks.run(lambda: self.tasks.db.put_item(TableName=self.table, Item=item))
 
     async def _get(self, item_id: str) -> dict[str, Any] | None:

@@ -20,7 +20,8 @@ are counted without reading its history. A table created before that index exist
 on first use (``create=true``).
 With ``retain_s`` a finished record's item carries ``expires_at`` (epoch s), the table's TTL
 attribute: DynamoDB deletes it some time after (within days); reads treat it as gone from that
-second, and its id as free. ``create=true`` turns TTL on for a table that has it off.
+second, and its id as free. ``create=true`` turns TTL on for a table that has it off (the access
+store's spent claims carry ``expires_at`` too).
 Reads of one record are strongly consistent; ``list`` reads the GSI (eventually consistent on AWS).
 The access store (``access_dynamodb``) keeps its few items in the same table, under ids that start
 with ``!`` (never a tenant's).
@@ -220,9 +221,10 @@ class DynamoTaskStore:
             self._ready = True
 
     def _enable_ttl(self) -> None:
-        """Turn the table's TTL on where records expire, so DynamoDB deletes them (the CDK app's
-        table has it on already; a role without ``UpdateTimeToLive`` leaves them, unread)."""
-        if self.retain_s is None or not self.create_table:
+        """Turn the table's TTL on, so DynamoDB deletes what carries ``expires_at``: expired records
+        (``retain_s``) and the API's spent submit claims (the CDK app's table has it on already; a
+        role without ``UpdateTimeToLive`` leaves them, unread)."""
+        if not self.create_table:
             return
         try:
             ttl = self._db.describe_time_to_live(TableName=self.table)["TimeToLiveDescription"]
