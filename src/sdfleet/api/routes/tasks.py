@@ -286,6 +286,7 @@ async def delete_task(
     }
     await ctx.storage.delete(sorted(keys))
     if not await ctx.store.delete(who.tenant, task_id, record.version):
-        # A seed-format id sent again reopened it meanwhile: that run is not this delete's.
-        raise TransitionConflict(f"task {task_id} changed while being deleted (it runs again); not deleted")
+        # Written meanwhile (a seed-format id sent again reopened it: that run is not this
+        # delete's), or it expired just then.
+        raise TransitionConflict(f"task {task_id} changed while being deleted; read it and try again")
     return Response(status_code=204)
