@@ -19,6 +19,7 @@ from sdfleet.api.thumbs import thumb_key
 from sdfleet.cli import app
 from sdfleet.settings import QueueConfig, TenantConfig
 from sdfleet.storage import open_storage
+from sdfleet.store.base import reopen
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -138,3 +139,32 @@ async def _wait(fleet: RunningFleet, task_id: str, headers: dict[str, str]) -> d
                 return view
             await asyncio.sleep(0.1)
     raise AssertionError(f"task {task_id} did not finish: {view}")
+
+
+async def test_a_run_that_starts_while_deleting_is_not_deleted(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed id sent again reopens its record for run 2 while a delete of run 1 is between its
+    files and its record: the record is not deleted (409, read it and try again), run 2 stands."""
+    fleet = await start_fleet([QueueConfig(name="q")], agents=[])
+    ctx = fleet.fleet.server.config.app.state.ctx  # type: ignore[union-attr]
+    first = (await fleet.http.post("/v1/tasks", json=TASK)).json()
+    await fleet.http.post(f"/v1/tasks/{first['id']}/cancel")
+    cancelled = await ctx.store.get("default", first["id"])
+    assert cancelled is not None and cancelled.state == "cancelled"
+    delete_files = ctx.storage.delete
+
+    async def reopened_meanwhile(keys: list[str]) -> None:
+        await delete_files(keys)
+        nxt = cancelled.task.model_copy(update={"run": 2})
+        assert await reopen(ctx.store, cancelled, nxt) is not None
+
+    monkeypatch.setattr(ctx.storage, "delete", reopened_meanwhile)
+    r = await fleet.http.delete(f"/v1/tasks/{first['id']}")
+    assert r.status_code == 409, r.text
+    assert (
+        r.json()["error"]["message"]
+        == f"task {first['id']} changed while being deleted; read it and try again"
+    )
+    view = (await fleet.http.get(f"/v1/tasks/{first['id']}")).json()
+    assert (view["state"], view["run"]) == ("queued", 2), view
