@@ -281,10 +281,7 @@ def _print_view(view: dict[str, Any]) -> None:
     for image in view.get("images", []):
         console.print(f"  {image['key']}  {image['url']}", highlight=False)
     if view.get("expires_at"):  # the fleet's retain_days: then the record (and local files) go
-        from datetime import UTC, datetime
-
-        kept = datetime.fromtimestamp(view["expires_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        console.print(f"  kept until {kept}")
+        console.print(f"  kept until {_when(view['expires_at'])}")
 
 
 @app.command()
@@ -310,6 +307,33 @@ def delete(task_id: str, api_url: str = ApiOpt, api_key: str | None = KeyOpt) ->
     queued or running, exit 2 with the reason: cancel it first)."""
     _ask(api_url, api_key, lambda client: client.delete(task_id))
     console.print(f"deleted {task_id}")
+
+
+@app.command("tasks")
+def list_tasks(
+    state: str | None = typer.Option(None, "--state", help="Only tasks in this state (queued, running…)."),
+    limit: int = typer.Option(20, "--limit", min=1, max=10_000, help="At most this many, newest first."),
+    as_json: bool = JsonOpt,
+    api_url: str = ApiOpt,
+    api_key: str | None = KeyOpt,
+) -> None:
+    """Your tasks, newest first: id, state, run, model, queue, images, created, kept until."""
+    tasks = _ask(api_url, api_key, lambda client: client.list(state=state, limit=limit))
+    if as_json:
+        print_json(tasks)
+        return
+    table = Table("id", "state", "run", "model", "queue", "images", "created", "kept until")
+    for t in tasks:
+        kept = _when(t["expires_at"]) if t.get("expires_at") else "-"
+        cells = (t["state"], str(t["run"]), t["model"] or "-", t["queue"] or "-", str(len(t["images"])))
+        table.add_row(t["id"], *cells, _when(t["created_at"]), kept)
+    print_table(table)
+
+
+def _when(epoch_s: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _ask(api_url: str, api_key: str | None, call: Callable[[AsyncClient], Awaitable[T]]) -> T:

@@ -18,6 +18,8 @@ from sdfleet.tasks import TASK_ID_PATTERN
 TERMINAL = ("succeeded", "failed", "cancelled")
 UNREACHABLE = "api_unreachable"
 POLL_TRIES = 10
+PAGE = 500
+"""Tasks per ``GET /v1/tasks`` call of ``list`` (the API's most)."""
 """Polls in a row that may fail to reach the API (a busy or restarting API) before a wait gives up."""
 _PATHS = {"v1": "/v1/tasks", "v1alpha1": "/v1alpha1/", "v1alpha2": "/v1alpha2/"}
 
@@ -80,6 +82,21 @@ class AsyncClient:
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/v1/tasks/{_task_path(task_id)}/cancel")
+
+    async def list(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """``GET /v1/tasks``, newest first, following its cursor for up to ``limit`` tasks."""
+        tasks: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while len(tasks) < limit:
+            query = {"limit": min(PAGE, limit - len(tasks)), "state": state, "cursor": cursor}
+            page = await self._call(
+                "GET", "/v1/tasks", params={k: v for k, v in query.items() if v is not None}
+            )
+            tasks.extend(page["tasks"])
+            cursor = page.get("cursor")
+            if not cursor:
+                break
+        return tasks
 
     async def delete(self, task_id: str) -> None:
         """``DELETE /v1/tasks/{id}``: a finished task's files and record, now."""

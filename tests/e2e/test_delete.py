@@ -1,5 +1,5 @@
-"""``DELETE /v1/tasks/{id}`` and ``sdfleet delete`` / ``sdfleet cancel`` through the whole fleet on
-every engine: a finished task's images, ``.out`` and gallery thumbnails go from storage, then its
+"""``DELETE /v1/tasks/{id}`` and ``sdfleet delete`` / ``sdfleet cancel`` / ``sdfleet tasks`` through
+the whole fleet on every engine: a finished task's images, ``.out`` and gallery thumbnails go from storage, then its
 record (404, out of the list); a task still queued or running is refused with the reason, and
 another tenant's task is not even seen."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,31 @@ async def test_a_run_that_starts_while_deleting_is_not_deleted(
     )
     view = (await fleet.http.get(f"/v1/tasks/{first['id']}")).json()
     assert (view["state"], view["run"]) == ("queued", 2), view
+
+
+async def test_sdfleet_tasks_lists_newest_first_page_by_page(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sdfleet tasks`` for a person and ``--json`` for scripts, following the API's cursor (one
+    task a page here) up to ``--limit``, filtered by ``--state``."""
+    settings = fleet_settings(engine, models_dir, [QueueConfig(name="q")])
+    settings.fleet.tenants = _keys()
+    fleet = await start_fleet(settings.fleet.queues, settings=settings, agents=[])
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    ids = [(await fleet.http.post("/v1/tasks", json=TASK, headers=alice)).json()["id"] for _ in range(3)]
+    await fleet.http.post(f"/v1/tasks/{ids[0]}/cancel", headers=alice)
+    monkeypatch.setattr("sdfleet.client.PAGE", 1)
+    listed = await cli(fleet, "tasks", "--json", "--limit", "5")
+    assert listed.exit_code == 0, listed.output
+    assert [t["id"] for t in json.loads(listed.stdout)] == ids[::-1], "newest first, every page"
+    two = json.loads((await cli(fleet, "tasks", "--json", "--limit", "2")).stdout)
+    assert [t["id"] for t in two] == [ids[2], ids[1]]
+    cancelled = json.loads((await cli(fleet, "tasks", "--json", "--state", "cancelled")).stdout)
+    assert [(t["id"], t["state"]) for t in cancelled] == [(ids[0], "cancelled")]
+    text = await cli(fleet, "tasks")
+    assert text.exit_code == 0 and all(i in text.stdout for i in ids), text.output
+    row = next(line for line in text.stdout.splitlines() if ids[0] in line)
+    assert "cancelled" in row and " q " in row, row
+    assert (await cli(fleet, "tasks", key=BOB)).stdout.count("queued") == 0, "Bob sees none of them"
+    bad = await cli(fleet, "tasks", "--state", "lost")
+    assert bad.exit_code == 2 and "state" in bad.stderr, bad.output
