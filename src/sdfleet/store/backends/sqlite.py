@@ -3,7 +3,7 @@
 Each record is stored as its JSON next to the columns that queries need (tenant, state, created_at,
 version, expires_at); the key is (tenant, id), ids being per tenant. With ``retain_s`` a finished
 record gets ``expires_at``: reads skip it from then on, and each write that finishes a task deletes
-up to ``SWEEP`` expired rows in the same statement batch. Compare-and-set is a single
+up to ``SWEEP`` expired rows right after it. Compare-and-set is a single
 ``UPDATE … WHERE tenant = ? AND id = ? AND version = ?``, which SQLite makes atomic across
 processes. All SQLite calls run on one worker thread per store, off the event loop.
 
