@@ -1,7 +1,7 @@
 """``DELETE /v1/tasks/{id}`` and ``sdfleet delete`` / ``sdfleet cancel`` / ``sdfleet tasks`` through
-the whole fleet on every engine: a finished task's images, ``.out`` and gallery thumbnails go from storage, then its
-record (404, out of the list); a task still queued or running is refused with the reason, and
-another tenant's task is not even seen."""
+the whole fleet on every engine: a finished task's images, ``.out`` and gallery thumbnails go from
+storage, then its record (404, out of the list); a task still queued or running is refused with
+the reason, and another tenant's task is not even seen."""
 
 from __future__ import annotations
 
