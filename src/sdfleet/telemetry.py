@@ -77,6 +77,14 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        self.deleted = Counter(
+            "sdfleet_tasks_deleted", "Tasks deleted through DELETE /v1/tasks/{id}", ["queue"], registry=r
+        )
+        self.files_expired = Counter(
+            "sdfleet_result_files_expired",
+            "Result files the API deleted because their task is no longer kept (retain_days, file://)",
+            registry=r,
+        )
         self.agent = Gauge(
             "sdfleet_agent_info",
             "1 per running agent, by queue and runtime",
@@ -88,6 +96,7 @@ class Metrics:
         """The API's series at 0 from the start: a queue nobody submitted to yet graphs as 0, not
         "No data", and ``increase()`` counts the first submit (it needs a sample before it)."""
         for queue in queues:
+            self.deleted.labels(queue=queue)
             for origin in Origin:
                 self.submitted.labels(queue=queue, origin=origin.value)
 

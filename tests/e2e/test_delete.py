@@ -98,6 +98,8 @@ async def test_a_finished_task_is_deleted_with_its_files(
     result = await cli(fleet, "delete", views[1]["id"])
     assert result.exit_code == 0 and f"deleted {views[1]['id']}" in result.stdout, result.output
     assert await stored(engine, other) == [False, False]
+    registry = fleet.fleet.server.config.app.state.ctx.metrics.registry  # type: ignore[union-attr]
+    assert registry.get_sample_value("sdfleet_tasks_deleted_total", {"queue": "q"}) == 2.0
     if engine.storage_url.startswith("file://"):  # the task's folder went with its files
         root = Path(engine.storage_url.removeprefix("file://"))
         assert not (root / "a" / views[1]["id"]).exists()

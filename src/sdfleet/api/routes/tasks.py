@@ -289,4 +289,5 @@ async def delete_task(
         # Written meanwhile (a seed-format id sent again reopened it: that run is not this
         # delete's), or it expired just then.
         raise TransitionConflict(f"task {task_id} changed while being deleted; read it and try again")
+    ctx.metrics.deleted.labels(queue=record.task.queue or "").inc()
     return Response(status_code=204)
