@@ -80,11 +80,6 @@ class Metrics:
         self.deleted = Counter(
             "sdfleet_tasks_deleted", "Tasks deleted through DELETE /v1/tasks/{id}", ["queue"], registry=r
         )
-        self.files_expired = Counter(
-            "sdfleet_result_files_expired",
-            "Result files the API deleted because their task is no longer kept (retain_days, file://)",
-            registry=r,
-        )
         self.agent = Gauge(
             "sdfleet_agent_info",
             "1 per running agent, by queue and runtime",

@@ -52,8 +52,6 @@ async def test_a_finished_task_is_kept_for_retain_days_then_goes(
         while path.exists() and time.time() < deadline:
             await asyncio.sleep(0.2)
         assert not path.exists(), "the expired task's image is deleted"
-        registry = fleet.fleet.server.config.app.state.ctx.metrics.registry  # type: ignore[union-attr]
-        assert (registry.get_sample_value("sdfleet_result_files_expired_total") or 0) >= 2, "image, .out"
         assert not path.parent.exists() or not any(path.parent.iterdir())
 
     cancel = await fleet.http.post(f"/v1/tasks/{task_id}/cancel")

@@ -119,7 +119,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: ApiContext = app.state.ctx
     async with (
         queue_stats_refresher(ctx.bus, ctx.fleet, ctx.metrics, ctx.settings.queue_stats_s),
-        files_expiry(ctx.storage, ctx.fleet.retain_s, ctx.metrics),
+        files_expiry(ctx.storage, ctx.fleet.retain_s),
     ):
         yield
 

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from sdfleet.api.background import beside
 from sdfleet.storage.backends.local import LocalBlobStore
 from sdfleet.storage.base import BlobStore
-from sdfleet.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +24,7 @@ MARGIN_S = 3600.0
 EVERY_S = 600.0
 
 
-async def _expire_forever(
-    storage: LocalBlobStore, older_than_s: float, every_s: float, metrics: Metrics
-) -> None:
+async def _expire_forever(storage: LocalBlobStore, older_than_s: float, every_s: float) -> None:
     while True:
         try:
             removed = await storage.expire(older_than_s)
@@ -35,21 +32,20 @@ async def _expire_forever(
             log.warning("expired result files not deleted: %s", e)
         else:
             if removed:
-                metrics.files_expired.inc(removed)
                 log.info("deleted %d result files of tasks no longer kept", removed)
         await asyncio.sleep(every_s)
 
 
 @contextlib.asynccontextmanager
-async def files_expiry(storage: BlobStore, retain_s: float | None, metrics: Metrics) -> AsyncIterator[None]:
+async def files_expiry(storage: BlobStore, retain_s: float | None) -> AsyncIterator[None]:
     """While inside, delete ``file://`` result files older than ``retain_s`` and a margin, every
     10 minutes (a quarter of ``retain_s`` where that is shorter, at least each second); nothing
-    where tasks are kept for ever or storage is not local. ``sdfleet_result_files_expired_total``
-    counts what went."""
+    where tasks are kept for ever or storage is not local. Each pass that removes files logs how
+    many (a metric would carry no queue, which every dashboard panel filters by)."""
     if retain_s is None or not isinstance(storage, LocalBlobStore):
         yield
         return
     every_s = min(EVERY_S, max(1.0, retain_s / 4))
-    sweeper = _expire_forever(storage, retain_s + min(MARGIN_S, retain_s), every_s, metrics)
+    sweeper = _expire_forever(storage, retain_s + min(MARGIN_S, retain_s), every_s)
     async with beside(sweeper, "files-expiry"):
         yield
