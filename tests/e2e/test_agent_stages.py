@@ -316,7 +316,10 @@ async def test_a_task_taken_over_after_a_lapsed_lease_has_one_result_from_the_ag
     a.parts.runtime.run = run_or_fail  # type: ignore[method-assign]
     task_id = (await api.http.post("/v1/tasks", json={"params": PARAMS})).json()["id"]
     await api.wait(task_id, states=("running",))
-    second = await start_fleet(QUEUE, settings=s, with_api=False)
+    # The second agent holds the task on a longer lease: on a loaded machine (moto, four test
+    # workers on two cores) a 2 s one could lapse too, and a third delivery is another story.
+    s_b = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=10, max_receives=5, **agent)
+    second = await start_fleet(QUEUE, settings=s_b, with_api=False)
     b = second.fleet.agents[0]
     b_run = b.parts.runtime.run
 
