@@ -46,14 +46,14 @@ local function promote(stream, delayed, delayed_msgs, now)
   end
 end
 -- Entries added more than the queue's retention ago go, read or not (SQS's retention). Stream
--- ids are their add time in ms; a spec of an earlier version has no retention_ms.
-local function expire(stream, spec_json, default_ms, now)
-  local keep = default_ms
-  if spec_json then
-    local spec = cjson.decode(spec_json)
-    if spec.retention_ms then keep = spec.retention_ms end
-  end
+-- ids are their add time in ms; a spec (decoded) of an earlier version has no retention_ms.
+local function expire(stream, spec, default_ms, now)
+  local keep = (spec and spec.retention_ms) or default_ms
   redis.call('XTRIM', stream, 'MINID', string.format('%d', now - keep))
+end
+local function spec_of(queues, name)
+  local json = redis.call('HGET', queues, name)
+  return json and cjson.decode(json)
 end
 -- The delivery count of entry id if the receipt's count matches, else nil.
 local function current(stream, group, id, pel)
@@ -71,15 +71,14 @@ RECEIVE = (
     _COMMON
     + """
 local stream, leases, delayed, delayed_msgs, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local spec_json = redis.call('HGET', KEYS[6], ARGV[1])
-if not spec_json then return {-1} end
-local spec = cjson.decode(spec_json)
+local spec = spec_of(KEYS[6], ARGV[1])
+if not spec then return {-1} end
 local group, consumer, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local lease = tonumber(ARGV[5])
 if lease < 0 then lease = spec.lease_ms end
 local now = now_ms()
 promote(stream, delayed, delayed_msgs, now)
-expire(stream, spec_json, QUEUE_RETENTION_MS, now)
+expire(stream, spec, QUEUE_RETENTION_MS, now)
 
 local out = {}
 local function deliver(id, f, pel)
@@ -88,7 +87,7 @@ local function deliver(id, f, pel)
     -- SQS redrive: the delivery that would exceed max_receives moves the message instead.
     put(f, 'rc', tostring(rc - 1))
     redis.call('XADD', dlq, '*', unpack(f))
-    expire(dlq, redis.call('HGET', KEYS[6], ARGV[1] .. '-dlq'), DLQ_RETENTION_MS, now)
+    expire(dlq, spec_of(KEYS[6], ARGV[1] .. '-dlq'), DLQ_RETENTION_MS, now)
     redis.call('XACK', stream, group, id)
     redis.call('XDEL', stream, id)
     redis.call('ZREM', leases, id)
@@ -141,7 +140,7 @@ local fields = {}
 for i = n + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
 for i = 1, n do
   redis.call('XADD', KEYS[i + 1], '*', unpack(fields))
-  expire(KEYS[i + 1], redis.call('HGET', KEYS[1], ARGV[i]), QUEUE_RETENTION_MS, now)
+  expire(KEYS[i + 1], spec_of(KEYS[1], ARGV[i]), QUEUE_RETENTION_MS, now)
 end
 return n
 """

@@ -138,11 +138,19 @@ def ensure(conn: sqlite3.Connection, topology: Topology) -> None:
             )
 
 
-def _queue_row(conn: sqlite3.Connection, queue: str) -> tuple[float, int, str | None] | None:
+def _queue_row(conn: sqlite3.Connection, queue: str) -> tuple[float, int, str | None, float] | None:
+    """(lease_s, max_receives, dlq, retention_s) of ``queue``, or None."""
     row = conn.execute(
-        "SELECT lease_s, max_receives, dlq FROM bus_queues WHERE name = ?", (queue,)
+        "SELECT lease_s, max_receives, dlq, retention_s FROM bus_queues WHERE name = ?", (queue,)
     ).fetchone()
-    return None if row is None else (float(row[0]), int(row[1]), row[2])
+    return None if row is None else (float(row[0]), int(row[1]), row[2], _retention(queue, row[3]))
+
+
+def _retention(queue: str, stored: float | None) -> float:
+    """A queue's retention; a row from before messages expired has none: SQS's defaults."""
+    if stored is not None:
+        return float(stored)
+    return DLQ_RETENTION_S if queue.endswith(DLQ_SUFFIX) else QUEUE_RETENTION_S
 
 
 def _subscriptions(conn: sqlite3.Connection, topic: str) -> list[Subscription]:
@@ -169,18 +177,15 @@ def publish(conn: sqlite3.Connection, topic: str, body: bytes, attributes: Mappi
             [(q, message_id, body, attrs, now, now) for q in queues],
         )
         for q in queues:  # so a queue nobody reads keeps only its last retention_s of messages
-            _expire(conn, q, now)
+            spec = _queue_row(conn, q)
+            if spec is not None:
+                _expire(conn, q, spec[3], now)
     return message_id
 
 
-def _expire(conn: sqlite3.Connection, queue: str, now: float) -> None:
-    """Drop ``queue``'s messages sent more than its retention ago, leased or not (SQS's rule)."""
-    row = conn.execute("SELECT retention_s FROM bus_queues WHERE name = ?", (queue,)).fetchone()
-    if row is None:
-        return
-    default = DLQ_RETENTION_S if queue.endswith(DLQ_SUFFIX) else QUEUE_RETENTION_S
-    keep = default if row[0] is None else float(row[0])
-    conn.execute("DELETE FROM bus_messages WHERE queue = ? AND sent_at < ?", (queue, now - keep))
+def _expire(conn: sqlite3.Connection, queue: str, keep_s: float, now: float) -> None:
+    """Drop ``queue``'s messages sent more than ``keep_s`` ago, leased or not (SQS's rule)."""
+    conn.execute("DELETE FROM bus_messages WHERE queue = ? AND sent_at < ?", (queue, now - keep_s))
 
 
 def receive(conn: sqlite3.Connection, queue: str, max_messages: int, lease_s: float | None) -> list[Delivery]:
@@ -188,9 +193,9 @@ def receive(conn: sqlite3.Connection, queue: str, max_messages: int, lease_s: fl
         spec = _queue_row(conn, queue)
         if spec is None:
             raise NotFound(f"queue {queue!r} does not exist")
-        default_lease, max_receives, dlq = spec
+        default_lease, max_receives, dlq, keep_s = spec
         lease = default_lease if lease_s is None else lease_s
-        _expire(conn, queue, time.time())
+        _expire(conn, queue, keep_s, time.time())
         out: list[Delivery] = []
         while len(out) < max_messages:
             now = time.time()
@@ -208,7 +213,8 @@ def receive(conn: sqlite3.Connection, queue: str, max_messages: int, lease_s: fl
                         "UPDATE bus_messages SET queue = ?, visible_at = ?, receipt = NULL WHERE id = ?",
                         (dlq, now, row[0]),
                     )
-                    _expire(conn, dlq, now)  # its retention counts from its first send, as on SQS
+                    if (dead := _queue_row(conn, dlq)) is not None:  # counted from its first send
+                        _expire(conn, dlq, dead[3], now)
                 else:
                     out.append(_lease(conn, queue, row, now + lease))
         return out
