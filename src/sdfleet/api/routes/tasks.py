@@ -15,7 +15,6 @@ from sdfleet.api.links import file_url
 from sdfleet.api.openapi import SUBMIT_ERRORS, errors
 from sdfleet.api.seed_schemas import INPUTS_MAX, NAME_MAX, TEXT_MAX
 from sdfleet.api.submit import submit
-from sdfleet.api.thumbs import thumb_key
 from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import expires_at, transition
@@ -273,18 +272,12 @@ async def delete_task(
     record = await owned(ctx, who, task_id)
     if not record.state.terminal:
         raise TransitionConflict(f"task {task_id} is {record.state}: cancel it first, then delete it")
-    res = record.result
-    images = res.images if res else []
-    keys = {*images, *(thumb_key(k) for k in images), *([res.output] if res and res.output else [])}
-    # Every run and try of this id names its files <id>-<tag>…, directly in its results folder;
-    # a subfolder there is another task's (one whose prefix ends in this id).
+    # Every run and try of this id names its files <id>-<tag>… (images, `.out`, the gallery's
+    # thumbnails beside them) directly in its results folder, the record's result among them; a
+    # subfolder there is another task's (one whose prefix ends in this id).
     mine = f"{task_id}-"
-    keys |= {
-        k
-        for k in await ctx.storage.files(record.task.results_folder())
-        if k.rpartition("/")[2].startswith(mine)
-    }
-    await ctx.storage.delete(sorted(keys))
+    files = await ctx.storage.files(record.task.results_folder())
+    await ctx.storage.delete([k for k in files if k.rpartition("/")[2].startswith(mine)])
     if not await ctx.store.delete(who.tenant, task_id, record.version):
         # Written meanwhile (a seed-format id sent again reopened it: that run is not this
         # delete's), or it expired just then.
