@@ -208,7 +208,8 @@ async def test_a_delivery_that_comes_back_to_the_agent_running_it_does_not_run_a
     """A delivery whose lease lapsed while its task ran (here its heartbeat is made to come after
     the lease, as an event loop stalled past it would) came back to the same agent, whose record
     start took its own ``running`` for its own and ran the task a second time beside the first. The
-    second delivery now waits in hand for the first and is dropped once the task has finished."""
+    second delivery now waits in hand for the first and is dropped once the task has finished,
+    without telling the subscribers again what the first just told them."""
     runtimes = {"synthetic": {"latency_s": 3}}
     s = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, lease_s=1, max_receives=5)
     fleet = await start_fleet(QUEUE, settings=s)
@@ -230,6 +231,8 @@ async def test_a_delivery_that_comes_back_to_the_agent_running_it_does_not_run_a
     q = await _settled(fleet)
     assert (q["visible"], q["in_flight"], q["dead_letters"]) == (0, 0, 0), q
     assert runs == [task_id], runs
+    notes = [n for n in await drain(engine, "results") if n.get("task_id") == task_id]
+    assert [n["type"] for n in notes] == ["succeeded"], notes
 
 
 async def test_two_copies_of_a_queued_task_received_together_run_once(

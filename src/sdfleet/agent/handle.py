@@ -17,6 +17,10 @@ class DeliveryHandle:
         self.bus = bus
         self.delivery = delivery
         self.settled = False
+        self.told = False
+        """Subscribers heard how its task's run ended from this agent (the notifications went out
+        before the ack): a delivery of that run that waited here for this one tells them nothing
+        again (``agent.holds``)."""
         self._lock = asyncio.Lock()
 
     async def ack(self) -> None:

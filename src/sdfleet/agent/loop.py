@@ -274,6 +274,7 @@ class Agent:
         nxt = self._holds.let_go(key, handle)
         if nxt is None:
             return
+        nxt[0].told = handle.told  # what the holder told need not be told again
         if self._stopping.is_set():
             await _give_back([nxt])
             return

@@ -165,7 +165,7 @@ async def _checked(
             return None
         if reason is not None:
             task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
-            if record is not None and task.run == record.task.run:
+            if record is not None and task.run == record.task.run and not h.told:
                 await _redelivered_result(parts, record, d)
             await h.ack()
             return None
@@ -236,7 +236,8 @@ async def _note_error(parts: Parts, record: TaskRecord, error: TaskError) -> Non
 async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> None:
     """Subscribers hear of every terminal state at least once: a task cancelled while queued is
     told by the agent that drops it, and a finished task whose delivery comes back (its agent died
-    after the record, maybe before the notification) is told again."""
+    after the record, maybe before the notification) is told again; not when the delivery waited
+    here for the one whose run told them (``DeliveryHandle.told``)."""
     if cancelled_unrun(record):
         await notify(parts, record, EventType.CANCELLED)
     elif record.state.terminal and d.receive_count > 1 and record.attempts > 0:

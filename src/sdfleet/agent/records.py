@@ -133,6 +133,7 @@ async def acknowledge(parts: Parts, p: Prepared) -> None:
     p.light.set()
     for notifier in parts.notifiers:
         await notifier.delivered(p.task.id)
+    p.handle.told = True
     await ride_out(p.handle.ack, f"acking {p.task.id}", parts.fleet.retry.lease_s)
 
 
