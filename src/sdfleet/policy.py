@@ -19,9 +19,10 @@ pages) and aws/event-ruler, the matcher SNS filtering is built on:
 Attribute scope: a Python ``str`` is an SNS ``String`` attribute, ``int``/``float`` a ``Number``,
 a ``list`` a ``String.Array`` (elements keep their JSON types), ``bytes`` a ``Binary`` (ignored,
 as SNS ignores it). The SNS wire forms ``{"DataType", "StringValue"}`` and ``{"Type", "Value"}``
-are read too. One deliberate difference from SNS: the sdfleet bus publishes every attribute as a
-``str``, so in attribute scope the ``numeric`` operator also matches a string that reads as a
-number (``"42"``, ``"-1.5e3"``). Exact values and ``anything-but`` keep SNS's strict typing.
+are read too. The sdfleet bus publishes attributes as ``str`` except ``NUMBER_ATTRIBUTES``
+(``bus.base``), which ``matching_queues`` reads as numbers, as SNS does on AWS. One deliberate
+difference from SNS: in attribute scope the ``numeric`` operator also matches a string that reads
+as a number (``"42"``, ``"-1.5e3"``). Exact values and ``anything-but`` keep SNS's strict typing.
 
 Body scope: the body is JSON (a body that is not a JSON object matches nothing). Nested policy
 objects walk nested body objects; when the body holds an array of objects there, one element must
@@ -50,6 +51,7 @@ from sdfleet._policy_validate import (
     is_number,
     validate,
 )
+from sdfleet.bus.base import typed_attributes
 
 if TYPE_CHECKING:
     from sdfleet.bus.base import Subscription
@@ -92,9 +94,10 @@ def matching_queues(
 ) -> list[str]:
     """Queues of ``topic``'s subscriptions that accept the message, in subscription order, once each.
 
+    ``attributes`` as the bus publishes them: strings, ``NUMBER_ATTRIBUTES`` read as numbers.
     A subscription without a filter policy accepts every message.
     """
-    message = _Message(attributes, body)
+    message = _Message(typed_attributes(attributes), body)
     queues: list[str] = []
     for sub in subscriptions:
         if sub.topic != topic or sub.queue in queues:

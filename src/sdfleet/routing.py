@@ -17,6 +17,7 @@ ATTR_TIER = "tenant_tier"
 ATTR_TYPE = "task_type"
 ATTR_TASK_ID = "task_id"
 ATTR_ENQUEUED_AT = "enqueued_at"
+ATTR_PRIORITY = "priority"  # one of the bus's NUMBER_ATTRIBUTES: numeric filter policies match it
 
 
 def task_attributes(task: Task, *, tier: str = "standard") -> dict[str, str]:
@@ -26,6 +27,7 @@ def task_attributes(task: Task, *, tier: str = "standard") -> dict[str, str]:
         ATTR_TENANT: task.tenant,
         ATTR_TIER: tier,
         ATTR_TYPE: task.type.value,
+        ATTR_PRIORITY: str(task.priority),
     }
     if task.model:
         attrs[ATTR_MODEL] = task.model
@@ -71,7 +73,8 @@ def resolve_queues(
     queues = matching_queues(topology.subscriptions, fleet.tasks_topic, attributes, task.to_message())
     if not queues:
         raise ValidationFailed(
-            f"no queue accepts this task (model={task.model!r}, runtime={task.runtime!r}); "
+            f"no queue accepts this task (model={task.model!r}, runtime={task.runtime!r}, "
+            f"priority={task.priority}); "
             f"queues: {', '.join(q.name for q in fleet.queues)}",
             code="no_route",
         )

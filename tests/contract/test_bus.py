@@ -17,7 +17,7 @@ import pytest
 
 from sdfleet.bus import Bus, Delivery, QueueSpec, Subscription, Topology, dlq_name
 from sdfleet.bus.backends.aws_topology import queue_name
-from sdfleet.errors import NotFound, PayloadTooLarge
+from sdfleet.errors import NotFound, PayloadTooLarge, ValidationFailed
 
 if TYPE_CHECKING:  # another test folder's conftest may be the one imported under that name
     from conftest import BusFactory
@@ -90,6 +90,29 @@ async def test_routing_by_attribute_policy(bus: Bus, ns: str) -> None:
     await bus.publish(f"{ns}-tasks", b"to-dynamic", {"sd_model_checkpoint": "sdxl.safetensors"})
     assert await bodies(bus, f"{ns}-sd15") == [b"to-sd15"]
     assert await bodies(bus, f"{ns}-dynamic") == [b"to-dynamic"]
+
+
+async def test_a_number_attribute_routes_by_numeric_and_exact_number_policies(bus: Bus, ns: str) -> None:
+    """``priority`` is a number on every engine (an SNS ``Number`` on AWS, where ``numeric`` never
+    matches a ``String``): priority lanes route alike everywhere, and it arrives as published."""
+    lanes = {
+        "urgent": {"priority": [{"numeric": [">=", 5]}]},
+        "picked": {"priority": [3]},  # an exact number: SNS matches a Number 3, not the text "3"
+        "rest": {"$or": [{"priority": [{"exists": False}]}, {"priority": [{"numeric": ["<", 5]}]}]},
+    }
+    await bus.ensure(topology(ns, lanes))
+    for priority in ("9", "5", "4.5", "3", "0"):
+        await bus.publish(f"{ns}-tasks", f"p{priority}".encode(), {"priority": priority, "tenant": "t"})
+    await bus.publish(f"{ns}-tasks", b"none", {"tenant": "t"})
+    assert await bodies(bus, f"{ns}-urgent") == [b"p5", b"p9"]
+    assert await bodies(bus, f"{ns}-picked") == [b"p3"]
+    rest = await drain(bus, f"{ns}-rest")
+    assert sorted(d.body for d in rest) == [b"none", b"p0", b"p3", b"p4.5"]
+    assert {d.attributes.get("priority") for d in rest} == {None, "0", "3", "4.5"}
+    for bad in ("high", "1e10", "nan"):
+        with pytest.raises(ValidationFailed, match="'priority' must be a number"):
+            await bus.publish(f"{ns}-tasks", b"bad", {"priority": bad})
+    assert await bus.receive(f"{ns}-rest", max_messages=10) == []
 
 
 async def test_routing_by_message_body_policy(bus: Bus, ns: str) -> None:

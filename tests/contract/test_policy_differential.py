@@ -9,8 +9,8 @@ message) pair, SNS's answer and ``policy.matches`` must agree, except:
   documents. There ``policy.matches`` must give the documented answer AND moto must still give the
   other one, so the list shrinks as moto is fixed (and a wrong entry fails);
 - ``SDFLEET_DIFFERENCES``: the one documented, deliberate difference of ``policy.py`` (a numeric
-  condition also matches a ``String`` attribute that reads as a number, because every sdfleet bus
-  publishes attributes as strings). On AWS, SNS does not: see docs/aws.md.
+  condition also matches a ``String`` attribute that reads as a number, because the sdfleet buses
+  publish attributes as strings but ``priority``). On AWS, SNS does not: see docs/aws.md.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ ATTR_POLICIES: dict[str, dict[str, Any]] = {
     "suffix-region": {"region": [{"suffix": "-1"}]},
     "two-keys-or-values": {"tier": ["paid", "enterprise"], "model": [{"exists": True}]},
     "prefix-or-exact": {"model": [{"prefix": "flux"}, "sd21-base"]},
+    # what ``disjoint`` makes of priority lanes (``priority`` is published as a Number)
+    "lane-rest": {"$or": [{"priority": [{"exists": False}]}, {"priority": [{"numeric": ["<", 5]}]}]},
+    "lane-ranges": {"priority": [{"numeric": [">", 1, "<", 4]}, {"numeric": [">", 4]}]},
 }
 
 ATTR_MESSAGES: dict[str, dict[str, Any]] = {
@@ -77,6 +80,10 @@ ATTR_MESSAGES: dict[str, dict[str, Any]] = {
     "string-n": {"model": "sd15.safetensors", "n": "5"},
     "enterprise-x": {"tags": ["x"], "tier": "enterprise"},
     "sd21-ip": {"model": "sd21-base", "ip": "192.168.1.1", "n": 0},
+    "urgent": {"priority": 7, "tier": "paid"},
+    "low": {"priority": 0, "model": "sd15.safetensors"},
+    "four": {"priority": 4},
+    "two-and-a-half": {"priority": 2.5},
 }
 
 # -- MessageBody scope ---------------------------------------------------------------------------
@@ -122,6 +129,7 @@ MOTO_DEVIATIONS: dict[tuple[str, str], bool] = {
     # attribute-key-matching: '"exists": false only matches if at least one attribute is
     # present'; moto matches a message without attributes.
     ("not-exists", "none"): False,
+    ("lane-rest", "none"): False,
     # string-value-matching: string values match strings; a Number attribute 5 is matched by
     # numeric conditions (numeric-value-matching), not by the string "5"; moto compares text.
     ("string-five", "sd15-paid"): False,

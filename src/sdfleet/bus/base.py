@@ -6,7 +6,8 @@ Semantics every backend keeps (checked by ``tests/contract/test_bus.py``):
 - ``receive_count`` counts deliveries; a message delivered ``max_receives`` times and not acked
   moves to the queue's dead-letter queue (``<queue>-dlq``) instead of being delivered again;
 - a subscription's ``filter_policy`` is an SNS filter policy (``policy.py``), applied to the
-  message attributes or, with ``scope="MessageBody"``, to the JSON body;
+  message attributes or, with ``scope="MessageBody"``, to the JSON body; attributes are strings,
+  except those named in ``NUMBER_ATTRIBUTES``, which are numbers (SNS ``Number``) on every engine;
 - delivery is raw: the body and the attributes arrive as published;
 - a message is kept at most its queue's ``retention_s`` after it was sent (SQS's
   ``MessageRetentionPeriod``: 4 days unless set), in a dead-letter queue ``DLQ_RETENTION_S``,
@@ -16,17 +17,47 @@ Semantics every backend keeps (checked by ``tests/contract/test_bus.py``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from sdfleet.errors import ValidationFailed
+
 DLQ_SUFFIX = "-dlq"
 QUEUE_RETENTION_S = 4 * 86400
 """How long a queue keeps a message: SQS's default retention."""
 DLQ_RETENTION_S = 14 * 86400
 """How long a dead-letter queue keeps one: SQS's longest, time to read and redrive it."""
+
+NUMBER_ATTRIBUTES = frozenset({"priority"})
+"""Attributes that are numbers, SNS ``Number``: the aws engine publishes them with that data type
+and the other engines route them as numbers, so a ``numeric`` filter policy (``{"priority":
+[{"numeric": [">=", 5]}]}``) or an exact number routes them alike everywhere. SNS's ``numeric``
+never matches a ``String`` attribute."""
+
+
+NUMBER_LIMIT = 1e9
+"""SNS's ``Number`` attributes lie within ±this."""
+
+
+def typed_attributes(attributes: Mapping[str, str]) -> dict[str, str | float]:
+    """Attributes as SNS filters them: ``NUMBER_ATTRIBUTES`` values as numbers. Raises
+    ``ValidationFailed`` for one that is not a number SNS takes, as SNS refuses the publish."""
+    typed: dict[str, str | float] = dict(attributes)
+    for name in NUMBER_ATTRIBUTES & typed.keys():
+        try:
+            number = float(attributes[name])
+        except ValueError:
+            number = math.nan
+        if not abs(number) <= NUMBER_LIMIT:
+            raise ValidationFailed(
+                f"message attribute {name!r} must be a number within ±1e9, got {attributes[name]!r}"
+            )
+        typed[name] = number
+    return typed
 
 
 def dlq_name(queue: str) -> str:

@@ -38,7 +38,7 @@ from botocore.exceptions import ClientError
 
 from sdfleet._aws import AwsContext, error_code, int_param, map_errors, parse_aws_url
 from sdfleet.bus.backends.aws_topology import ensure_topology, existing_queue_url, queue_name, queue_stats
-from sdfleet.bus.base import Delivery, QueueStats, Topology
+from sdfleet.bus.base import NUMBER_ATTRIBUTES, Delivery, QueueStats, Topology, typed_attributes
 from sdfleet.bus.batcher import Batcher
 from sdfleet.errors import BusError, BusUnavailable, PayloadTooLarge, ValidationFailed
 
@@ -70,7 +70,11 @@ def _message_attributes(attributes: Mapping[str, str]) -> dict[str, Any]:
     for k, v in attributes.items():
         if not v:
             raise ValidationFailed(f"message attribute {k!r} is empty; SNS refuses empty values")
-    return {k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()}
+    typed_attributes(attributes)  # refuses what SNS would, with the other engines' reason
+    return {
+        k: {"DataType": "Number" if k in NUMBER_ATTRIBUTES else "String", "StringValue": v}
+        for k, v in attributes.items()
+    }
 
 
 class AwsBus:
