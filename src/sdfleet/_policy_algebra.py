@@ -109,6 +109,9 @@ def _and_operators(x: Mapping[str, Any], y: Mapping[str, Any]) -> list[Any]:
         values = [*px, *(v for v in py if v not in px)]
         if all(isinstance(v, str) for v in values) or all(is_number(v) for v in values):
             return [{"anything-but": values}]
+    numeric = _and_numeric(x, y)
+    if numeric is not None:
+        return numeric
     for a, b in ((x, y), (y, x)):
         excluded = _plain_list(a)
         if excluded is not None and not any(accepts(b, v) for v in excluded):
@@ -145,17 +148,23 @@ def _plain_list(rule: Mapping[str, Any]) -> list[Any] | None:
     return list(arg) if isinstance(arg, list) else [arg]
 
 
-def negate(cond: list[Any]) -> list[Any]:
-    """``NOT (r1 OR r2 ...)`` on one key, as one condition. Raises ``Inexpressible``."""
+def negate(cond: list[Any], *, number: bool = False) -> list[Any]:
+    """``NOT (r1 OR r2 ...)`` on one key, as one condition. Raises ``Inexpressible``.
+
+    ``number``: the key holds a number whenever it is present (a ``NUMBER_ATTRIBUTES`` attribute,
+    which every engine refuses to publish otherwise), so NOT of a ``numeric`` range is absence or
+    the ranges around it; of another key it cannot be said (NOT takes its strings too)."""
     out: list[Any] | None = None
     for rule in cond:
-        neg = _negate_rule(rule)
+        neg = _negate_rule(rule, number=number)
         out = neg if out is None else intersect(out, neg)
     return out or []
 
 
-def _negate_rule(rule: Any) -> list[Any]:
+def _negate_rule(rule: Any, *, number: bool = False) -> list[Any]:
     op = _op(rule)
+    if op == "numeric" and number:
+        return [ABSENT, *_numeric_outside(_interval(rule["numeric"]))]
     if op is None:
         if isinstance(rule, str) or is_number(rule):
             return [ABSENT, {"anything-but": [rule]}]
@@ -170,3 +179,75 @@ def _negate_rule(rule: Any) -> list[Any]:
     if op in _STRING_OPS:
         return [ABSENT, {"anything-but": {op: arg}}]
     raise Inexpressible(f"SNS has no negation of {json.dumps(rule)}")
+
+
+# -- numeric ranges --------------------------------------------------------------------------------
+
+Interval = tuple[float, bool, float, bool]
+"""low, low included, high, high included (``-inf``/``inf`` where there is no bound)."""
+_INF = float("inf")
+
+
+def _interval(arg: list[Any]) -> Interval:
+    lo, lo_in, hi, hi_in = -_INF, False, _INF, False
+    for op, bound in zip(arg[::2], arg[1::2], strict=True):
+        if op in ("=", ">", ">="):
+            lo, lo_in = bound, op != ">"
+        if op in ("=", "<", "<="):
+            hi, hi_in = bound, op != "<"
+    return lo, lo_in, hi, hi_in
+
+
+def _numeric_rule(iv: Interval) -> list[Any]:
+    """The ``numeric`` rule for a range ([] when it holds no number)."""
+    lo, lo_in, hi, hi_in = iv
+    if lo > hi or (lo == hi and not (lo_in and hi_in)):
+        return []
+    if lo == hi:
+        return [{"numeric": ["=", lo]}]
+    arg: list[Any] = []
+    if lo > -_INF:
+        arg += [">=" if lo_in else ">", lo]
+    if hi < _INF:
+        arg += ["<=" if hi_in else "<", hi]
+    return [{"numeric": arg}]
+
+
+def _and_numeric(x: Mapping[str, Any], y: Mapping[str, Any]) -> list[Any] | None:
+    """A ``numeric`` range AND another range, or AND ``anything-but`` numbers; None for other pairs."""
+    for a, b in ((x, y), (y, x)):
+        if _op(b) != "numeric":
+            continue
+        if _op(a) == "numeric":
+            return _numeric_and(a["numeric"], b["numeric"])
+        excluded = _plain_list(a)
+        if excluded is not None and all(is_number(v) for v in excluded):
+            return _numeric_without(_interval(b["numeric"]), excluded)
+    return None
+
+
+def _numeric_and(x: list[Any], y: list[Any]) -> list[Any]:
+    (alo, alo_in, ahi, ahi_in), (blo, blo_in, bhi, bhi_in) = _interval(x), _interval(y)
+    lo, lo_in = max((alo, not alo_in), (blo, not blo_in))
+    hi, hi_in = min((ahi, ahi_in), (bhi, bhi_in))
+    return _numeric_rule((lo, not lo_in, hi, hi_in))
+
+
+def _numeric_outside(iv: Interval) -> list[Any]:
+    """Numbers outside a range: the range below it and the one above."""
+    lo, lo_in, hi, hi_in = iv
+    return [*_numeric_rule((-_INF, False, lo, not lo_in)), *_numeric_rule((hi, not hi_in, _INF, False))]
+
+
+def _numeric_without(iv: Interval, excluded: list[Any]) -> list[Any]:
+    """Numbers of a range but the excluded ones: the ranges between them."""
+    parts = [iv]
+    for v in excluded:
+        split: list[Interval] = []
+        for lo, lo_in, hi, hi_in in parts:
+            if lo <= v <= hi:
+                split += [(lo, lo_in, v, False), (v, False, hi, hi_in)]
+            else:
+                split.append((lo, lo_in, hi, hi_in))
+        parts = split
+    return [rule for part in parts for rule in _numeric_rule(part)]

@@ -8,7 +8,9 @@ into the policies themselves: queue *i* gets ``filter_i AND NOT filter_j`` for e
 engine's topology (``routing.fleet_topology``), the deploy values and the CDK app use the result.
 
 What SNS cannot say is refused when the fleet file loads (``OverlapError``, with an example
-message both queues accept): the exclusion of a ``numeric`` or ``cidr`` condition, of ``true``,
+message both queues accept): the exclusion of a ``numeric`` condition (except on an attribute
+that is always a number, ``bus.base.NUMBER_ATTRIBUTES``: there it is the ranges around it, so
+``priority`` lanes work) or of a ``cidr`` one, of ``true``,
 ``false`` or ``null``, two different conditions on one key that must both hold, queues of
 different filter scopes, or a policy past SNS's limits. A queue that an earlier one shadows whole
 is refused too. Exclusions treat a key as holding one value (an attribute ``String.Array`` is
@@ -24,9 +26,13 @@ from typing import TYPE_CHECKING, Any
 from sdfleet._policy_algebra import ABSENT, Branch, Inexpressible, conjoin, dnf, negate, overlaps
 from sdfleet._policy_validate import MAX_COMBINATIONS, OR_KEY, PolicyError, Scope, validate
 from sdfleet._policy_witness import example_message
+from sdfleet.bus.base import NUMBER_ATTRIBUTES
 
 if TYPE_CHECKING:
     from sdfleet.settings import QueueConfig
+
+
+_NUMBERS = {(name,) for name in NUMBER_ATTRIBUTES}
 
 
 class OverlapError(ValueError):
@@ -70,7 +76,7 @@ def _effective(
             raise OverlapError(f"{_clash(q, other)}, and they filter different scopes")
         scope = scope or _scope_of(other)
         try:
-            result = _exclude(result, other_form)
+            result = _exclude(result, other_form, numbers=scope == "MessageAttributes")
         except Inexpressible as e:
             raise OverlapError(
                 f"{_clash(q, other)}, and SNS cannot exclude it from {q.name!r}: {e}"
@@ -93,10 +99,11 @@ def _clash(q: QueueConfig, other: QueueConfig) -> str:
     return f"queues {other.name!r} and {q.name!r} both accept {example}"
 
 
-def _exclude(result: list[Branch], other: list[Branch]) -> list[Branch]:
-    """``result AND NOT other``, distributed back into ORed conjunctions."""
+def _exclude(result: list[Branch], other: list[Branch], *, numbers: bool) -> list[Branch]:
+    """``result AND NOT other``, distributed back into ORed conjunctions. ``numbers``: the
+    attributes' ``NUMBER_ATTRIBUTES`` hold numbers (attribute scope)."""
     for branch in other:
-        clause = [(path, negate(cond)) for path, cond in branch.items()]
+        clause = [(path, negate(cond, number=numbers and path in _NUMBERS)) for path, cond in branch.items()]
         grown: list[Branch] = []
         for r in result:
             for path, neg in clause:

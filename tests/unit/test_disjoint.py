@@ -82,6 +82,16 @@ FLEETS = {
             "task_id": ["t"],
         },
     ),
+    "priority lanes": (  # ``priority`` is a number attribute: ranges exclude each other
+        _queues(
+            {"name": "urgent", "filter": {"priority": [{"numeric": [">=", 7]}]}},
+            {"name": "soon", "filter": {"priority": [{"numeric": [">", 2, "<=", 8]}], "m": ["a"]}},
+            {"name": "picked", "filter": {"priority": [{"numeric": ["=", 1]}, 4]}},
+            {"name": "sd15", "filter": {"m": [SD15]}},
+            {"name": "rest"},
+        ),
+        {"priority": [None, 0, 1, 2, 2.5, 3, 4, 6.5, 7, 8, 9], "m": [None, "a", SD15], "task_id": ["t"]},
+    ),
 }
 
 
@@ -115,6 +125,21 @@ def test_disjoint_filters_are_kept_as_written() -> None:
         {"name": "dynamic", "filter": {"m": [{"anything-but": [SD15]}]}},
     )
     assert [e.policy for e in effective_filters(queues)] == [q.filter for q in queues]
+    lanes = _queues(
+        {"name": "low", "filter": {"priority": [{"numeric": ["<", 5]}]}},
+        {"name": "high", "filter": {"priority": [{"numeric": [">=", 5, "<=", 9]}]}},
+    )
+    assert [e.policy for e in effective_filters(lanes)] == [q.filter for q in lanes]
+
+
+def test_a_priority_lane_before_the_rest_leaves_it_the_lower_priorities() -> None:
+    queues = _queues({"name": "urgent", "filter": {"priority": [{"numeric": [">=", 5]}]}}, {"name": "rest"})
+    assert effective_filters(queues)[1].policy == {
+        "$or": [{"priority": [{"exists": False}]}, {"priority": [{"numeric": ["<", 5]}]}]
+    }
+    # Another key may hold a string, which NOT numeric takes and SNS cannot say: still refused.
+    message = _refusal({"name": "a", "filter": {"steps": [{"numeric": [">=", 5]}]}}, {"name": "rest"})
+    assert "no negation" in message
 
 
 def _refusal(*specs: dict[str, Any]) -> str:
