@@ -221,6 +221,7 @@ def submit(
     width: int = typer.Option(512),
     height: int = typer.Option(512),
     seed: int = typer.Option(-1),
+    priority: int = typer.Option(0, help="0-9, higher runs sooner (routed by priority lanes' filters)."),
     wait: bool = typer.Option(False, help="Wait for the task to finish (a progress bar on a terminal)."),
     as_json: bool = JsonOpt,
     api_url: str = ApiOpt,
@@ -236,7 +237,7 @@ def submit(
         body = json.loads(text)
     elif prompt is not None:
         params = {"prompt": prompt, "steps": steps, "width": width, "height": height, "seed": seed}
-        body = {"model": model, "params": params}
+        body = {"model": model, "params": params, "priority": priority}
     else:
         _fail(ValueError("give --prompt or --file"))
         return
@@ -271,7 +272,9 @@ def _print_view(view: dict[str, Any]) -> None:
     running = f" {view['progress']:.0%}" if state == "running" else ""
     model = f" · model {view['model']}" if view.get("model") else ""
     run = f" · run {view['run']}" if view.get("run", 1) > 1 else ""  # run again (redrive, seed resubmit)
-    console.print(f"{view['id']}: [bold]{state}[/bold]{running} · queue {view.get('queue')}{model}{run}")
+    priority = f" · priority {view['priority']}" if view.get("priority") else ""
+    head = f"{view['id']}: [bold]{state}[/bold]{running} · queue {view.get('queue')}{model}{priority}{run}"
+    console.print(head)
     if view.get("error"):
         error = f"{view['error']['code']}: {escape(view['error']['message'])}"
         if state in ("queued", "running"):  # a failed attempt's reason, not the task's end

@@ -214,8 +214,8 @@ class AgentSettings(BaseModel):
     cancelled task is interrupted within about twice this, whatever the lease. The same read
     interrupts a run another agent took over after this agent's lease on it lapsed."""
     affinity_max_wait_s: float = Field(30.0, ge=0)
-    """Model-aware order: the longest a received task may be passed over for tasks of a model the
-    runtime has loaded; 0 is plain arrival order."""
+    """Priority and model-aware order: the longest a received task may be passed over for tasks
+    of a higher priority or of a model the runtime has loaded; 0 is plain arrival order."""
     wait_s: float = Field(5.0, ge=0)
     """Long-poll wait of one receive, seconds."""
     heartbeat_s: float | None = Field(None, gt=0)

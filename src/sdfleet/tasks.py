@@ -21,6 +21,8 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
 ``-`` (so never ``.`` or ``..``): it is a segment of storage keys and record keys."""
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """A tenant name: the first segment of its storage keys and of its record keys, so no ``/``."""
+PRIORITY_MAX = 9
+"""Task priorities are 0 (the default) to this; higher runs sooner (``Task.priority``)."""
 
 
 def integral(value: Any) -> Any:
@@ -123,6 +125,9 @@ class Task(BaseModel):
     model: str | None = None
     params: TaskParams = Field(default_factory=TaskParams)
     priority: int = 0
+    """Higher runs sooner: routed as the ``priority`` message attribute (a number, for filter
+    policies of priority lanes), and an agent runs the highest of the tasks it holds first. Read
+    as given on the bus; the API takes 0 to ``PRIORITY_MAX``."""
     queue: str | None = None
     webhook: Webhook | None = None
     context: Any = None

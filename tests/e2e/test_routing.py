@@ -85,3 +85,29 @@ async def test_named_queue_must_accept_the_task(start_fleet: StartFleet) -> None
     r = await fleet.http.post("/v1/tasks", json=_t2i(OTHER, queue="dynamic"))
     assert r.status_code == 202, r.text
     assert r.json()["queue"] == "dynamic"
+
+
+async def test_priority_lanes(start_fleet: StartFleet) -> None:
+    """A lane for urgent work by its ``priority`` (a number attribute on every engine: on AWS an
+    SNS ``Number``, which SNS's ``numeric`` needs): only the lane's agent runs here, so a task is
+    done only if the engine delivered it to the lane, and the rest wait on the other queue."""
+    lanes = [
+        QueueConfig(name="urgent", filter={"priority": [{"numeric": [">=", 5]}]}),
+        QueueConfig(name="default"),  # the rest: absent or below 5
+    ]
+    fleet = await start_fleet(lanes, agents=["urgent"])
+    urgent = await fleet.http.post("/v1/tasks", json=_t2i(SD15, priority=7))
+    assert urgent.status_code == 202, urgent.text
+    assert (urgent.json()["queue"], urgent.json()["priority"]) == ("urgent", 7)
+    for body in (_t2i(SD15, priority=4), _t2i(SD15)):
+        r = await fleet.http.post("/v1/tasks", json=body)
+        assert r.status_code == 202, r.text
+        assert (r.json()["queue"], r.json()["priority"]) == ("default", body.get("priority", 0))
+    view = await fleet.wait(urgent.json()["id"], timeout_s=60)
+    assert view["state"] == "succeeded", view
+    depths = {q["name"]: q for q in (await fleet.http.get("/v1/queues")).json()}
+    assert depths["default"]["visible"] == 2 and depths["urgent"]["visible"] == 0, depths
+    for bad in (10, -1, "high", 2.5):
+        r = await fleet.http.post("/v1/tasks", json=_t2i(SD15, priority=bad))
+        assert r.status_code == 422, (bad, r.text)
+        assert "priority" in r.text, r.text

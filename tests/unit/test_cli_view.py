@@ -41,3 +41,9 @@ def test_a_task_kept_for_a_while_says_until_when() -> None:
     kept = {**_view("succeeded", None), "expires_at": 1796515200.0}
     assert "  kept until 2026-12-06 00:00:00 UTC" in _shown(kept)
     assert "kept until" not in _shown({**_view("succeeded", None), "expires_at": None})
+
+
+def test_a_task_with_a_priority_says_it() -> None:
+    shown = _shown({**_view("queued", None), "model": "m", "priority": 7, "run": 2})
+    assert "t-1: queued · queue q · model m · priority 7 · run 2" in shown
+    assert "priority" not in _shown({**_view("queued", None), "priority": 0})

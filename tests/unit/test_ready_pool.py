@@ -1,5 +1,5 @@
-"""The ready pool's order: loaded model first, then cached ones, never past the pass-over bound; and
-batch-mates by key."""
+"""The ready pool's order: highest priority first, then the loaded model, then cached ones, never
+past the pass-over bound; and batch-mates by key."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from sdfleet.tasks import Task, TaskParams
 from sdfleet.telemetry import tracer
 
 
-def prepared(name: str, model: str | None, **params: Any) -> Prepared:
+def prepared(name: str, model: str | None, priority: int = 0, **params: Any) -> Prepared:
     d = Delivery(
         queue="q", message_id=name, body=b"", attributes={}, receive_count=1, receipt=name, sent_at=0
     )
-    task = Task(id=name, model=model, params=TaskParams(**params))
+    task = Task(id=name, model=model, priority=priority, params=TaskParams(**params))
     return Prepared(handle=DeliveryHandle(None, d), task=task, inputs=[], span=tracer().start_span(name))  # type: ignore[arg-type]
 
 
@@ -64,10 +64,37 @@ def test_no_task_is_passed_over_past_the_bound(monkeypatch: pytest.MonkeyPatch) 
     assert names(pool.take(["m1"])) == ["new1"]
 
 
+def test_higher_priority_first_then_the_loaded_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = ReadyPool(max_pass_over_s=5)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    for name, model, priority in [("a", "m1", 0), ("b", "m2", 5), ("c", "m1", 5), ("d", "m2", 9)]:
+        pool.put(prepared(name, model, priority))
+    assert names(pool.take(["m1"])) == ["d"]  # the highest, though a switch
+    assert names(pool.take(["m2"])) == ["b"]  # of the 5s, the loaded model's
+    now[0] += 5.0  # "a" and "c" have waited the bound: they go first, whatever their priority
+    pool.put(prepared("e", "m1", 7))
+    assert names(pool.take(["m1"])) == ["a"]
+    assert names(pool.take(["m1"])) == ["c"]
+    assert names(pool.take(["m1"])) == ["e"]
+
+
+def test_batch_mates_of_higher_priority_take_the_room_first() -> None:
+    pool = ReadyPool()
+    for name, priority in [("t0", 1), ("t1", 0), ("t2", 0), ("t3", 3), ("t4", 3)]:
+        pool.put(prepared(name, "m1", priority, steps=20))
+
+    def key(p: Prepared) -> object:
+        return p.task.params.steps
+
+    assert names(pool.take(["m1"], max_batch=3, key=key)) == ["t3", "t4", "t0"]
+    assert names(pool.take(["m1"], max_batch=3, key=key)) == ["t1", "t2"]
+
+
 def test_zero_bound_is_arrival_order() -> None:
     pool = ReadyPool(max_pass_over_s=0)
     pool.put(prepared("a", "m2"))
-    pool.put(prepared("b", "m1"))
+    pool.put(prepared("b", "m1", priority=9))
     assert names(pool.take(["m1"])) == ["a"]
 
 

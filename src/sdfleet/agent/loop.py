@@ -5,10 +5,10 @@ received and prepared (inputs fetched) ahead of the runtime, no more than it sta
 ``prefetch_horizon_s`` (``pace``: long tasks are not hidden from other agents). The run stage
 holds the GPU: it keeps ``runtime.max_in_flight`` calls outstanding (2 for every runtime shipped:
 the next job already waits at the device's lock or the server's queue when one ends), picks the
-next task in model-aware order and, for a runtime that batches, takes compatible tasks along. Its
-start write runs beside the call, and finishing a task (upload, record, notify, ack) runs
-concurrently with the next calls, at most ``finishers`` at once, so the GPU never waits on the
-network.
+next task in priority, then model-aware, order and, for a runtime that batches, takes compatible
+tasks along. Its start write runs beside the call, and finishing a task (upload, record, notify,
+ack) runs concurrently with the next calls, at most ``finishers`` at once, so the GPU never waits
+on the network.
 
 SIGTERM (scale-in, spot interruption): stop receiving, release what was prefetched, let running
 tasks finish within ``drain_s`` or interrupt and release them, finish what finished, exit 0.

@@ -64,7 +64,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
     ready_at: float = 0.0
-    """Monotonic time it entered the ready pool (for the model-aware order's pass-over bound)."""
+    """Monotonic time it entered the ready pool (for the pool order's pass-over bound)."""
     run_started: float | None = None
     """Monotonic time its runtime call began (the cancel watch checks tasks running for a while)."""
     cancel_checked: float | None = None

@@ -1,10 +1,12 @@
 """Tasks received and prepared, waiting for the runtime: which run next, and which run together.
 
-Model-aware order: on a queue that mixes models (the seed's dynamic queue) a switch costs seconds
-of GPU, so among the tasks already here the next one is the oldest for the loaded model, else the
-oldest for a cached one, else the oldest of all; no task is passed over for longer than
-``max_pass_over_s`` (then it goes first, whatever its model). Batching: the chosen task takes
-along others with the same batch key, oldest first, while their images fit in ``max_batch``.
+Priority, then model-aware order: among the tasks already here, those of the highest
+``Task.priority`` go first; among them, on a queue that mixes models (the seed's dynamic queue),
+where a switch costs seconds of GPU, the oldest for the loaded model, else the oldest for a cached
+one, else the oldest. No task is passed over for longer than ``max_pass_over_s`` (then it goes
+first, whatever its priority and model; 0 is arrival order). Batching: the chosen task takes along
+others with the same batch key, highest priority then oldest first, while their images fit in
+``max_batch``.
 """
 
 from __future__ import annotations
@@ -72,12 +74,12 @@ class ReadyPool:
 
     def company(self, batch: Sequence[Prepared], key: BatchKey, room: int) -> list[Prepared]:
         """Waiting tasks that may join ``batch`` (same key) with at most ``room`` images in all,
-        oldest first, removed from the pool."""
+        highest priority then oldest first, removed from the pool."""
         k = key(batch[0])
         if k is None:
             return []
         mates = []
-        for p in self._items:
+        for p in sorted(self._items, key=lambda p: -p.task.priority):  # stable: oldest first
             if images(p) <= room and key(p) == k:
                 mates.append(p)
                 room -= images(p)
@@ -89,8 +91,10 @@ class ReadyPool:
         oldest = self._items[0]
         if time.monotonic() - oldest.ready_at >= self.max_pass_over_s:
             return oldest
+        top = max(p.task.priority for p in self._items)
+        first = [p for p in self._items if p.task.priority == top]
         for model in loaded:
-            for p in self._items:
+            for p in first:
                 if model_of(p) in (model, None):
                     return p
-        return oldest
+        return first[0]

@@ -19,6 +19,7 @@ from sdfleet.api.wait import preferred_wait, until_finished
 from sdfleet.errors import NotFound, TransitionConflict
 from sdfleet.store.base import expires_at, transition
 from sdfleet.tasks import (
+    PRIORITY_MAX,
     TASK_ID_PATTERN,
     Integer,
     Task,
@@ -55,7 +56,13 @@ class TaskRequest(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=NAME_MAX)
     runtime: str | None = Field(None, min_length=1, max_length=NAME_MAX)
     params: TaskParams = Field(default_factory=TaskParams)
-    priority: Integer = 0
+    priority: Integer = Field(
+        0,
+        ge=0,
+        le=PRIORITY_MAX,
+        description="Higher runs sooner: the `priority` message attribute (a number) that filter "
+        "policies route priority lanes by, and the order an agent runs the tasks it holds in",
+    )
     queue: str | None = None
     webhook: Webhook | None = None
     context: Any = Field(None, description="Anything; echoed back (JSON nested at most 64 levels)")
@@ -99,6 +106,7 @@ class TaskView(BaseModel):
     type: TaskType
     model: str | None
     queue: str | None
+    priority: int = 0
     run: int
     """Which run of this id (a seed-format id sent again after it finished runs again, and
     ``sdfleet dlq redrive`` runs a failed task's next run)."""
@@ -134,6 +142,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         type=r.task.type,
         model=r.task.model,
         queue=r.task.queue,
+        priority=r.task.priority,
         run=r.task.run,
         attempts=r.attempts,
         progress=r.progress,
