@@ -19,6 +19,7 @@ from rich.table import Table
 from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_json, print_table
 from sdfleet.errors import SdfleetError
 from sdfleet.store.access import AccessStore, ApiKey, digest, new_key, open_access
+from sdfleet.tasks import PRIORITY_MAX
 
 keys_app = typer.Typer(help="API keys stored (hashed) in the task store's engine.", no_args_is_help=True)
 T = TypeVar("T")
@@ -50,6 +51,9 @@ def create(
         None, help="Submissions accepted at once (default: one second's worth)."
     ),
     max_in_flight: int | None = typer.Option(None, "--max-in-flight", help="Most queued plus running tasks."),
+    max_priority: int = typer.Option(
+        PRIORITY_MAX, "--max-priority", help="Highest task priority it may ask for."
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Create a key; it is printed once (only its hash is stored)."""
@@ -63,6 +67,7 @@ def create(
             rate_limit=rate,
             burst=burst,
             max_in_flight=max_in_flight,
+            max_priority=max_priority,
         )
     except ValidationError as e:
         _fail(ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
@@ -88,9 +93,11 @@ def list_keys(
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"digest"}) for k in keys])
         return
-    table = Table("id", "tenant", "tier", "rate/s", "burst", "max in flight", "created", "revoked")
+    table = Table(
+        "id", "tenant", "tier", "rate/s", "burst", "max in flight", "max priority", "created", "revoked"
+    )
     for k in keys:
-        limits = (k.rate_limit, k.burst, k.max_in_flight)
+        limits = (k.rate_limit, k.burst, k.max_in_flight, k.max_priority)
         cells = ["-" if v is None else f"{v:g}" for v in limits]
         table.add_row(k.id, k.tenant, k.tier, *cells, _when(k.created_at), _when(k.revoked_at))
     print_table(table)

@@ -14,6 +14,7 @@ Callers never catch a dependency's exception types: each backend translates them
     │   └── TransitionConflict
     │       └── TakenOver            another agent runs the task now (this agent's lease lapsed)
     ├── Unauthorized                 missing or unknown API key (HTTP 401)
+    ├── Forbidden                    a valid key asking for more than its tenant may (HTTP 403)
     ├── RateLimited                  a tenant's rate or in-flight limit (HTTP 429 + Retry-After)
     ├── BusError
     │   ├── BusUnavailable           engine unreachable (HTTP 503)
@@ -94,6 +95,10 @@ class TakenOver(TransitionConflict):
 
 class Unauthorized(SdfleetError):
     code = "unauthorized"
+
+
+class Forbidden(SdfleetError):
+    code = "forbidden"
 
 
 class RateLimited(SdfleetError):

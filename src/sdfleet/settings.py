@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
-from sdfleet.tasks import TENANT_PATTERN
+from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
@@ -111,6 +111,9 @@ class TenantConfig(BaseModel):
     """Submissions accepted at once before ``rate_limit`` applies; default one second's worth."""
     max_in_flight: int | None = Field(None, ge=1)
     """Most queued plus running tasks at a time; None: unlimited."""
+    max_priority: int = Field(PRIORITY_MAX, ge=0, le=PRIORITY_MAX)
+    """Highest ``priority`` its tasks may ask for (403 above it): keeps priority lanes for
+    those meant to use them."""
 
 
 class FleetConfig(BaseModel):

@@ -156,15 +156,32 @@ async def _until(urls: tuple[str, ...], key: str, status: int, within_s: float) 
 async def test_keys_made_and_revoked_with_the_cli_take_effect_on_every_replica(
     engine: Engine, fleet_file: Path, replicas: tuple[str, str]
 ) -> None:
-    out = _keys(engine, fleet_file, "create", "--tenant", "carol", "--tier", "paid", "--max-in-flight", "5")
+    out = _keys(
+        engine,
+        fleet_file,
+        "create",
+        "--tenant",
+        "carol",
+        "--tier",
+        "paid",
+        "--max-in-flight",
+        "5",
+        "--max-priority",
+        "1",
+    )
     key = out.strip().splitlines()[-1]
     assert key.startswith("sdf_"), out
     assert await _until(replicas, key, 200, within_s=10) < 10
     listed = json.loads(_keys(engine, fleet_file, "list", "--json"))  # one document
     [mine] = [k for k in listed if k["tenant"] == "carol"]
     assert mine["tier"] == "paid" and mine["max_in_flight"] == 5 and mine["revoked_at"] is None
+    assert mine["max_priority"] == 1
     assert "digest" not in mine and key not in json.dumps(listed), "neither the key nor its hash is shown"
     assert (await _submit(replicas[0], key)).json()["tenant"] == "carol"
+    async with httpx.AsyncClient(timeout=30) as http:
+        urgent = {"params": PARAMS, "priority": 2}
+        r = await http.post(f"{replicas[1]}/v1/tasks", json=urgent, headers={"x-api-key": key})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "priority_not_allowed", r.text
 
     _keys(engine, fleet_file, "revoke", mine["id"])
     took = await _until(replicas, key, 401, within_s=CACHE_S + 5)
@@ -177,6 +194,7 @@ def test_keys_cli_refuses_bad_input(engine: Engine, fleet_file: Path) -> None:
     for args in (
         ["create", "--tenant", "a/b"],
         ["create", "--tenant", "x", "--rate", "-1"],
+        ["create", "--tenant", "x", "--max-priority", "10"],
         ["revoke", "nope"],
     ):
         done = subprocess.run(

@@ -174,3 +174,31 @@ async def test_reads_need_a_key_once_keys_are_in_use(
         assert (await http.get(path)).status_code == 200, path
     ready = (await http.get("/readyz")).json()
     assert ready == {"status": "ready"}
+
+
+async def test_a_tenant_asks_for_its_max_priority_at_most(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Priority lanes are for those meant to use them: above its tenant's ``max_priority`` a task
+    is refused (403, nothing recorded or published); at it, or with no limit set, it is taken."""
+    settings = fleet_settings(engine, models_dir, QUEUE, runtimes={"synthetic": {"latency_s": 0.05}})
+    settings.fleet.tenants = {
+        _hash("alice-key"): TenantConfig(name="alice", max_priority=2),
+        _hash("bob-key"): TenantConfig(name="bob"),
+    }
+    fleet = await start_fleet(QUEUE, settings=settings, agents=[])
+    r = await fleet.http.post(
+        "/v1/tasks", json={"id": "hurry", "params": PARAMS, "priority": 3}, headers=ALICE
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["error"] == {
+        "code": "priority_not_allowed",
+        "message": "tenant 'alice' may submit priority 2 at most, not 3",
+    }
+    assert (await fleet.http.get("/v1/tasks/hurry", headers=ALICE)).status_code == 404
+    assert await visible(engine) == 0
+    ok = await fleet.http.post("/v1/tasks", json={"params": PARAMS, "priority": 2}, headers=ALICE)
+    assert ok.status_code == 202 and ok.json()["priority"] == 2, ok.text
+    top = await fleet.http.post("/v1/tasks", json={"params": PARAMS, "priority": 9}, headers=BOB)
+    assert top.status_code == 202 and top.json()["priority"] == 9, top.text
+    assert await visible(engine) == 2

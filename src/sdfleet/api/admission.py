@@ -1,4 +1,5 @@
-"""Tenant limits at the door: ``max_in_flight`` and ``rate_limit`` (429 with ``Retry-After``).
+"""Tenant limits at the door: ``max_priority`` (403), ``max_in_flight`` and ``rate_limit`` (429
+with ``Retry-After``).
 
 Both are kept in the access store (the task store's engine), so every API replica enforces one
 limit per tenant. The in-flight count is read from the task records, then the task is created:
@@ -13,7 +14,8 @@ import math
 
 from sdfleet.api.auth import Caller
 from sdfleet.api.deps import ApiContext
-from sdfleet.errors import RateLimited
+from sdfleet.errors import Forbidden, RateLimited
+from sdfleet.tasks import Task
 
 IN_FLIGHT_RETRY_S = 1.0
 """``Retry-After`` of a submit refused for ``max_in_flight``: when a task ends is not known."""
@@ -23,6 +25,16 @@ def burst_of(who: Caller) -> int:
     """Submissions a tenant may make at once: its ``burst``, else one second's worth (at least 1)."""
     assert who.rate_limit is not None
     return who.burst or max(1, math.ceil(who.rate_limit))
+
+
+def check_priority(who: Caller, task: Task) -> None:
+    """A task may ask for its tenant's ``max_priority`` at most: priority lanes are for those
+    meant to use them."""
+    if task.priority > who.max_priority:
+        raise Forbidden(
+            f"tenant {who.tenant!r} may submit priority {who.max_priority} at most, not {task.priority}",
+            code="priority_not_allowed",
+        )
 
 
 async def admit(ctx: ApiContext, who: Caller) -> None:

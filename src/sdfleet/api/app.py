@@ -39,6 +39,7 @@ STATUS: list[tuple[type[errors.SdfleetError], int]] = [
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
     (errors.RateLimited, 429),
     (errors.BusUnavailable, 503),
     (errors.StoreUnavailable, 503),

@@ -25,6 +25,7 @@ from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.errors import Unauthorized
 from sdfleet.settings import FleetConfig
 from sdfleet.store.access import AccessStore, ApiKey, digest
+from sdfleet.tasks import PRIORITY_MAX
 
 V = TypeVar("V")
 _CACHE_SIZE = 10_000
@@ -37,6 +38,7 @@ class Caller:
     rate_limit: float | None = None
     burst: int | None = None
     max_in_flight: int | None = None
+    max_priority: int = PRIORITY_MAX
     authenticated: bool = False
     """Came with a valid key: its tenant's storage prefixes are scoped under the tenant's name."""
 
@@ -99,12 +101,26 @@ class KeyRing:
         tenant = self.fleet.tenants.get(hashed)
         if tenant is not None:
             return Caller(
-                tenant.name, tenant.tier, tenant.rate_limit, tenant.burst, tenant.max_in_flight, True
+                tenant.name,
+                tenant.tier,
+                tenant.rate_limit,
+                tenant.burst,
+                tenant.max_in_flight,
+                tenant.max_priority,
+                authenticated=True,
             )
         stored = await self._stored.get(hashed, lambda: self.access.find_key(hashed))
         if stored is None or not stored.active:
             raise Unauthorized("unknown API key")
-        return Caller(stored.tenant, stored.tier, stored.rate_limit, stored.burst, stored.max_in_flight, True)
+        return Caller(
+            stored.tenant,
+            stored.tier,
+            stored.rate_limit,
+            stored.burst,
+            stored.max_in_flight,
+            stored.max_priority,
+            authenticated=True,
+        )
 
 
 def request_key(request: Request) -> str | None:

@@ -36,6 +36,7 @@ class ErrorBody(BaseModel):
 _WHAT = {
     400: "Malformed JSON, or a value a record cannot keep (`1e400`, a lone surrogate escape)",
     401: "Missing or unknown API key",
+    403: "The tenant may not do this (a `priority` over its `max_priority`)",
     404: "Not found (another tenant's task is not found either)",
     408: "Body not received whole within `api.body_timeout_s`",
     409: "Conflict (the task has ended; the client id is being submitted by another request)",
@@ -48,7 +49,7 @@ _WHAT = {
         " just now; retry later"
     ),
 }
-SUBMIT_ERRORS = (400, 401, 408, 409, 413, 415, 422, 429, 503)
+SUBMIT_ERRORS = (400, 401, 403, 408, 409, 413, 415, 422, 429, 503)
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

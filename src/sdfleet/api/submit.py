@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from opentelemetry import trace
 
-from sdfleet.api.admission import admit
+from sdfleet.api.admission import admit, check_priority
 from sdfleet.api.auth import Caller
 from sdfleet.api.checks import check_task, check_webhook
 from sdfleet.api.deps import ApiContext
@@ -87,6 +87,7 @@ async def _submit(ctx: ApiContext, caller: Caller, task: Task, rerun: bool) -> t
         # batch_size; here the batch grows to them (a rule no request schema can state).
         task.params.batch_size = len(task.params.init_images)
     check_task(ctx, task)
+    check_priority(caller, task)
     await check_webhook(ctx, task)
     attributes = task_attributes(task, tier=caller.tier)
     queues = resolve_queues(ctx.fleet, task, attributes, ctx.topology)

@@ -21,7 +21,7 @@ from typing import Protocol
 from pydantic import BaseModel, Field
 
 from sdfleet.registry import load_backend
-from sdfleet.tasks import TENANT_PATTERN
+from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN
 
 KEY_PREFIX = "sdf_"
 
@@ -41,6 +41,8 @@ class ApiKey(BaseModel):
     """Submissions accepted at once before ``rate_limit`` applies; default one second's worth."""
     max_in_flight: int | None = Field(None, ge=1)
     """Most queued plus running tasks of the tenant; None: unlimited."""
+    max_priority: int = Field(PRIORITY_MAX, ge=0, le=PRIORITY_MAX)
+    """Highest task ``priority`` the key may ask for."""
     created_at: float = Field(default_factory=time.time)
     revoked_at: float | None = None
 
