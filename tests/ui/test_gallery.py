@@ -278,9 +278,11 @@ async def test_a_task_run_again_shows_its_run(page: Page, fleet: UpProcess, shot
 
 async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpProcess) -> None:
     """The fleet keeps finished tasks ``retain_days``: the task page says until when, in the
-    browser's own time; a task still queued or running says nothing of it."""
+    browser's own time; a task still queued or running says nothing of it. (The page shows the
+    task's priority too.)"""
     with fleet.client(ALICE) as http:
-        body = {"params": {"prompt": "a kept lighthouse", "width": 64, "height": 64, "steps": 2}}
+        params = {"prompt": "a kept lighthouse", "width": 64, "height": 64, "steps": 2}
+        body = {"params": params, "priority": 3}
         task_id = http.post("/v1/tasks", json=body).json()["id"]
         deadline = time.monotonic() + 120
         while (view := http.get(f"/v1/tasks/{task_id}").json())["state"] != "succeeded":
@@ -294,6 +296,8 @@ async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpPro
     kept = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^kept until$")))
     shown = await page.evaluate("t => new Date(t * 1000).toLocaleString()", view["expires_at"])
     await expect(kept.locator("td").nth(1)).to_have_text(shown)
+    priority = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^priority$")))
+    await expect(priority.locator("td").nth(1)).to_have_text("3")
 
 
 async def test_a_finished_task_is_deleted_from_its_page(page: Page, fleet: UpProcess, shots: Path) -> None:

@@ -61,7 +61,8 @@
       ]);
       showState(view.state, view.progress, view.error);
       rows(el("params"), [["model", view.model || "fleet default"], ["queue", view.queue || "–"],
-        ["type", view.type], ...Object.entries(detail.params), ["runtime", detail.runtime || "–"],
+        ["type", view.type], ["priority", view.priority], ...Object.entries(detail.params),
+        ["runtime", detail.runtime || "–"],
         ["run", view.run], ["attempts", view.attempts],
         ["created", new Date(view.created_at * 1000).toLocaleString()],
         ...(view.expires_at ? [["kept until", new Date(view.expires_at * 1000).toLocaleString()]] : [])]);
