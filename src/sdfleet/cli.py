@@ -222,6 +222,9 @@ def submit(
     height: int = typer.Option(512),
     seed: int = typer.Option(-1),
     priority: int = typer.Option(0, help="0-9, higher runs sooner (routed by priority lanes' filters)."),
+    output_format: str | None = typer.Option(
+        None, "--output-format", help="png, jpeg or webp: the format the images are stored in."
+    ),
     wait: bool = typer.Option(False, help="Wait for the task to finish (a progress bar on a terminal)."),
     as_json: bool = JsonOpt,
     api_url: str = ApiOpt,
@@ -237,10 +240,13 @@ def submit(
         body = json.loads(text)
     elif prompt is not None:
         params = {"prompt": prompt, "steps": steps, "width": width, "height": height, "seed": seed}
-        body = {"model": model, "params": params, "priority": priority}
+        body = {
+            "model": model,
+            "params": _without_none(params, output_format=output_format),
+            "priority": priority,
+        }
     else:
         _fail(ValueError("give --prompt or --file"))
-        return
 
     async def main() -> dict[str, Any]:
         async with AsyncClient(api_url, api_key=api_key) as client:
@@ -263,6 +269,11 @@ def submit(
         print_json(view)
     if wait and view["state"] != "succeeded":
         raise typer.Exit(1)
+
+
+def _without_none(params: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """``params`` with the ``optional`` ones that were given (the API's defaults for the rest)."""
+    return params | {k: v for k, v in optional.items() if v is not None}
 
 
 def _print_view(view: dict[str, Any]) -> None:

@@ -68,6 +68,10 @@ class Origin(StrEnum):
     V1ALPHA2 = "v1alpha2"
 
 
+OutputFormat = Literal["png", "jpeg", "webp"]
+"""Formats the agent stores still images in (``media.reencode``)."""
+
+
 class TaskParams(BaseModel):
     """Generation parameters. Unknown keys are kept in ``extra`` and passed to runtimes that know them."""
 
@@ -90,6 +94,11 @@ class TaskParams(BaseModel):
     upscaling_resize: float = Field(2.0, gt=0, le=8)
     workflow: dict[str, Any] | None = None
     """A ComfyUI workflow for ``pipeline`` tasks."""
+    output_format: OutputFormat | None = None
+    """Store the images as ``png``, ``jpeg`` or ``webp`` (the agent re-encodes a runtime's still
+    images, keeping their infotext as SD WebUI does); None: as the runtime made them."""
+    output_quality: Integer = Field(90, ge=1, le=100)
+    """JPEG and WebP quality."""
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("width", "height")
@@ -169,7 +178,8 @@ class TaskResult(BaseModel):
     """Storage key of the ``.out`` JSON (the runtime's info)."""
     seed: int | None = None
     timings: dict[str, float] = Field(default_factory=dict)
-    """Seconds per stage: queue_wait, inputs_fetch, model_switch, runtime_run, storage_put."""
+    """Seconds per stage: queue_wait, inputs_fetch, model_switch, runtime_run, encode (only with an
+    ``output_format``), storage_put."""
 
 
 EARLIER_PUBLISHES = 8

@@ -29,6 +29,7 @@ STAGES = (
     "runtime_wait",
     "model_switch",
     "runtime_run",
+    "encode",
     "storage_put",
 )
 """Stages of ``sdfleet_stage_seconds`` (and of a record's ``timings``); see docs/observability.md."""

@@ -74,6 +74,10 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
                 "64",
                 "--height",
                 "64",
+                "--priority",
+                "4",
+                "--output-format",
+                "webp",
                 "--wait",
                 "--api",
                 api,
@@ -83,12 +87,12 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         task_id = re.search(r"submitted (\S+)", submitted.stdout)
         assert task_id is not None, submitted.stdout
-        assert "succeeded" in submitted.stdout
-        assert re.search(rf"{task_id.group(1)}-[0-9a-f]{{4}}-1\.png", submitted.stdout), submitted.stdout
+        assert "succeeded" in submitted.stdout and "priority 4" in submitted.stdout
+        assert re.search(rf"{task_id.group(1)}-[0-9a-f]{{4}}-1\.webp", submitted.stdout), submitted.stdout
         status = _run(["status", task_id.group(1), "--api", api, "--json"], cli_env)
         assert status.returncode == 0, status.stderr
         view = json.loads(status.stdout)
-        assert view["state"] == "succeeded" and view["queue"] == "sd15"
+        assert view["state"] == "succeeded" and view["queue"] == "sd15" and view["priority"] == 4
         queues = _run(["queues", "-c", str(config)], cli_env)
         assert queues.returncode == 0, queues.stderr
         assert re.search(r"sd15\s+.*diffusers\s+.*0\s+.*0", queues.stdout), queues.stdout

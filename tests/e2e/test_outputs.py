@@ -4,15 +4,19 @@ the seed's, sdfleet's or SageMaker async inference's shape, per queue or per tas
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fleet_tools import drain
+from PIL import Image
 
 from conftest import Engine, StartFleet, fleet_settings
 from fakes.runtimes import media_samples
+from sdfleet.media import infotext
 from sdfleet.settings import QueueConfig
 from sdfleet.storage import open_storage
 from seed_payloads import V1ALPHA2_T2I, copy_of
@@ -122,3 +126,40 @@ async def test_sagemaker_notifications_per_queue_and_per_task(
     )
     (default,) = notes_of(notes, "default")
     assert default["type"] == "succeeded" and "invocationStatus" not in default
+
+
+async def test_images_are_stored_in_the_format_the_task_asks_for(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """``output_format``: the agent re-encodes the runtime's PNGs (the tiny diffusers model here)
+    before storing them: their names, bytes and served type are JPEG or WebP, with the infotext
+    SD WebUI would write; without it they stay PNG."""
+    queues = [QueueConfig(name="q")]
+    fleet = await start_fleet(queues, settings=fleet_settings(engine, models_dir, queues))
+    ids = {}
+    for fmt in ("webp", "jpeg", None):
+        params = {**PARAMS, "batch_size": 2} | ({"output_format": fmt, "output_quality": 70} if fmt else {})
+        r = await fleet.http.post("/v1/tasks", json={"params": params})
+        assert r.status_code == 202, r.text
+        ids[fmt] = r.json()["id"]
+    for fmt, ext, mime in (
+        ("webp", "webp", "image/webp"),
+        ("jpeg", "jpg", "image/jpeg"),
+        (None, "png", "image/png"),
+    ):
+        view = await fleet.wait(ids[fmt])
+        assert view["state"] == "succeeded", view
+        assert [i["key"].rsplit(".", 1)[1] for i in view["images"]] == [ext, ext], view["images"]
+        assert ("encode" in view["timings"]) is (fmt is not None), view["timings"]
+        for n, image in enumerate(view["images"]):
+            data = await read(engine, image["key"])
+            with Image.open(io.BytesIO(data)) as decoded:
+                assert decoded.size == (64, 64) and decoded.format == ext.replace("jpg", "jpeg").upper()
+                assert f"Seed: {3 + n}," in (infotext(decoded) or ""), infotext(decoded)
+            async with httpx.AsyncClient() as http:  # the link the client gets serves its type
+                served = await http.get(image["url"])
+            assert served.status_code == 200 and served.headers["content-type"] == mime
+            assert served.content == data
+    for bad in ({"output_format": "gif"}, {"output_format": "jpeg", "output_quality": 0}):
+        r = await fleet.http.post("/v1/tasks", json={"params": {**PARAMS, **bad}})
+        assert r.status_code == 422 and "output_" in r.text, r.text

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(180)
 
 QUEUE = "sdruntime"
 STAGES = {"queue.wait", "inputs.fetch", "pool.wait", "runtime.run", "storage.put", "notify"}
-SDFLEET_SPANS = {"api.submit", "agent.task", "runtime.wait", "model.switch", *STAGES}
+SDFLEET_SPANS = {"api.submit", "agent.task", "runtime.wait", "model.switch", "encode", *STAGES}
 BODY = {"params": {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}}
 
 
@@ -171,16 +171,18 @@ def test_submit_is_the_root_with_an_xray_trace_id_and_scrapes_are_not_traced(fle
         for path in ("/metrics", "/healthz", "/readyz", "/v1/queues"):
             assert http.get(path).status_code == 200, path
         t0 = int(time.time())
-        task_id = http.post("/v1/tasks", json=BODY).json()["id"]
+        webp = {"params": {**BODY["params"], "output_format": "webp"}}  # one stage more: encode
+        task_id = http.post("/v1/tasks", json=webp).json()["id"]
         assert _finished(http, task_id)["state"] == "succeeded"
         assert http.get("/metrics").status_code == 200
-    spans = fleet.spans_of(task_id, {"api.submit", "agent.task", *STAGES})
+    spans = fleet.spans_of(task_id, {"api.submit", "agent.task", "encode", *STAGES})
     submit, agent = spans["api.submit"], spans["agent.task"]
     assert submit.parent_id == "", "no client context: api.submit is the root"
     assert (submit.service, agent.service) == ("sdfleet-api", "sdfleet-agent")
     assert agent.trace_id == submit.trace_id and agent.parent_id == submit.span_id
     assert t0 - 2 <= int(submit.trace_id[:8], 16) <= time.time() + 2, "X-Ray ids start with the time"
     _stages_under(agent, spans)
+    assert spans["encode"].parent_id == agent.span_id
     received = fleet.receiver.spans
     assert {s.name for s in received} <= SDFLEET_SPANS, "only sdfleet's spans, no HTTP spans"
     assert len({s.span_id for s in received}) == len(received), "one exporter: no span twice"

@@ -9,6 +9,7 @@ server's settings are left as they were found (the runtime only pins the value i
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 
 from real_servers import A1111_URL, needs_a1111
 from sdfleet.errors import Interrupted, Reject
+from sdfleet.media import reencode
 from sdfleet.runtimes.a1111 import A1111Runtime
 from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams, TaskType
@@ -183,3 +185,21 @@ async def test_two_in_flight_and_interrupts(runtime: A1111Runtime, sent: Sent) -
     answers = [i for i, e in enumerate(sent.log) if e == ("answered", "/sdapi/v1/txt2img")]
     assert posts[1] < answers[0]  # the next job waited at SD WebUI while the first ran
     assert sent.count("POST", "/sdapi/v1/interrupt") <= 1
+
+
+async def test_reencoded_images_keep_an_infotext_sd_webui_reads(runtime: A1111Runtime) -> None:
+    """An ``output_format`` JPEG or WebP of SD WebUI's own PNG carries its infotext where SD
+    WebUI's PNG Info looks for it (EXIF ``UserComment``, read with piexif): the same text back."""
+    made = (await runtime.run(job(), none)).images[0]
+    async with httpx.AsyncClient(base_url=URL, timeout=60) as client:
+
+        async def info(data: bytes, mime: str) -> str:
+            body = {"image": f"data:{mime};base64,{base64.b64encode(data).decode()}"}
+            r = await client.post("/sdapi/v1/png-info", json=body)
+            assert r.status_code == 200, r.text
+            return str(r.json()["info"])
+
+        original = await info(made, "image/png")
+        assert "Seed: 1234" in original, original
+        for fmt, mime in (("jpeg", "image/jpeg"), ("webp", "image/webp")):
+            assert await info(reencode(made, fmt), mime) == original, fmt  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ model configured: like SD WebUI, it loads the first model of its folder.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import webuiapi
 from PIL import Image
 
 from fakes.servers import ServerThread, a1111_server, free_port
+from sdfleet.media import reencode
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 REAL: dict[str, Any] = json.loads(
@@ -147,6 +149,20 @@ def test_png_info(api: webuiapi.WebUIApi) -> None:
     }
     with pytest.raises(IndexError):
         _ = read.image
+
+
+def test_png_info_reads_a_jpeg_or_webps_exif_as_sd_webui_does(server: ServerThread) -> None:
+    """SD WebUI keeps a JPEG's or WebP's infotext in EXIF ``UserComment`` and its PNG Info reads
+    it there (``tests/interop`` checks ``media.reencode``'s images against the real one)."""
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        made = http.post("/sdapi/v1/txt2img", json={"prompt": "a blue cat", "seed": 9, **SMALL}).json()
+        png = base64.b64decode(made["images"][0])
+        text = json.loads(made["info"])["infotexts"][0]
+        for fmt, mime in (("jpeg", "image/jpeg"), ("webp", "image/webp")):
+            image = f"data:{mime};base64,{base64.b64encode(reencode(png, fmt)).decode()}"  # type: ignore[arg-type]
+            read = http.post("/sdapi/v1/png-info", json={"image": image}).json()
+            assert read["info"] == text and read["parameters"]["Seed"] == "9", (fmt, read)
+            assert "exif" not in read["items"], read["items"]
 
 
 def test_a_json_body_without_a_content_type_is_read_as_sd_webui_reads_it(server: ServerThread) -> None:

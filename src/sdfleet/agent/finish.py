@@ -10,6 +10,7 @@ the bus: its result is the other agent's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
+from PIL import Image
 
 from sdfleet.agent.backoff import input_retry_delay
 from sdfleet.agent.execute import Outcome
@@ -27,7 +29,7 @@ from sdfleet.agent.records import acknowledge, fail, notify, ours, requeue, take
 from sdfleet.agent.tasklog import task_event
 from sdfleet.compat.out import SEED_ORIGINS, succeeded_out
 from sdfleet.errors import InputUnavailable, Interrupted, Reject, SdfleetError, TakenOver, TransitionConflict
-from sdfleet.media import sniff
+from sdfleet.media import reencode, sniff
 from sdfleet.runtimes.base import RuntimeResult
 from sdfleet.store.base import transition
 from sdfleet.tasks import EventType, TaskRecord, TaskResult, TaskState
@@ -57,6 +59,8 @@ async def _finish(parts: Parts, p: Prepared, outcome: Outcome) -> None:
 
 async def _settle(parts: Parts, p: Prepared, outcome: Outcome) -> None:
     task = p.task
+    if isinstance(outcome, RuntimeResult) and not p.cancelled:
+        outcome = await _in_output_format(parts, p, outcome)
     if isinstance(outcome, RuntimeResult) and not p.cancelled:
         await _succeed(parts, p, outcome)
     elif isinstance(outcome, Interrupted | RuntimeResult):  # a cancelled task may still complete
@@ -103,6 +107,24 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
     p.timings["storage_put"] = time.perf_counter() - t0
     parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})
     return TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
+
+
+async def _in_output_format(parts: Parts, p: Prepared, result: RuntimeResult) -> RuntimeResult | Reject:
+    """The result with its images in the task's ``output_format`` (timed as ``encode``), encoded
+    in a thread so the event loop keeps feeding the runtime; a ``Reject`` for images that cannot
+    be (an image the runtime made that does not decode: running it again makes no better)."""
+    fmt, quality = p.task.params.output_format, p.task.params.output_quality
+    if fmt is None:
+        return result
+    t0 = time.perf_counter()
+    with p.stage("encode"):
+        try:
+            images = await asyncio.to_thread(lambda: [reencode(data, fmt, quality) for data in result.images])
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return Reject(f"the images could not be encoded as {fmt}: {e}", code="output_format_failed")
+    p.timings["encode"] = time.perf_counter() - t0
+    parts.metrics.observe_stages(parts.queue.name, {"encode": p.timings["encode"]})
+    return dataclasses.replace(result, images=images)
 
 
 async def _succeed(parts: Parts, p: Prepared, result: RuntimeResult) -> None:

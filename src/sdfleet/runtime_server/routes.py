@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from PIL import Image
 
+from sdfleet.media import infotext
 from sdfleet.runtime_server import extras, pnginfo
 from sdfleet.runtime_server import schemas as S
 from sdfleet.runtime_server.errors import invalid_image, refused
@@ -120,7 +121,8 @@ async def png_info(body: S.PNGInfoRequest) -> dict[str, Any]:
     except Exception as e:
         raise invalid_image() from e
     items = {k: v for k, v in image.info.items() if k not in pnginfo.IGNORED_INFO_KEYS}
-    geninfo = items.pop("parameters", None)
+    items.pop("parameters", None)
+    items.pop("exif", None)  # where a JPEG or WebP keeps it, as SD WebUI reads it
     items = {k: v for k, v in items.items() if isinstance(v, str | int | float | bool)}
-    text = geninfo if isinstance(geninfo, str) else ""
+    text = infotext(image) or ""
     return {"info": text, "items": items, "parameters": pnginfo.parse(text)}
