@@ -64,17 +64,24 @@ def reencode(data: bytes, fmt: OutputFormat, quality: int = 90) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         text = infotext(image)
-        out = io.BytesIO()
         if fmt == "png":
-            info = PngInfo()
-            if text:
-                info.add_text("parameters", text)
-            image.save(out, format="PNG", pnginfo=info)
-            return out.getvalue()
+            return to_png(image, text)
+        out = io.BytesIO()
         flat = image.convert("RGB") if fmt == "jpeg" and image.mode not in ("RGB", "L") else image
         exif = _user_comment_exif(text) if text else b""
         flat.save(out, format=_STILL[wanted], quality=quality, exif=exif)
         return out.getvalue()
+
+
+def to_png(image: Image.Image, parameters: str | None = None) -> bytes:
+    """``image`` as a PNG, with its infotext as SD WebUI writes it (the ``parameters`` text)."""
+    buf = io.BytesIO()
+    pnginfo = None
+    if parameters is not None:
+        pnginfo = PngInfo()
+        pnginfo.add_text("parameters", parameters)
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    return buf.getvalue()
 
 
 def _user_comment_exif(text: str) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_pipes as P
@@ -134,5 +135,5 @@ def _result(part: _Part, g: Generated) -> RuntimeResult:
     p: TaskParams = part.job.params
     info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps)
     mine = g.images[part.start : part.start + len(part.seeds)]
-    pngs = [P.to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
+    pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

@@ -10,7 +10,7 @@ from typing import Any
 
 import diffusers as _diffusers_module
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
@@ -124,16 +124,6 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Imag
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     return image
-
-
-def to_png(image: Image.Image, parameters: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    pnginfo = None
-    if parameters is not None:
-        pnginfo = PngImagePlugin.PngInfo()
-        pnginfo.add_text("parameters", parameters)
-    image.save(buf, format="PNG", pnginfo=pnginfo)
-    return buf.getvalue()
 
 
 def infotext(params: TaskParams, seed: int, sampler: str, model: str) -> str:

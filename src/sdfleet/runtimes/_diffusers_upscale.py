@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from sdfleet.errors import Interrupted, Reject
+from sdfleet.media import to_png
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes._upscale_models import ModelCache, run_tiled
 from sdfleet.runtimes.base import Job, RuntimeResult
@@ -143,7 +144,7 @@ class Extras:
                     raise Interrupted(f"task {job.task_id} interrupted")
                 report(min(0.99, (n + done / total) / len(inputs)))
 
-            out.append(P.to_png(self._one(open_image(data, self.max_pixels), plan, on_tile)))
+            out.append(to_png(self._one(open_image(data, self.max_pixels), plan, on_tile)))
             on_tile(1, 1)
         return RuntimeResult(images=out, info=plan.info())
 
