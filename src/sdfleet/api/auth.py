@@ -23,7 +23,7 @@ from fastapi import Depends, Request
 
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.errors import Unauthorized
-from sdfleet.settings import FleetConfig
+from sdfleet.settings import FleetConfig, TenantConfig
 from sdfleet.store.access import AccessStore, ApiKey, digest
 from sdfleet.tasks import PRIORITY_MAX
 
@@ -100,27 +100,24 @@ class KeyRing:
         hashed = digest(key)
         tenant = self.fleet.tenants.get(hashed)
         if tenant is not None:
-            return Caller(
-                tenant.name,
-                tenant.tier,
-                tenant.rate_limit,
-                tenant.burst,
-                tenant.max_in_flight,
-                tenant.max_priority,
-                authenticated=True,
-            )
+            return _caller(tenant.name, tenant)
         stored = await self._stored.get(hashed, lambda: self.access.find_key(hashed))
         if stored is None or not stored.active:
             raise Unauthorized("unknown API key")
-        return Caller(
-            stored.tenant,
-            stored.tier,
-            stored.rate_limit,
-            stored.burst,
-            stored.max_in_flight,
-            stored.max_priority,
-            authenticated=True,
-        )
+        return _caller(stored.tenant, stored)
+
+
+def _caller(tenant: str, grant: TenantConfig | ApiKey) -> Caller:
+    """The caller a key makes, from the fleet file's tenant or a stored key: the same limits."""
+    return Caller(
+        tenant,
+        grant.tier,
+        grant.rate_limit,
+        grant.burst,
+        grant.max_in_flight,
+        grant.max_priority,
+        authenticated=True,
+    )
 
 
 def request_key(request: Request) -> str | None:
