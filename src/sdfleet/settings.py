@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
-from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN
+from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, OutputFormat
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
@@ -51,6 +51,9 @@ class QueueConfig(BaseModel):
     """Shape of the results-topic notifications of this queue's tasks (a task may choose its own):
     ``sdfleet`` (TaskEvent), ``seed`` (the seed's agent's), ``sagemaker`` (SageMaker async
     inference's); default by the API a task came in through."""
+    output_format: OutputFormat | None = None
+    """Format this queue's images are stored in when a task asks for none (``params.output_format``),
+    the seed formats' tasks included; None: as the runtime made them (PNG)."""
     task_timeout_s: float = Field(600.0, gt=0, le=3600)
     """Longest a task of this queue may run, seconds: the API caps each task's ``timeout_s`` to it,
     the agent caps the tasks other producers publish (``execute.job_of``), and the chart gives the

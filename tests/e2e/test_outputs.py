@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import Engine, StartFleet, fleet_settings
 from fakes.runtimes import media_samples
-from sdfleet.media import infotext
+from sdfleet.media import infotext, sniff
 from sdfleet.settings import QueueConfig
 from sdfleet.storage import open_storage
 from seed_payloads import V1ALPHA2_T2I, copy_of
@@ -163,3 +163,25 @@ async def test_images_are_stored_in_the_format_the_task_asks_for(
     for bad in ({"output_format": "gif"}, {"output_format": "jpeg", "output_quality": 0}):
         r = await fleet.http.post("/v1/tasks", json={"params": {**PARAMS, **bad}})
         assert r.status_code == 422 and "output_" in r.text, r.text
+
+
+async def test_a_queue_stores_in_its_output_format_unless_the_task_asks_for_another(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """``queues[].output_format``: an operator's choice for every task of the queue that names
+    none, the seed formats' too (their bodies are SD WebUI's and have no such field)."""
+    queues = [QueueConfig(name="q", output_format="webp")]
+    fleet = await start_fleet(queues, settings=fleet_settings(engine, models_dir, queues))
+    plain = await fleet.http.post("/v1/tasks", json={"id": "plain", "params": PARAMS})
+    png = await fleet.http.post("/v1/tasks", json={"id": "png", "params": {**PARAMS, "output_format": "png"}})
+    seed = copy_of(V1ALPHA2_T2I)
+    seed["task"]["content"].update(width=64, height=64, steps=2)
+    answers = [plain, png, await fleet.http.post("/v1alpha2/", json=seed)]
+    assert [r.status_code for r in answers] == [202, 202, 200], [r.text for r in answers]
+    for task_id, ext in (("plain", "webp"), ("png", "png"), ("test-t2i", "webp")):
+        view = await fleet.wait(task_id)
+        assert view["state"] == "succeeded", view
+        keys = [i["key"] for i in view["images"]]
+        assert keys and all(k.endswith(f".{ext}") for k in keys), (task_id, keys)
+        assert sniff(await read(engine, keys[0])).ext == ext
+        assert "encode" in view["timings"], view["timings"]  # a format was asked for, by task or queue

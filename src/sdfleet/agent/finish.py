@@ -110,10 +110,12 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
 
 
 async def _in_output_format(parts: Parts, p: Prepared, result: RuntimeResult) -> RuntimeResult | Reject:
-    """The result with its images in the task's ``output_format`` (timed as ``encode``), encoded
-    in a thread so the event loop keeps feeding the runtime; a ``Reject`` for images that cannot
-    be (an image the runtime made that does not decode: running it again makes no better)."""
-    fmt, quality = p.task.params.output_format, p.task.params.output_quality
+    """The result with its images in the task's ``output_format``, else its queue's (timed as
+    ``encode``), encoded in a thread so the event loop keeps feeding the runtime; a ``Reject`` for
+    images that cannot be (an image the runtime made that does not decode: running it again makes
+    no better)."""
+    fmt = p.task.params.output_format or parts.queue.output_format
+    quality = p.task.params.output_quality
     if fmt is None:
         return result
     t0 = time.perf_counter()
