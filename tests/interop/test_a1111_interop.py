@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from real_servers import A1111_URL, needs_a1111
 from sdfleet.errors import Interrupted, Reject
-from sdfleet.media import reencode
+from sdfleet.media import infotext, reencode
 from sdfleet.runtimes.a1111 import A1111Runtime
 from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams, TaskType
@@ -203,3 +204,23 @@ async def test_reencoded_images_keep_an_infotext_sd_webui_reads(runtime: A1111Ru
         assert "Seed: 1234" in original, original
         for fmt, mime in (("jpeg", "image/jpeg"), ("webp", "image/webp")):
             assert await info(reencode(made, fmt), mime) == original, fmt  # type: ignore[arg-type]
+
+
+async def test_images_come_back_in_the_samples_format_option() -> None:
+    """What ``runtime serve`` now does (``tests/unit/test_a1111_server.py``), against the real one:
+    ``samples_format`` webp or jpg gives that format with the infotext in EXIF. The option is put
+    back as it was found."""
+    async with httpx.AsyncClient(base_url=URL, timeout=600) as client:
+        before = (await client.get("/sdapi/v1/options")).json()["samples_format"]
+        body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler"}
+        try:
+            for fmt, pil in (("webp", "WEBP"), ("jpg", "JPEG")):
+                assert (
+                    await client.post("/sdapi/v1/options", json={"samples_format": fmt})
+                ).status_code == 200
+                made = (await client.post("/sdapi/v1/txt2img", json=body)).json()
+                with Image.open(io.BytesIO(base64.b64decode(made["images"][0]))) as image:
+                    assert image.format == pil and image.size == (64, 64)
+                    assert infotext(image) == json.loads(made["info"])["infotexts"][0]
+        finally:
+            await client.post("/sdapi/v1/options", json={"samples_format": before})

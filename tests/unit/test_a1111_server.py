@@ -8,6 +8,7 @@ model configured: like SD WebUI, it loads the first model of its folder.
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import webuiapi
 from PIL import Image
 
 from fakes.servers import ServerThread, a1111_server, free_port
-from sdfleet.media import reencode
+from sdfleet.media import infotext, reencode
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 REAL: dict[str, Any] = json.loads(
@@ -163,6 +164,25 @@ def test_png_info_reads_a_jpeg_or_webps_exif_as_sd_webui_does(server: ServerThre
             read = http.post("/sdapi/v1/png-info", json={"image": image}).json()
             assert read["info"] == text and read["parameters"]["Seed"] == "9", (fmt, read)
             assert "exif" not in read["items"], read["items"]
+
+
+def test_images_come_back_in_the_samples_format_option(server: ServerThread) -> None:
+    """SD WebUI's API encodes its images in ``samples_format`` (jpg, jpeg, webp: at
+    ``jpeg_quality``, the infotext in EXIF); this server did PNG whatever it said.
+    ``tests/interop`` checks the same against the real one."""
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        try:
+            for fmt, pil in (("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")):
+                assert http.post("/sdapi/v1/options", json={"samples_format": fmt}).status_code == 200
+                made = http.post("/sdapi/v1/txt2img", json={"prompt": "a red cat", "seed": 5, **SMALL}).json()
+                with Image.open(io.BytesIO(base64.b64decode(made["images"][0]))) as image:
+                    assert image.format == pil and image.size == (64, 64)
+                    assert infotext(image) == json.loads(made["info"])["infotexts"][0]
+            http.post("/sdapi/v1/options", json={"samples_format": "tiff"})
+            bad = http.post("/sdapi/v1/txt2img", json={"prompt": "a red cat", **SMALL})
+            assert bad.status_code == 422 and bad.json()["detail"] == "Invalid image format", bad.text
+        finally:
+            http.post("/sdapi/v1/options", json={"samples_format": "png"})
 
 
 def test_a_json_body_without_a_content_type_is_read_as_sd_webui_reads_it(server: ServerThread) -> None:

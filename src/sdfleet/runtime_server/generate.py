@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
+from sdfleet.runtime_server.images import api_image
 from sdfleet.runtime_server.infotext import Generation
 from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
@@ -169,7 +170,7 @@ async def generate(state: ServerState, req: GenerationBody, init_images: list[by
         first = 1
     keep_text = bool(state.options["enable_pnginfo"])
     images = [
-        base64.b64encode(pnginfo.with_text(png, {"parameters": t} if keep_text else {})).decode("ascii")
+        api_image(pnginfo.with_text(png, {"parameters": t} if keep_text else {}), state.options)
         for png, t in zip(pngs, texts, strict=False)
     ]
     parameters = req.model_dump()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from typing import Any
 
@@ -14,6 +13,7 @@ from sdfleet.runtime_server import extras, pnginfo
 from sdfleet.runtime_server import schemas as S
 from sdfleet.runtime_server.errors import invalid_image, refused
 from sdfleet.runtime_server.generate import decode_image_field, generate
+from sdfleet.runtime_server.images import api_image
 from sdfleet.runtime_server.state import ServerState
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -23,10 +23,6 @@ router = APIRouter(prefix="/sdapi/v1")
 def server(request: Request) -> ServerState:
     state: ServerState = request.app.state.sd
     return state
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _readable(data: bytes) -> bytes:
@@ -104,13 +100,14 @@ async def _model_extras(
 @router.post("/extra-single-image", response_model=S.ExtrasSingleImageResponse)
 async def extra_single_image(request: Request, body: S.ExtrasSingleImageRequest) -> dict[str, Any]:
     outputs, html = await _extras(server(request), body, [body.image])
-    return {"html_info": html, "image": _b64(outputs[0]) if outputs else None}
+    return {"html_info": html, "image": api_image(outputs[0], server(request).options) if outputs else None}
 
 
 @router.post("/extra-batch-images", response_model=S.ExtrasBatchImagesResponse)
 async def extra_batch_images(request: Request, body: S.ExtrasBatchImagesRequest) -> dict[str, Any]:
     outputs, html = await _extras(server(request), body, [item.data for item in body.imageList])
-    return {"html_info": html, "images": [_b64(png) for png in outputs]}
+    options = server(request).options
+    return {"html_info": html, "images": [api_image(png, options) for png in outputs]}
 
 
 @router.post("/png-info", response_model=S.PNGInfoResponse)
