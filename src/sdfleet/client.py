@@ -18,9 +18,9 @@ from sdfleet.tasks import TASK_ID_PATTERN
 TERMINAL = ("succeeded", "failed", "cancelled")
 UNREACHABLE = "api_unreachable"
 POLL_TRIES = 10
+"""Polls in a row that may fail to reach the API (a busy or restarting API) before a wait gives up."""
 PAGE = 500
 """Tasks per ``GET /v1/tasks`` call of ``list`` (the API's most)."""
-"""Polls in a row that may fail to reach the API (a busy or restarting API) before a wait gives up."""
 _PATHS = {"v1": "/v1/tasks", "v1alpha1": "/v1alpha1/", "v1alpha2": "/v1alpha2/"}
 
 
