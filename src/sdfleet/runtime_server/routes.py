@@ -99,15 +99,16 @@ async def _model_extras(
 
 @router.post("/extra-single-image", response_model=S.ExtrasSingleImageResponse)
 async def extra_single_image(request: Request, body: S.ExtrasSingleImageRequest) -> dict[str, Any]:
-    outputs, html = await _extras(server(request), body, [body.image])
-    return {"html_info": html, "image": api_image(outputs[0], server(request).options) if outputs else None}
+    state = server(request)
+    outputs, html = await _extras(state, body, [body.image])
+    return {"html_info": html, "image": api_image(outputs[0], state.options) if outputs else None}
 
 
 @router.post("/extra-batch-images", response_model=S.ExtrasBatchImagesResponse)
 async def extra_batch_images(request: Request, body: S.ExtrasBatchImagesRequest) -> dict[str, Any]:
-    outputs, html = await _extras(server(request), body, [item.data for item in body.imageList])
-    options = server(request).options
-    return {"html_info": html, "images": [api_image(png, options) for png in outputs]}
+    state = server(request)
+    outputs, html = await _extras(state, body, [item.data for item in body.imageList])
+    return {"html_info": html, "images": [api_image(png, state.options) for png in outputs]}
 
 
 @router.post("/png-info", response_model=S.PNGInfoResponse)
