@@ -225,6 +225,9 @@ def submit(
     output_format: str | None = typer.Option(
         None, "--output-format", help="png, jpeg or webp: the format the images are stored in."
     ),
+    ttl: float | None = typer.Option(
+        None, "--ttl", help="Seconds within which it must start, or it fails unrun (default: the queue's)."
+    ),
     wait: bool = typer.Option(False, help="Wait for the task to finish (a progress bar on a terminal)."),
     as_json: bool = JsonOpt,
     api_url: str = ApiOpt,
@@ -240,11 +243,8 @@ def submit(
         body = json.loads(text)
     elif prompt is not None:
         params = {"prompt": prompt, "steps": steps, "width": width, "height": height, "seed": seed}
-        body = {
-            "model": model,
-            "params": _without_none(params, output_format=output_format),
-            "priority": priority,
-        }
+        given = _without_none(params, output_format=output_format)
+        body = _without_none({"model": model, "params": given, "priority": priority}, ttl_s=ttl)
     else:
         _fail(ValueError("give --prompt or --file"))
 
@@ -294,6 +294,8 @@ def _print_view(view: dict[str, Any]) -> None:
             console.print(f"  error: {error}")
     for image in view.get("images", []):
         console.print(f"  {image['key']}  {image['url']}", highlight=False)
+    if state == "queued" and view.get("ttl_s"):
+        console.print(f"  starts by {_when(view['created_at'] + view['ttl_s'])} or fails unrun (ttl_s)")
     if view.get("expires_at"):  # the fleet's retain_days: then the record (and local files) go
         console.print(f"  kept until {_when(view['expires_at'])}")
 

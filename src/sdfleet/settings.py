@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError
-from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, OutputFormat
+from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, TTL_MAX_S, OutputFormat
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
@@ -54,6 +54,9 @@ class QueueConfig(BaseModel):
     output_format: OutputFormat | None = None
     """Format this queue's images are stored in when a task asks for none (``params.output_format``),
     the seed formats' tasks included; None: as the runtime made them (PNG)."""
+    ttl_s: float | None = Field(None, gt=0, le=TTL_MAX_S)
+    """Seconds from the submit within which a task of this queue must start when it names no
+    ``ttl_s`` of its own (the seed formats' tasks included); None: no limit (``Task.ttl_s``)."""
     task_timeout_s: float = Field(600.0, gt=0, le=3600)
     """Longest a task of this queue may run, seconds: the API caps each task's ``timeout_s`` to it,
     the agent caps the tasks other producers publish (``execute.job_of``), and the chart gives the

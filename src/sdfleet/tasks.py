@@ -23,6 +23,8 @@ TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """A tenant name: the first segment of its storage keys and of its record keys, so no ``/``."""
 PRIORITY_MAX = 9
 """Task priorities are 0 (the default) to this; higher runs sooner (``Task.priority``)."""
+TTL_MAX_S = 86_400
+"""The longest ``ttl_s`` the API and a queue take: a day."""
 
 
 def integral(value: Any) -> Any:
@@ -142,6 +144,10 @@ class Task(BaseModel):
     context: Any = None
     created_at: float = Field(default_factory=time.time)
     timeout_s: float | None = Field(None, gt=0)
+    ttl_s: float | None = Field(None, gt=0)
+    """Seconds from the submit within which a run must start: past them no run starts, and the
+    task ends ``failed`` with code ``ttl_expired`` (an image nobody waits for any more costs GPU time
+    all the same). None: the queue's ``ttl_s``, else no limit."""
     origin: Origin = Origin.V1
     notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = None
     """Shape of this task's results-topic notifications (``notify.formats``); default: the
@@ -153,6 +159,13 @@ class Task(BaseModel):
     """Which run of this id: the seed runs every POST (every publish) anew, so a seed-format id
     sent again after its task finished runs again as run 2, 3... (``store.base.reopened``); a
     message of an earlier run than its record's is stale."""
+
+    def start_by(self, queue_ttl_s: float | None, enqueued_at: float) -> float | None:
+        """When its ``ttl_s`` (else the queue's) runs out, counted from the submit: the API's
+        ``created_at``, or when the message was first enqueued (a task another producer published
+        is created by the agent that receives it). None: no limit."""
+        ttl_s = self.ttl_s if self.ttl_s is not None else queue_ttl_s
+        return None if ttl_s is None else min(self.created_at, enqueued_at) + ttl_s
 
     def storage_prefix(self) -> str:
         return self.output_prefix if self.output_prefix is not None else self.tenant

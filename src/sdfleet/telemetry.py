@@ -44,6 +44,12 @@ class Metrics:
         self.tasks = Counter(
             "sdfleet_tasks", "Tasks finished by an agent, by state", ["queue", "state"], registry=r
         )
+        self.ttl_expired = Counter(
+            "sdfleet_tasks_ttl_expired",
+            "Tasks an agent failed unrun because their ttl_s had passed (also in sdfleet_tasks_total)",
+            ["queue"],
+            registry=r,
+        )
         self.submitted = Counter(
             "sdfleet_submitted", "Tasks accepted by the API", ["queue", "origin"], registry=r
         )
@@ -103,6 +109,7 @@ class Metrics:
         for stage in STAGES:
             self.stage_seconds.labels(queue=queue, stage=stage)
         self.model_switches.labels(queue=queue)
+        self.ttl_expired.labels(queue=queue)
         self.gpu_seconds.labels(queue=queue)
         self.busy.labels(queue=queue).set(0)
         self.agent.labels(queue=queue, runtime=runtime).set(1)

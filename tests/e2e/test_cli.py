@@ -78,6 +78,8 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
                 "4",
                 "--output-format",
                 "webp",
+                "--ttl",
+                "3600",
                 "--wait",
                 "--api",
                 api,
@@ -93,6 +95,7 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         assert status.returncode == 0, status.stderr
         view = json.loads(status.stdout)
         assert view["state"] == "succeeded" and view["queue"] == "sd15" and view["priority"] == 4
+        assert view["ttl_s"] == 3600
         queues = _run(["queues", "-c", str(config)], cli_env)
         assert queues.returncode == 0, queues.stderr
         assert re.search(r"sd15\s+.*diffusers\s+.*0\s+.*0", queues.stdout), queues.stdout

@@ -47,3 +47,10 @@ def test_a_task_with_a_priority_says_it() -> None:
     shown = _shown({**_view("queued", None), "model": "m", "priority": 7, "run": 2})
     assert "t-1: queued · queue q · model m · priority 7 · run 2" in shown
     assert "priority" not in _shown({**_view("queued", None), "priority": 0})
+
+
+def test_a_queued_task_with_a_ttl_says_by_when_it_must_start() -> None:
+    waiting = {**_view("queued", None), "created_at": 1796515200.0, "ttl_s": 90.0}
+    assert "  starts by 2026-12-06 00:01:30 UTC or fails unrun (ttl_s)" in _shown(waiting)
+    assert "starts by" not in _shown({**waiting, "state": "running"})
+    assert "starts by" not in _shown({**waiting, "ttl_s": None})

@@ -28,6 +28,7 @@ from typing import Any
 
 from sdfleet.agent.begin import begin
 from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
+from sdfleet.agent.expiry import expire, overdue
 from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.holds import Holds, Waiting
@@ -309,7 +310,13 @@ class Agent:
                 )
                 if self.batcher is not None and images_of(*batch) < self.max_batch:
                     batch += await self._company(batch)
-                return batch
+                now = time.time()  # one that waited in the pool past its ttl_s does not start
+                for p in [p for p in batch if overdue(p.start_by, now)]:
+                    batch.remove(p)
+                    self._spawn(self._expire(p))
+                if batch:
+                    return batch
+                continue
             if self._receiver_done.is_set() and not self._preparing:
                 return None
             await self.pool.wait(0.2)
@@ -405,20 +412,34 @@ class Agent:
         except Exception:  # a bug settling one task must not stop the agent; its lease brings it back
             log.exception("task %s: unexpected error while finishing, left to its lease", p.task.id)
         finally:
-            await self._let_go((p.task.tenant, p.task.id), p.handle)
+            await self._settled(p)
             p.light.set()
-            lease = self._leases.pop(p, None)
-            if lease is not None:
-                await lease.stop()
+
+    async def _expire(self, p: Prepared) -> None:
+        assert p.start_by is not None
+        try:
+            await expire(self.parts, p.handle, p.task, p.start_by, p.span)
+        except Exception as e:  # its lease brings it back, and the next agent expires it
+            log.warning("task %s: not expired, left to its lease: %s", p.task.id, e)
+        finally:
+            p.span.end()
+            await self._settled(p)
+            self.processed += 1
+            self._taken.set()
+
+    async def _settled(self, p: Prepared) -> None:
+        """``p``'s delivery has left the agent (settled, or left to its lease): its lease is no
+        longer kept, and the next delivery of its id may go on."""
+        await self._let_go((p.task.tenant, p.task.id), p.handle)
+        lease = self._leases.pop(p, None)
+        if lease is not None:
+            await lease.stop()
 
     # --- shutdown --------------------------------------------------------------------------
 
     async def _release(self, items: Sequence[Prepared]) -> None:
         for p in items:
-            await self._let_go((p.task.tenant, p.task.id), p.handle)
-            lease = self._leases.pop(p, None)
-            if lease is not None:
-                await lease.stop()
+            await self._settled(p)
             p.span.end()
             await _settle(p.handle.release())
 

@@ -63,6 +63,8 @@ class Prepared:
     """The publish its delivery comes from (``Decoded.publish``), written to the record it starts."""
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
+    start_by: float | None = None
+    """When its ``ttl_s`` runs out (epoch seconds; ``expiry``): it is not started after that."""
     ready_at: float = 0.0
     """Monotonic time it entered the ready pool (for the pool order's pass-over bound)."""
     run_started: float | None = None

@@ -16,6 +16,7 @@ from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.backoff import input_retry_delay
 from sdfleet.agent.defer import defer, held_by_another_run, other_publish, unended_other_publish
+from sdfleet.agent.expiry import expire, overdue, start_by
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.records import cancelled_unrun, elsewhere, fail, notify
@@ -169,8 +170,21 @@ async def _checked(
                 await _redelivered_result(parts, record, d)
             await h.ack()
             return None
-    task = task if record is None else record.task
-    p = Prepared(handle=h, task=task, inputs=[], span=span, record=record, numbered=ours, publish=publish)
+    return await _prepared(parts, h, task if record is None else record.task, record, m, span)
+
+
+async def _prepared(
+    parts: Parts, h: DeliveryHandle, task: Task, record: TaskRecord | None, m: Decoded, span: trace.Span
+) -> Prepared | None:
+    """A task that may run: expired, or its inputs fetched."""
+    d = h.delivery
+    deadline = start_by(task, record, parts.queue.ttl_s, _enqueued_at(d))
+    if overdue(deadline):  # before its inputs are fetched
+        assert deadline is not None
+        await expire(parts, h, task, deadline, span)
+        return None
+    p = Prepared(handle=h, task=task, inputs=[], span=span, record=record, numbered=m.ours, publish=m.publish)
+    p.start_by = deadline
     p.timings["queue_wait"] = max(0.0, time.time() - _enqueued_at(d))
     t0 = time.perf_counter()
     try:

@@ -43,18 +43,18 @@ async def fail(
     *,
     task: Task | None = None,
     ran: bool = False,
+    unstarted: bool = False,
 ) -> bool:
     """Mark a task failed with a reason and notify (True); a task already terminal stays as it is.
     ``task``: create its record, failed, if it has none (a task another producer published). A
     task sent in a seed format also gets the seed's failure ``.out``, linked from its notification.
     ``ran``: the failure is of this agent's run, so ``TakenOver`` is raised rather than failing a
-    task another agent runs now."""
+    task another agent runs now. ``unstarted``: only a task no agent runs now (``queued``) fails."""
 
     tag = secrets.token_hex(2)
 
     def mutate(r: TaskRecord) -> TaskRecord:
-        if ran:
-            ours(r, parts)
+        _may_fail(r, parts, ran=ran, unstarted=unstarted)
         r.state, r.error = TaskState.FAILED, TaskError(code=code, message=message)
         r.finished_at = time.time()
         if r.task.origin in SEED_ORIGINS and (r.result is None or r.result.output is None):
@@ -81,6 +81,13 @@ async def fail(
         await _store_failed_out(parts, record, record.result.output, code, message)
     await notify(parts, record, EventType.FAILED)
     return True
+
+
+def _may_fail(r: TaskRecord, parts: Parts, *, ran: bool, unstarted: bool) -> None:
+    if ran:
+        ours(r, parts)
+    if unstarted and r.state is not TaskState.QUEUED:
+        raise TransitionConflict(f"task {r.id} is {r.state}")
 
 
 async def _store_failed_out(parts: Parts, record: TaskRecord, key: str, code: str, message: str) -> None:

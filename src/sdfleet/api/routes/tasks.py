@@ -21,6 +21,7 @@ from sdfleet.store.base import expires_at, transition
 from sdfleet.tasks import (
     PRIORITY_MAX,
     TASK_ID_PATTERN,
+    TTL_MAX_S,
     Integer,
     Task,
     TaskError,
@@ -67,6 +68,13 @@ class TaskRequest(BaseModel):
     webhook: Webhook | None = None
     context: Any = Field(None, description="Anything; echoed back (JSON nested at most 64 levels)")
     timeout_s: float | None = Field(None, gt=0, le=3600)
+    ttl_s: float | None = Field(
+        None,
+        gt=0,
+        le=TTL_MAX_S,
+        description="Seconds from the submit within which a run must start; past them the task "
+        "ends `failed` with code `ttl_expired`, never run. Default: the queue's `ttl_s`, else no limit",
+    )
     notify_format: Literal["sdfleet", "seed", "sagemaker"] | None = Field(
         None, description="Shape of the results-topic notification; default the queue's (sdfleet)"
     )
@@ -107,6 +115,8 @@ class TaskView(BaseModel):
     model: str | None
     queue: str | None
     priority: int = 0
+    ttl_s: float | None = None
+    """The task's ``ttl_s``, else its queue's: a run must start within it of ``created_at``."""
     run: int
     """Which run of this id (a seed-format id sent again after it finished runs again, and
     ``sdfleet dlq redrive`` runs a failed task's next run)."""
@@ -143,6 +153,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         model=r.task.model,
         queue=r.task.queue,
         priority=r.task.priority,
+        ttl_s=_ttl_s(ctx, r.task),
         run=r.task.run,
         attempts=r.attempts,
         progress=r.progress,
@@ -158,6 +169,11 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
         finished_at=r.finished_at,
         expires_at=expires_at(r, ctx.fleet.retain_s),
     )
+
+
+def _ttl_s(ctx: ApiContext, task: Task) -> float | None:
+    queue = ctx.fleet.queue(task.queue) if task.queue else None
+    return task.ttl_s if task.ttl_s is not None or queue is None else queue.ttl_s
 
 
 async def owned(ctx: ApiContext, who: Caller, task_id: str) -> TaskRecord:
