@@ -279,10 +279,10 @@ async def test_a_task_run_again_shows_its_run(page: Page, fleet: UpProcess, shot
 async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpProcess) -> None:
     """The fleet keeps finished tasks ``retain_days``: the task page says until when, in the
     browser's own time; a task still queued or running says nothing of it. (The page shows the
-    task's priority too.)"""
+    task's priority and ttl_s too.)"""
     with fleet.client(ALICE) as http:
         params = {"prompt": "a kept lighthouse", "width": 64, "height": 64, "steps": 2}
-        body = {"params": params, "priority": 3}
+        body = {"params": params, "priority": 3, "ttl_s": 600}
         task_id = http.post("/v1/tasks", json=body).json()["id"]
         deadline = time.monotonic() + 120
         while (view := http.get(f"/v1/tasks/{task_id}").json())["state"] != "succeeded":
@@ -298,6 +298,8 @@ async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpPro
     await expect(kept.locator("td").nth(1)).to_have_text(shown)
     priority = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^priority$")))
     await expect(priority.locator("td").nth(1)).to_have_text("3")
+    ttl = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^start within$")))
+    await expect(ttl.locator("td").nth(1)).to_have_text("600 s of created (ttl_s)")
 
 
 async def test_a_finished_task_is_deleted_from_its_page(page: Page, fleet: UpProcess, shots: Path) -> None:

@@ -61,7 +61,9 @@
       ]);
       showState(view.state, view.progress, view.error);
       rows(el("params"), [["model", view.model || "fleet default"], ["queue", view.queue || "–"],
-        ["type", view.type], ["priority", view.priority], ...Object.entries(detail.params),
+        ["type", view.type], ["priority", view.priority],
+        ...(view.ttl_s ? [["start within", `${view.ttl_s} s of created (ttl_s)`]] : []),
+        ...Object.entries(detail.params),
         ["runtime", detail.runtime || "–"],
         ["run", view.run], ["attempts", view.attempts],
         ["created", new Date(view.created_at * 1000).toLocaleString()],
