@@ -13,6 +13,7 @@ from sdfleet.simulate.params import SimParams
 from sdfleet.simulate.perf import DEFAULT_POINTS, PerfTable
 from sdfleet.simulate.pricing import DEFAULT_PRICES
 from sdfleet.simulate.report import summary
+from sdfleet.simulate.sweep import Objective
 from sdfleet.simulate.trace import Arrivals, Generator, TaskClass
 
 SD15 = TaskClass("sd15", 512, 512, 30, "acme", "standard")
@@ -247,3 +248,27 @@ def test_overlapping_filters_route_to_the_first_queue_and_unrouted_requests_are_
     r, s = run(f, arrivals, nodes=NO_NODES)
     assert s["refused_no_route"] == 1 and r.routes.queues == [["sd15"], ["sd15"], []]
     assert s["queues"]["sd15"]["arrived"] == 2 and s["queues"]["paid"]["arrived"] == 0
+
+
+def test_a_queues_ttl_expires_what_waits_too_long_and_costs_no_gpu_time() -> None:
+    """``queues[].ttl_s``: one replica at 1 s a request gets through about ttl_s of a burst of 100;
+    the rest expire (on receipt, or waiting in the agent), each mode alike, and take no GPU time.
+    A sweep does not call such a fleet good enough."""
+    f = FleetConfig.model_validate(
+        {
+            "queues": [{"name": "q", "runtime": "synthetic", "ttl_s": 10}],
+            "runtimes": {"synthetic": {"latency_s": 1.0}},
+        }
+    )
+    burst = at([0.0] * 100)
+    common = {"nodes": NO_NODES, "keda": {"min_replicas": 1, "max_replicas": 1}}
+    for dt, arrivals in ((0.0, burst), (1.0, burst.binned(1.0))):
+        _, s = run(f, arrivals, dt=dt, agent={"finish_concurrency": 4, "model_load_s": 0}, **common)
+        q = s["queues"]["q"]
+        assert 9 <= q["completed"] <= 12, (dt, q["completed"])
+        assert q["completed"] + q["expired"] == 100 and q["left"] == 0, (dt, q)
+        assert q["queue_wait_s"]["max"] <= 10.5, (dt, q["queue_wait_s"])
+        assert q["gpu_busy_s"] == pytest.approx(q["completed"] * 1.0, rel=0.15), (dt, q)
+        assert not Objective.parse("e2e_p95<=3600").met(s)  # an expired request is not served
+    _, unlimited = run(fleet(1.0, min=1, max=1), burst, agent={"finish_concurrency": 4}, nodes=NO_NODES)
+    assert unlimited["queues"]["q"]["completed"] == 100 and unlimited["queues"]["q"]["expired"] == 0

@@ -234,6 +234,13 @@ class Replica:
         # Queue wait ends when the run starts, not at the receive: a prefetched request still
         # waits in the agent's pool (the real agent's queue_wait + pool_wait + runtime_wait).
         now = self.env.now
+        late = [c for c in chunk if self.q.too_late(c, now)]  # waited here past their ttl_s
+        if late:
+            self.q.expire(late)
+            chunk = [c for c in chunk if c not in late]
+            if not chunk:
+                self._picked = []
+                return
         for c in chunk:
             self.ctx.record(c.cls, now - c.t, -1.0, c.n, now)
         first = self.ctx.classes[chunk[0].cls]

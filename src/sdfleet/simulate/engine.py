@@ -108,7 +108,8 @@ class _Sim:
         kp, ap = self.params.keda_for(q.name), self.params.agent_for(q.name)
         classes = self.arrivals.classes
         seconds = run_seconds_for(self.fleet, q, self.params, perf, classes)
-        sq = SimQueue(self.env, q.name, len(classes), self.fleet.retry.lease_s, self.fleet.retry.max_receives)
+        retry = self.fleet.retry
+        sq = SimQueue(self.env, q.name, len(classes), retry.lease_s, retry.max_receives, ttl_s=q.ttl_s)
         scaler = Autoscaler(
             kp,
             min_replicas=kp.min_replicas if kp.min_replicas is not None else q.scaling.min,

@@ -201,6 +201,9 @@ class Pool:
             for g in self.q.take(k):
                 # the bin's requests arrive over it: served on arrival while there is room
                 start = max(now + (used + g.n * per / 2) / replicas, g.t)
+                if self.q.too_late(g, start):  # its ttl_s ran out while it waited in an agent
+                    self.q.expire([g])
+                    continue
                 wait = max(self.p.receive_s, start - g.t)
                 e2e = wait + run + self._finish(batch)
                 # with prefetch, a busy replica's receiver takes its share of the requests, which

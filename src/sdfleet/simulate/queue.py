@@ -39,9 +39,19 @@ class Cohort:
 
 class SimQueue:
     def __init__(
-        self, env: simpy.Environment, name: str, classes: int, lease_s: float, max_receives: int
+        self,
+        env: simpy.Environment,
+        name: str,
+        classes: int,
+        lease_s: float,
+        max_receives: int,
+        ttl_s: float | None = None,
     ) -> None:
         self.env, self.name, self.lease_s, self.max_receives = env, name, lease_s, max_receives
+        self.ttl_s = ttl_s
+        """The queue's ``ttl_s``: a request not started within it of its arrival is not run."""
+        self.expired = 0
+        """Requests an agent dropped unrun, their ``ttl_s`` past (on receipt or before their run)."""
         self.by_class: list[deque[Cohort]] = [deque() for _ in range(classes)]
         self.visible_by_class = [0] * classes
         self.visible = 0
@@ -86,7 +96,8 @@ class SimQueue:
         return min(heads, key=lambda c: c.t) if heads else None
 
     def take(self, k: int) -> list[Cohort]:
-        """Receive up to ``k`` requests, oldest first; over-received ones go to the DLQ."""
+        """Receive up to ``k`` requests, oldest first; over-received ones go to the DLQ, and those
+        past their ``ttl_s`` are expired (the agent checks on receipt, before preparing them)."""
         out: list[Cohort] = []
         while k > 0 and self.visible > 0:
             dq = min((d for d in self.by_class if d), key=lambda d: d[0].t)
@@ -98,6 +109,9 @@ class SimQueue:
             if c.receives > self.max_receives:
                 self.dead += c.n
                 continue
+            if self.too_late(c, self.env.now):
+                self.expired += c.n
+                continue
             if c.receives > 1:
                 self.redelivered += c.n
             self.in_flight += c.n
@@ -107,6 +121,16 @@ class SimQueue:
 
     def ack(self, n: int) -> None:
         self.in_flight -= n
+
+    def too_late(self, c: Cohort, start: float) -> bool:
+        """Whether a run of ``c`` starting at ``start`` would be past its ``ttl_s``."""
+        return self.ttl_s is not None and start - c.t > self.ttl_s
+
+    def expire(self, cohorts: list[Cohort]) -> None:
+        """Received requests dropped unrun before their run (past their ``ttl_s``): acked."""
+        n = sum(c.n for c in cohorts)
+        self.in_flight -= n
+        self.expired += n
 
     def release(self, cohorts: list[Cohort]) -> None:
         """Visible again now, ahead of newer requests of their class."""

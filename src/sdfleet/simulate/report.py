@@ -73,6 +73,7 @@ def _queue(result: Result, run: QueueRun) -> dict[str, Any]:
         "last_finished_s": run.windows.last_at,
         "left": q.visible + q.in_flight,
         "dead_lettered": q.dead,
+        "expired": q.expired,
         **_lat(Hist.merged(list(run.wait.values())), Hist.merged(list(run.e2e.values()))),
         "tiers": {t: _lat(run.wait.get(t, Hist()), run.e2e.get(t, Hist())) for t in tiers},
         "replicas": {
@@ -158,11 +159,12 @@ def table(s: dict[str, Any]) -> Table:
     )
     for name, q in s["queues"].items():
         rep = q["replicas"]
+        expired = f", {q['expired']:.0f} expired" if q["expired"] else ""  # past the queue's ttl_s
         peak_mean = f"{rep['peak']} / {rep['mean']:.2f}"
         t.add_row(
             name,
             "all",
-            f"{q['completed']:.0f}/{q['arrived']:.0f}",
+            f"{q['completed']:.0f}/{q['arrived']:.0f}{expired}",
             _fmt(q["queue_wait_s"]),
             _fmt(q["e2e_s"]),
             peak_mean,

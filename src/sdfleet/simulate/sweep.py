@@ -59,7 +59,7 @@ class Objective:
         return max((q[key].get(self.percentile, 0.0) for q in s["queues"].values()), default=0.0)
 
     def met(self, s: dict[str, Any]) -> bool:
-        unfinished = sum(q["left"] + q["dead_lettered"] for q in s["queues"].values())
+        unfinished = sum(q["left"] + q["dead_lettered"] + q["expired"] for q in s["queues"].values())
         return unfinished == 0 and self.worst(s) <= self.limit_s
 
     def __str__(self) -> str:
