@@ -28,6 +28,7 @@ from sdfleet.cli_common import (
     print_json,
     print_table,
     say_error,
+    when,
 )
 from sdfleet.cli_dlq import dlq_app
 from sdfleet.cli_ensure import ensure
@@ -295,9 +296,9 @@ def _print_view(view: dict[str, Any]) -> None:
     for image in view.get("images", []):
         console.print(f"  {image['key']}  {image['url']}", highlight=False)
     if state == "queued" and view.get("ttl_s"):
-        console.print(f"  starts by {_when(view['created_at'] + view['ttl_s'])} or fails unrun (ttl_s)")
+        console.print(f"  starts by {when(view['created_at'] + view['ttl_s'])} or fails unrun (ttl_s)")
     if view.get("expires_at"):  # the fleet's retain_days: then the record (and local files) go
-        console.print(f"  kept until {_when(view['expires_at'])}")
+        console.print(f"  kept until {when(view['expires_at'])}")
 
 
 @app.command()
@@ -340,16 +341,10 @@ def list_tasks(
         return
     table = Table("id", "state", "run", "model", "queue", "images", "created", "kept until")
     for t in tasks:
-        kept = _when(t["expires_at"]) if t.get("expires_at") else "-"
+        kept = when(t.get("expires_at"))
         cells = (t["state"], str(t["run"]), t["model"] or "-", t["queue"] or "-", str(len(t["images"])))
-        table.add_row(t["id"], *cells, _when(t["created_at"]), kept)
+        table.add_row(t["id"], *cells, when(t["created_at"]), kept)
     print_table(table)
-
-
-def _when(epoch_s: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _ask(api_url: str, api_key: str | None, call: Callable[[AsyncClient], Awaitable[T]]) -> T:

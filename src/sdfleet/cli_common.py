@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,14 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, json.JSONDecodeError):
         return f"not JSON: {e}"
     return str(e) or type(e).__name__
+
+
+def when(epoch_s: float | None) -> str:
+    """A timestamp for a person, the same in every command: ``2026-12-06 00:00:00 UTC``; ``-``
+    for none."""
+    if epoch_s is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch_s, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def print_json(data: Any) -> None:

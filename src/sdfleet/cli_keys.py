@@ -7,7 +7,6 @@ tier, limits). Every API replica sees a new or revoked key within ``api.key_cach
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_json, print_table
+from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_json, print_table, when
 from sdfleet.errors import SdfleetError
 from sdfleet.store.access import AccessStore, ApiKey, digest, new_key, open_access
 from sdfleet.tasks import PRIORITY_MAX
@@ -77,12 +76,6 @@ def create(
     print(secret)
 
 
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 @keys_app.command("list")
 def list_keys(
     config: Path | None = ConfigOpt,
@@ -99,7 +92,7 @@ def list_keys(
     for k in keys:
         limits = (k.rate_limit, k.burst, k.max_in_flight, k.max_priority)
         cells = ["-" if v is None else f"{v:g}" for v in limits]
-        table.add_row(k.id, k.tenant, k.tier, *cells, _when(k.created_at), _when(k.revoked_at))
+        table.add_row(k.id, k.tenant, k.tier, *cells, when(k.created_at), when(k.revoked_at))
     print_table(table)
 
 
@@ -113,4 +106,4 @@ def revoke(
     if key is None:
         _fail(ValueError(f"no key with id {key_id!r}"))
         return
-    console.print(f"key {key.id} of tenant {key.tenant} revoked at {_when(key.revoked_at)}")
+    console.print(f"key {key.id} of tenant {key.tenant} revoked at {when(key.revoked_at)}")

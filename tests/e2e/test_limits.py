@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -183,7 +184,8 @@ async def test_keys_made_and_revoked_with_the_cli_take_effect_on_every_replica(
         r = await http.post(f"{replicas[1]}/v1/tasks", json=urgent, headers={"x-api-key": key})
     assert r.status_code == 403 and r.json()["error"]["code"] == "priority_not_allowed", r.text
 
-    _keys(engine, fleet_file, "revoke", mine["id"])
+    revoked = _keys(engine, fleet_file, "revoke", mine["id"])  # its time as every command writes one
+    assert re.search(r"revoked at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", revoked.strip()), revoked
     took = await _until(replicas, key, 401, within_s=CACHE_S + 5)
     assert took <= CACHE_S + 5
     listed = json.loads(_keys(engine, fleet_file, "list", "--json"))  # one document
