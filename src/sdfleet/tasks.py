@@ -161,11 +161,15 @@ class Task(BaseModel):
     message of an earlier run than its record's is stale."""
 
     def start_by(self, queue_ttl_s: float | None, enqueued_at: float) -> float | None:
-        """When its ``ttl_s`` (else the queue's) runs out, counted from the submit: the API's
-        ``created_at``, or when the message was first enqueued (a task another producer published
-        is created by the agent that receives it). None: no limit."""
+        """When its ``ttl_s`` (else the queue's) runs out, counted from this run's submit: for the
+        first run the API's ``created_at``, or when its message was enqueued if that was earlier
+        (a task another producer published is created by the agent that receives it); for a later
+        run (a seed id sent again, a redrive), when that run's message was enqueued, since
+        ``created_at`` stays the id's first. None: no limit."""
         ttl_s = self.ttl_s if self.ttl_s is not None else queue_ttl_s
-        return None if ttl_s is None else min(self.created_at, enqueued_at) + ttl_s
+        if ttl_s is None:
+            return None
+        return (min(self.created_at, enqueued_at) if self.run == 1 else enqueued_at) + ttl_s
 
     def storage_prefix(self) -> str:
         return self.output_prefix if self.output_prefix is not None else self.tenant

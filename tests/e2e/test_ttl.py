@@ -91,3 +91,28 @@ async def test_a_task_that_waits_in_the_agent_past_its_ttl_does_not_start(
     for task_id in ("first", "second", "third"):
         assert (await fleet.wait(task_id))["state"] == "succeeded"
     assert _ttl_expired_total(fleet) == 1.0
+
+
+async def test_a_seed_ids_next_run_has_a_ttl_of_its_own(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """A seed id sent again after its ttl_s runs again: the next run's window starts at its own
+    submit, not the id's first (``created_at``, which stays the first for listings)."""
+    queues = [QueueConfig(name="q", runtime="synthetic", ttl_s=2)]
+    settings = fleet_settings(engine, models_dir, queues, runtimes={"synthetic": {"latency_s": 0}})
+    fleet = await start_fleet(queues, settings=settings)
+    body = copy_of(V1ALPHA2_T2I)
+    body["task"]["metadata"]["id"] = "again"
+    body["task"]["content"].update(width=64, height=64, steps=2)
+    assert (await fleet.http.post("/v1alpha2/", json=body)).status_code == 200
+    first = await fleet.wait("again")
+    assert first["state"] == "succeeded" and first["run"] == 1, first
+    await asyncio.sleep(2.5)  # the id's first submit is now past the queue's ttl_s
+    assert (await fleet.http.post("/v1alpha2/", json=body)).status_code == 200
+    for _ in range(300):
+        view = (await fleet.http.get("/v1/tasks/again")).json()
+        if view["run"] == 2 and view["finished_at"] is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert view["run"] == 2 and view["state"] == "succeeded", view
+    assert view["created_at"] == first["created_at"]

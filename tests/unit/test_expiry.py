@@ -40,3 +40,9 @@ def test_a_queues_ttl_is_positive_and_at_most_a_day() -> None:
     for bad in (0, -5, 86_401):
         with pytest.raises(ValidationError, match="ttl_s"):
             QueueConfig(name="q", ttl_s=bad)
+
+
+def test_a_later_run_counts_from_its_own_message_not_the_ids_first_submit() -> None:
+    """A seed id sent again, or a redrive, runs as run 2 with the id's first ``created_at``."""
+    second = Task(created_at=0.0, ttl_s=10, run=2)
+    assert start_by(second, None, None, enqueued_at=5000.0) == 5010.0
