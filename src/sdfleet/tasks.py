@@ -160,13 +160,17 @@ class Task(BaseModel):
     sent again after its task finished runs again as run 2, 3... (``store.base.reopened``); a
     message of an earlier run than its record's is stale."""
 
+    def ttl_or(self, queue_ttl_s: float | None) -> float | None:
+        """Its own ``ttl_s``, else its queue's."""
+        return self.ttl_s if self.ttl_s is not None else queue_ttl_s
+
     def start_by(self, queue_ttl_s: float | None, enqueued_at: float) -> float | None:
         """When its ``ttl_s`` (else the queue's) runs out, counted from this run's submit: for the
         first run the API's ``created_at``, or when its message was enqueued if that was earlier
         (a task another producer published is created by the agent that receives it); for a later
         run (a seed id sent again, a redrive), when that run's message was enqueued, since
         ``created_at`` stays the id's first. None: no limit."""
-        ttl_s = self.ttl_s if self.ttl_s is not None else queue_ttl_s
+        ttl_s = self.ttl_or(queue_ttl_s)
         if ttl_s is None:
             return None
         return (min(self.created_at, enqueued_at) if self.run == 1 else enqueued_at) + ttl_s

@@ -42,7 +42,7 @@ async def expire(parts: Parts, h: DeliveryHandle, task: Task, deadline: float, s
     """Fail the task unrun with code ``ttl_expired`` (unless it started or ended meanwhile) and ack
     its delivery."""
     d = h.delivery
-    ttl_s = task.ttl_s if task.ttl_s is not None else parts.queue.ttl_s
+    ttl_s = task.ttl_or(parts.queue.ttl_s)
     assert ttl_s is not None  # it has a deadline
     late_s = time.time() - deadline
     reason = f"not started within its ttl_s of {ttl_s:g} s from the submit ({late_s:.1f} s late)"

@@ -1,4 +1,5 @@
-"""A received delivery → a ``Prepared`` task: decoded, checked against its record, inputs fetched.
+"""A received delivery → a ``Prepared`` task: decoded, checked against its record and its
+``ttl_s`` (``expiry``), inputs fetched.
 
 Runs while the runtime is still busy with the previous task, so the GPU never waits on the network.
 """

@@ -173,7 +173,7 @@ async def task_view(ctx: ApiContext, request: Request, r: TaskRecord) -> TaskVie
 
 def _ttl_s(ctx: ApiContext, task: Task) -> float | None:
     queue = ctx.fleet.queue(task.queue) if task.queue else None
-    return task.ttl_s if task.ttl_s is not None or queue is None else queue.ttl_s
+    return task.ttl_or(queue.ttl_s if queue is not None else None)
 
 
 async def owned(ctx: ApiContext, who: Caller, task_id: str) -> TaskRecord:
