@@ -295,7 +295,7 @@ def _print_view(view: dict[str, Any]) -> None:
             console.print(f"  error: {error}")
     for image in view.get("images", []):
         console.print(f"  {image['key']}  {image['url']}", highlight=False)
-    if state == "queued" and view.get("ttl_s"):
+    if state == "queued" and view.get("ttl_s") and view.get("run", 1) == 1:  # a later run: its own submit
         console.print(f"  starts by {when(view['created_at'] + view['ttl_s'])} or fails unrun (ttl_s)")
     if view.get("expires_at"):  # the fleet's retain_days: then the record (and local files) go
         console.print(f"  kept until {when(view['expires_at'])}")

@@ -299,7 +299,7 @@ async def test_a_finished_task_says_how_long_it_is_kept(page: Page, fleet: UpPro
     priority = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^priority$")))
     await expect(priority.locator("td").nth(1)).to_have_text("3")
     ttl = page.locator("#params tr", has=page.locator("td", has_text=re.compile(r"^start within$")))
-    await expect(ttl.locator("td").nth(1)).to_have_text("600 s of created (ttl_s)")
+    await expect(ttl.locator("td").nth(1)).to_have_text("600 s of its submit (ttl_s)")
 
 
 async def test_a_finished_task_is_deleted_from_its_page(page: Page, fleet: UpProcess, shots: Path) -> None:

@@ -54,3 +54,4 @@ def test_a_queued_task_with_a_ttl_says_by_when_it_must_start() -> None:
     assert "  starts by 2026-12-06 00:01:30 UTC or fails unrun (ttl_s)" in _shown(waiting)
     assert "starts by" not in _shown({**waiting, "state": "running"})
     assert "starts by" not in _shown({**waiting, "ttl_s": None})
+    assert "starts by" not in _shown({**waiting, "run": 2})  # counted from that run's own submit

@@ -116,7 +116,8 @@ class TaskView(BaseModel):
     queue: str | None
     priority: int = 0
     ttl_s: float | None = None
-    """The task's ``ttl_s``, else its queue's: a run must start within it of ``created_at``."""
+    """The task's ``ttl_s``, else its queue's: a run must start within it of ``created_at`` (a
+    later run of the id: of that run's own submit)."""
     run: int
     """Which run of this id (a seed-format id sent again after it finished runs again, and
     ``sdfleet dlq redrive`` runs a failed task's next run)."""

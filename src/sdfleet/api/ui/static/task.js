@@ -62,7 +62,7 @@
       showState(view.state, view.progress, view.error);
       rows(el("params"), [["model", view.model || "fleet default"], ["queue", view.queue || "–"],
         ["type", view.type], ["priority", view.priority],
-        ...(view.ttl_s ? [["start within", `${view.ttl_s} s of created (ttl_s)`]] : []),
+        ...(view.ttl_s ? [["start within", `${view.ttl_s} s of its submit (ttl_s)`]] : []),
         ...Object.entries(detail.params),
         ["runtime", detail.runtime || "–"],
         ["run", view.run], ["attempts", view.attempts],
