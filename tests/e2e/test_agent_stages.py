@@ -29,12 +29,14 @@ PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed
 
 
 class StallingHook:
-    """A webhook receiver that holds the first ``succeeded`` delivery of each task forever."""
+    """A webhook receiver that holds the first delivery of each task's ``hold`` events (``succeeded``)
+    forever."""
 
     def __init__(self) -> None:
         self.url = ""
         self.events: list[tuple[str, str]] = []  # (task id, event), in arrival order
         self.held = asyncio.Event()
+        self.hold = {"succeeded"}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -46,7 +48,7 @@ class StallingHook:
         event, task_id = headers.get("x-sdfleet-event", ""), scope["path"].rsplit("/", 1)[-1]
         first = (task_id, event) not in self.events
         self.events.append((task_id, event))
-        if event == "succeeded" and first:
+        if event in self.hold and first:
             self.held.set()
             await asyncio.Event().wait()  # never answers: the agent is killed meanwhile
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -120,6 +122,68 @@ async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
     assert await exists(engine, first.result.images[0])  # type: ignore[union-attr]
     notes = [n for n in await drain(engine, "results") if n.get("task_id") == "t1"]
     assert [n["type"] for n in notes] in (["succeeded"], ["succeeded", "succeeded"]), notes
+
+
+async def test_crash_after_an_expiry_is_recorded_tells_the_subscribers_again(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    tmp_path: Path,
+    store: TaskStore,
+    hook: StallingHook,
+) -> None:
+    """A task failed unrun (here past its ttl_s) whose agent dies before its notification is out:
+    the next agent that gets the delivery finds it failed and tells the subscribers, as for a run."""
+    s = settings(engine, models_dir, latency_s=0)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    hook.hold = {"failed"}
+    webhook = {"url": f"{hook.url}/hook/late", "events": ["failed"]}
+    r = await api.http.post(
+        "/v1/tasks", json={"id": "late", "params": PARAMS, "ttl_s": 1, "webhook": webhook}
+    )
+    assert r.status_code == 202, r.text
+    await asyncio.sleep(1.5)  # no agent yet: past its ttl_s when one comes
+    with agent_process(engine, fleet_file(tmp_path, s), "q", SDFLEET_WEBHOOK__ALLOW_PRIVATE="true") as proc:
+        await asyncio.wait_for(hook.held.wait(), 60)  # recorded, notifying: not acked yet
+        first = await store.get("default", "late")
+        assert first is not None and first.state is TaskState.FAILED and first.attempts == 0, first
+        assert first.error is not None and first.error.code == "ttl_expired", first.error
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
+    deadline = time.monotonic() + 30
+    while hook.events.count(("late", "failed")) < 2:
+        assert time.monotonic() < deadline, hook.events
+        await asyncio.sleep(0.1)
+    record = await store.get("default", "late")
+    assert record is not None and record.version == first.version and record.attempts == 0
+
+
+async def test_tasks_failed_before_a_run_do_not_hold_up_receiving_while_their_webhooks_hang(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, store: TaskStore, hook: StallingHook
+) -> None:
+    """Six tasks past their ttl_s whose webhook receiver never answers, then one to run, on an
+    agent that holds two at a time: each waits for its webhook before its ack, but no longer
+    counts against what the agent may receive, so the task behind them runs at once."""
+    s = settings(engine, models_dir, latency_s=0, prefetch=2)
+    s.webhook.timeout_s = 4  # the held request gives up then (its retry is answered)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    hook.hold = {"failed"}
+    late = [f"late-{i}" for i in range(6)]
+    for task_id in late:
+        webhook = {"url": f"{hook.url}/hook/{task_id}", "events": ["failed"]}
+        body = {"id": task_id, "params": PARAMS, "ttl_s": 1, "webhook": webhook}
+        assert (await api.http.post("/v1/tasks", json=body)).status_code == 202
+    assert (await api.http.post("/v1/tasks", json={"id": "fresh", "params": PARAMS})).status_code == 202
+    await asyncio.sleep(1.5)
+    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
+    # Were they counted while their webhooks hang (4 s each), "fresh" would wait 12 s for its turn.
+    view = await api.wait("fresh", timeout_s=8)
+    assert view["state"] == "succeeded", view
+    for task_id in late:
+        record = await until(store, task_id, lambda r: r.state.terminal)
+        assert record.error is not None and record.error.code == "ttl_expired", record
+    assert {t for t, e in hook.events if e == "failed"} == set(late)
 
 
 async def test_sigterm_with_tasks_in_every_stage_loses_nothing(

@@ -14,7 +14,7 @@ from functools import partial
 from sdfleet.agent.defer import AnotherPublishRuns, defer, other_publish
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.records import notify, notify_if_cancelled_unrun
+from sdfleet.agent.records import ack_when_told, notify, notify_if_cancelled_unrun
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import NotFound, TransitionConflict
@@ -36,7 +36,7 @@ async def begin(parts: Parts, p: Prepared) -> bool:
     except (TransitionConflict, NotFound) as e:
         task_event(task.id, p.delivery.queue, p.span, "dropped", reason=str(e))
         await notify_if_cancelled_unrun(parts, await parts.store.get(task.tenant, task.id))
-        await p.handle.ack()
+        await ack_when_told(parts, p.handle, task.id)
         return False
     p.record = record
     task_event(task.id, p.delivery.queue, p.span, "started", attempt=record.attempts, worker=record.worker)

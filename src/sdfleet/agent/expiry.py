@@ -17,7 +17,7 @@ from opentelemetry.trace import StatusCode
 
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts
-from sdfleet.agent.records import fail
+from sdfleet.agent.records import ack_when_told, fail
 from sdfleet.agent.tasklog import task_event
 from sdfleet.tasks import Task, TaskRecord, TaskState
 
@@ -51,4 +51,5 @@ async def expire(parts: Parts, h: DeliveryHandle, task: Task, deadline: float, s
     queued = task if task.queue else task.model_copy(update={"queue": d.queue})
     if await fail(parts, task.tenant, task.id, CODE, reason, task=queued, unstarted=True):
         parts.metrics.ttl_expired.labels(queue=parts.queue.name).inc()
-    await h.ack()
+        h.told = True
+    await ack_when_told(parts, h, task.id)

@@ -8,6 +8,7 @@ keeps a receipt handle valid until the message is received again).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sdfleet.bus.base import Bus, Delivery
 
@@ -21,6 +22,10 @@ class DeliveryHandle:
         """Subscribers heard how its task's run ended from this agent (the notifications went out
         before the ack): a delivery of that run that waited here for this one tells them nothing
         again (``agent.holds``)."""
+        self.on_light: Callable[[], None] | None = None
+        """Called when only notifications and the ack are left of a delivery settled without a
+        run (``records.ack_when_told``): the agent stops counting it as being prepared, so a slow
+        webhook does not hold up receiving."""
         self._lock = asyncio.Lock()
 
     async def ack(self) -> None:

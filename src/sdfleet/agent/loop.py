@@ -232,6 +232,8 @@ class Agent:
         """Prepare a delivery whose lease is kept and pool it, hold it back, or settle it."""
         d = handle.delivery
         prepared, key = None, None
+        slot = _Slot(self)
+        handle.on_light = slot.free  # settled but for its notifications: room for the next
         try:
             decoded = await decode_or_settle(self.parts, handle)
             if decoded is not None:
@@ -252,9 +254,8 @@ class Agent:
             if not await drop_if_no_dead_letter_queue(self.parts, handle, f"{type(e).__name__}: {e}"):
                 await _settle(handle.release())
         finally:
-            self._preparing -= 1
-            if prepared is None:  # its room is free at once (a drop, a failed input), not in 1 s
-                self._taken.set()
+            handle.on_light = None
+            slot.free(wake=prepared is None)  # a drop or a failed input frees room at once, not in 1 s
         if prepared is None:
             await lease.stop()
             self.processed += 1
@@ -492,6 +493,21 @@ class Agent:
         await asyncio.wait({fut, stop}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         for f in (fut, stop):
             f.cancel()
+
+
+class _Slot:
+    """A delivery's place among those being prepared (``Agent._preparing``, which the receiver's
+    room counts), given up once: pooled, settled, or with only its notifications left."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent, self.held = agent, True
+
+    def free(self, wake: bool = True) -> None:
+        if self.held:
+            self.held = False
+            self.agent._preparing -= 1
+            if wake:
+                self.agent._taken.set()
 
 
 def images_of(*batch: Prepared) -> int:

@@ -20,7 +20,7 @@ from sdfleet.agent.defer import defer, held_by_another_run, other_publish, unend
 from sdfleet.agent.expiry import expire, overdue, start_by
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.parts import Parts, Prepared
-from sdfleet.agent.records import cancelled_unrun, elsewhere, fail, notify
+from sdfleet.agent.records import ack_when_told, cancelled_unrun, elsewhere, fail, notify
 from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, InputUnavailable, MessageDecodeError, SdfleetError
@@ -169,7 +169,7 @@ async def _checked(
             task_event(task.id, d.queue, span, "dropped", reason=reason, receive=d.receive_count)
             if record is not None and task.run == record.task.run and not h.told:
                 await _redelivered_result(parts, record, d)
-            await h.ack()
+            await ack_when_told(parts, h, task.id)
             return None
     return await _prepared(parts, h, task if record is None else record.task, record, m, span)
 
@@ -232,7 +232,7 @@ async def _fetch_failed(
     task_event(task.id, d.queue, span, "failed", code=e.code, reason=reason, retry=False)
     await fail(parts, task.tenant, task.id, e.code, reason, task=queued)
     # A retried one is released, like a failed run's last attempt, for the dead-letter queue.
-    await (h.release(0.0) if retried else h.ack())
+    await (h.release(0.0) if retried else ack_when_told(parts, h, task.id))
 
 
 async def _note_error(parts: Parts, record: TaskRecord, error: TaskError) -> None:
@@ -251,11 +251,12 @@ async def _note_error(parts: Parts, record: TaskRecord, error: TaskError) -> Non
 async def _redelivered_result(parts: Parts, record: TaskRecord, d: Delivery) -> None:
     """Subscribers hear of every terminal state at least once: a task cancelled while queued is
     told by the agent that drops it, and a finished task whose delivery comes back (its agent died
-    after the record, maybe before the notification) is told again; not when the delivery waited
-    here for the one whose run told them (``DeliveryHandle.told``)."""
+    after the record, maybe before the notification) is told again, a run's end or a failure
+    before any run (past its ``ttl_s``, an input refused); not when the delivery waited here for
+    the one whose run told them (``DeliveryHandle.told``)."""
     if cancelled_unrun(record):
         await notify(parts, record, EventType.CANCELLED)
-    elif record.state.terminal and d.receive_count > 1 and record.attempts > 0:
+    elif record.state.terminal and d.receive_count > 1:
         await notify(parts, record, EventType(record.state.value))
 
 

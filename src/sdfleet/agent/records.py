@@ -8,6 +8,7 @@ import secrets
 import time
 from functools import partial
 
+from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.outage import ride_out
 from sdfleet.agent.parts import Parts, Prepared, output_keys
 from sdfleet.compat.out import SEED_ORIGINS, failed_out
@@ -138,10 +139,24 @@ async def acknowledge(parts: Parts, p: Prepared) -> None:
     and the agent that gets it tells the subscribers again (at least once). Sets ``p.light`` first:
     from here on the task holds no finishing slot, only a lease."""
     p.light.set()
-    for notifier in parts.notifiers:
-        await notifier.delivered(p.task.id)
+    await _delivered(parts, p.task.id)
     p.handle.told = True
     await ride_out(p.handle.ack, f"acking {p.task.id}", parts.fleet.retry.lease_s)
+
+
+async def ack_when_told(parts: Parts, h: DeliveryHandle, task_id: str) -> None:
+    """Ack a delivery settled without a run (failed before one, dropped) once the notifications
+    sent for it are out, as ``acknowledge`` does for a run: a crash before that redelivers it, and
+    the agent that gets it tells the subscribers again."""
+    if h.on_light is not None:
+        h.on_light()
+    await _delivered(parts, task_id)
+    await h.ack()
+
+
+async def _delivered(parts: Parts, task_id: str) -> None:
+    for notifier in parts.notifiers:
+        await notifier.delivered(task_id)
 
 
 async def notify(parts: Parts, record: TaskRecord, kind: EventType) -> None:
