@@ -93,6 +93,34 @@ async def until(store: TaskStore, task_id: str, ok: Any, timeout_s: float = 60) 
     raise AssertionError(f"task {task_id} never got there: {await store.get('default', task_id)}")
 
 
+async def _killed_while_telling(
+    start_fleet: StartFleet,
+    engine: Engine,
+    tmp_path: Path,
+    s: Settings,
+    store: TaskStore,
+    hook: StallingHook,
+    task_id: str,
+    event: str,
+) -> tuple[TaskRecord, TaskRecord]:
+    """An agent process serves the queue until ``hook`` holds the task's ``event`` (recorded, its
+    notification going out, not acked yet) and is SIGKILLed; the next agent must tell the receiver
+    again. The record as the first agent left it, and after the second told."""
+    with agent_process(engine, fleet_file(tmp_path, s), "q", SDFLEET_WEBHOOK__ALLOW_PRIVATE="true") as proc:
+        await asyncio.wait_for(hook.held.wait(), 60)
+        first = await store.get("default", task_id)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
+    deadline = time.monotonic() + 30
+    while hook.events.count((task_id, event)) < 2:
+        assert time.monotonic() < deadline, hook.events
+        await asyncio.sleep(0.1)
+    record = await store.get("default", task_id)
+    assert first is not None and record is not None
+    return first, record
+
+
 async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
     start_fleet: StartFleet,
     engine: Engine,
@@ -104,21 +132,13 @@ async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
     s = settings(engine, models_dir, latency_s=0.2)
     api = await start_fleet(QUEUE, settings=s, agents=[])
     body = {"params": PARAMS, "webhook": {"url": f"{hook.url}/hook/t1", "events": ["succeeded"]}, "id": "t1"}
-    with agent_process(engine, fleet_file(tmp_path, s), "q", SDFLEET_WEBHOOK__ALLOW_PRIVATE="true") as proc:
-        r = await api.http.post("/v1/tasks", json=body)
-        assert r.status_code == 202, r.text
-        await asyncio.wait_for(hook.held.wait(), 60)  # recorded, notifying: not acked yet
-        first = await store.get("default", "t1")
-        assert first is not None and first.state is TaskState.SUCCEEDED
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
-    deadline = time.monotonic() + 30
-    while hook.events.count(("t1", "succeeded")) < 2:
-        assert time.monotonic() < deadline, hook.events
-        await asyncio.sleep(0.1)
-    record = await store.get("default", "t1")
-    assert record is not None and record.result == first.result and record.version == first.version
+    r = await api.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    first, record = await _killed_while_telling(
+        start_fleet, engine, tmp_path, s, store, hook, "t1", "succeeded"
+    )
+    assert first.state is TaskState.SUCCEEDED
+    assert record.result == first.result and record.version == first.version
     assert await exists(engine, first.result.images[0])  # type: ignore[union-attr]
     notes = [n for n in await drain(engine, "results") if n.get("task_id") == "t1"]
     assert [n["type"] for n in notes] in (["succeeded"], ["succeeded", "succeeded"]), notes
@@ -143,20 +163,12 @@ async def test_crash_after_an_expiry_is_recorded_tells_the_subscribers_again(
     )
     assert r.status_code == 202, r.text
     await asyncio.sleep(1.5)  # no agent yet: past its ttl_s when one comes
-    with agent_process(engine, fleet_file(tmp_path, s), "q", SDFLEET_WEBHOOK__ALLOW_PRIVATE="true") as proc:
-        await asyncio.wait_for(hook.held.wait(), 60)  # recorded, notifying: not acked yet
-        first = await store.get("default", "late")
-        assert first is not None and first.state is TaskState.FAILED and first.attempts == 0, first
-        assert first.error is not None and first.error.code == "ttl_expired", first.error
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
-    deadline = time.monotonic() + 30
-    while hook.events.count(("late", "failed")) < 2:
-        assert time.monotonic() < deadline, hook.events
-        await asyncio.sleep(0.1)
-    record = await store.get("default", "late")
-    assert record is not None and record.version == first.version and record.attempts == 0
+    first, record = await _killed_while_telling(
+        start_fleet, engine, tmp_path, s, store, hook, "late", "failed"
+    )
+    assert first.state is TaskState.FAILED and first.attempts == 0, first
+    assert first.error is not None and first.error.code == "ttl_expired", first.error
+    assert record.version == first.version and record.attempts == 0
 
 
 async def test_tasks_failed_before_a_run_do_not_hold_up_receiving_while_their_webhooks_hang(
