@@ -198,6 +198,42 @@ async def test_tasks_failed_before_a_run_do_not_hold_up_receiving_while_their_we
     assert {t for t, e in hook.events if e == "failed"} == set(late)
 
 
+async def test_sigterm_while_an_expired_tasks_webhook_hangs_exits_and_it_is_told_again(
+    start_fleet: StartFleet,
+    engine: Engine,
+    models_dir: Path,
+    tmp_path: Path,
+    store: TaskStore,
+    hook: StallingHook,
+) -> None:
+    """Scale-in while a task failed before its run waits for its webhook (which would take the
+    receiver's 10 s timeout): the agent exits within its drains (the agent's, the webhook
+    notifier's), unacked, and the next agent tells the receiver again."""
+    s = settings(engine, models_dir, latency_s=0)
+    api = await start_fleet(QUEUE, settings=s, agents=[])
+    hook.hold = {"failed"}
+    webhook = {"url": f"{hook.url}/hook/late", "events": ["failed"]}
+    body = {"id": "late", "params": PARAMS, "ttl_s": 1, "webhook": webhook}
+    assert (await api.http.post("/v1/tasks", json=body)).status_code == 202
+    await asyncio.sleep(1.5)
+    env = {"SDFLEET_WEBHOOK__ALLOW_PRIVATE": "true", "SDFLEET_AGENT__DRAIN_S": "0.5"}
+    env["SDFLEET_WEBHOOK__DRAIN_S"] = "0.5"  # what the notifier gives its deliveries on close
+    with agent_process(engine, fleet_file(tmp_path, s), "q", **env) as proc:
+        await asyncio.wait_for(hook.held.wait(), 60)
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took_s = time.monotonic() - asked
+    assert took_s < 5, f"the agent waited {took_s:.1f} s for the hung webhook"
+    await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
+    deadline = time.monotonic() + 30
+    while hook.events.count(("late", "failed")) < 2:
+        assert time.monotonic() < deadline, hook.events
+        await asyncio.sleep(0.1)
+    record = await store.get("default", "late")
+    assert record is not None and record.error is not None and record.error.code == "ttl_expired"
+
+
 async def test_sigterm_with_tasks_in_every_stage_loses_nothing(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path, store: TaskStore
 ) -> None:

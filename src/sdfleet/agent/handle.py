@@ -25,7 +25,8 @@ class DeliveryHandle:
         self.on_light: Callable[[], None] | None = None
         """Called when only notifications and the ack are left of a delivery settled without a
         run (``records.ack_when_told``): the agent stops counting it as being prepared, so a slow
-        webhook does not hold up receiving."""
+        webhook does not hold up receiving, and its drain on SIGTERM does not wait for it (unacked,
+        the task is told again by the agent that receives it next)."""
         self._lock = asyncio.Lock()
 
     async def ack(self) -> None:

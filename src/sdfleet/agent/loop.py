@@ -77,6 +77,8 @@ class Agent:
         self._running: set[Prepared] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._batches: dict[asyncio.Task[None], Sequence[Prepared]] = {}
+        self._telling: set[asyncio.Task[Any]] = set()
+        """Jobs of deliveries settled without a run that wait only for their notifications."""
         self._leases: dict[Prepared, Lease] = {}
         self._holds = Holds()
         self._gpu = asyncio.Semaphore(self.depth)
@@ -233,7 +235,7 @@ class Agent:
         d = handle.delivery
         prepared, key = None, None
         slot = _Slot(self)
-        handle.on_light = slot.free  # settled but for its notifications: room for the next
+        handle.on_light = slot.telling  # settled but for its notifications: room for the next
         try:
             decoded = await decode_or_settle(self.parts, handle)
             if decoded is not None:
@@ -256,8 +258,9 @@ class Agent:
         finally:
             handle.on_light = None
             slot.free(wake=prepared is None)  # a drop or a failed input frees room at once, not in 1 s
+            if prepared is None:  # also when the drain cancelled its wait for its notifications
+                await lease.stop()
         if prepared is None:
-            await lease.stop()
             self.processed += 1
             if key is not None:
                 await self._let_go(key, handle)
@@ -418,6 +421,7 @@ class Agent:
 
     async def _expire(self, p: Prepared) -> None:
         assert p.start_by is not None
+        self._only_telling()  # no run to wait for
         try:
             await expire(self.parts, p.handle, p.task, p.start_by, p.span)
         except Exception as e:  # its lease brings it back, and the next agent expires it
@@ -427,6 +431,14 @@ class Agent:
             await self._settled(p)
             self.processed += 1
             self._taken.set()
+
+    def _only_telling(self) -> None:
+        """The current job settles a delivery without a run, at most waiting for its notifications:
+        a drain cancels it rather than wait (unacked, it is told again by the next agent)."""
+        job = asyncio.current_task()
+        if job is not None:
+            self._telling.add(job)
+            job.add_done_callback(self._telling.discard)
 
     async def _settled(self, p: Prepared) -> None:
         """``p``'s delivery has left the agent (settled, or left to its lease): its lease is no
@@ -457,7 +469,7 @@ class Agent:
             await self.parts.runtime.interrupt()
         for job in pending:
             batch = self._batches.get(job, ())
-            if batch and all(p.light.is_set() for p in batch):
+            if job in self._telling or (batch and all(p.light.is_set() for p in batch)):
                 # Recorded, only waiting for a notification to go out: not acked, so the next agent
                 # that receives it tells the subscribers again.
                 job.cancel()
@@ -508,6 +520,11 @@ class _Slot:
             self.agent._preparing -= 1
             if wake:
                 self.agent._taken.set()
+
+    def telling(self) -> None:
+        """Its delivery now waits only for its notifications."""
+        self.agent._only_telling()
+        self.free()
 
 
 def images_of(*batch: Prepared) -> int:
