@@ -255,12 +255,14 @@ class Agent:
             await fail_unprepared(self.parts, d, e)
             if not await drop_if_no_dead_letter_queue(self.parts, handle, f"{type(e).__name__}: {e}"):
                 await _settle(handle.release())
+        except asyncio.CancelledError:  # the drain, while it waited for its notifications
+            await lease.stop()
+            raise
         finally:
             handle.on_light = None
             slot.free(wake=prepared is None)  # a drop or a failed input frees room at once, not in 1 s
-            if prepared is None:  # also when the drain cancelled its wait for its notifications
-                await lease.stop()
         if prepared is None:
+            await lease.stop()
             self.processed += 1
             if key is not None:
                 await self._let_go(key, handle)
