@@ -18,7 +18,6 @@ tasks finish within ``drain_s`` or interrupt and release them, finish what finis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -32,14 +31,16 @@ from sdfleet.agent.expiry import expire, overdue
 from sdfleet.agent.finish import finish
 from sdfleet.agent.handle import DeliveryHandle
 from sdfleet.agent.holds import Holds, Waiting
+from sdfleet.agent.jobs import Jobs
 from sdfleet.agent.pace import Pace, ahead_limit
 from sdfleet.agent.parts import Parts, Prepared
 from sdfleet.agent.pool import ReadyPool, images
 from sdfleet.agent.prepare import check, decode_or_settle, drop_if_no_dead_letter_queue, fail_unprepared
+from sdfleet.agent.startup import deletion_cost, start_runtime
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
-from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, Reject, SdfleetError
-from sdfleet.pod_cost import PodDeletionCost, PodRef, track
+from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, SdfleetError
+from sdfleet.pod_cost import track
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,7 @@ class Agent:
         self.pool = ReadyPool(max_pass_over_s=s.affinity_max_wait_s)
         self._preparing = 0
         self._running: set[Prepared] = set()
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._batches: dict[asyncio.Task[None], Sequence[Prepared]] = {}
-        self._telling: set[asyncio.Task[Any]] = set()
-        """Jobs of deliveries settled without a run that wait only for their notifications."""
+        self._jobs = Jobs()
         self._leases: dict[Prepared, Lease] = {}
         self._holds = Holds()
         self._gpu = asyncio.Semaphore(self.depth)
@@ -101,7 +99,7 @@ class Agent:
 
     async def run(self) -> int:
         """Serve the queue until stopped (or, in burst mode, until it is empty). Returns tasks handled."""
-        if not await self._until_started():
+        if not await start_runtime(self.parts, self._stopping):
             return 0
         if self.ready_file is not None:
             self.ready_file.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +108,7 @@ class Agent:
         done = asyncio.Event()
         check_s = self.parts.settings.cancel_check_s
         watcher = asyncio.create_task(watch_cancels(self.parts, lambda: self._running, check_s, done))
-        cost = self._deletion_cost()
+        cost = deletion_cost(self.parts)
         costs = asyncio.create_task(track(cost, lambda: not self._idle(), done)) if cost else None
         try:
             await self._run_stage()
@@ -128,38 +126,6 @@ class Agent:
                 if f is not None:
                     f.unlink(missing_ok=True)
         return self.processed
-
-    async def _until_started(self) -> bool:
-        """Start the runtime; False when a stop came first. A server runtime waits for its server
-        (up to ``ready_timeout_s``, minutes): SIGTERM in that time ends the agent at once, with
-        nothing received and nothing to drain."""
-        start = asyncio.create_task(self.parts.runtime.start(), name="runtime-start")
-        stopped = asyncio.create_task(self._stopping.wait())
-        try:
-            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not start.done():
-                start.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await start
-                log.info("stopped before the runtime was ready")
-        if start.cancelled():
-            return False
-        try:
-            start.result()  # its error, if it failed
-        except Reject as e:  # the queue's own model is not there: nothing this agent can serve
-            raise ConfigError(f"queue {self.parts.queue.name}: {e.reason}") from e
-        return True
-
-    def _deletion_cost(self) -> PodDeletionCost | None:
-        if not self.parts.settings.pod_deletion_cost:
-            return None
-        pod = PodRef.in_cluster()
-        if pod is None:
-            log.warning("agent.pod_deletion_cost: not in a pod (needs POD_NAME and a service account token)")
-            return None
-        return PodDeletionCost(pod)
 
     # --- receive and prepare ---------------------------------------------------------------
 
@@ -200,7 +166,7 @@ class Agent:
                     return
                 for d in deliveries:
                     self._preparing += 1
-                    self._spawn(self._admit(d))
+                    self._jobs.spawn(self._admit(d))
         finally:
             self._receiver_done.set()
 
@@ -286,7 +252,7 @@ class Agent:
             await _give_back([nxt])
             return
         self._preparing += 1
-        self._spawn(self._admit_held(*nxt))
+        self._jobs.spawn(self._admit_held(*nxt))
 
     # --- run and finish --------------------------------------------------------------------
 
@@ -304,9 +270,7 @@ class Agent:
                 return
             self._dispatched = self._model_of(batch[0]) or self._dispatched
             self._taken.set()
-            job = self._spawn(self._process(batch))
-            self._batches[job] = batch
-            job.add_done_callback(lambda j: self._batches.pop(j, None))
+            self._jobs.spawn(self._process(batch), batch)
 
     async def _next_batch(self) -> list[Prepared] | None:
         while not self._stopping.is_set():
@@ -319,7 +283,7 @@ class Agent:
                 now = time.time()  # one that waited in the pool past its ttl_s does not start
                 for p in [p for p in batch if overdue(p.start_by, now)]:
                     batch.remove(p)
-                    self._spawn(self._expire(p))
+                    self._jobs.spawn(self._expire(p))
                 if batch:
                     return batch
                 continue
@@ -423,7 +387,7 @@ class Agent:
 
     async def _expire(self, p: Prepared) -> None:
         assert p.start_by is not None
-        self._only_telling()  # no run to wait for
+        self._jobs.only_telling()  # no run to wait for
         try:
             await expire(self.parts, p.handle, p.task, p.start_by, p.span)
         except Exception as e:  # its lease brings it back, and the next agent expires it
@@ -433,14 +397,6 @@ class Agent:
             await self._settled(p)
             self.processed += 1
             self._taken.set()
-
-    def _only_telling(self) -> None:
-        """The current job settles a delivery without a run, at most waiting for its notifications:
-        a drain cancels it rather than wait (unacked, it is told again by the next agent)."""
-        job = asyncio.current_task()
-        if job is not None:
-            self._telling.add(job)
-            job.add_done_callback(self._telling.discard)
 
     async def _settled(self, p: Prepared) -> None:
         """``p``'s delivery has left the agent (settled, or left to its lease): its lease is no
@@ -460,31 +416,18 @@ class Agent:
 
     async def _drain(self) -> None:
         """Running tasks get ``drain_s``, then are interrupted (and released); finishing ones end."""
-        if not self._jobs:
-            return
-        _, pending = await asyncio.wait(set(self._jobs), timeout=self.parts.settings.drain_s)
+        pending = await self._jobs.wait(self.parts.settings.drain_s)
         if pending and self._running:
             log.warning("tasks still running after %.0f s drain: interrupting", self.parts.settings.drain_s)
             # A receive still in flight would take the released task back and spend one of its
             # max_receives on an agent that is going away: let it end first.
             await self._receiver_done.wait()
             await self.parts.runtime.interrupt()
-        for job in pending:
-            batch = self._batches.get(job, ())
-            if job in self._telling or (batch and all(p.light.is_set() for p in batch)):
-                # Recorded, only waiting for a notification to go out: not acked, so the next agent
-                # that receives it tells the subscribers again.
-                job.cancel()
+        self._jobs.cancel_telling(pending)  # recorded, not acked: the next agent tells again
         if pending:
             await asyncio.wait(pending)
 
     # --- plumbing --------------------------------------------------------------------------
-
-    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(work)
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-        return task
 
     async def _acquire(self, sem: asyncio.Semaphore) -> bool:
         """``sem`` acquired (True), or shutdown began first (False)."""
@@ -525,7 +468,7 @@ class _Slot:
 
     def telling(self) -> None:
         """Its delivery now waits only for its notifications."""
-        self.agent._only_telling()
+        self.agent._jobs.only_telling()
         self.free()
 
 
