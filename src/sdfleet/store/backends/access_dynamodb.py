@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 from sdfleet._aws import error_code
 from sdfleet.errors import StoreError
 from sdfleet.store.access import ApiKey, gcra
-from sdfleet.store.backends.dynamodb import ACTIVE_GSI, GSI, TTL_ATTRIBUTE, DynamoTaskStore
+from sdfleet.store.backends.dynamodb import ACTIVE_GSI, GSI, TTL_ATTRIBUTE, DynamoTaskStore, own_write, put_id
 
 KEYS_TENANT = "!keys"
 _TAKE_TRIES = 20
@@ -124,18 +124,21 @@ class DynamoAccessStore:
         now = time.time()
         values = {"expires": {"N": repr(now + ttl_s)}, TTL_ATTRIBUTE: {"N": str(int(now + ttl_s) + 3600)}}
 
+        item = {"id": {"S": f"!claim/{name}"}, **values, **put_id()}
+
         def put() -> bool:
             try:
                 self.tasks.db.put_item(
                     TableName=self.table,
-                    Item={"id": {"S": f"!claim/{name}"}, **values},
+                    Item=item,
                     ConditionExpression="attribute_not_exists(id) OR #e <= :now",
                     ExpressionAttributeNames={"#e": "expires"},
                     ExpressionAttributeValues={":now": {"N": repr(now)}},
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
-                    return False
+                    return own_write(e, item)  # this claim's own put, sent again
                 raise
             return True
 
@@ -172,14 +175,19 @@ class DynamoAccessStore:
             }
         )
 
+        item = {"id": {"S": item_id}, **values, **put_id()}
+
         def put() -> bool:
             try:
                 self.tasks.db.put_item(
-                    TableName=self.table, Item={"id": {"S": item_id}, **values}, **condition
+                    TableName=self.table,
+                    Item=item,
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                    **condition,
                 )
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
-                    return False
+                    return own_write(e, item)  # this put's first try landed
                 raise
             return True
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from contextlib import AbstractContextManager
 
 import redis.asyncio as aioredis
@@ -22,17 +23,22 @@ from sdfleet._redis import connect, describe, map_errors
 from sdfleet.errors import StoreError, StoreUnavailable
 from sdfleet.store.access import ApiKey
 
-# KEYS: bucket. ARGV: interval (s), burst. Returns "0" when admitted, else the seconds to wait.
+# KEYS: bucket. ARGV: interval (s), burst, a token of this take. Returns "0" when admitted, else the
+# seconds to wait. The bucket holds "<tat> <token of the last take admitted>" (older versions wrote
+# the bare tat): a take whose token is already there was admitted, and redis-py, its reply lost with
+# the connection, sent it again.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local stored, last = string.match(redis.call('GET', KEYS[1]) or '0', '^(%S+) ?(%S*)$')
+if last == ARGV[3] then return '0' end
+local tat = tonumber(stored)
 if tat < now then tat = now end
 local new = tat + interval
 local over = new - now - burst * interval
 if over > 1e-9 then return tostring(over) end
-redis.call('SET', KEYS[1], tostring(new), 'PX', math.ceil((new - now) * 1000) + 1000)
+redis.call('SET', KEYS[1], tostring(new) .. ' ' .. ARGV[3], 'PX', math.ceil((new - now) * 1000) + 1000)
 return '0'
 """
 
@@ -93,7 +99,9 @@ class RedisAccessStore:
 
     async def take(self, bucket: str, rate: float, burst: int) -> float:
         with self._errors():
-            wait = await self._take(keys=[f"{self.prefix}:rate:{bucket}"], args=[repr(1.0 / rate), burst])
+            wait = await self._take(
+                keys=[f"{self.prefix}:rate:{bucket}"], args=[repr(1.0 / rate), burst, uuid.uuid4().hex]
+            )
         return float(_text(wait))
 
     async def count_active(self, tenant: str, at_most: int) -> int:
@@ -106,11 +114,12 @@ class RedisAccessStore:
         return min(at_most, int(queued) + int(running))
 
     async def claim(self, name: str, ttl_s: float) -> bool:
+        key, token = f"{self.prefix}:claim:{name}", uuid.uuid4().hex
         with self._errors():
-            won = await self.client.set(
-                f"{self.prefix}:claim:{name}", "1", nx=True, px=max(1, math.ceil(ttl_s * 1000))
-            )
-        return bool(won)
+            if await self.client.set(key, token, nx=True, px=max(1, math.ceil(ttl_s * 1000))):
+                return True
+            # redis-py sends a SET again when its connection dropped: the first may have won
+            return _text(await self.client.get(key)) == token
 
     async def release(self, name: str) -> None:
         with self._errors():

@@ -12,8 +12,9 @@ URL: ``aws://[?table=sdfleet-tasks][&prefix=sdfleet-][&region=us-east-1][&create
 Table: partition key ``id``, whose value is ``<tenant>/<task id>`` (ids are per tenant; neither a
 tenant name nor a task id holds a ``/``; records of earlier versions, keyed by the bare task id,
 are not read); attributes ``tenant``, ``sk`` (``<created_at, zero-padded>#<id>``,
-so newest-first is a descending string order with the id breaking ties), ``state``, ``version``
-and ``doc`` (the record's JSON); GSI ``by-tenant`` (``tenant``, ``sk``), all attributes projected.
+so newest-first is a descending string order with the id breaking ties), ``state``, ``version``,
+``doc`` (the record's JSON) and ``put_id`` (a token of the put that wrote it); GSI ``by-tenant``
+(``tenant``, ``sk``), all attributes projected.
 Records of queued and running tasks also carry ``active`` (= the tenant): the sparse GSI
 ``by-tenant-active`` (``active``, ``sk``, keys only) holds just those, so a tenant's tasks in flight
 are counted without reading its history. A table created before that index existed gets it added
@@ -36,6 +37,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +54,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TTL_ATTRIBUTE = "expires_at"
+PUT_ID = "put_id"
 GSI = "by-tenant"
 ACTIVE_GSI = "by-tenant-active"
 INDEXES = (GSI, ACTIVE_GSI)
 MAX_PAGE = 1000
 _ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
+Item = dict[str, dict[str, Any]]
+"""An item as the low-level client writes it: attribute name → {type: value}."""
 
 
 def sort_key(record: TaskRecord) -> str:
@@ -95,10 +100,29 @@ def _item(record: TaskRecord, retain_s: float | None) -> dict[str, Any]:
     }
     if record.state in _ACTIVE_STATES:
         item["active"] = {"S": record.tenant}
+    item.update(put_id())
     expires = expires_at(record, retain_s)
     if expires is not None:
         item[TTL_ATTRIBUTE] = {"N": str(math.ceil(expires))}
     return item
+
+
+def put_id() -> Item:
+    """The attribute that names one put: every conditional put carries a fresh one (``own_write``)."""
+    return {PUT_ID: {"S": uuid.uuid4().hex}}
+
+
+def own_write(e: ClientError, item: Item) -> bool:
+    """Whether the ``ConditionalCheckFailedException`` ``e`` of a ``PutItem`` of ``item`` sent with
+    ``ReturnValuesOnConditionCheckFailure="ALL_OLD"`` found that very put in place.
+
+    botocore sends a request again when its connection drops, and a put that had landed before its
+    reply was lost then fails its own condition. Taken for a lost race, the change would be made
+    twice (``transition`` reads and mutates again). The put's ``put_id`` tells it from another
+    writer's put of equal content.
+    """
+    old = e.response.get("Item")
+    return isinstance(old, dict) and PUT_ID in item and old.get(PUT_ID) == item[PUT_ID]
 
 
 def _at_version(expected_version: int) -> dict[str, Any]:
@@ -293,6 +317,8 @@ class DynamoTaskStore:
             except ClientError as e:
                 if error_code(e) != "ConditionalCheckFailedException":
                     raise
+                if own_write(e, item):
+                    return None
                 old: dict[str, Any] | None = e.response.get("Item")  # type: ignore[assignment]
                 if old is None:
                     old = self._db.get_item(
@@ -323,7 +349,10 @@ class DynamoTaskStore:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
         item, condition = _item(record, self.retain_s), _at_version(expected_version)
         return await self._conditionally(
-            lambda: self._db.put_item(TableName=self.table, Item=item, **condition)
+            lambda: self._db.put_item(
+                TableName=self.table, Item=item, ReturnValuesOnConditionCheckFailure="ALL_OLD", **condition
+            ),
+            item,
         )
 
     async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
@@ -333,15 +362,16 @@ class DynamoTaskStore:
             lambda: self._db.delete_item(TableName=self.table, Key=key, **condition)
         )
 
-    async def _conditionally(self, write: Callable[[], object]) -> bool:
-        """``write()`` (a conditional put or delete); False when its condition did not hold."""
+    async def _conditionally(self, write: Callable[[], object], item: Item | None = None) -> bool:
+        """``write()`` (a conditional put of ``item``, or a delete); False when its condition did
+        not hold, unless what failed it was ``item`` itself (see ``own_write``)."""
 
         def call() -> bool:
             try:
                 write()
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
-                    return False
+                    return item is not None and own_write(e, item)
                 raise
             return True
 

@@ -3,7 +3,8 @@
 URL: ``redis://[:password@]host:port/db?prefix=sdfleet`` (``rediss://`` for TLS; see ``sdfleet._redis``).
 Keys, with ``p`` the prefix:
 
-    p:task:<tenant>/<id>          hash  v (version), state, created (epoch s), data (the record's JSON)
+    p:task:<tenant>/<id>          hash  v (version), state, created (epoch s), data (the record's JSON),
+                                        w (a token of the write that put it there)
     p:tenant:<t>:tasks            zset  task id, score created_at: the tenant's list, newest first
     p:tenant:<t>:state:<state>    zset  the same, per state: ``list(state=...)`` without scanning
     p:expiring                    zset  ``<tenant>/<id>``, score when it expires (epoch ms)
@@ -24,6 +25,7 @@ none either, so ``<tenant>/<id>`` names one record. (Records written before ids 
 from __future__ import annotations
 
 import math
+import uuid
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -41,14 +43,20 @@ Rows = list[tuple[str, float]]
 
 # KEYS: task, tenant index, expiring, then one state index per state (ARGV[8..] names them, same
 # order). ARGV: data, version, state, created_at, id, expires (epoch ms, '' = never), member
-# (tenant/id), state names... Returns nil when created, else the stored record's JSON.
+# (tenant/id), state names..., then this write's token (the hash's 'w'). Returns nil when
+# created, else the stored record's JSON. A hash that holds this token is "created": the first
+# try of this call landed and redis-py, its reply lost with the connection, sent it again.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], 'data') end
+local w = ARGV[#ARGV]
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'w') == w then return false end
+  return redis.call('HGET', KEYS[1], 'data')
+end
 redis.call('ZREM', KEYS[3], ARGV[7])
-for i = 8, #ARGV do redis.call('ZREM', KEYS[i - 4], ARGV[5]) end
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'v', ARGV[2], 'state', ARGV[3], 'created', ARGV[4])
+for i = 8, #ARGV - 1 do redis.call('ZREM', KEYS[i - 4], ARGV[5]) end
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'v', ARGV[2], 'state', ARGV[3], 'created', ARGV[4], 'w', w)
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-for i = 8, #ARGV do
+for i = 8, #ARGV - 1 do
   if ARGV[i] == ARGV[3] then redis.call('ZADD', KEYS[i - 4], ARGV[4], ARGV[5]) end
 end
 if ARGV[6] ~= '' then
@@ -60,15 +68,19 @@ return false
 
 # KEYS: task, expiring, then one state index per state (ARGV[9..] names them, same order).
 # ARGV: expected version, data, new version, new state, id, expires (epoch ms, '' = never),
-# member (tenant/id), key prefix, state names... Returns 1 if replaced.
+# member (tenant/id), key prefix, state names..., then this write's token (the hash's 'w').
+# Returns 1 if replaced, or if the hash holds this token already (the first try of this call
+# landed, its reply was lost with the connection, redis-py sent it again).
 _CAS = f"""
-local v = redis.call('HGET', KEYS[1], 'v')
+local w = ARGV[#ARGV]
+local v, stored_w = unpack(redis.call('HMGET', KEYS[1], 'v', 'w'))
+if v == ARGV[3] and stored_w == w then return 1 end
 if (not v) or v ~= ARGV[1] then return 0 end
 local old = redis.call('HGET', KEYS[1], 'state')
 local created = redis.call('HGET', KEYS[1], 'created')
-redis.call('HSET', KEYS[1], 'data', ARGV[2], 'v', ARGV[3], 'state', ARGV[4])
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'v', ARGV[3], 'state', ARGV[4], 'w', w)
 if old ~= ARGV[4] then
-  for i = 9, #ARGV do
+  for i = 9, #ARGV - 1 do
     if ARGV[i] == old then redis.call('ZREM', KEYS[i - 6], ARGV[5]) end
     if ARGV[i] == ARGV[4] then redis.call('ZADD', KEYS[i - 6], created, ARGV[5]) end
   end
@@ -88,7 +100,7 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0,
   local base = ARGV[8] .. ':tenant:' .. string.sub(m, 1, slash - 1)
   local id = string.sub(m, slash + 1)
   redis.call('ZREM', base .. ':tasks', id)
-  for i = 9, #ARGV do redis.call('ZREM', base .. ':state:' .. ARGV[i], id) end
+  for i = 9, #ARGV - 1 do redis.call('ZREM', base .. ':state:' .. ARGV[i], id) end
   redis.call('DEL', ARGV[8] .. ':task:' .. m)
   redis.call('ZREM', KEYS[2], m)
 end
@@ -172,6 +184,7 @@ class RedisTaskStore:
             self._expires_ms(record),
             f"{record.tenant}/{record.id}",
             *(s.value for s in STATES),
+            uuid.uuid4().hex,
         ]
         with self._errors():
             existing = await self._create(keys=keys, args=args)
@@ -204,6 +217,7 @@ class RedisTaskStore:
             f"{record.tenant}/{record.id}",
             self.prefix,
             *(s.value for s in STATES),
+            uuid.uuid4().hex,
         ]
         with self._errors():
             return bool(await self._cas(keys=keys, args=args))

@@ -1,0 +1,107 @@
+"""A TCP proxy on 127.0.0.1 in front of a real server that loses one reply.
+
+The next request whose bytes hold ``marker`` reaches the server, which applies it and answers; the
+proxy then closes the client's connection without the answer. The client sees a dropped
+connection after its write landed, which is what a reset, a timeout or a load balancer's idle cut
+does in production, and what client retries (botocore's "standard" mode, redis-py's ``Retry``)
+answer by sending the same request again.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from types import TracebackType
+
+
+class LostReplyProxy:
+    """Forward 127.0.0.1:``port`` to ``target_port``; lose the reply to the next ``marker`` request."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._marker: bytes | None = None
+        self._lock = threading.Lock()
+        self.lost = 0
+        """Replies lost so far."""
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="lost-reply-proxy", daemon=True).start()
+
+    def lose_next(self, marker: bytes) -> None:
+        """Lose the reply to the next request that holds ``marker`` (once)."""
+        with self._lock:
+            self._marker = marker
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._sockets += [client, server]
+            losing = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, losing), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, losing), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, losing: threading.Event) -> None:
+        """Client to server; arms ``losing`` when the marked request passes."""
+        tail = b""  # the end of what passed before: a marker may straddle two reads
+        while chunk := _recv(client):
+            seen = tail + chunk
+            with self._lock:
+                marker = self._marker
+                # a match must end in this chunk (not lie wholly in an earlier request)
+                if marker is not None and seen.find(marker, max(0, len(tail) - len(marker) + 1)) >= 0:
+                    self._marker = None
+                    losing.set()
+            tail = seen[-4096:]
+            server.sendall(chunk)
+        _close(server)
+
+    def _down(self, server: socket.socket, client: socket.socket, losing: threading.Event) -> None:
+        """Server to client; once ``losing`` is armed, the next reply is dropped with the connection."""
+        while chunk := _recv(server):
+            if losing.is_set():
+                with self._lock:
+                    self.lost += 1
+                break
+            try:
+                client.sendall(chunk)
+            except OSError:
+                break
+        _close(client)
+        _close(server)
+
+    def close(self) -> None:
+        self._closing = True
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                _close(s)
+
+    def __enter__(self) -> LostReplyProxy:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _recv(s: socket.socket) -> bytes:
+    try:
+        return s.recv(65536)
+    except OSError:
+        return b""
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
