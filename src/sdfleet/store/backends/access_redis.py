@@ -3,7 +3,9 @@
     p:key:<digest>         string  the ApiKey JSON
     p:keys                 hash    key id → digest (listing and revoking by id)
     p:rate:<bucket>        string  the bucket's theoretical arrival time (GCRA), expiring when idle
-    p:claim:<name>         string  a lock, ``SET NX PX``
+    p:rate-last:<bucket>   string  the token of the take that set it (a take sent again is not
+                                   charged again), expiring with it
+    p:claim:<name>         string  a lock, ``SET NX PX``; its value the holder's token
 
 The GCRA step is one Lua script that reads the server's clock (``TIME``), so API replicas with
 skewed clocks still share one rate. In-flight tasks are the tenant's ``queued`` and ``running``
@@ -23,22 +25,23 @@ from sdfleet._redis import connect, describe, map_errors
 from sdfleet.errors import StoreError, StoreUnavailable
 from sdfleet.store.access import ApiKey
 
-# KEYS: bucket. ARGV: interval (s), burst, a token of this take. Returns "0" when admitted, else the
-# seconds to wait. The bucket holds "<tat> <token of the last take admitted>" (older versions wrote
-# the bare tat): a take whose token is already there was admitted, and redis-py, its reply lost with
-# the connection, sent it again.
+# KEYS: bucket (its tat), the token of the last take admitted. ARGV: interval (s), burst, this
+# take's token. Returns "0" when admitted, else the seconds to wait. A take whose token is the last
+# one was admitted already: redis-py, its reply lost with the connection, sent it again. (The tat
+# stays a bare number, as API replicas of earlier versions read it during a rolling update.)
 _TAKE = """
+if redis.call('GET', KEYS[2]) == ARGV[3] then return '0' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local stored, last = string.match(redis.call('GET', KEYS[1]) or '0', '^(%S+) ?(%S*)$')
-if last == ARGV[3] then return '0' end
-local tat = tonumber(stored)
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local new = tat + interval
 local over = new - now - burst * interval
 if over > 1e-9 then return tostring(over) end
-redis.call('SET', KEYS[1], tostring(new) .. ' ' .. ARGV[3], 'PX', math.ceil((new - now) * 1000) + 1000)
+local ttl = math.ceil((new - now) * 1000) + 1000
+redis.call('SET', KEYS[1], tostring(new), 'PX', ttl)
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl)
 return '0'
 """
 
@@ -99,9 +102,8 @@ class RedisAccessStore:
 
     async def take(self, bucket: str, rate: float, burst: int) -> float:
         with self._errors():
-            wait = await self._take(
-                keys=[f"{self.prefix}:rate:{bucket}"], args=[repr(1.0 / rate), burst, uuid.uuid4().hex]
-            )
+            keys = [f"{self.prefix}:rate:{bucket}", f"{self.prefix}:rate-last:{bucket}"]
+            wait = await self._take(keys=keys, args=[repr(1.0 / rate), burst, uuid.uuid4().hex])
         return float(_text(wait))
 
     async def count_active(self, tenant: str, at_most: int) -> int:
