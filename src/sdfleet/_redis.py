@@ -35,6 +35,7 @@ from redis.exceptions import (
 from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
+from redis.maint_notifications import MaintNotificationsConfig
 
 from sdfleet.errors import ConfigError, SdfleetError
 
@@ -71,6 +72,11 @@ def connect(url: str) -> tuple[aioredis.Redis, str]:
             socket_connect_timeout=_CONNECT_TIMEOUT_S,
             socket_timeout=_SOCKET_TIMEOUT_S,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
+            # A new connection's handshake is not retried by redis-py (only commands are): keep it
+            # to HELLO, without the informational CLIENT SETINFO pair and the CLIENT
+            # MAINT_NOTIFICATIONS of Redis Enterprise, three round trips a dropped reply can fail.
+            driver_info=None,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
             **extra,
         )
     except ValueError as e:

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import store_fixtures
@@ -152,3 +152,17 @@ async def test_a_take_whose_reply_is_lost_is_charged_once(proxied: Proxied) -> N
         assert await access.take(bucket, rate=0.001, burst=1) > 900, "charged once: the next waits"
     finally:
         await access.aclose()
+
+
+@pytest.mark.parametrize("step", [b"SETINFO", b"MAINT_NOTIFICATIONS"])
+async def test_a_new_redis_connection_sets_up_with_one_round_trip(redis_server: Any, step: bytes) -> None:
+    """redis-py retries a command whose reply is lost, but not the setup of a new connection, so
+    every round trip of that setup is a call that fails where a command would have succeeded."""
+    with LostReplyProxy(redis_server.port) as proxy:
+        store = open_store(f"redis://127.0.0.1:{proxy.port}/0?prefix=t-{uuid.uuid4().hex}")
+        try:
+            proxy.lose_next(step)
+            assert await store.get("t", "none") is None
+            assert proxy.lost == 0, f"the connection's setup still sends {step!r}"
+        finally:
+            await store.aclose()
