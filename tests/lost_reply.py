@@ -9,19 +9,23 @@ answer by sending the same request again.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 from types import TracebackType
 
 
 class LostReplyProxy:
-    """Forward 127.0.0.1:``port`` to ``target_port``; lose the reply to the next ``marker`` request."""
+    """Forward 127.0.0.1:``port`` to ``target_port``; lose the reply to the next ``marker`` request
+    (``lose_next``), or to requests at random (``lose_at_random``)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._marker: bytes | None = None
+        self._rate = 0.0
+        self._rng = random.Random(0)
         self._lock = threading.Lock()
         self.lost = 0
         """Replies lost so far."""
@@ -33,6 +37,11 @@ class LostReplyProxy:
         """Lose the reply to the next request that holds ``marker`` (once)."""
         with self._lock:
             self._marker = marker
+
+    def lose_at_random(self, rate: float, seed: int = 0) -> None:
+        """From now on lose the reply to each request with probability ``rate`` (0 stops it)."""
+        with self._lock:
+            self._rate, self._rng = rate, random.Random(seed)
 
     def _accept(self) -> None:
         while not self._closing:
@@ -58,8 +67,13 @@ class LostReplyProxy:
                 if marker is not None and seen.find(marker, max(0, len(tail) - len(marker) + 1)) >= 0:
                     self._marker = None
                     losing.set()
+                elif self._rate and self._rng.random() < self._rate:
+                    losing.set()
             tail = seen[-4096:]
-            server.sendall(chunk)
+            try:
+                server.sendall(chunk)
+            except OSError:  # the other pump closed it: that reply was lost
+                break
         _close(server)
 
     def _down(self, server: socket.socket, client: socket.socket, losing: threading.Event) -> None:
