@@ -69,13 +69,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 class RedisServer:
     """A real redis-server on a free port; ``restart()`` keeps its data dir (appendonly)."""
 
-    def __init__(self, workdir: Path, appendonly: bool = True) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = True, args: tuple[str, ...] = ()) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed: apt-get install redis-server")
         self.exe = exe
         self.workdir = workdir
         self.appendonly = appendonly
+        self.args = args
+        """More ``redis-server`` arguments (``--maxmemory`` ...)."""
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -87,6 +89,7 @@ class RedisServer:
     def start(self) -> None:
         args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
         args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "no"]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 

@@ -26,6 +26,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
 )
@@ -41,6 +42,17 @@ from sdfleet.errors import ConfigError, SdfleetError
 
 DEFAULT_PREFIX = "sdfleet"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+# Script shebangs (Redis ≥ 7). At its maxmemory with ``noeviction`` (the only policy under which a
+# queue keeps its messages) Redis refuses writes, but a script without flags is refused only at a
+# write that grows memory, and not at all once it has written anything (a ZREM first let the task
+# store's create run on past the limit). ``ADDS_WORK`` scripts (a publish, a rate take before it)
+# are refused whole at the limit: the API answers 503 and clients back off. ``MOVES_WORK`` scripts
+# (receive, records, ack, release, lease, stats) run on, so agents drain the queues that filled it
+# and free what the messages hold; a task's record may still be written (the API's after its
+# publish was taken, an agent's for a task another producer published).
+ADDS_WORK = "#!lua\n"
+MOVES_WORK = "#!lua flags=allow-oom\n"
 
 # A dead server should surface as an error within about a second, not after redis-py's default
 # backoff (seconds): callers such as the agent loop have their own retry schedule.
@@ -114,11 +126,18 @@ def describe(client: aioredis.Redis) -> str:
 
 @contextmanager
 def map_errors(where: str, unavailable: type[SdfleetError], other: type[SdfleetError]) -> Iterator[None]:
-    """Translate redis-py errors: unreachable, loading, read-only → ``unavailable``; rest → ``other``."""
+    """Translate redis-py errors: unreachable, loading, read-only, full → ``unavailable``; rest →
+    ``other``."""
     try:
         yield
     except AuthenticationError as e:
         raise ConfigError(f"{where}: authentication failed: {e}") from e
+    except OutOfMemoryError as e:
+        raise unavailable(
+            f"{where} is full: Redis refuses new work at its maxmemory until agents drain the "
+            f"queues ({e}); retry later",
+            code=unavailable.code.replace("_unavailable", "_full"),  # bus_full, store_full
+        ) from e
     except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError) as e:
         raise unavailable(f"{where} is unavailable ({type(e).__name__}: {e}); retry later") from e
     except RedisError as e:

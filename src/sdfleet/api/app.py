@@ -53,6 +53,10 @@ _SERVER_SIDE = {
     errors.StorageUnavailable: "the storage is unavailable; retry later",
     errors.InputUnavailable: "a host the request names could not be looked up just now; retry later",
 }
+_FULL = {  # Redis at its maxmemory (see sdfleet._redis.ADDS_WORK): full until agents drain it
+    "bus_full": "the task bus is full; retry later",
+    "store_full": "the task store is full; retry later",
+}
 
 
 def status_for(e: errors.SdfleetError) -> int:
@@ -71,7 +75,9 @@ async def _sdfleet_error(request: Request, e: Exception) -> JSONResponse:
     message = e.message or str(e)
     if status >= 500:
         log.warning("%s %s: %s: %s", request.method, request.url.path, e.code, message)
-        message = next((m for cls, m in _SERVER_SIDE.items() if isinstance(e, cls)), "internal error")
+        message = _FULL.get(e.code) or next(
+            (m for cls, m in _SERVER_SIDE.items() if isinstance(e, cls)), "internal error"
+        )
     headers = {}
     if isinstance(e, errors.RateLimited):
         headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))

@@ -131,27 +131,62 @@ class RedisBus:
             for s in topology.subscriptions:
                 if s.queue not in known and not await self.client.hexists(self._key("queues"), s.queue):
                     raise ConfigError(f"subscription of {s.topic!r} to unknown queue {s.queue!r}")
-            pipe = self.client.pipeline(transaction=True)
-            for topic in {*topology.topics, *(s.topic for s in topology.subscriptions)}:
-                pipe.hset(self._key("topics"), topic, "{}")
-            for q in topology.queues:
-                spec = {
-                    "lease_ms": int(q.lease_s * 1000),
-                    "max_receives": q.max_receives,
-                    "retention_ms": int(q.retention_s * 1000),
-                }
-                dlq = {**spec, "max_receives": 0, "retention_ms": DLQ_RETENTION_S * 1000}
-                pipe.hset(self._key("queues"), q.name, json.dumps(spec))
-                pipe.hsetnx(self._key("queues"), dlq_name(q.name), json.dumps(dlq))
-            for s in topology.subscriptions:
-                pipe.hset(self._key("subs", s.topic), s.queue, s.model_dump_json())
-            await pipe.execute()
+            await self._write_differences(*self._wanted(topology))
             for q in topology.queues:
                 for name in (q.name, dlq_name(q.name)):
                     await self._create_group(name)
 
+    def _wanted(self, topology: Topology) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+        """(hash key → field → value) of the topology, and each queue's DLQ spec (set if absent)."""
+        topics, queues = self._key("topics"), self._key("queues")
+        wanted: dict[str, dict[str, str]] = {topics: {}, queues: {}}
+        for topic in {*topology.topics, *(s.topic for s in topology.subscriptions)}:
+            wanted[topics][topic] = "{}"
+        dlqs: dict[str, str] = {}
+        for q in topology.queues:
+            spec = {
+                "lease_ms": int(q.lease_s * 1000),
+                "max_receives": q.max_receives,
+                "retention_ms": int(q.retention_s * 1000),
+            }
+            wanted[queues][q.name] = json.dumps(spec)
+            dlq = {**spec, "max_receives": 0, "retention_ms": DLQ_RETENTION_S * 1000}
+            dlqs[dlq_name(q.name)] = json.dumps(dlq)
+        for s in topology.subscriptions:
+            wanted.setdefault(self._key("subs", s.topic), {})[s.queue] = s.model_dump_json()
+        return wanted, dlqs
+
+    async def _write_differences(self, wanted: dict[str, dict[str, str]], dlqs: dict[str, str]) -> None:
+        """Write only the fields that differ: a Redis at its maxmemory refuses every write, and an
+        agent that starts then must still start, to drain the queues that filled it."""
+        keys = list(wanted)
+        read = self.client.pipeline(transaction=False)
+        for key in keys:
+            read.hgetall(key)
+        have = {
+            key: {_text(k): _text(v) for k, v in got.items()}
+            for key, got in zip(keys, await read.execute(), strict=True)
+        }
+        write = self.client.pipeline(transaction=True)
+        for key, fields in wanted.items():
+            for field, value in fields.items():
+                if have[key].get(field) != value:
+                    write.hset(key, field, value)
+        queues = self._key("queues")
+        for name, spec in dlqs.items():
+            if name not in have[queues]:
+                write.hsetnx(queues, name, spec)
+        if len(write):
+            await write.execute()
+
     async def _create_group(self, queue: str) -> None:
         stream, group = stream_names(self.prefix, queue)
+        try:
+            if any(_text(g["name"]) == group for g in await self.client.xinfo_groups(stream)):
+                return  # read first: at its maxmemory Redis refuses even a create that exists
+        except aioredis.ResponseError as e:
+            if "no such key" not in str(e).lower():
+                raise
         try:
             await self.client.xgroup_create(stream, group, id="0", mkstream=True)
         except aioredis.ResponseError as e:

@@ -17,6 +17,7 @@ do nothing for a stale one (the lease expired and the message went to someone el
 
 from __future__ import annotations
 
+from sdfleet._redis import ADDS_WORK, MOVES_WORK
 from sdfleet.bus.base import DLQ_RETENTION_S, QUEUE_RETENTION_S
 
 _COMMON = (
@@ -68,7 +69,8 @@ end
 # Returns {-1} for an unknown queue, else {now_ms, next_wake_ms (-1: none), last entry id,
 # {{id, fields, receive_count, pel_count}, ...}}.
 RECEIVE = (
-    _COMMON
+    MOVES_WORK
+    + _COMMON
     + """
 local stream, leases, delayed, delayed_msgs, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local spec = spec_of(KEYS[6], ARGV[1])
@@ -132,7 +134,8 @@ return {now, wake, last_id, out}
 # KEYS: the topology hash, then one stream per queue. ARGV: the queues' names (as many as streams),
 # then the entry's fields. Adds the entry to every stream, each trimmed to its queue's retention.
 PUBLISH = (
-    _COMMON
+    ADDS_WORK
+    + _COMMON
     + """
 local now = now_ms()
 local n = #KEYS - 1
@@ -148,7 +151,8 @@ return n
 
 # KEYS: stream, leases. ARGV: group, id, pel. Returns 1 if acked, 0 for a stale receipt.
 ACK = (
-    _COMMON
+    MOVES_WORK
+    + _COMMON
     + """
 if not current(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -160,7 +164,8 @@ return 1
 
 # KEYS: stream, leases. ARGV: group, id, pel, lease_ms. Returns 1, or 0 for a stale receipt.
 EXTEND = (
-    _COMMON
+    MOVES_WORK
+    + _COMMON
     + """
 if not current(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[4]), ARGV[2])
@@ -171,7 +176,8 @@ return 1
 # KEYS: stream, leases, delayed, delayed-msgs. ARGV: group, id, pel, delay_ms.
 # Returns 1, or 0 for a stale receipt.
 RELEASE = (
-    _COMMON
+    MOVES_WORK
+    + _COMMON
     + """
 local stream, leases, delayed, delayed_msgs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, id = ARGV[1], ARGV[2]
@@ -201,7 +207,8 @@ return 1
 # Returns {-1} for an unknown queue, else {length, in_flight, delayed, oldest sent_at or false,
 # dead letters, now_ms}.
 STATS = (
-    _COMMON
+    MOVES_WORK
+    + _COMMON
     + """
 if redis.call('HEXISTS', KEYS[6], ARGV[1]) == 0 then return {-1} end
 local now = now_ms()

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import connect, describe, map_errors
+from sdfleet._redis import ADDS_WORK, connect, describe, map_errors
 from sdfleet.errors import StoreError, StoreUnavailable
 from sdfleet.store.access import ApiKey
 
@@ -29,7 +29,9 @@ from sdfleet.store.access import ApiKey
 # take's token. Returns "0" when admitted, else the seconds to wait. A take whose token is the last
 # one was admitted already: redis-py, its reply lost with the connection, sent it again. (The tat
 # stays a bare number, as API replicas of earlier versions read it during a rolling update.)
-_TAKE = """
+_TAKE = (
+    ADDS_WORK
+    + """
 if redis.call('GET', KEYS[2]) == ARGV[3] then return '0' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -44,6 +46,7 @@ redis.call('SET', KEYS[1], tostring(new), 'PX', ttl)
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl)
 return '0'
 """
+)
 
 
 class RedisAccessStore:

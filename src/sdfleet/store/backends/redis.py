@@ -31,7 +31,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import connect, describe, map_errors
+from sdfleet._redis import MOVES_WORK, connect, describe, map_errors
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
 from sdfleet.store.backends.sqlite import MAX_PAGE, decode_cursor, encode_cursor
 from sdfleet.store.base import SWEEP, expires_at, read_record
@@ -46,7 +46,9 @@ Rows = list[tuple[str, float]]
 # (tenant/id), state names..., then this write's token (the hash's 'w'). Returns nil when
 # created, else the stored record's JSON. A hash that holds this token is "created": the first
 # try of this call landed and redis-py, its reply lost with the connection, sent it again.
-_CREATE = """
+_CREATE = (
+    MOVES_WORK
+    + """
 local w = ARGV[#ARGV]
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'w') == w then return false end
@@ -65,13 +67,16 @@ if ARGV[6] ~= '' then
 end
 return false
 """
+)
 
 # KEYS: task, expiring, then one state index per state (ARGV[9..] names them, same order).
 # ARGV: expected version, data, new version, new state, id, expires (epoch ms, '' = never),
 # member (tenant/id), key prefix, state names..., then this write's token (the hash's 'w').
 # Returns 1 if replaced, or if the hash holds this token already (the first try of this call
 # landed, its reply was lost with the connection, redis-py sent it again).
-_CAS = f"""
+_CAS = (
+    MOVES_WORK
+    + f"""
 local w = ARGV[#ARGV]
 local v, stored_w = unpack(redis.call('HMGET', KEYS[1], 'v', 'w'))
 if v == ARGV[3] and stored_w == w then return 1 end
@@ -106,11 +111,14 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0,
 end
 return 1
 """
+)
 
 
 # KEYS: task, tenant index, expiring, then one state index per state. ARGV: expected version, id,
 # member (tenant/id). Returns 1 if deleted.
-_DELETE = """
+_DELETE = (
+    MOVES_WORK
+    + """
 local v = redis.call('HGET', KEYS[1], 'v')
 if (not v) or v ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -119,6 +127,7 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
 return 1
 """
+)
 
 
 class RedisTaskStore:
