@@ -19,12 +19,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from sdfleet._aws import error_code
 from sdfleet.errors import StoreError
 from sdfleet.store.access import ApiKey, gcra
-from sdfleet.store.backends.dynamodb import ACTIVE_GSI, GSI, TTL_ATTRIBUTE, DynamoTaskStore, own_write, put_id
+from sdfleet.store.backends.dynamodb import (
+    ACTIVE_GSI,
+    GSI,
+    TTL_ATTRIBUTE,
+    DynamoTaskStore,
+    conditional_put,
+    put_id,
+)
 
 KEYS_TENANT = "!keys"
 _TAKE_TRIES = 20
@@ -125,24 +129,14 @@ class DynamoAccessStore:
         values = {"expires": {"N": repr(now + ttl_s)}, TTL_ATTRIBUTE: {"N": str(int(now + ttl_s) + 3600)}}
 
         item = {"id": {"S": f"!claim/{name}"}, **values, **put_id()}
-
-        def put() -> bool:
-            try:
-                self.tasks.db.put_item(
-                    TableName=self.table,
-                    Item=item,
-                    ConditionExpression="attribute_not_exists(id) OR #e <= :now",
-                    ExpressionAttributeNames={"#e": "expires"},
-                    ExpressionAttributeValues={":now": {"N": repr(now)}},
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
-            except ClientError as e:
-                if error_code(e) == "ConditionalCheckFailedException":
-                    return own_write(e, item)  # this claim's own put, sent again
-                raise
-            return True
-
-        won: bool = await self.tasks.run(put)
+        condition = {
+            "ConditionExpression": "attribute_not_exists(id) OR #e <= :now",
+            "ExpressionAttributeNames": {"#e": "expires"},
+            "ExpressionAttributeValues": {":now": {"N": repr(now)}},
+        }
+        won: bool = await self.tasks.run(
+            lambda: conditional_put(self.tasks.db, self.table, item, **condition)
+        )
         return won
 
     async def release(self, name: str) -> None:
@@ -176,22 +170,7 @@ class DynamoAccessStore:
         )
 
         item = {"id": {"S": item_id}, **values, **put_id()}
-
-        def put() -> bool:
-            try:
-                self.tasks.db.put_item(
-                    TableName=self.table,
-                    Item=item,
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                    **condition,
-                )
-            except ClientError as e:
-                if error_code(e) == "ConditionalCheckFailedException":
-                    return own_write(e, item)  # this put's first try landed
-                raise
-            return True
-
-        ok: bool = await self.tasks.run(put)
+        ok: bool = await self.tasks.run(lambda: conditional_put(self.tasks.db, self.table, item, **condition))
         return ok
 
     async def aclose(self) -> None:

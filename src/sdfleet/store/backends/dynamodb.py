@@ -125,6 +125,18 @@ def own_write(e: ClientError, item: Item) -> bool:
     return isinstance(old, dict) and PUT_ID in item and old.get(PUT_ID) == item[PUT_ID]
 
 
+def conditional_put(db: DynamoDBClient, table: str, item: Item, **condition: Any) -> bool:
+    """``PutItem`` of ``item`` under ``condition`` (blocking): False when the condition failed on
+    another writer's item, True when the put landed, on its first try or before a retry."""
+    try:
+        db.put_item(TableName=table, Item=item, ReturnValuesOnConditionCheckFailure="ALL_OLD", **condition)
+    except ClientError as e:
+        if error_code(e) == "ConditionalCheckFailedException":
+            return own_write(e, item)
+        raise
+    return True
+
+
 def _at_version(expected_version: int) -> dict[str, Any]:
     """A write's condition: the item is at ``expected_version`` and not expired."""
     return {
@@ -348,12 +360,8 @@ class DynamoTaskStore:
         if record.version != expected_version + 1:
             raise ValueError(f"record.version must be {expected_version + 1}, got {record.version}")
         item, condition = _item(record, self.retain_s), _at_version(expected_version)
-        return await self._conditionally(
-            lambda: self._db.put_item(
-                TableName=self.table, Item=item, ReturnValuesOnConditionCheckFailure="ALL_OLD", **condition
-            ),
-            item,
-        )
+        ok: bool = await self._run(lambda: conditional_put(self._db, self.table, item, **condition))
+        return ok
 
     async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
         """``DeleteItem`` with ``ConditionExpression`` ``version = :expected`` (and not expired)."""
@@ -362,16 +370,15 @@ class DynamoTaskStore:
             lambda: self._db.delete_item(TableName=self.table, Key=key, **condition)
         )
 
-    async def _conditionally(self, write: Callable[[], object], item: Item | None = None) -> bool:
-        """``write()`` (a conditional put of ``item``, or a delete); False when its condition did
-        not hold, unless what failed it was ``item`` itself (see ``own_write``)."""
+    async def _conditionally(self, write: Callable[[], object]) -> bool:
+        """``write()`` (a conditional delete); False when its condition did not hold."""
 
         def call() -> bool:
             try:
                 write()
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
-                    return item is not None and own_write(e, item)
+                    return False
                 raise
             return True
 
