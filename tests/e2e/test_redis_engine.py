@@ -1,5 +1,6 @@
-"""The Redis engine under stress: a redis-server restart in the middle of a run, and two agents on one
-queue. Each test runs its own redis-server (appendonly) so stopping it disturbs no other test."""
+"""The Redis engine under stress: a redis-server restart in the middle of a run, two agents on one
+queue, a Redis that comes back empty, a Redis at its maxmemory. Each test runs its own redis-server
+(appendonly) so stopping or filling it disturbs no other test."""
 
 from __future__ import annotations
 
@@ -33,11 +34,17 @@ PARAMS = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
 
 
 @pytest.fixture
-def private_redis(redis_server: Any, tmp_path: Path) -> Iterator[Any]:
+def redis_args() -> tuple[str, ...]:
+    """More ``redis-server`` arguments for ``private_redis``; a test parametrizes it to set some."""
+    return ()
+
+
+@pytest.fixture
+def private_redis(redis_server: Any, tmp_path: Path, redis_args: tuple[str, ...]) -> Iterator[Any]:
     """A redis-server of our own (same class as the session one), appendonly on, free to stop."""
     workdir = tmp_path / "redis"
     workdir.mkdir()
-    server = type(redis_server)(workdir, appendonly=True)
+    server = type(redis_server)(workdir, appendonly=True, args=redis_args)
     yield server
     server.stop()
 
@@ -295,3 +302,52 @@ async def test_a_redis_that_comes_back_empty_gets_its_topology_again(
     assert view["state"] == "succeeded", view
     assert not fleet.task.done(), "the fleet (API and agents) must still be running"
     assert (keeper.restored >= 1) == may_ensure
+
+
+# A Redis at its maxmemory (``noeviction``, the policy a queue needs): a burst that fills it is
+# refused with a 503 and its reason, never a 500; the agents drain what was taken, which frees
+# room, and submits are taken again.
+PROMPT = "a lighthouse at dusk, " * 2000  # 44 kB: about 90 kB of Redis a task (message and record)
+FULL = ("--maxmemory", "6mb", "--maxmemory-policy", "noeviction")
+
+
+async def _used_mb(server: Any) -> float:
+    client = aioredis.Redis(port=server.port)
+    try:
+        return float((await client.info("memory"))["used_memory"]) / 2**20
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("redis_args", [FULL], ids=["6mb"])
+async def test_a_full_redis_refuses_submits_with_503_and_drains(
+    start_fleet: StartFleet, private_redis: Any
+) -> None:
+    api = await start_fleet(QUEUE, agents=[], runtimes={"synthetic": {"latency_s": 0.01}})
+    taken: list[str] = []
+    for _ in range(200):
+        r = await api.http.post("/v1/tasks", json={"params": {"prompt": PROMPT, "width": 64, "height": 64}})
+        if r.status_code != 202:
+            break
+        taken.append(r.json()["id"])
+    assert r.status_code == 503, f"{r.status_code} after {len(taken)} tasks: {r.text}"
+    assert r.json()["error"] in (
+        {"code": "bus_full", "message": "the task bus is full; retry later"},
+        {"code": "store_full", "message": "the task store is full; retry later"},
+    ), r.text
+    assert 20 <= len(taken) < 200, len(taken)
+    assert await _used_mb(private_redis) < 6.5, "Redis went on past its maxmemory"
+    # Reads still answer while it is full.
+    assert (await api.http.get(f"/v1/tasks/{taken[0]}")).json()["state"] == "queued"
+    assert (await api.http.get("/v1/queues")).status_code == 200
+
+    # An agent comes: every task taken runs and is recorded, though Redis is full when it starts.
+    await start_fleet(QUEUE, with_api=False, runtimes={"synthetic": {"latency_s": 0.01}})
+    for task_id in taken:
+        assert (await api.wait(task_id, timeout_s=60))["state"] == "succeeded", task_id
+
+    # Their messages are gone, their records stay: room again.
+    deadline = time.monotonic() + 10
+    while (r := await api.http.post("/v1/tasks", json={"params": {"prompt": "after"}})).status_code != 202:
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+    assert (await api.wait(r.json()["id"]))["state"] == "succeeded"
