@@ -9,6 +9,7 @@ write may land twice and every read may be lost once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.settings import QueueConfig
 from sdfleet.storage import open_storage
 from sdfleet.store import open_store
+from sdfleet.store.backends import redis as redis_store
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -123,3 +125,27 @@ async def _finished(http: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
             return view
         await asyncio.sleep(0.1)
     raise AssertionError(f"{task_id} unfinished after 120 s")
+
+
+async def test_a_delete_whose_reply_is_lost_is_done(
+    start_fleet: StartFleet, engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    """The record's delete landed, its reply was lost, the client sent it again and the store
+    answered "not at that version": the task is gone all the same, which is a 204, not a 409."""
+    proxy: LostReplyProxy = request.node.proxy
+    fleet = await start_fleet(QUEUE, agents=[])
+    warm, task_id = [
+        (await fleet.http.post("/v1/tasks", json={"params": {"prompt": "p"}})).json()["id"] for _ in "ab"
+    ]
+    for cancelled in (warm, task_id):
+        assert (await fleet.http.post(f"/v1/tasks/{cancelled}/cancel")).status_code == 200
+    assert (await fleet.http.delete(f"/v1/tasks/{warm}")).status_code == 204  # Redis: script loaded
+    proxy.lose_next(_sha(redis_store._DELETE) if engine.name == "redis" else b"DeleteItem")
+    r = await fleet.http.delete(f"/v1/tasks/{task_id}")
+    assert proxy.lost == 1, "the reply was not lost: the test proves nothing"
+    assert r.status_code == 204, r.text
+    assert (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 404
+
+
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()

@@ -304,9 +304,12 @@ async def delete_task(
     mine = f"{task_id}-"
     files = await ctx.storage.files(record.task.results_folder())
     await ctx.storage.delete([k for k in files if k.rpartition("/")[2].startswith(mine)])
-    if not await ctx.store.delete(who.tenant, task_id, record.version):
-        # Written meanwhile (a seed-format id sent again reopened it: that run is not this
-        # delete's), or it expired just then.
+    if not await ctx.store.delete(who.tenant, task_id, record.version) and (
+        await ctx.store.get(who.tenant, task_id) is not None
+    ):
+        # Written meanwhile: a seed-format id sent again reopened it, and that run is not this
+        # delete's. (Gone all the same is done: this delete's own, its reply lost and the call
+        # sent again by the engine's client, or another delete, or its expiry just then.)
         raise TransitionConflict(f"task {task_id} changed while being deleted; read it and try again")
     ctx.metrics.deleted.labels(queue=record.task.queue or "").inc()
     return Response(status_code=204)
