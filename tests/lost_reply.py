@@ -9,10 +9,13 @@ answer by sending the same request again.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import socket
 import threading
 from types import TracebackType
+
+import pytest
 
 
 class LostReplyProxy:
@@ -119,3 +122,20 @@ def _close(s: socket.socket) -> None:
     except OSError:
         pass
     s.close()
+
+
+def proxy_to(engine: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> LostReplyProxy:
+    """A proxy in front of the suite's redis-server (``engine`` "redis") or its moto (any other:
+    ``AWS_ENDPOINT_URL`` then points at the proxy for the rest of the test)."""
+    if engine == "redis":
+        return LostReplyProxy(request.getfixturevalue("redis_server").port)
+    proxy = LostReplyProxy(int(request.getfixturevalue("moto_url").rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    return proxy
+
+
+def script_marker(script: str) -> bytes:
+    """What marks a call of a Redis script on the wire: its SHA1, as ``EVALSHA`` sends it (the
+    script must be loaded already, or the reply lost is the ``NOSCRIPT`` that redis-py answers by
+    loading it)."""
+    return hashlib.sha1(script.encode()).hexdigest().encode()

@@ -10,7 +10,6 @@ agent). Each test here loses one reply between a real server and the store (``Lo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple
@@ -18,7 +17,7 @@ from typing import Any, NamedTuple
 import pytest
 import store_fixtures
 
-from lost_reply import LostReplyProxy
+from lost_reply import LostReplyProxy, proxy_to, script_marker
 from sdfleet.store import open_store
 from sdfleet.store.access import open_access
 from sdfleet.store.backends import redis as redis_store
@@ -28,13 +27,9 @@ from sdfleet.tasks import Task, TaskRecord, TaskState
 set_state, tenant_name = store_fixtures.set_state, store_fixtures.tenant_name
 
 
-def _sha(script: str) -> bytes:
-    return hashlib.sha1(script.encode()).hexdigest().encode()
-
-
 # What marks each backend's conditional writes on the wire: (create, compare-and-set).
 MARKERS = {
-    "redis": (_sha(redis_store._CREATE), _sha(redis_store._CAS)),
+    "redis": (script_marker(redis_store._CREATE), script_marker(redis_store._CAS)),
     "dynamodb": (b"attribute_not_exists(id) OR NOT", b"version = :expected"),
 }
 
@@ -50,12 +45,10 @@ class Proxied(NamedTuple):
 @pytest.fixture(params=list(MARKERS))
 def proxied(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proxied]:
     """A fresh namespace on each networked engine, reached through a ``LostReplyProxy``."""
+    proxy = proxy_to(request.param, request, monkeypatch)
     if request.param == "redis":
-        proxy = LostReplyProxy(request.getfixturevalue("redis_server").port)
         url = f"redis://127.0.0.1:{proxy.port}/0?prefix=t-{uuid.uuid4().hex}"
     else:
-        proxy = LostReplyProxy(int(request.getfixturevalue("moto_url").rsplit(":", 1)[1]))
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         url = f"aws://?table=t-{uuid.uuid4().hex[:12]}&region=us-east-1"
     with proxy:
         yield Proxied(url, proxy, *MARKERS[request.param])

@@ -9,8 +9,8 @@ write may land twice and every read may be lost once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from conftest import Engine, StartFleet
-from lost_reply import LostReplyProxy
+from lost_reply import LostReplyProxy, proxy_to, script_marker
 from sdfleet.api.submit import CLAIM_TTL_S
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.settings import QueueConfig
@@ -40,15 +40,12 @@ def engine(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> Iterator[Engine]:
     """Overrides the e2e ``engine``: Redis or AWS, reached through a ``LostReplyProxy``."""
-    ns = f"lr{id(request) % 10**8}"
+    ns = f"lr{uuid.uuid4().hex[:8]}"  # the servers are the session's: a namespace of its own
+    proxy = proxy_to(request.param, request, monkeypatch)
     if request.param == "redis":
-        server = request.getfixturevalue("redis_server")
-        proxy = LostReplyProxy(server.port)
         url = f"redis://127.0.0.1:{proxy.port}/0?prefix={ns}"
         chosen = Engine("redis", url, url, f"file://{tmp_path}/files")
     else:
-        proxy = LostReplyProxy(int(request.getfixturevalue("moto_url").rsplit(":", 1)[1]))
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         aws = f"aws://?prefix={ns}-&region=us-east-1"
         chosen = Engine("aws", aws, aws, f"s3://{ns}-out/results?create=true&region=us-east-1")
     with proxy:
@@ -140,12 +137,8 @@ async def test_a_delete_whose_reply_is_lost_is_done(
     for cancelled in (warm, task_id):
         assert (await fleet.http.post(f"/v1/tasks/{cancelled}/cancel")).status_code == 200
     assert (await fleet.http.delete(f"/v1/tasks/{warm}")).status_code == 204  # Redis: script loaded
-    proxy.lose_next(_sha(redis_store._DELETE) if engine.name == "redis" else b"DeleteItem")
+    proxy.lose_next(script_marker(redis_store._DELETE) if engine.name == "redis" else b"DeleteItem")
     r = await fleet.http.delete(f"/v1/tasks/{task_id}")
     assert proxy.lost == 1, "the reply was not lost: the test proves nothing"
     assert r.status_code == 204, r.text
     assert (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 404
-
-
-def _sha(script: str) -> bytes:
-    return hashlib.sha1(script.encode()).hexdigest().encode()
