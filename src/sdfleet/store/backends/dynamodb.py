@@ -38,7 +38,6 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -366,16 +365,10 @@ class DynamoTaskStore:
     async def delete(self, tenant: str, task_id: str, expected_version: int) -> bool:
         """``DeleteItem`` with ``ConditionExpression`` ``version = :expected`` (and not expired)."""
         key, condition = {"id": {"S": record_key(tenant, task_id)}}, _at_version(expected_version)
-        return await self._conditionally(
-            lambda: self._db.delete_item(TableName=self.table, Key=key, **condition)
-        )
-
-    async def _conditionally(self, write: Callable[[], object]) -> bool:
-        """``write()`` (a conditional delete); False when its condition did not hold."""
 
         def call() -> bool:
             try:
-                write()
+                self._db.delete_item(TableName=self.table, Key=key, **condition)
             except ClientError as e:
                 if error_code(e) == "ConditionalCheckFailedException":
                     return False
