@@ -147,8 +147,9 @@ def _inputs_statements(rules: Sequence[str]) -> list[iam.PolicyStatement]:
 def agent_statements(
     storage: Storage, fleet: FleetConfig, engine: AwsEngine | None, inputs: Sequence[str] = ()
 ) -> list[iam.PolicyStatement]:
-    """Agents: consume the fleet's queues, publish results, transition records, write results,
-    read ``s3://`` inputs by the rules ``inputs`` (``input_rules``)."""
+    """Agents: consume the fleet's queues, read (never delete) their dead-letter queues, publish
+    results, transition records, write results, read ``s3://`` inputs by the rules ``inputs``
+    (``input_rules``)."""
     bucket_arn, objects_arn, prefix = storage
     results = [
         iam.PolicyStatement(actions=["s3:PutObject", "s3:GetObject"], resources=[objects_arn]),
@@ -159,9 +160,12 @@ def agent_statements(
     if engine is None:
         return results
     consume = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"]
+    # Letters are read and given back (``agent/dead_letters.py``), never deleted: that is ``sdfleet dlq``'s.
+    look = ["sqs:ReceiveMessage", "sqs:ChangeMessageVisibility"]
     return [
         _queue_reads(engine.queues, engine.dlqs),
         iam.PolicyStatement(actions=consume, resources=[q.queue_arn for q in engine.queues]),
+        iam.PolicyStatement(actions=look, resources=[q.queue_arn for q in engine.dlqs]),
         iam.PolicyStatement(actions=["sns:Publish"], resources=[engine.results_topic.topic_arn]),
         iam.PolicyStatement(actions=_RECORDS, resources=[engine.table[0]]),
         *results,

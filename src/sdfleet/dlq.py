@@ -1,8 +1,9 @@
 """Dead letters: what a queue's dead-letter queue (``<queue>-dlq``) holds, and running it again.
 
 A message reaches the dead-letter queue after ``retry.max_receives`` deliveries without an ack
-(a task that failed on each try, an agent killed on each try). Its task's record is usually
-``failed`` by then, and an agent drops a delivery of a finished task: so sending the message back
+(a task that failed on each try, an agent killed on each try). Its task's record is ``failed``
+by then (on the last try, or by the queue's agents when they find its letter with no outcome:
+``agent.dead_letters``), and an agent drops a delivery of a finished task: so sending the message back
 as it is would do nothing. A redrive runs the task's **next run** instead (``Task.run``), as a
 client's resubmit of a seed-format id does: published to the tasks topic again (its filter
 policies route it, with the attributes it was first published with), its record reopened
@@ -14,8 +15,9 @@ run once more if the record was not reopened yet (the agents run it once), else 
 What each letter comes to (``Outcome``):
 
 - ``rerun``: the record is ``failed``: its next run is published and the record reopened;
-- ``sent``: the record is ``queued`` or ``running`` (its agents died on each try, or an agent has
-  not written it yet) or missing (it was never recorded): the message is published again as it is;
+- ``sent``: the record is ``queued`` or ``running`` (its agents died on each try and no agent has
+  looked at the letter yet, or a copy of it was published again since) or missing (it was never
+  recorded): the message is published again as it is;
 - ``dropped``: the record ``succeeded`` or was ``cancelled``, or a later run exists: nothing to run,
   the letter is deleted;
 - ``kept``: not sdfleet's own task JSON (a seed Lambda message in drop-in mode, whose run is its
@@ -98,6 +100,8 @@ class Letter:
     view: DeadLetter
     task: Task | None = None
     attributes: dict[str, str] = field(default_factory=dict)
+    publish: str | None = None
+    """The publish it is a copy of (``Decoded.publish``)."""
     settled: bool = False
     """Deleted (redriven or dropped): not given back."""
 
@@ -120,7 +124,7 @@ async def _read(store: TaskStore, queue: str, delivery: Delivery) -> Letter:
     record = await store.get(task.tenant, task.id)
     if record is not None:
         view.state, view.record_run, view.error = record.state, record.task.run, record.error
-    return Letter(delivery, view, task, decoded.attributes)
+    return Letter(delivery, view, task, decoded.attributes, decoded.publish)
 
 
 @dataclass

@@ -222,6 +222,10 @@ class AgentSettings(BaseModel):
     """How often the records of tasks running for at least this long are read for a cancel: a
     cancelled task is interrupted within about twice this, whatever the lease. The same read
     interrupts a run another agent took over after this agent's lease on it lapsed."""
+    dead_letter_check_s: float = Field(60.0, gt=0)
+    """How often the queue's dead-letter queue is looked at (and once at start): a task whose
+    message reached it with no outcome (its agents stopped on each try) fails ``dead_lettered``
+    and its subscribers are told, instead of staying ``queued`` or ``running``."""
     affinity_max_wait_s: float = Field(30.0, ge=0)
     """Priority and model-aware order: the longest a received task may be passed over for tasks
     of a higher priority or of a model the runtime has loaded; 0 is plain arrival order."""

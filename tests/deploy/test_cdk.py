@@ -380,8 +380,11 @@ def test_agent_role_is_least_privilege(example: Synth) -> None:
     s = example
     grants = s.grants("agent")
     fleet_queues = [s.queue_arn(q.name) for q in s.fleet.queues]
-    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"):
-        assert grants[action] == fleet_queues, action
+    dead_letter_queues = [s.queue_arn(dlq_name(q.name)) for q in s.fleet.queues]
+    assert grants["sqs:DeleteMessage"] == fleet_queues
+    # their letters are read for tasks left with no outcome and given back, never deleted
+    for action in ("sqs:ReceiveMessage", "sqs:ChangeMessageVisibility"):
+        assert grants[action] == fleet_queues + dead_letter_queues, action
     assert grants["sns:Publish"] == [s.topic_ref(s.fleet.results_topic)]
     bucket, _ = s.results_bucket()
     objects = {"Fn::Join": ["", [{"Fn::GetAtt": [bucket, "Arn"]}, "/results/*"]]}

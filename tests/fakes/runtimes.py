@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sdfleet.errors import InputUnavailable, RuntimeFailure
@@ -102,4 +106,27 @@ class FailsUntilFixed(_Fake):
         self.runs += 1
         if self.broken:
             raise RuntimeFailure("out of memory: the model does not fit")
+        return RuntimeResult(images=media_samples()[:1], info={"runtime": self.name})
+
+
+class KillsItsAgent(_Fake):
+    """Takes its own process down on each run while the file ``options.kill_while`` exists, as a
+    runtime killed for memory or crashing in native code does; once the file is gone (the fix
+    deployed) each run makes one PNG."""
+
+    name = "kills-its-agent"
+
+    def __init__(self, kill_while: Path) -> None:
+        self.kill_while = kill_while
+
+    @classmethod
+    def from_options(
+        cls, *, catalog: ModelCatalog, options: Mapping[str, Any], default_model: str | None, cache_size: int
+    ) -> KillsItsAgent:
+        return cls(Path(str(options["kill_while"])))
+
+    async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
+        if self.kill_while.exists():
+            await asyncio.sleep(0.5)  # partway through, as memory runs out: its start is recorded
+            os.kill(os.getpid(), signal.SIGKILL)
         return RuntimeResult(images=media_samples()[:1], info={"runtime": self.name})

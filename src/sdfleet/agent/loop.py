@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdfleet.agent.begin import begin
+from sdfleet.agent.dead_letters import watch_dead_letters
 from sdfleet.agent.execute import Outcome, batching, job_of, run_tasks
 from sdfleet.agent.expiry import expire, overdue
 from sdfleet.agent.finish import finish
@@ -108,6 +109,8 @@ class Agent:
         done = asyncio.Event()
         check_s = self.parts.settings.cancel_check_s
         watcher = asyncio.create_task(watch_cancels(self.parts, lambda: self._running, check_s, done))
+        letters_s = self.parts.settings.dead_letter_check_s
+        letters = asyncio.create_task(watch_dead_letters(self.parts, letters_s, done), name="dead-letters")
         cost = deletion_cost(self.parts)
         costs = asyncio.create_task(track(cost, lambda: not self._idle(), done)) if cost else None
         try:
@@ -120,6 +123,7 @@ class Agent:
             await self._drain()
             done.set()
             await watcher
+            await letters
             if costs is not None:
                 await costs
             for f in (self.ready_file, self.alive_file):
