@@ -281,9 +281,10 @@ class RedisBus:
     async def release(self, d: Delivery, delay_s: float = 0.0) -> None:
         """Give the message back, visible again after ``delay_s`` seconds."""
         entry_id, pel = self._receipt(d)
-        keys = queue_keys(self.prefix, d.queue)[:4]
+        keys = [*queue_keys(self.prefix, d.queue)[:4], self._key("queues")]
+        args: list[str | int] = [GROUP, entry_id, pel, int(max(0.0, delay_s) * 1000), d.queue]
         with self._errors():
-            if not await self._release(keys=keys, args=[GROUP, entry_id, pel, int(max(0.0, delay_s) * 1000)]):
+            if not await self._release(keys=keys, args=args):
                 log.debug("release of a stale delivery of %s on %s ignored", d.message_id, d.queue)
 
     async def stats(self, queue: str) -> QueueStats:

@@ -52,6 +52,14 @@ local function expire(stream, spec, default_ms, now)
   local keep = (spec and spec.retention_ms) or default_ms
   redis.call('XTRIM', stream, 'MINID', string.format('%d', now - keep))
 end
+-- Retention counts from a message's first send (SQS's rule), not from its last add: an entry
+-- given back, delayed or dead-lettered is added again under a new id, so XTRIM alone would keep
+-- it longer. Such an entry is checked by its sent_at when it is delivered or given back.
+local function outlived(f, spec, default_ms, now)
+  local sent = tonumber(get(f, 'sent_at'))
+  local keep = (spec and spec.retention_ms) or default_ms
+  return sent ~= nil and now - sent * 1000 > keep
+end
 local function spec_of(queues, name)
   local json = redis.call('HGET', queues, name)
   return json and cjson.decode(json)
@@ -84,6 +92,12 @@ expire(stream, spec, QUEUE_RETENTION_MS, now)
 
 local out = {}
 local function deliver(id, f, pel)
+  if outlived(f, spec, QUEUE_RETENTION_MS, now) then
+    redis.call('XACK', stream, group, id)
+    redis.call('XDEL', stream, id)
+    redis.call('ZREM', leases, id)
+    return
+  end
   local rc = (tonumber(get(f, 'rc')) or 0) + pel
   if spec.max_receives > 0 and rc > spec.max_receives then
     -- SQS redrive: the delivery that would exceed max_receives moves the message instead.
@@ -173,7 +187,8 @@ return 1
 """
 )
 
-# KEYS: stream, leases, delayed, delayed-msgs. ARGV: group, id, pel, delay_ms.
+# KEYS: stream, leases, delayed, delayed-msgs, the topology hash. ARGV: group, id, pel, delay_ms,
+# queue. An entry past its retention is dropped, not given back.
 # Returns 1, or 0 for a stale receipt.
 RELEASE = (
     MOVES_WORK
@@ -189,6 +204,7 @@ redis.call('XDEL', stream, id)
 redis.call('ZREM', leases, id)
 if e[1] == nil then return 0 end
 local f = e[1][2]
+if outlived(f, spec_of(KEYS[5], ARGV[5]), QUEUE_RETENTION_MS, now_ms()) then return 1 end
 put(f, 'rc', tostring((tonumber(get(f, 'rc')) or 0) + pel))
 local delay = tonumber(ARGV[4])
 if delay > 0 then
