@@ -32,6 +32,7 @@ SLOW = (
     "tests/e2e/test_seed_flow.py::test_v1alpha*_examples[[]aws[]]",
     "tests/e2e/test_models_hub.py::test_the_demo_runs_on_a_pulled_model",
     "tests/unit/test_bench.py::test_agent_batching_through_the_agent",
+    "tests/e2e/test_lost_replies.py::test_no_task_is_left_without_an_outcome_when_its_receives_run_out*",
 )
 
 

@@ -106,7 +106,8 @@ class Letter:
     """Deleted (redriven or dropped): not given back."""
 
 
-async def _read(store: TaskStore, queue: str, delivery: Delivery) -> Letter:
+async def read_letter(store: TaskStore, queue: str, delivery: Delivery) -> Letter:
+    """A delivery of ``queue``'s dead-letter queue, with what its task's record says now."""
     view = DeadLetter(queue=queue, message_id=delivery.message_id)
     try:
         decoded = decode_delivery(delivery)
@@ -178,7 +179,7 @@ async def _read_queue(
         if not got:
             return
         for d in got:
-            letters.append(await _read(store, queue, d))
+            letters.append(await read_letter(store, queue, d))
 
 
 async def redrive(bus: Bus, store: TaskStore, topic: str, letter: Letter) -> Settled:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Engine, StartFleet
+from conftest import Engine, RunningFleet, StartFleet
 from lost_reply import LostReplyProxy, proxy_to, script_marker
 from sdfleet.api.submit import CLAIM_TTL_S
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
@@ -60,24 +60,7 @@ async def test_every_task_has_one_result_though_replies_are_lost(
     # Each lost reply to a receive counts as a receive, as on SQS: max_receives is high enough
     # that none of these tasks goes to the dead-letter queue on lost replies alone.
     fleet = await start_fleet(QUEUE, runtimes={"synthetic": {"latency_s": 0.05}}, lease_s=6, max_receives=10)
-    runs: Counter[str] = Counter()
-    runtime = fleet.fleet.agents[0].parts.runtime
-    inner = runtime.run
-
-    async def run(job: Job, progress: ProgressFn) -> RuntimeResult:
-        runs[job.task_id] += 1
-        return await inner(job, progress)
-
-    runtime.run = run  # type: ignore[method-assign]
-    proxy.lose_at_random(RATE, seed=7)
-    ids = [f"lost-{n}" for n in range(TASKS)]
-    for n, task_id in enumerate(ids):
-        body = {"id": task_id, "params": {"prompt": f"p{n}", "width": 64, "height": 64}}
-        r = await _answered(lambda body=body: fleet.http.post("/v1/tasks", json=body))
-        assert r.status_code in (200, 202), r.text
-    views = [await _finished(fleet.http, task_id) for task_id in ids]
-    proxy.lose_at_random(0)
-    assert proxy.lost >= 10, f"only {proxy.lost} replies lost: the test proves little"
+    ids, views, runs = await _submit_and_wait(fleet, proxy, RATE, seed=7)
 
     assert [v["state"] for v in views] == ["succeeded"] * TASKS, views
     store, storage = open_store(engine.store_url), open_storage(engine.storage_url)
@@ -97,6 +80,55 @@ async def test_every_task_has_one_result_though_replies_are_lost(
     finally:
         await store.aclose()
         await storage.aclose()
+
+
+async def test_no_task_is_left_without_an_outcome_when_its_receives_run_out(
+    start_fleet: StartFleet, engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    """15 % of replies lost and two receives a task: some tasks' receives are all lost (or their
+    preparing meets a store call that failed past the client's retries) and their messages go to
+    the dead-letter queue. Each of those ends ``failed`` all the same (the agent's look at its
+    dead letters: ``dead_lettered``; or its last receive: ``prepare_failed``), never left
+    ``queued``; the others succeed; none runs twice. (Slow: about a minute on two cores.)"""
+    proxy: LostReplyProxy = request.node.proxy
+    fleet = await start_fleet(
+        QUEUE, runtimes={"synthetic": {"latency_s": 0.05}}, lease_s=6, max_receives=2, dead_letter_check_s=0.5
+    )
+    ids, views, runs = await _submit_and_wait(fleet, proxy, 0.15, seed=1)
+    outcomes = Counter((v["state"], (v["error"] or {}).get("code")) for v in views)
+    assert set(outcomes) <= {
+        ("succeeded", None),
+        ("failed", "dead_lettered"),
+        ("failed", "prepare_failed"),
+    }, views
+    assert all(runs[task_id] <= 1 for task_id in ids), runs
+    assert outcomes[("succeeded", None)] >= TASKS // 2, outcomes
+
+
+async def _submit_and_wait(
+    fleet: RunningFleet, proxy: LostReplyProxy, rate: float, *, seed: int
+) -> tuple[list[str], list[dict[str, Any]], Counter[str]]:
+    """Submit ``TASKS`` tasks while ``rate`` of the replies are lost, and wait for each to end:
+    their ids, their final views, and how often the runtime ran each."""
+    runs: Counter[str] = Counter()
+    runtime = fleet.fleet.agents[0].parts.runtime
+    inner = runtime.run
+
+    async def run(job: Job, progress: ProgressFn) -> RuntimeResult:
+        runs[job.task_id] += 1
+        return await inner(job, progress)
+
+    runtime.run = run  # type: ignore[method-assign]
+    proxy.lose_at_random(rate, seed=seed)
+    ids = [f"lost-{n}" for n in range(TASKS)]
+    for n, task_id in enumerate(ids):
+        body = {"id": task_id, "params": {"prompt": f"p{n}", "width": 64, "height": 64}}
+        r = await _answered(lambda body=body: fleet.http.post("/v1/tasks", json=body))
+        assert r.status_code in (200, 202), r.text
+    views = [await _finished(fleet.http, task_id) for task_id in ids]
+    proxy.lose_at_random(0)
+    assert proxy.lost >= 10, f"only {proxy.lost} replies lost: the test proves little"
+    return ids, views, runs
 
 
 async def _answered(call: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:

@@ -25,6 +25,7 @@ import logging
 from sdfleet import dlq
 from sdfleet.agent.parts import Parts
 from sdfleet.agent.records import fail
+from sdfleet.bus.base import Delivery, dlq_name
 from sdfleet.errors import SdfleetError
 from sdfleet.routing import ATTR_ENQUEUED_AT
 from sdfleet.tasks import TaskRecord, TaskState
@@ -35,9 +36,9 @@ CODE = "dead_lettered"
 LIMIT = 100
 """Letters read in one look; a larger dead-letter queue is read over several looks (its count
 does not settle while some are unread)."""
-HOLD_S = 30.0
-"""How long a look holds its letters; given back at once when it ends, or by the engine when
-the agent died meanwhile."""
+HOLD_S = 10.0
+"""How long a look holds its letters: given back at once when it ends, else (the agent died, or
+the give-back itself failed) by the engine after this long; a look takes a second or two."""
 
 
 async def watch_dead_letters(parts: Parts, every_s: float, done: asyncio.Event) -> None:
@@ -55,20 +56,39 @@ async def watch_dead_letters(parts: Parts, every_s: float, done: asyncio.Event) 
 async def look(parts: Parts, seen: int | None) -> int | None:
     """Fail the tasks of the dead-letter queue's letters that have no outcome, when the number of
     letters is not ``seen`` (the count of the last look that read them all). Returns the count
-    this look read them all at, else ``seen``: a look that missed some (held by another agent's
-    look, or past ``LIMIT``) leaves the next to read them again."""
-    stats = await parts.bus.stats(parts.queue.name)
+    this look read and settled them all at, else ``seen``: a look that missed some (held by
+    another agent's look, past ``LIMIT``, or one the store did not answer for) leaves the next
+    to read them again."""
+    queue = parts.queue.name
+    stats = await parts.bus.stats(queue)
     if not stats.dead_letter_queue or stats.dead_letters in (0, seen):
         return stats.dead_letters if stats.dead_letter_queue else seen
     # No more than it holds: a read past the last letter waits out a long poll for more.
-    limit = min(LIMIT, stats.dead_letters)
-    async with dlq.held(parts.bus, parts.store, [parts.queue.name], limit=limit, hold_s=HOLD_S) as read:
-        for letter in read.letters:
-            await _settle(parts, letter)
-    return stats.dead_letters if len(read.letters) >= stats.dead_letters else seen
+    want, missed = min(LIMIT, stats.dead_letters), False
+    held: list[Delivery] = []
+    try:
+        while len(held) < want:
+            got = await parts.bus.receive(
+                dlq_name(queue), max_messages=min(10, want - len(held)), wait_s=dlq.WAIT_S, lease_s=HOLD_S
+            )
+            if not got:
+                break
+            held += got
+            for d in got:
+                try:
+                    await _settle(parts, await dlq.read_letter(parts.store, queue, d))
+                except SdfleetError as e:  # one letter's outage does not stop the others
+                    log.warning("dead letter %s of %s not looked at: %s", d.message_id, queue, e)
+                    missed = True
+    finally:
+        for d in held:  # all held to the end, so the look does not read one twice
+            with contextlib.suppress(SdfleetError):  # back when its hold ends
+                await parts.bus.release(d)
+    return stats.dead_letters if not missed and len(held) >= stats.dead_letters else seen
 
 
 async def _settle(parts: Parts, letter: dlq.Letter) -> None:
+    """Fail ``letter``'s task when it has no outcome (see the module docstring)."""
     view, task = letter.view, letter.task
     if task is None or view.state not in (TaskState.QUEUED, TaskState.RUNNING) or view.record_run != task.run:
         return
