@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fleet_tools import agent_process, drain, write_fleet_file
-from test_dlq import sdfleet
+from test_dlq import listed, sdfleet
 
 from conftest import Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
@@ -77,6 +77,9 @@ async def test_a_task_that_kills_its_agent_on_each_try_fails_and_is_told(
     assert [(n["type"], n["error"]["code"], n["run"]) for n in ends] == [("failed", "dead_lettered", 1)], ends
 
     poison.unlink()  # the fix is deployed
+    # The letter is back from the killed agent's last look (it holds letters while it reads them).
+    (letter,) = await listed(engine, config, want=1)
+    assert letter["task_id"] == task_id and letter["error"]["code"] == "dead_lettered", letter
     result = await sdfleet(engine, config, "dlq", "redrive", "--json")
     assert result.exit_code == 0, result.output
     (done,) = json.loads(result.stdout)["settled"]
