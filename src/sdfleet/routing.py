@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from sdfleet.bus.base import QueueSpec, Subscription, Topology
 from sdfleet.errors import ValidationFailed
@@ -39,6 +40,15 @@ def task_attributes(task: Task, *, tier: str = "standard") -> dict[str, str]:
 def stamp(attributes: dict[str, str]) -> dict[str, str]:
     """Add the enqueue time, which the agent turns into the queue-wait metric."""
     return {**attributes, ATTR_ENQUEUED_AT: f"{time.time():.6f}"}
+
+
+def enqueued_at(attributes: Mapping[str, str]) -> float | None:
+    """The enqueue time ``stamp`` put in ``attributes``; None when absent or not a number (a
+    message another producer published)."""
+    try:
+        return float(attributes[ATTR_ENQUEUED_AT])
+    except (KeyError, ValueError):
+        return None
 
 
 def fleet_topology(fleet: FleetConfig) -> Topology:

@@ -27,7 +27,7 @@ from sdfleet.agent.parts import Parts
 from sdfleet.agent.records import fail
 from sdfleet.bus.base import Delivery, dlq_name
 from sdfleet.errors import SdfleetError
-from sdfleet.routing import ATTR_ENQUEUED_AT
+from sdfleet.routing import enqueued_at
 from sdfleet.tasks import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ async def _settle(parts: Parts, letter: dlq.Letter) -> None:
     view, task = letter.view, letter.task
     if task is None or view.state not in (TaskState.QUEUED, TaskState.RUNNING) or view.record_run != task.run:
         return
-    enqueued = _float(letter.attributes.get(ATTR_ENQUEUED_AT))
+    enqueued = enqueued_at(letter.attributes)
 
     def stranded(r: TaskRecord) -> bool:
         """Still without an outcome, of the letter's run, and no other copy of it published
@@ -109,10 +109,3 @@ async def _settle(parts: Parts, letter: dlq.Letter) -> None:
     )
     if await fail(parts, task.tenant, task.id, CODE, message, when=stranded):
         log.warning("task %s failed: %s (%s)", task.id, message, view.state)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

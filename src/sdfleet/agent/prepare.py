@@ -25,7 +25,7 @@ from sdfleet.agent.tasklog import task_event
 from sdfleet.bus.base import Delivery
 from sdfleet.errors import InputFetchError, InputUnavailable, MessageDecodeError, SdfleetError
 from sdfleet.messages import Decoded, decode_delivery, decode_task
-from sdfleet.routing import ATTR_ENQUEUED_AT
+from sdfleet.routing import enqueued_at
 from sdfleet.store.base import reopen, transition
 from sdfleet.tasks import EventType, Task, TaskError, TaskRecord, TaskState
 from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
@@ -297,7 +297,5 @@ def _skip_reason(record: TaskRecord, task: Task, d: Delivery) -> str | None:
 
 
 def _enqueued_at(d: Delivery) -> float:
-    try:
-        return float(d.attributes.get(ATTR_ENQUEUED_AT, d.sent_at))
-    except ValueError:
-        return d.sent_at
+    stamped = enqueued_at(d.attributes)
+    return d.sent_at if stamped is None else stamped
