@@ -33,6 +33,8 @@ SLOW = (
     "tests/e2e/test_models_hub.py::test_the_demo_runs_on_a_pulled_model",
     "tests/unit/test_bench.py::test_agent_batching_through_the_agent",
     "tests/e2e/test_lost_replies.py::test_no_task_is_left_without_an_outcome_when_its_receives_run_out*",
+    "tests/e2e/test_dead_letters.py::test_a_task_that_kills_its_agent_on_each_try_fails_and_is_told[[]redis[]]",
+    "tests/e2e/test_dead_letters.py::test_a_task_that_kills_its_agent_on_each_try_fails_and_is_told[[]aws[]]",
 )
 
 
