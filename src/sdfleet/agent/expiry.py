@@ -49,7 +49,12 @@ async def expire(parts: Parts, h: DeliveryHandle, task: Task, deadline: float, s
     span.set_status(StatusCode.ERROR, reason)
     task_event(task.id, d.queue, span, CODE, level=logging.WARNING, reason=reason)
     queued = task if task.queue else task.model_copy(update={"queue": d.queue})
-    if await fail(parts, task.tenant, task.id, CODE, reason, task=queued, unstarted=True):
+    # Only a task no agent has started: a run that began meanwhile is not cut off.
+    if await fail(parts, task.tenant, task.id, CODE, reason, task=queued, when=_unstarted):
         parts.metrics.ttl_expired.labels(queue=parts.queue.name).inc()
         h.told = True
     await ack_when_told(parts, h, task.id)
+
+
+def _unstarted(r: TaskRecord) -> bool:
+    return r.state is TaskState.QUEUED

@@ -45,22 +45,19 @@ async def fail(
     *,
     task: Task | None = None,
     ran: bool = False,
-    unstarted: bool = False,
     when: Callable[[TaskRecord], bool] | None = None,
 ) -> bool:
     """Mark a task failed with a reason and notify (True); a task already terminal stays as it is.
     ``task``: create its record, failed, if it has none (a task another producer published). A
     task sent in a seed format also gets the seed's failure ``.out``, linked from its notification.
     ``ran``: the failure is of this agent's run, so ``TakenOver`` is raised rather than failing a
-    task another agent runs now. ``unstarted``: only a task no agent runs now (``queued``) fails.
-    ``when``: only a record it holds for fails (checked on the record each write attempt reads)."""
+    task another agent runs now. ``when``: only a record it holds for fails (checked on the record
+    each write attempt reads; e.g. only a task no agent runs now, ``queued``)."""
 
     tag = secrets.token_hex(2)
 
     def mutate(r: TaskRecord) -> TaskRecord:
-        _may_fail(r, parts, ran=ran, unstarted=unstarted)
-        if when is not None and not when(r):
-            raise TransitionConflict(f"task {r.id} moved on ({r.state}, run {r.task.run})")
+        _may_fail(r, parts, ran=ran, when=when)
         r.state, r.error = TaskState.FAILED, TaskError(code=code, message=message)
         r.finished_at = time.time()
         if r.task.origin in SEED_ORIGINS and (r.result is None or r.result.output is None):
@@ -89,11 +86,11 @@ async def fail(
     return True
 
 
-def _may_fail(r: TaskRecord, parts: Parts, *, ran: bool, unstarted: bool) -> None:
+def _may_fail(r: TaskRecord, parts: Parts, *, ran: bool, when: Callable[[TaskRecord], bool] | None) -> None:
     if ran:
         ours(r, parts)
-    if unstarted and r.state is not TaskState.QUEUED:
-        raise TransitionConflict(f"task {r.id} is {r.state}")
+    if when is not None and not when(r):
+        raise TransitionConflict(f"task {r.id} is {r.state} (run {r.task.run})")
 
 
 async def _store_failed_out(parts: Parts, record: TaskRecord, key: str, code: str, message: str) -> None:
