@@ -48,17 +48,18 @@ local function promote(stream, delayed, delayed_msgs, now)
 end
 -- Entries added more than the queue's retention ago go, read or not (SQS's retention). Stream
 -- ids are their add time in ms; a spec (decoded) of an earlier version has no retention_ms.
+local function retention(spec, default_ms)
+  return (spec and spec.retention_ms) or default_ms
+end
 local function expire(stream, spec, default_ms, now)
-  local keep = (spec and spec.retention_ms) or default_ms
-  redis.call('XTRIM', stream, 'MINID', string.format('%d', now - keep))
+  redis.call('XTRIM', stream, 'MINID', string.format('%d', now - retention(spec, default_ms)))
 end
 -- Retention counts from a message's first send (SQS's rule), not from its last add: an entry
 -- given back, delayed or dead-lettered is added again under a new id, so XTRIM alone would keep
 -- it longer. Such an entry is checked by its sent_at when it is delivered or given back.
 local function outlived(f, spec, default_ms, now)
   local sent = tonumber(get(f, 'sent_at'))
-  local keep = (spec and spec.retention_ms) or default_ms
-  return sent ~= nil and now - sent * 1000 > keep
+  return sent ~= nil and now - sent * 1000 > retention(spec, default_ms)
 end
 local function spec_of(queues, name)
   local json = redis.call('HGET', queues, name)
