@@ -174,7 +174,12 @@ async def test_a_takeover_that_cannot_fetch_the_input_leaves_the_running_task_to
             while "dropped" not in task_events(caplog, task_id):  # its retry, 2 s on
                 assert time.monotonic() < deadline, task_events(caplog, task_id)
                 await asyncio.sleep(0.05)
+            # The drop is acked once its subscribers are told again (records.ack_when_told), just after.
+            deadline = time.monotonic() + 10
             stats = await bus.stats("q")
+            while stats.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                stats = await bus.stats("q")
     finally:
         await store.aclose()
         await bus.aclose()
