@@ -30,6 +30,7 @@ from sdfleet.settings import (
     RetryConfig,
     Settings,
 )
+from sdfleet.store import TaskStore, open_store
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 OTHER = "anything-v3.safetensors"
@@ -73,6 +74,14 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
 @pytest.fixture
 def sqlite_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
     return _engine("sqlite", request, tmp_path)
+
+
+@pytest.fixture
+async def store(engine: Engine) -> AsyncIterator[TaskStore]:
+    """The engine's task store, as a test reads records beside the fleet."""
+    s = open_store(engine.store_url)
+    yield s
+    await s.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from fleet_tools import agent_process, drain, exists, serving, submit_all, task_
 from conftest import Engine, StartFleet, fleet_settings, free_port
 from sdfleet.errors import RuntimeFailure
 from sdfleet.settings import QueueConfig, Settings, WebhookSettings
-from sdfleet.store import TaskStore, open_store
+from sdfleet.store import TaskStore
 from sdfleet.tasks import TaskRecord, TaskState
 
 pytestmark = pytest.mark.timeout(150)
@@ -60,13 +60,6 @@ async def hook() -> AsyncIterator[StallingHook]:
     rec = StallingHook()
     async with serving(rec) as rec.url:
         yield rec
-
-
-@pytest.fixture
-async def store(engine: Engine) -> AsyncIterator[TaskStore]:
-    s = open_store(engine.store_url)
-    yield s
-    await s.aclose()
 
 
 def settings(engine: Engine, models_dir: Path, latency_s: float, **agent: Any) -> Settings:

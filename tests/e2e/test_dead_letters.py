@@ -21,7 +21,7 @@ from test_dlq import listed, sdfleet
 from conftest import Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
 from sdfleet.settings import QueueConfig, Settings
-from sdfleet.store import open_store
+from sdfleet.store import TaskStore
 from sdfleet.tasks import TaskRecord, TaskState
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,12 +30,8 @@ TASK = {"params": {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 
 CHECK = {"SDFLEET_AGENT__DEAD_LETTER_CHECK_S": "0.3"}
 
 
-async def record_of(engine: Engine, task_id: str) -> TaskRecord:
-    store = open_store(engine.store_url)
-    try:
-        record = await store.get("default", task_id)
-    finally:
-        await store.aclose()
+async def record_of(store: TaskStore, task_id: str) -> TaskRecord:
+    record = await store.get("default", task_id)
     assert record is not None
     return record
 
@@ -45,7 +41,7 @@ async def notes_of(engine: Engine, task_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_task_that_kills_its_agent_on_each_try_fails_and_is_told(
-    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path, store: TaskStore
 ) -> None:
     """Its runtime takes the agent's process down on each run (killed for memory, a crash in
     native code); the agent that takes the next receive finds it in the dead-letter queue."""
@@ -64,7 +60,7 @@ async def test_a_task_that_kills_its_agent_on_each_try_fails_and_is_told(
         with agent_process(engine, config, "q", **CHECK) as proc:
             code = await asyncio.to_thread(proc.wait, 60)
         assert code == -9, f"try {attempt}: the runtime did not take its agent down ({code})"
-        record = await record_of(engine, task_id)
+        record = await record_of(store, task_id)
         assert record.state is TaskState.RUNNING and record.attempts == attempt, record
 
     with agent_process(engine, config, "q", **CHECK) as proc:
@@ -91,7 +87,7 @@ async def test_a_task_that_kills_its_agent_on_each_try_fails_and_is_told(
 
 
 async def test_lost_receives_fail_a_task_but_not_one_submitted_again(
-    start_fleet: StartFleet, engine: Engine, models_dir: Path
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, store: TaskStore
 ) -> None:
     """Receives whose replies were lost (here: taken and never settled, as a client that lost the
     reply leaves them) use up a message's tries before any agent saw it. A client that submitted
@@ -109,7 +105,7 @@ async def test_lost_receives_fail_a_task_but_not_one_submitted_again(
     await _lose_receives(engine, settings, want=2)
     r = await api.http.post("/v1/tasks", json={"id": again, **TASK})
     assert r.status_code in (200, 202), r.text
-    assert (await record_of(engine, again)).published_at is not None
+    assert (await record_of(store, again)).published_at is not None
 
     agent = await _agent(start_fleet, settings)
     view = await api.wait(lost, timeout_s=60)

@@ -19,7 +19,7 @@ from conftest import Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
 from sdfleet.cli import app
 from sdfleet.settings import FleetConfig, QueueConfig
-from sdfleet.store import open_store
+from sdfleet.store import TaskStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,7 +66,7 @@ async def start(
 
 
 async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
-    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path, store: TaskStore
 ) -> None:
     fleet, config = await start(start_fleet, engine, models_dir, tmp_path)
     runtime = fleet.fleet.agents[0].parts.runtime
@@ -101,12 +101,8 @@ async def test_a_dead_lettered_task_runs_again_once_its_fault_is_fixed(
     assert runtime.runs == 3, "two failed tries, then the redriven run"
     notes = [n for n in await drain(engine, "results") if n.get("task_id") == task_id]
     assert [(n["type"], n["run"]) for n in notes] == [("failed", 1), ("succeeded", 2)], notes
-    store = open_store(engine.store_url)
-    try:
-        record = await store.get("default", task_id)
-        assert record is not None and record.task.run == 2 and record.state == "succeeded", record
-    finally:
-        await store.aclose()
+    record = await store.get("default", task_id)
+    assert record is not None and record.task.run == 2 and record.state == "succeeded", record
     assert await listed(engine, config, want=0) == []
     assert await dead_letter_gauge(fleet) == 0.0
     again = await sdfleet(engine, config, "dlq", "redrive", "--task", task_id)

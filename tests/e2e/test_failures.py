@@ -8,7 +8,7 @@ import json
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +18,13 @@ from fleet_tools import agent_process, drain, exists, wait_adopted, write_fleet_
 from conftest import Engine, StartFleet, fleet_settings
 from sdfleet.bus import open_bus
 from sdfleet.settings import QueueConfig, Settings
-from sdfleet.store import TaskStore, open_store
+from sdfleet.store import TaskStore
 from sdfleet.tasks import Task, TaskParams, TaskRecord, TaskState
 
 pytestmark = pytest.mark.timeout(120)
 
 QUEUE = [QueueConfig(name="q", runtime="synthetic")]
 TASK = {"params": {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}}
-
-
-@pytest.fixture
-async def store(engine: Engine) -> AsyncIterator[TaskStore]:
-    s = open_store(engine.store_url)
-    yield s
-    await s.aclose()
 
 
 def _settings(engine: Engine, models_dir: Path, latency_s: float, **kwargs: Any) -> Settings:
