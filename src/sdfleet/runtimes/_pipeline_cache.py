@@ -261,9 +261,10 @@ class PipelineCache(Generic[T]):
             self._release()
         return bool(others)
 
-    def clear(self) -> None:
+    def clear(self, *, release: bool = True) -> None:
         self._entries.clear()
-        self._release()
+        if release:
+            self._release()
 
     def _evict_lru(self, reason: str) -> None:
         self._evict(next(iter(self._entries)), reason)

@@ -267,16 +267,18 @@ class DiffusersRuntime:
         async with self._lock:
             self._drop_pipelines()
 
-    def _drop_pipelines(self) -> None:
+    def _drop_pipelines(self, *, collect: bool = True) -> None:
         """Forget the current model and every cached pipeline (and so free their memory); the
         caller holds ``_lock``."""
         self._current = None
-        self._cache.clear()
+        self._cache.clear(release=collect)
 
     async def aclose(self) -> None:
         await self.interrupt()
         async with self._lock:
-            self._drop_pipelines()
+            # No garbage collection: the process is ending (a full collection of an agent's heap
+            # takes about 0.4 s), and a runtime used again collects at its next eviction.
+            self._drop_pipelines(collect=False)
             self._extras.models.clear()
             if self._infer_thread is not None:
                 self._infer_thread.shutdown(wait=False)
