@@ -283,6 +283,22 @@ async def test_long_poll_returns_early_on_publish(bus: Bus, ns: str) -> None:
     assert 0.25 <= time.monotonic() - start < 3
 
 
+@pytest.mark.parametrize("bus_factory", ["sqlite", "redis"], indirect=True)
+async def test_a_waiting_receive_ends_when_until_is_set_and_claims_nothing(bus: Bus, ns: str) -> None:
+    """What a stopping agent's receive does: it ends its wait at once rather than after
+    ``wait_s``. (SQS: a long poll may lease messages, so it runs out; not tested here.)"""
+    await bus.ensure(topology(ns, {"a": None}))
+    until = asyncio.Event()
+    receive = asyncio.create_task(bus.receive(f"{ns}-a", wait_s=30, lease_s=30, until=until))
+    await asyncio.sleep(0.5)
+    assert not receive.done(), "it waits while nothing comes"
+    until.set()
+    assert await asyncio.wait_for(receive, timeout=5) == [], "ended well before its 30 s"
+    await bus.publish(f"{ns}-tasks", b"after", {})
+    (d,) = await bus.receive(f"{ns}-a", wait_s=5, lease_s=30, until=until)  # set: it still reads once
+    assert d.body == b"after" and d.receive_count == 1
+
+
 async def test_concurrent_receivers_never_share(bus_factory: Callable[[], Bus], bus: Bus, ns: str) -> None:
     await bus.ensure(topology(ns, {"a": None}))
     for i in range(20):

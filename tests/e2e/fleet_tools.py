@@ -77,11 +77,13 @@ def write_fleet_file(path: Path, fleet: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def agent_process(engine: Engine, config: Path, queue: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``sdfleet agent --queue <queue>`` in its own process; killed at exit if still running."""
+def agent_process(
+    engine: Engine, config: Path, queue: str, *args: str, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``sdfleet agent --queue <queue> [args]`` in its own process; killed at exit if still running."""
     full_env = {**subprocess_env(engine, config), "SDFLEET_LOG_JSON": "false", **env}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from sdfleet.cli import main; main()", "agent", "--queue", queue],
+        [sys.executable, "-c", "from sdfleet.cli import main; main()", "agent", "--queue", queue, *args],
         env=full_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

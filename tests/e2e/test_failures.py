@@ -187,6 +187,36 @@ async def test_sigterm_drains_and_exits_zero(
     await _succeeded_once(engine, await api.wait(task_id, timeout_s=30), attempts=2)
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "redis"], indirect=True)
+async def test_sigterm_ends_an_idle_agents_wait_at_once_and_it_takes_nothing(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path
+) -> None:
+    """An idle agent told to stop (Kubernetes scaling in) used to sit out its receive's
+    ``wait_s`` first (5 s by default); now the wait ends at once, and since a wait claims nothing
+    the next task goes to the agent after it. (On SQS a long poll may lease messages, so it runs
+    out first: at most ``wait_s``, 20 s a poll.)"""
+    settings = _settings(engine, models_dir, latency_s=0.1)
+    api = await start_fleet(settings=settings, agents=[])
+    ready, config = tmp_path / "ready", _fleet_file(tmp_path, settings)
+    with agent_process(engine, config, "q", "--ready-dir", str(ready), SDFLEET_AGENT__WAIT_S="30") as proc:
+        for _ in range(600):
+            if (ready / "q.ready").exists() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # into its wait for a message
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        t0 = asyncio.get_running_loop().time()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 40)
+        took = asyncio.get_running_loop().time() - t0
+        assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert took < 10, f"{took:.1f} s: it waited out its 30 s receive"
+    r = await api.http.post("/v1/tasks", json=TASK)
+    assert r.status_code == 202, r.text
+    await start_fleet(settings=settings, agents=["q"], with_api=False)
+    await _succeeded_once(engine, await api.wait(r.json()["id"], timeout_s=30), attempts=1)
+
+
 @pytest.mark.parametrize("producer", ["seed-lambda", "script"])
 async def test_a_task_published_past_the_api_stops_at_its_queues_task_timeout(
     start_fleet: StartFleet, engine: Engine, producer: str

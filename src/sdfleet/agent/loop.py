@@ -157,7 +157,11 @@ class Agent:
                     continue
                 try:
                     deliveries = await self.parts.bus.receive(
-                        q, max_messages=min(room, MAX_RECEIVE), wait_s=wait_s, lease_s=self.lease_s
+                        q,
+                        max_messages=min(room, MAX_RECEIVE),
+                        wait_s=wait_s,
+                        lease_s=self.lease_s,
+                        until=self._stopping,
                     )
                 except NotFound as e:  # the engine lost its data (a Redis restarted empty)
                     await self._queue_missing(e)

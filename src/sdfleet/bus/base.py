@@ -17,8 +17,10 @@ Semantics every backend keeps (checked by ``tests/contract/test_bus.py``):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -126,11 +128,20 @@ class Bus(Protocol):
         """Publish to a topic; returns the message id. Raises ``NotFound`` for an unknown topic."""
 
     async def receive(
-        self, queue: str, *, max_messages: int = 1, wait_s: float = 0.0, lease_s: float | None = None
+        self,
+        queue: str,
+        *,
+        max_messages: int = 1,
+        wait_s: float = 0.0,
+        lease_s: float | None = None,
+        until: asyncio.Event | None = None,
     ) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting up to ``wait_s`` seconds for the first one.
 
         Each is invisible to other receivers for ``lease_s`` seconds (the queue's default if None).
+        Once ``until`` is set (an agent stopping) the wait ends with what it has; a request that
+        may lease messages is never cut short (SQS's long poll, at most 20 s, runs out), so none
+        is left under a lease that no one holds.
         """
 
     async def ack(self, d: Delivery) -> None:
@@ -146,3 +157,21 @@ class Bus(Protocol):
         """Depth of a queue: visible, in flight (leased), delayed, age of the oldest, DLQ depth."""
 
     async def aclose(self) -> None: ...
+
+
+async def wait_unless(until: asyncio.Event | None, aw: Awaitable[object], timeout_s: float | None) -> bool:
+    """Wait for ``aw`` at most ``timeout_s`` (None: no limit) or until ``until`` is set, and
+    cancel ``aw`` if it has not finished (it must claim nothing: a wait for a wake-up, a Redis
+    ``XREAD``). False when ``until`` is set."""
+    work = asyncio.ensure_future(aw)
+    stop = asyncio.ensure_future(until.wait()) if until is not None else None
+    try:
+        waits = {work} if stop is None else {work, stop}
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in (work, stop):
+            if f is not None:
+                f.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work  # a cancelled client call finishes its clean-up (redis-py drops the connection)
+    return until is None or not until.is_set()

@@ -182,9 +182,16 @@ class AwsBus:
             return await self._aws.run(call)
 
     async def receive(
-        self, queue: str, *, max_messages: int = 1, wait_s: float = 0.0, lease_s: float | None = None
+        self,
+        queue: str,
+        *,
+        max_messages: int = 1,
+        wait_s: float = 0.0,
+        lease_s: float | None = None,
+        until: asyncio.Event | None = None,
     ) -> list[Delivery]:
-        """``ReceiveMessage`` (long polls of at most 20 s until ``wait_s`` has passed)."""
+        """``ReceiveMessage`` (long polls of at most 20 s until ``wait_s`` has passed or ``until``
+        is set; a poll is never cut short: SQS may have leased messages for it)."""
         lease = lease_s if lease_s is not None else self._lease.get(queue)
         deadline = time.monotonic() + max(0.0, wait_s)
         with map_errors(BusUnavailable, BusError):
@@ -196,7 +203,7 @@ class AwsBus:
                 if messages:
                     return [self._delivery(queue, m) for m in messages]
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (until is not None and until.is_set()):
                     return []
                 if poll == 0:
                     await asyncio.sleep(min(remaining, _SHORT_POLL_S))

@@ -39,6 +39,7 @@ How the ``Bus`` semantics map onto Streams (all state changes are Lua scripts, s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -52,7 +53,15 @@ import redis.asyncio as aioredis
 
 from sdfleet._redis import connect, describe, map_errors
 from sdfleet.bus.backends import redis_lua as lua
-from sdfleet.bus.base import DLQ_RETENTION_S, Delivery, QueueStats, Subscription, Topology, dlq_name
+from sdfleet.bus.base import (
+    DLQ_RETENTION_S,
+    Delivery,
+    QueueStats,
+    Subscription,
+    Topology,
+    dlq_name,
+    wait_unless,
+)
 from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound
 from sdfleet.policy import matching_queues
 
@@ -219,9 +228,16 @@ class RedisBus:
         return message_id
 
     async def receive(
-        self, queue: str, *, max_messages: int = 1, wait_s: float = 0.0, lease_s: float | None = None
+        self,
+        queue: str,
+        *,
+        max_messages: int = 1,
+        wait_s: float = 0.0,
+        lease_s: float | None = None,
+        until: asyncio.Event | None = None,
     ) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, waiting up to ``wait_s`` seconds for the first one."""
+        """Up to ``max_messages`` deliveries, waiting up to ``wait_s`` seconds for the first one
+        (or until ``until`` is set: the wait is an ``XREAD``, which claims nothing)."""
         keys = [*queue_keys(self.prefix, queue), self._key("queues")]
         lease_ms = -1 if lease_s is None else int(lease_s * 1000)
         deadline = time.monotonic() + wait_s
@@ -240,7 +256,9 @@ class RedisBus:
                     return []
                 wait = min(left, MAX_BLOCK_S) if wake_ms < 0 else min(left, MAX_BLOCK_S, wake_ms / 1000)
                 # Wakes at once when anything is added after the newest entry the script saw.
-                await self.client.xread({keys[0]: last_id}, count=1, block=max(1, int(wait * 1000)))
+                woken = self.client.xread({keys[0]: last_id}, count=1, block=max(1, int(wait * 1000)))
+                if not await wait_unless(until, woken, None):
+                    return []
 
     def _delivery(self, queue: str, row: list[Any]) -> Delivery:
         entry_id, flat, receive_count, pel = _text(row[0]), row[1], int(row[2]), int(row[3])

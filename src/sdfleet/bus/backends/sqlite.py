@@ -31,7 +31,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sdfleet.bus.backends import sqlite_db as db
-from sdfleet.bus.base import Delivery, QueueStats, Topology
+from sdfleet.bus.base import Delivery, QueueStats, Topology, wait_unless
 from sdfleet.errors import BusUnavailable, ConfigError, SdfleetError
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,16 @@ class SqliteBus:
         return message_id
 
     async def receive(
-        self, queue: str, *, max_messages: int = 1, wait_s: float = 0.0, lease_s: float | None = None
+        self,
+        queue: str,
+        *,
+        max_messages: int = 1,
+        wait_s: float = 0.0,
+        lease_s: float | None = None,
+        until: asyncio.Event | None = None,
     ) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, waiting up to ``wait_s`` seconds for the first one."""
+        """Up to ``max_messages`` deliveries, waiting up to ``wait_s`` seconds for the first one
+        (or until ``until`` is set)."""
         deadline = time.monotonic() + wait_s
         pause = FIRST_POLL_S
         loop = asyncio.get_running_loop()
@@ -139,9 +146,8 @@ class SqliteBus:
             try:
                 got = await self._run(lambda c: db.receive(c, queue, max_messages, lease_s), _release_all)
                 left = deadline - time.monotonic()
-                if got or left <= 0:
+                if got or left <= 0 or not await wait_unless(until, fut, min(pause, left)):
                     return got
-                await asyncio.wait({fut}, timeout=min(pause, left))
                 pause = min(pause * 2, MAX_POLL_S)
             finally:
                 self._waiters.discard(fut)
