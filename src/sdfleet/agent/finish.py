@@ -91,8 +91,7 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
     images are worth it: giving up runs the generation again)."""
     task = p.task
     keys, out_key = output_keys(task, result.images)
-    t0 = time.perf_counter()
-    with p.stage("storage.put"):
+    with p.stage("storage.put", timing="storage_put"):
         info = {**result.info, "images": [parts.storage.location(k) for k in keys], "task_id": task.id}
         if task.origin in SEED_ORIGINS:  # what a backend built for the seed reads
             info["parameters"] = succeeded_out(task, result.info, result.seed, len(keys))
@@ -104,7 +103,6 @@ async def _store_outputs(parts: Parts, p: Prepared, result: RuntimeResult) -> Ta
             await asyncio.gather(*(parts.storage.put(*blob) for blob in blobs))
 
         await ride_out(put_all, f"storing {task.id}", parts.fleet.retry.lease_s)
-    p.timings["storage_put"] = time.perf_counter() - t0
     parts.metrics.observe_stages(parts.queue.name, {"storage_put": p.timings["storage_put"]})
     return TaskResult(images=keys, output=out_key, seed=result.seed, timings=dict(p.timings))
 
@@ -118,13 +116,11 @@ async def _in_output_format(parts: Parts, p: Prepared, result: RuntimeResult) ->
     quality = p.task.params.output_quality
     if fmt is None:
         return result
-    t0 = time.perf_counter()
-    with p.stage("encode"):
-        try:
+    try:
+        with p.stage("encode", timing="encode"):
             images = await asyncio.to_thread(lambda: [reencode(data, fmt, quality) for data in result.images])
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return Reject(f"the images could not be encoded as {fmt}: {e}", code="output_format_failed")
-    p.timings["encode"] = time.perf_counter() - t0
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return Reject(f"the images could not be encoded as {fmt}: {e}", code="output_format_failed")
     parts.metrics.observe_stages(parts.queue.name, {"encode": p.timings["encode"]})
     return dataclasses.replace(result, images=images)
 

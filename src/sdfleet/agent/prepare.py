@@ -187,14 +187,12 @@ async def _prepared(
     p = Prepared(handle=h, task=task, inputs=[], span=span, record=record, numbered=m.ours, publish=m.publish)
     p.start_by = deadline
     p.timings["queue_wait"] = max(0.0, time.time() - _enqueued_at(d))
-    t0 = time.perf_counter()
     try:
-        with p.stage("inputs.fetch"):
+        with p.stage("inputs.fetch", timing="inputs_fetch"):
             p.inputs = [await parts.fetcher.fetch(url) for url in task.params.init_images]
     except InputFetchError as e:
         await _fetch_failed(parts, h, task, record, span, e)
         return None
-    p.timings["inputs_fetch"] = time.perf_counter() - t0
     task_event(
         task.id, d.queue, span, "received", receive=d.receive_count, queue_wait=p.timings["queue_wait"]
     )
