@@ -234,13 +234,15 @@ async def test_scale_in_deletes_the_idle_worker_not_the_busy_one(
             assert victim != busy.name
             (idle,) = [k for k in kubelets if k.name == victim]
             code, took = await idle.delete_pod()
-            # an idle agent ends its long poll (agent.wait_s) and exits, well within its grace
+            # an idle agent ends its wait for messages and exits, well within its grace
             assert code == 0 and took < idle.grace, "exited on its own, before SIGKILL"
             while (r := await store.get(task.tenant, task.id)) is not None and r.state is TaskState.RUNNING:
                 assert time.monotonic() < deadline + 10
                 await asyncio.sleep(0.1)
             assert r is not None and r.state is TaskState.SUCCEEDED and r.attempts == 1, r
-            stats = await bus.stats("q")
+            # The message is acked once the results topic has the outcome, a moment after the record.
+            while (stats := await bus.stats("q")).in_flight and time.monotonic() < deadline + 10:
+                await asyncio.sleep(0.1)
             assert (stats.visible, stats.in_flight, stats.delayed) == (0, 0, 0)
     finally:
         for k in kubelets:
