@@ -18,7 +18,6 @@ Semantics every backend keeps (checked by ``tests/contract/test_bus.py``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -172,6 +171,9 @@ async def wait_unless(until: asyncio.Event | None, aw: Awaitable[object], timeou
         for f in (work, stop):
             if f is not None:
                 f.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work  # a cancelled client call finishes its clean-up (redis-py drops the connection)
+    # A cancelled client call finishes its clean-up (redis-py drops the connection); asyncio.wait,
+    # unlike awaiting it, lets a cancel of the caller through.
+    await asyncio.wait({work})
+    if not work.cancelled() and (error := work.exception()) is not None:
+        raise error
     return until is None or not until.is_set()
