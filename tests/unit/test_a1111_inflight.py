@@ -154,7 +154,10 @@ async def test_interrupting_the_queued_job_stops_it_when_it_starts(
 async def test_interrupting_the_running_job_leaves_the_queued_one(
     runtime: A1111Runtime, events: Events
 ) -> None:
-    running = asyncio.create_task(runtime.run(job("running", LONG), events.progress("running")))
+    # SD WebUI's /interrupt stops whatever runs when it arrives: sent as "running" ends, it stops
+    # "after" (which then fails to be retried, never passes as done). On a loaded host the first
+    # progress report may come late in a 12-step run, so this one is long; the interrupt cuts it.
+    running = asyncio.create_task(runtime.run(job("running", 10 * LONG), events.progress("running")))
     after = asyncio.create_task(runtime.run(job("after"), events.progress("after")))
     await started(events, "running")
     await sent(events, "after")
