@@ -21,6 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# One torch thread per process, in the test workers and every process they start. Four workers and
+# their agents, servers and browsers share two cores; torch's OpenMP threads spin while they wait for
+# each other, and under that load burnt the CPU the other tests needed: 100 steps of the tiny model
+# took 21 s of CPU (28 s wall) on two threads beside three busy processes, 1.4 s (2.6 s) on one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Long interop, fuzzing and bench runs: `make test-slow` runs them, `make test` (CI) leaves them out so
