@@ -30,7 +30,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Long interop, fuzzing and bench runs: `make test-slow` runs them, `make test` (CI) leaves them out so
 # the default suite stays within its time on two cores. Each has a faster sibling in the default suite
-# (the sqlite variant of an engine-parametrised flow, the CLI and walkthrough tests for the demo).
+# (the sqlite variant of an engine-parametrised flow, the CLI and walkthrough tests for the demo);
+# so do the redis and aws variants of tests marked ``flow`` (``_flow_off_sqlite``).
 SLOW = (
     "tests/e2e/test_cli.py::test_demo_prints_two_pngs_of_the_asked_sizes",  # `make demo` runs it too
     "tests/e2e/test_aws_engine.py::test_agent_drains_seed_queue_in_place*",
@@ -46,8 +47,22 @@ SLOW = (
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if any(fnmatch(item.nodeid, pattern) for pattern in SLOW):
+        if any(fnmatch(item.nodeid, pattern) for pattern in SLOW) or _flow_off_sqlite(item):
             item.add_marker(pytest.mark.slow)
+
+
+def _flow_off_sqlite(item: pytest.Item) -> bool:
+    """A ``flow`` test's subject is the fleet's own logic (the agent's stages, the API, batching,
+    outputs), which runs the same on every engine: `make test` runs it on sqlite and `make test-slow`
+    on redis and aws as well. What each engine itself does (leases, redelivery, conditional writes,
+    filter policies, dead letters) is `tests/contract`'s and the engine-bound e2e files', on every
+    engine in `make test`; ``flow(engines="all")`` keeps a flow there too, where an engine carries
+    its guarantee."""
+    marker = item.get_closest_marker("flow")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or marker.kwargs.get("engines") == "all" or callspec is None:
+        return False
+    return callspec.params.get("engine", "sqlite") != "sqlite"
 
 
 def free_port() -> int:

@@ -22,7 +22,8 @@ from sdfleet.settings import QueueConfig, Settings, WebhookSettings
 from sdfleet.store import TaskStore
 from sdfleet.tasks import TaskRecord, TaskState
 
-pytestmark = pytest.mark.timeout(150)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.flow]
 
 QUEUE = [QueueConfig(name="q", runtime="synthetic")]
 PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
@@ -114,6 +115,7 @@ async def _killed_while_telling(
     return first, record
 
 
+@pytest.mark.flow(engines="all")  # redelivery is the engine's
 async def test_crash_between_record_and_ack_notifies_again_and_keeps_one_result(
     start_fleet: StartFleet,
     engine: Engine,
@@ -227,6 +229,7 @@ async def test_sigterm_while_an_expired_tasks_webhook_hangs_exits_and_it_is_told
     assert record is not None and record.error is not None and record.error.code == "ttl_expired"
 
 
+@pytest.mark.flow(engines="all")  # release is the engine's
 async def test_sigterm_with_tasks_in_every_stage_loses_nothing(
     start_fleet: StartFleet, engine: Engine, models_dir: Path, tmp_path: Path, store: TaskStore
 ) -> None:

@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import SD15, Engine, RunningFleet, StartFleet, fleet_settings
 from sdfleet.settings import QueueConfig
 
-pytestmark = pytest.mark.timeout(240)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.flow]
 
 QUEUE = [QueueConfig(name="q", runtime="diffusers", model=SD15)]
 

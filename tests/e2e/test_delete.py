@@ -22,7 +22,8 @@ from sdfleet.settings import QueueConfig, TenantConfig
 from sdfleet.storage import open_storage
 from sdfleet.store.base import reopen
 
-pytestmark = pytest.mark.timeout(180)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.flow]
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789"
 TASK = {"params": {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64}}
@@ -106,6 +107,7 @@ async def test_a_finished_task_is_deleted_with_its_files(
         assert [p.name for p in (root / "a" / view["id"]).iterdir()] == ["s9"], "only the inner folder"
 
 
+@pytest.mark.flow(engines="all")  # a conditional delete
 async def test_a_task_in_flight_is_refused_until_cancelled(
     start_fleet: StartFleet, engine: Engine, models_dir: Path
 ) -> None:

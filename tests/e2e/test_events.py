@@ -18,7 +18,8 @@ from sdfleet.settings import QueueConfig, TenantConfig
 from sdfleet.store import open_store
 from sdfleet.tasks import Task, TaskRecord
 
-pytestmark = pytest.mark.timeout(90)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.flow]
 
 QUEUE = [QueueConfig(name="q", runtime="synthetic")]
 # 4 progress steps over 1.6 s: the agent saves progress at most once a second, so the stream sees

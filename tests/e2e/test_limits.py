@@ -21,7 +21,8 @@ from fleet_tools import write_fleet_file
 
 from conftest import Engine, free_port, subprocess_env
 
-pytestmark = pytest.mark.timeout(300)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.flow]
 
 LIMITED, BUSY = "limited-key", "busy-key"
 PARAMS = {"prompt": "a bridge", "steps": 2, "width": 64, "height": 64}
@@ -101,6 +102,7 @@ async def _submit(url: str, key: str) -> httpx.Response:
         return await http.post(f"{url}/v1/tasks", json={"params": PARAMS}, headers={"x-api-key": key})
 
 
+@pytest.mark.flow(engines="all")  # the counters are the store's
 async def test_rate_and_in_flight_limits_are_shared_by_two_replicas(replicas: tuple[str, str]) -> None:
     a, b = replicas
     # rate 0.5/s with a burst of 3: three accepted across both replicas, then refused on either

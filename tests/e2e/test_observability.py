@@ -18,6 +18,9 @@ from conftest import OTHER, SD15, StartFleet
 from sdfleet.settings import QueueConfig
 from sdfleet.telemetry import JsonFormatter, TraceIdFilter, setup_tracing
 
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = pytest.mark.flow
+
 BODY = {"model": SD15, "params": {"prompt": "a red door", "steps": 2, "width": 64, "height": 64}}
 
 
@@ -35,6 +38,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
     yield exporter
 
 
+@pytest.mark.flow(engines="all")  # the traceparent rides the engine's message attributes
 async def test_trace_crosses_the_queue(start_fleet: StartFleet, spans: InMemorySpanExporter) -> None:
     fleet = await start_fleet()
     r = await fleet.http.post("/v1/tasks", json=BODY)

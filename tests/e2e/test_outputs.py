@@ -21,7 +21,8 @@ from sdfleet.settings import QueueConfig
 from sdfleet.storage import open_storage
 from seed_payloads import V1ALPHA2_T2I, copy_of
 
-pytestmark = pytest.mark.timeout(120)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.flow]
 
 PARAMS = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
 NO_BUCKET = "s3://no-such-bucket/k.png"  # no input bucket is allowed: fails in the agent, not at the door
@@ -50,6 +51,7 @@ def notes_of(notes: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
     return [n for n in notes if task_id in (n.get("task_id"), n.get("id"), n.get("inferenceId"))]
 
 
+@pytest.mark.flow(engines="all")  # content types are the storage's
 async def test_outputs_keep_their_type_and_the_seeds_names(
     start_fleet: StartFleet, engine: Engine, models_dir: Path
 ) -> None:

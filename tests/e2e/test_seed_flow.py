@@ -25,7 +25,8 @@ from sdfleet.compat import v1alpha2
 from sdfleet.settings import QueueConfig
 from seed_payloads import V1ALPHA1_I2I, V1ALPHA1_T2I, V1ALPHA2_I2I, V1ALPHA2_T2I, with_image_link
 
-pytestmark = pytest.mark.timeout(240)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.flow]
 
 # The run-numbering tests below are about ids and publishes, not images: the seed's 512² 16-step
 # payloads take seconds a run on the tiny model on CPU, these a tenth of a second.
@@ -92,6 +93,7 @@ async def test_v1alpha2_examples(start_fleet: StartFleet, engine: Engine, image_
         assert note["context"] == meta["context"]
 
 
+@pytest.mark.flow(engines="all")  # the seed's payloads on each engine
 async def test_v1_task_and_signed_file_link(start_fleet: StartFleet) -> None:
     fleet = await start_fleet()
     body = {

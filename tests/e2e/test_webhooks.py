@@ -29,7 +29,8 @@ from sdfleet.notify.webhook import WebhookNotifier, verify
 from sdfleet.settings import QueueConfig, Settings, WebhookSettings
 from sdfleet.tasks import EventType, Task, TaskEvent, TaskRecord, TaskState, Webhook
 
-pytestmark = pytest.mark.timeout(90)
+# flows of the fleet's own logic: redis and aws in `make test-slow` (tests/conftest.py)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.flow]
 
 SECRET = "test-webhook-secret"
 QUEUE = [QueueConfig(name="q", runtime="synthetic")]
