@@ -67,8 +67,13 @@ def _schemathesis() -> str:
     return exe
 
 
+# `make test` runs every check on every operation with a few examples each (schemathesis's coverage
+# phase is the same in both); `make test-slow` with EXAMPLES: four times the CPU.
+@pytest.mark.parametrize(
+    "examples", [pytest.param(5, id="quick"), pytest.param(EXAMPLES, id="full", marks=pytest.mark.slow)]
+)
 async def test_schemathesis_finds_nothing_with_every_check(
-    start_fleet: StartFleet, engine: Engine, tmp_path: Path
+    start_fleet: StartFleet, engine: Engine, tmp_path: Path, examples: int
 ) -> None:
     fleet = await _fleet(start_fleet, engine, tmp_path)
     here = Path(__file__).resolve().parent
@@ -78,7 +83,7 @@ async def test_schemathesis_finds_nothing_with_every_check(
         f"{fleet.api_url}/openapi.json",
         "--checks=all",
         f"--header=Authorization: Bearer {KEY}",
-        f"--max-examples={EXAMPLES}",
+        f"--max-examples={examples}",
         f"--seed={SEED}",
         "--workers=1",
         "--request-timeout=30",
