@@ -19,7 +19,10 @@ from sdfleet.runtimes.a1111 import A1111Runtime
 from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams, TaskType
 
-LONG = 12  # steps: seconds on the tiny model, long enough to act while it runs
+# Steps of the tiny model, long enough to act while a job runs: 40 take half a second here on one
+# torch thread, alone (tests/conftest.py); 12 took 0.16 s, and a loaded host runs them no slower now
+# that torch no longer spins.
+LONG = 40
 _PATH = "/sdapi/v1/txt2img"
 
 # Real servers with diffusers models: minutes on a busy 2-core machine.
@@ -156,8 +159,8 @@ async def test_interrupting_the_running_job_leaves_the_queued_one(
 ) -> None:
     # SD WebUI's /interrupt stops whatever runs when it arrives: sent as "running" ends, it stops
     # "after" (which then fails to be retried, never passes as done). On a loaded host the first
-    # progress report may come late in a 12-step run, so this one is long; the interrupt cuts it.
-    running = asyncio.create_task(runtime.run(job("running", 10 * LONG), events.progress("running")))
+    # progress report may come late in a run, so this one is long; the interrupt cuts it.
+    running = asyncio.create_task(runtime.run(job("running", 150), events.progress("running")))
     after = asyncio.create_task(runtime.run(job("after"), events.progress("after")))
     await started(events, "running")
     await sent(events, "after")
@@ -187,10 +190,10 @@ async def test_interrupt_all_and_the_job_not_yet_sent(runtime: A1111Runtime, eve
 async def test_another_clients_job_is_never_interrupted(
     runtime: A1111Runtime, events: Events, server: ServerThread
 ) -> None:
-    # Five times as long as ours: on a loaded machine a 12-step job could end between being seen
-    # and ours being sent (pinning settings, the settled snapshot) plus the quiet period below,
-    # and then ours runs and is interrupted, rightly.
-    body = {"prompt": "theirs", "seed": 3, "width": 64, "height": 64, "steps": 5 * LONG}
+    # The most steps a task may ask, nearly four times ours: on a loaded machine a short job could
+    # end between being seen and ours being sent (pinning settings, the settled snapshot) plus the
+    # quiet period below, and then ours runs and is interrupted, rightly.
+    body = {"prompt": "theirs", "seed": 3, "width": 64, "height": 64, "steps": 150}
     async with httpx.AsyncClient(base_url=server.url, timeout=600) as other:
         theirs = asyncio.create_task(other.post(_PATH, json=body))
         for _ in range(12000):  # until the server runs their job
