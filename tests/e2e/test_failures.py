@@ -41,11 +41,10 @@ async def _until(
     task_id: str,
     ok: Callable[[TaskRecord], bool],
     proc: subprocess.Popen[bytes] | None = None,
-    timeout_s: float = 60,
 ) -> TaskRecord:
     # A deadline, not a count of polls: on a loaded host one store read may take seconds.
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    deadline = loop.time() + 60
     while True:
         record = await store.get("default", task_id)
         if record is not None and ok(record):

@@ -20,8 +20,8 @@ from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams, TaskType
 
 # Steps of the tiny model, long enough to act while a job runs: 40 take half a second here on one
-# torch thread, alone (tests/conftest.py); 12 took 0.16 s, and a loaded host runs them no slower now
-# that torch no longer spins.
+# torch thread, alone (tests/conftest.py); 12 took 0.16 s, and a loaded host no longer stretches
+# them now that torch does not spin.
 LONG = 40
 _PATH = "/sdapi/v1/txt2img"
 
