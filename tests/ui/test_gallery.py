@@ -141,8 +141,10 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProc
     await expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
     await use_key(page, ALICE)
     await expect(page.locator("#model-choice option", has_text=MODEL)).to_have_count(1)
-    # long enough for progress writes (at most one a second, none for a task under a second)
-    await submit_from_form(page, "a red boat on a calm sea", size=64, steps=150)
+    # long enough for progress writes (at most one a second, none for a task under a second): 150
+    # steps, the most a task may ask, at 128x128 take 2.9 s of the tiny model here, alone (1.6 s at
+    # 64x64: a host twice as fast would have finished before the first write)
+    await submit_from_form(page, "a red boat on a calm sea", size=128, steps=150)
     card = page.locator(".card").first
     seen = await progress_seen(page, ".card >> nth=0 >> progress", ".card >> nth=0 >> .state")
     assert any(0 < v < 1 for v in seen), seen  # the bar moved while it ran, live over SSE
@@ -154,7 +156,7 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProc
     )
     assert "thumb.jpg" in (await thumb.get_attribute("src") or "")
     await expect(card.locator(".prompt")).to_have_text("a red boat on a calm sea")
-    await expect(card.locator(".size")).to_have_text("64×64, 150 steps")
+    await expect(card.locator(".size")).to_have_text("128×128, 150 steps")
     await page.screenshot(path=shots / "gallery.png", full_page=True)
 
     filters = page.locator("#filters")
@@ -172,7 +174,7 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProc
     full = page.locator("#images img.full")
     await expect(full).to_have_count(1)
     await page.wait_for_function(
-        "img => img.complete && img.naturalWidth === 64", arg=await full.element_handle()
+        "img => img.complete && img.naturalWidth === 128", arg=await full.element_handle()
     )
     await expect(page.locator("#params")).to_contain_text("a red boat on a calm sea")
     await expect(page.locator("#output")).to_contain_text('"seed"')
