@@ -51,7 +51,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import connect, describe, map_errors
+from sdfleet._redis import close, connect, describe, map_errors, text
 from sdfleet.bus.backends import redis_lua as lua
 from sdfleet.bus.base import (
     DLQ_RETENTION_S,
@@ -88,12 +88,8 @@ def queue_keys(prefix: str, queue: str) -> list[str]:
     return [stream, f"{stream}:leases", f"{stream}:delayed", f"{stream}:delayed-msgs", dlq_stream]
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _fields(flat: list[Any]) -> dict[str, bytes]:
-    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    return {text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 class RedisBus:
@@ -173,7 +169,7 @@ class RedisBus:
         for key in keys:
             read.hgetall(key)
         have = {
-            key: {_text(k): _text(v) for k, v in got.items()}
+            key: {text(k): text(v) for k, v in got.items()}
             for key, got in zip(keys, await read.execute(), strict=True)
         }
         write = self.client.pipeline(transaction=True)
@@ -191,7 +187,7 @@ class RedisBus:
     async def _create_group(self, queue: str) -> None:
         stream, group = stream_names(self.prefix, queue)
         try:
-            if any(_text(g["name"]) == group for g in await self.client.xinfo_groups(stream)):
+            if any(text(g["name"]) == group for g in await self.client.xinfo_groups(stream)):
                 return  # read first: at its maxmemory Redis refuses even a create that exists
         except aioredis.ResponseError as e:
             if "no such key" not in str(e).lower():
@@ -261,11 +257,11 @@ class RedisBus:
                     return []
 
     def _delivery(self, queue: str, row: list[Any]) -> Delivery:
-        entry_id, flat, receive_count, pel = _text(row[0]), row[1], int(row[2]), int(row[3])
+        entry_id, flat, receive_count, pel = text(row[0]), row[1], int(row[2]), int(row[3])
         f = _fields(flat)
         return Delivery(
             queue=queue,
-            message_id=_text(f["mid"]),
+            message_id=text(f["mid"]),
             body=bytes(f["body"]),
             attributes=json.loads(f["attrs"]),
             receive_count=receive_count,
@@ -326,5 +322,4 @@ class RedisBus:
         if self._closed:
             return
         self._closed = True
-        await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        await close(self.client)

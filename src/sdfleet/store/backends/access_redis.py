@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import ADDS_WORK, connect, describe, map_errors
+from sdfleet._redis import ADDS_WORK, close, connect, describe, map_errors, text
 from sdfleet.errors import StoreError, StoreUnavailable
 from sdfleet.store.access import ApiKey
 
@@ -85,7 +85,7 @@ class RedisAccessStore:
         with self._errors():
             digests = await self.client.hvals(f"{self.prefix}:keys")
             raws = (
-                await self.client.mget([f"{self.prefix}:key:{_text(d)}" for d in digests]) if digests else []
+                await self.client.mget([f"{self.prefix}:key:{text(d)}" for d in digests]) if digests else []
             )
         found = (ApiKey.model_validate_json(r) for r in raws if r is not None)
         return sorted(found, key=lambda k: k.created_at)
@@ -95,7 +95,7 @@ class RedisAccessStore:
             key_digest = await self.client.hget(f"{self.prefix}:keys", key_id)
         if key_digest is None:
             return None
-        key = await self.find_key(_text(key_digest))
+        key = await self.find_key(text(key_digest))
         if key is None or key.revoked_at is not None:
             return key
         key.revoked_at = time.time()
@@ -107,7 +107,7 @@ class RedisAccessStore:
         with self._errors():
             keys = [f"{self.prefix}:rate:{bucket}", f"{self.prefix}:rate-last:{bucket}"]
             wait = await self._take(keys=keys, args=[repr(1.0 / rate), burst, uuid.uuid4().hex])
-        return float(_text(wait))
+        return float(text(wait))
 
     async def count_active(self, tenant: str, at_most: int) -> int:
         base = f"{self.prefix}:tenant:{tenant}:state"
@@ -124,7 +124,7 @@ class RedisAccessStore:
             if await self.client.set(key, token, nx=True, px=max(1, math.ceil(ttl_s * 1000))):
                 return True
             # redis-py sends a SET again when its connection dropped: the first may have won
-            return _text(await self.client.get(key)) == token
+            return text(await self.client.get(key)) == token
 
     async def release(self, name: str) -> None:
         with self._errors():
@@ -135,9 +135,4 @@ class RedisAccessStore:
         if self._closed:
             return
         self._closed = True
-        await self.client.aclose()
-        await self.client.connection_pool.disconnect()
-
-
-def _text(v: object) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+        await close(self.client)

@@ -31,7 +31,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import MOVES_WORK, connect, describe, map_errors
+from sdfleet._redis import MOVES_WORK, close, connect, describe, map_errors, text
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
 from sdfleet.store.backends.sqlite import MAX_PAGE, decode_cursor, encode_cursor
 from sdfleet.store.base import SWEEP, expires_at, read_record
@@ -273,7 +273,7 @@ class RedisTaskStore:
             rows: list[Any] = await self.client.zrange(
                 index, "+inf", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
             )
-            return [(_text(m), float(s)) for m, s in rows]
+            return [(text(m), float(s)) for m, s in rows]
         after_ts, after_id = decode_cursor(cursor)
         pipe = self.client.pipeline(transaction=False)
         # Entries sharing the cursor's created_at: few, so read them all and filter by id.
@@ -282,8 +282,8 @@ class RedisTaskStore:
             index, f"({after_ts!r}", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
         )
         ties, older = await pipe.execute()
-        same = sorted((i for i in map(_text, ties) if i < after_id), reverse=True)
-        merged = [(i, after_ts) for i in same] + [(_text(m), float(s)) for m, s in older]
+        same = sorted((i for i in map(text, ties) if i < after_id), reverse=True)
+        merged = [(i, after_ts) for i in same] + [(text(m), float(s)) for m, s in older]
         return merged[:count]
 
     async def aclose(self) -> None:
@@ -291,9 +291,4 @@ class RedisTaskStore:
         if self._closed:
             return
         self._closed = True
-        await self.client.aclose()
-        await self.client.connection_pool.disconnect()
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+        await close(self.client)
