@@ -28,6 +28,7 @@ def test_the_package_still_exports_its_names() -> None:
     from sdfleet.tasks import TaskState
 
     assert sdfleet.AsyncClient is AsyncClient and sdfleet.TaskState is TaskState
+    assert set(sdfleet.__all__) == {*sdfleet._HOME, "__version__"}  # the two lists agree
     assert all(hasattr(sdfleet, name) for name in sdfleet.__all__)
     with pytest.raises(AttributeError, match="'Nothing'"):
         sdfleet.Nothing  # noqa: B018
