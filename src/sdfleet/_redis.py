@@ -124,12 +124,6 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def close(client: aioredis.Redis) -> None:
-    """Close ``client`` and disconnect every connection of its pool."""
-    await client.aclose()
-    await client.connection_pool.disconnect()
-
-
 def describe(client: aioredis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     return f"redis at {kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"

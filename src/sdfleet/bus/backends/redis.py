@@ -51,7 +51,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import close, connect, describe, map_errors, text
+from sdfleet._redis import connect, describe, map_errors, text
 from sdfleet.bus.backends import redis_lua as lua
 from sdfleet.bus.base import (
     DLQ_RETENTION_S,
@@ -322,4 +322,4 @@ class RedisBus:
         if self._closed:
             return
         self._closed = True
-        await close(self.client)
+        await self.client.aclose()  # it owns its pool (_redis.connect): its connections close too

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import ADDS_WORK, close, connect, describe, map_errors, text
+from sdfleet._redis import ADDS_WORK, connect, describe, map_errors, text
 from sdfleet.errors import StoreError, StoreUnavailable
 from sdfleet.store.access import ApiKey
 
@@ -135,4 +135,4 @@ class RedisAccessStore:
         if self._closed:
             return
         self._closed = True
-        await close(self.client)
+        await self.client.aclose()  # it owns its pool (_redis.connect): its connections close too

@@ -31,7 +31,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sdfleet._redis import MOVES_WORK, close, connect, describe, map_errors, text
+from sdfleet._redis import MOVES_WORK, connect, describe, map_errors, text
 from sdfleet.errors import StoreError, StoreUnavailable, ValidationFailed
 from sdfleet.store.backends.sqlite import MAX_PAGE, decode_cursor, encode_cursor
 from sdfleet.store.base import SWEEP, expires_at, read_record
@@ -291,4 +291,4 @@ class RedisTaskStore:
         if self._closed:
             return
         self._closed = True
-        await close(self.client)
+        await self.client.aclose()  # it owns its pool (_redis.connect): its connections close too
