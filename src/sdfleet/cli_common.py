@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from sdfleet.errors import one_line
 from sdfleet.settings import Settings, load_settings
 from sdfleet.telemetry import setup_logging, setup_tracing
 
@@ -55,7 +56,7 @@ def _one_line(e: BaseException) -> str:
         return f"{e.strerror}: {e.filename}" if e.filename is not None else e.strerror
     if isinstance(e, json.JSONDecodeError):
         return f"not JSON: {e}"
-    return str(e) or type(e).__name__
+    return one_line(e) or type(e).__name__
 
 
 def when(epoch_s: float | None) -> str:

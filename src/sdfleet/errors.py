@@ -192,6 +192,18 @@ class Reject(Exception):
         self.code = code
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line, as a person reads it after ``error:`` and as an error's
+    message carries it: PyYAML's (several lines, the offending one drawn under them) as ``line L,
+    column C: problem (context)``; any other message's lines joined."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if isinstance(problem, str) and mark is not None:  # yaml.MarkedYAMLError (errors.py imports no yaml)
+        context = getattr(e, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: {problem} ({context})" if context else f"{where}: {problem}"
+    return " ".join(str(e).split())
+
+
 def input_failure(e: InputFetchError) -> InputUnavailable | Reject:
     """What a runtime raises for an input it could not fetch (a URL inside a request or a
     workflow): ``InputUnavailable`` as it is when the input may come back (a failed attempt,

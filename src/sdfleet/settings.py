@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sdfleet.errors import ConfigError
+from sdfleet.errors import ConfigError, one_line
 from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, TTL_MAX_S, OutputFormat
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
@@ -338,7 +338,7 @@ def load_fleet(path: Path) -> FleetConfig:
     except OSError as e:
         raise ConfigError(f"cannot read fleet config {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
     try:
         return FleetConfig.model_validate(raw)
     except ValidationError as e:
@@ -356,7 +356,10 @@ def _validation_errors(e: ValidationError, where: Callable[[tuple[int | str, ...
     for err in e.errors()[:5]:
         given = err.get("input")
         shown = f" (got {given!r})" if isinstance(given, str | int | float) and len(repr(given)) <= 64 else ""
-        parts.append(f"{where(err['loc'])}: {err['msg']}{shown}")
+        # a model's own check (no field) has no place to name; its ValueError's words are the message
+        place = f"{where(err['loc'])}: " if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else err["msg"]
+        parts.append(f"{place}{msg}{shown}")
     return "; ".join(parts)
 
 

@@ -134,12 +134,18 @@ def test_demo_prints_two_pngs_of_the_asked_sizes(tmp_path: Path, cli_env: dict[s
     assert "━" not in demo.stdout and "warning" not in demo.stderr.lower(), demo.stderr
 
 
+LOG_RECORD = re.compile(r'\{"ts": |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ')
+
+
 def _one_error_line(proc: subprocess.CompletedProcess[str], words: str) -> None:
     """A person's mistake: exit 2 and one ``error:`` line naming it, never a traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
     assert "Traceback" not in proc.stderr and "╭─" not in proc.stderr, proc.stderr[-1500:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and words in lines[0], proc.stderr[-1500:]
+    # and nothing else but log records (JSON or text): a message that goes on over lines is not one
+    rest = [line for line in proc.stderr.splitlines() if not line.startswith("error:")]
+    assert all(LOG_RECORD.match(line) for line in rest), proc.stderr[-1500:]
 
 
 def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -149,13 +155,16 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
     bad_name.write_text(yaml.safe_dump({"queues": [{"name": "Bad_Name"}]}))
     typo = tmp_path / "typo.yaml"
     typo.write_text("quuues: []\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump({"queues": [{"name": "a"}, {"name": "a"}]}))
     long_lease = tmp_path / "long-lease.yaml"
     long_lease.write_text(yaml.safe_dump({"retry": {"lease_s": 50000}}))  # past SQS's 12 hours
     not_json = tmp_path / "task.json"
     not_json.write_text("{nope")
     for args, words in [
-        (["queues", "-c", str(bad_yaml)], "not valid YAML"),
+        (["queues", "-c", str(bad_yaml)], "YAML: line 2, column 3: expected the node content, but found '-'"),
         (["up", "-c", str(bad_yaml)], "not valid YAML"),
+        (["queues", "-c", str(twice)], f"{twice}: queue names must be unique: ['a', 'a']"),
         (["agent", "--queue", "x", "-c", str(bad_name)], "Bad_Name"),
         (["ensure", "-c", str(tmp_path / "nope.yaml")], "nope.yaml"),
         (["models", "list", "-c", str(bad_yaml)], "not valid YAML"),

@@ -187,3 +187,24 @@ def test_sweep_points_for_every_queue_or_one() -> None:
         with pytest.raises(ConfigError):
             with_point(SimParams(), {bad: 1})
     assert str(Objective.parse(" wait_p99 <= 30s")) == "wait p99 <= 30 s"
+
+
+def test_unreadable_files_are_named_on_one_line(tmp_path: Path) -> None:
+    """What ``sdfleet simulate`` says of a broken YAML file or workload is one line (``error: …``),
+    with the place PyYAML found the problem, not PyYAML's drawing of it."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("keda: [\n  - cooldown_s: 1\n")
+    with pytest.raises(ConfigError) as params:
+        load_params(broken)
+    assert str(params.value) == (
+        f"cannot read simulation parameters {broken}: line 2, column 3: expected the node content, "
+        "but found '-' (while parsing a flow node)"
+    )
+    with pytest.raises(ConfigError) as workload:
+        load_arrivals(broken, {}, "auto")
+    assert "\n" not in str(workload.value) and "line 2, column 3" in str(workload.value)
+    bad_rate = tmp_path / "rate.yaml"
+    bad_rate.write_text("rate: fast\n")  # pydantic's own text spans lines
+    with pytest.raises(ConfigError) as invalid:
+        load_arrivals(bad_rate, {}, "auto")
+    assert str(invalid.value).startswith(f"workload {bad_rate}: ") and "\n" not in str(invalid.value)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdfleet.errors import ConfigError
+from sdfleet.errors import ConfigError, one_line
 
 
 class PerfPoint(BaseModel):
@@ -139,7 +139,7 @@ def load_points(path: Path, *, gpu: str | None = None, family: str = "sd15") -> 
             else json.loads(path.read_text())
         )
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read performance figures {path}: {e}") from e
+        raise ConfigError(f"cannot read performance figures {path}: {one_line(e)}") from e
     try:
         if isinstance(data, dict) and "rows" in data:
             if gpu is None:

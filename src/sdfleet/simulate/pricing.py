@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdfleet.errors import ConfigError
+from sdfleet.errors import ConfigError, one_line
 
 SPOT_FRACTION = 0.35
 
@@ -62,7 +62,7 @@ def load_prices(path: Path | None) -> dict[str, GpuPrice]:
             raise ValueError("a mapping of GPU → {on_demand, spot} is expected")
         prices.update({str(k): GpuPrice.model_validate(v) for k, v in raw.items()})
     except (OSError, ValueError, ValidationError, yaml.YAMLError) as e:
-        raise ConfigError(f"price file {path}: {e}") from e
+        raise ConfigError(f"price file {path}: {one_line(e)}") from e
     return prices
 
 

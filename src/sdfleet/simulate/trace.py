@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdfleet.errors import ConfigError
+from sdfleet.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -236,8 +236,8 @@ def load_arrivals(path: Path, tiers: Mapping[str, str], resolution: float | str)
     try:
         spec = Generator.model_validate(yaml.safe_load(path.read_text()) or {})
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read workload {path}: {e}") from e
+        raise ConfigError(f"cannot read workload {path}: {one_line(e)}") from e
     except ValidationError as e:
-        raise ConfigError(f"workload {path}: {e}") from e
+        raise ConfigError(f"workload {path}: {one_line(e)}") from e
     dt = pick_resolution(resolution, spec.expected_total())
     return spec.draw(tiers, dt), dt
