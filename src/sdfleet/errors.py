@@ -39,6 +39,10 @@ Control flow (not errors): ``Reject(reason)`` fails a task at once without retry
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
 
 class SdfleetError(Exception):
     """Root of every error sdfleet raises on purpose."""
@@ -192,10 +196,31 @@ class Reject(Exception):
         self.code = code
 
 
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(map(str, loc))
+
+
+def validation_errors(e: ValidationError, where: Callable[[tuple[int | str, ...]], str] = _dotted) -> str:
+    """One line: where each error is (``queues.0.name``, or as ``where`` names it), what is wrong,
+    and what was given when it is short; the first five."""
+    parts = []
+    for err in e.errors()[:5]:
+        given = err.get("input")
+        shown = f" (got {given!r})" if isinstance(given, str | int | float) and len(repr(given)) <= 64 else ""
+        # a model's own check (no field) has no place to name; its ValueError's words are the message
+        place = f"{where(err['loc'])}: " if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else err["msg"]
+        parts.append(f"{place}{msg}{shown}")
+    return "; ".join(parts)
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line, as a person reads it after ``error:`` and as an error's
-    message carries it: PyYAML's (several lines, the offending one drawn under them) as ``line L,
-    column C: problem (context)``; any other message's lines joined."""
+    message carries it: pydantic's as ``validation_errors`` gives it, PyYAML's (several lines, the
+    offending one drawn under them) as ``line L, column C: problem (context)``, any other message's
+    lines joined."""
+    if isinstance(e, ValidationError):
+        return validation_errors(e)
     problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
     if isinstance(problem, str) and mark is not None:  # yaml.MarkedYAMLError (errors.py imports no yaml)
         context = getattr(e, "context", None)

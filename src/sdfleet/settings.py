@@ -5,7 +5,6 @@ Precedence: init arguments > environment > ``sdfleet.yaml`` (``fleet:`` is the f
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, one_line, validation_errors
 from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, TTL_MAX_S, OutputFormat
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
@@ -342,25 +341,12 @@ def load_fleet(path: Path) -> FleetConfig:
     try:
         return FleetConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_validation_errors(e, lambda loc: '.'.join(map(str, loc)))}") from e
+        raise ConfigError(f"{path}: {validation_errors(e)}") from e
 
 
 def _settings_errors(e: ValidationError) -> str:
     """Each bad setting by its variable name."""
-    return _validation_errors(e, lambda loc: "SDFLEET_" + "__".join(map(str, loc)).upper())
-
-
-def _validation_errors(e: ValidationError, where: Callable[[tuple[int | str, ...]], str]) -> str:
-    """One line: where each error is, what is wrong, and what was given when it is short."""
-    parts = []
-    for err in e.errors()[:5]:
-        given = err.get("input")
-        shown = f" (got {given!r})" if isinstance(given, str | int | float) and len(repr(given)) <= 64 else ""
-        # a model's own check (no field) has no place to name; its ValueError's words are the message
-        place = f"{where(err['loc'])}: " if err["loc"] else ""
-        msg = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else err["msg"]
-        parts.append(f"{place}{msg}{shown}")
-    return "; ".join(parts)
+    return validation_errors(e, lambda loc: "SDFLEET_" + "__".join(map(str, loc)).upper())
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -193,7 +193,7 @@ def _merged(cls: type[M], base: BaseModel, update: dict[str, Any]) -> M:
     try:
         return cls.model_validate({**base.model_dump(), **update})
     except ValidationError as e:
-        raise ConfigError(f"simulation parameters: {e}") from e
+        raise ConfigError(f"simulation parameters: {one_line(e)}") from e
 
 
 def load_params(path: Path | None, overrides: dict[str, Any] | None = None) -> SimParams:
@@ -215,4 +215,4 @@ def load_params(path: Path | None, overrides: dict[str, Any] | None = None) -> S
     try:
         return SimParams.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"simulation parameters: {e}") from e
+        raise ConfigError(f"simulation parameters: {one_line(e)}") from e

@@ -151,4 +151,4 @@ def load_points(path: Path, *, gpu: str | None = None, family: str = "sd15") -> 
             ]
         return [PerfPoint.model_validate(p) for p in data["points"]]
     except (KeyError, TypeError, ValueError, ValidationError) as e:
-        raise ConfigError(f"{path}: not a runtime_speed result nor {{points: [...]}}: {e}") from e
+        raise ConfigError(f"{path}: not a runtime_speed result nor {{points: [...]}}: {one_line(e)}") from e
