@@ -89,6 +89,10 @@ class Fleet:
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
+        # A taken port fails the fleet before anything starts (agents would load their models
+        # first, and log their bus closing under them); each listener is checked again as it starts.
+        for listener in self._listeners():
+            check_bindable(*listener)
         async with AsyncExitStack() as stack:
             engines = await open_engines(self.settings, stack)
             metrics = Metrics()
@@ -118,6 +122,16 @@ class Fleet:
                 for job in (*jobs, *extra):
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await job
+
+    def _listeners(self) -> list[tuple[str, int, str]]:
+        api = self.settings.api
+        found = [(api.host, api.port, "api")] if self.with_api else []
+        if self.with_api and api.ops_port:
+            found.append((api.host, api.ops_port, "api-ops"))
+        port, host = self._metrics_listen()
+        if port:
+            found.append((host, port, "metrics"))
+        return found
 
     def _metrics_listen(self) -> tuple[int | None, str]:
         agent = self.settings.agent

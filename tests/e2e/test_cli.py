@@ -206,7 +206,10 @@ def test_a_busy_port_is_named(tmp_path: Path, cli_env: dict[str, str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         for args in (["up", "--port", str(port)], ["api", "--port", str(port)]):
-            _one_error_line(_run(args, {**cli_env, "SDFLEET_LOG_JSON": "false"}), f"127.0.0.1:{port}")
+            proc = _run(args, {**cli_env, "SDFLEET_LOG_JSON": "false"})
+            _one_error_line(proc, f"127.0.0.1:{port}")
+            # refused before the agents start: no model loaded, no bus closed under them
+            assert proc.stderr.count("\n") == 1, proc.stderr[-1500:]
 
 
 @pytest.mark.parametrize("runtime", ["a1111", "comfyui"])
