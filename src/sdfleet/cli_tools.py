@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, print_json, print_table
+from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, err, print_json, print_table
 from sdfleet.cli_models import add_transfer_commands
 from sdfleet.errors import SdfleetError
 from sdfleet.settings import load_settings
@@ -61,6 +61,14 @@ def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> Non
         rows = [{"name": m.name, "kind": m.kind, "tiny": m.tiny, "path": str(m.path)} for m in models]
         print_json({"dir": str(catalog.models_dir), "default": default, "models": rows})
         return
+    if not models:  # an empty table alone does not say why, nor what to do
+        absent = "" if catalog.models_dir.is_dir() else " (the folder does not exist)"
+        err.print(
+            f"no models in {catalog.models_dir}{absent}: `sdfleet models make-tiny NAME`, "
+            "`sdfleet models pull`, or models.s3",
+            highlight=False,
+            markup=False,
+        )
     table = Table("name", "kind", "tiny test model", "default", "path")
     for m in models:
         marks = ("yes" if m.tiny else "", "yes" if m.name == default else "")

@@ -42,6 +42,13 @@ def test_models_make_tiny_and_list(tmp_path: Path, cli_env: dict[str, str]) -> N
     listed = _run(["models", "list", "-c", str(config)], cli_env)
     assert listed.returncode == 0, listed.stderr
     assert "cli-tiny" in listed.stdout and "diffusers" in listed.stdout and "yes" in listed.stdout
+    assert listed.stderr == ""
+    config.write_text(yaml.safe_dump({"models": {"dir": str(tmp_path / "nowhere")}}))
+    empty = _run(["models", "list", "-c", str(config)], cli_env)  # listing nothing is not an error
+    assert empty.returncode == 0 and "─" in empty.stdout, empty.stderr
+    assert empty.stderr == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): " + (
+        "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3\n"
+    )
 
 
 def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> None:
