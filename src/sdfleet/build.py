@@ -17,7 +17,7 @@ from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.compat.notify import seed_notification
 from sdfleet.errors import ConfigError
 from sdfleet.guarded_http import InputFetcher
-from sdfleet.models.catalog import ModelCatalog
+from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog
 from sdfleet.notify.base import Notifier
 from sdfleet.notify.topic import TopicNotifier
 from sdfleet.notify.webhook import WebhookNotifier
@@ -139,10 +139,10 @@ def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> 
         # Every task of this queue would fail `no_model`; the agent still starts (models may be
         # copied in while it runs), but the operator hears of it now, not from the first failure.
         log.warning(
-            "queue %s: the models folder %s holds no model; its tasks will fail until one is there "
-            "(`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3)",
+            "queue %s: the models folder %s holds no model; its tasks will fail until one is there (%s)",
             q.name,
             settings.fleet.models.dir,
+            HOW_TO_ADD,
         )
     return build_runtime(
         name,

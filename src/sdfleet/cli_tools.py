@@ -52,7 +52,7 @@ def make_tiny_cmd(
 @models_app.command("list")
 def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Models found in the models directory; the default one (``models.default``, else the first)."""
-    from sdfleet.models.catalog import ModelCatalog, default_model
+    from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, default_model
 
     settings = _settings(config)
     catalog = ModelCatalog(settings.fleet.models.dir)
@@ -63,12 +63,7 @@ def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> Non
         return
     if not models:  # an empty table alone does not say why, nor what to do
         absent = "" if catalog.models_dir.is_dir() else " (the folder does not exist)"
-        err.print(
-            f"no models in {catalog.models_dir}{absent}: `sdfleet models make-tiny NAME`, "
-            "`sdfleet models pull`, or models.s3",
-            highlight=False,
-            markup=False,
-        )
+        err.print(f"no models in {catalog.models_dir}{absent}: {HOW_TO_ADD}", highlight=False, markup=False)
     table = Table("name", "kind", "tiny test model", "default", "path")
     for m in models:
         marks = ("yes" if m.tiny else "", "yes" if m.name == default else "")

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_SUFFIX = ".config"
 TINY_MARKER = "sdfleet-tiny.json"
+HOW_TO_ADD = "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3"
+"""The ways to put a model in an empty models folder, for the messages that find one."""
 _A1111_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\s*$")
 
 
