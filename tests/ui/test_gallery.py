@@ -50,6 +50,7 @@ async def page() -> AsyncIterator[Page]:
 
 
 RETAIN_DAYS = 30
+MAX_WIDTH = 1536
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
         "models": {"dir": str(work / "models"), "default": MODEL},
         "retain_days": RETAIN_DAYS,
     }
-    env = {"SDFLEET_AGENT__CANCEL_CHECK_S": "0.5", "SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true"}
+    env = {
+        "SDFLEET_AGENT__CANCEL_CHECK_S": "0.5",
+        "SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true",
+        "SDFLEET_API__MAX_WIDTH": str(MAX_WIDTH),  # not the default: the form must read it
+    }
     with sdfleet_up(work, {**fleet, "tenants": tenants}, env) as up:
         yield up
 
@@ -181,6 +186,26 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProc
     await expect(page.locator("#timings")).to_contain_text("runtime_run")
     await expect(page.locator("#cancel")).to_be_disabled()
     await page.screenshot(path=shots / "task.png", full_page=True)
+
+
+async def test_the_form_allows_what_the_api_takes(page: Page, fleet: UpProcess) -> None:
+    """The form's bounds are the API's own (its size limit, the task model's ranges): the browser
+    stops only what the API would refuse. The page's own files load too, its icon among them."""
+    async with page.expect_response(lambda r: "favicon" in r.url) as icon:
+        await page.goto(f"{fleet.url}/ui")
+    assert (await icon.value).status == 200, (await icon.value).url
+    cases = {
+        "width": [("8", True), (str(MAX_WIDTH), True), (str(MAX_WIDTH + 8), False), ("12", False)],
+        "height": [("2048", True), ("2056", False), ("0", False)],
+        "steps": [("1", True), ("150", True), ("151", False)],
+        "cfg_scale": [("0", True), ("30", True), ("30.5", False)],
+        "seed": [("-1", True), (str(2**32 - 1), True), (str(2**32), False)],
+    }
+    for name, values in cases.items():
+        field = page.locator(f"input[name={name}]")
+        for value, valid in values:
+            await field.fill(value)
+            assert await field.evaluate("el => el.checkValidity()") is valid, (name, value)
 
 
 async def test_cancel_a_running_task(page: Page, fleet: UpProcess, shots: Path) -> None:

@@ -25,7 +25,8 @@ from sdfleet.api.links import file_url, linked_out
 from sdfleet.api.routes.tasks import owned
 from sdfleet.api.thumbs import ensure_thumbnail
 from sdfleet.errors import NotFound, SdfleetError, ValidationFailed
-from sdfleet.tasks import TaskRecord, TaskState
+from sdfleet.settings import ApiSettings
+from sdfleet.tasks import TaskParams, TaskRecord, TaskState
 
 router = APIRouter(prefix="/ui", tags=["gallery"], include_in_schema=False)
 
@@ -52,10 +53,28 @@ def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
     return response
 
 
+_FORM_FIELDS = ("width", "height", "steps", "cfg_scale", "seed")
+
+
+def form_fields(settings: ApiSettings) -> dict[str, dict[str, float | None]]:
+    """The submit form's ``min``, ``max`` and starting ``value`` of each number: the task model's
+    own bounds and defaults, and this API's size limit, so the browser refuses only what the API
+    would and offers all it takes."""
+    props = TaskParams.model_json_schema()["properties"]
+    fields: dict[str, dict[str, float | None]] = {}
+    for name in _FORM_FIELDS:
+        p = props[name]
+        high = p.get("maximum", p["exclusiveMaximum"] - 1 if "exclusiveMaximum" in p else None)
+        fields[name] = {"min": p.get("minimum"), "max": high, "value": p["default"]}
+    fields["width"]["max"] = settings.max_width
+    fields["height"]["max"] = settings.max_height
+    return fields
+
+
 @router.get("", response_class=HTMLResponse)
-async def gallery(request: Request) -> HTMLResponse:
+async def gallery(request: Request, ctx: ApiContext = Depends(get_ctx)) -> HTMLResponse:
     """The grid of the caller's tasks, newest first, with filters and a submit form."""
-    return _page(request, "gallery.html", title="Gallery")
+    return _page(request, "gallery.html", title="Gallery", form=form_fields(ctx.settings))
 
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
