@@ -39,7 +39,9 @@ Control flow (not errors): ``Reject(reason)`` fails a task at once without retry
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -200,18 +202,47 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return ".".join(map(str, loc))
 
 
-def validation_errors(e: ValidationError, where: Callable[[tuple[int | str, ...]], str] = _dotted) -> str:
-    """One line: where each error is (``queues.0.name``, or as ``where`` names it), what is wrong,
-    and what was given when it is short; the first five."""
+_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|[a-z-]+\[.*\])$")
+"""How pydantic names the member of a union in an error's location (``str``,
+``function-before[integral(), int]``): its internals, not a place in the input."""
+
+
+def validation_errors(
+    e: ValidationError, where: Callable[[tuple[int | str, ...]], str] = _dotted, whole: str = ""
+) -> str:
+    """One line: each offending place once (``queues.0.name``, or as ``where`` names it; a union's
+    members' errors as one), what is wrong, and what was given when it is short; the first five.
+    A model's own check has no field: ``whole`` names the place (``body``), or none is named.
+    A ``ValueError`` of ours says what it refused: its words alone, without pydantic's
+    ``Value error,`` nor the input again."""
+    places: dict[tuple[int | str, ...], list[Any]] = {}
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _MEMBER.match(p)))
+        places.setdefault(loc, []).append(err)
     parts = []
-    for err in e.errors()[:5]:
-        given = err.get("input")
-        shown = f" (got {given!r})" if isinstance(given, str | int | float) and len(repr(given)) <= 64 else ""
-        # a model's own check (no field) has no place to name; its ValueError's words are the message
-        place = f"{where(err['loc'])}: " if err["loc"] else ""
-        msg = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else err["msg"]
-        parts.append(f"{place}{msg}{shown}")
+    for loc, errs in list(places.items())[:5]:
+        msgs = list(dict.fromkeys(_message(err) for err in errs))
+        msg = (
+            msgs[0]
+            if len(msgs) == 1
+            else "Input should be " + " or ".join(m.removeprefix("Input should be ") for m in msgs)
+        )
+        got = "" if errs[0]["type"] == "value_error" else _got(errs[0].get("input"))
+        place = where(loc) if loc else whole
+        parts.append(f"{place}: {msg}{got}" if place else f"{msg}{got}")
     return "; ".join(parts)
+
+
+def _message(err: Any) -> str:
+    msg: str = err["msg"]
+    return msg.removeprefix("Value error, ") if err["type"] == "value_error" else msg
+
+
+def _got(value: Any) -> str:
+    """The offending value, when it is short enough to quote (one sees what one sent)."""
+    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 64):
+        return f" (got {value!r})"
+    return ""
 
 
 def one_line(e: BaseException) -> str:

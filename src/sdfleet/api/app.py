@@ -18,7 +18,6 @@ from starlette.routing import Match
 
 from sdfleet import errors
 from sdfleet.api import docs, openapi, openapi_rules
-from sdfleet.api.body import validation_message
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.head import HeadAsGet
 from sdfleet.api.queue_stats import queue_stats_refresher
@@ -178,4 +177,4 @@ def build_app(
 serve_ctx = _lifespan
 """The part of the lifespan that needs ``app.state.ctx`` (for apps made with ``build_app``)."""
 
-__all__ = ["build_app", "create_app", "serve_ctx", "status_for", "validation_message"]
+__all__ = ["build_app", "create_app", "serve_ctx", "status_for"]

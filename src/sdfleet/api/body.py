@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -13,7 +12,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from sdfleet import jsonsafe
-from sdfleet.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType, ValidationFailed
+from sdfleet.errors import (
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+    ValidationFailed,
+    validation_errors,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,45 +66,13 @@ async def read_object(request: Request, max_bytes: int, timeout_s: float) -> tup
     return body, data
 
 
-_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|[a-z-]+\[.*\])$")
-"""How pydantic names the member of a union in an error's location (``str``,
-``function-before[integral(), int]``): its internals, not a place in the body."""
-
-
-def validation_message(e: ValidationError) -> str:
-    """Each offending place once (a union's members' errors as one), with what was sent."""
-    places: dict[str, list[Any]] = {}
-    for err in e.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and _MEMBER.match(p))]
-        places.setdefault(".".join(str(p) for p in loc) or "body", []).append(err)
-    parts = []
-    for where, errs in list(places.items())[:5]:
-        msgs = list(dict.fromkeys(err["msg"] for err in errs))
-        msg = (
-            msgs[0]
-            if len(msgs) == 1
-            else "Input should be " + " or ".join(m.removeprefix("Input should be ") for m in msgs)
-        )
-        err = errs[0]
-        got = "" if err["type"] == "value_error" else _got(err.get("input"))  # our own messages say it
-        parts.append(f"{where}: {msg}{got}")
-    return "; ".join(parts)
-
-
-def _got(value: Any) -> str:
-    """The offending value, when it is short enough to quote (the client sees what it sent)."""
-    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 64):
-        return f" (got {value!r})"
-    return ""
-
-
 def parse(model: type[M], data: Any) -> M:
     if not isinstance(data, dict):
         raise ValidationFailed("the body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ValidationFailed(validation_message(e)) from e
+        raise ValidationFailed(validation_errors(e, whole="body")) from e
 
 
 def parse_strict(model: type[M], body: bytes) -> M:
@@ -108,4 +81,4 @@ def parse_strict(model: type[M], body: bytes) -> M:
     try:
         return model.model_validate_json(body, strict=True)
     except ValidationError as e:
-        raise ValidationFailed(validation_message(e)) from e
+        raise ValidationFailed(validation_errors(e, whole="body")) from e

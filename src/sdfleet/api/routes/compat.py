@@ -16,14 +16,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from sdfleet.api.auth import Caller, caller
-from sdfleet.api.body import read_object, validation_message
+from sdfleet.api.body import read_object
 from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import public_location
 from sdfleet.api.openapi import SUBMIT_ERRORS, errors
 from sdfleet.api.seed_schemas import V1alpha1Answer, V1alpha2Answer, check_types
 from sdfleet.api.submit import submit
 from sdfleet.compat import v1alpha1, v1alpha2
-from sdfleet.errors import Conflict, ValidationFailed
+from sdfleet.errors import Conflict, ValidationFailed, validation_errors
 from sdfleet.tasks import Task
 
 router = APIRouter(tags=["seed compatibility"])
@@ -43,7 +43,7 @@ async def _submit_seed(request: Request, ctx: ApiContext, who: Caller, fmt: Modu
     try:
         check_types(data, fmt.__name__.rsplit(".", 1)[-1])
     except ValidationError as e:
-        raise ValidationFailed(validation_message(e)) from e
+        raise ValidationFailed(validation_errors(e, whole="body")) from e
     task.output_prefix = tenant_prefix(who, task.storage_prefix())
     # The seed runs every POST anew: an id whose task finished runs again (its next run); a repeat
     # of one still queued or running answers as the first did (a safe retry, nothing run twice).
