@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
@@ -35,7 +36,7 @@ from sdfleet.cli_ensure import ensure
 from sdfleet.cli_keys import keys_app
 from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
-from sdfleet.errors import NotFound, SdfleetError
+from sdfleet.errors import NotFound, SdfleetError, validation_errors
 from sdfleet.settings import Settings
 
 if TYPE_CHECKING:
@@ -103,7 +104,11 @@ def demo(
             _fail(ValueError(f"{', '.join(given)}: only with --model"))
     else:
         models_dir = _settings(config).fleet.models.dir
-        own = OwnModel(model, models_dir, steps=steps, size=size or 512, cfg_scale=cfg)
+        try:
+            own = OwnModel(model, models_dir, steps=steps, size=512 if size is None else size, cfg_scale=cfg)
+        except ValidationError as e:  # named by the flag given, not the task's field
+            flag = {"steps": "--steps", "width": "--size", "cfg_scale": "--cfg"}
+            _fail(ValueError(validation_errors(e, lambda loc: flag[str(loc[0])])))
     try:
         asyncio.run(run_demo(data_dir, console, own))
     except SdfleetError as e:

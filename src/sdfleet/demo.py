@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sdfleet.client import TERMINAL, AsyncClient
 from sdfleet.compat.examples import SEED_CHECKPOINT, V1ALPHA1_I2I, V1ALPHA1_T2I
 from sdfleet.settings import AgentSettings, ApiSettings, FleetConfig, ModelsConfig, QueueConfig, Settings
+from sdfleet.tasks import TaskParams
 
 TINY_NOTE = "random weights: the images are noise from a tiny test model, not a real picture"
 
@@ -133,11 +134,17 @@ class OwnModel:
     size: int = 512
     cfg_scale: float | None = None
 
+    def __post_init__(self) -> None:
+        # pydantic's ValidationError now, before the fleet starts and loads the model, rather than
+        # the API's 422 after it; the size is checked once, as the width (the height is the same).
+        steps, cfg = self.recipe()
+        TaskParams(steps=steps, width=self.size, cfg_scale=cfg)
+
     def recipe(self) -> tuple[int, float]:
         """Steps and CFG scale: as given, else the SD/SDXL-Turbo recipe for a ``turbo`` model
         (2 steps, no guidance), else a usual SD one (25 steps, 7)."""
         turbo = "turbo" in self.name.lower()
-        steps = self.steps or (2 if turbo else 25)
+        steps = self.steps if self.steps is not None else (2 if turbo else 25)
         cfg = self.cfg_scale if self.cfg_scale is not None else (0.0 if turbo else 7.0)
         return steps, cfg
 

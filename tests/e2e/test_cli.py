@@ -186,6 +186,16 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["models", "make-tiny", "m", "--no-sidecar", "--dir", str(tmp_path / "models")], "--single-file"),
         (["submit", "--prompt", "x", "--file", str(not_json)], "not both"),
         (["demo", "--steps", "3"], "only with --model"),
+        # refused before the fleet starts and loads the model; 0 was taken as "not given"
+        (["demo", "--model", "m", "--size", "13"], "--size: must be a multiple of 8, got 13"),
+        (
+            ["demo", "--model", "m", "--steps", "0"],
+            "--steps: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            ["demo", "--model", "m", "--size", "0"],
+            "--size: Input should be greater than or equal to 8 (got 0)",
+        ),
         (["queues", "-c", str(typo)], "quuues"),
         (["ensure", "-c", str(long_lease)], "retry.lease_s: Input should be less than or equal to 43200"),
         (["agent", "--queue", "default", "--runtime", "nosuchmod:Cls"], "no module named 'nosuchmod'"),
