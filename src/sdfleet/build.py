@@ -17,7 +17,7 @@ from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.compat.notify import seed_notification
 from sdfleet.errors import ConfigError
 from sdfleet.guarded_http import InputFetcher
-from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog
+from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, folder_named
 from sdfleet.notify.base import Notifier
 from sdfleet.notify.topic import TopicNotifier
 from sdfleet.notify.webhook import WebhookNotifier
@@ -141,7 +141,7 @@ def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> 
         log.warning(
             "queue %s: the models folder %s holds no model; its tasks will fail until one is there (%s)",
             q.name,
-            settings.fleet.models.dir,
+            folder_named(settings.fleet.models.dir),
             HOW_TO_ADD,
         )
     return build_runtime(

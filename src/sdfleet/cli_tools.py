@@ -52,7 +52,7 @@ def make_tiny_cmd(
 @models_app.command("list")
 def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Models found in the models directory; the default one (``models.default``, else the first)."""
-    from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, default_model
+    from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, default_model, folder_named
 
     settings = _settings(config)
     catalog = ModelCatalog(settings.fleet.models.dir)
@@ -62,8 +62,8 @@ def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> Non
         print_json({"dir": str(catalog.models_dir), "default": default, "models": rows})
         return
     if not models:  # an empty table alone does not say why, nor what to do
-        absent = "" if catalog.models_dir.is_dir() else " (the folder does not exist)"
-        err.print(f"no models in {catalog.models_dir}{absent}: {HOW_TO_ADD}", highlight=False, markup=False)
+        said = f"no models in {folder_named(catalog.models_dir)}: {HOW_TO_ADD}"
+        err.print(said, highlight=False, markup=False)
     table = Table("name", "kind", "tiny test model", "default", "path")
     for m in models:
         marks = ("yes" if m.tiny else "", "yes" if m.name == default else "")

@@ -21,7 +21,11 @@ def test_an_empty_models_folder_is_said_at_start(tmp_path: Path, caplog: pytest.
     caplog.set_level(logging.WARNING, logger="sdfleet.build")
     make_runtime(_settings(tmp_path / "models"), "q")
     [said] = [r.getMessage() for r in caplog.records if "holds no model" in r.getMessage()]
-    assert "queue q" in said and "make-tiny" in said
+    assert said == (
+        f"queue q: the models folder {tmp_path / 'models'} (the folder does not exist) holds no model; "
+        "its tasks will fail until one is there "
+        "(`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3)"
+    )
     caplog.clear()
     make_tiny(tmp_path / "models", "tiny")
     make_runtime(_settings(tmp_path / "models"), "q")

@@ -4,6 +4,9 @@ found them apart: the batch label of an ``n_iter`` job, ``skipped`` kept past it
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 
 from sdfleet.runtime_server.errors import SdApiError
@@ -35,3 +38,24 @@ def test_a_null_clip_skip_is_listed_as_posted_and_refused_by_a_job() -> None:
         options.clip_skip()
     options.update({CLIP_SKIP: 2})
     assert options.listing(None, None)[CLIP_SKIP] == 2.0 and options.clip_skip() == 2
+
+
+async def test_an_empty_models_folder_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``runtime serve`` starts with no checkpoint, as SD WebUI does, and says where it looked
+    (a folder that does not exist, as such) and how to get a model."""
+    from sdfleet.models.catalog import ModelCatalog
+    from sdfleet.runtime_server.checkpoints import Checkpoints
+    from sdfleet.runtime_server.state import ServerState
+    from sdfleet.runtimes.synthetic import SyntheticRuntime
+
+    caplog.set_level(logging.WARNING, logger="sdfleet.runtime_server.state")
+    missing = tmp_path / "nowhere"
+    state = ServerState(SyntheticRuntime(), Checkpoints(ModelCatalog(missing)))
+    await state.start(None)
+    assert state.loaded() == (None, None)
+    assert caplog.messages == [
+        f"no model in {missing} (the folder does not exist): the server starts with no checkpoint "
+        "(`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3)"
+    ]

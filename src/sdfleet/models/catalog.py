@@ -26,6 +26,14 @@ CONFIG_SUFFIX = ".config"
 TINY_MARKER = "sdfleet-tiny.json"
 HOW_TO_ADD = "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3"
 """The ways to put a model in an empty models folder, for the messages that find one."""
+
+
+def folder_named(models_dir: Path) -> str:
+    """A models folder as the messages that find it empty name it: a typo in ``models.dir`` reads
+    as "(the folder does not exist)", not as a folder someone forgot to fill."""
+    return str(models_dir) if models_dir.is_dir() else f"{models_dir} (the folder does not exist)"
+
+
 _A1111_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\s*$")
 
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sdfleet.models.catalog import HOW_TO_ADD, folder_named
 from sdfleet.runtime_server.checkpoints import Checkpoints
 from sdfleet.runtime_server.errors import refused
 from sdfleet.runtime_server.options import Options
@@ -146,7 +147,9 @@ class ServerState:
             name = first.name if first is not None else None
         if name is None:
             log.warning(
-                "no model in %s: the server starts with no checkpoint", self.checkpoints.catalog.models_dir
+                "no model in %s: the server starts with no checkpoint (%s)",
+                folder_named(self.checkpoints.catalog.models_dir),
+                HOW_TO_ADD,
             )
             return
         await self._load_now(self.checkpoints.resolve(name).name)
