@@ -422,7 +422,17 @@ def main() -> None:
     ):
         os.environ.setdefault(var, value)
     try:
-        app()
+        # Not standalone: click's own mistakes (a flag's value out of range, an unknown option, a
+        # missing argument) come here to be one line like the others, not typer's framed panel.
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # its click's errors (vendored: typer._click)
+        if type(e).__name__ != "NoArgsIsHelpError":  # typer's own test; it printed the help
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+            say_error(ValueError(e.format_message().rstrip(".") + hint))
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
     except (SdfleetError, OSError, json.JSONDecodeError, yaml.YAMLError) as e:
         # What a person can fix (a fleet file, a setting, a path, a busy port) is one line, not a
         # traceback, from every command; a bug still shows its traceback.
@@ -430,3 +440,4 @@ def main() -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(n)'s n; a command's end: 0

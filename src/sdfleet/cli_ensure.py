@@ -43,7 +43,7 @@ async def ensure_topology(settings: Settings, *, wait_s: float = 0.0) -> list[st
 
 def ensure(
     config: Path | None = ConfigOpt,
-    wait: float = typer.Option(60.0, help="Retry this many seconds while the engine is unreachable."),
+    wait: float = typer.Option(60.0, min=0, help="Retry this many seconds while the engine is unreachable."),
 ) -> None:
     """Create or update the bus topology of the fleet file (topics, queues, DLQs, subscriptions)."""
     settings = _settings(config)
