@@ -82,6 +82,11 @@ def _fleet_for_pods(fleet: FleetConfig) -> dict[str, Any]:
     return data
 
 
+REDIS_ADDRESS = re.compile(r"^[^\s/@?#]+:([0-9]{1,5}|\$\{Token\[[^\]]+\]\})$")
+"""``host:port`` (``[::1]:6379`` too), as KEDA's trigger and the pods' bus URL both take it; the
+chart's values schema holds the same pattern. The CDK app's port is a token until deployment."""
+
+
 def _bus_url(engine: Engine, prefix: str, region: str | None, account: str | None, redis: str | None) -> str:
     if engine == "aws":
         return f"aws://?prefix={prefix}&region={region}&account={account}"
@@ -114,6 +119,9 @@ def chart_values(
     if engine == "redis" and not redis_address:
         # Without it the values render an empty bus URL and a KEDA trigger with no address.
         raise ConfigError("the redis engine needs the Redis address (--redis-address host:port)")
+    if redis_address and not REDIS_ADDRESS.match(redis_address):
+        # KEDA's redis-streams scaler dials the address as given: no port is no connection.
+        raise ConfigError(f"--redis-address {redis_address!r}: host:port, e.g. redis-master.redis:6379")
     prefix = DEFAULT_PREFIX[engine] if prefix is None else prefix
     queues = [_queue_values(q, _trigger(engine, prefix, q.name, region, account)) for q in fleet.queues]
     urls = {"bus": _bus_url(engine, prefix, region, account, redis_address)}

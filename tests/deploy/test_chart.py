@@ -261,6 +261,13 @@ def test_schema_refuses_secrets_in_values(bad: dict[str, Any]) -> None:
         render({**SETS["redis"], **bad})
 
 
+@pytest.mark.parametrize("address", ["redis-master.redis", "redis://r:6379", "r:"])
+def test_schema_refuses_a_redis_address_keda_cannot_dial(address: str) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render({**SETS["redis"], "redis": {**SETS["redis"]["redis"], "address": address}})
+    render({**SETS["redis"], "redis": {**SETS["redis"]["redis"], "address": "[fd00::1]:6379"}})
+
+
 def test_redis_uses_the_password_secret_and_the_queue_depth() -> None:
     objs = render(SETS["redis"])
     (auth,) = of_kind(objs, "TriggerAuthentication")

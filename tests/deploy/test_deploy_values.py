@@ -87,6 +87,8 @@ def test_cli_aws_without_account_fails_cleanly(fleet_file: Path) -> None:
         {"engine": "aws", "region": "Europe", "account": "123456789012"},
         {"engine": "aws", "region": "eu-west-1", "account": "123456789012", "prefix": "bad prefix "},
         {"engine": "kafka"},
+        {"engine": "redis", "redis_address": "redis-master.redis"},  # KEDA dials it as given: no port
+        {"engine": "redis", "redis_address": "redis://r:6379"},
     ],
 )
 def test_bad_inputs_are_config_errors(kwargs: dict[str, str]) -> None:
