@@ -160,6 +160,15 @@ def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
+def adopt_library_logs(name: str) -> None:
+    """Send the records of library ``name`` through this process's handler alone. huggingface_hub
+    gives its logger a plain stderr handler of its own at import and still propagates, so each of
+    its warnings came out twice, once as plain text beside the JSON line."""
+    lib = logging.getLogger(name)
+    lib.handlers[:] = [h for h in lib.handlers if type(h) is not logging.StreamHandler]
+    lib.propagate = True
+
+
 # --- tracing -------------------------------------------------------------------------------------
 # OpenTelemetry's tracer provider is process-global by design; ``setup_tracing`` is called once by
 # the CLI. Without it spans are no-ops and nothing is exported.

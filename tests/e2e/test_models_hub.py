@@ -120,6 +120,23 @@ def test_a_repository_missing_from_the_offline_cache_is_a_clear_error(
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
 
 
+def test_the_hubs_warnings_are_logged_once_as_json(tmp_path: Path) -> None:
+    """huggingface_hub gives its logger a stderr handler of its own and still propagates: its
+    retry warnings (an unreachable hub) came out twice, once as plain text beside the JSON line."""
+    code = (
+        "import logging, pathlib; from sdfleet.telemetry import setup_logging; setup_logging(); "
+        "from sdfleet.models.hub import HubPull; import huggingface_hub.utils.logging; "
+        "HubPull(pathlib.Path('.'), 'hf:a/b', name=None, variant=None, bars=False); "
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    said = [line for line in run.stderr.splitlines() if "Retrying" in line]
+    assert run.returncode == 0 and len(said) == 1, run.stderr
+    assert json.loads(said[0])["logger"] == "huggingface_hub.utils._http"
+
+
 def test_the_demo_runs_on_a_pulled_model(tmp_path: Path, hub_cache: Path) -> None:
     models = tmp_path / "models"
     assert cli("models", "pull", f"hf:{REPO}", "--dir", str(models), cache=hub_cache).returncode == 0

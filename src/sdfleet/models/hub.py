@@ -28,6 +28,7 @@ from typing import Any
 from sdfleet.errors import ConfigError, NotFound, ValidationFailed
 from sdfleet.models.catalog import TINY_MARKER
 from sdfleet.models.layout import INDEX, STATE_DIR
+from sdfleet.telemetry import adopt_library_logs
 
 PREFIX = "hf:"
 SOURCE_FILE = "sdfleet-source.json"
@@ -113,8 +114,10 @@ class HubPull:
     def __init__(self, root: Path, spec: str, *, name: str | None, variant: str | None, bars: bool) -> None:
         try:
             import huggingface_hub
+            import huggingface_hub.utils.logging  # gives its logger a handler as it loads: undone below
         except ImportError as e:  # pragma: no cover - comes with the diffusers extra
             raise ConfigError("hf: pulls need huggingface_hub: pip install 'sdfleet[diffusers]'") from e
+        adopt_library_logs("huggingface_hub")  # its retries' warnings, once each
         self.hub: Any = huggingface_hub
         self.root = root
         self.repo, self.revision = parse(spec)
