@@ -157,8 +157,11 @@ def test_v1alpha2_extra_single_image_and_pipeline() -> None:
         (lambda b: b.pop("prompt"), "needs a non-empty prompt"),
         (lambda b: b["alwayson_scripts"].update(id_task="a b"), "invalid id_task"),
         (lambda b: b["alwayson_scripts"].update(save_dir="../etc"), "invalid prefix"),
-        (lambda b: b.update(width=500), "invalid width"),
-        (lambda b: b.update(steps="many"), "invalid steps"),
+        (lambda b: b.update(width=500), "^invalid width: must be a multiple of 8, got 500$"),
+        (
+            lambda b: b.update(steps="many"),
+            "^invalid steps: Input should be a valid integer.* [(]got 'many'[)]$",
+        ),
     ],
 )
 def test_v1alpha1_invalid(mutate: Any, reason: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sdfleet.errors import ValidationFailed
+from sdfleet.errors import ValidationFailed, validation_errors
 from sdfleet.tasks import TASK_ID_PATTERN, TaskParams, TaskRecord, TaskState, TaskType
 
 SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
@@ -190,9 +190,7 @@ def _validated(fields: dict[str, Any]) -> TaskParams:
     try:
         return TaskParams.model_validate(fields)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise ValidationFailed(f"invalid {where}: {first['msg']}") from e
+        raise ValidationFailed(f"invalid {validation_errors(e, whole='payload')}") from e
 
 
 def check_inputs(kind: TaskType, params: TaskParams) -> None:
