@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_json, print_table, when
-from sdfleet.errors import SdfleetError
+from sdfleet.errors import SdfleetError, validation_errors
 from sdfleet.store.access import AccessStore, ApiKey, digest, new_key, open_access
 from sdfleet.tasks import PRIORITY_MAX
 
@@ -39,6 +39,17 @@ def _with_access(config: Path | None, job: Callable[[AccessStore], Awaitable[T]]
     except SdfleetError as e:
         _fail(e)
         raise  # not reached: _fail exits
+
+
+KEY_FLAGS = {
+    "tenant": "--tenant",
+    "tier": "--tier",
+    "rate_limit": "--rate",
+    "burst": "--burst",
+    "max_in_flight": "--max-in-flight",
+    "max_priority": "--max-priority",
+}
+"""``ApiKey``'s fields by the flag that sets each, for its errors."""
 
 
 @keys_app.command("create")
@@ -69,7 +80,7 @@ def create(
             max_priority=max_priority,
         )
     except ValidationError as e:
-        _fail(ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
+        _fail(ValueError(validation_errors(e, lambda loc: KEY_FLAGS.get(str(loc[0]), str(loc[0])))))
         return
     _with_access(config, lambda access: access.add_key(key))
     console.print(f"key [bold]{key.id}[/bold] for tenant [bold]{tenant}[/bold] (shown once, keep it):")

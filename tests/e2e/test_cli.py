@@ -189,6 +189,10 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         # refused before the fleet starts and loads the model; 0 was taken as "not given"
         (["demo", "--model", "m", "--size", "13"], "--size: must be a multiple of 8, got 13"),
         (
+            ["keys", "create", "--tenant", "t", "--rate", "-5"],
+            "--rate: Input should be greater than 0 (got -5.0)",
+        ),
+        (
             ["demo", "--model", "m", "--steps", "0"],
             "--steps: Input should be greater than or equal to 1 (got 0)",
         ),

@@ -182,6 +182,10 @@ def test_v1alpha1_invalid(mutate: Any, reason: str) -> None:
         (lambda b: b["task"]["content"].pop("init_images"), "needs an input image"),
         (lambda b: b["task"]["content"].update(init_images="x"), "init_images must be a list"),
         (lambda b: b["task"].update(content=[]), "content"),
+        (
+            lambda b: b["task"]["metadata"].update(runtime=5),
+            "^Incorrect payload structure, metadata.runtime: Input should be a valid string [(]got 5[)]$",
+        ),
     ],
 )
 def test_v1alpha2_invalid(mutate: Any, reason: str) -> None:

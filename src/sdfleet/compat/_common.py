@@ -244,6 +244,4 @@ def validate_seed(
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValidationFailed(f"Incorrect payload structure, {where}: {first['msg']}") from e
+        raise ValidationFailed(f"Incorrect payload structure, {validation_errors(e, whole='payload')}") from e
