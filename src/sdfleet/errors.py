@@ -40,8 +40,8 @@ Control flow (not errors): ``Reject(reason)`` fails a task at once without retry
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -207,8 +207,14 @@ _MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|[a-z-]+\[.*\])$")
 ``function-before[integral(), int]``): its internals, not a place in the input."""
 
 
+class _Invalid(Protocol):
+    """pydantic's ``ValidationError``, or FastAPI's ``RequestValidationError`` (its query and path)."""
+
+    def errors(self) -> Sequence[Any]: ...
+
+
 def validation_errors(
-    e: ValidationError, where: Callable[[tuple[int | str, ...]], str] = _dotted, whole: str = ""
+    e: _Invalid, where: Callable[[tuple[int | str, ...]], str] = _dotted, whole: str = ""
 ) -> str:
     """One line: each offending place once (``queues.0.name``, or as ``where`` names it; a union's
     members' errors as one), what is wrong, and what was given when it is short; the first five.

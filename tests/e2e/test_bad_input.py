@@ -177,6 +177,13 @@ async def test_each_bad_input_gets_its_4xx(start_fleet: StartFleet) -> None:
 
     r = await fleet.http.post("/v1/tasks", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    # A query's mistakes are said as a body's: the place, the rule and what was sent.
+    r = await fleet.http.get("/v1/tasks", params={"limit": "abc"})
+    assert r.status_code == 422 and r.json()["error"] == {
+        "code": "invalid_request",
+        "message": "query.limit: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'abc')",
+    }
     # Nothing refused was recorded or queued.
     for task_id in ("bad-1", "bad-2"):
         assert (await fleet.http.get(f"/v1/tasks/{task_id}")).status_code == 404

@@ -93,8 +93,7 @@ async def _unexpected(_: Request, e: Exception) -> JSONResponse:
 
 async def _request_validation(_: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, RequestValidationError)
-    parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5]]
-    return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
+    return JSONResponse(error_body("invalid_request", errors.validation_errors(e)), status_code=422)
 
 
 _ROUTING = {404: "not_found", 405: "method_not_allowed"}
