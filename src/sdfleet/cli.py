@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,6 +26,7 @@ from sdfleet.cli_common import (
     _fail,
     _settings,
     console,
+    err,
     print_json,
     print_table,
     say_error,
@@ -254,9 +255,12 @@ def submit(
     else:
         _fail(ValueError("give --prompt or --file"))
 
+    submitted: list[str] = []
+
     async def main() -> dict[str, Any]:
         async with AsyncClient(api_url, api_key=api_key) as client:
             task_id = await client.submit_raw(body, fmt=fmt)
+            submitted.append(task_id)
             if as_json:
                 return await (client.wait(task_id) if wait else client.get(task_id))
             console.print(f"submitted [bold]{task_id}[/bold]")
@@ -266,15 +270,30 @@ def submit(
             _print_view(view)
             return view
 
-    try:
-        view = asyncio.run(main())
-    except SdfleetError as e:
-        _fail(e)
-        return
+    view = _submitting(main(), submitted)
     if as_json:
         print_json(view)
     if wait and view["state"] != "succeeded":
         raise typer.Exit(1)
+
+
+def _submitting(main: Coroutine[Any, Any, dict[str, Any]], submitted: list[str]) -> dict[str, Any]:
+    """Run ``submit``'s client; Ctrl-C stops the waiting, not the task, and names it (with --json
+    its id was not printed yet)."""
+    try:
+        return asyncio.run(main)
+    except SdfleetError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        if submitted:
+            task_id = submitted[0]
+            err.print(
+                f"stopped waiting; task {task_id} goes on: `sdfleet status {task_id}` shows it, "
+                f"`sdfleet cancel {task_id}` stops it",
+                highlight=False,
+                markup=False,
+            )
+        raise typer.Exit(130) from None
 
 
 def _without_none(params: dict[str, Any], **optional: Any) -> dict[str, Any]:

@@ -108,12 +108,44 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         assert re.search(r"sd15\s+.*diffusers\s+.*0\s+.*0", queues.stdout), queues.stdout
         missing = _run(["status", "no-such-task", "--api", api], cli_env)
         assert missing.returncode == 2 and "not found" in missing.stderr
+        _ctrl_c_stops_the_waiting_not_the_task(api, cli_env)
     finally:
         up.send_signal(signal.SIGTERM)
         _out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err[-2000:]
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in logs)
+
+
+def _ctrl_c_stops_the_waiting_not_the_task(api: str, env: dict[str, str]) -> None:
+    """``submit --wait --json`` prints nothing until the end: on Ctrl-C it names the task it leaves
+    running, which goes on."""
+    before = set(_task_ids(api))
+    args = ["submit", "--prompt", "a long one", "--steps", "150", "--wait", "--json", "--api", api]
+    waiting = subprocess.Popen(
+        [*SDFLEET, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's Ctrl-C
+    )
+    deadline = time.monotonic() + 60
+    while not (new := set(_task_ids(api)) - before):
+        assert time.monotonic() < deadline and waiting.poll() is None, waiting.communicate()
+        time.sleep(0.1)
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=60)
+    (task_id,) = new
+    assert waiting.returncode == 130 and out == "", (out, err)
+    assert f"stopped waiting; task {task_id} goes on: `sdfleet status {task_id}` shows it" in err, err
+    view = httpx.get(f"{api}/v1/tasks/{task_id}", timeout=10).json()
+    assert view["state"] in ("queued", "running"), view
+    assert _run(["cancel", task_id, "--api", api], env).returncode == 0
+
+
+def _task_ids(api: str) -> list[str]:
+    return [t["id"] for t in httpx.get(f"{api}/v1/tasks", timeout=10).json()["tasks"]]
 
 
 def _wait_ready(api: str, proc: subprocess.Popen[str]) -> None:
