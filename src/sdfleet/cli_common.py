@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from sdfleet.errors import one_line
+from sdfleet.errors import Unauthorized, one_line
 from sdfleet.settings import Settings, load_settings
 from sdfleet.telemetry import setup_logging, setup_tracing
 
@@ -56,6 +56,8 @@ def _one_line(e: BaseException) -> str:
         return f"{e.strerror}: {e.filename}" if e.filename is not None else e.strerror
     if isinstance(e, json.JSONDecodeError):
         return f"not JSON: {e}"
+    if isinstance(e, Unauthorized):  # the API's words name HTTP headers; a person gives a flag
+        return f"{one_line(e)} (the CLI sends --api-key, or SDFLEET_API_KEY)"
     return one_line(e) or type(e).__name__
 
 
