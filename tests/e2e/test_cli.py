@@ -236,6 +236,10 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["ensure", "-c", str(long_lease)], "retry.lease_s: Input should be less than or equal to 43200"),
         (["agent", "--queue", "default", "--runtime", "nosuchmod:Cls"], "no module named 'nosuchmod'"),
         (["runtime", "serve", "--device", "tpu", "--port", "0"], "use cpu, cuda, cuda:N or auto"),
+        (
+            ["agent", "--queue", "default", "--runtime", "a1111", "--runtime-url", "ftp://sd"],
+            "SD WebUI URL 'ftp://sd'",
+        ),
     ]:
         _one_error_line(_run(args, cli_env), words)
     for var, value, words in [
@@ -299,6 +303,8 @@ def test_sigterm_while_waiting_for_the_server_ends_the_agent(
     _out, err = agent.communicate(timeout=30)
     assert agent.returncode == 0 and time.monotonic() - t0 < 10, err[-1500:]
     assert "stopped before the runtime was ready" in err, err[-1500:]
+    what = {"a1111": "SD WebUI", "comfyui": "ComfyUI"}[runtime]
+    assert f"waiting for {what} at {url} (0 of 300 s)" in err, err[-1500:]  # said at once, not after 5 min
 
 
 def test_keys_list_json_is_one_document_and_its_table_keeps_ids_whole(

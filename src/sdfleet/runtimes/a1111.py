@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure, input_failure
+from sdfleet.errors import InputFetchError, Interrupted, Reject, RuntimeFailure, input_failure
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._a1111_answer import result_of, timestamp_of
@@ -33,6 +33,7 @@ from sdfleet.runtimes._a1111_errors import classify
 from sdfleet.runtimes._a1111_flights import Flight, Flights, Snapshot
 from sdfleet.runtimes._a1111_lists import Lists, same_checkpoint
 from sdfleet.runtimes._a1111_payload import CLIP_SKIP, ENDPOINTS, build_body, inline_urls
+from sdfleet.runtimes._server_start import server_url, wait_for_server
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import refuse_kind
 from sdfleet.tasks import TaskType
@@ -84,7 +85,7 @@ class A1111Runtime:
         """Options: ``url`` (the WebUI, default http://127.0.0.1:7860), ``timeout_s``, ``ready_timeout_s``,
         ``poll_s``, and the guarded fetcher's ``input_max_bytes``, ``input_timeout_s``,
         ``allow_private_inputs``."""
-        url = str(options.get("url", "http://127.0.0.1:7860")).rstrip("/")
+        url = server_url(options, "http://127.0.0.1:7860", "SD WebUI")
         timeout = httpx.Timeout(float(options.get("timeout_s", 600)), connect=10.0)
         return cls(
             httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False),
@@ -102,17 +103,12 @@ class A1111Runtime:
     async def start(self) -> None:
         """Wait until the WebUI answers (backoff up to ``ready_timeout_s``), pin the settings jobs
         override (so that SD WebUI restores them), then load the default model."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        delay = 0.1
-        while True:
-            try:
-                options = await self._call("GET", "/sdapi/v1/options")
-                break
-            except RuntimeFailure as e:
-                if time.monotonic() + delay > deadline:
-                    raise ModelLoadError(f"SD WebUI not ready after {self.ready_timeout_s:g}s: {e}") from e
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        options = await wait_for_server(
+            "SD WebUI",
+            str(self.client.base_url),
+            lambda: self._call("GET", "/sdapi/v1/options"),
+            self.ready_timeout_s,
+        )
         self._current = options.get("sd_model_checkpoint")
         async with self._order:
             await self._pin({CLIP_SKIP}, options)

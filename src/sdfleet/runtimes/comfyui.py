@@ -17,18 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import httpx
 
-from sdfleet.errors import InputFetchError, Interrupted, ModelLoadError, Reject, RuntimeFailure, input_failure
+from sdfleet.errors import InputFetchError, Interrupted, Reject, RuntimeFailure, input_failure
 from sdfleet.guarded_http import InputFetcher, fetcher_from_options
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes._comfyui_api import ComfyAPI, join_lines
 from sdfleet.runtimes._comfyui_events import GONE, LOST, RECONCILE, EventStream, PromptWatch
+from sdfleet.runtimes._server_start import server_url, wait_for_server
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import refuse_kind
 
@@ -72,7 +73,7 @@ class ComfyUIRuntime:
         """Options: ``url`` (default http://127.0.0.1:8188), ``timeout_s``, ``ready_timeout_s``,
         ``history_wait_s``, ``reconnect_s`` and the guarded fetcher's ``input_max_bytes``,
         ``input_timeout_s``, ``allow_private_inputs``."""
-        url = str(options.get("url", "http://127.0.0.1:8188")).rstrip("/")
+        url = server_url(options, "http://127.0.0.1:8188", "ComfyUI")
         fetcher = fetcher_from_options(options)
         timeout = httpx.Timeout(float(options.get("timeout_s", 60)), connect=10.0)
         client = httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False)
@@ -90,17 +91,8 @@ class ComfyUIRuntime:
 
     async def start(self) -> None:
         """Wait until ComfyUI answers ``/system_stats`` (backoff up to ``ready_timeout_s``)."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        delay = 0.1
-        while True:
-            try:
-                await self.api.call("GET", "/system_stats")
-                return
-            except RuntimeFailure as e:
-                if time.monotonic() + delay > deadline:
-                    raise ModelLoadError(f"ComfyUI not ready after {self.ready_timeout_s:g}s: {e}") from e
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        probe = functools.partial(self.api.call, "GET", "/system_stats")
+        await wait_for_server("ComfyUI", str(self.client.base_url), probe, self.ready_timeout_s)
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Queue the workflow, follow it over the websocket, return its saved images."""
