@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdfleet.cli_common import (
+    ENSURE_HINT,
     ApiOpt,
     ConfigOpt,
     HostOpt,
@@ -415,7 +416,7 @@ def queues(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
     try:
         rows = asyncio.run(main())
     except NotFound as e:
-        _fail(NotFound(f"{e}: create the fleet's queues with `sdfleet ensure` (or start `sdfleet up`)"))
+        _fail(NotFound(f"{e}: {ENSURE_HINT}"))
         return
     except SdfleetError as e:
         _fail(e)

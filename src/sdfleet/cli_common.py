@@ -41,6 +41,10 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
     return settings
 
 
+ENSURE_HINT = "create the fleet's queues with `sdfleet ensure` (or start `sdfleet up`)"
+"""What to do when a command that reads the bus itself finds a queue or topic missing."""
+
+
 def _fail(e: Exception) -> NoReturn:
     say_error(e)
     raise typer.Exit(2)

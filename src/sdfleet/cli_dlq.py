@@ -12,8 +12,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, JsonOpt, _fail, _settings, console, err, print_json, print_table
-from sdfleet.errors import NotFound, SdfleetError
+from sdfleet.cli_common import (
+    ENSURE_HINT,
+    ConfigOpt,
+    JsonOpt,
+    _fail,
+    _settings,
+    console,
+    err,
+    print_json,
+    print_table,
+)
+from sdfleet.errors import NotFound, SdfleetError, ValidationFailed
 from sdfleet.settings import Settings
 
 if TYPE_CHECKING:  # the commands import what they run: every sdfleet command starts without it
@@ -33,8 +43,8 @@ LimitOpt = typer.Option(100, "--limit", min=1, max=10_000, help="Most letters re
 def _queues(settings: Settings, names: list[str] | None) -> list[str]:
     known = [q.name for q in settings.fleet.queues]
     unknown = [n for n in names or [] if n not in known]
-    if unknown:
-        raise NotFound(
+    if unknown:  # a mistake in the arguments, not a queue the engine lacks
+        raise ValidationFailed(
             f"no queue {', '.join(map(repr, unknown))} in the fleet (its queues: {', '.join(known)})"
         )
     return list(names) if names else known
@@ -59,9 +69,10 @@ def _run(config: Path | None, job: Callable[[Settings, Bus, TaskStore], Awaitabl
 
     try:
         return asyncio.run(main())
+    except NotFound as e:  # the engine lacks a queue or topic of the fleet
+        _fail(NotFound(f"{e}: {ENSURE_HINT}"))
     except SdfleetError as e:
         _fail(e)
-        raise  # not reached: _fail exits
 
 
 def _error(letter: DeadLetter) -> str:

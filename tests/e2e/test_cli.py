@@ -252,6 +252,7 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
     _one_error_line(_run(["agent", "--queue", "default"], beats_late), "must be shorter than the lease")
     fresh = {**cli_env, "SDFLEET_DATA_DIR": str(tmp_path / "fresh")}  # no topology yet
     _one_error_line(_run(["queues"], fresh), "sdfleet ensure")
+    _one_error_line(_run(["dlq", "list"], fresh), "queue 'default' does not exist: create the fleet's queues")
     assert not (tmp_path / "evil").exists()
     # click's own checks too: one line, not typer's framed panel under the usage
     for args, words in [
