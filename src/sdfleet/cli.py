@@ -171,7 +171,22 @@ def agent(
         _apply_runtime(settings, queue, runtime, runtime_url)
     except SdfleetError as e:
         _fail(e)
+    if ready_dir is not None:
+        _writable_folder(ready_dir, "--ready-dir")
     _run_fleet(settings, [queue], with_api=False, burst=burst, ready_dir=ready_dir)
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    """Made (with its parents) and writable now, or one error line: not after the runtime has
+    loaded its model (minutes on a GPU worker) and the agent first writes there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        _fail(ValueError(f"{flag} {folder}: a file, not a folder"))
+    except OSError as e:
+        _fail(ValueError(f"{flag} {folder}: {e.strerror}"))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        _fail(ValueError(f"{flag} {folder}: not writable"))
 
 
 def _apply_runtime(settings: Settings, queue: str, runtime: str | None, url: str | None) -> None:

@@ -205,6 +205,10 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["up", "-c", str(bad_yaml)], "not valid YAML"),
         (["queues", "-c", str(twice)], f"{twice}: queue names must be unique: ['a', 'a']"),
         (["agent", "--queue", "x", "-c", str(bad_name)], "Bad_Name"),
+        (
+            ["agent", "--queue", "default", "--ready-dir", str(not_json)],
+            f"--ready-dir {not_json}: a file, not a folder",
+        ),
         (["ensure", "-c", str(tmp_path / "nope.yaml")], "nope.yaml"),
         (["models", "list", "-c", str(bad_yaml)], "not valid YAML"),
         (["keys", "list", "-c", str(bad_yaml)], "not valid YAML"),
