@@ -182,6 +182,7 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProc
         "img => img.complete && img.naturalWidth === 128", arg=await full.element_handle()
     )
     await expect(page.locator("#params")).to_contain_text("a red boat on a calm sea")
+    await expect(page.locator("#params")).not_to_contain_text("null")  # unset: "–", not JSON's word
     await expect(page.locator("#output")).to_contain_text('"seed"')
     await expect(page.locator("#timings")).to_contain_text("runtime_run")
     await expect(page.locator("#cancel")).to_be_disabled()

@@ -14,7 +14,8 @@
     for (const [k, v] of entries) {
       const tr = table.insertRow();
       tr.insertCell().textContent = k;
-      tr.insertCell().textContent = typeof v === "object" && v !== null ? JSON.stringify(v) : String(v);
+      // null: not set, the runtime's or the queue's default (as "–" elsewhere on the page)
+      tr.insertCell().textContent = v === null ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v);
     }
   }
 
