@@ -209,6 +209,31 @@ async def test_the_form_allows_what_the_api_takes(page: Page, fleet: UpProcess) 
             assert await field.evaluate("el => el.checkValidity()") is valid, (name, value)
 
 
+async def test_the_pages_fit_a_phones_width(page: Page, fleet: UpProcess, shots: Path) -> None:
+    """At 390 px nothing is wider than the screen: the form in two columns, the key on its own row,
+    a task's page in one column with its long image key wrapped (no sideways scrolling)."""
+    with fleet.client(ALICE) as http:
+        task_id = http.post(
+            "/v1/tasks", json={"params": {"prompt": "a kite", "steps": 2, "width": 64, "height": 64}}
+        ).json()["id"]
+        deadline = time.monotonic() + 120
+        while http.get(f"/v1/tasks/{task_id}").json()["state"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    await page.set_viewport_size({"width": 390, "height": 844})
+    wider = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    await page.goto(f"{fleet.url}/ui")
+    await use_key(page, ALICE)
+    await expect(page.locator(f".card[data-task-id='{task_id}'] .state")).to_have_text("succeeded")
+    assert await page.evaluate(wider) == 0
+    await page.screenshot(path=shots / "gallery-phone.png", full_page=True)
+    await page.goto(f"{fleet.url}/ui/tasks/{task_id}")
+    await expect(page.locator("#state")).to_have_text("succeeded")
+    await expect(page.locator("#images .caption")).to_have_count(1)
+    assert await page.evaluate(wider) == 0
+    await page.screenshot(path=shots / "task-phone.png", full_page=True)
+
+
 async def test_cancel_a_running_task(page: Page, fleet: UpProcess, shots: Path) -> None:
     await page.goto(f"{fleet.url}/ui")
     await use_key(page, ALICE)
