@@ -214,7 +214,7 @@ async def test_the_pages_fit_a_phones_width(page: Page, fleet: UpProcess, shots:
     a task's page in one column with its long image key wrapped (no sideways scrolling)."""
     with fleet.client(ALICE) as http:
         task_id = http.post(
-            "/v1/tasks", json={"params": {"prompt": "a kite", "steps": 2, "width": 64, "height": 64}}
+            "/v1/tasks", json={"params": {"prompt": "a kite", "steps": 1, "width": 64, "height": 64}}
         ).json()["id"]
         deadline = time.monotonic() + 120
         while http.get(f"/v1/tasks/{task_id}").json()["state"] != "succeeded":
@@ -225,6 +225,7 @@ async def test_the_pages_fit_a_phones_width(page: Page, fleet: UpProcess, shots:
     await page.goto(f"{fleet.url}/ui")
     await use_key(page, ALICE)
     await expect(page.locator(f".card[data-task-id='{task_id}'] .state")).to_have_text("succeeded")
+    await expect(page.locator(f".card[data-task-id='{task_id}'] .size")).to_have_text("64×64, 1 step")
     assert await page.evaluate(wider) == 0
     await page.screenshot(path=shots / "gallery-phone.png", full_page=True)
     await page.goto(f"{fleet.url}/ui/tasks/{task_id}")

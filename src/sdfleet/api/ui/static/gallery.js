@@ -48,7 +48,8 @@
 
   function fill(node, extra) {
     node.querySelector(".prompt").textContent = extra.prompt || "(no prompt)";
-    node.querySelector(".size").textContent = `${extra.width}×${extra.height}, ${extra.steps} steps`;
+    const steps = `${extra.steps} step${extra.steps === 1 ? "" : "s"}`;
+    node.querySelector(".size").textContent = `${extra.width}×${extra.height}, ${steps}`;
     const img = node.querySelector("img");
     if (extra.thumbs.length) {
       img.src = extra.thumbs[0];
