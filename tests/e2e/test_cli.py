@@ -34,9 +34,25 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_models_make_tiny_and_list(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    import numpy
+    from safetensors.numpy import save_file
+
     made = _run(["models", "make-tiny", "cli-tiny", "--dir", str(tmp_path / "models")], cli_env)
     assert made.returncode == 0, made.stderr
     assert "noise" in made.stdout  # a person is told the images are noise
+    again = _run(["models", "make-tiny", "cli-tiny", "--dir", str(tmp_path / "models")], cli_env)
+    assert again.returncode == 0, again.stderr  # a tiny model is made again in place
+    # A real model of that name is never written over (it was, with random weights).
+    real = tmp_path / "models" / "real"
+    real.mkdir()
+    (real / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    real_file = tmp_path / "models" / "real-file.safetensors"
+    save_file({"w": numpy.zeros(1)}, str(real_file))  # a checkpoint without make-tiny's metadata
+    before = real_file.read_bytes()
+    for args in (["real"], ["real-file", "--single-file"]):
+        refused = _run(["models", "make-tiny", *args, "--dir", str(tmp_path / "models")], cli_env)
+        _one_error_line(refused, "exists and is not a tiny test model; give another name")
+    assert sorted(p.name for p in real.iterdir()) == ["model_index.json"] and real_file.read_bytes() == before
     config = tmp_path / "sdfleet.yaml"
     config.write_text(yaml.safe_dump({"models": {"dir": str(tmp_path / "models")}}))
     listed = _run(["models", "list", "-c", str(config)], cli_env)

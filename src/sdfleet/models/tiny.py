@@ -208,6 +208,21 @@ def to_ldm_state_dict(pipe: Any) -> dict[str, Any]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
+def is_tiny(path: Path) -> bool:
+    """Whether ``path`` is something ``make_tiny`` wrote: a folder with the marker file (a
+    diffusers folder or a single file's config folder), or a ``.safetensors`` whose metadata
+    carries the marker. Anything else, unreadable included, is taken for a real model."""
+    if path.is_dir():
+        return (path / MARKER).is_file()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            return "sdfleet" in (f.metadata() or {})
+    except Exception:  # not a safetensors file we can read: not ours, whatever it is
+        return False
+
+
 def make_tiny(
     dest_dir: Path,
     name: str,
@@ -229,6 +244,12 @@ def make_tiny(
     if single_file:  # a task may name the model with or without its extension: one is enough
         name = name.removesuffix(".safetensors").removesuffix(".ckpt") or name
     dest_dir = Path(dest_dir)
+    targets = [dest_dir / f"{name}.safetensors"] if single_file else [dest_dir / name]
+    if single_file and sidecar:
+        targets.append(dest_dir / f"{name}{CONFIG_SUFFIX}")
+    for target in targets:
+        if target.exists() and not is_tiny(target):  # a real model of that name: never written over
+            raise ValueError(f"{target} exists and is not a tiny test model; give another name")
     dest_dir.mkdir(parents=True, exist_ok=True)
     scratch = dest_dir / f".{name}.tokenizer-src"
     try:
