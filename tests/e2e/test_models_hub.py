@@ -108,6 +108,15 @@ def test_pull_fetches_one_variant_of_each_component_it_loads(tmp_path: Path, hub
     plain = tmp_path / "tiny-fp32" / "unet" / "diffusion_pytorch_model.safetensors"
     assert plain.read_bytes() == (snapshot / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
+    # Another model under that name is not written over (it was, by a rename into the trash).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model_index.json").write_text("{}")
+    over = cli("models", "pull", f"hf:{REPO}", "--name", "mine", "--dir", str(tmp_path), cache=hub_cache)
+    assert over.returncode == 2, over.stderr
+    assert f"{mine} exists and was not pulled from hf:{REPO}; give --name another name" in over.stderr
+    assert [p.name for p in mine.iterdir()] == ["model_index.json"]
+
 
 def test_a_repository_missing_from_the_offline_cache_is_a_clear_error(
     tmp_path: Path, hub_cache: Path

@@ -128,9 +128,14 @@ class HubPull:
     def run(self) -> HubResult:
         """Blocking (call it in a thread, or from the CLI)."""
         started = time.monotonic()
+        final = self.root / self.name
+        if final.exists() and _source(final).get("repo") != self.repo:  # updated in place, or not at all
+            raise ConfigError(
+                f"{final} exists and was not pulled from hf:{self.repo}; "
+                "give --name another name, or remove it first"
+            )
         index_path = Path(self._call(self.hub.hf_hub_download, self.repo, INDEX, revision=self.revision))
         commit = index_path.parent.name
-        final = self.root / self.name
         if _source(final).get("commit") == commit:
             size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
             return HubResult(self.name, final, self.repo, commit, 0, size, 0.0, up_to_date=True)
