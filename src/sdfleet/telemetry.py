@@ -146,8 +146,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on whatever ``sys.stderr`` is when a record comes, not the one at setup: a caller
+    that swaps it for a while (click's test runner, which closes its own afterwards) does not
+    leave every later record failing on a closed stream."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
