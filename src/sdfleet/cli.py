@@ -17,7 +17,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdfleet.cli_common import (
-    ENSURE_HINT,
     ApiOpt,
     ConfigOpt,
     HostOpt,
@@ -28,6 +27,7 @@ from sdfleet.cli_common import (
     _settings,
     console,
     err,
+    fail_on_bus,
     print_json,
     print_table,
     say_error,
@@ -38,7 +38,7 @@ from sdfleet.cli_ensure import ensure
 from sdfleet.cli_keys import keys_app
 from sdfleet.cli_simulate import simulate
 from sdfleet.cli_tools import bench_app, deploy_app, models_app, runtime_app
-from sdfleet.errors import NotFound, SdfleetError, validation_errors
+from sdfleet.errors import SdfleetError, validation_errors
 from sdfleet.settings import Settings
 
 if TYPE_CHECKING:
@@ -430,12 +430,8 @@ def queues(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
 
     try:
         rows = asyncio.run(main())
-    except NotFound as e:
-        _fail(NotFound(f"{e}: {ENSURE_HINT}"))
-        return
     except SdfleetError as e:
-        _fail(e)
-        return
+        fail_on_bus(e)
     if as_json:
         print_json(rows)
         return

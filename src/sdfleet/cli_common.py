@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from sdfleet.errors import Unauthorized, one_line
+from sdfleet.errors import NotFound, SdfleetError, Unauthorized, one_line
 from sdfleet.settings import Settings, load_settings
 from sdfleet.telemetry import setup_logging, setup_tracing
 
@@ -41,13 +41,17 @@ def _settings(config: Path | None, *, service: str | None = None, **overrides: A
     return settings
 
 
-ENSURE_HINT = "create the fleet's queues with `sdfleet ensure` (or start `sdfleet up`)"
-"""What to do when a command that reads the bus itself finds a queue or topic missing."""
-
-
 def _fail(e: Exception) -> NoReturn:
     say_error(e)
     raise typer.Exit(2)
+
+
+def fail_on_bus(e: SdfleetError) -> NoReturn:
+    """``_fail`` for a command that reads the bus itself: a queue or topic the engine lacks is
+    said with what to do about it."""
+    if isinstance(e, NotFound):
+        e = NotFound(f"{e}: create the fleet's queues with `sdfleet ensure` (or start `sdfleet up`)")
+    _fail(e)
 
 
 def say_error(e: BaseException) -> None:

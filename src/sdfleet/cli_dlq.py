@@ -13,17 +13,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdfleet.cli_common import (
-    ENSURE_HINT,
     ConfigOpt,
     JsonOpt,
     _fail,
     _settings,
     console,
     err,
+    fail_on_bus,
     print_json,
     print_table,
 )
-from sdfleet.errors import NotFound, SdfleetError, ValidationFailed
+from sdfleet.errors import SdfleetError, ValidationFailed
 from sdfleet.settings import Settings
 
 if TYPE_CHECKING:  # the commands import what they run: every sdfleet command starts without it
@@ -69,10 +69,8 @@ def _run(config: Path | None, job: Callable[[Settings, Bus, TaskStore], Awaitabl
 
     try:
         return asyncio.run(main())
-    except NotFound as e:  # the engine lacks a queue or topic of the fleet
-        _fail(NotFound(f"{e}: {ENSURE_HINT}"))
     except SdfleetError as e:
-        _fail(e)
+        fail_on_bus(e)
 
 
 def _error(letter: DeadLetter) -> str:
