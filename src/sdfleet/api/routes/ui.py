@@ -9,6 +9,7 @@ parameters and ``.out`` JSON, and thumbnails (made once, stored next to the imag
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -56,16 +57,24 @@ def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
 _FORM_FIELDS = ("width", "height", "steps", "cfg_scale", "seed")
 
 
-def form_fields(settings: ApiSettings) -> dict[str, dict[str, float | None]]:
-    """The submit form's ``min``, ``max`` and starting ``value`` of each number: the task model's
-    own bounds and defaults, and this API's size limit, so the browser refuses only what the API
-    would and offers all it takes."""
+@functools.cache
+def _model_bounds() -> dict[str, dict[str, float | None]]:
+    """The task model's own ``min``, ``max`` and default of each number of the form (its JSON
+    schema, made once: it does not change while the process runs)."""
     props = TaskParams.model_json_schema()["properties"]
     fields: dict[str, dict[str, float | None]] = {}
     for name in _FORM_FIELDS:
         p = props[name]
         high = p.get("maximum", p["exclusiveMaximum"] - 1 if "exclusiveMaximum" in p else None)
         fields[name] = {"min": p.get("minimum"), "max": high, "value": p["default"]}
+    return fields
+
+
+def form_fields(settings: ApiSettings) -> dict[str, dict[str, float | None]]:
+    """The submit form's ``min``, ``max`` and starting ``value`` of each number: the task model's
+    own bounds and defaults, and this API's size limit, so the browser refuses only what the API
+    would and offers all it takes."""
+    fields = {name: dict(bounds) for name, bounds in _model_bounds().items()}
     fields["width"]["max"] = settings.max_width
     fields["height"]["max"] = settings.max_height
     return fields
