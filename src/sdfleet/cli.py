@@ -164,7 +164,7 @@ def agent(
 ) -> None:
     """A queue agent: receive tasks, run them on the runtime, store and publish their results.
 
-    Side-car mode next to an SD WebUI container: ``--runtime a1111 --runtime-url http://127.0.0.1:7860``.
+    Side-car mode next to an SD WebUI container: --runtime a1111 --runtime-url http://127.0.0.1:7860
     """
     settings = _settings(config, service="sdfleet-agent")
     try:
@@ -353,15 +353,19 @@ def status(
 def cancel(
     task_id: str, as_json: bool = JsonOpt, api_url: str = ApiOpt, api_key: str | None = KeyOpt
 ) -> None:
-    """Cancel a queued or running task (a running one is interrupted); once it has ended, exit 2
-    with the reason (HTTP 409)."""
+    """Cancel a queued or running task (a running one is interrupted).
+
+    Once the task has ended, exit 2 with the reason (HTTP 409).
+    """
     _show(_ask(api_url, api_key, lambda client: client.cancel(task_id)), as_json)
 
 
 @app.command()
 def delete(task_id: str, api_url: str = ApiOpt, api_key: str | None = KeyOpt) -> None:
-    """Delete a finished task now: its images, .out and thumbnails, then its record (while it is
-    queued or running, exit 2 with the reason: cancel it first)."""
+    """Delete a finished task now: its images, .out and thumbnails, then its record.
+
+    While the task is queued or running, exit 2 with the reason: cancel it first.
+    """
     _ask(api_url, api_key, lambda client: client.delete(task_id))
     console.print(f"deleted {task_id}")
 

@@ -95,8 +95,10 @@ def list_letters(
     as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """The dead letters of the fleet's queues, with what their tasks' records say now (read, then
-    given back: nothing is changed)."""
+    """The dead letters of the fleet's queues, with what their tasks' records say now.
+
+    The letters are read, then given back: nothing is changed.
+    """
 
     from sdfleet.dlq import held
 
@@ -142,10 +144,13 @@ def redrive_letters(
     as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Run the dead letters' tasks again: a failed task's next run is published and its record
-    reopened; a task still queued or running (or never recorded) is published as it was; a
-    finished one's letter is dropped; a seed message or an unreadable one is kept. Exits 1 when a
-    --task was not among the letters read or a letter was kept."""
+    """Run the dead letters' tasks again.
+
+    A failed task's next run is published and its record reopened; a task still queued or running
+    (or never recorded) is published as it was; a finished one's letter is dropped; a seed message
+    or an unreadable one is kept. Exits 1 when a --task was not among the letters read or a letter
+    was kept.
+    """
 
     from sdfleet.dlq import redrive
 
@@ -163,9 +168,11 @@ def drop_letters(
     as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Delete the letters named with --id (a task id, or the message id `list` shows for a body
-    that is not a task) without running them. Exits 1 when one was not among the letters read
-    or could not be deleted."""
+    """Delete the letters named with --id without running them.
+
+    An --id is a task id, or the message id `list` shows for a body that is not a task. Exits 1
+    when one was not among the letters read or could not be deleted.
+    """
     if not ids:
         _fail(
             ValueError(

@@ -240,7 +240,7 @@ def ls(
     as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Models with their size and file count, in the models folder or (``--remote``) in S3."""
+    """Models with their size and file count, in the models folder or (--remote) in S3."""
     from sdfleet.models.layout import local_models
     from sdfleet.models.sync import mib
 

@@ -51,7 +51,7 @@ def make_tiny_cmd(
 
 @models_app.command("list")
 def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
-    """Models found in the models directory; the default one (``models.default``, else the first)."""
+    """Models found in the models directory; the default one (models.default, else the first)."""
     from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, default_model, folder_named
 
     settings = _settings(config)
