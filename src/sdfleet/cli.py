@@ -239,11 +239,21 @@ def submit(
     prompt: str | None = typer.Option(None, help="Prompt of a text-to-image task."),
     file: Path | None = typer.Option(None, "--file", "-f", help="JSON body to send ('-' for stdin)."),
     fmt: str = typer.Option("v1", "--format", help="Body format of --file: v1, v1alpha1 or v1alpha2."),
-    model: str | None = typer.Option(None, help="Model (checkpoint) name."),
-    steps: int = typer.Option(20),
-    width: int = typer.Option(512),
-    height: int = typer.Option(512),
-    seed: int = typer.Option(-1),
+    model: str | None = typer.Option(None, help="Model (checkpoint) name (default: the fleet's default)."),
+    negative_prompt: str | None = typer.Option(
+        None, "--negative-prompt", help="What the image should not show."
+    ),
+    steps: int = typer.Option(20, help="Denoising steps (1-150)."),
+    width: int = typer.Option(512, help="Width in pixels, a multiple of 8."),
+    height: int = typer.Option(512, help="Height in pixels, a multiple of 8."),
+    cfg: float | None = typer.Option(None, "--cfg", help="CFG scale, 0-30 (default 7)."),
+    sampler: str | None = typer.Option(
+        None, help="Sampler, by SD WebUI's name (e.g. 'Euler a', 'DPM++ 2M')."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Images of this prompt, 1-16 (default 1)."
+    ),
+    seed: int = typer.Option(-1, help="Seed of the first image (-1: a random one)."),
     priority: int = typer.Option(0, help="0-9, higher runs sooner (routed by priority lanes' filters)."),
     output_format: str | None = typer.Option(
         None, "--output-format", help="png, jpeg or webp: the format the images are stored in."
@@ -266,7 +276,14 @@ def submit(
         body = json.loads(text)
     elif prompt is not None:
         params = {"prompt": prompt, "steps": steps, "width": width, "height": height, "seed": seed}
-        given = _without_none(params, output_format=output_format)
+        given = _without_none(
+            params,
+            negative_prompt=negative_prompt,
+            cfg_scale=cfg,
+            sampler=sampler,
+            batch_size=batch_size,
+            output_format=output_format,
+        )
         body = _without_none({"model": model, "params": given, "priority": priority}, ttl_s=ttl)
     else:
         _fail(ValueError("give --prompt or --file"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import SD15, free_port
+from sdfleet import media
 from sdfleet.models.tiny import make_tiny
 
 pytestmark = pytest.mark.timeout(300)
@@ -101,6 +104,14 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
                 "4",
                 "--output-format",
                 "webp",
+                "--negative-prompt",
+                "blurry",
+                "--cfg",
+                "5.5",
+                "--sampler",
+                "Euler a",
+                "--batch-size",
+                "2",
                 "--ttl",
                 "3600",
                 "--wait",
@@ -113,7 +124,12 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         task_id = re.search(r"submitted (\S+)", submitted.stdout)
         assert task_id is not None, submitted.stdout
         assert "succeeded" in submitted.stdout and "priority 4" in submitted.stdout
-        assert re.search(rf"{task_id.group(1)}-[0-9a-f]{{4}}-1\.webp", submitted.stdout), submitted.stdout
+        links = re.findall(rf"{task_id.group(1)}-[0-9a-f]{{4}}-[12]\.webp\s+(\S+)", submitted.stdout)
+        assert len(links) == 2, submitted.stdout  # --batch-size 2
+        stored = Image.open(io.BytesIO(httpx.get(links[1], timeout=10).content))
+        said = media.infotext(stored) or ""
+        assert said.startswith("a boat\nNegative prompt: blurry\n"), said
+        assert "Sampler: Euler a," in said and "CFG scale: 5.5," in said, said
         status = _run(["status", task_id.group(1), "--api", api, "--json"], cli_env)
         assert status.returncode == 0, status.stderr
         view = json.loads(status.stdout)
