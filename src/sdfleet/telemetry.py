@@ -131,7 +131,8 @@ class Metrics:
 class JsonFormatter(logging.Formatter):
     """One JSON object a line; ``extra={"task_id": ...}`` fields are kept."""
 
-    _skip = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+    # uvicorn's ``color_message`` is its message again with ANSI colours: noise in a JSON line
+    _skip = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {

@@ -1,5 +1,6 @@
-"""The process's log handler writes to the ``sys.stderr`` of the moment: a caller that swapped it
-for a while and closed its own (click's test runner does) leaves later records working."""
+"""The process's log handler: it writes to the ``sys.stderr`` of the moment (a caller that swapped
+it for a while and closed its own, as click's test runner does, leaves later records working), one
+JSON object a line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sdfleet.telemetry import setup_logging
+from sdfleet.telemetry import JsonFormatter, setup_logging
 
 
 @pytest.fixture
@@ -42,3 +43,19 @@ def test_records_follow_stderr_when_it_is_swapped_and_closed(
     assert json.loads(during)["msg"] == "during"
     err = capsys.readouterr().err
     assert "Logging error" not in err and json.loads(err.splitlines()[-1])["msg"] == "after", err
+
+
+def test_a_json_line_keeps_extras_but_not_uvicorns_coloured_copy_of_the_message() -> None:
+    # as uvicorn logs "Uvicorn running on ...": the message again, with ANSI escapes, as an extra
+    record = logging.makeLogRecord(
+        {
+            "name": "uvicorn.error",
+            "msg": "Uvicorn running on %s",
+            "args": ("http://127.0.0.1:8080",),
+            "color_message": "Uvicorn running on \x1b[1m%s\x1b[0m",
+            "task_id": "t1",
+        }
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "Uvicorn running on http://127.0.0.1:8080"
+    assert line["task_id"] == "t1" and "color_message" not in line
