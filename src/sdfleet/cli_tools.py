@@ -28,7 +28,7 @@ def make_tiny_cmd(
     single_file: bool = typer.Option(
         False, help="A single-file .safetensors checkpoint instead of a folder."
     ),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the random weights (the same seed writes the same model)."),
     sdxl: bool = typer.Option(False, "--sdxl", help="An SDXL pipeline."),
     sd2: bool = typer.Option(False, "--sd2", help="An SD 2.x pipeline (OpenCLIP text encoder)."),
     sidecar: bool = typer.Option(

@@ -44,3 +44,9 @@ def test_each_command_is_one_row_of_its_groups_list(group: tuple[str, ...]) -> N
     rows = [line.strip("│ ").strip() for line in panel.splitlines()[1:] if line.startswith("│")]
     subcommands = {p[-1] for p, _ in COMMANDS if p[:-1] == group and p}
     assert {row.split()[0] for row in rows} == subcommands, rows  # no row holds a summary's second line
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=[" ".join(p) or "sdfleet" for p, _ in COMMANDS])
+def test_every_option_says_what_it_does(path: tuple[str, ...], cmd: Any) -> None:
+    silent = [p.opts for p in cmd.params if p.param_type_name == "option" and not p.help]
+    assert not silent, f"{path}: options without help"
