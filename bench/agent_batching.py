@@ -26,6 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _agent import backlog_run, engine_for, now_tag, settings_for, text_tasks
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for b, s in samples.items()
     ]
-    console.print(table(rows))
+    print_table(table(rows), console)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"agent_batching-{now_tag()}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))

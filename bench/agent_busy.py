@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _agent import ENGINES, backlog_run, engine_for, now_tag, settings_for, text_tasks
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     console = Console()
     rows = asyncio.run(run_all(args, console))
-    console.print(table(rows))
+    print_table(table(rows), console)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"agent_busy-{now_tag()}.json"
     report = {

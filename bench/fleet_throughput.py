@@ -34,6 +34,8 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fleet import QUEUE, FleetProcess, bench_settings, open_engine
 
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     console = Console()
     report = asyncio.run(run_bench(args, console))
-    console.print(table(report))
+    print_table(table(report), console)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"fleet_throughput-{report['engine']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

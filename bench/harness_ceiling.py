@@ -34,6 +34,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fleet import free_port, stop_process, wait_port
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in summary:
         cells = [s[k] for k in keys]
         table.add_row(f"{s['latency_ms']:g} ms", *("–" if c is None else f"{c:g}" for c in cells))
-    Console().print(table)
+    print_table(table, Console())
 
     doc = {
         "scenario": "harness_ceiling",

@@ -24,6 +24,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _calibration import COMPARED, Scenario, calibrate
 from sdfleet.simulate.trace import Generator
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "run_s": time.perf_counter() - began,
     }
-    Console().print(table(report))
+    print_table(table(report), Console())
     out = args.results / f"simulate_calibration-{stamp}.json"
 
     out.write_text(json.dumps(report, indent=2, default=str))

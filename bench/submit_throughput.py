@@ -38,6 +38,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from sdfleet.cli_common import print_table
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 RESULTS = HERE / "results"
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     sources = [("this checkout", SRC)] + ([(f"--src {args.src}", args.src.resolve())] if args.src else [])
     rounds = [one_round(args, label, src) for _ in range(args.rounds) for label, src in sources]
-    console.print(_table(rounds))
+    print_table(_table(rounds), console)
     report = {
         "scenario": "submit_throughput",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -129,7 +129,7 @@ def _simulate(o: Options) -> None:
         return
     result = run(fleet, arrivals, params, perf=perf, price=price, dt=dt)
     s = summary(result)
-    console.print(table(s))
+    print_table(table(s))
     if o.out is not None:
         _write(o.out, s, result)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,10 @@ def test_simulate_writes_summary_settings_and_plots(files: dict[str, Path], tmp_
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "sd15" in said(r) and "GPU-hours" in said(r)
+    # the table at its natural width, on an 80-column console too: no figure or heading cut to "…"
+    assert "…" not in r.output and "switches" in r.output and "cold starts" in r.output
+    for name, q in s["queues"].items():
+        assert re.search(rf"\b{name}\b.*\b{q['completed']:.0f}/{q['arrived']:.0f}\b", r.output), r.output
 
 
 def test_aggregate_mode_from_the_command_line(files: dict[str, Path], tmp_path: Path) -> None:
