@@ -123,7 +123,8 @@ def _simulate(o: Options) -> None:
     tiers = {t.name: t.tier for t in fleet.tenants.values()}
     arrivals, dt = load_arrivals(o.trace, tiers, params.resolution_s)
     mode = "exact" if dt == 0 else f"aggregate, {dt:g} s bins"
-    console.print(f"{arrivals.total:,} requests over {arrivals.end:,.0f} s ({mode}), GPU {params.nodes.gpu}")
+    requests = f"{arrivals.total:,} request{'' if arrivals.total == 1 else 's'}"
+    console.print(f"{requests} over {arrivals.end:,.0f} s ({mode}), GPU {params.nodes.gpu}")
     if o.sweep:
         _sweep(o, fleet, arrivals, params, perf, price, dt)
         return

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from sdfleet.bus.backends.aws_topology import queue_name
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, cannot_read
 from sdfleet.settings import FleetConfig, QueueConfig
 
 Engine = Literal["aws", "redis"]
@@ -163,7 +163,7 @@ def apply_simulated(values: dict[str, Any], path: Path) -> dict[str, Any]:
     try:
         chosen = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read simulated settings {path}: {one_line(e)}") from e
+        raise cannot_read("simulated settings", path, e) from e
     if not isinstance(chosen, dict) or not set(chosen) <= {"queues", "karpenter"}:
         raise ConfigError(f"{path}: expected {{queues: ..., karpenter: ...}} as `sdfleet simulate` writes")
     by_name = {q["name"]: q for q in values["queues"]}

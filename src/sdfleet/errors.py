@@ -251,6 +251,13 @@ def _got(value: Any) -> str:
     return ""
 
 
+def cannot_read(what: str, path: object, e: BaseException) -> ConfigError:
+    """``cannot read <what> <path>: <why>``, an OS error in its own words without the path again
+    (``[Errno 2] No such file or directory: '<path>'`` named it twice), any other as ``one_line``."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+    return ConfigError(f"cannot read {what} {path}: {why}")
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line, as a person reads it after ``error:`` and as an error's
     message carries it: pydantic's as ``validation_errors`` gives it, PyYAML's (several lines, the

@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sdfleet.errors import ConfigError, one_line, validation_errors
+from sdfleet.errors import ConfigError, cannot_read, one_line, validation_errors
 from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, TTL_MAX_S, OutputFormat
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
@@ -335,7 +335,7 @@ def load_fleet(path: Path) -> FleetConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read fleet config {path}: {e}") from e
+        raise cannot_read("fleet config", path, e) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
     try:

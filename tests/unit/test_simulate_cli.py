@@ -118,8 +118,116 @@ def test_a_csv_trace_and_its_errors(files: dict[str, Path], tmp_path: Path) -> N
     assert r.exit_code == 2 and "multiple of 8" in said(r)
     r = invoke("simulate", "-c", str(files["fleet"]), "--trace", str(files["trace"]), "--gpu", "b9000")
     assert r.exit_code == 2 and "no performance figures for GPU 'b9000'" in said(r)
-    r = invoke("simulate", "-c", str(files["fleet"]), "--trace", str(tmp_path / "missing.csv"))
-    assert r.exit_code == 2 and "cannot read trace" in said(r)
+    missing = tmp_path / "missing.csv"
+    r = invoke("simulate", "-c", str(files["fleet"]), "--trace", str(missing))
+    assert r.exit_code == 2 and said(r) == f"error: cannot read trace {missing}: No such file or directory"
+
+
+HEAD = "time,model,width,height,steps,tenant,count\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "words"),
+    [
+        (
+            "t.csv",
+            HEAD + "0,sd15,512,512,30,a,0\n",
+            "t.csv:2: count: Input should be greater than or equal to 1 (got '0')",
+        ),
+        (
+            "t.csv",
+            HEAD + "-5,sd15,512,512,30,a,1\n",
+            "t.csv:2: time: Input should be greater than or equal to 0 (got '-5')",
+        ),
+        (
+            "t.csv",
+            HEAD + "0,sd15,512,512,30,a,1\nnan,sd15,512,512,30,a,1\n",
+            "t.csv:3: time: Input should be a finite number",
+        ),
+        ("t.csv", HEAD + "inf,sd15,512,512,30,a,1\n", "t.csv:2: time: Input should be a finite number"),
+        ("t.csv", HEAD + "0,sd15,512,512,30,a,1.5\n", "t.csv:2: count: Input should be a valid integer"),
+        ("t.csv", HEAD + "0,sd15,512,512,30,a,1,9\n", "t.csv:2: more cells than the header has columns"),
+        ("t.csv", "time,stpes\n0,3\n", "t.csv:2: unknown column stpes (a trace's columns: time, model,"),
+        (
+            "t.csv",
+            HEAD + "0,sd15,512,512,151,a,1\n",
+            "would refuse sd15 512x512 151 steps, tenant a (standard): steps: Input should be less than",
+        ),
+        ("t.jsonl", '[0, "sd15"]\n', "t.jsonl:1: a JSON object is expected"),
+        ("w.yaml", "duration_s: 60\nrate: 0\n", "w.yaml: it draws no request"),
+        (
+            "w.yaml",
+            "duration_s: 1.0e+12\nrate: 1\n",
+            "duration_s: Input should be less than or equal to 2678400",
+        ),
+        ("w.yaml", "duration_s: 60\nrate: .inf\n", "rate: Input should be a finite number"),
+        (
+            "w.yaml",
+            "duration_s: 60\nrate: 1\nmix: [{images: 40}]\n",
+            "batch_size: Input should be less than or equal to 16 (got 40)",
+        ),
+    ],
+)
+def test_a_bad_trace_or_workload_is_one_line_naming_its_row(
+    files: dict[str, Path], tmp_path: Path, name: str, text: str, words: str
+) -> None:
+    """Each of these was a traceback (count 0: a division by zero; a negative, NaN or infinite time,
+    an infinite rate, a month's workload drawn per second in memory), taken as given (a negative
+    count, an unknown column), or a Python repr and pydantic's raw text."""
+    trace = tmp_path / name
+    trace.write_text(text)
+    r = invoke("simulate", "-c", str(files["fleet"]), "--trace", str(trace))
+    assert r.exit_code == 2 and words in said(r) and "Traceback" not in r.output, r.output
+    assert said(r).count("error:") == 1
+
+
+def test_empty_cells_and_nulls_take_the_defaults(files: dict[str, Path], tmp_path: Path) -> None:
+    csv_trace, json_trace = tmp_path / "t.csv", tmp_path / "t.jsonl"
+    csv_trace.write_text(HEAD + "0,sd15,,,,,2\n")
+    json_trace.write_text('{"time": 0, "model": "sd15", "width": null, "steps": null, "count": 2}\n')
+    for trace in (csv_trace, json_trace):
+        out = tmp_path / trace.suffix[1:]
+        r = invoke(
+            *common(files)[:3], "--trace", str(trace), "--params", str(files["params"]), "--out", str(out)
+        )
+        assert r.exit_code == 0, r.output
+        assert said(r).startswith("2 requests over 0 s")
+        assert json.loads((out / "summary.json").read_text())["queues"]["sd15"]["completed"] == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "text", "words"),
+    [
+        (
+            "--params",
+            "p.yaml",
+            "keda:\n  polling_s: .inf\n",
+            "keda.polling_s: Input should be a finite number",
+        ),
+        (
+            "--prices",
+            "pr.yaml",
+            "h200: {on_demand: .nan, spot: -1}\n",
+            "price file {path}: h200.on_demand: Input should be a finite number (got nan); h200.spot: Input",
+        ),
+        ("--prices", "nope.yaml", None, "cannot read price file {path}: No such file or directory"),
+        (
+            "--params",
+            "nope.yaml",
+            None,
+            "cannot read simulation parameters {path}: No such file or directory",
+        ),
+        ("--perf", "nope.json", None, "cannot read performance figures {path}: No such file or directory"),
+    ],
+)
+def test_a_bad_side_file_is_one_line(
+    files: dict[str, Path], tmp_path: Path, flag: str, name: str, text: str | None, words: str
+) -> None:
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    r = invoke(*common(files)[:5], flag, str(path))
+    assert r.exit_code == 2 and words.format(path=path) in said(r) and "Traceback" not in r.output, r.output
 
 
 def test_sweep_picks_the_cheapest_setting_meeting_the_objective(

@@ -20,13 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdfleet.agent.pace import ahead_limit
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, cannot_read, one_line
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Policy(_Strict):
@@ -204,7 +204,7 @@ def load_params(path: Path | None, overrides: dict[str, Any] | None = None) -> S
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read simulation parameters {path}: {one_line(e)}") from e
+            raise cannot_read("simulation parameters", path, e) from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a mapping of sections is expected")
     for section, values in (overrides or {}).items():

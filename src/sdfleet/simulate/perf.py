@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, cannot_read, one_line
 
 
 class PerfPoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     gpu: str
     family: str
     width: int = Field(ge=8)
@@ -139,7 +139,7 @@ def load_points(path: Path, *, gpu: str | None = None, family: str = "sd15") -> 
             else json.loads(path.read_text())
         )
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read performance figures {path}: {one_line(e)}") from e
+        raise cannot_read("performance figures", path, e) from e
     try:
         if isinstance(data, dict) and "rows" in data:
             if gpu is None:

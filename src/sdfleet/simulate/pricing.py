@@ -15,15 +15,15 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, cannot_read, validation_errors
 
 SPOT_FRACTION = 0.35
 
 
 class GpuPrice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     on_demand: float = Field(gt=0)
     """Dollars per GPU-hour."""
     spot: float | None = Field(None, gt=0)
@@ -50,6 +50,9 @@ DEFAULT_PRICES: dict[str, GpuPrice] = {
 }
 
 
+_PRICES = TypeAdapter(dict[str, GpuPrice])
+
+
 def load_prices(path: Path | None) -> dict[str, GpuPrice]:
     """The shipped prices, updated by the file's entries. Raises ``ConfigError`` on a bad file."""
     prices = dict(DEFAULT_PRICES)
@@ -58,11 +61,14 @@ def load_prices(path: Path | None) -> dict[str, GpuPrice]:
     try:
         text = path.read_text()
         raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("a mapping of GPU → {on_demand, spot} is expected")
-        prices.update({str(k): GpuPrice.model_validate(v) for k, v in raw.items()})
-    except (OSError, ValueError, ValidationError, yaml.YAMLError) as e:
-        raise ConfigError(f"price file {path}: {one_line(e)}") from e
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise cannot_read("price file", path, e) from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"price file {path}: a mapping of GPU → {{on_demand, spot}} is expected")
+    try:
+        prices.update(_PRICES.validate_python({str(k): v for k, v in raw.items()}))
+    except ValidationError as e:
+        raise ConfigError(f"price file {path}: {validation_errors(e)}") from e
     return prices
 
 

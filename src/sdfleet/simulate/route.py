@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from sdfleet.errors import ConfigError, ValidationFailed
+from sdfleet.errors import ConfigError, ValidationFailed, validation_errors
 from sdfleet.routing import resolve_queues, task_attributes
 from sdfleet.settings import FleetConfig
 from sdfleet.simulate.trace import TaskClass
@@ -31,9 +31,11 @@ def route_classes(fleet: FleetConfig, classes: list[TaskClass]) -> Routes:
     routes = Routes([])
     for c in classes:
         try:
-            params = TaskParams(prompt="simulated", width=c.width, height=c.height, steps=c.steps)
+            params = TaskParams(
+                prompt="simulated", width=c.width, height=c.height, steps=c.steps, batch_size=c.images
+            )
         except ValidationError as e:
-            raise ConfigError(f"the API would refuse {c}: {e}") from e
+            raise ConfigError(f"the API would refuse {c}: {validation_errors(e)}") from e
         task = Task(tenant=c.tenant, model=c.model or fleet.models.default, params=params)
         try:
             queues = resolve_queues(fleet, task, task_attributes(task, tier=c.tier))

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, cannot_read
 from sdfleet.settings import FleetConfig
 from sdfleet.simulate.engine import simulate
 from sdfleet.simulate.params import SimParams
@@ -72,7 +72,7 @@ def load_grid(path: Path | None) -> dict[str, list[Any]]:
     try:
         grid = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read sweep grid {path}: {one_line(e)}") from e
+        raise cannot_read("sweep grid", path, e) from e
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: a mapping of section.field → [values] is expected")
     return {str(k): v for k, v in grid.items()}

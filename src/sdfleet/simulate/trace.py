@@ -3,7 +3,8 @@
 A trace row is one request, or ``count`` identical ones: ``time`` (seconds from the start),
 ``model``, ``width``, ``height``, ``steps``, ``tenant`` and optionally ``tier`` (default: the
 fleet file's tier of that tenant name, else ``standard``), ``images`` (per request, default 1) and
-``count`` (default 1). A day at 1,000 requests/s is best given as per-second counts.
+``count`` (default 1); an empty cell takes ``Request``'s default. A day at 1,000 requests/s is
+best given as per-second counts.
 
 A generator spec draws Poisson counts per time bin, vectorised, from a rate that may combine a
 constant, a diurnal sine and bursts::
@@ -31,7 +32,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdfleet.errors import ConfigError, one_line
+from sdfleet.errors import ConfigError, cannot_read, one_line, validation_errors
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,11 @@ class Arrivals:
         return Arrivals(self.classes, (uniq // k + 0.5) * dt, (uniq % k).astype(np.int32), counts)
 
 
-class MixEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Request(BaseModel):
+    """A class of request as a trace row or a generator's mix gives it (what is left out takes
+    these defaults; the API's own bounds are checked when it is routed)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None
     width: int = Field(512, ge=8)
     height: int = Field(512, ge=8)
@@ -94,28 +98,49 @@ class MixEntry(BaseModel):
     tenant: str = "default"
     tier: str | None = None
     images: int = Field(1, ge=1)
+
+    def task_class(self, tiers: Mapping[str, str]) -> TaskClass:
+        tier = self.tier or tiers.get(self.tenant, "standard")
+        return TaskClass(self.model, self.width, self.height, self.steps, self.tenant, tier, self.images)
+
+
+class TraceRow(Request):
+    time: float = Field(ge=0)
+    """Seconds from the start."""
+    count: int = Field(1, ge=1)
+
+
+COLUMNS = "a trace's columns: time, model, width, height, steps, tenant, tier, images, count"
+
+
+class MixEntry(Request):
     weight: float = Field(1.0, gt=0)
 
 
 class Diurnal(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     peak_to_mean: float = Field(1.5, ge=1.0, le=2.0)
     period_s: float = Field(86400.0, gt=0)
     peak_at_s: float = 50400.0
 
 
 class Burst(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     at_s: float = Field(ge=0)
     duration_s: float = Field(gt=0)
     rate: float = Field(gt=0)
 
 
+MAX_DURATION_S = 31 * 86400
+"""A generator's longest workload: a month (its rate is drawn per second; for longer, simulate a
+representative month)."""
+
+
 class Generator(BaseModel):
     """A synthetic workload: Poisson arrivals from a rate that varies in time."""
 
-    model_config = ConfigDict(extra="forbid")
-    duration_s: float = Field(gt=0)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
     rate: float = Field(0.0, ge=0)
     diurnal: Diurnal | None = None
     bursts: list[Burst] = Field(default_factory=list)
@@ -146,7 +171,7 @@ class Generator(BaseModel):
         counts = rng.poisson(lam)
         bins, cls = np.nonzero(counts)
         n = counts[bins, cls].astype(np.int64)
-        classes = [_mix_class(m, tiers) for m in self.mix]
+        classes = [m.task_class(tiers) for m in self.mix]
         if dt > 0:
             return Arrivals(classes, starts[bins] + step / 2, cls.astype(np.int32), n)
         t = np.repeat(starts[bins], n) + rng.random(int(n.sum())) * step
@@ -155,37 +180,25 @@ class Generator(BaseModel):
         return Arrivals(classes, t[order], cls_each, np.ones(len(t), dtype=np.int64))
 
 
-def _mix_class(m: MixEntry, tiers: Mapping[str, str]) -> TaskClass:
-    tier = m.tier or tiers.get(m.tenant, "standard")
-    return TaskClass(m.model, m.width, m.height, m.steps, m.tenant, tier, m.images)
-
-
-def _rows(path: Path) -> Iterable[Mapping[str, Any]]:
+def _rows(path: Path) -> Iterable[tuple[int, Mapping[str, Any]]]:
+    """(line number, row); a CSV's empty cells and JSON's nulls are left out (their defaults apply)."""
     if path.suffix in (".jsonl", ".ndjson"):
         with path.open() as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ConfigError(f"{path}:{n}: not JSON: {e}") from e
+                    if not isinstance(row, dict):
+                        raise ConfigError(f"{path}:{n}: a JSON object is expected ({COLUMNS})")
+                    yield n, {k: v for k, v in row.items() if v is not None}
     else:
         with path.open(newline="") as f:
-            yield from csv.DictReader(f)
-
-
-def _row_class(row: Mapping[str, Any], tiers: Mapping[str, str]) -> TaskClass:
-    tenant = str(row.get("tenant") or "default")
-    model = row.get("model") or None
-    return TaskClass(
-        str(model) if model is not None else None,
-        int(row.get("width") or 512),
-        int(row.get("height") or 512),
-        int(row.get("steps") or 30),
-        tenant,
-        str(row.get("tier") or tiers.get(tenant, "standard")),
-        int(row.get("images") or 1),
-    )
+            for n, row in enumerate(csv.DictReader(f), 2):
+                if None in row:
+                    raise ConfigError(f"{path}:{n}: more cells than the header has columns")
+                yield n, {k: v for k, v in row.items() if v not in ("", None)}
 
 
 def read_trace(path: Path, tiers: Mapping[str, str]) -> Arrivals:
@@ -195,18 +208,18 @@ def read_trace(path: Path, tiers: Mapping[str, str]) -> Arrivals:
     cls: list[int] = []
     n: list[int] = []
     try:
-        for line, row in enumerate(_rows(path), 2):
+        for line, raw in _rows(path):
+            if unknown := sorted(set(raw) - set(TraceRow.model_fields)):
+                raise ConfigError(f"{path}:{line}: unknown column {', '.join(unknown)} ({COLUMNS})")
             try:
-                c = _row_class(row, tiers)
-                t.append(float(row["time"]))
-                n.append(int(row.get("count") or 1))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ConfigError(
-                    f"{path}: row {line}: {e!r} (time, model, width, height, steps, tenant)"
-                ) from e
-            cls.append(index.setdefault(c, len(index)))
+                row = TraceRow.model_validate(raw)
+            except ValidationError as e:
+                raise ConfigError(f"{path}:{line}: {validation_errors(e)}") from e
+            t.append(row.time)
+            n.append(row.count)
+            cls.append(index.setdefault(row.task_class(tiers), len(index)))
     except OSError as e:
-        raise ConfigError(f"cannot read trace {path}: {e}") from e
+        raise cannot_read("trace", path, e) from e
     if not t:
         raise ConfigError(f"{path}: the trace has no rows")
     ta = np.asarray(t, dtype=np.float64)
@@ -236,8 +249,11 @@ def load_arrivals(path: Path, tiers: Mapping[str, str], resolution: float | str)
     try:
         spec = Generator.model_validate(yaml.safe_load(path.read_text()) or {})
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read workload {path}: {one_line(e)}") from e
+        raise cannot_read("workload", path, e) from e
     except ValidationError as e:
         raise ConfigError(f"workload {path}: {one_line(e)}") from e
     dt = pick_resolution(resolution, spec.expected_total())
-    return spec.draw(tiers, dt), dt
+    arrivals = spec.draw(tiers, dt)
+    if not arrivals.total:
+        raise ConfigError(f"workload {path}: it draws no request (raise rate or duration_s, or add bursts)")
+    return arrivals, dt
