@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, console, print_table
+from sdfleet.cli_common import ConfigOpt, _fail, console, err, print_table
 from sdfleet.errors import ConfigError, SdfleetError
 
 
@@ -158,12 +167,22 @@ def _sweep(o: Options, fleet: Any, arrivals: Any, params: Any, perf: Any, price:
     objective = Objective.parse(o.objective)
     grid = load_grid(o.grid)
 
-    def progress(done: int, total: int) -> None:
-        console.print(f"  run {done}/{total}", highlight=False)
-
-    rows = sweep(
-        Job(fleet, arrivals, params, perf, price, dt), grid, objective, jobs=o.jobs, progress=progress
+    columns = (
+        TextColumn("sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
+    with Progress(*columns, console=err, transient=True) as bar:
+        runs = bar.add_task("sweep", total=math.prod(len(values) for values in grid.values()))
+
+        def progress(done: int, total: int) -> None:
+            bar.update(runs, completed=done, total=total)
+
+        rows = sweep(
+            Job(fleet, arrivals, params, perf, price, dt), grid, objective, jobs=o.jobs, progress=progress
+        )
     t = Table(
         *grid,
         f"worst {objective.latency} {objective.percentile}",
