@@ -134,6 +134,20 @@ def _cases(endpoint: str) -> list[Case]:
             Case("unknown queue", 422, "bad_queue", ("'nope'", "unknown queue"), {**V1, "queue": "nope"}),
             Case("unknown top-level field", 422, "invalid_request", ("colour",), {**V1, "colour": "red"}),
             Case(
+                "img2img without an image",
+                422,
+                "missing_image",
+                ("image-to-image tasks need an input image",),
+                {**V1, "type": "image-to-image"},
+            ),
+            Case(
+                "pipeline without a workflow",
+                422,
+                "missing_workflow",
+                ("pipeline tasks need a workflow",),
+                {**V1, "type": "pipeline"},
+            ),
+            Case(
                 "unknown parameter",
                 422,
                 "invalid_request",

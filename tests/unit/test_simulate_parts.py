@@ -101,7 +101,7 @@ def test_trace_files_csv_and_jsonl(tmp_path: Path) -> None:
     assert read_trace(jsonl, {}).classes[0].tier == "gold"
     bad = tmp_path / "bad.csv"
     bad.write_text("time,model\nsoon,sd15\n")
-    with pytest.raises(ConfigError, match="bad.csv:2: time: Input should be a valid number"):
+    with pytest.raises(ConfigError, match=r"bad\.csv:2: time: Input should be a valid number"):
         read_trace(bad, {})
 
 

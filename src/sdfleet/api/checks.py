@@ -31,11 +31,11 @@ def check_task(ctx: ApiContext, task: Task) -> None:
             f"size {p.width}x{p.height} is over the maximum {s.max_width}x{s.max_height}", code="too_large"
         )
     if task.type in NEEDS_PROMPT and not p.prompt.strip():
-        raise ValidationFailed(f"a {task.type.value} task needs a prompt", code="missing_prompt")
+        raise ValidationFailed(f"{task.type.value} tasks need a prompt", code="missing_prompt")
     if task.type in NEEDS_IMAGE and not p.init_images:
-        raise ValidationFailed(f"a {task.type.value} task needs an input image", code="missing_image")
+        raise ValidationFailed(f"{task.type.value} tasks need an input image", code="missing_image")
     if task.type is TaskType.PIPELINE and not p.workflow:
-        raise ValidationFailed("a pipeline task needs a workflow", code="missing_workflow")
+        raise ValidationFailed("pipeline tasks need a workflow", code="missing_workflow")
     n_iter = p.extra.get("n_iter", 1)
     if n_iter is not None and (type(n_iter) is not int or not 1 <= n_iter <= N_ITER_MAX):
         # SD WebUI's own bound on its batch count; batch_size is bounded by TaskParams
