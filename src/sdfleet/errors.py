@@ -239,8 +239,27 @@ def validation_errors(
     return "; ".join(parts)
 
 
+_PATTERN_WORDS: dict[str, str] = {}
+
+
+def worded(pattern: str, words: str) -> str:
+    """``pattern``, registered with what it takes in words: a value it refuses is said as
+    ``String should be <words>``, never as the regular expression (which clients of the API and
+    users of the CLI would otherwise read, up to 600 characters of it)."""
+    _PATTERN_WORDS[pattern] = words
+    return pattern
+
+
+def pattern_words(pattern: str) -> str | None:
+    """What ``worded`` registered for ``pattern``."""
+    return _PATTERN_WORDS.get(pattern)
+
+
 def _message(err: Any) -> str:
     msg: str = err["msg"]
+    if err["type"] == "string_pattern_mismatch":
+        words = _PATTERN_WORDS.get(err.get("ctx", {}).get("pattern", ""))
+        return f"String should be {words}" if words else msg
     return msg.removeprefix("Value error, ") if err["type"] == "value_error" else msg
 
 

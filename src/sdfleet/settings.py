@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sdfleet.errors import ConfigError, cannot_read, one_line, validation_errors
+from sdfleet.errors import ConfigError, cannot_read, one_line, validation_errors, worded
 from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, TTL_MAX_S, OutputFormat
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
@@ -35,10 +35,16 @@ class ScalingConfig(BaseModel):
     """Visible messages per replica that KEDA aims for (the seed's queueLength)."""
 
 
+QUEUE_NAME_PATTERN = worded(
+    r"^[a-z0-9][a-z0-9-]{0,62}$", "1 to 63 lower-case letters, digits or '-', starting with a letter or digit"
+)
+"""A queue's name: it names its SQS queue, Redis stream, chart objects and metric labels."""
+
+
 class QueueConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    name: str = Field(pattern=QUEUE_NAME_PATTERN)
     filter: dict[str, Any] | None = None
     """SNS filter policy; None = every task."""
     filter_scope: Literal["MessageAttributes", "MessageBody"] = "MessageAttributes"
@@ -77,7 +83,9 @@ class ModelsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
 
     dir: Path = Path("models")
-    s3: str | None = Field(None, pattern=r"^s3://[^/?#]+(/[^?#]*)?(\?.*)?$")
+    s3: str | None = Field(
+        None, pattern=worded(r"^s3://[^/?#]+(/[^?#]*)?(\?.*)?$", "an s3://bucket/prefix URL")
+    )
     """``s3://bucket/prefix`` holding models: the default of ``sdfleet models push/pull/sync/ls
     --remote``, and where agents fetch a model a task names that is not on disk yet."""
     default: str | None = None

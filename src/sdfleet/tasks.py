@@ -14,12 +14,20 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from ulid import ULID
 
+from sdfleet.errors import worded
+
 SCHEMA_VERSION = 1
 
-TASK_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
+TASK_ID_PATTERN = worded(
+    r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$",
+    "1 to 128 letters, digits, '.', '_', ':' or '-', not starting with '.', ':' or '-'",
+)
 """A task id: 1-128 letters, digits, ``.``, ``_``, ``:`` or ``-``, not starting with ``.``, ``:`` or
 ``-`` (so never ``.`` or ``..``): it is a segment of storage keys and record keys."""
-TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TENANT_PATTERN = worded(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
 """A tenant name: the first segment of its storage keys and of its record keys, so no ``/``."""
 PRIORITY_MAX = 9
 """Task priorities are 0 (the default) to this; higher runs sooner (``Task.priority``)."""

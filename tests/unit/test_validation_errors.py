@@ -4,10 +4,10 @@ fleet file, the settings and the CLI's flags alike."""
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from sdfleet.errors import validation_errors
-from sdfleet.tasks import TaskParams
+from sdfleet.errors import pattern_words, validation_errors
+from sdfleet.tasks import TENANT_PATTERN, TaskParams
 
 
 def _error(model: type[BaseModel], **data: object) -> ValidationError:
@@ -62,3 +62,39 @@ def test_long_inputs_are_not_quoted_and_five_places_at_most() -> None:
     e = _error(TaskParams, prompt=["x"], steps="y" * 100, width="a", height="b", seed="c", batch_size="d")
     said = validation_errors(e)
     assert said.count(";") == 4 and "y" * 100 not in said and "batch_size" not in said, said
+
+
+def _patterns(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["pattern"]} if isinstance(node.get("pattern"), str) else set()
+        return found.union(*(_patterns(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_patterns(v) for v in node))
+    return set()
+
+
+def test_every_pattern_a_client_or_a_fleet_file_can_meet_is_said_in_words() -> None:
+    """A refused value is said as what it should be, not as the regular expression (the seed's
+    ``image_link`` answered with 600 characters of one)."""
+    from sdfleet.api.app import build_app
+    from sdfleet.settings import FleetConfig, Settings
+
+    app = build_app(Settings().api, FleetConfig(), None)  # type: ignore[arg-type]  # not served
+    patterns = _patterns(app.openapi()) | _patterns(Settings.model_json_schema())
+    patterns |= _patterns(FleetConfig.model_json_schema())
+    assert len(patterns) >= 6 and not {p for p in patterns if pattern_words(p) is None}
+
+
+def test_a_worded_pattern_says_its_words_and_what_was_sent() -> None:
+    from sdfleet.api.seed_schemas import ContentScripts
+
+    class Owner(BaseModel):
+        tenant: str = Field(pattern=TENANT_PATTERN)
+
+    said = validation_errors(_error(Owner, tenant="acme corp"))
+    assert said == (
+        "tenant: String should be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+        "(got 'acme corp')"
+    )
+    said = validation_errors(_error(ContentScripts, image_link="ftp://x/y.png"))
+    assert said == "image_link: String should be an http(s) URL or s3://bucket/key (got 'ftp://x/y.png')"

@@ -22,6 +22,7 @@ from sdfleet.api.seed_schemas import (
     v1alpha2_types,
 )
 from sdfleet.compat._common import TASK_TYPES
+from sdfleet.errors import worded
 from sdfleet.runtimes.unsupported import runnable
 from sdfleet.settings import ApiSettings, FleetConfig
 from sdfleet.tasks import TaskType
@@ -37,7 +38,7 @@ _SPACE = "".join(
     f"\\u{c:04x}" for c in (*range(0x9, 0xE), *range(0x1C, 0x21), 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
                            0x2028, 0x2029, 0x202F, 0x205F, 0x3000)
 )  # fmt: skip
-NON_BLANK: Schema = {"type": "string", "pattern": f"[^{_SPACE}]"}
+NON_BLANK: Schema = {"type": "string", "pattern": worded(f"[^{_SPACE}]", "text besides white space")}
 """Something besides white space, as ``str.strip`` (the server's check) sees it: ECMA's ``\\S``
 takes U+001C..U+001F and U+0085 for text, so a prompt of those passed the schema and was refused."""
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sdfleet.compat._common import MAX_INT_ID, PREFIX_PATTERN, TASK_TYPES
 from sdfleet.compat.v1alpha1 import ACCEPTED_TYPES
+from sdfleet.errors import worded
 from sdfleet.tasks import TASK_ID_PATTERN, Integer, integral
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -20,7 +21,7 @@ URL_HOST = rf"{_LABEL}(\.{_LABEL}){{0,126}}"
 URL_PORT = r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
 _PCHAR = r"[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2}"
 """RFC 3986 path characters, percent-encoded octets included (presigned S3 URLs, ``my%20cat.png``)."""
-URL_PATTERN = rf"^https?://{URL_HOST}{URL_PORT}(/({_PCHAR})*)?(\?({_PCHAR}|\?)*)?$"
+URL_PATTERN = worded(rf"^https?://{URL_HOST}{URL_PORT}(/({_PCHAR})*)?(\?({_PCHAR}|\?)*)?$", "an http(s) URL")
 """The http(s) URLs the API takes for input images and webhooks (a host name of any number of
 labels, e.g. ``bucket.s3.us-west-2.amazonaws.com``, or an IPv4; an optional port; then path and
 query in URL characters or percent-encoded). Where they may point is the agents' URL guard's
@@ -29,7 +30,7 @@ by a pattern)."""
 S3_URL_PATTERN = rf"^s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9]/({_PCHAR})+$"
 """``s3://bucket/key`` inputs, as the seed's agent reads them; agents fetch them only from the
 buckets ``agent.input_s3_buckets`` allows (the API cannot know those, so it checks the form)."""
-INPUT_URL_PATTERN = f"({URL_PATTERN})|({S3_URL_PATTERN})"
+INPUT_URL_PATTERN = worded(f"({URL_PATTERN})|({S3_URL_PATTERN})", "an http(s) URL or s3://bucket/key")
 """What an input image URL may be: http(s) as ``URL_PATTERN``, or ``s3://``."""
 TEXT_MAX = 100_000
 """Longest prompt or negative prompt."""

@@ -9,11 +9,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sdfleet.errors import ValidationFailed, validation_errors
+from sdfleet.errors import ValidationFailed, validation_errors, worded
 from sdfleet.tasks import TASK_ID_PATTERN, TaskParams, TaskRecord, TaskState, TaskType
 
 SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
-PREFIX_PATTERN = rf"^(/?({SEGMENT}/)*{SEGMENT}/?)?$"
+PREFIX_WORDS = "folders of letters, digits, '.', '_' and '-' separated by '/' (not '.' or '..')"
+PREFIX_PATTERN = worded(rf"^(/?({SEGMENT}/)*{SEGMENT}/?)?$", PREFIX_WORDS)
 """A ``save_dir`` or ``prefix``: folders of letters, digits, ``.``, ``_``, ``-`` (never ``.`` or
 ``..``), one leading and one trailing ``/`` allowed, as the seed's clients write them."""
 MAX_INT_ID = 2**63 - 1
@@ -104,10 +105,7 @@ def output_prefix(prefix: object, default: str | None, tenant: str) -> str:
     if not isinstance(prefix, str):
         raise ValidationFailed("prefix must be a string")
     if not _PREFIX.fullmatch(prefix):
-        raise ValidationFailed(
-            f"invalid prefix {prefix[:140]!r}: folders of letters, digits, '.', '_' and '-' separated"
-            " by '/' (not '.' or '..')"
-        )
+        raise ValidationFailed(f"invalid prefix {prefix[:140]!r}: {PREFIX_WORDS}")
     return prefix.strip("/")
 
 

@@ -22,7 +22,7 @@ from sdfleet.api.deps import ApiContext, get_ctx
 from sdfleet.api.links import file_url
 from sdfleet.api.openapi import errors
 from sdfleet.api.routes.tasks import TaskId, owned
-from sdfleet.errors import SdfleetError, ValidationFailed
+from sdfleet.errors import SdfleetError, ValidationFailed, worded
 from sdfleet.tasks import EventType, TaskEvent, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,11 @@ SSE_EVENT = {
     "required": ["data"],
     "properties": {
         "event": {"type": "string", "enum": [e.value for e in EventType]},
-        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The record's version"},
+        "id": {
+            "type": "string",
+            "pattern": worded("^[0-9]+$", "digits"),
+            "description": "The record's version",
+        },
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
@@ -43,6 +47,7 @@ SSE_EVENT = {
         },
     },
 }
+LAST_EVENT_ID = worded(r"^\s*([0-9]{1,18})?\s*$", "an event id: the digits of an 'id:' line this stream sent")
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
@@ -127,9 +132,7 @@ async def task_events(
     request: Request,
     ctx: ApiContext = Depends(get_ctx),
     who: Caller = Depends(caller),
-    last_event_id: str = Header(
-        "", pattern=r"^\s*([0-9]{1,18})?\s*$", description="Resume after this event id"
-    ),
+    last_event_id: str = Header("", pattern=LAST_EVENT_ID, description="Resume after this event id"),
 ) -> StreamingResponse:
     """Follow a task: ``queued``, ``started``, ``progress``, then a terminal event that ends the stream."""
     last_id = _last_event_id(last_event_id)
