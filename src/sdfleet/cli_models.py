@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,7 +10,7 @@ from typing import Any, TypeVar
 import typer
 from rich.table import Table
 
-from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_table
+from sdfleet.cli_common import ConfigOpt, _fail, _settings, console, print_json, print_table
 from sdfleet.errors import ConfigError, SdfleetError
 from sdfleet.settings import ModelsConfig
 
@@ -20,6 +18,7 @@ T = TypeVar("T")
 DirOpt = typer.Option(None, "--dir", help="Models directory (default: models.dir).")
 JobsOpt = typer.Option(None, "--jobs", "-j", help="Parts in flight at once (default: models.transfer_jobs).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts instead of tables and bars.")
+S3_HELP = "s3://bucket/prefix (default: models.s3)."
 
 
 def add_transfer_commands(app: typer.Typer) -> None:
@@ -33,11 +32,11 @@ def _models(config: Path | None) -> ModelsConfig:
     return _settings(config).fleet.models
 
 
-def _remote(url: str | None, models: ModelsConfig, flag: str) -> str:
+def _remote(url: str | None, models: ModelsConfig) -> str:
     found = url or models.s3
     if not found:
         raise ConfigError(
-            f"no S3 location: give {flag} s3://bucket/prefix or set models.s3 (SDFLEET_FLEET__MODELS__S3)"
+            "no S3 location: give --s3 s3://bucket/prefix or set models.s3 (SDFLEET_FLEET__MODELS__S3)"
         )
     return found
 
@@ -71,7 +70,7 @@ def _bars(as_json: bool, title: str) -> Any:
 
 def pull(
     names: list[str] = typer.Argument(..., help="Model names in S3, or hf:<owner>/<repo>[@revision]."),
-    source: str | None = typer.Option(None, "--from", help="s3://bucket/prefix (default: models.s3)."),
+    source: str | None = typer.Option(None, "--s3", "--from", help=S3_HELP),
     models_dir: Path | None = DirOpt,
     name: str | None = typer.Option(None, "--name", help="Folder name of an hf: model (default: repo name)."),
     variant: str = typer.Option("fp16", help="hf: weights variant to prefer ('none': full precision)."),
@@ -89,7 +88,7 @@ def pull(
         else:
             results.append(_pull_s3(root, spec, source, models, jobs, as_json))
     if as_json:
-        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+        print_json(results)
 
 
 def _pull_s3(
@@ -99,7 +98,7 @@ def _pull_s3(
 
     async def go() -> Any:
         with _bars(as_json, f"pull {spec}") as bars:
-            tool = _sync_tool(root, _remote(source, models, "--from"), models, jobs, bars)
+            tool = _sync_tool(root, _remote(source, models), models, jobs, bars)
             try:
                 return await tool.pull(spec)
             finally:
@@ -155,9 +154,10 @@ def _pull_hub(root: Path, spec: str, name: str | None, variant: str | None, as_j
 
 def push(
     paths: list[Path] = typer.Argument(..., help="Model files or folders (or names in the models folder)."),
-    to: str | None = typer.Option(None, "--to", help="s3://bucket/prefix (default: models.s3)."),
+    to: str | None = typer.Option(None, "--s3", "--to", help=S3_HELP),
     models_dir: Path | None = DirOpt,
     jobs: int | None = JobsOpt,
+    as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
     """Upload models: multipart, parallel, resumable; each object carries its SHA-256."""
@@ -166,25 +166,31 @@ def push(
     models = _models(config)
     root = models_dir or models.dir
     sources = [p if p.exists() else root / p for p in paths]
+    if missing := [str(p) for p, src in zip(paths, sources, strict=True) if not src.exists()]:
+        _fail(ConfigError(f"no such model file or folder, here or in {root}: {', '.join(missing)}"))
 
     async def go() -> int:
-        with _bars(False, "push") as bars:
-            tool = _sync_tool(root, _remote(to, models, "--to"), models, jobs, bars)
+        with _bars(as_json, "push") as bars:
+            tool = _sync_tool(root, _remote(to, models), models, jobs, bars)
             try:
                 return sum([await tool.push(src) for src in sources])
             finally:
                 tool.bucket.close()
 
     sent = _run(go)
+    if as_json:
+        print_json({"models": [str(src) for src in sources], "sent_bytes": sent})
+        return
     console.print(f"pushed {len(sources)} model(s), {mib(sent)} sent", soft_wrap=True)
 
 
 def sync(
-    remote: str | None = typer.Option(None, "--remote", help="s3://bucket/prefix (default: models.s3)."),
+    remote: str | None = typer.Option(None, "--s3", "--remote", help=S3_HELP),
     direction: str = typer.Option("both", help="both, up (push only) or down (pull only)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would move; move nothing."),
     models_dir: Path | None = DirOpt,
     jobs: int | None = JobsOpt,
+    as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
     """Make the models folder and S3 hold the same models, by size and checksum, both ways."""
@@ -195,21 +201,29 @@ def sync(
     models = _models(config)
     root = models_dir or models.dir
 
-    async def go() -> tuple[int, int, int]:
-        tool = _sync_tool(root, _remote(remote, models, "--remote"), models, jobs, _bars(True, ""))
+    async def go() -> tuple[list[Any], int, int]:
+        tool = _sync_tool(root, _remote(remote, models), models, jobs, _bars(True, ""))
         try:
             actions = await tool.plan(direction)
-            _print_plan(actions)
+            if not as_json:
+                _print_plan(actions)
             if dry_run or not actions:
-                return len(actions), 0, 0
-            with _bars(False, "sync") as bars:
+                return actions, 0, 0
+            with _bars(as_json, "sync") as bars:
                 tool.transfers.progress = bars
                 fetched, sent = await tool.apply(actions)
-            return len(actions), fetched, sent
+            return actions, fetched, sent
         finally:
             tool.bucket.close()
 
-    count, fetched, sent = _run(go)
+    actions, fetched, sent = _run(go)
+    count = len(actions)
+    if as_json:
+        moves = [
+            {"op": a.op, "model": a.model, "path": a.path, "bytes": a.size, "why": a.reason} for a in actions
+        ]
+        print_json({"dry_run": dry_run, "files": moves, "fetched_bytes": fetched, "sent_bytes": sent})
+        return
     if dry_run:
         console.print(f"dry run: {count} file(s) would move")
     else:
@@ -235,7 +249,7 @@ def _print_plan(actions: list[Any]) -> None:
 
 def ls(
     remote: bool = typer.Option(False, "--remote", help="List the models in S3 instead of the folder."),
-    url: str | None = typer.Option(None, "--s3", help="s3://bucket/prefix (default: models.s3)."),
+    url: str | None = typer.Option(None, "--s3", help=S3_HELP),
     models_dir: Path | None = DirOpt,
     as_json: bool = JsonOpt,
     config: Path | None = ConfigOpt,
@@ -249,20 +263,20 @@ def ls(
 
         async def go() -> Any:
             root = models_dir or models.dir
-            tool = _sync_tool(root, _remote(url, models, "--s3"), models, None, _bars(True, ""))
+            tool = _sync_tool(root, _remote(url, models), models, None, _bars(True, ""))
             try:
                 return {name: files for name, (files, _) in (await tool.remote()).items()}
             finally:
                 tool.bucket.close()
 
         found = _run(go)
-        where = _remote(url, models, "--s3")
+        where = _remote(url, models)
     else:
         where = str(models_dir or models.dir)
         found = local_models(models_dir or models.dir)
     rows = [{"name": m.name, "kind": m.kind, "files": len(m.files), "bytes": m.size} for m in found.values()]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        print_json(rows)
         return
     table = Table("name", "kind", "files", "size", title=where)
     for row in rows:

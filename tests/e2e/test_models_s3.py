@@ -152,6 +152,13 @@ async def test_push_then_pull_a_folder_and_a_multipart_file(tmp_path: Path, buck
 
     again = cli("models", "pull", "big", "tiny-a", "--from", bucket_url, "--dir", str(dst), "--json")
     assert [r["files"] for r in json.loads(again.stdout)] == [0, 0]  # up to date: nothing moves
+    # --s3 names the bucket in every models command (--to/--from/--remote: the older spellings)
+    pushed = cli("models", "push", "big.safetensors", "--dir", str(src), "--s3", bucket_url, "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout) == {"models": [str(big)], "sent_bytes": 0}  # S3 has it
+    missing = cli("models", "push", "nosuch", "--dir", str(src), "--s3", bucket_url)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: no such model file or folder, here or in {src}: nosuch"
 
 
 async def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, bucket_url: str) -> None:
@@ -375,6 +382,21 @@ async def test_sync_moves_what_differs_both_ways(tmp_path: Path, bucket_url: str
     dry = cli("models", "sync", "--remote", bucket_url, "--dir", str(here), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "dry run: 3 file(s) would move" in dry.stdout
+    dry = cli("models", "sync", "--s3", bucket_url, "--dir", str(here), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "files": [
+            {"op": "push", "model": "both.safetensors", "path": "both.safetensors", "bytes": 4000,
+             "why": "differs, newer here"},
+            {"op": "push", "model": "only-here.safetensors", "path": "only-here.safetensors", "bytes": 2000,
+             "why": "not on S3"},
+            {"op": "pull", "model": "only-there.safetensors", "path": "only-there.safetensors", "bytes": 3000,
+             "why": "not here"},
+        ],
+        "fetched_bytes": 0,
+        "sent_bytes": 0,
+    }  # fmt: skip
     async with sync_tool(here, bucket_url) as tool:
         plan = await tool.plan()
         assert [(a.op, a.path, a.reason) for a in plan] == [
