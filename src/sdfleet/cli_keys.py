@@ -64,6 +64,7 @@ def create(
     max_priority: int = typer.Option(
         PRIORITY_MAX, "--max-priority", help="Highest task priority it may ask for."
     ),
+    as_json: bool = typer.Option(False, "--json", help="The key and its settings as one JSON object."),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Create a key; it is printed once (only its hash is stored)."""
@@ -83,6 +84,9 @@ def create(
         _fail(ValueError(validation_errors(e, lambda loc: KEY_FLAGS.get(str(loc[0]), str(loc[0])))))
         return
     _with_access(config, lambda access: access.add_key(key))
+    if as_json:
+        print_json({"key": secret, **key.model_dump(mode="json", exclude={"digest"})})
+        return
     console.print(f"key [bold]{key.id}[/bold] for tenant [bold]{tenant}[/bold] (shown once, keep it):")
     print(secret)
 

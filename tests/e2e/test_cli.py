@@ -361,6 +361,13 @@ def test_keys_list_json_is_one_document_and_its_table_keeps_ids_whole(
     assert table.returncode == 0 and "…" not in table.stdout, table.stdout
     for k in keys:
         assert k["id"] in table.stdout and k["tenant"] in table.stdout, table.stdout
+    # for scripts: the key and what it was stored with, in one document
+    made = _run(["keys", "create", "--tenant", "scripted", "--tier", "paid", "--rate", "2", "--json"], env)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    assert key["key"].startswith(f"sdf_{key['id']}_") and "digest" not in key
+    assert (key["tenant"], key["tier"], key["rate_limit"]) == ("scripted", "paid", 2.0)
+    assert key["id"] in _run(["keys", "list"], env).stdout
 
 
 def test_make_tiny_single_file_takes_the_name_with_or_without_its_extension(
