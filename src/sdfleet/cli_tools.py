@@ -114,8 +114,11 @@ def deploy_values(
     text = yaml.safe_dump(values, sort_keys=False)
     if output is None:
         sys.stdout.write(text)
-    else:
-        output.write_text(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    queues = len(values["queues"])  # a worker Deployment and its ScaledObject each
+    err.print(f"wrote {output}: {queues} queue{'s' if queues != 1 else ''}", highlight=False, markup=False)
 
 
 @runtime_app.command("serve")

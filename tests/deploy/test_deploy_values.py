@@ -33,7 +33,7 @@ def fleet_file(tmp_path: Path) -> Path:
 
 
 def test_cli_output_renders_with_one_worker_and_scaler_per_queue(fleet_file: Path, tmp_path: Path) -> None:
-    out = tmp_path / "values.yaml"
+    out = tmp_path / "not-yet" / "values.yaml"  # its folder is made
     args = [
         "deploy",
         "values",
@@ -46,6 +46,7 @@ def test_cli_output_renders_with_one_worker_and_scaler_per_queue(fleet_file: Pat
     ]
     result = CliRunner().invoke(app, [*args, "--prefix", "prod-", "-o", str(out)])
     assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 2 queues" in " ".join(result.output.split())
     values = yaml.safe_load(out.read_text())
     assert values["fleet"]["models"]["dir"] == "/models"
     objs = render(merge(values, CLUSTER))
