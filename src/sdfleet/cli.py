@@ -400,6 +400,9 @@ def list_tasks(
     if as_json:
         print_json(tasks)
         return
+    if not tasks:  # an empty frame says less than a line
+        console.print(f"no {state} tasks" if state else "no tasks", highlight=False)
+        return
     table = Table("id", "state", "run", "model", "queue", "images", "created", "kept until")
     for t in tasks:
         kept = when(t.get("expires_at"))

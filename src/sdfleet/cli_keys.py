@@ -101,6 +101,9 @@ def list_keys(
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"digest"}) for k in keys])
         return
+    if not keys:
+        console.print("no stored keys (`sdfleet keys create --tenant T` makes one)", highlight=False)
+        return
     table = Table(
         "id", "tenant", "tier", "rate/s", "burst", "max in flight", "max priority", "created", "revoked"
     )

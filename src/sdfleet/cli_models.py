@@ -255,6 +255,7 @@ def ls(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Models with their size and file count, in the models folder or (--remote) in S3."""
+    from sdfleet.models.catalog import HOW_TO_ADD, folder_named
     from sdfleet.models.layout import local_models
     from sdfleet.models.sync import mib
 
@@ -272,11 +273,15 @@ def ls(
         found = _run(go)
         where = _remote(url, models)
     else:
-        where = str(models_dir or models.dir)
+        where = folder_named(models_dir or models.dir)
         found = local_models(models_dir or models.dir)
     rows = [{"name": m.name, "kind": m.kind, "files": len(m.files), "bytes": m.size} for m in found.values()]
     if as_json:
         print_json(rows)
+        return
+    if not rows:
+        how = "" if remote else f": {HOW_TO_ADD}"
+        console.print(f"no models in {where}{how}", highlight=False, markup=False)
         return
     table = Table("name", "kind", "files", "size", title=where)
     for row in rows:

@@ -64,6 +64,7 @@ def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> Non
     if not models:  # an empty table alone does not say why, nor what to do
         said = f"no models in {folder_named(catalog.models_dir)}: {HOW_TO_ADD}"
         err.print(said, highlight=False, markup=False)
+        return
     table = Table("name", "kind", "tiny test model", "default", "path")
     for m in models:
         marks = ("yes" if m.tiny else "", "yes" if m.name == default else "")

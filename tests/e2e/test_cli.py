@@ -64,10 +64,12 @@ def test_models_make_tiny_and_list(tmp_path: Path, cli_env: dict[str, str]) -> N
     assert listed.stderr == ""
     config.write_text(yaml.safe_dump({"models": {"dir": str(tmp_path / "nowhere")}}))
     empty = _run(["models", "list", "-c", str(config)], cli_env)  # listing nothing is not an error
-    assert empty.returncode == 0 and "─" in empty.stdout, empty.stderr
-    assert empty.stderr == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): " + (
-        "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3\n"
-    )
+    assert empty.returncode == 0 and empty.stdout == "", empty.stdout  # the line, not an empty frame
+    how = "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3"
+    assert empty.stderr == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): {how}\n"
+    empty = _run(["models", "ls", "-c", str(config)], cli_env)
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): {how}\n"
 
 
 def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -138,6 +140,8 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         queues = _run(["queues", "-c", str(config)], cli_env)
         assert queues.returncode == 0, queues.stderr
         assert re.search(r"sd15\s+.*diffusers\s+.*0\s+.*0", queues.stdout), queues.stdout
+        none = _run(["tasks", "--state", "failed", "--api", api], cli_env)
+        assert none.returncode == 0 and none.stdout == "no failed tasks\n", none.stdout
         missing = _run(["status", "no-such-task", "--api", api], cli_env)
         assert missing.returncode == 2 and "not found" in missing.stderr
         _ctrl_c_stops_the_waiting_not_the_task(api, cli_env)
@@ -348,6 +352,11 @@ def test_keys_list_json_is_one_document_and_its_table_keeps_ids_whole(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     env = {**cli_env, "COLUMNS": "60"}
+    none = _run(["keys", "list"], env)
+    assert (
+        none.returncode == 0
+        and none.stdout == "no stored keys (`sdfleet keys create --tenant T` makes one)\n"
+    )
     made = [_run(["keys", "create", "--tenant", f"tenant-with-a-long-name-{i}"], env) for i in range(2)]
     assert all(m.returncode == 0 for m in made), [m.stderr for m in made]
     listed = _run(["keys", "list", "--json"], env)
