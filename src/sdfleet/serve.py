@@ -93,6 +93,8 @@ class Fleet:
         # first, and log their bus closing under them); each listener is checked again as it starts.
         for listener in self._listeners():
             check_bindable(*listener)
+        if self.queues:  # a heartbeat the lease outlives, said before any runtime loads its model
+            self.settings.agent.heartbeat_period(self.settings.fleet.retry.lease_s)
         async with AsyncExitStack() as stack:
             engines = await open_engines(self.settings, stack)
             metrics = Metrics()

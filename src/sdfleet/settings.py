@@ -267,6 +267,17 @@ class AgentSettings(BaseModel):
     1000 while it holds tasks and 0 when idle, so scale-in deletes idle workers first (needs
     ``POD_NAME``/``POD_NAMESPACE`` and ``patch`` on pods: the chart's ``agent.podDeletionCost``)."""
 
+    def heartbeat_period(self, lease_s: float) -> float:
+        """How often a running task's lease is extended: ``heartbeat_s``, else a third of the
+        lease. Raises ``ConfigError`` when it is not shorter than the lease (deliveries would come
+        back while they run): checked when an agent's fleet starts, before any runtime loads."""
+        if self.heartbeat_s is not None and self.heartbeat_s >= lease_s:
+            raise ConfigError(
+                f"agent.heartbeat_s ({self.heartbeat_s:g}) must be shorter than the lease "
+                f"(fleet.retry.lease_s, {lease_s:g}), or deliveries come back while they run"
+            )
+        return self.heartbeat_s or lease_s / 3
+
 
 class WebhookSettings(BaseModel):
     """Task webhooks (``Task.webhook``), delivered by the agents and checked by the API at submit."""

@@ -289,7 +289,9 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
     ]:
         _one_error_line(_run(["queues"], {**cli_env, var: value}), words)
     beats_late = {**cli_env, "SDFLEET_AGENT__HEARTBEAT_S": "60"}  # the lease is 60 s
-    _one_error_line(_run(["agent", "--queue", "default"], beats_late), "must be shorter than the lease")
+    late = _run(["agent", "--queue", "default"], beats_late)
+    _one_error_line(late, "must be shorter than the lease")
+    assert late.stderr.count("\n") == 1, late.stderr  # before any runtime is built (and logs)
     fresh = {**cli_env, "SDFLEET_DATA_DIR": str(tmp_path / "fresh")}  # no topology yet
     _one_error_line(_run(["queues"], fresh), "sdfleet ensure")
     _one_error_line(_run(["dlq", "list"], fresh), "queue 'default' does not exist: create the fleet's queues")

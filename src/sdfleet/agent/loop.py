@@ -40,7 +40,7 @@ from sdfleet.agent.prepare import check, decode_or_settle, drop_if_no_dead_lette
 from sdfleet.agent.startup import deletion_cost, start_runtime
 from sdfleet.agent.watch import Lease, watch_cancels
 from sdfleet.bus.base import Delivery
-from sdfleet.errors import BusError, BusUnavailable, ConfigError, NotFound, SdfleetError
+from sdfleet.errors import BusError, BusUnavailable, NotFound, SdfleetError
 from sdfleet.pod_cost import track
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,7 @@ class Agent:
         self._touched = 0.0
         s = parts.settings
         self.lease_s = parts.fleet.retry.lease_s
-        if s.heartbeat_s is not None and s.heartbeat_s >= self.lease_s:
-            raise ConfigError(
-                f"agent.heartbeat_s ({s.heartbeat_s:g}) must be shorter than the lease "
-                f"(fleet.retry.lease_s, {self.lease_s:g}), or deliveries come back while they run"
-            )
-        self.period = s.heartbeat_s or self.lease_s / 3  # extended well before it runs out
+        self.period = s.heartbeat_period(self.lease_s)  # extended well before it runs out
         self.depth = max(1, parts.runtime.max_in_flight)
         self.batcher = batching(parts.runtime)
         self.max_batch = self.batcher.max_batch if self.batcher else 1
