@@ -19,6 +19,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     make_tiny(root, "v1-5-pruned-emaonly")
     make_tiny(root, "tiny-sf", single_file=True)
+    make_tiny(root, "sf-bare", single_file=True, sidecar=False)  # the marker in its metadata alone
     (root / "bare.ckpt").write_bytes(b"not really a checkpoint")
     (root / "not-a-model").mkdir()
     (root / ".hidden").mkdir()
@@ -39,12 +40,15 @@ def test_make_tiny_folder_has_marker_and_pipeline(models_dir: Path) -> None:
 
 def test_catalog_lists_folders_and_single_files(models_dir: Path) -> None:
     infos = {m.name: m for m in ModelCatalog(models_dir).list()}
-    assert set(infos) == {"v1-5-pruned-emaonly", "tiny-sf.safetensors", "bare.ckpt"}
+    assert set(infos) == {"v1-5-pruned-emaonly", "tiny-sf.safetensors", "sf-bare.safetensors", "bare.ckpt"}
     assert infos["v1-5-pruned-emaonly"].kind == "diffusers"
     assert infos["v1-5-pruned-emaonly"].tiny
     sf = infos["tiny-sf.safetensors"]
     assert (sf.kind, sf.tiny, sf.config) == ("single-file", True, models_dir / "tiny-sf.config")
     assert sf.tiny_note() == "random weights: output is noise from a tiny test model"
+    bare = infos["sf-bare.safetensors"]  # listed as not tiny before, and its images unmarked
+    assert (bare.kind, bare.tiny, bare.config) == ("single-file", True, None)
+    assert bare.tiny_note() == "random weights: output is noise from a tiny test model"
     assert (infos["bare.ckpt"].tiny, infos["bare.ckpt"].config) == (False, None)
     assert infos["bare.ckpt"].tiny_note() is None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from sdfleet.errors import NotFound
+from sdfleet.models.tiny import file_marker, is_tiny
 
 if TYPE_CHECKING:
     from sdfleet.models.fetcher import ModelFetcher
@@ -56,8 +57,8 @@ class ModelInfo:
         if not self.tiny:
             return None
         where = self.path if self.kind == "diffusers" else self.config
-        if where is None:
-            return None
+        if where is None:  # a single file without its config folder carries the marker itself
+            return str((file_marker(self.path) or {}).get("note") or "") or None
         try:
             note = json.loads((where / TINY_MARKER).read_text()).get("note")
         except (OSError, ValueError):
@@ -114,7 +115,7 @@ class ModelCatalog:
             elif entry.is_file() and entry.suffix in SINGLE_FILE_SUFFIXES:
                 sidecar = entry.with_name(entry.stem + CONFIG_SUFFIX)
                 config = sidecar if (sidecar / "model_index.json").is_file() else None
-                tiny = config is not None and (config / TINY_MARKER).is_file()
+                tiny = (config / TINY_MARKER).is_file() if config is not None else is_tiny(entry)
                 found.append(ModelInfo(entry.name, entry, "single-file", tiny=tiny, config=config))
         return found
 

@@ -16,6 +16,7 @@ config folder as the same model. Imports torch/diffusers/transformers when calle
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -214,13 +215,33 @@ def is_tiny(path: Path) -> bool:
     carries the marker. Anything else, unreadable included, is taken for a real model."""
     if path.is_dir():
         return (path / MARKER).is_file()
+    return file_marker(path) is not None
+
+
+def file_marker(path: Path) -> dict[str, Any] | None:
+    """The marker ``make_tiny`` put in a single file's metadata, None for any other file (a real
+    checkpoint, an unreadable one). Read once per version of the file (its size and mtime): the
+    catalog asks on every listing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _file_marker(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_marker(path: str, _size: int, _mtime_ns: int) -> dict[str, Any] | None:
+    if not path.endswith(".safetensors"):
+        return None
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), "np") as f:
-            return "sdfleet" in (f.metadata() or {})
+        with safe_open(path, "np") as f:
+            marker = (f.metadata() or {}).get("sdfleet")
+        found = json.loads(marker) if marker is not None else None
     except Exception:  # not a safetensors file we can read: not ours, whatever it is
-        return False
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def make_tiny(
