@@ -59,3 +59,22 @@ def test_a_json_line_keeps_extras_but_not_uvicorns_coloured_copy_of_the_message(
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "Uvicorn running on http://127.0.0.1:8080"
     assert line["task_id"] == "t1" and "color_message" not in line
+
+
+def test_diffusers_and_transformers_errors_are_json_lines_once(
+    own_root: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both libraries log through a stderr handler of their own and do not propagate: an error of
+    theirs was a plain-text line among an agent's JSON ones."""
+    from sdfleet.runtimes._diffusers_pipes import quiet_libraries
+
+    setup_logging("INFO", json_logs=True)
+    quiet_libraries()
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.get_logger("diffusers.pipelines.x").error("diffusers broke")
+    transformers_logging.get_logger("transformers.models.x").error("transformers broke")
+    diffusers_logging.get_logger("diffusers.pipelines.x").warning("advice")  # still quiet
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["msg"] for line in lines] == ["diffusers broke", "transformers broke"], lines

@@ -16,6 +16,7 @@ from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
 from sdfleet.tasks import TaskParams
+from sdfleet.telemetry import adopt_library_logs
 
 log = logging.getLogger(__name__)
 # Typed as Any: many diffusers entry points are untyped, which mypy --strict refuses to call.
@@ -28,7 +29,8 @@ _quiet = False
 
 
 def quiet_libraries() -> None:
-    """No progress bars or advisory warnings from diffusers/transformers in an agent's logs."""
+    """No progress bars or advisory warnings from diffusers/transformers in an agent's logs; their
+    errors as the agent's own log lines (JSON), not plain text from their own handlers."""
     global _quiet
     if _quiet:
         return
@@ -39,6 +41,8 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    for library in ("diffusers", "transformers"):  # their own plain-text handlers, not propagated
+        adopt_library_logs(library)
     _quiet = True
 
 
