@@ -15,9 +15,9 @@ from sdfleet.api.deps import ApiContext
 from sdfleet.bus import Bus, open_bus
 from sdfleet.bus.restore import TopologyKeeper
 from sdfleet.compat.notify import seed_notification
-from sdfleet.errors import ConfigError
+from sdfleet.errors import ConfigError, NotFound
 from sdfleet.guarded_http import InputFetcher
-from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, folder_named
+from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, default_model, folder_named, unreadable
 from sdfleet.notify.base import Notifier
 from sdfleet.notify.topic import TopicNotifier
 from sdfleet.notify.webhook import WebhookNotifier
@@ -129,6 +129,24 @@ def runtime_options(settings: Settings, name: str) -> dict[str, Any]:
     return options
 
 
+def _warn_unreadable_default(queue: str, models: ModelCatalog, name: str | None) -> None:
+    """The model a queue's tasks run on when they name none, glanced at once: a corrupt one would
+    otherwise show only as each such task failing ``model_load_error`` three times."""
+    try:
+        info = models.resolve(name) if name else None
+    except NotFound:
+        return  # not here yet: fetched from models.s3 by the first task, or that task fails
+    reason = unreadable(info) if info is not None else None
+    if reason is not None:
+        log.warning(
+            "queue %s: its default model %s cannot be read (%s); tasks that name no model will fail "
+            "until it is replaced",
+            queue,
+            info.path if info is not None else name,
+            reason,
+        )
+
+
 def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> Runtime:
     q = settings.fleet.queue(queue)
     if q is None:
@@ -143,6 +161,10 @@ def make_runtime(settings: Settings, queue: str, runtime: str | None = None) -> 
             q.name,
             folder_named(settings.fleet.models.dir),
             HOW_TO_ADD,
+        )
+    elif name == "diffusers":
+        _warn_unreadable_default(
+            q.name, models, default_model(q.model or settings.fleet.models.default, models)
         )
     return build_runtime(
         name,

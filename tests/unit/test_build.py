@@ -33,6 +33,30 @@ def test_an_empty_models_folder_is_said_at_start(tmp_path: Path, caplog: pytest.
     assert not [r for r in caplog.records if "holds no model" in r.getMessage()]
 
 
+def test_an_unreadable_default_model_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first model by name is every unnamed task's: a checkpoint cut short in copying failed
+    each such task three times (``model_load_error``) with nothing said at start."""
+    caplog.set_level(logging.WARNING, logger="sdfleet.build")
+    models = tmp_path / "models"
+    make_tiny(models, "zz-good")
+    (models / "aa-cut-short.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    make_runtime(_settings(models), "q")
+    [said] = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert said.startswith(
+        f"queue q: its default model {models / 'aa-cut-short.safetensors'} cannot be read ("
+    )
+    assert said.endswith("); tasks that name no model will fail until it is replaced")
+    caplog.clear()
+    settings = _settings(models)
+    settings.fleet.models.default = "zz-good"  # a readable default; the broken file is not used
+    make_runtime(settings, "q")
+    settings.fleet.models.default = "not-here-yet.safetensors"  # fetched by its first task
+    make_runtime(settings, "q")
+    assert not [r for r in caplog.records if "cannot be read" in r.getMessage()]
+
+
 def test_the_diffusers_generation_bound_follows_the_apis_unless_set(tmp_path: Path) -> None:
     """What the API admits (``api.max_width`` × ``api.max_height``) must run on the diffusers
     runtime, so its bound defaults to the API's from the one fleet file; a value set wins."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sdfleet.errors import NotFound
+from sdfleet.errors import NotFound, one_line
 from sdfleet.models.tiny import file_marker, is_tiny
 
 if TYPE_CHECKING:
@@ -147,6 +147,23 @@ def default_model(configured: str | None, catalog: ModelCatalog | None) -> str |
 
 def _stem(name: str) -> str:
     return Path(name).stem if Path(name).suffix in SINGLE_FILE_SUFFIXES else name
+
+
+def unreadable(info: ModelInfo) -> str | None:
+    """Why ``info`` cannot be a model, as far as a glance tells (a folder's ``model_index.json``, a
+    ``.safetensors`` header: a copy cut short, a file that is not one), or None. Not a load: a
+    model that passes can still fail to load, and one being copied in may heal."""
+    try:
+        if info.kind == "diffusers":
+            json.loads((info.path / "model_index.json").read_text())
+        elif info.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(info.path), "np"):
+                pass
+    except Exception as e:  # whatever the reader raises is the reason
+        return one_line(e)
+    return None
 
 
 def match_name(name: str, names: list[str]) -> str | None:
