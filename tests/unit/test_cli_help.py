@@ -1,9 +1,11 @@
-"""Every command's help reads well in the command lists of ``sdfleet -h`` and its groups."""
+"""Every command's help reads well in the command lists of ``sdfleet -h`` and its groups, and every
+command and option is in the README (options may be in the docs it links)."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,3 +52,20 @@ def test_each_command_is_one_row_of_its_groups_list(group: tuple[str, ...]) -> N
 def test_every_option_says_what_it_does(path: tuple[str, ...], cmd: Any) -> None:
     silent = [p.opts for p in cmd.params if p.param_type_name == "option" and not p.help]
     assert not silent, f"{path}: options without help"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
+DOCS += (ROOT / "bench" / "README.md").read_text()
+LEAVES = [(p, c) for p, c in COMMANDS if p and not isinstance(c, TyperGroup)]
+
+
+@pytest.mark.parametrize(("path", "cmd"), LEAVES, ids=[" ".join(p) for p, _ in LEAVES])
+def test_every_command_and_option_is_documented(path: tuple[str, ...], cmd: Any) -> None:
+    name = " ".join(path)
+    # a row of the README's command table names a command in full, or after "·" its last word
+    assert f"sdfleet {name}" in README or f"`{path[-1]} " in README, f"{name}: not in the README"
+    options = [p for p in cmd.params if p.param_type_name == "option" and p.name != "help"]
+    missing = [p.opts for p in options if not any(o in DOCS for o in (*p.opts, *p.secondary_opts))]
+    assert not missing, f"{name}: options in neither the README nor docs/"
