@@ -86,7 +86,7 @@ class ModelsConfig(BaseModel):
     s3: str | None = Field(
         None, pattern=worded(r"^s3://[^/?#]+(/[^?#]*)?(\?.*)?$", "an s3://bucket/prefix URL")
     )
-    """``s3://bucket/prefix`` holding models: the default of ``sdfleet models push/pull/sync/ls
+    """``s3://bucket/prefix`` holding models: the default ``--s3`` of ``sdfleet models push/pull/sync/ls
     --remote``, and where agents fetch a model a task names that is not on disk yet."""
     default: str | None = None
     """Model used when a task names none."""
