@@ -7,6 +7,8 @@ written out verbatim as Python dicts. Sources, in the seed repository:
   v1alpha1 usage page; its input image link is ``IMAGE_LINK_PLACEHOLDER``.
 - ``V1ALPHA1_I2I_DOCS``: the usage page ``docs/en/implementation-guide/usage/image-to-image.md``
   (2023-10), which has no ``save_dir``.
+- ``V1ALPHA1_T2V``: ``test/v1alpha1/t2v.json``, AnimateDiff's 32 frames as SD WebUI's batch (its
+  prompt and negative prompt shortened; every other field as the seed has it).
 - ``V1ALPHA2_T2I``: ``test/v1alpha2/t2i.json``.
 - ``V1ALPHA2_I2I``: ``test/v1alpha2/i2i.json`` (current form, the link in ``init_images``).
 - ``V1ALPHA2_I2I_IMAGE_LINK``: ``test/v1alpha2/i2i.json`` of release 1.0 (link in
@@ -32,6 +34,45 @@ CAT_WIZARD = "cat wizard, gandalf, lord of the rings, detailed, fantasy, cute, a
 SEED_IMAGE_LINK = (
     "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png"
 )
+
+
+V1ALPHA1_T2V: dict[str, Any] = {
+    "alwayson_scripts": {
+        "task": "text-to-image",
+        "sd_model_checkpoint": "sd_xl_turbo_1.0.safetensors",
+        "id_task": "gif1",
+        "uid": "gif1",
+        "save_dir": "outputs",
+        "AnimateDiff": {
+            "args": [
+                {
+                    "batch_size": 16,
+                    "closed_loop": "N",
+                    "enable": True,
+                    "format": ["GIF"],
+                    "fps": 8,
+                    "interp": "Off",
+                    "interp_x": 10,
+                    "last_frame": None,
+                    "latent_power": 1,
+                    "latent_scale": 32,
+                    "loop_number": 0,
+                    "model": "mm_sd15_v3.safetensors",
+                    "overlap": -1,
+                    "stride": 1,
+                    "video_length": 32,
+                }
+            ]
+        },
+    },
+    "batch_size": 32,
+    "cfg_scale": 7,
+    "height": 512,
+    "negative_prompt": "(worst quality:1.2), (low quality:1.2), watermark",
+    "prompt": "a cat walking in a desert, cactus",
+    "steps": 20,
+    "width": 512,
+}
 
 V1ALPHA1_I2I_DOCS: dict[str, Any] = {
     "alwayson_scripts": {

@@ -31,6 +31,10 @@ TENANT_PATTERN = worded(
 """A tenant name: the first segment of its storage keys and of its record keys, so no ``/``."""
 PRIORITY_MAX = 9
 """Task priorities are 0 (the default) to this; higher runs sooner (``Task.priority``)."""
+BATCH_MAX = 64
+"""Most images one task asks for (``batch_size``): SD WebUI takes AnimateDiff's frames as its batch
+(the seed's own text-to-video example asks for 32). A runtime that makes the images itself may
+take fewer (``runtimes.unsupported.IMAGES_MAX``)."""
 TTL_MAX_S = 86_400
 """The longest ``ttl_s`` the API and a queue take: a day."""
 
@@ -95,7 +99,7 @@ class TaskParams(BaseModel):
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
     sampler: str | None = None
     seed: Integer = Field(-1, ge=-1, lt=2**32)
-    batch_size: Integer = Field(1, ge=1, le=16)
+    batch_size: Integer = Field(1, ge=1, le=BATCH_MAX)
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     clip_skip: Integer = Field(1, ge=1, le=12)
     init_images: list[str] = Field(default_factory=list)

@@ -220,6 +220,28 @@ async def test_what_the_routed_queues_runtime_cannot_run_is_refused_at_the_door(
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_task", r.text
 
 
+async def test_the_seeds_text_to_video_example_is_taken_where_sd_webui_runs_it(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """``test/v1alpha1/t2v.json`` (AnimateDiff: 32 frames as the batch) was a 422 on every fleet:
+    ``batch_size`` was capped at 16 for all runtimes. An a1111 queue takes it as the seed did; a
+    diffusers one refuses it at the door, naming why and where it would run."""
+    from seed_payloads import V1ALPHA1_T2V, copy_of
+
+    t2v = copy_of(V1ALPHA1_T2V)
+    t2v["alwayson_scripts"]["sd_model_checkpoint"] = SD15  # a model these fleets have
+    fleet = await start_fleet(agents=[])  # diffusers queues only
+    r = await fleet.http.post("/v1alpha1/", json=t2v)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
+    assert "at most 16 images a task, not 32" in r.json()["error"]["message"], r.text
+    queues = [QueueConfig(name="webui", runtime="a1111")]
+    other = await start_fleet(queues, agents=[], settings=fleet_settings(engine, models_dir, queues))
+    r = await other.http.post("/v1alpha1/", json=t2v)
+    assert r.status_code == 200 and r.json()["id_task"] == "gif1", r.text
+    view = (await other.http.get("/v1/tasks/gif1")).json()
+    assert (view["state"], view["queue"]) == ("queued", "webui"), view
+
+
 async def _run_done(fleet: RunningFleet, task_id: str, run: int) -> dict[str, Any]:
     """The view of ``task_id`` once its run ``run`` has ended."""
     for _ in range(600):

@@ -163,8 +163,8 @@ HEAD = "time,model,width,height,steps,tenant,count\n"
         ("w.yaml", "duration_s: 60\nrate: .inf\n", "rate: Input should be a finite number"),
         (
             "w.yaml",
-            "duration_s: 60\nrate: 1\nmix: [{images: 40}]\n",
-            "batch_size: Input should be less than or equal to 16 (got 40)",
+            "duration_s: 60\nrate: 1\nmix: [{model: sd15, images: 40}]\n",
+            "the diffusers runtime makes at most 16 images a task, not 40 (batch_size)",
         ),
     ],
 )

@@ -16,6 +16,7 @@ from seed_payloads import (
     V1ALPHA1_I2I,
     V1ALPHA1_I2I_DOCS,
     V1ALPHA1_T2I,
+    V1ALPHA1_T2V,
     V1ALPHA2_I2I,
     V1ALPHA2_I2I_IMAGE_LINK,
     V1ALPHA2_T2I,
@@ -114,3 +115,27 @@ def test_refuse_says_what_the_runtime_would_fail_the_task_with() -> None:
         t2i.type,
         t2i.params.model_copy(update={"sampler": "Euler", "extra": {"scheduler": "Karras"}}),
     )
+
+
+def test_the_seeds_text_to_video_example_runs_on_sd_webui_and_is_refused_by_name_by_diffusers() -> None:
+    """``test/v1alpha1/t2v.json`` asks for 32 frames as SD WebUI's batch (AnimateDiff): every
+    fleet refused it (``batch_size`` ≤ 16 at the door), an a1111 one included."""
+    from sdfleet.runtimes._a1111_payload import build_body
+    from sdfleet.runtimes.base import Job
+
+    t2v = task_of(V1ALPHA1_T2V)
+    assert t2v.params.batch_size == 32
+    refuse("a1111", t2v.type, t2v.params)  # SD WebUI with the extension runs it
+    body = build_body(Job(t2v.id, t2v.type, t2v.model, t2v.params))
+    assert (
+        body["batch_size"] == 32 and body["alwayson_scripts"]["AnimateDiff"]["args"][0]["video_length"] == 32
+    )
+    with pytest.raises(Reject) as e:
+        refuse("diffusers", t2v.type, t2v.params)
+    assert (e.value.code, e.value.reason) == (
+        "too_large",
+        "the diffusers runtime makes at most 16 images a task, not 32 (batch_size): ask for fewer, "
+        "or send the task to a queue with the a1111 runtime",
+    )
+    sixteen = t2v.params.model_copy(update={"batch_size": 16, "extra": {}})
+    refuse("diffusers", t2v.type, sixteen)

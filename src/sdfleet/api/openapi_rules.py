@@ -23,7 +23,7 @@ from sdfleet.api.seed_schemas import (
 )
 from sdfleet.compat._common import TASK_TYPES
 from sdfleet.errors import worded
-from sdfleet.runtimes.unsupported import runnable
+from sdfleet.runtimes.unsupported import images_max, runnable
 from sdfleet.settings import ApiSettings, FleetConfig
 from sdfleet.tasks import TaskType
 
@@ -116,9 +116,10 @@ def _v1_variants(runs: Collection[str]) -> list[Schema]:
     return variants
 
 
-def _tighten_a1111(c: Schema, settings: ApiSettings, runs: Collection[str]) -> None:
+def _tighten_a1111(c: Schema, settings: ApiSettings, runs: Collection[str], images: int) -> None:
     for name in ("V1alpha1Body", "A1111Content"):  # A1111Content: v1alpha2's content
         props = c[name]["properties"]
+        _set(props, "batch_size", maximum=images)
         _set(props, "width", maximum=settings.max_width)
         _set(props, "height", maximum=settings.max_height)
         _set(props, "image", **IMAGE)
@@ -182,7 +183,10 @@ def tighten(c: Schema, settings: ApiSettings, fleet: FleetConfig) -> None:
     kinds = runnable(q.runtime for q in fleet.queues)
     runs = [name for name, kind in TASK_TYPES.items() if kind in kinds]
     request["anyOf"] = _v1_variants(runs)
-    _tighten_a1111(c, settings, runs)
+    # as many images as the fleet's most generous runtime makes (a diffusers-only fleet: its own)
+    images = max(images_max(q.runtime) for q in fleet.queues)
+    params["batch_size"]["maximum"] = images
+    _tighten_a1111(c, settings, runs, images)
     for owner, *path in (
         ("TaskRequest", "type"),
         ("TaskRequest", "params"),

@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sdfleet.compat._common import MAX_INT_ID, PREFIX_PATTERN, TASK_TYPES
 from sdfleet.compat.v1alpha1 import ACCEPTED_TYPES
 from sdfleet.errors import worded
-from sdfleet.tasks import TASK_ID_PATTERN, Integer, integral
+from sdfleet.tasks import BATCH_MAX, TASK_ID_PATTERN, Integer, integral
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 URL_HOST = rf"{_LABEL}(\.{_LABEL}){{0,126}}"
@@ -67,7 +67,7 @@ class A1111Body(Extras):
     height: Annotated[int, Field(ge=8, multiple_of=8), BeforeValidator(integral)] | None = None
     cfg_scale: Annotated[float, Field(ge=0, le=30)] | None = None
     seed: Annotated[int, Field(ge=-1, lt=2**32), BeforeValidator(integral)] | None = None
-    batch_size: Annotated[int, Field(ge=1, le=16), BeforeValidator(integral)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=BATCH_MAX), BeforeValidator(integral)] | None = None
     denoising_strength: Annotated[float, Field(ge=0, le=1)] | None = None
     sampler_name: str | None = Field(None, max_length=NAME_MAX)
     sampler_index: str | None = Field(None, max_length=NAME_MAX)

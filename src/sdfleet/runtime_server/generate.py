@@ -25,10 +25,10 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
-from sdfleet.runtimes.unsupported import img2img_batch
+from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch
 from sdfleet.tasks import TaskParams, TaskType
 
-_MAX_IMAGES = 16
+_MAX_IMAGES = IMAGES_MAX["diffusers"]
 
 
 def decode_image_field(text: str) -> bytes:

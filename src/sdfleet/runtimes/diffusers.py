@@ -32,7 +32,12 @@ from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callba
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import refuse_kind, refuse_too_many_inputs, refuse_unsupported
+from sdfleet.runtimes.unsupported import (
+    refuse_kind,
+    refuse_too_many_images,
+    refuse_too_many_inputs,
+    refuse_unsupported,
+)
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
@@ -203,6 +208,7 @@ class DiffusersRuntime:
     def _check(self, job: Job) -> str | None:
         """The job's sampler; ``Reject`` for what this runtime can never run."""
         refuse_kind("diffusers", job.type)  # extras went to _run_extras: a pipeline task
+        refuse_too_many_images("diffusers", job.type, job.params)
         O.check_size(job.params, job.type, self.options.generate_max_pixels)
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")

@@ -16,7 +16,7 @@ from typing import Any
 
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_samplers import sampler_key
-from sdfleet.tasks import TaskParams, TaskType
+from sdfleet.tasks import BATCH_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
 RUNS: dict[str, frozenset[TaskType]] = {
@@ -28,6 +28,9 @@ RUNS: dict[str, frozenset[TaskType]] = {
 """The task types each built-in runtime runs (a plugin runtime is not listed: it decides)."""
 GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
 """The task types these fields belong to (SD WebUI's txt2img and img2img)."""
+IMAGES_MAX: dict[str, int] = {"diffusers": 16}
+"""Most images (``batch_size``) a text- or image-to-image task may ask of a runtime that makes them
+itself, in one pipeline call; SD WebUI runs what it is given, up to ``tasks.BATCH_MAX``."""
 LACKING = frozenset({"diffusers"})
 """Built-in runtimes that run txt2img/img2img themselves without these fields (a1111 hands every
 field to SD WebUI; comfyui runs workflows)."""
@@ -66,11 +69,28 @@ def refuse_kind(runtime: str, kind: TaskType) -> None:
     )
 
 
+def images_max(runtime: str) -> int:
+    """Most images a task may ask of ``runtime`` (``IMAGES_MAX``, else ``tasks.BATCH_MAX``)."""
+    return IMAGES_MAX.get(runtime, BATCH_MAX)
+
+
+def refuse_too_many_images(runtime: str, kind: TaskType, params: TaskParams) -> None:
+    """``Reject`` (``too_large``) for a batch larger than ``runtime`` makes in one call."""
+    bound = images_max(runtime)
+    if kind in GENERATE and params.batch_size > bound:
+        raise Reject(
+            f"the {runtime} runtime makes at most {bound} images a task, not {params.batch_size} "
+            "(batch_size): ask for fewer, or send the task to a queue with the a1111 runtime",
+            code="too_large",
+        )
+
+
 def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     """Every check above for a ``kind`` task with ``params`` on a queue of ``runtime``: ``Reject``
-    with the code the runtime would fail the task with (``unsupported_task``,
+    with the code the runtime would fail the task with (``unsupported_task``, ``too_large``,
     ``unsupported_option``, ``unknown_sampler``, ``unknown_scheduler``)."""
     refuse_kind(runtime, kind)
+    refuse_too_many_images(runtime, kind, params)
     found = unsupported_for(runtime, kind, params)
     if found:
         raise Reject(unsupported_message(found, runtime), code="unsupported_option")

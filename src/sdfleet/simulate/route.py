@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from sdfleet.errors import ConfigError, ValidationFailed, validation_errors
+from sdfleet.errors import ConfigError, Reject, ValidationFailed, validation_errors
 from sdfleet.routing import resolve_queues, task_attributes
+from sdfleet.runtimes.unsupported import refuse
 from sdfleet.settings import FleetConfig
 from sdfleet.simulate.trace import TaskClass
-from sdfleet.tasks import Task, TaskParams
+from sdfleet.tasks import Task, TaskParams, TaskType
 
 
 @dataclass
@@ -42,5 +43,10 @@ def route_classes(fleet: FleetConfig, classes: list[TaskClass]) -> Routes:
         except ValidationFailed:
             queues = []
             routes.unrouted.append(c)
+        for queue in [q for q in fleet.queues if q.name in queues[:1]]:  # the queue it is sent to
+            try:
+                refuse(queue.runtime, TaskType.TEXT_TO_IMAGE, params)  # as the API asks at submit
+            except Reject as e:
+                raise ConfigError(f"the API would refuse {c}: {e.reason}") from e
         routes.queues.append(queues)
     return routes
