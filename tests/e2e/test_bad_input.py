@@ -249,7 +249,8 @@ async def test_tenants_ids_and_cancel(start_fleet: StartFleet, engine: Engine, m
     cancelled = await http.post("/v1/tasks/client-7/cancel", headers=ALICE)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     again = await http.post("/v1/tasks/client-7/cancel", headers=ALICE)
-    assert again.status_code == 409 and "cannot be cancelled" in again.json()["error"]["message"]
+    assert again.status_code == 409
+    assert again.json()["error"]["message"] == "task client-7 cannot be cancelled: it was cancelled already"
     assert (await http.get("/v1/tasks/client-7", headers=BOB)).json()["state"] == "queued"
     assert (await http.post("/v1/tasks/client-7/cancel", headers=BOB)).json()["state"] == "cancelled"
 

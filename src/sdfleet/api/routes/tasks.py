@@ -263,6 +263,14 @@ async def list_tasks(
     return TaskPage(tasks=[await task_view(ctx, request, r) for r in records], cursor=next_cursor)
 
 
+_ENDED = {
+    TaskState.SUCCEEDED: "it has already succeeded",
+    TaskState.FAILED: "it has already failed",
+    TaskState.CANCELLED: "it was cancelled already",
+}
+"""Why a task that has ended cannot be cancelled, in its state's words."""
+
+
 @router.post("/{task_id}/cancel", response_model=TaskView, responses=errors(401, 404, 409, 422, 503))
 async def cancel_task(
     request: Request,
@@ -274,14 +282,13 @@ async def cancel_task(
     await owned(ctx, who, task_id)
 
     def mutate(r: TaskRecord) -> TaskRecord:
+        if r.state.terminal:
+            raise TransitionConflict(f"task {task_id} cannot be cancelled: {_ENDED[r.state]}")
         r.state = TaskState.CANCELLED
         r.finished_at = time.time()
         return r
 
-    try:
-        record = await transition(ctx.store, who.tenant, task_id, mutate)
-    except TransitionConflict as e:
-        raise TransitionConflict(f"task {task_id} cannot be cancelled: {e}") from e
+    record = await transition(ctx.store, who.tenant, task_id, mutate)
     return await task_view(ctx, request, record)
 
 
