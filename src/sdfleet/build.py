@@ -132,17 +132,19 @@ def runtime_options(settings: Settings, name: str) -> dict[str, Any]:
 def _warn_unreadable_default(queue: str, models: ModelCatalog, name: str | None) -> None:
     """The model a queue's tasks run on when they name none, glanced at once: a corrupt one would
     otherwise show only as each such task failing ``model_load_error`` three times."""
+    if not name:
+        return
     try:
-        info = models.resolve(name) if name else None
+        info = models.resolve(name)
     except NotFound:
         return  # not here yet: fetched from models.s3 by the first task, or that task fails
-    reason = unreadable(info) if info is not None else None
+    reason = unreadable(info)
     if reason is not None:
         log.warning(
             "queue %s: its default model %s cannot be read (%s); tasks that name no model will fail "
             "until it is replaced",
             queue,
-            info.path if info is not None else name,
+            info.path,
             reason,
         )
 

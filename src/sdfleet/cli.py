@@ -251,7 +251,7 @@ def submit(
         None, help="Sampler, by SD WebUI's name (e.g. 'Euler a', 'DPM++ 2M')."
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Images of this prompt, 1-16 (default 1)."
+        None, "--batch-size", help="Images of this prompt, 1-64; 16 at most on a diffusers queue (default 1)."
     ),
     seed: int = typer.Option(-1, help="Seed of the first image (-1: a random one)."),
     priority: int = typer.Option(0, help="0-9, higher runs sooner (routed by priority lanes' filters)."),

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from sdfleet.errors import NotFound, one_line
-from sdfleet.models.tiny import file_marker, is_tiny
+from sdfleet.models.tiny import MARKER, file_marker, is_tiny
 
 if TYPE_CHECKING:
     from sdfleet.models.fetcher import ModelFetcher
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_SUFFIX = ".config"
-TINY_MARKER = "sdfleet-tiny.json"
+TINY_MARKER = MARKER
 HOW_TO_ADD = "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3"
 """The ways to put a model in an empty models folder, for the messages that find one."""
 
@@ -58,7 +58,8 @@ class ModelInfo:
             return None
         where = self.path if self.kind == "diffusers" else self.config
         if where is None:  # a single file without its config folder carries the marker itself
-            return str((file_marker(self.path) or {}).get("note") or "") or None
+            note = (file_marker(self.path) or {}).get("note")
+            return str(note) if note is not None else None
         try:
             note = json.loads((where / TINY_MARKER).read_text()).get("note")
         except (OSError, ValueError):
