@@ -236,6 +236,7 @@ def _loop_factory() -> Any:
 
 @app.command()
 def submit(
+    ctx: typer.Context,
     prompt: str | None = typer.Option(None, help="Prompt of a text-to-image task."),
     file: Path | None = typer.Option(None, "--file", "-f", help="JSON body to send ('-' for stdin)."),
     fmt: str = typer.Option("v1", "--format", help="Body format of --file: v1, v1alpha1 or v1alpha2."),
@@ -271,6 +272,8 @@ def submit(
 
     if file is not None and prompt is not None:
         _fail(ValueError("give --prompt or --file, not both (a --file body carries its own prompt)"))
+    if file is not None and (ignored := _body_flags_given(ctx)):
+        _fail(ValueError(f"{', '.join(ignored)}: a --file body carries its own parameters; set them there"))
     if file is not None:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()
         body = json.loads(text)
@@ -308,6 +311,25 @@ def submit(
         print_json(view)
     if wait and view["state"] != "succeeded":
         raise typer.Exit(1)
+
+
+_BODY_FLAGS = frozenset(
+    {"model", "negative_prompt", "steps", "width", "height", "cfg", "sampler", "batch_size", "seed"}
+    | {"priority", "output_format", "ttl"}
+)
+"""``submit``'s options that make the body ``--prompt`` sends (a ``--file`` body has its own)."""
+
+
+def _body_flags_given(ctx: typer.Context) -> list[str]:
+    """The body's options given on the command line (not left at their defaults): with ``--file``
+    they would be dropped without a word."""
+    return [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name in _BODY_FLAGS
+        and (source := ctx.get_parameter_source(param.name)) is not None
+        and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    ]
 
 
 def _submitting(main: Coroutine[Any, Any, dict[str, Any]], submitted: list[str]) -> dict[str, Any]:

@@ -257,6 +257,10 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["models", "make-tiny", "../evil", "--dir", str(tmp_path / "models")], "is not a model name"),
         (["models", "make-tiny", "m", "--no-sidecar", "--dir", str(tmp_path / "models")], "--single-file"),
         (["submit", "--prompt", "x", "--file", str(not_json)], "not both"),
+        (  # they were dropped without a word: the body was sent as it was
+            ["submit", "--file", str(not_json), "--steps", "4", "--model", "m"],
+            "--model, --steps: a --file body carries its own parameters; set them there",
+        ),
         (["demo", "--steps", "3"], "only with --model"),
         # refused before the fleet starts and loads the model; 0 was taken as "not given"
         (["demo", "--model", "m", "--size", "13"], "--size: must be a multiple of 8, got 13"),
