@@ -104,6 +104,21 @@ def simulate(
         _fail(e)
 
 
+def _within_the_apis_size(classes: list[Any], api: Any) -> None:
+    """``ConfigError`` for a class the API would refuse by its size limit (``api.max_width`` ×
+    ``api.max_height`` of the settings): routing checks the rest as the API does."""
+    from sdfleet.errors import ValidationFailed
+    from sdfleet.limits import check_output_size
+    from sdfleet.tasks import TaskParams, TaskType
+
+    for c in classes:
+        size = TaskParams.model_construct(width=c.width, height=c.height)  # bounds: routing's
+        try:
+            check_output_size(TaskType.TEXT_TO_IMAGE, size, [], api.max_width, api.max_height)
+        except ValidationFailed as e:
+            raise ConfigError(f"the API would refuse {c}: {e}") from e
+
+
 def _simulate(o: Options) -> None:
     # Imported here: numpy and simpy stay out of every other command's start-up.
     from sdfleet.settings import load_settings
@@ -114,7 +129,8 @@ def _simulate(o: Options) -> None:
     from sdfleet.simulate.report import summary, table
     from sdfleet.simulate.trace import load_arrivals
 
-    fleet = load_settings(o.config).fleet
+    settings = load_settings(o.config)
+    fleet = settings.fleet
     overrides: dict[str, Any] = {"nodes": {"gpu": o.gpu}} if o.gpu else {}
     if o.resolution is not None:
         overrides["resolution_s"] = 0.0 if o.resolution == "exact" else o.resolution
@@ -131,6 +147,7 @@ def _simulate(o: Options) -> None:
     price = price_for(load_prices(o.prices), params.nodes.gpu)
     tiers = {t.name: t.tier for t in fleet.tenants.values()}
     arrivals, dt = load_arrivals(o.trace, tiers, params.resolution_s)
+    _within_the_apis_size(arrivals.classes, settings.api)
     mode = "exact" if dt == 0 else f"aggregate, {dt:g} s bins"
     requests = f"{arrivals.total:,} request{'' if arrivals.total == 1 else 's'}"
     console.print(f"{requests} over {arrivals.end:,.0f} s ({mode}), GPU {params.nodes.gpu}")

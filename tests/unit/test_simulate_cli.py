@@ -154,6 +154,7 @@ HEAD = "time,model,width,height,steps,tenant,count\n"
             "would refuse sd15 512x512 151 steps, tenant a (standard): steps: Input should be less than",
         ),
         ("t.jsonl", '[0, "sd15"]\n', "t.jsonl:1: a JSON object is expected"),
+        ("t.csv", HEAD + "0,sd15,4096,512,30,a,1\n", "output size 4096x512 is over the maximum 2048x2048"),
         ("w.yaml", "duration_s: 60\nrate: 0\n", "w.yaml: it draws no request"),
         (
             "w.yaml",
