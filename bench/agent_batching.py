@@ -1,4 +1,4 @@
-"""Dynamic batching through the whole agent: images/s by ``max_batch``, next to diffusers alone.
+"""Dynamic batching through the whole agent: images/s by max_batch, next to diffusers alone.
 
 A tiny random-weight SD pipeline (built here, no download) on this machine's device. For each
 ``max_batch`` a backlog of ``--tasks`` compatible text-to-image tasks (same size, steps, sampler;

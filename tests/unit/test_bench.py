@@ -60,7 +60,9 @@ def test_bench_run_passes_arguments_to_runtime_speed(tmp_path: Path) -> None:
 
 
 def test_scenarios_are_found_and_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    names = [s.name for s in list_scenarios(BENCH)]
+    scenarios = list_scenarios(BENCH)
+    names = [s.name for s in scenarios]
+    assert all(s.summary and "``" not in s.summary for s in scenarios)  # `bench list` shows them as written
     assert {"fleet_throughput", "runtime_speed"} <= set(names)
     assert not any(n.startswith("_") for n in names)  # helpers are not scenarios
     assert find_bench_dir(start=BENCH / "results") == BENCH
