@@ -255,6 +255,17 @@ async def test_queues_command_shows_sqs_depth(seed: SeedDeployment, engine: Engi
     fleet = FleetConfig(queues=queues)
     config = tmp_path / "sdfleet.yaml"
     config.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
+    env = {**subprocess_env(engine, config), "COLUMNS": "200", "NO_COLOR": "1"}
+    before = subprocess.run(  # SQS's own words were "GetQueueUrl: AWS.SimpleQueueService.NonExistentQueue"
+        [sys.executable, "-c", "from sdfleet.cli import main; main()", "queues", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert before.returncode == 2, before.stderr
+    said = r"error: queue '\S+sd15' does not exist: create the fleet's queues with `sdfleet ensure`"
+    assert re.match(said, before.stderr), before.stderr
     bus = open_bus(engine.bus_url)
     try:
         await bus.ensure(fleet_topology(fleet))

@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from sdfleet.bus.base import DLQ_RETENTION_S, QueueSpec, QueueStats, Subscription, Topology, dlq_name
-from sdfleet.errors import ConfigError
+from sdfleet.errors import ConfigError, NotFound
 
 if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
@@ -46,10 +46,14 @@ def topic_name(prefix: str, topic: str) -> str:
 
 
 def existing_queue_url(sqs: SQSClient, ref: str) -> str:
-    """The URL of an existing queue given by URL or by name (``NotFound`` via ``map_errors``)."""
+    """The URL of an existing queue given by URL or by name; ``NotFound`` naming the queue (the
+    other engines' words; SQS's own are ``GetQueueUrl: AWS.SimpleQueueService.NonExistentQueue``)."""
     if ref.startswith(("https://", "http://")):
         return ref
-    return sqs.get_queue_url(QueueName=ref)["QueueUrl"]
+    try:
+        return sqs.get_queue_url(QueueName=ref)["QueueUrl"]
+    except sqs.exceptions.QueueDoesNotExist as e:
+        raise NotFound(f"queue {ref!r} does not exist") from e
 
 
 def dead_letter_url(sqs: SQSClient, redrive_policy: str | None) -> str | None:
