@@ -142,7 +142,8 @@ async def progress_seen(
 
 
 async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProcess, shots: Path) -> None:
-    await page.goto(f"{fleet.url}/ui")
+    await page.goto(f"{fleet.url}/")  # the API's address in a browser: the gallery (a JSON 404 before)
+    await expect(page).to_have_url(f"{fleet.url}/ui")
     await expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
     await use_key(page, ALICE)
     await expect(page.locator("#model-choice option", has_text=MODEL)).to_have_count(1)

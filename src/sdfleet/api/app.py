@@ -165,10 +165,10 @@ def build_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(HeadAsGet)
-    routers = (tasks, events, compat, queues, files, models, health, ui)
-    for module in routers:
-        app.include_router(module.router)
-    app.state.api_routes = [r for m in routers for r in m.router.routes if isinstance(r, APIRoute)]
+    routers = (*(m.router for m in (tasks, events, compat, queues, files, models, health, ui)), ui.home)
+    for router in routers:
+        app.include_router(router)
+    app.state.api_routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
     openapi.install(app, settings, fleet, BODIES, openapi_rules.tighten, also=(TaskEvent,))
     return app
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
@@ -30,6 +30,8 @@ from sdfleet.settings import ApiSettings
 from sdfleet.tasks import TaskParams, TaskRecord, TaskState
 
 router = APIRouter(prefix="/ui", tags=["gallery"], include_in_schema=False)
+home = APIRouter(include_in_schema=False)
+"""``/``: where a browser pointed at the API's address lands."""
 
 HERE = Path(__file__).resolve().parent.parent / "ui"
 STATIC = HERE / "static"
@@ -78,6 +80,12 @@ def form_fields(settings: ApiSettings) -> dict[str, dict[str, float | None]]:
     fields["width"]["max"] = settings.max_width
     fields["height"]["max"] = settings.max_height
     return fields
+
+
+@home.get("/")
+async def root() -> RedirectResponse:
+    """The gallery: a person who opens the API's address in a browser met a JSON 404."""
+    return RedirectResponse("/ui", status_code=307)
 
 
 @router.get("", response_class=HTMLResponse)
