@@ -262,6 +262,9 @@ def submit(
     ttl: float | None = typer.Option(
         None, "--ttl", help="Seconds within which it must start, or it fails unrun (default: the queue's)."
     ),
+    webhook: str | None = typer.Option(
+        None, "--webhook", help="URL POSTed (signed) when the task succeeds, fails or is cancelled."
+    ),
     wait: bool = typer.Option(False, help="Wait for the task to finish (a progress bar on a terminal)."),
     as_json: bool = JsonOpt,
     api_url: str = ApiOpt,
@@ -287,7 +290,8 @@ def submit(
             batch_size=batch_size,
             output_format=output_format,
         )
-        body = _without_none({"model": model, "params": given, "priority": priority}, ttl_s=ttl)
+        hook = {"url": webhook} if webhook is not None else None
+        body = _without_none({"model": model, "params": given, "priority": priority}, ttl_s=ttl, webhook=hook)
     else:
         _fail(ValueError("give --prompt or --file"))
 
@@ -315,7 +319,7 @@ def submit(
 
 _BODY_FLAGS = frozenset(
     {"model", "negative_prompt", "steps", "width", "height", "cfg", "sampler", "batch_size", "seed"}
-    | {"priority", "output_format", "ttl"}
+    | {"priority", "output_format", "ttl", "webhook"}
 )
 """``submit``'s options that make the body ``--prompt`` sends (a ``--file`` body has its own)."""
 

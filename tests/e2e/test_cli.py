@@ -140,6 +140,10 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         queues = _run(["queues", "-c", str(config)], cli_env)
         assert queues.returncode == 0, queues.stderr
         assert re.search(r"sd15\s+.*diffusers\s+.*0\s+.*0", queues.stdout), queues.stdout
+        hooked = _run(
+            ["submit", "--prompt", "x", "--webhook", "http://127.0.0.1:9/hook", "--api", api], cli_env
+        )
+        assert hooked.returncode == 2 and "webhook URL refused" in hooked.stderr, hooked.stderr  # it was sent
         none = _run(["tasks", "--state", "failed", "--api", api], cli_env)
         assert none.returncode == 0 and none.stdout == "no failed tasks\n", none.stdout
         missing = _run(["status", "no-such-task", "--api", api], cli_env)
