@@ -205,7 +205,7 @@ def _apply_runtime(settings: Settings, queue: str, runtime: str | None, url: str
 def _apply_listen(settings: Settings, host: str | None, port: int | None) -> None:
     if host:
         settings.api.host = host
-    if port:
+    if port is not None:  # 0 asks for a free port (uvicorn logs which); it was read as "not given"
         settings.api.port = port
 
 

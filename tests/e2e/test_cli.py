@@ -333,6 +333,30 @@ def test_a_busy_port_is_named(tmp_path: Path, cli_env: dict[str, str]) -> None:
             assert proc.stderr.count("\n") == 1, proc.stderr[-1500:]
 
 
+def test_port_0_listens_on_a_free_port_and_says_which(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """``--port 0`` was read as "not given": the API took 8080 (or failed on it when busy)."""
+    api = subprocess.Popen(
+        [*SDFLEET, "api", "--port", "0"],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert api.stderr is not None
+        for line in api.stderr:
+            if found := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+                break
+        else:
+            raise AssertionError("the API never said where it listens")
+        port = int(found.group(1))
+        assert port not in (0, 8080)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    finally:
+        api.send_signal(signal.SIGTERM)
+        api.communicate(timeout=60)
+
+
 @pytest.mark.parametrize("runtime", ["a1111", "comfyui"])
 def test_sigterm_while_waiting_for_the_server_ends_the_agent(
     tmp_path: Path, cli_env: dict[str, str], runtime: str
