@@ -16,7 +16,9 @@ from sdfleet.settings import ModelsConfig
 
 T = TypeVar("T")
 DirOpt = typer.Option(None, "--dir", help="Models directory (default: models.dir).")
-JobsOpt = typer.Option(None, "--jobs", "-j", help="Parts in flight at once (default: models.transfer_jobs).")
+JobsOpt = typer.Option(
+    None, "--jobs", "-j", min=1, max=64, help="Parts in flight at once (default: models.transfer_jobs)."
+)
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts instead of tables and bars.")
 S3_HELP = "s3://bucket/prefix (default: models.s3)."
 
@@ -57,7 +59,7 @@ def _sync_tool(root: Path, url: str, models: ModelsConfig, jobs: int | None, bar
     from sdfleet.models.remote import ModelBucket
     from sdfleet.models.sync import ModelSync
 
-    n = jobs or models.transfer_jobs
+    n = jobs if jobs is not None else models.transfer_jobs
     return ModelSync(root, ModelBucket(url, jobs=n), bars, part_size=models.part_size_mb * 2**20, jobs=n)
 
 

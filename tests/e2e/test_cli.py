@@ -261,6 +261,7 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["models", "make-tiny", "../evil", "--dir", str(tmp_path / "models")], "is not a model name"),
         (["models", "make-tiny", "m", "--no-sidecar", "--dir", str(tmp_path / "models")], "--single-file"),
         (["submit", "--prompt", "x", "--file", str(not_json)], "not both"),
+        (["models", "push", "m", "-j", "0"], "'--jobs' / '-j': Input should be greater than or equal to 1"),
         (  # they were dropped without a word: the body was sent as it was
             ["submit", "--file", str(not_json), "--steps", "4", "--model", "m"],
             "--model, --steps: a --file body carries its own parameters; set them there",
