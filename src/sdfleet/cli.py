@@ -111,6 +111,7 @@ def demo(
         except ValidationError as e:  # named by the flag given, not the task's field
             flag = {"steps": "--steps", "width": "--size", "cfg_scale": "--cfg"}
             _fail(ValueError(validation_errors(e, lambda loc: flag[str(loc[0])])))
+    _writable_folder(data_dir, "--data-dir")
     try:
         asyncio.run(run_demo(data_dir, console, own))
     except SdfleetError as e:

@@ -267,6 +267,7 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
             "--model, --steps: a --file body carries its own parameters; set them there",
         ),
         (["demo", "--steps", "3"], "only with --model"),
+        (["demo", "--data-dir", str(not_json)], f"--data-dir {not_json}: a file, not a folder"),
         # refused before the fleet starts and loads the model; 0 was taken as "not given"
         (["demo", "--model", "m", "--size", "13"], "--size: must be a multiple of 8, got 13"),
         (
