@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdfleet.errors import Conflict, NotFound, SdfleetError, Unauthorized, ValidationFailed
 from sdfleet.tasks import TASK_ID_PATTERN
+from sdfleet.urls import http_base
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 UNREACHABLE = "api_unreachable"
@@ -27,7 +28,8 @@ _PATHS = {"v1": "/v1/tasks", "v1alpha1": "/v1alpha1/", "v1alpha2": "/v1alpha2/"}
 class AsyncClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        base = http_base(base_url, "API URL")  # ConfigError: not an http(s) URL with a host
+        self._http = httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout_s)
 
     async def __aenter__(self) -> AsyncClient:
         return self

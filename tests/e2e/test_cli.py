@@ -256,6 +256,7 @@ def test_mistakes_are_one_line_errors_from_every_command(tmp_path: Path, cli_env
         (["submit", "--file", str(not_json)], "not JSON"),
         (["submit", "--file", str(tmp_path)], "Is a directory"),
         (["status", ""], "is not a task id"),
+        (["tasks", "--api", "localhost:8080"], "API URL 'localhost:8080': use http://host:port"),  # no scheme
         (["status", "a?b"], "is not a task id"),
         (["deploy", "values", "--engine", "redis"], "--redis-address"),
         (["models", "make-tiny", "../evil", "--dir", str(tmp_path / "models")], "is not a model name"),

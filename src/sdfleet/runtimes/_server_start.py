@@ -8,9 +8,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from sdfleet.errors import ConfigError, ModelLoadError, RuntimeFailure
+from sdfleet.errors import ModelLoadError, RuntimeFailure
+from sdfleet.urls import http_base
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -22,11 +22,7 @@ SAY_EVERY_S = 30.0
 def server_url(options: Mapping[str, Any], default: str, what: str) -> str:
     """``options["url"]`` (else ``default``) without its trailing slash; a URL no HTTP client can
     call (``ftp://``, no host) is a ``ConfigError`` now, not ``ready_timeout_s`` of retries."""
-    given = str(options.get("url", default))
-    parts = urlsplit(given)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} URL {given!r}: use http://host:port (or https://)")
-    return given.rstrip("/")
+    return http_base(str(options.get("url", default)), f"{what} URL")
 
 
 async def wait_for_server(
