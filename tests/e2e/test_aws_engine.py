@@ -231,16 +231,21 @@ async def test_agent_drains_seed_queue_in_place(
     _assert_seed_queue_untouched(seed)
 
 
-def _queues_table(engine: Engine, config: Path) -> dict[str, list[str]]:
-    """``sdfleet queues`` as a subprocess → {queue: [runtime, visible, in flight, delayed, age, dead]}."""
+def _queues(engine: Engine, config: Path) -> subprocess.CompletedProcess[str]:
+    """``sdfleet queues`` as a subprocess, on a wide terminal without colours."""
     env = {**subprocess_env(engine, config), "COLUMNS": "200", "NO_COLOR": "1"}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", "from sdfleet.cli import main; main()", "queues", "-c", str(config)],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def _queues_table(engine: Engine, config: Path) -> dict[str, list[str]]:
+    """``sdfleet queues`` → {queue: [runtime, visible, in flight, delayed, age, dead]}."""
+    done = _queues(engine, config)
     assert done.returncode == 0, done.stderr
     rows: dict[str, list[str]] = {}
     for line in done.stdout.splitlines():
@@ -255,14 +260,8 @@ async def test_queues_command_shows_sqs_depth(seed: SeedDeployment, engine: Engi
     fleet = FleetConfig(queues=queues)
     config = tmp_path / "sdfleet.yaml"
     config.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
-    env = {**subprocess_env(engine, config), "COLUMNS": "200", "NO_COLOR": "1"}
-    before = subprocess.run(  # SQS's own words were "GetQueueUrl: AWS.SimpleQueueService.NonExistentQueue"
-        [sys.executable, "-c", "from sdfleet.cli import main; main()", "queues", "-c", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # before ensure: the queue named (SQS's own words: "GetQueueUrl: AWS.SimpleQueueService...")
+    before = _queues(engine, config)
     assert before.returncode == 2, before.stderr
     said = r"error: queue '\S+sd15' does not exist: create the fleet's queues with `sdfleet ensure`"
     assert re.match(said, before.stderr), before.stderr
