@@ -319,9 +319,9 @@ def submit(
 
 
 _BODY_FLAGS = frozenset(
-    {"model", "negative_prompt", "steps", "width", "height", "cfg", "sampler", "batch_size", "seed"}
-    | {"priority", "output_format", "ttl", "webhook"}
-)
+    ("model", "negative_prompt", "steps", "width", "height", "cfg", "sampler", "batch_size", "seed",
+     "priority", "output_format", "ttl", "webhook")
+)  # fmt: skip
 """``submit``'s options that make the body ``--prompt`` sends (a ``--file`` body has its own)."""
 
 

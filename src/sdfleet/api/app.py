@@ -165,7 +165,8 @@ def build_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(HeadAsGet)
-    routers = (*(m.router for m in (tasks, events, compat, queues, files, models, health, ui)), ui.home)
+    modules = (tasks, events, compat, queues, files, models, health, ui)
+    routers = [*(module.router for module in modules), ui.home]  # ui.home: `/`, outside `/ui`
     for router in routers:
         app.include_router(router)
     app.state.api_routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
