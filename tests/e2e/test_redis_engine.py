@@ -118,8 +118,14 @@ async def _submit(http: httpx.AsyncClient, n: int, unavailable: list[int]) -> st
         return task_id
 
 
-async def _submit_all(http: httpx.AsyncClient, count: int, ids: list[str], unavailable: list[int]) -> None:
+async def _submit_all(
+    http: httpx.AsyncClient, count: int, ids: list[str], unavailable: list[int], down: asyncio.Event
+) -> None:
+    """Submit ``count`` tasks; after the first third, go on only once Redis is down, so that some
+    submissions meet the outage however fast this host submits (all had passed before it once)."""
     for n in range(count):
+        if n == count // 3:
+            await down.wait()
         ids.append(await _submit(http, n, unavailable))
 
 
@@ -157,8 +163,9 @@ def _agent_jobs() -> set[asyncio.Task[Any]]:
     return {t for t in asyncio.all_tasks() if t.get_name().startswith("agent-")}
 
 
-async def _outage(server: Any, seconds: float) -> None:
+async def _outage(server: Any, seconds: float, down: asyncio.Event) -> None:
     await asyncio.to_thread(server.stop)  # SIGTERM: redis fsyncs the AOF and exits
+    down.set()
     await asyncio.sleep(seconds)
     await asyncio.to_thread(server.start)
 
@@ -184,11 +191,12 @@ async def test_redis_restart_mid_run(
 
     ids: list[str] = []
     unavailable: list[int] = []
-    submitter = asyncio.create_task(_submit_all(fleet.http, count, ids, unavailable))
+    down = asyncio.Event()
+    submitter = asyncio.create_task(_submit_all(fleet.http, count, ids, unavailable, down))
     while len(ids) < count // 3:
         await asyncio.sleep(0.01)
     done_before = len(recorder.runs)
-    await _outage(private_redis, outage_s)
+    await _outage(private_redis, outage_s, down)
     done_at_restart = [a.processed for a in agents]
     await submitter
     records = await _wait_succeeded(engine, ids, timeout_s=45)
