@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdfleet.cli import _print_view
 from sdfleet.cli_common import console
+from sdfleet.cli_tasks import _print_view
 
 
 def _shown(view: dict[str, Any]) -> str:
