@@ -49,7 +49,7 @@ class AsyncClient:
             reason = str(e) or type(e).__name__  # a read timeout says nothing by itself
             message = f"cannot reach the API at {self._http.base_url}: {reason}"
             raise SdfleetError(message, code=UNREACHABLE) from e
-        data: Any = response.json() if response.content else {}
+        data = _answer(response)
         if response.status_code >= 400:
             raise _error(response.status_code, data)
         if not isinstance(data, dict):
@@ -123,6 +123,24 @@ def _task_path(task_id: str) -> str:
             f"{task_id!r} is not a task id (1-128 of A-Z a-z 0-9 . _ : -, not starting with . : or -)"
         )
     return task_id
+
+
+def _answer(response: httpx.Response) -> Any:
+    """The API's JSON answer. Anything else (another server on that address, a proxy's error page
+    while the API restarts) is said as what it is; a gateway's 502/503/504 counts as the API not
+    reached, so ``poll`` tries again."""
+    if not response.content:
+        return {}
+    try:
+        return response.json()
+    except ValueError:  # JSONDecodeError, or bytes that are not text
+        kind = response.headers.get("content-type") or "no content type"
+        request = response.request
+        raise SdfleetError(
+            f"{request.method} {request.url} answered HTTP {response.status_code} ({kind}), not the "
+            "API's JSON: another server on that address, or a proxy's error page",
+            code=UNREACHABLE if response.status_code in (502, 503, 504) else "not_json",
+        ) from None
 
 
 def _error(status: int, data: Any) -> SdfleetError:
