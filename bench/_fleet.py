@@ -24,6 +24,7 @@ from typing import IO
 import httpx
 
 from sdfleet.settings import AgentSettings, ApiSettings, FleetConfig, ModelsConfig, QueueConfig, Settings
+from sdfleet.urls import file_url, sqlite_url
 
 QUEUE = "bench"
 
@@ -103,9 +104,9 @@ def _start_moto() -> tuple[str, subprocess.Popen[bytes]]:
 def open_engine(kind: str, workdir: Path, urls: dict[str, str | None]) -> Engine:
     """The engine named ``kind`` (sqlite, redis, aws), with a fresh namespace; given URLs win."""
     ns = f"b{uuid.uuid4().hex[:8]}"
-    files = f"file://{workdir}/files"
+    files = file_url(workdir / "files")
     if kind == "sqlite":
-        db = f"sqlite:///{workdir}/fleet.db"
+        db = sqlite_url(workdir / "fleet.db")
         engine = Engine(kind, db, db, files)
     elif kind == "redis":
         engine = Engine(kind, "", "", files)

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdfleet.errors import ConfigError, cannot_read, one_line, validation_errors, worded
 from sdfleet.tasks import PRIORITY_MAX, TENANT_PATTERN, TTL_MAX_S, OutputFormat
+from sdfleet.urls import file_url, sqlite_url
 
 DEFAULT_CONFIG_FILE = "sdfleet.yaml"
 
@@ -327,11 +328,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.bus_url is None:
-            self.bus_url = f"sqlite:///{self.data_dir.resolve()}/sdfleet.db"
+            self.bus_url = sqlite_url(self.data_dir.resolve() / "sdfleet.db")
         if self.store_url is None:
             self.store_url = self.bus_url
         if self.storage_url is None:
-            self.storage_url = f"file://{self.data_dir.resolve()}/files"
+            self.storage_url = file_url(self.data_dir.resolve() / "files")
         return self
 
     @property

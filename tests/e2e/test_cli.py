@@ -31,7 +31,9 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
 
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "SDFLEET_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "80"}
+    # A folder name that a URL must quote: unquoted, '#' cut the bus's file short and every task
+    # failed to store its images (the files URL pointed into that file).
+    env = {**os.environ, "SDFLEET_DATA_DIR": str(tmp_path / "my #1 50% data"), "COLUMNS": "80"}
     env["SDFLEET_LOG_JSON"] = "true"
     return env
 
@@ -132,6 +134,9 @@ def test_up_submit_status_queues(tmp_path: Path, cli_env: dict[str, str]) -> Non
         said = media.infotext(stored) or ""
         assert said.startswith("a boat\nNegative prompt: blurry\n"), said
         assert "Sampler: Euler a," in said and "CFG scale: 5.5," in said, said
+        data = Path(cli_env["SDFLEET_DATA_DIR"])  # the bus, the store and the files all in it
+        assert {p.name for p in tmp_path.iterdir()} == {data.name, "models", "sdfleet.yaml"}
+        assert len(list((data / "files").glob(f"*/{task_id.group(1)}/*.webp"))) == 2
         status = _run(["status", task_id.group(1), "--api", api, "--json"], cli_env)
         assert status.returncode == 0, status.stderr
         view = json.loads(status.stdout)

@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 from sdfleet.bus.backends import sqlite_db as db
 from sdfleet.bus.base import Delivery, QueueStats, Topology, wait_unless
-from sdfleet.errors import BusUnavailable, ConfigError, SdfleetError
+from sdfleet.errors import BusUnavailable, SdfleetError
+from sdfleet.urls import sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,7 @@ FIRST_POLL_S = 0.01
 
 def path_from_url(url: str) -> str:
     """``sqlite:////abs/x.db`` → ``/abs/x.db``; ``sqlite:///rel.db`` → ``rel.db``; ``sqlite://`` → memory."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc:
-        raise ConfigError(f"not a sqlite URL (want sqlite:///relative.db or sqlite:////abs/path.db): {url!r}")
-    path = parts.path[1:] if parts.path.startswith("/") else parts.path
-    return path or ":memory:"
+    return sqlite_file(url) or ":memory:"
 
 
 class SqliteBus:

@@ -48,6 +48,8 @@ def file_path(url: str) -> Path:
         raise ConfigError(f"file URL with a remote host: {url!r}; use file:///abs/dir or file://./dir")
     if not raw:
         raise ConfigError(f"file URL without a directory: {url!r}")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(f"file URL {url!r}: write ? and # in its path as %3F and %23")
     return Path(unquote(raw))
 
 

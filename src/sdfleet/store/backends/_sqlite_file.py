@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
 
 from sdfleet.errors import ConfigError, StoreUnavailable
+from sdfleet.urls import SQLITE_FORMS, sqlite_file
 
 T = TypeVar("T")
 
@@ -28,13 +28,11 @@ def map_errors(what: str = "sqlite task store") -> Iterator[None]:
 
 
 def sqlite_path(url: str) -> str:
-    """The file of a ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` URL."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
-        raise ConfigError(f"not a sqlite URL: {url!r}; use sqlite:////abs/path.db")
-    path = unquote(parts.path[1:])
-    if not path:
-        raise ConfigError(f"sqlite URL without a file: {url!r}")
+    """The file of a ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` URL (a store is kept:
+    no in-memory ``sqlite://``)."""
+    path = sqlite_file(url)
+    if path is None:
+        raise ConfigError(f"sqlite URL without a file: {url!r}; use {SQLITE_FORMS}")
     return path
 
 
