@@ -71,12 +71,15 @@ class RunControl:
                 log.warning("progress callback failed", exc_info=True)
 
 
-def step_callback(ctl: RunControl) -> Callable[..., dict[str, Any]]:
+def step_callback(ctl: RunControl, call: int = 0, calls: int = 1) -> Callable[..., dict[str, Any]]:
+    """The pipeline's step callback: stops the run when asked, reports progress. A run of several
+    pipeline calls (``calls``; this is call ``call``) counts them in turn, 0 to 1 in all."""
+
     def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if ctl.stop.is_set():
             raise Stopped
         total = max(1, int(getattr(pipe, "num_timesteps", 0) or 1))
-        ctl.report(min(0.99, (i + 1) / total))
+        ctl.report(min(0.99, (call + (i + 1) / total) / calls))
         return {}
 
     return on_step_end

@@ -1,15 +1,16 @@
-"""One pipeline call for one job or for a batch of compatible jobs (dynamic batching). Imports torch.
+"""Pipeline calls for one job or for a batch of compatible jobs (dynamic batching). Imports torch.
 
 Each job keeps its own prompt, negative prompt and seeds (one ``torch.Generator`` per image, the
-same as when it runs alone), and gets back its own images and info. Jobs may share a call when
+same as when it runs alone), and gets back its own images and info. Jobs may share a batch when
 their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG scale, strength and
-clip skip — what one pipeline call takes once for all images.
+clip skip — what one pipeline call takes once for all images; the batch is one call, or one per
+length of its prompts' embeddings (``_diffusers_prompts``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -117,13 +119,52 @@ class Generated:
 
 
 def generate(
-    pipe: Any, jobs: Sequence[Job], sampler: str | None, info: ModelInfo, callback: Any
+    pipe: Any, jobs: Sequence[Job], sampler: str | None, info: ModelInfo, callback: Callable[[int, int], Any]
 ) -> Generated:
-    """Run ``jobs`` in one call of ``pipe`` (its scheduler already set)."""
-    kwargs, parts, steps = call_kwargs(jobs, callback)
+    """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
+    when their prompts' embeddings differ in length (``_calls``). ``callback(call, calls)`` makes
+    each call's step callback."""
+    images: list[Any] = []
+    parts: dict[int, _Part] = {}
+    steps = 0
     with torch.inference_mode():
-        images = pipe(num_inference_steps=steps, **kwargs).images
-    return Generated(images, parts, sampler or P.sampler_name_of(pipe.scheduler), info, steps)
+        calls = _calls(pipe, jobs)
+        for n, (members, embeds) in enumerate(calls):
+            kwargs, call_parts, steps = call_kwargs([jobs[i] for i in members], callback(n, len(calls)))
+            if embeds is not None:
+                del kwargs["prompt"], kwargs["negative_prompt"]
+                kwargs |= E.call_embeds(pipe, embeds, [len(part.seeds) for part in call_parts])
+            for i, part in zip(members, call_parts, strict=True):
+                part.start += len(images)
+                parts[i] = part
+            images += pipe(num_inference_steps=steps, **kwargs).images
+    ordered = [parts[i] for i in range(len(jobs))]
+    return Generated(images, ordered, sampler or P.sampler_name_of(pipe.scheduler), info, steps)
+
+
+def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embeds] | None]]:
+    """The jobs (by index) of each pipeline call, and their embeddings, or None where the pipeline
+    is given their text. Jobs share a call when their embeddings are as long: made longer, with
+    empty chunks, a job's images would not be the ones it makes alone."""
+    by_length: dict[int, list[int]] = {}
+    as_text: dict[int, bool] = {}
+    for i, job in enumerate(jobs):
+        chunks, text_ok = E.chunk_count(pipe, L.text(job.params.prompt), L.text(job.params.negative_prompt))
+        by_length.setdefault(chunks, []).append(i)
+        as_text[chunks] = as_text.get(chunks, True) and text_ok
+    calls: list[tuple[list[int], list[E.Embeds] | None]] = []
+    for chunks, members in by_length.items():
+        if as_text[chunks]:
+            calls.append((members, None))
+            continue
+        embeds = []
+        for i in members:
+            p = jobs[i].params
+            clip_skip = p.clip_skip - 1 if p.clip_skip > 1 else None
+            negative = L.text(p.negative_prompt) or None
+            embeds.append(E.encode(pipe, L.text(p.prompt), negative, clip_skip))
+        calls.append((members, embeds))
+    return calls
 
 
 def encode(g: Generated) -> list[RuntimeResult]:

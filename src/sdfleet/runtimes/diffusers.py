@@ -33,6 +33,7 @@ from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import (
+    refuse_bad_weights,
     refuse_kind,
     refuse_too_many_images,
     refuse_too_many_inputs,
@@ -215,6 +216,7 @@ class DiffusersRuntime:
         if job.type is TaskType.IMAGE_TO_IMAGE:
             refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
         refuse_unsupported(job.params, "diffusers")
+        refuse_bad_weights("diffusers", job.type, job.params)
         if self.options.missing_lora == "fail":
             L.resolve(job, self.catalog.models_dir)
         else:
@@ -365,7 +367,7 @@ class DiffusersRuntime:
                 )
                 skip = self.options.missing_lora == "skip"
                 self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip))
-                return G.generate(pipe, jobs, sampler, loaded.info, step_callback(ctl))
+                return G.generate(pipe, jobs, sampler, loaded.info, partial(step_callback, ctl))
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
             except (SdfleetError, Reject):

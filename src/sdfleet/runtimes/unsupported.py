@@ -16,6 +16,7 @@ from typing import Any
 
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_samplers import sampler_key
+from sdfleet.runtimes._prompt_syntax import weighted
 from sdfleet.tasks import BATCH_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
@@ -88,7 +89,7 @@ def refuse_too_many_images(runtime: str, kind: TaskType, params: TaskParams) -> 
 def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     """Every check above for a ``kind`` task with ``params`` on a queue of ``runtime``: ``Reject``
     with the code the runtime would fail the task with (``unsupported_task``, ``too_large``,
-    ``unsupported_option``, ``unknown_sampler``, ``unknown_scheduler``)."""
+    ``unsupported_option``, ``unknown_sampler``, ``unknown_scheduler``, ``invalid_params``)."""
     refuse_kind(runtime, kind)
     refuse_too_many_images(runtime, kind, params)
     found = unsupported_for(runtime, kind, params)
@@ -97,6 +98,15 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     samplers = _SAMPLERS.get(runtime)
     if samplers is not None and kind in GENERATE:
         samplers(params.sampler, params.extra.get("scheduler"))
+    refuse_bad_weights(runtime, kind, params)
+
+
+def refuse_bad_weights(runtime: str, kind: TaskType, params: TaskParams) -> None:
+    """``Reject`` (``invalid_params``) for a prompt weight that is not a number, where ``runtime``
+    reads the prompts itself (SD WebUI fails such a request with a server error)."""
+    if runtime in LACKING and kind in GENERATE:
+        weighted(params.prompt)
+        weighted(params.negative_prompt)
 
 
 def img2img_batch(inputs: int, batch_size: int) -> int:

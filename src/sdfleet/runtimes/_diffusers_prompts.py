@@ -1,0 +1,173 @@
+"""Prompt embeddings as SD WebUI makes them, for prompts diffusers would read otherwise. Imports torch.
+
+A prompt with emphasis, escapes or ``BREAK``, or longer than 75 tokens (``_prompt_syntax``), is
+encoded here chunk by chunk with the pipeline's own text encoders, in the same way diffusers'
+``encode_prompt`` encodes one chunk (hidden states, clip skip, SDXL's pooled output from the first
+chunk); each token's embedding is scaled by its weight and the chunk's mean put back (SD WebUI's
+"Original" emphasis). The pipeline then gets ``prompt_embeds`` instead of text. Every other prompt
+still goes to the pipeline as text: the embeddings of a plain prompt of ≤ 75 tokens are the ones
+the pipeline makes itself (a test holds the images equal), so such a prompt can share a call
+with the others.
+
+The prompt and its negative prompt are made the same length by adding chunks of the empty
+prompt (SD WebUI's "pad prompt/negative prompt" option; SD WebUI by default runs the two apart
+instead, which diffusers cannot). As diffusers does, clip skip applies to the prompt only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from sdfleet.runtimes import _prompt_syntax as S
+
+_WIDTH = S.CHUNK + 2  # a chunk's tokens with its start and end tokens
+
+
+@dataclass
+class Embeds:
+    """One prompt's and its negative prompt's embeddings, ``chunks`` × 77 tokens each.
+    ``negative`` None: SDXL's zeros for no negative prompt (``force_zeros_for_empty_prompt``)."""
+
+    prompt: torch.Tensor
+    negative: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    @property
+    def chunks(self) -> int:
+        return int(self.prompt.shape[1]) // _WIDTH
+
+
+def _encoders(pipe: Any) -> list[tuple[Any, Any]]:
+    pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))]
+    pairs.append((getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
+    return [(t, e) for t, e in pairs if t is not None and e is not None]
+
+
+def _xl(pipe: Any) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    return ids
+
+
+def chunk_count(pipe: Any, prompt: str, negative: str) -> tuple[int, bool]:
+    """How many chunks the job's embeddings have, and whether the pipeline reads its text as SD
+    WebUI does (plain prompts of at most one chunk: then it is given the text)."""
+    tokenizer = _encoders(pipe)[0][0]
+    if S.plain(prompt) and S.plain(negative):
+        longest = max(len(_ids(tokenizer, prompt)), len(_ids(tokenizer, negative)))
+        if longest <= S.CHUNK:
+            return 1, True
+    comma = tokenizer.get_vocab().get(",</w>")
+    counts = [len(S.chunk(S.weighted(text), partial(_ids, tokenizer), comma)) for text in (prompt, negative)]
+    return max(counts), False
+
+
+def encode(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None) -> Embeds:
+    """The embeddings of one job (``negative`` None: it has none), padded to equal length.
+    ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument."""
+    xl = _xl(pipe)
+    pos, pooled = _encode_text(pipe, prompt, clip_skip)
+    if negative is None and xl and pipe.config.force_zeros_for_empty_prompt:
+        return Embeds(pos, None, pooled, None)  # the pipeline makes them zeros, of pos's length
+    # diffusers encodes the negative prompt without clip skip; so does this, to give the same
+    neg, neg_pooled = _encode_text(pipe, negative or "", None)
+    chunks = max(pos.shape[1], neg.shape[1]) // _WIDTH
+    return Embeds(_pad(pipe, pos, chunks), _pad(pipe, neg, chunks), pooled, neg_pooled)
+
+
+def _encode_text(pipe: Any, text: str, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pieces = S.weighted(text)
+    per_encoder: list[torch.Tensor] = []
+    pooled = None
+    for tokenizer, encoder in _encoders(pipe):
+        comma = tokenizer.get_vocab().get(",</w>")
+        chunks = S.chunk(pieces, partial(_ids, tokenizer), comma)
+        zs = []
+        for i, c in enumerate(chunks):
+            z, pool = _encode_chunk(pipe, tokenizer, encoder, c, clip_skip)
+            if i == 0 and pool is not None and pooled is None:
+                pooled = pool  # SDXL's pooled output: the first chunk's, as SD WebUI takes it
+            zs.append(z)
+        per_encoder.append(torch.cat(zs, dim=1))
+    longest = max(z.shape[1] for z in per_encoder) // _WIDTH
+    per_encoder = [_pad_with(z, _empty(pipe, i), longest) for i, z in enumerate(per_encoder)]
+    return torch.cat(per_encoder, dim=-1), pooled
+
+
+def _encode_chunk(
+    pipe: Any, tokenizer: Any, encoder: Any, c: S.Chunk, clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk through one text encoder, as diffusers' ``encode_prompt`` does one prompt."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    filler = S.CHUNK - len(c.ids)
+    ids = torch.tensor([[tokenizer.bos_token_id, *c.ids, tokenizer.eos_token_id, *[pad] * filler]])
+    device = encoder.device
+    ids = ids.to(device)
+    pooled = None
+    if _xl(pipe):
+        out = encoder(ids, output_hidden_states=True)
+        if out[0].ndim == 2:
+            pooled = out[0]
+        z = out.hidden_states[-2] if clip_skip is None else out.hidden_states[-(clip_skip + 2)]
+    else:
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = torch.tensor([[1] * (len(c.ids) + 2) + [0] * filler], device=device)
+        if clip_skip is None:
+            z = encoder(ids, attention_mask=mask)[0]
+        else:
+            out = encoder(ids, attention_mask=mask, output_hidden_states=True)
+            z = encoder.text_model.final_layer_norm(out[-1][-(clip_skip + 1)])
+    weights = [1.0, *c.weights, *[1.0] * (filler + 1)]
+    if any(w != 1.0 for w in weights):
+        mean = z.mean()
+        z = z * torch.tensor(weights, device=z.device, dtype=z.dtype).reshape(1, -1, 1)
+        z = z * (mean / z.mean())
+    return z, pooled
+
+
+def _empty(pipe: Any, index: int) -> torch.Tensor:
+    """The empty prompt's chunk from the ``index``-th text encoder (padding)."""
+    tokenizer, encoder = _encoders(pipe)[index]
+    z, _ = _encode_chunk(pipe, tokenizer, encoder, S.Chunk(), None)
+    return z
+
+
+def _pad(pipe: Any, z: torch.Tensor, chunks: int) -> torch.Tensor:
+    if z.shape[1] // _WIDTH >= chunks:
+        return z
+    empties = [_empty(pipe, i) for i in range(len(_encoders(pipe)))]
+    return _pad_with(z, torch.cat(empties, dim=-1), chunks)
+
+
+def _pad_with(z: torch.Tensor, empty: torch.Tensor, chunks: int) -> torch.Tensor:
+    missing = chunks - z.shape[1] // _WIDTH
+    return torch.cat([z, *[empty] * missing], dim=1) if missing > 0 else z
+
+
+def call_embeds(pipe: Any, embeds: list[Embeds], repeats: list[int]) -> dict[str, Any]:
+    """The pipeline's embedding arguments for jobs of equal length (``repeats``: images of each)."""
+    dtype = (pipe.text_encoder_2 if _xl(pipe) else pipe.text_encoder).dtype
+
+    def rows(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if any(t is None for t in tensors):
+            return None
+        each = [t.repeat_interleave(n, dim=0) for t, n in zip(tensors, repeats, strict=True) if t is not None]
+        return torch.cat(each).to(dtype)
+
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": rows([e.prompt for e in embeds]),
+        "negative_prompt_embeds": rows([e.negative for e in embeds]),
+    }
+    if _xl(pipe):
+        kwargs["pooled_prompt_embeds"] = rows([e.pooled for e in embeds])
+        kwargs["negative_pooled_prompt_embeds"] = rows([e.negative_pooled for e in embeds])
+    return kwargs

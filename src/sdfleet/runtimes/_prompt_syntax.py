@@ -1,0 +1,160 @@
+"""SD WebUI's prompt syntax, read without torch: emphasis, ``BREAK``, and 75-token chunks.
+
+SD WebUI reads ``(words)`` as attention ×1.1, ``(words:1.3)`` as ×1.3, ``[words]`` as ÷1.1 (nested
+brackets multiply; an unclosed one counts to the end), ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` as the
+characters themselves, and ``BREAK`` as the start of a new chunk. A prompt longer than one chunk
+(75 tokens) is encoded chunk by chunk, each with its own start and end token, and the embeddings
+are put end to end; a chunk that fills up within 20 tokens after a comma is cut after that comma.
+diffusers alone cuts every prompt at 77 tokens and reads brackets as text.
+
+What this module gives ``_diffusers_prompts``: the weighted pieces of a prompt (``weighted``) and
+the chunks of token ids and weights (``chunk``). Prompt editing (``[from:to:when]``) and
+alternation (``[a|b]``) are not read: their brackets are emphasis here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sdfleet.errors import Reject
+
+CHUNK = 75
+"""Prompt tokens in one chunk: CLIP's 77 less its start and end tokens."""
+COMMA_BACKTRACK = 20
+"""A full chunk is cut after its last comma when that comma is at most this many tokens back."""
+UP, DOWN = 1.1, 1 / 1.1
+_CLOSES = {")": ("(", UP), "]": ("[", DOWN)}
+
+_PIECE = re.compile(
+    r"""
+    \\[()\[\]\\]            # an escaped bracket or backslash: the character itself
+    | \\                    # a lone backslash: nothing
+    | [(\[]                 # opens
+    | :\s*([+-]?[.\d]+)\s*\)  # closes a round bracket with its own weight
+    | [)\]]                 # closes
+    | [^\\()\[\]:]+         # text
+    | :                     # a colon that is not a weight: text
+    """,
+    re.VERBOSE,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_SYNTAX = re.compile(r"[()\[\]\\]|\bBREAK\b")
+
+
+@dataclass
+class Piece:
+    """Text at one weight; ``brk`` marks a BREAK (no text)."""
+
+    text: str
+    weight: float
+    brk: bool = False
+
+
+def plain(prompt: str) -> bool:
+    """True when SD WebUI reads ``prompt`` as diffusers does (no brackets, escapes or BREAK): only
+    its length can still differ."""
+    return _SYNTAX.search(prompt) is None
+
+
+def weighted(prompt: str) -> list[Piece]:
+    """``prompt`` as text pieces and their weights, neighbours of equal weight merged, as SD WebUI
+    1.10 reads it. ``Reject`` (``invalid_params``) for a weight that is not a number (``(a:1.2.3)``,
+    on which SD WebUI fails with a server error). Tags (``<lora:name:0.8>``) read as text."""
+    pieces: list[Piece] = []
+    opened: dict[str, list[int]] = {"(": [], "[": []}  # where each bracket still open began
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece.weight *= factor
+
+    for m in _PIECE.finditer(prompt):
+        token, weight = m.group(0), m.group(1)
+        if token.startswith("\\"):
+            pieces.append(Piece(token[1:], 1.0))
+        elif token in opened:
+            opened[token].append(len(pieces))
+        elif weight is not None and opened["("]:
+            scale(opened["("].pop(), _number(weight))
+        elif token in _CLOSES and opened[_CLOSES[token][0]]:
+            bracket, factor = _CLOSES[token]
+            scale(opened[bracket].pop(), factor)
+        else:  # text, and a closing bracket or weight with nothing open: text as well
+            pieces += _text(token)
+    for bracket, factor in _CLOSES.values():  # unclosed: to the end, round ones first
+        for start in opened[bracket]:
+            scale(start, factor)
+    return _merged(pieces or [Piece("", 1.0)])
+
+
+def _text(token: str) -> list[Piece]:
+    pieces = []
+    for i, part in enumerate(_BREAK.split(token)):
+        if i:
+            pieces.append(Piece("", -1.0, brk=True))
+        pieces.append(Piece(part, 1.0))
+    return pieces
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Neighbours of equal weight as one piece (BREAKs stay)."""
+    merged: list[Piece] = []
+    for piece in pieces:
+        if merged and not piece.brk and not merged[-1].brk and merged[-1].weight == piece.weight:
+            merged[-1].text += piece.text
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise Reject(
+            f"prompt weight {text!r} is not a number (emphasis is written (words:1.2))",
+            code="invalid_params",
+        ) from None
+
+
+@dataclass
+class Chunk:
+    """Up to ``CHUNK`` prompt tokens and their weights (no start, end or padding)."""
+
+    ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def chunk(pieces: Sequence[Piece], tokenize: Callable[[str], list[int]], comma: int | None) -> list[Chunk]:
+    """The chunks of a weighted prompt: a new one at every BREAK and when one is full (cut after
+    a comma within ``COMMA_BACKTRACK`` tokens); at least one."""
+    done: list[Chunk] = []
+    current = Chunk()
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal current, last_comma
+        done.append(current)
+        current, last_comma = Chunk(), -1
+
+    for piece in pieces:
+        if piece.brk:
+            close()
+            continue
+        for token in tokenize(piece.text) if piece.text else []:
+            if token == comma:
+                last_comma = len(current.ids)
+            elif len(current.ids) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                moved = Chunk(current.ids[cut:], current.weights[cut:])
+                del current.ids[cut:], current.weights[cut:]
+                close()
+                current = moved
+            if len(current.ids) == CHUNK:
+                close()
+            current.ids.append(token)
+            current.weights.append(piece.weight)
+    if current.ids or not done:
+        close()
+    return done
