@@ -35,6 +35,8 @@ BATCH_MAX = 64
 """Most images one task asks for (``batch_size``): SD WebUI takes AnimateDiff's frames as its batch
 (the seed's own text-to-video example asks for 32). A runtime that makes the images itself may
 take fewer (``runtimes.unsupported.IMAGES_MAX``)."""
+N_ITER_MAX = 100
+"""Most batches (``n_iter``, SD WebUI's "batch count") one task may ask for: SD WebUI's own bound."""
 TTL_MAX_S = 86_400
 """The longest ``ttl_s`` the API and a queue take: a day."""
 

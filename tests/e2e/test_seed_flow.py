@@ -187,6 +187,16 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
         body["n_iter"] = n_iter
         r = await fleet.http.post("/v1alpha1/", json=body)
         assert r.status_code == 422 and "n_iter" in r.json()["error"]["message"], (n_iter, r.text)
+    # ...and run: n_iter batches with consecutive seeds (it was refused as unsupported_option)
+    body = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 2, "seed": 5}
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "count-1"}
+    body.update(batch_size=2, n_iter=3)
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("count-1")
+    assert view["state"] == "succeeded" and len(view["images"]) == 6, view
+    out = await read_json(engine, view["output"]["key"])
+    assert out["all_seeds"] == [5, 6, 7, 8, 9, 10] and out["batch_size"] == 2  # SD WebUI's info
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

@@ -134,6 +134,31 @@ async def test_img2img_batch_item_i_starts_from_input_i(runtime: DiffusersRuntim
     assert e.value.code == "invalid_params"
 
 
+async def test_n_iter_makes_its_batches_with_consecutive_seeds(runtime: DiffusersRuntime) -> None:
+    """SD WebUI's batch count: ``n_iter`` batches of ``batch_size``, seeds following on. It was
+    refused as an unsupported option."""
+    two_by_two = await runtime.run(job(batch_size=2, seed=40, extra={"n_iter": 2}), no_progress)
+    four = await runtime.run(job(batch_size=4, seed=40), no_progress)
+    assert two_by_two.info["all_seeds"] == [40, 41, 42, 43] and two_by_two.info["batch_size"] == 2
+    assert len(two_by_two.images) == 4
+    for a, b in zip(two_by_two.images, four.images, strict=True):
+        assert _diff(a, b) <= 1  # the same seeds make the same images
+    with pytest.raises(Reject) as e:
+        await runtime.run(job(batch_size=8, extra={"n_iter": 3}), no_progress)
+    assert e.value.code == "too_large" and "not 24 (batch_size 8 × n_iter 3)" in e.value.reason
+
+
+async def test_img2img_with_several_inputs_makes_a_batch_as_large_as_the_inputs(
+    runtime: DiffusersRuntime,
+) -> None:
+    """A task published past the API (the seed's Lambda) keeps the batch_size it was sent with:
+    two inputs and ``batch_size`` 4 made 4 images, where SD WebUI makes 2 (the API sets it)."""
+    red, blue = _png((220, 20, 20)), _png((20, 20, 220))
+    common = {"seed": 9, "denoising_strength": 0.5, "batch_size": 4}
+    result = await runtime.run(job(TaskType.IMAGE_TO_IMAGE, init_images=[red, blue], **common), no_progress)
+    assert len(result.images) == 2 and result.info["all_seeds"] == [9, 10]
+
+
 async def test_img2img_without_image_is_rejected(runtime: DiffusersRuntime) -> None:
     with pytest.raises(Reject):
         await runtime.run(job(TaskType.IMAGE_TO_IMAGE), no_progress)

@@ -10,7 +10,15 @@ import pytest
 
 from sdfleet.compat import v1alpha1, v1alpha2
 from sdfleet.errors import Reject
-from sdfleet.runtimes.unsupported import RUNS, refuse, refuse_kind, refuse_unsupported, unsupported
+from sdfleet.runtimes.unsupported import (
+    RUNS,
+    batches,
+    images_made,
+    refuse,
+    refuse_kind,
+    refuse_unsupported,
+    unsupported,
+)
 from sdfleet.tasks import Task, TaskType
 from seed_payloads import (
     V1ALPHA1_I2I,
@@ -55,7 +63,6 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
             "alwayson_scripts.controlnet",
             "alwayson_scripts.AnimateDiff",
             "enable_hr",
-            "n_iter=2",
             "restore_faces",
             "subseed_strength",
             "override_settings.sd_vae",
@@ -139,3 +146,27 @@ def test_the_seeds_text_to_video_example_runs_on_sd_webui_and_is_refused_by_name
     )
     sixteen = t2v.params.model_copy(update={"batch_size": 16, "extra": {}})
     refuse("diffusers", t2v.type, sixteen)
+
+
+def test_n_iter_batches_count_toward_the_images_a_diffusers_task_makes() -> None:
+    t2i = task_of(V1ALPHA1_T2I)
+    four_by_four = t2i.params.model_copy(update={"batch_size": 4, "extra": {"n_iter": 4}})
+    refuse("diffusers", t2i.type, four_by_four)  # SD WebUI's batch count: was unsupported_option
+    assert images_made(t2i.type, four_by_four, 0) == 16
+    five = four_by_four.model_copy(update={"extra": {"n_iter": 5}})
+    with pytest.raises(Reject) as e:
+        refuse("diffusers", t2i.type, five)
+    assert (e.value.code, e.value.reason) == (
+        "too_large",
+        "the diffusers runtime makes at most 16 images a task, not 20 (batch_size 4 × n_iter 5): "
+        "ask for fewer, or send the task to a queue with the a1111 runtime",
+    )
+    refuse("a1111", t2i.type, five)  # SD WebUI runs its batches one after another
+    for bad in (0, 101, "2", 1.5, True):  # what a message published past the API may hold
+        with pytest.raises(Reject) as e:
+            batches(t2i.params.model_copy(update={"extra": {"n_iter": bad}}))
+        assert (e.value.code, e.value.reason) == ("invalid_params", "n_iter must be an integer from 1 to 100")
+    # image-to-image with several inputs: a batch is as large as the inputs (SD WebUI's rule)
+    i2i = t2i.params.model_copy(update={"batch_size": 4, "extra": {"n_iter": 2}})
+    assert images_made(TaskType.IMAGE_TO_IMAGE, i2i, 2) == 4
+    assert images_made(TaskType.IMAGE_TO_IMAGE, i2i, 1) == 8

@@ -7,18 +7,17 @@ import re
 
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.seed_schemas import INPUT_URL_PATTERN, URL_PATTERN
-from sdfleet.errors import InputFetchError, InputUnavailable, NotFound, ValidationFailed
+from sdfleet.errors import InputFetchError, InputUnavailable, NotFound, Reject, ValidationFailed
 from sdfleet.guarded_http import check_url, decode_inline, image_size
 from sdfleet.limits import check_output_size
 from sdfleet.models.catalog import default_model
+from sdfleet.runtimes.unsupported import batches
 from sdfleet.tasks import Task, TaskType
 
 _URL = re.compile(URL_PATTERN)
 _INPUT_URL = re.compile(INPUT_URL_PATTERN)
 URL_FORM = "an http(s) URL with a host name or IPv4 address, an optional port, and URL-safe path and query"
 
-N_ITER_MAX = 100
-"""Most batches (``n_iter``, SD WebUI's "batch count") one task may ask for."""
 NEEDS_PROMPT = (TaskType.TEXT_TO_IMAGE,)
 NEEDS_IMAGE = (TaskType.IMAGE_TO_IMAGE, TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
 
@@ -36,10 +35,10 @@ def check_task(ctx: ApiContext, task: Task) -> None:
         raise ValidationFailed(f"{task.type.value} tasks need an input image", code="missing_image")
     if task.type is TaskType.PIPELINE and not p.workflow:
         raise ValidationFailed("pipeline tasks need a workflow", code="missing_workflow")
-    n_iter = p.extra.get("n_iter", 1)
-    if n_iter is not None and (type(n_iter) is not int or not 1 <= n_iter <= N_ITER_MAX):
-        # SD WebUI's own bound on its batch count; batch_size is bounded by TaskParams
-        raise ValidationFailed(f"n_iter must be an integer from 1 to {N_ITER_MAX}", code="invalid_params")
+    try:
+        batches(p)  # SD WebUI's own bound on its batch count; batch_size is bounded by TaskParams
+    except Reject as e:
+        raise ValidationFailed(e.reason, code=e.code) from None
     model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
     # With models.s3 the agents fetch what their folder lacks (and fail the task no_model when the
     # bucket lacks it too): the API's own folder is not the list of models there are.

@@ -89,7 +89,9 @@ def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None
     return model, clip_skip_value(clip) if clip is not None else state.options.clip_skip()
 
 
-def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, images: int) -> TaskParams:
+def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, batch: int) -> TaskParams:
+    """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
+    one call, with consecutive seeds)."""
     fields: dict[str, Any] = {
         "prompt": req.prompt or "",
         "negative_prompt": req.negative_prompt or "",
@@ -99,8 +101,9 @@ def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, ima
         "cfg_scale": req.cfg_scale,
         "sampler": runtime_sampler,
         "seed": seed,
-        "batch_size": images,
+        "batch_size": batch,
         "clip_skip": clip,
+        "extra": {"n_iter": req.n_iter or 1},
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
@@ -130,7 +133,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
             raise failed(422, "RuntimeError", e.reason, sdwebui=500) from None
     images = batch * (req.n_iter or 1)
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
-    params = _params(req, sampler.runtime_key, seed, clip, images)
+    params = _params(req, sampler.runtime_key, seed, clip, batch)
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(

@@ -21,6 +21,7 @@ from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import unsupported as U
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -66,7 +67,8 @@ def _parts(jobs: Sequence[Job]) -> list[_Part]:
     for job in jobs:
         p = job.params
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
-        seeds = [(seed + i) % 2**32 for i in range(p.batch_size)]
+        images = U.images_made(job.type, p, len(job.init_images))
+        seeds = [(seed + i) % 2**32 for i in range(images)]
         parts.append(_Part(job, seed, seeds, start))
         start += len(seeds)
     return parts

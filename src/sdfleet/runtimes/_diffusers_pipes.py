@@ -15,6 +15,7 @@ from PIL import Image
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
+from sdfleet.runtimes.unsupported import batches
 from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
 
@@ -160,7 +161,7 @@ def build_info(
         "cfg_scale": params.cfg_scale,
         "width": params.width,
         "height": params.height,
-        "batch_size": len(seeds),
+        "batch_size": len(seeds) // batches(params),  # SD WebUI's: one batch of the n_iter
         "denoising_strength": params.denoising_strength,
         "clip_skip": params.clip_skip,
         "sd_model_checkpoint": model.name,

@@ -33,6 +33,7 @@ from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import (
+    images_made,
     refuse_bad_weights,
     refuse_kind,
     refuse_too_many_images,
@@ -379,7 +380,7 @@ class DiffusersRuntime:
             # Outside the except block, so that the failed run's frames can be let go of.
             log.warning("task %s ran out of memory on %s: %s", names, self.device, oom)
             O.release_memory(self.device, oom)
-            images = sum(job.params.batch_size for job in jobs)
+            images = sum(images_made(job.type, job.params, len(job.init_images)) for job in jobs)
             params = jobs[0].params.model_copy(update={"batch_size": images})
             raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
 

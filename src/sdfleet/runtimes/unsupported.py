@@ -17,7 +17,7 @@ from typing import Any
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._prompt_syntax import weighted
-from sdfleet.tasks import BATCH_MAX, TaskParams, TaskType
+from sdfleet.tasks import BATCH_MAX, N_ITER_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
 RUNS: dict[str, frozenset[TaskType]] = {
@@ -75,13 +75,40 @@ def images_max(runtime: str) -> int:
     return IMAGES_MAX.get(runtime, BATCH_MAX)
 
 
+def batches(params: TaskParams) -> int:
+    """``n_iter``, SD WebUI's batch count (1 when absent or null). ``Reject`` (``invalid_params``)
+    unless it is an integer from 1 to ``N_ITER_MAX`` (a message published past the API may hold
+    anything)."""
+    n_iter = params.extra.get("n_iter", 1)
+    if n_iter is None:
+        return 1
+    if type(n_iter) is not int or not 1 <= n_iter <= N_ITER_MAX:
+        raise Reject(f"n_iter must be an integer from 1 to {N_ITER_MAX}", code="invalid_params")
+    return n_iter
+
+
+def images_made(kind: TaskType, params: TaskParams, inputs: int) -> int:
+    """How many images a text- or image-to-image task makes: ``n_iter`` batches of ``batch_size``
+    (of ``img2img_batch`` with several inputs), with consecutive seeds, as SD WebUI makes them."""
+    batch = params.batch_size
+    if kind is TaskType.IMAGE_TO_IMAGE and inputs > 1:
+        batch = img2img_batch(inputs, batch)
+    return batch * batches(params)
+
+
 def refuse_too_many_images(runtime: str, kind: TaskType, params: TaskParams) -> None:
-    """``Reject`` (``too_large``) for a batch larger than ``runtime`` makes in one call."""
+    """``Reject`` (``too_large``) for more images than ``runtime`` makes in one call."""
     bound = images_max(runtime)
-    if kind in GENERATE and params.batch_size > bound:
+    if kind not in GENERATE:
+        return
+    # a runtime that makes the images itself makes the n_iter batches in that one call
+    n_iter = batches(params) if runtime in IMAGES_MAX else 1
+    images = params.batch_size * n_iter
+    asked = "batch_size" if n_iter == 1 else f"batch_size {params.batch_size} × n_iter {n_iter}"
+    if images > bound:
         raise Reject(
-            f"the {runtime} runtime makes at most {bound} images a task, not {params.batch_size} "
-            "(batch_size): ask for fewer, or send the task to a queue with the a1111 runtime",
+            f"the {runtime} runtime makes at most {bound} images a task, not {images} "
+            f"({asked}): ask for fewer, or send the task to a queue with the a1111 runtime",
             code="too_large",
         )
 
@@ -133,9 +160,6 @@ def unsupported(params: TaskParams) -> list[str]:
     extra: dict[str, Any] = params.extra
     found = [k for k in _FLAGS if extra.get(k) is True]
     found += [k for k in _NON_EMPTY if extra.get(k)]
-    n_iter = extra.get("n_iter", 1)
-    if n_iter not in (None, 1):
-        found.append(f"n_iter={n_iter}")
     strength = extra.get("subseed_strength")
     if isinstance(strength, int | float) and strength > 0:
         found.append("subseed_strength")
