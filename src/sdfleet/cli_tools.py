@@ -50,20 +50,25 @@ def make_tiny_cmd(
 
 
 @models_app.command("list")
-def models_list(config: Path | None = ConfigOpt, as_json: bool = JsonOpt) -> None:
+def models_list(
+    config: Path | None = ConfigOpt,
+    as_json: bool = JsonOpt,
+    models_dir: Path | None = typer.Option(None, "--dir", help="Models directory (default: models.dir)."),
+) -> None:
     """Models found in the models directory; the default one (models.default, else the first)."""
     from sdfleet.models.catalog import HOW_TO_ADD, ModelCatalog, default_model, folder_named
 
     settings = _settings(config)
-    catalog = ModelCatalog(settings.fleet.models.dir)
+    catalog = ModelCatalog(models_dir or settings.fleet.models.dir)
     models, default = catalog.list(), default_model(settings.fleet.models.default, catalog)
     if as_json:
         rows = [{"name": m.name, "kind": m.kind, "tiny": m.tiny, "path": str(m.path)} for m in models]
         print_json({"dir": str(catalog.models_dir), "default": default, "models": rows})
         return
     if not models:  # an empty table alone does not say why, nor what to do
+        # on stdout, as `models ls`, `tasks` and `keys list` say an empty list
         said = f"no models in {folder_named(catalog.models_dir)}: {HOW_TO_ADD}"
-        err.print(said, highlight=False, markup=False)
+        console.print(said, highlight=False, markup=False)
         return
     table = Table("name", "kind", "tiny test model", "default", "path")
     for m in models:
@@ -126,7 +131,9 @@ def deploy_values(
 def runtime_serve(
     host: str = typer.Option("127.0.0.1", help="Listen address."),
     port: int = typer.Option(7860, min=0, max=65535, help="Listen port (SD WebUI's default)."),
-    models_dir: Path | None = typer.Option(None, help="Models directory (default from settings)."),
+    models_dir: Path | None = typer.Option(
+        None, "--models-dir", "--dir", help="Models directory (default from settings)."
+    ),
     model: str | None = typer.Option(
         None, help="Checkpoint to load at start (default: the configured one, else the first in the folder)."
     ),

@@ -66,9 +66,13 @@ def test_models_make_tiny_and_list(tmp_path: Path, cli_env: dict[str, str]) -> N
     assert listed.stderr == ""
     config.write_text(yaml.safe_dump({"models": {"dir": str(tmp_path / "nowhere")}}))
     empty = _run(["models", "list", "-c", str(config)], cli_env)  # listing nothing is not an error
-    assert empty.returncode == 0 and empty.stdout == "", empty.stdout  # the line, not an empty frame
+    assert empty.returncode == 0 and empty.stderr == "", empty.stderr  # the line, not an empty frame
     how = "`sdfleet models make-tiny NAME`, `sdfleet models pull`, or models.s3"
-    assert empty.stderr == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): {how}\n"
+    assert empty.stdout == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): {how}\n"
+    # --dir, as the other models commands take it (it was "No such option")
+    named = _run(["models", "list", "--dir", str(tmp_path / "models"), "-c", str(config), "--json"], cli_env)
+    assert named.returncode == 0, named.stderr
+    assert "cli-tiny" in [m["name"] for m in json.loads(named.stdout)["models"]]
     empty = _run(["models", "ls", "-c", str(config)], cli_env)
     assert empty.returncode == 0, empty.stderr
     assert empty.stdout == f"no models in {tmp_path / 'nowhere'} (the folder does not exist): {how}\n"
