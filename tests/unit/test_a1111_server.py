@@ -65,6 +65,15 @@ def test_txt2img_right_after_start_and_fixed_seeds(api: webuiapi.WebUIApi) -> No
     assert sorted(default.info) == REAL["txt2img default sampler"]["value"]["info_keys"]
 
 
+def test_tiling_runs_and_says_so_in_the_infotext_as_sd_webui_does(api: webuiapi.WebUIApi) -> None:
+    """``tiling`` was 422 'tiling is not available on this server'."""
+    tiled = api.txt2img(prompt="a red cat", seed=42, tiling=True, **SMALL)
+    plain = api.txt2img(prompt="a red cat", seed=42, **SMALL)
+    assert pixels(tiled.image) != pixels(plain.image)
+    assert "Model: tiny-a, Tiling: True, Version: " in tiled.info["infotexts"][0]  # where SD WebUI puts it
+    assert "Tiling" not in plain.info["infotexts"][0]
+
+
 def test_img2img_and_extras(api: webuiapi.WebUIApi) -> None:
     source = Image.new("RGB", (64, 64), (200, 30, 30))
     out = api.img2img(images=[source], prompt="a blue cat", seed=7, denoising_strength=0.5, **SMALL)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdfleet.errors import ConfigError, Interrupted, ModelLoadError, Reject
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import RUNTIMES, build_runtime
-from sdfleet.runtimes._diffusers_pipes import make_scheduler
+from sdfleet.runtimes._diffusers_pipes import load_pipeline, make_scheduler, set_tiling
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, sampler_key
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
@@ -157,6 +159,44 @@ async def test_img2img_with_several_inputs_makes_a_batch_as_large_as_the_inputs(
     common = {"seed": 9, "denoising_strength": 0.5, "batch_size": 4}
     result = await runtime.run(job(TaskType.IMAGE_TO_IMAGE, init_images=[red, blue], **common), no_progress)
     assert len(result.images) == 2 and result.info["all_seeds"] == [9, 10]
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_tiling_wraps_the_image_around_its_edges(tmp_path: Path, sdxl: bool) -> None:
+    """SD WebUI's ``tiling`` (it was refused as unsupported): with circular padding the pipeline
+    commutes with a shift of its starting noise by whole latent blocks, so the image wraps around
+    at its edges; with zero padding the edges show."""
+    make_tiny(tmp_path, "t", seed=0, sdxl=sdxl)
+    pipe = load_pipeline(ModelCatalog(tmp_path).resolve("t"), "cpu", torch.float32)
+    noise = torch.Generator().manual_seed(3)
+    latents = torch.randn((1, pipe.unet.config.in_channels, 16, 16), generator=noise)
+
+    def image(start: torch.Tensor) -> np.ndarray:
+        out = pipe("tiles", latents=start, num_inference_steps=2, width=128, height=128, output_type="np")
+        return np.asarray(out.images[0] * 255, dtype=np.float32)
+
+    shifted = torch.roll(latents, shifts=8, dims=3)  # 8 latent pixels: 64 image pixels
+    set_tiling(pipe, True)
+    tiled = image(latents)
+    assert np.abs(np.roll(tiled, 64, axis=1) - image(shifted)).max() <= 1
+    set_tiling(pipe, False)
+    plain = image(latents)
+    assert np.abs(np.roll(plain, 64, axis=1) - image(shifted)).max() > 8
+    assert np.abs(plain - tiled).max() > 8
+    # a tiled VAE decode would wrap each tile around itself: one piece while tiling
+    set_tiling(pipe, True, vae_tiling=True)
+    assert pipe.vae.use_tiling is False
+    set_tiling(pipe, False, vae_tiling=True)
+    assert pipe.vae.use_tiling is True
+
+
+async def test_a_tiling_task_leaves_the_next_task_as_it_was(runtime: DiffusersRuntime) -> None:
+    before = await runtime.run(job(seed=21), no_progress)
+    tiled = await runtime.run(job(seed=21, extra={"tiling": True}), no_progress)
+    after = await runtime.run(job(seed=21), no_progress)
+    assert before.images == after.images and tiled.images != before.images
+    assert tiled.info["infotexts"][0].endswith(", Tiling: True")
+    assert runtime.batch_key(job(extra={"tiling": True})) != runtime.batch_key(job())
 
 
 async def test_img2img_without_image_is_rejected(runtime: DiffusersRuntime) -> None:

@@ -48,7 +48,6 @@ def _unsupported(req: GenerationBody) -> str | None:
     """What this server cannot do that the request turns on, if anything."""
     checks: list[tuple[bool, str]] = [
         (bool(req.restore_faces), "restore_faces (face restoration)"),
-        (bool(req.tiling), "tiling"),
         ((req.subseed_strength or 0) > 0, "subseed_strength (variation seeds)"),
         (bool(req.refiner_checkpoint), "refiner_checkpoint"),
         (bool(req.script_name), f"script {req.script_name!r}"),
@@ -89,7 +88,9 @@ def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None
     return model, clip_skip_value(clip) if clip is not None else state.options.clip_skip()
 
 
-def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, batch: int) -> TaskParams:
+def _params(
+    req: GenerationBody, runtime_sampler: str, seed: int, clip: int, batch: int, tiling: bool
+) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
     one call, with consecutive seeds)."""
     fields: dict[str, Any] = {
@@ -103,7 +104,7 @@ def _params(req: GenerationBody, runtime_sampler: str, seed: int, clip: int, bat
         "seed": seed,
         "batch_size": batch,
         "clip_skip": clip,
-        "extra": {"n_iter": req.n_iter or 1},
+        "extra": {"n_iter": req.n_iter or 1, "tiling": tiling},
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
@@ -133,7 +134,8 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
             raise failed(422, "RuntimeError", e.reason, sdwebui=500) from None
     images = batch * (req.n_iter or 1)
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
-    params = _params(req, sampler.runtime_key, seed, clip, batch)
+    tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
+    params = _params(req, sampler.runtime_key, seed, clip, batch, tiling)
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(
@@ -147,6 +149,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         job_timestamp="0",
         options=state.options,
         batch_size=batch if batch != req.batch_size else None,
+        tiling=tiling,
     )
     return gen, params, model
 

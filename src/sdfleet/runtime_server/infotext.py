@@ -37,6 +37,8 @@ class Generation:
     """``extra_generation_params``: the schedule used, img2img's denoising strength."""
     batch_size: int | None = None
     """The batch as run, where it is not the request's (img2img: as many items as input images)."""
+    tiling: bool = False
+    """Made to tile seamlessly (the request's ``tiling``, else the ``tiling`` option)."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:
@@ -75,6 +77,7 @@ def _parameters(gen: Generation, index: int) -> dict[str, Any]:
         "Model": gen.model_name if opts["add_model_name_to_info"] else None,
         "Denoising strength": gen.extra.get("Denoising strength"),
         "Clip skip": gen.clip_skip if gen.clip_skip > 1 else None,
+        "Tiling": "True" if gen.tiling else None,
         **gen.extra,
         "Version": VERSION if opts["add_version_to_infotext"] else None,
     }

@@ -2,8 +2,8 @@
 
 Each job keeps its own prompt, negative prompt and seeds (one ``torch.Generator`` per image, the
 same as when it runs alone), and gets back its own images and info. Jobs may share a batch when
-their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG scale, strength and
-clip skip — what one pipeline call takes once for all images; the batch is one call, or one per
+their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG scale, strength,
+clip skip and tiling — what one pipeline call takes once for all images; the batch is one call, or one per
 length of its prompts' embeddings (``_diffusers_prompts``).
 """
 
@@ -48,8 +48,14 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         # an empty negative prompt is None to the pipeline (SDXL then uses zero embeddings, not
         # the empty string's): the call passes None only when every job of it has none
         bool(L.text(p.negative_prompt)),
+        tiling(p),
         loras,
     )
+
+
+def tiling(p: TaskParams) -> bool:
+    """SD WebUI's ``tiling``: an image that tiles seamlessly (``_diffusers_pipes.set_tiling``)."""
+    return p.extra.get("tiling") is True
 
 
 @dataclass

@@ -6,7 +6,7 @@ import io
 import logging
 import math
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import diffusers as _diffusers_module
 import torch
@@ -105,6 +105,19 @@ def _load_single_file(info: ModelInfo, dtype: torch.dtype) -> Any:
     return cls.from_single_file(str(info.path), **kwargs)
 
 
+def set_tiling(pipe: Any, on: bool, *, vae_tiling: bool = False) -> None:
+    """SD WebUI's ``tiling``: every convolution of the UNet and the VAE pads circularly (the image
+    wraps around at its edges, so it tiles seamlessly); off, they pad with zeros as loaded. The
+    image-to-image pipeline shares these modules. The VAE decodes in one piece while on (a tile of
+    a tiled decode would wrap around itself), else as ``vae_tiling`` says."""
+    pipe.vae.use_tiling = vae_tiling and not on
+    mode: Literal["circular", "zeros"] = "circular" if on else "zeros"
+    for part in (pipe.unet, pipe.vae):
+        for layer in part.modules():
+            if isinstance(layer, torch.nn.Conv2d) and layer.padding_mode != mode:
+                layer.padding_mode = mode
+
+
 def img2img_from(pipe: Any) -> Any:
     """An image-to-image pipeline sharing ``pipe``'s components (no reload, no extra memory)."""
     img = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
@@ -139,6 +152,7 @@ def infotext(params: TaskParams, seed: int, sampler: str, model: str) -> str:
     lines.append(
         f"Steps: {params.steps}, Sampler: {sampler}, CFG scale: {params.cfg_scale}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
+        + (", Tiling: True" if params.extra.get("tiling") is True else "")
     )
     return "\n".join(lines)
 

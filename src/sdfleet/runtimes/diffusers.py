@@ -368,6 +368,7 @@ class DiffusersRuntime:
                 )
                 skip = self.options.missing_lora == "skip"
                 self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip))
+                P.set_tiling(loaded.pipe, G.tiling(jobs[0].params), vae_tiling=self.options.vae_tiling)
                 return G.generate(pipe, jobs, sampler, loaded.info, partial(step_callback, ctl))
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e

@@ -36,8 +36,8 @@ LACKING = frozenset({"diffusers"})
 """Built-in runtimes that run txt2img/img2img themselves without these fields (a1111 hands every
 field to SD WebUI; comfyui runs workflows)."""
 
-_FLAGS = ("enable_hr", "restore_faces", "tiling")
-"""Booleans that change the images when true (hires fix, face restoration, tiling)."""
+_FLAGS = ("enable_hr", "restore_faces")
+"""Booleans that change the images when true (hires fix, face restoration)."""
 _NON_EMPTY = ("mask", "script_name", "styles")
 """Inpainting, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
