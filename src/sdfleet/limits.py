@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sdfleet.errors import ValidationFailed
+from sdfleet import hires
+from sdfleet.errors import Reject, ValidationFailed
 from sdfleet.tasks import TaskParams, TaskType
 
 UPSCALES = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
@@ -25,7 +26,8 @@ def output_sizes(
     if kind in UPSCALES:
         k = params.upscaling_resize
         return [(round(w * k), round(h * k)) for w, h in input_sizes]
-    return [(params.width, params.height)]
+    second = hires.plan(kind, params)
+    return [second.size if second else (params.width, params.height)]
 
 
 def check_output_size(
@@ -35,10 +37,16 @@ def check_output_size(
     max_width: int,
     max_height: int,
 ) -> None:
-    """Raise ``ValidationFailed`` (code ``too_large``) when an output would exceed the maximum."""
-    for width, height in output_sizes(kind, params, input_sizes):
+    """Raise ``ValidationFailed`` (code ``too_large``) when an output would exceed the maximum
+    (``invalid_params`` for a hires fix asking for no size SD WebUI would make)."""
+    try:
+        sizes = output_sizes(kind, params, input_sizes)
+    except Reject as e:
+        raise ValidationFailed(e.reason, code=e.code) from None
+    for width, height in sizes:
         if width > max_width or height > max_height:
             made = f" ({params.upscaling_resize:g} × the input)" if kind in UPSCALES else ""
+            made = " (its hires pass)" if hires.asked(kind, params) else made
             raise ValidationFailed(
                 f"output size {width}x{height}{made} is over the maximum {max_width}x{max_height}",
                 code="too_large",

@@ -149,7 +149,7 @@ def _app_key(fleet: RunningFleet) -> str:
 async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     start_fleet: StartFleet, engine: Engine
 ) -> None:
-    """The seed's SD WebUI honours hires fix, ControlNet, batch count...; the diffusers runtime
+    """The seed's SD WebUI honours face restoration, ControlNet...; the diffusers runtime
     ran without them and the task "succeeded". The API refuses them for a diffusers queue; a task
     no API saw (published by the seed's Lambda) fails in the agent, by name, with a seed .out."""
     from seed_payloads import copy_of, lambda_message
@@ -157,10 +157,10 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     fleet = await start_fleet()
     body = copy_of(V1ALPHA1_T2I)
     body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "hires-1", "controlnet": {"args": []}}
-    body.update(enable_hr=True, hr_scale=2)
+    body.update(restore_faces=True)
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_option", r.text
-    assert "enable_hr" in r.text and "alwayson_scripts.controlnet" in r.text, r.text
+    assert "restore_faces" in r.text and "alwayson_scripts.controlnet" in r.text, r.text
     assert (await fleet.http.get("/v1/tasks/hires-1")).status_code == 404, "nothing queued"
     message, attributes = lambda_message("v1alpha1", body)
     bus = open_bus(engine.bus_url)
@@ -171,7 +171,7 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     view = await wait_adopted(fleet, "hires-1")
     assert view["state"] == "failed" and view["error"]["code"] == "unsupported_option", view
     message = view["error"]["message"]
-    assert "enable_hr" in message and "alwayson_scripts.controlnet" in message, message
+    assert "restore_faces" in message and "alwayson_scripts.controlnet" in message, message
     assert view["attempts"] == 1, "not retried: it can never run here"
     # as the seed's agent does, a failed task has a .out with the reason, linked by its notification
     (note,) = await receive_json(engine, "results", 1)
@@ -197,6 +197,21 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     assert view["state"] == "succeeded" and len(view["images"]) == 6, view
     out = await read_json(engine, view["output"]["key"])
     assert out["all_seeds"] == [5, 6, 7, 8, 9, 10] and out["batch_size"] == 2  # SD WebUI's info
+    # SD WebUI's hires fix runs too (it was refused as unsupported_option), bounded at the door by
+    # the size it makes
+    body = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 2, "seed": 5}
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "hires-2"}
+    body.update(enable_hr=True, hr_scale=2, hr_upscaler="Latent (antialiased)", denoising_strength=0.6)
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("hires-2")
+    assert view["state"] == "succeeded", view
+    with Image.open(io.BytesIO((await fleet.http.get(view["images"][0]["url"])).content)) as im:
+        assert im.size == (128, 128)
+    body.update(width=512, height=512, hr_scale=8)
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
+    assert "output size 4096x4096 (its hires pass) is over the maximum" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

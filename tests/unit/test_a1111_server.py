@@ -74,6 +74,28 @@ def test_tiling_runs_and_says_so_in_the_infotext_as_sd_webui_does(api: webuiapi.
     assert "Tiling" not in plain.info["infotexts"][0]
 
 
+def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
+    """``enable_hr`` was 422 'enable_hr (hires fix) is not available on this server'."""
+    result = api.txt2img(
+        prompt="a red cat",
+        seed=42,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="Latent",
+        denoising_strength=0.5,
+        **SMALL,
+    )
+    assert result.image.size == (128, 128)
+    text = result.info["infotexts"][0]
+    assert (
+        "Size: 64x64, Model hash: " in text
+        and "Denoising strength: 0.5, Hires upscale: 2.0, Hires upscaler: Latent, Version: " in text
+    ), text
+    assert result.info["extra_generation_params"]["Hires upscale"] == 2.0
+    with pytest.raises(RuntimeError, match="hr_prompt \\(hires fix\\) is not available on this server"):
+        api.txt2img(prompt="a", enable_hr=True, hr_prompt="another", **SMALL)
+
+
 def test_img2img_and_extras(api: webuiapi.WebUIApi) -> None:
     source = Image.new("RGB", (64, 64), (200, 30, 30))
     out = api.img2img(images=[source], prompt="a blue cat", seed=7, denoising_strength=0.5, **SMALL)

@@ -54,7 +54,7 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
     body["alwayson_scripts"]["controlnet"] = {"args": [{"model": "control_v11p_sd15_canny"}]}
     body["alwayson_scripts"]["AnimateDiff"] = {"args": [{"enable": True}]}
     body.update(
-        enable_hr=True, hr_scale=2, n_iter=2, restore_faces=True, tiling=False, subseed_strength=0.3,
+        enable_hr=True, hr_prompt="another", n_iter=2, restore_faces=True, tiling=False, subseed_strength=0.3,
         override_settings={"sd_vae": "does-not-exist", "CLIP_stop_at_last_layers": 2},
     )  # fmt: skip
     found = unsupported(task_of(body).params)
@@ -62,13 +62,13 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
         [
             "alwayson_scripts.controlnet",
             "alwayson_scripts.AnimateDiff",
-            "enable_hr",
+            "hr_prompt",
             "restore_faces",
             "subseed_strength",
             "override_settings.sd_vae",
         ]
     ), found
-    with pytest.raises(Reject, match=r"the diffusers runtime does not implement .*enable_hr") as e:
+    with pytest.raises(Reject, match=r"the diffusers runtime does not implement .*hr_prompt") as e:
         refuse_unsupported(task_of(body).params, "diffusers")
     assert e.value.code == "unsupported_option"
     inpaint = copy_of(V1ALPHA2_I2I)
@@ -106,7 +106,7 @@ def test_refuse_says_what_the_runtime_would_fail_the_task_with() -> None:
     codes = {}
     for name, kind, params in [
         ("comfyui", t2i.type, t2i.params),
-        ("diffusers", t2i.type, t2i.params.model_copy(update={"extra": {"enable_hr": True}})),
+        ("diffusers", t2i.type, t2i.params.model_copy(update={"extra": {"restore_faces": True}})),
         ("diffusers", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ SDE"})),
     ]:
         with pytest.raises(Reject) as e:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sdfleet import hires
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
@@ -29,6 +30,20 @@ from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch
 from sdfleet.tasks import TaskParams, TaskType
 
 _MAX_IMAGES = IMAGES_MAX["diffusers"]
+_HIRES = (
+    "enable_hr",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_checkpoint_name",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+)
+"""A txt2img request's hires fix fields, handed to the runtime as they came (``sdfleet.hires``)."""
 
 
 def decode_image_field(text: str) -> bytes:
@@ -51,7 +66,6 @@ def _unsupported(req: GenerationBody) -> str | None:
         ((req.subseed_strength or 0) > 0, "subseed_strength (variation seeds)"),
         (bool(req.refiner_checkpoint), "refiner_checkpoint"),
         (bool(req.script_name), f"script {req.script_name!r}"),
-        (isinstance(req, Txt2ImgRequest) and bool(req.enable_hr), "enable_hr (hires fix)"),
         (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
     ]
     return next((what for on, what in checks if on), None)
@@ -108,6 +122,10 @@ def _params(
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
+    if isinstance(req, Txt2ImgRequest) and req.enable_hr:
+        fields["extra"] |= {name: getattr(req, name) for name in _HIRES}
+        if req.denoising_strength is not None:
+            fields["denoising_strength"] = req.denoising_strength
     try:
         return TaskParams.model_validate(fields)
     except ValidationError as e:  # in the request's own field names, without pydantic's links
@@ -136,6 +154,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
     params = _params(req, sampler.runtime_key, seed, clip, batch, tiling)
+    second = _hires(req, params)
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(
@@ -151,7 +170,22 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         batch_size=batch if batch != req.batch_size else None,
         tiling=tiling,
     )
+    if second is not None:  # SD WebUI's extra_generation_params of a hires fix
+        gen.extra.update(second.generation_params)
     return gen, params, model
+
+
+def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
+    """A txt2img request's hires fix, its values and what this server lacks of it refused."""
+    if not isinstance(req, Txt2ImgRequest) or not req.enable_hr:
+        return None
+    found = hires.unsupported(params)
+    if found:
+        raise refused(422, f"{', '.join(found)} (hires fix) is not available on this server")
+    try:
+        return hires.plan(TaskType.TEXT_TO_IMAGE, params)
+    except Reject as e:
+        raise refused(422, e.reason) from None
 
 
 async def generate(state: ServerState, req: GenerationBody, init_images: list[bytes]) -> dict[str, Any]:

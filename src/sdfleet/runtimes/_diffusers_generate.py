@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
+from sdfleet import hires
+from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
@@ -31,6 +34,10 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
     if job.type not in (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE):
         return None
     p = job.params
+    try:
+        second = hires.plan(job.type, p)
+    except Reject:
+        return None  # it fails alone, with its own reason
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
     if loras is None:
@@ -49,6 +56,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         # the empty string's): the call passes None only when every job of it has none
         bool(L.text(p.negative_prompt)),
         tiling(p),
+        second,
         loras,
     )
 
@@ -127,25 +135,38 @@ class Generated:
 
 
 def generate(
-    pipe: Any, jobs: Sequence[Job], sampler: str | None, info: ModelInfo, callback: Callable[[int, int], Any]
+    pipe: Any,
+    jobs: Sequence[Job],
+    sampler: str | None,
+    info: ModelInfo,
+    callback: Callable[[int, int], Any],
+    second: H.SecondPass | None = None,
 ) -> Generated:
     """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
-    when their prompts' embeddings differ in length (``_calls``). ``callback(call, calls)`` makes
-    each call's step callback."""
+    when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
+    when there is a ``second``. ``callback(call, calls)`` makes each call's step callback."""
     images: list[Any] = []
     parts: dict[int, _Part] = {}
     steps = 0
+    passes = 2 if second else 1
     with torch.inference_mode():
         calls = _calls(pipe, jobs)
         for n, (members, embeds) in enumerate(calls):
-            kwargs, call_parts, steps = call_kwargs([jobs[i] for i in members], callback(n, len(calls)))
+            total = passes * len(calls)
+            kwargs, call_parts, steps = call_kwargs([jobs[i] for i in members], callback(passes * n, total))
             if embeds is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
                 kwargs |= E.call_embeds(pipe, embeds, [len(part.seeds) for part in call_parts])
             for i, part in zip(members, call_parts, strict=True):
                 part.start += len(images)
                 parts[i] = part
-            images += pipe(num_inference_steps=steps, **kwargs).images
+            if second is None:
+                images += pipe(num_inference_steps=steps, **kwargs).images
+                continue
+            handed = {**kwargs, "output_type": H.first_output(second)}
+            first = pipe(num_inference_steps=steps, **handed).images
+            seeds = [s for part in call_parts for s in part.seeds]
+            images += H.run(second, first, kwargs, seeds, callback(passes * n + 1, total))
     ordered = [parts[i] for i in range(len(jobs))]
     return Generated(images, ordered, sampler or P.sampler_name_of(pipe.scheduler), info, steps)
 
@@ -182,7 +203,7 @@ def encode(g: Generated) -> list[RuntimeResult]:
 
 def _result(part: _Part, g: Generated) -> RuntimeResult:
     p: TaskParams = part.job.params
-    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps)
+    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps, part.job.type)
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sdfleet import hires
 from sdfleet.errors import Reject
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -174,10 +175,13 @@ def check_size(params: TaskParams, kind: TaskType, limit: int) -> None:
     the topic (the seed's Lambda, a script) is not checked there, and size, not memory, is what such
     a task would spend: a 4096² text-to-image fits a large GPU and runs at least 16 times as long as
     1024², and is retried after each timeout."""
-    pixels = params.width * params.height
+    second = hires.plan(kind, params)
+    width, height = second.size if second else (params.width, params.height)
+    pixels = width * height
     if pixels > limit:
+        made = ", its hires pass" if second else ""
         raise Reject(
-            f"{kind.value} at {params.width}x{params.height} ({pixels} pixels) is more than the "
+            f"{kind.value} at {width}x{height}{made} ({pixels} pixels) is more than the "
             f"{limit} the runtime allows (generate_max_pixels); use a smaller width/height",
             code="too_large",
         )

@@ -12,11 +12,12 @@ import diffusers as _diffusers_module
 import torch
 from PIL import Image
 
+from sdfleet import hires
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
 from sdfleet.runtimes.unsupported import batches
-from sdfleet.tasks import TaskParams
+from sdfleet.tasks import TaskParams, TaskType
 from sdfleet.telemetry import adopt_library_logs
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     if cls_name == "DDIMScheduler" and not config.get("steps_offset"):
         config["steps_offset"] = 1
     return cls.from_config(config, **overrides)
+
+
+def scheduler_for(sampler: str | None, base: Any) -> Any:
+    """A fresh scheduler for ``sampler`` (a ``SAMPLERS`` key), else the model's own kind."""
+    return make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
 
 
 def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
@@ -144,7 +150,9 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Imag
     return image
 
 
-def infotext(params: TaskParams, seed: int, sampler: str, model: str) -> str:
+def infotext(
+    params: TaskParams, seed: int, sampler: str, model: str, kind: TaskType = TaskType.TEXT_TO_IMAGE
+) -> str:
     """The A1111 ``parameters`` text for one image."""
     lines = [params.prompt]
     if params.negative_prompt:
@@ -152,16 +160,29 @@ def infotext(params: TaskParams, seed: int, sampler: str, model: str) -> str:
     lines.append(
         f"Steps: {params.steps}, Sampler: {sampler}, CFG scale: {params.cfg_scale}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
+        + "".join(f", {k}: {v}" for k, v in _hires_said(kind, params)[:1])
         + (", Tiling: True" if params.extra.get("tiling") is True else "")
+        + "".join(f", {k}: {v}" for k, v in _hires_said(kind, params)[1:])
     )
     return "\n".join(lines)
 
 
+def _hires_said(kind: TaskType, params: TaskParams) -> tuple[tuple[str, Any], ...]:
+    """A hires fix's infotext words (its denoising strength first, in SD WebUI's slot for it)."""
+    second = hires.plan(kind, params)
+    return second.generation_params if second else ()
+
+
 def build_info(
-    params: TaskParams, seeds: list[int], sampler: str, model: ModelInfo, steps: int
+    params: TaskParams,
+    seeds: list[int],
+    sampler: str,
+    model: ModelInfo,
+    steps: int,
+    kind: TaskType = TaskType.TEXT_TO_IMAGE,
 ) -> dict[str, Any]:
     """An A1111-like ``info`` dict for a txt2img/img2img result."""
-    texts = [infotext(params, s, sampler, model.stem) for s in seeds]
+    texts = [infotext(params, s, sampler, model.stem, kind) for s in seeds]
     info: dict[str, Any] = {
         "prompt": params.prompt,
         "all_prompts": [params.prompt] * len(seeds),

@@ -161,6 +161,11 @@ class Extras:
             result = cropped
         return result
 
+    def upscale_to(self, image: Image.Image, name: str, size: tuple[int, int]) -> Image.Image:
+        """``image`` at ``size`` by the upscaler ``name`` (a hires fix's image upscaler)."""
+        check_pixels(size, self.max_pixels, "the upscaled image")
+        return self._upscale(image, resolve(name, self.models_dir), size, lambda done, total: None)
+
     def _upscale(
         self,
         image: Image.Image,

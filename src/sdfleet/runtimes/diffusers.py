@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+from sdfleet import hires
 from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
+from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
@@ -216,8 +218,13 @@ class DiffusersRuntime:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         if job.type is TaskType.IMAGE_TO_IMAGE:
             refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
-        refuse_unsupported(job.params, "diffusers")
+        refuse_unsupported(job.params, "diffusers", job.type)
         refuse_bad_weights("diffusers", job.type, job.params)
+        second = hires.plan(job.type, job.params)
+        if second is not None:  # its sampler and upscaler exist, before the device is waited for
+            sampler_key(*hires.sampler_of(second, job.params))
+            if second.latent_mode is None:
+                U.resolve(second.upscaler, self.catalog.models_dir)
         if self.options.missing_lora == "fail":
             L.resolve(job, self.catalog.models_dir)
         else:
@@ -362,14 +369,12 @@ class DiffusersRuntime:
             try:
                 img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
                 pipe = loaded.img2img() if img2img else loaded.pipe
-                base = loaded.base_scheduler
-                pipe.scheduler = (
-                    P.make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
-                )
+                pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
                 skip = self.options.missing_lora == "skip"
                 self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip))
                 P.set_tiling(loaded.pipe, G.tiling(jobs[0].params), vae_tiling=self.options.vae_tiling)
-                return G.generate(pipe, jobs, sampler, loaded.info, partial(step_callback, ctl))
+                second = self._second_pass(loaded, jobs[0])
+                return G.generate(pipe, jobs, sampler, loaded.info, partial(step_callback, ctl), second)
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
             except (SdfleetError, Reject):
@@ -384,6 +389,15 @@ class DiffusersRuntime:
             images = sum(images_made(job.type, job.params, len(job.init_images)) for job in jobs)
             params = jobs[0].params.model_copy(update={"batch_size": images})
             raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
+
+    def _second_pass(self, loaded: _Loaded, job: Job) -> H.SecondPass | None:
+        """A hires fix's image-to-image pass over the loaded model, with its own sampler."""
+        plan = hires.plan(job.type, job.params)
+        if plan is None:
+            return None
+        pipe, sampler = loaded.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
+        pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
+        return H.SecondPass(pipe, plan, self._extras.upscale_to)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         plan = X.plan(job, self.catalog.models_dir)  # bad names fail before waiting for the device

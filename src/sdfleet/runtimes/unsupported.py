@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from sdfleet import hires
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._prompt_syntax import weighted
@@ -36,8 +37,8 @@ LACKING = frozenset({"diffusers"})
 """Built-in runtimes that run txt2img/img2img themselves without these fields (a1111 hands every
 field to SD WebUI; comfyui runs workflows)."""
 
-_FLAGS = ("enable_hr", "restore_faces")
-"""Booleans that change the images when true (hires fix, face restoration)."""
+_FLAGS = ("restore_faces",)
+"""Booleans that change the images when true (face restoration)."""
 _NON_EMPTY = ("mask", "script_name", "styles")
 """Inpainting, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
@@ -126,6 +127,8 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     if samplers is not None and kind in GENERATE:
         samplers(params.sampler, params.extra.get("scheduler"))
     refuse_bad_weights(runtime, kind, params)
+    if runtime in LACKING:
+        hires.plan(kind, params)  # its values, as the runtime reads them
 
 
 def refuse_bad_weights(runtime: str, kind: TaskType, params: TaskParams) -> None:
@@ -154,11 +157,13 @@ def refuse_too_many_inputs(inputs: int, batch_size: int) -> None:
         )
 
 
-def unsupported(params: TaskParams) -> list[str]:
-    """The fields of ``params.extra`` that would change a text- or image-to-image task's images and
-    that the diffusers runtime does not implement, as ``name`` or ``name=value``."""
+def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> list[str]:
+    """The fields of ``params.extra`` that would change a ``kind`` task's images and that the
+    diffusers runtime does not implement, as ``name`` or ``name=value``."""
     extra: dict[str, Any] = params.extra
     found = [k for k in _FLAGS if extra.get(k) is True]
+    if extra.get("enable_hr") is True:  # SD WebUI's hires fix is text-to-image's
+        found += hires.unsupported(params) if kind is TaskType.TEXT_TO_IMAGE else ["enable_hr"]
     found += [k for k in _NON_EMPTY if extra.get(k)]
     strength = extra.get("subseed_strength")
     if isinstance(strength, int | float) and strength > 0:
@@ -177,7 +182,7 @@ def unsupported(params: TaskParams) -> list[str]:
 
 def unsupported_for(runtime: str, kind: TaskType, params: TaskParams) -> list[str]:
     """``unsupported(params)`` where ``runtime`` runs ``kind`` without those fields, else nothing."""
-    return unsupported(params) if runtime in LACKING and kind in GENERATE else []
+    return unsupported(params, kind) if runtime in LACKING and kind in GENERATE else []
 
 
 def unsupported_message(found: list[str], runtime: str) -> str:
@@ -187,8 +192,8 @@ def unsupported_message(found: list[str], runtime: str) -> str:
     )
 
 
-def refuse_unsupported(params: TaskParams, runtime: str) -> None:
+def refuse_unsupported(params: TaskParams, runtime: str, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> None:
     """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out."""
-    found = unsupported(params)
+    found = unsupported(params, kind)
     if found:
         raise Reject(unsupported_message(found, runtime), code="unsupported_option")

@@ -1,0 +1,76 @@
+"""The hires fix's second pass in the diffusers runtime (``sdfleet.hires`` reads what a task asks
+for). Imports torch.
+
+The first pass makes latents (``Latent`` upscalers: they are interpolated) or images (any other
+upscaler: resized by it, then encoded again by the image-to-image pipeline); the second pass
+denoises them as image-to-image at the plan's strength, with fresh noise from the same seeds, as
+SD WebUI does. Its steps are exactly the plan's: the schedule is made ``steps / strength`` long
+(``hires.second_pass_steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdfleet.hires import Hires, second_pass_steps
+
+Upscale = Callable[[Image.Image, str, tuple[int, int]], Image.Image]
+"""An image upscaler by name, to an exact size (the runtime's extras upscalers)."""
+
+
+@dataclass
+class SecondPass:
+    pipe: Any
+    """The image-to-image pipeline sharing the model, its scheduler set for this pass."""
+    plan: Hires
+    upscale: Upscale
+
+
+def first_output(second: SecondPass) -> str:
+    """What the first pass hands over: latents or images."""
+    return "latent" if second.plan.latent_mode else "pil"
+
+
+def run(second: SecondPass, first: Any, kwargs: dict[str, Any], seeds: list[int], callback: Any) -> list[Any]:
+    """The second pass over ``first`` (the first call's output), with the first call's prompt
+    arguments (``kwargs``); its images."""
+    plan = second.plan
+    if plan.latent_mode is not None:
+        mode, antialias = plan.latent_mode
+        size = (plan.latent_height, plan.latent_width)
+        latents = torch.nn.functional.interpolate(first, size=size, mode=mode, antialias=antialias)
+        image: Any = _crop(latents, plan)
+    else:
+        full = (plan.latent_width * 8, plan.latent_height * 8)
+        image = [_crop_image(second.upscale(im, plan.upscaler, full), plan) for im in first]
+    skip = ("width", "height", "output_type", "generator", "callback_on_step_end")
+    call = {k: v for k, v in kwargs.items() if k not in skip}
+    call.update(
+        image=image,
+        strength=plan.denoising,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        callback_on_step_end=callback,
+        output_type="pil",
+    )
+    schedule = second_pass_steps(plan.steps, plan.denoising)
+    images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
+    return images
+
+
+def _crop(latents: torch.Tensor, plan: Hires) -> torch.Tensor:
+    """SD WebUI's crop of an ``hr_resize`` at another aspect ratio: half each side."""
+    h, w = latents.shape[2], latents.shape[3]
+    top, left = plan.crop_y // 2, plan.crop_x // 2
+    return latents[:, :, top : h - (plan.crop_y + 1) // 2, left : w - (plan.crop_x + 1) // 2]
+
+
+def _crop_image(image: Image.Image, plan: Hires) -> Image.Image:
+    if not plan.crop_x and not plan.crop_y:
+        return image
+    left, top = plan.crop_x // 2 * 8, plan.crop_y // 2 * 8
+    return image.crop((left, top, left + plan.size[0], top + plan.size[1]))
