@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from real_servers import A1111_URL, needs_a1111
+from sdfleet import hires
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.media import infotext, reencode
 from sdfleet.runtimes.a1111 import A1111Runtime
@@ -224,3 +225,34 @@ async def test_images_come_back_in_the_samples_format_option() -> None:
                     assert infotext(image) == json.loads(made["info"])["infotexts"][0]
         finally:
             await client.post("/sdapi/v1/options", json={"samples_format": before})
+
+
+HIRES_CASES = [
+    (64, 64, {"hr_scale": 2}),
+    (64, 96, {"hr_scale": 1.5}),
+    (64, 64, {"hr_scale": 1.3}),
+    (64, 96, {"hr_resize_y": 128}),
+    (64, 64, {"hr_resize_x": 128, "hr_resize_y": 96}),
+    (96, 64, {"hr_resize_x": 128, "hr_resize_y": 128}),
+    (64, 64, {"hr_upscaler": "Lanczos", "hr_second_pass_steps": 2}),
+    (64, 64, {"hr_upscaler": "Latent (nearest-exact)", "hr_sampler_name": "DDIM"}),
+]
+
+
+@pytest.mark.parametrize(("width", "height", "extra"), HIRES_CASES)
+async def test_hires_sizes_and_words_are_sd_webuis(width: int, height: int, extra: dict[str, Any]) -> None:
+    """What the diffusers runtime and ``runtime serve`` make of a hires fix (``sdfleet.hires``):
+    the image's size and the infotext's hires words, next to the real SD WebUI's for the same
+    request (SD WebUI's ``calculate_target_resolution`` crops and rounds down)."""
+    body = {"prompt": "a cat", "steps": 2, "width": width, "height": height, "sampler_name": "Euler"}
+    body |= {"seed": 1, "enable_hr": True, "denoising_strength": 0.5, **extra}
+    async with httpx.AsyncClient(base_url=URL, timeout=600) as client:
+        made = (await client.post("/sdapi/v1/txt2img", json=body)).json()
+    text = json.loads(made["info"])["infotexts"][0]
+    params = TaskParams(
+        prompt="a cat", width=width, height=height, sampler="Euler", denoising_strength=0.5, extra=body
+    )
+    second = hires.plan(TaskType.TEXT_TO_IMAGE, params)
+    assert second is not None
+    assert size(base64.b64decode(made["images"][0])) == second.size
+    assert ", ".join(f"{k}: {v}" for k, v in second.generation_params) in text, text
