@@ -96,6 +96,17 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
         api.txt2img(prompt="a", enable_hr=True, hr_prompt="another", **SMALL)
 
 
+def test_fields_this_server_would_leave_out_are_refused_by_name(api: webuiapi.WebUIApi) -> None:
+    """``resize_mode`` 1 ran as a plain resize and ``s_churn`` as 0, without a word."""
+    with pytest.raises(RuntimeError, match=r"s_churn=0\.5 is not available on this server"):
+        api.txt2img(prompt="a", s_churn=0.5, **SMALL)
+    with pytest.raises(RuntimeError, match="resize_mode=1 is not available on this server"):
+        api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", resize_mode=1, **SMALL)
+    ddim = api.txt2img(prompt="a", seed=3, sampler_name="DDIM", eta=1.0, **SMALL)  # webuiapi's own eta
+    quiet = api.txt2img(prompt="a", seed=3, sampler_name="DDIM", eta=0, **SMALL)
+    assert pixels(ddim.image) != pixels(quiet.image)
+
+
 def test_img2img_and_extras(api: webuiapi.WebUIApi) -> None:
     source = Image.new("RGB", (64, 64), (200, 30, 30))
     out = api.img2img(images=[source], prompt="a blue cat", seed=7, denoising_strength=0.5, **SMALL)

@@ -199,6 +199,21 @@ async def test_a_tiling_task_leaves_the_next_task_as_it_was(runtime: DiffusersRu
     assert runtime.batch_key(job(extra={"tiling": True})) != runtime.batch_key(job())
 
 
+async def test_ddim_takes_its_eta_and_other_samplers_leave_it(runtime: DiffusersRuntime) -> None:
+    """SD WebUI's ``eta`` (DDIM's noise; 0 by default): it was dropped without a word."""
+    plain = await runtime.run(job(sampler="DDIM", seed=8, steps=4), no_progress)
+    noisy = await runtime.run(job(sampler="DDIM", seed=8, steps=4, extra={"eta": 1.0}), no_progress)
+    assert _diff(plain.images[0], noisy.images[0]) > 8
+    euler = await runtime.run(job(sampler="Euler", seed=8), no_progress)
+    still = await runtime.run(job(sampler="Euler", seed=8, extra={"eta": 0.3}), no_progress)
+    assert euler.images == still.images
+    with_eta = runtime.batch_key(job(sampler="DDIM", extra={"eta": 1.0}))
+    assert with_eta != runtime.batch_key(job(sampler="DDIM"))
+    with pytest.raises(Reject) as e:  # an ancestral sampler's eta other than 1: not implemented
+        await runtime.run(job(sampler="Euler a", extra={"eta": 0.5}), no_progress)
+    assert e.value.code == "unsupported_option" and "eta=0.5 (with an ancestral sampler)" in e.value.reason
+
+
 async def test_img2img_without_image_is_rejected(runtime: DiffusersRuntime) -> None:
     with pytest.raises(Reject):
         await runtime.run(job(TaskType.IMAGE_TO_IMAGE), no_progress)

@@ -14,6 +14,7 @@ from sdfleet.runtimes.unsupported import (
     RUNS,
     batches,
     images_made,
+    off_defaults,
     refuse,
     refuse_kind,
     refuse_unsupported,
@@ -170,3 +171,38 @@ def test_n_iter_batches_count_toward_the_images_a_diffusers_task_makes() -> None
     i2i = t2i.params.model_copy(update={"batch_size": 4, "extra": {"n_iter": 2}})
     assert images_made(TaskType.IMAGE_TO_IMAGE, i2i, 2) == 4
     assert images_made(TaskType.IMAGE_TO_IMAGE, i2i, 1) == 8
+
+
+def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pass() -> None:
+    """They were dropped without a word: ``resize_mode`` 1 (crop and resize) ran as a plain
+    resize, ``s_churn`` and ``s_noise`` as 0 and 1, a refiner as none, an infotext unread."""
+    t2i, i2i = TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE
+    # SD WebUI's defaults, and what webuiapi sends with every request
+    webuiapi = {"eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "seed_resize_from_h": -1}
+    webuiapi |= {"seed_resize_from_w": -1, "resize_mode": 0, "disable_extra_networks": False}
+    for kind in (t2i, i2i):
+        assert off_defaults(webuiapi, kind, "Euler a") == []
+    changed = {"s_churn": 0.3, "s_noise": 1.01, "s_min_uncond": 0.2, "refiner_checkpoint": "sdxl_refiner"}
+    changed |= {"disable_extra_networks": True, "firstpass_image": "iVBOR", "infotext": "Steps: 4"}
+    changed |= {"seed_resize_from_w": 512, "resize_mode": 1, "initial_noise_multiplier": 0.9, "eta": 0.5}
+    assert off_defaults(changed, i2i, "DPM2 a Karras") == [
+        "s_churn=0.3",
+        "s_noise=1.01",
+        "s_min_uncond=0.2",
+        "refiner_checkpoint='sdxl_refiner'",
+        "disable_extra_networks=True",
+        "firstpass_image='iVBOR'",
+        "infotext='Steps: 4'",
+        "resize_mode=1",
+        "initial_noise_multiplier=0.9",
+        "seed_resize_from_w=512",
+        "eta=0.5 (with an ancestral sampler)",
+    ]
+    # image-to-image's own fields mean nothing to text-to-image (SD WebUI has none there); DDIM
+    # takes its eta, other samplers ignore it, as SD WebUI's do
+    assert off_defaults({"resize_mode": 2, "eta": 0.5}, t2i, "DDIM") == []
+    params = task_of(V1ALPHA1_T2I).params.model_copy(update={"extra": {"resize_mode": 1}})
+    with pytest.raises(Reject) as e:
+        refuse("diffusers", i2i, params)
+    assert e.value.code == "unsupported_option" and "resize_mode=1" in e.value.reason
+    refuse("a1111", i2i, params)  # SD WebUI does it

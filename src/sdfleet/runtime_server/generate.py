@@ -26,7 +26,7 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
-from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch
+from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults
 from sdfleet.tasks import TaskParams, TaskType
 
 _MAX_IMAGES = IMAGES_MAX["diffusers"]
@@ -68,7 +68,10 @@ def _unsupported(req: GenerationBody) -> str | None:
         (bool(req.script_name), f"script {req.script_name!r}"),
         (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
     ]
-    return next((what for on, what in checks if on), None)
+    found = next((what for on, what in checks if on), None)
+    kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+    off = off_defaults(req.model_dump(), kind, req.sampler_name or getattr(req, "sampler_index", None))
+    return found or (", ".join(off) if off else None)
 
 
 def _check(req: GenerationBody) -> None:
@@ -118,7 +121,7 @@ def _params(
         "seed": seed,
         "batch_size": batch,
         "clip_skip": clip,
-        "extra": {"n_iter": req.n_iter or 1, "tiling": tiling},
+        "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta},
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength

@@ -56,9 +56,17 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         # the empty string's): the call passes None only when every job of it has none
         bool(L.text(p.negative_prompt)),
         tiling(p),
+        eta(p),
         second,
         loras,
     )
+
+
+def eta(p: TaskParams) -> float | None:
+    """SD WebUI's ``eta``, for the samplers whose step takes it (DDIM); an ancestral sampler's
+    other than 1 is refused (``unsupported.off_defaults``), and the others ignore it, as there."""
+    value = p.extra.get("eta")
+    return float(value) if isinstance(value, int | float) and not U.ancestral(p.sampler) else None
 
 
 def tiling(p: TaskParams) -> bool:
@@ -105,6 +113,8 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
         "callback_on_step_end": callback,
         "output_type": "pil",
     }
+    if eta(first) is not None:
+        kwargs["eta"] = eta(first)  # used where the scheduler's step takes it (DDIM), else ignored
     if first.clip_skip > 1:
         kwargs["clip_skip"] = first.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
     steps = first.steps

@@ -11,7 +11,7 @@ a1111 queue runs such tasks as SD WebUI does). Fields that do not change the ima
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sdfleet import hires
@@ -41,6 +41,23 @@ _FLAGS = ("restore_faces",)
 """Booleans that change the images when true (face restoration)."""
 _NON_EMPTY = ("mask", "script_name", "styles")
 """Inpainting, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
+_NO_OP: dict[str, tuple[object, ...]] = {
+    "s_churn": (None, 0),
+    "s_noise": (None, 1),
+    "s_min_uncond": (None, 0),
+    "refiner_checkpoint": (None, "", "None"),
+    "disable_extra_networks": (None, False),
+    "firstpass_image": (None, ""),
+    "infotext": (None, ""),
+}
+"""Fields that change the images unless they hold these values (SD WebUI's defaults, and what
+webuiapi sends by default): k-diffusion's churn and noise, the uncond skip, the SDXL refiner,
+extra networks turned off, a given first pass, parameters read from an infotext."""
+_IMG2IMG_NO_OP: dict[str, tuple[object, ...]] = {
+    "resize_mode": (None, 0),
+    "initial_noise_multiplier": (None, 1),
+}
+"""The same for image-to-image: crop or fill instead of a plain resize, the noise's multiplier."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -162,6 +179,7 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
     diffusers runtime does not implement, as ``name`` or ``name=value``."""
     extra: dict[str, Any] = params.extra
     found = [k for k in _FLAGS if extra.get(k) is True]
+    found += off_defaults(extra, kind, params.sampler)
     if extra.get("enable_hr") is True:  # SD WebUI's hires fix is text-to-image's
         found += hires.unsupported(params) if kind is TaskType.TEXT_TO_IMAGE else ["enable_hr"]
     found += [k for k in _NON_EMPTY if extra.get(k)]
@@ -178,6 +196,27 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
                 continue
             found.append(f"override_settings.{key}")
     return found
+
+
+def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None) -> list[str]:
+    """``name=value`` of SD WebUI request ``fields`` set to what changes the images and the
+    diffusers runtime does not implement (``_NO_OP``, variation seeds' ``seed_resize_from``, an
+    ancestral sampler's ``eta`` other than 1; DDIM's ``eta`` it takes)."""
+    checked = {**_NO_OP, **(_IMG2IMG_NO_OP if kind is TaskType.IMAGE_TO_IMAGE else {})}
+    found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
+    for k in ("seed_resize_from_w", "seed_resize_from_h"):
+        value = fields.get(k)
+        if isinstance(value, int | float) and value > 0:
+            found.append(f"{k}={value!r}")
+    eta = fields.get("eta")
+    if eta not in (None, 1) and ancestral(sampler):
+        found.append(f"eta={eta!r} (with an ancestral sampler)")
+    return found
+
+
+def ancestral(sampler: str | None) -> bool:
+    """Whether SD WebUI sampler ``sampler`` adds noise at each step (``Euler a``, ``DPM2 a``...)."""
+    return sampler is not None and "a" in sampler.lower().split()
 
 
 def unsupported_for(runtime: str, kind: TaskType, params: TaskParams) -> list[str]:
