@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import webuiapi
 from PIL import Image
@@ -97,11 +98,20 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
 
 
 def test_fields_this_server_would_leave_out_are_refused_by_name(api: webuiapi.WebUIApi) -> None:
-    """``resize_mode`` 1 ran as a plain resize and ``s_churn`` as 0, without a word."""
+    """``resize_mode`` 1 ran as a plain resize and ``s_churn`` as 0, without a word: crop and fill
+    run now (``test_fit_is_sd_webuis_resize``), the latent mode 3 and churn are refused."""
     with pytest.raises(RuntimeError, match=r"s_churn=0\.5 is not available on this server"):
         api.txt2img(prompt="a", s_churn=0.5, **SMALL)
-    with pytest.raises(RuntimeError, match="resize_mode=1 is not available on this server"):
-        api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", resize_mode=1, **SMALL)
+    with pytest.raises(RuntimeError, match="resize_mode=3 is not available on this server"):
+        api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", resize_mode=3, **SMALL)
+    wide = Image.new("RGB", (128, 64), (30, 200, 30))  # a crop keeps the green middle third
+    wide.paste((200, 30, 30), (0, 0, 43, 64))
+    wide.paste((30, 30, 200), (86, 0, 128, 64))
+    crop = api.img2img(images=[wide], prompt="a", resize_mode=1, seed=2, denoising_strength=0.3, **SMALL)
+    stretch = api.img2img(images=[wide], prompt="a", resize_mode=0, seed=2, denoising_strength=0.3, **SMALL)
+    assert crop.image.size == (64, 64)
+    a, b = (np.asarray(r.image, dtype=int) for r in (crop, stretch))
+    assert np.abs(a - b).max() > 32
     ddim = api.txt2img(prompt="a", seed=3, sampler_name="DDIM", eta=1.0, **SMALL)  # webuiapi's own eta
     quiet = api.txt2img(prompt="a", seed=3, sampler_name="DDIM", eta=0, **SMALL)
     assert pixels(ddim.image) != pixels(quiet.image)

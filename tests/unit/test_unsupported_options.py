@@ -184,7 +184,7 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         assert off_defaults(webuiapi, kind, "Euler a") == []
     changed = {"s_churn": 0.3, "s_noise": 1.01, "s_min_uncond": 0.2, "refiner_checkpoint": "sdxl_refiner"}
     changed |= {"disable_extra_networks": True, "firstpass_image": "iVBOR", "infotext": "Steps: 4"}
-    changed |= {"seed_resize_from_w": 512, "resize_mode": 1, "initial_noise_multiplier": 0.9, "eta": 0.5}
+    changed |= {"seed_resize_from_w": 512, "resize_mode": 3, "initial_noise_multiplier": 0.9, "eta": 0.5}
     assert off_defaults(changed, i2i, "DPM2 a Karras") == [
         "s_churn=0.3",
         "s_noise=1.01",
@@ -193,7 +193,7 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         "disable_extra_networks=True",
         "firstpass_image='iVBOR'",
         "infotext='Steps: 4'",
-        "resize_mode=1",
+        "resize_mode=3",
         "initial_noise_multiplier=0.9",
         "seed_resize_from_w=512",
         "eta=0.5 (with an ancestral sampler)",
@@ -201,8 +201,9 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
     # image-to-image's own fields mean nothing to text-to-image (SD WebUI has none there); DDIM
     # takes its eta, other samplers ignore it, as SD WebUI's do
     assert off_defaults({"resize_mode": 2, "eta": 0.5}, t2i, "DDIM") == []
-    params = task_of(V1ALPHA1_T2I).params.model_copy(update={"extra": {"resize_mode": 1}})
+    assert off_defaults({"resize_mode": 1}, i2i, None) == off_defaults({"resize_mode": 2}, i2i, None) == []
+    params = task_of(V1ALPHA1_T2I).params.model_copy(update={"extra": {"resize_mode": 3}})
     with pytest.raises(Reject) as e:
         refuse("diffusers", i2i, params)
-    assert e.value.code == "unsupported_option" and "resize_mode=1" in e.value.reason
+    assert e.value.code == "unsupported_option" and "resize_mode=3" in e.value.reason
     refuse("a1111", i2i, params)  # SD WebUI does it

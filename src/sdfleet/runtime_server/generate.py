@@ -125,6 +125,7 @@ def _params(
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
+        fields["extra"]["resize_mode"] = req.resize_mode
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
         fields["extra"] |= {name: getattr(req, name) for name in _HIRES}
         if req.denoising_strength is not None:

@@ -69,6 +69,12 @@ def eta(p: TaskParams) -> float | None:
     return float(value) if isinstance(value, int | float) and not U.ancestral(p.sampler) else None
 
 
+def resize_mode(p: TaskParams) -> int:
+    """SD WebUI's image-to-image ``resize_mode`` (0, 1 or 2; another is refused before)."""
+    value = p.extra.get("resize_mode")
+    return value if isinstance(value, int) and value in (1, 2) else 0
+
+
 def tiling(p: TaskParams) -> bool:
     """SD WebUI's ``tiling``: an image that tiles seamlessly (``_diffusers_pipes.set_tiling``)."""
     return p.extra.get("tiling") is True
@@ -123,8 +129,9 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
         size = (first.width, first.height)
         # SD WebUI's img2img: item i of a batch starts from input i (one input: every item)
         kwargs["image"] = [
-            P.decode_image(part.job.init_images[i % len(part.job.init_images)], size)
+            P.decode_image(inputs[i % len(inputs)], size, resize_mode(part.job.params))
             for part in parts
+            for inputs in [part.job.init_images]
             for i in range(len(part.seeds))
         ]
         kwargs["strength"] = first.denoising_strength

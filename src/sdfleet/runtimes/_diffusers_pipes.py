@@ -138,7 +138,8 @@ def img2img_steps(steps: int, strength: float) -> int:
     return max(steps, math.ceil(1 / strength))
 
 
-def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes, size: tuple[int, int] | None = None, resize_mode: int = 0) -> Image.Image:
+    """An input image as RGB, brought to ``size`` by SD WebUI's ``resize_mode`` (``fit``)."""
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
@@ -146,8 +147,37 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Imag
         raise Reject(f"init image is not a readable image: {e}", code="invalid_image") from e
     image = image.convert("RGB")
     if size is not None and image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
+        image = fit(image, size, resize_mode)
     return image
+
+
+def fit(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Image.Image:
+    """SD WebUI's image-to-image resize modes: 0 stretches to ``size``; 1 keeps the aspect ratio and
+    covers ``size``, centred, the excess cropped; 2 keeps it and fits inside, centred, the bands
+    left filled by stretching the image's edge rows (or columns) across them. Lanczos throughout."""
+    width, height = size
+    if resize_mode == 0:
+        return image.resize(size, Image.Resampling.LANCZOS)
+    ratio, own = width / height, image.width / image.height
+    if (ratio > own) if resize_mode == 1 else (ratio < own):  # the widths match
+        scaled = (width, max(1, image.height * width // image.width))
+    else:  # (a side that would be 0 pixels is 1: SD WebUI fails there)
+        scaled = (max(1, image.width * height // image.height), height)
+    resized = image.resize(scaled, Image.Resampling.LANCZOS)
+    out = Image.new("RGB", size)
+    left, top = width // 2 - scaled[0] // 2, height // 2 - scaled[1] // 2
+    out.paste(resized, (left, top))
+    if resize_mode == 2 and top > 0:  # bands above and below
+        edge = Image.Resampling.BICUBIC  # PIL's default for resize with a box, as SD WebUI calls it
+        out.paste(resized.resize((width, top), edge, box=(0, 0, width, 0)), (0, 0))
+        bottom = resized.resize((width, top), edge, box=(0, scaled[1], width, scaled[1]))
+        out.paste(bottom, (0, top + scaled[1]))
+    elif resize_mode == 2 and left > 0:  # bands left and right
+        edge = Image.Resampling.BICUBIC
+        out.paste(resized.resize((left, height), edge, box=(0, 0, 0, height)), (0, 0))
+        right = resized.resize((left, height), edge, box=(scaled[0], 0, scaled[0], height))
+        out.paste(right, (left + scaled[0], 0))
+    return out
 
 
 def infotext(

@@ -54,10 +54,11 @@ _NO_OP: dict[str, tuple[object, ...]] = {
 webuiapi sends by default): k-diffusion's churn and noise, the uncond skip, the SDXL refiner,
 extra networks turned off, a given first pass, parameters read from an infotext."""
 _IMG2IMG_NO_OP: dict[str, tuple[object, ...]] = {
-    "resize_mode": (None, 0),
+    "resize_mode": (None, 0, 1, 2),
     "initial_noise_multiplier": (None, 1),
 }
-"""The same for image-to-image: crop or fill instead of a plain resize, the noise's multiplier."""
+"""The same for image-to-image: the noise's multiplier, and resize modes other than stretch, crop
+and fill (3, a latent upscale)."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
