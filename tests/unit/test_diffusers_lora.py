@@ -149,6 +149,16 @@ async def test_lora_changes_the_image_and_its_tag_is_not_text(runtime: Diffusers
     assert result.info["prompt"] == "a red cat<lora:tiny-style:1>"  # as SD WebUI reports it
 
 
+async def test_disable_extra_networks_runs_without_them_as_sd_webui_does(runtime: DiffusersRuntime) -> None:
+    """SD WebUI's ``disable_extra_networks``: tags out of the text, no LoRA applied, an unknown one
+    no error. It was dropped without a word (the LoRA applied)."""
+    plain = await images(runtime, "a red cat")
+    off = job("a red cat<lora:tiny-style:1><lora:nowhere:1>")
+    off.params.extra["disable_extra_networks"] = True
+    assert pixels((await runtime.run(off, no_progress)).images) == plain
+    assert L.key(off) == ()
+
+
 async def test_plain_images_are_the_same_before_and_after_a_lora_task(models_dir: Path) -> None:
     rt = make_runtime(models_dir)
     before = await images(rt, "a red cat", "blurry")

@@ -83,7 +83,10 @@ def _weight(value: str, args: str) -> float:
 
 
 def uses(job: Job, *, lenient: bool = False) -> list[LoraUse]:
-    """The LoRAs of a job (prompt and negative prompt), one per name, in order of first use."""
+    """The LoRAs of a job (prompt and negative prompt), one per name, in order of first use; none
+    with SD WebUI's ``disable_extra_networks`` (its tags are still taken out of the text)."""
+    if job.params.extra.get("disable_extra_networks") is True:
+        return []
     merged: dict[str, LoraUse] = {}
     for use in parse(job.params.prompt, lenient=lenient) + parse(job.params.negative_prompt, lenient=lenient):
         seen = merged.get(use.name.lower())

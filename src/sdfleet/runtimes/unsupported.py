@@ -46,13 +46,12 @@ _NO_OP: dict[str, tuple[object, ...]] = {
     "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
     "refiner_checkpoint": (None, "", "None"),
-    "disable_extra_networks": (None, False),
     "firstpass_image": (None, ""),
     "infotext": (None, ""),
 }
 """Fields that change the images unless they hold these values (SD WebUI's defaults, and what
 webuiapi sends by default): k-diffusion's churn and noise, the uncond skip, the SDXL refiner,
-extra networks turned off, a given first pass, parameters read from an infotext."""
+a given first pass, parameters read from an infotext."""
 _IMG2IMG_NO_OP: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
     "initial_noise_multiplier": (None, 1),
