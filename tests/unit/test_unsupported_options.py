@@ -17,7 +17,6 @@ from sdfleet.runtimes.unsupported import (
     off_defaults,
     refuse,
     refuse_kind,
-    refuse_unsupported,
     unsupported,
 )
 from sdfleet.tasks import Task, TaskType
@@ -70,7 +69,7 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
         ]
     ), found
     with pytest.raises(Reject, match=r"the diffusers runtime does not implement .*hr_prompt") as e:
-        refuse_unsupported(task_of(body).params, "diffusers")
+        refuse("diffusers", TaskType.TEXT_TO_IMAGE, task_of(body).params)
     assert e.value.code == "unsupported_option"
     inpaint = copy_of(V1ALPHA2_I2I)
     inpaint["task"]["content"]["mask"] = "iVBORw0KGgo="

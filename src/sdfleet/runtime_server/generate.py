@@ -64,7 +64,6 @@ def _unsupported(req: GenerationBody) -> str | None:
     checks: list[tuple[bool, str]] = [
         (bool(req.restore_faces), "restore_faces (face restoration)"),
         ((req.subseed_strength or 0) > 0, "subseed_strength (variation seeds)"),
-        (bool(req.refiner_checkpoint), "refiner_checkpoint"),
         (bool(req.script_name), f"script {req.script_name!r}"),
         (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
     ]

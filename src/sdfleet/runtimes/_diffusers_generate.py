@@ -3,8 +3,9 @@
 Each job keeps its own prompt, negative prompt and seeds (one ``torch.Generator`` per image, the
 same as when it runs alone), and gets back its own images and info. Jobs may share a batch when
 their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG scale, strength,
-clip skip and tiling — what one pipeline call takes once for all images; the batch is one call, or one per
-length of its prompts' embeddings (``_diffusers_prompts``).
+clip skip, tiling, eta and hires fix — what one pipeline call takes once for all images. The batch
+is one call, or one per length of its prompts' embeddings (``_diffusers_prompts``), each followed
+by its hires pass (``_diffusers_hires``).
 """
 
 from __future__ import annotations
@@ -127,17 +128,18 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
     if img2img:
         steps = P.img2img_steps(first.steps, first.denoising_strength)
         size = (first.width, first.height)
-        # SD WebUI's img2img: item i of a batch starts from input i (one input: every item)
-        kwargs["image"] = [
-            P.decode_image(inputs[i % len(inputs)], size, resize_mode(part.job.params))
-            for part in parts
-            for inputs in [part.job.init_images]
-            for i in range(len(part.seeds))
-        ]
+        kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
         kwargs["strength"] = first.denoising_strength
     else:
         kwargs.update(width=first.width, height=first.height)
     return kwargs, parts, steps
+
+
+def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
+    """A part's image-to-image inputs, one per image made: SD WebUI's rule, item i of a batch
+    starts from input i (one input: every item), resized by the task's ``resize_mode``."""
+    inputs, mode = part.job.init_images, resize_mode(part.job.params)
+    return [P.decode_image(inputs[i % len(inputs)], size, mode) for i in range(len(part.seeds))]
 
 
 @dataclass

@@ -34,14 +34,7 @@ from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callba
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import (
-    images_made,
-    refuse_bad_weights,
-    refuse_kind,
-    refuse_too_many_images,
-    refuse_too_many_inputs,
-    refuse_unsupported,
-)
+from sdfleet.runtimes.unsupported import images_made, refuse, refuse_too_many_inputs
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
@@ -210,16 +203,15 @@ class DiffusersRuntime:
         return outcomes
 
     def _check(self, job: Job) -> str | None:
-        """The job's sampler; ``Reject`` for what this runtime can never run."""
-        refuse_kind("diffusers", job.type)  # extras went to _run_extras: a pipeline task
-        refuse_too_many_images("diffusers", job.type, job.params)
+        """The job's sampler; ``Reject`` for what this runtime can never run: what the API refuses
+        at the door of a diffusers queue (a task no API saw comes here unchecked), then what
+        depends on this runtime's options and models folder."""
+        refuse("diffusers", job.type, job.params)  # extras went to _run_extras: a pipeline task
         O.check_size(job.params, job.type, self.options.generate_max_pixels)
         if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         if job.type is TaskType.IMAGE_TO_IMAGE:
             refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
-        refuse_unsupported(job.params, "diffusers", job.type)
-        refuse_bad_weights("diffusers", job.type, job.params)
         second = hires.plan(job.type, job.params)
         if second is not None:  # its sampler and upscaler exist, before the device is waited for
             sampler_key(*hires.sampler_of(second, job.params))

@@ -229,10 +229,3 @@ def unsupported_message(found: list[str], runtime: str) -> str:
         f"the {runtime} runtime does not implement {', '.join(found)}: leave them out, or send "
         "the task to a queue with the a1111 runtime (SD WebUI implements them)"
     )
-
-
-def refuse_unsupported(params: TaskParams, runtime: str, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> None:
-    """``Reject`` (``unsupported_option``) naming what ``runtime`` would otherwise leave out."""
-    found = unsupported(params, kind)
-    if found:
-        raise Reject(unsupported_message(found, runtime), code="unsupported_option")
