@@ -17,7 +17,7 @@ from typing import Any
 from sdfleet import hires
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_samplers import sampler_key
-from sdfleet.runtimes._prompt_syntax import weighted
+from sdfleet.runtimes._prompt_syntax import editing, weighted
 from sdfleet.tasks import BATCH_MAX, N_ITER_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
@@ -180,6 +180,10 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
     extra: dict[str, Any] = params.extra
     found = [k for k in _FLAGS if extra.get(k) is True]
     found += off_defaults(extra, kind, params.sampler)
+    for text in (params.prompt, params.negative_prompt):
+        edit = editing(text)
+        if edit is not None:
+            found.append(f"prompt editing {edit}")
     if extra.get("enable_hr") is True:  # SD WebUI's hires fix is text-to-image's
         found += hires.unsupported(params) if kind is TaskType.TEXT_TO_IMAGE else ["enable_hr"]
     found += [k for k in _NON_EMPTY if extra.get(k)]
