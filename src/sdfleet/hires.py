@@ -28,9 +28,10 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
 }
 """SD WebUI's latent upscale modes: ``torch.nn.functional.interpolate``'s mode and antialias."""
 SCALE_MAX = 8.0
-UNSUPPORTED = ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt")
+UNSUPPORTED = ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt", "firstpass_image")
 """Hires fields the diffusers runtime does not implement when set to something else than the first
-pass's (another checkpoint or prompt for the second pass)."""
+pass's (another checkpoint or prompt for the second pass), and a first pass given as an image
+(SD WebUI reads ``firstpass_image`` only with ``enable_hr``)."""
 _SAME_CHECKPOINT = (None, "", "Use same checkpoint")
 
 
@@ -144,6 +145,8 @@ def unsupported(params: TaskParams) -> list[str]:
     for field, same in (("hr_prompt", params.prompt), ("hr_negative_prompt", params.negative_prompt)):
         if extra.get(field) not in (None, "", same):
             found.append(field)
+    if extra.get("firstpass_image"):
+        found.append("firstpass_image")
     return found
 
 

@@ -91,6 +91,7 @@ def test_what_the_runtime_does_not_do_is_named() -> None:
         "hr_checkpoint_name",
         "hr_prompt",
     ]
+    assert hires.unsupported(params(firstpass_image="iVBOR")) == ["firstpass_image"]
 
 
 @pytest.mark.parametrize("denoising", [0.05, 0.3, 0.5, 0.7, 0.75, 0.999, 1.0])

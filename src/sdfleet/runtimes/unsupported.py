@@ -46,12 +46,12 @@ _NO_OP: dict[str, tuple[object, ...]] = {
     "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
     "refiner_checkpoint": (None, "", "None"),
-    "firstpass_image": (None, ""),
     "infotext": (None, ""),
 }
 """Fields that change the images unless they hold these values (SD WebUI's defaults, and what
 webuiapi sends by default): k-diffusion's churn and noise, the uncond skip, the SDXL refiner,
-a given first pass, parameters read from an infotext."""
+parameters read from an infotext. (A given first pass, ``firstpass_image``, is the hires fix's:
+``hires.unsupported``.)"""
 _IMG2IMG_NO_OP: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
     "initial_noise_multiplier": (None, 1),
