@@ -181,26 +181,20 @@ def fit(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Imag
 
 
 def infotext(
-    params: TaskParams, seed: int, sampler: str, model: str, kind: TaskType = TaskType.TEXT_TO_IMAGE
+    params: TaskParams, seed: int, sampler: str, model: str, hires_said: tuple[tuple[str, Any], ...] = ()
 ) -> str:
-    """The A1111 ``parameters`` text for one image."""
+    """The A1111 ``parameters`` text for one image (``hires_said``: a hires fix's words)."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     lines.append(
         f"Steps: {params.steps}, Sampler: {sampler}, CFG scale: {params.cfg_scale}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
-        + "".join(f", {k}: {v}" for k, v in _hires_said(kind, params)[:1])
+        + "".join(f", {k}: {v}" for k, v in hires_said[:1])  # its denoising strength: SD WebUI's slot
         + (", Tiling: True" if params.extra.get("tiling") is True else "")
-        + "".join(f", {k}: {v}" for k, v in _hires_said(kind, params)[1:])
+        + "".join(f", {k}: {v}" for k, v in hires_said[1:])
     )
     return "\n".join(lines)
-
-
-def _hires_said(kind: TaskType, params: TaskParams) -> tuple[tuple[str, Any], ...]:
-    """A hires fix's infotext words (its denoising strength first, in SD WebUI's slot for it)."""
-    second = hires.plan(kind, params)
-    return second.generation_params if second else ()
 
 
 def build_info(
@@ -212,7 +206,9 @@ def build_info(
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
 ) -> dict[str, Any]:
     """An A1111-like ``info`` dict for a txt2img/img2img result."""
-    texts = [infotext(params, s, sampler, model.stem, kind) for s in seeds]
+    second = hires.plan(kind, params)
+    said = second.generation_params if second else ()
+    texts = [infotext(params, s, sampler, model.stem, said) for s in seeds]
     info: dict[str, Any] = {
         "prompt": params.prompt,
         "all_prompts": [params.prompt] * len(seeds),
