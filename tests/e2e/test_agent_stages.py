@@ -560,6 +560,7 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
     # Three calls end in 3.6 s at 1 s each; on a loaded host they take longer, so the window
     # grows (up to 12 s) until the pool and the gauge (set a moment after the pool) have both
     # reached the most held ahead: watched longer, never allowed more than it.
+    paces: list[float] = []
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < 3.6 or (
         min(max(held), max(limits)) < most_ahead and elapsed < 12
@@ -567,8 +568,15 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         held.append(len(agent.pool) + agent._preparing)
         leased.append((await _queue(fleet))["in_flight"])
         limits.append(gauge())
+        if (pace := agent.pace.estimate()) is not None:
+            paces.append(pace)
         await asyncio.sleep(0.03)
-    assert max(held) == most_ahead, held
+    if horizon_s and min(paces) * 3 > horizon_s:
+        # A host so loaded that no call was measured at 1.3 s or less (it happened once in a
+        # `make test-slow`): two held ahead never fit, and holding one is the rule kept.
+        assert max(held) == max(limits) == 1, (held, paces)
+        return
+    assert max(held) == most_ahead, (held, paces)
     assert max(limits) == most_ahead, limits  # what operators see
     if horizon_s:
         assert held[: held.index(2)] and max(held[: held.index(2)]) == 1  # before the first call ended
