@@ -550,7 +550,10 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         engine, models_dir, QUEUE, runtimes=runtimes, lease_s=60, prefetch=4, prefetch_horizon_s=horizon_s
     )
     fleet = await start_fleet(QUEUE, settings=s, agents=[])
-    await submit_all(fleet, [{"params": {**PARAMS, "seed": i}} for i in range(8)])
+    # 16: work left to hold once the measured pace allows two ahead, which takes a few calls
+    # after a slow first one (2.1 s in two `make test-slow` runs: the average came down to 1.3 s
+    # when 8 tasks had nearly all started)
+    await submit_all(fleet, [{"params": {**PARAMS, "seed": i}} for i in range(16)])
     worker = await start_fleet(QUEUE, settings=s, agents=["q"], with_api=False)
     agent = worker.fleet.agents[0]
     held, leased, limits = [], [], []
@@ -571,11 +574,6 @@ async def test_a_busy_agent_holds_no_more_long_tasks_than_it_starts_within_the_h
         if (pace := agent.pace.estimate()) is not None:
             paces.append(pace)
         await asyncio.sleep(0.03)
-    if horizon_s and min(paces) * 3 > horizon_s:
-        # A host so loaded that no call was measured at 1.3 s or less (it happened once in a
-        # `make test-slow`): two held ahead never fit, and holding one is the rule kept.
-        assert max(held) == max(limits) == 1, (held, paces)
-        return
     assert max(held) == most_ahead, (held, paces)
     assert max(limits) == most_ahead, limits  # what operators see
     if horizon_s:
