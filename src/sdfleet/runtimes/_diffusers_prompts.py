@@ -16,6 +16,7 @@ instead, which diffusers cannot). As diffusers does, clip skip applies to the pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -57,6 +58,13 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def _comma(tokenizer: Any) -> int | None:
+    """The id of the comma token (``,</w>``), where chunks may be cut; None if the vocabulary has
+    none. By lookup: ``get_vocab()`` copies the whole vocabulary (about 20 ms for CLIP's)."""
+    found = tokenizer.convert_tokens_to_ids(",</w>")
+    return None if found is None or found == tokenizer.unk_token_id else int(found)
+
+
 def chunk_count(pipe: Any, prompt: str, negative: str) -> tuple[int, bool]:
     """How many chunks the job's embeddings have, and whether the pipeline reads its text as SD
     WebUI does (plain prompts of at most one chunk: then it is given the text)."""
@@ -65,7 +73,7 @@ def chunk_count(pipe: Any, prompt: str, negative: str) -> tuple[int, bool]:
         longest = max(len(_ids(tokenizer, prompt)), len(_ids(tokenizer, negative)))
         if longest <= S.CHUNK:
             return 1, True
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = _comma(tokenizer)
     counts = [len(S.chunk(S.weighted(text), partial(_ids, tokenizer), comma)) for text in (prompt, negative)]
     return max(counts), False
 
@@ -88,8 +96,7 @@ def _encode_text(pipe: Any, text: str, clip_skip: int | None) -> tuple[torch.Ten
     per_encoder: list[torch.Tensor] = []
     pooled = None
     for tokenizer, encoder in _encoders(pipe):
-        comma = tokenizer.get_vocab().get(",</w>")
-        chunks = S.chunk(pieces, partial(_ids, tokenizer), comma)
+        chunks = S.chunk(pieces, partial(_ids, tokenizer), _comma(tokenizer))
         zs = []
         for i, c in enumerate(chunks):
             z, pool = _encode_chunk(pipe, tokenizer, encoder, c, clip_skip)
@@ -98,7 +105,7 @@ def _encode_text(pipe: Any, text: str, clip_skip: int | None) -> tuple[torch.Ten
             zs.append(z)
         per_encoder.append(torch.cat(zs, dim=1))
     longest = max(z.shape[1] for z in per_encoder) // _WIDTH
-    per_encoder = [_pad_with(z, _empty(pipe, i), longest) for i, z in enumerate(per_encoder)]
+    per_encoder = [_pad_with(z, partial(_empty, pipe, i), longest) for i, z in enumerate(per_encoder)]
     return torch.cat(per_encoder, dim=-1), pooled
 
 
@@ -142,15 +149,16 @@ def _empty(pipe: Any, index: int) -> torch.Tensor:
 
 
 def _pad(pipe: Any, z: torch.Tensor, chunks: int) -> torch.Tensor:
-    if z.shape[1] // _WIDTH >= chunks:
-        return z
-    empties = [_empty(pipe, i) for i in range(len(_encoders(pipe)))]
-    return _pad_with(z, torch.cat(empties, dim=-1), chunks)
+    def empty() -> torch.Tensor:  # every encoder's, side by side, as ``z`` is
+        return torch.cat([_empty(pipe, i) for i in range(len(_encoders(pipe)))], dim=-1)
+
+    return _pad_with(z, empty, chunks)
 
 
-def _pad_with(z: torch.Tensor, empty: torch.Tensor, chunks: int) -> torch.Tensor:
+def _pad_with(z: torch.Tensor, empty: Callable[[], torch.Tensor], chunks: int) -> torch.Tensor:
+    """``z`` made ``chunks`` long with empty-prompt chunks, encoded only when some are missing."""
     missing = chunks - z.shape[1] // _WIDTH
-    return torch.cat([z, *[empty] * missing], dim=1) if missing > 0 else z
+    return torch.cat([z, *[empty()] * missing], dim=1) if missing > 0 else z
 
 
 def call_embeds(pipe: Any, embeds: list[Embeds], repeats: list[int]) -> dict[str, Any]:

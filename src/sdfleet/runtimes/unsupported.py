@@ -41,23 +41,23 @@ _FLAGS = ("restore_faces",)
 """Booleans that change the images when true (face restoration)."""
 _NON_EMPTY = ("mask", "script_name", "styles")
 """Inpainting, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
-_NO_OP: dict[str, tuple[object, ...]] = {
+_TAKEN: dict[str, tuple[object, ...]] = {
     "s_churn": (None, 0),
     "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
     "refiner_checkpoint": (None, "", "None"),
     "infotext": (None, ""),
 }
-"""Fields that change the images unless they hold these values (SD WebUI's defaults, and what
-webuiapi sends by default): k-diffusion's churn and noise, the uncond skip, the SDXL refiner,
-parameters read from an infotext. (A given first pass, ``firstpass_image``, is the hires fix's:
-``hires.unsupported``.)"""
-_IMG2IMG_NO_OP: dict[str, tuple[object, ...]] = {
+"""Fields the diffusers runtime runs only at these values (SD WebUI's defaults, and what webuiapi
+sends by default; another value changes the images in a way it does not implement): k-diffusion's
+churn and noise, the uncond skip, the SDXL refiner, parameters read from an infotext. (A given
+first pass, ``firstpass_image``, is the hires fix's: ``hires.unsupported``.)"""
+_IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
     "initial_noise_multiplier": (None, 1),
 }
-"""The same for image-to-image: the noise's multiplier, and resize modes other than stretch, crop
-and fill (3, a latent upscale)."""
+"""The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
+crop and fill; not 3, a latent upscale)."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -204,9 +204,9 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
 
 def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None) -> list[str]:
     """``name=value`` of SD WebUI request ``fields`` set to what changes the images and the
-    diffusers runtime does not implement (``_NO_OP``, variation seeds' ``seed_resize_from``, an
+    diffusers runtime does not implement (``_TAKEN``, variation seeds' ``seed_resize_from``, an
     ancestral sampler's ``eta`` other than 1; DDIM's ``eta`` it takes)."""
-    checked = {**_NO_OP, **(_IMG2IMG_NO_OP if kind is TaskType.IMAGE_TO_IMAGE else {})}
+    checked = {**_TAKEN, **(_IMG2IMG_TAKEN if kind is TaskType.IMAGE_TO_IMAGE else {})}
     found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
     for k in ("seed_resize_from_w", "seed_resize_from_h"):
         value = fields.get(k)
