@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import Reject, ValidationFailed
-from sdfleet.tasks import TaskParams, TaskType
+from sdfleet.tasks import GENERATE, TaskParams, TaskType
 
 UPSCALES = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
 
@@ -37,12 +37,21 @@ def check_output_size(
     max_width: int,
     max_height: int,
 ) -> None:
-    """Raise ``ValidationFailed`` (code ``too_large``) when an output would exceed the maximum
-    (``invalid_params`` for a hires fix asking for no size SD WebUI would make)."""
+    """Raise ``ValidationFailed`` (code ``too_large``) when an output, or the noise of variation
+    seeds' ``seed_resize_from``, would exceed the maximum (``invalid_params`` for a hires fix or a
+    variation asking for no size SD WebUI would make)."""
     try:
         sizes = output_sizes(kind, params, input_sizes)
+        varied = variation.read(params) if kind in GENERATE else None
     except Reject as e:
         raise ValidationFailed(e.reason, code=e.code) from None
+    if varied is not None and varied.resize_from is not None:
+        width, height = varied.resize_from
+        if width > max_width or height > max_height:
+            raise ValidationFailed(
+                f"seed_resize_from {width}x{height} is over the maximum {max_width}x{max_height}",
+                code="too_large",
+            )
     for width, height in sizes:
         if width > max_width or height > max_height:
             made = f" ({params.upscaling_resize:g} × the input)" if kind in UPSCALES else ""

@@ -64,6 +64,10 @@ class TaskType(StrEnum):
     PIPELINE = "pipeline"
 
 
+GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
+"""The task types that generate images (SD WebUI's txt2img and img2img)."""
+
+
 class TaskState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

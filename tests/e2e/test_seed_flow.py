@@ -213,6 +213,25 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
     assert "output size 4096x4096 (its hires pass) is over the maximum" in r.json()["error"]["message"]
+    # ...and variation seeds (refused as unsupported_option before): one seed, consecutive
+    # variation seeds, SD WebUI's info; their noise's size is bounded at the door, as an output's
+    body = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 2, "seed": 5}
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "vary-1"}
+    body.update(batch_size=2, subseed=40, subseed_strength=0.3)
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("vary-1")
+    assert view["state"] == "succeeded", view
+    out = await read_json(engine, view["output"]["key"])
+    assert (out["all_seeds"], out["all_subseeds"], out["subseed_strength"]) == ([5, 5], [40, 41], 0.3)
+    body.update(seed_resize_from_w=100_000, seed_resize_from_h=64)
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
+    assert "seed_resize_from 100000x64 is over the maximum" in r.json()["error"]["message"]
+    body.update(seed_resize_from_w=-1, subseed_strength="strong")
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422, r.text
+    assert "subseed_strength must be a number" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

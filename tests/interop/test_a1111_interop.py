@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from real_servers import A1111_URL, needs_a1111
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.media import infotext, reencode
 from sdfleet.runtimes.a1111 import A1111Runtime
@@ -256,3 +256,37 @@ async def test_hires_sizes_and_words_are_sd_webuis(width: int, height: int, extr
     assert second is not None
     assert size(base64.b64decode(made["images"][0])) == second.size
     assert ", ".join(f"{k}: {v}" for k, v in second.generation_params) in text, text
+
+
+VARIATION_CASES = [
+    {"subseed": 7, "subseed_strength": 0.4, "batch_size": 2},
+    {"subseed": 7, "subseed_strength": 1, "n_iter": 2},
+    {"seed_resize_from_w": 32, "seed_resize_from_h": 48},
+    {"subseed": 9, "subseed_strength": 0.25, "seed_resize_from_w": 96, "seed_resize_from_h": 64},
+    {"subseed": 9, "subseed_strength": 0, "seed_resize_from_w": 32, "batch_size": 2},
+]
+
+
+@pytest.mark.parametrize("extra", VARIATION_CASES)
+async def test_variation_seeds_and_words_are_sd_webuis(extra: dict[str, Any]) -> None:
+    """What the diffusers runtime and ``runtime serve`` make of variation seeds
+    (``sdfleet.variation``): each image's seed and variation seed, and the infotext's words, next
+    to the real SD WebUI's for the same request."""
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 1}
+    body |= extra
+    async with httpx.AsyncClient(base_url=URL, timeout=600) as client:
+        made = (await client.post("/sdapi/v1/txt2img", json=body)).json()
+    info = json.loads(made["info"])
+    params = TaskParams(prompt="a cat", width=64, height=64, sampler="Euler", seed=1, extra=body)
+    varied = variation.read(params)
+    images = len(info["all_seeds"])
+    assert images == body.get("batch_size", 1) * body.get("n_iter", 1)
+    assert info["all_seeds"] == variation.seeds(1, images, varied)
+    if varied is None:
+        assert not any("Variation" in text or "Seed resize" in text for text in info["infotexts"])
+        return
+    if varied.subseed >= 0:  # else drawn at random, there and here
+        assert info["all_subseeds"] == variation.subseeds(varied, images)
+    for text, subseed in zip(info["infotexts"], info["all_subseeds"], strict=True):
+        words = ", ".join(f"{k}: {v}" for k, v in variation.words(varied, subseed))
+        assert f"Model: {info['sd_model_name']}, {words}, " in text, text

@@ -97,6 +97,23 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
         api.txt2img(prompt="a", enable_hr=True, hr_prompt="another", **SMALL)
 
 
+def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIApi) -> None:
+    """``subseed_strength`` was 422 'subseed_strength (variation seeds) is not available on this
+    server'. The seeds, variation seeds and words are SD WebUI's (``test_a1111_interop``)."""
+    varied = api.txt2img(prompt="a red cat", seed=42, subseed=7, subseed_strength=0.4, batch_size=2, **SMALL)
+    info = varied.info
+    assert (info["all_seeds"], info["all_subseeds"], info["subseed_strength"]) == ([42, 42], [7, 8], 0.4)
+    assert "Model: tiny-a, Variation seed: 8, Variation seed strength: 0.4, Version: " in info["infotexts"][1]
+    assert pixels(varied.images[0]) != pixels(varied.images[1])
+    resized = api.txt2img(prompt="a red cat", seed=42, seed_resize_from_w=32, seed_resize_from_h=48, **SMALL)
+    assert resized.info["all_seeds"] == [42]
+    assert "Model: tiny-a, Seed resize from: 32x48, Version: " in resized.info["infotexts"][0]
+    with pytest.raises(
+        RuntimeError, match=r"subseed_strength \(variation seeds\) with image-to-image is not"
+    ):
+        api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", subseed_strength=0.5, **SMALL)
+
+
 def test_fields_this_server_would_leave_out_are_refused_by_name(api: webuiapi.WebUIApi) -> None:
     """``resize_mode`` 1 ran as a plain resize and ``s_churn`` as 0, without a word: crop and fill
     run now (``test_fit_is_sd_webuis_resize``), the latent mode 3 and churn are refused."""

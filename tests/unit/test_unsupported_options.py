@@ -64,7 +64,7 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
             "alwayson_scripts.AnimateDiff",
             "hr_prompt",
             "restore_faces",
-            "subseed_strength",
+            "subseed_strength (variation seeds) with enable_hr",
             "override_settings.sd_vae",
         ]
     ), found
@@ -192,7 +192,6 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         "infotext='Steps: 4'",
         "resize_mode=3",
         "initial_noise_multiplier=0.9",
-        "seed_resize_from_w=512",
         "eta=0.5 (with an ancestral sampler)",
     ]
     # image-to-image's own fields mean nothing to text-to-image (SD WebUI has none there); DDIM

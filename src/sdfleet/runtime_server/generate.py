@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
@@ -26,7 +26,7 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
-from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults
+from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
 from sdfleet.tasks import TaskParams, TaskType
 
 _MAX_IMAGES = IMAGES_MAX["diffusers"]
@@ -44,6 +44,8 @@ _HIRES = (
     "hr_negative_prompt",
 )
 """A txt2img request's hires fix fields, handed to the runtime as they came (``sdfleet.hires``)."""
+_VARIATION = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
+"""Variation seeds' fields, handed over as they came (``sdfleet.variation``) beside the subseed."""
 
 
 def decode_image_field(text: str) -> bytes:
@@ -63,7 +65,6 @@ def _unsupported(req: GenerationBody) -> str | None:
     """What this server cannot do that the request turns on, if anything."""
     checks: list[tuple[bool, str]] = [
         (bool(req.restore_faces), "restore_faces (face restoration)"),
-        ((req.subseed_strength or 0) > 0, "subseed_strength (variation seeds)"),
         (bool(req.script_name), f"script {req.script_name!r}"),
         (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
     ]
@@ -105,10 +106,10 @@ def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None
 
 
 def _params(
-    req: GenerationBody, runtime_sampler: str, seed: int, clip: int, batch: int, tiling: bool
+    req: GenerationBody, runtime_sampler: str, seeds: tuple[int, int], clip: int, batch: int, tiling: bool
 ) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
-    one call, with consecutive seeds)."""
+    one call, with consecutive seeds), from ``seeds``: the seed and the variation seed."""
     fields: dict[str, Any] = {
         "prompt": req.prompt or "",
         "negative_prompt": req.negative_prompt or "",
@@ -117,10 +118,11 @@ def _params(
         "height": (req.height or 0) // 8 * 8,
         "cfg_scale": req.cfg_scale,
         "sampler": runtime_sampler,
-        "seed": seed,
+        "seed": seeds[0],
         "batch_size": batch,
         "clip_skip": clip,
-        "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta},
+        "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta, "subseed": seeds[1]}
+        | {name: getattr(req, name) for name in _VARIATION},
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
@@ -156,14 +158,22 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     images = batch * (req.n_iter or 1)
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
-    params = _params(req, sampler.runtime_key, seed, clip, batch, tiling)
+    params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling)
+    kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+    try:
+        varied = variation.read(params)
+        lacking = variation_unsupported(params, kind)
+    except Reject as e:
+        raise refused(422, e.reason) from None
+    if lacking:
+        raise refused(422, f"{', '.join(lacking)} is not available on this server")
     second = _hires(req, params)
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(
         request=req,
         sampler=sampler,
-        seeds=[seed + i for i in range(images)],
+        seeds=variation.seeds(seed, images, varied),
         subseeds=[subseed + i for i in range(images)],
         model_name=info.stem if info else None,
         model_hash=sha[:10] if sha else None,

@@ -1,8 +1,8 @@
 """What SD WebUI says about a generation: the ``info`` JSON of an answer and each image's infotext.
 
 Field for field as SD WebUI 1.10's ``Processed.js()`` and ``create_infotext`` write them, for the
-features this server has (no hires fix, face restoration, variation seeds or VAE choice, which
-requests cannot turn on here).
+features this server has (no face restoration, refiner or VAE choice, which requests cannot turn
+on here).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def quote(value: Any) -> Any:
 
 def _parameters(gen: Generation, index: int) -> dict[str, Any]:
     r, opts = gen.request, gen.options
+    strength = r.subseed_strength or 0
+    resized = (r.seed_resize_from_w or 0) > 0 and (r.seed_resize_from_h or 0) > 0
     params: dict[str, Any] = {
         "Steps": r.steps,
         "Sampler": gen.sampler.sampler,
@@ -75,6 +77,9 @@ def _parameters(gen: Generation, index: int) -> dict[str, Any]:
         "Size": f"{r.width}x{r.height}",
         "Model hash": gen.model_hash if opts["add_model_hash_to_info"] else None,
         "Model": gen.model_name if opts["add_model_name_to_info"] else None,
+        "Variation seed": gen.subseeds[index] if strength != 0 else None,
+        "Variation seed strength": strength if strength != 0 else None,
+        "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if resized else None,
         "Denoising strength": gen.extra.get("Denoising strength"),
         "Clip skip": gen.clip_skip if gen.clip_skip > 1 else None,
         "Tiling": "True" if gen.tiling else None,

@@ -3,26 +3,28 @@
 Each job keeps its own prompt, negative prompt and seeds (one ``torch.Generator`` per image, the
 same as when it runs alone), and gets back its own images and info. Jobs may share a batch when
 their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG scale, strength,
-clip skip, tiling, eta and hires fix — what one pipeline call takes once for all images. The batch
-is one call, or one per length of its prompts' embeddings (``_diffusers_prompts``), each followed
-by its hires pass (``_diffusers_hires``).
+clip skip, tiling, eta, hires fix and variation strength — what one pipeline call takes once for
+all images. The batch is one call, or one per length of its prompts' embeddings
+(``_diffusers_prompts``), each followed by its hires pass (``_diffusers_hires``). A call with
+variation seeds is given its starting noise (``_diffusers_noise``).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_lora as L
+from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import unsupported as U
@@ -37,6 +39,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
     p = job.params
     try:
         second = hires.plan(job.type, p)
+        varied = variation.read(p)
     except Reject:
         return None  # it fails alone, with its own reason
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
@@ -59,6 +62,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         tiling(p),
         eta(p),
         second,
+        varied.key if varied else None,
         loras,
     )
 
@@ -89,6 +93,9 @@ class _Part:
     seed: int
     seeds: list[int]
     start: int
+    variation: variation.Variation | None = None
+    subseeds: list[int] = field(default_factory=list)
+    """Each image's variation seed, with a ``variation``."""
 
 
 def _parts(jobs: Sequence[Job]) -> list[_Part]:
@@ -97,13 +104,15 @@ def _parts(jobs: Sequence[Job]) -> list[_Part]:
         p = job.params
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
         images = U.images_made(job.type, p, len(job.init_images))
-        seeds = [(seed + i) % 2**32 for i in range(images)]
-        parts.append(_Part(job, seed, seeds, start))
+        varied = variation.read(p)
+        seeds = variation.seeds(seed, images, varied)
+        subseeds = variation.subseeds(varied, images) if varied else []
+        parts.append(_Part(job, seed, seeds, start, varied, subseeds))
         start += len(seeds)
     return parts
 
 
-def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], list[_Part], int]:
+def call_kwargs(pipe: Any, jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], list[_Part], int]:
     """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps."""
     parts = _parts(jobs)
     first = jobs[0].params
@@ -132,7 +141,25 @@ def call_kwargs(jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], lis
         kwargs["strength"] = first.denoising_strength
     else:
         kwargs.update(width=first.width, height=first.height)
+        varied = parts[0].variation  # the same for every part (batch_key)
+        if varied is not None:
+            kwargs["latents"], kwargs["generator"] = _noise(pipe, varied, parts, first.width, first.height)
     return kwargs, parts, steps
+
+
+def _noise(
+    pipe: Any, varied: variation.Variation, parts: Sequence[_Part], width: int, height: int
+) -> tuple[torch.Tensor, list[Any]]:
+    """The starting noise of a text-to-image call with variation seeds, in the pipeline's dtype,
+    and the generators for the rest of its steps."""
+    scale = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, height // scale, width // scale)
+    latents, generators = [], []
+    for part in parts:
+        noise, gens = N.first_noise(varied, part.seeds, part.subseeds, shape, scale)
+        latents.append(noise)
+        generators += gens
+    return torch.cat(latents).to(pipe.unet.dtype), generators
 
 
 def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
@@ -172,7 +199,9 @@ def generate(
         calls = _calls(pipe, jobs)
         for n, (members, embeds) in enumerate(calls):
             total = passes * len(calls)
-            kwargs, call_parts, steps = call_kwargs([jobs[i] for i in members], callback(passes * n, total))
+            kwargs, call_parts, steps = call_kwargs(
+                pipe, [jobs[i] for i in members], callback(passes * n, total)
+            )
             if embeds is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
                 kwargs |= E.call_embeds(pipe, embeds, [len(part.seeds) for part in call_parts])
@@ -222,7 +251,7 @@ def encode(g: Generated) -> list[RuntimeResult]:
 
 def _result(part: _Part, g: Generated) -> RuntimeResult:
     p: TaskParams = part.job.params
-    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps, part.job.type)
+    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps, part.job.type, part.subseeds)
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

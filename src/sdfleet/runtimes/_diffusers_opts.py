@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import Reject
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -185,6 +185,15 @@ def check_size(params: TaskParams, kind: TaskType, limit: int) -> None:
             f"{limit} the runtime allows (generate_max_pixels); use a smaller width/height",
             code="too_large",
         )
+    varied = variation.read(params)
+    if varied is not None and varied.resize_from is not None:
+        width, height = varied.resize_from
+        if width * height > limit:  # its noise is made at that size
+            raise Reject(
+                f"seed_resize_from {width}x{height} is more than the {limit} pixels the runtime "
+                "allows (generate_max_pixels)",
+                code="too_large",
+            )
 
 
 def out_of_memory(params: TaskParams, device: str, img2img: bool) -> Reject:

@@ -6,13 +6,14 @@ import io
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import diffusers as _diffusers_module
 import torch
 from PIL import Image
 
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
@@ -181,15 +182,22 @@ def fit(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Imag
 
 
 def infotext(
-    params: TaskParams, seed: int, sampler: str, model: str, hires_said: tuple[tuple[str, Any], ...] = ()
+    params: TaskParams,
+    seed: int,
+    sampler: str,
+    model: str,
+    hires_said: tuple[tuple[str, Any], ...] = (),
+    variation_said: Sequence[tuple[str, Any]] = (),
 ) -> str:
-    """The A1111 ``parameters`` text for one image (``hires_said``: a hires fix's words)."""
+    """The A1111 ``parameters`` text for one image (``hires_said``, ``variation_said``: a hires
+    fix's and variation seeds' words)."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     lines.append(
         f"Steps: {params.steps}, Sampler: {sampler}, CFG scale: {params.cfg_scale}, Seed: {seed}, "
         f"Size: {params.width}x{params.height}, Model: {model}"
+        + "".join(f", {k}: {v}" for k, v in variation_said)
         + "".join(f", {k}: {v}" for k, v in hires_said[:1])  # its denoising strength: SD WebUI's slot
         + (", Tiling: True" if params.extra.get("tiling") is True else "")
         + "".join(f", {k}: {v}" for k, v in hires_said[1:])
@@ -204,11 +212,18 @@ def build_info(
     model: ModelInfo,
     steps: int,
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
+    subseeds: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """An A1111-like ``info`` dict for a txt2img/img2img result."""
+    """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
+    variation seed, with variation seeds)."""
     second = hires.plan(kind, params)
     said = second.generation_params if second else ()
-    texts = [infotext(params, s, sampler, model.stem, said) for s in seeds]
+    varied = variation.read(params)
+    subs: Sequence[int | None] = subseeds or [None] * len(seeds)
+    texts = [
+        infotext(params, s, sampler, model.stem, said, variation.words(varied, sub))
+        for s, sub in zip(seeds, subs, strict=True)
+    ]
     info: dict[str, Any] = {
         "prompt": params.prompt,
         "all_prompts": [params.prompt] * len(seeds),
@@ -216,7 +231,11 @@ def build_info(
         "all_negative_prompts": [params.negative_prompt] * len(seeds),
         "seed": seeds[0],
         "all_seeds": seeds,
-        "subseed": -1,
+        "subseed": subseeds[0] if subseeds else -1,
+        "all_subseeds": list(subseeds) or [-1] * len(seeds),
+        "subseed_strength": varied.strength if varied else 0,
+        "seed_resize_from_w": varied.resize_from[0] if varied and varied.resize_from else -1,
+        "seed_resize_from_h": varied.resize_from[1] if varied and varied.resize_from else -1,
         "steps": steps,
         "sampler_name": sampler,
         "cfg_scale": params.cfg_scale,

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sdfleet import hires
+from sdfleet import hires, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._prompt_syntax import editing, weighted
-from sdfleet.tasks import BATCH_MAX, N_ITER_MAX, TaskParams, TaskType
+from sdfleet.tasks import BATCH_MAX, GENERATE, N_ITER_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
 RUNS: dict[str, frozenset[TaskType]] = {
@@ -28,8 +28,6 @@ RUNS: dict[str, frozenset[TaskType]] = {
     "synthetic": _ALL_BUT_PIPELINE,
 }
 """The task types each built-in runtime runs (a plugin runtime is not listed: it decides)."""
-GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
-"""The task types these fields belong to (SD WebUI's txt2img and img2img)."""
 IMAGES_MAX: dict[str, int] = {"diffusers": 16}
 """Most images (``batch_size``) a text- or image-to-image task may ask of a runtime that makes them
 itself, in one pipeline call; SD WebUI runs what it is given, up to ``tasks.BATCH_MAX``."""
@@ -187,9 +185,7 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
     if extra.get("enable_hr") is True:  # SD WebUI's hires fix is text-to-image's
         found += hires.unsupported(params) if kind is TaskType.TEXT_TO_IMAGE else ["enable_hr"]
     found += [k for k in _NON_EMPTY if extra.get(k)]
-    strength = extra.get("subseed_strength")
-    if isinstance(strength, int | float) and strength > 0:
-        found.append("subseed_strength")
+    found += variation_unsupported(params, kind)
     scripts = extra.get("alwayson_scripts")
     if isinstance(scripts, dict):
         found += [f"alwayson_scripts.{name}" for name in scripts]
@@ -204,18 +200,27 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
 
 def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None) -> list[str]:
     """``name=value`` of SD WebUI request ``fields`` set to what changes the images and the
-    diffusers runtime does not implement (``_TAKEN``, variation seeds' ``seed_resize_from``, an
-    ancestral sampler's ``eta`` other than 1; DDIM's ``eta`` it takes)."""
+    diffusers runtime does not implement (``_TAKEN``, an ancestral sampler's ``eta`` other than 1;
+    DDIM's ``eta`` it takes)."""
     checked = {**_TAKEN, **(_IMG2IMG_TAKEN if kind is TaskType.IMAGE_TO_IMAGE else {})}
     found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
-    for k in ("seed_resize_from_w", "seed_resize_from_h"):
-        value = fields.get(k)
-        if isinstance(value, int | float) and value > 0:
-            found.append(f"{k}={value!r}")
     eta = fields.get("eta")
     if eta not in (None, 1) and ancestral(sampler):
         found.append(f"eta={eta!r} (with an ancestral sampler)")
     return found
+
+
+def variation_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
+    """Variation seeds where the diffusers runtime does not make them: image-to-image, and the
+    hires fix's second pass (it makes them for text-to-image). ``Reject`` (``invalid_params``) for
+    values that are no seed or size (``variation.read``)."""
+    varied = variation.read(params)
+    if varied is None or (kind is TaskType.TEXT_TO_IMAGE and not hires.asked(kind, params)):
+        return []
+    where = "enable_hr" if kind is TaskType.TEXT_TO_IMAGE else "image-to-image"
+    names = ["subseed_strength"] if varied.strength != 0 else []
+    names += ["seed_resize_from_w/h"] if varied.resize_from else []
+    return [f"{name} (variation seeds) with {where}" for name in names]
 
 
 def ancestral(sampler: str | None) -> bool:

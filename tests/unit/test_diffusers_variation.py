@@ -1,0 +1,203 @@
+"""Variation seeds (``subseed``, ``subseed_strength``, ``seed_resize_from``) in the diffusers runtime,
+on a tiny random-weight model (CPU, 64x64, 2-3 steps). They were refused (``unsupported_option``).
+
+The noise is SD WebUI's (``ImageRNG.first``, checked against its code by hand: the issue note);
+these tests hold what follows from it: strength 0 and 1 are the seed's and the variation seed's own
+images, the seed's generator goes on into the steps, a batch shares its seed, batch-mates keep
+their images.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdfleet import variation
+from sdfleet.errors import Reject, ValidationFailed
+from sdfleet.limits import check_output_size
+from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtimes._diffusers_noise import first_noise, slerp
+from sdfleet.runtimes.base import Job, RuntimeResult
+from sdfleet.runtimes.diffusers import DiffusersRuntime
+from sdfleet.runtimes.unsupported import refuse
+from sdfleet.tasks import TaskParams, TaskType
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
+    root = tmp_path_factory.mktemp("models")
+    make_tiny(root, "tiny-a", seed=0)
+    options = {"device": "cpu", "max_batch": 4, "max_batch_wait_ms": 20}
+    return DiffusersRuntime.from_options(catalog=ModelCatalog(root), options=options, default_model="tiny-a")
+
+
+def job(kind: TaskType = TaskType.TEXT_TO_IMAGE, task_id: str = "t-1", **fields: object) -> Job:
+    base: dict[str, object] = {"prompt": "a red cat", "steps": 3, "width": 64, "height": 64, "seed": 1}
+    extra = {k: fields.pop(k) for k in list(fields) if k.startswith(("subseed", "seed_resize", "enable_hr"))}
+    base |= fields | {"extra": extra}
+    init = base.pop("init_images", [])
+    assert isinstance(init, list)
+    return Job(task_id, kind, "tiny-a", TaskParams.model_validate(base), init_images=init)
+
+
+async def quiet(value: float) -> None:
+    return None
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def differ(a: bytes, b: bytes) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+async def test_strength_one_is_the_variation_seeds_own_image(runtime: DiffusersRuntime) -> None:
+    """All of the variation seed's noise: with a sampler that adds no noise of its own, the image
+    the variation seed makes as a seed, bit for bit; strength 0 is the seed's."""
+    varied = await runtime.run(job(sampler="Euler", subseed=7, subseed_strength=1.0), quiet)
+    as_seed = await runtime.run(job(sampler="Euler", seed=7), quiet)
+    assert pixels(varied.images[0]).tobytes() == pixels(as_seed.images[0]).tobytes()
+    none = await runtime.run(job(sampler="Euler", subseed=7, subseed_strength=0), quiet)
+    plain = await runtime.run(job(sampler="Euler"), quiet)
+    assert none.images == plain.images and none.info["infotexts"] == plain.info["infotexts"]
+
+
+async def test_the_seeds_generator_goes_on_into_an_ancestral_samplers_steps(
+    runtime: DiffusersRuntime,
+) -> None:
+    """A strength near 0 is nearly the seed's image with ``Euler a`` too: the noise it adds at each
+    step comes from the seed's generator past the starting noise, as when the pipeline draws it
+    (a fresh generator would add the starting noise again)."""
+    near = await runtime.run(job(sampler="Euler a", subseed=7, subseed_strength=1e-4), quiet)
+    plain = await runtime.run(job(sampler="Euler a"), quiet)
+    other = await runtime.run(job(sampler="Euler a", seed=2), quiet)
+    assert near.images != plain.images
+    assert differ(near.images[0], plain.images[0]) <= 3 < differ(other.images[0], plain.images[0])
+
+
+async def test_a_batch_shares_its_seed_and_varies_by_consecutive_variation_seeds(
+    runtime: DiffusersRuntime,
+) -> None:
+    result = await runtime.run(job(batch_size=3, seed=5, subseed=40, subseed_strength=0.3), quiet)
+    info = result.info
+    assert info["all_seeds"] == [5, 5, 5]  # SD WebUI's rule with a strength
+    assert (info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (40, [40, 41, 42], 0.3)
+    assert len({pixels(png).tobytes() for png in result.images}) == 3
+    assert (
+        "Seed: 5, Size: 64x64, Model: tiny-a, Variation seed: 41, Variation seed strength: 0.3"
+        in (info["infotexts"][1])
+    )
+    alone = await runtime.run(job(seed=5, subseed=41, subseed_strength=0.3), quiet)
+    assert differ(alone.images[0], result.images[1]) <= 1  # image 2 of the batch is its own image
+    random_subseed = await runtime.run(job(subseed_strength=0.3), quiet)  # subseed -1: drawn
+    first = random_subseed.info["subseed"]
+    assert 0 <= first < 2**32 and f"Variation seed: {first}," in random_subseed.info["infotexts"][0]
+
+
+async def test_batch_mates_keep_their_own_variations(runtime: DiffusersRuntime) -> None:
+    jobs = [
+        job(task_id="t-1", seed=3, subseed=8, subseed_strength=0.5),
+        job(task_id="t-2", seed=4, subseed=9, subseed_strength=0.5, batch_size=2),
+    ]
+    assert runtime.batch_key(jobs[0]) == runtime.batch_key(jobs[1]) is not None
+    other = job(task_id="t-3", seed=3, subseed=8, subseed_strength=0.6)
+    assert runtime.batch_key(other) != runtime.batch_key(jobs[0])  # a strength is the call's
+    assert runtime.batch_key(job(task_id="t-4")) != runtime.batch_key(jobs[0])
+    batched = await runtime.run_batch(jobs, [quiet, quiet])
+    for one, outcome in zip(jobs, batched, strict=True):
+        assert isinstance(outcome, RuntimeResult)
+        alone = await runtime.run(one, quiet)
+        assert [differ(b, a) <= 1 for b, a in zip(outcome.images, alone.images, strict=True)] == [True] * len(
+            alone.images
+        )
+        assert outcome.info["all_subseeds"] == alone.info["all_subseeds"]
+
+
+async def test_seed_resize_from_keeps_the_seeds_noise_in_the_middle(runtime: DiffusersRuntime) -> None:
+    """``seed_resize_from`` makes the seed's noise at that size and sets it in the middle."""
+    own = variation.Variation(0.0, -1, (64, 64))
+    shape = (4, 8, 8)
+    plain, _ = first_noise(variation.Variation(0.0, -1, None), [3], [0], shape, 8)
+    same, _ = first_noise(own, [3], [0], shape, 8)
+    assert torch.equal(plain, same)  # its own size: the plain noise
+    small, gens = first_noise(variation.Variation(0.0, -1, (32, 48)), [3], [0], shape, 8)
+    seeds_own = torch.randn((4, 6, 4), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(small[0, :, 1:7, 2:6], seeds_own)
+    past = torch.Generator().manual_seed(3)
+    torch.randn(shape, generator=past)
+    assert torch.equal(gens[0].get_state(), past.get_state())  # one image's noise drawn from it
+    large, _ = first_noise(variation.Variation(0.0, -1, (96, 80)), [3], [0], shape, 8)
+    seeds_large = torch.randn((4, 10, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(large[0], seeds_large[:, 1:9, 2:10])  # the middle of the larger noise
+    result = await runtime.run(job(seed_resize_from_w=32, seed_resize_from_h=48), quiet)
+    assert (
+        result.info["all_seeds"] == [1]
+        and "Model: tiny-a, Seed resize from: 32x48" in result.info["infotexts"][0]
+    )
+    assert (result.info["seed_resize_from_w"], result.info["seed_resize_from_h"]) == (32, 48)
+    only_one_side = await runtime.run(job(seed_resize_from_w=32), quiet)  # SD WebUI needs both
+    assert only_one_side.images == (await runtime.run(job(), quiet)).images
+
+
+def test_slerp_keeps_the_ends_and_the_noises_scale() -> None:
+    low, high = (torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert torch.equal(slerp(0.0, low, high), low) and torch.equal(slerp(1.0, low, high), high)
+    mid = slerp(0.5, low, high)
+    assert abs(float(mid.std()) - 1.0) < 0.2  # a linear mix would shrink it to about 0.71
+    assert abs(float((low + high).mul(0.5).std()) - 0.71) < 0.15
+    # one latent row: each column's two noises are parallel; SD WebUI's division by their sine
+    # of 0 makes NaNs (its server answers 500 NansException), here a linear mix
+    row = slerp(0.4, low[:, :1], high[:, :1])
+    assert not torch.isnan(row).any()
+    assert torch.allclose(row, 0.6 * low[:, :1] + 0.4 * high[:, :1])
+
+
+async def test_what_the_runtime_does_not_vary_is_refused_by_name(runtime: DiffusersRuntime) -> None:
+    init = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(init, format="PNG")
+    i2i = job(TaskType.IMAGE_TO_IMAGE, init_images=[init.getvalue()], subseed_strength=0.3)
+    with pytest.raises(Reject, match=r"subseed_strength \(variation seeds\) with image-to-image") as e:
+        await runtime.run(i2i, quiet)
+    assert e.value.code == "unsupported_option"
+    hires = job(enable_hr=True, seed_resize_from_w=32, seed_resize_from_h=32)
+    with pytest.raises(Reject, match=r"seed_resize_from_w/h \(variation seeds\) with enable_hr"):
+        refuse("diffusers", TaskType.TEXT_TO_IMAGE, hires.params)
+    refuse("a1111", TaskType.IMAGE_TO_IMAGE, i2i.params)  # SD WebUI makes them
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"subseed_strength": "0.5"}, "subseed_strength must be a number, not '0.5'"),
+        ({"subseed_strength": True}, "subseed_strength must be a number"),
+        ({"subseed_strength": 0.5, "subseed": 2**40}, "subseed must be an integer from -1 to 4294967295"),
+        ({"subseed_strength": 0.5, "subseed": 1.5}, "subseed must be an integer"),
+        ({"seed_resize_from_w": "64", "seed_resize_from_h": 64}, "seed_resize_from_w must be an integer"),
+    ],
+)
+async def test_values_that_are_no_seed_or_size_are_invalid(
+    runtime: DiffusersRuntime, fields: dict[str, object], words: str
+) -> None:
+    """A message published past the API may hold anything; the runtime names the field."""
+    with pytest.raises(Reject, match=words) as e:
+        await runtime.run(job(**fields), quiet)
+    assert e.value.code == "invalid_params"
+
+
+async def test_noise_larger_than_the_runtime_allows_is_refused_before_it_is_made(
+    runtime: DiffusersRuntime,
+) -> None:
+    """Its noise is made at that size: 100000x100000 would be 2.5 GB of it for a 64x64 image."""
+    huge = job(seed_resize_from_w=100_000, seed_resize_from_h=100_000)
+    with pytest.raises(Reject, match=r"seed_resize_from 100000x100000 is more than the \d+ pixels") as e:
+        await runtime.run(huge, quiet)
+    assert e.value.code == "too_large"
+    with pytest.raises(
+        ValidationFailed, match="seed_resize_from 100000x100000 is over the maximum 2048x2048"
+    ):
+        check_output_size(TaskType.TEXT_TO_IMAGE, huge.params, [], 2048, 2048)  # the API, any runtime
