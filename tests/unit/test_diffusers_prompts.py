@@ -192,31 +192,3 @@ def test_the_runtime_refuses_a_bad_weight_before_it_loads_anything(tmp_path: Pat
     with pytest.raises(Reject) as raised:
         empty._check(job("bad", prompt="(cat:1..2)"))
     assert raised.value.code == "invalid_params"
-
-
-@pytest.mark.parametrize(
-    ("prompt", "found"),
-    [
-        ("a [cat:dog:0.5] on a sofa", "[cat:dog:0.5]"),  # prompt editing: dog from half the steps
-        ("a [cat:10]", "[cat:10]"),  # cat added from step 10
-        ("[from::0.3] x", "[from::0.3]"),
-        ("a [cat|dog]", "[cat|dog]"),  # alternation: each step the next
-        ("a [dull] (sharp:1.2) [a:b:c]", None),  # emphasis, and brackets with no number: emphasis
-        ("a \\[cat:dog:0.5\\]", None),  # escaped: the characters themselves
-    ],
-)
-def test_prompt_editing_is_found_and_refused_rather_than_read_as_emphasis(
-    prompt: str, found: str | None
-) -> None:
-    """SD WebUI changes the prompt during sampling there; read as emphasis it made another image
-    without a word."""
-    assert S.editing(prompt) == found
-    params = TaskParams(prompt="x", negative_prompt=prompt)
-    if found is None:
-        refuse("diffusers", TaskType.TEXT_TO_IMAGE, params)
-        return
-    with pytest.raises(Reject) as raised:
-        refuse("diffusers", TaskType.TEXT_TO_IMAGE, params)
-    assert raised.value.code == "unsupported_option"
-    assert f"does not implement prompt editing {found}" in raised.value.reason
-    refuse("a1111", TaskType.TEXT_TO_IMAGE, params)  # SD WebUI reads it

@@ -6,7 +6,9 @@ their ``batch_key`` is equal: same model, task type, size, steps, sampler, CFG s
 clip skip, tiling, eta, hires fix and variation strength — what one pipeline call takes once for
 all images. The batch is one call, or one per length of its prompts' embeddings
 (``_diffusers_prompts``), each followed by its hires pass (``_diffusers_hires``). A call with
-variation seeds is given its starting noise (``_diffusers_noise``).
+variation seeds is given its starting noise (``_diffusers_noise``); a job whose prompts change
+during sampling (prompt editing) runs alone, its step callback swapping the embeddings
+(``_diffusers_edits``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from sdfleet import hires, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_edits as D
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import unsupported as U
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
@@ -40,8 +44,11 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
     try:
         second = hires.plan(job.type, p)
         varied = variation.read(p)
+        edits, weight = prompts(job)
     except Reject:
         return None  # it fails alone, with its own reason
+    if edits.changes:
+        return None  # its callback swaps the embeddings of every image of the call
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
     if loras is None:
@@ -53,7 +60,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         p.height,
         p.steps,
         sampler,
-        p.cfg_scale,
+        p.cfg_scale * weight,
         p.denoising_strength if img2img else None,
         p.clip_skip,
         # an empty negative prompt is None to the pipeline (SDXL then uses zero embeddings, not
@@ -65,6 +72,15 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         varied.key if varied else None,
         loras,
     )
+
+
+def prompts(job: Job) -> tuple[PS.Edits, float]:
+    """The job's prompt and negative prompt at each step, as the text encoder sees them (without
+    extra-network tags and the prompt's own weight), and that weight (``_prompt_schedule``).
+    ``Reject`` (``unsupported_option``) for editing it cannot read."""
+    p = job.params
+    prompt, weight = PS.own_weight(L.text(p.prompt))
+    return PS.edits(prompt, L.text(p.negative_prompt), p.steps), weight
 
 
 def eta(p: TaskParams) -> float | None:
@@ -117,22 +133,29 @@ def call_kwargs(pipe: Any, jobs: Sequence[Job], callback: Any) -> tuple[dict[str
     parts = _parts(jobs)
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
-    # what the text encoder sees: the prompts without their <lora:...> tags
+    # what the text encoder sees at the first step: no <lora:...> tags, no weight of the prompt's own
+    texts = [prompts(part.job)[0].at(0) for part in parts]
+    edits, weight = prompts(jobs[0])
+    each = [(text, len(part.seeds)) for part, text in zip(parts, texts, strict=True)]
     kwargs: dict[str, Any] = {
-        "prompt": [L.text(part.job.params.prompt) for part in parts for _ in part.seeds],
-        "negative_prompt": [L.text(part.job.params.negative_prompt) for part in parts for _ in part.seeds]
-        if L.text(first.negative_prompt)
+        "prompt": [prompt for (prompt, _), images in each for _ in range(images)],
+        "negative_prompt": [negative for (_, negative), images in each for _ in range(images)]
+        if texts[0][1]
         else None,
-        "guidance_scale": first.cfg_scale,
+        "guidance_scale": first.cfg_scale * weight,  # SD WebUI's weight of the prompt scales its CFG
         "num_images_per_prompt": 1,
         "generator": [torch.Generator("cpu").manual_seed(s) for part in parts for s in part.seeds],
         "callback_on_step_end": callback,
         "output_type": "pil",
     }
+    if edits.changes:  # alone in its call (batch_key)
+        images = len(parts[0].seeds)
+        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first))
+        kwargs["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
     if eta(first) is not None:
         kwargs["eta"] = eta(first)  # used where the scheduler's step takes it (DDIM), else ignored
-    if first.clip_skip > 1:
-        kwargs["clip_skip"] = first.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
+    if _clip_skip(first) is not None:
+        kwargs["clip_skip"] = _clip_skip(first)
     steps = first.steps
     if img2img:
         steps = P.img2img_steps(first.steps, first.denoising_strength)
@@ -160,6 +183,11 @@ def _noise(
         latents.append(noise)
         generators += gens
     return torch.cat(latents).to(pipe.unet.dtype), generators
+
+
+def _clip_skip(p: TaskParams) -> int | None:
+    """diffusers' clip skip: A1111 counts the last layer as 1, diffusers as 0 (None: the last)."""
+    return p.clip_skip - 1 if p.clip_skip > 1 else None
 
 
 def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
@@ -225,8 +253,9 @@ def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embed
     empty chunks, a job's images would not be the ones it makes alone."""
     by_length: dict[int, list[int]] = {}
     as_text: dict[int, bool] = {}
-    for i, job in enumerate(jobs):
-        chunks, text_ok = E.chunk_count(pipe, L.text(job.params.prompt), L.text(job.params.negative_prompt))
+    texts = [prompts(job)[0].at(0) for job in jobs]
+    for i, (prompt, negative) in enumerate(texts):
+        chunks, text_ok = E.chunk_count(pipe, prompt, negative)
         by_length.setdefault(chunks, []).append(i)
         as_text[chunks] = as_text.get(chunks, True) and text_ok
     calls: list[tuple[list[int], list[E.Embeds] | None]] = []
@@ -236,10 +265,8 @@ def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embed
             continue
         embeds = []
         for i in members:
-            p = jobs[i].params
-            clip_skip = p.clip_skip - 1 if p.clip_skip > 1 else None
-            negative = L.text(p.negative_prompt) or None
-            embeds.append(E.encode(pipe, L.text(p.prompt), negative, clip_skip))
+            prompt, negative = texts[i]
+            embeds.append(E.encode(pipe, prompt, negative or None, _clip_skip(jobs[i].params)))
         calls.append((members, embeds))
     return calls
 

@@ -49,7 +49,8 @@ def _encoders(pipe: Any) -> list[tuple[Any, Any]]:
     return [(t, e) for t, e in pairs if t is not None and e is not None]
 
 
-def _xl(pipe: Any) -> bool:
+def xl(pipe: Any) -> bool:
+    """Whether ``pipe`` is SDXL's (two text encoders, pooled embeddings)."""
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
@@ -81,9 +82,8 @@ def chunk_count(pipe: Any, prompt: str, negative: str) -> tuple[int, bool]:
 def encode(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None) -> Embeds:
     """The embeddings of one job (``negative`` None: it has none), padded to equal length.
     ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument."""
-    xl = _xl(pipe)
     pos, pooled = _encode_text(pipe, prompt, clip_skip)
-    if negative is None and xl and pipe.config.force_zeros_for_empty_prompt:
+    if negative is None and xl(pipe) and pipe.config.force_zeros_for_empty_prompt:
         return Embeds(pos, None, pooled, None)  # the pipeline makes them zeros, of pos's length
     # diffusers encodes the negative prompt without clip skip; so does this, to give the same
     neg, neg_pooled = _encode_text(pipe, negative or "", None)
@@ -119,7 +119,7 @@ def _encode_chunk(
     device = encoder.device
     ids = ids.to(device)
     pooled = None
-    if _xl(pipe):
+    if xl(pipe):
         out = encoder(ids, output_hidden_states=True)
         if out[0].ndim == 2:
             pooled = out[0]
@@ -163,7 +163,7 @@ def _pad_with(z: torch.Tensor, empty: Callable[[], torch.Tensor], chunks: int) -
 
 def call_embeds(pipe: Any, embeds: list[Embeds], repeats: list[int]) -> dict[str, Any]:
     """The pipeline's embedding arguments for jobs of equal length (``repeats``: images of each)."""
-    dtype = (pipe.text_encoder_2 if _xl(pipe) else pipe.text_encoder).dtype
+    dtype = (pipe.text_encoder_2 if xl(pipe) else pipe.text_encoder).dtype
 
     def rows(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
         if any(t is None for t in tensors):
@@ -175,7 +175,7 @@ def call_embeds(pipe: Any, embeds: list[Embeds], repeats: list[int]) -> dict[str
         "prompt_embeds": rows([e.prompt for e in embeds]),
         "negative_prompt_embeds": rows([e.negative for e in embeds]),
     }
-    if _xl(pipe):
+    if xl(pipe):
         kwargs["pooled_prompt_embeds"] = rows([e.pooled for e in embeds])
         kwargs["negative_pooled_prompt_embeds"] = rows([e.negative_pooled for e in embeds])
     return kwargs

@@ -8,8 +8,8 @@ are put end to end; a chunk that fills up within 20 tokens after a comma is cut 
 diffusers alone cuts every prompt at 77 tokens and reads brackets as text.
 
 What this module gives ``_diffusers_prompts``: the weighted pieces of a prompt (``weighted``) and
-the chunks of token ids and weights (``chunk``). Prompt editing (``[from:to:when]``) and
-alternation (``[a|b]``) are not read: ``editing`` finds them, and the runtime refuses them.
+the chunks of token ids and weights (``chunk``), for a prompt as one step sees it (prompt editing
+and alternation are read before, by ``_prompt_schedule``).
 """
 
 from __future__ import annotations
@@ -50,18 +50,6 @@ class Piece:
     text: str
     weight: float
     brk: bool = False
-
-
-_ESCAPED = re.compile(r"\\.")
-_EDITING = re.compile(r"\[[^\[\]]*:\s*-?[\d.]+\s*\]|\[[^\[\]]*\|[^\[\]]*\]")
-"""SD WebUI's prompt editing, ``[from:to:when]`` or ``[to:when]``, and alternation, ``[a|b]``."""
-
-
-def editing(prompt: str) -> str | None:
-    """The first prompt editing or alternation in ``prompt`` (escaped brackets are text), which
-    this module does not read: SD WebUI changes the prompt during sampling there."""
-    found = _EDITING.search(_ESCAPED.sub("__", prompt))
-    return prompt[found.start() : found.end()] if found else None
 
 
 def plain(prompt: str) -> bool:

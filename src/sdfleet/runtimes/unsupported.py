@@ -16,8 +16,10 @@ from typing import Any
 
 from sdfleet import hires, variation
 from sdfleet.errors import Reject
+from sdfleet.runtimes._diffusers_lora import text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
-from sdfleet.runtimes._prompt_syntax import editing, weighted
+from sdfleet.runtimes._prompt_schedule import Unread, composable, edits, own_weight
+from sdfleet.runtimes._prompt_syntax import weighted
 from sdfleet.tasks import BATCH_MAX, GENERATE, N_ITER_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
@@ -178,10 +180,7 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
     extra: dict[str, Any] = params.extra
     found = [k for k in _FLAGS if extra.get(k) is True]
     found += off_defaults(extra, kind, params.sampler)
-    for text in (params.prompt, params.negative_prompt):
-        edit = editing(text)
-        if edit is not None:
-            found.append(f"prompt editing {edit}")
+    found += prompts_unsupported(params, kind)
     if extra.get("enable_hr") is True:  # SD WebUI's hires fix is text-to-image's
         found += hires.unsupported(params) if kind is TaskType.TEXT_TO_IMAGE else ["enable_hr"]
     found += [k for k in _NON_EMPTY if extra.get(k)]
@@ -195,6 +194,26 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
             if key in _OVERRIDES_READ or (key == "sd_vae" and value in _NO_OP_VAE):
                 continue
             found.append(f"override_settings.{key}")
+    return found
+
+
+def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
+    """What SD WebUI reads in a task's prompts and the diffusers runtime does not: composable
+    diffusion (``AND``), editing it cannot read as SD WebUI's grammar would, editing with a hires
+    fix, and a CFG scale (times the prompt's own weight, ``a cat:1.5``) below 1, where SD WebUI
+    mixes in the negative prompt and diffusers leaves it out."""
+    prompt = text(params.prompt)
+    found = ["AND in the prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
+    prompt, weight = own_weight(prompt)
+    try:
+        changes = edits(prompt, text(params.negative_prompt), params.steps).changes
+    except Unread as e:
+        return [*found, e.reason]
+    if changes and hires.asked(kind, params):
+        found.append("prompt editing with enable_hr")
+    guidance = params.cfg_scale * weight
+    if guidance < 1:
+        found.append(f"a CFG scale below 1 ({guidance:g}: cfg_scale × the prompt's own weight)")
     return found
 
 
