@@ -106,6 +106,23 @@ async def test_img2img_resizes_init_image(runtime: DiffusersRuntime) -> None:
     assert result.info["denoising_strength"] == 0.5
 
 
+async def test_the_infotext_says_what_png_info_needs_to_make_the_image_again(
+    runtime: DiffusersRuntime,
+) -> None:
+    """Image-to-image's denoising strength and clip skip were missing: SD WebUI's PNG Info read the
+    image back as another one. SD WebUI 1.10.1 writes ``…, Model: m, Denoising strength: 0.5, Clip
+    skip: 2, Version: …`` (``tests/data/sdwebui-1.10.1.json``)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="PNG")
+    i2i = job(
+        TaskType.IMAGE_TO_IMAGE, steps=4, denoising_strength=0.5, clip_skip=2, init_images=[buf.getvalue()]
+    )
+    made = await runtime.run(i2i, no_progress)
+    assert "Size: 64x64, Model: tiny-a, Denoising strength: 0.5, Clip skip: 2" in made.info["infotexts"][0]
+    plain = await runtime.run(job(), no_progress)
+    assert plain.info["infotexts"][0].endswith("Seed: 1, Size: 64x64, Model: tiny-a")
+
+
 def _png(color: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), color).save(buf, format="PNG")

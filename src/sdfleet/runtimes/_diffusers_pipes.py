@@ -188,20 +188,32 @@ def infotext(
     model: str,
     hires_said: tuple[tuple[str, Any], ...] = (),
     variation_said: Sequence[tuple[str, Any]] = (),
+    kind: TaskType = TaskType.TEXT_TO_IMAGE,
 ) -> str:
-    """The A1111 ``parameters`` text for one image (``hires_said``, ``variation_said``: a hires
-    fix's and variation seeds' words)."""
+    """The A1111 ``parameters`` text for one image, in SD WebUI 1.10's order (``hires_said``,
+    ``variation_said``: a hires fix's and variation seeds' words). What SD WebUI's PNG Info reads
+    back to make the image again: image-to-image's denoising strength and clip skip included."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
-    lines.append(
-        f"Steps: {params.steps}, Sampler: {sampler}, CFG scale: {params.cfg_scale}, Seed: {seed}, "
-        f"Size: {params.width}x{params.height}, Model: {model}"
-        + "".join(f", {k}: {v}" for k, v in variation_said)
-        + "".join(f", {k}: {v}" for k, v in hires_said[:1])  # its denoising strength: SD WebUI's slot
-        + (", Tiling: True" if params.extra.get("tiling") is True else "")
-        + "".join(f", {k}: {v}" for k, v in hires_said[1:])
-    )
+    said: list[tuple[str, Any]] = [
+        ("Steps", params.steps),
+        ("Sampler", sampler),
+        ("CFG scale", params.cfg_scale),
+        ("Seed", seed),
+        ("Size", f"{params.width}x{params.height}"),
+        ("Model", model),
+        *variation_said,
+    ]
+    if kind is TaskType.IMAGE_TO_IMAGE:
+        said.append(("Denoising strength", params.denoising_strength))
+    said += hires_said[:1]  # its denoising strength, in the same slot
+    if params.clip_skip > 1:
+        said.append(("Clip skip", params.clip_skip))
+    if params.extra.get("tiling") is True:
+        said.append(("Tiling", "True"))
+    said += hires_said[1:]
+    lines.append(", ".join(f"{k}: {v}" for k, v in said))
     return "\n".join(lines)
 
 
@@ -221,7 +233,7 @@ def build_info(
     varied = variation.read(params)
     subs: Sequence[int | None] = subseeds or [None] * len(seeds)
     texts = [
-        infotext(params, s, sampler, model.stem, said, variation.words(varied, sub))
+        infotext(params, s, sampler, model.stem, said, variation.words(varied, sub), kind)
         for s, sub in zip(seeds, subs, strict=True)
     ]
     info: dict[str, Any] = {
