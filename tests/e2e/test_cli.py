@@ -432,3 +432,19 @@ def test_make_tiny_single_file_takes_the_name_with_or_without_its_extension(
     made = _run(["models", "make-tiny", "sf.safetensors", "--single-file", "--dir", str(models)], cli_env)
     assert made.returncode == 0, made.stderr
     assert sorted(p.name for p in models.iterdir()) == ["sf.config", "sf.safetensors"]
+
+
+def test_reading_a_fleet_that_does_not_exist_leaves_no_files(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """``queues``, ``dlq list`` and ``keys list`` in the wrong folder made its ``sdfleet-data/``
+    database before saying there was nothing there."""
+    data = Path(cli_env["SDFLEET_DATA_DIR"])
+    for args, words in [
+        (["queues"], "queue 'default' does not exist: create the fleet's queues with `sdfleet ensure`"),
+        (["dlq", "list"], "queue 'default' does not exist"),
+        (["keys", "list"], "no stored keys"),
+    ]:
+        done = _run(args, cli_env)
+        assert words in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+        assert not data.exists(), args
+    assert _run(["ensure"], cli_env).returncode == 0  # what writes makes it, as before
+    assert "default" in _run(["queues"], cli_env).stdout

@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -80,13 +81,23 @@ class SqliteBus:
         self,
         fn: Callable[[sqlite3.Connection], T],
         undo: Callable[[sqlite3.Connection, T], object] | None = None,
+        *,
+        read: bool = False,
     ) -> T:
-        """Run ``fn`` on the worker thread; if the caller is cancelled after it ran, run ``undo``."""
+        """Run ``fn`` on the worker thread; if the caller is cancelled after it ran, run ``undo``.
+        A ``read`` of a file that does not exist yet reads an empty bus in memory, without making
+        the file (``sdfleet queues`` in the wrong folder leaves nothing behind)."""
         if self._closed:
             raise BusUnavailable("sqlite bus is closed")
 
         def call() -> T:
             with db.map_errors():
+                if read and self._conn is None and self.path != ":memory:" and not Path(self.path).exists():
+                    empty = db.connect(":memory:")
+                    try:
+                        return fn(empty)
+                    finally:
+                        empty.close()
                 return fn(self._db())
 
         done = self._executor.submit(call)
@@ -166,7 +177,7 @@ class SqliteBus:
 
     async def stats(self, queue: str) -> QueueStats:
         """Depth of a queue: visible, in flight (leased), delayed, age of the oldest, DLQ depth."""
-        return await self._run(lambda c: db.stats(c, queue))
+        return await self._run(lambda c: db.stats(c, queue), read=True)
 
     async def aclose(self) -> None:
         if self._closed:

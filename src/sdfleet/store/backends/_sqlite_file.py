@@ -56,19 +56,25 @@ class SqliteFile:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                self.prepare(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = self._open(str(self.path))
         return self._conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _open(self, path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=self.busy_timeout_s, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self.prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, read: bool = False) -> T:
+        """``fn`` on the worker thread. A ``read`` of a file that does not exist yet reads an
+        empty database in memory: what the file would hold, without making it (``sdfleet keys
+        list`` in the wrong folder leaves nothing behind)."""
         if self._closed:
             raise StoreUnavailable(f"{self.what} is closed")
 
@@ -76,6 +82,12 @@ class SqliteFile:
             if self._closed:  # queued before aclose() but run after it: don't reopen
                 raise StoreUnavailable(f"{self.what} is closed")
             with map_errors(self.what):
+                if read and self._conn is None and not self.path.exists():
+                    empty = self._open(":memory:")
+                    try:
+                        return fn(empty)
+                    finally:
+                        empty.close()
                 return fn(self._connect())
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)

@@ -65,7 +65,7 @@ class SqliteAccessStore(SqliteFile):
         return None if found is None else ApiKey.model_validate_json(found[0])
 
     async def keys(self) -> list[ApiKey]:
-        rows = await self._run(lambda c: c.execute("SELECT body FROM api_keys").fetchall())
+        rows = await self._run(lambda c: c.execute("SELECT body FROM api_keys").fetchall(), read=True)
         return sorted((ApiKey.model_validate_json(r[0]) for r in rows), key=lambda k: k.created_at)
 
     async def revoke(self, key_id: str) -> ApiKey | None:
