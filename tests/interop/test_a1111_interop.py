@@ -290,3 +290,42 @@ async def test_variation_seeds_and_words_are_sd_webuis(extra: dict[str, Any]) ->
     for text, subseed in zip(info["infotexts"], info["all_subseeds"], strict=True):
         words = ", ".join(f"{k}: {v}" for k, v in variation.words(varied, subseed))
         assert f"Model: {info['sd_model_name']}, {words}, " in text, text
+
+
+SAME_IMAGE = [
+    (
+        {"prompt": "a cat:2", "cfg_scale": 3.0},
+        {"prompt": "a cat", "cfg_scale": 6.0},
+    ),  # the prompt's own weight
+    ({"prompt": "a [cat:dog:0]"}, {"prompt": "a dog"}),  # edited from the start
+    ({"prompt": "a [cat:dog:1.0]"}, {"prompt": "a cat"}),  # edited after the last step
+    ({"prompt": "a [cat|cat]"}, {"prompt": "a cat"}),  # alternation between equals
+    (
+        {"prompt": "a (red:1.8) cat", "override_settings": {"emphasis": "Ignore"}},
+        {"prompt": "a red cat"},
+    ),
+]
+OTHER_IMAGE = [
+    ({"prompt": "a cat AND a dog"}, {"prompt": "a cat and a dog"}),  # composable diffusion
+    ({"prompt": "a [cat:dog:0.5]"}, {"prompt": "a cat"}),
+    (
+        {"prompt": "a (red:1.8) cat", "override_settings": {"emphasis": "No norm"}},
+        {"prompt": "a (red:1.8) cat"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("one", "other"), SAME_IMAGE + OTHER_IMAGE)
+async def test_what_sd_webui_reads_in_a_prompt_is_what_sdfleet_reads(
+    one: dict[str, Any], other: dict[str, Any]
+) -> None:
+    """The readings the diffusers runtime and ``runtime serve`` take from SD WebUI (a prompt's
+    own weight scales the CFG scale, prompt editing's ends, alternation, emphasis modes,
+    ``AND``): pairs that make the same image on the real SD WebUI, and pairs that do not; the unit
+    tests hold the diffusers runtime to the same (``test_diffusers_prompt_editing``,
+    ``test_diffusers_prompts``)."""
+    base = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 7}
+    async with httpx.AsyncClient(base_url=URL, timeout=600) as client:
+        made = [(await client.post("/sdapi/v1/txt2img", json=base | body)).json() for body in (one, other)]
+    images = [Image.open(io.BytesIO(base64.b64decode(m["images"][0]))).convert("RGB").tobytes() for m in made]
+    assert (images[0] == images[1]) is ((one, other) in SAME_IMAGE), (one, other)

@@ -114,6 +114,25 @@ def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIA
         api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", subseed_strength=0.5, **SMALL)
 
 
+def test_the_emphasis_option_and_override_are_taken(api: webuiapi.WebUIApi) -> None:
+    """``emphasis`` was stored and left unused: brackets were always read as "Original"."""
+    plain = api.txt2img(prompt="a red cat", seed=4, **SMALL)
+    api.set_options({"emphasis": "Ignore"})
+    try:
+        ignored = api.txt2img(prompt="a (red:1.8) cat", seed=4, **SMALL)
+    finally:
+        api.set_options({"emphasis": "Original"})
+    a, b = (np.asarray(r.image, dtype=int) for r in (plain, ignored))
+    assert np.abs(a - b).max() <= 1
+    assert ignored.info["infotexts"][0].endswith(", Emphasis: Ignore, Version: sdfleet-0.1.0")
+    overridden = api.txt2img(
+        prompt="a (red:1.8) cat", seed=4, override_settings={"emphasis": "Ignore"}, **SMALL
+    )
+    assert pixels(overridden.image) == pixels(ignored.image)
+    original = api.txt2img(prompt="a (red:1.8) cat", seed=4, **SMALL)
+    assert pixels(original.image) != pixels(ignored.image) and "Emphasis" not in original.info["infotexts"][0]
+
+
 def test_fields_this_server_would_leave_out_are_refused_by_name(api: webuiapi.WebUIApi) -> None:
     """``resize_mode`` 1 ran as a plain resize and ``s_churn`` as 0, without a word: crop and fill
     run now (``test_fit_is_sd_webuis_resize``), the latent mode 3 and churn are refused."""

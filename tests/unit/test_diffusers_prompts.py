@@ -192,3 +192,39 @@ def test_the_runtime_refuses_a_bad_weight_before_it_loads_anything(tmp_path: Pat
     with pytest.raises(Reject) as raised:
         empty._check(job("bad", prompt="(cat:1..2)"))
     assert raised.value.code == "invalid_params"
+
+
+def test_emphasis_modes_read_the_pieces_as_sd_webui_does() -> None:
+    prompt = "a (red:1.8) \\(cat\\) BREAK [dog]"
+    weighted = [("a ", 1.0), ("red", 1.8), (" (cat)", 1.0), ("BREAK", -1.0), ("", 1.0), ("dog", 0.909091)]
+    assert pairs(prompt) == weighted
+    ignored = [("BREAK", -1.0) if p.brk else (p.text, p.weight) for p in S.pieces(prompt, "Ignore")]
+    assert ignored == [("a red (cat)", 1.0), ("BREAK", -1.0), ("dog", 1.0)]  # BREAK kept, weights 1
+    assert [(p.text, p.weight) for p in S.pieces(prompt, "None")] == [(prompt, 1.0)]  # characters all
+    assert S.plain(prompt, "None") and not S.plain(prompt, "Ignore")
+    assert S.emphasis_of({"override_settings": {"emphasis": "No norm"}}) == "No norm"
+    with pytest.raises(Reject, match=r"override_settings\.emphasis must be one of Original, No norm") as e:
+        S.emphasis_of({"override_settings": {"emphasis": "Loud"}})
+    assert e.value.code == "invalid_params"
+
+
+@pytest.mark.parametrize("model", ["tiny-a", "tiny-xl"])
+async def test_override_settings_emphasis_is_taken(runtime: DiffusersRuntime, model: str) -> None:
+    """It was refused (``unsupported_option: override_settings.emphasis``), "No norm" included,
+    which SD WebUI suggests for SDXL."""
+
+    def mode(name: str) -> dict[str, object]:
+        return {"extra": {"override_settings": {"emphasis": name}}}
+
+    prompt = "a (red:1.8) cat"
+    original = await image(runtime, job("o", model, prompt=prompt))
+    no_norm = await image(runtime, job("n", model, prompt=prompt, **mode("No norm")))
+    assert np.abs(original - no_norm).max() > 0  # the mean is not put back
+    ignored = await image(runtime, job("i", model, prompt=prompt, **mode("Ignore")))
+    unweighted = await image(runtime, job("u", model, prompt="a red cat"))
+    assert np.abs(ignored - unweighted).max() <= 1
+    literal = await runtime.run(job("l", model, prompt=prompt, **mode("None")), quiet)
+    assert np.abs(pixels(literal.images[0]) - original).max() > 0  # brackets as characters
+    assert literal.info["infotexts"][0].endswith(", Emphasis: None")  # SD WebUI's words
+    plain = await runtime.run(job("p", model, prompt="a red cat", **mode("None")), quiet)
+    assert "Emphasis" not in plain.info["infotexts"][0]  # said only where brackets are

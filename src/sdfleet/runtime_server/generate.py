@@ -95,6 +95,12 @@ def _random_seed(value: int | None) -> int:
     return random.randrange(4294967294) if value is None or value == -1 else int(value)
 
 
+def _emphasis(state: ServerState, req: GenerationBody) -> str:
+    """SD WebUI's emphasis mode of a request: its ``override_settings``, else the option."""
+    wanted = (req.override_settings or {}).get("emphasis")
+    return str(wanted if wanted is not None else state.options["emphasis"])
+
+
 def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None, int]:
     overrides = req.override_settings or {}
     model = state.selected
@@ -106,7 +112,13 @@ def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None
 
 
 def _params(
-    req: GenerationBody, runtime_sampler: str, seeds: tuple[int, int], clip: int, batch: int, tiling: bool
+    req: GenerationBody,
+    runtime_sampler: str,
+    seeds: tuple[int, int],
+    clip: int,
+    batch: int,
+    tiling: bool,
+    emphasis: str,
 ) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
     one call, with consecutive seeds), from ``seeds``: the seed and the variation seed."""
@@ -122,7 +134,8 @@ def _params(
         "batch_size": batch,
         "clip_skip": clip,
         "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta, "subseed": seeds[1]}
-        | {name: getattr(req, name) for name in _VARIATION},
+        | {name: getattr(req, name) for name in _VARIATION}
+        | {"override_settings": {"emphasis": emphasis}},
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
@@ -158,7 +171,8 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     images = batch * (req.n_iter or 1)
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
-    params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling)
+    emphasis = _emphasis(state, req)
+    params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis)
     kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
     try:
         varied = variation.read(params)
@@ -185,6 +199,8 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     )
     if second is not None:  # SD WebUI's extra_generation_params of a hires fix
         gen.extra.update(second.generation_params)
+    if emphasis != "Original" and any(c in text for text in (gen.prompt, gen.negative_prompt) for c in "(["):
+        gen.extra["Emphasis"] = emphasis  # as SD WebUI's text encoder says it
     return gen, params, model
 
 

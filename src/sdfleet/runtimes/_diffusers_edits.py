@@ -28,7 +28,7 @@ def tensor_inputs(pipe: Any) -> list[str]:
 
 
 def switching(
-    inner: Callable[..., dict[str, Any]], edits: Edits, images: int, clip_skip: int | None
+    inner: Callable[..., dict[str, Any]], edits: Edits, images: int, clip_skip: int | None, emphasis: str
 ) -> Callable[..., dict[str, Any]]:
     """A step callback that runs ``inner`` (progress, interrupt), then gives the pipeline the
     next step's embeddings where ``edits`` changes the prompts (``images`` rows of each)."""
@@ -40,7 +40,7 @@ def switching(
         if now == then:
             return out
         if then not in made:
-            made[then] = _rows(pipe, then, images, clip_skip)
+            made[then] = _rows(pipe, then, images, clip_skip, emphasis)
         current = kwargs["prompt_embeds"]
         for name, value in made[then].items():
             out[name] = value.to(current.device)
@@ -49,10 +49,12 @@ def switching(
     return on_step_end
 
 
-def _rows(pipe: Any, texts: tuple[str, str], images: int, clip_skip: int | None) -> dict[str, torch.Tensor]:
+def _rows(
+    pipe: Any, texts: tuple[str, str], images: int, clip_skip: int | None, emphasis: str
+) -> dict[str, torch.Tensor]:
     """The step's embeddings as the pipeline holds them during its loop."""
     prompt, negative = texts
-    embeds = E.encode(pipe, prompt, negative or None, clip_skip)
+    embeds = E.encode(pipe, prompt, negative or None, clip_skip, emphasis)
     call = E.call_embeds(pipe, [embeds], [images])
     rows: dict[str, torch.Tensor] = {"prompt_embeds": call["prompt_embeds"]}
     if E.xl(pipe):

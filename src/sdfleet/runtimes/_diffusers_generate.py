@@ -31,6 +31,7 @@ from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_schedule as PS
+from sdfleet.runtimes import _prompt_syntax as S
 from sdfleet.runtimes import unsupported as U
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
@@ -150,7 +151,8 @@ def call_kwargs(pipe: Any, jobs: Sequence[Job], callback: Any) -> tuple[dict[str
     }
     if edits.changes:  # alone in its call (batch_key)
         images = len(parts[0].seeds)
-        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first))
+        mode = S.emphasis_of(first.extra)
+        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first), mode)
         kwargs["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
     if eta(first) is not None:
         kwargs["eta"] = eta(first)  # used where the scheduler's step takes it (DDIM), else ignored
@@ -254,8 +256,9 @@ def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embed
     by_length: dict[int, list[int]] = {}
     as_text: dict[int, bool] = {}
     texts = [prompts(job)[0].at(0) for job in jobs]
+    modes = [S.emphasis_of(job.params.extra) for job in jobs]
     for i, (prompt, negative) in enumerate(texts):
-        chunks, text_ok = E.chunk_count(pipe, prompt, negative)
+        chunks, text_ok = E.chunk_count(pipe, prompt, negative, modes[i])
         by_length.setdefault(chunks, []).append(i)
         as_text[chunks] = as_text.get(chunks, True) and text_ok
     calls: list[tuple[list[int], list[E.Embeds] | None]] = []
@@ -266,7 +269,7 @@ def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embed
         embeds = []
         for i in members:
             prompt, negative = texts[i]
-            embeds.append(E.encode(pipe, prompt, negative or None, _clip_skip(jobs[i].params)))
+            embeds.append(E.encode(pipe, prompt, negative or None, _clip_skip(jobs[i].params), modes[i]))
         calls.append((members, embeds))
     return calls
 

@@ -66,40 +66,48 @@ def _comma(tokenizer: Any) -> int | None:
     return None if found is None or found == tokenizer.unk_token_id else int(found)
 
 
-def chunk_count(pipe: Any, prompt: str, negative: str) -> tuple[int, bool]:
+def chunk_count(pipe: Any, prompt: str, negative: str, emphasis: str = "Original") -> tuple[int, bool]:
     """How many chunks the job's embeddings have, and whether the pipeline reads its text as SD
     WebUI does (plain prompts of at most one chunk: then it is given the text)."""
     tokenizer = _encoders(pipe)[0][0]
-    if S.plain(prompt) and S.plain(negative):
+    if S.plain(prompt, emphasis) and S.plain(negative, emphasis):
         longest = max(len(_ids(tokenizer, prompt)), len(_ids(tokenizer, negative)))
         if longest <= S.CHUNK:
             return 1, True
     comma = _comma(tokenizer)
-    counts = [len(S.chunk(S.weighted(text), partial(_ids, tokenizer), comma)) for text in (prompt, negative)]
+    counts = [
+        len(S.chunk(S.pieces(text, emphasis), partial(_ids, tokenizer), comma)) for text in (prompt, negative)
+    ]
     return max(counts), False
 
 
-def encode(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None) -> Embeds:
+def encode(
+    pipe: Any, prompt: str, negative: str | None, clip_skip: int | None, emphasis: str = "Original"
+) -> Embeds:
     """The embeddings of one job (``negative`` None: it has none), padded to equal length.
-    ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument."""
-    pos, pooled = _encode_text(pipe, prompt, clip_skip)
+    ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument; ``emphasis`` SD
+    WebUI's mode (``_prompt_syntax.EMPHASIS``)."""
+    pos, pooled = _encode_text(pipe, prompt, clip_skip, emphasis)
     if negative is None and xl(pipe) and pipe.config.force_zeros_for_empty_prompt:
         return Embeds(pos, None, pooled, None)  # the pipeline makes them zeros, of pos's length
     # diffusers encodes the negative prompt without clip skip; so does this, to give the same
-    neg, neg_pooled = _encode_text(pipe, negative or "", None)
+    neg, neg_pooled = _encode_text(pipe, negative or "", None, emphasis)
     chunks = max(pos.shape[1], neg.shape[1]) // _WIDTH
     return Embeds(_pad(pipe, pos, chunks), _pad(pipe, neg, chunks), pooled, neg_pooled)
 
 
-def _encode_text(pipe: Any, text: str, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    pieces = S.weighted(text)
+def _encode_text(
+    pipe: Any, text: str, clip_skip: int | None, emphasis: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pieces = S.pieces(text, emphasis)
+    norm = emphasis != "No norm"
     per_encoder: list[torch.Tensor] = []
     pooled = None
     for tokenizer, encoder in _encoders(pipe):
         chunks = S.chunk(pieces, partial(_ids, tokenizer), _comma(tokenizer))
         zs = []
         for i, c in enumerate(chunks):
-            z, pool = _encode_chunk(pipe, tokenizer, encoder, c, clip_skip)
+            z, pool = _encode_chunk(pipe, tokenizer, encoder, c, clip_skip, norm)
             if i == 0 and pool is not None and pooled is None:
                 pooled = pool  # SDXL's pooled output: the first chunk's, as SD WebUI takes it
             zs.append(z)
@@ -110,9 +118,10 @@ def _encode_text(pipe: Any, text: str, clip_skip: int | None) -> tuple[torch.Ten
 
 
 def _encode_chunk(
-    pipe: Any, tokenizer: Any, encoder: Any, c: S.Chunk, clip_skip: int | None
+    pipe: Any, tokenizer: Any, encoder: Any, c: S.Chunk, clip_skip: int | None, norm: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk through one text encoder, as diffusers' ``encode_prompt`` does one prompt."""
+    """One chunk through one text encoder, as diffusers' ``encode_prompt`` does one prompt, its
+    tokens scaled by their weights (and, with ``norm``, the chunk's mean put back)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     filler = S.CHUNK - len(c.ids)
     ids = torch.tensor([[tokenizer.bos_token_id, *c.ids, tokenizer.eos_token_id, *[pad] * filler]])
@@ -137,7 +146,8 @@ def _encode_chunk(
     if any(w != 1.0 for w in weights):
         mean = z.mean()
         z = z * torch.tensor(weights, device=z.device, dtype=z.dtype).reshape(1, -1, 1)
-        z = z * (mean / z.mean())
+        if norm:
+            z = z * (mean / z.mean())
     return z, pooled
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sdfleet.errors import Reject
 
@@ -52,10 +53,40 @@ class Piece:
     brk: bool = False
 
 
-def plain(prompt: str) -> bool:
-    """True when SD WebUI reads ``prompt`` as diffusers does (no brackets, escapes or BREAK): only
-    its length can still differ."""
-    return _SYNTAX.search(prompt) is None
+EMPHASIS = ("Original", "No norm", "Ignore", "None")
+"""SD WebUI's emphasis modes (``override_settings.emphasis``): weights and the chunk's mean put
+back; weights alone; brackets read but their weights left out; brackets, escapes and ``BREAK`` as
+the characters themselves."""
+
+
+def emphasis_of(extra: dict[str, Any]) -> str:
+    """A task's emphasis mode: ``override_settings.emphasis``, else SD WebUI's default "Original".
+    ``Reject`` (``invalid_params``) for another name (SD WebUI would fall back to "Original")."""
+    overrides = extra.get("override_settings")
+    mode = overrides.get("emphasis", "Original") if isinstance(overrides, dict) else "Original"
+    if mode not in EMPHASIS:
+        raise Reject(
+            f"override_settings.emphasis must be one of {', '.join(EMPHASIS)}, not {mode!r}",
+            code="invalid_params",
+        )
+    return str(mode)
+
+
+def plain(prompt: str, emphasis: str = "Original") -> bool:
+    """True when SD WebUI reads ``prompt`` as diffusers does (no brackets, escapes or BREAK, or
+    emphasis "None"): only its length can still differ."""
+    return emphasis == "None" or _SYNTAX.search(prompt) is None
+
+
+def pieces(prompt: str, emphasis: str = "Original") -> list[Piece]:
+    """``prompt``'s pieces as the ``emphasis`` mode reads them (``weighted``, its weights 1 with
+    "Ignore", the whole text with "None")."""
+    if emphasis == "None":
+        return [Piece(prompt, 1.0)]
+    found = weighted(prompt)
+    if emphasis == "Ignore":
+        found = _merged([Piece(p.text, -1.0 if p.brk else 1.0, p.brk) for p in found])
+    return found
 
 
 def weighted(prompt: str) -> list[Piece]:

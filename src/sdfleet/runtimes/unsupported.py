@@ -19,7 +19,7 @@ from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_lora import text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._prompt_schedule import Unread, composable, edits, own_weight
-from sdfleet.runtimes._prompt_syntax import weighted
+from sdfleet.runtimes._prompt_syntax import emphasis_of, weighted
 from sdfleet.tasks import BATCH_MAX, GENERATE, N_ITER_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
@@ -58,7 +58,7 @@ _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
 }
 """The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
 crop and fill; not 3, a latent upscale)."""
-_OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+_OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "emphasis"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
 
@@ -150,8 +150,9 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
 
 def refuse_bad_weights(runtime: str, kind: TaskType, params: TaskParams) -> None:
     """``Reject`` (``invalid_params``) for a prompt weight that is not a number, where ``runtime``
-    reads the prompts itself (SD WebUI fails such a request with a server error)."""
-    if runtime in LACKING and kind in GENERATE:
+    reads the prompts itself (SD WebUI fails such a request with a server error), and for an
+    emphasis mode SD WebUI does not have."""
+    if runtime in LACKING and kind in GENERATE and emphasis_of(params.extra) != "None":
         weighted(params.prompt)
         weighted(params.negative_prompt)
 
