@@ -201,20 +201,16 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
 def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     """What SD WebUI reads in a task's prompts and the diffusers runtime does not: composable
     diffusion (``AND``), editing it cannot read as SD WebUI's grammar would, editing with a hires
-    fix, and a CFG scale (times the prompt's own weight, ``a cat:1.5``) below 1, where SD WebUI
-    mixes in the negative prompt and diffusers leaves it out."""
+    fix."""
     prompt = text(params.prompt)
     found = ["AND in the prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
-    prompt, weight = own_weight(prompt)
+    prompt, _ = own_weight(prompt)
     try:
         changes = edits(prompt, text(params.negative_prompt), params.steps).changes
     except Unread as e:
         return [*found, e.reason]
     if changes and hires.asked(kind, params):
         found.append("prompt editing with enable_hr")
-    guidance = params.cfg_scale * weight
-    if guidance < 1:
-        found.append(f"a CFG scale below 1 ({guidance:g}: cfg_scale × the prompt's own weight)")
     return found
 
 
