@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_diffusers_batching import pixels, quiet
 
 from sdfleet import variation
 from sdfleet.errors import Reject, ValidationFailed
@@ -42,14 +43,6 @@ def job(kind: TaskType = TaskType.TEXT_TO_IMAGE, task_id: str = "t-1", **fields:
     init = base.pop("init_images", [])
     assert isinstance(init, list)
     return Job(task_id, kind, "tiny-a", TaskParams.model_validate(base), init_images=init)
-
-
-async def quiet(value: float) -> None:
-    return None
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 def differ(a: bytes, b: bytes) -> int:
