@@ -26,6 +26,7 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
+from sdfleet.runtimes._prompt_syntax import emphasis_said
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -199,8 +200,8 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     )
     if second is not None:  # SD WebUI's extra_generation_params of a hires fix
         gen.extra.update(second.generation_params)
-    if emphasis != "Original" and any(c in text for text in (gen.prompt, gen.negative_prompt) for c in "(["):
-        gen.extra["Emphasis"] = emphasis  # as SD WebUI's text encoder says it
+    if emphasis_said(emphasis, (gen.prompt, gen.negative_prompt)):
+        gen.extra["Emphasis"] = emphasis
     return gen, params, model
 
 

@@ -80,8 +80,7 @@ def prompts(job: Job) -> tuple[PS.Edits, float]:
     extra-network tags and the prompt's own weight), and that weight (``_prompt_schedule``).
     ``Reject`` (``unsupported_option``) for editing it cannot read."""
     p = job.params
-    prompt, weight = PS.own_weight(L.text(p.prompt))
-    return PS.edits(prompt, L.text(p.negative_prompt), p.steps), weight
+    return PS.of_task(L.text(p.prompt), L.text(p.negative_prompt), p.steps)
 
 
 def eta(p: TaskParams) -> float | None:

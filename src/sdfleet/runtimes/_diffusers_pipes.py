@@ -17,7 +17,7 @@ from sdfleet import hires, variation
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
-from sdfleet.runtimes._prompt_syntax import emphasis_of
+from sdfleet.runtimes._prompt_syntax import emphasis_of, emphasis_said
 from sdfleet.runtimes.unsupported import batches
 from sdfleet.tasks import TaskParams, TaskType
 from sdfleet.telemetry import adopt_library_logs
@@ -215,7 +215,7 @@ def infotext(
         said.append(("Tiling", "True"))
     said += hires_said[1:]
     mode = emphasis_of(params.extra)
-    if mode != "Original" and any(c in text for text in lines for c in "(["):  # as SD WebUI says it
+    if emphasis_said(mode, (params.prompt, params.negative_prompt)):
         said.append(("Emphasis", mode))
     lines.append(", ".join(f"{k}: {v}" for k, v in said))
     return "\n".join(lines)

@@ -85,6 +85,13 @@ def edits(prompt: str, negative: str, steps: int) -> Edits:
     return Edits(schedule(prompt, steps), schedule(negative, steps))
 
 
+def of_task(prompt: str, negative: str, steps: int) -> tuple[Edits, float]:
+    """A task's prompts (given without their extra-network tags) as SD WebUI reads them before
+    encoding: the prompt's own weight taken off, then both scheduled; and that weight."""
+    prompt, weight = own_weight(prompt)
+    return edits(prompt, negative, steps), weight
+
+
 @dataclass
 class _Scheduled:
     before: list[_Node] | None

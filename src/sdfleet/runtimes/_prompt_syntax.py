@@ -72,6 +72,12 @@ def emphasis_of(extra: dict[str, Any]) -> str:
     return str(mode)
 
 
+def emphasis_said(emphasis: str, texts: Sequence[str]) -> bool:
+    """Whether SD WebUI's infotext names the emphasis mode: another than "Original", with a
+    bracket in one of the prompts."""
+    return emphasis != "Original" and any(c in text for text in texts for c in "([")
+
+
 def plain(prompt: str, emphasis: str = "Original") -> bool:
     """True when SD WebUI reads ``prompt`` as diffusers does (no brackets, escapes or BREAK, or
     emphasis "None"): only its length can still differ."""

@@ -18,7 +18,7 @@ from sdfleet import hires, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_lora import text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
-from sdfleet.runtimes._prompt_schedule import Unread, composable, edits, own_weight
+from sdfleet.runtimes._prompt_schedule import Unread, composable, of_task
 from sdfleet.runtimes._prompt_syntax import emphasis_of, weighted
 from sdfleet.tasks import BATCH_MAX, GENERATE, N_ITER_MAX, TaskParams, TaskType
 
@@ -204,9 +204,8 @@ def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     fix."""
     prompt = text(params.prompt)
     found = ["AND in the prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
-    prompt, _ = own_weight(prompt)
     try:
-        changes = edits(prompt, text(params.negative_prompt), params.steps).changes
+        changes = of_task(prompt, text(params.negative_prompt), params.steps)[0].changes
     except Unread as e:
         return [*found, e.reason]
     if changes and hires.asked(kind, params):
