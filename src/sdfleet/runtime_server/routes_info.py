@@ -137,7 +137,7 @@ async def refresh_vae() -> None:
 
 @router.post("/refresh-embeddings")
 async def refresh_embeddings() -> None:
-    return None  # no textual-inversion embeddings are loaded
+    return None  # the runtime reads <models>/embeddings/ again whenever its files change
 
 
 @router.get("/scripts", response_model=S.ScriptsList)

@@ -28,7 +28,7 @@ def tensor_inputs(pipe: Any) -> list[str]:
 
 
 def switching(
-    inner: Callable[..., dict[str, Any]], edits: Edits, images: int, clip_skip: int | None, emphasis: str
+    inner: Callable[..., dict[str, Any]], edits: Edits, images: int, clip_skip: int | None, reading: E.Reading
 ) -> Callable[..., dict[str, Any]]:
     """A step callback that runs ``inner`` (progress, interrupt), then gives the pipeline the
     next step's embeddings where ``edits`` changes the prompts (``images`` rows of each)."""
@@ -40,7 +40,7 @@ def switching(
         if now == then:
             return out
         if then not in made:
-            made[then] = _rows(pipe, then, images, clip_skip, emphasis)
+            made[then] = _rows(pipe, then, images, clip_skip, reading)
         current = kwargs["prompt_embeds"]
         for name, value in made[then].items():
             out[name] = value.to(current.device)
@@ -50,11 +50,11 @@ def switching(
 
 
 def _rows(
-    pipe: Any, texts: tuple[str, str], images: int, clip_skip: int | None, emphasis: str
+    pipe: Any, texts: tuple[str, str], images: int, clip_skip: int | None, reading: E.Reading
 ) -> dict[str, torch.Tensor]:
     """The step's embeddings as the pipeline holds them during its loop."""
     prompt, negative = texts
-    embeds = E.encode(pipe, prompt, negative or None, clip_skip, emphasis)
+    embeds = E.encode(pipe, prompt, negative or None, clip_skip, reading)
     call = E.call_embeds(pipe, [embeds], [images])
     rows: dict[str, torch.Tensor] = {"prompt_embeds": call["prompt_embeds"]}
     if E.xl(pipe):

@@ -32,6 +32,7 @@ from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
+from sdfleet.runtimes import _textual_inversion as T
 from sdfleet.runtimes import unsupported as U
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
@@ -128,7 +129,9 @@ def _parts(jobs: Sequence[Job]) -> list[_Part]:
     return parts
 
 
-def call_kwargs(pipe: Any, jobs: Sequence[Job], callback: Any) -> tuple[dict[str, Any], list[_Part], int]:
+def call_kwargs(
+    pipe: Any, jobs: Sequence[Job], callback: Any, embeddings: T.Embeddings | None = None
+) -> tuple[dict[str, Any], list[_Part], int]:
     """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps."""
     parts = _parts(jobs)
     first = jobs[0].params
@@ -150,8 +153,8 @@ def call_kwargs(pipe: Any, jobs: Sequence[Job], callback: Any) -> tuple[dict[str
     }
     if edits.changes:  # alone in its call (batch_key)
         images = len(parts[0].seeds)
-        mode = S.emphasis_of(first.extra)
-        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first), mode)
+        reading = _reading(jobs[0], embeddings)
+        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first), reading)
         kwargs["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
     if eta(first) is not None:
         kwargs["eta"] = eta(first)  # used where the scheduler's step takes it (DDIM), else ignored
@@ -216,20 +219,22 @@ def generate(
     info: ModelInfo,
     callback: Callable[[int, int], Any],
     second: H.SecondPass | None = None,
+    embeddings: T.Embeddings | None = None,
 ) -> Generated:
     """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
     when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
-    when there is a ``second``. ``callback(call, calls)`` makes each call's step callback."""
+    when there is a ``second``. ``callback(call, calls)`` makes each call's step callback;
+    ``embeddings``: the textual inversion embeddings prompts may name."""
     images: list[Any] = []
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
     with torch.inference_mode():
-        calls = _calls(pipe, jobs)
+        calls = _calls(pipe, jobs, embeddings)
         for n, (members, embeds) in enumerate(calls):
             total = passes * len(calls)
             kwargs, call_parts, steps = call_kwargs(
-                pipe, [jobs[i] for i in members], callback(passes * n, total)
+                pipe, [jobs[i] for i in members], callback(passes * n, total), embeddings
             )
             if embeds is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
@@ -248,16 +253,22 @@ def generate(
     return Generated(images, ordered, sampler or P.sampler_name_of(pipe.scheduler), info, steps)
 
 
-def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embeds] | None]]:
+def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:
+    return E.Reading(S.emphasis_of(job.params.extra), embeddings)
+
+
+def _calls(
+    pipe: Any, jobs: Sequence[Job], embeddings: T.Embeddings | None = None
+) -> list[tuple[list[int], list[E.Embeds] | None]]:
     """The jobs (by index) of each pipeline call, and their embeddings, or None where the pipeline
     is given their text. Jobs share a call when their embeddings are as long: made longer, with
     empty chunks, a job's images would not be the ones it makes alone."""
     by_length: dict[int, list[int]] = {}
     as_text: dict[int, bool] = {}
     texts = [prompts(job)[0].at(0) for job in jobs]
-    modes = [S.emphasis_of(job.params.extra) for job in jobs]
+    readings = [_reading(job, embeddings) for job in jobs]
     for i, (prompt, negative) in enumerate(texts):
-        chunks, text_ok = E.chunk_count(pipe, prompt, negative, modes[i])
+        chunks, text_ok = E.chunk_count(pipe, prompt, negative, readings[i])
         by_length.setdefault(chunks, []).append(i)
         as_text[chunks] = as_text.get(chunks, True) and text_ok
     calls: list[tuple[list[int], list[E.Embeds] | None]] = []
@@ -268,7 +279,7 @@ def _calls(pipe: Any, jobs: Sequence[Job]) -> list[tuple[list[int], list[E.Embed
         embeds = []
         for i in members:
             prompt, negative = texts[i]
-            embeds.append(E.encode(pipe, prompt, negative or None, _clip_skip(jobs[i].params), modes[i]))
+            embeds.append(E.encode(pipe, prompt, negative or None, _clip_skip(jobs[i].params), readings[i]))
         calls.append((members, embeds))
     return calls
 

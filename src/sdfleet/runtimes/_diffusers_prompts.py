@@ -24,8 +24,32 @@ from typing import Any
 import torch
 
 from sdfleet.runtimes import _prompt_syntax as S
+from sdfleet.runtimes._textual_inversion import Embeddings, placed
 
 _WIDTH = S.CHUNK + 2  # a chunk's tokens with its start and end tokens
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a job's prompts are read: SD WebUI's emphasis mode, and the textual inversion
+    embeddings their words may name (``_textual_inversion``)."""
+
+    emphasis: str = "Original"
+    embeddings: Embeddings | None = None
+
+    def finders(self, pipe: Any) -> list[S.Find | None]:
+        """Each text encoder's embedding finder (``_prompt_syntax.chunk``'s ``find``)."""
+        if self.embeddings is None:
+            return [None] * len(_encoders(pipe))
+        pairs = _encoders(pipe)
+        encoders = [encoder for _, encoder in pairs]
+        return [
+            self.embeddings.finder(encoders, i, partial(_ids, tokenizer))
+            for i, (tokenizer, _) in enumerate(pairs)
+        ]
+
+
+_PLAIN = Reading()
 
 
 @dataclass
@@ -66,45 +90,50 @@ def _comma(tokenizer: Any) -> int | None:
     return None if found is None or found == tokenizer.unk_token_id else int(found)
 
 
-def chunk_count(pipe: Any, prompt: str, negative: str, emphasis: str = "Original") -> tuple[int, bool]:
+def chunk_count(pipe: Any, prompt: str, negative: str, reading: Reading = _PLAIN) -> tuple[int, bool]:
     """How many chunks the job's embeddings have, and whether the pipeline reads its text as SD
-    WebUI does (plain prompts of at most one chunk: then it is given the text)."""
+    WebUI does (plain prompts of at most one chunk that name no embedding: then it is given the
+    text)."""
     tokenizer = _encoders(pipe)[0][0]
-    if S.plain(prompt, emphasis) and S.plain(negative, emphasis):
+    find = reading.finders(pipe)[0]
+    if S.plain(prompt, reading.emphasis) and S.plain(negative, reading.emphasis) and find is None:
         longest = max(len(_ids(tokenizer, prompt)), len(_ids(tokenizer, negative)))
         if longest <= S.CHUNK:
             return 1, True
     comma = _comma(tokenizer)
-    counts = [
-        len(S.chunk(S.pieces(text, emphasis), partial(_ids, tokenizer), comma)) for text in (prompt, negative)
+    chunks = [
+        S.chunk(S.pieces(text, reading.emphasis), partial(_ids, tokenizer), comma, find)
+        for text in (prompt, negative)
     ]
-    return max(counts), False
+    named = any(c.slots for each in chunks for c in each)
+    plain = S.plain(prompt, reading.emphasis) and S.plain(negative, reading.emphasis)
+    count = max(len(each) for each in chunks)
+    return count, plain and count == 1 and not named
 
 
 def encode(
-    pipe: Any, prompt: str, negative: str | None, clip_skip: int | None, emphasis: str = "Original"
+    pipe: Any, prompt: str, negative: str | None, clip_skip: int | None, reading: Reading = _PLAIN
 ) -> Embeds:
     """The embeddings of one job (``negative`` None: it has none), padded to equal length.
-    ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument; ``emphasis`` SD
-    WebUI's mode (``_prompt_syntax.EMPHASIS``)."""
-    pos, pooled = _encode_text(pipe, prompt, clip_skip, emphasis)
+    ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument."""
+    pos, pooled = _encode_text(pipe, prompt, clip_skip, reading)
     if negative is None and xl(pipe) and pipe.config.force_zeros_for_empty_prompt:
         return Embeds(pos, None, pooled, None)  # the pipeline makes them zeros, of pos's length
     # diffusers encodes the negative prompt without clip skip; so does this, to give the same
-    neg, neg_pooled = _encode_text(pipe, negative or "", None, emphasis)
+    neg, neg_pooled = _encode_text(pipe, negative or "", None, reading)
     chunks = max(pos.shape[1], neg.shape[1]) // _WIDTH
     return Embeds(_pad(pipe, pos, chunks), _pad(pipe, neg, chunks), pooled, neg_pooled)
 
 
 def _encode_text(
-    pipe: Any, text: str, clip_skip: int | None, emphasis: str
+    pipe: Any, text: str, clip_skip: int | None, reading: Reading
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    pieces = S.pieces(text, emphasis)
-    norm = emphasis != "No norm"
+    pieces = S.pieces(text, reading.emphasis)
+    norm = reading.emphasis != "No norm"
     per_encoder: list[torch.Tensor] = []
     pooled = None
-    for tokenizer, encoder in _encoders(pipe):
-        chunks = S.chunk(pieces, partial(_ids, tokenizer), _comma(tokenizer))
+    for (tokenizer, encoder), find in zip(_encoders(pipe), reading.finders(pipe), strict=True):
+        chunks = S.chunk(pieces, partial(_ids, tokenizer), _comma(tokenizer), find)
         zs = []
         for i, c in enumerate(chunks):
             z, pool = _encode_chunk(pipe, tokenizer, encoder, c, clip_skip, norm)
@@ -127,6 +156,22 @@ def _encode_chunk(
     ids = torch.tensor([[tokenizer.bos_token_id, *c.ids, tokenizer.eos_token_id, *[pad] * filler]])
     device = encoder.device
     ids = ids.to(device)
+    with placed(encoder, c.slots):
+        z, pooled = _hidden(pipe, encoder, ids, c, filler, clip_skip)
+    weights = [1.0, *c.weights, *[1.0] * (filler + 1)]
+    if any(w != 1.0 for w in weights):
+        mean = z.mean()
+        z = z * torch.tensor(weights, device=z.device, dtype=z.dtype).reshape(1, -1, 1)
+        if norm:
+            z = z * (mean / z.mean())
+    return z, pooled
+
+
+def _hidden(
+    pipe: Any, encoder: Any, ids: torch.Tensor, c: S.Chunk, filler: int, clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder's hidden states for a chunk's ids (and SDXL's pooled output)."""
+    device = ids.device
     pooled = None
     if xl(pipe):
         out = encoder(ids, output_hidden_states=True)
@@ -142,12 +187,6 @@ def _encode_chunk(
         else:
             out = encoder(ids, attention_mask=mask, output_hidden_states=True)
             z = encoder.text_model.final_layer_norm(out[-1][-(clip_skip + 1)])
-    weights = [1.0, *c.weights, *[1.0] * (filler + 1)]
-    if any(w != 1.0 for w in weights):
-        mean = z.mean()
-        z = z * torch.tensor(weights, device=z.device, dtype=z.dtype).reshape(1, -1, 1)
-        if norm:
-            z = z * (mean / z.mean())
     return z, pooled
 
 

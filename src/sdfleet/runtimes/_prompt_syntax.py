@@ -157,41 +157,93 @@ def _number(text: str) -> float:
 
 @dataclass
 class Chunk:
-    """Up to ``CHUNK`` prompt tokens and their weights (no start, end or padding)."""
+    """Up to ``CHUNK`` prompt tokens and their weights (no start, end or padding); ``slots``: where
+    a textual inversion embedding's vectors go, as (offset, what ``Find`` named), its tokens 0."""
 
     ids: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    slots: list[tuple[int, Any]] = field(default_factory=list)
 
 
-def chunk(pieces: Sequence[Piece], tokenize: Callable[[str], list[int]], comma: int | None) -> list[Chunk]:
+Find = Callable[[list[int], int], "tuple[Any, int, int] | None"]
+"""An embedding whose name's tokens start at a position of a piece's tokens: (the embedding, its
+vectors, its name's tokens), or None (SD WebUI's ``find_embedding_at_position``)."""
+
+
+def chunk(
+    pieces: Sequence[Piece],
+    tokenize: Callable[[str], list[int]],
+    comma: int | None,
+    find: Find | None = None,
+) -> list[Chunk]:
     """The chunks of a weighted prompt: a new one at every BREAK and when one is full (cut after
-    a comma within ``COMMA_BACKTRACK`` tokens); at least one."""
-    done: list[Chunk] = []
-    current = Chunk()
-    last_comma = -1
-
-    def close() -> None:
-        nonlocal current, last_comma
-        done.append(current)
-        current, last_comma = Chunk(), -1
-
+    a comma within ``COMMA_BACKTRACK`` tokens); at least one. An embedding ``find`` finds takes
+    as many places as it has vectors, in one chunk (a new one when they would not fit)."""
+    chunker = _Chunker(comma)
     for piece in pieces:
         if piece.brk:
-            close()
+            chunker.close()
             continue
-        for token in tokenize(piece.text) if piece.text else []:
-            if token == comma:
-                last_comma = len(current.ids)
-            elif len(current.ids) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
-                cut = last_comma + 1
-                moved = Chunk(current.ids[cut:], current.weights[cut:])
-                del current.ids[cut:], current.weights[cut:]
-                close()
-                current = moved
-            if len(current.ids) == CHUNK:
-                close()
-            current.ids.append(token)
-            current.weights.append(piece.weight)
-    if current.ids or not done:
-        close()
-    return done
+        tokens = tokenize(piece.text) if piece.text else []
+        position = 0
+        while position < len(tokens):
+            chunker.make_room(tokens[position])
+            found = find(tokens, position) if find is not None else None
+            if found is None:
+                chunker.add([tokens[position]], piece.weight)
+                position += 1
+                continue
+            embedding, vectors, name_tokens = found
+            chunker.add([0] * vectors, piece.weight, embedding)
+            position += name_tokens
+    return chunker.finish()
+
+
+class _Chunker:
+    """SD WebUI's ``tokenize_line``: the chunk being filled, and those done."""
+
+    def __init__(self, comma: int | None) -> None:
+        self.comma = comma
+        self.done: list[Chunk] = []
+        self.current = Chunk()
+        self.last_comma = -1
+
+    def close(self) -> None:
+        self.done.append(self.current)
+        self.current, self.last_comma = Chunk(), -1
+
+    def make_room(self, token: int) -> None:
+        """Before ``token``: note a comma; a full chunk moves what follows its last comma (within
+        ``COMMA_BACKTRACK``) to the next, or is closed."""
+        current = self.current
+        if token == self.comma:
+            self.last_comma = len(current.ids)
+        elif (
+            len(current.ids) == CHUNK and self.last_comma != -1 and CHUNK - self.last_comma <= COMMA_BACKTRACK
+        ):
+            cut = self.last_comma + 1
+            moved = Chunk(
+                current.ids[cut:],
+                current.weights[cut:],
+                [(at - cut, e) for at, e in current.slots if at >= cut],
+            )
+            current.slots = [(at, e) for at, e in current.slots if at < cut]
+            del current.ids[cut:], current.weights[cut:]
+            self.close()
+            self.current = moved
+        if len(self.current.ids) == CHUNK:
+            self.close()
+
+    def add(self, ids: list[int], weight: float, embedding: Any = None) -> None:
+        """Tokens at ``weight``; an ``embedding``'s places all in one chunk."""
+        if embedding is not None:
+            if len(self.current.ids) + len(ids) > CHUNK:
+                self.close()
+            self.current.slots.append((len(self.current.ids), embedding))
+        self.current.ids += ids
+        self.current.weights += [weight] * len(ids)
+
+    def finish(self) -> list[Chunk]:
+        if self.current.ids or not self.done:
+            self.close()
+        return self.done

@@ -33,6 +33,7 @@ from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
+from sdfleet.runtimes._textual_inversion import Embeddings
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import images_made, refuse, refuse_too_many_inputs
 from sdfleet.tasks import TaskType
@@ -102,6 +103,7 @@ class DiffusersRuntime:
             max_pixels=self.options.upscale_max_pixels,
         )
         self._loras = LoraLoader(self.options.lora_max_loaded)
+        self._embeddings = Embeddings(catalog.models_dir)
 
     @classmethod
     def from_options(
@@ -366,7 +368,8 @@ class DiffusersRuntime:
                 self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip))
                 P.set_tiling(loaded.pipe, G.tiling(jobs[0].params), vae_tiling=self.options.vae_tiling)
                 second = self._second_pass(loaded, jobs[0])
-                return G.generate(pipe, jobs, sampler, loaded.info, partial(step_callback, ctl), second)
+                progress = partial(step_callback, ctl)
+                return G.generate(pipe, jobs, sampler, loaded.info, progress, second, self._embeddings)
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
             except (SdfleetError, Reject):
