@@ -17,7 +17,7 @@ instead, which diffusers cannot). As diffusers does, clip skip applies to the pr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -36,17 +36,21 @@ class Reading:
 
     emphasis: str = "Original"
     embeddings: Embeddings | None = None
+    _found: dict[int, list[S.Find | None]] = field(default_factory=dict, compare=False, repr=False)
 
     def finders(self, pipe: Any) -> list[S.Find | None]:
-        """Each text encoder's embedding finder (``_prompt_syntax.chunk``'s ``find``)."""
-        if self.embeddings is None:
-            return [None] * len(_encoders(pipe))
+        """Each text encoder's embedding finder (``_prompt_syntax.chunk``'s ``find``), made once
+        per pipeline for this reading (a job's: its prompts are counted, then encoded)."""
         pairs = _encoders(pipe)
-        encoders = [encoder for _, encoder in pairs]
-        return [
-            self.embeddings.finder(encoders, i, partial(_ids, tokenizer))
-            for i, (tokenizer, _) in enumerate(pairs)
-        ]
+        if self.embeddings is None:
+            return [None] * len(pairs)
+        if id(pipe) not in self._found:
+            encoders = [encoder for _, encoder in pairs]
+            self._found[id(pipe)] = [
+                self.embeddings.finder(encoders, i, partial(_ids, tokenizer))
+                for i, (tokenizer, _) in enumerate(pairs)
+            ]
+        return self._found[id(pipe)]
 
 
 _PLAIN = Reading()
@@ -96,7 +100,8 @@ def chunk_count(pipe: Any, prompt: str, negative: str, reading: Reading = _PLAIN
     text)."""
     tokenizer = _encoders(pipe)[0][0]
     find = reading.finders(pipe)[0]
-    if S.plain(prompt, reading.emphasis) and S.plain(negative, reading.emphasis) and find is None:
+    plain = S.plain(prompt, reading.emphasis) and S.plain(negative, reading.emphasis)
+    if plain and find is None:
         longest = max(len(_ids(tokenizer, prompt)), len(_ids(tokenizer, negative)))
         if longest <= S.CHUNK:
             return 1, True
@@ -106,7 +111,6 @@ def chunk_count(pipe: Any, prompt: str, negative: str, reading: Reading = _PLAIN
         for text in (prompt, negative)
     ]
     named = any(c.slots for each in chunks for c in each)
-    plain = S.plain(prompt, reading.emphasis) and S.plain(negative, reading.emphasis)
     count = max(len(each) for each in chunks)
     return count, plain and count == 1 and not named
 
