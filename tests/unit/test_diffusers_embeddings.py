@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import webuiapi
 from safetensors.torch import save_file
 from test_diffusers_batching import pixels, quiet
 
+from fakes.servers import a1111_server, free_port
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_syntax as S
@@ -158,3 +160,38 @@ async def test_the_runtime_reads_the_models_folders_embeddings(
     again = await runtime.run(job(f"a {NAME}"), quiet)
     cat = await runtime.run(job("a a cat"), quiet)
     assert np.array_equal(pixels(again.images[0]), pixels(cat.images[0]))
+
+
+def test_runtime_serve_lists_them_as_sd_webui_does(models: Path, tmp_path: Path) -> None:
+    """``GET /sdapi/v1/embeddings`` (webuiapi's ``get_embeddings``) was not served: the loaded
+    model's embeddings, and the others as skipped, with what an A1111 file says of its training."""
+    sd, xl = pipe_of(models, "tiny-a"), pipe_of(models, "tiny-xl")
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    mine = rows_of(sd.tokenizer, sd.text_encoder, "red dog")
+    trained = {"step": 500, "sd_checkpoint": "c34d81fac4", "sd_checkpoint_name": "sd15"}
+    torch.save({"string_to_param": {"*": mine}, **trained}, folder / "mine.pt")
+    other = {
+        "clip_l": rows_of(xl.tokenizer, xl.text_encoder, "a"),
+        "clip_g": rows_of(xl.tokenizer_2, xl.text_encoder_2, "a"),
+    }
+    save_file(other, str(folder / "xl-one.safetensors"))
+    server = a1111_server(tmp_path, free_port())  # tiny-a loaded, as SD WebUI starts
+    try:
+        lists = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1").get_embeddings()
+    finally:
+        server.stop()
+    width = sd.text_encoder.get_input_embeddings().embedding_dim
+    xl_shape = sum(int(v.shape[-1]) for v in other.values())
+    assert lists == {
+        "loaded": {"mine": {**trained, "shape": width, "vectors": len(mine)}},
+        "skipped": {
+            "xl-one": {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": xl_shape,
+                "vectors": 1,
+            }
+        },
+    }

@@ -135,6 +135,20 @@ async def refresh_vae() -> None:
     return None  # no separate VAE files (sd-vae is empty)
 
 
+@router.get("/embeddings", response_model=S.EmbeddingsResponse)
+async def embeddings(request: Request) -> dict[str, Any]:
+    """The models folder's ``embeddings/``, as SD WebUI lists its own: those made for the loaded
+    model, and the others (another model family's, skipped); none with a runtime without them."""
+    lists = getattr(server(request).runtime, "embeddings", None)
+    loaded, skipped = lists() if callable(lists) else ([], [])
+
+    def items(found: list[Any]) -> dict[str, dict[str, Any]]:
+        keys = ("step", "sd_checkpoint", "sd_checkpoint_name", "shape")
+        return {e.name: {**{k: getattr(e, k) for k in keys}, "vectors": e.count} for e in found}
+
+    return {"loaded": items(loaded), "skipped": items(skipped)}
+
+
 @router.post("/refresh-embeddings")
 async def refresh_embeddings() -> None:
     return None  # the runtime reads <models>/embeddings/ again whenever its files change

@@ -215,6 +215,23 @@ class SchedulerItem(BaseModel):
     need_inner_model: bool
 
 
+class EmbeddingItem(BaseModel):
+    """SD WebUI 1.10's ``EmbeddingItem``: a textual inversion embedding of ``/embeddings``."""
+
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    """Those made for the loaded model, and the others."""
+
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
 class UpscalerItem(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

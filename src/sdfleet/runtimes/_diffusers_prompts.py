@@ -45,7 +45,7 @@ class Reading:
         if self.embeddings is None:
             return [None] * len(pairs)
         if id(pipe) not in self._found:
-            encoders = [encoder for _, encoder in pairs]
+            encoders = text_encoders(pipe)
             self._found[id(pipe)] = [
                 self.embeddings.finder(encoders, i, partial(_ids, tokenizer))
                 for i, (tokenizer, _) in enumerate(pairs)
@@ -75,6 +75,11 @@ def _encoders(pipe: Any) -> list[tuple[Any, Any]]:
     pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))]
     pairs.append((getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
     return [(t, e) for t, e in pairs if t is not None and e is not None]
+
+
+def text_encoders(pipe: Any) -> list[Any]:
+    """The pipeline's text encoders, in order (SDXL: two)."""
+    return [encoder for _, encoder in _encoders(pipe)]
 
 
 def xl(pipe: Any) -> bool:

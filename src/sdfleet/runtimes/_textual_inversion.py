@@ -38,10 +38,23 @@ class Embedding:
     name: str
     vectors: tuple[torch.Tensor, ...]
     """One (vectors, width) tensor per text encoder it is for: one, or SDXL's two."""
+    step: int | None = None
+    """What an A1111 file says of its training (SD WebUI lists it), else None."""
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
 
     @property
     def count(self) -> int:
         return int(self.vectors[0].shape[0])
+
+    @property
+    def shape(self) -> int:
+        """SD WebUI's ``shape``: the width of its vectors (SDXL's two added)."""
+        return sum(int(v.shape[-1]) for v in self.vectors)
+
+    def fits(self, widths: list[int]) -> bool:
+        """Whether it is made for text encoders of these widths (SD 1.x, 2.x and SDXL differ)."""
+        return [int(v.shape[-1]) for v in self.vectors] == widths
 
 
 def read(path: Path) -> Embedding | None:
@@ -53,7 +66,9 @@ def read(path: Path) -> Embedding | None:
             data: Any = load_file(str(path), device="cpu")
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        return Embedding(path.stem, _vectors(data))
+        vectors = _vectors(data)  # a dict of SD WebUI's formats, from here
+        trained = {k: data.get(k) for k in ("step", "sd_checkpoint", "sd_checkpoint_name")}
+        return Embedding(path.stem, vectors, **{k: v for k, v in trained.items() if _plain(v)})
     except Exception as e:  # a bad file is skipped, as SD WebUI skips it, not the task failed
         log.warning("textual inversion embedding %s not read: %s", path, e)
         return None
@@ -75,6 +90,10 @@ def _vectors(data: Any) -> tuple[torch.Tensor, ...]:
         raise ValueError("neither a textual inversion embedding nor a diffusers concept")
     vector = tensors[0]
     return (_float(vector.unsqueeze(0) if vector.ndim == 1 else vector),)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
 
 
 def _float(tensor: torch.Tensor) -> torch.Tensor:
@@ -107,10 +126,10 @@ class Embeddings:
         """``_prompt_syntax.chunk``'s ``find`` for the ``index``-th of a pipeline's text
         ``encoders``: the embeddings made for them (a vector set each, of each one's width), by
         their names' tokens; None when there are none."""
-        widths = [encoder.get_input_embeddings().embedding_dim for encoder in encoders]
+        widths = widths_of(encoders)
         lookup: dict[int, list[tuple[list[int], Embedding]]] = {}
         for embedding in self.all():
-            if [v.shape[-1] for v in embedding.vectors] != widths:
+            if not embedding.fits(widths):
                 continue  # another model family's: its name stays words, as SD WebUI leaves it
             name = ids(embedding.name)
             if name:
@@ -127,6 +146,11 @@ class Embeddings:
             return None
 
         return find
+
+
+def widths_of(encoders: list[Any]) -> list[int]:
+    """The widths of text encoders' token embeddings."""
+    return [int(encoder.get_input_embeddings().embedding_dim) for encoder in encoders]
 
 
 @contextmanager

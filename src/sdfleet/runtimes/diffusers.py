@@ -27,13 +27,14 @@ from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _diffusers_upscale as U
 from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
-from sdfleet.runtimes._textual_inversion import Embeddings
+from sdfleet.runtimes._textual_inversion import Embedding, Embeddings, widths_of
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import images_made, refuse, refuse_too_many_inputs
 from sdfleet.tasks import TaskType
@@ -146,6 +147,16 @@ class DiffusersRuntime:
     def loras(self) -> list[str]:
         """LoRA names prompts may use (``<lora:name:weight>``)."""
         return L.names(self.catalog.models_dir)
+
+    def embeddings(self) -> tuple[list[Embedding], list[Embedding]]:
+        """The textual inversion embeddings of the models folder: those made for the loaded
+        model's text encoders, and the others (all of them when none is loaded), as SD WebUI
+        lists its loaded and skipped ones."""
+        found = self._embeddings.all()
+        if self._current is None or self._current not in self._cache:
+            return [], found
+        widths = widths_of(E.text_encoders(self._cache[self._current].pipe))
+        return [e for e in found if e.fits(widths)], [e for e in found if not e.fits(widths)]
 
     async def start(self) -> None:
         """Load the default model, if one is configured. Raises ``ModelLoadError``."""
