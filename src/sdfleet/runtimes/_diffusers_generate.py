@@ -137,8 +137,9 @@ def call_kwargs(
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
     # what the text encoder sees at the first step: no <lora:...> tags, no weight of the prompt's own
-    texts = [prompts(part.job)[0].at(0) for part in parts]
-    edits, weight = prompts(jobs[0])
+    read = [prompts(part.job) for part in parts]
+    texts = [each.at(0) for each, _ in read]
+    edits, weight = read[0]  # the call's weight and CFG are the first job's (batch_key)
     each = [(text, len(part.seeds)) for part, text in zip(parts, texts, strict=True)]
     kwargs: dict[str, Any] = {
         "prompt": [prompt for (prompt, _), images in each for _ in range(images)],

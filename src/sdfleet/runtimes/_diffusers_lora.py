@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdfleet.errors import Reject
+from sdfleet.runtimes._model_files import files_under
 from sdfleet.runtimes.base import Job
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,8 @@ def find(models_dir: Path) -> dict[str, Path]:
     """LoRA files under ``models_dir`` by lower-case stem (read from disk on every call)."""
     found: dict[str, Path] = {}
     for folder in LORA_FOLDERS:
-        where = models_dir / folder
-        if not where.is_dir():
-            continue
-        for path in sorted(where.rglob("*")):
-            if path.suffix.lower() in SUFFIXES and path.is_file() and not path.name.startswith("."):
+        for path in files_under(models_dir / folder, SUFFIXES):
+            if not path.name.startswith("."):
                 found.setdefault(path.stem.lower(), path)
     return found
 

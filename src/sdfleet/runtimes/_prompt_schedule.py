@@ -80,16 +80,12 @@ class Edits:
         return len({text for _, text in self.prompt}) > 1 or len({text for _, text in self.negative}) > 1
 
 
-def edits(prompt: str, negative: str, steps: int) -> Edits:
-    """Both prompts' schedules (``Unread`` as ``schedule``)."""
-    return Edits(schedule(prompt, steps), schedule(negative, steps))
-
-
 def of_task(prompt: str, negative: str, steps: int) -> tuple[Edits, float]:
     """A task's prompts (given without their extra-network tags) as SD WebUI reads them before
-    encoding: the prompt's own weight taken off, then both scheduled; and that weight."""
+    encoding: the prompt's own weight taken off, then both scheduled (``Unread`` as
+    ``schedule``); and that weight."""
     prompt, weight = own_weight(prompt)
-    return edits(prompt, negative, steps), weight
+    return Edits(schedule(prompt, steps), schedule(negative, steps)), weight
 
 
 @dataclass

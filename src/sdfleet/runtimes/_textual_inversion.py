@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sdfleet.runtimes import _prompt_syntax as S
+from sdfleet.runtimes._model_files import files_under
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,14 @@ class Embedding:
         return int(self.vectors[0].shape[0])
 
     @property
+    def widths(self) -> list[int]:
+        """The width of each text encoder it is for (SD 1.x, 2.x and SDXL differ)."""
+        return [int(v.shape[-1]) for v in self.vectors]
+
+    @property
     def shape(self) -> int:
         """SD WebUI's ``shape``: the width of its vectors (SDXL's two added)."""
-        return sum(int(v.shape[-1]) for v in self.vectors)
-
-    def fits(self, widths: list[int]) -> bool:
-        """Whether it is made for text encoders of these widths (SD 1.x, 2.x and SDXL differ)."""
-        return [int(v.shape[-1]) for v in self.vectors] == widths
+        return sum(self.widths)
 
 
 def read(path: Path) -> Embedding | None:
@@ -109,10 +111,8 @@ class Embeddings:
 
     def all(self) -> list[Embedding]:
         """Every embedding of the folder that reads, by name (the first file of a name wins)."""
-        if not self.folder.is_dir():
-            return []
         found: dict[str, Embedding] = {}
-        for path in sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
+        for path in files_under(self.folder, SUFFIXES):
             mtime = path.stat().st_mtime
             seen = self._seen.get(path)
             if seen is None or seen[0] != mtime:
@@ -129,7 +129,7 @@ class Embeddings:
         widths = widths_of(encoders)
         lookup: dict[int, list[tuple[list[int], Embedding]]] = {}
         for embedding in self.all():
-            if not embedding.fits(widths):
+            if embedding.widths != widths:
                 continue  # another model family's: its name stays words, as SD WebUI leaves it
             name = ids(embedding.name)
             if name:

@@ -156,7 +156,7 @@ class DiffusersRuntime:
         if self._current is None or self._current not in self._cache:
             return [], found
         widths = widths_of(E.text_encoders(self._cache[self._current].pipe))
-        return [e for e in found if e.fits(widths)], [e for e in found if not e.fits(widths)]
+        return [e for e in found if e.widths == widths], [e for e in found if e.widths != widths]
 
     async def start(self) -> None:
         """Load the default model, if one is configured. Raises ``ModelLoadError``."""
