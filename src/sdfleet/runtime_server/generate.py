@@ -62,6 +62,10 @@ def decode_image_field(text: str) -> bytes:
         raise invalid_image() from e
 
 
+def _kind(req: GenerationBody) -> TaskType:
+    return TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+
+
 def _unsupported(req: GenerationBody) -> str | None:
     """What this server cannot do that the request turns on, if anything."""
     checks: list[tuple[bool, str]] = [
@@ -70,7 +74,7 @@ def _unsupported(req: GenerationBody) -> str | None:
         (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
     ]
     found = next((what for on, what in checks if on), None)
-    kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+    kind = _kind(req)
     off = off_defaults(req.model_dump(), kind, req.sampler_name or getattr(req, "sampler_index", None))
     return found or (", ".join(off) if off else None)
 
@@ -174,7 +178,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
     emphasis = _emphasis(state, req)
     params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis)
-    kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+    kind = _kind(req)
     try:
         varied = variation.read(params)
         lacking = variation_unsupported(params, kind)
@@ -221,7 +225,7 @@ def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
 async def generate(state: ServerState, req: GenerationBody, init_images: list[bytes]) -> dict[str, Any]:
     """Run a txt2img/img2img request; SD WebUI's answer (200 with what was made, also when interrupted)."""
     gen, params, model = await prepare(state, req)
-    kind = TaskType.IMAGE_TO_IMAGE if isinstance(req, Img2ImgRequest) else TaskType.TEXT_TO_IMAGE
+    kind = _kind(req)
     job = "scripts_img2img" if kind is TaskType.IMAGE_TO_IMAGE else "scripts_txt2img"
     pngs: list[bytes] = []
     try:
