@@ -235,6 +235,39 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_a_prompt_nested_too_deep_is_refused_at_the_door_and_fails_once_past_it(
+    start_fleet: StartFleet, engine: Engine
+) -> None:
+    """Editing brackets nested 600 deep made the prompt reader recurse past Python's limit: a 500
+    at the API, an internal error in the agent. SD WebUI's own reader fails the same way (a 500
+    after seconds to minutes); the API now says why (422), and a task no API saw fails once."""
+    from seed_payloads import copy_of, lambda_message
+
+    fleet = await start_fleet()
+    body = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 2}
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "deep-1"}
+    body["prompt"] = "[" * 600 + "cat:dog:0.5" + "]" * 600
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_params", r.text
+    assert "brackets nest 600 deep: at most 100" in r.json()["error"]["message"], r.text
+    message, attributes = lambda_message("v1alpha1", body)
+    bus = open_bus(engine.bus_url)
+    try:
+        await bus.publish("tasks", message.encode(), attributes)
+    finally:
+        await bus.aclose()
+    view = await wait_adopted(fleet, "deep-1")
+    assert view["state"] == "failed" and view["error"]["code"] == "invalid_params", view
+    assert view["attempts"] == 1 and "nest 600 deep" in view["error"]["message"], view
+    # 100 levels run, and plain emphasis is read without the editing reader
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "deep-2"}
+    body["prompt"] = "[" * 100 + "cat:dog:0.5" + "]" * 100
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    assert (await fleet.wait("deep-2"))["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 async def test_what_the_routed_queues_runtime_cannot_run_is_refused_at_the_door(
     start_fleet: StartFleet, engine: Engine, models_dir: Path
 ) -> None:

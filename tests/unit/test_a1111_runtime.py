@@ -211,6 +211,16 @@ async def test_defect_2_unknown_sampler_or_scheduler_is_refused_with_the_list(ru
     assert rec(runtime).count("GET", "/sdapi/v1/samplers") == 3  # known names: no new look-up
 
 
+async def test_a_prompt_nested_deeper_than_sd_webui_reads_is_refused_before_it_is_sent(
+    runtime: A1111Runtime,
+) -> None:
+    """SD WebUI's reader holds its queue lock for 79 s over 1,000 levels, then answers 500."""
+    with pytest.raises(Reject, match="brackets nest 1000 deep: at most 100") as raised:
+        await runtime.run(job(prompt="[" * 1000 + "cat:dog:0.5" + "]" * 1000), no_progress)
+    assert raised.value.code == "invalid_params"
+    assert rec(runtime).count("POST", "/sdapi/v1/txt2img") == 0
+
+
 async def test_defect_3_extras_send_what_the_task_says(runtime: A1111Runtime) -> None:
     plain = await runtime.run(job(TaskType.EXTRA_SINGLE_IMAGE, init=[png()]), no_progress)
     assert [size(i) for i in plain.images] == [(64, 64)] and plain.info["html_info"] == "<p></p>"

@@ -202,6 +202,28 @@ def test_what_the_runtime_would_read_otherwise_is_refused_by_name(params: dict[s
     )
 
 
+@pytest.mark.parametrize("runtime_name", ["diffusers", "a1111"])
+def test_brackets_nested_deeper_than_sd_webui_reads_are_refused(runtime_name: str) -> None:
+    """SD WebUI's reader answers 250 levels with a server error; this one recursed past Python's
+    limit at about 450 (``RecursionError``: a 500 at the API). Both runtimes that read SD WebUI
+    prompts refuse more than 100, in any prompt SD WebUI reads."""
+    deep = "[" * 101 + "cat:dog:0.5" + "]" * 101
+    for params in (
+        {"prompt": deep},
+        {"negative_prompt": "(" * 20_000},  # unclosed brackets nest to the end
+        {"extra": {"enable_hr": True, "hr_prompt": deep}},
+    ):
+        task = TaskParams.model_validate({"prompt": "a cat", **params})
+        with pytest.raises(Reject, match=r"brackets nest \d+ deep: at most 100") as raised:
+            refuse(runtime_name, TaskType.TEXT_TO_IMAGE, task)
+        assert raised.value.code == "invalid_params"
+    refuse(runtime_name, TaskType.TEXT_TO_IMAGE, TaskParams(prompt="[" * 100 + "cat:dog:0.5" + "]" * 100))
+    with pytest.raises(Reject, match="brackets nest 101 deep"):
+        PS.schedule(deep, 10)  # the reader bounds itself too
+    assert PS.schedule("(" * 20_000 + "a", 10) == [(10, "(" * 20_000 + "a")]  # no editing: not parsed
+    refuse("comfyui", TaskType.PIPELINE, TaskParams(prompt=deep))  # a workflow's prompts are its own
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     srv: ServerThread = a1111_server(tmp_path_factory.mktemp("models"), free_port(), default_model=None)
@@ -215,3 +237,5 @@ def test_runtime_serve_runs_editing_and_says_why_it_refuses(server: ServerThread
     assert made.info["infotexts"][0].startswith("a [cat:dog:0.5], [red|blue]\nSteps: 4, Sampler: Euler")
     with pytest.raises(RuntimeError, match="AND in the prompt"):
         api.txt2img(prompt="a cat AND a dog", width=64, height=64)
+    with pytest.raises(RuntimeError, match="brackets nest 300 deep"):  # it was a 500 (RecursionError)
+        api.txt2img(prompt="[" * 300 + "cat:dog:0.5" + "]" * 300, width=64, height=64)

@@ -18,7 +18,7 @@ from sdfleet import hires, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_lora import text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
-from sdfleet.runtimes._prompt_schedule import Unread, composable, of_task
+from sdfleet.runtimes._prompt_schedule import Unread, composable, of_task, refuse_deep
 from sdfleet.runtimes._prompt_syntax import emphasis_of, weighted
 from sdfleet.tasks import BATCH_MAX, GENERATE, N_ITER_MAX, TaskParams, TaskType
 
@@ -36,6 +36,10 @@ itself, in one pipeline call; SD WebUI runs what it is given, up to ``tasks.BATC
 LACKING = frozenset({"diffusers"})
 """Built-in runtimes that run txt2img/img2img themselves without these fields (a1111 hands every
 field to SD WebUI; comfyui runs workflows)."""
+
+READ_AS_SD_WEBUI = frozenset({"diffusers", "a1111"})
+"""Built-in runtimes whose text- and image-to-image prompts SD WebUI's prompt reader reads (a1111)
+or this package's reading of it (diffusers)."""
 
 _FLAGS = ("restore_faces",)
 """Booleans that change the images when true (face restoration)."""
@@ -132,11 +136,12 @@ def refuse_too_many_images(runtime: str, kind: TaskType, params: TaskParams) -> 
 
 
 def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
-    """Every check above for a ``kind`` task with ``params`` on a queue of ``runtime``: ``Reject``
+    """Every check here for a ``kind`` task with ``params`` on a queue of ``runtime``: ``Reject``
     with the code the runtime would fail the task with (``unsupported_task``, ``too_large``,
     ``unsupported_option``, ``unknown_sampler``, ``unknown_scheduler``, ``invalid_params``)."""
     refuse_kind(runtime, kind)
     refuse_too_many_images(runtime, kind, params)
+    refuse_deep_prompts(runtime, kind, params)
     found = unsupported_for(runtime, kind, params)
     if found:
         raise Reject(unsupported_message(found, runtime), code="unsupported_option")
@@ -148,6 +153,15 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
         hires.plan(kind, params)  # its values, as the runtime reads them
 
 
+def refuse_deep_prompts(runtime: str, kind: TaskType, params: TaskParams) -> None:
+    """``Reject`` (``invalid_params``) for brackets nested too deep for SD WebUI's prompt reader
+    (``_prompt_schedule.refuse_deep``) where ``runtime`` hands prompts to it or reads them as it
+    does."""
+    if runtime in READ_AS_SD_WEBUI and kind in GENERATE:
+        for prompt in prompts(params):
+            refuse_deep(prompt)
+
+
 def refuse_bad_weights(runtime: str, kind: TaskType, params: TaskParams) -> None:
     """``Reject`` (``invalid_params``) for a prompt weight that is not a number, where ``runtime``
     reads the prompts itself (SD WebUI fails such a request with a server error), and for an
@@ -155,6 +169,13 @@ def refuse_bad_weights(runtime: str, kind: TaskType, params: TaskParams) -> None
     if runtime in LACKING and kind in GENERATE and emphasis_of(params.extra) != "None":
         weighted(params.prompt)
         weighted(params.negative_prompt)
+
+
+def prompts(params: TaskParams) -> list[str]:
+    """The prompts of a task that SD WebUI reads: the prompt and negative prompt, and the hires
+    fix's own where given."""
+    extra = [params.extra.get(name) for name in ("hr_prompt", "hr_negative_prompt")]
+    return [params.prompt, params.negative_prompt, *(text for text in extra if isinstance(text, str))]
 
 
 def img2img_batch(inputs: int, batch_size: int) -> int:
