@@ -265,6 +265,10 @@ async def test_a_prompt_nested_too_deep_is_refused_at_the_door_and_fails_once_pa
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 200, r.text
     assert (await fleet.wait("deep-2"))["state"] == "succeeded"
+    body["prompt"] = "cat, " * 10_000  # and a prompt is bounded, as the images a task asks for
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
+    assert "a prompt of 50,000 characters: at most 32,768" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

@@ -211,13 +211,17 @@ async def test_defect_2_unknown_sampler_or_scheduler_is_refused_with_the_list(ru
     assert rec(runtime).count("GET", "/sdapi/v1/samplers") == 3  # known names: no new look-up
 
 
-async def test_a_prompt_nested_deeper_than_sd_webui_reads_is_refused_before_it_is_sent(
+async def test_a_prompt_too_deep_or_too_long_for_sd_webui_is_refused_before_it_is_sent(
     runtime: A1111Runtime,
 ) -> None:
-    """SD WebUI's reader holds its queue lock for 79 s over 1,000 levels, then answers 500."""
+    """SD WebUI's reader holds its queue lock for 79 s over 1,000 levels, then answers 500; it
+    reads a long prompt token by token under that lock too."""
     with pytest.raises(Reject, match="brackets nest 1000 deep: at most 100") as raised:
         await runtime.run(job(prompt="[" * 1000 + "cat:dog:0.5" + "]" * 1000), no_progress)
     assert raised.value.code == "invalid_params"
+    with pytest.raises(Reject, match="at most 32,768") as raised:
+        await runtime.run(job(negative_prompt="ugly, " * 10_000), no_progress)
+    assert raised.value.code == "too_large"
     assert rec(runtime).count("POST", "/sdapi/v1/txt2img") == 0
 
 

@@ -224,6 +224,17 @@ def test_brackets_nested_deeper_than_sd_webui_reads_are_refused(runtime_name: st
     refuse("comfyui", TaskType.PIPELINE, TaskParams(prompt=deep))  # a workflow's prompts are its own
 
 
+@pytest.mark.parametrize("runtime_name", ["diffusers", "a1111"])
+def test_a_prompt_over_32_kib_is_refused(runtime_name: str) -> None:
+    """A 1 MiB prompt held the diffusers runtime's chunker 38 s and 2.2 GB (tiny model, CPU)."""
+    for field in ("prompt", "negative_prompt"):
+        task = TaskParams.model_validate({field: "cat, " * 200_000})
+        with pytest.raises(Reject, match="a prompt of 1,000,000 characters: at most 32,768") as raised:
+            refuse(runtime_name, TaskType.TEXT_TO_IMAGE, task)
+        assert raised.value.code == "too_large"
+    refuse(runtime_name, TaskType.TEXT_TO_IMAGE, TaskParams(prompt="c" * 32_768))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     srv: ServerThread = a1111_server(tmp_path_factory.mktemp("models"), free_port(), default_model=None)

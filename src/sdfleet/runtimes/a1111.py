@@ -35,7 +35,7 @@ from sdfleet.runtimes._a1111_lists import Lists, same_checkpoint
 from sdfleet.runtimes._a1111_payload import CLIP_SKIP, ENDPOINTS, build_body, inline_urls
 from sdfleet.runtimes._server_start import server_url, wait_for_server
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import refuse_deep_prompts, refuse_kind
+from sdfleet.runtimes.unsupported import refuse_kind, refuse_oversized_prompts
 from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class A1111Runtime:
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
         refuse_kind("a1111", job.type)
-        refuse_deep_prompts("a1111", job.type, job.params)  # a task no API saw
+        refuse_oversized_prompts("a1111", job.type, job.params)  # a task no API saw
         endpoint = ENDPOINTS[job.type]
         body = await self._body(job)
         flight = Flight(job.task_id, job.type, progress)

@@ -40,6 +40,11 @@ field to SD WebUI; comfyui runs workflows)."""
 READ_AS_SD_WEBUI = frozenset({"diffusers", "a1111"})
 """Built-in runtimes whose text- and image-to-image prompts SD WebUI's prompt reader reads (a1111)
 or this package's reading of it (diffusers)."""
+PROMPT_MAX = 32_768
+"""Most characters in each prompt of a task for those runtimes. Both read a prompt in Python, token
+by token, before the GPU starts (SD WebUI under its queue lock): a 1 MiB prompt held the diffusers
+runtime 38 s and 2.2 GB with the tiny model, against 0.1 s for a line; real prompts are a few
+hundred characters."""
 
 _FLAGS = ("restore_faces",)
 """Booleans that change the images when true (face restoration)."""
@@ -141,7 +146,7 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     ``unsupported_option``, ``unknown_sampler``, ``unknown_scheduler``, ``invalid_params``)."""
     refuse_kind(runtime, kind)
     refuse_too_many_images(runtime, kind, params)
-    refuse_deep_prompts(runtime, kind, params)
+    refuse_oversized_prompts(runtime, kind, params)
     found = unsupported_for(runtime, kind, params)
     if found:
         raise Reject(unsupported_message(found, runtime), code="unsupported_option")
@@ -153,13 +158,20 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
         hires.plan(kind, params)  # its values, as the runtime reads them
 
 
-def refuse_deep_prompts(runtime: str, kind: TaskType, params: TaskParams) -> None:
-    """``Reject`` (``invalid_params``) for brackets nested too deep for SD WebUI's prompt reader
-    (``_prompt_schedule.refuse_deep``) where ``runtime`` hands prompts to it or reads them as it
-    does."""
-    if runtime in READ_AS_SD_WEBUI and kind in GENERATE:
-        for prompt in prompts(params):
-            refuse_deep(prompt)
+def refuse_oversized_prompts(runtime: str, kind: TaskType, params: TaskParams) -> None:
+    """Where ``runtime`` hands prompts to SD WebUI's prompt reader or reads them as it does:
+    ``Reject`` (``too_large``) for a prompt over ``PROMPT_MAX`` characters, and (``invalid_params``)
+    for brackets nested too deep for that reader (``_prompt_schedule.refuse_deep``)."""
+    if runtime not in READ_AS_SD_WEBUI or kind not in GENERATE:
+        return
+    for prompt in prompts(params):
+        if len(prompt) > PROMPT_MAX:
+            raise Reject(
+                f"a prompt of {len(prompt):,} characters: at most {PROMPT_MAX:,} (about "
+                f"{PROMPT_MAX // 4:,} tokens)",
+                code="too_large",
+            )
+        refuse_deep(prompt)
 
 
 def refuse_bad_weights(runtime: str, kind: TaskType, params: TaskParams) -> None:
