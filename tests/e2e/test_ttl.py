@@ -98,9 +98,9 @@ async def test_a_seed_ids_next_run_has_a_ttl_of_its_own(
 ) -> None:
     """A seed id sent again after its ttl_s runs again: the next run's window starts at its own
     submit, not the id's first (``created_at``, which stays the first for listings)."""
-    # 5 s: the next run must be received within it, which a loaded host (moto, 4 test processes)
-    # once did not do in 2 s
-    queues = [QueueConfig(name="q", runtime="synthetic", ttl_s=5)]
+    # 10 s: each run must be received within it, which a loaded host (moto, 4 test processes)
+    # once did not do in 2 s, and once in 5 s (the first run, 6 s after its submit)
+    queues = [QueueConfig(name="q", runtime="synthetic", ttl_s=10)]
     settings = fleet_settings(engine, models_dir, queues, runtimes={"synthetic": {"latency_s": 0}})
     fleet = await start_fleet(queues, settings=settings)
     body = copy_of(V1ALPHA2_T2I)
@@ -109,7 +109,7 @@ async def test_a_seed_ids_next_run_has_a_ttl_of_its_own(
     assert (await fleet.http.post("/v1alpha2/", json=body)).status_code == 200
     first = await fleet.wait("again")
     assert first["state"] == "succeeded" and first["run"] == 1, first
-    await asyncio.sleep(5.5)  # the id's first submit is now past the queue's ttl_s
+    await asyncio.sleep(10.5)  # the id's first submit is now past the queue's ttl_s
     assert (await fleet.http.post("/v1alpha2/", json=body)).status_code == 200
     for _ in range(300):
         view = (await fleet.http.get("/v1/tasks/again")).json()
