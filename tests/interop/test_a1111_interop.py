@@ -149,6 +149,13 @@ async def test_defect_4_deterministic_500s_fail_once(runtime: A1111Runtime, sent
         await runtime.run(job(TaskType.IMAGE_TO_IMAGE, init=[b"not an image"]), none)
     assert image.value.code == "invalid_image" and "Invalid encoded image" in image.value.reason
     assert sent.count("POST", "/sdapi/v1/extra-single-image") == sent.count("POST", "/sdapi/v1/img2img") == 1
+    with pytest.raises(Reject) as infinite:  # its prompt reader: int(float("1e999"))
+        await runtime.run(job(prompt="a [cat:dog:1e999]"), none)
+    assert "500 OverflowError" in infinite.value.reason and "float infinity" in infinite.value.reason
+    assert sent.count("POST", "/sdapi/v1/txt2img") == 1
+    with pytest.raises(Reject) as deep:  # sdfleet refuses these before sending (SD WebUI: 500 RecursionError)
+        await runtime.run(job(prompt="[" * 250 + "cat:dog:0.5" + "]" * 250), none)
+    assert deep.value.code == "invalid_params" and sent.count("POST", "/sdapi/v1/txt2img") == 1
 
 
 async def test_model_switch_by_file_name_and_stem(runtime: A1111Runtime) -> None:

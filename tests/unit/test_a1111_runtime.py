@@ -270,6 +270,23 @@ def test_nans_fail_once_in_sd_webui_words() -> None:
     assert "500 NansException" in error.reason and "--disable-nan-check" in error.reason
 
 
+@pytest.mark.parametrize(
+    ("error", "errors"),  # the real SD WebUI 1.10.1's answers to "a [cat:dog:1e999]" and to 250 levels
+    [
+        ("OverflowError", "cannot convert float infinity to integer"),
+        ("RecursionError", "maximum recursion depth exceeded"),
+    ],
+)
+def test_what_sd_webuis_prompt_reader_fails_on_fails_once(error: str, errors: str) -> None:
+    """Its prompt reader fails on these prompts every time: they were retried as a passing fault."""
+    from sdfleet.runtimes._a1111_errors import classify
+
+    body = {"error": error, "detail": "", "body": "", "errors": errors}
+    request = httpx.Request("POST", "http://sdwebui/sdapi/v1/txt2img")
+    failed = classify("/sdapi/v1/txt2img", httpx.Response(500, json=body, request=request))
+    assert isinstance(failed, Reject) and f"500 {error}" in failed.reason and errors in failed.reason
+
+
 async def test_transient_failures_stay_retryable(runtime: A1111Runtime, tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure) as broken:  # a model that fails to load: 500, retryable
         await runtime.run(job(model="broken"), no_progress)

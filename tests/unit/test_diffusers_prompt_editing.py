@@ -224,6 +224,15 @@ def test_brackets_nested_deeper_than_sd_webui_reads_are_refused(runtime_name: st
     refuse("comfyui", TaskType.PIPELINE, TaskParams(prompt=deep))  # a workflow's prompts are its own
 
 
+def test_editing_at_an_infinite_step_is_refused() -> None:
+    """``int(float("1e999"))`` was an OverflowError: a 500 at the API. SD WebUI's reader fails the
+    same way (500 OverflowError), which the a1111 runtime now fails once."""
+    for step in ("1e999", "-1e999", "1.e400"):  # infinite: SD WebUI's reader fails (OverflowError)
+        with pytest.raises(Reject, match=f"prompt editing at step '{step}': not a finite number"):
+            refuse("diffusers", TaskType.TEXT_TO_IMAGE, TaskParams(prompt=f"a [cat:dog:{step}]"))
+    assert PS.schedule("a [cat:dog:1e300]", 10) == [(10, "a cat")]  # finite: editing after the end
+
+
 @pytest.mark.parametrize("runtime_name", ["diffusers", "a1111"])
 def test_a_prompt_over_32_kib_is_refused(runtime_name: str) -> None:
     """A 1 MiB prompt held the diffusers runtime's chunker 38 s and 2.2 GB (tiny model, CPU)."""

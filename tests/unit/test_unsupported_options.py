@@ -122,6 +122,13 @@ def test_refuse_says_what_the_runtime_would_fail_the_task_with() -> None:
         t2i.type,
         t2i.params.model_copy(update={"sampler": "Euler", "extra": {"scheduler": "Karras"}}),
     )
+    # a schedule type that is no string (a message published past the API may hold any JSON) was
+    # an AttributeError: a 500 at the API
+    for scheduler in (1, True, [1], {"a": 1}):
+        params = t2i.params.model_copy(update={"sampler": "Euler", "extra": {"scheduler": scheduler}})
+        with pytest.raises(Reject) as e:
+            refuse("diffusers", t2i.type, params)
+        assert e.value.code == "unknown_scheduler" and "Karras" in e.value.reason, e.value.reason
 
 
 def test_the_seeds_text_to_video_example_runs_on_sd_webui_and_is_refused_by_name_by_diffusers() -> None:

@@ -32,6 +32,8 @@ _DETERMINISTIC = frozenset(
         "IndexError",
         "ZeroDivisionError",
         "NansException",
+        "OverflowError",  # prompt editing at an infinite step, "[a:b:1e999]"
+        "RecursionError",  # brackets nested past its prompt reader's depth
     }
 )
 # RuntimeErrors whose message says the request can never succeed.

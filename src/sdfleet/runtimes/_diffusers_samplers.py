@@ -41,7 +41,7 @@ SCHEDULES = ("Automatic", "Uniform", "Karras")
 """SD WebUI's schedule types (``scheduler``) this runtime runs: its default spacing, or Karras sigmas."""
 
 
-def sampler_key(sampler: str | None, scheduler: str | None = None) -> str | None:
+def sampler_key(sampler: str | None, scheduler: object = None) -> str | None:
     """The canonical A1111 sampler name; ``scheduler="Karras"`` (newer A1111 API) adds Karras sigmas.
     ``Reject`` for a sampler or schedule type this runtime does not run, rather than running
     another: ``unknown_sampler``, ``unknown_scheduler`` (also Karras for a sampler without it)."""
@@ -50,7 +50,7 @@ def sampler_key(sampler: str | None, scheduler: str | None = None) -> str | None
     name = _BY_LOWER.get(sampler.strip().lower())
     if name is None:
         raise Reject(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}", code="unknown_sampler")
-    schedule = (scheduler or "").strip().lower()
+    schedule = str(scheduler or "").strip().lower()  # a message past the API may hold any JSON
     if schedule not in ("", "automatic", "uniform", "karras"):
         known = ", ".join(SCHEDULES)
         raise Reject(f"unknown schedule type {scheduler!r}; known: {known}", code="unknown_scheduler")

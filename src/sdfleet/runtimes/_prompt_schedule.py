@@ -15,6 +15,7 @@ prompts to SD WebUI's reader (``refuse_deep``).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,9 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     for node in _walk(nodes):
         if isinstance(node, _Scheduled):
             value = float(node.number)
+            if not math.isfinite(value):  # SD WebUI's reader fails on it (OverflowError: a 500)
+                number = node.number
+                raise Reject(f"prompt editing at step {number!r}: not a finite number", code="invalid_params")
             node.when = min(steps, int(value * steps if "." in node.number else value))
             if node.when >= 1:
                 ends.add(node.when)
