@@ -72,16 +72,21 @@ def _side(extra: dict[str, Any], name: str) -> int:
     return value
 
 
+def consecutive(first: int, images: int) -> list[int]:
+    """``images`` seeds from ``first`` on, wrapping at 2**32 (SD WebUI's seeds go on past it)."""
+    return [(first + i) % _SEEDS for i in range(images)]
+
+
 def seeds(seed: int, images: int, variation: Variation | None) -> list[int]:
     """Each image's seed: consecutive, or all the same with a strength (SD WebUI's rule)."""
     same = variation is not None and variation.strength != 0
-    return [seed if same else (seed + i) % _SEEDS for i in range(images)]
+    return [seed] * images if same else consecutive(seed, images)
 
 
 def subseeds(variation: Variation, images: int) -> list[int]:
     """Each image's variation seed: consecutive from ``variation.subseed`` (random for -1)."""
     first = variation.subseed if variation.subseed >= 0 else random.randrange(_SEEDS)
-    return [(first + i) % _SEEDS for i in range(images)]
+    return consecutive(first, images)
 
 
 def words(variation: Variation | None, subseed: int | None) -> list[tuple[str, Any]]:

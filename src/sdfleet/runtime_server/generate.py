@@ -193,7 +193,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         request=req,
         sampler=sampler,
         seeds=variation.seeds(seed, images, varied),
-        subseeds=[subseed + i for i in range(images)],
+        subseeds=variation.consecutive(subseed, images),  # as the runtime makes them
         model_name=info.stem if info else None,
         model_hash=sha[:10] if sha else None,
         clip_skip=clip,

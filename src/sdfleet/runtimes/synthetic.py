@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from sdfleet import variation
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.models.catalog import ModelCatalog
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
@@ -167,7 +168,7 @@ class SyntheticRuntime:
             images = [synthetic_png(p, n, _scaled(data, p)) for n, data in enumerate(inputs)]
             return RuntimeResult(images=images, info={"runtime": self.name}, model=self._current)
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
-        seeds = [(seed + i) % 2**32 for i in range(p.batch_size)]
+        seeds = variation.consecutive(seed, p.batch_size)
         info = {
             "prompt": p.prompt,
             "negative_prompt": p.negative_prompt,
