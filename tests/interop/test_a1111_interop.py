@@ -331,8 +331,14 @@ async def test_what_sd_webui_reads_in_a_prompt_is_what_sdfleet_reads(
     ``AND``): pairs that make the same image on the real SD WebUI, and pairs that do not; the unit
     tests hold the diffusers runtime to the same (``test_diffusers_prompt_editing``,
     ``test_diffusers_prompts``)."""
-    base = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 7}
+    base = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler"}
     async with httpx.AsyncClient(base_url=URL, timeout=600) as client:
-        made = [(await client.post("/sdapi/v1/txt2img", json=base | body)).json() for body in (one, other)]
+        for seed in (7, 8, 9):  # a random checkpoint's UNet overflows on some (500 NansException)
+            made = [
+                (await client.post("/sdapi/v1/txt2img", json=base | {"seed": seed} | body)).json()
+                for body in (one, other)
+            ]
+            if not any(m.get("error") == "NansException" for m in made):
+                break
     images = [Image.open(io.BytesIO(base64.b64decode(m["images"][0]))).convert("RGB").tobytes() for m in made]
     assert (images[0] == images[1]) is ((one, other) in SAME_IMAGE), (one, other)
