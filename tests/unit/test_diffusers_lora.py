@@ -3,17 +3,22 @@ tiny model with peft, saved in the kohya/SD WebUI format and in diffusers' own (
 
 from __future__ import annotations
 
+import hashlib
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import webuiapi
 from PIL import Image
 from safetensors.torch import save_file
 
+from fakes.servers import a1111_server, free_port
 from sdfleet.errors import Reject
 from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtime_server.infotext import VERSION
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes._diffusers_opts import DiffusersOptions
 from sdfleet.runtimes.base import Job, RuntimeResult
@@ -147,6 +152,50 @@ async def test_lora_changes_the_image_and_its_tag_is_not_text(runtime: Diffusers
     assert first == last != plain
     result = await runtime.run(job("a red cat<lora:tiny-style:1>"), no_progress)
     assert result.info["prompt"] == "a red cat<lora:tiny-style:1>"  # as SD WebUI reports it
+
+
+def addnet(path: Path) -> str:
+    """kohya's hash, written out here: the sha256 of what follows the safetensors header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+
+
+async def test_the_infotext_says_lora_hashes_as_sd_webui_does(
+    runtime: DiffusersRuntime, models_dir: Path
+) -> None:
+    """SD WebUI writes ``Lora hashes: "name: <12 hex>, ..."`` of the LoRAs it applied (its tags'
+    names, in order); Civitai and others read it to name the LoRAs behind an image. It was not
+    written."""
+    style = addnet(models_dir / "Lora" / "tiny-style.safetensors")[:12]
+    detail = addnet(models_dir / "Lora" / "sub" / "Tiny-Detail.safetensors")[:12]
+    result = await runtime.run(job("a red cat <lora:Tiny-Detail:0.5> <lora:tiny-style:1>"), no_progress)
+    said = f'Lora hashes: "Tiny-Detail: {detail}, tiny-style: {style}"'
+    assert result.info["infotexts"][0].endswith(said), result.info["infotexts"][0]
+    with Image.open(io.BytesIO(result.images[0])) as im:
+        assert im.info["parameters"].endswith(said)  # the PNG's own text
+    negative = await runtime.run(job("a red cat", "<lora:tiny-style:0.5>"), no_progress)
+    assert f'Lora hashes: "tiny-style: {style}"' in negative.info["infotexts"][0]  # applied there too
+    plain = await runtime.run(job("a red cat"), no_progress)
+    assert "Lora hashes" not in plain.info["infotexts"][0]
+
+
+def test_runtime_serve_says_lora_hashes_unless_its_option_is_off(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(models_dir / "Lora", root / "Lora")
+    srv = a1111_server(root, free_port())
+    try:
+        api = webuiapi.WebUIApi(baseurl=f"{srv.url}/sdapi/v1", sampler="Euler", steps=2)
+        style = addnet(root / "Lora" / "tiny-style.safetensors")[:12]
+        made = api.txt2img(prompt="a red cat <lora:tiny-style:0.5>", seed=1, width=64, height=64)
+        assert made.info["infotexts"][0].endswith(f'Lora hashes: "tiny-style: {style}", Version: {VERSION}')
+        assert made.info["extra_generation_params"] == {"Lora hashes": f"tiny-style: {style}"}
+        api.set_options({"lora_add_hashes_to_infotext": False})
+        off = api.txt2img(prompt="a red cat <lora:tiny-style:0.5>", seed=1, width=64, height=64)
+        assert "Lora hashes" not in off.info["infotexts"][0]
+    finally:
+        srv.stop()
 
 
 async def test_disable_extra_networks_runs_without_them_as_sd_webui_does(runtime: DiffusersRuntime) -> None:

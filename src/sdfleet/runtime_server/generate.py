@@ -26,7 +26,9 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
+from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes._prompt_syntax import emphasis_said
+from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -204,6 +206,11 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     )
     if second is not None:  # SD WebUI's extra_generation_params of a hires fix
         gen.extra.update(second.generation_params)
+    if state.options["lora_add_hashes_to_infotext"]:
+        job, folder = Job("", kind, model, params), state.checkpoints.catalog.models_dir
+        said = await asyncio.to_thread(lambda: L.hashes_said(L.found(job, folder)))  # reads new files
+        if said is not None:
+            gen.extra["Lora hashes"] = said
     if emphasis_said(emphasis, (gen.prompt, gen.negative_prompt)):
         gen.extra["Emphasis"] = emphasis
     return gen, params, model

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -211,6 +212,8 @@ class Generated:
     sampler: str
     model: ModelInfo
     steps: int
+    loras: Sequence[tuple[L.LoraUse, Path]] = ()
+    """The LoRAs the call applied (one set for all its jobs: ``batch_key``), for the infotexts."""
 
 
 def generate(
@@ -286,13 +289,15 @@ def _calls(
 
 
 def encode(g: Generated) -> list[RuntimeResult]:
-    """One result per job, its images as PNGs carrying A1111's ``parameters`` text."""
-    return [_result(part, g) for part in g.parts]
+    """One result per job, its images as PNGs carrying A1111's ``parameters`` text (blocking: it
+    hashes a LoRA file the first time one is named there)."""
+    loras = L.hashes_said(g.loras)
+    return [_result(part, g, loras) for part in g.parts]
 
 
-def _result(part: _Part, g: Generated) -> RuntimeResult:
+def _result(part: _Part, g: Generated, loras: str | None) -> RuntimeResult:
     p: TaskParams = part.job.params
-    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps, part.job.type, part.subseeds)
+    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps, part.job.type, part.subseeds, loras)
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

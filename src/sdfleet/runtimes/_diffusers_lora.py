@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdfleet.errors import Reject
+from sdfleet.models.network_hashes import SHORT, lora_hash
 from sdfleet.runtimes._model_files import files_under
 from sdfleet.runtimes.base import Job
 
@@ -31,6 +33,8 @@ TAG = re.compile(r"<(\w+):([^>]+)>")
 NETWORKS = frozenset({"lora", "lyco"})
 LORA_FOLDERS = ("Lora", "LyCORIS")
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
+_SYMBOLS = str.maketrans("", "", ":,")
+"""What SD WebUI takes out of a LoRA's name in its ``Lora hashes`` (the infotext's separators)."""
 
 
 @dataclass(frozen=True)
@@ -145,3 +149,19 @@ def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[t
             code="unknown_lora",
         )
     return [(u, files[u.name.lower()]) for u in wanted]
+
+
+def found(job: Job, models_dir: Path) -> list[tuple[LoraUse, Path]]:
+    """The job's LoRAs that have a file in ``models_dir``, with their files: what ``resolve`` with
+    ``skip_missing`` leaves, without a word of what it left out."""
+    wanted = uses(job, lenient=True)
+    files = find(models_dir) if wanted else {}
+    return [(u, files[u.name.lower()]) for u in wanted if u.name.lower() in files]
+
+
+def hashes_said(chosen: Sequence[tuple[LoraUse, Path]]) -> str | None:
+    """SD WebUI's ``Lora hashes`` infotext value for the LoRAs a call applied: each as its tag
+    names it (``:`` and ``,`` taken out) with its short hash (``models.network_hashes``), in order
+    of first use; None without any. Blocking: reads a file not hashed before."""
+    said = {use.name.translate(_SYMBOLS): lora_hash(path)[:SHORT] for use, path in chosen}
+    return ", ".join(f"{name}: {short}" for name, short in said.items()) or None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import threading
@@ -190,10 +191,12 @@ def infotext(
     hires_said: tuple[tuple[str, Any], ...] = (),
     variation_said: Sequence[tuple[str, Any]] = (),
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
+    loras_said: str | None = None,
 ) -> str:
     """The A1111 ``parameters`` text for one image, in SD WebUI 1.10's order (``hires_said``,
-    ``variation_said``: a hires fix's and variation seeds' words). What SD WebUI's PNG Info reads
-    back to make the image again: image-to-image's denoising strength and clip skip included."""
+    ``variation_said``: a hires fix's and variation seeds' words; ``loras_said``: its ``Lora
+    hashes``). What SD WebUI's PNG Info reads back to make the image again: image-to-image's
+    denoising strength and clip skip included."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -214,6 +217,8 @@ def infotext(
     if params.extra.get("tiling") is True:
         said.append(("Tiling", "True"))
     said += hires_said[1:]
+    if loras_said is not None:  # quoted, as SD WebUI quotes a value with a colon or a comma
+        said.append(("Lora hashes", json.dumps(loras_said, ensure_ascii=False)))
     mode = emphasis_of(params.extra)
     if emphasis_said(mode, (params.prompt, params.negative_prompt)):
         said.append(("Emphasis", mode))
@@ -229,15 +234,16 @@ def build_info(
     steps: int,
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
     subseeds: Sequence[int] = (),
+    loras_said: str | None = None,
 ) -> dict[str, Any]:
     """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
-    variation seed, with variation seeds)."""
+    variation seed, with variation seeds; ``loras_said``: ``Lora hashes``)."""
     second = hires.plan(kind, params)
     said = second.generation_params if second else ()
     varied = variation.read(params)
     subs: Sequence[int | None] = subseeds or [None] * len(seeds)
     texts = [
-        infotext(params, s, sampler, model.stem, said, variation.words(varied, sub), kind)
+        infotext(params, s, sampler, model.stem, said, variation.words(varied, sub), kind, loras_said)
         for s, sub in zip(seeds, subs, strict=True)
     ]
     info: dict[str, Any] = {

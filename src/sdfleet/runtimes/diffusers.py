@@ -376,11 +376,14 @@ class DiffusersRuntime:
                 pipe = loaded.img2img() if img2img else loaded.pipe
                 pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
                 skip = self.options.missing_lora == "skip"
-                self._loras.apply(loaded.pipe, L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip))
+                loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
+                self._loras.apply(loaded.pipe, loras)
                 P.set_tiling(loaded.pipe, G.tiling(jobs[0].params), vae_tiling=self.options.vae_tiling)
                 second = self._second_pass(loaded, jobs[0])
                 progress = partial(step_callback, ctl)
-                return G.generate(pipe, jobs, sampler, loaded.info, progress, second, self._embeddings)
+                generated = G.generate(pipe, jobs, sampler, loaded.info, progress, second, self._embeddings)
+                generated.loras = loras
+                return generated
             except Stopped as e:
                 raise Interrupted(f"task {names} interrupted") from e
             except (SdfleetError, Reject):
