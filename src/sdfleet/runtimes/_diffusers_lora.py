@@ -128,9 +128,7 @@ def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[t
     """The job's LoRAs and their files. Raises ``Reject`` for a bad tag or an unknown name; with
     ``skip_missing`` an unknown name, and a tag of another network kind (``<hypernet:...>``), is
     left out instead (logged), as SD WebUI 1.10 leaves what it cannot find."""
-    wanted = uses(job, lenient=skip_missing)
-    files = find(models_dir) if wanted else {}
-    missing = [u.name for u in wanted if u.name.lower() not in files]
+    chosen, missing = _located(uses(job, lenient=skip_missing), models_dir)
     if skip_missing:
         others = [
             f"<{kind}:{args}>"
@@ -140,7 +138,6 @@ def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[t
         ]
         if missing or others:
             log.warning("task %s: not found, left out: %s", job.task_id, ", ".join(missing + others))
-        wanted = [u for u in wanted if u.name.lower() in files]
     elif missing:
         where = ", ".join(str(models_dir / f) for f in LORA_FOLDERS)
         raise Reject(
@@ -148,15 +145,20 @@ def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[t
             f"(.safetensors/.pt/.ckpt files in {where})",
             code="unknown_lora",
         )
-    return [(u, files[u.name.lower()]) for u in wanted]
+    return chosen
 
 
 def found(job: Job, models_dir: Path) -> list[tuple[LoraUse, Path]]:
     """The job's LoRAs that have a file in ``models_dir``, with their files: what ``resolve`` with
     ``skip_missing`` leaves, without a word of what it left out."""
-    wanted = uses(job, lenient=True)
+    return _located(uses(job, lenient=True), models_dir)[0]
+
+
+def _located(wanted: list[LoraUse], models_dir: Path) -> tuple[list[tuple[LoraUse, Path]], list[str]]:
+    """The LoRAs found in ``models_dir`` with their files, and the names of those not found."""
     files = find(models_dir) if wanted else {}
-    return [(u, files[u.name.lower()]) for u in wanted if u.name.lower() in files]
+    chosen = [(u, files[u.name.lower()]) for u in wanted if u.name.lower() in files]
+    return chosen, [u.name for u in wanted if u.name.lower() not in files]
 
 
 def hashes_said(chosen: Sequence[tuple[LoraUse, Path]]) -> str | None:
