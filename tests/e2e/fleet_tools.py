@@ -35,6 +35,21 @@ async def wait_adopted(fleet: RunningFleet, task_id: str) -> dict[str, Any]:
     raise AssertionError(f"no agent picked up {task_id}")
 
 
+async def published_past_the_api(
+    fleet: RunningFleet, engine: Engine, version: str, body: dict[str, Any], task_id: str
+) -> dict[str, Any]:
+    """The end of ``body`` published straight to the bus as the seed's Lambda publishes it."""
+    from seed_payloads import lambda_message
+
+    message, attributes = lambda_message(version, body)
+    bus = open_bus(engine.bus_url)
+    try:
+        await bus.publish("tasks", message.encode(), attributes)
+    finally:
+        await bus.aclose()
+    return await wait_adopted(fleet, task_id)
+
+
 async def read_json(engine: Engine, key: str) -> dict[str, Any]:
     storage = open_storage(engine.storage_url)
     try:

@@ -15,7 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet_tools import drain, exists, png_size, read_json, receive_json, wait_adopted
+from fleet_tools import (
+    drain,
+    exists,
+    png_size,
+    published_past_the_api,
+    read_json,
+    receive_json,
+    wait_adopted,
+)
 from PIL import Image
 
 from conftest import SD15, Engine, RunningFleet, StartFleet, dedicated_and_dynamic, fleet_settings
@@ -152,7 +160,7 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     """The seed's SD WebUI honours face restoration, ControlNet...; the diffusers runtime
     ran without them and the task "succeeded". The API refuses them for a diffusers queue; a task
     no API saw (published by the seed's Lambda) fails in the agent, by name, with a seed .out."""
-    from seed_payloads import copy_of, lambda_message
+    from seed_payloads import copy_of
 
     fleet = await start_fleet()
     body = copy_of(V1ALPHA1_T2I)
@@ -163,13 +171,7 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     assert "restore_faces" in r.text and "alwayson_scripts.controlnet" in r.text, r.text
     assert "s_noise=1.5" in r.text, r.text
     assert (await fleet.http.get("/v1/tasks/hires-1")).status_code == 404, "nothing queued"
-    message, attributes = lambda_message("v1alpha1", body)
-    bus = open_bus(engine.bus_url)
-    try:
-        await bus.publish("tasks", message.encode(), attributes)
-    finally:
-        await bus.aclose()
-    view = await wait_adopted(fleet, "hires-1")
+    view = await published_past_the_api(fleet, engine, "v1alpha1", body, "hires-1")
     assert view["state"] == "failed" and view["error"]["code"] == "unsupported_option", view
     message = view["error"]["message"]
     assert "restore_faces" in message and "alwayson_scripts.controlnet" in message, message
@@ -241,7 +243,7 @@ async def test_a_prompt_nested_too_deep_is_refused_at_the_door_and_fails_once_pa
     """Editing brackets nested 600 deep made the prompt reader recurse past Python's limit: a 500
     at the API, an internal error in the agent. SD WebUI's own reader fails the same way (a 500
     after seconds to minutes); the API now says why (422), and a task no API saw fails once."""
-    from seed_payloads import copy_of, lambda_message
+    from seed_payloads import copy_of
 
     fleet = await start_fleet()
     body = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 2}
@@ -250,13 +252,7 @@ async def test_a_prompt_nested_too_deep_is_refused_at_the_door_and_fails_once_pa
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_params", r.text
     assert "brackets nest 600 deep: at most 100" in r.json()["error"]["message"], r.text
-    message, attributes = lambda_message("v1alpha1", body)
-    bus = open_bus(engine.bus_url)
-    try:
-        await bus.publish("tasks", message.encode(), attributes)
-    finally:
-        await bus.aclose()
-    view = await wait_adopted(fleet, "deep-1")
+    view = await published_past_the_api(fleet, engine, "v1alpha1", body, "deep-1")
     assert view["state"] == "failed" and view["error"]["code"] == "invalid_params", view
     assert view["attempts"] == 1 and "nest 600 deep" in view["error"]["message"], view
     # 100 levels run, and plain emphasis is read without the editing reader
