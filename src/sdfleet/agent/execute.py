@@ -64,6 +64,7 @@ def job_of(parts: Parts, p: Prepared) -> Job:
             model=task.model or parts.queue.model or default_model(models.default, ModelCatalog(models.dir)),
             params=task.params,
             init_images=p.inputs,
+            mask=p.mask,
             timeout_s=limit if task.timeout_s is None else min(task.timeout_s, limit),
         )
     return p.job

@@ -57,6 +57,8 @@ class Prepared:
     record: TaskRecord | None = None
     """The record as this agent last read or wrote it (saves a read before the next write);
     None for a task another producer published, whose record the agent creates as it starts."""
+    mask: bytes | None = None
+    """An image-to-image task's inpainting mask, fetched with its inputs."""
     numbered: bool = True
     """Whether its message numbers its run (sdfleet's own ``Task`` JSON); False for a seed
     message, whose run the agent tells by its publish."""

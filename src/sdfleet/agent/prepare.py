@@ -27,7 +27,7 @@ from sdfleet.errors import InputFetchError, InputUnavailable, MessageDecodeError
 from sdfleet.messages import Decoded, decode_delivery, decode_task
 from sdfleet.routing import enqueued_at
 from sdfleet.store.base import reopen, transition
-from sdfleet.tasks import EventType, Task, TaskError, TaskRecord, TaskState
+from sdfleet.tasks import EventType, Task, TaskError, TaskRecord, TaskState, TaskType
 from sdfleet.telemetry import SQS_TRACE_ATTRIBUTE, extract, tracer
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,9 @@ async def _prepared(
     try:
         with p.stage("inputs.fetch", timing="inputs_fetch"):
             p.inputs = [await parts.fetcher.fetch(url) for url in task.params.init_images]
+            mask = task.params.extra.get("mask") if task.type is TaskType.IMAGE_TO_IMAGE else None
+            if isinstance(mask, str) and mask:  # an inpainting mask: a URL, data URL or base64
+                p.mask = await parts.fetcher.fetch(mask)
     except InputFetchError as e:
         await _fetch_failed(parts, h, task, record, span, e)
         return None

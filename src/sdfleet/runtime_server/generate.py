@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sdfleet import hires, variation
+from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
@@ -49,6 +49,19 @@ _HIRES = (
 """A txt2img request's hires fix fields, handed to the runtime as they came (``sdfleet.hires``)."""
 _VARIATION = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
 """Variation seeds' fields, handed over as they came (``sdfleet.variation``) beside the subseed."""
+_INPAINT = (
+    "mask",
+    "mask_blur_x",
+    "mask_blur_y",
+    "mask_blur",
+    "mask_round",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+)
+"""An img2img request's inpainting fields, handed over as they came (``sdfleet.inpaint``); the
+mask's image goes to the runtime decoded."""
 
 
 def decode_image_field(text: str) -> bytes:
@@ -73,7 +86,7 @@ def _unsupported(req: GenerationBody) -> str | None:
     checks: list[tuple[bool, str]] = [
         (bool(req.restore_faces), "restore_faces (face restoration)"),
         (bool(req.script_name), f"script {req.script_name!r}"),
-        (isinstance(req, Img2ImgRequest) and bool(req.mask), "mask (inpainting)"),
+        (isinstance(req, Img2ImgRequest) and bool(req.latent_mask), "latent_mask"),
     ]
     found = next((what for on, what in checks if on), None)
     kind = _kind(req)
@@ -147,6 +160,8 @@ def _params(
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
         fields["extra"]["resize_mode"] = req.resize_mode
+        if req.mask:
+            fields["extra"] |= {name: getattr(req, name) for name in _INPAINT}
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
         fields["extra"] |= {name: getattr(req, name) for name in _HIRES}
         if req.denoising_strength is not None:
@@ -184,6 +199,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     try:
         varied = variation.read(params)
         lacking = variation_unsupported(params, kind)
+        inpaint.read(kind, params)
     except Reject as e:
         raise refused(422, e.reason) from None
     if lacking:
@@ -216,6 +232,13 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     return gen, params, model
 
 
+def _said_before_loras(gen: Generation, said: dict[str, Any]) -> None:
+    """``said`` in the infotext's extra words where SD WebUI puts what it learns as it prepares
+    the images (inpainting's): after the hires fix's, before ``Lora hashes`` and ``Emphasis``."""
+    later = {key: gen.extra.pop(key) for key in ("Lora hashes", "Emphasis") if key in gen.extra}
+    gen.extra |= said | later
+
+
 def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
     """A txt2img request's hires fix, its values and what this server lacks of it refused."""
     if not isinstance(req, Txt2ImgRequest) or not req.enable_hr:
@@ -229,15 +252,21 @@ def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
         raise refused(422, e.reason) from None
 
 
-async def generate(state: ServerState, req: GenerationBody, init_images: list[bytes]) -> dict[str, Any]:
-    """Run a txt2img/img2img request; SD WebUI's answer (200 with what was made, also when interrupted)."""
+async def generate(
+    state: ServerState, req: GenerationBody, init_images: list[bytes], mask: bytes | None = None
+) -> dict[str, Any]:
+    """Run a txt2img/img2img request (``mask``: its inpainting mask, decoded); SD WebUI's answer
+    (200 with what was made, also when interrupted)."""
     gen, params, model = await prepare(state, req)
     kind = _kind(req)
     job = "scripts_img2img" if kind is TaskType.IMAGE_TO_IMAGE else "scripts_txt2img"
     pngs: list[bytes] = []
     try:
-        result = await state.run(kind, params, init_images, model=model, job=job, iterations=req.n_iter or 1)
+        result = await state.run(
+            kind, params, init_images, model=model, job=job, iterations=req.n_iter or 1, mask=mask
+        )
         pngs = result.images
+        _said_before_loras(gen, result.info.get("inpainting") or {})
     except Interrupted:
         pass  # SD WebUI answers 200 with what it has; the runtime hands back no partial images
     finally:

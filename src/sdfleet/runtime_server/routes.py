@@ -46,7 +46,8 @@ async def img2img(request: Request, body: S.Img2ImgRequest) -> dict[str, Any]:
     images = [_readable(decode_image_field(i)) for i in body.init_images]
     if not images:
         raise refused(422, "init_images is empty")
-    return await generate(server(request), body, images)
+    mask = _readable(decode_image_field(body.mask)) if body.mask else None
+    return await generate(server(request), body, images, mask)
 
 
 async def _extras(state: ServerState, body: S.ExtrasRequest, inputs: list[str]) -> tuple[list[bytes], str]:

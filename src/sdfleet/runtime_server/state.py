@@ -173,6 +173,7 @@ class ServerState:
         model: str | None,
         job: str,
         iterations: int,
+        mask: bytes | None = None,
     ) -> RuntimeResult:
         """One generation behind the queue; progress is recorded for ``/progress``."""
         if model is None and self.selected is None:
@@ -183,7 +184,7 @@ class ServerState:
             self.state.begin(job, iterations, self.sampling_steps(kind, params))
             self._running = task_id
             try:
-                work = Job(task_id, kind, model or self.selected, params, init_images=images)
+                work = Job(task_id, kind, model or self.selected, params, init_images=images, mask=mask)
                 return await self.runtime.run(work, self._progress)
             finally:
                 self._running = None

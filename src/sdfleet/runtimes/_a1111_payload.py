@@ -45,6 +45,8 @@ def _generation_body(job: Job) -> dict[str, Any]:
     body["alwayson_scripts"] = {k: v for k, v in scripts.items() if k not in ROUTING_KEYS}
     if job.type is TaskType.IMAGE_TO_IMAGE:
         body["init_images"] = [b64(i) for i in job.init_images]
+        if job.mask is not None:  # fetched by the agent (a URL, s3:// or base64 in the task)
+            body["mask"] = b64(job.mask)
         body["denoising_strength"] = p.denoising_strength
     return body
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sdfleet import hires, variation
+from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
@@ -31,6 +31,7 @@ from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import _inpaint_images as I
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
 from sdfleet.runtimes import _textual_inversion as T
@@ -52,6 +53,8 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         return None  # it fails alone, with its own reason
     if edits.changes:
         return None  # its callback swaps the embeddings of every image of the call
+    if inpaint.asked(job.type, p):
+        return None  # its own mask (and for "Only masked" its own region) for each image
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
     if loras is None:
@@ -114,6 +117,9 @@ class _Part:
     variation: variation.Variation | None = None
     subseeds: list[int] = field(default_factory=list)
     """Each image's variation seed, with a ``variation``."""
+    canvases: list[I.Canvas] = field(default_factory=list)
+    """Inpainting: each image's input made ready and what puts its result back."""
+    inpaint_said: list[tuple[str, Any]] = field(default_factory=list)
 
 
 def _parts(jobs: Sequence[Job]) -> list[_Part]:
@@ -166,8 +172,15 @@ def call_kwargs(
     if img2img:
         steps = P.img2img_steps(first.steps, first.denoising_strength)
         size = (first.width, first.height)
-        kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
         kwargs["strength"] = first.denoising_strength
+        spec = inpaint.read(jobs[0].type, first)
+        if spec is None:
+            kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
+        else:  # alone in its call (batch_key)
+            _inpaint_canvases(parts[0], spec, size)
+            kwargs["image"] = [each.image for each in parts[0].canvases]
+            kwargs["mask_image"] = [each.mask for each in parts[0].canvases]
+            kwargs.update(width=first.width, height=first.height)
     else:
         kwargs.update(width=first.width, height=first.height)
         varied = parts[0].variation  # the same for every part (batch_key)
@@ -201,6 +214,29 @@ def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
     starts from input i (one input: every item), resized by the task's ``resize_mode``."""
     inputs, mode = part.job.init_images, resize_mode(part.job.params)
     return [P.decode_image(inputs[i % len(inputs)], size, mode) for i in range(len(part.seeds))]
+
+
+def _inpaint_canvases(part: _Part, spec: inpaint.Inpaint, size: tuple[int, int]) -> None:
+    """The part's inputs made ready for inpainting under its mask, and the infotext's words."""
+    job, mode = part.job, resize_mode(part.job.params)
+    if job.mask is None:
+        raise Reject("inpainting needs the mask image, which was not fetched", code="invalid_params")
+    mask = I.shape_mask(job.mask, spec, size, mode)
+    inputs = [P.decode_image(data) for data in job.init_images]
+    images = range(len(part.seeds))  # item i starts from input i, as without a mask
+    part.canvases = [I.canvas(inputs[i % len(inputs)], mask, spec.fill, size, mode) for i in images]
+    part.inpaint_said = inpaint.words(spec, cropped=mask.region is not None)
+
+
+def _put_back(made: list[Any], parts: Sequence[_Part]) -> list[Any]:
+    """A call's images, an inpainted one pasted back into its input (``_inpaint_images.composite``)."""
+    out: list[Any] = []
+    for part in parts:
+        mine = made[len(out) : len(out) + len(part.seeds)]
+        if part.canvases:
+            mine = [I.composite(image, each) for image, each in zip(mine, part.canvases, strict=True)]
+        out += mine
+    return out
 
 
 @dataclass
@@ -247,7 +283,7 @@ def generate(
                 part.start += len(images)
                 parts[i] = part
             if second is None:
-                images += pipe(num_inference_steps=steps, **kwargs).images
+                images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
             first = pipe(num_inference_steps=steps, **handed).images
@@ -297,7 +333,9 @@ def encode(g: Generated) -> list[RuntimeResult]:
 
 def _result(part: _Part, g: Generated, loras: str | None) -> RuntimeResult:
     p: TaskParams = part.job.params
-    info = P.build_info(p, part.seeds, g.sampler, g.model, g.steps, part.job.type, part.subseeds, loras)
+    info = P.build_info(
+        p, part.seeds, g.sampler, g.model, g.steps, part.job.type, part.subseeds, loras, part.inpaint_said
+    )
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

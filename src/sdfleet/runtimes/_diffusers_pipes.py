@@ -134,6 +134,15 @@ def img2img_from(pipe: Any) -> Any:
     return img
 
 
+def inpaint_from(pipe: Any) -> Any:
+    """An inpainting pipeline sharing ``pipe``'s components: for a model with a plain UNet it keeps
+    the unmasked latents on the input's own noised path at each step; an inpainting UNet (9 input
+    channels) is given the mask and the masked image as well."""
+    inpaint = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
+
+
 def img2img_steps(steps: int, strength: float) -> int:
     """Enough steps that ``int(steps * strength)`` denoising steps is at least one."""
     if strength <= 0:
@@ -192,11 +201,12 @@ def infotext(
     variation_said: Sequence[tuple[str, Any]] = (),
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
     loras_said: str | None = None,
+    inpaint_said: Sequence[tuple[str, Any]] = (),
 ) -> str:
     """The A1111 ``parameters`` text for one image, in SD WebUI 1.10's order (``hires_said``,
     ``variation_said``: a hires fix's and variation seeds' words; ``loras_said``: its ``Lora
-    hashes``). What SD WebUI's PNG Info reads back to make the image again: image-to-image's
-    denoising strength and clip skip included."""
+    hashes``; ``inpaint_said``: inpainting's words). What SD WebUI's PNG Info reads back to make
+    the image again: image-to-image's denoising strength and clip skip included."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -217,6 +227,7 @@ def infotext(
     if params.extra.get("tiling") is True:
         said.append(("Tiling", "True"))
     said += hires_said[1:]
+    said += inpaint_said
     if loras_said is not None:  # quoted, as SD WebUI quotes a value with a colon or a comma
         said.append(("Lora hashes", json.dumps(loras_said, ensure_ascii=False)))
     mode = emphasis_of(params.extra)
@@ -235,15 +246,19 @@ def build_info(
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
     subseeds: Sequence[int] = (),
     loras_said: str | None = None,
+    inpaint_said: Sequence[tuple[str, Any]] = (),
 ) -> dict[str, Any]:
     """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
-    variation seed, with variation seeds; ``loras_said``: ``Lora hashes``)."""
+    variation seed, with variation seeds; ``loras_said``: ``Lora hashes``; ``inpaint_said``:
+    inpainting's infotext words)."""
     second = hires.plan(kind, params)
     said = second.generation_params if second else ()
     varied = variation.read(params)
     subs: Sequence[int | None] = subseeds or [None] * len(seeds)
     texts = [
-        infotext(params, s, sampler, model.stem, said, variation.words(varied, sub), kind, loras_said)
+        infotext(
+            params, s, sampler, model.stem, said, variation.words(varied, sub), kind, loras_said, inpaint_said
+        )
         for s, sub in zip(seeds, subs, strict=True)
     ]
     info: dict[str, Any] = {
@@ -271,6 +286,8 @@ def build_info(
         "infotexts": texts,
         "runtime": "diffusers",
     }
+    if inpaint_said:  # for `runtime serve`, which writes its own infotexts
+        info["inpainting"] = dict(inpaint_said)
     note = model.tiny_note()
     if note is not None:
         info["note"] = note

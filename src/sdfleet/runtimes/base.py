@@ -21,6 +21,8 @@ class Job:
     model: str | None
     params: TaskParams
     init_images: list[bytes] = field(default_factory=list)
+    mask: bytes | None = None
+    """An image-to-image task's inpainting mask (``params.extra["mask"]``, fetched)."""
     timeout_s: float | None = None
 
 

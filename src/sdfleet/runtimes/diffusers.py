@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from sdfleet import hires
+from sdfleet import hires, inpaint
 from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
@@ -53,11 +53,17 @@ class _Loaded:
     load_s: float
     footprint: int
     _img2img: Any = field(default=None, repr=False)
+    _inpaint: Any = field(default=None, repr=False)
 
     def img2img(self) -> Any:
         if self._img2img is None:
             self._img2img = P.img2img_from(self.pipe)
         return self._img2img
+
+    def inpaint(self) -> Any:
+        if self._inpaint is None:
+            self._inpaint = P.inpaint_from(self.pipe)
+        return self._inpaint
 
 
 class DiffusersRuntime:
@@ -225,6 +231,8 @@ class DiffusersRuntime:
             raise Reject("image-to-image needs an init image", code="invalid_params")
         if job.type is TaskType.IMAGE_TO_IMAGE:
             refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
+        if inpaint.asked(job.type, job.params) and job.mask is None:
+            raise Reject("inpainting needs the mask image, which was not fetched", code="invalid_params")
         second = hires.plan(job.type, job.params)
         if second is not None:  # its sampler and upscaler exist, before the device is waited for
             sampler_key(*hires.sampler_of(second, job.params))
@@ -372,8 +380,7 @@ class DiffusersRuntime:
             if ctl.stop.is_set():
                 raise Interrupted(f"task {names} interrupted before it started")
             try:
-                img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
-                pipe = loaded.img2img() if img2img else loaded.pipe
+                pipe = self._pipe_for(loaded, jobs[0])
                 pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
@@ -398,6 +405,12 @@ class DiffusersRuntime:
             images = sum(images_made(job.type, job.params, len(job.init_images)) for job in jobs)
             params = jobs[0].params.model_copy(update={"batch_size": images})
             raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
+
+    @staticmethod
+    def _pipe_for(loaded: _Loaded, job: Job) -> Any:
+        if inpaint.asked(job.type, job.params):  # alone in its call (batch_key)
+            return loaded.inpaint()
+        return loaded.img2img() if job.type is TaskType.IMAGE_TO_IMAGE else loaded.pipe
 
     def _second_pass(self, loaded: _Loaded, job: Job) -> H.SecondPass | None:
         """A hires fix's image-to-image pass over the loaded model, with its own sampler."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sdfleet import hires, variation
+from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_lora import text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
@@ -48,8 +48,8 @@ hundred characters."""
 
 _FLAGS = ("restore_faces",)
 """Booleans that change the images when true (face restoration)."""
-_NON_EMPTY = ("mask", "script_name", "styles")
-"""Inpainting, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
+_NON_EMPTY = ("latent_mask", "script_name", "styles")
+"""A second mask for the latents, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
 _TAKEN: dict[str, tuple[object, ...]] = {
     "s_churn": (None, 0),
     "s_noise": (None, 1),
@@ -67,6 +67,12 @@ _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
 }
 """The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
 crop and fill; not 3, a latent upscale)."""
+_INPAINT_TAKEN: dict[str, tuple[object, ...]] = {
+    "mask_round": (None, True),
+    "inpainting_fill": (None, 0, 1),
+}
+"""The same for inpainting (image-to-image with a ``mask``): a soft mask in latent space, and the
+fills that start the masked latents (2 "latent noise", 3 "latent nothing")."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "emphasis"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -156,6 +162,7 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     refuse_bad_weights(runtime, kind, params)
     if runtime in LACKING:
         hires.plan(kind, params)  # its values, as the runtime reads them
+        inpaint.read(kind, params)
 
 
 def refuse_oversized_prompts(runtime: str, kind: TaskType, params: TaskParams) -> None:
@@ -218,6 +225,8 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
     if extra.get("enable_hr") is True:  # SD WebUI's hires fix is text-to-image's
         found += hires.unsupported(params) if kind is TaskType.TEXT_TO_IMAGE else ["enable_hr"]
     found += [k for k in _NON_EMPTY if extra.get(k)]
+    if kind is TaskType.TEXT_TO_IMAGE and extra.get("mask"):
+        found.append("mask (inpainting is image-to-image's)")
     found += variation_unsupported(params, kind)
     scripts = extra.get("alwayson_scripts")
     if isinstance(scripts, dict):
@@ -251,6 +260,8 @@ def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None)
     diffusers runtime does not implement (``_TAKEN``, an ancestral sampler's ``eta`` other than 1;
     DDIM's ``eta`` it takes)."""
     checked = {**_TAKEN, **(_IMG2IMG_TAKEN if kind is TaskType.IMAGE_TO_IMAGE else {})}
+    if kind is TaskType.IMAGE_TO_IMAGE and fields.get("mask"):
+        checked |= _INPAINT_TAKEN
     found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
     eta = fields.get("eta")
     if eta not in (None, 1) and ancestral(sampler):

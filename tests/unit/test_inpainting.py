@@ -1,0 +1,204 @@
+"""Inpainting (an image-to-image task's ``mask``) in the diffusers runtime and ``runtime serve``, as
+SD WebUI 1.10.1 does it. It was refused (``unsupported_option``), though SD WebUI's API does it by
+default whenever a mask is given. The image work is checked against SD WebUI's own code
+(``tests/data/inpaint-sdwebui-1.10.1.json``, made with its ``cv2`` and ``modules/masking.py``)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image
+
+from fakes.servers import ServerThread, a1111_server, free_port
+from sdfleet import inpaint
+from sdfleet.errors import Reject
+from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtimes import _inpaint_images as I
+from sdfleet.runtimes.base import Job
+from sdfleet.runtimes.diffusers import DiffusersRuntime
+from sdfleet.runtimes.unsupported import refuse
+from sdfleet.tasks import TaskParams, TaskType
+
+REAL: dict[str, Any] = json.loads(
+    (Path(__file__).resolve().parent.parent / "data" / "inpaint-sdwebui-1.10.1.json").read_text()
+)
+I2I = TaskType.IMAGE_TO_IMAGE
+pytestmark = pytest.mark.timeout(600)
+
+
+def params(**extra: Any) -> TaskParams:
+    return TaskParams.model_validate(
+        {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3, "extra": {"mask": "m", **extra}}
+    )
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+NOISE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+"""An input 128 wide and 96 high; ``MASK`` repaints 30 × 30 pixels of it."""
+MASK = Image.new("L", (128, 96), 0)
+MASK.paste(255, (50, 30, 80, 60))
+FAR = np.ones((96, 128), bool)
+FAR[20:70, 40:90] = False
+"""Pixels well outside the blurred mask."""
+
+
+def test_the_fields_are_read_with_sd_webuis_defaults_and_bad_values_refused() -> None:
+    assert inpaint.read(I2I, params()) == inpaint.Inpaint(4, 4, False, 0, True, 0)
+    assert inpaint.read(TaskType.TEXT_TO_IMAGE, params()) is None
+    both = inpaint.read(
+        I2I, params(mask_blur=9, mask_blur_x=1, inpainting_mask_invert=1, inpaint_full_res=False)
+    )
+    assert both == inpaint.Inpaint(9, 9, True, 0, False, 0)  # SD WebUI's mask_blur sets both
+    for bad in ({"mask_blur": -1}, {"inpainting_fill": 4}, {"inpaint_full_res_padding": "8"}, {"mask": 3}):
+        with pytest.raises(Reject) as e:
+            inpaint.read(I2I, params(**bad))
+        assert e.value.code == "invalid_params"
+    with pytest.raises(Reject) as e:  # at the API's door, for a diffusers queue
+        refuse("diffusers", I2I, params(mask_blur_x=10**6))
+    assert (
+        e.value.code == "invalid_params" and "mask_blur_x must be an integer from 0 to 256" in e.value.reason
+    )
+
+
+def test_what_the_runtime_does_not_implement_is_refused_by_name_and_only_with_a_mask() -> None:
+    for extra, named in (
+        ({"inpainting_fill": 2}, "inpainting_fill=2"),
+        ({"mask_round": False}, "mask_round=False"),
+        ({"latent_mask": "x"}, "latent_mask"),
+    ):
+        with pytest.raises(Reject, match=named) as e:
+            refuse("diffusers", I2I, params(**extra))
+        assert e.value.code == "unsupported_option"
+    refuse("diffusers", I2I, params(inpainting_fill=1, mask_blur=0))
+    no_mask = TaskParams.model_validate({"prompt": "x", "extra": {"inpainting_fill": 3}})
+    refuse("diffusers", I2I, no_mask)  # SD WebUI reads it only with a mask
+    with pytest.raises(Reject, match="inpainting is image-to-image's"):
+        refuse("diffusers", TaskType.TEXT_TO_IMAGE, params())
+    refuse("a1111", I2I, params(inpainting_fill=2))  # SD WebUI does it all
+
+
+def test_blur_fill_and_region_are_sd_webuis() -> None:
+    blur = REAL["blur"]
+    mask = Image.fromarray(np.array(blur["mask"], np.uint8))
+    mine = np.asarray(I.blur(mask, blur["x"], blur["y"]))
+    assert np.array_equal(mine, np.array(blur["blurred"]))  # OpenCV's integer arithmetic, byte for byte
+    fill = REAL["fill"]
+    image = Image.fromarray(np.array(fill["image"], np.uint8))
+    filled = I.filled(image, Image.fromarray(np.array(fill["mask"], np.uint8)))
+    assert np.array_equal(np.asarray(filled), np.array(fill["filled"]))
+    for case in REAL["expand_crop_region"]:
+        got = I.expand_region(tuple(case["box"]), tuple(case["processing"]), tuple(case["image"]))
+        assert list(got) == case["expanded"], case
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
+    root = tmp_path_factory.mktemp("models")
+    make_tiny(root, "tiny-a", seed=0)
+    return DiffusersRuntime(ModelCatalog(root), default_model="tiny-a", device="cpu")
+
+
+async def no_progress(value: float) -> None:
+    return None
+
+
+async def run(runtime: DiffusersRuntime, mask: Image.Image = MASK, **extra: Any) -> tuple[Image.Image, str]:
+    p = params(**extra).model_copy(update={"denoising_strength": 0.75})
+    made = await runtime.run(Job("t", I2I, None, p, init_images=[png(NOISE)], mask=png(mask)), no_progress)
+    return rgb(made.images[0]), made.info["infotexts"][0].rsplit("\n", 1)[-1]
+
+
+async def test_only_masked_repaints_the_region_and_pastes_it_back_into_the_input(
+    runtime: DiffusersRuntime,
+) -> None:
+    """SD WebUI's API default ("Only masked"): the input keeps its size (128 × 96, not the task's
+    64 × 64), every pixel outside the blurred mask is the input's, the masked square is new."""
+    image, said = await run(runtime)
+    out, source = np.asarray(image).astype(int), np.asarray(NOISE).astype(int)
+    assert image.size == (128, 96)
+    assert np.array_equal(out[FAR], source[FAR])
+    assert np.abs(out[35:55, 55:75] - source[35:55, 55:75]).mean() > 20
+    # SD WebUI 1.10.1's words and order for the same request (its server, this session's note)
+    assert said.endswith(
+        "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0, "
+        "Masked content: fill"
+    )
+
+
+async def test_whole_picture_inverted_and_blank_masks(runtime: DiffusersRuntime) -> None:
+    whole, said = await run(runtime, inpaint_full_res=False)
+    assert whole.size == (64, 64) and said.endswith("Mask blur: 4, Masked content: fill")
+    inverted, said = await run(runtime, inpainting_mask_invert=1, inpainting_fill=1, mask_blur=0)
+    out, source = np.asarray(inverted).astype(int), np.asarray(NOISE).astype(int)
+    assert np.array_equal(out[30:60, 50:80], source[30:60, 50:80])  # the mask's square is kept
+    assert said.endswith("Mask mode: Inpaint not masked, Inpaint area: Only masked, Masked area padding: 0")
+    # "Only masked" with a blank mask: SD WebUI repaints the whole input at the task's size
+    blank, said = await run(runtime, mask=Image.new("L", (128, 96), 0))
+    assert blank.size == (64, 64) and said.endswith("Denoising strength: 0.75, Mask blur: 4")
+
+
+async def test_an_unreadable_or_missing_mask_is_refused(runtime: DiffusersRuntime) -> None:
+    p = params().model_copy(update={"denoising_strength": 0.75})
+    with pytest.raises(Reject, match="mask is not a readable image") as e:
+        await runtime.run(Job("t", I2I, None, p, init_images=[png(NOISE)], mask=b"not an image"), no_progress)
+    assert e.value.code == "invalid_image"
+    with pytest.raises(Reject, match="which was not fetched"):
+        await runtime.run(Job("t", I2I, None, p, init_images=[png(NOISE)]), no_progress)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = a1111_server(tmp_path_factory.mktemp("models"), free_port(), default_model=None)
+    yield srv
+    srv.stop()
+
+
+def test_runtime_serve_inpaints_for_webuiapi_as_sd_webui_does(server: ServerThread) -> None:
+    """The third-party client's ``mask_image`` with its defaults (blur 4, fill, "Only masked")."""
+    api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler", steps=3)
+    out = api.img2img(images=[NOISE], mask_image=MASK, prompt="a cat", seed=5, width=64, height=64)
+    assert out.image.size == (128, 96)
+    assert np.array_equal(np.asarray(out.image.convert("RGB"))[FAR], np.asarray(NOISE)[FAR])
+    said = out.info["infotexts"][0]
+    assert (
+        "Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0, Masked content: fill, Version:"
+        in said
+    )
+    assert out.info["extra_generation_params"]["Inpaint area"] == "Only masked"
+    body = {"init_images": [webuiapi.raw_b64_img(NOISE)], "mask": webuiapi.raw_b64_img(MASK), "prompt": "x"}
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        latent = http.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 2, "steps": 1})
+        unreadable = http.post("/sdapi/v1/img2img", json={**body, "mask": "bm90IGFuIGltYWdl", "steps": 1})
+    assert latent.status_code == 422 and "inpainting_fill=2 is not available" in latent.text, latent.text
+    assert (
+        unreadable.status_code == 400 and unreadable.json()["detail"] == "Invalid encoded image"
+    )  # SD WebUI's
+
+
+def test_the_a1111_runtime_sends_the_mask_the_agent_fetched() -> None:
+    """The agent fetches a task's mask with its inputs (a URL, ``s3://`` or base64); SD WebUI gets
+    its base64, not the URL again (SD WebUI fetches no URL, and s3:// was never inlined)."""
+    from sdfleet.runtimes._a1111_payload import b64, build_body
+
+    p = params(mask="s3://bucket/mask.png", mask_blur=2)
+    body = build_body(Job("t", I2I, None, p, init_images=[png(NOISE)], mask=png(MASK)))
+    assert (
+        body["mask"] == b64(png(MASK)) and body["mask_blur"] == 2 and body["init_images"] == [b64(png(NOISE))]
+    )
