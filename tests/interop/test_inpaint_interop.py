@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from fakes.tiny import no_progress, tiny_diffusers
 from real_servers import A1111_URL, needs_a1111
-from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes.a1111 import A1111Runtime
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
@@ -72,13 +72,7 @@ def kept_by(mask: Image.Image, extra: dict[str, Any]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def diffusers(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
-    root = tmp_path_factory.mktemp("models")
-    make_tiny(root, "tiny-a", seed=0)
-    return DiffusersRuntime(ModelCatalog(root), default_model="tiny-a", device="cpu")
-
-
-async def no_progress(value: float) -> None:
-    return None
+    return tiny_diffusers(tmp_path_factory.mktemp("models"))
 
 
 @pytest.mark.parametrize(("name", "mask", "extra"), CASES, ids=[c[0] for c in CASES])

@@ -18,9 +18,9 @@ import webuiapi
 from PIL import Image
 
 from fakes.servers import ServerThread, a1111_server, free_port
+from fakes.tiny import no_progress, tiny_diffusers
 from sdfleet import inpaint
 from sdfleet.errors import Reject
-from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import _inpaint_images as I
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
@@ -110,13 +110,7 @@ def test_blur_fill_and_region_are_sd_webuis() -> None:
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
-    root = tmp_path_factory.mktemp("models")
-    make_tiny(root, "tiny-a", seed=0)
-    return DiffusersRuntime(ModelCatalog(root), default_model="tiny-a", device="cpu")
-
-
-async def no_progress(value: float) -> None:
-    return None
+    return tiny_diffusers(tmp_path_factory.mktemp("models"))
 
 
 async def run(runtime: DiffusersRuntime, mask: Image.Image = MASK, **extra: Any) -> tuple[Image.Image, str]:

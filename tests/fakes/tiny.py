@@ -1,0 +1,18 @@
+"""A diffusers runtime on CPU over one tiny model made locally (no hub download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtimes.diffusers import DiffusersRuntime
+
+
+def tiny_diffusers(root: Path) -> DiffusersRuntime:
+    """The runtime, its models folder ``root`` holding ``tiny-a`` (made here, seed 0)."""
+    make_tiny(root, "tiny-a", seed=0)
+    return DiffusersRuntime(ModelCatalog(root), default_model="tiny-a", device="cpu")
+
+
+async def no_progress(value: float) -> None:
+    return None
