@@ -219,8 +219,7 @@ def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
 def _inpaint_canvases(part: _Part, spec: inpaint.Inpaint, size: tuple[int, int]) -> None:
     """The part's inputs made ready for inpainting under its mask, and the infotext's words."""
     job, mode = part.job, resize_mode(part.job.params)
-    if job.mask is None:
-        raise Reject("inpainting needs the mask image, which was not fetched", code="invalid_params")
+    assert job.mask is not None, "the runtime's _check refuses a masked job without its mask"
     mask = I.shape_mask(job.mask, spec, size, mode)
     inputs = [P.decode_image(data) for data in job.init_images]
     images = range(len(part.seeds))  # item i starts from input i, as without a mask

@@ -2,8 +2,8 @@
 (``modules/processing.py``'s ``StableDiffusionProcessingImg2Img.init`` and ``apply_overlay``,
 ``modules/masking.py``): the mask read, inverted and blurred; the input cropped to the mask's
 region ("Only masked") or brought to the task's size, its masked area filled; and the result
-pasted back and laid under the input where the mask keeps it. No torch (``inpaint`` reads the
-task's fields)."""
+pasted back and laid under the input where the mask keeps it (``sdfleet.inpaint`` reads the
+task's fields, torch-free, for the API)."""
 
 from __future__ import annotations
 
