@@ -42,6 +42,8 @@ CASES: list[tuple[str, Image.Image, dict[str, Any]]] = [
         {"inpainting_fill": 1, "inpaint_full_res_padding": 8, "mask_blur": 0},
     ),
     ("blank", Image.new("L", (128, 96), 0), {}),
+    ("latent noise", SQUARE, {"inpainting_fill": 2}),
+    ("latent nothing, whole picture", SQUARE, {"inpainting_fill": 3, "inpaint_full_res": False}),
     ("alpha, blurred apart", ALPHA, {"mask_blur_x": 6, "mask_blur_y": 2}),
 ]
 

@@ -79,19 +79,19 @@ def test_the_fields_are_read_with_sd_webuis_defaults_and_bad_values_refused() ->
 
 def test_what_the_runtime_does_not_implement_is_refused_by_name_and_only_with_a_mask() -> None:
     for extra, named in (
-        ({"inpainting_fill": 2}, "inpainting_fill=2"),
         ({"mask_round": False}, "mask_round=False"),
         ({"latent_mask": "x"}, "latent_mask"),
     ):
         with pytest.raises(Reject, match=named) as e:
             refuse("diffusers", I2I, params(**extra))
         assert e.value.code == "unsupported_option"
-    refuse("diffusers", I2I, params(inpainting_fill=1, mask_blur=0))
-    no_mask = TaskParams.model_validate({"prompt": "x", "extra": {"inpainting_fill": 3}})
+    for fill in range(4):
+        refuse("diffusers", I2I, params(inpainting_fill=fill, mask_blur=0))
+    no_mask = TaskParams.model_validate({"prompt": "x", "extra": {"mask_round": False}})
     refuse("diffusers", I2I, no_mask)  # SD WebUI reads it only with a mask
     with pytest.raises(Reject, match="inpainting is image-to-image's"):
         refuse("diffusers", TaskType.TEXT_TO_IMAGE, params())
-    refuse("a1111", I2I, params(inpainting_fill=2))  # SD WebUI does it all
+    refuse("a1111", I2I, params(mask_round=False))  # SD WebUI does it all
 
 
 def test_blur_fill_and_region_are_sd_webuis() -> None:
@@ -148,6 +148,47 @@ async def test_whole_picture_inverted_and_blank_masks(runtime: DiffusersRuntime)
     assert blank.size == (64, 64) and said.endswith("Denoising strength: 0.75, Mask blur: 4")
 
 
+async def test_latent_fills_start_the_masked_latents_from_noise_or_nothing(runtime: DiffusersRuntime) -> None:
+    """``inpainting_fill`` 2 and 3 replace the input's latents inside the mask (by noise of the
+    image's seed, by zeros) before sampling: other images inside, the same input outside, each
+    the same again with the same seed."""
+    made = {fill: await run(runtime, inpainting_fill=fill) for fill in (1, 2, 3)}
+    again, _ = await run(runtime, inpainting_fill=2)
+    source = np.asarray(NOISE).astype(int)
+    inside = {fill: np.asarray(image).astype(int)[35:55, 55:75] for fill, (image, _) in made.items()}
+    for fill, (image, said) in made.items():
+        assert image.size == (128, 96) and np.array_equal(np.asarray(image).astype(int)[FAR], source[FAR])
+        word = {1: "", 2: ", Masked content: latent noise", 3: ", Masked content: latent nothing"}[fill]
+        assert said.endswith(f"Masked area padding: 0{word}"), said
+    assert np.abs(inside[2] - inside[3]).mean() > 1 and np.abs(inside[1] - inside[3]).mean() > 1
+    assert np.array_equal(np.asarray(again), np.asarray(made[2][0]))
+
+
+@pytest.fixture(scope="module")
+def inpainting_unet(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
+    """The tiny model with an inpainting UNet (9 input channels: latents, mask, masked input)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("models")
+    runtime = tiny_diffusers(root)
+    unet = root / "tiny-a" / "unet"
+    config = dict(UNet2DConditionModel.load_config(unet)) | {"in_channels": 9}
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(config).save_pretrained(unet)
+    return runtime
+
+
+@pytest.mark.parametrize("fill", [0, 2])
+async def test_an_inpainting_unet_is_given_the_mask_and_masked_input(
+    inpainting_unet: DiffusersRuntime, fill: int
+) -> None:
+    image, said = await run(inpainting_unet, inpainting_fill=fill)
+    assert image.size == (128, 96)
+    assert np.array_equal(np.asarray(image).astype(int)[FAR], np.asarray(NOISE).astype(int)[FAR])
+    assert said.endswith(f"Masked content: {inpaint.FILLS[fill]}")
+
+
 async def test_an_unreadable_or_missing_mask_is_refused(runtime: DiffusersRuntime) -> None:
     p = params().model_copy(update={"denoising_strength": 0.75})
     with pytest.raises(Reject, match="mask is not a readable image") as e:
@@ -178,9 +219,9 @@ def test_runtime_serve_inpaints_for_webuiapi_as_sd_webui_does(server: ServerThre
     assert out.info["extra_generation_params"]["Inpaint area"] == "Only masked"
     body = {"init_images": [webuiapi.raw_b64_img(NOISE)], "mask": webuiapi.raw_b64_img(MASK), "prompt": "x"}
     with httpx.Client(base_url=server.url, timeout=300) as http:
-        latent = http.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 2, "steps": 1})
+        latent = http.post("/sdapi/v1/img2img", json={**body, "mask_round": False, "steps": 1})
         unreadable = http.post("/sdapi/v1/img2img", json={**body, "mask": "bm90IGFuIGltYWdl", "steps": 1})
-    assert latent.status_code == 422 and "inpainting_fill=2 is not available" in latent.text, latent.text
+    assert latent.status_code == 422 and "mask_round=False is not available" in latent.text, latent.text
     assert (
         unreadable.status_code == 400 and unreadable.json()["detail"] == "Invalid encoded image"
     )  # SD WebUI's

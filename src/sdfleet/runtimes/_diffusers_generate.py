@@ -27,6 +27,7 @@ from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_edits as D
 from sdfleet.runtimes import _diffusers_hires as H
+from sdfleet.runtimes import _diffusers_inpaint as F
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_pipes as P
@@ -181,6 +182,9 @@ def call_kwargs(
             kwargs["image"] = [each.image for each in parts[0].canvases]
             kwargs["mask_image"] = [each.mask for each in parts[0].canvases]
             kwargs.update(width=first.width, height=first.height)
+            masked = parts[0].canvases[0].overlay is not None  # else a blank mask: plain img2img
+            if spec.fill in F.LATENT_FILLS and masked:
+                kwargs |= F.latent_start(pipe, parts[0].canvases, spec.fill, parts[0].seeds, size)
     else:
         kwargs.update(width=first.width, height=first.height)
         varied = parts[0].variation  # the same for every part (batch_key)

@@ -67,12 +67,8 @@ _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
 }
 """The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
 crop and fill; not 3, a latent upscale)."""
-_INPAINT_TAKEN: dict[str, tuple[object, ...]] = {
-    "mask_round": (None, True),
-    "inpainting_fill": (None, 0, 1),
-}
-"""The same for inpainting (image-to-image with a ``mask``): a soft mask in latent space, and the
-fills that start the masked latents (2 "latent noise", 3 "latent nothing")."""
+_INPAINT_TAKEN: dict[str, tuple[object, ...]] = {"mask_round": (None, True)}
+"""The same for inpainting (image-to-image with a ``mask``): a soft mask in latent space."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "emphasis"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
