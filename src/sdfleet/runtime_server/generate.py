@@ -26,9 +26,7 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
-from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes._prompt_syntax import emphasis_said
-from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -222,21 +220,21 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     )
     if second is not None:  # SD WebUI's extra_generation_params of a hires fix
         gen.extra.update(second.generation_params)
-    if state.options["lora_add_hashes_to_infotext"]:
-        job, folder = Job("", kind, model, params), state.checkpoints.catalog.models_dir
-        said = await asyncio.to_thread(lambda: L.hashes_said(L.found(job, folder)))  # reads new files
-        if said is not None:
-            gen.extra["Lora hashes"] = said
     if emphasis_said(emphasis, (gen.prompt, gen.negative_prompt)):
         gen.extra["Emphasis"] = emphasis
     return gen, params, model
 
 
-def _said_before_loras(gen: Generation, said: dict[str, Any]) -> None:
-    """``said`` in the infotext's extra words where SD WebUI puts what it learns as it prepares
-    the images (inpainting's): after the hires fix's, before ``Lora hashes`` and ``Emphasis``."""
-    later = {key: gen.extra.pop(key) for key in ("Lora hashes", "Emphasis") if key in gen.extra}
-    gen.extra |= said | later
+def _said_by_the_run(gen: Generation, info: dict[str, Any], loras: bool) -> None:
+    """The infotext's words only the run knows, from the runtime's ``info``, where SD WebUI puts
+    them: inpainting's (``inpainting``: whether "Only masked" found a region) and, with ``loras``
+    (the ``lora_add_hashes_to_infotext`` option), ``Lora hashes`` of the LoRAs it applied; after
+    the hires fix's words, before ``Emphasis``."""
+    later = {key: gen.extra.pop(key) for key in ("Emphasis",) if key in gen.extra}
+    gen.extra |= info.get("inpainting") or {}
+    if loras and info.get("lora_hashes"):
+        gen.extra["Lora hashes"] = info["lora_hashes"]
+    gen.extra |= later
 
 
 def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
@@ -266,7 +264,7 @@ async def generate(
             kind, params, init_images, model=model, job=job, iterations=req.n_iter or 1, mask=mask
         )
         pngs = result.images
-        _said_before_loras(gen, result.info.get("inpainting") or {})
+        _said_by_the_run(gen, result.info, bool(state.options["lora_add_hashes_to_infotext"]))
     except Interrupted:
         pass  # SD WebUI answers 200 with what it has; the runtime hands back no partial images
     finally:

@@ -148,12 +148,6 @@ def resolve(job: Job, models_dir: Path, *, skip_missing: bool = False) -> list[t
     return chosen
 
 
-def found(job: Job, models_dir: Path) -> list[tuple[LoraUse, Path]]:
-    """The job's LoRAs that have a file in ``models_dir``, with their files: what ``resolve`` with
-    ``skip_missing`` leaves, without a word of what it left out."""
-    return _located(uses(job, lenient=True), models_dir)[0]
-
-
 def _located(wanted: list[LoraUse], models_dir: Path) -> tuple[list[tuple[LoraUse, Path]], list[str]]:
     """The LoRAs found in ``models_dir`` with their files, and the names of those not found."""
     files = find(models_dir) if wanted else {}

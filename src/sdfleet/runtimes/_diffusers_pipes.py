@@ -286,8 +286,11 @@ def build_info(
         "infotexts": texts,
         "runtime": "diffusers",
     }
-    if inpaint_said:  # for `runtime serve`, which writes its own infotexts
+    # for `runtime serve`, which writes its own infotexts: what only the run knew
+    if inpaint_said:
         info["inpainting"] = dict(inpaint_said)
+    if loras_said is not None:
+        info["lora_hashes"] = loras_said
     note = model.tiny_note()
     if note is not None:
         info["note"] = note
