@@ -5,6 +5,7 @@ default whenever a mask is given. The image work is checked against SD WebUI's o
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
@@ -237,3 +238,34 @@ def test_the_a1111_runtime_sends_the_mask_the_agent_fetched() -> None:
     assert (
         body["mask"] == b64(png(MASK)) and body["mask_blur"] == 2 and body["init_images"] == [b64(png(NOISE))]
     )
+
+
+async def test_the_mask_work_is_done_while_another_job_holds_the_device(
+    runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blurring a large mask far takes seconds (4096² at blur 256: about 18 s here): done under
+    the device's lock, the GPU would wait for it. A masked job's image work runs before its turn."""
+    from sdfleet.runtimes import _diffusers_generate as G
+
+    events: list[str] = []
+    prepare = G.inpainting
+
+    def recorded(job: Job) -> G.Inpainting | None:
+        ready = prepare(job)
+        events.append(f"{job.task_id} ready")
+        return ready
+
+    monkeypatch.setattr(G, "inpainting", recorded)
+    long = params().model_copy(update={"steps": 40, "extra": {}})
+
+    async def run_long() -> None:
+        await runtime.run(Job("long", TaskType.TEXT_TO_IMAGE, None, long), no_progress)
+        events.append("long done")
+
+    first = asyncio.create_task(run_long())
+    while not runtime._lock.locked():  # the long job holds the device
+        await asyncio.sleep(0.001)
+    masked = params().model_copy(update={"denoising_strength": 0.75})
+    await runtime.run(Job("masked", I2I, None, masked, init_images=[png(NOISE)], mask=png(MASK)), no_progress)
+    await first
+    assert events.index("masked ready") < events.index("long done"), events

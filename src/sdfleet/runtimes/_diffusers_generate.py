@@ -138,9 +138,14 @@ def _parts(jobs: Sequence[Job]) -> list[_Part]:
 
 
 def call_kwargs(
-    pipe: Any, jobs: Sequence[Job], callback: Any, embeddings: T.Embeddings | None = None
+    pipe: Any,
+    jobs: Sequence[Job],
+    callback: Any,
+    embeddings: T.Embeddings | None = None,
+    ready: Inpainting | None = None,
 ) -> tuple[dict[str, Any], list[_Part], int]:
-    """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps."""
+    """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps;
+    ``ready``: a masked job's ``inpainting``, made before the device was waited for."""
     parts = _parts(jobs)
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
@@ -174,17 +179,17 @@ def call_kwargs(
         steps = P.img2img_steps(first.steps, first.denoising_strength)
         size = (first.width, first.height)
         kwargs["strength"] = first.denoising_strength
-        spec = inpaint.read(jobs[0].type, first)
-        if spec is None:
+        ready = ready or inpainting(jobs[0])
+        if ready is None:
             kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
         else:  # alone in its call (batch_key)
-            _inpaint_canvases(parts[0], spec, size)
-            kwargs["image"] = [each.image for each in parts[0].canvases]
-            kwargs["mask_image"] = [each.mask for each in parts[0].canvases]
+            parts[0].canvases, parts[0].inpaint_said = ready.canvases, ready.said
+            kwargs["image"] = [each.image for each in ready.canvases]
+            kwargs["mask_image"] = [each.mask for each in ready.canvases]
             kwargs.update(width=first.width, height=first.height)
-            masked = parts[0].canvases[0].overlay is not None  # else a blank mask: plain img2img
-            if spec.fill in F.LATENT_FILLS and masked:
-                kwargs |= F.latent_start(pipe, parts[0].canvases, spec.fill, parts[0].seeds, size)
+            masked = ready.canvases[0].overlay is not None  # else a blank mask: plain img2img
+            if ready.spec.fill in F.LATENT_FILLS and masked:
+                kwargs |= F.latent_start(pipe, ready.canvases, ready.spec.fill, parts[0].seeds, size)
     else:
         kwargs.update(width=first.width, height=first.height)
         varied = parts[0].variation  # the same for every part (batch_key)
@@ -220,15 +225,30 @@ def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
     return [P.decode_image(inputs[i % len(inputs)], size, mode) for i in range(len(part.seeds))]
 
 
-def _inpaint_canvases(part: _Part, spec: inpaint.Inpaint, size: tuple[int, int]) -> None:
-    """The part's inputs made ready for inpainting under its mask, and the infotext's words."""
-    job, mode = part.job, resize_mode(part.job.params)
+@dataclass
+class Inpainting:
+    """A masked job's inputs made ready for the pipeline, one per image, and its infotext words."""
+
+    spec: inpaint.Inpaint
+    canvases: list[I.Canvas]
+    said: list[tuple[str, Any]]
+
+
+def inpainting(job: Job) -> Inpainting | None:
+    """The job's inputs made ready for inpainting under its mask; None without a mask. Image work
+    only (a large mask blurred far takes seconds): the runtime does it before it waits for the
+    device, so that another job's images are made meanwhile."""
+    p = job.params
+    spec = inpaint.read(job.type, p)
+    if spec is None:
+        return None
     assert job.mask is not None, "the runtime's _check refuses a masked job without its mask"
+    size, mode = (p.width, p.height), resize_mode(p)
     mask = I.shape_mask(job.mask, spec, size, mode)
     inputs = [P.decode_image(data) for data in job.init_images]
-    images = range(len(part.seeds))  # item i starts from input i, as without a mask
-    part.canvases = [I.canvas(inputs[i % len(inputs)], mask, spec.fill, size, mode) for i in images]
-    part.inpaint_said = inpaint.words(spec, cropped=mask.region is not None)
+    images = range(U.images_made(job.type, p, len(inputs)))  # item i starts from input i
+    canvases = [I.canvas(inputs[i % len(inputs)], mask, spec.fill, size, mode) for i in images]
+    return Inpainting(spec, canvases, inpaint.words(spec, cropped=mask.region is not None))
 
 
 def _put_back(made: list[Any], parts: Sequence[_Part]) -> list[Any]:
@@ -263,11 +283,13 @@ def generate(
     callback: Callable[[int, int], Any],
     second: H.SecondPass | None = None,
     embeddings: T.Embeddings | None = None,
+    ready: Inpainting | None = None,
 ) -> Generated:
     """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
     when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
     when there is a ``second``. ``callback(call, calls)`` makes each call's step callback;
-    ``embeddings``: the textual inversion embeddings prompts may name."""
+    ``embeddings``: the textual inversion embeddings prompts may name; ``ready``: a masked job's
+    ``inpainting``."""
     images: list[Any] = []
     parts: dict[int, _Part] = {}
     steps = 0
@@ -277,7 +299,7 @@ def generate(
         for n, (members, embeds) in enumerate(calls):
             total = passes * len(calls)
             kwargs, call_parts, steps = call_kwargs(
-                pipe, [jobs[i] for i in members], callback(passes * n, total), embeddings
+                pipe, [jobs[i] for i in members], callback(passes * n, total), embeddings, ready
             )
             if embeds is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]

@@ -255,12 +255,13 @@ class DiffusersRuntime:
         self._active.add(ctl)
         name = ""
         try:
+            ready = await asyncio.to_thread(G.inpainting, jobs[0])  # masked jobs run alone
             async with self._lock:
                 t0 = time.perf_counter()
                 loaded, switched, download_s = await self._switch(jobs[0].model)
                 switch_s = time.perf_counter() - t0 - download_s if switched else 0.0
                 name = loaded.info.name
-                work = partial(self._generate, loaded, jobs, sampler, ctl)
+                work = partial(self._generate, loaded, jobs, sampler, ctl, ready)
                 t1 = time.perf_counter()
                 generated = await self._in_thread(ctl, work, self._inference_thread())
                 run_s = time.perf_counter() - t1
@@ -373,7 +374,12 @@ class DiffusersRuntime:
         return self._cache.evict_all_but(keep, f"{keep} ran out of memory")
 
     def _generate(
-        self, loaded: _Loaded, jobs: Sequence[Job], sampler: str | None, ctl: RunControl
+        self,
+        loaded: _Loaded,
+        jobs: Sequence[Job],
+        sampler: str | None,
+        ctl: RunControl,
+        ready: G.Inpainting | None = None,
     ) -> G.Generated:
         names = ", ".join(job.task_id for job in jobs)
         with self._infer_lock:
@@ -388,7 +394,9 @@ class DiffusersRuntime:
                 P.set_tiling(loaded.pipe, G.tiling(jobs[0].params), vae_tiling=self.options.vae_tiling)
                 second = self._second_pass(loaded, jobs[0])
                 progress = partial(step_callback, ctl)
-                generated = G.generate(pipe, jobs, sampler, loaded.info, progress, second, self._embeddings)
+                generated = G.generate(
+                    pipe, jobs, sampler, loaded.info, progress, second, self._embeddings, ready
+                )
                 generated.loras = loras
                 return generated
             except Stopped as e:
