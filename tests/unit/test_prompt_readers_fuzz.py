@@ -1,5 +1,5 @@
 """What the API asks of a diffusers or a1111 queue (``unsupported.refuse``) and the readers behind
-it (emphasis, chunks, LoRA tags, prompt schedules, hires fix, variation seeds) answer any prompt
+it (emphasis, chunks, LoRA tags, prompt schedules, hires fix, variation seeds, inpainting) answer any prompt
 and any JSON a message may hold with ``Reject`` or not at all: anything else is a 500 at the API
 and an internal error in the agent. A random search found a deep-bracket ``RecursionError``, a
 ``scheduler`` that is no string (``AttributeError``) and editing at ``1e999`` (``OverflowError``);
@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdfleet import hires, variation
+from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _prompt_schedule as PS
@@ -63,6 +63,15 @@ FIELDS = [
     "emphasis",
     "resize_mode",
     "disable_extra_networks",
+    "mask",
+    "mask_blur",
+    "mask_blur_x",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+    "mask_round",
+    "latent_mask",
 ]
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.sampled_from(ATOMS),
@@ -104,3 +113,4 @@ def test_the_prompt_readers_answer_anything_with_reject_or_not_at_all(
     answers(lambda: PS.of_task(L.text(prompt), L.text(negative), steps))
     answers(lambda: hires.plan(kind, params))
     answers(lambda: variation.read(params))
+    answers(lambda: inpaint.read(kind, params))
