@@ -16,3 +16,15 @@ def tiny_diffusers(root: Path) -> DiffusersRuntime:
 
 async def no_progress(value: float) -> None:
     return None
+
+
+def with_inpainting_unet(folder: Path) -> Path:
+    """The tiny model in ``folder`` given an inpainting UNet (9 input channels: the latents, the
+    mask and the masked input's latents), random like the rest."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(folder / "unet")) | {"in_channels": 9}
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    return folder

@@ -19,11 +19,11 @@ import webuiapi
 from PIL import Image
 
 from fakes.servers import ServerThread, a1111_server, free_port
-from fakes.tiny import no_progress, tiny_diffusers
+from fakes.tiny import no_progress, tiny_diffusers, with_inpainting_unet
 from sdfleet import inpaint
 from sdfleet.errors import Reject
 from sdfleet.runtimes import _inpaint_images as I
-from sdfleet.runtimes.base import Job
+from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.runtimes.unsupported import refuse
 from sdfleet.tasks import TaskParams, TaskType
@@ -168,15 +168,9 @@ async def test_latent_fills_start_the_masked_latents_from_noise_or_nothing(runti
 @pytest.fixture(scope="module")
 def inpainting_unet(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
     """The tiny model with an inpainting UNet (9 input channels: latents, mask, masked input)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
     root = tmp_path_factory.mktemp("models")
     runtime = tiny_diffusers(root)
-    unet = root / "tiny-a" / "unet"
-    config = dict(UNet2DConditionModel.load_config(unet)) | {"in_channels": 9}
-    torch.manual_seed(0)
-    UNet2DConditionModel.from_config(config).save_pretrained(unet)
+    with_inpainting_unet(root / "tiny-a")
     return runtime
 
 
@@ -187,7 +181,49 @@ async def test_an_inpainting_unet_is_given_the_mask_and_masked_input(
     image, said = await run(inpainting_unet, inpainting_fill=fill)
     assert image.size == (128, 96)
     assert np.array_equal(np.asarray(image).astype(int)[FAR], np.asarray(NOISE).astype(int)[FAR])
-    assert said.endswith(f"Masked content: {inpaint.FILLS[fill]}")
+    # SD WebUI 1.10.1's words with an inpainting checkpoint (its server, this session's note)
+    assert said.endswith(
+        "Denoising strength: 0.75, Conditional mask weight: 1.0, Mask blur: 4, Inpaint area: Only masked, "
+        f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}"
+    )
+
+
+async def test_an_inpainting_checkpoint_runs_text_and_image_to_image_without_a_mask(
+    inpainting_unet: DiffusersRuntime,
+) -> None:
+    """SD WebUI runs every task on an inpainting checkpoint: without a mask, the whole image is
+    masked (text-to-image from grey at full strength). They failed as runtime failures (4 input
+    channels given to a UNet of 9), retried."""
+    t2i = TaskParams(prompt="a cat", steps=3, width=64, height=64, seed=4, batch_size=2)
+    made = await inpainting_unet.run(Job("t", TaskType.TEXT_TO_IMAGE, None, t2i), no_progress)
+    assert [rgb(png).size for png in made.images] == [(64, 64), (64, 64)]
+    assert made.info["infotexts"][0].endswith("Model: tiny-a, Conditional mask weight: 1.0")
+    assert made.info["conditional_mask_weight"] == 1.0
+    second = await inpainting_unet.run(
+        Job("t", TaskType.TEXT_TO_IMAGE, None, t2i.model_copy(update={"seed": 5})), no_progress
+    )
+    pair = await inpainting_unet.run_batch(
+        [
+            Job("a", TaskType.TEXT_TO_IMAGE, None, t2i),
+            Job("b", TaskType.TEXT_TO_IMAGE, None, t2i.model_copy(update={"seed": 5})),
+        ],
+        [no_progress, no_progress],
+    )
+    assert all(isinstance(r, RuntimeResult) and r.info["batch_tasks"] == 2 for r in pair)
+    for alone, batched in ((made, pair[0]), (second, pair[1])):
+        assert isinstance(batched, RuntimeResult)
+        diff = np.abs(
+            np.asarray(rgb(alone.images[0])).astype(int) - np.asarray(rgb(batched.images[0])).astype(int)
+        )
+        assert diff.max() <= 1  # the same image as alone, up to float rounding
+    i2i = TaskParams(prompt="a cat", steps=3, width=64, height=64, seed=4, denoising_strength=0.75)
+    made = await inpainting_unet.run(Job("t", I2I, None, i2i, init_images=[png(NOISE)]), no_progress)
+    assert rgb(made.images[0]).size == (64, 64)
+    assert made.info["infotexts"][0].endswith("Denoising strength: 0.75, Conditional mask weight: 1.0")
+    hires = t2i.model_copy(update={"extra": {"enable_hr": True, "hr_scale": 2}})
+    with pytest.raises(Reject, match="hires fix is not implemented for an inpainting checkpoint") as e:
+        await inpainting_unet.run(Job("t", TaskType.TEXT_TO_IMAGE, None, hires), no_progress)
+    assert e.value.code == "unsupported_option"
 
 
 async def test_an_unreadable_or_missing_mask_is_refused(runtime: DiffusersRuntime) -> None:
@@ -269,3 +305,28 @@ async def test_the_mask_work_is_done_while_another_job_holds_the_device(
     await runtime.run(Job("masked", I2I, None, masked, init_images=[png(NOISE)], mask=png(MASK)), no_progress)
     await first
     assert events.index("masked ready") < events.index("long done"), events
+
+
+def test_runtime_serve_says_an_inpainting_checkpoints_conditional_mask_weight(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``runtime serve`` with an inpainting checkpoint, as the real SD WebUI answered with one (a
+    random SD 1.5 inpainting-shaped file, this session's note): ``Conditional mask weight: 1.0``
+    after the denoising strength, ``is_using_inpainting_conditioning`` true."""
+    from sdfleet.models import ModelCatalog, make_tiny
+    from sdfleet.runtime_server import create_app
+
+    root = tmp_path_factory.mktemp("models")
+    with_inpainting_unet(make_tiny(root, "tiny-a", seed=0))
+    catalog = ModelCatalog(root)
+    app = create_app(DiffusersRuntime(catalog, default_model="tiny-a", device="cpu"), catalog)
+    srv = ServerThread(app, free_port()).start()
+    try:
+        api = webuiapi.WebUIApi(baseurl=f"{srv.url}/sdapi/v1", sampler="Euler", steps=2)
+        t2i = api.txt2img(prompt="a cat", seed=1, width=64, height=64)
+        i2i = api.img2img(images=[NOISE], prompt="a cat", seed=1, width=64, height=64, denoising_strength=0.5)
+    finally:
+        srv.stop()
+    assert t2i.info["is_using_inpainting_conditioning"] is True
+    assert ", Conditional mask weight: 1.0, Version:" in t2i.info["infotexts"][0]
+    assert ", Denoising strength: 0.5, Conditional mask weight: 1.0, Version:" in i2i.info["infotexts"][0]

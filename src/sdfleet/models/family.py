@@ -67,9 +67,9 @@ def detect(shapes: Shapes) -> Family:
         family = Family.SD1
     else:
         raise UnsupportedCheckpoint("a UNet with no text encoder SD 1.x, 2.x or SDXL has")
-    if unet_in[1] != 4:
-        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(unet_in[1], "a UNet")
-        raise UnsupportedCheckpoint(f"{kind} ({unet_in[1]} input channels; 4 are supported)")
+    if unet_in[1] not in (4, 9):  # 9: an inpainting model (latents, mask, masked input)
+        kind = {8: "an instruct-pix2pix model"}.get(unet_in[1], "a UNet")
+        raise UnsupportedCheckpoint(f"{kind} ({unet_in[1]} input channels; 4 and 9 are supported)")
     return family
 
 

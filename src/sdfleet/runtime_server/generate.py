@@ -228,8 +228,10 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
 def _said_by_the_run(gen: Generation, info: dict[str, Any], loras: bool) -> None:
     """The infotext's words only the run knows, from the runtime's ``info``, where SD WebUI puts
     them: inpainting's (``inpainting``: whether "Only masked" found a region) and, with ``loras``
-    (the ``lora_add_hashes_to_infotext`` option), ``Lora hashes`` of the LoRAs it applied; after
-    the hires fix's words, before ``Emphasis``."""
+    (the ``lora_add_hashes_to_infotext`` option), ``Lora hashes`` of the LoRAs it applied, after
+    the hires fix's words and before ``Emphasis``; an inpainting checkpoint's ``Conditional mask
+    weight``."""
+    gen.conditional_mask_weight = info.get("conditional_mask_weight")
     later = {key: gen.extra.pop(key) for key in ("Emphasis",) if key in gen.extra}
     gen.extra |= info.get("inpainting") or {}
     if loras and info.get("lora_hashes"):

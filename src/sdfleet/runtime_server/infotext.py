@@ -39,6 +39,8 @@ class Generation:
     """The batch as run, where it is not the request's (img2img: as many items as input images)."""
     tiling: bool = False
     """Made to tile seamlessly (the request's ``tiling``, else the ``tiling`` option)."""
+    conditional_mask_weight: float | None = None
+    """Made by an inpainting checkpoint: SD WebUI's ``inpainting_mask_weight`` (the run says)."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:
@@ -81,6 +83,7 @@ def _parameters(gen: Generation, index: int) -> dict[str, Any]:
         "Variation seed strength": strength if strength != 0 else None,
         "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if resized else None,
         "Denoising strength": gen.extra.get("Denoising strength"),
+        "Conditional mask weight": gen.conditional_mask_weight,
         "Clip skip": gen.clip_skip if gen.clip_skip > 1 else None,
         "Tiling": "True" if gen.tiling else None,
         **gen.extra,
@@ -132,6 +135,6 @@ def info(gen: Generation, infotexts: list[str], *, index_of_first_image: int = 0
         "styles": list(r.styles or []),
         "job_timestamp": gen.job_timestamp,
         "clip_skip": gen.clip_skip,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": gen.conditional_mask_weight is not None,
         "version": VERSION,
     }

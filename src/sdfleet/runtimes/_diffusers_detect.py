@@ -60,6 +60,8 @@ def load_detected(info: ModelInfo, dtype: torch.dtype) -> Any:
 def _v_prediction(unet: Any, shapes: F.Shapes) -> bool:
     if "v_pred" in shapes:
         return True
+    if unet.config.in_channels != 4:  # SD 2 inpainting: epsilon, as SD WebUI's config for it says
+        return False
     if unet.config.block_out_channels[0] < F.REAL_WIDTH:
         return False  # a tiny test model's random weights say nothing
     return is_v_prediction(unet)

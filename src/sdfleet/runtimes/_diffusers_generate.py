@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Reject
@@ -195,7 +196,20 @@ def call_kwargs(
         varied = parts[0].variation  # the same for every part (batch_key)
         if varied is not None:
             kwargs["latents"], kwargs["generator"] = _noise(pipe, varied, parts, first.width, first.height)
+    if P.inpainting_unet(pipe) and "mask_image" not in kwargs:
+        _unmasked(kwargs, img2img, (first.width, first.height))
     return kwargs, parts, steps
+
+
+def _unmasked(kwargs: dict[str, Any], img2img: bool, size: tuple[int, int]) -> None:
+    """An inpainting UNet's task without a mask, as SD WebUI runs it: the whole image masked, the
+    masked input all grey; text-to-image from an input of grey at full strength (pure noise)."""
+    images = len(kwargs["generator"])
+    kwargs["mask_image"] = [Image.new("L", size, 255)] * images
+    kwargs.update(width=size[0], height=size[1])
+    if not img2img:
+        kwargs["image"] = [Image.new("RGB", size, (128, 128, 128))] * images
+        kwargs["strength"] = 1.0
 
 
 def _noise(
@@ -273,6 +287,8 @@ class Generated:
     steps: int
     loras: Sequence[tuple[L.LoraUse, Path]] = ()
     """The LoRAs the call applied (one set for all its jobs: ``batch_key``), for the infotexts."""
+    conditional: bool = False
+    """Made by an inpainting UNet (SD WebUI's ``Conditional mask weight``)."""
 
 
 def generate(
@@ -315,7 +331,8 @@ def generate(
             seeds = [s for part in call_parts for s in part.seeds]
             images += H.run(second, first, kwargs, seeds, callback(passes * n + 1, total))
     ordered = [parts[i] for i in range(len(jobs))]
-    return Generated(images, ordered, sampler or P.sampler_name_of(pipe.scheduler), info, steps)
+    sampler_name = sampler or P.sampler_name_of(pipe.scheduler)
+    return Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
 
 
 def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:
@@ -359,7 +376,16 @@ def encode(g: Generated) -> list[RuntimeResult]:
 def _result(part: _Part, g: Generated, loras: str | None) -> RuntimeResult:
     p: TaskParams = part.job.params
     info = P.build_info(
-        p, part.seeds, g.sampler, g.model, g.steps, part.job.type, part.subseeds, loras, part.inpaint_said
+        p,
+        part.seeds,
+        g.sampler,
+        g.model,
+        g.steps,
+        part.job.type,
+        part.subseeds,
+        loras,
+        part.inpaint_said,
+        g.conditional,
     )
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]

@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import diffusers as _diffusers_module
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 # Typed as Any: many diffusers entry points are untyped, which mypy --strict refuses to call.
 diffusers: Any = _diffusers_module
 
+CONDITIONAL_MASK_WEIGHT = 1.0
+"""SD WebUI's ``inpainting_mask_weight`` option's default: how much of the input an inpainting
+UNet is shown outside the mask (1: none of it inside). Another value is refused (an override)."""
 # diffusers/accelerate loading is not thread-safe (concurrent loads in one process fail with
 # "Cannot copy out of meta tensor"); `sdfleet up` runs one runtime per queue in one process.
 _LOAD_LOCK = threading.Lock()
@@ -143,6 +147,12 @@ def inpaint_from(pipe: Any) -> Any:
     return inpaint
 
 
+def inpainting_unet(pipe: Any) -> bool:
+    """Whether ``pipe``'s UNet is an inpainting one (SD 1.5/2/XL "inpainting" checkpoints): 9 input
+    channels, the latents, the mask and the masked input's latents."""
+    return bool(pipe.unet.config.in_channels == 9)
+
+
 def img2img_steps(steps: int, strength: float) -> int:
     """Enough steps that ``int(steps * strength)`` denoising steps is at least one."""
     if strength <= 0:
@@ -202,11 +212,13 @@ def infotext(
     kind: TaskType = TaskType.TEXT_TO_IMAGE,
     loras_said: str | None = None,
     inpaint_said: Sequence[tuple[str, Any]] = (),
+    conditional: bool = False,
 ) -> str:
     """The A1111 ``parameters`` text for one image, in SD WebUI 1.10's order (``hires_said``,
     ``variation_said``: a hires fix's and variation seeds' words; ``loras_said``: its ``Lora
-    hashes``; ``inpaint_said``: inpainting's words). What SD WebUI's PNG Info reads back to make
-    the image again: image-to-image's denoising strength and clip skip included."""
+    hashes``; ``inpaint_said``: inpainting's words; ``conditional``: made by an inpainting UNet,
+    SD WebUI's ``Conditional mask weight``). What SD WebUI's PNG Info reads back to make the image
+    again: image-to-image's denoising strength and clip skip included."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -222,6 +234,8 @@ def infotext(
     if kind is TaskType.IMAGE_TO_IMAGE:
         said.append(("Denoising strength", params.denoising_strength))
     said += hires_said[:1]  # its denoising strength, in the same slot
+    if conditional:  # SD WebUI's inpainting_mask_weight option, at its default (others refused)
+        said.append(("Conditional mask weight", CONDITIONAL_MASK_WEIGHT))
     if params.clip_skip > 1:
         said.append(("Clip skip", params.clip_skip))
     if params.extra.get("tiling") is True:
@@ -247,18 +261,18 @@ def build_info(
     subseeds: Sequence[int] = (),
     loras_said: str | None = None,
     inpaint_said: Sequence[tuple[str, Any]] = (),
+    conditional: bool = False,
 ) -> dict[str, Any]:
     """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
     variation seed, with variation seeds; ``loras_said``: ``Lora hashes``; ``inpaint_said``:
-    inpainting's infotext words)."""
+    inpainting's infotext words; ``conditional``: made by an inpainting UNet)."""
     second = hires.plan(kind, params)
     said = second.generation_params if second else ()
     varied = variation.read(params)
     subs: Sequence[int | None] = subseeds or [None] * len(seeds)
+    words = partial(infotext, loras_said=loras_said, inpaint_said=inpaint_said, conditional=conditional)
     texts = [
-        infotext(
-            params, s, sampler, model.stem, said, variation.words(varied, sub), kind, loras_said, inpaint_said
-        )
+        words(params, s, sampler, model.stem, said, variation.words(varied, sub), kind)
         for s, sub in zip(seeds, subs, strict=True)
     ]
     info: dict[str, Any] = {
@@ -291,6 +305,8 @@ def build_info(
         info["inpainting"] = dict(inpaint_said)
     if loras_said is not None:
         info["lora_hashes"] = loras_said
+    if conditional:
+        info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
     note = model.tiny_note()
     if note is not None:
         info["note"] = note

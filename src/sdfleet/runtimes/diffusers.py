@@ -416,8 +416,8 @@ class DiffusersRuntime:
 
     @staticmethod
     def _pipe_for(loaded: _Loaded, job: Job) -> Any:
-        if inpaint.asked(job.type, job.params):  # alone in its call (batch_key)
-            return loaded.inpaint()
+        if inpaint.asked(job.type, job.params) or P.inpainting_unet(loaded.pipe):
+            return loaded.inpaint()  # a masked job is alone in its call (batch_key)
         return loaded.img2img() if job.type is TaskType.IMAGE_TO_IMAGE else loaded.pipe
 
     def _second_pass(self, loaded: _Loaded, job: Job) -> H.SecondPass | None:
@@ -425,6 +425,12 @@ class DiffusersRuntime:
         plan = hires.plan(job.type, job.params)
         if plan is None:
             return None
+        if P.inpainting_unet(loaded.pipe):
+            raise Reject(
+                f"the hires fix is not implemented for an inpainting checkpoint ({loaded.info.name}): "
+                "leave enable_hr out, or send the task to a queue with the a1111 runtime",
+                code="unsupported_option",
+            )
         pipe, sampler = loaded.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
         pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
         return H.SecondPass(pipe, plan, self._extras.upscale_to)
