@@ -8,7 +8,10 @@ all images. The batch is one call, or one per length of its prompts' embeddings
 (``_diffusers_prompts``), each followed by its hires pass (``_diffusers_hires``). A call with
 variation seeds is given its starting noise (``_diffusers_noise``); a job whose prompts change
 during sampling (prompt editing) runs alone, its step callback swapping the embeddings
-(``_diffusers_edits``).
+(``_diffusers_edits``). So does a job with a mask (inpainting): its inputs made ready beforehand
+(``inpainting``, ``_inpaint_images``), its masked latents filled (``_diffusers_inpaint``), its
+images pasted back into its inputs. An inpainting UNet's job without a mask is given the whole
+image masked (``_unmasked``).
 """
 
 from __future__ import annotations
