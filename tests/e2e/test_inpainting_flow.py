@@ -77,3 +77,25 @@ async def test_a_seed_task_with_a_mask_url_is_inpainted(
     assert np.abs(out[18:30, 34:46] - source[18:30, 34:46]).mean() > 20
     said = infotext(made)
     assert said is not None and "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 0" in said
+
+
+async def test_a_mask_that_is_no_image_is_refused_at_the_door(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """A mask in the body is checked as the inputs are (it was taken, and the task failed later)."""
+    queues = [QueueConfig(name="q", runtime="diffusers")]
+    fleet = await start_fleet(queues, settings=fleet_settings(engine, models_dir, queues))
+    params = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "init_images": [_data_url(INPUT)]}
+    for mask, said in (("bm90IGFuIGltYWdl", "mask: "), ("ftp://example.com/m.png", "mask: 'ftp://")):
+        body = {"type": "image-to-image", "params": {**params, "extra": {"mask": mask}}}
+        r = await fleet.http.post("/v1/tasks", json=body)
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["code"] == "bad_image" and said in error["message"], r.text
+    ok = {"type": "image-to-image", "params": {**params, "extra": {"mask": _data_url(MASK)}}}
+    assert (await fleet.http.post("/v1/tasks", json=ok)).status_code == 202
+
+
+def _data_url(image: Image.Image) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()

@@ -56,21 +56,29 @@ def check_task(ctx: ApiContext, task: Task) -> None:
 
 
 def check_inline_inputs(ctx: ApiContext, task: Task) -> None:
-    """Inputs in the body (``data:`` URLs, base64) must be images of at most
-    ``api.max_input_pixels``, and what an upscale makes of them at most the maximum size. Inputs
-    behind http(s) URLs are checked by the agent that fetches them."""
-    sizes = []
-    for n, url in enumerate(task.params.init_images, start=1):
-        try:
-            data = decode_inline(url, ctx.settings.max_body_bytes)
-            if data is not None:
-                sizes.append(image_size(data, ctx.settings.max_input_pixels))
-            elif not _INPUT_URL.fullmatch(url.strip()):
-                raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}, an s3:// URL, a data: URL or base64")
-        except InputFetchError as e:
-            code = "too_large" if e.code == "input_too_large" else "bad_image"
-            raise ValidationFailed(f"input image {n}: {e.message or e}", code=code) from e
-    check_output_size(task.type, task.params, sizes, ctx.settings.max_width, ctx.settings.max_height)
+    """Inputs in the body (``data:`` URLs, base64), an inpainting mask among them, must be images
+    of at most ``api.max_input_pixels``, and what an upscale makes of them at most the maximum
+    size. Inputs behind http(s) URLs are checked by the agent that fetches them."""
+    sizes = [_inline_size(ctx, url, f"input image {n}") for n, url in enumerate(task.params.init_images, 1)]
+    mask = task.params.extra.get("mask") if task.type is TaskType.IMAGE_TO_IMAGE else None
+    if isinstance(mask, str) and mask:  # fetched by the agent with the inputs
+        _inline_size(ctx, mask, "mask")
+    found = [size for size in sizes if size is not None]
+    check_output_size(task.type, task.params, found, ctx.settings.max_width, ctx.settings.max_height)
+
+
+def _inline_size(ctx: ApiContext, url: str, what: str) -> tuple[int, int] | None:
+    """The size of an image given in the body; None for one behind a URL of a form agents fetch."""
+    try:
+        data = decode_inline(url, ctx.settings.max_body_bytes)
+        if data is not None:
+            return image_size(data, ctx.settings.max_input_pixels)
+        if not _INPUT_URL.fullmatch(url.strip()):
+            raise InputFetchError(f"{url[:100]!r} is not {URL_FORM}, an s3:// URL, a data: URL or base64")
+    except InputFetchError as e:
+        code = "too_large" if e.code == "input_too_large" else "bad_image"
+        raise ValidationFailed(f"{what}: {e.message or e}", code=code) from e
+    return None
 
 
 async def check_webhook(ctx: ApiContext, task: Task) -> None:
