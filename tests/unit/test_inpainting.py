@@ -330,3 +330,21 @@ def test_runtime_serve_says_an_inpainting_checkpoints_conditional_mask_weight(
     assert t2i.info["is_using_inpainting_conditioning"] is True
     assert ", Conditional mask weight: 1.0, Version:" in t2i.info["infotexts"][0]
     assert ", Denoising strength: 0.5, Conditional mask weight: 1.0, Version:" in i2i.info["infotexts"][0]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
+    from sdfleet.models import ModelCatalog, make_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    make_tiny(root, "tiny-xl", seed=0, sdxl=True)
+    return DiffusersRuntime(ModelCatalog(root), default_model="tiny-xl", device="cpu")
+
+
+@pytest.mark.parametrize("fill", [0, 2])
+async def test_sdxl_inpaints_on_its_own_pipeline(sdxl: DiffusersRuntime, fill: int) -> None:
+    """SDXL's inpainting pipeline (its own class, other arguments) with an image and with latents."""
+    image, said = await run(sdxl, inpainting_fill=fill)
+    assert image.size == (128, 96)
+    assert np.array_equal(np.asarray(image).astype(int)[FAR], np.asarray(NOISE).astype(int)[FAR])
+    assert said.endswith(f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}")
