@@ -38,6 +38,8 @@ class Inpaint:
     full_res: bool
     """SD WebUI's "Only masked": the mask's region, at the task's size, pasted back."""
     padding: int
+    round: bool = True
+    """SD WebUI's ``mask_round``: each latent pixel repainted or kept; off, grey ones are blended."""
 
 
 def asked(kind: TaskType, params: TaskParams) -> bool:
@@ -59,13 +61,18 @@ def read(kind: TaskType, params: TaskParams) -> Inpaint | None:
         blur_x = blur_y = _count(extra, "mask_blur", 4, BLUR_MAX)
     fill = _count(extra, "inpainting_fill", 0, 3)
     invert = _count(extra, "inpainting_mask_invert", 0, 1)
-    full_res = extra.get("inpaint_full_res", True)
-    if full_res is None:
-        full_res = True
-    if not isinstance(full_res, bool | int) or full_res not in (0, 1):
-        raise Reject("inpaint_full_res must be true or false", code="invalid_params")
+    full_res = _flag(extra, "inpaint_full_res")
     padding = _count(extra, "inpaint_full_res_padding", 0, PADDING_MAX)
-    return Inpaint(blur_x, blur_y, bool(invert), fill, bool(full_res), padding)
+    return Inpaint(blur_x, blur_y, bool(invert), fill, bool(full_res), padding, _flag(extra, "mask_round"))
+
+
+def _flag(extra: dict[str, Any], key: str) -> bool:
+    value = extra.get(key, True)
+    if value is None:
+        return True
+    if not isinstance(value, bool | int) or value not in (0, 1):
+        raise Reject(f"{key} must be true or false, not {value!r}", code="invalid_params")
+    return bool(value)
 
 
 def _count(extra: dict[str, Any], key: str, default: int, most: int) -> int:

@@ -45,6 +45,7 @@ CASES: list[tuple[str, Image.Image, dict[str, Any]]] = [
     ("latent noise", SQUARE, {"inpainting_fill": 2}),
     ("latent nothing, whole picture", SQUARE, {"inpainting_fill": 3, "inpaint_full_res": False}),
     ("alpha, blurred apart", ALPHA, {"mask_blur_x": 6, "mask_blur_y": 2}),
+    ("soft edge (mask_round off)", ALPHA, {"mask_round": False, "mask_blur": 8}),
 ]
 
 

@@ -67,7 +67,17 @@ def test_the_fields_are_read_with_sd_webuis_defaults_and_bad_values_refused() ->
         I2I, params(mask_blur=9, mask_blur_x=1, inpainting_mask_invert=1, inpaint_full_res=False)
     )
     assert both == inpaint.Inpaint(9, 9, True, 0, False, 0)  # SD WebUI's mask_blur sets both
-    for bad in ({"mask_blur": -1}, {"inpainting_fill": 4}, {"inpaint_full_res_padding": "8"}, {"mask": 3}):
+    assert inpaint.read(I2I, params(mask_round=False)) == inpaint.Inpaint(
+        4, 4, False, 0, True, 0, round=False
+    )
+    bad_values: list[dict[str, Any]] = [
+        {"mask_blur": -1},
+        {"inpainting_fill": 4},
+        {"inpaint_full_res_padding": "8"},
+        {"mask": 3},
+        {"mask_round": "yes"},
+    ]
+    for bad in bad_values:
         with pytest.raises(Reject) as e:
             inpaint.read(I2I, params(**bad))
         assert e.value.code == "invalid_params"
@@ -79,20 +89,16 @@ def test_the_fields_are_read_with_sd_webuis_defaults_and_bad_values_refused() ->
 
 
 def test_what_the_runtime_does_not_implement_is_refused_by_name_and_only_with_a_mask() -> None:
-    for extra, named in (
-        ({"mask_round": False}, "mask_round=False"),
-        ({"latent_mask": "x"}, "latent_mask"),
-    ):
+    for extra, named in (({"latent_mask": "x"}, "latent_mask"),):
         with pytest.raises(Reject, match=named) as e:
             refuse("diffusers", I2I, params(**extra))
         assert e.value.code == "unsupported_option"
     for fill in range(4):
         refuse("diffusers", I2I, params(inpainting_fill=fill, mask_blur=0))
-    no_mask = TaskParams.model_validate({"prompt": "x", "extra": {"mask_round": False}})
-    refuse("diffusers", I2I, no_mask)  # SD WebUI reads it only with a mask
+    refuse("diffusers", I2I, params(mask_round=False))
     with pytest.raises(Reject, match="inpainting is image-to-image's"):
         refuse("diffusers", TaskType.TEXT_TO_IMAGE, params())
-    refuse("a1111", I2I, params(mask_round=False))  # SD WebUI does it all
+    refuse("a1111", I2I, params(latent_mask="x"))  # SD WebUI does it all
 
 
 def test_blur_fill_and_region_are_sd_webuis() -> None:
@@ -163,6 +169,24 @@ async def test_latent_fills_start_the_masked_latents_from_noise_or_nothing(runti
         assert said.endswith(f"Masked area padding: 0{word}"), said
     assert np.abs(inside[2] - inside[3]).mean() > 1 and np.abs(inside[1] - inside[3]).mean() > 1
     assert np.array_equal(np.asarray(again), np.asarray(made[2][0]))
+
+
+async def test_mask_round_off_blends_the_blurred_edge_softly(runtime: DiffusersRuntime) -> None:
+    """SD WebUI's ``mask_round: false`` (refused in the first version): the latents' mask keeps its
+    grey, so the blurred edge is blended by degrees, not repainted or kept whole."""
+    soft, said = await run(runtime, mask_round=False, mask_blur=12)
+    rounded, same_words = await run(runtime, mask_blur=12)
+    assert said == same_words  # SD WebUI writes nothing of it
+    out, other = np.asarray(soft).astype(int), np.asarray(rounded).astype(int)
+    far = np.ones((96, 128), bool)
+    far[:, 18:112] = False  # the blur's kernel reaches 30 pixels past the square
+    assert np.array_equal(out[far], np.asarray(NOISE).astype(int)[far])
+    assert np.abs(out - other).mean() > 0.5
+    from sdfleet.runtimes._inpaint_images import latent_mask
+
+    grey = Image.new("L", (64, 64), 100)
+    assert set(np.unique(np.asarray(latent_mask(grey)))) == {0}
+    assert set(np.unique(np.asarray(latent_mask(grey, rounded=False)))) == {100}
 
 
 @pytest.fixture(scope="module")
@@ -256,9 +280,9 @@ def test_runtime_serve_inpaints_for_webuiapi_as_sd_webui_does(server: ServerThre
     assert out.info["extra_generation_params"]["Inpaint area"] == "Only masked"
     body = {"init_images": [webuiapi.raw_b64_img(NOISE)], "mask": webuiapi.raw_b64_img(MASK), "prompt": "x"}
     with httpx.Client(base_url=server.url, timeout=300) as http:
-        latent = http.post("/sdapi/v1/img2img", json={**body, "mask_round": False, "steps": 1})
+        latent = http.post("/sdapi/v1/img2img", json={**body, "latent_mask": "x", "steps": 1})
         unreadable = http.post("/sdapi/v1/img2img", json={**body, "mask": "bm90IGFuIGltYWdl", "steps": 1})
-    assert latent.status_code == 422 and "mask_round=False is not available" in latent.text, latent.text
+    assert latent.status_code == 422 and "latent_mask is not available" in latent.text, latent.text
     assert (
         unreadable.status_code == 400 and unreadable.json()["detail"] == "Invalid encoded image"
     )  # SD WebUI's

@@ -73,10 +73,10 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
     assert e.value.code == "unsupported_option"
     inpaint = copy_of(V1ALPHA2_I2I)
     inpaint["task"]["content"]["mask"] = "iVBORw0KGgo="
-    i2i = TaskType.IMAGE_TO_IMAGE  # inpainting runs (test_inpainting.py), a soft latent mask does not
+    i2i = TaskType.IMAGE_TO_IMAGE  # inpainting runs (test_inpainting.py), a second latent mask does not
     assert unsupported(task_of(inpaint).params, i2i) == []
-    inpaint["task"]["content"]["mask_round"] = False
-    assert unsupported(task_of(inpaint).params, i2i) == ["mask_round=False"]
+    inpaint["task"]["content"]["latent_mask"] = "iVBORw0KGgo="
+    assert unsupported(task_of(inpaint).params, i2i) == ["latent_mask"]
 
 
 def test_what_asks_for_the_defaults_is_not_refused() -> None:

@@ -191,6 +191,7 @@ def call_kwargs(
             kwargs["image"] = [each.image for each in ready.canvases]
             kwargs["mask_image"] = [each.mask for each in ready.canvases]
             kwargs.update(width=first.width, height=first.height)
+            F.round_masks(pipe, ready.spec.round)
             masked = ready.canvases[0].overlay is not None  # else a blank mask: plain img2img
             if ready.spec.fill in F.LATENT_FILLS and masked:
                 kwargs |= F.latent_start(pipe, ready.canvases, ready.spec.fill, parts[0].seeds, size)
@@ -200,6 +201,7 @@ def call_kwargs(
         if varied is not None:
             kwargs["latents"], kwargs["generator"] = _noise(pipe, varied, parts, first.width, first.height)
     if P.inpainting_unet(pipe) and "mask_image" not in kwargs:
+        F.round_masks(pipe, True)
         _unmasked(kwargs, img2img, (first.width, first.height))
     return kwargs, parts, steps
 

@@ -44,5 +44,14 @@ def latent_start(
     return {"image": latents, "masked_image_latents": masked}
 
 
+def round_masks(pipe: Any, on: bool) -> None:
+    """SD WebUI's ``mask_round`` on the inpainting pipeline: diffusers' pipelines binarize their
+    mask at 0.5; off, a mask processor that keeps its grey (the blend is soft there). Set before
+    each masked call: the pipeline is cached and shared."""
+    current = pipe.mask_processor
+    if bool(current.config.do_binarize) != on:
+        pipe.mask_processor = type(current).from_config({**current.config, "do_binarize": on})
+
+
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]

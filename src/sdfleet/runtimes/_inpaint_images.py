@@ -45,18 +45,21 @@ class Mask:
     for_overlay: Image.Image | None
     region: Box | None
     """"Only masked": the input's region (x1, y1, x2, y2) made at the task's size."""
+    rounded: bool = True
+    """``mask_round``: the latents' mask rounded to repaint or keep."""
 
 
-def read_mask(data: bytes) -> Image.Image:
-    """SD WebUI's ``create_binary_mask`` (``mask_round`` on): a mask with transparency is its alpha
-    channel, rounded to black and white; any other image, its luminance."""
+def read_mask(data: bytes, rounded: bool = True) -> Image.Image:
+    """SD WebUI's ``create_binary_mask``: a mask with transparency is its alpha channel (with
+    ``mask_round``, ``rounded``, made black and white); any other image, its luminance."""
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as e:
         raise Reject(f"mask is not a readable image: {e}", code="invalid_image") from e
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-        return image.split()[-1].convert("L").point(lambda x: 255 if x > 128 else 0)
+        alpha = image.split()[-1].convert("L")
+        return alpha.point(lambda x: 255 if x > 128 else 0) if rounded else alpha
     return image.convert("L")
 
 
@@ -94,19 +97,19 @@ def _fixed_point_kernel(taps: int, sigma: float) -> np.ndarray:
 
 def shape_mask(data: bytes, spec: Inpaint, size: tuple[int, int], resize_mode: int) -> Mask:
     """The task's mask for images made at ``size`` (width, height)."""
-    mask = read_mask(data)
+    mask = read_mask(data, spec.round)
     if spec.invert:
         mask = ImageOps.invert(mask)
     mask = blur(mask, spec.blur_x, spec.blur_y)
     if not spec.full_res:
         at_size = fit(mask, size, resize_mode)
         doubled = np.clip(np.asarray(at_size.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8)
-        return Mask(at_size, Image.fromarray(doubled, "L"), None)
+        return Mask(at_size, Image.fromarray(doubled, "L"), None, spec.round)
     found = mask.getbbox()
     if not found:
         return Mask(None, None, None)
     region = expand_region(_padded(found, spec.padding, mask.size), size, mask.size)
-    return Mask(fit(mask.crop(region), size, 2), mask, region)
+    return Mask(fit(mask.crop(region), size, 2), mask, region, spec.round)
 
 
 def _padded(box: Box, pad: int, size: tuple[int, int]) -> Box:
@@ -158,17 +161,20 @@ def canvas(image: Image.Image, mask: Mask, fill: int, size: tuple[int, int], res
         paste = (x1, y1, x2 - x1, y2 - y1)
     if fill != 1:
         image = filled(image, mask.for_latents)
-    return Canvas(image, latent_mask(mask.for_latents), kept.convert("RGBA"), paste)
+    return Canvas(image, latent_mask(mask.for_latents, mask.rounded), kept.convert("RGBA"), paste)
 
 
-def latent_mask(mask: Image.Image, scale: int = 8) -> Image.Image:
-    """SD WebUI's mask of the latents (``mask_round``: each latent pixel repainted or kept, from the
-    mask shrunk bicubically), drawn back at the image's size: the inpainting pipeline, which
-    binarizes its mask at 0.5 and samples it at every ``scale``-th pixel, then blends the same
-    latent pixels SD WebUI's sampler does."""
+def latent_mask(mask: Image.Image, rounded: bool = True, scale: int = 8) -> Image.Image:
+    """SD WebUI's mask of the latents (the mask shrunk bicubically; with ``mask_round``,
+    ``rounded``, each latent pixel repainted or kept), drawn back at the image's size: the
+    inpainting pipeline, which samples its mask at every ``scale``-th pixel (and binarizes it at
+    0.5 unless told not to: ``_diffusers_inpaint.round_masks``), then blends the same latent pixels
+    as SD WebUI's sampler, by the same amounts."""
     small = mask.convert("RGB").resize((mask.width // scale, mask.height // scale), Image.Resampling.BICUBIC)
-    rounded = np.around(np.asarray(small, dtype=np.float32)[..., 0] / 255)
-    latent = Image.fromarray((rounded * 255).astype(np.uint8), "L")
+    values = np.asarray(small, dtype=np.float32)[..., 0] / 255
+    if rounded:
+        values = np.around(values)
+    latent = Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
     return latent.resize(mask.size, Image.Resampling.NEAREST)
 
 

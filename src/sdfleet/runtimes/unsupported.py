@@ -67,8 +67,6 @@ _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
 }
 """The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
 crop and fill; not 3, a latent upscale)."""
-_INPAINT_TAKEN: dict[str, tuple[object, ...]] = {"mask_round": (None, True)}
-"""The same for inpainting (image-to-image with a ``mask``): a soft mask in latent space."""
 _OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "emphasis"}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -256,8 +254,6 @@ def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None)
     diffusers runtime does not implement (``_TAKEN``, an ancestral sampler's ``eta`` other than 1;
     DDIM's ``eta`` it takes)."""
     checked = {**_TAKEN, **(_IMG2IMG_TAKEN if kind is TaskType.IMAGE_TO_IMAGE else {})}
-    if kind is TaskType.IMAGE_TO_IMAGE and fields.get("mask"):
-        checked |= _INPAINT_TAKEN
     found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
     eta = fields.get("eta")
     if eta not in (None, 1) and ancestral(sampler):
