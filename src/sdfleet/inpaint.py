@@ -9,7 +9,8 @@ whole image is repainted at the task's size or, with ``inpaint_full_res`` (SD We
 masked", its API's default), only the mask's bounding box widened by ``inpaint_full_res_padding``
 pixels, brought to the task's size and pasted back into the input, which keeps its own size. What
 starts the masked area: ``inpainting_fill`` 0 the surrounding colours blurred into it ("fill"),
-1 the input ("original"). Outside the blurred mask the input is laid back over the result.
+1 the input ("original"), 2 noise and 3 nothing in its latents. ``mask_round`` (on) makes each
+latent pixel repainted or kept. Outside the blurred mask the input is laid back over the result.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def read(kind: TaskType, params: TaskParams) -> Inpaint | None:
     invert = _count(extra, "inpainting_mask_invert", 0, 1)
     full_res = _flag(extra, "inpaint_full_res")
     padding = _count(extra, "inpaint_full_res_padding", 0, PADDING_MAX)
-    return Inpaint(blur_x, blur_y, bool(invert), fill, bool(full_res), padding, _flag(extra, "mask_round"))
+    return Inpaint(blur_x, blur_y, bool(invert), fill, full_res, padding, _flag(extra, "mask_round"))
 
 
 def _flag(extra: dict[str, Any], key: str) -> bool:

@@ -122,9 +122,8 @@ class _Part:
     variation: variation.Variation | None = None
     subseeds: list[int] = field(default_factory=list)
     """Each image's variation seed, with a ``variation``."""
-    canvases: list[I.Canvas] = field(default_factory=list)
-    """Inpainting: each image's input made ready and what puts its result back."""
-    inpaint_said: list[tuple[str, Any]] = field(default_factory=list)
+    inpainting: Inpainting | None = None
+    """A masked job's inputs made ready, what puts its images back, and its infotext words."""
 
 
 def _parts(jobs: Sequence[Job]) -> list[_Part]:
@@ -187,7 +186,7 @@ def call_kwargs(
         if ready is None:
             kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
         else:  # alone in its call (batch_key)
-            parts[0].canvases, parts[0].inpaint_said = ready.canvases, ready.said
+            parts[0].inpainting = ready
             kwargs["image"] = [each.image for each in ready.canvases]
             kwargs["mask_image"] = [each.mask for each in ready.canvases]
             kwargs.update(width=first.width, height=first.height)
@@ -275,8 +274,9 @@ def _put_back(made: list[Any], parts: Sequence[_Part]) -> list[Any]:
     out: list[Any] = []
     for part in parts:
         mine = made[len(out) : len(out) + len(part.seeds)]
-        if part.canvases:
-            mine = [I.composite(image, each) for image, each in zip(mine, part.canvases, strict=True)]
+        if part.inpainting is not None:
+            canvases = part.inpainting.canvases
+            mine = [I.composite(image, each) for image, each in zip(mine, canvases, strict=True)]
         out += mine
     return out
 
@@ -389,7 +389,7 @@ def _result(part: _Part, g: Generated, loras: str | None) -> RuntimeResult:
         part.job.type,
         part.subseeds,
         loras,
-        part.inpaint_said,
+        part.inpainting.said if part.inpainting else (),
         g.conditional,
     )
     mine = g.images[part.start : part.start + len(part.seeds)]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdfleet.runtimes._diffusers_pipes import inpainting_unet
 from sdfleet.runtimes._inpaint_images import Canvas
 
 LATENT_FILLS = (2, 3)
@@ -37,7 +38,7 @@ def latent_start(
     else:
         latents = latents * (1 - repaint)
     masked = latents  # what a plain UNet is given (and does not read)
-    if pipe.unet.config.in_channels == 9:  # an inpainting UNet reads the masked input's pixels
+    if inpainting_unet(pipe):  # an inpainting UNet reads the masked input's pixels
         kept = pipe.mask_processor.preprocess([c.mask for c in canvases], height=height, width=width) < 0.5
         kept = kept.to(pixels.device, pixels.dtype)
         masked = pipe._encode_vae_image(pixels * kept, generator=_generators(seeds))
