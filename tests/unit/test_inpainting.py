@@ -372,3 +372,29 @@ async def test_sdxl_inpaints_on_its_own_pipeline(sdxl: DiffusersRuntime, fill: i
     assert image.size == (128, 96)
     assert np.array_equal(np.asarray(image).astype(int)[FAR], np.asarray(NOISE).astype(int)[FAR])
     assert said.endswith(f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}")
+
+
+def test_latent_fills_blend_by_a_soft_mask_as_sd_webui_does() -> None:
+    """SD WebUI fills the latents by its ``nmask``: with ``mask_round`` off a grey latent pixel is
+    part input, part noise (or nothing). The fill thresholded it at half."""
+    import torch
+
+    from sdfleet.runtimes._diffusers_inpaint import latent_start
+
+    class Pipe:  # what latent_start asks of a pipeline: latents of 1 everywhere, a plain UNet
+        vae_scale_factor = 8
+        device = "cpu"
+        vae = type("Vae", (), {"dtype": torch.float32})()
+        unet = type("Unet", (), {"config": type("Config", (), {"in_channels": 4})()})()
+        image_processor = type(
+            "P", (), {"preprocess": staticmethod(lambda images, **_: torch.zeros(1, 3, 16, 16))}
+        )()
+
+        @staticmethod
+        def _encode_vae_image(pixels: torch.Tensor, generator: Any) -> torch.Tensor:
+            return torch.ones(1, 4, 2, 2)
+
+    grey = Image.new("L", (16, 16), 64)  # a quarter repainted
+    canvas = I.Canvas(Image.new("RGB", (16, 16)), grey, None, None)
+    nothing = latent_start(Pipe(), [canvas], 3, [1], (16, 16))["image"]
+    assert torch.allclose(nothing, torch.full((1, 4, 2, 2), 1 - 64 / 255))

@@ -29,7 +29,10 @@ def latent_start(
     pixels = pixels.to(device=pipe.device, dtype=pipe.vae.dtype)
     latents = pipe._encode_vae_image(pixels, generator=_generators(seeds))
     scale = pipe.vae_scale_factor
-    repaint = torch.from_numpy(np.stack([np.asarray(c.mask)[::scale, ::scale] > 127 for c in canvases]))
+    # how much of each latent pixel is repainted: 0 or 1, or between with mask_round off (SD WebUI
+    # blends the fill by its nmask, soft then too)
+    shares = [np.asarray(c.mask, dtype=np.float32)[::scale, ::scale] / 255 for c in canvases]
+    repaint = torch.from_numpy(np.stack(shares))
     repaint = repaint[:, None].to(device=latents.device, dtype=latents.dtype)
     if fill == 2:
         shape = tuple(latents.shape[1:])
