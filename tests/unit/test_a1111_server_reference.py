@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from fakes.sdwebui_reference import CALLS, PROGRESS_RUNNING, mismatches
 from fakes.servers import ServerThread, a1111_server, free_port, tiny_catalog
+from sdfleet.infotext import VERSION
 from sdfleet.runtime_server import create_app
-from sdfleet.runtime_server.infotext import VERSION
 from sdfleet.runtime_server.schemas import Img2ImgRequest, Txt2ImgRequest
 
 REF_MODEL, REF_HASH, REF_VERSION = "random-sd15-b", "c34d81fac4", "1.10.1"

@@ -12,7 +12,8 @@ from PIL import Image
 from test_diffusers_batching import assert_same_images, pixels, quiet
 
 from sdfleet.errors import Reject
-from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.infotext import VERSION
+from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -37,6 +38,10 @@ def job(
     return Job(task_id, TaskType.TEXT_TO_IMAGE, model, asked)
 
 
+def model_hash(runtime: DiffusersRuntime, model: str) -> str:
+    return checkpoint_hash.sha256(runtime.catalog.resolve(model))[:10]
+
+
 def sizes(result: RuntimeResult) -> list[tuple[int, int]]:
     return [Image.open(io.BytesIO(png)).size for png in result.images]
 
@@ -57,8 +62,8 @@ async def test_the_second_pass_makes_the_larger_image(
     assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) >= 5  # 2 + 3 steps, one bar
     text = result.info["infotexts"][0]
     assert text.endswith(
-        f"Size: 64x64, Model: {model}, Denoising strength: 0.75, Hires upscale: 2.0, Hires steps: 3, "
-        f"Hires upscaler: {upscaler}"
+        f"Size: 64x64, Model hash: {model_hash(runtime, model)}, Model: {model}, Denoising strength: 0.75, "
+        f"Hires upscale: 2.0, Hires steps: 3, Hires upscaler: {upscaler}, Version: {VERSION}"
     ), text
     plain = await runtime.run(job(model=model, hires=False, size=128), quiet)
     assert np.abs(pixels(result.images[0]) - pixels(plain.images[0])).max() > 8  # not a plain 128²

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from fakes.servers import a1111_server, free_port
 from sdfleet.errors import Reject
+from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, make_tiny
-from sdfleet.runtime_server.infotext import VERSION
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes._diffusers_opts import DiffusersOptions
 from sdfleet.runtimes.base import Job, RuntimeResult
@@ -169,7 +169,7 @@ async def test_the_infotext_says_lora_hashes_as_sd_webui_does(
     style = addnet(models_dir / "Lora" / "tiny-style.safetensors")[:12]
     detail = addnet(models_dir / "Lora" / "sub" / "Tiny-Detail.safetensors")[:12]
     result = await runtime.run(job("a red cat <lora:Tiny-Detail:0.5> <lora:tiny-style:1>"), no_progress)
-    said = f'Lora hashes: "Tiny-Detail: {detail}, tiny-style: {style}"'
+    said = f'Lora hashes: "Tiny-Detail: {detail}, tiny-style: {style}", Version: {VERSION}'
     assert result.info["infotexts"][0].endswith(said), result.info["infotexts"][0]
     with Image.open(io.BytesIO(result.images[0])) as im:
         assert im.info["parameters"].endswith(said)  # the PNG's own text

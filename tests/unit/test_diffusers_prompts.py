@@ -16,6 +16,7 @@ import torch
 from test_diffusers_batching import assert_same_images, pixels, quiet
 
 from sdfleet.errors import Reject
+from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_syntax as S
@@ -225,6 +226,6 @@ async def test_override_settings_emphasis_is_taken(runtime: DiffusersRuntime, mo
     assert np.abs(ignored - unweighted).max() <= 1
     literal = await runtime.run(job("l", model, prompt=prompt, **mode("None")), quiet)
     assert np.abs(pixels(literal.images[0]) - original).max() > 0  # brackets as characters
-    assert literal.info["infotexts"][0].endswith(", Emphasis: None")  # SD WebUI's words
+    assert literal.info["infotexts"][0].endswith(f", Emphasis: None, Version: {VERSION}")  # SD WebUI's words
     plain = await runtime.run(job("p", model, prompt="a red cat", **mode("None")), quiet)
     assert "Emphasis" not in plain.info["infotexts"][0]  # said only where brackets are

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from sdfleet.errors import ConfigError, Interrupted, ModelLoadError, Reject
-from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.infotext import VERSION
+from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
 from sdfleet.runtimes import RUNTIMES, build_runtime
 from sdfleet.runtimes._diffusers_pipes import fit, load_pipeline, make_scheduler, set_tiling
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, sampler_key
@@ -118,9 +119,13 @@ async def test_the_infotext_says_what_png_info_needs_to_make_the_image_again(
         TaskType.IMAGE_TO_IMAGE, steps=4, denoising_strength=0.5, clip_skip=2, init_images=[buf.getvalue()]
     )
     made = await runtime.run(i2i, no_progress)
-    assert "Size: 64x64, Model: tiny-a, Denoising strength: 0.5, Clip skip: 2" in made.info["infotexts"][0]
+    said = "Size: 64x64, Model hash: {}, Model: tiny-a, Denoising strength: 0.5, Clip skip: 2, Version: {}"
+    model_hash = checkpoint_hash.sha256(runtime.catalog.resolve("tiny-a"))[:10]
+    assert said.format(model_hash, VERSION) in made.info["infotexts"][0]
     plain = await runtime.run(job(), no_progress)
-    assert plain.info["infotexts"][0].endswith("Seed: 1, Size: 64x64, Model: tiny-a")
+    assert plain.info["infotexts"][0].endswith(
+        f"Seed: 1, Size: 64x64, Model hash: {model_hash}, Model: tiny-a, Version: {VERSION}"
+    )
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
@@ -222,7 +227,7 @@ async def test_a_tiling_task_leaves_the_next_task_as_it_was(runtime: DiffusersRu
     tiled = await runtime.run(job(seed=21, extra={"tiling": True}), no_progress)
     after = await runtime.run(job(seed=21), no_progress)
     assert before.images == after.images and tiled.images != before.images
-    assert tiled.info["infotexts"][0].endswith(", Tiling: True")
+    assert tiled.info["infotexts"][0].endswith(f", Tiling: True, Version: {VERSION}")
     assert runtime.batch_key(job(extra={"tiling": True})) != runtime.batch_key(job())
 
 
@@ -335,7 +340,7 @@ def test_karras_scheduler_option_and_unknown_sampler() -> None:
 )
 async def test_sampler_smoke(runtime: DiffusersRuntime, sampler: str) -> None:
     result = await runtime.run(job(sampler=sampler), no_progress)
-    assert len(result.images) == 1 and result.info["sampler_name"] == sampler
+    assert len(result.images) == 1 and result.info["sampler_name"] == sampler.removesuffix(" Karras")
 
 
 async def test_progress_increases_to_one(runtime: DiffusersRuntime) -> None:

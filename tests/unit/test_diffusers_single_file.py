@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from sdfleet.compat import v1alpha2
 from sdfleet.errors import ModelLoadError
+from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, family, ldm, make_tiny
 from sdfleet.models.clip_vocab import CLIP_VOCAB_SIZE, write_tokenizer
 from sdfleet.runtimes._diffusers_detect import _v_prediction, is_v_prediction, read_shapes
@@ -126,7 +127,9 @@ async def test_an_inpainting_checkpoint_loads_and_says_so(runtime: DiffusersRunt
     writes ``Conditional mask weight`` (``test_inpainting.py`` runs such a UNet further)."""
     made = await runtime.run(job("inpaint.safetensors"), no_progress)
     assert Image.open(io.BytesIO(made.images[0])).size == (64, 64)
-    assert made.info["infotexts"][0].endswith("Model: inpaint, Conditional mask weight: 1.0")
+    assert made.info["infotexts"][0].endswith(
+        f"Model: inpaint, Conditional mask weight: 1.0, Version: {VERSION}"
+    )
 
 
 def test_an_sdxl_refiner_is_named() -> None:

@@ -20,7 +20,7 @@ from test_diffusers_batching import pixels, quiet
 from sdfleet import variation
 from sdfleet.errors import Reject, ValidationFailed
 from sdfleet.limits import check_output_size
-from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
 from sdfleet.runtimes._diffusers_noise import first_noise, slerp
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
@@ -81,9 +81,10 @@ async def test_a_batch_shares_its_seed_and_varies_by_consecutive_variation_seeds
     assert info["all_seeds"] == [5, 5, 5]  # SD WebUI's rule with a strength
     assert (info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (40, [40, 41, 42], 0.3)
     assert len({pixels(png).tobytes() for png in result.images}) == 3
+    model_hash = checkpoint_hash.sha256(runtime.catalog.resolve("tiny-a"))[:10]
     assert (
-        "Seed: 5, Size: 64x64, Model: tiny-a, Variation seed: 41, Variation seed strength: 0.3"
-        in (info["infotexts"][1])
+        f"Seed: 5, Size: 64x64, Model hash: {model_hash}, Model: tiny-a, Variation seed: 41, "
+        "Variation seed strength: 0.3, Version: " in (info["infotexts"][1])
     )
     alone = await runtime.run(job(seed=5, subseed=41, subseed_strength=0.3), quiet)
     assert differ(alone.images[0], result.images[1]) <= 1  # image 2 of the batch is its own image

@@ -22,6 +22,7 @@ from fakes.servers import ServerThread, a1111_server, free_port
 from fakes.tiny import no_progress, tiny_diffusers, with_inpainting_unet
 from sdfleet import inpaint
 from sdfleet.errors import Reject
+from sdfleet.infotext import VERSION
 from sdfleet.runtimes import _inpaint_images as I
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
@@ -139,20 +140,25 @@ async def test_only_masked_repaints_the_region_and_pastes_it_back_into_the_input
     # SD WebUI 1.10.1's words and order for the same request (its server, this session's note)
     assert said.endswith(
         "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0, "
-        "Masked content: fill"
+        f"Masked content: fill, Version: {VERSION}"
     )
 
 
 async def test_whole_picture_inverted_and_blank_masks(runtime: DiffusersRuntime) -> None:
     whole, said = await run(runtime, inpaint_full_res=False)
-    assert whole.size == (64, 64) and said.endswith("Mask blur: 4, Masked content: fill")
+    assert whole.size == (64, 64) and said.endswith(f"Mask blur: 4, Masked content: fill, Version: {VERSION}")
     inverted, said = await run(runtime, inpainting_mask_invert=1, inpainting_fill=1, mask_blur=0)
     out, source = np.asarray(inverted).astype(int), np.asarray(NOISE).astype(int)
     assert np.array_equal(out[30:60, 50:80], source[30:60, 50:80])  # the mask's square is kept
-    assert said.endswith("Mask mode: Inpaint not masked, Inpaint area: Only masked, Masked area padding: 0")
+    assert said.endswith(
+        "Mask mode: Inpaint not masked, Inpaint area: Only masked, Masked area padding: 0, "
+        f"Version: {VERSION}"
+    )
     # "Only masked" with a blank mask: SD WebUI repaints the whole input at the task's size
     blank, said = await run(runtime, mask=Image.new("L", (128, 96), 0))
-    assert blank.size == (64, 64) and said.endswith("Denoising strength: 0.75, Mask blur: 4")
+    assert blank.size == (64, 64) and said.endswith(
+        f"Denoising strength: 0.75, Mask blur: 4, Version: {VERSION}"
+    )
 
 
 async def test_latent_fills_start_the_masked_latents_from_noise_or_nothing(runtime: DiffusersRuntime) -> None:
@@ -166,7 +172,7 @@ async def test_latent_fills_start_the_masked_latents_from_noise_or_nothing(runti
     for fill, (image, said) in made.items():
         assert image.size == (128, 96) and np.array_equal(np.asarray(image).astype(int)[FAR], source[FAR])
         word = {1: "", 2: ", Masked content: latent noise", 3: ", Masked content: latent nothing"}[fill]
-        assert said.endswith(f"Masked area padding: 0{word}"), said
+        assert said.endswith(f"Masked area padding: 0{word}, Version: {VERSION}"), said
     assert np.abs(inside[2] - inside[3]).mean() > 1 and np.abs(inside[1] - inside[3]).mean() > 1
     assert np.array_equal(np.asarray(again), np.asarray(made[2][0]))
 
@@ -208,7 +214,7 @@ async def test_an_inpainting_unet_is_given_the_mask_and_masked_input(
     # SD WebUI 1.10.1's words with an inpainting checkpoint (its server, this session's note)
     assert said.endswith(
         "Denoising strength: 0.75, Conditional mask weight: 1.0, Mask blur: 4, Inpaint area: Only masked, "
-        f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}"
+        f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}, Version: {VERSION}"
     )
 
 
@@ -221,7 +227,9 @@ async def test_an_inpainting_checkpoint_runs_text_and_image_to_image_without_a_m
     t2i = TaskParams(prompt="a cat", steps=3, width=64, height=64, seed=4, batch_size=2)
     made = await inpainting_unet.run(Job("t", TaskType.TEXT_TO_IMAGE, None, t2i), no_progress)
     assert [rgb(png).size for png in made.images] == [(64, 64), (64, 64)]
-    assert made.info["infotexts"][0].endswith("Model: tiny-a, Conditional mask weight: 1.0")
+    assert made.info["infotexts"][0].endswith(
+        f"Model: tiny-a, Conditional mask weight: 1.0, Version: {VERSION}"
+    )
     assert made.info["conditional_mask_weight"] == 1.0
     second = await inpainting_unet.run(
         Job("t", TaskType.TEXT_TO_IMAGE, None, t2i.model_copy(update={"seed": 5})), no_progress
@@ -243,7 +251,9 @@ async def test_an_inpainting_checkpoint_runs_text_and_image_to_image_without_a_m
     i2i = TaskParams(prompt="a cat", steps=3, width=64, height=64, seed=4, denoising_strength=0.75)
     made = await inpainting_unet.run(Job("t", I2I, None, i2i, init_images=[png(NOISE)]), no_progress)
     assert rgb(made.images[0]).size == (64, 64)
-    assert made.info["infotexts"][0].endswith("Denoising strength: 0.75, Conditional mask weight: 1.0")
+    assert made.info["infotexts"][0].endswith(
+        f"Denoising strength: 0.75, Conditional mask weight: 1.0, Version: {VERSION}"
+    )
     hires = t2i.model_copy(update={"extra": {"enable_hr": True, "hr_scale": 2}})
     with pytest.raises(Reject, match="hires fix is not implemented for an inpainting checkpoint") as e:
         await inpainting_unet.run(Job("t", TaskType.TEXT_TO_IMAGE, None, hires), no_progress)
@@ -371,7 +381,7 @@ async def test_sdxl_inpaints_on_its_own_pipeline(sdxl: DiffusersRuntime, fill: i
     image, said = await run(sdxl, inpainting_fill=fill)
     assert image.size == (128, 96)
     assert np.array_equal(np.asarray(image).astype(int)[FAR], np.asarray(NOISE).astype(int)[FAR])
-    assert said.endswith(f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}")
+    assert said.endswith(f"Masked area padding: 0, Masked content: {inpaint.FILLS[fill]}, Version: {VERSION}")
 
 
 def test_latent_fills_blend_by_a_soft_mask_as_sd_webui_does() -> None:

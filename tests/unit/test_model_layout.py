@@ -3,13 +3,19 @@ sizes, thumbnails and the LRU bookkeeping of ``ModelFetcher.use``."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from sdfleet.api.thumbs import make_thumbnail, thumb_key
+from sdfleet.models import ModelCatalog, checkpoint_hash, layout
 from sdfleet.models.catalog import match_name
 from sdfleet.models.fetcher import ModelFetcher
 from sdfleet.models.layout import ChecksumCache, group, local_models, sha256_file, top_entries, visible_last
@@ -72,6 +78,63 @@ def test_local_models_and_checksum_cache(tmp_path: Path) -> None:
     (tmp_path / "elsewhere" / "m.ckpt").write_bytes(b"m")
     ChecksumCache(tmp_path / "elsewhere", persist=False).sha256("m.ckpt")
     assert not (tmp_path / "elsewhere" / ".sdfleet").exists()  # a user's folder stays as it was
+
+
+def test_checksums_are_shared_between_processes_and_survive_a_read_only_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent reads the checksums a ``models pull`` beside it recorded after it started (a miss
+    reads the file again), and a write merges with what another process wrote meanwhile."""
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / name).write_bytes(name.encode())
+    agent, pull = ChecksumCache(tmp_path), ChecksumCache(tmp_path)
+    assert agent.known("a.safetensors") is None
+    pull.remember("a.safetensors", "f" * 64)  # checked on download, as the pull records it
+    assert agent.known("a.safetensors") == agent.sha256("a.safetensors") == "f" * 64  # not read
+    agent.remember("b.safetensors", "e" * 64)
+    assert ChecksumCache(tmp_path).known("a.safetensors") == "f" * 64  # the agent's write kept it
+    # a folder that cannot hold .sdfleet/: remembered in memory, said once, never an error
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / ".sdfleet").write_text("a file where the folder would be")
+    (locked / "m.ckpt").write_bytes(b"m")
+    cache = ChecksumCache(locked)
+    with caplog.at_level(logging.WARNING, logger="sdfleet.models.layout"):
+        assert cache.sha256("m.ckpt") == sha256_file(locked / "m.ckpt") == cache.known("m.ckpt")
+    assert "kept in memory only" in caplog.text and not cache.persist
+
+
+def test_a_checkpoints_hash_is_sd_webuis_and_a_pulled_one_is_not_read_again(tmp_path: Path) -> None:
+    (tmp_path / "m.safetensors").write_bytes(b"weights")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "model_index.json").write_text("{}")
+    catalog = ModelCatalog(tmp_path)
+    single, folder = catalog.resolve("m.safetensors"), catalog.resolve("f")
+    assert checkpoint_hash.known(single) is None and checkpoint_hash.known(folder) is None
+    assert checkpoint_hash.sha256(single) == hashlib.sha256(b"weights").hexdigest()  # SD WebUI's
+    assert checkpoint_hash.known(single) == hashlib.sha256(b"weights").hexdigest()
+    assert checkpoint_hash.sha256(folder) == checkpoint_hash.known(folder)
+    (tmp_path / "p.safetensors").write_bytes(b"pulled")
+    ChecksumCache(tmp_path).remember("p.safetensors", "c" * 64)  # what `models pull` verified
+    assert checkpoint_hash.sha256(catalog.resolve("p")) == "c" * 64
+
+
+def test_two_callers_read_a_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs of a model loaded just now (the second waits at the device) both want its hash:
+    the second waits for the first one's reading instead of reading gigabytes beside it."""
+    (tmp_path / "m.safetensors").write_bytes(b"w" * 1000)
+    reads: list[Path] = []
+
+    def slow_read(path: Path, chunk: int = 4 * 2**20) -> str:
+        reads.append(path)
+        time.sleep(0.2)  # long enough for the other caller to arrive while this one reads
+        return sha256_file(path, chunk)
+
+    monkeypatch.setattr(layout, "sha256_file", slow_read)
+    info = ModelCatalog(tmp_path).resolve("m")
+    with ThreadPoolExecutor(2) as pool:
+        digests = list(pool.map(lambda _: checkpoint_hash.sha256(info), range(2)))
+    assert digests == [hashlib.sha256(b"w" * 1000).hexdigest()] * 2 and len(reads) == 1
 
 
 def test_part_size_grows_past_ten_thousand_parts() -> None:

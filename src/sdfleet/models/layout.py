@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sdfleet.models.catalog import CONFIG_SUFFIX, SINGLE_FILE_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = ".sdfleet"
 """Transfer state inside a models folder (partial files, checksums, locks); never a model."""
@@ -114,8 +117,11 @@ def sha256_file(path: Path, chunk: int = 4 * 2**20) -> str:
 class ChecksumCache:
     """SHA-256 of local files, remembered by (size, mtime) in ``<root>/.sdfleet/checksums.json``.
 
-    Hashing a multi-GB checkpoint takes seconds; a sync compares many. A lost or stale entry only
-    costs a re-hash, so concurrent writers simply overwrite each other (atomically).
+    Hashing a multi-GB checkpoint takes seconds; a sync compares many, and an infotext's ``Model
+    hash`` needs one. Processes share the file (an agent reads what a ``models pull`` beside it
+    checked on download): a miss reads it again, a write merges into what is there. A lost or
+    stale entry only costs a re-hash, so concurrent writers replace the file atomically and
+    nothing more; a folder that cannot be written is remembered in memory only.
     """
 
     def __init__(self, root: Path, *, persist: bool = True) -> None:
@@ -124,27 +130,36 @@ class ChecksumCache:
         self.root = root
         self.persist = persist
         self._lock = threading.Lock()
-        self._entries: dict[str, list[object]] | None = None
+        self._entries: dict[str, list[object]] = {}
 
-    def _load(self) -> dict[str, list[object]]:
-        if self._entries is None and not self.persist:
-            self._entries = {}
-        if self._entries is None:
-            try:
-                self._entries = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                self._entries = {}
-        return self._entries
+    def _on_disk(self) -> dict[str, list[object]]:
+        if not self.persist:
+            return {}
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def known(self, rel: str) -> str | None:
+        """The checksum remembered for ``root/rel`` as it is on disk now, else None (blocking:
+        reads the cache file when this process has none)."""
+        st = (self.root / rel).stat()
+        now = [st.st_size, st.st_mtime_ns]
+        with self._lock:
+            entry = self._entries.get(rel)
+            if not (isinstance(entry, list) and entry[:2] == now):
+                self._entries = {**self._entries, **self._on_disk()}
+                entry = self._entries.get(rel)
+        return str(entry[2]) if isinstance(entry, list) and entry[:2] == now and len(entry) > 2 else None
 
     def sha256(self, rel: str) -> str:
-        """The checksum of ``root/rel`` (blocking: call it in a thread)."""
-        path = self.root / rel
-        st = path.stat()
-        with self._lock:
-            entry = self._load().get(rel)
-        if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            return str(entry[2])
-        digest = sha256_file(path)
+        """The checksum of ``root/rel``, read from the file when not remembered (blocking: call it
+        in a thread)."""
+        known = self.known(rel)
+        if known is not None:
+            return known
+        digest = sha256_file(self.root / rel)
         self.remember(rel, digest)
         return digest
 
@@ -152,11 +167,14 @@ class ChecksumCache:
         """Record the checksum of ``root/rel`` as it is on disk now."""
         st = (self.root / rel).stat()
         with self._lock:
-            entries = self._load()
-            entries[rel] = [st.st_size, st.st_mtime_ns, digest]
+            self._entries = {**self._entries, **self._on_disk(), rel: [st.st_size, st.st_mtime_ns, digest]}
             if not self.persist:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, self.path)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(self._entries))
+                os.replace(tmp, self.path)
+            except OSError as e:  # a read-only models folder: hashing again costs time, not results
+                log.warning("checksums of %s kept in memory only: %s", self.root, e)
+                self.persist = False

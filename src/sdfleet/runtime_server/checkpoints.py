@@ -1,73 +1,39 @@
 """SD WebUI's view of the models folder: titles, short and full sha256, as ``/sd-models`` lists them.
 
 Like SD WebUI, a checkpoint is hashed when it is first loaded (reading a multi-GB file costs
-seconds), and listed without a hash before that: title ``"<file>"``, ``hash`` and ``sha256`` null.
-Once hashed its title is ``"<file> [<first 10 hex of sha256>]"``. Diffusers folders, which SD WebUI
-does not list at all, are listed too; their hash covers ``model_index.json`` and the file listing.
+seconds), and listed without a hash before that unless its hash is remembered (SD WebUI's
+``cache.json``; here the models folder's checksum cache, ``models.checkpoint_hash``): title
+``"<file>"``, ``hash`` and ``sha256`` null. Once hashed its title is ``"<file> [<first 10 hex of
+sha256>]"``. Diffusers folders, which SD WebUI does not list at all, are listed too; their hash
+covers ``model_index.json`` and the file listing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from pathlib import Path
 from typing import Any
 
 from sdfleet.errors import NotFound, Reject
+from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
-
-_CHUNK = 1 << 20
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _folder_sha256(path: Path) -> str:
-    digest = hashlib.sha256((path / "model_index.json").read_bytes())
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{f.relative_to(path)}\0{f.stat().st_size}\n".encode())
-    return digest.hexdigest()
+from sdfleet.models.checkpoint_hash import SHORT
 
 
 class Checkpoints:
-    """Titles and hashes of the catalog's models; hashes are kept per (path, size, mtime)."""
+    """Titles and hashes of the catalog's models (``models.checkpoint_hash``)."""
 
     def __init__(self, catalog: ModelCatalog) -> None:
         self.catalog = catalog
-        self._hashes: dict[tuple[str, int, float], str] = {}
-        self._lock = threading.Lock()
-
-    def _key(self, info: ModelInfo) -> tuple[str, int, float]:
-        stat = info.path.stat()
-        return (str(info.path), stat.st_size, stat.st_mtime)
 
     def hash(self, info: ModelInfo) -> str:
         """The full sha256, computed now if needed. Blocking: call in a thread."""
-        key = self._key(info)
-        with self._lock:
-            known = self._hashes.get(key)
-        if known is None:
-            known = _folder_sha256(info.path) if info.kind == "diffusers" else _file_sha256(info.path)
-            with self._lock:
-                self._hashes[key] = known
-        return known
+        return checkpoint_hash.sha256(info)
 
     def known_hash(self, info: ModelInfo) -> str | None:
-        try:
-            key = self._key(info)
-        except OSError:
-            return None
-        with self._lock:
-            return self._hashes.get(key)
+        return checkpoint_hash.known(info)
 
     def title(self, info: ModelInfo) -> str:
         sha = self.known_hash(info)
-        return f"{info.name} [{sha[:10]}]" if sha else info.name
+        return f"{info.name} [{sha[:SHORT]}]" if sha else info.name
 
     def items(self) -> list[dict[str, Any]]:
         out = []
@@ -77,7 +43,7 @@ class Checkpoints:
                 {
                     "title": self.title(info),
                     "model_name": info.stem,
-                    "hash": sha[:10] if sha else None,
+                    "hash": sha[:SHORT] if sha else None,
                     "sha256": sha,
                     # As SD WebUI lists it: the path in the folder, not resolved through links.
                     "filename": str(info.path.absolute()),
@@ -94,9 +60,9 @@ class Checkpoints:
             return self.catalog.resolve(name)
         except NotFound as e:
             wanted = name.strip().lower()
-            for info in self.catalog.list() if len(wanted) in (10, 64) else ():
+            for info in self.catalog.list() if len(wanted) in (SHORT, 64) else ():
                 sha = self.known_hash(info)
-                if sha is not None and wanted in (sha, sha[:10]):
+                if sha is not None and wanted in (sha, sha[:SHORT]):
                     return info
             raise Reject(f"model {name!r} not found", code="unknown_model") from e
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Interrupted, Reject
+from sdfleet.models.checkpoint_hash import SHORT
 from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
 from sdfleet.runtime_server.images import api_image
@@ -26,6 +27,7 @@ from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
+from sdfleet.runtimes._diffusers_samplers import eta_said
 from sdfleet.runtimes._prompt_syntax import emphasis_said
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
 from sdfleet.tasks import TaskParams, TaskType
@@ -211,7 +213,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         seeds=variation.seeds(seed, images, varied),
         subseeds=variation.consecutive(subseed, images),  # as the runtime makes them
         model_name=info.stem if info else None,
-        model_hash=sha[:10] if sha else None,
+        model_hash=sha[:SHORT] if sha else None,
         clip_skip=clip,
         job_timestamp="0",
         options=state.options,
@@ -222,6 +224,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         gen.extra.update(second.generation_params)
     if emphasis_said(emphasis, (gen.prompt, gen.negative_prompt)):
         gen.extra["Emphasis"] = emphasis
+    gen.extra |= eta_said(sampler.runtime_key, req.eta)  # said by the sampler, last
     return gen, params, model
 
 
@@ -229,10 +232,10 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], loras: bool) -> None
     """The infotext's words only the run knows, from the runtime's ``info``, where SD WebUI puts
     them: inpainting's (``inpainting``: whether "Only masked" found a region) and, with ``loras``
     (the ``lora_add_hashes_to_infotext`` option), ``Lora hashes`` of the LoRAs it applied, after
-    the hires fix's words and before ``Emphasis``; an inpainting checkpoint's ``Conditional mask
-    weight``."""
+    the hires fix's words and before ``Emphasis`` and ``Eta DDIM``; an inpainting checkpoint's
+    ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
-    later = {key: gen.extra.pop(key) for key in ("Emphasis",) if key in gen.extra}
+    later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM") if k in gen.extra}
     gen.extra |= info.get("inpainting") or {}
     if loras and info.get("lora_hashes"):
         gen.extra["Lora hashes"] = info["lora_hashes"]

@@ -7,17 +7,14 @@ on here).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdfleet import __version__
+from sdfleet import infotext as words
+from sdfleet.infotext import VERSION
 from sdfleet.runtime_server.options import Options
 from sdfleet.runtime_server.samplers import Resolved
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest
-
-VERSION = f"sdfleet-{__version__}"
-"""What ``info.version`` and the infotexts' ``Version`` say: this server, not an SD WebUI release."""
 
 
 @dataclass
@@ -57,24 +54,16 @@ class Generation:
         return self.request.negative_prompt or ""
 
 
-def quote(value: Any) -> Any:
-    """An infotext value, JSON-quoted when it holds a comma, colon or newline (as SD WebUI does)."""
-    text = str(value)
-    if "," not in text and "\n" not in text and ":" not in text:
-        return value
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _parameters(gen: Generation, index: int) -> dict[str, Any]:
+def infotext(gen: Generation, index: int) -> str:
+    """The ``parameters`` text of image ``index``."""
     r, opts = gen.request, gen.options
     strength = r.subseed_strength or 0
     resized = (r.seed_resize_from_w or 0) > 0 and (r.seed_resize_from_h or 0) > 0
-    params: dict[str, Any] = {
+    core: dict[str, Any] = {
         "Steps": r.steps,
         "Sampler": gen.sampler.sampler,
         "Schedule type": gen.sampler.schedule_label,
         "CFG scale": r.cfg_scale,
-        "Image CFG scale": getattr(r, "image_cfg_scale", None),
         "Seed": gen.seeds[index],
         "Size": f"{r.width}x{r.height}",
         "Model hash": gen.model_hash if opts["add_model_hash_to_info"] else None,
@@ -82,22 +71,12 @@ def _parameters(gen: Generation, index: int) -> dict[str, Any]:
         "Variation seed": gen.subseeds[index] if strength != 0 else None,
         "Variation seed strength": strength if strength != 0 else None,
         "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if resized else None,
-        "Denoising strength": gen.extra.get("Denoising strength"),
         "Conditional mask weight": gen.conditional_mask_weight,
         "Clip skip": gen.clip_skip if gen.clip_skip > 1 else None,
         "Tiling": "True" if gen.tiling else None,
-        **gen.extra,
-        "Version": VERSION if opts["add_version_to_infotext"] else None,
     }
-    return params
-
-
-def infotext(gen: Generation, index: int) -> str:
-    """The ``parameters`` text of image ``index``."""
-    params = _parameters(gen, index)
-    text = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {gen.negative_prompt}" if gen.negative_prompt else ""
-    return f"{gen.prompt}{negative}\n{text}".strip()
+    version = VERSION if opts["add_version_to_infotext"] else None
+    return words.text(gen.prompt, gen.negative_prompt, core, gen.extra, version)
 
 
 def info(gen: Generation, infotexts: list[str], *, index_of_first_image: int = 0) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_edits as D
 from sdfleet.runtimes import _diffusers_hires as H
+from sdfleet.runtimes import _diffusers_info as R
 from sdfleet.runtimes import _diffusers_inpaint as F
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_noise as N
@@ -294,6 +295,8 @@ class Generated:
     """The LoRAs the call applied (one set for all its jobs: ``batch_key``), for the infotexts."""
     conditional: bool = False
     """Made by an inpainting UNet (SD WebUI's ``Conditional mask weight``)."""
+    model_hash: str | None = None
+    """The checkpoint's ``Model hash`` (``_diffusers_info.model_hash``), read beside the run."""
 
 
 def generate(
@@ -336,7 +339,7 @@ def generate(
             seeds = [s for part in call_parts for s in part.seeds]
             images += H.run(second, first, kwargs, seeds, callback(passes * n + 1, total))
     ordered = [parts[i] for i in range(len(jobs))]
-    sampler_name = sampler or P.sampler_name_of(pipe.scheduler)
+    sampler_name = sampler or R.sampler_name_of(pipe.scheduler)
     return Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
 
 
@@ -374,24 +377,14 @@ def _calls(
 def encode(g: Generated) -> list[RuntimeResult]:
     """One result per job, its images as PNGs carrying A1111's ``parameters`` text (blocking: it
     hashes a LoRA file the first time one is named there)."""
-    loras = L.hashes_said(g.loras)
-    return [_result(part, g, loras) for part in g.parts]
+    call = R.Call(g.sampler, g.model, g.steps, g.model_hash, L.hashes_said(g.loras), g.conditional)
+    return [_result(part, g, call) for part in g.parts]
 
 
-def _result(part: _Part, g: Generated, loras: str | None) -> RuntimeResult:
+def _result(part: _Part, g: Generated, call: R.Call) -> RuntimeResult:
     p: TaskParams = part.job.params
-    info = P.build_info(
-        p,
-        part.seeds,
-        g.sampler,
-        g.model,
-        g.steps,
-        part.job.type,
-        part.subseeds,
-        loras,
-        part.inpainting.said if part.inpainting else (),
-        g.conditional,
-    )
+    said = part.inpainting.said if part.inpainting else ()
+    info = R.build_info(p, part.job.type, part.seeds, call, part.subseeds, said)
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
-from functools import partial
 from typing import Any, Literal
 
 import diffusers as _diffusers_module
 import torch
 from PIL import Image
 
-from sdfleet import hires, variation
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
-from sdfleet.runtimes._prompt_syntax import emphasis_of, emphasis_said
-from sdfleet.runtimes.unsupported import batches
-from sdfleet.tasks import TaskParams, TaskType
 from sdfleet.telemetry import adopt_library_logs
 
 log = logging.getLogger(__name__)
 # Typed as Any: many diffusers entry points are untyped, which mypy --strict refuses to call.
 diffusers: Any = _diffusers_module
 
-CONDITIONAL_MASK_WEIGHT = 1.0
-"""SD WebUI's ``inpainting_mask_weight`` option's default: how much of the input an inpainting
-UNet is shown outside the mask (1: none of it inside). Another value is refused (an override)."""
 # diffusers/accelerate loading is not thread-safe (concurrent loads in one process fail with
 # "Cannot copy out of meta tensor"); `sdfleet up` runs one runtime per queue in one process.
 _LOAD_LOCK = threading.Lock()
@@ -200,124 +190,3 @@ def fit(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Imag
         right = resized.resize((left, height), edge, box=(scaled[0], 0, scaled[0], height))
         out.paste(right, (left + scaled[0], 0))
     return out
-
-
-def infotext(
-    params: TaskParams,
-    seed: int,
-    sampler: str,
-    model: str,
-    hires_said: tuple[tuple[str, Any], ...] = (),
-    variation_said: Sequence[tuple[str, Any]] = (),
-    kind: TaskType = TaskType.TEXT_TO_IMAGE,
-    loras_said: str | None = None,
-    inpaint_said: Sequence[tuple[str, Any]] = (),
-    conditional: bool = False,
-) -> str:
-    """The A1111 ``parameters`` text for one image, in SD WebUI 1.10's order (``hires_said``,
-    ``variation_said``: a hires fix's and variation seeds' words; ``loras_said``: its ``Lora
-    hashes``; ``inpaint_said``: inpainting's words; ``conditional``: made by an inpainting UNet,
-    SD WebUI's ``Conditional mask weight``). What SD WebUI's PNG Info reads back to make the image
-    again: image-to-image's denoising strength and clip skip included."""
-    lines = [params.prompt]
-    if params.negative_prompt:
-        lines.append(f"Negative prompt: {params.negative_prompt}")
-    said: list[tuple[str, Any]] = [
-        ("Steps", params.steps),
-        ("Sampler", sampler),
-        ("CFG scale", params.cfg_scale),
-        ("Seed", seed),
-        ("Size", f"{params.width}x{params.height}"),
-        ("Model", model),
-        *variation_said,
-    ]
-    if kind is TaskType.IMAGE_TO_IMAGE:
-        said.append(("Denoising strength", params.denoising_strength))
-    said += hires_said[:1]  # its denoising strength, in the same slot
-    if conditional:  # SD WebUI's inpainting_mask_weight option, at its default (others refused)
-        said.append(("Conditional mask weight", CONDITIONAL_MASK_WEIGHT))
-    if params.clip_skip > 1:
-        said.append(("Clip skip", params.clip_skip))
-    if params.extra.get("tiling") is True:
-        said.append(("Tiling", "True"))
-    said += hires_said[1:]
-    said += inpaint_said
-    if loras_said is not None:  # quoted, as SD WebUI quotes a value with a colon or a comma
-        said.append(("Lora hashes", json.dumps(loras_said, ensure_ascii=False)))
-    mode = emphasis_of(params.extra)
-    if emphasis_said(mode, (params.prompt, params.negative_prompt)):
-        said.append(("Emphasis", mode))
-    lines.append(", ".join(f"{k}: {v}" for k, v in said))
-    return "\n".join(lines)
-
-
-def build_info(
-    params: TaskParams,
-    seeds: list[int],
-    sampler: str,
-    model: ModelInfo,
-    steps: int,
-    kind: TaskType = TaskType.TEXT_TO_IMAGE,
-    subseeds: Sequence[int] = (),
-    loras_said: str | None = None,
-    inpaint_said: Sequence[tuple[str, Any]] = (),
-    conditional: bool = False,
-) -> dict[str, Any]:
-    """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
-    variation seed, with variation seeds; ``loras_said``: ``Lora hashes``; ``inpaint_said``:
-    inpainting's infotext words; ``conditional``: made by an inpainting UNet)."""
-    second = hires.plan(kind, params)
-    said = second.generation_params if second else ()
-    varied = variation.read(params)
-    subs: Sequence[int | None] = subseeds or [None] * len(seeds)
-    words = partial(infotext, loras_said=loras_said, inpaint_said=inpaint_said, conditional=conditional)
-    texts = [
-        words(params, s, sampler, model.stem, said, variation.words(varied, sub), kind)
-        for s, sub in zip(seeds, subs, strict=True)
-    ]
-    info: dict[str, Any] = {
-        "prompt": params.prompt,
-        "all_prompts": [params.prompt] * len(seeds),
-        "negative_prompt": params.negative_prompt,
-        "all_negative_prompts": [params.negative_prompt] * len(seeds),
-        "seed": seeds[0],
-        "all_seeds": seeds,
-        "subseed": subseeds[0] if subseeds else -1,
-        "all_subseeds": list(subseeds) or [-1] * len(seeds),
-        "subseed_strength": varied.strength if varied else 0,
-        "seed_resize_from_w": varied.resize_from[0] if varied and varied.resize_from else -1,
-        "seed_resize_from_h": varied.resize_from[1] if varied and varied.resize_from else -1,
-        "steps": steps,
-        "sampler_name": sampler,
-        "cfg_scale": params.cfg_scale,
-        "width": params.width,
-        "height": params.height,
-        "batch_size": len(seeds) // batches(params),  # SD WebUI's: one batch of the n_iter
-        "denoising_strength": params.denoising_strength,
-        "clip_skip": params.clip_skip,
-        "sd_model_checkpoint": model.name,
-        "sd_model_name": model.stem,
-        "infotexts": texts,
-        "runtime": "diffusers",
-    }
-    # for `runtime serve`, which writes its own infotexts: what only the run knew
-    if inpaint_said:
-        info["inpainting"] = dict(inpaint_said)
-    if loras_said is not None:
-        info["lora_hashes"] = loras_said
-    if conditional:
-        info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
-    note = model.tiny_note()
-    if note is not None:
-        info["note"] = note
-    return info
-
-
-def sampler_name_of(scheduler: Any) -> str:
-    """Best A1111 name for a scheduler instance (for info when the job named no sampler)."""
-    cls_name = type(scheduler).__name__
-    karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
-    for name, (cls, overrides) in SAMPLERS.items():
-        if cls == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
-            return name
-    return cls_name

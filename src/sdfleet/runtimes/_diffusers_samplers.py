@@ -59,3 +59,27 @@ def sampler_key(sampler: str | None, scheduler: object = None) -> str | None:
     if f"{name} Karras" in SAMPLERS:
         return f"{name} Karras"
     raise Reject(f"schedule type 'Karras' is not available for sampler {name!r}", code="unknown_scheduler")
+
+
+_KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM++ 2M SDE", "DPM2", "DPM2 a"})
+"""Samplers whose ``Automatic`` schedule in SD WebUI 1.10 is not their own spacing (Karras; for
+DPM++ 2M SDE, Exponential): run here without Karras, they are its ``Uniform``."""
+
+
+def said(key: str, scheduler: object = None) -> tuple[str, str]:
+    """SD WebUI 1.10's ``Sampler`` and ``Schedule type`` for sampler ``key`` (a ``sampler_key``)
+    run for a request that named schedule type ``scheduler``: the schedule the steps followed,
+    in the words that make SD WebUI follow it again (DDIM, PLMS, UniPC: the one named, unused)."""
+    name = key.removesuffix(" Karras")
+    if name != key and name not in _NO_SIGMAS:
+        return name, "Karras"
+    if name in _KARRAS_BY_DEFAULT:
+        return name, "Uniform"
+    named = str(scheduler or "").strip().lower()
+    return name, next((label for label in SCHEDULES if label.lower() == named), "Automatic")
+
+
+def eta_said(key: str, eta: float | None) -> dict[str, float]:
+    """SD WebUI's ``Eta DDIM`` infotext word: DDIM's ``eta`` when it is not its default 0 (other
+    samplers' steps do not take one here; an ancestral sampler's other than 1 is refused)."""
+    return {"Eta DDIM": float(eta)} if key == "DDIM" and eta is not None and eta != 0 else {}

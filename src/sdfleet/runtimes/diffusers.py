@@ -24,6 +24,7 @@ from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, Runtim
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_hires as H
+from sdfleet.runtimes import _diffusers_info as R
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
@@ -254,6 +255,7 @@ class DiffusersRuntime:
         ctl = RunControl(fan_out, [job.task_id for job in jobs])
         self._active.add(ctl)
         name = ""
+        hashing: asyncio.Task[str | None] | None = None
         try:
             ready = await asyncio.to_thread(G.inpainting, jobs[0])  # masked jobs run alone
             async with self._lock:
@@ -261,10 +263,13 @@ class DiffusersRuntime:
                 loaded, switched, download_s = await self._switch(jobs[0].model)
                 switch_s = time.perf_counter() - t0 - download_s if switched else 0.0
                 name = loaded.info.name
+                # Read beside the run, not after it: the first time, seconds for a multi-GB file.
+                hashing = asyncio.create_task(asyncio.to_thread(R.model_hash, loaded.info))
                 work = partial(self._generate, loaded, jobs, sampler, ctl, ready)
                 t1 = time.perf_counter()
                 generated = await self._in_thread(ctl, work, self._inference_thread())
                 run_s = time.perf_counter() - t1
+            generated.model_hash = await hashing
             results = await asyncio.to_thread(G.encode, generated)
         except Reject as e:
             if e.code != "out_of_memory" or not self._evict_all_but(name):
@@ -272,6 +277,8 @@ class DiffusersRuntime:
             # Other cached pipelines held memory and are gone now: a retry may fit.
             raise RuntimeFailure(f"{e.reason}; unloaded other cached models", code=e.code) from e
         finally:
+            if hashing is not None and not hashing.done():
+                hashing.cancel()  # the run failed: its thread finishes alone, remembered for the next
             self._active.discard(ctl)
             await ctl.close()
         outcomes: list[RuntimeResult | BaseException] = []

@@ -1,0 +1,163 @@
+"""What the diffusers runtime says of the images it made: SD WebUI 1.10's ``info`` and infotexts.
+
+Each image's infotext is ``sdfleet.infotext``'s, the one ``runtime serve`` writes for the same
+request: ``Sampler`` and ``Schedule type`` as SD WebUI 1.10 says them, ``Model hash``, the words
+of variation seeds, a hires fix, inpainting, LoRAs, emphasis and DDIM's eta where SD WebUI puts
+them, and ``Version``. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdfleet import hires, variation
+from sdfleet import infotext as words
+from sdfleet.models import checkpoint_hash
+from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes._diffusers_samplers import SAMPLERS, eta_said
+from sdfleet.runtimes._diffusers_samplers import said as sampler_said
+from sdfleet.runtimes._prompt_syntax import emphasis_of, emphasis_said
+from sdfleet.runtimes.unsupported import batches
+from sdfleet.tasks import TaskParams, TaskType
+
+log = logging.getLogger(__name__)
+
+CONDITIONAL_MASK_WEIGHT = 1.0
+"""SD WebUI's ``inpainting_mask_weight`` option's default: how much of the input an inpainting
+UNet is shown outside the mask (1: none of it inside). Another value is refused (an override)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one pipeline call was, the same for every job it made images for."""
+
+    sampler: str
+    """The sampler run (a ``SAMPLERS`` key, or the model's own scheduler's name)."""
+    model: ModelInfo
+    steps: int
+    model_hash: str | None = None
+    """``Model hash``: the first ``checkpoint_hash.SHORT`` hex digits (``model_hash``)."""
+    loras: str | None = None
+    """``Lora hashes`` of the LoRAs it applied."""
+    conditional: bool = False
+    """Made by an inpainting UNet: SD WebUI's ``Conditional mask weight``."""
+
+
+def model_hash(info: ModelInfo) -> str | None:
+    """The checkpoint's ``Model hash`` (blocking: reads a file not hashed before, once; a
+    multi-GB one takes seconds); None where it cannot be read, which no image is failed for."""
+    try:
+        return checkpoint_hash.sha256(info)[: checkpoint_hash.SHORT]
+    except OSError as e:  # gone (evicted by another process) or unreadable since it was loaded
+        log.warning("no Model hash for %s: %s", info.name, e)
+        return None
+
+
+def infotext(
+    params: TaskParams,
+    kind: TaskType,
+    seed: int,
+    call: Call,
+    variation_said: Sequence[tuple[str, Any]] = (),
+    inpaint_said: Sequence[tuple[str, Any]] = (),
+) -> str:
+    """The A1111 ``parameters`` text of one image (``variation_said``, ``inpaint_said``: the
+    words of its variation seeds and of inpainting). What SD WebUI's PNG Info reads back to
+    make the image again."""
+    name, schedule = sampler_said(call.sampler, params.extra.get("scheduler"))
+    core: dict[str, Any] = {
+        "Steps": params.steps,
+        "Sampler": name,
+        "Schedule type": schedule,
+        "CFG scale": params.cfg_scale,
+        "Seed": seed,
+        "Size": f"{params.width}x{params.height}",
+        "Model hash": call.model_hash,
+        "Model": call.model.stem,
+        **dict(variation_said),
+        "Denoising strength": params.denoising_strength if kind is TaskType.IMAGE_TO_IMAGE else None,
+        # SD WebUI's inpainting_mask_weight option, at its default (others are refused)
+        "Conditional mask weight": CONDITIONAL_MASK_WEIGHT if call.conditional else None,
+        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
+        "Tiling": "True" if params.extra.get("tiling") is True else None,
+    }
+    second = hires.plan(kind, params)
+    extra: dict[str, Any] = dict(second.generation_params if second else ())  # its strength in place
+    extra |= dict(inpaint_said)
+    if call.loras is not None:
+        extra["Lora hashes"] = call.loras
+    mode = emphasis_of(params.extra)
+    if emphasis_said(mode, (params.prompt, params.negative_prompt)):
+        extra["Emphasis"] = mode
+    eta = params.extra.get("eta")
+    extra |= eta_said(call.sampler, eta if isinstance(eta, int | float) else None)
+    return words.text(params.prompt, params.negative_prompt, core, extra)
+
+
+def build_info(
+    params: TaskParams,
+    kind: TaskType,
+    seeds: list[int],
+    call: Call,
+    subseeds: Sequence[int] = (),
+    inpaint_said: Sequence[tuple[str, Any]] = (),
+) -> dict[str, Any]:
+    """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
+    variation seed, with variation seeds; ``inpaint_said``: inpainting's infotext words)."""
+    varied = variation.read(params)
+    subs: Sequence[int | None] = subseeds or [None] * len(seeds)
+    texts = [
+        infotext(params, kind, s, call, variation.words(varied, sub), inpaint_said)
+        for s, sub in zip(seeds, subs, strict=True)
+    ]
+    info: dict[str, Any] = {
+        "prompt": params.prompt,
+        "all_prompts": [params.prompt] * len(seeds),
+        "negative_prompt": params.negative_prompt,
+        "all_negative_prompts": [params.negative_prompt] * len(seeds),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else -1,
+        "all_subseeds": list(subseeds) or [-1] * len(seeds),
+        "subseed_strength": varied.strength if varied else 0,
+        "seed_resize_from_w": varied.resize_from[0] if varied and varied.resize_from else -1,
+        "seed_resize_from_h": varied.resize_from[1] if varied and varied.resize_from else -1,
+        "steps": call.steps,
+        "sampler_name": sampler_said(call.sampler, params.extra.get("scheduler"))[0],
+        "cfg_scale": params.cfg_scale,
+        "width": params.width,
+        "height": params.height,
+        "batch_size": len(seeds) // batches(params),  # SD WebUI's: one batch of the n_iter
+        "denoising_strength": params.denoising_strength,
+        "clip_skip": params.clip_skip,
+        "sd_model_checkpoint": call.model.name,
+        "sd_model_name": call.model.stem,
+        "sd_model_hash": call.model_hash,
+        "infotexts": texts,
+        "version": words.VERSION,
+        "runtime": "diffusers",
+    }
+    # for `runtime serve`, which writes its own infotexts: what only the run knew
+    if inpaint_said:
+        info["inpainting"] = dict(inpaint_said)
+    if call.loras is not None:
+        info["lora_hashes"] = call.loras
+    if call.conditional:
+        info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
+    note = call.model.tiny_note()
+    if note is not None:
+        info["note"] = note
+    return info
+
+
+def sampler_name_of(scheduler: Any) -> str:
+    """Best A1111 name for a scheduler instance (for info when the job named no sampler)."""
+    cls_name = type(scheduler).__name__
+    karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
+    for name, (cls, overrides) in SAMPLERS.items():
+        if cls == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
+            return name
+    return cls_name
