@@ -6,14 +6,18 @@ weights) and ``Version`` differ. And the model hash is SD WebUI's own for the sa
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from fakes.tiny import no_progress, tiny_diffusers
 from infotext_cases import BODY, CASES, noise_png
@@ -22,6 +26,7 @@ from sdfleet.compat._common import params_from_a1111
 from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.models.layout import STATE_DIR
+from sdfleet.runtimes._diffusers_pipes import load_pipeline
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskType
@@ -88,3 +93,67 @@ async def test_the_model_hash_is_sd_webuis_for_the_same_file() -> None:
         finally:
             if not was_there:
                 shutil.rmtree(kept, ignore_errors=True)
+
+
+TI_CASES = [
+    ("a sdfleet-ti-pos cat", "sdfleet-ti-neg blurry", "Original"),
+    ("(a) sdfleet-ti-pos", "(blurry)", "No norm"),  # Emphasis first: the negative prompt's call
+    ("[a cat:sdfleet-ti-pos:1]", "", "No norm"),  # the edited prompt's texts: no bracket left
+]
+
+
+@pytest.fixture(scope="module")
+def their_embeddings() -> Iterator[dict[str, str]]:
+    """Two SD 1.5 embeddings in SD WebUI's embeddings folder while the module runs (skipped where
+    that folder is not on this machine); their short hashes by name."""
+    flags = httpx.get(f"{A1111_URL}/sdapi/v1/cmd-flags", timeout=60).json()
+    folder = Path(flags["embeddings_dir"])
+    if not folder.is_dir():
+        pytest.skip(f"SD WebUI's embeddings folder {folder} is not on this machine")
+    made = {}
+    for name in ("sdfleet-ti-pos", "sdfleet-ti-neg"):
+        path = folder / f"{name}.safetensors"
+        save_file(
+            {"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(len(name)))}, str(path)
+        )
+        made[name] = path
+    try:
+        httpx.post(f"{A1111_URL}/sdapi/v1/refresh-embeddings", timeout=60).raise_for_status()
+        yield {name: hashlib.sha256(path.read_bytes()).hexdigest()[:12] for name, path in made.items()}
+    finally:
+        for path in made.values():
+            path.unlink()
+        httpx.post(f"{A1111_URL}/sdapi/v1/refresh-embeddings", timeout=60)
+
+
+@pytest.mark.parametrize(("prompt", "negative", "emphasis"), TI_CASES)
+async def test_ti_hashes_in_sd_webuis_place(
+    diffusers: DiffusersRuntime,
+    their_embeddings: dict[str, str],
+    prompt: str,
+    negative: str,
+    emphasis: str,
+) -> None:
+    pipe = load_pipeline(diffusers.catalog.resolve("tiny-a"), "cpu", torch.float32)
+    folder = diffusers.catalog.models_dir / "embeddings"
+    folder.mkdir(exist_ok=True)
+    ours = {}
+    for name in their_embeddings:  # the same names, made for the tiny model
+        path = folder / f"{name}.pt"
+        rows = pipe.text_encoder.get_input_embeddings().weight[:2].detach().clone()
+        torch.save({"string_to_param": {"*": rows}}, path)
+        ours[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    body = BODY | {"prompt": prompt, "negative_prompt": negative, "sampler_name": "Euler"}
+    body["override_settings"] = {"emphasis": emphasis}
+    async with httpx.AsyncClient(base_url=A1111_URL, timeout=600) as client:
+        answer = await client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    theirs = json.loads(answer.json()["info"])["infotexts"][0]
+    kind = TaskType.TEXT_TO_IMAGE
+    made = await diffusers.run(Job("t", kind, None, params_from_a1111(kind, body)), no_progress)
+    mine = made.info["infotexts"][0]
+    for name in their_embeddings:  # each side names its own file's hash
+        assert (f"{name}: {their_embeddings[name]}" in theirs) == (f"{name}: {ours[name]}" in mine)
+        mine = mine.replace(f"{name}: {ours[name]}", f"{name}: {their_embeddings[name]}")
+    assert framed(mine) == framed(theirs)
+    assert "TI hashes" in theirs  # the case names an embedding SD WebUI found

@@ -9,6 +9,7 @@ the text encoder's own token embeddings of "red dog" must read exactly as the wo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,8 +23,10 @@ from safetensors.torch import save_file
 from test_diffusers_batching import pixels, quiet
 
 from fakes.servers import a1111_server, free_port
+from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
 from sdfleet.runtimes._diffusers_pipes import load_pipeline
 from sdfleet.runtimes._textual_inversion import Embeddings
@@ -195,3 +198,96 @@ def test_runtime_serve_lists_them_as_sd_webui_does(models: Path, tmp_path: Path)
             }
         },
     }
+
+
+def short(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+@pytest.fixture
+def named_models(models: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A models folder with tiny-a and tiny-xl and four embeddings; their hashes by name."""
+    for name in ("tiny-a", "tiny-xl"):
+        os.symlink(models / name, tmp_path / name)
+    sd, xl = pipe_of(models, "tiny-a"), pipe_of(models, "tiny-xl")
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    for name, words in (("pos-e", "red"), ("neg-e", "blue"), ("zq,x", "green")):
+        torch.save(
+            {"string_to_param": {"*": rows_of(sd.tokenizer, sd.text_encoder, words)}}, folder / f"{name}.pt"
+        )
+    both = {
+        "clip_l": rows_of(xl.tokenizer, xl.text_encoder, "red"),
+        "clip_g": rows_of(xl.tokenizer_2, xl.text_encoder_2, "red"),
+    }
+    save_file(both, str(folder / "xl-e.safetensors"))
+    return tmp_path, {p.stem: short(p) for p in folder.iterdir()}
+
+
+def said(root: Path, model: str, prompt: str, negative: str, emphasis: str = "Original") -> dict[str, str]:
+    edits, _ = PS.of_task(prompt, negative, 4)
+    return E.conditioning_said(pipe_of(root, model), edits, E.Reading(emphasis, Embeddings(root)))
+
+
+def test_ti_hashes_are_said_call_by_call_as_sd_webui_says_them(
+    named_models: tuple[Path, dict[str, str]],
+) -> None:
+    """SD WebUI writes ``TI hashes`` per text-encoder call, each call's names in front of the
+    ones before, the negative prompt's calls first: an SDXL embedding is named once per encoder.
+    ``:`` and ``,`` are taken out of a name. Written nowhere before."""
+    root, h = named_models
+    assert said(root, "tiny-a", "a pos-e and zq,x cat", "neg-e blurry") == {
+        "TI hashes": f"pos-e: {h['pos-e']}, zqx: {h['zq,x']}, neg-e: {h['neg-e']}"
+    }
+    assert said(root, "tiny-xl", "a xl-e cat", "") == {"TI hashes": f"xl-e: {h['xl-e']}, xl-e: {h['xl-e']}"}
+    assert said(root, "tiny-a", "a cat", "blurry") == {}
+    # Emphasis comes where the call that first has a bracket says it
+    assert list(said(root, "tiny-a", "(a) pos-e", "neg-e", "No norm")) == ["TI hashes", "Emphasis"]
+    assert list(said(root, "tiny-a", "pos-e", "(blurry)", "No norm")) == ["Emphasis", "TI hashes"]
+    # what the encoders read: an edited prompt's texts, without its brackets
+    assert said(root, "tiny-a", "[a cat:pos-e:2]", "", "No norm") == {"TI hashes": f"pos-e: {h['pos-e']}"}
+
+
+async def test_the_runtime_and_runtime_serve_write_ti_hashes_alike(
+    named_models: tuple[Path, dict[str, str]],
+) -> None:
+    root, h = named_models
+    runtime = DiffusersRuntime(ModelCatalog(root), default_model="tiny-a", device="cpu")
+    body = {
+        "prompt": "a pos-e cat",
+        "negative_prompt": "(neg-e)",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 3,
+    }
+    try:
+        params = TaskParams(
+            prompt=body["prompt"],
+            negative_prompt=body["negative_prompt"],
+            steps=2,
+            width=64,
+            height=64,
+            seed=3,
+            sampler="Euler",
+            extra={"override_settings": {"emphasis": "No norm"}},
+        )
+        made = await runtime.run(Job("t", TaskType.TEXT_TO_IMAGE, "tiny-a", params), quiet)
+    finally:
+        await runtime.aclose()
+    text = made.info["infotexts"][0]
+    assert text.endswith(
+        f'TI hashes: "pos-e: {h["pos-e"]}, neg-e: {h["neg-e"]}", Emphasis: No norm, Version: {VERSION}'
+    ), text
+    server = a1111_server(root, free_port())
+    try:
+        api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler", steps=2)
+        served = api.txt2img(**body, override_settings={"emphasis": "No norm"})
+        api.set_options({"textual_inversion_add_hashes_to_infotext": False})
+        off = api.txt2img(**body, override_settings={"emphasis": "No norm"})
+    finally:
+        server.stop()
+    assert served.info["infotexts"][0] == text
+    assert off.info["infotexts"][0] == text.replace(
+        f'TI hashes: "pos-e: {h["pos-e"]}, neg-e: {h["neg-e"]}", ', ""
+    )

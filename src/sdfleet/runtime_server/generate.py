@@ -23,10 +23,12 @@ from sdfleet.runtime_server import grid, infotext, pnginfo
 from sdfleet.runtime_server.errors import failed, invalid_image, refused
 from sdfleet.runtime_server.images import api_image
 from sdfleet.runtime_server.infotext import Generation
-from sdfleet.runtime_server.options import CLIP_SKIP, clip_skip_value
+from sdfleet.runtime_server.options import CLIP_SKIP, Options, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
+from sdfleet.runtimes import _diffusers_lora as L
+from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_samplers import eta_said
 from sdfleet.runtimes._prompt_syntax import emphasis_said
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
@@ -222,23 +224,40 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     )
     if second is not None:  # SD WebUI's extra_generation_params of a hires fix
         gen.extra.update(second.generation_params)
-    if emphasis_said(emphasis, (gen.prompt, gen.negative_prompt)):
+    if emphasis_said(emphasis, _encoded(params)):  # the run says it again, with TI hashes
         gen.extra["Emphasis"] = emphasis
     gen.extra |= eta_said(sampler.runtime_key, req.eta)  # said by the sampler, last
     return gen, params, model
 
 
-def _said_by_the_run(gen: Generation, info: dict[str, Any], loras: bool) -> None:
+def _encoded(params: TaskParams) -> list[str]:
+    """The texts SD WebUI's text encoders read for a request: its prompts without extra-network
+    tags, every text of their schedules (the prompts as sent where editing does not read: the
+    run refuses it)."""
+    try:
+        edits, _ = PS.of_task(L.text(params.prompt), L.text(params.negative_prompt), params.steps)
+    except Reject:
+        return [params.prompt, params.negative_prompt]
+    return [text for _, text in (*edits.negative, *edits.prompt)]
+
+
+def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) -> None:
     """The infotext's words only the run knows, from the runtime's ``info``, where SD WebUI puts
-    them: inpainting's (``inpainting``: whether "Only masked" found a region) and, with ``loras``
-    (the ``lora_add_hashes_to_infotext`` option), ``Lora hashes`` of the LoRAs it applied, after
-    the hires fix's words and before ``Emphasis`` and ``Eta DDIM``; an inpainting checkpoint's
-    ``Conditional mask weight``."""
+    them: inpainting's (``inpainting``: whether "Only masked" found a region), ``Lora hashes`` of
+    the LoRAs it applied (unless the ``lora_add_hashes_to_infotext`` option is off), after the
+    hires fix's words; then its prompts' encoding's ``TI hashes`` (unless
+    ``textual_inversion_add_hashes_to_infotext`` is off) and ``Emphasis`` in the order the run
+    says them, before ``Eta DDIM``; an inpainting checkpoint's ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
     later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM") if k in gen.extra}
     gen.extra |= info.get("inpainting") or {}
-    if loras and info.get("lora_hashes"):
+    if options["lora_add_hashes_to_infotext"] and info.get("lora_hashes"):
         gen.extra["Lora hashes"] = info["lora_hashes"]
+    conditioning = info.get("conditioning")
+    if isinstance(conditioning, dict):
+        later = {k: v for k, v in later.items() if k != "Emphasis"}
+        skip = set() if options["textual_inversion_add_hashes_to_infotext"] else {"TI hashes"}
+        gen.extra |= {k: v for k, v in conditioning.items() if k not in skip}
     gen.extra |= later
 
 
@@ -269,7 +288,7 @@ async def generate(
             kind, params, init_images, model=model, job=job, iterations=req.n_iter or 1, mask=mask
         )
         pngs = result.images
-        _said_by_the_run(gen, result.info, bool(state.options["lora_add_hashes_to_infotext"]))
+        _said_by_the_run(gen, result.info, state.options)
     except Interrupted:
         pass  # SD WebUI answers 200 with what it has; the runtime hands back no partial images
     finally:

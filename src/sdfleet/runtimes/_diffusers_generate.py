@@ -125,6 +125,8 @@ class _Part:
     """Each image's variation seed, with a ``variation``."""
     inpainting: Inpainting | None = None
     """A masked job's inputs made ready, what puts its images back, and its infotext words."""
+    conditioning: dict[str, str] = field(default_factory=dict)
+    """What its prompts' encoding says in the infotext (``_diffusers_prompts.conditioning_said``)."""
 
 
 def _parts(jobs: Sequence[Job]) -> list[_Part]:
@@ -145,17 +147,21 @@ def call_kwargs(
     pipe: Any,
     jobs: Sequence[Job],
     callback: Any,
-    embeddings: T.Embeddings | None = None,
+    readings: Sequence[E.Reading] | None = None,
     ready: Inpainting | None = None,
 ) -> tuple[dict[str, Any], list[_Part], int]:
     """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps;
+    ``readings``: how each job's prompts are read (``_reading``; without embeddings if not given);
     ``ready``: a masked job's ``inpainting``, made before the device was waited for."""
+    readings = readings or [_reading(job, None) for job in jobs]
     parts = _parts(jobs)
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
     # what the text encoder sees at the first step: no <lora:...> tags, no weight of the prompt's own
     read = [prompts(part.job) for part in parts]
     texts = [each.at(0) for each, _ in read]
+    for part, (schedules, _), reading in zip(parts, read, readings, strict=True):
+        part.conditioning = E.conditioning_said(pipe, schedules, reading)
     edits, weight = read[0]  # the call's weight and CFG are the first job's (batch_key)
     each = [(text, len(part.seeds)) for part, text in zip(parts, texts, strict=True)]
     kwargs: dict[str, Any] = {
@@ -171,8 +177,7 @@ def call_kwargs(
     }
     if edits.changes:  # alone in its call (batch_key)
         images = len(parts[0].seeds)
-        reading = _reading(jobs[0], embeddings)
-        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first), reading)
+        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first), readings[0])
         kwargs["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
     if eta(first) is not None:
         kwargs["eta"] = eta(first)  # used where the scheduler's step takes it (DDIM), else ignored
@@ -318,12 +323,14 @@ def generate(
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
+    readings = [_reading(job, embeddings) for job in jobs]  # each job's embedding finders made once
     with torch.inference_mode():
-        calls = _calls(pipe, jobs, embeddings)
+        calls = _calls(pipe, jobs, readings)
         for n, (members, embeds) in enumerate(calls):
             total = passes * len(calls)
+            mine = [readings[i] for i in members]
             kwargs, call_parts, steps = call_kwargs(
-                pipe, [jobs[i] for i in members], callback(passes * n, total), embeddings, ready
+                pipe, [jobs[i] for i in members], callback(passes * n, total), mine, ready
             )
             if embeds is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
@@ -348,7 +355,7 @@ def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:
 
 
 def _calls(
-    pipe: Any, jobs: Sequence[Job], embeddings: T.Embeddings | None = None
+    pipe: Any, jobs: Sequence[Job], readings: Sequence[E.Reading]
 ) -> list[tuple[list[int], list[E.Embeds] | None]]:
     """The jobs (by index) of each pipeline call, and their embeddings, or None where the pipeline
     is given their text. Jobs share a call when their embeddings are as long: made longer, with
@@ -356,7 +363,6 @@ def _calls(
     by_length: dict[int, list[int]] = {}
     as_text: dict[int, bool] = {}
     texts = [prompts(job)[0].at(0) for job in jobs]
-    readings = [_reading(job, embeddings) for job in jobs]
     for i, (prompt, negative) in enumerate(texts):
         chunks, text_ok = E.chunk_count(pipe, prompt, negative, readings[i])
         by_length.setdefault(chunks, []).append(i)
@@ -384,7 +390,7 @@ def encode(g: Generated) -> list[RuntimeResult]:
 def _result(part: _Part, g: Generated, call: R.Call) -> RuntimeResult:
     p: TaskParams = part.job.params
     said = part.inpainting.said if part.inpainting else ()
-    info = R.build_info(p, part.job.type, part.seeds, call, part.subseeds, said)
+    info = R.build_info(p, part.job.type, part.seeds, call, part.subseeds, said, part.conditioning)
     mine = g.images[part.start : part.start + len(part.seeds)]
     pngs = [to_png(img, text) for img, text in zip(mine, info["infotexts"], strict=True)]
     return RuntimeResult(images=pngs, info=info, seed=part.seed, model=g.model.name)

@@ -9,7 +9,7 @@ them, and ``Version``. No torch here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,6 @@ from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, eta_said
 from sdfleet.runtimes._diffusers_samplers import said as sampler_said
-from sdfleet.runtimes._prompt_syntax import emphasis_of, emphasis_said
 from sdfleet.runtimes.unsupported import batches
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -63,9 +62,11 @@ def infotext(
     call: Call,
     variation_said: Sequence[tuple[str, Any]] = (),
     inpaint_said: Sequence[tuple[str, Any]] = (),
+    conditioning: Mapping[str, str] | None = None,
 ) -> str:
-    """The A1111 ``parameters`` text of one image (``variation_said``, ``inpaint_said``: the
-    words of its variation seeds and of inpainting). What SD WebUI's PNG Info reads back to
+    """The A1111 ``parameters`` text of one image (``variation_said``, ``inpaint_said``,
+    ``conditioning``: the words of its variation seeds, of inpainting and of its prompts'
+    encoding, ``_diffusers_prompts.conditioning_said``). What SD WebUI's PNG Info reads back to
     make the image again."""
     name, schedule = sampler_said(call.sampler, params.extra.get("scheduler"))
     core: dict[str, Any] = {
@@ -89,9 +90,7 @@ def infotext(
     extra |= dict(inpaint_said)
     if call.loras is not None:
         extra["Lora hashes"] = call.loras
-    mode = emphasis_of(params.extra)
-    if emphasis_said(mode, (params.prompt, params.negative_prompt)):
-        extra["Emphasis"] = mode
+    extra |= conditioning or {}
     eta = params.extra.get("eta")
     extra |= eta_said(call.sampler, eta if isinstance(eta, int | float) else None)
     return words.text(params.prompt, params.negative_prompt, core, extra)
@@ -104,13 +103,15 @@ def build_info(
     call: Call,
     subseeds: Sequence[int] = (),
     inpaint_said: Sequence[tuple[str, Any]] = (),
+    conditioning: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """An A1111-like ``info`` dict for a txt2img/img2img result (``subseeds``: each image's
-    variation seed, with variation seeds; ``inpaint_said``: inpainting's infotext words)."""
+    variation seed, with variation seeds; ``inpaint_said``, ``conditioning``: inpainting's and
+    the prompts' encoding's infotext words)."""
     varied = variation.read(params)
     subs: Sequence[int | None] = subseeds or [None] * len(seeds)
     texts = [
-        infotext(params, kind, s, call, variation.words(varied, sub), inpaint_said)
+        infotext(params, kind, s, call, variation.words(varied, sub), inpaint_said, conditioning)
         for s, sub in zip(seeds, subs, strict=True)
     ]
     info: dict[str, Any] = {
@@ -147,6 +148,7 @@ def build_info(
         info["lora_hashes"] = call.loras
     if call.conditional:
         info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
+    info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:
         info["note"] = note

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
-from sdfleet.runtimes._textual_inversion import Embeddings, placed
+from sdfleet.runtimes._textual_inversion import SHORT, Embedding, Embeddings, placed
 
 _WIDTH = S.CHUNK + 2  # a chunk's tokens with its start and end tokens
 
@@ -118,6 +119,37 @@ def chunk_count(pipe: Any, prompt: str, negative: str, reading: Reading = _PLAIN
     named = any(c.slots for each in chunks for c in each)
     count = max(len(each) for each in chunks)
     return count, plain and count == 1 and not named
+
+
+def conditioning_said(pipe: Any, edits: PS.Edits, reading: Reading = _PLAIN) -> dict[str, str]:
+    """The infotext words SD WebUI's text-encoder calls write, in the order they first write
+    them (its ``model_hijack.extra_generation_params``): one call per text encoder for the
+    negative prompt's texts (every text of its schedule), then for the prompt's. ``TI hashes``:
+    each call's embeddings (by name, ``:`` and ``,`` taken out, with ``SHORT`` hex digits of their
+    file's hash), put in front of what the calls before said; ``Emphasis``: a mode other than
+    Original, with a bracket in that call's texts."""
+    said: dict[str, str] = {}
+    finders = reading.finders(pipe)
+    for schedule in (edits.negative, edits.prompt):
+        texts = list(dict.fromkeys(text for _, text in schedule))
+        for (tokenizer, _), find in zip(_encoders(pipe), finders, strict=True):
+            used = _embeddings_in(texts, tokenizer, find, reading.emphasis) if find is not None else []
+            hashes = [f"{e.name.replace(':', '').replace(',', '')}: {e.hash[:SHORT]}" for e in used if e.hash]
+            if hashes:
+                said["TI hashes"] = ", ".join([*hashes, *filter(None, [said.get("TI hashes")])])
+            if S.emphasis_said(reading.emphasis, texts):
+                said.setdefault("Emphasis", reading.emphasis)
+    return said
+
+
+def _embeddings_in(texts: list[str], tokenizer: Any, find: S.Find, emphasis: str) -> list[Embedding]:
+    """The embeddings ``find`` finds in ``texts``, each once, in the order they come."""
+    found: dict[str, Embedding] = {}
+    for text in texts:
+        for c in S.chunk(S.pieces(text, emphasis), partial(_ids, tokenizer), _comma(tokenizer), find):
+            for _, slot in c.slots:
+                found.setdefault(slot.embedding.name, slot.embedding)
+    return list(found.values())
 
 
 def encode(

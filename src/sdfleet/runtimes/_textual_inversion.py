@@ -14,6 +14,7 @@ name is then read as words.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from sdfleet.runtimes._model_files import files_under
 
 log = logging.getLogger(__name__)
 
+SHORT = 12
+"""Hex digits of an embedding's hash in ``TI hashes`` (SD WebUI's ``shorthash``)."""
 FOLDER = "embeddings"
 SUFFIXES = (".pt", ".bin", ".safetensors")
 _XL_KEYS = ("clip_l", "clip_g")
@@ -43,6 +46,8 @@ class Embedding:
     """What an A1111 file says of its training (SD WebUI lists it), else None."""
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
+    hash: str | None = None
+    """SD WebUI's: the sha256 of its file (``TI hashes`` says ``SHORT`` hex digits of it)."""
 
     @property
     def count(self) -> int:
@@ -70,7 +75,8 @@ def read(path: Path) -> Embedding | None:
             data = torch.load(path, map_location="cpu", weights_only=True)
         vectors = _vectors(data)  # a dict of SD WebUI's formats, from here
         trained = {k: data.get(k) for k in ("step", "sd_checkpoint", "sd_checkpoint_name")}
-        return Embedding(path.stem, vectors, **{k: v for k, v in trained.items() if _plain(v)})
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()  # a few KB: read once per change
+        return Embedding(path.stem, vectors, **{k: v for k, v in trained.items() if _plain(v)}, hash=digest)
     except Exception as e:  # a bad file is skipped, as SD WebUI skips it, not the task failed
         log.warning("textual inversion embedding %s not read: %s", path, e)
         return None
@@ -92,6 +98,14 @@ def _vectors(data: Any) -> tuple[torch.Tensor, ...]:
         raise ValueError("neither a textual inversion embedding nor a diffusers concept")
     vector = tensors[0]
     return (_float(vector.unsqueeze(0) if vector.ndim == 1 else vector),)
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What a finder found at a place of a prompt: the vectors for its text encoder, and whose."""
+
+    vectors: torch.Tensor
+    embedding: Embedding
 
 
 def _plain(value: Any) -> bool:
@@ -142,7 +156,7 @@ class Embeddings:
         def find(tokens: list[int], position: int) -> tuple[Any, int, int] | None:
             for name, embedding in lookup.get(tokens[position], []):
                 if tokens[position : position + len(name)] == name:
-                    return embedding.vectors[index], embedding.count, len(name)
+                    return Placed(embedding.vectors[index], embedding), embedding.count, len(name)
             return None
 
         return find
@@ -154,7 +168,7 @@ def widths_of(encoders: list[Any]) -> list[int]:
 
 
 @contextmanager
-def placed(encoder: Any, slots: list[tuple[int, Any]]) -> Iterator[None]:
+def placed(encoder: Any, slots: list[tuple[int, Placed]]) -> Iterator[None]:
     """While inside, ``encoder`` reads the embeddings' vectors in their chunk's places (after the
     start token) instead of the placeholder tokens' own embeddings."""
     if not slots:
@@ -163,7 +177,8 @@ def placed(encoder: Any, slots: list[tuple[int, Any]]) -> Iterator[None]:
 
     def put(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         out = output.clone()
-        for offset, vectors in slots:
+        for offset, slot in slots:
+            vectors = slot.vectors
             n = min(out.shape[1] - offset - 1, vectors.shape[0])
             out[:, offset + 1 : offset + 1 + n] = vectors[:n].to(device=out.device, dtype=out.dtype)
         return out
