@@ -17,6 +17,7 @@ def noise_png() -> str:
 
 
 BODY = {"prompt": "a cat, red: big", "steps": 2, "width": 64, "height": 64, "seed": 5}
+HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5}
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("txt2img", {"sampler_name": "Euler a", "negative_prompt": "blurry"}),
     ("txt2img", {"sampler_name": "DPM++ 2M Karras"}),
@@ -42,4 +43,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("img2img", {"sampler_name": "Euler", "denoising_strength": 0.6, "image_cfg_scale": 1.5}),
+    ("txt2img", HIRES | {"sampler_name": "Euler", "hr_scheduler": "Karras"}),
+    ("txt2img", HIRES | {"sampler_name": "Euler", "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"}),
+    ("txt2img", HIRES | {"sampler_name": "Euler", "scheduler": "Karras", "hr_scheduler": "Karras"}),
+    ("txt2img", HIRES | {"sampler_name": "DDIM", "hr_sampler_name": "Euler a"}),
 ]

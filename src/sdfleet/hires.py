@@ -33,6 +33,7 @@ UNSUPPORTED = ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt", "firstpa
 pass's (another checkpoint or prompt for the second pass), and a first pass given as an image
 (SD WebUI reads ``firstpass_image`` only with ``enable_hr``)."""
 _SAME_CHECKPOINT = (None, "", "Use same checkpoint")
+SCHEDULE_WORD = "Hires schedule type"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ def plan(kind: TaskType, params: TaskParams) -> Hires | None:
     params_said: list[tuple[str, Any]] = [("Denoising strength", params.denoising_strength)]
     if sampler and sampler != params.sampler:
         params_said.append(("Hires sampler", sampler))
+    # SD WebUI's places for what it says later: the second pass's own prompts (refused here) and
+    # the schedule the second pass ran, where it is not the first pass's (the run says it)
+    params_said += [("Hires prompt", None), ("Hires negative prompt", None), (SCHEDULE_WORD, None)]
     params_said.append(said)
     params_said += [("Hires steps", steps)] if steps else []
     params_said += [("Hires upscaler", given)] if given else []

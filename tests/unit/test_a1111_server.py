@@ -92,7 +92,15 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
         "Size: 64x64, Model hash: " in text
         and "Denoising strength: 0.5, Hires upscale: 2.0, Hires upscaler: Latent, Version: " in text
     ), text
-    assert result.info["extra_generation_params"]["Hires upscale"] == 2.0
+    # SD WebUI 1.10.1's own for such a request, its places for later words null
+    assert result.info["extra_generation_params"] == {
+        "Denoising strength": 0.5,
+        "Hires prompt": None,
+        "Hires negative prompt": None,
+        "Hires schedule type": None,
+        "Hires upscale": 2.0,
+        "Hires upscaler": "Latent",
+    }
     with pytest.raises(RuntimeError, match="hr_prompt \\(hires fix\\) is not available on this server"):
         api.txt2img(prompt="a", enable_hr=True, hr_prompt="another", **SMALL)
 

@@ -47,9 +47,11 @@ def test_what_the_infotext_says_in_sd_webuis_order() -> None:
     asked = params(hr_scale=2, hr_second_pass_steps=10, hr_upscaler="Lanczos", hr_sampler_name="DDIM")
     second = hires.plan(T2I, asked)
     assert second is not None
+    later = (("Hires prompt", None), ("Hires negative prompt", None), ("Hires schedule type", None))
     assert second.generation_params == (
         ("Denoising strength", 0.75),
         ("Hires sampler", "DDIM"),
+        *later,  # SD WebUI's places for what is said later (its info's extra_generation_params)
         ("Hires upscale", 2.0),
         ("Hires steps", 10),
         ("Hires upscaler", "Lanczos"),
@@ -57,7 +59,7 @@ def test_what_the_infotext_says_in_sd_webuis_order() -> None:
     assert second.latent_mode is None and second.steps == 10
     latent = hires.plan(T2I, params(hr_resize_x=640, hr_resize_y=640))
     assert latent is not None and latent.upscaler == "Latent" and latent.latent_mode == ("bilinear", False)
-    assert latent.generation_params == (("Denoising strength", 0.75), ("Hires resize", "640x640"))
+    assert latent.generation_params == (("Denoising strength", 0.75), *later, ("Hires resize", "640x640"))
 
 
 def test_no_second_pass_without_enable_hr_or_for_image_to_image() -> None:

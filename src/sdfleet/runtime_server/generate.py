@@ -207,6 +207,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     if lacking:
         raise refused(422, f"{', '.join(lacking)} is not available on this server")
     second = _hires(req, params)
+    params = _second_sampler(req, params)
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(
@@ -245,10 +246,13 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     """The infotext's words only the run knows, from the runtime's ``info``, where SD WebUI puts
     them: inpainting's (``inpainting``: whether "Only masked" found a region), ``Lora hashes`` of
     the LoRAs it applied (unless the ``lora_add_hashes_to_infotext`` option is off), after the
-    hires fix's words; then its prompts' encoding's ``TI hashes`` (unless
-    ``textual_inversion_add_hashes_to_infotext`` is off) and ``Emphasis`` in the order the run
-    says them, before ``Eta DDIM``; an inpainting checkpoint's ``Conditional mask weight``."""
+    hires fix's words (its ``Hires schedule type`` in the place kept for it); then its prompts'
+    encoding's ``TI hashes`` (unless ``textual_inversion_add_hashes_to_infotext`` is off) and
+    ``Emphasis`` in the order the run says them, before ``Eta DDIM``; an inpainting checkpoint's
+    ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
+    if hires.SCHEDULE_WORD in gen.extra:  # its place, kept since the plan
+        gen.extra[hires.SCHEDULE_WORD] = info.get("hires_schedule_type")
     later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM") if k in gen.extra}
     gen.extra |= info.get("inpainting") or {}
     if options["lora_add_hashes_to_infotext"] and info.get("lora_hashes"):
@@ -259,6 +263,20 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
         skip = set() if options["textual_inversion_add_hashes_to_infotext"] else {"TI hashes"}
         gen.extra |= {k: v for k, v in conditioning.items() if k not in skip}
     gen.extra |= later
+
+
+def _second_sampler(req: GenerationBody, params: TaskParams) -> TaskParams:
+    """The runtime's parameters with a hires fix's own sampler or schedule type resolved as the
+    first pass's are (``samplers.resolve``): ``DPM++ 2M`` runs with Karras, SD WebUI's default."""
+    if (
+        not isinstance(req, Txt2ImgRequest)
+        or not req.enable_hr
+        or not (req.hr_sampler_name or req.hr_scheduler)
+    ):
+        return params
+    name = req.hr_sampler_name or req.sampler_name or req.sampler_index
+    key = resolve(name, req.hr_scheduler or req.scheduler).runtime_key
+    return params.model_copy(update={"extra": params.extra | {"hr_sampler_name": key, "hr_scheduler": None}})
 
 
 def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:

@@ -17,7 +17,7 @@ from sdfleet import hires, variation
 from sdfleet import infotext as words
 from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelInfo
-from sdfleet.runtimes._diffusers_samplers import SAMPLERS, eta_said
+from sdfleet.runtimes._diffusers_samplers import SAMPLERS, eta_said, hires_said, sampler_key
 from sdfleet.runtimes._diffusers_samplers import said as sampler_said
 from sdfleet.runtimes.unsupported import batches
 from sdfleet.tasks import TaskParams, TaskType
@@ -87,6 +87,8 @@ def infotext(
     }
     second = hires.plan(kind, params)
     extra: dict[str, Any] = dict(second.generation_params if second else ())  # its strength in place
+    if second is not None:
+        extra[hires.SCHEDULE_WORD] = hires_schedule(params, call, second)
     extra |= dict(inpaint_said)
     if call.loras is not None:
         extra["Lora hashes"] = call.loras
@@ -94,6 +96,13 @@ def infotext(
     eta = params.extra.get("eta")
     extra |= eta_said(call.sampler, eta if isinstance(eta, int | float) else None)
     return words.text(params.prompt, params.negative_prompt, core, extra)
+
+
+def hires_schedule(params: TaskParams, call: Call, second: hires.Hires) -> str | None:
+    """``Hires schedule type``: the second pass's schedule where SD WebUI says it."""
+    sampler, scheduler = hires.sampler_of(second, params)
+    key = sampler_key(sampler, scheduler) or call.sampler  # checked before the run
+    return hires_said(call.sampler, params.extra.get("scheduler"), key, scheduler)
 
 
 def build_info(
@@ -148,6 +157,9 @@ def build_info(
         info["lora_hashes"] = call.loras
     if call.conditional:
         info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
+    second = hires.plan(kind, params)
+    if second is not None:
+        info["hires_schedule_type"] = hires_schedule(params, call, second)
     info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:

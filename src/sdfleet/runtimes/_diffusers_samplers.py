@@ -83,3 +83,14 @@ def eta_said(key: str, eta: float | None) -> dict[str, float]:
     """SD WebUI's ``Eta DDIM`` infotext word: DDIM's ``eta`` when it is not its default 0 (other
     samplers' steps do not take one here; an ancestral sampler's other than 1 is refused)."""
     return {"Eta DDIM": float(eta)} if key == "DDIM" and eta is not None and eta != 0 else {}
+
+
+def hires_said(first: str, first_scheduler: object, second: str, second_scheduler: object) -> str | None:
+    """SD WebUI's ``Hires schedule type``: the schedule a hires fix's second pass (sampler key
+    ``second``, schedule type ``second_scheduler``) ran, where it is one of its own (not
+    Automatic, and a k-diffusion sampler's) and not the one the first pass said."""
+    name, label = said(second, second_scheduler)
+    if name in _NO_SIGMAS or label == "Automatic":
+        return None
+    first_name, first_label = said(first, first_scheduler)
+    return None if first_name not in _NO_SIGMAS and first_label == label else label
