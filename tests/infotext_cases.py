@@ -47,4 +47,6 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("txt2img", HIRES | {"sampler_name": "Euler", "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"}),
     ("txt2img", HIRES | {"sampler_name": "Euler", "scheduler": "Karras", "hr_scheduler": "Karras"}),
     ("txt2img", HIRES | {"sampler_name": "DDIM", "hr_sampler_name": "Euler a"}),
+    ("txt2img", HIRES | {"sampler_name": "Euler", "hr_prompt": "a dog, small", "hr_negative_prompt": "dark"}),
+    ("txt2img", HIRES | {"sampler_name": "Euler", "hr_prompt": BODY["prompt"], "negative_prompt": "dark"}),
 ]

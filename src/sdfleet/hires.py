@@ -28,12 +28,14 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
 }
 """SD WebUI's latent upscale modes: ``torch.nn.functional.interpolate``'s mode and antialias."""
 SCALE_MAX = 8.0
-UNSUPPORTED = ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt", "firstpass_image")
-"""Hires fields the diffusers runtime does not implement when set to something else than the first
-pass's (another checkpoint or prompt for the second pass), and a first pass given as an image
-(SD WebUI reads ``firstpass_image`` only with ``enable_hr``)."""
+UNSUPPORTED = ("hr_checkpoint_name", "firstpass_image")
+"""Hires fields the diffusers runtime does not implement: another checkpoint for the second pass,
+and a first pass given as an image (SD WebUI reads ``firstpass_image`` only with ``enable_hr``)."""
+PROMPTS = ("hr_prompt", "hr_negative_prompt")
+"""The second pass's own prompt and negative prompt (empty: the first pass's)."""
 _SAME_CHECKPOINT = (None, "", "Use same checkpoint")
 SCHEDULE_WORD = "Hires schedule type"
+PROMPT_WORDS = ("Hires prompt", "Hires negative prompt")
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,12 @@ def plan(kind: TaskType, params: TaskParams) -> Hires | None:
     params_said: list[tuple[str, Any]] = [("Denoising strength", params.denoising_strength)]
     if sampler and sampler != params.sampler:
         params_said.append(("Hires sampler", sampler))
-    # SD WebUI's places for what it says later: the second pass's own prompts (refused here) and
-    # the schedule the second pass ran, where it is not the first pass's (the run says it)
-    params_said += [("Hires prompt", None), ("Hires negative prompt", None), (SCHEDULE_WORD, None)]
+    # the second pass's own prompts where they are not the first pass's, and SD WebUI's place for
+    # the schedule it ran where that is not the first pass's (the run says it)
+    firsts = (params.prompt, params.negative_prompt)
+    own = prompts(params) or firsts
+    params_said += [(w, o if o != f else None) for w, o, f in zip(PROMPT_WORDS, own, firsts, strict=True)]
+    params_said.append((SCHEDULE_WORD, None))
     params_said.append(said)
     params_said += [("Hires steps", steps)] if steps else []
     params_said += [("Hires upscaler", given)] if given else []
@@ -140,15 +145,24 @@ def sampler_of(second: Hires, params: TaskParams) -> tuple[str | None, str | Non
     return second.sampler or params.sampler, second.scheduler or params.extra.get("scheduler")
 
 
+def prompts(params: TaskParams) -> tuple[str, str] | None:
+    """The second pass's own prompt and negative prompt (``hr_prompt``, ``hr_negative_prompt``;
+    empty or null: the first pass's), None where both are the first pass's. ``Reject``
+    (``invalid_params``) for one that is no text."""
+    given = [params.extra.get(field) for field in PROMPTS]
+    for field, value in zip(PROMPTS, given, strict=True):
+        if value is not None and not isinstance(value, str):
+            raise Reject(f"{field} must be a text, not {value!r}", code="invalid_params")
+    own = (given[0] or params.prompt, given[1] or params.negative_prompt)
+    return None if own == (params.prompt, params.negative_prompt) else own
+
+
 def unsupported(params: TaskParams) -> list[str]:
     """The hires fields set to what the diffusers runtime does not do (``UNSUPPORTED``)."""
     extra = params.extra
     found = []
     if extra.get("hr_checkpoint_name") not in _SAME_CHECKPOINT:
         found.append("hr_checkpoint_name")
-    for field, same in (("hr_prompt", params.prompt), ("hr_negative_prompt", params.negative_prompt)):
-        if extra.get(field) not in (None, "", same):
-            found.append(field)
     if extra.get("firstpass_image"):
         found.append("firstpass_image")
     return found

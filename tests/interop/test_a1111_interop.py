@@ -299,6 +299,7 @@ async def test_variation_seeds_and_words_are_sd_webuis(extra: dict[str, Any]) ->
         assert f"Model: {info['sd_model_name']}, {words}, " in text, text
 
 
+HIRES = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5}
 SAME_IMAGE = [
     (
         {"prompt": "a cat:2", "cfg_scale": 3.0},
@@ -311,6 +312,7 @@ SAME_IMAGE = [
         {"prompt": "a (red:1.8) cat", "override_settings": {"emphasis": "Ignore"}},
         {"prompt": "a red cat"},
     ),
+    ({"prompt": "a cat", "hr_prompt": "a cat", **HIRES}, {"prompt": "a cat", **HIRES}),  # the same again
 ]
 OTHER_IMAGE = [
     ({"prompt": "a cat AND a dog"}, {"prompt": "a cat and a dog"}),  # composable diffusion
@@ -319,6 +321,7 @@ OTHER_IMAGE = [
         {"prompt": "a (red:1.8) cat", "override_settings": {"emphasis": "No norm"}},
         {"prompt": "a (red:1.8) cat"},
     ),
+    ({"prompt": "a cat", "hr_prompt": "a dog", **HIRES}, {"prompt": "a cat", **HIRES}),  # its own
 ]
 
 
@@ -328,9 +331,9 @@ async def test_what_sd_webui_reads_in_a_prompt_is_what_sdfleet_reads(
 ) -> None:
     """The readings the diffusers runtime and ``runtime serve`` take from SD WebUI (a prompt's
     own weight scales the CFG scale, prompt editing's ends, alternation, emphasis modes,
-    ``AND``): pairs that make the same image on the real SD WebUI, and pairs that do not; the unit
+    ``AND``, a hires fix's own prompt): pairs that make the same image on the real SD WebUI, and pairs that do not; the unit
     tests hold the diffusers runtime to the same (``test_diffusers_prompt_editing``,
-    ``test_diffusers_prompts``)."""
+    ``test_diffusers_prompts``, ``test_diffusers_hires``)."""
     base = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler"}
     # The random checkpoint overflows on "dog" at clip skip 1 for every seed tried (5 to 15: 500
     # NansException), not at 2. Saved first, so that SD WebUI puts it back after each job.

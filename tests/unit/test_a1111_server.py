@@ -101,8 +101,10 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
         "Hires upscale": 2.0,
         "Hires upscaler": "Latent",
     }
-    with pytest.raises(RuntimeError, match="hr_prompt \\(hires fix\\) is not available on this server"):
-        api.txt2img(prompt="a", enable_hr=True, hr_prompt="another", **SMALL)
+    with pytest.raises(
+        RuntimeError, match="hr_checkpoint_name \\(hires fix\\) is not available on this server"
+    ):
+        api.txt2img(prompt="a", enable_hr=True, hr_checkpoint_name="tiny-b.safetensors", **SMALL)
 
 
 def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIApi) -> None:

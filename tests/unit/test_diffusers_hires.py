@@ -92,7 +92,13 @@ async def test_hires_batch_mates_keep_their_images_and_others_do_not_join(runtim
         ({"hr_scale": 3}, "too_large", "text-to-image at 192x192, its hires pass (36864 pixels) is more"),
         ({"hr_upscaler": "4x-Nothing"}, "unknown_upscaler", "upscaler '4x-Nothing' is not available"),
         ({"hr_sampler_name": "DPM++ SDE"}, "unknown_sampler", "DPM++ SDE"),
-        ({"hr_prompt": "a dog"}, "unsupported_option", "does not implement hr_prompt"),
+        ({"hr_prompt": "a [dog:cat:1]"}, "unsupported_option", "prompt editing in hr_prompt"),
+        (
+            {"hr_prompt": "a dog <lora:x:1>"},
+            "unsupported_option",
+            "hr_prompt or hr_negative_prompt with other LoRAs",
+        ),
+        ({"hr_negative_prompt": 3}, "invalid_params", "hr_negative_prompt must be a text, not 3"),
         ({"hr_scale": "2"}, "invalid_params", "hr_scale must be a number, not '2'"),
     ],
 )
@@ -102,3 +108,25 @@ async def test_what_the_second_pass_cannot_do_fails_before_it_runs(
     with pytest.raises(Reject) as raised:
         await runtime.run(job(**extra), quiet)
     assert raised.value.code == code and words in raised.value.reason, raised.value.reason
+
+
+async def test_the_second_pass_takes_its_own_prompts(runtime: DiffusersRuntime) -> None:
+    """``hr_prompt`` / ``hr_negative_prompt`` were refused: SD WebUI denoises the second pass
+    with them (the first pass's where empty), read as it reads the first pass's (emphasis, own
+    weight; more than 75 tokens: encoded here), and names them in the infotext."""
+    plain = await runtime.run(job(hr_second_pass_steps=2), quiet)
+    same = await runtime.run(job(hr_second_pass_steps=2, hr_prompt="a red cat", hr_negative_prompt=""), quiet)
+    assert same.images == plain.images and "Hires prompt" not in same.info["infotexts"][0]
+    own = job("o", hr_second_pass_steps=2, hr_prompt="a blue dog, small", hr_negative_prompt="dark")
+    assert runtime.batch_key(own) is None  # alone: its second pass's prompts are its own
+    made, again = await runtime.run(own, quiet), await runtime.run(own, quiet)
+    assert made.images == again.images and pixels(made.images[0]).shape == pixels(plain.images[0]).shape
+    assert np.abs(pixels(made.images[0]) - pixels(plain.images[0])).max() > 8
+    assert (
+        'Hires prompt: "a blue dog, small", Hires negative prompt: dark, Hires upscale: 2.0'
+        in (made.info["infotexts"][0])
+    )
+    long = ", ".join(["a blue dog"] * 30)  # over 75 tokens: the embeddings are made here
+    weighted = await runtime.run(job("w", hr_second_pass_steps=2, hr_prompt=f"({long}:1.2)"), quiet)
+    unweighted = await runtime.run(job("u", hr_second_pass_steps=2, hr_prompt=long), quiet)
+    assert np.abs(pixels(weighted.images[0]) - pixels(unweighted.images[0])).max() > 0

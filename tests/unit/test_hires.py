@@ -91,8 +91,7 @@ def test_what_the_runtime_does_not_do_is_named() -> None:
     assert hires.unsupported(params(hr_prompt="p")) == []  # the first pass's prompt again
     assert hires.unsupported(params(hr_prompt="other", hr_checkpoint_name="sdxl.safetensors")) == [
         "hr_checkpoint_name",
-        "hr_prompt",
-    ]
+    ]  # another prompt runs (test_diffusers_hires.py)
     assert hires.unsupported(params(firstpass_image="iVBOR")) == ["firstpass_image"]
 
 

@@ -54,7 +54,8 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
     body["alwayson_scripts"]["controlnet"] = {"args": [{"model": "control_v11p_sd15_canny"}]}
     body["alwayson_scripts"]["AnimateDiff"] = {"args": [{"enable": True}]}
     body.update(
-        enable_hr=True, hr_prompt="another", n_iter=2, restore_faces=True, tiling=False, subseed_strength=0.3,
+        enable_hr=True, hr_prompt="another AND more", n_iter=2, restore_faces=True, tiling=False,
+        subseed_strength=0.3,
         override_settings={"sd_vae": "does-not-exist", "CLIP_stop_at_last_layers": 2},
     )  # fmt: skip
     found = unsupported(task_of(body).params)
@@ -62,13 +63,13 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
         [
             "alwayson_scripts.controlnet",
             "alwayson_scripts.AnimateDiff",
-            "hr_prompt",
+            "AND in hr_prompt (SD WebUI's composable diffusion; write and)",
             "restore_faces",
             "subseed_strength (variation seeds) with enable_hr",
             "override_settings.sd_vae",
         ]
     ), found
-    with pytest.raises(Reject, match=r"the diffusers runtime does not implement .*hr_prompt") as e:
+    with pytest.raises(Reject, match=r"the diffusers runtime does not implement .*AND in hr_prompt") as e:
         refuse("diffusers", TaskType.TEXT_TO_IMAGE, task_of(body).params)
     assert e.value.code == "unsupported_option"
     inpaint = copy_of(V1ALPHA2_I2I)

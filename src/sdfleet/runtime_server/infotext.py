@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdfleet import hires
 from sdfleet import infotext as words
 from sdfleet.infotext import VERSION
 from sdfleet.runtime_server.options import Options
@@ -108,7 +109,8 @@ def info(gen: Generation, infotexts: list[str], *, index_of_first_image: int = 0
         "seed_resize_from_w": r.seed_resize_from_w,
         "seed_resize_from_h": r.seed_resize_from_h,
         "denoising_strength": r.denoising_strength,
-        "extra_generation_params": gen.extra,
+        # SD WebUI's hires prompt words are functions of the image there, which its JSON writes null
+        "extra_generation_params": {k: None if k in hires.PROMPT_WORDS else v for k, v in gen.extra.items()},
         "index_of_first_image": index_of_first_image,
         "infotexts": infotexts,
         "styles": list(r.styles or []),

@@ -61,6 +61,8 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         return None  # its callback swaps the embeddings of every image of the call
     if inpaint.asked(job.type, p):
         return None  # its own mask (and for "Only masked" its own region) for each image
+    if second is not None and hires.prompts(p) is not None:
+        return None  # its second pass's own prompts
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
     if loras is None:
@@ -344,10 +346,48 @@ def generate(
             handed = {**kwargs, "output_type": H.first_output(second)}
             first = pipe(num_inference_steps=steps, **handed).images
             seeds = [s for part in call_parts for s in part.seeds]
-            images += H.run(second, first, kwargs, seeds, callback(passes * n + 1, total))
+            own = second_prompts(pipe, call_parts[0], mine[0])  # such a job is alone (batch_key)
+            again = (
+                kwargs if own is None else {k: v for k, v in kwargs.items() if k not in _PROMPT_ARGS} | own
+            )
+            images += H.run(second, first, again, seeds, callback(passes * n + 1, total))
     ordered = [parts[i] for i in range(len(jobs))]
     sampler_name = sampler or R.sampler_name_of(pipe.scheduler)
     return Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
+
+
+_PROMPT_ARGS = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "guidance_scale",
+    }
+)
+
+
+def second_prompts(pipe: Any, part: _Part, reading: E.Reading) -> dict[str, Any] | None:
+    """A hires fix's own prompts as the second pass's arguments (``hires.prompts``: read as the
+    first pass reads its prompts, their own weight scaling the CFG scale), or None where they are
+    the first pass's."""
+    p = part.job.params
+    own = hires.prompts(p)
+    if own is None:
+        return None
+    edits, weight = PS.of_task(L.text(own[0]), L.text(own[1]), p.steps)  # no editing (refused)
+    prompt, negative = edits.at(0)
+    images = len(part.seeds)
+    args: dict[str, Any] = {"guidance_scale": p.cfg_scale * weight}
+    if E.chunk_count(pipe, prompt, negative, reading)[1]:  # read by the pipeline as SD WebUI does
+        return args | {
+            "prompt": [prompt] * images,
+            "negative_prompt": [negative] * images if negative else None,
+        }
+    embeds = E.encode(pipe, prompt, negative or None, _clip_skip(p), reading)
+    return args | E.call_embeds(pipe, [embeds], [images])
 
 
 def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:

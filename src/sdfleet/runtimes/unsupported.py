@@ -16,7 +16,7 @@ from typing import Any
 
 from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Reject
-from sdfleet.runtimes._diffusers_lora import text
+from sdfleet.runtimes._diffusers_lora import parse, text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._prompt_schedule import Unread, composable, of_task, refuse_deep
 from sdfleet.runtimes._prompt_syntax import emphasis_of, weighted
@@ -246,7 +246,33 @@ def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
         return [*found, e.reason]
     if changes and hires.asked(kind, params):
         found.append("prompt editing with enable_hr")
+    return found + _second_pass_prompts(params, kind)
+
+
+def _second_pass_prompts(params: TaskParams, kind: TaskType) -> list[str]:
+    """What the diffusers runtime does not do with a hires fix's own prompts (``hires.prompts``):
+    composable diffusion, editing (SD WebUI schedules it anew over the second pass), and other
+    LoRAs than the first pass's (SD WebUI switches its networks between the passes)."""
+    own = hires.prompts(params) if hires.asked(kind, params) else None
+    if own is None:
+        return []
+    prompt, negative = text(own[0]), text(own[1])
+    found = ["AND in hr_prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
+    try:
+        if of_task(prompt, negative, params.steps)[0].changes:
+            found.append("prompt editing in hr_prompt or hr_negative_prompt")
+    except Unread as e:
+        found.append(f"hr_prompt or hr_negative_prompt: {e.reason}")
+    if params.extra.get("disable_extra_networks") is not True:
+        if _loras(*own) != _loras(params.prompt, params.negative_prompt):
+            found.append("hr_prompt or hr_negative_prompt with other LoRAs than the first pass's")
     return found
+
+
+def _loras(prompt: str, negative: str) -> list[tuple[str, float, float]]:
+    return sorted(
+        (u.name.lower(), u.te, u.unet) for u in parse(prompt, lenient=True) + parse(negative, lenient=True)
+    )
 
 
 def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None) -> list[str]:
