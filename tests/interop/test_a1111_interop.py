@@ -313,6 +313,15 @@ SAME_IMAGE = [
         {"prompt": "a red cat"},
     ),
     ({"prompt": "a cat", "hr_prompt": "a cat", **HIRES}, {"prompt": "a cat", **HIRES}),  # the same again
+    # the second pass scheduled anew: [cat:dog:0.5] is a dog all through it, [cat:dog:1.5] a cat
+    # all through the first pass
+    ({"prompt": "a [cat:dog:0.5]", **HIRES}, {"prompt": "a [cat:dog:0.5]", "hr_prompt": "a dog", **HIRES}),
+    ({"prompt": "a [cat:dog:1.5]", **HIRES}, {"prompt": "a cat", "hr_prompt": "a [cat:dog:1.5]", **HIRES}),
+    # Heun: editing scheduled over twice the steps (its passes)
+    (
+        {"prompt": "a [cat:dog:0.5]", "sampler_name": "Heun", "steps": 4},
+        {"prompt": "a [cat:dog:4]", "sampler_name": "Heun", "steps": 4},
+    ),
 ]
 OTHER_IMAGE = [
     ({"prompt": "a cat AND a dog"}, {"prompt": "a cat and a dog"}),  # composable diffusion
@@ -322,6 +331,11 @@ OTHER_IMAGE = [
         {"prompt": "a (red:1.8) cat"},
     ),
     ({"prompt": "a cat", "hr_prompt": "a dog", **HIRES}, {"prompt": "a cat", **HIRES}),  # its own
+    ({"prompt": "a [cat:dog:1.5]", **HIRES}, {"prompt": "a cat", **HIRES}),  # a dog late in its second
+    (
+        {"prompt": "a [cat:dog:0.5]", "sampler_name": "Heun", "steps": 4},
+        {"prompt": "a [cat:dog:2]", "sampler_name": "Heun", "steps": 4},
+    ),
 ]
 
 
@@ -331,8 +345,9 @@ async def test_what_sd_webui_reads_in_a_prompt_is_what_sdfleet_reads(
 ) -> None:
     """The readings the diffusers runtime and ``runtime serve`` take from SD WebUI (a prompt's
     own weight scales the CFG scale, prompt editing's ends, alternation, emphasis modes,
-    ``AND``, a hires fix's own prompt): pairs that make the same image on the real SD WebUI, and pairs that do not; the unit
-    tests hold the diffusers runtime to the same (``test_diffusers_prompt_editing``,
+    ``AND``, a hires fix's own prompt, editing in its second pass and with a two-pass sampler):
+    pairs that make the same image on the real SD WebUI, and pairs that do not; the unit tests
+    hold the diffusers runtime to the same (``test_diffusers_prompt_editing``,
     ``test_diffusers_prompts``, ``test_diffusers_hires``)."""
     base = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler"}
     # The random checkpoint overflows on "dog" at clip skip 1 for every seed tried (5 to 15: 500

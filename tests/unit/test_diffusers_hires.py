@@ -92,7 +92,6 @@ async def test_hires_batch_mates_keep_their_images_and_others_do_not_join(runtim
         ({"hr_scale": 3}, "too_large", "text-to-image at 192x192, its hires pass (36864 pixels) is more"),
         ({"hr_upscaler": "4x-Nothing"}, "unknown_upscaler", "upscaler '4x-Nothing' is not available"),
         ({"hr_sampler_name": "DPM++ SDE"}, "unknown_sampler", "DPM++ SDE"),
-        ({"hr_prompt": "a [dog:cat:1]"}, "unsupported_option", "prompt editing in hr_prompt"),
         (
             {"hr_prompt": "a dog <lora:x:1>"},
             "unsupported_option",
@@ -130,3 +129,24 @@ async def test_the_second_pass_takes_its_own_prompts(runtime: DiffusersRuntime) 
     weighted = await runtime.run(job("w", hr_second_pass_steps=2, hr_prompt=f"({long}:1.2)"), quiet)
     unweighted = await runtime.run(job("u", hr_second_pass_steps=2, hr_prompt=long), quiet)
     assert np.abs(pixels(weighted.images[0]) - pixels(unweighted.images[0])).max() > 0
+
+
+async def test_prompt_editing_is_scheduled_anew_for_the_second_pass(runtime: DiffusersRuntime) -> None:
+    """Editing with a hires fix was refused. SD WebUI schedules the second pass's prompts again,
+    its steps offset by the first pass's (``_prompt_schedule.schedule``): ``[cat:dog:0.5]`` is a
+    dog all through it, ``[cat:dog:1.5]`` a cat all through the first pass and a dog from halfway
+    through the second. The pairs below make the same image on SD WebUI 1.10.1 too
+    (``test_a1111_interop.py``)."""
+
+    def hr(task_id: str, prompt: str, **extra: Any) -> Job:
+        asked = job(task_id, hr_second_pass_steps=4, hr_scale=1.5, denoising_strength=0.5, **extra)
+        return Job(task_id, asked.type, asked.model, asked.params.model_copy(update={"prompt": prompt}))
+
+    half = hr("a", "a [cat:dog:0.5]")
+    assert runtime.batch_key(half) is None  # its second pass's prompts are not its first call's
+    same = await runtime.run(hr("b", "a [cat:dog:0.5]", hr_prompt="a dog"), quiet)
+    assert_same_images(await runtime.run(half, quiet), same)
+    later = await runtime.run(hr("c", "a [cat:dog:1.5]"), quiet)
+    assert_same_images(later, await runtime.run(hr("d", "a cat", hr_prompt="a [cat:dog:1.5]"), quiet))
+    cat = await runtime.run(hr("e", "a cat"), quiet)
+    assert np.abs(pixels(later.images[0]) - pixels(cat.images[0])).max() > 0

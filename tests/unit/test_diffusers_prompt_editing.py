@@ -52,6 +52,22 @@ def test_schedules_are_sd_webuis(prompt: str, expected: list[tuple[int, str]]) -
 
 
 @pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [  # SD WebUI 1.10.1's docstring examples for a hires fix's second pass, 10 steps after 10
+        ("a [b:.5] c", [(10, "a b c")]),  # its first pass's half: before this pass starts
+        ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),  # halfway through this pass
+        ("a [b:13] c", [(3, "a  c"), (10, "a b c")]),  # step 13 of the two passes
+        ("a [b:7] c", [(10, "a b c")]),
+        ("[x|y]", [(s, "x" if s % 2 else "y") for s in range(1, 11)]),  # alternates anew
+    ],
+)
+def test_a_second_pass_is_scheduled_as_sd_webui_schedules_it(
+    prompt: str, expected: list[tuple[int, str]]
+) -> None:
+    assert PS.schedule(prompt, 10, first=10) == expected
+
+
+@pytest.mark.parametrize(
     "prompt",
     [
         "((a][:b:c [d:3]",  # stray brackets around editing: its parser may read them otherwise
@@ -184,7 +200,6 @@ async def test_a_prompts_own_weight_scales_the_cfg_scale(runtime: DiffusersRunti
         ({"prompt": "a cat AND a dog"}, "AND in the prompt (SD WebUI's composable diffusion; write and)"),
         ({"prompt": "a (b) [c:d:0.5] e)"}, "prompt editing or alternation it cannot read"),
         ({"negative_prompt": "[ugly|bad"}, "prompt editing or alternation it cannot read"),
-        ({"prompt": "a [cat:dog:0.5]", "extra": {"enable_hr": True}}, "prompt editing with enable_hr"),
     ],
 )
 def test_what_the_runtime_would_read_otherwise_is_refused_by_name(params: dict[str, Any], words: str) -> None:
@@ -259,3 +274,21 @@ def test_runtime_serve_runs_editing_and_says_why_it_refuses(server: ServerThread
         api.txt2img(prompt="a cat AND a dog", width=64, height=64)
     with pytest.raises(RuntimeError, match="brackets nest 300 deep"):  # it was a 500 (RecursionError)
         api.txt2img(prompt="[" * 300 + "cat:dog:0.5" + "]" * 300, width=64, height=64)
+
+
+async def test_a_two_pass_sampler_schedules_over_twice_the_steps(runtime: DiffusersRuntime) -> None:
+    """SD WebUI schedules editing over its sampler's ``total_steps``: twice the steps for Heun
+    and DPM2, whose passes its denoiser counts. With 4 Heun steps ``[cat:dog:0.5]`` changes after
+    pass 4, as ``[cat:dog:4]`` does (the same image on SD WebUI 1.10.1: ``test_a1111_interop.py``);
+    here it changed after pass 2, as ``[cat:dog:2]`` does."""
+
+    async def image(prompt: str) -> Any:
+        return pixels((await runtime.run(job(prompt=prompt, sampler="Heun"), quiet)).images[0])
+
+    half, four, two = (
+        await image("a [cat:dog:0.5]"),
+        await image("a [cat:dog:4]"),
+        await image("a [cat:dog:2]"),
+    )
+    assert np.array_equal(half, four) and not np.array_equal(half, two)
+    assert np.array_equal(await image("a [cat:dog:0.25]"), two)

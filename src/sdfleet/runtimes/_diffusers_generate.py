@@ -42,6 +42,7 @@ from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
 from sdfleet.runtimes import _textual_inversion as T
 from sdfleet.runtimes import unsupported as U
+from sdfleet.runtimes._diffusers_samplers import sampler_key, total_steps
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -61,8 +62,8 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         return None  # its callback swaps the embeddings of every image of the call
     if inpaint.asked(job.type, p):
         return None  # its own mask (and for "Only masked" its own region) for each image
-    if second is not None and hires.prompts(p) is not None:
-        return None  # its second pass's own prompts
+    if second is not None and _second_pass_own(job, second, edits, weight):
+        return None  # its second pass's prompts are its own, or edited anew
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
     if loras is None:
@@ -88,12 +89,28 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
     )
 
 
+def _second_pass_own(job: Job, plan: hires.Hires, first: PS.Edits, weight: float) -> bool:
+    edits, own_weight = second_pass_prompts(job, plan)
+    return edits.changes or edits.at(0) != first.at(0) or own_weight != weight
+
+
 def prompts(job: Job) -> tuple[PS.Edits, float]:
-    """The job's prompt and negative prompt at each step, as the text encoder sees them (without
-    extra-network tags and the prompt's own weight), and that weight (``_prompt_schedule``).
-    ``Reject`` (``unsupported_option``) for editing it cannot read."""
+    """The job's prompt and negative prompt at each step (a pass through the UNet), as the text
+    encoder sees them (without extra-network tags and the prompt's own weight), and that weight
+    (``_prompt_schedule``). ``Reject`` (``unsupported_option``) for editing it cannot read."""
     p = job.params
-    return PS.of_task(L.text(p.prompt), L.text(p.negative_prompt), p.steps)
+    steps = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
+    return PS.of_task(L.text(p.prompt), L.text(p.negative_prompt), steps)
+
+
+def second_pass_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
+    """``prompts`` of a hires fix's second pass: its own prompts (``hires.prompts``) or the first
+    pass's, scheduled over its steps as SD WebUI schedules them (``_prompt_schedule.schedule``)."""
+    p = job.params
+    prompt, negative = hires.prompts(p) or (p.prompt, p.negative_prompt)
+    first = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
+    steps = total_steps(sampler_key(*hires.sampler_of(plan, p)), plan.steps)
+    return PS.of_task(L.text(prompt), L.text(negative), steps, first)
 
 
 def eta(p: TaskParams) -> float | None:
@@ -346,11 +363,13 @@ def generate(
             handed = {**kwargs, "output_type": H.first_output(second)}
             first = pipe(num_inference_steps=steps, **handed).images
             seeds = [s for part in call_parts for s in part.seeds]
-            own = second_prompts(pipe, call_parts[0], mine[0])  # such a job is alone (batch_key)
-            again = (
-                kwargs if own is None else {k: v for k, v in kwargs.items() if k not in _PROMPT_ARGS} | own
-            )
-            images += H.run(second, first, again, seeds, callback(passes * n + 1, total))
+            progress = callback(passes * n + 1, total)
+            own = second_pass(pipe, call_parts[0], second.plan, mine[0], progress)  # alone (batch_key)
+            if own is None:
+                images += H.run(second, first, kwargs, seeds, progress)
+                continue
+            again = {k: v for k, v in kwargs.items() if k not in _PROMPT_ARGS} | own[0]
+            images += H.run(second, first, again, seeds, own[1])
     ordered = [parts[i] for i in range(len(jobs))]
     sampler_name = sampler or R.sampler_name_of(pipe.scheduler)
     return Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
@@ -365,29 +384,35 @@ _PROMPT_ARGS = frozenset(
         "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds",
         "guidance_scale",
+        "callback_on_step_end_tensor_inputs",
     }
 )
 
 
-def second_prompts(pipe: Any, part: _Part, reading: E.Reading) -> dict[str, Any] | None:
-    """A hires fix's own prompts as the second pass's arguments (``hires.prompts``: read as the
-    first pass reads its prompts, their own weight scaling the CFG scale), or None where they are
-    the first pass's."""
+def second_pass(
+    pipe: Any, part: _Part, plan: hires.Hires, reading: E.Reading, callback: Any
+) -> tuple[dict[str, Any], Any] | None:
+    """A hires fix's second pass's prompt arguments and step callback where its prompts are not
+    the first call's (``second_pass_prompts``: its own, or the first pass's edited, scheduled
+    anew), read as the first pass reads them; None where the first call's serve."""
     p = part.job.params
-    own = hires.prompts(p)
-    if own is None:
+    edits, weight = second_pass_prompts(part.job, plan)
+    first, first_weight = prompts(part.job)
+    if not edits.changes and edits.at(0) == first.at(0) and weight == first_weight:
         return None
-    edits, weight = PS.of_task(L.text(own[0]), L.text(own[1]), p.steps)  # no editing (refused)
     prompt, negative = edits.at(0)
     images = len(part.seeds)
     args: dict[str, Any] = {"guidance_scale": p.cfg_scale * weight}
     if E.chunk_count(pipe, prompt, negative, reading)[1]:  # read by the pipeline as SD WebUI does
-        return args | {
-            "prompt": [prompt] * images,
-            "negative_prompt": [negative] * images if negative else None,
-        }
-    embeds = E.encode(pipe, prompt, negative or None, _clip_skip(p), reading)
-    return args | E.call_embeds(pipe, [embeds], [images])
+        args |= {"prompt": [prompt] * images, "negative_prompt": [negative] * images if negative else None}
+    else:
+        args |= E.call_embeds(
+            pipe, [E.encode(pipe, prompt, negative or None, _clip_skip(p), reading)], [images]
+        )
+    if edits.changes:  # its callback swaps the embeddings where the schedule says
+        args["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
+        callback = D.switching(callback, edits, images, _clip_skip(p), reading)
+    return args, callback
 
 
 def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:

@@ -61,6 +61,9 @@ def sampler_key(sampler: str | None, scheduler: object = None) -> str | None:
     raise Reject(f"schedule type 'Karras' is not available for sampler {name!r}", code="unknown_scheduler")
 
 
+_SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a"})
+"""Samplers that pass through the UNet twice a step: SD WebUI schedules prompt editing over twice
+the steps for them (``total_steps``)."""
 _KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM++ 2M SDE", "DPM2", "DPM2 a"})
 """Samplers whose ``Automatic`` schedule in SD WebUI 1.10 is not their own spacing (Karras; for
 DPM++ 2M SDE, Exponential): run here without Karras, they are its ``Uniform``."""
@@ -94,3 +97,9 @@ def hires_said(first: str, first_scheduler: object, second: str, second_schedule
         return None
     first_name, first_label = said(first, first_scheduler)
     return None if first_name not in _NO_SIGMAS and first_label == label else label
+
+
+def total_steps(key: str | None, steps: int) -> int:
+    """The steps SD WebUI schedules prompt editing over for sampler ``key`` (its ``total_steps``):
+    twice ``steps`` for a second-order sampler (Heun, DPM2), whose passes its denoiser counts."""
+    return steps * 2 if key is not None and key.removesuffix(" Karras") in _SECOND_ORDER else steps

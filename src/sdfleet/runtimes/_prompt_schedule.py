@@ -87,12 +87,12 @@ class Edits:
         return len({text for _, text in self.prompt}) > 1 or len({text for _, text in self.negative}) > 1
 
 
-def of_task(prompt: str, negative: str, steps: int) -> tuple[Edits, float]:
+def of_task(prompt: str, negative: str, steps: int, first: int | None = None) -> tuple[Edits, float]:
     """A task's prompts (given without their extra-network tags) as SD WebUI reads them before
-    encoding: the prompt's own weight taken off, then both scheduled (``Unread`` as
-    ``schedule``); and that weight."""
+    encoding: the prompt's own weight taken off, then both scheduled over ``steps`` (``first``:
+    for a second pass, as ``schedule``; ``Unread`` as there); and that weight."""
     prompt, weight = own_weight(prompt)
-    return Edits(schedule(prompt, steps), schedule(negative, steps)), weight
+    return Edits(schedule(prompt, steps, first), schedule(negative, steps, first)), weight
 
 
 @dataclass
@@ -141,10 +141,12 @@ def refuse_deep(prompt: str) -> None:
         )
 
 
-def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """``(end_at_step, text)`` pairs, by step; one pair for a prompt without editing. ``Unread``
-    when the prompt has editing syntax that SD WebUI's grammar might read otherwise, ``Reject``
-    for one nested too deep (``refuse_deep``)."""
+def schedule(prompt: str, steps: int, first: int | None = None) -> list[tuple[int, str]]:
+    """``(end_at_step, text)`` pairs, by step; one pair for a prompt without editing. ``first``:
+    the schedule of a hires fix's second pass, whose first pass had ``first`` steps (SD WebUI
+    offsets its steps: ``[a:b:1.5]`` changes halfway through it, ``[a:b:0.5]`` before it starts,
+    ``[a:b:12]`` at its step 12 - ``first``). ``Unread`` when the prompt has editing syntax that
+    SD WebUI's grammar might read otherwise, ``Reject`` for one nested too deep (``refuse_deep``)."""
     if not _maybe_editing(prompt):
         return [(steps, prompt)]  # what SD WebUI's reader gives back for it, read or not
     refuse_deep(prompt)
@@ -163,7 +165,9 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
             if not math.isfinite(value):  # SD WebUI's reader fails on it (OverflowError: a 500)
                 number = node.number
                 raise Reject(f"prompt editing at step {number!r}: not a finite number", code="invalid_params")
-            node.when = min(steps, int(value * steps if "." in node.number else value))
+            offset = (0.0, 0) if first is None else (1.0, first)  # SD WebUI's flt_ and int_offset
+            fraction = "." in node.number
+            node.when = min(steps, int((value - offset[0]) * steps if fraction else value - offset[1]))
             if node.when >= 1:
                 ends.add(node.when)
         elif isinstance(node, _Alternate):

@@ -236,31 +236,27 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
 
 def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     """What SD WebUI reads in a task's prompts and the diffusers runtime does not: composable
-    diffusion (``AND``), editing it cannot read as SD WebUI's grammar would, editing with a hires
-    fix."""
+    diffusion (``AND``), editing it cannot read as SD WebUI's grammar would."""
     prompt = text(params.prompt)
     found = ["AND in the prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
     try:
-        changes = of_task(prompt, text(params.negative_prompt), params.steps)[0].changes
+        of_task(prompt, text(params.negative_prompt), params.steps)
     except Unread as e:
         return [*found, e.reason]
-    if changes and hires.asked(kind, params):
-        found.append("prompt editing with enable_hr")
     return found + _second_pass_prompts(params, kind)
 
 
 def _second_pass_prompts(params: TaskParams, kind: TaskType) -> list[str]:
     """What the diffusers runtime does not do with a hires fix's own prompts (``hires.prompts``):
-    composable diffusion, editing (SD WebUI schedules it anew over the second pass), and other
-    LoRAs than the first pass's (SD WebUI switches its networks between the passes)."""
+    composable diffusion, editing it cannot read, and other LoRAs than the first pass's (SD WebUI
+    switches its networks between the passes)."""
     own = hires.prompts(params) if hires.asked(kind, params) else None
     if own is None:
         return []
     prompt, negative = text(own[0]), text(own[1])
     found = ["AND in hr_prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
     try:
-        if of_task(prompt, negative, params.steps)[0].changes:
-            found.append("prompt editing in hr_prompt or hr_negative_prompt")
+        of_task(prompt, negative, params.steps)
     except Unread as e:
         found.append(f"hr_prompt or hr_negative_prompt: {e.reason}")
     if params.extra.get("disable_extra_networks") is not True:
