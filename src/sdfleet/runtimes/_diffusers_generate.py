@@ -62,7 +62,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         return None  # its callback swaps the embeddings of every image of the call
     if inpaint.asked(job.type, p):
         return None  # its own mask (and for "Only masked" its own region) for each image
-    if second is not None and _second_pass_own(job, second, edits, weight):
+    if second is not None and own_second_pass(job, second) is not None:
         return None  # its second pass's prompts are its own, or edited anew
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
@@ -89,11 +89,6 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
     )
 
 
-def _second_pass_own(job: Job, plan: hires.Hires, first: PS.Edits, weight: float) -> bool:
-    edits, own_weight = second_pass_prompts(job, plan)
-    return edits.changes or edits.at(0) != first.at(0) or own_weight != weight
-
-
 def prompts(job: Job) -> tuple[PS.Edits, float]:
     """The job's prompt and negative prompt at each step (a pass through the UNet), as the text
     encoder sees them (without extra-network tags and the prompt's own weight), and that weight
@@ -103,14 +98,19 @@ def prompts(job: Job) -> tuple[PS.Edits, float]:
     return PS.of_task(L.text(p.prompt), L.text(p.negative_prompt), steps)
 
 
-def second_pass_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
-    """``prompts`` of a hires fix's second pass: its own prompts (``hires.prompts``) or the first
-    pass's, scheduled over its steps as SD WebUI schedules them (``_prompt_schedule.schedule``)."""
+def own_second_pass(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float] | None:
+    """``prompts`` of a hires fix's second pass where they are not what the first call started
+    with: its own prompts (``hires.prompts``) or the first pass's, scheduled over its steps as SD
+    WebUI schedules them (``_prompt_schedule.schedule``); None where the first call's serve."""
     p = job.params
     prompt, negative = hires.prompts(p) or (p.prompt, p.negative_prompt)
     first = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
     steps = total_steps(sampler_key(*hires.sampler_of(plan, p)), plan.steps)
-    return PS.of_task(L.text(prompt), L.text(negative), steps, first)
+    edits, weight = PS.of_task(L.text(prompt), L.text(negative), steps, first)
+    started, started_weight = prompts(job)
+    if not edits.changes and edits.at(0) == started.at(0) and weight == started_weight:
+        return None
+    return edits, weight
 
 
 def eta(p: TaskParams) -> float | None:
@@ -393,13 +393,13 @@ def second_pass(
     pipe: Any, part: _Part, plan: hires.Hires, reading: E.Reading, callback: Any
 ) -> tuple[dict[str, Any], Any] | None:
     """A hires fix's second pass's prompt arguments and step callback where its prompts are not
-    the first call's (``second_pass_prompts``: its own, or the first pass's edited, scheduled
-    anew), read as the first pass reads them; None where the first call's serve."""
+    the first call's (``own_second_pass``), read as the first pass reads them; None where the
+    first call's serve."""
     p = part.job.params
-    edits, weight = second_pass_prompts(part.job, plan)
-    first, first_weight = prompts(part.job)
-    if not edits.changes and edits.at(0) == first.at(0) and weight == first_weight:
+    own = own_second_pass(part.job, plan)
+    if own is None:
         return None
+    edits, weight = own
     prompt, negative = edits.at(0)
     images = len(part.seeds)
     args: dict[str, Any] = {"guidance_scale": p.cfg_scale * weight}
