@@ -27,7 +27,6 @@ from sdfleet.runtime_server.options import CLIP_SKIP, Options, clip_skip_value
 from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
-from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_samplers import eta_said
 from sdfleet.runtimes._prompt_syntax import emphasis_said
@@ -236,7 +235,7 @@ def _encoded(params: TaskParams) -> list[str]:
     tags, every text of their schedules (the prompts as sent where editing does not read: the
     run refuses it)."""
     try:
-        edits, _ = PS.of_task(L.text(params.prompt), L.text(params.negative_prompt), params.steps)
+        edits, _ = PS.of_params(params)
     except Reject:
         return [params.prompt, params.negative_prompt]
     return [text for _, text in (*edits.negative, *edits.prompt)]

@@ -92,10 +92,9 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
 def prompts(job: Job) -> tuple[PS.Edits, float]:
     """The job's prompt and negative prompt at each step (a pass through the UNet), as the text
     encoder sees them (without extra-network tags and the prompt's own weight), and that weight
-    (``_prompt_schedule``). ``Reject`` (``unsupported_option``) for editing it cannot read."""
-    p = job.params
-    steps = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
-    return PS.of_task(L.text(p.prompt), L.text(p.negative_prompt), steps)
+    (``_prompt_schedule.of_params``). ``Reject`` (``unsupported_option``) for editing it cannot
+    read."""
+    return PS.of_params(job.params)
 
 
 def own_second_pass(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float] | None:

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sdfleet.errors import Reject
+from sdfleet.runtimes._diffusers_lora import text
+from sdfleet.runtimes._diffusers_samplers import sampler_key, total_steps
+from sdfleet.tasks import TaskParams
 
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
 _TEXT = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
@@ -93,6 +96,13 @@ def of_task(prompt: str, negative: str, steps: int, first: int | None = None) ->
     for a second pass, as ``schedule``; ``Unread`` as there); and that weight."""
     prompt, weight = own_weight(prompt)
     return Edits(schedule(prompt, steps, first), schedule(negative, steps, first)), weight
+
+
+def of_params(params: TaskParams) -> tuple[Edits, float]:
+    """``of_task`` for a task's prompts as sent: their extra-network tags taken out, scheduled
+    over the passes SD WebUI's sampler counts (``_diffusers_samplers.total_steps``)."""
+    steps = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
+    return of_task(text(params.prompt), text(params.negative_prompt), steps)
 
 
 @dataclass
