@@ -115,3 +115,30 @@ async def test_a_cancelled_batch_mate_ends_alone(
     assert [v["state"] for v in views] == ["succeeded", "cancelled", "succeeded"], views
     outs = [await read_json(engine, views[i]["output"]["key"]) for i in (0, 2)]
     assert [o["batch_tasks"] for o in outs] == [3, 3]
+
+
+async def test_masked_tasks_share_a_call_each_with_its_own_mask(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """Inpainting tasks (a mask each, fetched by the agent) batch as well; "Only masked" pastes
+    each one's region back into its own input, which keeps its size."""
+    import base64
+
+    def mask_url(box: tuple[int, int, int, int]) -> str:
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, box)
+        buf = io.BytesIO()
+        mask.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    fleet = await start(start_fleet, engine, models_dir, wait_ms=2000)
+    boxes = [(0, 0, 20, 20), (30, 30, 60, 60), (10, 40, 50, 60)]
+    bodies = [img2img(png_url((i * 80, 100, 0)), seed=i) for i in range(3)]
+    for body, box in zip(bodies, boxes, strict=True):
+        body["params"]["extra"] = {"mask": mask_url(box)}
+    ids = await submit_all(fleet, bodies)
+    views = [await fleet.wait(task_id, timeout_s=180) for task_id in ids]
+    assert [v["state"] for v in views] == ["succeeded"] * 3, views
+    outs = [await read_json(engine, v["output"]["key"]) for v in views]
+    assert [o["batch_tasks"] for o in outs] == [3, 3, 3]
+    assert all("Inpaint area: Only masked" in o["infotexts"][0] for o in outs), outs[0]["infotexts"]

@@ -102,12 +102,16 @@ def test_model_order_cuts_switches(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)  # builds a model and loads torch twice
-def test_agent_batching_through_the_agent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_agent_batching_through_the_agent(tmp_path: Path, inpaint: bool) -> None:
+    """Every task succeeds (the scenario raises otherwise): text tasks, or masked ones."""
     bench = load_scenario(BENCH, "agent_batching")
     argv = ["--batches", "1", "2", "--tasks", "4", "--steps", "1", "--repeat", "1"]
-    assert bench.main([*argv, "--results", str(tmp_path)]) == 0
+    assert bench.main([*argv, *(["--inpaint"] if inpaint else []), "--results", str(tmp_path)]) == 0
     (written,) = tmp_path.glob("agent_batching-*.json")
-    rows = json.loads(written.read_text())["rows"]
+    report = json.loads(written.read_text())
+    assert report["args"]["inpaint"] == str(inpaint)
+    rows = report["rows"]
     assert [r["max_batch"] for r in rows] == [1, 2]
     assert all(r["agent_ips"] > 0 and r["pipeline_ips"] > 0 for r in rows)
 

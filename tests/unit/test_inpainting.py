@@ -315,17 +315,17 @@ async def test_the_mask_work_is_done_while_another_job_holds_the_device(
 ) -> None:
     """Blurring a large mask far takes seconds (4096² at blur 256: about 18 s here): done under
     the device's lock, the GPU would wait for it. A masked job's image work runs before its turn."""
-    from sdfleet.runtimes import _diffusers_generate as G
+    from sdfleet.runtimes import _diffusers_inpaint as F
 
     events: list[str] = []
-    prepare = G.inpainting
+    prepare = F.prepare
 
-    def recorded(job: Job) -> G.Inpainting | None:
+    def recorded(job: Job) -> F.Inpainting | None:
         ready = prepare(job)
         events.append(f"{job.task_id} ready")
         return ready
 
-    monkeypatch.setattr(G, "inpainting", recorded)
+    monkeypatch.setattr(F, "prepare", recorded)
     long = params().model_copy(update={"steps": 40, "extra": {}})
 
     async def run_long() -> None:

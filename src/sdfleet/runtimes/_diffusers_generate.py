@@ -8,10 +8,12 @@ all images. The batch is one call, or one per length of its prompts' embeddings
 (``_diffusers_prompts``), each followed by its hires pass (``_diffusers_hires``). A call with
 variation seeds is given its starting noise (``_diffusers_noise``); a job whose prompts change
 during sampling (prompt editing) runs alone, its step callback swapping the embeddings
-(``_diffusers_edits``). So does a job with a mask (inpainting): its inputs made ready beforehand
-(``inpainting``, ``_inpaint_images``), its masked latents filled (``_diffusers_inpaint``), its
-images pasted back into its inputs. An inpainting UNet's job without a mask is given the whole
-image masked (``_unmasked``).
+(``_diffusers_edits``). Jobs with a mask (inpainting) share a call with jobs masked alike (the
+same fill kind and mask rounding), each with its own input, mask and region: their inputs made
+ready beforehand (``inpainting``, ``_inpaint_images``), their masked latents filled
+(``_diffusers_inpaint``: a call's jobs all start from latents or all from pixels, ``_calls``),
+their images pasted back into their inputs. An inpainting UNet's job without a mask is given the
+whole image masked (``_unmasked``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from sdfleet import hires, inpaint, variation
 from sdfleet.errors import Reject
@@ -56,12 +57,11 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         second = hires.plan(job.type, p)
         varied = variation.read(p)
         edits, weight = prompts(job)
+        masked = inpaint.read(job.type, p)
     except Reject:
         return None  # it fails alone, with its own reason
     if edits.changes:
         return None  # its callback swaps the embeddings of every image of the call
-    if inpaint.asked(job.type, p):
-        return None  # its own mask (and for "Only masked" its own region) for each image
     if second is not None and own_second_pass(job, second) is not None:
         return None  # its second pass's prompts are its own, or edited anew
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
@@ -86,6 +86,9 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         second,
         varied.key if varied else None,
         loras,
+        # its own input, mask and region are image work; a call takes one pipeline (an unmasked
+        # job's differs), one mask rounding and, for the latent fills, one of them
+        masked and (masked.fill if masked.fill in F.LATENT_FILLS else "pixels", masked.round),
     )
 
 
@@ -119,12 +122,6 @@ def eta(p: TaskParams) -> float | None:
     return float(value) if isinstance(value, int | float) and not U.ancestral(p.sampler) else None
 
 
-def resize_mode(p: TaskParams) -> int:
-    """SD WebUI's image-to-image ``resize_mode`` (0, 1 or 2; another is refused before)."""
-    value = p.extra.get("resize_mode")
-    return value if isinstance(value, int) and value in (1, 2) else 0
-
-
 def tiling(p: TaskParams) -> bool:
     """SD WebUI's ``tiling``: an image that tiles seamlessly (``_diffusers_pipes.set_tiling``)."""
     return p.extra.get("tiling") is True
@@ -141,7 +138,7 @@ class _Part:
     variation: variation.Variation | None = None
     subseeds: list[int] = field(default_factory=list)
     """Each image's variation seed, with a ``variation``."""
-    inpainting: Inpainting | None = None
+    inpainting: F.Inpainting | None = None
     """A masked job's inputs made ready, what puts its images back, and its infotext words."""
     conditioning: dict[str, str] = field(default_factory=dict)
     """What its prompts' encoding says in the infotext (``_diffusers_prompts.conditioning_said``)."""
@@ -166,11 +163,11 @@ def call_kwargs(
     jobs: Sequence[Job],
     callback: Any,
     readings: Sequence[E.Reading] | None = None,
-    ready: Inpainting | None = None,
+    ready: Sequence[F.Inpainting | None] | None = None,
 ) -> tuple[dict[str, Any], list[_Part], int]:
     """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps;
     ``readings``: how each job's prompts are read (``_reading``; without embeddings if not given);
-    ``ready``: a masked job's ``inpainting``, made before the device was waited for."""
+    ``ready``: each job's ``inpainting``, made before the device was waited for."""
     readings = readings or [_reading(job, None) for job in jobs]
     parts = _parts(jobs)
     first = jobs[0].params
@@ -206,18 +203,15 @@ def call_kwargs(
         steps = P.img2img_steps(first.steps, first.denoising_strength)
         size = (first.width, first.height)
         kwargs["strength"] = first.denoising_strength
-        ready = ready or inpainting(jobs[0])
-        if ready is None:
+        made = inpaintings(jobs) if ready is None else ready
+        for part, mine in zip(parts, made, strict=True):
+            part.inpainting = mine
+        if made[0] is None:  # every job of the call is masked or none is (batch_key)
             kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
-        else:  # alone in its call (batch_key)
-            parts[0].inpainting = ready
-            kwargs["image"] = [each.image for each in ready.canvases]
-            kwargs["mask_image"] = [each.mask for each in ready.canvases]
-            kwargs.update(width=first.width, height=first.height)
-            F.round_masks(pipe, ready.spec.round)
-            masked = ready.canvases[0].overlay is not None  # else a blank mask: plain img2img
-            if ready.spec.fill in F.LATENT_FILLS and masked:
-                kwargs |= F.latent_start(pipe, ready.canvases, ready.spec.fill, parts[0].seeds, size)
+        else:
+            readied = [part.inpainting for part in parts if part.inpainting is not None]
+            seeds = [seed for part in parts for seed in part.seeds]
+            kwargs |= F.call_args(pipe, readied, seeds, size)
     else:
         kwargs.update(width=first.width, height=first.height)
         varied = parts[0].variation  # the same for every part (batch_key)
@@ -225,19 +219,8 @@ def call_kwargs(
             kwargs["latents"], kwargs["generator"] = _noise(pipe, varied, parts, first.width, first.height)
     if P.inpainting_unet(pipe) and "mask_image" not in kwargs:
         F.round_masks(pipe, True)
-        _unmasked(kwargs, img2img, (first.width, first.height))
+        F.unmasked(kwargs, img2img, (first.width, first.height))
     return kwargs, parts, steps
-
-
-def _unmasked(kwargs: dict[str, Any], img2img: bool, size: tuple[int, int]) -> None:
-    """An inpainting UNet's task without a mask, as SD WebUI runs it: the whole image masked, the
-    masked input all grey; text-to-image from an input of grey at full strength (pure noise)."""
-    images = len(kwargs["generator"])
-    kwargs["mask_image"] = [Image.new("L", size, 255)] * images
-    kwargs.update(width=size[0], height=size[1])
-    if not img2img:
-        kwargs["image"] = [Image.new("RGB", size, (128, 128, 128))] * images
-        kwargs["strength"] = 1.0
 
 
 def _noise(
@@ -263,34 +246,13 @@ def _clip_skip(p: TaskParams) -> int | None:
 def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
     """A part's image-to-image inputs, one per image made: SD WebUI's rule, item i of a batch
     starts from input i (one input: every item), resized by the task's ``resize_mode``."""
-    inputs, mode = part.job.init_images, resize_mode(part.job.params)
+    inputs, mode = part.job.init_images, P.resize_mode(part.job.params)
     return [P.decode_image(inputs[i % len(inputs)], size, mode) for i in range(len(part.seeds))]
 
 
-@dataclass
-class Inpainting:
-    """A masked job's inputs made ready for the pipeline, one per image, and its infotext words."""
-
-    spec: inpaint.Inpaint
-    canvases: list[I.Canvas]
-    said: list[tuple[str, Any]]
-
-
-def inpainting(job: Job) -> Inpainting | None:
-    """The job's inputs made ready for inpainting under its mask; None without a mask. Image work
-    only (a large mask blurred far takes seconds): the runtime does it before it waits for the
-    device, so that another job's images are made meanwhile."""
-    p = job.params
-    spec = inpaint.read(job.type, p)
-    if spec is None:
-        return None
-    assert job.mask is not None, "the runtime's _check refuses a masked job without its mask"
-    size, mode = (p.width, p.height), resize_mode(p)
-    mask = I.shape_mask(job.mask, spec, size, mode)
-    inputs = [P.decode_image(data) for data in job.init_images]
-    images = range(U.images_made(job.type, p, len(inputs)))  # item i starts from input i
-    canvases = [I.canvas(inputs[i % len(inputs)], mask, spec.fill, size, mode) for i in images]
-    return Inpainting(spec, canvases, inpaint.words(spec, cropped=mask.region is not None))
+def inpaintings(jobs: Sequence[Job]) -> list[F.Inpainting | None]:
+    """Each job's inputs made ready for inpainting (``_diffusers_inpaint.prepare``), in order."""
+    return [F.prepare(job) for job in jobs]
 
 
 def _put_back(made: list[Any], parts: Sequence[_Part]) -> list[Any]:
@@ -330,25 +292,30 @@ def generate(
     callback: Callable[[int, int], Any],
     second: H.SecondPass | None = None,
     embeddings: T.Embeddings | None = None,
-    ready: Inpainting | None = None,
+    ready: Sequence[F.Inpainting | None] | None = None,
 ) -> Generated:
     """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
     when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
     when there is a ``second``. ``callback(call, calls)`` makes each call's step callback;
-    ``embeddings``: the textual inversion embeddings prompts may name; ``ready``: a masked job's
-    ``inpainting``."""
+    ``embeddings``: the textual inversion embeddings prompts may name; ``ready``: each job's
+    ``inpainting`` (``inpaintings``; made here if not given)."""
     images: list[Any] = []
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
     readings = [_reading(job, embeddings) for job in jobs]  # each job's embedding finders made once
+    made = inpaintings(jobs) if ready is None else list(ready)
     with torch.inference_mode():
-        calls = _calls(pipe, jobs, readings)
+        calls = _calls(pipe, jobs, readings, made)
         for n, (members, embeds) in enumerate(calls):
             total = passes * len(calls)
             mine = [readings[i] for i in members]
             kwargs, call_parts, steps = call_kwargs(
-                pipe, [jobs[i] for i in members], callback(passes * n, total), mine, ready
+                pipe,
+                [jobs[i] for i in members],
+                callback(passes * n, total),
+                mine,
+                [made[i] for i in members],
             )
             if embeds is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
@@ -419,21 +386,23 @@ def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:
 
 
 def _calls(
-    pipe: Any, jobs: Sequence[Job], readings: Sequence[E.Reading]
+    pipe: Any, jobs: Sequence[Job], readings: Sequence[E.Reading], ready: Sequence[F.Inpainting | None]
 ) -> list[tuple[list[int], list[E.Embeds] | None]]:
     """The jobs (by index) of each pipeline call, and their embeddings, or None where the pipeline
-    is given their text. Jobs share a call when their embeddings are as long: made longer, with
-    empty chunks, a job's images would not be the ones it makes alone."""
-    by_length: dict[int, list[int]] = {}
-    as_text: dict[int, bool] = {}
+    is given their text. Jobs share a call when their embeddings are as long (made longer, with
+    empty chunks, a job's images would not be the ones it makes alone) and, masked, when they all
+    start from latents or all from pixels (a blank mask beside a latent fill's)."""
+    by_length: dict[tuple[int, bool], list[int]] = {}
+    as_text: dict[tuple[int, bool], bool] = {}
     texts = [prompts(job)[0].at(0) for job in jobs]
     for i, (prompt, negative) in enumerate(texts):
         chunks, text_ok = E.chunk_count(pipe, prompt, negative, readings[i])
-        by_length.setdefault(chunks, []).append(i)
-        as_text[chunks] = as_text.get(chunks, True) and text_ok
+        key = (chunks, F.from_latents(ready[i]))
+        by_length.setdefault(key, []).append(i)
+        as_text[key] = as_text.get(key, True) and text_ok
     calls: list[tuple[list[int], list[E.Embeds] | None]] = []
-    for chunks, members in by_length.items():
-        if as_text[chunks]:
+    for key, members in by_length.items():
+        if as_text[key]:
             calls.append((members, None))
             continue
         embeds = []

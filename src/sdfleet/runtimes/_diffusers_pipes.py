@@ -15,6 +15,7 @@ from PIL import Image
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS
+from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
 
 log = logging.getLogger(__name__)
@@ -190,3 +191,9 @@ def fit(image: Image.Image, size: tuple[int, int], resize_mode: int = 0) -> Imag
         right = resized.resize((left, height), edge, box=(scaled[0], 0, scaled[0], height))
         out.paste(right, (left + scaled[0], 0))
     return out
+
+
+def resize_mode(p: TaskParams) -> int:
+    """SD WebUI's image-to-image ``resize_mode`` (0, 1 or 2; another is refused before)."""
+    value = p.extra.get("resize_mode")
+    return value if isinstance(value, int) and value in (1, 2) else 0

@@ -25,6 +25,7 @@ from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
+from sdfleet.runtimes import _diffusers_inpaint as F
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
@@ -257,7 +258,7 @@ class DiffusersRuntime:
         name = ""
         hashing: asyncio.Task[str | None] | None = None
         try:
-            ready = await asyncio.to_thread(G.inpainting, jobs[0])  # masked jobs run alone
+            ready = await asyncio.to_thread(G.inpaintings, jobs)  # masks' image work, before the device
             async with self._lock:
                 t0 = time.perf_counter()
                 loaded, switched, download_s = await self._switch(jobs[0].model)
@@ -386,7 +387,7 @@ class DiffusersRuntime:
         jobs: Sequence[Job],
         sampler: str | None,
         ctl: RunControl,
-        ready: G.Inpainting | None = None,
+        ready: Sequence[F.Inpainting | None] | None = None,
     ) -> G.Generated:
         names = ", ".join(job.task_id for job in jobs)
         with self._infer_lock:
@@ -424,7 +425,7 @@ class DiffusersRuntime:
     @staticmethod
     def _pipe_for(loaded: _Loaded, job: Job) -> Any:
         if inpaint.asked(job.type, job.params) or P.inpainting_unet(loaded.pipe):
-            return loaded.inpaint()  # a masked job is alone in its call (batch_key)
+            return loaded.inpaint()  # masked jobs share a call only with masked ones (batch_key)
         return loaded.img2img() if job.type is TaskType.IMAGE_TO_IMAGE else loaded.pipe
 
     def _second_pass(self, loaded: _Loaded, job: Job) -> H.SecondPass | None:
