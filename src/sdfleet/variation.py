@@ -73,8 +73,9 @@ def _side(extra: dict[str, Any], name: str) -> int:
 
 
 def consecutive(first: int, images: int) -> list[int]:
-    """``images`` seeds from ``first`` on, wrapping at 2**32 (SD WebUI's seeds go on past it)."""
-    return [(first + i) % _SEEDS for i in range(images)]
+    """``images`` seeds from ``first`` on, past 2**32 − 1 as SD WebUI's (a task asks for one
+    below 2**32; torch takes 64 bits)."""
+    return [first + i for i in range(images)]
 
 
 def seeds(seed: int, images: int, variation: Variation | None) -> list[int]:

@@ -182,6 +182,18 @@ async def test_n_iter_makes_its_batches_with_consecutive_seeds(runtime: Diffuser
     assert e.value.code == "too_large" and "not 24 (batch_size 8 × n_iter 3)" in e.value.reason
 
 
+async def test_a_batchs_seeds_go_on_past_2_to_the_32(runtime: DiffusersRuntime) -> None:
+    """SD WebUI's consecutive seeds go on past 2³² − 1 (``torch.manual_seed`` takes 64 bits); here
+    they wrapped to 0, so an image SD WebUI says is seed 4294967296's was said to be seed 0's. The
+    CPU generator both draw noise from reads a seed's low 32 bits: the image is seed 0's in both."""
+    top = 2**32 - 1
+    made = await runtime.run(job(batch_size=2, seed=top), no_progress)
+    assert made.info["all_seeds"] == [top, top + 1] and made.seed == top
+    assert "Seed: 4294967296," in made.info["infotexts"][1]
+    zero = await runtime.run(job(seed=0), no_progress)
+    assert _diff(made.images[1], zero.images[0]) <= 1
+
+
 async def test_img2img_with_several_inputs_makes_a_batch_as_large_as_the_inputs(
     runtime: DiffusersRuntime,
 ) -> None:
