@@ -29,6 +29,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
         {"sampler_name": "Euler", "tiling": True, "override_settings": {"CLIP_stop_at_last_layers": 2}},
     ),
     ("txt2img", {"sampler_name": "Euler", "subseed": 9, "subseed_strength": 0.3, "batch_size": 2}),
+    # a batch's seeds and variation seeds go on past 2**32 - 1
+    ("txt2img", {"sampler_name": "Euler", "seed": 2**32 - 1, "batch_size": 2}),
+    ("txt2img", {"sampler_name": "Euler", "subseed": 2**32 - 1, "subseed_strength": 0.3, "batch_size": 2}),
     (
         "txt2img",
         {
