@@ -1,15 +1,16 @@
 """SD WebUI's textual inversion embeddings in the diffusers runtime. Imports torch.
 
 Files in ``<models>/embeddings/`` (sub-folders too): ``.pt`` and ``.bin`` (read with
-``torch.load(weights_only=True)``: tensors and plain data, never code) and ``.safetensors``, in
-SD WebUI 1.10's formats: an A1111 embedding (``string_to_param``), a diffusers concept (one tensor),
-``emb_params``, and SDXL's ``clip_l`` + ``clip_g``. An embedding is named by its file's stem; a
-prompt uses it by writing the name, which SD WebUI finds among the prompt's tokens (so in any
-case, and inside emphasis: ``(EasyNegative:1.2)``). Its vectors take the places of the name's
-tokens, as many as it has, in one 75-token chunk (``_prompt_syntax.chunk``), and go into the text
-encoder in place of those tokens' own embeddings (SD WebUI's ``EmbeddingsWithFixes``). An
-embedding made for another model family (another width) is left out, as SD WebUI skips it: its
-name is then read as words.
+``torch.load(weights_only=True)``: tensors and plain data, never code), ``.safetensors``, and
+images that SD WebUI's training saved an embedding in (``_ti_images``), in SD WebUI 1.10's
+formats: an A1111 embedding (``string_to_param``), a diffusers concept (one tensor),
+``emb_params``, and SDXL's ``clip_l`` + ``clip_g``. An embedding is named by its file's stem (an
+image's by the name inside it, where it has one); a prompt uses it by writing the name, which SD
+WebUI finds among the prompt's tokens (so in any case, and inside emphasis:
+``(EasyNegative:1.2)``). Its vectors take the places of the name's tokens, as many as it has, in
+one 75-token chunk (``_prompt_syntax.chunk``), and go into the text encoder in place of those
+tokens' own embeddings (SD WebUI's ``EmbeddingsWithFixes``). An embedding made for another model
+family (another width) is left out, as SD WebUI skips it: its name is then read as words.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from sdfleet.runtimes import _prompt_syntax as S
+from sdfleet.runtimes import _ti_images as TI
 from sdfleet.runtimes._model_files import files_under
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 SHORT = 12
 """Hex digits of an embedding's hash in ``TI hashes`` (SD WebUI's ``shorthash``)."""
 FOLDER = "embeddings"
-SUFFIXES = (".pt", ".bin", ".safetensors")
+SUFFIXES = (".pt", ".bin", ".safetensors", *TI.SUFFIXES)
 _XL_KEYS = ("clip_l", "clip_g")
 """An SDXL embedding's vectors for the first and the second text encoder."""
 
@@ -65,18 +67,28 @@ class Embedding:
 
 
 def read(path: Path) -> Embedding | None:
-    """The embedding in ``path``; None (and a log line) for a file in no format SD WebUI reads."""
+    """The embedding in ``path``; None (and a log line) for a file in no format SD WebUI reads;
+    None, said at debug level, for an image that holds none (a preview)."""
+    name = path.stem
     try:
-        if path.suffix.lower() == ".safetensors":
+        suffix = path.suffix.lower()
+        if suffix in TI.SUFFIXES:
+            data: Any = TI.read(path)
+            if data is None:
+                log.debug("%s holds no textual inversion embedding (a preview image)", path)
+                return None
+            inside = data.get("name")
+            name = inside if isinstance(inside, str) and inside else name
+        elif suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            data: Any = load_file(str(path), device="cpu")
+            data = load_file(str(path), device="cpu")
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
         vectors = _vectors(data)  # a dict of SD WebUI's formats, from here
         trained = {k: data.get(k) for k in ("step", "sd_checkpoint", "sd_checkpoint_name")}
         digest = hashlib.sha256(path.read_bytes()).hexdigest()  # a few KB: read once per change
-        return Embedding(path.stem, vectors, **{k: v for k, v in trained.items() if _plain(v)}, hash=digest)
+        return Embedding(name, vectors, **{k: v for k, v in trained.items() if _plain(v)}, hash=digest)
     except Exception as e:  # a bad file is skipped, as SD WebUI skips it, not the task failed
         log.warning("textual inversion embedding %s not read: %s", path, e)
         return None
@@ -127,6 +139,8 @@ class Embeddings:
         """Every embedding of the folder that reads, by name (the first file of a name wins)."""
         found: dict[str, Embedding] = {}
         for path in files_under(self.folder, SUFFIXES):
+            if TI.is_preview(path):
+                continue
             mtime = path.stat().st_mtime
             seen = self._seen.get(path)
             if seen is None or seen[0] != mtime:
