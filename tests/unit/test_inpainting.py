@@ -254,10 +254,72 @@ async def test_an_inpainting_checkpoint_runs_text_and_image_to_image_without_a_m
     assert made.info["infotexts"][0].endswith(
         f"Denoising strength: 0.75, Conditional mask weight: 1.0, Version: {VERSION}"
     )
-    hires = t2i.model_copy(update={"extra": {"enable_hr": True, "hr_scale": 2}})
-    with pytest.raises(Reject, match="hires fix is not implemented for an inpainting checkpoint") as e:
-        await inpainting_unet.run(Job("t", TaskType.TEXT_TO_IMAGE, None, hires), no_progress)
-    assert e.value.code == "unsupported_option"
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+async def test_an_inpainting_checkpoint_runs_the_hires_fix(
+    inpainting_unet: DiffusersRuntime, upscaler: str
+) -> None:
+    """It was refused (``unsupported_option``). SD WebUI gives the second pass the whole image
+    masked, as every unmasked task there; from a latent upscaler's latents the grey masked input
+    is encoded, not zeros. Batch-mates get the images they get alone."""
+    extra = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_second_pass_steps": 2}
+    base = TaskParams(
+        prompt="a cat", steps=2, width=64, height=64, seed=4, denoising_strength=0.6, extra=extra
+    )
+    alone = [
+        await inpainting_unet.run(
+            Job(n, TaskType.TEXT_TO_IMAGE, None, base.model_copy(update={"seed": s})), no_progress
+        )
+        for n, s in (("a", 4), ("b", 5))
+    ]
+    said = alone[0].info["infotexts"][0]
+    assert rgb(alone[0].images[0]).size == (96, 96)
+    assert ", Conditional mask weight: 1.0, " in said and f"Hires upscaler: {upscaler}" in said, said
+    pair = await inpainting_unet.run_batch(
+        [
+            Job(n, TaskType.TEXT_TO_IMAGE, None, base.model_copy(update={"seed": s}))
+            for n, s in (("a", 4), ("b", 5))
+        ],
+        [no_progress, no_progress],
+    )
+    for one, batched in zip(alone, pair, strict=True):
+        assert isinstance(batched, RuntimeResult) and batched.info["batch_tasks"] == 2
+        diff = np.abs(
+            np.asarray(rgb(one.images[0])).astype(int) - np.asarray(rgb(batched.images[0])).astype(int)
+        )
+        assert diff.max() <= 1
+    assert (
+        np.abs(
+            np.asarray(rgb(alone[0].images[0])).astype(int) - np.asarray(rgb(alone[1].images[0])).astype(int)
+        ).mean()
+        > 1
+    )
+
+
+def test_the_grey_masked_input_of_a_latent_second_pass_is_encoded(inpainting_unet: DiffusersRuntime) -> None:
+    """diffusers takes zeros for the masked input's latents when it is given latents; SD WebUI
+    encodes a grey image (``txt2img_image_conditioning``): the VAE's latents of grey."""
+    import torch
+
+    from sdfleet.runtimes import _diffusers_inpaint as F
+    from sdfleet.runtimes import _diffusers_pipes as P
+
+    pipe = P.img2img_from(P.load_pipeline(inpainting_unet.catalog.resolve("tiny-a"), "cpu", torch.float32))
+    import inspect
+
+    assert P.inpainting_unet(pipe) and "masked_image_latents" in inspect.signature(pipe.__call__).parameters
+    with torch.inference_mode():  # as the runtime calls it
+        args = F.whole_masked(pipe, (48, 32), [1, 2], latents=True)
+        latents = args["masked_image_latents"]
+        assert latents.shape == (2, 4, 4, 6) and latents.abs().mean() > 0.01
+        grey = pipe.vae.encode(torch.zeros(1, 3, 32, 48)).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert torch.allclose(latents.mean(dim=0, keepdim=True), grey, atol=3 * float(latents.std()))
+    assert [m.size for m in args["mask_image"]] == [(48, 32)] * 2 and (args["width"], args["height"]) == (
+        48,
+        32,
+    )
+    assert "masked_image_latents" not in F.whole_masked(pipe, (48, 32), [1], latents=False)
 
 
 async def test_an_unreadable_or_missing_mask_is_refused(runtime: DiffusersRuntime) -> None:

@@ -5,7 +5,8 @@ The first pass makes latents (``Latent`` upscalers: they are interpolated) or im
 upscaler: resized by it, then encoded again by the image-to-image pipeline); the second pass
 denoises them as image-to-image at the plan's strength, with fresh noise from the same seeds, as
 SD WebUI does. Its steps are exactly the plan's: the schedule is made ``steps / strength`` long
-(``hires.second_pass_steps``).
+(``hires.second_pass_steps``). On an inpainting checkpoint the pass is given the whole image
+masked, as SD WebUI gives it (``_diffusers_inpaint.whole_masked``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 
 from sdfleet.hires import Hires, second_pass_steps
+from sdfleet.runtimes._diffusers_inpaint import whole_masked
+from sdfleet.runtimes._diffusers_pipes import inpainting_unet
 
 Upscale = Callable[[Image.Image, str, tuple[int, int]], Image.Image]
 """An image upscaler by name, to an exact size (the runtime's extras upscalers)."""
@@ -48,7 +51,7 @@ def run(second: SecondPass, first: Any, kwargs: dict[str, Any], seeds: list[int]
     else:
         full = (plan.latent_width * 8, plan.latent_height * 8)
         image = [_crop_image(second.upscale(im, plan.upscaler, full), plan) for im in first]
-    skip = ("width", "height", "output_type", "generator", "callback_on_step_end")
+    skip = ("width", "height", "output_type", "generator", "callback_on_step_end", "mask_image")
     call = {k: v for k, v in kwargs.items() if k not in skip}
     call.update(
         image=image,
@@ -57,6 +60,8 @@ def run(second: SecondPass, first: Any, kwargs: dict[str, Any], seeds: list[int]
         callback_on_step_end=callback,
         output_type="pil",
     )
+    if inpainting_unet(second.pipe):
+        call |= whole_masked(second.pipe, plan.size, seeds, latents=plan.latent_mode is not None)
     schedule = second_pass_steps(plan.steps, plan.denoising)
     images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
     return images

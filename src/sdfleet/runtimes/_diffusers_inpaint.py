@@ -75,6 +75,20 @@ def call_args(
     return kwargs
 
 
+def whole_masked(pipe: Any, size: tuple[int, int], seeds: Sequence[int], latents: bool) -> dict[str, Any]:
+    """An inpainting UNet's image-to-image arguments beside its input (one image a seed) as SD
+    WebUI gives its hires fix's second pass: the whole image masked, the masked input all grey.
+    Given latents (a ``Latent`` upscaler's), the pipeline would take zeros for the grey input's
+    latents: they are made here, the grey encoded as SD WebUI encodes it."""
+    width, height = size
+    args: dict[str, Any] = {"mask_image": [Image.new("L", size, 255)] * len(seeds), "width": width}
+    args["height"] = height
+    if latents:
+        grey = torch.zeros(len(seeds), 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
+        args["masked_image_latents"] = pipe._encode_vae_image(grey, generator=_generators(seeds))
+    return args
+
+
 def unmasked(kwargs: dict[str, Any], img2img: bool, size: tuple[int, int]) -> None:
     """An inpainting UNet's task without a mask, as SD WebUI runs it: the whole image masked, the
     masked input all grey; text-to-image from an input of grey at full strength (pure noise)."""

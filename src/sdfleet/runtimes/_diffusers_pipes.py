@@ -123,7 +123,10 @@ def set_tiling(pipe: Any, on: bool, *, vae_tiling: bool = False) -> None:
 
 
 def img2img_from(pipe: Any) -> Any:
-    """An image-to-image pipeline sharing ``pipe``'s components (no reload, no extra memory)."""
+    """An image-to-image pipeline sharing ``pipe``'s components (no reload, no extra memory); for
+    an inpainting UNet an inpainting one, given the whole image masked (``inpainting_unet``)."""
+    if inpainting_unet(pipe):
+        return inpaint_from(pipe)
     img = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
     img.set_progress_bar_config(disable=True)
     return img

@@ -433,12 +433,8 @@ class DiffusersRuntime:
         plan = hires.plan(job.type, job.params)
         if plan is None:
             return None
-        if P.inpainting_unet(loaded.pipe):
-            raise Reject(
-                f"the hires fix is not implemented for an inpainting checkpoint ({loaded.info.name}): "
-                "leave enable_hr out, or send the task to a queue with the a1111 runtime",
-                code="unsupported_option",
-            )
+        # on an inpainting checkpoint an inpainting pipeline, another than the first pass's: each
+        # pass has its own sampler
         pipe, sampler = loaded.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
         pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
         return H.SecondPass(pipe, plan, self._extras.upscale_to)
