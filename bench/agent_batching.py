@@ -112,14 +112,16 @@ def pipeline_alone(models: Path, batch: int, args: argparse.Namespace) -> float:
     import torch
 
     from sdfleet.models.catalog import ModelCatalog
-    from sdfleet.runtimes._diffusers_pipes import inpaint_from, load_pipeline
+    from sdfleet.runtimes._diffusers_pipes import img2img_steps, inpaint_from, load_pipeline
 
     info = ModelCatalog(models).resolve(MODEL)
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(info, args.device, dtype)
     size: dict[str, Any] = {"width": args.size, "height": args.size}
+    steps = args.steps
     if args.inpaint:
         pipe = inpaint_from(pipe)
+        steps = img2img_steps(steps, STRENGTH)  # as the runtime asks: at least one step is run
     calls = max(1, args.tasks // batch)
 
     def call(first: int, prompts: list[str], generators: Any) -> None:
@@ -127,7 +129,7 @@ def pipeline_alone(models: Path, batch: int, args: argparse.Namespace) -> float:
         if args.inpaint:
             pairs = [inputs(first + i, args.size) for i in range(batch)]
             more = {"image": [a for a, _ in pairs], "mask_image": [b for _, b in pairs], "strength": STRENGTH}
-        pipe(prompt=prompts, generator=generators, num_inference_steps=args.steps, **size, **more)
+        pipe(prompt=prompts, generator=generators, num_inference_steps=steps, **size, **more)
 
     with torch.inference_mode():
         call(0, ["warm-up"] * batch, None)
