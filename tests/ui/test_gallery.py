@@ -202,12 +202,72 @@ async def test_the_form_allows_what_the_api_takes(page: Page, fleet: UpProcess) 
         "steps": [("1", True), ("150", True), ("151", False)],
         "cfg_scale": [("0", True), ("30", True), ("30.5", False)],
         "seed": [("-1", True), (str(2**32 - 1), True), (str(2**32), False)],
+        "denoising_strength": [("0", True), ("0.35", True), ("1", True), ("1.05", False)],
     }
     for name, values in cases.items():
         field = page.locator(f"input[name={name}]")
         for value, valid in values:
             await field.fill(value)
             assert await field.evaluate("el => el.checkValidity()") is valid, (name, value)
+
+
+def png_bytes(size: tuple[int, int], color: object, box: tuple[int, int, int, int] | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    mode = "L" if isinstance(color, int) else "RGB"
+    image = Image.new(mode, size, color)
+    if box is not None:
+        image.paste(255 if mode == "L" else (0, 0, 255), box)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def test_image_to_image_and_inpainting_from_the_form(page: Page, fleet: UpProcess, shots: Path) -> None:
+    """The form took a prompt only: an input image and a mask picked from files make an
+    image-to-image or inpainting task, the inputs drawn at the task's size (a large photo stays
+    under the API's body limit); the task page names the mask without its megabytes of text."""
+    await page.goto(f"{fleet.url}/ui")
+    await use_key(page, ALICE)
+    await page.fill("textarea[name=prompt]", "a blue square on red")
+    await page.set_input_files(
+        "input[name=mask]",
+        files=[
+            {
+                "name": "mask.png",
+                "mimeType": "image/png",
+                "buffer": png_bytes((300, 200), 0, (100, 50, 200, 150)),
+            }
+        ],
+    )
+    await page.click("#submit-button")
+    await expect(page.locator("#notice")).to_contain_text("Not submitted: a mask needs an input image")
+    photo = png_bytes((1200, 800), (200, 30, 30), (400, 200, 800, 600))
+    await page.set_input_files(
+        "input[name=init_image]", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": photo}]
+    )
+    for name, value in (("width", "64"), ("height", "64"), ("steps", "4"), ("denoising_strength", "0.6")):
+        await page.fill(f"input[name={name}]", value)
+    await page.click("#submit-button")
+    await expect(page.locator("#notice")).to_contain_text("Submitted")
+    card = page.locator(".card").first
+    await expect(card.locator(".state")).to_have_text("succeeded", timeout=300_000)
+    await card.click()
+    task_id = await page.locator("#task").get_attribute("data-task-id")
+    await expect(page.locator("#params")).to_contain_text("image-to-image")
+    await expect(page.locator("#params")).to_contain_text("an image (")
+    await expect(page.locator("#params")).not_to_contain_text("base64")
+    await expect(page.locator("#output")).to_contain_text("Inpaint area: Only masked")
+    full = page.locator("#images img.full")
+    await page.wait_for_function(
+        "img => img.complete && img.naturalWidth === 64", arg=await full.element_handle()
+    )
+    await page.screenshot(path=shots / "inpainted.png", full_page=True)
+    with fleet.client(ALICE) as http:
+        view = http.get(f"/v1/tasks/{task_id}").json()
+    assert (view["type"], view["state"]) == ("image-to-image", "succeeded"), view
 
 
 async def test_the_pages_fit_a_phones_width(page: Page, fleet: UpProcess, shots: Path) -> None:

@@ -45,6 +45,8 @@ CSP = (
     "script-src 'self'; style-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 _HIDDEN_PARAMS = ("init_images", "workflow")
+_SHOWN_MAX = 512
+"""Longest inpainting ``mask`` the task page shows as sent (a URL); a longer one is inline data."""
 
 
 def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
@@ -56,7 +58,7 @@ def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
     return response
 
 
-_FORM_FIELDS = ("width", "height", "steps", "cfg_scale", "seed")
+_FORM_FIELDS = ("width", "height", "steps", "cfg_scale", "seed", "denoising_strength")
 
 
 @functools.cache
@@ -186,6 +188,9 @@ async def detail(
     record = await owned(ctx, who, task_id)
     params = record.task.params.model_dump(exclude=set(_HIDDEN_PARAMS))
     params["inputs"] = len(record.task.params.init_images)
+    mask = params["extra"].get("mask")
+    if isinstance(mask, str) and (mask.startswith("data:") or len(mask) > _SHOWN_MAX):
+        params["extra"]["mask"] = f"an image ({len(mask):,} characters)"  # inline: megabytes of text
     if record.result is not None and record.result.seed is not None:
         params["seed"] = record.result.seed  # the one used (asked -1: random), to make it again
     output = None

@@ -1,6 +1,7 @@
 // The gallery: the caller's tasks newest first (GET /v1/tasks), filtered by state on the server
 // and by model, queue and age here; thumbnails and prompts from /ui/api/cards; running tasks
-// followed over their event streams; a form that submits a text-to-image task.
+// followed over their event streams; a form that submits a task: text-to-image, or image-to-image
+// and inpainting from files the person picks.
 "use strict";
 
 (() => {
@@ -133,6 +134,33 @@
     }
   }
 
+  // A chosen file as a PNG data URL of the task's size (a photo of any size stays under the
+  // API's body limit; the runtime would bring it to that size anyway).
+  async function drawn(file, width, height) {
+    const bitmap = await createImageBitmap(file);
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, width, height);
+    bitmap.close();
+    return canvas.toDataURL("image/png");
+  }
+
+  async function inputs(f, params, body) {
+    const image = f.get("init_image"), mask = f.get("mask");
+    const chosen = (file) => file instanceof File && file.size > 0;
+    if (chosen(mask) && !chosen(image)) throw new Error("a mask needs an input image");
+    if (!chosen(image)) return;
+    body.type = "image-to-image";
+    params.denoising_strength = parseFloat(f.get("denoising_strength"));
+    try {
+      params.init_images = [await drawn(image, params.width, params.height)];
+      if (chosen(mask)) params.extra = { mask: await drawn(mask, params.width, params.height) };
+    } catch (e) {
+      throw new Error(`${e.name === "InvalidStateError" ? "not a readable image" : e.message}`);
+    }
+  }
+
   document.getElementById("submit-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(ev.target);
@@ -144,6 +172,7 @@
     const button = document.getElementById("submit-button");
     button.disabled = true;
     try {
+      await inputs(f, params, body);
       const view = await sdfleet.api("/v1/tasks", { method: "POST", json: body });
       sdfleet.say(`Submitted ${view.id}.`, "info");
       const node = card(view);
