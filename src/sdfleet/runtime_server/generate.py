@@ -30,6 +30,7 @@ from sdfleet.runtime_server.state import ServerState
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_samplers import eta_said
 from sdfleet.runtimes._prompt_syntax import emphasis_said
+from sdfleet.runtimes._styles import apply as apply_styles
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -155,6 +156,7 @@ def _params(
         "batch_size": batch,
         "clip_skip": clip,
         "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta, "subseed": seeds[1]}
+        | {"styles": req.styles}
         | {name: getattr(req, name) for name in _VARIATION}
         | {"override_settings": {"emphasis": emphasis}},
     }
@@ -180,6 +182,20 @@ def _params(
         raise refused(422, "; ".join(reasons)) from None
 
 
+def _styled(state: ServerState, params: TaskParams) -> tuple[TaskParams, bool]:
+    """``params`` with the request's prompt styles merged into its prompts, without ``styles``
+    (the runtime is handed what to run), and whether it named any. 422 for a name ``styles.csv``
+    lacks (SD WebUI takes it as an empty style)."""
+    if not params.extra.get("styles"):
+        return params, False
+    try:
+        styled = apply_styles(params, state.styles.all())
+    except Reject as e:
+        raise refused(422, e.reason) from None
+    extra = {k: v for k, v in styled.extra.items() if k != "styles"}
+    return styled.model_copy(update={"extra": extra}), True
+
+
 async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, TaskParams, str | None]:
     """The run's generation record, the runtime's parameters and the model; refuses first."""
     _check(req)
@@ -196,6 +212,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
     emphasis = _emphasis(state, req)
     params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis)
+    params, styled = _styled(state, params)
     kind = _kind(req)
     try:
         varied = variation.read(params)
@@ -221,6 +238,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         options=state.options,
         batch_size=batch if batch != req.batch_size else None,
         tiling=tiling,
+        styled=(params.prompt, params.negative_prompt) if styled else None,
     )
     if second is not None:  # SD WebUI's extra_generation_params of a hires fix
         gen.extra.update(second.generation_params)

@@ -39,6 +39,9 @@ class Generation:
     """Made to tile seamlessly (the request's ``tiling``, else the ``tiling`` option)."""
     conditional_mask_weight: float | None = None
     """Made by an inpainting checkpoint: SD WebUI's ``inpainting_mask_weight`` (the run says)."""
+    styled: tuple[str, str] | None = None
+    """The prompt and negative prompt with the request's ``styles`` merged in (None: none asked):
+    what the images were made from, and what SD WebUI's info and infotexts say."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:
@@ -48,11 +51,11 @@ class Generation:
 
     @property
     def prompt(self) -> str:
-        return self.request.prompt or ""
+        return self.styled[0] if self.styled else self.request.prompt or ""
 
     @property
     def negative_prompt(self) -> str:
-        return self.request.negative_prompt or ""
+        return self.styled[1] if self.styled else self.request.negative_prompt or ""
 
 
 def infotext(gen: Generation, index: int) -> str:

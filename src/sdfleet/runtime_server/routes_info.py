@@ -96,16 +96,24 @@ async def upscalers(request: Request) -> list[dict[str, Any]]:
     return built_in + [{"name": name, "model_name": name} for name in models]
 
 
+@router.get("/prompt-styles", response_model=list[S.PromptStyleItem])
+async def prompt_styles(request: Request) -> list[dict[str, Any]]:
+    """The models folder's ``styles.csv``, as SD WebUI lists its own (a request's ``styles``)."""
+    styles = await asyncio.to_thread(server(request).styles.all)
+    return [
+        {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.values()
+    ]
+
+
 # Lists of what SD WebUI has and this server does not (hires fix's latent modes, hypernetworks, face
-# restoration, saved prompt styles, selectable scripts): empty, with SD WebUI's item shapes, so a
-# client that reads them (webuiapi's get_* helpers) gets a list, not a 404. Model upscalers,
-# RealESRGAN's included, are in /upscalers by the names extras requests use.
+# restoration, selectable scripts): empty, with SD WebUI's item shapes, so a client that reads
+# them (webuiapi's get_* helpers) gets a list, not a 404. Model upscalers, RealESRGAN's included,
+# are in /upscalers by the names extras requests use.
 _NONE_HERE: dict[str, type[BaseModel]] = {
     "/latent-upscale-modes": S.NamedItem,
     "/hypernetworks": S.HypernetworkItem,
     "/face-restorers": S.FaceRestorerItem,
     "/realesrgan-models": S.RealesrganItem,
-    "/prompt-styles": S.PromptStyleItem,
     "/script-info": S.ScriptInfo,
 }
 

@@ -21,6 +21,7 @@ from sdfleet.models.catalog import HOW_TO_ADD, folder_named
 from sdfleet.runtime_server.checkpoints import Checkpoints
 from sdfleet.runtime_server.errors import refused
 from sdfleet.runtime_server.options import Options
+from sdfleet.runtimes._styles import Styles
 from sdfleet.runtimes.base import Job, Runtime, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -103,6 +104,8 @@ class ServerState:
     def __init__(self, runtime: Runtime, checkpoints: Checkpoints) -> None:
         self.runtime = runtime
         self.checkpoints = checkpoints
+        self.styles = Styles(checkpoints.catalog.models_dir)
+        """The models folder's ``styles.csv``: SD WebUI's saved prompt styles."""
         self.options = Options()
         self.selected: str | None = None
         """Catalog name of the loaded checkpoint (``sd_model_checkpoint``)."""

@@ -33,13 +33,14 @@ from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _diffusers_upscale as U
 from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
+from sdfleet.runtimes import _styles as ST
 from sdfleet.runtimes._diffusers_control import RunControl, Stopped, step_callback
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes._textual_inversion import Embedding, Embeddings, widths_of
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import images_made, refuse, refuse_too_many_inputs
-from sdfleet.tasks import TaskType
+from sdfleet.tasks import GENERATE, TaskType
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class DiffusersRuntime:
         )
         self._loras = LoraLoader(self.options.lora_max_loaded)
         self._embeddings = Embeddings(catalog.models_dir)
+        self._styles = ST.Styles(catalog.models_dir)
 
     @classmethod
     def from_options(
@@ -176,14 +178,21 @@ class DiffusersRuntime:
         """Jobs with equal keys may share one pipeline call (``run_batch``)."""
         try:
             sampler = sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
+            job = self._styled(job)  # a style may bring LoRAs, editing or a negative prompt
         except Reject:
             return None  # it fails alone, with its own reason
         return G.batch_key(job, sampler)
+
+    def _styled(self, job: Job) -> Job:
+        """The job with its prompt styles (``styles``) merged into its prompts."""
+        params = ST.apply(job.params, self._styles.all()) if job.type in GENERATE else job.params
+        return job if params is job.params else dataclasses.replace(job, params=params)
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
         if job.type in _EXTRAS:
             return await self._run_extras(job, progress)
+        job = self._styled(job)
         sampler = self._check(job)
         (outcome,) = await self._generate_jobs([job], [progress], sampler)
         if isinstance(outcome, BaseException):
@@ -198,9 +207,11 @@ class DiffusersRuntime:
         outcomes: list[RuntimeResult | BaseException] = []
         valid: list[int] = []
         sampler: str | None = None
+        styled = list(jobs)  # run alone below, a job is given as it came: styled once, there
         for i, job in enumerate(jobs):
             try:
-                sampler = self._check(job)
+                styled[i] = self._styled(job)
+                sampler = self._check(styled[i])
             except Reject as e:
                 outcomes.append(e)
             else:
@@ -210,7 +221,7 @@ class DiffusersRuntime:
             return outcomes
         try:
             results = await self._generate_jobs(
-                [jobs[i] for i in valid], [progress[i] for i in valid], sampler
+                [styled[i] for i in valid], [progress[i] for i in valid], sampler
             )
         except (RuntimeFailure, Reject) as e:
             if len(valid) == 1 or isinstance(e, Interrupted):  # every job of it was interrupted

@@ -20,6 +20,7 @@ from sdfleet.runtimes._diffusers_lora import parse, text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._prompt_schedule import Unread, composable, of_task, refuse_deep
 from sdfleet.runtimes._prompt_syntax import emphasis_of, weighted
+from sdfleet.runtimes._styles import names as style_names
 from sdfleet.tasks import BATCH_MAX, GENERATE, N_ITER_MAX, TaskParams, TaskType
 
 _ALL_BUT_PIPELINE = frozenset(TaskType) - {TaskType.PIPELINE}
@@ -48,8 +49,9 @@ hundred characters."""
 
 _FLAGS = ("restore_faces",)
 """Booleans that change the images when true (face restoration)."""
-_NON_EMPTY = ("latent_mask", "script_name", "styles")
-"""A second mask for the latents, a script of SD WebUI's ``scripts`` list, saved prompt styles."""
+_NON_EMPTY = ("latent_mask", "script_name")
+"""A second mask for the latents (SD WebUI's API takes none: it answers 500), a script of SD
+WebUI's ``scripts`` list."""
 _TAKEN: dict[str, tuple[object, ...]] = {
     "s_churn": (None, 0),
     "s_noise": (None, 1),
@@ -157,6 +159,8 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     if runtime in LACKING:
         hires.plan(kind, params)  # its values, as the runtime reads them
         inpaint.read(kind, params)
+        if kind in GENERATE:
+            style_names(params)  # a list of names; whether they exist is the runtime's to say
 
 
 def refuse_oversized_prompts(runtime: str, kind: TaskType, params: TaskParams) -> None:
