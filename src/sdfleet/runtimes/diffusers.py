@@ -269,7 +269,9 @@ class DiffusersRuntime:
         name = ""
         hashing: asyncio.Task[str | None] | None = None
         try:
-            ready = await asyncio.to_thread(G.inpaintings, jobs)  # masks' image work, before the device
+            # masks' image work (seconds for a large mask blurred far): before the device is
+            # waited for, each job's in a thread of its own
+            ready = list(await asyncio.gather(*(asyncio.to_thread(F.prepare, job) for job in jobs)))
             async with self._lock:
                 t0 = time.perf_counter()
                 loaded, switched, download_s = await self._switch(jobs[0].model)
