@@ -234,6 +234,18 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422, r.text
     assert "subseed_strength must be a number" in r.json()["error"]["message"], r.text
+    # saved prompt styles run (refused as unsupported_option before): a name the models folder's
+    # styles.csv lacks fails the task by name, once; a value that is no list of names is a 422
+    body = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 2, "styles": ["no-such-style"]}
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "style-1"}
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("style-1")
+    assert view["state"] == "failed" and view["error"]["code"] == "invalid_params", view
+    assert "no prompt style named 'no-such-style'" in view["error"]["message"] and view["attempts"] == 1
+    body["styles"] = "no-such-style"
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422 and "styles must be a list of style names" in r.text, r.text
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
