@@ -470,3 +470,20 @@ def test_latent_fills_blend_by_a_soft_mask_as_sd_webui_does() -> None:
     canvas = I.Canvas(Image.new("RGB", (16, 16)), grey, None, None)
     nothing = latent_start(Pipe(), [canvas], 3, [1], (16, 16))["image"]
     assert torch.allclose(nothing, torch.full((1, 4, 2, 2), 1 - 64 / 255))
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+async def test_an_sdxl_inpainting_checkpoint_runs_the_hires_fix(
+    tmp_path_factory: pytest.TempPathFactory, upscaler: str
+) -> None:
+    """SDXL's inpainting pipeline (its own class) takes the same whole-image mask and grey input."""
+    from sdfleet.models import ModelCatalog, make_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    with_inpainting_unet(make_tiny(root, "tiny-xl", seed=0, sdxl=True))
+    runtime = DiffusersRuntime(ModelCatalog(root), default_model="tiny-xl", device="cpu")
+    extra = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_second_pass_steps": 2}
+    p = TaskParams(prompt="a cat", steps=2, width=64, height=64, seed=1, denoising_strength=0.6, extra=extra)
+    made = await runtime.run(Job("t", TaskType.TEXT_TO_IMAGE, None, p), no_progress)
+    assert rgb(made.images[0]).size == (96, 96)
+    assert ", Conditional mask weight: 1.0, " in made.info["infotexts"][0]
