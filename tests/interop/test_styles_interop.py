@@ -27,7 +27,6 @@ pytestmark = [needs_a1111, pytest.mark.timeout(900)]
 
 CSV = Path(__file__).resolve().parents[1] / "data" / "styles.csv"
 BODY = {"prompt": "a cat", "negative_prompt": "dark", "steps": 2, "width": 64, "height": 64, "seed": 5}
-BODY["sampler_name"] = "Euler"  # the API's default there; the model's own scheduler here (docs/runtimes.md)
 HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5}
 CASES: list[dict[str, Any]] = [
     {"styles": ["sdfleet-cinematic"]},

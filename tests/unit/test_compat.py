@@ -80,6 +80,20 @@ def test_v1alpha1_keeps_unknown_a1111_keys_and_scripts() -> None:
     assert task.params.clip_skip == 2
 
 
+def test_an_a1111_body_without_a_sampler_runs_sd_webuis_default() -> None:
+    """SD WebUI's API runs Euler when a request names no sampler (its ``sampler_index`` default);
+    the diffusers runtime ran the model's own scheduler (the real SD WebUI's infotexts said
+    Euler where sdfleet's said the model's, ``test_styles_interop``)."""
+    from sdfleet.compat._common import params_from_a1111
+
+    for kind in (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE):
+        assert params_from_a1111(kind, {"prompt": "a"}).sampler == "Euler"
+        assert params_from_a1111(kind, {"prompt": "a", "sampler_name": ""}).sampler == "Euler"
+        assert params_from_a1111(kind, {"prompt": "a", "sampler_index": "DDIM"}).sampler == "DDIM"
+        assert params_from_a1111(kind, {"sampler_name": "Heun", "sampler_index": "DDIM"}).sampler == "Heun"
+    assert params_from_a1111(TaskType.EXTRA_SINGLE_IMAGE, {"image": "aGk="}).sampler is None
+
+
 def test_v1alpha1_answer_and_attributes() -> None:
     task = v1alpha1.to_task(copy_of(V1ALPHA1_T2I), tenant="t")
     assert v1alpha1.answer(task, "s3://outputbucket/outputs/test-t2i") == {

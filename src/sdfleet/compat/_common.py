@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from sdfleet.errors import ValidationFailed, validation_errors, worded
-from sdfleet.tasks import TASK_ID_PATTERN, TaskParams, TaskRecord, TaskState, TaskType
+from sdfleet.tasks import GENERATE, TASK_ID_PATTERN, TaskParams, TaskRecord, TaskState, TaskType
 
 SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
 PREFIX_WORDS = "folders of letters, digits, '.', '_' and '-' separated by '/' (not '.' or '..')"
@@ -158,6 +158,8 @@ def params_from_a1111(kind: TaskType, content: Mapping[str, Any]) -> TaskParams:
     fields: dict[str, Any] = {k: content[k] for k in _DIRECT if content.get(k) is not None}
     used |= set(_DIRECT) | {"sampler_name", "sampler_index", "alwayson_scripts", "override_settings"}
     sampler = content.get("sampler_name") or content.get("sampler_index")
+    if sampler is None and kind in GENERATE:
+        sampler = "Euler"  # SD WebUI's API default (its sampler_index), not the model's own scheduler
     if sampler is not None:
         fields["sampler"] = sampler
     if kind is TaskType.EXTRA_SINGLE_IMAGE or kind is TaskType.EXTRA_BATCH_IMAGES:
