@@ -10,10 +10,10 @@ variation seeds is given its starting noise (``_diffusers_noise``); a job whose 
 during sampling (prompt editing) runs alone, its step callback swapping the embeddings
 (``_diffusers_edits``). Jobs with a mask (inpainting) share a call with jobs masked alike (the
 same fill kind and mask rounding), each with its own input, mask and region: their inputs made
-ready beforehand (``inpainting``, ``_inpaint_images``), their masked latents filled
-(``_diffusers_inpaint``: a call's jobs all start from latents or all from pixels, ``_calls``),
-their images pasted back into their inputs. An inpainting UNet's job without a mask is given the
-whole image masked (``_unmasked``).
+ready beforehand (``_diffusers_inpaint.prepare``, ``_inpaint_images``), their masked latents
+filled (``_diffusers_inpaint``: a call's jobs all start from latents or all from pixels,
+``_calls``), their images pasted back into their inputs. An inpainting UNet's job without a mask
+is given the whole image masked (``_diffusers_inpaint.unmasked``).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def call_kwargs(
 ) -> tuple[dict[str, Any], list[_Part], int]:
     """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps;
     ``readings``: how each job's prompts are read (``_reading``; without embeddings if not given);
-    ``ready``: each job's ``inpainting``, made before the device was waited for."""
+    ``ready``: each job's ``_diffusers_inpaint.prepare``, made before the device was waited for."""
     readings = readings or [_reading(job, None) for job in jobs]
     parts = _parts(jobs)
     first = jobs[0].params
@@ -298,7 +298,7 @@ def generate(
     when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
     when there is a ``second``. ``callback(call, calls)`` makes each call's step callback;
     ``embeddings``: the textual inversion embeddings prompts may name; ``ready``: each job's
-    ``inpainting`` (``inpaintings``; made here if not given)."""
+    inputs made ready for inpainting (``inpaintings``; made here if not given)."""
     images: list[Any] = []
     parts: dict[int, _Part] = {}
     steps = 0
