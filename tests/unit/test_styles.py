@@ -5,6 +5,7 @@ styles; the interop suite puts the same file beside the real SD WebUI and compar
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,19 @@ async def test_the_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
     (tmp_path / ST.FILE).write_text("name,prompt,negative_prompt\nlate,{prompt} at night,\n")
     made = await runtime.run(job(params(styles=["late"])), no_progress)
     assert made.info["infotexts"][0].startswith("a cat at night\n")
+
+
+def test_a_file_that_does_not_read_is_said_and_holds_no_styles(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent asks for the styles while it groups tasks (``batch_key``): a broken file must not
+    raise there. The task then fails naming the style, and the log says why."""
+    (tmp_path / ST.FILE).write_bytes(b"name,prompt\nbad,\xff\xfe not utf-8\n")
+    with caplog.at_level(logging.WARNING, logger="sdfleet.runtimes._styles"):
+        assert ST.Styles(tmp_path).all() == {}
+    assert "prompt styles" in caplog.text and "not read" in caplog.text
+    runtime = tiny_diffusers(tmp_path)
+    assert runtime.batch_key(job(params(styles=["bad"]))) is None
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ task naming it: a style a product relies on that is missing would otherwise go u
 from __future__ import annotations
 
 import csv
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from typing import Any
 
 from sdfleet.errors import Reject
 from sdfleet.tasks import TaskParams
+
+log = logging.getLogger(__name__)
 
 FILE = "styles.csv"
 _HIRES_PROMPTS = ("hr_prompt", "hr_negative_prompt")
@@ -50,7 +53,12 @@ class Styles:
             return {}
         with self._lock:
             if self._seen is None or self._seen[0] != mtime:
-                self._seen = (mtime, read(self.path))
+                try:
+                    styles = read(self.path)
+                except (OSError, UnicodeError, csv.Error) as e:  # as SD WebUI: said, then none
+                    log.warning("prompt styles %s not read: %s", self.path, e)
+                    styles = {}
+                self._seen = (mtime, styles)
             return self._seen[1]
 
 
