@@ -142,3 +142,28 @@ async def test_masked_tasks_share_a_call_each_with_its_own_mask(
     outs = [await read_json(engine, v["output"]["key"]) for v in views]
     assert [o["batch_tasks"] for o in outs] == [3, 3, 3]
     assert all("Inpaint area: Only masked" in o["infotexts"][0] for o in outs), outs[0]["infotexts"]
+
+
+async def test_a_batch_key_that_fails_runs_its_task_alone(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent asks the runtime for each task's key while it groups tasks: one that raises (a
+    plugin runtime's, a bad file it reads) stopped the run stage. The task runs alone now."""
+    from sdfleet.runtimes.diffusers import DiffusersRuntime
+
+    real = DiffusersRuntime.batch_key
+
+    def key(self: DiffusersRuntime, job: Any) -> object | None:
+        if "boom" in job.params.prompt:
+            raise RuntimeError("a key that cannot be made")
+        return real(self, job)
+
+    monkeypatch.setattr(DiffusersRuntime, "batch_key", key)
+    fleet = await start(start_fleet, engine, models_dir, wait_ms=2000)
+    bodies = [img2img(png_url((i * 80, 0, 0)), seed=i) for i in range(3)]
+    bodies[1]["params"]["prompt"] = "boom"
+    ids = await submit_all(fleet, bodies)
+    views = [await fleet.wait(task_id, timeout_s=180) for task_id in ids]
+    assert [v["state"] for v in views] == ["succeeded"] * 3, views
+    outs = [await read_json(engine, v["output"]["key"]) for v in views]
+    assert [o["batch_tasks"] for o in outs] == [2, 1, 2]

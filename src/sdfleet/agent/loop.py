@@ -311,8 +311,13 @@ class Agent:
     def _key(self, p: Prepared) -> Hashable | None:
         if self.batcher is None:
             return None
-        key = self.batcher.batch_key(job_of(self.parts, p))
-        return key if isinstance(key, Hashable) else None
+        try:
+            key = self.batcher.batch_key(job_of(self.parts, p))
+            hash(key)  # a tuple holding a list is Hashable to isinstance, and fails in the pool
+        except Exception:  # the run stage must not stop for one task's key: it runs alone
+            log.exception("task %s: the runtime's batch_key failed; the task runs alone", p.task.id)
+            return None
+        return key
 
     def _loaded(self) -> list[str]:
         """Models the next job would find ready, best first: the last one handed to the runtime
