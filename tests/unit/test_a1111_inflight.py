@@ -113,8 +113,10 @@ async def sent(events: Events, name: str) -> None:
 async def test_the_next_job_waits_at_the_server_and_progress_goes_to_the_running_one(
     runtime: A1111Runtime, events: Events
 ) -> None:
+    # b long enough that a progress poll (every 20 ms) sees it run: 2 steps finished between two
+    # polls once, on a loaded machine, and b reported no progress at all
     a, b = await asyncio.gather(
-        runtime.run(job("a", LONG), events.progress("a")), runtime.run(job("b"), events.progress("b"))
+        runtime.run(job("a", LONG), events.progress("a")), runtime.run(job("b", 20), events.progress("b"))
     )
     assert len(a.images) == 1 and len(b.images) == 1
     # b was at the server while a ran: the GPU had the next job the moment a ended.
