@@ -51,8 +51,8 @@ def prepare(job: Job) -> Inpainting | None:
 
 
 def from_latents(ready: Inpainting | None) -> bool:
-    """Whether the job's call starts from latents (``latent_start``): a latent
-    fill with something masked (a blank mask is plain image-to-image, from the input's pixels)."""
+    """Whether the job's call starts from latents (``latent_start``): a latent fill with something
+    masked (a blank mask is plain image-to-image, from the input's pixels)."""
     return ready is not None and ready.spec.fill in LATENT_FILLS and ready.canvases[0].overlay is not None
 
 
@@ -80,11 +80,9 @@ def whole_masked(pipe: Any, size: tuple[int, int], seeds: Sequence[int], latents
     WebUI gives its hires fix's second pass: the whole image masked, the masked input all grey.
     Given latents (a ``Latent`` upscaler's), the pipeline would take zeros for the grey input's
     latents: they are made here, the grey encoded as SD WebUI encodes it."""
-    width, height = size
-    args: dict[str, Any] = {"mask_image": [Image.new("L", size, 255)] * len(seeds), "width": width}
-    args["height"] = height
+    args = _whole(size, len(seeds))
     if latents:
-        grey = torch.zeros(len(seeds), 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
+        grey = torch.zeros(len(seeds), 3, size[1], size[0], device=pipe.device, dtype=pipe.vae.dtype)
         args["masked_image_latents"] = pipe._encode_vae_image(grey, generator=_generators(seeds))
     return args
 
@@ -93,8 +91,7 @@ def unmasked(kwargs: dict[str, Any], img2img: bool, size: tuple[int, int]) -> No
     """An inpainting UNet's task without a mask, as SD WebUI runs it: the whole image masked, the
     masked input all grey; text-to-image from an input of grey at full strength (pure noise)."""
     images = len(kwargs["generator"])
-    kwargs["mask_image"] = [Image.new("L", size, 255)] * images
-    kwargs.update(width=size[0], height=size[1])
+    kwargs |= _whole(size, images)
     if not img2img:
         kwargs["image"] = [Image.new("RGB", size, (128, 128, 128))] * images
         kwargs["strength"] = 1.0
@@ -139,6 +136,11 @@ def round_masks(pipe: Any, on: bool) -> None:
     current = pipe.mask_processor
     if bool(current.config.do_binarize) != on:
         pipe.mask_processor = type(current).from_config({**current.config, "do_binarize": on})
+
+
+def _whole(size: tuple[int, int], images: int) -> dict[str, Any]:
+    """The pipeline's mask and size for ``images`` images masked whole (the masked input: grey)."""
+    return {"mask_image": [Image.new("L", size, 255)] * images, "width": size[0], "height": size[1]}
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
