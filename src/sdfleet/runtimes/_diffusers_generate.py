@@ -162,13 +162,12 @@ def call_kwargs(
     pipe: Any,
     jobs: Sequence[Job],
     callback: Any,
-    readings: Sequence[E.Reading] | None = None,
-    ready: Sequence[F.Inpainting | None] | None = None,
+    readings: Sequence[E.Reading],
+    ready: Sequence[F.Inpainting | None],
 ) -> tuple[dict[str, Any], list[_Part], int]:
     """The pipeline's arguments for ``jobs`` (compatible by ``batch_key``), their parts, and steps;
-    ``readings``: how each job's prompts are read (``_reading``; without embeddings if not given);
-    ``ready``: each job's ``_diffusers_inpaint.prepare``, made before the device was waited for."""
-    readings = readings or [_reading(job, None) for job in jobs]
+    ``readings``: how each job's prompts are read (``_reading``); ``ready``: each job's
+    ``_diffusers_inpaint.prepare``, made before the device was waited for."""
     parts = _parts(jobs)
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
@@ -203,10 +202,9 @@ def call_kwargs(
         steps = P.img2img_steps(first.steps, first.denoising_strength)
         size = (first.width, first.height)
         kwargs["strength"] = first.denoising_strength
-        made = inpaintings(jobs) if ready is None else ready
-        for part, mine in zip(parts, made, strict=True):
+        for part, mine in zip(parts, ready, strict=True):
             part.inpainting = mine
-        if made[0] is None:  # every job of the call is masked or none is (batch_key)
+        if ready[0] is None:  # every job of the call is masked or none is (batch_key)
             kwargs["image"] = [image for part in parts for image in _init_images(part, size)]
         else:
             readied = [part.inpainting for part in parts if part.inpainting is not None]

@@ -60,13 +60,11 @@ def infotext(
     kind: TaskType,
     seed: int,
     call: Call,
-    variation_said: Sequence[tuple[str, Any]] = (),
-    inpaint_said: Sequence[tuple[str, Any]] = (),
-    conditioning: Mapping[str, str] | None = None,
+    variation_said: Sequence[tuple[str, Any]],
+    extra: Mapping[str, Any],
 ) -> str:
-    """The A1111 ``parameters`` text of one image (``variation_said``, ``inpaint_said``,
-    ``conditioning``: the words of its variation seeds, of inpainting and of its prompts'
-    encoding, ``_diffusers_prompts.conditioning_said``). What SD WebUI's PNG Info reads back to
+    """The A1111 ``parameters`` text of one image (``variation_said``: the words of its variation
+    seeds; ``extra``: the task's ``generation_params``). What SD WebUI's PNG Info reads back to
     make the image again."""
     name, schedule = sampler_said(call.sampler, params.extra.get("scheduler"))
     core: dict[str, Any] = {
@@ -85,6 +83,19 @@ def infotext(
         "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
         "Tiling": "True" if params.extra.get("tiling") is True else None,
     }
+    return words.text(params.prompt, params.negative_prompt, core, extra)
+
+
+def generation_params(
+    params: TaskParams,
+    kind: TaskType,
+    call: Call,
+    inpaint_said: Sequence[tuple[str, Any]] = (),
+    conditioning: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """SD WebUI's ``extra_generation_params`` of the task, the same for each of its images, in
+    their order (``inpaint_said``, ``conditioning``: the words of inpainting and of its prompts'
+    encoding, ``_diffusers_prompts.conditioning_said``)."""
     second = hires.plan(kind, params)
     extra: dict[str, Any] = dict(second.generation_params if second else ())  # its strength in place
     if second is not None:
@@ -95,7 +106,7 @@ def infotext(
     extra |= conditioning or {}
     eta = params.extra.get("eta")
     extra |= eta_said(call.sampler, eta if isinstance(eta, int | float) else None)
-    return words.text(params.prompt, params.negative_prompt, core, extra)
+    return extra
 
 
 def hires_schedule(params: TaskParams, call: Call, second: hires.Hires) -> str | None:
@@ -119,8 +130,9 @@ def build_info(
     the prompts' encoding's infotext words)."""
     varied = variation.read(params)
     subs: Sequence[int | None] = subseeds or [None] * len(seeds)
+    extra = generation_params(params, kind, call, inpaint_said, conditioning)
     texts = [
-        infotext(params, kind, s, call, variation.words(varied, sub), inpaint_said, conditioning)
+        infotext(params, kind, s, call, variation.words(varied, sub), extra)
         for s, sub in zip(seeds, subs, strict=True)
     ]
     info: dict[str, Any] = {
@@ -157,9 +169,8 @@ def build_info(
         info["lora_hashes"] = call.loras
     if call.conditional:
         info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
-    second = hires.plan(kind, params)
-    if second is not None:
-        info["hires_schedule_type"] = hires_schedule(params, call, second)
+    if hires.SCHEDULE_WORD in extra:  # its place is kept for every hires fix
+        info["hires_schedule_type"] = extra[hires.SCHEDULE_WORD]
     info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:
