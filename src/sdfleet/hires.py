@@ -1,12 +1,13 @@
 """SD WebUI's hires fix as a text-to-image task asks for it: ``enable_hr`` and the ``hr_*`` fields of
 ``params.extra`` (their SD WebUI 1.10 API names and defaults), read into the second pass's size,
-upscaler, steps and sampler. Torch-free: the API checks the size at the door (``limits``); the
+upscaler, steps, sampler and checkpoint. Torch-free: the API checks the size at the door (``limits``); the
 diffusers runtime runs the two passes (``runtimes/_diffusers_hires.py``).
 
 The second pass is SD WebUI's: the first pass's latents (``Latent`` upscalers) or images (any
 other upscaler) made ``hr_scale`` times larger (or ``hr_resize_x`` × ``hr_resize_y``, keeping the
 aspect ratio and cropping the excess), noised and denoised again as image-to-image at
-``denoising_strength`` in ``hr_second_pass_steps`` steps (0: the first pass's).
+``denoising_strength`` in ``hr_second_pass_steps`` steps (0: the first pass's), by the model
+``hr_checkpoint_name`` names where it names one.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
 }
 """SD WebUI's latent upscale modes: ``torch.nn.functional.interpolate``'s mode and antialias."""
 SCALE_MAX = 8.0
-UNSUPPORTED = ("hr_checkpoint_name", "firstpass_image")
-"""Hires fields the diffusers runtime does not implement: another checkpoint for the second pass,
-and a first pass given as an image (SD WebUI reads ``firstpass_image`` only with ``enable_hr``)."""
+UNSUPPORTED = ("firstpass_image",)
+"""Hires fields the diffusers runtime does not implement: a first pass given as an image (SD WebUI
+reads ``firstpass_image`` only with ``enable_hr``; its API cannot take one, see docs/runtimes.md)."""
 PROMPTS = ("hr_prompt", "hr_negative_prompt")
 """The second pass's own prompt and negative prompt (empty: the first pass's)."""
 _SAME_CHECKPOINT = (None, "", "Use same checkpoint")
 SCHEDULE_WORD = "Hires schedule type"
+CHECKPOINT_WORD = "Hires checkpoint"
 PROMPT_WORDS = ("Hires prompt", "Hires negative prompt")
 
 
@@ -57,8 +59,11 @@ class Hires:
     sampler: str | None
     """The second pass's sampler and schedule type; None: the first pass's."""
     scheduler: str | None
+    checkpoint: str | None
+    """The second pass's checkpoint as named (``hr_checkpoint_name``); None: the first pass's."""
     generation_params: tuple[tuple[str, Any], ...]
-    """What the infotext adds, in SD WebUI's words and order."""
+    """What the infotext adds, in SD WebUI's words and order (``CHECKPOINT_WORD`` and
+    ``SCHEDULE_WORD`` hold their places: the run says them)."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -87,6 +92,8 @@ def plan(kind: TaskType, params: TaskParams) -> Hires | None:
     sampler, scheduler = extra.get("hr_sampler_name"), extra.get("hr_scheduler")
     # the infotext's words, in SD WebUI's order
     params_said: list[tuple[str, Any]] = [("Denoising strength", params.denoising_strength)]
+    checkpoint = checkpoint_of(params)
+    params_said += [(CHECKPOINT_WORD, None)] if checkpoint else []  # its title, once it is found
     if sampler and sampler != params.sampler:
         params_said.append(("Hires sampler", sampler))
     # the second pass's own prompts where they are not the first pass's, and SD WebUI's place for
@@ -109,6 +116,7 @@ def plan(kind: TaskType, params: TaskParams) -> Hires | None:
         denoising=params.denoising_strength,
         sampler=sampler if isinstance(sampler, str) and sampler else None,
         scheduler=scheduler if isinstance(scheduler, str) and scheduler else None,
+        checkpoint=checkpoint,
         generation_params=tuple(params_said),
     )
 
@@ -140,6 +148,16 @@ def _target(params: TaskParams) -> tuple[int, int, int, int, tuple[str, Any]]:
     return to_x, to_y, crop_x, crop_y, said
 
 
+def checkpoint_of(params: TaskParams) -> str | None:
+    """The checkpoint ``hr_checkpoint_name`` names for the second pass; None for the first pass's
+    (none, empty or SD WebUI's "Use same checkpoint"). ``Reject`` (``invalid_params``) for one
+    that is no text."""
+    name = params.extra.get("hr_checkpoint_name")
+    if name is not None and not isinstance(name, str):
+        raise Reject(f"hr_checkpoint_name must be a name, not {name!r}", code="invalid_params")
+    return None if name in _SAME_CHECKPOINT else name
+
+
 def sampler_of(second: Hires, params: TaskParams) -> tuple[str | None, str | None]:
     """The second pass's sampler and schedule type: its own, else the first pass's."""
     return second.sampler or params.sampler, second.scheduler or params.extra.get("scheduler")
@@ -159,13 +177,7 @@ def prompts(params: TaskParams) -> tuple[str, str] | None:
 
 def unsupported(params: TaskParams) -> list[str]:
     """The hires fields set to what the diffusers runtime does not do (``UNSUPPORTED``)."""
-    extra = params.extra
-    found = []
-    if extra.get("hr_checkpoint_name") not in _SAME_CHECKPOINT:
-        found.append("hr_checkpoint_name")
-    if extra.get("firstpass_image"):
-        found.append("firstpass_image")
-    return found
+    return ["firstpass_image"] if params.extra.get("firstpass_image") else []
 
 
 def second_pass_steps(steps: int, denoising: float) -> int:

@@ -26,7 +26,7 @@ from fleet_tools import (
 )
 from PIL import Image
 
-from conftest import SD15, Engine, RunningFleet, StartFleet, dedicated_and_dynamic, fleet_settings
+from conftest import OTHER, SD15, Engine, RunningFleet, StartFleet, dedicated_and_dynamic, fleet_settings
 from sdfleet.api.links import signature
 from sdfleet.bus import open_bus
 from sdfleet.compat import v1alpha2
@@ -211,7 +211,20 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     assert view["state"] == "succeeded", view
     with Image.open(io.BytesIO((await fleet.http.get(view["images"][0]["url"])).content)) as im:
         assert im.size == (128, 128)
-    body.update(width=512, height=512, hr_scale=8)
+    # ...its second pass on another checkpoint (refused before), named in the infotext
+    body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "hires-3"}
+    body["hr_checkpoint_name"] = OTHER
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("hires-3")
+    assert view["state"] == "succeeded", view
+    with Image.open(io.BytesIO((await fleet.http.get(view["images"][0]["url"])).content)) as im:
+        assert im.size == (128, 128) and "Hires checkpoint: anything-v3 [" in im.info["parameters"]
+    body["hr_checkpoint_name"] = "nope.safetensors"
+    r = await fleet.http.post("/v1alpha1/", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_model", r.text
+    assert "hr_checkpoint_name: model 'nope.safetensors' not found" in r.json()["error"]["message"]
+    body.update(width=512, height=512, hr_scale=8, hr_checkpoint_name=None)
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text
     assert "output size 4096x4096 (its hires pass) is over the maximum" in r.json()["error"]["message"]

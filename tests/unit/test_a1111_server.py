@@ -101,10 +101,30 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
         "Hires upscale": 2.0,
         "Hires upscaler": "Latent",
     }
-    with pytest.raises(
-        RuntimeError, match="hr_checkpoint_name \\(hires fix\\) is not available on this server"
-    ):
-        api.txt2img(prompt="a", enable_hr=True, hr_checkpoint_name="tiny-b.safetensors", **SMALL)
+
+
+def test_hires_fix_on_another_checkpoint_names_it_as_sd_webui_does(tmp_path: Path) -> None:
+    """``hr_checkpoint_name`` was 422 'hr_checkpoint_name (hires fix) is not available on this
+    server'. It is found as SD WebUI finds a checkpoint and named by its short title. (A server of
+    its own: loading tiny-b hashes it, which ``test_models_options_and_switching`` must not see.)"""
+    srv = a1111_server(tmp_path, free_port())
+    try:
+        api = webuiapi.WebUIApi(baseurl=f"{srv.url}/sdapi/v1", sampler="Euler a", steps=2)
+        asked = {"prompt": "a red cat", "seed": 42, "enable_hr": True, "hr_upscaler": "Latent"}
+        plain = api.txt2img(**asked, denoising_strength=0.5, **SMALL)
+        other = api.txt2img(**asked, denoising_strength=0.5, hr_checkpoint_name="tiny-b", **SMALL)
+        assert other.image.size == (128, 128) and pixels(other.image) != pixels(plain.image)
+        (title,) = [m["title"] for m in api.get_sd_models() if m["model_name"] == "tiny-b"]
+        short = title.replace(".safetensors", "")  # "tiny-b [hash]": hashed when it was loaded
+        assert other.info["extra_generation_params"]["Hires checkpoint"] == short and "[" in short
+        assert (
+            f"Model: tiny-a, Denoising strength: 0.5, Hires checkpoint: {short}, Hires upscale: 2.0"
+            in (other.info["infotexts"][0])
+        )
+        with pytest.raises(RuntimeError, match="Could not find checkpoint with name nope"):
+            api.txt2img(prompt="a", enable_hr=True, hr_checkpoint_name="nope", **SMALL)
+    finally:
+        srv.stop()
 
 
 def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIApi) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from sdfleet.tasks import TaskParams, TaskType
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
     root = tmp_path_factory.mktemp("models")
     make_tiny(root, "tiny-a", seed=0)
+    make_tiny(root, "tiny-b", seed=1)
     make_tiny(root, "tiny-xl", seed=0, sdxl=True)
     options = {"device": "cpu", "max_batch": 4, "generate_max_pixels": 160 * 160}
     return DiffusersRuntime.from_options(catalog=ModelCatalog(root), options=options, default_model="tiny-a")
@@ -33,6 +35,8 @@ def job(
     batch_size: int = 1, **extra: Any,
 ) -> Job:  # fmt: skip
     params = {"prompt": "a red cat", "steps": 2, "width": size, "height": size, "seed": seed}
+    if "denoising_strength" in extra:  # a parameter of its own, not SD WebUI's extras
+        params["denoising_strength"] = extra.pop("denoising_strength")
     extra = {"enable_hr": True, **extra} if hires else extra
     asked = TaskParams.model_validate({**params, "batch_size": batch_size, "extra": extra})
     return Job(task_id, TaskType.TEXT_TO_IMAGE, model, asked)
@@ -99,6 +103,8 @@ async def test_hires_batch_mates_keep_their_images_and_others_do_not_join(runtim
         ),
         ({"hr_negative_prompt": 3}, "invalid_params", "hr_negative_prompt must be a text, not 3"),
         ({"hr_scale": "2"}, "invalid_params", "hr_scale must be a number, not '2'"),
+        ({"hr_checkpoint_name": 1}, "invalid_params", "hr_checkpoint_name must be a name, not 1"),
+        ({"hr_checkpoint_name": "nope"}, "unknown_model", "hr_checkpoint_name: model 'nope' not found"),
     ],
 )
 async def test_what_the_second_pass_cannot_do_fails_before_it_runs(
@@ -150,3 +156,74 @@ async def test_prompt_editing_is_scheduled_anew_for_the_second_pass(runtime: Dif
     assert_same_images(later, await runtime.run(hr("d", "a cat", hr_prompt="a [cat:dog:1.5]"), quiet))
     cat = await runtime.run(hr("e", "a cat"), quiet)
     assert np.abs(pixels(later.images[0]) - pixels(cat.images[0])).max() > 0
+
+
+async def test_the_second_pass_runs_on_its_own_checkpoint(runtime: DiffusersRuntime) -> None:
+    """``hr_checkpoint_name`` was refused. SD WebUI runs the second pass on that checkpoint: the
+    first pass's images, upscaled, are an image-to-image task of the other model (the same seed,
+    its own encoders and VAE) and the infotext names it by its ``short_title``."""
+    base = {"hr_upscaler": "Lanczos", "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    made = await runtime.run(job(seed=7, hr_checkpoint_name="tiny-b.safetensors [0123456789]", **base), quiet)
+    assert runtime.loaded_model == "tiny-a" and set(runtime.cached_models) == {"tiny-a", "tiny-b"}
+    first = await runtime.run(job(seed=7, hires=False), quiet)
+    extras = TaskParams(upscaler="Lanczos", upscaling_resize=2)
+    upscaled = await runtime.run(
+        Job("u", TaskType.EXTRA_SINGLE_IMAGE, None, extras, [first.images[0]]), quiet
+    )
+    # the second pass's 2 steps at 0.5 run over a schedule of 4, as an img2img task of 4 steps
+    asked = {
+        "prompt": "a red cat",
+        "steps": 4,
+        "width": 128,
+        "height": 128,
+        "seed": 7,
+        "denoising_strength": 0.5,
+    }
+    on_b = Job("i", TaskType.IMAGE_TO_IMAGE, "tiny-b", TaskParams.model_validate(asked), [upscaled.images[0]])
+    assert_same_images(made, await runtime.run(on_b, quiet))
+    own = await runtime.run(job(seed=7, **base), quiet)
+    assert np.abs(pixels(made.images[0]) - pixels(own.images[0])).max() > 8  # not tiny-a's second pass
+    text, b_hash = made.info["infotexts"][0], model_hash(runtime, "tiny-b")
+    assert (
+        f"Model: tiny-a, Denoising strength: 0.5, Hires checkpoint: tiny-b [{b_hash}], "
+        "Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Lanczos" in text
+    ), text
+    assert made.info["hires_checkpoint"] == f"tiny-b [{b_hash}]"  # for runtime serve
+    same = await runtime.run(job(seed=7, hr_checkpoint_name="tiny-a", **base), quiet)
+    assert (
+        pixels(same.images[0]) == pixels(own.images[0])
+    ).all() and f"Hires checkpoint: tiny-a [{model_hash(runtime, 'tiny-a')}]" in (same.info["infotexts"][0])
+    assert (
+        runtime.batch_key(job(hr_checkpoint_name="tiny-b")) is None
+    )  # alone: another model reads its prompts
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+async def test_a_second_pass_on_another_family_makes_its_image(
+    runtime: DiffusersRuntime, upscaler: str
+) -> None:
+    """An SD 1.x first pass and an SDXL second pass, and back: SD WebUI hands the latents over as
+    they are (both have 4 channels) or encodes the upscaled image with the second model's VAE."""
+    for first, second in (("tiny-a", "tiny-xl"), ("tiny-xl", "tiny-a")):
+        made = await runtime.run(job(model=first, hr_checkpoint_name=second, hr_upscaler=upscaler), quiet)
+        assert sizes(made) == [(128, 128)] and f"Hires checkpoint: {second} [" in made.info["infotexts"][0]
+        assert runtime.loaded_model == first
+
+
+async def test_a_second_checkpoint_without_room_is_held_for_its_job_alone(tmp_path: Path) -> None:
+    """With ``cache_size`` 1 the second pass's model is loaded beside the first pass's for the job
+    and let go after it: the cache keeps its bound, and the first pass's model stays."""
+    make_tiny(tmp_path, "tiny-a", seed=0)
+    make_tiny(tmp_path, "tiny-b", seed=1)
+    options = {"device": "cpu"}
+    small = DiffusersRuntime.from_options(catalog=ModelCatalog(tmp_path), options=options, cache_size=1)
+    roomy = DiffusersRuntime.from_options(catalog=ModelCatalog(tmp_path), options=options, cache_size=2)
+    asked = job(hr_checkpoint_name="tiny-b", hr_second_pass_steps=1)
+    made = await small.run(asked, quiet)
+    assert small.cached_models == ["tiny-a"] and small.loaded_model == "tiny-a" and made.switch_s > 0
+    assert made.images == (await roomy.run(asked, quiet)).images
+    assert roomy.cached_models == ["tiny-a", "tiny-b"]
+    again = await roomy.run(asked, quiet)
+    assert again.switch_s == 0.0 and again.images == made.images  # both were cached
+    await small.aclose()
+    await roomy.aclose()

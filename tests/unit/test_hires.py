@@ -89,10 +89,24 @@ def test_what_the_runtime_does_not_do_is_named() -> None:
     same = params(hr_prompt="", hr_negative_prompt=None, hr_checkpoint_name="Use same checkpoint")
     assert hires.unsupported(same) == []
     assert hires.unsupported(params(hr_prompt="p")) == []  # the first pass's prompt again
-    assert hires.unsupported(params(hr_prompt="other", hr_checkpoint_name="sdxl.safetensors")) == [
-        "hr_checkpoint_name",
-    ]  # another prompt runs (test_diffusers_hires.py)
+    # another prompt and another checkpoint run (test_diffusers_hires.py)
+    assert hires.unsupported(params(hr_prompt="other", hr_checkpoint_name="sdxl.safetensors")) == []
     assert hires.unsupported(params(firstpass_image="iVBOR")) == ["firstpass_image"]
+
+
+@pytest.mark.parametrize(
+    ("name", "checkpoint"), [(None, None), ("", None), ("Use same checkpoint", None), ("b", "b")]
+)
+def test_the_second_pass_names_its_checkpoint_in_its_place(name: str | None, checkpoint: str | None) -> None:
+    plan = hires.plan(T2I, params(hr_checkpoint_name=name, hr_sampler_name="Euler a"))
+    assert plan is not None and plan.checkpoint == checkpoint
+    words = [word for word, _ in plan.generation_params]
+    # SD WebUI's order: its title is said by the run, after the strength and before the sampler
+    assert (
+        words[:3] == ["Denoising strength", "Hires checkpoint", "Hires sampler"]
+        if checkpoint
+        else (words[:2] == ["Denoising strength", "Hires sampler"])
+    )
 
 
 @pytest.mark.parametrize("denoising", [0.05, 0.3, 0.5, 0.7, 0.75, 0.999, 1.0])

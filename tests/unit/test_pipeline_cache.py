@@ -89,6 +89,34 @@ async def test_budget_for_two_models_evicts_the_least_recently_used(
     assert rt.cached_models == [] and rt.loaded_model is None
 
 
+def hires_job(model: str, checkpoint: str) -> Job:
+    extra = {"enable_hr": True, "hr_checkpoint_name": checkpoint, "hr_second_pass_steps": 1}
+    asked = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "extra": extra}
+    return Job("t-2", TaskType.TEXT_TO_IMAGE, model, TaskParams.model_validate(asked))
+
+
+async def test_a_hires_checkpoint_is_loaded_beside_the_model_it_serves(
+    catalog: ModelCatalog, footprint: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hires pass on another checkpoint needs the two at once: others make room, never the
+    first pass's model, which stays the current one; without room the second is held for the job
+    alone (the budget is not broken between jobs)."""
+    rt = runtime(catalog, footprint * 2.5)
+    await rt.run(job("tiny-b"), no_progress)
+    await rt.run(job("tiny-a"), no_progress)
+    await rt.run(job("tiny-b"), no_progress)  # tiny-a is the least recently used
+    await rt.run(hires_job("tiny-a", "tiny-c"), no_progress)
+    assert rt.cached_models == ["tiny-a", "tiny-c"] and rt.loaded_model == "tiny-a"
+    tight = runtime(catalog, footprint * 1.5)
+    with caplog.at_level(logging.WARNING):
+        made = await tight.run(hires_job("tiny-a", "tiny-c"), no_progress)
+    assert len(made.images) == 1 and tight.cached_models == ["tiny-a"] and tight.loaded_model == "tiny-a"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("no room for tiny-c beside tiny-a" in m and "t-2's hires pass alone" in m for m in said), said
+    await rt.aclose()
+    await tight.aclose()
+
+
 async def test_cache_size_still_bounds_the_count(catalog: ModelCatalog, footprint: int) -> None:
     rt = runtime(catalog, footprint * 100, cache_size=1)
     await rt.run(job("tiny-a"), no_progress)

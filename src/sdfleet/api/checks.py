@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+from sdfleet import hires
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.seed_schemas import INPUT_URL_PATTERN, URL_PATTERN
 from sdfleet.errors import InputFetchError, InputUnavailable, NotFound, Reject, ValidationFailed
@@ -39,20 +40,30 @@ def check_task(ctx: ApiContext, task: Task) -> None:
         batches(p)  # SD WebUI's own bound on its batch count; batch_size is bounded by TaskParams
     except Reject as e:
         raise ValidationFailed(e.reason, code=e.code) from None
-    model = task.model or default_model(ctx.fleet.models.default, ctx.catalog)
+    _check_model(ctx, task.model or default_model(ctx.fleet.models.default, ctx.catalog))
+    try:
+        checkpoint = hires.checkpoint_of(p) if hires.asked(task.type, p) else None
+    except Reject as e:
+        raise ValidationFailed(e.reason, code=e.code) from None
+    _check_model(ctx, checkpoint, "hr_checkpoint_name: ")
+    check_inline_inputs(ctx, task)
+
+
+def _check_model(ctx: ApiContext, model: str | None, field: str = "") -> None:
+    """A model the models folder lacks is refused (``field``: what named it)."""
     # With models.s3 the agents fetch what their folder lacks (and fail the task no_model when the
     # bucket lacks it too): the API's own folder is not the list of models there are.
-    if model and ctx.catalog is not None and ctx.fleet.models.s3 is None:
-        models = ctx.catalog.list()
-        try:
-            if models:
-                ctx.catalog.resolve(model)
-        except NotFound as e:  # its own message names the models folder: not for clients
-            names = ", ".join(m.name for m in models)
-            raise ValidationFailed(
-                f"model {model!r} not found (available: {names})", code="unknown_model"
-            ) from e
-    check_inline_inputs(ctx, task)
+    if not model or ctx.catalog is None or ctx.fleet.models.s3 is not None:
+        return
+    models = ctx.catalog.list()
+    try:
+        if models:
+            ctx.catalog.resolve(model)
+    except NotFound as e:  # its own message names the models folder: not for clients
+        names = ", ".join(m.name for m in models)
+        raise ValidationFailed(
+            f"{field}model {model!r} not found (available: {names})", code="unknown_model"
+        ) from e
 
 
 def check_inline_inputs(ctx: ApiContext, task: Task) -> None:

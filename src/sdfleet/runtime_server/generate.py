@@ -223,7 +223,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     if lacking:
         raise refused(422, f"{', '.join(lacking)} is not available on this server")
     second = _hires(req, params)
-    params = _second_sampler(req, params)
+    params = _second_sampler(req, _hires_checkpoint(state, params, second))
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(
@@ -263,13 +263,16 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     """The infotext's words only the run knows, from the runtime's ``info``, where SD WebUI puts
     them: inpainting's (``inpainting``: whether "Only masked" found a region), ``Lora hashes`` of
     the LoRAs it applied (unless the ``lora_add_hashes_to_infotext`` option is off), after the
-    hires fix's words (its ``Hires schedule type`` in the place kept for it); then its prompts'
+    hires fix's words (its ``Hires checkpoint`` and ``Hires schedule type`` in the places kept
+    for them); then its prompts'
     encoding's ``TI hashes`` (unless ``textual_inversion_add_hashes_to_infotext`` is off) and
     ``Emphasis`` in the order the run says them, before ``Eta DDIM``; an inpainting checkpoint's
     ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
     if hires.SCHEDULE_WORD in gen.extra:  # its place, kept since the plan
         gen.extra[hires.SCHEDULE_WORD] = info.get("hires_schedule_type")
+    if hires.CHECKPOINT_WORD in gen.extra:  # the same
+        gen.extra[hires.CHECKPOINT_WORD] = info.get("hires_checkpoint")
     later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM") if k in gen.extra}
     gen.extra |= info.get("inpainting") or {}
     if options["lora_add_hashes_to_infotext"] and info.get("lora_hashes"):
@@ -307,6 +310,20 @@ def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
         return hires.plan(TaskType.TEXT_TO_IMAGE, params)
     except Reject as e:
         raise refused(422, e.reason) from None
+
+
+def _hires_checkpoint(state: ServerState, params: TaskParams, second: hires.Hires | None) -> TaskParams:
+    """``params`` with the hires fix's ``hr_checkpoint_name`` found as SD WebUI finds it (a
+    title, file name, stem or known hash) and given to the runtime by its name in the folder;
+    404 for one the folder lacks, in SD WebUI's words (its status: 500)."""
+    if second is None or second.checkpoint is None:
+        return params
+    try:
+        name = state.checkpoints.resolve(second.checkpoint).name
+    except Reject:
+        wrong = f"Could not find checkpoint with name {second.checkpoint}"
+        raise failed(404, "Exception", wrong, sdwebui=500) from None
+    return params.model_copy(update={"extra": params.extra | {"hr_checkpoint_name": name}})
 
 
 async def generate(

@@ -62,8 +62,8 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         return None  # it fails alone, with its own reason
     if edits.changes:
         return None  # its callback swaps the embeddings of every image of the call
-    if second is not None and own_second_pass(job, second) is not None:
-        return None  # its second pass's prompts are its own, or edited anew
+    if second is not None and (second.checkpoint or own_second_pass(job, second) is not None):
+        return None  # its second pass's prompts are its own, edited anew or another model's to read
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
     if loras is None:
@@ -101,18 +101,23 @@ def prompts(job: Job) -> tuple[PS.Edits, float]:
 
 
 def own_second_pass(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float] | None:
-    """``prompts`` of a hires fix's second pass where they are not what the first call started
-    with: its own prompts (``hires.prompts``) or the first pass's, scheduled over its steps as SD
-    WebUI schedules them (``_prompt_schedule.schedule``); None where the first call's serve."""
-    p = job.params
-    prompt, negative = hires.prompts(p) or (p.prompt, p.negative_prompt)
-    first = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
-    steps = total_steps(sampler_key(*hires.sampler_of(plan, p)), plan.steps)
-    edits, weight = PS.of_task(L.text(prompt), L.text(negative), steps, first)
+    """``second_prompts`` where they are not what the first call started with; None where the
+    first call's serve."""
+    edits, weight = second_prompts(job, plan)
     started, started_weight = prompts(job)
     if not edits.changes and edits.at(0) == started.at(0) and weight == started_weight:
         return None
     return edits, weight
+
+
+def second_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
+    """``prompts`` of a hires fix's second pass: its own prompts (``hires.prompts``) or the first
+    pass's, scheduled over its steps as SD WebUI schedules them (``_prompt_schedule.schedule``)."""
+    p = job.params
+    prompt, negative = hires.prompts(p) or (p.prompt, p.negative_prompt)
+    first = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
+    steps = total_steps(sampler_key(*hires.sampler_of(plan, p)), plan.steps)
+    return PS.of_task(L.text(prompt), L.text(negative), steps, first)
 
 
 def eta(p: TaskParams) -> float | None:
@@ -278,6 +283,8 @@ class Generated:
     """The LoRAs the call applied (one set for all its jobs: ``batch_key``), for the infotexts."""
     conditional: bool = False
     """Made by an inpainting UNet (SD WebUI's ``Conditional mask weight``)."""
+    hires_checkpoint: str | None = None
+    """The hires pass's model's ``short_title``, where ``hr_checkpoint_name`` names one."""
     model_hash: str | None = None
     """The checkpoint's ``Model hash`` (``_diffusers_info.model_hash``), read beside the run."""
 
@@ -328,7 +335,9 @@ def generate(
             first = pipe(num_inference_steps=steps, **handed).images
             seeds = [s for part in call_parts for s in part.seeds]
             progress = callback(passes * n + 1, total)
-            own = second_pass(pipe, call_parts[0], second.plan, mine[0], progress)  # alone (batch_key)
+            # another model reads the prompts anew with its own text encoders (alone: batch_key)
+            reader, fresh = (second.pipe, True) if second.other_model else (pipe, False)
+            own = second_pass(reader, call_parts[0], second.plan, mine[0], progress, fresh=fresh)
             if own is None:
                 images += H.run(second, first, kwargs, seeds, progress)
                 continue
@@ -354,13 +363,14 @@ _PROMPT_ARGS = frozenset(
 
 
 def second_pass(
-    pipe: Any, part: _Part, plan: hires.Hires, reading: E.Reading, callback: Any
+    pipe: Any, part: _Part, plan: hires.Hires, reading: E.Reading, callback: Any, *, fresh: bool = False
 ) -> tuple[dict[str, Any], Any] | None:
-    """A hires fix's second pass's prompt arguments and step callback where its prompts are not
-    the first call's (``own_second_pass``), read as the first pass reads them; None where the
-    first call's serve."""
+    """A hires fix's second pass's prompt arguments and step callback, read by ``pipe``'s text
+    encoders as the first pass reads them, where its prompts are not the first call's
+    (``own_second_pass``) or ``fresh`` (another model reads them); None where the first call's
+    serve."""
     p = part.job.params
-    own = own_second_pass(part.job, plan)
+    own = second_prompts(part.job, plan) if fresh else own_second_pass(part.job, plan)
     if own is None:
         return None
     edits, weight = own
@@ -414,7 +424,8 @@ def _calls(
 def encode(g: Generated) -> list[RuntimeResult]:
     """One result per job, its images as PNGs carrying A1111's ``parameters`` text (blocking: it
     hashes a LoRA file the first time one is named there)."""
-    call = R.Call(g.sampler, g.model, g.steps, g.model_hash, L.hashes_said(g.loras), g.conditional)
+    loras = L.hashes_said(g.loras)
+    call = R.Call(g.sampler, g.model, g.steps, g.model_hash, loras, g.conditional, g.hires_checkpoint)
     return [_result(part, g, call) for part in g.parts]
 
 

@@ -4,7 +4,9 @@ for). Imports torch.
 The first pass makes latents (``Latent`` upscalers: they are interpolated) or images (any other
 upscaler: resized by it, then encoded again by the image-to-image pipeline); the second pass
 denoises them as image-to-image at the plan's strength, with fresh noise from the same seeds, as
-SD WebUI does. Its steps are exactly the plan's: the schedule is made ``steps / strength`` long
+SD WebUI does, on the model ``hr_checkpoint_name`` names where it names another (the first pass's
+latents handed over as they are, or its images encoded by that model's VAE, as there). Its steps
+are exactly the plan's: the schedule is made ``steps / strength`` long
 (``hires.second_pass_steps``). On an inpainting checkpoint the pass is given the whole image
 masked, as SD WebUI gives it (``_diffusers_inpaint.whole_masked``).
 """
@@ -29,9 +31,12 @@ Upscale = Callable[[Image.Image, str, tuple[int, int]], Image.Image]
 @dataclass
 class SecondPass:
     pipe: Any
-    """The image-to-image pipeline sharing the model, its scheduler set for this pass."""
+    """The image-to-image pipeline of the pass's model, its scheduler set for this pass."""
     plan: Hires
     upscale: Upscale
+    other_model: bool = False
+    """The pass runs another model than the first pass's (``hr_checkpoint_name``): its own text
+    encoders read the prompts again."""
 
 
 def first_output(second: SecondPass) -> str:

@@ -43,6 +43,13 @@ class Call:
     """``Lora hashes`` of the LoRAs it applied."""
     conditional: bool = False
     """Made by an inpainting UNet: SD WebUI's ``Conditional mask weight``."""
+    hires_checkpoint: str | None = None
+    """``Hires checkpoint``: the short title (``short_title``) of ``hr_checkpoint_name``'s model."""
+
+
+def short_title(info: ModelInfo, model_hash: str | None) -> str:
+    """SD WebUI's ``short_title`` of a checkpoint: its stem, and its short hash once known."""
+    return f"{info.stem} [{model_hash}]" if model_hash else info.stem
 
 
 def model_hash(info: ModelInfo) -> str | None:
@@ -100,6 +107,8 @@ def generation_params(
     extra: dict[str, Any] = dict(second.generation_params if second else ())  # its strength in place
     if second is not None:
         extra[hires.SCHEDULE_WORD] = hires_schedule(params, call, second)
+    if second is not None and second.checkpoint:
+        extra[hires.CHECKPOINT_WORD] = call.hires_checkpoint
     extra |= dict(inpaint_said)
     if call.loras is not None:
         extra["Lora hashes"] = call.loras
@@ -171,6 +180,8 @@ def build_info(
         info["conditional_mask_weight"] = CONDITIONAL_MASK_WEIGHT
     if hires.SCHEDULE_WORD in extra:  # its place is kept for every hires fix
         info["hires_schedule_type"] = extra[hires.SCHEDULE_WORD]
+    if call.hires_checkpoint is not None:
+        info["hires_checkpoint"] = call.hires_checkpoint
     info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:

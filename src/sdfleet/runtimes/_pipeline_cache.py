@@ -170,7 +170,9 @@ class PipelineCache(Generic[T]):
 
     ``make_room`` before a load evicts until the cache's footprints plus the new model's estimate fit
     ``budget`` and the count stays within ``max_count``; a model larger than the whole budget is
-    loaded alone, with a warning. ``release`` runs after evictions (garbage collection, CUDA cache).
+    loaded alone, with a warning. ``make_room_beside`` makes room for a model that a job needs next
+    to the one it runs (a hires pass on another checkpoint) without evicting that one. ``release``
+    runs after evictions (garbage collection, CUDA cache).
     """
 
     def __init__(self, *, budget: int, max_count: int, release: Callable[[], None]) -> None:
@@ -211,19 +213,7 @@ class PipelineCache(Generic[T]):
 
     def make_room(self, name: str, estimate: int) -> None:
         """Evict least recently used pipelines so that ``name`` (``estimate`` bytes) fits."""
-        evicted = False
-        while self._entries and len(self._entries) >= self.max_count:
-            self._evict_lru(f"cache_size {self.max_count} reached, to load {name}")
-            evicted = True
-        while self._entries and self.used + estimate > self.budget:
-            reason = (
-                f"to load {name} (estimated {mib(estimate)}): {mib(self.used)} cached + "
-                f"{mib(estimate)} > memory budget {mib(self.budget)}"
-            )
-            self._evict_lru(reason)
-            evicted = True
-        if evicted:
-            self._release()
+        self._make_room(name, estimate, None)
         if estimate > self.budget:
             log.warning(
                 "model %s (estimated %s) is larger than the memory budget %s: loading it alone",
@@ -232,14 +222,44 @@ class PipelineCache(Generic[T]):
                 mib(self.budget),
             )
 
-    def put(self, name: str, value: T, footprint: int) -> None:
-        """Cache a loaded pipeline; evicts older ones if its measured footprint broke the budget."""
+    def make_room_beside(self, keep: str, name: str, estimate: int) -> bool:
+        """Evict least recently used pipelines, never ``keep``, so that ``name`` (``estimate``
+        bytes) fits beside it; False, evicting nothing, where it cannot (``max_count`` 1, or the
+        two over the budget)."""
+        kept = self._entries[keep].footprint if keep in self._entries else 0
+        if self.max_count < 2 or kept + estimate > self.budget:
+            return False
+        self._make_room(name, estimate, keep)
+        return True
+
+    def _make_room(self, name: str, estimate: int, keep: str | None) -> None:
+        evicted = False
+        while self._others(keep) and len(self._entries) >= self.max_count:
+            self._evict(self._others(keep)[0], f"cache_size {self.max_count} reached, to load {name}")
+            evicted = True
+        while self._others(keep) and self.used + estimate > self.budget:
+            reason = (
+                f"to load {name} (estimated {mib(estimate)}): {mib(self.used)} cached + "
+                f"{mib(estimate)} > memory budget {mib(self.budget)}"
+            )
+            self._evict(self._others(keep)[0], reason)
+            evicted = True
+        if evicted:
+            self._release()
+
+    def _others(self, keep: str | None) -> list[str]:
+        """Cached names but ``keep``, least recently used first."""
+        return [n for n in self._entries if n != keep]
+
+    def put(self, name: str, value: T, footprint: int, *, keep: str | None = None) -> None:
+        """Cache a loaded pipeline; evicts older ones (never ``keep``) if its measured footprint
+        broke the budget."""
         self._entries[name] = _Entry(value, footprint)
         self._entries.move_to_end(name)
         evicted = False
-        while len(self._entries) > 1 and self.used > self.budget:
+        while len(self._others(keep)) > 1 and self.used > self.budget:
             reason = f"{name} measured {mib(footprint)}: cache over memory budget {mib(self.budget)}"
-            self._evict_lru(reason)
+            self._evict(self._others(keep)[0], reason)
             evicted = True
         if evicted:
             self._release()
@@ -265,9 +285,6 @@ class PipelineCache(Generic[T]):
         self._entries.clear()
         if release:
             self._release()
-
-    def _evict_lru(self, reason: str) -> None:
-        self._evict(next(iter(self._entries)), reason)
 
     def _evict(self, name: str, reason: str) -> None:
         footprint = self._entries.pop(name).footprint  # the last reference: freed at release()

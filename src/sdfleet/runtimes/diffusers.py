@@ -69,6 +69,20 @@ class _Loaded:
         return self._inpaint
 
 
+@dataclass
+class _HiresModel:
+    """The model of a hires pass on the checkpoint ``hr_checkpoint_name`` names."""
+
+    info: ModelInfo | None = None
+    """None: the task asks for no such pass."""
+    loaded: _Loaded | None = None
+    """Its pipeline, where it is not the first pass's model."""
+    loaded_now: bool = False
+    transient: bool = False
+    """Loaded for this job alone: the cache had no room for it beside the first pass's model."""
+    download_s: float = 0.0
+
+
 class DiffusersRuntime:
     """Runs jobs with diffusers pipelines loaded from a ``ModelCatalog``."""
 
@@ -267,7 +281,7 @@ class DiffusersRuntime:
         ctl = RunControl(fan_out, [job.task_id for job in jobs])
         self._active.add(ctl)
         name = ""
-        hashing: asyncio.Task[str | None] | None = None
+        hashing: list[asyncio.Task[str | None]] = []
         try:
             # masks' image work (seconds for a large mask blurred far): before the device is
             # waited for, each job's in a thread of its own
@@ -275,15 +289,27 @@ class DiffusersRuntime:
             async with self._lock:
                 t0 = time.perf_counter()
                 loaded, switched, download_s = await self._switch(jobs[0].model)
-                switch_s = time.perf_counter() - t0 - download_s if switched else 0.0
+                hr = await self._hires_model(jobs[0], loaded)
+                download_s += hr.download_s
+                switch_s = time.perf_counter() - t0 - download_s if switched or hr.loaded_now else 0.0
                 name = loaded.info.name
                 # Read beside the run, not after it: the first time, seconds for a multi-GB file.
-                hashing = asyncio.create_task(asyncio.to_thread(R.model_hash, loaded.info))
-                work = partial(self._generate, loaded, jobs, sampler, ctl, ready)
+                models = [loaded.info] if hr.info is None else [loaded.info, hr.info]
+                hashing = [asyncio.create_task(asyncio.to_thread(R.model_hash, m)) for m in models]
+                work = partial(self._generate, loaded, jobs, sampler, ctl, ready, hr.loaded)
                 t1 = time.perf_counter()
-                generated = await self._in_thread(ctl, work, self._inference_thread())
+                try:
+                    generated = await self._in_thread(ctl, work, self._inference_thread())
+                finally:
+                    if hr.transient:  # held for this job alone: its memory goes before the next
+                        del work
+                        hr.loaded = None
+                        self._free_memory()
                 run_s = time.perf_counter() - t1
-            generated.model_hash = await hashing
+            hashes = [await each for each in hashing]
+            generated.model_hash = hashes[0]
+            if hr.info is not None:
+                generated.hires_checkpoint = R.short_title(hr.info, hashes[-1])
             results = await asyncio.to_thread(G.encode, generated)
         except Reject as e:
             if e.code != "out_of_memory" or not self._evict_all_but(name):
@@ -291,8 +317,8 @@ class DiffusersRuntime:
             # Other cached pipelines held memory and are gone now: a retry may fit.
             raise RuntimeFailure(f"{e.reason}; unloaded other cached models", code=e.code) from e
         finally:
-            if hashing is not None and not hashing.done():
-                hashing.cancel()  # the run failed: its thread finishes alone, remembered for the next
+            for each in hashing:  # those not done: the run failed, their threads finish alone,
+                each.cancel()  # and what they read is remembered for the next
             self._active.discard(ctl)
             await ctl.close()
         outcomes: list[RuntimeResult | BaseException] = []
@@ -360,12 +386,7 @@ class DiffusersRuntime:
         name = model or self._current or self.default_model
         if name is None:
             raise Reject("the job names no model and none is loaded", code="no_model")
-        try:
-            info, download_s = await self.catalog.fetch(name)
-        except NotFound as e:
-            raise Reject(e.message, code="unknown_model") from e
-        except SdfleetError as e:  # S3 unreachable, denied, disk full: another attempt may work
-            raise ModelLoadError(f"cannot fetch model {name!r}: {e.message}", code=e.code) from e
+        info, download_s = await self._fetch(name)
         loaded = self._cache.get(info.name)
         if loaded is None:
             estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
@@ -377,6 +398,48 @@ class DiffusersRuntime:
         switched = self._current != info.name
         self._current = info.name
         return loaded, switched, download_s
+
+    async def _fetch(self, name: str, field: str = "") -> tuple[ModelInfo, float]:
+        """``catalog.fetch``, its errors as a job's (``field``: what named the model)."""
+        try:
+            return await self.catalog.fetch(name)
+        except NotFound as e:
+            raise Reject(f"{field}{e.message}", code="unknown_model") from e
+        except SdfleetError as e:  # S3 unreachable, denied, disk full: another attempt may work
+            raise ModelLoadError(f"cannot fetch model {name!r}: {e.message}", code=e.code) from e
+
+    async def _hires_model(self, job: Job, first: _Loaded) -> _HiresModel:
+        """The model ``hr_checkpoint_name`` names for a hires pass, loaded beside ``first`` (the
+        first pass's, which stays the current model). Where the cache has no room for the two, it
+        is loaded for this job alone and let go after it; the two are in memory while it runs (SD
+        WebUI swaps one for the other's weights mid-job instead)."""
+        plan = hires.plan(job.type, job.params)
+        if plan is None or plan.checkpoint is None:
+            return _HiresModel()
+        info, download_s = await self._fetch(plan.checkpoint, "hr_checkpoint_name: ")
+        found = _HiresModel(info, download_s=download_s)
+        if info.name == first.info.name:
+            return found  # the first pass's own: nothing to load, and still named in the infotext
+        found.loaded = self._cache.get(info.name)
+        if found.loaded is not None:
+            return found
+        estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
+        fits = self._cache.make_room_beside(first.info.name, info.name, estimate)
+        found.loaded, found.loaded_now = await asyncio.to_thread(self._load, info), True
+        if fits:
+            self._cache.put(info.name, found.loaded, found.loaded.footprint, keep=first.info.name)
+        else:
+            found.transient = True
+            log.warning(
+                "no room for %s beside %s in the pipeline cache (cache_size %d, memory budget %s): "
+                "loaded for task %s's hires pass alone",
+                info.name,
+                first.info.name,
+                self.cache_size,
+                C.mib(self._cache.budget),
+                job.task_id,
+            )
+        return found
 
     def _load(self, info: ModelInfo) -> _Loaded:
         started = time.perf_counter()
@@ -401,6 +464,7 @@ class DiffusersRuntime:
         sampler: str | None,
         ctl: RunControl,
         ready: Sequence[F.Inpainting | None] | None = None,
+        hr: _Loaded | None = None,
     ) -> G.Generated:
         names = ", ".join(job.task_id for job in jobs)
         with self._infer_lock:
@@ -411,9 +475,11 @@ class DiffusersRuntime:
                 pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
-                self._loras.apply(loaded.pipe, loras)
-                P.set_tiling(loaded.pipe, G.tiling(jobs[0].params), vae_tiling=self.options.vae_tiling)
-                second = self._second_pass(loaded, jobs[0])
+                tiling = G.tiling(jobs[0].params)
+                for model in (loaded, hr) if hr is not None else (loaded,):
+                    self._loras.apply(model.pipe, loras)  # the hires pass's are the first's
+                    P.set_tiling(model.pipe, tiling, vae_tiling=self.options.vae_tiling)
+                second = self._second_pass(loaded, jobs[0], hr)
                 progress = partial(step_callback, ctl)
                 generated = G.generate(
                     pipe, jobs, sampler, loaded.info, progress, second, self._embeddings, ready
@@ -441,16 +507,18 @@ class DiffusersRuntime:
             return loaded.inpaint()  # masked jobs share a call only with masked ones (batch_key)
         return loaded.img2img() if job.type is TaskType.IMAGE_TO_IMAGE else loaded.pipe
 
-    def _second_pass(self, loaded: _Loaded, job: Job) -> H.SecondPass | None:
-        """A hires fix's image-to-image pass over the loaded model, with its own sampler."""
+    def _second_pass(self, loaded: _Loaded, job: Job, hr: _Loaded | None = None) -> H.SecondPass | None:
+        """A hires fix's image-to-image pass over the loaded model (``hr``: another one), with its
+        own sampler."""
         plan = hires.plan(job.type, job.params)
         if plan is None:
             return None
+        model = hr or loaded
         # on an inpainting checkpoint an inpainting pipeline, another than the first pass's: each
         # pass has its own sampler
-        pipe, sampler = loaded.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
-        pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
-        return H.SecondPass(pipe, plan, self._extras.upscale_to)
+        pipe, sampler = model.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
+        pipe.scheduler = P.scheduler_for(sampler, model.base_scheduler)
+        return H.SecondPass(pipe, plan, self._extras.upscale_to, other_model=hr is not None)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         plan = X.plan(job, self.catalog.models_dir)  # bad names fail before waiting for the device
