@@ -224,6 +224,20 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_model", r.text
     assert "hr_checkpoint_name: model 'nope.safetensors' not found" in r.json()["error"]["message"]
+    # ...and a refiner (refused before), said in the infotext, its name checked at the door
+    refined = {**copy_of(V1ALPHA1_T2I), "width": 64, "height": 64, "steps": 4, "seed": 5}
+    refined["alwayson_scripts"] = {**refined["alwayson_scripts"], "id_task": "refined-1"}
+    refined.update(refiner_checkpoint=OTHER, refiner_switch_at=0.5)
+    r = await fleet.http.post("/v1alpha1/", json=refined)
+    assert r.status_code == 200, r.text
+    view = await fleet.wait("refined-1")
+    assert view["state"] == "succeeded", view
+    with Image.open(io.BytesIO((await fleet.http.get(view["images"][0]["url"])).content)) as im:
+        assert "Refiner: anything-v3 [" in im.info["parameters"], im.info["parameters"]
+        assert "Refiner switch at: 0.5" in im.info["parameters"], im.info["parameters"]
+    refined["refiner_checkpoint"] = "nope.safetensors"
+    r = await fleet.http.post("/v1alpha1/", json=refined)
+    assert r.status_code == 422 and "refiner_checkpoint: model 'nope.safetensors'" in r.text, r.text
     body.update(width=512, height=512, hr_scale=8, hr_checkpoint_name=None)
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_large", r.text

@@ -103,10 +103,13 @@ def test_hires_fix_runs_with_sd_webuis_words(api: webuiapi.WebUIApi) -> None:
     }
 
 
-def test_hires_fix_on_another_checkpoint_names_it_as_sd_webui_does(tmp_path: Path) -> None:
+def test_another_checkpoint_for_the_hires_pass_or_the_refiner_is_named_as_sd_webui_does(
+    tmp_path: Path,
+) -> None:
     """``hr_checkpoint_name`` was 422 'hr_checkpoint_name (hires fix) is not available on this
-    server'. It is found as SD WebUI finds a checkpoint and named by its short title. (A server of
-    its own: loading tiny-b hashes it, which ``test_models_options_and_switching`` must not see.)"""
+    server', ``refiner_checkpoint`` 422 too. They are found as SD WebUI finds a checkpoint and
+    named by its short title. (A server of its own: loading tiny-b hashes it, which
+    ``test_models_options_and_switching`` must not see.)"""
     srv = a1111_server(tmp_path, free_port())
     try:
         api = webuiapi.WebUIApi(baseurl=f"{srv.url}/sdapi/v1", sampler="Euler a", steps=2)
@@ -123,6 +126,20 @@ def test_hires_fix_on_another_checkpoint_names_it_as_sd_webui_does(tmp_path: Pat
         )
         with pytest.raises(RuntimeError, match="Could not find checkpoint with name nope"):
             api.txt2img(prompt="a", enable_hr=True, hr_checkpoint_name="nope", **SMALL)
+        # the refiner (this was 422 'refiner_checkpoint='tiny-b' is not available on this
+        # server'); webuiapi 0.9.17 has no argument for it: the request as SD WebUI takes it
+        body = {"prompt": "a red cat", "seed": 42, "sampler_name": "Euler a", **SMALL}
+        wanted = {"refiner_checkpoint": "tiny-b.safetensors", "refiner_switch_at": 0.5}
+        refined = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body | wanted, timeout=300).json()
+        info = json.loads(refined["info"])
+        assert info["extra_generation_params"] == {"Refiner": short, "Refiner switch at": 0.5}
+        assert f"Model: tiny-a, Refiner: {short}, Refiner switch at: 0.5, Version: " in info["infotexts"][0]
+        plain = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=300).json()
+        assert refined["images"][0] != plain["images"][0]
+        missing = httpx.post(
+            f"{srv.url}/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": "nope"}, timeout=60
+        )
+        assert missing.json()["errors"] == "Could not find checkpoint with name nope", missing.text
     finally:
         srv.stop()
 

@@ -112,7 +112,9 @@ async def test_a_hires_checkpoint_is_loaded_beside_the_model_it_serves(
         made = await tight.run(hires_job("tiny-a", "tiny-c"), no_progress)
     assert len(made.images) == 1 and tight.cached_models == ["tiny-a"] and tight.loaded_model == "tiny-a"
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("no room for tiny-c beside tiny-a" in m and "t-2's hires pass alone" in m for m in said), said
+    assert any(
+        "no room for tiny-c beside tiny-a" in m and "t-2's hr_checkpoint_name alone" in m for m in said
+    ), said
     await rt.aclose()
     await tight.aclose()
 

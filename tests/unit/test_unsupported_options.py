@@ -185,7 +185,8 @@ def test_n_iter_batches_count_toward_the_images_a_diffusers_task_makes() -> None
 
 def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pass() -> None:
     """They were dropped without a word: ``resize_mode`` 1 (crop and resize) ran as a plain
-    resize, ``s_churn`` and ``s_noise`` as 0 and 1, a refiner as none, an infotext unread."""
+    resize, ``s_churn`` and ``s_noise`` as 0 and 1, a refiner as none (it runs now:
+    ``test_diffusers_refiner.py``), an infotext unread."""
     t2i, i2i = TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE
     # SD WebUI's defaults, and what webuiapi sends with every request
     webuiapi = {"eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "seed_resize_from_h": -1}
@@ -199,7 +200,6 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         "s_churn=0.3",
         "s_noise=1.01",
         "s_min_uncond=0.2",
-        "refiner_checkpoint='sdxl_refiner'",
         "infotext='Steps: 4'",
         "resize_mode=3",
         "initial_noise_multiplier=0.9",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from sdfleet import hires
+from sdfleet import hires, refiner
 from sdfleet.api.deps import ApiContext
 from sdfleet.api.seed_schemas import INPUT_URL_PATTERN, URL_PATTERN
 from sdfleet.errors import InputFetchError, InputUnavailable, NotFound, Reject, ValidationFailed
@@ -13,7 +13,7 @@ from sdfleet.guarded_http import check_url, decode_inline, image_size
 from sdfleet.limits import check_output_size
 from sdfleet.models.catalog import default_model
 from sdfleet.runtimes.unsupported import batches
-from sdfleet.tasks import Task, TaskType
+from sdfleet.tasks import GENERATE, Task, TaskType
 
 _URL = re.compile(URL_PATTERN)
 _INPUT_URL = re.compile(INPUT_URL_PATTERN)
@@ -43,9 +43,11 @@ def check_task(ctx: ApiContext, task: Task) -> None:
     _check_model(ctx, task.model or default_model(ctx.fleet.models.default, ctx.catalog))
     try:
         checkpoint = hires.checkpoint_of(p) if hires.asked(task.type, p) else None
+        refining = refiner.read(p) if task.type in GENERATE else None
     except Reject as e:
         raise ValidationFailed(e.reason, code=e.code) from None
     _check_model(ctx, checkpoint, "hr_checkpoint_name: ")
+    _check_model(ctx, refining.checkpoint if refining else None, "refiner_checkpoint: ")
     check_inline_inputs(ctx, task)
 
 

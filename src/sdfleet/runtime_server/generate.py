@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sdfleet import hires, inpaint, variation
+from sdfleet import hires, inpaint, refiner, variation
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.models.checkpoint_hash import SHORT
 from sdfleet.runtime_server import grid, infotext, pnginfo
@@ -50,6 +50,8 @@ _HIRES = (
 )
 """A txt2img request's hires fix fields, handed to the runtime as they came (``sdfleet.hires``)."""
 _VARIATION = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
+_REFINER = ("refiner_checkpoint", "refiner_switch_at")
+"""The refiner's fields (``sdfleet.refiner``), the checkpoint found as SD WebUI finds one."""
 """Variation seeds' fields, handed over as they came (``sdfleet.variation``) beside the subseed."""
 _INPAINT = (
     "mask",
@@ -158,6 +160,7 @@ def _params(
         "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta, "subseed": seeds[1]}
         | {"styles": req.styles}
         | {name: getattr(req, name) for name in _VARIATION}
+        | {name: getattr(req, name) for name in _REFINER}
         | {"override_settings": {"emphasis": emphasis}},
     }
     if isinstance(req, Img2ImgRequest):
@@ -223,7 +226,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     if lacking:
         raise refused(422, f"{', '.join(lacking)} is not available on this server")
     second = _hires(req, params)
-    params = _second_sampler(req, _hires_checkpoint(state, params, second))
+    params = _second_sampler(req, _checkpoints(state, params, second))
     info = state.checkpoints.resolve(model) if model else None
     sha = await asyncio.to_thread(state.checkpoints.hash, info) if info else None
     gen = Generation(
@@ -266,8 +269,8 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     hires fix's words (its ``Hires checkpoint`` and ``Hires schedule type`` in the places kept
     for them); then its prompts'
     encoding's ``TI hashes`` (unless ``textual_inversion_add_hashes_to_infotext`` is off) and
-    ``Emphasis`` in the order the run says them, before ``Eta DDIM``; an inpainting checkpoint's
-    ``Conditional mask weight``."""
+    ``Emphasis`` in the order the run says them, before ``Eta DDIM``; the refiner's words where it
+    took over, last; an inpainting checkpoint's ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
     if hires.SCHEDULE_WORD in gen.extra:  # its place, kept since the plan
         gen.extra[hires.SCHEDULE_WORD] = info.get("hires_schedule_type")
@@ -283,6 +286,8 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
         skip = set() if options["textual_inversion_add_hashes_to_infotext"] else {"TI hashes"}
         gen.extra |= {k: v for k, v in conditioning.items() if k not in skip}
     gen.extra |= later
+    if info.get("refiner"):  # said when it took over, after all of these
+        gen.extra |= dict(zip(refiner.WORDS, info["refiner"], strict=True))
 
 
 def _second_sampler(req: GenerationBody, params: TaskParams) -> TaskParams:
@@ -312,18 +317,30 @@ def _hires(req: GenerationBody, params: TaskParams) -> hires.Hires | None:
         raise refused(422, e.reason) from None
 
 
-def _hires_checkpoint(state: ServerState, params: TaskParams, second: hires.Hires | None) -> TaskParams:
-    """``params`` with the hires fix's ``hr_checkpoint_name`` found as SD WebUI finds it (a
-    title, file name, stem or known hash) and given to the runtime by its name in the folder;
-    404 for one the folder lacks, in SD WebUI's words (its status: 500)."""
-    if second is None or second.checkpoint is None:
-        return params
+def _checkpoints(state: ServerState, params: TaskParams, second: hires.Hires | None) -> TaskParams:
+    """``params`` with the hires fix's ``hr_checkpoint_name`` and the ``refiner_checkpoint``
+    found as SD WebUI finds them (a title, file name, stem or known hash) and given to the
+    runtime by their names in the folder; 404 for one the folder lacks, in SD WebUI's words (its
+    status: 500), 422 for a refiner's value that makes no refiner."""
     try:
-        name = state.checkpoints.resolve(second.checkpoint).name
-    except Reject:
-        wrong = f"Could not find checkpoint with name {second.checkpoint}"
-        raise failed(404, "Exception", wrong, sdwebui=500) from None
-    return params.model_copy(update={"extra": params.extra | {"hr_checkpoint_name": name}})
+        wanted = refiner.read(params)
+    except Reject as e:
+        raise refused(422, e.reason) from None
+    named = {
+        "hr_checkpoint_name": second.checkpoint if second is not None else None,
+        "refiner_checkpoint": wanted.checkpoint if wanted is not None else None,
+    }
+    found: dict[str, str] = {}
+    for field, name in named.items():
+        if name is None:
+            continue
+        try:
+            found[field] = state.checkpoints.resolve(name).name
+        except Reject:
+            raise failed(
+                404, "Exception", f"Could not find checkpoint with name {name}", sdwebui=500
+            ) from None
+    return params.model_copy(update={"extra": params.extra | found}) if found else params
 
 
 async def generate(

@@ -1,7 +1,7 @@
 """What SD WebUI says about a generation: the ``info`` JSON of an answer and each image's infotext.
 
 Field for field as SD WebUI 1.10's ``Processed.js()`` and ``create_infotext`` write them, for the
-features this server has (no face restoration, refiner or VAE choice, which requests cannot turn
+features this server has (no face restoration or VAE choice, which requests cannot turn
 on here).
 """
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import _diffusers_refiner as RF
 from sdfleet.runtimes._prompt_schedule import Edits
 
 _NEGATIVE = {"prompt_embeds": "negative_prompt_embeds", "add_text_embeds": "negative_pooled_prompt_embeds"}
@@ -28,21 +29,32 @@ def tensor_inputs(pipe: Any) -> list[str]:
 
 
 def switching(
-    inner: Callable[..., dict[str, Any]], edits: Edits, images: int, clip_skip: int | None, reading: E.Reading
+    inner: Callable[..., dict[str, Any]],
+    edits: Edits,
+    images: int,
+    clip_skip: int | None,
+    reading: E.Reading,
+    swap: RF.Swap | None = None,
 ) -> Callable[..., dict[str, Any]]:
     """A step callback that runs ``inner`` (progress, interrupt), then gives the pipeline the
-    next step's embeddings where ``edits`` changes the prompts (``images`` rows of each)."""
-    made: dict[tuple[str, str], dict[str, Any]] = {}
+    next step's embeddings where ``edits`` changes the prompts (``images`` rows of each), and
+    where a refiner (``swap``) takes over: its UNet and VAE, and its text encoders' embeddings."""
+    made: dict[tuple[tuple[str, str], bool], dict[str, Any]] = {}
 
     def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         out = dict(inner(pipe, i, t, kwargs))
         now, then = edits.at(i), edits.at(i + 1)
-        if now == then:
+        swapping = swap is not None and i + 1 == swap.at
+        if swap is not None and swapping:
+            swap.take_over(pipe)
+        if now == then and not swapping:
             return out
-        if then not in made:
-            made[then] = _rows(pipe, then, images, clip_skip, reading)
+        encoder = swap.encoder(pipe, i + 1) if swap is not None else pipe
+        key = (then, encoder is not pipe)
+        if key not in made:
+            made[key] = _rows(encoder, pipe.do_classifier_free_guidance, then, images, clip_skip, reading)
         current = kwargs["prompt_embeds"]
-        for name, value in made[then].items():
+        for name, value in made[key].items():
             out[name] = value.to(current.device)
         return out
 
@@ -50,16 +62,17 @@ def switching(
 
 
 def _rows(
-    pipe: Any, texts: tuple[str, str], images: int, clip_skip: int | None, reading: E.Reading
+    pipe: Any, guided: bool, texts: tuple[str, str], images: int, clip_skip: int | None, reading: E.Reading
 ) -> dict[str, torch.Tensor]:
-    """The step's embeddings as the pipeline holds them during its loop."""
+    """The step's embeddings by ``pipe``'s text encoders as the pipeline holds them during its loop
+    (``guided``: with CFG)."""
     prompt, negative = texts
     embeds = E.encode(pipe, prompt, negative or None, clip_skip, reading)
     call = E.call_embeds(pipe, [embeds], [images])
     rows: dict[str, torch.Tensor] = {"prompt_embeds": call["prompt_embeds"]}
     if E.xl(pipe):
         rows["add_text_embeds"] = call["pooled_prompt_embeds"]
-    if pipe.do_classifier_free_guidance:  # the negative prompt's rows first, as the pipeline puts them
+    if guided:  # the negative prompt's rows first, as the pipeline puts them
         for name, rows_of in list(rows.items()):
             negative_rows = call[_NEGATIVE[name]]
             if negative_rows is None:  # SDXL without a negative prompt: zeros, as the pipeline makes them

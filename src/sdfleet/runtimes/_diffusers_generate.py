@@ -21,12 +21,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdfleet import hires, inpaint, variation
+from sdfleet import hires, inpaint, refiner, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
@@ -38,6 +39,7 @@ from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import _diffusers_refiner as RF
 from sdfleet.runtimes import _inpaint_images as I
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
@@ -55,13 +57,14 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
     p = job.params
     try:
         second = hires.plan(job.type, p)
+        refiner.read(p)
         varied = variation.read(p)
         edits, weight = prompts(job)
         masked = inpaint.read(job.type, p)
     except Reject:
         return None  # it fails alone, with its own reason
-    if edits.changes:
-        return None  # its callback swaps the embeddings of every image of the call
+    if edits.changes or refiner.read(p):
+        return None  # its callback swaps the embeddings (and a refiner's UNet) of every image of the call
     if second is not None and (second.checkpoint or own_second_pass(job, second) is not None):
         return None  # its second pass's prompts are its own, edited anew or another model's to read
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
@@ -285,6 +288,11 @@ class Generated:
     """Made by an inpainting UNet (SD WebUI's ``Conditional mask weight``)."""
     hires_checkpoint: str | None = None
     """The hires pass's model's ``short_title``, where ``hr_checkpoint_name`` names one."""
+    refined: bool = False
+    """A refiner took over a call (``Refine``)."""
+    refiner: str | None = None
+    """The refiner's ``short_title``, where it took over."""
+    switch_at: float | None = None
     model_hash: str | None = None
     """The checkpoint's ``Model hash`` (``_diffusers_info.model_hash``), read beside the run."""
 
@@ -298,16 +306,19 @@ def generate(
     second: H.SecondPass | None = None,
     embeddings: T.Embeddings | None = None,
     ready: Sequence[F.Inpainting | None] | None = None,
+    refine: Refine | None = None,
 ) -> Generated:
     """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
     when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
     when there is a ``second``. ``callback(call, calls)`` makes each call's step callback;
     ``embeddings``: the textual inversion embeddings prompts may name; ``ready``: each job's
-    inputs made ready for inpainting (``inpaintings``; made here if not given)."""
+    inputs made ready for inpainting (``inpaintings``; made here if not given); ``refine``: the
+    refiner that takes over the first pass's call, or the hires pass's (a job alone: batch_key)."""
     images: list[Any] = []
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
+    refined = False
     readings = [_reading(job, embeddings) for job in jobs]  # each job's embedding finders made once
     made = inpaintings(jobs) if ready is None else list(ready)
     with torch.inference_mode():
@@ -329,7 +340,14 @@ def generate(
                 part.start += len(images)
                 parts[i] = part
             if second is None:
-                images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
+                raw, edits = callback(passes * n, total), prompts(call_parts[0].job)
+                swap = _take_over(pipe, steps, kwargs, refine, call_parts[0], edits, mine[0], raw)
+                try:
+                    images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
+                finally:
+                    if swap is not None:
+                        refined = True
+                        swap.give_back(pipe)
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
             first = pipe(num_inference_steps=steps, **handed).images
@@ -338,14 +356,67 @@ def generate(
             # another model reads the prompts anew with its own text encoders (alone: batch_key)
             reader, fresh = (second.pipe, True) if second.other_model else (pipe, False)
             own = second_pass(reader, call_parts[0], second.plan, mine[0], progress, fresh=fresh)
-            if own is None:
-                images += H.run(second, first, kwargs, seeds, progress)
-                continue
-            again = {k: v for k, v in kwargs.items() if k not in _PROMPT_ARGS} | own[0]
-            images += H.run(second, first, again, seeds, own[1])
+            again = kwargs if own is None else _without_prompts(kwargs) | own[0]
+            take_over = None
+            if refine is not None:  # the refiner's pass (alone: batch_key)
+                edits = second_prompts(call_parts[0].job, second.plan)
+                part, reading = call_parts[0], mine[0]
+                take_over = partial(
+                    _take_over, refine=refine, part=part, edits=edits, reading=reading, raw=progress
+                )
+            made, swapped = H.run(second, first, again, seeds, progress if own is None else own[1], take_over)
+            images += made
+            refined = refined or swapped
     ordered = [parts[i] for i in range(len(jobs))]
     sampler_name = sampler or R.sampler_name_of(pipe.scheduler)
-    return Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
+    made_by = Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
+    made_by.refined = refined
+    made_by.switch_at = refine.plan.switch_at if refine is not None else None
+    return made_by
+
+
+@dataclass
+class Refine:
+    """A refiner (``sdfleet.refiner``) and its model's pipeline."""
+
+    models: Any
+    plan: refiner.Refiner
+
+
+def _take_over(
+    pipe: Any,
+    steps: int,
+    call: dict[str, Any],
+    refine: Refine | None,
+    part: _Part,
+    edits: tuple[PS.Edits, float],
+    reading: E.Reading,
+    raw: Any = None,
+) -> RF.Swap | None:
+    """Readies a pipeline call's arguments (``call``, changed in place; ``raw``: its progress
+    callback, else the one in ``call``) for the refiner that takes over where its switch is
+    reached (called for the pass it refines: a hires fix's second, else the only one); the
+    ``Swap`` to give back after the call, or None where it does not take over (its switch is not
+    reached, or it is the call's own model)."""
+    if refine is None or refine.models.unet is pipe.unet:
+        return None
+    at = RF.switch_step(pipe.scheduler, steps, call.get("strength"), refine.plan.switch_at)
+    if at is None:
+        return None
+    swap = RF.Swap(at, refine.models)
+    schedule, weight = edits
+    images, p = len(part.seeds), part.job.params
+    if at == 0:  # from the first pass through the UNet: the refiner's embeddings from the start
+        swap.take_over(pipe)
+        for name in [*call]:
+            if name in _PROMPT_ARGS:
+                del call[name]
+        # as embeddings: given as text, the call's own pipeline would read it with its encoders
+        call |= _prompt_args(refine.models, schedule.at(0), images, p, weight, reading, as_text=False)
+    inner = raw if raw is not None else call["callback_on_step_end"]
+    call["callback_on_step_end"] = D.switching(inner, schedule, images, _clip_skip(p), reading, swap)
+    call["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
+    return swap
 
 
 _PROMPT_ARGS = frozenset(
@@ -374,19 +445,39 @@ def second_pass(
     if own is None:
         return None
     edits, weight = own
-    prompt, negative = edits.at(0)
     images = len(part.seeds)
-    args: dict[str, Any] = {"guidance_scale": p.cfg_scale * weight}
-    if E.chunk_count(pipe, prompt, negative, reading)[1]:  # read by the pipeline as SD WebUI does
-        args |= {"prompt": [prompt] * images, "negative_prompt": [negative] * images if negative else None}
-    else:
-        args |= E.call_embeds(
-            pipe, [E.encode(pipe, prompt, negative or None, _clip_skip(p), reading)], [images]
-        )
+    args = _prompt_args(pipe, edits.at(0), images, p, weight, reading)
     if edits.changes:  # its callback swaps the embeddings where the schedule says
         args["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
         callback = D.switching(callback, edits, images, _clip_skip(p), reading)
     return args, callback
+
+
+def _without_prompts(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in _PROMPT_ARGS}
+
+
+def _prompt_args(
+    pipe: Any,
+    texts: tuple[str, str],
+    images: int,
+    p: TaskParams,
+    weight: float,
+    reading: E.Reading,
+    *,
+    as_text: bool = True,
+) -> dict[str, Any]:
+    """A call's prompt arguments for one job's ``texts`` (``images`` of each), read by ``pipe``'s
+    text encoders as the first pass reads them (``as_text``: as text where the pipeline reads it
+    as SD WebUI does); its CFG scale by the prompt's own ``weight``."""
+    prompt, negative = texts
+    args: dict[str, Any] = {"guidance_scale": p.cfg_scale * weight}
+    if as_text and E.chunk_count(pipe, prompt, negative, reading)[1]:
+        args |= {"prompt": [prompt] * images, "negative_prompt": [negative] * images if negative else None}
+    else:
+        embeds = E.encode(pipe, prompt, negative or None, _clip_skip(p), reading)
+        args |= E.call_embeds(pipe, [embeds], [images])
+    return args
 
 
 def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:
@@ -425,7 +516,10 @@ def encode(g: Generated) -> list[RuntimeResult]:
     """One result per job, its images as PNGs carrying A1111's ``parameters`` text (blocking: it
     hashes a LoRA file the first time one is named there)."""
     loras = L.hashes_said(g.loras)
-    call = R.Call(g.sampler, g.model, g.steps, g.model_hash, loras, g.conditional, g.hires_checkpoint)
+    refined = (g.refiner, g.switch_at) if g.refiner else None
+    call = R.Call(
+        g.sampler, g.model, g.steps, g.model_hash, loras, g.conditional, g.hires_checkpoint, refined
+    )
     return [_result(part, g, call) for part in g.parts]
 
 

@@ -44,9 +44,20 @@ def first_output(second: SecondPass) -> str:
     return "latent" if second.plan.latent_mode else "pil"
 
 
-def run(second: SecondPass, first: Any, kwargs: dict[str, Any], seeds: list[int], callback: Any) -> list[Any]:
+TakeOver = Callable[[Any, int, dict[str, Any]], Any]
+"""Readies a call's arguments for a refiner: (pipeline, steps, arguments) → what to give back."""
+
+
+def run(
+    second: SecondPass,
+    first: Any,
+    kwargs: dict[str, Any],
+    seeds: list[int],
+    callback: Any,
+    take_over: TakeOver | None = None,
+) -> tuple[list[Any], bool]:
     """The second pass over ``first`` (the first call's output), with the first call's prompt
-    arguments (``kwargs``); its images."""
+    arguments (``kwargs``); its images, and whether a refiner (``take_over``) took it over."""
     plan = second.plan
     if plan.latent_mode is not None:
         mode, antialias = plan.latent_mode
@@ -68,8 +79,13 @@ def run(second: SecondPass, first: Any, kwargs: dict[str, Any], seeds: list[int]
     if inpainting_unet(second.pipe):
         call |= whole_masked(second.pipe, plan.size, seeds, latents=plan.latent_mode is not None)
     schedule = second_pass_steps(plan.steps, plan.denoising)
-    images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
-    return images
+    swap = take_over(second.pipe, schedule, call) if take_over is not None else None
+    try:
+        images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
+    finally:
+        if swap is not None:
+            swap.give_back(second.pipe)
+    return images, swap is not None
 
 
 def _crop(latents: torch.Tensor, plan: Hires) -> torch.Tensor:

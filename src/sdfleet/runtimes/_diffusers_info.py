@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdfleet import hires, variation
+from sdfleet import hires, refiner, variation
 from sdfleet import infotext as words
 from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelInfo
@@ -45,6 +45,9 @@ class Call:
     """Made by an inpainting UNet: SD WebUI's ``Conditional mask weight``."""
     hires_checkpoint: str | None = None
     """``Hires checkpoint``: the short title (``short_title``) of ``hr_checkpoint_name``'s model."""
+    refiner: tuple[str, float | None] | None = None
+    """``Refiner`` and ``Refiner switch at``: the refiner's short title and its switch, where it
+    took over."""
 
 
 def short_title(info: ModelInfo, model_hash: str | None) -> str:
@@ -115,6 +118,8 @@ def generation_params(
     extra |= conditioning or {}
     eta = params.extra.get("eta")
     extra |= eta_said(call.sampler, eta if isinstance(eta, int | float) else None)
+    if call.refiner is not None:  # said when it took over: after what was said before the run
+        extra |= dict(zip(refiner.WORDS, call.refiner, strict=True))
     return extra
 
 
@@ -182,6 +187,8 @@ def build_info(
         info["hires_schedule_type"] = extra[hires.SCHEDULE_WORD]
     if call.hires_checkpoint is not None:
         info["hires_checkpoint"] = call.hires_checkpoint
+    if call.refiner is not None:
+        info["refiner"] = list(call.refiner)
     info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:

@@ -15,7 +15,7 @@ import logging
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -213,7 +213,7 @@ class PipelineCache(Generic[T]):
 
     def make_room(self, name: str, estimate: int) -> None:
         """Evict least recently used pipelines so that ``name`` (``estimate`` bytes) fits."""
-        self._make_room(name, estimate, None)
+        self._make_room(name, estimate, ())
         if estimate > self.budget:
             log.warning(
                 "model %s (estimated %s) is larger than the memory budget %s: loading it alone",
@@ -222,17 +222,17 @@ class PipelineCache(Generic[T]):
                 mib(self.budget),
             )
 
-    def make_room_beside(self, keep: str, name: str, estimate: int) -> bool:
-        """Evict least recently used pipelines, never ``keep``, so that ``name`` (``estimate``
-        bytes) fits beside it; False, evicting nothing, where it cannot (``max_count`` 1, or the
-        two over the budget)."""
-        kept = self._entries[keep].footprint if keep in self._entries else 0
-        if self.max_count < 2 or kept + estimate > self.budget:
+    def make_room_beside(self, keep: Collection[str], name: str, estimate: int) -> bool:
+        """Evict least recently used pipelines, never those of ``keep``, so that ``name``
+        (``estimate`` bytes) fits beside them; False, evicting nothing, where it cannot
+        (``max_count`` too small, or they are over the budget together)."""
+        kept = [self._entries[k].footprint for k in keep if k in self._entries]
+        if self.max_count < len(kept) + 1 or sum(kept) + estimate > self.budget:
             return False
         self._make_room(name, estimate, keep)
         return True
 
-    def _make_room(self, name: str, estimate: int, keep: str | None) -> None:
+    def _make_room(self, name: str, estimate: int, keep: Collection[str]) -> None:
         evicted = False
         while self._others(keep) and len(self._entries) >= self.max_count:
             self._evict(self._others(keep)[0], f"cache_size {self.max_count} reached, to load {name}")
@@ -247,12 +247,12 @@ class PipelineCache(Generic[T]):
         if evicted:
             self._release()
 
-    def _others(self, keep: str | None) -> list[str]:
-        """Cached names but ``keep``, least recently used first."""
-        return [n for n in self._entries if n != keep]
+    def _others(self, keep: Collection[str]) -> list[str]:
+        """Cached names but ``keep``'s, least recently used first."""
+        return [n for n in self._entries if n not in keep]
 
-    def put(self, name: str, value: T, footprint: int, *, keep: str | None = None) -> None:
-        """Cache a loaded pipeline; evicts older ones (never ``keep``) if its measured footprint
+    def put(self, name: str, value: T, footprint: int, *, keep: Collection[str] = ()) -> None:
+        """Cache a loaded pipeline; evicts older ones (never ``keep``'s) if its measured footprint
         broke the budget."""
         self._entries[name] = _Entry(value, footprint)
         self._entries.move_to_end(name)

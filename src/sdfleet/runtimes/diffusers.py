@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from sdfleet import hires, inpaint
+from sdfleet import hires, inpaint, refiner
 from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_generate as G
@@ -30,6 +30,7 @@ from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
+from sdfleet.runtimes import _diffusers_refiner as RF
 from sdfleet.runtimes import _diffusers_upscale as U
 from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
@@ -70,16 +71,17 @@ class _Loaded:
 
 
 @dataclass
-class _HiresModel:
-    """The model of a hires pass on the checkpoint ``hr_checkpoint_name`` names."""
+class _Companion:
+    """A model a task needs beside its own: the hires pass's (``hr_checkpoint_name``) or the
+    refiner (``refiner_checkpoint``)."""
 
     info: ModelInfo | None = None
-    """None: the task asks for no such pass."""
+    """None: the task asks for none."""
     loaded: _Loaded | None = None
-    """Its pipeline, where it is not the first pass's model."""
+    """Its pipeline, where it is not the task's own model."""
     loaded_now: bool = False
     transient: bool = False
-    """Loaded for this job alone: the cache had no room for it beside the first pass's model."""
+    """Loaded for this job alone: the cache had no room for it beside the task's models."""
     download_s: float = 0.0
 
 
@@ -260,6 +262,7 @@ class DiffusersRuntime:
             refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
         if inpaint.asked(job.type, job.params) and job.mask is None:
             raise Reject("inpainting needs the mask image, which was not fetched", code="invalid_params")
+        refiner.read(job.params)
         second = hires.plan(job.type, job.params)
         if second is not None:  # its sampler and upscaler exist, before the device is waited for
             sampler_key(*hires.sampler_of(second, job.params))
@@ -289,27 +292,25 @@ class DiffusersRuntime:
             async with self._lock:
                 t0 = time.perf_counter()
                 loaded, switched, download_s = await self._switch(jobs[0].model)
-                hr = await self._hires_model(jobs[0], loaded)
-                download_s += hr.download_s
-                switch_s = time.perf_counter() - t0 - download_s if switched or hr.loaded_now else 0.0
+                hr, refining = await self._companions(jobs[0], loaded)
+                download_s += hr.download_s + refining.download_s
+                loaded_now = switched or hr.loaded_now or refining.loaded_now
+                switch_s = time.perf_counter() - t0 - download_s if loaded_now else 0.0
                 name = loaded.info.name
                 # Read beside the run, not after it: the first time, seconds for a multi-GB file.
-                models = [loaded.info] if hr.info is None else [loaded.info, hr.info]
-                hashing = [asyncio.create_task(asyncio.to_thread(R.model_hash, m)) for m in models]
-                work = partial(self._generate, loaded, jobs, sampler, ctl, ready, hr.loaded)
+                models = [loaded.info, hr.info, refining.info]
+                hashing = [asyncio.create_task(asyncio.to_thread(R.model_hash, m)) for m in models if m]
+                work = partial(self._generate, loaded, jobs, sampler, ctl, ready, hr.loaded, refining.loaded)
                 t1 = time.perf_counter()
                 try:
                     generated = await self._in_thread(ctl, work, self._inference_thread())
                 finally:
-                    if hr.transient:  # held for this job alone: its memory goes before the next
+                    if hr.transient or refining.transient:  # held for this job alone: freed now
                         del work
-                        hr.loaded = None
+                        hr.loaded = refining.loaded = None
                         self._free_memory()
                 run_s = time.perf_counter() - t1
-            hashes = [await each for each in hashing]
-            generated.model_hash = hashes[0]
-            if hr.info is not None:
-                generated.hires_checkpoint = R.short_title(hr.info, hashes[-1])
+            _titles(generated, [await each for each in hashing], hr.info, refining.info)
             results = await asyncio.to_thread(G.encode, generated)
         except Reject as e:
             if e.code != "out_of_memory" or not self._evict_all_but(name):
@@ -408,36 +409,49 @@ class DiffusersRuntime:
         except SdfleetError as e:  # S3 unreachable, denied, disk full: another attempt may work
             raise ModelLoadError(f"cannot fetch model {name!r}: {e.message}", code=e.code) from e
 
-    async def _hires_model(self, job: Job, first: _Loaded) -> _HiresModel:
-        """The model ``hr_checkpoint_name`` names for a hires pass, loaded beside ``first`` (the
-        first pass's, which stays the current model). Where the cache has no room for the two, it
-        is loaded for this job alone and let go after it; the two are in memory while it runs (SD
-        WebUI swaps one for the other's weights mid-job instead)."""
+    async def _companions(self, job: Job, first: _Loaded) -> tuple[_Companion, _Companion]:
+        """The models a job needs beside its own (``first``, which stays the current model): the
+        hires pass's and the refiner; each loaded beside the others. Where the cache has no room
+        for them all, one is loaded for this job alone and let go after it; they are in memory
+        together while it runs (SD WebUI swaps one's weights for the other's mid-job instead)."""
         plan = hires.plan(job.type, job.params)
-        if plan is None or plan.checkpoint is None:
-            return _HiresModel()
-        info, download_s = await self._fetch(plan.checkpoint, "hr_checkpoint_name: ")
-        found = _HiresModel(info, download_s=download_s)
-        if info.name == first.info.name:
-            return found  # the first pass's own: nothing to load, and still named in the infotext
+        wanted = refiner.read(job.params)
+        hr = await self._companion(job, plan.checkpoint if plan else None, "hr_checkpoint_name", [first])
+        beside = [first] if hr.loaded is None or hr.transient else [first, hr.loaded]
+        refining = await self._companion(
+            job, wanted.checkpoint if wanted else None, "refiner_checkpoint", beside
+        )
+        if refining.loaded is not None and (why := RF.compatible(first.pipe, refining.loaded.pipe)):
+            raise Reject(f"refiner_checkpoint {refining.loaded.info.name}: {why}", code="invalid_params")
+        return hr, refining
+
+    async def _companion(self, job: Job, name: str | None, field: str, beside: list[_Loaded]) -> _Companion:
+        if name is None:
+            return _Companion()
+        info, download_s = await self._fetch(name, f"{field}: ")
+        found = _Companion(info, download_s=download_s)
+        if info.name == beside[0].info.name:
+            return found  # the job's own model: nothing to load (SD WebUI names it or not, its rule)
         found.loaded = self._cache.get(info.name)
         if found.loaded is not None:
             return found
+        keep = [each.info.name for each in beside]
         estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
-        fits = self._cache.make_room_beside(first.info.name, info.name, estimate)
+        fits = self._cache.make_room_beside(keep, info.name, estimate)
         found.loaded, found.loaded_now = await asyncio.to_thread(self._load, info), True
         if fits:
-            self._cache.put(info.name, found.loaded, found.loaded.footprint, keep=first.info.name)
+            self._cache.put(info.name, found.loaded, found.loaded.footprint, keep=keep)
         else:
             found.transient = True
             log.warning(
                 "no room for %s beside %s in the pipeline cache (cache_size %d, memory budget %s): "
-                "loaded for task %s's hires pass alone",
+                "loaded for task %s's %s alone",
                 info.name,
-                first.info.name,
+                ", ".join(keep),
                 self.cache_size,
                 C.mib(self._cache.budget),
                 job.task_id,
+                field,
             )
         return found
 
@@ -465,6 +479,7 @@ class DiffusersRuntime:
         ctl: RunControl,
         ready: Sequence[F.Inpainting | None] | None = None,
         hr: _Loaded | None = None,
+        refining: _Loaded | None = None,
     ) -> G.Generated:
         names = ", ".join(job.task_id for job in jobs)
         with self._infer_lock:
@@ -476,13 +491,15 @@ class DiffusersRuntime:
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
                 tiling = G.tiling(jobs[0].params)
-                for model in (loaded, hr) if hr is not None else (loaded,):
-                    self._loras.apply(model.pipe, loras)  # the hires pass's are the first's
+                for model in (each for each in (loaded, hr, refining) if each is not None):
+                    self._loras.apply(model.pipe, loras)  # the first pass's, in every model
                     P.set_tiling(model.pipe, tiling, vae_tiling=self.options.vae_tiling)
                 second = self._second_pass(loaded, jobs[0], hr)
+                wanted = refiner.read(jobs[0].params)
+                refine = G.Refine(refining.pipe, wanted) if refining is not None and wanted else None
                 progress = partial(step_callback, ctl)
                 generated = G.generate(
-                    pipe, jobs, sampler, loaded.info, progress, second, self._embeddings, ready
+                    pipe, jobs, sampler, loaded.info, progress, second, self._embeddings, ready, refine
                 )
                 generated.loras = loras
                 return generated
@@ -553,6 +570,20 @@ class DiffusersRuntime:
                         code="out_of_memory",
                     ) from None
                 raise RuntimeFailure(f"upscaler failed: {e}") from e
+
+
+def _titles(
+    generated: G.Generated, hashes: list[str | None], hr: ModelInfo | None, refining: ModelInfo | None
+) -> None:
+    """The model's hash, and the hires pass's model's and the refiner's short titles, into
+    ``generated`` (``hashes`` in that order, of those there are)."""
+    read = iter(hashes)
+    generated.model_hash = next(read)
+    if hr is not None:
+        generated.hires_checkpoint = R.short_title(hr, next(read))
+    if refining is not None:
+        title = R.short_title(refining, next(read))
+        generated.refiner = title if generated.refined else None
 
 
 async def _outcome(run: Awaitable[RuntimeResult]) -> RuntimeResult | BaseException:

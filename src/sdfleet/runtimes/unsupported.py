@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sdfleet import hires, inpaint, variation
+from sdfleet import hires, inpaint, refiner, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_lora import parse, text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
@@ -56,12 +56,11 @@ _TAKEN: dict[str, tuple[object, ...]] = {
     "s_churn": (None, 0),
     "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
-    "refiner_checkpoint": (None, "", "None"),
     "infotext": (None, ""),
 }
 """Fields the diffusers runtime runs only at these values (SD WebUI's defaults, and what webuiapi
 sends by default; another value changes the images in a way it does not implement): k-diffusion's
-churn and noise, the uncond skip, the SDXL refiner, parameters read from an infotext. (A given
+churn and noise, the uncond skip, parameters read from an infotext. (A given
 first pass, ``firstpass_image``, is the hires fix's: ``hires.unsupported``.)"""
 _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
@@ -158,6 +157,7 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
     refuse_bad_weights(runtime, kind, params)
     if runtime in LACKING:
         hires.plan(kind, params)  # its values, as the runtime reads them
+        refiner.read(params)
         inpaint.read(kind, params)
         if kind in GENERATE:
             style_names(params)  # a list of names; whether they exist is the runtime's to say

@@ -1,0 +1,96 @@
+"""SD WebUI's refiner in a diffusers pipeline call (``sdfleet.refiner`` reads what a task asks for).
+Imports torch.
+
+Before the call, the pass through the UNet from which the refiner denoises is found from the
+scheduler's own schedule (``switch_step``: the passes an image-to-image call skips left out). From
+there the pipeline's UNet and VAE are the refiner's (``Swap``: the step callback hands them over
+at the end of the pass before, ``_diffusers_edits.switching``, which also gives the pipeline the
+refiner's embeddings of the prompts), and they are given back after the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sdfleet import refiner
+
+_BY_TIMESTEP = frozenset(
+    {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+)
+"""Schedulers SD WebUI runs on the model's timesteps, not sigmas (its DDIM, PLMS, UniPC): the
+ratio is read from the timestep itself."""
+_TAKEN = ("unet", "vae")
+
+
+@dataclass
+class Swap:
+    """The refiner's part of a pipeline call: from the UNet pass ``at`` on, its UNet and VAE
+    (``models``: the refiner's pipeline) run and its text encoders read the prompts."""
+
+    at: int
+    models: Any
+    _kept: dict[str, Any] = field(default_factory=dict)
+
+    def take_over(self, pipe: Any) -> None:
+        if not self._kept:
+            self._kept = {name: getattr(pipe, name) for name in _TAKEN}
+            for name in _TAKEN:
+                setattr(pipe, name, getattr(self.models, name))
+
+    def give_back(self, pipe: Any) -> None:
+        for name, module in self._kept.items():
+            setattr(pipe, name, module)
+        self._kept = {}
+
+    def encoder(self, pipe: Any, step: int) -> Any:
+        """The pipeline whose text encoders read the prompts of UNet pass ``step``."""
+        return self.models if step >= self.at else pipe
+
+
+def switch_step(scheduler: Any, steps: int, strength: float | None, switch_at: float | None) -> int | None:
+    """The UNet pass of a call of ``steps`` (image-to-image: at ``strength``) from which the
+    refiner denoises, counted as the pipeline's loop counts them; None where the sampling ends
+    before the ratio reaches ``switch_at``. Sets ``scheduler``'s timesteps (the call sets the
+    same again)."""
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    start = 0
+    if strength is not None:  # diffusers' img2img get_timesteps: the passes it skips
+        start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    by_timestep = type(scheduler).__name__ in _BY_TIMESTEP or not hasattr(scheduler, "sigmas")
+    trained = None if by_timestep else _training_sigmas(scheduler)
+    for n in range(start, len(timesteps)):
+        if by_timestep or trained is None:
+            index = float(int(timesteps[n]))
+        else:
+            index = float(torch.argmin((trained - float(scheduler.sigmas[n])).abs()))
+        if refiner.reached(refiner.completed(index), switch_at):
+            return n - start
+    return None
+
+
+def _training_sigmas(scheduler: Any) -> torch.Tensor | None:
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return None
+    sigmas: torch.Tensor = ((1 - alphas) / alphas) ** 0.5
+    return sigmas
+
+
+def compatible(first: Any, second: Any) -> str | None:
+    """Why ``second``'s UNet cannot take over ``first``'s pipeline call, or None: SD WebUI swaps
+    the weights into one model, so the refiner must be of the same shape where it matters (its
+    latents, its text embeddings, SDXL's extra conditioning)."""
+    a, b = first.unet.config, second.unet.config
+    for key in (
+        "in_channels",
+        "cross_attention_dim",
+        "addition_embed_type",
+        "projection_class_embeddings_input_dim",
+    ):
+        if a.get(key) != b.get(key):
+            return f"its UNet's {key} is {b.get(key)!r}, the model's {a.get(key)!r}"
+    return None

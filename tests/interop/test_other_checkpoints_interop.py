@@ -1,0 +1,166 @@
+"""A hires fix on another checkpoint (``hr_checkpoint_name``) and a refiner
+(``refiner_checkpoint``) next to a real SD WebUI (``SDFLEET_A1111_URL``, see
+``test_a1111_interop.py``): the same requests to SD WebUI and, as tasks' A1111 bodies, to the
+diffusers runtime loading SD WebUI's own checkpoint files. Every infotext word is SD WebUI's, and
+each image is nearest to SD WebUI's image of the same request (the two implementations' images of
+one request differ, as any diffusers and SD WebUI images do, but less than the images of another
+second model, switch or upscaler do)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from comfyui_checkpoint import write_checkpoint
+from PIL import Image
+
+from fakes.tiny import no_progress
+from real_servers import A1111_URL, needs_a1111
+from sdfleet.compat._common import params_from_a1111
+from sdfleet.models import ModelCatalog
+from sdfleet.runtimes.base import Job
+from sdfleet.runtimes.diffusers import DiffusersRuntime
+from sdfleet.tasks import TaskType
+
+pytestmark = [needs_a1111, pytest.mark.timeout(1800)]
+
+SECOND = "sdfleet-hires-second.safetensors"
+PINNED = {"CLIP_stop_at_last_layers": 2}
+"""SD WebUI's settings for the requests, put back after each: clip skip 2 (its random
+checkpoint's clip skip 1 overflows on some prompts)."""
+BODY: dict[str, Any] = {
+    "prompt": "a cat",
+    "negative_prompt": "",
+    "steps": 4,
+    "width": 64,
+    "height": 64,
+    "seed": 5,
+    "sampler_name": "Euler",
+    "cfg_scale": 7,
+    "enable_hr": True,
+    "hr_scale": 2,
+    "hr_second_pass_steps": 2,
+    "denoising_strength": 0.5,
+}
+CASES = [
+    {"hr_upscaler": "Lanczos", "hr_checkpoint_name": Path(SECOND).stem},
+    {"hr_upscaler": "Lanczos"},
+    {"hr_upscaler": "Latent", "hr_checkpoint_name": SECOND},
+    {"hr_upscaler": "Latent"},  # last: SD WebUI loads its own model back
+]
+FIRST_USE: list[str] = []
+"""The title of the second checkpoint once SD WebUI named it without its hash (``hashed``)."""
+REFINED = {"refiner_checkpoint": Path(SECOND).stem}
+REFINER_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
+    [REFINED | {"refiner_switch_at": 0.5}, REFINED | {"refiner_switch_at": 0.0}, {}],
+    [REFINED | {"refiner_switch_at": 0.5, "sampler_name": "DDIM"}, {"sampler_name": "DDIM"}],
+    [REFINED | {"refiner_switch_at": 0.5, "sampler_name": "Heun"}],
+    [REFINED | {"refiner_switch_at": 0.6, "enable_hr": True, "hr_upscaler": "Lanczos"}],
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """SD WebUI's loaded checkpoint's title, and a folder of sdfleet's holding links to its file
+    and to a second checkpoint (other random weights) put in SD WebUI's folder while the module
+    runs (the suite runs beside its server, docs/runtimes.md: the folder must be here)."""
+    title = httpx.get(f"{A1111_URL}/sdapi/v1/options", timeout=60).json()["sd_model_checkpoint"]
+    listed = httpx.get(f"{A1111_URL}/sdapi/v1/sd-models", timeout=60).json()
+    first = Path(next(m["filename"] for m in listed if m["title"] == title))
+    assert first.is_file(), f"SD WebUI's checkpoint {first} is not on this machine"
+    second = write_checkpoint(first.parent, SECOND, seed=1)
+    ours = tmp_path_factory.mktemp("models")
+    for path in (first, second):
+        (ours / path.name).symlink_to(path)
+    try:
+        httpx.post(f"{A1111_URL}/sdapi/v1/refresh-checkpoints", timeout=60).raise_for_status()
+        yield title, ours
+    finally:
+        second.unlink()
+        httpx.post(f"{A1111_URL}/sdapi/v1/refresh-checkpoints", timeout=60)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+
+
+def unversioned(text: str) -> str:
+    return re.sub(r", Version: [^,]+$", "", text)
+
+
+async def test_the_second_pass_on_another_checkpoint_is_sd_webuis(checkpoints: tuple[str, Path]) -> None:
+    title, folder = checkpoints
+    first = title.split(" [")[0]
+    runtime = DiffusersRuntime.from_options(catalog=ModelCatalog(folder), options={"device": "cpu"})
+    theirs, ours = [], []
+    pinned = {"override_settings": {"sd_model_checkpoint": title, **PINNED}}
+    async with httpx.AsyncClient(base_url=A1111_URL, timeout=900) as client:
+        for n, case in enumerate([CASES[0], *CASES]):
+            body = BODY | pinned | case
+            answer = await client.post("/sdapi/v1/txt2img", json=body)
+            assert answer.status_code == 200, answer.text
+            their_text = json.loads(answer.json()["info"])["infotexts"][0]
+            params = params_from_a1111(TaskType.TEXT_TO_IMAGE, body)
+            made = await runtime.run(Job(f"t{n}", TaskType.TEXT_TO_IMAGE, first, params), no_progress)
+            our_text = made.info["infotexts"][0]
+            assert unversioned(our_text) == unversioned(hashed(their_text, made.info.get("hires_checkpoint")))
+            theirs.append(pixels(base64.b64decode(answer.json()["images"][0])))
+            ours.append(pixels(made.images[0]))
+    await runtime.aclose()
+    nearest(ours[1:], theirs[1:])
+
+
+def hashed(text: str, title: str | None) -> str:
+    """SD WebUI's infotext with the second checkpoint's title as sdfleet says it, where SD WebUI
+    named it without its hash: it names a checkpoint by its hash once it has read it, not before
+    its first load, where the title is made (sdfleet reads it beside the first run). Only the
+    first request that names it (the fixture's file is new) may say it so."""
+    bare = f": {Path(SECOND).stem}, "
+    if bare not in text:
+        return text
+    assert title is not None and title.startswith(f"{Path(SECOND).stem} [") and not FIRST_USE, text
+    FIRST_USE.append(title)
+    return text.replace(bare, f": {title}, ")
+
+
+def nearest(ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
+    """Each of ``ours`` is nearest to SD WebUI's image of the same request."""
+    distances = [[float(np.abs(o - t).mean()) for t in theirs] for o in ours]
+    for n, row in enumerate(distances):
+        assert int(np.argmin(row)) == n, distances
+
+
+async def test_the_refiner_is_sd_webuis(checkpoints: tuple[str, Path]) -> None:
+    """The refiner's words where SD WebUI says them (Euler, DDIM by timestep, Heun's two passes a
+    step, a hires fix's second pass), and its images nearest SD WebUI's: half-way, from the start,
+    and none, on the same seed."""
+    title, folder = checkpoints
+    first = title.split(" [")[0]
+    runtime = DiffusersRuntime.from_options(catalog=ModelCatalog(folder), options={"device": "cpu"})
+    pinned = {"override_settings": {"sd_model_checkpoint": title, **PINNED}, "steps": 8, "enable_hr": False}
+    async with httpx.AsyncClient(base_url=A1111_URL, timeout=900) as client:
+        for n, group in enumerate(REFINER_CASES):
+            theirs, ours = [], []
+            for case in group:
+                body = BODY | pinned | case
+                answer = await client.post("/sdapi/v1/txt2img", json=body)
+                assert answer.status_code == 200, answer.text
+                their_text = json.loads(answer.json()["info"])["infotexts"][0]
+                params = params_from_a1111(TaskType.TEXT_TO_IMAGE, body)
+                made = await runtime.run(Job(f"r{n}", TaskType.TEXT_TO_IMAGE, first, params), no_progress)
+                title_said = made.info["refiner"][0] if "refiner" in made.info else None
+                assert unversioned(made.info["infotexts"][0]) == unversioned(
+                    hashed(their_text, title_said)
+                ), case
+                theirs.append(pixels(base64.b64decode(answer.json()["images"][0])))
+                ours.append(pixels(made.images[0]))
+            nearest(ours, theirs)
+    await runtime.aclose()
