@@ -33,9 +33,11 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
     make_tiny(root, "tiny-a2", seed=0)  # the same weights under another name
     make_tiny(root, "tiny-b", seed=1)
     make_tiny(root, "tiny-xl", seed=0, sdxl=True)
+    make_tiny(root, "tiny-xl2", seed=0, sdxl=True)
+    make_tiny(root, "tiny-xl-b", seed=1, sdxl=True)
     options = {"device": "cpu", "max_batch": 4}
     return DiffusersRuntime.from_options(
-        catalog=ModelCatalog(root), options=options, default_model="tiny-a", cache_size=4
+        catalog=ModelCatalog(root), options=options, default_model="tiny-a", cache_size=6
     )
 
 
@@ -188,3 +190,15 @@ async def test_a_refiner_without_room_is_held_for_its_job_alone(
     assert differ(made[2], made[3]) == 0
     said = [r.getMessage() for r in caplog.records if "no room" in r.getMessage()]
     assert len(said) == 1 and "no room for tiny-c beside tiny-a, tiny-b" in said[0], said
+
+
+async def test_sdxl_is_refined_as_sd_1_is(runtime: DiffusersRuntime) -> None:
+    """SDXL's pooled embeddings go over with the others: from the start, the refiner's image;
+    half-way to the same weights, the model's."""
+    plain, other = await runtime.run(job("tiny-xl"), quiet), await runtime.run(job("tiny-xl-b"), quiet)
+    refined = await runtime.run(job("tiny-xl", refiner_checkpoint="tiny-xl-b", refiner_switch_at=0), quiet)
+    assert differ(refined, other) == 0
+    same = await runtime.run(job("tiny-xl", refiner_checkpoint="tiny-xl2", refiner_switch_at=0.5), quiet)
+    assert differ(same, plain) <= 1 and "Refiner: tiny-xl2 [" in same.info["infotexts"][0]
+    half = await runtime.run(job("tiny-xl", refiner_checkpoint="tiny-xl-b", refiner_switch_at=0.5), quiet)
+    assert differ(half, plain) > 8 and differ(half, other) > 8
