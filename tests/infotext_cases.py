@@ -24,6 +24,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("txt2img", {"sampler_name": "DPM++ 2M", "scheduler": "Karras"}),
     ("txt2img", {"sampler_name": "Euler", "scheduler": "Uniform"}),
     ("txt2img", {"sampler_name": "DDIM", "eta": 0.5, "scheduler": "Karras"}),
+    ("txt2img", {"sampler_name": "Euler a", "eta": 0.5}),
+    ("txt2img", HIRES | {"sampler_name": "DDIM", "hr_sampler_name": "Euler a", "eta": 0.5}),
     (
         "txt2img",
         {"sampler_name": "Euler", "tiling": True, "override_settings": {"CLIP_stop_at_last_layers": 2}},

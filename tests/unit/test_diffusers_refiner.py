@@ -1,7 +1,7 @@
 """SD WebUI's refiner (``refiner_checkpoint``, ``refiner_switch_at``) in the diffusers runtime, on
 tiny random-weight models (CPU, 64x64). It was refused as an unsupported option. SD WebUI hands
 the denoising to the refiner from the UNet pass where its completed ratio reaches the switch; the
-words and images next to SD WebUI's: ``tests/interop/test_other_checkpoints_interop.py``."""
+words and images next to SD WebUI's: ``tests/interop/test_sdwebui_weights_interop.py``."""
 
 from __future__ import annotations
 
@@ -42,15 +42,21 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
 
 
 def job(
-    model: str = "tiny-a", kind: TaskType = TaskType.TEXT_TO_IMAGE, init: bytes | None = None, **extra: Any
+    model: str = "tiny-a",
+    kind: TaskType = TaskType.TEXT_TO_IMAGE,
+    init: bytes | None = None,
+    mask: bytes | None = None,
+    **extra: Any,
 ) -> Job:
     asked: dict[str, Any] = {"prompt": "a red cat", "steps": 8, "width": 64, "height": 64, "seed": 7}
-    for name in ("sampler", "denoising_strength"):
+    for name in ("sampler", "denoising_strength", "prompt"):
         if name in extra:
             asked[name] = extra.pop(name)
     asked.setdefault("sampler", "Euler")
+    if mask is not None:
+        extra["mask"] = "fetched"  # its bytes are the job's
     params = TaskParams.model_validate({**asked, "extra": extra})
-    return Job("r", kind, model, params, init_images=[init] if init else [])
+    return Job("r", kind, model, params, init_images=[init] if init else [], mask=mask)
 
 
 def title(runtime: DiffusersRuntime, model: str) -> str:
@@ -202,3 +208,27 @@ async def test_sdxl_is_refined_as_sd_1_is(runtime: DiffusersRuntime) -> None:
     assert differ(same, plain) <= 1 and "Refiner: tiny-xl2 [" in same.info["infotexts"][0]
     half = await runtime.run(job("tiny-xl", refiner_checkpoint="tiny-xl-b", refiner_switch_at=0.5), quiet)
     assert differ(half, plain) > 8 and differ(half, other) > 8
+
+
+async def test_prompt_editing_and_inpainting_are_refined(runtime: DiffusersRuntime) -> None:
+    """The refiner reads an edited prompt's texts at each pass, and inpaints as the model does:
+    from the start, the refiner model's own image of the same task."""
+    edited = {"prompt": "a [red cat:blue dog:0.5]"}
+    refined = await runtime.run(job(**edited, refiner_checkpoint="tiny-b", refiner_switch_at=0), quiet)
+    assert differ(refined, await runtime.run(job("tiny-b", **edited), quiet)) == 0
+    same = await runtime.run(job(**edited, refiner_checkpoint="tiny-a2", refiner_switch_at=0.3), quiet)
+    assert differ(same, await runtime.run(job(**edited), quiet)) <= 1
+    square = Image.new("L", (64, 64), 0)
+    square.paste(255, (16, 16, 48, 48))
+    buf = io.BytesIO()
+    square.save(buf, format="PNG")
+    start = png(await runtime.run(job(), quiet))
+    masked = {
+        "kind": TaskType.IMAGE_TO_IMAGE,
+        "init": start,
+        "mask": buf.getvalue(),
+        "denoising_strength": 0.7,
+    }
+    inpainted = await runtime.run(job(**masked, refiner_checkpoint="tiny-b", refiner_switch_at=0), quiet)
+    assert differ(inpainted, await runtime.run(job("tiny-b", **masked), quiet)) == 0
+    assert differ(inpainted, await runtime.run(job(**masked), quiet)) > 8

@@ -253,9 +253,29 @@ async def test_ddim_takes_its_eta_and_other_samplers_leave_it(runtime: Diffusers
     assert euler.images == still.images
     with_eta = runtime.batch_key(job(sampler="DDIM", extra={"eta": 1.0}))
     assert with_eta != runtime.batch_key(job(sampler="DDIM"))
-    with pytest.raises(Reject) as e:  # an ancestral sampler's eta other than 1: not implemented
-        await runtime.run(job(sampler="Euler a", extra={"eta": 0.5}), no_progress)
-    assert e.value.code == "unsupported_option" and "eta=0.5 (with an ancestral sampler)" in e.value.reason
+    for sampler in ("DPM2 a", "DPM++ 2M SDE"):  # their eta other than 1 (SD WebUI's): not implemented
+        with pytest.raises(Reject) as e:
+            await runtime.run(job(sampler=sampler, extra={"eta": 0.5}), no_progress)
+        assert e.value.code == "unsupported_option" and f"eta=0.5 (with {sampler})" in e.value.reason
+
+
+async def test_euler_a_takes_its_eta(runtime: DiffusersRuntime) -> None:
+    """Euler a's ``eta`` other than 1 was refused. It scales the share of each step's noise drawn
+    afresh, as k-diffusion's does: at 0 no noise (Euler's image), near 1 diffusers' own Euler a;
+    the infotext says ``Eta`` as SD WebUI does."""
+    ancestral = await runtime.run(job(sampler="Euler a", seed=8, steps=6), no_progress)
+    near = await runtime.run(job(sampler="Euler a", seed=8, steps=6, extra={"eta": 1 - 1e-9}), no_progress)
+    assert _diff(near.images[0], ancestral.images[0]) <= 1  # the same draws, the same step
+    euler = await runtime.run(job(sampler="Euler", seed=8, steps=6), no_progress)
+    still = await runtime.run(job(sampler="Euler a", seed=8, steps=6, extra={"eta": 0}), no_progress)
+    assert _diff(still.images[0], euler.images[0]) <= 1
+    half = await runtime.run(job(sampler="Euler a", seed=8, steps=6, extra={"eta": 0.5}), no_progress)
+    assert _diff(half.images[0], euler.images[0]) > 8 and _diff(half.images[0], ancestral.images[0]) > 8
+    assert half.info["infotexts"][0].endswith(f"Model: tiny-a, Eta: 0.5, Version: {VERSION}")
+    assert "Eta" not in ancestral.info["infotexts"][0] and "Eta:" in still.info["infotexts"][0]
+    assert runtime.batch_key(job(sampler="Euler a", extra={"eta": 0.5})) != runtime.batch_key(
+        job(sampler="Euler a")
+    )
 
 
 def test_fit_is_sd_webuis_resize() -> None:

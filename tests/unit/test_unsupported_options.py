@@ -203,7 +203,7 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         "infotext='Steps: 4'",
         "resize_mode=3",
         "initial_noise_multiplier=0.9",
-        "eta=0.5 (with an ancestral sampler)",
+        "eta=0.5 (with DPM2 a)",
     ]
     # image-to-image's own fields mean nothing to text-to-image (SD WebUI has none there); DDIM
     # takes its eta, other samplers ignore it, as SD WebUI's do

@@ -28,7 +28,7 @@ from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
 from sdfleet.runtimes import _prompt_schedule as PS
-from sdfleet.runtimes._diffusers_samplers import eta_said
+from sdfleet.runtimes._diffusers_samplers import eta_said, sampler_key
 from sdfleet.runtimes._prompt_syntax import emphasis_said
 from sdfleet.runtimes._styles import apply as apply_styles
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
@@ -248,6 +248,9 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     if emphasis_said(emphasis, _encoded(params)):  # the run says it again, with TI hashes
         gen.extra["Emphasis"] = emphasis
     gen.extra |= eta_said(sampler.runtime_key, req.eta)  # said by the sampler, last
+    if second is not None:  # and by the second pass's, where it takes one
+        second_key = sampler_key(*hires.sampler_of(second, params)) or sampler.runtime_key
+        gen.extra |= eta_said(second_key, req.eta)
     return gen, params, model
 
 
@@ -276,7 +279,7 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
         gen.extra[hires.SCHEDULE_WORD] = info.get("hires_schedule_type")
     if hires.CHECKPOINT_WORD in gen.extra:  # the same
         gen.extra[hires.CHECKPOINT_WORD] = info.get("hires_checkpoint")
-    later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM") if k in gen.extra}
+    later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM", "Eta") if k in gen.extra}
     gen.extra |= info.get("inpainting") or {}
     if options["lora_add_hashes_to_infotext"] and info.get("lora_hashes"):
         gen.extra["Lora hashes"] = info["lora_hashes"]

@@ -124,10 +124,12 @@ def second_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
 
 
 def eta(p: TaskParams) -> float | None:
-    """SD WebUI's ``eta``, for the samplers whose step takes it (DDIM); an ancestral sampler's
-    other than 1 is refused (``unsupported.off_defaults``), and the others ignore it, as there."""
+    """SD WebUI's ``eta``, for the samplers that take it: DDIM's step, Euler a's scheduler
+    (``_diffusers_ancestral``); the others' other than 1 is refused (``unsupported.off_defaults``),
+    and the rest ignore it, as there."""
     value = p.extra.get("eta")
-    return float(value) if isinstance(value, int | float) and not U.ancestral(p.sampler) else None
+    runs = not U.ancestral(p.sampler) or U.eta_taker(p.sampler) in U.ETA_RUN
+    return float(value) if isinstance(value, int | float) and runs else None
 
 
 def tiling(p: TaskParams) -> bool:

@@ -117,7 +117,10 @@ def generation_params(
         extra["Lora hashes"] = call.loras
     extra |= conditioning or {}
     eta = params.extra.get("eta")
-    extra |= eta_said(call.sampler, eta if isinstance(eta, int | float) else None)
+    eta = eta if isinstance(eta, int | float) else None
+    extra |= eta_said(call.sampler, eta)
+    if second is not None:  # said by the second pass's sampler, where it takes one
+        extra |= eta_said(sampler_key(*hires.sampler_of(second, params)) or call.sampler, eta)
     if call.refiner is not None:  # said when it took over: after what was said before the run
         extra |= dict(zip(refiner.WORDS, call.refiner, strict=True))
     return extra

@@ -83,9 +83,12 @@ def said(key: str, scheduler: object = None) -> tuple[str, str]:
 
 
 def eta_said(key: str, eta: float | None) -> dict[str, float]:
-    """SD WebUI's ``Eta DDIM`` infotext word: DDIM's ``eta`` when it is not its default 0 (other
-    samplers' steps do not take one here; an ancestral sampler's other than 1 is refused)."""
-    return {"Eta DDIM": float(eta)} if key == "DDIM" and eta is not None and eta != 0 else {}
+    """SD WebUI's infotext word of ``eta``: ``Eta DDIM``, DDIM's when it is not its default 0;
+    ``Eta``, Euler a's when it is not its 1 (other samplers' steps do not take one here; those
+    that take one in SD WebUI are refused one other than 1)."""
+    if key == "DDIM" and eta is not None and eta != 0:
+        return {"Eta DDIM": float(eta)}
+    return {"Eta": float(eta)} if key == "Euler a" and eta is not None and eta != 1 else {}
 
 
 def hires_said(first: str, first_scheduler: object, second: str, second_scheduler: object) -> str | None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from sdfleet import hires, inpaint, refiner
 from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
+from sdfleet.runtimes import _diffusers_ancestral as A
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
@@ -487,7 +488,9 @@ class DiffusersRuntime:
                 raise Interrupted(f"task {names} interrupted before it started")
             try:
                 pipe = self._pipe_for(loaded, jobs[0])
-                pipe.scheduler = P.scheduler_for(sampler, loaded.base_scheduler)
+                pipe.scheduler = A.with_eta(
+                    P.scheduler_for(sampler, loaded.base_scheduler), G.eta(jobs[0].params)
+                )
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
                 tiling = G.tiling(jobs[0].params)
@@ -534,7 +537,7 @@ class DiffusersRuntime:
         # on an inpainting checkpoint an inpainting pipeline, another than the first pass's: each
         # pass has its own sampler
         pipe, sampler = model.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
-        pipe.scheduler = P.scheduler_for(sampler, model.base_scheduler)
+        pipe.scheduler = A.with_eta(P.scheduler_for(sampler, model.base_scheduler), G.eta(job.params))
         return H.SecondPass(pipe, plan, self._extras.upscale_to, other_model=hr is not None)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:

@@ -277,14 +277,32 @@ def _loras(prompt: str, negative: str) -> list[tuple[str, float, float]]:
 
 def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None) -> list[str]:
     """``name=value`` of SD WebUI request ``fields`` set to what changes the images and the
-    diffusers runtime does not implement (``_TAKEN``, an ancestral sampler's ``eta`` other than 1;
-    DDIM's ``eta`` it takes)."""
+    diffusers runtime does not implement (``_TAKEN``; ``eta`` other than 1 for the k-diffusion
+    samplers that take one, but Euler a's; DDIM's ``eta`` it takes)."""
     checked = {**_TAKEN, **(_IMG2IMG_TAKEN if kind is TaskType.IMAGE_TO_IMAGE else {})}
     found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
     eta = fields.get("eta")
-    if eta not in (None, 1) and ancestral(sampler):
-        found.append(f"eta={eta!r} (with an ancestral sampler)")
+    second = fields.get("hr_sampler_name") if fields.get("enable_hr") is True else None
+    for taker in dict.fromkeys(eta_taker(each) for each in (sampler, second)):  # a hires pass's too
+        if eta not in (None, 1) and taker is not None and taker not in ETA_RUN:
+            found.append(f"eta={eta!r} (with {taker})")
     return found
+
+
+ETA_TAKERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2M SDE"})
+"""This runtime's samplers whose SD WebUI counterparts take k-diffusion's ``eta`` (default 1)."""
+ETA_RUN = frozenset({"Euler a"})
+"""Those whose ``eta`` the diffusers runtime runs (``_diffusers_ancestral``)."""
+
+
+def eta_taker(sampler: object) -> str | None:
+    """The ``ETA_TAKERS`` sampler ``sampler`` is (its schedule type aside), or None."""
+    try:
+        key = sampler_key(sampler) if isinstance(sampler, str) else None
+    except Reject:
+        return None
+    name = key.removesuffix(" Karras") if key else None
+    return name if name in ETA_TAKERS else None
 
 
 def variation_unsupported(params: TaskParams, kind: TaskType) -> list[str]:

@@ -1,10 +1,10 @@
-"""A hires fix on another checkpoint (``hr_checkpoint_name``) and a refiner
-(``refiner_checkpoint``) next to a real SD WebUI (``SDFLEET_A1111_URL``, see
+"""A hires fix on another checkpoint (``hr_checkpoint_name``), a refiner (``refiner_checkpoint``)
+and Euler a's ``eta`` next to a real SD WebUI (``SDFLEET_A1111_URL``, see
 ``test_a1111_interop.py``): the same requests to SD WebUI and, as tasks' A1111 bodies, to the
 diffusers runtime loading SD WebUI's own checkpoint files. Every infotext word is SD WebUI's, and
 each image is nearest to SD WebUI's image of the same request (the two implementations' images of
 one request differ, as any diffusers and SD WebUI images do, but less than the images of another
-second model, switch or upscaler do)."""
+second model, switch, upscaler or eta do)."""
 
 from __future__ import annotations
 
@@ -68,18 +68,26 @@ REFINER_CASES: list[list[dict[str, Any]]] = [  # each group's images compared wi
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """SD WebUI's loaded checkpoint's title, and a folder of sdfleet's holding links to its file
-    and to a second checkpoint (other random weights) put in SD WebUI's folder while the module
-    runs (the suite runs beside its server, docs/runtimes.md: the folder must be here)."""
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """SD WebUI's loaded checkpoint's title, and a folder of sdfleet's holding a link to its file
+    (the suite runs beside its server, docs/runtimes.md: the file must be here)."""
     title = httpx.get(f"{A1111_URL}/sdapi/v1/options", timeout=60).json()["sd_model_checkpoint"]
     listed = httpx.get(f"{A1111_URL}/sdapi/v1/sd-models", timeout=60).json()
     first = Path(next(m["filename"] for m in listed if m["title"] == title))
     assert first.is_file(), f"SD WebUI's checkpoint {first} is not on this machine"
-    second = write_checkpoint(first.parent, SECOND, seed=1)
     ours = tmp_path_factory.mktemp("models")
-    for path in (first, second):
-        (ours / path.name).symlink_to(path)
+    (ours / first.name).symlink_to(first)
+    return title, ours
+
+
+@pytest.fixture(scope="module")
+def checkpoints(loaded: tuple[str, Path]) -> Iterator[tuple[str, Path]]:
+    """``loaded``, its folder also holding a link to a second checkpoint (other random weights)
+    put in SD WebUI's folder while the module runs."""
+    title, ours = loaded
+    first = (ours / title.split(" [")[0]).resolve()
+    second = write_checkpoint(first.parent, SECOND, seed=1)
+    (ours / second.name).symlink_to(second)
     try:
         httpx.post(f"{A1111_URL}/sdapi/v1/refresh-checkpoints", timeout=60).raise_for_status()
         yield title, ours
@@ -164,3 +172,27 @@ async def test_the_refiner_is_sd_webuis(checkpoints: tuple[str, Path]) -> None:
                 ours.append(pixels(made.images[0]))
             nearest(ours, theirs)
     await runtime.aclose()
+
+
+async def test_euler_a_takes_its_eta_as_sd_webui_does(loaded: tuple[str, Path]) -> None:
+    """Euler a's ``eta`` (k-diffusion's share of fresh noise a step): its word, and images nearest
+    SD WebUI's at 0.5, at 1 (its default) and at 0 (no noise: Euler's path)."""
+    title, folder = loaded
+    runtime = DiffusersRuntime.from_options(catalog=ModelCatalog(folder), options={"device": "cpu"})
+    pinned = {"override_settings": {"sd_model_checkpoint": title, **PINNED}, "steps": 8, "enable_hr": False}
+    theirs, ours = [], []
+    async with httpx.AsyncClient(base_url=A1111_URL, timeout=900) as client:
+        for eta in (0.5, 1.0, 0.0):
+            body = BODY | pinned | {"sampler_name": "Euler a", "eta": eta}
+            answer = await client.post("/sdapi/v1/txt2img", json=body)
+            assert answer.status_code == 200, answer.text
+            their_text = json.loads(answer.json()["info"])["infotexts"][0]
+            params = params_from_a1111(TaskType.TEXT_TO_IMAGE, body)
+            made = await runtime.run(
+                Job("e", TaskType.TEXT_TO_IMAGE, title.split(" [")[0], params), no_progress
+            )
+            assert unversioned(made.info["infotexts"][0]) == unversioned(their_text), eta
+            theirs.append(pixels(base64.b64decode(answer.json()["images"][0])))
+            ours.append(pixels(made.images[0]))
+    await runtime.aclose()
+    nearest(ours, theirs)
