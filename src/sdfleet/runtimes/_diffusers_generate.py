@@ -295,6 +295,7 @@ class Generated:
     refiner: str | None = None
     """The refiner's ``short_title``, where it took over."""
     switch_at: float | None = None
+    """The refiner's ``refiner_switch_at``."""
     model_hash: str | None = None
     """The checkpoint's ``Model hash`` (``_diffusers_info.model_hash``), read beside the run."""
 
@@ -342,8 +343,10 @@ def generate(
                 part.start += len(images)
                 parts[i] = part
             if second is None:
-                raw, edits = callback(passes * n, total), prompts(call_parts[0].job)
-                swap = _take_over(pipe, steps, kwargs, refine, call_parts[0], edits, mine[0], raw)
+                swap = None
+                if refine is not None:  # alone (batch_key)
+                    raw, edits = callback(passes * n, total), prompts(call_parts[0].job)
+                    swap = _take_over(pipe, steps, kwargs, refine, call_parts[0], edits, mine[0], raw)
                 try:
                     images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
@@ -389,18 +392,18 @@ def _take_over(
     pipe: Any,
     steps: int,
     call: dict[str, Any],
-    refine: Refine | None,
+    refine: Refine,
     part: _Part,
     edits: tuple[PS.Edits, float],
     reading: E.Reading,
-    raw: Any = None,
+    raw: Any,
 ) -> RF.Swap | None:
     """Readies a pipeline call's arguments (``call``, changed in place; ``raw``: its progress
-    callback, else the one in ``call``) for the refiner that takes over where its switch is
-    reached (called for the pass it refines: a hires fix's second, else the only one); the
-    ``Swap`` to give back after the call, or None where it does not take over (its switch is not
-    reached, or it is the call's own model)."""
-    if refine is None or refine.models.unet is pipe.unet:
+    callback) for the refiner that takes over where its switch is reached (called for the pass
+    it refines: a hires fix's second, else the only one); the ``Swap`` to give back after the
+    call, or None where it does not take over (its switch is not reached, or it is the call's
+    own model)."""
+    if refine.models.unet is pipe.unet:
         return None
     at = RF.switch_step(pipe.scheduler, steps, call.get("strength"), refine.plan.switch_at)
     if at is None:
@@ -415,8 +418,7 @@ def _take_over(
                 del call[name]
         # as embeddings: given as text, the call's own pipeline would read it with its encoders
         call |= _prompt_args(refine.models, schedule.at(0), images, p, weight, reading, as_text=False)
-    inner = raw if raw is not None else call["callback_on_step_end"]
-    call["callback_on_step_end"] = D.switching(inner, schedule, images, _clip_skip(p), reading, swap)
+    call["callback_on_step_end"] = D.switching(raw, schedule, images, _clip_skip(p), reading, swap)
     call["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
     return swap
 
