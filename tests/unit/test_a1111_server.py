@@ -190,9 +190,14 @@ def test_the_emphasis_option_and_override_are_taken(api: webuiapi.WebUIApi) -> N
 
 def test_fields_this_server_would_leave_out_are_refused_by_name(api: webuiapi.WebUIApi) -> None:
     """``resize_mode`` 1 ran as a plain resize and ``s_churn`` as 0, without a word: crop and fill
-    run now (``test_fit_is_sd_webuis_resize``), the latent mode 3 and churn are refused."""
-    with pytest.raises(RuntimeError, match=r"s_churn=0\.5 is not available on this server"):
-        api.txt2img(prompt="a", s_churn=0.5, **SMALL)
+    run now (``test_fit_is_sd_webuis_resize``), and Euler's churn (without a word, as in SD
+    WebUI); the latent mode 3 and Heun's churn are refused."""
+    with pytest.raises(RuntimeError, match=r"s_churn=0\.5 \(with Heun\) is not available on this server"):
+        api.txt2img(prompt="a", s_churn=0.5, sampler_name="Heun", **SMALL)
+    churned = api.txt2img(prompt="a", seed=3, sampler_name="Euler", s_churn=0.5, **SMALL)
+    plain = api.txt2img(prompt="a", seed=3, sampler_name="Euler", **SMALL)
+    assert pixels(churned.image) != pixels(plain.image)
+    assert churned.info["infotexts"] == plain.info["infotexts"]
     with pytest.raises(RuntimeError, match="resize_mode=3 is not available on this server"):
         api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", resize_mode=3, **SMALL)
     wide = Image.new("RGB", (128, 64), (30, 200, 30))  # a crop keeps the green middle third

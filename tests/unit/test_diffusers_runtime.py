@@ -18,7 +18,7 @@ from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
 from sdfleet.runtimes import RUNTIMES, build_runtime
 from sdfleet.runtimes._diffusers_pipes import fit, load_pipeline, make_scheduler, set_tiling
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, sampler_key
-from sdfleet.runtimes.base import Job
+from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -276,6 +276,41 @@ async def test_euler_a_takes_its_eta(runtime: DiffusersRuntime) -> None:
     assert runtime.batch_key(job(sampler="Euler a", extra={"eta": 0.5})) != runtime.batch_key(
         job(sampler="Euler a")
     )
+
+
+async def test_euler_runs_k_diffusions_churn(runtime: DiffusersRuntime) -> None:
+    """``s_churn`` (with ``s_tmin``, ``s_tmax``, ``s_noise``) was refused. SD WebUI's Euler raises
+    each step's sigma, noises the latents to it and denoises there: where no sigma is in range the
+    image is plain Euler's (its noise drawn and unused, as there), else another, the same for the
+    same seed, batched or alone; SD WebUI says no word of it (a request's fields: its options'
+    are said, and refused here as other overrides are)."""
+    euler = await runtime.run(job(sampler="Euler", seed=8, steps=6), no_progress)
+    unused = await runtime.run(
+        job(sampler="Euler", seed=8, steps=6, extra={"s_churn": 1, "s_tmin": 99}), no_progress
+    )
+    assert unused.images == euler.images
+    churned = job(sampler="Euler", seed=8, steps=6, extra={"s_churn": 1.0})
+    made, again = await runtime.run(churned, no_progress), await runtime.run(churned, no_progress)
+    assert made.images == again.images and _diff(made.images[0], euler.images[0]) > 8
+    assert made.info["infotexts"][0] == euler.info["infotexts"][0]
+    quiet_noise = job(sampler="Euler", seed=8, steps=6, extra={"s_churn": 1.0, "s_noise": 0})
+    assert _diff((await runtime.run(quiet_noise, no_progress)).images[0], made.images[0]) > 8
+    other = job(sampler="Euler", seed=9, steps=6, extra={"s_churn": 1.0})
+    assert (
+        runtime.batch_key(churned)
+        == runtime.batch_key(other)
+        != runtime.batch_key(job(sampler="Euler", steps=6))
+    )
+    batched = await runtime.run_batch([churned, other], [no_progress, no_progress])
+    for alone, outcome in zip([made, await runtime.run(other, no_progress)], batched, strict=True):
+        assert isinstance(outcome, RuntimeResult) and _diff(outcome.images[0], alone.images[0]) <= 1
+    ancestral = await runtime.run(job(sampler="Euler a", seed=8, steps=6), no_progress)
+    ignored = await runtime.run(job(sampler="Euler a", seed=8, steps=6, extra={"s_noise": 0.5}), no_progress)
+    assert ignored.images == ancestral.images  # SD WebUI 1.10 hands its Euler a no s_noise
+    for sampler, field in (("Heun", "s_churn"), ("DPM2 a", "s_noise")):
+        with pytest.raises(Reject) as e:
+            await runtime.run(job(sampler=sampler, extra={field: 0.5}), no_progress)
+        assert e.value.code == "unsupported_option" and f"{field}=0.5 (with {sampler})" in e.value.reason
 
 
 def test_fit_is_sd_webuis_resize() -> None:

@@ -185,8 +185,8 @@ def test_n_iter_batches_count_toward_the_images_a_diffusers_task_makes() -> None
 
 def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pass() -> None:
     """They were dropped without a word: ``resize_mode`` 1 (crop and resize) ran as a plain
-    resize, ``s_churn`` and ``s_noise`` as 0 and 1, a refiner as none (it runs now:
-    ``test_diffusers_refiner.py``), an infotext unread."""
+    resize, ``s_churn`` and ``s_noise`` as 0 and 1 (Euler's run now: ``test_diffusers_runtime``),
+    a refiner as none (it runs now: ``test_diffusers_refiner.py``), an infotext unread."""
     t2i, i2i = TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE
     # SD WebUI's defaults, and what webuiapi sends with every request
     webuiapi = {"eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "seed_resize_from_h": -1}
@@ -197,14 +197,21 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
     changed |= {"infotext": "Steps: 4"}
     changed |= {"seed_resize_from_w": 512, "resize_mode": 3, "initial_noise_multiplier": 0.9, "eta": 0.5}
     assert off_defaults(changed, i2i, "DPM2 a Karras") == [
-        "s_churn=0.3",
-        "s_noise=1.01",
         "s_min_uncond=0.2",
         "infotext='Steps: 4'",
         "resize_mode=3",
         "initial_noise_multiplier=0.9",
-        "eta=0.5 (with DPM2 a)",
+        "eta=0.5 (with DPM2 a)",  # k-diffusion's fields where SD WebUI's sampler takes them
+        "s_noise=1.01 (with DPM2 a)",
     ]
+    # Euler's churn runs (its s_noise with it), SD WebUI's Euler a takes no s_noise, DPM2's churn
+    # (or a hires pass's) does not run, and the samplers that take none ignore them, as there
+    churn = {"s_churn": 0.3, "s_noise": 1.01, "s_tmin": 0.1}
+    assert off_defaults(churn, t2i, "Euler") == off_defaults(churn, t2i, "Euler a") == []
+    assert off_defaults(churn, t2i, "DPM++ 2M Karras") == off_defaults(churn, t2i, "DDIM") == []
+    assert off_defaults(churn, t2i, "DPM2 Karras") == ["s_churn=0.3 (with DPM2)"]
+    hires = churn | {"enable_hr": True, "hr_sampler_name": "Heun"}
+    assert off_defaults(hires, t2i, "Euler") == ["s_churn=0.3 (with Heun)"]
     # image-to-image's own fields mean nothing to text-to-image (SD WebUI has none there); DDIM
     # takes its eta, other samplers ignore it, as SD WebUI's do
     assert off_defaults({"resize_mode": 2, "eta": 0.5}, t2i, "DDIM") == []

@@ -50,6 +50,8 @@ _HIRES = (
 )
 """A txt2img request's hires fix fields, handed to the runtime as they came (``sdfleet.hires``)."""
 _VARIATION = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+"""k-diffusion's churn (Euler's: ``runtimes/_diffusers_churn.py``), handed over as it came."""
 _REFINER = ("refiner_checkpoint", "refiner_switch_at")
 """The refiner's fields (``sdfleet.refiner``), the checkpoint found as SD WebUI finds one."""
 """Variation seeds' fields, handed over as they came (``sdfleet.variation``) beside the subseed."""
@@ -161,6 +163,7 @@ def _params(
         | {"styles": req.styles}
         | {name: getattr(req, name) for name in _VARIATION}
         | {name: getattr(req, name) for name in _REFINER}
+        | {name: getattr(req, name) for name in _CHURN}
         | {"override_settings": {"emphasis": emphasis}},
     }
     if isinstance(req, Img2ImgRequest):

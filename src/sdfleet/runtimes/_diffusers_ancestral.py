@@ -6,7 +6,8 @@ adds fresh noise of ``sigma_up``, ``eta`` scaling the noise's share: ``sigma_up 
 * sqrt(sigma_to² (sigma_from² - sigma_to²) / sigma_from²))``, ``sigma_down = sqrt(sigma_to² -
 sigma_up²)``. diffusers' Euler a is that step at ``eta`` 1; ``EulerAncestralEta`` is it at any
 ``eta`` (0: plain Euler, no noise), drawing its noise as diffusers' does (one draw a step, from the
-call's generators), so that at 1 it is diffusers' own.
+call's generators), so that at 1 it is diffusers' own. (SD WebUI 1.10 hands its Euler a no
+``s_noise``: it ignores one, and so does this.)
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from sdfleet import hires, inpaint, refiner, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_churn as K
 from sdfleet.runtimes import _diffusers_edits as D
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
@@ -86,6 +87,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         bool(L.text(p.negative_prompt)),
         tiling(p),
         eta(p),
+        K.read(p),
         second,
         varied.key if varied else None,
         loras,
@@ -343,6 +345,7 @@ def generate(
                 part.start += len(images)
                 parts[i] = part
             if second is None:
+                K.ready(pipe.scheduler, kwargs, steps)
                 swap = None
                 if refine is not None:  # alone (batch_key)
                     raw, edits = callback(passes * n, total), prompts(call_parts[0].job)
@@ -355,6 +358,7 @@ def generate(
                         swap.give_back(pipe)
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
+            K.ready(pipe.scheduler, handed, steps)
             first = pipe(num_inference_steps=steps, **handed).images
             seeds = [s for part in call_parts for s in part.seeds]
             progress = callback(passes * n + 1, total)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sdfleet.hires import Hires, second_pass_steps
+from sdfleet.runtimes._diffusers_churn import ready
 from sdfleet.runtimes._diffusers_inpaint import whole_masked
 from sdfleet.runtimes._diffusers_pipes import inpainting_unet
 
@@ -79,6 +80,7 @@ def run(
     if inpainting_unet(second.pipe):
         call |= whole_masked(second.pipe, plan.size, seeds, latents=plan.latent_mode is not None)
     schedule = second_pass_steps(plan.steps, plan.denoising)
+    ready(second.pipe.scheduler, call, schedule)
     swap = take_over(second.pipe, schedule, call) if take_over is not None else None
     try:
         images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images

@@ -23,6 +23,7 @@ from sdfleet import hires, inpaint, refiner
 from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
 from sdfleet.runtimes import _diffusers_ancestral as A
+from sdfleet.runtimes import _diffusers_churn as K
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
@@ -42,7 +43,7 @@ from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes._textual_inversion import Embedding, Embeddings, widths_of
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
 from sdfleet.runtimes.unsupported import images_made, refuse, refuse_too_many_inputs
-from sdfleet.tasks import GENERATE, TaskType
+from sdfleet.tasks import GENERATE, TaskParams, TaskType
 
 log = logging.getLogger(__name__)
 
@@ -488,9 +489,7 @@ class DiffusersRuntime:
                 raise Interrupted(f"task {names} interrupted before it started")
             try:
                 pipe = self._pipe_for(loaded, jobs[0])
-                pipe.scheduler = A.with_eta(
-                    P.scheduler_for(sampler, loaded.base_scheduler), G.eta(jobs[0].params)
-                )
+                pipe.scheduler = _scheduler(sampler, loaded.base_scheduler, jobs[0].params)
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
                 tiling = G.tiling(jobs[0].params)
@@ -537,7 +536,7 @@ class DiffusersRuntime:
         # on an inpainting checkpoint an inpainting pipeline, another than the first pass's: each
         # pass has its own sampler
         pipe, sampler = model.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
-        pipe.scheduler = A.with_eta(P.scheduler_for(sampler, model.base_scheduler), G.eta(job.params))
+        pipe.scheduler = _scheduler(sampler, model.base_scheduler, job.params)
         return H.SecondPass(pipe, plan, self._extras.upscale_to, other_model=hr is not None)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
@@ -573,6 +572,13 @@ class DiffusersRuntime:
                         code="out_of_memory",
                     ) from None
                 raise RuntimeFailure(f"upscaler failed: {e}") from e
+
+
+def _scheduler(sampler: str | None, base: Any, params: TaskParams) -> Any:
+    """A fresh scheduler for ``sampler`` (the model's own kind without one), at the task's ``eta``
+    (Euler a) or churn (Euler)."""
+    made = A.with_eta(P.scheduler_for(sampler, base), G.eta(params))
+    return K.with_churn(made, K.read(params))
 
 
 def _titles(

@@ -53,14 +53,12 @@ _NON_EMPTY = ("latent_mask", "script_name")
 """A second mask for the latents (SD WebUI's API takes none: it answers 500), a script of SD
 WebUI's ``scripts`` list."""
 _TAKEN: dict[str, tuple[object, ...]] = {
-    "s_churn": (None, 0),
-    "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
     "infotext": (None, ""),
 }
 """Fields the diffusers runtime runs only at these values (SD WebUI's defaults, and what webuiapi
-sends by default; another value changes the images in a way it does not implement): k-diffusion's
-churn and noise, the uncond skip, parameters read from an infotext. (A given
+sends by default; another value changes the images in a way it does not implement): the uncond
+skip, parameters read from an infotext (k-diffusion's churn and noise: ``SAMPLER_FIELDS``). (A given
 first pass, ``firstpass_image``, is the hires fix's: ``hires.unsupported``.)"""
 _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
@@ -277,32 +275,46 @@ def _loras(prompt: str, negative: str) -> list[tuple[str, float, float]]:
 
 def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None) -> list[str]:
     """``name=value`` of SD WebUI request ``fields`` set to what changes the images and the
-    diffusers runtime does not implement (``_TAKEN``; ``eta`` other than 1 for the k-diffusion
-    samplers that take one, but Euler a's; DDIM's ``eta`` it takes)."""
+    diffusers runtime does not implement (``_TAKEN``; ``SAMPLER_FIELDS`` for the samplers that
+    take them where it does not run them; DDIM's ``eta`` it takes)."""
     checked = {**_TAKEN, **(_IMG2IMG_TAKEN if kind is TaskType.IMAGE_TO_IMAGE else {})}
     found = [f"{k}={fields[k]!r}" for k, same in checked.items() if k in fields and fields[k] not in same]
-    eta = fields.get("eta")
     second = fields.get("hr_sampler_name") if fields.get("enable_hr") is True else None
-    for taker in dict.fromkeys(eta_taker(each) for each in (sampler, second)):  # a hires pass's too
-        if eta not in (None, 1) and taker is not None and taker not in ETA_RUN:
-            found.append(f"eta={eta!r} (with {taker})")
+    for name in dict.fromkeys(canonical(each) for each in (sampler, second)):  # a hires pass's too
+        for field, (default, takers, runs) in SAMPLER_FIELDS.items():
+            value = fields.get(field)
+            if value not in (None, default) and name in takers and name not in runs:
+                found.append(f"{field}={value!r} (with {name})")
     return found
 
 
-ETA_TAKERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2M SDE"})
-"""This runtime's samplers whose SD WebUI counterparts take k-diffusion's ``eta`` (default 1)."""
-ETA_RUN = frozenset({"Euler a"})
-"""Those whose ``eta`` the diffusers runtime runs (``_diffusers_ancestral``)."""
+SAMPLER_FIELDS: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {
+    "eta": (1, frozenset({"Euler a", "DPM2 a", "DPM++ 2M SDE"}), frozenset({"Euler a"})),
+    "s_churn": (0, frozenset({"Euler", "Heun", "DPM2"}), frozenset({"Euler"})),
+    "s_noise": (1, frozenset({"DPM2 a", "DPM++ 2M SDE"}), frozenset()),
+}
+"""k-diffusion's fields by SD WebUI's name: their default, this runtime's samplers whose SD WebUI
+1.10 counterparts take them, and those whose the diffusers runtime runs (``_diffusers_ancestral``,
+``_diffusers_churn``; Euler's, Heun's and DPM2's ``s_noise`` scales only their churn: Euler's
+runs, the others' is refused). The other samplers ignore them, as SD WebUI's do (its Euler a
+takes no ``s_noise``)."""
+ETA_RUN = SAMPLER_FIELDS["eta"][2]
 
 
-def eta_taker(sampler: object) -> str | None:
-    """The ``ETA_TAKERS`` sampler ``sampler`` is (its schedule type aside), or None."""
+def canonical(sampler: object) -> str | None:
+    """This runtime's name of SD WebUI sampler ``sampler``, its schedule type aside; None for none
+    it knows (refused elsewhere)."""
     try:
         key = sampler_key(sampler) if isinstance(sampler, str) else None
     except Reject:
         return None
-    name = key.removesuffix(" Karras") if key else None
-    return name if name in ETA_TAKERS else None
+    return key.removesuffix(" Karras") if key else None
+
+
+def eta_taker(sampler: object) -> str | None:
+    """The sampler ``sampler`` is where its SD WebUI counterpart takes ``eta``, or None."""
+    name = canonical(sampler)
+    return name if name in SAMPLER_FIELDS["eta"][1] else None
 
 
 def variation_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
