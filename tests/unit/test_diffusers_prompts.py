@@ -20,6 +20,7 @@ from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_syntax as S
+from sdfleet.runtimes._diffusers_checks import check
 from sdfleet.runtimes._diffusers_pipes import load_pipeline
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
@@ -191,7 +192,7 @@ async def test_batch_mates_of_other_lengths_keep_their_images(runtime: Diffusers
 def test_the_runtime_refuses_a_bad_weight_before_it_loads_anything(tmp_path: Path) -> None:
     empty = DiffusersRuntime.from_options(catalog=ModelCatalog(tmp_path), options={"device": "cpu"})
     with pytest.raises(Reject) as raised:
-        empty._check(job("bad", prompt="(cat:1..2)"))
+        check(empty.options, empty.catalog.models_dir, job("bad", prompt="(cat:1..2)"))
     assert raised.value.code == "invalid_params"
 
 

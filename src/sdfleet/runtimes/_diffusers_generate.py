@@ -38,15 +38,13 @@ from sdfleet.runtimes import _diffusers_info as R
 from sdfleet.runtimes import _diffusers_inpaint as F
 from sdfleet.runtimes import _diffusers_lora as L
 from sdfleet.runtimes import _diffusers_noise as N
+from sdfleet.runtimes import _diffusers_passes as Q
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
-from sdfleet.runtimes import _diffusers_refiner as RF
 from sdfleet.runtimes import _inpaint_images as I
-from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes import _prompt_syntax as S
 from sdfleet.runtimes import _textual_inversion as T
 from sdfleet.runtimes import unsupported as U
-from sdfleet.runtimes._diffusers_samplers import sampler_key, total_steps
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -60,13 +58,13 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         second = hires.plan(job.type, p)
         refiner.read(p)
         varied = variation.read(p)
-        edits, weight = prompts(job)
+        edits, weight = Q.prompts(job)
         masked = inpaint.read(job.type, p)
     except Reject:
         return None  # it fails alone, with its own reason
     if edits.changes or refiner.read(p):
         return None  # its callback swaps the embeddings (and a refiner's UNet) of every image of the call
-    if second is not None and (second.checkpoint or own_second_pass(job, second) is not None):
+    if second is not None and (second.checkpoint or Q.own_second_pass(job, second) is not None):
         return None  # its second pass's prompts are its own, edited anew or another model's to read
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
     loras = L.key(job)  # tasks with other LoRAs (or weights) never share a call
@@ -95,34 +93,6 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         # job's differs), one mask rounding and, for the latent fills, one of them
         masked and (masked.fill if masked.fill in F.LATENT_FILLS else "pixels", masked.round),
     )
-
-
-def prompts(job: Job) -> tuple[PS.Edits, float]:
-    """The job's prompt and negative prompt at each step (a pass through the UNet), as the text
-    encoder sees them (without extra-network tags and the prompt's own weight), and that weight
-    (``_prompt_schedule.of_params``). ``Reject`` (``unsupported_option``) for editing it cannot
-    read."""
-    return PS.of_params(job.params)
-
-
-def own_second_pass(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float] | None:
-    """``second_prompts`` where they are not what the first call started with; None where the
-    first call's serve."""
-    edits, weight = second_prompts(job, plan)
-    started, started_weight = prompts(job)
-    if not edits.changes and edits.at(0) == started.at(0) and weight == started_weight:
-        return None
-    return edits, weight
-
-
-def second_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
-    """``prompts`` of a hires fix's second pass: its own prompts (``hires.prompts``) or the first
-    pass's, scheduled over its steps as SD WebUI schedules them (``_prompt_schedule.schedule``)."""
-    p = job.params
-    prompt, negative = hires.prompts(p) or (p.prompt, p.negative_prompt)
-    first = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
-    steps = total_steps(sampler_key(*hires.sampler_of(plan, p)), plan.steps)
-    return PS.of_task(L.text(prompt), L.text(negative), steps, first)
 
 
 def eta(p: TaskParams) -> float | None:
@@ -184,7 +154,7 @@ def call_kwargs(
     first = jobs[0].params
     img2img = jobs[0].type is TaskType.IMAGE_TO_IMAGE
     # what the text encoder sees at the first step: no <lora:...> tags, no weight of the prompt's own
-    read = [prompts(part.job) for part in parts]
+    read = [Q.prompts(part.job) for part in parts]
     texts = [each.at(0) for each, _ in read]
     for part, (schedules, _), reading in zip(parts, read, readings, strict=True):
         part.conditioning = E.conditioning_said(pipe, schedules, reading)
@@ -203,12 +173,12 @@ def call_kwargs(
     }
     if edits.changes:  # alone in its call (batch_key)
         images = len(parts[0].seeds)
-        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, _clip_skip(first), readings[0])
+        kwargs["callback_on_step_end"] = D.switching(callback, edits, images, Q.clip_skip(first), readings[0])
         kwargs["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
     if eta(first) is not None:
         kwargs["eta"] = eta(first)  # used where the scheduler's step takes it (DDIM), else ignored
-    if _clip_skip(first) is not None:
-        kwargs["clip_skip"] = _clip_skip(first)
+    if Q.clip_skip(first) is not None:
+        kwargs["clip_skip"] = Q.clip_skip(first)
     steps = first.steps
     if img2img:
         steps = P.img2img_steps(first.steps, first.denoising_strength)
@@ -246,11 +216,6 @@ def _noise(
         latents.append(noise)
         generators += gens
     return torch.cat(latents).to(pipe.unet.dtype), generators
-
-
-def _clip_skip(p: TaskParams) -> int | None:
-    """diffusers' clip skip: A1111 counts the last layer as 1, diffusers as 0 (None: the last)."""
-    return p.clip_skip - 1 if p.clip_skip > 1 else None
 
 
 def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
@@ -293,7 +258,7 @@ class Generated:
     hires_checkpoint: str | None = None
     """The hires pass's model's ``short_title``, where ``hr_checkpoint_name`` names one."""
     refined: bool = False
-    """A refiner took over a call (``Refine``)."""
+    """A refiner took over a call (``_diffusers_passes.Refine``)."""
     refiner: str | None = None
     """The refiner's ``short_title``, where it took over."""
     switch_at: float | None = None
@@ -311,7 +276,7 @@ def generate(
     second: H.SecondPass | None = None,
     embeddings: T.Embeddings | None = None,
     ready: Sequence[F.Inpainting | None] | None = None,
-    refine: Refine | None = None,
+    refine: Q.Refine | None = None,
 ) -> Generated:
     """Run ``jobs`` on ``pipe`` (its scheduler already set): one call, or one per prompt length
     when their prompts' embeddings differ in length (``_calls``), each followed by its hires pass
@@ -348,8 +313,14 @@ def generate(
                 K.ready(pipe.scheduler, kwargs, steps)
                 swap = None
                 if refine is not None:  # alone (batch_key)
-                    raw, edits = callback(passes * n, total), prompts(call_parts[0].job)
-                    swap = _take_over(pipe, steps, kwargs, refine, call_parts[0], edits, mine[0], raw)
+                    raw, job, images_of = (
+                        callback(passes * n, total),
+                        call_parts[0].job,
+                        len(call_parts[0].seeds),
+                    )
+                    swap = Q.take_over(
+                        pipe, steps, kwargs, refine, job, images_of, Q.prompts(job), mine[0], raw
+                    )
                 try:
                     images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
@@ -364,14 +335,20 @@ def generate(
             progress = callback(passes * n + 1, total)
             # another model reads the prompts anew with its own text encoders (alone: batch_key)
             reader, fresh = (second.pipe, True) if second.other_model else (pipe, False)
-            own = second_pass(reader, call_parts[0], second.plan, mine[0], progress, fresh=fresh)
-            again = kwargs if own is None else _without_prompts(kwargs) | own[0]
+            job, images_of = call_parts[0].job, len(call_parts[0].seeds)
+            own = Q.second_pass(reader, job, images_of, second.plan, mine[0], progress, fresh=fresh)
+            again = kwargs if own is None else Q.without_prompts(kwargs) | own[0]
             take_over = None
             if refine is not None:  # the refiner's pass (alone: batch_key)
-                edits = second_prompts(call_parts[0].job, second.plan)
-                part, reading = call_parts[0], mine[0]
+                edits = Q.second_prompts(job, second.plan)
                 take_over = partial(
-                    _take_over, refine=refine, part=part, edits=edits, reading=reading, raw=progress
+                    Q.take_over,
+                    refine=refine,
+                    job=job,
+                    images=images_of,
+                    edits=edits,
+                    reading=mine[0],
+                    raw=progress,
                 )
             made, swapped = H.run(second, first, again, seeds, progress if own is None else own[1], take_over)
             images += made
@@ -382,110 +359,6 @@ def generate(
     made_by.refined = refined
     made_by.switch_at = refine.plan.switch_at if refine is not None else None
     return made_by
-
-
-@dataclass
-class Refine:
-    """A refiner (``sdfleet.refiner``) and its model's pipeline."""
-
-    models: Any
-    plan: refiner.Refiner
-
-
-def _take_over(
-    pipe: Any,
-    steps: int,
-    call: dict[str, Any],
-    refine: Refine,
-    part: _Part,
-    edits: tuple[PS.Edits, float],
-    reading: E.Reading,
-    raw: Any,
-) -> RF.Swap | None:
-    """Readies a pipeline call's arguments (``call``, changed in place; ``raw``: its progress
-    callback) for the refiner that takes over where its switch is reached (called for the pass
-    it refines: a hires fix's second, else the only one); the ``Swap`` to give back after the
-    call, or None where it does not take over (its switch is not reached, or it is the call's
-    own model)."""
-    if refine.models.unet is pipe.unet:
-        return None
-    at = RF.switch_step(pipe.scheduler, steps, call.get("strength"), refine.plan.switch_at)
-    if at is None:
-        return None
-    swap = RF.Swap(at, refine.models)
-    schedule, weight = edits
-    images, p = len(part.seeds), part.job.params
-    if at == 0:  # from the first pass through the UNet: the refiner's embeddings from the start
-        swap.take_over(pipe)
-        for name in [*call]:
-            if name in _PROMPT_ARGS:
-                del call[name]
-        # as embeddings: given as text, the call's own pipeline would read it with its encoders
-        call |= _prompt_args(refine.models, schedule.at(0), images, p, weight, reading, as_text=False)
-    call["callback_on_step_end"] = D.switching(raw, schedule, images, _clip_skip(p), reading, swap)
-    call["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
-    return swap
-
-
-_PROMPT_ARGS = frozenset(
-    {
-        "prompt",
-        "negative_prompt",
-        "prompt_embeds",
-        "negative_prompt_embeds",
-        "pooled_prompt_embeds",
-        "negative_pooled_prompt_embeds",
-        "guidance_scale",
-        "callback_on_step_end_tensor_inputs",
-    }
-)
-
-
-def second_pass(
-    pipe: Any, part: _Part, plan: hires.Hires, reading: E.Reading, callback: Any, *, fresh: bool = False
-) -> tuple[dict[str, Any], Any] | None:
-    """A hires fix's second pass's prompt arguments and step callback, read by ``pipe``'s text
-    encoders as the first pass reads them, where its prompts are not the first call's
-    (``own_second_pass``) or ``fresh`` (another model reads them); None where the first call's
-    serve."""
-    p = part.job.params
-    own = second_prompts(part.job, plan) if fresh else own_second_pass(part.job, plan)
-    if own is None:
-        return None
-    edits, weight = own
-    images = len(part.seeds)
-    args = _prompt_args(pipe, edits.at(0), images, p, weight, reading)
-    if edits.changes:  # its callback swaps the embeddings where the schedule says
-        args["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
-        callback = D.switching(callback, edits, images, _clip_skip(p), reading)
-    return args, callback
-
-
-def _without_prompts(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if k not in _PROMPT_ARGS}
-
-
-def _prompt_args(
-    pipe: Any,
-    texts: tuple[str, str],
-    images: int,
-    p: TaskParams,
-    weight: float,
-    reading: E.Reading,
-    *,
-    as_text: bool = True,
-) -> dict[str, Any]:
-    """A call's prompt arguments for one job's ``texts`` (``images`` of each), read by ``pipe``'s
-    text encoders as the first pass reads them (``as_text``: as text where the pipeline reads it
-    as SD WebUI does); its CFG scale by the prompt's own ``weight``."""
-    prompt, negative = texts
-    args: dict[str, Any] = {"guidance_scale": p.cfg_scale * weight}
-    if as_text and E.chunk_count(pipe, prompt, negative, reading)[1]:
-        args |= {"prompt": [prompt] * images, "negative_prompt": [negative] * images if negative else None}
-    else:
-        embeds = E.encode(pipe, prompt, negative or None, _clip_skip(p), reading)
-        args |= E.call_embeds(pipe, [embeds], [images])
-    return args
 
 
 def _reading(job: Job, embeddings: T.Embeddings | None) -> E.Reading:
@@ -501,7 +374,7 @@ def _calls(
     start from latents or all from pixels (a blank mask beside a latent fill's)."""
     by_length: dict[tuple[int, bool], list[int]] = {}
     as_text: dict[tuple[int, bool], bool] = {}
-    texts = [prompts(job)[0].at(0) for job in jobs]
+    texts = [Q.prompts(job)[0].at(0) for job in jobs]
     for i, (prompt, negative) in enumerate(texts):
         chunks, text_ok = E.chunk_count(pipe, prompt, negative, readings[i])
         key = (chunks, F.from_latents(ready[i]))
@@ -515,7 +388,7 @@ def _calls(
         embeds = []
         for i in members:
             prompt, negative = texts[i]
-            embeds.append(E.encode(pipe, prompt, negative or None, _clip_skip(jobs[i].params), readings[i]))
+            embeds.append(E.encode(pipe, prompt, negative or None, Q.clip_skip(jobs[i].params), readings[i]))
         calls.append((members, embeds))
     return calls
 

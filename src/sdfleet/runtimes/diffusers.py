@@ -15,21 +15,21 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 from sdfleet import hires, inpaint, refiner
 from sdfleet.errors import Interrupted, ModelLoadError, NotFound, Reject, RuntimeFailure, SdfleetError
 from sdfleet.models.catalog import ModelCatalog, ModelInfo
-from sdfleet.runtimes import _diffusers_ancestral as A
-from sdfleet.runtimes import _diffusers_churn as K
+from sdfleet.runtimes import _diffusers_checks as J
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
 from sdfleet.runtimes import _diffusers_inpaint as F
 from sdfleet.runtimes import _diffusers_lora as L
+from sdfleet.runtimes import _diffusers_models as M
 from sdfleet.runtimes import _diffusers_opts as O
+from sdfleet.runtimes import _diffusers_passes as Q
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _diffusers_refiner as RF
@@ -42,49 +42,13 @@ from sdfleet.runtimes._diffusers_samplers import sampler_key
 from sdfleet.runtimes._lora_loader import LoraLoader
 from sdfleet.runtimes._textual_inversion import Embedding, Embeddings, widths_of
 from sdfleet.runtimes.base import Job, ProgressFn, RuntimeResult
-from sdfleet.runtimes.unsupported import images_made, refuse, refuse_too_many_inputs
-from sdfleet.tasks import GENERATE, TaskParams, TaskType
+from sdfleet.runtimes.unsupported import images_made
+from sdfleet.tasks import TaskType
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _EXTRAS = (TaskType.EXTRA_SINGLE_IMAGE, TaskType.EXTRA_BATCH_IMAGES)
-
-
-@dataclass
-class _Loaded:
-    info: ModelInfo
-    pipe: Any
-    base_scheduler: Any
-    load_s: float
-    footprint: int
-    _img2img: Any = field(default=None, repr=False)
-    _inpaint: Any = field(default=None, repr=False)
-
-    def img2img(self) -> Any:
-        if self._img2img is None:
-            self._img2img = P.img2img_from(self.pipe)
-        return self._img2img
-
-    def inpaint(self) -> Any:
-        if self._inpaint is None:
-            self._inpaint = P.inpaint_from(self.pipe)
-        return self._inpaint
-
-
-@dataclass
-class _Companion:
-    """A model a task needs beside its own: the hires pass's (``hr_checkpoint_name``) or the
-    refiner (``refiner_checkpoint``)."""
-
-    info: ModelInfo | None = None
-    """None: the task asks for none."""
-    loaded: _Loaded | None = None
-    """Its pipeline, where it is not the task's own model."""
-    loaded_now: bool = False
-    transient: bool = False
-    """Loaded for this job alone: the cache had no room for it beside the task's models."""
-    download_s: float = 0.0
 
 
 class DiffusersRuntime:
@@ -115,7 +79,7 @@ class DiffusersRuntime:
         self.batch_wait_s = self.options.max_batch_wait_ms / 1000
         self.cache_size = max(1, cache_size)
         budget = C.budget_bytes(self.options.memory_budget_mb, self.device)
-        self._cache: C.PipelineCache[_Loaded] = C.PipelineCache(
+        self._cache: C.PipelineCache[M.Loaded] = C.PipelineCache(
             budget=budget, max_count=self.cache_size, release=self._free_memory
         )
         self._current: str | None = None
@@ -196,22 +160,17 @@ class DiffusersRuntime:
         """Jobs with equal keys may share one pipeline call (``run_batch``)."""
         try:
             sampler = sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
-            job = self._styled(job)  # a style may bring LoRAs, editing or a negative prompt
+            job = J.styled(self._styles, job)  # a style may bring LoRAs, editing or a negative prompt
         except Reject:
             return None  # it fails alone, with its own reason
         return G.batch_key(job, sampler)
-
-    def _styled(self, job: Job) -> Job:
-        """The job with its prompt styles (``styles``) merged into its prompts."""
-        params = ST.apply(job.params, self._styles.all()) if job.type in GENERATE else job.params
-        return job if params is job.params else dataclasses.replace(job, params=params)
 
     async def run(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         """Run one job; see ``Runtime.run``."""
         if job.type in _EXTRAS:
             return await self._run_extras(job, progress)
-        job = self._styled(job)
-        sampler = self._check(job)
+        job = J.styled(self._styles, job)
+        sampler = J.check(self.options, self.catalog.models_dir, job)
         (outcome,) = await self._generate_jobs([job], [progress], sampler)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -228,8 +187,8 @@ class DiffusersRuntime:
         styled = list(jobs)  # run alone below, a job is given as it came: styled once, there
         for i, job in enumerate(jobs):
             try:
-                styled[i] = self._styled(job)
-                sampler = self._check(styled[i])
+                styled[i] = J.styled(self._styles, job)
+                sampler = J.check(self.options, self.catalog.models_dir, styled[i])
             except Reject as e:
                 outcomes.append(e)
             else:
@@ -251,30 +210,6 @@ class DiffusersRuntime:
         for i, result in zip(valid, results, strict=True):
             outcomes[i] = result
         return outcomes
-
-    def _check(self, job: Job) -> str | None:
-        """The job's sampler; ``Reject`` for what this runtime can never run: what the API refuses
-        at the door of a diffusers queue (a task no API saw comes here unchecked), then what
-        depends on this runtime's options and models folder."""
-        refuse("diffusers", job.type, job.params)  # extras went to _run_extras: a pipeline task
-        O.check_size(job.params, job.type, self.options.generate_max_pixels)
-        if job.type is TaskType.IMAGE_TO_IMAGE and not job.init_images:
-            raise Reject("image-to-image needs an init image", code="invalid_params")
-        if job.type is TaskType.IMAGE_TO_IMAGE:
-            refuse_too_many_inputs(len(job.init_images), job.params.batch_size)
-        if inpaint.asked(job.type, job.params) and job.mask is None:
-            raise Reject("inpainting needs the mask image, which was not fetched", code="invalid_params")
-        refiner.read(job.params)
-        second = hires.plan(job.type, job.params)
-        if second is not None:  # its sampler and upscaler exist, before the device is waited for
-            sampler_key(*hires.sampler_of(second, job.params))
-            if second.latent_mode is None:
-                U.resolve(second.upscaler, self.catalog.models_dir)
-        if self.options.missing_lora == "fail":
-            L.resolve(job, self.catalog.models_dir)
-        else:
-            L.uses(job, lenient=True)  # bad weights are still refused; what is missing is told at run time
-        return sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
 
     async def _generate_jobs(
         self, jobs: Sequence[Job], progress: Sequence[ProgressFn], sampler: str | None
@@ -312,7 +247,7 @@ class DiffusersRuntime:
                         hr.loaded = refining.loaded = None
                         self._free_memory()
                 run_s = time.perf_counter() - t1
-            _titles(generated, [await each for each in hashing], hr.info, refining.info)
+            M.titles(generated, [await each for each in hashing], hr.info, refining.info)
             results = await asyncio.to_thread(G.encode, generated)
         except Reject as e:
             if e.code != "out_of_memory" or not self._evict_all_but(name):
@@ -383,7 +318,7 @@ class DiffusersRuntime:
         await ctl.final()
         return result
 
-    async def _switch(self, model: str | None) -> tuple[_Loaded, bool, float]:
+    async def _switch(self, model: str | None) -> tuple[M.Loaded, bool, float]:
         """The model's pipeline, loaded or activated; whether that changed the active model; and the
         seconds spent fetching it onto disk first (``models.s3``)."""
         name = model or self._current or self.default_model
@@ -411,7 +346,7 @@ class DiffusersRuntime:
         except SdfleetError as e:  # S3 unreachable, denied, disk full: another attempt may work
             raise ModelLoadError(f"cannot fetch model {name!r}: {e.message}", code=e.code) from e
 
-    async def _companions(self, job: Job, first: _Loaded) -> tuple[_Companion, _Companion]:
+    async def _companions(self, job: Job, first: M.Loaded) -> tuple[M.Companion, M.Companion]:
         """The models a job needs beside its own (``first``, which stays the current model): the
         hires pass's and the refiner; each loaded beside the others. Where the cache has no room
         for them all, one is loaded for this job alone and let go after it; they are in memory
@@ -427,37 +362,19 @@ class DiffusersRuntime:
             raise Reject(f"refiner_checkpoint {refining.loaded.info.name}: {why}", code="invalid_params")
         return hr, refining
 
-    async def _companion(self, job: Job, name: str | None, field: str, beside: list[_Loaded]) -> _Companion:
+    async def _companion(self, job: Job, name: str | None, field: str, beside: list[M.Loaded]) -> M.Companion:
         if name is None:
-            return _Companion()
+            return M.Companion()
         info, download_s = await self._fetch(name, f"{field}: ")
-        found = _Companion(info, download_s=download_s)
-        if info.name == beside[0].info.name:
-            return found  # the job's own model: nothing to load (SD WebUI names it or not, its rule)
-        found.loaded = self._cache.get(info.name)
-        if found.loaded is not None:
-            return found
-        keep = [each.info.name for each in beside]
-        estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
-        fits = self._cache.make_room_beside(keep, info.name, estimate)
-        found.loaded, found.loaded_now = await asyncio.to_thread(self._load, info), True
-        if fits:
-            self._cache.put(info.name, found.loaded, found.loaded.footprint, keep=keep)
-        else:
-            found.transient = True
-            log.warning(
-                "no room for %s beside %s in the pipeline cache (cache_size %d, memory budget %s): "
-                "loaded for task %s's %s alone",
-                info.name,
-                ", ".join(keep),
-                self.cache_size,
-                C.mib(self._cache.budget),
-                job.task_id,
-                field,
-            )
+        if info.name == beside[0].info.name:  # the job's own model: nothing to load
+            return M.Companion(info, download_s=download_s)
+        found = await M.load_beside(
+            self._cache, self._load, info, beside, self.dtype, f"task {job.task_id}'s {field}"
+        )
+        found.download_s = download_s
         return found
 
-    def _load(self, info: ModelInfo) -> _Loaded:
+    def _load(self, info: ModelInfo) -> M.Loaded:
         started = time.perf_counter()
         pipe = P.load_pipeline(info, self.device, self.dtype)
         O.apply_options(pipe, self.options, self.device)
@@ -465,7 +382,7 @@ class DiffusersRuntime:
         footprint = C.measure_footprint(pipe)
         what = f"{info.kind}, {C.mib(footprint)}"
         log.info("loaded model %s (%s) on %s in %.2fs", info.name, what, self.device, took)
-        return _Loaded(info, pipe, pipe.scheduler, took, footprint)
+        return M.Loaded(info, pipe, pipe.scheduler, took, footprint)
 
     def _free_memory(self) -> None:
         O.release_memory(self.device)
@@ -475,13 +392,13 @@ class DiffusersRuntime:
 
     def _generate(
         self,
-        loaded: _Loaded,
+        loaded: M.Loaded,
         jobs: Sequence[Job],
         sampler: str | None,
         ctl: RunControl,
         ready: Sequence[F.Inpainting | None] | None = None,
-        hr: _Loaded | None = None,
-        refining: _Loaded | None = None,
+        hr: M.Loaded | None = None,
+        refining: M.Loaded | None = None,
     ) -> G.Generated:
         names = ", ".join(job.task_id for job in jobs)
         with self._infer_lock:
@@ -489,7 +406,7 @@ class DiffusersRuntime:
                 raise Interrupted(f"task {names} interrupted before it started")
             try:
                 pipe = self._pipe_for(loaded, jobs[0])
-                pipe.scheduler = _scheduler(sampler, loaded.base_scheduler, jobs[0].params)
+                pipe.scheduler = M.scheduler(sampler, loaded.base_scheduler, jobs[0].params)
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
                 tiling = G.tiling(jobs[0].params)
@@ -498,7 +415,7 @@ class DiffusersRuntime:
                     P.set_tiling(model.pipe, tiling, vae_tiling=self.options.vae_tiling)
                 second = self._second_pass(loaded, jobs[0], hr)
                 wanted = refiner.read(jobs[0].params)
-                refine = G.Refine(refining.pipe, wanted) if refining is not None and wanted else None
+                refine = Q.Refine(refining.pipe, wanted) if refining is not None and wanted else None
                 progress = partial(step_callback, ctl)
                 generated = G.generate(
                     pipe, jobs, sampler, loaded.info, progress, second, self._embeddings, ready, refine
@@ -521,12 +438,12 @@ class DiffusersRuntime:
             raise O.out_of_memory(params, self.device, jobs[0].type is TaskType.IMAGE_TO_IMAGE) from oom
 
     @staticmethod
-    def _pipe_for(loaded: _Loaded, job: Job) -> Any:
+    def _pipe_for(loaded: M.Loaded, job: Job) -> Any:
         if inpaint.asked(job.type, job.params) or P.inpainting_unet(loaded.pipe):
             return loaded.inpaint()  # masked jobs share a call only with masked ones (batch_key)
         return loaded.img2img() if job.type is TaskType.IMAGE_TO_IMAGE else loaded.pipe
 
-    def _second_pass(self, loaded: _Loaded, job: Job, hr: _Loaded | None = None) -> H.SecondPass | None:
+    def _second_pass(self, loaded: M.Loaded, job: Job, hr: M.Loaded | None = None) -> H.SecondPass | None:
         """A hires fix's image-to-image pass over the loaded model (``hr``: another one), with its
         own sampler."""
         plan = hires.plan(job.type, job.params)
@@ -536,7 +453,7 @@ class DiffusersRuntime:
         # on an inpainting checkpoint an inpainting pipeline, another than the first pass's: each
         # pass has its own sampler
         pipe, sampler = model.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
-        pipe.scheduler = _scheduler(sampler, model.base_scheduler, job.params)
+        pipe.scheduler = M.scheduler(sampler, model.base_scheduler, job.params)
         return H.SecondPass(pipe, plan, self._extras.upscale_to, other_model=hr is not None)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
@@ -572,27 +489,6 @@ class DiffusersRuntime:
                         code="out_of_memory",
                     ) from None
                 raise RuntimeFailure(f"upscaler failed: {e}") from e
-
-
-def _scheduler(sampler: str | None, base: Any, params: TaskParams) -> Any:
-    """A fresh scheduler for ``sampler`` (the model's own kind without one), at the task's ``eta``
-    (Euler a) or churn (Euler)."""
-    made = A.with_eta(P.scheduler_for(sampler, base), G.eta(params))
-    return K.with_churn(made, K.read(params))
-
-
-def _titles(
-    generated: G.Generated, hashes: list[str | None], hr: ModelInfo | None, refining: ModelInfo | None
-) -> None:
-    """The model's hash, and the hires pass's model's and the refiner's short titles, into
-    ``generated`` (``hashes`` in that order, of those there are)."""
-    read = iter(hashes)
-    generated.model_hash = next(read)
-    if hr is not None:
-        generated.hires_checkpoint = R.short_title(hr, next(read))
-    if refining is not None:
-        title = R.short_title(refining, next(read))
-        generated.refiner = title if generated.refined else None
 
 
 async def _outcome(run: Awaitable[RuntimeResult]) -> RuntimeResult | BaseException:

@@ -1,0 +1,119 @@
+"""The diffusers runtime's models (imports torch): a loaded pipeline and the pipelines made of it
+(``Loaded``); the models a job needs beside its own, the hires pass's and the refiner
+(``Companion``, ``load_beside``); and what a job's schedulers and infotext titles are made of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_ancestral as A
+from sdfleet.runtimes import _diffusers_churn as K
+from sdfleet.runtimes import _diffusers_generate as G
+from sdfleet.runtimes import _diffusers_info as R
+from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes import _pipeline_cache as C
+from sdfleet.tasks import TaskParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """A model's pipeline, its own scheduler, and the image-to-image and inpainting pipelines
+    made of it when first asked for (sharing its components)."""
+
+    info: ModelInfo
+    pipe: Any
+    base_scheduler: Any
+    load_s: float
+    footprint: int
+    _img2img: Any = field(default=None, repr=False)
+    _inpaint: Any = field(default=None, repr=False)
+
+    def img2img(self) -> Any:
+        if self._img2img is None:
+            self._img2img = P.img2img_from(self.pipe)
+        return self._img2img
+
+    def inpaint(self) -> Any:
+        if self._inpaint is None:
+            self._inpaint = P.inpaint_from(self.pipe)
+        return self._inpaint
+
+
+@dataclass
+class Companion:
+    """A model a task needs beside its own: the hires pass's (``hr_checkpoint_name``) or the
+    refiner (``refiner_checkpoint``)."""
+
+    info: ModelInfo | None = None
+    """None: the task asks for none."""
+    loaded: Loaded | None = None
+    """Its pipeline, where it is not the task's own model."""
+    loaded_now: bool = False
+    transient: bool = False
+    """Loaded for this job alone: the cache had no room for it beside the task's models."""
+    download_s: float = 0.0
+
+
+async def load_beside(
+    cache: C.PipelineCache[Loaded],
+    load: Callable[[ModelInfo], Loaded],
+    info: ModelInfo,
+    beside: list[Loaded],
+    dtype: torch.dtype,
+    whose: str,
+) -> Companion:
+    """``info``'s pipeline from ``cache``, else loaded (by ``load``, in a thread) beside the
+    models of ``beside``, which stay; where the cache has no room for them all, held for this job
+    alone (``whose``: the task and the field that named it, for the warning), not cached."""
+    found = Companion(info, cache.get(info.name))
+    if found.loaded is not None:
+        return found
+    keep = [each.info.name for each in beside]
+    estimate = await asyncio.to_thread(C.estimate_footprint, info, dtype)
+    fits = cache.make_room_beside(keep, info.name, estimate)
+    found.loaded, found.loaded_now = await asyncio.to_thread(load, info), True
+    if fits:
+        cache.put(info.name, found.loaded, found.loaded.footprint, keep=keep)
+        return found
+    found.transient = True
+    log.warning(
+        "no room for %s beside %s in the pipeline cache (cache_size %d, memory budget %s): "
+        "loaded for %s alone",
+        info.name,
+        ", ".join(keep),
+        cache.max_count,
+        C.mib(cache.budget),
+        whose,
+    )
+    return found
+
+
+def scheduler(sampler: str | None, base: Any, params: TaskParams) -> Any:
+    """A fresh scheduler for ``sampler`` (the model's own kind without one), at the task's ``eta``
+    (Euler a) or churn (Euler)."""
+    made = A.with_eta(P.scheduler_for(sampler, base), G.eta(params))
+    return K.with_churn(made, K.read(params))
+
+
+def titles(
+    generated: G.Generated, hashes: list[str | None], hr: ModelInfo | None, refining: ModelInfo | None
+) -> None:
+    """The model's hash, and the hires pass's model's and the refiner's short titles, into
+    ``generated`` (``hashes`` in that order, of those there are)."""
+    read = iter(hashes)
+    generated.model_hash = next(read)
+    if hr is not None:
+        generated.hires_checkpoint = R.short_title(hr, next(read))
+    if refining is not None:
+        title = R.short_title(refining, next(read))
+        generated.refiner = title if generated.refined else None
