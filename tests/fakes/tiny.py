@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtimes._styles import FILE
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 
+STYLES = Path(__file__).resolve().parents[1] / "data" / "styles.csv"
+"""SD WebUI's styles file of the styles tests (SD WebUI's interop server reads it too)."""
 
-def tiny_diffusers(root: Path) -> DiffusersRuntime:
-    """The runtime, its models folder ``root`` holding ``tiny-a`` (made here, seed 0)."""
+
+def tiny_diffusers(root: Path, *, styles: bool = False) -> DiffusersRuntime:
+    """The runtime, its models folder ``root`` holding ``tiny-a`` (made here, seed 0) and, with
+    ``styles``, ``STYLES`` as its ``styles.csv``."""
     make_tiny(root, "tiny-a", seed=0)
+    if styles:
+        shutil.copy(STYLES, root / FILE)
     return DiffusersRuntime(ModelCatalog(root), default_model="tiny-a", device="cpu")
 
 

@@ -7,14 +7,13 @@ the infotext in its place (the styled prompts first), only the model's name and 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from test_infotext_interop import framed
 
+from fakes.tiny import STYLES as CSV
 from fakes.tiny import no_progress, tiny_diffusers
 from real_servers import A1111_URL, needs_a1111
 from sdfleet.compat._common import params_from_a1111
@@ -25,7 +24,6 @@ from sdfleet.tasks import TaskType
 
 pytestmark = [needs_a1111, pytest.mark.timeout(900)]
 
-CSV = Path(__file__).resolve().parents[1] / "data" / "styles.csv"
 BODY = {"prompt": "a cat", "negative_prompt": "dark", "steps": 2, "width": 64, "height": 64, "seed": 5}
 HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5}
 CASES: list[dict[str, Any]] = [
@@ -40,10 +38,7 @@ CASES: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def diffusers(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
-    root = tmp_path_factory.mktemp("models")
-    made = tiny_diffusers(root)
-    shutil.copy(CSV, root / ST.FILE)
-    return made
+    return tiny_diffusers(tmp_path_factory.mktemp("models"), styles=True)
 
 
 def test_sd_webui_has_the_files_styles() -> None:

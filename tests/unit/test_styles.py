@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from fakes.servers import ServerThread, a1111_server, free_port
+from fakes.tiny import STYLES as CSV
 from fakes.tiny import no_progress, tiny_diffusers
 from sdfleet.errors import Reject
 from sdfleet.runtimes import _styles as ST
@@ -21,8 +22,6 @@ from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.runtimes.unsupported import refuse
 from sdfleet.tasks import TaskParams, TaskType
-
-CSV = Path(__file__).resolve().parents[1] / "data" / "styles.csv"
 
 
 def test_the_file_reads_as_sd_webui_reads_it(tmp_path: Path) -> None:
@@ -89,10 +88,7 @@ def test_unknown_names_and_bad_values_are_refused_with_a_reason() -> None:
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
-    root = tmp_path_factory.mktemp("models")
-    made = tiny_diffusers(root)
-    shutil.copy(CSV, root / ST.FILE)
-    return made
+    return tiny_diffusers(tmp_path_factory.mktemp("models"), styles=True)
 
 
 def job(p: TaskParams) -> Job:
