@@ -28,7 +28,7 @@ from sdfleet.runtime_server.samplers import resolve
 from sdfleet.runtime_server.schemas import GenerationBody, Img2ImgRequest, Txt2ImgRequest
 from sdfleet.runtime_server.state import ServerState
 from sdfleet.runtimes import _prompt_schedule as PS
-from sdfleet.runtimes._diffusers_samplers import eta_said, sampler_key
+from sdfleet.runtimes._diffusers_samplers import etas_said
 from sdfleet.runtimes._prompt_syntax import emphasis_said
 from sdfleet.runtimes._styles import apply as apply_styles
 from sdfleet.runtimes.unsupported import IMAGES_MAX, img2img_batch, off_defaults, variation_unsupported
@@ -250,10 +250,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         gen.extra.update(second.generation_params)
     if emphasis_said(emphasis, _encoded(params)):  # the run says it again, with TI hashes
         gen.extra["Emphasis"] = emphasis
-    gen.extra |= eta_said(sampler.runtime_key, req.eta)  # said by the sampler, last
-    if second is not None:  # and by the second pass's, where it takes one
-        second_key = sampler_key(*hires.sampler_of(second, params)) or sampler.runtime_key
-        gen.extra |= eta_said(second_key, req.eta)
+    gen.extra |= etas_said(sampler.runtime_key, req.eta, second, params)  # said by the samplers, last
     return gen, params, model
 
 

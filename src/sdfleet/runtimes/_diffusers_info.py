@@ -17,7 +17,7 @@ from sdfleet import hires, refiner, variation
 from sdfleet import infotext as words
 from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelInfo
-from sdfleet.runtimes._diffusers_samplers import SAMPLERS, eta_said, hires_said, sampler_key
+from sdfleet.runtimes._diffusers_samplers import SAMPLERS, etas_said, hires_said, sampler_key
 from sdfleet.runtimes._diffusers_samplers import said as sampler_said
 from sdfleet.runtimes.unsupported import batches
 from sdfleet.tasks import TaskParams, TaskType
@@ -118,9 +118,7 @@ def generation_params(
     extra |= conditioning or {}
     eta = params.extra.get("eta")
     eta = eta if isinstance(eta, int | float) else None
-    extra |= eta_said(call.sampler, eta)
-    if second is not None:  # said by the second pass's sampler, where it takes one
-        extra |= eta_said(sampler_key(*hires.sampler_of(second, params)) or call.sampler, eta)
+    extra |= etas_said(call.sampler, eta, second, params)
     if call.refiner is not None:  # said when it took over: after what was said before the run
         extra |= dict(zip(refiner.WORDS, call.refiner, strict=True))
     return extra

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdfleet import hires
 from sdfleet.errors import Reject
+from sdfleet.tasks import TaskParams
 
 # A1111 sampler name → diffusers scheduler class and the config it needs.
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -89,6 +91,17 @@ def eta_said(key: str, eta: float | None) -> dict[str, float]:
     if key == "DDIM" and eta is not None and eta != 0:
         return {"Eta DDIM": float(eta)}
     return {"Eta": float(eta)} if key == "Euler a" and eta is not None and eta != 1 else {}
+
+
+def etas_said(
+    key: str, eta: float | None, second: hires.Hires | None, params: TaskParams
+) -> dict[str, float]:
+    """``eta_said`` of a task's sampler (``key``), then of its hires pass's (``second``) where it
+    has one: SD WebUI says each when that pass's sampler starts."""
+    said = eta_said(key, eta)
+    if second is not None:
+        said |= eta_said(sampler_key(*hires.sampler_of(second, params)) or key, eta)
+    return said
 
 
 def hires_said(first: str, first_scheduler: object, second: str, second_scheduler: object) -> str | None:
