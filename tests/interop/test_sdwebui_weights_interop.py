@@ -153,6 +153,44 @@ async def test_the_refiner_is_sd_webuis(checkpoints: tuple[str, Path]) -> None:
     await side_by_side(*checkpoints, REFINER_CASES)
 
 
+def chosen(**options: Any) -> dict[str, Any]:
+    return {"override_settings": options}
+
+
+HIRES = {"enable_hr": True, "hr_upscaler": "Lanczos"}
+BY_STEPS = chosen(refiner_switch_by_sample_steps=True)
+REFINER_OPTION_CASES: list[list[dict[str, Any]]] = [
+    # each pass the option names refined from 0.3 on, the images nearest SD WebUI's: the first
+    # pass's next to both (the second pass refined or not), the second's next to none (the
+    # second pass at 0.5 is all the refiner's from 0.3: both passes' images are near the
+    # second's, here and in SD WebUI)
+    [
+        REFINED | HIRES | {"refiner_switch_at": 0.3} | chosen(hires_fix_refiner_pass=passes)
+        for passes in ("first pass", "both passes")
+    ],
+    [REFINED | HIRES | {"refiner_switch_at": 0.3} | chosen(hires_fix_refiner_pass="second pass"), HIRES],
+    # by steps, 0.9 is never reached (by timestep it is, at the last pass), 0.75 at 6 / 8
+    [REFINED | {"refiner_switch_at": 0.9} | BY_STEPS],
+    [REFINED | {"refiner_switch_at": 0.75} | BY_STEPS],
+    [BY_STEPS],  # said without a refiner too
+    [  # the words said while sampling, in their order: each pass's eta, by steps, the refiner's
+        REFINED
+        | HIRES
+        | {"refiner_switch_at": 0.5, "sampler_name": "DDIM", "hr_sampler_name": "Euler a", "eta": 0.5}
+        | chosen(hires_fix_refiner_pass="first pass", refiner_switch_by_sample_steps=True)
+    ],
+]
+OPTION_DEFAULTS = {"hires_fix_refiner_pass": "second pass", "refiner_switch_by_sample_steps": False}
+"""What a request's override of these leaves set in SD WebUI 1.10.1 (its override leak), put back."""
+
+
+async def test_the_refiners_options_are_sd_webuis(checkpoints: tuple[str, Path]) -> None:
+    """SD WebUI's ``hires_fix_refiner_pass`` and ``refiner_switch_by_sample_steps`` as a request
+    overrides them: their words where SD WebUI says them, and the images of each pass refined
+    nearest SD WebUI's."""
+    await side_by_side(*checkpoints, REFINER_OPTION_CASES)
+
+
 K_DIFFUSION_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
     [{"sampler_name": "Euler a", "eta": eta} for eta in (0.5, 1.0, 0.0)],
     # churn without noise (s_noise 0) is too near plain Euler to tell apart from the two
@@ -180,7 +218,11 @@ async def side_by_side(title: str, folder: Path, groups: list[list[dict[str, Any
             theirs, ours = [], []
             for case in group:
                 body = BODY | pinned | case
+                body["override_settings"] = pinned["override_settings"] | case.get("override_settings", {})
                 answer = await client.post("/sdapi/v1/txt2img", json=body)
+                if "override_settings" in case:  # SD WebUI leaves them set
+                    put_back = {k: OPTION_DEFAULTS[k] for k in case["override_settings"]}
+                    (await client.post("/sdapi/v1/options", json=put_back)).raise_for_status()
                 assert answer.status_code == 200, answer.text
                 their_text = json.loads(answer.json()["info"])["infotexts"][0]
                 params = params_from_a1111(TaskType.TEXT_TO_IMAGE, body)

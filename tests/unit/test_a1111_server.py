@@ -140,6 +140,25 @@ def test_another_checkpoint_for_the_hires_pass_or_the_refiner_is_named_as_sd_web
             f"{srv.url}/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": "nope"}, timeout=60
         )
         assert missing.json()["errors"] == "Could not find checkpoint with name nope", missing.text
+        # SD WebUI's two refiner options, set as options or overridden by a request (they were
+        # not read): the words where SD WebUI says them (test_sdwebui_weights_interop.py)
+        hr = {"enable_hr": True, "hr_upscaler": "Lanczos", "denoising_strength": 0.5}
+        options = {"hires_fix_refiner_pass": "first pass"}
+        httpx.post(f"{srv.url}/sdapi/v1/options", json=options, timeout=60).raise_for_status()
+        by_steps = {"override_settings": {"refiner_switch_by_sample_steps": True}}
+        first = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body | wanted | hr | by_steps, timeout=300)
+        assert (
+            "Hires upscaler: Lanczos, Refiner switch by sampling steps: True, Hires refiner: first pass, "
+            f"Refiner: {short}, Refiner switch at: 0.5, Version: "
+        ) in json.loads(first.json()["info"])["infotexts"][0]
+        both = {"override_settings": {"hires_fix_refiner_pass": "both passes"}}
+        either = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body | wanted | hr | both, timeout=300)
+        said = json.loads(either.json()["info"])["extra_generation_params"]
+        assert list(said)[-3:] == ["Hires refiner", "Refiner", "Refiner switch at"], said
+        assert said["Hires refiner"] == "both passes" and either.json()["images"] != first.json()["images"]
+        third = {"override_settings": {"hires_fix_refiner_pass": "third pass"}}
+        bad = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body | wanted | hr | third, timeout=60)
+        assert bad.status_code == 422 and "hires_fix_refiner_pass must be one of" in bad.text, bad.text
     finally:
         srv.stop()
 

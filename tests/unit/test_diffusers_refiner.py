@@ -232,3 +232,131 @@ async def test_prompt_editing_and_inpainting_are_refined(runtime: DiffusersRunti
     inpainted = await runtime.run(job(**masked, refiner_checkpoint="tiny-b", refiner_switch_at=0), quiet)
     assert differ(inpainted, await runtime.run(job("tiny-b", **masked), quiet)) == 0
     assert differ(inpainted, await runtime.run(job(**masked), quiet)) > 8
+
+
+def test_the_switch_by_sampling_steps_counts_passes_as_sd_webui_does() -> None:
+    """SD WebUI's ``refiner_switch_by_sample_steps``: the passes made over its ``total_steps``
+    (twice the steps for a second-order sampler, which makes one pass less): the first pass
+    where that reaches the switch."""
+    euler = EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
+    assert [switch_step(euler, 4, None, at, by_steps=True) for at in (None, 0, 0.5, 0.75, 0.76)] == [
+        0,
+        0,
+        2,
+        3,
+        None,  # 4 / 4 is never reached: SD WebUI's last pass is 3 / 4
+    ]
+    assert switch_step(euler, 10, 0.5, 0.5, by_steps=True) == 3  # 5 passes: 3 / 5 the first ≥ 0.5
+    heun = HeunDiscreteScheduler(**SD, timestep_spacing="linspace")  # 19 passes, counted of 20
+    assert [switch_step(heun, 10, None, at, by_steps=True) for at in (0.5, 0.9, 0.96)] == [10, 18, None]
+
+
+def overrides(**chosen: Any) -> dict[str, Any]:
+    return {"override_settings": chosen}
+
+
+async def test_the_switch_by_sampling_steps_is_said_with_or_without_a_refiner(
+    runtime: DiffusersRuntime,
+) -> None:
+    """SD WebUI says ``Refiner switch by sampling steps: True`` on every image made with the
+    option, a refiner or not (it is said as the first pass through the UNet asks whether to
+    switch); the images are the option's: 0.75 reaches the last of 8 passes by steps (6 / 8),
+    and 0.99 none, where the ratio by timestep reaches it at the last."""
+    by_steps = overrides(refiner_switch_by_sample_steps=True)
+    plain = await runtime.run(job(), quiet)
+    said = await runtime.run(job(**by_steps), quiet)
+    assert differ(said, plain) == 0
+    assert ", Refiner switch by sampling steps: True, Version: " in said.info["infotexts"][0]
+    never = await runtime.run(job(**by_steps, refiner_checkpoint="tiny-b", refiner_switch_at=0.99), quiet)
+    assert differ(never, plain) == 0 and "Refiner:" not in never.info["infotexts"][0]
+    at_last = await runtime.run(job(refiner_checkpoint="tiny-b", refiner_switch_at=0.99), quiet)
+    assert differ(at_last, plain) > 0 and "Refiner switch at: 0.99" in at_last.info["infotexts"][0]
+    six = await runtime.run(job(**by_steps, refiner_checkpoint="tiny-b", refiner_switch_at=0.75), quiet)
+    also_six = await runtime.run(job(**by_steps, refiner_checkpoint="tiny-b", refiner_switch_at=0.7), quiet)
+    seven = await runtime.run(job(**by_steps, refiner_checkpoint="tiny-b", refiner_switch_at=0.76), quiet)
+    assert differ(six, also_six) == 0 and differ(six, seven) > 0 and differ(seven, plain) > 0
+    assert (
+        "Refiner switch by sampling steps: True, "
+        f"Refiner: {title(runtime, 'tiny-b')}, Refiner switch at: 0.75" in six.info["infotexts"][0]
+    )
+
+
+async def test_a_hires_fix_refines_the_passes_its_option_names(runtime: DiffusersRuntime) -> None:
+    """SD WebUI's ``hires_fix_refiner_pass``: "first pass" refines the first pass only (its
+    images decoded by the refiner's VAE, the second pass on the model again), "both passes"
+    each; from the start, the first is the refiner's first pass under the model's second (a
+    hires fix of the refiner's model on the task's model), both the refiner's hires fix. Its
+    word is said where it is not the default, before the refiner's."""
+    hires = {"enable_hr": True, "hr_second_pass_steps": 3, "denoising_strength": 0.5}
+    from_start = {"refiner_checkpoint": "tiny-b", "refiner_switch_at": 0}
+    for upscaler in ("Latent", "Lanczos"):
+        asked = hires | {"hr_upscaler": upscaler}
+        first = await runtime.run(
+            job(**asked, **from_start, **overrides(hires_fix_refiner_pass="first pass")), quiet
+        )
+        b_then_a = await runtime.run(job("tiny-b", **asked, hr_checkpoint_name="tiny-a"), quiet)
+        assert differ(first, b_then_a) == 0, upscaler
+        both = await runtime.run(
+            job(**asked, **from_start, **overrides(hires_fix_refiner_pass="both passes")), quiet
+        )
+        assert differ(both, await runtime.run(job("tiny-b", **asked), quiet)) == 0, upscaler
+        second = await runtime.run(
+            job(**asked, **from_start, **overrides(hires_fix_refiner_pass="second pass")), quiet
+        )
+        assert differ(second, await runtime.run(job(**asked, **from_start), quiet)) == 0
+        assert differ(second, both) > 0 and differ(second, first) > 0
+    text = first.info["infotexts"][0]
+    refiner_title = title(runtime, "tiny-b")
+    assert f"Hires upscaler: Lanczos, Hires refiner: first pass, Refiner: {refiner_title}, " in text
+    assert "Hires refiner: both passes, Refiner: " in both.info["infotexts"][0]
+    assert "Hires refiner" not in second.info["infotexts"][0]
+    assert first.info["refiner_passes"] == [True, False] and both.info["refiner_passes"] == [True, True]
+    assert runtime.loaded_model == "tiny-a"
+
+
+async def test_words_said_while_sampling_keep_sd_webuis_order(runtime: DiffusersRuntime) -> None:
+    """A first pass's eta is said as it starts, the switch by steps at its first pass through the
+    UNet, the refiner's words as it takes over, the hires pass's eta as that starts: SD WebUI
+    1.10.1's infotext of the same request (checked there, ``test_sdwebui_weights_interop.py``)."""
+    made = await runtime.run(
+        job(
+            sampler="DDIM",
+            eta=0.5,
+            enable_hr=True,
+            hr_sampler_name="Euler a",
+            hr_second_pass_steps=2,
+            denoising_strength=0.5,
+            hr_upscaler="Lanczos",
+            refiner_checkpoint="tiny-b",
+            refiner_switch_at=0.5,
+            **overrides(hires_fix_refiner_pass="first pass", refiner_switch_by_sample_steps=True),
+        ),
+        quiet,
+    )
+    assert (
+        "Hires upscaler: Lanczos, Eta DDIM: 0.5, Refiner switch by sampling steps: True, "
+        f"Hires refiner: first pass, Refiner: {title(runtime, 'tiny-b')}, Refiner switch at: 0.5, Eta: 0.5, "
+        "Version: "
+    ) in made.info["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    ("chosen", "words"),
+    [
+        (
+            {"hires_fix_refiner_pass": "third pass"},
+            "must be one of 'second pass', 'first pass', 'both passes'",
+        ),
+        ({"hires_fix_refiner_pass": None}, "not None"),
+        ({"refiner_switch_by_sample_steps": "yes"}, "must be true or false, not 'yes'"),
+    ],
+)
+async def test_refiner_options_sd_webui_lacks_are_refused(
+    runtime: DiffusersRuntime, chosen: dict[str, Any], words: str
+) -> None:
+    """SD WebUI would take any text as "both passes"; here such a value is refused, with or
+    without a refiner, before the device."""
+    for extra in ({}, {"refiner_checkpoint": "tiny-b"}):
+        with pytest.raises(Reject) as raised:
+            await runtime.run(job(**extra, **overrides(**chosen)), quiet)
+        assert raised.value.code == "invalid_params" and words in raised.value.reason, raised.value.reason

@@ -90,6 +90,23 @@ def test_what_asks_for_the_defaults_is_not_refused() -> None:
     assert unsupported(task_of(body).params) == []
 
 
+def test_the_refiners_options_pass_at_sd_webuis_values_and_are_refused_at_others() -> None:
+    """``hires_fix_refiner_pass`` and ``refiner_switch_by_sample_steps`` were refused as any
+    override; the diffusers runtime reads them now (``test_diffusers_refiner.py``). A value SD
+    WebUI does not offer is ``invalid_params`` at the door, a refiner or not."""
+    t2i = task_of(V1ALPHA1_T2I)
+    for chosen in ({"hires_fix_refiner_pass": "both passes"}, {"refiner_switch_by_sample_steps": True}):
+        params = t2i.params.model_copy(update={"extra": {"override_settings": chosen}})
+        assert unsupported(params) == []
+        refuse("diffusers", t2i.type, params)
+    for chosen in ({"hires_fix_refiner_pass": "all"}, {"refiner_switch_by_sample_steps": 1}):
+        params = t2i.params.model_copy(update={"extra": {"override_settings": chosen}})
+        with pytest.raises(Reject) as e:
+            refuse("diffusers", t2i.type, params)
+        assert e.value.code == "invalid_params" and next(iter(chosen)) in e.value.reason
+        refuse("a1111", t2i.type, params)  # SD WebUI's own to take
+
+
 def test_each_runtime_runs_the_task_types_it_says() -> None:
     """``RUNS`` is what the API refuses at the door by; the runtimes check against the same table."""
     from sdfleet.runtimes._a1111_payload import ENDPOINTS

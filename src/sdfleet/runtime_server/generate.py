@@ -127,6 +127,18 @@ def _emphasis(state: ServerState, req: GenerationBody) -> str:
     return str(wanted if wanted is not None else state.options["emphasis"])
 
 
+def _refiner_options(state: ServerState, req: GenerationBody) -> dict[str, Any]:
+    """SD WebUI's refiner options (``refiner.Options``) of a request where not their defaults:
+    its ``override_settings``, else the options set."""
+    overrides = req.override_settings or {}
+    found: dict[str, Any] = {}
+    for name, default in ((refiner.PASS_OPTION, refiner.PASSES[0]), (refiner.BY_STEPS_OPTION, False)):
+        value = overrides[name] if name in overrides else state.options[name]
+        if value != default:
+            found[name] = value
+    return found
+
+
 def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None, int]:
     overrides = req.override_settings or {}
     model = state.selected
@@ -145,9 +157,11 @@ def _params(
     batch: int,
     tiling: bool,
     emphasis: str,
+    refining: dict[str, Any],
 ) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
-    one call, with consecutive seeds), from ``seeds``: the seed and the variation seed."""
+    one call, with consecutive seeds), from ``seeds``: the seed and the variation seed;
+    ``refining``: the refiner's options as overrides (``_refiner_options``)."""
     fields: dict[str, Any] = {
         "prompt": req.prompt or "",
         "negative_prompt": req.negative_prompt or "",
@@ -164,7 +178,7 @@ def _params(
         | {name: getattr(req, name) for name in _VARIATION}
         | {name: getattr(req, name) for name in _REFINER}
         | {name: getattr(req, name) for name in _CHURN}
-        | {"override_settings": {"emphasis": emphasis}},
+        | {"override_settings": {"emphasis": emphasis} | refining},
     }
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
@@ -217,7 +231,8 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
     emphasis = _emphasis(state, req)
-    params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis)
+    refining = _refiner_options(state, req)
+    params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis, refining)
     params, styled = _styled(state, params)
     kind = _kind(req)
     try:
@@ -250,7 +265,9 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         gen.extra.update(second.generation_params)
     if emphasis_said(emphasis, _encoded(params)):  # the run says it again, with TI hashes
         gen.extra["Emphasis"] = emphasis
-    gen.extra |= etas_said(sampler.runtime_key, req.eta, second, params)  # said by the samplers, last
+    gen.etas = etas_said(sampler.runtime_key, req.eta, second, params)
+    gen.extra |= gen.etas[0] | gen.etas[1]  # said by the samplers, last (the run says them again)
+    gen.refining = refiner.options(params.extra)  # read by _checkpoints
     return gen, params, model
 
 
@@ -272,14 +289,17 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     hires fix's words (its ``Hires checkpoint`` and ``Hires schedule type`` in the places kept
     for them); then its prompts'
     encoding's ``TI hashes`` (unless ``textual_inversion_add_hashes_to_infotext`` is off) and
-    ``Emphasis`` in the order the run says them, before ``Eta DDIM``; the refiner's words where it
-    took over, last; an inpainting checkpoint's ``Conditional mask weight``."""
+    ``Emphasis`` in the order the run says them; then what is said while sampling: the samplers'
+    etas and the refiner's words, in their order (``refiner.said_while_sampling``); an
+    inpainting checkpoint's ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
     if hires.SCHEDULE_WORD in gen.extra:  # its place, kept since the plan
         gen.extra[hires.SCHEDULE_WORD] = info.get("hires_schedule_type")
     if hires.CHECKPOINT_WORD in gen.extra:  # the same
         gen.extra[hires.CHECKPOINT_WORD] = info.get("hires_checkpoint")
-    later: dict[str, Any] = {k: gen.extra.pop(k) for k in ("Emphasis", "Eta DDIM", "Eta") if k in gen.extra}
+    for word in {**gen.etas[0], **gen.etas[1]}:  # said again below, in the run's order
+        gen.extra.pop(word, None)
+    later: dict[str, Any] = {"Emphasis": gen.extra.pop("Emphasis")} if "Emphasis" in gen.extra else {}
     gen.extra |= info.get("inpainting") or {}
     if options["lora_add_hashes_to_infotext"] and info.get("lora_hashes"):
         gen.extra["Lora hashes"] = info["lora_hashes"]
@@ -289,8 +309,11 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
         skip = set() if options["textual_inversion_add_hashes_to_infotext"] else {"TI hashes"}
         gen.extra |= {k: v for k, v in conditioning.items() if k not in skip}
     gen.extra |= later
-    if info.get("refiner"):  # said when it took over, after all of these
-        gen.extra |= dict(zip(refiner.WORDS, info["refiner"], strict=True))
+    took = info.get("refiner")
+    passes = info.get("refiner_passes") or (False, False)
+    refined = (took[0], took[1]) if took else None
+    hr = isinstance(gen.request, Txt2ImgRequest) and bool(gen.request.enable_hr)
+    gen.extra |= refiner.said_while_sampling(gen.refining, gen.etas, refined, (passes[0], passes[1]), hr)
 
 
 def _second_sampler(req: GenerationBody, params: TaskParams) -> TaskParams:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdfleet import hires
+from sdfleet import hires, refiner
 from sdfleet import infotext as words
 from sdfleet.infotext import VERSION
 from sdfleet.runtime_server.options import Options
@@ -42,6 +42,11 @@ class Generation:
     styled: tuple[str, str] | None = None
     """The prompt and negative prompt with the request's ``styles`` merged in (None: none asked):
     what the images were made from, and what SD WebUI's info and infotexts say."""
+    etas: tuple[dict[str, float], dict[str, float]] = ({}, {})
+    """The first pass's and the hires pass's samplers' eta words (``etas_said``), which the run
+    says again in its order with the refiner's (``refiner.said_while_sampling``)."""
+    refining: refiner.Options = field(default_factory=refiner.Options)
+    """The refiner's options the request ran with."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:

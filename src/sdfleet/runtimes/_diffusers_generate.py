@@ -257,8 +257,9 @@ class Generated:
     """Made by an inpainting UNet (SD WebUI's ``Conditional mask weight``)."""
     hires_checkpoint: str | None = None
     """The hires pass's model's ``short_title``, where ``hr_checkpoint_name`` names one."""
-    refined: bool = False
-    """A refiner took over a call (``_diffusers_passes.Refine``)."""
+    refined: tuple[bool, bool] = (False, False)
+    """A refiner took over a call (``_diffusers_passes.Refine``): the first pass's, a hires fix's
+    second pass's."""
     refiner: str | None = None
     """The refiner's ``short_title``, where it took over."""
     switch_at: float | None = None
@@ -288,7 +289,7 @@ def generate(
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
-    refined = False
+    refined = [False, False]
     readings = [_reading(job, embeddings) for job in jobs]  # each job's embedding finders made once
     made = inpaintings(jobs) if ready is None else list(ready)
     with torch.inference_mode():
@@ -325,21 +326,30 @@ def generate(
                     images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
                     if swap is not None:
-                        refined = True
+                        refined[0] = True
                         swap.give_back(pipe)
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
             K.ready(pipe.scheduler, handed, steps)
-            first = pipe(num_inference_steps=steps, **handed).images
+            job, images_of = call_parts[0].job, len(call_parts[0].seeds)
+            swap = None
+            if refine is not None and refine.plan.options.refines(second=False):  # alone (batch_key)
+                raw = callback(passes * n, total)
+                swap = Q.take_over(pipe, steps, handed, refine, job, images_of, Q.prompts(job), mine[0], raw)
+            try:  # its images decoded by the refiner's VAE where it took over, as in SD WebUI
+                first = pipe(num_inference_steps=steps, **handed).images
+            finally:
+                if swap is not None:
+                    refined[0] = True
+                    swap.give_back(pipe)
             seeds = [s for part in call_parts for s in part.seeds]
             progress = callback(passes * n + 1, total)
             # another model reads the prompts anew with its own text encoders (alone: batch_key)
             reader, fresh = (second.pipe, True) if second.other_model else (pipe, False)
-            job, images_of = call_parts[0].job, len(call_parts[0].seeds)
             own = Q.second_pass(reader, job, images_of, second.plan, mine[0], progress, fresh=fresh)
             again = kwargs if own is None else Q.without_prompts(kwargs) | own[0]
             take_over = None
-            if refine is not None:  # the refiner's pass (alone: batch_key)
+            if refine is not None and refine.plan.options.refines(second=True):  # alone (batch_key)
                 edits = Q.second_prompts(job, second.plan)
                 take_over = partial(
                     Q.take_over,
@@ -352,11 +362,11 @@ def generate(
                 )
             made, swapped = H.run(second, first, again, seeds, progress if own is None else own[1], take_over)
             images += made
-            refined = refined or swapped
+            refined[1] = refined[1] or swapped
     ordered = [parts[i] for i in range(len(jobs))]
     sampler_name = sampler or R.sampler_name_of(pipe.scheduler)
     made_by = Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
-    made_by.refined = refined
+    made_by.refined = (refined[0], refined[1])
     made_by.switch_at = refine.plan.switch_at if refine is not None else None
     return made_by
 
@@ -399,7 +409,15 @@ def encode(g: Generated) -> list[RuntimeResult]:
     loras = L.hashes_said(g.loras)
     refined = (g.refiner, g.switch_at) if g.refiner else None
     call = R.Call(
-        g.sampler, g.model, g.steps, g.model_hash, loras, g.conditional, g.hires_checkpoint, refined
+        g.sampler,
+        g.model,
+        g.steps,
+        g.model_hash,
+        loras,
+        g.conditional,
+        g.hires_checkpoint,
+        refined,
+        g.refined,
     )
     return [_result(part, g, call) for part in g.parts]
 

@@ -48,6 +48,8 @@ class Call:
     refiner: tuple[str, float | None] | None = None
     """``Refiner`` and ``Refiner switch at``: the refiner's short title and its switch, where it
     took over."""
+    refined: tuple[bool, bool] = (False, False)
+    """The passes the refiner took over: the first, a hires fix's second."""
 
 
 def short_title(info: ModelInfo, model_hash: str | None) -> str:
@@ -118,10 +120,9 @@ def generation_params(
     extra |= conditioning or {}
     eta = params.extra.get("eta")
     eta = eta if isinstance(eta, int | float) else None
-    extra |= etas_said(call.sampler, eta, second, params)
-    if call.refiner is not None:  # said when it took over: after what was said before the run
-        extra |= dict(zip(refiner.WORDS, call.refiner, strict=True))
-    return extra
+    etas = etas_said(call.sampler, eta, second, params)
+    chosen = refiner.options(params.extra)  # checked before the run
+    return extra | refiner.said_while_sampling(chosen, etas, call.refiner, call.refined, second is not None)
 
 
 def hires_schedule(params: TaskParams, call: Call, second: hires.Hires) -> str | None:
@@ -190,6 +191,7 @@ def build_info(
         info["hires_checkpoint"] = call.hires_checkpoint
     if call.refiner is not None:
         info["refiner"] = list(call.refiner)
+        info["refiner_passes"] = list(call.refined)
     info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:

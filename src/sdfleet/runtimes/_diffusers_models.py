@@ -116,4 +116,4 @@ def titles(
         generated.hires_checkpoint = R.short_title(hr, next(read))
     if refining is not None:
         title = R.short_title(refining, next(read))
-        generated.refiner = title if generated.refined else None
+        generated.refiner = title if any(generated.refined) else None

@@ -78,7 +78,8 @@ def take_over(
     own model)."""
     if refine.models.unet is pipe.unet:
         return None
-    at = RF.switch_step(pipe.scheduler, steps, call.get("strength"), refine.plan.switch_at)
+    plan = refine.plan
+    at = RF.switch_step(pipe.scheduler, steps, call.get("strength"), plan.switch_at, plan.options.by_steps)
     if at is None:
         return None
     swap = RF.Swap(at, refine.models)

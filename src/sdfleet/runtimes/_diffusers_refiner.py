@@ -10,6 +10,7 @@ refiner's embeddings of the prompts), and they are given back after the call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,16 +51,24 @@ class Swap:
         return self.models if step >= self.at else pipe
 
 
-def switch_step(scheduler: Any, steps: int, strength: float | None, switch_at: float | None) -> int | None:
+def switch_step(
+    scheduler: Any, steps: int, strength: float | None, switch_at: float | None, by_steps: bool = False
+) -> int | None:
     """The UNet pass of a call of ``steps`` (image-to-image: at ``strength``) from which the
     refiner denoises, counted as the pipeline's loop counts them; None where the sampling ends
-    before the ratio reaches ``switch_at``. Sets ``scheduler``'s timesteps (the call sets the
-    same again)."""
+    before the ratio reaches ``switch_at``. ``by_steps`` (SD WebUI's
+    ``refiner_switch_by_sample_steps``): the ratio is the passes made over SD WebUI's
+    ``total_steps`` of the call, its steps (twice for a second-order sampler). Sets
+    ``scheduler``'s timesteps (the call sets the same again)."""
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
     start = 0
     if strength is not None:  # diffusers' img2img get_timesteps: the passes it skips
         start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    if by_steps:  # Heun makes 2n - 1 passes for n steps, SD WebUI counts 2n
+        passes = len(timesteps) - start
+        total = math.ceil(passes / scheduler.order) * scheduler.order
+        return next((k for k in range(passes) if refiner.reached(k / total, switch_at)), None)
     by_timestep = type(scheduler).__name__ in _BY_TIMESTEP or not hasattr(scheduler, "sigmas")
     trained = None if by_timestep else _training_sigmas(scheduler)
     for n in range(start, len(timesteps)):

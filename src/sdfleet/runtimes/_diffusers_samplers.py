@@ -95,13 +95,12 @@ def eta_said(key: str, eta: float | None) -> dict[str, float]:
 
 def etas_said(
     key: str, eta: float | None, second: hires.Hires | None, params: TaskParams
-) -> dict[str, float]:
-    """``eta_said`` of a task's sampler (``key``), then of its hires pass's (``second``) where it
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``eta_said`` of a task's sampler (``key``), and of its hires pass's (``second``) where it
     has one: SD WebUI says each when that pass's sampler starts."""
-    said = eta_said(key, eta)
-    if second is not None:
-        said |= eta_said(sampler_key(*hires.sampler_of(second, params)) or key, eta)
-    return said
+    if second is None:
+        return eta_said(key, eta), {}
+    return eta_said(key, eta), eta_said(sampler_key(*hires.sampler_of(second, params)) or key, eta)
 
 
 def hires_said(first: str, first_scheduler: object, second: str, second_scheduler: object) -> str | None:

@@ -66,7 +66,13 @@ _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
 }
 """The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
 crop and fill; not 3, a latent upscale)."""
-_OVERRIDES_READ = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "emphasis"}
+_OVERRIDES_READ = {
+    "sd_model_checkpoint",
+    "CLIP_stop_at_last_layers",
+    "emphasis",
+    refiner.PASS_OPTION,
+    refiner.BY_STEPS_OPTION,
+}
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
 
