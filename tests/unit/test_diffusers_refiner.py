@@ -173,6 +173,26 @@ async def test_what_makes_no_refiner_fails_by_name(
     assert raised.value.code == code and words in raised.value.reason, raised.value.reason
 
 
+async def test_a_refiner_of_another_shape_is_refused_before_it_is_loaded(tmp_path: Path) -> None:
+    """Its UNet's config is read from its folder or its file's header: refused without a load
+    (it was loaded, and cached, first), a folder and a single file alike."""
+    make_tiny(tmp_path, "tiny-a", seed=0)
+    make_tiny(tmp_path, "tiny-xl", seed=0, sdxl=True)
+    make_tiny(tmp_path, "xl-file", seed=0, sdxl=True, single_file=True, sidecar=False)
+    rt = DiffusersRuntime.from_options(
+        catalog=ModelCatalog(tmp_path), options={"device": "cpu"}, cache_size=4
+    )
+    try:
+        for name in ("tiny-xl", "xl-file.safetensors"):
+            with pytest.raises(Reject) as raised:
+                await rt.run(job(refiner_checkpoint=name), quiet)
+            assert raised.value.code == "invalid_params", raised.value.reason
+            assert f"refiner_checkpoint {name}: its UNet's cross_attention_dim is 96" in raised.value.reason
+            assert rt.cached_models == ["tiny-a"]
+    finally:
+        await rt.aclose()
+
+
 async def test_a_refiner_without_room_is_held_for_its_job_alone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -21,7 +21,9 @@ from sdfleet.errors import ModelLoadError
 from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, family, ldm, make_tiny
 from sdfleet.models.clip_vocab import CLIP_VOCAB_SIZE, write_tokenizer
+from sdfleet.models.unet_shape import unet_config
 from sdfleet.runtimes._diffusers_detect import _v_prediction, is_v_prediction, read_shapes
+from sdfleet.runtimes._diffusers_refiner import unlike
 from sdfleet.runtimes.base import Job
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -130,6 +132,24 @@ async def test_an_inpainting_checkpoint_loads_and_says_so(runtime: DiffusersRunt
     assert made.info["infotexts"][0].endswith(
         f"Model: inpaint, Conditional mask weight: 1.0, Version: {VERSION}"
     )
+
+
+async def test_a_unets_shape_is_read_without_loading_it(runtime: DiffusersRuntime, models_dir: Path) -> None:
+    """``unet_shape.unet_config`` (a refiner of another shape is refused before its load): what
+    a refiner must share with the model is the loaded UNet's, for each family's folder and file
+    and an inpainting file; a pickled ``.ckpt`` is not read (its loaded UNet is checked)."""
+    names = [f"{n}-{kind}" for n in FAMILIES for kind in ("folder", "file.safetensors")]
+    for name in [*names, "inpaint.safetensors"]:
+        await runtime.run(job(name), no_progress)
+        loaded = runtime._cache[name].pipe.unet.config
+        peeked = unet_config(runtime.catalog.resolve(name))
+        assert peeked is not None and unlike(loaded, peeked) is None, name
+        assert peeked["in_channels"] == loaded["in_channels"] == (9 if name.startswith("inpaint") else 4)
+    (models_dir / "pickled.ckpt").write_bytes(b"not read")
+    try:
+        assert unet_config(runtime.catalog.resolve("pickled.ckpt")) is None
+    finally:
+        (models_dir / "pickled.ckpt").unlink()
 
 
 def test_an_sdxl_refiner_is_named() -> None:

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from sdfleet import hires, refiner
+from sdfleet.errors import Reject
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.models.unet_shape import unet_config
 from sdfleet.runtimes import _diffusers_ancestral as A
 from sdfleet.runtimes import _diffusers_churn as K
 from sdfleet.runtimes import _diffusers_generate as G
 from sdfleet.runtimes import _diffusers_info as R
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes import _diffusers_refiner as RF
 from sdfleet.runtimes import _pipeline_cache as C
+from sdfleet.runtimes.base import Job
 from sdfleet.tasks import TaskParams
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,61 @@ async def load_beside(
         whose,
     )
     return found
+
+
+@dataclass(frozen=True)
+class Models:
+    """The runtime's means to models: its cache, how it finds a model (``fetch``: the model's
+    info and the seconds spent fetching it, its errors as a job's) and loads one, its dtype."""
+
+    cache: C.PipelineCache[Loaded]
+    fetch: Callable[[str, str], Awaitable[tuple[ModelInfo, float]]]
+    load: Callable[[ModelInfo], Loaded]
+    dtype: torch.dtype
+
+
+async def companions(job: Job, first: Loaded, models: Models) -> tuple[Companion, Companion]:
+    """The models a job needs beside its own (``first``, which stays the current model): the
+    hires pass's and the refiner; each loaded beside the others. Where the cache has no room
+    for them all, one is loaded for this job alone and let go after it; they are in memory
+    together while it runs (SD WebUI swaps one's weights for the other's mid-job instead)."""
+    plan = hires.plan(job.type, job.params)
+    wanted = refiner.read(job.params)
+    hr = await _companion(job, plan.checkpoint if plan else None, "hr_checkpoint_name", [first], models)
+    beside = [first] if hr.loaded is None or hr.transient else [first, hr.loaded]
+    named = wanted.checkpoint if wanted else None
+    refining = await _companion(job, named, "refiner_checkpoint", beside, models, shaped=True)
+    if refining.loaded is not None and (why := RF.compatible(first.pipe, refining.loaded.pipe)):
+        raise Reject(f"refiner_checkpoint {refining.loaded.info.name}: {why}", code="invalid_params")
+    return hr, refining
+
+
+async def _companion(
+    job: Job, name: str | None, field: str, beside: list[Loaded], models: Models, *, shaped: bool = False
+) -> Companion:
+    """The model ``field`` names, loaded beside ``beside``; ``shaped``: it must have the shape of
+    ``beside[0]``, the job's model (a refiner's: ``refuse_unlike``, before it costs a load)."""
+    if name is None:
+        return Companion()
+    info, download_s = await models.fetch(name, f"{field}: ")
+    if info.name == beside[0].info.name:  # the job's own model: nothing to load
+        return Companion(info, download_s=download_s)
+    if shaped:
+        await asyncio.to_thread(refuse_unlike, beside[0], info, field)
+    found = await load_beside(
+        models.cache, models.load, info, beside, models.dtype, f"task {job.task_id}'s {field}"
+    )
+    found.download_s = download_s
+    return found
+
+
+def refuse_unlike(like: Loaded, info: ModelInfo, field: str) -> None:
+    """``Reject`` (``invalid_params``) for a refiner (``info``, named by ``field``) whose UNet,
+    read before it is loaded (``unet_shape``), cannot take over from ``like``'s
+    (``_diffusers_refiner.unlike``); where it cannot be read so, the loaded one is checked."""
+    shape = unet_config(info)
+    if shape is not None and (why := RF.unlike(like.pipe.unet.config, shape)):
+        raise Reject(f"{field} {info.name}: {why}", code="invalid_params")
 
 
 def scheduler(sampler: str | None, base: Any, params: TaskParams) -> Any:

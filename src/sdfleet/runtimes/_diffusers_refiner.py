@@ -11,6 +11,7 @@ refiner's embeddings of the prompts), and they are given back after the call.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,10 +91,14 @@ def _training_sigmas(scheduler: Any) -> torch.Tensor | None:
 
 
 def compatible(first: Any, second: Any) -> str | None:
-    """Why ``second``'s UNet cannot take over ``first``'s pipeline call, or None: SD WebUI swaps
-    the weights into one model, so the refiner must be of the same shape where it matters (its
-    latents, its text embeddings, SDXL's extra conditioning)."""
-    a, b = first.unet.config, second.unet.config
+    """Why ``second``'s UNet cannot take over ``first``'s pipeline call, or None (``unlike``)."""
+    return unlike(first.unet.config, second.unet.config)
+
+
+def unlike(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """Why a UNet of config ``b`` cannot take over from one of config ``a``, or None: SD WebUI
+    swaps the weights into one model, so the refiner must be of the same shape where it matters
+    (its latents, its text embeddings, SDXL's extra conditioning)."""
     for key in (
         "in_channels",
         "cross_attention_dim",

@@ -32,7 +32,6 @@ from sdfleet.runtimes import _diffusers_opts as O
 from sdfleet.runtimes import _diffusers_passes as Q
 from sdfleet.runtimes import _diffusers_pipes as P
 from sdfleet.runtimes import _diffusers_prompts as E
-from sdfleet.runtimes import _diffusers_refiner as RF
 from sdfleet.runtimes import _diffusers_upscale as U
 from sdfleet.runtimes import _extras_plan as X
 from sdfleet.runtimes import _pipeline_cache as C
@@ -229,7 +228,7 @@ class DiffusersRuntime:
             async with self._lock:
                 t0 = time.perf_counter()
                 loaded, switched, download_s = await self._switch(jobs[0].model)
-                hr, refining = await self._companions(jobs[0], loaded)
+                hr, refining = await M.companions(jobs[0], loaded, self._models)
                 download_s += hr.download_s + refining.download_s
                 loaded_now = switched or hr.loaded_now or refining.loaded_now
                 switch_s = time.perf_counter() - t0 - download_s if loaded_now else 0.0
@@ -337,6 +336,10 @@ class DiffusersRuntime:
         self._current = info.name
         return loaded, switched, download_s
 
+    @property
+    def _models(self) -> M.Models:
+        return M.Models(self._cache, self._fetch, self._load, self.dtype)
+
     async def _fetch(self, name: str, field: str = "") -> tuple[ModelInfo, float]:
         """``catalog.fetch``, its errors as a job's (``field``: what named the model)."""
         try:
@@ -345,34 +348,6 @@ class DiffusersRuntime:
             raise Reject(f"{field}{e.message}", code="unknown_model") from e
         except SdfleetError as e:  # S3 unreachable, denied, disk full: another attempt may work
             raise ModelLoadError(f"cannot fetch model {name!r}: {e.message}", code=e.code) from e
-
-    async def _companions(self, job: Job, first: M.Loaded) -> tuple[M.Companion, M.Companion]:
-        """The models a job needs beside its own (``first``, which stays the current model): the
-        hires pass's and the refiner; each loaded beside the others. Where the cache has no room
-        for them all, one is loaded for this job alone and let go after it; they are in memory
-        together while it runs (SD WebUI swaps one's weights for the other's mid-job instead)."""
-        plan = hires.plan(job.type, job.params)
-        wanted = refiner.read(job.params)
-        hr = await self._companion(job, plan.checkpoint if plan else None, "hr_checkpoint_name", [first])
-        beside = [first] if hr.loaded is None or hr.transient else [first, hr.loaded]
-        refining = await self._companion(
-            job, wanted.checkpoint if wanted else None, "refiner_checkpoint", beside
-        )
-        if refining.loaded is not None and (why := RF.compatible(first.pipe, refining.loaded.pipe)):
-            raise Reject(f"refiner_checkpoint {refining.loaded.info.name}: {why}", code="invalid_params")
-        return hr, refining
-
-    async def _companion(self, job: Job, name: str | None, field: str, beside: list[M.Loaded]) -> M.Companion:
-        if name is None:
-            return M.Companion()
-        info, download_s = await self._fetch(name, f"{field}: ")
-        if info.name == beside[0].info.name:  # the job's own model: nothing to load
-            return M.Companion(info, download_s=download_s)
-        found = await M.load_beside(
-            self._cache, self._load, info, beside, self.dtype, f"task {job.task_id}'s {field}"
-        )
-        found.download_s = download_s
-        return found
 
     def _load(self, info: ModelInfo) -> M.Loaded:
         started = time.perf_counter()
