@@ -152,14 +152,15 @@ async def test_a_unets_shape_is_read_without_loading_it(runtime: DiffusersRuntim
         (models_dir / "pickled.ckpt").unlink()
 
 
-def test_an_sdxl_refiner_is_named() -> None:
+def test_an_sdxl_refiner_is_told_apart() -> None:
+    """It was refused as a file this runtime does not load; it loads now (as a refiner:
+    ``test_sdxl_refiner.py``)."""
     shapes = {ldm.UNET_PREFIX + "input_blocks.0.0.weight": (384, 4, 3, 3)}
     shapes["conditioner.embedders.0.model.ln_final.weight"] = (1280,)
-    with pytest.raises(family.UnsupportedCheckpoint, match="SDXL refiner"):
-        family.detect(shapes)
+    assert family.detect(shapes) is family.Family.SDXL_REFINER
 
 
-# Real models' configs (diffusers' own for SD 1.5, SD 2.1 and SDXL base), the parts weights decide.
+# Real models' configs (diffusers' own for SD 1.5, SD 2.1, SDXL base and refiner), the parts weights decide.
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 OPENCLIP_H = {
     "hidden_size": 1024,
@@ -206,6 +207,29 @@ REAL: dict[str, dict[str, Any]] = {
         },
         "text": [CLIP_L, {**OPENCLIP_G, "hidden_act": "gelu", "projection_dim": 1280}],
     },
+    # Stability's sd_xl_refiner.yaml: 384 channels, attention at the middle two levels and the
+    # middle block, 4 deep, 64-wide heads, OpenCLIP bigG's 1280 context, 2560 = 5 × 256 + 1280
+    "sdxl-refiner": {
+        "unet": {
+            "block_out_channels": [384, 768, 1536, 1536],
+            "layers_per_block": 2,
+            "down_block_types": [
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "transformer_layers_per_block": 4,
+            "cross_attention_dim": 1280,
+            "attention_head_dim": [6, 12, 24, 24],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2560,
+        },
+        "text": [{**OPENCLIP_G, "hidden_act": "gelu", "projection_dim": 1280}],
+    },
 }
 VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4}
 
@@ -233,9 +257,11 @@ def real_size_shapes(name: str) -> dict[str, tuple[int, ...]]:
         state |= ldm.clip_to_ldm(encoders[0].state_dict())
     elif name == "sd2":
         state |= ldm.openclip_to_ldm(encoders[0].state_dict(), ldm.OPENCLIP_PREFIX, extra_layer=True)
-    else:
+    elif name == "sdxl":
         state |= ldm.clip_to_ldm(encoders[0].state_dict(), ldm.SDXL_CLIP_PREFIX)
         state |= ldm.openclip_to_ldm(encoders[1].state_dict(), ldm.SDXL_OPENCLIP_PREFIX)
+    else:
+        state |= ldm.openclip_to_ldm(encoders[0].state_dict(), ldm.REFINER_OPENCLIP_PREFIX)
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
@@ -248,9 +274,9 @@ def test_real_size_layouts_give_the_real_configs(name: str, tmp_path: Path) -> N
         assert unet[key] == value, key
     vae = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert {k: vae[k] for k in VAE} == VAE
-    assert vae["scaling_factor"] == (0.13025 if name == "sdxl" else 0.18215)
+    assert vae["scaling_factor"] == (0.13025 if name.startswith("sdxl") else 0.18215)
     for n, text in enumerate(REAL[name]["text"]):
-        folder = f"text_encoder{'_2' if n else ''}"
+        folder = f"text_encoder{'_2' if n or name == 'sdxl-refiner' else ''}"
         config = json.loads((tmp_path / folder / "config.json").read_text())
         expected = {"hidden_act": "quick_gelu", **text}
         assert {k: config[k] for k in expected} == expected
@@ -259,9 +285,10 @@ def test_real_size_layouts_give_the_real_configs(name: str, tmp_path: Path) -> N
         )
         assert tokenizer["pad_token"] == ("!" if config["hidden_act"] == "gelu" else "<|endoftext|>")
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == (
-        "StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline"
-    )
+    pipelines = {"sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
+    assert index["_class_name"] == pipelines.get(name, "StableDiffusionPipeline")
+    if name == "sdxl-refiner":  # its time ids end with the aesthetic score; one text encoder
+        assert index["requires_aesthetics_score"] is True and index["text_encoder"] == [None, None]
 
 
 def test_clip_tokenizer_is_built_offline(tmp_path: Path) -> None:

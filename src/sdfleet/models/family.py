@@ -2,7 +2,8 @@
 the diffusers config folder that loads it offline (no hub, no config folder next to it).
 
 Families are told apart as SD WebUI does (``modules/sd_models_config.py``): SDXL has a second,
-OpenCLIP text encoder (``conditioner.embedders.1.model.*``), SD 2.x one OpenCLIP encoder
+OpenCLIP text encoder (``conditioner.embedders.1.model.*``), SDXL's refiner that one alone
+(``conditioner.embedders.0.model.*``), SD 2.x one OpenCLIP encoder
 (``cond_stage_model.model.*``, 1024 wide), SD 1.x a transformers CLIP one
 (``cond_stage_model.transformer.*``, 768 wide). The components' configs come from the shapes (widths,
 depths, block layout, vocabulary) plus what the family fixes and weights cannot tell: activations,
@@ -36,6 +37,11 @@ class Family(StrEnum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    SDXL_REFINER = "sdxl-refiner"
+    """SDXL's refiner: its OpenCLIP encoder alone, an aesthetic score in its time ids."""
+
+
+XL = (Family.SDXL, Family.SDXL_REFINER)
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -59,8 +65,8 @@ def detect(shapes: Shapes) -> Family:
         raise UnsupportedCheckpoint("no Stable Diffusion UNet (model.diffusion_model.*) in it")
     if ldm.SDXL_OPENCLIP_PREFIX + "ln_final.weight" in shapes:
         family = Family.SDXL
-    elif "conditioner.embedders.0.model.ln_final.weight" in shapes:
-        raise UnsupportedCheckpoint("an SDXL refiner (image-to-image only, not supported)")
+    elif ldm.REFINER_OPENCLIP_PREFIX + "ln_final.weight" in shapes:
+        family = Family.SDXL_REFINER
     elif ldm.OPENCLIP_PREFIX + "transformer.resblocks.0.attn.in_proj_weight" in shapes:
         family = Family.SD2
     elif ldm.CLIP_PREFIX + "embeddings.token_embedding.weight" in shapes:
@@ -103,17 +109,23 @@ def unet_config(shapes: Shapes, family: Family) -> dict[str, Any]:
     levels = _unet_levels(shapes)
     channels = [c for c, _, _ in levels]
     depths = [d for _, _, d in levels]
+    # diffusers gives the middle block the last level's depth: the refiner's last level has no
+    # attention (its depth stands for the middle block's), SDXL's has the middle block's
+    mid = len(_indices(shapes, UNET + "middle_block.1.transformer_blocks.")) or 1
+    layers = [d or 1 for d in depths[:-1]] + [depths[-1] or mid]
+    if len({d for d in depths if d} | {mid}) == 1:
+        layers = [mid]
     attn = next(k for k in shapes if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
     proj_in = next(k for k in shapes if k.startswith(UNET) and k.endswith(".1.proj_in.weight"))
     config: dict[str, Any] = {
-        "sample_size": {Family.SD1: 64, Family.SD2: 96, Family.SDXL: 128}[family],
+        "sample_size": {Family.SD1: 64, Family.SD2: 96}.get(family, 128),
         "in_channels": shapes[UNET + "input_blocks.0.0.weight"][1],
         "out_channels": shapes[UNET + "out.2.weight"][0],
         "block_out_channels": channels,
         "layers_per_block": levels[0][1],
         "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
         "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)],
-        "transformer_layers_per_block": [max(1, d) for d in depths] if len(set(depths) - {0}) > 1 else 1,
+        "transformer_layers_per_block": layers if len(set(layers)) > 1 else layers[0],
         "cross_attention_dim": shapes[attn][1],
         "use_linear_projection": len(shapes[proj_in]) == 2,
         "norm_num_groups": _groups(channels),
@@ -121,12 +133,16 @@ def unet_config(shapes: Shapes, family: Family) -> dict[str, Any]:
     }
     if family is Family.SD2:
         config["upcast_attention"] = True  # fp16 attention of SD 2.x overflows (diffusers' own config)
-    if family is Family.SDXL:
+    if family in XL:
         embed_in = shapes[UNET + "label_emb.0.0.weight"][1]
-        pooled = shapes[ldm.SDXL_OPENCLIP_PREFIX + "text_projection"][1]
+        refiner = family is Family.SDXL_REFINER
+        pooled = shapes[
+            (ldm.REFINER_OPENCLIP_PREFIX if refiner else ldm.SDXL_OPENCLIP_PREFIX) + "text_projection"
+        ][1]
+        # six size and crop numbers then the pooled text; the refiner's five: sizes, crop, aesthetic score
         config |= {
             "addition_embed_type": "text_time",
-            "addition_time_embed_dim": (embed_in - pooled) // 6,  # six size/crop numbers, then pooled text
+            "addition_time_embed_dim": (embed_in - pooled) // (5 if refiner else 6),
             "projection_class_embeddings_input_dim": embed_in,
         }
     return config
@@ -149,8 +165,8 @@ def vae_config(shapes: Shapes, family: Family) -> dict[str, Any]:
         "layers_per_block": len(_indices(shapes, VAE + "encoder.down.0.block.")),
         "latent_channels": shapes[VAE + "encoder.conv_out.weight"][0] // 2,
         "norm_num_groups": _groups(channels),
-        "sample_size": {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024}[family],
-        "scaling_factor": 0.13025 if family is Family.SDXL else 0.18215,
+        "sample_size": {Family.SD1: 512, Family.SD2: 768}.get(family, 1024),
+        "scaling_factor": 0.13025 if family in XL else 0.18215,
     }
 
 
@@ -186,9 +202,10 @@ def clip_config(shapes: Shapes, prefix: str, *, openclip: bool, drop_last: bool 
 
 
 def scheduler_config(family: Family, v_prediction: bool = False) -> dict[str, Any]:
-    """The family's scheduler as diffusers ships it (PNDM for SD 1.x/2.x, Euler for SDXL)."""
+    """The family's scheduler as diffusers ships it (PNDM for SD 1.x/2.x, Euler for SDXL and its
+    refiner)."""
     config: dict[str, Any] = {
-        "_class_name": "EulerDiscreteScheduler" if family is Family.SDXL else "PNDMScheduler",
+        "_class_name": "EulerDiscreteScheduler" if family in XL else "PNDMScheduler",
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
@@ -222,15 +239,17 @@ def _write(shapes: Shapes, dest: Path, family: Family) -> None:
             clip_config(shapes, ldm.OPENCLIP_PREFIX, openclip=True, drop_last=True),
             "!",
         )
-    else:
+    elif family is Family.SDXL:
         encoders["text_encoder"] = (
             clip_config(shapes, ldm.SDXL_CLIP_PREFIX, openclip=False),
             "<|endoftext|>",
         )
         encoders["text_encoder_2"] = (clip_config(shapes, ldm.SDXL_OPENCLIP_PREFIX, openclip=True), "!")
+    else:
+        encoders["text_encoder_2"] = (clip_config(shapes, ldm.REFINER_OPENCLIP_PREFIX, openclip=True), "!")
     scheduler = scheduler_config(family)
     index: dict[str, Any] = {
-        "_class_name": "StableDiffusionXLPipeline" if family is Family.SDXL else "StableDiffusionPipeline",
+        "_class_name": _PIPELINES[family],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", scheduler["_class_name"]],
@@ -246,12 +265,22 @@ def _write(shapes: Shapes, dest: Path, family: Family) -> None:
         write_tokenizer(dest / tokenizer, config["vocab_size"], pad, config["max_position_embeddings"])
         index[name] = ["transformers", config["architectures"][0]]
         index[tokenizer] = ["transformers", "CLIPTokenizer"]
-    if family is Family.SDXL:
+    if family is Family.SDXL_REFINER:  # zeros for an empty negative prompt, as SD WebUI's conditioner
+        index |= {"text_encoder": [None, None], "tokenizer": [None, None], "requires_aesthetics_score": True}
+    if family in XL:
         index |= {"force_zeros_for_empty_prompt": True}
     else:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
         index["requires_safety_checker"] = False
     _json(dest / "model_index.json", index)
+
+
+_PIPELINES = {
+    Family.SD1: "StableDiffusionPipeline",
+    Family.SD2: "StableDiffusionPipeline",
+    Family.SDXL: "StableDiffusionXLPipeline",
+    Family.SDXL_REFINER: "StableDiffusionXLImg2ImgPipeline",
+}
 
 
 def _json(path: Path, value: dict[str, Any]) -> None:

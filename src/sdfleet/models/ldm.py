@@ -18,6 +18,8 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
+"""SDXL's refiner has only the OpenCLIP encoder, as its first embedder."""
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",

@@ -3,7 +3,8 @@
 ``make_tiny(dir, "tiny-sd")`` writes a diffusers folder ``dir/tiny-sd/`` (about 7 MB) that loads like
 any SD 1.x model; ``sd2=True`` writes a tiny SD 2.x one (OpenCLIP-style text encoder, linear
 attention projections), ``sdxl=True`` a tiny StableDiffusionXLPipeline (two text encoders, a
-``text_time`` UNet). ``single_file=True`` writes instead ``dir/tiny-sd.safetensors`` in the original
+``text_time`` UNet), ``sdxl_refiner=True`` SDXL's refiner (encoder 2 alone, an aesthetic score
+in its time ids). ``single_file=True`` writes instead ``dir/tiny-sd.safetensors`` in the original
 key layout of its family (LDM, or SGM for SDXL), plus unless ``sidecar=False`` the diffusers config
 folder ``dir/tiny-sd.config/`` (configs, tokenizers and scheduler, no weights) that
 ``from_single_file(..., config=..., local_files_only=True)`` reads to load it without the hub.
@@ -86,6 +87,12 @@ _SDXL_UNET = {
     "addition_time_embed_dim": _SDXL_TIME_DIM,
     "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_DIM + _TEXT_2["projection_dim"],
 }
+# SDXL's refiner: encoder 2 alone, and five time ids (original size, crop, aesthetic score)
+_REFINER_UNET = {
+    **_SDXL_UNET,
+    "cross_attention_dim": _TEXT_2["hidden_size"],
+    "projection_class_embeddings_input_dim": 5 * _SDXL_TIME_DIM + _TEXT_2["projection_dim"],
+}
 _SD2_UNET = {**_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
 SDXL_VAE_SCALE = 0.13025
 _SCHEDULER = {
@@ -147,6 +154,35 @@ def _build_sdxl(seed: int, tmp: Path) -> Any:
     )
 
 
+def _build_sdxl_refiner(seed: int, tmp: Path) -> Any:
+    import diffusers
+    import torch
+    import transformers
+
+    d: Any = diffusers
+    t: Any = transformers
+    tokenizer_2, text_config_2 = tokenizer_and_text_config(tmp, _TEXT_2, _OPENCLIP_PAD)
+    torch.manual_seed(seed)
+    return d.StableDiffusionXLImg2ImgPipeline(
+        unet=d.UNet2DConditionModel(**_REFINER_UNET),
+        vae=d.AutoencoderKL(**_VAE, scaling_factor=SDXL_VAE_SCALE),
+        text_encoder=None,
+        text_encoder_2=t.CLIPTextModelWithProjection(text_config_2).eval(),
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        scheduler=d.EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=True,  # as SD WebUI's conditioner makes an empty negative prompt
+        add_watermarker=False,
+    )
+
+
 def _build_sd2(seed: int, tmp: Path) -> Any:
     return _build(seed, tmp, sd2=True)
 
@@ -198,6 +234,9 @@ def to_ldm_state_dict(pipe: Any) -> dict[str, Any]:
     state: dict[str, Any] = {}
     state.update(ldm.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     state.update(ldm.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    if pipe.text_encoder is None:  # SDXL's refiner
+        state.update(ldm.openclip_to_ldm(pipe.text_encoder_2.state_dict(), ldm.REFINER_OPENCLIP_PREFIX))
+        return {k: v.detach().contiguous() for k, v in state.items()}
     text = pipe.text_encoder.state_dict()
     if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
         state.update(ldm.clip_to_ldm(text, ldm.SDXL_CLIP_PREFIX))
@@ -253,13 +292,15 @@ def make_tiny(
     sdxl: bool = False,
     sd2: bool = False,
     sidecar: bool = True,
+    sdxl_refiner: bool = False,
 ) -> Path:
-    """Write a tiny random-weight SD 1.x, 2.x or SDXL pipeline; returns the folder, or the
-    ``.safetensors`` (with its ``.config/`` folder unless ``sidecar`` is false)."""
+    """Write a tiny random-weight SD 1.x, 2.x or SDXL pipeline, or SDXL's refiner (an SDXL
+    image-to-image pipeline of encoder 2 alone); returns the folder, or the ``.safetensors``
+    (with its ``.config/`` folder unless ``sidecar`` is false)."""
     from safetensors.torch import save_file
 
-    if sdxl and sd2:
-        raise ValueError("a tiny model is SD 2.x or SDXL, not both")
+    if sum((sdxl, sd2, sdxl_refiner)) > 1:
+        raise ValueError("a tiny model is of one family: SD 2.x, SDXL or SDXL's refiner")
     if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
         raise ValueError(f"{name!r} is not a model name (one file or folder name, not starting with .)")
     if single_file:  # a task may name the model with or without its extension: one is enough
@@ -274,7 +315,10 @@ def make_tiny(
     dest_dir.mkdir(parents=True, exist_ok=True)
     scratch = dest_dir / f".{name}.tokenizer-src"
     try:
-        pipe = (_build_sdxl if sdxl else _build_sd2 if sd2 else _build)(seed, scratch)
+        build = (
+            _build_sdxl if sdxl else _build_sdxl_refiner if sdxl_refiner else _build_sd2 if sd2 else _build
+        )
+        pipe = build(seed, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     marker = json.dumps(MARKER_CONTENT)

@@ -16,7 +16,7 @@ import torch
 from sdfleet import hires, refiner
 from sdfleet.errors import Reject
 from sdfleet.models.catalog import ModelInfo
-from sdfleet.models.unet_shape import unet_config
+from sdfleet.models.unet_shape import sdxl_refiner, unet_config
 from sdfleet.runtimes import _diffusers_ancestral as A
 from sdfleet.runtimes import _diffusers_churn as K
 from sdfleet.runtimes import _diffusers_generate as G
@@ -149,12 +149,28 @@ async def _companion(
     return found
 
 
+async def refuse_sdxl_refiner(info: ModelInfo, loaded: Loaded | None) -> None:
+    """``Reject`` (``invalid_params``) for SDXL's refiner named as a task's model (its UNet takes
+    time ids no text-to-image call makes): by its loaded pipeline (it refined another task), else
+    by its files, before it is loaded (``unet_shape.sdxl_refiner``)."""
+    if loaded is not None:
+        refiner = RF.time_ids(loaded.pipe) == 5
+    else:
+        refiner = await asyncio.to_thread(sdxl_refiner, info)
+    if refiner:
+        raise Reject(
+            f"{info.name} is SDXL's refiner: it refines an SDXL model's task as its "
+            "refiner_checkpoint, and runs no task as its model",
+            code="invalid_params",
+        )
+
+
 def refuse_unlike(like: Loaded, info: ModelInfo, field: str) -> None:
     """``Reject`` (``invalid_params``) for a refiner (``info``, named by ``field``) whose UNet,
     read before it is loaded (``unet_shape``), cannot take over from ``like``'s
     (``_diffusers_refiner.unlike``); where it cannot be read so, the loaded one is checked."""
     shape = unet_config(info)
-    if shape is not None and (why := RF.unlike(like.pipe.unet.config, shape)):
+    if shape is not None and (why := RF.unlike(like.pipe.unet.config, shape, loaded=False)):
         raise Reject(f"{field} {info.name}: {why}", code="invalid_params")
 
 

@@ -82,7 +82,7 @@ def take_over(
     at = RF.switch_step(pipe.scheduler, steps, call.get("strength"), plan.switch_at, plan.options.by_steps)
     if at is None:
         return None
-    swap = RF.Swap(at, refine.models)
+    swap = RF.Swap(at, refine.models, guided=float(call.get("guidance_scale", 0.0)) > 1)
     schedule, weight = edits
     p = job.params
     if at == 0:  # from the first pass through the UNet: the refiner's embeddings from the start

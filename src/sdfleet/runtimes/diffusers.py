@@ -325,6 +325,7 @@ class DiffusersRuntime:
             raise Reject("the job names no model and none is loaded", code="no_model")
         info, download_s = await self._fetch(name)
         loaded = self._cache.get(info.name)
+        await M.refuse_sdxl_refiner(info, loaded)
         if loaded is None:
             estimate = await asyncio.to_thread(C.estimate_footprint, info, self.dtype)
             self._cache.make_room(info.name, estimate)
