@@ -199,6 +199,18 @@ K_DIFFUSION_CASES: list[list[dict[str, Any]]] = [  # each group's images compare
 ]
 
 
+COMPOSABLE_CASES: list[list[dict[str, Any]]] = [  # composable diffusion, the parts' own weights
+    [{"prompt": p} for p in ("a cat AND a dog", "a cat AND a dog :0.2", "a cat", "a dog")],
+    [{"prompt": "a [cat:dog:0.5] AND a red house :0.5", "negative_prompt": "ugly"}],
+]
+
+
+async def test_composable_diffusion_is_sd_webuis(loaded: tuple[str, Path]) -> None:
+    """A prompt of several parts (``AND``): the same infotext, and each image nearest SD WebUI's
+    of the same prompt among the parts at other weights and the parts alone."""
+    await side_by_side(*loaded, COMPOSABLE_CASES)
+
+
 async def test_k_diffusions_fields_are_sd_webuis(loaded: tuple[str, Path]) -> None:
     """Euler a's ``eta`` (k-diffusion's share of fresh noise a step) and Euler's churn
     (``s_churn``): their words (SD WebUI says ``Eta``, and no word of a request's churn), and

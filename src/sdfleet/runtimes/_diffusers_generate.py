@@ -32,6 +32,7 @@ from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes import _diffusers_churn as K
+from sdfleet.runtimes import _diffusers_composed as C
 from sdfleet.runtimes import _diffusers_edits as D
 from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
@@ -62,8 +63,8 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         masked = inpaint.read(job.type, p)
     except Reject:
         return None  # it fails alone, with its own reason
-    if edits.changes or refiner.read(p):
-        return None  # its callback swaps the embeddings (and a refiner's UNet) of every image of the call
+    if edits.changes or refiner.read(p) or C.asked(p):
+        return None  # its callback swaps the embeddings (a refiner's UNet, the parts' UNet) of the call
     if second is not None and (second.checkpoint or Q.own_second_pass(job, second) is not None):
         return None  # its second pass's prompts are its own, edited anew or another model's to read
     img2img = job.type is TaskType.IMAGE_TO_IMAGE
@@ -171,7 +172,7 @@ def call_kwargs(
         "callback_on_step_end": callback,
         "output_type": "pil",
     }
-    if edits.changes:  # alone in its call (batch_key)
+    if edits.changes and not C.asked(first):  # alone in its call (batch_key); parts: C.composing
         images = len(parts[0].seeds)
         kwargs["callback_on_step_end"] = D.switching(callback, edits, images, Q.clip_skip(first), readings[0])
         kwargs["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
@@ -322,8 +323,10 @@ def generate(
                     swap = Q.take_over(
                         pipe, steps, kwargs, refine, job, images_of, Q.prompts(job), mine[0], raw
                     )
+                job, images_of = call_parts[0].job, len(call_parts[0].seeds)
                 try:
-                    images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
+                    with C.composing(pipe, job.params, images_of, kwargs, mine[0]):
+                        images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
                     if swap is not None:
                         refined[0] = True

@@ -157,18 +157,19 @@ def encode(
 ) -> Embeds:
     """The embeddings of one job (``negative`` None: it has none), padded to equal length.
     ``clip_skip`` is diffusers' (0 = the last layer), as the pipeline's argument."""
-    pos, pooled = _encode_text(pipe, prompt, clip_skip, reading)
+    pos, pooled = encode_text(pipe, prompt, clip_skip, reading)
     if negative is None and xl(pipe) and pipe.config.force_zeros_for_empty_prompt:
         return Embeds(pos, None, pooled, None)  # the pipeline makes them zeros, of pos's length
     # diffusers encodes the negative prompt without clip skip; so does this, to give the same
-    neg, neg_pooled = _encode_text(pipe, negative or "", None, reading)
+    neg, neg_pooled = encode_text(pipe, negative or "", None, reading)
     chunks = max(pos.shape[1], neg.shape[1]) // _WIDTH
     return Embeds(_pad(pipe, pos, chunks), _pad(pipe, neg, chunks), pooled, neg_pooled)
 
 
-def _encode_text(
+def encode_text(
     pipe: Any, text: str, clip_skip: int | None, reading: Reading
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One text's embeddings (its chunks side by side), and SDXL's pooled ones (else None)."""
     pieces = S.pieces(text, reading.emphasis)
     norm = reading.emphasis != "No norm"
     per_encoder: list[torch.Tensor] = []

@@ -93,9 +93,21 @@ class Edits:
 def of_task(prompt: str, negative: str, steps: int, first: int | None = None) -> tuple[Edits, float]:
     """A task's prompts (given without their extra-network tags) as SD WebUI reads them before
     encoding: the prompt's own weight taken off, then both scheduled over ``steps`` (``first``:
-    for a second pass, as ``schedule``; ``Unread`` as there); and that weight."""
-    prompt, weight = own_weight(prompt)
+    for a second pass, as ``schedule``; ``Unread`` as there); and that weight (1 for a prompt of
+    several, whose parts each have their own: ``parts``)."""
+    prompt, weight = (prompt, 1.0) if composable(prompt) else own_weight(prompt)
     return Edits(schedule(prompt, steps, first), schedule(negative, steps, first)), weight
+
+
+def parts(prompt: str, steps: int) -> list[tuple[list[tuple[int, str]], float]]:
+    """SD WebUI's composable diffusion (``get_multicond_prompt_list``): the prompt (without its
+    extra-network tags) cut at each ``AND``, each part scheduled over ``steps`` as a prompt is
+    (``schedule``) with its own weight (``own_weight``, 1 without one)."""
+    found = []
+    for part in _AND.split(prompt):
+        text, weight = own_weight(part)
+        found.append((schedule(text.rstrip(), steps), weight))
+    return found
 
 
 def of_params(params: TaskParams) -> tuple[Edits, float]:

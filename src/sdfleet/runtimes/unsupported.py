@@ -244,14 +244,27 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
 
 def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     """What SD WebUI reads in a task's prompts and the diffusers runtime does not: composable
-    diffusion (``AND``), editing it cannot read as SD WebUI's grammar would."""
+    diffusion (``AND``) beside a hires fix, a refiner or without CFG, editing it cannot read as
+    SD WebUI's grammar would."""
     prompt = text(params.prompt)
-    found = ["AND in the prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
+    found = _composed_unsupported(params, kind) if composable(prompt) else []
     try:
         of_task(prompt, text(params.negative_prompt), params.steps)
     except Unread as e:
         return [*found, e.reason]
     return found + _second_pass_prompts(params, kind)
+
+
+def _composed_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
+    """Where a prompt of several parts (``AND``: SD WebUI's composable diffusion) does not run."""
+    found = []
+    if hires.asked(kind, params):
+        found.append("AND in the prompt (SD WebUI's composable diffusion) with enable_hr")
+    if params.extra.get("refiner_checkpoint") not in refiner.NONE:
+        found.append("AND in the prompt (SD WebUI's composable diffusion) with refiner_checkpoint")
+    if params.cfg_scale <= 1:  # diffusers makes no prediction of the negative prompt then
+        found.append("AND in the prompt (SD WebUI's composable diffusion) with cfg_scale 1 or less")
+    return found
 
 
 def _second_pass_prompts(params: TaskParams, kind: TaskType) -> list[str]:
