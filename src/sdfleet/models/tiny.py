@@ -95,6 +95,14 @@ _REFINER_UNET = {
 }
 _SD2_UNET = {**_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
 SDXL_VAE_SCALE = 0.13025
+_XL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+"""SDXL's Euler, as diffusers ships it (its refiner's too)."""
 _SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -143,13 +151,7 @@ def _build_sdxl(seed: int, tmp: Path) -> Any:
         text_encoder_2=t.CLIPTextModelWithProjection(text_config_2).eval(),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        scheduler=d.EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=d.EulerDiscreteScheduler(**_XL_SCHEDULER),
         add_watermarker=False,
     )
 
@@ -170,13 +172,7 @@ def _build_sdxl_refiner(seed: int, tmp: Path) -> Any:
         text_encoder_2=t.CLIPTextModelWithProjection(text_config_2).eval(),
         tokenizer=None,
         tokenizer_2=tokenizer_2,
-        scheduler=d.EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=d.EulerDiscreteScheduler(**_XL_SCHEDULER),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=True,  # as SD WebUI's conditioner makes an empty negative prompt
         add_watermarker=False,
