@@ -202,6 +202,11 @@ K_DIFFUSION_CASES: list[list[dict[str, Any]]] = [  # each group's images compare
 COMPOSABLE_CASES: list[list[dict[str, Any]]] = [  # composable diffusion, the parts' own weights
     [{"prompt": p} for p in ("a cat AND a dog", "a cat AND a dog :0.2", "a cat", "a dog")],
     [{"prompt": "a [cat:dog:0.5] AND a red house :0.5", "negative_prompt": "ugly"}],
+    [  # a hires fix reads the parts in each pass, its own hr_prompt's too
+        {"prompt": "a cat AND a dog", **HIRES},
+        {"prompt": "a cat", "hr_prompt": "a cat AND a red house", **HIRES},
+        {"prompt": "a cat", **HIRES},
+    ],
 ]
 
 

@@ -113,10 +113,26 @@ async def test_image_to_image_and_inpainting_take_parts(runtime: DiffusersRuntim
     assert differ(made, plain) > 0
 
 
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_hires_fix_reads_parts_in_each_pass(runtime: DiffusersRuntime, model: str) -> None:
+    """Its first pass's parts, then its second pass's (its own ``hr_prompt``, or the first's),
+    scheduled over that pass as SD WebUI schedules a second pass's prompts: halves of one prompt
+    in either pass are that prompt."""
+    hires = {"enable_hr": True, "hr_second_pass_steps": 3, "denoising_strength": 0.5, "hr_upscaler": "Latent"}
+    plain = await runtime.run(job(model, "a red cat", extra=hires), quiet)
+    halves = "a red cat :0.5 AND a red cat :0.5"
+    assert differ(await runtime.run(job(model, halves, extra=hires), quiet), plain) <= 1
+    own = await runtime.run(job(model, "a red cat", extra=hires | {"hr_prompt": halves}), quiet)
+    assert differ(own, plain) <= 1
+    other = await runtime.run(
+        job(model, "a red cat", extra=hires | {"hr_prompt": "a red cat AND a blue dog"}), quiet
+    )
+    assert differ(other, plain) > 8 and Image.open(io.BytesIO(other.images[0])).size == (128, 128)
+
+
 @pytest.mark.parametrize(
     ("asked", "words"),
     [
-        ({"extra": {"enable_hr": True}}, "with enable_hr"),
         ({"extra": {"refiner_checkpoint": "sd1"}}, "with refiner_checkpoint"),
         ({"cfg_scale": 1}, "with cfg_scale 1 or less"),
     ],

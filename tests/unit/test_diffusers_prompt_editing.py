@@ -198,8 +198,8 @@ async def test_a_prompts_own_weight_scales_the_cfg_scale(runtime: DiffusersRunti
     ("params", "words"),
     [
         (
-            {"prompt": "a cat AND a dog", "extra": {"enable_hr": True}},
-            "AND in the prompt (SD WebUI's composable diffusion) with enable_hr",
+            {"prompt": "a cat AND a dog", "extra": {"refiner_checkpoint": "x"}},
+            "AND in the prompt (SD WebUI's composable diffusion) with refiner_checkpoint",
         ),
         ({"prompt": "a (b) [c:d:0.5] e)"}, "prompt editing or alternation it cannot read"),
         ({"negative_prompt": "[ugly|bad"}, "prompt editing or alternation it cannot read"),
@@ -273,8 +273,8 @@ def test_runtime_serve_runs_editing_and_says_why_it_refuses(server: ServerThread
     api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler", steps=4)
     made = api.txt2img(prompt="a [cat:dog:0.5], [red|blue]", seed=3, width=64, height=64)
     assert made.info["infotexts"][0].startswith("a [cat:dog:0.5], [red|blue]\nSteps: 4, Sampler: Euler")
-    with pytest.raises(RuntimeError, match=r"AND in the prompt .* with enable_hr"):
-        api.txt2img(prompt="a cat AND a dog", width=64, height=64, enable_hr=True)
+    with pytest.raises(RuntimeError, match=r"AND in the prompt .* with cfg_scale 1 or less"):
+        api.txt2img(prompt="a cat AND a dog", width=64, height=64, cfg_scale=1)
     both = api.txt2img(prompt="a cat AND a dog :0.5", seed=3, width=64, height=64)  # it runs now
     assert both.info["infotexts"][0].startswith("a cat AND a dog :0.5\nSteps: 4, Sampler: Euler")
     with pytest.raises(RuntimeError, match="brackets nest 300 deep"):  # it was a 500 (RecursionError)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sdfleet import hires
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_lora import text
@@ -130,31 +132,55 @@ def _padded(z: torch.Tensor, tokens: int) -> torch.Tensor:
     return torch.cat([z, z[:, -1:].repeat(1, missing, 1)], dim=1) if missing > 0 else z
 
 
+@dataclass(frozen=True)
+class Pass:
+    """What a pass's parts are read from: its prompts (extra-network tags taken out), scheduled
+    over ``steps`` (``first``: a hires fix's second pass, after the first's), and clip skip."""
+
+    prompt: str
+    negative: str
+    steps: int
+    first: int | None
+    clip_skip: int | None
+
+
+def first_pass(params: TaskParams) -> Pass:
+    steps = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
+    return Pass(text(params.prompt), text(params.negative_prompt), steps, None, _clip_skip(params))
+
+
+def second_pass(params: TaskParams, plan: hires.Hires) -> Pass:
+    """A hires fix's second pass: its own prompts or the first's, scheduled as SD WebUI does."""
+    prompt, negative = hires.prompts(params) or (params.prompt, params.negative_prompt)
+    first = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
+    steps = total_steps(sampler_key(*hires.sampler_of(plan, params)), plan.steps)
+    return Pass(text(prompt), text(negative), steps, first, _clip_skip(params))
+
+
+def _clip_skip(params: TaskParams) -> int | None:
+    return params.clip_skip - 1 if params.clip_skip > 1 else None
+
+
 @contextmanager
 def composing(
-    pipe: Any, params: TaskParams, images: int, kwargs: dict[str, Any], reading: E.Reading
+    pipe: Any, read: Pass, images: int, kwargs: dict[str, Any], reading: E.Reading
 ) -> Iterator[None]:
-    """For a job of several parts (``asked``), ``ComposedUNet`` in ``pipe`` for the call, and
-    its prompt arguments (``kwargs``, changed in place) placeholders of the negative prompt's
-    shape; nothing for another job."""
-    if not asked(params):
+    """For a pass whose prompt is several parts (``read``), ``ComposedUNet`` in ``pipe`` for the
+    call, and its prompt arguments (``kwargs``, changed in place) placeholders; nothing for
+    another."""
+    if not PS.composable(read.prompt):
         yield
         return
-    steps = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
-    negative = PS.schedule(text(params.negative_prompt), steps)
-    clip_skip = params.clip_skip - 1 if params.clip_skip > 1 else None
-    composed = ComposedUNet(
-        pipe.unet, pipe, PS.parts(text(params.prompt), steps), negative, images, clip_skip, reading
-    )
+    negative = PS.schedule(read.negative, read.steps, read.first)
+    parts = PS.parts(read.prompt, read.steps, read.first)
+    composed = ComposedUNet(pipe.unet, pipe, parts, negative, images, read.clip_skip, reading)
     z, pooled = E.encode_text(pipe, "", None, reading)  # never read: the UNet reads the parts
     for name in ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds"):
         kwargs.pop(name, None)
     kwargs |= {"prompt_embeds": z.repeat(images, 1, 1), "negative_prompt_embeds": z.repeat(images, 1, 1)}
     if pooled is not None:
-        kwargs |= {
-            "pooled_prompt_embeds": pooled.repeat(images, 1),
-            "negative_pooled_prompt_embeds": pooled.repeat(images, 1),
-        }
+        pools = pooled.repeat(images, 1)
+        kwargs |= {"pooled_prompt_embeds": pools, "negative_pooled_prompt_embeds": pools}
     kept = pipe.unet
     pipe.unet = composed
     try:

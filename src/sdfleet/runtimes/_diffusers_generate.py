@@ -325,7 +325,7 @@ def generate(
                     )
                 job, images_of = call_parts[0].job, len(call_parts[0].seeds)
                 try:
-                    with C.composing(pipe, job.params, images_of, kwargs, mine[0]):
+                    with C.composing(pipe, C.first_pass(job.params), images_of, kwargs, mine[0]):
                         images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
                     if swap is not None:
@@ -340,7 +340,8 @@ def generate(
                 raw = callback(passes * n, total)
                 swap = Q.take_over(pipe, steps, handed, refine, job, images_of, Q.prompts(job), mine[0], raw)
             try:  # its images decoded by the refiner's VAE where it took over, as in SD WebUI
-                first = pipe(num_inference_steps=steps, **handed).images
+                with C.composing(pipe, C.first_pass(job.params), images_of, handed, mine[0]):
+                    first = pipe(num_inference_steps=steps, **handed).images
             finally:
                 if swap is not None:
                     refined[0] = True
@@ -363,7 +364,11 @@ def generate(
                     reading=mine[0],
                     raw=progress,
                 )
-            made, swapped = H.run(second, first, again, seeds, progress if own is None else own[1], take_over)
+            read = C.second_pass(job.params, second.plan)
+            around = partial(C.composing, read=read, images=images_of, reading=mine[0])
+            made, swapped = H.run(
+                second, first, again, seeds, progress if own is None else own[1], take_over, around
+            )
             images += made
             refined[1] = refined[1] or swapped
     ordered = [parts[i] for i in range(len(jobs))]

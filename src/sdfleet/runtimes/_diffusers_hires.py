@@ -14,6 +14,7 @@ masked, as SD WebUI gives it (``_diffusers_inpaint.whole_masked``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,11 @@ def run(
     seeds: list[int],
     callback: Any,
     take_over: TakeOver | None = None,
+    around: Callable[..., AbstractContextManager[None]] | None = None,
 ) -> tuple[list[Any], bool]:
     """The second pass over ``first`` (the first call's output), with the first call's prompt
-    arguments (``kwargs``); its images, and whether a refiner (``take_over``) took it over."""
+    arguments (``kwargs``); its images, and whether a refiner (``take_over``) took it over.
+    ``around(pipe, kwargs=...)``: what the call runs in (composable diffusion's UNet)."""
     plan = second.plan
     if plan.latent_mode is not None:
         mode, antialias = plan.latent_mode
@@ -83,7 +86,8 @@ def run(
     ready(second.pipe.scheduler, call, schedule)
     swap = take_over(second.pipe, schedule, call) if take_over is not None else None
     try:
-        images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
+        with around(second.pipe, kwargs=call) if around is not None else nullcontext():
+            images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
     finally:
         if swap is not None:
             swap.give_back(second.pipe)

@@ -131,7 +131,8 @@ def second_pass(
         return None
     edits, weight = own
     args = prompt_args(pipe, edits.at(0), images, p, weight, reading)
-    if edits.changes:  # its callback swaps the embeddings where the schedule says
+    composed = PS.composable(edits.at(0)[0])  # its parts are read by their own UNet (_diffusers_composed)
+    if edits.changes and not composed:  # its callback swaps the embeddings where the schedule says
         args["callback_on_step_end_tensor_inputs"] = D.tensor_inputs(pipe)
         callback = D.switching(callback, edits, images, clip_skip(p), reading)
     return args, callback

@@ -99,14 +99,14 @@ def of_task(prompt: str, negative: str, steps: int, first: int | None = None) ->
     return Edits(schedule(prompt, steps, first), schedule(negative, steps, first)), weight
 
 
-def parts(prompt: str, steps: int) -> list[tuple[list[tuple[int, str]], float]]:
+def parts(prompt: str, steps: int, first: int | None = None) -> list[tuple[list[tuple[int, str]], float]]:
     """SD WebUI's composable diffusion (``get_multicond_prompt_list``): the prompt (without its
     extra-network tags) cut at each ``AND``, each part scheduled over ``steps`` as a prompt is
-    (``schedule``) with its own weight (``own_weight``, 1 without one)."""
+    (``schedule``; ``first``: a second pass's) with its own weight (``own_weight``, 1 without)."""
     found = []
     for part in _AND.split(prompt):
         text, weight = own_weight(part)
-        found.append((schedule(text.rstrip(), steps), weight))
+        found.append((schedule(text.rstrip(), steps, first), weight))
     return found
 
 

@@ -244,10 +244,10 @@ def unsupported(params: TaskParams, kind: TaskType = TaskType.TEXT_TO_IMAGE) -> 
 
 def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     """What SD WebUI reads in a task's prompts and the diffusers runtime does not: composable
-    diffusion (``AND``) beside a hires fix, a refiner or without CFG, editing it cannot read as
-    SD WebUI's grammar would."""
+    diffusion (``AND``) beside a refiner or without CFG, editing it cannot read as SD WebUI's
+    grammar would."""
     prompt = text(params.prompt)
-    found = _composed_unsupported(params, kind) if composable(prompt) else []
+    found = _composed_unsupported(params) if composable(prompt) else []
     try:
         of_task(prompt, text(params.negative_prompt), params.steps)
     except Unread as e:
@@ -255,27 +255,27 @@ def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     return found + _second_pass_prompts(params, kind)
 
 
-def _composed_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
-    """Where a prompt of several parts (``AND``: SD WebUI's composable diffusion) does not run."""
+def _composed_unsupported(params: TaskParams, field: str = "the prompt") -> list[str]:
+    """Where a prompt of several parts (``AND``: SD WebUI's composable diffusion) does not run:
+    beside a refiner, and without CFG (diffusers then makes no prediction of the negative
+    prompt)."""
     found = []
-    if hires.asked(kind, params):
-        found.append("AND in the prompt (SD WebUI's composable diffusion) with enable_hr")
     if params.extra.get("refiner_checkpoint") not in refiner.NONE:
-        found.append("AND in the prompt (SD WebUI's composable diffusion) with refiner_checkpoint")
-    if params.cfg_scale <= 1:  # diffusers makes no prediction of the negative prompt then
-        found.append("AND in the prompt (SD WebUI's composable diffusion) with cfg_scale 1 or less")
+        found.append(f"AND in {field} (SD WebUI's composable diffusion) with refiner_checkpoint")
+    if params.cfg_scale <= 1:
+        found.append(f"AND in {field} (SD WebUI's composable diffusion) with cfg_scale 1 or less")
     return found
 
 
 def _second_pass_prompts(params: TaskParams, kind: TaskType) -> list[str]:
     """What the diffusers runtime does not do with a hires fix's own prompts (``hires.prompts``):
-    composable diffusion, editing it cannot read, and other LoRAs than the first pass's (SD WebUI
-    switches its networks between the passes)."""
+    composable diffusion where the prompt's does not run, editing it cannot read, and other LoRAs
+    than the first pass's (SD WebUI switches its networks between the passes)."""
     own = hires.prompts(params) if hires.asked(kind, params) else None
     if own is None:
         return []
     prompt, negative = text(own[0]), text(own[1])
-    found = ["AND in hr_prompt (SD WebUI's composable diffusion; write and)"] if composable(prompt) else []
+    found = _composed_unsupported(params, "hr_prompt") if composable(prompt) else []
     try:
         of_task(prompt, negative, params.steps)
     except Unread as e:
