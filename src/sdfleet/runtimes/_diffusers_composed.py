@@ -70,7 +70,7 @@ class ComposedUNet:
     def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         step, self.passes = self.passes, self.passes + 1
         b = self.images
-        if sample.shape[0] != 2 * b:  # refused before the run (unsupported: a CFG scale above 1)
+        if sample.shape[0] != 2 * b:  # no CFG rows: CFG scale 1 or less, refused before the run
             raise RuntimeError("composable diffusion needs the call's CFG rows")
         added = kwargs.pop("added_cond_kwargs", None)
         kwargs.pop("encoder_hidden_states", None)
@@ -120,10 +120,10 @@ class ComposedUNet:
                 text_embeds = text_embeds.expand(sample.shape[0], -1)
             extra["added_cond_kwargs"] = {**added, "time_ids": ids, "text_embeds": text_embeds}
         extra = {**self._rest, **extra}
-        out: torch.Tensor = self.unet(sample, timestep, encoder_hidden_states=z, return_dict=False, **extra)[
-            0
-        ]
-        return out
+        out: tuple[torch.Tensor, ...] = self.unet(
+            sample, timestep, encoder_hidden_states=z, return_dict=False, **extra
+        )
+        return out[0]
 
 
 def _padded(z: torch.Tensor, tokens: int) -> torch.Tensor:
