@@ -311,19 +311,15 @@ def generate(
             for i, part in zip(members, call_parts, strict=True):
                 part.start += len(images)
                 parts[i] = part
+            job, images_of = call_parts[0].job, len(call_parts[0].seeds)  # alone where it matters
             if second is None:
                 K.ready(pipe.scheduler, kwargs, steps)
                 swap = None
                 if refine is not None:  # alone (batch_key)
-                    raw, job, images_of = (
-                        callback(passes * n, total),
-                        call_parts[0].job,
-                        len(call_parts[0].seeds),
-                    )
+                    raw = callback(passes * n, total)
                     swap = Q.take_over(
                         pipe, steps, kwargs, refine, job, images_of, Q.prompts(job), mine[0], raw
                     )
-                job, images_of = call_parts[0].job, len(call_parts[0].seeds)
                 try:
                     with C.composing(pipe, C.first_pass(job.params), images_of, kwargs, mine[0]):
                         images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
@@ -334,7 +330,6 @@ def generate(
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
             K.ready(pipe.scheduler, handed, steps)
-            job, images_of = call_parts[0].job, len(call_parts[0].seeds)
             swap = None
             if refine is not None and refine.plan.options.refines(second=False):  # alone (batch_key)
                 raw = callback(passes * n, total)
