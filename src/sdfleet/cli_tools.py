@@ -31,6 +31,9 @@ def make_tiny_cmd(
     seed: int = typer.Option(0, help="Seed of the random weights (the same seed writes the same model)."),
     sdxl: bool = typer.Option(False, "--sdxl", help="An SDXL pipeline."),
     sd2: bool = typer.Option(False, "--sd2", help="An SD 2.x pipeline (OpenCLIP text encoder)."),
+    sdxl_refiner: bool = typer.Option(
+        False, "--sdxl-refiner", help="SDXL's refiner (a task's refiner_checkpoint on an SDXL model)."
+    ),
     sidecar: bool = typer.Option(
         True, help="With --single-file, also write NAME.config/ (without it the family is detected)."
     ),
@@ -41,7 +44,13 @@ def make_tiny_cmd(
     if not sidecar and not single_file:
         _fail(ValueError("--no-sidecar is for --single-file (a diffusers folder holds its own configs)"))
     target = models_dir or _settings(None).fleet.models.dir
-    kinds = {"sdxl": sdxl, "sd2": sd2, "single_file": single_file, "sidecar": sidecar}
+    kinds = {
+        "sdxl": sdxl,
+        "sd2": sd2,
+        "sdxl_refiner": sdxl_refiner,
+        "single_file": single_file,
+        "sidecar": sidecar,
+    }
     try:
         path = make_tiny(target, name, seed=seed, **kinds)
     except ValueError as e:

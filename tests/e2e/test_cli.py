@@ -47,6 +47,16 @@ def test_models_make_tiny_and_list(tmp_path: Path, cli_env: dict[str, str]) -> N
     assert "noise" in made.stdout  # a person is told the images are noise
     again = _run(["models", "make-tiny", "cli-tiny", "--dir", str(tmp_path / "models")], cli_env)
     assert again.returncode == 0, again.stderr  # a tiny model is made again in place
+    refiner = _run(
+        ["models", "make-tiny", "cli-refiner", "--sdxl-refiner", "--dir", str(tmp_path / "models")], cli_env
+    )
+    assert refiner.returncode == 0, refiner.stderr
+    index = json.loads((tmp_path / "models" / "cli-refiner" / "model_index.json").read_text())
+    assert index["requires_aesthetics_score"] is True and index["text_encoder"] == [None, None]
+    both = _run(
+        ["models", "make-tiny", "x", "--sdxl", "--sdxl-refiner", "--dir", str(tmp_path / "models")], cli_env
+    )
+    _one_error_line(both, "a tiny model is of one family")
     # A real model of that name is never written over (it was, with random weights).
     real = tmp_path / "models" / "real"
     real.mkdir()
