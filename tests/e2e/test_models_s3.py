@@ -270,7 +270,9 @@ async def test_a_partial_file_damaged_between_runs_is_caught_on_resume(
     partial = dst / STATE_DIR / "partial" / "big.safetensors" / "big.safetensors.part"
     with partial.open("r+b") as f:  # a byte of the part that is recorded as done
         f.seek(1000)
-        f.write(bytes([f.read(1)[0] ^ 0xFF]))
+        flipped = f.read(1)[0] ^ 0xFF
+        f.seek(1000)  # the read moved on: the write went to byte 1001, the same by chance 1 in 256
+        f.write(bytes([flipped]))
     async with sync_tool(dst, bucket_url) as tool:
         with pytest.raises(ChecksumMismatch):
             await tool.pull("big")
