@@ -24,6 +24,7 @@ from sdfleet import hires
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_lora import text
+from sdfleet.runtimes._diffusers_passes import clip_skip
 from sdfleet.runtimes._diffusers_samplers import sampler_key, total_steps
 from sdfleet.tasks import TaskParams
 
@@ -146,7 +147,7 @@ class Pass:
 
 def first_pass(params: TaskParams) -> Pass:
     steps = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
-    return Pass(text(params.prompt), text(params.negative_prompt), steps, None, _clip_skip(params))
+    return Pass(text(params.prompt), text(params.negative_prompt), steps, None, clip_skip(params))
 
 
 def second_pass(params: TaskParams, plan: hires.Hires) -> Pass:
@@ -154,11 +155,7 @@ def second_pass(params: TaskParams, plan: hires.Hires) -> Pass:
     prompt, negative = hires.prompts(params) or (params.prompt, params.negative_prompt)
     first = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
     steps = total_steps(sampler_key(*hires.sampler_of(plan, params)), plan.steps)
-    return Pass(text(prompt), text(negative), steps, first, _clip_skip(params))
-
-
-def _clip_skip(params: TaskParams) -> int | None:
-    return params.clip_skip - 1 if params.clip_skip > 1 else None
+    return Pass(text(prompt), text(negative), steps, first, clip_skip(params))
 
 
 @contextmanager
