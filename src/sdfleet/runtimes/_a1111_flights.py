@@ -43,9 +43,12 @@ class Snapshot:
 
     @classmethod
     def parse(cls, data: Any) -> Snapshot | None:
+        """None where the answer says nothing of SD WebUI's job state (a server without it)."""
         if not isinstance(data, dict) or not isinstance(data.get("state"), dict):
             return None
         state = data["state"]
+        if "job_count" not in state:
+            return None
         try:
             return cls(
                 active=int(state.get("job_count") or 0) != 0,

@@ -2,8 +2,10 @@
 
 Two jobs may be in flight (``max_in_flight = 2``): while SD WebUI runs one, the next already waits
 in its queue, so the GPU does not idle between requests. Requests leave in ``run()`` order, each
-only once the previous one's body is sent, so SD WebUI queues them in that order. A job for another
-checkpoint waits until SD WebUI has none of our jobs, then switches (``POST /options``).
+only once the previous one's body is sent, so SD WebUI queues them in that order; one sent while
+SD WebUI has none of ours, only once SD WebUI has begun it (it reads and checks a request before it
+takes its queue lock: two sent a moment apart to an idle SD WebUI may run in either order). A job
+for another checkpoint waits until SD WebUI has none of our jobs, then switches (``POST /options``).
 
 Progress is polled from ``/sdapi/v1/progress`` and goes to the job SD WebUI is running, and
 ``interrupt()`` stops the right one: ``/sdapi/v1/interrupt`` when it runs; a job still queued at SD
@@ -41,6 +43,8 @@ from sdfleet.tasks import TaskType
 log = logging.getLogger(__name__)
 _TEXT_KEYS = ("prompt", "negative_prompt")
 _GENERATE = (TaskType.TEXT_TO_IMAGE, TaskType.IMAGE_TO_IMAGE)
+_BEGIN_POLL_S = 0.01
+"""How often to look whether SD WebUI has begun a request sent while it had none of ours."""
 
 
 class A1111Runtime:
@@ -183,9 +187,21 @@ class A1111Runtime:
             flight.answer = asyncio.create_task(self._call("POST", path, body, trace=trace))
             flight.answer.add_done_callback(lambda _: sent.set())
             await sent.wait()  # SD WebUI has the whole request before the next one leaves
+            if not flight.ahead:
+                await self._until_begun(flight)
         finally:
             self._order.release()
         return switch_s
+
+    async def _until_begun(self, flight: Flight) -> None:
+        """Until SD WebUI runs a job that is not one it had when ``flight`` was sent, or has answered
+        it: the next request may leave then. Not at all where ``/progress`` tells no job state."""
+        assert flight.answer is not None
+        while not flight.answer.done() and not flight.cancelled:
+            snap = await self._snapshot()
+            if snap is None or (snap.active and snap.job and snap.timestamp not in flight.not_mine):
+                return
+            await asyncio.sleep(_BEGIN_POLL_S)
 
     async def _until(
         self, flight: Flight, step: Awaitable[Any], undo: Callable[[], Any] | None = None
