@@ -299,8 +299,9 @@ async def test_the_pages_fit_a_phones_width(page: Page, fleet: UpProcess, shots:
 async def test_cancel_a_running_task(page: Page, fleet: UpProcess, shots: Path) -> None:
     await page.goto(f"{fleet.url}/ui")
     await use_key(page, ALICE)
-    # 150 steps at 64² ran out (about a second) on an idle machine before the click reached it
-    await submit_from_form(page, "a very long walk", size=256, steps=150)
+    # 150 steps at 64² ran out (about a second) on an idle machine before the click reached it,
+    # and at 256² once on a clean clone's loaded one (the full-page screenshot between takes time)
+    await submit_from_form(page, "a very long walk", size=512, steps=150)
     await page.locator(".card").first.click()
     await expect(page.locator("#state")).to_have_text("running", timeout=300_000)
     await page.wait_for_function("() => document.getElementById('progress').value > 0", timeout=300_000)
