@@ -24,7 +24,7 @@ from sdfleet import hires
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_lora import text
-from sdfleet.runtimes._diffusers_passes import clip_skip
+from sdfleet.runtimes._diffusers_passes import clip_skip, second_texts
 from sdfleet.runtimes._diffusers_samplers import sampler_key, total_steps
 from sdfleet.tasks import TaskParams
 
@@ -152,10 +152,8 @@ def first_pass(params: TaskParams) -> Pass:
 
 def second_pass(params: TaskParams, plan: hires.Hires) -> Pass:
     """A hires fix's second pass: its own prompts or the first's, scheduled as SD WebUI does."""
-    prompt, negative = hires.prompts(params) or (params.prompt, params.negative_prompt)
-    first = total_steps(sampler_key(params.sampler, params.extra.get("scheduler")), params.steps)
-    steps = total_steps(sampler_key(*hires.sampler_of(plan, params)), plan.steps)
-    return Pass(text(prompt), text(negative), steps, first, clip_skip(params))
+    prompt, negative, steps, first = second_texts(params, plan)
+    return Pass(prompt, negative, steps, first, clip_skip(params))
 
 
 @contextmanager

@@ -37,14 +37,20 @@ def own_second_pass(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float] | Non
     return edits, weight
 
 
-def second_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
-    """``prompts`` of a hires fix's second pass: its own prompts (``hires.prompts``) or the first
-    pass's, scheduled over its steps as SD WebUI schedules them (``_prompt_schedule.schedule``)."""
-    p = job.params
+def second_texts(p: TaskParams, plan: hires.Hires) -> tuple[str, str, int, int]:
+    """A hires fix's second pass's prompt and negative prompt (its own, ``hires.prompts``, or the
+    first pass's; LoRA tags out), the passes it makes and the first pass's, as SD WebUI counts them
+    to schedule prompt edits."""
     prompt, negative = hires.prompts(p) or (p.prompt, p.negative_prompt)
     first = total_steps(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps)
     steps = total_steps(sampler_key(*hires.sampler_of(plan, p)), plan.steps)
-    return PS.of_task(L.text(prompt), L.text(negative), steps, first)
+    return L.text(prompt), L.text(negative), steps, first
+
+
+def second_prompts(job: Job, plan: hires.Hires) -> tuple[PS.Edits, float]:
+    """``prompts`` of a hires fix's second pass (``second_texts``), scheduled over its steps as SD
+    WebUI schedules them (``_prompt_schedule.schedule``)."""
+    return PS.of_task(*second_texts(job.params, plan))
 
 
 def clip_skip(p: TaskParams) -> int | None:
