@@ -290,7 +290,9 @@ class TaskEvent(BaseModel):
 
     @classmethod
     def of_record(cls, record: TaskRecord, kind: EventType, image_urls: list[str]) -> TaskEvent:
-        """The event ``kind`` of a task as its record stands now."""
+        """The event ``kind`` of a task as its record stands now. A finished task's is at its
+        record's last write, so that it is the same event however often it is told (an agent
+        tells it again when the task's delivery comes back after the notification went out)."""
         return cls(
             type=kind,
             task_id=record.id,
@@ -302,4 +304,5 @@ class TaskEvent(BaseModel):
             image_urls=image_urls,
             error=record.error,
             context=record.task.context,
+            at=record.updated_at if record.state.terminal else time.time(),
         )
