@@ -1,7 +1,7 @@
-"""SD WebUI's variation seeds as a text-to-image task asks for them: ``subseed``,
-``subseed_strength`` and ``seed_resize_from_w``/``_h`` in ``params.extra`` (their SD WebUI 1.10 API
-names and defaults). Torch-free: the API checks them at the door; the diffusers runtime makes the
-noise (``runtimes/_diffusers_noise.py``).
+"""SD WebUI's variation seeds as a task asks for them: ``subseed``, ``subseed_strength`` and
+``seed_resize_from_w``/``_h`` in ``params.extra`` (their SD WebUI 1.10 API names and defaults), and
+an image-to-image task's ``initial_noise_multiplier``. Torch-free: the API checks them at the door;
+the diffusers runtime makes the noise (``runtimes/_diffusers_noise.py``).
 
 A variation starts each image from its seed's noise moved towards its variation seed's by
 ``subseed_strength`` along a great circle (0: the seed's, 1: the variation seed's); SD WebUI then
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdfleet.errors import Reject
-from sdfleet.tasks import TaskParams
+from sdfleet.tasks import TaskParams, TaskType
 
 _SEEDS = 2**32
 
@@ -61,6 +61,28 @@ def read(params: TaskParams) -> Variation | None:
             f"subseed must be an integer from -1 to {_SEEDS - 1}, not {subseed!r}", code="invalid_params"
         )
     return Variation(float(strength), subseed, resize)
+
+
+MULTIPLIER = "initial_noise_multiplier"
+"""SD WebUI's image-to-image request field, and the option of the same name it falls back to."""
+
+
+def noise_multiplier(kind: TaskType, params: TaskParams) -> float:
+    """What an image-to-image task's starting noise is multiplied by (SD WebUI's ``Noise
+    multiplier``): its ``initial_noise_multiplier``, else its ``override_settings``' option of that
+    name, else 1; 1 for any other kind (SD WebUI reads it only there, not in a hires fix).
+    ``Reject`` (``invalid_params``) for what is no finite number."""
+    if kind is not TaskType.IMAGE_TO_IMAGE:
+        return 1.0
+    overrides = params.extra.get("override_settings")
+    value, where = params.extra.get(MULTIPLIER), MULTIPLIER
+    if value is None and isinstance(overrides, dict):
+        value, where = overrides.get(MULTIPLIER), f"override_settings.{MULTIPLIER}"
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise Reject(f"{where} must be a number, not {value!r}", code="invalid_params")
+    return float(value)
 
 
 def _side(extra: dict[str, Any], name: str) -> int:

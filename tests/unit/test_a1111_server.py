@@ -182,10 +182,20 @@ def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIA
     assert "Variation seed: 4294967296, Variation seed strength: 0.4" in past.info["infotexts"][1]
     zero = api.txt2img(prompt="a red cat", seed=42, subseed=0, subseed_strength=0.4, **SMALL)
     assert pixels(past.images[1]) == pixels(zero.images[0])
+    # image-to-image's too (it was refused), with its noise multiplier, said as SD WebUI says them
+    i2i = api.img2img(
+        images=[Image.new("RGB", (64, 64))], prompt="a", seed=3, subseed=9, subseed_strength=0.5,
+        initial_noise_multiplier=0.8, **SMALL,
+    )  # fmt: skip
+    words = "Variation seed: 9, Variation seed strength: 0.5, Denoising strength: 0.75, Noise multiplier: 0.8"
+    assert words in i2i.info["infotexts"][0], i2i.info["infotexts"][0]
     with pytest.raises(
-        RuntimeError, match=r"subseed_strength \(variation seeds\) with image-to-image is not"
+        RuntimeError, match=r"subseed_strength \(variation seeds\) with a mask at denoising_s"
     ):
-        api.img2img(images=[Image.new("RGB", (64, 64))], prompt="a", subseed_strength=0.5, **SMALL)
+        api.img2img(
+            images=[Image.new("RGB", (64, 64))], mask_image=Image.new("L", (64, 64), 255), prompt="a",
+            subseed_strength=0.5, denoising_strength=1.0, **SMALL,
+        )  # fmt: skip
 
 
 def test_the_emphasis_option_and_override_are_taken(api: webuiapi.WebUIApi) -> None:

@@ -1,21 +1,28 @@
 """Variation seeds (``subseed``, ``subseed_strength``, ``seed_resize_from``) in the diffusers runtime,
-on a tiny random-weight model (CPU, 64x64, 2-3 steps). They were refused (``unsupported_option``).
+on a tiny random-weight model (CPU, 64x64, 2-3 steps). They were refused (``unsupported_option``),
+and on image-to-image and a hires fix's second pass until later, as was image-to-image's
+``initial_noise_multiplier``.
 
 The noise is SD WebUI's (``ImageRNG.first``, checked against its code by hand: the issue note);
 these tests hold what follows from it: strength 0 and 1 are the seed's and the variation seed's own
-images, the seed's generator goes on into the steps, a batch shares its seed, batch-mates keep
-their images.
+images (text-to-image, image-to-image, masked or not, both passes of a hires fix), the seed's
+generator goes on into the steps, a batch shares its seed, batch-mates keep their images. The
+images of image-to-image against SD WebUI's: ``tests/interop/test_a1111_interop.py``.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 from PIL import Image
 from test_diffusers_batching import pixels, quiet
+from test_inpainting_batched import batching
 
 from sdfleet import variation
 from sdfleet.errors import Reject, ValidationFailed
@@ -38,11 +45,36 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> DiffusersRuntime:
 
 def job(kind: TaskType = TaskType.TEXT_TO_IMAGE, task_id: str = "t-1", **fields: object) -> Job:
     base: dict[str, object] = {"prompt": "a red cat", "steps": 3, "width": 64, "height": 64, "seed": 1}
-    extra = {k: fields.pop(k) for k in list(fields) if k.startswith(("subseed", "seed_resize", "enable_hr"))}
+    prefixes = ("subseed", "seed_resize", "enable_hr", "hr_", "initial_noise", "override", "mask", "inpaint")
+    extra = {k: fields.pop(k) for k in list(fields) if k.startswith(prefixes)}
+    mask = extra.pop("mask", None)
+    if mask is not None:
+        extra["mask"] = "m"
     base |= fields | {"extra": extra}
     init = base.pop("init_images", [])
-    assert isinstance(init, list)
-    return Job(task_id, kind, "tiny-a", TaskParams.model_validate(base), init_images=init)
+    assert isinstance(init, list) and (mask is None or isinstance(mask, bytes))
+    return Job(task_id, kind, "tiny-a", TaskParams.model_validate(base), init_images=init, mask=mask)
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def an_input() -> bytes:
+    """An input with something in it: a blank one is the same at any noise."""
+    rng = np.random.default_rng(5)
+    return png(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+
+
+def a_mask() -> bytes:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return png(mask)
+
+
+I2I = TaskType.IMAGE_TO_IMAGE
 
 
 def differ(a: bytes, b: bytes) -> int:
@@ -151,17 +183,111 @@ def test_slerp_keeps_the_ends_and_the_noises_scale() -> None:
     assert torch.allclose(row, 0.6 * low[:, :1] + 0.4 * high[:, :1])
 
 
-async def test_what_the_runtime_does_not_vary_is_refused_by_name(runtime: DiffusersRuntime) -> None:
-    init = io.BytesIO()
-    Image.new("RGB", (64, 64)).save(init, format="PNG")
-    i2i = job(TaskType.IMAGE_TO_IMAGE, init_images=[init.getvalue()], subseed_strength=0.3)
-    with pytest.raises(Reject, match=r"subseed_strength \(variation seeds\) with image-to-image") as e:
-        await runtime.run(i2i, quiet)
-    assert e.value.code == "unsupported_option"
-    hires = job(enable_hr=True, seed_resize_from_w=32, seed_resize_from_h=32)
-    with pytest.raises(Reject, match=r"seed_resize_from_w/h \(variation seeds\) with enable_hr"):
-        refuse("diffusers", TaskType.TEXT_TO_IMAGE, hires.params)
-    refuse("a1111", TaskType.IMAGE_TO_IMAGE, i2i.params)  # SD WebUI makes them
+@pytest.fixture
+def noises(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The noise each Euler call noises its start with (an image-to-image call's, a hires pass's)."""
+    seen: list[torch.Tensor] = []
+    add = EulerDiscreteScheduler.add_noise
+
+    def spy(self: Any, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        seen.append(noise.detach().clone().float())
+        return add(self, original, noise, timesteps)
+
+    monkeypatch.setattr(EulerDiscreteScheduler, "add_noise", spy)
+    return seen
+
+
+def drawn_first(seed: int, shape: tuple[int, ...] = (1, 4, 8, 8)) -> torch.Tensor:
+    """What SD WebUI's ``ImageRNG.first`` draws for ``seed`` (no variation)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["image-to-image", "masked"])
+async def test_image_to_image_noise_is_sd_webuis_with_variation_seeds(
+    runtime: DiffusersRuntime, noises: list[torch.Tensor], masked: bool
+) -> None:
+    """Its noise is the first draw of the seed's generator, as SD WebUI's ``ImageRNG`` (it was the
+    second: the pipeline sampled its VAE's encoding with it first), and with variation seeds (they
+    were refused) SD WebUI's noise of them: at strength 1 the variation seed's own."""
+    given = {"mask": a_mask()} if masked else {}
+    common = {"sampler": "Euler", "init_images": [an_input()], "denoising_strength": 0.75} | given
+    plain = await runtime.run(job(I2I, seed=7, **common), quiet)
+    assert torch.equal(noises[-1], drawn_first(7))
+    varied = await runtime.run(job(I2I, subseed=7, subseed_strength=1.0, **common), quiet)
+    assert torch.equal(noises[-1], drawn_first(7))
+    half = await runtime.run(job(I2I, subseed=7, subseed_strength=0.5, **common), quiet)
+    mixed, _ = first_noise(variation.Variation(0.5, 7, None), [1], [7], (4, 8, 8), 8)
+    assert torch.equal(noises[-1], mixed)
+    assert half.images[0] not in (plain.images[0], varied.images[0])
+    assert (
+        "Variation seed: 7, Variation seed strength: 0.5, Denoising strength: 0.75"
+        in half.info["infotexts"][0]
+    )
+    none = await runtime.run(job(I2I, subseed=7, subseed_strength=0, **common), quiet)
+    assert none.images == (await runtime.run(job(I2I, **common), quiet)).images
+
+
+async def test_both_passes_of_a_hires_fix_take_the_variation_seeds_noise(
+    runtime: DiffusersRuntime, noises: list[torch.Tensor]
+) -> None:
+    """SD WebUI draws the second pass's noise as the first's, with the variation seeds, at the
+    pass's size (it was refused with ``enable_hr``): at strength 1 the variation seed's own image
+    through both passes of a latent upscale, and the variation seed's noise for an image upscaler's
+    (whose input is encoded again: its VAE's sample is the seed's)."""
+    hires = {"sampler": "Euler", "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent"}
+    hires |= {"denoising_strength": 0.6, "hr_second_pass_steps": 2}
+    varied = await runtime.run(job(subseed=7, subseed_strength=1.0, **hires), quiet)
+    as_seed = await runtime.run(job(seed=7, **hires), quiet)
+    assert pixels(varied.images[0]).shape == (96, 96, 3)
+    assert pixels(varied.images[0]).tobytes() == pixels(as_seed.images[0]).tobytes()
+    await runtime.run(job(subseed=7, subseed_strength=1.0, **hires | {"hr_upscaler": "Lanczos"}), quiet)
+    assert torch.equal(noises[-1], drawn_first(7, (1, 4, 12, 12)))
+    resized = await runtime.run(job(seed_resize_from_w=32, seed_resize_from_h=32, **hires), quiet)
+    middle, _ = first_noise(variation.Variation(0.0, -1, (32, 32)), [1], [0], (4, 12, 12), 8)
+    assert torch.equal(noises[-1], middle)
+    plain = await runtime.run(job(**hires), quiet)
+    assert resized.images != plain.images and "Seed resize from: 32x32" in resized.info["infotexts"][0]
+
+
+async def test_the_noise_multiplier_of_image_to_image(runtime: DiffusersRuntime) -> None:
+    """``initial_noise_multiplier`` (and the option of that name) scales the starting noise, said
+    as SD WebUI says it; 1 is the default's image, bit for bit, and a batch shares one."""
+    common = {"sampler": "Euler", "init_images": [an_input()], "denoising_strength": 0.75}
+    plain = await runtime.run(job(I2I, **common), quiet)
+    one = await runtime.run(job(I2I, initial_noise_multiplier=1, **common), quiet)
+    assert one.images == plain.images and one.info["infotexts"] == plain.info["infotexts"]
+    less = await runtime.run(job(I2I, initial_noise_multiplier=0.5, **common), quiet)
+    assert less.images != plain.images
+    assert "Denoising strength: 0.75, Noise multiplier: 0.5, Version: " in less.info["infotexts"][0]
+    option = job(I2I, override_settings={"initial_noise_multiplier": 0.5}, **common)
+    assert (await runtime.run(option, quiet)).images == less.images
+    field_first = job(
+        I2I, initial_noise_multiplier=0.5, override_settings={"initial_noise_multiplier": 2}, **common
+    )
+    assert (await runtime.run(field_first, quiet)).images == less.images  # the field, as SD WebUI
+    assert runtime.batch_key(job(I2I, initial_noise_multiplier=0.5, **common)) != runtime.batch_key(
+        job(I2I, **common)
+    )
+    t2i = await runtime.run(job(sampler="Euler", override_settings={"initial_noise_multiplier": 0.5}), quiet)
+    assert t2i.images == (await runtime.run(job(sampler="Euler"), quiet)).images  # image-to-image's only
+
+
+async def test_where_the_runtime_starts_from_pure_noise_it_refuses_by_name(runtime: DiffusersRuntime) -> None:
+    """A masked task at denoising strength 1 starts from noise alone here (SD WebUI noises its
+    input even there): variation seeds and a multiplier are refused, not dropped."""
+    masked = {"init_images": [an_input()], "mask": a_mask(), "denoising_strength": 1.0}
+    for fields, word in (
+        ({"subseed_strength": 0.3}, r"subseed_strength \(variation seeds\)"),
+        ({"seed_resize_from_w": 32, "seed_resize_from_h": 32}, r"seed_resize_from_w/h \(variation seeds\)"),
+        ({"initial_noise_multiplier": 0.9}, r"initial_noise_multiplier=0\.9"),
+    ):
+        asked = job(I2I, **masked, **fields)
+        with pytest.raises(Reject, match=word + " with a mask at denoising_strength 1") as e:
+            await runtime.run(asked, quiet)
+        assert e.value.code == "unsupported_option"
+        refuse("a1111", I2I, asked.params)  # SD WebUI makes them
+    lower = await runtime.run(job(I2I, **masked | {"denoising_strength": 0.9}, subseed_strength=0.3), quiet)
+    assert len(lower.images) == 1
 
 
 @pytest.mark.parametrize(
@@ -195,3 +321,35 @@ async def test_noise_larger_than_the_runtime_allows_is_refused_before_it_is_made
         ValidationFailed, match="seed_resize_from 100000x100000 is over the maximum 2048x2048"
     ):
         check_output_size(TaskType.TEXT_TO_IMAGE, huge.params, [], 2048, 2048)  # the API, any runtime
+
+
+async def test_image_to_image_batch_mates_keep_their_variations_and_multiplier(
+    runtime: DiffusersRuntime,
+) -> None:
+    common = {"init_images": [an_input()], "denoising_strength": 0.75, "subseed_strength": 0.5}
+    common |= {"initial_noise_multiplier": 0.8}
+    jobs = [
+        job(I2I, "t-1", seed=3, subseed=8, **common),
+        job(I2I, "t-2", seed=4, subseed=9, batch_size=2, **common),
+    ]
+    assert runtime.batch_key(jobs[0]) == runtime.batch_key(jobs[1]) is not None
+    batched = await runtime.run_batch(jobs, [quiet, quiet])
+    for one, outcome in zip(jobs, batched, strict=True):
+        assert isinstance(outcome, RuntimeResult)
+        alone = await runtime.run(one, quiet)
+        assert all(differ(b, a) <= 1 for b, a in zip(outcome.images, alone.images, strict=True))
+        assert outcome.info["infotexts"] == alone.info["infotexts"]
+
+
+async def test_an_inpainting_checkpoint_from_pure_noise_refuses_them_when_it_runs(
+    tmp_path: Path,
+) -> None:
+    """Its image-to-image at strength 1 starts from noise alone (its whole image masked, as SD
+    WebUI runs it): the variation is refused when the call finds it so, not dropped."""
+    inpainting = batching(tmp_path, inpainting_unet=True)
+    varied = job(I2I, init_images=[an_input()], denoising_strength=1.0, subseed=7, subseed_strength=0.5)
+    with pytest.raises(Reject, match="where it starts from pure noise") as e:
+        await inpainting.run(varied, quiet)
+    assert e.value.code == "unsupported_option"
+    lower = job(I2I, init_images=[an_input()], denoising_strength=0.8, subseed=7, subseed_strength=0.5)
+    assert len((await inpainting.run(lower, quiet)).images) == 1

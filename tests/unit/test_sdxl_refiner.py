@@ -20,6 +20,7 @@ from test_diffusers_batching import pixels, quiet
 from sdfleet.errors import Reject
 from sdfleet.models import ModelCatalog, make_tiny
 from sdfleet.runtimes import _diffusers_pipes as P
+from sdfleet.runtimes._diffusers_noise import own_vae_draws
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -103,16 +104,23 @@ async def test_refining_an_image_from_the_start_is_diffusers_refiner_pipeline(
 ) -> None:
     """SDXL's refiner's everyday use: an image-to-image task refined from the start (switch 0)
     is diffusers' refiner pipeline refining the image (its VAE encodes it, its noise, its
-    aesthetic scores); a single file of the same weights refines as the folder does."""
+    aesthetic scores; the noise the seed's first draw, as SD WebUI's, the VAE's sample drawn apart:
+    ``own_vae_draws``); a single file of the same weights refines as the folder does."""
     start = (await runtime.run(job(), quiet)).images[0]
     i2i = {"kind": TaskType.IMAGE_TO_IMAGE, "init": start, "denoising_strength": 0.5}
     ours = await runtime.run(job(**i2i, refiner_checkpoint="xl-refiner", refiner_switch_at=0), quiet)
     _, refines = references(runtime)
     generator = torch.Generator("cpu").manual_seed(7)
     image = Image.open(io.BytesIO(start)).convert("RGB")
-    theirs = refines(
-        PROMPT, image=image, strength=0.5, num_inference_steps=8, guidance_scale=7.0, generator=generator
-    )
+    with own_vae_draws(refines.vae, [generator], [7]):
+        theirs = refines(
+            PROMPT,
+            image=image,
+            strength=0.5,
+            num_inference_steps=8,
+            guidance_scale=7.0,
+            generator=[generator],
+        )
     assert differ(ours, png(theirs.images[0])) == 0
     from_file = await runtime.run(job(**i2i, refiner_checkpoint="refiner-file", refiner_switch_at=0), quiet)
     assert differ(from_file, ours.images[0]) <= 1

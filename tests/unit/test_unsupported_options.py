@@ -63,8 +63,7 @@ def test_each_field_the_runtime_would_leave_out_is_named() -> None:
         [
             "alwayson_scripts.controlnet",
             "alwayson_scripts.AnimateDiff",
-            "restore_faces",
-            "subseed_strength (variation seeds) with enable_hr",
+            "restore_faces",  # variation seeds with a hires fix run now (test_diffusers_variation)
             "override_settings.sd_vae",
         ]
     ), found
@@ -211,12 +210,12 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         assert off_defaults(webuiapi, kind, "Euler a") == []
     changed = {"s_churn": 0.3, "s_noise": 1.01, "s_min_uncond": 0.2, "refiner_checkpoint": "sdxl_refiner"}
     changed |= {"infotext": "Steps: 4"}
+    # (initial_noise_multiplier runs now: test_diffusers_variation)
     changed |= {"seed_resize_from_w": 512, "resize_mode": 3, "initial_noise_multiplier": 0.9, "eta": 0.5}
     assert off_defaults(changed, i2i, "DPM2 a Karras") == [
         "s_min_uncond=0.2",
         "infotext='Steps: 4'",
         "resize_mode=3",
-        "initial_noise_multiplier=0.9",
         "eta=0.5 (with DPM2 a)",  # k-diffusion's fields where SD WebUI's sampler takes them
         "s_noise=1.01 (with DPM2 a)",
     ]

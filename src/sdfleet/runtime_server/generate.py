@@ -50,11 +50,11 @@ _HIRES = (
 )
 """A txt2img request's hires fix fields, handed to the runtime as they came (``sdfleet.hires``)."""
 _VARIATION = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
+"""Variation seeds' fields, handed over as they came (``sdfleet.variation``) beside the subseed."""
 _CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 """k-diffusion's churn (Euler's: ``runtimes/_diffusers_churn.py``), handed over as it came."""
 _REFINER = ("refiner_checkpoint", "refiner_switch_at")
 """The refiner's fields (``sdfleet.refiner``), the checkpoint found as SD WebUI finds one."""
-"""Variation seeds' fields, handed over as they came (``sdfleet.variation``) beside the subseed."""
 _INPAINT = (
     "mask",
     "mask_blur_x",
@@ -127,6 +127,17 @@ def _emphasis(state: ServerState, req: GenerationBody) -> str:
     return str(wanted if wanted is not None else state.options["emphasis"])
 
 
+def _noise_multiplier(state: ServerState, req: GenerationBody) -> Any:
+    """An img2img request's noise multiplier as SD WebUI reads it: the field, else its
+    ``override_settings``, else the option (None for txt2img; checked by the runtime)."""
+    if not isinstance(req, Img2ImgRequest):
+        return None
+    if req.initial_noise_multiplier is not None:
+        return req.initial_noise_multiplier
+    overrides = req.override_settings or {}
+    return overrides.get(variation.MULTIPLIER, state.options[variation.MULTIPLIER])
+
+
 def _refiner_options(state: ServerState, req: GenerationBody) -> dict[str, Any]:
     """SD WebUI's refiner options (``refiner.Options``) of a request where not their defaults:
     its ``override_settings``, else the options set."""
@@ -158,10 +169,12 @@ def _params(
     tiling: bool,
     emphasis: str,
     refining: dict[str, Any],
+    multiplier: Any = None,
 ) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
     one call, with consecutive seeds), from ``seeds``: the seed and the variation seed;
-    ``refining``: the refiner's options as overrides (``_refiner_options``)."""
+    ``refining``: the refiner's options as overrides (``_refiner_options``); ``multiplier``: an
+    img2img request's noise multiplier (``_noise_multiplier``)."""
     fields: dict[str, Any] = {
         "prompt": req.prompt or "",
         "negative_prompt": req.negative_prompt or "",
@@ -183,6 +196,7 @@ def _params(
     if isinstance(req, Img2ImgRequest):
         fields["denoising_strength"] = req.denoising_strength
         fields["extra"]["resize_mode"] = req.resize_mode
+        fields["extra"][variation.MULTIPLIER] = multiplier
         if req.mask:
             fields["extra"] |= {name: getattr(req, name) for name in _INPAINT}
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
@@ -232,7 +246,10 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
     emphasis = _emphasis(state, req)
     refining = _refiner_options(state, req)
-    params = _params(req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis, refining)
+    multiplier = _noise_multiplier(state, req)
+    params = _params(
+        req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis, refining, multiplier
+    )
     params, styled = _styled(state, params)
     kind = _kind(req)
     try:
@@ -268,6 +285,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     gen.etas = etas_said(sampler.runtime_key, req.eta, second, params)
     gen.extra |= gen.etas[0] | gen.etas[1]  # said by the samplers, last (the run says them again)
     gen.refining = refiner.options(params.extra)  # read by _checkpoints
+    gen.noise_multiplier = variation.noise_multiplier(kind, params)  # checked above
     return gen, params, model
 
 
@@ -290,7 +308,8 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     for them); then its prompts'
     encoding's ``TI hashes`` (unless ``textual_inversion_add_hashes_to_infotext`` is off) and
     ``Emphasis`` in the order the run says them; then what is said while sampling: the samplers'
-    etas and the refiner's words, in their order (``refiner.said_while_sampling``); an
+    ``Noise multiplier``, etas and the refiner's words, in their order
+    (``refiner.said_while_sampling``); an
     inpainting checkpoint's ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
     if hires.SCHEDULE_WORD in gen.extra:  # its place, kept since the plan
@@ -309,6 +328,8 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
         skip = set() if options["textual_inversion_add_hashes_to_infotext"] else {"TI hashes"}
         gen.extra |= {k: v for k, v in conditioning.items() if k not in skip}
     gen.extra |= later
+    if gen.noise_multiplier != 1:  # said as the image-to-image sampling starts
+        gen.extra["Noise multiplier"] = gen.noise_multiplier
     took = info.get("refiner")
     passes = info.get("refiner_passes") or (False, False)
     refined = (took[0], took[1]) if took else None

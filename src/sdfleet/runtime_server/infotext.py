@@ -47,6 +47,8 @@ class Generation:
     says again in its order with the refiner's (``refiner.said_while_sampling``)."""
     refining: refiner.Options = field(default_factory=refiner.Options)
     """The refiner's options the request ran with."""
+    noise_multiplier: float = 1.0
+    """An img2img request's ``initial_noise_multiplier`` as run (its field, override or option)."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:

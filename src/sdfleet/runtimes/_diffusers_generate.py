@@ -59,6 +59,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         second = hires.plan(job.type, p)
         refiner.read(p)
         varied = variation.read(p)
+        variation.noise_multiplier(job.type, p)
         edits, weight = Q.prompts(job)
         masked = inpaint.read(job.type, p)
     except Reject:
@@ -80,6 +81,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         sampler,
         p.cfg_scale * weight,
         p.denoising_strength if img2img else None,
+        variation.noise_multiplier(job.type, p),
         p.clip_skip,
         # an empty negative prompt is None to the pipeline (SDXL then uses zero embeddings, not
         # the empty string's): the call passes None only when every job of it has none
@@ -219,6 +221,32 @@ def _noise(
     return torch.cat(latents).to(pipe.unet.dtype), generators
 
 
+def _img2img_noise(pipe: Any, parts: Sequence[_Part], job: Job) -> torch.Tensor | None:
+    """An image-to-image call's starting noise where it is not the pipeline's own (variation seeds,
+    a noise multiplier: the same for every part, batch_key); None for text-to-image."""
+    if job.type is not TaskType.IMAGE_TO_IMAGE:
+        return None
+    p, scale = job.params, pipe.vae_scale_factor
+    shape = (pipe.vae.config.latent_channels, p.height // scale, p.width // scale)
+    seeds = [s for part in parts for s in part.seeds]
+    subseeds = [s for part in parts for s in part.subseeds]
+    multiplier = variation.noise_multiplier(job.type, p)
+    return N.img2img_noise(parts[0].variation, seeds, subseeds, shape, scale, multiplier)
+
+
+def _second_noise(second: H.SecondPass, parts: Sequence[_Part]) -> torch.Tensor | None:
+    """A hires fix's second pass's noise with variation seeds: SD WebUI draws it anew as the first
+    pass's (the same seeds, variation seeds and ``seed_resize_from``) at the pass's size."""
+    if parts[0].variation is None:
+        return None
+    scale = second.pipe.vae_scale_factor
+    width, height = second.plan.size
+    shape = (second.pipe.vae.config.latent_channels, height // scale, width // scale)
+    seeds = [s for part in parts for s in part.seeds]
+    subseeds = [s for part in parts for s in part.subseeds]
+    return N.img2img_noise(parts[0].variation, seeds, subseeds, shape, scale)
+
+
 def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
     """A part's image-to-image inputs, one per image made: SD WebUI's rule, item i of a batch
     starts from input i (one input: every item), resized by the task's ``resize_mode``."""
@@ -320,8 +348,13 @@ def generate(
                     swap = Q.take_over(
                         pipe, steps, kwargs, refine, job, images_of, Q.prompts(job), mine[0], raw
                     )
+                noise = _img2img_noise(pipe, call_parts, job)
+                seeds = [s for part in call_parts for s in part.seeds]
                 try:
-                    with C.composing(pipe, C.first_pass(job.params), images_of, kwargs, mine[0]):
+                    with (
+                        N.as_sd_webui(pipe, kwargs, seeds, noise),
+                        C.composing(pipe, C.first_pass(job.params), images_of, kwargs, mine[0]),
+                    ):
                         images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
                     if swap is not None:
@@ -329,19 +362,22 @@ def generate(
                         swap.give_back(pipe)
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
+            seeds = [s for part in call_parts for s in part.seeds]
             K.ready(pipe.scheduler, handed, steps)
             swap = None
             if refine is not None and refine.plan.options.refines(second=False):  # alone (batch_key)
                 raw = callback(passes * n, total)
                 swap = Q.take_over(pipe, steps, handed, refine, job, images_of, Q.prompts(job), mine[0], raw)
             try:  # its images decoded by the refiner's VAE where it took over, as in SD WebUI
-                with C.composing(pipe, C.first_pass(job.params), images_of, handed, mine[0]):
+                with (
+                    N.as_sd_webui(pipe, handed, seeds, None),
+                    C.composing(pipe, C.first_pass(job.params), images_of, handed, mine[0]),
+                ):
                     first = pipe(num_inference_steps=steps, **handed).images
             finally:
                 if swap is not None:
                     refined[0] = True
                     swap.give_back(pipe)
-            seeds = [s for part in call_parts for s in part.seeds]
             progress = callback(passes * n + 1, total)
             # another model reads the prompts anew with its own text encoders (alone: batch_key)
             reader, fresh = (second.pipe, True) if second.other_model else (pipe, False)
@@ -361,8 +397,9 @@ def generate(
                 )
             read = C.second_pass(job.params, second.plan)
             around = partial(C.composing, read=read, images=images_of, reading=mine[0])
+            noise = _second_noise(second, call_parts)
             made, swapped = H.run(
-                second, first, again, seeds, progress if own is None else own[1], take_over, around
+                second, first, again, seeds, progress if own is None else own[1], take_over, around, noise
             )
             images += made
             refined[1] = refined[1] or swapped

@@ -24,6 +24,7 @@ from PIL import Image
 from sdfleet.hires import Hires, second_pass_steps
 from sdfleet.runtimes._diffusers_churn import ready
 from sdfleet.runtimes._diffusers_inpaint import whole_masked
+from sdfleet.runtimes._diffusers_noise import as_sd_webui
 from sdfleet.runtimes._diffusers_pipes import inpainting_unet
 
 Upscale = Callable[[Image.Image, str, tuple[int, int]], Image.Image]
@@ -58,10 +59,12 @@ def run(
     callback: Any,
     take_over: TakeOver | None = None,
     around: Callable[..., AbstractContextManager[None]] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[list[Any], bool]:
     """The second pass over ``first`` (the first call's output), with the first call's prompt
     arguments (``kwargs``); its images, and whether a refiner (``take_over``) took it over.
-    ``around(pipe, kwargs=...)``: what the call runs in (composable diffusion's UNet)."""
+    ``around(pipe, kwargs=...)``: what the call runs in (composable diffusion's UNet); ``noise``:
+    its starting noise where it is not the pipeline's own (variation seeds)."""
     plan = second.plan
     if plan.latent_mode is not None:
         mode, antialias = plan.latent_mode
@@ -86,7 +89,10 @@ def run(
     ready(second.pipe.scheduler, call, schedule)
     swap = take_over(second.pipe, schedule, call) if take_over is not None else None
     try:
-        with around(second.pipe, kwargs=call) if around is not None else nullcontext():
+        with (
+            as_sd_webui(second.pipe, call, seeds, noise),
+            around(second.pipe, kwargs=call) if around is not None else nullcontext(),
+        ):
             images: list[Any] = second.pipe(num_inference_steps=schedule, **call).images
     finally:
         if swap is not None:

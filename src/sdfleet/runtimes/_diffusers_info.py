@@ -118,6 +118,9 @@ def generation_params(
     if call.loras is not None:
         extra["Lora hashes"] = call.loras
     extra |= conditioning or {}
+    multiplier = variation.noise_multiplier(kind, params)  # checked before the run
+    if multiplier != 1:
+        extra["Noise multiplier"] = multiplier
     eta = params.extra.get("eta")
     eta = eta if isinstance(eta, int | float) else None
     etas = etas_said(call.sampler, eta, second, params)

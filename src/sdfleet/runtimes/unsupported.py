@@ -62,16 +62,16 @@ skip, parameters read from an infotext (k-diffusion's churn and noise: ``SAMPLER
 first pass, ``firstpass_image``, is the hires fix's: ``hires.unsupported``.)"""
 _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
-    "initial_noise_multiplier": (None, 1),
 }
-"""The same for image-to-image: the noise's multiplier, and the resize modes it implements (stretch,
-crop and fill; not 3, a latent upscale)."""
+"""The same for image-to-image: the resize modes it implements (stretch, crop and fill; not 3, a
+latent upscale)."""
 _OVERRIDES_READ = {
     "sd_model_checkpoint",
     "CLIP_stop_at_last_layers",
     "emphasis",
     refiner.PASS_OPTION,
     refiner.BY_STEPS_OPTION,
+    variation.MULTIPLIER,
 }
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -337,16 +337,23 @@ def eta_taker(sampler: object) -> str | None:
 
 
 def variation_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
-    """Variation seeds where the diffusers runtime does not make them: image-to-image, and the
-    hires fix's second pass (it makes them for text-to-image). ``Reject`` (``invalid_params``) for
-    values that are no seed or size (``variation.read``)."""
+    """Variation seeds and the noise multiplier where the diffusers runtime starts an image from
+    pure noise, not from its input noised: a masked image-to-image task at ``denoising_strength`` 1
+    (SD WebUI noises the input there too; an inpainting checkpoint's unmasked one is refused when
+    it runs, ``_diffusers_noise.NoiseNotTaken``). ``Reject`` (``invalid_params``) for values that
+    are no seed, size or number (``variation.read``, ``variation.noise_multiplier``)."""
     varied = variation.read(params)
-    if varied is None or (kind is TaskType.TEXT_TO_IMAGE and not hires.asked(kind, params)):
+    multiplier = variation.noise_multiplier(kind, params)
+    if (
+        kind is not TaskType.IMAGE_TO_IMAGE
+        or params.denoising_strength < 1
+        or not inpaint.asked(kind, params)
+    ):
         return []
-    where = "enable_hr" if kind is TaskType.TEXT_TO_IMAGE else "image-to-image"
-    names = ["subseed_strength"] if varied.strength != 0 else []
-    names += ["seed_resize_from_w/h"] if varied.resize_from else []
-    return [f"{name} (variation seeds) with {where}" for name in names]
+    names = ["subseed_strength (variation seeds)"] if varied and varied.strength != 0 else []
+    names += ["seed_resize_from_w/h (variation seeds)"] if varied and varied.resize_from else []
+    names += [f"{variation.MULTIPLIER}={multiplier!r}"] if multiplier != 1 else []
+    return [f"{name} with a mask at denoising_strength 1" for name in names]
 
 
 def ancestral(sampler: str | None) -> bool:
