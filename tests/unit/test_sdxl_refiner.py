@@ -112,11 +112,11 @@ async def test_refining_an_image_from_the_start_is_diffusers_refiner_pipeline(
     _, refines = references(runtime)
     generator = torch.Generator("cpu").manual_seed(7)
     image = Image.open(io.BytesIO(start)).convert("RGB")
-    with own_vae_draws(refines.vae, [generator], [7]):
+    with own_vae_draws(refines.vae, [generator], [7]):  # SD WebUI's 0.5: int(0.5 × 8) + 1 of 8 steps
         theirs = refines(
             PROMPT,
             image=image,
-            strength=0.5,
+            strength=5 / 8,
             num_inference_steps=8,
             guidance_scale=7.0,
             generator=[generator],

@@ -46,6 +46,7 @@ from sdfleet.runtimes import _inpaint_images as I
 from sdfleet.runtimes import _prompt_syntax as S
 from sdfleet.runtimes import _textual_inversion as T
 from sdfleet.runtimes import unsupported as U
+from sdfleet.runtimes._diffusers_samplers import img2img_schedule, sampler_key
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.tasks import TaskParams, TaskType
 
@@ -184,9 +185,8 @@ def call_kwargs(
         kwargs["clip_skip"] = Q.clip_skip(first)
     steps = first.steps
     if img2img:
-        steps = P.img2img_steps(first.steps, first.denoising_strength)
+        steps, kwargs["strength"] = _img2img_schedule(pipe, first, masked=ready[0] is not None)
         size = (first.width, first.height)
-        kwargs["strength"] = first.denoising_strength
         for part, mine in zip(parts, ready, strict=True):
             part.inpainting = mine
         if ready[0] is None:  # every job of the call is masked or none is (batch_key)
@@ -219,6 +219,19 @@ def _noise(
         latents.append(noise)
         generators += gens
     return torch.cat(latents).to(pipe.unet.dtype), generators
+
+
+def _img2img_schedule(pipe: Any, p: TaskParams, masked: bool) -> tuple[int, float]:
+    """An image-to-image call's steps and strength: SD WebUI's schedule (``img2img_schedule``),
+    but where that starts at the schedule's first step below a strength of 1 in an inpainting
+    pipeline (masked, or an inpainting UNet's), which would start from noise alone there, not from
+    the input noised as SD WebUI does: diffusers' own (one step fewer, from the next)."""
+    ds = p.denoising_strength
+    fallback = P.img2img_steps(p.steps, ds), ds  # refuses a strength of 0
+    steps, strength = img2img_schedule(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps, ds)
+    if strength >= 1 > ds and (masked or P.inpainting_unet(pipe)):
+        return fallback
+    return steps, strength
 
 
 def _img2img_noise(pipe: Any, parts: Sequence[_Part], job: Job) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ API can ask without loading either."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sdfleet import hires
@@ -112,6 +113,22 @@ def hires_said(first: str, first_scheduler: object, second: str, second_schedule
         return None
     first_name, first_label = said(first, first_scheduler)
     return None if first_name not in _NO_SIGMAS and first_label == label else label
+
+
+def img2img_schedule(key: str | None, steps: int, strength: float) -> tuple[int, float]:
+    """The steps and strength to give a diffusers image-to-image call of sampler ``key`` so that it
+    denoises as SD WebUI 1.10's does at ``strength``. Its k-diffusion samplers denoise
+    ``int(min(strength, 0.999) × steps) + 1`` steps, from that many before the schedule's end
+    (``setup_img2img_steps``, ``sigmas[steps - t_enc - 1:]``), one more than diffusers' strength
+    makes (``get_timesteps``: ``int(steps × strength)``), from a higher sigma; its timestep samplers
+    (DDIM, PLMS, UniPC) as diffusers, at least one step. ``strength`` must be above 0."""
+    if key is not None and key.removesuffix(" Karras") in _NO_SIGMAS:
+        return max(steps, math.ceil(1 / strength)), strength
+    denoised = int(min(strength, 0.999) * steps) + 1
+    given = min(denoised / steps, 1.0)
+    while int(steps * given) < denoised:  # a quotient rounded down: the next float up
+        given = math.nextafter(given, 2.0)
+    return steps, given
 
 
 def total_steps(key: str | None, steps: int) -> int:

@@ -338,17 +338,13 @@ def eta_taker(sampler: object) -> str | None:
 
 def variation_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     """Variation seeds and the noise multiplier where the diffusers runtime starts an image from
-    pure noise, not from its input noised: a masked image-to-image task at ``denoising_strength`` 1
-    (SD WebUI noises the input there too; an inpainting checkpoint's unmasked one is refused when
-    it runs, ``_diffusers_noise.NoiseNotTaken``). ``Reject`` (``invalid_params``) for values that
-    are no seed, size or number (``variation.read``, ``variation.noise_multiplier``)."""
+    noise alone, not from its input noised: a masked image-to-image task at ``denoising_strength``
+    1 (SD WebUI noises the input there too; an inpainting checkpoint's unmasked one is refused
+    when it runs, ``_diffusers_noise.NoiseNotTaken``). ``Reject`` (``invalid_params``) for values
+    that are no seed, size or number (``variation.read``, ``variation.noise_multiplier``)."""
     varied = variation.read(params)
     multiplier = variation.noise_multiplier(kind, params)
-    if (
-        kind is not TaskType.IMAGE_TO_IMAGE
-        or params.denoising_strength < 1
-        or not inpaint.asked(kind, params)
-    ):
+    if params.denoising_strength < 1 or not inpaint.asked(kind, params):  # asked: image-to-image's
         return []
     names = ["subseed_strength (variation seeds)"] if varied and varied.strength != 0 else []
     names += ["seed_resize_from_w/h (variation seeds)"] if varied and varied.resize_from else []
