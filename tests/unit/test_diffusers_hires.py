@@ -170,15 +170,15 @@ async def test_the_second_pass_runs_on_its_own_checkpoint(runtime: DiffusersRunt
     upscaled = await runtime.run(
         Job("u", TaskType.EXTRA_SINGLE_IMAGE, None, extras, [first.images[0]]), quiet
     )
-    # the second pass's 2 steps at 0.5 run over a schedule of 4 (SD WebUI's hires steps), as an
-    # img2img task of 4 steps at 0.3 does (SD WebUI's img2img: int(0.3 × 4) + 1 of them)
+    # the second pass's 2 steps at 0.5 run over a schedule of 4, as an img2img task of 4 steps
+    # naming no sampler (the model's own scheduler: diffusers' strength)
     asked = {
         "prompt": "a red cat",
         "steps": 4,
         "width": 128,
         "height": 128,
         "seed": 7,
-        "denoising_strength": 0.3,
+        "denoising_strength": 0.5,
     }
     on_b = Job("i", TaskType.IMAGE_TO_IMAGE, "tiny-b", TaskParams.model_validate(asked), [upscaled.images[0]])
     assert_same_images(made, await runtime.run(on_b, quiet))

@@ -154,8 +154,7 @@ async def test_img2img_batch_item_i_starts_from_input_i(runtime: DiffusersRuntim
     """SD WebUI's img2img: with several inputs, batch item i starts from input i. Every item was
     made from the first input (a batch of video frames came back as the first frame, N times)."""
     red, blue = _png((220, 20, 20)), _png((20, 20, 220))
-    # SD WebUI's img2img denoises int(0.3 × 4) + 1 = 2 of 4 steps: the inputs show through
-    kind, common = TaskType.IMAGE_TO_IMAGE, {"seed": 9, "steps": 4, "denoising_strength": 0.3}
+    kind, common = TaskType.IMAGE_TO_IMAGE, {"seed": 9, "steps": 4, "denoising_strength": 0.5}
     both = await runtime.run(job(kind, init_images=[red, blue], batch_size=2, **common), no_progress)
     reds = await runtime.run(job(kind, init_images=[red], batch_size=2, **common), no_progress)
     alone_blue = await runtime.run(job(kind, init_images=[blue], **{**common, "seed": 10}), no_progress)

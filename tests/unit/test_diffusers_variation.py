@@ -29,6 +29,7 @@ from sdfleet.errors import Reject, ValidationFailed
 from sdfleet.limits import check_output_size
 from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
 from sdfleet.runtimes._diffusers_noise import first_noise, slerp
+from sdfleet.runtimes._diffusers_samplers import img2img_schedule
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.runtimes.unsupported import refuse
@@ -353,3 +354,38 @@ async def test_an_inpainting_checkpoint_from_pure_noise_refuses_them_when_it_run
     assert e.value.code == "unsupported_option"
     lower = job(I2I, init_images=[an_input()], denoising_strength=0.5, subseed=7, subseed_strength=0.5)
     assert len((await inpainting.run(lower, quiet)).images) == 1
+
+
+def test_sd_webuis_image_to_image_schedule() -> None:
+    """SD WebUI's k-diffusion samplers denoise int(min(d, 0.999) × n) + 1 of n steps at strength d
+    (``setup_img2img_steps``); the strength handed to diffusers makes exactly that many
+    (``get_timesteps``: int(n × strength)), whatever the float rounding; the timestep samplers and
+    a task naming no sampler keep diffusers' own."""
+    for steps in range(1, 61):
+        for d in (k / 200 for k in range(1, 201)):
+            n, strength = img2img_schedule("Euler a", steps, d)
+            assert n == steps and int(n * strength) == min(int(min(d, 0.999) * steps) + 1, steps), (steps, d)
+    assert img2img_schedule("DPM++ 2M Karras", 8, 0.6) == (8, 0.625)
+    assert img2img_schedule("DDIM", 8, 0.6) == img2img_schedule(None, 8, 0.6) == (8, 0.6)
+    assert img2img_schedule("UniPC", 8, 0.05) == (20, 0.05)  # one step at least, as before
+
+
+async def test_image_to_image_starts_where_sd_webuis_does(
+    runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 0.6 of 8 Euler steps the input is noised to the sigma 5 steps before the schedule's end,
+    as SD WebUI's ``sigmas[steps - t_enc - 1]``, not 4 (diffusers' own)."""
+    started: list[float] = []
+    add = EulerDiscreteScheduler.add_noise
+
+    def spy(self: Any, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        started.append(float(timesteps.flatten()[0]))
+        return add(self, original, noise, timesteps)
+
+    monkeypatch.setattr(EulerDiscreteScheduler, "add_noise", spy)
+    await runtime.run(
+        job(I2I, sampler="Euler", steps=8, init_images=[an_input()], denoising_strength=0.6), quiet
+    )
+    schedule = EulerDiscreteScheduler.from_pretrained(runtime.catalog.models_dir / "tiny-a" / "scheduler")
+    schedule.set_timesteps(8)
+    assert started == [float(schedule.timesteps[8 - 5])]

@@ -121,8 +121,9 @@ def img2img_schedule(key: str | None, steps: int, strength: float) -> tuple[int,
     ``int(min(strength, 0.999) × steps) + 1`` steps, from that many before the schedule's end
     (``setup_img2img_steps``, ``sigmas[steps - t_enc - 1:]``), one more than diffusers' strength
     makes (``get_timesteps``: ``int(steps × strength)``), from a higher sigma; its timestep samplers
-    (DDIM, PLMS, UniPC) as diffusers, at least one step. ``strength`` must be above 0."""
-    if key is not None and key.removesuffix(" Karras") in _NO_SIGMAS:
+    (DDIM, PLMS, UniPC), and a task naming no sampler (the model's own scheduler), as diffusers, at
+    least one step. ``strength`` must be above 0."""
+    if key is None or key.removesuffix(" Karras") in _NO_SIGMAS:
         return max(steps, math.ceil(1 / strength)), strength
     denoised = int(min(strength, 0.999) * steps) + 1
     given = min(denoised / steps, 1.0)
