@@ -229,12 +229,17 @@ async def test_k_diffusions_fields_are_sd_webuis(loaded: tuple[str, Path]) -> No
 INPUT = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 I2I: dict[str, Any] = {"init": INPUT, "denoising_strength": 0.6}
 """An image-to-image request of ``side_by_side``: from ``INPUT``."""
+SQUARE = Image.new("L", (64, 64), 0)
+SQUARE.paste(255, (16, 16, 48, 48))
+MASKED: dict[str, Any] = I2I | {"mask": SQUARE, "inpainting_fill": 1, "inpaint_full_res": False}
+"""A masked one: the square repainted from the input ("original"), the whole picture."""
 IMG2IMG_NOISE_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
     # the noise is the seed's first draw (it was its second here: the VAE's sample drew first),
     # and the variation seed's, as SD WebUI's ImageRNG
     [I2I | {"subseed": 7, "subseed_strength": s} for s in (1.0, 0.5, 0.0)],
     [I2I | {"initial_noise_multiplier": m} for m in (0.6, 1.4, 1.0)],
     [I2I | {"subseed": 7, "subseed_strength": 0.5, "initial_noise_multiplier": 0.8}],  # the words' order
+    [MASKED | {"subseed": 7, "subseed_strength": s} for s in (1.0, 0.0)] + [MASKED | {"seed": 8}],
     # a hires fix's second pass draws them anew at its size: the words (the two implementations'
     # 128² images differ more than these noises change them)
     [{"subseed": 7, "subseed_strength": 0.5, **HIRES}],
@@ -243,9 +248,9 @@ IMG2IMG_NOISE_CASES: list[list[dict[str, Any]]] = [  # each group's images compa
 
 
 async def test_image_to_image_noise_is_sd_webuis(loaded: tuple[str, Path]) -> None:
-    """Image-to-image's noise with variation seeds and ``initial_noise_multiplier`` (both were
-    refused), and a hires fix's second pass's with variation seeds: SD WebUI's words, and each
-    image nearest SD WebUI's of the same request among the group's."""
+    """Image-to-image's noise (masked too) with variation seeds and ``initial_noise_multiplier``
+    (both were refused), and a hires fix's second pass's with variation seeds: SD WebUI's words,
+    and each image nearest SD WebUI's of the same request among the group's."""
     await side_by_side(*loaded, IMG2IMG_NOISE_CASES)
 
 
@@ -257,22 +262,24 @@ def png(image: Image.Image) -> bytes:
 
 async def side_by_side(title: str, folder: Path, groups: list[list[dict[str, Any]]]) -> None:
     """Each request of ``groups`` (8 steps; no hires fix unless it asks; image-to-image from its
-    ``init`` image where it gives one) to SD WebUI and to the diffusers runtime on SD WebUI's
-    checkpoint files in ``folder``: the same words, and each group's images nearest SD WebUI's of
-    the same request."""
+    ``init`` image where it gives one, masked by its ``mask``) to SD WebUI and to the diffusers
+    runtime on SD WebUI's checkpoint files in ``folder``: the same words, and each group's images
+    nearest SD WebUI's of the same request."""
     runtime = DiffusersRuntime.from_options(catalog=ModelCatalog(folder), options={"device": "cpu"})
     pinned = {"override_settings": {"sd_model_checkpoint": title, **PINNED}, "steps": 8, "enable_hr": False}
     async with httpx.AsyncClient(base_url=A1111_URL, timeout=900) as client:
         for n, group in enumerate(groups):
             theirs, ours = [], []
             for case in group:
-                init = case.get("init")
+                init, mask = case.get("init"), case.get("mask")
                 kind = TaskType.TEXT_TO_IMAGE if init is None else TaskType.IMAGE_TO_IMAGE
-                body = BODY | pinned | {k: v for k, v in case.items() if k != "init"}
+                body = BODY | pinned | {k: v for k, v in case.items() if k not in ("init", "mask")}
                 body["override_settings"] = pinned["override_settings"] | case.get("override_settings", {})
                 if init is not None:  # SD WebUI's img2img takes no hires fix
                     body = {k: v for k, v in body.items() if k != "enable_hr" and not k.startswith("hr_")}
                     body["init_images"] = [base64.b64encode(png(init)).decode()]
+                if mask is not None:
+                    body["mask"] = base64.b64encode(png(mask)).decode()
                 answer = await client.post(f"/sdapi/v1/{'txt2img' if init is None else 'img2img'}", json=body)
                 if "override_settings" in case:  # SD WebUI leaves them set
                     put_back = {k: OPTION_DEFAULTS[k] for k in case["override_settings"]}
@@ -281,7 +288,8 @@ async def side_by_side(title: str, folder: Path, groups: list[list[dict[str, Any
                 their_text = json.loads(answer.json()["info"])["infotexts"][0]
                 params = params_from_a1111(kind, {k: v for k, v in body.items() if k != "init_images"})
                 inputs = [] if init is None else [png(init)]
-                job = Job(f"s{n}", kind, title.split(" [")[0], params, init_images=inputs)
+                given = None if mask is None else png(mask)
+                job = Job(f"s{n}", kind, title.split(" [")[0], params, init_images=inputs, mask=given)
                 made = await runtime.run(job, no_progress)
                 refined = made.info.get("refiner")
                 said = hashed(their_text, refined[0] if refined else None)
