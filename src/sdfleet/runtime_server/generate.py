@@ -307,10 +307,9 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     hires fix's words (its ``Hires checkpoint`` and ``Hires schedule type`` in the places kept
     for them); then its prompts'
     encoding's ``TI hashes`` (unless ``textual_inversion_add_hashes_to_infotext`` is off) and
-    ``Emphasis`` in the order the run says them; then what is said while sampling: the samplers'
-    ``Noise multiplier``, etas and the refiner's words, in their order
-    (``refiner.said_while_sampling``); an
-    inpainting checkpoint's ``Conditional mask weight``."""
+    ``Emphasis`` in the order the run says them; then what is said while sampling: ``Noise
+    multiplier``, the samplers' etas and the refiner's words, in their order
+    (``refiner.said_while_sampling``); an inpainting checkpoint's ``Conditional mask weight``."""
     gen.conditional_mask_weight = info.get("conditional_mask_weight")
     if hires.SCHEDULE_WORD in gen.extra:  # its place, kept since the plan
         gen.extra[hires.SCHEDULE_WORD] = info.get("hires_schedule_type")
