@@ -112,7 +112,8 @@ def pipeline_alone(models: Path, batch: int, args: argparse.Namespace) -> float:
     import torch
 
     from sdfleet.models.catalog import ModelCatalog
-    from sdfleet.runtimes._diffusers_pipes import img2img_steps, inpaint_from, load_pipeline
+    from sdfleet.runtimes._diffusers_pipes import inpaint_from, load_pipeline
+    from sdfleet.runtimes._diffusers_samplers import img2img_schedule
 
     info = ModelCatalog(models).resolve(MODEL)
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
@@ -121,7 +122,8 @@ def pipeline_alone(models: Path, batch: int, args: argparse.Namespace) -> float:
     steps = args.steps
     if args.inpaint:
         pipe = inpaint_from(pipe)
-        steps = img2img_steps(steps, STRENGTH)  # as the runtime asks: at least one step is run
+        # as the runtime asks for tasks naming no sampler: diffusers' strength, one step at least
+        steps, _ = img2img_schedule(None, steps, STRENGTH)
     calls = max(1, args.tasks // batch)
 
     def call(first: int, prompts: list[str], generators: Any) -> None:

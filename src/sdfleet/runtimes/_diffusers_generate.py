@@ -227,10 +227,9 @@ def _img2img_schedule(pipe: Any, p: TaskParams, masked: bool) -> tuple[int, floa
     pipeline (masked, or an inpainting UNet's), which would start from noise alone there, not from
     the input noised as SD WebUI does: diffusers' own (one step fewer, from the next)."""
     ds = p.denoising_strength
-    fallback = P.img2img_steps(p.steps, ds), ds  # refuses a strength of 0
     steps, strength = img2img_schedule(sampler_key(p.sampler, p.extra.get("scheduler")), p.steps, ds)
     if strength >= 1 > ds and (masked or P.inpainting_unet(pipe)):
-        return fallback
+        return img2img_schedule(None, p.steps, ds)
     return steps, strength
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import threading
 from typing import Any, Literal
 
@@ -145,13 +144,6 @@ def inpainting_unet(pipe: Any) -> bool:
     """Whether ``pipe``'s UNet is an inpainting one (SD 1.5/2/XL "inpainting" checkpoints): 9 input
     channels, the latents, the mask and the masked input's latents."""
     return bool(pipe.unet.config.in_channels == 9)
-
-
-def img2img_steps(steps: int, strength: float) -> int:
-    """Enough steps that ``int(steps * strength)`` denoising steps is at least one."""
-    if strength <= 0:
-        raise Reject("denoising_strength must be above 0 for image-to-image", code="invalid_params")
-    return max(steps, math.ceil(1 / strength))
 
 
 def decode_image(data: bytes, size: tuple[int, int] | None = None, resize_mode: int = 0) -> Image.Image:

@@ -121,8 +121,11 @@ def img2img_schedule(key: str | None, steps: int, strength: float) -> tuple[int,
     ``int(min(strength, 0.999) × steps) + 1`` steps, from that many before the schedule's end
     (``setup_img2img_steps``, ``sigmas[steps - t_enc - 1:]``), one more than diffusers' strength
     makes (``get_timesteps``: ``int(steps × strength)``), from a higher sigma; its timestep samplers
-    (DDIM, PLMS, UniPC), and a task naming no sampler (the model's own scheduler), as diffusers, at
-    least one step. ``strength`` must be above 0."""
+    (DDIM, PLMS, UniPC), and a task naming no sampler (the model's own scheduler: ``key`` None), as
+    diffusers, with enough steps that it makes one. ``Reject`` (``invalid_params``) for a strength
+    of 0 or less."""
+    if strength <= 0:
+        raise Reject("denoising_strength must be above 0 for image-to-image", code="invalid_params")
     if key is None or key.removesuffix(" Karras") in _NO_SIGMAS:
         return max(steps, math.ceil(1 / strength)), strength
     denoised = int(min(strength, 0.999) * steps) + 1
