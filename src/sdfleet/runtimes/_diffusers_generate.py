@@ -60,7 +60,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         second = hires.plan(job.type, p)
         refiner.read(p)
         varied = variation.read(p)
-        variation.noise_multiplier(job.type, p)
+        multiplier = variation.noise_multiplier(job.type, p)
         edits, weight = Q.prompts(job)
         masked = inpaint.read(job.type, p)
     except Reject:
@@ -82,7 +82,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         sampler,
         p.cfg_scale * weight,
         p.denoising_strength if img2img else None,
-        variation.noise_multiplier(job.type, p),
+        multiplier,
         p.clip_skip,
         # an empty negative prompt is None to the pipeline (SDXL then uses zero embeddings, not
         # the empty string's): the call passes None only when every job of it has none
@@ -233,30 +233,26 @@ def _img2img_schedule(pipe: Any, p: TaskParams, masked: bool) -> tuple[int, floa
     return steps, strength
 
 
-def _img2img_noise(pipe: Any, parts: Sequence[_Part], job: Job) -> torch.Tensor | None:
-    """An image-to-image call's starting noise where it is not the pipeline's own (variation seeds,
-    a noise multiplier: the same for every part, batch_key); None for text-to-image."""
-    if job.type is not TaskType.IMAGE_TO_IMAGE:
-        return None
-    p, scale = job.params, pipe.vae_scale_factor
-    shape = (pipe.vae.config.latent_channels, p.height // scale, p.width // scale)
+def _start_noise(
+    pipe: Any, parts: Sequence[_Part], size: tuple[int, int], multiplier: float = 1.0
+) -> torch.Tensor | None:
+    """The starting noise of an image-to-image call of ``pipe`` at ``size`` (width, height) where it
+    is not the pipeline's own: variation seeds (the same for every part, batch_key), a noise
+    multiplier. A hires fix's second pass draws it anew as its first pass's, at the pass's size."""
+    scale = pipe.vae_scale_factor
+    shape = (pipe.vae.config.latent_channels, size[1] // scale, size[0] // scale)
     seeds = [s for part in parts for s in part.seeds]
     subseeds = [s for part in parts for s in part.subseeds]
-    multiplier = variation.noise_multiplier(job.type, p)
     return N.img2img_noise(parts[0].variation, seeds, subseeds, shape, scale, multiplier)
 
 
-def _second_noise(second: H.SecondPass, parts: Sequence[_Part]) -> torch.Tensor | None:
-    """A hires fix's second pass's noise with variation seeds: SD WebUI draws it anew as the first
-    pass's (the same seeds, variation seeds and ``seed_resize_from``) at the pass's size."""
-    if parts[0].variation is None:
+def _first_pass_noise(pipe: Any, job: Job, parts: Sequence[_Part]) -> torch.Tensor | None:
+    """``_start_noise`` of an image-to-image call; None for text-to-image (its variation noise is
+    its latents: ``call_kwargs``)."""
+    if job.type is not TaskType.IMAGE_TO_IMAGE:
         return None
-    scale = second.pipe.vae_scale_factor
-    width, height = second.plan.size
-    shape = (second.pipe.vae.config.latent_channels, height // scale, width // scale)
-    seeds = [s for part in parts for s in part.seeds]
-    subseeds = [s for part in parts for s in part.subseeds]
-    return N.img2img_noise(parts[0].variation, seeds, subseeds, shape, scale)
+    p = job.params
+    return _start_noise(pipe, parts, (p.width, p.height), variation.noise_multiplier(job.type, p))
 
 
 def _init_images(part: _Part, size: tuple[int, int]) -> list[Any]:
@@ -352,6 +348,7 @@ def generate(
                 part.start += len(images)
                 parts[i] = part
             job, images_of = call_parts[0].job, len(call_parts[0].seeds)  # alone where it matters
+            seeds = [s for part in call_parts for s in part.seeds]
             if second is None:
                 K.ready(pipe.scheduler, kwargs, steps)
                 swap = None
@@ -360,8 +357,7 @@ def generate(
                     swap = Q.take_over(
                         pipe, steps, kwargs, refine, job, images_of, Q.prompts(job), mine[0], raw
                     )
-                noise = _img2img_noise(pipe, call_parts, job)
-                seeds = [s for part in call_parts for s in part.seeds]
+                noise = _first_pass_noise(pipe, job, call_parts)
                 try:
                     with (
                         N.as_sd_webui(pipe, kwargs, seeds, noise),
@@ -374,7 +370,6 @@ def generate(
                         swap.give_back(pipe)
                 continue
             handed = {**kwargs, "output_type": H.first_output(second)}
-            seeds = [s for part in call_parts for s in part.seeds]
             K.ready(pipe.scheduler, handed, steps)
             swap = None
             if refine is not None and refine.plan.options.refines(second=False):  # alone (batch_key)
@@ -409,7 +404,7 @@ def generate(
                 )
             read = C.second_pass(job.params, second.plan)
             around = partial(C.composing, read=read, images=images_of, reading=mine[0])
-            noise = _second_noise(second, call_parts)
+            noise = _start_noise(second.pipe, call_parts, second.plan.size)
             made, swapped = H.run(
                 second, first, again, seeds, progress if own is None else own[1], take_over, around, noise
             )
