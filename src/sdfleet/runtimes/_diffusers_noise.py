@@ -132,7 +132,7 @@ def given_noise(scheduler: Any, noise: torch.Tensor | None) -> Iterator[None]:
     if noise is None:
         yield
         return
-    add, own = scheduler.add_noise, vars(scheduler).get("add_noise")
+    add = scheduler.add_noise
     taken = []
 
     def add_noise(original: torch.Tensor, drawn: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -141,14 +141,8 @@ def given_noise(scheduler: Any, noise: torch.Tensor | None) -> Iterator[None]:
         noised: torch.Tensor = add(original, given, timesteps)
         return noised
 
-    scheduler.add_noise = add_noise
-    try:
+    with _instead(scheduler, "add_noise", add_noise):
         yield
-    finally:
-        if own is None:
-            del scheduler.add_noise  # the class's again
-        else:
-            scheduler.add_noise = own
     if not any(taken):
         raise NoiseNotTaken()
 
@@ -159,7 +153,7 @@ def own_vae_draws(vae: Any, generators: Sequence[torch.Generator], seeds: Sequen
     encodings sample with a generator of their own for each image, seeded with its seed, so the
     call's generators draw the noise and nothing else."""
     own = {id(g): torch.Generator("cpu").manual_seed(seed) for g, seed in zip(generators, seeds, strict=True)}
-    encode, kept = vae.encode, vars(vae).get("encode")
+    encode = vae.encode
 
     def encode_with_own_draws(*args: Any, **kwargs: Any) -> Any:
         out = encode(*args, **kwargs)
@@ -175,14 +169,23 @@ def own_vae_draws(vae: Any, generators: Sequence[torch.Generator], seeds: Sequen
             dist.sample = sample_own
         return out
 
-    vae.encode = encode_with_own_draws
+    with _instead(vae, "encode", encode_with_own_draws):
+        yield
+
+
+@contextmanager
+def _instead(obj: Any, name: str, replacement: Any) -> Iterator[None]:
+    """``obj.name`` is ``replacement`` for the block, then what it was (its class's again where the
+    object had none of its own)."""
+    own = vars(obj).get(name)
+    setattr(obj, name, replacement)
     try:
         yield
     finally:
-        if kept is None:
-            del vae.encode
+        if own is None:
+            delattr(obj, name)
         else:
-            vae.encode = kept
+            setattr(obj, name, own)
 
 
 @contextmanager
