@@ -15,6 +15,10 @@ for one model at several sizes, for one or more option sets, prints a table and 
 
     # an existing model folder or single file
     python bench/runtime_speed.py --model ./models/v1-5-pruned-emaonly.safetensors --sizes 512
+
+    # a task's own fields (``task.NAME=value``): SD WebUI's NGMS against none, on one runtime
+    python bench/runtime_speed.py --make-random-sd15 /tmp/models --sizes 128 --steps 20 \\
+        --variant plain: --variant ngms-2:task.s_min_uncond=2
 """
 
 from __future__ import annotations
@@ -41,14 +45,24 @@ from sdfleet.tasks import TaskParams, TaskType
 RESULTS = Path(__file__).parent / "results"
 
 
+TASK = "task."
+"""A variant's key naming a field of the timed task (``extra``), not a runtime option."""
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``label:key=value,key=value`` → (label, options); true/false become booleans."""
+    """``label:key=value,key=value`` → (label, options); true/false become booleans, and a
+    ``task.`` key's value a number where it reads as one."""
     label, _, rest = text.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        low = value.lower()
-        options[key.strip()] = low == "true" if low in ("true", "false") else value
+        low, key = value.lower(), key.strip()
+        options[key] = low == "true" if low in ("true", "false") else value
+        if key.startswith(TASK) and isinstance(options[key], str):
+            try:
+                options[key] = float(value)
+            except ValueError:
+                pass
     return label or "default", options
 
 
@@ -68,7 +82,7 @@ def model_path(args: argparse.Namespace) -> Path:
     return Path(args.model)
 
 
-def job(size: int, args: argparse.Namespace) -> Job:
+def job(size: int, args: argparse.Namespace, fields: dict[str, Any] | None = None) -> Job:
     params = TaskParams.model_validate(
         {
             "prompt": "a lighthouse on a cliff at dusk, oil painting",
@@ -79,6 +93,7 @@ def job(size: int, args: argparse.Namespace) -> Job:
             "batch_size": args.batch,
             "seed": 1234,
             "sampler": args.sampler,
+            "extra": fields or {},
         }
     )
     return Job("bench", TaskType.TEXT_TO_IMAGE, None, params)
@@ -91,7 +106,8 @@ async def no_progress(value: float) -> None:
 async def time_variant(
     path: Path, label: str, options: dict[str, Any], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    opts = DiffusersOptions.parse(options)
+    fields = {k.removeprefix(TASK): v for k, v in options.items() if k.startswith(TASK)}
+    opts = DiffusersOptions.parse({k: v for k, v in options.items() if not k.startswith(TASK)})
     runtime = DiffusersRuntime(ModelCatalog(path.parent), default_model=path.name, options=opts)
     began = time.perf_counter()
     await runtime.start()
@@ -99,11 +115,11 @@ async def time_variant(
     rows = []
     for size in args.sizes:
         for _ in range(args.warmup):
-            await runtime.run(job(size, args), no_progress)
+            await runtime.run(job(size, args, fields), no_progress)
         times = []
         for _ in range(args.repeat):
             began = time.perf_counter()
-            await runtime.run(job(size, args), no_progress)
+            await runtime.run(job(size, args, fields), no_progress)
             times.append((time.perf_counter() - began) / args.batch)
         rows.append(
             {

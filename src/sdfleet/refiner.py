@@ -97,10 +97,12 @@ def said_while_sampling(
     refined: tuple[str, float | None] | None,
     passes: tuple[bool, bool],
     hires: bool,
+    skips: tuple[tuple[bool, bool], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """SD WebUI's words of a task said while it samples, in the order it says them: each pass's
     sampler's eta (``etas``: the first pass's, the hires pass's) as the pass starts, ``Refiner
-    switch by sampling steps`` at the first pass through the UNet (a refiner or not), and where
+    switch by sampling steps`` at the first pass through the UNet (a refiner or not), NGMS's words
+    at the first pass it skipped (``skips``: the passes where it skipped, and its words), and where
     the refiner (``refined``: its short title and switch) took over a pass (``passes``: the
     first, the hires fix's second), ``Hires refiner`` (not the default), ``Refiner`` and
     ``Refiner switch at`` then."""
@@ -111,9 +113,14 @@ def said_while_sampling(
     if refined is not None:
         took = {PASS_WORD: chosen.passes} if hires and chosen.passes != PASSES[0] else {}
         took |= dict(zip(WORDS, refined, strict=True))
+    skipped, words = skips if skips is not None else ((False, False), {})
+    if skipped[0]:
+        said |= words
     if passes[0]:
         said |= took
     said |= etas[1]
+    if skipped[1]:  # in place where the first pass said them
+        said |= words
     if passes[1]:
         said |= took
     return said

@@ -165,11 +165,11 @@ async def test_what_the_runtime_would_leave_out_fails_the_task_by_name(
     fleet = await start_fleet()
     body = copy_of(V1ALPHA1_T2I)
     body["alwayson_scripts"] = {**body["alwayson_scripts"], "id_task": "hires-1", "controlnet": {"args": []}}
-    body.update(restore_faces=True, s_min_uncond=0.2)  # the latter was dropped without a word
+    body.update(restore_faces=True, infotext="Steps: 4")  # the latter was dropped without a word
     r = await fleet.http.post("/v1alpha1/", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_option", r.text
     assert "restore_faces" in r.text and "alwayson_scripts.controlnet" in r.text, r.text
-    assert "s_min_uncond=0.2" in r.text, r.text
+    assert "infotext='Steps: 4'" in r.text, r.text
     assert (await fleet.http.get("/v1/tasks/hires-1")).status_code == 404, "nothing queued"
     view = await published_past_the_api(fleet, engine, "v1alpha1", body, "hires-1")
     assert view["state"] == "failed" and view["error"]["code"] == "unsupported_option", view

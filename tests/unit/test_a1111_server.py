@@ -198,6 +198,43 @@ def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIA
         )  # fmt: skip
 
 
+def test_ngms_is_taken_from_the_request_or_the_option(server: ServerThread) -> None:
+    """``s_min_uncond`` was 422 'not available on this server'. SD WebUI reads it from the request,
+    else from its option (an override of it comes too late), and ``s_min_uncond_all`` from either."""
+    body: dict[str, Any] = {"prompt": "a red cat", "negative_prompt": "blurry", "seed": 5, **SMALL}
+    body |= {"sampler_name": "Euler", "cfg_scale": 7}
+    every = {"override_settings": {"s_min_uncond_all": True}}
+
+    def made(**fields: Any) -> tuple[np.ndarray, str]:
+        r = http.post("/sdapi/v1/txt2img", json=body | fields)
+        assert r.status_code == 200, r.text
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        return np.asarray(image.convert("RGB"), dtype=int), json.loads(r.json()["info"])["infotexts"][0]
+
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        skipped, text = made(s_min_uncond=1000, **every)
+        assert text.endswith(", NGMS: 1000.0, NGMS all steps: True, Version: sdfleet-0.1.0"), text
+        unguided, _ = made(cfg_scale=1)
+        assert np.abs(skipped - unguided).max() <= 1  # every pass the prompt's prediction alone
+        plain, plain_text = made()
+        assert np.abs(skipped - plain).max() > 1 and "NGMS" not in plain_text
+        set_options = http.post("/sdapi/v1/options", json={"s_min_uncond": 1000.0, "s_min_uncond_all": True})
+        assert set_options.status_code == 200, set_options.text
+        try:
+            by_option, option_text = made()
+            overridden, _ = made(override_settings={"s_min_uncond_all": False})
+        finally:
+            http.post("/sdapi/v1/options", json={"s_min_uncond": 0.0, "s_min_uncond_all": False})
+        assert (by_option == skipped).all() and option_text == text
+        assert np.abs(overridden - skipped).max() > 1  # every other pass only
+        assert overridden.tolist() == made(s_min_uncond=1000)[0].tolist()
+        bad = http.post(
+            "/sdapi/v1/txt2img",
+            json=body | {"s_min_uncond": 1, "override_settings": {"s_min_uncond_all": 2}},
+        )
+        assert bad.status_code == 422 and "s_min_uncond_all must be true or false" in bad.text, bad.text
+
+
 def test_the_emphasis_option_and_override_are_taken(api: webuiapi.WebUIApi) -> None:
     """``emphasis`` was stored and left unused: brackets were always read as "Original"."""
     plain = api.txt2img(prompt="a red cat", seed=4, **SMALL)

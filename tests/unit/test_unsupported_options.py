@@ -210,10 +210,9 @@ def test_fields_at_values_that_change_the_images_are_named_and_their_defaults_pa
         assert off_defaults(webuiapi, kind, "Euler a") == []
     changed = {"s_churn": 0.3, "s_noise": 1.01, "s_min_uncond": 0.2, "refiner_checkpoint": "sdxl_refiner"}
     changed |= {"infotext": "Steps: 4"}
-    # (initial_noise_multiplier runs now: test_diffusers_variation)
+    # (initial_noise_multiplier runs now: test_diffusers_variation; s_min_uncond: test_diffusers_ngms)
     changed |= {"seed_resize_from_w": 512, "resize_mode": 3, "initial_noise_multiplier": 0.9, "eta": 0.5}
     assert off_defaults(changed, i2i, "DPM2 a Karras") == [
-        "s_min_uncond=0.2",
         "infotext='Steps: 4'",
         "resize_mode=3",
         "eta=0.5 (with DPM2 a)",  # k-diffusion's fields where SD WebUI's sampler takes them

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sdfleet import hires, inpaint, refiner, variation
+from sdfleet import hires, inpaint, ngms, refiner, variation
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.models.checkpoint_hash import SHORT
 from sdfleet.runtime_server import grid, infotext, pnginfo
@@ -150,6 +150,16 @@ def _refiner_options(state: ServerState, req: GenerationBody) -> dict[str, Any]:
     return found
 
 
+def _skip(state: ServerState, req: GenerationBody) -> tuple[Any, dict[str, Any]]:
+    """A request's NGMS as SD WebUI reads it: ``s_min_uncond``, else the option (its override comes
+    too late: the request has read it), and ``s_min_uncond_all`` as an override where set (its
+    ``override_settings``, else the option): the field and the override to hand the runtime."""
+    below = req.s_min_uncond if req.s_min_uncond is not None else state.options[ngms.FIELD]
+    overrides = req.override_settings or {}
+    every = overrides[ngms.ALL_OPTION] if ngms.ALL_OPTION in overrides else state.options[ngms.ALL_OPTION]
+    return below, {ngms.ALL_OPTION: every} if every else {}
+
+
 def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None, int]:
     overrides = req.override_settings or {}
     model = state.selected
@@ -170,11 +180,13 @@ def _params(
     emphasis: str,
     refining: dict[str, Any],
     multiplier: Any = None,
+    below: Any = None,
 ) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
     one call, with consecutive seeds), from ``seeds``: the seed and the variation seed;
-    ``refining``: the refiner's options as overrides (``_refiner_options``); ``multiplier``: an
-    img2img request's noise multiplier (``_noise_multiplier``)."""
+    ``refining``: the refiner's and NGMS's options as overrides (``_refiner_options``, ``_skip``);
+    ``multiplier``: an img2img request's noise multiplier (``_noise_multiplier``); ``below``: its
+    NGMS sigma (``_skip``)."""
     fields: dict[str, Any] = {
         "prompt": req.prompt or "",
         "negative_prompt": req.negative_prompt or "",
@@ -187,7 +199,7 @@ def _params(
         "batch_size": batch,
         "clip_skip": clip,
         "extra": {"n_iter": req.n_iter or 1, "tiling": tiling, "eta": req.eta, "subseed": seeds[1]}
-        | {"styles": req.styles}
+        | {"styles": req.styles, ngms.FIELD: below}
         | {name: getattr(req, name) for name in _VARIATION}
         | {name: getattr(req, name) for name in _REFINER}
         | {name: getattr(req, name) for name in _CHURN}
@@ -245,10 +257,11 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     seed, subseed = _random_seed(req.seed), _random_seed(req.subseed)
     tiling = bool(req.tiling if req.tiling is not None else state.options["tiling"])  # as SD WebUI
     emphasis = _emphasis(state, req)
-    refining = _refiner_options(state, req)
+    below, every = _skip(state, req)
+    refining = _refiner_options(state, req) | every
     multiplier = _noise_multiplier(state, req)
     params = _params(
-        req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis, refining, multiplier
+        req, sampler.runtime_key, (seed, subseed), clip, batch, tiling, emphasis, refining, multiplier, below
     )
     params, styled = _styled(state, params)
     kind = _kind(req)
@@ -256,6 +269,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         varied = variation.read(params)
         lacking = variation_unsupported(params, kind)
         inpaint.read(kind, params)
+        skip = ngms.read(params)
     except Reject as e:
         raise refused(422, e.reason) from None
     if lacking:
@@ -286,6 +300,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     gen.extra |= gen.etas[0] | gen.etas[1]  # said by the samplers, last (the run says them again)
     gen.refining = refiner.options(params.extra)  # read by _checkpoints
     gen.noise_multiplier = variation.noise_multiplier(kind, params)  # checked above
+    gen.skip_words = skip.words() if skip is not None else {}
     return gen, params, model
 
 
@@ -333,7 +348,11 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     passes = info.get("refiner_passes") or (False, False)
     refined = (took[0], took[1]) if took else None
     hr = isinstance(gen.request, Txt2ImgRequest) and bool(gen.request.enable_hr)
-    gen.extra |= refiner.said_while_sampling(gen.refining, gen.etas, refined, (passes[0], passes[1]), hr)
+    skipped = info.get("ngms_passes") or (False, False)
+    skips = ((skipped[0], skipped[1]), gen.skip_words)
+    gen.extra |= refiner.said_while_sampling(
+        gen.refining, gen.etas, refined, (passes[0], passes[1]), hr, skips
+    )
 
 
 def _second_sampler(req: GenerationBody, params: TaskParams) -> TaskParams:

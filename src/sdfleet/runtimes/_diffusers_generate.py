@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sdfleet import hires, inpaint, refiner, variation
+from sdfleet import hires, inpaint, ngms, refiner, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
@@ -38,6 +38,7 @@ from sdfleet.runtimes import _diffusers_hires as H
 from sdfleet.runtimes import _diffusers_info as R
 from sdfleet.runtimes import _diffusers_inpaint as F
 from sdfleet.runtimes import _diffusers_lora as L
+from sdfleet.runtimes import _diffusers_ngms as G
 from sdfleet.runtimes import _diffusers_noise as N
 from sdfleet.runtimes import _diffusers_passes as Q
 from sdfleet.runtimes import _diffusers_pipes as P
@@ -63,6 +64,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         multiplier = variation.noise_multiplier(job.type, p)
         edits, weight = Q.prompts(job)
         masked = inpaint.read(job.type, p)
+        skip = ngms.read(p)
     except Reject:
         return None  # it fails alone, with its own reason
     if edits.changes or refiner.read(p) or C.asked(p):
@@ -90,6 +92,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         tiling(p),
         eta(p),
         K.read(p),
+        skip,
         second,
         varied.key if varied else None,
         loras,
@@ -297,6 +300,8 @@ class Generated:
     refined: tuple[bool, bool] = (False, False)
     """A refiner took over a call (``_diffusers_passes.Refine``): the first pass's, a hires fix's
     second pass's."""
+    skipped: tuple[bool, bool] = (False, False)
+    """NGMS skipped a pass's negative rows (``sdfleet.ngms``): the first's, a hires fix's second's."""
     refiner: str | None = None
     """The refiner's ``short_title``, where it took over."""
     switch_at: float | None = None
@@ -326,7 +331,7 @@ def generate(
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
-    refined = [False, False]
+    refined, skipped = [False, False], [False, False]
     readings = [_reading(job, embeddings) for job in jobs]  # each job's embedding finders made once
     made = inpaintings(jobs) if ready is None else list(ready)
     with torch.inference_mode():
@@ -349,6 +354,8 @@ def generate(
                 parts[i] = part
             job, images_of = call_parts[0].job, len(call_parts[0].seeds)  # alone where it matters
             seeds = [s for part in call_parts for s in part.seeds]
+            skip = ngms.read(job.params)  # one for the call (batch_key)
+            said = [partial(skipped.__setitem__, i, True) for i in (0, 1)]
             if second is None:
                 K.ready(pipe.scheduler, kwargs, steps)
                 swap = None
@@ -361,7 +368,9 @@ def generate(
                 try:
                     with (
                         N.as_sd_webui(pipe, kwargs, seeds, noise),
-                        C.composing(pipe, C.first_pass(job.params), images_of, kwargs, mine[0]),
+                        G.stand_ins(
+                            pipe, kwargs, C.first_pass(job.params), images_of, mine[0], skip, said[0]
+                        ),
                     ):
                         images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:
@@ -378,7 +387,7 @@ def generate(
             try:  # its images decoded by the refiner's VAE where it took over, as in SD WebUI
                 with (
                     N.as_sd_webui(pipe, handed, seeds, None),
-                    C.composing(pipe, C.first_pass(job.params), images_of, handed, mine[0]),
+                    G.stand_ins(pipe, handed, C.first_pass(job.params), images_of, mine[0], skip, said[0]),
                 ):
                     first = pipe(num_inference_steps=steps, **handed).images
             finally:
@@ -403,7 +412,9 @@ def generate(
                     raw=progress,
                 )
             read = C.second_pass(job.params, second.plan)
-            around = partial(C.composing, read=read, images=images_of, reading=mine[0])
+            around = partial(
+                G.stand_ins, read=read, images=images_of, reading=mine[0], skip=skip, on_skip=said[1]
+            )
             noise = _start_noise(second.pipe, call_parts, second.plan.size)
             made, swapped = H.run(
                 second, first, again, seeds, progress if own is None else own[1], take_over, around, noise
@@ -414,6 +425,7 @@ def generate(
     sampler_name = sampler or R.sampler_name_of(pipe.scheduler)
     made_by = Generated(images, ordered, sampler_name, info, steps, conditional=P.inpainting_unet(pipe))
     made_by.refined = (refined[0], refined[1])
+    made_by.skipped = (skipped[0], skipped[1])
     made_by.switch_at = refine.plan.switch_at if refine is not None else None
     return made_by
 
@@ -465,6 +477,7 @@ def encode(g: Generated) -> list[RuntimeResult]:
         g.hires_checkpoint,
         refined,
         g.refined,
+        g.skipped,
     )
     return [_result(part, g, call) for part in g.parts]
 

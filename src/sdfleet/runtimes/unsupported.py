@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sdfleet import hires, inpaint, refiner, variation
+from sdfleet import hires, inpaint, ngms, refiner, variation
 from sdfleet.errors import Reject
 from sdfleet.runtimes._diffusers_lora import parse, text
 from sdfleet.runtimes._diffusers_samplers import sampler_key
@@ -53,12 +53,11 @@ _NON_EMPTY = ("latent_mask", "script_name")
 """A second mask for the latents (SD WebUI's API takes none: it answers 500), a script of SD
 WebUI's ``scripts`` list."""
 _TAKEN: dict[str, tuple[object, ...]] = {
-    "s_min_uncond": (None, 0),
     "infotext": (None, ""),
 }
 """Fields the diffusers runtime runs only at these values (SD WebUI's defaults, and what webuiapi
-sends by default; another value changes the images in a way it does not implement): the uncond
-skip, parameters read from an infotext (k-diffusion's churn and noise: ``SAMPLER_FIELDS``). (A given
+sends by default; another value changes the images in a way it does not implement): parameters
+read from an infotext (k-diffusion's churn and noise: ``SAMPLER_FIELDS``). (A given
 first pass, ``firstpass_image``, is the hires fix's: ``hires.unsupported``.)"""
 _IMG2IMG_TAKEN: dict[str, tuple[object, ...]] = {
     "resize_mode": (None, 0, 1, 2),
@@ -72,6 +71,7 @@ _OVERRIDES_READ = {
     refiner.PASS_OPTION,
     refiner.BY_STEPS_OPTION,
     variation.MULTIPLIER,
+    ngms.ALL_OPTION,
 }
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -163,6 +163,7 @@ def refuse(runtime: str, kind: TaskType, params: TaskParams) -> None:
         hires.plan(kind, params)  # its values, as the runtime reads them
         refiner.read(params)
         inpaint.read(kind, params)
+        ngms.read(params)
         if kind in GENERATE:
             style_names(params)  # a list of names; whether they exist is the runtime's to say
 
@@ -248,6 +249,7 @@ def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     grammar would."""
     prompt = text(params.prompt)
     found = _composed_unsupported(params) if composable(prompt) else []
+    found += _ngms_unsupported(params, prompt)
     try:
         of_task(prompt, text(params.negative_prompt), params.steps)
     except Unread as e:
@@ -264,6 +266,21 @@ def _composed_unsupported(params: TaskParams, field: str = "the prompt") -> list
         found.append(f"AND in {field} (SD WebUI's composable diffusion) with refiner_checkpoint")
     if params.cfg_scale <= 1:
         found.append(f"AND in {field} (SD WebUI's composable diffusion) with cfg_scale 1 or less")
+    return found
+
+
+def _ngms_unsupported(params: TaskParams, prompt: str) -> list[str]:
+    """Where NGMS (``s_min_uncond``) does not run: beside a refiner (whose UNet takes over the
+    call's) and with composable diffusion (whose parts stand in for the UNet already)."""
+    value = params.extra.get(ngms.FIELD)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        return []  # none asked for, or no number: invalid_params (ngms.read)
+    found = []
+    if params.extra.get("refiner_checkpoint") not in refiner.NONE:
+        found.append(f"{ngms.FIELD}={value!r} with refiner_checkpoint")
+    own = hires.prompts(params) if params.extra.get("enable_hr") is True else None
+    if composable(prompt) or (own is not None and composable(text(own[0]))):
+        found.append(f"{ngms.FIELD}={value!r} with AND in a prompt (SD WebUI's composable diffusion)")
     return found
 
 
