@@ -383,6 +383,49 @@ def test_every_sampler_maps_to_its_scheduler(runtime: DiffusersRuntime, name: st
     assert bool(scheduler.config.get("use_karras_sigmas", False)) == ("Karras" in name)
 
 
+SD15_SCHEDULER = {  # SD 1.5's own scheduler config, as single-file loading gives it
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+def k_diffusion_sigmas(steps: int, karras: bool = False) -> list[float]:
+    """k-diffusion's ``DiscreteSchedule.get_sigmas`` (log-sigma interpolated at timesteps 999 to 0
+    in equal steps) and ``get_sigmas_karras`` between the model's ends (rho 7), for SD's betas:
+    what SD WebUI's k-diffusion samplers step over (Automatic / Uniform, Karras)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    log = (((1 - alphas) / alphas) ** 0.5).log()
+    if karras:
+        low, high = log[0].exp() ** (1 / 7), log[-1].exp() ** (1 / 7)
+        return [float((high + r * (low - high)) ** 7) for r in torch.linspace(0, 1, steps)] + [0.0]
+    t = torch.linspace(999, 0, steps, dtype=torch.float64)
+    below, above, w = t.floor().long(), t.ceil().long(), t.frac()
+    return [float(s) for s in ((1 - w) * log[below] + w * log[above]).exp()] + [0.0]
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "LMS", "Heun", "Euler Karras", "LMS Karras"])
+def test_k_diffusion_samplers_step_over_sd_webuis_schedule(name: str) -> None:
+    """The model's config says ``leading`` from 1 (SD 1.5's, SDXL's): 951 to 1 of 20 steps, a
+    first sigma of 10.2 where SD WebUI's is 14.6, and Karras sigmas between those. SD WebUI's
+    k-diffusion samplers step from timestep 999 to 0; so do these (Heun twice a step), and the
+    images of a real SD WebUI fell from 10.2 of 255 apart to 0.5 (the issue note). DDIM keeps
+    SD WebUI's own timesteps from 1."""
+    scheduler = make_scheduler(name, SD15_SCHEDULER)
+    scheduler.set_timesteps(20)
+    sigmas = [float(s) for s in scheduler.sigmas]
+    if name == "Heun":  # each step's sigma, then the next once more for its second evaluation
+        sigmas = sigmas[:1] + sigmas[1:-1:2] + sigmas[-1:]
+    assert sigmas == pytest.approx(k_diffusion_sigmas(20, karras="Karras" in name), rel=2e-4, abs=1e-6)
+    ddim = make_scheduler("DDIM", SD15_SCHEDULER)
+    ddim.set_timesteps(20)
+    assert [int(t) for t in ddim.timesteps] == list(range(951, 0, -50))
+
+
 def test_karras_scheduler_option_and_unknown_sampler() -> None:
     assert sampler_key("DPM++ 2M", "Karras") == "DPM++ 2M Karras"
     assert sampler_key("euler", "karras") == "Euler Karras" and sampler_key("Heun", "Karras") == "Heun Karras"

@@ -374,7 +374,8 @@ async def test_image_to_image_starts_where_sd_webuis_does(
     runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At 0.6 of 8 Euler steps the input is noised to the sigma 5 steps before the schedule's end,
-    as SD WebUI's ``sigmas[steps - t_enc - 1]``, not 4 (diffusers' own)."""
+    as SD WebUI's ``sigmas[steps - t_enc - 1]``, not 4 (diffusers' own), on SD WebUI's schedule:
+    k-diffusion's timesteps from 999 to 0 in equal steps (the model's config says ``leading``)."""
     started: list[float] = []
     add = EulerDiscreteScheduler.add_noise
 
@@ -386,6 +387,5 @@ async def test_image_to_image_starts_where_sd_webuis_does(
     await runtime.run(
         job(I2I, sampler="Euler", steps=8, init_images=[an_input()], denoising_strength=0.6), quiet
     )
-    schedule = EulerDiscreteScheduler.from_pretrained(runtime.catalog.models_dir / "tiny-a" / "scheduler")
-    schedule.set_timesteps(8)
-    assert started == [float(schedule.timesteps[8 - 5])]
+    k_diffusion = torch.linspace(999, 0, 8)  # DiscreteSchedule.get_sigmas(8)'s timesteps
+    assert started == pytest.approx([float(k_diffusion[8 - 5])])

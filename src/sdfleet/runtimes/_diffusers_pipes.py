@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
-from sdfleet.runtimes._diffusers_samplers import SAMPLERS
+from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
 from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
 
@@ -46,13 +46,18 @@ def quiet_libraries() -> None:
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
-    """A fresh scheduler for sampler ``name`` built from the model's own scheduler config."""
+    """A fresh scheduler for sampler ``name`` built from the model's own scheduler config, on SD
+    WebUI's schedule: a k-diffusion sampler's timesteps from 999 to 0 in equal steps (a model's
+    config, SD 1.5's and SDXL's, says ``leading`` from 1: 951 to 1 of 20 steps, a first sigma of
+    10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's from 1."""
     cls_name, overrides = SAMPLERS[name]
     cls = getattr(diffusers, cls_name)
     config = dict(base_config)
     config.pop("use_karras_sigmas", None)
     config.pop("algorithm_type", None)
-    if cls_name == "DDIMScheduler" and not config.get("steps_offset"):
+    if k_diffusion(name):
+        config["timestep_spacing"], config["steps_offset"] = "linspace", 0
+    elif cls_name == "DDIMScheduler" and not config.get("steps_offset"):
         config["steps_offset"] = 1
     return cls.from_config(config, **overrides)
 

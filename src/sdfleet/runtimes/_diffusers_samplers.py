@@ -40,6 +40,15 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 _BY_LOWER = {name.lower(): name for name in SAMPLERS}
 _NO_SIGMAS = frozenset({"DDIM", "PLMS", "PNDM", "UniPC", "DEIS"})
 """Not k-diffusion samplers: SD WebUI takes a schedule type for them and leaves it unused."""
+
+
+def k_diffusion(key: str) -> bool:
+    """Whether sampler ``key`` (a ``SAMPLERS`` key) is one of SD WebUI's k-diffusion samplers, which
+    step from the model's last timestep (999) to 0 in equal steps (k-diffusion's ``get_sigmas``);
+    its timestep samplers (DDIM, PLMS, UniPC) step from the first timestep past 0 (``leading``)."""
+    return key.removesuffix(" Karras") not in _NO_SIGMAS
+
+
 SCHEDULES = ("Automatic", "Uniform", "Karras")
 """SD WebUI's schedule types (``scheduler``) this runtime runs: its default spacing, or Karras sigmas."""
 
