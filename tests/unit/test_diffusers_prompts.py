@@ -148,24 +148,35 @@ async def test_emphasis_changes_the_image_and_weight_one_does_not(
 def test_a_plain_prompts_embeddings_are_the_pipelines_own(
     catalog: ModelCatalog, model: str, clip_skip: int | None
 ) -> None:
-    """What lets a plain prompt share a call with weighted ones: the same embeddings either way."""
+    """What lets a plain prompt share a call with weighted ones: the same embeddings either way.
+    The negative prompt is read as SD WebUI reads it, with clip skip too: as diffusers reads a
+    prompt (its own encoding reads a negative prompt without clip skip)."""
     pipe = load_pipeline(catalog.resolve(model), "cpu", torch.float32)
+    cpu = torch.device("cpu")
     with torch.inference_mode():
         made = E.encode(pipe, "a red cat", "blurry", clip_skip)
         own = pipe.encode_prompt(
             prompt="a red cat",
-            device=torch.device("cpu"),
+            device=cpu,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt="blurry",
             clip_skip=clip_skip,
         )
+        negative = pipe.encode_prompt(
+            prompt="blurry",
+            device=cpu,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            clip_skip=clip_skip,
+        )
     assert made.chunks == 1
     assert torch.equal(made.prompt, own[0])
-    assert made.negative is not None and torch.equal(made.negative, own[1])
+    assert made.negative is not None and torch.equal(made.negative, negative[0])
+    assert torch.equal(made.negative, own[1]) == (clip_skip is None)
     if model == "tiny-xl":
         assert made.pooled is not None and torch.equal(made.pooled, own[2])
-        assert made.negative_pooled is not None and torch.equal(made.negative_pooled, own[3])
+        assert made.negative_pooled is not None and torch.equal(made.negative_pooled, negative[2])
 
 
 async def test_batch_mates_of_other_lengths_keep_their_images(runtime: DiffusersRuntime) -> None:

@@ -63,8 +63,8 @@ class ComposedUNet:
             if negative and not words and E.xl(self.pipe) and self.pipe.config.force_zeros_for_empty_prompt:
                 z, pooled = E.encode_text(self.pipe, "", None, self.reading)  # zeros: SD WebUI's too
                 made = (torch.zeros_like(z), None if pooled is None else torch.zeros_like(pooled))
-            else:  # the negative prompt without clip skip, as E.encode reads it
-                made = E.encode_text(self.pipe, words, None if negative else self.clip_skip, self.reading)
+            else:  # the negative prompt with clip skip too, as E.encode reads it
+                made = E.encode_text(self.pipe, words, self.clip_skip, self.reading)
             self._made[(words, negative)] = made
         return self._made[(words, negative)]
 

@@ -448,7 +448,8 @@ def _calls(
         chunks, text_ok = E.chunk_count(pipe, prompt, negative, readings[i])
         key = (chunks, F.from_latents(ready[i]))
         by_length.setdefault(key, []).append(i)
-        as_text[key] = as_text.get(key, True) and text_ok
+        # diffusers reads a negative prompt given as text without clip skip; SD WebUI with it
+        as_text[key] = as_text.get(key, True) and text_ok and Q.clip_skip(jobs[i].params) is None
     calls: list[tuple[list[int], list[E.Embeds] | None]] = []
     for key, members in by_length.items():
         if as_text[key]:

@@ -160,8 +160,9 @@ def encode(
     pos, pooled = encode_text(pipe, prompt, clip_skip, reading)
     if negative is None and xl(pipe) and pipe.config.force_zeros_for_empty_prompt:
         return Embeds(pos, None, pooled, None)  # the pipeline makes them zeros, of pos's length
-    # diffusers encodes the negative prompt without clip skip; so does this, to give the same
-    neg, neg_pooled = encode_text(pipe, negative or "", None, reading)
+    # with clip skip, as SD WebUI reads both (diffusers' own encoding reads the negative prompt
+    # without it: a job with clip skip is never handed to the pipeline as text, _calls)
+    neg, neg_pooled = encode_text(pipe, negative or "", clip_skip, reading)
     chunks = max(pos.shape[1], neg.shape[1]) // _WIDTH
     return Embeds(_pad(pipe, pos, chunks), _pad(pipe, neg, chunks), pooled, neg_pooled)
 
