@@ -1,10 +1,11 @@
 """A hires fix on another checkpoint (``hr_checkpoint_name``), a refiner (``refiner_checkpoint``),
-Euler a's ``eta``, Euler's churn, composable diffusion and image-to-image's noise next to a real SD
-WebUI (``SDFLEET_A1111_URL``, see ``test_a1111_interop.py``): the same requests to SD WebUI and, as
-tasks' A1111 bodies, to the diffusers runtime loading SD WebUI's own checkpoint files. Every
-infotext word is SD WebUI's, and each image is nearest to SD WebUI's image of the same request (the
-two implementations' images of one request differ, as any diffusers and SD WebUI images do, but less
-than the images of another second model, switch, upscaler or eta do)."""
+Euler a's ``eta``, Euler's churn, composable diffusion, image-to-image's noise and NGMS
+(``s_min_uncond``) next to a real SD WebUI (``SDFLEET_A1111_URL``, see ``test_a1111_interop.py``):
+the same requests to SD WebUI and, as tasks' A1111 bodies, to the diffusers runtime loading SD
+WebUI's own checkpoint files. Every infotext word is SD WebUI's, and each image is nearest to SD
+WebUI's image of the same request (the two implementations' images of one request differ, as any
+diffusers and SD WebUI images do, but less than the images of another second model, switch,
+upscaler or eta do)."""
 
 from __future__ import annotations
 
@@ -180,7 +181,11 @@ REFINER_OPTION_CASES: list[list[dict[str, Any]]] = [
         | chosen(hires_fix_refiner_pass="first pass", refiner_switch_by_sample_steps=True)
     ],
 ]
-OPTION_DEFAULTS = {"hires_fix_refiner_pass": "second pass", "refiner_switch_by_sample_steps": False}
+OPTION_DEFAULTS = {
+    "hires_fix_refiner_pass": "second pass",
+    "refiner_switch_by_sample_steps": False,
+    "s_min_uncond_all": False,
+}
 """What a request's override of these leaves set in SD WebUI 1.10.1 (its override leak), put back."""
 
 
@@ -252,6 +257,31 @@ async def test_image_to_image_noise_is_sd_webuis(loaded: tuple[str, Path]) -> No
     (both were refused), and a hires fix's second pass's with variation seeds: SD WebUI's words,
     and each image nearest SD WebUI's of the same request among the group's."""
     await side_by_side(*loaded, IMG2IMG_NOISE_CASES)
+
+
+EVERY_PASS = chosen(s_min_uncond_all=True)
+NEGATIVE = {"negative_prompt": "a red house"}
+"""A negative prompt that moves the image: skipping it shows."""
+NGMS_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
+    # every pass, every other pass below each level, none (Euler's sigmas: 14.6 down to 0.03)
+    [NEGATIVE | {"s_min_uncond": s} | EVERY_PASS for s in (1000.0, 4.0)]
+    + [NEGATIVE | {"s_min_uncond": s} for s in (1000.0, 0.0)],
+    # the words' order: Euler a's eta said as its sampling starts, NGMS at the first pass skipped
+    [NEGATIVE | {"sampler_name": "Euler a", "eta": 0.5, "s_min_uncond": 2.0}],
+    # Heun's two passes a step, DDIM's timestep (the odd passes below 300: 251 and 1), a hires
+    # fix's passes, image-to-image
+    [NEGATIVE | {"sampler_name": "Heun", "s_min_uncond": 1000.0}, NEGATIVE | {"sampler_name": "Heun"}],
+    [NEGATIVE | {"sampler_name": "DDIM", "s_min_uncond": 300.0}],
+    [NEGATIVE | {"s_min_uncond": 3.0, **HIRES}],
+    [I2I | NEGATIVE | {"s_min_uncond": 1000.0} | EVERY_PASS, I2I | NEGATIVE],
+]
+
+
+async def test_ngms_is_sd_webuis(loaded: tuple[str, Path]) -> None:
+    """SD WebUI's negative guidance minimum sigma (``s_min_uncond``, its option
+    ``s_min_uncond_all``; it was refused): its words where SD WebUI says them, and each image
+    nearest SD WebUI's of the same request among the group's."""
+    await side_by_side(*loaded, NGMS_CASES)
 
 
 def png(image: Image.Image) -> bytes:
