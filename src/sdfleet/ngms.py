@@ -44,8 +44,9 @@ class Skip:
 def read(params: TaskParams) -> Skip | None:
     """The skip a task asks for; None for none (no ``s_min_uncond``, or 0 or less). ``Reject``
     (``invalid_params``) for a value that is no finite number, or an ``s_min_uncond_all`` that is
-    not true or false. SD WebUI's API reads ``s_min_uncond`` from the request only (its option's
-    override comes after the request has read it): ``runtime serve`` hands its option over as the
+    not true or false. An ``override_settings`` of ``s_min_uncond`` is not read here (and is refused
+    as an override the runtime does not run): SD WebUI's API reads the field, else its stored
+    option, before a request's overrides apply; ``runtime serve`` hands that option over as the
     field."""
     value = params.extra.get(FIELD)
     if value is None:

@@ -20,19 +20,14 @@ import torch
 from sdfleet.ngms import Skip
 from sdfleet.runtimes import _diffusers_composed as C
 from sdfleet.runtimes import _diffusers_prompts as E
-
-_BY_TIMESTEP = frozenset(
-    {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
-)
-"""Schedulers SD WebUI runs on the model's timesteps (its DDIM, PLMS, UniPC): their level is the
-timestep."""
+from sdfleet.runtimes._diffusers_samplers import BY_TIMESTEP
 
 
 def level(scheduler: Any, timestep: Any) -> float:
     """The level of the pass the UNet is given ``timestep`` for, read as ``scheduler`` reads it
     (its ``scale_model_input`` has run; DPM++'s sets its index at its first step)."""
     t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
-    if type(scheduler).__name__ in _BY_TIMESTEP or not hasattr(scheduler, "sigmas"):
+    if type(scheduler).__name__ in BY_TIMESTEP or not hasattr(scheduler, "sigmas"):
         return float(t)
     index = scheduler.step_index
     if index is None:

@@ -19,12 +19,8 @@ from typing import Any
 import torch
 
 from sdfleet import refiner
+from sdfleet.runtimes._diffusers_samplers import BY_TIMESTEP
 
-_BY_TIMESTEP = frozenset(
-    {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
-)
-"""Schedulers SD WebUI runs on the model's timesteps, not sigmas (its DDIM, PLMS, UniPC): the
-ratio is read from the timestep itself."""
 _TAKEN = ("unet", "vae")
 AESTHETIC_SCORES = (2.5, 6.0)
 """SD WebUI's ``sdxl_refiner_low_aesthetic_score`` (the negative prompt's) and
@@ -78,7 +74,7 @@ def switch_step(
         passes = len(timesteps) - start
         total = math.ceil(passes / scheduler.order) * scheduler.order
         return next((k for k in range(passes) if refiner.reached(k / total, switch_at)), None)
-    by_timestep = type(scheduler).__name__ in _BY_TIMESTEP or not hasattr(scheduler, "sigmas")
+    by_timestep = type(scheduler).__name__ in BY_TIMESTEP or not hasattr(scheduler, "sigmas")
     trained = None if by_timestep else _training_sigmas(scheduler)
     for n in range(start, len(timesteps)):
         if by_timestep or trained is None:

@@ -42,6 +42,14 @@ _NO_SIGMAS = frozenset({"DDIM", "PLMS", "PNDM", "UniPC", "DEIS"})
 """Not k-diffusion samplers: SD WebUI takes a schedule type for them and leaves it unused."""
 
 
+BY_TIMESTEP = frozenset(
+    {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+)
+"""The diffusers schedulers of the samplers SD WebUI runs on the model's timesteps (its DDIM, PLMS,
+UniPC; DEIS, which SD WebUI lacks, beside them): how far a pass has come is read from its timestep,
+not a sigma (the refiner's switch, NGMS)."""
+
+
 def k_diffusion(key: str) -> bool:
     """Whether sampler ``key`` (a ``SAMPLERS`` key) is one of SD WebUI's k-diffusion samplers, which
     step from the model's last timestep (999) to 0 in equal steps (k-diffusion's ``get_sigmas``);
