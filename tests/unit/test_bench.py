@@ -48,15 +48,18 @@ def test_fleet_throughput_on_sqlite_writes_sane_json(tmp_path: Path) -> None:
 
 def test_bench_run_passes_arguments_to_runtime_speed(tmp_path: Path) -> None:
     argv = ["bench", "run", "runtime_speed", "--bench-dir", str(BENCH), "--"]
-    argv += ["--make-tiny", str(tmp_path / "models"), "--sizes", "64", "--steps", "1"]
+    argv += ["--make-tiny", str(tmp_path / "models"), "--sizes", "64", "--steps", "2"]
     argv += ["--warmup", "0", "--repeat", "1", "--results", str(tmp_path / "out")]
+    argv += ["--variant", "plain:", "--variant", "ngms:task.s_min_uncond=1000,attention=sdpa"]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     (written,) = (tmp_path / "out").glob("runtime_speed-tiny-bench-*.json")
     data = json.loads(written.read_text())
-    (row,) = data["rows"]
-    assert (row["size"], data["steps"], data["repeat"]) == (64, 1, 1)
-    assert row["s_per_image_mean"] > 0
+    plain, ngms = data["rows"]
+    assert (plain["size"], data["steps"], data["repeat"]) == (64, 2, 1)
+    assert plain["s_per_image_mean"] > 0 and ngms["s_per_image_mean"] > 0
+    # a task field beside a runtime option: the task's number, the option's text
+    assert ngms["options"] == {"task.s_min_uncond": 1000.0, "attention": "sdpa"} and plain["options"] == {}
 
 
 def test_scenarios_are_found_and_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
