@@ -26,6 +26,7 @@ from sdfleet.runtimes import _prompt_schedule as PS
 from sdfleet.runtimes._diffusers_lora import text
 from sdfleet.runtimes._diffusers_passes import clip_skip, second_texts
 from sdfleet.runtimes._diffusers_samplers import sampler_key, total_steps
+from sdfleet.runtimes._instead import instead
 from sdfleet.tasks import TaskParams
 
 
@@ -176,9 +177,5 @@ def composing(
     if pooled is not None:
         pools = pooled.repeat(images, 1)
         kwargs |= {"pooled_prompt_embeds": pools, "negative_pooled_prompt_embeds": pools}
-    kept = pipe.unet
-    pipe.unet = composed
-    try:
+    with instead(pipe, "unet", composed):
         yield
-    finally:
-        pipe.unet = kept

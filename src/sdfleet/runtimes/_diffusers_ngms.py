@@ -21,6 +21,7 @@ from sdfleet.ngms import Skip
 from sdfleet.runtimes import _diffusers_composed as C
 from sdfleet.runtimes import _diffusers_prompts as E
 from sdfleet.runtimes._diffusers_samplers import BY_TIMESTEP
+from sdfleet.runtimes._instead import instead
 
 
 def level(scheduler: Any, timestep: Any) -> float:
@@ -85,12 +86,8 @@ def skipping(pipe: Any, skip: Skip | None, on_skip: Callable[[], None]) -> Itera
     if skip is None:
         yield
         return
-    kept = pipe.unet
-    pipe.unet = SkippingUNet(kept, pipe, skip, on_skip)
-    try:
+    with instead(pipe, "unet", SkippingUNet(pipe.unet, pipe, skip, on_skip)):
         yield
-    finally:
-        pipe.unet = kept
 
 
 @contextmanager

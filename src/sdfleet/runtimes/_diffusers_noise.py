@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sdfleet.errors import Reject
+from sdfleet.runtimes._instead import instead
 from sdfleet.variation import Variation
 
 
@@ -141,7 +142,7 @@ def given_noise(scheduler: Any, noise: torch.Tensor | None) -> Iterator[None]:
         noised: torch.Tensor = add(original, given, timesteps)
         return noised
 
-    with _instead(scheduler, "add_noise", add_noise):
+    with instead(scheduler, "add_noise", add_noise):
         yield
     if not any(taken):
         raise NoiseNotTaken()
@@ -169,23 +170,8 @@ def own_vae_draws(vae: Any, generators: Sequence[torch.Generator], seeds: Sequen
             dist.sample = sample_own
         return out
 
-    with _instead(vae, "encode", encode_with_own_draws):
+    with instead(vae, "encode", encode_with_own_draws):
         yield
-
-
-@contextmanager
-def _instead(obj: Any, name: str, replacement: Any) -> Iterator[None]:
-    """``obj.name`` is ``replacement`` for the block, then what it was (its class's again where the
-    object had none of its own)."""
-    own = vars(obj).get(name)
-    setattr(obj, name, replacement)
-    try:
-        yield
-    finally:
-        if own is None:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, own)
 
 
 @contextmanager
