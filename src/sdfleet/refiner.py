@@ -97,15 +97,15 @@ def said_while_sampling(
     refined: tuple[str, float | None] | None,
     passes: tuple[bool, bool],
     hires: bool,
-    skips: tuple[tuple[bool, bool], Mapping[str, Any]] | None = None,
+    skips: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
 ) -> dict[str, Any]:
     """SD WebUI's words of a task said while it samples, in the order it says them: each pass's
     sampler's eta (``etas``: the first pass's, the hires pass's) as the pass starts, ``Refiner
-    switch by sampling steps`` at the first pass through the UNet (a refiner or not), NGMS's words
-    at the first pass it skipped (``skips``: the passes where it skipped, and its words), and where
-    the refiner (``refined``: its short title and switch) took over a pass (``passes``: the
-    first, the hires fix's second), ``Hires refiner`` (not the default), ``Refiner`` and
-    ``Refiner switch at`` then."""
+    switch by sampling steps`` at the first pass through the UNet (a refiner or not), the words of
+    the passes that left out the negative rows (``skips``: each pass's, NGMS's and Skip Early
+    CFG's in the order first said), and where the refiner (``refined``: its short title and
+    switch) took over a pass (``passes``: the first, the hires fix's second), ``Hires refiner``
+    (not the default), ``Refiner`` and ``Refiner switch at`` then."""
     said = dict(etas[0])
     if chosen.by_steps:
         said[BY_STEPS_WORD] = True
@@ -113,14 +113,11 @@ def said_while_sampling(
     if refined is not None:
         took = {PASS_WORD: chosen.passes} if hires and chosen.passes != PASSES[0] else {}
         took |= dict(zip(WORDS, refined, strict=True))
-    skipped, words = skips if skips is not None else ((False, False), {})
-    if skipped[0]:
-        said |= words
+    said |= skips[0]
     if passes[0]:
         said |= took
     said |= etas[1]
-    if skipped[1]:  # in place where the first pass said them
-        said |= words
+    said |= skips[1]  # in place where the first pass said them
     if passes[1]:
         said |= took
     return said

@@ -1,11 +1,11 @@
 """A hires fix on another checkpoint (``hr_checkpoint_name``), a refiner (``refiner_checkpoint``),
-Euler a's ``eta``, Euler's churn, composable diffusion, image-to-image's noise and NGMS
-(``s_min_uncond``) next to a real SD WebUI (``SDFLEET_A1111_URL``, see ``test_a1111_interop.py``):
-the same requests to SD WebUI and, as tasks' A1111 bodies, to the diffusers runtime loading SD
-WebUI's own checkpoint files. Every infotext word is SD WebUI's, and each image is nearest to SD
-WebUI's image of the same request (the two implementations' images of one request differ, as any
-diffusers and SD WebUI images do, but less than the images of another second model, switch,
-upscaler or eta do)."""
+Euler a's ``eta``, Euler's churn, composable diffusion, image-to-image's noise, NGMS
+(``s_min_uncond``) and Skip Early CFG (``skip_early_cond``) next to a real SD WebUI
+(``SDFLEET_A1111_URL``, see ``test_a1111_interop.py``): the same requests to SD WebUI and, as
+tasks' A1111 bodies, to the diffusers runtime loading SD WebUI's own checkpoint files. Every
+infotext word is SD WebUI's, and each image is nearest to SD WebUI's image of the same request (the
+two implementations' images of one request differ, as any diffusers and SD WebUI images do, but
+less than the images of another second model, switch, upscaler or eta do)."""
 
 from __future__ import annotations
 
@@ -185,6 +185,7 @@ OPTION_DEFAULTS = {
     "hires_fix_refiner_pass": "second pass",
     "refiner_switch_by_sample_steps": False,
     "s_min_uncond_all": False,
+    "skip_early_cond": 0.0,
 }
 """What a request's override of these leaves set in SD WebUI 1.10.1 (its override leak), put back."""
 
@@ -282,6 +283,34 @@ async def test_ngms_is_sd_webuis(loaded: tuple[str, Path]) -> None:
     ``s_min_uncond_all``; it was refused): its words where SD WebUI says them, and each image
     nearest SD WebUI's of the same request among the group's."""
     await side_by_side(*loaded, NGMS_CASES)
+
+
+def early(share: float, **more: Any) -> dict[str, Any]:
+    return chosen(skip_early_cond=share, **more)
+
+
+SKIP_EARLY_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
+    # every pass (1, said as 1), the first pass only, none. (On this random checkpoint the first
+    # passes make most of the negative prompt's mark: SD WebUI's own images at 1, 0.5 and 0.25 lie
+    # within 0.4 of 255, less than the two implementations' own 0.5, and are not told apart here.)
+    [NEGATIVE | early(share) for share in (1, 0.01)] + [NEGATIVE],
+    # with NGMS: Skip Early CFG on passes 0-2, then NGMS on the odd ones it leaves (the words' order)
+    [NEGATIVE | {"s_min_uncond": 1000.0} | early(0.3), NEGATIVE],
+    # Heun's total_steps (16 for its 15 passes), DDIM, image-to-image (t_enc + 1 passes: 0.5 skips
+    # 3 of 5), a hires fix's passes each counted anew
+    [NEGATIVE | {"sampler_name": "Heun"} | early(share) for share in (0.5, 0.01)]
+    + [NEGATIVE | {"sampler_name": "Heun"}],
+    [NEGATIVE | {"sampler_name": "DDIM"} | early(share) for share in (1, 0.01)]
+    + [NEGATIVE | {"sampler_name": "DDIM"}],
+    [I2I | NEGATIVE | early(share) for share in (1, 0.5, 0.01)] + [I2I | NEGATIVE],
+    [NEGATIVE | early(0.5) | HIRES, NEGATIVE | HIRES],
+]
+
+
+async def test_skip_early_cfg_is_sd_webuis(loaded: tuple[str, Path]) -> None:
+    """SD WebUI's ``skip_early_cond`` option ("Skip Early CFG"; it was refused): its words where
+    SD WebUI says them, and each image nearest SD WebUI's of the same request among the group's."""
+    await side_by_side(*loaded, SKIP_EARLY_CASES)
 
 
 def png(image: Image.Image) -> bytes:

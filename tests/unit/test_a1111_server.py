@@ -235,6 +235,38 @@ def test_ngms_is_taken_from_the_request_or_the_option(server: ServerThread) -> N
         assert bad.status_code == 422 and "s_min_uncond_all must be true or false" in bad.text, bad.text
 
 
+def test_skip_early_cfg_is_taken_from_the_override_or_the_option(server: ServerThread) -> None:
+    """``skip_early_cond`` changed nothing here (an option this server did not read). SD WebUI reads
+    it from the request's ``override_settings``, else the option, and says ``Skip Early CFG``."""
+    body: dict[str, Any] = {"prompt": "a red cat", "negative_prompt": "blurry", "seed": 5, **SMALL}
+    body |= {"sampler_name": "Euler", "cfg_scale": 7}
+
+    def made(**fields: Any) -> tuple[np.ndarray, str]:
+        r = http.post("/sdapi/v1/txt2img", json=body | fields)
+        assert r.status_code == 200, r.text
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        return np.asarray(image.convert("RGB"), dtype=int), json.loads(r.json()["info"])["infotexts"][0]
+
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        skipped, text = made(override_settings={"skip_early_cond": 1})
+        assert text.endswith(", Skip Early CFG: 1, Version: sdfleet-0.1.0"), text
+        unguided, _ = made(cfg_scale=1)
+        assert np.abs(skipped - unguided).max() <= 1  # every pass the prompt's prediction alone
+        plain, plain_text = made()
+        assert np.abs(skipped - plain).max() > 1 and "Skip Early CFG" not in plain_text
+        set_options = http.post("/sdapi/v1/options", json={"skip_early_cond": 1})
+        assert set_options.status_code == 200, set_options.text
+        try:
+            by_option, option_text = made()
+            overridden, overridden_text = made(override_settings={"skip_early_cond": 0})
+        finally:
+            http.post("/sdapi/v1/options", json={"skip_early_cond": 0.0})
+        assert (by_option == skipped).all() and option_text == text
+        assert (overridden == plain).all() and overridden_text == plain_text
+        bad = http.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"skip_early_cond": "all"}})
+        assert bad.status_code == 422 and "skip_early_cond must be a number" in bad.text, bad.text
+
+
 def test_the_emphasis_option_and_override_are_taken(api: webuiapi.WebUIApi) -> None:
     """``emphasis`` was stored and left unused: brackets were always read as "Original"."""
     plain = api.txt2img(prompt="a red cat", seed=4, **SMALL)

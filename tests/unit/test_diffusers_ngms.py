@@ -1,12 +1,15 @@
-"""SD WebUI's negative guidance minimum sigma (``s_min_uncond``, NGMS) in the diffusers runtime, on
-tiny random-weight models (CPU, 64x64). It was refused (``unsupported_option``).
+"""SD WebUI's negative guidance minimum sigma (``s_min_uncond``, NGMS) and Skip Early CFG
+(``skip_early_cond``) in the diffusers runtime, on tiny random-weight models (CPU, 64x64). Both
+were refused (``unsupported_option``).
 
 What follows from SD WebUI's rule (``sdfleet.ngms``), each held here: a pass that skips is the
 prompt's prediction alone, so skipping every pass is the image of CFG scale 1 (text-to-image,
 SDXL's added conditioning, an inpainting UNet's masked task, both passes of a hires fix); without
 ``s_min_uncond_all`` only odd passes below the level skip, read as SD WebUI's samplers read it
 (Heun's and DPM2's second evaluations, DDIM's timestep); a level no pass is below is the plain
-image without a word; batch-mates keep their images. The images against SD WebUI's own:
+image without a word; batch-mates keep their images. Skip Early CFG: the passes whose index over
+SD WebUI's ``total_steps`` is at most the option, before NGMS is asked; each pass of a hires fix
+counted anew. The images against SD WebUI's own:
 ``tests/interop/test_sdwebui_weights_interop.py``.
 """
 
@@ -32,6 +35,10 @@ from sdfleet.tasks import TaskParams, TaskType
 
 I2I = TaskType.IMAGE_TO_IMAGE
 EVERY = {"override_settings": {"s_min_uncond_all": True}}
+
+
+def early(share: float, **more: object) -> dict[str, object]:
+    return {"override_settings": {"skip_early_cond": share, **more}}
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +221,101 @@ def test_what_does_not_run_with_it_is_refused_by_name() -> None:
     assert e.code == "invalid_params" and "s_min_uncond_all must be true or false" in e.reason
     for off in (0, -1.5, None):  # SD WebUI skips nothing at 0 or less
         refuse("diffusers", TaskType.TEXT_TO_IMAGE, job(s_min_uncond=off, refiner_checkpoint="tiny-b").params)
+
+
+async def test_skip_early_cfg_skips_the_first_share_of_the_passes(
+    runtime: DiffusersRuntime, passes: list[tuple[int, float | None]]
+) -> None:
+    """SD WebUI's ``pass / total_steps <= skip_early_cond``: 0, 1, 2, 3 of 6 at 0.5."""
+    await runtime.run(job(), quiet)
+    passes.clear()
+    made = await runtime.run(job(steps=6, **early(0.5)), quiet)
+    assert [rows for rows, _ in passes] == [1, 1, 1, 1, 2, 2]
+    assert made.info["infotexts"][0].endswith("Skip Early CFG: 0.5, Version: sdfleet-0.1.0")
+    assert made.info["negative_skips"] == [{"Skip Early CFG": 0.5}, {}]
+    assert not same(made, await runtime.run(job(steps=6), quiet))
+    passes.clear()
+    await runtime.run(job(steps=6, **early(0.01)), quiet)  # the first pass at any share above 0
+    assert [rows for rows, _ in passes] == [1, 2, 2, 2, 2, 2]
+    passes.clear()  # Heun: 5 passes of SD WebUI's total_steps 6 (its last step one pass)
+    await runtime.run(job(sampler="Heun", steps=3, **early(0.5)), quiet)
+    assert [rows for rows, _ in passes] == [1, 1, 1, 1, 2]
+    for off in (0, -0.5):  # SD WebUI skips nothing at 0, nor below it (no pass's share is)
+        passes.clear()
+        plain = await runtime.run(job(steps=6), quiet)
+        none = await runtime.run(job(steps=6, **early(off)), quiet)
+        assert [rows for rows, _ in passes] == [2] * 12
+        assert none.images == plain.images and none.info["infotexts"] == plain.info["infotexts"]
+
+
+async def test_skip_early_cfg_comes_first_and_ngms_asks_of_the_passes_it_leaves(
+    runtime: DiffusersRuntime, passes: list[tuple[int, float | None]]
+) -> None:
+    await runtime.run(job(), quiet)
+    passes.clear()
+    made = await runtime.run(job(steps=6, s_min_uncond=1000.0, **early(0.34)), quiet)
+    assert [rows for rows, _ in passes] == [1, 1, 1, 1, 2, 1]  # early: 0, 1, 2; NGMS: 3, 5
+    text = made.info["infotexts"][0]
+    assert text.endswith("Skip Early CFG: 0.34, NGMS: 1000.0, Version: sdfleet-0.1.0"), text
+
+
+async def test_skip_early_cfg_at_one_is_the_image_of_cfg_scale_one(runtime: DiffusersRuntime) -> None:
+    """Every pass (a share of 1 or more), both passes of a hires fix, image-to-image; the option
+    said as given (SD WebUI says an integer as one)."""
+    every = await runtime.run(job(**early(1)), quiet)
+    assert same(every, await runtime.run(job(cfg_scale=1.0), quiet))
+    assert every.info["infotexts"][0].endswith("Skip Early CFG: 1, Version: sdfleet-0.1.0")
+    hr = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6}
+    every = await runtime.run(job(**early(1.5), **hr), quiet)
+    assert same(every, await runtime.run(job(cfg_scale=1.0, **hr), quiet))
+    assert every.info["negative_skips"] == [{"Skip Early CFG": 1.5}] * 2
+    i2i = {"init_images": [an_input()], "denoising_strength": 0.6}
+    every = await runtime.run(job(I2I, **early(1.0), **i2i), quiet)
+    assert same(every, await runtime.run(job(I2I, cfg_scale=1.0, **i2i), quiet))
+
+
+async def test_each_sampling_counts_its_own_share(
+    runtime: DiffusersRuntime, passes: list[tuple[int, float | None]]
+) -> None:
+    """SD WebUI's ``total_steps`` is the passes its sampling makes: a hires fix's second pass makes
+    its steps (4, the first's: ``img2img_fix_steps`` for a pass given its steps) and counts anew;
+    image-to-image at denoising strength 0.6 makes ``t_enc + 1`` = 3 of 4."""
+    hr = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6}
+    await runtime.run(job(), quiet)
+    passes.clear()
+    await runtime.run(job(**early(0.5), **hr), quiet)
+    assert [rows for rows, _ in passes] == [1, 1, 1, 2] * 2  # each sampling its own
+    passes.clear()
+    await runtime.run(job(I2I, init_images=[an_input()], denoising_strength=0.6, **early(0.5)), quiet)
+    assert [rows for rows, _ in passes] == [1, 1, 2]
+
+
+async def test_skip_early_cfg_batches_with_the_same_share_only(runtime: DiffusersRuntime) -> None:
+    jobs = [job(task_id="t-1", seed=3, **early(0.5)), job(task_id="t-2", seed=4, **early(0.5))]
+    assert runtime.batch_key(jobs[0]) == runtime.batch_key(jobs[1]) is not None
+    assert runtime.batch_key(job(**early(0.25))) != runtime.batch_key(jobs[0])
+    assert runtime.batch_key(job(**early(1))) != runtime.batch_key(job(**early(1.0)))  # said apart
+    assert runtime.batch_key(job()) != runtime.batch_key(jobs[0])
+    batched = await runtime.run_batch(jobs, [quiet, quiet])
+    for one, outcome in zip(jobs, batched, strict=True):
+        assert isinstance(outcome, RuntimeResult)
+        alone = await runtime.run(one, quiet)
+        assert same(outcome, alone) and outcome.info["infotexts"] == alone.info["infotexts"]
+
+
+def test_skip_early_cfg_where_it_does_not_run_is_refused_by_name() -> None:
+    def refused(**fields: object) -> Reject:
+        with pytest.raises(Reject) as e:
+            refuse("diffusers", TaskType.TEXT_TO_IMAGE, job(**fields).params)
+        return e.value
+
+    e = refused(refiner_checkpoint="tiny-b", **early(0.5))
+    assert e.code == "unsupported_option" and "skip_early_cond=0.5 with refiner_checkpoint" in e.reason
+    e = refused(prompt="a cat AND a dog", **early(0.5))
+    assert e.code == "unsupported_option" and "skip_early_cond=0.5 with AND in a prompt" in e.reason
+    for bad in ("0.5", float("nan"), False, {"a": 1}):
+        e = refused(**early(bad))  # type: ignore[arg-type]
+        assert e.code == "invalid_params", e.reason
+        assert "override_settings.skip_early_cond must be a number" in e.reason, e.reason
+    for off in (0, -1):
+        refuse("diffusers", TaskType.TEXT_TO_IMAGE, job(refiner_checkpoint="tiny-b", **early(off)).params)

@@ -121,8 +121,16 @@ def _random_seed(value: int | None) -> int:
     return random.randrange(4294967294) if value is None or value == -1 else int(value)
 
 
+def _setting(state: ServerState, req: GenerationBody, name: str) -> Any:
+    """SD WebUI's option ``name`` for a request: its ``override_settings``' value where it has
+    one (null included: handed on, for the runtime to refuse), else the option set."""
+    overrides = req.override_settings or {}
+    return overrides[name] if name in overrides else state.options[name]
+
+
 def _emphasis(state: ServerState, req: GenerationBody) -> str:
-    """SD WebUI's emphasis mode of a request: its ``override_settings``, else the option."""
+    """SD WebUI's emphasis mode of a request: its ``override_settings``, else the option (a null
+    override too: "None" is a mode)."""
     wanted = (req.override_settings or {}).get("emphasis")
     return str(wanted if wanted is not None else state.options["emphasis"])
 
@@ -134,30 +142,28 @@ def _noise_multiplier(state: ServerState, req: GenerationBody) -> Any:
         return None
     if req.initial_noise_multiplier is not None:
         return req.initial_noise_multiplier
-    overrides = req.override_settings or {}
-    return overrides.get(variation.MULTIPLIER, state.options[variation.MULTIPLIER])
+    return _setting(state, req, variation.MULTIPLIER)
 
 
 def _refiner_options(state: ServerState, req: GenerationBody) -> dict[str, Any]:
     """SD WebUI's refiner options (``refiner.Options``) of a request where not their defaults:
     its ``override_settings``, else the options set."""
-    overrides = req.override_settings or {}
     found: dict[str, Any] = {}
     for name, default in ((refiner.PASS_OPTION, refiner.PASSES[0]), (refiner.BY_STEPS_OPTION, False)):
-        value = overrides[name] if name in overrides else state.options[name]
+        value = _setting(state, req, name)
         if value != default:
             found[name] = value
     return found
 
 
 def _skip(state: ServerState, req: GenerationBody) -> tuple[Any, dict[str, Any]]:
-    """A request's NGMS as SD WebUI reads it: ``s_min_uncond``, else the option (its override comes
-    too late: the request has read it), and ``s_min_uncond_all`` as an override where set (its
-    ``override_settings``, else the option): the field and the override to hand the runtime."""
+    """A request's skips of the negative prompt as SD WebUI reads them: NGMS's ``s_min_uncond``,
+    else the option (its override comes too late: the request has read it); ``s_min_uncond_all``
+    and ``skip_early_cond`` as overrides where set (its ``override_settings``, else the options):
+    the field and the overrides to hand the runtime."""
     below = req.s_min_uncond if req.s_min_uncond is not None else state.options[ngms.FIELD]
-    overrides = req.override_settings or {}
-    every = overrides[ngms.ALL_OPTION] if ngms.ALL_OPTION in overrides else state.options[ngms.ALL_OPTION]
-    return below, {ngms.ALL_OPTION: every} if every else {}
+    options = (ngms.ALL_OPTION, ngms.EARLY_OPTION)
+    return below, {name: value for name in options if (value := _setting(state, req, name))}
 
 
 def _model_and_clip(state: ServerState, req: GenerationBody) -> tuple[str | None, int]:
@@ -184,7 +190,7 @@ def _params(
 ) -> TaskParams:
     """The runtime's parameters: ``n_iter`` batches of ``batch`` images (the runtime makes them in
     one call, with consecutive seeds), from ``seeds``: the seed and the variation seed;
-    ``refining``: the refiner's and NGMS's options as overrides (``_refiner_options``, ``_skip``);
+    ``refining``: the refiner's options and the skips' as overrides (``_refiner_options``, ``_skip``);
     ``multiplier``: an img2img request's noise multiplier (``_noise_multiplier``); ``below``: its
     NGMS sigma (``_skip``)."""
     fields: dict[str, Any] = {
@@ -269,7 +275,7 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
         varied = variation.read(params)
         lacking = variation_unsupported(params, kind)
         inpaint.read(kind, params)
-        skip = ngms.read(params)
+        ngms.read(params)
     except Reject as e:
         raise refused(422, e.reason) from None
     if lacking:
@@ -300,7 +306,6 @@ async def prepare(state: ServerState, req: GenerationBody) -> tuple[Generation, 
     gen.extra |= gen.etas[0] | gen.etas[1]  # said by the samplers, last (the run says them again)
     gen.refining = refiner.options(params.extra)  # read by _checkpoints
     gen.noise_multiplier = variation.noise_multiplier(kind, params)  # checked above
-    gen.skip_words = skip.words() if skip is not None else {}
     return gen, params, model
 
 
@@ -348,8 +353,8 @@ def _said_by_the_run(gen: Generation, info: dict[str, Any], options: Options) ->
     passes = info.get("refiner_passes") or (False, False)
     refined = (took[0], took[1]) if took else None
     hr = isinstance(gen.request, Txt2ImgRequest) and bool(gen.request.enable_hr)
-    skipped = info.get("ngms_passes") or (False, False)
-    skips = ((skipped[0], skipped[1]), gen.skip_words)
+    skipped: list[dict[str, Any]] = info.get("negative_skips") or [{}, {}]  # NGMS's, Skip Early CFG's
+    skips = (dict(skipped[0]), dict(skipped[1]))
     gen.extra |= refiner.said_while_sampling(
         gen.refining, gen.etas, refined, (passes[0], passes[1]), hr, skips
     )

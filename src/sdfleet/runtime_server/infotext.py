@@ -49,9 +49,6 @@ class Generation:
     """The refiner's options the request ran with."""
     noise_multiplier: float = 1.0
     """An img2img request's ``initial_noise_multiplier`` as run (its field, override or option)."""
-    skip_words: dict[str, Any] = field(default_factory=dict)
-    """NGMS's words (``ngms.Skip.words``) where the request asked for a skip; said where the run
-    skipped."""
 
     def __post_init__(self) -> None:
         if self.sampler.schedule_param is not None:

@@ -4,7 +4,9 @@ Every key SD WebUI has is listed and can be set (clients read and write them fre
 these change what this server does: ``sd_model_checkpoint`` (loads the model),
 ``CLIP_stop_at_last_layers`` (clip skip of jobs that do not override it), ``emphasis`` (how
 prompts' brackets are read, likewise), ``tiling``, ``hires_fix_refiner_pass`` and
-``refiner_switch_by_sample_steps`` (how a refiner takes over, likewise), and
+``refiner_switch_by_sample_steps`` (how a refiner takes over, likewise), ``s_min_uncond``,
+``s_min_uncond_all`` and ``skip_early_cond`` (which passes leave the negative prompt out),
+``initial_noise_multiplier`` (image-to-image's noise), and
 ``add_model_hash_to_info`` / ``add_model_name_to_info`` / ``add_version_to_infotext`` /
 ``lora_add_hashes_to_infotext`` / ``textual_inversion_add_hashes_to_infotext`` /
 ``enable_pnginfo`` (what goes into infotexts and PNG text). Unknown keys are refused as SD WebUI

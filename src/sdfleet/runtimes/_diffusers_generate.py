@@ -92,7 +92,7 @@ def batch_key(job: Job, sampler: str | None) -> tuple[object, ...] | None:
         tiling(p),
         eta(p),
         K.read(p),
-        skip,
+        repr(skip),  # its words are the call's: Skip Early CFG's 1 and 1.0 are said apart
         second,
         varied.key if varied else None,
         loras,
@@ -300,8 +300,9 @@ class Generated:
     refined: tuple[bool, bool] = (False, False)
     """A refiner took over a call (``_diffusers_passes.Refine``): the first pass's, a hires fix's
     second pass's."""
-    skipped: tuple[bool, bool] = (False, False)
-    """NGMS skipped a pass's negative rows (``sdfleet.ngms``): the first's, a hires fix's second's."""
+    skipped: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    """The infotext's words of the skips of a pass's negative rows (``sdfleet.ngms``) in the order
+    first said: the first pass's, a hires fix's second's."""
     refiner: str | None = None
     """The refiner's ``short_title``, where it took over."""
     switch_at: float | None = None
@@ -331,7 +332,8 @@ def generate(
     parts: dict[int, _Part] = {}
     steps = 0
     passes = 2 if second else 1
-    refined, skipped = [False, False], [False, False]
+    refined = [False, False]
+    skipped: list[dict[str, Any]] = [{}, {}]  # the words of each pass's skips, as first said
     readings = [_reading(job, embeddings) for job in jobs]  # each job's embedding finders made once
     made = inpaintings(jobs) if ready is None else list(ready)
     with torch.inference_mode():
@@ -355,7 +357,7 @@ def generate(
             job, images_of = call_parts[0].job, len(call_parts[0].seeds)  # alone where it matters
             seeds = [s for part in call_parts for s in part.seeds]
             skip = ngms.read(job.params)  # one for the call (batch_key)
-            said = [partial(skipped.__setitem__, i, True) for i in (0, 1)]
+            said = [skipped[0].update, skipped[1].update]
             if second is None:
                 K.ready(pipe.scheduler, kwargs, steps)
                 swap = None

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdfleet import hires, ngms, refiner, variation
+from sdfleet import hires, refiner, variation
 from sdfleet import infotext as words
 from sdfleet.models import checkpoint_hash
 from sdfleet.models.catalog import ModelInfo
@@ -50,8 +50,9 @@ class Call:
     took over."""
     refined: tuple[bool, bool] = (False, False)
     """The passes the refiner took over: the first, a hires fix's second."""
-    skipped: tuple[bool, bool] = (False, False)
-    """The passes NGMS skipped negative rows of (``sdfleet.ngms``): the first, a hires fix's second."""
+    skipped: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    """The words of the skips of each pass's negative rows (``sdfleet.ngms``: NGMS, Skip Early CFG)
+    in the order first said: the first pass's, a hires fix's second's."""
 
 
 def short_title(info: ModelInfo, model_hash: str | None) -> str:
@@ -127,10 +128,8 @@ def generation_params(
     eta = eta if isinstance(eta, int | float) else None
     etas = etas_said(call.sampler, eta, second, params)
     chosen = refiner.options(params.extra)  # checked before the run
-    skip = ngms.read(params)  # the same
-    skips = (call.skipped, skip.words()) if skip is not None else None
     return extra | refiner.said_while_sampling(
-        chosen, etas, call.refiner, call.refined, second is not None, skips
+        chosen, etas, call.refiner, call.refined, second is not None, call.skipped
     )
 
 
@@ -202,7 +201,7 @@ def build_info(
         info["refiner"] = list(call.refiner)
         info["refiner_passes"] = list(call.refined)
     if any(call.skipped):
-        info["ngms_passes"] = list(call.skipped)
+        info["negative_skips"] = [dict(words) for words in call.skipped]
     info["conditioning"] = dict(conditioning or {})  # TI hashes and Emphasis, in their order
     note = call.model.tiny_note()
     if note is not None:

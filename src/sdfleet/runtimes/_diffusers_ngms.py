@@ -1,16 +1,18 @@
-"""SD WebUI's negative guidance minimum sigma (``sdfleet.ngms``) in a diffusers pipeline call.
-Imports torch.
+"""SD WebUI's negative guidance minimum sigma and Skip Early CFG (``sdfleet.ngms``) in a diffusers
+pipeline call. Imports torch.
 
 A guided call passes the negative prompt's rows and the prompt's through the UNet together and
 mixes them as ``uncond + cfg × (cond − uncond)``. ``SkippingUNet`` stands in for the UNet during
 the call: on a pass that skips it runs the prompt's rows alone and hands their prediction back
 for both halves, which that mix turns into the prompt's own, as SD WebUI's denoiser takes it.
 A pass's level is its scheduler's sigma then (the interpolated one of DPM2's second evaluation),
-or for the timestep samplers its timestep, as SD WebUI reads each.
+or for the timestep samplers its timestep, as SD WebUI reads each; its share of the sampling is
+its index over SD WebUI's ``total_steps`` of the call (``total``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,11 +44,23 @@ def level(scheduler: Any, timestep: Any) -> float:
     return float(scheduler.sigmas[index])
 
 
+Said = Callable[[dict[str, Any]], None]
+"""Told the infotext's words of each pass skipped (``ngms.Skip.skips``)."""
+
+
+def total(pipe: Any) -> int:
+    """SD WebUI's ``total_steps`` of the call ``pipe`` is making: its steps, twice for a
+    second-order sampler (whose last step is one pass: Heun makes 2n - 1 for n steps)."""
+    order = int(pipe.scheduler.order)
+    return math.ceil(int(pipe.num_timesteps) / order) * order
+
+
 class SkippingUNet:
     """The UNet of a call that skips the negative prompt's rows where ``skip`` says (``on_skip``
-    is told at each pass skipped). Its ``n``-th call is the call's ``n``-th pass through the UNet."""
+    is told the words of each pass skipped). Its ``n``-th call is the call's ``n``-th pass through
+    the UNet."""
 
-    def __init__(self, unet: Any, pipe: Any, skip: Skip, on_skip: Callable[[], None]) -> None:
+    def __init__(self, unet: Any, pipe: Any, skip: Skip, on_skip: Said) -> None:
         self.unet, self.pipe, self.skip, self.on_skip = unet, pipe, skip, on_skip
         self.passes = 0
 
@@ -55,9 +69,10 @@ class SkippingUNet:
 
     def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         index, self.passes = self.passes, self.passes + 1
-        if not self.skip.skips(index, level(self.pipe.scheduler, timestep)):
+        words = self.skip.skips(index, level(self.pipe.scheduler, timestep), total(self.pipe))
+        if words is None:
             return self.unet(sample, timestep, *args, **kwargs)
-        self.on_skip()  # said even where the call has no negative rows (CFG scale 1 or less), as SD WebUI
+        self.on_skip(words)  # said even where the call has no negative rows (CFG scale ≤ 1), as SD WebUI
         if not self.pipe.do_classifier_free_guidance:
             return self.unet(sample, timestep, *args, **kwargs)
         half = sample.shape[0] // 2  # the negative prompt's rows, then the prompt's
@@ -81,7 +96,7 @@ def _rows(value: Any, half: int) -> Any:
 
 
 @contextmanager
-def skipping(pipe: Any, skip: Skip | None, on_skip: Callable[[], None]) -> Iterator[None]:
+def skipping(pipe: Any, skip: Skip | None, on_skip: Said) -> Iterator[None]:
     """``SkippingUNet`` in ``pipe`` for the call where there is a ``skip``; nothing otherwise."""
     if skip is None:
         yield
@@ -98,10 +113,10 @@ def stand_ins(
     images: int,
     reading: E.Reading,
     skip: Skip | None,
-    on_skip: Callable[[], None],
+    on_skip: Said,
 ) -> Iterator[None]:
     """What stands in for the UNet of a call (``kwargs``, its arguments) of a pass (``read``):
-    composable diffusion's (``_diffusers_composed.composing``), NGMS's skips (never both: a task
-    asking for both is refused)."""
+    composable diffusion's (``_diffusers_composed.composing``), the skips of NGMS and Skip Early
+    CFG (never both: a task asking for both is refused)."""
     with C.composing(pipe, read, images, kwargs, reading), skipping(pipe, skip, on_skip):
         yield

@@ -72,6 +72,7 @@ _OVERRIDES_READ = {
     refiner.BY_STEPS_OPTION,
     variation.MULTIPLIER,
     ngms.ALL_OPTION,
+    ngms.EARLY_OPTION,
 }
 _NO_OP_VAE = ("", "Automatic", "None")
 """``sd_vae`` values that ask for the checkpoint's own VAE: what the runtime uses."""
@@ -249,7 +250,7 @@ def prompts_unsupported(params: TaskParams, kind: TaskType) -> list[str]:
     grammar would."""
     prompt = text(params.prompt)
     found = _composed_unsupported(params) if composable(prompt) else []
-    found += _ngms_unsupported(params, prompt)
+    found += _skips_unsupported(params, prompt)
     try:
         of_task(prompt, text(params.negative_prompt), params.steps)
     except Unread as e:
@@ -269,18 +270,27 @@ def _composed_unsupported(params: TaskParams, field: str = "the prompt") -> list
     return found
 
 
-def _ngms_unsupported(params: TaskParams, prompt: str) -> list[str]:
-    """Where NGMS (``s_min_uncond``) does not run: beside a refiner (whose UNet takes over the
-    call's) and with composable diffusion (whose parts stand in for the UNet already)."""
-    value = params.extra.get(ngms.FIELD)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        return []  # none asked for, or no number: invalid_params (ngms.read)
+def _skips_unsupported(params: TaskParams, prompt: str) -> list[str]:
+    """Where the skips of the negative prompt (NGMS's ``s_min_uncond``, ``skip_early_cond``) do not
+    run: beside a refiner (whose UNet takes over the call's) and with composable diffusion (whose
+    parts stand in for the UNet already). Named as sent."""
+    overrides = params.extra.get("override_settings")
+    asked = [
+        (name, value)
+        for name, value in (
+            (ngms.FIELD, params.extra.get(ngms.FIELD)),
+            (ngms.EARLY_OPTION, overrides.get(ngms.EARLY_OPTION) if isinstance(overrides, dict) else None),
+        )
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    ]  # none asked for, or no number: invalid_params (ngms.read)
     found = []
-    if params.extra.get("refiner_checkpoint") not in refiner.NONE:
-        found.append(f"{ngms.FIELD}={value!r} with refiner_checkpoint")
     own = hires.prompts(params) if params.extra.get("enable_hr") is True else None
-    if composable(prompt) or (own is not None and composable(text(own[0]))):
-        found.append(f"{ngms.FIELD}={value!r} with AND in a prompt (SD WebUI's composable diffusion)")
+    composed = composable(prompt) or (own is not None and composable(text(own[0])))
+    for name, value in asked:
+        if params.extra.get("refiner_checkpoint") not in refiner.NONE:
+            found.append(f"{name}={value!r} with refiner_checkpoint")
+        if composed:
+            found.append(f"{name}={value!r} with AND in a prompt (SD WebUI's composable diffusion)")
     return found
 
 
