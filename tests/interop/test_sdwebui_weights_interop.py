@@ -313,17 +313,33 @@ async def test_skip_early_cfg_is_sd_webuis(loaded: tuple[str, Path]) -> None:
     await side_by_side(*loaded, SKIP_EARLY_CASES)
 
 
+DPM2_CASES: list[list[dict[str, Any]]] = [
+    [NEGATIVE | {"sampler_name": sampler, "scheduler": schedule} for schedule in ("Karras", "Uniform")]
+    for sampler in ("DPM2", "DPM2 a")
+]
+
+
+async def test_dpm2_is_sd_webuis(loaded: tuple[str, Path]) -> None:
+    """SD WebUI's DPM2 and DPM2 a step over the schedule of one step more less its next-to-last
+    sigma (``discard_next_to_last_sigma``; ``_diffusers_dpm2``): each image within 0.8 of 255 of
+    SD WebUI's (Euler's are 0.5 apart; these were 0.7 and 1.6-1.8 before)."""
+    await side_by_side(*loaded, DPM2_CASES, within=0.8)
+
+
 def png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
 
 
-async def side_by_side(title: str, folder: Path, groups: list[list[dict[str, Any]]]) -> None:
+async def side_by_side(
+    title: str, folder: Path, groups: list[list[dict[str, Any]]], within: float | None = None
+) -> None:
     """Each request of ``groups`` (8 steps; no hires fix unless it asks; image-to-image from its
     ``init`` image where it gives one, masked by its ``mask``) to SD WebUI and to the diffusers
     runtime on SD WebUI's checkpoint files in ``folder``: the same words, and each group's images
-    nearest SD WebUI's of the same request."""
+    nearest SD WebUI's of the same request (and, given ``within``, each at most that far from
+    it: a mean of 255)."""
     runtime = DiffusersRuntime.from_options(catalog=ModelCatalog(folder), options={"device": "cpu"})
     pinned = {"override_settings": {"sd_model_checkpoint": title, **PINNED}, "steps": 8, "enable_hr": False}
     async with httpx.AsyncClient(base_url=A1111_URL, timeout=900) as client:
@@ -355,5 +371,7 @@ async def side_by_side(title: str, folder: Path, groups: list[list[dict[str, Any
                 assert unversioned(made.info["infotexts"][0]) == unversioned(said), case
                 theirs.append(pixels(base64.b64decode(answer.json()["images"][0])))
                 ours.append(pixels(made.images[0]))
+                apart = float(np.abs(ours[-1] - theirs[-1]).mean())
+                assert within is None or apart <= within, (case, apart)
             nearest(ours, theirs)
     await runtime.aclose()

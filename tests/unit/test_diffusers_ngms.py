@@ -172,11 +172,14 @@ async def test_the_level_of_each_pass_is_sd_webuis(
     runtime: DiffusersRuntime, passes: list[tuple[int, float | None]], sampler: str
 ) -> None:
     """k-diffusion's Heun evaluates at each sigma and again at the next (the last step once),
-    DPM2 the second time at their geometric mean; SD WebUI's DDIM passes its timestep."""
+    DPM2 the second time at their geometric mean (its own sigmas: ``_diffusers_dpm2``); SD WebUI's
+    DDIM passes its timestep."""
     await runtime.run(job(), quiet)
     passes.clear()
     await runtime.run(job(sampler=sampler, steps=3, s_min_uncond=0.01), quiet)
     s = euler_sigmas(runtime, 3)
+    if sampler == "DPM2":  # SD WebUI's DPM2 steps over the schedule of 4 less its next-to-last sigma
+        s = [*euler_sigmas(runtime, 4)[:-2], 0.0]
     if sampler == "Heun":
         expected = [s[0], s[1], s[1], s[2], s[2]]
     elif sampler == "DPM2":

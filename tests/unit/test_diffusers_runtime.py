@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sdfleet.errors import ConfigError, Interrupted, ModelLoadError, Reject
 from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
 from sdfleet.runtimes import RUNTIMES, build_runtime
+from sdfleet.runtimes._diffusers_info import sampler_name_of
 from sdfleet.runtimes._diffusers_pipes import fit, load_pipeline, make_scheduler, set_tiling
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, sampler_key
 from sdfleet.runtimes.base import Job, RuntimeResult
@@ -377,7 +379,9 @@ def test_every_sampler_maps_to_its_scheduler(runtime: DiffusersRuntime, name: st
         "beta_end": 0.012,
     }
     scheduler = make_scheduler(sampler_key(name.upper()) or "", base)
-    assert type(scheduler).__name__ == cls_name
+    assert cls_name in {kind.__name__ for kind in type(scheduler).__mro__}  # or sdfleet's of it
+    if name.startswith("DPM2"):  # sdfleet's own (_diffusers_dpm2) named as diffusers' would be
+        assert sampler_name_of(scheduler) == name
     for key, value in overrides.items():
         assert scheduler.config[key] == value
     assert bool(scheduler.config.get("use_karras_sigmas", False)) == ("Karras" in name)
@@ -424,6 +428,41 @@ def test_k_diffusion_samplers_step_over_sd_webuis_schedule(name: str) -> None:
     ddim = make_scheduler("DDIM", SD15_SCHEDULER)
     ddim.set_timesteps(20)
     assert [int(t) for t in ddim.timesteps] == list(range(951, 0, -50))
+
+
+@pytest.mark.parametrize("name", ["DPM2", "DPM2 Karras", "DPM2 a", "DPM2 a Karras"])
+@pytest.mark.parametrize("steps", [1, 2, 8, 20])
+def test_dpm2_drops_the_next_to_last_sigma_as_sd_webui(name: str, steps: int) -> None:
+    """SD WebUI's DPM2 and DPM2 a (``discard_next_to_last_sigma``): k-diffusion's schedule of one
+    step more, less its next-to-last sigma; diffusers' steps over that of ``steps``. Their images
+    of a real SD WebUI's checkpoint were 0.7 and 1.6-1.8 of 255 apart, 0.5 after (the issue note).
+    Each step but the last is two passes, as diffusers' own."""
+    scheduler = make_scheduler(name, SD15_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    sigmas = [float(s) for s in scheduler.sigmas]
+    longer = k_diffusion_sigmas(steps + 1, karras="Karras" in name)
+    assert sigmas[:1] + sigmas[1:-1:2] == pytest.approx([*longer[:-2], 0.0], rel=2e-4, abs=1e-6)
+    assert len(scheduler.timesteps) == 2 * steps - 1 and scheduler.num_inference_steps == steps
+    if "a" in name.split():  # the ancestral step's noise: k-diffusion's get_ancestral_step to the next
+        ends = [*longer[:-2], 0.0]
+        up = [(b**2 * (a**2 - b**2) / a**2) ** 0.5 for a, b in itertools.pairwise(ends)]
+        each = [float(u) for u in scheduler.sigmas_up[:1]] + [float(u) for u in scheduler.sigmas_up[1:-1:2]]
+        assert each[:steps] == pytest.approx(up, rel=2e-4, abs=1e-6)  # the last (to 0) adds none
+
+
+async def test_dpm2_runs_each_kind_of_task(runtime: DiffusersRuntime) -> None:
+    """Text-to-image and image-to-image (diffusers' strength over the steps), each sampler."""
+    for sampler in ("DPM2", "DPM2 a Karras"):
+        made = await runtime.run(job(sampler=sampler, steps=3), no_progress)
+        assert made.info["sampler_name"] == sampler.removesuffix(" Karras")
+        i2i = job(
+            TaskType.IMAGE_TO_IMAGE,
+            sampler=sampler,
+            steps=4,
+            denoising_strength=0.5,
+            init_images=[made.images[0]],
+        )
+        assert size((await runtime.run(i2i, no_progress)).images[0]) == (64, 64)
 
 
 def test_karras_scheduler_option_and_unknown_sampler() -> None:

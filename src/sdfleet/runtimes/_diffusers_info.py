@@ -211,9 +211,9 @@ def build_info(
 
 def sampler_name_of(scheduler: Any) -> str:
     """Best A1111 name for a scheduler instance (for info when the job named no sampler)."""
-    cls_name = type(scheduler).__name__
     karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
-    for name, (cls, overrides) in SAMPLERS.items():
-        if cls == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
-            return name
-    return cls_name
+    for kind in type(scheduler).__mro__:  # sdfleet's own are diffusers' of another schedule
+        for name, (cls, overrides) in SAMPLERS.items():
+            if cls == kind.__name__ and bool(overrides.get("use_karras_sigmas", False)) == karras:
+                return name
+    return type(scheduler).__name__

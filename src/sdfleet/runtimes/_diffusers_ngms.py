@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from diffusers import KDPM2AncestralDiscreteScheduler
 
 from sdfleet.ngms import Skip
 from sdfleet.runtimes import _diffusers_composed as C
@@ -39,7 +40,7 @@ def level(scheduler: Any, timestep: Any) -> float:
         )
     if getattr(scheduler, "state_in_first_order", True) is False and hasattr(scheduler, "sigmas_interpol"):
         # DPM2's second evaluation, at the midpoint: where each scheduler's scale_model_input reads it
-        shift = 1 if type(scheduler).__name__ == "KDPM2AncestralDiscreteScheduler" else 0
+        shift = 1 if isinstance(scheduler, KDPM2AncestralDiscreteScheduler) else 0
         return float(scheduler.sigmas_interpol[index - shift])
     return float(scheduler.sigmas[index])
 

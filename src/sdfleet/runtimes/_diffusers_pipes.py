@@ -13,6 +13,7 @@ from PIL import Image
 
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes._diffusers_dpm2 import DPM2AncestralDiscarding, DPM2Discarding
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
 from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
@@ -45,13 +46,22 @@ def quiet_libraries() -> None:
     _quiet = True
 
 
+_SD_WEBUIS: dict[str, Any] = {
+    "KDPM2DiscreteScheduler": DPM2Discarding,
+    "KDPM2AncestralDiscreteScheduler": DPM2AncestralDiscarding,
+}
+"""diffusers' schedulers that step over another schedule than SD WebUI's sampler of that name,
+and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma)."""
+
+
 def make_scheduler(name: str, base_config: Any) -> Any:
     """A fresh scheduler for sampler ``name`` built from the model's own scheduler config, on SD
     WebUI's schedule: a k-diffusion sampler's timesteps from 999 to 0 in equal steps (a model's
     config, SD 1.5's and SDXL's, says ``leading`` from 1: 951 to 1 of 20 steps, a first sigma of
-    10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's from 1."""
+    10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's from 1; DPM2's and
+    DPM2 a's without the next-to-last sigma (``_SD_WEBUIS``)."""
     cls_name, overrides = SAMPLERS[name]
-    cls = getattr(diffusers, cls_name)
+    cls = _SD_WEBUIS.get(cls_name) or getattr(diffusers, cls_name)
     config = dict(base_config)
     config.pop("use_karras_sigmas", None)
     config.pop("algorithm_type", None)
