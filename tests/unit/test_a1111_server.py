@@ -198,6 +198,14 @@ def test_variation_seeds_run_with_sd_webuis_seeds_and_words(api: webuiapi.WebUIA
         )  # fmt: skip
 
 
+def txt2img(http: httpx.Client, body: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The image and infotext of a txt2img request that must succeed."""
+    r = http.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    return np.asarray(image.convert("RGB"), dtype=int), json.loads(r.json()["info"])["infotexts"][0]
+
+
 def test_ngms_is_taken_from_the_request_or_the_option(server: ServerThread) -> None:
     """``s_min_uncond`` was 422 'not available on this server'. SD WebUI reads it from the request,
     else from its option (an override of it comes too late), and ``s_min_uncond_all`` from either."""
@@ -206,10 +214,7 @@ def test_ngms_is_taken_from_the_request_or_the_option(server: ServerThread) -> N
     every = {"override_settings": {"s_min_uncond_all": True}}
 
     def made(**fields: Any) -> tuple[np.ndarray, str]:
-        r = http.post("/sdapi/v1/txt2img", json=body | fields)
-        assert r.status_code == 200, r.text
-        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
-        return np.asarray(image.convert("RGB"), dtype=int), json.loads(r.json()["info"])["infotexts"][0]
+        return txt2img(http, body | fields)
 
     with httpx.Client(base_url=server.url, timeout=300) as http:
         skipped, text = made(s_min_uncond=1000, **every)
@@ -242,10 +247,7 @@ def test_skip_early_cfg_is_taken_from_the_override_or_the_option(server: ServerT
     body |= {"sampler_name": "Euler", "cfg_scale": 7}
 
     def made(**fields: Any) -> tuple[np.ndarray, str]:
-        r = http.post("/sdapi/v1/txt2img", json=body | fields)
-        assert r.status_code == 200, r.text
-        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
-        return np.asarray(image.convert("RGB"), dtype=int), json.loads(r.json()["info"])["infotexts"][0]
+        return txt2img(http, body | fields)
 
     with httpx.Client(base_url=server.url, timeout=300) as http:
         skipped, text = made(override_settings={"skip_early_cond": 1})

@@ -73,6 +73,22 @@ def same(a: RuntimeResult, b: RuntimeResult) -> bool:
     return all(int(abs(pixels(x) - pixels(y)).max()) <= 1 for x, y in zip(a.images, b.images, strict=True))
 
 
+async def batched_as_alone(runtime: DiffusersRuntime, jobs: list[Job]) -> None:
+    """Each of ``jobs`` run in one batch makes its images and words as when it runs alone."""
+    batched = await runtime.run_batch(jobs, [quiet] * len(jobs))
+    for one, outcome in zip(jobs, batched, strict=True):
+        assert isinstance(outcome, RuntimeResult)
+        alone = await runtime.run(one, quiet)
+        assert same(outcome, alone) and outcome.info["infotexts"] == alone.info["infotexts"]
+
+
+def refused(**fields: object) -> Reject:
+    """Why a text-to-image task of ``fields`` is refused at the door of a diffusers queue."""
+    with pytest.raises(Reject) as e:
+        refuse("diffusers", TaskType.TEXT_TO_IMAGE, job(**fields).params)
+    return e.value
+
+
 @pytest.fixture
 def passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float | None]]:
     """Each pass through the (real) UNet: its rows, and the level ``G.level`` read for it."""
@@ -198,19 +214,10 @@ async def test_batch_mates_keep_their_images(runtime: DiffusersRuntime) -> None:
     assert runtime.batch_key(job(s_min_uncond=6.0)) != runtime.batch_key(jobs[0])
     assert runtime.batch_key(job(s_min_uncond=5.0, **EVERY)) != runtime.batch_key(jobs[0])
     assert runtime.batch_key(job()) != runtime.batch_key(jobs[0])
-    batched = await runtime.run_batch(jobs, [quiet, quiet])
-    for one, outcome in zip(jobs, batched, strict=True):
-        assert isinstance(outcome, RuntimeResult)
-        alone = await runtime.run(one, quiet)
-        assert same(outcome, alone) and outcome.info["infotexts"] == alone.info["infotexts"]
+    await batched_as_alone(runtime, jobs)
 
 
 def test_what_does_not_run_with_it_is_refused_by_name() -> None:
-    def refused(**fields: object) -> Reject:
-        with pytest.raises(Reject) as e:
-            refuse("diffusers", TaskType.TEXT_TO_IMAGE, job(**fields).params)
-        return e.value
-
     e = refused(s_min_uncond=2, refiner_checkpoint="tiny-b")
     assert e.code == "unsupported_option" and "s_min_uncond=2 with refiner_checkpoint" in e.reason
     e = refused(s_min_uncond=2, prompt="a cat AND a dog")
@@ -299,19 +306,10 @@ async def test_skip_early_cfg_batches_with_the_same_share_only(runtime: Diffuser
     assert runtime.batch_key(job(**early(0.25))) != runtime.batch_key(jobs[0])
     assert runtime.batch_key(job(**early(1))) != runtime.batch_key(job(**early(1.0)))  # said apart
     assert runtime.batch_key(job()) != runtime.batch_key(jobs[0])
-    batched = await runtime.run_batch(jobs, [quiet, quiet])
-    for one, outcome in zip(jobs, batched, strict=True):
-        assert isinstance(outcome, RuntimeResult)
-        alone = await runtime.run(one, quiet)
-        assert same(outcome, alone) and outcome.info["infotexts"] == alone.info["infotexts"]
+    await batched_as_alone(runtime, jobs)
 
 
 def test_skip_early_cfg_where_it_does_not_run_is_refused_by_name() -> None:
-    def refused(**fields: object) -> Reject:
-        with pytest.raises(Reject) as e:
-            refuse("diffusers", TaskType.TEXT_TO_IMAGE, job(**fields).params)
-        return e.value
-
     e = refused(refiner_checkpoint="tiny-b", **early(0.5))
     assert e.code == "unsupported_option" and "skip_early_cond=0.5 with refiner_checkpoint" in e.reason
     e = refused(prompt="a cat AND a dog", **early(0.5))
