@@ -7,7 +7,7 @@ Euler pass). diffusers' KDPM2 schedulers step over the schedule of ``n``. On SD 
 checkpoint (8 steps, 64²) that kept DPM2 a's images 1.6-1.8 of 255 from SD WebUI's and DPM2's
 0.7; with the sigma dropped both are 0.5, as Euler's (the issue note). ``Discarding`` makes
 diffusers' schedule of ``n + 1`` and builds the interleaved arrays again from its sigmas less that
-one, as diffusers' ``set_timesteps`` builds them (``_interleave``: its code, diffusers 0.42).
+one, as diffusers' ``set_timesteps`` builds them (its code, diffusers 0.42).
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ def _base(scheduler: Any) -> tuple[np.ndarray, np.ndarray]:
 
 class _Discarding:
     """``set_timesteps`` of ``n`` steps as SD WebUI's: the schedule of ``n + 1`` less its
-    next-to-last sigma."""
+    next-to-last sigma, its arrays built as diffusers builds them from a schedule's sigmas (each
+    step's midpoint: ``_midpoints``; the midpoints' timesteps that alternate with the steps':
+    ``_between``)."""
+
+    _between: slice
 
     def set_timesteps(
         self,
@@ -39,59 +43,51 @@ class _Discarding:
     ) -> None:
         super().set_timesteps(num_inference_steps + 1, device, num_train_timesteps)  # type: ignore[misc]
         sigmas, timesteps = _base(self)
-        self._interleave(sigmas[:-1], timesteps[:-1], device)
+        s = torch.from_numpy(np.concatenate([sigmas[:-1], [0.0]]).astype(np.float32)).to(device=device)
+        t = torch.from_numpy(timesteps[:-1]).to(device)
+        interpol = self._midpoints(s)
+        self.sigmas, self.sigmas_interpol = _doubled(s), _doubled(interpol)
+        self.timesteps = _alternating(t, _timesteps_of(self, interpol, t.dtype, device)[self._between])
+        self.sample = None
+        self._step_index = None
+        self._begin_index = None
+        self.sigmas = self.sigmas.to("cpu")  # diffusers' own: less CPU/GPU traffic
         self.num_inference_steps = num_inference_steps
 
-    def _interleave(self, sigmas: np.ndarray, timesteps: np.ndarray, device: Any) -> None:
+    def _midpoints(self, sigmas: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class DPM2Discarding(_Discarding, KDPM2DiscreteScheduler):  # type: ignore[misc]
     """diffusers' DPM2 on SD WebUI's schedule."""
 
-    def _interleave(self, sigmas: np.ndarray, timesteps: np.ndarray, device: Any) -> None:
-        s = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).to(device=device)
-        interpol = s.log().lerp(s.roll(1).log(), 0.5).exp()
-        self.sigmas = torch.cat([s[:1], s[1:].repeat_interleave(2), s[-1:]])
-        self.sigmas_interpol = torch.cat([interpol[:1], interpol[1:].repeat_interleave(2), interpol[-1:]])
-        t = torch.from_numpy(timesteps).to(device)
-        t_interpol = _timesteps_of(self, interpol, t.dtype, device)
-        self.timesteps = torch.cat(
-            [t[:1], torch.stack((t_interpol[1:-1, None], t[1:, None]), dim=-1).flatten()]
-        )
-        _reset(self)
+    _between = slice(1, -1)
+
+    def _midpoints(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()
 
 
 class DPM2AncestralDiscarding(_Discarding, KDPM2AncestralDiscreteScheduler):  # type: ignore[misc]
-    """diffusers' DPM2 a on SD WebUI's schedule."""
+    """diffusers' DPM2 a on SD WebUI's schedule: its ancestral step's noise amounts too."""
 
-    def _interleave(self, sigmas: np.ndarray, timesteps: np.ndarray, device: Any) -> None:
-        s = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).to(device=device)
-        following = s.roll(-1)
+    _between = slice(None, -2)
+
+    def _midpoints(self, sigmas: torch.Tensor) -> torch.Tensor:
+        following = sigmas.roll(-1)
         following[-1] = 0.0
-        up = (following**2 * (s**2 - following**2) / s**2) ** 0.5
+        up = (following**2 * (sigmas**2 - following**2) / sigmas**2) ** 0.5
         down = (following**2 - up**2) ** 0.5
         down[-1] = 0.0
-        interpol = s.log().lerp(down.log(), 0.5).exp()
+        self.sigmas_up, self.sigmas_down = _doubled(up), _doubled(down)
+        interpol = sigmas.log().lerp(down.log(), 0.5).exp()
         interpol[-2:] = 0.0
-        self.sigmas = torch.cat([s[:1], s[1:].repeat_interleave(2), s[-1:]])
-        self.sigmas_interpol = torch.cat([interpol[:1], interpol[1:].repeat_interleave(2), interpol[-1:]])
-        self.sigmas_up = torch.cat([up[:1], up[1:].repeat_interleave(2), up[-1:]])
-        self.sigmas_down = torch.cat([down[:1], down[1:].repeat_interleave(2), down[-1:]])
-        t = torch.from_numpy(timesteps).to(device)
-        t_interpol = _timesteps_of(self, interpol, t.dtype, device)
-        self.timesteps = torch.cat(
-            [t[:1], torch.stack((t_interpol[:-2, None], t[1:, None]), dim=-1).flatten()]
-        )
-        _reset(self)
+        return interpol
 
 
-def _reset(scheduler: Any) -> None:
-    """What diffusers' ``set_timesteps`` leaves after its arrays: no step taken yet."""
-    scheduler.sample = None
-    scheduler._step_index = None
-    scheduler._begin_index = None
-    scheduler.sigmas = scheduler.sigmas.to("cpu")  # diffusers' own: less CPU/GPU traffic
+def _doubled(values: torch.Tensor) -> torch.Tensor:
+    """A step array interleaved as diffusers' second-order schedulers keep it: the first, each
+    other twice (a step's two passes), the last once more."""
+    return torch.cat([values[:1], values[1:].repeat_interleave(2), values[-1:]])
 
 
 def _alternating(timesteps: torch.Tensor, between: torch.Tensor) -> torch.Tensor:
