@@ -283,6 +283,8 @@ def _skips_unsupported(params: TaskParams, prompt: str) -> list[str]:
         )
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0
     ]  # none asked for, or no number: invalid_params (ngms.read)
+    if not asked:
+        return []  # every task comes here: the prompts are read for AND only for a skip
     found = []
     own = hires.prompts(params) if params.extra.get("enable_hr") is True else None
     composed = composable(prompt) or (own is not None and composable(text(own[0])))
