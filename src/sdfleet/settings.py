@@ -226,6 +226,9 @@ class AgentSettings(BaseModel):
     finishers: int = Field(4, ge=1)
     """Tasks finishing at once (upload, record, notify, ack) while the runtime goes on; when all
     are busy the runtime waits, which bounds memory."""
+    progress_every_s: float = Field(1.0, gt=0)
+    """Least time between two progress writes of one running task (a record write each, and a
+    ``progress`` event for subscribers that asked for it); a run shorter than this writes none."""
     cancel_check_s: float = Field(1.0, gt=0)
     """How often the records of tasks running for at least this long are read for a cancel: a
     cancelled task is interrupted within about twice this, whatever the lease. The same read

@@ -112,3 +112,19 @@ async def test_keepalive_comment_while_nothing_changes(tmp_path: Path) -> None:
     assert got[0] == "retry: 1000\n\n"
     assert got[1].startswith(f"id: {record.version}\nevent: queued\ndata: {{")
     assert got[2] == ": keep-alive\n\n"
+
+
+async def test_progress_is_written_as_often_as_the_agent_is_told(
+    start_fleet: StartFleet, engine: Engine, models_dir: Path
+) -> None:
+    """``agent.progress_every_s`` spaces the progress writes: every 0.1 s a run of 1.6 s in 16 steps
+    moves the stream's bar many times, where the default second moves it once."""
+    runtimes = {"synthetic": {"latency_s": 1.6, "progress_steps": 16}}
+    settings = fleet_settings(engine, models_dir, QUEUE, runtimes=runtimes, progress_every_s=0.1)
+    api = await start_fleet(QUEUE, agents=["q"], settings=settings)
+    r = await api.http.post("/v1/tasks", json={"params": PARAMS})
+    assert r.status_code == 202, r.text
+    events = await asyncio.wait_for(_events(api.http, f"/v1/tasks/{r.json()['id']}/events", {}), 30)
+    progress = [e["progress"] for e in events if e["event"] == "progress"]
+    assert len(progress) >= 3 and progress == sorted(progress), events  # the stream reads every 0.25 s
+    assert events[-1]["state"] == "succeeded"

@@ -69,6 +69,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     }
     env = {
         "SDFLEET_AGENT__CANCEL_CHECK_S": "0.5",
+        # a progress write every 0.2 s, not every second: the progress test's run (2.9 s here)
+        # shows its bar moving on a host several times faster, where a run under a second wrote none
+        "SDFLEET_AGENT__PROGRESS_EVERY_S": "0.2",
         "SDFLEET_AGENT__ALLOW_PRIVATE_INPUTS": "true",
         "SDFLEET_API__MAX_WIDTH": str(MAX_WIDTH),  # not the default: the form must read it
     }
@@ -147,9 +150,8 @@ async def test_submit_watch_progress_and_see_the_image(page: Page, fleet: UpProc
     await expect(page.locator("#notice")).to_contain_text("API key")  # the fleet has tenants: keys needed
     await use_key(page, ALICE)
     await expect(page.locator("#model-choice option", has_text=MODEL)).to_have_count(1)
-    # long enough for progress writes (at most one a second, none for a task under a second): 150
-    # steps, the most a task may ask, at 128x128 take 2.9 s of the tiny model here, alone (1.6 s at
-    # 64x64: a host twice as fast would have finished before the first write)
+    # long enough for progress writes (every 0.2 s in this fleet, none for a run shorter than
+    # that): 150 steps, the most a task may ask, at 128x128 take 2.9 s of the tiny model here
     await submit_from_form(page, "a red boat on a calm sea", size=128, steps=150)
     card = page.locator(".card").first
     seen = await progress_seen(page, ".card >> nth=0 >> progress", ".card >> nth=0 >> .state")

@@ -24,8 +24,6 @@ from sdfleet.tasks import EventType, TaskRecord, TaskState
 log = logging.getLogger(__name__)
 
 Outcome = RuntimeResult | BaseException
-PROGRESS_EVERY_S = 1.0
-"""Least time between two progress writes of one task; a task shorter than this writes none."""
 
 
 @runtime_checkable
@@ -163,8 +161,8 @@ async def _call(
 
 
 class _Progress:
-    """A task's progress, written to its record at most every ``PROGRESS_EVERY_S`` (never the
-    final 1.0: the success write says that)."""
+    """A task's progress, written to its record at most every ``agent.progress_every_s`` (never
+    the final 1.0: the success write says that)."""
 
     def __init__(self, parts: Parts, p: Prepared) -> None:
         self.parts, self.p = parts, p
@@ -172,8 +170,10 @@ class _Progress:
 
     async def report(self, fraction: float) -> None:
         now = time.monotonic()
-        if fraction >= 1.0 or now - self.last < PROGRESS_EVERY_S:
+        if fraction >= 1.0 or now - self.last < self.parts.settings.progress_every_s:
             return
+        if self.p.record is None or self.p.record.state is not TaskState.RUNNING:
+            return  # its start write is still in flight: the next step tries again
         self.last = now
         record = await _write_progress(self.parts, self.p, fraction)
         if record is not None and record.state is TaskState.RUNNING:
@@ -187,8 +187,6 @@ async def _write_progress(parts: Parts, p: Prepared, fraction: float) -> TaskRec
         r.progress = round(min(1.0, fraction), 4)
         return r
 
-    if p.record is None or p.record.state is not TaskState.RUNNING:
-        return None  # not started yet (its start write is still in flight)
     try:
         record = await transition(parts.store, p.task.tenant, p.task.id, mutate, current=p.record)
     except SdfleetError as e:  # progress is best effort
