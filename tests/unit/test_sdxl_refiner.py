@@ -64,7 +64,8 @@ def differ(a: RuntimeResult, b: bytes) -> int:
 
 def references(runtime: DiffusersRuntime) -> tuple[Any, Any]:
     """diffusers' SDXL pipeline of the task's model and its refiner pipeline (aesthetic scores
-    2.5 and 6, SD WebUI's too), on the runtime's loaded weights and its Euler."""
+    2.5 and 6, SD WebUI's too), on the runtime's loaded weights and its Euler; their 8-bit pixels
+    truncated as the runtime's (SD WebUI's), where diffusers rounds."""
     base, refiner = runtime._cache["xl"].pipe, runtime._cache["xl-refiner"].pipe
     made = diffusers.StableDiffusionXLPipeline(**base.components)
     made.scheduler = P.make_scheduler("Euler", base.scheduler.config)
@@ -77,6 +78,7 @@ def references(runtime: DiffusersRuntime) -> tuple[Any, Any]:
     )
     for pipe in (made, refines):
         pipe.set_progress_bar_config(disable=True)
+        P.truncating_pixels(pipe)
     return made, refines
 
 

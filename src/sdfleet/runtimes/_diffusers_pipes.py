@@ -8,6 +8,7 @@ import threading
 from typing import Any, Literal
 
 import diffusers as _diffusers_module
+import numpy as np
 import torch
 from PIL import Image
 
@@ -87,7 +88,26 @@ def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
         raise ModelLoadError(f"cannot load model {info.name!r} from {info.path}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     _clip_skip_compat(pipe)
+    return truncating_pixels(pipe)
+
+
+def truncating_pixels(pipe: Any) -> Any:
+    """``pipe`` making its images' 8-bit pixels as SD WebUI does, truncated (``(255 × x).astype(
+    uint8)``) where diffusers rounds: otherwise half its pixels lie one above SD WebUI's (a mean
+    of 0.5 apart from images that are the same before it)."""
+    pipe.image_processor.numpy_to_pil = _to_pil_truncated
     return pipe
+
+
+def _to_pil_truncated(images: np.ndarray) -> list[Image.Image]:
+    """diffusers' ``VaeImageProcessor.numpy_to_pil`` (floats in 0..1, batch last-channel),
+    truncating."""
+    if images.ndim == 3:
+        images = images[None, ...]
+    pixels = (images * 255).astype("uint8")
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p.squeeze(), mode="L") for p in pixels]
+    return [Image.fromarray(p) for p in pixels]
 
 
 def _clip_skip_compat(pipe: Any) -> None:
@@ -143,7 +163,7 @@ def img2img_from(pipe: Any) -> Any:
         return inpaint_from(pipe)
     img = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
     img.set_progress_bar_config(disable=True)
-    return img
+    return truncating_pixels(img)
 
 
 def inpaint_from(pipe: Any) -> Any:
@@ -152,7 +172,7 @@ def inpaint_from(pipe: Any) -> Any:
     channels) is given the mask and the masked image as well."""
     inpaint = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
-    return inpaint
+    return truncating_pixels(inpaint)
 
 
 def inpainting_unet(pipe: Any) -> bool:
