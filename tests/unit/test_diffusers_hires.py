@@ -13,8 +13,10 @@ from PIL import Image
 from test_diffusers_batching import assert_same_images, pixels, quiet
 
 from sdfleet.errors import Reject
+from sdfleet.hires import second_pass_steps
 from sdfleet.infotext import VERSION
 from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
+from sdfleet.runtimes._diffusers_samplers import hires_schedule
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -228,3 +230,22 @@ async def test_a_second_checkpoint_without_room_is_held_for_its_job_alone(tmp_pa
     assert again.switch_s == 0.0 and again.images == made.images  # both were cached
     await small.aclose()
     await roomy.aclose()
+
+
+def test_the_second_pass_schedule_is_sd_webuis() -> None:
+    """SD WebUI's k-diffusion samplers run a hires pass's ``n`` steps as the last ``n`` of a
+    schedule ``int(n / min(d, 0.999))`` long (``setup_img2img_steps`` given the steps), where this
+    runtime's was the shortest schedule diffusers' strength makes ``n`` of (14 for 8 steps at 0.6,
+    not 13: 3.8 of 255 apart from SD WebUI's images with a Lanczos upscaler, 1.0 with a latent one;
+    0.38 and 0.004 after, the issue note). The strength handed to diffusers makes exactly ``n``
+    (``get_timesteps``: int(schedule × strength)); timestep samplers and no sampler keep the old."""
+    for steps in range(1, 61):
+        for d in (k / 200 for k in range(1, 201)):
+            for key in ("Euler", "Euler a", "DPM++ 2M Karras", "Heun"):
+                schedule, strength = hires_schedule(key, steps, d)
+                assert schedule == int(steps / min(d, 0.999)), (steps, d)
+                assert int(schedule * strength) == steps, (steps, d)
+    assert hires_schedule("Euler", 8, 0.6) == (13, 8 / 13)
+    assert hires_schedule("Euler", 8, 1.0) == (8, 1.0)
+    for key in ("DDIM", "PLMS", "UniPC", None):
+        assert hires_schedule(key, 8, 0.6) == (second_pass_steps(8, 0.6), 0.6) == (14, 0.6)

@@ -6,9 +6,9 @@ upscaler: resized by it, then encoded again by the image-to-image pipeline); the
 denoises them as image-to-image at the plan's strength, with fresh noise from the same seeds, as
 SD WebUI does, on the model ``hr_checkpoint_name`` names where it names another (the first pass's
 latents handed over as they are, or its images encoded by that model's VAE, as there). Its steps
-are exactly the plan's: the schedule is made ``steps / strength`` long
-(``hires.second_pass_steps``). On an inpainting checkpoint the pass is given the whole image
-masked, as SD WebUI gives it (``_diffusers_inpaint.whole_masked``).
+are exactly the plan's, the last of a schedule about ``steps / strength`` long, as SD WebUI's
+sampler makes it (``_diffusers_samplers.hires_schedule``). On an inpainting checkpoint the pass
+is given the whole image masked, as SD WebUI gives it (``_diffusers_inpaint.whole_masked``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sdfleet.runtimes._diffusers_churn import ready
 from sdfleet.runtimes._diffusers_inpaint import whole_masked
 from sdfleet.runtimes._diffusers_noise import as_sd_webui
 from sdfleet.runtimes._diffusers_pipes import inpainting_unet
+from sdfleet.runtimes._diffusers_samplers import hires_schedule
 
 Upscale = Callable[[Image.Image, str, tuple[int, int]], Image.Image]
 """An image upscaler by name, to an exact size (the runtime's extras upscalers)."""
@@ -37,6 +38,8 @@ class SecondPass:
     """The image-to-image pipeline of the pass's model, its scheduler set for this pass."""
     plan: Hires
     upscale: Upscale
+    sampler: str | None = None
+    """The pass's sampler (a ``SAMPLERS`` key; None: the model's own scheduler)."""
     other_model: bool = False
     """The pass runs another model than the first pass's (``hr_checkpoint_name``): its own text
     encoders read the prompts again."""
@@ -76,16 +79,18 @@ def run(
         image = [_crop_image(second.upscale(im, plan.upscaler, full), plan) for im in first]
     skip = ("width", "height", "output_type", "generator", "callback_on_step_end", "mask_image")
     call = {k: v for k, v in kwargs.items() if k not in skip}
+    schedule, strength = hires_schedule(second.sampler, plan.steps, plan.denoising)
+    if inpainting_unet(second.pipe):
+        call |= whole_masked(second.pipe, plan.size, seeds, latents=plan.latent_mode is not None)
+        if strength >= 1 > plan.denoising:  # there: noise alone, not the image noised
+            schedule, strength = second_pass_steps(plan.steps, plan.denoising), plan.denoising
     call.update(
         image=image,
-        strength=plan.denoising,
+        strength=strength,
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         callback_on_step_end=callback,
         output_type="pil",
     )
-    if inpainting_unet(second.pipe):
-        call |= whole_masked(second.pipe, plan.size, seeds, latents=plan.latent_mode is not None)
-    schedule = second_pass_steps(plan.steps, plan.denoising)
     ready(second.pipe.scheduler, call, schedule)
     swap = take_over(second.pipe, schedule, call) if take_over is not None else None
     try:

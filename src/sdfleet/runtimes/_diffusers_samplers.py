@@ -145,11 +145,29 @@ def img2img_schedule(key: str | None, steps: int, strength: float) -> tuple[int,
         raise Reject("denoising_strength must be above 0 for image-to-image", code="invalid_params")
     if key is None or key.removesuffix(" Karras") in _NO_SIGMAS:
         return max(steps, math.ceil(1 / strength)), strength
-    denoised = int(min(strength, 0.999) * steps) + 1
-    given = min(denoised / steps, 1.0)
-    while int(steps * given) < denoised:  # a quotient rounded down: the next float up
+    return steps, _running(steps, int(min(strength, 0.999) * steps) + 1)
+
+
+def hires_schedule(key: str | None, steps: int, strength: float) -> tuple[int, float]:
+    """The schedule length and strength to give a hires fix's second pass of sampler ``key`` (its
+    diffusers image-to-image call) so that it runs ``steps`` steps as SD WebUI 1.10's does at
+    ``strength``. SD WebUI's k-diffusion samplers run the last ``steps`` of a schedule
+    ``int(steps / min(strength, 0.999))`` long (``setup_img2img_steps`` given the steps); its
+    timestep samplers, and a task naming no sampler (``key`` None), as diffusers, over the
+    shortest schedule of which ``strength`` makes ``steps`` (``hires.second_pass_steps``)."""
+    if key is None or not k_diffusion(key):
+        return hires.second_pass_steps(steps, strength), strength
+    schedule = int(steps / min(strength, 0.999))
+    return schedule, _running(schedule, steps)
+
+
+def _running(schedule: int, steps: int) -> float:
+    """The strength at which diffusers' image-to-image runs the last ``steps`` of ``schedule``
+    (``get_timesteps``: ``int(schedule × strength)``)."""
+    given = min(steps / schedule, 1.0)
+    while int(schedule * given) < steps:  # a quotient rounded down: the next float up
         given = math.nextafter(given, 2.0)
-    return steps, given
+    return given
 
 
 def total_steps(key: str | None, steps: int) -> int:

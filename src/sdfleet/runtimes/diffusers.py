@@ -430,7 +430,7 @@ class DiffusersRuntime:
         # pass has its own sampler
         pipe, sampler = model.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
         pipe.scheduler = M.scheduler(sampler, model.base_scheduler, job.params)
-        return H.SecondPass(pipe, plan, self._extras.upscale_to, other_model=hr is not None)
+        return H.SecondPass(pipe, plan, self._extras.upscale_to, sampler, other_model=hr is not None)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
         plan = X.plan(job, self.catalog.models_dir)  # bad names fail before waiting for the device
