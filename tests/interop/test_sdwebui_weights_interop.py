@@ -380,26 +380,32 @@ async def side_by_side(
 SAME_PIXELS_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
     [NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "Euler a", "LMS", "Heun")],
     [NEGATIVE | {"sampler_name": sampler} for sampler in ("DDIM", "PLMS")],
+    # image-to-image at 0.6: the last 5 of 8 steps (LMS's order counted from the first: 1.9 before)
+    [I2I | NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "Euler a", "LMS", "Heun")],
 ]
 SECOND_PASS = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 0, "denoising_strength": 0.6}
 """8 steps at 0.6: SD WebUI's schedule of 13, where diffusers' shortest is 14."""
 SECOND_PASS_CASES: list[list[dict[str, Any]]] = [
     [NEGATIVE | SECOND_PASS | {"hr_upscaler": "Latent"} | more for more in ({}, {"sampler_name": "Heun"})],
-    [NEGATIVE | SECOND_PASS | {"hr_upscaler": "Lanczos"} | more for more in ({}, {"scheduler": "Karras"})],
+    [
+        NEGATIVE | SECOND_PASS | {"hr_upscaler": "Lanczos"} | more
+        for more in ({}, {"scheduler": "Karras"}, {"sampler_name": "LMS"})
+    ],
 ]
 
 
 async def test_images_are_sd_webuis_pixel_for_pixel(loaded: tuple[str, Path]) -> None:
     """The same request makes SD WebUI's image, pixel for pixel but for float noise: 8-bit pixels
-    truncated as SD WebUI truncates them (diffusers rounds: 0.5 of 255 apart before), every
-    k-diffusion sampler and the timestep samplers (measured 0.000 to 0.022 apart)."""
+    truncated as SD WebUI truncates them (diffusers rounds: 0.5 of 255 apart before), these
+    k-diffusion samplers and the timestep samplers (measured 0.000 to 0.022 apart), and image-to-
+    image with the k-diffusion ones (0.000)."""
     await side_by_side(*loaded, SAME_PIXELS_CASES, within=0.05)
 
 
 async def test_a_hires_pass_runs_sd_webuis_schedule(loaded: tuple[str, Path]) -> None:
     """A hires pass of 8 steps at 0.6 runs the last 8 of SD WebUI's schedule of 13 (it ran 14:
-    3.8 of 255 apart with a Lanczos upscaler, 1.0 with a latent one). Latent: 0.004 apart
-    measured; Lanczos 0.38 (the VAE's encoding of the upscaled image, float noise through the
-    second pass; the encoding's draw is SD WebUI's: another draws 2.5 to 4 apart)."""
+    3.8 of 255 apart with a Lanczos upscaler, 1.0 with a latent one; LMS 2.0). Latent: 0.004
+    apart measured; Lanczos 0.36 to 0.40 (the VAE's encoding of the upscaled image, float noise
+    through the second pass; the encoding's draw is SD WebUI's: another draws 2.5 to 4 apart)."""
     await side_by_side(*loaded, SECOND_PASS_CASES[:1], within=0.1)
     await side_by_side(*loaded, SECOND_PASS_CASES[1:], within=0.6)

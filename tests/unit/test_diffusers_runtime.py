@@ -7,7 +7,9 @@ import io
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -482,6 +484,45 @@ def test_dpm2_drops_the_next_to_last_sigma_as_sd_webui(name: str, steps: int) ->
         up = [(b**2 * (a**2 - b**2) / a**2) ** 0.5 for a, b in itertools.pairwise(ends)]
         each = [float(u) for u in scheduler.sigmas_up[:1]] + [float(u) for u in scheduler.sigmas_up[1:-1:2]]
         assert each[:steps] == pytest.approx(up, rel=2e-4, abs=1e-6)  # the last (to 0) adds none
+
+
+def test_lms_counts_its_order_from_the_calls_first_step() -> None:
+    """k-diffusion's LMS (SD WebUI's) raises its order with the steps it has taken, whatever sigma
+    it starts at; diffusers' counts from the schedule's start, so an image-to-image call beginning
+    at step 5 weighed its one derivative with a fourth-order coefficient (a hires pass 2.0 of 255
+    from SD WebUI's images, the issue note). From step 5 the first step is now Euler's, the second
+    the two-step one; from step 0 it is diffusers' own, step for step."""
+
+    def step(scheduler: Any, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = scheduler.timesteps[scheduler.step_index or scheduler.begin_index or 0]
+        scheduler.scale_model_input(x, t)  # as a pipeline does before each step
+        out: torch.Tensor = scheduler.step(eps, t, x).prev_sample
+        return out
+
+    torch.manual_seed(0)
+    sample, outputs = torch.randn(1, 4, 8, 8), [torch.randn(1, 4, 8, 8) for _ in range(6)]
+    ours = make_scheduler("LMS", SD15_SCHEDULER)
+    theirs = diffusers.LMSDiscreteScheduler.from_config(ours.config)
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(13)
+    assert sampler_name_of(ours) == "LMS"
+    x, y = sample, sample
+    for eps in outputs:
+        x, y = step(ours, eps, x), step(theirs, eps, y)
+        assert torch.equal(x, y)
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(13)
+        scheduler.set_begin_index(5)
+    sigmas = ours.sigmas
+    first = step(ours, outputs[0], sample)
+    assert torch.allclose(first, sample + (sigmas[6] - sigmas[5]) * outputs[0], atol=1e-5)  # Euler's
+    assert not torch.allclose(step(theirs, outputs[0], sample), first, atol=1e-3)
+    second = step(ours, outputs[1], first)
+    s0, s1, s2 = (float(s) for s in sigmas[5:8])
+    # the two-point Adams-Bashforth weights over [s1, s2]: k-diffusion's linear_multistep_coeff
+    newer = (s2 - s1) * (s2 + s1 - 2 * s0) / (2 * (s1 - s0))
+    older = -((s2 - s1) ** 2) / (2 * (s1 - s0))
+    assert torch.allclose(second, first + newer * outputs[1] + older * outputs[0], atol=1e-4)
 
 
 async def test_dpm2_runs_each_kind_of_task(runtime: DiffusersRuntime) -> None:

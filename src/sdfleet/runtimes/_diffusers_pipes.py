@@ -15,6 +15,7 @@ from PIL import Image
 from sdfleet.errors import ModelLoadError, Reject
 from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_dpm2 import DPM2AncestralDiscarding, DPM2Discarding
+from sdfleet.runtimes._diffusers_lms import LMSFromItsStart
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
 from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
@@ -50,9 +51,11 @@ def quiet_libraries() -> None:
 _SD_WEBUIS: dict[str, Any] = {
     "KDPM2DiscreteScheduler": DPM2Discarding,
     "KDPM2AncestralDiscreteScheduler": DPM2AncestralDiscarding,
+    "LMSDiscreteScheduler": LMSFromItsStart,
 }
-"""diffusers' schedulers that step over another schedule than SD WebUI's sampler of that name,
-and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma)."""
+"""diffusers' schedulers that step otherwise than SD WebUI's sampler of that name, and theirs
+(``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma; ``_diffusers_lms``: LMS's
+order counted from a call's first step)."""
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
@@ -60,7 +63,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     WebUI's schedule: a k-diffusion sampler's timesteps from 999 to 0 in equal steps (a model's
     config, SD 1.5's and SDXL's, says ``leading`` from 1: 951 to 1 of 20 steps, a first sigma of
     10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's from 1; DPM2's and
-    DPM2 a's without the next-to-last sigma (``_SD_WEBUIS``)."""
+    DPM2 a's without the next-to-last sigma, LMS's order from a call's first step (``_SD_WEBUIS``)."""
     cls_name, overrides = SAMPLERS[name]
     cls = _SD_WEBUIS.get(cls_name) or getattr(diffusers, cls_name)
     config = dict(base_config)
