@@ -405,7 +405,7 @@ async def test_images_are_sd_webuis_pixel_for_pixel(loaded: tuple[str, Path]) ->
 async def test_a_hires_pass_runs_sd_webuis_schedule(loaded: tuple[str, Path]) -> None:
     """A hires pass of 8 steps at 0.6 runs the last 8 of SD WebUI's schedule of 13 (it ran 14:
     3.8 of 255 apart with a Lanczos upscaler, 1.0 with a latent one; LMS 2.0). Latent: 0.004
-    apart measured; Lanczos 0.36 to 0.40 (the VAE's encoding of the upscaled image, float noise
-    through the second pass; the encoding's draw is SD WebUI's: another draws 2.5 to 4 apart)."""
+    apart measured; Lanczos ×1.5 0.36 to 0.40 (not explained: the resize is SD WebUI's byte for
+    byte, the encoding's draw is SD WebUI's, another draws 2.5 to 4 apart; ×2 is 0.000)."""
     await side_by_side(*loaded, SECOND_PASS_CASES[:1], within=0.1)
     await side_by_side(*loaded, SECOND_PASS_CASES[1:], within=0.6)
