@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdfleet.hires import Hires, second_pass_steps
+from sdfleet.hires import Hires
 from sdfleet.runtimes._diffusers_churn import ready
 from sdfleet.runtimes._diffusers_inpaint import whole_masked
 from sdfleet.runtimes._diffusers_noise import as_sd_webui
@@ -83,7 +83,7 @@ def run(
     if inpainting_unet(second.pipe):
         call |= whole_masked(second.pipe, plan.size, seeds, latents=plan.latent_mode is not None)
         if strength >= 1 > plan.denoising:  # there: noise alone, not the image noised
-            schedule, strength = second_pass_steps(plan.steps, plan.denoising), plan.denoising
+            schedule, strength = hires_schedule(None, plan.steps, plan.denoising)  # diffusers' own
     call.update(
         image=image,
         strength=strength,
