@@ -76,10 +76,7 @@ def references(runtime: DiffusersRuntime) -> tuple[Any, Any]:
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=True,
     )
-    for pipe in (made, refines):
-        pipe.set_progress_bar_config(disable=True)
-        P.truncating_pixels(pipe)
-    return made, refines
+    return P.as_the_runtime_runs_it(made), P.as_the_runtime_runs_it(refines)
 
 
 async def test_the_refiner_takes_over_where_diffusers_hands_sdxl_to_it(runtime: DiffusersRuntime) -> None:

@@ -89,15 +89,15 @@ def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:
             pipe = _load(info, device, dtype)
     except Exception as e:
         raise ModelLoadError(f"cannot load model {info.name!r} from {info.path}: {e}") from e
-    pipe.set_progress_bar_config(disable=True)
     _clip_skip_compat(pipe)
-    return truncating_pixels(pipe)
+    return as_the_runtime_runs_it(pipe)
 
 
-def truncating_pixels(pipe: Any) -> Any:
-    """``pipe`` making its images' 8-bit pixels as SD WebUI does, truncated (``(255 × x).astype(
-    uint8)``) where diffusers rounds: otherwise half its pixels lie one above SD WebUI's (a mean
-    of 0.5 apart from images that are the same before it)."""
+def as_the_runtime_runs_it(pipe: Any) -> Any:
+    """``pipe`` without its progress bar, making its images' 8-bit pixels as SD WebUI does,
+    truncated (``(255 × x).astype(uint8)``) where diffusers rounds: otherwise half its pixels lie
+    one above SD WebUI's (a mean of 0.5 apart from images that are the same before it)."""
+    pipe.set_progress_bar_config(disable=True)
     pipe.image_processor.numpy_to_pil = _to_pil_truncated
     return pipe
 
@@ -164,18 +164,14 @@ def img2img_from(pipe: Any) -> Any:
     an inpainting UNet an inpainting one, given the whole image masked (``inpainting_unet``)."""
     if inpainting_unet(pipe):
         return inpaint_from(pipe)
-    img = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
-    img.set_progress_bar_config(disable=True)
-    return truncating_pixels(img)
+    return as_the_runtime_runs_it(diffusers.AutoPipelineForImage2Image.from_pipe(pipe))
 
 
 def inpaint_from(pipe: Any) -> Any:
     """An inpainting pipeline sharing ``pipe``'s components: for a model with a plain UNet it keeps
     the unmasked latents on the input's own noised path at each step; an inpainting UNet (9 input
     channels) is given the mask and the masked image as well."""
-    inpaint = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
-    inpaint.set_progress_bar_config(disable=True)
-    return truncating_pixels(inpaint)
+    return as_the_runtime_runs_it(diffusers.AutoPipelineForInpainting.from_pipe(pipe))
 
 
 def inpainting_unet(pipe: Any) -> bool:
