@@ -453,8 +453,8 @@ def test_k_diffusion_samplers_step_over_sd_webuis_schedule(name: str) -> None:
     """The model's config says ``leading`` from 1 (SD 1.5's, SDXL's): 951 to 1 of 20 steps, a
     first sigma of 10.2 where SD WebUI's is 14.6, and Karras sigmas between those. SD WebUI's
     k-diffusion samplers step from timestep 999 to 0; so do these (Heun twice a step), and the
-    images of a real SD WebUI fell from 10.2 of 255 apart to 0.5 (the issue note). DDIM keeps
-    SD WebUI's own timesteps from 1."""
+    images of a real SD WebUI fell from 10.2 of 255 apart to 0.5 (the issue note). DDIM steps
+    over SD WebUI's own timesteps from 1 (``test_diffusers_timesteps``): at 20 steps all but 1."""
     scheduler = make_scheduler(name, SD15_SCHEDULER)
     scheduler.set_timesteps(20)
     sigmas = [float(s) for s in scheduler.sigmas]
@@ -463,7 +463,7 @@ def test_k_diffusion_samplers_step_over_sd_webuis_schedule(name: str) -> None:
     assert sigmas == pytest.approx(k_diffusion_sigmas(20, karras="Karras" in name), rel=2e-4, abs=1e-6)
     ddim = make_scheduler("DDIM", SD15_SCHEDULER)
     ddim.set_timesteps(20)
-    assert [int(t) for t in ddim.timesteps] == list(range(951, 0, -50))
+    assert [int(t) for t in ddim.timesteps] == list(range(951, 1, -50))
 
 
 @pytest.mark.parametrize("name", ["DPM2", "DPM2 Karras", "DPM2 a", "DPM2 a Karras"])

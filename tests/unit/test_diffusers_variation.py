@@ -359,14 +359,15 @@ async def test_an_inpainting_checkpoint_from_pure_noise_refuses_them_when_it_run
 def test_sd_webuis_image_to_image_schedule() -> None:
     """SD WebUI's k-diffusion samplers denoise int(min(d, 0.999) × n) + 1 of n steps at strength d
     (``setup_img2img_steps``); the strength handed to diffusers makes exactly that many
-    (``get_timesteps``: int(n × strength)), whatever the float rounding; the timestep samplers and
-    a task naming no sampler keep diffusers' own."""
+    (``get_timesteps``: int(n × strength)), whatever the float rounding; PLMS, UniPC and a task
+    naming no sampler keep diffusers' own, DDIM has its own (``test_diffusers_timesteps``)."""
     for steps in range(1, 61):
         for d in (k / 200 for k in range(1, 201)):
             n, strength = img2img_schedule("Euler a", steps, d)
             assert n == steps and int(n * strength) == min(int(min(d, 0.999) * steps) + 1, steps), (steps, d)
     assert img2img_schedule("DPM++ 2M Karras", 8, 0.6) == (8, 0.625)
-    assert img2img_schedule("DDIM", 8, 0.6) == img2img_schedule(None, 8, 0.6) == (8, 0.6)
+    assert img2img_schedule("PLMS", 8, 0.6) == img2img_schedule(None, 8, 0.6) == (8, 0.6)
+    assert img2img_schedule("DDIM", 8, 0.6) == (8, 0.5)  # SD WebUI's (``test_diffusers_timesteps``)
     assert img2img_schedule("UniPC", 8, 0.05) == (20, 0.05)  # one step at least, as before
 
 

@@ -51,7 +51,12 @@ Said = Callable[[dict[str, Any]], None]
 
 def total(pipe: Any) -> int:
     """SD WebUI's ``total_steps`` of the call ``pipe`` is making: its steps, twice for a
-    second-order sampler (whose last step is one pass: Heun makes 2n - 1 for n steps)."""
+    second-order sampler (whose last step is one pass: Heun makes 2n - 1 for n steps); what a
+    scheduler on SD WebUI's timesteps says where it says (``_diffusers_timesteps``: DDIM's 8 steps
+    are 7 evaluations)."""
+    said = getattr(pipe.scheduler, "sd_webui_total_steps", None)
+    if said is not None:
+        return int(said)
     order = int(pipe.scheduler.order)
     return math.ceil(int(pipe.num_timesteps) / order) * order
 

@@ -17,6 +17,7 @@ from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_dpm2 import DPM2AncestralDiscarding, DPM2Discarding
 from sdfleet.runtimes._diffusers_lms import LMSFromItsStart
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
+from sdfleet.runtimes._diffusers_timesteps import DDIMAsSDWebUI, PLMSAsSDWebUI
 from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
 
@@ -49,23 +50,36 @@ def quiet_libraries() -> None:
 
 
 _SD_WEBUIS: dict[str, Any] = {
-    "KDPM2DiscreteScheduler": DPM2Discarding,
-    "KDPM2AncestralDiscreteScheduler": DPM2AncestralDiscarding,
-    "LMSDiscreteScheduler": LMSFromItsStart,
+    "DPM2": DPM2Discarding,
+    "DPM2 a": DPM2AncestralDiscarding,
+    "LMS": LMSFromItsStart,
+    "DDIM": DDIMAsSDWebUI,
+    "PLMS": PLMSAsSDWebUI,
 }
-"""diffusers' schedulers that step otherwise than SD WebUI's sampler of that name, and theirs
-(``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma; ``_diffusers_lms``: LMS's
-order counted from a call's first step)."""
+"""The samplers (with or without Karras) whose diffusers scheduler steps otherwise than SD WebUI's
+of that name, and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma;
+``_diffusers_lms``: LMS's order counted from a call's first step; ``_diffusers_timesteps``: DDIM's
+and PLMS's timesteps; PNDM, which SD WebUI lacks, stays diffusers')."""
 
 
-def make_scheduler(name: str, base_config: Any) -> Any:
+_WHOLE_ONLY = frozenset({"PLMS"})
+"""Samplers whose SD WebUI schedule (``_SD_WEBUIS``) runs only a whole schedule: PLMS's first step
+is two evaluations, which a call starting mid-schedule (image-to-image, a hires pass) cannot take;
+those keep diffusers' own."""
+
+
+def make_scheduler(name: str, base_config: Any, whole: bool = True) -> Any:
     """A fresh scheduler for sampler ``name`` built from the model's own scheduler config, on SD
     WebUI's schedule: a k-diffusion sampler's timesteps from 999 to 0 in equal steps (a model's
     config, SD 1.5's and SDXL's, says ``leading`` from 1: 951 to 1 of 20 steps, a first sigma of
-    10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's from 1; DPM2's and
-    DPM2 a's without the next-to-last sigma, LMS's order from a call's first step (``_SD_WEBUIS``)."""
+    10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's and PLMS's from 1 every
+    ``1000 // n``; DPM2's and DPM2 a's without the next-to-last sigma, LMS's order from a call's
+    first step (``_SD_WEBUIS``). ``whole``: for a call that runs its whole schedule (text to
+    image), not one starting in its middle (``_WHOLE_ONLY``)."""
     cls_name, overrides = SAMPLERS[name]
-    cls = _SD_WEBUIS.get(cls_name) or getattr(diffusers, cls_name)
+    ours = name.removesuffix(" Karras")
+    cls = _SD_WEBUIS.get(ours) if whole or ours not in _WHOLE_ONLY else None
+    cls = cls or getattr(diffusers, cls_name)
     config = dict(base_config)
     config.pop("use_karras_sigmas", None)
     config.pop("algorithm_type", None)
@@ -76,9 +90,10 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     return cls.from_config(config, **overrides)
 
 
-def scheduler_for(sampler: str | None, base: Any) -> Any:
-    """A fresh scheduler for ``sampler`` (a ``SAMPLERS`` key), else the model's own kind."""
-    return make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
+def scheduler_for(sampler: str | None, base: Any, whole: bool = True) -> Any:
+    """A fresh scheduler for ``sampler`` (a ``SAMPLERS`` key), else the model's own kind; ``whole``:
+    ``make_scheduler``'s."""
+    return make_scheduler(sampler, base.config, whole) if sampler else type(base).from_config(base.config)
 
 
 def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:

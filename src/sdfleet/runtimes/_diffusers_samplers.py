@@ -43,7 +43,14 @@ _NO_SIGMAS = frozenset({"DDIM", "PLMS", "PNDM", "UniPC", "DEIS"})
 
 
 BY_TIMESTEP = frozenset(
-    {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+    {
+        "DDIMScheduler",
+        "DDIMAsSDWebUI",
+        "PNDMScheduler",
+        "PLMSAsSDWebUI",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+    }
 )
 """The diffusers schedulers of the samplers SD WebUI runs on the model's timesteps (its DDIM, PLMS,
 UniPC; DEIS, which SD WebUI lacks, beside them): how far a pass has come is read from its timestep,
@@ -139,10 +146,14 @@ def img2img_schedule(key: str | None, steps: int, strength: float) -> tuple[int,
     (``setup_img2img_steps``, ``sigmas[steps - t_enc - 1:]``), one more than diffusers' strength
     makes (``get_timesteps``: ``int(steps × strength)``), from a higher sigma; its timestep samplers
     (DDIM, PLMS, UniPC), and a task naming no sampler (the model's own scheduler: ``key`` None), as
-    diffusers, with enough steps that it makes one. ``Reject`` (``invalid_params``) for a strength
-    of 0 or less."""
+    diffusers, with enough steps that it makes one; but DDIM's as SD WebUI's (``_ddim_running``)
+    where that denoises at all. ``Reject`` (``invalid_params``) for a strength of 0 or less."""
     if strength <= 0:
         raise Reject("denoising_strength must be above 0 for image-to-image", code="invalid_params")
+    if key == "DDIM":
+        ddim = _ddim_running(steps, int(min(strength, 0.999) * steps))
+        if ddim is not None:
+            return steps, ddim
     if key is None or key.removesuffix(" Karras") in _NO_SIGMAS:
         return max(steps, math.ceil(1 / strength)), strength
     return steps, _running(steps, int(min(strength, 0.999) * steps) + 1)
@@ -152,13 +163,43 @@ def hires_schedule(key: str | None, steps: int, strength: float) -> tuple[int, f
     """The schedule length and strength to give a hires fix's second pass of sampler ``key`` (its
     diffusers image-to-image call) so that it runs ``steps`` steps as SD WebUI 1.10's does at
     ``strength``. SD WebUI's k-diffusion samplers run the last ``steps`` of a schedule
-    ``int(steps / min(strength, 0.999))`` long (``setup_img2img_steps`` given the steps); its
+    ``int(steps / min(strength, 0.999))`` long (``setup_img2img_steps`` given the steps), and so
+    does DDIM (``_ddim_running``: ``steps - 2`` of them) where that denoises at all; its other
     timestep samplers, and a task naming no sampler (``key`` None), as diffusers, over the
     shortest schedule of which ``strength`` makes ``steps`` (``hires.second_pass_steps``)."""
+    schedule = int(steps / min(strength, 0.999))
+    if key == "DDIM" and (ddim := _ddim_running(schedule, steps - 1)) is not None:
+        return schedule, ddim
     if key is None or not k_diffusion(key):
         return hires.second_pass_steps(steps, strength), strength
-    schedule = int(steps / min(strength, 0.999))
     return schedule, _running(schedule, steps)
+
+
+def sd_webui_timesteps(steps: int) -> list[int] | None:
+    """SD WebUI 1.10's timesteps for its timestep samplers (DDIM, PLMS) of ``steps``
+    (``CompVisSampler.get_timesteps``): from 1 every ``1000 // steps``, as many as lie below 1000
+    (31 for 30 steps, 167 for 150). They evaluate the model at each but the first, from the last
+    down, and step from the second to the first (to timestep 1, not 0). None where diffusers' DDIM
+    and PLMS cannot step over them: 1 or 2 steps (one evaluation or none), and where the last is
+    1000, which SD WebUI clips to 999 (3, 9, 27, 36, 37, 101-111, 251-333 steps): its first step
+    is then one timestep shorter than the others, and diffusers' step is always ``1000 // steps``."""
+    timesteps = [t + 1 for t in range(0, 1000, max(1000 // steps, 1))]
+    return timesteps if len(timesteps) >= 3 and timesteps[-1] <= 999 else None
+
+
+def _ddim_running(steps: int, t_enc: int) -> float | None:
+    """The strength at which an image-to-image call of ``steps`` with ``DDIMAsSDWebUI`` (the
+    model evaluated at ``sd_webui_timesteps(steps)`` but the first, from the last) runs SD WebUI's
+    ``t_enc`` (``sample_img2img``: its input noised to ``timesteps[t_enc]``, then ``t_enc - 1``
+    evaluations from ``timesteps[t_enc - 1]``), the scheduler noising one timestep above the call's
+    first; None where it runs diffusers' schedule (``sd_webui_timesteps`` None), SD WebUI evaluates
+    nothing (it answers the noised input) or diffusers' slicing of ``steps`` cannot start there
+    (``get_timesteps`` skips at most ``steps - 1``)."""
+    timesteps = sd_webui_timesteps(steps)
+    if timesteps is None or t_enc < 2:
+        return None
+    skipped = len(timesteps) - 1 - (t_enc - 1)
+    return _running(steps, steps - skipped) if 1 <= skipped <= steps - 1 else None
 
 
 def _running(schedule: int, steps: int) -> float:

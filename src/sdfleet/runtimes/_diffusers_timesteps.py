@@ -1,0 +1,80 @@
+"""SD WebUI's DDIM and PLMS schedules. Imports torch and diffusers.
+
+SD WebUI 1.10 runs DDIM and PLMS (``sd_samplers_timesteps``) over ``sd_webui_timesteps``: from 1
+every ``1000 // n`` for ``n`` steps, as many as lie below 1000, evaluating the model at each but
+the first and ending at timestep 1. diffusers' (the ``leading`` spacing with SD's offset of 1)
+makes ``n`` timesteps from 1, evaluates at each and ends at 0. The two agree where ``1000 // n``
+divides 1000 (8, 20 steps: 0.02 of 255 apart on SD WebUI's own checkpoint) and part where it does
+not: 15 steps there run 16 evaluations from 991, here 15 from 925 (5.2 of 255 apart; 30 steps 2.5).
+
+Its image-to-image (and hires pass) noises the input to ``timesteps[t_enc]`` and evaluates from
+the one below (``sample_img2img``), where diffusers noises to its first evaluation's timestep:
+``DDIMAsSDWebUI`` noises one timestep above the call's first (the pipeline says where it starts
+with ``set_begin_index``; ``_diffusers_samplers.img2img_schedule`` gives the strength that starts
+it where SD WebUI's does). Where diffusers' step cannot follow SD WebUI's timesteps
+(``sd_webui_timesteps`` None: 1, 2, 3, 9 steps, ...) both keep diffusers'. PLMS keeps diffusers'
+image-to-image: its first step is two evaluations (diffusers repeats the second timestep for it),
+which a call starting mid-schedule cannot have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+from sdfleet.runtimes._diffusers_samplers import sd_webui_timesteps
+
+
+class DDIMAsSDWebUI(DDIMScheduler):  # type: ignore[misc]
+    """diffusers' DDIM stepping over SD WebUI's timesteps (its step goes ``1000 // n`` down, to
+    timestep 1 from the last), noising an image-to-image call's input one timestep above its first."""
+
+    _begin: int | None = None
+    sd_webui_total_steps: int | None = None
+    """SD WebUI's ``total_steps`` of the call (skip early CFG reads it): its steps from the start,
+    ``t_enc + 1`` from the middle (two more than it evaluates); None on diffusers' timesteps."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device)
+        self._begin = self.sd_webui_total_steps = None
+        ours = sd_webui_timesteps(num_inference_steps)
+        if ours is not None:
+            self.timesteps = torch.tensor(ours[:0:-1], dtype=torch.int64, device=device)
+            self.sd_webui_total_steps = num_inference_steps
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where the pipeline's call starts in ``timesteps`` (its image-to-image ``get_timesteps``)."""
+        self._begin = begin_index
+        if begin_index and self.sd_webui_total_steps is not None:
+            self.sd_webui_total_steps = len(self.timesteps) - begin_index + 2
+
+    def add_noise(self, original_samples: Any, noise: Any, timesteps: Any) -> Any:
+        begin = self._begin
+        if begin and bool((timesteps == self.timesteps[begin]).all()):  # the start, not a later re-noising
+            timesteps = torch.full_like(timesteps, int(self.timesteps[begin - 1]))
+        return super().add_noise(original_samples, noise, timesteps)
+
+
+class PLMSAsSDWebUI(PNDMScheduler):  # type: ignore[misc]
+    """diffusers' PLMS (PNDM without its Runge-Kutta steps) stepping over SD WebUI's timesteps."""
+
+    sd_webui_total_steps: int | None = None
+    """SD WebUI's ``total_steps`` of the call: its steps (diffusers' list has one more, its second
+    timestep twice); None on diffusers' timesteps."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device)
+        self.sd_webui_total_steps = None
+        timesteps = sd_webui_timesteps(num_inference_steps)
+        if not self.config.skip_prk_steps or timesteps is None:
+            return
+        self.sd_webui_total_steps = num_inference_steps
+        ours = np.array(timesteps[1:], dtype=np.int64)
+        # diffusers' own arrangement (its set_timesteps): the second timestep twice, for the
+        # first step's two evaluations (SD WebUI's "pseudo improved Euler")
+        self._timesteps = ours
+        self.plms_timesteps = np.concatenate([ours[:-1], ours[-2:-1], ours[-1:]])[::-1].copy()
+        self.timesteps = torch.from_numpy(self.plms_timesteps).to(device)
