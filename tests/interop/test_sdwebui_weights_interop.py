@@ -379,12 +379,14 @@ async def side_by_side(
 
 SAME_PIXELS_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
     [NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "Euler a", "LMS", "Heun")],
-    # SD WebUI's timesteps: 8 steps (1000 // 8 divides 1000: 0.02 before), 15 (5.2 before)
+    # SD WebUI's timesteps: 8 steps (1000 // 8 divides 1000: 0.02 before), 15 (5.2 before); UniPC
+    # configured as SD WebUI's own (9.0 before)
     [
         NEGATIVE | {"sampler_name": sampler} | more
         for sampler in ("DDIM", "PLMS")
         for more in ({}, {"steps": 15})
-    ],
+    ]
+    + [NEGATIVE | {"sampler_name": "UniPC"}],
     # image-to-image at 0.6: the last 5 of 8 steps (LMS's order counted from the first: 1.9 before);
     # DDIM's noised one timestep above its first evaluation (3.1 before)
     [I2I | NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "Euler a", "LMS", "Heun", "DDIM")],
@@ -410,8 +412,9 @@ SECOND_PASS_CASES: list[list[dict[str, Any]]] = [
 async def test_images_are_sd_webuis_pixel_for_pixel(loaded: tuple[str, Path]) -> None:
     """The same request makes SD WebUI's image, pixel for pixel but for float noise: 8-bit pixels
     truncated as SD WebUI truncates them (diffusers rounds: 0.5 of 255 apart before), these
-    k-diffusion samplers, DDIM and PLMS on SD WebUI's timesteps, and image-to-image with the
-    k-diffusion ones and DDIM (each measured 0.000 apart); DPM++ 2M Karras within 0.1."""
+    k-diffusion samplers, DDIM and PLMS on SD WebUI's timesteps, UniPC at 8 steps (0.012), and
+    image-to-image with the k-diffusion ones and DDIM (each measured 0.000 apart); DPM++ 2M Karras
+    within 0.1."""
     await side_by_side(*loaded, SAME_PIXELS_CASES, within=0.05)
     await side_by_side(*loaded, NEAR_PIXELS_CASES, within=0.1)
 

@@ -216,3 +216,25 @@ def test_plms_mid_schedule_keeps_diffusers_own() -> None:
     )
     whole.set_timesteps(15)
     assert [int(t) for t in whole.timesteps[:4]] == [991, 925, 925, 859]
+
+
+@pytest.mark.parametrize("steps", [8, 15, 20])
+def test_unipc_is_configured_as_sd_webuis_own(steps: int) -> None:
+    """SD WebUI's UniPC is its own implementation (``uni_pc``) at its options' defaults: order 3,
+    variant bh1, the lower order at the end, ``time_uniform`` steps from timestep 999 to 0 and the
+    last to the model's first timestep (the continuous time ``1 / N``), not to 0. diffusers' at its
+    defaults (order 2, bh2) over the model's ``leading`` schedule (951 … 1) was 9.0 of 255 from SD
+    WebUI's image at 8 steps (the issue note)."""
+    scheduler = make_scheduler("UniPC", SD15_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    uniform = torch.linspace(999, 0, steps + 1, dtype=torch.float64)[:-1]
+    assert [int(t) for t in scheduler.timesteps] == [round(float(t)) for t in uniform]  # diffusers' rounding
+    first = alphas()[0]
+    assert float(scheduler.sigmas[-1]) == pytest.approx(float(((1 - first) / first) ** 0.5), rel=1e-4)
+    config = scheduler.config
+    assert (config.solver_order, config.solver_type, config.lower_order_final) == (3, "bh1", True)
+    # image-to-image and a hires pass: SD WebUI's run their steps from the timestep below their
+    # noise to 0, not the tail of this schedule; diffusers' own there (3.7 of 255 apart, a Latent
+    # hires pass 2.7 where it was 7.8 with the first pass also diffusers')
+    part = make_scheduler("UniPC", SD15_SCHEDULER, whole=False).config
+    assert (part.solver_order, part.solver_type, part.timestep_spacing) == (2, "bh2", "leading")

@@ -62,10 +62,27 @@ of that name, and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-
 and PLMS's timesteps; PNDM, which SD WebUI lacks, stays diffusers')."""
 
 
-_WHOLE_ONLY = frozenset({"PLMS"})
-"""Samplers whose SD WebUI schedule (``_SD_WEBUIS``) runs only a whole schedule: PLMS's first step
-is two evaluations, which a call starting mid-schedule (image-to-image, a hires pass) cannot take;
-those keep diffusers' own."""
+_SD_WEBUIS_CONFIG: dict[str, dict[str, Any]] = {
+    "UniPC": {
+        "solver_order": 3,
+        "solver_type": "bh1",
+        "lower_order_final": True,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "final_sigmas_type": "sigma_min",
+    },
+}
+"""Samplers whose diffusers scheduler steps as SD WebUI's of that name given another config than
+the model's, and that config: SD WebUI's UniPC (its own implementation, ``uni_pc``) at its options'
+defaults (``uni_pc_order`` 3, ``uni_pc_variant`` bh1, ``uni_pc_lower_order_final``), its
+``time_uniform`` steps from timestep 999 to 0, the last to the model's first timestep, not 0."""
+
+_WHOLE_ONLY = frozenset({"PLMS", "UniPC"})
+"""Samplers whose SD WebUI schedule (``_SD_WEBUIS``, ``_SD_WEBUIS_CONFIG``) runs only a whole
+schedule; a call starting mid-schedule (image-to-image, a hires pass) keeps diffusers' own. PLMS:
+its first step is two evaluations, which such a call cannot take. UniPC: SD WebUI's runs its
+``t_enc`` steps from the timestep below its noise to 0 (another schedule than the tail of a whole
+one), which diffusers' slicing of its schedule cannot make."""
 
 
 def make_scheduler(name: str, base_config: Any, whole: bool = True) -> Any:
@@ -78,8 +95,8 @@ def make_scheduler(name: str, base_config: Any, whole: bool = True) -> Any:
     image), not one starting in its middle (``_WHOLE_ONLY``)."""
     cls_name, overrides = SAMPLERS[name]
     ours = name.removesuffix(" Karras")
-    cls = _SD_WEBUIS.get(ours) if whole or ours not in _WHOLE_ONLY else None
-    cls = cls or getattr(diffusers, cls_name)
+    sd_webuis = whole or ours not in _WHOLE_ONLY
+    cls = (_SD_WEBUIS.get(ours) if sd_webuis else None) or getattr(diffusers, cls_name)
     config = dict(base_config)
     config.pop("use_karras_sigmas", None)
     config.pop("algorithm_type", None)
@@ -87,6 +104,8 @@ def make_scheduler(name: str, base_config: Any, whole: bool = True) -> Any:
         config["timestep_spacing"], config["steps_offset"] = "linspace", 0
     elif cls_name == "DDIMScheduler" and not config.get("steps_offset"):
         config["steps_offset"] = 1
+    if sd_webuis:
+        config.update(_SD_WEBUIS_CONFIG.get(ours, {}))
     return cls.from_config(config, **overrides)
 
 
