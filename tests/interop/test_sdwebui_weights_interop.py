@@ -174,6 +174,8 @@ REFINER_OPTION_CASES: list[list[dict[str, Any]]] = [
     [REFINED | {"refiner_switch_at": 0.9} | BY_STEPS],
     [REFINED | {"refiner_switch_at": 0.75} | BY_STEPS],
     [BY_STEPS],  # said without a refiner too
+    # DDIM's 8 steps on SD WebUI's timesteps are 7 passes, counted of 8: 0.8 is never reached
+    [REFINED | {"refiner_switch_at": 0.8, "sampler_name": "DDIM"} | BY_STEPS],
     [  # the words said while sampling, in their order: each pass's eta, by steps, the refiner's
         REFINED
         | HIRES

@@ -18,7 +18,9 @@ from test_diffusers_batching import pixels, quiet
 
 from sdfleet.errors import Reject
 from sdfleet.models import ModelCatalog, checkpoint_hash, make_tiny
+from sdfleet.runtimes._diffusers_pipes import make_scheduler
 from sdfleet.runtimes._diffusers_refiner import switch_step
+from sdfleet.runtimes._diffusers_samplers import img2img_schedule
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -269,6 +271,12 @@ def test_the_switch_by_sampling_steps_counts_passes_as_sd_webui_does() -> None:
     assert switch_step(euler, 10, 0.5, 0.5, by_steps=True) == 3  # 5 passes: 3 / 5 the first ≥ 0.5
     heun = HeunDiscreteScheduler(**SD, timestep_spacing="linspace")  # 19 passes, counted of 20
     assert [switch_step(heun, 10, None, at, by_steps=True) for at in (0.5, 0.9, 0.96)] == [10, 18, None]
+    # DDIM on SD WebUI's timesteps: 8 steps are 7 passes, counted of 8 (at 0.8 the 7th, never made);
+    # image-to-image at 0.6 of 8: 3 passes, counted of t_enc + 1 = 5
+    ddim = make_scheduler("DDIM", {**SD, "clip_sample": False})
+    assert [switch_step(ddim, 8, None, at, by_steps=True) for at in (0.5, 0.75, 0.8)] == [4, 6, None]
+    strength = img2img_schedule("DDIM", 8, 0.6)[1]
+    assert [switch_step(ddim, 8, strength, at, by_steps=True) for at in (0.2, 0.4, 0.5)] == [1, 2, None]
 
 
 def overrides(**chosen: Any) -> dict[str, Any]:

@@ -73,6 +73,10 @@ def switch_step(
     if by_steps:  # Heun makes 2n - 1 passes for n steps, SD WebUI counts 2n
         passes = len(timesteps) - start
         total = math.ceil(passes / scheduler.order) * scheduler.order
+        if getattr(scheduler, "sd_webui_total_steps", None) is not None:  # _diffusers_timesteps'
+            if start:
+                scheduler.set_begin_index(start)
+            total = scheduler.sd_webui_total_steps  # DDIM's 8 steps: 7 passes, counted of 8
         return next((k for k in range(passes) if refiner.reached(k / total, switch_at)), None)
     by_timestep = type(scheduler).__name__ in BY_TIMESTEP or not hasattr(scheduler, "sigmas")
     trained = None if by_timestep else _training_sigmas(scheduler)
