@@ -10,22 +10,14 @@ from typing import Any
 import diffusers
 import pytest
 import torch
+from test_diffusers_runtime import SD15_SCHEDULER as SD15
 
 from sdfleet.runtimes._diffusers_info import sampler_name_of
 from sdfleet.runtimes._diffusers_pipes import make_scheduler
 from sdfleet.runtimes._diffusers_samplers import hires_schedule, img2img_schedule, sd_webui_timesteps
 
-SD15_SCHEDULER = {  # SD 1.5's own scheduler config, as single-file loading gives it
-    "num_train_timesteps": 1000,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-    "skip_prk_steps": True,
-}
+SD15_SCHEDULER = {**SD15, "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True}
+"""SD 1.5's own scheduler config, as its model folder gives it (DDIM's and PLMS's keys too)."""
 
 
 def model(x: torch.Tensor, t: float) -> torch.Tensor:
