@@ -139,6 +139,10 @@ def test_where_diffusers_cannot_step_as_sd_webui_its_own_schedule_runs(sampler: 
         assert torch.equal(scheduler.timesteps, own.timesteps)
         noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
         assert torch.equal(ours(scheduler, noise, scheduler.timesteps)[0], ours(own, noise, own.timesteps)[0])
+        if sampler == "DDIM" and len(own.timesteps) > 1:  # an image-to-image call's start: diffusers' noise
+            scheduler.set_begin_index(1)
+            start = own.timesteps[1:2]
+            assert torch.equal(scheduler.add_noise(noise, noise, start), own.add_noise(noise, noise, start))
     for d in (0.3, 0.6, 1.0):
         assert img2img_schedule("DDIM", steps, d) == img2img_schedule(None, steps, d)
 

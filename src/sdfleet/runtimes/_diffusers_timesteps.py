@@ -53,7 +53,8 @@ class DDIMAsSDWebUI(DDIMScheduler):  # type: ignore[misc]
 
     def add_noise(self, original_samples: Any, noise: Any, timesteps: Any) -> Any:
         begin = self._begin
-        if begin and bool((timesteps == self.timesteps[begin]).all()):  # the start, not a later re-noising
+        ours = self.sd_webui_total_steps is not None  # on SD WebUI's timesteps
+        if ours and begin and bool((timesteps == self.timesteps[begin]).all()):  # not a re-noising
             timesteps = torch.full_like(timesteps, int(self.timesteps[begin - 1]))
         return super().add_noise(original_samples, noise, timesteps)
 
