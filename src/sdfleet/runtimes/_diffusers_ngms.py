@@ -23,7 +23,7 @@ from diffusers import KDPM2AncestralDiscreteScheduler
 from sdfleet.ngms import Skip
 from sdfleet.runtimes import _diffusers_composed as C
 from sdfleet.runtimes import _diffusers_prompts as E
-from sdfleet.runtimes._diffusers_samplers import BY_TIMESTEP
+from sdfleet.runtimes._diffusers_samplers import by_timestep
 from sdfleet.runtimes._instead import instead
 
 
@@ -31,7 +31,7 @@ def level(scheduler: Any, timestep: Any) -> float:
     """The level of the pass the UNet is given ``timestep`` for, read as ``scheduler`` reads it
     (its ``scale_model_input`` has run; DPM++'s sets its index at its first step)."""
     t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
-    if type(scheduler).__name__ in BY_TIMESTEP or not hasattr(scheduler, "sigmas"):
+    if by_timestep(scheduler):
         return float(t)
     index = scheduler.step_index
     if index is None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sdfleet import refiner
-from sdfleet.runtimes._diffusers_samplers import BY_TIMESTEP
+from sdfleet.runtimes._diffusers_samplers import by_timestep
 
 _TAKEN = ("unet", "vae")
 AESTHETIC_SCORES = (2.5, 6.0)
@@ -78,10 +78,10 @@ def switch_step(
                 scheduler.set_begin_index(start)
             total = scheduler.sd_webui_total_steps  # DDIM's 8 steps: 7 passes, counted of 8
         return next((k for k in range(passes) if refiner.reached(k / total, switch_at)), None)
-    by_timestep = type(scheduler).__name__ in BY_TIMESTEP or not hasattr(scheduler, "sigmas")
-    trained = None if by_timestep else _training_sigmas(scheduler)
+    timestep_read = by_timestep(scheduler)
+    trained = None if timestep_read else _training_sigmas(scheduler)
     for n in range(start, len(timesteps)):
-        if by_timestep or trained is None:
+        if timestep_read or trained is None:
             index = float(int(timesteps[n]))
         else:
             index = float(torch.argmin((trained - float(scheduler.sigmas[n])).abs()))

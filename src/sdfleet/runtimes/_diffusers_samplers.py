@@ -43,18 +43,18 @@ _NO_SIGMAS = frozenset({"DDIM", "PLMS", "PNDM", "UniPC", "DEIS"})
 
 
 BY_TIMESTEP = frozenset(
-    {
-        "DDIMScheduler",
-        "DDIMAsSDWebUI",
-        "PNDMScheduler",
-        "PLMSAsSDWebUI",
-        "UniPCMultistepScheduler",
-        "DEISMultistepScheduler",
-    }
+    {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
 )
 """The diffusers schedulers of the samplers SD WebUI runs on the model's timesteps (its DDIM, PLMS,
 UniPC; DEIS, which SD WebUI lacks, beside them): how far a pass has come is read from its timestep,
 not a sigma (the refiner's switch, NGMS)."""
+
+
+def by_timestep(scheduler: Any) -> bool:
+    """Whether how far ``scheduler``'s pass has come is read from its timestep: one of
+    ``BY_TIMESTEP`` (or sdfleet's subclass of one), or a scheduler without sigmas."""
+    kinds = {kind.__name__ for kind in type(scheduler).__mro__}
+    return not kinds.isdisjoint(BY_TIMESTEP) or not hasattr(scheduler, "sigmas")
 
 
 def k_diffusion(key: str) -> bool:
