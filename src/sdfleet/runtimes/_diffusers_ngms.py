@@ -12,7 +12,6 @@ its index over SD WebUI's ``total_steps`` of the call (``total``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +22,7 @@ from diffusers import KDPM2AncestralDiscreteScheduler
 from sdfleet.ngms import Skip
 from sdfleet.runtimes import _diffusers_composed as C
 from sdfleet.runtimes import _diffusers_prompts as E
-from sdfleet.runtimes._diffusers_samplers import by_timestep
+from sdfleet.runtimes._diffusers_samplers import by_timestep, total_of
 from sdfleet.runtimes._instead import instead
 
 
@@ -50,15 +49,8 @@ Said = Callable[[dict[str, Any]], None]
 
 
 def total(pipe: Any) -> int:
-    """SD WebUI's ``total_steps`` of the call ``pipe`` is making: its steps, twice for a
-    second-order sampler (whose last step is one pass: Heun makes 2n - 1 for n steps); what a
-    scheduler on SD WebUI's timesteps says where it says (``_diffusers_timesteps``: DDIM's 8 steps
-    are 7 evaluations)."""
-    said = getattr(pipe.scheduler, "sd_webui_total_steps", None)
-    if said is not None:
-        return int(said)
-    order = int(pipe.scheduler.order)
-    return math.ceil(int(pipe.num_timesteps) / order) * order
+    """SD WebUI's ``total_steps`` of the call ``pipe`` is making (``total_of``)."""
+    return total_of(pipe.scheduler, int(pipe.num_timesteps))
 
 
 class SkippingUNet:

@@ -11,7 +11,6 @@ on an SDXL model's call is given the time ids SD WebUI conditions it with (``Aes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from sdfleet import refiner
-from sdfleet.runtimes._diffusers_samplers import by_timestep
+from sdfleet.runtimes._diffusers_samplers import by_timestep, total_of
 
 _TAKEN = ("unet", "vae")
 AESTHETIC_SCORES = (2.5, 6.0)
@@ -72,11 +71,9 @@ def switch_step(
         start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
     if by_steps:  # Heun makes 2n - 1 passes for n steps, SD WebUI counts 2n
         passes = len(timesteps) - start
-        total = math.ceil(passes / scheduler.order) * scheduler.order
-        if getattr(scheduler, "sd_webui_total_steps", None) is not None:  # _diffusers_timesteps'
-            if start:
-                scheduler.set_begin_index(start)
-            total = scheduler.sd_webui_total_steps  # DDIM's 8 steps: 7 passes, counted of 8
+        if start and getattr(scheduler, "sd_webui_total_steps", None) is not None:
+            scheduler.set_begin_index(start)  # DDIM's image-to-image counts of t_enc + 1
+        total = total_of(scheduler, passes)
         return next((k for k in range(passes) if refiner.reached(k / total, switch_at)), None)
     timestep_read = by_timestep(scheduler)
     trained = None if timestep_read else _training_sigmas(scheduler)

@@ -50,6 +50,18 @@ UniPC; DEIS, which SD WebUI lacks, beside them): how far a pass has come is read
 not a sigma (the refiner's switch, NGMS)."""
 
 
+def total_of(scheduler: Any, passes: int) -> int:
+    """SD WebUI's ``total_steps`` of a call of ``passes`` UNet passes on ``scheduler``: the passes,
+    one more for a second-order sampler, whose last step is one pass (Heun makes 2n - 1 for n
+    steps, counted of 2n); what a scheduler on SD WebUI's timesteps says where it says
+    (``_diffusers_timesteps``: DDIM's 8 steps are 7 passes, counted of 8)."""
+    said = getattr(scheduler, "sd_webui_total_steps", None)
+    if said is not None:
+        return int(said)
+    order = int(scheduler.order)
+    return math.ceil(passes / order) * order
+
+
 def by_timestep(scheduler: Any) -> bool:
     """Whether how far ``scheduler``'s pass has come is read from its timestep: one of
     ``BY_TIMESTEP`` (or sdfleet's subclass of one), or a scheduler without sigmas."""
