@@ -33,28 +33,33 @@ class DDIMAsSDWebUI(DDIMScheduler):  # type: ignore[misc]
     timestep 1 from the last), noising an image-to-image call's input one timestep above its first."""
 
     _begin: int | None = None
-    sd_webui_total_steps: int | None = None
-    """SD WebUI's ``total_steps`` of the call (skip early CFG reads it): its steps from the start,
-    ``t_enc + 1`` from the middle (two more than it evaluates); None on diffusers' timesteps."""
+    _ours = False
+    """On SD WebUI's timesteps (not where ``sd_webui_timesteps`` is None)."""
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         super().set_timesteps(num_inference_steps, device)
-        self._begin = self.sd_webui_total_steps = None
+        self._begin = None
         ours = sd_webui_timesteps(num_inference_steps)
+        self._ours = ours is not None
         if ours is not None:
             self.timesteps = torch.tensor(ours[:0:-1], dtype=torch.int64, device=device)
-            self.sd_webui_total_steps = num_inference_steps
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where the pipeline's call starts in ``timesteps`` (its image-to-image ``get_timesteps``)."""
         self._begin = begin_index
-        if begin_index and self.sd_webui_total_steps is not None:
-            self.sd_webui_total_steps = len(self.timesteps) - begin_index + 2
+
+    @property
+    def sd_webui_total_steps(self) -> int | None:
+        """SD WebUI's ``total_steps`` of the call (skip early CFG reads it): its steps from the
+        start, ``t_enc + 1`` from the middle (two more than it evaluates); None on diffusers'
+        timesteps."""
+        if not self._ours:
+            return None
+        return len(self.timesteps) - self._begin + 2 if self._begin else int(self.num_inference_steps)
 
     def add_noise(self, original_samples: Any, noise: Any, timesteps: Any) -> Any:
         begin = self._begin
-        ours = self.sd_webui_total_steps is not None  # on SD WebUI's timesteps
-        if ours and begin and bool((timesteps == self.timesteps[begin]).all()):  # not a re-noising
+        if self._ours and begin and bool((timesteps == self.timesteps[begin]).all()):  # not a re-noising
             timesteps = torch.full_like(timesteps, int(self.timesteps[begin - 1]))
         return super().add_noise(original_samples, noise, timesteps)
 
