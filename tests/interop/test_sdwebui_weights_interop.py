@@ -382,16 +382,19 @@ async def side_by_side(
 SAME_PIXELS_CASES: list[list[dict[str, Any]]] = [  # each group's images compared with each other
     [NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "Euler a", "LMS", "Heun")],
     # SD WebUI's timesteps: 8 steps (1000 // 8 divides 1000: 0.02 before), 15 (5.2 before); UniPC
-    # configured as SD WebUI's own (9.0 before)
+    # as SD WebUI's own (9.0 before; its 16 steps for 15, 0.25 before)
     [
         NEGATIVE | {"sampler_name": sampler} | more
-        for sampler in ("DDIM", "PLMS")
+        for sampler in ("DDIM", "PLMS", "UniPC")
         for more in ({}, {"steps": 15})
-    ]
-    + [NEGATIVE | {"sampler_name": "UniPC"}],
+    ],
     # image-to-image at 0.6: the last 5 of 8 steps (LMS's order counted from the first: 1.9 before);
-    # DDIM's noised one timestep above its first evaluation (3.1 before)
-    [I2I | NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "Euler a", "LMS", "Heun", "DDIM")],
+    # DDIM's and PLMS's noised one timestep above their first evaluation (3.1 and 2.1 before);
+    # UniPC's own schedule from the timestep below its noise (3.7 before)
+    [
+        I2I | NEGATIVE | {"sampler_name": sampler}
+        for sampler in ("Euler", "Euler a", "LMS", "Heun", "DDIM", "PLMS", "UniPC")
+    ],
 ]
 NEAR_PIXELS_CASES: list[list[dict[str, Any]]] = [
     [case | {"sampler_name": "DPM++ 2M", "scheduler": "Karras"} for case in (NEGATIVE, I2I | NEGATIVE)],
@@ -402,7 +405,7 @@ SECOND_PASS = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 0, "d
 SECOND_PASS_CASES: list[list[dict[str, Any]]] = [
     [
         NEGATIVE | SECOND_PASS | {"hr_upscaler": "Latent"} | more
-        for more in ({}, {"sampler_name": "Heun"}, {"sampler_name": "DDIM"})
+        for more in ({}, *({"sampler_name": name} for name in ("Heun", "DDIM", "PLMS", "UniPC")))
     ],
     [
         NEGATIVE | SECOND_PASS | {"hr_upscaler": "Lanczos"} | more
@@ -414,9 +417,9 @@ SECOND_PASS_CASES: list[list[dict[str, Any]]] = [
 async def test_images_are_sd_webuis_pixel_for_pixel(loaded: tuple[str, Path]) -> None:
     """The same request makes SD WebUI's image, pixel for pixel but for float noise: 8-bit pixels
     truncated as SD WebUI truncates them (diffusers rounds: 0.5 of 255 apart before), these
-    k-diffusion samplers, DDIM and PLMS on SD WebUI's timesteps, UniPC at 8 steps (0.012), and
-    image-to-image with the k-diffusion ones and DDIM (each measured 0.000 apart); DPM++ 2M Karras
-    within 0.1."""
+    k-diffusion samplers, DDIM and PLMS on SD WebUI's timesteps, UniPC on its times, and
+    image-to-image with them (each measured 0.000 apart); DPM++ 2M Karras within
+    0.1."""
     await side_by_side(*loaded, SAME_PIXELS_CASES, within=0.05)
     await side_by_side(*loaded, NEAR_PIXELS_CASES, within=0.1)
 
@@ -424,7 +427,8 @@ async def test_images_are_sd_webuis_pixel_for_pixel(loaded: tuple[str, Path]) ->
 async def test_a_hires_pass_runs_sd_webuis_schedule(loaded: tuple[str, Path]) -> None:
     """A hires pass of 8 steps at 0.6 runs the last 8 of SD WebUI's schedule of 13 (it ran 14:
     3.8 of 255 apart with a Lanczos upscaler, 1.0 with a latent one; LMS 2.0). Latent: 0.004
-    apart measured (DDIM's ``n - 2`` evaluations as SD WebUI's: 0.024, 2.7 before); Lanczos ×1.5
+    apart measured (DDIM's ``n - 2`` evaluations as SD WebUI's: 0.024, 2.7 before; UniPC's own
+    schedule of ``n - 1``: 0.002, 2.7 before; PLMS's ``n - 1``: 0.023); Lanczos ×1.5
     0.36 to 0.40 (not explained: the resize is SD WebUI's byte for byte, the encoding's draw is
     SD WebUI's, another draws 2.5 to 4 apart; ×2 is 0.000)."""
     await side_by_side(*loaded, SECOND_PASS_CASES[:1], within=0.1)

@@ -238,8 +238,8 @@ def test_the_second_pass_schedule_is_sd_webuis() -> None:
     runtime's was the shortest schedule diffusers' strength makes ``n`` of (14 for 8 steps at 0.6,
     not 13: 3.8 of 255 apart from SD WebUI's images with a Lanczos upscaler, 1.0 with a latent one;
     0.38 and 0.004 after, the issue note). The strength handed to diffusers makes exactly ``n``
-    (``get_timesteps``: int(schedule × strength)); DDIM too (its own: ``test_diffusers_timesteps``),
-    the other timestep samplers and no sampler keep the old."""
+    (``get_timesteps``: int(schedule × strength)); DDIM, PLMS and UniPC too (their own:
+    ``test_diffusers_timesteps``), no sampler keeps the old."""
     for steps in range(1, 61):
         for d in (k / 200 for k in range(1, 201)):
             for key in ("Euler", "Euler a", "DPM++ 2M Karras", "Heun"):
@@ -248,6 +248,6 @@ def test_the_second_pass_schedule_is_sd_webuis() -> None:
                 assert int(schedule * strength) == steps, (steps, d)
     assert hires_schedule("Euler", 8, 0.6) == (13, 8 / 13)
     assert hires_schedule("Euler", 8, 1.0) == (8, 1.0)
-    for key in ("PLMS", "UniPC", None):
-        assert hires_schedule(key, 8, 0.6) == (second_pass_steps(8, 0.6), 0.6) == (14, 0.6)
-    assert hires_schedule("DDIM", 8, 0.6)[0] == 13  # SD WebUI's (``test_diffusers_timesteps``)
+    assert hires_schedule(None, 8, 0.6) == (second_pass_steps(8, 0.6), 0.6) == (14, 0.6)
+    for key in ("DDIM", "PLMS", "UniPC"):  # SD WebUI's (``test_diffusers_timesteps``)
+        assert hires_schedule(key, 8, 0.6)[0] == 13

@@ -91,6 +91,11 @@ def test_the_switch_is_sd_webuis_completed_ratio() -> None:
     assert switch_step(ddim, 10, None, 0.5) == 5
     heun = HeunDiscreteScheduler(**SD, timestep_spacing="linspace")  # two passes a step but the first
     assert switch_step(heun, 10, None, 0.5) == 9  # pass 9: the second of step 5, at step 6's sigma
+    # UniPC's image-to-image of 8 steps at 0.5: SD WebUI's 4 from 376 (376, 282, 188, 94), not the
+    # whole schedule's tail (499.5, 374.6, 249.8, 124.9, where 0.8 is reached at the fourth pass)
+    unipc = make_scheduler("UniPC", SD)
+    assert switch_step(unipc, 8, 0.5, 0.8) == 2  # (999 - 188) / 1000 = 0.811
+    assert switch_step(unipc, 8, 0.5, 0.8, by_steps=True) is None  # passes 0-3 of t_enc + 1 = 5
 
 
 async def test_a_refiner_from_the_start_makes_its_models_image(runtime: DiffusersRuntime) -> None:

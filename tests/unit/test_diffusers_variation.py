@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 from PIL import Image
 from test_diffusers_batching import pixels, quiet
 from test_inpainting_batched import batching
@@ -359,15 +359,17 @@ async def test_an_inpainting_checkpoint_from_pure_noise_refuses_them_when_it_run
 def test_sd_webuis_image_to_image_schedule() -> None:
     """SD WebUI's k-diffusion samplers denoise int(min(d, 0.999) × n) + 1 of n steps at strength d
     (``setup_img2img_steps``); the strength handed to diffusers makes exactly that many
-    (``get_timesteps``: int(n × strength)), whatever the float rounding; PLMS, UniPC and a task
-    naming no sampler keep diffusers' own, DDIM has its own (``test_diffusers_timesteps``)."""
+    (``get_timesteps``: int(n × strength)), whatever the float rounding; a task naming no sampler
+    keeps diffusers' own, DDIM, PLMS and UniPC have their own (``test_diffusers_timesteps``)."""
     for steps in range(1, 61):
         for d in (k / 200 for k in range(1, 201)):
             n, strength = img2img_schedule("Euler a", steps, d)
             assert n == steps and int(n * strength) == min(int(min(d, 0.999) * steps) + 1, steps), (steps, d)
     assert img2img_schedule("DPM++ 2M Karras", 8, 0.6) == (8, 0.625)
-    assert img2img_schedule("PLMS", 8, 0.6) == img2img_schedule(None, 8, 0.6) == (8, 0.6)
-    assert img2img_schedule("DDIM", 8, 0.6) == (8, 0.5)  # SD WebUI's (``test_diffusers_timesteps``)
+    assert img2img_schedule(None, 8, 0.6) == (8, 0.6)
+    for key in ("DDIM", "PLMS"):  # SD WebUI's (``test_diffusers_timesteps``)
+        assert img2img_schedule(key, 8, 0.6) == (8, 0.5)
+    assert img2img_schedule("UniPC", 8, 0.6) == (8, 0.5)  # t_enc 4, from SD WebUI's timestep below
     assert img2img_schedule("UniPC", 8, 0.05) == (20, 0.05)  # one step at least, as before
 
 
@@ -390,3 +392,23 @@ async def test_image_to_image_starts_where_sd_webuis_does(
     )
     k_diffusion = torch.linspace(999, 0, 8)  # DiscreteSchedule.get_sigmas(8)'s timesteps
     assert started == pytest.approx([float(k_diffusion[8 - 5])])
+
+
+async def test_unipc_image_to_image_runs_sd_webuis_schedule(
+    runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the runtime's image-to-image pipeline, 8 UniPC steps at 0.6 give the UNet SD WebUI's
+    4 model times from 376, its DDIM timestep below the noise (``_diffusers_unipc``), where
+    diffusers' tail of a whole schedule would give 4 from 499.5."""
+    given: list[float] = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self: Any, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        given.append(float(torch.as_tensor(timestep).flatten()[0]))
+        return forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    made = await runtime.run(
+        job(I2I, sampler="UniPC", steps=8, init_images=[an_input()], denoising_strength=0.6), quiet
+    )
+    assert given == [376.0, 282.0, 188.0, 94.0] and len(made.images) == 1

@@ -174,11 +174,10 @@ def refuse_unlike(like: Loaded, info: ModelInfo, field: str) -> None:
         raise Reject(f"{field} {info.name}: {why}", code="invalid_params")
 
 
-def scheduler(sampler: str | None, base: Any, params: TaskParams, whole: bool = True) -> Any:
+def scheduler(sampler: str | None, base: Any, params: TaskParams) -> Any:
     """A fresh scheduler for ``sampler`` (the model's own kind without one), at the task's ``eta``
-    (Euler a) or churn (Euler); ``whole``: for a call that runs its whole schedule (text to image,
-    ``make_scheduler``)."""
-    made = A.with_eta(P.scheduler_for(sampler, base, whole), G.eta(params))
+    (Euler a) or churn (Euler)."""
+    made = A.with_eta(P.scheduler_for(sampler, base), G.eta(params))
     return K.with_churn(made, K.read(params))
 
 

@@ -18,6 +18,7 @@ from sdfleet.runtimes._diffusers_dpm2 import DPM2AncestralDiscarding, DPM2Discar
 from sdfleet.runtimes._diffusers_lms import LMSFromItsStart
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
 from sdfleet.runtimes._diffusers_timesteps import DDIMAsSDWebUI, PLMSAsSDWebUI
+from sdfleet.runtimes._diffusers_unipc import UniPCAsSDWebUI
 from sdfleet.tasks import TaskParams
 from sdfleet.telemetry import adopt_library_logs
 
@@ -55,48 +56,26 @@ _SD_WEBUIS: dict[str, Any] = {
     "LMS": LMSFromItsStart,
     "DDIM": DDIMAsSDWebUI,
     "PLMS": PLMSAsSDWebUI,
+    "UniPC": UniPCAsSDWebUI,
 }
 """The samplers (with or without Karras) whose diffusers scheduler steps otherwise than SD WebUI's
 of that name, and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma;
 ``_diffusers_lms``: LMS's order counted from a call's first step; ``_diffusers_timesteps``: DDIM's
-and PLMS's timesteps; PNDM, which SD WebUI lacks, stays diffusers')."""
+and PLMS's timesteps; ``_diffusers_unipc``: UniPC's times, its image-to-image schedule; PNDM, which
+SD WebUI lacks, stays diffusers')."""
 
 
-_SD_WEBUIS_CONFIG: dict[str, dict[str, Any]] = {
-    "UniPC": {
-        "solver_order": 3,
-        "solver_type": "bh1",
-        "lower_order_final": True,
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-        "final_sigmas_type": "sigma_min",
-    },
-}
-"""Samplers whose diffusers scheduler steps as SD WebUI's of that name given another config than
-the model's, and that config: SD WebUI's UniPC (its own implementation, ``uni_pc``) at its options'
-defaults (``uni_pc_order`` 3, ``uni_pc_variant`` bh1, ``uni_pc_lower_order_final``), its
-``time_uniform`` steps from timestep 999 to 0, the last to the model's first timestep, not 0."""
-
-_WHOLE_ONLY = frozenset({"PLMS", "UniPC"})
-"""Samplers whose SD WebUI schedule (``_SD_WEBUIS``, ``_SD_WEBUIS_CONFIG``) runs only a whole
-schedule; a call starting mid-schedule (image-to-image, a hires pass) keeps diffusers' own. PLMS:
-its first step is two evaluations, which such a call cannot take. UniPC: SD WebUI's runs its
-``t_enc`` steps from the timestep below its noise to 0 (another schedule than the tail of a whole
-one), which diffusers' slicing of its schedule cannot make."""
-
-
-def make_scheduler(name: str, base_config: Any, whole: bool = True) -> Any:
+def make_scheduler(name: str, base_config: Any) -> Any:
     """A fresh scheduler for sampler ``name`` built from the model's own scheduler config, on SD
     WebUI's schedule: a k-diffusion sampler's timesteps from 999 to 0 in equal steps (a model's
     config, SD 1.5's and SDXL's, says ``leading`` from 1: 951 to 1 of 20 steps, a first sigma of
     10.2 where SD WebUI's is 14.6, and Karras sigmas between those), DDIM's and PLMS's from 1 every
-    ``1000 // n``; DPM2's and DPM2 a's without the next-to-last sigma, LMS's order from a call's
-    first step (``_SD_WEBUIS``). ``whole``: for a call that runs its whole schedule (text to
-    image), not one starting in its middle (``_WHOLE_ONLY``)."""
+    ``1000 // n``, UniPC's time-uniform as SD WebUI's own; DPM2's and DPM2 a's without the
+    next-to-last sigma, LMS's order from a call's first step (``_SD_WEBUIS``); a timestep
+    sampler's call that starts mid-schedule (image-to-image, a hires pass) on SD WebUI's own
+    schedule for it."""
     cls_name, overrides = SAMPLERS[name]
-    ours = name.removesuffix(" Karras")
-    sd_webuis = whole or ours not in _WHOLE_ONLY
-    cls = (_SD_WEBUIS.get(ours) if sd_webuis else None) or getattr(diffusers, cls_name)
+    cls = _SD_WEBUIS.get(name.removesuffix(" Karras")) or getattr(diffusers, cls_name)
     config = dict(base_config)
     config.pop("use_karras_sigmas", None)
     config.pop("algorithm_type", None)
@@ -104,15 +83,12 @@ def make_scheduler(name: str, base_config: Any, whole: bool = True) -> Any:
         config["timestep_spacing"], config["steps_offset"] = "linspace", 0
     elif cls_name == "DDIMScheduler" and not config.get("steps_offset"):
         config["steps_offset"] = 1
-    if sd_webuis:
-        config.update(_SD_WEBUIS_CONFIG.get(ours, {}))
     return cls.from_config(config, **overrides)
 
 
-def scheduler_for(sampler: str | None, base: Any, whole: bool = True) -> Any:
-    """A fresh scheduler for ``sampler`` (a ``SAMPLERS`` key), else the model's own kind; ``whole``:
-    ``make_scheduler``'s."""
-    return make_scheduler(sampler, base.config, whole) if sampler else type(base).from_config(base.config)
+def scheduler_for(sampler: str | None, base: Any) -> Any:
+    """A fresh scheduler for ``sampler`` (a ``SAMPLERS`` key), else the model's own kind."""
+    return make_scheduler(sampler, base.config) if sampler else type(base).from_config(base.config)
 
 
 def load_pipeline(info: ModelInfo, device: str, dtype: torch.dtype) -> Any:

@@ -69,10 +69,10 @@ def switch_step(
     start = 0
     if strength is not None:  # diffusers' img2img get_timesteps: the passes it skips
         start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+        if start and hasattr(scheduler, "set_begin_index"):  # as get_timesteps tells it (UniPC's
+            scheduler.set_begin_index(start)  # schedule from there; DDIM's total of t_enc + 1)
     if by_steps:  # Heun makes 2n - 1 passes for n steps, SD WebUI counts 2n
         passes = len(timesteps) - start
-        if start and getattr(scheduler, "sd_webui_total_steps", None) is not None:
-            scheduler.set_begin_index(start)  # DDIM's image-to-image counts of t_enc + 1
         total = total_of(scheduler, passes)
         return next((k for k in range(passes) if refiner.reached(k / total, switch_at)), None)
     timestep_read = by_timestep(scheduler)

@@ -34,13 +34,29 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DDIM": ("DDIMScheduler", {}),
     "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
+    # SD WebUI's UniPC (its own, ``uni_pc``) at its options' defaults: order 3, variant bh1, the
+    # lower order at the end; time-uniform from 999 to the model's first timestep
+    # (``_diffusers_unipc`` makes its times exactly, but for fewer steps than its order)
+    "UniPC": (
+        "UniPCMultistepScheduler",
+        {
+            "solver_order": 3,
+            "solver_type": "bh1",
+            "lower_order_final": True,
+            "timestep_spacing": "linspace",
+            "steps_offset": 0,
+            "final_sigmas_type": "sigma_min",
+        },
+    ),
     "DEIS": ("DEISMultistepScheduler", {}),
 }
 _BY_LOWER = {name.lower(): name for name in SAMPLERS}
 _NO_SIGMAS = frozenset({"DDIM", "PLMS", "PNDM", "UniPC", "DEIS"})
 """Not k-diffusion samplers: SD WebUI takes a schedule type for them and leaves it unused."""
 
+
+UNIPC_ORDER = 3
+"""SD WebUI's ``uni_pc_order`` (its default): its UniPC refuses fewer steps (``assert steps >= order``)."""
 
 BY_TIMESTEP = frozenset(
     {"DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
@@ -156,35 +172,67 @@ def img2img_schedule(key: str | None, steps: int, strength: float) -> tuple[int,
     denoises as SD WebUI 1.10's does at ``strength``. Its k-diffusion samplers denoise
     ``int(min(strength, 0.999) × steps) + 1`` steps, from that many before the schedule's end
     (``setup_img2img_steps``, ``sigmas[steps - t_enc - 1:]``), one more than diffusers' strength
-    makes (``get_timesteps``: ``int(steps × strength)``), from a higher sigma; its timestep samplers
-    (DDIM, PLMS, UniPC), and a task naming no sampler (the model's own scheduler: ``key`` None), as
-    diffusers, with enough steps that it makes one; but DDIM's as SD WebUI's (``_ddim_running``)
-    where that denoises at all. ``Reject`` (``invalid_params``) for a strength of 0 or less."""
+    makes (``get_timesteps``: ``int(steps × strength)``), from a higher sigma; its timestep
+    samplers (DDIM, PLMS, UniPC) its ``t_enc`` from the timestep below its noise where the call can
+    start there (``timestep_start``); elsewhere, and for a task naming no sampler (the model's own
+    scheduler: ``key`` None), as diffusers, with enough steps that it makes one. ``Reject``
+    (``invalid_params``) for a strength of 0 or less."""
     if strength <= 0:
         raise Reject("denoising_strength must be above 0 for image-to-image", code="invalid_params")
-    if key == "DDIM":
-        ddim = _ddim_running(steps, int(min(strength, 0.999) * steps))
-        if ddim is not None:
-            return steps, ddim
+    t_enc = int(min(strength, 0.999) * steps)
+    if key is not None and (start := timestep_start(key, steps, t_enc)) is not None:
+        return steps, start
     if key is None or key.removesuffix(" Karras") in _NO_SIGMAS:
         return max(steps, math.ceil(1 / strength)), strength
-    return steps, _running(steps, int(min(strength, 0.999) * steps) + 1)
+    return steps, _running(steps, t_enc + 1)
 
 
 def hires_schedule(key: str | None, steps: int, strength: float) -> tuple[int, float]:
     """The schedule length and strength to give a hires fix's second pass of sampler ``key`` (its
     diffusers image-to-image call) so that it runs ``steps`` steps as SD WebUI 1.10's does at
     ``strength``. SD WebUI's k-diffusion samplers run the last ``steps`` of a schedule
-    ``int(steps / min(strength, 0.999))`` long (``setup_img2img_steps`` given the steps), and so
-    does DDIM (``_ddim_running``: ``steps - 2`` of them) where that denoises at all; its other
-    timestep samplers, and a task naming no sampler (``key`` None), as diffusers, over the
+    ``int(steps / min(strength, 0.999))`` long (``setup_img2img_steps`` given the steps), and its
+    timestep samplers ``t_enc = steps - 1`` of it (``timestep_start``) where the call can start
+    there; elsewhere, and for a task naming no sampler (``key`` None), as diffusers, over the
     shortest schedule of which ``strength`` makes ``steps`` (``hires.second_pass_steps``)."""
     schedule = int(steps / min(strength, 0.999))
-    if key == "DDIM" and (ddim := _ddim_running(schedule, steps - 1)) is not None:
-        return schedule, ddim
+    if key is not None and (start := timestep_start(key, schedule, steps - 1)) is not None:
+        return schedule, start
     if key is None or not k_diffusion(key):
         return hires.second_pass_steps(steps, strength), strength
     return schedule, _running(schedule, steps)
+
+
+def timestep_start(key: str, steps: int, t_enc: int) -> float | None:
+    """The strength at which a diffusers image-to-image call of ``steps`` with SD WebUI's timestep
+    sampler ``key`` (DDIM, PLMS, UniPC) starts where SD WebUI's ``sample_img2img`` does: its input
+    noised to ``timesteps[t_enc]`` of ``clipped_timesteps(steps)``, then DDIM's and PLMS's
+    evaluations from ``timesteps[t_enc - 1]`` (``t_enc - 1`` steps), UniPC's ``t_enc`` steps from
+    there. The strength skips the entries of the scheduler's list above those (DDIM's has one for
+    each timestep but the first, and runs ``t_enc - 1``; PLMS's one more, its first step's second
+    evaluation, and runs ``t_enc``; UniPC's one for each timestep, and runs ``t_enc``), which the
+    scheduler then writes its own into (``_diffusers_timesteps``, ``_diffusers_unipc``). None for
+    another sampler, where SD WebUI's evaluates nothing (it answers the noised input) or refuses
+    (UniPC below its order), where diffusers' step cannot follow SD WebUI's timesteps
+    (``sd_webui_timesteps`` None: DDIM, PLMS), or where diffusers' slicing cannot skip that many
+    (``get_timesteps`` skips 1 to ``steps - 1``)."""
+    ours = key.removesuffix(" Karras")
+    timesteps = None
+    if ours == "UniPC" and t_enc >= UNIPC_ORDER:
+        timesteps = clipped_timesteps(steps)
+    elif ours in ("DDIM", "PLMS") and t_enc >= 2:
+        timesteps = sd_webui_timesteps(steps)
+    if timesteps is None or not 1 <= len(timesteps) - t_enc <= steps - 1:
+        return None
+    return _running(steps, steps - (len(timesteps) - t_enc))
+
+
+def clipped_timesteps(steps: int) -> list[int]:
+    """SD WebUI 1.10's timesteps for its timestep samplers of ``steps`` as it makes them
+    (``CompVisSampler.get_timesteps``): from 1 every ``1000 // steps``, as many as lie below 1000,
+    clipped to 999. Its UniPC runs as many steps as there are (16 for 15 steps, 167 for 150), its
+    image-to-image from these (``_diffusers_unipc``)."""
+    return [min(t + 1, 999) for t in range(0, 1000, max(1000 // steps, 1))]
 
 
 def sd_webui_timesteps(steps: int) -> list[int] | None:
@@ -197,21 +245,6 @@ def sd_webui_timesteps(steps: int) -> list[int] | None:
     is then one timestep shorter than the others, and diffusers' step is always ``1000 // steps``."""
     timesteps = [t + 1 for t in range(0, 1000, max(1000 // steps, 1))]
     return timesteps if len(timesteps) >= 3 and timesteps[-1] <= 999 else None
-
-
-def _ddim_running(steps: int, t_enc: int) -> float | None:
-    """The strength at which an image-to-image call of ``steps`` with ``DDIMAsSDWebUI`` (the
-    model evaluated at ``sd_webui_timesteps(steps)`` but the first, from the last) runs SD WebUI's
-    ``t_enc`` (``sample_img2img``: its input noised to ``timesteps[t_enc]``, then ``t_enc - 1``
-    evaluations from ``timesteps[t_enc - 1]``), the scheduler noising one timestep above the call's
-    first; None where it runs diffusers' schedule (``sd_webui_timesteps`` None), SD WebUI evaluates
-    nothing (it answers the noised input) or diffusers' slicing of ``steps`` cannot start there
-    (``get_timesteps`` skips at most ``steps - 1``)."""
-    timesteps = sd_webui_timesteps(steps)
-    if timesteps is None or t_enc < 2:
-        return None
-    skipped = len(timesteps) - 1 - (t_enc - 1)
-    return _running(steps, steps - skipped) if 1 <= skipped <= steps - 1 else None
 
 
 def _running(schedule: int, steps: int) -> float:

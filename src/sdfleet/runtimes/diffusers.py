@@ -382,8 +382,7 @@ class DiffusersRuntime:
                 raise Interrupted(f"task {names} interrupted before it started")
             try:
                 pipe = self._pipe_for(loaded, jobs[0])
-                whole = jobs[0].type is TaskType.TEXT_TO_IMAGE
-                pipe.scheduler = M.scheduler(sampler, loaded.base_scheduler, jobs[0].params, whole)
+                pipe.scheduler = M.scheduler(sampler, loaded.base_scheduler, jobs[0].params)
                 skip = self.options.missing_lora == "skip"
                 loras = L.resolve(jobs[0], self.catalog.models_dir, skip_missing=skip)
                 tiling = G.tiling(jobs[0].params)
@@ -430,7 +429,7 @@ class DiffusersRuntime:
         # on an inpainting checkpoint an inpainting pipeline, another than the first pass's: each
         # pass has its own sampler
         pipe, sampler = model.img2img(), sampler_key(*hires.sampler_of(plan, job.params))
-        pipe.scheduler = M.scheduler(sampler, model.base_scheduler, job.params, whole=False)
+        pipe.scheduler = M.scheduler(sampler, model.base_scheduler, job.params)
         return H.SecondPass(pipe, plan, self._extras.upscale_to, sampler, other_model=hr is not None)
 
     async def _run_extras(self, job: Job, progress: ProgressFn) -> RuntimeResult:
