@@ -395,6 +395,9 @@ SAME_PIXELS_CASES: list[list[dict[str, Any]]] = [  # each group's images compare
         I2I | NEGATIVE | {"sampler_name": sampler}
         for sampler in ("Euler", "Euler a", "LMS", "Heun", "DDIM", "PLMS", "UniPC")
     ],
+    # masked: the timestep samplers' model given the kept latents un-noised (DDIM 3.7, UniPC 2.8
+    # before)
+    [MASKED | NEGATIVE | {"sampler_name": sampler} for sampler in ("Euler", "DDIM", "PLMS", "UniPC")],
 ]
 NEAR_PIXELS_CASES: list[list[dict[str, Any]]] = [
     [case | {"sampler_name": "DPM++ 2M", "scheduler": "Karras"} for case in (NEGATIVE, I2I | NEGATIVE)],
@@ -418,7 +421,7 @@ async def test_images_are_sd_webuis_pixel_for_pixel(loaded: tuple[str, Path]) ->
     """The same request makes SD WebUI's image, pixel for pixel but for float noise: 8-bit pixels
     truncated as SD WebUI truncates them (diffusers rounds: 0.5 of 255 apart before), these
     k-diffusion samplers, DDIM and PLMS on SD WebUI's timesteps, UniPC on its times, and
-    image-to-image with them (each measured 0.000 apart); DPM++ 2M Karras within
+    image-to-image and inpainting with them (each measured 0.000 apart); DPM++ 2M Karras within
     0.1."""
     await side_by_side(*loaded, SAME_PIXELS_CASES, within=0.05)
     await side_by_side(*loaded, NEAR_PIXELS_CASES, within=0.1)

@@ -31,6 +31,7 @@ from sdfleet import hires, inpaint, ngms, refiner, variation
 from sdfleet.errors import Reject
 from sdfleet.media import to_png
 from sdfleet.models.catalog import ModelInfo
+from sdfleet.runtimes import _diffusers_blend as B
 from sdfleet.runtimes import _diffusers_churn as K
 from sdfleet.runtimes import _diffusers_composed as C
 from sdfleet.runtimes import _diffusers_edits as D
@@ -372,6 +373,9 @@ def generate(
                         N.as_sd_webui(pipe, kwargs, seeds, noise),
                         G.stand_ins(
                             pipe, kwargs, C.first_pass(job.params), images_of, mine[0], skip, said[0]
+                        ),
+                        B.kept_as_sd_webui(
+                            pipe, kwargs, sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
                         ),
                     ):
                         images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
