@@ -17,6 +17,7 @@ from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_dpm2 import DPM2AncestralDiscarding, DPM2Discarding
 from sdfleet.runtimes._diffusers_lms import LMSFromItsStart
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
+from sdfleet.runtimes._diffusers_sde import DPMSolverSDEAsSDWebUI
 from sdfleet.runtimes._diffusers_timesteps import DDIMAsSDWebUI, PLMSAsSDWebUI
 from sdfleet.runtimes._diffusers_unipc import UniPCAsSDWebUI
 from sdfleet.tasks import TaskParams
@@ -57,12 +58,14 @@ _SD_WEBUIS: dict[str, Any] = {
     "DDIM": DDIMAsSDWebUI,
     "PLMS": PLMSAsSDWebUI,
     "UniPC": UniPCAsSDWebUI,
+    "DPM++ 2M SDE": DPMSolverSDEAsSDWebUI,
 }
 """The samplers (with or without Karras) whose diffusers scheduler steps otherwise than SD WebUI's
 of that name, and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma;
 ``_diffusers_lms``: LMS's order counted from a call's first step; ``_diffusers_timesteps``: DDIM's
-and PLMS's timesteps; ``_diffusers_unipc``: UniPC's times, its image-to-image schedule; PNDM, which
-SD WebUI lacks, stays diffusers')."""
+and PLMS's timesteps; ``_diffusers_unipc``: UniPC's times, its image-to-image schedule;
+``_diffusers_sde``: DPM++ 2M SDE's Brownian-tree noise; PNDM, which SD WebUI lacks, stays
+diffusers')."""
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
