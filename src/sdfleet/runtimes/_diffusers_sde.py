@@ -2,11 +2,11 @@
 
 SD WebUI 1.10 runs its SDE samplers (``brownian_noise``) with k-diffusion's
 ``BrownianTreeNoiseSampler``: each image's noise between two sigmas is the increment of a Brownian
-motion over the sigmas (``torchsde.BrownianTree`` from the call's lowest sigma above 0 to its
+motion over the sigmas (``torchsde.BrownianTree`` from the schedule's lowest sigma above 0 to its
 highest, seeded with the image's seed: ``create_noise_sampler``), divided by the root of their
-distance, so that an image's noise is its own whatever its batch and the same for any step count
-near another. diffusers' DPM++ 2M SDE draws fresh noise from the call's generators at each step
-(about 24 of 255 from SD WebUI's image). ``DPMSolverSDEAsSDWebUI`` hands diffusers' step SD WebUI's
+distance, so that an image's noise is its own whatever its batch. diffusers' DPM++ 2M SDE draws
+fresh noise from the call's generators at each step (with Karras 28 of 255 from SD WebUI's
+image, 0.065 with this noise). ``DPMSolverSDEAsSDWebUI`` hands diffusers' step SD WebUI's
 noise (its ``variance_noise``), from trees made at the call's first step over its whole
 schedule's sigmas (image-to-image too: SD WebUI makes its sampler from the sigmas before it
 slices them, ``sample_img2img``), the seeds those of the generators the pipeline hands every step
