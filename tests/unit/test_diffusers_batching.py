@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from sdfleet.errors import Interrupted, Reject
 from sdfleet.models import ModelCatalog, make_tiny
+from sdfleet.runtimes._diffusers_sde import BrownianNoise
 from sdfleet.runtimes.base import Job, RuntimeResult
 from sdfleet.runtimes.diffusers import DiffusersRuntime
 from sdfleet.tasks import TaskParams, TaskType
@@ -93,6 +95,31 @@ async def test_batch_mates_get_their_own_images(runtime: DiffusersRuntime) -> No
     different = await runtime.run_batch(plain[:1], [quiet])
     assert isinstance(different[0], RuntimeResult)
     assert not np.array_equal(pixels(batched[0].images[0]), pixels(batched[1].images[0]))  # type: ignore[union-attr]
+
+
+async def test_sde_batch_mates_get_the_noise_they_get_alone(
+    runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DPM++ 2M SDE draws each image's noise from a Brownian tree of its own seed (SD WebUI's), so
+    batch mates (and a task's second image) get the images they get alone, and another seed
+    another image."""
+    trees: list[list[int]] = []
+    made = BrownianNoise.__init__
+
+    def seen(self: BrownianNoise, like: Any, low: Any, high: Any, seeds: Any) -> None:
+        trees.append(list(seeds))
+        made(self, like, low, high, seeds)
+
+    monkeypatch.setattr(BrownianNoise, "__init__", seen)
+    jobs = [job(n, sampler="DPM++ 2M SDE Karras", steps=4, seed=seed) for n, seed in (("a", 11), ("b", 12))]
+    jobs.append(job("c", sampler="DPM++ 2M SDE Karras", steps=4, seed=13, batch_size=2))
+    batched = await runtime.run_batch(jobs, [quiet] * len(jobs))
+    for j, outcome in zip(jobs, batched, strict=True):
+        assert isinstance(outcome, RuntimeResult) and outcome.info["batch_tasks"] == 3
+        assert_same_images(outcome, await runtime.run(j, quiet))
+    first, second = (pixels(outcome.images[0]) for outcome in batched[:2])  # type: ignore[union-attr]
+    assert not np.array_equal(first, second)
+    assert trees[0] == [11, 12, 13, 14] and trees[1:] == [[11], [12], [13, 14]]  # one tree an image
 
 
 async def test_img2img_batch_keeps_each_init_image(runtime: DiffusersRuntime) -> None:
