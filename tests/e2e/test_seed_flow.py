@@ -319,7 +319,7 @@ async def test_what_the_routed_queues_runtime_cannot_run_is_refused_at_the_door(
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_task", r.text
     assert "comfyui runtime" in r.json()["error"]["message"], r.text
     assert (await fleet.http.get("/v1/tasks/test-pipeline")).status_code == 404, "nothing queued"
-    body = {"params": {"prompt": "a cat", "sampler": "DPM++ SDE", "width": 64, "height": 64}}
+    body = {"params": {"prompt": "a cat", "sampler": "DPM++ 3M SDE", "width": 64, "height": 64}}
     r = await fleet.http.post("/v1/tasks", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_sampler", r.text
     assert "DPM++ 2M Karras" in r.json()["error"]["message"], "it lists the samplers it has"

@@ -97,11 +97,12 @@ async def test_batch_mates_get_their_own_images(runtime: DiffusersRuntime) -> No
     assert not np.array_equal(pixels(batched[0].images[0]), pixels(batched[1].images[0]))  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE Karras", "DPM++ SDE Karras"])
 async def test_sde_batch_mates_get_the_noise_they_get_alone(
-    runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch
+    runtime: DiffusersRuntime, monkeypatch: pytest.MonkeyPatch, sampler: str
 ) -> None:
-    """DPM++ 2M SDE draws each image's noise from a Brownian tree of its own seed (SD WebUI's), so
-    batch mates (and a task's second image) get the images they get alone, and another seed
+    """The SDE samplers draw each image's noise from a Brownian tree of its own seed (SD WebUI's),
+    so batch mates (and a task's second image) get the images they get alone, and another seed
     another image."""
     trees: list[list[int]] = []
     made = BrownianNoise.__init__
@@ -111,8 +112,8 @@ async def test_sde_batch_mates_get_the_noise_they_get_alone(
         made(self, like, low, high, seeds)
 
     monkeypatch.setattr(BrownianNoise, "__init__", seen)
-    jobs = [job(n, sampler="DPM++ 2M SDE Karras", steps=4, seed=seed) for n, seed in (("a", 11), ("b", 12))]
-    jobs.append(job("c", sampler="DPM++ 2M SDE Karras", steps=4, seed=13, batch_size=2))
+    jobs = [job(n, sampler=sampler, steps=4, seed=seed) for n, seed in (("a", 11), ("b", 12))]
+    jobs.append(job("c", sampler=sampler, steps=4, seed=13, batch_size=2))
     batched = await runtime.run_batch(jobs, [quiet] * len(jobs))
     for j, outcome in zip(jobs, batched, strict=True):
         assert isinstance(outcome, RuntimeResult) and outcome.info["batch_tasks"] == 3

@@ -97,7 +97,7 @@ async def test_hires_batch_mates_keep_their_images_and_others_do_not_join(runtim
     [
         ({"hr_scale": 3}, "too_large", "text-to-image at 192x192, its hires pass (36864 pixels) is more"),
         ({"hr_upscaler": "4x-Nothing"}, "unknown_upscaler", "upscaler '4x-Nothing' is not available"),
-        ({"hr_sampler_name": "DPM++ SDE"}, "unknown_sampler", "DPM++ SDE"),
+        ({"hr_sampler_name": "DPM++ 3M SDE"}, "unknown_sampler", "DPM++ 3M SDE"),
         (
             {"hr_prompt": "a dog <lora:x:1>"},
             "unsupported_option",

@@ -183,13 +183,13 @@ async def test_odd_passes_below_the_level_skip(
     assert none.images == plain.images and none.info["infotexts"] == plain.info["infotexts"]
 
 
-@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DDIM"])
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DPM++ SDE", "DDIM"])
 async def test_the_level_of_each_pass_is_sd_webuis(
     runtime: DiffusersRuntime, passes: list[tuple[int, float | None]], sampler: str
 ) -> None:
     """k-diffusion's Heun evaluates at each sigma and again at the next (the last step once),
-    DPM2 the second time at their geometric mean (its own sigmas: ``_diffusers_dpm2``); SD WebUI's
-    DDIM passes its timestep."""
+    DPM2 and DPM++ SDE the second time at their geometric mean (DPM2 on its own sigmas:
+    ``_diffusers_dpm2``); SD WebUI's DDIM passes its timestep."""
     await runtime.run(job(), quiet)
     passes.clear()
     await runtime.run(job(sampler=sampler, steps=3, s_min_uncond=0.01), quiet)
@@ -198,7 +198,7 @@ async def test_the_level_of_each_pass_is_sd_webuis(
         s = [*euler_sigmas(runtime, 4)[:-2], 0.0]
     if sampler == "Heun":
         expected = [s[0], s[1], s[1], s[2], s[2]]
-    elif sampler == "DPM2":
+    elif sampler in ("DPM2", "DPM++ SDE"):
         mid = [float(torch.tensor(s[i] * s[i + 1]).sqrt()) for i in range(2)]
         expected = [s[0], mid[0], s[1], mid[1], s[2]]
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torchsde
@@ -129,3 +130,62 @@ def test_without_one_generator_an_image_diffusers_own_draws() -> None:
         generator = torch.Generator().manual_seed(1)
         out.append(scheduler.step(eps(x, float(t)), t, x, generator=generator).prev_sample)
     assert torch.equal(out[0], out[1])
+
+
+def their_dpmpp_sde(
+    x: torch.Tensor, sigmas: torch.Tensor, whole: torch.Tensor, t_of: Any, seeds: list[int]
+) -> torch.Tensor:
+    """k-diffusion's ``sample_dpmpp_sde`` (eta 1, r 1/2: two evaluations a step, the second at the
+    midpoint in log sigma) over ``sigmas`` with the noise over the ``whole`` schedule's, VE."""
+    noise = their_noise(x, whole, seeds)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x - sigma * eps(x / (sigma**2 + 1) ** 0.5, t_of(sigma))
+
+    def ancestral(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        up = torch.minimum(end, (end**2 * (start**2 - end**2) / start**2) ** 0.5)
+        return (end**2 - up**2) ** 0.5, up
+
+    for i in range(len(sigmas) - 1):
+        sigma, following = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        if following == 0:
+            x = x + (x - denoised) / sigma * (following - sigma)
+            continue
+        t, t_next = -sigma.log(), -following.log()
+        s = t + (t_next - t) / 2
+        down, up = ancestral(sigma, (-s).exp())
+        x_2 = down / sigma * x - (t + down.log()).expm1() * denoised
+        x_2 = x_2 + noise(sigma, (-s).exp()) * up
+        denoised_2 = denoise(x_2, (-s).exp())
+        down, up = ancestral(sigma, following)
+        x = down / sigma * x - (t + down.log()).expm1() * denoised_2
+        x = x + noise(sigma, following) * up
+    return x
+
+
+@pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ SDE Karras"])
+@pytest.mark.parametrize(("steps", "begin"), [(8, 0), (15, 0), (8, 3)])
+def test_dpmpp_sde_samples_as_sd_webuis(name: str, steps: int, begin: int) -> None:
+    """DPM++ SDE (diffusers' port of k-diffusion's, which seeds one tree for a whole call) with SD
+    WebUI's noise, one tree an image of its seed: SD WebUI's sample from the same start, whole or
+    from the middle (a step is two evaluations: the call starts at entry ``2 × begin``)."""
+    seeds = [5, 77]
+    scheduler = make_scheduler(name, SD15_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    whole = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2], scheduler.sigmas[-1:]])
+    log_sigmas = torch.log(((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5).numpy()
+
+    def t_of(sigma: torch.Tensor) -> float:
+        return float(scheduler._sigma_to_t(np.array(float(sigma)), log_sigmas))
+
+    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * whole[begin]
+    theirs = their_dpmpp_sde(start, whole[begin:], whole, t_of, seeds)
+    if begin:
+        scheduler.set_begin_index(2 * begin)
+    x = start
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    for t in scheduler.timesteps[2 * begin :]:
+        given = eps(scheduler.scale_model_input(x, t), float(t))
+        x = scheduler.step(given, t, x, generator=generators).prev_sample
+    assert torch.allclose(x, theirs, atol=1e-4 * float(theirs.abs().max()))

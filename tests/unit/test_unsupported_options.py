@@ -126,7 +126,7 @@ def test_refuse_says_what_the_runtime_would_fail_the_task_with() -> None:
     for name, kind, params in [
         ("comfyui", t2i.type, t2i.params),
         ("diffusers", t2i.type, t2i.params.model_copy(update={"extra": {"restore_faces": True}})),
-        ("diffusers", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ SDE"})),
+        ("diffusers", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ 3M SDE"})),
     ]:
         with pytest.raises(Reject) as e:
             refuse(name, kind, params)
@@ -134,7 +134,7 @@ def test_refuse_says_what_the_runtime_would_fail_the_task_with() -> None:
     assert list(codes) == ["unsupported_task", "unsupported_option", "unknown_sampler"], codes
     assert "DPM++ 2M Karras" in codes["unknown_sampler"], "the samplers it has are listed"
     # SD WebUI's samplers depend on the server: the a1111 runtime asks it, not this table
-    refuse("a1111", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ SDE"}))
+    refuse("a1111", t2i.type, t2i.params.model_copy(update={"sampler": "DPM++ 3M SDE"}))
     # a scheduler picks the Karras variant, as the runtime does
     refuse(
         "diffusers",

@@ -43,6 +43,12 @@ class Schedule:
 SAMPLERS = (
     Sampler("DPM++ 2M", ("k_dpmpp_2m",), {"scheduler": "karras"}, karras=True),
     Sampler(
+        "DPM++ SDE",
+        ("k_dpmpp_sde",),
+        {"scheduler": "karras", "second_order": "True", "brownian_noise": "True"},
+        karras=True,
+    ),
+    Sampler(
         "DPM++ 2M SDE", ("k_dpmpp_2m_sde",), {"scheduler": "karras", "brownian_noise": "True"}, karras=True
     ),
     Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": "True"}),

@@ -41,6 +41,8 @@ def level(scheduler: Any, timestep: Any) -> float:
         # DPM2's second evaluation, at the midpoint: where each scheduler's scale_model_input reads it
         shift = 1 if isinstance(scheduler, KDPM2AncestralDiscreteScheduler) else 0
         return float(scheduler.sigmas_interpol[index - shift])
+    if getattr(scheduler, "state_in_first_order", True) is False and hasattr(scheduler, "mid_point_sigma"):
+        return float(scheduler.mid_point_sigma)  # DPM++ SDE's second evaluation, at its midpoint
     return float(scheduler.sigmas[index])
 
 

@@ -17,7 +17,7 @@ from sdfleet.models.catalog import ModelInfo
 from sdfleet.runtimes._diffusers_dpm2 import DPM2AncestralDiscarding, DPM2Discarding
 from sdfleet.runtimes._diffusers_lms import LMSFromItsStart
 from sdfleet.runtimes._diffusers_samplers import SAMPLERS, k_diffusion
-from sdfleet.runtimes._diffusers_sde import DPMSolverSDEAsSDWebUI
+from sdfleet.runtimes._diffusers_sde import DPMSolverSDEAsSDWebUI, DPMSolverSDEWithSeeds
 from sdfleet.runtimes._diffusers_timesteps import DDIMAsSDWebUI, PLMSAsSDWebUI
 from sdfleet.runtimes._diffusers_unipc import UniPCAsSDWebUI
 from sdfleet.tasks import TaskParams
@@ -59,13 +59,14 @@ _SD_WEBUIS: dict[str, Any] = {
     "PLMS": PLMSAsSDWebUI,
     "UniPC": UniPCAsSDWebUI,
     "DPM++ 2M SDE": DPMSolverSDEAsSDWebUI,
+    "DPM++ SDE": DPMSolverSDEWithSeeds,
 }
 """The samplers (with or without Karras) whose diffusers scheduler steps otherwise than SD WebUI's
 of that name, and theirs (``_diffusers_dpm2``: DPM2's and DPM2 a's dropped next-to-last sigma;
 ``_diffusers_lms``: LMS's order counted from a call's first step; ``_diffusers_timesteps``: DDIM's
 and PLMS's timesteps; ``_diffusers_unipc``: UniPC's times, its image-to-image schedule;
-``_diffusers_sde``: DPM++ 2M SDE's Brownian-tree noise; PNDM, which SD WebUI lacks, stays
-diffusers')."""
+``_diffusers_sde``: DPM++ 2M SDE's and DPM++ SDE's Brownian-tree noise, one tree an image;
+PNDM, which SD WebUI lacks, stays diffusers')."""
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:

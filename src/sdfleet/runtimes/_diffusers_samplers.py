@@ -26,6 +26,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "DPM++ 2M SDE Karras": (
         "DPMSolverMultistepScheduler",
@@ -116,10 +118,10 @@ def sampler_key(sampler: str | None, scheduler: object = None) -> str | None:
     raise Reject(f"schedule type 'Karras' is not available for sampler {name!r}", code="unknown_scheduler")
 
 
-_SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a"})
+_SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ SDE"})
 """Samplers that pass through the UNet twice a step: SD WebUI schedules prompt editing over twice
 the steps for them (``total_steps``)."""
-_KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM++ 2M SDE", "DPM2", "DPM2 a"})
+_KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM2", "DPM2 a"})
 """Samplers whose ``Automatic`` schedule in SD WebUI 1.10 is not their own spacing (Karras; for
 DPM++ 2M SDE, Exponential): run here without Karras, they are its ``Uniform``."""
 

@@ -1,4 +1,4 @@
-"""SD WebUI's DPM++ 2M SDE noise. Imports torch, diffusers and torchsde.
+"""SD WebUI's SDE samplers' noise (DPM++ 2M SDE, DPM++ SDE). Imports torch, diffusers, torchsde.
 
 SD WebUI 1.10 runs its SDE samplers (``brownian_noise``) with k-diffusion's
 ``BrownianTreeNoiseSampler``: each image's noise between two sigmas is the increment of a Brownian
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torchsde
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler
 
 _DIGITS = -int(math.log10(1e-6))
 """The digits ``torchsde.BrownianTree`` rounds its times to (its default ``tol``, 1e-6)."""
@@ -77,3 +77,26 @@ class DPMSolverSDEAsSDWebUI(DPMSolverMultistepScheduler):  # type: ignore[misc]
             # the last step to sigma 0 takes no noise (k-diffusion's denoising step)
             variance_noise = self._noise(sigma, following) if following > 0 else torch.zeros_like(sample)
         return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)
+
+
+class DPMSolverSDEWithSeeds(DPMSolverSDEScheduler):  # type: ignore[misc]
+    """diffusers' DPM++ SDE (k-diffusion's ``sample_dpmpp_sde``, which brings its own Brownian
+    tree, one seed for a whole call) with SD WebUI's noise: one tree an image of its seed. Its
+    ``step`` takes the pipeline's generators (the pipeline hands them to a step that names
+    ``generator``), one an image; else diffusers' own tree."""
+
+    def step(
+        self,
+        model_output: Any,
+        timestep: Any,
+        sample: Any,
+        return_dict: bool = True,
+        s_noise: float = 1.0,
+        generator: Any = None,
+    ) -> Any:
+        fresh = self.noise_sampler is None  # type: ignore[has-type]  # set by diffusers
+        if fresh and isinstance(generator, list) and len(generator) == sample.shape[0]:
+            live = self.sigmas[self.sigmas > 0]
+            seeds = [g.initial_seed() for g in generator]
+            self.noise_sampler = BrownianNoise(sample, live.min(), live.max(), seeds)
+        return super().step(model_output, timestep, sample, return_dict, s_noise)

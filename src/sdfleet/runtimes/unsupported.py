@@ -337,9 +337,9 @@ def off_defaults(fields: Mapping[str, Any], kind: TaskType, sampler: str | None)
 
 
 SAMPLER_FIELDS: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {
-    "eta": (1, frozenset({"Euler a", "DPM2 a", "DPM++ 2M SDE"}), frozenset({"Euler a"})),
+    "eta": (1, frozenset({"Euler a", "DPM2 a", "DPM++ SDE", "DPM++ 2M SDE"}), frozenset({"Euler a"})),
     "s_churn": (0, frozenset({"Euler", "Heun", "DPM2"}), frozenset({"Euler"})),
-    "s_noise": (1, frozenset({"DPM2 a", "DPM++ 2M SDE"}), frozenset()),
+    "s_noise": (1, frozenset({"DPM2 a", "DPM++ SDE", "DPM++ 2M SDE"}), frozenset()),
 }
 """k-diffusion's fields by SD WebUI's name: their default, this runtime's samplers whose SD WebUI
 1.10 counterparts take them, and those whose the diffusers runtime runs (``_diffusers_ancestral``,
