@@ -374,9 +374,7 @@ def generate(
                         G.stand_ins(
                             pipe, kwargs, C.first_pass(job.params), images_of, mine[0], skip, said[0]
                         ),
-                        B.kept_as_sd_webui(
-                            pipe, kwargs, sampler_key(job.params.sampler, job.params.extra.get("scheduler"))
-                        ),
+                        B.kept_as_sd_webui(pipe, kwargs, sampler),
                     ):
                         images += _put_back(pipe(num_inference_steps=steps, **kwargs).images, call_parts)
                 finally:

@@ -234,7 +234,7 @@ def clipped_timesteps(steps: int) -> list[int]:
     (``CompVisSampler.get_timesteps``): from 1 every ``1000 // steps``, as many as lie below 1000,
     clipped to 999. Its UniPC runs as many steps as there are (16 for 15 steps, 167 for 150), its
     image-to-image from these (``_diffusers_unipc``)."""
-    return [min(t + 1, 999) for t in range(0, 1000, max(1000 // steps, 1))]
+    return [min(t, 999) for t in _timesteps(steps)]
 
 
 def sd_webui_timesteps(steps: int) -> list[int] | None:
@@ -245,8 +245,13 @@ def sd_webui_timesteps(steps: int) -> list[int] | None:
     and PLMS cannot step over them: 1 or 2 steps (one evaluation or none), and where the last is
     1000, which SD WebUI clips to 999 (3, 9, 27, 36, 37, 101-111, 251-333 steps): its first step
     is then one timestep shorter than the others, and diffusers' step is always ``1000 // steps``."""
-    timesteps = [t + 1 for t in range(0, 1000, max(1000 // steps, 1))]
+    timesteps = _timesteps(steps)
     return timesteps if len(timesteps) >= 3 and timesteps[-1] <= 999 else None
+
+
+def _timesteps(steps: int) -> list[int]:
+    """SD WebUI's timesteps of ``steps`` before it clips them: from 1 every ``1000 // steps``."""
+    return [t + 1 for t in range(0, 1000, max(1000 // steps, 1))]
 
 
 def _running(schedule: int, steps: int) -> float:

@@ -37,6 +37,16 @@ class BrownianNoise:
         w0 = torch.zeros_like(like)[0]
         self.trees = [torchsde.BrownianTree(sigma_min, w0, sigma_max, entropy=seed) for seed in seeds]
 
+    @classmethod
+    def of_call(cls, sample: torch.Tensor, sigmas: torch.Tensor, generator: Any) -> BrownianNoise | None:
+        """A call's noise over its whole schedule's ``sigmas`` (SD WebUI's image-to-image too: its
+        sampler is made before the sigmas are sliced), one tree an image of ``sample`` seeded with
+        its generator's seed; None where the pipeline hands its step no generator an image."""
+        if not isinstance(generator, list) or len(generator) != sample.shape[0]:
+            return None
+        live = sigmas[sigmas > 0]
+        return cls(sample, live.min(), live.max(), [g.initial_seed() for g in generator])
+
     def __call__(self, sigma: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
         low, high, sign = (sigma, following, 1) if sigma < following else (following, sigma, -1)
         # the tree rounds its times to its tolerance (1e-6), its ends first: the query rounded so
@@ -65,15 +75,12 @@ class DPMSolverSDEAsSDWebUI(DPMSolverMultistepScheduler):  # type: ignore[misc]
         variance_noise: Any = None,
         return_dict: bool = True,
     ) -> Any:
-        seeded = isinstance(generator, list) and len(generator) == sample.shape[0]
-        if variance_noise is None and seeded and self.config.algorithm_type == "sde-dpmsolver++":
+        if variance_noise is None and self.config.algorithm_type == "sde-dpmsolver++" and self._noise is None:
+            self._noise = BrownianNoise.of_call(sample, self.sigmas, generator)  # the call's first step
+        if variance_noise is None and self._noise is not None:
             if self.step_index is None:
                 self._init_step_index(timestep)
             sigma, following = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-            if self._noise is None:  # the call's first step: over its whole schedule's sigmas
-                live = self.sigmas[self.sigmas > 0]
-                seeds = [g.initial_seed() for g in generator]
-                self._noise = BrownianNoise(sample, live.min(), live.max(), seeds)
             # the last step to sigma 0 takes no noise (k-diffusion's denoising step)
             variance_noise = self._noise(sigma, following) if following > 0 else torch.zeros_like(sample)
         return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)
@@ -94,9 +101,6 @@ class DPMSolverSDEWithSeeds(DPMSolverSDEScheduler):  # type: ignore[misc]
         s_noise: float = 1.0,
         generator: Any = None,
     ) -> Any:
-        fresh = self.noise_sampler is None  # type: ignore[has-type]  # set by diffusers
-        if fresh and isinstance(generator, list) and len(generator) == sample.shape[0]:
-            live = self.sigmas[self.sigmas > 0]
-            seeds = [g.initial_seed() for g in generator]
-            self.noise_sampler = BrownianNoise(sample, live.min(), live.max(), seeds)
+        if self.noise_sampler is None:  # type: ignore[has-type]  # set by diffusers
+            self.noise_sampler = BrownianNoise.of_call(sample, self.sigmas, generator)
         return super().step(model_output, timestep, sample, return_dict, s_noise)

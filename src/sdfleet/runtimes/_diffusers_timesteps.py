@@ -101,9 +101,7 @@ class PLMSAsSDWebUI(PNDMScheduler):  # type: ignore[misc]
 
     def step(self, model_output: Any, timestep: Any, sample: Any, return_dict: bool = True) -> Any:
         if self._level is not None and self.counter == 0:
-            given = int(timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep)
-            if given != int(self.timesteps[self._begin]):  # a copy of the tail, not its view
-                raise RuntimeError("the pipeline's timesteps are not PLMSAsSDWebUI's: it copied them")
+            runs_the_tail(self, timestep, self.timesteps[self._begin])
         return super().step(model_output, timestep, sample, return_dict)
 
     def add_noise(self, original_samples: Any, noise: Any, timesteps: Any) -> Any:
@@ -111,6 +109,15 @@ class PLMSAsSDWebUI(PNDMScheduler):  # type: ignore[misc]
         if self._level is not None and self.counter == 0 and bool((timesteps == self.timesteps[begin]).all()):
             timesteps = torch.full_like(timesteps, self._level)  # the start, not a re-noising
         return super().add_noise(original_samples, noise, timesteps)
+
+
+def runs_the_tail(scheduler: Any, timestep: Any, written: Any) -> None:
+    """At a call's first step, that the pipeline runs the tail ``scheduler`` wrote its schedule
+    into (it takes a view of it before it says where it starts): ``RuntimeError`` where it copied
+    the tail first, and would give the model other timesteps than the scheduler steps over."""
+    given = float(timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep)
+    if given != float(written):
+        raise RuntimeError(f"the pipeline's timesteps are not {type(scheduler).__name__}'s: it copied them")
 
 
 def _arranged(timesteps: list[int], t_enc: int) -> np.ndarray:

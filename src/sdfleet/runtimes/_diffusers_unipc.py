@@ -26,6 +26,7 @@ from diffusers import UniPCMultistepScheduler
 
 from sdfleet.runtimes._diffusers_samplers import UNIPC_ORDER as ORDER
 from sdfleet.runtimes._diffusers_samplers import clipped_timesteps
+from sdfleet.runtimes._diffusers_timesteps import runs_the_tail
 
 
 def times(steps: int, start: int | None = None) -> torch.Tensor:
@@ -80,9 +81,7 @@ class UniPCAsSDWebUI(UniPCMultistepScheduler):  # type: ignore[misc]
 
     def step(self, model_output: Any, timestep: Any, sample: Any, return_dict: bool = True) -> Any:
         if self._t_enc is not None and self.step_index is None:
-            given = float(timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep)
-            if given != float(self.timesteps[self.begin_index]):  # a copy of the tail, not its view
-                raise RuntimeError("the pipeline's timesteps are not UniPCAsSDWebUI's: it copied them")
+            runs_the_tail(self, timestep, self.timesteps[self.begin_index])
         return super().step(model_output, timestep, sample, return_dict)
 
     def add_noise(self, original_samples: Any, noise: Any, timesteps: Any) -> Any:
